@@ -1,0 +1,168 @@
+#include "affine.h"
+
+#include <atomic>
+
+namespace qlib {
+
+namespace {
+std::atomic<bool> g_cuda_value_checks{true};
+}
+
+void set_cuda_value_checks(bool enabled) { g_cuda_value_checks = enabled; }
+bool cuda_value_checks() { return g_cuda_value_checks; }
+
+void check_quant_range(const char* op, int64_t quant_min, int64_t quant_max) {
+  TORCH_CHECK(quant_min < quant_max, op, ": quant_min (", quant_min,
+              ") must be less than quant_max (", quant_max, ")");
+  TORCH_CHECK(quant_max - quant_min < (int64_t{1} << kMaxRangeBits), op,
+              ": the range [", quant_min, ", ", quant_max, "] is wider than ", kMaxRangeBits,
+              " bits");
+  TORCH_CHECK(quant_min >= -(int64_t{1} << 31) && quant_max < (int64_t{1} << 31), op,
+              ": the range [", quant_min, ", ", quant_max, "] does not fit in int32");
+}
+
+void check_fake_quant_input(const char* op, const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
+              ": x must be float32, float16 or bfloat16, got ", t);
+}
+
+namespace {
+
+std::pair<int64_t, int64_t> int_dtype_range(const char* op, const char* what,
+                                            at::ScalarType t) {
+  switch (t) {
+    case at::kChar: return {-128, 127};
+    case at::kByte: return {0, 255};
+    case at::kShort: return {-32768, 32767};
+    case at::kInt: return {INT32_MIN, INT32_MAX};
+    default:
+      TORCH_CHECK(false, op, ": ", what, " must be int8, uint8, int16 or int32, got ", t);
+  }
+}
+
+}  // namespace
+
+void check_quantize_args(const char* op, const at::Tensor& x, at::ScalarType dtype,
+                         int64_t quant_min, int64_t quant_max) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating, got ",
+              x.scalar_type());
+  check_quant_range(op, quant_min, quant_max);
+  const auto [lo, hi] = int_dtype_range(op, "dtype", dtype);
+  TORCH_CHECK(quant_min >= lo && quant_max <= hi, op, ": the range [", quant_min, ", ",
+              quant_max, "] does not fit in ", dtype);
+}
+
+std::pair<int64_t, int64_t> check_dequantize_args(const char* op, const at::Tensor& q,
+                                                  at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": dtype must be float32, float16 or bfloat16, got ", dtype);
+  return int_dtype_range(op, "q", q.scalar_type());
+}
+
+void check_choose_qparams_args(const at::Tensor& min, const at::Tensor& max, int64_t quant_min,
+                               int64_t quant_max, double eps, bool check_values) {
+  const char* op = "qlib::choose_qparams";
+  check_quant_range(op, quant_min, quant_max);
+  TORCH_CHECK(at::isFloatingType(min.scalar_type()) && at::isFloatingType(max.scalar_type()), op,
+              ": min and max must be floating, got ", min.scalar_type(), " and ",
+              max.scalar_type());
+  TORCH_CHECK(min.sizes() == max.sizes(), op, ": min of shape ", min.sizes(),
+              " differs from max of shape ", max.sizes());
+  TORCH_CHECK(min.device() == max.device(), op, ": min (", min.device(), ") and max (",
+              max.device(), ") must be on the same device");
+  TORCH_CHECK(eps > 0 && std::isfinite(eps), op, ": eps must be positive and finite, got ", eps);
+  if (!check_values || min.numel() == 0) return;
+  const at::Tensor bad = ~(at::isfinite(min) & at::isfinite(max) & (min <= max));
+  if (bad.any().item<bool>()) {
+    const int64_t i = bad.reshape(-1).nonzero().select(0, 0).item<int64_t>();
+    TORCH_CHECK(false, op, ": need finite min <= max, got min = ",
+                min.reshape(-1)[i].item<double>(), ", max = ", max.reshape(-1)[i].item<double>(),
+                " at flat index ", i);
+  }
+}
+
+namespace {
+
+// Value checks of the (small) scale and zero_point. On CUDA they cost a host
+// sync; the CUDA ops skip them while a graph is captured or when turned off.
+void check_qparam_values(const char* op, const at::Tensor& scale, const at::Tensor& zero_point,
+                         int64_t quant_min, int64_t quant_max) {
+  const at::Tensor bad_scale = ~(at::isfinite(scale) & (scale > 0));
+  if (bad_scale.any().item<bool>()) {
+    const at::Tensor first = scale.masked_select(bad_scale).slice(0, 0, 1).cpu();
+    TORCH_CHECK(false, op, ": scale must be positive and finite, got ", first.item<float>(),
+                " (", bad_scale.sum().item<int64_t>(), " bad of ", scale.numel(), ")");
+  }
+  const at::Tensor bad_zp = (zero_point < quant_min) | (zero_point > quant_max) |
+                            at::isnan(zero_point);
+  if (bad_zp.any().item<bool>()) {
+    const at::Tensor first = zero_point.masked_select(bad_zp).slice(0, 0, 1).cpu();
+    TORCH_CHECK(false, op, ": zero_point must lie in [quant_min, quant_max] = [", quant_min,
+                ", ", quant_max, "], got ", first.item<double>());
+  }
+}
+
+}  // namespace
+
+AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& x,
+                          const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
+                          int64_t quant_max, bool check_values) {
+  TORCH_CHECK(at::isFloatingType(scale.scalar_type()), op,
+              ": scale must be a floating tensor, got ", scale.scalar_type());
+  TORCH_CHECK(!at::isComplexType(zero_point.scalar_type()) &&
+                  zero_point.scalar_type() != at::kBool,
+              op, ": zero_point must be an integer or floating tensor, got ",
+              zero_point.scalar_type());
+  TORCH_CHECK(x.device() == scale.device() && x.device() == zero_point.device(), op, ": ",
+              x_name, " (", x.device(), "), scale (", scale.device(), ") and zero_point (",
+              zero_point.device(), ") must be on the same device");
+  TORCH_CHECK(scale.numel() > 0, op, ": scale is empty");
+  const bool per_tensor = scale.numel() == 1;
+  if (per_tensor) {
+    TORCH_CHECK(zero_point.numel() == 1, op, ": a one-element scale needs a one-element ",
+                "zero_point, got zero_point of shape ", zero_point.sizes());
+  } else {
+    TORCH_CHECK(scale.dim() == x.dim(), op, ": scale of shape ", scale.sizes(),
+                " does not block ", x_name, " of shape ", x.sizes(),
+                " (a scale with more than one element needs the rank of ", x_name, ")");
+    for (int64_t d = 0; d < x.dim(); ++d) {
+      TORCH_CHECK(scale.size(d) > 0 && x.size(d) % scale.size(d) == 0, op, ": scale of shape ",
+                  scale.sizes(), " does not block ", x_name, " of shape ", x.sizes(), " (dim ",
+                  d, ": ", x.size(d), " is not a multiple of ", scale.size(d), ")");
+    }
+    TORCH_CHECK(zero_point.sizes() == scale.sizes(), op, ": zero_point of shape ",
+                zero_point.sizes(), " differs from scale of shape ", scale.sizes());
+  }
+  TORCH_CHECK(x.dim() <= BlockLayout::kMaxSegments / 2, op, ": ", x_name, " has ", x.dim(),
+              " dims; at most ", BlockLayout::kMaxSegments / 2, " are supported");
+
+  AffineArgs a;
+  a.x = x.contiguous();
+  a.scale = scale.to(at::kFloat).contiguous();
+  // A floating zero point (LSQ+) is rounded to the nearest integer.
+  a.zero_point = at::isFloatingType(zero_point.scalar_type())
+                     ? zero_point.to(at::kFloat).round().contiguous()
+                     : zero_point.to(at::kFloat).contiguous();
+  if (check_values) check_qparam_values(op, a.scale, a.zero_point, quant_min, quant_max);
+  a.layout = BlockLayout::make(x.sizes(), scale.sizes(), per_tensor);
+  a.qmin = static_cast<float>(quant_min);
+  a.qmax = static_cast<float>(quant_max);
+  a.per_tensor = per_tensor;
+  return a;
+}
+
+at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scale) {
+  if (scale.numel() == 1) return per_element.sum().reshape(scale.sizes());
+  // View x as [s0, b0, s1, b1, ...] and sum the b dims.
+  std::vector<int64_t> split;
+  std::vector<int64_t> block_dims;
+  for (int64_t d = 0; d < per_element.dim(); ++d) {
+    split.push_back(scale.size(d));
+    split.push_back(per_element.size(d) / scale.size(d));
+    block_dims.push_back(2 * d + 1);
+  }
+  return per_element.reshape(split).sum(block_dims);
+}
+
+}  // namespace qlib

@@ -1,0 +1,49 @@
+// Device-independent parts of the affine ops: argument checks with messages
+// that name the op, and the preparation every CPU and CUDA kernel shares
+// (contiguous x, float32 scale and zero point, the block layout).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "block_layout.h"
+
+namespace qlib {
+
+// Checked, prepared arguments of an affine op.
+struct AffineArgs {
+  at::Tensor x;           // contiguous input
+  at::Tensor scale;       // contiguous float32, same shape as the given scale
+  at::Tensor zero_point;  // contiguous float32 holding integers in [qmin, qmax]
+  BlockLayout layout;
+  float qmin, qmax;
+  bool per_tensor;
+};
+
+// Checks and prepares the arguments; `op` and `x_name` name them in errors.
+// check_values (scale > 0 and finite, zero_point in range) reads the values,
+// a host sync on CUDA: the CUDA ops pass qparam_value_checks_on_cuda().
+AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& x,
+                          const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
+                          int64_t quant_max, bool check_values = true);
+
+// quant_min < quant_max, at most 16 bits wide.
+void check_quant_range(const char* op, int64_t quant_min, int64_t quant_max);
+// x is float32, float16 or bfloat16.
+void check_fake_quant_input(const char* op, const at::Tensor& x);
+// x is floating; dtype is int8/uint8/int16/int32 and holds [quant_min, quant_max].
+void check_quantize_args(const char* op, const at::Tensor& x, at::ScalarType dtype,
+                         int64_t quant_min, int64_t quant_max);
+// q is int8/uint8/int16/int32 and dtype floating; returns the range of q's dtype.
+std::pair<int64_t, int64_t> check_dequantize_args(const char* op, const at::Tensor& q,
+                                                  at::ScalarType dtype);
+void check_choose_qparams_args(const at::Tensor& min, const at::Tensor& max, int64_t quant_min,
+                               int64_t quant_max, double eps, bool check_values);
+
+// Sums a per-element tensor (x's shape) over each block, giving scale's shape.
+at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scale);
+
+// Switch for the value checks on CUDA (on by default; qlib.set_cuda_value_checks).
+void set_cuda_value_checks(bool enabled);
+bool cuda_value_checks();
+
+}  // namespace qlib

@@ -1,0 +1,268 @@
+// CPU kernels of the affine ops: fake_quant (forward and backward),
+// quantize, dequantize, choose_qparams. at::vec for SIMD, at::parallel_for
+// for threads; the formulas come from quant_math.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "affine.h"
+#include "quant_math.h"
+
+namespace qlib {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+constexpr int64_t kGrain = 32768;
+
+// quant_math.h's policy for SIMD vectors of floats.
+struct VecMath {
+  static Vec round(const Vec& v) { return v.round(); }
+  static Vec clamp(const Vec& v, const Vec& lo, const Vec& hi) {
+    return at::vec::minimum(at::vec::maximum(v, lo), hi);  // both keep NaN
+  }
+  static Vec in_range(const Vec& v, const Vec& lo, const Vec& hi) {
+    return ((v >= lo) & (v <= hi)) & Vec(1.0f);
+  }
+  static Vec lt(const Vec& a, const Vec& b) { return (a < b) & Vec(1.0f); }
+  static Vec select(const Vec& cond, const Vec& a, const Vec& b) {
+    return Vec::blendv(b, a, cond != Vec(0.0f));
+  }
+};
+
+// Loads n <= kVec elements as floats; stores floats back as T.
+template <class T>
+Vec load_float(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p, n);
+  } else {
+    if (n == kVec) {
+      Vec out;
+      at::vec::load_to_float<T>(p, out);
+      return out;
+    }
+    float tmp[kVec] = {};
+    for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<float>(p[k]);
+    return Vec::loadu(tmp, n);
+  }
+}
+
+template <class T>
+void store_float(T* p, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, n);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, n);
+  }
+}
+
+// Calls f(begin, end, scale_offset) for maximal runs of x (contiguous) that
+// share one scale (layout.inner_steps_scale false) or step through
+// consecutive scales from scale_offset (true), in parallel.
+template <class F>
+void for_each_run(const BlockLayout& layout, int64_t numel, const F& f) {
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t pos = begin;
+    while (pos < end) {
+      const int64_t run_end = std::min(end, (pos / layout.inner_run + 1) * layout.inner_run);
+      f(pos, run_end, layout.scale_index(pos));
+      pos = run_end;
+    }
+  });
+}
+
+// Scale, 1/scale and zero point for the lanes [i, i + n) of a run.
+struct LaneQParams {
+  Vec scale, inv_scale, zero_point;
+};
+
+LaneQParams lane_qparams(const AffineArgs& a, const float* scale, const float* zp,
+                         int64_t offset, int64_t n) {
+  if (!a.layout.inner_steps_scale) {
+    return {Vec(scale[offset]), Vec(1.0f / scale[offset]), Vec(zp[offset])};
+  }
+  // Padding lanes get scale 1 so 1/scale stays finite.
+  const Vec s = n == kVec ? Vec::loadu(scale + offset)
+                          : Vec::set(Vec(1.0f), Vec::loadu(scale + offset, n), n);
+  return {s, Vec(1.0f) / s, Vec::loadu(zp + offset, n)};
+}
+
+at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
+                          const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
+  check_fake_quant_input("qlib::fake_quant", x);
+  check_quant_range("qlib::fake_quant", quant_min, quant_max);
+  const AffineArgs a =
+      prepare_affine("qlib::fake_quant", "x", x, scale, zero_point, quant_min, quant_max);
+  at::Tensor out = at::empty_like(a.x);
+  const float* sp = a.scale.data_ptr<float>();
+  const float* zp = a.zero_point.data_ptr<float>();
+  const Vec qmin(a.qmin), qmax(a.qmax);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "fake_quant_cpu", [&] {
+    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
+      for (int64_t i = b; i < e; i += kVec) {
+        const int64_t n = std::min(kVec, e - i);
+        const LaneQParams p = lane_qparams(a, sp, zp, s0 + (i - b), n);
+        const Vec y = fake_quant_value<VecMath>(load_float(xp + i, n), p.scale, p.inv_scale,
+                                                p.zero_point, qmin, qmax);
+        store_float(op + i, y, n);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
+    const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
+    bool zero_point_grad) {
+  const char* op = "qlib::fake_quant_backward";
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), op,
+              ": grad (", grad.scalar_type(), grad.sizes(), ") must match x (", x.scalar_type(),
+              x.sizes(), ")");
+  check_fake_quant_input(op, x);
+  check_quant_range(op, quant_min, quant_max);
+  const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
+  const at::Tensor g = grad.contiguous();
+  at::Tensor grad_x = at::empty_like(a.x);
+  const bool per_element = scale_grad || zero_point_grad;
+  const auto fopts = a.x.options().dtype(at::kFloat);
+  at::Tensor ds = per_element ? at::empty(a.x.sizes(), fopts) : at::Tensor();
+  at::Tensor dz = per_element ? at::empty(a.x.sizes(), fopts) : at::Tensor();
+  const float* sp = a.scale.data_ptr<float>();
+  const float* zp = a.zero_point.data_ptr<float>();
+  const Vec qmin(a.qmin), qmax(a.qmax);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "fake_quant_backward_cpu", [&] {
+    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    float* dsp = per_element ? ds.data_ptr<float>() : nullptr;
+    float* dzp = per_element ? dz.data_ptr<float>() : nullptr;
+    for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
+      for (int64_t i = b; i < e; i += kVec) {
+        const int64_t n = std::min(kVec, e - i);
+        const LaneQParams p = lane_qparams(a, sp, zp, s0 + (i - b), n);
+        const auto r = fake_quant_grads<VecMath>(load_float(gp + i, n), load_float(xp + i, n),
+                                                 p.scale, p.inv_scale, p.zero_point, qmin, qmax);
+        store_float(gxp + i, r.grad_x, n);
+        if (per_element) {
+          r.grad_scale.store(dsp + i, n);
+          r.grad_zero_point.store(dzp + i, n);
+        }
+      }
+    });
+  });
+  const auto empty = [&] { return at::empty({0}, fopts); };
+  at::Tensor grad_scale =
+      scale_grad ? sum_over_blocks(ds, scale).to(scale.scalar_type()) : empty();
+  at::Tensor grad_zp = zero_point_grad
+                           ? sum_over_blocks(dz, scale).reshape(zero_point.sizes()).to(
+                                 zero_point.scalar_type())
+                           : empty();
+  return {grad_x, grad_scale, grad_zp};
+}
+
+template <class X, class Q>
+void quantize_runs(const AffineArgs& a, const X* xp, Q* qp) {
+  const float* sp = a.scale.const_data_ptr<float>();
+  const float* zp = a.zero_point.const_data_ptr<float>();
+  const int64_t step = a.layout.inner_steps_scale ? 1 : 0;
+  for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t s = s0 + step * (i - b);
+      const float code = quantize_code<ScalarMath>(static_cast<float>(xp[i]), 1.0f / sp[s], zp[s],
+                                                   a.qmin, a.qmax);
+      qp[i] = static_cast<Q>(code != code ? zp[s] : code);  // NaN -> zero_point
+    }
+  });
+}
+
+template <class Q, class Y>
+void dequantize_runs(const AffineArgs& a, const Q* qp, Y* yp) {
+  const float* sp = a.scale.const_data_ptr<float>();
+  const float* zp = a.zero_point.const_data_ptr<float>();
+  const int64_t step = a.layout.inner_steps_scale ? 1 : 0;
+  for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t s = s0 + step * (i - b);
+      yp[i] = static_cast<Y>(dequantize_code(static_cast<float>(qp[i]), sp[s], zp[s]));
+    }
+  });
+}
+
+#define QLIB_DISPATCH_QINT(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                              \
+                     AT_DISPATCH_CASE(at::kChar, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kByte, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kShort, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kInt, __VA_ARGS__))
+
+at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                        int64_t quant_min, int64_t quant_max, at::ScalarType dtype) {
+  const char* op = "qlib::quantize";
+  check_quantize_args(op, x, dtype, quant_min, quant_max);
+  const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
+  at::Tensor out = at::empty(a.x.sizes(), a.x.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "quantize_cpu", [&] {
+    using x_t = scalar_t;
+    QLIB_DISPATCH_QINT(dtype, "quantize_cpu", [&] {
+      quantize_runs(a, a.x.const_data_ptr<x_t>(), out.data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale,
+                          const at::Tensor& zero_point, at::ScalarType dtype) {
+  const char* op = "qlib::dequantize";
+  const auto [quant_min, quant_max] = check_dequantize_args(op, q, dtype);
+  const AffineArgs a = prepare_affine(op, "q", q, scale, zero_point, quant_min, quant_max);
+  at::Tensor out = at::empty(a.x.sizes(), a.x.options().dtype(dtype));
+  QLIB_DISPATCH_QINT(a.x.scalar_type(), "dequantize_cpu", [&] {
+    using q_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_cpu", [&] {
+      dequantize_runs(a, a.x.const_data_ptr<q_t>(), out.data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> choose_qparams_cpu(const at::Tensor& min, const at::Tensor& max,
+                                                      int64_t quant_min, int64_t quant_max,
+                                                      bool symmetric, double eps) {
+  check_choose_qparams_args(min, max, quant_min, quant_max, eps, /*check_values=*/true);
+  const at::Tensor lo = min.to(at::kFloat).contiguous();
+  const at::Tensor hi = max.to(at::kFloat).contiguous();
+  at::Tensor scale = at::empty(lo.sizes(), lo.options());
+  at::Tensor zp = at::empty(lo.sizes(), lo.options().dtype(at::kInt));
+  const float* lp = lo.const_data_ptr<float>();
+  const float* hp = hi.const_data_ptr<float>();
+  float* sp = scale.data_ptr<float>();
+  int32_t* zpp = zp.data_ptr<int32_t>();
+  for (int64_t i = 0; i < lo.numel(); ++i) {
+    const QParams p = choose_qparams_value(lp[i], hp[i], quant_min, quant_max, symmetric,
+                                           static_cast<float>(eps));
+    sp[i] = p.scale;
+    zpp[i] = p.zero_point;
+  }
+  return {scale, zp};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlib, CPU, m) {
+  m.impl("fake_quant", &fake_quant_cpu);
+  m.impl("fake_quant_backward", &fake_quant_backward_cpu);
+  m.impl("quantize", &quantize_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+  m.impl("choose_qparams", &choose_qparams_cpu);
+}
+
+}  // namespace qlib

@@ -1,0 +1,42 @@
+// The Python module qlib._C: loading it registers the ops (schemas.cpp and
+// the TORCH_LIBRARY_IMPL blocks). It also reports what was compiled.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "affine.h"
+
+namespace {
+
+#ifndef QLIB_CPU_ISA
+#define QLIB_CPU_ISA "unknown"
+#endif
+#ifndef QLIB_TORCH_VERSION
+#define QLIB_TORCH_VERSION "unknown"
+#endif
+#ifndef QLIB_CUDA_ARCHS
+#define QLIB_CUDA_ARCHS ""
+#endif
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["cpu_isa"] = QLIB_CPU_ISA;
+#ifdef QLIB_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_archs"] = QLIB_CUDA_ARCHS;
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = "";
+#endif
+  d["torch_built_against"] = QLIB_TORCH_VERSION;
+  d["parallel"] = at::get_parallel_info();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.def("build_info", &build_info, "What this qlib._C was compiled with.");
+  m.def("set_cuda_value_checks", &qlib::set_cuda_value_checks,
+        "Turn the host-syncing value checks of scale/zero_point on CUDA on or off.");
+  m.def("cuda_value_checks", &qlib::cuda_value_checks);
+}

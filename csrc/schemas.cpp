@@ -1,0 +1,27 @@
+// The one place the qlib op schemas are defined. CPU and CUDA files only hold
+// TORCH_LIBRARY_IMPL blocks.
+#include <torch/library.h>
+
+TORCH_LIBRARY(qlib, m) {
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  m.def(
+      "fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max) "
+      "-> Tensor",
+      tags);
+  m.def(
+      "fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, "
+      "int quant_min, int quant_max, bool scale_grad, bool zero_point_grad) "
+      "-> (Tensor, Tensor, Tensor)",
+      tags);
+  m.def(
+      "quantize(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
+      "ScalarType dtype) -> Tensor",
+      tags);
+  m.def("dequantize(Tensor q, Tensor scale, Tensor zero_point, ScalarType dtype) -> Tensor",
+        tags);
+  m.def(
+      "choose_qparams(Tensor min, Tensor max, int quant_min, int quant_max, bool symmetric, "
+      "float eps) -> (Tensor, Tensor)",
+      tags);
+}
+

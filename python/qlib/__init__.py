@@ -1,0 +1,25 @@
+"""qlib: quantization for PyTorch (fake-quant with STE, observers, int8 and 4-bit Linear).
+
+Importing qlib loads the compiled extension qlib._C (and fails loudly if it
+is missing) and registers torch.ops.qlib.*.
+"""
+from ._ops import (
+    build_info,
+    choose_qparams,
+    dequantize,
+    fake_quant,
+    quant_range,
+    quantize,
+    set_cuda_value_checks,
+)
+
+__all__ = [
+    "build_info",
+    "choose_qparams",
+    "dequantize",
+    "fake_quant",
+    "quant_range",
+    "quantize",
+    "set_cuda_value_checks",
+]
+__version__ = "0.1.0"

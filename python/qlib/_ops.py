@@ -1,0 +1,169 @@
+"""Fake (meta) implementations and autograd of the qlib ops, and typed wrappers.
+
+The ops and their schemas are defined in C++ (csrc/schemas.cpp); importing
+qlib._C registers them. Everything here only adds what torch.compile,
+torch.export and autograd need.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _load  # noqa: F401  (loads qlib._C first)
+
+ops = torch.ops.qlib
+
+
+# ---------------------------------------------------------------- fakes
+@torch.library.register_fake("qlib::fake_quant")
+def _(x, scale, zero_point, quant_min, quant_max):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("qlib::fake_quant_backward")
+def _(grad, x, scale, zero_point, quant_min, quant_max, scale_grad, zero_point_grad):
+    none = x.new_empty((0,), dtype=torch.float32)
+    return (
+        x.new_empty(x.shape),
+        scale.new_empty(scale.shape) if scale_grad else none,
+        zero_point.new_empty(zero_point.shape) if zero_point_grad else none,
+    )
+
+
+@torch.library.register_fake("qlib::quantize")
+def _(x, scale, zero_point, quant_min, quant_max, dtype):
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.register_fake("qlib::dequantize")
+def _(q, scale, zero_point, dtype):
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+@torch.library.register_fake("qlib::choose_qparams")
+def _(min, max, quant_min, quant_max, symmetric, eps):
+    return min.new_empty(min.shape, dtype=torch.float32), min.new_empty(min.shape, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------- autograd
+def _fake_quant_setup(ctx, inputs, output):
+    x, scale, zero_point, quant_min, quant_max = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.quant_range = (quant_min, quant_max)
+
+
+def _fake_quant_backward(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    need_x, need_scale, need_zp = ctx.needs_input_grad[:3]
+    need_zp = need_zp and zero_point.is_floating_point()
+    grad_x, grad_scale, grad_zp = ops.fake_quant_backward(
+        grad, x, scale, zero_point, *ctx.quant_range, need_scale, need_zp
+    )
+    return (
+        grad_x if need_x else None,
+        grad_scale if need_scale else None,
+        grad_zp if need_zp else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("qlib::fake_quant", _fake_quant_backward, setup_context=_fake_quant_setup)
+
+
+# ---------------------------------------------------------------- wrappers
+def quant_range(bits: int = 8, signed: bool = True, narrow: bool = False) -> Tuple[int, int]:
+    """Integer range of a `bits`-wide code: int8 (-128, 127), narrow (-127, 127), uint8 (0, 255)."""
+    if not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"qlib.quant_range: bits must be an int in [2, 16], got {bits!r}")
+    if signed:
+        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1 - int(narrow)
+
+
+def _as_qparams(x: Tensor, scale, zero_point) -> Tuple[Tensor, Tensor]:
+    if not isinstance(scale, Tensor):
+        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+    if zero_point is None:
+        zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+    elif not isinstance(zero_point, Tensor):
+        zero_point = torch.tensor(int(zero_point), dtype=torch.int32, device=x.device)
+    return scale, zero_point
+
+
+def fake_quant(
+    x: Tensor,
+    scale: Union[Tensor, float],
+    zero_point: Union[Tensor, int, None] = None,
+    quant_min: int = -128,
+    quant_max: int = 127,
+) -> Tensor:
+    """dequantize(quantize(x)) with a straight-through-estimator backward.
+
+    The shape of `scale` sets the granularity: one element is per-tensor;
+    otherwise scale has x's rank and each scale covers a block of x (e.g.
+    [C, 1] per-channel, [N, K // g] per-group). zero_point has scale's shape
+    (integer, or floating for learnable LSQ+ zero points); None means 0.
+    """
+    scale, zero_point = _as_qparams(x, scale, zero_point)
+    return ops.fake_quant(x, scale, zero_point, quant_min, quant_max)
+
+
+def quantize(
+    x: Tensor,
+    scale: Union[Tensor, float],
+    zero_point: Union[Tensor, int, None] = None,
+    quant_min: int = -128,
+    quant_max: int = 127,
+    dtype: torch.dtype = torch.int8,
+) -> Tensor:
+    """Integer codes clamp(round(x / scale) + zero_point) as `dtype`. NaN maps to zero_point."""
+    scale, zero_point = _as_qparams(x, scale, zero_point)
+    return ops.quantize(x, scale, zero_point, quant_min, quant_max, dtype)
+
+
+def dequantize(
+    q: Tensor,
+    scale: Union[Tensor, float],
+    zero_point: Union[Tensor, int, None] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """(q - zero_point) * scale as `dtype`."""
+    scale, zero_point = _as_qparams(q, scale, zero_point)
+    return ops.dequantize(q, scale, zero_point, dtype)
+
+
+def choose_qparams(
+    min: Tensor,
+    max: Tensor,
+    quant_min: int = -128,
+    quant_max: int = 127,
+    symmetric: bool = True,
+    eps: float = torch.finfo(torch.float32).eps,
+) -> Tuple[Tensor, Tensor]:
+    """(scale float32, zero_point int32) covering [min, max] widened to contain 0."""
+    return ops.choose_qparams(min, max, quant_min, quant_max, symmetric, eps)
+
+
+def set_cuda_value_checks(enabled: bool) -> None:
+    """Checking scale > 0 and zero_point in range reads them: a host sync on CUDA.
+
+    On by default; turn off in hot training loops once the qparams are known
+    to be good (they are skipped anyway while a CUDA graph is captured).
+    """
+    from . import _C
+
+    _C.set_cuda_value_checks(bool(enabled))
+
+
+def build_info() -> dict:
+    """What this qlib was compiled with, and what this machine offers."""
+    from . import _C
+
+    info = dict(_C.build_info())
+    info["cpu_capability_runtime"] = torch.backends.cpu.get_cpu_capability()
+    info["cuda_available"] = torch.cuda.is_available()
+    info["torch_runtime"] = torch.__version__
+    return info

@@ -1,0 +1,89 @@
+"""Builds qlib._C with torch.utils.cpp_extension.
+
+The CUDA kernels are compiled whenever the installed torch is a CUDA build and
+nvcc is found (never decided by torch.cuda.is_available()); QLIB_USE_CUDA=0
+forces a CPU-only build. TORCH_CUDA_ARCH_LIST picks the GPU archs (default
+9.0, Hopper). QLIB_CPU_ISA=avx2|default picks the CPU vector ISA (default:
+avx2 when this machine has it).
+"""
+import glob
+import os
+from pathlib import Path
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).parent
+
+
+def cpu_isa():
+    isa = os.environ.get("QLIB_CPU_ISA")
+    if isa:
+        if isa not in ("avx2", "default"):
+            raise SystemExit(f"QLIB_CPU_ISA must be avx2 or default, got {isa!r}")
+        return isa
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "default"
+    return "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "default"
+
+
+def use_cuda():
+    if os.environ.get("QLIB_USE_CUDA", "1") == "0":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+with_cuda = use_cuda()
+isa = cpu_isa()
+archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0") if with_cuda else ""
+if with_cuda:
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+
+cxx = ["-O3", "-std=c++17", "-fno-math-errno"]
+if isa == "avx2":
+    # at::vec picks its AVX2 code by these macros, as ATen's own kernels do.
+    cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+macros = [
+    ("QLIB_CPU_ISA", f'"{isa}"'),
+    ("QLIB_TORCH_VERSION", f'"{torch.__version__}"'),
+]
+sources = sorted(glob.glob("csrc/*.cpp"))
+if with_cuda:
+    macros += [("QLIB_WITH_CUDA", None), ("QLIB_CUDA_ARCHS", f'"{archs}"')]
+    sources += sorted(glob.glob("cuda/*.cu"))
+    ext = CUDAExtension(
+        "qlib._C",
+        sources,
+        include_dirs=[str(ROOT / "csrc")],
+        define_macros=macros,
+        extra_compile_args={
+            "cxx": cxx,
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+        libraries=["cublasLt"],
+    )
+else:
+    ext = CppExtension(
+        "qlib._C",
+        sources,
+        include_dirs=[str(ROOT / "csrc")],
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx},
+    )
+
+# Lets `import qlib` check, before loading _C, that it matches this machine.
+(ROOT / "python/qlib/_build_config.py").write_text(
+    "# Written by setup.py.\n"
+    f"CPU_ISA = {isa!r}\nWITH_CUDA = {with_cuda!r}\nCUDA_ARCHS = {archs!r}\n"
+    f"TORCH_VERSION = {torch.__version__!r}\n"
+)
+
+setup(
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
