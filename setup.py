@@ -11,6 +11,13 @@ import os
 from pathlib import Path
 
 import torch
+
+# torch guesses CUDA_HOME from the nvcc on PATH, which may be a bare wrapper
+# outside the toolkit; prefer the toolkit's standard home when it exists.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -42,7 +49,7 @@ archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0") if with_cuda else ""
 if with_cuda:
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
 
-cxx = ["-O3", "-std=c++17", "-fno-math-errno"]
+cxx = ["-O3", "-fno-math-errno"]
 if isa == "avx2":
     # at::vec picks its AVX2 code by these macros, as ATen's own kernels do.
     cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
@@ -51,25 +58,28 @@ macros = [
     ("QLIB_TORCH_VERSION", f'"{torch.__version__}"'),
 ]
 sources = sorted(glob.glob("csrc/*.cpp"))
+include_dirs = [str(ROOT / "csrc")]
 if with_cuda:
     macros += [("QLIB_WITH_CUDA", None), ("QLIB_CUDA_ARCHS", f'"{archs}"')]
     sources += sorted(glob.glob("cuda/*.cu"))
+    # pip's CUDA torch ships the CUDA library headers (cusparse.h, cublasLt.h)
+    # in nvidia/cu*/include; a bare nvcc install may lack them.
+    include_dirs += sorted(glob.glob(str(Path(torch.__file__).parents[1] / "nvidia/cu*/include")))
     ext = CUDAExtension(
         "qlib._C",
         sources,
-        include_dirs=[str(ROOT / "csrc")],
+        include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args={
             "cxx": cxx,
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
-        libraries=["cublasLt"],
     )
 else:
     ext = CppExtension(
         "qlib._C",
         sources,
-        include_dirs=[str(ROOT / "csrc")],
+        include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args={"cxx": cxx},
     )

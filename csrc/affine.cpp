@@ -45,8 +45,7 @@ std::pair<int64_t, int64_t> int_dtype_range(const char* op, const char* what,
 
 void check_quantize_args(const char* op, const at::Tensor& x, at::ScalarType dtype,
                          int64_t quant_min, int64_t quant_max) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating, got ",
-              x.scalar_type());
+  check_fake_quant_input(op, x);
   check_quant_range(op, quant_min, quant_max);
   const auto [lo, hi] = int_dtype_range(op, "dtype", dtype);
   TORCH_CHECK(quant_min >= lo && quant_max <= hi, op, ": the range [", quant_min, ", ",

@@ -4,8 +4,23 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include "block_layout.h"
+
+// The data types the ops take: floats for x, integers for codes.
+#define QLIB_DISPATCH_FLOAT(TYPE, NAME, ...)                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)     \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+#define QLIB_DISPATCH_QINT(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                              \
+                     AT_DISPATCH_CASE(at::kChar, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kByte, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kShort, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kInt, __VA_ARGS__))
 
 namespace qlib {
 
@@ -30,7 +45,7 @@ AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& 
 void check_quant_range(const char* op, int64_t quant_min, int64_t quant_max);
 // x is float32, float16 or bfloat16.
 void check_fake_quant_input(const char* op, const at::Tensor& x);
-// x is floating; dtype is int8/uint8/int16/int32 and holds [quant_min, quant_max].
+// x is float32/float16/bfloat16; dtype is int8/uint8/int16/int32 and holds [quant_min, quant_max].
 void check_quantize_args(const char* op, const at::Tensor& x, at::ScalarType dtype,
                          int64_t quant_min, int64_t quant_max);
 // q is int8/uint8/int16/int32 and dtype floating; returns the range of q's dtype.

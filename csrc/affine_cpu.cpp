@@ -103,7 +103,7 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
   const float* sp = a.scale.data_ptr<float>();
   const float* zp = a.zero_point.data_ptr<float>();
   const Vec qmin(a.qmin), qmax(a.qmax);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "fake_quant_cpu", [&] {
+  QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_cpu", [&] {
     const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
@@ -139,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
   const float* sp = a.scale.data_ptr<float>();
   const float* zp = a.zero_point.data_ptr<float>();
   const Vec qmin(a.qmin), qmax(a.qmax);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "fake_quant_backward_cpu", [&] {
+  QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_backward_cpu", [&] {
     const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
@@ -197,20 +197,13 @@ void dequantize_runs(const AffineArgs& a, const Q* qp, Y* yp) {
   });
 }
 
-#define QLIB_DISPATCH_QINT(TYPE, NAME, ...)                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                              \
-                     AT_DISPATCH_CASE(at::kChar, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kByte, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kShort, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kInt, __VA_ARGS__))
-
 at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                         int64_t quant_min, int64_t quant_max, at::ScalarType dtype) {
   const char* op = "qlib::quantize";
   check_quantize_args(op, x, dtype, quant_min, quant_max);
   const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
   at::Tensor out = at::empty(a.x.sizes(), a.x.options().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "quantize_cpu", [&] {
+  QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "quantize_cpu", [&] {
     using x_t = scalar_t;
     QLIB_DISPATCH_QINT(dtype, "quantize_cpu", [&] {
       quantize_runs(a, a.x.const_data_ptr<x_t>(), out.data_ptr<scalar_t>());
@@ -227,7 +220,7 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale,
   at::Tensor out = at::empty(a.x.sizes(), a.x.options().dtype(dtype));
   QLIB_DISPATCH_QINT(a.x.scalar_type(), "dequantize_cpu", [&] {
     using q_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_cpu", [&] {
+    QLIB_DISPATCH_FLOAT(dtype, "dequantize_cpu", [&] {
       dequantize_runs(a, a.x.const_data_ptr<q_t>(), out.data_ptr<scalar_t>());
     });
   });

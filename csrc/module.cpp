@@ -28,7 +28,7 @@ pybind11::dict build_info() {
   d["cuda_archs"] = "";
 #endif
   d["torch_built_against"] = QLIB_TORCH_VERSION;
-  d["parallel"] = at::get_parallel_info();
+  d["num_threads"] = at::get_num_threads();
   return d;
 }
 

@@ -132,7 +132,7 @@ at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
   const AffineArgs a = prepare(op, "x", x, scale, zero_point, quant_min, quant_max);
   at::Tensor out = at::empty_like(a.x);
   if (a.x.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "fake_quant_cuda", [&] {
+  QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_cuda", [&] {
     constexpr int N = 16 / sizeof(scalar_t);
     if (aligned16(a.x.const_data_ptr()) && aligned16(out.const_data_ptr())) {
       launch_fake_quant<scalar_t, N>(a, out);
@@ -187,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
   if (n > 0) {
     const auto p = kernel_qparams(a);
     const auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "fake_quant_backward_cuda", [&] {
+    QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_backward_cuda", [&] {
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
       const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
       scalar_t* gxp = grad_x.data_ptr<scalar_t>();
@@ -239,13 +239,6 @@ __global__ void dequantize_kernel(const Q* __restrict__ q, Y* __restrict__ y, in
   }
 }
 
-#define QLIB_DISPATCH_QINT(TYPE, NAME, ...)                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                              \
-                     AT_DISPATCH_CASE(at::kChar, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kByte, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kShort, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kInt, __VA_ARGS__))
-
 at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale,
                          const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                          at::ScalarType dtype) {
@@ -258,7 +251,7 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale,
   if (n == 0) return out;
   const auto p = kernel_qparams(a);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "quantize_cuda", [&] {
+  QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "quantize_cuda", [&] {
     using x_t = scalar_t;
     QLIB_DISPATCH_QINT(dtype, "quantize_cuda", [&] {
       quantize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(a.x.const_data_ptr<x_t>(),
@@ -282,7 +275,7 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale,
   const auto stream = at::cuda::getCurrentCUDAStream();
   QLIB_DISPATCH_QINT(a.x.scalar_type(), "dequantize_cuda", [&] {
     using q_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_cuda", [&] {
+    QLIB_DISPATCH_FLOAT(dtype, "dequantize_cuda", [&] {
       dequantize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(a.x.const_data_ptr<q_t>(),
                                                                 out.data_ptr<scalar_t>(), n, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
