@@ -77,16 +77,18 @@ void for_each_run(const BlockLayout& layout, int64_t numel, const F& f) {
   });
 }
 
-// Scale, 1/scale and zero point for the lanes [i, i + n) of a run.
+// Scale, 1/scale and zero point for n lanes that start `lane` elements into
+// a run whose first element uses scale index s0.
 struct LaneQParams {
   Vec scale, inv_scale, zero_point;
 };
 
-LaneQParams lane_qparams(const AffineArgs& a, const float* scale, const float* zp,
-                         int64_t offset, int64_t n) {
+LaneQParams lane_qparams(const AffineArgs& a, const float* scale, const float* zp, int64_t s0,
+                         int64_t lane, int64_t n) {
   if (!a.layout.inner_steps_scale) {
-    return {Vec(scale[offset]), Vec(1.0f / scale[offset]), Vec(zp[offset])};
+    return {Vec(scale[s0]), Vec(1.0f / scale[s0]), Vec(zp[s0])};
   }
+  const int64_t offset = s0 + lane;
   // Padding lanes get scale 1 so 1/scale stays finite.
   const Vec s = n == kVec ? Vec::loadu(scale + offset)
                           : Vec::set(Vec(1.0f), Vec::loadu(scale + offset, n), n);
@@ -109,7 +111,7 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
     for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
       for (int64_t i = b; i < e; i += kVec) {
         const int64_t n = std::min(kVec, e - i);
-        const LaneQParams p = lane_qparams(a, sp, zp, s0 + (i - b), n);
+        const LaneQParams p = lane_qparams(a, sp, zp, s0, i - b, n);
         const Vec y = fake_quant_value<VecMath>(load_float(xp + i, n), p.scale, p.inv_scale,
                                                 p.zero_point, qmin, qmax);
         store_float(op + i, y, n);
@@ -148,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
     for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
       for (int64_t i = b; i < e; i += kVec) {
         const int64_t n = std::min(kVec, e - i);
-        const LaneQParams p = lane_qparams(a, sp, zp, s0 + (i - b), n);
+        const LaneQParams p = lane_qparams(a, sp, zp, s0, i - b, n);
         const auto r = fake_quant_grads<VecMath>(load_float(gp + i, n), load_float(xp + i, n),
                                                  p.scale, p.inv_scale, p.zero_point, qmin, qmax);
         store_float(gxp + i, r.grad_x, n);
