@@ -24,11 +24,13 @@ def _(x, scale, zero_point, quant_min, quant_max):
 
 @torch.library.register_fake("qlib::fake_quant_backward")
 def _(grad, x, scale, zero_point, quant_min, quant_max, scale_grad, zero_point_grad):
-    none = x.new_empty((0,), dtype=torch.float32)
+    def none():
+        return x.new_empty((0,), dtype=torch.float32)
+
     return (
         x.new_empty(x.shape),
-        scale.new_empty(scale.shape) if scale_grad else none,
-        zero_point.new_empty(zero_point.shape) if zero_point_grad else none,
+        scale.new_empty(scale.shape) if scale_grad else none(),
+        zero_point.new_empty(zero_point.shape) if zero_point_grad else none(),
     )
 
 

@@ -1,0 +1,229 @@
+"""quantize / dequantize / choose_qparams, the seeds' worked examples, opcheck,
+torch.compile / torch.export, and bad input."""
+import pytest
+import torch
+
+import qlib
+
+ops = torch.ops.qlib
+EPS = torch.finfo(torch.float32).eps
+
+
+# ---------------------------------------------------------------- quantize / dequantize
+@pytest.mark.parametrize(
+    "dtype,qmin,qmax", [(torch.int8, -128, 127), (torch.uint8, 0, 255), (torch.int16, -32768, 32767), (torch.int32, -8, 7)]
+)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_dequantize_equal_fake_quant(device, dtype, qmin, qmax, xdtype):
+    x = (torch.randn(37, 11, device=device) * 3).to(xdtype)
+    scale = torch.rand(37, 1, device=device) * 0.05 + 0.01
+    zp = torch.randint(qmin, qmax + 1, (37, 1), dtype=torch.int32, device=device)
+    q = ops.quantize(x, scale, zp, qmin, qmax, dtype)
+    assert q.dtype == dtype and q.shape == x.shape
+    assert int(q.min()) >= qmin and int(q.max()) <= qmax
+    xf = x.float()
+    ref = torch.clamp(torch.round(xf * (1.0 / scale)) + zp, qmin, qmax)
+    assert torch.equal(q.long(), ref.long())
+    back = ops.dequantize(q, scale, zp, xdtype)
+    assert back.dtype == xdtype
+    assert torch.equal(back, ops.fake_quant(x, scale, zp, qmin, qmax))
+
+
+def test_quantize_matches_torch_quantize_per_tensor(device):
+    x = torch.randn(1025, device=device) * 2
+    q = qlib.quantize(x, 0.02, 3)
+    ref = torch.quantize_per_tensor(x.cpu(), 0.02, 3, torch.qint8).int_repr()
+    # torch's quantizer may use x / scale instead of x * (1 / scale): allow an
+    # off-by-one on ties only.
+    assert (q.cpu().int() - ref.int()).abs().max() <= 1
+    assert (q.cpu() == ref).float().mean() > 0.99
+
+
+def test_quantize_nan_inf(device):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.26], device=device)
+    q = qlib.quantize(x, 0.1, 5)
+    assert q.tolist() == [5, 127, -128, 8]
+
+
+# ---------------------------------------------------------------- choose_qparams
+def ao_qparams(min_val, max_val, qmin, qmax, symmetric, dtype):
+    ob = torch.ao.quantization.observer.MinMaxObserver(
+        dtype=dtype,
+        qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine,
+        quant_min=qmin,
+        quant_max=qmax,
+    )
+    return ob._calculate_qparams(min_val, max_val)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype,qmin,qmax", [(torch.qint8, -128, 127), (torch.quint8, 0, 255), (torch.qint8, -8, 7)])
+def test_choose_qparams_matches_torch_ao(device, symmetric, dtype, qmin, qmax):
+    for _ in range(20):
+        lo = -torch.rand(1) * 5
+        hi = torch.rand(1) * 3
+        if torch.rand(1) < 0.3:
+            hi = lo + torch.rand(1)  # all-negative range
+        s_ao, z_ao = ao_qparams(lo, hi, qmin, qmax, symmetric, dtype)
+        if symmetric and qmin == 0:
+            z_ao = torch.full_like(z_ao, (qmin + qmax + 1) // 2)  # torch.ao: 128 for uint8
+        s, z = ops.choose_qparams(lo.to(device), hi.to(device), qmin, qmax, symmetric, EPS)
+        assert torch.equal(s.cpu(), s_ao.float()), (lo, hi)
+        assert torch.equal(z.cpu().long(), z_ao.long()), (lo, hi)
+
+
+def test_choose_qparams_zero_exact_and_constant(device):
+    lo = torch.tensor([-1.3, 0.0, 2.0, -4.0, 0.0], device=device)
+    hi = torch.tensor([2.7, 0.0, 2.0, -4.0, 1e-12], device=device)
+    for sym in (True, False):
+        s, z = qlib.choose_qparams(lo, hi, -128, 127, sym)
+        assert (s > 0).all() and torch.isfinite(s).all()
+        zero = qlib.fake_quant(torch.zeros_like(lo), s, z)
+        assert torch.equal(zero, torch.zeros_like(lo))
+        # The observed range (widened to 0) is covered to within half a step.
+        for v in (lo, hi):
+            assert ((qlib.fake_quant(v, s, z) - v).abs() <= s / 2 + 1e-6).all()
+
+
+# ---------------------------------------------------------------- the seeds' examples
+SEED_MATRIX = [[13.5, 14.3, 8.5], [-4.7, -3.2, -6.4], [-0.4, 1.3, 3.73]]
+
+
+def test_seed_fp32_to_int8_36_bytes_become_9():
+    w = torch.tensor(SEED_MATRIX)
+    q = qlib.quantize(w, 1.0)  # scale 1: plain rounding, half to even
+    assert w.numel() * w.element_size() == 36
+    assert q.numel() * q.element_size() == 9
+    # The slides show 13 for 13.5; half to even gives 14 (as torch.round).
+    assert q.tolist() == [[14, 14, 8], [-5, -3, -6], [0, 1, 4]]
+    err = (w - qlib.dequantize(q, 1.0)).abs()
+    assert err.max() <= 0.5
+
+
+def test_seed_absmax_quantization():
+    x = torch.tensor(SEED_MATRIX)
+    amax = x.abs().max()
+    # The seeds' absmax_quantize: round(127 / amax * x).
+    seeds_q = (127 / amax * x).round()
+    scale = amax / 127
+    q = qlib.quantize(x, scale.reshape(1), None, -127, 127)
+    assert torch.equal(q.float(), seeds_q)
+    assert (qlib.dequantize(q, scale.reshape(1)) - x).abs().max() <= scale / 2 + 1e-6
+
+
+def test_seed_zero_point_quantization():
+    x = torch.tensor(SEED_MATRIX)
+    # The seeds' zeropoint_quantize: scale = range / 255 and a zero point that
+    # maps min to -128 (their sign convention is the negative of ours).
+    scale, zp = qlib.choose_qparams(x.min().reshape(1), x.max().reshape(1), -128, 127, symmetric=False)
+    seed_scale = (x.max() - x.min()) / 255
+    assert torch.allclose(scale, seed_scale.reshape(1))
+    seed_zp = (x.min() / seed_scale).round() + 128
+    assert int(zp) == -int(seed_zp) or int(zp) == -128 - int((x.min() / scale).round())
+    q = qlib.quantize(x, scale, zp)
+    assert q.min() == -128 and q.max() <= 127
+    assert (qlib.dequantize(q, scale, zp) - x).abs().max() <= scale / 2 + 1e-6
+
+
+# ---------------------------------------------------------------- opcheck, compile, export
+def _opcheck_cases(device):
+    x = torch.randn(7, 12, device=device)
+    s1 = torch.tensor([0.05], device=device)
+    z1 = torch.tensor([2], dtype=torch.int32, device=device)
+    sg = torch.rand(7, 3, device=device) * 0.1 + 0.01
+    zg = torch.randint(-3, 3, (7, 3), device=device).float()
+    yield ops.fake_quant.default, (x, s1, z1, -128, 127)
+    yield ops.fake_quant.default, (x.requires_grad_(), sg.requires_grad_(), zg.requires_grad_(), -8, 7)
+    yield ops.fake_quant.default, (x.detach().bfloat16().requires_grad_(), sg.detach(), zg.detach(), -8, 7)
+    yield ops.fake_quant_backward.default, (torch.randn(7, 12, device=device), x.detach(), sg.detach(), zg.detach(), -8, 7, True, True)
+    yield ops.fake_quant_backward.default, (torch.randn(7, 12, device=device), x.detach(), s1, z1, -8, 7, False, False)
+    yield ops.quantize.default, (x.detach(), sg.detach(), zg.detach().int(), -8, 7, torch.int8)
+    yield ops.dequantize.default, (torch.randint(-8, 8, (7, 12), dtype=torch.int8, device=device), sg.detach(), zg.detach().int(), torch.float16)
+    yield ops.choose_qparams.default, (-torch.rand(5, 1, device=device), torch.rand(5, 1, device=device), -128, 127, False, EPS)
+
+
+def test_opcheck(device):
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+class QModule(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 8)
+        self.scale = torch.nn.Parameter(torch.full((8, 1), 0.02))
+        self.register_buffer("zp", torch.zeros(8, 1, dtype=torch.int32))
+
+    def forward(self, x):
+        w = ops.fake_quant(self.lin.weight, self.scale, self.zp, -8, 7)
+        x = ops.fake_quant(x, torch.ones(1, device=x.device) * 0.05, torch.zeros(1, dtype=torch.int32, device=x.device), -128, 127)
+        return torch.nn.functional.linear(x, w, self.lin.bias)
+
+
+def test_compile_training_step_fullgraph(device):
+    torch._dynamo.reset()
+    model = QModule().to(device)
+    ref = QModule().to(device)
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(4, 16, device=device)
+    compiled = torch.compile(model, fullgraph=True)  # a graph break would raise
+    loss_c = compiled(x).pow(2).mean()
+    loss_c.backward()
+    loss_e = ref(x).pow(2).mean()
+    loss_e.backward()
+    assert torch.allclose(loss_c, loss_e)
+    assert torch.allclose(model.scale.grad, ref.scale.grad, atol=1e-6)
+    assert torch.allclose(model.lin.weight.grad, ref.lin.weight.grad, atol=1e-6)
+
+
+def test_export(device):
+    model = QModule().to(device).eval()
+    x = torch.randn(4, 16, device=device)
+    ep = torch.export.export(model, (x,))
+    assert any("qlib.fake_quant" in str(n.target) for n in ep.graph.nodes)
+    assert torch.allclose(ep.module()(x), model(x))
+
+
+# ---------------------------------------------------------------- bad input
+def _bad_cases(device):
+    x = torch.randn(4, 6, device=device)
+    s = torch.tensor([0.1], device=device)
+    z = torch.tensor([0], dtype=torch.int32, device=device)
+    fq = ops.fake_quant
+    yield lambda: fq(x.int(), s, z, -128, 127), "qlib::fake_quant: x must be float32, float16 or bfloat16, got Int"
+    yield lambda: fq(x.double(), s, z, -128, 127), "x must be float32, float16 or bfloat16, got Double"
+    yield lambda: fq(x, s.int(), z, -128, 127), "scale must be a floating tensor, got Int"
+    yield lambda: fq(x, s * 0, z, -128, 127), r"scale must be positive and finite, got 0"
+    yield lambda: fq(x, -s, z, -128, 127), r"scale must be positive and finite, got -0.1"
+    yield lambda: fq(x, s * float("nan"), z, -128, 127), "scale must be positive and finite, got nan"
+    yield lambda: fq(x, s * float("inf"), z, -128, 127), "scale must be positive and finite, got inf"
+    yield lambda: fq(x, torch.ones(4, 4, device=device), torch.zeros(4, 4, device=device), -128, 127), r"scale of shape \[4, 4\] does not block x of shape \[4, 6\] \(dim 1: 6 is not a multiple of 4\)"
+    yield lambda: fq(x, torch.ones(4, device=device), torch.zeros(4, device=device), -128, 127), r"scale of shape \[4\] does not block x of shape \[4, 6\]"
+    yield lambda: fq(x, torch.ones(4, 1, device=device), torch.zeros(1, 4, device=device), -128, 127), r"zero_point of shape \[1, 4\] differs from scale of shape \[4, 1\]"
+    yield lambda: fq(x, s, z + 200, -128, 127), r"zero_point must lie in \[quant_min, quant_max\] = \[-128, 127\], got 200"
+    yield lambda: fq(x, s, z, 5, 5), r"quant_min \(5\) must be less than quant_max \(5\)"
+    yield lambda: fq(x, s, z, 0, 70000), r"the range \[0, 70000\] is wider than 16 bits"
+    if torch.cuda.is_available():
+        other = "cpu" if device != "cpu" else "cuda"
+        yield lambda: fq(x, s.to(other), z, -128, 127), r"x \(.*\), scale \(.*\) and zero_point \(.*\) must be on the same device"
+    yield lambda: ops.quantize(x, s, z, -128, 127, torch.float32), "qlib::quantize: dtype must be int8, uint8, int16 or int32, got Float"
+    yield lambda: ops.quantize(x, s, z, -128, 255, torch.int8), r"the range \[-128, 255\] does not fit in Char"
+    yield lambda: ops.dequantize(x, s, z, torch.float32), "qlib::dequantize: q must be int8, uint8, int16 or int32, got Float"
+    yield lambda: ops.choose_qparams(torch.zeros(3, device=device), torch.zeros(4, device=device), -128, 127, True, EPS), r"min of shape \[3\] differs from max of shape \[4\]"
+    yield lambda: ops.choose_qparams(torch.ones(1, device=device), torch.zeros(1, device=device), -128, 127, True, EPS), "need finite min <= max, got min = 1, max = 0"
+    yield lambda: ops.choose_qparams(torch.zeros(1, device=device), torch.full((1,), float("inf"), device=device), -128, 127, True, EPS), "need finite min <= max"
+    yield lambda: ops.choose_qparams(torch.zeros(1, device=device), torch.ones(1, device=device), -128, 127, True, 0.0), "eps must be positive"
+
+
+def test_bad_input_errors(device):
+    for call, message in _bad_cases(device):
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+def test_extension_reports_build():
+    info = qlib.build_info()
+    assert info["cpu_isa"] in ("avx2", "default")
+    assert isinstance(info["cuda"], bool)
+    if info["cuda"]:
+        assert info["cuda_archs"]

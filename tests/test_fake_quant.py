@@ -1,0 +1,215 @@
+"""fake_quant: exactness against PyTorch's own ops, granularity, gradients, dtypes."""
+import pytest
+import torch
+
+import qlib
+
+ops = torch.ops.qlib
+RANGES = [(-128, 127), (0, 255), (-8, 7), (-127, 127), (-32768, 32767), (0, 15)]
+
+
+def tricky_input(shape, scale, device, qmin=-128, qmax=127):
+    """Random values plus exact rounding ties and values past both clamp edges."""
+    x = torch.randn(shape, device=device) * scale * (qmax - qmin) / 4
+    flat = x.view(-1)
+    n = flat.numel()
+    ties = (torch.randint(qmin, qmax, (n,), device=device).float() + 0.5) * scale
+    pick = torch.rand(n, device=device)
+    flat[pick < 0.2] = ties[pick < 0.2]
+    flat[(pick > 0.9)] *= 1000.0  # far past the clamp edges
+    return x
+
+
+def ref_fake_quant(x, scale, zero_point, qmin, qmax):
+    """Plain torch ops, the same float32 order of operations; scale/zp expanded to x."""
+    s, z = scale.float(), zero_point.float()
+    for d in range(x.dim()):
+        if s.dim() == x.dim() and s.size(d) != x.size(d):
+            rep = x.size(d) // s.size(d)
+            s = s.repeat_interleave(rep, d)
+            z = z.repeat_interleave(rep, d)
+    xf = x.float()
+    q = torch.clamp(torch.round(xf * (1.0 / s)) + z, qmin, qmax)
+    return ((q - z) * s).to(x.dtype)
+
+
+@pytest.mark.parametrize("qmin,qmax", RANGES)
+@pytest.mark.parametrize("n", [1, 17, 1025, 8193])
+def test_per_tensor_matches_torch(device, qmin, qmax, n):
+    scale = torch.tensor([0.0371], device=device)
+    zp = torch.tensor([(qmin + qmax) // 3], dtype=torch.int32, device=device)
+    x = tricky_input((n,), 0.0371, device, qmin, qmax).requires_grad_()
+    y = ops.fake_quant(x, scale, zp, qmin, qmax)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = torch.fake_quantize_per_tensor_affine(x_ref, scale, zp, qmin, qmax)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (0, 255), (-8, 7)])
+def test_per_channel_matches_torch(device, axis, qmin, qmax):
+    shape = [5, 17, 33]
+    C = shape[axis]
+    scale = torch.rand(C, device=device) * 0.1 + 0.005
+    zp = torch.randint(qmin, qmax + 1, (C,), dtype=torch.int32, device=device)
+    x = tricky_input(shape, 0.05, device, qmin, qmax).requires_grad_()
+    view = [1, 1, 1]
+    view[axis] = C
+    y = ops.fake_quant(x, scale.view(view), zp.view(view), qmin, qmax)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = torch.fake_quantize_per_channel_affine(x_ref, scale, zp, axis, qmin, qmax)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize(
+    "x_shape,s_shape",
+    [
+        ((64, 96), (64, 3)),  # per-group, group 32
+        ((7, 17, 40), (7, 17, 5)),  # per-group on the last dim of 3-D
+        ((9, 33), (9, 1)),  # per-token
+        ((1, 33), (1, 33)),  # one scale per element
+        ((64, 96), (4, 6)),  # 2-D blocks 16 x 16
+        ((6, 10, 12), (3, 1, 4)),  # blocks on two non-adjacent dims
+        ((4, 6, 8), (1, 6, 1)),  # channel in the middle
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_blocks_match_reference(device, x_shape, s_shape, dtype):
+    x = tricky_input(x_shape, 0.05, device).to(dtype)
+    scale = torch.rand(s_shape, device=device) * 0.1 + 0.01
+    zp = torch.randint(-20, 20, s_shape, dtype=torch.int32, device=device)
+    y = ops.fake_quant(x, scale, zp, -128, 127)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(y, ref_fake_quant(x, scale, zp, -128, 127))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_equals_float32_math_cast_back(device, dtype):
+    x = tricky_input((1025, 9), 0.02, device).to(dtype)
+    scale = torch.tensor([0.02], device=device)
+    zp = torch.tensor([5], dtype=torch.int32, device=device)
+    y = ops.fake_quant(x, scale, zp, -128, 127)
+    expect = torch.fake_quantize_per_tensor_affine(x.float(), scale, zp, -128, 127).to(dtype)
+    assert torch.equal(y, expect)
+    # Per-channel too, through torch's per-channel op on float32.
+    sc = torch.rand(9, device=device) * 0.05 + 0.01
+    zc = torch.randint(-3, 3, (9,), dtype=torch.int32, device=device)
+    y = ops.fake_quant(x, sc.view(1, 9), zc.view(1, 9), -128, 127)
+    expect = torch.fake_quantize_per_channel_affine(x.float(), sc, zc, 1, -128, 127).to(dtype)
+    assert torch.equal(y, expect)
+
+
+def test_against_float64_reference(device):
+    # Away from ties, float32 math rounds to the same codes as exact math.
+    x = torch.randn(4097, device=device, dtype=torch.float64)
+    scale = 0.013
+    q = torch.clamp(torch.round(x / scale) + 3, -128, 127)
+    exact = (q - 3) * scale
+    frac = (x / scale) - torch.floor(x / scale)
+    safe = (frac - 0.5).abs() > 1e-3
+    y = ops.fake_quant(
+        x.float(), torch.tensor([scale], device=device), torch.tensor([3], device=device), -128, 127
+    )
+    assert torch.allclose(y.double()[safe], exact[safe], rtol=0, atol=1e-6)
+
+
+def test_non_contiguous_and_empty(device):
+    base = torch.randn(33, 18, device=device)
+    x = base.t()  # non-contiguous [18, 33]
+    scale = torch.rand(18, 1, device=device) * 0.05 + 0.01
+    zp = torch.zeros(18, 1, dtype=torch.int32, device=device)
+    y = ops.fake_quant(x, scale, zp, -128, 127)
+    assert torch.equal(y, ops.fake_quant(x.contiguous(), scale, zp, -128, 127))
+    x = base[:, ::2]
+    y = ops.fake_quant(x, torch.tensor([0.1], device=device), torch.tensor([0], device=device), -8, 7)
+    assert torch.equal(y, ref_fake_quant(x, torch.tensor(0.1, device=device), torch.tensor(0, device=device), -8, 7))
+    e = torch.empty(0, 7, device=device, requires_grad=True)
+    out = ops.fake_quant(e, torch.tensor([0.1], device=device), torch.tensor([0], device=device), -8, 7)
+    assert out.shape == (0, 7)
+    out.sum().backward()
+    assert e.grad.shape == (0, 7)
+
+
+def test_nan_and_inf(device):
+    scale = torch.tensor([0.5], device=device)
+    zp = torch.tensor([3], dtype=torch.int32, device=device)
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0], device=device, requires_grad=True)
+    y = ops.fake_quant(x, scale, zp, -128, 127)
+    assert torch.isnan(y[0])
+    assert y[1].item() == (127 - 3) * 0.5
+    assert y[2].item() == (-128 - 3) * 0.5
+    assert y[3].item() == 1.0
+    y.backward(torch.ones_like(y))
+    assert x.grad.tolist() == [0.0, 0.0, 0.0, 1.0]
+    for dtype in (torch.float16, torch.bfloat16):
+        yl = ops.fake_quant(x.detach().to(dtype), scale, zp, -128, 127)
+        assert torch.isnan(yl[0]) and yl[1].item() == 62.0 and yl[2].item() == -65.5
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lsq_gradients_match_torch_learnable(device, per_channel):
+    qmin, qmax = -128, 127
+    # No exact ties here: torch's learnable backward rounds x/scale + zp as
+    # one sum, so at ties with an odd zero point its mask disagrees with its
+    # own forward (and with torch.fake_quantize_per_tensor_affine); qlib
+    # follows the forward.
+    x = (torch.randn(31, 17, device=device) * 4).requires_grad_()
+    if per_channel:
+        s = (torch.rand(17, device=device) * 0.05 + 0.02).requires_grad_()
+        z = torch.randint(-10, 10, (17,), device=device).float().requires_grad_()
+        y = ops.fake_quant(x, s.view(1, 17), z.view(1, 17), qmin, qmax)
+    else:
+        s = torch.tensor([0.05], device=device, requires_grad=True)
+        z = torch.tensor([3.0], device=device, requires_grad=True)
+        y = ops.fake_quant(x, s, z, qmin, qmax)
+    x2, s2, z2 = (t.detach().clone().requires_grad_() for t in (x, s, z))
+    if per_channel:
+        y2 = torch._fake_quantize_learnable_per_channel_affine(x2, s2, z2, 1, qmin, qmax, 1.0)
+    else:
+        y2 = torch._fake_quantize_learnable_per_tensor_affine(x2, s2, z2, qmin, qmax, 1.0)
+    assert torch.equal(y, y2)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    assert torch.equal(x.grad, x2.grad)
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(z.grad, z2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_lsq_gradients_per_group_float64_reference(device):
+    x = torch.randn(8, 12, device=device).requires_grad_()
+    s = (torch.rand(8, 3, device=device) * 0.05 + 0.02).requires_grad_()
+    z = torch.randint(-2, 3, (8, 3), device=device).float().requires_grad_()
+    y = ops.fake_quant(x, s, z, -8, 7)
+    g = torch.randn_like(y)
+    y.backward(g)
+    # Reference: the LSQ+ formulas in float64, summed per group of 4.
+    xd, sd, zd, gd = x.detach().double(), s.detach().double(), z.detach().double(), g.double()
+    se, ze = sd.repeat_interleave(4, 1), zd.repeat_interleave(4, 1)
+    q = torch.round(xd / se) + ze
+    inside = (q >= -8) & (q <= 7)
+    xh = (q.clamp(-8, 7) - ze) * se
+    ds = torch.where(inside, (xh - xd) / se, torch.where(q < -8, -8 - ze, 7 - ze)) * gd
+    dz = torch.where(inside, 0.0, -se) * gd
+    torch.testing.assert_close(s.grad.double(), ds.view(8, 3, 4).sum(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(z.grad.double(), dz.view(8, 3, 4).sum(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), gd * inside, rtol=0, atol=0)
+
+
+def test_python_wrapper_and_quant_range(device):
+    x = torch.randn(10, device=device)
+    assert torch.equal(qlib.fake_quant(x, 0.1), ops.fake_quant(x, torch.tensor(0.1, device=device), torch.tensor(0, device=device), -128, 127))
+    assert qlib.quant_range(8) == (-128, 127)
+    assert qlib.quant_range(8, narrow=True) == (-127, 127)
+    assert qlib.quant_range(8, signed=False) == (0, 255)
+    assert qlib.quant_range(4) == (-8, 7)
+    with pytest.raises(ValueError, match="bits"):
+        qlib.quant_range(17)
