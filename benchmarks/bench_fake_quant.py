@@ -1,0 +1,122 @@
+"""fake_quant throughput: qlib vs torch's native op vs the eager composite.
+
+One run prints one side-by-side table: forward and forward+backward,
+per-tensor / per-channel / per-group, float32 and bfloat16, medians over
+repeats, GB/s (bytes read + written by the op) and ratios against qlib.
+
+    .venv/bin/python benchmarks/bench_fake_quant.py [--device cuda] [--numel 16777216]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import qlib  # noqa: F401
+
+ops = torch.ops.qlib
+
+
+def composite(x, scale, zp, qmin, qmax):
+    """The seeds' fake quantization written with torch ops, STE by autograd trick."""
+    xf = x.float()
+    q = torch.clamp(torch.round(xf / scale) + zp, qmin, qmax)
+    y = ((q - zp) * scale).to(x.dtype)
+    return x + (y - x).detach() if x.requires_grad else y
+
+
+def torch_native(x, scale, zp, qmin, qmax, mode, group):
+    if mode == "per-tensor":
+        return torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
+    if mode == "per-channel":
+        return torch.fake_quantize_per_channel_affine(x, scale.view(-1), zp.view(-1), 0, qmin, qmax)
+    # per-group has no native op: torch users reshape to [N * K / g, g] and go per-channel.
+    rows = x.reshape(-1, group)
+    return torch.fake_quantize_per_channel_affine(rows, scale.reshape(-1), zp.reshape(-1), 0, qmin, qmax).view_as(x)
+
+
+def timeit(fn, device, repeat, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(numel, device, repeat):
+    x = torch.empty(numel, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    t = timeit(lambda: y.copy_(x), device, repeat)
+    return 2 * x.numel() * 4 / t / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--numel", type=int, default=16 * 1024 * 1024)
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--group", type=int, default=128)
+    args = p.parse_args()
+    dev, n = args.device, args.numel
+    K = 4096
+    N = n // K
+    qmin, qmax = -128, 127
+    print(f"device={dev} numel={N * K} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"device-to-device copy bandwidth (float32): {copy_bandwidth(N * K, dev, args.repeat):.1f} GB/s")
+    header = f"{'mode':12s} {'dtype':9s} {'pass':8s} {'qlib ms':>9s} {'GB/s':>7s} {'native ms':>10s} {'x':>6s} {'composite ms':>13s} {'x':>6s}"
+    print(header)
+    print("-" * len(header))
+    for mode in ("per-tensor", "per-channel", "per-group"):
+        for dtype in (torch.float32, torch.bfloat16):
+            x0 = torch.randn(N, K, device=dev).to(dtype)
+            if mode == "per-tensor":
+                shape = (1,)
+            elif mode == "per-channel":
+                shape = (N, 1)
+            else:
+                shape = (N, K // args.group)
+            scale = torch.rand(shape, device=dev) * 0.02 + 0.01
+            zp = torch.zeros(shape, dtype=torch.int32, device=dev)
+            zpf = zp.float()
+            for pass_ in ("fwd", "fwd+bwd"):
+                train = pass_ == "fwd+bwd"
+                x = x0.detach().requires_grad_(train)
+                g = torch.ones_like(x0)
+
+                def run(f):
+                    def call():
+                        y = f()
+                        if train:
+                            y.backward(g)
+                            x.grad = None
+                    return call
+
+                t_q = timeit(run(lambda: ops.fake_quant(x, scale, zp, qmin, qmax)), dev, args.repeat)
+                t_n = None
+                if dtype == torch.float32 or dev == "cuda":
+                    try:
+                        t_n = timeit(run(lambda: torch_native(x, scale, zp, qmin, qmax, mode, args.group)), dev, args.repeat)
+                    except RuntimeError:
+                        t_n = None
+                se = scale if mode != "per-group" else scale.repeat_interleave(args.group, 1)
+                ze = zpf if mode != "per-group" else zpf.repeat_interleave(args.group, 1)
+                t_c = timeit(run(lambda: composite(x, se, ze, qmin, qmax)), dev, args.repeat)
+                nbytes = x0.numel() * x0.element_size() * (2 if not train else 5)
+                native = f"{t_n * 1e3:10.2f} {t_n / t_q:5.2f}x" if t_n else f"{'n/a':>10s} {'':>6s}"
+                print(
+                    f"{mode:12s} {str(dtype).replace('torch.', ''):9s} {pass_:8s} {t_q * 1e3:9.2f} "
+                    f"{nbytes / t_q / 1e9:7.1f} {native} {t_c * 1e3:13.2f} {t_c / t_q:5.2f}x"
+                )
+    print("x = peer time / qlib time (above 1: qlib is faster). GB/s counts x read + y written"
+          " (fwd), plus grad read, x read, grad_x written (bwd).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: makes .venv/ at the repo
+# root when missing (torch 2.14.1, a CUDA build, so the CUDA kernels compile),
+# builds qlib into it, and reuses both next time (rebuilds are incremental).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="$ROOT/.venv/bin/python"
+export MAX_JOBS="${MAX_JOBS:-2}"
+
+if [ ! -x "$PY" ] || ! "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib" 2>/dev/null; then
+  echo "== creating .venv (torch 2.14.1 and the test/demo dependencies)"
+  python3 -m venv .venv
+  "$PY" -m pip install -q --upgrade pip setuptools wheel
+  "$PY" -m pip install -q "torch==2.14.1" numpy ninja pytest expecttest tqdm matplotlib scikit-learn
+fi
+
+if ! "$PY" -c "import qlib" 2>/dev/null; then
+  echo "== building qlib (pip install --no-build-isolation -e .)"
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+else
+  echo "== rebuilding qlib incrementally"
+  "$PY" setup.py -q build_ext --inplace >/dev/null
+fi

@@ -1,0 +1,135 @@
+// GoogleTest for csrc/quant_math.h and csrc/block_layout.h, and the qlib ops
+// called through the dispatcher (compiled into this binary, no Python).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "block_layout.h"
+#include "quant_math.h"
+
+using qlib::ScalarMath;
+
+TEST(QuantMath, RoundsHalfToEven) {
+  EXPECT_EQ(ScalarMath::round(0.5f), 0.0f);
+  EXPECT_EQ(ScalarMath::round(1.5f), 2.0f);
+  EXPECT_EQ(ScalarMath::round(2.5f), 2.0f);
+  EXPECT_EQ(ScalarMath::round(-2.5f), -2.0f);
+  EXPECT_EQ(ScalarMath::round(-0.51f), -1.0f);
+}
+
+TEST(QuantMath, ClampKeepsNaNAndClampsInf) {
+  EXPECT_TRUE(std::isnan(ScalarMath::clamp(NAN, -8.0f, 7.0f)));
+  EXPECT_EQ(ScalarMath::clamp(INFINITY, -8.0f, 7.0f), 7.0f);
+  EXPECT_EQ(ScalarMath::clamp(-INFINITY, -8.0f, 7.0f), -8.0f);
+}
+
+TEST(QuantMath, FakeQuantValueMatchesFloat64Formula) {
+  std::mt19937 gen(0);
+  std::normal_distribution<float> dist(0.0f, 3.0f);
+  const float scale = 0.037f, zp = 5.0f;
+  for (int i = 0; i < 10000; ++i) {
+    const float x = dist(gen);
+    const double q = std::min(127.0, std::max(-128.0, std::nearbyint(double(x) * (1.0f / scale)) + zp));
+    const float expect = static_cast<float>((q - zp) * scale);
+    const float got = qlib::fake_quant_value<ScalarMath>(x, scale, 1.0f / scale, zp, -128.0f, 127.0f);
+    ASSERT_EQ(got, expect) << "x = " << x;
+  }
+  // +-Inf clamp in float, before any integer cast.
+  EXPECT_EQ(qlib::fake_quant_value<ScalarMath>(INFINITY, 0.5f, 2.0f, 3.0f, -128.0f, 127.0f), (127 - 3) * 0.5f);
+  EXPECT_EQ(qlib::fake_quant_value<ScalarMath>(-INFINITY, 0.5f, 2.0f, 3.0f, -128.0f, 127.0f), (-128 - 3) * 0.5f);
+  EXPECT_TRUE(std::isnan(qlib::fake_quant_value<ScalarMath>(NAN, 0.5f, 2.0f, 3.0f, -128.0f, 127.0f)));
+}
+
+TEST(QuantMath, GradsInsideBelowAbove) {
+  const float s = 0.5f, zp = 2.0f;
+  // Inside: STE passes the gradient, LSQ scale grad is (x_hat - x) / s.
+  auto in = qlib::fake_quant_grads<ScalarMath>(3.0f, 1.2f, s, 1.0f / s, zp, -8.0f, 7.0f);
+  EXPECT_EQ(in.grad_x, 3.0f);
+  EXPECT_FLOAT_EQ(in.grad_scale, (1.0f - 1.2f) / s * 3.0f);
+  EXPECT_EQ(in.grad_zero_point, 0.0f);
+  auto below = qlib::fake_quant_grads<ScalarMath>(3.0f, -100.0f, s, 1.0f / s, zp, -8.0f, 7.0f);
+  EXPECT_EQ(below.grad_x, 0.0f);
+  EXPECT_EQ(below.grad_scale, (-8.0f - zp) * 3.0f);
+  EXPECT_EQ(below.grad_zero_point, -s * 3.0f);
+  auto above = qlib::fake_quant_grads<ScalarMath>(3.0f, 100.0f, s, 1.0f / s, zp, -8.0f, 7.0f);
+  EXPECT_EQ(above.grad_scale, (7.0f - zp) * 3.0f);
+}
+
+TEST(QuantMath, ChooseQParams) {
+  const float eps = std::numeric_limits<float>::epsilon();
+  auto sym = qlib::choose_qparams_value(-2.0f, 1.0f, -128, 127, true, eps);
+  EXPECT_EQ(sym.scale, 2.0f / 127.5f);
+  EXPECT_EQ(sym.zero_point, 0);
+  auto usym = qlib::choose_qparams_value(-2.0f, 1.0f, 0, 255, true, eps);
+  EXPECT_EQ(usym.zero_point, 128);
+  auto asym = qlib::choose_qparams_value(-1.0f, 3.0f, -128, 127, false, eps);
+  EXPECT_EQ(asym.scale, 4.0f / 255.0f);
+  EXPECT_EQ(asym.zero_point, static_cast<int32_t>(-128 - std::nearbyint(-1.0f / (4.0f / 255.0f))));
+  // All-positive range still contains 0 exactly; a constant gives eps.
+  auto pos = qlib::choose_qparams_value(2.0f, 3.0f, 0, 255, false, eps);
+  EXPECT_EQ(pos.zero_point, 0);
+  auto zero = qlib::choose_qparams_value(0.0f, 0.0f, -128, 127, false, eps);
+  EXPECT_EQ(zero.scale, eps);
+}
+
+TEST(BlockLayout, ScaleIndexMatchesBruteForce) {
+  const std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> cases = {
+      {{6, 8}, {6, 1}}, {{6, 8}, {1, 8}}, {{6, 8}, {6, 2}}, {{6, 8}, {3, 4}},
+      {{4, 6, 8}, {1, 6, 1}}, {{4, 6, 8}, {2, 1, 4}}, {{5, 1, 7}, {5, 1, 7}}, {{3, 4, 5, 6}, {3, 2, 5, 3}}};
+  for (const auto& [xs, ss] : cases) {
+    const auto L = qlib::BlockLayout::make(xs, ss, false);
+    int64_t n = 1;
+    for (auto v : xs) n *= v;
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t rem = i, sidx = 0, sstride = 1;
+      for (int64_t d = static_cast<int64_t>(xs.size()) - 1; d >= 0; --d) {
+        const int64_t c = rem % xs[d];
+        rem /= xs[d];
+        sidx += (c / (xs[d] / ss[d])) * sstride;
+        sstride *= ss[d];
+      }
+      ASSERT_EQ(L.scale_index(i), sidx) << "element " << i;
+    }
+  }
+  const std::vector<int64_t> xs = {3, 5}, ss = {1, 1};
+  const auto per_tensor = qlib::BlockLayout::make(xs, ss, true);
+  EXPECT_EQ(per_tensor.inner_run, 15);
+  EXPECT_EQ(per_tensor.scale_index(14), 0);
+}
+
+namespace {
+at::Tensor call_fake_quant(const at::Tensor& x, const at::Tensor& s, const at::Tensor& z, int64_t lo, int64_t hi) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qlib::fake_quant", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
+  return op.call(x, s, z, lo, hi);
+}
+}  // namespace
+
+TEST(Dispatcher, FakeQuantMatchesATen) {
+  at::manual_seed(0);
+  const at::Tensor x = at::randn({1025, 17}) * 4;
+  const at::Tensor s = at::full({1}, 0.031f);
+  const at::Tensor z = at::full({1}, 3, at::kInt);
+  EXPECT_TRUE(at::equal(call_fake_quant(x, s, z, -128, 127),
+                        at::fake_quantize_per_tensor_affine(x, s, z, -128, 127)));
+  const at::Tensor sc = at::rand({17}) * 0.1 + 0.01;
+  const at::Tensor zc = at::randint(-5, 5, {17}, at::kInt);
+  EXPECT_TRUE(at::equal(call_fake_quant(x, sc.view({1, 17}), zc.view({1, 17}), -8, 7),
+                        at::fake_quantize_per_channel_affine(x, sc, zc, 1, -8, 7)));
+}
+
+TEST(Dispatcher, BadScaleNamesTheOp) {
+  const at::Tensor x = at::randn({4});
+  try {
+    call_fake_quant(x, at::full({1}, -1.0f), at::zeros({1}, at::kInt), -128, 127);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("qlib::fake_quant: scale must be positive"), std::string::npos);
+  }
+}
