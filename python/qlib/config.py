@@ -1,0 +1,75 @@
+"""QATConfig: how the weights and activations of each Linear are fake-quantized."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+
+
+@dataclass
+class QATConfig:
+    """Quantization scheme for `prepare_qat` / `QATLinear`.
+
+    Defaults: weights int8 per-channel symmetric (min-max observer);
+    activations int8 per-tensor asymmetric with a moving-average observer.
+    Setting `weight_group_size` makes the weights per-group (groups along
+    in_features). Observers are named by class or by class name in
+    `qlib.observers`. `*_learnable` trains the scale (and the zero point when
+    asymmetric) with LSQ / LSQ+ gradients.
+    """
+
+    weight_bits: int = 8
+    weight_symmetric: bool = True
+    weight_granularity: str = "per_channel"
+    weight_group_size: Optional[int] = None
+    weight_observer: Union[str, type] = "MinMaxObserver"
+    weight_learnable: bool = False
+    activation_bits: int = 8
+    activation_symmetric: bool = False
+    activation_observer: Union[str, type] = "MovingAverageMinMaxObserver"
+    activation_learnable: bool = False
+
+    def __post_init__(self):
+        for name in ("weight_bits", "activation_bits"):
+            bits = getattr(self, name)
+            if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+                raise ValueError(f"QATConfig.{name} must be an int in [2, 16], got {bits!r}")
+        if self.weight_group_size is not None:
+            if not isinstance(self.weight_group_size, int) or self.weight_group_size <= 0:
+                raise ValueError(
+                    f"QATConfig.weight_group_size must be a positive int, got {self.weight_group_size!r}"
+                )
+            self.weight_granularity = "per_group"
+        if self.weight_granularity not in _GRANULARITIES:
+            raise ValueError(
+                f"QATConfig.weight_granularity must be one of {_GRANULARITIES}, got {self.weight_granularity!r}"
+            )
+        if self.weight_granularity == "per_group" and self.weight_group_size is None:
+            raise ValueError("QATConfig.weight_granularity='per_group' needs weight_group_size")
+        self.weight_observer_class()
+        self.activation_observer_class()
+
+    @staticmethod
+    def _observer_class(spec, field):
+        from . import observers
+
+        cls = getattr(observers, spec, None) if isinstance(spec, str) else spec
+        if not isinstance(cls, type):
+            raise ValueError(f"QATConfig.{field}: no observer named {spec!r} in qlib.observers")
+        return cls
+
+    def weight_observer_class(self):
+        return self._observer_class(self.weight_observer, "weight_observer")
+
+    def activation_observer_class(self):
+        return self._observer_class(self.activation_observer, "activation_observer")
+
+    def check_linear(self, in_features: int, fqn: str = "") -> None:
+        """Raises ValueError when this config cannot quantize a Linear of that width."""
+        g = self.weight_group_size
+        if self.weight_granularity == "per_group" and in_features % g != 0:
+            where = f" (module {fqn!r})" if fqn else ""
+            raise ValueError(
+                f"QATConfig.weight_group_size={g} does not divide in_features={in_features}{where}"
+            )

@@ -1,0 +1,103 @@
+"""FakeQuantize: an observer followed by qlib's fake_quant op."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+ops = torch.ops.qlib
+
+
+def _scale_grad(t: Tensor, factor: float) -> Tensor:
+    """Value of t, gradient multiplied by factor (LSQ's gradient scaling)."""
+    scaled = t * factor
+    return (t - scaled).detach() + scaled
+
+
+class FakeQuantize(nn.Module):
+    """Observes its input (while the observer is enabled), then fake-quantizes it.
+
+    With ``learnable=True`` the scale (and, for an asymmetric observer, the
+    zero point) are ``nn.Parameter``s of shape ``qparams_shape``. They are set
+    from the observer on the first observed batch, then trained with LSQ /
+    LSQ+ gradients scaled by ``1 / sqrt(numel * quant_max)``; the scale is
+    kept positive by clamping it at ``eps``.
+    """
+
+    def __init__(self, observer: nn.Module, learnable: bool = False,
+                 qparams_shape: Optional[Sequence[int]] = None, eps: float = 1e-8):
+        super().__init__()
+        self.observer = observer
+        self.quant_min = int(observer.quant_min)
+        self.quant_max = int(observer.quant_max)
+        self.learnable = learnable
+        self.eps = eps
+        self.observer_enabled = True
+        self.fake_quant_enabled = True
+        if learnable:
+            shape = tuple(qparams_shape) if qparams_shape is not None else (1,)
+            self.scale = nn.Parameter(torch.ones(shape))
+            asym = not getattr(observer, "symmetric", True)
+            zp = torch.zeros(shape)
+            if asym:
+                self.zero_point = nn.Parameter(zp)
+            else:
+                self.register_buffer("zero_point", zp)
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+            # Mirrors the buffer as a Python bool, so forward needs no host
+            # read of it (torch.compile guards on Python attributes).
+            self._init_done = False
+            self.register_load_state_dict_post_hook(FakeQuantize._sync_init_flag)
+
+    @staticmethod
+    def _sync_init_flag(module, incompatible_keys):
+        module._init_done = bool(module.initialized)
+
+    # torch.ao-style switches
+    def enable_observer(self, enabled: bool = True):
+        self.observer_enabled = enabled
+        return self
+
+    def disable_observer(self):
+        return self.enable_observer(False)
+
+    def enable_fake_quant(self, enabled: bool = True):
+        self.fake_quant_enabled = enabled
+        return self
+
+    def disable_fake_quant(self):
+        return self.enable_fake_quant(False)
+
+    def calculate_qparams(self):
+        if self.learnable:
+            return self.scale.detach().clamp_min(self.eps), self.zero_point.detach().round()
+        return self.observer.calculate_qparams()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer_enabled:
+            self.observer(x.detach())
+            if self.learnable and not self._init_done:
+                scale, zp = self.observer.calculate_qparams()
+                with torch.no_grad():
+                    self.scale.copy_(scale.reshape(self.scale.shape))
+                    self.zero_point.copy_(zp.reshape(self.zero_point.shape).float())
+                    self.initialized.fill_(True)
+                self._init_done = True
+        if not self.fake_quant_enabled:
+            return x
+        if self.learnable:
+            factor = 1.0 / math.sqrt(x.numel() * self.quant_max) if x.numel() else 1.0
+            scale = _scale_grad(self.scale, factor).clamp_min(self.eps)
+            zp = self.zero_point
+            if zp.requires_grad:
+                zp = _scale_grad(zp, factor)
+            zp = zp.clamp(self.quant_min, self.quant_max)
+        else:
+            scale, zp = self.observer.calculate_qparams()
+        return ops.fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min, self.quant_max)
+
+    def extra_repr(self) -> str:
+        return (f"quant_range=({self.quant_min}, {self.quant_max}), learnable={self.learnable}, "
+                f"observer_enabled={self.observer_enabled}, fake_quant_enabled={self.fake_quant_enabled}")

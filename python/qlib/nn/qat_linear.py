@@ -1,0 +1,66 @@
+"""QATLinear: nn.Linear whose weight and input are fake-quantized while training."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..config import QATConfig
+from .fake_quantize import FakeQuantize
+
+
+def weight_fake_quant(config: QATConfig, out_features: int, in_features: int) -> FakeQuantize:
+    cls = config.weight_observer_class()
+    if config.weight_granularity == "per_channel":
+        obs, shape = cls(bits=config.weight_bits, symmetric=config.weight_symmetric, ch_axis=0), (out_features, 1)
+    elif config.weight_granularity == "per_group":
+        g = config.weight_group_size
+        obs = cls(bits=config.weight_bits, symmetric=config.weight_symmetric, group_size=g)
+        shape = (out_features, in_features // g)
+    else:
+        obs, shape = cls(bits=config.weight_bits, symmetric=config.weight_symmetric), (1,)
+    return FakeQuantize(obs, learnable=config.weight_learnable, qparams_shape=shape)
+
+
+def activation_fake_quant(config: QATConfig) -> FakeQuantize:
+    cls = config.activation_observer_class()
+    obs = cls(bits=config.activation_bits, symmetric=config.activation_symmetric)
+    return FakeQuantize(obs, learnable=config.activation_learnable, qparams_shape=(1,))
+
+
+class QATLinear(nn.Linear):
+    """Drop-in for nn.Linear: y = linear(fq_act(x), fq_weight(W), b)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 config: Optional[QATConfig] = None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.config = config = config or QATConfig()
+        config.check_linear(in_features)
+        self.weight_fake_quant = weight_fake_quant(config, out_features, in_features).to(device)
+        self.activation_fake_quant = activation_fake_quant(config).to(device)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, config: Optional[QATConfig] = None) -> "QATLinear":
+        """A QATLinear sharing `linear`'s weight and bias Parameters."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QATLinear.from_float expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        qat = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                  device=w.device, dtype=w.dtype, config=config)
+        qat.weight = linear.weight
+        if linear.bias is not None:
+            qat.bias = linear.bias
+        return qat
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight_fake_quant(self.weight)
+        x = self.activation_fake_quant(x)
+        return F.linear(x, w, self.bias)  # autocast, when on, casts here
+
+    def extra_repr(self) -> str:
+        c = self.config
+        wg = c.weight_granularity + (f"(g={c.weight_group_size})" if c.weight_group_size else "")
+        return (super().extra_repr() + f", weight=int{c.weight_bits} {wg} "
+                f"{'sym' if c.weight_symmetric else 'asym'}, activation=int{c.activation_bits} "
+                f"{'sym' if c.activation_symmetric else 'asym'}")
