@@ -20,6 +20,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -36,6 +38,13 @@
 #define QLIB_AVX2_FN __attribute__((target("avx2,fma,f16c")))
 #else
 #define QLIB_INT8_X86 0
+#endif
+
+#ifndef QLIB_INT8_MR
+#define QLIB_INT8_MR 4
+#endif
+#ifndef QLIB_INT8_NR
+#define QLIB_INT8_NR 2
 #endif
 
 namespace qlib {
@@ -60,8 +69,8 @@ struct GemmOut {
 // Called after a tile [m0, m1) x [n0, n1) of C is complete (still hot in cache).
 using TileEpilogue = std::function<void(int64_t m0, int64_t m1, int64_t n0, int64_t n1)>;
 
-constexpr int64_t kMR = 2;      // rows of A per micro-kernel
-constexpr int64_t kNR = 4;      // rows of B per micro-kernel
+constexpr int64_t kMR = QLIB_INT8_MR;      // rows of A per micro-kernel
+constexpr int64_t kNR = QLIB_INT8_NR;      // rows of B per micro-kernel
 constexpr int64_t kMc = 64;     // rows of A per tile
 constexpr int64_t kNc = 64;     // rows of B per tile
 constexpr int64_t kKc = 2048;   // K per cache block (multiple of 32)
@@ -144,12 +153,16 @@ QLIB_AVX2_FN void micro_avx2(const int8_t* a, int64_t lda, const int8_t* b, int6
 }
 
 using MicroFn = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int64_t, GemmOut, bool);
-template <int MR>
-constexpr MicroFn micro_row[4] = {&micro_avx2<MR, 1>, &micro_avx2<MR, 2>, &micro_avx2<MR, 3>,
-                                  &micro_avx2<MR, 4>};
-MicroFn micro_table(int64_t mr, int64_t nr) {
-  return mr == 1 ? micro_row<1>[nr - 1] : micro_row<2>[nr - 1];
+template <int MR, int... N>
+constexpr std::array<MicroFn, sizeof...(N)> micro_row(std::integer_sequence<int, N...>) {
+  return {&micro_avx2<MR, N + 1>...};
 }
+template <int... M>
+constexpr std::array<std::array<MicroFn, kNR>, kMR> micro_rows(std::integer_sequence<int, M...>) {
+  return {micro_row<M + 1>(std::make_integer_sequence<int, kNR>{})...};
+}
+constexpr auto kMicroTable = micro_rows(std::make_integer_sequence<int, kMR>{});
+MicroFn micro_table(int64_t mr, int64_t nr) { return kMicroTable[mr - 1][nr - 1]; }
 #endif
 
 // C = A B^T over all of M x N x K. fast: use the AVX2 kernel (A free of -128).
