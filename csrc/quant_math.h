@@ -127,3 +127,39 @@ QLIB_HD QParams choose_qparams_value(float min_val, float max_val, int64_t qmin,
 constexpr int64_t kMaxRangeBits = 16;
 
 }  // namespace qlib
+
+// ---------------------------------------------------------------- int8 (issue 5)
+namespace qlib {
+
+// Activations of int8_linear and quantize_per_token use the narrow symmetric
+// int8 range [-127, 127] (scale = absmax / 127, zero_point 0). Never producing
+// -128 keeps every int8 x int8 product pair of the AVX2 kernel (|a| <= 127,
+// |b| <= 128) inside int16, so the weights may use the full [-128, 127].
+constexpr int64_t kInt8ActQmin = -127;
+constexpr int64_t kInt8ActQmax = 127;
+// Smallest scale (torch.finfo(float32).eps, qlib.choose_qparams' default):
+// an all-zero row gets this finite positive scale and codes 0.
+constexpr float kInt8ScaleEps = 1.1920928955078125e-07f;
+
+// Largest K for which an int8 dot product of length K is exact in int32 for
+// every input: K * (-128) * (-128) = K * 2^14 <= 2^31 - 1  <=>  K <= 2^17 - 1.
+// (At K = 2^17 all -128 inputs give exactly 2^31, one past INT32_MAX.)
+constexpr int64_t kInt8GemmMaxK = (int64_t{1} << 17) - 1;
+
+// Per-token scale from a row's absolute maximum: choose_qparams_value over
+// [-amax, amax] in the narrow range, i.e. max(amax / 127, eps).
+QLIB_HD float int8_token_scale(float amax) {
+  return choose_qparams_value(-amax, amax, kInt8ActQmin, kInt8ActQmax, /*symmetric=*/true,
+                              kInt8ScaleEps)
+      .scale;
+}
+
+// The int8 code of x (NaN -> 0), exactly as qlib::quantize with zero_point 0
+// and the range [-127, 127].
+QLIB_HD int8_t int8_act_code(float x, float inv_scale) {
+  const float c = quantize_code<ScalarMath>(x, inv_scale, 0.0f, static_cast<float>(kInt8ActQmin),
+                                            static_cast<float>(kInt8ActQmax));
+  return static_cast<int8_t>(c != c ? 0.0f : c);
+}
+
+}  // namespace qlib

@@ -23,5 +23,12 @@ TORCH_LIBRARY(qlib, m) {
       "choose_qparams(Tensor min, Tensor max, int quant_min, int quant_max, bool symmetric, "
       "float eps) -> (Tensor, Tensor)",
       tags);
+  // int8
+  m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)", tags);
+  m.def("int8_gemm(Tensor a, Tensor b) -> Tensor", tags);
+  m.def(
+      "int8_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias, "
+      "Tensor? act_scale=None) -> Tensor",
+      tags);
 }
 

@@ -23,3 +23,9 @@ __all__ = [
     "set_cuda_value_checks",
 ]
 __version__ = "0.1.0"
+
+from . import nn  # noqa: E402
+from ._int8_ops import int8_gemm, int8_linear, quantize_per_token  # noqa: E402
+from .workflows import quantize_dynamic  # noqa: E402
+
+__all__ += ["nn", "int8_gemm", "int8_linear", "quantize_per_token", "quantize_dynamic"]

@@ -1,0 +1,152 @@
+"""qlib Int8Linear (dynamic) vs torch.ao dynamic quantized Linear (fbgemm) vs fp32 F.linear.
+
+    python benchmarks/bench_int8_linear.py [--quick] [--markdown PATH]
+
+Prints medians (ms) and ratios, side by side. CPU: M in {1, 16, 128, 1024} x
+(K, N) in {(768, 768), (768, 3072), (4096, 4096)}. GPU section (only when CUDA
+is available): qlib int8_linear vs bf16 F.linear vs torch._int_mm + separate
+quantize/dequant, K = N in {4096, 8192}, M from 1 to 8192.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import qlib  # noqa: E402
+from qlib.nn import Int8Linear  # noqa: E402
+
+
+def median_ms(fn, min_reps=5, budget_s=0.6):
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t0
+    reps = max(min_reps, min(50, int(budget_s / max(one, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@torch.inference_mode()
+def bench_cpu(quick):
+    torch.manual_seed(0)
+    rows = []
+    shapes = [(768, 768), (768, 3072), (4096, 4096)]
+    ms = [1, 16, 128, 1024]
+    if quick:
+        shapes, ms = shapes[:2], [1, 128]
+    for K, N in shapes:
+        lin = nn.Linear(K, N)
+        ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+        q = Int8Linear.from_float(lin)
+        for M in ms:
+            x = torch.randn(M, K)
+            t_fp = median_ms(lambda: F.linear(x, lin.weight, lin.bias))
+            t_ao = median_ms(lambda: ao(x))
+            t_q = median_ms(lambda: q(x))
+            rows.append((M, K, N, t_fp, t_ao, t_q))
+            print(f"M={M:5d} K={K:5d} N={N:5d}  fp32 {t_fp:9.3f} ms  torch.ao {t_ao:9.3f} ms  "
+                  f"qlib {t_q:9.3f} ms  | qlib vs ao {t_ao / t_q:5.2f}x  vs fp32 {t_fp / t_q:5.2f}x", flush=True)
+    return rows
+
+
+def cpu_table(rows):
+    out = ["| M | K | N | fp32 F.linear (ms) | torch.ao dynamic (ms) | qlib Int8Linear (ms) | qlib speed-up vs torch.ao | qlib speed-up vs fp32 |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for M, K, N, t_fp, t_ao, t_q in rows:
+        out.append(f"| {M} | {K} | {N} | {t_fp:.3f} | {t_ao:.3f} | {t_q:.3f} | {t_ao / t_q:.2f}x | {t_fp / t_q:.2f}x |")
+    return "\n".join(out)
+
+
+def cuda_ms(fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def bench_cuda(quick):
+    rows = []
+    sizes = [4096] if quick else [4096, 8192]
+    ms = [1, 16, 128, 1024, 8192] if not quick else [1, 1024]
+    for KN in sizes:
+        K = N = KN
+        lin = nn.Linear(K, N, device="cuda")
+        q = Int8Linear.from_float(lin)
+        w_bf16 = lin.weight.bfloat16()
+        b_bf16 = lin.bias.bfloat16()
+        w_t = q.weight.t()
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+
+            def int_mm_path():
+                xq, xs = torch.ops.qlib.quantize_per_token(x)
+                xp = xq if M > 16 else F.pad(xq, (0, 0, 0, 17 - M))
+                c = torch._int_mm(xp, w_t)[:M]
+                return (c.float() * xs * q.weight_scale + q.bias).bfloat16()
+
+            t_q = cuda_ms(lambda: q(x))
+            t_bf = cuda_ms(lambda: F.linear(x, w_bf16, b_bf16))
+            t_mm = cuda_ms(int_mm_path)
+            rows.append((M, K, N, t_bf, t_mm, t_q))
+            print(f"[cuda] M={M:5d} K=N={KN}  bf16 {t_bf:8.3f} ms  _int_mm+dequant {t_mm:8.3f} ms  "
+                  f"qlib {t_q:8.3f} ms | vs bf16 {t_bf / t_q:5.2f}x  vs _int_mm {t_mm / t_q:5.2f}x", flush=True)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="a few shapes only")
+    p.add_argument("--markdown", type=Path, help="write the CPU table (and GPU, if any) as markdown here")
+    p.add_argument("--no-cuda", action="store_true")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_model()}, "
+          f"qlib {qlib.build_info().get('cpu_isa', '')}")
+    rows = bench_cpu(args.quick)
+    gpu = bench_cuda(args.quick) if torch.cuda.is_available() and not args.no_cuda else []
+    if args.markdown:
+        text = [f"Device: {cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+                f"date {datetime.date.today().isoformat()}",
+                f"Command: `python benchmarks/bench_int8_linear.py{' --quick' if args.quick else ''}`", "",
+                cpu_table(rows)]
+        if gpu:
+            text += ["", f"GPU: {torch.cuda.get_device_name()}", "",
+                     "| M | K | N | bf16 F.linear (ms) | _int_mm + dequant (ms) | qlib int8_linear (ms) |",
+                     "|---:|---:|---:|---:|---:|---:|"]
+            text += [f"| {M} | {K} | {N} | {a:.3f} | {b:.3f} | {c:.3f} |" for M, K, N, a, b, c in gpu]
+        args.markdown.write_text("\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    main()

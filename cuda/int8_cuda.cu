@@ -1,0 +1,310 @@
+// CUDA kernels of the int8 ops: quantize_per_token, int8_gemm, int8_linear.
+//
+// GEMM: M > 16 goes to cuBLASLt through at::_int_mm (int8 tensor cores),
+// whose limits (M > 16, K and N multiples of 8) are met by zero padding K and
+// N here (zeros add nothing to a dot product); M <= 16 (decode-like shapes,
+// memory bound) uses a dp4a kernel that reads each weight row once.
+// int8_linear = fused per-row quantize kernel (writes the K-padded int8
+// activations and their scales) -> GEMM -> fused dequant epilogue kernel
+// (act scale x per-channel weight scale, + bias, cast to x's dtype).
+// All launches on the current stream, 64-bit indexing, no host syncs (the
+// static act_scale is read on device).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "affine.h"
+#include "int8.h"
+#include "quant_math.h"
+
+namespace qlib {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kSmallM = 16;  // at::_int_mm needs M > 16
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+int64_t grid_for(int64_t work) {
+  const int64_t max_blocks =
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+  return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// ---------------------------------------------------------------- quantize rows
+// One block per row (grid-stride). Writes q[r * ldq + k] for k < ldq (zeros in
+// [K, ldq)) and, when scale_out is set, the per-token scale. With
+// fixed_scale set (static), uses *fixed_scale for every row.
+template <class T>
+__global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q,
+                                     float* __restrict__ scale_out,
+                                     const float* __restrict__ fixed_scale, int64_t rows,
+                                     int64_t K, int64_t ldq) {
+  __shared__ float warp_amax[kThreads / 32];
+  __shared__ float row_scale;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * K;
+    float s;
+    if (fixed_scale != nullptr) {
+      s = *fixed_scale;
+    } else {
+      float amax = 0.0f;
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
+        amax = fmaxf(amax, fabsf(static_cast<float>(xr[k])));  // fmaxf ignores NaN
+      amax = warp_max(amax);
+      if ((threadIdx.x & 31) == 0) warp_amax[threadIdx.x >> 5] = amax;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float m = 0.0f;
+        for (int w = 0; w < kThreads / 32; ++w) m = fmaxf(m, warp_amax[w]);
+        row_scale = int8_token_scale(m);
+        if (scale_out != nullptr) scale_out[r] = row_scale;
+      }
+      __syncthreads();
+      s = row_scale;
+    }
+    const float inv = 1.0f / s;
+    int8_t* qr = q + r * ldq;
+    for (int64_t k = threadIdx.x; k < ldq; k += blockDim.x)
+      qr[k] = k < K ? int8_act_code(static_cast<float>(xr[k]), inv) : int8_t(0);
+    __syncthreads();  // row_scale / warp_amax are reused by the next row
+  }
+}
+
+// x: contiguous, viewed as [rows, K].
+void launch_quantize_rows(const at::Tensor& x, int64_t rows, int64_t K, at::Tensor& q,
+                          int64_t ldq, float* scale_out, const float* fixed_scale) {
+  if (rows == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = std::min<int64_t>(
+      rows, static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16);
+  QLIB_DISPATCH_FLOAT(x.scalar_type(), "qlib_quantize_rows_cuda", [&] {
+    quantize_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scale_out, fixed_scale, rows, K, ldq);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------- small-M GEMM (dp4a)
+// C[m * ldc + n] = sum_k A[m * lda + k] * B[n * ldb + k] for M <= 16: one warp
+// per output column n; each lane walks K in 16-byte packs (VEC) or bytes.
+template <bool VEC>
+__global__ void gemm_small_m_kernel(const int8_t* __restrict__ a, int64_t lda,
+                                    const int8_t* __restrict__ b, int64_t ldb,
+                                    int32_t* __restrict__ c, int64_t ldc, int M, int64_t N,
+                                    int64_t K) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps_per_block = blockDim.x >> 5;
+  for (int64_t n = blockIdx.x * warps_per_block + (threadIdx.x >> 5); n < N;
+       n += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+    int acc[kSmallM];
+#pragma unroll
+    for (int m = 0; m < kSmallM; ++m) acc[m] = 0;
+    const int8_t* br = b + n * ldb;
+    if constexpr (VEC) {
+      for (int64_t k = static_cast<int64_t>(lane) * 16; k < K; k += 32 * 16) {
+        const int4 bv = *reinterpret_cast<const int4*>(br + k);
+#pragma unroll
+        for (int m = 0; m < kSmallM; ++m) {
+          if (m < M) {
+            const int4 av = *reinterpret_cast<const int4*>(a + m * lda + k);
+            int s = acc[m];
+            s = __dp4a(av.x, bv.x, s);
+            s = __dp4a(av.y, bv.y, s);
+            s = __dp4a(av.z, bv.z, s);
+            s = __dp4a(av.w, bv.w, s);
+            acc[m] = s;
+          }
+        }
+      }
+    } else {
+      for (int64_t k = lane; k < K; k += 32) {
+        const int bv = br[k];
+#pragma unroll
+        for (int m = 0; m < kSmallM; ++m)
+          if (m < M) acc[m] += static_cast<int>(a[m * lda + k]) * bv;
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kSmallM; ++m) {
+      if (m < M) {
+        const int s = warp_sum(acc[m]);
+        if (lane == 0) c[m * ldc + n] = s;
+      }
+    }
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+void launch_gemm_small_m(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c,
+                         int64_t ldc, int64_t M, int64_t N, int64_t K) {
+  TORCH_INTERNAL_ASSERT(M <= kSmallM);
+  if (M == 0 || N == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t warps_per_block = kThreads / 32;
+  const int64_t max_blocks =
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>((N + warps_per_block - 1) / warps_per_block, max_blocks));
+  const bool vec = K % 16 == 0 && lda % 16 == 0 && ldb % 16 == 0 && aligned16(a) && aligned16(b);
+  if (vec) {
+    gemm_small_m_kernel<true><<<blocks, kThreads, 0, stream>>>(a, lda, b, ldb, c, ldc,
+                                                               static_cast<int>(M), N, K);
+  } else {
+    gemm_small_m_kernel<false><<<blocks, kThreads, 0, stream>>>(a, lda, b, ldb, c, ldc,
+                                                                static_cast<int>(M), N, K);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Zero-pads a K-contiguous int8 [R, K] operand to [Rp, Kp] (no copy when already fine).
+at::Tensor pad_operand(const at::Tensor& t, int64_t rows_to, int64_t k_to) {
+  if (t.size(0) == rows_to && t.size(1) == k_to && t.is_contiguous()) return t;
+  at::Tensor p = at::zeros({rows_to, k_to}, t.options());
+  p.narrow(0, 0, t.size(0)).narrow(1, 0, t.size(1)).copy_(t);
+  return p;
+}
+
+// C (int32) = A [M, K] x B [N, K]^T; returns [M, Nc] with Nc >= N (N padded for cuBLASLt).
+// a must be K-contiguous; b too.
+at::Tensor gemm_any(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, int64_t K) {
+  if (M <= kSmallM) {
+    at::Tensor c = at::empty({M, N}, a.options().dtype(at::kInt));
+    launch_gemm_small_m(a.const_data_ptr<int8_t>(), a.stride(0), b.const_data_ptr<int8_t>(),
+                        b.stride(0), c.data_ptr<int32_t>(), N, M, N, K);
+    return c;
+  }
+  const int64_t Kp = round_up(K, 8), Np = round_up(N, 8);
+  const at::Tensor ap = pad_operand(a, M, Kp);
+  const at::Tensor bp = pad_operand(b, Np, Kp);
+  return at::_int_mm(ap, bp.t());  // [M, Np]; bp.t() is column-major, cuBLASLt's TN int8 case
+}
+
+at::Tensor k_contiguous(const at::Tensor& t) {
+  return t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(t.size(1), 1) ? t : t.contiguous();
+}
+
+at::Tensor int8_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in) {
+  const char* op = "qlib::int8_gemm";
+  check_int8_gemm_args(op, a_in, b_in);
+  TORCH_CHECK(a_in.is_cuda(), op, ": a must be a CUDA tensor, got ", a_in.device());
+  const c10::cuda::OptionalCUDAGuard guard(a_in.device());
+  const int64_t M = a_in.size(0), N = b_in.size(0), K = a_in.size(1);
+  if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, a_in.options().dtype(at::kInt));
+  const at::Tensor a = k_contiguous(a_in), b = k_contiguous(b_in);
+  at::Tensor c = gemm_any(a, b, M, N, K);
+  return c.size(1) == N ? c : c.narrow(1, 0, N).contiguous();
+}
+
+// ---------------------------------------------------------------- quantize_per_token
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x_in) {
+  const char* op = "qlib::quantize_per_token";
+  check_int8_float_input(op, "x", x_in);
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t K = x.size(-1);
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  std::vector<int64_t> sshape(x.sizes().begin(), x.sizes().end());
+  sshape.back() = 1;
+  at::Tensor scale = at::empty(sshape, x.options().dtype(at::kFloat));
+  launch_quantize_rows(x, rows, K, q, K, scale.data_ptr<float>(), nullptr);
+  return {q, scale};
+}
+
+// ---------------------------------------------------------------- int8_linear
+template <class T>
+__global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t ldc,
+                                        const float* __restrict__ act_scale, bool per_token,
+                                        const float* __restrict__ w_scale,
+                                        const float* __restrict__ bias, T* __restrict__ out,
+                                        int64_t M, int64_t N) {
+  const int64_t total = M * N;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = i / N, n = i - m * N;
+    const float s = per_token ? act_scale[m] : act_scale[0];
+    float v = static_cast<float>(c[m * ldc + n]) * (s * w_scale[n]);
+    if (bias != nullptr) v += bias[n];
+    out[i] = static_cast<T>(v);
+  }
+}
+
+at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
+                            const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in,
+                            const std::optional<at::Tensor>& act_scale) {
+  const char* op = "qlib::int8_linear";
+  const int64_t N = check_int8_linear_args(op, x_in, w_in, w_scale_in, bias_in, act_scale);
+  TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t K = w_in.size(1);
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  at::Tensor out = at::empty(int8_linear_out_shape(x, N), x.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor w_scale = w_scale_in.reshape({N}).contiguous();
+  const at::Tensor bias =
+      bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
+  const auto fopts = x.options().dtype(at::kFloat);
+
+  // Activations, K padded to a multiple of 16 (zeros): _int_mm's K % 8 and dp4a's 16-byte packs.
+  const int64_t Kp = round_up(std::max<int64_t>(K, 1), 16);
+  at::Tensor q = at::empty({M, Kp}, x.options().dtype(at::kChar));
+  at::Tensor sa;
+  const float* fixed = nullptr;
+  at::Tensor static_scale;
+  if (act_scale.has_value()) {
+    static_scale = act_scale->reshape({1}).contiguous();
+    fixed = static_scale.const_data_ptr<float>();
+  } else {
+    sa = at::empty({M}, fopts);
+  }
+  launch_quantize_rows(x, M, K, q, Kp, sa.defined() ? sa.data_ptr<float>() : nullptr, fixed);
+
+  at::Tensor c;
+  if (K == 0) {
+    c = at::zeros({M, N}, x.options().dtype(at::kInt));
+  } else if (M <= kSmallM) {
+    const at::Tensor w = (w_in.stride(1) == 1 && w_in.size(1) == Kp) ? w_in : pad_operand(w_in, N, Kp);
+    c = gemm_any(q, w, M, N, Kp);
+  } else {
+    c = gemm_any(q, w_in.stride(1) == 1 ? w_in : w_in.contiguous(), M, N, Kp);
+  }
+  const int64_t ldc = c.size(1);
+  const float* sp = sa.defined() ? sa.const_data_ptr<float>() : fixed;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  QLIB_DISPATCH_FLOAT(x.scalar_type(), "int8_linear_epilogue_cuda", [&] {
+    dequant_epilogue_kernel<scalar_t><<<grid_for(M * N), kThreads, 0, stream>>>(
+        c.const_data_ptr<int32_t>(), ldc, sp, sa.defined(), w_scale.const_data_ptr<float>(),
+        bias.defined() ? bias.const_data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), M, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlib, CUDA, m) {
+  m.impl("quantize_per_token", &quantize_per_token_cuda);
+  m.impl("int8_gemm", &int8_gemm_cuda);
+  m.impl("int8_linear", &int8_linear_cuda);
+}
+
+}  // namespace qlib

@@ -1,0 +1,80 @@
+"""Fakes (meta implementations) and typed wrappers of the int8 ops.
+
+Schemas live in csrc/schemas.cpp (block `// int8`); kernels in csrc/int8_cpu.cpp
+and cuda/int8_cuda.cu.
+
+Scheme (documented contract):
+- Activations (dynamic per-token and static per-tensor) use the narrow
+  symmetric int8 range [-127, 127] with zero_point 0; a dynamic row's scale is
+  ``max(absmax(row) / 127, torch.finfo(torch.float32).eps)`` (so an all-zero
+  row gets a finite positive scale), and its codes equal
+  ``qlib.quantize(x, scale, 0, -127, 127)`` bit for bit.
+- Weights may use the full int8 range [-128, 127]; ``Int8Linear`` stores them
+  narrow-symmetric per output channel (scale = absmax / 127).
+- ``int8_gemm`` is exact (int32 accumulation) for K <= 2**17 - 1 = 131071 and
+  raises past it: at K = 2**17, all -128 inputs sum to 2**31, one past INT32_MAX.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _load  # noqa: F401  (loads qlib._C first)
+
+ops = torch.ops.qlib
+
+INT8_ACT_QMIN = -127
+INT8_ACT_QMAX = 127
+INT8_GEMM_MAX_K = 2**17 - 1
+
+
+@torch.library.register_fake("qlib::quantize_per_token")
+def _(x):
+    torch._check(x.dim() >= 1, lambda: "qlib::quantize_per_token: x must have at least one dimension")
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.register_fake("qlib::int8_gemm")
+def _(a, b):
+    torch._check(a.dim() == 2 and b.dim() == 2, lambda: "qlib::int8_gemm: a and b must be 2-D")
+    torch._check(a.dtype == torch.int8 and b.dtype == torch.int8, lambda: "qlib::int8_gemm: a and b must be int8")
+    torch._check(a.shape[1] == b.shape[1], lambda: f"qlib::int8_gemm: a {a.shape} and b {b.shape} disagree on K")
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+
+
+@torch.library.register_fake("qlib::int8_linear")
+def _(x, w_int8, w_scale, bias, act_scale=None):
+    torch._check(w_int8.dim() == 2, lambda: "qlib::int8_linear: w_int8 must be 2-D [N, K]")
+    torch._check(
+        x.shape[-1] == w_int8.shape[1],
+        lambda: f"qlib::int8_linear: x {x.shape} does not match w_int8 {w_int8.shape}",
+    )
+    return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
+
+
+def quantize_per_token(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Dynamic symmetric int8 quantization, one scale per row (all leading dims).
+
+    Returns (q int8 of x's shape, scale float32 of shape [..., 1]); codes in
+    [-127, 127], scale = max(absmax / 127, float32 eps).
+    """
+    return ops.quantize_per_token(x)
+
+
+def int8_gemm(a: Tensor, b: Tensor) -> Tensor:
+    """Exact int8 [M, K] x int8 [N, K] -> int32 [M, N] (a @ b.T, the F.linear layout)."""
+    return ops.int8_gemm(a, b)
+
+
+def int8_linear(
+    x: Tensor,
+    w_int8: Tensor,
+    w_scale: Tensor,
+    bias: Optional[Tensor] = None,
+    act_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """Fused int8 Linear: quantize x (per-token, or per-tensor with act_scale), int8 GEMM
+    with w_int8 [N, K], dequantize with w_scale [N] (per output channel), + bias, in x's dtype."""
+    return ops.int8_linear(x, w_int8, w_scale, bias, act_scale)

@@ -1,0 +1,265 @@
+"""int8 ops (quantize_per_token, int8_gemm, int8_linear), qlib.nn.Int8Linear, qlib.quantize_dynamic."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import qlib
+from qlib.nn import Int8Linear
+
+ops = torch.ops.qlib
+MAX_K = 2**17 - 1
+
+
+def ref_gemm(a, b):
+    return (a.cpu().to(torch.int64) @ b.cpu().to(torch.int64).T)
+
+
+def rand_i8(*shape, device, low=-128):
+    return torch.randint(low, 128, shape, dtype=torch.int8, device=device)
+
+
+# ---------------------------------------------------------------- int8_gemm
+@pytest.mark.parametrize("M", [1, 2, 17, 70])
+@pytest.mark.parametrize("K", [1, 33, 64, 1025])
+@pytest.mark.parametrize("N", [1, 17, 40])
+def test_int8_gemm_exact(device, M, K, N):
+    a, b = rand_i8(M, K, device=device), rand_i8(N, K, device=device)
+    c = ops.int8_gemm(a, b)
+    assert c.dtype == torch.int32 and c.shape == (M, N) and c.device == a.device
+    assert torch.equal(c.cpu().long(), ref_gemm(a, b))
+
+
+@pytest.mark.parametrize("case", ["a_no_min", "b_no_min", "both_min", "extremes"])
+def test_int8_gemm_paths(device, case):
+    # The CPU kernel picks a path by where -128 occurs; all must be exact.
+    a, b = rand_i8(37, 300, device=device), rand_i8(45, 300, device=device)
+    if case == "a_no_min":
+        a = a.clamp(min=-127)
+    elif case == "b_no_min":
+        b = b.clamp(min=-127)
+    elif case == "extremes":
+        a = torch.where(a > 0, 127, -128).to(torch.int8)
+        b = torch.where(b > 0, 127, -128).to(torch.int8)
+    assert torch.equal(ops.int8_gemm(a, b).cpu().long(), ref_gemm(a, b))
+
+
+def test_int8_gemm_noncontiguous(device):
+    a = rand_i8(70, 96, device=device)[::2, 1:81]  # row stride 96, K = 80
+    b = rand_i8(80, 33, device=device).T  # [33, 80], K stride 33
+    b2 = rand_i8(20, 160, device=device)[:, ::2]  # K stride 2
+    assert torch.equal(ops.int8_gemm(a, b).cpu().long(), ref_gemm(a, b))
+    assert torch.equal(ops.int8_gemm(a, b2).cpu().long(), ref_gemm(a, b2))
+
+
+def test_int8_gemm_empty(device):
+    a, b = rand_i8(0, 8, device=device), rand_i8(5, 8, device=device)
+    assert ops.int8_gemm(a, b).shape == (0, 5)
+    c = ops.int8_gemm(rand_i8(3, 0, device=device), rand_i8(4, 0, device=device))
+    assert c.shape == (3, 4) and (c == 0).all()
+
+
+def test_int8_gemm_k_boundary(device):
+    # K = 2^17 - 1: (-128)(-128)K = 2^31 - 2^14 fits int32; K = 2^17 would give 2^31.
+    a = torch.full((2, MAX_K), -128, dtype=torch.int8, device=device)
+    b = torch.full((3, MAX_K), -128, dtype=torch.int8, device=device)
+    c = ops.int8_gemm(a, b)
+    assert (c.cpu().long() == 16384 * MAX_K).all() and 16384 * MAX_K == 2**31 - 2**14
+    b[1] = 127
+    assert (ops.int8_gemm(a, b)[:, 1].cpu().long() == -128 * 127 * MAX_K).all()
+    too_long = torch.zeros((1, MAX_K + 1), dtype=torch.int8, device=device)
+    with pytest.raises(RuntimeError, match=r"qlib::int8_gemm: K = 131072 .*exact.*131071"):
+        ops.int8_gemm(too_long, too_long)
+
+
+def test_int8_gemm_errors(device):
+    a = rand_i8(4, 8, device=device)
+    with pytest.raises(RuntimeError, match="qlib::int8_gemm: b must be int8"):
+        ops.int8_gemm(a, a.float())
+    with pytest.raises(RuntimeError, match="disagree on K"):
+        ops.int8_gemm(a, rand_i8(4, 9, device=device))
+    with pytest.raises(RuntimeError, match="a must be 2-D"):
+        ops.int8_gemm(a[0], a)
+
+
+# ---------------------------------------------------------------- quantize_per_token
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1,), (5, 33), (2, 3, 1025), (4, 0)])
+def test_quantize_per_token_matches_quantize(device, dtype, shape):
+    x = (torch.randn(shape, device=device) * 3).to(dtype)
+    if x.numel():
+        x.view(-1, shape[-1])[0] = 0  # all-zero row
+    q, scale = ops.quantize_per_token(x)
+    assert q.dtype == torch.int8 and q.shape == x.shape
+    assert scale.dtype == torch.float32 and scale.shape == (*shape[:-1], 1)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    amax = x.float().abs().amax(-1, keepdim=True) if shape[-1] else torch.zeros_like(scale)
+    expected_scale = torch.clamp(amax / 127, min=torch.finfo(torch.float32).eps)
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(q, qlib.quantize(x, scale, None, -127, 127, torch.int8))
+
+
+def test_quantize_per_token_noncontiguous(device):
+    x = torch.randn(40, 66, device=device)[::2, 1:65]
+    q, s = ops.quantize_per_token(x)
+    q2, s2 = ops.quantize_per_token(x.contiguous())
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+
+
+# ---------------------------------------------------------------- int8_linear
+def ref_linear(x, w_q, w_scale, bias, act_scale=None):
+    """float64 reference from qlib.quantize/dequantize."""
+    if act_scale is None:
+        q, s = ops.quantize_per_token(x)
+        assert torch.equal(q, qlib.quantize(x, s, None, -127, 127))
+    else:
+        s = act_scale
+        q = qlib.quantize(x, act_scale, None, -127, 127)
+    xd = q.double() * s.double()
+    y = xd @ (w_q.double() * w_scale.double().reshape(-1, 1)).T
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("lead,K,N", [((1,), 64, 48), ((17,), 33, 17), ((2, 3), 1025, 5), ((4, 1, 2), 96, 1)])
+def test_int8_linear_vs_reference(device, dtype, static, lead, K, N):
+    x = torch.randn(*lead, K, device=device).to(dtype)
+    w = rand_i8(N, K, device=device)
+    w_scale = torch.rand(N, device=device) * 0.01 + 1e-3
+    bias = torch.randn(N, device=device)
+    act_scale = torch.tensor(x.float().abs().max().item() / 127, device=device) if static else None
+    y = ops.int8_linear(x, w, w_scale, bias, act_scale)
+    assert y.dtype == dtype and y.shape == (*lead, N)
+    ref = ref_linear(x, w, w_scale, bias, act_scale)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    y_nb = ops.int8_linear(x, w, w_scale, None, act_scale)
+    torch.testing.assert_close(y_nb.double(), ref - bias.double(), rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_int8_linear_errors(device):
+    x = torch.randn(3, 8, device=device)
+    w = rand_i8(4, 8, device=device)
+    s = torch.ones(4, device=device)
+    with pytest.raises(RuntimeError, match="qlib::int8_linear: x of shape .* expects K = 8"):
+        ops.int8_linear(torch.randn(3, 7, device=device), w, s, None)
+    with pytest.raises(RuntimeError, match="qlib::int8_linear: w_scale must hold one scale per output channel"):
+        ops.int8_linear(x, w, torch.ones(3, device=device), None)
+    with pytest.raises(RuntimeError, match="qlib::int8_linear: bias must have shape"):
+        ops.int8_linear(x, w, s, torch.ones(5, device=device))
+    with pytest.raises(RuntimeError, match="qlib::int8_linear: act_scale must hold one"):
+        ops.int8_linear(x, w, s, None, torch.ones(2, device=device))
+    with pytest.raises(RuntimeError, match="qlib::int8_linear: x must be float32"):
+        ops.int8_linear(x.double(), w, s, None)
+
+
+# ---------------------------------------------------------------- opcheck
+def test_opcheck(device):
+    x = torch.randn(5, 40, device=device)
+    w = rand_i8(24, 40, device=device)
+    s = torch.rand(24, device=device) + 0.01
+    b = torch.randn(24, device=device)
+    torch.library.opcheck(ops.quantize_per_token, (x,))
+    torch.library.opcheck(ops.quantize_per_token, (torch.randn(2, 3, 17, device=device).half(),))
+    torch.library.opcheck(ops.int8_gemm, (rand_i8(17, 40, device=device), w))
+    torch.library.opcheck(ops.int8_gemm, (rand_i8(1, 40, device=device), w))
+    torch.library.opcheck(ops.int8_linear, (x, w, s, b))
+    torch.library.opcheck(ops.int8_linear, (x.bfloat16().reshape(5, 1, 40), w, s, None))
+    torch.library.opcheck(ops.int8_linear, (x, w, s, b, torch.tensor(0.02, device=device)))
+
+
+def test_compile_fullgraph(device):
+    lin = Int8Linear.from_float(nn.Linear(32, 16).to(device))
+    x = torch.randn(4, 32, device=device)
+    compiled = torch.compile(lin, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), lin(x))
+
+
+# ---------------------------------------------------------------- Int8Linear
+@pytest.mark.parametrize("activation", ["dynamic", "static"])
+def test_int8linear_from_float(device, activation):
+    lin = nn.Linear(96, 40).to(device)
+    x = torch.randn(3, 7, 96, device=device)
+    act_scale = x.abs().max() / 127 if activation == "static" else None
+    q = Int8Linear.from_float(lin, activation=activation, act_scale=act_scale)
+    assert q.weight.dtype == torch.int8 and q.weight.abs().max() <= 127
+    assert activation in repr(q) and "int8" in repr(q)
+    # per-channel symmetric: row absmax hits 127
+    assert (q.weight.abs().amax(1) == 127).all()
+    with torch.no_grad():
+        y, ref = q(x), lin(x)
+    assert y.shape == ref.shape
+    assert (y - ref).abs().max() < 0.05 * ref.abs().max()
+    fp32_bytes = lin.weight.numel() * 4
+    assert q.weight_bytes() == fp32_bytes // 4 + 40 * 4
+
+
+def test_int8linear_state_dict_round_trip(device, tmp_path):
+    lin = nn.Linear(64, 24).to(device)
+    q = Int8Linear.from_float(lin, activation="static", act_scale=0.05)
+    sd = q.state_dict()
+    assert set(sd) == {"weight", "weight_scale", "bias", "act_scale"}
+    path = tmp_path / "int8.pt"
+    torch.save(sd, path)
+    loaded = torch.load(path, weights_only=True)
+    q2 = Int8Linear(64, 24, activation="static", device=device)
+    q2.load_state_dict(loaded)
+    x = torch.randn(5, 64, device=device)
+    assert torch.equal(q(x), q2(x))
+    qd = Int8Linear.from_float(nn.Linear(64, 24, bias=False).to(device))
+    assert set(qd.state_dict()) == {"weight", "weight_scale"}
+
+
+def test_int8linear_corrupt_state_dict(device):
+    q = Int8Linear.from_float(nn.Linear(16, 8).to(device))
+    sd = q.state_dict()
+    bad_dtype = dict(sd, weight=sd["weight"].float())
+    with pytest.raises(RuntimeError, match=r"state_dict\['weight'\] is torch.float32 .* expected torch.int8"):
+        Int8Linear(16, 8, device=device).load_state_dict(bad_dtype)
+    bad_shape = dict(sd, weight_scale=sd["weight_scale"][:4])
+    with pytest.raises(RuntimeError, match=r"state_dict\['weight_scale'\] .* shape \(4,\), expected .* \(8,\)"):
+        Int8Linear(16, 8, device=device).load_state_dict(bad_shape)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        Int8Linear(16, 8, device=device).load_state_dict({k: v for k, v in sd.items() if k != "bias"})
+    with pytest.raises(ValueError, match="needs act_scale"):
+        Int8Linear.from_float(nn.Linear(4, 4), activation="static")
+
+
+# ---------------------------------------------------------------- quantize_dynamic
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Linear(32, 32)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        self.head = nn.ModuleDict({"out": nn.Linear(32, 32)})
+
+    def forward(self, x):
+        return self.head["out"](self.mlp(self.attn(x)))
+
+
+def test_quantize_dynamic(device):
+    model = nn.Sequential(Block(), Block()).to(device)
+    x = torch.randn(6, 32, device=device)
+    with torch.no_grad():
+        ref = model(x)
+    seen = []
+
+    def keep_heads_float(module, fqn):
+        seen.append(fqn)
+        return not fqn.endswith("head.out")
+
+    out = qlib.quantize_dynamic(model, filter_fn=keep_heads_float)
+    assert out is model
+    assert "0.mlp.2" in seen and "1.head.out" in seen
+    assert isinstance(model[0].attn, Int8Linear) and isinstance(model[1].mlp[2], Int8Linear)
+    assert type(model[0].head["out"]) is nn.Linear and type(model[1].head["out"]) is nn.Linear
+    with torch.no_grad():
+        y = model(x)
+    assert (y - ref).abs().max() < 0.1 * ref.abs().max() + 1e-3
+    all_q = qlib.quantize_dynamic(nn.Sequential(Block()).to(device))
+    assert sum(isinstance(m, Int8Linear) for m in all_q.modules()) == 4
+    assert isinstance(qlib.quantize_dynamic(nn.Linear(4, 4)), Int8Linear)
