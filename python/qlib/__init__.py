@@ -26,6 +26,8 @@ __version__ = "0.1.0"
 
 from . import nn  # noqa: E402
 from ._int8_ops import int8_gemm, int8_linear, quantize_per_token  # noqa: E402
-from .workflows import quantize_dynamic  # noqa: E402
+from .config import QATConfig  # noqa: E402
+from .workflows import calibrate, convert, prepare, prepare_qat, quantize_dynamic  # noqa: E402
 
-__all__ += ["nn", "int8_gemm", "int8_linear", "quantize_per_token", "quantize_dynamic"]
+__all__ += ["nn", "int8_gemm", "int8_linear", "quantize_per_token", "quantize_dynamic",
+            "QATConfig", "prepare_qat", "prepare", "calibrate", "convert"]

@@ -87,7 +87,7 @@ def fake_quant_ptq(model: nn.Module, data: Digits, config, calib_batches: int = 
     """Post-training quantization through fake quant: observe a few training
     batches, then freeze the observers."""
     from .nn.fake_quantize import FakeQuantize
-    from .qat import prepare_qat
+    from .workflows import prepare_qat
 
     q = prepare_qat(copy.deepcopy(model), config)
     q.eval()
@@ -105,7 +105,7 @@ def fake_quant_ptq(model: nn.Module, data: Digits, config, calib_batches: int = 
 def qat_finetune(model: nn.Module, data: Digits, config, epochs: int = 15, lr: float = 1e-3,
                  progress: Optional[str] = None) -> nn.Module:
     """Quantization-aware fine-tuning from a trained fp32 model."""
-    from .qat import prepare_qat
+    from .workflows import prepare_qat
 
     q = prepare_qat(copy.deepcopy(model), config)
     return train(q, data, epochs=epochs, lr=lr, seed=1, progress=progress)

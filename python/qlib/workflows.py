@@ -1,13 +1,52 @@
-"""Model-level workflows: swap the Linears of a model for quantized ones."""
+"""Model-level workflows: swap the Linears of a model for quantized ones.
+
+- quantize_dynamic(model): nn.Linear -> Int8Linear (dynamic per-token activations).
+- prepare_qat(model, config): nn.Linear -> QATLinear (fake quant in the loop).
+- prepare(model, config) -> calibrate(model, batches) -> convert(model):
+  post-training static quantization (observers only, then Int8Linear).
+- convert(model) also turns a QAT-trained model into Int8Linear modules.
+"""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
+import torch
 from torch import nn
 
+from .config import QATConfig
+from .nn.fake_quantize import FakeQuantize
 from .nn.int8_linear import Int8Linear
+from .nn.qat_linear import QATLinear
 
 FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Module],
+          filter_fn: Optional[FilterFn], who: str) -> nn.Module:
+    """Replaces, in place, each module of exactly type `kind` selected by
+    filter_fn(module, fqn) with make(module, fqn). A module shared by several
+    parents gets one shared replacement. Returns the model (or the
+    replacement, when the model itself is selected)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"qlib.{who}: expected an nn.Module, got {type(model).__name__}")
+
+    def selected(module: nn.Module, fqn: str) -> bool:
+        return type(module) is kind and (filter_fn is None or bool(filter_fn(module, fqn)))
+
+    if selected(model, ""):
+        return make(model, "")
+    swaps = []
+    for parent_fqn, parent in model.named_modules(remove_duplicate=False):
+        for name, child in parent.named_children():
+            fqn = f"{parent_fqn}.{name}" if parent_fqn else name
+            if selected(child, fqn):
+                swaps.append((parent, name, child, fqn))
+    done = {}
+    for parent, name, child, fqn in swaps:
+        if id(child) not in done:
+            done[id(child)] = make(child, fqn)
+        setattr(parent, name, done[id(child)])
+    return model
 
 
 def quantize_dynamic(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module:
@@ -16,24 +55,48 @@ def quantize_dynamic(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> 
     dynamic per-token int8 activations). Returns the model; if ``model`` itself is a selected
     ``nn.Linear``, returns its replacement.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"qlib.quantize_dynamic: expected an nn.Module, got {type(model).__name__}")
+    return _swap(model, nn.Linear, lambda m, fqn: Int8Linear.from_float(m), filter_fn, "quantize_dynamic")
 
-    def selected(module: nn.Module, fqn: str) -> bool:
-        return isinstance(module, nn.Linear) and (filter_fn is None or bool(filter_fn(module, fqn)))
 
-    if selected(model, ""):
-        return Int8Linear.from_float(model)
-    swaps = []
-    for parent_fqn, parent in model.named_modules(remove_duplicate=False):
-        for name, child in parent.named_children():
-            fqn = f"{parent_fqn}.{name}" if parent_fqn else name
-            if selected(child, fqn):
-                swaps.append((parent, name, child))
-    done = {}
-    for parent, name, child in swaps:
-        # A Linear shared by several parents becomes one shared Int8Linear.
-        if id(child) not in done:
-            done[id(child)] = Int8Linear.from_float(child)
-        setattr(parent, name, done[id(child)])
+def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None,
+                filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """Swaps (in place) each selected nn.Linear for a QATLinear that shares its
+    parameters; filter_fn(module, fqn) -> bool chooses which. Returns model."""
+    config = config or QATConfig()
+
+    def make(linear: nn.Linear, fqn: str) -> QATLinear:
+        config.check_linear(linear.in_features, fqn)
+        return QATLinear.from_float(linear, config)
+
+    return _swap(model, nn.Linear, make, filter_fn, "prepare_qat")
+
+
+def prepare(model: nn.Module, config: Optional[QATConfig] = None,
+            filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """For post-training static quantization: like prepare_qat, but the
+    inserted modules only observe (fake quant off) until `convert`."""
+    model = prepare_qat(model, config, filter_fn)
+    for m in model.modules():
+        if isinstance(m, FakeQuantize):
+            m.disable_fake_quant()
     return model
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, progress: bool = True) -> nn.Module:
+    """Runs `batches` (tensors, or tuples of positional inputs) through the
+    model in eval mode so its observers record ranges; shows a tqdm bar."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for batch in tqdm(batches, desc="calibrating", total=total, disable=not progress, leave=False):
+        model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    return model
+
+
+def convert(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """Turns each QATLinear (from prepare_qat + training, or prepare +
+    calibrate) into an Int8Linear with static activation qparams taken from
+    its (trained or calibrated) FakeQuantize modules."""
+    return _swap(model, QATLinear, lambda m, fqn: Int8Linear.from_qat(m), filter_fn, "convert")

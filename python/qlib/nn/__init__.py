@@ -1,4 +1,6 @@
 """qlib.nn: quantized modules."""
+from .fake_quantize import FakeQuantize
 from .int8_linear import Int8Linear
+from .qat_linear import QATLinear
 
-__all__ = ["Int8Linear"]
+__all__ = ["FakeQuantize", "Int8Linear", "QATLinear"]

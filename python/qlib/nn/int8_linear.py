@@ -62,6 +62,13 @@ class Int8Linear(nn.Module):
             self.bias = None
         if activation == "static":
             self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
+            # Static activations may carry a zero point and their own code
+            # range (from QAT or calibration); the fused op covers zp = 0 on
+            # [-127, 127], other schemes take the unfused exact path.
+            self.register_buffer("act_zero_point", torch.zeros((), dtype=torch.int32, device=device))
+            self.act_quant_range = (-127, 127)
+            self._fused = True
+            self.register_load_state_dict_post_hook(Int8Linear._sync_fused)
         else:
             self.act_scale = None
 
@@ -97,19 +104,85 @@ class Int8Linear(nn.Module):
             mod.act_scale.copy_(act_scale.to(device))
         return mod
 
+    @classmethod
+    def from_qat(cls, qat: nn.Module) -> "Int8Linear":
+        """From a QATLinear (trained, or calibrated by qlib.prepare + calibrate):
+        the weight is quantized with the weight FakeQuantize's scales and the
+        activation qparams become static, so outputs equal the QAT model's up
+        to float rounding. Needs symmetric per-channel or per-tensor weights
+        of at most 8 bits and per-tensor activations of at most 8 bits."""
+        wfq, afq = qat.weight_fake_quant, qat.activation_fake_quant
+        N, K = qat.out_features, qat.in_features
+        w_scale, w_zp = (t.detach() for t in wfq.calculate_qparams())
+        if w_scale.numel() not in (1, N) or (w_scale.numel() == N and w_scale.dim() == 2 and w_scale.shape[1] != 1):
+            raise ValueError(f"Int8Linear.from_qat: weight scales of shape {tuple(w_scale.shape)} are not "
+                             "per-channel or per-tensor (per-group weights have no int8 kernel)")
+        if bool((w_zp != 0).any()):
+            raise ValueError("Int8Linear.from_qat: weights must be symmetric (zero point 0)")
+        a_scale, a_zp = (t.detach() for t in afq.calculate_qparams())
+        if a_scale.numel() != 1:
+            raise ValueError(f"Int8Linear.from_qat: activations need one scale, got shape {tuple(a_scale.shape)}")
+        for name, fq in (("weight", wfq), ("activation", afq)):
+            if fq.quant_max - fq.quant_min > 255:
+                raise ValueError(f"Int8Linear.from_qat: {name} range [{fq.quant_min}, {fq.quant_max}] is wider than 8 bits")
+        if wfq.quant_min < -128 or wfq.quant_max > 127:
+            raise ValueError(f"Int8Linear.from_qat: weight range [{wfq.quant_min}, {wfq.quant_max}] does not fit int8")
+        device = qat.weight.device
+        mod = cls(K, N, qat.bias is not None, "static", device=device)
+        w_scale = w_scale.float().reshape(-1).expand(N).contiguous()
+        mod.weight.copy_(quantize(qat.weight.detach().float(), w_scale.view(N, 1), None,
+                                  wfq.quant_min, wfq.quant_max, torch.int8))
+        mod.weight_scale.copy_(w_scale)
+        if qat.bias is not None:
+            mod.bias.copy_(qat.bias.detach().float())
+        # An unsigned 8-bit code range [0, 255] shifts by 128 into int8.
+        shift = max(0, afq.quant_max - 127)
+        mod.act_scale.copy_(a_scale.float().reshape(()))
+        mod.act_zero_point.copy_(a_zp.round().int().reshape(()) - shift)
+        mod.act_quant_range = (afq.quant_min - shift, afq.quant_max - shift)
+        mod._sync_fused()
+        return mod
+
+    @staticmethod
+    def _sync_fused(module: "Int8Linear", incompatible_keys=None) -> None:
+        module._fused = module.act_quant_range == (-127, 127) and int(module.act_zero_point) == 0
+
+    def get_extra_state(self):
+        return {"act_quant_range": list(self.act_quant_range)} if self.activation == "static" else None
+
+    def set_extra_state(self, state) -> None:
+        if self.activation == "static" and state is not None:
+            lo, hi = (int(v) for v in state["act_quant_range"])
+            if not -128 <= lo < hi <= 127:
+                raise RuntimeError(f"Int8Linear: act_quant_range [{lo}, {hi}] in the state_dict does not fit int8")
+            self.act_quant_range = (lo, hi)
+
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.qlib.int8_linear(x, self.weight, self.weight_scale, self.bias, self.act_scale)
+        if self.activation == "dynamic" or self._fused:
+            return torch.ops.qlib.int8_linear(x, self.weight, self.weight_scale, self.bias, self.act_scale)
+        # y = s_x * s_w * (q_x - z_x) . q_w + b, exactly in int32 up to the float epilogue.
+        lo, hi = self.act_quant_range
+        q = quantize(x, self.act_scale, self.act_zero_point, lo, hi, torch.int8)
+        acc = torch.ops.qlib.int8_gemm(q.reshape(-1, self.in_features), self.weight)
+        acc = acc - self.act_zero_point * self.weight.sum(1, dtype=torch.int32)
+        y = acc.float() * (self.act_scale * self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:
         """Bytes of the quantized weight plus its scales (bias and act_scale excluded)."""
         return self.weight.numel() * self.weight.element_size() + self.weight_scale.numel() * 4
 
     def extra_repr(self) -> str:
-        act = "dynamic per-token" if self.activation == "dynamic" else "static per-tensor"
+        if self.activation == "dynamic":
+            act = "dynamic per-token [-127, 127]"
+        else:
+            lo, hi = self.act_quant_range
+            act = f"static per-tensor [{lo}, {hi}]" + ("" if self._fused else " with zero point")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, weight=int8 symmetric per-channel [-127, 127], "
-            f"activation=int8 {act} [-127, 127]"
+            f"bias={self.bias is not None}, weight=int8 symmetric per-channel, activation=int8 {act}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

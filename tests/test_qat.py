@@ -1,0 +1,225 @@
+"""Quantization-aware training: FakeQuantize, QATConfig, QATLinear, prepare_qat."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import qlib
+from qlib.config import QATConfig
+from qlib.nn.fake_quantize import FakeQuantize
+from qlib.nn.qat_linear import QATLinear
+from qlib.observers import MinMaxObserver, MovingAverageMinMaxObserver
+
+ops = torch.ops.qlib
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 32), nn.GELU()))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+# ---------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(weight_bits=0), "weight_bits must be an int in \\[2, 16\\], got 0"),
+        (dict(activation_bits=17), "activation_bits must be an int in \\[2, 16\\], got 17"),
+        (dict(weight_group_size=-4), "weight_group_size must be a positive int, got -4"),
+        (dict(weight_granularity="per_row"), "weight_granularity must be one of"),
+        (dict(weight_granularity="per_group"), "needs weight_group_size"),
+        (dict(weight_observer="NoSuchObserver"), "no observer named 'NoSuchObserver'"),
+    ],
+)
+def test_config_rejects_what_cannot_work(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QATConfig(**kwargs)
+
+
+def test_config_defaults():
+    c = QATConfig()
+    assert (c.weight_bits, c.weight_symmetric, c.weight_granularity) == (8, True, "per_channel")
+    assert (c.activation_bits, c.activation_symmetric) == (8, False)
+    assert c.activation_observer_class() is MovingAverageMinMaxObserver
+    assert QATConfig(weight_group_size=8).weight_granularity == "per_group"
+
+
+def test_group_size_must_divide_in_features():
+    with pytest.raises(ValueError, match="weight_group_size=7 does not divide in_features=32 \\(module 'body.2.0'\\)"):
+        qlib.prepare_qat(Net(), QATConfig(weight_group_size=7), filter_fn=lambda m, n: n != "body.0")
+
+
+# ---------------------------------------------------------------- modules
+def test_fake_quantize_switches(device):
+    fq = FakeQuantize(MinMaxObserver(bits=4, symmetric=True)).to(device)
+    x = torch.randn(50, device=device)
+    y = fq(x)
+    scale, zp = fq.calculate_qparams()
+    assert torch.equal(y, ops.fake_quant(x, scale, zp, -8, 7))
+    fq.disable_observer()
+    fq(x * 100)  # not observed
+    assert torch.equal(fq.calculate_qparams()[0], scale)
+    fq.disable_fake_quant()
+    assert torch.equal(fq(x), x)
+    fq.enable_fake_quant().enable_observer()
+    fq(x * 100)
+    assert fq.calculate_qparams()[0] > scale
+
+
+def test_qat_linear_from_float_matches_manual(device):
+    lin = nn.Linear(20, 12).to(device)
+    qat = QATLinear.from_float(lin, QATConfig(weight_bits=4, activation_bits=8))
+    assert qat.weight is lin.weight and qat.bias is lin.bias
+    x = torch.randn(7, 20, device=device)
+    y = qat(x)
+    ws, wz = qat.weight_fake_quant.calculate_qparams()
+    xs, xz = qat.activation_fake_quant.calculate_qparams()
+    assert ws.shape == (12, 1)
+    expect = nn.functional.linear(ops.fake_quant(x, xs, xz, 0, 255), ops.fake_quant(lin.weight, ws, wz, -8, 7), lin.bias)
+    assert torch.equal(y, expect)
+    y.sum().backward()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
+def test_per_group_and_learnable(device):
+    lin = nn.Linear(32, 6).to(device)
+    cfg = QATConfig(weight_bits=4, weight_group_size=8, weight_learnable=True, activation_learnable=True)
+    qat = QATLinear.from_float(lin, cfg)
+    wfq = qat.weight_fake_quant
+    assert isinstance(wfq.scale, nn.Parameter) and wfq.scale.shape == (6, 4)
+    assert isinstance(qat.activation_fake_quant.zero_point, nn.Parameter)  # asymmetric -> learnable zp
+    x = torch.randn(9, 32, device=device)
+    qat(x).pow(2).sum().backward()
+    # Scales were initialised from the observers, then get LSQ gradients.
+    obs_scale, _ = wfq.observer.calculate_qparams()
+    assert torch.allclose(wfq.scale.detach(), obs_scale.reshape(6, 4))
+    assert wfq.scale.grad is not None and wfq.scale.grad.abs().sum() > 0
+    assert qat.activation_fake_quant.scale.grad.abs().sum() > 0
+    # Names trainable by an optimizer.
+    names = {n for n, p in qat.named_parameters()}
+    assert {"weight_fake_quant.scale", "activation_fake_quant.scale", "activation_fake_quant.zero_point"} <= names
+
+
+def test_learnable_scale_gradient_is_lsq_scaled(device):
+    x = torch.randn(64, device=device)
+    fq = FakeQuantize(MinMaxObserver(bits=8, symmetric=True), learnable=True).to(device)
+    y = fq(x)
+    y.sum().backward()
+    s = fq.scale.detach().clone().requires_grad_()
+    ref = ops.fake_quant(x, s, torch.zeros(1, device=device), -128, 127)
+    ref.sum().backward()
+    factor = 1 / (x.numel() * 127) ** 0.5
+    torch.testing.assert_close(fq.scale.grad, s.grad * factor)
+
+
+def test_prepare_qat_swaps_in_place_with_filter():
+    net = Net()
+    out = qlib.prepare_qat(net, filter_fn=lambda m, fqn: fqn != "head")
+    assert out is net
+    assert isinstance(net.body[0], QATLinear) and isinstance(net.body[2][0], QATLinear)
+    assert type(net.head) is nn.Linear
+    # A second prepare leaves QATLinear alone.
+    qlib.prepare_qat(net)
+    assert isinstance(net.head, QATLinear) and isinstance(net.body[0], QATLinear)
+
+
+def test_state_dict_round_trip(tmp_path):
+    net = qlib.prepare_qat(Net(), QATConfig(weight_learnable=True))
+    net(torch.randn(4, 24))
+    path = tmp_path / "qat.pt"
+    torch.save(net.state_dict(), path)
+    fresh = qlib.prepare_qat(Net(), QATConfig(weight_learnable=True))
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    x = torch.randn(3, 24)
+    net.eval(), fresh.eval()
+    assert torch.equal(net(x), fresh(x))
+    assert fresh.head.weight_fake_quant._init_done
+
+
+def test_compile_fullgraph_forward_backward(device):
+    torch._dynamo.reset()
+    lin = nn.Linear(16, 8).to(device)
+    qat = QATLinear.from_float(lin)
+    ref = copy.deepcopy(qat)
+    x = torch.randn(5, 16, device=device)
+    compiled = torch.compile(qat, fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    y_ref = ref(x)
+    y_ref.sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(qat.weight.grad, ref.weight.grad)
+
+
+def test_autocast_bfloat16_training_step():
+    torch.manual_seed(0)
+    net = qlib.prepare_qat(Net())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randn(16, 24), torch.randint(0, 5, (16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+        assert out.dtype == torch.bfloat16
+        loss = nn.functional.cross_entropy(out.float(), y)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    opt.step()
+
+
+# ---------------------------------------------------------------- the proof on digits
+def test_qat_recovers_4bit_accuracy_on_digits():
+    from qlib import digits
+
+    model, data = digits.train_fp32(seed=0)
+    fp32 = digits.accuracy(model, data)
+    cfg4 = QATConfig(weight_bits=4, activation_bits=4)
+    ptq = digits.accuracy(digits.fake_quant_ptq(model, data, cfg4), data)
+    qat = digits.accuracy(digits.qat_finetune(model, data, cfg4), data)
+    print(f"digits: fp32 {fp32:.2f}  4-bit PTQ (min-max) {ptq:.2f}  4-bit QAT {qat:.2f}")
+    assert fp32 > 95
+    assert ptq < fp32 - 2.0, "4-bit min-max PTQ should lose clearly"
+    assert qat >= fp32 - 1.5, "4-bit QAT should come back to within 1.5 points of fp32"
+
+
+# ---------------------------------------------------------------- DDP
+def _ddp_worker(rank, world, port, result_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = qlib.prepare_qat(Net())
+    ddp = nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+    for _ in range(3):
+        x = torch.randn(8, 24, generator=g) * (1 + rank)
+        opt.zero_grad()
+        ddp(x).pow(2).mean().backward()
+        opt.step()
+    qparams = [m.calculate_qparams() for m in net.modules() if isinstance(m, FakeQuantize)]
+    torch.save({"params": {k: v.detach() for k, v in net.named_parameters()}, "qparams": qparams},
+               os.path.join(result_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_stay_identical(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+    for (s0, z0), (s1, z1) in zip(r0["qparams"], r1["qparams"]):
+        assert torch.equal(s0, s1) and torch.equal(z0, z1)
