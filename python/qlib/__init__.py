@@ -23,3 +23,8 @@ __all__ = [
     "set_cuda_value_checks",
 ]
 __version__ = "0.1.0"
+
+from . import observers  # noqa: E402
+from .plot import plot_calibration  # noqa: E402
+
+__all__ += ["observers", "plot_calibration"]
