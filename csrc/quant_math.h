@@ -163,3 +163,234 @@ QLIB_HD int8_t int8_act_code(float x, float inv_scale) {
 }
 
 }  // namespace qlib
+
+namespace qlib {
+
+// ---------------------------------------------------------------- observers
+// The histograms of the observers live on a canonical grid: `bins` bins of a
+// power-of-two width 2^e starting at a multiple of 2^e, with e the smallest
+// exponent whose window covers the data range [umin, umax] (strictly, so the
+// top value falls inside). The grid is a function of the range alone, and a
+// grid for a wider range is a coarsening of the narrower one (every old bin
+// falls whole into one new bin). So growing the range re-bins exactly, and
+// the histogram after any number of batches, in any order, on any number of
+// ranks, equals the histogram of all the data on the grid of its range.
+// e is kept >= exponent(max|u|) - 40 (so lo / 2^e fits a double exactly)
+// and >= -160 (below the float32 denormals): a constant tensor still gets a
+// grid. All arithmetic is in double, so float32 values near FLT_MAX and
+// denormals are binned exactly.
+struct HistGrid {
+  double lo;     // left edge of bin 0
+  double width;  // 2^e
+  int64_t used;  // bins from 0 up to and including the bin of umax (0 if empty)
+};
+
+QLIB_HD HistGrid histogram_grid(double umin, double umax, int64_t bins) {
+  HistGrid g{0.0, 1.0, 0};
+  if (!(umin <= umax)) return g;  // empty (umin = +inf, umax = -inf)
+  const double amax = fmax(fabs(umin), fabs(umax));
+  int e_floor = -160;
+  if (amax > 0.0) e_floor = ilogb(amax) - 40 > e_floor ? ilogb(amax) - 40 : e_floor;
+  const double span = umax - umin;
+  int e = e_floor;
+  if (span > 0.0) {
+    const int e0 = ilogb(span / static_cast<double>(bins));
+    e = e0 > e ? e0 : e;
+  }
+  for (;; ++e) {
+    const double w = ldexp(1.0, e);
+    const double lo = floor(umin / w) * w;
+    if (lo + static_cast<double>(bins) * w > umax) {
+      g.lo = lo;
+      g.width = w;
+      break;
+    }
+  }
+  g.used = static_cast<int64_t>(floor((umax - g.lo) / g.width)) + 1;
+  if (g.used > bins) g.used = bins;
+  return g;
+}
+
+// Bin of v (finite, inside the grid's window) on grid g; exact: the edges
+// lo + j * width are exact doubles, so rounding in v - lo is corrected.
+QLIB_HD int64_t histogram_bin(double v, const HistGrid& g, int64_t bins) {
+  double t = floor((v - g.lo) / g.width);
+  t = t < 0.0 ? 0.0 : (t > static_cast<double>(bins - 1) ? static_cast<double>(bins - 1) : t);
+  int64_t j = static_cast<int64_t>(t);
+  if (j > 0 && v < g.lo + static_cast<double>(j) * g.width) --j;
+  else if (j < bins - 1 && v >= g.lo + static_cast<double>(j + 1) * g.width) ++j;
+  return j;
+}
+
+// Entropy (KL) calibration window, TensorRT style, generalised to signed
+// histograms. Of the `used` bins, a candidate keeps `i` consecutive bins
+// [s, s + i) with s = round((used - i) * z / used), z the bin edge nearest 0
+// (z = 0 for a histogram of |x|, which gives TensorRT's [0, i)).
+QLIB_HD int64_t entropy_window_start(int64_t used, int64_t i, int64_t z) {
+  return ((used - i) * z * 2 + used) / (2 * used);
+}
+
+// Bin of 0 on the grid (the edge nearest 0, clamped into [0, used]).
+QLIB_HD int64_t histogram_zero_edge(const HistGrid& g) {
+  double z = nearbyint(-g.lo / g.width);
+  z = z < 0.0 ? 0.0 : (z > static_cast<double>(g.used) ? static_cast<double>(g.used) : z);
+  return static_cast<int64_t>(z);
+}
+
+// Value at quantile q in [0, 1] of one histogram row (linear within a bin),
+// clamped into the data range [umin, umax].
+QLIB_HD double histogram_quantile_value(const int64_t* h, const HistGrid& g, double umin,
+                                        double umax, double q) {
+  double total = 0.0;
+  for (int64_t j = 0; j < g.used; ++j) total += static_cast<double>(h[j]);
+  if (total <= 0.0) return 0.0;
+  const double target = q * total;
+  double cum = 0.0, v = umax;
+  for (int64_t j = 0; j < g.used; ++j) {
+    const double c = static_cast<double>(h[j]);
+    if (c > 0.0 && cum + c >= target) {
+      v = g.lo + (static_cast<double>(j) + (target - cum) / c) * g.width;
+      break;
+    }
+    cum += c;
+  }
+  return v < umin ? umin : (v > umax ? umax : v);
+}
+
+// Clipping range of MSE candidate c of n (c = 1..n): the data range (widened
+// to contain 0; symmetric: [-amax, amax]) shrunk by c / n.
+QLIB_HD void mse_candidate_range(double umin, double umax, bool symmetric, int64_t c, int64_t n,
+                                 float* lo, float* hi) {
+  const double r = static_cast<double>(c) / static_cast<double>(n);
+  if (symmetric) {
+    const double amax = fmax(fabs(umin), fabs(umax));
+    *lo = static_cast<float>(-amax * r);
+    *hi = static_cast<float>(amax * r);
+  } else {
+    *lo = static_cast<float>(fmin(umin, 0.0) * r);
+    *hi = static_cast<float>(fmax(umax, 0.0) * r);
+  }
+}
+
+// Integral over [a, b] of (fake_quant(x) - x)^2, fake_quant with (scale, zp,
+// qmin, qmax): exact per rounding cell (up to 16 cells; beyond that the
+// cells are summed as scale^2 / 12 per unit length).
+QLIB_HD double fake_quant_sq_error_integral(double a, double b, double scale, double zp,
+                                            double qmin, double qmax) {
+  if (!(b > a)) return 0.0;
+  const double clip_lo = (qmin - zp) * scale, clip_hi = (qmax - zp) * scale;
+  double err = 0.0;
+  auto cube = [](double t) { return t * t * t; };
+  if (a < clip_lo) {  // below the range: error to clip_lo
+    const double m = fmin(b, clip_lo);
+    err += (cube(clip_lo - a) - cube(clip_lo - m)) / 3.0;
+    a = m;
+  }
+  if (b > clip_hi) {
+    const double m = fmax(a, clip_hi);
+    err += (cube(b - clip_hi) - cube(m - clip_hi)) / 3.0;
+    b = m;
+  }
+  if (!(b > a)) return err;
+  const double k0 = nearbyint(a / scale), k1 = nearbyint(b / scale);
+  if (k1 - k0 > 16.0) return err + (b - a) * scale * scale / 12.0;
+  for (double k = k0; k <= k1; k += 1.0) {
+    const double x0 = fmax(a, (k - 0.5) * scale), x1 = fmin(b, (k + 0.5) * scale);
+    if (x1 > x0) err += (cube(x1 - k * scale) - cube(x0 - k * scale)) / 3.0;
+  }
+  return err;
+}
+
+// Expected fake-quant squared error, summed over one histogram row, with the
+// data taken as uniform within each bin (bins clipped to [umin, umax]).
+QLIB_HD double histogram_fake_quant_sse(const int64_t* h, const HistGrid& g, double umin,
+                                        double umax, float lo, float hi, int64_t qmin,
+                                        int64_t qmax, bool symmetric) {
+  const QParams p = choose_qparams_value(lo, hi, qmin, qmax, symmetric,
+                                         1.1920928955078125e-07f /* float32 eps */);
+  double sse = 0.0;
+  for (int64_t j = 0; j < g.used; ++j) {
+    if (h[j] == 0) continue;
+    const double a = fmax(g.lo + static_cast<double>(j) * g.width, umin);
+    const double b = fmin(g.lo + static_cast<double>(j + 1) * g.width, umax);
+    const double c = static_cast<double>(h[j]);
+    if (b > a) {
+      sse += c * fake_quant_sq_error_integral(a, b, p.scale, p.zero_point,
+                                              static_cast<double>(qmin),
+                                              static_cast<double>(qmax)) / (b - a);
+    } else {  // a point mass (constant data)
+      const float v = static_cast<float>(a);
+      const float y = fake_quant_value<ScalarMath>(v, p.scale, 1.0f / p.scale,
+                                                   static_cast<float>(p.zero_point),
+                                                   static_cast<float>(qmin),
+                                                   static_cast<float>(qmax));
+      sse += c * (static_cast<double>(y) - a) * (static_cast<double>(y) - a);
+    }
+  }
+  return sse;
+}
+
+// KL divergence of entropy candidate window [s, s + i) quantized to n levels
+// (TensorRT's entropy calibration): P is the histogram in the window with the
+// mass left of it added to its first bin and the mass right of it to its last;
+// Q splits the window into n groups (offset k in group floor(k * n / i)) and
+// spreads each group's count evenly over the group's non-empty bins. KL(P||Q)
+// of the normalised P and Q; +inf where P > 0 and Q = 0.
+// cnt, nz, hlogh are prefix sums over the row (length used + 1): counts,
+// non-empty bins, and count * log(count).
+QLIB_HD double entropy_candidate_kl(const int64_t* h, const double* cnt, const double* nz,
+                                    const double* hlogh, int64_t used, int64_t s, int64_t i,
+                                    int64_t n) {
+  const double total = cnt[used];
+  const double left = cnt[s], right = total - cnt[s + i];
+  const double sq = cnt[s + i] - cnt[s];
+  if (!(sq > 0.0)) return INFINITY;
+  double acc = 0.0;  // sum over P > 0 of P * (log P - log Q), before the edges
+  double logq_first = 0.0, logq_last = 0.0;
+  for (int64_t g = 0; g < n; ++g) {
+    const int64_t a = (g * i + n - 1) / n, b = ((g + 1) * i + n - 1) / n;
+    if (b <= a) continue;
+    const double c = cnt[s + b] - cnt[s + a];
+    const double k = nz[s + b] - nz[s + a];
+    if (k <= 0.0) continue;
+    const double logq = log(c / k);
+    acc += (hlogh[s + b] - hlogh[s + a]) - c * logq;
+    if (a == 0) logq_first = logq;
+    if (b == i) logq_last = logq;
+  }
+  // The edge bins carry the outside mass.
+  const double h_first = static_cast<double>(h[s]);
+  const double h_last = static_cast<double>(h[s + i - 1]);
+  auto term = [](double p, double logq) { return p > 0.0 ? p * (log(p) - logq) : 0.0; };
+  if (i == 1) {
+    const double m = left + right;
+    if (m > 0.0) {
+      if (h_first == 0.0) return INFINITY;
+      acc += term(h_first + m, logq_first) - term(h_first, logq_first);
+    }
+  } else {
+    if (left > 0.0) {
+      if (h_first == 0.0) return INFINITY;
+      acc += term(h_first + left, logq_first) - term(h_first, logq_first);
+    }
+    if (right > 0.0) {
+      if (h_last == 0.0) return INFINITY;
+      acc += term(h_last + right, logq_last) - term(h_last, logq_last);
+    }
+  }
+  return acc / total + log(sq) - log(total);
+}
+
+// Prefix sums of one histogram row for entropy_candidate_kl.
+QLIB_HD void entropy_prefix(const int64_t* h, int64_t used, double* cnt, double* nz,
+                            double* hlogh) {
+  cnt[0] = nz[0] = hlogh[0] = 0.0;
+  for (int64_t j = 0; j < used; ++j) {
+    const double c = static_cast<double>(h[j]);
+    cnt[j + 1] = cnt[j] + c;
+    nz[j + 1] = nz[j] + (c > 0.0 ? 1.0 : 0.0);
+    hlogh[j + 1] = hlogh[j] + (c > 0.0 ? c * log(c) : 0.0);
+  }
+}
+
+}  // namespace qlib

@@ -30,5 +30,23 @@ TORCH_LIBRARY(qlib, m) {
       "int8_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias, "
       "Tensor? act_scale=None) -> Tensor",
       tags);
+  // observers
+  // x is [blocks, elements per block]; hist int64 [blocks, bins] on the
+  // canonical grid of range (float64 [blocks, 2]: min and max binned so far).
+  m.def("block_minmax(Tensor x) -> (Tensor min, Tensor max, Tensor nonfinite)", tags);
+  m.def(
+      "histogram_observe(Tensor x, Tensor hist, Tensor range, bool absolute) "
+      "-> (Tensor hist_out, Tensor range_out, Tensor nonfinite)",
+      tags);
+  m.def("histogram_rebin(Tensor hist, Tensor range, Tensor new_range) -> Tensor", tags);
+  m.def("histogram_quantile(Tensor hist, Tensor range, float q) -> Tensor", tags);
+  m.def(
+      "histogram_mse_search(Tensor hist, Tensor range, int quant_min, int quant_max, "
+      "bool symmetric, int num_candidates) -> (Tensor min, Tensor max)",
+      tags);
+  m.def(
+      "histogram_entropy_search(Tensor hist, Tensor range, int num_levels) "
+      "-> (Tensor min, Tensor max)",
+      tags);
 }
 

@@ -31,3 +31,7 @@ from .workflows import calibrate, convert, prepare, prepare_qat, quantize_dynami
 
 __all__ += ["nn", "int8_gemm", "int8_linear", "quantize_per_token", "quantize_dynamic",
             "QATConfig", "prepare_qat", "prepare", "calibrate", "convert"]
+from . import observers  # noqa: E402
+from .plot import plot_calibration  # noqa: E402
+
+__all__ += ["observers", "plot_calibration"]

@@ -1,0 +1,378 @@
+// CPU kernels of the observer ops: block min/max, histogram accumulation
+// (with exact re-binning when the range grows), re-binning, quantiles, and
+// the MSE and entropy (KL) searches over histograms. Formulas in
+// quant_math.h; at::vec for the min/max pass, at::parallel_for for threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "affine.h"
+#include "observer.h"
+#include "quant_math.h"
+
+namespace qlib {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+constexpr int64_t kGrain = 32768;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+template <class T>
+Vec load_float(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p, n);
+  } else {
+    float tmp[kVec];
+    for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<float>(p[k]);
+    return Vec::loadu(tmp, n);
+  }
+}
+
+struct MinMaxCount {
+  float lo = kInf, hi = -kInf;
+  int64_t nonfinite = 0;
+};
+
+// Finite min, max and the count of NaN/Inf of p[0, n).
+template <class T>
+MinMaxCount minmax_span(const T* p, int64_t n) {
+  Vec vlo(kInf), vhi(-kInf);
+  Vec bad(0.0f);
+  const Vec zero(0.0f), one(1.0f);
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) {
+    const Vec v = load_float(p + i, kVec);
+    const Vec finite = (v - v) == zero;  // false for NaN and +-Inf
+    vlo = at::vec::minimum(vlo, Vec::blendv(Vec(kInf), v, finite));
+    vhi = at::vec::maximum(vhi, Vec::blendv(Vec(-kInf), v, finite));
+    bad = bad + Vec::blendv(one, zero, finite);
+  }
+  MinMaxCount r;
+  float lo_l[kVec], hi_l[kVec], bad_l[kVec];
+  vlo.store(lo_l);
+  vhi.store(hi_l);
+  bad.store(bad_l);
+  double nbad = 0;
+  for (int64_t k = 0; k < kVec; ++k) {
+    r.lo = std::min(r.lo, lo_l[k]);
+    r.hi = std::max(r.hi, hi_l[k]);
+    nbad += bad_l[k];
+  }
+  r.nonfinite = static_cast<int64_t>(nbad);
+  for (; i < n; ++i) {
+    const float v = static_cast<float>(p[i]);
+    if (std::isfinite(v)) {
+      r.lo = std::min(r.lo, v);
+      r.hi = std::max(r.hi, v);
+    } else {
+      ++r.nonfinite;
+    }
+  }
+  return r;
+}
+
+// Per-row finite min/max of x [R, K]; rows without finite values give
+// (+inf, -inf). Parallel over rows, or over chunks of a row when rows are few.
+template <class T>
+std::vector<MinMaxCount> rows_minmax(const T* x, int64_t R, int64_t K) {
+  std::vector<MinMaxCount> out(R);
+  if (R >= at::get_num_threads() || K < 2 * kGrain) {
+    at::parallel_for(0, R, std::max<int64_t>(1, kGrain / std::max<int64_t>(K, 1)),
+                     [&](int64_t b, int64_t e) {
+                       for (int64_t r = b; r < e; ++r) out[r] = minmax_span(x + r * K, K);
+                     });
+    return out;
+  }
+  const int64_t chunks = (K + kGrain - 1) / kGrain;
+  std::vector<MinMaxCount> part(R * chunks);
+  at::parallel_for(0, R * chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t r = c / chunks, k0 = (c % chunks) * kGrain;
+      part[c] = minmax_span(x + r * K + k0, std::min(kGrain, K - k0));
+    }
+  });
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const MinMaxCount& m = part[r * chunks + c];
+      out[r].lo = std::min(out[r].lo, m.lo);
+      out[r].hi = std::max(out[r].hi, m.hi);
+      out[r].nonfinite += m.nonfinite;
+    }
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_minmax_cpu(const at::Tensor& x_in) {
+  check_observer_input("qlib::block_minmax", x_in);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t R = x.size(0), K = x.size(1);
+  const auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor lo = at::empty({R}, fopts), hi = at::empty({R}, fopts);
+  int64_t nonfinite = 0;
+  QLIB_DISPATCH_FLOAT(x.scalar_type(), "block_minmax_cpu", [&] {
+    const auto m = rows_minmax(x.const_data_ptr<scalar_t>(), R, K);
+    float* lp = lo.data_ptr<float>();
+    float* hp = hi.data_ptr<float>();
+    for (int64_t r = 0; r < R; ++r) {
+      lp[r] = m[r].lo;
+      hp[r] = m[r].hi;
+      nonfinite += m[r].nonfinite;
+    }
+  });
+  return {lo, hi, at::scalar_tensor(nonfinite, x.options().dtype(at::kLong))};
+}
+
+// Adds the counts of `old` (on the grid of old range) into `out` (on grid g).
+void rebin_row(const int64_t* old, double old_lo, double old_hi, int64_t* out,
+               const HistGrid& g, int64_t B) {
+  const HistGrid og = histogram_grid(old_lo, old_hi, B);
+  for (int64_t j = 0; j < og.used; ++j) {
+    if (old[j] == 0) continue;
+    const double left = og.lo + static_cast<double>(j) * og.width;
+    out[histogram_bin(std::max(left, g.lo), g, B)] += old[j];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::Tensor& x_in,
+                                                                     const at::Tensor& hist_in,
+                                                                     const at::Tensor& range_in,
+                                                                     bool absolute) {
+  const char* op = "qlib::histogram_observe";
+  check_observer_input(op, x_in);
+  check_histogram(op, hist_in, range_in);
+  TORCH_CHECK(hist_in.size(0) == x_in.size(0), op, ": hist has ", hist_in.size(0),
+              " blocks but x of shape ", x_in.sizes(), " has ", x_in.size(0));
+  TORCH_CHECK(x_in.device() == hist_in.device(), op, ": x (", x_in.device(), ") and hist (",
+              hist_in.device(), ") must be on the same device");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor hist = hist_in.contiguous();
+  const at::Tensor range = range_in.contiguous();
+  const int64_t R = x.size(0), K = x.size(1), B = hist.size(1);
+  at::Tensor new_hist = at::zeros_like(hist);
+  at::Tensor new_range = range.clone();
+  int64_t nonfinite = 0;
+  QLIB_DISPATCH_FLOAT(x.scalar_type(), "histogram_observe_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const auto mm = rows_minmax(xp, R, K);
+    const double* rp = range.const_data_ptr<double>();
+    double* nrp = new_range.data_ptr<double>();
+    const int64_t* hp = hist.const_data_ptr<int64_t>();
+    int64_t* nhp = new_hist.data_ptr<int64_t>();
+    std::vector<HistGrid> grids(R);
+    for (int64_t r = 0; r < R; ++r) {
+      nonfinite += mm[r].nonfinite;
+      double blo = mm[r].lo, bhi = mm[r].hi;
+      if (absolute && blo <= bhi) {
+        bhi = std::max(std::fabs(blo), std::fabs(bhi));
+        blo = 0.0;
+      }
+      nrp[2 * r] = std::min(rp[2 * r], blo);
+      nrp[2 * r + 1] = std::max(rp[2 * r + 1], bhi);
+      grids[r] = histogram_grid(nrp[2 * r], nrp[2 * r + 1], B);
+      rebin_row(hp + r * B, rp[2 * r], rp[2 * r + 1], nhp + r * B, grids[r], B);
+    }
+    // Accumulate: per-chunk local histograms, added under the chunk's row.
+    const int64_t chunks_per_row = (K + kGrain - 1) / kGrain;
+    const int64_t total_chunks = R * chunks_per_row;
+    const int nthreads = at::get_num_threads();
+    std::vector<std::vector<int64_t>> local(nthreads, std::vector<int64_t>());
+    std::vector<int64_t> local_row(nthreads, -1);
+    auto flush = [&](int t) {
+      if (local_row[t] < 0) return;
+      int64_t* dst = nhp + local_row[t] * B;
+      // Rows of different threads may coincide: add atomically.
+      for (int64_t j = 0; j < B; ++j) {
+        if (local[t][j] != 0) {
+          __atomic_fetch_add(dst + j, local[t][j], __ATOMIC_RELAXED);
+          local[t][j] = 0;
+        }
+      }
+      local_row[t] = -1;
+    };
+    at::parallel_for(0, total_chunks, 1, [&](int64_t b, int64_t e) {
+      const int t = at::get_thread_num();
+      if (local[t].empty()) local[t].assign(B, 0);
+      for (int64_t c = b; c < e; ++c) {
+        const int64_t r = c / chunks_per_row, k0 = (c % chunks_per_row) * kGrain;
+        if (local_row[t] != r) flush(t);
+        local_row[t] = r;
+        const HistGrid g = grids[r];
+        if (g.used == 0) continue;
+        int64_t* lh = local[t].data();
+        const scalar_t* p = xp + r * K + k0;
+        const int64_t n = std::min(kGrain, K - k0);
+        for (int64_t k = 0; k < n; ++k) {
+          const float v = static_cast<float>(p[k]);
+          if (!std::isfinite(v)) continue;
+          const double d = absolute ? std::fabs(static_cast<double>(v)) : static_cast<double>(v);
+          ++lh[histogram_bin(d, g, B)];
+        }
+      }
+      flush(t);
+    });
+  });
+  return {new_hist, new_range, at::scalar_tensor(nonfinite, x.options().dtype(at::kLong))};
+}
+
+at::Tensor histogram_rebin_cpu(const at::Tensor& hist_in, const at::Tensor& range_in,
+                               const at::Tensor& new_range_in) {
+  const char* op = "qlib::histogram_rebin";
+  check_histogram(op, hist_in, range_in);
+  check_histogram(op, hist_in, new_range_in, "new_range");
+  const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous(),
+                   new_range = new_range_in.contiguous();
+  const int64_t R = hist.size(0), B = hist.size(1);
+  at::Tensor out = at::zeros_like(hist);
+  const double* rp = range.const_data_ptr<double>();
+  const double* np = new_range.const_data_ptr<double>();
+  for (int64_t r = 0; r < R; ++r) {
+    const bool old_empty = !(rp[2 * r] <= rp[2 * r + 1]);
+    TORCH_CHECK(old_empty || (np[2 * r] <= rp[2 * r] && np[2 * r + 1] >= rp[2 * r + 1]), op,
+                ": new_range [", np[2 * r], ", ", np[2 * r + 1], "] of block ", r,
+                " does not contain range [", rp[2 * r], ", ", rp[2 * r + 1], "]");
+  }
+  at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const HistGrid g = histogram_grid(np[2 * r], np[2 * r + 1], B);
+      rebin_row(hist.const_data_ptr<int64_t>() + r * B, rp[2 * r], rp[2 * r + 1],
+                out.data_ptr<int64_t>() + r * B, g, B);
+    }
+  });
+  return out;
+}
+
+at::Tensor histogram_quantile_cpu(const at::Tensor& hist_in, const at::Tensor& range_in,
+                                  double q) {
+  const char* op = "qlib::histogram_quantile";
+  check_histogram(op, hist_in, range_in);
+  TORCH_CHECK(q >= 0.0 && q <= 1.0, op, ": q must lie in [0, 1], got ", q);
+  const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
+  const int64_t R = hist.size(0), B = hist.size(1);
+  at::Tensor out = at::empty({R}, hist.options().dtype(at::kFloat));
+  const double* rp = range.const_data_ptr<double>();
+  at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const HistGrid g = histogram_grid(rp[2 * r], rp[2 * r + 1], B);
+      out.data_ptr<float>()[r] = static_cast<float>(histogram_quantile_value(
+          hist.const_data_ptr<int64_t>() + r * B, g, rp[2 * r], rp[2 * r + 1], q));
+    }
+  });
+  return out;
+}
+
+void check_mse_args(const char* op, int64_t quant_min, int64_t quant_max,
+                    int64_t num_candidates) {
+  check_quant_range(op, quant_min, quant_max);
+  TORCH_CHECK(num_candidates >= 1 && num_candidates <= 1024, op,
+              ": num_candidates must lie in [1, 1024], got ", num_candidates);
+}
+
+std::tuple<at::Tensor, at::Tensor> histogram_mse_search_cpu(const at::Tensor& hist_in,
+                                                            const at::Tensor& range_in,
+                                                            int64_t quant_min, int64_t quant_max,
+                                                            bool symmetric,
+                                                            int64_t num_candidates) {
+  const char* op = "qlib::histogram_mse_search";
+  check_histogram(op, hist_in, range_in);
+  check_mse_args(op, quant_min, quant_max, num_candidates);
+  const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
+  const int64_t R = hist.size(0), B = hist.size(1);
+  const auto fopts = hist.options().dtype(at::kFloat);
+  at::Tensor lo = at::empty({R}, fopts), hi = at::empty({R}, fopts);
+  const double* rp = range.const_data_ptr<double>();
+  // One pass over the bins of a row per chunk of candidates: the outer loop
+  // is over rows and candidates, each scoring every bin.
+  at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const double umin = rp[2 * r], umax = rp[2 * r + 1];
+      const HistGrid g = histogram_grid(umin, umax, B);
+      const int64_t* h = hist.const_data_ptr<int64_t>() + r * B;
+      double best = INFINITY;
+      float best_lo = 0.0f, best_hi = 0.0f;
+      for (int64_t c = num_candidates; c >= 1; --c) {
+        float clo, chi;
+        mse_candidate_range(umin, umax, symmetric, c, num_candidates, &clo, &chi);
+        const double sse =
+            g.used == 0 ? 0.0
+                        : histogram_fake_quant_sse(h, g, umin, umax, clo, chi, quant_min,
+                                                   quant_max, symmetric);
+        if (sse < best) {
+          best = sse;
+          best_lo = clo;
+          best_hi = chi;
+        }
+      }
+      lo.data_ptr<float>()[r] = best_lo;
+      hi.data_ptr<float>()[r] = best_hi;
+    }
+  });
+  return {lo, hi};
+}
+
+std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cpu(const at::Tensor& hist_in,
+                                                                const at::Tensor& range_in,
+                                                                int64_t num_levels) {
+  const char* op = "qlib::histogram_entropy_search";
+  check_histogram(op, hist_in, range_in);
+  TORCH_CHECK(num_levels >= 2, op, ": num_levels must be at least 2, got ", num_levels);
+  const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
+  const int64_t R = hist.size(0), B = hist.size(1);
+  const auto fopts = hist.options().dtype(at::kFloat);
+  at::Tensor lo = at::empty({R}, fopts), hi = at::empty({R}, fopts);
+  const double* rp = range.const_data_ptr<double>();
+  at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
+    std::vector<double> cnt(B + 1), nz(B + 1), hl(B + 1);
+    for (int64_t r = b; r < e; ++r) {
+      const double umin = rp[2 * r], umax = rp[2 * r + 1];
+      const HistGrid g = histogram_grid(umin, umax, B);
+      const int64_t* h = hist.const_data_ptr<int64_t>() + r * B;
+      float best_lo = 0.0f, best_hi = 0.0f;
+      if (g.used > 0) {
+        entropy_prefix(h, g.used, cnt.data(), nz.data(), hl.data());
+        const int64_t z = histogram_zero_edge(g);
+        double best = INFINITY;
+        int64_t best_i = g.used, best_s = 0;
+        for (int64_t i = std::min(num_levels, g.used); i <= g.used; ++i) {
+          const int64_t s = entropy_window_start(g.used, i, z);
+          const double kl = entropy_candidate_kl(h, cnt.data(), nz.data(), hl.data(), g.used, s,
+                                                 i, num_levels);
+          if (kl <= best) {  // ties: the widest window (TensorRT's last argmin)
+            best = kl;
+            best_i = i;
+            best_s = s;
+          }
+        }
+        best_lo = static_cast<float>(
+            std::max(umin, g.lo + static_cast<double>(best_s) * g.width));
+        best_hi = static_cast<float>(
+            std::min(umax, g.lo + static_cast<double>(best_s + best_i) * g.width));
+      }
+      lo.data_ptr<float>()[r] = best_lo;
+      hi.data_ptr<float>()[r] = best_hi;
+    }
+  });
+  return {lo, hi};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlib, CPU, m) {
+  m.impl("block_minmax", &block_minmax_cpu);
+  m.impl("histogram_observe", &histogram_observe_cpu);
+  m.impl("histogram_rebin", &histogram_rebin_cpu);
+  m.impl("histogram_quantile", &histogram_quantile_cpu);
+  m.impl("histogram_mse_search", &histogram_mse_search_cpu);
+  m.impl("histogram_entropy_search", &histogram_entropy_search_cpu);
+}
+
+}  // namespace qlib

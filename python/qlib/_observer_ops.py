@@ -1,0 +1,45 @@
+"""Fake (meta) implementations of the observer ops (schemas in csrc/schemas.cpp).
+
+x is [blocks, elements per block]; hist is int64 [blocks, bins] on the
+canonical grid of range (float64 [blocks, 2]: min and max binned so far).
+"""
+import torch
+
+from . import _load  # noqa: F401  (loads qlib._C first)
+
+
+@torch.library.register_fake("qlib::block_minmax")
+def _(x):
+    r = x.shape[0]
+    return (
+        x.new_empty((r,), dtype=torch.float32),
+        x.new_empty((r,), dtype=torch.float32),
+        x.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("qlib::histogram_observe")
+def _(x, hist, range, absolute):
+    return hist.new_empty(hist.shape), range.new_empty(range.shape), x.new_empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake("qlib::histogram_rebin")
+def _(hist, range, new_range):
+    return hist.new_empty(hist.shape)
+
+
+@torch.library.register_fake("qlib::histogram_quantile")
+def _(hist, range, q):
+    return hist.new_empty((hist.shape[0],), dtype=torch.float32)
+
+
+@torch.library.register_fake("qlib::histogram_mse_search")
+def _(hist, range, quant_min, quant_max, symmetric, num_candidates):
+    r = hist.shape[0]
+    return hist.new_empty((r,), dtype=torch.float32), hist.new_empty((r,), dtype=torch.float32)
+
+
+@torch.library.register_fake("qlib::histogram_entropy_search")
+def _(hist, range, num_levels):
+    r = hist.shape[0]
+    return hist.new_empty((r,), dtype=torch.float32), hist.new_empty((r,), dtype=torch.float32)

@@ -1,0 +1,391 @@
+"""Observers: record statistics of tensors and turn them into (scale, zero_point).
+
+Every observer is an ``nn.Module`` taking
+
+* ``bits`` (2..16) and ``symmetric``: ``symmetric=True`` quantizes to the
+  signed range ``[-2^(bits-1), 2^(bits-1) - 1]`` with zero_point 0;
+  ``symmetric=False`` (asymmetric, with a zero point) to the unsigned range
+  ``[0, 2^bits - 1]``, the range always widened to contain 0 so that 0 is
+  exact. ``quant_min`` / ``quant_max`` expose the range.
+* a granularity: ``ch_axis`` (per-channel along that axis) or ``group_size``
+  (per-group of that many consecutive elements along the last dim); neither
+  means per-tensor.
+
+``forward(x)`` records ``x`` and returns it unchanged (NaN and +-Inf are
+ignored and counted in the ``nonfinite`` buffer; an empty tensor changes
+nothing; on CUDA no host sync). ``calculate_qparams()`` returns
+``(scale float32, zero_point int32)`` with keepdim shapes for ``fake_quant``
+on the observed tensor (``[C, 1]`` per-channel of a ``[C, K]`` weight,
+``[N, K // g]`` per-group, all ones per-tensor). ``reset()`` clears. All
+state is in buffers (``state_dict`` round-trips, and loads with
+``torch.load(weights_only=True)``); buffers are updated in place. When
+``torch.distributed`` is initialised, ``calculate_qparams()`` all-reduces the
+statistics so that every rank gets the same qparams.
+
+The histogram observers (percentile, MSE, entropy) keep an int64 histogram
+per block on a canonical power-of-two grid (see csrc/quant_math.h): growing
+the range re-bins exactly, so the histogram, and hence the qparams, equal
+those of one observer that saw all the data, in any order and on any number
+of ranks. Symmetric histogram observers histogram ``|x|``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import _observer_ops  # noqa: F401  (registers the fakes)
+from ._ops import quant_range
+
+ops = torch.ops.qlib
+
+__all__ = [
+    "ObserverBase",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "PercentileObserver",
+    "MSEObserver",
+    "EntropyObserver",
+]
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ObserverBase(nn.Module):
+    """Shared machinery: granularity, counters, buffers, all-reduce, qparams."""
+
+    # name -> initial fill value of the per-block statistic buffers
+    _stat_buffers: Dict[str, float] = {}
+
+    def __init__(
+        self,
+        bits: int = 8,
+        symmetric: bool = True,
+        ch_axis: Optional[int] = None,
+        group_size: Optional[int] = None,
+        eps: float = _EPS,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise ValueError(f"qlib.observers.{name}: bits must be an int in [2, 16], got {bits!r}")
+        if ch_axis is not None and group_size is not None:
+            raise ValueError(
+                f"qlib.observers.{name}: give ch_axis ({ch_axis}) or group_size ({group_size}), not both"
+            )
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"qlib.observers.{name}: group_size must be a positive int, got {group_size!r}")
+        self.bits = bits
+        self.symmetric = bool(symmetric)
+        self.ch_axis = ch_axis
+        self.group_size = group_size
+        self.eps = float(eps)
+        self.quant_min, self.quant_max = quant_range(bits, signed=self.symmetric)
+        # Finite values recorded, and NaN/Inf values seen (and ignored).
+        self.register_buffer("observed", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.int64))
+        # The keepdim shape of the qparams; [-1] until the first observation.
+        self.register_buffer("qparams_shape", torch.tensor([-1], dtype=torch.int64))
+        self._shape: Optional[List[int]] = None  # mirrors qparams_shape without a device read
+        self._init_stats(0, torch.device("cpu"))
+
+    # ------------------------------------------------------------ layout
+    def _rows(self, x: Tensor) -> Tuple[Tensor, List[int]]:
+        """x as [blocks, elements per block], and the keepdim qparams shape."""
+        name = type(self).__name__
+        if self.ch_axis is not None:
+            if x.dim() == 0:
+                raise ValueError(f"qlib.observers.{name}: ch_axis={self.ch_axis} needs a tensor with dims, got a scalar")
+            a = self.ch_axis % x.dim() if -x.dim() <= self.ch_axis < x.dim() else None
+            if a is None:
+                raise ValueError(
+                    f"qlib.observers.{name}: ch_axis {self.ch_axis} is out of range for x of shape {tuple(x.shape)}"
+                )
+            shape = [1] * x.dim()
+            shape[a] = x.shape[a]
+            return x.movedim(a, 0).reshape(x.shape[a], -1), shape
+        if self.group_size is not None:
+            k = x.shape[-1] if x.dim() > 0 else 1
+            if x.dim() == 0 or k % self.group_size != 0:
+                raise ValueError(
+                    f"qlib.observers.{name}: group_size {self.group_size} does not divide the last dim "
+                    f"of x of shape {tuple(x.shape)}"
+                )
+            return x.reshape(-1, self.group_size), [*x.shape[:-1], k // self.group_size]
+        return x.reshape(1, -1), [1] * x.dim()
+
+    def _init_stats(self, blocks: int, device) -> None:
+        for name in self._stat_buffers:
+            self.register_buffer(name, self._new_stat(name, blocks, device))
+
+    def _new_stat(self, name: str, blocks: int, device) -> Tensor:
+        return torch.full((blocks,), self._stat_buffers[name], dtype=torch.float32, device=device)
+
+    def _prepare(self, x: Tensor) -> Optional[Tensor]:
+        """The rows of x to record, with the buffers set up; None for an empty x."""
+        x = x.detach()
+        if x.numel() == 0:
+            return None
+        if not x.is_floating_point():
+            raise TypeError(f"qlib.observers.{type(self).__name__}: x must be floating, got {x.dtype}")
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            x = x.float()
+        rows, shape = self._rows(x)
+        if self._shape is None:
+            # First observation: size the buffers (in place) on x's device.
+            for name in self._stat_buffers:
+                buf = getattr(self, name)
+                new = self._new_stat(name, rows.shape[0], x.device)
+                if buf.device != x.device:
+                    setattr(self, name, new)
+                else:
+                    buf.resize_(new.shape).copy_(new)
+            for name in ("observed", "nonfinite", "qparams_shape"):
+                if getattr(self, name).device != x.device:
+                    setattr(self, name, getattr(self, name).to(x.device))
+            self.qparams_shape.resize_(len(shape)).copy_(torch.tensor(shape, dtype=torch.int64))
+            self._shape = list(shape)
+        elif self._shape != list(shape):
+            raise ValueError(
+                f"qlib.observers.{type(self).__name__}: x of shape {tuple(x.shape)} gives qparams of shape "
+                f"{shape}, but this observer has recorded tensors giving {self._shape}; call reset() first"
+            )
+        return rows
+
+    def _count(self, rows: Tensor, nonfinite: Tensor) -> None:
+        self.nonfinite.add_(nonfinite)
+        self.observed.add_(rows.numel() - nonfinite)
+
+    # ------------------------------------------------------------ API
+    def forward(self, x: Tensor) -> Tensor:
+        rows = self._prepare(x)
+        if rows is not None:
+            self._observe(rows)
+        return x
+
+    def _observe(self, rows: Tensor) -> None:
+        raise NotImplementedError
+
+    def _synced_stats(self) -> Dict[str, Tensor]:
+        """Copies of the statistics, all-reduced across ranks when distributed."""
+        raise NotImplementedError
+
+    def _range(self, stats: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
+        """(scale, zero_point) shaped for fake_quant on the observed tensor."""
+        observed = self.observed.clone()
+        if _distributed():
+            dist.all_reduce(observed)
+        shape = self._shape
+        if shape is None or observed.item() == 0:
+            raise RuntimeError(
+                f"qlib.observers.{type(self).__name__}.calculate_qparams: the observer has not recorded "
+                f"any finite value (observed={observed.item()}, nonfinite={self.nonfinite.item()}); "
+                f"call it on data first"
+            )
+        lo, hi = self._range(self._synced_stats())
+        # Blocks that saw no finite value get the range [0, 0] (scale eps).
+        lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo)).float()
+        hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi)).float()
+        hi = torch.maximum(hi, lo)
+        scale, zero_point = ops.choose_qparams(lo, hi, self.quant_min, self.quant_max, self.symmetric, self.eps)
+        return scale.reshape(shape), zero_point.reshape(shape)
+
+    def reset(self) -> None:
+        """Forget everything recorded (the buffers keep their identity)."""
+        with torch.no_grad():
+            self.observed.zero_()
+            self.nonfinite.zero_()
+            self.qparams_shape.resize_(1).fill_(-1)
+            self._shape = None
+            for name in self._stat_buffers:
+                buf = getattr(self, name)
+                buf.resize_(self._new_stat(name, 0, buf.device).shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The statistic buffers are sized by the data: take the saved sizes.
+        for name in list(self._stat_buffers) + ["qparams_shape"]:
+            key = prefix + name
+            if key in state_dict:
+                getattr(self, name).resize_(state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "qparams_shape"
+        if key in state_dict:
+            shape = state_dict[key].tolist()
+            self._shape = None if shape == [-1] else shape
+
+    def extra_repr(self) -> str:
+        g = f"ch_axis={self.ch_axis}" if self.ch_axis is not None else (
+            f"group_size={self.group_size}" if self.group_size is not None else "per_tensor")
+        return f"bits={self.bits}, symmetric={self.symmetric}, {g}, range=[{self.quant_min}, {self.quant_max}]"
+
+
+class MinMaxObserver(ObserverBase):
+    """Running min and max (as torch.ao's MinMaxObserver / PerChannelMinMaxObserver)."""
+
+    _stat_buffers = {"min_val": math.inf, "max_val": -math.inf}
+
+    def _observe(self, rows: Tensor) -> None:
+        lo, hi, nonfinite = ops.block_minmax(rows)
+        torch.minimum(self.min_val, lo, out=self.min_val)
+        torch.maximum(self.max_val, hi, out=self.max_val)
+        self._count(rows, nonfinite)
+
+    def _synced_stats(self) -> Dict[str, Tensor]:
+        lo, hi = self.min_val.clone(), self.max_val.clone()
+        if _distributed():
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        return {"min": lo, "max": hi}
+
+    def _range(self, stats):
+        return stats["min"], stats["max"]
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Exponential moving average of the batch min and max (as torch.ao's
+    MovingAverageMinMaxObserver / MovingAveragePerChannelMinMaxObserver):
+    ``min = min + averaging_constant * (batch_min - min)``, the first batch
+    taken as is. Under torch.distributed the averages are averaged over ranks."""
+
+    def __init__(self, averaging_constant: float = 0.01, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 < averaging_constant <= 1.0:
+            raise ValueError(
+                f"qlib.observers.MovingAverageMinMaxObserver: averaging_constant must lie in (0, 1], "
+                f"got {averaging_constant}"
+            )
+        self.averaging_constant = float(averaging_constant)
+
+    def _observe(self, rows: Tensor) -> None:
+        lo, hi, nonfinite = ops.block_minmax(rows)
+        c = self.averaging_constant
+        for buf, cur in ((self.min_val, lo), (self.max_val, hi)):
+            new = torch.where(torch.isinf(buf), cur, buf + c * (cur - buf))
+            buf.copy_(torch.where(torch.isfinite(cur), new, buf))
+        self._count(rows, nonfinite)
+
+    def _synced_stats(self) -> Dict[str, Tensor]:
+        if not _distributed():
+            return {"min": self.min_val.clone(), "max": self.max_val.clone()}
+        out = {}
+        for key, buf in (("min", self.min_val), ("max", self.max_val)):
+            finite = torch.isfinite(buf)
+            total = torch.where(finite, buf, torch.zeros_like(buf)).double()
+            count = finite.double()
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+            out[key] = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan)).float()
+        return out
+
+
+class _HistogramObserver(ObserverBase):
+    """Keeps an int64 histogram of ``bins`` bins per block (of |x| when symmetric)."""
+
+    _stat_buffers = {"hist": 0, "hist_range": 0}
+
+    def __init__(self, bins: int = 2048, **kwargs) -> None:
+        if not isinstance(bins, int) or bins < 2:
+            raise ValueError(f"qlib.observers.{type(self).__name__}: bins must be an int >= 2, got {bins!r}")
+        self.bins = bins
+        super().__init__(**kwargs)
+
+    def _new_stat(self, name: str, blocks: int, device) -> Tensor:
+        if name == "hist":
+            return torch.zeros((blocks, self.bins), dtype=torch.int64, device=device)
+        t = torch.empty((blocks, 2), dtype=torch.float64, device=device)
+        t[:, 0] = math.inf
+        t[:, 1] = -math.inf
+        return t
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.observed.zero_()
+            self.nonfinite.zero_()
+            self.qparams_shape.resize_(1).fill_(-1)
+            self._shape = None
+            self.hist.resize_(0, self.bins)
+            self.hist_range.resize_(0, 2)
+
+    def _observe(self, rows: Tensor) -> None:
+        hist, rng, nonfinite = ops.histogram_observe(rows, self.hist, self.hist_range, self.symmetric)
+        self.hist.copy_(hist)
+        self.hist_range.copy_(rng)
+        self._count(rows, nonfinite)
+
+    def _synced_stats(self) -> Dict[str, Tensor]:
+        hist, rng = self.hist.clone(), self.hist_range.clone()
+        if _distributed():
+            lo, hi = rng[:, 0].contiguous(), rng[:, 1].contiguous()
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+            new_rng = torch.stack([lo, hi], dim=1)
+            hist = ops.histogram_rebin(hist, rng, new_rng)
+            dist.all_reduce(hist)
+            rng = new_rng
+        return {"hist": hist, "range": rng}
+
+    def _symmetric_range(self, lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.symmetric:
+            t = torch.maximum(lo.abs(), hi.abs())
+            return -t, t
+        return lo, hi
+
+
+class PercentileObserver(_HistogramObserver):
+    """Clips at a percentile of the data: |x| when symmetric, else the
+    (100 - p)th and pth percentiles. Read from the histogram (linear within
+    a bin): no sort."""
+
+    def __init__(self, percentile: float = 99.99, **kwargs) -> None:
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"qlib.observers.PercentileObserver: percentile must lie in (0, 100], got {percentile}")
+        self.percentile = float(percentile)
+        super().__init__(**kwargs)
+
+    def _range(self, stats):
+        q = self.percentile / 100.0
+        hi = ops.histogram_quantile(stats["hist"], stats["range"], q)
+        if self.symmetric:
+            return -hi, hi
+        lo = ops.histogram_quantile(stats["hist"], stats["range"], 1.0 - q)
+        return lo, hi
+
+
+class MSEObserver(_HistogramObserver):
+    """Grid search of the clipping range minimising the fake-quant MSE.
+
+    Candidates shrink the data range (symmetric: [-amax, amax]; else [min, max]
+    widened to 0) by c / num_candidates; each is scored by the expected
+    fake-quant squared error over the histogram (uniform within a bin), every
+    candidate in one pass over the bins."""
+
+    def __init__(self, num_candidates: int = 128, **kwargs) -> None:
+        self.num_candidates = int(num_candidates)
+        super().__init__(**kwargs)
+
+    def _range(self, stats):
+        return ops.histogram_mse_search(
+            stats["hist"], stats["range"], self.quant_min, self.quant_max, self.symmetric, self.num_candidates
+        )
+
+
+class EntropyObserver(_HistogramObserver):
+    """TensorRT's entropy calibration: the window of the histogram whose
+    quantization to 2^(bits-1) (symmetric, on |x|) or 2^bits levels minimises
+    KL(P || Q); see ``histogram_entropy_search`` in csrc/quant_math.h."""
+
+    def _range(self, stats):
+        levels = 2 ** (self.bits - 1) if self.symmetric else 2**self.bits
+        lo, hi = ops.histogram_entropy_search(stats["hist"], stats["range"], levels)
+        return self._symmetric_range(lo, hi)

@@ -1,0 +1,378 @@
+"""qlib.observers and the observer ops: against torch.ao and float64 references."""
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.ao import quantization as tq
+
+import qlib
+from qlib import observers as O
+
+ops = torch.ops.qlib
+ALL = [O.MinMaxObserver, O.MovingAverageMinMaxObserver, O.PercentileObserver, O.MSEObserver, O.EntropyObserver]
+HIST = [O.PercentileObserver, O.MSEObserver, O.EntropyObserver]
+
+
+def _noncontig(x):
+    # Same values, non-contiguous storage.
+    return x.t().contiguous().t() if x.dim() == 2 else x[..., ::1]
+
+
+def _ao_minmax(per_channel, symmetric, ch_axis=0, moving=False):
+    kw = dict(
+        dtype=torch.qint8 if symmetric else torch.quint8,
+        qscheme=(torch.per_channel_symmetric if symmetric else torch.per_channel_affine)
+        if per_channel
+        else (torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine),
+    )
+    if per_channel:
+        cls = tq.MovingAveragePerChannelMinMaxObserver if moving else tq.PerChannelMinMaxObserver
+        return cls(ch_axis=ch_axis, **kw)
+    return (tq.MovingAverageMinMaxObserver if moving else tq.MinMaxObserver)(**kw)
+
+
+# ------------------------------------------------------------ min/max vs torch.ao
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("moving", [False, True])
+def test_minmax_matches_torch_ao(device, symmetric, per_channel, moving):
+    cls = O.MovingAverageMinMaxObserver if moving else O.MinMaxObserver
+    ours = cls(bits=8, symmetric=symmetric, ch_axis=1 if per_channel else None).to(device)
+    ref = _ao_minmax(per_channel, symmetric, ch_axis=1, moving=moving)
+    for k in range(4):
+        x = torch.randn(17, 33) * (k + 1) + (0.5 if not symmetric else 0.0)
+        ours(_noncontig(x.to(device)).t().t())
+        ref(x)
+    s, z = ours.calculate_qparams()
+    rs, rz = ref.calculate_qparams()
+    assert s.shape == ((1, 33) if per_channel else (1, 1))
+    torch.testing.assert_close(s.cpu().reshape(-1), rs.reshape(-1).float(), rtol=0, atol=0)
+    torch.testing.assert_close(z.cpu().reshape(-1).long(), rz.reshape(-1).long(), rtol=0, atol=0)
+
+
+def test_per_group_minmax_reference(device):
+    x = torch.randn(5, 3, 64, device=device)
+    o = O.MinMaxObserver(bits=4, symmetric=True, group_size=16)
+    o(x)
+    s, z = o.calculate_qparams()
+    assert s.shape == (5, 3, 4)
+    amax = x.double().reshape(5, 3, 4, 16).abs().amax(-1)
+    torch.testing.assert_close(s.double(), amax / ((7 + 8) / 2), rtol=1e-6, atol=0)
+    assert (z == 0).all()
+    # Shaped for fake_quant on x.
+    y = qlib.fake_quant(x, s, z, o.quant_min, o.quant_max)
+    assert (y - x).abs().max() <= s.max() / 2 + 1e-6
+
+
+def test_block_minmax_op(device):
+    x = torch.randn(7, 1025, device=device)
+    x[2, 5] = float("nan")
+    x[3, 7] = float("inf")
+    x[4, :] = float("-inf")
+    lo, hi, nf = ops.block_minmax(x)
+    xm = x.clone()
+    finite = torch.isfinite(xm)
+    ref_lo = torch.where(finite, xm, torch.full_like(xm, math.inf)).amin(1)
+    ref_hi = torch.where(finite, xm, torch.full_like(xm, -math.inf)).amax(1)
+    torch.testing.assert_close(lo, ref_lo)
+    torch.testing.assert_close(hi, ref_hi)
+    assert nf.item() == 2 + 1025
+    # float16 / bfloat16 inputs.
+    for dt in (torch.float16, torch.bfloat16):
+        lo, hi, _ = ops.block_minmax(x[:2].to(dt))
+        torch.testing.assert_close(lo, x[:2].to(dt).float().amin(1))
+
+
+# ------------------------------------------------------------ histograms
+def _grid(umin, umax, bins):
+    """Python twin of histogram_grid (csrc/quant_math.h)."""
+    amax = max(abs(umin), abs(umax))
+    e_floor = max(-160, math.frexp(amax)[1] - 1 - 40) if amax > 0 else -160
+    span = umax - umin
+    e = max(e_floor, math.frexp(span / bins)[1] - 1) if span > 0 else e_floor
+    while True:
+        w = math.ldexp(1.0, e)
+        lo = math.floor(umin / w) * w
+        if lo + bins * w > umax:
+            return lo, w
+        e += 1
+
+
+def _ref_hist(x, bins, absolute):
+    v = x.double().reshape(-1)
+    v = v[torch.isfinite(v)]
+    if absolute:
+        v = v.abs()
+    umin, umax = (0.0 if absolute else v.min().item()), v.max().item()
+    lo, w = _grid(umin, umax, bins)
+    idx = torch.floor((v - lo) / w).clamp(0, bins - 1)
+    # v - lo may round onto an edge: compare with the (exact) edges.
+    idx = torch.where((idx > 0) & (v < lo + idx * w), idx - 1, idx)
+    idx = torch.where((idx < bins - 1) & (v >= lo + (idx + 1) * w), idx + 1, idx).long()
+    return torch.bincount(idx, minlength=bins), (umin, umax)
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+def test_histogram_exact_and_order_free(device, absolute):
+    bins = 256
+    parts = [torch.randn(1000) * 0.01, torch.randn(3001) * 5 + 2, torch.randn(17) * 100, torch.rand(500)]
+    full = torch.cat(parts)
+    ref, (umin, umax) = _ref_hist(full, bins, absolute)
+    for order in ([0, 1, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0]):
+        hist = torch.zeros(1, bins, dtype=torch.int64, device=device)
+        rng = torch.tensor([[math.inf, -math.inf]], dtype=torch.float64, device=device)
+        for i in order:
+            hist, rng, nf = ops.histogram_observe(parts[i].to(device).reshape(1, -1), hist, rng, absolute)
+        assert rng.tolist() == [[umin, umax]]
+        torch.testing.assert_close(hist.cpu()[0], ref, rtol=0, atol=0)
+
+
+def test_histogram_extremes(device):
+    big = torch.tensor([3.4e38, -3.4e38, 1e38, 0.0, float("nan"), float("inf")], device=device)
+    tiny = torch.tensor([1e-45, 3e-44, -1e-40, 0.0, 1e-38], device=device)
+    for x in (big, tiny, torch.cat([tiny, big])):
+        for absolute in (True, False):
+            hist = torch.zeros(1, 64, dtype=torch.int64, device=device)
+            rng = torch.tensor([[math.inf, -math.inf]], dtype=torch.float64, device=device)
+            hist, rng, nf = ops.histogram_observe(x.reshape(1, -1), hist, rng, absolute)
+            finite = torch.isfinite(x)
+            assert hist.sum().item() == finite.sum().item()
+            assert nf.item() == (~finite).sum().item()
+            ref, _ = _ref_hist(x.cpu(), 64, absolute)
+            torch.testing.assert_close(hist.cpu()[0], ref, rtol=0, atol=0)
+    for cls in HIST:
+        # Symmetric: an asymmetric range of width > FLT_MAX has no float32 scale.
+        o = cls(symmetric=True).to(device)
+        o(big)
+        s, z = o.calculate_qparams()
+        assert torch.isfinite(s).all() and (s > 0).all()
+
+
+def test_histogram_rebin_op(device):
+    x = torch.randn(3, 500, device=device)
+    hist = torch.zeros(3, 128, dtype=torch.int64, device=device)
+    rng = torch.tensor([[math.inf, -math.inf]] * 3, dtype=torch.float64, device=device)
+    hist, rng, _ = ops.histogram_observe(x, hist, rng, False)
+    wide = rng.clone()
+    wide[:, 0] -= 10
+    wide[:, 1] += 3
+    rebinned = ops.histogram_rebin(hist, rng, wide)
+    # Same as observing x directly with the wider range recorded first.
+    h2 = torch.zeros_like(hist)
+    h2, _, _ = ops.histogram_observe(torch.stack([wide[:, 0], wide[:, 1]], 1).float(), h2, rng.new_full(rng.shape, math.inf) * torch.tensor([1.0, -1.0], dtype=torch.float64, device=device), False)
+    h2, _, _ = ops.histogram_observe(x, h2, wide, False)
+    # h2 also counted the two endpoints.
+    assert rebinned.sum().item() == 1500
+    assert (h2 - rebinned).sum().item() == 6
+
+
+def _entropy_reference(hist, umin, umax, levels):
+    """Straightforward float64 TensorRT-style entropy search (see quant_math.h)."""
+    bins = hist.numel()
+    lo, w = _grid(umin, umax, bins)
+    used = min(bins, int(math.floor((umax - lo) / w)) + 1)
+    h = hist[:used].double().numpy()
+    z = int(min(max(round(-lo / w), 0), used))
+    best, best_win = math.inf, None
+    for i in range(min(levels, used), used + 1):
+        s = ((used - i) * z * 2 + used) // (2 * used)
+        p = h[s : s + i].copy()
+        p[0] += h[:s].sum()
+        p[-1] += h[s + i :].sum()
+        q = np.zeros(i)
+        for g in range(levels):
+            a, b = -(-g * i // levels), -(-(g + 1) * i // levels)
+            if b <= a:
+                continue
+            seg = h[s + a : s + b]
+            nz = (seg > 0).sum()
+            if nz:
+                q[a:b] = np.where(seg > 0, seg.sum() / nz, 0.0)
+        if q.sum() <= 0:
+            continue
+        pn, qn = p / p.sum(), q / q.sum()
+        m = pn > 0
+        kl = math.inf if (qn[m] == 0).any() else float(np.sum(pn[m] * np.log(pn[m] / qn[m])))
+        if kl <= best:
+            best, best_win = kl, (s, i)
+    s, i = best_win
+    return max(umin, lo + s * w), min(umax, lo + (s + i) * w)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_entropy_matches_float64_reference(device, symmetric):
+    x = torch.distributions.StudentT(4.0).sample((20001,)) + (0.0 if symmetric else 1.0)
+    o = O.EntropyObserver(bits=6, symmetric=symmetric, bins=512).to(device)
+    o(x.to(device))
+    levels = 2**5 if symmetric else 2**6
+    lo, hi = ops.histogram_entropy_search(o.hist, o.hist_range, levels)
+    umin, umax = o.hist_range.cpu()[0].tolist()
+    rlo, rhi = _entropy_reference(o.hist.cpu()[0], umin, umax, levels)
+    assert lo.item() == pytest.approx(rlo, rel=1e-6, abs=1e-12)
+    assert hi.item() == pytest.approx(rhi, rel=1e-6)
+
+
+def test_percentile_close_to_quantile(device):
+    x = torch.distributions.Laplace(0.0, 1.0).sample((50001,))
+    for sym in (True, False):
+        o = O.PercentileObserver(percentile=99.9, symmetric=sym).to(device)
+        o(x.to(device))
+        hi = ops.histogram_quantile(o.hist, o.hist_range, 0.999).item()
+        ref = torch.quantile((x.abs() if sym else x).double(), 0.999).item()
+        w = (o.hist_range[0, 1] - o.hist_range[0, 0]).item() / o.bins * 2
+        assert abs(hi - ref) <= w
+
+
+def test_mse_search_near_best_candidate(device):
+    x = torch.distributions.Laplace(0.0, 1.0).sample((30001,)).to(device)
+    for sym, bits in ((True, 8), (False, 4)):
+        o = O.MSEObserver(bits=bits, symmetric=sym).to(device)
+        o(x)
+        s, z = o.calculate_qparams()
+        got = ((qlib.fake_quant(x, s, z, o.quant_min, o.quant_max) - x) ** 2).mean().item()
+        amax, xmin, xmax = x.abs().max().item(), min(x.min().item(), 0), max(x.max().item(), 0)
+        best = math.inf
+        for c in range(1, 129):
+            r = c / 128
+            lo, hi = (torch.tensor([-amax * r]), torch.tensor([amax * r])) if sym else (torch.tensor([xmin * r]), torch.tensor([xmax * r]))
+            cs, cz = qlib.choose_qparams(lo, hi, o.quant_min, o.quant_max, sym)
+            y = qlib.fake_quant(x, cs.to(device).reshape(()), cz.to(device).reshape(()), o.quant_min, o.quant_max)
+            best = min(best, ((y - x) ** 2).mean().item())
+        assert got <= best * 1.05
+
+
+# ------------------------------------------------------------ quality
+def _heavy(kind, n=1 << 17):
+    # Heavy enough tails that clipping pays at 8 bits too: Student-t with 5
+    # degrees of freedom, and 3 outliers in 2^20 (clipping k outliers of size
+    # A costs about k A^2 / n, min-max about A^2 / (12 * 127.5^2)).
+    if kind == "laplace":
+        return torch.distributions.Laplace(0.0, 1.0).sample((n,))
+    if kind == "student_t":
+        return torch.distributions.StudentT(5.0).sample((n,))
+    n = 1 << 20
+    x = torch.randn(n)
+    x[torch.randperm(n)[:3]] = torch.tensor([20.0, -25.0, 30.0])
+    return x
+
+
+@pytest.mark.parametrize("kind", ["laplace", "student_t", "gauss_outliers"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quality_beats_minmax(kind, bits):
+    x = _heavy(kind)
+
+    def mse(obs):
+        obs(x)
+        s, z = obs.calculate_qparams()
+        return ((qlib.fake_quant(x, s, z, obs.quant_min, obs.quant_max) - x).double() ** 2).mean().item()
+
+    base = mse(O.MinMaxObserver(bits=bits))
+    for cls in HIST:
+        assert mse(cls(bits=bits)) < base, cls.__name__
+    assert mse(O.MSEObserver(bits=bits, symmetric=False)) < mse(O.MinMaxObserver(bits=bits, symmetric=False))
+
+
+# ------------------------------------------------------------ robustness
+@pytest.mark.parametrize("cls", ALL)
+def test_nonfinite_ignored_and_counted(device, cls):
+    x = torch.randn(1000, device=device)
+    o1, o2 = cls().to(device), cls().to(device)
+    o1(x)
+    y = torch.cat([x, torch.tensor([math.nan, math.inf, -math.inf], device=device)])
+    o2(y[torch.randperm(y.numel(), device=device)])
+    assert o2.nonfinite.item() == 3 and o1.nonfinite.item() == 0
+    for a, b in zip(o1.calculate_qparams(), o2.calculate_qparams()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_empty_constant_zero_unobserved(device, cls):
+    o = cls(symmetric=False).to(device)
+    with pytest.raises(RuntimeError, match="not recorded"):
+        o.calculate_qparams()
+    o(torch.empty(0, device=device))
+    with pytest.raises(RuntimeError, match="not recorded"):
+        o.calculate_qparams()
+    for value in (0.0, 3.5, -2.0):
+        for sym in (True, False):
+            o = cls(symmetric=sym).to(device)
+            x = torch.full((257,), value, device=device)
+            o(x)
+            before = {k: v.clone() for k, v in o.state_dict().items()}
+            o(torch.empty(0, 3, device=device))
+            for k, v in o.state_dict().items():
+                torch.testing.assert_close(v, before[k])
+            s, z = o.calculate_qparams()
+            assert torch.isfinite(s).all() and (s > 0).all()
+            zero = torch.zeros(1, device=device)
+            assert qlib.fake_quant(zero, s.reshape(()), z.reshape(()), o.quant_min, o.quant_max).item() == 0.0
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_state_dict_round_trip(cls, tmp_path):
+    o = cls(ch_axis=0, symmetric=False)
+    o(torch.randn(6, 40))
+    o(torch.randn(6, 40) * 2)
+    ids = {k: id(v) for k, v in o.named_buffers()}
+    o(torch.randn(6, 40))
+    assert ids == {k: id(v) for k, v in o.named_buffers()}, "buffers must be updated in place"
+    path = tmp_path / "obs.pt"
+    torch.save(o.state_dict(), path)
+    o2 = cls(ch_axis=0, symmetric=False)
+    o2.load_state_dict(torch.load(path, weights_only=True))
+    for a, b in zip(o.calculate_qparams(), o2.calculate_qparams()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    o2.reset()
+    with pytest.raises(RuntimeError, match="not recorded"):
+        o2.calculate_qparams()
+    o2(torch.randn(3, 8))  # a new shape after reset
+    assert o2.calculate_qparams()[0].shape == (3, 1)
+
+
+def test_bad_arguments_name_the_op():
+    with pytest.raises(RuntimeError, match=r"qlib::block_minmax: x must be 2-D"):
+        ops.block_minmax(torch.randn(3))
+    h = torch.zeros(1, 8, dtype=torch.int64)
+    r = torch.zeros(1, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"qlib::histogram_quantile: q must lie in \[0, 1\], got 1.5"):
+        ops.histogram_quantile(h, r, 1.5)
+    with pytest.raises(RuntimeError, match=r"qlib::histogram_observe: hist must be int64"):
+        ops.histogram_observe(torch.randn(1, 4), h.float(), r, True)
+    with pytest.raises(RuntimeError, match=r"qlib::histogram_mse_search: num_candidates"):
+        ops.histogram_mse_search(h, r, -128, 127, True, 0)
+    with pytest.raises(RuntimeError, match=r"qlib::histogram_entropy_search: num_levels"):
+        ops.histogram_entropy_search(h, r, 1)
+    with pytest.raises(ValueError, match="bits must be"):
+        O.MinMaxObserver(bits=17)
+    with pytest.raises(ValueError, match="group_size 5 does not divide"):
+        O.MinMaxObserver(group_size=5)(torch.randn(4, 8))
+
+
+# ------------------------------------------------------------ opcheck, plot
+def test_opcheck(device):
+    x = torch.randn(3, 301, device=device)
+    hist = torch.zeros(3, 64, dtype=torch.int64, device=device)
+    rng = torch.tensor([[math.inf, -math.inf]] * 3, dtype=torch.float64, device=device)
+    torch.library.opcheck(ops.block_minmax, (x,))
+    torch.library.opcheck(ops.histogram_observe, (x, hist, rng, True))
+    h, r, _ = ops.histogram_observe(x, hist, rng, False)
+    wide = r.clone()
+    wide[:, 1] += 1
+    torch.library.opcheck(ops.histogram_rebin, (h, r, wide))
+    torch.library.opcheck(ops.histogram_quantile, (h, r, 0.99))
+    torch.library.opcheck(ops.histogram_mse_search, (h, r, 0, 255, False, 32))
+    torch.library.opcheck(ops.histogram_entropy_search, (h, r, 16))
+
+
+def test_plot_calibration(tmp_path):
+    pytest.importorskip("matplotlib")
+    x = torch.distributions.Laplace(0.0, 1.0).sample((20000,))
+    obs = [cls() for cls in ALL]
+    for o in obs:
+        o(x)
+    path = tmp_path / "calib.png"
+    mses = qlib.plot_calibration(x, obs, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(mses) == {"MinMax", "MovingAverageMinMax", "Percentile", "MSE", "Entropy"}
