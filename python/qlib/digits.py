@@ -84,21 +84,17 @@ def train_fp32(seed: int = 0, epochs: int = 30, progress: Optional[str] = None):
 
 
 def fake_quant_ptq(model: nn.Module, data: Digits, config, calib_batches: int = 8) -> nn.Module:
-    """Post-training quantization through fake quant: observe a few training
-    batches, then freeze the observers."""
+    """Post-training quantization, simulated: qlib.prepare + calibrate on a few
+    training batches, then fake quant on and observers frozen."""
     from .nn.fake_quantize import FakeQuantize
-    from .workflows import prepare_qat
+    from .workflows import calibrate, prepare
 
-    q = prepare_qat(copy.deepcopy(model), config)
-    q.eval()
-    with torch.no_grad():
-        for i, (xb, _) in enumerate(batches(data.x_train, data.y_train, 128, seed=123)):
-            if i >= calib_batches:
-                break
-            q(xb)
+    q = prepare(copy.deepcopy(model), config)
+    calib = [xb for xb, _ in batches(data.x_train, data.y_train, 128, seed=123)][:calib_batches]
+    calibrate(q, calib, progress=False)
     for m in q.modules():
         if isinstance(m, FakeQuantize):
-            m.disable_observer()
+            m.enable_fake_quant().disable_observer()
     return q
 
 

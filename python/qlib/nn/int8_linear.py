@@ -140,7 +140,7 @@ class Int8Linear(nn.Module):
         mod.act_scale.copy_(a_scale.float().reshape(()))
         mod.act_zero_point.copy_(a_zp.round().int().reshape(()) - shift)
         mod.act_quant_range = (afq.quant_min - shift, afq.quant_max - shift)
-        mod._sync_fused()
+        Int8Linear._sync_fused(mod)
         return mod
 
     @staticmethod
@@ -162,8 +162,13 @@ class Int8Linear(nn.Module):
             return torch.ops.qlib.int8_linear(x, self.weight, self.weight_scale, self.bias, self.act_scale)
         # y = s_x * s_w * (q_x - z_x) . q_w + b, exactly in int32 up to the float epilogue.
         lo, hi = self.act_quant_range
-        q = quantize(x, self.act_scale, self.act_zero_point, lo, hi, torch.int8)
-        acc = torch.ops.qlib.int8_gemm(q.reshape(-1, self.in_features), self.weight)
+        q = quantize(x, self.act_scale, self.act_zero_point, lo, hi, torch.int8).reshape(-1, self.in_features)
+        if lo == -128:
+            # int8_gemm is slow when both sides hold -128: split q = max(q, -127) + (0 or -1).
+            q_c = q.clamp_min(-127)
+            acc = torch.ops.qlib.int8_gemm(q_c, self.weight) + torch.ops.qlib.int8_gemm(q - q_c, self.weight)
+        else:
+            acc = torch.ops.qlib.int8_gemm(q, self.weight)
         acc = acc - self.act_zero_point * self.weight.sum(1, dtype=torch.int32)
         y = acc.float() * (self.act_scale * self.weight_scale)
         if self.bias is not None:
