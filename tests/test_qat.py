@@ -172,18 +172,27 @@ def test_autocast_bfloat16_training_step():
 
 
 # ---------------------------------------------------------------- the proof on digits
-def test_qat_recovers_4bit_accuracy_on_digits():
+def test_qat_recovers_accuracy_on_digits():
+    """fp32 MLP vs min-max PTQ vs QAT fine-tuned from fp32, at 4 and 2 bits.
+
+    On digits, 4-bit min-max PTQ loses little (the MLP is easy to quantize:
+    about 0.2 points here); 2-bit PTQ loses clearly and QAT wins most of it back.
+    """
     from qlib import digits
 
     model, data = digits.train_fp32(seed=0)
     fp32 = digits.accuracy(model, data)
-    cfg4 = QATConfig(weight_bits=4, activation_bits=4)
-    ptq = digits.accuracy(digits.fake_quant_ptq(model, data, cfg4), data)
-    qat = digits.accuracy(digits.qat_finetune(model, data, cfg4), data)
-    print(f"digits: fp32 {fp32:.2f}  4-bit PTQ (min-max) {ptq:.2f}  4-bit QAT {qat:.2f}")
+    acc = {}
+    for bits in (4, 2):
+        cfg = QATConfig(weight_bits=bits, activation_bits=bits, activation_observer="MinMaxObserver")
+        acc["ptq", bits] = digits.accuracy(digits.fake_quant_ptq(model, data, cfg), data)
+        acc["qat", bits] = digits.accuracy(digits.qat_finetune(model, data, cfg), data)
+    print(f"digits: fp32 {fp32:.2f}; " + ", ".join(f"{k} {b}-bit {v:.2f}" for (k, b), v in acc.items()))
     assert fp32 > 95
-    assert ptq < fp32 - 2.0, "4-bit min-max PTQ should lose clearly"
-    assert qat >= fp32 - 1.5, "4-bit QAT should come back to within 1.5 points of fp32"
+    assert acc["ptq", 4] <= fp32 + 0.5
+    assert acc["qat", 4] >= fp32 - 1.5, "4-bit QAT should come back to within 1.5 points of fp32"
+    assert acc["ptq", 2] < fp32 - 3.0, "2-bit min-max PTQ should lose clearly"
+    assert acc["qat", 2] > acc["ptq", 2] + 2.0, "2-bit QAT should win back much of the loss"
 
 
 # ---------------------------------------------------------------- DDP

