@@ -326,7 +326,9 @@ class _HistogramObserver(ObserverBase):
     def _synced_stats(self) -> Dict[str, Tensor]:
         hist, rng = self.hist.clone(), self.hist_range.clone()
         if _distributed():
-            lo, hi = rng[:, 0].contiguous(), rng[:, 1].contiguous()
+            # clone, not contiguous(): a [1]-row column is already "contiguous" and
+            # would alias rng.
+            lo, hi = rng[:, 0].clone(), rng[:, 1].clone()
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)
             new_rng = torch.stack([lo, hi], dim=1)
