@@ -132,7 +132,9 @@ def test_histogram_exact_and_order_free(device, absolute):
 def test_histogram_extremes(device):
     big = torch.tensor([3.4e38, -3.4e38, 1e38, 0.0, float("nan"), float("inf")], device=device)
     tiny = torch.tensor([1e-45, 3e-44, -1e-40, 0.0, 1e-38], device=device)
-    for x in (big, tiny, torch.cat([tiny, big])):
+    # Far from 0 relative to the spread: the CPU kernel's double (not SIMD float) path.
+    offset = torch.rand(5000, device=device) * 0.01 + 1000.0
+    for x in (big, tiny, torch.cat([tiny, big]), offset):
         for absolute in (True, False):
             hist = torch.zeros(1, 64, dtype=torch.int64, device=device)
             rng = torch.tensor([[math.inf, -math.inf]], dtype=torch.float64, device=device)
