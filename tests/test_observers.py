@@ -378,3 +378,52 @@ def test_plot_calibration(tmp_path):
     mses = qlib.plot_calibration(x, obs, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(mses) == {"MinMax", "MovingAverageMinMax", "Percentile", "MSE", "Entropy"}
+
+
+# ------------------------------------------------------------ granularity, devices
+@pytest.mark.parametrize("cls", ALL)
+def test_blocks_equal_separate_observers(device, cls):
+    # Per-channel (non-contiguous, half precision) and per-group observers
+    # give each block what a per-tensor observer of that block gives.
+    x = (torch.randn(6, 5, 40, device=device) * torch.arange(1, 6, device=device).view(1, 5, 1)).half()
+    x = x.transpose(0, 2)  # [40, 5, 6], non-contiguous
+    o = cls(ch_axis=1, symmetric=False).to(device)
+    o(x)
+    s, z = o.calculate_qparams()
+    assert s.shape == (1, 5, 1)
+    for c in range(5):
+        p = cls(symmetric=False).to(device)
+        p(x.select(1, c))
+        ps, pz = p.calculate_qparams()
+        torch.testing.assert_close(s[0, c, 0], ps.reshape(()), rtol=0, atol=0)
+        torch.testing.assert_close(z[0, c, 0], pz.reshape(()), rtol=0, atol=0)
+    g = cls(group_size=8).to(device)
+    y = torch.randn(3, 16, device=device)
+    g(y)
+    gs, _ = g.calculate_qparams()
+    assert gs.shape == (3, 2)
+    p = cls().to(device)
+    p(y[1, 8:])
+    torch.testing.assert_close(gs[1, 1], p.calculate_qparams()[0].reshape(()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_cuda_matches_cpu_without_sync(device, cls):
+    if device != "cuda":
+        pytest.skip("compares CUDA with the CPU")
+    xs = [torch.distributions.StudentT(4.0).sample((3, 20011)) * (k + 1) for k in range(3)]
+    xs[1][0, 7] = math.nan
+    cpu, gpu = cls(ch_axis=0, symmetric=False), cls(ch_axis=0, symmetric=False).cuda()
+    cpu(xs[0])
+    gpu(xs[0].cuda())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in xs[1:]:
+            cpu(x)
+            gpu(x.cuda())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for name, b in cpu.named_buffers():
+        torch.testing.assert_close(getattr(gpu, name).cpu(), b, msg=name)
+    for a, b in zip(cpu.calculate_qparams(), gpu.calculate_qparams()):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-6, atol=0)
