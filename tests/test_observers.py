@@ -427,3 +427,19 @@ def test_cuda_matches_cpu_without_sync(device, cls):
         torch.testing.assert_close(getattr(gpu, name).cpu(), b, msg=name)
     for a, b in zip(cpu.calculate_qparams(), gpu.calculate_qparams()):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_replica_updates_reach_the_module(cls):
+    # nn.DataParallel runs forward on replicas whose buffers are the module's
+    # own tensors (on the first device): observing must write into them.
+    o = cls()
+    replica = o._replicate_for_data_parallel()
+    x = torch.randn(300)
+    replica(x)
+    replica(x * 2)
+    ref = cls()
+    ref(x)
+    ref(x * 2)
+    for a, b in zip(o.calculate_qparams(), ref.calculate_qparams()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
