@@ -26,7 +26,13 @@ The histogram observers (percentile, MSE, entropy) keep an int64 histogram
 per block on a canonical power-of-two grid (see csrc/quant_math.h): growing
 the range re-bins exactly, so the histogram, and hence the qparams, equal
 those of one observer that saw all the data, in any order and on any number
-of ranks. Symmetric histogram observers histogram ``|x|``.
+of ranks. Symmetric histogram observers histogram ``|x|``. Like any linear
+histogram (torch.ao's HistogramObserver too), the resolution is the data
+range over ``bins``: one huge outlier squeezes the bulk of the data into a
+few bins (raise ``bins`` then). A new block count after the first
+observation raises; a different shape with the same block count is not
+detected (that would need a device read) -- call ``reset()`` between
+tensors of different shapes.
 """
 from __future__ import annotations
 
