@@ -443,3 +443,21 @@ def test_replica_updates_reach_the_module(cls):
     ref(x * 2)
     for a, b in zip(o.calculate_qparams(), ref.calculate_qparams()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ops_trace_with_torch_compile(device):
+    # The fakes let torch.compile trace the observer ops in one graph.
+    def calibrate(x, hist, rng):
+        lo, hi, _ = ops.block_minmax(x)
+        hist, rng, nonfinite = ops.histogram_observe(x, hist, rng, True)
+        elo, ehi = ops.histogram_entropy_search(hist, rng, 128)
+        mlo, mhi = ops.histogram_mse_search(hist, rng, -128, 127, True, 64)
+        q = ops.histogram_quantile(hist, rng, 0.999)
+        return lo, hi, hist, rng, nonfinite, elo, ehi, mlo, mhi, q
+
+    x = torch.randn(2, 999, device=device)
+    hist = torch.zeros(2, 256, dtype=torch.int64, device=device)
+    rng = torch.tensor([[math.inf, -math.inf]] * 2, dtype=torch.float64, device=device)
+    compiled = torch.compile(calibrate, backend="aot_eager", fullgraph=True)
+    for a, b in zip(compiled(x, hist, rng), calibrate(x, hist, rng)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
