@@ -23,7 +23,8 @@ constexpr int kItemsPerThread = 16;  // elements per thread per chunk
 constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kItemsPerThread;
 
 // Chunks each row of K elements is split into, so that about 4 blocks per SM
-// run in all.
+// run in all. (Many short rows, e.g. small per-group blocks, get one
+// 256-thread block each: correct, but not the fastest layout for them.)
 int64_t chunks_per_row(int64_t R, int64_t K) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t want = std::max<int64_t>(1, (sms * 4 + R - 1) / R);
@@ -65,8 +66,8 @@ __global__ void minmax_partial_kernel(const T* __restrict__ x, int64_t K, int64_
   if (threadIdx.x == 0) partial[r * C + c] = total;
 }
 
-// Phase 2: one thread per row folds the C partials; writes min/max (as float
-// or, for the histogram, as the new float64 range) and adds the NaN/Inf count.
+// Phase 2: one thread per row folds the C partials, writes the row's min/max
+// and adds its NaN/Inf count.
 __global__ void minmax_final_kernel(const MinMaxCnt* __restrict__ partial, int64_t R, int64_t C,
                                     float* __restrict__ lo, float* __restrict__ hi,
                                     unsigned long long* __restrict__ nonfinite) {
