@@ -132,6 +132,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_minmax_cpu(const at::Tensor
   return {lo, hi, at::scalar_tensor(nonfinite, x.options().dtype(at::kLong))};
 }
 
+// Whether grid g's edges lo + j * width (j <= bins) are exact float32 values
+// (integer coordinates below 2^24, width a normal float, no overflow): then
+// the bins can be found in float32 SIMD, with exact results.
+bool float_grid_ok(const HistGrid& g, int64_t bins) {
+  const double m = std::fabs(g.lo / g.width) + static_cast<double>(bins) + 1.0;
+  return m < 16777216.0 && g.width >= 1.1754943508222875e-38 &&
+         (std::fabs(g.lo) + static_cast<double>(bins + 1) * g.width) < 3.0e38;
+}
+
 // Adds the counts of `old` (on the grid of old range) into `out` (on grid g).
 void rebin_row(const int64_t* old, double old_lo, double old_hi, int64_t* out,
                const HistGrid& g, int64_t B) {
@@ -201,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::T
     };
     at::parallel_for(0, total_chunks, 1, [&](int64_t b, int64_t e) {
       const int t = at::get_thread_num();
-      if (local[t].empty()) local[t].assign(B, 0);
+      if (local[t].empty()) local[t].assign(B + 1, 0);  // + a bin for NaN/Inf
       for (int64_t c = b; c < e; ++c) {
         const int64_t r = c / chunks_per_row, k0 = (c % chunks_per_row) * kGrain;
         if (local_row[t] != r) flush(t);
@@ -211,7 +220,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::T
         int64_t* lh = local[t].data();
         const scalar_t* p = xp + r * K + k0;
         const int64_t n = std::min(kGrain, K - k0);
-        for (int64_t k = 0; k < n; ++k) {
+        int64_t k = 0;
+        if (float_grid_ok(g, B)) {
+          // SIMD: the float estimate of the bin is off by at most one and is
+          // corrected against the exact float edges; NaN/Inf go to bin B.
+          const Vec lo(static_cast<float>(g.lo)), w(static_cast<float>(g.width)),
+              inv_w(static_cast<float>(1.0 / g.width)), top(static_cast<float>(B - 1)),
+              dummy(static_cast<float>(B)), zero(0.0f), one(1.0f);
+          float idx[kVec];
+          for (; k + kVec <= n; k += kVec) {
+            Vec v = load_float(p + k, kVec);
+            const Vec finite = (v - v) == zero;
+            if (absolute) v = v.abs();
+            Vec j = at::vec::minimum(at::vec::maximum(((v - lo) * inv_w).floor(), zero), top);
+            j = j - Vec::blendv(zero, one, (v < lo + j * w) & (j > zero));
+            j = j + Vec::blendv(zero, one, (v >= lo + (j + one) * w) & (j < top));
+            Vec::blendv(dummy, j, finite).store(idx);
+            for (int64_t q = 0; q < kVec; ++q) ++lh[static_cast<int64_t>(idx[q])];
+          }
+        }
+        for (; k < n; ++k) {
           const float v = static_cast<float>(p[k]);
           if (!std::isfinite(v)) continue;
           const double d = absolute ? std::fabs(static_cast<double>(v)) : static_cast<double>(v);
@@ -290,26 +318,37 @@ std::tuple<at::Tensor, at::Tensor> histogram_mse_search_cpu(const at::Tensor& hi
   const auto fopts = hist.options().dtype(at::kFloat);
   at::Tensor lo = at::empty({R}, fopts), hi = at::empty({R}, fopts);
   const double* rp = range.const_data_ptr<double>();
-  // One pass over the bins of a row per chunk of candidates: the outer loop
-  // is over rows and candidates, each scoring every bin.
+  // One pass over the bins of a row scores every candidate: bins outer,
+  // candidates inner (each candidate's sum still runs over ascending bins).
   at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
+    const int64_t n = num_candidates;
+    std::vector<QParams> qp(n);
+    std::vector<float> clo(n), chi(n);
+    std::vector<double> sse(n);
     for (int64_t r = b; r < e; ++r) {
       const double umin = rp[2 * r], umax = rp[2 * r + 1];
       const HistGrid g = histogram_grid(umin, umax, B);
       const int64_t* h = hist.const_data_ptr<int64_t>() + r * B;
+      for (int64_t c = 0; c < n; ++c) {
+        mse_candidate_range(umin, umax, symmetric, c + 1, n, &clo[c], &chi[c]);
+        qp[c] = mse_candidate_qparams(clo[c], chi[c], quant_min, quant_max, symmetric);
+        sse[c] = 0.0;
+      }
+      for (int64_t j = 0; j < g.used; ++j) {
+        if (h[j] == 0) continue;
+        for (int64_t c = 0; c < n; ++c) {
+          sse[c] += histogram_bin_sse(h[j], j, g, umin, umax, qp[c], quant_min, quant_max);
+        }
+      }
+      // The least error wins; ties go to the wider range; NaN (a range with
+      // no float32 scale) never wins.
       double best = INFINITY;
       float best_lo = 0.0f, best_hi = 0.0f;
-      for (int64_t c = num_candidates; c >= 1; --c) {
-        float clo, chi;
-        mse_candidate_range(umin, umax, symmetric, c, num_candidates, &clo, &chi);
-        const double sse =
-            g.used == 0 ? 0.0
-                        : histogram_fake_quant_sse(h, g, umin, umax, clo, chi, quant_min,
-                                                   quant_max, symmetric);
-        if (sse < best) {
-          best = sse;
-          best_lo = clo;
-          best_hi = chi;
+      for (int64_t c = n - 1; c >= 0; --c) {
+        if (sse[c] < best) {
+          best = sse[c];
+          best_lo = clo[c];
+          best_hi = chi[c];
         }
       }
       lo.data_ptr<float>()[r] = best_lo;

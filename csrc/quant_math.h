@@ -301,31 +301,41 @@ QLIB_HD double fake_quant_sq_error_integral(double a, double b, double scale, do
   return err;
 }
 
-// Expected fake-quant squared error, summed over one histogram row, with the
-// data taken as uniform within each bin (bins clipped to [umin, umax]).
+// Expected fake-quant squared error of the `count` values of bin j, taken as
+// uniform within the bin (clipped to the data range [umin, umax]), under p.
+QLIB_HD double histogram_bin_sse(int64_t count, int64_t j, const HistGrid& g, double umin,
+                                 double umax, const QParams& p, int64_t qmin, int64_t qmax) {
+  const double a = fmax(g.lo + static_cast<double>(j) * g.width, umin);
+  const double b = fmin(g.lo + static_cast<double>(j + 1) * g.width, umax);
+  const double c = static_cast<double>(count);
+  if (b > a) {
+    return c * fake_quant_sq_error_integral(a, b, p.scale, p.zero_point,
+                                            static_cast<double>(qmin),
+                                            static_cast<double>(qmax)) / (b - a);
+  }
+  // A point mass (constant data).
+  const float v = static_cast<float>(a);
+  const float y = fake_quant_value<ScalarMath>(v, p.scale, 1.0f / p.scale,
+                                               static_cast<float>(p.zero_point),
+                                               static_cast<float>(qmin), static_cast<float>(qmax));
+  return c * (static_cast<double>(y) - a) * (static_cast<double>(y) - a);
+}
+
+// The qparams of an MSE candidate range (float32 eps as the least scale).
+QLIB_HD QParams mse_candidate_qparams(float lo, float hi, int64_t qmin, int64_t qmax,
+                                      bool symmetric) {
+  return choose_qparams_value(lo, hi, qmin, qmax, symmetric,
+                              1.1920928955078125e-07f /* float32 eps */);
+}
+
+// histogram_bin_sse summed over the bins of one row, bins in ascending order.
 QLIB_HD double histogram_fake_quant_sse(const int64_t* h, const HistGrid& g, double umin,
                                         double umax, float lo, float hi, int64_t qmin,
                                         int64_t qmax, bool symmetric) {
-  const QParams p = choose_qparams_value(lo, hi, qmin, qmax, symmetric,
-                                         1.1920928955078125e-07f /* float32 eps */);
+  const QParams p = mse_candidate_qparams(lo, hi, qmin, qmax, symmetric);
   double sse = 0.0;
   for (int64_t j = 0; j < g.used; ++j) {
-    if (h[j] == 0) continue;
-    const double a = fmax(g.lo + static_cast<double>(j) * g.width, umin);
-    const double b = fmin(g.lo + static_cast<double>(j + 1) * g.width, umax);
-    const double c = static_cast<double>(h[j]);
-    if (b > a) {
-      sse += c * fake_quant_sq_error_integral(a, b, p.scale, p.zero_point,
-                                              static_cast<double>(qmin),
-                                              static_cast<double>(qmax)) / (b - a);
-    } else {  // a point mass (constant data)
-      const float v = static_cast<float>(a);
-      const float y = fake_quant_value<ScalarMath>(v, p.scale, 1.0f / p.scale,
-                                                   static_cast<float>(p.zero_point),
-                                                   static_cast<float>(qmin),
-                                                   static_cast<float>(qmax));
-      sse += c * (static_cast<double>(y) - a) * (static_cast<double>(y) - a);
-    }
+    if (h[j] != 0) sse += histogram_bin_sse(h[j], j, g, umin, umax, p, qmin, qmax);
   }
   return sse;
 }

@@ -23,12 +23,13 @@ constexpr int kItemsPerThread = 16;  // elements per thread per chunk
 constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kItemsPerThread;
 
 // Chunks each row of K elements is split into, so that about 4 blocks per SM
-// run in all.
+// run in all. (Many short rows, e.g. small per-group blocks, get one
+// 256-thread block each: correct, but not the fastest layout for them.)
 int64_t chunks_per_row(int64_t R, int64_t K) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t want = std::max<int64_t>(1, (sms * 4 + R - 1) / R);
   const int64_t need = std::max<int64_t>(1, (K + kChunk - 1) / kChunk);
-  return std::min<int64_t>(std::min(want, need), 65535);
+  return std::min(want, need);
 }
 
 struct MinMaxCnt {
@@ -46,8 +47,8 @@ struct MinMaxCntOp {
 template <class T>
 __global__ void minmax_partial_kernel(const T* __restrict__ x, int64_t K, int64_t C,
                                       MinMaxCnt* __restrict__ partial) {
-  const int64_t r = blockIdx.y;
-  const int64_t c = blockIdx.x;
+  const int64_t r = blockIdx.x / C;
+  const int64_t c = blockIdx.x % C;
   const T* row = x + r * K;
   MinMaxCnt m{INFINITY, -INFINITY, 0ull};
   for (int64_t k = c * kThreads + threadIdx.x; k < K; k += C * kThreads) {
@@ -65,8 +66,8 @@ __global__ void minmax_partial_kernel(const T* __restrict__ x, int64_t K, int64_
   if (threadIdx.x == 0) partial[r * C + c] = total;
 }
 
-// Phase 2: one thread per row folds the C partials; writes min/max (as float
-// or, for the histogram, as the new float64 range) and adds the NaN/Inf count.
+// Phase 2: one thread per row folds the C partials, writes the row's min/max
+// and adds its NaN/Inf count.
 __global__ void minmax_final_kernel(const MinMaxCnt* __restrict__ partial, int64_t R, int64_t C,
                                     float* __restrict__ lo, float* __restrict__ hi,
                                     unsigned long long* __restrict__ nonfinite) {
@@ -89,9 +90,7 @@ void launch_minmax(const at::Tensor& x, float* lo, float* hi, unsigned long long
   at::Tensor partial =
       at::empty({R * C * static_cast<int64_t>(sizeof(MinMaxCnt))}, x.options().dtype(at::kByte));
   auto* pp = reinterpret_cast<MinMaxCnt*>(partial.data_ptr());
-  TORCH_CHECK(R <= 65535, "qlib: observer ops on CUDA support at most 65535 blocks (rows), got ",
-              R);
-  minmax_partial_kernel<T><<<dim3(C, R), kThreads, 0, stream>>>(x.const_data_ptr<T>(), K, C, pp);
+  minmax_partial_kernel<T><<<R * C, kThreads, 0, stream>>>(x.const_data_ptr<T>(), K, C, pp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   minmax_final_kernel<<<(R + kThreads - 1) / kThreads, kThreads, 0, stream>>>(pp, R, C, lo, hi,
                                                                                nonfinite);
@@ -166,7 +165,8 @@ __global__ void accumulate_kernel(const T* __restrict__ x, int64_t K, int64_t C,
                                   const double* __restrict__ range, bool absolute,
                                   int64_t* __restrict__ hist) {
   extern __shared__ unsigned long long smem[];
-  const int64_t r = blockIdx.y;
+  const int64_t r = blockIdx.x / C;
+  const int64_t c = blockIdx.x % C;
   const HistGrid g = histogram_grid(range[2 * r], range[2 * r + 1], B);
   if (g.used == 0) return;
   unsigned long long* gh = reinterpret_cast<unsigned long long*>(hist + r * B);
@@ -175,8 +175,7 @@ __global__ void accumulate_kernel(const T* __restrict__ x, int64_t K, int64_t C,
     __syncthreads();
   }
   const T* row = x + r * K;
-  for (int64_t k = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; k < K;
-       k += C * kThreads) {
+  for (int64_t k = c * kThreads + threadIdx.x; k < K; k += C * kThreads) {
     const float v = static_cast<float>(row[k]);
     if (!isfinite(v)) continue;
     const double d = absolute ? fabs(static_cast<double>(v)) : static_cast<double>(v);
@@ -232,11 +231,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cuda(const at::
     const int64_t C = chunks_per_row(R, K);
     if (B <= kMaxSharedBins) {
       accumulate_kernel<scalar_t, true>
-          <<<dim3(C, R), kThreads, B * sizeof(unsigned long long), stream>>>(
+          <<<R * C, kThreads, B * sizeof(unsigned long long), stream>>>(
               x.const_data_ptr<scalar_t>(), K, C, B, new_range.const_data_ptr<double>(), absolute,
               new_hist.data_ptr<int64_t>());
     } else {
-      accumulate_kernel<scalar_t, false><<<dim3(C, R), kThreads, 0, stream>>>(
+      accumulate_kernel<scalar_t, false><<<R * C, kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), K, C, B, new_range.const_data_ptr<double>(), absolute,
           new_hist.data_ptr<int64_t>());
     }

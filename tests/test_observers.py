@@ -132,7 +132,9 @@ def test_histogram_exact_and_order_free(device, absolute):
 def test_histogram_extremes(device):
     big = torch.tensor([3.4e38, -3.4e38, 1e38, 0.0, float("nan"), float("inf")], device=device)
     tiny = torch.tensor([1e-45, 3e-44, -1e-40, 0.0, 1e-38], device=device)
-    for x in (big, tiny, torch.cat([tiny, big])):
+    # Far from 0 relative to the spread: the CPU kernel's double (not SIMD float) path.
+    offset = torch.rand(5000, device=device) * 0.01 + 1000.0
+    for x in (big, tiny, torch.cat([tiny, big]), offset):
         for absolute in (True, False):
             hist = torch.zeros(1, 64, dtype=torch.int64, device=device)
             rng = torch.tensor([[math.inf, -math.inf]], dtype=torch.float64, device=device)
@@ -376,3 +378,86 @@ def test_plot_calibration(tmp_path):
     mses = qlib.plot_calibration(x, obs, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(mses) == {"MinMax", "MovingAverageMinMax", "Percentile", "MSE", "Entropy"}
+
+
+# ------------------------------------------------------------ granularity, devices
+@pytest.mark.parametrize("cls", ALL)
+def test_blocks_equal_separate_observers(device, cls):
+    # Per-channel (non-contiguous, half precision) and per-group observers
+    # give each block what a per-tensor observer of that block gives.
+    x = (torch.randn(6, 5, 40, device=device) * torch.arange(1, 6, device=device).view(1, 5, 1)).half()
+    x = x.transpose(0, 2)  # [40, 5, 6], non-contiguous
+    o = cls(ch_axis=1, symmetric=False).to(device)
+    o(x)
+    s, z = o.calculate_qparams()
+    assert s.shape == (1, 5, 1)
+    for c in range(5):
+        p = cls(symmetric=False).to(device)
+        p(x.select(1, c))
+        ps, pz = p.calculate_qparams()
+        torch.testing.assert_close(s[0, c, 0], ps.reshape(()), rtol=0, atol=0)
+        torch.testing.assert_close(z[0, c, 0], pz.reshape(()), rtol=0, atol=0)
+    g = cls(group_size=8).to(device)
+    y = torch.randn(3, 16, device=device)
+    g(y)
+    gs, _ = g.calculate_qparams()
+    assert gs.shape == (3, 2)
+    p = cls().to(device)
+    p(y[1, 8:])
+    torch.testing.assert_close(gs[1, 1], p.calculate_qparams()[0].reshape(()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_cuda_matches_cpu_without_sync(device, cls):
+    if device != "cuda":
+        pytest.skip("compares CUDA with the CPU")
+    xs = [torch.distributions.StudentT(4.0).sample((3, 20011)) * (k + 1) for k in range(3)]
+    xs[1][0, 7] = math.nan
+    cpu, gpu = cls(ch_axis=0, symmetric=False), cls(ch_axis=0, symmetric=False).cuda()
+    cpu(xs[0])
+    gpu(xs[0].cuda())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in xs[1:]:
+            cpu(x)
+            gpu(x.cuda())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for name, b in cpu.named_buffers():
+        torch.testing.assert_close(getattr(gpu, name).cpu(), b, msg=name)
+    for a, b in zip(cpu.calculate_qparams(), gpu.calculate_qparams()):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_replica_updates_reach_the_module(cls):
+    # nn.DataParallel runs forward on replicas whose buffers are the module's
+    # own tensors (on the first device): observing must write into them.
+    o = cls()
+    replica = o._replicate_for_data_parallel()
+    x = torch.randn(300)
+    replica(x)
+    replica(x * 2)
+    ref = cls()
+    ref(x)
+    ref(x * 2)
+    for a, b in zip(o.calculate_qparams(), ref.calculate_qparams()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ops_trace_with_torch_compile(device):
+    # The fakes let torch.compile trace the observer ops in one graph.
+    def calibrate(x, hist, rng):
+        lo, hi, _ = ops.block_minmax(x)
+        hist, rng, nonfinite = ops.histogram_observe(x, hist, rng, True)
+        elo, ehi = ops.histogram_entropy_search(hist, rng, 128)
+        mlo, mhi = ops.histogram_mse_search(hist, rng, -128, 127, True, 64)
+        q = ops.histogram_quantile(hist, rng, 0.999)
+        return lo, hi, hist, rng, nonfinite, elo, ehi, mlo, mhi, q
+
+    x = torch.randn(2, 999, device=device)
+    hist = torch.zeros(2, 256, dtype=torch.int64, device=device)
+    rng = torch.tensor([[math.inf, -math.inf]] * 2, dtype=torch.float64, device=device)
+    compiled = torch.compile(calibrate, backend="aot_eager", fullgraph=True)
+    for a, b in zip(compiled(x, hist, rng), calibrate(x, hist, rng)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

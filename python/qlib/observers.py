@@ -26,7 +26,13 @@ The histogram observers (percentile, MSE, entropy) keep an int64 histogram
 per block on a canonical power-of-two grid (see csrc/quant_math.h): growing
 the range re-bins exactly, so the histogram, and hence the qparams, equal
 those of one observer that saw all the data, in any order and on any number
-of ranks. Symmetric histogram observers histogram ``|x|``.
+of ranks. Symmetric histogram observers histogram ``|x|``. Like any linear
+histogram (torch.ao's HistogramObserver too), the resolution is the data
+range over ``bins``: one huge outlier squeezes the bulk of the data into a
+few bins (raise ``bins`` then). A new block count after the first
+observation raises; a different shape with the same block count is not
+detected (that would need a device read) -- call ``reset()`` between
+tensors of different shapes.
 """
 from __future__ import annotations
 
@@ -91,9 +97,9 @@ class ObserverBase(nn.Module):
         # Finite values recorded, and NaN/Inf values seen (and ignored).
         self.register_buffer("observed", torch.zeros((), dtype=torch.int64))
         self.register_buffer("nonfinite", torch.zeros((), dtype=torch.int64))
-        # The keepdim shape of the qparams; [-1] until the first observation.
-        self.register_buffer("qparams_shape", torch.tensor([-1], dtype=torch.int64))
-        self._shape: Optional[List[int]] = None  # mirrors qparams_shape without a device read
+        # [1, *keepdim shape of the qparams]; empty until the first observation
+        # (so that "observed yet?" is a shape, not a value: no device read).
+        self.register_buffer("qparams_shape", torch.zeros((0,), dtype=torch.int64))
         self._init_stats(0, torch.device("cpu"))
 
     # ------------------------------------------------------------ layout
@@ -138,7 +144,7 @@ class ObserverBase(nn.Module):
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             x = x.float()
         rows, shape = self._rows(x)
-        if self._shape is None:
+        if self.qparams_shape.numel() == 0:
             # First observation: size the buffers (in place) on x's device.
             for name in self._stat_buffers:
                 buf = getattr(self, name)
@@ -150,14 +156,16 @@ class ObserverBase(nn.Module):
             for name in ("observed", "nonfinite", "qparams_shape"):
                 if getattr(self, name).device != x.device:
                     setattr(self, name, getattr(self, name).to(x.device))
-            self.qparams_shape.resize_(len(shape)).copy_(torch.tensor(shape, dtype=torch.int64))
-            self._shape = list(shape)
-        elif self._shape != list(shape):
+            self.qparams_shape.resize_(len(shape) + 1).copy_(torch.tensor([1, *shape], dtype=torch.int64))
+        elif rows.shape[0] != self._blocks():
             raise ValueError(
-                f"qlib.observers.{type(self).__name__}: x of shape {tuple(x.shape)} gives qparams of shape "
-                f"{shape}, but this observer has recorded tensors giving {self._shape}; call reset() first"
+                f"qlib.observers.{type(self).__name__}: x of shape {tuple(x.shape)} has {rows.shape[0]} blocks "
+                f"(qparams of shape {shape}), but this observer has recorded {self._blocks()}; call reset() first"
             )
         return rows
+
+    def _blocks(self) -> int:
+        return getattr(self, next(iter(self._stat_buffers))).shape[0]
 
     def _count(self, rows: Tensor, nonfinite: Tensor) -> None:
         self.nonfinite.add_(nonfinite)
@@ -186,8 +194,8 @@ class ObserverBase(nn.Module):
         observed = self.observed.clone()
         if _distributed():
             dist.all_reduce(observed)
-        shape = self._shape
-        if shape is None or observed.item() == 0:
+        shape = self.qparams_shape.tolist()[1:]
+        if self.qparams_shape.numel() == 0 or observed.item() == 0:
             raise RuntimeError(
                 f"qlib.observers.{type(self).__name__}.calculate_qparams: the observer has not recorded "
                 f"any finite value (observed={observed.item()}, nonfinite={self.nonfinite.item()}); "
@@ -206,8 +214,7 @@ class ObserverBase(nn.Module):
         with torch.no_grad():
             self.observed.zero_()
             self.nonfinite.zero_()
-            self.qparams_shape.resize_(1).fill_(-1)
-            self._shape = None
+            self.qparams_shape.resize_(0)
             for name in self._stat_buffers:
                 buf = getattr(self, name)
                 buf.resize_(self._new_stat(name, 0, buf.device).shape)
@@ -219,10 +226,6 @@ class ObserverBase(nn.Module):
             if key in state_dict:
                 getattr(self, name).resize_(state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        key = prefix + "qparams_shape"
-        if key in state_dict:
-            shape = state_dict[key].tolist()
-            self._shape = None if shape == [-1] else shape
 
     def extra_repr(self) -> str:
         g = f"ch_axis={self.ch_axis}" if self.ch_axis is not None else (
@@ -312,8 +315,7 @@ class _HistogramObserver(ObserverBase):
         with torch.no_grad():
             self.observed.zero_()
             self.nonfinite.zero_()
-            self.qparams_shape.resize_(1).fill_(-1)
-            self._shape = None
+            self.qparams_shape.resize_(0)
             self.hist.resize_(0, self.bins)
             self.hist_range.resize_(0, 2)
 
@@ -326,7 +328,9 @@ class _HistogramObserver(ObserverBase):
     def _synced_stats(self) -> Dict[str, Tensor]:
         hist, rng = self.hist.clone(), self.hist_range.clone()
         if _distributed():
-            lo, hi = rng[:, 0].contiguous(), rng[:, 1].contiguous()
+            # clone, not contiguous(): a [1]-row column is already "contiguous" and
+            # would alias rng.
+            lo, hi = rng[:, 0].clone(), rng[:, 1].clone()
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)
             new_rng = torch.stack([lo, hi], dim=1)

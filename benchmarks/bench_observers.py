@@ -1,0 +1,100 @@
+"""Observers, qlib vs torch.ao: time to observe 10 batches of 1M elements and
+compute the qparams (per-tensor, symmetric int8), medians over repeats.
+
+    PYTHONPATH=python python benchmarks/bench_observers.py [--repeats 5] [--batches 10] [--numel 1000000]
+
+Prints a markdown table per device (CPU, and CUDA when present). The ratio
+column is the torch.ao peer's median over qlib's (>1: qlib is faster): the
+histogram observers (percentile, MSE, entropy) against HistogramObserver, the
+min/max observers against MinMaxObserver / MovingAverageMinMaxObserver.
+"""
+import argparse
+import datetime
+import platform
+import statistics
+import time
+
+import torch
+from torch.ao import quantization as tq
+
+import qlib
+from qlib import observers as O
+
+
+def ao(cls, **kw):
+    return lambda: cls(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, **kw)
+
+
+CASES = [
+    # (name, factory, torch.ao peer name)
+    ("qlib MinMaxObserver", lambda: O.MinMaxObserver(), "torch.ao MinMaxObserver"),
+    ("qlib MovingAverageMinMaxObserver", lambda: O.MovingAverageMinMaxObserver(), "torch.ao MovingAverageMinMaxObserver"),
+    ("qlib PercentileObserver", lambda: O.PercentileObserver(), "torch.ao HistogramObserver"),
+    ("qlib MSEObserver", lambda: O.MSEObserver(), "torch.ao HistogramObserver"),
+    ("qlib EntropyObserver", lambda: O.EntropyObserver(), "torch.ao HistogramObserver"),
+    ("torch.ao MinMaxObserver", ao(tq.MinMaxObserver), None),
+    ("torch.ao MovingAverageMinMaxObserver", ao(tq.MovingAverageMinMaxObserver), None),
+    ("torch.ao HistogramObserver", ao(tq.HistogramObserver), None),
+]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_once(factory, batches, device):
+    obs = factory().to(device)
+    sync(device)
+    t0 = time.perf_counter()
+    for x in batches:
+        obs(x)
+    scale, _ = obs.calculate_qparams()
+    scale.cpu()  # the qparams are read back: part of the job
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bench(device, args):
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(args.numel, generator=g).to(device) for _ in range(args.batches)]
+    medians = {}
+    for name, factory, _ in CASES:
+        run_once(factory, batches[:1], device)  # warm-up
+        reps = args.repeats if "Histogram" not in name else max(3, args.repeats // 2)
+        medians[name] = statistics.median(run_once(factory, batches, device) for _ in range(reps))
+    lines = [
+        f"### {device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                                 f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "",
+        "| observer | median ms | torch.ao peer | peer ms | speed-up (peer / qlib) |",
+        "| --- | ---: | --- | ---: | ---: |",
+    ]
+    for name, _, peer in CASES:
+        if peer is None:
+            lines.append(f"| {name} | {medians[name] * 1e3:.1f} | | | |")
+        else:
+            lines.append(f"| {name} | {medians[name] * 1e3:.1f} | {peer} | {medians[peer] * 1e3:.1f} | "
+                         f"{medians[peer] / medians[name]:.1f}x |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--numel", type=int, default=1_000_000)
+    args = p.parse_args()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print(f"qlib observers vs torch.ao: {args.batches} batches of {args.numel} float32 N(0,1), "
+          f"observe + calculate_qparams, per-tensor symmetric int8, median of {args.repeats} "
+          f"(HistogramObserver: {max(3, args.repeats // 2)})")
+    print(f"torch {torch.__version__}, qlib build {qlib.build_info().get('cpu_isa')}, "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}\n")
+    for d in devices:
+        print(bench(d, args))
+        print()
+
+
+if __name__ == "__main__":
+    main()
