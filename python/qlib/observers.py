@@ -145,24 +145,35 @@ class ObserverBase(nn.Module):
             x = x.float()
         rows, shape = self._rows(x)
         if self.qparams_shape.numel() == 0:
-            # First observation: size the buffers (in place) on x's device.
-            for name in self._stat_buffers:
-                buf = getattr(self, name)
-                new = self._new_stat(name, rows.shape[0], x.device)
-                if buf.device != x.device:
-                    setattr(self, name, new)
-                else:
-                    buf.resize_(new.shape).copy_(new)
-            for name in ("observed", "nonfinite", "qparams_shape"):
-                if getattr(self, name).device != x.device:
-                    setattr(self, name, getattr(self, name).to(x.device))
-            self.qparams_shape.resize_(len(shape) + 1).copy_(torch.tensor([1, *shape], dtype=torch.int64))
+            self._allocate(rows.shape[0], shape, x.device)
         elif rows.shape[0] != self._blocks():
             raise ValueError(
                 f"qlib.observers.{type(self).__name__}: x of shape {tuple(x.shape)} has {rows.shape[0]} blocks "
                 f"(qparams of shape {shape}), but this observer has recorded {self._blocks()}; call reset() first"
             )
         return rows
+
+    def _allocate(self, blocks: int, shape: List[int], device) -> None:
+        """Sizes the buffers (in place) for `blocks` blocks on `device`."""
+        for name in self._stat_buffers:
+            buf = getattr(self, name)
+            new = self._new_stat(name, blocks, device)
+            if buf.device != device:
+                setattr(self, name, new)
+            else:
+                buf.resize_(new.shape).copy_(new)
+        for name in ("observed", "nonfinite", "qparams_shape"):
+            if getattr(self, name).device != device:
+                setattr(self, name, getattr(self, name).to(device))
+        self.qparams_shape.resize_(len(shape) + 1).copy_(torch.tensor([1, *shape], dtype=torch.int64))
+
+    def allocate(self, x_shape, device=None) -> "ObserverBase":
+        """Sizes the buffers for tensors of shape x_shape now, instead of at
+        the first observation, so that a compiled forward never resizes."""
+        rows, shape = self._rows(torch.empty(x_shape, device="meta"))
+        if self.qparams_shape.numel() == 0:
+            self._allocate(rows.shape[0], shape, torch.device(device) if device is not None else self.observed.device)
+        return self
 
     def _blocks(self) -> int:
         return getattr(self, next(iter(self._stat_buffers))).shape[0]
@@ -201,6 +212,15 @@ class ObserverBase(nn.Module):
                 f"any finite value (observed={observed.item()}, nonfinite={self.nonfinite.item()}); "
                 f"call it on data first"
             )
+        return self._qparams(shape)
+
+    @torch.no_grad()
+    def qparams_for(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """(scale, zero_point) shaped for fake_quant on x, without the checks of
+        calculate_qparams: no host read (FakeQuantize's hot path)."""
+        return self._qparams(self._rows(x.detach())[1])
+
+    def _qparams(self, shape: List[int]) -> Tuple[Tensor, Tensor]:
         lo, hi = self._range(self._synced_stats())
         # Blocks that saw no finite value get the range [0, 0] (scale eps).
         lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo)).float()

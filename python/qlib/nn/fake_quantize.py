@@ -95,7 +95,10 @@ class FakeQuantize(nn.Module):
                 zp = _scale_grad(zp, factor)
             zp = zp.clamp(self.quant_min, self.quant_max)
         else:
-            scale, zp = self.observer.calculate_qparams()
+            if self.observer.qparams_shape.numel() == 0:
+                raise RuntimeError("qlib.nn.FakeQuantize: its observer has recorded nothing yet; "
+                                   "enable the observer or load a calibrated state_dict first")
+            scale, zp = self.observer.qparams_for(x)
         return ops.fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min, self.quant_max)
 
     def extra_repr(self) -> str:

@@ -37,8 +37,13 @@ class QATLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.config = config = config or QATConfig()
         config.check_linear(in_features)
-        self.weight_fake_quant = weight_fake_quant(config, out_features, in_features).to(device)
-        self.activation_fake_quant = activation_fake_quant(config).to(device)
+        self.weight_fake_quant = weight_fake_quant(config, out_features, in_features)
+        self.activation_fake_quant = activation_fake_quant(config)
+        # Sized now, so that a compiled forward never resizes a buffer.
+        self.weight_fake_quant.observer.allocate(self.weight.shape, self.weight.device)
+        self.activation_fake_quant.observer.allocate((1, in_features), self.weight.device)
+        self.weight_fake_quant.to(self.weight.device)
+        self.activation_fake_quant.to(self.weight.device)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: Optional[QATConfig] = None) -> "QATLinear":
