@@ -202,7 +202,7 @@ def test_int8linear_state_dict_round_trip(device, tmp_path):
     lin = nn.Linear(64, 24).to(device)
     q = Int8Linear.from_float(lin, activation="static", act_scale=0.05)
     sd = q.state_dict()
-    assert set(sd) == {"weight", "weight_scale", "bias", "act_scale", "act_zero_point", "_extra_state"}
+    assert set(sd) == {"weight", "weight_scale", "bias", "act_scale", "act_zero_point", "act_quant_range"}
     path = tmp_path / "int8.pt"
     torch.save(sd, path)
     loaded = torch.load(path, weights_only=True)

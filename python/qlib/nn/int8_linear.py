@@ -66,7 +66,8 @@ class Int8Linear(nn.Module):
             # range (from QAT or calibration); the fused op covers zp = 0 on
             # [-127, 127], other schemes take the unfused exact path.
             self.register_buffer("act_zero_point", torch.zeros((), dtype=torch.int32, device=device))
-            self.act_quant_range = (-127, 127)
+            self.register_buffer("act_quant_range", torch.tensor([-127, 127], dtype=torch.int32, device=device))
+            self._act_range = (-127, 127)  # mirrors act_quant_range without a device read
             self._fused = True
             self.register_load_state_dict_post_hook(Int8Linear._sync_fused)
         else:
@@ -139,29 +140,23 @@ class Int8Linear(nn.Module):
         shift = max(0, afq.quant_max - 127)
         mod.act_scale.copy_(a_scale.float().reshape(()))
         mod.act_zero_point.copy_(a_zp.round().int().reshape(()) - shift)
-        mod.act_quant_range = (afq.quant_min - shift, afq.quant_max - shift)
+        mod.act_quant_range.copy_(torch.tensor([afq.quant_min - shift, afq.quant_max - shift]))
         Int8Linear._sync_fused(mod)
         return mod
 
     @staticmethod
     def _sync_fused(module: "Int8Linear", incompatible_keys=None) -> None:
-        module._fused = module.act_quant_range == (-127, 127) and int(module.act_zero_point) == 0
-
-    def get_extra_state(self):
-        return {"act_quant_range": list(self.act_quant_range)} if self.activation == "static" else None
-
-    def set_extra_state(self, state) -> None:
-        if self.activation == "static" and state is not None:
-            lo, hi = (int(v) for v in state["act_quant_range"])
-            if not -128 <= lo < hi <= 127:
-                raise RuntimeError(f"Int8Linear: act_quant_range [{lo}, {hi}] in the state_dict does not fit int8")
-            self.act_quant_range = (lo, hi)
+        lo, hi = (int(v) for v in module.act_quant_range.tolist())
+        if not -128 <= lo < hi <= 127:
+            raise RuntimeError(f"Int8Linear: act_quant_range [{lo}, {hi}] does not fit int8")
+        module._act_range = (lo, hi)
+        module._fused = (lo, hi) == (-127, 127) and int(module.act_zero_point) == 0
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation == "dynamic" or self._fused:
             return torch.ops.qlib.int8_linear(x, self.weight, self.weight_scale, self.bias, self.act_scale)
         # y = s_x * s_w * (q_x - z_x) . q_w + b, exactly in int32 up to the float epilogue.
-        lo, hi = self.act_quant_range
+        lo, hi = self._act_range
         q = quantize(x, self.act_scale, self.act_zero_point, lo, hi, torch.int8).reshape(-1, self.in_features)
         if lo == -128:
             # int8_gemm is slow when both sides hold -128: split q = max(q, -127) + (0 or -1).
@@ -183,7 +178,7 @@ class Int8Linear(nn.Module):
         if self.activation == "dynamic":
             act = "dynamic per-token [-127, 127]"
         else:
-            lo, hi = self.act_quant_range
+            lo, hi = self._act_range
             act = f"static per-tensor [{lo}, {hi}]" + ("" if self._fused else " with zero point")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
