@@ -24,7 +24,9 @@
 #include <utility>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <vector>
 #include <functional>
 
 #include "affine.h"
@@ -204,6 +206,181 @@ void gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, GemmOut o,
   });
 }
 
+// ---------------------------------------------------------------- packed int16 kernel (large M)
+// For M >= kPackedMinM the sign-transfer kernel is bound by its 3 vector-multiply-port
+// ops (vpsignb, vpmaddubsw, vpmaddwd) per 32 MACs. This path instead widens both
+// operands to int16 and uses one vpmaddwd per 16 MACs (2 per 32, as fbgemm's u8*s8
+// kernel), which is exact for ALL int8 inputs (a pair sum is at most 2 * 128 * 128 =
+// 2^15, far inside int32), so no -128 scan is needed either.
+//   A: int16 row-major [Mp, Kp] (Mp = M rounded up to kPMR, Kp = K rounded up to 2,
+//      zero padded); the micro-kernel broadcasts one (a[k], a[k+1]) pair as an int32.
+//   B: int8 panels of 8 columns: panel p holds, for each k pair kk, 16 bytes
+//      (b[8p+j][2kk], b[8p+j][2kk+1]) for j = 0..7; one vpmovsxbw load widens it into
+//      the 16 int16 lanes that pair with the broadcast. N is zero padded to 16.
+// Register tile: kPMR rows x 16 columns = 12 int32 accumulators.
+constexpr int64_t kPMR = 6;       // rows per micro-kernel
+constexpr int64_t kPNR = 16;      // columns per micro-kernel (two 8-column panels)
+constexpr int64_t kPMc = 96;      // rows per thread tile (multiple of kPMR)
+constexpr int64_t kPNc = 256;     // columns per thread tile (multiple of kPNR)
+constexpr int64_t kPKc = 1024;    // K per cache block (even): a 16-column B strip is 16 KiB
+
+int64_t packed_min_m() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("QLIB_INT8_PACKED_MIN_M");  // tuning knob
+    return e != nullptr ? std::atoll(e) : int64_t{32};
+  }();
+  return v;
+}
+
+struct PackedB {
+  at::Tensor buf;  // int8 [Np/8 panels * Kp/2 * 16]
+  int64_t N, K, Np, Kp;
+  const int8_t* panel(int64_t n) const {  // n: multiple of 8
+    return buf.const_data_ptr<int8_t>() + (n / 8) * (Kp / 2) * 16;
+  }
+  int64_t panel_stride() const { return (Kp / 2) * 16; }
+};
+
+#if QLIB_INT8_X86
+// Packs b [N, K] (row stride ldb) into 8-column panels; an 8x8 transpose of 16-bit units
+// (2 k each) per 8 rows x 16 k.
+QLIB_AVX2_FN PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K,
+                            const at::TensorOptions& opt) {
+  PackedB p;
+  p.N = N, p.K = K, p.Np = (N + kPNR - 1) / kPNR * kPNR, p.Kp = (K + 1) / 2 * 2;
+  p.buf = at::empty({p.Np * p.Kp}, opt.dtype(at::kChar));
+  int8_t* out = p.buf.data_ptr<int8_t>();
+  const int64_t kp2 = p.Kp / 2;
+  at::parallel_for(0, p.Np / 8, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      int8_t* o = out + pi * kp2 * 16;
+      const int64_t n0 = pi * 8;
+      int64_t k = 0;
+      if (n0 + 8 <= N) {
+        for (; k + 16 <= K; k += 16) {
+          __m128i r[8], t[8], s[8];
+          for (int j = 0; j < 8; ++j)
+            r[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (n0 + j) * ldb + k));
+          for (int j = 0; j < 4; ++j) {
+            t[2 * j] = _mm_unpacklo_epi16(r[2 * j], r[2 * j + 1]);
+            t[2 * j + 1] = _mm_unpackhi_epi16(r[2 * j], r[2 * j + 1]);
+          }
+          s[0] = _mm_unpacklo_epi32(t[0], t[2]), s[1] = _mm_unpackhi_epi32(t[0], t[2]);
+          s[2] = _mm_unpacklo_epi32(t[1], t[3]), s[3] = _mm_unpackhi_epi32(t[1], t[3]);
+          s[4] = _mm_unpacklo_epi32(t[4], t[6]), s[5] = _mm_unpackhi_epi32(t[4], t[6]);
+          s[6] = _mm_unpacklo_epi32(t[5], t[7]), s[7] = _mm_unpackhi_epi32(t[5], t[7]);
+          __m128i* dst = reinterpret_cast<__m128i*>(o + (k / 2) * 16);
+          for (int j = 0; j < 4; ++j) {
+            _mm_storeu_si128(dst + 2 * j, _mm_unpacklo_epi64(s[j], s[j + 4]));
+            _mm_storeu_si128(dst + 2 * j + 1, _mm_unpackhi_epi64(s[j], s[j + 4]));
+          }
+        }
+      }
+      for (; k < p.Kp; k += 2)  // tails (K, or rows past N) zero padded
+        for (int64_t j = 0; j < 8; ++j)
+          for (int64_t t = 0; t < 2; ++t) {
+            const int64_t n = n0 + j, kk = k + t;
+            o[(k / 2) * 16 + j * 2 + t] = (n < N && kk < K) ? b[n * ldb + kk] : int8_t{0};
+          }
+    }
+  });
+  return p;
+}
+
+// a [M, K] int8 (row stride lda) -> int16 [Mp, Kp], zero padded.
+QLIB_AVX2_FN at::Tensor widen_a(const int8_t* a, int64_t lda, int64_t M, int64_t K,
+                                const at::TensorOptions& opt) {
+  const int64_t Mp = (M + kPMR - 1) / kPMR * kPMR, Kp = (K + 1) / 2 * 2;
+  at::Tensor w = at::empty({Mp, Kp}, opt.dtype(at::kShort));
+  int16_t* wp = w.data_ptr<int16_t>();
+  at::parallel_for(0, Mp, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       int16_t* o = wp + r * Kp;
+                       int64_t k = 0;
+                       if (r < M) {
+                         const int8_t* ar = a + r * lda;
+                         for (; k + 16 <= K; k += 16)
+                           _mm256_storeu_si256(
+                               reinterpret_cast<__m256i*>(o + k),
+                               _mm256_cvtepi8_epi16(
+                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(ar + k))));
+                         for (; k < K; ++k) o[k] = ar[k];
+                       }
+                       for (; k < Kp; ++k) o[k] = 0;
+                     }
+                   });
+  return w;
+}
+
+// C[kPMR, 16] (row stride ldc) (+)= A[kPMR rows of lda, 2*kp] x B (two panels) over kp k pairs.
+QLIB_AVX2_FN void micro_packed(const int16_t* a, int64_t lda, const int8_t* b, int64_t bstride,
+                               int64_t kp, int32_t* c, int64_t ldc, bool accumulate) {
+  __m256i acc[kPMR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < kPMR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  const int8_t* b1 = b + bstride;
+  for (int64_t kk = 0; kk < kp; ++kk) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kk * 16)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + kk * 16)));
+#pragma GCC unroll 8
+    for (int r = 0; r < kPMR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * kk, sizeof(pair));
+      const __m256i av = _mm256_set1_epi32(pair);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, w0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, w1));
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kPMR; ++r) {
+    __m256i* cr = reinterpret_cast<__m256i*>(c + r * ldc);
+    if (accumulate) {
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_loadu_si256(cr));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_loadu_si256(cr + 1));
+    }
+    _mm256_storeu_si256(cr, acc[r][0]);
+    _mm256_storeu_si256(cr + 1, acc[r][1]);
+  }
+}
+
+// Called with a finished tile of C: rows [m0, m1), columns [n0, n1), element (m, n) at
+// ct[(m - m0) * ldt + (n - n0)].
+using PackedEpilogue =
+    std::function<void(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct, int64_t ldt)>;
+
+// C = A B^T with A widened (widen_a) and B packed (pack_b); each thread tile accumulates in
+// a private int32 buffer (L2 resident) and hands it to the epilogue.
+void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
+                 const PackedEpilogue& epilogue) {
+  const int64_t N = pb.N, Kp = pb.Kp;
+  const int16_t* ap = a16.const_data_ptr<int16_t>();
+  const int64_t mt = (M + kPMc - 1) / kPMc, nt = (N + kPNc - 1) / kPNc;
+  at::parallel_for(0, mt * nt, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int32_t> ct(kPMc * kPNc);
+    for (int64_t t = t0; t < t1; ++t) {
+      // N-major tile order: consecutive tiles of a thread share the B strip.
+      const int64_t m0 = (t % mt) * kPMc, m1 = std::min(M, m0 + kPMc);
+      const int64_t n0 = (t / mt) * kPNc, n1 = std::min(N, n0 + kPNc);
+      const int64_t mpad = (m1 - m0 + kPMR - 1) / kPMR * kPMR;
+      const int64_t npad = (n1 - n0 + kPNR - 1) / kPNR * kPNR;
+      for (int64_t k0 = 0; k0 < Kp; k0 += kPKc) {
+        const int64_t kc = std::min(kPKc, Kp - k0);
+        for (int64_t n = 0; n < npad; n += kPNR) {
+          const int8_t* bp = pb.panel(n0 + n) + (k0 / 2) * 16;
+          for (int64_t m = 0; m < mpad; m += kPMR)
+            micro_packed(ap + (m0 + m) * Kp + k0, Kp, bp, pb.panel_stride(), kc / 2,
+                         ct.data() + m * kPNc + n, kPNc, k0 > 0);
+        }
+      }
+      if (Kp == 0)
+        std::fill(ct.begin(), ct.end(), 0);
+      epilogue(m0, m1, n0, n1, ct.data(), kPNc);
+    }
+  });
+}
+#endif
+
 bool contains_int8_min(const int8_t* p, int64_t rows, int64_t cols, int64_t ld) {
   std::atomic<bool> found{false};
   at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1)),
@@ -237,6 +414,18 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int8_t* bp = b.const_data_ptr<int8_t>();
   int32_t* cp = c.data_ptr<int32_t>();
   const int64_t lda = a.stride(0), ldb = b.stride(0);
+#if QLIB_INT8_X86
+  if (cpu_has_avx2() && K > 0 && M >= packed_min_m()) {
+    const PackedB pb = pack_b(bp, ldb, N, K, a.options());
+    const at::Tensor a16 = widen_a(ap, lda, M, K, a.options());
+    gemm_packed(a16, M, pb, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct,
+                                int64_t ldt) {
+      for (int64_t m = m0; m < m1; ++m)
+        std::memcpy(cp + m * N + n0, ct + (m - m0) * ldt, (n1 - n0) * sizeof(int32_t));
+    });
+    return c;
+  }
+#endif
   if (cpu_has_avx2() && K > 0) {
     if (!contains_int8_min(ap, M, K, lda)) {
       gemm(ap, lda, bp, ldb, {cp, N, 1}, M, N, K, true);
@@ -406,29 +595,41 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
     quantize_rows(x, q.data_ptr<int8_t>(), sa.data_ptr<float>(), 0.0f);
   }
 
-  at::Tensor c = at::empty({M, N}, x.options().dtype(at::kInt));
-  const int32_t* cp = c.const_data_ptr<int32_t>();
   const float* swp = w_scale.const_data_ptr<float>();
   const float* sap = sa.defined() ? sa.const_data_ptr<float>() : nullptr;
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
 
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "int8_linear_cpu", [&] {
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    const TileEpilogue epilogue = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-      float row[kNc];
-      for (int64_t m = m0; m < m1; ++m) {
-        const float s = sap != nullptr ? sap[m] : fixed;
-        const int32_t* cr = cp + m * N;
-        for (int64_t n = n0; n < n1; ++n) {
-          const float v = static_cast<float>(cr[n]) * (s * swp[n]);
-          row[n - n0] = bp != nullptr ? v + bp[n] : v;
-        }
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          std::memcpy(op_ + m * N + n0, row, (n1 - n0) * sizeof(float));
-        } else {
-          at::vec::convert(row, op_ + m * N + n0, n1 - n0);
-        }
+    // Dequantizes int32 row segment cr[0, n1 - n0) of row m (columns [n0, n1)) into out.
+    const auto dequant_row = [&](int64_t m, int64_t n0, int64_t n1, const int32_t* cr) {
+      float row[std::max(kNc, kPNc)];
+      const float s = sap != nullptr ? sap[m] : fixed;
+      for (int64_t n = n0; n < n1; ++n) {
+        const float v = static_cast<float>(cr[n - n0]) * (s * swp[n]);
+        row[n - n0] = bp != nullptr ? v + bp[n] : v;
       }
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        std::memcpy(op_ + m * N + n0, row, (n1 - n0) * sizeof(float));
+      } else {
+        at::vec::convert(row, op_ + m * N + n0, n1 - n0);
+      }
+    };
+#if QLIB_INT8_X86
+    if (cpu_has_avx2() && K > 0 && M >= packed_min_m()) {
+      const PackedB pb = pack_b(w.const_data_ptr<int8_t>(), w.stride(0), N, K, x.options());
+      const at::Tensor a16 = widen_a(q.const_data_ptr<int8_t>(), K, M, K, x.options());
+      gemm_packed(a16, M, pb, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                                  const int32_t* ct, int64_t ldt) {
+        for (int64_t m = m0; m < m1; ++m) dequant_row(m, n0, n1, ct + (m - m0) * ldt);
+      });
+      return;
+    }
+#endif
+    at::Tensor c = at::empty({M, N}, x.options().dtype(at::kInt));
+    const int32_t* cp = c.const_data_ptr<int32_t>();
+    const TileEpilogue epilogue = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+      for (int64_t m = m0; m < m1; ++m) dequant_row(m, n0, n1, cp + m * N + n0);
     };
     gemm(q.const_data_ptr<int8_t>(), K, w.const_data_ptr<int8_t>(), w.stride(0),
          {c.data_ptr<int32_t>(), N, 1}, M, N, K, cpu_has_avx2(), epilogue);
