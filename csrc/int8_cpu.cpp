@@ -218,9 +218,9 @@ void gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, GemmOut o,
 //      (b[8p+j][2kk], b[8p+j][2kk+1]) for j = 0..7; one vpmovsxbw load widens it into
 //      the 16 int16 lanes that pair with the broadcast. N is zero padded to 16.
 // Register tile: kPMR rows x 16 columns = 12 int32 accumulators.
-constexpr int64_t kPMR = 6;       // rows per micro-kernel
+constexpr int64_t kPMR = 5;       // rows per micro-kernel (6 spills: 16 ymm registers)
 constexpr int64_t kPNR = 16;      // columns per micro-kernel (two 8-column panels)
-constexpr int64_t kPMc = 96;      // rows per thread tile (multiple of kPMR)
+constexpr int64_t kPMc = 80;      // rows per thread tile (multiple of kPMR)
 constexpr int64_t kPNc = 256;     // columns per thread tile (multiple of kPNR)
 constexpr int64_t kPKc = 1024;    // K per cache block (even): a 16-column B strip is 16 KiB
 
@@ -287,61 +287,74 @@ QLIB_AVX2_FN PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K,
   return p;
 }
 
-// a [M, K] int8 (row stride lda) -> int16 [Mp, Kp], zero padded.
-QLIB_AVX2_FN at::Tensor widen_a(const int8_t* a, int64_t lda, int64_t M, int64_t K,
-                                const at::TensorOptions& opt) {
-  const int64_t Mp = (M + kPMR - 1) / kPMR * kPMR, Kp = (K + 1) / 2 * 2;
-  at::Tensor w = at::empty({Mp, Kp}, opt.dtype(at::kShort));
+// a [M, K] int8 (row stride lda) -> int16 panels of kPMR rows: panel i holds, for each k
+// pair kk, kPMR int32 words (a[5i + r][2kk], a[6i + r][2kk + 1]) as int16, zero padded; so
+// the micro-kernel reads A through one pointer.
+at::Tensor widen_a(const int8_t* a, int64_t lda, int64_t M, int64_t K,
+                   const at::TensorOptions& opt) {
+  const int64_t Mp = (M + kPMR - 1) / kPMR * kPMR, kp2 = (K + 1) / 2;
+  at::Tensor w = at::empty({Mp * kp2 * 2}, opt.dtype(at::kShort));
   int16_t* wp = w.data_ptr<int16_t>();
-  at::parallel_for(0, Mp, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)),
-                   [&](int64_t r0, int64_t r1) {
-                     for (int64_t r = r0; r < r1; ++r) {
-                       int16_t* o = wp + r * Kp;
-                       int64_t k = 0;
-                       if (r < M) {
-                         const int8_t* ar = a + r * lda;
-                         for (; k + 16 <= K; k += 16)
-                           _mm256_storeu_si256(
-                               reinterpret_cast<__m256i*>(o + k),
-                               _mm256_cvtepi8_epi16(
-                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(ar + k))));
-                         for (; k < K; ++k) o[k] = ar[k];
+  at::parallel_for(0, Mp / kPMR, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)),
+                   [&](int64_t p0, int64_t p1) {
+                     for (int64_t pi = p0; pi < p1; ++pi) {
+                       int16_t* o = wp + pi * kp2 * kPMR * 2;
+                       for (int64_t r = 0; r < kPMR; ++r) {
+                         const int64_t m = pi * kPMR + r;
+                         const int8_t* ar = a + m * lda;
+                         int16_t* orow = o + r * 2;
+                         if (m >= M) {
+                           for (int64_t kk = 0; kk < kp2; ++kk) orow[kk * kPMR * 2] = orow[kk * kPMR * 2 + 1] = 0;
+                           continue;
+                         }
+                         const int64_t full = K / 2;
+                         for (int64_t kk = 0; kk < full; ++kk) {
+                           orow[kk * kPMR * 2] = ar[2 * kk];
+                           orow[kk * kPMR * 2 + 1] = ar[2 * kk + 1];
+                         }
+                         if (full < kp2) {
+                           orow[full * kPMR * 2] = ar[2 * full];
+                           orow[full * kPMR * 2 + 1] = 0;
+                         }
                        }
-                       for (; k < Kp; ++k) o[k] = 0;
                      }
                    });
   return w;
 }
 
-// C[kPMR, 16] (row stride ldc) (+)= A[kPMR rows of lda, 2*kp] x B (two panels) over kp k pairs.
-QLIB_AVX2_FN void micro_packed(const int16_t* a, int64_t lda, const int8_t* b, int64_t bstride,
-                               int64_t kp, int32_t* c, int64_t ldc, bool accumulate) {
-  __m256i acc[kPMR][2];
-#pragma GCC unroll 8
-  for (int r = 0; r < kPMR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+// C[kPMR, 16] (row stride ldc) (+)= A panel x B (two 8-column panels) over kp k pairs.
+// Accumulators are named scalars: GCC spills an __m256i[6][2] array every iteration.
+QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const int16_t* a, const int8_t* b, int64_t bstride, int64_t kp,
+                               int32_t* c, int64_t ldc, bool accumulate) {
+  static_assert(kPMR == 5, "micro_packed is written out for 5 rows");
+  // Accumulators are named variables, loaded (or zeroed) up front and stored once after
+  // the loop: with an __m256i array, or a branch after the loop, GCC 13 copies them to
+  // the stack in every iteration.
+  const __m256i z = _mm256_setzero_si256();
+#define QLIB_LOAD(r)                                                                      \
+  __m256i c##r##0 = accumulate ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc)) : z; \
+  __m256i c##r##1 = accumulate ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc + 8)) : z;
+  QLIB_LOAD(0) QLIB_LOAD(1) QLIB_LOAD(2) QLIB_LOAD(3) QLIB_LOAD(4)
+#undef QLIB_LOAD
   const int8_t* b1 = b + bstride;
-  for (int64_t kk = 0; kk < kp; ++kk) {
+  const int32_t* ap = reinterpret_cast<const int32_t*>(a);
+  for (int64_t kk = 0; kk < kp; ++kk, ap += kPMR) {
     const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kk * 16)));
     const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + kk * 16)));
-#pragma GCC unroll 8
-    for (int r = 0; r < kPMR; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * kk, sizeof(pair));
-      const __m256i av = _mm256_set1_epi32(pair);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, w0));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, w1));
-    }
+#define QLIB_ROW(r)                                                  \
+  {                                                                  \
+    const __m256i av = _mm256_set1_epi32(ap[r]);                     \
+    c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(av, w0)); \
+    c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(av, w1)); \
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < kPMR; ++r) {
-    __m256i* cr = reinterpret_cast<__m256i*>(c + r * ldc);
-    if (accumulate) {
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_loadu_si256(cr));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_loadu_si256(cr + 1));
-    }
-    _mm256_storeu_si256(cr, acc[r][0]);
-    _mm256_storeu_si256(cr + 1, acc[r][1]);
+    QLIB_ROW(0) QLIB_ROW(1) QLIB_ROW(2) QLIB_ROW(3) QLIB_ROW(4)
+#undef QLIB_ROW
   }
+#define QLIB_STORE(r)                                                       \
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc), c##r##0);    \
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc + 8), c##r##1);
+  QLIB_STORE(0) QLIB_STORE(1) QLIB_STORE(2) QLIB_STORE(3) QLIB_STORE(4)
+#undef QLIB_STORE
 }
 
 // Called with a finished tile of C: rows [m0, m1), columns [n0, n1), element (m, n) at
@@ -369,7 +382,7 @@ void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
         for (int64_t n = 0; n < npad; n += kPNR) {
           const int8_t* bp = pb.panel(n0 + n) + (k0 / 2) * 16;
           for (int64_t m = 0; m < mpad; m += kPMR)
-            micro_packed(ap + (m0 + m) * Kp + k0, Kp, bp, pb.panel_stride(), kc / 2,
+            micro_packed(ap + (m0 + m) * Kp + k0 * kPMR, bp, pb.panel_stride(), kc / 2,
                          ct.data() + m * kPNc + n, kPNc, k0 > 0);
         }
       }
