@@ -218,9 +218,9 @@ void gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, GemmOut o,
 //      (b[8p+j][2kk], b[8p+j][2kk+1]) for j = 0..7; one vpmovsxbw load widens it into
 //      the 16 int16 lanes that pair with the broadcast. N is zero padded to 16.
 // Register tile: kPMR rows x 16 columns = 12 int32 accumulators.
-constexpr int64_t kPMR = 5;       // rows per micro-kernel (6 spills: 16 ymm registers)
+constexpr int64_t kPMR = 6;       // rows per micro-kernel
 constexpr int64_t kPNR = 16;      // columns per micro-kernel (two 8-column panels)
-constexpr int64_t kPMc = 80;      // rows per thread tile (multiple of kPMR)
+constexpr int64_t kPMc = 96;      // rows per thread tile (multiple of kPMR)
 constexpr int64_t kPNc = 256;     // columns per thread tile (multiple of kPNR)
 constexpr int64_t kPKc = 1024;    // K per cache block (even): a 16-column B strip is 16 KiB
 
@@ -288,7 +288,7 @@ QLIB_AVX2_FN PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K,
 }
 
 // a [M, K] int8 (row stride lda) -> int16 panels of kPMR rows: panel i holds, for each k
-// pair kk, kPMR int32 words (a[5i + r][2kk], a[6i + r][2kk + 1]) as int16, zero padded; so
+// pair kk, kPMR int32 words (a[6i + r][2kk], a[6i + r][2kk + 1]) as int16, zero padded; so
 // the micro-kernel reads A through one pointer.
 at::Tensor widen_a(const int8_t* a, int64_t lda, int64_t M, int64_t K,
                    const at::TensorOptions& opt) {
@@ -326,7 +326,7 @@ at::Tensor widen_a(const int8_t* a, int64_t lda, int64_t M, int64_t K,
 // Accumulators are named scalars: GCC spills an __m256i[6][2] array every iteration.
 QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const int16_t* a, const int8_t* b, int64_t bstride, int64_t kp,
                                int32_t* c, int64_t ldc, bool accumulate) {
-  static_assert(kPMR == 5, "micro_packed is written out for 5 rows");
+  static_assert(kPMR == 6, "micro_packed is written out for 6 rows");
   // Accumulators are named variables, loaded (or zeroed) up front and stored once after
   // the loop: with an __m256i array, or a branch after the loop, GCC 13 copies them to
   // the stack in every iteration.
@@ -334,7 +334,7 @@ QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const int16_t* a, const
 #define QLIB_LOAD(r)                                                                      \
   __m256i c##r##0 = accumulate ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc)) : z; \
   __m256i c##r##1 = accumulate ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc + 8)) : z;
-  QLIB_LOAD(0) QLIB_LOAD(1) QLIB_LOAD(2) QLIB_LOAD(3) QLIB_LOAD(4)
+  QLIB_LOAD(0) QLIB_LOAD(1) QLIB_LOAD(2) QLIB_LOAD(3) QLIB_LOAD(4) QLIB_LOAD(5)
 #undef QLIB_LOAD
   const int8_t* b1 = b + bstride;
   const int32_t* ap = reinterpret_cast<const int32_t*>(a);
@@ -347,13 +347,13 @@ QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const int16_t* a, const
     c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(av, w0)); \
     c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(av, w1)); \
   }
-    QLIB_ROW(0) QLIB_ROW(1) QLIB_ROW(2) QLIB_ROW(3) QLIB_ROW(4)
+    QLIB_ROW(0) QLIB_ROW(1) QLIB_ROW(2) QLIB_ROW(3) QLIB_ROW(4) QLIB_ROW(5)
 #undef QLIB_ROW
   }
 #define QLIB_STORE(r)                                                       \
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc), c##r##0);    \
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc + 8), c##r##1);
-  QLIB_STORE(0) QLIB_STORE(1) QLIB_STORE(2) QLIB_STORE(3) QLIB_STORE(4)
+  QLIB_STORE(0) QLIB_STORE(1) QLIB_STORE(2) QLIB_STORE(3) QLIB_STORE(4) QLIB_STORE(5)
 #undef QLIB_STORE
 }
 
