@@ -241,10 +241,9 @@ struct PackedB {
   int64_t panel_stride() const { return (Kp / 2) * 16; }
 };
 
-#if QLIB_INT8_X86
-// Packs b [N, K] (row stride ldb) into 8-column panels; an 8x8 transpose of 16-bit units
-// (2 k each) per 8 rows x 16 k.
-QLIB_AVX2_FN PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K,
+// Packs b [N, K] (row stride ldb) into 8-column panels; on x86 an SSE2 8x8 transpose of
+// 16-bit units (2 k each) per 8 rows x 16 k.
+PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K,
                             const at::TensorOptions& opt) {
   PackedB p;
   p.N = N, p.K = K, p.Np = (N + kPNR - 1) / kPNR * kPNR, p.Kp = (K + 1) / 2 * 2;
@@ -256,6 +255,7 @@ QLIB_AVX2_FN PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K,
       int8_t* o = out + pi * kp2 * 16;
       const int64_t n0 = pi * 8;
       int64_t k = 0;
+#if QLIB_INT8_X86
       if (n0 + 8 <= N) {
         for (; k + 16 <= K; k += 16) {
           __m128i r[8], t[8], s[8];
@@ -276,6 +276,7 @@ QLIB_AVX2_FN PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K,
           }
         }
       }
+#endif
       for (; k < p.Kp; k += 2)  // tails (K, or rows past N) zero padded
         for (int64_t j = 0; j < 8; ++j)
           for (int64_t t = 0; t < 2; ++t) {
@@ -287,6 +288,7 @@ QLIB_AVX2_FN PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K,
   return p;
 }
 
+#if QLIB_INT8_X86
 // a [M, K] int8 (row stride lda) -> int16 panels of kPMR rows: panel i holds, for each k
 // pair kk, kPMR int32 words (a[6i + r][2kk], a[6i + r][2kk + 1]) as int16, zero padded; so
 // the micro-kernel reads A through one pointer.
@@ -580,10 +582,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in
 }
 
 // ---------------------------------------------------------------- int8_linear
-at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
-                           const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in,
-                           const std::optional<at::Tensor>& act_scale) {
-  const char* op = "qlib::int8_linear";
+// packed: w_in already packed by int8_pack_weight (CPU layout), or nullptr to pack per call.
+at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Tensor& w_in,
+                            const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in,
+                            const std::optional<at::Tensor>& act_scale, const PackedB* packed) {
   const int64_t N = check_int8_linear_args(op, x_in, w_in, w_scale_in, bias_in, act_scale);
   const at::Tensor x = x_in.contiguous();
   const int64_t K = w_in.size(1);
@@ -630,7 +632,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
     };
 #if QLIB_INT8_X86
     if (cpu_has_avx2() && K > 0 && M >= packed_min_m()) {
-      const PackedB pb = pack_b(w.const_data_ptr<int8_t>(), w.stride(0), N, K, x.options());
+      const PackedB pb = packed != nullptr
+                             ? *packed
+                             : pack_b(w.const_data_ptr<int8_t>(), w.stride(0), N, K, x.options());
       const at::Tensor a16 = widen_a(q.const_data_ptr<int8_t>(), K, M, K, x.options());
       gemm_packed(a16, M, pb, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                                   const int32_t* ct, int64_t ldt) {
@@ -650,12 +654,54 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   return out;
 }
 
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& act_scale) {
+  return int8_linear_impl("qlib::int8_linear", x, w, w_scale, bias, act_scale, nullptr);
+}
+
+// ---------------------------------------------------------------- pre-packed weights
+// int8_pack_weight: w [N, K] int8 -> the packed B panels of the large-M kernel (1-D int8),
+// computed once (e.g. at Int8Linear load time) instead of on every call.
+at::Tensor int8_pack_weight_cpu(const at::Tensor& w_in) {
+  const char* op = "qlib::int8_pack_weight";
+  TORCH_CHECK(w_in.scalar_type() == at::kChar && w_in.dim() == 2, op,
+              ": w must be a 2-D int8 [N, K] tensor, got ", w_in.scalar_type(), " of shape ",
+              w_in.sizes());
+  const at::Tensor w = k_contiguous(w_in);
+  return pack_b(w.const_data_ptr<int8_t>(), w.stride(0), w.size(0), w.size(1), w.options()).buf;
+}
+
+// int8_linear with w_packed = int8_pack_weight(w_int8); w_int8 still serves small M.
+at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed,
+                                  const at::Tensor& w, const at::Tensor& w_scale,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& act_scale) {
+  const char* op = "qlib::int8_linear_packed";
+  PackedB pb;
+  const PackedB* ppb = nullptr;
+  if (w.dim() == 2 && w_packed.numel() > 0) {
+    pb.N = w.size(0), pb.K = w.size(1);
+    pb.Np = (pb.N + kPNR - 1) / kPNR * kPNR, pb.Kp = (pb.K + 1) / 2 * 2;
+    TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.is_contiguous() &&
+                    w_packed.numel() == pb.Np * pb.Kp && w_packed.device() == w.device(),
+                op, ": w_packed (", w_packed.scalar_type(), ", ", w_packed.numel(),
+                " elements) is not int8_pack_weight(w_int8) for w_int8 of shape ", w.sizes(),
+                " (expected ", pb.Np * pb.Kp, " int8 elements)");
+    pb.buf = w_packed;
+    ppb = &pb;
+  }
+  return int8_linear_impl(op, x, w, w_scale, bias, act_scale, ppb);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qlib, CPU, m) {
   m.impl("quantize_per_token", &quantize_per_token_cpu);
   m.impl("int8_gemm", &int8_gemm_cpu);
   m.impl("int8_linear", &int8_linear_cpu);
+  m.impl("int8_pack_weight", &int8_pack_weight_cpu);
+  m.impl("int8_linear_packed", &int8_linear_packed_cpu);
 }
 
 }  // namespace qlib

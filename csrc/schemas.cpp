@@ -30,5 +30,11 @@ TORCH_LIBRARY(qlib, m) {
       "int8_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias, "
       "Tensor? act_scale=None) -> Tensor",
       tags);
+  // CPU: w_int8 packed once for the large-M kernel; CUDA: an empty tensor (not used).
+  m.def("int8_pack_weight(Tensor w_int8) -> Tensor", tags);
+  m.def(
+      "int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_int8, Tensor w_scale, "
+      "Tensor? bias, Tensor? act_scale=None) -> Tensor",
+      tags);
 }
 

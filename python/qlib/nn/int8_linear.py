@@ -64,6 +64,17 @@ class Int8Linear(nn.Module):
             self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
         else:
             self.act_scale = None
+        # CPU: the weight pre-packed for the large-batch int8 kernel (not in the state_dict;
+        # rebuilt by repack() whenever `weight` changes). Empty until packed.
+        self.register_buffer("weight_packed", torch.empty(0, dtype=torch.int8, device=device), persistent=False)
+        self._packed_version = None
+
+    @torch.no_grad()
+    def repack(self) -> None:
+        """Re-packs ``weight`` for the CPU kernel; called automatically after ``from_float``,
+        ``load_state_dict`` and in-place edits of ``weight`` (outside ``torch.compile``)."""
+        self.weight_packed = torch.ops.qlib.int8_pack_weight(self.weight)
+        self._packed_version = (self.weight._version, self.weight.data_ptr())
 
     @classmethod
     def from_float(
@@ -95,10 +106,15 @@ class Int8Linear(nn.Module):
             mod.bias.copy_(linear.bias.detach().float())
         if activation == "static":
             mod.act_scale.copy_(act_scale.to(device))
+        mod.repack()
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.qlib.int8_linear(x, self.weight, self.weight_scale, self.bias, self.act_scale)
+        if not torch.compiler.is_compiling() and self._packed_version != (self.weight._version, self.weight.data_ptr()):
+            self.repack()
+        return torch.ops.qlib.int8_linear_packed(
+            x, self.weight_packed, self.weight, self.weight_scale, self.bias, self.act_scale
+        )
 
     def weight_bytes(self) -> int:
         """Bytes of the quantized weight plus its scales (bias and act_scale excluded)."""
@@ -126,3 +142,4 @@ class Int8Linear(nn.Module):
                     f"{tuple(value.shape)}, expected {buf.dtype} of shape {tuple(buf.shape)}"
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._packed_version = None  # repacked on the next forward
