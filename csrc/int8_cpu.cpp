@@ -224,12 +224,14 @@ constexpr int64_t kPMc = 96;      // rows per thread tile (multiple of kPMR)
 constexpr int64_t kPNc = 256;     // columns per thread tile (multiple of kPNR)
 constexpr int64_t kPKc = 1024;    // K per cache block (even): a 16-column B strip is 16 KiB
 
-int64_t packed_min_m() {
-  static const int64_t v = [] {
-    const char* e = std::getenv("QLIB_INT8_PACKED_MIN_M");  // tuning knob
-    return e != nullptr ? std::atoll(e) : int64_t{32};
+// Smallest M for the packed kernel: with a pre-packed weight it wins from one full row
+// panel up; packing B per call (int8_gemm, unpacked int8_linear) pays off from M = 32.
+int64_t packed_min_m(bool prepacked) {
+  static const int64_t env = [] {
+    const char* e = std::getenv("QLIB_INT8_PACKED_MIN_M");  // tuning knob (benchmarks)
+    return e != nullptr ? std::atoll(e) : int64_t{-1};
   }();
-  return v;
+  return env >= 0 ? env : prepacked ? kPMR : 32;
 }
 
 struct PackedB {
@@ -370,13 +372,21 @@ void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
                  const PackedEpilogue& epilogue) {
   const int64_t N = pb.N, Kp = pb.Kp;
   const int16_t* ap = a16.const_data_ptr<int16_t>();
-  const int64_t mt = (M + kPMc - 1) / kPMc, nt = (N + kPNc - 1) / kPNc;
-  at::parallel_for(0, mt * nt, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t mt = (M + kPMc - 1) / kPMc;
+  // Narrower column tiles when there are too few tiles to keep every thread busy.
+  int64_t nc = kPNc;
+  while (nc > 2 * kPNR && mt * ((N + nc - 1) / nc) < 4 * at::get_num_threads()) nc /= 2;
+  const int64_t nt = (N + nc - 1) / nc;
+  // Tiles are handed out one at a time from a shared counter, not split statically: on a
+  // shared machine a descheduled thread then delays only its current tile.
+  const int64_t tiles = mt * nt;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tiles, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<int32_t> ct(kPMc * kPNc);
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t = next++; t < tiles; t = next++) {
       // N-major tile order: consecutive tiles of a thread share the B strip.
       const int64_t m0 = (t % mt) * kPMc, m1 = std::min(M, m0 + kPMc);
-      const int64_t n0 = (t / mt) * kPNc, n1 = std::min(N, n0 + kPNc);
+      const int64_t n0 = (t / mt) * nc, n1 = std::min(N, n0 + nc);
       const int64_t mpad = (m1 - m0 + kPMR - 1) / kPMR * kPMR;
       const int64_t npad = (n1 - n0 + kPNR - 1) / kPNR * kPNR;
       for (int64_t k0 = 0; k0 < Kp; k0 += kPKc) {
@@ -430,7 +440,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   int32_t* cp = c.data_ptr<int32_t>();
   const int64_t lda = a.stride(0), ldb = b.stride(0);
 #if QLIB_INT8_X86
-  if (cpu_has_avx2() && K > 0 && M >= packed_min_m()) {
+  if (cpu_has_avx2() && K > 0 && M >= packed_min_m(false)) {
     const PackedB pb = pack_b(bp, ldb, N, K, a.options());
     const at::Tensor a16 = widen_a(ap, lda, M, K, a.options());
     gemm_packed(a16, M, pb, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct,
@@ -631,7 +641,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
       }
     };
 #if QLIB_INT8_X86
-    if (cpu_has_avx2() && K > 0 && M >= packed_min_m()) {
+    if (cpu_has_avx2() && K > 0 && M >= packed_min_m(packed != nullptr)) {
       const PackedB pb = packed != nullptr
                              ? *packed
                              : pack_b(w.const_data_ptr<int8_t>(), w.stride(0), N, K, x.options());

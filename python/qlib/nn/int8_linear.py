@@ -74,7 +74,12 @@ class Int8Linear(nn.Module):
         """Re-packs ``weight`` for the CPU kernel; called automatically after ``from_float``,
         ``load_state_dict`` and in-place edits of ``weight`` (outside ``torch.compile``)."""
         self.weight_packed = torch.ops.qlib.int8_pack_weight(self.weight)
-        self._packed_version = (self.weight._version, self.weight.data_ptr())
+        self._packed_version = self._weight_key()
+
+    def _weight_key(self):
+        # Inference tensors have no version counter: then only a new weight tensor is seen.
+        w = self.weight
+        return (None if w.is_inference() else w._version, w.data_ptr())
 
     @classmethod
     def from_float(
@@ -110,7 +115,7 @@ class Int8Linear(nn.Module):
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.compiler.is_compiling() and self._packed_version != (self.weight._version, self.weight.data_ptr()):
+        if not torch.compiler.is_compiling() and self._packed_version != self._weight_key():
             self.repack()
         return torch.ops.qlib.int8_linear_packed(
             x, self.weight_packed, self.weight, self.weight_scale, self.bias, self.act_scale
