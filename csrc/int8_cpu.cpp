@@ -381,7 +381,8 @@ void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
   // shared machine a descheduled thread then delays only its current tile.
   const int64_t tiles = mt * nt;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(tiles, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  // (Each parallel_for chunk just drains the counter.)
+  at::parallel_for(0, tiles, 1, [&](int64_t, int64_t) {
     std::vector<int32_t> ct(kPMc * kPNc);
     for (int64_t t = next++; t < tiles; t = next++) {
       // N-major tile order: consecutive tiles of a thread share the B strip.
