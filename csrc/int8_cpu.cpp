@@ -326,18 +326,24 @@ at::Tensor widen_a(const int8_t* a, int64_t lda, int64_t M, int64_t K,
   return w;
 }
 
-// C[kPMR, 16] (row stride ldc) (+)= A panel x B (two 8-column panels) over kp k pairs.
-// Accumulators are named scalars: GCC spills an __m256i[6][2] array every iteration.
-QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const int16_t* a, const int8_t* b, int64_t bstride, int64_t kp,
-                               int32_t* c, int64_t ldc, bool accumulate) {
-  static_assert(kPMR == 6, "micro_packed is written out for 6 rows");
+// C[R, 16] (row stride ldc) (+)= the first R rows of an A panel x B (two 8-column panels)
+// over kp k pairs; R < kPMR only for the last rows of M.
+template <int R>
+QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const int16_t* a, const int8_t* b,
+                                                         int64_t bstride, int64_t kp, int32_t* c,
+                                                         int64_t ldc, bool accumulate) {
+  static_assert(kPMR == 6 && R >= 1 && R <= kPMR, "micro_packed is written out for 6 rows");
   // Accumulators are named variables, loaded (or zeroed) up front and stored once after
   // the loop: with an __m256i array, or a branch after the loop, GCC 13 copies them to
   // the stack in every iteration.
   const __m256i z = _mm256_setzero_si256();
-#define QLIB_LOAD(r)                                                                      \
-  __m256i c##r##0 = accumulate ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc)) : z; \
-  __m256i c##r##1 = accumulate ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc + 8)) : z;
+#define QLIB_LOAD(r)                                                                       \
+  __m256i c##r##0 = (r < R && accumulate)                                                  \
+                        ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc)) \
+                        : z;                                                               \
+  __m256i c##r##1 = (r < R && accumulate)                                                  \
+                        ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc + 8)) \
+                        : z;
   QLIB_LOAD(0) QLIB_LOAD(1) QLIB_LOAD(2) QLIB_LOAD(3) QLIB_LOAD(4) QLIB_LOAD(5)
 #undef QLIB_LOAD
   const int8_t* b1 = b + bstride;
@@ -345,21 +351,29 @@ QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const int16_t* a, const
   for (int64_t kk = 0; kk < kp; ++kk, ap += kPMR) {
     const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kk * 16)));
     const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + kk * 16)));
-#define QLIB_ROW(r)                                                  \
-  {                                                                  \
-    const __m256i av = _mm256_set1_epi32(ap[r]);                     \
-    c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(av, w0)); \
-    c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(av, w1)); \
+#define QLIB_ROW(r)                                                    \
+  if constexpr (r < R) {                                               \
+    const __m256i av = _mm256_set1_epi32(ap[r]);                       \
+    c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(av, w0));   \
+    c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(av, w1));   \
   }
     QLIB_ROW(0) QLIB_ROW(1) QLIB_ROW(2) QLIB_ROW(3) QLIB_ROW(4) QLIB_ROW(5)
 #undef QLIB_ROW
   }
-#define QLIB_STORE(r)                                                       \
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc), c##r##0);    \
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc + 8), c##r##1);
+#define QLIB_STORE(r)                                                         \
+  if constexpr (r < R) {                                                      \
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc), c##r##0);     \
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc + 8), c##r##1); \
+  }
   QLIB_STORE(0) QLIB_STORE(1) QLIB_STORE(2) QLIB_STORE(3) QLIB_STORE(4) QLIB_STORE(5)
 #undef QLIB_STORE
 }
+
+using MicroPackedFn = void (*)(const int16_t*, const int8_t*, int64_t, int64_t, int32_t*, int64_t,
+                               bool);
+constexpr MicroPackedFn kMicroPacked[kPMR] = {&micro_packed<1>, &micro_packed<2>,
+                                              &micro_packed<3>, &micro_packed<4>,
+                                              &micro_packed<5>, &micro_packed<6>};
 
 // Called with a finished tile of C: rows [m0, m1), columns [n0, n1), element (m, n) at
 // ct[(m - m0) * ldt + (n - n0)].
@@ -394,9 +408,10 @@ void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
         const int64_t kc = std::min(kPKc, Kp - k0);
         for (int64_t n = 0; n < npad; n += kPNR) {
           const int8_t* bp = pb.panel(n0 + n) + (k0 / 2) * 16;
-          for (int64_t m = 0; m < mpad; m += kPMR)
-            micro_packed(ap + (m0 + m) * Kp + k0 * kPMR, bp, pb.panel_stride(), kc / 2,
-                         ct.data() + m * kPNc + n, kPNc, k0 > 0);
+          for (int64_t m = 0; m < mpad; m += kPMR)  // only the valid rows of the last panel
+            kMicroPacked[std::min(kPMR, m1 - m0 - m) - 1](ap + (m0 + m) * Kp + k0 * kPMR, bp,
+                                                          pb.panel_stride(), kc / 2,
+                                                          ct.data() + m * kPNc + n, kPNc, k0 > 0);
         }
       }
       if (Kp == 0)
