@@ -10,6 +10,10 @@
 // inputs and swaps the roles of a and b when only a holds -128, and falls back
 // to a portable exact kernel when both do (or the CPU lacks AVX2).
 // Threads: at::parallel_for over (M, N) tiles; cache blocking over K.
+// That kernel now serves small M (GEMV-like, memory bound). From M >= 6 (with a weight
+// pre-packed by int8_pack_weight, as Int8Linear does) or M >= 32 (packing per call), the
+// "packed" kernel below widens both operands to int16 and uses vpmaddwd (exact for every
+// int8 input, 2 multiply uops per 32 MACs like fbgemm's u8*s8 path) on 6x16 register tiles.
 //
 // torch._int_mm on CPU measured ~20x slower than this kernel (and than fp32
 // F.linear) in torch 2.14 on AVX2 machines, so it is not used here.
