@@ -53,6 +53,13 @@ cxx = ["-O3", "-fno-math-errno"]
 if isa == "avx2":
     # at::vec picks its AVX2 code by these macros, as ATen's own kernels do.
     cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+# at::parallel_for is a header template: without -fopenmp (_OPENMP undefined) it runs
+# every CPU kernel on ONE thread. Link too, so omp_* resolve (to torch's own libgomp.so.1,
+# already loaded by `import torch`).
+link = []
+if "OpenMP" in torch.__config__.parallel_info():
+    cxx += ["-fopenmp"]
+    link += ["-fopenmp"]
 macros = [
     ("QLIB_CPU_ISA", f'"{isa}"'),
     ("QLIB_TORCH_VERSION", f'"{torch.__version__}"'),
@@ -74,6 +81,7 @@ if with_cuda:
             "cxx": cxx,
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
+        extra_link_args=link,
     )
 else:
     ext = CppExtension(
@@ -82,6 +90,7 @@ else:
         include_dirs=include_dirs,
         define_macros=macros,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
 
 # Lets `import qlib` check, before loading _C, that it matches this machine.

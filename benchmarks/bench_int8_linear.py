@@ -1,8 +1,9 @@
 """qlib Int8Linear (dynamic) vs torch.ao dynamic quantized Linear (fbgemm) vs fp32 F.linear.
 
-    python benchmarks/bench_int8_linear.py [--quick] [--markdown PATH]
+    python benchmarks/bench_int8_linear.py [--quick] [--threads N] [--markdown PATH]
 
-Prints medians (ms) and ratios, side by side. CPU: M in {1, 16, 128, 1024} x
+Prints medians (ms) and ratios, side by side; the CPU peers are timed interleaved
+(round-robin), so load from other processes hits them alike. CPU: M in {1, 16, 128, 1024} x
 (K, N) in {(768, 768), (768, 3072), (4096, 4096)}. GPU section (only when CUDA
 is available): qlib int8_linear vs bf16 F.linear vs torch._int_mm + separate
 quantize/dequant, K = N in {4096, 8192}, M from 1 to 8192.
@@ -40,6 +41,26 @@ def median_ms(fn, min_reps=5, budget_s=0.6):
     return statistics.median(times) * 1e3
 
 
+def interleaved_medians_ms(fns, budget_s=1.5, min_reps=7, max_reps=200):
+    """Medians (ms) of fns timed round-robin (one call of each per round), so that load from
+    other processes on a shared machine hits all of them alike."""
+    for f in fns:
+        f()
+        f()
+    t0 = time.perf_counter()
+    for f in fns:
+        f()
+    one = time.perf_counter() - t0
+    reps = max(min_reps, min(max_reps, int(budget_s / max(one, 1e-6))))
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for f, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) * 1e3 for ts in times]
+
+
 def cpu_model():
     try:
         for line in open("/proc/cpuinfo"):
@@ -64,9 +85,8 @@ def bench_cpu(quick):
         q = Int8Linear.from_float(lin)
         for M in ms:
             x = torch.randn(M, K)
-            t_fp = median_ms(lambda: F.linear(x, lin.weight, lin.bias))
-            t_ao = median_ms(lambda: ao(x))
-            t_q = median_ms(lambda: q(x))
+            t_fp, t_ao, t_q = interleaved_medians_ms(
+                [lambda: F.linear(x, lin.weight, lin.bias), lambda: ao(x), lambda: q(x)])
             rows.append((M, K, N, t_fp, t_ao, t_q))
             print(f"M={M:5d} K={K:5d} N={N:5d}  fp32 {t_fp:9.3f} ms  torch.ao {t_ao:9.3f} ms  "
                   f"qlib {t_q:9.3f} ms  | qlib vs ao {t_ao / t_q:5.2f}x  vs fp32 {t_fp / t_q:5.2f}x", flush=True)
@@ -130,7 +150,10 @@ def main():
     p.add_argument("--quick", action="store_true", help="a few shapes only")
     p.add_argument("--markdown", type=Path, help="write the CPU table (and GPU, if any) as markdown here")
     p.add_argument("--no-cuda", action="store_true")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU section")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_model()}, "
           f"qlib {qlib.build_info().get('cpu_isa', '')}")
     rows = bench_cpu(args.quick)
@@ -138,7 +161,8 @@ def main():
     if args.markdown:
         text = [f"Device: {cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
                 f"date {datetime.date.today().isoformat()}",
-                f"Command: `python benchmarks/bench_int8_linear.py{' --quick' if args.quick else ''}`", "",
+                f"Command: `python benchmarks/bench_int8_linear.py{' --quick' if args.quick else ''}"
+                f"{f' --threads {args.threads}' if args.threads else ''}`", "",
                 cpu_table(rows)]
         if gpu:
             text += ["", f"GPU: {torch.cuda.get_device_name()}", "",

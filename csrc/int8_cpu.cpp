@@ -10,6 +10,10 @@
 // inputs and swaps the roles of a and b when only a holds -128, and falls back
 // to a portable exact kernel when both do (or the CPU lacks AVX2).
 // Threads: at::parallel_for over (M, N) tiles; cache blocking over K.
+// That kernel now serves small M (GEMV-like, memory bound). From M >= 6 (with a weight
+// pre-packed by int8_pack_weight, as Int8Linear does) or M >= 32 (packing per call), the
+// "packed" kernel below widens both operands to int16 and uses vpmaddwd (exact for every
+// int8 input, 2 multiply uops per 32 MACs like fbgemm's u8*s8 path) on 6x16 register tiles.
 //
 // torch._int_mm on CPU measured ~20x slower than this kernel (and than fp32
 // F.linear) in torch 2.14 on AVX2 machines, so it is not used here.
@@ -24,7 +28,9 @@
 #include <utility>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <vector>
 #include <functional>
 
 #include "affine.h"
@@ -204,6 +210,222 @@ void gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, GemmOut o,
   });
 }
 
+// ---------------------------------------------------------------- packed int16 kernel (large M)
+// For M >= kPackedMinM the sign-transfer kernel is bound by its 3 vector-multiply-port
+// ops (vpsignb, vpmaddubsw, vpmaddwd) per 32 MACs. This path instead widens both
+// operands to int16 and uses one vpmaddwd per 16 MACs (2 per 32, as fbgemm's u8*s8
+// kernel), which is exact for ALL int8 inputs (a pair sum is at most 2 * 128 * 128 =
+// 2^15, far inside int32), so no -128 scan is needed either.
+//   A: int16 row-major [Mp, Kp] (Mp = M rounded up to kPMR, Kp = K rounded up to 2,
+//      zero padded); the micro-kernel broadcasts one (a[k], a[k+1]) pair as an int32.
+//   B: int8 panels of 8 columns: panel p holds, for each k pair kk, 16 bytes
+//      (b[8p+j][2kk], b[8p+j][2kk+1]) for j = 0..7; one vpmovsxbw load widens it into
+//      the 16 int16 lanes that pair with the broadcast. N is zero padded to 16.
+// Register tile: kPMR rows x 16 columns = 12 int32 accumulators.
+constexpr int64_t kPMR = 6;       // rows per micro-kernel
+constexpr int64_t kPNR = 16;      // columns per micro-kernel (two 8-column panels)
+constexpr int64_t kPMc = 96;      // rows per thread tile (multiple of kPMR)
+constexpr int64_t kPNc = 256;     // columns per thread tile (multiple of kPNR)
+constexpr int64_t kPKc = 1024;    // K per cache block (even): a 16-column B strip is 16 KiB
+
+// Smallest M for the packed kernel: with a pre-packed weight it wins from one full row
+// panel up; packing B per call (int8_gemm, unpacked int8_linear) pays off from M = 32.
+int64_t packed_min_m(bool prepacked) {
+  static const int64_t env = [] {
+    const char* e = std::getenv("QLIB_INT8_PACKED_MIN_M");  // tuning knob (benchmarks)
+    return e != nullptr ? std::atoll(e) : int64_t{-1};
+  }();
+  return env >= 0 ? env : prepacked ? kPMR : 32;
+}
+
+struct PackedB {
+  at::Tensor buf;  // int8 [Np/8 panels * Kp/2 * 16]
+  int64_t N, K, Np, Kp;
+  const int8_t* panel(int64_t n) const {  // n: multiple of 8
+    return buf.const_data_ptr<int8_t>() + (n / 8) * (Kp / 2) * 16;
+  }
+  int64_t panel_stride() const { return (Kp / 2) * 16; }
+};
+
+// Packs b [N, K] (row stride ldb) into 8-column panels; on x86 an SSE2 8x8 transpose of
+// 16-bit units (2 k each) per 8 rows x 16 k.
+PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K,
+                            const at::TensorOptions& opt) {
+  PackedB p;
+  p.N = N, p.K = K, p.Np = (N + kPNR - 1) / kPNR * kPNR, p.Kp = (K + 1) / 2 * 2;
+  p.buf = at::empty({p.Np * p.Kp}, opt.dtype(at::kChar));
+  int8_t* out = p.buf.data_ptr<int8_t>();
+  const int64_t kp2 = p.Kp / 2;
+  at::parallel_for(0, p.Np / 8, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      int8_t* o = out + pi * kp2 * 16;
+      const int64_t n0 = pi * 8;
+      int64_t k = 0;
+#if QLIB_INT8_X86
+      if (n0 + 8 <= N) {
+        for (; k + 16 <= K; k += 16) {
+          __m128i r[8], t[8], s[8];
+          for (int j = 0; j < 8; ++j)
+            r[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (n0 + j) * ldb + k));
+          for (int j = 0; j < 4; ++j) {
+            t[2 * j] = _mm_unpacklo_epi16(r[2 * j], r[2 * j + 1]);
+            t[2 * j + 1] = _mm_unpackhi_epi16(r[2 * j], r[2 * j + 1]);
+          }
+          s[0] = _mm_unpacklo_epi32(t[0], t[2]), s[1] = _mm_unpackhi_epi32(t[0], t[2]);
+          s[2] = _mm_unpacklo_epi32(t[1], t[3]), s[3] = _mm_unpackhi_epi32(t[1], t[3]);
+          s[4] = _mm_unpacklo_epi32(t[4], t[6]), s[5] = _mm_unpackhi_epi32(t[4], t[6]);
+          s[6] = _mm_unpacklo_epi32(t[5], t[7]), s[7] = _mm_unpackhi_epi32(t[5], t[7]);
+          __m128i* dst = reinterpret_cast<__m128i*>(o + (k / 2) * 16);
+          for (int j = 0; j < 4; ++j) {
+            _mm_storeu_si128(dst + 2 * j, _mm_unpacklo_epi64(s[j], s[j + 4]));
+            _mm_storeu_si128(dst + 2 * j + 1, _mm_unpackhi_epi64(s[j], s[j + 4]));
+          }
+        }
+      }
+#endif
+      for (; k < p.Kp; k += 2)  // tails (K, or rows past N) zero padded
+        for (int64_t j = 0; j < 8; ++j)
+          for (int64_t t = 0; t < 2; ++t) {
+            const int64_t n = n0 + j, kk = k + t;
+            o[(k / 2) * 16 + j * 2 + t] = (n < N && kk < K) ? b[n * ldb + kk] : int8_t{0};
+          }
+    }
+  });
+  return p;
+}
+
+#if QLIB_INT8_X86
+// a [M, K] int8 (row stride lda) -> int16 panels of kPMR rows: panel i holds, for each k
+// pair kk, kPMR int32 words (a[6i + r][2kk], a[6i + r][2kk + 1]) as int16, zero padded; so
+// the micro-kernel reads A through one pointer.
+at::Tensor widen_a(const int8_t* a, int64_t lda, int64_t M, int64_t K,
+                   const at::TensorOptions& opt) {
+  const int64_t Mp = (M + kPMR - 1) / kPMR * kPMR, kp2 = (K + 1) / 2;
+  at::Tensor w = at::empty({Mp * kp2 * 2}, opt.dtype(at::kShort));
+  int16_t* wp = w.data_ptr<int16_t>();
+  at::parallel_for(0, Mp / kPMR, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)),
+                   [&](int64_t p0, int64_t p1) {
+                     for (int64_t pi = p0; pi < p1; ++pi) {
+                       int16_t* o = wp + pi * kp2 * kPMR * 2;
+                       for (int64_t r = 0; r < kPMR; ++r) {
+                         const int64_t m = pi * kPMR + r;
+                         const int8_t* ar = a + m * lda;
+                         int16_t* orow = o + r * 2;
+                         if (m >= M) {
+                           for (int64_t kk = 0; kk < kp2; ++kk) orow[kk * kPMR * 2] = orow[kk * kPMR * 2 + 1] = 0;
+                           continue;
+                         }
+                         const int64_t full = K / 2;
+                         for (int64_t kk = 0; kk < full; ++kk) {
+                           orow[kk * kPMR * 2] = ar[2 * kk];
+                           orow[kk * kPMR * 2 + 1] = ar[2 * kk + 1];
+                         }
+                         if (full < kp2) {
+                           orow[full * kPMR * 2] = ar[2 * full];
+                           orow[full * kPMR * 2 + 1] = 0;
+                         }
+                       }
+                     }
+                   });
+  return w;
+}
+
+// C[R, 16] (row stride ldc) (+)= the first R rows of an A panel x B (two 8-column panels)
+// over kp k pairs; R < kPMR only for the last rows of M.
+template <int R>
+QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const int16_t* a, const int8_t* b,
+                                                         int64_t bstride, int64_t kp, int32_t* c,
+                                                         int64_t ldc, bool accumulate) {
+  static_assert(kPMR == 6 && R >= 1 && R <= kPMR, "micro_packed is written out for 6 rows");
+  // Accumulators are named variables, loaded (or zeroed) up front and stored once after
+  // the loop: with an __m256i array, or a branch after the loop, GCC 13 copies them to
+  // the stack in every iteration.
+  const __m256i z = _mm256_setzero_si256();
+#define QLIB_LOAD(r)                                                                       \
+  __m256i c##r##0 = (r < R && accumulate)                                                  \
+                        ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc)) \
+                        : z;                                                               \
+  __m256i c##r##1 = (r < R && accumulate)                                                  \
+                        ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc + 8)) \
+                        : z;
+  QLIB_LOAD(0) QLIB_LOAD(1) QLIB_LOAD(2) QLIB_LOAD(3) QLIB_LOAD(4) QLIB_LOAD(5)
+#undef QLIB_LOAD
+  const int8_t* b1 = b + bstride;
+  const int32_t* ap = reinterpret_cast<const int32_t*>(a);
+  for (int64_t kk = 0; kk < kp; ++kk, ap += kPMR) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kk * 16)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + kk * 16)));
+#define QLIB_ROW(r)                                                    \
+  if constexpr (r < R) {                                               \
+    const __m256i av = _mm256_set1_epi32(ap[r]);                       \
+    c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(av, w0));   \
+    c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(av, w1));   \
+  }
+    QLIB_ROW(0) QLIB_ROW(1) QLIB_ROW(2) QLIB_ROW(3) QLIB_ROW(4) QLIB_ROW(5)
+#undef QLIB_ROW
+  }
+#define QLIB_STORE(r)                                                         \
+  if constexpr (r < R) {                                                      \
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc), c##r##0);     \
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc + 8), c##r##1); \
+  }
+  QLIB_STORE(0) QLIB_STORE(1) QLIB_STORE(2) QLIB_STORE(3) QLIB_STORE(4) QLIB_STORE(5)
+#undef QLIB_STORE
+}
+
+using MicroPackedFn = void (*)(const int16_t*, const int8_t*, int64_t, int64_t, int32_t*, int64_t,
+                               bool);
+constexpr MicroPackedFn kMicroPacked[kPMR] = {&micro_packed<1>, &micro_packed<2>,
+                                              &micro_packed<3>, &micro_packed<4>,
+                                              &micro_packed<5>, &micro_packed<6>};
+
+// Called with a finished tile of C: rows [m0, m1), columns [n0, n1), element (m, n) at
+// ct[(m - m0) * ldt + (n - n0)].
+using PackedEpilogue =
+    std::function<void(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct, int64_t ldt)>;
+
+// C = A B^T with A widened (widen_a) and B packed (pack_b); each thread tile accumulates in
+// a private int32 buffer (L2 resident) and hands it to the epilogue.
+void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
+                 const PackedEpilogue& epilogue) {
+  const int64_t N = pb.N, Kp = pb.Kp;
+  const int16_t* ap = a16.const_data_ptr<int16_t>();
+  const int64_t mt = (M + kPMc - 1) / kPMc;
+  // Narrower column tiles when there are too few tiles to keep every thread busy.
+  int64_t nc = kPNc;
+  while (nc > 2 * kPNR && mt * ((N + nc - 1) / nc) < 4 * at::get_num_threads()) nc /= 2;
+  const int64_t nt = (N + nc - 1) / nc;
+  // Tiles are handed out one at a time from a shared counter, not split statically: on a
+  // shared machine a descheduled thread then delays only its current tile.
+  const int64_t tiles = mt * nt;
+  std::atomic<int64_t> next{0};
+  // (Each parallel_for chunk just drains the counter.)
+  at::parallel_for(0, tiles, 1, [&](int64_t, int64_t) {
+    std::vector<int32_t> ct(kPMc * kPNc);
+    for (int64_t t = next++; t < tiles; t = next++) {
+      // N-major tile order: consecutive tiles of a thread share the B strip.
+      const int64_t m0 = (t % mt) * kPMc, m1 = std::min(M, m0 + kPMc);
+      const int64_t n0 = (t / mt) * nc, n1 = std::min(N, n0 + nc);
+      const int64_t mpad = (m1 - m0 + kPMR - 1) / kPMR * kPMR;
+      const int64_t npad = (n1 - n0 + kPNR - 1) / kPNR * kPNR;
+      for (int64_t k0 = 0; k0 < Kp; k0 += kPKc) {
+        const int64_t kc = std::min(kPKc, Kp - k0);
+        for (int64_t n = 0; n < npad; n += kPNR) {
+          const int8_t* bp = pb.panel(n0 + n) + (k0 / 2) * 16;
+          for (int64_t m = 0; m < mpad; m += kPMR)  // only the valid rows of the last panel
+            kMicroPacked[std::min(kPMR, m1 - m0 - m) - 1](ap + (m0 + m) * Kp + k0 * kPMR, bp,
+                                                          pb.panel_stride(), kc / 2,
+                                                          ct.data() + m * kPNc + n, kPNc, k0 > 0);
+        }
+      }
+      if (Kp == 0)
+        std::fill(ct.begin(), ct.end(), 0);
+      epilogue(m0, m1, n0, n1, ct.data(), kPNc);
+    }
+  });
+}
+#endif
+
 bool contains_int8_min(const int8_t* p, int64_t rows, int64_t cols, int64_t ld) {
   std::atomic<bool> found{false};
   at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1)),
@@ -237,6 +459,18 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int8_t* bp = b.const_data_ptr<int8_t>();
   int32_t* cp = c.data_ptr<int32_t>();
   const int64_t lda = a.stride(0), ldb = b.stride(0);
+#if QLIB_INT8_X86
+  if (cpu_has_avx2() && K > 0 && M >= packed_min_m(false)) {
+    const PackedB pb = pack_b(bp, ldb, N, K, a.options());
+    const at::Tensor a16 = widen_a(ap, lda, M, K, a.options());
+    gemm_packed(a16, M, pb, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct,
+                                int64_t ldt) {
+      for (int64_t m = m0; m < m1; ++m)
+        std::memcpy(cp + m * N + n0, ct + (m - m0) * ldt, (n1 - n0) * sizeof(int32_t));
+    });
+    return c;
+  }
+#endif
   if (cpu_has_avx2() && K > 0) {
     if (!contains_int8_min(ap, M, K, lda)) {
       gemm(ap, lda, bp, ldb, {cp, N, 1}, M, N, K, true);
@@ -378,10 +612,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in
 }
 
 // ---------------------------------------------------------------- int8_linear
-at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
-                           const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in,
-                           const std::optional<at::Tensor>& act_scale) {
-  const char* op = "qlib::int8_linear";
+// packed: w_in already packed by int8_pack_weight (CPU layout), or nullptr to pack per call.
+at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Tensor& w_in,
+                            const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in,
+                            const std::optional<at::Tensor>& act_scale, const PackedB* packed) {
   const int64_t N = check_int8_linear_args(op, x_in, w_in, w_scale_in, bias_in, act_scale);
   const at::Tensor x = x_in.contiguous();
   const int64_t K = w_in.size(1);
@@ -406,34 +640,88 @@ at::Tensor int8_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
     quantize_rows(x, q.data_ptr<int8_t>(), sa.data_ptr<float>(), 0.0f);
   }
 
-  at::Tensor c = at::empty({M, N}, x.options().dtype(at::kInt));
-  const int32_t* cp = c.const_data_ptr<int32_t>();
   const float* swp = w_scale.const_data_ptr<float>();
   const float* sap = sa.defined() ? sa.const_data_ptr<float>() : nullptr;
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
 
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "int8_linear_cpu", [&] {
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    const TileEpilogue epilogue = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-      float row[kNc];
-      for (int64_t m = m0; m < m1; ++m) {
-        const float s = sap != nullptr ? sap[m] : fixed;
-        const int32_t* cr = cp + m * N;
-        for (int64_t n = n0; n < n1; ++n) {
-          const float v = static_cast<float>(cr[n]) * (s * swp[n]);
-          row[n - n0] = bp != nullptr ? v + bp[n] : v;
-        }
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          std::memcpy(op_ + m * N + n0, row, (n1 - n0) * sizeof(float));
-        } else {
-          at::vec::convert(row, op_ + m * N + n0, n1 - n0);
-        }
+    // Dequantizes int32 row segment cr[0, n1 - n0) of row m (columns [n0, n1)) into out.
+    const auto dequant_row = [&](int64_t m, int64_t n0, int64_t n1, const int32_t* cr) {
+      float row[std::max(kNc, kPNc)];
+      const float s = sap != nullptr ? sap[m] : fixed;
+      for (int64_t n = n0; n < n1; ++n) {
+        const float v = static_cast<float>(cr[n - n0]) * (s * swp[n]);
+        row[n - n0] = bp != nullptr ? v + bp[n] : v;
       }
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        std::memcpy(op_ + m * N + n0, row, (n1 - n0) * sizeof(float));
+      } else {
+        at::vec::convert(row, op_ + m * N + n0, n1 - n0);
+      }
+    };
+#if QLIB_INT8_X86
+    if (cpu_has_avx2() && K > 0 && M >= packed_min_m(packed != nullptr)) {
+      const PackedB pb = packed != nullptr
+                             ? *packed
+                             : pack_b(w.const_data_ptr<int8_t>(), w.stride(0), N, K, x.options());
+      const at::Tensor a16 = widen_a(q.const_data_ptr<int8_t>(), K, M, K, x.options());
+      gemm_packed(a16, M, pb, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                                  const int32_t* ct, int64_t ldt) {
+        for (int64_t m = m0; m < m1; ++m) dequant_row(m, n0, n1, ct + (m - m0) * ldt);
+      });
+      return;
+    }
+#endif
+    at::Tensor c = at::empty({M, N}, x.options().dtype(at::kInt));
+    const int32_t* cp = c.const_data_ptr<int32_t>();
+    const TileEpilogue epilogue = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+      for (int64_t m = m0; m < m1; ++m) dequant_row(m, n0, n1, cp + m * N + n0);
     };
     gemm(q.const_data_ptr<int8_t>(), K, w.const_data_ptr<int8_t>(), w.stride(0),
          {c.data_ptr<int32_t>(), N, 1}, M, N, K, cpu_has_avx2(), epilogue);
   });
   return out;
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& act_scale) {
+  return int8_linear_impl("qlib::int8_linear", x, w, w_scale, bias, act_scale, nullptr);
+}
+
+// ---------------------------------------------------------------- pre-packed weights
+// int8_pack_weight: w [N, K] int8 -> the packed B panels of the large-M kernel (1-D int8),
+// computed once (e.g. at Int8Linear load time) instead of on every call.
+at::Tensor int8_pack_weight_cpu(const at::Tensor& w_in) {
+  const char* op = "qlib::int8_pack_weight";
+  TORCH_CHECK(w_in.scalar_type() == at::kChar && w_in.dim() == 2, op,
+              ": w must be a 2-D int8 [N, K] tensor, got ", w_in.scalar_type(), " of shape ",
+              w_in.sizes());
+  const at::Tensor w = k_contiguous(w_in);
+  return pack_b(w.const_data_ptr<int8_t>(), w.stride(0), w.size(0), w.size(1), w.options()).buf;
+}
+
+// int8_linear with w_packed = int8_pack_weight(w_int8); w_int8 still serves small M.
+at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed,
+                                  const at::Tensor& w, const at::Tensor& w_scale,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& act_scale) {
+  const char* op = "qlib::int8_linear_packed";
+  PackedB pb;
+  const PackedB* ppb = nullptr;
+  if (w.dim() == 2 && w_packed.numel() > 0) {
+    pb.N = w.size(0), pb.K = w.size(1);
+    pb.Np = (pb.N + kPNR - 1) / kPNR * kPNR, pb.Kp = (pb.K + 1) / 2 * 2;
+    TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.is_contiguous() &&
+                    w_packed.numel() == pb.Np * pb.Kp && w_packed.device() == w.device(),
+                op, ": w_packed (", w_packed.scalar_type(), ", ", w_packed.numel(),
+                " elements) is not int8_pack_weight(w_int8) for w_int8 of shape ", w.sizes(),
+                " (expected ", pb.Np * pb.Kp, " int8 elements)");
+    pb.buf = w_packed;
+    ppb = &pb;
+  }
+  return int8_linear_impl(op, x, w, w_scale, bias, act_scale, ppb);
 }
 
 }  // namespace
@@ -442,6 +730,8 @@ TORCH_LIBRARY_IMPL(qlib, CPU, m) {
   m.impl("quantize_per_token", &quantize_per_token_cpu);
   m.impl("int8_gemm", &int8_gemm_cpu);
   m.impl("int8_linear", &int8_linear_cpu);
+  m.impl("int8_pack_weight", &int8_pack_weight_cpu);
+  m.impl("int8_linear_packed", &int8_linear_packed_cpu);
 }
 
 }  // namespace qlib

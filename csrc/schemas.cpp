@@ -48,5 +48,11 @@ TORCH_LIBRARY(qlib, m) {
       "histogram_entropy_search(Tensor hist, Tensor range, int num_levels) "
       "-> (Tensor min, Tensor max)",
       tags);
+  // int8, packed weights. CPU: w_int8 packed once for the large-M kernel; CUDA: an empty tensor (not used).
+  m.def("int8_pack_weight(Tensor w_int8) -> Tensor", tags);
+  m.def(
+      "int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_int8, Tensor w_scale, "
+      "Tensor? bias, Tensor? act_scale=None) -> Tensor",
+      tags);
 }
 

@@ -299,12 +299,30 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
   return out;
 }
 
+// The packed weight layout is a CPU kernel's; on CUDA it is empty and int8_linear_packed is
+// int8_linear.
+at::Tensor int8_pack_weight_cuda(const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2,
+              "qlib::int8_pack_weight: w must be a 2-D int8 [N, K] tensor, got ", w.scalar_type(),
+              " of shape ", w.sizes());
+  return at::empty({0}, w.options());
+}
+
+at::Tensor int8_linear_packed_cuda(const at::Tensor& x, const at::Tensor& /*w_packed*/,
+                                   const at::Tensor& w, const at::Tensor& w_scale,
+                                   const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& act_scale) {
+  return int8_linear_cuda(x, w, w_scale, bias, act_scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qlib, CUDA, m) {
   m.impl("quantize_per_token", &quantize_per_token_cuda);
   m.impl("int8_gemm", &int8_gemm_cuda);
   m.impl("int8_linear", &int8_linear_cuda);
+  m.impl("int8_pack_weight", &int8_pack_weight_cuda);
+  m.impl("int8_linear_packed", &int8_linear_packed_cuda);
 }
 
 }  // namespace qlib

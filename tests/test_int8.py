@@ -263,3 +263,40 @@ def test_quantize_dynamic(device):
     all_q = qlib.quantize_dynamic(nn.Sequential(Block()).to(device))
     assert sum(isinstance(m, Int8Linear) for m in all_q.modules()) == 4
     assert isinstance(qlib.quantize_dynamic(nn.Linear(4, 4)), Int8Linear)
+
+
+# ---------------------------------------------------------------- pre-packed weights
+@pytest.mark.parametrize("M", [1, 5, 33, 100])
+@pytest.mark.parametrize("K,N", [(64, 48), (33, 17), (1025, 40)])
+def test_int8_linear_packed_matches_unpacked(device, M, K, N):
+    x = torch.randn(M, K, device=device)
+    w = rand_i8(N, K, device=device, low=-127)
+    s = torch.rand(N, device=device) * 0.01 + 1e-3
+    b = torch.randn(N, device=device)
+    packed = ops.int8_pack_weight(w)
+    ref = ops.int8_linear(x, w, s, b)
+    assert torch.equal(ops.int8_linear_packed(x, packed, w, s, b), ref)
+    empty = w.new_empty((0,))  # no packed weight: packs per call, same result
+    assert torch.equal(ops.int8_linear_packed(x, empty, w, s, b), ref)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="qlib::int8_linear_packed: w_packed"):
+            ops.int8_linear_packed(x, packed[:-1], w, s, b)
+
+
+def test_int8_packed_opcheck(device):
+    w = rand_i8(24, 40, device=device)
+    torch.library.opcheck(ops.int8_pack_weight, (w,))
+    x, s = torch.randn(40, 40, device=device), torch.rand(24, device=device) + 0.01
+    torch.library.opcheck(ops.int8_linear_packed, (x, ops.int8_pack_weight(w), w, s, None))
+
+
+def test_int8linear_repacks_after_weight_edit(device):
+    q = Int8Linear.from_float(nn.Linear(64, 24).to(device))
+    x = torch.randn(40, 64, device=device)
+    with torch.no_grad():
+        q.weight[3] = -q.weight[3]
+    expected = ops.int8_linear(x, q.weight, q.weight_scale, q.bias)
+    assert torch.equal(q(x), expected)
+    q2 = Int8Linear(64, 24, device=device)
+    q2.load_state_dict(q.state_dict())
+    assert torch.equal(q2(x), expected)

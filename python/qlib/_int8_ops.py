@@ -54,6 +54,25 @@ def _(x, w_int8, w_scale, bias, act_scale=None):
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 
+@torch.library.register_fake("qlib::int8_pack_weight")
+def _(w_int8):
+    torch._check(w_int8.dim() == 2, lambda: "qlib::int8_pack_weight: w_int8 must be 2-D [N, K]")
+    if w_int8.device.type != "cpu":
+        return w_int8.new_empty((0,))
+    n, k = w_int8.shape
+    return w_int8.new_empty(((n + 15) // 16 * 16 * ((k + 1) // 2 * 2),))
+
+
+@torch.library.register_fake("qlib::int8_linear_packed")
+def _(x, w_packed, w_int8, w_scale, bias, act_scale=None):
+    torch._check(w_int8.dim() == 2, lambda: "qlib::int8_linear_packed: w_int8 must be 2-D [N, K]")
+    torch._check(
+        x.shape[-1] == w_int8.shape[1],
+        lambda: f"qlib::int8_linear_packed: x {x.shape} does not match w_int8 {w_int8.shape}",
+    )
+    return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
+
+
 def quantize_per_token(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Dynamic symmetric int8 quantization, one scale per row (all leading dims).
 

@@ -72,6 +72,22 @@ class Int8Linear(nn.Module):
             self.register_load_state_dict_post_hook(Int8Linear._sync_fused)
         else:
             self.act_scale = None
+        # CPU: the weight pre-packed for the large-batch int8 kernel (not in the state_dict;
+        # rebuilt by repack() whenever `weight` changes). Empty until packed.
+        self.register_buffer("weight_packed", torch.empty(0, dtype=torch.int8, device=device), persistent=False)
+        self._packed_version = None
+
+    @torch.no_grad()
+    def repack(self) -> None:
+        """Re-packs ``weight`` for the CPU kernel; called automatically after ``from_float``,
+        ``load_state_dict`` and in-place edits of ``weight`` (outside ``torch.compile``)."""
+        self.weight_packed = torch.ops.qlib.int8_pack_weight(self.weight)
+        self._packed_version = self._weight_key()
+
+    def _weight_key(self):
+        # Inference tensors have no version counter: then only a new weight tensor is seen.
+        w = self.weight
+        return (None if w.is_inference() else w._version, w.data_ptr())
 
     @classmethod
     def from_float(
@@ -103,6 +119,7 @@ class Int8Linear(nn.Module):
             mod.bias.copy_(linear.bias.detach().float())
         if activation == "static":
             mod.act_scale.copy_(act_scale.to(device))
+        mod.repack()
         return mod
 
     @classmethod
@@ -154,16 +171,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation == "dynamic" or self._fused:
-            return torch.ops.qlib.int8_linear(x, self.weight, self.weight_scale, self.bias, self.act_scale)
+            if not torch.compiler.is_compiling() and self._packed_version != self._weight_key():
+                self.repack()
+            return torch.ops.qlib.int8_linear_packed(
+                x, self.weight_packed, self.weight, self.weight_scale, self.bias, self.act_scale
+            )
         # y = s_x * s_w * (q_x - z_x) . q_w + b, exactly in int32 up to the float epilogue.
         lo, hi = self._act_range
         q = quantize(x, self.act_scale, self.act_zero_point, lo, hi, torch.int8).reshape(-1, self.in_features)
-        if lo == -128:
-            # int8_gemm is slow when both sides hold -128: split q = max(q, -127) + (0 or -1).
-            q_c = q.clamp_min(-127)
-            acc = torch.ops.qlib.int8_gemm(q_c, self.weight) + torch.ops.qlib.int8_gemm(q - q_c, self.weight)
-        else:
-            acc = torch.ops.qlib.int8_gemm(q, self.weight)
+        acc = torch.ops.qlib.int8_gemm(q, self.weight)
         acc = acc - self.act_zero_point * self.weight.sum(1, dtype=torch.int32)
         y = acc.float() * (self.act_scale * self.weight_scale)
         if self.bias is not None:
@@ -199,3 +215,4 @@ class Int8Linear(nn.Module):
                     f"{tuple(value.shape)}, expected {buf.dtype} of shape {tuple(buf.shape)}"
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._packed_version = None  # repacked on the next forward
