@@ -43,15 +43,48 @@ struct MinMaxCount {
   int64_t nonfinite = 0;
 };
 
-// Finite min, max and the count of NaN/Inf of p[0, n).
+// Finite min, max and the count of NaN/Inf of p[0, n). A fast pass takes
+// plain min/max and notes whether anything was non-finite (v - v is then
+// NaN); only then does a second pass mask the NaN/Inf out and count them.
 template <class T>
 MinMaxCount minmax_span(const T* p, int64_t n) {
-  Vec vlo(kInf), vhi(-kInf);
-  Vec bad(0.0f);
   const Vec zero(0.0f), one(1.0f);
+  // Four independent accumulators hide the latency of min/max/add.
+  constexpr int kU = 4;
+  Vec lo4[kU], hi4[kU], probe4[kU];
+  for (int u = 0; u < kU; ++u) lo4[u] = Vec(kInf), hi4[u] = Vec(-kInf), probe4[u] = zero;
   int64_t i = 0;
+  for (; i + kU * kVec <= n; i += kU * kVec) {
+    for (int u = 0; u < kU; ++u) {
+      const Vec v = load_float(p + i + u * kVec, kVec);
+      probe4[u] = probe4[u] + (v - v);
+      lo4[u] = at::vec::clamp_max(lo4[u], v);  // min, NaN not propagated
+      hi4[u] = at::vec::clamp_min(hi4[u], v);
+    }
+  }
   for (; i + kVec <= n; i += kVec) {
     const Vec v = load_float(p + i, kVec);
+    probe4[0] = probe4[0] + (v - v);
+    lo4[0] = at::vec::clamp_max(lo4[0], v);
+    hi4[0] = at::vec::clamp_min(hi4[0], v);
+  }
+  Vec vlo = lo4[0], vhi = hi4[0], probe = probe4[0];
+  for (int u = 1; u < kU; ++u) {
+    vlo = at::vec::clamp_max(vlo, lo4[u]);
+    vhi = at::vec::clamp_min(vhi, hi4[u]);
+    probe = probe + probe4[u];
+  }
+  float probe_l[kVec];
+  probe.store(probe_l);
+  bool all_finite = true;
+  for (int64_t k = 0; k < kVec; ++k) all_finite = all_finite && probe_l[k] == 0.0f;
+  if (!all_finite) {
+    vlo = Vec(kInf);
+    vhi = Vec(-kInf);
+  }
+  Vec bad(0.0f);
+  for (int64_t j = 0; !all_finite && j + kVec <= n; j += kVec) {
+    const Vec v = load_float(p + j, kVec);
     const Vec finite = (v - v) == zero;  // false for NaN and +-Inf
     vlo = at::vec::minimum(vlo, Vec::blendv(Vec(kInf), v, finite));
     vhi = at::vec::maximum(vhi, Vec::blendv(Vec(-kInf), v, finite));
