@@ -36,29 +36,35 @@ struct VecMath {
   }
 };
 
-// Loads n <= kVec elements as floats; stores floats back as T.
+// Elements handled per step: one float vector, or (bf16/fp16) the two float
+// vectors one Vectorized<T> converts to, so loads and stores stay full width.
 template <class T>
-Vec load_float(const T* p, int64_t n) {
+constexpr int64_t kChunk = std::is_same_v<T, float> ? kVec : 2 * kVec;
+
+// Loads n <= kChunk<T> elements as float vectors v[0], v[1].
+template <class T>
+void load_chunk(const T* p, int64_t n, Vec (&v)[2]) {
   if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p, n);
+    v[0] = Vec::loadu(p, n);
+  } else if (n == kChunk<T>) {
+    std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
   } else {
-    if (n == kVec) {
-      Vec out;
-      at::vec::load_to_float<T>(p, out);
-      return out;
-    }
-    float tmp[kVec] = {};
+    float tmp[2 * kVec] = {};
     for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<float>(p[k]);
-    return Vec::loadu(tmp, n);
+    v[0] = Vec::loadu(tmp);
+    v[1] = Vec::loadu(tmp + kVec);
   }
 }
 
+// Stores the first n <= kChunk<T> floats of v[0], v[1] as T.
 template <class T>
-void store_float(T* p, const Vec& v, int64_t n) {
+void store_chunk(T* p, const Vec (&v)[2], int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    v.store(p, n);
+    v[0].store(p, n);
+  } else if (n == kChunk<T>) {
+    at::vec::convert_from_float<T>(v[0], v[1]).store(p);
   } else {
-    at::vec::convert_from_float<T>(v, v).store(p, n);
+    at::vec::convert_from_float<T>(v[0], v[1]).store(p, n);
   }
 }
 
@@ -109,12 +115,17 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
     const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
-      for (int64_t i = b; i < e; i += kVec) {
-        const int64_t n = std::min(kVec, e - i);
-        const LaneQParams p = lane_qparams(a, sp, zp, s0, i - b, n);
-        const Vec y = fake_quant_value<VecMath>(load_float(xp + i, n), p.scale, p.inv_scale,
-                                                p.zero_point, qmin, qmax);
-        store_float(op + i, y, n);
+      constexpr int64_t C = kChunk<scalar_t>;
+      for (int64_t i = b; i < e; i += C) {
+        const int64_t n = std::min(C, e - i);
+        Vec xv[2], yv[2] = {Vec(0.0f), Vec(0.0f)};
+        load_chunk(xp + i, n, xv);
+        for (int64_t h = 0; h * kVec < n; ++h) {
+          const LaneQParams p =
+              lane_qparams(a, sp, zp, s0, i - b + h * kVec, std::min(kVec, n - h * kVec));
+          yv[h] = fake_quant_value<VecMath>(xv[h], p.scale, p.inv_scale, p.zero_point, qmin, qmax);
+        }
+        store_chunk(op + i, yv, n);
       }
     });
   });
@@ -148,16 +159,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
     float* dsp = per_element ? ds.data_ptr<float>() : nullptr;
     float* dzp = per_element ? dz.data_ptr<float>() : nullptr;
     for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
-      for (int64_t i = b; i < e; i += kVec) {
-        const int64_t n = std::min(kVec, e - i);
-        const LaneQParams p = lane_qparams(a, sp, zp, s0, i - b, n);
-        const auto r = fake_quant_grads<VecMath>(load_float(gp + i, n), load_float(xp + i, n),
-                                                 p.scale, p.inv_scale, p.zero_point, qmin, qmax);
-        store_float(gxp + i, r.grad_x, n);
-        if (per_element) {
-          r.grad_scale.store(dsp + i, n);
-          r.grad_zero_point.store(dzp + i, n);
+      constexpr int64_t C = kChunk<scalar_t>;
+      for (int64_t i = b; i < e; i += C) {
+        const int64_t n = std::min(C, e - i);
+        Vec gv[2], xv[2], gxv[2] = {Vec(0.0f), Vec(0.0f)};
+        load_chunk(gp + i, n, gv);
+        load_chunk(xp + i, n, xv);
+        for (int64_t h = 0; h * kVec < n; ++h) {
+          const int64_t nh = std::min(kVec, n - h * kVec), j = i + h * kVec;
+          const LaneQParams p = lane_qparams(a, sp, zp, s0, j - b, nh);
+          const auto r = fake_quant_grads<VecMath>(gv[h], xv[h], p.scale, p.inv_scale,
+                                                   p.zero_point, qmin, qmax);
+          gxv[h] = r.grad_x;
+          if (per_element) {
+            r.grad_scale.store(dsp + j, nh);
+            r.grad_zero_point.store(dzp + j, nh);
+          }
         }
+        store_chunk(gxp + i, gxv, n);
       }
     });
   });
