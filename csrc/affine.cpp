@@ -1,6 +1,7 @@
 #include "affine.h"
 
 #include <atomic>
+#include <cmath>
 
 namespace qlib {
 
@@ -72,6 +73,17 @@ void check_choose_qparams_args(const at::Tensor& min, const at::Tensor& max, int
               max.device(), ") must be on the same device");
   TORCH_CHECK(eps > 0 && std::isfinite(eps), op, ": eps must be positive and finite, got ", eps);
   if (!check_values || min.numel() == 0) return;
+  if (min.is_cpu()) {  // a plain loop: no small ATen ops on the hot path
+    const at::Tensor lo = min.to(at::kFloat).contiguous(), hi = max.to(at::kFloat).contiguous();
+    const float* lp = lo.const_data_ptr<float>();
+    const float* hp = hi.const_data_ptr<float>();
+    for (int64_t i = 0; i < lo.numel(); ++i) {
+      TORCH_CHECK(std::isfinite(lp[i]) && std::isfinite(hp[i]) && lp[i] <= hp[i], op,
+                  ": need finite min <= max, got min = ", lp[i], ", max = ", hp[i],
+                  " at flat index ", i);
+    }
+    return;
+  }
   const at::Tensor bad = ~(at::isfinite(min) & at::isfinite(max) & (min <= max));
   if (bad.any().item<bool>()) {
     const int64_t i = bad.reshape(-1).nonzero().select(0, 0).item<int64_t>();
@@ -87,6 +99,21 @@ namespace {
 // sync; the CUDA ops skip them while a graph is captured or when turned off.
 void check_qparam_values(const char* op, const at::Tensor& scale, const at::Tensor& zero_point,
                          int64_t quant_min, int64_t quant_max) {
+  // scale and zero_point arrive as contiguous float32 (prepare_affine).
+  if (scale.is_cpu()) {  // a plain loop: no small ATen ops on the hot path
+    const float* s = scale.const_data_ptr<float>();
+    const float* z = zero_point.const_data_ptr<float>();
+    for (int64_t i = 0; i < scale.numel(); ++i) {
+      TORCH_CHECK(std::isfinite(s[i]) && s[i] > 0, op,
+                  ": scale must be positive and finite, got ", s[i], " at flat index ", i);
+    }
+    for (int64_t i = 0; i < zero_point.numel(); ++i) {
+      TORCH_CHECK(z[i] >= quant_min && z[i] <= quant_max, op,
+                  ": zero_point must lie in [quant_min, quant_max] = [", quant_min, ", ",
+                  quant_max, "], got ", z[i]);
+    }
+    return;
+  }
   const at::Tensor bad_scale = ~(at::isfinite(scale) & (scale > 0));
   if (bad_scale.any().item<bool>()) {
     const at::Tensor first = scale.masked_select(bad_scale).slice(0, 0, 1).cpu();

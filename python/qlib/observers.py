@@ -265,10 +265,11 @@ class MinMaxObserver(ObserverBase):
         self._count(rows, nonfinite)
 
     def _synced_stats(self) -> Dict[str, Tensor]:
+        if not _distributed():  # read-only use downstream: no copies needed
+            return {"min": self.min_val, "max": self.max_val}
         lo, hi = self.min_val.clone(), self.max_val.clone()
-        if _distributed():
-            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         return {"min": lo, "max": hi}
 
     def _range(self, stats):
@@ -300,7 +301,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     def _synced_stats(self) -> Dict[str, Tensor]:
         if not _distributed():
-            return {"min": self.min_val.clone(), "max": self.max_val.clone()}
+            return {"min": self.min_val, "max": self.max_val}
         out = {}
         for key, buf in (("min", self.min_val), ("max", self.max_val)):
             finite = torch.isfinite(buf)
@@ -346,7 +347,7 @@ class _HistogramObserver(ObserverBase):
         self._count(rows, nonfinite)
 
     def _synced_stats(self) -> Dict[str, Tensor]:
-        hist, rng = self.hist.clone(), self.hist_range.clone()
+        hist, rng = self.hist, self.hist_range  # only read downstream
         if _distributed():
             # clone, not contiguous(): a [1]-row column is already "contiguous" and
             # would alias rng.
@@ -354,7 +355,7 @@ class _HistogramObserver(ObserverBase):
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)
             new_rng = torch.stack([lo, hi], dim=1)
-            hist = ops.histogram_rebin(hist, rng, new_rng)
+            hist = ops.histogram_rebin(hist, rng, new_rng)  # a new tensor
             dist.all_reduce(hist)
             rng = new_rng
         return {"hist": hist, "range": rng}
