@@ -351,43 +351,42 @@ std::tuple<at::Tensor, at::Tensor> histogram_mse_search_cpu(const at::Tensor& hi
   const auto fopts = hist.options().dtype(at::kFloat);
   at::Tensor lo = at::empty({R}, fopts), hi = at::empty({R}, fopts);
   const double* rp = range.const_data_ptr<double>();
-  // One pass over the bins of a row scores every candidate: bins outer,
-  // candidates inner (each candidate's sum still runs over ascending bins).
-  at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
-    const int64_t n = num_candidates;
-    std::vector<QParams> qp(n);
-    std::vector<float> clo(n), chi(n);
-    std::vector<double> sse(n);
-    for (int64_t r = b; r < e; ++r) {
+  // Every (row, candidate) pair is scored by one sum over the row's bins in
+  // ascending order, in parallel over all pairs (a per-tensor search has
+  // one row but num_candidates independent sums).
+  const int64_t n = num_candidates;
+  std::vector<float> clo(R * n), chi(R * n);
+  std::vector<double> sse(R * n);
+  at::parallel_for(0, R * n, 8, [&](int64_t b, int64_t e) {
+    for (int64_t rc = b; rc < e; ++rc) {
+      const int64_t r = rc / n, c = rc % n;
       const double umin = rp[2 * r], umax = rp[2 * r + 1];
       const HistGrid g = histogram_grid(umin, umax, B);
       const int64_t* h = hist.const_data_ptr<int64_t>() + r * B;
-      for (int64_t c = 0; c < n; ++c) {
-        mse_candidate_range(umin, umax, symmetric, c + 1, n, &clo[c], &chi[c]);
-        qp[c] = mse_candidate_qparams(clo[c], chi[c], quant_min, quant_max, symmetric);
-        sse[c] = 0.0;
-      }
+      mse_candidate_range(umin, umax, symmetric, c + 1, n, &clo[rc], &chi[rc]);
+      const QParams qp = mse_candidate_qparams(clo[rc], chi[rc], quant_min, quant_max, symmetric);
+      double acc = 0.0;
       for (int64_t j = 0; j < g.used; ++j) {
-        if (h[j] == 0) continue;
-        for (int64_t c = 0; c < n; ++c) {
-          sse[c] += histogram_bin_sse(h[j], j, g, umin, umax, qp[c], quant_min, quant_max);
-        }
+        if (h[j] != 0) acc += histogram_bin_sse(h[j], j, g, umin, umax, qp, quant_min, quant_max);
       }
-      // The least error wins; ties go to the wider range; NaN (a range with
-      // no float32 scale) never wins.
-      double best = INFINITY;
-      float best_lo = 0.0f, best_hi = 0.0f;
-      for (int64_t c = n - 1; c >= 0; --c) {
-        if (sse[c] < best) {
-          best = sse[c];
-          best_lo = clo[c];
-          best_hi = chi[c];
-        }
-      }
-      lo.data_ptr<float>()[r] = best_lo;
-      hi.data_ptr<float>()[r] = best_hi;
+      sse[rc] = acc;
     }
   });
+  // The least error wins; ties go to the wider range; NaN (a range with no
+  // float32 scale) never wins.
+  for (int64_t r = 0; r < R; ++r) {
+    double best = INFINITY;
+    float best_lo = 0.0f, best_hi = 0.0f;
+    for (int64_t c = n - 1; c >= 0; --c) {
+      if (sse[r * n + c] < best) {
+        best = sse[r * n + c];
+        best_lo = clo[r * n + c];
+        best_hi = chi[r * n + c];
+      }
+    }
+    lo.data_ptr<float>()[r] = best_lo;
+    hi.data_ptr<float>()[r] = best_hi;
+  }
   return {lo, hi};
 }
 
