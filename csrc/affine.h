@@ -54,8 +54,15 @@ std::pair<int64_t, int64_t> check_dequantize_args(const char* op, const at::Tens
 void check_choose_qparams_args(const at::Tensor& min, const at::Tensor& max, int64_t quant_min,
                                int64_t quant_max, double eps, bool check_values);
 
-// Sums a per-element tensor (x's shape) over each block, giving scale's shape.
-at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scale);
+// fake_quant_backward: grad matches x (shape, dtype, device), x and range valid.
+void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                                    int64_t quant_min, int64_t quant_max);
+// The op's outputs from the kernel's: grad_x, and the per-element float32
+// d_scale / d_zero_point (x's shape) summed over each block; an empty
+// float32 tensor for a gradient that was not asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_fake_quant_backward(
+    const at::Tensor& grad_x, const at::Tensor& d_scale, const at::Tensor& d_zero_point,
+    const at::Tensor& scale, const at::Tensor& zero_point, bool scale_grad, bool zero_point_grad);
 
 // Switch for the value checks on CUDA (on by default; qlib.set_cuda_value_checks).
 void set_cuda_value_checks(bool enabled);

@@ -12,61 +12,11 @@
 #include <type_traits>
 
 #include "affine.h"
+#include "cpu_vec.h"
 #include "quant_math.h"
 
 namespace qlib {
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kVec = Vec::size();
-constexpr int64_t kGrain = 32768;
-
-// quant_math.h's policy for SIMD vectors of floats.
-struct VecMath {
-  static Vec round(const Vec& v) { return v.round(); }
-  static Vec clamp(const Vec& v, const Vec& lo, const Vec& hi) {
-    return at::vec::minimum(at::vec::maximum(v, lo), hi);  // both keep NaN
-  }
-  static Vec in_range(const Vec& v, const Vec& lo, const Vec& hi) {
-    return ((v >= lo) & (v <= hi)) & Vec(1.0f);
-  }
-  static Vec lt(const Vec& a, const Vec& b) { return (a < b) & Vec(1.0f); }
-  static Vec select(const Vec& cond, const Vec& a, const Vec& b) {
-    return Vec::blendv(b, a, cond != Vec(0.0f));
-  }
-};
-
-// Elements handled per step: one float vector, or (bf16/fp16) the two float
-// vectors one Vectorized<T> converts to, so loads and stores stay full width.
-template <class T>
-constexpr int64_t kChunk = std::is_same_v<T, float> ? kVec : 2 * kVec;
-
-// Loads n <= kChunk<T> elements as float vectors v[0], v[1].
-template <class T>
-void load_chunk(const T* p, int64_t n, Vec (&v)[2]) {
-  if constexpr (std::is_same_v<T, float>) {
-    v[0] = Vec::loadu(p, n);
-  } else if (n == kChunk<T>) {
-    std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-  } else {
-    float tmp[2 * kVec] = {};
-    for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<float>(p[k]);
-    v[0] = Vec::loadu(tmp);
-    v[1] = Vec::loadu(tmp + kVec);
-  }
-}
-
-// Stores the first n <= kChunk<T> floats of v[0], v[1] as T.
-template <class T>
-void store_chunk(T* p, const Vec (&v)[2], int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    v[0].store(p, n);
-  } else if (n == kChunk<T>) {
-    at::vec::convert_from_float<T>(v[0], v[1]).store(p);
-  } else {
-    at::vec::convert_from_float<T>(v[0], v[1]).store(p, n);
-  }
-}
 
 // Calls f(begin, end, scale_offset) for maximal runs of x (contiguous) that
 // share one scale (layout.inner_steps_scale false) or step through
@@ -137,11 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
     bool zero_point_grad) {
   const char* op = "qlib::fake_quant_backward";
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), op,
-              ": grad (", grad.scalar_type(), grad.sizes(), ") must match x (", x.scalar_type(),
-              x.sizes(), ")");
-  check_fake_quant_input(op, x);
-  check_quant_range(op, quant_min, quant_max);
+  check_fake_quant_backward_args(op, grad, x, quant_min, quant_max);
   const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
   const at::Tensor g = grad.contiguous();
   at::Tensor grad_x = at::empty_like(a.x);
@@ -180,14 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
       }
     });
   });
-  const auto empty = [&] { return at::empty({0}, fopts); };
-  at::Tensor grad_scale =
-      scale_grad ? sum_over_blocks(ds, scale).to(scale.scalar_type()) : empty();
-  at::Tensor grad_zp = zero_point_grad
-                           ? sum_over_blocks(dz, scale).reshape(zero_point.sizes()).to(
-                                 zero_point.scalar_type())
-                           : empty();
-  return {grad_x, grad_scale, grad_zp};
+  return finish_fake_quant_backward(grad_x, ds, dz, scale, zero_point, scale_grad,
+                                    zero_point_grad);
 }
 
 template <class X, class Q>

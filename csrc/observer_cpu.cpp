@@ -16,27 +16,14 @@
 #include <vector>
 
 #include "affine.h"
+#include "cpu_vec.h"
 #include "observer.h"
 #include "quant_math.h"
 
 namespace qlib {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kVec = Vec::size();
-constexpr int64_t kGrain = 32768;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-template <class T>
-Vec load_float(const T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p, n);
-  } else {
-    float tmp[kVec];
-    for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<float>(p[k]);
-    return Vec::loadu(tmp, n);
-  }
-}
 
 struct MinMaxCount {
   float lo = kInf, hi = -kInf;

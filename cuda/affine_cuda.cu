@@ -169,12 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
     bool zero_point_grad) {
   const char* op = "qlib::fake_quant_backward";
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
-                  grad.device() == x.device(),
-              op, ": grad (", grad.scalar_type(), grad.sizes(), " on ", grad.device(),
-              ") must match x (", x.scalar_type(), x.sizes(), " on ", x.device(), ")");
-  check_fake_quant_input(op, x);
-  check_quant_range(op, quant_min, quant_max);
+  check_fake_quant_backward_args(op, grad, x, quant_min, quant_max);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const AffineArgs a = prepare(op, "x", x, scale, zero_point, quant_min, quant_max);
   const at::Tensor g = grad.contiguous();
@@ -202,18 +197,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  } else if (per_element) {
-    ds.zero_();
-    dz.zero_();
   }
-  const auto empty = [&] { return at::empty({0}, fopts); };
-  at::Tensor grad_scale =
-      scale_grad ? sum_over_blocks(ds, scale).to(scale.scalar_type()) : empty();
-  at::Tensor grad_zp = zero_point_grad
-                           ? sum_over_blocks(dz, scale).reshape(zero_point.sizes()).to(
-                                 zero_point.scalar_type())
-                           : empty();
-  return {grad_x, grad_scale, grad_zp};
+  return finish_fake_quant_backward(grad_x, ds, dz, scale, zero_point, scale_grad,
+                                    zero_point_grad);
 }
 
 // ---------------------------------------------------------------- quantize / dequantize
