@@ -36,17 +36,22 @@ def torch_native(x, scale, zp, qmin, qmax, mode, group):
 
 
 def timeit(fn, device, repeat, warmup=3):
+    """Median seconds per call: CUDA events on a GPU, the host clock on the CPU."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
         if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 

@@ -136,12 +136,16 @@ def bench_cuda(quick):
                 c = torch._int_mm(xp, w_t)[:M]
                 return (c.float() * xs * q.weight_scale + q.bias).bfloat16()
 
+            xq_pad = F.pad(torch.ops.qlib.quantize_per_token(x)[0], (0, 0, 0, max(0, 17 - M)))
             t_q = cuda_ms(lambda: q(x))
             t_bf = cuda_ms(lambda: F.linear(x, w_bf16, b_bf16))
             t_mm = cuda_ms(int_mm_path)
-            rows.append((M, K, N, t_bf, t_mm, t_q))
-            print(f"[cuda] M={M:5d} K=N={KN}  bf16 {t_bf:8.3f} ms  _int_mm+dequant {t_mm:8.3f} ms  "
-                  f"qlib {t_q:8.3f} ms | vs bf16 {t_bf / t_q:5.2f}x  vs _int_mm {t_mm / t_q:5.2f}x", flush=True)
+            t_raw = cuda_ms(lambda: torch._int_mm(xq_pad, w_t))
+            rows.append((M, K, N, t_bf, t_raw, t_mm, t_q))
+            print(f"[cuda] M={M:5d} K=N={KN}  bf16 {t_bf:8.3f} ms  _int_mm alone {t_raw:8.3f} ms  "
+                  f"_int_mm+quant+dequant {t_mm:8.3f} ms  qlib {t_q:8.3f} ms | vs bf16 {t_bf / t_q:5.2f}x  "
+                  f"vs _int_mm alone {t_raw / t_q:5.2f}x  vs _int_mm+quant+dequant {t_mm / t_q:5.2f}x  "
+                  f"({2 * M * K * N / t_q / 1e9:7.1f} TOPS)", flush=True)
     return rows
 
 
@@ -150,25 +154,28 @@ def main():
     p.add_argument("--quick", action="store_true", help="a few shapes only")
     p.add_argument("--markdown", type=Path, help="write the CPU table (and GPU, if any) as markdown here")
     p.add_argument("--no-cuda", action="store_true")
+    p.add_argument("--no-cpu", action="store_true", help="GPU section only")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU section")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_model()}, "
           f"qlib {qlib.build_info().get('cpu_isa', '')}")
-    rows = bench_cpu(args.quick)
+    rows = [] if args.no_cpu else bench_cpu(args.quick)
     gpu = bench_cuda(args.quick) if torch.cuda.is_available() and not args.no_cuda else []
     if args.markdown:
         text = [f"Device: {cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
                 f"date {datetime.date.today().isoformat()}",
                 f"Command: `python benchmarks/bench_int8_linear.py{' --quick' if args.quick else ''}"
                 f"{f' --threads {args.threads}' if args.threads else ''}`", "",
-                cpu_table(rows)]
+                cpu_table(rows) if rows else ""]
         if gpu:
             text += ["", f"GPU: {torch.cuda.get_device_name()}", "",
-                     "| M | K | N | bf16 F.linear (ms) | _int_mm + dequant (ms) | qlib int8_linear (ms) |",
-                     "|---:|---:|---:|---:|---:|---:|"]
-            text += [f"| {M} | {K} | {N} | {a:.3f} | {b:.3f} | {c:.3f} |" for M, K, N, a, b, c in gpu]
+                     "| M | K | N | bf16 F.linear (ms) | _int_mm alone (ms) | _int_mm + quant + dequant (ms) "
+                     "| qlib Int8Linear (ms) | vs bf16 | vs _int_mm alone | qlib TOPS |",
+                     "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            text += [f"| {M} | {K} | {N} | {bf:.3f} | {raw:.3f} | {mm:.3f} | {t:.3f} | {bf / t:.2f}x | "
+                     f"{raw / t:.2f}x | {2 * M * K * N / t / 1e9:.0f} |" for M, K, N, bf, raw, mm, t in gpu]
         args.markdown.write_text("\n".join(text) + "\n")
 
 

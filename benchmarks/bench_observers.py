@@ -84,8 +84,10 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", type=int, default=10)
     p.add_argument("--numel", type=int, default=1_000_000)
+    p.add_argument("--device", action="append", help="cpu and/or cuda (default: every device present)")
     args = p.parse_args()
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [torch.device(d) for d in (args.device or present)]
     print(f"qlib observers vs torch.ao: {args.batches} batches of {args.numel} float32 N(0,1), "
           f"observe + calculate_qparams, per-tensor symmetric int8, median of {args.repeats} "
           f"(HistogramObserver: {max(3, args.repeats // 2)})")

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# For a lent GPU (the device tool), never CI: builds qlib against that machine's own
+# torch, then runs the stages named in $1 (default: all), each log under $OUT.
+#   build     pip install -e . (or reuse .gpubuild/ when it matches these sources)
+#   test      the whole pytest suite, CUDA included
+#   sanitize  the CUDA tests under compute-sanitizer memcheck and racecheck
+#   bench     the GPU ceilings and every benchmark's GPU section
+set -u
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD/python
+STAGES=${1:-build,test,sanitize,bench}
+PY=python3
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+stage() {  # stage NAME LIMIT_S CMD...: log to $OUT/NAME.log, print rc, time and the log's tail
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s"
+  tail -n "${TAIL:-12}" "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+SRC_HASH=$(cat setup.py csrc/* cuda/* | sha1sum | cut -c1-16)
+if [ -f .gpubuild/hash ] && [ "$(cat .gpubuild/hash)" = "$SRC_HASH" ]; then
+  echo "== build: reusing .gpubuild (sources unchanged)"
+  gunzip -c .gpubuild/_C.so.gz >python/qlib/"$(cat .gpubuild/so_name)"; cp .gpubuild/_build_config.py python/qlib/
+else
+  stage build 420 $PY -m pip install --no-build-isolation --no-deps --no-index -e . -v
+  so=$(cd python/qlib && ls _C*.so) && gzip -c "python/qlib/$so" >"$OUT/_C.so.gz" && echo "$so" >"$OUT/so_name" \
+    && cp python/qlib/_build_config.py "$OUT"/ && echo "$SRC_HASH" >"$OUT/hash"
+fi
+$PY -c "import qlib, torch; print(torch.__version__, qlib.build_info())" || exit 1
+
+if has test; then
+  TAIL=25 stage test 420 $PY -m pytest tests -q -p no:cacheprovider -n 8 -rfEs
+fi
+if has sanitize; then
+  SEL="cuda and not compile and not opcheck and not export and not ddp"
+  for tool in memcheck racecheck; do
+    stage "sanitize" 240 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+      $PY -m pytest tests/test_fake_quant.py tests/test_affine_ops.py tests/test_observers.py tests/test_int8.py \
+      -q -p no:cacheprovider -x -k "$SEL"
+  done
+fi
+if has bench; then
+  TAIL=8 stage bench 120 $PY benchmarks/gpu_ceilings.py
+  TAIL=30 stage bench 150 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 50
+  TAIL=14 stage bench 120 $PY benchmarks/bench_observers.py --device cuda
+  TAIL=16 stage bench 180 $PY benchmarks/bench_int8_linear.py --no-cpu
+fi
