@@ -4,6 +4,7 @@
 #   build     pip install -e . (or reuse .gpubuild/ when it matches these sources)
 #   test      the whole pytest suite, CUDA included
 #   sanitize  the CUDA tests under compute-sanitizer memcheck and racecheck
+#   probe     scripts/gpu_probe.py diagnostics, and a native backtrace of an error path
 #   bench     the GPU ceilings and every benchmark's GPU section
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -21,7 +22,7 @@ stage() {  # stage NAME LIMIT_S CMD...: log to $OUT/NAME.log, print rc, time and
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
-SRC_HASH=$(cat setup.py csrc/* cuda/* | sha1sum | cut -c1-16)
+SRC_HASH=$(cat setup.py $(ls csrc/* cuda/* | LC_ALL=C sort) | sha1sum | cut -c1-16)
 if [ -f .gpubuild/hash ] && [ "$(cat .gpubuild/hash)" = "$SRC_HASH" ]; then
   echo "== build: reusing .gpubuild (sources unchanged)"
   gunzip -c .gpubuild/_C.so.gz >python/qlib/"$(cat .gpubuild/so_name)"; cp .gpubuild/_build_config.py python/qlib/
@@ -32,13 +33,21 @@ else
 fi
 $PY -c "import qlib, torch; print(torch.__version__, qlib.build_info())" || exit 1
 
+if has probe; then
+  TAIL=400 stage probe 200 $PY scripts/gpu_probe.py
+  cat >/tmp/err.py <<'PYEOF'
+import torch, qlib
+torch.ops.qlib.block_minmax(torch.randn(3))
+PYEOF
+  TAIL=60 stage probe 120 cuda-gdb -batch -ex run -ex bt --args $PY /tmp/err.py
+fi
 if has test; then
   TAIL=25 stage test 420 $PY -m pytest tests -q -p no:cacheprovider -n 8 -rfEs
 fi
 if has sanitize; then
-  SEL="cuda and not compile and not opcheck and not export and not ddp"
+  SEL="cuda and not compile and not opcheck and not export and not ddp and not error and not bad and not boundary and not packed_matches"
   for tool in memcheck racecheck; do
-    stage "sanitize" 240 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+    stage "sanitize" 200 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
       $PY -m pytest tests/test_fake_quant.py tests/test_affine_ops.py tests/test_observers.py tests/test_int8.py \
       -q -p no:cacheprovider -x -k "$SEL"
   done

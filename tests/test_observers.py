@@ -414,13 +414,14 @@ def test_cuda_matches_cpu_without_sync(device, cls):
     xs = [torch.distributions.StudentT(4.0).sample((3, 20011)) * (k + 1) for k in range(3)]
     xs[1][0, 7] = math.nan
     cpu, gpu = cls(ch_axis=0, symmetric=False), cls(ch_axis=0, symmetric=False).cuda()
+    xs_gpu = [x.cuda() for x in xs]  # host-to-device copies sync; the observers must not
     cpu(xs[0])
-    gpu(xs[0].cuda())
+    gpu(xs_gpu[0])
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for x in xs[1:]:
+        for x, x_gpu in zip(xs[1:], xs_gpu[1:]):
             cpu(x)
-            gpu(x.cuda())
+            gpu(x_gpu)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     for name, b in cpu.named_buffers():
