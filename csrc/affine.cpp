@@ -6,7 +6,7 @@
 namespace qlib {
 
 namespace {
-std::atomic<bool> g_cuda_value_checks{true};
+std::atomic<bool> g_cuda_value_checks{false};
 }
 
 void set_cuda_value_checks(bool enabled) { g_cuda_value_checks = enabled; }
@@ -131,9 +131,9 @@ void check_qparam_values(const char* op, const at::Tensor& scale, const at::Tens
 
 }  // namespace
 
-AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& x,
-                          const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
-                          int64_t quant_max, bool check_values) {
+AffineArgs check_affine_args(const char* op, const char* x_name, const at::Tensor& x,
+                             const at::Tensor& scale, const at::Tensor& zero_point,
+                             int64_t quant_min, int64_t quant_max) {
   TORCH_CHECK(at::isFloatingType(scale.scalar_type()), op,
               ": scale must be a floating tensor, got ", scale.scalar_type());
   TORCH_CHECK(!at::isComplexType(zero_point.scalar_type()) &&
@@ -165,16 +165,25 @@ AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& 
 
   AffineArgs a;
   a.x = x.contiguous();
+  a.scale = scale;
+  a.zero_point = zero_point;
+  a.layout = BlockLayout::make(x.sizes(), scale.sizes(), per_tensor);
+  a.qmin = static_cast<float>(quant_min);
+  a.qmax = static_cast<float>(quant_max);
+  a.per_tensor = per_tensor;
+  return a;
+}
+
+AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& x,
+                          const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
+                          int64_t quant_max, bool check_values) {
+  AffineArgs a = check_affine_args(op, x_name, x, scale, zero_point, quant_min, quant_max);
   a.scale = scale.to(at::kFloat).contiguous();
   // A floating zero point (LSQ+) is rounded to the nearest integer.
   a.zero_point = at::isFloatingType(zero_point.scalar_type())
                      ? zero_point.to(at::kFloat).round().contiguous()
                      : zero_point.to(at::kFloat).contiguous();
   if (check_values) check_qparam_values(op, a.scale, a.zero_point, quant_min, quant_max);
-  a.layout = BlockLayout::make(x.sizes(), scale.sizes(), per_tensor);
-  a.qmin = static_cast<float>(quant_min);
-  a.qmax = static_cast<float>(quant_max);
-  a.per_tensor = per_tensor;
   return a;
 }
 

@@ -34,9 +34,15 @@ struct AffineArgs {
   bool per_tensor;
 };
 
+// The argument checks and block layout of prepare_affine, without converting
+// or reading the qparams: a.scale and a.zero_point are the given tensors.
+AffineArgs check_affine_args(const char* op, const char* x_name, const at::Tensor& x,
+                             const at::Tensor& scale, const at::Tensor& zero_point,
+                             int64_t quant_min, int64_t quant_max);
+
 // Checks and prepares the arguments; `op` and `x_name` name them in errors.
 // check_values (scale > 0 and finite, zero_point in range) reads the values,
-// a host sync on CUDA: the CUDA ops pass qparam_value_checks_on_cuda().
+// a host sync on CUDA.
 AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& x,
                           const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
                           int64_t quant_max, bool check_values = true);
@@ -64,7 +70,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_fake_quant_backward(
     const at::Tensor& grad_x, const at::Tensor& d_scale, const at::Tensor& d_zero_point,
     const at::Tensor& scale, const at::Tensor& zero_point, bool scale_grad, bool zero_point_grad);
 
-// Switch for the value checks on CUDA (on by default; qlib.set_cuda_value_checks).
+// CUDA fake_quant / fake_quant_backward: raise on bad qparam values (a host sync
+// per call) instead of giving NaN for the blocks they cover. Off by default;
+// qlib.set_cuda_value_checks.
 void set_cuda_value_checks(bool enabled);
 bool cuda_value_checks();
 

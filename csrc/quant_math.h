@@ -68,6 +68,14 @@ QLIB_HD T fake_quant_value(T x, T scale, T inv_scale, T zero_point, T qmin, T qm
                          zero_point);
 }
 
+// Whether one block's qparams are usable: scale positive and finite, zero point
+// in [qmin, qmax] (NaN fails both). The CUDA fake_quant kernels check this per
+// block instead of a host sync and give NaN for a block that fails.
+QLIB_HD bool qparams_valid(float scale, float zero_point, float qmin, float qmax) {
+  return scale > 0.0f && scale <= 3.4028234663852886e+38f && zero_point >= qmin &&
+         zero_point <= qmax;
+}
+
 // Gradients of one element. grad_x is the STE: grad where the unclamped code
 // lies in [qmin, qmax], else 0. d_scale and d_zero_point follow LSQ / LSQ+ as
 // torch._fake_quantize_learnable_per_tensor_affine_backward:

@@ -2,6 +2,8 @@
 // quantize, dequantize, choose_qparams. Formulas from quant_math.h, block
 // geometry from block_layout.h; 16-byte loads, 64-bit indexing, the current
 // stream and a launch check after every kernel.
+#include <limits>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -26,9 +28,15 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// How a kernel reads the zero point: as given (int32, int64) or as float32
+// rounded to the nearest integer (floating LSQ+ zero points; prepare_affine's
+// already-rounded float32).
+enum class ZeroPointKind : int { kFloat, kInt32, kInt64 };
+
 struct KernelQParams {
   const float* scale;
-  const float* zero_point;
+  const void* zero_point;
+  ZeroPointKind zp_kind;
   BlockLayout layout;
   float qmin, qmax;
 
@@ -38,21 +46,55 @@ struct KernelQParams {
     else if constexpr (L == ScaleLookup::kPack) return pack_index;
     else return layout.scale_index(i);
   }
+  __device__ float zero_point_at(int64_t s) const {
+    switch (zp_kind) {
+      case ZeroPointKind::kInt32: return static_cast<float>(static_cast<const int32_t*>(zero_point)[s]);
+      case ZeroPointKind::kInt64: return static_cast<float>(static_cast<const int64_t*>(zero_point)[s]);
+      default: return rintf(static_cast<const float*>(zero_point)[s]);
+    }
+  }
 };
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 bool capturing() {
   return at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
 }
 
+// quantize / dequantize: their qparam values are always checked (a host sync),
+// except while a CUDA graph is captured.
 AffineArgs prepare(const char* op, const char* x_name, const at::Tensor& x,
                    const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
                    int64_t quant_max) {
-  return prepare_affine(op, x_name, x, scale, zero_point, quant_min, quant_max,
-                        cuda_value_checks() && !capturing());
+  return prepare_affine(op, x_name, x, scale, zero_point, quant_min, quant_max, !capturing());
+}
+
+// fake_quant (forward, backward): no host sync and no conversion launch for
+// float32 scales and int32 / int64 / float32 zero points; the kernels check
+// each block's qparams (qparams_valid) and give NaN where they fail, unless
+// qlib.set_cuda_value_checks(True) asks for the raising (syncing) checks.
+AffineArgs prepare_fake_quant(const char* op, const at::Tensor& x, const at::Tensor& scale,
+                              const at::Tensor& zero_point, int64_t quant_min,
+                              int64_t quant_max) {
+  if (cuda_value_checks() && !capturing()) {
+    return prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max, true);
+  }
+  AffineArgs a = check_affine_args(op, "x", x, scale, zero_point, quant_min, quant_max);
+  a.scale = scale.to(at::kFloat).contiguous();
+  const auto zt = zero_point.scalar_type();
+  a.zero_point = zt == at::kInt || zt == at::kLong || zt == at::kFloat
+                     ? zero_point.contiguous()
+                     : zero_point.to(at::kFloat).contiguous();
+  return a;
 }
 
 KernelQParams kernel_qparams(const AffineArgs& a) {
-  return {a.scale.const_data_ptr<float>(), a.zero_point.const_data_ptr<float>(), a.layout,
+  const auto zt = a.zero_point.scalar_type();
+  TORCH_INTERNAL_ASSERT(zt == at::kInt || zt == at::kLong || zt == at::kFloat);
+  const ZeroPointKind kind = zt == at::kInt    ? ZeroPointKind::kInt32
+                             : zt == at::kLong ? ZeroPointKind::kInt64
+                                               : ZeroPointKind::kFloat;
+  return {a.scale.const_data_ptr<float>(), a.zero_point.const_data_ptr(), kind, a.layout,
           a.qmin, a.qmax};
 }
 
@@ -91,8 +133,12 @@ __global__ void fake_quant_kernel(const T* __restrict__ x, T* __restrict__ y, in
     for (int k = 0; k < N; ++k) {
       const int64_t s = p.index<L>(base + k, pack_scale);
       const float sc = p.scale[s];
-      out.v[k] = static_cast<T>(fake_quant_value<ScalarMath>(
-          static_cast<float>(in.v[k]), sc, 1.0f / sc, p.zero_point[s], p.qmin, p.qmax));
+      const float zp = p.zero_point_at(s);
+      out.v[k] = static_cast<T>(
+          qparams_valid(sc, zp, p.qmin, p.qmax)
+              ? fake_quant_value<ScalarMath>(static_cast<float>(in.v[k]), sc, 1.0f / sc, zp,
+                                             p.qmin, p.qmax)
+              : kNaN);
     }
     if (full) {
       *reinterpret_cast<Pack<T, N>*>(y + base) = out;
@@ -129,7 +175,7 @@ at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
   check_fake_quant_input(op, x);
   check_quant_range(op, quant_min, quant_max);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  const AffineArgs a = prepare(op, "x", x, scale, zero_point, quant_min, quant_max);
+  const AffineArgs a = prepare_fake_quant(op, x, scale, zero_point, quant_min, quant_max);
   at::Tensor out = at::empty_like(a.x);
   if (a.x.numel() == 0) return out;
   QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_cuda", [&] {
@@ -144,24 +190,82 @@ at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
 }
 
 // ---------------------------------------------------------------- backward
-template <class T, ScaleLookup L>
+// grad_x, and (when d_scale is given) the per-element LSQ terms, N elements a thread.
+template <class T, int N, ScaleLookup L>
 __global__ void fake_quant_backward_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                            T* __restrict__ grad_x, float* __restrict__ d_scale,
                                            float* __restrict__ d_zero_point, int64_t n,
                                            KernelQParams p) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t s = p.index<L == ScaleLookup::kTensor ? L : ScaleLookup::kElement>(i, 0);
-    const float sc = p.scale[s];
-    const auto g = fake_quant_grads<ScalarMath>(static_cast<float>(grad[i]),
-                                                static_cast<float>(x[i]), sc, 1.0f / sc,
-                                                p.zero_point[s], p.qmin, p.qmax);
-    grad_x[i] = static_cast<T>(g.grad_x);
-    if (d_scale != nullptr) {
-      d_scale[i] = g.grad_scale;
-      d_zero_point[i] = g.grad_zero_point;
+  const int64_t packs = (n + N - 1) / N;
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < packs;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t base = v * N;
+    const int64_t pack_scale = L == ScaleLookup::kPack ? p.layout.scale_index(base) : 0;
+    const bool full = base + N <= n;
+    Pack<T, N> g, xv, gx;
+    Pack<float, N> ds, dz;
+    if (full) {
+      g = *reinterpret_cast<const Pack<T, N>*>(grad + base);
+      xv = *reinterpret_cast<const Pack<T, N>*>(x + base);
+    } else {
+      for (int k = 0; k < N; ++k) {
+        g.v[k] = base + k < n ? grad[base + k] : T(0);
+        xv.v[k] = base + k < n ? x[base + k] : T(0);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const int64_t s = p.index<L>(base + k, pack_scale);
+      const float sc = p.scale[s];
+      const float zp = p.zero_point_at(s);
+      ElementGrads<float> e{kNaN, kNaN, kNaN};
+      if (qparams_valid(sc, zp, p.qmin, p.qmax)) {
+        e = fake_quant_grads<ScalarMath>(static_cast<float>(g.v[k]), static_cast<float>(xv.v[k]),
+                                         sc, 1.0f / sc, zp, p.qmin, p.qmax);
+      }
+      gx.v[k] = static_cast<T>(e.grad_x);
+      ds.v[k] = e.grad_scale;
+      dz.v[k] = e.grad_zero_point;
+    }
+    if (full) {
+      *reinterpret_cast<Pack<T, N>*>(grad_x + base) = gx;
+      if (d_scale != nullptr) {
+        *reinterpret_cast<Pack<float, N>*>(d_scale + base) = ds;
+        *reinterpret_cast<Pack<float, N>*>(d_zero_point + base) = dz;
+      }
+    } else {
+      for (int k = 0; k < N && base + k < n; ++k) {
+        grad_x[base + k] = gx.v[k];
+        if (d_scale != nullptr) {
+          d_scale[base + k] = ds.v[k];
+          d_zero_point[base + k] = dz.v[k];
+        }
+      }
     }
   }
+}
+
+template <class T, int N>
+void launch_fake_quant_backward(const AffineArgs& a, const T* g, T* gx, float* ds, float* dz) {
+  const int64_t n = a.x.numel();
+  const auto p = kernel_qparams(a);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = blocks_for((n + N - 1) / N);
+  const T* x = a.x.const_data_ptr<T>();
+  switch (lookup_for<N>(a)) {
+    case ScaleLookup::kTensor:
+      fake_quant_backward_kernel<T, N, ScaleLookup::kTensor>
+          <<<blocks, kThreads, 0, stream>>>(g, x, gx, ds, dz, n, p);
+      break;
+    case ScaleLookup::kPack:
+      fake_quant_backward_kernel<T, N, ScaleLookup::kPack>
+          <<<blocks, kThreads, 0, stream>>>(g, x, gx, ds, dz, n, p);
+      break;
+    default:
+      fake_quant_backward_kernel<T, N, ScaleLookup::kElement>
+          <<<blocks, kThreads, 0, stream>>>(g, x, gx, ds, dz, n, p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
@@ -171,31 +275,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
   const char* op = "qlib::fake_quant_backward";
   check_fake_quant_backward_args(op, grad, x, quant_min, quant_max);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  const AffineArgs a = prepare(op, "x", x, scale, zero_point, quant_min, quant_max);
+  const AffineArgs a = prepare_fake_quant(op, x, scale, zero_point, quant_min, quant_max);
   const at::Tensor g = grad.contiguous();
   at::Tensor grad_x = at::empty_like(a.x);
   const bool per_element = scale_grad || zero_point_grad;
   const auto fopts = a.x.options().dtype(at::kFloat);
   at::Tensor ds = per_element ? at::empty(a.x.sizes(), fopts) : at::Tensor();
   at::Tensor dz = per_element ? at::empty(a.x.sizes(), fopts) : at::Tensor();
-  const int64_t n = a.x.numel();
-  if (n > 0) {
-    const auto p = kernel_qparams(a);
-    const auto stream = at::cuda::getCurrentCUDAStream();
+  if (a.x.numel() > 0) {
     QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_backward_cuda", [&] {
+      constexpr int N = 16 / sizeof(scalar_t);
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
       scalar_t* gxp = grad_x.data_ptr<scalar_t>();
       float* dsp = per_element ? ds.data_ptr<float>() : nullptr;
       float* dzp = per_element ? dz.data_ptr<float>() : nullptr;
-      if (a.per_tensor) {
-        fake_quant_backward_kernel<scalar_t, ScaleLookup::kTensor>
-            <<<blocks_for(n), kThreads, 0, stream>>>(gp, xp, gxp, dsp, dzp, n, p);
+      if (aligned16(gp) && aligned16(a.x.const_data_ptr()) && aligned16(gxp)) {
+        launch_fake_quant_backward<scalar_t, N>(a, gp, gxp, dsp, dzp);
       } else {
-        fake_quant_backward_kernel<scalar_t, ScaleLookup::kElement>
-            <<<blocks_for(n), kThreads, 0, stream>>>(gp, xp, gxp, dsp, dzp, n, p);
+        launch_fake_quant_backward<scalar_t, 1>(a, gp, gxp, dsp, dzp);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   return finish_fake_quant_backward(grad_x, ds, dz, scale, zero_point, scale_grad,
@@ -209,9 +307,10 @@ __global__ void quantize_kernel(const X* __restrict__ x, Q* __restrict__ q, int6
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t s = p.layout.scale_index(i);
-    const float code = quantize_code<ScalarMath>(static_cast<float>(x[i]), 1.0f / p.scale[s],
-                                                 p.zero_point[s], p.qmin, p.qmax);
-    q[i] = static_cast<Q>(code != code ? p.zero_point[s] : code);  // NaN -> zero_point
+    const float zp = p.zero_point_at(s);
+    const float code =
+        quantize_code<ScalarMath>(static_cast<float>(x[i]), 1.0f / p.scale[s], zp, p.qmin, p.qmax);
+    q[i] = static_cast<Q>(code != code ? zp : code);  // NaN -> zero_point
   }
 }
 
@@ -221,7 +320,7 @@ __global__ void dequantize_kernel(const Q* __restrict__ q, Y* __restrict__ y, in
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t s = p.layout.scale_index(i);
-    y[i] = static_cast<Y>(dequantize_code(static_cast<float>(q[i]), p.scale[s], p.zero_point[s]));
+    y[i] = static_cast<Y>(dequantize_code(static_cast<float>(q[i]), p.scale[s], p.zero_point_at(s)));
   }
 }
 
@@ -288,8 +387,7 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_cuda(const at::Tensor& min,
                                                        int64_t quant_max, bool symmetric,
                                                        double eps) {
   const c10::cuda::OptionalCUDAGuard guard(min.device());
-  check_choose_qparams_args(min, max, quant_min, quant_max, eps,
-                            cuda_value_checks() && !capturing());
+  check_choose_qparams_args(min, max, quant_min, quant_max, eps, !capturing());
   const at::Tensor lo = min.to(at::kFloat).contiguous();
   const at::Tensor hi = max.to(at::kFloat).contiguous();
   at::Tensor scale = at::empty(lo.sizes(), lo.options());

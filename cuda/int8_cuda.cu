@@ -27,11 +27,6 @@ constexpr int64_t kSmallM = 16;  // at::_int_mm needs M > 16
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-int64_t grid_for(int64_t work) {
-  const int64_t max_blocks =
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
-  return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
-}
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -45,11 +40,19 @@ __device__ __forceinline__ int warp_sum(int v) {
   return v;
 }
 
+template <class T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
 // ---------------------------------------------------------------- quantize rows
-// One block per row (grid-stride). Writes q[r * ldq + k] for k < ldq (zeros in
-// [K, ldq)) and, when scale_out is set, the per-token scale. With
-// fixed_scale set (static), uses *fixed_scale for every row.
-template <class T>
+// One block per row (grid-stride), V elements a thread at a time (V = 8: 16- or
+// 32-byte loads, 8-byte stores; needs K and ldq multiples of 8). Writes
+// q[r * ldq + k] for k < ldq (zeros in [K, ldq)) and, when scale_out is set,
+// the per-token scale. With fixed_scale set (static), uses *fixed_scale.
+template <class T, int V>
 __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q,
                                      float* __restrict__ scale_out,
                                      const float* __restrict__ fixed_scale, int64_t rows,
@@ -63,8 +66,12 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict
       s = *fixed_scale;
     } else {
       float amax = 0.0f;
-      for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
-        amax = fmaxf(amax, fabsf(static_cast<float>(xr[k])));  // fmaxf ignores NaN
+      for (int64_t k = threadIdx.x * V; k < K; k += blockDim.x * V) {
+        const auto in = *reinterpret_cast<const Pack<T, V>*>(xr + k);
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          amax = fmaxf(amax, fabsf(static_cast<float>(in.v[j])));  // fmaxf ignores NaN
+      }
       amax = warp_max(amax);
       if ((threadIdx.x & 31) == 0) warp_amax[threadIdx.x >> 5] = amax;
       __syncthreads();
@@ -79,8 +86,18 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict
     }
     const float inv = 1.0f / s;
     int8_t* qr = q + r * ldq;
-    for (int64_t k = threadIdx.x; k < ldq; k += blockDim.x)
-      qr[k] = k < K ? int8_act_code(static_cast<float>(xr[k]), inv) : int8_t(0);
+    for (int64_t k = threadIdx.x * V; k < ldq; k += blockDim.x * V) {
+      Pack<int8_t, V> out;
+      if (k < K) {  // with V = 8, K % 8 == 0: the whole pack is inside the row
+        const auto in = *reinterpret_cast<const Pack<T, V>*>(xr + k);
+#pragma unroll
+        for (int j = 0; j < V; ++j) out.v[j] = int8_act_code(static_cast<float>(in.v[j]), inv);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) out.v[j] = 0;
+      }
+      *reinterpret_cast<Pack<int8_t, V>*>(qr + k) = out;
+    }
     __syncthreads();  // row_scale / warp_amax are reused by the next row
   }
 }
@@ -93,15 +110,26 @@ void launch_quantize_rows(const at::Tensor& x, int64_t rows, int64_t K, at::Tens
   const int64_t blocks = std::min<int64_t>(
       rows, static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16);
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "qlib_quantize_rows_cuda", [&] {
-    quantize_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scale_out, fixed_scale, rows, K, ldq);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    int8_t* qp = q.data_ptr<int8_t>();
+    if (K % 8 == 0 && ldq % 8 == 0 && aligned(xp, 8 * sizeof(scalar_t)) && aligned(qp, 8)) {
+      quantize_rows_kernel<scalar_t, 8>
+          <<<blocks, kThreads, 0, stream>>>(xp, qp, scale_out, fixed_scale, rows, K, ldq);
+    } else {
+      quantize_rows_kernel<scalar_t, 1>
+          <<<blocks, kThreads, 0, stream>>>(xp, qp, scale_out, fixed_scale, rows, K, ldq);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 // ---------------------------------------------------------------- small-M GEMM (dp4a)
-// C[m * ldc + n] = sum_k A[m * lda + k] * B[n * ldb + k] for M <= 16: one warp
-// per output column n; each lane walks K in 16-byte packs (VEC) or bytes.
+// C[m * ldc + n] = sum_k A[m * lda + k] * B[n * ldb + k] for M <= 16 (memory bound:
+// B is read once). One warp per kCols output columns, so each A pack loaded serves
+// kCols B rows and kCols independent B loads are in flight; lanes walk K in
+// 16-byte packs (VEC) or bytes.
+constexpr int kCols = 4;
+
 template <bool VEC>
 __global__ void gemm_small_m_kernel(const int8_t* __restrict__ a, int64_t lda,
                                     const int8_t* __restrict__ b, int64_t ldb,
@@ -109,58 +137,77 @@ __global__ void gemm_small_m_kernel(const int8_t* __restrict__ a, int64_t lda,
                                     int64_t K) {
   const int lane = threadIdx.x & 31;
   const int64_t warps_per_block = blockDim.x >> 5;
-  for (int64_t n = blockIdx.x * warps_per_block + (threadIdx.x >> 5); n < N;
-       n += static_cast<int64_t>(gridDim.x) * warps_per_block) {
-    int acc[kSmallM];
+  for (int64_t n0 = (blockIdx.x * warps_per_block + (threadIdx.x >> 5)) * kCols; n0 < N;
+       n0 += static_cast<int64_t>(gridDim.x) * warps_per_block * kCols) {
+    int acc[kSmallM][kCols];
 #pragma unroll
-    for (int m = 0; m < kSmallM; ++m) acc[m] = 0;
-    const int8_t* br = b + n * ldb;
+    for (int m = 0; m < kSmallM; ++m)
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) acc[m][j] = 0;
+    const int8_t* br[kCols];
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) br[j] = b + (n0 + j < N ? n0 + j : N - 1) * ldb;  // past N: discarded
     if constexpr (VEC) {
       for (int64_t k = static_cast<int64_t>(lane) * 16; k < K; k += 32 * 16) {
-        const int4 bv = *reinterpret_cast<const int4*>(br + k);
+        int4 bv[kCols];
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) bv[j] = *reinterpret_cast<const int4*>(br[j] + k);
 #pragma unroll
         for (int m = 0; m < kSmallM; ++m) {
           if (m < M) {
             const int4 av = *reinterpret_cast<const int4*>(a + m * lda + k);
-            int s = acc[m];
-            s = __dp4a(av.x, bv.x, s);
-            s = __dp4a(av.y, bv.y, s);
-            s = __dp4a(av.z, bv.z, s);
-            s = __dp4a(av.w, bv.w, s);
-            acc[m] = s;
+#pragma unroll
+            for (int j = 0; j < kCols; ++j) {
+              int s = acc[m][j];
+              s = __dp4a(av.x, bv[j].x, s);
+              s = __dp4a(av.y, bv[j].y, s);
+              s = __dp4a(av.z, bv[j].z, s);
+              s = __dp4a(av.w, bv[j].w, s);
+              acc[m][j] = s;
+            }
           }
         }
       }
     } else {
       for (int64_t k = lane; k < K; k += 32) {
-        const int bv = br[k];
+        int bv[kCols];
 #pragma unroll
-        for (int m = 0; m < kSmallM; ++m)
-          if (m < M) acc[m] += static_cast<int>(a[m * lda + k]) * bv;
+        for (int j = 0; j < kCols; ++j) bv[j] = br[j][k];
+#pragma unroll
+        for (int m = 0; m < kSmallM; ++m) {
+          if (m < M) {
+            const int av = a[m * lda + k];
+#pragma unroll
+            for (int j = 0; j < kCols; ++j) acc[m][j] += av * bv[j];
+          }
+        }
       }
     }
 #pragma unroll
     for (int m = 0; m < kSmallM; ++m) {
       if (m < M) {
-        const int s = warp_sum(acc[m]);
-        if (lane == 0) c[m * ldc + n] = s;
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) {
+          const int s = warp_sum(acc[m][j]);
+          if (lane == 0 && n0 + j < N) c[m * ldc + n0 + j] = s;
+        }
       }
     }
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool aligned16(const void* p) { return aligned(p, 16); }
 
 void launch_gemm_small_m(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c,
                          int64_t ldc, int64_t M, int64_t N, int64_t K) {
   TORCH_INTERNAL_ASSERT(M <= kSmallM);
   if (M == 0 || N == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t warps_per_block = kThreads / 32;
+  const int64_t cols_per_block = kThreads / 32 * kCols;
   const int64_t max_blocks =
       static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
   const int64_t blocks =
-      std::max<int64_t>(1, std::min<int64_t>((N + warps_per_block - 1) / warps_per_block, max_blocks));
+      std::max<int64_t>(1, std::min<int64_t>((N + cols_per_block - 1) / cols_per_block, max_blocks));
   const bool vec = K % 16 == 0 && lda % 16 == 0 && ldb % 16 == 0 && aligned16(a) && aligned16(b);
   if (vec) {
     gemm_small_m_kernel<true><<<blocks, kThreads, 0, stream>>>(a, lda, b, ldb, c, ldc,
@@ -229,20 +276,34 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x_i
 }
 
 // ---------------------------------------------------------------- int8_linear
-template <class T>
+// out[m, n] = C[m, n] * act_scale[m or 0] * w_scale[n] (+ bias[n]), V columns a
+// thread (V = 4: 16-byte loads of C; needs N and ldc multiples of 4); rows on
+// grid y (grid-stride), column packs on grid x: no division per element.
+template <class T, int V>
 __global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t ldc,
                                         const float* __restrict__ act_scale, bool per_token,
                                         const float* __restrict__ w_scale,
                                         const float* __restrict__ bias, T* __restrict__ out,
                                         int64_t M, int64_t N) {
-  const int64_t total = M * N;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t m = i / N, n = i - m * N;
+  const int64_t n0 = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) * V;
+  if (n0 >= N) return;
+  Pack<float, V> ws, bs;
+  for (int j = 0; j < V; ++j) {
+    ws.v[j] = n0 + j < N ? w_scale[n0 + j] : 0.0f;
+    bs.v[j] = bias != nullptr && n0 + j < N ? bias[n0 + j] : 0.0f;
+  }
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
     const float s = per_token ? act_scale[m] : act_scale[0];
-    float v = static_cast<float>(c[m * ldc + n]) * (s * w_scale[n]);
-    if (bias != nullptr) v += bias[n];
-    out[i] = static_cast<T>(v);
+    Pack<T, V> o;
+    if constexpr (V > 1) {
+      const auto cv = *reinterpret_cast<const Pack<int32_t, V>*>(c + m * ldc + n0);
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        o.v[j] = static_cast<T>(static_cast<float>(cv.v[j]) * (s * ws.v[j]) + bs.v[j]);
+      *reinterpret_cast<Pack<T, V>*>(out + m * N + n0) = o;
+    } else {
+      out[m * N + n0] = static_cast<T>(static_cast<float>(c[m * ldc + n0]) * (s * ws.v[0]) + bs.v[0]);
+    }
   }
 }
 
@@ -291,9 +352,21 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
   const float* sp = sa.defined() ? sa.const_data_ptr<float>() : fixed;
   const auto stream = at::cuda::getCurrentCUDAStream();
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "int8_linear_epilogue_cuda", [&] {
-    dequant_epilogue_kernel<scalar_t><<<grid_for(M * N), kThreads, 0, stream>>>(
-        c.const_data_ptr<int32_t>(), ldc, sp, sa.defined(), w_scale.const_data_ptr<float>(),
-        bias.defined() ? bias.const_data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), M, N);
+    const int32_t* cp = c.const_data_ptr<int32_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    const float* wsp = w_scale.const_data_ptr<float>();
+    const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+    const bool vec = N % 4 == 0 && ldc % 4 == 0 && aligned16(cp) && aligned(op_, 4 * sizeof(scalar_t));
+    const int V = vec ? 4 : 1;
+    const dim3 grid(static_cast<unsigned>(((N + V - 1) / V + kThreads - 1) / kThreads),
+                    static_cast<unsigned>(std::min<int64_t>(M, 65535)));
+    if (vec) {
+      dequant_epilogue_kernel<scalar_t, 4><<<grid, kThreads, 0, stream>>>(
+          cp, ldc, sp, sa.defined(), wsp, bp, op_, M, N);
+    } else {
+      dequant_epilogue_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(
+          cp, ldc, sp, sa.defined(), wsp, bp, op_, M, N);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -21,6 +21,12 @@ stage() {  # stage NAME LIMIT_S CMD...: log to $OUT/NAME.log, print rc, time and
   tail -n "${TAIL:-12}" "$OUT/$name.log"
 }
 
+# The image's first g++ (/opt/gcc) links libstdc++ statically into the extension, and
+# then every TORCH_CHECK message with a number segfaults (two libstdc++ in one process):
+# build with the system compiler, whose libstdc++ torch also loads.
+for cxx in /usr/bin/g++ /usr/bin/g++-13; do
+  if [ -x "$cxx" ]; then export CXX=$cxx CC=${cxx/g++/gcc}; break; fi
+done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 SRC_HASH=$(cat setup.py $(ls csrc/* cuda/* | LC_ALL=C sort) | sha1sum | cut -c1-16)
 if [ -f .gpubuild/hash ] && [ "$(cat .gpubuild/hash)" = "$SRC_HASH" ]; then
@@ -28,6 +34,9 @@ if [ -f .gpubuild/hash ] && [ "$(cat .gpubuild/hash)" = "$SRC_HASH" ]; then
   gunzip -c .gpubuild/_C.so.gz >python/qlib/"$(cat .gpubuild/so_name)"; cp .gpubuild/_build_config.py python/qlib/
 else
   stage build 420 $PY -m pip install --no-build-isolation --no-deps --no-index -e . -v
+  TAIL=0 stage build 60 bash -c 'so=$(ls python/qlib/_C*.so); echo "== libstdc++ linked:"; ldd $so | grep stdc;
+    cuobjdump --dump-resource-usage $so | grep -E "Function|REG" | c++filt | paste - - | sed -E "s/ +/ /g" | cut -c1-260;
+    cuobjdump --dump-sass $so >/tmp/sass.txt; for i in LDG.E.128 STG.E.128 IMMA HMMA DP4A IDP; do echo "$i: $(grep -c $i /tmp/sass.txt)"; done'
   so=$(cd python/qlib && ls _C*.so) && gzip -c "python/qlib/$so" >"$OUT/_C.so.gz" && echo "$so" >"$OUT/so_name" \
     && cp python/qlib/_build_config.py "$OUT"/ && echo "$SRC_HASH" >"$OUT/hash"
 fi
@@ -46,7 +55,7 @@ if has test; then
 fi
 if has sanitize; then
   SEL="cuda and not compile and not opcheck and not export and not ddp and not error and not bad and not boundary and not packed_matches"
-  for tool in memcheck racecheck; do
+  for tool in ${SAN_TOOLS:-memcheck racecheck}; do
     stage "sanitize" 200 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
       $PY -m pytest tests/test_fake_quant.py tests/test_affine_ops.py tests/test_observers.py tests/test_int8.py \
       -q -p no:cacheprovider -x -k "$SEL"

@@ -206,6 +206,8 @@ def _bad_cases(device):
     if torch.cuda.is_available():
         other = "cpu" if device != "cpu" else "cuda"
         yield lambda: fq(x, s.to(other), z, -128, 127), r"x \(.*\), scale \(.*\) and zero_point \(.*\) must be on the same device"
+    yield lambda: ops.quantize(x, -s, z, -128, 127, torch.int8), r"qlib::quantize: scale must be positive and finite, got -0.1"
+    yield lambda: ops.dequantize(x.to(torch.int8), s, z + 200, torch.float32), r"qlib::dequantize: zero_point must lie in \[quant_min, quant_max\] = \[-128, 127\], got 200"
     yield lambda: ops.quantize(x, s, z, -128, 127, torch.float32), "qlib::quantize: dtype must be int8, uint8, int16 or int32, got Float"
     yield lambda: ops.quantize(x, s, z, -128, 255, torch.int8), r"the range \[-128, 255\] does not fit in Char"
     yield lambda: ops.dequantize(x, s, z, torch.float32), "qlib::dequantize: q must be int8, uint8, int16 or int32, got Float"
@@ -215,10 +217,47 @@ def _bad_cases(device):
     yield lambda: ops.choose_qparams(torch.zeros(1, device=device), torch.ones(1, device=device), -128, 127, True, 0.0), "eps must be positive"
 
 
-def test_bad_input_errors(device):
+@pytest.fixture
+def cuda_value_checks():
+    qlib.set_cuda_value_checks(True)
+    yield
+    qlib.set_cuda_value_checks(False)
+
+
+def test_bad_input_errors(device, cuda_value_checks):
     for call, message in _bad_cases(device):
         with pytest.raises(RuntimeError, match=message):
             call()
+
+
+def test_cuda_bad_qparams_give_nan_without_sync(device):
+    """On CUDA, fake_quant checks each block on the device: a bad block is NaN, the rest exact."""
+    if device != "cuda":
+        pytest.skip("the CPU raises (test_bad_input_errors)")
+    x = torch.randn(6, 37, device=device, requires_grad=True)
+    scale = torch.tensor([0.1, 0.0, -0.1, float("nan"), float("inf"), 0.1], device=device).view(6, 1)
+    zp = torch.tensor([3, 0, 0, 0, 0, 200], dtype=torch.int32, device=device).view(6, 1)
+    bad = torch.tensor([False, True, True, True, True, True], device=device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = ops.fake_quant(x, scale, zp, -128, 127)
+        (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert y[bad].isnan().all() and gx[bad].isnan().all()
+    ref = torch.fake_quantize_per_tensor_affine(x[0].detach(), 0.1, 3, -128, 127)
+    assert torch.equal(y[0], ref)
+    y_ok = ops.fake_quant(x.detach()[:1], scale[:1], zp[:1], -128, 127)
+    assert torch.equal(y[:1], y_ok)
+    for s, z in ((torch.tensor([0.0], device=device), torch.tensor([0], device=device)),
+                 (torch.tensor([0.1], device=device), torch.tensor([-129.0], device=device))):
+        assert ops.fake_quant(x.detach(), s, z, -128, 127).isnan().all()
+    qlib.set_cuda_value_checks(True)
+    try:
+        with pytest.raises(RuntimeError, match="qlib::fake_quant: scale must be positive and finite"):
+            ops.fake_quant(x.detach(), scale, zp, -128, 127)
+    finally:
+        qlib.set_cuda_value_checks(False)
 
 
 def test_extension_reports_build():

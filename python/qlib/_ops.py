@@ -150,10 +150,16 @@ def choose_qparams(
 
 
 def set_cuda_value_checks(enabled: bool) -> None:
-    """Checking scale > 0 and zero_point in range reads them: a host sync on CUDA.
+    """Make CUDA fake_quant raise on a bad scale or zero_point (off by default).
 
-    On by default; turn off in hot training loops once the qparams are known
-    to be good (they are skipped anyway while a CUDA graph is captured).
+    A bad qparam (scale <= 0, NaN or Inf; zero_point outside [quant_min,
+    quant_max]) raises on the CPU. On CUDA, raising means reading the qparams
+    back, a host sync per call, so by default the CUDA fake_quant and its
+    backward check each block on the device instead and give NaN for every
+    element (and gradient) of a block whose qparams are bad. Turn this on while
+    debugging to get the error that names the op and the value. quantize,
+    dequantize and choose_qparams always check (they are not in training loops).
+    No check syncs while a CUDA graph is captured.
     """
     from . import _C
 
