@@ -55,10 +55,32 @@ def timeit(fn, device, repeat, warmup=3):
     return statistics.median(times)
 
 
+def graph_time(fn, repeat, calls=10):
+    """Seconds per call of fn's GPU work alone: replays of a CUDA graph of `calls` calls
+    (no launch or host overhead). None if fn cannot be captured (a host sync)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return timeit(graph.replay, "cuda", repeat) / calls
+
+
 def copy_bandwidth(numel, device, repeat):
-    x = torch.empty(numel, dtype=torch.float32, device=device)
+    x = torch.randn(numel, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
     t = timeit(lambda: y.copy_(x), device, repeat)
+    if device == "cuda":
+        t = graph_time(lambda: y.copy_(x), repeat)
     return 2 * x.numel() * 4 / t / 1e9
 
 
@@ -74,8 +96,11 @@ def main():
     N = n // K
     qmin, qmax = -128, 127
     print(f"device={dev} numel={N * K} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"device-to-device copy bandwidth (float32): {copy_bandwidth(N * K, dev, args.repeat):.1f} GB/s")
+    copy_gbs = copy_bandwidth(N * K, dev, args.repeat)
+    print(f"device-to-device copy bandwidth (float32{', CUDA graph' if dev == 'cuda' else ''}): {copy_gbs:.1f} GB/s")
     header = f"{'mode':12s} {'dtype':9s} {'pass':8s} {'qlib ms':>9s} {'GB/s':>7s} {'native ms':>10s} {'x':>6s} {'composite ms':>13s} {'x':>6s}"
+    if dev == "cuda":
+        header += f" {'kernel GB/s':>11s} {'% copy':>6s} {'native kern x':>13s}"
     print(header)
     print("-" * len(header))
     for mode in ("per-tensor", "per-channel", "per-group"):
@@ -115,12 +140,31 @@ def main():
                 t_c = timeit(run(lambda: composite(x, se, ze, qmin, qmax)), dev, args.repeat)
                 nbytes = x0.numel() * x0.element_size() * (2 if not train else 5)
                 native = f"{t_n * 1e3:10.2f} {t_n / t_q:5.2f}x" if t_n else f"{'n/a':>10s} {'':>6s}"
-                print(
+                line = (
                     f"{mode:12s} {str(dtype).replace('torch.', ''):9s} {pass_:8s} {t_q * 1e3:9.2f} "
                     f"{nbytes / t_q / 1e9:7.1f} {native} {t_c * 1e3:13.2f} {t_c / t_q:5.2f}x"
                 )
+                if dev == "cuda":  # the GPU work alone, ops called directly (no autograd)
+                    xd = x0
+                    if train:
+                        def q_ops():
+                            ops.fake_quant(xd, scale, zp, qmin, qmax)
+                            ops.fake_quant_backward(g, xd, scale, zp, qmin, qmax, False, False)
+                    else:
+                        def q_ops():
+                            ops.fake_quant(xd, scale, zp, qmin, qmax)
+                    k_q = graph_time(q_ops, args.repeat)
+                    k_n = None  # torch's per-channel op reads zero_point back: not capturable
+                    if mode == "per-tensor":
+                        k_n = graph_time(run(lambda: torch_native(x, scale, zp, qmin, qmax, mode, args.group)), args.repeat)
+                    kn = f"{k_n / k_q:12.2f}x" if k_n else f"{'n/a':>13s}"
+                    line += f" {nbytes / k_q / 1e9:11.1f} {100 * nbytes / k_q / 1e9 / copy_gbs:5.0f}% {kn}"
+                print(line)
     print("x = peer time / qlib time (above 1: qlib is faster). GB/s counts x read + y written"
           " (fwd), plus grad read, x read, grad_x written (bwd).")
+    if dev == "cuda":
+        print("kernel GB/s, % copy, native kern x: CUDA-graph replays (GPU work alone, no launch or"
+              " host overhead); n/a: torch's per-channel op reads values back, so it cannot be captured.")
 
 
 if __name__ == "__main__":

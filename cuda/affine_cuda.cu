@@ -174,7 +174,8 @@ at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
   const char* op = "qlib::fake_quant";
   check_fake_quant_input(op, x);
   check_quant_range(op, quant_min, quant_max);
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  // (A generic guard: for a CPU x it does nothing and the checks report the mismatch.)
+  const at::OptionalDeviceGuard guard(x.device());
   const AffineArgs a = prepare_fake_quant(op, x, scale, zero_point, quant_min, quant_max);
   at::Tensor out = at::empty_like(a.x);
   if (a.x.numel() == 0) return out;
@@ -274,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
     bool zero_point_grad) {
   const char* op = "qlib::fake_quant_backward";
   check_fake_quant_backward_args(op, grad, x, quant_min, quant_max);
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const at::OptionalDeviceGuard guard(x.device());
   const AffineArgs a = prepare_fake_quant(op, x, scale, zero_point, quant_min, quant_max);
   const at::Tensor g = grad.contiguous();
   at::Tensor grad_x = at::empty_like(a.x);
@@ -329,7 +330,7 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale,
                          at::ScalarType dtype) {
   const char* op = "qlib::quantize";
   check_quantize_args(op, x, dtype, quant_min, quant_max);
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const at::OptionalDeviceGuard guard(x.device());
   const AffineArgs a = prepare(op, "x", x, scale, zero_point, quant_min, quant_max);
   at::Tensor out = at::empty(a.x.sizes(), a.x.options().dtype(dtype));
   const int64_t n = a.x.numel();
@@ -351,7 +352,7 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale,
                            const at::Tensor& zero_point, at::ScalarType dtype) {
   const char* op = "qlib::dequantize";
   const auto [quant_min, quant_max] = check_dequantize_args(op, q, dtype);
-  const c10::cuda::OptionalCUDAGuard guard(q.device());
+  const at::OptionalDeviceGuard guard(q.device());
   const AffineArgs a = prepare(op, "q", q, scale, zero_point, quant_min, quant_max);
   at::Tensor out = at::empty(a.x.sizes(), a.x.options().dtype(dtype));
   const int64_t n = a.x.numel();
@@ -386,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_cuda(const at::Tensor& min,
                                                        const at::Tensor& max, int64_t quant_min,
                                                        int64_t quant_max, bool symmetric,
                                                        double eps) {
-  const c10::cuda::OptionalCUDAGuard guard(min.device());
+  const at::OptionalDeviceGuard guard(min.device());
   check_choose_qparams_args(min, max, quant_min, quant_max, eps, !capturing());
   const at::Tensor lo = min.to(at::kFloat).contiguous();
   const at::Tensor hi = max.to(at::kFloat).contiguous();

@@ -1,9 +1,10 @@
 // CUDA kernels of the int8 ops: quantize_per_token, int8_gemm, int8_linear.
 //
-// GEMM: M > 16 goes to cuBLASLt through at::_int_mm (int8 tensor cores),
-// whose limits (M > 16, K and N multiples of 8) are met by zero padding K and
-// N here (zeros add nothing to a dot product); M <= 16 (decode-like shapes,
-// memory bound) uses a dp4a kernel that reads each weight row once.
+// GEMM: M > 4 goes to cuBLASLt through at::_int_mm (int8 tensor cores),
+// whose limits (M > 16, K and N multiples of 8) are met by zero padding M, K
+// and N here (zeros add nothing to a dot product); M <= 4 (decode-like shapes,
+// memory bound) uses a dp4a kernel that reads each weight row once. (On an
+// H100, dp4a at M = 16 took 3x cuBLASLt's time on 17 padded rows.)
 // int8_linear = fused per-row quantize kernel (writes the K-padded int8
 // activations and their scales) -> GEMM -> fused dequant epilogue kernel
 // (act scale x per-channel weight scale, + bias, cast to x's dtype).
@@ -23,7 +24,10 @@ namespace qlib {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kSmallM = 16;  // at::_int_mm needs M > 16
+// M <= kSmallM: the dp4a kernel; larger M: cuBLASLt through at::_int_mm, which needs
+// M > 16 (so 4 < M <= 16 is zero-padded to 17 rows).
+constexpr int64_t kSmallM = 4;
+constexpr int64_t kIntMmMinM = 17;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -50,18 +54,24 @@ bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) %
 // ---------------------------------------------------------------- quantize rows
 // One block per row (grid-stride), V elements a thread at a time (V = 8: 16- or
 // 32-byte loads, 8-byte stores; needs K and ldq multiples of 8). Writes
-// q[r * ldq + k] for k < ldq (zeros in [K, ldq)) and, when scale_out is set,
-// the per-token scale. With fixed_scale set (static), uses *fixed_scale.
+// q[r * ldq + k] for k < ldq (zeros in [K, ldq), and zero rows in [rows,
+// rows_out)) and, when scale_out is set, the per-token scale. With fixed_scale
+// set (static), uses *fixed_scale.
 template <class T, int V>
 __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q,
                                      float* __restrict__ scale_out,
                                      const float* __restrict__ fixed_scale, int64_t rows,
-                                     int64_t K, int64_t ldq) {
+                                     int64_t rows_out, int64_t K, int64_t ldq) {
   __shared__ float warp_amax[kThreads / 32];
   __shared__ float row_scale;
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+  for (int64_t r = blockIdx.x; r < rows_out; r += gridDim.x) {
     const T* xr = x + r * K;
     float s;
+    if (r >= rows) {  // padding row (uniform across the block)
+      for (int64_t k = threadIdx.x * V; k < ldq; k += blockDim.x * V)
+        *reinterpret_cast<Pack<int8_t, V>*>(q + r * ldq + k) = Pack<int8_t, V>{};
+      continue;
+    }
     if (fixed_scale != nullptr) {
       s = *fixed_scale;
     } else {
@@ -102,29 +112,30 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict
   }
 }
 
-// x: contiguous, viewed as [rows, K].
-void launch_quantize_rows(const at::Tensor& x, int64_t rows, int64_t K, at::Tensor& q,
-                          int64_t ldq, float* scale_out, const float* fixed_scale) {
-  if (rows == 0) return;
+// x: contiguous, viewed as [rows, K]; q: [rows_out >= rows, ldq].
+void launch_quantize_rows(const at::Tensor& x, int64_t rows, int64_t rows_out, int64_t K,
+                          at::Tensor& q, int64_t ldq, float* scale_out, const float* fixed_scale) {
+  if (rows_out == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = std::min<int64_t>(
-      rows, static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16);
+      rows_out,
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16);
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "qlib_quantize_rows_cuda", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     int8_t* qp = q.data_ptr<int8_t>();
     if (K % 8 == 0 && ldq % 8 == 0 && aligned(xp, 8 * sizeof(scalar_t)) && aligned(qp, 8)) {
       quantize_rows_kernel<scalar_t, 8>
-          <<<blocks, kThreads, 0, stream>>>(xp, qp, scale_out, fixed_scale, rows, K, ldq);
+          <<<blocks, kThreads, 0, stream>>>(xp, qp, scale_out, fixed_scale, rows, rows_out, K, ldq);
     } else {
       quantize_rows_kernel<scalar_t, 1>
-          <<<blocks, kThreads, 0, stream>>>(xp, qp, scale_out, fixed_scale, rows, K, ldq);
+          <<<blocks, kThreads, 0, stream>>>(xp, qp, scale_out, fixed_scale, rows, rows_out, K, ldq);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 // ---------------------------------------------------------------- small-M GEMM (dp4a)
-// C[m * ldc + n] = sum_k A[m * lda + k] * B[n * ldb + k] for M <= 16 (memory bound:
+// C[m * ldc + n] = sum_k A[m * lda + k] * B[n * ldb + k] for M <= kSmallM (memory bound:
 // B is read once). One warp per kCols output columns, so each A pack loaded serves
 // kCols B rows and kCols independent B loads are in flight; lanes walk K in
 // 16-byte packs (VEC) or bytes.
@@ -227,8 +238,8 @@ at::Tensor pad_operand(const at::Tensor& t, int64_t rows_to, int64_t k_to) {
   return p;
 }
 
-// C (int32) = A [M, K] x B [N, K]^T; returns [M, Nc] with Nc >= N (N padded for cuBLASLt).
-// a must be K-contiguous; b too.
+// C (int32) = A [M, K] x B [N, K]^T; returns [Mc, Nc] with Mc >= M, Nc >= N (padded
+// for cuBLASLt; the caller reads the first M rows and N columns). a and b K-contiguous.
 at::Tensor gemm_any(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t N, int64_t K) {
   if (M <= kSmallM) {
     at::Tensor c = at::empty({M, N}, a.options().dtype(at::kInt));
@@ -236,10 +247,10 @@ at::Tensor gemm_any(const at::Tensor& a, const at::Tensor& b, int64_t M, int64_t
                         b.stride(0), c.data_ptr<int32_t>(), N, M, N, K);
     return c;
   }
-  const int64_t Kp = round_up(K, 8), Np = round_up(N, 8);
-  const at::Tensor ap = pad_operand(a, M, Kp);
+  const int64_t Mp = std::max(M, kIntMmMinM), Kp = round_up(K, 8), Np = round_up(N, 8);
+  const at::Tensor ap = pad_operand(a, Mp, Kp);
   const at::Tensor bp = pad_operand(b, Np, Kp);
-  return at::_int_mm(ap, bp.t());  // [M, Np]; bp.t() is column-major, cuBLASLt's TN int8 case
+  return at::_int_mm(ap, bp.t());  // [Mp, Np]; bp.t() is column-major, cuBLASLt's TN int8 case
 }
 
 at::Tensor k_contiguous(const at::Tensor& t) {
@@ -255,7 +266,7 @@ at::Tensor int8_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in) {
   if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, a_in.options().dtype(at::kInt));
   const at::Tensor a = k_contiguous(a_in), b = k_contiguous(b_in);
   at::Tensor c = gemm_any(a, b, M, N, K);
-  return c.size(1) == N ? c : c.narrow(1, 0, N).contiguous();
+  return c.size(0) == M && c.size(1) == N ? c : c.narrow(0, 0, M).narrow(1, 0, N).contiguous();
 }
 
 // ---------------------------------------------------------------- quantize_per_token
@@ -271,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x_i
   std::vector<int64_t> sshape(x.sizes().begin(), x.sizes().end());
   sshape.back() = 1;
   at::Tensor scale = at::empty(sshape, x.options().dtype(at::kFloat));
-  launch_quantize_rows(x, rows, K, q, K, scale.data_ptr<float>(), nullptr);
+  launch_quantize_rows(x, rows, rows, K, q, K, scale.data_ptr<float>(), nullptr);
   return {q, scale};
 }
 
@@ -326,8 +337,10 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
   const auto fopts = x.options().dtype(at::kFloat);
 
   // Activations, K padded to a multiple of 16 (zeros): _int_mm's K % 8 and dp4a's 16-byte packs.
+  // Rows: M, or zero-padded to cuBLASLt's 17 for kSmallM < M < 17.
   const int64_t Kp = round_up(std::max<int64_t>(K, 1), 16);
-  at::Tensor q = at::empty({M, Kp}, x.options().dtype(at::kChar));
+  const int64_t Mq = M <= kSmallM ? M : std::max(M, kIntMmMinM);
+  at::Tensor q = at::empty({Mq, Kp}, x.options().dtype(at::kChar));
   at::Tensor sa;
   const float* fixed = nullptr;
   at::Tensor static_scale;
@@ -337,7 +350,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
   } else {
     sa = at::empty({M}, fopts);
   }
-  launch_quantize_rows(x, M, K, q, Kp, sa.defined() ? sa.data_ptr<float>() : nullptr, fixed);
+  launch_quantize_rows(x, M, Mq, K, q, Kp, sa.defined() ? sa.data_ptr<float>() : nullptr, fixed);
 
   at::Tensor c;
   if (K == 0) {
@@ -346,7 +359,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
     const at::Tensor w = (w_in.stride(1) == 1 && w_in.size(1) == Kp) ? w_in : pad_operand(w_in, N, Kp);
     c = gemm_any(q, w, M, N, Kp);
   } else {
-    c = gemm_any(q, w_in.stride(1) == 1 ? w_in : w_in.contiguous(), M, N, Kp);
+    c = gemm_any(q, w_in.stride(1) == 1 ? w_in : w_in.contiguous(), Mq, N, Kp);
   }
   const int64_t ldc = c.size(1);
   const float* sp = sa.defined() ? sa.const_data_ptr<float>() : fixed;
