@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -39,12 +40,14 @@ struct KernelQParams {
   ZeroPointKind zp_kind;
   BlockLayout layout;
   float qmin, qmax;
+  // Rows of inner_run elements, one scale each (per-channel, per-token, per-group)
+  // and under 2^32 elements: the scale index is one fast 32-bit division.
+  bool rows;
+  at::cuda::detail::IntDivider<uint32_t> row_len;
 
-  template <ScaleLookup L>
-  __device__ int64_t index(int64_t i, int64_t pack_index) const {
-    if constexpr (L == ScaleLookup::kTensor) return 0;
-    else if constexpr (L == ScaleLookup::kPack) return pack_index;
-    else return layout.scale_index(i);
+  // The scale of the pack starting at element `base` (kTensor, kPack).
+  __device__ int64_t pack_index(int64_t base) const {
+    return rows ? row_len.div(static_cast<uint32_t>(base)) : layout.scale_index(base);
   }
   __device__ float zero_point_at(int64_t s) const {
     switch (zp_kind) {
@@ -94,8 +97,36 @@ KernelQParams kernel_qparams(const AffineArgs& a) {
   const ZeroPointKind kind = zt == at::kInt    ? ZeroPointKind::kInt32
                              : zt == at::kLong ? ZeroPointKind::kInt64
                                                : ZeroPointKind::kFloat;
-  return {a.scale.const_data_ptr<float>(), a.zero_point.const_data_ptr(), kind, a.layout,
-          a.qmin, a.qmax};
+  const BlockLayout& l = a.layout;
+  const bool rows = l.num_segments == 2 && l.scale_stride[0] == 1 && l.scale_stride[1] == 0 &&
+                    a.x.numel() <= std::numeric_limits<uint32_t>::max();
+  return {a.scale.const_data_ptr<float>(),
+          a.zero_point.const_data_ptr(),
+          kind,
+          a.layout,
+          a.qmin,
+          a.qmax,
+          rows,
+          at::cuda::detail::IntDivider<uint32_t>(rows ? static_cast<uint32_t>(l.inner_run) : 1u)};
+}
+
+// One block's qparams, read once per pack where the pack shares them.
+struct BlockQParams {
+  float scale, inv_scale, zero_point;
+  bool valid;
+};
+
+__device__ __forceinline__ BlockQParams block_qparams(const KernelQParams& p, int64_t s) {
+  const float sc = p.scale[s];
+  const float zp = p.zero_point_at(s);
+  return {sc, 1.0f / sc, zp, qparams_valid(sc, zp, p.qmin, p.qmax)};
+}
+
+template <ScaleLookup L>
+__device__ __forceinline__ BlockQParams element_qparams(const KernelQParams& p,
+                                                        const BlockQParams& pack, int64_t i) {
+  if constexpr (L == ScaleLookup::kElement) return block_qparams(p, p.layout.scale_index(i));
+  else return pack;
 }
 
 template <int N>
@@ -121,7 +152,9 @@ __global__ void fake_quant_kernel(const T* __restrict__ x, T* __restrict__ y, in
   for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < packs;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t base = v * N;
-    const int64_t pack_scale = L == ScaleLookup::kPack ? p.layout.scale_index(base) : 0;
+    BlockQParams pack{};
+    if constexpr (L != ScaleLookup::kElement)
+      pack = block_qparams(p, L == ScaleLookup::kPack ? p.pack_index(base) : 0);
     Pack<T, N> in, out;
     const bool full = base + N <= n;
     if (full) {
@@ -131,14 +164,11 @@ __global__ void fake_quant_kernel(const T* __restrict__ x, T* __restrict__ y, in
     }
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const int64_t s = p.index<L>(base + k, pack_scale);
-      const float sc = p.scale[s];
-      const float zp = p.zero_point_at(s);
-      out.v[k] = static_cast<T>(
-          qparams_valid(sc, zp, p.qmin, p.qmax)
-              ? fake_quant_value<ScalarMath>(static_cast<float>(in.v[k]), sc, 1.0f / sc, zp,
-                                             p.qmin, p.qmax)
-              : kNaN);
+      const BlockQParams q = element_qparams<L>(p, pack, base + k);
+      out.v[k] = static_cast<T>(q.valid ? fake_quant_value<ScalarMath>(
+                                              static_cast<float>(in.v[k]), q.scale, q.inv_scale,
+                                              q.zero_point, p.qmin, p.qmax)
+                                        : kNaN);
     }
     if (full) {
       *reinterpret_cast<Pack<T, N>*>(y + base) = out;
@@ -201,7 +231,9 @@ __global__ void fake_quant_backward_kernel(const T* __restrict__ grad, const T* 
   for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < packs;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t base = v * N;
-    const int64_t pack_scale = L == ScaleLookup::kPack ? p.layout.scale_index(base) : 0;
+    BlockQParams pack{};
+    if constexpr (L != ScaleLookup::kElement)
+      pack = block_qparams(p, L == ScaleLookup::kPack ? p.pack_index(base) : 0);
     const bool full = base + N <= n;
     Pack<T, N> g, xv, gx;
     Pack<float, N> ds, dz;
@@ -216,13 +248,11 @@ __global__ void fake_quant_backward_kernel(const T* __restrict__ grad, const T* 
     }
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const int64_t s = p.index<L>(base + k, pack_scale);
-      const float sc = p.scale[s];
-      const float zp = p.zero_point_at(s);
+      const BlockQParams q = element_qparams<L>(p, pack, base + k);
       ElementGrads<float> e{kNaN, kNaN, kNaN};
-      if (qparams_valid(sc, zp, p.qmin, p.qmax)) {
+      if (q.valid) {
         e = fake_quant_grads<ScalarMath>(static_cast<float>(g.v[k]), static_cast<float>(xv.v[k]),
-                                         sc, 1.0f / sc, zp, p.qmin, p.qmax);
+                                         q.scale, q.inv_scale, q.zero_point, p.qmin, p.qmax);
       }
       gx.v[k] = static_cast<T>(e.grad_x);
       ds.v[k] = e.grad_scale;

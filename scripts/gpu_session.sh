@@ -5,6 +5,7 @@
 #   test      the whole pytest suite, CUDA included
 #   sanitize  the CUDA tests under compute-sanitizer memcheck and racecheck
 #   probe     scripts/gpu_probe.py diagnostics, and a native backtrace of an error path
+#   benchfq   bench_fake_quant alone
 #   bench     the GPU ceilings and every benchmark's GPU section
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -61,9 +62,12 @@ if has sanitize; then
       -q -p no:cacheprovider -x -k "$SEL"
   done
 fi
+if has benchfq; then
+  TAIL=18 stage bench 150 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 50
+fi
 if has bench; then
   TAIL=8 stage bench 120 $PY benchmarks/gpu_ceilings.py
-  TAIL=30 stage bench 150 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 50
+  TAIL=18 stage bench 150 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 50
   TAIL=14 stage bench 120 $PY benchmarks/bench_observers.py --device cuda
   TAIL=16 stage bench 180 $PY benchmarks/bench_int8_linear.py --no-cpu
 fi
