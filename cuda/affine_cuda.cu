@@ -51,9 +51,12 @@ struct KernelQParams {
   }
   __device__ float zero_point_at(int64_t s) const {
     switch (zp_kind) {
-      case ZeroPointKind::kInt32: return static_cast<float>(static_cast<const int32_t*>(zero_point)[s]);
-      case ZeroPointKind::kInt64: return static_cast<float>(static_cast<const int64_t*>(zero_point)[s]);
-      default: return rintf(static_cast<const float*>(zero_point)[s]);
+      case ZeroPointKind::kInt32:
+        return static_cast<float>(static_cast<const int32_t*>(zero_point)[s]);
+      case ZeroPointKind::kInt64:
+        return static_cast<float>(static_cast<const int64_t*>(zero_point)[s]);
+      default:
+        return rintf(static_cast<const float*>(zero_point)[s]);
     }
   }
 };

@@ -60,6 +60,16 @@ TEST(QuantMath, GradsInsideBelowAbove) {
   EXPECT_EQ(above.grad_scale, (7.0f - zp) * 3.0f);
 }
 
+TEST(QuantMath, QParamsValid) {
+  EXPECT_TRUE(qlib::qparams_valid(0.1f, 0.0f, -128.0f, 127.0f));
+  EXPECT_TRUE(qlib::qparams_valid(std::numeric_limits<float>::max(), 127.0f, -128.0f, 127.0f));
+  EXPECT_TRUE(qlib::qparams_valid(std::numeric_limits<float>::denorm_min(), -128.0f, -128.0f, 127.0f));
+  for (float s : {0.0f, -0.0f, -0.1f, NAN, INFINITY, -INFINITY})
+    EXPECT_FALSE(qlib::qparams_valid(s, 0.0f, -128.0f, 127.0f)) << s;
+  for (float z : {-129.0f, 128.0f, NAN, INFINITY})
+    EXPECT_FALSE(qlib::qparams_valid(0.1f, z, -128.0f, 127.0f)) << z;
+}
+
 TEST(QuantMath, ChooseQParams) {
   const float eps = std::numeric_limits<float>::epsilon();
   auto sym = qlib::choose_qparams_value(-2.0f, 1.0f, -128, 127, true, eps);
