@@ -25,6 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import qlib  # noqa: E402
 from qlib.nn import Int8Linear  # noqa: E402
+from timing import cuda_median_ms  # noqa: E402
 
 
 def median_ms(fn, min_reps=5, budget_s=0.6):
@@ -101,20 +102,6 @@ def cpu_table(rows):
     return "\n".join(out)
 
 
-def cuda_ms(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
-
-
 @torch.inference_mode()
 def bench_cuda(quick):
     rows = []
@@ -137,10 +124,10 @@ def bench_cuda(quick):
                 return (c.float() * xs * q.weight_scale + q.bias).bfloat16()
 
             xq_pad = F.pad(torch.ops.qlib.quantize_per_token(x)[0], (0, 0, 0, max(0, 17 - M)))
-            t_q = cuda_ms(lambda: q(x))
-            t_bf = cuda_ms(lambda: F.linear(x, w_bf16, b_bf16))
-            t_mm = cuda_ms(int_mm_path)
-            t_raw = cuda_ms(lambda: torch._int_mm(xq_pad, w_t))
+            t_q = cuda_median_ms(lambda: q(x))
+            t_bf = cuda_median_ms(lambda: F.linear(x, w_bf16, b_bf16))
+            t_mm = cuda_median_ms(int_mm_path)
+            t_raw = cuda_median_ms(lambda: torch._int_mm(xq_pad, w_t))
             rows.append((M, K, N, t_bf, t_raw, t_mm, t_q))
             print(f"[cuda] M={M:5d} K=N={KN}  bf16 {t_bf:8.3f} ms  _int_mm alone {t_raw:8.3f} ms  "
                   f"_int_mm+quant+dequant {t_mm:8.3f} ms  qlib {t_q:8.3f} ms | vs bf16 {t_bf / t_q:5.2f}x  "

@@ -3,23 +3,9 @@ bf16 / int8 matmul rates (torch.mm, torch._int_mm at 8192^3), on random data.
 
     python benchmarks/gpu_ceilings.py
 """
-import statistics
-
 import torch
 
-
-def median_ms(fn, reps=30, warmup=5):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from timing import cuda_median_ms as median_ms
 
 
 def main():

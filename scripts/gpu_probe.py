@@ -1,15 +1,17 @@
 """Diagnostics for a lent GPU: which error paths crash, fake_quant with and without
 the CUDA value checks, and kernel breakdowns (torch.profiler) of the slow paths."""
-import statistics
+import pathlib
 import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import qlib
 from qlib import observers as O
 from qlib.nn import Int8Linear
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from timing import cuda_median_ms as ms  # noqa: E402
 
 ops = torch.ops.qlib
 
@@ -29,20 +31,6 @@ def errors():
         print(f"[error path] {name}: rc={r.returncode} {r.stdout.strip()} {r.stderr.strip()[-200:] if r.returncode else ''}")
 
 
-def ms(fn, reps=50):
-    for _ in range(5):
-        fn()
-    t = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        t.append(s.elapsed_time(e))
-    return statistics.median(t)
-
-
 def fake_quant_checks():
     n, k = 4096, 4096
     for dtype in (torch.float32, torch.bfloat16):
@@ -54,7 +42,7 @@ def fake_quant_checks():
             for checks in (True, False):
                 qlib._C.set_cuda_value_checks(checks)
                 row.append(ms(lambda: ops.fake_quant(x, s, z, -128, 127)))
-            qlib._C.set_cuda_value_checks(True)
+            qlib._C.set_cuda_value_checks(False)  # the default
             nb = 2 * x.numel() * x.element_size()
             print(f"[fake_quant] {dtype} per-{mode}: checks on {row[0]*1e3:.1f} us, off {row[1]*1e3:.1f} us "
                   f"({nb / row[1] / 1e6:.0f} GB/s)")
@@ -76,7 +64,7 @@ def main():
     fake_quant_checks()
     x = torch.randn(4096, 4096, device="cuda")
     s, z = torch.tensor([0.02], device="cuda"), torch.tensor([0], device="cuda", dtype=torch.int32)
-    profile("fake_quant per-tensor fp32 fwd (checks on)", lambda: ops.fake_quant(x, s, z, -128, 127))
+    profile("fake_quant per-tensor fp32 fwd", lambda: ops.fake_quant(x, s, z, -128, 127))
     with torch.inference_mode():
         lin = torch.nn.Linear(8192, 8192, device="cuda")
         q = Int8Linear.from_float(lin)
