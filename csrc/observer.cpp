@@ -1,5 +1,7 @@
 #include "observer.h"
 
+#include <utility>
+
 namespace qlib {
 
 void check_observer_input(const char* op, const at::Tensor& x) {
@@ -8,6 +10,35 @@ void check_observer_input(const char* op, const at::Tensor& x) {
               ": x must be float32, float16 or bfloat16, got ", t);
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [blocks, elements per block], got shape ",
               x.sizes());
+}
+
+float check_minmax_observe_args(const char* op, const at::Tensor& x, const at::Tensor& min_val,
+                                const at::Tensor& max_val, const at::Tensor& observed,
+                                const at::Tensor& nonfinite,
+                                const std::optional<double>& averaging_constant) {
+  check_observer_input(op, x);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"min_val", min_val},
+                                {"max_val", max_val}}) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == x.size(0) &&
+                    t.is_contiguous(),
+                op, ": ", name, " must be a contiguous float32 [", x.size(0),
+                "] tensor (one value per block of x), got ", t.scalar_type(), " of shape ",
+                t.sizes());
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+                x.device());
+  }
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"observed", observed},
+                                {"nonfinite", nonfinite}}) {
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1, op, ": ", name,
+                " must be a one-element int64 tensor, got ", t.scalar_type(), " of shape ",
+                t.sizes());
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+                x.device());
+  }
+  if (!averaging_constant.has_value()) return 0.0f;
+  const double c = *averaging_constant;
+  TORCH_CHECK(c > 0.0 && c <= 1.0, op, ": averaging_constant must lie in (0, 1], got ", c);
+  return static_cast<float>(c);
 }
 
 void check_histogram(const char* op, const at::Tensor& hist, const at::Tensor& range,

@@ -8,6 +8,13 @@ namespace qlib {
 
 // x: 2-D [rows, K] float32/float16/bfloat16 (each row is one block).
 void check_observer_input(const char* op, const at::Tensor& x);
+// minmax_observe: x as above; min_val / max_val contiguous float32 [rows] and
+// observed / nonfinite int64 one-element tensors, all on x's device;
+// averaging_constant in (0, 1] when given. Returns c for update_minmax (0: none).
+float check_minmax_observe_args(const char* op, const at::Tensor& x, const at::Tensor& min_val,
+                                const at::Tensor& max_val, const at::Tensor& observed,
+                                const at::Tensor& nonfinite,
+                                const std::optional<double>& averaging_constant);
 // hist: 2-D int64 [rows, bins] with bins >= 2; range: float64 [rows, 2]
 // holding (min, max) of the data binned so far (+inf, -inf when empty).
 void check_histogram(const char* op, const at::Tensor& hist, const at::Tensor& range,

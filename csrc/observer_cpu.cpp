@@ -152,6 +152,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_minmax_cpu(const at::Tensor
   return {lo, hi, at::scalar_tensor(nonfinite, x.options().dtype(at::kLong))};
 }
 
+void minmax_observe_cpu(const at::Tensor& x_in, const at::Tensor& min_val,
+                        const at::Tensor& max_val, const at::Tensor& observed,
+                        const at::Tensor& nonfinite,
+                        std::optional<double> averaging_constant) {
+  const float c = check_minmax_observe_args("qlib::minmax_observe", x_in, min_val, max_val,
+                                            observed, nonfinite, averaging_constant);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t R = x.size(0), K = x.size(1);
+  int64_t bad = 0;
+  QLIB_DISPATCH_FLOAT(x.scalar_type(), "minmax_observe_cpu", [&] {
+    const auto m = rows_minmax(x.const_data_ptr<scalar_t>(), R, K);
+    float* lo = min_val.data_ptr<float>();
+    float* hi = max_val.data_ptr<float>();
+    for (int64_t r = 0; r < R; ++r) {
+      update_minmax(lo[r], hi[r], m[r].lo, m[r].hi, c);
+      bad += m[r].nonfinite;
+    }
+  });
+  *observed.data_ptr<int64_t>() += R * K - bad;
+  *nonfinite.data_ptr<int64_t>() += bad;
+}
+
 // Whether grid g's edges lo + j * width (j <= bins) are exact float32 values
 // (integer coordinates below 2^24, width a normal float, no overflow): then
 // the bins can be found in float32 SIMD, with exact results.
@@ -426,6 +448,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cpu(const at::Tensor
 
 TORCH_LIBRARY_IMPL(qlib, CPU, m) {
   m.impl("block_minmax", &block_minmax_cpu);
+  m.impl("minmax_observe", &minmax_observe_cpu);
   m.impl("histogram_observe", &histogram_observe_cpu);
   m.impl("histogram_rebin", &histogram_rebin_cpu);
   m.impl("histogram_quantile", &histogram_quantile_cpu);

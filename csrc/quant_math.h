@@ -175,6 +175,33 @@ QLIB_HD int8_t int8_act_code(float x, float inv_scale) {
 namespace qlib {
 
 // ---------------------------------------------------------------- observers
+// One block's running statistics after a batch whose finite min and max are
+// lo and hi (+inf and -inf when the batch had no finite value in the block).
+// averaging_constant c <= 0: running min / max (MinMaxObserver). c > 0: the
+// moving average min += c * (lo - min), the first batch taken as is
+// (MovingAverageMinMaxObserver), rounded step by step like torch.ao's
+// separate tensor ops (no fused multiply-add).
+QLIB_HD float moving_average_step(float avg, float v, float c) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(avg, __fmul_rn(c, __fsub_rn(v, avg)));
+#else
+  const volatile float step = c * (v - avg);  // volatile: rounded, never fused into an FMA
+  return avg + step;
+#endif
+}
+
+QLIB_HD void update_minmax(float& min_val, float& max_val, float lo, float hi, float c) {
+  if (c <= 0.0f) {
+    min_val = fminf(min_val, lo);
+    max_val = fmaxf(max_val, hi);
+    return;
+  }
+  const float inf = INFINITY;
+  if (lo != inf) min_val = min_val == inf ? lo : moving_average_step(min_val, lo, c);
+  if (hi != -inf) max_val = max_val == -inf ? hi : moving_average_step(max_val, hi, c);
+}
+
+
 // The histograms of the observers live on a canonical grid: `bins` bins of a
 // power-of-two width 2^e starting at a multiple of 2^e, with e the smallest
 // exponent whose window covers the data range [umin, umax] (strictly, so the

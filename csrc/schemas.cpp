@@ -34,6 +34,12 @@ TORCH_LIBRARY(qlib, m) {
   // x is [blocks, elements per block]; hist int64 [blocks, bins] on the
   // canonical grid of range (float64 [blocks, 2]: min and max binned so far).
   m.def("block_minmax(Tensor x) -> (Tensor min, Tensor max, Tensor nonfinite)", tags);
+  // In place: the observer's min_val / max_val (float32 [blocks]) and its
+  // observed / nonfinite counters (int64 scalars); see update_minmax.
+  m.def(
+      "minmax_observe(Tensor x, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) observed, "
+      "Tensor(d!) nonfinite, float? averaging_constant) -> ()",
+      tags);
   m.def(
       "histogram_observe(Tensor x, Tensor hist, Tensor range, bool absolute) "
       "-> (Tensor hist_out, Tensor range_out, Tensor nonfinite)",

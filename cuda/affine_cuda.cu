@@ -3,6 +3,7 @@
 // geometry from block_layout.h; 16-byte loads, 64-bit indexing, the current
 // stream and a launch check after every kernel.
 #include <limits>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -132,11 +133,19 @@ __device__ __forceinline__ BlockQParams element_qparams(const KernelQParams& p,
   else return pack;
 }
 
-template <int N>
-ScaleLookup lookup_for(const AffineArgs& a) {
-  if (a.per_tensor) return ScaleLookup::kTensor;
-  if (!a.layout.inner_steps_scale && a.layout.inner_run % N == 0) return ScaleLookup::kPack;
-  return ScaleLookup::kElement;
+template <ScaleLookup L>
+using LookupTag = std::integral_constant<ScaleLookup, L>;
+
+// Calls launch(LookupTag<L>{}) with the ScaleLookup that fits a and packs of N.
+template <int N, class Launch>
+void with_lookup(const AffineArgs& a, const Launch& launch) {
+  if (a.per_tensor) {
+    launch(LookupTag<ScaleLookup::kTensor>{});
+  } else if (!a.layout.inner_steps_scale && a.layout.inner_run % N == 0) {
+    launch(LookupTag<ScaleLookup::kPack>{});
+  } else {
+    launch(LookupTag<ScaleLookup::kElement>{});
+  }
 }
 
 int64_t blocks_for(int64_t work) {
@@ -189,16 +198,9 @@ void launch_fake_quant(const AffineArgs& a, at::Tensor& out) {
   const int64_t blocks = blocks_for((n + N - 1) / N);
   const T* x = a.x.const_data_ptr<T>();
   T* y = out.data_ptr<T>();
-  switch (lookup_for<N>(a)) {
-    case ScaleLookup::kTensor:
-      fake_quant_kernel<T, N, ScaleLookup::kTensor><<<blocks, kThreads, 0, stream>>>(x, y, n, p);
-      break;
-    case ScaleLookup::kPack:
-      fake_quant_kernel<T, N, ScaleLookup::kPack><<<blocks, kThreads, 0, stream>>>(x, y, n, p);
-      break;
-    default:
-      fake_quant_kernel<T, N, ScaleLookup::kElement><<<blocks, kThreads, 0, stream>>>(x, y, n, p);
-  }
+  with_lookup<N>(a, [&](auto lookup) {
+    fake_quant_kernel<T, N, decltype(lookup)::value><<<blocks, kThreads, 0, stream>>>(x, y, n, p);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -286,19 +288,10 @@ void launch_fake_quant_backward(const AffineArgs& a, const T* g, T* gx, float* d
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = blocks_for((n + N - 1) / N);
   const T* x = a.x.const_data_ptr<T>();
-  switch (lookup_for<N>(a)) {
-    case ScaleLookup::kTensor:
-      fake_quant_backward_kernel<T, N, ScaleLookup::kTensor>
-          <<<blocks, kThreads, 0, stream>>>(g, x, gx, ds, dz, n, p);
-      break;
-    case ScaleLookup::kPack:
-      fake_quant_backward_kernel<T, N, ScaleLookup::kPack>
-          <<<blocks, kThreads, 0, stream>>>(g, x, gx, ds, dz, n, p);
-      break;
-    default:
-      fake_quant_backward_kernel<T, N, ScaleLookup::kElement>
-          <<<blocks, kThreads, 0, stream>>>(g, x, gx, ds, dz, n, p);
-  }
+  with_lookup<N>(a, [&](auto lookup) {
+    fake_quant_backward_kernel<T, N, decltype(lookup)::value>
+        <<<blocks, kThreads, 0, stream>>>(g, x, gx, ds, dz, n, p);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -66,24 +66,50 @@ __global__ void minmax_partial_kernel(const T* __restrict__ x, int64_t K, int64_
   if (threadIdx.x == 0) partial[r * C + c] = total;
 }
 
-// Phase 2: one thread per row folds the C partials, writes the row's min/max
-// and adds its NaN/Inf count.
+// Phase 2, what happens to row r's totals m: block_minmax writes the row's
+// min/max and adds its NaN/Inf count ...
+struct WriteMinMax {
+  float* lo;
+  float* hi;
+  unsigned long long* nonfinite;
+  __device__ void operator()(int64_t r, const MinMaxCnt& m) const {
+    lo[r] = m.lo;
+    hi[r] = m.hi;
+    if (m.bad) atomicAdd(nonfinite, m.bad);
+  }
+};
+
+// ... minmax_observe folds them into the observer's statistics (update_minmax)
+// and counters, in place.
+struct UpdateObserver {
+  float* min_val;
+  float* max_val;
+  unsigned long long* observed;
+  unsigned long long* nonfinite;
+  int64_t K;
+  float averaging_constant;
+  __device__ void operator()(int64_t r, const MinMaxCnt& m) const {
+    update_minmax(min_val[r], max_val[r], m.lo, m.hi, averaging_constant);
+    atomicAdd(observed, static_cast<unsigned long long>(K) - m.bad);
+    if (m.bad) atomicAdd(nonfinite, m.bad);
+  }
+};
+
+// Phase 2: one thread per row folds the C partials and hands them to `finish`.
+template <class Finish>
 __global__ void minmax_final_kernel(const MinMaxCnt* __restrict__ partial, int64_t R, int64_t C,
-                                    float* __restrict__ lo, float* __restrict__ hi,
-                                    unsigned long long* __restrict__ nonfinite) {
+                                    Finish finish) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (r >= R) return;
   MinMaxCnt m{INFINITY, -INFINITY, 0ull};
   for (int64_t c = 0; c < C; ++c) m = MinMaxCntOp()(m, partial[r * C + c]);
-  lo[r] = m.lo;
-  hi[r] = m.hi;
-  if (m.bad) atomicAdd(nonfinite, m.bad);
+  finish(r, m);
 }
 
-// Per-row finite min/max of x [R, K] into lo/hi (float32 [R]), adding the
-// NaN/Inf count into *nonfinite. All on the current stream.
-template <class T>
-void launch_minmax(const at::Tensor& x, float* lo, float* hi, unsigned long long* nonfinite) {
+// Per-row finite min, max and NaN/Inf count of x [R, K], handed to `finish`
+// (WriteMinMax, UpdateObserver). All on the current stream.
+template <class T, class Finish>
+void launch_minmax(const at::Tensor& x, const Finish& finish) {
   const int64_t R = x.size(0), K = x.size(1);
   const int64_t C = chunks_per_row(R, K);
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -92,9 +118,12 @@ void launch_minmax(const at::Tensor& x, float* lo, float* hi, unsigned long long
   auto* pp = reinterpret_cast<MinMaxCnt*>(partial.data_ptr());
   minmax_partial_kernel<T><<<R * C, kThreads, 0, stream>>>(x.const_data_ptr<T>(), K, C, pp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  minmax_final_kernel<<<(R + kThreads - 1) / kThreads, kThreads, 0, stream>>>(pp, R, C, lo, hi,
-                                                                               nonfinite);
+  minmax_final_kernel<<<(R + kThreads - 1) / kThreads, kThreads, 0, stream>>>(pp, R, C, finish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+unsigned long long* as_counter(const at::Tensor& t) {
+  return reinterpret_cast<unsigned long long*>(t.data_ptr<int64_t>());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_minmax_cuda(const at::Tensor& x_in) {
@@ -108,10 +137,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_minmax_cuda(const at::Tenso
   if (R == 0 || x.size(1) == 0) return {lo, hi, nonfinite};
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "block_minmax_cuda", [&] {
     launch_minmax<scalar_t>(
-        x, lo.data_ptr<float>(), hi.data_ptr<float>(),
-        reinterpret_cast<unsigned long long*>(nonfinite.data_ptr<int64_t>()));
+        x, WriteMinMax{lo.data_ptr<float>(), hi.data_ptr<float>(), as_counter(nonfinite)});
   });
   return {lo, hi, nonfinite};
+}
+
+void minmax_observe_cuda(const at::Tensor& x_in, const at::Tensor& min_val,
+                         const at::Tensor& max_val, const at::Tensor& observed,
+                         const at::Tensor& nonfinite, std::optional<double> averaging_constant) {
+  const float c = check_minmax_observe_args("qlib::minmax_observe", x_in, min_val, max_val,
+                                            observed, nonfinite, averaging_constant);
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  if (x.size(0) == 0 || x.size(1) == 0) return;
+  QLIB_DISPATCH_FLOAT(x.scalar_type(), "minmax_observe_cuda", [&] {
+    launch_minmax<scalar_t>(
+        x, UpdateObserver{min_val.data_ptr<float>(), max_val.data_ptr<float>(),
+                          as_counter(observed), as_counter(nonfinite), x.size(1), c});
+  });
 }
 
 // New range = old range united with the batch's (absolute: [0, max |x|]).
@@ -221,8 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cuda(const at::
   at::Tensor blo = at::empty({R}, fopts), bhi = at::empty({R}, fopts);
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "histogram_observe_cuda", [&] {
     launch_minmax<scalar_t>(
-        x, blo.data_ptr<float>(), bhi.data_ptr<float>(),
-        reinterpret_cast<unsigned long long*>(nonfinite.data_ptr<int64_t>()));
+        x, WriteMinMax{blo.data_ptr<float>(), bhi.data_ptr<float>(), as_counter(nonfinite)});
     update_range_kernel<<<(R + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
         range.const_data_ptr<double>(), blo.const_data_ptr<float>(), bhi.const_data_ptr<float>(),
         R, absolute, new_range.data_ptr<double>());
@@ -420,6 +462,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cuda(const at::Tenso
 
 TORCH_LIBRARY_IMPL(qlib, CUDA, m) {
   m.impl("block_minmax", &block_minmax_cuda);
+  m.impl("minmax_observe", &minmax_observe_cuda);
   m.impl("histogram_observe", &histogram_observe_cuda);
   m.impl("histogram_rebin", &histogram_rebin_cuda);
   m.impl("histogram_quantile", &histogram_quantile_cuda);

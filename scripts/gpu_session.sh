@@ -5,7 +5,7 @@
 #   test      the whole pytest suite, CUDA included
 #   sanitize  the CUDA tests under compute-sanitizer memcheck and racecheck
 #   probe     scripts/gpu_probe.py diagnostics, and a native backtrace of an error path
-#   benchfq   bench_fake_quant alone
+#   benchfq   bench_fake_quant alone; benchobs: bench_observers alone
 #   bench     the GPU ceilings and every benchmark's GPU section
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -52,7 +52,8 @@ PYEOF
   TAIL=60 stage probe 120 cuda-gdb -batch -ex run -ex bt --args $PY /tmp/err.py
 fi
 if has test; then
-  TAIL=25 stage test 420 $PY -m pytest tests -q -p no:cacheprovider -n 8 -rfEs
+  # TEST_K="cuda" runs only the CUDA variants (a short lease).
+  TAIL=25 stage test 420 $PY -m pytest tests -q -p no:cacheprovider -n 8 -rfEs ${TEST_K:+-k "$TEST_K"}
 fi
 if has sanitize; then
   SEL="cuda and not compile and not opcheck and not export and not ddp and not error and not bad and not boundary and not packed_matches"
@@ -64,6 +65,9 @@ if has sanitize; then
 fi
 if has benchfq; then
   TAIL=18 stage bench 150 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 50
+fi
+if has benchobs; then
+  TAIL=14 stage bench 120 $PY benchmarks/bench_observers.py --device cuda
 fi
 if has bench; then
   TAIL=8 stage bench 120 $PY benchmarks/gpu_ceilings.py

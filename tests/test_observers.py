@@ -333,6 +333,52 @@ def test_state_dict_round_trip(cls, tmp_path):
     assert o2.calculate_qparams()[0].shape == (3, 1)
 
 
+@pytest.mark.parametrize("c", [None, 0.3])
+def test_minmax_observe_op_in_place(device, c):
+    """minmax_observe = block_minmax + torch.ao's update written with torch ops, bit for bit."""
+    inf = math.inf
+    mn = torch.full((5,), inf, device=device)
+    mx = torch.full((5,), -inf, device=device)
+    observed = torch.zeros((), dtype=torch.int64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+    ref_mn, ref_mx, ref_obs, ref_bad = mn.clone(), mx.clone(), 0, 0
+    buffers = (mn, mx, observed, nonfinite)
+    for step in range(4):
+        x = torch.randn(5, 333, device=device) * (step + 1) + step
+        x[1, 7], x[2, 0] = math.nan, -inf
+        if step == 1:
+            x[3] = math.nan  # a block with no finite value this batch
+        ops.minmax_observe(x, *buffers, c)
+        lo, hi, bad = ops.block_minmax(x)
+        if c is None:
+            ref_mn, ref_mx = torch.minimum(ref_mn, lo), torch.maximum(ref_mx, hi)
+        else:
+            ref_mn = torch.where(torch.isfinite(lo), torch.where(torch.isinf(ref_mn), lo, ref_mn + c * (lo - ref_mn)), ref_mn)
+            ref_mx = torch.where(torch.isfinite(hi), torch.where(torch.isinf(ref_mx), hi, ref_mx + c * (hi - ref_mx)), ref_mx)
+        ref_bad += int(bad)
+        ref_obs += x.numel() - int(bad)
+        assert torch.equal(mn, ref_mn) and torch.equal(mx, ref_mx), step
+        assert (int(observed), int(nonfinite)) == (ref_obs, ref_bad)
+    assert [b.data_ptr() for b in buffers] == [b.data_ptr() for b in (mn, mx, observed, nonfinite)]
+
+
+def test_minmax_observe_bad_arguments(device):
+    x = torch.randn(3, 8, device=device)
+    mn, mx = torch.full((3,), math.inf, device=device), torch.full((3,), -math.inf, device=device)
+    n = torch.zeros((), dtype=torch.int64, device=device)
+    cases = [
+        ((x, mn.double(), mx, n, n.clone(), None), r"qlib::minmax_observe: min_val must be a contiguous float32 \[3\] tensor .*got Double"),
+        ((x, mn, mx[:2], n, n.clone(), None), r"max_val must be a contiguous float32 \[3\] tensor .*shape \[2\]"),
+        ((x, mn, mx, n.float(), n.clone(), None), r"observed must be a one-element int64 tensor, got Float"),
+        ((x, mn, mx, n, n.clone(), 0.0), r"averaging_constant must lie in \(0, 1\], got 0"),
+        ((x, mn, mx, n, n.clone(), 1.5), r"averaging_constant must lie in \(0, 1\], got 1.5"),
+        ((x[0], mn, mx, n, n.clone(), None), r"qlib::minmax_observe: x must be 2-D"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.minmax_observe(*args)
+
+
 def test_bad_arguments_name_the_op():
     with pytest.raises(RuntimeError, match=r"qlib::block_minmax: x must be 2-D"):
         ops.block_minmax(torch.randn(3))
@@ -358,6 +404,9 @@ def test_opcheck(device):
     hist = torch.zeros(3, 64, dtype=torch.int64, device=device)
     rng = torch.tensor([[math.inf, -math.inf]] * 3, dtype=torch.float64, device=device)
     torch.library.opcheck(ops.block_minmax, (x,))
+    stats = (torch.full((3,), math.inf, device=device), torch.full((3,), -math.inf, device=device),
+             torch.zeros((), dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64, device=device))
+    torch.library.opcheck(ops.minmax_observe, (x, *stats, 0.1))
     torch.library.opcheck(ops.histogram_observe, (x, hist, rng, True))
     h, r, _ = ops.histogram_observe(x, hist, rng, False)
     wide = r.clone()

@@ -18,6 +18,11 @@ def _(x):
     )
 
 
+@torch.library.register_fake("qlib::minmax_observe")
+def _(x, min_val, max_val, observed, nonfinite, averaging_constant):
+    return None
+
+
 @torch.library.register_fake("qlib::histogram_observe")
 def _(x, hist, range, absolute):
     return hist.new_empty(hist.shape), range.new_empty(range.shape), x.new_empty((), dtype=torch.int64)

@@ -259,10 +259,8 @@ class MinMaxObserver(ObserverBase):
     _stat_buffers = {"min_val": math.inf, "max_val": -math.inf}
 
     def _observe(self, rows: Tensor) -> None:
-        lo, hi, nonfinite = ops.block_minmax(rows)
-        torch.minimum(self.min_val, lo, out=self.min_val)
-        torch.maximum(self.max_val, hi, out=self.max_val)
-        self._count(rows, nonfinite)
+        # One op updates min_val, max_val and the counters in place.
+        ops.minmax_observe(rows, self.min_val, self.max_val, self.observed, self.nonfinite, None)
 
     def _synced_stats(self) -> Dict[str, Tensor]:
         if not _distributed():  # read-only use downstream: no copies needed
@@ -292,12 +290,9 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         self.averaging_constant = float(averaging_constant)
 
     def _observe(self, rows: Tensor) -> None:
-        lo, hi, nonfinite = ops.block_minmax(rows)
-        c = self.averaging_constant
-        for buf, cur in ((self.min_val, lo), (self.max_val, hi)):
-            new = torch.where(torch.isinf(buf), cur, buf + c * (cur - buf))
-            buf.copy_(torch.where(torch.isfinite(cur), new, buf))
-        self._count(rows, nonfinite)
+        ops.minmax_observe(
+            rows, self.min_val, self.max_val, self.observed, self.nonfinite, self.averaging_constant
+        )
 
     def _synced_stats(self) -> Dict[str, Tensor]:
         if not _distributed():

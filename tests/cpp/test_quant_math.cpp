@@ -70,6 +70,28 @@ TEST(QuantMath, QParamsValid) {
     EXPECT_FALSE(qlib::qparams_valid(0.1f, z, -128.0f, 127.0f)) << z;
 }
 
+TEST(QuantMath, UpdateMinMax) {
+  float lo = INFINITY, hi = -INFINITY;
+  qlib::update_minmax(lo, hi, -1.0f, 2.0f, 0.0f);  // running: plain min / max
+  qlib::update_minmax(lo, hi, -0.5f, 3.0f, 0.0f);
+  EXPECT_EQ(lo, -1.0f);
+  EXPECT_EQ(hi, 3.0f);
+  float a = INFINITY, b = -INFINITY;
+  qlib::update_minmax(a, b, INFINITY, -INFINITY, 0.25f);  // no finite value: unchanged
+  EXPECT_EQ(a, INFINITY);
+  qlib::update_minmax(a, b, -1.0f, 2.0f, 0.25f);  // first batch taken as is
+  EXPECT_EQ(a, -1.0f);
+  EXPECT_EQ(b, 2.0f);
+  qlib::update_minmax(a, b, -3.0f, 6.0f, 0.25f);  // a + c * (v - a), step by step
+  EXPECT_EQ(a, -1.0f + 0.25f * (-3.0f - -1.0f));
+  EXPECT_EQ(b, 2.0f + 0.25f * (6.0f - 2.0f));
+  const float c = 0.1f, a0 = 0.3f, v = 0.7f;  // rounding after the product, not fused
+  float m = a0, M = -INFINITY;
+  qlib::update_minmax(m, M, v, -INFINITY, c);
+  const volatile float step = c * (v - a0);
+  EXPECT_EQ(m, a0 + step);
+}
+
 TEST(QuantMath, ChooseQParams) {
   const float eps = std::numeric_limits<float>::epsilon();
   auto sym = qlib::choose_qparams_value(-2.0f, 1.0f, -128, 127, true, eps);
