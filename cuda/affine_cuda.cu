@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "affine.h"
+#include "pack.cuh"
 #include "quant_math.h"
 
 namespace qlib {
@@ -24,11 +25,6 @@ constexpr int kThreads = 256;
 // Which scale covers an element: one for all (per-tensor), one per 16-byte
 // pack (the block is a multiple of the pack), or looked up per element.
 enum class ScaleLookup { kTensor, kPack, kElement };
-
-template <class T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 // How a kernel reads the zero point: as given (int32, int64) or as float32
 // rounded to the nearest integer (floating LSQ+ zero points; prepare_affine's
@@ -153,8 +149,6 @@ int64_t blocks_for(int64_t work) {
       static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
   return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // ---------------------------------------------------------------- forward
 template <class T, int N, ScaleLookup L>

@@ -18,6 +18,7 @@
 
 #include "affine.h"
 #include "int8.h"
+#include "pack.cuh"
 #include "quant_math.h"
 
 namespace qlib {
@@ -31,7 +32,6 @@ constexpr int64_t kIntMmMinM = 17;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -43,13 +43,6 @@ __device__ __forceinline__ int warp_sum(int v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-
-template <class T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // ---------------------------------------------------------------- quantize rows
 // One block per row (grid-stride), V elements a thread at a time (V = 8: 16- or
@@ -206,8 +199,6 @@ __global__ void gemm_small_m_kernel(const int8_t* __restrict__ a, int64_t lda,
     }
   }
 }
-
-bool aligned16(const void* p) { return aligned(p, 16); }
 
 void launch_gemm_small_m(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c,
                          int64_t ldc, int64_t M, int64_t N, int64_t K) {
