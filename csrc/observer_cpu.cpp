@@ -13,6 +13,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "affine.h"
@@ -194,6 +195,89 @@ void rebin_row(const int64_t* old, double old_lo, double old_hi, int64_t* out,
   }
 }
 
+// Adds the bins (on grid g) of the finite values of p[0, n) into lh; NaN/Inf
+// go to the extra bin lh[B].
+template <class T>
+void bin_span(const T* p, int64_t n, const HistGrid& g, int64_t B, bool absolute, int64_t* lh) {
+  int64_t k = 0;
+  if (float_grid_ok(g, B)) {
+    // SIMD: the float estimate of the bin is off by at most one and is
+    // corrected against the exact float edges; NaN/Inf go to bin B.
+    const Vec lo(static_cast<float>(g.lo)), w(static_cast<float>(g.width)),
+        inv_w(static_cast<float>(1.0 / g.width)), top(static_cast<float>(B - 1)),
+        dummy(static_cast<float>(B)), zero(0.0f), one(1.0f);
+    float idx[kVec];
+    for (; k + kVec <= n; k += kVec) {
+      Vec v = load_float(p + k, kVec);
+      const Vec finite = (v - v) == zero;
+      if (absolute) v = v.abs();
+      Vec j = at::vec::minimum(at::vec::maximum(((v - lo) * inv_w).floor(), zero), top);
+      j = j - Vec::blendv(zero, one, (v < lo + j * w) & (j > zero));
+      j = j + Vec::blendv(zero, one, (v >= lo + (j + one) * w) & (j < top));
+      Vec::blendv(dummy, j, finite).store(idx);
+      for (int64_t q = 0; q < kVec; ++q) ++lh[static_cast<int64_t>(idx[q])];
+    }
+  }
+  for (; k < n; ++k) {
+    const float v = static_cast<float>(p[k]);
+    if (!std::isfinite(v)) continue;
+    const double d = absolute ? std::fabs(static_cast<double>(v)) : static_cast<double>(v);
+    ++lh[histogram_bin(d, g, B)];
+  }
+}
+
+// Adds the histograms (on grids[r]) of the rows r of x [R, K] with active[r]
+// into dst [R, B], in parallel over chunks of kGrain elements, each into a
+// thread-local histogram. With chunk_mm set, also takes each chunk's finite
+// min / max / NaN-Inf count just before binning it (the chunk is then read
+// from DRAM once and binned from cache).
+template <class T>
+void bin_rows(const T* xp, int64_t R, int64_t K, int64_t B, const std::vector<HistGrid>& grids,
+              const std::vector<char>& active, bool absolute, int64_t* dst,
+              MinMaxCount* chunk_mm) {
+  const int64_t chunks_per_row = (K + kGrain - 1) / kGrain;
+  const int nthreads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> local(nthreads);
+  std::vector<int64_t> local_row(nthreads, -1);
+  auto flush = [&](int t) {
+    if (local_row[t] < 0) return;
+    int64_t* d = dst + local_row[t] * B;
+    // Rows of different threads may coincide: add atomically.
+    for (int64_t j = 0; j < B; ++j) {
+      if (local[t][j] != 0) {
+        __atomic_fetch_add(d + j, local[t][j], __ATOMIC_RELAXED);
+        local[t][j] = 0;
+      }
+    }
+    local_row[t] = -1;
+  };
+  at::parallel_for(0, R * chunks_per_row, 1, [&](int64_t b, int64_t e) {
+    const int t = at::get_thread_num();
+    if (local[t].empty()) local[t].assign(B + 1, 0);  // + a bin for NaN/Inf
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t r = c / chunks_per_row, k0 = (c % chunks_per_row) * kGrain;
+      if (!active[r] || grids[r].used == 0) continue;
+      if (local_row[t] != r) flush(t);
+      local_row[t] = r;
+      const T* p = xp + r * K + k0;
+      const int64_t n = std::min(kGrain, K - k0);
+      if (chunk_mm != nullptr) chunk_mm[c] = minmax_span(p, n);
+      bin_span(p, n, grids[r], B, absolute, local[t].data());
+    }
+    flush(t);
+  });
+}
+
+// The range of the values recorded: [min, max], or [0, max |x|] when absolute.
+std::pair<double, double> observed_range(const MinMaxCount& m, bool absolute) {
+  double lo = m.lo, hi = m.hi;
+  if (absolute && lo <= hi) {
+    hi = std::max(std::fabs(lo), std::fabs(hi));
+    lo = 0.0;
+  }
+  return {lo, hi};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::Tensor& x_in,
                                                                      const at::Tensor& hist_in,
                                                                      const at::Tensor& range_in,
@@ -214,82 +298,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::T
   int64_t nonfinite = 0;
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "histogram_observe_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const auto mm = rows_minmax(xp, R, K);
     const double* rp = range.const_data_ptr<double>();
     double* nrp = new_range.data_ptr<double>();
     const int64_t* hp = hist.const_data_ptr<int64_t>();
     int64_t* nhp = new_hist.data_ptr<int64_t>();
     std::vector<HistGrid> grids(R);
+    std::vector<char> redo(R, 1);
+    std::vector<MinMaxCount> mm(R);
+    // Optimistic one pass when every row has a grid already: bin on it while
+    // taking the min/max. A row whose new range keeps the grid's origin and
+    // width (bin indices unchanged) is done; the others are redone below.
+    bool optimistic = K > 0;
+    for (int64_t r = 0; r < R; ++r) {
+      grids[r] = histogram_grid(rp[2 * r], rp[2 * r + 1], B);
+      optimistic = optimistic && grids[r].used > 0;
+    }
+    if (optimistic) {
+      const int64_t chunks_per_row = (K + kGrain - 1) / kGrain;
+      std::vector<MinMaxCount> chunk_mm(R * chunks_per_row);
+      bin_rows(xp, R, K, B, grids, redo, absolute, nhp, chunk_mm.data());
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t c = 0; c < chunks_per_row; ++c) {
+          const MinMaxCount& m = chunk_mm[r * chunks_per_row + c];
+          mm[r].lo = std::min(mm[r].lo, m.lo);
+          mm[r].hi = std::max(mm[r].hi, m.hi);
+          mm[r].nonfinite += m.nonfinite;
+        }
+      }
+    } else {
+      mm = rows_minmax(xp, R, K);
+    }
     for (int64_t r = 0; r < R; ++r) {
       nonfinite += mm[r].nonfinite;
-      double blo = mm[r].lo, bhi = mm[r].hi;
-      if (absolute && blo <= bhi) {
-        bhi = std::max(std::fabs(blo), std::fabs(bhi));
-        blo = 0.0;
-      }
+      const auto [blo, bhi] = observed_range(mm[r], absolute);
       nrp[2 * r] = std::min(rp[2 * r], blo);
       nrp[2 * r + 1] = std::max(rp[2 * r + 1], bhi);
-      grids[r] = histogram_grid(nrp[2 * r], nrp[2 * r + 1], B);
-      rebin_row(hp + r * B, rp[2 * r], rp[2 * r + 1], nhp + r * B, grids[r], B);
+      const HistGrid g = histogram_grid(nrp[2 * r], nrp[2 * r + 1], B);
+      int64_t* out = nhp + r * B;
+      if (optimistic && g.lo == grids[r].lo && g.width == grids[r].width) {
+        redo[r] = 0;  // this batch is binned: add the old counts as they are
+        for (int64_t j = 0; j < B; ++j) out[j] += hp[r * B + j];
+      } else {
+        std::fill(out, out + B, int64_t{0});
+        rebin_row(hp + r * B, rp[2 * r], rp[2 * r + 1], out, g, B);
+      }
+      grids[r] = g;
     }
-    // Accumulate: per-chunk local histograms, added under the chunk's row.
-    const int64_t chunks_per_row = (K + kGrain - 1) / kGrain;
-    const int64_t total_chunks = R * chunks_per_row;
-    const int nthreads = at::get_num_threads();
-    std::vector<std::vector<int64_t>> local(nthreads, std::vector<int64_t>());
-    std::vector<int64_t> local_row(nthreads, -1);
-    auto flush = [&](int t) {
-      if (local_row[t] < 0) return;
-      int64_t* dst = nhp + local_row[t] * B;
-      // Rows of different threads may coincide: add atomically.
-      for (int64_t j = 0; j < B; ++j) {
-        if (local[t][j] != 0) {
-          __atomic_fetch_add(dst + j, local[t][j], __ATOMIC_RELAXED);
-          local[t][j] = 0;
-        }
-      }
-      local_row[t] = -1;
-    };
-    at::parallel_for(0, total_chunks, 1, [&](int64_t b, int64_t e) {
-      const int t = at::get_thread_num();
-      if (local[t].empty()) local[t].assign(B + 1, 0);  // + a bin for NaN/Inf
-      for (int64_t c = b; c < e; ++c) {
-        const int64_t r = c / chunks_per_row, k0 = (c % chunks_per_row) * kGrain;
-        if (local_row[t] != r) flush(t);
-        local_row[t] = r;
-        const HistGrid g = grids[r];
-        if (g.used == 0) continue;
-        int64_t* lh = local[t].data();
-        const scalar_t* p = xp + r * K + k0;
-        const int64_t n = std::min(kGrain, K - k0);
-        int64_t k = 0;
-        if (float_grid_ok(g, B)) {
-          // SIMD: the float estimate of the bin is off by at most one and is
-          // corrected against the exact float edges; NaN/Inf go to bin B.
-          const Vec lo(static_cast<float>(g.lo)), w(static_cast<float>(g.width)),
-              inv_w(static_cast<float>(1.0 / g.width)), top(static_cast<float>(B - 1)),
-              dummy(static_cast<float>(B)), zero(0.0f), one(1.0f);
-          float idx[kVec];
-          for (; k + kVec <= n; k += kVec) {
-            Vec v = load_float(p + k, kVec);
-            const Vec finite = (v - v) == zero;
-            if (absolute) v = v.abs();
-            Vec j = at::vec::minimum(at::vec::maximum(((v - lo) * inv_w).floor(), zero), top);
-            j = j - Vec::blendv(zero, one, (v < lo + j * w) & (j > zero));
-            j = j + Vec::blendv(zero, one, (v >= lo + (j + one) * w) & (j < top));
-            Vec::blendv(dummy, j, finite).store(idx);
-            for (int64_t q = 0; q < kVec; ++q) ++lh[static_cast<int64_t>(idx[q])];
-          }
-        }
-        for (; k < n; ++k) {
-          const float v = static_cast<float>(p[k]);
-          if (!std::isfinite(v)) continue;
-          const double d = absolute ? std::fabs(static_cast<double>(v)) : static_cast<double>(v);
-          ++lh[histogram_bin(d, g, B)];
-        }
-      }
-      flush(t);
-    });
+    if (std::find(redo.begin(), redo.end(), 1) != redo.end())
+      bin_rows(xp, R, K, B, grids, redo, absolute, nhp, nullptr);
   });
   return {new_hist, new_range, at::scalar_tensor(nonfinite, x.options().dtype(at::kLong))};
 }
