@@ -129,6 +129,26 @@ def test_histogram_exact_and_order_free(device, absolute):
         torch.testing.assert_close(hist.cpu()[0], ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("absolute", [True, False])
+def test_histogram_rows_keep_or_move_their_grid(device, absolute):
+    """Several rows, several batches: in each batch some rows' grids stay and some move
+    (the CPU bins optimistically on the old grid and redoes only the moved rows)."""
+    bins = 128
+    rows = 4
+    batches = [torch.randn(rows, 2000) * 10]  # wide first: later narrow rows keep their grid
+    batches.append(torch.randn(rows, 1500) * torch.tensor([[0.5], [30.0], [1.0], [2.0]]))
+    batches.append(torch.randn(rows, 999) + torch.tensor([[0.0], [0.0], [-60.0], [0.0]]))
+    batches[2][3, 5] = math.nan
+    hist = torch.zeros(rows, bins, dtype=torch.int64, device=device)
+    rng = torch.tensor([[math.inf, -math.inf]] * rows, dtype=torch.float64, device=device)
+    for b in batches:
+        hist, rng, _ = ops.histogram_observe(b.to(device), hist, rng, absolute)
+    for r in range(rows):
+        ref, (umin, umax) = _ref_hist(torch.cat([b[r] for b in batches]), bins, absolute)
+        assert rng[r].tolist() == [umin, umax]
+        torch.testing.assert_close(hist.cpu()[r], ref, rtol=0, atol=0)
+
+
 def test_histogram_extremes(device):
     big = torch.tensor([3.4e38, -3.4e38, 1e38, 0.0, float("nan"), float("inf")], device=device)
     tiny = torch.tensor([1e-45, 3e-44, -1e-40, 0.0, 1e-38], device=device)
