@@ -13,6 +13,7 @@ import time
 import torch
 
 import qlib  # noqa: F401
+from timing import cuda_median_ms
 
 ops = torch.ops.qlib
 
@@ -37,21 +38,15 @@ def torch_native(x, scale, zp, qmin, qmax, mode, group):
 
 def timeit(fn, device, repeat, warmup=3):
     """Median seconds per call: CUDA events on a GPU, the host clock on the CPU."""
+    if device == "cuda":
+        return cuda_median_ms(fn, reps=repeat, warmup=warmup) / 1e3
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 

@@ -102,6 +102,21 @@ MinMaxCount minmax_span(const T* p, int64_t n) {
   return r;
 }
 
+// Per-row totals of the per-chunk results part [R * chunks] (row-major).
+std::vector<MinMaxCount> fold_chunks(const std::vector<MinMaxCount>& part, int64_t R,
+                                     int64_t chunks) {
+  std::vector<MinMaxCount> out(R);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const MinMaxCount& m = part[r * chunks + c];
+      out[r].lo = std::min(out[r].lo, m.lo);
+      out[r].hi = std::max(out[r].hi, m.hi);
+      out[r].nonfinite += m.nonfinite;
+    }
+  }
+  return out;
+}
+
 // Per-row finite min/max of x [R, K]; rows without finite values give
 // (+inf, -inf). Parallel over rows, or over chunks of a row when rows are few.
 template <class T>
@@ -122,15 +137,7 @@ std::vector<MinMaxCount> rows_minmax(const T* x, int64_t R, int64_t K) {
       part[c] = minmax_span(x + r * K + k0, std::min(kGrain, K - k0));
     }
   });
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t c = 0; c < chunks; ++c) {
-      const MinMaxCount& m = part[r * chunks + c];
-      out[r].lo = std::min(out[r].lo, m.lo);
-      out[r].hi = std::max(out[r].hi, m.hi);
-      out[r].nonfinite += m.nonfinite;
-    }
-  }
-  return out;
+  return fold_chunks(part, R, chunks);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_minmax_cpu(const at::Tensor& x_in) {
@@ -304,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::T
     int64_t* nhp = new_hist.data_ptr<int64_t>();
     std::vector<HistGrid> grids(R);
     std::vector<char> redo(R, 1);
-    std::vector<MinMaxCount> mm(R);
+    std::vector<MinMaxCount> mm;
     // Optimistic one pass when every row has a grid already: bin on it while
     // taking the min/max. A row whose new range keeps the grid's origin and
     // width (bin indices unchanged) is done; the others are redone below.
@@ -317,14 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::T
       const int64_t chunks_per_row = (K + kGrain - 1) / kGrain;
       std::vector<MinMaxCount> chunk_mm(R * chunks_per_row);
       bin_rows(xp, R, K, B, grids, redo, absolute, nhp, chunk_mm.data());
-      for (int64_t r = 0; r < R; ++r) {
-        for (int64_t c = 0; c < chunks_per_row; ++c) {
-          const MinMaxCount& m = chunk_mm[r * chunks_per_row + c];
-          mm[r].lo = std::min(mm[r].lo, m.lo);
-          mm[r].hi = std::max(mm[r].hi, m.hi);
-          mm[r].nonfinite += m.nonfinite;
-        }
-      }
+      mm = fold_chunks(chunk_mm, R, chunks_per_row);
     } else {
       mm = rows_minmax(xp, R, K);
     }

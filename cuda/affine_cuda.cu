@@ -122,6 +122,13 @@ __device__ __forceinline__ BlockQParams block_qparams(const KernelQParams& p, in
   return {sc, 1.0f / sc, zp, qparams_valid(sc, zp, p.qmin, p.qmax)};
 }
 
+// The qparams shared by the pack starting at `base` (unused for kElement).
+template <ScaleLookup L>
+__device__ __forceinline__ BlockQParams pack_qparams(const KernelQParams& p, int64_t base) {
+  if constexpr (L == ScaleLookup::kElement) return {};
+  else return block_qparams(p, L == ScaleLookup::kPack ? p.pack_index(base) : 0);
+}
+
 template <ScaleLookup L>
 __device__ __forceinline__ BlockQParams element_qparams(const KernelQParams& p,
                                                         const BlockQParams& pack, int64_t i) {
@@ -158,9 +165,7 @@ __global__ void fake_quant_kernel(const T* __restrict__ x, T* __restrict__ y, in
   for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < packs;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t base = v * N;
-    BlockQParams pack{};
-    if constexpr (L != ScaleLookup::kElement)
-      pack = block_qparams(p, L == ScaleLookup::kPack ? p.pack_index(base) : 0);
+    const BlockQParams pack = pack_qparams<L>(p, base);
     Pack<T, N> in, out;
     const bool full = base + N <= n;
     if (full) {
@@ -230,9 +235,7 @@ __global__ void fake_quant_backward_kernel(const T* __restrict__ grad, const T* 
   for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < packs;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t base = v * N;
-    BlockQParams pack{};
-    if constexpr (L != ScaleLookup::kElement)
-      pack = block_qparams(p, L == ScaleLookup::kPack ? p.pack_index(base) : 0);
+    const BlockQParams pack = pack_qparams<L>(p, base);
     const bool full = base + N <= n;
     Pack<T, N> g, xv, gx;
     Pack<float, N> ds, dz;
