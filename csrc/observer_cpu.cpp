@@ -203,41 +203,70 @@ void rebin_row(const int64_t* old, double old_lo, double old_hi, int64_t* out,
 }
 
 // Adds the bins (on grid g) of the finite values of p[0, n) into lh; NaN/Inf
-// go to the extra bin lh[B].
+// go to the extra bin lh[B]. With mm set, also takes p's MinMaxCount in the
+// same pass (streaming the data once while binning it).
 template <class T>
-void bin_span(const T* p, int64_t n, const HistGrid& g, int64_t B, bool absolute, int64_t* lh) {
+void bin_span(const T* p, int64_t n, const HistGrid& g, int64_t B, bool absolute, int64_t* lh,
+              MinMaxCount* mm) {
   int64_t k = 0;
+  Vec vlo(kInf), vhi(-kInf), probe(0.0f);
   if (float_grid_ok(g, B)) {
-    // SIMD: the float estimate of the bin is off by at most one and is
-    // corrected against the exact float edges; NaN/Inf go to bin B.
+    // SIMD, exact: the edges lo + j * width are floats and width is a power
+    // of two, so (v - lo) / width only rounds in the subtraction, and rounding
+    // is monotonic: the floor can only come out one too high (v just below an
+    // edge), which one compare corrects. NaN/Inf go to bin B.
     const Vec lo(static_cast<float>(g.lo)), w(static_cast<float>(g.width)),
         inv_w(static_cast<float>(1.0 / g.width)), top(static_cast<float>(B - 1)),
         dummy(static_cast<float>(B)), zero(0.0f), one(1.0f);
-    float idx[kVec];
+    int32_t idx[kVec];
     for (; k + kVec <= n; k += kVec) {
       Vec v = load_float(p + k, kVec);
-      const Vec finite = (v - v) == zero;
+      const Vec diff = v - v;  // 0, or NaN for NaN/Inf
+      if (mm != nullptr) {
+        probe = probe + diff;
+        vlo = at::vec::clamp_max(vlo, v);
+        vhi = at::vec::clamp_min(vhi, v);
+      }
+      const Vec finite = diff == zero;
       if (absolute) v = v.abs();
       Vec j = at::vec::minimum(at::vec::maximum(((v - lo) * inv_w).floor(), zero), top);
-      j = j - Vec::blendv(zero, one, (v < lo + j * w) & (j > zero));
-      j = j + Vec::blendv(zero, one, (v >= lo + (j + one) * w) & (j < top));
-      Vec::blendv(dummy, j, finite).store(idx);
-      for (int64_t q = 0; q < kVec; ++q) ++lh[static_cast<int64_t>(idx[q])];
+      j = j - ((v < lo + j * w) & (j > zero) & one);
+      at::vec::convert_to_int_of_same_size(Vec::blendv(dummy, j, finite)).store(idx);
+      for (int64_t q = 0; q < kVec; ++q) ++lh[idx[q]];
     }
   }
+  MinMaxCount tail;
   for (; k < n; ++k) {
     const float v = static_cast<float>(p[k]);
-    if (!std::isfinite(v)) continue;
+    if (!std::isfinite(v)) {
+      ++tail.nonfinite;
+      continue;
+    }
+    tail.lo = std::min(tail.lo, v);
+    tail.hi = std::max(tail.hi, v);
     const double d = absolute ? std::fabs(static_cast<double>(v)) : static_cast<double>(v);
     ++lh[histogram_bin(d, g, B)];
   }
+  if (mm == nullptr) return;
+  float lo_l[kVec], hi_l[kVec], probe_l[kVec];
+  vlo.store(lo_l);
+  vhi.store(hi_l);
+  probe.store(probe_l);
+  for (int64_t q = 0; q < kVec; ++q) {
+    if (probe_l[q] != 0.0f) {  // NaN/Inf in the SIMD part: count them carefully
+      *mm = minmax_span(p, n);
+      return;
+    }
+    tail.lo = std::min(tail.lo, lo_l[q]);
+    tail.hi = std::max(tail.hi, hi_l[q]);
+  }
+  *mm = tail;
 }
 
 // Adds the histograms (on grids[r]) of the rows r of x [R, K] with active[r]
 // into dst [R, B], in parallel over chunks of kGrain elements, each into a
 // thread-local histogram. With chunk_mm set, also takes each chunk's finite
-// min / max / NaN-Inf count just before binning it (the chunk is then read
-// from DRAM once and binned from cache).
+// min / max / NaN-Inf count in the same pass.
 template <class T>
 void bin_rows(const T* xp, int64_t R, int64_t K, int64_t B, const std::vector<HistGrid>& grids,
               const std::vector<char>& active, bool absolute, int64_t* dst,
@@ -268,8 +297,8 @@ void bin_rows(const T* xp, int64_t R, int64_t K, int64_t B, const std::vector<Hi
       local_row[t] = r;
       const T* p = xp + r * K + k0;
       const int64_t n = std::min(kGrain, K - k0);
-      if (chunk_mm != nullptr) chunk_mm[c] = minmax_span(p, n);
-      bin_span(p, n, grids[r], B, absolute, local[t].data());
+      bin_span(p, n, grids[r], B, absolute, local[t].data(),
+               chunk_mm != nullptr ? chunk_mm + c : nullptr);
     }
     flush(t);
   });
@@ -429,12 +458,8 @@ std::tuple<at::Tensor, at::Tensor> histogram_mse_search_cpu(const at::Tensor& hi
       const HistGrid g = histogram_grid(umin, umax, B);
       const int64_t* h = hist.const_data_ptr<int64_t>() + r * B;
       mse_candidate_range(umin, umax, symmetric, c + 1, n, &clo[rc], &chi[rc]);
-      const QParams qp = mse_candidate_qparams(clo[rc], chi[rc], quant_min, quant_max, symmetric);
-      double acc = 0.0;
-      for (int64_t j = 0; j < g.used; ++j) {
-        if (h[j] != 0) acc += histogram_bin_sse(h[j], j, g, umin, umax, qp, quant_min, quant_max);
-      }
-      sse[rc] = acc;
+      sse[rc] = histogram_fake_quant_sse(h, g, umin, umax, clo[rc], chi[rc], quant_min, quant_max,
+                                         symmetric);
     }
   });
   // The least error wins; ties go to the wider range; NaN (a range with no
@@ -466,37 +491,50 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cpu(const at::Tensor
   const auto fopts = hist.options().dtype(at::kFloat);
   at::Tensor lo = at::empty({R}, fopts), hi = at::empty({R}, fopts);
   const double* rp = range.const_data_ptr<double>();
-  at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
-    std::vector<double> cnt(B + 1), nz(B + 1), hl(B + 1);
-    for (int64_t r = b; r < e; ++r) {
-      const double umin = rp[2 * r], umax = rp[2 * r + 1];
-      const HistGrid g = histogram_grid(umin, umax, B);
-      const int64_t* h = hist.const_data_ptr<int64_t>() + r * B;
-      float best_lo = 0.0f, best_hi = 0.0f;
-      if (g.used > 0) {
-        entropy_prefix(h, g.used, cnt.data(), nz.data(), hl.data());
-        const int64_t z = histogram_zero_edge(g);
-        double best = INFINITY;
-        int64_t best_i = g.used, best_s = 0;
-        for (int64_t i = std::min(num_levels, g.used); i <= g.used; ++i) {
-          const int64_t s = entropy_window_start(g.used, i, z);
-          const double kl = entropy_candidate_kl(h, cnt.data(), nz.data(), hl.data(), g.used, s,
-                                                 i, num_levels);
-          if (kl <= best) {  // ties: the widest window (TensorRT's last argmin)
-            best = kl;
-            best_i = i;
-            best_s = s;
-          }
+  // One row's search: KL of every window width i, ties to the widest window
+  // (TensorRT's last argmin). With fewer rows than threads the candidates of
+  // a row are scored in parallel, else the rows are; same scores either way.
+  const bool rows_parallel = R >= at::get_num_threads();
+  auto search_row = [&](int64_t r, std::vector<double>& cnt, std::vector<double>& nz,
+                        std::vector<double>& hl, std::vector<double>& kl) {
+    const double umin = rp[2 * r], umax = rp[2 * r + 1];
+    const HistGrid g = histogram_grid(umin, umax, B);
+    const int64_t* h = hist.const_data_ptr<int64_t>() + r * B;
+    float best_lo = 0.0f, best_hi = 0.0f;
+    if (g.used > 0) {
+      entropy_prefix(h, g.used, cnt.data(), nz.data(), hl.data());
+      const int64_t z = histogram_zero_edge(g);
+      const int64_t i0 = std::min(num_levels, g.used);
+      auto score = [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          kl[i] = entropy_candidate_kl(h, cnt.data(), nz.data(), hl.data(), g.used,
+                                       entropy_window_start(g.used, i, z), i, num_levels);
         }
-        best_lo = static_cast<float>(
-            std::max(umin, g.lo + static_cast<double>(best_s) * g.width));
-        best_hi = static_cast<float>(
-            std::min(umax, g.lo + static_cast<double>(best_s + best_i) * g.width));
+      };
+      if (rows_parallel) score(i0, g.used + 1);
+      else at::parallel_for(i0, g.used + 1, 16, score);
+      double best = INFINITY;
+      int64_t best_i = g.used;
+      for (int64_t i = i0; i <= g.used; ++i) {
+        if (kl[i] <= best) {
+          best = kl[i];
+          best_i = i;
+        }
       }
-      lo.data_ptr<float>()[r] = best_lo;
-      hi.data_ptr<float>()[r] = best_hi;
+      const int64_t best_s = entropy_window_start(g.used, best_i, z);
+      best_lo = static_cast<float>(std::max(umin, g.lo + static_cast<double>(best_s) * g.width));
+      best_hi = static_cast<float>(
+          std::min(umax, g.lo + static_cast<double>(best_s + best_i) * g.width));
     }
-  });
+    lo.data_ptr<float>()[r] = best_lo;
+    hi.data_ptr<float>()[r] = best_hi;
+  };
+  auto search_rows = [&](int64_t b, int64_t e) {
+    std::vector<double> cnt(B + 1), nz(B + 1), hl(B + 1), kl(B + 1);
+    for (int64_t r = b; r < e; ++r) search_row(r, cnt, nz, hl, kl);
+  };
+  if (rows_parallel) at::parallel_for(0, R, 1, search_rows);
+  else search_rows(0, R);
   return {lo, hi};
 }
 

@@ -307,54 +307,38 @@ QLIB_HD void mse_candidate_range(double umin, double umax, bool symmetric, int64
   }
 }
 
-// Integral over [a, b] of (fake_quant(x) - x)^2, fake_quant with (scale, zp,
-// qmin, qmax): exact per rounding cell (up to 16 cells; beyond that the
-// cells are summed as scale^2 / 12 per unit length).
-QLIB_HD double fake_quant_sq_error_integral(double a, double b, double scale, double zp,
-                                            double qmin, double qmax) {
-  if (!(b > a)) return 0.0;
-  const double clip_lo = (qmin - zp) * scale, clip_hi = (qmax - zp) * scale;
-  double err = 0.0;
-  auto cube = [](double t) { return t * t * t; };
-  if (a < clip_lo) {  // below the range: error to clip_lo
-    const double m = fmin(b, clip_lo);
-    err += (cube(clip_lo - a) - cube(clip_lo - m)) / 3.0;
-    a = m;
+// Antiderivative of (fake_quant(x) - x)^2 with (scale s, zp, qmin, qmax), the
+// error modelled as rounding to the nearest k * s inside [clip_lo, clip_hi] =
+// [(qmin - zp) s, (qmax - zp) s] and clipping outside. Continuous, so the
+// integral over [a, b] is F(b) - F(a) for any number of rounding cells.
+// Inside, with t = x / s = k + u (k the nearest integer): s^3 / 12 (k + 4 u^3).
+struct SqErrorAntiderivative {
+  double inv_s, s3_12, clip_lo, clip_hi, f_lo, f_hi;
+  QLIB_HD SqErrorAntiderivative(double scale, double zp, double qmin, double qmax)
+      : inv_s(1.0 / scale),
+        s3_12(scale * scale * scale / 12.0),
+        clip_lo((qmin - zp) * scale),
+        clip_hi((qmax - zp) * scale) {
+    f_lo = inside(clip_lo);
+    f_hi = inside(clip_hi);
   }
-  if (b > clip_hi) {
-    const double m = fmax(a, clip_hi);
-    err += (cube(b - clip_hi) - cube(m - clip_hi)) / 3.0;
-    b = m;
+  QLIB_HD double inside(double x) const {
+    const double t = x * inv_s, k = nearbyint(t), u = t - k;
+    return s3_12 * (k + 4.0 * u * u * u);
   }
-  if (!(b > a)) return err;
-  const double k0 = nearbyint(a / scale), k1 = nearbyint(b / scale);
-  if (k1 - k0 > 16.0) return err + (b - a) * scale * scale / 12.0;
-  for (double k = k0; k <= k1; k += 1.0) {
-    const double x0 = fmax(a, (k - 0.5) * scale), x1 = fmin(b, (k + 0.5) * scale);
-    if (x1 > x0) err += (cube(x1 - k * scale) - cube(x0 - k * scale)) / 3.0;
+  QLIB_HD double operator()(double x) const {
+    constexpr double kThird = 1.0 / 3.0;
+    if (x < clip_lo) {
+      const double d = clip_lo - x;
+      return f_lo - d * d * d * kThird;
+    }
+    if (x > clip_hi) {
+      const double d = x - clip_hi;
+      return f_hi + d * d * d * kThird;
+    }
+    return inside(x);
   }
-  return err;
-}
-
-// Expected fake-quant squared error of the `count` values of bin j, taken as
-// uniform within the bin (clipped to the data range [umin, umax]), under p.
-QLIB_HD double histogram_bin_sse(int64_t count, int64_t j, const HistGrid& g, double umin,
-                                 double umax, const QParams& p, int64_t qmin, int64_t qmax) {
-  const double a = fmax(g.lo + static_cast<double>(j) * g.width, umin);
-  const double b = fmin(g.lo + static_cast<double>(j + 1) * g.width, umax);
-  const double c = static_cast<double>(count);
-  if (b > a) {
-    return c * fake_quant_sq_error_integral(a, b, p.scale, p.zero_point,
-                                            static_cast<double>(qmin),
-                                            static_cast<double>(qmax)) / (b - a);
-  }
-  // A point mass (constant data).
-  const float v = static_cast<float>(a);
-  const float y = fake_quant_value<ScalarMath>(v, p.scale, 1.0f / p.scale,
-                                               static_cast<float>(p.zero_point),
-                                               static_cast<float>(qmin), static_cast<float>(qmax));
-  return c * (static_cast<double>(y) - a) * (static_cast<double>(y) - a);
-}
+};
 
 // The qparams of an MSE candidate range (float32 eps as the least scale).
 QLIB_HD QParams mse_candidate_qparams(float lo, float hi, int64_t qmin, int64_t qmax,
@@ -363,14 +347,37 @@ QLIB_HD QParams mse_candidate_qparams(float lo, float hi, int64_t qmin, int64_t 
                               1.1920928955078125e-07f /* float32 eps */);
 }
 
-// histogram_bin_sse summed over the bins of one row, bins in ascending order.
+// Expected fake-quant squared error of one histogram row under the qparams
+// of [lo, hi]: each bin's counts taken as uniform within the bin (clipped to
+// the data range [umin, umax]), bins in ascending order. A bin of zero width
+// (constant data) is a point mass.
 QLIB_HD double histogram_fake_quant_sse(const int64_t* h, const HistGrid& g, double umin,
                                         double umax, float lo, float hi, int64_t qmin,
                                         int64_t qmax, bool symmetric) {
   const QParams p = mse_candidate_qparams(lo, hi, qmin, qmax, symmetric);
+  const SqErrorAntiderivative F(p.scale, p.zero_point, static_cast<double>(qmin),
+                                static_cast<double>(qmax));
   double sse = 0.0;
+  const double inv_width = 1.0 / g.width;
+  double prev_b = NAN, prev_fb = 0.0;  // F at the last right edge, reused as a left edge
   for (int64_t j = 0; j < g.used; ++j) {
-    if (h[j] != 0) sse += histogram_bin_sse(h[j], j, g, umin, umax, p, qmin, qmax);
+    if (h[j] == 0) continue;
+    const double a = fmax(g.lo + static_cast<double>(j) * g.width, umin);
+    const double b = fmin(g.lo + static_cast<double>(j + 1) * g.width, umax);
+    const double c = static_cast<double>(h[j]);
+    if (b > a) {
+      const double fa = a == prev_b ? prev_fb : F(a);
+      prev_b = b;
+      prev_fb = F(b);
+      // Dividing by the power-of-two width is multiplying by its exact inverse.
+      const double mass = c * (prev_fb - fa);
+      sse += b - a == g.width ? mass * inv_width : mass / (b - a);
+    } else {
+      const float y = fake_quant_value<ScalarMath>(
+          static_cast<float>(a), p.scale, 1.0f / p.scale, static_cast<float>(p.zero_point),
+          static_cast<float>(qmin), static_cast<float>(qmax));
+      sse += c * (static_cast<double>(y) - a) * (static_cast<double>(y) - a);
+    }
   }
   return sse;
 }

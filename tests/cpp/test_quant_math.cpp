@@ -109,6 +109,33 @@ TEST(QuantMath, ChooseQParams) {
   EXPECT_EQ(zero.scale, eps);
 }
 
+// F(b) - F(a) against a fine midpoint sum of (fake_quant(x) - x)^2 in float64,
+// over intervals inside, across and outside the clipping range, spanning
+// from part of one rounding cell to hundreds of cells.
+TEST(QuantMath, SqErrorAntiderivativeMatchesMidpointSum) {
+  std::mt19937 gen(7);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int bits = 2 + trial % 7;
+    const double qmin = -std::ldexp(1.0, bits - 1), qmax = std::ldexp(1.0, bits - 1) - 1.0;
+    const double scale = 0.01 + unit(gen), zp = std::floor(qmin + unit(gen) * (qmax - qmin));
+    const qlib::SqErrorAntiderivative F(scale, zp, qmin, qmax);
+    const double reach = (qmax - qmin + 8.0) * scale;
+    const double a = (unit(gen) - 0.5) * 2.0 * reach;
+    const double b = a + unit(gen) * unit(gen) * reach;
+    const int steps = 200000;
+    const double h = (b - a) / steps;
+    double ref = 0.0;
+    for (int i = 0; i < steps; ++i) {
+      const double x = a + (i + 0.5) * h;
+      const double q = std::fmin(std::fmax(std::nearbyint(x / scale) + zp, qmin), qmax);
+      const double d = (q - zp) * scale - x;
+      ref += d * d * h;
+    }
+    EXPECT_NEAR(F(b) - F(a), ref, 1e-6 * (1.0 + std::fabs(ref))) << "trial " << trial;
+  }
+}
+
 TEST(BlockLayout, ScaleIndexMatchesBruteForce) {
   const std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> cases = {
       {{6, 8}, {6, 1}}, {{6, 8}, {1, 8}}, {{6, 8}, {6, 2}}, {{6, 8}, {3, 4}},
