@@ -138,11 +138,15 @@ def test_histogram_rows_keep_or_move_their_grid(device, absolute):
     batches = [torch.randn(rows, 2000) * 10]  # wide first: later narrow rows keep their grid
     batches.append(torch.randn(rows, 1500) * torch.tensor([[0.5], [30.0], [1.0], [2.0]]))
     batches.append(torch.randn(rows, 999) + torch.tensor([[0.0], [0.0], [-60.0], [0.0]]))
+    # NaN/Inf in the SIMD body and in the scalar tail (999 = 124 * 8 + 7) of later batches.
+    batches[1][0, 3] = -math.inf
     batches[2][3, 5] = math.nan
+    batches[2][1, 997] = math.inf
     hist = torch.zeros(rows, bins, dtype=torch.int64, device=device)
     rng = torch.tensor([[math.inf, -math.inf]] * rows, dtype=torch.float64, device=device)
     for b in batches:
-        hist, rng, _ = ops.histogram_observe(b.to(device), hist, rng, absolute)
+        hist, rng, nonfinite = ops.histogram_observe(b.to(device), hist, rng, absolute)
+        assert nonfinite.item() == (~torch.isfinite(b)).sum().item()
     for r in range(rows):
         ref, (umin, umax) = _ref_hist(torch.cat([b[r] for b in batches]), bins, absolute)
         assert rng[r].tolist() == [umin, umax]
