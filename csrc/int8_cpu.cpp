@@ -10,10 +10,11 @@
 // inputs and swaps the roles of a and b when only a holds -128, and falls back
 // to a portable exact kernel when both do (or the CPU lacks AVX2).
 // Threads: at::parallel_for over (M, N) tiles; cache blocking over K.
-// That kernel now serves small M (GEMV-like, memory bound). From M >= 6 (with a weight
-// pre-packed by int8_pack_weight, as Int8Linear does) or M >= 32 (packing per call), the
+// That kernel now serves small M without a packed weight. With a weight pre-packed by
+// int8_pack_weight (as Int8Linear does), at every M, or from M >= 32 (packing per call), the
 // "packed" kernel below widens both operands to int16 and uses vpmaddwd (exact for every
-// int8 input, 2 multiply uops per 32 MACs like fbgemm's u8*s8 path) on 6x16 register tiles.
+// int8 input, 2 multiply uops per 32 MACs like fbgemm's u8*s8 path) on 6x16 register tiles;
+// its panels also stream B linearly, which is what a small M (memory bound) needs.
 //
 // torch._int_mm on CPU measured ~20x slower than this kernel (and than fp32
 // F.linear) in torch 2.14 on AVX2 machines, so it is not used here.
@@ -211,7 +212,7 @@ void gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, GemmOut o,
 }
 
 // ---------------------------------------------------------------- packed int16 kernel (large M)
-// For M >= kPackedMinM the sign-transfer kernel is bound by its 3 vector-multiply-port
+// For large M the sign-transfer kernel is bound by its 3 vector-multiply-port
 // ops (vpsignb, vpmaddubsw, vpmaddwd) per 32 MACs. This path instead widens both
 // operands to int16 and uses one vpmaddwd per 16 MACs (2 per 32, as fbgemm's u8*s8
 // kernel), which is exact for ALL int8 inputs (a pair sum is at most 2 * 128 * 128 =
@@ -228,14 +229,15 @@ constexpr int64_t kPMc = 96;      // rows per thread tile (multiple of kPMR)
 constexpr int64_t kPNc = 256;     // columns per thread tile (multiple of kPNR)
 constexpr int64_t kPKc = 1024;    // K per cache block (even): a 16-column B strip is 16 KiB
 
-// Smallest M for the packed kernel: with a pre-packed weight it wins from one full row
-// panel up; packing B per call (int8_gemm, unpacked int8_linear) pays off from M = 32.
+// Smallest M for the packed kernel: with a pre-packed weight it wins at every M (M = 1
+// included: 1.2-1.6x the sign-transfer kernel at K = 4096); packing B per call (int8_gemm,
+// unpacked int8_linear) pays off from M = 32.
 int64_t packed_min_m(bool prepacked) {
   static const int64_t env = [] {
     const char* e = std::getenv("QLIB_INT8_PACKED_MIN_M");  // tuning knob (benchmarks)
     return e != nullptr ? std::atoll(e) : int64_t{-1};
   }();
-  return env >= 0 ? env : prepacked ? kPMR : 32;
+  return env >= 0 ? env : prepacked ? 1 : 32;
 }
 
 struct PackedB {
@@ -398,6 +400,9 @@ void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
   // Tiles are handed out one at a time from a shared counter, not split statically: on a
   // shared machine a descheduled thread then delays only its current tile.
   const int64_t tiles = mt * nt;
+  // K blocks keep a tile's A panels in L2 while B strips stream past them; with a single
+  // row panel, A is small anyway, and whole-K strips read B as long linear streams.
+  const int64_t kblock = M <= kPMR ? Kp : kPKc;
   std::atomic<int64_t> next{0};
   // (Each parallel_for chunk just drains the counter.)
   at::parallel_for(0, tiles, 1, [&](int64_t, int64_t) {
@@ -408,8 +413,8 @@ void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
       const int64_t n0 = (t / mt) * nc, n1 = std::min(N, n0 + nc);
       const int64_t mpad = (m1 - m0 + kPMR - 1) / kPMR * kPMR;
       const int64_t npad = (n1 - n0 + kPNR - 1) / kPNR * kPNR;
-      for (int64_t k0 = 0; k0 < Kp; k0 += kPKc) {
-        const int64_t kc = std::min(kPKc, Kp - k0);
+      for (int64_t k0 = 0; k0 < Kp; k0 += kblock) {
+        const int64_t kc = std::min(kblock, Kp - k0);
         for (int64_t n = 0; n < npad; n += kPNR) {
           const int8_t* bp = pb.panel(n0 + n) + (k0 / 2) * 16;
           for (int64_t m = 0; m < mpad; m += kPMR)  // only the valid rows of the last panel

@@ -266,7 +266,7 @@ def test_quantize_dynamic(device):
 
 
 # ---------------------------------------------------------------- pre-packed weights
-@pytest.mark.parametrize("M", [1, 5, 33, 100])
+@pytest.mark.parametrize("M", [1, 3, 5, 33, 100])
 @pytest.mark.parametrize("K,N", [(64, 48), (33, 17), (1025, 40)])
 def test_int8_linear_packed_matches_unpacked(device, M, K, N):
     x = torch.randn(M, K, device=device)
