@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "affine.h"
+#include "observer.h"
 
 namespace {
 
@@ -39,4 +40,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cuda_value_checks", &qlib::set_cuda_value_checks,
         "Turn the host-syncing value checks of scale/zero_point on CUDA on or off.");
   m.def("cuda_value_checks", &qlib::cuda_value_checks);
+  m.def(
+      "check_histogram",
+      [](const std::string& who, const at::Tensor& hist, const at::Tensor& range) {
+        qlib::check_histogram(who.c_str(), hist, range, /*read_values=*/true);
+      },
+      "Raise unless (hist, range) is a valid observer histogram (shapes, dtypes, values).");
 }

@@ -2,6 +2,8 @@
 
 #include <utility>
 
+#include "quant_math.h"
+
 namespace qlib {
 
 void check_observer_input(const char* op, const at::Tensor& x) {
@@ -42,7 +44,7 @@ float check_minmax_observe_args(const char* op, const at::Tensor& x, const at::T
 }
 
 void check_histogram(const char* op, const at::Tensor& hist, const at::Tensor& range,
-                     const char* range_name) {
+                     bool read_values, const char* range_name) {
   TORCH_CHECK(hist.scalar_type() == at::kLong, op, ": hist must be int64, got ",
               hist.scalar_type());
   TORCH_CHECK(hist.dim() == 2 && hist.size(1) >= 2, op,
@@ -54,6 +56,25 @@ void check_histogram(const char* op, const at::Tensor& hist, const at::Tensor& r
               "and max), got ", range.sizes());
   TORCH_CHECK(hist.device() == range.device(), op, ": hist (", hist.device(), ") and ",
               range_name, " (", range.device(), ") must be on the same device");
+  if (!read_values) return;
+  const at::Tensor h = hist.cpu().contiguous(), rg = range.cpu().contiguous();
+  const int64_t R = h.size(0), B = h.size(1);
+  const int64_t* hp = h.const_data_ptr<int64_t>();
+  const double* rp = rg.const_data_ptr<double>();
+  for (int64_t r = 0; r < R; ++r) {
+    const double lo = rp[2 * r], hi = rp[2 * r + 1];
+    TORCH_CHECK(histogram_range_valid(lo, hi), op, ": ", range_name, " of block ", r, " is [", lo,
+                ", ", hi, "]; expected finite min <= max within float32's range, or [inf, -inf] "
+                "for a block with no data (a corrupt state_dict?)");
+    const bool empty = !(lo <= hi);
+    for (int64_t j = 0; j < B; ++j) {
+      const int64_t c = hp[r * B + j];
+      TORCH_CHECK(c >= 0, op, ": hist of block ", r, " has count ", c, " in bin ", j,
+                  "; counts must be >= 0");
+      TORCH_CHECK(!(empty && c != 0), op, ": hist of block ", r, " has count ", c, " in bin ", j,
+                  " but its ", range_name, " is empty [inf, -inf]");
+    }
+  }
 }
 
 }  // namespace qlib

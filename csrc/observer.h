@@ -17,7 +17,11 @@ float check_minmax_observe_args(const char* op, const at::Tensor& x, const at::T
                                 const std::optional<double>& averaging_constant);
 // hist: 2-D int64 [rows, bins] with bins >= 2; range: float64 [rows, 2]
 // holding (min, max) of the data binned so far (+inf, -inf when empty).
+// With read_values (always on the CPU; on CUDA only under
+// qlib.set_cuda_value_checks(True), as it syncs) also the values: every
+// range row valid (histogram_range_valid), counts >= 0, and no counts in a
+// row whose range is empty.
 void check_histogram(const char* op, const at::Tensor& hist, const at::Tensor& range,
-                     const char* range_name = "range");
+                     bool read_values, const char* range_name = "range");
 
 }  // namespace qlib

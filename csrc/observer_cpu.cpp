@@ -320,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::T
                                                                      bool absolute) {
   const char* op = "qlib::histogram_observe";
   check_observer_input(op, x_in);
-  check_histogram(op, hist_in, range_in);
+  check_histogram(op, hist_in, range_in, true);
   TORCH_CHECK(hist_in.size(0) == x_in.size(0), op, ": hist has ", hist_in.size(0),
               " blocks but x of shape ", x_in.sizes(), " has ", x_in.size(0));
   TORCH_CHECK(x_in.device() == hist_in.device(), op, ": x (", x_in.device(), ") and hist (",
@@ -382,8 +382,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::T
 at::Tensor histogram_rebin_cpu(const at::Tensor& hist_in, const at::Tensor& range_in,
                                const at::Tensor& new_range_in) {
   const char* op = "qlib::histogram_rebin";
-  check_histogram(op, hist_in, range_in);
-  check_histogram(op, hist_in, new_range_in, "new_range");
+  check_histogram(op, hist_in, range_in, true);
+  check_histogram(op, hist_in, new_range_in, true, "new_range");
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous(),
                    new_range = new_range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
@@ -409,7 +409,7 @@ at::Tensor histogram_rebin_cpu(const at::Tensor& hist_in, const at::Tensor& rang
 at::Tensor histogram_quantile_cpu(const at::Tensor& hist_in, const at::Tensor& range_in,
                                   double q) {
   const char* op = "qlib::histogram_quantile";
-  check_histogram(op, hist_in, range_in);
+  check_histogram(op, hist_in, range_in, true);
   TORCH_CHECK(q >= 0.0 && q <= 1.0, op, ": q must lie in [0, 1], got ", q);
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
@@ -438,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_mse_search_cpu(const at::Tensor& hi
                                                             bool symmetric,
                                                             int64_t num_candidates) {
   const char* op = "qlib::histogram_mse_search";
-  check_histogram(op, hist_in, range_in);
+  check_histogram(op, hist_in, range_in, true);
   check_mse_args(op, quant_min, quant_max, num_candidates);
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
@@ -484,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cpu(const at::Tensor
                                                                 const at::Tensor& range_in,
                                                                 int64_t num_levels) {
   const char* op = "qlib::histogram_entropy_search";
-  check_histogram(op, hist_in, range_in);
+  check_histogram(op, hist_in, range_in, true);
   TORCH_CHECK(num_levels >= 2, op, ": num_levels must be at least 2, got ", num_levels);
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);

@@ -220,9 +220,20 @@ struct HistGrid {
   int64_t used;  // bins from 0 up to and including the bin of umax (0 if empty)
 };
 
+// A range row of a histogram: (+inf, -inf) while empty, else min <= max, both
+// within float32's finite range (the data is float32). Anything else is corrupt
+// (a hand-edited state_dict, say).
+QLIB_HD bool histogram_range_valid(double umin, double umax) {
+  constexpr double kFloatMax = 3.4028234663852886e38;
+  return (umin == INFINITY && umax == -INFINITY) ||
+         (umin <= umax && umin >= -kFloatMax && umax <= kFloatMax);
+}
+
 QLIB_HD HistGrid histogram_grid(double umin, double umax, int64_t bins) {
   HistGrid g{0.0, 1.0, 0};
-  if (!(umin <= umax)) return g;  // empty (umin = +inf, umax = -inf)
+  // Empty (umin = +inf, umax = -inf), or corrupt: no grid (and the search
+  // below, which needs a finite float32 range to stop, never runs).
+  if (!(umin <= umax) || !histogram_range_valid(umin, umax)) return g;
   const double amax = fmax(fabs(umin), fabs(umax));
   int e_floor = -160;
   if (amax > 0.0) e_floor = ilogb(amax) - 40 > e_floor ? ilogb(amax) - 40 : e_floor;

@@ -8,12 +8,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "affine.h"
+#include "capture.cuh"
 #include "pack.cuh"
 #include "quant_math.h"
 
@@ -59,10 +59,6 @@ struct KernelQParams {
 };
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-bool capturing() {
-  return at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-}
 
 // quantize / dequantize: their qparam values are always checked (a host sync),
 // except while a CUDA graph is captured.

@@ -12,11 +12,17 @@
 #include <cub/cub.cuh>
 
 #include "affine.h"
+#include "capture.cuh"
 #include "observer.h"
 #include "quant_math.h"
 
 namespace qlib {
 namespace {
+
+// The histogram ops read their inputs' values back to check them (a host
+// sync) only under qlib.set_cuda_value_checks(True) and outside graph capture;
+// otherwise a corrupt range row is treated as an empty one (histogram_grid).
+bool cuda_value_checks_now() { return cuda_value_checks() && !capturing(); }
 
 constexpr int kThreads = 256;
 constexpr int kItemsPerThread = 16;  // elements per thread per chunk
@@ -245,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cuda(const at::
                                                                       bool absolute) {
   const char* op = "qlib::histogram_observe";
   check_observer_input(op, x_in);
-  check_histogram(op, hist_in, range_in);
+  check_histogram(op, hist_in, range_in, cuda_value_checks_now());
   TORCH_CHECK(hist_in.size(0) == x_in.size(0), op, ": hist has ", hist_in.size(0),
               " blocks but x of shape ", x_in.sizes(), " has ", x_in.size(0));
   TORCH_CHECK(x_in.device() == hist_in.device(), op, ": x (", x_in.device(), ") and hist (",
@@ -289,8 +295,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cuda(const at::
 at::Tensor histogram_rebin_cuda(const at::Tensor& hist_in, const at::Tensor& range_in,
                                 const at::Tensor& new_range_in) {
   const char* op = "qlib::histogram_rebin";
-  check_histogram(op, hist_in, range_in);
-  check_histogram(op, hist_in, new_range_in, "new_range");
+  check_histogram(op, hist_in, range_in, cuda_value_checks_now());
+  check_histogram(op, hist_in, new_range_in, cuda_value_checks_now(), "new_range");
   const c10::cuda::OptionalCUDAGuard guard(hist_in.device());
   // (That new_range contains range is checked on the CPU only: reading it here
   // would sync; bins outside new_range clamp to its edge bins.)
@@ -313,7 +319,7 @@ __global__ void quantile_kernel(const int64_t* __restrict__ hist, const double* 
 at::Tensor histogram_quantile_cuda(const at::Tensor& hist_in, const at::Tensor& range_in,
                                    double q) {
   const char* op = "qlib::histogram_quantile";
-  check_histogram(op, hist_in, range_in);
+  check_histogram(op, hist_in, range_in, cuda_value_checks_now());
   TORCH_CHECK(q >= 0.0 && q <= 1.0, op, ": q must lie in [0, 1], got ", q);
   const c10::cuda::OptionalCUDAGuard guard(hist_in.device());
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
@@ -383,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_mse_search_cuda(const at::Tensor& h
                                                              int64_t quant_max, bool symmetric,
                                                              int64_t num_candidates) {
   const char* op = "qlib::histogram_mse_search";
-  check_histogram(op, hist_in, range_in);
+  check_histogram(op, hist_in, range_in, cuda_value_checks_now());
   check_quant_range(op, quant_min, quant_max);
   TORCH_CHECK(num_candidates >= 1 && num_candidates <= 1024, op,
               ": num_candidates must lie in [1, 1024], got ", num_candidates);
@@ -442,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cuda(const at::Tenso
                                                                  const at::Tensor& range_in,
                                                                  int64_t num_levels) {
   const char* op = "qlib::histogram_entropy_search";
-  check_histogram(op, hist_in, range_in);
+  check_histogram(op, hist_in, range_in, cuda_value_checks_now());
   TORCH_CHECK(num_levels >= 2, op, ": num_levels must be at least 2, got ", num_levels);
   const c10::cuda::OptionalCUDAGuard guard(hist_in.device());
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();

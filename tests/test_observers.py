@@ -1,6 +1,7 @@
 """qlib.observers and the observer ops: against torch.ao and float64 references."""
 import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -402,6 +403,71 @@ def test_minmax_observe_bad_arguments(device):
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
             ops.minmax_observe(*args)
+
+
+CORRUPT_RANGES = {
+    "inf max": [0.0, math.inf],
+    "-inf min": [-math.inf, 1.0],
+    "nan": [math.nan, 1.0],
+    "beyond float32": [-1e308, 1e308],
+    "min > max": [2.0, 1.0],
+}
+
+
+def _histogram_op_calls(hist, rng):
+    x = torch.randn(1, 10, device=hist.device)
+    return {
+        "histogram_observe": lambda: ops.histogram_observe(x, hist, rng, False),
+        "histogram_rebin": lambda: ops.histogram_rebin(hist, rng, rng),
+        "histogram_quantile": lambda: ops.histogram_quantile(hist, rng, 0.5),
+        "histogram_mse_search": lambda: ops.histogram_mse_search(hist, rng, -128, 127, True, 8),
+        "histogram_entropy_search": lambda: ops.histogram_entropy_search(hist, rng, 8),
+    }
+
+
+def test_corrupt_histogram_raises_never_hangs(device):
+    """A corrupt range (these used to loop forever) or a negative count raises, naming the op
+    and the block; on CUDA under set_cuda_value_checks(True) (a sync), else a corrupt range
+    row counts as empty."""
+    bad = [(torch.tensor([v], dtype=torch.float64), "range of block 0 is") for v in CORRUPT_RANGES.values()]
+    bad.append((torch.tensor([[-1.0, 1.0]], dtype=torch.float64), "has count -3 in bin 2"))
+    bad.append((torch.tensor([[math.inf, -math.inf]], dtype=torch.float64), "but its range is empty"))
+    for rng, message in bad:
+        hist = torch.zeros(1, 16, dtype=torch.int64)
+        hist[0, 2] = -3 if "-3" in message else 5
+        hist, rng = hist.to(device), rng.to(device)
+        for name, call in _histogram_op_calls(hist, rng).items():
+            if device == "cuda":
+                call()  # no check, no sync: must finish
+                torch.cuda.synchronize()
+                qlib.set_cuda_value_checks(True)
+            try:
+                with pytest.raises(RuntimeError, match=rf"qlib::{name}: .*{re.escape(message)}"):
+                    call()
+            finally:
+                qlib.set_cuda_value_checks(False)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_corrupt_state_dict_raises(cls):
+    o = cls()
+    o(torch.randn(100))
+    sd = o.state_dict()
+    if cls in HIST:
+        bad_range = dict(sd, hist_range=torch.tensor([[0.0, math.nan]], dtype=torch.float64))
+        bad_counts = dict(sd, hist=sd["hist"] - sd["hist"].max() - 1)
+        for bad, message in ((bad_range, "hist_range|range of block 0"), (bad_counts, "counts must be >= 0")):
+            with pytest.raises(RuntimeError, match=rf"qlib.observers.{cls.__name__}.load_state_dict: .*({message})"):
+                cls().load_state_dict(bad)
+    else:
+        for lo, hi in ((math.nan, 1.0), (3.0, -3.0), (-math.inf, 1.0)):
+            bad = dict(sd, min_val=torch.tensor([lo]), max_val=torch.tensor([hi]))
+            with pytest.raises(ValueError, match=rf"{cls.__name__}.load_state_dict: block 0 has min_val"):
+                cls().load_state_dict(bad)
+    fresh = cls()
+    fresh.load_state_dict(sd)  # the good one still loads
+    for a, b in zip(fresh.calculate_qparams(), o.calculate_qparams()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_bad_arguments_name_the_op():

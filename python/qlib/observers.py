@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _C
 from . import _observer_ops  # noqa: F401  (registers the fakes)
 from ._ops import quant_range
 
@@ -273,6 +274,21 @@ class MinMaxObserver(ObserverBase):
     def _range(self, stats):
         return stats["min"], stats["max"]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        lo, hi = state_dict.get(prefix + "min_val"), state_dict.get(prefix + "max_val")
+        if isinstance(lo, Tensor) and isinstance(hi, Tensor) and lo.shape == hi.shape:
+            lo, hi = lo.detach().cpu(), hi.detach().cpu()
+            # Each block: finite min <= max, or (inf, -inf) before any finite value.
+            ok = ((lo <= hi) & lo.isfinite() & hi.isfinite()) | ((lo == math.inf) & (hi == -math.inf))
+            if not bool(ok.all()):
+                b = int((~ok).nonzero()[0, 0])
+                raise ValueError(
+                    f"qlib.observers.{type(self).__name__}.load_state_dict: block {b} has min_val "
+                    f"{lo[b].item()} and max_val {hi[b].item()}; expected finite "
+                    f"min_val <= max_val, or (inf, -inf) for a block with no data (a corrupt state_dict?)"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class MovingAverageMinMaxObserver(MinMaxObserver):
     """Exponential moving average of the batch min and max (as torch.ao's
@@ -354,6 +370,13 @@ class _HistogramObserver(ObserverBase):
             dist.all_reduce(hist)
             rng = new_rng
         return {"hist": hist, "range": rng}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        hist, rng = state_dict.get(prefix + "hist"), state_dict.get(prefix + "hist_range")
+        if isinstance(hist, Tensor) and isinstance(rng, Tensor):
+            # A corrupt histogram (NaN/Inf range, negative counts) raises here, by name.
+            _C.check_histogram(f"qlib.observers.{type(self).__name__}.load_state_dict", hist, rng)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _symmetric_range(self, lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
         if self.symmetric:

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "block_layout.h"
@@ -107,6 +108,22 @@ TEST(QuantMath, ChooseQParams) {
   EXPECT_EQ(pos.zero_point, 0);
   auto zero = qlib::choose_qparams_value(0.0f, 0.0f, -128, 127, false, eps);
   EXPECT_EQ(zero.scale, eps);
+}
+
+// Corrupt ranges get no grid (the grid search would not stop on them); an
+// empty range is valid and gets no grid either; a float32-sized one does.
+TEST(QuantMath, HistogramRangeValid) {
+  const double inf = INFINITY, fmax = 3.4028234663852886e38;
+  EXPECT_TRUE(qlib::histogram_range_valid(inf, -inf));
+  EXPECT_TRUE(qlib::histogram_range_valid(-fmax, fmax));
+  EXPECT_TRUE(qlib::histogram_range_valid(1.5, 1.5));
+  for (auto [lo, hi] : {std::pair<double, double>{0.0, inf}, {-inf, 0.0}, {NAN, 1.0}, {0.0, NAN},
+                        {-1e308, 1e308}, {2.0, 1.0}, {-inf, inf}}) {
+    EXPECT_FALSE(qlib::histogram_range_valid(lo, hi)) << lo << " " << hi;
+    EXPECT_EQ(qlib::histogram_grid(lo, hi, 2048).used, 0) << lo << " " << hi;
+  }
+  EXPECT_EQ(qlib::histogram_grid(inf, -inf, 2048).used, 0);
+  EXPECT_EQ(qlib::histogram_grid(-fmax, fmax, 2048).used, 2048);
 }
 
 // F(b) - F(a) against a fine midpoint sum of (fake_quant(x) - x)^2 in float64,
