@@ -138,7 +138,10 @@ def set_cuda_value_checks(enabled: bool) -> None:
     element (and gradient) of a block whose qparams are bad. Turn this on while
     debugging to get the error that names the op and the value. quantize,
     dequantize and choose_qparams always check (they are not in training loops).
-    No check syncs while a CUDA graph is captured.
+    The observers' histogram ops likewise check their histogram's values (a
+    corrupt range or a negative count) on CUDA only when this is on; otherwise a
+    corrupt range row counts as empty (observers check a loaded state_dict
+    anyway). No check syncs while a CUDA graph is captured.
     """
     from . import _C
 
