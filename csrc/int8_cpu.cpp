@@ -33,6 +33,7 @@
 #include <cstring>
 #include <vector>
 #include <functional>
+#include <limits>
 
 #include "affine.h"
 #include "int8.h"
@@ -491,8 +492,12 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
 }
 
 // ---------------------------------------------------------------- activation quantization
-// Quantizes rows [r0, r1) of x (contiguous [rows, K]) into q with [-127, 127] codes.
-// inv_scale_fixed > 0: static per-tensor (1/act_scale); otherwise per-token, writing scale[r].
+// Quantizes rows [r0, r1) of x (contiguous [rows, K]) into q with [-127, 127] codes and
+// writes each row's scale: fixed_scale > 0 for static per-tensor, else per-token from the
+// row's absolute max. A row holding NaN gets a NaN scale, so its int8_linear outputs are
+// NaN (as F.linear's would be) instead of the NaN silently becoming code 0.
+constexpr float kNaNf = std::numeric_limits<float>::quiet_NaN();
+
 template <class T>
 void quantize_rows_scalar(const T* x, int8_t* q, float* scale, int64_t r0, int64_t r1, int64_t K,
                           float fixed_scale) {
@@ -500,14 +505,19 @@ void quantize_rows_scalar(const T* x, int8_t* q, float* scale, int64_t r0, int64
     const T* xr = x + r * K;
     int8_t* qr = q + r * K;
     float s = fixed_scale;
-    if (scale != nullptr) {
+    if (!(fixed_scale > 0.0f)) {
       float amax = 0.0f;
       for (int64_t k = 0; k < K; ++k) amax = fmaxf(amax, std::fabs(static_cast<float>(xr[k])));
       s = int8_token_scale(amax);
-      scale[r] = s;
     }
     const float inv = 1.0f / s;
-    for (int64_t k = 0; k < K; ++k) qr[k] = int8_act_code(static_cast<float>(xr[k]), inv);
+    bool nan_seen = false;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = static_cast<float>(xr[k]);
+      nan_seen = nan_seen || v != v;
+      qr[k] = int8_act_code(v, inv);
+    }
+    scale[r] = nan_seen ? kNaNf : s;
   }
 }
 
@@ -540,7 +550,7 @@ QLIB_AVX2_FN void quantize_rows_avx2(const T* x, int8_t* q, float* scale, int64_
     const T* xr = x + r * K;
     int8_t* qr = q + r * K;
     float s = fixed_scale;
-    if (scale != nullptr) {
+    if (!(fixed_scale > 0.0f)) {
       __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
       int64_t k = 0;
       // max_ps(v, m) returns m when v is NaN: NaNs are ignored, as fmaxf does.
@@ -554,20 +564,28 @@ QLIB_AVX2_FN void quantize_rows_avx2(const T* x, int8_t* q, float* scale, int64_
       for (float v : lanes) amax = fmaxf(amax, v);
       for (; k < K; ++k) amax = fmaxf(amax, std::fabs(static_cast<float>(xr[k])));
       s = int8_token_scale(amax);
-      scale[r] = s;
     }
     const float inv_s = 1.0f / s;
     const __m256 inv = _mm256_set1_ps(inv_s);
+    __m256 nan_seen = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-      const __m256i i0 = codes8(load8_float(xr + k), inv);
-      const __m256i i1 = codes8(load8_float(xr + k + 8), inv);
-      const __m256i i2 = codes8(load8_float(xr + k + 16), inv);
-      const __m256i i3 = codes8(load8_float(xr + k + 24), inv);
-      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+      __m256 v[4];
+      for (int u = 0; u < 4; ++u) {
+        v[u] = load8_float(xr + k + 8 * u);
+        nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(v[u], v[u], _CMP_UNORD_Q));
+      }
+      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(codes8(v[0], inv), codes8(v[1], inv)),
+                                           _mm256_packs_epi32(codes8(v[2], inv), codes8(v[3], inv)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permutevar8x32_epi32(p, perm));
     }
-    for (; k < K; ++k) qr[k] = int8_act_code(static_cast<float>(xr[k]), inv_s);
+    bool any_nan = _mm256_movemask_ps(nan_seen) != 0;
+    for (; k < K; ++k) {
+      const float v = static_cast<float>(xr[k]);
+      any_nan = any_nan || v != v;
+      qr[k] = int8_act_code(v, inv_s);
+    }
+    scale[r] = any_nan ? kNaNf : s;
   }
 }
 #endif
@@ -579,14 +597,13 @@ int64_t leading_rows(const at::Tensor& x) {
   return rows;
 }
 
-// x: contiguous [rows, K]. scale: nullptr for static (fixed_scale), else [rows] out.
+// x: contiguous [rows, K]; scale: [rows] out (see quantize_rows_scalar).
 void quantize_rows(const at::Tensor& x, int8_t* q, float* scale, float fixed_scale) {
   const int64_t K = x.size(-1);
   const int64_t rows = leading_rows(x);
   if (K == 0) {
-    if (scale != nullptr) {
-      for (int64_t r = 0; r < rows; ++r) scale[r] = int8_token_scale(0.0f);
-    }
+    const float s = fixed_scale > 0.0f ? fixed_scale : int8_token_scale(0.0f);
+    for (int64_t r = 0; r < rows; ++r) scale[r] = s;
     return;
   }
   const int64_t grain = std::max<int64_t>(1, 16384 / K);
@@ -633,20 +650,17 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
       bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
 
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor sa;  // per-token scales [M]
-  float fixed = 0.0f;
+  float fixed = 0.0f;  // static act_scale, or 0: per-token
   if (act_scale.has_value()) {
     fixed = act_scale->item<float>();
     TORCH_CHECK(std::isfinite(fixed) && fixed > 0.0f, op,
                 ": act_scale must be finite and > 0, got ", fixed);
-    quantize_rows(x, q.data_ptr<int8_t>(), nullptr, fixed);
-  } else {
-    sa = at::empty({M}, x.options().dtype(at::kFloat));
-    quantize_rows(x, q.data_ptr<int8_t>(), sa.data_ptr<float>(), 0.0f);
   }
+  at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));  // row scales (NaN: NaN row)
+  quantize_rows(x, q.data_ptr<int8_t>(), sa.data_ptr<float>(), fixed);
 
   const float* swp = w_scale.const_data_ptr<float>();
-  const float* sap = sa.defined() ? sa.const_data_ptr<float>() : nullptr;
+  const float* sap = sa.const_data_ptr<float>();
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
 
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "int8_linear_cpu", [&] {
@@ -654,7 +668,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
     // Dequantizes int32 row segment cr[0, n1 - n0) of row m (columns [n0, n1)) into out.
     const auto dequant_row = [&](int64_t m, int64_t n0, int64_t n1, const int32_t* cr) {
       float row[std::max(kNc, kPNc)];
-      const float s = sap != nullptr ? sap[m] : fixed;
+      const float s = sap[m];
       for (int64_t n = n0; n < n1; ++n) {
         const float v = static_cast<float>(cr[n - n0]) * (s * swp[n]);
         row[n - n0] = bp != nullptr ? v + bp[n] : v;

@@ -48,8 +48,8 @@ __device__ __forceinline__ int warp_sum(int v) {
 // One block per row (grid-stride), V elements a thread at a time (V = 8: 16- or
 // 32-byte loads, 8-byte stores; needs K and ldq multiples of 8). Writes
 // q[r * ldq + k] for k < ldq (zeros in [K, ldq), and zero rows in [rows,
-// rows_out)) and, when scale_out is set, the per-token scale. With fixed_scale
-// set (static), uses *fixed_scale.
+// rows_out)) and scale_out[r]: *fixed_scale when set (static), else the
+// per-token scale; NaN for a row holding NaN (as the CPU kernel does).
 template <class T, int V>
 __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q,
                                      float* __restrict__ scale_out,
@@ -82,26 +82,32 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict
         float m = 0.0f;
         for (int w = 0; w < kThreads / 32; ++w) m = fmaxf(m, warp_amax[w]);
         row_scale = int8_token_scale(m);
-        if (scale_out != nullptr) scale_out[r] = row_scale;
       }
       __syncthreads();
       s = row_scale;
     }
     const float inv = 1.0f / s;
     int8_t* qr = q + r * ldq;
+    int nan_seen = 0;
     for (int64_t k = threadIdx.x * V; k < ldq; k += blockDim.x * V) {
       Pack<int8_t, V> out;
       if (k < K) {  // with V = 8, K % 8 == 0: the whole pack is inside the row
         const auto in = *reinterpret_cast<const Pack<T, V>*>(xr + k);
 #pragma unroll
-        for (int j = 0; j < V; ++j) out.v[j] = int8_act_code(static_cast<float>(in.v[j]), inv);
+        for (int j = 0; j < V; ++j) {
+          const float v = static_cast<float>(in.v[j]);
+          nan_seen |= v != v;
+          out.v[j] = int8_act_code(v, inv);
+        }
       } else {
 #pragma unroll
         for (int j = 0; j < V; ++j) out.v[j] = 0;
       }
       *reinterpret_cast<Pack<int8_t, V>*>(qr + k) = out;
     }
-    __syncthreads();  // row_scale / warp_amax are reused by the next row
+    // Also the barrier before row_scale / warp_amax are reused by the next row.
+    if (__syncthreads_or(nan_seen) && threadIdx.x == 0) s = NAN;
+    if (threadIdx.x == 0) scale_out[r] = s;
   }
 }
 
@@ -278,12 +284,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x_i
 }
 
 // ---------------------------------------------------------------- int8_linear
-// out[m, n] = C[m, n] * act_scale[m or 0] * w_scale[n] (+ bias[n]), V columns a
+// out[m, n] = C[m, n] * act_scale[m] * w_scale[n] (+ bias[n]), V columns a
 // thread (V = 4: 16-byte loads of C; needs N and ldc multiples of 4); rows on
 // grid y (grid-stride), column packs on grid x: no division per element.
 template <class T, int V>
 __global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t ldc,
-                                        const float* __restrict__ act_scale, bool per_token,
+                                        const float* __restrict__ act_scale,
                                         const float* __restrict__ w_scale,
                                         const float* __restrict__ bias, T* __restrict__ out,
                                         int64_t M, int64_t N) {
@@ -295,7 +301,7 @@ __global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t l
     bs.v[j] = bias != nullptr && n0 + j < N ? bias[n0 + j] : 0.0f;
   }
   for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
-    const float s = per_token ? act_scale[m] : act_scale[0];
+    const float s = act_scale[m];
     Pack<T, V> o;
     if constexpr (V > 1) {
       const auto cv = *reinterpret_cast<const Pack<int32_t, V>*>(c + m * ldc + n0);
@@ -332,16 +338,14 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
   const int64_t Kp = round_up(std::max<int64_t>(K, 1), 16);
   const int64_t Mq = M <= kSmallM ? M : std::max(M, kIntMmMinM);
   at::Tensor q = at::empty({Mq, Kp}, x.options().dtype(at::kChar));
-  at::Tensor sa;
   const float* fixed = nullptr;
   at::Tensor static_scale;
   if (act_scale.has_value()) {
     static_scale = act_scale->reshape({1}).contiguous();
     fixed = static_scale.const_data_ptr<float>();
-  } else {
-    sa = at::empty({M}, fopts);
   }
-  launch_quantize_rows(x, M, Mq, K, q, Kp, sa.defined() ? sa.data_ptr<float>() : nullptr, fixed);
+  at::Tensor sa = at::empty({Mq}, fopts);  // row scales (NaN: a row holding NaN)
+  launch_quantize_rows(x, M, Mq, K, q, Kp, sa.data_ptr<float>(), fixed);
 
   at::Tensor c;
   if (K == 0) {
@@ -353,7 +357,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
     c = gemm_any(q, w_in.stride(1) == 1 ? w_in : w_in.contiguous(), Mq, N, Kp);
   }
   const int64_t ldc = c.size(1);
-  const float* sp = sa.defined() ? sa.const_data_ptr<float>() : fixed;
+  const float* sp = sa.const_data_ptr<float>();
   const auto stream = at::cuda::getCurrentCUDAStream();
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "int8_linear_epilogue_cuda", [&] {
     const int32_t* cp = c.const_data_ptr<int32_t>();
@@ -366,10 +370,10 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
                     static_cast<unsigned>(std::min<int64_t>(M, 65535)));
     if (vec) {
       dequant_epilogue_kernel<scalar_t, 4><<<grid, kThreads, 0, stream>>>(
-          cp, ldc, sp, sa.defined(), wsp, bp, op_, M, N);
+          cp, ldc, sp, wsp, bp, op_, M, N);
     } else {
       dequant_epilogue_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(
-          cp, ldc, sp, sa.defined(), wsp, bp, op_, M, N);
+          cp, ldc, sp, wsp, bp, op_, M, N);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,5 +1,6 @@
 """int8 ops (quantize_per_token, int8_gemm, int8_linear), qlib.nn.Int8Linear, qlib.quantize_dynamic."""
 import io
+import math
 
 import pytest
 import torch
@@ -263,6 +264,29 @@ def test_quantize_dynamic(device):
     all_q = qlib.quantize_dynamic(nn.Sequential(Block()).to(device))
     assert sum(isinstance(m, Int8Linear) for m in all_q.modules()) == 4
     assert isinstance(qlib.quantize_dynamic(nn.Linear(4, 4)), Int8Linear)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_linear_nan_row_gives_nan_row(device, dtype, static):
+    """NaN in a row of x makes that output row NaN (as F.linear), for dynamic and static
+    activations and with the packed weight, instead of the NaN silently becoming code 0;
+    the other rows are unaffected."""
+    K, N = 37, 11  # 37 = 32 + 5: NaN in the SIMD body (row 1) and in the tail (row 3)
+    x = torch.randn(6, K, device=device).to(dtype)
+    w = rand_i8(N, K, device=device, low=-127)
+    s = torch.rand(N, device=device) * 0.01 + 1e-3
+    b = torch.randn(N, device=device)
+    act = torch.tensor(0.05, device=device) if static else None
+    clean = ops.int8_linear(x, w, s, b, act)
+    x[1, 3] = math.nan
+    x[3, 35] = math.nan
+    for y in (ops.int8_linear(x, w, s, b, act), ops.int8_linear_packed(x, ops.int8_pack_weight(w), w, s, b, act)):
+        assert torch.isnan(y[[1, 3]]).all()
+        keep = [0, 2, 4, 5]
+        assert torch.equal(y[keep], clean[keep])
+    q, scale = ops.quantize_per_token(x)
+    assert torch.isnan(scale[[1, 3]]).all() and torch.isfinite(scale[[0, 2, 4, 5]]).all()
 
 
 # ---------------------------------------------------------------- pre-packed weights
