@@ -1,4 +1,5 @@
 #include "affine.h"
+#include "quant_math.h"
 
 #include <atomic>
 #include <cmath>
@@ -61,7 +62,7 @@ std::pair<int64_t, int64_t> check_dequantize_args(const char* op, const at::Tens
 }
 
 void check_choose_qparams_args(const at::Tensor& min, const at::Tensor& max, int64_t quant_min,
-                               int64_t quant_max, double eps, bool check_values) {
+                               int64_t quant_max, bool symmetric, double eps, bool check_values) {
   const char* op = "qlib::choose_qparams";
   check_quant_range(op, quant_min, quant_max);
   TORCH_CHECK(at::isFloatingType(min.scalar_type()) && at::isFloatingType(max.scalar_type()), op,
@@ -81,15 +82,29 @@ void check_choose_qparams_args(const at::Tensor& min, const at::Tensor& max, int
       TORCH_CHECK(std::isfinite(lp[i]) && std::isfinite(hp[i]) && lp[i] <= hp[i], op,
                   ": need finite min <= max, got min = ", lp[i], ", max = ", hp[i],
                   " at flat index ", i);
+      TORCH_CHECK(std::isfinite(choose_qparams_value(lp[i], hp[i], quant_min, quant_max, symmetric,
+                                                     static_cast<float>(eps))
+                                    .scale),
+                  op, ": the range [", lp[i], ", ", hp[i], "] at flat index ", i,
+                  " is too wide for a float32 scale over [", quant_min, ", ", quant_max, "]");
     }
     return;
   }
+  // One host read for both conditions: order / finiteness, and (asymmetric) a span
+  // max(max, 0) - min(min, 0) that is a finite float32.
   const at::Tensor bad = ~(at::isfinite(min) & at::isfinite(max) & (min <= max));
-  if (bad.any().item<bool>()) {
-    const int64_t i = bad.reshape(-1).nonzero().select(0, 0).item<int64_t>();
-    TORCH_CHECK(false, op, ": need finite min <= max, got min = ",
-                min.reshape(-1)[i].item<double>(), ", max = ", max.reshape(-1)[i].item<double>(),
+  const at::Tensor wide =
+      symmetric ? at::zeros_like(bad)
+                : ~at::isfinite(max.to(at::kFloat).clamp_min(0) - min.to(at::kFloat).clamp_max(0));
+  const at::Tensor any = at::stack({bad.any(), wide.any()}).cpu();
+  for (const auto& [mask, k] : {std::pair<const at::Tensor&, int>{bad, 0}, {wide, 1}}) {
+    if (!any[k].item<bool>()) continue;
+    const int64_t i = mask.reshape(-1).nonzero().select(0, 0).item<int64_t>();
+    const double lo = min.reshape(-1)[i].item<double>(), hi = max.reshape(-1)[i].item<double>();
+    TORCH_CHECK(k == 1, op, ": need finite min <= max, got min = ", lo, ", max = ", hi,
                 " at flat index ", i);
+    TORCH_CHECK(false, op, ": the range [", lo, ", ", hi, "] at flat index ", i,
+                " is too wide for a float32 scale over [", quant_min, ", ", quant_max, "]");
   }
 }
 

@@ -58,7 +58,7 @@ void check_quantize_args(const char* op, const at::Tensor& x, at::ScalarType dty
 std::pair<int64_t, int64_t> check_dequantize_args(const char* op, const at::Tensor& q,
                                                   at::ScalarType dtype);
 void check_choose_qparams_args(const at::Tensor& min, const at::Tensor& max, int64_t quant_min,
-                               int64_t quant_max, double eps, bool check_values);
+                               int64_t quant_max, bool symmetric, double eps, bool check_values);
 
 // fake_quant_backward: grad matches x (shape, dtype, device), x and range valid.
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,

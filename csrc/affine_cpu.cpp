@@ -191,7 +191,8 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale,
 std::tuple<at::Tensor, at::Tensor> choose_qparams_cpu(const at::Tensor& min, const at::Tensor& max,
                                                       int64_t quant_min, int64_t quant_max,
                                                       bool symmetric, double eps) {
-  check_choose_qparams_args(min, max, quant_min, quant_max, eps, /*check_values=*/true);
+  check_choose_qparams_args(min, max, quant_min, quant_max, symmetric, eps,
+                            /*check_values=*/true);
   const at::Tensor lo = min.to(at::kFloat).contiguous();
   const at::Tensor hi = max.to(at::kFloat).contiguous();
   at::Tensor scale = at::empty(lo.sizes(), lo.options());

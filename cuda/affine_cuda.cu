@@ -407,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_cuda(const at::Tensor& min,
                                                        int64_t quant_max, bool symmetric,
                                                        double eps) {
   const at::OptionalDeviceGuard guard(min.device());
-  check_choose_qparams_args(min, max, quant_min, quant_max, eps, !capturing());
+  check_choose_qparams_args(min, max, quant_min, quant_max, symmetric, eps, !capturing());
   const at::Tensor lo = min.to(at::kFloat).contiguous();
   const at::Tensor hi = max.to(at::kFloat).contiguous();
   at::Tensor scale = at::empty(lo.sizes(), lo.options());

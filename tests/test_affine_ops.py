@@ -215,6 +215,9 @@ def _bad_cases(device):
     yield lambda: ops.choose_qparams(torch.ones(1, device=device), torch.zeros(1, device=device), -128, 127, True, EPS), "need finite min <= max, got min = 1, max = 0"
     yield lambda: ops.choose_qparams(torch.zeros(1, device=device), torch.full((1,), float("inf"), device=device), -128, 127, True, EPS), "need finite min <= max"
     yield lambda: ops.choose_qparams(torch.zeros(1, device=device), torch.ones(1, device=device), -128, 127, True, 0.0), "eps must be positive"
+    # Asymmetric, the span max - min overflows float32 (symmetric would be fine).
+    wide = (torch.full((1,), -3e38, device=device), torch.full((1,), 3e38, device=device))
+    yield lambda: ops.choose_qparams(*wide, -128, 127, False, EPS), r"the range \[-3e\+38, 3e\+38\] at flat index 0 is too wide for a float32 scale"
 
 
 @pytest.fixture
