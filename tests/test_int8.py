@@ -226,6 +226,14 @@ def test_int8linear_corrupt_state_dict(device):
         Int8Linear(16, 8, device=device).load_state_dict(bad_shape)
     with pytest.raises(RuntimeError, match="Missing key"):
         Int8Linear(16, 8, device=device).load_state_dict({k: v for k, v in sd.items() if k != "bias"})
+    for v in (math.nan, 0.0, -0.5, math.inf):
+        bad_scale = dict(sd, weight_scale=sd["weight_scale"].clone().index_fill_(0, torch.tensor([3], device=device), v))
+        with pytest.raises(RuntimeError, match=rf"state_dict\['weight_scale'\] holds {v}; scales must be finite and > 0"):
+            Int8Linear(16, 8, device=device).load_state_dict(bad_scale)
+    static = Int8Linear.from_float(nn.Linear(16, 8).to(device), activation="static", act_scale=0.1)
+    bad_act = dict(static.state_dict(), act_scale=torch.tensor(-1.0, device=device))
+    with pytest.raises(RuntimeError, match=r"state_dict\['act_scale'\] holds -1.0"):
+        static.load_state_dict(bad_act)
     with pytest.raises(ValueError, match="needs act_scale"):
         Int8Linear.from_float(nn.Linear(4, 4), activation="static")
 

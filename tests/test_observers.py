@@ -485,6 +485,10 @@ def test_bad_arguments_name_the_op():
         ops.histogram_entropy_search(h, r, 1)
     with pytest.raises(ValueError, match="bits must be"):
         O.MinMaxObserver(bits=17)
+    with pytest.raises(ValueError, match=r"bins must be an int in \[2, 65536\], got 2147483648"):
+        O.MSEObserver(bins=2**31)
+    with pytest.raises(ValueError, match=r"num_candidates must be an int in \[1, 1024\], got 0"):
+        O.MSEObserver(num_candidates=0)
     with pytest.raises(ValueError, match="group_size 5 does not divide"):
         O.MinMaxObserver(group_size=5)(torch.randn(4, 8))
 

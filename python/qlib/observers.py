@@ -330,8 +330,9 @@ class _HistogramObserver(ObserverBase):
     _stat_buffers = {"hist": 0, "hist_range": 0}
 
     def __init__(self, bins: int = 2048, **kwargs) -> None:
-        if not isinstance(bins, int) or bins < 2:
-            raise ValueError(f"qlib.observers.{type(self).__name__}: bins must be an int >= 2, got {bins!r}")
+        if not isinstance(bins, int) or not 2 <= bins <= 65536:
+            # (The cap keeps a per-channel histogram from asking for tens of GB by a typo.)
+            raise ValueError(f"qlib.observers.{type(self).__name__}: bins must be an int in [2, 65536], got {bins!r}")
         self.bins = bins
         super().__init__(**kwargs)
 
@@ -414,7 +415,11 @@ class MSEObserver(_HistogramObserver):
     candidate in one pass over the bins."""
 
     def __init__(self, num_candidates: int = 128, **kwargs) -> None:
-        self.num_candidates = int(num_candidates)
+        if not isinstance(num_candidates, int) or not 1 <= num_candidates <= 1024:
+            raise ValueError(
+                f"qlib.observers.MSEObserver: num_candidates must be an int in [1, 1024], got {num_candidates!r}"
+            )
+        self.num_candidates = num_candidates
         super().__init__(**kwargs)
 
     def _range(self, stats):

@@ -214,5 +214,13 @@ class Int8Linear(nn.Module):
                     f"Int8Linear ({self.extra_repr()}): state_dict[{key!r}] is {value.dtype} of shape "
                     f"{tuple(value.shape)}, expected {buf.dtype} of shape {tuple(buf.shape)}"
                 )
+            if name in ("weight_scale", "act_scale"):
+                bad = ~(torch.isfinite(value) & (value > 0))
+                if bool(bad.any()):  # a NaN / zero / negative scale would give NaN or wrong outputs
+                    v = value.detach().reshape(-1)[bad.reshape(-1)][0].item()
+                    raise RuntimeError(
+                        f"Int8Linear ({self.extra_repr()}): state_dict[{key!r}] holds {v}; "
+                        f"scales must be finite and > 0 (a corrupt state_dict?)"
+                    )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self._packed_version = None  # repacked on the next forward
