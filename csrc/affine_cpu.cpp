@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include "affine.h"
@@ -50,6 +51,7 @@ LaneQParams lane_qparams(const AffineArgs& a, const float* scale, const float* z
                           : Vec::set(Vec(1.0f), Vec::loadu(scale + offset, n), n);
   return {s, Vec(1.0f) / s, Vec::loadu(zp + offset, n)};
 }
+
 
 at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
                           const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
@@ -130,17 +132,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
                                     zero_point_grad);
 }
 
+// quantize / dequantize: the math in float SIMD (as fake_quant); the integer
+// side through an int32 / float buffer per block of kBuf elements, whose plain
+// conversion loops the compiler vectorizes.
+constexpr int64_t kBuf = 256;
+
 template <class X, class Q>
 void quantize_runs(const AffineArgs& a, const X* xp, Q* qp) {
   const float* sp = a.scale.const_data_ptr<float>();
   const float* zp = a.zero_point.const_data_ptr<float>();
-  const int64_t step = a.layout.inner_steps_scale ? 1 : 0;
+  const Vec qmin(a.qmin), qmax(a.qmax);
   for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t s = s0 + step * (i - b);
-      const float code = quantize_code<ScalarMath>(static_cast<float>(xp[i]), 1.0f / sp[s], zp[s],
-                                                   a.qmin, a.qmax);
-      qp[i] = static_cast<Q>(code != code ? zp[s] : code);  // NaN -> zero_point
+    float codes[kBuf];
+    for (int64_t i0 = b; i0 < e; i0 += kBuf) {
+      const int64_t m = std::min(kBuf, e - i0);
+      for (int64_t k = 0; k < m; k += kVec) {
+        const int64_t n = std::min(kVec, m - k);
+        const LaneQParams p = lane_qparams(a, sp, zp, s0, i0 + k - b, n);
+        const Vec c = quantize_code<VecMath>(load_float(xp + i0 + k, n), p.inv_scale,
+                                             p.zero_point, qmin, qmax);
+        Vec::blendv(c, p.zero_point, c != c).store(codes + k, n);  // NaN -> zero_point
+      }
+      // Whole numbers in [qmin, qmax]: the casts are exact.
+      for (int64_t k = 0; k < m; ++k) qp[i0 + k] = static_cast<Q>(static_cast<int32_t>(codes[k]));
     }
   });
 }
@@ -149,11 +163,21 @@ template <class Q, class Y>
 void dequantize_runs(const AffineArgs& a, const Q* qp, Y* yp) {
   const float* sp = a.scale.const_data_ptr<float>();
   const float* zp = a.zero_point.const_data_ptr<float>();
-  const int64_t step = a.layout.inner_steps_scale ? 1 : 0;
   for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t s = s0 + step * (i - b);
-      yp[i] = static_cast<Y>(dequantize_code(static_cast<float>(qp[i]), sp[s], zp[s]));
+    float vals[kBuf];
+    for (int64_t i0 = b; i0 < e; i0 += kBuf) {
+      const int64_t m = std::min(kBuf, e - i0);
+      for (int64_t k = 0; k < m; ++k) vals[k] = static_cast<float>(qp[i0 + k]);
+      for (int64_t k = 0; k < m; k += kVec) {
+        const int64_t n = std::min(kVec, m - k);
+        const LaneQParams p = lane_qparams(a, sp, zp, s0, i0 + k - b, n);
+        dequantize_code(Vec::loadu(vals + k, n), p.scale, p.zero_point).store(vals + k, n);
+      }
+      if constexpr (std::is_same_v<Y, float>) {
+        std::memcpy(yp + i0, vals, m * sizeof(float));
+      } else {
+        at::vec::convert(vals, yp + i0, m);
+      }
     }
   });
 }

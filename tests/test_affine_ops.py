@@ -14,10 +14,11 @@ EPS = torch.finfo(torch.float32).eps
     "dtype,qmin,qmax", [(torch.int8, -128, 127), (torch.uint8, 0, 255), (torch.int16, -32768, 32767), (torch.int32, -8, 7)]
 )
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_quantize_dequantize_equal_fake_quant(device, dtype, qmin, qmax, xdtype):
+@pytest.mark.parametrize("sshape", [(37, 1), (37, 11), (1, 1)])  # per-channel, per-element steps, per-tensor
+def test_quantize_dequantize_equal_fake_quant(device, dtype, qmin, qmax, xdtype, sshape):
     x = (torch.randn(37, 11, device=device) * 3).to(xdtype)
-    scale = torch.rand(37, 1, device=device) * 0.05 + 0.01
-    zp = torch.randint(qmin, qmax + 1, (37, 1), dtype=torch.int32, device=device)
+    scale = torch.rand(sshape, device=device) * 0.05 + 0.01
+    zp = torch.randint(qmin, qmax + 1, sshape, dtype=torch.int32, device=device)
     q = ops.quantize(x, scale, zp, qmin, qmax, dtype)
     assert q.dtype == dtype and q.shape == x.shape
     assert int(q.min()) >= qmin and int(q.max()) <= qmax
