@@ -153,8 +153,11 @@ void quantize_runs(const AffineArgs& a, const X* xp, Q* qp) {
                                              p.zero_point, qmin, qmax);
         Vec::blendv(c, p.zero_point, c != c).store(codes + k, n);  // NaN -> zero_point
       }
-      // Whole numbers in [qmin, qmax]: the casts are exact.
-      for (int64_t k = 0; k < m; ++k) qp[i0 + k] = static_cast<Q>(static_cast<int32_t>(codes[k]));
+      // Whole numbers in [qmin, qmax]: the casts are exact. (__restrict: an int8 store may
+      // alias anything, which would keep this loop scalar.)
+      const float* __restrict in = codes;
+      Q* __restrict out = qp + i0;
+      for (int64_t k = 0; k < m; ++k) out[k] = static_cast<Q>(static_cast<int32_t>(in[k]));
     }
   });
 }
@@ -167,7 +170,9 @@ void dequantize_runs(const AffineArgs& a, const Q* qp, Y* yp) {
     float vals[kBuf];
     for (int64_t i0 = b; i0 < e; i0 += kBuf) {
       const int64_t m = std::min(kBuf, e - i0);
-      for (int64_t k = 0; k < m; ++k) vals[k] = static_cast<float>(qp[i0 + k]);
+      const Q* __restrict in = qp + i0;
+      float* __restrict widened = vals;
+      for (int64_t k = 0; k < m; ++k) widened[k] = static_cast<float>(in[k]);
       for (int64_t k = 0; k < m; k += kVec) {
         const int64_t n = std::min(kVec, m - k);
         const LaneQParams p = lane_qparams(a, sp, zp, s0, i0 + k - b, n);
