@@ -142,16 +142,22 @@ void quantize_runs(const AffineArgs& a, const X* xp, Q* qp) {
   const float* sp = a.scale.const_data_ptr<float>();
   const float* zp = a.zero_point.const_data_ptr<float>();
   const Vec qmin(a.qmin), qmax(a.qmax);
+  const bool steps = a.layout.inner_steps_scale;
   for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
+    const Vec run_inv(1.0f / sp[s0]), run_zp(zp[s0]);
     float codes[kBuf];
     for (int64_t i0 = b; i0 < e; i0 += kBuf) {
       const int64_t m = std::min(kBuf, e - i0);
       for (int64_t k = 0; k < m; k += kVec) {
         const int64_t n = std::min(kVec, m - k);
-        const LaneQParams p = lane_qparams(a, sp, zp, s0, i0 + k - b, n);
-        const Vec c = quantize_code<VecMath>(load_float(xp + i0 + k, n), p.inv_scale,
-                                             p.zero_point, qmin, qmax);
-        Vec::blendv(c, p.zero_point, c != c).store(codes + k, n);  // NaN -> zero_point
+        Vec inv = run_inv, zpv = run_zp;  // a run sharing one scale: no per-vector division
+        if (steps) {
+          const LaneQParams p = lane_qparams(a, sp, zp, s0, i0 + k - b, n);
+          inv = p.inv_scale;
+          zpv = p.zero_point;
+        }
+        const Vec c = quantize_code<VecMath>(load_float(xp + i0 + k, n), inv, zpv, qmin, qmax);
+        Vec::blendv(c, zpv, c != c).store(codes + k, n);  // NaN -> zero_point
       }
       // Whole numbers in [qmin, qmax]: the casts are exact. (__restrict: an int8 store may
       // alias anything, which would keep this loop scalar.)
