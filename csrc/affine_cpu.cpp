@@ -52,7 +52,6 @@ LaneQParams lane_qparams(const AffineArgs& a, const float* scale, const float* z
   return {s, Vec(1.0f) / s, Vec::loadu(zp + offset, n)};
 }
 
-
 at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
                           const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
   check_fake_quant_input("qlib::fake_quant", x);
@@ -133,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
 }
 
 // quantize / dequantize: the math in float SIMD (as fake_quant); the integer
-// side through an int32 / float buffer per block of kBuf elements, whose plain
+// side through a float buffer per block of kBuf elements, whose plain
 // conversion loops the compiler vectorizes.
 constexpr int64_t kBuf = 256;
 
