@@ -7,13 +7,11 @@ repeats, GB/s (bytes read + written by the op) and ratios against qlib.
     .venv/bin/python benchmarks/bench_fake_quant.py [--device cuda] [--numel 16777216]
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 import qlib  # noqa: F401
-from timing import cuda_median_ms
+from timing import cuda_median_ms, host_median_s
 
 ops = torch.ops.qlib
 
@@ -40,14 +38,7 @@ def timeit(fn, device, repeat, warmup=3):
     """Median seconds per call: CUDA events on a GPU, the host clock on the CPU."""
     if device == "cuda":
         return cuda_median_ms(fn, reps=repeat, warmup=warmup) / 1e3
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return host_median_s(fn, reps=repeat, warmup=warmup)
 
 
 def graph_time(fn, repeat, calls=10):

@@ -4,25 +4,18 @@ median microseconds per call, per-tensor int8, float32 input, one table.
     .venv/bin/python benchmarks/bench_quantize.py [--threads N]
 """
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 
 import qlib  # noqa: F401
+from timing import host_median_s
 
 ops = torch.ops.qlib
 
 
-def median_us(fn, reps=301):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+def median_us(fn):
+    return host_median_s(fn, reps=301, warmup=1) * 1e6
 
 
 def main():

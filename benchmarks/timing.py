@@ -1,7 +1,20 @@
-"""Shared GPU timing for the benchmarks: median of CUDA-event timings."""
+"""Shared timing for the benchmarks: medians of host-clock or CUDA-event timings."""
 import statistics
+import time
 
 import torch
+
+
+def host_median_s(fn, reps=30, warmup=3):
+    """Median seconds of fn() by the host clock (CPU work)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def cuda_median_ms(fn, reps=30, warmup=5):

@@ -43,7 +43,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "check_histogram",
       [](const std::string& who, const at::Tensor& hist, const at::Tensor& range) {
-        qlib::check_histogram(who.c_str(), hist, range, /*read_values=*/true);
+        qlib::check_histogram(who.c_str(), hist, range, qlib::HistogramValues::kAll);
       },
       "Raise unless (hist, range) is a valid observer histogram (shapes, dtypes, values).");
 }

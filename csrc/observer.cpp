@@ -43,8 +43,18 @@ float check_minmax_observe_args(const char* op, const at::Tensor& x, const at::T
   return static_cast<float>(c);
 }
 
+void check_histogram_row_counts(const char* op, const int64_t* h, int64_t bins, int64_t row,
+                                bool empty, const char* range_name) {
+  for (int64_t j = 0; j < bins; ++j) {
+    TORCH_CHECK(h[j] >= 0, op, ": hist of block ", row, " has count ", h[j], " in bin ", j,
+                "; counts must be >= 0");
+    TORCH_CHECK(!(empty && h[j] != 0), op, ": hist of block ", row, " has count ", h[j],
+                " in bin ", j, " but its ", range_name, " is empty [inf, -inf]");
+  }
+}
+
 void check_histogram(const char* op, const at::Tensor& hist, const at::Tensor& range,
-                     bool read_values, const char* range_name) {
+                     HistogramValues values, const char* range_name) {
   TORCH_CHECK(hist.scalar_type() == at::kLong, op, ": hist must be int64, got ",
               hist.scalar_type());
   TORCH_CHECK(hist.dim() == 2 && hist.size(1) >= 2, op,
@@ -56,23 +66,18 @@ void check_histogram(const char* op, const at::Tensor& hist, const at::Tensor& r
               "and max), got ", range.sizes());
   TORCH_CHECK(hist.device() == range.device(), op, ": hist (", hist.device(), ") and ",
               range_name, " (", range.device(), ") must be on the same device");
-  if (!read_values) return;
+  if (values == HistogramValues::kNone) return;
   const at::Tensor h = hist.cpu().contiguous(), rg = range.cpu().contiguous();
   const int64_t R = h.size(0), B = h.size(1);
-  const int64_t* hp = h.const_data_ptr<int64_t>();
   const double* rp = rg.const_data_ptr<double>();
   for (int64_t r = 0; r < R; ++r) {
     const double lo = rp[2 * r], hi = rp[2 * r + 1];
     TORCH_CHECK(histogram_range_valid(lo, hi), op, ": ", range_name, " of block ", r, " is [", lo,
                 ", ", hi, "]; expected finite min <= max within float32's range, or [inf, -inf] "
                 "for a block with no data (a corrupt state_dict?)");
-    const bool empty = !(lo <= hi);
-    for (int64_t j = 0; j < B; ++j) {
-      const int64_t c = hp[r * B + j];
-      TORCH_CHECK(c >= 0, op, ": hist of block ", r, " has count ", c, " in bin ", j,
-                  "; counts must be >= 0");
-      TORCH_CHECK(!(empty && c != 0), op, ": hist of block ", r, " has count ", c, " in bin ", j,
-                  " but its ", range_name, " is empty [inf, -inf]");
+    if (values == HistogramValues::kAll) {
+      check_histogram_row_counts(op, h.const_data_ptr<int64_t>() + r * B, B, r, !(lo <= hi),
+                                 range_name);
     }
   }
 }

@@ -15,13 +15,17 @@ float check_minmax_observe_args(const char* op, const at::Tensor& x, const at::T
                                 const at::Tensor& max_val, const at::Tensor& observed,
                                 const at::Tensor& nonfinite,
                                 const std::optional<double>& averaging_constant);
+// What check_histogram reads of a histogram's values (on the host; on CUDA a
+// sync, so only under qlib.set_cuda_value_checks(True)): nothing, the range
+// rows (histogram_range_valid), or those and every count.
+enum class HistogramValues { kNone, kRanges, kAll };
+
 // hist: 2-D int64 [rows, bins] with bins >= 2; range: float64 [rows, 2]
 // holding (min, max) of the data binned so far (+inf, -inf when empty).
-// With read_values (always on the CPU; on CUDA only under
-// qlib.set_cuda_value_checks(True), as it syncs) also the values: every
-// range row valid (histogram_range_valid), counts >= 0, and no counts in a
-// row whose range is empty.
 void check_histogram(const char* op, const at::Tensor& hist, const at::Tensor& range,
-                     bool read_values, const char* range_name = "range");
+                     HistogramValues values, const char* range_name = "range");
+// The counts h[0, bins) of block `row`: >= 0, and all 0 when its range is empty.
+void check_histogram_row_counts(const char* op, const int64_t* h, int64_t bins, int64_t row,
+                                bool empty, const char* range_name = "range");
 
 }  // namespace qlib

@@ -320,7 +320,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::T
                                                                      bool absolute) {
   const char* op = "qlib::histogram_observe";
   check_observer_input(op, x_in);
-  check_histogram(op, hist_in, range_in, true);
+  // The counts are checked below, in the pass that reads them anyway.
+  check_histogram(op, hist_in, range_in, HistogramValues::kRanges);
   TORCH_CHECK(hist_in.size(0) == x_in.size(0), op, ": hist has ", hist_in.size(0),
               " blocks but x of shape ", x_in.sizes(), " has ", x_in.size(0));
   TORCH_CHECK(x_in.device() == hist_in.device(), op, ": x (", x_in.device(), ") and hist (",
@@ -364,12 +365,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::T
       nrp[2 * r + 1] = std::max(rp[2 * r + 1], bhi);
       const HistGrid g = histogram_grid(nrp[2 * r], nrp[2 * r + 1], B);
       int64_t* out = nhp + r * B;
+      const int64_t* old = hp + r * B;
       if (optimistic && g.lo == grids[r].lo && g.width == grids[r].width) {
         redo[r] = 0;  // this batch is binned: add the old counts as they are
-        for (int64_t j = 0; j < B; ++j) out[j] += hp[r * B + j];
+        int64_t least = 0;
+        for (int64_t j = 0; j < B; ++j) {
+          out[j] += old[j];
+          least = std::min(least, old[j]);
+        }
+        if (least < 0) check_histogram_row_counts(op, old, B, r, false);  // raises
       } else {
+        check_histogram_row_counts(op, old, B, r, !(rp[2 * r] <= rp[2 * r + 1]));
         std::fill(out, out + B, int64_t{0});
-        rebin_row(hp + r * B, rp[2 * r], rp[2 * r + 1], out, g, B);
+        rebin_row(old, rp[2 * r], rp[2 * r + 1], out, g, B);
       }
       grids[r] = g;
     }
@@ -382,8 +390,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::T
 at::Tensor histogram_rebin_cpu(const at::Tensor& hist_in, const at::Tensor& range_in,
                                const at::Tensor& new_range_in) {
   const char* op = "qlib::histogram_rebin";
-  check_histogram(op, hist_in, range_in, true);
-  check_histogram(op, hist_in, new_range_in, true, "new_range");
+  check_histogram(op, hist_in, range_in, HistogramValues::kAll);
+  check_histogram(op, hist_in, new_range_in, HistogramValues::kAll, "new_range");
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous(),
                    new_range = new_range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
@@ -409,7 +417,7 @@ at::Tensor histogram_rebin_cpu(const at::Tensor& hist_in, const at::Tensor& rang
 at::Tensor histogram_quantile_cpu(const at::Tensor& hist_in, const at::Tensor& range_in,
                                   double q) {
   const char* op = "qlib::histogram_quantile";
-  check_histogram(op, hist_in, range_in, true);
+  check_histogram(op, hist_in, range_in, HistogramValues::kAll);
   TORCH_CHECK(q >= 0.0 && q <= 1.0, op, ": q must lie in [0, 1], got ", q);
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
@@ -438,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_mse_search_cpu(const at::Tensor& hi
                                                             bool symmetric,
                                                             int64_t num_candidates) {
   const char* op = "qlib::histogram_mse_search";
-  check_histogram(op, hist_in, range_in, true);
+  check_histogram(op, hist_in, range_in, HistogramValues::kAll);
   check_mse_args(op, quant_min, quant_max, num_candidates);
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
@@ -484,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cpu(const at::Tensor
                                                                 const at::Tensor& range_in,
                                                                 int64_t num_levels) {
   const char* op = "qlib::histogram_entropy_search";
-  check_histogram(op, hist_in, range_in, true);
+  check_histogram(op, hist_in, range_in, HistogramValues::kAll);
   TORCH_CHECK(num_levels >= 2, op, ": num_levels must be at least 2, got ", num_levels);
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);

@@ -22,7 +22,9 @@ namespace {
 // The histogram ops read their inputs' values back to check them (a host
 // sync) only under qlib.set_cuda_value_checks(True) and outside graph capture;
 // otherwise a corrupt range row is treated as an empty one (histogram_grid).
-bool cuda_value_checks_now() { return cuda_value_checks() && !capturing(); }
+HistogramValues cuda_value_checks_now() {
+  return cuda_value_checks() && !capturing() ? HistogramValues::kAll : HistogramValues::kNone;
+}
 
 constexpr int kThreads = 256;
 constexpr int kItemsPerThread = 16;  // elements per thread per chunk
