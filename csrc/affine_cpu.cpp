@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "affine.h"
+#include "cpu_output.h"
 #include "cpu_vec.h"
 #include "quant_math.h"
 
@@ -58,7 +59,7 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
   check_quant_range("qlib::fake_quant", quant_min, quant_max);
   const AffineArgs a =
       prepare_affine("qlib::fake_quant", "x", x, scale, zero_point, quant_min, quant_max);
-  at::Tensor out = at::empty_like(a.x);
+  at::Tensor out = empty_output(a.x.sizes(), a.x.options());
   const float* sp = a.scale.data_ptr<float>();
   const float* zp = a.zero_point.data_ptr<float>();
   const Vec qmin(a.qmin), qmax(a.qmax);
@@ -91,11 +92,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
   check_fake_quant_backward_args(op, grad, x, quant_min, quant_max);
   const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
   const at::Tensor g = grad.contiguous();
-  at::Tensor grad_x = at::empty_like(a.x);
+  at::Tensor grad_x = empty_output(a.x.sizes(), a.x.options());
   const bool per_element = scale_grad || zero_point_grad;
   const auto fopts = a.x.options().dtype(at::kFloat);
-  at::Tensor ds = per_element ? at::empty(a.x.sizes(), fopts) : at::Tensor();
-  at::Tensor dz = per_element ? at::empty(a.x.sizes(), fopts) : at::Tensor();
+  at::Tensor ds = per_element ? empty_output(a.x.sizes(), fopts) : at::Tensor();
+  at::Tensor dz = per_element ? empty_output(a.x.sizes(), fopts) : at::Tensor();
   const float* sp = a.scale.data_ptr<float>();
   const float* zp = a.zero_point.data_ptr<float>();
   const Vec qmin(a.qmin), qmax(a.qmax);
@@ -197,7 +198,7 @@ at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::
   const char* op = "qlib::quantize";
   check_quantize_args(op, x, dtype, quant_min, quant_max);
   const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
-  at::Tensor out = at::empty(a.x.sizes(), a.x.options().dtype(dtype));
+  at::Tensor out = empty_output(a.x.sizes(), a.x.options().dtype(dtype));
   QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "quantize_cpu", [&] {
     using x_t = scalar_t;
     QLIB_DISPATCH_QINT(dtype, "quantize_cpu", [&] {
@@ -212,7 +213,7 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale,
   const char* op = "qlib::dequantize";
   const auto [quant_min, quant_max] = check_dequantize_args(op, q, dtype);
   const AffineArgs a = prepare_affine(op, "q", q, scale, zero_point, quant_min, quant_max);
-  at::Tensor out = at::empty(a.x.sizes(), a.x.options().dtype(dtype));
+  at::Tensor out = empty_output(a.x.sizes(), a.x.options().dtype(dtype));
   QLIB_DISPATCH_QINT(a.x.scalar_type(), "dequantize_cpu", [&] {
     using q_t = scalar_t;
     QLIB_DISPATCH_FLOAT(dtype, "dequantize_cpu", [&] {

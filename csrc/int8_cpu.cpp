@@ -36,6 +36,7 @@
 #include <limits>
 
 #include "affine.h"
+#include "cpu_output.h"
 #include "int8.h"
 #include "quant_math.h"
 
@@ -625,7 +626,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in
   const char* op = "qlib::quantize_per_token";
   check_int8_float_input(op, "x", x_in);
   const at::Tensor x = x_in.contiguous();
-  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor q = empty_output(x.sizes(), x.options().dtype(at::kChar));
   std::vector<int64_t> sshape(x.sizes().begin(), x.sizes().end());
   sshape.back() = 1;
   at::Tensor scale = at::empty(sshape, x.options().dtype(at::kFloat));
@@ -642,7 +643,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   const at::Tensor x = x_in.contiguous();
   const int64_t K = w_in.size(1);
   const int64_t M = leading_rows(x);
-  at::Tensor out = at::empty(int8_linear_out_shape(x, N), x.options());
+  at::Tensor out = empty_output(int8_linear_out_shape(x, N), x.options());
   if (out.numel() == 0) return out;
   const at::Tensor w = k_contiguous(w_in);
   const at::Tensor w_scale = w_scale_in.reshape({N}).contiguous();

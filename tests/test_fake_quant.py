@@ -49,6 +49,26 @@ def test_per_tensor_matches_torch(device, qmin, qmax, n):
     assert torch.equal(x.grad, x_ref.grad)
 
 
+def test_big_outputs_match_torch(device):
+    """Outputs over 8 MB get the CPU huge-page hint; the values must not care."""
+    n = 3_000_017  # 12 MB of float32, ends off a 2 MB boundary
+    scale = torch.tensor([0.0371], device=device)
+    zp = torch.tensor([5], dtype=torch.int32, device=device)
+    x = tricky_input((n,), 0.0371, device).requires_grad_()
+    y = ops.fake_quant(x, scale, zp, -128, 127)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = torch.fake_quantize_per_tensor_affine(x_ref, scale, zp, -128, 127)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(x.grad, x_ref.grad)
+    q = ops.quantize(x.detach(), scale, zp, -128, 127, torch.int8)
+    q_ref = torch.quantize_per_tensor(x.detach().cpu(), 0.0371, 5, torch.qint8)
+    assert torch.equal(q.cpu(), q_ref.int_repr())
+    assert torch.equal(ops.dequantize(q, scale, zp, torch.float32).cpu(), q_ref.dequantize())
+
+
 @pytest.mark.parametrize("axis", [0, 1, 2])
 @pytest.mark.parametrize("qmin,qmax", [(-128, 127), (0, 255), (-8, 7)])
 def test_per_channel_matches_torch(device, axis, qmin, qmax):
