@@ -35,22 +35,32 @@ void for_each_run(const BlockLayout& layout, int64_t numel, const F& f) {
   });
 }
 
-// Scale, 1/scale and zero point for n lanes that start `lane` elements into
-// a run whose first element uses scale index s0.
+// Scale, 1/scale and zero point of up to kVec lanes.
 struct LaneQParams {
   Vec scale, inv_scale, zero_point;
 };
 
-LaneQParams lane_qparams(const AffineArgs& a, const float* scale, const float* zp, int64_t s0,
-                         int64_t lane, int64_t n) {
-  if (!a.layout.inner_steps_scale) {
-    return {Vec(scale[s0]), Vec(1.0f / scale[s0]), Vec(zp[s0])};
-  }
-  const int64_t offset = s0 + lane;
-  // Padding lanes get scale 1 so 1/scale stays finite.
-  const Vec s = n == kVec ? Vec::loadu(scale + offset)
-                          : Vec::set(Vec(1.0f), Vec::loadu(scale + offset, n), n);
-  return {s, Vec(1.0f) / s, Vec::loadu(zp + offset, n)};
+// for_each_run, calling f(begin, end, qp_at) where qp_at(lane, n) gives the
+// qparams of the n <= kVec elements `lane` elements into the run. A run that
+// shares one scale gets a constant qp_at: no per-vector division or loads.
+template <class F>
+void for_each_run_qparams(const AffineArgs& a, const F& f) {
+  const float* sp = a.scale.const_data_ptr<float>();
+  const float* zp = a.zero_point.const_data_ptr<float>();
+  const bool steps = a.layout.inner_steps_scale;
+  for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
+    if (!steps) {
+      const LaneQParams p{Vec(sp[s0]), Vec(1.0f / sp[s0]), Vec(zp[s0])};
+      f(b, e, [p](int64_t, int64_t) { return p; });
+      return;
+    }
+    f(b, e, [s = sp + s0, z = zp + s0](int64_t lane, int64_t n) {
+      // Padding lanes get scale 1 so 1/scale stays finite.
+      const Vec sv = n == kVec ? Vec::loadu(s + lane)
+                               : Vec::set(Vec(1.0f), Vec::loadu(s + lane, n), n);
+      return LaneQParams{sv, Vec(1.0f) / sv, Vec::loadu(z + lane, n)};
+    });
+  });
 }
 
 at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
@@ -60,24 +70,24 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
   const AffineArgs a =
       prepare_affine("qlib::fake_quant", "x", x, scale, zero_point, quant_min, quant_max);
   at::Tensor out = empty_output(a.x.sizes(), a.x.options());
-  const float* sp = a.scale.data_ptr<float>();
-  const float* zp = a.zero_point.data_ptr<float>();
   const Vec qmin(a.qmin), qmax(a.qmax);
   QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_cpu", [&] {
     const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
+    scalar_t* yp = out.data_ptr<scalar_t>();
+    for_each_run_qparams(a, [&](int64_t b, int64_t e, const auto& qp_at) {
+      // __restrict: a store through y may otherwise alias the qparams.
+      const scalar_t* __restrict x = xp + b;
+      scalar_t* __restrict y = yp + b;
       constexpr int64_t C = kChunk<scalar_t>;
-      for (int64_t i = b; i < e; i += C) {
-        const int64_t n = std::min(C, e - i);
+      for (int64_t i = 0; i < e - b; i += C) {
+        const int64_t n = std::min(C, e - b - i);
         Vec xv[2], yv[2] = {Vec(0.0f), Vec(0.0f)};
-        load_chunk(xp + i, n, xv);
+        load_chunk(x + i, n, xv);
         for (int64_t h = 0; h * kVec < n; ++h) {
-          const LaneQParams p =
-              lane_qparams(a, sp, zp, s0, i - b + h * kVec, std::min(kVec, n - h * kVec));
+          const LaneQParams p = qp_at(i + h * kVec, std::min(kVec, n - h * kVec));
           yv[h] = fake_quant_value<VecMath>(xv[h], p.scale, p.inv_scale, p.zero_point, qmin, qmax);
         }
-        store_chunk(op + i, yv, n);
+        store_chunk(y + i, yv, n);
       }
     });
   });
@@ -97,8 +107,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
   const auto fopts = a.x.options().dtype(at::kFloat);
   at::Tensor ds = per_element ? empty_output(a.x.sizes(), fopts) : at::Tensor();
   at::Tensor dz = per_element ? empty_output(a.x.sizes(), fopts) : at::Tensor();
-  const float* sp = a.scale.data_ptr<float>();
-  const float* zp = a.zero_point.data_ptr<float>();
   const Vec qmin(a.qmin), qmax(a.qmax);
   QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_backward_cpu", [&] {
     const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
@@ -106,25 +114,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     float* dsp = per_element ? ds.data_ptr<float>() : nullptr;
     float* dzp = per_element ? dz.data_ptr<float>() : nullptr;
-    for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
+    for_each_run_qparams(a, [&](int64_t b, int64_t e, const auto& qp_at) {
+      const scalar_t* __restrict x = xp + b;
+      const scalar_t* __restrict gr = gp + b;
+      scalar_t* __restrict gx = gxp + b;
+      float* __restrict d_s = per_element ? dsp + b : nullptr;
+      float* __restrict d_z = per_element ? dzp + b : nullptr;
       constexpr int64_t C = kChunk<scalar_t>;
-      for (int64_t i = b; i < e; i += C) {
-        const int64_t n = std::min(C, e - i);
+      for (int64_t i = 0; i < e - b; i += C) {
+        const int64_t n = std::min(C, e - b - i);
         Vec gv[2], xv[2], gxv[2] = {Vec(0.0f), Vec(0.0f)};
-        load_chunk(gp + i, n, gv);
-        load_chunk(xp + i, n, xv);
+        load_chunk(gr + i, n, gv);
+        load_chunk(x + i, n, xv);
         for (int64_t h = 0; h * kVec < n; ++h) {
           const int64_t nh = std::min(kVec, n - h * kVec), j = i + h * kVec;
-          const LaneQParams p = lane_qparams(a, sp, zp, s0, j - b, nh);
+          const LaneQParams p = qp_at(j, nh);
           const auto r = fake_quant_grads<VecMath>(gv[h], xv[h], p.scale, p.inv_scale,
                                                    p.zero_point, qmin, qmax);
           gxv[h] = r.grad_x;
           if (per_element) {
-            r.grad_scale.store(dsp + j, nh);
-            r.grad_zero_point.store(dzp + j, nh);
+            r.grad_scale.store(d_s + j, nh);
+            r.grad_zero_point.store(d_z + j, nh);
           }
         }
-        store_chunk(gxp + i, gxv, n);
+        store_chunk(gx + i, gxv, n);
       }
     });
   });
@@ -132,63 +145,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
                                     zero_point_grad);
 }
 
-// quantize / dequantize: the math in float SIMD (as fake_quant); the integer
-// side through a float buffer per block of kBuf elements, whose plain
-// conversion loops the compiler vectorizes.
-constexpr int64_t kBuf = 256;
+// quantize / dequantize: the math in float SIMD (as fake_quant), the integer
+// side through cpu_vec.h's code loads and stores.
+
+// Writes the codes of elements [0, n) of a run to out; code_at(k, count) gives
+// the float codes of the count <= kVec elements from k. (__restrict: an int8 store
+// may alias anything, which would reload the qparams every vector.)
+template <class Q, class CodeAt>
+void store_run_codes(Q* __restrict out, int64_t n, const CodeAt& code_at) {
+  int64_t k = 0;
+  for (; k + 4 * kVec <= n; k += 4 * kVec) {
+    const Vec c[4] = {code_at(k, kVec), code_at(k + kVec, kVec), code_at(k + 2 * kVec, kVec),
+                      code_at(k + 3 * kVec, kVec)};
+    store_codes(out + k, c);
+  }
+  for (; k < n; k += kVec) {
+    const int64_t count = std::min(kVec, n - k);
+    float tmp[kVec];
+    code_at(k, count).store(tmp, count);
+    for (int64_t j = 0; j < count; ++j) out[k + j] = static_cast<Q>(static_cast<int32_t>(tmp[j]));
+  }
+}
 
 template <class X, class Q>
 void quantize_runs(const AffineArgs& a, const X* xp, Q* qp) {
-  const float* sp = a.scale.const_data_ptr<float>();
-  const float* zp = a.zero_point.const_data_ptr<float>();
   const Vec qmin(a.qmin), qmax(a.qmax);
-  const bool steps = a.layout.inner_steps_scale;
-  for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
-    const Vec run_inv(1.0f / sp[s0]), run_zp(zp[s0]);
-    float codes[kBuf];
-    for (int64_t i0 = b; i0 < e; i0 += kBuf) {
-      const int64_t m = std::min(kBuf, e - i0);
-      for (int64_t k = 0; k < m; k += kVec) {
-        const int64_t n = std::min(kVec, m - k);
-        Vec inv = run_inv, zpv = run_zp;  // a run sharing one scale: no per-vector division
-        if (steps) {
-          const LaneQParams p = lane_qparams(a, sp, zp, s0, i0 + k - b, n);
-          inv = p.inv_scale;
-          zpv = p.zero_point;
-        }
-        const Vec c = quantize_code<VecMath>(load_float(xp + i0 + k, n), inv, zpv, qmin, qmax);
-        Vec::blendv(c, zpv, c != c).store(codes + k, n);  // NaN -> zero_point
-      }
-      // Whole numbers in [qmin, qmax]: the casts are exact. (__restrict: an int8 store may
-      // alias anything, which would keep this loop scalar.)
-      const float* __restrict in = codes;
-      Q* __restrict out = qp + i0;
-      for (int64_t k = 0; k < m; ++k) out[k] = static_cast<Q>(static_cast<int32_t>(in[k]));
-    }
+  for_each_run_qparams(a, [&](int64_t b, int64_t e, const auto& qp_at) {
+    const X* __restrict x = xp + b;
+    store_run_codes(qp + b, e - b, [&](int64_t k, int64_t n) {
+      const LaneQParams p = qp_at(k, n);
+      const Vec c = quantize_code<VecMath>(load_float(x + k, n), p.inv_scale, p.zero_point,
+                                           qmin, qmax);
+      return Vec::blendv(c, p.zero_point, c != c);  // NaN -> zero point
+    });
   });
 }
 
 template <class Q, class Y>
 void dequantize_runs(const AffineArgs& a, const Q* qp, Y* yp) {
-  const float* sp = a.scale.const_data_ptr<float>();
-  const float* zp = a.zero_point.const_data_ptr<float>();
-  for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
-    float vals[kBuf];
-    for (int64_t i0 = b; i0 < e; i0 += kBuf) {
-      const int64_t m = std::min(kBuf, e - i0);
-      const Q* __restrict in = qp + i0;
-      float* __restrict widened = vals;
-      for (int64_t k = 0; k < m; ++k) widened[k] = static_cast<float>(in[k]);
-      for (int64_t k = 0; k < m; k += kVec) {
-        const int64_t n = std::min(kVec, m - k);
-        const LaneQParams p = lane_qparams(a, sp, zp, s0, i0 + k - b, n);
-        dequantize_code(Vec::loadu(vals + k, n), p.scale, p.zero_point).store(vals + k, n);
+  for_each_run_qparams(a, [&](int64_t b, int64_t e, const auto& qp_at) {
+    const Q* __restrict q = qp + b;
+    Y* __restrict y = yp + b;
+    constexpr int64_t C = kChunk<Y>;
+    for (int64_t k = 0; k < e - b; k += C) {
+      const int64_t n = std::min(C, e - b - k);
+      Vec v[2] = {Vec(0.0f), Vec(0.0f)};
+      for (int64_t h = 0; h * kVec < n; ++h) {
+        const int64_t j = k + h * kVec, nh = std::min(kVec, n - h * kVec);
+        const LaneQParams p = qp_at(j, nh);
+        v[h] = dequantize_code(load_codes(q + j, nh), p.scale, p.zero_point);
       }
-      if constexpr (std::is_same_v<Y, float>) {
-        std::memcpy(yp + i0, vals, m * sizeof(float));
-      } else {
-        at::vec::convert(vals, yp + i0, m);
-      }
+      store_chunk(y + k, v, n);
     }
   });
 }

@@ -18,7 +18,12 @@ constexpr int64_t kGrain = 32768;  // elements per parallel_for grain
 struct VecMath {
   static Vec round(const Vec& v) { return v.round(); }
   static Vec clamp(const Vec& v, const Vec& lo, const Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX2)
+    // vmaxps / vminps return their second operand when either is NaN: v's NaN survives.
+    return _mm256_min_ps(hi, _mm256_max_ps(lo, v));
+#else
     return at::vec::minimum(at::vec::maximum(v, lo), hi);  // both keep NaN
+#endif
   }
   static Vec in_range(const Vec& v, const Vec& lo, const Vec& hi) {
     return ((v >= lo) & (v <= hi)) & Vec(1.0f);
@@ -75,6 +80,57 @@ Vec load_float(const T* p, int64_t n) {
     load_chunk(p, n, v);  // reads only n elements
     return v[0];
   }
+}
+
+// Integer codes <-> float vectors. Codes are whole numbers in the range of Q
+// (callers clamp first), so every conversion is exact and saturation never acts.
+// Stores the 4 * kVec codes c[0..3] to out as Q.
+template <class Q>
+void store_codes(Q* out, const Vec (&c)[4]) {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256i i[4];
+  for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(c[j]);
+  if constexpr (std::is_same_v<Q, int32_t>) {
+    for (int j = 0; j < 4; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out) + j, i[j]);
+  } else {
+    // packs works within 128-bit lanes: 0xD8 / the dword permute restore the order.
+    const __m256i lo = _mm256_packs_epi32(i[0], i[1]), hi = _mm256_packs_epi32(i[2], i[3]);
+    if constexpr (sizeof(Q) == 2) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute4x64_epi64(lo, 0xD8));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out) + 1, _mm256_permute4x64_epi64(hi, 0xD8));
+    } else {
+      const __m256i b = std::is_signed_v<Q> ? _mm256_packs_epi16(lo, hi) : _mm256_packus_epi16(lo, hi);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                          _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    }
+  }
+#else
+  float tmp[4 * kVec];
+  for (int j = 0; j < 4; ++j) c[j].store(tmp + j * kVec);
+  for (int64_t k = 0; k < 4 * kVec; ++k) out[k] = static_cast<Q>(static_cast<int32_t>(tmp[k]));
+#endif
+}
+
+// Loads n <= kVec codes as floats.
+template <class Q>
+Vec load_codes(const Q* p, int64_t n = kVec) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (n == kVec) {
+    __m256i i;
+    if constexpr (std::is_same_v<Q, int32_t>) {
+      i = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    } else if constexpr (sizeof(Q) == 2) {
+      i = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    } else {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+      i = std::is_signed_v<Q> ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+    }
+    return _mm256_cvtepi32_ps(i);
+  }
+#endif
+  float tmp[kVec] = {};
+  for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<float>(p[k]);
+  return Vec::loadu(tmp);
 }
 
 }  // namespace qlib

@@ -30,6 +30,33 @@ def test_quantize_dequantize_equal_fake_quant(device, dtype, qmin, qmax, xdtype,
     assert torch.equal(back, ops.fake_quant(x, scale, zp, qmin, qmax))
 
 
+@pytest.mark.parametrize(
+    "dtype,qmin,qmax",
+    [(torch.int8, -128, 127), (torch.uint8, 0, 255), (torch.int16, -32768, 32767), (torch.int32, -(2**31), 2**31 - 1)],
+)
+@pytest.mark.parametrize("sshape", [(6, 1), (1, 1), (1, 131)])
+def test_quantize_simd_body_full_range(device, dtype, qmin, qmax, sshape):
+    """Runs long enough for the SIMD body (and its tail), every code dtype over its
+    whole range, with NaN, +-Inf and values past both edges inside the body."""
+    span = float(qmax) - float(qmin)
+    if span >= 2**16:  # int32: the 16-bit limit of the ops
+        qmin, qmax = -(2**15), 2**15 - 1
+        span = float(qmax - qmin)
+    x = torch.randn(6, 131, device=device) * span / 8
+    x[0, 40], x[1, 70], x[2, 33] = float("nan"), float("inf"), -float("inf")
+    x[3, 50], x[4, 90] = 1e30, -1e30
+    scale = torch.rand(sshape, device=device) + 0.5
+    zp = torch.randint(qmin, qmax + 1, sshape, dtype=torch.int32, device=device)
+    q = ops.quantize(x, scale, zp, qmin, qmax, dtype)
+    ref = torch.clamp(torch.round(x * (1.0 / scale)) + zp, qmin, qmax)  # float32, as the op
+    ref = torch.where(x.isnan(), zp.float().expand_as(ref), ref)
+    assert torch.equal(q.long(), ref.long())
+    back = ops.dequantize(q, scale, zp, torch.float32)
+    ok = ~x.isnan()
+    assert torch.equal(back[ok], ops.fake_quant(x, scale, zp, qmin, qmax)[ok])
+    assert (back[~ok] == 0).all()
+
+
 def test_quantize_matches_torch_quantize_per_tensor(device):
     x = torch.randn(1025, device=device) * 2
     q = qlib.quantize(x, 0.02, 3)
