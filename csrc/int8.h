@@ -30,11 +30,14 @@ inline void check_int8_gemm_args(const char* op, const at::Tensor& a, const at::
               kInt8GemmMaxK, " (2^17 - 1: at K = 2^17, (-128) * (-128) * K = 2^31 overflows)");
 }
 
-// Checks int8_linear's arguments; returns N (the output features).
+// Checks int8_linear's arguments (not the values of act_scale / act_zero_point);
+// returns N (the output features).
 inline int64_t check_int8_linear_args(const char* op, const at::Tensor& x, const at::Tensor& w,
                                       const at::Tensor& w_scale,
                                       const std::optional<at::Tensor>& bias,
-                                      const std::optional<at::Tensor>& act_scale) {
+                                      const std::optional<at::Tensor>& act_scale,
+                                      const std::optional<at::Tensor>& act_zero_point,
+                                      int64_t act_quant_min, int64_t act_quant_max) {
   check_int8_float_input(op, "x", x);
   TORCH_CHECK(w.scalar_type() == at::kChar, op, ": w_int8 must be int8, got ", w.scalar_type());
   TORCH_CHECK(w.dim() == 2, op, ": w_int8 must be 2-D [N, K], got shape ", w.sizes());
@@ -68,6 +71,26 @@ inline int64_t check_int8_linear_args(const char* op, const at::Tensor& x, const
                 act_scale->scalar_type());
     TORCH_CHECK(act_scale->device() == x.device(), op, ": act_scale is on ",
                 act_scale->device(), " but x is on ", x.device());
+    TORCH_CHECK(-128 <= act_quant_min && act_quant_min < act_quant_max && act_quant_max <= 127,
+                op, ": the activation range [act_quant_min, act_quant_max] = [", act_quant_min,
+                ", ", act_quant_max, "] must be non-empty and inside int8 [-128, 127]");
+  } else {
+    TORCH_CHECK(!act_zero_point.has_value() && act_quant_min == kInt8ActQmin &&
+                    act_quant_max == kInt8ActQmax,
+                op, ": dynamic (per-token) activations are symmetric on [", kInt8ActQmin, ", ",
+                kInt8ActQmax, "]; act_zero_point and another range need a static act_scale (got",
+                act_zero_point.has_value() ? " an act_zero_point," : "", " range [",
+                act_quant_min, ", ", act_quant_max, "])");
+  }
+  if (act_zero_point.has_value()) {
+    TORCH_CHECK(act_zero_point->numel() == 1, op,
+                ": act_zero_point must hold one (per-tensor) zero point, got shape ",
+                act_zero_point->sizes());
+    TORCH_CHECK(act_zero_point->scalar_type() == at::kInt ||
+                    act_zero_point->scalar_type() == at::kLong,
+                op, ": act_zero_point must be int32 or int64, got ", act_zero_point->scalar_type());
+    TORCH_CHECK(act_zero_point->device() == x.device(), op, ": act_zero_point is on ",
+                act_zero_point->device(), " but x is on ", x.device());
   }
   return n;
 }

@@ -493,7 +493,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
 }
 
 // ---------------------------------------------------------------- activation quantization
-// Quantizes rows [r0, r1) of x (contiguous [rows, K]) into q with [-127, 127] codes and
+// Quantizes rows [r0, r1) of x (contiguous [rows, K]) into q (codes: see Int8ActCodes) and
 // writes each row's scale: fixed_scale > 0 for static per-tensor, else per-token from the
 // row's absolute max. A row holding NaN gets a NaN scale, so its int8_linear outputs are
 // NaN (as F.linear's would be) instead of the NaN silently becoming code 0.
@@ -501,7 +501,7 @@ constexpr float kNaNf = std::numeric_limits<float>::quiet_NaN();
 
 template <class T>
 void quantize_rows_scalar(const T* x, int8_t* q, float* scale, int64_t r0, int64_t r1, int64_t K,
-                          float fixed_scale) {
+                          float fixed_scale, Int8ActCodes codes) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * K;
     int8_t* qr = q + r * K;
@@ -516,7 +516,7 @@ void quantize_rows_scalar(const T* x, int8_t* q, float* scale, int64_t r0, int64
     for (int64_t k = 0; k < K; ++k) {
       const float v = static_cast<float>(xr[k]);
       nan_seen = nan_seen || v != v;
-      qr[k] = int8_act_code(v, inv);
+      qr[k] = int8_act_code(v, inv, codes);
     }
     scale[r] = nan_seen ? kNaNf : s;
   }
@@ -535,16 +535,19 @@ QLIB_AVX2_FN inline __m256 load8_float(const T* p) {
   }
 }
 
-QLIB_AVX2_FN inline __m256i codes8(__m256 x, __m256 inv) {
+// int8_act_code of 8 lanes: zp, lo, hi are the broadcast Int8ActCodes.
+QLIB_AVX2_FN inline __m256i codes8(__m256 x, __m256 inv, __m256 zp, __m256 lo, __m256 hi) {
   __m256 r = _mm256_round_ps(_mm256_mul_ps(x, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  r = _mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q));  // NaN -> 0
-  r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+  r = _mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q));  // NaN -> 0, then the zero point
+  r = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zp), lo), hi);
   return _mm256_cvtps_epi32(r);
 }
 
 template <class T>
 QLIB_AVX2_FN void quantize_rows_avx2(const T* x, int8_t* q, float* scale, int64_t r0, int64_t r1,
-                                     int64_t K, float fixed_scale) {
+                                     int64_t K, float fixed_scale, Int8ActCodes codes) {
+  const __m256 zp = _mm256_set1_ps(codes.zero_point), lo = _mm256_set1_ps(codes.qmin),
+               hi = _mm256_set1_ps(codes.qmax);
   const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t r = r0; r < r1; ++r) {
@@ -576,15 +579,17 @@ QLIB_AVX2_FN void quantize_rows_avx2(const T* x, int8_t* q, float* scale, int64_
         v[u] = load8_float(xr + k + 8 * u);
         nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(v[u], v[u], _CMP_UNORD_Q));
       }
-      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(codes8(v[0], inv), codes8(v[1], inv)),
-                                           _mm256_packs_epi32(codes8(v[2], inv), codes8(v[3], inv)));
+      __m256i c[4];
+      for (int u = 0; u < 4; ++u) c[u] = codes8(v[u], inv, zp, lo, hi);
+      const __m256i p =
+          _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permutevar8x32_epi32(p, perm));
     }
     bool any_nan = _mm256_movemask_ps(nan_seen) != 0;
     for (; k < K; ++k) {
       const float v = static_cast<float>(xr[k]);
       any_nan = any_nan || v != v;
-      qr[k] = int8_act_code(v, inv_s);
+      qr[k] = int8_act_code(v, inv_s, codes);
     }
     scale[r] = any_nan ? kNaNf : s;
   }
@@ -599,7 +604,8 @@ int64_t leading_rows(const at::Tensor& x) {
 }
 
 // x: contiguous [rows, K]; scale: [rows] out (see quantize_rows_scalar).
-void quantize_rows(const at::Tensor& x, int8_t* q, float* scale, float fixed_scale) {
+void quantize_rows(const at::Tensor& x, int8_t* q, float* scale, float fixed_scale,
+                   Int8ActCodes codes = {}) {
   const int64_t K = x.size(-1);
   const int64_t rows = leading_rows(x);
   if (K == 0) {
@@ -613,11 +619,11 @@ void quantize_rows(const at::Tensor& x, int8_t* q, float* scale, float fixed_sca
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
 #if QLIB_INT8_X86
       if (cpu_has_avx2()) {
-        quantize_rows_avx2(xp, q, scale, r0, r1, K, fixed_scale);
+        quantize_rows_avx2(xp, q, scale, r0, r1, K, fixed_scale, codes);
         return;
       }
 #endif
-      quantize_rows_scalar(xp, q, scale, r0, r1, K, fixed_scale);
+      quantize_rows_scalar(xp, q, scale, r0, r1, K, fixed_scale, codes);
     });
   });
 }
@@ -638,8 +644,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in
 // packed: w_in already packed by int8_pack_weight (CPU layout), or nullptr to pack per call.
 at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Tensor& w_in,
                             const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in,
-                            const std::optional<at::Tensor>& act_scale, const PackedB* packed) {
-  const int64_t N = check_int8_linear_args(op, x_in, w_in, w_scale_in, bias_in, act_scale);
+                            const std::optional<at::Tensor>& act_scale,
+                            const std::optional<at::Tensor>& act_zero_point, int64_t act_quant_min,
+                            int64_t act_quant_max, const PackedB* packed) {
+  const int64_t N = check_int8_linear_args(op, x_in, w_in, w_scale_in, bias_in, act_scale,
+                                           act_zero_point, act_quant_min, act_quant_max);
   const at::Tensor x = x_in.contiguous();
   const int64_t K = w_in.size(1);
   const int64_t M = leading_rows(x);
@@ -657,8 +666,32 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
     TORCH_CHECK(std::isfinite(fixed) && fixed > 0.0f, op,
                 ": act_scale must be finite and > 0, got ", fixed);
   }
+  Int8ActCodes codes{0.0f, static_cast<float>(act_quant_min), static_cast<float>(act_quant_max)};
+  // With a zero point z the GEMM sums q * w, and sum (q - z) * w = that - zw[n], with
+  // zw[n] = z * (sum of w's row n); zw is all zeros without one.
+  std::vector<int32_t> zw(N, 0);
+  if (act_zero_point.has_value()) {
+    const int64_t z = act_zero_point->item<int64_t>();
+    TORCH_CHECK(act_quant_min <= z && z <= act_quant_max, op, ": act_zero_point ", z,
+                " is outside [act_quant_min, act_quant_max] = [", act_quant_min, ", ",
+                act_quant_max, "]");
+    codes.zero_point = static_cast<float>(z);
+    if (z != 0) {
+      const int8_t* wp = w.const_data_ptr<int8_t>();
+      const int64_t ldw = w.stride(0);
+      at::parallel_for(0, N, std::max<int64_t>(1, 262144 / std::max<int64_t>(K, 1)),
+                       [&](int64_t n0, int64_t n1) {
+                         for (int64_t n = n0; n < n1; ++n) {
+                           const int8_t* __restrict row = wp + n * ldw;
+                           int32_t sum = 0;
+                           for (int64_t k = 0; k < K; ++k) sum += row[k];
+                           zw[n] = static_cast<int32_t>(z) * sum;
+                         }
+                       });
+    }
+  }
   at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));  // row scales (NaN: NaN row)
-  quantize_rows(x, q.data_ptr<int8_t>(), sa.data_ptr<float>(), fixed);
+  quantize_rows(x, q.data_ptr<int8_t>(), sa.data_ptr<float>(), fixed, codes);
 
   const float* swp = w_scale.const_data_ptr<float>();
   const float* sap = sa.const_data_ptr<float>();
@@ -671,7 +704,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
       float row[std::max(kNc, kPNc)];
       const float s = sap[m];
       for (int64_t n = n0; n < n1; ++n) {
-        const float v = static_cast<float>(cr[n - n0]) * (s * swp[n]);
+        const float v = static_cast<float>(cr[n - n0] - zw[n]) * (s * swp[n]);
         row[n - n0] = bp != nullptr ? v + bp[n] : v;
       }
       if constexpr (std::is_same_v<scalar_t, float>) {
@@ -681,7 +714,9 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
       }
     };
 #if QLIB_INT8_X86
-    if (cpu_has_avx2() && K > 0 && M >= packed_min_m(packed != nullptr)) {
+    // Codes of -128 (a range reaching it) rule out gemm's sign-transfer kernel.
+    const bool codes_reach_int8_min = act_quant_min < kInt8ActQmin;
+    if (cpu_has_avx2() && K > 0 && (M >= packed_min_m(packed != nullptr) || codes_reach_int8_min)) {
       const PackedB pb = packed != nullptr
                              ? *packed
                              : pack_b(w.const_data_ptr<int8_t>(), w.stride(0), N, K, x.options());
@@ -706,8 +741,11 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                            const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& act_scale) {
-  return int8_linear_impl("qlib::int8_linear", x, w, w_scale, bias, act_scale, nullptr);
+                           const std::optional<at::Tensor>& act_scale,
+                           const std::optional<at::Tensor>& act_zero_point, int64_t act_quant_min,
+                           int64_t act_quant_max) {
+  return int8_linear_impl("qlib::int8_linear", x, w, w_scale, bias, act_scale, act_zero_point,
+                          act_quant_min, act_quant_max, nullptr);
 }
 
 // ---------------------------------------------------------------- pre-packed weights
@@ -726,7 +764,9 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& w_in) {
 at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed,
                                   const at::Tensor& w, const at::Tensor& w_scale,
                                   const std::optional<at::Tensor>& bias,
-                                  const std::optional<at::Tensor>& act_scale) {
+                                  const std::optional<at::Tensor>& act_scale,
+                                  const std::optional<at::Tensor>& act_zero_point,
+                                  int64_t act_quant_min, int64_t act_quant_max) {
   const char* op = "qlib::int8_linear_packed";
   PackedB pb;
   const PackedB* ppb = nullptr;
@@ -741,7 +781,8 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
     pb.buf = w_packed;
     ppb = &pb;
   }
-  return int8_linear_impl(op, x, w, w_scale, bias, act_scale, ppb);
+  return int8_linear_impl(op, x, w, w_scale, bias, act_scale, act_zero_point, act_quant_min,
+                          act_quant_max, ppb);
 }
 
 }  // namespace

@@ -162,12 +162,19 @@ QLIB_HD float int8_token_scale(float amax) {
       .scale;
 }
 
-// The int8 code of x (NaN -> 0), exactly as qlib::quantize with zero_point 0
-// and the range [-127, 127].
-QLIB_HD int8_t int8_act_code(float x, float inv_scale) {
-  const float c = quantize_code<ScalarMath>(x, inv_scale, 0.0f, static_cast<float>(kInt8ActQmin),
-                                            static_cast<float>(kInt8ActQmax));
-  return static_cast<int8_t>(c != c ? 0.0f : c);
+// int8_linear's activation codes: zero point and code range. Dynamic (per-token)
+// activations are symmetric on [-127, 127]; static ones may carry a zero point
+// and any range inside int8 (from calibration or QAT).
+struct Int8ActCodes {
+  float zero_point = 0.0f;
+  float qmin = static_cast<float>(kInt8ActQmin);
+  float qmax = static_cast<float>(kInt8ActQmax);
+};
+
+// The int8 code of x (NaN -> the zero point), exactly as qlib::quantize.
+QLIB_HD int8_t int8_act_code(float x, float inv_scale, Int8ActCodes a = {}) {
+  const float c = quantize_code<ScalarMath>(x, inv_scale, a.zero_point, a.qmin, a.qmax);
+  return static_cast<int8_t>(c != c ? a.zero_point : c);
 }
 
 }  // namespace qlib

@@ -28,7 +28,8 @@ TORCH_LIBRARY(qlib, m) {
   m.def("int8_gemm(Tensor a, Tensor b) -> Tensor", tags);
   m.def(
       "int8_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias, "
-      "Tensor? act_scale=None) -> Tensor",
+      "Tensor? act_scale=None, Tensor? act_zero_point=None, int act_quant_min=-127, "
+      "int act_quant_max=127) -> Tensor",
       tags);
   // observers
   // x is [blocks, elements per block]; hist int64 [blocks, bins] on the
@@ -58,7 +59,8 @@ TORCH_LIBRARY(qlib, m) {
   m.def("int8_pack_weight(Tensor w_int8) -> Tensor", tags);
   m.def(
       "int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_int8, Tensor w_scale, "
-      "Tensor? bias, Tensor? act_scale=None) -> Tensor",
+      "Tensor? bias, Tensor? act_scale=None, Tensor? act_zero_point=None, "
+      "int act_quant_min=-127, int act_quant_max=127) -> Tensor",
       tags);
 }
 

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "affine.h"
+#include "capture.cuh"
 #include "int8.h"
 #include "pack.cuh"
 #include "quant_math.h"
@@ -49,12 +50,16 @@ __device__ __forceinline__ int warp_sum(int v) {
 // 32-byte loads, 8-byte stores; needs K and ldq multiples of 8). Writes
 // q[r * ldq + k] for k < ldq (zeros in [K, ldq), and zero rows in [rows,
 // rows_out)) and scale_out[r]: *fixed_scale when set (static), else the
-// per-token scale; NaN for a row holding NaN (as the CPU kernel does).
+// per-token scale; NaN for a row holding NaN (as the CPU kernel does). Codes
+// take *zero_point (static, when set) and the range [qmin, qmax].
 template <class T, int V>
 __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q,
                                      float* __restrict__ scale_out,
-                                     const float* __restrict__ fixed_scale, int64_t rows,
-                                     int64_t rows_out, int64_t K, int64_t ldq) {
+                                     const float* __restrict__ fixed_scale,
+                                     const int32_t* __restrict__ zero_point, float qmin, float qmax,
+                                     int64_t rows, int64_t rows_out, int64_t K, int64_t ldq) {
+  const Int8ActCodes codes{zero_point != nullptr ? static_cast<float>(*zero_point) : 0.0f, qmin,
+                           qmax};
   __shared__ float warp_amax[kThreads / 32];
   __shared__ float row_scale;
   for (int64_t r = blockIdx.x; r < rows_out; r += gridDim.x) {
@@ -97,7 +102,7 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict
         for (int j = 0; j < V; ++j) {
           const float v = static_cast<float>(in.v[j]);
           nan_seen |= v != v;
-          out.v[j] = int8_act_code(v, inv);
+          out.v[j] = int8_act_code(v, inv, codes);
         }
       } else {
 #pragma unroll
@@ -113,7 +118,9 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict
 
 // x: contiguous, viewed as [rows, K]; q: [rows_out >= rows, ldq].
 void launch_quantize_rows(const at::Tensor& x, int64_t rows, int64_t rows_out, int64_t K,
-                          at::Tensor& q, int64_t ldq, float* scale_out, const float* fixed_scale) {
+                          at::Tensor& q, int64_t ldq, float* scale_out, const float* fixed_scale,
+                          const int32_t* zero_point = nullptr,
+                          Int8ActCodes range = Int8ActCodes{}) {
   if (rows_out == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = std::min<int64_t>(
@@ -124,10 +131,12 @@ void launch_quantize_rows(const at::Tensor& x, int64_t rows, int64_t rows_out, i
     int8_t* qp = q.data_ptr<int8_t>();
     if (K % 8 == 0 && ldq % 8 == 0 && aligned(xp, 8 * sizeof(scalar_t)) && aligned(qp, 8)) {
       quantize_rows_kernel<scalar_t, 8>
-          <<<blocks, kThreads, 0, stream>>>(xp, qp, scale_out, fixed_scale, rows, rows_out, K, ldq);
+          <<<blocks, kThreads, 0, stream>>>(xp, qp, scale_out, fixed_scale, zero_point,
+                                            range.qmin, range.qmax, rows, rows_out, K, ldq);
     } else {
       quantize_rows_kernel<scalar_t, 1>
-          <<<blocks, kThreads, 0, stream>>>(xp, qp, scale_out, fixed_scale, rows, rows_out, K, ldq);
+          <<<blocks, kThreads, 0, stream>>>(xp, qp, scale_out, fixed_scale, zero_point,
+                                            range.qmin, range.qmax, rows, rows_out, K, ldq);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -284,21 +293,27 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x_i
 }
 
 // ---------------------------------------------------------------- int8_linear
-// out[m, n] = C[m, n] * act_scale[m] * w_scale[n] (+ bias[n]), V columns a
-// thread (V = 4: 16-byte loads of C; needs N and ldc multiples of 4); rows on
-// grid y (grid-stride), column packs on grid x: no division per element.
+// out[m, n] = (C[m, n] - z * w_rowsum[n]) * act_scale[m] * w_scale[n] (+ bias[n]),
+// z = *zero_point (the term only when both are set), V columns a thread (V = 4:
+// 16-byte loads of C; needs N and ldc multiples of 4); rows on grid y
+// (grid-stride), column packs on grid x: no division per element.
 template <class T, int V>
 __global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t ldc,
                                         const float* __restrict__ act_scale,
                                         const float* __restrict__ w_scale,
-                                        const float* __restrict__ bias, T* __restrict__ out,
+                                        const float* __restrict__ bias,
+                                        const int32_t* __restrict__ zero_point,
+                                        const int32_t* __restrict__ w_rowsum, T* __restrict__ out,
                                         int64_t M, int64_t N) {
   const int64_t n0 = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) * V;
   if (n0 >= N) return;
   Pack<float, V> ws, bs;
+  Pack<int32_t, V> zs;  // z * w_rowsum[n]
+  const int32_t z = zero_point != nullptr && w_rowsum != nullptr ? *zero_point : 0;
   for (int j = 0; j < V; ++j) {
     ws.v[j] = n0 + j < N ? w_scale[n0 + j] : 0.0f;
     bs.v[j] = bias != nullptr && n0 + j < N ? bias[n0 + j] : 0.0f;
+    zs.v[j] = z != 0 && n0 + j < N ? z * w_rowsum[n0 + j] : 0;
   }
   for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
     const float s = act_scale[m];
@@ -307,19 +322,23 @@ __global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t l
       const auto cv = *reinterpret_cast<const Pack<int32_t, V>*>(c + m * ldc + n0);
 #pragma unroll
       for (int j = 0; j < V; ++j)
-        o.v[j] = static_cast<T>(static_cast<float>(cv.v[j]) * (s * ws.v[j]) + bs.v[j]);
+        o.v[j] = static_cast<T>(static_cast<float>(cv.v[j] - zs.v[j]) * (s * ws.v[j]) + bs.v[j]);
       *reinterpret_cast<Pack<T, V>*>(out + m * N + n0) = o;
     } else {
-      out[m * N + n0] = static_cast<T>(static_cast<float>(c[m * ldc + n0]) * (s * ws.v[0]) + bs.v[0]);
+      out[m * N + n0] =
+          static_cast<T>(static_cast<float>(c[m * ldc + n0] - zs.v[0]) * (s * ws.v[0]) + bs.v[0]);
     }
   }
 }
 
 at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
                             const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in,
-                            const std::optional<at::Tensor>& act_scale) {
+                            const std::optional<at::Tensor>& act_scale,
+                            const std::optional<at::Tensor>& act_zero_point, int64_t act_quant_min,
+                            int64_t act_quant_max) {
   const char* op = "qlib::int8_linear";
-  const int64_t N = check_int8_linear_args(op, x_in, w_in, w_scale_in, bias_in, act_scale);
+  const int64_t N = check_int8_linear_args(op, x_in, w_in, w_scale_in, bias_in, act_scale,
+                                           act_zero_point, act_quant_min, act_quant_max);
   TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -344,8 +363,24 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
     static_scale = act_scale->reshape({1}).contiguous();
     fixed = static_scale.const_data_ptr<float>();
   }
+  // A static zero point stays on the device (no host read); the epilogue subtracts
+  // z * (row sums of w). Under set_cuda_value_checks it is checked against the range.
+  at::Tensor zp, w_rowsum;
+  if (act_zero_point.has_value()) {
+    zp = act_zero_point->to(at::kInt).reshape({1}).contiguous();
+    if (cuda_value_checks() && !capturing()) {
+      const int64_t z = zp.item<int64_t>();
+      TORCH_CHECK(act_quant_min <= z && z <= act_quant_max, op, ": act_zero_point ", z,
+                  " is outside [act_quant_min, act_quant_max] = [", act_quant_min, ", ",
+                  act_quant_max, "]");
+    }
+    w_rowsum = w_in.sum(1, /*keepdim=*/false, at::kInt);
+  }
+  const int32_t* zpp = zp.defined() ? zp.const_data_ptr<int32_t>() : nullptr;
   at::Tensor sa = at::empty({Mq}, fopts);  // row scales (NaN: a row holding NaN)
-  launch_quantize_rows(x, M, Mq, K, q, Kp, sa.data_ptr<float>(), fixed);
+  launch_quantize_rows(x, M, Mq, K, q, Kp, sa.data_ptr<float>(), fixed, zpp,
+                       Int8ActCodes{0.0f, static_cast<float>(act_quant_min),
+                                    static_cast<float>(act_quant_max)});
 
   at::Tensor c;
   if (K == 0) {
@@ -364,16 +399,17 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
     scalar_t* op_ = out.data_ptr<scalar_t>();
     const float* wsp = w_scale.const_data_ptr<float>();
     const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+    const int32_t* rsp = w_rowsum.defined() ? w_rowsum.const_data_ptr<int32_t>() : nullptr;
     const bool vec = N % 4 == 0 && ldc % 4 == 0 && aligned16(cp) && aligned(op_, 4 * sizeof(scalar_t));
     const int V = vec ? 4 : 1;
     const dim3 grid(static_cast<unsigned>(((N + V - 1) / V + kThreads - 1) / kThreads),
                     static_cast<unsigned>(std::min<int64_t>(M, 65535)));
     if (vec) {
       dequant_epilogue_kernel<scalar_t, 4><<<grid, kThreads, 0, stream>>>(
-          cp, ldc, sp, wsp, bp, op_, M, N);
+          cp, ldc, sp, wsp, bp, zpp, rsp, op_, M, N);
     } else {
       dequant_epilogue_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(
-          cp, ldc, sp, wsp, bp, op_, M, N);
+          cp, ldc, sp, wsp, bp, zpp, rsp, op_, M, N);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -392,8 +428,11 @@ at::Tensor int8_pack_weight_cuda(const at::Tensor& w) {
 at::Tensor int8_linear_packed_cuda(const at::Tensor& x, const at::Tensor& /*w_packed*/,
                                    const at::Tensor& w, const at::Tensor& w_scale,
                                    const std::optional<at::Tensor>& bias,
-                                   const std::optional<at::Tensor>& act_scale) {
-  return int8_linear_cuda(x, w, w_scale, bias, act_scale);
+                                   const std::optional<at::Tensor>& act_scale,
+                                   const std::optional<at::Tensor>& act_zero_point,
+                                   int64_t act_quant_min, int64_t act_quant_max) {
+  return int8_linear_cuda(x, w, w_scale, bias, act_scale, act_zero_point, act_quant_min,
+                          act_quant_max);
 }
 
 }  // namespace

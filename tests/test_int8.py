@@ -142,6 +142,52 @@ def test_int8_linear_vs_reference(device, dtype, static, lead, K, N):
     torch.testing.assert_close(y_nb.double(), ref - bias.double(), rtol=tol, atol=tol * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("lo,hi", [(-128, 127), (-8, 7), (-120, 100)])
+@pytest.mark.parametrize("M", [1, 5, 40, 70])
+def test_int8_linear_zero_point_exact(device, packed, lo, hi, M):
+    """Static activations with a zero point: codes are qlib.quantize's, and the int32
+    sums equal sum((q - zp) * w) exactly (checked through a float32 epilogue)."""
+    K, N = 67, 29
+    x = torch.randn(M, K, device=device) * 3
+    x[0, 5] = 1e6  # past the top edge
+    w = rand_i8(N, K, device=device)
+    w_scale = torch.rand(N, device=device) * 0.01 + 1e-3
+    bias = torch.randn(N, device=device)
+    act_scale = torch.tensor(0.05, device=device)
+    for zp in (lo, hi, (lo + hi) // 2 + 1):
+        z = torch.tensor(zp, dtype=torch.int32, device=device)
+        args = (x, w, w_scale, bias, act_scale, z, lo, hi)
+        y = ops.int8_linear_packed(x, ops.int8_pack_weight(w), *args[1:]) if packed else ops.int8_linear(*args)
+        q = qlib.quantize(x, act_scale, z, lo, hi)
+        acc = (q.long() - zp) @ w.long().T  # exact
+        assert acc.abs().max() < 2**24  # so its float32 is exact too
+        ref = acc.float() * (act_scale * w_scale) + bias
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def test_int8_linear_zero_point_errors(device):
+    x, w, s = torch.randn(3, 8, device=device), rand_i8(4, 8, device=device), torch.ones(4, device=device)
+    a, z = torch.tensor(0.1, device=device), torch.tensor(3, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match="qlib::int8_linear: dynamic .* need a static act_scale"):
+        ops.int8_linear(x, w, s, None, None, z)
+    with pytest.raises(RuntimeError, match="qlib::int8_linear: dynamic .* range \\[-128, 127\\]"):
+        ops.int8_linear(x, w, s, None, None, None, -128, 127)
+    with pytest.raises(RuntimeError, match=r"act_quant_max\] = \[-129, 127\] must be non-empty and inside int8"):
+        ops.int8_linear(x, w, s, None, a, z, -129, 127)
+    with pytest.raises(RuntimeError, match="act_zero_point must be int32 or int64, got Float"):
+        ops.int8_linear(x, w, s, None, a, z.float(), -128, 127)
+    with pytest.raises(RuntimeError, match="act_zero_point must hold one"):
+        ops.int8_linear(x, w, s, None, a, z.repeat(2), -128, 127)
+    bad = torch.tensor(9, dtype=torch.int32, device=device)
+    qlib.set_cuda_value_checks(True)  # CUDA reads the zero point back only when asked
+    try:
+        with pytest.raises(RuntimeError, match=r"act_zero_point 9 is outside \[act_quant_min, act_quant_max\] = \[-8, 7\]"):
+            ops.int8_linear(x, w, s, None, a, bad, -8, 7)
+    finally:
+        qlib.set_cuda_value_checks(False)
+
+
 def test_int8_linear_errors(device):
     x = torch.randn(3, 8, device=device)
     w = rand_i8(4, 8, device=device)
@@ -171,6 +217,8 @@ def test_opcheck(device):
     torch.library.opcheck(ops.int8_linear, (x, w, s, b))
     torch.library.opcheck(ops.int8_linear, (x.bfloat16().reshape(5, 1, 40), w, s, None))
     torch.library.opcheck(ops.int8_linear, (x, w, s, b, torch.tensor(0.02, device=device)))
+    zp = torch.tensor(-3, dtype=torch.int32, device=device)
+    torch.library.opcheck(ops.int8_linear, (x, w, s, b, torch.tensor(0.02, device=device), zp, -128, 127))
 
 
 def test_compile_fullgraph(device):
@@ -234,6 +282,9 @@ def test_int8linear_corrupt_state_dict(device):
     bad_act = dict(static.state_dict(), act_scale=torch.tensor(-1.0, device=device))
     with pytest.raises(RuntimeError, match=r"state_dict\['act_scale'\] holds -1.0"):
         static.load_state_dict(bad_act)
+    bad_zp = dict(static.state_dict(), act_zero_point=torch.tensor(200, dtype=torch.int32, device=device))
+    with pytest.raises(RuntimeError, match=r"act_zero_point 200 lies outside act_quant_range \[-127, 127\]"):
+        static.load_state_dict(bad_zp)
     with pytest.raises(ValueError, match="needs act_scale"):
         Int8Linear.from_float(nn.Linear(4, 4), activation="static")
 
@@ -320,6 +371,8 @@ def test_int8_packed_opcheck(device):
     torch.library.opcheck(ops.int8_pack_weight, (w,))
     x, s = torch.randn(40, 40, device=device), torch.rand(24, device=device) + 0.01
     torch.library.opcheck(ops.int8_linear_packed, (x, ops.int8_pack_weight(w), w, s, None))
+    a, zp = torch.tensor(0.02, device=device), torch.tensor(5, dtype=torch.int64, device=device)
+    torch.library.opcheck(ops.int8_linear_packed, (x, ops.int8_pack_weight(w), w, s, None, a, zp, -8, 7))
 
 
 def test_int8linear_repacks_after_weight_edit(device):

@@ -45,7 +45,7 @@ def _(a, b):
 
 
 @torch.library.register_fake("qlib::int8_linear")
-def _(x, w_int8, w_scale, bias, act_scale=None):
+def _(x, w_int8, w_scale, bias, act_scale=None, act_zero_point=None, act_quant_min=-127, act_quant_max=127):
     torch._check(w_int8.dim() == 2, lambda: "qlib::int8_linear: w_int8 must be 2-D [N, K]")
     torch._check(
         x.shape[-1] == w_int8.shape[1],
@@ -64,7 +64,8 @@ def _(w_int8):
 
 
 @torch.library.register_fake("qlib::int8_linear_packed")
-def _(x, w_packed, w_int8, w_scale, bias, act_scale=None):
+def _(x, w_packed, w_int8, w_scale, bias, act_scale=None, act_zero_point=None, act_quant_min=-127,
+      act_quant_max=127):
     torch._check(w_int8.dim() == 2, lambda: "qlib::int8_linear_packed: w_int8 must be 2-D [N, K]")
     torch._check(
         x.shape[-1] == w_int8.shape[1],
@@ -93,7 +94,15 @@ def int8_linear(
     w_scale: Tensor,
     bias: Optional[Tensor] = None,
     act_scale: Optional[Tensor] = None,
+    act_zero_point: Optional[Tensor] = None,
+    act_quant_min: int = -127,
+    act_quant_max: int = 127,
 ) -> Tensor:
     """Fused int8 Linear: quantize x (per-token, or per-tensor with act_scale), int8 GEMM
-    with w_int8 [N, K], dequantize with w_scale [N] (per output channel), + bias, in x's dtype."""
-    return ops.int8_linear(x, w_int8, w_scale, bias, act_scale)
+    with w_int8 [N, K], dequantize with w_scale [N] (per output channel), + bias, in x's dtype.
+
+    Static activations (act_scale) may carry an int32/int64 act_zero_point and a code range
+    [act_quant_min, act_quant_max] inside int8; the codes are then exactly
+    ``quantize(x, act_scale, act_zero_point, act_quant_min, act_quant_max)`` and the zero point
+    is taken out in int32 (minus zero_point x the row sums of w_int8)."""
+    return ops.int8_linear(x, w_int8, w_scale, bias, act_scale, act_zero_point, act_quant_min, act_quant_max)

@@ -63,13 +63,11 @@ class Int8Linear(nn.Module):
         if activation == "static":
             self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
             # Static activations may carry a zero point and their own code
-            # range (from QAT or calibration); the fused op covers zp = 0 on
-            # [-127, 127], other schemes take the unfused exact path.
+            # range inside int8 (from QAT or calibration).
             self.register_buffer("act_zero_point", torch.zeros((), dtype=torch.int32, device=device))
             self.register_buffer("act_quant_range", torch.tensor([-127, 127], dtype=torch.int32, device=device))
             self._act_range = (-127, 127)  # mirrors act_quant_range without a device read
-            self._fused = True
-            self.register_load_state_dict_post_hook(Int8Linear._sync_fused)
+            self.register_load_state_dict_post_hook(Int8Linear._sync_act_range)
         else:
             self.act_scale = None
         # CPU: the weight pre-packed for the large-batch int8 kernel (not in the state_dict;
@@ -158,33 +156,33 @@ class Int8Linear(nn.Module):
         mod.act_scale.copy_(a_scale.float().reshape(()))
         mod.act_zero_point.copy_(a_zp.round().int().reshape(()) - shift)
         mod.act_quant_range.copy_(torch.tensor([afq.quant_min - shift, afq.quant_max - shift]))
-        Int8Linear._sync_fused(mod)
+        Int8Linear._sync_act_range(mod)
         return mod
 
     @staticmethod
-    def _sync_fused(module: "Int8Linear", incompatible_keys=None) -> None:
+    def _sync_act_range(module: "Int8Linear", incompatible_keys=None) -> None:
         lo, hi = (int(v) for v in module.act_quant_range.tolist())
         if not -128 <= lo < hi <= 127:
             raise RuntimeError(f"Int8Linear: act_quant_range [{lo}, {hi}] does not fit int8")
+        zp = int(module.act_zero_point)
+        if not lo <= zp <= hi:
+            raise RuntimeError(f"Int8Linear: act_zero_point {zp} lies outside act_quant_range [{lo}, {hi}]")
         module._act_range = (lo, hi)
-        module._fused = (lo, hi) == (-127, 127) and int(module.act_zero_point) == 0
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.activation == "dynamic" or self._fused:
-            if not torch.compiler.is_compiling() and self._packed_version != self._weight_key():
-                self.repack()
+        if not torch.compiler.is_compiling() and self._packed_version != self._weight_key():
+            self.repack()
+        if self.activation == "dynamic":
             return torch.ops.qlib.int8_linear_packed(
-                x, self.weight_packed, self.weight, self.weight_scale, self.bias, self.act_scale
+                x, self.weight_packed, self.weight, self.weight_scale, self.bias
             )
-        # y = s_x * s_w * (q_x - z_x) . q_w + b, exactly in int32 up to the float epilogue.
+        # Static: codes = quantize(x, act_scale, act_zero_point, lo, hi); the zero point is
+        # taken out exactly in int32 inside the op.
         lo, hi = self._act_range
-        q = quantize(x, self.act_scale, self.act_zero_point, lo, hi, torch.int8).reshape(-1, self.in_features)
-        acc = torch.ops.qlib.int8_gemm(q, self.weight)
-        acc = acc - self.act_zero_point * self.weight.sum(1, dtype=torch.int32)
-        y = acc.float() * (self.act_scale * self.weight_scale)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return torch.ops.qlib.int8_linear_packed(
+            x, self.weight_packed, self.weight, self.weight_scale, self.bias,
+            self.act_scale, self.act_zero_point, lo, hi,
+        )
 
     def weight_bytes(self) -> int:
         """Bytes of the quantized weight plus its scales (bias and act_scale excluded)."""
@@ -195,7 +193,8 @@ class Int8Linear(nn.Module):
             act = "dynamic per-token [-127, 127]"
         else:
             lo, hi = self._act_range
-            act = f"static per-tensor [{lo}, {hi}]" + ("" if self._fused else " with zero point")
+            zp = int(self.act_zero_point)
+            act = f"static per-tensor [{lo}, {hi}]" + (f" zero_point={zp}" if zp else "")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, weight=int8 symmetric per-channel, activation=int8 {act}"
