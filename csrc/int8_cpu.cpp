@@ -28,6 +28,7 @@
 #include <array>
 #include <utility>
 #include <atomic>
+#include <memory>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -408,7 +409,8 @@ void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
   std::atomic<int64_t> next{0};
   // (Each parallel_for chunk just drains the counter.)
   at::parallel_for(0, tiles, 1, [&](int64_t, int64_t) {
-    std::vector<int32_t> ct(kPMc * kPNc);
+    // Uninitialized: the first K block of every micro-kernel call overwrites its part.
+    const std::unique_ptr<int32_t[]> ct(new int32_t[kPMc * kPNc]);
     for (int64_t t = next++; t < tiles; t = next++) {
       // N-major tile order: consecutive tiles of a thread share the B strip.
       const int64_t m0 = (t % mt) * kPMc, m1 = std::min(M, m0 + kPMc);
@@ -422,12 +424,11 @@ void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
           for (int64_t m = 0; m < mpad; m += kPMR)  // only the valid rows of the last panel
             kMicroPacked[std::min(kPMR, m1 - m0 - m) - 1](ap + (m0 + m) * Kp + k0 * kPMR, bp,
                                                           pb.panel_stride(), kc / 2,
-                                                          ct.data() + m * kPNc + n, kPNc, k0 > 0);
+                                                          ct.get() + m * kPNc + n, kPNc, k0 > 0);
         }
       }
-      if (Kp == 0)
-        std::fill(ct.begin(), ct.end(), 0);
-      epilogue(m0, m1, n0, n1, ct.data(), kPNc);
+      if (Kp == 0) std::fill(ct.get(), ct.get() + kPMc * kPNc, 0);
+      epilogue(m0, m1, n0, n1, ct.get(), kPNc);
     }
   });
 }
@@ -562,11 +563,12 @@ QLIB_AVX2_FN void quantize_rows_avx2(const T* x, int8_t* q, float* scale, int64_
         m0 = _mm256_max_ps(_mm256_and_ps(load8_float(xr + k), sign_mask), m0);
         m1 = _mm256_max_ps(_mm256_and_ps(load8_float(xr + k + 8), sign_mask), m1);
       }
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, _mm256_max_ps(m0, m1));
-      float amax = 0.0f;
-      for (float v : lanes) amax = fmaxf(amax, v);
-      for (; k < K; ++k) amax = fmaxf(amax, std::fabs(static_cast<float>(xr[k])));
+      const __m256 m = _mm256_max_ps(m0, m1);  // no NaN lanes: a plain horizontal max
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+      // std::max(amax, NaN) keeps amax: NaNs are ignored here too.
+      for (; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(xr[k])));
       s = int8_token_scale(amax);
     }
     const float inv_s = 1.0f / s;

@@ -139,10 +139,11 @@ constexpr int64_t kMaxRangeBits = 16;
 // ---------------------------------------------------------------- int8 (issue 5)
 namespace qlib {
 
-// Activations of int8_linear and quantize_per_token use the narrow symmetric
-// int8 range [-127, 127] (scale = absmax / 127, zero_point 0). Never producing
-// -128 keeps every int8 x int8 product pair of the AVX2 kernel (|a| <= 127,
-// |b| <= 128) inside int16, so the weights may use the full [-128, 127].
+// Dynamic activations of int8_linear and quantize_per_token use the narrow
+// symmetric int8 range [-127, 127] (scale = absmax / 127, zero_point 0). Never
+// producing -128 keeps every int8 x int8 product pair of the AVX2 sign-transfer
+// kernel (|a| <= 127, |b| <= 128) inside int16, so the weights may use the full
+// [-128, 127]. (Static ranges that reach -128 take the widening kernel.)
 constexpr int64_t kInt8ActQmin = -127;
 constexpr int64_t kInt8ActQmax = 127;
 // Smallest scale (torch.finfo(float32).eps, qlib.choose_qparams' default):

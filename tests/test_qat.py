@@ -279,3 +279,15 @@ def test_prepare_calibrate_convert_static(tmp_path):
     rebuilt = qlib.convert(rebuilt)
     rebuilt.load_state_dict(torch.load(tmp_path / "int8.pt", weights_only=True))
     assert torch.equal(rebuilt(x), int8(x))
+
+
+def test_demo_runs_and_writes_its_table_and_plots(tmp_path, capsys):
+    """The README's main job, end to end (about 15 s on 2 cores)."""
+    from qlib import demo
+
+    assert demo.main(out_dir=str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    for row in ("fp32 ", "PTQ fake-quant", "QAT fake-quant", "int8 dynamic", "int8 static"):
+        assert row in out, row
+    for png in ("accuracy_vs_bits.png", "calibration_4bit.png"):
+        assert (tmp_path / png).stat().st_size > 1000

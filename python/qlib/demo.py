@@ -46,16 +46,20 @@ def int8_model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
 
 
-def latency_ms(model: nn.Module, x: torch.Tensor, repeat: int = 30) -> float:
-    times = []
+def latencies_ms(models: dict, x: torch.Tensor, repeat: int = 60) -> dict:
+    """Median ms per batch of each model, timed round-robin so that machine noise
+    hits every model alike."""
+    times = {name: [] for name in models}
     with torch.no_grad():
-        for _ in range(3):
-            model(x)
+        for model in models.values():
+            for _ in range(3):
+                model(x)
         for _ in range(repeat):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def ptq(model, data, bits, observer):
@@ -93,9 +97,8 @@ def main(out_dir: str = "demo_out") -> int:
     model, data = digits.train_fp32(seed=0, progress="training fp32 MLP")
     fp32_acc = digits.accuracy(model, data)
     batch = data.x_test[:256]
-    fp32_ms = latency_ms(model, batch)
     fp32_bytes = model_bytes(model)
-    rows = [("fp32", "-", 32, fp32_acc, fp32_bytes, fp32_ms)]
+    rows = [("fp32", "-", 32, fp32_acc, fp32_bytes, None)]
 
     for bits in (8, 4):
         for obs in OBSERVERS:
@@ -107,13 +110,14 @@ def main(out_dir: str = "demo_out") -> int:
     rows.append(("QAT fake-quant", "MovingAvgMinMax", 4, digits.accuracy(qat4, data), model_bytes(model, 4), None))
 
     dyn = qlib.quantize_dynamic(copy.deepcopy(model))
-    rows.append(("int8 dynamic", "per-token", 8, digits.accuracy(dyn, data), int8_model_bytes(dyn),
-                 latency_ms(dyn, batch)))
+    rows.append(("int8 dynamic", "per-token", 8, digits.accuracy(dyn, data), int8_model_bytes(dyn), None))
     calibrated = qlib.prepare(copy.deepcopy(model), QATConfig(activation_observer="MSEObserver"))
     qlib.calibrate(calibrated, [xb for xb, _ in digits.batches(data.x_train, data.y_train, 128, seed=5)][:8])
     static = qlib.convert(calibrated)
-    rows.append(("int8 static", "MSE", 8, digits.accuracy(static, data), int8_model_bytes(static),
-                 latency_ms(static, batch)))
+    rows.append(("int8 static", "MSE", 8, digits.accuracy(static, data), int8_model_bytes(static), None))
+    latency = latencies_ms({"fp32": model, "int8 dynamic": dyn, "int8 static": static}, batch)
+    fp32_ms = latency["fp32"]
+    rows = [(*row[:5], latency.get(row[0])) for row in rows]
 
     print(f"\ndigits MLP {[lin.in_features for lin in linear_params(model)]} -> 10, "
           f"{len(data.x_test)} test images, latency per batch of {len(batch)}")
