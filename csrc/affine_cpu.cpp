@@ -63,6 +63,21 @@ void for_each_run_qparams(const AffineArgs& a, const F& f) {
   });
 }
 
+// Writes y[0, n) (a run) as T, kChunk<T> elements per store; value_at(j, count) gives the
+// floats of the count <= kVec elements from j. (__restrict: a store through y may
+// otherwise alias the qparams and force a reload per vector.)
+template <class T, class ValueAt>
+void store_run(T* __restrict y, int64_t n, const ValueAt& value_at) {
+  constexpr int64_t C = kChunk<T>;
+  for (int64_t i = 0; i < n; i += C) {
+    const int64_t c = std::min(C, n - i);
+    Vec v[2] = {Vec(0.0f), Vec(0.0f)};
+    for (int64_t h = 0; h * kVec < c; ++h)
+      v[h] = value_at(i + h * kVec, std::min(kVec, c - h * kVec));
+    store_chunk(y + i, v, c);
+  }
+}
+
 at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
                           const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
   check_fake_quant_input("qlib::fake_quant", x);
@@ -75,20 +90,12 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
     const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
     scalar_t* yp = out.data_ptr<scalar_t>();
     for_each_run_qparams(a, [&](int64_t b, int64_t e, const auto& qp_at) {
-      // __restrict: a store through y may otherwise alias the qparams.
       const scalar_t* __restrict x = xp + b;
-      scalar_t* __restrict y = yp + b;
-      constexpr int64_t C = kChunk<scalar_t>;
-      for (int64_t i = 0; i < e - b; i += C) {
-        const int64_t n = std::min(C, e - b - i);
-        Vec xv[2], yv[2] = {Vec(0.0f), Vec(0.0f)};
-        load_chunk(x + i, n, xv);
-        for (int64_t h = 0; h * kVec < n; ++h) {
-          const LaneQParams p = qp_at(i + h * kVec, std::min(kVec, n - h * kVec));
-          yv[h] = fake_quant_value<VecMath>(xv[h], p.scale, p.inv_scale, p.zero_point, qmin, qmax);
-        }
-        store_chunk(y + i, yv, n);
-      }
+      store_run(yp + b, e - b, [&](int64_t j, int64_t n) {
+        const LaneQParams p = qp_at(j, n);
+        return fake_quant_value<VecMath>(load_float(x + j, n), p.scale, p.inv_scale,
+                                         p.zero_point, qmin, qmax);
+      });
     });
   });
   return out;
@@ -185,18 +192,10 @@ template <class Q, class Y>
 void dequantize_runs(const AffineArgs& a, const Q* qp, Y* yp) {
   for_each_run_qparams(a, [&](int64_t b, int64_t e, const auto& qp_at) {
     const Q* __restrict q = qp + b;
-    Y* __restrict y = yp + b;
-    constexpr int64_t C = kChunk<Y>;
-    for (int64_t k = 0; k < e - b; k += C) {
-      const int64_t n = std::min(C, e - b - k);
-      Vec v[2] = {Vec(0.0f), Vec(0.0f)};
-      for (int64_t h = 0; h * kVec < n; ++h) {
-        const int64_t j = k + h * kVec, nh = std::min(kVec, n - h * kVec);
-        const LaneQParams p = qp_at(j, nh);
-        v[h] = dequantize_code(load_codes(q + j, nh), p.scale, p.zero_point);
-      }
-      store_chunk(y + k, v, n);
-    }
+    store_run(yp + b, e - b, [&](int64_t j, int64_t n) {
+      const LaneQParams p = qp_at(j, n);
+      return dequantize_code(load_codes(q + j, n), p.scale, p.zero_point);
+    });
   });
 }
 
