@@ -670,7 +670,9 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   }
   Int8ActCodes codes{0.0f, static_cast<float>(act_quant_min), static_cast<float>(act_quant_max)};
   // With a zero point z the GEMM sums q * w, and sum (q - z) * w = that - zw[n], with
-  // zw[n] = z * (sum of w's row n); zw is all zeros without one.
+  // zw[n] = z * (sum of w's row n); zw is all zeros without one. Both terms fit int32 for
+  // K <= kInt8GemmMaxK, their difference (|q - z| <= 255) not always: it is taken in
+  // double (exact; int32 -> double vectorizes on AVX2, int64 -> float does not).
   std::vector<int32_t> zw(N, 0);
   if (act_zero_point.has_value()) {
     const int64_t z = act_zero_point->item<int64_t>();
@@ -687,7 +689,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
                            const int8_t* __restrict row = wp + n * ldw;
                            int32_t sum = 0;
                            for (int64_t k = 0; k < K; ++k) sum += row[k];
-                           zw[n] = static_cast<int32_t>(z) * sum;
+                           zw[n] = static_cast<int32_t>(z * sum);
                          }
                        });
     }
@@ -706,7 +708,8 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
       float row[std::max(kNc, kPNc)];
       const float s = sap[m];
       for (int64_t n = n0; n < n1; ++n) {
-        const float v = static_cast<float>(cr[n - n0] - zw[n]) * (s * swp[n]);
+        const float v =
+            static_cast<float>(static_cast<double>(cr[n - n0]) - zw[n]) * (s * swp[n]);
         row[n - n0] = bp != nullptr ? v + bp[n] : v;
       }
       if constexpr (std::is_same_v<scalar_t, float>) {

@@ -308,12 +308,12 @@ __global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t l
   const int64_t n0 = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) * V;
   if (n0 >= N) return;
   Pack<float, V> ws, bs;
-  Pack<int32_t, V> zs;  // z * w_rowsum[n]
+  long long zs[V];  // z * w_rowsum[n]; C - zs needs int64 (|q - z| <= 255)
   const int32_t z = zero_point != nullptr && w_rowsum != nullptr ? *zero_point : 0;
   for (int j = 0; j < V; ++j) {
     ws.v[j] = n0 + j < N ? w_scale[n0 + j] : 0.0f;
     bs.v[j] = bias != nullptr && n0 + j < N ? bias[n0 + j] : 0.0f;
-    zs.v[j] = z != 0 && n0 + j < N ? z * w_rowsum[n0 + j] : 0;
+    zs[j] = z != 0 && n0 + j < N ? static_cast<long long>(z) * w_rowsum[n0 + j] : 0;
   }
   for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
     const float s = act_scale[m];
@@ -322,11 +322,11 @@ __global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t l
       const auto cv = *reinterpret_cast<const Pack<int32_t, V>*>(c + m * ldc + n0);
 #pragma unroll
       for (int j = 0; j < V; ++j)
-        o.v[j] = static_cast<T>(static_cast<float>(cv.v[j] - zs.v[j]) * (s * ws.v[j]) + bs.v[j]);
+        o.v[j] = static_cast<T>(static_cast<float>(cv.v[j] - zs[j]) * (s * ws.v[j]) + bs.v[j]);
       *reinterpret_cast<Pack<T, V>*>(out + m * N + n0) = o;
     } else {
       out[m * N + n0] =
-          static_cast<T>(static_cast<float>(c[m * ldc + n0] - zs.v[0]) * (s * ws.v[0]) + bs.v[0]);
+          static_cast<T>(static_cast<float>(c[m * ldc + n0] - zs[0]) * (s * ws.v[0]) + bs.v[0]);
     }
   }
 }

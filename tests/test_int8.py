@@ -166,6 +166,20 @@ def test_int8_linear_zero_point_exact(device, packed, lo, hi, M):
         torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
 
 
+def test_int8_linear_zero_point_sum_past_int32(device):
+    """sum (q - z) * w can pass 2^31 (|q - z| <= 255) while both int32 terms fit."""
+    K = 70000
+    x = torch.full((3, K), 1e3, device=device)  # every code at the top, 127
+    w = torch.full((2, K), 127, dtype=torch.int8, device=device)
+    w[1] = -127
+    a, s = torch.tensor(0.5, device=device), torch.tensor([1e-3, 2e-3], device=device)
+    z = torch.tensor(-128, dtype=torch.int32, device=device)
+    y = ops.int8_linear(x, w, s, None, a, z, -128, 127)
+    exact = K * 255 * 127  # > 2**31
+    ref = torch.tensor([exact * 0.5 * 1e-3, -exact * 0.5 * 2e-3], dtype=torch.float64)
+    torch.testing.assert_close(y.double().cpu(), ref.expand(3, 2), rtol=1e-6, atol=0)
+
+
 def test_int8_linear_zero_point_errors(device):
     x, w, s = torch.randn(3, 8, device=device), rand_i8(4, 8, device=device), torch.ones(4, device=device)
     a, z = torch.tensor(0.1, device=device), torch.tensor(3, dtype=torch.int32, device=device)
