@@ -104,5 +104,6 @@ def int8_linear(
     Static activations (act_scale) may carry an int32/int64 act_zero_point and a code range
     [act_quant_min, act_quant_max] inside int8; the codes are then exactly
     ``quantize(x, act_scale, act_zero_point, act_quant_min, act_quant_max)`` and the zero point
-    is taken out in int32 (minus zero_point x the row sums of w_int8)."""
+    is taken out exactly: zero_point x the row sums of w_int8, subtracted from the int32 sums in
+    64-bit arithmetic."""
     return ops.int8_linear(x, w_int8, w_scale, bias, act_scale, act_zero_point, act_quant_min, act_quant_max)
