@@ -19,6 +19,9 @@ fi
 if ! "$PY" -c "import qlib" 2>/dev/null; then
   echo "== building qlib (pip install --no-build-isolation -e .)"
   "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+elif SO="$(ls python/qlib/_C*.so 2>/dev/null | head -n 1)" && [ -n "$SO" ] &&
+     [ -z "$(find csrc cuda setup.py -newer "$SO" -print -quit)" ]; then
+  echo "== qlib is up to date ($SO newer than csrc/, cuda/, setup.py)"
 else
   echo "== rebuilding qlib incrementally"
   "$PY" setup.py -q build_ext --inplace >/dev/null
