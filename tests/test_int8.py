@@ -242,6 +242,21 @@ def test_compile_fullgraph(device):
     torch.testing.assert_close(compiled(x), lin(x))
 
 
+def test_static_zero_point_compiles_and_exports(device):
+    lin = Int8Linear.from_float(nn.Linear(32, 16).to(device), activation="static", act_scale=0.05)
+    sd = dict(lin.state_dict(), act_zero_point=torch.tensor(-7, dtype=torch.int32, device=device),
+              act_quant_range=torch.tensor([-128, 127], dtype=torch.int32, device=device))
+    lin.load_state_dict(sd)
+    assert "zero_point=-7" in repr(lin)
+    x = torch.randn(4, 32, device=device)
+    ref = lin(x)
+    q = qlib.quantize(x, lin.act_scale, lin.act_zero_point, -128, 127)
+    exact = ((q.double() + 7) @ lin.weight.double().T) * (0.05 * lin.weight_scale.double()) + lin.bias.double()
+    torch.testing.assert_close(ref.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.compile(lin, fullgraph=True, backend="eager")(x), ref)
+    torch.testing.assert_close(torch.export.export(lin, (x,)).module()(x), ref)
+
+
 # ---------------------------------------------------------------- Int8Linear
 @pytest.mark.parametrize("activation", ["dynamic", "static"])
 def test_int8linear_from_float(device, activation):
