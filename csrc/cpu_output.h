@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -15,11 +17,20 @@
 
 namespace qlib {
 
+// QLIB_HUGE_PAGES=0 turns the hint off (e.g. where THP compaction stalls hurt more).
+inline bool huge_page_hint_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("QLIB_HUGE_PAGES");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }();
+  return enabled;
+}
+
 inline void advise_huge_pages(void* data, int64_t nbytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{1} << 21;
   constexpr int64_t kMinBytes = int64_t{8} << 20;  // smaller ones come from malloc's heap
-  if (nbytes < kMinBytes) return;
+  if (nbytes < kMinBytes || !huge_page_hint_enabled()) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + nbytes) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);

@@ -1,4 +1,8 @@
 """fake_quant: exactness against PyTorch's own ops, granularity, gradients, dtypes."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -67,6 +71,16 @@ def test_big_outputs_match_torch(device):
     q_ref = torch.quantize_per_tensor(x.detach().cpu(), 0.0371, 5, torch.qint8)
     assert torch.equal(q.cpu(), q_ref.int_repr())
     assert torch.equal(ops.dequantize(q, scale, zp, torch.float32).cpu(), q_ref.dequantize())
+
+
+def test_huge_page_hint_can_be_turned_off():
+    """QLIB_HUGE_PAGES=0 (read once per process) leaves the results alone."""
+    code = (
+        "import torch, qlib; x = torch.randn(3_000_017); s = torch.tensor([0.02]); z = torch.tensor([3]);"
+        "assert torch.equal(qlib.fake_quant(x, s, z), torch.fake_quantize_per_tensor_affine(x, s, z, -128, 127))"
+    )
+    env = dict(os.environ, QLIB_HUGE_PAGES="0")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
