@@ -544,16 +544,48 @@ QLIB_AVX2_FN inline __m256i codes8(__m256 x, __m256 inv, __m256 zp, __m256 lo, _
   return _mm256_cvtps_epi32(r);
 }
 
-template <class T>
-QLIB_AVX2_FN void quantize_rows_avx2(const T* x, int8_t* q, float* scale, int64_t r0, int64_t r1,
-                                     int64_t K, float fixed_scale, Int8ActCodes codes) {
+// Where quantize_rows_avx2 puts its codes: row-major int8 (q[r * K + k]) ...
+struct Int8RowCodes {
+  int8_t* q;
+  int64_t K;
+  QLIB_AVX2_FN void put32(int64_t r, int64_t k, const __m256i (&c)[4]) const {
+    const __m256i p =
+        _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + r * K + k),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+  void put1(int64_t r, int64_t k, int8_t c) const { q[r * K + k] = c; }
+};
+
+// ... or straight into gemm_packed's int16 panels (the widen_a layout): for row r and
+// k pair kk, the 32-bit word (kk * kPMR + r % kPMR) of panel r / kPMR.
+struct Int16PanelCodes {
+  int16_t* w;
+  int64_t kp2;  // k pairs per row
+  int16_t* panel(int64_t r) const { return w + (r / kPMR) * kp2 * kPMR * 2; }
+  QLIB_AVX2_FN void put32(int64_t r, int64_t k, const __m256i (&c)[4]) const {
+    alignas(32) int32_t words[16];  // 16 pairs (k, k + 1) as int16, in k order
+    _mm256_store_si256(reinterpret_cast<__m256i*>(words),
+                       _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0xD8));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(words + 8),
+                       _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0xD8));
+    int32_t* o = reinterpret_cast<int32_t*>(panel(r)) + (k / 2) * kPMR + r % kPMR;
+    for (int j = 0; j < 16; ++j) o[j * kPMR] = words[j];
+  }
+  void put1(int64_t r, int64_t k, int8_t c) const {
+    panel(r)[(k / 2) * kPMR * 2 + (r % kPMR) * 2 + (k & 1)] = c;
+  }
+};
+
+template <class T, class Sink>
+QLIB_AVX2_FN void quantize_rows_avx2(const T* x, const Sink& sink, float* scale, int64_t r0,
+                                     int64_t r1, int64_t K, float fixed_scale,
+                                     Int8ActCodes codes) {
   const __m256 zp = _mm256_set1_ps(codes.zero_point), lo = _mm256_set1_ps(codes.qmin),
                hi = _mm256_set1_ps(codes.qmax);
   const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * K;
-    int8_t* qr = q + r * K;
     float s = fixed_scale;
     if (!(fixed_scale > 0.0f)) {
       __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
@@ -583,15 +615,13 @@ QLIB_AVX2_FN void quantize_rows_avx2(const T* x, int8_t* q, float* scale, int64_
       }
       __m256i c[4];
       for (int u = 0; u < 4; ++u) c[u] = codes8(v[u], inv, zp, lo, hi);
-      const __m256i p =
-          _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permutevar8x32_epi32(p, perm));
+      sink.put32(r, k, c);
     }
     bool any_nan = _mm256_movemask_ps(nan_seen) != 0;
     for (; k < K; ++k) {
       const float v = static_cast<float>(xr[k]);
       any_nan = any_nan || v != v;
-      qr[k] = int8_act_code(v, inv_s, codes);
+      sink.put1(r, k, int8_act_code(v, inv_s, codes));
     }
     scale[r] = any_nan ? kNaNf : s;
   }
@@ -621,7 +651,7 @@ void quantize_rows(const at::Tensor& x, int8_t* q, float* scale, float fixed_sca
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
 #if QLIB_INT8_X86
       if (cpu_has_avx2()) {
-        quantize_rows_avx2(xp, q, scale, r0, r1, K, fixed_scale, codes);
+        quantize_rows_avx2(xp, Int8RowCodes{q, K}, scale, r0, r1, K, fixed_scale, codes);
         return;
       }
 #endif
@@ -629,6 +659,30 @@ void quantize_rows(const at::Tensor& x, int8_t* q, float* scale, float fixed_sca
     });
   });
 }
+
+#if QLIB_INT8_X86
+// quantize_rows, writing the codes straight into widen_a's int16 panels (one pass over x,
+// no int8 copy): x contiguous [M, K] with K > 0, AVX2 only.
+at::Tensor quantize_rows_widened(const at::Tensor& x, int64_t M, int64_t K, float* scale,
+                                 float fixed_scale, Int8ActCodes codes) {
+  const int64_t panels = (M + kPMR - 1) / kPMR, kp2 = (K + 1) / 2;
+  at::Tensor w = at::empty({panels * kp2 * kPMR * 2}, x.options().dtype(at::kShort));
+  const Int16PanelCodes sink{w.data_ptr<int16_t>(), kp2};
+  if (M % kPMR != 0)  // rows past M in the last panel stay zero
+    std::memset(sink.panel(M - 1), 0, kp2 * kPMR * 2 * sizeof(int16_t));
+  QLIB_DISPATCH_FLOAT(x.scalar_type(), "qlib_quantize_rows_widened", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, panels, std::max<int64_t>(1, 16384 / (K * kPMR)),
+                     [&](int64_t p0, int64_t p1) {
+                       const int64_t r0 = p0 * kPMR, r1 = std::min(M, p1 * kPMR);
+                       quantize_rows_avx2(xp, sink, scale, r0, r1, K, fixed_scale, codes);
+                       if (K % 2 != 0)  // the odd K's pad element of each row's last pair
+                         for (int64_t r = r0; r < r1; ++r) sink.put1(r, K, 0);
+                     });
+  });
+  return w;
+}
+#endif
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in) {
   const char* op = "qlib::quantize_per_token";
@@ -661,7 +715,6 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   const at::Tensor bias =
       bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
 
-  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   float fixed = 0.0f;  // static act_scale, or 0: per-token
   if (act_scale.has_value()) {
     fixed = act_scale->item<float>();
@@ -695,7 +748,18 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
     }
   }
   at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));  // row scales (NaN: NaN row)
-  quantize_rows(x, q.data_ptr<int8_t>(), sa.data_ptr<float>(), fixed, codes);
+  // The packed kernel (int16 panels of the codes) at large M, with a pre-packed weight,
+  // or when codes reach -128 (which gemm's sign-transfer kernel cannot take).
+  const bool packed_path = QLIB_INT8_X86 && cpu_has_avx2() && K > 0 &&
+                           (M >= packed_min_m(packed != nullptr) || act_quant_min < kInt8ActQmin);
+  at::Tensor a16, q;
+#if QLIB_INT8_X86
+  if (packed_path) a16 = quantize_rows_widened(x, M, K, sa.data_ptr<float>(), fixed, codes);
+#endif
+  if (!packed_path) {
+    q = at::empty({M, K}, x.options().dtype(at::kChar));
+    quantize_rows(x, q.data_ptr<int8_t>(), sa.data_ptr<float>(), fixed, codes);
+  }
 
   const float* swp = w_scale.const_data_ptr<float>();
   const float* sap = sa.const_data_ptr<float>();
@@ -719,13 +783,10 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
       }
     };
 #if QLIB_INT8_X86
-    // Codes of -128 (a range reaching it) rule out gemm's sign-transfer kernel.
-    const bool codes_reach_int8_min = act_quant_min < kInt8ActQmin;
-    if (cpu_has_avx2() && K > 0 && (M >= packed_min_m(packed != nullptr) || codes_reach_int8_min)) {
+    if (packed_path) {
       const PackedB pb = packed != nullptr
                              ? *packed
                              : pack_b(w.const_data_ptr<int8_t>(), w.stride(0), N, K, x.options());
-      const at::Tensor a16 = widen_a(q.const_data_ptr<int8_t>(), K, M, K, x.options());
       gemm_packed(a16, M, pb, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                                   const int32_t* ct, int64_t ldt) {
         for (int64_t m = m0; m < m1; ++m) dequant_row(m, n0, n1, ct + (m - m0) * ldt);
