@@ -4,9 +4,20 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+#include <vector>
+
 #include "quant_math.h"
 
 namespace qlib {
+
+// The int8 CPU GEMM kernel family (int8_cpu.cpp): the best this CPU runs, chosen once, or
+// set by name ("vnni-emulated" runs the VNNI layout with AVX2 ops: tests, any AVX2 CPU).
+enum class Int8Kernel : int { kAvx2, kVnniEmulated, kAvxVnni, kAvx512Vnni };
+Int8Kernel current_int8_kernel();
+std::string int8_cpu_kernel();
+std::vector<std::string> int8_cpu_kernels();  // what this CPU can run
+void set_int8_cpu_kernel(const std::string& name);  // "auto" or a name; raises if unsupported
 
 inline void check_int8_float_input(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||

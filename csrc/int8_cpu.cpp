@@ -14,7 +14,9 @@
 // int8_pack_weight (as Int8Linear does), at every M, or from M >= 32 (packing per call), the
 // "packed" kernel below widens both operands to int16 and uses vpmaddwd (exact for every
 // int8 input, 2 multiply uops per 32 MACs like fbgemm's u8*s8 path) on 6x16 register tiles;
-// its panels also stream B linearly, which is what a small M (memory bound) needs.
+// its panels also stream B linearly, which is what a small M (memory bound) needs. On CPUs
+// with AVX512-VNNI or AVX-VNNI the packed kernel uses vpdpbusd instead (chosen at run
+// time, see "packed kernels" below).
 //
 // torch._int_mm on CPU measured ~20x slower than this kernel (and than fp32
 // F.linear) in torch 2.14 on AVX2 machines, so it is not used here.
@@ -22,6 +24,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -69,6 +72,70 @@ bool cpu_has_avx2() {
   return false;
 #endif
 }
+
+constexpr const char* kInt8KernelNames[] = {"avx2", "vnni-emulated", "avx-vnni", "avx512-vnni"};
+
+bool int8_kernel_supported(Int8Kernel k) {
+#if QLIB_INT8_X86
+  switch (k) {
+    case Int8Kernel::kAvx2:
+    case Int8Kernel::kVnniEmulated:
+      return cpu_has_avx2();
+    case Int8Kernel::kAvxVnni:
+      return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+    case Int8Kernel::kAvx512Vnni:
+      return cpu_has_avx2() && __builtin_cpu_supports("avx512vnni") &&
+             __builtin_cpu_supports("avx512vl");
+  }
+#endif
+  return false;
+}
+
+Int8Kernel best_int8_kernel() {
+  for (Int8Kernel k : {Int8Kernel::kAvx512Vnni, Int8Kernel::kAvxVnni})
+    if (int8_kernel_supported(k)) return k;
+  return Int8Kernel::kAvx2;
+}
+
+std::atomic<int> g_int8_kernel{-1};  // -1: not chosen yet
+
+}  // namespace
+
+Int8Kernel current_int8_kernel() {
+  if (g_int8_kernel.load(std::memory_order_relaxed) < 0) {
+    const char* env = std::getenv("QLIB_INT8_CPU_KERNEL");  // validated like the setter
+    set_int8_cpu_kernel(env != nullptr && *env != '\0' ? env : "auto");
+  }
+  return static_cast<Int8Kernel>(g_int8_kernel.load(std::memory_order_relaxed));
+}
+
+std::string int8_cpu_kernel() { return kInt8KernelNames[static_cast<int>(current_int8_kernel())]; }
+
+std::vector<std::string> int8_cpu_kernels() {
+  std::vector<std::string> names;
+  for (int k = 0; k < 4; ++k)
+    if (int8_kernel_supported(static_cast<Int8Kernel>(k))) names.emplace_back(kInt8KernelNames[k]);
+  return names;
+}
+
+void set_int8_cpu_kernel(const std::string& name) {
+  if (name == "auto") {
+    g_int8_kernel.store(static_cast<int>(best_int8_kernel()));
+    return;
+  }
+  for (int k = 0; k < 4; ++k) {
+    if (name != kInt8KernelNames[k]) continue;
+    TORCH_CHECK(int8_kernel_supported(static_cast<Int8Kernel>(k)),
+                "qlib.set_int8_cpu_kernel: this CPU cannot run the '", name,
+                "' kernel; it can run: ", c10::Join(", ", int8_cpu_kernels()));
+    g_int8_kernel.store(k);
+    return;
+  }
+  TORCH_CHECK(false, "qlib.set_int8_cpu_kernel: unknown kernel '", name,
+              "'; expected 'auto' or one of avx2, vnni-emulated, avx-vnni, avx512-vnni");
+}
+
+namespace {
 
 // Output addressing C[m * ldc_m + n * ldc_n]; swapping the strides computes C^T.
 struct GemmOut {
@@ -214,23 +281,31 @@ void gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, GemmOut o,
   });
 }
 
-// ---------------------------------------------------------------- packed int16 kernel (large M)
-// For large M the sign-transfer kernel is bound by its 3 vector-multiply-port
-// ops (vpsignb, vpmaddubsw, vpmaddwd) per 32 MACs. This path instead widens both
-// operands to int16 and uses one vpmaddwd per 16 MACs (2 per 32, as fbgemm's u8*s8
-// kernel), which is exact for ALL int8 inputs (a pair sum is at most 2 * 128 * 128 =
-// 2^15, far inside int32), so no -128 scan is needed either.
-//   A: int16 row-major [Mp, Kp] (Mp = M rounded up to kPMR, Kp = K rounded up to 2,
-//      zero padded); the micro-kernel broadcasts one (a[k], a[k+1]) pair as an int32.
-//   B: int8 panels of 8 columns: panel p holds, for each k pair kk, 16 bytes
-//      (b[8p+j][2kk], b[8p+j][2kk+1]) for j = 0..7; one vpmovsxbw load widens it into
-//      the 16 int16 lanes that pair with the broadcast. N is zero padded to 16.
-// Register tile: kPMR rows x 16 columns = 12 int32 accumulators.
+// ---------------------------------------------------------------- packed kernels (pre-packed B)
+// For large M the sign-transfer kernel is bound by its 3 vector-multiply-port ops (vpsignb,
+// vpmaddubsw, vpmaddwd) per 32 MACs. The packed kernels instead keep A in row panels and B
+// in column panels and run kPMR x 16 register tiles (12 int32 accumulators), one "step" of
+// G k values per 32-bit word:
+//   StepInt16 (AVX2, G = 2): both operands widened to int16, one vpmaddwd per 16 MACs; exact
+//     for ALL int8 inputs (a pair sum is at most 2 * 128 * 128 = 2^15), no -128 scan.
+//   VNNI (G = 4): vpdpbusd multiplies unsigned A by signed B, so A is stored as q + 128
+//     (uint8) and the epilogue takes 128 * rowsum(B) off each column. The int32 sums wrap,
+//     but mod 2^32 the difference is the exact sum of q * b, which fits int32 for
+//     K <= kInt8GemmMaxK: so the wrapped difference is exact. One instruction per 32 MACs.
+//     StepVnniEmulated computes vpdpbusd with AVX2 ops (bit-identical; it tests the VNNI
+//     layout and offsets on CPUs without VNNI).
+// Layouts (K padded to Kp, a multiple of 4, with zeros):
+//   A: panel i of kPMR rows holds, for each k word kw, kPMR int32 words: row 6i + r's
+//      codes k = G kw .. G kw + G - 1 (int16 or q + 128 as uint8).
+//   B: 8-column panels; per k word, 8 x 4 bytes: (b[8p + j][G kw .. G kw + G - 1]) for
+//      j = 0..7, so one load (widened for int16) lines up with a broadcast A word.
+//   A packed weight (int8_pack_weight) is [B panels | int32 rowsum(B) per padded column |
+//   a 16-byte tag: magic, layout, N, K], so a weight packed for another kernel is refused.
 constexpr int64_t kPMR = 6;       // rows per micro-kernel
 constexpr int64_t kPNR = 16;      // columns per micro-kernel (two 8-column panels)
 constexpr int64_t kPMc = 96;      // rows per thread tile (multiple of kPMR)
 constexpr int64_t kPNc = 256;     // columns per thread tile (multiple of kPNR)
-constexpr int64_t kPKc = 1024;    // K per cache block (even): a 16-column B strip is 16 KiB
+constexpr int64_t kPKc = 1024;    // K per cache block (multiple of 4): a 16-column B strip is 16 KiB
 
 // Smallest M for the packed kernel: with a pre-packed weight it wins at every M (M = 1
 // included: 1.2-1.6x the sign-transfer kernel at K = 4096); packing B per call (int8_gemm,
@@ -243,28 +318,50 @@ int64_t packed_min_m(bool prepacked) {
   return env >= 0 ? env : prepacked ? 1 : 32;
 }
 
+int64_t padded_k(int64_t K) { return (K + 3) / 4 * 4; }
+int64_t padded_n(int64_t N) { return (N + kPNR - 1) / kPNR * kPNR; }
+
+enum class PackLayout : int32_t { kInt16Pairs = 1, kU8Quads = 2 };
+constexpr int32_t kPackMagic = 0x38424C51;  // "QLB8"
+constexpr int64_t kPackTagBytes = 16;
+
 struct PackedB {
-  at::Tensor buf;  // int8 [Np/8 panels * Kp/2 * 16]
-  int64_t N, K, Np, Kp;
+  at::Tensor buf;  // int8 [Np * Kp panels | Np int32 row sums | tag]
+  int64_t N = 0, K = 0, Np = 0, Kp = 0;
+  PackLayout layout = PackLayout::kInt16Pairs;
   const int8_t* panel(int64_t n) const {  // n: multiple of 8
-    return buf.const_data_ptr<int8_t>() + (n / 8) * (Kp / 2) * 16;
+    return buf.const_data_ptr<int8_t>() + (n / 8) * Kp * 8;
   }
-  int64_t panel_stride() const { return (Kp / 2) * 16; }
+  int64_t panel_stride() const { return Kp * 8; }
+  const int32_t* rowsum() const {
+    return reinterpret_cast<const int32_t*>(buf.const_data_ptr<int8_t>() + Np * Kp);
+  }
 };
 
-// Packs b [N, K] (row stride ldb) into 8-column panels; on x86 an SSE2 8x8 transpose of
-// 16-bit units (2 k each) per 8 rows x 16 k.
-PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K,
-                            const at::TensorOptions& opt) {
+int64_t packed_bytes(int64_t N, int64_t K) {
+  return padded_n(N) * padded_k(K) + 4 * padded_n(N) + kPackTagBytes;
+}
+
+// Packs b [N, K] (row stride ldb) into 8-column panels of the given layout (on x86 an SSE2
+// transpose of 16- or 32-bit units per 8 rows x 16 k) and appends row sums and the tag.
+PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout layout,
+               const at::TensorOptions& opt) {
   PackedB p;
-  p.N = N, p.K = K, p.Np = (N + kPNR - 1) / kPNR * kPNR, p.Kp = (K + 1) / 2 * 2;
-  p.buf = at::empty({p.Np * p.Kp}, opt.dtype(at::kChar));
+  p.N = N, p.K = K, p.Np = padded_n(N), p.Kp = padded_k(K), p.layout = layout;
+  p.buf = at::empty({packed_bytes(N, K)}, opt.dtype(at::kChar));
   int8_t* out = p.buf.data_ptr<int8_t>();
-  const int64_t kp2 = p.Kp / 2;
+  int32_t* rowsum = reinterpret_cast<int32_t*>(out + p.Np * p.Kp);
+  const int g = layout == PackLayout::kInt16Pairs ? 2 : 4;  // k per word
   at::parallel_for(0, p.Np / 8, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t pi = p0; pi < p1; ++pi) {
-      int8_t* o = out + pi * kp2 * 16;
+      int8_t* o = out + pi * p.Kp * 8;
       const int64_t n0 = pi * 8;
+      for (int64_t j = 0; j < 8; ++j) {
+        int32_t sum = 0;
+        if (n0 + j < N)
+          for (int64_t k = 0; k < K; ++k) sum += b[(n0 + j) * ldb + k];
+        rowsum[n0 + j] = sum;
+      }
       int64_t k = 0;
 #if QLIB_INT8_X86
       if (n0 + 8 <= N) {
@@ -272,75 +369,198 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K,
           __m128i r[8], t[8], s[8];
           for (int j = 0; j < 8; ++j)
             r[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (n0 + j) * ldb + k));
-          for (int j = 0; j < 4; ++j) {
-            t[2 * j] = _mm_unpacklo_epi16(r[2 * j], r[2 * j + 1]);
-            t[2 * j + 1] = _mm_unpackhi_epi16(r[2 * j], r[2 * j + 1]);
-          }
-          s[0] = _mm_unpacklo_epi32(t[0], t[2]), s[1] = _mm_unpackhi_epi32(t[0], t[2]);
-          s[2] = _mm_unpacklo_epi32(t[1], t[3]), s[3] = _mm_unpackhi_epi32(t[1], t[3]);
-          s[4] = _mm_unpacklo_epi32(t[4], t[6]), s[5] = _mm_unpackhi_epi32(t[4], t[6]);
-          s[6] = _mm_unpacklo_epi32(t[5], t[7]), s[7] = _mm_unpackhi_epi32(t[5], t[7]);
-          __m128i* dst = reinterpret_cast<__m128i*>(o + (k / 2) * 16);
-          for (int j = 0; j < 4; ++j) {
-            _mm_storeu_si128(dst + 2 * j, _mm_unpacklo_epi64(s[j], s[j + 4]));
-            _mm_storeu_si128(dst + 2 * j + 1, _mm_unpackhi_epi64(s[j], s[j + 4]));
+          __m128i* dst = reinterpret_cast<__m128i*>(o + k * 8);
+          if (layout == PackLayout::kInt16Pairs) {
+            for (int j = 0; j < 4; ++j) {
+              t[2 * j] = _mm_unpacklo_epi16(r[2 * j], r[2 * j + 1]);
+              t[2 * j + 1] = _mm_unpackhi_epi16(r[2 * j], r[2 * j + 1]);
+            }
+            s[0] = _mm_unpacklo_epi32(t[0], t[2]), s[1] = _mm_unpackhi_epi32(t[0], t[2]);
+            s[2] = _mm_unpacklo_epi32(t[1], t[3]), s[3] = _mm_unpackhi_epi32(t[1], t[3]);
+            s[4] = _mm_unpacklo_epi32(t[4], t[6]), s[5] = _mm_unpackhi_epi32(t[4], t[6]);
+            s[6] = _mm_unpacklo_epi32(t[5], t[7]), s[7] = _mm_unpackhi_epi32(t[5], t[7]);
+            for (int j = 0; j < 4; ++j) {
+              _mm_storeu_si128(dst + 2 * j, _mm_unpacklo_epi64(s[j], s[j + 4]));
+              _mm_storeu_si128(dst + 2 * j + 1, _mm_unpackhi_epi64(s[j], s[j + 4]));
+            }
+          } else {  // rows 0-3 then 4-7 of each 4-k word
+            for (int h = 0; h < 2; ++h) {
+              const __m128i* rh = r + 4 * h;
+              const __m128i lo01 = _mm_unpacklo_epi32(rh[0], rh[1]), hi01 = _mm_unpackhi_epi32(rh[0], rh[1]);
+              const __m128i lo23 = _mm_unpacklo_epi32(rh[2], rh[3]), hi23 = _mm_unpackhi_epi32(rh[2], rh[3]);
+              _mm_storeu_si128(dst + 0 + h, _mm_unpacklo_epi64(lo01, lo23));
+              _mm_storeu_si128(dst + 2 + h, _mm_unpackhi_epi64(lo01, lo23));
+              _mm_storeu_si128(dst + 4 + h, _mm_unpacklo_epi64(hi01, hi23));
+              _mm_storeu_si128(dst + 6 + h, _mm_unpackhi_epi64(hi01, hi23));
+            }
           }
         }
       }
 #endif
-      for (; k < p.Kp; k += 2)  // tails (K, or rows past N) zero padded
-        for (int64_t j = 0; j < 8; ++j)
-          for (int64_t t = 0; t < 2; ++t) {
-            const int64_t n = n0 + j, kk = k + t;
-            o[(k / 2) * 16 + j * 2 + t] = (n < N && kk < K) ? b[n * ldb + kk] : int8_t{0};
-          }
+      for (; k < p.Kp; ++k)  // tails (K, or rows past N) zero padded
+        for (int64_t j = 0; j < 8; ++j) {
+          const int64_t n = n0 + j;
+          o[(k / g) * 8 * g + j * g + k % g] = (n < N && k < K) ? b[n * ldb + k] : int8_t{0};
+        }
     }
   });
+  const int32_t tag[4] = {kPackMagic, static_cast<int32_t>(layout), static_cast<int32_t>(N),
+                          static_cast<int32_t>(K)};
+  std::memcpy(out + p.Np * p.Kp + 4 * p.Np, tag, sizeof(tag));
+  return p;
+}
+
+// Reads a packed weight back (int8_linear_packed): checks it is pack_b's output for w's
+// N and K in the layout this process's kernel needs.
+PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor& w,
+                   PackLayout want) {
+  PackedB p;
+  p.N = w.size(0), p.K = w.size(1), p.Np = padded_n(p.N), p.Kp = padded_k(p.K), p.layout = want;
+  const int64_t bytes = packed_bytes(p.N, p.K);
+  TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 &&
+                  w_packed.is_contiguous() && w_packed.numel() == bytes &&
+                  w_packed.device() == w.device(),
+              op, ": w_packed (", w_packed.scalar_type(), ", shape ", w_packed.sizes(),
+              ") is not int8_pack_weight(w_int8) for w_int8 of shape ", w.sizes(), " (expected ",
+              bytes, " int8 elements)");
+  int32_t tag[4];
+  std::memcpy(tag, w_packed.const_data_ptr<int8_t>() + bytes - kPackTagBytes, sizeof(tag));
+  TORCH_CHECK(tag[0] == kPackMagic && tag[2] == static_cast<int32_t>(p.N) &&
+                  tag[3] == static_cast<int32_t>(p.K),
+              op, ": w_packed is not int8_pack_weight(w_int8) for w_int8 of shape ", w.sizes(),
+              " (its tag is corrupt or names another shape)");
+  TORCH_CHECK(tag[1] == static_cast<int32_t>(want), op,
+              ": w_packed was packed for another int8 CPU kernel (layout ", tag[1],
+              ", this process runs '", int8_cpu_kernel(), "' which needs layout ",
+              static_cast<int32_t>(want), "); re-pack it with int8_pack_weight (Int8Linear.repack())");
+  p.buf = w_packed;
   return p;
 }
 
 #if QLIB_INT8_X86
-// a [M, K] int8 (row stride lda) -> int16 panels of kPMR rows: panel i holds, for each k
-// pair kk, kPMR int32 words (a[6i + r][2kk], a[6i + r][2kk + 1]) as int16, zero padded; so
-// the micro-kernel reads A through one pointer.
-at::Tensor widen_a(const int8_t* a, int64_t lda, int64_t M, int64_t K,
-                   const at::TensorOptions& opt) {
-  const int64_t Mp = (M + kPMR - 1) / kPMR * kPMR, kp2 = (K + 1) / 2;
-  at::Tensor w = at::empty({Mp * kp2 * 2}, opt.dtype(at::kShort));
-  int16_t* wp = w.data_ptr<int16_t>();
-  at::parallel_for(0, Mp / kPMR, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)),
-                   [&](int64_t p0, int64_t p1) {
-                     for (int64_t pi = p0; pi < p1; ++pi) {
-                       int16_t* o = wp + pi * kp2 * kPMR * 2;
-                       for (int64_t r = 0; r < kPMR; ++r) {
-                         const int64_t m = pi * kPMR + r;
-                         const int8_t* ar = a + m * lda;
-                         int16_t* orow = o + r * 2;
-                         if (m >= M) {
-                           for (int64_t kk = 0; kk < kp2; ++kk) orow[kk * kPMR * 2] = orow[kk * kPMR * 2 + 1] = 0;
-                           continue;
-                         }
-                         const int64_t full = K / 2;
-                         for (int64_t kk = 0; kk < full; ++kk) {
-                           orow[kk * kPMR * 2] = ar[2 * kk];
-                           orow[kk * kPMR * 2 + 1] = ar[2 * kk + 1];
-                         }
-                         if (full < kp2) {
-                           orow[full * kPMR * 2] = ar[2 * full];
-                           orow[full * kPMR * 2 + 1] = 0;
-                         }
-                       }
-                     }
+// One k word of the micro-kernel: c += a (broadcast A word) . b (B load) per 32-bit lane.
+struct StepInt16 {
+  using Elem = int16_t;
+  static constexpr int G = 2;
+  static constexpr PackLayout kLayout = PackLayout::kInt16Pairs;
+  QLIB_AVX2_FN __attribute__((always_inline)) static __m256i load_b(const int8_t* p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  QLIB_AVX2_FN __attribute__((always_inline)) static __m256i dot(__m256i c, __m256i a, __m256i b) {
+    return _mm256_add_epi32(c, _mm256_madd_epi16(a, b));
+  }
+};
+struct StepU8 {
+  using Elem = uint8_t;
+  static constexpr int G = 4;
+  static constexpr PackLayout kLayout = PackLayout::kU8Quads;
+  QLIB_AVX2_FN __attribute__((always_inline)) static __m256i load_b(const int8_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+};
+// vpdpbusd with AVX2 ops: unsigned even / odd bytes of a times signed ones of b, as int16.
+struct StepVnniEmulated : StepU8 {
+  QLIB_AVX2_FN __attribute__((always_inline)) static __m256i dot(__m256i c, __m256i a, __m256i b) {
+    const __m256i a_even = _mm256_and_si256(a, _mm256_set1_epi16(0xFF));
+    const __m256i a_odd = _mm256_srli_epi16(a, 8);
+    const __m256i b_even = _mm256_srai_epi16(_mm256_slli_epi16(b, 8), 8);
+    const __m256i b_odd = _mm256_srai_epi16(b, 8);
+    return _mm256_add_epi32(c, _mm256_add_epi32(_mm256_madd_epi16(a_even, b_even),
+                                                _mm256_madd_epi16(a_odd, b_odd)));
+  }
+};
+// The real instructions as inline asm, so the compiler never emits VNNI (or EVEX) code
+// on its own: these run only after the runtime CPU check. The byte encodings equal GCC's
+// for _mm256_dpbusd_avx_epi32 (VEX) and _mm256_dpbusd_epi32 (EVEX, AVX512-VNNI + VL).
+struct StepAvxVnni : StepU8 {
+  QLIB_AVX2_FN __attribute__((always_inline)) static __m256i dot(__m256i c, __m256i a, __m256i b) {
+    asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(c) : "x"(a), "x"(b));
+    return c;
+  }
+};
+struct StepAvx512Vnni : StepU8 {
+  QLIB_AVX2_FN __attribute__((always_inline)) static __m256i dot(__m256i c, __m256i a, __m256i b) {
+    asm("vpdpbusd %2, %1, %0" : "+x"(c) : "x"(a), "x"(b));
+    return c;
+  }
+};
+
+// Calls f(Step{}) for the kernel this process runs.
+template <class F>
+void with_step(Int8Kernel kernel, F&& f) {
+  switch (kernel) {
+    case Int8Kernel::kAvx2: return f(StepInt16{});
+    case Int8Kernel::kVnniEmulated: return f(StepVnniEmulated{});
+    case Int8Kernel::kAvxVnni: return f(StepAvxVnni{});
+    case Int8Kernel::kAvx512Vnni: return f(StepAvx512Vnni{});
+  }
+}
+
+// 4 x 8 int32 codes (k order) -> 32 int8 codes in k order.
+QLIB_AVX2_FN inline __m256i codes32_int8(const __m256i (&c)[4]) {
+  const __m256i p =
+      _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+  return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Where quantize_rows_avx2 (or pack_a) puts codes in A panels: row r's codes k .. k + G - 1
+// are the 32-bit word (k / G) * kPMR + r % kPMR of panel r / kPMR.
+template <class Elem>
+struct PanelCodes {
+  static constexpr int G = 4 / sizeof(Elem);
+  Elem* w;
+  int64_t kp;  // padded K
+  Elem* panel(int64_t r) const { return w + (r / kPMR) * kp * kPMR; }
+  static Elem code(int8_t c) {
+    if constexpr (std::is_same_v<Elem, uint8_t>) return static_cast<uint8_t>(c + 128);
+    else return c;
+  }
+  QLIB_AVX2_FN void put32(int64_t r, int64_t k, const __m256i (&c)[4]) const {
+    alignas(32) int32_t words[32 / G];  // in k order
+    if constexpr (std::is_same_v<Elem, uint8_t>) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(words),
+                         _mm256_xor_si256(codes32_int8(c), _mm256_set1_epi8(-128)));
+    } else {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(words),
+                         _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0xD8));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(words + 8),
+                         _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0xD8));
+    }
+    int32_t* o = reinterpret_cast<int32_t*>(panel(r)) + (k / G) * kPMR + r % kPMR;
+    for (int j = 0; j < 32 / G; ++j) o[j * kPMR] = words[j];
+  }
+  void put1(int64_t r, int64_t k, int8_t c) const {
+    panel(r)[(k / G) * kPMR * G + (r % kPMR) * G + k % G] = code(c);
+  }
+  // Zeroes the rows past M of the last panel (never stored; kept defined).
+  void clear_tail_rows(int64_t M) const {
+    if (M % kPMR != 0) std::memset(panel(M - 1), 0, kp * kPMR * sizeof(Elem));
+  }
+};
+
+// a [M, K] int8 (row stride lda) -> A panels (int8_gemm; int8_linear quantizes into them).
+template <class Elem>
+at::Tensor pack_a(const int8_t* a, int64_t lda, int64_t M, int64_t K, const at::TensorOptions& opt) {
+  const int64_t panels = (M + kPMR - 1) / kPMR, kp = padded_k(K);
+  at::Tensor w = at::empty({panels * kp * kPMR},
+                           opt.dtype(std::is_same_v<Elem, uint8_t> ? at::kByte : at::kShort));
+  const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp};
+  sink.clear_tail_rows(M);
+  at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(kp, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r)
+                       for (int64_t k = 0; k < kp; ++k) sink.put1(r, k, k < K ? a[r * lda + k] : 0);
                    });
   return w;
 }
 
 // C[R, 16] (row stride ldc) (+)= the first R rows of an A panel x B (two 8-column panels)
-// over kp k pairs; R < kPMR only for the last rows of M.
-template <int R>
-QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const int16_t* a, const int8_t* b,
-                                                         int64_t bstride, int64_t kp, int32_t* c,
-                                                         int64_t ldc, bool accumulate) {
+// over kc k (a multiple of 4); R < kPMR only for the last rows of M.
+template <int R, class Step>
+QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const typename Step::Elem* a,
+                                                         const int8_t* b, int64_t bstride,
+                                                         int64_t kc, int32_t* c, int64_t ldc,
+                                                         bool accumulate) {
   static_assert(kPMR == 6 && R >= 1 && R <= kPMR, "micro_packed is written out for 6 rows");
   // Accumulators are named variables, loaded (or zeroed) up front and stored once after
   // the loop: with an __m256i array, or a branch after the loop, GCC 13 copies them to
@@ -357,14 +577,15 @@ QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const int16_t* a, const
 #undef QLIB_LOAD
   const int8_t* b1 = b + bstride;
   const int32_t* ap = reinterpret_cast<const int32_t*>(a);
-  for (int64_t kk = 0; kk < kp; ++kk, ap += kPMR) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kk * 16)));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + kk * 16)));
-#define QLIB_ROW(r)                                                    \
-  if constexpr (r < R) {                                               \
-    const __m256i av = _mm256_set1_epi32(ap[r]);                       \
-    c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(av, w0));   \
-    c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(av, w1));   \
+  const int64_t words = kc / Step::G;
+  for (int64_t kw = 0; kw < words; ++kw, ap += kPMR) {
+    const __m256i w0 = Step::load_b(b + kw * 8 * Step::G);
+    const __m256i w1 = Step::load_b(b1 + kw * 8 * Step::G);
+#define QLIB_ROW(r)                                   \
+  if constexpr (r < R) {                              \
+    const __m256i av = _mm256_set1_epi32(ap[r]);      \
+    c##r##0 = Step::dot(c##r##0, av, w0);             \
+    c##r##1 = Step::dot(c##r##1, av, w1);             \
   }
     QLIB_ROW(0) QLIB_ROW(1) QLIB_ROW(2) QLIB_ROW(3) QLIB_ROW(4) QLIB_ROW(5)
 #undef QLIB_ROW
@@ -378,23 +599,27 @@ QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const int16_t* a, const
 #undef QLIB_STORE
 }
 
-using MicroPackedFn = void (*)(const int16_t*, const int8_t*, int64_t, int64_t, int32_t*, int64_t,
-                               bool);
-constexpr MicroPackedFn kMicroPacked[kPMR] = {&micro_packed<1>, &micro_packed<2>,
-                                              &micro_packed<3>, &micro_packed<4>,
-                                              &micro_packed<5>, &micro_packed<6>};
+template <class Step>
+using MicroPackedFn = void (*)(const typename Step::Elem*, const int8_t*, int64_t, int64_t,
+                               int32_t*, int64_t, bool);
+template <class Step>
+constexpr MicroPackedFn<Step> kMicroPacked[kPMR] = {
+    &micro_packed<1, Step>, &micro_packed<2, Step>, &micro_packed<3, Step>,
+    &micro_packed<4, Step>, &micro_packed<5, Step>, &micro_packed<6, Step>};
 
 // Called with a finished tile of C: rows [m0, m1), columns [n0, n1), element (m, n) at
-// ct[(m - m0) * ldt + (n - n0)].
+// ct[(m - m0) * ldt + (n - n0)]. For the VNNI layout it still holds 128 * rowsum(B).
 using PackedEpilogue =
     std::function<void(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct, int64_t ldt)>;
 
-// C = A B^T with A widened (widen_a) and B packed (pack_b); each thread tile accumulates in
-// a private int32 buffer (L2 resident) and hands it to the epilogue.
-void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
+// C = A B^T with A in panels (pack_a, quantize_rows_panels) and B packed (pack_b) in
+// Step's layout; each thread tile accumulates in a private int32 buffer (L2 resident) and
+// hands it to the epilogue.
+template <class Step>
+void gemm_packed(const typename Step::Elem* ap, int64_t M, const PackedB& pb,
                  const PackedEpilogue& epilogue) {
+  TORCH_INTERNAL_ASSERT(pb.layout == Step::kLayout, "int8 gemm_packed: B layout mismatch");
   const int64_t N = pb.N, Kp = pb.Kp;
-  const int16_t* ap = a16.const_data_ptr<int16_t>();
   const int64_t mt = (M + kPMc - 1) / kPMc;
   // Narrower column tiles when there are too few tiles to keep every thread busy.
   int64_t nc = kPNc;
@@ -420,11 +645,11 @@ void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
       for (int64_t k0 = 0; k0 < Kp; k0 += kblock) {
         const int64_t kc = std::min(kblock, Kp - k0);
         for (int64_t n = 0; n < npad; n += kPNR) {
-          const int8_t* bp = pb.panel(n0 + n) + (k0 / 2) * 16;
+          const int8_t* bp = pb.panel(n0 + n) + k0 * 8;
           for (int64_t m = 0; m < mpad; m += kPMR)  // only the valid rows of the last panel
-            kMicroPacked[std::min(kPMR, m1 - m0 - m) - 1](ap + (m0 + m) * Kp + k0 * kPMR, bp,
-                                                          pb.panel_stride(), kc / 2,
-                                                          ct.get() + m * kPNc + n, kPNc, k0 > 0);
+            kMicroPacked<Step>[std::min(kPMR, m1 - m0 - m) - 1](
+                ap + (m0 + m) * Kp + k0 * kPMR, bp, pb.panel_stride(), kc,
+                ct.get() + m * kPNc + n, kPNc, k0 > 0);
         }
       }
       if (Kp == 0) std::fill(ct.get(), ct.get() + kPMc * kPNc, 0);
@@ -433,6 +658,27 @@ void gemm_packed(const at::Tensor& a16, int64_t M, const PackedB& pb,
   });
 }
 #endif
+
+PackLayout kernel_layout(Int8Kernel kernel) {
+  PackLayout layout = PackLayout::kInt16Pairs;
+#if QLIB_INT8_X86
+  with_step(kernel, [&](auto step) { layout = decltype(step)::kLayout; });
+#endif
+  return layout;
+}
+
+// What the packed kernel's int32 sums hold beyond sum a * b, per column: 128 * rowsum(B)
+// for the VNNI layout, nothing for the int16 one. Taken off with wrap_sub (exact mod 2^32).
+std::vector<int32_t> packed_offsets(const PackedB& pb) {
+  std::vector<int32_t> off(pb.N, 0);
+  if (pb.layout == PackLayout::kU8Quads)
+    for (int64_t n = 0; n < pb.N; ++n)
+      off[n] = static_cast<int32_t>(static_cast<uint32_t>(pb.rowsum()[n]) * 128u);
+  return off;
+}
+inline int32_t wrap_sub(int32_t c, int32_t off) {
+  return static_cast<int32_t>(static_cast<uint32_t>(c) - static_cast<uint32_t>(off));
+}
 
 bool contains_int8_min(const int8_t* p, int64_t rows, int64_t cols, int64_t ld) {
   std::atomic<bool> found{false};
@@ -469,12 +715,18 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int64_t lda = a.stride(0), ldb = b.stride(0);
 #if QLIB_INT8_X86
   if (cpu_has_avx2() && K > 0 && M >= packed_min_m(false)) {
-    const PackedB pb = pack_b(bp, ldb, N, K, a.options());
-    const at::Tensor a16 = widen_a(ap, lda, M, K, a.options());
-    gemm_packed(a16, M, pb, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct,
-                                int64_t ldt) {
-      for (int64_t m = m0; m < m1; ++m)
-        std::memcpy(cp + m * N + n0, ct + (m - m0) * ldt, (n1 - n0) * sizeof(int32_t));
+    with_step(current_int8_kernel(), [&](auto step) {
+      using Step = decltype(step);
+      const PackedB pb = pack_b(bp, ldb, N, K, Step::kLayout, a.options());
+      const std::vector<int32_t> off = packed_offsets(pb);
+      const at::Tensor ap_panels = pack_a<typename Step::Elem>(ap, lda, M, K, a.options());
+      gemm_packed<Step>(ap_panels.const_data_ptr<typename Step::Elem>(), M, pb,
+                        [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct,
+                            int64_t ldt) {
+                          for (int64_t m = m0; m < m1; ++m)
+                            for (int64_t n = n0; n < n1; ++n)
+                              cp[m * N + n] = wrap_sub(ct[(m - m0) * ldt + n - n0], off[n]);
+                        });
     });
     return c;
   }
@@ -544,37 +796,15 @@ QLIB_AVX2_FN inline __m256i codes8(__m256 x, __m256 inv, __m256 zp, __m256 lo, _
   return _mm256_cvtps_epi32(r);
 }
 
-// Where quantize_rows_avx2 puts its codes: row-major int8 (q[r * K + k]) ...
+// Where quantize_rows_avx2 puts its codes: row-major int8 (q[r * K + k]), or A panels
+// (PanelCodes).
 struct Int8RowCodes {
   int8_t* q;
   int64_t K;
   QLIB_AVX2_FN void put32(int64_t r, int64_t k, const __m256i (&c)[4]) const {
-    const __m256i p =
-        _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + r * K + k),
-                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + r * K + k), codes32_int8(c));
   }
   void put1(int64_t r, int64_t k, int8_t c) const { q[r * K + k] = c; }
-};
-
-// ... or straight into gemm_packed's int16 panels (the widen_a layout): for row r and
-// k pair kk, the 32-bit word (kk * kPMR + r % kPMR) of panel r / kPMR.
-struct Int16PanelCodes {
-  int16_t* w;
-  int64_t kp2;  // k pairs per row
-  int16_t* panel(int64_t r) const { return w + (r / kPMR) * kp2 * kPMR * 2; }
-  QLIB_AVX2_FN void put32(int64_t r, int64_t k, const __m256i (&c)[4]) const {
-    alignas(32) int32_t words[16];  // 16 pairs (k, k + 1) as int16, in k order
-    _mm256_store_si256(reinterpret_cast<__m256i*>(words),
-                       _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0xD8));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(words + 8),
-                       _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0xD8));
-    int32_t* o = reinterpret_cast<int32_t*>(panel(r)) + (k / 2) * kPMR + r % kPMR;
-    for (int j = 0; j < 16; ++j) o[j * kPMR] = words[j];
-  }
-  void put1(int64_t r, int64_t k, int8_t c) const {
-    panel(r)[(k / 2) * kPMR * 2 + (r % kPMR) * 2 + (k & 1)] = c;
-  }
 };
 
 template <class T, class Sink>
@@ -661,23 +891,24 @@ void quantize_rows(const at::Tensor& x, int8_t* q, float* scale, float fixed_sca
 }
 
 #if QLIB_INT8_X86
-// quantize_rows, writing the codes straight into widen_a's int16 panels (one pass over x,
+// quantize_rows, writing the codes straight into gemm_packed's A panels (one pass over x,
 // no int8 copy): x contiguous [M, K] with K > 0, AVX2 only.
-at::Tensor quantize_rows_widened(const at::Tensor& x, int64_t M, int64_t K, float* scale,
-                                 float fixed_scale, Int8ActCodes codes) {
-  const int64_t panels = (M + kPMR - 1) / kPMR, kp2 = (K + 1) / 2;
-  at::Tensor w = at::empty({panels * kp2 * kPMR * 2}, x.options().dtype(at::kShort));
-  const Int16PanelCodes sink{w.data_ptr<int16_t>(), kp2};
-  if (M % kPMR != 0)  // rows past M in the last panel stay zero
-    std::memset(sink.panel(M - 1), 0, kp2 * kPMR * 2 * sizeof(int16_t));
-  QLIB_DISPATCH_FLOAT(x.scalar_type(), "qlib_quantize_rows_widened", [&] {
+template <class Elem>
+at::Tensor quantize_rows_panels(const at::Tensor& x, int64_t M, int64_t K, float* scale,
+                                float fixed_scale, Int8ActCodes codes) {
+  const int64_t panels = (M + kPMR - 1) / kPMR, kp = padded_k(K);
+  at::Tensor w = at::empty({panels * kp * kPMR},
+                           x.options().dtype(std::is_same_v<Elem, uint8_t> ? at::kByte : at::kShort));
+  const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp};
+  sink.clear_tail_rows(M);
+  QLIB_DISPATCH_FLOAT(x.scalar_type(), "qlib_quantize_rows_panels", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, panels, std::max<int64_t>(1, 16384 / (K * kPMR)),
                      [&](int64_t p0, int64_t p1) {
                        const int64_t r0 = p0 * kPMR, r1 = std::min(M, p1 * kPMR);
                        quantize_rows_avx2(xp, sink, scale, r0, r1, K, fixed_scale, codes);
-                       if (K % 2 != 0)  // the odd K's pad element of each row's last pair
-                         for (int64_t r = r0; r < r1; ++r) sink.put1(r, K, 0);
+                       for (int64_t r = r0; r < r1; ++r)  // K padding: code 0 (B is 0 there)
+                         for (int64_t k = K; k < kp; ++k) sink.put1(r, k, 0);
                      });
   });
   return w;
@@ -722,18 +953,33 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
                 ": act_scale must be finite and > 0, got ", fixed);
   }
   Int8ActCodes codes{0.0f, static_cast<float>(act_quant_min), static_cast<float>(act_quant_max)};
+  int64_t z = 0;
+  if (act_zero_point.has_value()) {
+    z = act_zero_point->item<int64_t>();
+    TORCH_CHECK(act_quant_min <= z && z <= act_quant_max, op, ": act_zero_point ", z,
+                " is outside [act_quant_min, act_quant_max] = [", act_quant_min, ", ",
+                act_quant_max, "]");
+    codes.zero_point = static_cast<float>(z);
+  }
+  // The packed kernel at large M, with a pre-packed weight, or when codes reach -128
+  // (which gemm's sign-transfer kernel cannot take).
+  const bool packed_path = QLIB_INT8_X86 && cpu_has_avx2() && K > 0 &&
+                           (M >= packed_min_m(packed != nullptr) || act_quant_min < kInt8ActQmin);
+  PackedB packed_here;
+  if (packed_path && packed == nullptr) {
+    packed_here = pack_b(w.const_data_ptr<int8_t>(), w.stride(0), N, K,
+                         kernel_layout(current_int8_kernel()), x.options());
+    packed = &packed_here;
+  }
   // With a zero point z the GEMM sums q * w, and sum (q - z) * w = that - zw[n], with
   // zw[n] = z * (sum of w's row n); zw is all zeros without one. Both terms fit int32 for
   // K <= kInt8GemmMaxK, their difference (|q - z| <= 255) not always: it is taken in
   // double (exact; int32 -> double vectorizes on AVX2, int64 -> float does not).
   std::vector<int32_t> zw(N, 0);
-  if (act_zero_point.has_value()) {
-    const int64_t z = act_zero_point->item<int64_t>();
-    TORCH_CHECK(act_quant_min <= z && z <= act_quant_max, op, ": act_zero_point ", z,
-                " is outside [act_quant_min, act_quant_max] = [", act_quant_min, ", ",
-                act_quant_max, "]");
-    codes.zero_point = static_cast<float>(z);
-    if (z != 0) {
+  if (z != 0) {
+    if (packed_path) {
+      for (int64_t n = 0; n < N; ++n) zw[n] = static_cast<int32_t>(z * packed->rowsum()[n]);
+    } else {
       const int8_t* wp = w.const_data_ptr<int8_t>();
       const int64_t ldw = w.stride(0);
       at::parallel_for(0, N, std::max<int64_t>(1, 262144 / std::max<int64_t>(K, 1)),
@@ -747,15 +993,10 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
                        });
     }
   }
+  // The packed kernel's extra per-column term (VNNI layout), else zeros.
+  const std::vector<int32_t> off = packed_path ? packed_offsets(*packed) : std::vector<int32_t>(N, 0);
   at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));  // row scales (NaN: NaN row)
-  // The packed kernel (int16 panels of the codes) at large M, with a pre-packed weight,
-  // or when codes reach -128 (which gemm's sign-transfer kernel cannot take).
-  const bool packed_path = QLIB_INT8_X86 && cpu_has_avx2() && K > 0 &&
-                           (M >= packed_min_m(packed != nullptr) || act_quant_min < kInt8ActQmin);
-  at::Tensor a16, q;
-#if QLIB_INT8_X86
-  if (packed_path) a16 = quantize_rows_widened(x, M, K, sa.data_ptr<float>(), fixed, codes);
-#endif
+  at::Tensor q;
   if (!packed_path) {
     q = at::empty({M, K}, x.options().dtype(at::kChar));
     quantize_rows(x, q.data_ptr<int8_t>(), sa.data_ptr<float>(), fixed, codes);
@@ -772,8 +1013,9 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
       float row[std::max(kNc, kPNc)];
       const float s = sap[m];
       for (int64_t n = n0; n < n1; ++n) {
-        const float v =
-            static_cast<float>(static_cast<double>(cr[n - n0]) - zw[n]) * (s * swp[n]);
+        const float v = static_cast<float>(static_cast<double>(wrap_sub(cr[n - n0], off[n])) -
+                                           zw[n]) *
+                        (s * swp[n]);
         row[n - n0] = bp != nullptr ? v + bp[n] : v;
       }
       if constexpr (std::is_same_v<scalar_t, float>) {
@@ -784,12 +1026,16 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
     };
 #if QLIB_INT8_X86
     if (packed_path) {
-      const PackedB pb = packed != nullptr
-                             ? *packed
-                             : pack_b(w.const_data_ptr<int8_t>(), w.stride(0), N, K, x.options());
-      gemm_packed(a16, M, pb, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                                  const int32_t* ct, int64_t ldt) {
-        for (int64_t m = m0; m < m1; ++m) dequant_row(m, n0, n1, ct + (m - m0) * ldt);
+      with_step(current_int8_kernel(), [&](auto step) {
+        using Step = decltype(step);
+        using Elem = typename Step::Elem;
+        const at::Tensor a = quantize_rows_panels<Elem>(x, M, K, sa.data_ptr<float>(), fixed, codes);
+        gemm_packed<Step>(a.const_data_ptr<Elem>(), M, *packed,
+                          [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct,
+                              int64_t ldt) {
+                            for (int64_t m = m0; m < m1; ++m)
+                              dequant_row(m, n0, n1, ct + (m - m0) * ldt);
+                          });
       });
       return;
     }
@@ -823,7 +1069,11 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& w_in) {
               ": w must be a 2-D int8 [N, K] tensor, got ", w_in.scalar_type(), " of shape ",
               w_in.sizes());
   const at::Tensor w = k_contiguous(w_in);
-  return pack_b(w.const_data_ptr<int8_t>(), w.stride(0), w.size(0), w.size(1), w.options()).buf;
+  TORCH_CHECK(w.size(1) <= kInt8GemmMaxK, op, ": K = ", w.size(1), " exceeds ", kInt8GemmMaxK,
+              ", the longest int8 dot product that is exact in int32");
+  return pack_b(w.const_data_ptr<int8_t>(), w.stride(0), w.size(0), w.size(1),
+                kernel_layout(current_int8_kernel()), w.options())
+      .buf;
 }
 
 // int8_linear with w_packed = int8_pack_weight(w_int8); w_int8 still serves small M.
@@ -837,14 +1087,7 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   PackedB pb;
   const PackedB* ppb = nullptr;
   if (w.dim() == 2 && w_packed.numel() > 0) {
-    pb.N = w.size(0), pb.K = w.size(1);
-    pb.Np = (pb.N + kPNR - 1) / kPNR * kPNR, pb.Kp = (pb.K + 1) / 2 * 2;
-    TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.is_contiguous() &&
-                    w_packed.numel() == pb.Np * pb.Kp && w_packed.device() == w.device(),
-                op, ": w_packed (", w_packed.scalar_type(), ", ", w_packed.numel(),
-                " elements) is not int8_pack_weight(w_int8) for w_int8 of shape ", w.sizes(),
-                " (expected ", pb.Np * pb.Kp, " int8 elements)");
-    pb.buf = w_packed;
+    pb = unpack_tag(op, w_packed, w, kernel_layout(current_int8_kernel()));
     ppb = &pb;
   }
   return int8_linear_impl(op, x, w, w_scale, bias, act_scale, act_zero_point, act_quant_min,

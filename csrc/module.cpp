@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "affine.h"
+#include "int8.h"
 #include "observer.h"
 
 namespace {
@@ -30,6 +31,7 @@ pybind11::dict build_info() {
 #endif
   d["torch_built_against"] = QLIB_TORCH_VERSION;
   d["num_threads"] = at::get_num_threads();
+  d["int8_cpu_kernel"] = qlib::int8_cpu_kernel();
   return d;
 }
 
@@ -40,6 +42,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cuda_value_checks", &qlib::set_cuda_value_checks,
         "Turn the host-syncing value checks of scale/zero_point on CUDA on or off.");
   m.def("cuda_value_checks", &qlib::cuda_value_checks);
+  m.def("int8_cpu_kernel", &qlib::int8_cpu_kernel, "The int8 CPU GEMM kernel in use.");
+  m.def("int8_cpu_kernels", &qlib::int8_cpu_kernels, "The int8 CPU GEMM kernels this CPU runs.");
+  m.def("set_int8_cpu_kernel", &qlib::set_int8_cpu_kernel,
+        "Pick the int8 CPU GEMM kernel by name ('auto' = the best); weights packed before "
+        "must be re-packed.");
   m.def(
       "check_histogram",
       [](const std::string& who, const at::Tensor& hist, const at::Tensor& range) {

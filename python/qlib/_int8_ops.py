@@ -60,7 +60,9 @@ def _(w_int8):
     if w_int8.device.type != "cpu":
         return w_int8.new_empty((0,))
     n, k = w_int8.shape
-    return w_int8.new_empty(((n + 15) // 16 * 16 * ((k + 1) // 2 * 2),))
+    n_pad, k_pad = (n + 15) // 16 * 16, (k + 3) // 4 * 4
+    # panels, one int32 row sum per padded column, a 16-byte layout tag (int8_cpu.cpp)
+    return w_int8.new_empty((n_pad * k_pad + 4 * n_pad + 16,))
 
 
 @torch.library.register_fake("qlib::int8_linear_packed")

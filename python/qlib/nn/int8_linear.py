@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .. import _int8_ops  # noqa: F401  (registers the int8 fakes)
+from .. import _C, _int8_ops  # noqa: F401  (_int8_ops registers the int8 fakes)
 from .._ops import choose_qparams, quantize
 
 _ACTIVATIONS = ("dynamic", "static")
@@ -84,8 +84,10 @@ class Int8Linear(nn.Module):
 
     def _weight_key(self):
         # Inference tensors have no version counter: then only a new weight tensor is seen.
+        # The CPU layout depends on the int8 kernel (qlib._C.set_int8_cpu_kernel).
         w = self.weight
-        return (None if w.is_inference() else w._version, w.data_ptr())
+        kernel = _C.int8_cpu_kernel() if w.device.type == "cpu" else None
+        return (None if w.is_inference() else w._version, w.data_ptr(), kernel)
 
     @classmethod
     def from_float(

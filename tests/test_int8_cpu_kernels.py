@@ -1,0 +1,147 @@
+"""The int8 CPU kernel families (qlib._C.set_int8_cpu_kernel): every one this CPU runs is
+exact, packed weights carry their layout, and the whole int8 suite passes with the VNNI
+layout (run with AVX2 ops where the CPU has no VNNI)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qlib
+from qlib import _C
+from qlib.nn import Int8Linear
+
+ops = torch.ops.qlib
+MAX_K = 2**17 - 1
+KERNELS = _C.int8_cpu_kernels()
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    _C.set_int8_cpu_kernel(request.param)
+    try:
+        yield request.param
+    finally:
+        _C.set_int8_cpu_kernel("auto")
+
+
+def ref_gemm(a, b):
+    return a.long() @ b.long().T
+
+
+def test_kernel_names_and_errors():
+    assert {"avx2", "vnni-emulated"} <= set(KERNELS)
+    best = _C.int8_cpu_kernel()
+    assert best in KERNELS and qlib.build_info()["int8_cpu_kernel"] == best
+    with pytest.raises(RuntimeError, match="unknown kernel 'avx9'; expected 'auto' or one of avx2"):
+        _C.set_int8_cpu_kernel("avx9")
+    for name in ("avx-vnni", "avx512-vnni"):
+        if name not in KERNELS:
+            with pytest.raises(RuntimeError, match=f"this CPU cannot run the '{name}' kernel; it can run: avx2"):
+                _C.set_int8_cpu_kernel(name)
+    assert _C.int8_cpu_kernel() == best  # a refused name changes nothing
+
+
+@pytest.mark.parametrize("M", [1, 6, 7, 33, 97])
+@pytest.mark.parametrize("K", [1, 3, 5, 30, 1027])
+def test_gemm_exact_every_kernel(kernel, M, K):
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (21, K), dtype=torch.int8, generator=g)
+    a[0, 0], b[0, 0] = -128, -128
+    assert torch.equal(ops.int8_gemm(a, b).long(), ref_gemm(a, b))
+    assert torch.equal(ops.int8_gemm(a[::2], b.t().contiguous().t()).long(), ref_gemm(a[::2], b))
+
+
+def test_gemm_k_boundary_packed_every_kernel(kernel):
+    """M >= 32 takes the packed kernel. With the VNNI layout A is stored as a + 128 and
+    its int32 sums wrap; the exact result must still come back at the longest K."""
+    M, N = 40, 5
+    a = torch.where(torch.rand(M, MAX_K) < 0.5, -128, 127).to(torch.int8)
+    b = torch.where(torch.rand(N, MAX_K) < 0.5, -128, 127).to(torch.int8)
+    a[0], b[0] = -128, -128  # (-128)(-128)K = 2^31 - 2^14
+    a[1], b[1] = 127, -128
+    c = ops.int8_gemm(a, b)
+    assert c[0, 0].item() == 2**31 - 2**14 and c[1, 1].item() == -127 * 128 * MAX_K
+    assert torch.equal(c.long(), ref_gemm(a, b))
+
+
+@pytest.mark.parametrize("M", [1, 5, 40])
+def test_linear_exact_every_kernel(kernel, M):
+    """Packed and unpacked int8_linear, dynamic and static with a zero point, against the
+    exact integer sums."""
+    K, N = 67, 29
+    x = torch.randn(M, K) * 3
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    w_scale = torch.rand(N) * 0.01 + 1e-3
+    packed = ops.int8_pack_weight(w)
+    q, s = ops.quantize_per_token(x)
+    ref = (q.long() @ w.long().T).double() * s.double() * w_scale.double()
+    for y in (ops.int8_linear(x, w, w_scale, None), ops.int8_linear_packed(x, packed, w, w_scale, None)):
+        torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+    act_scale, z = torch.tensor(0.05), torch.tensor(-100, dtype=torch.int32)
+    qs = qlib.quantize(x, act_scale, z, -128, 127)
+    ref = ((qs.long() + 100) @ w.long().T).double() * 0.05 * w_scale.double()
+    for y in (ops.int8_linear(x, w, w_scale, None, act_scale, z, -128, 127),
+              ops.int8_linear_packed(x, packed, w, w_scale, None, act_scale, z, -128, 127)):
+        torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def test_packed_weight_layout_is_checked():
+    w = torch.randint(-127, 128, (20, 70), dtype=torch.int8)
+    x, s = torch.randn(3, 70), torch.ones(20)
+    _C.set_int8_cpu_kernel("avx2")
+    try:
+        packed = ops.int8_pack_weight(w)
+        _C.set_int8_cpu_kernel("vnni-emulated")
+        with pytest.raises(RuntimeError, match="w_packed was packed for another int8 CPU kernel .*'vnni-emulated'.*re-pack"):
+            ops.int8_linear_packed(x, packed, w, s, None)
+        repacked = ops.int8_pack_weight(w)
+        assert repacked.shape == packed.shape and not torch.equal(repacked, packed)
+        corrupt = repacked.clone()
+        corrupt[-4] += 1  # the tag's K
+        with pytest.raises(RuntimeError, match="its tag is corrupt or names another shape"):
+            ops.int8_linear_packed(x, corrupt, w, s, None)
+        with pytest.raises(RuntimeError, match=r"expected 2448 int8 elements"):
+            ops.int8_linear_packed(x, repacked[:-1], w, s, None)
+    finally:
+        _C.set_int8_cpu_kernel("auto")
+
+
+def test_int8linear_repacks_after_a_kernel_switch():
+    lin = torch.nn.Linear(70, 20)
+    x = torch.randn(4, 70)
+    m = Int8Linear.from_float(lin)
+    y0 = m(x)
+    other = "vnni-emulated" if _C.int8_cpu_kernel() == "avx2" else "avx2"
+    _C.set_int8_cpu_kernel(other)
+    try:
+        assert torch.equal(m(x), y0)  # repacked for the other layout, same numbers
+    finally:
+        _C.set_int8_cpu_kernel("auto")
+
+
+def test_env_var_picks_the_kernel():
+    env = dict(os.environ, QLIB_INT8_CPU_KERNEL="vnni-emulated")
+    code = "import qlib; print(qlib.build_info()['int8_cpu_kernel'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "vnni-emulated", out.stderr
+    env["QLIB_INT8_CPU_KERNEL"] = "bogus"
+    code = "import torch, qlib; torch.ops.qlib.int8_pack_weight(torch.ones(2, 3, dtype=torch.int8))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "unknown kernel 'bogus'" in out.stderr
+
+
+def test_int8_suite_with_the_vnni_layout():
+    """tests/test_int8.py again, every int8 CPU path on the VNNI layout."""
+    if _C.int8_cpu_kernel() != "avx2":
+        pytest.skip("this CPU already runs a VNNI kernel in the main suite")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, QLIB_INT8_CPU_KERNEL="vnni-emulated", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", os.path.join(here, "test_int8.py")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout
