@@ -356,19 +356,19 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
     for (int64_t pi = p0; pi < p1; ++pi) {
       int8_t* o = out + pi * p.Kp * 8;
       const int64_t n0 = pi * 8;
-      for (int64_t j = 0; j < 8; ++j) {
-        int32_t sum = 0;
-        if (n0 + j < N)
-          for (int64_t k = 0; k < K; ++k) sum += b[(n0 + j) * ldb + k];
-        rowsum[n0 + j] = sum;
-      }
+      int64_t sum[8] = {};  // row sums, of the SIMD part as sums of b + 128
       int64_t k = 0;
 #if QLIB_INT8_X86
       if (n0 + 8 <= N) {
+        __m128i sums[8];
+        for (int j = 0; j < 8; ++j) sums[j] = _mm_setzero_si128();
         for (; k + 16 <= K; k += 16) {
           __m128i r[8], t[8], s[8];
-          for (int j = 0; j < 8; ++j)
+          for (int j = 0; j < 8; ++j) {
             r[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (n0 + j) * ldb + k));
+            sums[j] = _mm_add_epi64(sums[j], _mm_sad_epu8(_mm_xor_si128(r[j], _mm_set1_epi8(-128)),
+                                                          _mm_setzero_si128()));
+          }
           __m128i* dst = reinterpret_cast<__m128i*>(o + k * 8);
           if (layout == PackLayout::kInt16Pairs) {
             for (int j = 0; j < 4; ++j) {
@@ -395,8 +395,14 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
             }
           }
         }
+        for (int j = 0; j < 8; ++j)
+          sum[j] = _mm_cvtsi128_si64(sums[j]) +
+                   _mm_cvtsi128_si64(_mm_unpackhi_epi64(sums[j], sums[j])) - 128 * k;
       }
 #endif
+      for (int64_t j = 0; j < 8 && n0 + j < N; ++j)
+        for (int64_t kk = k; kk < K; ++kk) sum[j] += b[(n0 + j) * ldb + kk];
+      for (int64_t j = 0; j < 8; ++j) rowsum[n0 + j] = static_cast<int32_t>(sum[j]);
       for (; k < p.Kp; ++k)  // tails (K, or rows past N) zero padded
         for (int64_t j = 0; j < 8; ++j) {
           const int64_t n = n0 + j;
@@ -546,10 +552,17 @@ at::Tensor pack_a(const int8_t* a, int64_t lda, int64_t M, int64_t K, const at::
                            opt.dtype(std::is_same_v<Elem, uint8_t> ? at::kByte : at::kShort));
   const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp};
   sink.clear_tail_rows(M);
+  constexpr int G = PanelCodes<Elem>::G;
   at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(kp, 1)),
                    [&](int64_t r0, int64_t r1) {
-                     for (int64_t r = r0; r < r1; ++r)
-                       for (int64_t k = 0; k < kp; ++k) sink.put1(r, k, k < K ? a[r * lda + k] : 0);
+                     for (int64_t r = r0; r < r1; ++r) {
+                       const int8_t* ar = a + r * lda;
+                       Elem* o = sink.panel(r) + (r % kPMR) * G;  // word 0 of row r
+                       int64_t k = 0;
+                       for (; k + G <= K; k += G, o += kPMR * G)
+                         for (int g = 0; g < G; ++g) o[g] = sink.code(ar[k + g]);
+                       for (; k < kp; ++k) sink.put1(r, k, k < K ? ar[k] : 0);
+                     }
                    });
   return w;
 }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "block_layout.h"
+#include "int8.h"
 #include "quant_math.h"
 
 using qlib::ScalarMath;
@@ -208,4 +209,27 @@ TEST(Dispatcher, BadScaleNamesTheOp) {
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("qlib::fake_quant: scale must be positive"), std::string::npos);
   }
+}
+
+// Every int8 CPU kernel this CPU runs (vnni-emulated at least: the VNNI layout on AVX2),
+// small and packed (M >= 32) paths, against an int64 reference.
+TEST(Dispatcher, Int8GemmExactOnEveryCpuKernel) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qlib::int8_gemm", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  at::manual_seed(1);
+  const std::vector<std::string> kernels = qlib::int8_cpu_kernels();
+  EXPECT_GE(kernels.size(), 2u);
+  for (const std::string& k : kernels) {
+    qlib::set_int8_cpu_kernel(k);
+    EXPECT_EQ(qlib::int8_cpu_kernel(), k);
+    for (int64_t m : {3, 45}) {
+      const at::Tensor a = at::randint(-128, 128, {m, 1031}, at::kChar);
+      const at::Tensor b = at::randint(-128, 128, {19, 1031}, at::kChar);
+      const at::Tensor ref = at::matmul(a.to(at::kLong), b.to(at::kLong).t());
+      EXPECT_TRUE(at::equal(op.call(a, b).to(at::kLong), ref)) << "kernel " << k << ", M " << m;
+    }
+  }
+  qlib::set_int8_cpu_kernel("auto");
+  EXPECT_THROW(qlib::set_int8_cpu_kernel("avx9"), c10::Error);
 }
