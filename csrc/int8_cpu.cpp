@@ -321,7 +321,7 @@ int64_t packed_min_m(bool prepacked) {
 int64_t padded_k(int64_t K) { return (K + 3) / 4 * 4; }
 int64_t padded_n(int64_t N) { return (N + kPNR - 1) / kPNR * kPNR; }
 
-enum class PackLayout : int32_t { kInt16Pairs = 1, kU8Quads = 2 };
+enum class PackLayout : int32_t { kInt16Pairs = 16, kU8Quads = 8 };  // bits of an A code
 constexpr int32_t kPackMagic = 0x38424C51;  // "QLB8"
 constexpr int64_t kPackTagBytes = 16;
 
@@ -417,11 +417,10 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
 }
 
 // Reads a packed weight back (int8_linear_packed): checks it is pack_b's output for w's
-// N and K in the layout this process's kernel needs.
-PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor& w,
-                   PackLayout want) {
+// N and K, and takes its layout from the tag.
+PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor& w) {
   PackedB p;
-  p.N = w.size(0), p.K = w.size(1), p.Np = padded_n(p.N), p.Kp = padded_k(p.K), p.layout = want;
+  p.N = w.size(0), p.K = w.size(1), p.Np = padded_n(p.N), p.Kp = padded_k(p.K);
   const int64_t bytes = packed_bytes(p.N, p.K);
   TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 &&
                   w_packed.is_contiguous() && w_packed.numel() == bytes &&
@@ -431,14 +430,13 @@ PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor&
               bytes, " int8 elements)");
   int32_t tag[4];
   std::memcpy(tag, w_packed.const_data_ptr<int8_t>() + bytes - kPackTagBytes, sizeof(tag));
-  TORCH_CHECK(tag[0] == kPackMagic && tag[2] == static_cast<int32_t>(p.N) &&
+  const bool layout_ok = tag[1] == static_cast<int32_t>(PackLayout::kInt16Pairs) ||
+                         tag[1] == static_cast<int32_t>(PackLayout::kU8Quads);
+  TORCH_CHECK(tag[0] == kPackMagic && layout_ok && tag[2] == static_cast<int32_t>(p.N) &&
                   tag[3] == static_cast<int32_t>(p.K),
               op, ": w_packed is not int8_pack_weight(w_int8) for w_int8 of shape ", w.sizes(),
               " (its tag is corrupt or names another shape)");
-  TORCH_CHECK(tag[1] == static_cast<int32_t>(want), op,
-              ": w_packed was packed for another int8 CPU kernel (layout ", tag[1],
-              ", this process runs '", int8_cpu_kernel(), "' which needs layout ",
-              static_cast<int32_t>(want), "); re-pack it with int8_pack_weight (Int8Linear.repack())");
+  p.layout = static_cast<PackLayout>(tag[1]);
   p.buf = w_packed;
   return p;
 }
@@ -678,6 +676,18 @@ PackLayout kernel_layout(Int8Kernel kernel) {
   with_step(kernel, [&](auto step) { layout = decltype(step)::kLayout; });
 #endif
   return layout;
+}
+
+// The kernel that runs a weight packed in `layout`: this process's, or (a weight packed on
+// another machine, e.g. inside an exported program) the AVX2 kernel of that layout, which
+// every x86 CPU qlib runs on has. Exact either way; only slower.
+Int8Kernel kernel_for_layout(PackLayout layout) {
+  const Int8Kernel current = current_int8_kernel();
+  if (kernel_layout(current) == layout) return current;
+  TORCH_WARN_ONCE("qlib int8: a weight was packed for another int8 CPU kernel than this "
+                  "process's '", int8_cpu_kernel(), "'; it runs exactly but not at full "
+                  "speed. Re-pack it (int8_pack_weight, Int8Linear.repack()).");
+  return layout == PackLayout::kInt16Pairs ? Int8Kernel::kAvx2 : Int8Kernel::kVnniEmulated;
 }
 
 // What the packed kernel's int32 sums hold beyond sum a * b, per column: 128 * rowsum(B)
@@ -1039,7 +1049,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
     };
 #if QLIB_INT8_X86
     if (packed_path) {
-      with_step(current_int8_kernel(), [&](auto step) {
+      with_step(kernel_for_layout(packed->layout), [&](auto step) {
         using Step = decltype(step);
         using Elem = typename Step::Elem;
         const at::Tensor a = quantize_rows_panels<Elem>(x, M, K, sa.data_ptr<float>(), fixed, codes);
@@ -1100,7 +1110,7 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   PackedB pb;
   const PackedB* ppb = nullptr;
   if (w.dim() == 2 && w_packed.numel() > 0) {
-    pb = unpack_tag(op, w_packed, w, kernel_layout(current_int8_kernel()));
+    pb = unpack_tag(op, w_packed, w);
     ppb = &pb;
   }
   return int8_linear_impl(op, x, w, w_scale, bias, act_scale, act_zero_point, act_quant_min,

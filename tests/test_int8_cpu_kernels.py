@@ -88,25 +88,40 @@ def test_linear_exact_every_kernel(kernel, M):
         torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
 
 
-def test_packed_weight_layout_is_checked():
+def test_packed_weight_from_another_kernel_runs_exactly():
+    """A weight packed under one kernel (say, inside an exported program made on another
+    machine) runs with the AVX2 kernel of its own layout: same numbers, a warning."""
     w = torch.randint(-127, 128, (20, 70), dtype=torch.int8)
-    x, s = torch.randn(3, 70), torch.ones(20)
-    _C.set_int8_cpu_kernel("avx2")
+    x, s = torch.randn(40, 70), torch.rand(20) + 0.5
+    z = torch.tensor(-7, dtype=torch.int32)
+    ref = ops.int8_linear(x, w, s, None)
+    ref_static = ops.int8_linear(x, w, s, None, torch.tensor(0.03), z, -128, 127)
     try:
-        packed = ops.int8_pack_weight(w)
-        _C.set_int8_cpu_kernel("vnni-emulated")
-        with pytest.raises(RuntimeError, match="w_packed was packed for another int8 CPU kernel .*'vnni-emulated'.*re-pack"):
-            ops.int8_linear_packed(x, packed, w, s, None)
-        repacked = ops.int8_pack_weight(w)
-        assert repacked.shape == packed.shape and not torch.equal(repacked, packed)
-        corrupt = repacked.clone()
-        corrupt[-4] += 1  # the tag's K
-        with pytest.raises(RuntimeError, match="its tag is corrupt or names another shape"):
-            ops.int8_linear_packed(x, corrupt, w, s, None)
-        with pytest.raises(RuntimeError, match=r"expected 2448 int8 elements"):
-            ops.int8_linear_packed(x, repacked[:-1], w, s, None)
+        for pack_with, run_with in (("avx2", "vnni-emulated"), ("vnni-emulated", "avx2")):
+            _C.set_int8_cpu_kernel(pack_with)
+            packed = ops.int8_pack_weight(w)
+            _C.set_int8_cpu_kernel(run_with)
+            assert torch.equal(ops.int8_linear_packed(x, packed, w, s, None), ref)
+            assert torch.equal(ops.int8_linear_packed(x, packed, w, s, None, torch.tensor(0.03), z, -128, 127),
+                               ref_static)
+            assert not torch.equal(ops.int8_pack_weight(w), packed)  # the layouts differ
     finally:
         _C.set_int8_cpu_kernel("auto")
+
+
+def test_packed_weight_is_checked():
+    w = torch.randint(-127, 128, (20, 70), dtype=torch.int8)
+    x, s = torch.randn(3, 70), torch.ones(20)
+    packed = ops.int8_pack_weight(w)
+    for byte in (-16, -12, -4):  # the tag's magic, layout and K
+        corrupt = packed.clone()
+        corrupt[byte] += 1
+        with pytest.raises(RuntimeError, match="its tag is corrupt or names another shape"):
+            ops.int8_linear_packed(x, corrupt, w, s, None)
+    with pytest.raises(RuntimeError, match=r"expected 2448 int8 elements"):
+        ops.int8_linear_packed(x, packed[:-1], w, s, None)
+    with pytest.raises(RuntimeError, match=r"expected 2448 int8 elements"):
+        ops.int8_linear_packed(x, ops.int8_pack_weight(w[:, :66]), w, s, None)
 
 
 def test_int8linear_repacks_after_a_kernel_switch():
