@@ -1,4 +1,4 @@
-"""The int8 CPU kernel families (qlib._C.set_int8_cpu_kernel): every one this CPU runs is
+"""The int8 CPU kernel families (qlib.set_int8_cpu_kernel): every one this CPU runs is
 exact, packed weights carry their layout, and the whole int8 suite passes with the VNNI
 layout (run with AVX2 ops where the CPU has no VNNI)."""
 import os
@@ -9,21 +9,24 @@ import pytest
 import torch
 
 import qlib
-from qlib import _C
 from qlib.nn import Int8Linear
 
 ops = torch.ops.qlib
 MAX_K = 2**17 - 1
-KERNELS = _C.int8_cpu_kernels()
+KERNELS = qlib.int8_cpu_kernels()
+
+
+def current():
+    return qlib.build_info()["int8_cpu_kernel"]
 
 
 @pytest.fixture(params=KERNELS)
 def kernel(request):
-    _C.set_int8_cpu_kernel(request.param)
+    qlib.set_int8_cpu_kernel(request.param)
     try:
         yield request.param
     finally:
-        _C.set_int8_cpu_kernel("auto")
+        qlib.set_int8_cpu_kernel("auto")
 
 
 def ref_gemm(a, b):
@@ -32,15 +35,15 @@ def ref_gemm(a, b):
 
 def test_kernel_names_and_errors():
     assert {"avx2", "vnni-emulated"} <= set(KERNELS)
-    best = _C.int8_cpu_kernel()
-    assert best in KERNELS and qlib.build_info()["int8_cpu_kernel"] == best
+    best = current()
+    assert best in KERNELS
     with pytest.raises(RuntimeError, match="unknown kernel 'avx9'; expected 'auto' or one of avx2"):
-        _C.set_int8_cpu_kernel("avx9")
+        qlib.set_int8_cpu_kernel("avx9")
     for name in ("avx-vnni", "avx512-vnni"):
         if name not in KERNELS:
             with pytest.raises(RuntimeError, match=f"this CPU cannot run the '{name}' kernel; it can run: avx2"):
-                _C.set_int8_cpu_kernel(name)
-    assert _C.int8_cpu_kernel() == best  # a refused name changes nothing
+                qlib.set_int8_cpu_kernel(name)
+    assert current() == best  # a refused name changes nothing
 
 
 @pytest.mark.parametrize("M", [1, 6, 7, 33, 97])
@@ -98,15 +101,15 @@ def test_packed_weight_from_another_kernel_runs_exactly():
     ref_static = ops.int8_linear(x, w, s, None, torch.tensor(0.03), z, -128, 127)
     try:
         for pack_with, run_with in (("avx2", "vnni-emulated"), ("vnni-emulated", "avx2")):
-            _C.set_int8_cpu_kernel(pack_with)
+            qlib.set_int8_cpu_kernel(pack_with)
             packed = ops.int8_pack_weight(w)
-            _C.set_int8_cpu_kernel(run_with)
+            qlib.set_int8_cpu_kernel(run_with)
             assert torch.equal(ops.int8_linear_packed(x, packed, w, s, None), ref)
             assert torch.equal(ops.int8_linear_packed(x, packed, w, s, None, torch.tensor(0.03), z, -128, 127),
                                ref_static)
             assert not torch.equal(ops.int8_pack_weight(w), packed)  # the layouts differ
     finally:
-        _C.set_int8_cpu_kernel("auto")
+        qlib.set_int8_cpu_kernel("auto")
 
 
 def test_packed_weight_is_checked():
@@ -129,12 +132,12 @@ def test_int8linear_repacks_after_a_kernel_switch():
     x = torch.randn(4, 70)
     m = Int8Linear.from_float(lin)
     y0 = m(x)
-    other = "vnni-emulated" if _C.int8_cpu_kernel() == "avx2" else "avx2"
-    _C.set_int8_cpu_kernel(other)
+    other = "vnni-emulated" if current() == "avx2" else "avx2"
+    qlib.set_int8_cpu_kernel(other)
     try:
         assert torch.equal(m(x), y0)  # repacked for the other layout, same numbers
     finally:
-        _C.set_int8_cpu_kernel("auto")
+        qlib.set_int8_cpu_kernel("auto")
 
 
 def test_env_var_picks_the_kernel():
@@ -150,7 +153,7 @@ def test_env_var_picks_the_kernel():
 
 def test_int8_suite_with_the_vnni_layout():
     """tests/test_int8.py again, every int8 CPU path on the VNNI layout."""
-    if _C.int8_cpu_kernel() != "avx2":
+    if current() != "avx2":
         pytest.skip("this CPU already runs a VNNI kernel in the main suite")
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, QLIB_INT8_CPU_KERNEL="vnni-emulated", CUDA_VISIBLE_DEVICES="")

@@ -16,7 +16,7 @@ Scheme (documented contract):
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -109,3 +109,20 @@ def int8_linear(
     is taken out exactly: zero_point x the row sums of w_int8, subtracted from the int32 sums in
     64-bit arithmetic."""
     return ops.int8_linear(x, w_int8, w_scale, bias, act_scale, act_zero_point, act_quant_min, act_quant_max)
+
+
+def int8_cpu_kernels() -> List[str]:
+    """Names of the int8 CPU GEMM kernels this CPU can run ('avx2', 'vnni-emulated', and
+    'avx-vnni' / 'avx512-vnni' where the CPU has VNNI); ``build_info()["int8_cpu_kernel"]``
+    is the one in use (the best, unless set)."""
+    from . import _C
+
+    return list(_C.int8_cpu_kernels())
+
+
+def set_int8_cpu_kernel(name: str) -> None:
+    """Use the int8 CPU kernel ``name`` ('auto' = the best this CPU runs); for benchmarks and
+    tests. All are exact. Weights packed before keep working (``Int8Linear`` re-packs them)."""
+    from . import _C
+
+    _C.set_int8_cpu_kernel(str(name))
