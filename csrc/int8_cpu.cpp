@@ -300,7 +300,7 @@ void gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, GemmOut o,
 //   B: 8-column panels; per k word, 8 x 4 bytes: (b[8p + j][G kw .. G kw + G - 1]) for
 //      j = 0..7, so one load (widened for int16) lines up with a broadcast A word.
 //   A packed weight (int8_pack_weight) is [B panels | int32 rowsum(B) per padded column |
-//   a 16-byte tag: magic, layout, N, K], so a weight packed for another kernel is refused.
+//   a 16-byte tag: magic, layout, N, K]; the tag says which step can run it.
 constexpr int64_t kPMR = 6;       // rows per micro-kernel
 constexpr int64_t kPNR = 16;      // columns per micro-kernel (two 8-column panels)
 constexpr int64_t kPMc = 96;      // rows per thread tile (multiple of kPMR)
@@ -489,7 +489,7 @@ struct StepAvx512Vnni : StepU8 {
   }
 };
 
-// Calls f(Step{}) for the kernel this process runs.
+// Calls f(Step{}) with the step of `kernel`.
 template <class F>
 void with_step(Int8Kernel kernel, F&& f) {
   switch (kernel) {
