@@ -103,8 +103,13 @@ std::atomic<int> g_int8_kernel{-1};  // -1: not chosen yet
 
 Int8Kernel current_int8_kernel() {
   if (g_int8_kernel.load(std::memory_order_relaxed) < 0) {
-    const char* env = std::getenv("QLIB_INT8_CPU_KERNEL");  // validated like the setter
-    set_int8_cpu_kernel(env != nullptr && *env != '\0' ? env : "auto");
+    const char* env = std::getenv("QLIB_INT8_CPU_KERNEL");
+    try {
+      set_int8_cpu_kernel(env != nullptr && *env != '\0' ? env : "auto");
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "the environment variable QLIB_INT8_CPU_KERNEL=", env,
+                  " is not usable: ", e.what_without_backtrace());
+    }
   }
   return static_cast<Int8Kernel>(g_int8_kernel.load(std::memory_order_relaxed));
 }

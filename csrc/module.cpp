@@ -31,7 +31,11 @@ pybind11::dict build_info() {
 #endif
   d["torch_built_against"] = QLIB_TORCH_VERSION;
   d["num_threads"] = at::get_num_threads();
-  d["int8_cpu_kernel"] = qlib::int8_cpu_kernel();
+  try {  // a bad QLIB_INT8_CPU_KERNEL must not hide the rest of the report
+    d["int8_cpu_kernel"] = qlib::int8_cpu_kernel();
+  } catch (const c10::Error& e) {
+    d["int8_cpu_kernel"] = std::string("error: ") + e.what_without_backtrace();
+  }
   return d;
 }
 

@@ -148,7 +148,11 @@ def test_env_var_picks_the_kernel():
     env["QLIB_INT8_CPU_KERNEL"] = "bogus"
     code = "import torch, qlib; torch.ops.qlib.int8_pack_weight(torch.ones(2, 3, dtype=torch.int8))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "unknown kernel 'bogus'" in out.stderr
+    assert out.returncode != 0 and "QLIB_INT8_CPU_KERNEL=bogus is not usable" in out.stderr
+    assert "unknown kernel 'bogus'" in out.stderr
+    code = "import qlib; print(qlib.build_info()['int8_cpu_kernel'])"  # still reports
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("error: the environment variable QLIB_INT8_CPU_KERNEL=bogus")
 
 
 def test_int8_suite_with_the_vnni_layout():
