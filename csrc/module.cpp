@@ -50,7 +50,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_cpu_kernels", &qlib::int8_cpu_kernels, "The int8 CPU GEMM kernels this CPU runs.");
   m.def("set_int8_cpu_kernel", &qlib::set_int8_cpu_kernel,
         "Pick the int8 CPU GEMM kernel by name ('auto' = the best); weights packed before "
-        "must be re-packed.");
+        "still run exactly, slower until re-packed.");
   m.def(
       "check_histogram",
       [](const std::string& who, const at::Tensor& hist, const at::Tensor& range) {

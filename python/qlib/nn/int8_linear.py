@@ -84,7 +84,7 @@ class Int8Linear(nn.Module):
 
     def _weight_key(self):
         # Inference tensors have no version counter: then only a new weight tensor is seen.
-        # The CPU layout depends on the int8 kernel (qlib._C.set_int8_cpu_kernel).
+        # The CPU layout depends on the int8 kernel (qlib.set_int8_cpu_kernel).
         w = self.weight
         kernel = _C.int8_cpu_kernel() if w.is_cpu else None
         return (None if w.is_inference() else w._version, w.data_ptr(), kernel)
