@@ -73,7 +73,8 @@ bool cpu_has_avx2() {
 #endif
 }
 
-constexpr const char* kInt8KernelNames[] = {"avx2", "vnni-emulated", "avx-vnni", "avx512-vnni"};
+constexpr std::array<const char*, 4> kInt8KernelNames = {"avx2", "vnni-emulated", "avx-vnni",
+                                                     "avx512-vnni"};
 
 bool int8_kernel_supported(Int8Kernel k) {
 #if QLIB_INT8_X86
@@ -118,7 +119,7 @@ std::string int8_cpu_kernel() { return kInt8KernelNames[static_cast<int>(current
 
 std::vector<std::string> int8_cpu_kernels() {
   std::vector<std::string> names;
-  for (int k = 0; k < 4; ++k)
+  for (int k = 0; k < static_cast<int>(kInt8KernelNames.size()); ++k)
     if (int8_kernel_supported(static_cast<Int8Kernel>(k))) names.emplace_back(kInt8KernelNames[k]);
   return names;
 }
@@ -128,7 +129,7 @@ void set_int8_cpu_kernel(const std::string& name) {
     g_int8_kernel.store(static_cast<int>(best_int8_kernel()));
     return;
   }
-  for (int k = 0; k < 4; ++k) {
+  for (int k = 0; k < static_cast<int>(kInt8KernelNames.size()); ++k) {
     if (name != kInt8KernelNames[k]) continue;
     TORCH_CHECK(int8_kernel_supported(static_cast<Int8Kernel>(k)),
                 "qlib.set_int8_cpu_kernel: this CPU cannot run the '", name,
@@ -137,7 +138,7 @@ void set_int8_cpu_kernel(const std::string& name) {
     return;
   }
   TORCH_CHECK(false, "qlib.set_int8_cpu_kernel: unknown kernel '", name,
-              "'; expected 'auto' or one of avx2, vnni-emulated, avx-vnni, avx512-vnni");
+              "'; expected 'auto' or one of ", c10::Join(", ", kInt8KernelNames));
 }
 
 namespace {
@@ -324,6 +325,13 @@ int64_t packed_min_m(bool prepacked) {
 }
 
 int64_t padded_k(int64_t K) { return (K + 3) / 4 * 4; }
+
+// Sum of row[k0, K) (a row of w: pack_b's tail, the zero-point term without a packed w).
+int64_t row_sum(const int8_t* __restrict row, int64_t k0, int64_t K) {
+  int32_t sum = 0;  // |sum| <= 128 K fits int32 for K <= kInt8GemmMaxK
+  for (int64_t k = k0; k < K; ++k) sum += row[k];
+  return sum;
+}
 int64_t padded_n(int64_t N) { return (N + kPNR - 1) / kPNR * kPNR; }
 
 enum class PackLayout : int32_t { kInt16Pairs = 16, kU8Quads = 8 };  // bits of an A code
@@ -406,7 +414,7 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
       }
 #endif
       for (int64_t j = 0; j < 8 && n0 + j < N; ++j)
-        for (int64_t kk = k; kk < K; ++kk) sum[j] += b[(n0 + j) * ldb + kk];
+        sum[j] += row_sum(b + (n0 + j) * ldb, k, K);
       for (int64_t j = 0; j < 8; ++j) rowsum[n0 + j] = static_cast<int32_t>(sum[j]);
       for (; k < p.Kp; ++k)  // tails (K, or rows past N) zero padded
         for (int64_t j = 0; j < 8; ++j) {
@@ -1012,12 +1020,8 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
       const int64_t ldw = w.stride(0);
       at::parallel_for(0, N, std::max<int64_t>(1, 262144 / std::max<int64_t>(K, 1)),
                        [&](int64_t n0, int64_t n1) {
-                         for (int64_t n = n0; n < n1; ++n) {
-                           const int8_t* __restrict row = wp + n * ldw;
-                           int32_t sum = 0;
-                           for (int64_t k = 0; k < K; ++k) sum += row[k];
-                           zw[n] = static_cast<int32_t>(z * sum);
-                         }
+                         for (int64_t n = n0; n < n1; ++n)
+                           zw[n] = static_cast<int32_t>(z * row_sum(wp + n * ldw, 0, K));
                        });
     }
   }
