@@ -3,10 +3,13 @@
 The CUDA kernels are compiled whenever the installed torch is a CUDA build and
 nvcc is found (never decided by torch.cuda.is_available()); QLIB_USE_CUDA=0
 forces a CPU-only build. TORCH_CUDA_ARCH_LIST picks the GPU archs (default
-9.0, Hopper). QLIB_CPU_ISA=avx2|default picks the CPU vector ISA (default:
-avx2 when this machine has it).
+9.0a, Hopper with wgmma). QLIB_CPU_ISA=avx2|default picks the CPU vector ISA
+(default: avx2 when this machine has it). The fused Hopper int8 GEMM
+(cuda/int8_gemm_sm90.cu) is built when the arch list has 9.0a and CUTLASS's
+headers are found: QLIB_CUTLASS_INCLUDE, else PyPI's nvidia-cutlass package.
 """
 import glob
+import importlib.util
 import os
 from pathlib import Path
 
@@ -43,9 +46,24 @@ def use_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def cutlass_include():
+    """The directory holding cutlass/cutlass.h, or None."""
+    given = os.environ.get("QLIB_CUTLASS_INCLUDE")
+    candidates = [Path(given)] if given else []
+    spec = importlib.util.find_spec("cutlass_library")  # nvidia-cutlass, found without importing it
+    if spec is not None and spec.origin is not None:
+        candidates.append(Path(spec.origin).parent / "source" / "include")
+    for c in candidates:
+        if (c / "cutlass" / "cutlass.h").exists():
+            return str(c)
+    if given:
+        raise SystemExit(f"QLIB_CUTLASS_INCLUDE={given!r} has no cutlass/cutlass.h")
+    return None
+
+
 with_cuda = use_cuda()
 isa = cpu_isa()
-archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0") if with_cuda else ""
+archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a") if with_cuda else ""
 if with_cuda:
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
 
@@ -69,6 +87,16 @@ include_dirs = [str(ROOT / "csrc")]
 if with_cuda:
     macros += [("QLIB_WITH_CUDA", None), ("QLIB_CUDA_ARCHS", f'"{archs}"')]
     sources += sorted(glob.glob("cuda/*.cu"))
+    cutlass = cutlass_include()
+    sm90_gemm = cutlass is not None and "9.0a" in archs.replace(" ", ";").split(";")
+    if sm90_gemm:
+        include_dirs.append(cutlass)
+        macros.append(("QLIB_WITH_SM90_GEMM", None))
+    else:
+        sources.remove("cuda/int8_gemm_sm90.cu")
+        print("qlib setup.py: building WITHOUT the fused Hopper int8 GEMM ("
+              + ("no CUTLASS headers: pip install --no-deps nvidia-cutlass==4.2.0.0"
+                 if cutlass is None else "9.0a is not in TORCH_CUDA_ARCH_LIST") + ")")
     # pip's CUDA torch ships the CUDA library headers (cusparse.h, cublasLt.h)
     # in nvidia/cu*/include; a bare nvcc install may lack them.
     include_dirs += sorted(glob.glob(str(Path(torch.__file__).parents[1] / "nvidia/cu*/include")))
@@ -79,7 +107,8 @@ if with_cuda:
         define_macros=macros,
         extra_compile_args={
             "cxx": cxx,
-            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+            # 2908: CUTLASS's Blackwell headers capture `this` implicitly (C++20 deprecation)
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-diag-suppress=2908"],
         },
         extra_link_args=link,
     )

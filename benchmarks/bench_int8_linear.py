@@ -105,6 +105,9 @@ def cpu_table(rows):
 @torch.inference_mode()
 def bench_cuda(quick):
     rows = []
+    # The fused Hopper GEMM (qlib.set_int8_cuda_gemm), timed beside the default when present.
+    fused_gemm = ("cutlass-sm90" in qlib.int8_cuda_gemms()
+                  and torch.cuda.get_device_capability() == (9, 0))
     sizes = [4096] if quick else [4096, 8192]
     ms = [1, 16, 128, 1024, 8192] if not quick else [1, 1024]
     for KN in sizes:
@@ -125,14 +128,22 @@ def bench_cuda(quick):
 
             xq_pad = F.pad(torch.ops.qlib.quantize_per_token(x)[0], (0, 0, 0, max(0, 17 - M)))
             t_q = cuda_median_ms(lambda: q(x))
+            t_fused = float("nan")
+            if fused_gemm:
+                qlib.set_int8_cuda_gemm("cutlass-sm90")
+                try:
+                    t_fused = cuda_median_ms(lambda: q(x))
+                finally:
+                    qlib.set_int8_cuda_gemm("auto")
             t_bf = cuda_median_ms(lambda: F.linear(x, w_bf16, b_bf16))
             t_mm = cuda_median_ms(int_mm_path)
             t_raw = cuda_median_ms(lambda: torch._int_mm(xq_pad, w_t))
-            rows.append((M, K, N, t_bf, t_raw, t_mm, t_q))
+            rows.append((M, K, N, t_bf, t_raw, t_mm, t_q, t_fused))
             print(f"[cuda] M={M:5d} K=N={KN}  bf16 {t_bf:8.3f} ms  _int_mm alone {t_raw:8.3f} ms  "
                   f"_int_mm+quant+dequant {t_mm:8.3f} ms  qlib {t_q:8.3f} ms | vs bf16 {t_bf / t_q:5.2f}x  "
                   f"vs _int_mm alone {t_raw / t_q:5.2f}x  vs _int_mm+quant+dequant {t_mm / t_q:5.2f}x  "
-                  f"({2 * M * K * N / t_q / 1e9:7.1f} TOPS)", flush=True)
+                  f"({2 * M * K * N / t_q / 1e9:7.1f} TOPS) | fused sm90 {t_fused:8.3f} ms: vs bf16 "
+                  f"{t_bf / t_fused:5.2f}x, vs _int_mm alone {t_raw / t_fused:5.2f}x", flush=True)
     return rows
 
 
@@ -159,10 +170,13 @@ def main():
         if gpu:
             text += ["", f"GPU: {torch.cuda.get_device_name()}", "",
                      "| M | K | N | bf16 F.linear (ms) | _int_mm alone (ms) | _int_mm + quant + dequant (ms) "
-                     "| qlib Int8Linear (ms) | vs bf16 | vs _int_mm alone | qlib TOPS |",
-                     "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                     "| qlib Int8Linear (ms) | vs bf16 | vs _int_mm alone | qlib TOPS "
+                     "| qlib fused sm90 (ms) | vs bf16 | vs _int_mm alone | fused TOPS |",
+                     "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             text += [f"| {M} | {K} | {N} | {bf:.3f} | {raw:.3f} | {mm:.3f} | {t:.3f} | {bf / t:.2f}x | "
-                     f"{raw / t:.2f}x | {2 * M * K * N / t / 1e9:.0f} |" for M, K, N, bf, raw, mm, t in gpu]
+                     f"{raw / t:.2f}x | {2 * M * K * N / t / 1e9:.0f} | {tf:.3f} | {bf / tf:.2f}x | "
+                     f"{raw / tf:.2f}x | {2 * M * K * N / tf / 1e9:.0f} |"
+                     for M, K, N, bf, raw, mm, t, tf in gpu]
         args.markdown.write_text("\n".join(text) + "\n")
 
 

@@ -19,6 +19,14 @@ std::string int8_cpu_kernel();
 std::vector<std::string> int8_cpu_kernels();  // what this CPU can run
 void set_int8_cpu_kernel(const std::string& name);  // "auto" or a name; raises if unsupported
 
+// The CUDA int8_linear GEMM for M > 4 (csrc/int8_cuda_gemm.cpp): cuBLASLt, or the fused
+// Hopper kernel when built.
+enum class Int8CudaGemm : int { kCublasLt, kCutlassSm90 };
+Int8CudaGemm current_int8_cuda_gemm();
+std::string int8_cuda_gemm();
+std::vector<std::string> int8_cuda_gemms();  // what this build has
+void set_int8_cuda_gemm(const std::string& name);  // "auto" or a name; raises if not built
+
 inline void check_int8_float_input(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16,

@@ -36,6 +36,11 @@ pybind11::dict build_info() {
   } catch (const c10::Error& e) {
     d["int8_cpu_kernel"] = std::string("error: ") + e.what_without_backtrace();
   }
+  try {
+    d["int8_cuda_gemm"] = qlib::int8_cuda_gemm();
+  } catch (const c10::Error& e) {
+    d["int8_cuda_gemm"] = std::string("error: ") + e.what_without_backtrace();
+  }
   return d;
 }
 
@@ -51,6 +56,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_int8_cpu_kernel", &qlib::set_int8_cpu_kernel,
         "Pick the int8 CPU GEMM kernel by name ('auto' = the best); weights packed before "
         "still run exactly, slower until re-packed.");
+  m.def("int8_cuda_gemm", &qlib::int8_cuda_gemm, "The CUDA int8_linear GEMM in use (M > 4).");
+  m.def("int8_cuda_gemms", &qlib::int8_cuda_gemms, "The CUDA int8_linear GEMMs this build has.");
+  m.def("set_int8_cuda_gemm", &qlib::set_int8_cuda_gemm,
+        "Pick the CUDA int8_linear GEMM by name ('auto', 'cublaslt', 'cutlass-sm90').");
   m.def(
       "check_histogram",
       [](const std::string& who, const at::Tensor& hist, const at::Tensor& range) {

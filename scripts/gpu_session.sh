@@ -28,6 +28,10 @@ stage() {  # stage NAME LIMIT_S CMD...: log to $OUT/NAME.log, print rc, time and
 for cxx in /usr/bin/g++ /usr/bin/g++-13; do
   if [ -x "$cxx" ]; then export CXX=$cxx CC=${cxx/g++/gcc}; break; fi
 done
+# The device has no network: CUTLASS's headers (for cuda/int8_gemm_sm90.cu) come carried in
+# .cutlass/include (here: cp -r .venv/lib/python3.11/site-packages/cutlass_library/source/include .cutlass/).
+if [ -f .cutlass/include/cutlass/cutlass.h ]; then export QLIB_CUTLASS_INCLUDE=$PWD/.cutlass/include
+else echo "== no .cutlass/include carried: building without the fused sm90 int8 GEMM"; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 SRC_HASH=$(cat setup.py $(ls csrc/* cuda/* | LC_ALL=C sort) | sha1sum | cut -c1-16)
 if [ -f .gpubuild/hash ] && [ "$(cat .gpubuild/hash)" = "$SRC_HASH" ]; then
@@ -37,7 +41,7 @@ else
   stage build 420 $PY -m pip install --no-build-isolation --no-deps --no-index -e . -v
   TAIL=0 stage build 60 bash -c 'so=$(ls python/qlib/_C*.so); echo "== libstdc++ linked:"; ldd $so | grep stdc;
     cuobjdump --dump-resource-usage $so | grep -E "Function|REG" | c++filt | paste - - | sed -E "s/ +/ /g" | cut -c1-260;
-    cuobjdump --dump-sass $so >/tmp/sass.txt; for i in LDG.E.128 STG.E.128 IMMA HMMA DP4A IDP; do echo "$i: $(grep -c $i /tmp/sass.txt)"; done'
+    cuobjdump --dump-sass $so >/tmp/sass.txt; for i in LDG.E.128 STG.E.128 IMMA HMMA IGMMA DP4A IDP; do echo "$i: $(grep -c $i /tmp/sass.txt)"; done'
   so=$(cd python/qlib && ls _C*.so) && gzip -c "python/qlib/$so" >"$OUT/_C.so.gz" && echo "$so" >"$OUT/so_name" \
     && cp python/qlib/_build_config.py "$OUT"/ && echo "$SRC_HASH" >"$OUT/hash"
 fi

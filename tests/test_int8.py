@@ -414,3 +414,103 @@ def test_int8linear_repacks_after_weight_edit(device):
     q2 = Int8Linear(64, 24, device=device)
     q2.load_state_dict(q.state_dict())
     assert torch.equal(q2(x), expected)
+
+
+# ---------------------------------------------------------------- CUDA GEMM choice
+def test_int8_cuda_gemm_choice():
+    """The CUDA GEMM is picked by name, reported by build_info, and bad names raise."""
+    built = qlib.int8_cuda_gemms()
+    info = qlib.build_info()
+    if not info["cuda"]:
+        assert built == [] and info["int8_cuda_gemm"].startswith("none")
+        with pytest.raises(RuntimeError, match="qlib.set_int8_cuda_gemm: this build of qlib has no 'cublaslt'"):
+            qlib.set_int8_cuda_gemm("cublaslt")
+        return
+    assert built[0] == "cublaslt" and info["int8_cuda_gemm"] in built
+    try:
+        for name in built:
+            qlib.set_int8_cuda_gemm(name)
+            assert qlib.build_info()["int8_cuda_gemm"] == name
+        qlib.set_int8_cuda_gemm("auto")
+        assert qlib.build_info()["int8_cuda_gemm"] == "cublaslt"
+        with pytest.raises(RuntimeError, match="qlib.set_int8_cuda_gemm: unknown GEMM 'nope'"):
+            qlib.set_int8_cuda_gemm("nope")
+    finally:
+        qlib.set_int8_cuda_gemm("auto")
+
+
+def test_int8_cuda_gemm_env_var():
+    """QLIB_INT8_CUDA_GEMM picks the GEMM; an unusable value names the variable."""
+    import subprocess
+    import sys
+
+    code = "import qlib; print(qlib.build_info()['int8_cuda_gemm'])"
+    env = {k: v for k, v in __import__("os").environ.items()}
+    env["QLIB_INT8_CUDA_GEMM"] = "bogus"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    if qlib.build_info()["cuda"]:
+        assert "QLIB_INT8_CUDA_GEMM=bogus" in out.stdout and "unknown GEMM 'bogus'" in out.stdout
+        env["QLIB_INT8_CUDA_GEMM"] = qlib.int8_cuda_gemms()[-1]
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == qlib.int8_cuda_gemms()[-1], out.stderr
+
+
+def _sm90_gemm_runs():
+    return (torch.cuda.is_available() and "cutlass-sm90" in qlib.int8_cuda_gemms()
+            and torch.cuda.get_device_capability() == (9, 0))
+
+
+@pytest.mark.skipif(not _sm90_gemm_runs(), reason="needs the cutlass-sm90 build and a compute capability 9.0 GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("M,K,N", [(5, 16, 8), (17, 64, 24), (64, 4096, 512), (65, 768, 200),
+                                   (300, 1024, 1000), (1024, 4096, 4096), (129, 48, 8)])
+def test_int8_linear_sm90_gemm_matches_cublaslt(dtype, static, M, K, N):
+    """The fused Hopper GEMM gives the cuBLASLt path's bits (same float epilogue), for both tile
+    sizes (M <= 64 and above), odd N, with and without bias, and a NaN row stays NaN."""
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    x[M // 2, K // 3] = math.nan
+    w = rand_i8(N, K, device="cuda", low=-127)
+    s = torch.rand(N, device="cuda") * 0.01 + 1e-3
+    b = torch.randn(N, device="cuda")
+    act = torch.tensor(0.03, device="cuda") if static else None
+    ref = [ops.int8_linear(x, w, s, bias, act) for bias in (b, None)]
+    qlib.set_int8_cuda_gemm("cutlass-sm90")
+    try:
+        got = [ops.int8_linear(x, w, s, bias, act) for bias in (b, None)]
+    finally:
+        qlib.set_int8_cuda_gemm("auto")
+    for g, r in zip(got, ref):
+        assert g.dtype == dtype and g.shape == (M, N)
+        assert torch.isnan(g[M // 2]).all()
+        assert torch.equal(g.nan_to_num(0.0), r.nan_to_num(0.0))
+    keep = torch.arange(M, device="cuda") != M // 2
+    ref64 = ref_linear(x[keep], w, s, b, act)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got[0][keep].double(), ref64, rtol=tol, atol=tol * ref64.abs().max().item())
+
+
+@pytest.mark.skipif(not _sm90_gemm_runs(), reason="needs the cutlass-sm90 build and a compute capability 9.0 GPU")
+def test_int8_linear_sm90_gemm_fallbacks():
+    """Calls the fused GEMM cannot take (K % 16 != 0, a static zero point, a strided weight)
+    run on cuBLASLt with the same result; Int8Linear and torch.compile use it too."""
+    x = torch.randn(2, 40, 33, device="cuda", dtype=torch.bfloat16)
+    w = rand_i8(24, 33, device="cuda")
+    s = torch.rand(24, device="cuda") * 0.01 + 1e-3
+    act, zp = torch.tensor(0.02, device="cuda"), torch.tensor(3, device="cuda")
+    x48 = torch.randn(70, 48, device="cuda")
+    w48 = rand_i8(48, 96, device="cuda")[:, ::2]  # row stride 96, not K-contiguous
+    lin = Int8Linear.from_float(nn.Linear(64, 40).cuda())
+    x64 = torch.randn(3, 50, 64, device="cuda")
+    cases = [lambda: ops.int8_linear(x, w, s), lambda: ops.int8_linear(x, w, s, None, act, zp, -128, 127),
+             lambda: ops.int8_linear(x48, w48, s[:48].repeat(2)[:48]), lambda: lin(x64),
+             lambda: torch.compile(lin, fullgraph=True)(x64)]
+    ref = [f() for f in cases]
+    qlib.set_int8_cuda_gemm("cutlass-sm90")
+    try:
+        got = [f() for f in cases]
+    finally:
+        qlib.set_int8_cuda_gemm("auto")
+    for g, r in zip(got, ref):
+        assert torch.equal(g, r)

@@ -27,15 +27,18 @@ __version__ = "0.1.0"
 from . import nn  # noqa: E402
 from ._int8_ops import (  # noqa: E402
     int8_cpu_kernels,
+    int8_cuda_gemms,
     int8_gemm,
     int8_linear,
     quantize_per_token,
     set_int8_cpu_kernel,
+    set_int8_cuda_gemm,
 )
 from .config import QATConfig  # noqa: E402
 from .workflows import calibrate, convert, prepare, prepare_qat, quantize_dynamic  # noqa: E402
 
 __all__ += ["nn", "int8_gemm", "int8_linear", "quantize_per_token", "int8_cpu_kernels", "set_int8_cpu_kernel",
+            "int8_cuda_gemms", "set_int8_cuda_gemm",
             "quantize_dynamic",
             "QATConfig", "prepare_qat", "prepare", "calibrate", "convert"]
 from . import observers  # noqa: E402

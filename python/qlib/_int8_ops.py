@@ -126,3 +126,22 @@ def set_int8_cpu_kernel(name: str) -> None:
     from . import _C
 
     _C.set_int8_cpu_kernel(str(name))
+
+
+def int8_cuda_gemms() -> List[str]:
+    """Names of the GEMMs this build has for CUDA ``int8_linear`` at M > 4: 'cublaslt'
+    (``torch._int_mm``, then a dequant kernel) and, when built with CUTLASS and 9.0a,
+    'cutlass-sm90' (Hopper wgmma with the dequant fused). ``build_info()["int8_cuda_gemm"]``
+    is the one in use ('cublaslt' unless set, or set by ``QLIB_INT8_CUDA_GEMM``)."""
+    from . import _C
+
+    return list(_C.int8_cuda_gemms())
+
+
+def set_int8_cuda_gemm(name: str) -> None:
+    """Use the CUDA int8_linear GEMM ``name`` ('auto', 'cublaslt', 'cutlass-sm90'). Both give
+    the same bits. 'cutlass-sm90' raises on a GPU other than compute capability 9.0; calls it
+    cannot take (a static zero point, K not a multiple of 16, unaligned rows) use cuBLASLt."""
+    from . import _C
+
+    _C.set_int8_cuda_gemm(str(name))

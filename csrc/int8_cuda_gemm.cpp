@@ -1,0 +1,77 @@
+// Which GEMM the CUDA int8_linear uses for M > 4 (cuda/int8_cuda.cu), by name:
+//   "cublaslt":     at::_int_mm (cuBLASLt int8 tensor cores), then a dequant kernel;
+//   "cutlass-sm90": cuda/int8_gemm_sm90.cu, wgmma with the dequant fused (Hopper only;
+//                   present when the build had CUTLASS and 9.0a, QLIB_WITH_SM90_GEMM).
+// "auto" is cublaslt until the sm90 kernel is measured faster on a GPU (NOTES.md).
+// Compiled in every build (a CPU-only build knows no CUDA GEMM) and in the C++ tests.
+#include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
+
+#include <atomic>
+#include <cstdlib>
+
+#include "int8.h"
+
+namespace qlib {
+namespace {
+
+constexpr const char* kGemmNames[] = {"cublaslt", "cutlass-sm90"};
+
+bool gemm_built(Int8CudaGemm g) {
+#ifndef QLIB_WITH_CUDA
+  return false;
+#elif defined(QLIB_WITH_SM90_GEMM)
+  return true;
+#else
+  return g == Int8CudaGemm::kCublasLt;
+#endif
+}
+
+std::atomic<int> g_gemm{-1};  // -1: not chosen yet
+
+}  // namespace
+
+Int8CudaGemm current_int8_cuda_gemm() {
+  if (g_gemm.load(std::memory_order_relaxed) < 0) {
+    const char* env = std::getenv("QLIB_INT8_CUDA_GEMM");
+    try {
+      set_int8_cuda_gemm(env != nullptr && *env != '\0' ? env : "auto");
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "the environment variable QLIB_INT8_CUDA_GEMM=", env,
+                  " is not usable: ", e.what_without_backtrace());
+    }
+  }
+  return static_cast<Int8CudaGemm>(g_gemm.load(std::memory_order_relaxed));
+}
+
+std::string int8_cuda_gemm() {
+  return gemm_built(Int8CudaGemm::kCublasLt) ? kGemmNames[static_cast<int>(current_int8_cuda_gemm())]
+                                              : "none (built without CUDA)";
+}
+
+std::vector<std::string> int8_cuda_gemms() {
+  std::vector<std::string> names;
+  for (int g = 0; g < 2; ++g)
+    if (gemm_built(static_cast<Int8CudaGemm>(g))) names.emplace_back(kGemmNames[g]);
+  return names;
+}
+
+void set_int8_cuda_gemm(const std::string& name) {
+  if (name == "auto" && gemm_built(Int8CudaGemm::kCublasLt)) {
+    g_gemm.store(static_cast<int>(Int8CudaGemm::kCublasLt));
+    return;
+  }
+  for (int g = 0; g < 2; ++g) {
+    if (name != kGemmNames[g]) continue;
+    TORCH_CHECK(gemm_built(static_cast<Int8CudaGemm>(g)), "qlib.set_int8_cuda_gemm: this build of qlib has no '",
+                name, "' GEMM; it has: [", c10::Join(", ", int8_cuda_gemms()),
+                "] (cutlass-sm90 needs CUTLASS and 9.0a in TORCH_CUDA_ARCH_LIST at build time)");
+    g_gemm.store(g);
+    return;
+  }
+  TORCH_CHECK(name != "auto", "qlib.set_int8_cuda_gemm: this build of qlib has no CUDA kernels");
+  TORCH_CHECK(false, "qlib.set_int8_cuda_gemm: unknown GEMM '", name,
+              "'; expected 'auto', 'cublaslt' or 'cutlass-sm90'");
+}
+
+}  // namespace qlib
