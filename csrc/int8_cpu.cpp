@@ -103,16 +103,7 @@ std::atomic<int> g_int8_kernel{-1};  // -1: not chosen yet
 }  // namespace
 
 Int8Kernel current_int8_kernel() {
-  if (g_int8_kernel.load(std::memory_order_relaxed) < 0) {
-    const char* env = std::getenv("QLIB_INT8_CPU_KERNEL");
-    try {
-      set_int8_cpu_kernel(env != nullptr && *env != '\0' ? env : "auto");
-    } catch (const c10::Error& e) {
-      TORCH_CHECK(false, "the environment variable QLIB_INT8_CPU_KERNEL=", env,
-                  " is not usable: ", e.what_without_backtrace());
-    }
-  }
-  return static_cast<Int8Kernel>(g_int8_kernel.load(std::memory_order_relaxed));
+  return static_cast<Int8Kernel>(chosen_once(g_int8_kernel, "QLIB_INT8_CPU_KERNEL", set_int8_cpu_kernel));
 }
 
 std::string int8_cpu_kernel() { return kInt8KernelNames[static_cast<int>(current_int8_kernel())]; }

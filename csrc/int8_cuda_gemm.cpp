@@ -7,8 +7,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 
-#include <atomic>
-#include <cstdlib>
+#include <iterator>
 
 #include "int8.h"
 
@@ -32,16 +31,7 @@ std::atomic<int> g_gemm{-1};  // -1: not chosen yet
 }  // namespace
 
 Int8CudaGemm current_int8_cuda_gemm() {
-  if (g_gemm.load(std::memory_order_relaxed) < 0) {
-    const char* env = std::getenv("QLIB_INT8_CUDA_GEMM");
-    try {
-      set_int8_cuda_gemm(env != nullptr && *env != '\0' ? env : "auto");
-    } catch (const c10::Error& e) {
-      TORCH_CHECK(false, "the environment variable QLIB_INT8_CUDA_GEMM=", env,
-                  " is not usable: ", e.what_without_backtrace());
-    }
-  }
-  return static_cast<Int8CudaGemm>(g_gemm.load(std::memory_order_relaxed));
+  return static_cast<Int8CudaGemm>(chosen_once(g_gemm, "QLIB_INT8_CUDA_GEMM", set_int8_cuda_gemm));
 }
 
 std::string int8_cuda_gemm() {
@@ -51,7 +41,7 @@ std::string int8_cuda_gemm() {
 
 std::vector<std::string> int8_cuda_gemms() {
   std::vector<std::string> names;
-  for (int g = 0; g < 2; ++g)
+  for (int g = 0; g < static_cast<int>(std::size(kGemmNames)); ++g)
     if (gemm_built(static_cast<Int8CudaGemm>(g))) names.emplace_back(kGemmNames[g]);
   return names;
 }
@@ -61,7 +51,7 @@ void set_int8_cuda_gemm(const std::string& name) {
     g_gemm.store(static_cast<int>(Int8CudaGemm::kCublasLt));
     return;
   }
-  for (int g = 0; g < 2; ++g) {
+  for (int g = 0; g < static_cast<int>(std::size(kGemmNames)); ++g) {
     if (name != kGemmNames[g]) continue;
     TORCH_CHECK(gemm_built(static_cast<Int8CudaGemm>(g)), "qlib.set_int8_cuda_gemm: this build of qlib has no '",
                 name, "' GEMM; it has: [", c10::Join(", ", int8_cuda_gemms()),
