@@ -5,8 +5,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 if [ ! -f /usr/include/gtest/gtest.h ] || ! command -v cmake >/dev/null; then
   echo "== installing GoogleTest and cmake (Debian packages)"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  # env, not a bare VAR=...: after an empty $SUDO bash would run the assignment as a command.
   $SUDO apt-get update -qq
-  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev cmake >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev cmake >/dev/null
 fi
 
 echo "== GoogleTest"
