@@ -30,8 +30,9 @@ int chosen_once(std::atomic<int>& slot, const char* env_var, Set&& set) {
 }
 
 // The int8 CPU GEMM kernel family (int8_cpu.cpp): the best this CPU runs, chosen once, or
-// set by name ("vnni-emulated" runs the VNNI layout with AVX2 ops: tests, any AVX2 CPU).
-enum class Int8Kernel : int { kAvx2, kVnniEmulated, kAvxVnni, kAvx512Vnni };
+// set by name ("vnni-emulated" runs the VNNI layout with AVX2 ops: tests, any AVX2 CPU;
+// "amx" uses the AMX-INT8 tile unit where the CPU and the OS allow it).
+enum class Int8Kernel : int { kAvx2, kVnniEmulated, kAvxVnni, kAvx512Vnni, kAmx };
 Int8Kernel current_int8_kernel();
 std::string int8_cpu_kernel();
 std::vector<std::string> int8_cpu_kernels();  // what this CPU can run

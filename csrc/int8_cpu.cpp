@@ -45,7 +45,10 @@
 #include "quant_math.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define QLIB_INT8_X86 1
 // Compiled for AVX2 even when the rest of qlib is not; used only after a runtime check.
 #define QLIB_AVX2_FN __attribute__((target("avx2,fma,f16c")))
@@ -73,8 +76,25 @@ bool cpu_has_avx2() {
 #endif
 }
 
-constexpr std::array<const char*, 4> kInt8KernelNames = {"avx2", "vnni-emulated", "avx-vnni",
-                                                     "avx512-vnni"};
+constexpr std::array<const char*, 5> kInt8KernelNames = {"avx2", "vnni-emulated", "avx-vnni",
+                                                         "avx512-vnni", "amx"};
+
+// AMX-INT8 in CPUID and the tile data state granted by Linux (arch_prctl
+// ARCH_REQ_XCOMP_PERM, once per process; without it the first tile instruction faults).
+bool cpu_has_amx_int8() {
+#if QLIB_INT8_X86 && defined(__linux__)
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return tile && int8 && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
 
 bool int8_kernel_supported(Int8Kernel k) {
 #if QLIB_INT8_X86
@@ -87,15 +107,25 @@ bool int8_kernel_supported(Int8Kernel k) {
     case Int8Kernel::kAvx512Vnni:
       return cpu_has_avx2() && __builtin_cpu_supports("avx512vnni") &&
              __builtin_cpu_supports("avx512vl");
+    case Int8Kernel::kAmx:
+      return cpu_has_avx2() && cpu_has_amx_int8();
   }
 #endif
   return false;
 }
 
 Int8Kernel best_int8_kernel() {
-  for (Int8Kernel k : {Int8Kernel::kAvx512Vnni, Int8Kernel::kAvxVnni})
+  for (Int8Kernel k : {Int8Kernel::kAmx, Int8Kernel::kAvx512Vnni, Int8Kernel::kAvxVnni})
     if (int8_kernel_supported(k)) return k;
   return Int8Kernel::kAvx2;
+}
+
+// The best kernel whose A operand is q + 128 as uint8 (vpdpbusd, or its AVX2 emulation): it
+// runs both uint8 layouts, and the AMX layout at small M.
+Int8Kernel best_u8_kernel() {
+  for (Int8Kernel k : {Int8Kernel::kAvx512Vnni, Int8Kernel::kAvxVnni})
+    if (int8_kernel_supported(k)) return k;
+  return Int8Kernel::kVnniEmulated;
 }
 
 std::atomic<int> g_int8_kernel{-1};  // -1: not chosen yet
@@ -315,51 +345,68 @@ int64_t packed_min_m(bool prepacked) {
   return env >= 0 ? env : prepacked ? 1 : 32;
 }
 
-int64_t padded_k(int64_t K) { return (K + 3) / 4 * 4; }
-
 // Sum of row[k0, K) (a row of w: pack_b's tail, the zero-point term without a packed w).
 int64_t row_sum(const int8_t* __restrict row, int64_t k0, int64_t K) {
   int32_t sum = 0;  // |sum| <= 128 K fits int32 for K <= kInt8GemmMaxK
   for (int64_t k = k0; k < K; ++k) sum += row[k];
   return sum;
 }
-int64_t padded_n(int64_t N) { return (N + kPNR - 1) / kPNR * kPNR; }
 
-enum class PackLayout : int32_t { kInt16Pairs = 16, kU8Quads = 8 };  // bits of an A code
+// Packed B layouts (the enum values, bits of an A code and 64 for AMX, are what the tag
+// stores). kInt16Pairs / kU8Quads: 8-column panels, K padded to 4, N to 16. kAmxQuads: the
+// AMX B-tile layout, 16-column panels (a k word is one 64-byte tile row), K padded to 64
+// and N to 32; the uint8 (VNNI) steps run it too.
+enum class PackLayout : int32_t { kInt16Pairs = 16, kU8Quads = 8, kAmxQuads = 64 };
 constexpr int32_t kPackMagic = 0x38424C51;  // "QLB8"
 constexpr int64_t kPackTagBytes = 16;
+
+bool is_amx(PackLayout l) { return l == PackLayout::kAmxQuads; }
+int64_t panel_cols(PackLayout l) { return is_amx(l) ? 16 : 8; }
+int64_t padded_k(int64_t K, PackLayout l) {
+  const int64_t m = is_amx(l) ? 64 : 4;
+  return (K + m - 1) / m * m;
+}
+int64_t padded_n(int64_t N, PackLayout l) {
+  const int64_t m = is_amx(l) ? 32 : kPNR;
+  return (N + m - 1) / m * m;
+}
 
 struct PackedB {
   at::Tensor buf;  // int8 [Np * Kp panels | Np int32 row sums | tag]
   int64_t N = 0, K = 0, Np = 0, Kp = 0;
   PackLayout layout = PackLayout::kInt16Pairs;
-  const int8_t* panel(int64_t n) const {  // n: multiple of 8
-    return buf.const_data_ptr<int8_t>() + (n / 8) * Kp * 8;
+  int64_t cols() const { return panel_cols(layout); }
+  const int8_t* panel(int64_t n) const {  // n: a multiple of cols()
+    return buf.const_data_ptr<int8_t>() + (n / cols()) * Kp * cols();
   }
-  int64_t panel_stride() const { return Kp * 8; }
+  // Bytes from a panel's 8 columns to the next 8 (the next panel, or within a 16-column
+  // one), and from one k word to the next.
+  int64_t half_offset() const { return cols() == 8 ? Kp * 8 : 32; }
+  int64_t word_bytes() const { return cols() * (layout == PackLayout::kInt16Pairs ? 2 : 4); }
   const int32_t* rowsum() const {
     return reinterpret_cast<const int32_t*>(buf.const_data_ptr<int8_t>() + Np * Kp);
   }
 };
 
-int64_t packed_bytes(int64_t N, int64_t K) {
-  return padded_n(N) * padded_k(K) + 4 * padded_n(N) + kPackTagBytes;
+int64_t packed_bytes(int64_t N, int64_t K, PackLayout l) {
+  return padded_n(N, l) * padded_k(K, l) + 4 * padded_n(N, l) + kPackTagBytes;
 }
 
-// Packs b [N, K] (row stride ldb) into 8-column panels of the given layout (on x86 an SSE2
-// transpose of 16- or 32-bit units per 8 rows x 16 k) and appends row sums and the tag.
+// Packs b [N, K] (row stride ldb) into panels of the given layout (on x86 an SSE2 transpose
+// of 16- or 32-bit units per 8 rows x 16 k) and appends row sums and the tag.
 PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout layout,
                const at::TensorOptions& opt) {
   PackedB p;
-  p.N = N, p.K = K, p.Np = padded_n(N), p.Kp = padded_k(K), p.layout = layout;
-  p.buf = at::empty({packed_bytes(N, K)}, opt.dtype(at::kChar));
+  p.N = N, p.K = K, p.Np = padded_n(N, layout), p.Kp = padded_k(K, layout), p.layout = layout;
+  p.buf = at::empty({packed_bytes(N, K, layout)}, opt.dtype(at::kChar));
   int8_t* out = p.buf.data_ptr<int8_t>();
   int32_t* rowsum = reinterpret_cast<int32_t*>(out + p.Np * p.Kp);
   const int g = layout == PackLayout::kInt16Pairs ? 2 : 4;  // k per word
+  const int64_t cols = p.cols(), pitch = p.word_bytes();
   at::parallel_for(0, p.Np / 8, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t pi = p0; pi < p1; ++pi) {
-      int8_t* o = out + pi * p.Kp * 8;
+    for (int64_t pi = p0; pi < p1; ++pi) {  // 8 rows of b at a time
       const int64_t n0 = pi * 8;
+      int8_t* o = out + (n0 / cols) * p.Kp * cols + (n0 % cols) * g;  // word 0 of row n0
       int64_t sum[8] = {};  // row sums, of the SIMD part as sums of b + 128
       int64_t k = 0;
 #if QLIB_INT8_X86
@@ -373,8 +420,11 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
             sums[j] = _mm_add_epi64(sums[j], _mm_sad_epu8(_mm_xor_si128(r[j], _mm_set1_epi8(-128)),
                                                           _mm_setzero_si128()));
           }
-          __m128i* dst = reinterpret_cast<__m128i*>(o + k * 8);
-          if (layout == PackLayout::kInt16Pairs) {
+          int8_t* dst = o + (k / g) * pitch;
+          const auto store = [&](int64_t word, int64_t half, __m128i v) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + word * pitch + half * 16), v);
+          };
+          if (layout == PackLayout::kInt16Pairs) {  // 8 words of 8 x 2 k
             for (int j = 0; j < 4; ++j) {
               t[2 * j] = _mm_unpacklo_epi16(r[2 * j], r[2 * j + 1]);
               t[2 * j + 1] = _mm_unpackhi_epi16(r[2 * j], r[2 * j + 1]);
@@ -384,18 +434,18 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
             s[4] = _mm_unpacklo_epi32(t[4], t[6]), s[5] = _mm_unpackhi_epi32(t[4], t[6]);
             s[6] = _mm_unpacklo_epi32(t[5], t[7]), s[7] = _mm_unpackhi_epi32(t[5], t[7]);
             for (int j = 0; j < 4; ++j) {
-              _mm_storeu_si128(dst + 2 * j, _mm_unpacklo_epi64(s[j], s[j + 4]));
-              _mm_storeu_si128(dst + 2 * j + 1, _mm_unpackhi_epi64(s[j], s[j + 4]));
+              store(2 * j, 0, _mm_unpacklo_epi64(s[j], s[j + 4]));
+              store(2 * j + 1, 0, _mm_unpackhi_epi64(s[j], s[j + 4]));
             }
-          } else {  // rows 0-3 then 4-7 of each 4-k word
+          } else {  // 4 words of 8 x 4 k: rows 0-3, then 4-7
             for (int h = 0; h < 2; ++h) {
               const __m128i* rh = r + 4 * h;
               const __m128i lo01 = _mm_unpacklo_epi32(rh[0], rh[1]), hi01 = _mm_unpackhi_epi32(rh[0], rh[1]);
               const __m128i lo23 = _mm_unpacklo_epi32(rh[2], rh[3]), hi23 = _mm_unpackhi_epi32(rh[2], rh[3]);
-              _mm_storeu_si128(dst + 0 + h, _mm_unpacklo_epi64(lo01, lo23));
-              _mm_storeu_si128(dst + 2 + h, _mm_unpackhi_epi64(lo01, lo23));
-              _mm_storeu_si128(dst + 4 + h, _mm_unpacklo_epi64(hi01, hi23));
-              _mm_storeu_si128(dst + 6 + h, _mm_unpackhi_epi64(hi01, hi23));
+              store(0, h, _mm_unpacklo_epi64(lo01, lo23));
+              store(1, h, _mm_unpackhi_epi64(lo01, lo23));
+              store(2, h, _mm_unpacklo_epi64(hi01, hi23));
+              store(3, h, _mm_unpackhi_epi64(hi01, hi23));
             }
           }
         }
@@ -410,7 +460,7 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
       for (; k < p.Kp; ++k)  // tails (K, or rows past N) zero padded
         for (int64_t j = 0; j < 8; ++j) {
           const int64_t n = n0 + j;
-          o[(k / g) * 8 * g + j * g + k % g] = (n < N && k < K) ? b[n * ldb + k] : int8_t{0};
+          o[(k / g) * pitch + j * g + k % g] = (n < N && k < K) ? b[n * ldb + k] : int8_t{0};
         }
     }
   });
@@ -422,25 +472,29 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
 
 // Reads a packed weight back (int8_linear_packed): checks it is pack_b's output for w's
 // N and K, and takes its layout from the tag.
-PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor& w) {
-  PackedB p;
-  p.N = w.size(0), p.K = w.size(1), p.Np = padded_n(p.N), p.Kp = padded_k(p.K);
-  const int64_t bytes = packed_bytes(p.N, p.K);
+PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor& w,
+                   PackLayout expected) {
+  const int64_t N = w.size(0), K = w.size(1), numel = w_packed.numel();
+  bool size_ok = false;  // the size of some layout's packing of w
+  for (PackLayout l : {PackLayout::kInt16Pairs, PackLayout::kU8Quads, PackLayout::kAmxQuads})
+    size_ok = size_ok || numel == packed_bytes(N, K, l);
   TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 &&
-                  w_packed.is_contiguous() && w_packed.numel() == bytes &&
-                  w_packed.device() == w.device(),
+                  w_packed.is_contiguous() && size_ok && w_packed.device() == w.device(),
               op, ": w_packed (", w_packed.scalar_type(), ", shape ", w_packed.sizes(),
               ") is not int8_pack_weight(w_int8) for w_int8 of shape ", w.sizes(), " (expected ",
-              bytes, " int8 elements)");
+              packed_bytes(N, K, expected), " int8 elements)");
   int32_t tag[4];
-  std::memcpy(tag, w_packed.const_data_ptr<int8_t>() + bytes - kPackTagBytes, sizeof(tag));
-  const bool layout_ok = tag[1] == static_cast<int32_t>(PackLayout::kInt16Pairs) ||
-                         tag[1] == static_cast<int32_t>(PackLayout::kU8Quads);
-  TORCH_CHECK(tag[0] == kPackMagic && layout_ok && tag[2] == static_cast<int32_t>(p.N) &&
-                  tag[3] == static_cast<int32_t>(p.K),
+  std::memcpy(tag, w_packed.const_data_ptr<int8_t>() + numel - kPackTagBytes, sizeof(tag));
+  const auto layout = static_cast<PackLayout>(tag[1]);
+  const bool layout_ok = (layout == PackLayout::kInt16Pairs || layout == PackLayout::kU8Quads ||
+                          layout == PackLayout::kAmxQuads) &&
+                         numel == packed_bytes(N, K, layout);
+  TORCH_CHECK(tag[0] == kPackMagic && layout_ok && tag[2] == static_cast<int32_t>(N) &&
+                  tag[3] == static_cast<int32_t>(K),
               op, ": w_packed is not int8_pack_weight(w_int8) for w_int8 of shape ", w.sizes(),
               " (its tag is corrupt or names another shape)");
-  p.layout = static_cast<PackLayout>(tag[1]);
+  PackedB p;
+  p.N = N, p.K = K, p.layout = layout, p.Np = padded_n(N, layout), p.Kp = padded_k(K, layout);
   p.buf = w_packed;
   return p;
 }
@@ -450,7 +504,6 @@ PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor&
 struct StepInt16 {
   using Elem = int16_t;
   static constexpr int G = 2;
-  static constexpr PackLayout kLayout = PackLayout::kInt16Pairs;
   QLIB_AVX2_FN __attribute__((always_inline)) static __m256i load_b(const int8_t* p) {
     return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
@@ -461,7 +514,6 @@ struct StepInt16 {
 struct StepU8 {
   using Elem = uint8_t;
   static constexpr int G = 4;
-  static constexpr PackLayout kLayout = PackLayout::kU8Quads;
   QLIB_AVX2_FN __attribute__((always_inline)) static __m256i load_b(const int8_t* p) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   }
@@ -493,7 +545,7 @@ struct StepAvx512Vnni : StepU8 {
   }
 };
 
-// Calls f(Step{}) with the step of `kernel`.
+// Calls f(Step{}) with the step of `kernel` (for amx: the VNNI step it runs small M with).
 template <class F>
 void with_step(Int8Kernel kernel, F&& f) {
   switch (kernel) {
@@ -501,6 +553,11 @@ void with_step(Int8Kernel kernel, F&& f) {
     case Int8Kernel::kVnniEmulated: return f(StepVnniEmulated{});
     case Int8Kernel::kAvxVnni: return f(StepAvxVnni{});
     case Int8Kernel::kAvx512Vnni: return f(StepAvx512Vnni{});
+    case Int8Kernel::kAmx: {
+      const Int8Kernel u8 = best_u8_kernel();
+      TORCH_INTERNAL_ASSERT(u8 != Int8Kernel::kAmx);
+      return with_step(u8, std::forward<F>(f));
+    }
   }
 }
 
@@ -546,10 +603,12 @@ struct PanelCodes {
   }
 };
 
-// a [M, K] int8 (row stride lda) -> A panels (int8_gemm; int8_linear quantizes into them).
+// a [M, K] int8 (row stride lda) -> A panels with K padded to kp (int8_gemm; int8_linear
+// quantizes into them).
 template <class Elem>
-at::Tensor pack_a(const int8_t* a, int64_t lda, int64_t M, int64_t K, const at::TensorOptions& opt) {
-  const int64_t panels = (M + kPMR - 1) / kPMR, kp = padded_k(K);
+at::Tensor pack_a(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_t kp,
+                  const at::TensorOptions& opt) {
+  const int64_t panels = (M + kPMR - 1) / kPMR;
   at::Tensor w = at::empty({panels * kp * kPMR},
                            opt.dtype(std::is_same_v<Elem, uint8_t> ? at::kByte : at::kShort));
   const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp};
@@ -569,13 +628,14 @@ at::Tensor pack_a(const int8_t* a, int64_t lda, int64_t M, int64_t K, const at::
   return w;
 }
 
-// C[R, 16] (row stride ldc) (+)= the first R rows of an A panel x B (two 8-column panels)
-// over kc k (a multiple of 4); R < kPMR only for the last rows of M.
+// C[R, 16] (row stride ldc) (+)= the first R rows of an A panel x 16 columns of B (8 at b,
+// 8 at b + bstride, k words bword bytes apart) over kc k (a multiple of 4); R < kPMR only
+// for the last rows of M.
 template <int R, class Step>
 QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const typename Step::Elem* a,
                                                          const int8_t* b, int64_t bstride,
-                                                         int64_t kc, int32_t* c, int64_t ldc,
-                                                         bool accumulate) {
+                                                         int64_t bword, int64_t kc, int32_t* c,
+                                                         int64_t ldc, bool accumulate) {
   static_assert(kPMR == 6 && R >= 1 && R <= kPMR, "micro_packed is written out for 6 rows");
   // Accumulators are named variables, loaded (or zeroed) up front and stored once after
   // the loop: with an __m256i array, or a branch after the loop, GCC 13 copies them to
@@ -594,8 +654,8 @@ QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const typename Step::El
   const int32_t* ap = reinterpret_cast<const int32_t*>(a);
   const int64_t words = kc / Step::G;
   for (int64_t kw = 0; kw < words; ++kw, ap += kPMR) {
-    const __m256i w0 = Step::load_b(b + kw * 8 * Step::G);
-    const __m256i w1 = Step::load_b(b1 + kw * 8 * Step::G);
+    const __m256i w0 = Step::load_b(b + kw * bword);
+    const __m256i w1 = Step::load_b(b1 + kw * bword);
 #define QLIB_ROW(r)                                   \
   if constexpr (r < R) {                              \
     const __m256i av = _mm256_set1_epi32(ap[r]);      \
@@ -616,24 +676,26 @@ QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const typename Step::El
 
 template <class Step>
 using MicroPackedFn = void (*)(const typename Step::Elem*, const int8_t*, int64_t, int64_t,
-                               int32_t*, int64_t, bool);
+                               int64_t, int32_t*, int64_t, bool);
 template <class Step>
 constexpr MicroPackedFn<Step> kMicroPacked[kPMR] = {
     &micro_packed<1, Step>, &micro_packed<2, Step>, &micro_packed<3, Step>,
     &micro_packed<4, Step>, &micro_packed<5, Step>, &micro_packed<6, Step>};
 
 // Called with a finished tile of C: rows [m0, m1), columns [n0, n1), element (m, n) at
-// ct[(m - m0) * ldt + (n - n0)]. For the VNNI layout it still holds 128 * rowsum(B).
+// ct[(m - m0) * ldt + (n - n0)]. From a uint8 (VNNI) step it still holds 128 * rowsum(B).
 using PackedEpilogue =
     std::function<void(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct, int64_t ldt)>;
 
-// C = A B^T with A in panels (pack_a, quantize_rows_panels) and B packed (pack_b) in
-// Step's layout; each thread tile accumulates in a private int32 buffer (L2 resident) and
-// hands it to the epilogue.
+// C = A B^T with A in panels (pack_a, quantize_rows_panels; K padded to pb.Kp) and B packed
+// (pack_b) in a layout of Step's A type; each thread tile accumulates in a private int32
+// buffer (L2 resident) and hands it to the epilogue.
 template <class Step>
 void gemm_packed(const typename Step::Elem* ap, int64_t M, const PackedB& pb,
                  const PackedEpilogue& epilogue) {
-  TORCH_INTERNAL_ASSERT(pb.layout == Step::kLayout, "int8 gemm_packed: B layout mismatch");
+  constexpr bool int16_a = std::is_same_v<typename Step::Elem, int16_t>;
+  TORCH_INTERNAL_ASSERT((pb.layout == PackLayout::kInt16Pairs) == int16_a,
+                        "int8 gemm_packed: B layout mismatch");
   const int64_t N = pb.N, Kp = pb.Kp;
   const int64_t mt = (M + kPMc - 1) / kPMc;
   // Narrower column tiles when there are too few tiles to keep every thread busy.
@@ -660,10 +722,10 @@ void gemm_packed(const typename Step::Elem* ap, int64_t M, const PackedB& pb,
       for (int64_t k0 = 0; k0 < Kp; k0 += kblock) {
         const int64_t kc = std::min(kblock, Kp - k0);
         for (int64_t n = 0; n < npad; n += kPNR) {
-          const int8_t* bp = pb.panel(n0 + n) + k0 * 8;
+          const int8_t* bp = pb.panel(n0 + n) + k0 * pb.cols();
           for (int64_t m = 0; m < mpad; m += kPMR)  // only the valid rows of the last panel
             kMicroPacked<Step>[std::min(kPMR, m1 - m0 - m) - 1](
-                ap + (m0 + m) * Kp + k0 * kPMR, bp, pb.panel_stride(), kc,
+                ap + (m0 + m) * Kp + k0 * kPMR, bp, pb.half_offset(), pb.word_bytes(), kc,
                 ct.get() + m * kPNc + n, kPNc, k0 > 0);
         }
       }
@@ -672,33 +734,154 @@ void gemm_packed(const typename Step::Elem* ap, int64_t M, const PackedB& pb,
     }
   });
 }
+
+// ---------------------------------------------------------------- AMX (tile) kernel
+// TDPBSSD multiplies signed int8 tiles into int32 tiles (exact, wrapping like the others):
+// C (16 x 16 int32) += A (16 rows x 64 k) . B (16 k words x 16 columns x 4 k). A is row-major
+// int8 with rows padded to 32 and K to pb.Kp (zeros); B is the kAmxQuads layout, one 16-column
+// panel a 1 KiB tile per 64 k. Register blocking: 2 x 2 C tiles (32 x 32), tmm4-7; A in
+// tmm0-1, B in tmm2-3.
+constexpr int64_t kAMc = 128;   // rows per thread tile (multiple of 32)
+constexpr int64_t kANc = 256;   // columns per thread tile (multiple of 32)
+constexpr int64_t kAKc = 1024;  // K per cache block (multiple of 64): a 32-column B strip is 32 KiB
+
+// Smallest M for the AMX kernel; below it the VNNI step runs the same packed weight.
+int64_t amx_min_m() {
+  static const int64_t env = [] {
+    const char* e = std::getenv("QLIB_INT8_AMX_MIN_M");  // tuning knob (benchmarks)
+    return e != nullptr ? std::atoll(e) : int64_t{-1};
+  }();
+  return env >= 0 ? env : 8;
+}
+
+int64_t amx_rows(int64_t M) { return (M + 31) / 32 * 32; }
+
+#define QLIB_AMX_FN __attribute__((target("amx-tile,amx-int8")))
+
+// Every tile 16 rows x 64 bytes (palette 1). GCC's _tile_loadconfig tells the compiler that
+// it reads 8 bytes (so the rest of the configuration went unwritten): the asm names all 64.
+// GCC's tile load and store asm name no memory either, hence the barriers in micro_amx.
+QLIB_AMX_FN void amx_configure() {
+  struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } cfg;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  asm volatile("ldtilecfg %0" ::"m"(cfg));
+}
+QLIB_AMX_FN void amx_release() { _tile_release(); }
+
+// ct[32, 32] (row stride ldc, int32) (+)= A rows [32] x B columns [32] over kc k; a: row 0,
+// k0 of A (row stride lda); b0, b1: the two 16-column panels at k0.
+QLIB_AMX_FN void micro_amx(const int8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1,
+                           int64_t kc, int32_t* c, int64_t ldc, bool accumulate) {
+  const int64_t ldc_b = ldc * 4;
+  asm volatile("" ::: "memory");  // A, B and c are written before the tile loads read them
+  if (accumulate) {
+    _tile_loadd(4, c, ldc_b);
+    _tile_loadd(5, c + 16, ldc_b);
+    _tile_loadd(6, c + 16 * ldc, ldc_b);
+    _tile_loadd(7, c + 16 * ldc + 16, ldc_b);
+  } else {
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+  }
+  const int8_t* a1 = a + 16 * lda;
+  for (int64_t k = 0; k < kc; k += 64) {
+    _tile_loadd(0, a + k, lda);
+    _tile_loadd(1, a1 + k, lda);
+    _tile_loadd(2, b0 + k * 16, 64);
+    _tile_loadd(3, b1 + k * 16, 64);
+    _tile_dpbssd(4, 0, 2);
+    _tile_dpbssd(5, 0, 3);
+    _tile_dpbssd(6, 1, 2);
+    _tile_dpbssd(7, 1, 3);
+  }
+  _tile_stored(4, c, ldc_b);
+  _tile_stored(5, c + 16, ldc_b);
+  _tile_stored(6, c + 16 * ldc, ldc_b);
+  _tile_stored(7, c + 16 * ldc + 16, ldc_b);
+  asm volatile("" ::: "memory");  // the tile stores wrote c
+}
+
+// C = A B^T on the AMX unit: a [amx_rows(M), pb.Kp] int8 row-major (see above), pb in the
+// kAmxQuads layout; thread tiles as gemm_packed's, each handed to the epilogue.
+void gemm_amx(const int8_t* a, int64_t M, const PackedB& pb, const PackedEpilogue& epilogue) {
+  TORCH_INTERNAL_ASSERT(pb.layout == PackLayout::kAmxQuads, "int8 gemm_amx: B layout mismatch");
+  const int64_t N = pb.N, Kp = pb.Kp;
+  const int64_t mt = (M + kAMc - 1) / kAMc;
+  int64_t nc = kANc;
+  while (nc > 32 && mt * ((N + nc - 1) / nc) < 4 * at::get_num_threads()) nc /= 2;
+  const int64_t nt = (N + nc - 1) / nc, tiles = mt * nt;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, tiles, 1, [&](int64_t, int64_t) {
+    const std::unique_ptr<int32_t[]> ct(new int32_t[kAMc * kANc]);
+    amx_configure();  // per thread: the tile configuration is thread state
+    for (int64_t t = next++; t < tiles; t = next++) {
+      const int64_t m0 = (t % mt) * kAMc, m1 = std::min(M, m0 + kAMc);
+      const int64_t n0 = (t / mt) * nc, n1 = std::min(N, n0 + nc);
+      const int64_t mpad = amx_rows(m1 - m0), npad = (n1 - n0 + 31) / 32 * 32;
+      for (int64_t k0 = 0; k0 < Kp; k0 += kAKc) {
+        const int64_t kc = std::min(kAKc, Kp - k0);
+        for (int64_t n = 0; n < npad; n += 32) {
+          const int8_t* b0 = pb.panel(n0 + n) + k0 * 16;
+          for (int64_t m = 0; m < mpad; m += 32)
+            micro_amx(a + (m0 + m) * Kp + k0, Kp, b0, b0 + Kp * 16, kc, ct.get() + m * kANc + n,
+                      kANc, k0 > 0);
+        }
+      }
+      if (Kp == 0) std::fill(ct.get(), ct.get() + kAMc * kANc, 0);
+      epilogue(m0, m1, n0, n1, ct.get(), kANc);
+    }
+    amx_release();
+  });
+}
+
+// a [M, K] (row stride lda) -> gemm_amx's A: [amx_rows(M), Kp], zero padded.
+at::Tensor pack_a_amx(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_t Kp,
+                      const at::TensorOptions& opt) {
+  at::Tensor w = at::zeros({amx_rows(M), Kp}, opt.dtype(at::kChar));
+  int8_t* o = w.data_ptr<int8_t>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(Kp, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) std::memcpy(o + r * Kp, a + r * lda, K);
+                   });
+  return w;
+}
 #endif
 
 PackLayout kernel_layout(Int8Kernel kernel) {
-  PackLayout layout = PackLayout::kInt16Pairs;
-#if QLIB_INT8_X86
-  with_step(kernel, [&](auto step) { layout = decltype(step)::kLayout; });
-#endif
-  return layout;
+  switch (kernel) {
+    case Int8Kernel::kAvx2: return PackLayout::kInt16Pairs;
+    case Int8Kernel::kAmx: return PackLayout::kAmxQuads;
+    default: return PackLayout::kU8Quads;
+  }
 }
 
 // The kernel that runs a weight packed in `layout`: this process's, or (a weight packed on
-// another machine, e.g. inside an exported program) the AVX2 kernel of that layout, which
-// every x86 CPU qlib runs on has. Exact either way; only slower.
+// another machine, e.g. inside an exported program) one this CPU has for that layout: AVX2
+// for the int16 one, else the best uint8 (VNNI) step, which runs the AMX layout too. Exact
+// either way; only slower.
 Int8Kernel kernel_for_layout(PackLayout layout) {
   const Int8Kernel current = current_int8_kernel();
   if (kernel_layout(current) == layout) return current;
   TORCH_WARN_ONCE("qlib int8: a weight was packed for another int8 CPU kernel than this "
                   "process's '", int8_cpu_kernel(), "'; it runs exactly but not at full "
                   "speed. Re-pack it (int8_pack_weight, Int8Linear.repack()).");
-  return layout == PackLayout::kInt16Pairs ? Int8Kernel::kAvx2 : Int8Kernel::kVnniEmulated;
+  if (layout == PackLayout::kInt16Pairs) return Int8Kernel::kAvx2;
+  if (is_amx(layout) && int8_kernel_supported(Int8Kernel::kAmx)) return Int8Kernel::kAmx;
+  return best_u8_kernel();
 }
 
 // What the packed kernel's int32 sums hold beyond sum a * b, per column: 128 * rowsum(B)
-// for the VNNI layout, nothing for the int16 one. Taken off with wrap_sub (exact mod 2^32).
-std::vector<int32_t> packed_offsets(const PackedB& pb) {
+// when A was stored as q + 128 (a uint8 step), nothing for the int16 step and AMX. Taken
+// off with wrap_sub (exact mod 2^32).
+std::vector<int32_t> packed_offsets(const PackedB& pb, bool a_is_u8) {
   std::vector<int32_t> off(pb.N, 0);
-  if (pb.layout == PackLayout::kU8Quads)
+  if (a_is_u8)
     for (int64_t n = 0; n < pb.N; ++n)
       off[n] = static_cast<int32_t>(static_cast<uint32_t>(pb.rowsum()[n]) * 128u);
   return off;
@@ -742,18 +925,25 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int64_t lda = a.stride(0), ldb = b.stride(0);
 #if QLIB_INT8_X86
   if (cpu_has_avx2() && K > 0 && M >= packed_min_m(false)) {
-    with_step(current_int8_kernel(), [&](auto step) {
-      using Step = decltype(step);
-      const PackedB pb = pack_b(bp, ldb, N, K, Step::kLayout, a.options());
-      const std::vector<int32_t> off = packed_offsets(pb);
-      const at::Tensor ap_panels = pack_a<typename Step::Elem>(ap, lda, M, K, a.options());
-      gemm_packed<Step>(ap_panels.const_data_ptr<typename Step::Elem>(), M, pb,
-                        [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct,
-                            int64_t ldt) {
-                          for (int64_t m = m0; m < m1; ++m)
-                            for (int64_t n = n0; n < n1; ++n)
-                              cp[m * N + n] = wrap_sub(ct[(m - m0) * ldt + n - n0], off[n]);
-                        });
+    const Int8Kernel kernel = current_int8_kernel();
+    const PackedB pb = pack_b(bp, ldb, N, K, kernel_layout(kernel), a.options());
+    std::vector<int32_t> off;
+    const PackedEpilogue store = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                                     const int32_t* ct, int64_t ldt) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t n = n0; n < n1; ++n)
+          cp[m * N + n] = wrap_sub(ct[(m - m0) * ldt + n - n0], off[n]);
+    };
+    if (kernel == Int8Kernel::kAmx) {  // (M >= 32 here)
+      off = packed_offsets(pb, false);
+      gemm_amx(pack_a_amx(ap, lda, M, K, pb.Kp, a.options()).const_data_ptr<int8_t>(), M, pb, store);
+      return c;
+    }
+    with_step(kernel, [&](auto step) {
+      using Elem = typename decltype(step)::Elem;
+      off = packed_offsets(pb, std::is_same_v<Elem, uint8_t>);
+      const at::Tensor ap_panels = pack_a<Elem>(ap, lda, M, K, pb.Kp, a.options());
+      gemm_packed<decltype(step)>(ap_panels.const_data_ptr<Elem>(), M, pb, store);
     });
     return c;
   }
@@ -827,11 +1017,11 @@ QLIB_AVX2_FN inline __m256i codes8(__m256 x, __m256 inv, __m256 zp, __m256 lo, _
 // (PanelCodes).
 struct Int8RowCodes {
   int8_t* q;
-  int64_t K;
+  int64_t ld;  // row stride
   QLIB_AVX2_FN void put32(int64_t r, int64_t k, const __m256i (&c)[4]) const {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + r * K + k), codes32_int8(c));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + r * ld + k), codes32_int8(c));
   }
-  void put1(int64_t r, int64_t k, int8_t c) const { q[r * K + k] = c; }
+  void put1(int64_t r, int64_t k, int8_t c) const { q[r * ld + k] = c; }
 };
 
 template <class T, class Sink>
@@ -921,9 +1111,9 @@ void quantize_rows(const at::Tensor& x, int8_t* q, float* scale, float fixed_sca
 // quantize_rows, writing the codes straight into gemm_packed's A panels (one pass over x,
 // no int8 copy): x contiguous [M, K] with K > 0, AVX2 only.
 template <class Elem>
-at::Tensor quantize_rows_panels(const at::Tensor& x, int64_t M, int64_t K, float* scale,
+at::Tensor quantize_rows_panels(const at::Tensor& x, int64_t M, int64_t K, int64_t kp, float* scale,
                                 float fixed_scale, Int8ActCodes codes) {
-  const int64_t panels = (M + kPMR - 1) / kPMR, kp = padded_k(K);
+  const int64_t panels = (M + kPMR - 1) / kPMR;
   at::Tensor w = at::empty({panels * kp * kPMR},
                            x.options().dtype(std::is_same_v<Elem, uint8_t> ? at::kByte : at::kShort));
   const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp};
@@ -937,6 +1127,23 @@ at::Tensor quantize_rows_panels(const at::Tensor& x, int64_t M, int64_t K, float
                        for (int64_t r = r0; r < r1; ++r)  // K padding: code 0 (B is 0 there)
                          for (int64_t k = K; k < kp; ++k) sink.put1(r, k, 0);
                      });
+  });
+  return w;
+}
+
+// quantize_rows into gemm_amx's A: int8 [amx_rows(M), kp], row-major, zero padded.
+at::Tensor quantize_rows_amx(const at::Tensor& x, int64_t M, int64_t K, int64_t kp, float* scale,
+                             float fixed_scale, Int8ActCodes codes) {
+  const int64_t rows = amx_rows(M);
+  at::Tensor w = at::empty({rows, kp}, x.options().dtype(at::kChar));
+  int8_t* q = w.data_ptr<int8_t>();
+  std::memset(q + M * kp, 0, (rows - M) * kp);
+  QLIB_DISPATCH_FLOAT(x.scalar_type(), "qlib_quantize_rows_amx", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
+      quantize_rows_avx2(xp, Int8RowCodes{q, kp}, scale, r0, r1, K, fixed_scale, codes);
+      for (int64_t r = r0; r < r1; ++r) std::memset(q + r * kp + K, 0, kp - K);
+    });
   });
   return w;
 }
@@ -1016,8 +1223,8 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
                        });
     }
   }
-  // The packed kernel's extra per-column term (VNNI layout), else zeros.
-  const std::vector<int32_t> off = packed_path ? packed_offsets(*packed) : std::vector<int32_t>(N, 0);
+  // The packed kernel's extra per-column term (from a uint8 step; set below), else zeros.
+  std::vector<int32_t> off(N, 0);
   at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));  // row scales (NaN: NaN row)
   at::Tensor q;
   if (!packed_path) {
@@ -1049,16 +1256,22 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
     };
 #if QLIB_INT8_X86
     if (packed_path) {
-      with_step(kernel_for_layout(packed->layout), [&](auto step) {
-        using Step = decltype(step);
-        using Elem = typename Step::Elem;
-        const at::Tensor a = quantize_rows_panels<Elem>(x, M, K, sa.data_ptr<float>(), fixed, codes);
-        gemm_packed<Step>(a.const_data_ptr<Elem>(), M, *packed,
-                          [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct,
-                              int64_t ldt) {
-                            for (int64_t m = m0; m < m1; ++m)
-                              dequant_row(m, n0, n1, ct + (m - m0) * ldt);
-                          });
+      const PackedEpilogue dequant = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                                         const int32_t* ct, int64_t ldt) {
+        for (int64_t m = m0; m < m1; ++m) dequant_row(m, n0, n1, ct + (m - m0) * ldt);
+      };
+      const Int8Kernel kernel = kernel_for_layout(packed->layout);
+      if (kernel == Int8Kernel::kAmx && M >= amx_min_m()) {
+        const at::Tensor a = quantize_rows_amx(x, M, K, packed->Kp, sa.data_ptr<float>(), fixed, codes);
+        gemm_amx(a.const_data_ptr<int8_t>(), M, *packed, dequant);
+        return;
+      }
+      with_step(kernel, [&](auto step) {
+        using Elem = typename decltype(step)::Elem;
+        off = packed_offsets(*packed, std::is_same_v<Elem, uint8_t>);
+        const at::Tensor a =
+            quantize_rows_panels<Elem>(x, M, K, packed->Kp, sa.data_ptr<float>(), fixed, codes);
+        gemm_packed<decltype(step)>(a.const_data_ptr<Elem>(), M, *packed, dequant);
       });
       return;
     }
@@ -1110,7 +1323,7 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   PackedB pb;
   const PackedB* ppb = nullptr;
   if (w.dim() == 2 && w_packed.numel() > 0) {
-    pb = unpack_tag(op, w_packed, w);
+    pb = unpack_tag(op, w_packed, w, kernel_layout(current_int8_kernel()));
     ppb = &pb;
   }
   return int8_linear_impl(op, x, w, w_scale, bias, act_scale, act_zero_point, act_quant_min,

@@ -1,6 +1,7 @@
 """The int8 CPU kernel families (qlib.set_int8_cpu_kernel): every one this CPU runs is
 exact, packed weights carry their layout, and the whole int8 suite passes with the VNNI
-layout (run with AVX2 ops where the CPU has no VNNI)."""
+layout (run with AVX2 ops where the CPU has no VNNI). 'amx' (AMX-INT8 tiles) is tested
+where the CPU has it."""
 import os
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def test_kernel_names_and_errors():
     assert best in KERNELS
     with pytest.raises(RuntimeError, match="unknown kernel 'avx9'; expected 'auto' or one of avx2"):
         qlib.set_int8_cpu_kernel("avx9")
-    for name in ("avx-vnni", "avx512-vnni"):
+    for name in ("avx-vnni", "avx512-vnni", "amx"):
         if name not in KERNELS:
             with pytest.raises(RuntimeError, match=f"this CPU cannot run the '{name}' kernel; it can run: avx2"):
                 qlib.set_int8_cpu_kernel(name)
@@ -100,7 +101,10 @@ def test_packed_weight_from_another_kernel_runs_exactly():
     ref = ops.int8_linear(x, w, s, None)
     ref_static = ops.int8_linear(x, w, s, None, torch.tensor(0.03), z, -128, 127)
     try:
-        for pack_with, run_with in (("avx2", "vnni-emulated"), ("vnni-emulated", "avx2")):
+        pairs = [("avx2", "vnni-emulated"), ("vnni-emulated", "avx2")]
+        if "amx" in KERNELS:  # the AMX layout on a uint8 step, and the others under amx
+            pairs += [("amx", "avx2"), ("amx", "vnni-emulated"), ("avx2", "amx"), ("vnni-emulated", "amx")]
+        for pack_with, run_with in pairs:
             qlib.set_int8_cpu_kernel(pack_with)
             packed = ops.int8_pack_weight(w)
             qlib.set_int8_cpu_kernel(run_with)
@@ -121,10 +125,30 @@ def test_packed_weight_is_checked():
         corrupt[byte] += 1
         with pytest.raises(RuntimeError, match="its tag is corrupt or names another shape"):
             ops.int8_linear_packed(x, corrupt, w, s, None)
-    with pytest.raises(RuntimeError, match=r"expected 2448 int8 elements"):
+    with pytest.raises(RuntimeError, match=rf"expected {packed.numel()} int8 elements"):
         ops.int8_linear_packed(x, packed[:-1], w, s, None)
-    with pytest.raises(RuntimeError, match=r"expected 2448 int8 elements"):
+    # (The AMX layout pads K to 64, so there K = 66 has K = 70's size and the tag tells.)
+    with pytest.raises(RuntimeError, match=r"is not int8_pack_weight\(w_int8\) for w_int8 of shape \[20, 70\]"):
         ops.int8_linear_packed(x, ops.int8_pack_weight(w[:, :66]), w, s, None)
+
+
+@pytest.mark.parametrize("M", [8, 33, 260])
+@pytest.mark.parametrize("K", [65, 1100])
+@pytest.mark.parametrize("N", [33, 290])
+def test_tile_edges_every_kernel(kernel, M, K, N):
+    """Shapes across the kernels' tile and padding edges (AMX: 32 x 32 register blocks,
+    128 x 256 thread tiles, 1024-k blocks, K padded to 64, N to 32), against exact sums."""
+    g = torch.Generator().manual_seed(M * 7 + K * 3 + N)
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    assert torch.equal(ops.int8_gemm(a, b).long(), ref_gemm(a, b))
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w_scale = torch.rand(N, generator=g) * 0.01 + 1e-3
+    q, s = ops.quantize_per_token(x)
+    # The epilogue's float32 math on the exact sums: float(c) * (s[m] * w_scale[n]), then bf16.
+    ref = ((q.long() @ b.long().T).float() * (s * w_scale)).bfloat16()
+    y = ops.int8_linear_packed(x, ops.int8_pack_weight(b), b, w_scale, None)
+    assert torch.equal(y, ref)
 
 
 def test_int8linear_repacks_after_a_kernel_switch():

@@ -59,9 +59,14 @@ def _(w_int8):
     torch._check(w_int8.dim() == 2, lambda: "qlib::int8_pack_weight: w_int8 must be 2-D [N, K]")
     if w_int8.device.type != "cpu":
         return w_int8.new_empty((0,))
+    from . import _C
+
     n, k = w_int8.shape
-    n_pad, k_pad = (n + 15) // 16 * 16, (k + 3) // 4 * 4
-    # panels, one int32 row sum per padded column, a 16-byte layout tag (int8_cpu.cpp)
+    # The layout of this process's kernel (int8_cpu.cpp, padded_n / padded_k): the AMX
+    # tiles pad N to 32 and K to 64, the others N to 16 and K to 4.
+    n_mult, k_mult = (32, 64) if _C.int8_cpu_kernel() == "amx" else (16, 4)
+    n_pad, k_pad = (n + n_mult - 1) // n_mult * n_mult, (k + k_mult - 1) // k_mult * k_mult
+    # panels, one int32 row sum per padded column, a 16-byte layout tag
     return w_int8.new_empty((n_pad * k_pad + 4 * n_pad + 16,))
 
 
@@ -112,9 +117,10 @@ def int8_linear(
 
 
 def int8_cpu_kernels() -> List[str]:
-    """Names of the int8 CPU GEMM kernels this CPU can run ('avx2', 'vnni-emulated', and
-    'avx-vnni' / 'avx512-vnni' where the CPU has VNNI); ``build_info()["int8_cpu_kernel"]``
-    is the one in use (the best, unless set)."""
+    """Names of the int8 CPU GEMM kernels this CPU can run ('avx2', 'vnni-emulated',
+    'avx-vnni' / 'avx512-vnni' where the CPU has VNNI, and 'amx' where it has AMX-INT8 and
+    the OS grants the tile state); ``build_info()["int8_cpu_kernel"]`` is the one in use
+    (the best, unless set)."""
     from . import _C
 
     return list(_C.int8_cpu_kernels())
