@@ -1162,6 +1162,57 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_in
 }
 
 // ---------------------------------------------------------------- int8_linear
+// The dequant epilogue of n columns: out[j] = float(double(c[j] - off[j]) - zw[j]) * (s * ws[j])
+// (+ b[j], fused: one rounding, as the CUDA epilogues); c - off wraps (exact mod 2^32), the
+// zero-point term zw (nullptr: none) is taken off in double since the difference may pass int32.
+inline float dequant_value(int32_t c, int32_t off, const int32_t* zw, float s, float ws,
+                           const float* b) {
+  const int32_t d = wrap_sub(c, off);
+  const float v = zw != nullptr ? static_cast<float>(static_cast<double>(d) - *zw)
+                                : static_cast<float>(d);
+  return b != nullptr ? std::fma(v, s * ws, *b) : v * (s * ws);
+}
+
+#if QLIB_INT8_X86
+QLIB_AVX2_FN void dequant_values_avx2(const int32_t* c, const int32_t* off, const int32_t* zw,
+                                      float s, const float* ws, const float* b, float* out,
+                                      int64_t n) {
+  const __m256 sv = _mm256_set1_ps(s);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i d = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + j)),
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + j)));
+    __m256 v;
+    if (zw != nullptr) {
+      const __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(zw + j));
+      const __m256d lo = _mm256_sub_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(d)),
+                                       _mm256_cvtepi32_pd(_mm256_castsi256_si128(z)));
+      const __m256d hi = _mm256_sub_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(d, 1)),
+                                       _mm256_cvtepi32_pd(_mm256_extracti128_si256(z, 1)));
+      v = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+    } else {
+      v = _mm256_cvtepi32_ps(d);
+    }
+    const __m256 sc = _mm256_mul_ps(sv, _mm256_loadu_ps(ws + j));
+    v = b != nullptr ? _mm256_fmadd_ps(v, sc, _mm256_loadu_ps(b + j)) : _mm256_mul_ps(v, sc);
+    _mm256_storeu_ps(out + j, v);
+  }
+  for (; j < n; ++j)
+    out[j] = dequant_value(c[j], off[j], zw != nullptr ? zw + j : nullptr, s, ws[j],
+                           b != nullptr ? b + j : nullptr);
+}
+#endif
+
+void dequant_values(const int32_t* c, const int32_t* off, const int32_t* zw, float s,
+                    const float* ws, const float* b, float* out, int64_t n) {
+#if QLIB_INT8_X86
+  if (cpu_has_avx2()) return dequant_values_avx2(c, off, zw, s, ws, b, out, n);
+#endif
+  for (int64_t j = 0; j < n; ++j)
+    out[j] = dequant_value(c[j], off[j], zw != nullptr ? zw + j : nullptr, s, ws[j],
+                           b != nullptr ? b + j : nullptr);
+}
+
 // packed: w_in already packed by int8_pack_weight (CPU layout), or nullptr to pack per call.
 at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Tensor& w_in,
                             const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in,
@@ -1240,19 +1291,12 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
     scalar_t* op_ = out.data_ptr<scalar_t>();
     // Dequantizes int32 row segment cr[0, n1 - n0) of row m (columns [n0, n1)) into out.
     const auto dequant_row = [&](int64_t m, int64_t n0, int64_t n1, const int32_t* cr) {
-      float row[std::max(kNc, kPNc)];
-      const float s = sap[m];
-      for (int64_t n = n0; n < n1; ++n) {
-        const float v = static_cast<float>(static_cast<double>(wrap_sub(cr[n - n0], off[n])) -
-                                           zw[n]) *
-                        (s * swp[n]);
-        row[n - n0] = bp != nullptr ? v + bp[n] : v;
-      }
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        std::memcpy(op_ + m * N + n0, row, (n1 - n0) * sizeof(float));
-      } else {
-        at::vec::convert(row, op_ + m * N + n0, n1 - n0);
-      }
+      float row[std::max({kNc, kPNc, kANc})];
+      float* dst = row;
+      if constexpr (std::is_same_v<scalar_t, float>) dst = reinterpret_cast<float*>(op_ + m * N + n0);
+      dequant_values(cr, off.data() + n0, z != 0 ? zw.data() + n0 : nullptr, sap[m], swp + n0,
+                     bp != nullptr ? bp + n0 : nullptr, dst, n1 - n0);
+      if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(row, op_ + m * N + n0, n1 - n0);
     };
 #if QLIB_INT8_X86
     if (packed_path) {
