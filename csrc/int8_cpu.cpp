@@ -677,12 +677,65 @@ QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const typename Step::El
 #undef QLIB_STORE
 }
 
+// micro_packed for R <= 2 rows (decode): with 2 R accumulators the dot products' latency,
+// not the B stream, bounds it, so it keeps 4 / R k words in flight per row (8 accumulators)
+// and adds them up at the end (mod 2^32, like every sum here).
+template <int R, class Step>
+QLIB_AVX2_FN __attribute__((noinline)) void micro_packed_thin(const typename Step::Elem* a,
+                                                              const int8_t* b, int64_t bstride,
+                                                              int64_t bword, int64_t kc,
+                                                              int32_t* c, int64_t ldc,
+                                                              bool accumulate) {
+  static_assert(R == 1 || R == 2, "micro_packed_thin is for 1 or 2 rows");
+  constexpr int U = 4 / R;  // k words in flight per row; chain j: row j / U
+  const __m256i z = _mm256_setzero_si256();
+  __m256i s00 = z, s01 = z, s10 = z, s11 = z, s20 = z, s21 = z, s30 = z, s31 = z;
+  const int32_t* ap = reinterpret_cast<const int32_t*>(a);
+  const int8_t* b1 = b + bstride;
+  const int64_t words = kc / Step::G;
+  int64_t kw = 0;
+  for (; kw + U <= words; kw += U) {
+#define QLIB_CHAIN(j)                                                            \
+  {                                                                              \
+    const int64_t w = kw + (j) % U;                                              \
+    const __m256i av = _mm256_set1_epi32(ap[w * kPMR + (j) / U]);                \
+    s##j##0 = Step::dot(s##j##0, av, Step::load_b(b + w * bword));               \
+    s##j##1 = Step::dot(s##j##1, av, Step::load_b(b1 + w * bword));              \
+  }
+    QLIB_CHAIN(0) QLIB_CHAIN(1) QLIB_CHAIN(2) QLIB_CHAIN(3)
+#undef QLIB_CHAIN
+  }
+  for (; kw < words; ++kw) {  // the last < U words: chains 0 (row 0) and U (row 1)
+    const __m256i w0 = Step::load_b(b + kw * bword), w1 = Step::load_b(b1 + kw * bword);
+    const __m256i a0 = _mm256_set1_epi32(ap[kw * kPMR]);
+    s00 = Step::dot(s00, a0, w0), s01 = Step::dot(s01, a0, w1);
+    if constexpr (R == 2) {
+      const __m256i a1 = _mm256_set1_epi32(ap[kw * kPMR + 1]);
+      s20 = Step::dot(s20, a1, w0), s21 = Step::dot(s21, a1, w1);
+    }
+  }
+  __m256i rows[2][2];
+  if constexpr (R == 1) {
+    rows[0][0] = _mm256_add_epi32(_mm256_add_epi32(s00, s10), _mm256_add_epi32(s20, s30));
+    rows[0][1] = _mm256_add_epi32(_mm256_add_epi32(s01, s11), _mm256_add_epi32(s21, s31));
+  } else {
+    rows[0][0] = _mm256_add_epi32(s00, s10), rows[0][1] = _mm256_add_epi32(s01, s11);
+    rows[1][0] = _mm256_add_epi32(s20, s30), rows[1][1] = _mm256_add_epi32(s21, s31);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) {
+      __m256i* out = reinterpret_cast<__m256i*>(c + r * ldc + 8 * h);
+      _mm256_storeu_si256(out, accumulate ? _mm256_add_epi32(_mm256_loadu_si256(out), rows[r][h])
+                                          : rows[r][h]);
+    }
+}
+
 template <class Step>
 using MicroPackedFn = void (*)(const typename Step::Elem*, const int8_t*, int64_t, int64_t,
                                int64_t, int32_t*, int64_t, bool);
 template <class Step>
 constexpr MicroPackedFn<Step> kMicroPacked[kPMR] = {
-    &micro_packed<1, Step>, &micro_packed<2, Step>, &micro_packed<3, Step>,
+    &micro_packed_thin<1, Step>, &micro_packed_thin<2, Step>, &micro_packed<3, Step>,
     &micro_packed<4, Step>, &micro_packed<5, Step>, &micro_packed<6, Step>};
 
 // Called with a finished tile of C: rows [m0, m1), columns [n0, n1), element (m, n) at
