@@ -123,8 +123,8 @@ Int8Kernel best_int8_kernel() {
   return Int8Kernel::kAvx2;
 }
 
-// The best kernel whose A operand is q + 128 as uint8 (vpdpbusd, or its AVX2 emulation): it
-// runs both uint8 layouts, and the AMX layout at small M.
+// The best kernel whose A operand is q + 128 as uint8 (vpdpbusd, or its AVX2 emulation) for
+// the AMX layout: the amx kernel's small M, and AMX-packed weights on CPUs without AMX.
 Int8Kernel best_u8_kernel() {
   for (Int8Kernel k : {Int8Kernel::kAvx512Vnni, Int8Kernel::kAvxVnni})
     if (int8_kernel_supported(k)) return k;
@@ -507,6 +507,7 @@ PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor&
 struct StepInt16 {
   using Elem = int16_t;
   static constexpr int G = 2;
+  static constexpr int64_t kCols = 16;  // columns per micro-kernel call
   QLIB_AVX2_FN __attribute__((always_inline)) static __m256i load_b(const int8_t* p) {
     return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
@@ -517,6 +518,7 @@ struct StepInt16 {
 struct StepU8 {
   using Elem = uint8_t;
   static constexpr int G = 4;
+  static constexpr int64_t kCols = 16;
   QLIB_AVX2_FN __attribute__((always_inline)) static __m256i load_b(const int8_t* p) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   }
@@ -548,6 +550,14 @@ struct StepAvx512Vnni : StepU8 {
   }
 };
 
+// AVX512-VNNI on zmm registers: 32 columns (two 16-column panels of the kAmxQuads layout)
+// per micro-kernel call (micro_zmm); its ymm twin serves 1-2 rows.
+struct StepZmm {
+  using Elem = uint8_t;
+  static constexpr int G = 4;
+  static constexpr int64_t kCols = 32;
+};
+
 // Calls f(Step{}) with the step of `kernel` (for amx: the VNNI step it runs small M with).
 template <class F>
 void with_step(Int8Kernel kernel, F&& f) {
@@ -555,7 +565,7 @@ void with_step(Int8Kernel kernel, F&& f) {
     case Int8Kernel::kAvx2: return f(StepInt16{});
     case Int8Kernel::kVnniEmulated: return f(StepVnniEmulated{});
     case Int8Kernel::kAvxVnni: return f(StepAvxVnni{});
-    case Int8Kernel::kAvx512Vnni: return f(StepAvx512Vnni{});
+    case Int8Kernel::kAvx512Vnni: return f(StepZmm{});
     case Int8Kernel::kAmx: {
       const Int8Kernel u8 = best_u8_kernel();
       TORCH_INTERNAL_ASSERT(u8 != Int8Kernel::kAmx);
@@ -738,6 +748,63 @@ constexpr MicroPackedFn<Step> kMicroPacked[kPMR] = {
     &micro_packed_thin<1, Step>, &micro_packed_thin<2, Step>, &micro_packed<3, Step>,
     &micro_packed<4, Step>, &micro_packed<5, Step>, &micro_packed<6, Step>};
 
+// C[R, 32] (+)= R rows of an A panel x 32 columns of B in the kAmxQuads layout: 16 at b,
+// 16 at b + bstride (the next panel), k words bword = 64 bytes apart. Same accumulator
+// scheme as micro_packed; zmm registers (compiled for AVX512 here only, run after the check).
+#define QLIB_AVX512_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+template <int R>
+QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm(const uint8_t* a, const int8_t* b,
+                                                       int64_t bstride, int64_t bword, int64_t kc,
+                                                       int32_t* c, int64_t ldc, bool accumulate) {
+  static_assert(kPMR == 6 && R >= 1 && R <= kPMR, "micro_zmm is written out for 6 rows");
+  const __m512i z = _mm512_setzero_si512();
+#define QLIB_LOAD(r)                                                               \
+  __m512i c##r##0 = (r < R && accumulate) ? _mm512_loadu_si512(c + r * ldc) : z;   \
+  __m512i c##r##1 = (r < R && accumulate) ? _mm512_loadu_si512(c + r * ldc + 16) : z;
+  QLIB_LOAD(0) QLIB_LOAD(1) QLIB_LOAD(2) QLIB_LOAD(3) QLIB_LOAD(4) QLIB_LOAD(5)
+#undef QLIB_LOAD
+  const int8_t* b1 = b + bstride;
+  const int32_t* ap = reinterpret_cast<const int32_t*>(a);
+  const int64_t words = kc / 4;
+  for (int64_t kw = 0; kw < words; ++kw, ap += kPMR) {
+    const __m512i w0 = _mm512_loadu_si512(b + kw * bword);
+    const __m512i w1 = _mm512_loadu_si512(b1 + kw * bword);
+#define QLIB_ROW(r)                                   \
+  if constexpr (r < R) {                              \
+    const __m512i av = _mm512_set1_epi32(ap[r]);      \
+    c##r##0 = _mm512_dpbusd_epi32(c##r##0, av, w0);   \
+    c##r##1 = _mm512_dpbusd_epi32(c##r##1, av, w1);   \
+  }
+    QLIB_ROW(0) QLIB_ROW(1) QLIB_ROW(2) QLIB_ROW(3) QLIB_ROW(4) QLIB_ROW(5)
+#undef QLIB_ROW
+  }
+#define QLIB_STORE(r)                                   \
+  if constexpr (r < R) {                                \
+    _mm512_storeu_si512(c + r * ldc, c##r##0);          \
+    _mm512_storeu_si512(c + r * ldc + 16, c##r##1);     \
+  }
+  QLIB_STORE(0) QLIB_STORE(1) QLIB_STORE(2) QLIB_STORE(3) QLIB_STORE(4) QLIB_STORE(5)
+#undef QLIB_STORE
+}
+
+// 1-2 rows: the latency-hiding ymm kernel (EVEX vpdpbusd), once per 16-column panel.
+template <int R>
+void micro_zmm_thin(const uint8_t* a, const int8_t* b, int64_t bstride, int64_t bword,
+                    int64_t kc, int32_t* c, int64_t ldc, bool accumulate) {
+  micro_packed_thin<R, StepAvx512Vnni>(a, b, 32, bword, kc, c, ldc, accumulate);
+  micro_packed_thin<R, StepAvx512Vnni>(a, b + bstride, 32, bword, kc, c + 16, ldc, accumulate);
+}
+
+constexpr MicroPackedFn<StepZmm> kMicroZmm[kPMR] = {&micro_zmm_thin<1>, &micro_zmm_thin<2>,
+                                                    &micro_zmm<3>, &micro_zmm<4>,
+                                                    &micro_zmm<5>, &micro_zmm<6>};
+
+template <class Step>
+MicroPackedFn<Step> micro_for(int64_t rows) {
+  if constexpr (Step::kCols == 32) return kMicroZmm[rows - 1];
+  else return kMicroPacked<Step>[rows - 1];
+}
+
 // Called with a finished tile of C: rows [m0, m1), columns [n0, n1), element (m, n) at
 // ct[(m - m0) * ldt + (n - n0)]. From a uint8 (VNNI) step it still holds 128 * rowsum(B).
 using PackedEpilogue =
@@ -750,13 +817,17 @@ template <class Step>
 void gemm_packed(const typename Step::Elem* ap, int64_t M, const PackedB& pb,
                  const PackedEpilogue& epilogue) {
   constexpr bool int16_a = std::is_same_v<typename Step::Elem, int16_t>;
-  TORCH_INTERNAL_ASSERT((pb.layout == PackLayout::kInt16Pairs) == int16_a,
+  constexpr int64_t cols = Step::kCols;  // per micro-kernel call
+  TORCH_INTERNAL_ASSERT((pb.layout == PackLayout::kInt16Pairs) == int16_a &&
+                            (cols == 16 || is_amx(pb.layout)),
                         "int8 gemm_packed: B layout mismatch");
+  // From the first 8 or 16 columns of a call to the next (micro_zmm: the next 16-col panel).
+  const int64_t bstride = cols == 32 ? pb.Kp * 16 : pb.half_offset();
   const int64_t N = pb.N, Kp = pb.Kp;
   const int64_t mt = (M + kPMc - 1) / kPMc;
   // Narrower column tiles when there are too few tiles to keep every thread busy.
   int64_t nc = kPNc;
-  while (nc > 2 * kPNR && mt * ((N + nc - 1) / nc) < 4 * at::get_num_threads()) nc /= 2;
+  while (nc > 2 * cols && mt * ((N + nc - 1) / nc) < 4 * at::get_num_threads()) nc /= 2;
   const int64_t nt = (N + nc - 1) / nc;
   // Tiles are handed out one at a time from a shared counter, not split statically: on a
   // shared machine a descheduled thread then delays only its current tile.
@@ -774,14 +845,14 @@ void gemm_packed(const typename Step::Elem* ap, int64_t M, const PackedB& pb,
       const int64_t m0 = (t % mt) * kPMc, m1 = std::min(M, m0 + kPMc);
       const int64_t n0 = (t / mt) * nc, n1 = std::min(N, n0 + nc);
       const int64_t mpad = (m1 - m0 + kPMR - 1) / kPMR * kPMR;
-      const int64_t npad = (n1 - n0 + kPNR - 1) / kPNR * kPNR;
+      const int64_t npad = (n1 - n0 + cols - 1) / cols * cols;
       for (int64_t k0 = 0; k0 < Kp; k0 += kblock) {
         const int64_t kc = std::min(kblock, Kp - k0);
-        for (int64_t n = 0; n < npad; n += kPNR) {
+        for (int64_t n = 0; n < npad; n += cols) {
           const int8_t* bp = pb.panel(n0 + n) + k0 * pb.cols();
           for (int64_t m = 0; m < mpad; m += kPMR)  // only the valid rows of the last panel
-            kMicroPacked<Step>[std::min(kPMR, m1 - m0 - m) - 1](
-                ap + (m0 + m) * Kp + k0 * kPMR, bp, pb.half_offset(), pb.word_bytes(), kc,
+            micro_for<Step>(std::min(kPMR, m1 - m0 - m))(
+                ap + (m0 + m) * Kp + k0 * kPMR, bp, bstride, pb.word_bytes(), kc,
                 ct.get() + m * kPNc + n, kPNc, k0 > 0);
         }
       }
@@ -801,7 +872,7 @@ constexpr int64_t kAMc = 128;   // rows per thread tile (multiple of 32)
 constexpr int64_t kANc = 256;   // columns per thread tile (multiple of 32)
 constexpr int64_t kAKc = 1024;  // K per cache block (multiple of 64): a 32-column B strip is 32 KiB
 
-// Smallest M for the AMX kernel; below it the VNNI step runs the same packed weight (the
+// Smallest M for the AMX kernel; below it the VNNI (zmm) step runs the same packed weight (the
 // break-even measured on a Xeon with AMX at K = N = 768 and 4096: VNNI 2x faster at M <= 4,
 // equal at 8, AMX 1.2x faster at 16).
 int64_t amx_min_m() {
@@ -914,7 +985,8 @@ at::Tensor pack_a_amx(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_
 PackLayout kernel_layout(Int8Kernel kernel) {
   switch (kernel) {
     case Int8Kernel::kAvx2: return PackLayout::kInt16Pairs;
-    case Int8Kernel::kAmx: return PackLayout::kAmxQuads;
+    case Int8Kernel::kAmx:
+    case Int8Kernel::kAvx512Vnni: return PackLayout::kAmxQuads;
     default: return PackLayout::kU8Quads;
   }
 }
@@ -931,7 +1003,9 @@ Int8Kernel kernel_for_layout(PackLayout layout) {
                   "speed. Re-pack it (int8_pack_weight, Int8Linear.repack()).");
   if (layout == PackLayout::kInt16Pairs) return Int8Kernel::kAvx2;
   if (is_amx(layout) && int8_kernel_supported(Int8Kernel::kAmx)) return Int8Kernel::kAmx;
-  return best_u8_kernel();
+  if (is_amx(layout)) return best_u8_kernel();
+  return int8_kernel_supported(Int8Kernel::kAvxVnni) ? Int8Kernel::kAvxVnni  // 8-column panels
+                                                     : Int8Kernel::kVnniEmulated;
 }
 
 // What the packed kernel's int32 sums hold beyond sum a * b, per column: 128 * rowsum(B)
@@ -1433,6 +1507,11 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
 }
 
 }  // namespace
+
+std::pair<int64_t, int64_t> int8_pack_multiples() {
+  const PackLayout l = kernel_layout(current_int8_kernel());
+  return {padded_n(1, l), padded_k(1, l)};
+}
 
 TORCH_LIBRARY_IMPL(qlib, CPU, m) {
   m.impl("quantize_per_token", &quantize_per_token_cpu);

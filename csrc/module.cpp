@@ -56,6 +56,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_int8_cpu_kernel", &qlib::set_int8_cpu_kernel,
         "Pick the int8 CPU GEMM kernel by name ('auto' = the best); weights packed before "
         "still run exactly, slower until re-packed.");
+  m.def("int8_pack_multiples", &qlib::int8_pack_multiples,
+        "(n, k): what int8_pack_weight pads N and K to under the current kernel.");
   m.def("int8_cuda_gemm", &qlib::int8_cuda_gemm, "The CUDA int8_linear GEMM in use (M > 4).");
   m.def("int8_cuda_gemms", &qlib::int8_cuda_gemms, "The CUDA int8_linear GEMMs this build has.");
   m.def("set_int8_cuda_gemm", &qlib::set_int8_cuda_gemm,

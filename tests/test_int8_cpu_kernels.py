@@ -101,17 +101,20 @@ def test_packed_weight_from_another_kernel_runs_exactly():
     ref = ops.int8_linear(x, w, s, None)
     ref_static = ops.int8_linear(x, w, s, None, torch.tensor(0.03), z, -128, 127)
     try:
-        pairs = [("avx2", "vnni-emulated"), ("vnni-emulated", "avx2")]
-        if "amx" in KERNELS:  # the AMX layout on a uint8 step, and the others under amx
-            pairs += [("amx", "avx2"), ("amx", "vnni-emulated"), ("avx2", "amx"), ("vnni-emulated", "amx")]
-        for pack_with, run_with in pairs:
-            qlib.set_int8_cpu_kernel(pack_with)
-            packed = ops.int8_pack_weight(w)
-            qlib.set_int8_cpu_kernel(run_with)
-            assert torch.equal(ops.int8_linear_packed(x, packed, w, s, None), ref)
-            assert torch.equal(ops.int8_linear_packed(x, packed, w, s, None, torch.tensor(0.03), z, -128, 127),
-                               ref_static)
-            assert not torch.equal(ops.int8_pack_weight(w), packed)  # the layouts differ
+        for pack_with in KERNELS:  # every layout this CPU packs, run by every other kernel
+            for run_with in KERNELS:
+                qlib.set_int8_cpu_kernel(pack_with)
+                packed = ops.int8_pack_weight(w)
+                qlib.set_int8_cpu_kernel(run_with)
+                for m in (40, 3):  # (amx hands M < 8 to its VNNI step)
+                    assert torch.equal(ops.int8_linear_packed(x[:m], packed, w, s, None), ref[:m])
+                    assert torch.equal(
+                        ops.int8_linear_packed(x[:m], packed, w, s, None, torch.tensor(0.03), z, -128, 127),
+                        ref_static[:m])
+        qlib.set_int8_cpu_kernel("avx2")
+        packed = ops.int8_pack_weight(w)
+        qlib.set_int8_cpu_kernel("vnni-emulated")
+        assert not torch.equal(ops.int8_pack_weight(w), packed)  # the layouts differ
     finally:
         qlib.set_int8_cpu_kernel("auto")
 

@@ -62,9 +62,7 @@ def _(w_int8):
     from . import _C
 
     n, k = w_int8.shape
-    # The layout of this process's kernel (int8_cpu.cpp, padded_n / padded_k): the AMX
-    # tiles pad N to 32 and K to 64, the others N to 16 and K to 4.
-    n_mult, k_mult = (32, 64) if _C.int8_cpu_kernel() == "amx" else (16, 4)
+    n_mult, k_mult = _C.int8_pack_multiples()  # the current kernel's layout (int8_cpu.cpp)
     n_pad, k_pad = (n + n_mult - 1) // n_mult * n_mult, (k + k_mult - 1) // k_mult * k_mult
     # panels, one int32 row sum per padded column, a 16-byte layout tag
     return w_int8.new_empty((n_pad * k_pad + 4 * n_pad + 16,))
