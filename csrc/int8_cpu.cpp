@@ -1066,7 +1066,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
         for (int64_t n = n0; n < n1; ++n)
           cp[m * N + n] = wrap_sub(ct[(m - m0) * ldt + n - n0], off[n]);
     };
-    if (kernel == Int8Kernel::kAmx) {  // (M >= 32 here)
+    if (kernel == Int8Kernel::kAmx) {  // (M >= packed_min_m, at least amx_min_m by default)
       off = packed_offsets(pb, false);
       gemm_amx(pack_a_amx(ap, lda, M, K, pb.Kp, a.options()).const_data_ptr<int8_t>(), M, pb, store);
       return c;
