@@ -5,7 +5,7 @@
 #   test      the whole pytest suite, CUDA included
 #   sanitize  the CUDA tests under compute-sanitizer memcheck and racecheck
 #   probe     scripts/gpu_probe.py diagnostics, and a native backtrace of an error path
-#   benchfq   bench_fake_quant alone; benchobs: bench_observers alone
+#   benchfq   bench_fake_quant alone; benchobs: bench_observers alone; benchint8: the int8 GPU table
 #   bench     the GPU ceilings and every benchmark's GPU section
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -72,6 +72,9 @@ if has benchfq; then
 fi
 if has benchobs; then
   TAIL=14 stage bench 120 $PY benchmarks/bench_observers.py --device cuda
+fi
+if has benchint8; then
+  TAIL=16 stage bench 180 $PY benchmarks/bench_int8_linear.py --no-cpu
 fi
 if has bench; then
   TAIL=8 stage bench 120 $PY benchmarks/gpu_ceilings.py
