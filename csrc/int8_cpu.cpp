@@ -108,8 +108,9 @@ bool int8_kernel_supported(Int8Kernel k) {
     case Int8Kernel::kAvxVnni:
       return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
     case Int8Kernel::kAvx512Vnni:
-      return cpu_has_avx2() && __builtin_cpu_supports("avx512vnni") &&
-             __builtin_cpu_supports("avx512vl");
+      return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512vnni");
     case Int8Kernel::kAmx:
       return cpu_has_avx2() && cpu_has_amx_int8();
   }
