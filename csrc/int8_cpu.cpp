@@ -359,7 +359,7 @@ int64_t row_sum(const int8_t* __restrict row, int64_t k0, int64_t K) {
 // Packed B layouts (the enum values, bits of an A code and 64 for AMX, are what the tag
 // stores). kInt16Pairs / kU8Quads: 8-column panels, K padded to 4, N to 16. kAmxQuads: the
 // AMX B-tile layout, 16-column panels (a k word is one 64-byte tile row), K padded to 64
-// and N to 32; the uint8 (VNNI) steps run it too.
+// and N to 32; amx and avx512-vnni (zmm) pack it, and every uint8 (VNNI) step runs it.
 enum class PackLayout : int32_t { kInt16Pairs = 16, kU8Quads = 8, kAmxQuads = 64 };
 constexpr int32_t kPackMagic = 0x38424C51;  // "QLB8"
 constexpr int64_t kPackTagBytes = 16;
