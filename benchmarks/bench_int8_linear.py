@@ -1,4 +1,5 @@
-"""qlib Int8Linear (dynamic) vs torch.ao dynamic quantized Linear (fbgemm) vs fp32 F.linear.
+"""qlib Int8Linear (dynamic) vs torch.ao dynamic quantized Linear (fbgemm) vs fp32 F.linear
+vs torch._int_mm (ATen's CPU int8 GEMM) with a separate quantize and dequant.
 
     python benchmarks/bench_int8_linear.py [--quick] [--threads N] [--markdown PATH]
 
@@ -84,21 +85,30 @@ def bench_cpu(quick):
         lin = nn.Linear(K, N)
         ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
         q = Int8Linear.from_float(lin)
+        w_t = q.weight.t()
         for M in ms:
             x = torch.randn(M, K)
-            t_fp, t_ao, t_q = interleaved_medians_ms(
-                [lambda: F.linear(x, lin.weight, lin.bias), lambda: ao(x), lambda: q(x)])
-            rows.append((M, K, N, t_fp, t_ao, t_q))
+
+            def int_mm_path():  # ATen's int8 GEMM (oneDNN) with qlib's quantize and a torch dequant
+                xq, xs = torch.ops.qlib.quantize_per_token(x)
+                return torch._int_mm(xq, w_t).float() * xs * q.weight_scale + q.bias
+
+            t_fp, t_ao, t_q, t_mm = interleaved_medians_ms(
+                [lambda: F.linear(x, lin.weight, lin.bias), lambda: ao(x), lambda: q(x), int_mm_path])
+            rows.append((M, K, N, t_fp, t_ao, t_q, t_mm))
             print(f"M={M:5d} K={K:5d} N={N:5d}  fp32 {t_fp:9.3f} ms  torch.ao {t_ao:9.3f} ms  "
-                  f"qlib {t_q:9.3f} ms  | qlib vs ao {t_ao / t_q:5.2f}x  vs fp32 {t_fp / t_q:5.2f}x", flush=True)
+                  f"_int_mm path {t_mm:9.3f} ms  qlib {t_q:9.3f} ms  | qlib vs ao {t_ao / t_q:5.2f}x  "
+                  f"vs fp32 {t_fp / t_q:5.2f}x  vs _int_mm path {t_mm / t_q:5.2f}x", flush=True)
     return rows
 
 
 def cpu_table(rows):
-    out = ["| M | K | N | fp32 F.linear (ms) | torch.ao dynamic (ms) | qlib Int8Linear (ms) | qlib speed-up vs torch.ao | qlib speed-up vs fp32 |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for M, K, N, t_fp, t_ao, t_q in rows:
-        out.append(f"| {M} | {K} | {N} | {t_fp:.3f} | {t_ao:.3f} | {t_q:.3f} | {t_ao / t_q:.2f}x | {t_fp / t_q:.2f}x |")
+    out = ["| M | K | N | fp32 F.linear (ms) | torch.ao dynamic (ms) | _int_mm + quant + dequant (ms) "
+           "| qlib Int8Linear (ms) | qlib speed-up vs torch.ao | qlib speed-up vs fp32 | vs _int_mm path |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for M, K, N, t_fp, t_ao, t_q, t_mm in rows:
+        out.append(f"| {M} | {K} | {N} | {t_fp:.3f} | {t_ao:.3f} | {t_mm:.3f} | {t_q:.3f} | {t_ao / t_q:.2f}x "
+                   f"| {t_fp / t_q:.2f}x | {t_mm / t_q:.2f}x |")
     return "\n".join(out)
 
 
