@@ -361,6 +361,8 @@ int64_t row_sum(const int8_t* __restrict row, int64_t k0, int64_t K) {
 // AMX B-tile layout, 16-column panels (a k word is one 64-byte tile row), K padded to 64
 // and N to 32; amx and avx512-vnni (zmm) pack it, and every uint8 (VNNI) step runs it.
 enum class PackLayout : int32_t { kInt16Pairs = 16, kU8Quads = 8, kAmxQuads = 64 };
+constexpr PackLayout kPackLayouts[] = {PackLayout::kInt16Pairs, PackLayout::kU8Quads,
+                                       PackLayout::kAmxQuads};
 constexpr int32_t kPackMagic = 0x38424C51;  // "QLB8"
 constexpr int64_t kPackTagBytes = 16;
 
@@ -480,8 +482,7 @@ PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor&
                    PackLayout expected) {
   const int64_t N = w.size(0), K = w.size(1), numel = w_packed.numel();
   bool size_ok = false;  // the size of some layout's packing of w
-  for (PackLayout l : {PackLayout::kInt16Pairs, PackLayout::kU8Quads, PackLayout::kAmxQuads})
-    size_ok = size_ok || numel == packed_bytes(N, K, l);
+  for (PackLayout l : kPackLayouts) size_ok = size_ok || numel == packed_bytes(N, K, l);
   TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 &&
                   w_packed.is_contiguous() && size_ok && w_packed.device() == w.device(),
               op, ": w_packed (", w_packed.scalar_type(), ", shape ", w_packed.sizes(),
@@ -490,9 +491,9 @@ PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor&
   int32_t tag[4];
   std::memcpy(tag, w_packed.const_data_ptr<int8_t>() + numel - kPackTagBytes, sizeof(tag));
   const auto layout = static_cast<PackLayout>(tag[1]);
-  const bool layout_ok = (layout == PackLayout::kInt16Pairs || layout == PackLayout::kU8Quads ||
-                          layout == PackLayout::kAmxQuads) &&
-                         numel == packed_bytes(N, K, layout);
+  bool layout_ok = false;  // a known layout, whose packing of w has this size
+  for (PackLayout l : kPackLayouts)
+    layout_ok = layout_ok || (layout == l && numel == packed_bytes(N, K, l));
   TORCH_CHECK(tag[0] == kPackMagic && layout_ok && tag[2] == static_cast<int32_t>(N) &&
                   tag[3] == static_cast<int32_t>(K),
               op, ": w_packed is not int8_pack_weight(w_int8) for w_int8 of shape ", w.sizes(),
@@ -1307,9 +1308,10 @@ inline float dequant_value(int32_t c, int32_t off, const int32_t* zw, float s, f
 }
 
 #if QLIB_INT8_X86
-QLIB_AVX2_FN void dequant_values_avx2(const int32_t* c, const int32_t* off, const int32_t* zw,
-                                      float s, const float* ws, const float* b, float* out,
-                                      int64_t n) {
+// The first n / 8 * 8 columns of dequant_values; returns how many it did.
+QLIB_AVX2_FN int64_t dequant_values_avx2(const int32_t* c, const int32_t* off, const int32_t* zw,
+                                         float s, const float* ws, const float* b, float* out,
+                                         int64_t n) {
   const __m256 sv = _mm256_set1_ps(s);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -1330,18 +1332,17 @@ QLIB_AVX2_FN void dequant_values_avx2(const int32_t* c, const int32_t* off, cons
     v = b != nullptr ? _mm256_fmadd_ps(v, sc, _mm256_loadu_ps(b + j)) : _mm256_mul_ps(v, sc);
     _mm256_storeu_ps(out + j, v);
   }
-  for (; j < n; ++j)
-    out[j] = dequant_value(c[j], off[j], zw != nullptr ? zw + j : nullptr, s, ws[j],
-                           b != nullptr ? b + j : nullptr);
+  return j;
 }
 #endif
 
 void dequant_values(const int32_t* c, const int32_t* off, const int32_t* zw, float s,
                     const float* ws, const float* b, float* out, int64_t n) {
+  int64_t j = 0;
 #if QLIB_INT8_X86
-  if (cpu_has_avx2()) return dequant_values_avx2(c, off, zw, s, ws, b, out, n);
+  if (cpu_has_avx2()) j = dequant_values_avx2(c, off, zw, s, ws, b, out, n);
 #endif
-  for (int64_t j = 0; j < n; ++j)
+  for (; j < n; ++j)
     out[j] = dequant_value(c[j], off[j], zw != nullptr ? zw + j : nullptr, s, ws[j],
                            b != nullptr ? b + j : nullptr);
 }
