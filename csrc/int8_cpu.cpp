@@ -379,18 +379,19 @@ int64_t padded_n(int64_t N, PackLayout l) {
 
 struct PackedB {
   at::Tensor buf;  // int8 [Np * Kp panels | Np int32 row sums | tag]
+  const int8_t* data = nullptr;  // buf's (the kernels' loops read it per panel)
   int64_t N = 0, K = 0, Np = 0, Kp = 0;
   PackLayout layout = PackLayout::kInt16Pairs;
   int64_t cols() const { return panel_cols(layout); }
   const int8_t* panel(int64_t n) const {  // n: a multiple of cols()
-    return buf.const_data_ptr<int8_t>() + (n / cols()) * Kp * cols();
+    return data + (n / cols()) * Kp * cols();
   }
   // Bytes from a panel's 8 columns to the next 8 (the next panel, or within a 16-column
   // one), and from one k word to the next.
   int64_t half_offset() const { return cols() == 8 ? Kp * 8 : 32; }
   int64_t word_bytes() const { return cols() * (layout == PackLayout::kInt16Pairs ? 2 : 4); }
   const int32_t* rowsum() const {
-    return reinterpret_cast<const int32_t*>(buf.const_data_ptr<int8_t>() + Np * Kp);
+    return reinterpret_cast<const int32_t*>(data + Np * Kp);
   }
 };
 
@@ -406,6 +407,7 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
   p.N = N, p.K = K, p.Np = padded_n(N, layout), p.Kp = padded_k(K, layout), p.layout = layout;
   p.buf = at::empty({packed_bytes(N, K, layout)}, opt.dtype(at::kChar));
   int8_t* out = p.buf.data_ptr<int8_t>();
+  p.data = out;
   int32_t* rowsum = reinterpret_cast<int32_t*>(out + p.Np * p.Kp);
   const int g = layout == PackLayout::kInt16Pairs ? 2 : 4;  // k per word
   const int64_t cols = p.cols(), pitch = p.word_bytes();
@@ -501,6 +503,7 @@ PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor&
   PackedB p;
   p.N = N, p.K = K, p.layout = layout, p.Np = padded_n(N, layout), p.Kp = padded_k(K, layout);
   p.buf = w_packed;
+  p.data = w_packed.const_data_ptr<int8_t>();
   return p;
 }
 
@@ -536,24 +539,18 @@ struct StepVnniEmulated : StepU8 {
                                                 _mm256_madd_epi16(a_odd, b_odd)));
   }
 };
-// The real instructions as inline asm, so the compiler never emits VNNI (or EVEX) code
-// on its own: these run only after the runtime CPU check. The byte encodings equal GCC's
-// for _mm256_dpbusd_avx_epi32 (VEX) and _mm256_dpbusd_epi32 (EVEX, AVX512-VNNI + VL).
+// The real instruction as inline asm, so the compiler never emits VNNI code on its own: it
+// runs only after the runtime CPU check. The byte encoding equals GCC's for
+// _mm256_dpbusd_avx_epi32 (VEX).
 struct StepAvxVnni : StepU8 {
   QLIB_AVX2_FN __attribute__((always_inline)) static __m256i dot(__m256i c, __m256i a, __m256i b) {
     asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(c) : "x"(a), "x"(b));
     return c;
   }
 };
-struct StepAvx512Vnni : StepU8 {
-  QLIB_AVX2_FN __attribute__((always_inline)) static __m256i dot(__m256i c, __m256i a, __m256i b) {
-    asm("vpdpbusd %2, %1, %0" : "+x"(c) : "x"(a), "x"(b));
-    return c;
-  }
-};
 
 // AVX512-VNNI on zmm registers: 32 columns (two 16-column panels of the kAmxQuads layout)
-// per micro-kernel call (micro_zmm); its ymm twin serves 1-2 rows.
+// per micro-kernel call (micro_zmm, micro_zmm_thin for 1-2 rows).
 struct StepZmm {
   using Elem = uint8_t;
   static constexpr int G = 4;
@@ -789,12 +786,55 @@ QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm(const uint8_t* a, const 
 #undef QLIB_STORE
 }
 
-// 1-2 rows: the latency-hiding ymm kernel (EVEX vpdpbusd), once per 16-column panel.
+// 1-2 rows (decode): micro_packed_thin's scheme on zmm, both 16-column panels at once (two B
+// streams), 4 / R k words in flight per row.
 template <int R>
-void micro_zmm_thin(const uint8_t* a, const int8_t* b, int64_t bstride, int64_t bword,
-                    int64_t kc, int32_t* c, int64_t ldc, bool accumulate) {
-  micro_packed_thin<R, StepAvx512Vnni>(a, b, 32, bword, kc, c, ldc, accumulate);
-  micro_packed_thin<R, StepAvx512Vnni>(a, b + bstride, 32, bword, kc, c + 16, ldc, accumulate);
+QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm_thin(const uint8_t* a, const int8_t* b,
+                                                            int64_t bstride, int64_t bword,
+                                                            int64_t kc, int32_t* c, int64_t ldc,
+                                                            bool accumulate) {
+  static_assert(R == 1 || R == 2, "micro_zmm_thin is for 1 or 2 rows");
+  constexpr int U = 4 / R;  // k words in flight per row; chain j: row j / U
+  const __m512i z = _mm512_setzero_si512();
+  __m512i s00 = z, s01 = z, s10 = z, s11 = z, s20 = z, s21 = z, s30 = z, s31 = z;
+  const int32_t* ap = reinterpret_cast<const int32_t*>(a);
+  const int8_t* b1 = b + bstride;
+  const int64_t words = kc / 4;
+  int64_t kw = 0;
+  for (; kw + U <= words; kw += U) {
+#define QLIB_CHAIN(j)                                                                 \
+  {                                                                                   \
+    const int64_t w = kw + (j) % U;                                                   \
+    const __m512i av = _mm512_set1_epi32(ap[w * kPMR + (j) / U]);                     \
+    s##j##0 = _mm512_dpbusd_epi32(s##j##0, av, _mm512_loadu_si512(b + w * bword));    \
+    s##j##1 = _mm512_dpbusd_epi32(s##j##1, av, _mm512_loadu_si512(b1 + w * bword));   \
+  }
+    QLIB_CHAIN(0) QLIB_CHAIN(1) QLIB_CHAIN(2) QLIB_CHAIN(3)
+#undef QLIB_CHAIN
+  }
+  for (; kw < words; ++kw) {  // the last < U words: chains 0 (row 0) and U (row 1)
+    const __m512i w0 = _mm512_loadu_si512(b + kw * bword), w1 = _mm512_loadu_si512(b1 + kw * bword);
+    const __m512i a0 = _mm512_set1_epi32(ap[kw * kPMR]);
+    s00 = _mm512_dpbusd_epi32(s00, a0, w0), s01 = _mm512_dpbusd_epi32(s01, a0, w1);
+    if constexpr (R == 2) {
+      const __m512i a1 = _mm512_set1_epi32(ap[kw * kPMR + 1]);
+      s20 = _mm512_dpbusd_epi32(s20, a1, w0), s21 = _mm512_dpbusd_epi32(s21, a1, w1);
+    }
+  }
+  __m512i rows[2][2];
+  if constexpr (R == 1) {
+    rows[0][0] = _mm512_add_epi32(_mm512_add_epi32(s00, s10), _mm512_add_epi32(s20, s30));
+    rows[0][1] = _mm512_add_epi32(_mm512_add_epi32(s01, s11), _mm512_add_epi32(s21, s31));
+  } else {
+    rows[0][0] = _mm512_add_epi32(s00, s10), rows[0][1] = _mm512_add_epi32(s01, s11);
+    rows[1][0] = _mm512_add_epi32(s20, s30), rows[1][1] = _mm512_add_epi32(s21, s31);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) {
+      int32_t* out = c + r * ldc + 16 * h;
+      _mm512_storeu_si512(out, accumulate ? _mm512_add_epi32(_mm512_loadu_si512(out), rows[r][h])
+                                          : rows[r][h]);
+    }
 }
 
 constexpr MicroPackedFn<StepZmm> kMicroZmm[kPMR] = {&micro_zmm_thin<1>, &micro_zmm_thin<2>,

@@ -135,12 +135,13 @@ def test_packed_weight_is_checked():
         ops.int8_linear_packed(x, ops.int8_pack_weight(w[:, :66]), w, s, None)
 
 
-@pytest.mark.parametrize("M", [8, 33, 260])
+@pytest.mark.parametrize("M", [1, 7, 8, 33, 260])
 @pytest.mark.parametrize("K", [65, 1100])
 @pytest.mark.parametrize("N", [33, 290])
 def test_tile_edges_every_kernel(kernel, M, K, N):
     """Shapes across the kernels' tile and padding edges (AMX: 32 x 32 register blocks,
-    128 x 256 thread tiles, 1024-k blocks, K padded to 64, N to 32), against exact sums."""
+    128 x 256 thread tiles, 1024-k blocks, K padded to 64, N to 32; last row panels of 1 and
+    2 rows, which the decode micro-kernels take), against exact sums."""
     g = torch.Generator().manual_seed(M * 7 + K * 3 + N)
     a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
     b = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
