@@ -7,7 +7,8 @@
 // H100, dp4a at M = 16 took 3x cuBLASLt's time on 17 padded rows.)
 // int8_linear = fused per-row quantize kernel (writes the K-padded int8
 // activations and their scales) -> GEMM -> fused dequant epilogue kernel
-// (act scale x per-channel weight scale, + bias, cast to x's dtype).
+// (act scale x per-channel weight scale, + bias, cast to x's dtype); M <= 4 runs
+// all three in one kernel (linear_small_m_kernel), same bits.
 // With qlib.set_int8_cuda_gemm("cutlass-sm90") on a Hopper GPU, M > 4 instead runs
 // cuda/int8_gemm_sm90.cu: one wgmma kernel with the dequant epilogue fused (same bits).
 // All launches on the current stream, 64-bit indexing, no host syncs (the
@@ -154,6 +155,82 @@ void launch_quantize_rows(const at::Tensor& x, int64_t rows, int64_t rows_out, i
 // 16-byte packs (VEC) or bytes.
 constexpr int kCols = 4;
 
+// One warp's sums acc[m][j] = sum_k a[m * lda + k] * br[j][k] for m < M (and, with ROWSUMS,
+// rs[j] = sum_k br[j][k]), over the whole warp: every lane gets them. VEC: K, lda and the br
+// rows in 16-byte packs.
+template <bool VEC, bool ROWSUMS>
+__device__ __forceinline__ void warp_dots(const int8_t* __restrict__ a, int64_t lda,
+                                          const int8_t* const (&br)[kCols], int M, int64_t K,
+                                          int (&acc)[kSmallM][kCols], int (&rs)[kCols]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+    rs[j] = 0;
+#pragma unroll
+    for (int m = 0; m < kSmallM; ++m) acc[m][j] = 0;
+  }
+  if constexpr (VEC) {
+    for (int64_t k = static_cast<int64_t>(lane) * 16; k < K; k += 32 * 16) {
+      int4 bv[kCols];
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) {
+        bv[j] = *reinterpret_cast<const int4*>(br[j] + k);
+        if constexpr (ROWSUMS) {
+          constexpr int kOnes = 0x01010101;
+          rs[j] = __dp4a(bv[j].w, kOnes, __dp4a(bv[j].z, kOnes,
+                  __dp4a(bv[j].y, kOnes, __dp4a(bv[j].x, kOnes, rs[j]))));
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < kSmallM; ++m) {
+        if (m < M) {
+          const int4 av = *reinterpret_cast<const int4*>(a + m * lda + k);
+#pragma unroll
+          for (int j = 0; j < kCols; ++j) {
+            int s = acc[m][j];
+            s = __dp4a(av.x, bv[j].x, s);
+            s = __dp4a(av.y, bv[j].y, s);
+            s = __dp4a(av.z, bv[j].z, s);
+            s = __dp4a(av.w, bv[j].w, s);
+            acc[m][j] = s;
+          }
+        }
+      }
+    }
+  } else {
+    for (int64_t k = lane; k < K; k += 32) {
+      int bv[kCols];
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) {
+        bv[j] = br[j][k];
+        if constexpr (ROWSUMS) rs[j] += bv[j];
+      }
+#pragma unroll
+      for (int m = 0; m < kSmallM; ++m) {
+        if (m < M) {
+          const int av = a[m * lda + k];
+#pragma unroll
+          for (int j = 0; j < kCols; ++j) acc[m][j] += av * bv[j];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+    if constexpr (ROWSUMS) rs[j] = warp_sum(rs[j]);
+#pragma unroll
+    for (int m = 0; m < kSmallM; ++m)
+      if (m < M) acc[m][j] = warp_sum(acc[m][j]);
+  }
+}
+
+// The kCols weight rows of the warp's columns n0.. (rows past N repeat row N - 1; discarded).
+__device__ __forceinline__ void warp_rows(const int8_t* b, int64_t ldb, int64_t n0, int64_t N,
+                                          const int8_t* (&br)[kCols]) {
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) br[j] = b + (n0 + j < N ? n0 + j : N - 1) * ldb;
+}
+
 template <bool VEC>
 __global__ void gemm_small_m_kernel(const int8_t* __restrict__ a, int64_t lda,
                                     const int8_t* __restrict__ b, int64_t ldb,
@@ -163,61 +240,27 @@ __global__ void gemm_small_m_kernel(const int8_t* __restrict__ a, int64_t lda,
   const int64_t warps_per_block = blockDim.x >> 5;
   for (int64_t n0 = (blockIdx.x * warps_per_block + (threadIdx.x >> 5)) * kCols; n0 < N;
        n0 += static_cast<int64_t>(gridDim.x) * warps_per_block * kCols) {
-    int acc[kSmallM][kCols];
-#pragma unroll
-    for (int m = 0; m < kSmallM; ++m)
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) acc[m][j] = 0;
     const int8_t* br[kCols];
+    warp_rows(b, ldb, n0, N, br);
+    int acc[kSmallM][kCols], rs[kCols];
+    warp_dots<VEC, false>(a, lda, br, M, K, acc, rs);
+    if (lane == 0) {
 #pragma unroll
-    for (int j = 0; j < kCols; ++j) br[j] = b + (n0 + j < N ? n0 + j : N - 1) * ldb;  // past N: discarded
-    if constexpr (VEC) {
-      for (int64_t k = static_cast<int64_t>(lane) * 16; k < K; k += 32 * 16) {
-        int4 bv[kCols];
+      for (int m = 0; m < kSmallM; ++m)
 #pragma unroll
-        for (int j = 0; j < kCols; ++j) bv[j] = *reinterpret_cast<const int4*>(br[j] + k);
-#pragma unroll
-        for (int m = 0; m < kSmallM; ++m) {
-          if (m < M) {
-            const int4 av = *reinterpret_cast<const int4*>(a + m * lda + k);
-#pragma unroll
-            for (int j = 0; j < kCols; ++j) {
-              int s = acc[m][j];
-              s = __dp4a(av.x, bv[j].x, s);
-              s = __dp4a(av.y, bv[j].y, s);
-              s = __dp4a(av.z, bv[j].z, s);
-              s = __dp4a(av.w, bv[j].w, s);
-              acc[m][j] = s;
-            }
-          }
-        }
-      }
-    } else {
-      for (int64_t k = lane; k < K; k += 32) {
-        int bv[kCols];
-#pragma unroll
-        for (int j = 0; j < kCols; ++j) bv[j] = br[j][k];
-#pragma unroll
-        for (int m = 0; m < kSmallM; ++m) {
-          if (m < M) {
-            const int av = a[m * lda + k];
-#pragma unroll
-            for (int j = 0; j < kCols; ++j) acc[m][j] += av * bv[j];
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int m = 0; m < kSmallM; ++m) {
-      if (m < M) {
-#pragma unroll
-        for (int j = 0; j < kCols; ++j) {
-          const int s = warp_sum(acc[m][j]);
-          if (lane == 0 && n0 + j < N) c[m * ldc + n0 + j] = s;
-        }
-      }
+        for (int j = 0; j < kCols; ++j)
+          if (m < M && n0 + j < N) c[m * ldc + n0 + j] = acc[m][j];
     }
   }
+}
+
+// Blocks for the small-M kernels: one warp per kCols columns, at most 16 blocks per SM
+// (grid-stride beyond).
+int64_t small_m_blocks(int64_t N) {
+  const int64_t cols_per_block = kThreads / 32 * kCols;
+  const int64_t max_blocks =
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
+  return std::max<int64_t>(1, std::min<int64_t>((N + cols_per_block - 1) / cols_per_block, max_blocks));
 }
 
 void launch_gemm_small_m(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c,
@@ -225,11 +268,7 @@ void launch_gemm_small_m(const int8_t* a, int64_t lda, const int8_t* b, int64_t 
   TORCH_INTERNAL_ASSERT(M <= kSmallM);
   if (M == 0 || N == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t cols_per_block = kThreads / 32 * kCols;
-  const int64_t max_blocks =
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
-  const int64_t blocks =
-      std::max<int64_t>(1, std::min<int64_t>((N + cols_per_block - 1) / cols_per_block, max_blocks));
+  const int64_t blocks = small_m_blocks(N);
   const bool vec = K % 16 == 0 && lda % 16 == 0 && ldb % 16 == 0 && aligned16(a) && aligned16(b);
   if (vec) {
     gemm_small_m_kernel<true><<<blocks, kThreads, 0, stream>>>(a, lda, b, ldb, c, ldc,
@@ -302,6 +341,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x_i
 // z = *zero_point (the term only when both are set), V columns a thread (V = 4:
 // 16-byte loads of C; needs N and ldc multiples of 4); rows on grid y
 // (grid-stride), column packs on grid x: no division per element.
+// One output: the int32 sum c less the zero-point term zs, times act scale s and weight scale
+// ws, plus bias b (the small-M kernel and the epilogue share it: the same float ops, the
+// same bits).
+__device__ __forceinline__ float dequant_value(int32_t c, long long zs, float s, float ws, float b) {
+  return static_cast<float>(c - zs) * (s * ws) + b;
+}
+
 template <class T, int V>
 __global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t ldc,
                                         const float* __restrict__ act_scale,
@@ -327,13 +373,119 @@ __global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t l
       const auto cv = *reinterpret_cast<const Pack<int32_t, V>*>(c + m * ldc + n0);
 #pragma unroll
       for (int j = 0; j < V; ++j)
-        o.v[j] = static_cast<T>(static_cast<float>(cv.v[j] - zs[j]) * (s * ws.v[j]) + bs.v[j]);
+        o.v[j] = static_cast<T>(dequant_value(cv.v[j], zs[j], s, ws.v[j], bs.v[j]));
       *reinterpret_cast<Pack<T, V>*>(out + m * N + n0) = o;
     } else {
-      out[m * N + n0] =
-          static_cast<T>(static_cast<float>(c[m * ldc + n0] - zs[0]) * (s * ws.v[0]) + bs.v[0]);
+      out[m * N + n0] = static_cast<T>(dequant_value(c[m * ldc + n0], zs[0], s, ws.v[0], bs.v[0]));
     }
   }
+}
+
+// ---------------------------------------------------------------- small-M int8_linear
+// M <= kSmallM in one launch (at these sizes the launches are the cost): every block quantizes
+// the M rows of x into shared memory (the codes and row scales of quantize_rows_kernel; each
+// block redoes it, M * K elements against its kThreads / 32 * kCols weight rows), then runs
+// warp_dots over its columns (with the weight row sums when there is a zero point) and
+// writes out with dequant_value. Same bits as the three-kernel path.
+template <class T, bool VEC, bool ZP>
+__global__ void linear_small_m_kernel(const T* __restrict__ x, const int8_t* __restrict__ w,
+                                      int64_t ldw, const float* __restrict__ w_scale,
+                                      const float* __restrict__ bias,
+                                      const float* __restrict__ fixed_scale,
+                                      const int32_t* __restrict__ zero_point, float qmin,
+                                      float qmax, T* __restrict__ out, int M, int64_t N,
+                                      int64_t K, int64_t lda) {
+  extern __shared__ int4 smem[];  // M rows of lda int8 codes (K zero-padded to lda)
+  int8_t* a = reinterpret_cast<int8_t*>(smem);
+  __shared__ float warp_amax[kThreads / 32];
+  __shared__ float row_scale[kSmallM];
+  const int32_t z = ZP ? *zero_point : 0;
+  const Int8ActCodes codes{static_cast<float>(z), qmin, qmax};
+  for (int m = 0; m < M; ++m) {
+    const T* xr = x + m * K;
+    float s;
+    if (fixed_scale != nullptr) {
+      s = *fixed_scale;
+    } else {
+      float amax = 0.0f;
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
+        amax = fmaxf(amax, fabsf(static_cast<float>(xr[k])));  // fmaxf ignores NaN
+      amax = warp_max(amax);
+      if ((threadIdx.x & 31) == 0) warp_amax[threadIdx.x >> 5] = amax;
+      __syncthreads();
+      amax = 0.0f;
+      for (int i = 0; i < kThreads / 32; ++i) amax = fmaxf(amax, warp_amax[i]);
+      s = int8_token_scale(amax);
+    }
+    const float inv = 1.0f / s;
+    int nan_seen = 0;
+    for (int64_t k = threadIdx.x; k < lda; k += blockDim.x) {
+      int8_t c = 0;
+      if (k < K) {
+        const float v = static_cast<float>(xr[k]);
+        nan_seen |= v != v;
+        c = int8_act_code(v, inv, codes);
+      }
+      a[m * lda + k] = c;
+    }
+    // Also the barrier before warp_amax is reused and the codes are read.
+    nan_seen = __syncthreads_or(nan_seen);
+    if (threadIdx.x == 0) row_scale[m] = nan_seen ? NAN : s;
+  }
+  __syncthreads();  // row_scale
+  const int lane = threadIdx.x & 31;
+  const int64_t warps_per_block = blockDim.x >> 5;
+  for (int64_t n0 = (blockIdx.x * warps_per_block + (threadIdx.x >> 5)) * kCols; n0 < N;
+       n0 += static_cast<int64_t>(gridDim.x) * warps_per_block * kCols) {
+    const int8_t* br[kCols];
+    warp_rows(w, ldw, n0, N, br);
+    int acc[kSmallM][kCols], rs[kCols];
+    warp_dots<VEC, ZP>(a, lda, br, M, K, acc, rs);
+    if (lane == 0) {
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) {
+        const int64_t n = n0 + j;
+        if (n >= N) continue;
+        const float ws = w_scale[n], b = bias != nullptr ? bias[n] : 0.0f;
+        const long long zs = static_cast<long long>(z) * rs[j];
+#pragma unroll
+        for (int m = 0; m < kSmallM; ++m)
+          if (m < M) out[m * N + n] = static_cast<T>(dequant_value(acc[m][j], zs, row_scale[m], ws, b));
+      }
+    }
+  }
+}
+
+// Runs linear_small_m_kernel when the codes fit the default 48 KiB of dynamic shared memory
+// (M * round_up(K, 16) bytes); returns false (nothing launched) otherwise. w K-contiguous.
+bool launch_linear_small_m(const at::Tensor& x, const at::Tensor& w, const float* w_scale,
+                           const float* bias, const float* fixed_scale, const int32_t* zero_point,
+                           Int8ActCodes range, at::Tensor& out, int64_t M, int64_t N, int64_t K) {
+  const int64_t lda = round_up(std::max<int64_t>(K, 1), 16);
+  const int64_t smem = M * lda;
+  if (M > kSmallM || smem > 48 * 1024) return false;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = small_m_blocks(N);
+  const int8_t* wp = w.const_data_ptr<int8_t>();
+  const int64_t ldw = w.stride(0);
+  const bool vec = K % 16 == 0 && ldw % 16 == 0 && aligned16(wp);
+  QLIB_DISPATCH_FLOAT(x.scalar_type(), "int8_linear_small_m_cuda", [&] {
+    const auto launch = [&](auto vec_c, auto zp_c) {
+      linear_small_m_kernel<scalar_t, decltype(vec_c)::value, decltype(zp_c)::value>
+          <<<blocks, kThreads, smem, stream>>>(
+              x.const_data_ptr<scalar_t>(), wp, ldw, w_scale, bias, fixed_scale, zero_point,
+              range.qmin, range.qmax, out.data_ptr<scalar_t>(), static_cast<int>(M), N, K, lda);
+    };
+    if (vec) {
+      zero_point != nullptr ? launch(std::true_type{}, std::true_type{})
+                            : launch(std::true_type{}, std::false_type{});
+    } else {
+      zero_point != nullptr ? launch(std::false_type{}, std::true_type{})
+                            : launch(std::false_type{}, std::false_type{});
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return true;
 }
 
 // Whether int8_linear runs the fused Hopper GEMM: when it is chosen (set_int8_cuda_gemm) and
@@ -375,21 +527,15 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
       bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
   const auto fopts = x.options().dtype(at::kFloat);
   const bool fused = use_sm90_gemm(op, x, w_in, out, M, act_zero_point.has_value());
-
-  // Activations, K padded to a multiple of 16 (zeros): _int_mm's K % 8 and dp4a's 16-byte packs.
-  // Rows: M, or zero-padded to cuBLASLt's 17 for kSmallM < M < 17.
-  const int64_t Kp = round_up(std::max<int64_t>(K, 1), 16);
-  const int64_t Mq = M <= kSmallM || fused ? M : std::max(M, kIntMmMinM);
-  at::Tensor q = at::empty({Mq, Kp}, x.options().dtype(at::kChar));
   const float* fixed = nullptr;
   at::Tensor static_scale;
   if (act_scale.has_value()) {
     static_scale = act_scale->reshape({1}).contiguous();
     fixed = static_scale.const_data_ptr<float>();
   }
-  // A static zero point stays on the device (no host read); the epilogue subtracts
+  // A static zero point stays on the device (no host read); the GEMM's sums lose
   // z * (row sums of w). Under set_cuda_value_checks it is checked against the range.
-  at::Tensor zp, w_rowsum;
+  at::Tensor zp;
   if (act_zero_point.has_value()) {
     zp = act_zero_point->to(at::kInt).reshape({1}).contiguous();
     if (cuda_value_checks() && !capturing()) {
@@ -398,13 +544,24 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
                   " is outside [act_quant_min, act_quant_max] = [", act_quant_min, ", ",
                   act_quant_max, "]");
     }
-    w_rowsum = w_in.sum(1, /*keepdim=*/false, at::kInt);
   }
   const int32_t* zpp = zp.defined() ? zp.const_data_ptr<int32_t>() : nullptr;
+  const Int8ActCodes range{0.0f, static_cast<float>(act_quant_min),
+                           static_cast<float>(act_quant_max)};
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  if (M <= kSmallM &&
+      launch_linear_small_m(x, w_in.stride(1) == 1 ? w_in : w_in.contiguous(),
+                            w_scale.const_data_ptr<float>(), bp, fixed, zpp, range, out, M, N, K))
+    return out;
+
+  // Activations, K padded to a multiple of 16 (zeros): _int_mm's K % 8 and dp4a's 16-byte packs.
+  // Rows: M, or zero-padded to cuBLASLt's 17 for kSmallM < M < 17.
+  const int64_t Kp = round_up(std::max<int64_t>(K, 1), 16);
+  const int64_t Mq = M <= kSmallM || fused ? M : std::max(M, kIntMmMinM);
+  at::Tensor q = at::empty({Mq, Kp}, x.options().dtype(at::kChar));
+  const at::Tensor w_rowsum = zp.defined() ? w_in.sum(1, /*keepdim=*/false, at::kInt) : at::Tensor();
   at::Tensor sa = at::empty({Mq}, fopts);  // row scales (NaN: a row holding NaN)
-  launch_quantize_rows(x, M, Mq, K, q, Kp, sa.data_ptr<float>(), fixed, zpp,
-                       Int8ActCodes{0.0f, static_cast<float>(act_quant_min),
-                                    static_cast<float>(act_quant_max)});
+  launch_quantize_rows(x, M, Mq, K, q, Kp, sa.data_ptr<float>(), fixed, zpp, range);
 #ifdef QLIB_WITH_SM90_GEMM
   if (fused) {
     at::Tensor out2d = out.view({M, N});
@@ -429,7 +586,6 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
     const int32_t* cp = c.const_data_ptr<int32_t>();
     scalar_t* op_ = out.data_ptr<scalar_t>();
     const float* wsp = w_scale.const_data_ptr<float>();
-    const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
     const int32_t* rsp = w_rowsum.defined() ? w_rowsum.const_data_ptr<int32_t>() : nullptr;
     const bool vec = N % 4 == 0 && ldc % 4 == 0 && aligned16(cp) && aligned(op_, 4 * sizeof(scalar_t));
     const int V = vec ? 4 : 1;

@@ -142,6 +142,34 @@ def test_int8_linear_vs_reference(device, dtype, static, lead, K, N):
     torch.testing.assert_close(y_nb.double(), ref - bias.double(), rtol=tol, atol=tol * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["dynamic", "static", "zero_point"])
+@pytest.mark.parametrize("K", [1, 33, 64, 4096, 12289])
+def test_int8_linear_small_m_matches_rows_of_a_batch(device, dtype, act, K):
+    """M <= 4 rows (on CUDA one fused kernel; K = 12289 at M = 4 is past its 48 KiB of codes
+    and takes the three-kernel path) give the bits of the same rows inside a 17-row batch
+    (cuBLASLt on CUDA): same codes, exact int32 sums, same float epilogue. K = 33 takes a
+    strided weight and the byte loop; a NaN row stays NaN."""
+    N = 37
+    x = (torch.randn(17, K, device=device) * 2).to(dtype)
+    x[2, K // 2] = math.nan
+    w = rand_i8(N, 2 * K, device=device)
+    w = w[:, ::2] if K == 33 else w[:, :K].contiguous()
+    s = torch.rand(N, device=device) * 0.01 + 1e-3
+    b = torch.randn(N, device=device)
+    extra = {"dynamic": (),
+             "static": (torch.tensor(0.02, device=device),),
+             "zero_point": (torch.tensor(0.02, device=device),
+                            torch.tensor(-5, dtype=torch.int32, device=device), -128, 127)}[act]
+    for bias in (b, None):
+        batch = ops.int8_linear(x, w, s, bias, *extra)
+        assert torch.isnan(batch[2]).all() and not torch.isnan(batch[:2]).any()
+        for M in (1, 2, 3, 4):
+            rows = ops.int8_linear(x[:M], w, s, bias, *extra)
+            assert torch.equal(rows.nan_to_num(0.0), batch[:M].nan_to_num(0.0)), (M, bias is None)
+            assert torch.equal(rows.isnan(), batch[:M].isnan())
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("lo,hi", [(-128, 127), (-8, 7), (-120, 100)])
 @pytest.mark.parametrize("M", [1, 5, 40, 70])
