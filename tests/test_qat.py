@@ -196,11 +196,14 @@ def test_qat_recovers_accuracy_on_digits():
 
 
 # ---------------------------------------------------------------- DDP
-def _ddp_worker(rank, world, port, result_dir):
+def _ddp_worker(rank, world, result_dir):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # File rendezvous (no TCP store on a probed port) and a barrier before the teardown, as in
+    # test_observers_ddp.py: rank 0 once died in CI with SIGABRT ("terminate called without an
+    # active exception") when the ranks tore gloo down unsynchronized.
+    dist.init_process_group("gloo", init_method=f"file://{result_dir}/rdzv", rank=rank,
+                            world_size=world)
     torch.manual_seed(0)
     net = qlib.prepare_qat(Net())
     ddp = nn.parallel.DistributedDataParallel(net)
@@ -214,18 +217,14 @@ def _ddp_worker(rank, world, port, result_dir):
     qparams = [m.calculate_qparams() for m in net.modules() if isinstance(m, FakeQuantize)]
     torch.save({"params": {k: v.detach() for k, v in net.named_parameters()}, "qparams": qparams},
                os.path.join(result_dir, f"rank{rank}.pt"))
+    dist.barrier()
     dist.destroy_process_group()
 
 
 def test_ddp_two_processes_stay_identical(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for k in r0["params"]:
