@@ -217,6 +217,7 @@ def _ddp_worker(rank, world, result_dir):
     qparams = [m.calculate_qparams() for m in net.modules() if isinstance(m, FakeQuantize)]
     torch.save({"params": {k: v.detach() for k, v in net.named_parameters()}, "qparams": qparams},
                os.path.join(result_dir, f"rank{rank}.pt"))
+    del opt, ddp  # the DDP reducer holds the process group: free it before the teardown
     dist.barrier()
     dist.destroy_process_group()
 
