@@ -52,12 +52,58 @@ __device__ __forceinline__ int warp_sum(int v) {
 }
 
 // ---------------------------------------------------------------- quantize rows
-// One block per row (grid-stride), V elements a thread at a time (V = 8: 16- or
-// 32-byte loads, 8-byte stores; needs K and ldq multiples of 8). Writes
-// q[r * ldq + k] for k < ldq (zeros in [K, ldq), and zero rows in [rows,
-// rows_out)) and scale_out[r]: *fixed_scale when set (static), else the
-// per-token scale; NaN for a row holding NaN (as the CPU kernel does). Codes
-// take *zero_point (static, when set) and the range [qmin, qmax].
+// The whole block quantizes row xr (K elements) into q[0, ldq) (zeros in [K, ldq)), V
+// elements a thread at a time (V = 8: 16- or 32-byte loads, 8-byte stores; needs K and ldq
+// multiples of 8). Returns the row's scale to every thread: *fixed_scale when set (static),
+// else the per-token scale; NaN for a row holding NaN (as the CPU kernel does). warp_amax:
+// kThreads / 32 floats of shared scratch, free again on return.
+template <class T, int V>
+__device__ float quantize_row(const T* __restrict__ xr, int8_t* __restrict__ q, int64_t K,
+                              int64_t ldq, const float* __restrict__ fixed_scale,
+                              Int8ActCodes codes, float* warp_amax) {
+  float s;
+  if (fixed_scale != nullptr) {
+    s = *fixed_scale;
+  } else {
+    float amax = 0.0f;
+    for (int64_t k = threadIdx.x * V; k < K; k += blockDim.x * V) {
+      const auto in = *reinterpret_cast<const Pack<T, V>*>(xr + k);
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        amax = fmaxf(amax, fabsf(static_cast<float>(in.v[j])));  // fmaxf ignores NaN
+    }
+    amax = warp_max(amax);
+    if ((threadIdx.x & 31) == 0) warp_amax[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = 0.0f;
+    for (int w = 0; w < kThreads / 32; ++w) amax = fmaxf(amax, warp_amax[w]);
+    s = int8_token_scale(amax);
+  }
+  const float inv = 1.0f / s;
+  int nan_seen = 0;
+  for (int64_t k = threadIdx.x * V; k < ldq; k += blockDim.x * V) {
+    Pack<int8_t, V> out;
+    if (k < K) {  // with V = 8, K % 8 == 0: the whole pack is inside the row
+      const auto in = *reinterpret_cast<const Pack<T, V>*>(xr + k);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float v = static_cast<float>(in.v[j]);
+        nan_seen |= v != v;
+        out.v[j] = int8_act_code(v, inv, codes);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) out.v[j] = 0;
+    }
+    *reinterpret_cast<Pack<int8_t, V>*>(q + k) = out;
+  }
+  // Also the barrier before warp_amax is reused and before q is read.
+  return __syncthreads_or(nan_seen) ? NAN : s;
+}
+
+// One block per row (grid-stride): quantize_row of rows [0, rows) into q [rows_out, ldq],
+// zero rows in [rows, rows_out), scale_out[r] the row scales. Codes take *zero_point
+// (static, when set) and the range [qmin, qmax].
 template <class T, int V>
 __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q,
                                      float* __restrict__ scale_out,
@@ -67,57 +113,13 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict
   const Int8ActCodes codes{zero_point != nullptr ? static_cast<float>(*zero_point) : 0.0f, qmin,
                            qmax};
   __shared__ float warp_amax[kThreads / 32];
-  __shared__ float row_scale;
   for (int64_t r = blockIdx.x; r < rows_out; r += gridDim.x) {
-    const T* xr = x + r * K;
-    float s;
     if (r >= rows) {  // padding row (uniform across the block)
       for (int64_t k = threadIdx.x * V; k < ldq; k += blockDim.x * V)
         *reinterpret_cast<Pack<int8_t, V>*>(q + r * ldq + k) = Pack<int8_t, V>{};
       continue;
     }
-    if (fixed_scale != nullptr) {
-      s = *fixed_scale;
-    } else {
-      float amax = 0.0f;
-      for (int64_t k = threadIdx.x * V; k < K; k += blockDim.x * V) {
-        const auto in = *reinterpret_cast<const Pack<T, V>*>(xr + k);
-#pragma unroll
-        for (int j = 0; j < V; ++j)
-          amax = fmaxf(amax, fabsf(static_cast<float>(in.v[j])));  // fmaxf ignores NaN
-      }
-      amax = warp_max(amax);
-      if ((threadIdx.x & 31) == 0) warp_amax[threadIdx.x >> 5] = amax;
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        float m = 0.0f;
-        for (int w = 0; w < kThreads / 32; ++w) m = fmaxf(m, warp_amax[w]);
-        row_scale = int8_token_scale(m);
-      }
-      __syncthreads();
-      s = row_scale;
-    }
-    const float inv = 1.0f / s;
-    int8_t* qr = q + r * ldq;
-    int nan_seen = 0;
-    for (int64_t k = threadIdx.x * V; k < ldq; k += blockDim.x * V) {
-      Pack<int8_t, V> out;
-      if (k < K) {  // with V = 8, K % 8 == 0: the whole pack is inside the row
-        const auto in = *reinterpret_cast<const Pack<T, V>*>(xr + k);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float v = static_cast<float>(in.v[j]);
-          nan_seen |= v != v;
-          out.v[j] = int8_act_code(v, inv, codes);
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) out.v[j] = 0;
-      }
-      *reinterpret_cast<Pack<int8_t, V>*>(qr + k) = out;
-    }
-    // Also the barrier before row_scale / warp_amax are reused by the next row.
-    if (__syncthreads_or(nan_seen) && threadIdx.x == 0) s = NAN;
+    const float s = quantize_row<T, V>(x + r * K, q + r * ldq, K, ldq, fixed_scale, codes, warp_amax);
     if (threadIdx.x == 0) scale_out[r] = s;
   }
 }
@@ -337,10 +339,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x_i
 }
 
 // ---------------------------------------------------------------- int8_linear
-// out[m, n] = (C[m, n] - z * w_rowsum[n]) * act_scale[m] * w_scale[n] (+ bias[n]),
-// z = *zero_point (the term only when both are set), V columns a thread (V = 4:
-// 16-byte loads of C; needs N and ldc multiples of 4); rows on grid y
-// (grid-stride), column packs on grid x: no division per element.
 // One output: the int32 sum c less the zero-point term zs, times act scale s and weight scale
 // ws, plus bias b (the small-M kernel and the epilogue share it: the same float ops, the
 // same bits).
@@ -348,6 +346,10 @@ __device__ __forceinline__ float dequant_value(int32_t c, long long zs, float s,
   return static_cast<float>(c - zs) * (s * ws) + b;
 }
 
+// out[m, n] = (C[m, n] - z * w_rowsum[n]) * act_scale[m] * w_scale[n] (+ bias[n]),
+// z = *zero_point (the term only when both are set), V columns a thread (V = 4:
+// 16-byte loads of C; needs N and ldc multiples of 4); rows on grid y
+// (grid-stride), column packs on grid x: no division per element.
 template <class T, int V>
 __global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t ldc,
                                         const float* __restrict__ act_scale,
@@ -402,35 +404,9 @@ __global__ void linear_small_m_kernel(const T* __restrict__ x, const int8_t* __r
   const int32_t z = ZP ? *zero_point : 0;
   const Int8ActCodes codes{static_cast<float>(z), qmin, qmax};
   for (int m = 0; m < M; ++m) {
-    const T* xr = x + m * K;
-    float s;
-    if (fixed_scale != nullptr) {
-      s = *fixed_scale;
-    } else {
-      float amax = 0.0f;
-      for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
-        amax = fmaxf(amax, fabsf(static_cast<float>(xr[k])));  // fmaxf ignores NaN
-      amax = warp_max(amax);
-      if ((threadIdx.x & 31) == 0) warp_amax[threadIdx.x >> 5] = amax;
-      __syncthreads();
-      amax = 0.0f;
-      for (int i = 0; i < kThreads / 32; ++i) amax = fmaxf(amax, warp_amax[i]);
-      s = int8_token_scale(amax);
-    }
-    const float inv = 1.0f / s;
-    int nan_seen = 0;
-    for (int64_t k = threadIdx.x; k < lda; k += blockDim.x) {
-      int8_t c = 0;
-      if (k < K) {
-        const float v = static_cast<float>(xr[k]);
-        nan_seen |= v != v;
-        c = int8_act_code(v, inv, codes);
-      }
-      a[m * lda + k] = c;
-    }
-    // Also the barrier before warp_amax is reused and the codes are read.
-    nan_seen = __syncthreads_or(nan_seen);
-    if (threadIdx.x == 0) row_scale[m] = nan_seen ? NAN : s;
+    const float s = quantize_row<T, VEC ? 8 : 1>(x + m * K, a + m * lda, K, lda, fixed_scale,
+                                                 codes, warp_amax);
+    if (threadIdx.x == 0) row_scale[m] = s;
   }
   __syncthreads();  // row_scale
   const int lane = threadIdx.x & 31;
@@ -468,8 +444,10 @@ bool launch_linear_small_m(const at::Tensor& x, const at::Tensor& w, const float
   const int64_t blocks = small_m_blocks(N);
   const int8_t* wp = w.const_data_ptr<int8_t>();
   const int64_t ldw = w.stride(0);
-  const bool vec = K % 16 == 0 && ldw % 16 == 0 && aligned16(wp);
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "int8_linear_small_m_cuda", [&] {
+    // VEC: 16-byte weight packs and 8-element packs of x.
+    const bool vec = K % 16 == 0 && ldw % 16 == 0 && aligned16(wp) &&
+                     aligned(x.const_data_ptr(), 8 * sizeof(scalar_t));
     const auto launch = [&](auto vec_c, auto zp_c) {
       linear_small_m_kernel<scalar_t, decltype(vec_c)::value, decltype(zp_c)::value>
           <<<blocks, kThreads, smem, stream>>>(
