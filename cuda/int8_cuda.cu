@@ -226,11 +226,22 @@ __device__ __forceinline__ void warp_dots(const int8_t* __restrict__ a, int64_t 
   }
 }
 
-// The kCols weight rows of the warp's columns n0.. (rows past N repeat row N - 1; discarded).
-__device__ __forceinline__ void warp_rows(const int8_t* b, int64_t ldb, int64_t n0, int64_t N,
-                                          const int8_t* (&br)[kCols]) {
+// Each warp, grid-stride over groups of kCols columns n0..: warp_dots of a's M rows with
+// those rows of b (rows past N repeat row N - 1; discarded), then store(n0, acc, rs) on lane 0.
+template <bool VEC, bool ROWSUMS, class Store>
+__device__ __forceinline__ void small_m_columns(const int8_t* __restrict__ a, int64_t lda,
+                                                const int8_t* __restrict__ b, int64_t ldb,
+                                                int M, int64_t N, int64_t K, const Store& store) {
+  const int64_t warps_per_block = blockDim.x >> 5;
+  for (int64_t n0 = (blockIdx.x * warps_per_block + (threadIdx.x >> 5)) * kCols; n0 < N;
+       n0 += static_cast<int64_t>(gridDim.x) * warps_per_block * kCols) {
+    const int8_t* br[kCols];
 #pragma unroll
-  for (int j = 0; j < kCols; ++j) br[j] = b + (n0 + j < N ? n0 + j : N - 1) * ldb;
+    for (int j = 0; j < kCols; ++j) br[j] = b + (n0 + j < N ? n0 + j : N - 1) * ldb;
+    int acc[kSmallM][kCols], rs[kCols];
+    warp_dots<VEC, ROWSUMS>(a, lda, br, M, K, acc, rs);
+    if ((threadIdx.x & 31) == 0) store(n0, acc, rs);
+  }
 }
 
 template <bool VEC>
@@ -238,22 +249,14 @@ __global__ void gemm_small_m_kernel(const int8_t* __restrict__ a, int64_t lda,
                                     const int8_t* __restrict__ b, int64_t ldb,
                                     int32_t* __restrict__ c, int64_t ldc, int M, int64_t N,
                                     int64_t K) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps_per_block = blockDim.x >> 5;
-  for (int64_t n0 = (blockIdx.x * warps_per_block + (threadIdx.x >> 5)) * kCols; n0 < N;
-       n0 += static_cast<int64_t>(gridDim.x) * warps_per_block * kCols) {
-    const int8_t* br[kCols];
-    warp_rows(b, ldb, n0, N, br);
-    int acc[kSmallM][kCols], rs[kCols];
-    warp_dots<VEC, false>(a, lda, br, M, K, acc, rs);
-    if (lane == 0) {
+  small_m_columns<VEC, false>(a, lda, b, ldb, M, N, K,
+                              [&](int64_t n0, const int (&acc)[kSmallM][kCols], const int (&)[kCols]) {
 #pragma unroll
-      for (int m = 0; m < kSmallM; ++m)
+    for (int m = 0; m < kSmallM; ++m)
 #pragma unroll
-        for (int j = 0; j < kCols; ++j)
-          if (m < M && n0 + j < N) c[m * ldc + n0 + j] = acc[m][j];
-    }
-  }
+      for (int j = 0; j < kCols; ++j)
+        if (m < M && n0 + j < N) c[m * ldc + n0 + j] = acc[m][j];
+  });
 }
 
 // Blocks for the small-M kernels: one warp per kCols columns, at most 16 blocks per SM
@@ -409,27 +412,19 @@ __global__ void linear_small_m_kernel(const T* __restrict__ x, const int8_t* __r
     if (threadIdx.x == 0) row_scale[m] = s;
   }
   __syncthreads();  // row_scale
-  const int lane = threadIdx.x & 31;
-  const int64_t warps_per_block = blockDim.x >> 5;
-  for (int64_t n0 = (blockIdx.x * warps_per_block + (threadIdx.x >> 5)) * kCols; n0 < N;
-       n0 += static_cast<int64_t>(gridDim.x) * warps_per_block * kCols) {
-    const int8_t* br[kCols];
-    warp_rows(w, ldw, n0, N, br);
-    int acc[kSmallM][kCols], rs[kCols];
-    warp_dots<VEC, ZP>(a, lda, br, M, K, acc, rs);
-    if (lane == 0) {
+  small_m_columns<VEC, ZP>(a, lda, w, ldw, M, N, K,
+                           [&](int64_t n0, const int (&acc)[kSmallM][kCols], const int (&rs)[kCols]) {
 #pragma unroll
-      for (int j = 0; j < kCols; ++j) {
-        const int64_t n = n0 + j;
-        if (n >= N) continue;
-        const float ws = w_scale[n], b = bias != nullptr ? bias[n] : 0.0f;
-        const long long zs = static_cast<long long>(z) * rs[j];
+    for (int j = 0; j < kCols; ++j) {
+      const int64_t n = n0 + j;
+      if (n >= N) continue;
+      const float ws = w_scale[n], b = bias != nullptr ? bias[n] : 0.0f;
+      const long long zs = static_cast<long long>(z) * rs[j];
 #pragma unroll
-        for (int m = 0; m < kSmallM; ++m)
-          if (m < M) out[m * N + n] = static_cast<T>(dequant_value(acc[m][j], zs, row_scale[m], ws, b));
-      }
+      for (int m = 0; m < kSmallM; ++m)
+        if (m < M) out[m * N + n] = static_cast<T>(dequant_value(acc[m][j], zs, row_scale[m], ws, b));
     }
-  }
+  });
 }
 
 // Runs linear_small_m_kernel when the codes fit the default 48 KiB of dynamic shared memory
