@@ -202,9 +202,15 @@ void rebin_row(const int64_t* old, double old_lo, double old_hi, int64_t* out,
   }
 }
 
-// Adds the bins (on grid g) of the finite values of p[0, n) into lh; NaN/Inf
-// go to the extra bin lh[B]. With mm set, also takes p's MinMaxCount in the
-// same pass (streaming the data once while binning it).
+// Elements binned per block: their bin indices are computed in SIMD first,
+// then counted, so the counting loop's addresses are ready early.
+constexpr int64_t kBinBlock = 256;
+
+// Adds the bins (on grid g) of the finite values of p[0, n) into lh, two
+// histograms of B + 1 counts (summed by the caller; alternate elements go to
+// each, which halves the store-to-load chains of repeated bins); NaN/Inf go
+// to the extra bin B. With mm set, also takes p's MinMaxCount in the same
+// pass (streaming the data once while binning it).
 template <class T>
 void bin_span(const T* p, int64_t n, const HistGrid& g, int64_t B, bool absolute, int64_t* lh,
               MinMaxCount* mm) {
@@ -218,21 +224,29 @@ void bin_span(const T* p, int64_t n, const HistGrid& g, int64_t B, bool absolute
     const Vec lo(static_cast<float>(g.lo)), w(static_cast<float>(g.width)),
         inv_w(static_cast<float>(1.0 / g.width)), top(static_cast<float>(B - 1)),
         dummy(static_cast<float>(B)), zero(0.0f), one(1.0f);
-    int32_t idx[kVec];
-    for (; k + kVec <= n; k += kVec) {
-      Vec v = load_float(p + k, kVec);
-      const Vec diff = v - v;  // 0, or NaN for NaN/Inf
-      if (mm != nullptr) {
-        probe = probe + diff;
-        vlo = at::vec::clamp_max(vlo, v);
-        vhi = at::vec::clamp_min(vhi, v);
+    int64_t* lh2 = lh + B + 1;
+    alignas(64) int32_t idx[kBinBlock];
+    for (; k + kVec <= n;) {
+      const int64_t m = std::min(kBinBlock, (n - k) / kVec * kVec);
+      for (int64_t i = 0; i < m; i += kVec) {
+        Vec v = load_float(p + k + i, kVec);
+        const Vec diff = v - v;  // 0, or NaN for NaN/Inf
+        if (mm != nullptr) {
+          probe = probe + diff;
+          vlo = at::vec::clamp_max(vlo, v);
+          vhi = at::vec::clamp_min(vhi, v);
+        }
+        const Vec finite = diff == zero;
+        if (absolute) v = v.abs();
+        Vec j = ((v - lo) * inv_w).floor();
+        j = VecMath::clamp(j - ((v < at::vec::fmadd(j, w, lo)) & one), zero, top);
+        at::vec::convert_to_int_of_same_size(Vec::blendv(dummy, j, finite)).store(idx + i);
       }
-      const Vec finite = diff == zero;
-      if (absolute) v = v.abs();
-      Vec j = at::vec::minimum(at::vec::maximum(((v - lo) * inv_w).floor(), zero), top);
-      j = j - ((v < lo + j * w) & (j > zero) & one);
-      at::vec::convert_to_int_of_same_size(Vec::blendv(dummy, j, finite)).store(idx);
-      for (int64_t q = 0; q < kVec; ++q) ++lh[idx[q]];
+      for (int64_t i = 0; i < m; i += 2) {  // m is a multiple of kVec: even
+        ++lh[idx[i]];
+        ++lh2[idx[i + 1]];
+      }
+      k += m;
     }
   }
   MinMaxCount tail;
@@ -279,17 +293,19 @@ void bin_rows(const T* xp, int64_t R, int64_t K, int64_t B, const std::vector<Hi
     if (local_row[t] < 0) return;
     int64_t* d = dst + local_row[t] * B;
     // Rows of different threads may coincide: add atomically.
+    int64_t* l = local[t].data();
     for (int64_t j = 0; j < B; ++j) {
-      if (local[t][j] != 0) {
-        __atomic_fetch_add(d + j, local[t][j], __ATOMIC_RELAXED);
-        local[t][j] = 0;
+      const int64_t c = l[j] + l[B + 1 + j];
+      if (c != 0) {
+        __atomic_fetch_add(d + j, c, __ATOMIC_RELAXED);
+        l[j] = l[B + 1 + j] = 0;
       }
     }
     local_row[t] = -1;
   };
   at::parallel_for(0, R * chunks_per_row, 1, [&](int64_t b, int64_t e) {
     const int t = at::get_thread_num();
-    if (local[t].empty()) local[t].assign(B + 1, 0);  // + a bin for NaN/Inf
+    if (local[t].empty()) local[t].assign(2 * (B + 1), 0);  // bin_span's two, + NaN/Inf bins
     for (int64_t c = b; c < e; ++c) {
       const int64_t r = c / chunks_per_row, k0 = (c % chunks_per_row) * kGrain;
       if (!active[r] || grids[r].used == 0) continue;

@@ -154,6 +154,26 @@ def test_histogram_rows_keep_or_move_their_grid(device, absolute):
         torch.testing.assert_close(hist.cpu()[r], ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_histogram_large_rows_exact(device, dtype):
+    """Rows of several parallel chunks (and threads), odd lengths, a NaN: exact counts
+    on the second batch, which the CPU bins in its one optimistic pass."""
+    bins = 2048
+    g = torch.Generator().manual_seed(3)
+    first = (torch.randn(3, 70001, generator=g) * 4).to(dtype)
+    second = (torch.randn(3, 70001, generator=g) * torch.tensor([[1.0], [3.0], [0.1]])).to(dtype)
+    second[1, 12345] = math.nan
+    for absolute in (True, False):
+        hist = torch.zeros(3, bins, dtype=torch.int64, device=device)
+        rng = torch.tensor([[math.inf, -math.inf]] * 3, dtype=torch.float64, device=device)
+        for b in (first, second):
+            hist, rng, nonfinite = ops.histogram_observe(_noncontig(b.to(device)), hist, rng, absolute)
+        assert nonfinite.item() == 1
+        for r in range(3):
+            ref, _ = _ref_hist(torch.cat([first[r], second[r]]), bins, absolute)
+            torch.testing.assert_close(hist.cpu()[r], ref, rtol=0, atol=0)
+
+
 def test_histogram_extremes(device):
     big = torch.tensor([3.4e38, -3.4e38, 1e38, 0.0, float("nan"), float("inf")], device=device)
     tiny = torch.tensor([1e-45, 3e-44, -1e-40, 0.0, 1e-38], device=device)
