@@ -2,9 +2,22 @@
 
 #include <utility>
 
+#include "affine.h"
 #include "quant_math.h"
 
 namespace qlib {
+
+void check_mse_args(const char* op, int64_t quant_min, int64_t quant_max,
+                    int64_t num_candidates) {
+  check_quant_range(op, quant_min, quant_max);
+  TORCH_CHECK(num_candidates >= 1 && num_candidates <= 1024, op,
+              ": num_candidates must lie in [1, 1024], got ", num_candidates);
+}
+
+void check_entropy_args(const char* op, int64_t num_levels) {
+  TORCH_CHECK(num_levels >= 2 && num_levels <= 65536, op,
+              ": num_levels must lie in [2, 65536] (at most 16 bits), got ", num_levels);
+}
 
 void check_observer_input(const char* op, const at::Tensor& x) {
   const auto t = x.scalar_type();

@@ -15,6 +15,10 @@ float check_minmax_observe_args(const char* op, const at::Tensor& x, const at::T
                                 const at::Tensor& max_val, const at::Tensor& observed,
                                 const at::Tensor& nonfinite,
                                 const std::optional<double>& averaging_constant);
+// histogram_mse_search: quant_min < quant_max within 16 bits, num_candidates in [1, 1024].
+void check_mse_args(const char* op, int64_t quant_min, int64_t quant_max, int64_t num_candidates);
+// histogram_entropy_search: num_levels in [2, 65536] (at most 16 bits).
+void check_entropy_args(const char* op, int64_t num_levels);
 // What check_histogram reads of a histogram's values (on the host; on CUDA a
 // sync, so only under qlib.set_cuda_value_checks(True)): nothing, the range
 // rows (histogram_range_valid), or those and every count.

@@ -449,13 +449,6 @@ at::Tensor histogram_quantile_cpu(const at::Tensor& hist_in, const at::Tensor& r
   return out;
 }
 
-void check_mse_args(const char* op, int64_t quant_min, int64_t quant_max,
-                    int64_t num_candidates) {
-  check_quant_range(op, quant_min, quant_max);
-  TORCH_CHECK(num_candidates >= 1 && num_candidates <= 1024, op,
-              ": num_candidates must lie in [1, 1024], got ", num_candidates);
-}
-
 std::tuple<at::Tensor, at::Tensor> histogram_mse_search_cpu(const at::Tensor& hist_in,
                                                             const at::Tensor& range_in,
                                                             int64_t quant_min, int64_t quant_max,
@@ -509,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cpu(const at::Tensor
                                                                 int64_t num_levels) {
   const char* op = "qlib::histogram_entropy_search";
   check_histogram(op, hist_in, range_in, HistogramValues::kAll);
-  TORCH_CHECK(num_levels >= 2, op, ": num_levels must be at least 2, got ", num_levels);
+  check_entropy_args(op, num_levels);
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
   const auto fopts = hist.options().dtype(at::kFloat);

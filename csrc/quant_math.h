@@ -412,6 +412,8 @@ QLIB_HD double histogram_fake_quant_sse(const int64_t* h, const HistGrid& g, dou
 QLIB_HD double entropy_candidate_kl(const int64_t* h, const double* cnt, const double* nz,
                                     const double* hlogh, int64_t used, int64_t s, int64_t i,
                                     int64_t n) {
+  // n >= i puts each bin in a group of its own, whatever n is: the same sums as n = i.
+  if (n > i) n = i;
   const double total = cnt[used];
   const double left = cnt[s], right = total - cnt[s + i];
   const double sq = cnt[s + i] - cnt[s];

@@ -427,14 +427,18 @@ __global__ void linear_small_m_kernel(const T* __restrict__ x, const int8_t* __r
   });
 }
 
-// Runs linear_small_m_kernel when the codes fit the default 48 KiB of dynamic shared memory
-// (M * round_up(K, 16) bytes); returns false (nothing launched) otherwise. w K-contiguous.
+// The codes' shared memory limit: the default 48 KiB per block covers static and dynamic
+// shared memory together, less linear_small_m_kernel's static warp_amax and row_scale.
+constexpr int64_t kSmallMCodeBytes = 48 * 1024 - sizeof(float) * (kThreads / 32 + kSmallM);
+
+// Runs linear_small_m_kernel when the codes (M * round_up(K, 16) bytes) fit
+// kSmallMCodeBytes; returns false (nothing launched) otherwise. w K-contiguous.
 bool launch_linear_small_m(const at::Tensor& x, const at::Tensor& w, const float* w_scale,
                            const float* bias, const float* fixed_scale, const int32_t* zero_point,
                            Int8ActCodes range, at::Tensor& out, int64_t M, int64_t N, int64_t K) {
   const int64_t lda = round_up(std::max<int64_t>(K, 1), 16);
   const int64_t smem = M * lda;
-  if (M > kSmallM || smem > 48 * 1024) return false;
+  if (M > kSmallM || smem > kSmallMCodeBytes) return false;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = small_m_blocks(N);
   const int8_t* wp = w.const_data_ptr<int8_t>();

@@ -138,8 +138,15 @@ bool int8_linear_sm90_fits(const at::Tensor& b, const at::Tensor& out) {
          out.size(0) <= INT32_MAX && out.size(1) <= INT32_MAX;
 }
 
-void int8_linear_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
-                      const at::Tensor& w_scale, const at::Tensor& bias, at::Tensor& out) {
+void int8_linear_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale_in,
+                      const at::Tensor& w_scale_in, const at::Tensor& bias_in, at::Tensor& out) {
+  // The broadcast nodes read the scales and the bias 16 bytes at a time: copy a view that
+  // starts off a 16-byte boundary (a misaligned load would end the CUDA context).
+  const auto aligned16 = [](const at::Tensor& t) {
+    return !t.defined() || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone();
+  };
+  const at::Tensor a_scale = aligned16(a_scale_in), w_scale = aligned16(w_scale_in),
+                   bias = aligned16(bias_in);
   switch (out.scalar_type()) {
     case at::kBFloat16: return run_for_m<cutlass::bfloat16_t>(a, b, a_scale, w_scale, bias, out);
     case at::kHalf: return run_for_m<cutlass::half_t>(a, b, a_scale, w_scale, bias, out);

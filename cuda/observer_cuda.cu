@@ -392,9 +392,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_mse_search_cuda(const at::Tensor& h
                                                              int64_t num_candidates) {
   const char* op = "qlib::histogram_mse_search";
   check_histogram(op, hist_in, range_in, cuda_value_checks_now());
-  check_quant_range(op, quant_min, quant_max);
-  TORCH_CHECK(num_candidates >= 1 && num_candidates <= 1024, op,
-              ": num_candidates must lie in [1, 1024], got ", num_candidates);
+  check_mse_args(op, quant_min, quant_max, num_candidates);
   const c10::cuda::OptionalCUDAGuard guard(hist_in.device());
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
@@ -451,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cuda(const at::Tenso
                                                                  int64_t num_levels) {
   const char* op = "qlib::histogram_entropy_search";
   check_histogram(op, hist_in, range_in, cuda_value_checks_now());
-  TORCH_CHECK(num_levels >= 2, op, ": num_levels must be at least 2, got ", num_levels);
+  check_entropy_args(op, num_levels);
   const c10::cuda::OptionalCUDAGuard guard(hist_in.device());
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);

@@ -144,10 +144,11 @@ def test_int8_linear_vs_reference(device, dtype, static, lead, K, N):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ["dynamic", "static", "zero_point"])
-@pytest.mark.parametrize("K", [1, 33, 64, 4096, 12289])
+@pytest.mark.parametrize("K", [1, 33, 64, 4096, 12289, 16384])
 def test_int8_linear_small_m_matches_rows_of_a_batch(device, dtype, act, K):
-    """M <= 4 rows (on CUDA one fused kernel; K = 12289 at M = 4 is past its 48 KiB of codes
-    and takes the three-kernel path) give the bits of the same rows inside a 17-row batch
+    """M <= 4 rows (on CUDA one fused kernel; K = 12289 at M = 4 is past its 48 KiB of codes,
+    and K = 16384 at M = 3 fills exactly 48 KiB, which with the kernel's static shared memory
+    is past the limit: both take the three-kernel path) give the bits of the same rows inside a 17-row batch
     (cuBLASLt on CUDA): same codes, exact int32 sums, same float epilogue. K = 33 takes a
     strided weight and the byte loop; a NaN row stays NaN."""
     N = 37
@@ -522,7 +523,8 @@ def test_int8_linear_sm90_gemm_matches_cublaslt(dtype, static, M, K, N):
 @pytest.mark.skipif(not _sm90_gemm_runs(), reason="needs the cutlass-sm90 build and a compute capability 9.0 GPU")
 def test_int8_linear_sm90_gemm_fallbacks():
     """Calls the fused GEMM cannot take (K % 16 != 0, a static zero point, a strided weight)
-    run on cuBLASLt with the same result; Int8Linear and torch.compile use it too."""
+    run on cuBLASLt with the same result; Int8Linear and torch.compile use it too, and so do
+    unaligned views of the scales and bias (copied)."""
     x = torch.randn(2, 40, 33, device="cuda", dtype=torch.bfloat16)
     w = rand_i8(24, 33, device="cuda")
     s = torch.rand(24, device="cuda") * 0.01 + 1e-3
@@ -531,9 +533,12 @@ def test_int8_linear_sm90_gemm_fallbacks():
     w48 = rand_i8(48, 96, device="cuda")[:, ::2]  # row stride 96, not K-contiguous
     lin = Int8Linear.from_float(nn.Linear(64, 40).cuda())
     x64 = torch.randn(3, 50, 64, device="cuda")
+    # Scales and bias that start 4 bytes off a 16-byte boundary (the fused GEMM copies them).
+    w64, sb = rand_i8(40, 64, device="cuda"), torch.rand(2, 41, device="cuda") * 0.01 + 1e-3
     cases = [lambda: ops.int8_linear(x, w, s), lambda: ops.int8_linear(x, w, s, None, act, zp, -128, 127),
              lambda: ops.int8_linear(x48, w48, s[:48].repeat(2)[:48]), lambda: lin(x64),
-             lambda: torch.compile(lin, fullgraph=True)(x64)]
+             lambda: torch.compile(lin, fullgraph=True)(x64),
+             lambda: ops.int8_linear(x64, w64, sb[0, 1:], sb[1, 1:])]
     ref = [f() for f in cases]
     qlib.set_int8_cuda_gemm("cutlass-sm90")
     try:

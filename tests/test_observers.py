@@ -259,6 +259,9 @@ def test_entropy_matches_float64_reference(device, symmetric):
     rlo, rhi = _entropy_reference(o.hist.cpu()[0], umin, umax, levels)
     assert lo.item() == pytest.approx(rlo, rel=1e-6, abs=1e-12)
     assert hi.item() == pytest.approx(rhi, rel=1e-6)
+    # At least as many levels as bins: one bin per group, the same search for any such count.
+    wide = [ops.histogram_entropy_search(o.hist, o.hist_range, n) for n in (512, 65536)]
+    assert torch.equal(wide[0][0], wide[1][0]) and torch.equal(wide[0][1], wide[1][1])
 
 
 def test_percentile_close_to_quantile(device):
@@ -501,8 +504,10 @@ def test_bad_arguments_name_the_op():
         ops.histogram_observe(torch.randn(1, 4), h.float(), r, True)
     with pytest.raises(RuntimeError, match=r"qlib::histogram_mse_search: num_candidates"):
         ops.histogram_mse_search(h, r, -128, 127, True, 0)
-    with pytest.raises(RuntimeError, match=r"qlib::histogram_entropy_search: num_levels"):
-        ops.histogram_entropy_search(h, r, 1)
+    for levels in (1, 65537, 2**40):  # 2**40 levels used to run 2**40 steps per candidate
+        with pytest.raises(RuntimeError, match=r"qlib::histogram_entropy_search: num_levels must lie in "
+                                               rf"\[2, 65536\] \(at most 16 bits\), got {levels}"):
+            ops.histogram_entropy_search(h, r, levels)
     with pytest.raises(ValueError, match="bits must be"):
         O.MinMaxObserver(bits=17)
     with pytest.raises(ValueError, match=r"bins must be an int in \[2, 65536\], got 2147483648"):
