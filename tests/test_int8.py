@@ -305,6 +305,22 @@ def test_int8linear_from_float(device, activation):
     assert q.weight_bytes() == fp32_bytes // 4 + 40 * 4
 
 
+def test_int8linear_from_float_edge_weights(device):
+    """An nn.Linear with no outputs converts (empty outputs, as nn.Linear gives); a NaN or Inf
+    weight is refused by name instead of surfacing as an internal op's error."""
+    for lin in (nn.Linear(16, 0), nn.Linear(0, 4)):
+        lin = lin.to(device)
+        q = Int8Linear.from_float(lin)
+        x = torch.randn(3, lin.in_features, device=device)
+        torch.testing.assert_close(q(x), lin(x).detach())  # empty, or the bias alone (K = 0)
+    for bad in (math.nan, math.inf):
+        lin = nn.Linear(16, 4).to(device)
+        with torch.no_grad():
+            lin.weight[2, 5] = bad
+        with pytest.raises(ValueError, match=r"Int8Linear: the weight holds NaN or Inf \(output channel 2\)"):
+            Int8Linear.from_float(lin)
+
+
 def test_int8linear_state_dict_round_trip(device, tmp_path):
     lin = nn.Linear(64, 24).to(device)
     q = Int8Linear.from_float(lin, activation="static", act_scale=0.05)

@@ -23,7 +23,13 @@ _ACTIVATIONS = ("dynamic", "static")
 def quantize_weight_per_channel(weight: Tensor):
     """(int8 weight [N, K], float32 scale [N]): symmetric per output channel, range [-127, 127]."""
     w = weight.detach().float()
+    if w.shape[0] == 0:  # no output channels: nothing to quantize (an nn.Linear may have none)
+        return torch.empty(w.shape, dtype=torch.int8, device=w.device), w.new_empty(0)
     amax = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
+    if w.device.type != "meta" and not torch.isfinite(amax).all():
+        row = int((~torch.isfinite(amax)).nonzero()[0])
+        raise ValueError(f"qlib.nn.Int8Linear: the weight holds NaN or Inf (output channel {row}); "
+                         "only finite weights can be quantized")
     scale, _ = choose_qparams(-amax, amax, -127, 127, True)
     q = quantize(w, scale.unsqueeze(1), None, -127, 127, torch.int8)
     return q, scale
