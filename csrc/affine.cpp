@@ -189,15 +189,44 @@ AffineArgs check_affine_args(const char* op, const char* x_name, const at::Tenso
   return a;
 }
 
+namespace {
+
+// t as contiguous float32; `round`: to the nearest integer (ties to even). Small CPU
+// tensors convert in a plain loop: an ATen conversion op costs more than a small
+// elementwise kernel.
+at::Tensor float_qparams(const at::Tensor& t, bool round) {
+  const auto type = t.scalar_type();
+  if (t.is_cpu() && t.numel() <= 4096 &&
+      (type == at::kFloat || type == at::kDouble || type == at::kInt || type == at::kLong)) {
+    if (type == at::kFloat && !round && t.is_contiguous()) return t;
+    const at::Tensor c = t.contiguous();
+    at::Tensor out = at::empty(c.sizes(), c.options().dtype(at::kFloat));
+    float* o = out.data_ptr<float>();
+    const auto convert = [&](const auto* v) {
+      for (int64_t i = 0; i < c.numel(); ++i) {
+        const float f = static_cast<float>(v[i]);
+        o[i] = round ? std::nearbyint(f) : f;
+      }
+    };
+    if (type == at::kFloat) convert(c.const_data_ptr<float>());
+    else if (type == at::kDouble) convert(c.const_data_ptr<double>());
+    else if (type == at::kInt) convert(c.const_data_ptr<int32_t>());
+    else convert(c.const_data_ptr<int64_t>());
+    return out;
+  }
+  const at::Tensor f = t.to(at::kFloat);
+  return (round ? f.round() : f).contiguous();
+}
+
+}  // namespace
+
 AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& x,
                           const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
                           int64_t quant_max, bool check_values) {
   AffineArgs a = check_affine_args(op, x_name, x, scale, zero_point, quant_min, quant_max);
-  a.scale = scale.to(at::kFloat).contiguous();
+  a.scale = float_qparams(scale, false);
   // A floating zero point (LSQ+) is rounded to the nearest integer.
-  a.zero_point = at::isFloatingType(zero_point.scalar_type())
-                     ? zero_point.to(at::kFloat).round().contiguous()
-                     : zero_point.to(at::kFloat).contiguous();
+  a.zero_point = float_qparams(zero_point, at::isFloatingType(zero_point.scalar_type()));
   if (check_values) check_qparam_values(op, a.scale, a.zero_point, quant_min, quant_max);
   return a;
 }

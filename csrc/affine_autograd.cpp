@@ -63,6 +63,13 @@ class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
 at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                const at::Tensor& zero_point, int64_t quant_min,
                                int64_t quant_max) {
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || scale.requires_grad() || zero_point.requires_grad())) {
+    // Nothing to record (the autograd Function's context would cost a third of a
+    // small call).
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_fake_quant(x, scale, zero_point, quant_min, quant_max);
+  }
   return FakeQuantFunction::apply(x, scale, zero_point, quant_min, quant_max);
 }
 

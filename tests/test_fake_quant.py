@@ -247,3 +247,22 @@ def test_python_wrapper_and_quant_range(device):
     assert qlib.quant_range(4) == (-8, 7)
     with pytest.raises(ValueError, match="bits"):
         qlib.quant_range(17)
+
+
+def test_autograd_records_only_what_needs_grad(device):
+    """A graph node exactly when x, scale or a floating zero point requires grad and grad
+    mode is on; the values are the same either way."""
+    x = torch.randn(33, device=device)
+    s, zi = torch.tensor(0.05, device=device), torch.tensor(3, device=device)
+    zf = torch.tensor(3.0, device=device)
+    plain = ops.fake_quant(x, s, zi, -128, 127)
+    assert plain.grad_fn is None and not plain.requires_grad
+    for args in ((x.requires_grad_(), s, zi), (x.detach(), s.clone().requires_grad_(), zi),
+                 (x.detach(), s, zf.clone().requires_grad_())):
+        y = ops.fake_quant(*args, -128, 127)
+        assert y.requires_grad and y.grad_fn is not None
+        assert torch.equal(y.detach(), plain)
+        y.sum().backward()
+        assert any(a.grad is not None for a in args if a.requires_grad)
+        with torch.no_grad():
+            assert ops.fake_quant(*args, -128, 127).grad_fn is None
