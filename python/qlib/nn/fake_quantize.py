@@ -76,10 +76,11 @@ class FakeQuantize(nn.Module):
         return self.observer.calculate_qparams()
 
     def forward(self, x: Tensor) -> Tensor:
+        observer = self._modules["observer"]  # (nn.Module.__getattr__ costs about 0.7 us)
         if self.observer_enabled:
-            self.observer(x.detach())
+            observer(x.detach())
             if self.learnable and not self._init_done:
-                scale, zp = self.observer.calculate_qparams()
+                scale, zp = observer.calculate_qparams()
                 with torch.no_grad():
                     self.scale.copy_(scale.reshape(self.scale.shape))
                     self.zero_point.copy_(zp.reshape(self.zero_point.shape).float())
@@ -95,10 +96,10 @@ class FakeQuantize(nn.Module):
                 zp = _scale_grad(zp, factor)
             zp = zp.clamp(self.quant_min, self.quant_max)
         else:
-            if self.observer.qparams_shape.numel() == 0:
+            if observer._buffers["qparams_shape"].numel() == 0:
                 raise RuntimeError("qlib.nn.FakeQuantize: its observer has recorded nothing yet; "
                                    "enable the observer or load a calibrated state_dict first")
-            scale, zp = self.observer.qparams_for(x)
+            scale, zp = observer.qparams_for(x)
         return ops.fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min, self.quant_max)
 
     def extra_repr(self) -> str:
