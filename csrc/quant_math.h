@@ -420,8 +420,10 @@ QLIB_HD double entropy_candidate_kl(const int64_t* h, const double* cnt, const d
   if (!(sq > 0.0)) return INFINITY;
   double acc = 0.0;  // sum over P > 0 of P * (log P - log Q), before the edges
   double logq_first = 0.0, logq_last = 0.0;
+  int64_t b = 0;  // group g covers window offsets [a, b): a is the previous group's b
   for (int64_t g = 0; g < n; ++g) {
-    const int64_t a = (g * i + n - 1) / n, b = ((g + 1) * i + n - 1) / n;
+    const int64_t a = b;
+    b = ((g + 1) * i + n - 1) / n;
     if (b <= a) continue;
     const double c = cnt[s + b] - cnt[s + a];
     const double k = nz[s + b] - nz[s + a];
