@@ -381,8 +381,11 @@ QLIB_HD double histogram_fake_quant_sse(const int64_t* h, const HistGrid& g, dou
   double prev_b = NAN, prev_fb = 0.0;  // F at the last right edge, reused as a left edge
   for (int64_t j = 0; j < g.used; ++j) {
     if (h[j] == 0) continue;
-    const double a = fmax(g.lo + static_cast<double>(j) * g.width, umin);
-    const double b = fmin(g.lo + static_cast<double>(j + 1) * g.width, umax);
+    // Edges and data range are finite: plain compares (fmax / fmin are libm calls on the CPU).
+    const double left = g.lo + static_cast<double>(j) * g.width;
+    const double right = g.lo + static_cast<double>(j + 1) * g.width;
+    const double a = left < umin ? umin : left;
+    const double b = right > umax ? umax : right;
     const double c = static_cast<double>(h[j]);
     if (b > a) {
       const double fa = a == prev_b ? prev_fb : F(a);
