@@ -59,9 +59,10 @@ class QATLinear(nn.Linear):
         return qat
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight_fake_quant(self.weight)
-        x = self.activation_fake_quant(x)
-        return F.linear(x, w, self.bias)  # autocast, when on, casts here
+        m, p = self._modules, self._parameters  # (nn.Module.__getattr__ costs about 0.7 us a name)
+        w = m["weight_fake_quant"](p["weight"])
+        x = m["activation_fake_quant"](x)
+        return F.linear(x, w, p["bias"])  # autocast, when on, casts here
 
     def extra_repr(self) -> str:
         c = self.config
