@@ -6,6 +6,8 @@
 #   sanitize  the CUDA tests under compute-sanitizer memcheck and racecheck
 #   probe     scripts/gpu_probe.py diagnostics, and a native backtrace of an error path
 #   benchfq   bench_fake_quant alone; benchobs: bench_observers alone; benchint8: the int8 GPU table
+#   ncufq     Nsight Compute on the fake_quant forward kernel, per-tensor vs per-channel, float32 vs
+#             bfloat16 (issue 2's missed bf16 per-channel / per-group targets): throughput, stalls
 #   bench     the GPU ceilings and every benchmark's GPU section
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -69,6 +71,22 @@ if has sanitize; then
       $PY -m pytest tests/test_fake_quant.py tests/test_affine_ops.py tests/test_observers.py tests/test_int8.py \
       -q -p no:cacheprovider -x -k "$SEL"
   done
+fi
+if has ncufq; then
+  cat >/tmp/fq.py <<'PYEOF'
+import torch, qlib
+x32 = torch.randn(4096, 4096, device="cuda")
+for x in (x32, x32.bfloat16()):
+    for s in (torch.tensor(0.02, device="cuda"), torch.full((4096, 1), 0.02, device="cuda")):
+        z = torch.zeros(s.shape, dtype=torch.int32, device="cuda")
+        for _ in range(3):
+            torch.ops.qlib.fake_quant(x, s, z, -128, 127)
+torch.cuda.synchronize()
+PYEOF
+  # The third call of each case (skip the warm-up ones); clocks left alone (METHOD.md).
+  TAIL=200 stage ncufq 240 ncu --clock-control none -k regex:fake_quant_kernel --launch-skip 2 --launch-count 10 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+    --section SchedulerStats $PY /tmp/fq.py
 fi
 if has benchfq; then
   TAIL=18 stage bench 150 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 50
