@@ -83,7 +83,7 @@ for x in (x32, x32.bfloat16()):
             torch.ops.qlib.fake_quant(x, s, z, -128, 127)
 torch.cuda.synchronize()
 PYEOF
-  # The third call of each case (skip the warm-up ones); clocks left alone (METHOD.md).
+  # Launches 3-12 (past the first two, which warm up); clocks left alone (METHOD.md).
   TAIL=200 stage ncufq 240 ncu --clock-control none -k regex:fake_quant_kernel --launch-skip 2 --launch-count 10 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
     --section SchedulerStats $PY /tmp/fq.py
