@@ -16,11 +16,12 @@ bool cuda_value_checks() { return g_cuda_value_checks; }
 void check_quant_range(const char* op, int64_t quant_min, int64_t quant_max) {
   TORCH_CHECK(quant_min < quant_max, op, ": quant_min (", quant_min,
               ") must be less than quant_max (", quant_max, ")");
+  // int32 first: then quant_max - quant_min cannot overflow int64.
+  TORCH_CHECK(quant_min >= -(int64_t{1} << 31) && quant_max < (int64_t{1} << 31), op,
+              ": the range [", quant_min, ", ", quant_max, "] does not fit in int32");
   TORCH_CHECK(quant_max - quant_min < (int64_t{1} << kMaxRangeBits), op,
               ": the range [", quant_min, ", ", quant_max, "] is wider than ", kMaxRangeBits,
               " bits");
-  TORCH_CHECK(quant_min >= -(int64_t{1} << 31) && quant_max < (int64_t{1} << 31), op,
-              ": the range [", quant_min, ", ", quant_max, "] does not fit in int32");
 }
 
 void check_fake_quant_input(const char* op, const at::Tensor& x) {

@@ -140,7 +140,7 @@ def _odd_call(r, device):
         ws = (torch.rand(N) * 0.01 + 1e-4).to(r.choice([torch.float32] * 4 + [torch.float16, torch.float64]))
         if r.random() < 0.3:
             ws = _odd_scale(r, w, "cpu")
-        if ws.numel() and r.random() < 0.2:
+        if ws.numel() and ws.is_floating_point() and r.random() < 0.2:
             ws.view(-1)[0] = r.choice([0.0, -1.0, math.nan, math.inf])
         ws = ws.to(device)
         bias = None if r.random() < 0.4 else _odd_tensor(
