@@ -154,6 +154,29 @@ TEST(QuantMath, SqErrorAntiderivativeMatchesMidpointSum) {
   }
 }
 
+// With at least as many levels as window bins each group is one bin: the same KL for any
+// such level count, 2^40 included (which once looped 2^40 times), over random histograms
+// with empty bins and every window width.
+TEST(QuantMath, EntropyKlLevelsPastTheWindow) {
+  std::mt19937 gen(11);
+  const int64_t used = 60;
+  std::vector<int64_t> h(used);
+  std::vector<double> cnt(used + 1), nz(used + 1), hl(used + 1);
+  for (int trial = 0; trial < 20; ++trial) {
+    for (auto& c : h) c = gen() % 4 == 0 ? 0 : static_cast<int64_t>(gen() % 1000);
+    qlib::entropy_prefix(h.data(), used, cnt.data(), nz.data(), hl.data());
+    const int64_t z = trial % 3 == 0 ? 0 : static_cast<int64_t>(gen() % used);
+    for (int64_t i = 1; i <= used; ++i) {
+      const int64_t s = qlib::entropy_window_start(used, i, z);
+      const double kl = qlib::entropy_candidate_kl(h.data(), cnt.data(), nz.data(), hl.data(), used, s, i, i);
+      for (const int64_t n : {i + 1, int64_t{1000}, int64_t{1} << 40}) {
+        const double other = qlib::entropy_candidate_kl(h.data(), cnt.data(), nz.data(), hl.data(), used, s, i, n);
+        EXPECT_TRUE(kl == other || (std::isinf(kl) && std::isinf(other))) << "i " << i << " n " << n;
+      }
+    }
+  }
+}
+
 TEST(BlockLayout, ScaleIndexMatchesBruteForce) {
   const std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> cases = {
       {{6, 8}, {6, 1}}, {{6, 8}, {1, 8}}, {{6, 8}, {6, 2}}, {{6, 8}, {3, 4}},
@@ -208,6 +231,19 @@ TEST(Dispatcher, BadScaleNamesTheOp) {
     FAIL() << "expected an error";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("qlib::fake_quant: scale must be positive"), std::string::npos);
+  }
+}
+
+// A range as wide as int64 is refused by its int32 check, before any width arithmetic
+// (quant_max - quant_min overflowed int64 there: UB).
+TEST(Dispatcher, Int64WideRangeRaises) {
+  const at::Tensor x = at::randn({4});
+  try {
+    call_fake_quant(x, at::full({1}, 0.1f), at::zeros({1}, at::kInt), std::numeric_limits<int64_t>::min(),
+                    std::numeric_limits<int64_t>::max());
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("does not fit in int32"), std::string::npos) << e.what();
   }
 }
 
