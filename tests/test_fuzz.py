@@ -220,6 +220,7 @@ def _run_odd_calls(device, start, count):
     if device == "cuda":
         qlib.set_cuda_value_checks(True)  # bad qparam values raise instead of giving NaN
     for seed in range(start, start + count):
+        print(f"seed {seed}", file=sys.stderr, flush=True)  # the last one names a hang or crash
         r = random.Random(seed)
         torch.manual_seed(seed)
         try:
@@ -237,7 +238,8 @@ def test_odd_inputs_raise_named_errors_never_crash(device):
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"a call hung (no end in 400 s); last output: {(e.stdout or '')[-2000:]}")
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"a call hung (no end in 400 s); the child's last lines: {err[-500:]}")
     assert out.returncode == 0, f"child died (rc {out.returncode}): {out.stderr[-3000:]}"
     lines = out.stdout.strip().splitlines()
     assert lines and lines[-1] == "finished", out.stdout[-3000:]
