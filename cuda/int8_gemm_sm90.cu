@@ -21,6 +21,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 
 #include "int8_sm90.h"
+#include "pack.cuh"
 
 namespace qlib {
 namespace {
@@ -131,10 +132,9 @@ void run_for_m(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_sca
 }  // namespace
 
 bool int8_linear_sm90_fits(const at::Tensor& b, const at::Tensor& out) {
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return b.size(1) > 0 && b.size(1) % 16 == 0 && b.stride(1) == 1 && b.stride(0) % 16 == 0 &&
-         aligned(b.const_data_ptr()) && out.dim() == 2 && out.stride(1) == 1 &&
-         (out.stride(0) * out.element_size()) % 16 == 0 && aligned(out.const_data_ptr()) &&
+         aligned16(b.const_data_ptr()) && out.dim() == 2 && out.stride(1) == 1 &&
+         (out.stride(0) * out.element_size()) % 16 == 0 && aligned16(out.const_data_ptr()) &&
          out.size(0) <= INT32_MAX && out.size(1) <= INT32_MAX;
 }
 
@@ -142,11 +142,11 @@ void int8_linear_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor
                       const at::Tensor& w_scale_in, const at::Tensor& bias_in, at::Tensor& out) {
   // The broadcast nodes read the scales and the bias 16 bytes at a time: copy a view that
   // starts off a 16-byte boundary (a misaligned load would end the CUDA context).
-  const auto aligned16 = [](const at::Tensor& t) {
-    return !t.defined() || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone();
+  const auto aligned_copy = [](const at::Tensor& t) {
+    return !t.defined() || aligned16(t.const_data_ptr()) ? t : t.clone();
   };
-  const at::Tensor a_scale = aligned16(a_scale_in), w_scale = aligned16(w_scale_in),
-                   bias = aligned16(bias_in);
+  const at::Tensor a_scale = aligned_copy(a_scale_in), w_scale = aligned_copy(w_scale_in),
+                   bias = aligned_copy(bias_in);
   switch (out.scalar_type()) {
     case at::kBFloat16: return run_for_m<cutlass::bfloat16_t>(a, b, a_scale, w_scale, bias, out);
     case at::kHalf: return run_for_m<cutlass::half_t>(a, b, a_scale, w_scale, bias, out);

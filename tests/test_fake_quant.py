@@ -24,14 +24,19 @@ def tricky_input(shape, scale, device, qmin=-128, qmax=127):
     return x
 
 
+def expand_blocks(t, x):
+    """t (a scale or zero point shaped like the blocks of x) as float32, repeated to x's shape."""
+    t = t.float()
+    if t.dim() == x.dim():
+        for d in range(x.dim()):
+            if t.size(d) != x.size(d):
+                t = t.repeat_interleave(x.size(d) // t.size(d), d)
+    return t
+
+
 def ref_fake_quant(x, scale, zero_point, qmin, qmax):
     """Plain torch ops, the same float32 order of operations; scale/zp expanded to x."""
-    s, z = scale.float(), zero_point.float()
-    for d in range(x.dim()):
-        if s.dim() == x.dim() and s.size(d) != x.size(d):
-            rep = x.size(d) // s.size(d)
-            s = s.repeat_interleave(rep, d)
-            z = z.repeat_interleave(rep, d)
+    s, z = expand_blocks(scale, x), expand_blocks(zero_point, x)
     xf = x.float()
     q = torch.clamp(torch.round(xf * (1.0 / s)) + z, qmin, qmax)
     return ((q - z) * s).to(x.dtype)

@@ -22,7 +22,7 @@ import qlib  # noqa: F401
 ops = torch.ops.qlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_fake_quant import ref_fake_quant  # noqa: E402
+from test_fake_quant import expand_blocks, ref_fake_quant  # noqa: E402
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 ODD_DTYPES = FLOATS * 3 + [torch.float64, torch.int8, torch.int32, torch.int64, torch.bool, torch.uint8,
@@ -286,7 +286,7 @@ def test_random_layouts_match_references(device, start):
         assert torch.equal(y, ref_fake_quant(x, scale, zp, qmin, qmax).reshape(y.shape)), what
         g = torch.randn(shape, device=device).to(dtype)
         y.backward(g)
-        q = torch.round(x.float() * (1.0 / ref_scale(scale, x))) + ref_scale(zp, x)
+        q = torch.round(x.float() * (1.0 / expand_blocks(scale, x))) + expand_blocks(zp, x)
         assert torch.equal(xg.grad, torch.where((q >= qmin) & (q <= qmax), g, torch.zeros_like(g))), what
 
         if dtype == torch.float32:  # quantize then dequantize is fake_quant
@@ -311,13 +311,3 @@ def test_random_layouts_match_references(device, start):
                                    msg=f"seed {seed}: int8_linear M={M} K={K} N={N} {dtype}")
         if device == "cpu":
             assert torch.equal(ops.int8_linear_packed(xl, ops.int8_pack_weight(b), b, ws, bias), out), seed
-
-
-def ref_scale(t, x):
-    """t (a scale or zero point shaped like the blocks of x) repeated to x's shape."""
-    t = t.float()
-    if t.dim() == x.dim():
-        for d in range(x.dim()):
-            if t.size(d) != x.size(d):
-                t = t.repeat_interleave(x.size(d) // t.size(d), d)
-    return t
