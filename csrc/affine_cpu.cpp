@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "affine.h"
 #include "cpu_output.h"
@@ -63,19 +64,27 @@ void for_each_run_qparams(const AffineArgs& a, const F& f) {
   });
 }
 
+// Calls step(i, count) over [0, n) in chunks of C: the full chunks with count a
+// compile-time C (so the count checks in step fold away), then the tail.
+template <int64_t C, class Step>
+__attribute__((always_inline)) inline void for_each_chunk(int64_t n, const Step& step) {
+  int64_t i = 0;
+#pragma GCC unroll 4
+  for (; i + C <= n; i += C) step(i, std::integral_constant<int64_t, C>{});
+  if (i < n) step(i, n - i);
+}
+
 // Writes y[0, n) (a run) as T, kChunk<T> elements per store; value_at(j, count) gives the
 // floats of the count <= kVec elements from j. (__restrict: a store through y may
 // otherwise alias the qparams and force a reload per vector.)
 template <class T, class ValueAt>
 void store_run(T* __restrict y, int64_t n, const ValueAt& value_at) {
-  constexpr int64_t C = kChunk<T>;
-  for (int64_t i = 0; i < n; i += C) {
-    const int64_t c = std::min(C, n - i);
+  for_each_chunk<kChunk<T>>(n, [&](int64_t i, auto c) __attribute__((always_inline)) {
     Vec v[2] = {Vec(0.0f), Vec(0.0f)};
     for (int64_t h = 0; h * kVec < c; ++h)
-      v[h] = value_at(i + h * kVec, std::min(kVec, c - h * kVec));
+      v[h] = value_at(i + h * kVec, std::min<int64_t>(kVec, c - h * kVec));
     store_chunk(y + i, v, c);
-  }
+  });
 }
 
 at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
@@ -127,14 +136,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
       scalar_t* __restrict gx = gxp + b;
       float* __restrict d_s = per_element ? dsp + b : nullptr;
       float* __restrict d_z = per_element ? dzp + b : nullptr;
-      constexpr int64_t C = kChunk<scalar_t>;
-      for (int64_t i = 0; i < e - b; i += C) {
-        const int64_t n = std::min(C, e - b - i);
+      for_each_chunk<kChunk<scalar_t>>(e - b, [&](int64_t i, auto n) {
         Vec gv[2], xv[2], gxv[2] = {Vec(0.0f), Vec(0.0f)};
         load_chunk(gr + i, n, gv);
         load_chunk(x + i, n, xv);
         for (int64_t h = 0; h * kVec < n; ++h) {
-          const int64_t nh = std::min(kVec, n - h * kVec), j = i + h * kVec;
+          const int64_t nh = std::min<int64_t>(kVec, n - h * kVec), j = i + h * kVec;
           const LaneQParams p = qp_at(j, nh);
           const auto r = fake_quant_grads<VecMath>(gv[h], xv[h], p.scale, p.inv_scale,
                                                    p.zero_point, qmin, qmax);
@@ -145,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
           }
         }
         store_chunk(gx + i, gxv, n);
-      }
+      });
     });
   });
   return finish_fake_quant_backward(grad_x, ds, dz, scale, zero_point, scale_grad,
@@ -156,21 +163,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
 // side through cpu_vec.h's code loads and stores.
 
 // Writes the codes of elements [0, n) of a run to out; code_at(k, count) gives
-// the float codes of the count <= kVec elements from k. (__restrict: an int8 store
-// may alias anything, which would reload the qparams every vector.)
+// the offset codes and zero points of the count <= kVec elements from k.
+// (__restrict: an int8 store may alias anything, which would reload the qparams
+// every vector.)
 template <class Q, class CodeAt>
 void store_run_codes(Q* __restrict out, int64_t n, const CodeAt& code_at) {
   int64_t k = 0;
   for (; k + 4 * kVec <= n; k += 4 * kVec) {
-    const Vec c[4] = {code_at(k, kVec), code_at(k + kVec, kVec), code_at(k + 2 * kVec, kVec),
-                      code_at(k + 3 * kVec, kVec)};
-    store_codes(out + k, c);
+    Vec v[4], zp[4];
+    for (int j = 0; j < 4; ++j) std::tie(v[j], zp[j]) = code_at(k + j * kVec, kVec);
+    store_offset_codes(out + k, v, zp);
   }
   for (; k < n; k += kVec) {
     const int64_t count = std::min(kVec, n - k);
-    float tmp[kVec];
-    code_at(k, count).store(tmp, count);
-    for (int64_t j = 0; j < count; ++j) out[k + j] = static_cast<Q>(static_cast<int32_t>(tmp[j]));
+    const auto [v, zp] = code_at(k, count);
+    float tv[kVec], tz[kVec];
+    v.store(tv, count);
+    zp.store(tz, count);
+    for (int64_t j = 0; j < count; ++j) out[k + j] = offset_to_code<Q>(tv[j], tz[j]);
   }
 }
 
@@ -181,9 +191,9 @@ void quantize_runs(const AffineArgs& a, const X* xp, Q* qp) {
     const X* __restrict x = xp + b;
     store_run_codes(qp + b, e - b, [&](int64_t k, int64_t n) {
       const LaneQParams p = qp_at(k, n);
-      const Vec c = quantize_code<VecMath>(load_float(x + k, n), p.inv_scale, p.zero_point,
-                                           qmin, qmax);
-      return Vec::blendv(c, p.zero_point, c != c);  // NaN -> zero point
+      return std::pair{offset_code<VecMath>(load_float(x + k, n), p.inv_scale,
+                                            qmin - p.zero_point, qmax - p.zero_point),
+                       p.zero_point};
     });
   });
 }

@@ -8,6 +8,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "quant_math.h"
+
 namespace qlib {
 
 using Vec = at::vec::Vectorized<float>;
@@ -82,32 +84,60 @@ Vec load_float(const T* p, int64_t n) {
   }
 }
 
-// Integer codes <-> float vectors. Codes are whole numbers in the range of Q
-// (callers clamp first), so every conversion is exact and saturation never acts.
-// Stores the 4 * kVec codes c[0..3] to out as Q.
+// Integer codes <-> float vectors.
+// One code from an offset code v (see store_offset_codes below).
 template <class Q>
-void store_codes(Q* out, const Vec (&c)[4]) {
+Q offset_to_code(float v, float zp) {
+  return static_cast<Q>(static_cast<int32_t>(v != v ? zp : ScalarMath::round(v) + zp));
+}
+
+// Stores the 4 * kVec codes round(v[j]) + zp[j] to out as Q, where v[j] are
+// offset codes (quant_math.h's offset_code: clamped, so every code fits Q) and
+// zp[j] whole zero points; a NaN lane gives its zero point. Rounds half to even
+// while converting (cvtps2dq in the default rounding mode, as nearbyint).
+template <class Q>
+__attribute__((always_inline)) inline void store_offset_codes(Q* out, const Vec (&v)[4],
+                                                             const Vec (&zp)[4]) {
 #if defined(CPU_CAPABILITY_AVX2)
-  __m256i i[4];
-  for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(c[j]);
-  if constexpr (std::is_same_v<Q, int32_t>) {
-    for (int j = 0; j < 4; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out) + j, i[j]);
+  __m256i i[4], z[4];
+  for (int j = 0; j < 4; ++j) {
+    i[j] = _mm256_cvtps_epi32(v[j]);  // NaN -> INT32_MIN
+    z[j] = _mm256_cvtps_epi32(zp[j]);
+  }
+  // packs works within 128-bit lanes: 0xD8 / the dword permute restore the order.
+  if constexpr (sizeof(Q) == 1) {
+    // Offsets of 8-bit codes fit int16: drop NaN (-32768 after packing) and add
+    // the zero point there, 16 lanes an op.
+    const __m256i nan16 = _mm256_set1_epi16(INT16_MIN);
+    __m256i h[2];
+    for (int j = 0; j < 2; ++j) {
+      const __m256i c = _mm256_packs_epi32(i[2 * j], i[2 * j + 1]);
+      h[j] = _mm256_add_epi16(_mm256_andnot_si256(_mm256_cmpeq_epi16(c, nan16), c),
+                              _mm256_packs_epi32(z[2 * j], z[2 * j + 1]));
+    }
+    const __m256i b = std::is_signed_v<Q> ? _mm256_packs_epi16(h[0], h[1])
+                                          : _mm256_packus_epi16(h[0], h[1]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
   } else {
-    // packs works within 128-bit lanes: 0xD8 / the dword permute restore the order.
-    const __m256i lo = _mm256_packs_epi32(i[0], i[1]), hi = _mm256_packs_epi32(i[2], i[3]);
-    if constexpr (sizeof(Q) == 2) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute4x64_epi64(lo, 0xD8));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out) + 1, _mm256_permute4x64_epi64(hi, 0xD8));
+    const __m256i nan32 = _mm256_set1_epi32(INT32_MIN);
+    for (int j = 0; j < 4; ++j)
+      i[j] = _mm256_add_epi32(_mm256_andnot_si256(_mm256_cmpeq_epi32(i[j], nan32), i[j]), z[j]);
+    if constexpr (std::is_same_v<Q, int32_t>) {
+      for (int j = 0; j < 4; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out) + j, i[j]);
     } else {
-      const __m256i b = std::is_signed_v<Q> ? _mm256_packs_epi16(lo, hi) : _mm256_packus_epi16(lo, hi);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
-                          _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+      for (int j = 0; j < 2; ++j)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out) + j,
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(i[2 * j], i[2 * j + 1]), 0xD8));
     }
   }
 #else
-  float tmp[4 * kVec];
-  for (int j = 0; j < 4; ++j) c[j].store(tmp + j * kVec);
-  for (int64_t k = 0; k < 4 * kVec; ++k) out[k] = static_cast<Q>(static_cast<int32_t>(tmp[k]));
+  float tv[4 * kVec], tz[4 * kVec];
+  for (int j = 0; j < 4; ++j) {
+    v[j].store(tv + j * kVec);
+    zp[j].store(tz + j * kVec);
+  }
+  for (int64_t k = 0; k < 4 * kVec; ++k) out[k] = offset_to_code<Q>(tv[k], tz[k]);
 #endif
 }
 

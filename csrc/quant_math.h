@@ -55,6 +55,16 @@ QLIB_HD T quantize_code(T x, T inv_scale, T zero_point, T qmin, T qmax) {
   return M::clamp(unclamped_code<M>(x, inv_scale, zero_point), qmin, qmax);
 }
 
+// The same code less its zero point, clamped before rounding, for kernels that
+// round while converting to integers: round(offset_code(...)) + zero_point equals
+// quantize_code(...) for a whole zero_point in [qmin, qmax], because rounding is
+// monotonic and keeps the whole bounds qmin - zero_point and qmax - zero_point.
+// NaN stays NaN.
+template <class M, class T>
+QLIB_HD T offset_code(T x, T inv_scale, T lo, T hi) {
+  return M::clamp(x * inv_scale, lo, hi);
+}
+
 // Dequantize: (q - zero_point) * scale.
 template <class T>
 QLIB_HD T dequantize_code(T q, T scale, T zero_point) {

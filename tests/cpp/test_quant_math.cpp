@@ -47,6 +47,27 @@ TEST(QuantMath, FakeQuantValueMatchesFloat64Formula) {
   EXPECT_TRUE(std::isnan(qlib::fake_quant_value<ScalarMath>(NAN, 0.5f, 2.0f, 3.0f, -128.0f, 127.0f)));
 }
 
+TEST(QuantMath, OffsetCodeRoundedPlusZeroPointIsTheCode) {
+  std::mt19937 gen(1);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  const float specials[] = {NAN, INFINITY, -INFINITY, 1e30f, -1e30f, 0.5f, -0.5f, 2.5f, -0.0f};
+  for (auto [qmin, qmax] : {std::pair{-128, 127}, {0, 255}, {-8, 7}, {-32768, 32767}}) {
+    for (int t = 0; t < 2000; ++t) {
+      const float zp = static_cast<float>(std::uniform_int_distribution<int>(qmin, qmax)(gen));
+      const float inv = 1.0f / (0.01f + std::abs(dist(gen)));
+      const float x = t < 9 ? specials[t] : dist(gen) * (qmax - qmin) / inv / 4;
+      const float lo = static_cast<float>(qmin) - zp, hi = static_cast<float>(qmax) - zp;
+      const float code = qlib::quantize_code<ScalarMath>(x, inv, zp, float(qmin), float(qmax));
+      const float offset = qlib::offset_code<ScalarMath>(x, inv, lo, hi);
+      if (std::isnan(x)) {
+        EXPECT_TRUE(std::isnan(code) && std::isnan(offset));
+        continue;
+      }
+      ASSERT_EQ(ScalarMath::round(offset) + zp, code) << "x = " << x << ", zp = " << zp;
+    }
+  }
+}
+
 TEST(QuantMath, GradsInsideBelowAbove) {
   const float s = 0.5f, zp = 2.0f;
   // Inside: STE passes the gradient, LSQ scale grad is (x_hat - x) / s.
