@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import qlib  # noqa: E402
 from qlib.nn import Int8Linear  # noqa: E402
-from timing import cuda_median_ms  # noqa: E402
+from timing import cuda_median_ms, interleaved_medians_ms  # noqa: E402
 
 
 def median_ms(fn, min_reps=5, budget_s=0.6):
@@ -41,26 +41,6 @@ def median_ms(fn, min_reps=5, budget_s=0.6):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
-
-
-def interleaved_medians_ms(fns, budget_s=1.5, min_reps=7, max_reps=200):
-    """Medians (ms) of fns timed round-robin (one call of each per round), so that load from
-    other processes on a shared machine hits all of them alike."""
-    for f in fns:
-        f()
-        f()
-    t0 = time.perf_counter()
-    for f in fns:
-        f()
-    one = time.perf_counter() - t0
-    reps = max(min_reps, min(max_reps, int(budget_s / max(one, 1e-6))))
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for f, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 def cpu_model():

@@ -1,5 +1,6 @@
 """qlib quantize / dequantize / fake_quant vs torch.quantize_per_tensor / dequantize on the CPU:
-median microseconds per call, per-tensor int8, float32 input, one table.
+median microseconds per call, per-tensor int8, float32 input, one table. The five calls
+are timed round-robin, so load from other processes hits them alike.
 
     .venv/bin/python benchmarks/bench_quantize.py [--threads N]
 """
@@ -9,13 +10,9 @@ import warnings
 import torch
 
 import qlib  # noqa: F401
-from timing import host_median_s
+from timing import interleaved_medians_ms
 
 ops = torch.ops.qlib
-
-
-def median_us(fn):
-    return host_median_s(fn, reps=301, warmup=1) * 1e6
 
 
 def main():
@@ -33,11 +30,20 @@ def main():
         x = torch.randn(n)
         q = ops.quantize(x, s, z, -128, 127, torch.int8)
         tq = torch.quantize_per_tensor(x, 0.05, -20, torch.qint8)
-        a = median_us(lambda: ops.quantize(x, s, z, -128, 127, torch.int8))
-        b = median_us(lambda: torch.quantize_per_tensor(x, 0.05, -20, torch.qint8))
-        c = median_us(lambda: ops.dequantize(q, s, z, torch.float32))
-        d = median_us(lambda: tq.dequantize())
-        e = median_us(lambda: ops.fake_quant(x, s, z, -128, 127))
+        a, b, c, d, e = (
+            t * 1e3
+            for t in interleaved_medians_ms(
+                [
+                    lambda: ops.quantize(x, s, z, -128, 127, torch.int8),
+                    lambda: torch.quantize_per_tensor(x, 0.05, -20, torch.qint8),
+                    lambda: ops.dequantize(q, s, z, torch.float32),
+                    lambda: tq.dequantize(),
+                    lambda: ops.fake_quant(x, s, z, -128, 127),
+                ],
+                budget_s=3.0,
+                max_reps=3001,
+            )
+        )
         print(f"| {n} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {c:.1f} | {d:.1f} | {d / c:.2f}x | {e:.1f} |")
 
 

@@ -17,6 +17,26 @@ def host_median_s(fn, reps=30, warmup=3):
     return statistics.median(times)
 
 
+def interleaved_medians_ms(fns, budget_s=1.5, min_reps=7, max_reps=200):
+    """Medians (ms) of fns timed round-robin (one call of each per round), so that load from
+    other processes on a shared machine hits all of them alike."""
+    for f in fns:
+        f()
+        f()
+    t0 = time.perf_counter()
+    for f in fns:
+        f()
+    one = time.perf_counter() - t0
+    reps = max(min_reps, min(max_reps, int(budget_s / max(one, 1e-6))))
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for f, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) * 1e3 for ts in times]
+
+
 def cuda_median_ms(fn, reps=30, warmup=5):
     """Median milliseconds of fn() on the current stream, timed with CUDA events."""
     for _ in range(warmup):
