@@ -232,9 +232,6 @@ AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& 
   return a;
 }
 
-namespace {
-
-// Sums a per-element tensor (x's shape) over each block, giving scale's shape.
 at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scale) {
   if (scale.numel() == 1) return per_element.sum().reshape(scale.sizes());
   // View x as [s0, b0, s1, b1, ...] and sum the b dims.
@@ -248,8 +245,6 @@ at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scal
   return per_element.reshape(split).sum(block_dims);
 }
 
-}  // namespace
-
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                     int64_t quant_min, int64_t quant_max) {
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
@@ -260,17 +255,14 @@ void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, cons
   check_quant_range(op, quant_min, quant_max);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_fake_quant_backward(
-    const at::Tensor& grad_x, const at::Tensor& d_scale, const at::Tensor& d_zero_point,
-    const at::Tensor& scale, const at::Tensor& zero_point, bool scale_grad, bool zero_point_grad) {
-  const auto empty = [&] { return at::empty({0}, grad_x.options().dtype(at::kFloat)); };
-  at::Tensor grad_scale =
-      scale_grad ? sum_over_blocks(d_scale, scale).to(scale.scalar_type()) : empty();
-  at::Tensor grad_zp = zero_point_grad ? sum_over_blocks(d_zero_point, scale)
-                                             .reshape(zero_point.sizes())
-                                             .to(zero_point.scalar_type())
-                                       : empty();
-  return {grad_x, grad_scale, grad_zp};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_outputs(
+    const at::Tensor& grad_x, const at::Tensor& grad_scale_sums, const at::Tensor& grad_zp_sums,
+    const at::Tensor& scale, const at::Tensor& zero_point) {
+  const auto output = [&](const at::Tensor& sums, const at::Tensor& like) {
+    return sums.defined() ? sums.reshape(like.sizes()).to(like.scalar_type())
+                          : at::empty({0}, grad_x.options().dtype(at::kFloat));
+  };
+  return {grad_x, output(grad_scale_sums, scale), output(grad_zp_sums, zero_point)};
 }
 
 }  // namespace qlib

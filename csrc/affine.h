@@ -63,12 +63,14 @@ void check_choose_qparams_args(const at::Tensor& min, const at::Tensor& max, int
 // fake_quant_backward: grad matches x (shape, dtype, device), x and range valid.
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                     int64_t quant_min, int64_t quant_max);
-// The op's outputs from the kernel's: grad_x, and the per-element float32
-// d_scale / d_zero_point (x's shape) summed over each block; an empty
-// float32 tensor for a gradient that was not asked for.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_fake_quant_backward(
-    const at::Tensor& grad_x, const at::Tensor& d_scale, const at::Tensor& d_zero_point,
-    const at::Tensor& scale, const at::Tensor& zero_point, bool scale_grad, bool zero_point_grad);
+// Sums a per-element tensor (x's shape) over each block of scale: scale's shape.
+at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scale);
+// fake_quant_backward's outputs: grad_x, and the LSQ gradients summed over each block
+// (scale's numel, any floating dtype; undefined when not asked for) in the dtype
+// and shape of scale and zero_point, or an empty float32 tensor where not asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_outputs(
+    const at::Tensor& grad_x, const at::Tensor& grad_scale_sums, const at::Tensor& grad_zp_sums,
+    const at::Tensor& scale, const at::Tensor& zero_point);
 
 // CUDA fake_quant / fake_quant_backward: raise on bad qparam values (a host sync
 // per call) instead of giving NaN for the blocks they cover. Off by default;

@@ -41,7 +41,7 @@ struct LaneQParams {
   Vec scale, inv_scale, zero_point;
 };
 
-// for_each_run, calling f(begin, end, qp_at) where qp_at(lane, n) gives the
+// for_each_run, calling f(begin, end, s0, qp_at) where qp_at(lane, n) gives the
 // qparams of the n <= kVec elements `lane` elements into the run. A run that
 // shares one scale gets a constant qp_at: no per-vector division or loads.
 template <class F>
@@ -51,11 +51,14 @@ void for_each_run_qparams(const AffineArgs& a, const F& f) {
   const bool steps = a.layout.inner_steps_scale;
   for_each_run(a.layout, a.x.numel(), [&](int64_t b, int64_t e, int64_t s0) {
     if (!steps) {
-      const LaneQParams p{Vec(sp[s0]), Vec(1.0f / sp[s0]), Vec(zp[s0])};
-      f(b, e, [p](int64_t, int64_t) { return p; });
+      // Broadcast from floats at each call: a captured LaneQParams was copied through
+      // the stack in 16-byte halves every vector (a store-forwarding stall) in some loops.
+      f(b, e, s0, [s = sp[s0], inv = 1.0f / sp[s0], z = zp[s0]](int64_t, int64_t) {
+        return LaneQParams{Vec(s), Vec(inv), Vec(z)};
+      });
       return;
     }
-    f(b, e, [s = sp + s0, z = zp + s0](int64_t lane, int64_t n) {
+    f(b, e, s0, [s = sp + s0, z = zp + s0](int64_t lane, int64_t n) {
       // Padding lanes get scale 1 so 1/scale stays finite.
       const Vec sv = n == kVec ? Vec::loadu(s + lane)
                                : Vec::set(Vec(1.0f), Vec::loadu(s + lane, n), n);
@@ -98,7 +101,7 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
   QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_cpu", [&] {
     const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
     scalar_t* yp = out.data_ptr<scalar_t>();
-    for_each_run_qparams(a, [&](int64_t b, int64_t e, const auto& qp_at) {
+    for_each_run_qparams(a, [&](int64_t b, int64_t e, int64_t, const auto& qp_at) {
       const scalar_t* __restrict x = xp + b;
       store_run(yp + b, e - b, [&](int64_t j, int64_t n) {
         const LaneQParams p = qp_at(j, n);
@@ -110,6 +113,35 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
   return out;
 }
 
+// The LSQ gradients' sums per block go to a thread's double rows ds and dz.
+// Adds the first n lanes of gs and gz to ds[0, n) and dz[0, n) (a run that steps
+// through the scales: each lane its own block).
+inline void add_lanes(double* ds, double* dz, const Vec& gs, const Vec& gz, int64_t n) {
+  float ts[kVec], tz[kVec];
+  gs.store(ts, n);
+  gz.store(tz, n);
+  for (int64_t l = 0; l < n; ++l) {
+    ds[l] += ts[l];
+    dz[l] += tz[l];
+  }
+}
+
+// Adds every lane of gs to *ds and of gz to *dz (a run with one scale: its float
+// partial sums, moved to double every few vectors). Vecs by value: a Vec whose
+// address is taken stays in memory, as __m256 may alias any store.
+inline void add_all_lanes(double* ds, double* dz, Vec gs, Vec gz) {
+  float ts[kVec], tz[kVec];
+  gs.store(ts);
+  gz.store(tz);
+  double s = 0.0, z = 0.0;
+  for (int64_t l = 0; l < kVec; ++l) {
+    s += ts[l];
+    z += tz[l];
+  }
+  *ds += s;
+  *dz += z;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
@@ -119,24 +151,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
   const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
   const at::Tensor g = grad.contiguous();
   at::Tensor grad_x = empty_output(a.x.sizes(), a.x.options());
-  const bool per_element = scale_grad || zero_point_grad;
-  const auto fopts = a.x.options().dtype(at::kFloat);
-  at::Tensor ds = per_element ? empty_output(a.x.sizes(), fopts) : at::Tensor();
-  at::Tensor dz = per_element ? empty_output(a.x.sizes(), fopts) : at::Tensor();
+  // LSQ gradients: per-thread sums over each block, [threads, 2 (scale, zero point), scales].
+  const bool lsq = scale_grad || zero_point_grad;
+  const int64_t S = a.scale.numel(), threads = at::get_num_threads();
+  at::Tensor sums =
+      lsq ? at::zeros({threads, 2, S}, a.x.options().dtype(at::kDouble)) : at::Tensor();
+  double* sums_p = lsq ? sums.data_ptr<double>() : nullptr;
+  const bool steps = a.layout.inner_steps_scale;
   const Vec qmin(a.qmin), qmax(a.qmax);
   QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_backward_cpu", [&] {
     const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-    float* dsp = per_element ? ds.data_ptr<float>() : nullptr;
-    float* dzp = per_element ? dz.data_ptr<float>() : nullptr;
-    for_each_run_qparams(a, [&](int64_t b, int64_t e, const auto& qp_at) {
+    for_each_run_qparams(a, [&](int64_t b, int64_t e, int64_t s0, const auto& qp_at) {
       const scalar_t* __restrict x = xp + b;
       const scalar_t* __restrict gr = gp + b;
       scalar_t* __restrict gx = gxp + b;
-      float* __restrict d_s = per_element ? dsp + b : nullptr;
-      float* __restrict d_z = per_element ? dzp + b : nullptr;
-      for_each_chunk<kChunk<scalar_t>>(e - b, [&](int64_t i, auto n) {
+      // A parallel_for run inline (nested in a parallel region) keeps the caller's thread
+      // number, which may be past ours: one thread works then, so any row will do.
+      const int64_t t = std::min<int64_t>(at::get_thread_num(), threads - 1);
+      double* ds = lsq ? sums_p + t * 2 * S + s0 : nullptr;
+      double* dz = lsq ? ds + S : nullptr;
+      Vec acc_s(0.0f), acc_z(0.0f);  // a one-scale run's float partial sums
+      int pending = 0;
+      for_each_chunk<kChunk<scalar_t>>(e - b, [&](int64_t i, auto n) __attribute__((always_inline)) {
         Vec gv[2], xv[2], gxv[2] = {Vec(0.0f), Vec(0.0f)};
         load_chunk(gr + i, n, gv);
         load_chunk(x + i, n, xv);
@@ -146,17 +184,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
           const auto r = fake_quant_grads<VecMath>(gv[h], xv[h], p.scale, p.inv_scale,
                                                    p.zero_point, qmin, qmax);
           gxv[h] = r.grad_x;
-          if (per_element) {
-            r.grad_scale.store(d_s + j, nh);
-            r.grad_zero_point.store(d_z + j, nh);
+          if (lsq && steps) {
+            add_lanes(ds + j, dz + j, r.grad_scale, r.grad_zero_point, nh);
+          } else if (lsq) {  // lanes past nh (a tail's padding) left out
+            acc_s = acc_s + Vec::set(Vec(0.0f), r.grad_scale, nh);
+            acc_z = acc_z + Vec::set(Vec(0.0f), r.grad_zero_point, nh);
           }
         }
         store_chunk(gx + i, gxv, n);
+        if (lsq && !steps && ++pending == 32) {
+          add_all_lanes(ds, dz, acc_s, acc_z);
+          acc_s = acc_z = Vec(0.0f);
+          pending = 0;
+        }
       });
+      if (lsq && !steps) add_all_lanes(ds, dz, acc_s, acc_z);
     });
   });
-  return finish_fake_quant_backward(grad_x, ds, dz, scale, zero_point, scale_grad,
-                                    zero_point_grad);
+  const at::Tensor block_sums = lsq ? sums.sum(0) : at::Tensor();
+  return fake_quant_backward_outputs(grad_x, scale_grad ? block_sums[0] : at::Tensor(),
+                                     zero_point_grad ? block_sums[1] : at::Tensor(), scale,
+                                     zero_point);
 }
 
 // quantize / dequantize: the math in float SIMD (as fake_quant), the integer
@@ -187,7 +235,7 @@ void store_run_codes(Q* __restrict out, int64_t n, const CodeAt& code_at) {
 template <class X, class Q>
 void quantize_runs(const AffineArgs& a, const X* xp, Q* qp) {
   const Vec qmin(a.qmin), qmax(a.qmax);
-  for_each_run_qparams(a, [&](int64_t b, int64_t e, const auto& qp_at) {
+  for_each_run_qparams(a, [&](int64_t b, int64_t e, int64_t, const auto& qp_at) {
     const X* __restrict x = xp + b;
     store_run_codes(qp + b, e - b, [&](int64_t k, int64_t n) {
       const LaneQParams p = qp_at(k, n);
@@ -200,7 +248,7 @@ void quantize_runs(const AffineArgs& a, const X* xp, Q* qp) {
 
 template <class Q, class Y>
 void dequantize_runs(const AffineArgs& a, const Q* qp, Y* yp) {
-  for_each_run_qparams(a, [&](int64_t b, int64_t e, const auto& qp_at) {
+  for_each_run_qparams(a, [&](int64_t b, int64_t e, int64_t, const auto& qp_at) {
     const Q* __restrict q = qp + b;
     store_run(yp + b, e - b, [&](int64_t j, int64_t n) {
       const LaneQParams p = qp_at(j, n);

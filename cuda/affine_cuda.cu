@@ -316,8 +316,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
       }
     });
   }
-  return finish_fake_quant_backward(grad_x, ds, dz, scale, zero_point, scale_grad,
-                                    zero_point_grad);
+  return fake_quant_backward_outputs(grad_x, scale_grad ? sum_over_blocks(ds, scale) : at::Tensor(),
+                                     zero_point_grad ? sum_over_blocks(dz, scale) : at::Tensor(),
+                                     scale, zero_point);
 }
 
 // ---------------------------------------------------------------- quantize / dequantize

@@ -225,24 +225,42 @@ def test_lsq_gradients_match_torch_learnable(device, per_channel):
     torch.testing.assert_close(z.grad, z2.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_lsq_gradients_per_group_float64_reference(device):
-    x = torch.randn(8, 12, device=device).requires_grad_()
-    s = (torch.rand(8, 3, device=device) * 0.05 + 0.02).requires_grad_()
-    z = torch.randint(-2, 3, (8, 3), device=device).float().requires_grad_()
+@pytest.mark.parametrize(
+    "xshape,sshape,dtype",
+    [
+        ((8, 12), (8, 3), torch.float32),  # groups of 4: every run a tail
+        ((300, 1001), (1, 1), torch.float32),  # one block over many threads' chunks
+        ((300, 1001), (300, 1), torch.bfloat16),  # a block per row
+        ((300, 1001), (1, 1001), torch.float32),  # a block per column: runs step through them
+        ((6, 40, 24), (6, 40, 3), torch.float16),
+    ],
+)
+def test_lsq_gradients_float64_reference(device, xshape, sshape, dtype):
+    """scale / zero_point grads: the LSQ+ formulas in float64, summed per block."""
+    x = (torch.randn(xshape, device=device) * 2).to(dtype).requires_grad_()
+    s = (torch.rand(sshape, device=device) * 0.05 + 0.02).requires_grad_()
+    z = torch.randint(-2, 3, sshape, device=device).float().requires_grad_()
     y = ops.fake_quant(x, s, z, -8, 7)
     g = torch.randn_like(y)
     y.backward(g)
-    # Reference: the LSQ+ formulas in float64, summed per group of 4.
-    xd, sd, zd, gd = x.detach().double(), s.detach().double(), z.detach().double(), g.double()
-    se, ze = sd.repeat_interleave(4, 1), zd.repeat_interleave(4, 1)
-    q = torch.round(xd / se) + ze
+    xd, gd = x.detach().double(), g.double()
+    se, ze = expand_blocks(s.detach(), xd), expand_blocks(z.detach(), xd)
+    q = (torch.round(x.detach().float() * (1.0 / se)) + ze).double()  # float32, as the op
+    se, ze = se.double(), ze.double()
     inside = (q >= -8) & (q <= 7)
     xh = (q.clamp(-8, 7) - ze) * se
     ds = torch.where(inside, (xh - xd) / se, torch.where(q < -8, -8 - ze, 7 - ze)) * gd
     dz = torch.where(inside, 0.0, -se) * gd
-    torch.testing.assert_close(s.grad.double(), ds.view(8, 3, 4).sum(-1), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(z.grad.double(), dz.view(8, 3, 4).sum(-1), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(x.grad.double(), gd * inside, rtol=0, atol=0)
+
+    def block_sums(t):
+        split = [n for ns, nx in zip(sshape, xshape) for n in (ns, nx // ns)]
+        return t.reshape(split).sum(tuple(range(1, 2 * len(sshape), 2)))
+
+    # float32 math per element, float64 sums: relative to the sum of magnitudes.
+    tol = dict(rtol=1e-4, atol=1e-4 * block_sums(ds.abs()).max().item())
+    torch.testing.assert_close(s.grad.double(), block_sums(ds), **tol)
+    torch.testing.assert_close(z.grad.double(), block_sums(dz), rtol=1e-4, atol=1e-4 * block_sums(dz.abs()).max().item())
+    assert torch.equal(x.grad, (g * inside).to(dtype))
 
 
 def test_python_wrapper_and_quant_range(device):
