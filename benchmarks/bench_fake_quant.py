@@ -1,8 +1,10 @@
 """fake_quant throughput: qlib vs torch's native op vs the eager composite.
 
-One run prints one side-by-side table: forward and forward+backward,
-per-tensor / per-channel / per-group, float32 and bfloat16, medians over
-repeats, GB/s (bytes read + written by the op) and ratios against qlib.
+One run prints one side-by-side table: forward, forward+backward, and
+forward+backward with a learnable scale and zero point (LSQ, against torch's
+_fake_quantize_learnable_* ops), per-tensor / per-channel / per-group, float32
+and bfloat16, medians over repeats, GB/s (bytes read + written by the op) and
+ratios against qlib.
 
     .venv/bin/python benchmarks/bench_fake_quant.py [--device cuda] [--numel 16777216]
 """
@@ -32,6 +34,15 @@ def torch_native(x, scale, zp, qmin, qmax, mode, group):
     # per-group has no native op: torch users reshape to [N * K / g, g] and go per-channel.
     rows = x.reshape(-1, group)
     return torch.fake_quantize_per_channel_affine(rows, scale.reshape(-1), zp.reshape(-1), 0, qmin, qmax).view_as(x)
+
+
+def torch_learnable(x, scale, zp, qmin, qmax, mode, group):
+    """torch's LSQ ops: scale and a float zero point learnable."""
+    if mode == "per-tensor":
+        return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zp, qmin, qmax, 1.0)
+    rows = x if mode == "per-channel" else x.reshape(-1, group)
+    return torch._fake_quantize_learnable_per_channel_affine(
+        rows, scale.reshape(-1), zp.reshape(-1), 0, qmin, qmax, 1.0).view_as(x)
 
 
 def timeit(fn, device, repeat, warmup=3):
@@ -101,36 +112,44 @@ def main():
             scale = torch.rand(shape, device=dev) * 0.02 + 0.01
             zp = torch.zeros(shape, dtype=torch.int32, device=dev)
             zpf = zp.float()
-            for pass_ in ("fwd", "fwd+bwd"):
-                train = pass_ == "fwd+bwd"
+            for pass_ in ("fwd", "fwd+bwd", "lsq"):
+                train, lsq = pass_ != "fwd", pass_ == "lsq"
                 x = x0.detach().requires_grad_(train)
                 g = torch.ones_like(x0)
+                s_l, z_l = (t.detach().clone().requires_grad_() for t in (scale, zpf))
 
                 def run(f):
                     def call():
                         y = f()
                         if train:
                             y.backward(g)
-                            x.grad = None
+                            x.grad = s_l.grad = z_l.grad = None
                     return call
 
-                t_q = timeit(run(lambda: ops.fake_quant(x, scale, zp, qmin, qmax)), dev, args.repeat)
+                qs, qz = (s_l, z_l) if lsq else (scale, zp)
+                t_q = timeit(run(lambda: ops.fake_quant(x, qs, qz, qmin, qmax)), dev, args.repeat)
+                peer = (lambda: torch_learnable(x, s_l, z_l, qmin, qmax, mode, args.group)) if lsq else (
+                    lambda: torch_native(x, scale, zp, qmin, qmax, mode, args.group))
                 t_n = None
                 if dtype == torch.float32 or dev == "cuda":
                     try:
-                        t_n = timeit(run(lambda: torch_native(x, scale, zp, qmin, qmax, mode, args.group)), dev, args.repeat)
+                        t_n = timeit(run(peer), dev, args.repeat)
                     except RuntimeError:
                         t_n = None
                 se = scale if mode != "per-group" else scale.repeat_interleave(args.group, 1)
                 ze = zpf if mode != "per-group" else zpf.repeat_interleave(args.group, 1)
-                t_c = timeit(run(lambda: composite(x, se, ze, qmin, qmax)), dev, args.repeat)
+                # The composite's STE trick gives no scale gradient: no LSQ peer.
+                t_c = None if lsq else timeit(run(lambda: composite(x, se, ze, qmin, qmax)), dev, args.repeat)
                 nbytes = x0.numel() * x0.element_size() * (2 if not train else 5)
                 native = f"{t_n * 1e3:10.2f} {t_n / t_q:5.2f}x" if t_n else f"{'n/a':>10s} {'':>6s}"
+                comp = f"{t_c * 1e3:13.2f} {t_c / t_q:5.2f}x" if t_c else f"{'n/a':>13s} {'':>6s}"
                 line = (
                     f"{mode:12s} {str(dtype).replace('torch.', ''):9s} {pass_:8s} {t_q * 1e3:9.2f} "
-                    f"{nbytes / t_q / 1e9:7.1f} {native} {t_c * 1e3:13.2f} {t_c / t_q:5.2f}x"
+                    f"{nbytes / t_q / 1e9:7.1f} {native} {comp}"
                 )
-                if dev == "cuda":  # the GPU work alone, ops called directly (no autograd)
+                if dev == "cuda" and lsq:
+                    line += f" {'n/a':>11s} {'':>6s} {'n/a':>13s}"
+                elif dev == "cuda":  # the GPU work alone, ops called directly (no autograd)
                     xd = x0
                     if train:
                         def q_ops():
@@ -147,7 +166,8 @@ def main():
                     line += f" {nbytes / k_q / 1e9:11.1f} {100 * nbytes / k_q / 1e9 / copy_gbs:5.0f}% {kn}"
                 print(line)
     print("x = peer time / qlib time (above 1: qlib is faster). GB/s counts x read + y written"
-          " (fwd), plus grad read, x read, grad_x written (bwd).")
+          " (fwd), plus grad read, x read, grad_x written (bwd). lsq: fwd+bwd with scale and zero"
+          " point learnable; native is torch's _fake_quantize_learnable_* op.")
     if dev == "cuda":
         print("kernel GB/s, % copy, native kern x: CUDA-graph replays (GPU work alone, no launch or"
               " host overhead); n/a: torch's per-channel op reads values back, so it cannot be captured.")
