@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "affine.h"
+#include "cpu_output.h"
 #include "cpu_vec.h"
 #include "observer.h"
 #include "quant_math.h"
@@ -291,15 +292,24 @@ void bin_rows(const T* xp, int64_t R, int64_t K, int64_t B, const std::vector<Hi
   std::vector<int64_t> local_row(nthreads, -1);
   auto flush = [&](int t) {
     if (local_row[t] < 0) return;
-    int64_t* d = dst + local_row[t] * B;
-    // Rows of different threads may coincide: add atomically.
-    int64_t* l = local[t].data();
-    for (int64_t j = 0; j < B; ++j) {
-      const int64_t c = l[j] + l[B + 1 + j];
-      if (c != 0) {
-        __atomic_fetch_add(d + j, c, __ATOMIC_RELAXED);
-        l[j] = l[B + 1 + j] = 0;
+    int64_t* __restrict d = dst + local_row[t] * B;
+    int64_t* __restrict l = local[t].data();
+    int64_t* __restrict l2 = l + B + 1;
+    if (chunks_per_row > 1) {
+      // Rows of different threads may coincide: add atomically.
+      for (int64_t j = 0; j < B; ++j) {
+        const int64_t c = l[j] + l2[j];
+        if (c != 0) {
+          __atomic_fetch_add(d + j, c, __ATOMIC_RELAXED);
+          l[j] = l2[j] = 0;
+        }
       }
+    } else {
+      // One chunk per row: this thread owns the row (a plain add, vectorised; atomics
+      // were most of the time of short rows, e.g. per-channel weights).
+      for (int64_t j = 0; j < B; ++j) d[j] += l[j] + l2[j];
+      std::fill(l, l + B, int64_t{0});
+      std::fill(l2, l2 + B, int64_t{0});
     }
     local_row[t] = -1;
   };
@@ -346,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::T
   const at::Tensor hist = hist_in.contiguous();
   const at::Tensor range = range_in.contiguous();
   const int64_t R = x.size(0), K = x.size(1), B = hist.size(1);
-  at::Tensor new_hist = at::zeros_like(hist);
+  at::Tensor new_hist = empty_output(hist.sizes(), hist.options()).zero_();
   at::Tensor new_range = range.clone();
   int64_t nonfinite = 0;
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "histogram_observe_cpu", [&] {

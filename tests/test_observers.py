@@ -154,6 +154,22 @@ def test_histogram_rows_keep_or_move_their_grid(device, absolute):
         torch.testing.assert_close(hist.cpu()[r], ref, rtol=0, atol=0)
 
 
+def test_histogram_many_short_rows_exact(device):
+    """Per-channel shape (many rows shorter than bins, each one parallel chunk, so each
+    thread adds its rows without atomics): exact counts over two batches."""
+    bins, rows = 512, 257
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(rows, 301, generator=g) * (torch.rand(rows, 1, generator=g) * 4 + 0.1) for _ in range(2)]
+    hist = torch.zeros(rows, bins, dtype=torch.int64, device=device)
+    rng = torch.tensor([[math.inf, -math.inf]] * rows, dtype=torch.float64, device=device)
+    for b in batches:
+        hist, rng, _ = ops.histogram_observe(b.to(device), hist, rng, False)
+    for r in range(0, rows, 16):
+        ref, _ = _ref_hist(torch.cat([b[r] for b in batches]), bins, False)
+        torch.testing.assert_close(hist.cpu()[r], ref, rtol=0, atol=0)
+    assert hist.sum().item() == 2 * rows * 301
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_histogram_large_rows_exact(device, dtype):
     """Rows of several parallel chunks (and threads), odd lengths, a NaN: exact counts
