@@ -132,7 +132,10 @@ void run_for_m(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_sca
 }  // namespace
 
 bool int8_linear_sm90_fits(const at::Tensor& b, const at::Tensor& out) {
+  // Rows must not overlap (an expanded weight has row stride 0): TMA would take the
+  // descriptor, or fail it only by an assert that NDEBUG removes.
   return b.size(1) > 0 && b.size(1) % 16 == 0 && b.stride(1) == 1 && b.stride(0) % 16 == 0 &&
+         b.stride(0) >= b.size(1) &&
          aligned16(b.const_data_ptr()) && out.dim() == 2 && out.stride(1) == 1 &&
          (out.stride(0) * out.element_size()) % 16 == 0 && aligned16(out.const_data_ptr()) &&
          out.size(0) <= INT32_MAX && out.size(1) <= INT32_MAX;

@@ -150,12 +150,13 @@ def test_int8_linear_small_m_matches_rows_of_a_batch(device, dtype, act, K):
     and K = 16384 at M = 3 fills exactly 48 KiB, which with the kernel's static shared memory
     is past the limit: both take the three-kernel path) give the bits of the same rows inside a 17-row batch
     (cuBLASLt on CUDA): same codes, exact int32 sums, same float epilogue. K = 33 takes a
-    strided weight and the byte loop; a NaN row stays NaN."""
+    strided weight and the byte loop; K = 4096 a weight whose rows are 2K apart (contiguous
+    along K); a NaN row stays NaN."""
     N = 37
     x = (torch.randn(17, K, device=device) * 2).to(dtype)
     x[2, K // 2] = math.nan
     w = rand_i8(N, 2 * K, device=device)
-    w = w[:, ::2] if K == 33 else w[:, :K].contiguous()
+    w = w[:, ::2] if K == 33 else w[:, :K] if K == 4096 else w[:, :K].contiguous()
     s = torch.rand(N, device=device) * 0.01 + 1e-3
     b = torch.randn(N, device=device)
     extra = {"dynamic": (),
@@ -538,9 +539,9 @@ def test_int8_linear_sm90_gemm_matches_cublaslt(dtype, static, M, K, N):
 
 @pytest.mark.skipif(not _sm90_gemm_runs(), reason="needs the cutlass-sm90 build and a compute capability 9.0 GPU")
 def test_int8_linear_sm90_gemm_fallbacks():
-    """Calls the fused GEMM cannot take (K % 16 != 0, a static zero point, a strided weight)
-    run on cuBLASLt with the same result; Int8Linear and torch.compile use it too, and so do
-    unaligned views of the scales and bias (copied)."""
+    """Calls the fused GEMM cannot take (K % 16 != 0, a static zero point, a strided or an
+    expanded weight) run on cuBLASLt with the same result; Int8Linear and torch.compile use
+    it too, and so do unaligned views of the scales and bias (copied)."""
     x = torch.randn(2, 40, 33, device="cuda", dtype=torch.bfloat16)
     w = rand_i8(24, 33, device="cuda")
     s = torch.rand(24, device="cuda") * 0.01 + 1e-3
@@ -554,7 +555,8 @@ def test_int8_linear_sm90_gemm_fallbacks():
     cases = [lambda: ops.int8_linear(x, w, s), lambda: ops.int8_linear(x, w, s, None, act, zp, -128, 127),
              lambda: ops.int8_linear(x48, w48, s[:48].repeat(2)[:48]), lambda: lin(x64),
              lambda: torch.compile(lin, fullgraph=True)(x64),
-             lambda: ops.int8_linear(x64, w64, sb[0, 1:], sb[1, 1:])]
+             lambda: ops.int8_linear(x64, w64, sb[0, 1:], sb[1, 1:]),
+             lambda: ops.int8_linear(x64, w64[:1].expand(40, 64), sb[0, :40])]  # row stride 0
     ref = [f() for f in cases]
     qlib.set_int8_cuda_gemm("cutlass-sm90")
     try:
