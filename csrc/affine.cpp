@@ -1,6 +1,7 @@
 #include "affine.h"
 #include "quant_math.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 
@@ -22,6 +23,9 @@ void check_quant_range(const char* op, int64_t quant_min, int64_t quant_max) {
   TORCH_CHECK(quant_max - quant_min < (int64_t{1} << kMaxRangeBits), op,
               ": the range [", quant_min, ", ", quant_max, "] is wider than ", kMaxRangeBits,
               " bits");
+  TORCH_CHECK(quant_min >= -kMaxExactCode && quant_max <= kMaxExactCode, op, ": the range [",
+              quant_min, ", ", quant_max, "] reaches past +-(2^24 - 1) = +-", kMaxExactCode,
+              ", where float32 math cannot hold every code exactly");
 }
 
 void check_fake_quant_input(const char* op, const at::Tensor& x) {
@@ -59,7 +63,10 @@ std::pair<int64_t, int64_t> check_dequantize_args(const char* op, const at::Tens
                                                   at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
               ": dtype must be float32, float16 or bfloat16, got ", dtype);
-  return int_dtype_range(op, "q", q.scalar_type());
+  // The zero point must lie in this range: for int32 codes within +-(2^24 - 1) too,
+  // so that float32 holds it exactly.
+  const auto [lo, hi] = int_dtype_range(op, "q", q.scalar_type());
+  return {std::max(lo, -kMaxExactCode), std::min(hi, kMaxExactCode)};
 }
 
 void check_choose_qparams_args(const at::Tensor& min, const at::Tensor& max, int64_t quant_min,

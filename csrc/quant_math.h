@@ -143,6 +143,10 @@ QLIB_HD QParams choose_qparams_value(float min_val, float max_val, int64_t qmin,
 
 // Widest integer range an op accepts: 16 bits.
 constexpr int64_t kMaxRangeBits = 16;
+// Largest |code| or |zero point| an op accepts: the math runs in float32, which
+// holds every integer below 2^24 exactly. (An integer zero point past it converts
+// to at least 2^24, so the range check on the converted value still catches it.)
+constexpr int64_t kMaxExactCode = (int64_t{1} << 24) - 1;
 
 }  // namespace qlib
 

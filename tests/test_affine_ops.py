@@ -231,6 +231,11 @@ def _bad_cases(device):
     yield lambda: fq(x, s, z + 200, -128, 127), r"zero_point must lie in \[quant_min, quant_max\] = \[-128, 127\], got 200"
     yield lambda: fq(x, s, z, 5, 5), r"quant_min \(5\) must be less than quant_max \(5\)"
     yield lambda: fq(x, s, z, 0, 70000), r"the range \[0, 70000\] is wider than 16 bits"
+    # 16 bits wide but past 2^24, where float32 codes round (they came back out of range);
+    # a zero point of 2^24 + 1 would have been read as 2^24.
+    top = 2**31 - 1
+    yield lambda: ops.quantize(x, s, z + top - 50, top - 100, top, torch.int32), r"qlib::quantize: the range \[2147483547, 2147483647\] reaches past \+-\(2\^24 - 1\)"
+    yield lambda: ops.dequantize(x.int(), s, z + 2**24 + 1, torch.float32), r"qlib::dequantize: zero_point must lie in \[quant_min, quant_max\] = \[-16777215, 16777215\], got 1.67772e\+07"
     if torch.cuda.is_available():
         other = "cpu" if device != "cpu" else "cuda"
         yield lambda: fq(x, s.to(other), z, -128, 127), r"x \(.*\), scale \(.*\) and zero_point \(.*\) must be on the same device"
