@@ -13,6 +13,7 @@
 namespace qlib {
 
 using Vec = at::vec::Vectorized<float>;
+using VecD = at::vec::Vectorized<double>;
 constexpr int64_t kVec = Vec::size();
 constexpr int64_t kGrain = 32768;  // elements per parallel_for grain
 
@@ -33,6 +34,12 @@ struct VecMath {
   static Vec lt(const Vec& a, const Vec& b) { return (a < b) & Vec(1.0f); }
   static Vec select(const Vec& cond, const Vec& a, const Vec& b) {
     return Vec::blendv(b, a, cond != Vec(0.0f));
+  }
+  // Vectors of doubles, for the MSE search's error integrals.
+  static VecD round(const VecD& v) { return v.round(); }
+  static VecD lt(const VecD& a, const VecD& b) { return (a < b) & VecD(1.0); }
+  static VecD select(const VecD& cond, const VecD& a, const VecD& b) {
+    return VecD::blendv(b, a, cond != VecD(0.0));
   }
 };
 

@@ -478,15 +478,35 @@ std::tuple<at::Tensor, at::Tensor> histogram_mse_search_cpu(const at::Tensor& hi
   const int64_t n = num_candidates;
   std::vector<float> clo(R * n), chi(R * n);
   std::vector<double> sse(R * n);
-  at::parallel_for(0, R * n, 8, [&](int64_t b, int64_t e) {
-    for (int64_t rc = b; rc < e; ++rc) {
-      const int64_t r = rc / n, c = rc % n;
+  // A task scores kLanes candidates of one row at once, a candidate per lane of
+  // histogram_sse's double vectors (the last group repeats its last candidate).
+  constexpr int64_t kLanes = VecD::size();
+  const int64_t groups = (n + kLanes - 1) / kLanes;
+  at::parallel_for(0, R * groups, 2, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t r = task / groups, c0 = (task % groups) * kLanes;
       const double umin = rp[2 * r], umax = rp[2 * r + 1];
       const HistGrid g = histogram_grid(umin, umax, B);
       const int64_t* h = hist.const_data_ptr<int64_t>() + r * B;
-      mse_candidate_range(umin, umax, symmetric, c + 1, n, &clo[rc], &chi[rc]);
-      sse[rc] = histogram_fake_quant_sse(h, g, umin, umax, clo[rc], chi[rc], quant_min, quant_max,
-                                         symmetric);
+      PointMassError point[kLanes];
+      double scale[kLanes], zp[kLanes], out[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const int64_t rc = r * n + std::min(c0 + l, n - 1);
+        mse_candidate_range(umin, umax, symmetric, rc - r * n + 1, n, &clo[rc], &chi[rc]);
+        point[l] = {mse_candidate_qparams(clo[rc], chi[rc], quant_min, quant_max, symmetric),
+                    quant_min, quant_max};
+        scale[l] = point[l].p.scale;
+        zp[l] = point[l].p.zero_point;
+      }
+      const SqErrorAntiderivative<VecMath, VecD> F(VecD::loadu(scale), VecD::loadu(zp),
+                                                   VecD(static_cast<double>(quant_min)),
+                                                   VecD(static_cast<double>(quant_max)));
+      histogram_sse(h, g, umin, umax, F, [&](double a) {
+        double err[kLanes];
+        for (int64_t l = 0; l < kLanes; ++l) err[l] = point[l](a);
+        return VecD::loadu(err);
+      }).store(out);
+      for (int64_t l = 0; l < kLanes && c0 + l < n; ++l) sse[r * n + c0 + l] = out[l];
     }
   });
   // The least error wins; ties go to the wider range; NaN (a range with no

@@ -38,6 +38,16 @@ struct ScalarMath {
   static QLIB_HD float select(float cond, float a, float b) {
     return cond != 0.0f ? a : b;
   }
+  // double, for the MSE search's error integrals.
+  static QLIB_HD double round(double v) {
+#if defined(__CUDA_ARCH__)
+    return rint(v);
+#else
+    return std::nearbyint(v);
+#endif
+  }
+  static QLIB_HD double lt(double a, double b) { return a < b ? 1.0 : 0.0; }
+  static QLIB_HD double select(double cond, double a, double b) { return cond != 0.0 ? a : b; }
 };
 
 // Unclamped integer code: nearbyint(x * inv_scale) + zero_point, in float.
@@ -345,31 +355,28 @@ QLIB_HD void mse_candidate_range(double umin, double umax, bool symmetric, int64
 // [(qmin - zp) s, (qmax - zp) s] and clipping outside. Continuous, so the
 // integral over [a, b] is F(b) - F(a) for any number of rounding cells.
 // Inside, with t = x / s = k + u (k the nearest integer): s^3 / 12 (k + 4 u^3).
+// T is a double, or (CPU) a vector of doubles with one candidate's qparams per lane;
+// M the matching policy (round, lt, select).
+template <class M, class T>
 struct SqErrorAntiderivative {
-  double inv_s, s3_12, clip_lo, clip_hi, f_lo, f_hi;
-  QLIB_HD SqErrorAntiderivative(double scale, double zp, double qmin, double qmax)
-      : inv_s(1.0 / scale),
-        s3_12(scale * scale * scale / 12.0),
+  T inv_s, s3_12, clip_lo, clip_hi, f_lo, f_hi;
+  QLIB_HD SqErrorAntiderivative(T scale, T zp, T qmin, T qmax)
+      : inv_s(T(1.0) / scale),
+        s3_12(scale * scale * scale / T(12.0)),
         clip_lo((qmin - zp) * scale),
         clip_hi((qmax - zp) * scale) {
     f_lo = inside(clip_lo);
     f_hi = inside(clip_hi);
   }
-  QLIB_HD double inside(double x) const {
-    const double t = x * inv_s, k = nearbyint(t), u = t - k;
-    return s3_12 * (k + 4.0 * u * u * u);
+  QLIB_HD T inside(T x) const {
+    const T t = x * inv_s, k = M::round(t), u = t - k;
+    return s3_12 * (k + T(4.0) * u * u * u);
   }
-  QLIB_HD double operator()(double x) const {
-    constexpr double kThird = 1.0 / 3.0;
-    if (x < clip_lo) {
-      const double d = clip_lo - x;
-      return f_lo - d * d * d * kThird;
-    }
-    if (x > clip_hi) {
-      const double d = x - clip_hi;
-      return f_hi + d * d * d * kThird;
-    }
-    return inside(x);
+  QLIB_HD T operator()(T x) const {
+    const T third(1.0 / 3.0), below = clip_lo - x, above = x - clip_hi;
+    return M::select(M::lt(x, clip_lo), f_lo - below * below * below * third,
+                     M::select(M::lt(clip_hi, x), f_hi + above * above * above * third,
+                               inside(x)));
   }
 };
 
@@ -380,19 +387,29 @@ QLIB_HD QParams mse_candidate_qparams(float lo, float hi, int64_t qmin, int64_t 
                               1.1920928955078125e-07f /* float32 eps */);
 }
 
-// Expected fake-quant squared error of one histogram row under the qparams
-// of [lo, hi]: each bin's counts taken as uniform within the bin (clipped to
-// the data range [umin, umax]), bins in ascending order. A bin of zero width
-// (constant data) is a point mass.
-QLIB_HD double histogram_fake_quant_sse(const int64_t* h, const HistGrid& g, double umin,
-                                        double umax, float lo, float hi, int64_t qmin,
-                                        int64_t qmax, bool symmetric) {
-  const QParams p = mse_candidate_qparams(lo, hi, qmin, qmax, symmetric);
-  const SqErrorAntiderivative F(p.scale, p.zero_point, static_cast<double>(qmin),
-                                static_cast<double>(qmax));
-  double sse = 0.0;
+// Error y - a of fake-quantizing a point mass at a (in float32, as the op).
+struct PointMassError {
+  QParams p;
+  int64_t qmin, qmax;
+  QLIB_HD double operator()(double a) const {
+    const float y = fake_quant_value<ScalarMath>(
+        static_cast<float>(a), p.scale, 1.0f / p.scale, static_cast<float>(p.zero_point),
+        static_cast<float>(qmin), static_cast<float>(qmax));
+    return static_cast<double>(y) - a;
+  }
+};
+
+// Expected fake-quant squared error of one histogram row under the candidate(s)
+// of F: each bin's counts taken as uniform within the bin (clipped to the data
+// range [umin, umax]), bins in ascending order. A bin of zero width (constant
+// data) is a point mass: point_mass(a) gives the candidates' error there.
+template <class M, class T, class PointMass>
+QLIB_HD T histogram_sse(const int64_t* h, const HistGrid& g, double umin, double umax,
+                        const SqErrorAntiderivative<M, T>& F, const PointMass& point_mass) {
+  T sse(0.0);
   const double inv_width = 1.0 / g.width;
-  double prev_b = NAN, prev_fb = 0.0;  // F at the last right edge, reused as a left edge
+  double prev_b = NAN;  // the last right edge, whose F is reused as the next left edge's
+  T prev_fb(0.0);
   for (int64_t j = 0; j < g.used; ++j) {
     if (h[j] == 0) continue;
     // Edges and data range are finite: plain compares (fmax / fmin are libm calls on the CPU).
@@ -400,22 +417,30 @@ QLIB_HD double histogram_fake_quant_sse(const int64_t* h, const HistGrid& g, dou
     const double right = g.lo + static_cast<double>(j + 1) * g.width;
     const double a = left < umin ? umin : left;
     const double b = right > umax ? umax : right;
-    const double c = static_cast<double>(h[j]);
+    const T c(static_cast<double>(h[j]));
     if (b > a) {
-      const double fa = a == prev_b ? prev_fb : F(a);
+      const T fa = a == prev_b ? prev_fb : F(T(a));
       prev_b = b;
-      prev_fb = F(b);
+      prev_fb = F(T(b));
       // Dividing by the power-of-two width is multiplying by its exact inverse.
-      const double mass = c * (prev_fb - fa);
-      sse += b - a == g.width ? mass * inv_width : mass / (b - a);
+      const T mass = c * (prev_fb - fa);
+      sse = sse + (b - a == g.width ? mass * T(inv_width) : mass / T(b - a));
     } else {
-      const float y = fake_quant_value<ScalarMath>(
-          static_cast<float>(a), p.scale, 1.0f / p.scale, static_cast<float>(p.zero_point),
-          static_cast<float>(qmin), static_cast<float>(qmax));
-      sse += c * (static_cast<double>(y) - a) * (static_cast<double>(y) - a);
+      const T e = point_mass(a);
+      sse = sse + c * e * e;
     }
   }
   return sse;
+}
+
+// The qparams of [lo, hi] and histogram_sse for them alone.
+QLIB_HD double histogram_fake_quant_sse(const int64_t* h, const HistGrid& g, double umin,
+                                        double umax, float lo, float hi, int64_t qmin,
+                                        int64_t qmax, bool symmetric) {
+  const QParams p = mse_candidate_qparams(lo, hi, qmin, qmax, symmetric);
+  const SqErrorAntiderivative<ScalarMath, double> F(
+      p.scale, p.zero_point, static_cast<double>(qmin), static_cast<double>(qmax));
+  return histogram_sse(h, g, umin, umax, F, PointMassError{p, qmin, qmax});
 }
 
 // KL divergence of entropy candidate window [s, s + i) quantized to n levels

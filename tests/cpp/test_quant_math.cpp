@@ -158,7 +158,7 @@ TEST(QuantMath, SqErrorAntiderivativeMatchesMidpointSum) {
     const int bits = 2 + trial % 7;
     const double qmin = -std::ldexp(1.0, bits - 1), qmax = std::ldexp(1.0, bits - 1) - 1.0;
     const double scale = 0.01 + unit(gen), zp = std::floor(qmin + unit(gen) * (qmax - qmin));
-    const qlib::SqErrorAntiderivative F(scale, zp, qmin, qmax);
+    const qlib::SqErrorAntiderivative<ScalarMath, double> F(scale, zp, qmin, qmax);
     const double reach = (qmax - qmin + 8.0) * scale;
     const double a = (unit(gen) - 0.5) * 2.0 * reach;
     const double b = a + unit(gen) * unit(gen) * reach;
