@@ -3,7 +3,7 @@
 # working tree and runs the pytest suite against it (about 5 + 2 minutes on 2 cores).
 # Usage: bash scripts/sanitize_cpu.sh [pytest args, default: tests]   (needs .venv from
 # scripts/test.sh). Last runs: whole suite clean (stop 11); stop 16: fake_quant, affine, fuzz, QAT,
-# observers clean (228 passed); stop 15: the fake_quant, affine,
+# observers clean (230 passed); stop 15: the fake_quant, affine,
 # observer, int8, QAT and fuzz suites clean (430 passed) after a check_quant_range fix.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
