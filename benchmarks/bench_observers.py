@@ -3,7 +3,8 @@ compute the qparams (per-tensor, symmetric int8), medians over repeats.
 
     PYTHONPATH=python python benchmarks/bench_observers.py [--repeats 5] [--batches 10] [--numel 1000000]
 
-Prints a markdown table per device (CPU, and CUDA when present). The ratio
+Prints a markdown table per device (CPU, and CUDA when present). The cases are
+timed round-robin (one run of each per round). The ratio
 column is the torch.ao peer's median over qlib's (>1: qlib is faster): the
 histogram observers (percentile, MSE, entropy) against HistogramObserver, the
 min/max observers against MinMaxObserver / MovingAverageMinMaxObserver.
@@ -58,11 +59,15 @@ def run_once(factory, batches, device):
 def bench(device, args):
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(args.numel, generator=g).to(device) for _ in range(args.batches)]
-    medians = {}
-    for name, factory, _ in CASES:
+    for _, factory, _ in CASES:
         run_once(factory, batches[:1], device)  # warm-up
-        reps = args.repeats if "Histogram" not in name else max(3, args.repeats // 2)
-        medians[name] = statistics.median(run_once(factory, batches, device) for _ in range(reps))
+    # Round-robin, one run of each case per round, so a slow phase of a shared machine
+    # hits qlib and its peers alike.
+    times = {name: [] for name, _, _ in CASES}
+    for _ in range(args.repeats):
+        for name, factory, _ in CASES:
+            times[name].append(run_once(factory, batches, device))
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
     lines = [
         f"### {device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                  f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
@@ -90,7 +95,7 @@ def main():
     devices = [torch.device(d) for d in (args.device or present)]
     print(f"qlib observers vs torch.ao: {args.batches} batches of {args.numel} float32 N(0,1), "
           f"observe + calculate_qparams, per-tensor symmetric int8, median of {args.repeats} "
-          f"(HistogramObserver: {max(3, args.repeats // 2)})")
+          f"round-robin rounds")
     print(f"torch {torch.__version__}, qlib build {qlib.build_info().get('cpu_isa')}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}\n")
     for d in devices:
