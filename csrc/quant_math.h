@@ -18,11 +18,13 @@
 namespace qlib {
 
 // Round half to even (the current rounding mode, as std::nearbyint), clamp
-// that keeps NaN, and a branch-free select.
+// that keeps NaN, and a branch-free select. round, lt and select take float
+// (the quantization formulas) or double (the MSE search's error integrals).
 struct ScalarMath {
-  static QLIB_HD float round(float v) {
+  template <class T>
+  static QLIB_HD T round(T v) {
 #if defined(__CUDA_ARCH__)
-    return rintf(v);
+    return rint(v);
 #else
     return std::nearbyint(v);
 #endif
@@ -34,20 +36,14 @@ struct ScalarMath {
   static QLIB_HD float in_range(float v, float lo, float hi) {
     return (v >= lo && v <= hi) ? 1.0f : 0.0f;
   }
-  static QLIB_HD float lt(float a, float b) { return a < b ? 1.0f : 0.0f; }
-  static QLIB_HD float select(float cond, float a, float b) {
-    return cond != 0.0f ? a : b;
+  template <class T>
+  static QLIB_HD T lt(T a, T b) {
+    return a < b ? T(1) : T(0);
   }
-  // double, for the MSE search's error integrals.
-  static QLIB_HD double round(double v) {
-#if defined(__CUDA_ARCH__)
-    return rint(v);
-#else
-    return std::nearbyint(v);
-#endif
+  template <class T>
+  static QLIB_HD T select(T cond, T a, T b) {
+    return cond != T(0) ? a : b;
   }
-  static QLIB_HD double lt(double a, double b) { return a < b ? 1.0 : 0.0; }
-  static QLIB_HD double select(double cond, double a, double b) { return cond != 0.0 ? a : b; }
 };
 
 // Unclamped integer code: nearbyint(x * inv_scale) + zero_point, in float.
