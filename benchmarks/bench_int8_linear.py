@@ -4,7 +4,9 @@ vs torch._int_mm (ATen's CPU int8 GEMM) with a separate quantize and dequant.
     python benchmarks/bench_int8_linear.py [--quick] [--threads N] [--markdown PATH]
 
 Prints medians (ms) and ratios, side by side; the CPU peers are timed interleaved
-(round-robin), so load from other processes hits them alike. CPU: M in {1, 16, 128, 1024} x
+(round-robin, a few calls each per round), so load from other processes hits them alike and
+each is timed with its own weight in cache; "1 cold" rows cycle through copies of the layer
+so that each call reads its weight from DRAM. CPU: M in {1, 16, 128, 1024} x
 (K, N) in {(768, 768), (768, 3072), (4096, 4096)}. GPU section (only when CUDA
 is available): qlib int8_linear vs bf16 F.linear vs torch._int_mm + separate
 quantize/dequant, K = N in {4096, 8192}, M from 1 to 8192.
@@ -13,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,20 +30,6 @@ from qlib.nn import Int8Linear  # noqa: E402
 from timing import cuda_median_ms, interleaved_medians_ms  # noqa: E402
 
 
-def median_ms(fn, min_reps=5, budget_s=0.6):
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    fn()
-    one = time.perf_counter() - t0
-    reps = max(min_reps, min(50, int(budget_s / max(one, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def cpu_model():
     try:
         for line in open("/proc/cpuinfo"):
@@ -53,8 +40,26 @@ def cpu_model():
     return platform.processor()
 
 
+def peers(lin):
+    """(fp32, torch.ao, qlib, _int_mm path) forward functions of one nn.Linear."""
+    ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+    q = Int8Linear.from_float(lin)
+    w_t = q.weight.t()
+
+    def int_mm_path(x):  # ATen's int8 GEMM (oneDNN) with qlib's quantize and a torch dequant
+        xq, xs = torch.ops.qlib.quantize_per_token(x)
+        return torch._int_mm(xq, w_t).float() * xs * q.weight_scale + q.bias
+
+    return [lambda x: F.linear(x, lin.weight, lin.bias), ao, q, int_mm_path]
+
+
 @torch.inference_mode()
 def bench_cpu(quick):
+    """Rows (M, K, N, fp32, torch.ao, qlib, _int_mm path) in ms. Each peer runs 3 calls in a row
+    per round (the first untimed), so each is timed with its own weight in cache. M = 1 also
+    gets a "cold" row, as in LLM decoding: every call uses the next of several copies of the
+    layer (96 MB of int8 weights in all, more than the last-level cache), so its weight comes
+    from DRAM while the code stays hot."""
     torch.manual_seed(0)
     rows = []
     shapes = [(768, 768), (768, 3072), (4096, 4096)]
@@ -63,22 +68,21 @@ def bench_cpu(quick):
         shapes, ms = shapes[:2], [1, 128]
     for K, N in shapes:
         lin = nn.Linear(K, N)
-        ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
-        q = Int8Linear.from_float(lin)
-        w_t = q.weight.t()
+        fns = peers(lin)
         for M in ms:
             x = torch.randn(M, K)
-
-            def int_mm_path():  # ATen's int8 GEMM (oneDNN) with qlib's quantize and a torch dequant
-                xq, xs = torch.ops.qlib.quantize_per_token(x)
-                return torch._int_mm(xq, w_t).float() * xs * q.weight_scale + q.bias
-
-            t_fp, t_ao, t_q, t_mm = interleaved_medians_ms(
-                [lambda: F.linear(x, lin.weight, lin.bias), lambda: ao(x), lambda: q(x), int_mm_path])
-            rows.append((M, K, N, t_fp, t_ao, t_q, t_mm))
-            print(f"M={M:5d} K={K:5d} N={N:5d}  fp32 {t_fp:9.3f} ms  torch.ao {t_ao:9.3f} ms  "
-                  f"_int_mm path {t_mm:9.3f} ms  qlib {t_q:9.3f} ms  | qlib vs ao {t_ao / t_q:5.2f}x  "
-                  f"vs fp32 {t_fp / t_q:5.2f}x  vs _int_mm path {t_mm / t_q:5.2f}x", flush=True)
+            timings = [(str(M), interleaved_medians_ms([lambda f=f: f(x) for f in fns], block=3))]
+            if M == 1:
+                copies = [peers(nn.Linear(K, N)) for _ in range(-(-96 * 2**20 // (K * N)))]
+                cycles = [itertools.cycle([c[i] for c in copies]) for i in range(len(fns))]
+                timings.append(("1 cold", interleaved_medians_ms(
+                    [lambda it=it: next(it)(x) for it in cycles], min_reps=2 * len(copies))))
+                del copies, cycles
+            for label, (t_fp, t_ao, t_q, t_mm) in timings:
+                rows.append((label, K, N, t_fp, t_ao, t_q, t_mm))
+                print(f"M={label:>6} K={K:5d} N={N:5d}  fp32 {t_fp:9.3f} ms  torch.ao {t_ao:9.3f} ms  "
+                      f"_int_mm path {t_mm:9.3f} ms  qlib {t_q:9.3f} ms  | qlib vs ao {t_ao / t_q:5.2f}x  "
+                      f"vs fp32 {t_fp / t_q:5.2f}x  vs _int_mm path {t_mm / t_q:5.2f}x", flush=True)
     return rows
 
 

@@ -17,9 +17,13 @@ def host_median_s(fn, reps=30, warmup=3):
     return statistics.median(times)
 
 
-def interleaved_medians_ms(fns, budget_s=1.5, min_reps=7, max_reps=200):
-    """Medians (ms) of fns timed round-robin (one call of each per round), so that load from
-    other processes on a shared machine hits all of them alike."""
+def interleaved_medians_ms(fns, budget_s=1.5, min_reps=7, max_reps=200, block=1, before=None):
+    """Medians (ms) of fns timed round-robin, so that load from other processes on a shared
+    machine hits all of them alike. Each round calls each fn `block` times back to back and
+    keeps all but the first of them when block > 1: every fn is then timed with its own
+    data in cache (a weight that fits the last-level cache is hot for every fn alike, not
+    only for the fn that happens to run after another one that read it). `before`, when
+    given, runs untimed before every call (e.g. to evict the caches)."""
     for f in fns:
         f()
         f()
@@ -27,13 +31,17 @@ def interleaved_medians_ms(fns, budget_s=1.5, min_reps=7, max_reps=200):
     for f in fns:
         f()
     one = time.perf_counter() - t0
-    reps = max(min_reps, min(max_reps, int(budget_s / max(one, 1e-6))))
+    rounds = max(min_reps, min(max_reps, int(budget_s / max(one * block, 1e-6))))
     times = [[] for _ in fns]
-    for _ in range(reps):
+    for _ in range(rounds):
         for f, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
+            for j in range(block):
+                if before is not None:
+                    before()
+                t0 = time.perf_counter()
+                f()
+                if j > 0 or block == 1:
+                    ts.append(time.perf_counter() - t0)
     return [statistics.median(ts) * 1e3 for ts in times]
 
 
