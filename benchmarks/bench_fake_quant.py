@@ -6,13 +6,15 @@ _fake_quantize_learnable_* ops), per-tensor / per-channel / per-group, float32
 and bfloat16, medians over repeats, GB/s (bytes read + written by the op) and
 ratios against qlib.
 
-    .venv/bin/python benchmarks/bench_fake_quant.py [--device cuda] [--numel 16777216]
+    .venv/bin/python benchmarks/bench_fake_quant.py [--device cuda] [--numel 16777216] [--packs-only]
+
+On a GPU it also prints the kernels' bandwidth for 1, 2 and 4 packs per thread.
 """
 import argparse
 
 import torch
 
-import qlib  # noqa: F401
+import qlib
 from timing import cuda_median_ms, host_median_s
 
 ops = torch.ops.qlib
@@ -81,12 +83,43 @@ def copy_bandwidth(numel, device, repeat):
     return 2 * x.numel() * 4 / t / 1e9
 
 
+def packs_sweep(N, K, group, repeat, copy_gbs):
+    """CUDA: the fake_quant kernels' GPU time (graph replays) for each number of 16-byte packs
+    a thread loads at once (qlib._C.set_fake_quant_cuda_packs), as % of copy bandwidth."""
+    choices = (1, 2, 4)
+    print("\nkernel GB/s as % of copy, by packs per thread (qlib._C.set_fake_quant_cuda_packs):")
+    print(f"{'mode':12s} {'dtype':9s} {'pass':8s}" + "".join(f" {f'packs={u}':>9s}" for u in choices))
+    for mode, shape in (("per-tensor", (1,)), ("per-channel", (N, 1)), ("per-group", (N, K // group))):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(N, K, device="cuda").to(dtype)
+            g = torch.ones_like(x)
+            scale = torch.rand(shape, device="cuda") * 0.02 + 0.01
+            zp = torch.zeros(shape, dtype=torch.int32, device="cuda")
+            for pass_ in ("fwd", "fwd+bwd"):
+                def q_ops():
+                    ops.fake_quant(x, scale, zp, -128, 127)
+                    if pass_ != "fwd":
+                        ops.fake_quant_backward(g, x, scale, zp, -128, 127, False, False)
+                nbytes = x.numel() * x.element_size() * (2 if pass_ == "fwd" else 5)
+                cells = []
+                for u in choices:
+                    qlib._C.set_fake_quant_cuda_packs(u)
+                    try:
+                        cells.append(100 * nbytes / graph_time(q_ops, repeat) / 1e9 / copy_gbs)
+                    finally:
+                        qlib._C.set_fake_quant_cuda_packs(1)
+                print(f"{mode:12s} {str(dtype).replace('torch.', ''):9s} {pass_:8s}"
+                      + "".join(f" {c:8.0f}%" for c in cells))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--numel", type=int, default=16 * 1024 * 1024)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--group", type=int, default=128)
+    p.add_argument("--packs-only", action="store_true",
+                   help="CUDA: only the packs-per-thread sweep of the kernels")
     args = p.parse_args()
     dev, n = args.device, args.numel
     K = 4096
@@ -95,6 +128,8 @@ def main():
     print(f"device={dev} numel={N * K} threads={torch.get_num_threads()} torch={torch.__version__}")
     copy_gbs = copy_bandwidth(N * K, dev, args.repeat)
     print(f"device-to-device copy bandwidth (float32{', CUDA graph' if dev == 'cuda' else ''}): {copy_gbs:.1f} GB/s")
+    if args.packs_only:
+        return packs_sweep(N, K, args.group, args.repeat, copy_gbs)
     header = f"{'mode':12s} {'dtype':9s} {'pass':8s} {'qlib ms':>9s} {'GB/s':>7s} {'native ms':>10s} {'x':>6s} {'composite ms':>13s} {'x':>6s}"
     if dev == "cuda":
         header += f" {'kernel GB/s':>11s} {'% copy':>6s} {'native kern x':>13s}"
@@ -171,6 +206,7 @@ def main():
     if dev == "cuda":
         print("kernel GB/s, % copy, native kern x: CUDA-graph replays (GPU work alone, no launch or"
               " host overhead); n/a: torch's per-channel op reads values back, so it cannot be captured.")
+        packs_sweep(N, K, args.group, args.repeat, copy_gbs)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,18 @@ namespace qlib {
 
 namespace {
 std::atomic<bool> g_cuda_value_checks{false};
+std::atomic<int64_t> g_fake_quant_cuda_packs{1};
 }
 
 void set_cuda_value_checks(bool enabled) { g_cuda_value_checks = enabled; }
 bool cuda_value_checks() { return g_cuda_value_checks; }
+
+void set_fake_quant_cuda_packs(int64_t packs) {
+  TORCH_CHECK(packs == 1 || packs == 2 || packs == 4,
+              "qlib.set_fake_quant_cuda_packs: packs must be 1, 2 or 4, got ", packs);
+  g_fake_quant_cuda_packs = packs;
+}
+int64_t fake_quant_cuda_packs() { return g_fake_quant_cuda_packs; }
 
 void check_quant_range(const char* op, int64_t quant_min, int64_t quant_max) {
   TORCH_CHECK(quant_min < quant_max, op, ": quant_min (", quant_min,

@@ -78,4 +78,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_outputs(
 void set_cuda_value_checks(bool enabled);
 bool cuda_value_checks();
 
+// 16-byte packs each thread of the CUDA fake_quant kernels loads before it computes
+// (1, 2 or 4; default 1). A tuning knob for the GPU benchmark: more packs in flight per
+// thread may hide more memory latency where per-block qparams lengthen each iteration.
+void set_fake_quant_cuda_packs(int64_t packs);
+int64_t fake_quant_cuda_packs();
+
 }  // namespace qlib

@@ -51,6 +51,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cuda_value_checks", &qlib::set_cuda_value_checks,
         "Turn the host-syncing value checks of scale/zero_point on CUDA on or off.");
   m.def("cuda_value_checks", &qlib::cuda_value_checks);
+  m.def("set_fake_quant_cuda_packs", &qlib::set_fake_quant_cuda_packs,
+        "16-byte packs per thread and iteration of the CUDA fake_quant kernels (1, 2 or 4).");
+  m.def("fake_quant_cuda_packs", &qlib::fake_quant_cuda_packs);
   m.def("int8_cpu_kernel", &qlib::int8_cpu_kernel, "The int8 CPU GEMM kernel in use.");
   m.def("int8_cpu_kernels", &qlib::int8_cpu_kernels, "The int8 CPU GEMM kernels this CPU runs.");
   m.def("set_int8_cpu_kernel", &qlib::set_int8_cpu_kernel,

@@ -147,40 +147,89 @@ void with_lookup(const AffineArgs& a, const Launch& launch) {
   }
 }
 
+// Blocks for a grid-stride kernel: one per kThreads work items, at most one full wave (the
+// blocks of Kernel that fit on every SM at once, registers permitting). More blocks than
+// fit would run as a second, partly filled wave.
+template <auto Kernel>
 int64_t blocks_for(int64_t work) {
+  static const int per_sm = [] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, kThreads, 0));
+    return std::max(blocks, 1);
+  }();
   const int64_t max_blocks =
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * per_sm;
   return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
 }
 
+// Grid-stride loops over 16-byte packs, U packs a thread per iteration (packs v, v + S, ...,
+// S the grid's threads): all U are loaded before any is computed, so each thread keeps U
+// loads in flight (qlib._C.set_fake_quant_cuda_packs picks U).
+template <class T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* __restrict__ p, int64_t base, int64_t n) {
+  if (base + N <= n) return *reinterpret_cast<const Pack<T, N>*>(p + base);
+  Pack<T, N> out;
+  for (int k = 0; k < N; ++k) out.v[k] = base + k < n ? p[base + k] : T(0);
+  return out;
+}
+
+template <class T, int N>
+__device__ __forceinline__ void store_pack(T* __restrict__ p, int64_t base, int64_t n,
+                                           const Pack<T, N>& v) {
+  if (base + N <= n) {
+    *reinterpret_cast<Pack<T, N>*>(p + base) = v;
+  } else {
+    for (int k = 0; k < N && base + k < n; ++k) p[base + k] = v.v[k];
+  }
+}
+
+// Calls launch(std::integral_constant<int, U>{}) with U = fake_quant_cuda_packs() (U = 1 for
+// the unaligned, one-element packs).
+template <int N, class Launch>
+void with_packs(const Launch& launch) {
+  if constexpr (N == 1) {
+    launch(std::integral_constant<int, 1>{});
+  } else {
+    switch (fake_quant_cuda_packs()) {
+      case 4: return launch(std::integral_constant<int, 4>{});
+      case 2: return launch(std::integral_constant<int, 2>{});
+      default: return launch(std::integral_constant<int, 1>{});
+    }
+  }
+}
+
 // ---------------------------------------------------------------- forward
-template <class T, int N, ScaleLookup L>
+template <class T, int N, int U, ScaleLookup L>
 __global__ void fake_quant_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n,
                                   KernelQParams p) {
   const int64_t packs = (n + N - 1) / N;
-  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < packs;
-       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t base = v * N;
-    const BlockQParams pack = pack_qparams<L>(p, base);
-    Pack<T, N> in, out;
-    const bool full = base + N <= n;
-    if (full) {
-      in = *reinterpret_cast<const Pack<T, N>*>(x + base);
-    } else {
-      for (int k = 0; k < N; ++k) in.v[k] = base + k < n ? x[base + k] : T(0);
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t v0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v0 < packs;
+       v0 += threads * U) {
+    Pack<T, N> in[U];
+    BlockQParams pack[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + u * threads;
+      if (v < packs) {
+        in[u] = load_pack<T, N>(x, v * N, n);
+        pack[u] = pack_qparams<L>(p, v * N);
+      }
     }
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const BlockQParams q = element_qparams<L>(p, pack, base + k);
-      out.v[k] = static_cast<T>(q.valid ? fake_quant_value<ScalarMath>(
-                                              static_cast<float>(in.v[k]), q.scale, q.inv_scale,
-                                              q.zero_point, p.qmin, p.qmax)
-                                        : kNaN);
-    }
-    if (full) {
-      *reinterpret_cast<Pack<T, N>*>(y + base) = out;
-    } else {
-      for (int k = 0; k < N && base + k < n; ++k) y[base + k] = out.v[k];
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + u * threads;
+      if (v >= packs) break;
+      Pack<T, N> out;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const BlockQParams q = element_qparams<L>(p, pack[u], v * N + k);
+        out.v[k] = static_cast<T>(q.valid ? fake_quant_value<ScalarMath>(
+                                                static_cast<float>(in[u].v[k]), q.scale,
+                                                q.inv_scale, q.zero_point, p.qmin, p.qmax)
+                                          : kNaN);
+      }
+      store_pack<T, N>(y, v * N, n, out);
     }
   }
 }
@@ -190,11 +239,14 @@ void launch_fake_quant(const AffineArgs& a, at::Tensor& out) {
   const int64_t n = a.x.numel();
   const auto p = kernel_qparams(a);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t blocks = blocks_for((n + N - 1) / N);
   const T* x = a.x.const_data_ptr<T>();
   T* y = out.data_ptr<T>();
-  with_lookup<N>(a, [&](auto lookup) {
-    fake_quant_kernel<T, N, decltype(lookup)::value><<<blocks, kThreads, 0, stream>>>(x, y, n, p);
+  with_packs<N>([&](auto packs) {
+    constexpr int U = decltype(packs)::value;
+    with_lookup<N>(a, [&](auto lookup) {
+      constexpr auto kernel = fake_quant_kernel<T, N, U, decltype(lookup)::value>;
+      kernel<<<blocks_for<kernel>((n + N * U - 1) / (N * U)), kThreads, 0, stream>>>(x, y, n, p);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -221,54 +273,51 @@ at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
 }
 
 // ---------------------------------------------------------------- backward
-// grad_x, and (when d_scale is given) the per-element LSQ terms, N elements a thread.
-template <class T, int N, ScaleLookup L>
+// grad_x, and (when d_scale is given) the per-element LSQ terms; U packs of N elements a
+// thread per iteration, as in the forward.
+template <class T, int N, int U, ScaleLookup L>
 __global__ void fake_quant_backward_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                            T* __restrict__ grad_x, float* __restrict__ d_scale,
                                            float* __restrict__ d_zero_point, int64_t n,
                                            KernelQParams p) {
   const int64_t packs = (n + N - 1) / N;
-  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < packs;
-       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t base = v * N;
-    const BlockQParams pack = pack_qparams<L>(p, base);
-    const bool full = base + N <= n;
-    Pack<T, N> g, xv, gx;
-    Pack<float, N> ds, dz;
-    if (full) {
-      g = *reinterpret_cast<const Pack<T, N>*>(grad + base);
-      xv = *reinterpret_cast<const Pack<T, N>*>(x + base);
-    } else {
-      for (int k = 0; k < N; ++k) {
-        g.v[k] = base + k < n ? grad[base + k] : T(0);
-        xv.v[k] = base + k < n ? x[base + k] : T(0);
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t v0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v0 < packs;
+       v0 += threads * U) {
+    Pack<T, N> g[U], xv[U];
+    BlockQParams pack[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + u * threads;
+      if (v < packs) {
+        g[u] = load_pack<T, N>(grad, v * N, n);
+        xv[u] = load_pack<T, N>(x, v * N, n);
+        pack[u] = pack_qparams<L>(p, v * N);
       }
     }
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const BlockQParams q = element_qparams<L>(p, pack, base + k);
-      ElementGrads<float> e{kNaN, kNaN, kNaN};
-      if (q.valid) {
-        e = fake_quant_grads<ScalarMath>(static_cast<float>(g.v[k]), static_cast<float>(xv.v[k]),
-                                         q.scale, q.inv_scale, q.zero_point, p.qmin, p.qmax);
-      }
-      gx.v[k] = static_cast<T>(e.grad_x);
-      ds.v[k] = e.grad_scale;
-      dz.v[k] = e.grad_zero_point;
-    }
-    if (full) {
-      *reinterpret_cast<Pack<T, N>*>(grad_x + base) = gx;
-      if (d_scale != nullptr) {
-        *reinterpret_cast<Pack<float, N>*>(d_scale + base) = ds;
-        *reinterpret_cast<Pack<float, N>*>(d_zero_point + base) = dz;
-      }
-    } else {
-      for (int k = 0; k < N && base + k < n; ++k) {
-        grad_x[base + k] = gx.v[k];
-        if (d_scale != nullptr) {
-          d_scale[base + k] = ds.v[k];
-          d_zero_point[base + k] = dz.v[k];
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + u * threads;
+      if (v >= packs) break;
+      Pack<T, N> gx;
+      Pack<float, N> ds, dz;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const BlockQParams q = element_qparams<L>(p, pack[u], v * N + k);
+        ElementGrads<float> e{kNaN, kNaN, kNaN};
+        if (q.valid) {
+          e = fake_quant_grads<ScalarMath>(static_cast<float>(g[u].v[k]),
+                                           static_cast<float>(xv[u].v[k]), q.scale, q.inv_scale,
+                                           q.zero_point, p.qmin, p.qmax);
         }
+        gx.v[k] = static_cast<T>(e.grad_x);
+        ds.v[k] = e.grad_scale;
+        dz.v[k] = e.grad_zero_point;
+      }
+      store_pack<T, N>(grad_x, v * N, n, gx);
+      if (d_scale != nullptr) {
+        store_pack<float, N>(d_scale, v * N, n, ds);
+        store_pack<float, N>(d_zero_point, v * N, n, dz);
       }
     }
   }
@@ -279,11 +328,14 @@ void launch_fake_quant_backward(const AffineArgs& a, const T* g, T* gx, float* d
   const int64_t n = a.x.numel();
   const auto p = kernel_qparams(a);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t blocks = blocks_for((n + N - 1) / N);
   const T* x = a.x.const_data_ptr<T>();
-  with_lookup<N>(a, [&](auto lookup) {
-    fake_quant_backward_kernel<T, N, decltype(lookup)::value>
-        <<<blocks, kThreads, 0, stream>>>(g, x, gx, ds, dz, n, p);
+  with_packs<N>([&](auto packs) {
+    constexpr int U = decltype(packs)::value;
+    with_lookup<N>(a, [&](auto lookup) {
+      constexpr auto kernel = fake_quant_backward_kernel<T, N, U, decltype(lookup)::value>;
+      kernel<<<blocks_for<kernel>((n + N * U - 1) / (N * U)), kThreads, 0, stream>>>(
+          g, x, gx, ds, dz, n, p);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -360,8 +412,9 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale,
   QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "quantize_cuda", [&] {
     using x_t = scalar_t;
     QLIB_DISPATCH_QINT(dtype, "quantize_cuda", [&] {
-      quantize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(a.x.const_data_ptr<x_t>(),
-                                                              out.data_ptr<scalar_t>(), n, p);
+      constexpr auto kernel = quantize_kernel<x_t, scalar_t>;
+      kernel<<<blocks_for<kernel>(n), kThreads, 0, stream>>>(a.x.const_data_ptr<x_t>(),
+                                                             out.data_ptr<scalar_t>(), n, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -382,8 +435,9 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale,
   QLIB_DISPATCH_QINT(a.x.scalar_type(), "dequantize_cuda", [&] {
     using q_t = scalar_t;
     QLIB_DISPATCH_FLOAT(dtype, "dequantize_cuda", [&] {
-      dequantize_kernel<<<blocks_for(n), kThreads, 0, stream>>>(a.x.const_data_ptr<q_t>(),
-                                                                out.data_ptr<scalar_t>(), n, p);
+      constexpr auto kernel = dequantize_kernel<q_t, scalar_t>;
+      kernel<<<blocks_for<kernel>(n), kThreads, 0, stream>>>(a.x.const_data_ptr<q_t>(),
+                                                             out.data_ptr<scalar_t>(), n, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -415,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_cuda(const at::Tensor& min,
   at::Tensor zp = at::empty(lo.sizes(), lo.options().dtype(at::kInt));
   const int64_t n = lo.numel();
   if (n == 0) return {scale, zp};
-  choose_qparams_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  choose_qparams_kernel<<<blocks_for<choose_qparams_kernel>(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       lo.const_data_ptr<float>(), hi.const_data_ptr<float>(), scale.data_ptr<float>(),
       zp.data_ptr<int32_t>(), n, quant_min, quant_max, symmetric, static_cast<float>(eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

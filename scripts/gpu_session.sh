@@ -6,6 +6,7 @@
 #   sanitize  the CUDA tests under compute-sanitizer memcheck and racecheck
 #   probe     scripts/gpu_probe.py diagnostics, and a native backtrace of an error path
 #   benchfq   bench_fake_quant alone; benchobs: bench_observers alone; benchint8: the int8 GPU table
+#   fqpacks   bench_fake_quant --packs-only: the fake_quant kernels at 1, 2 and 4 packs per thread
 #   ncufq     Nsight Compute on the fake_quant forward kernel, per-tensor vs per-channel, float32 vs
 #             bfloat16 (issue 2's missed bf16 per-channel / per-group targets): throughput, stalls
 #   bench     the GPU ceilings and every benchmark's GPU section
@@ -90,6 +91,9 @@ PYEOF
 fi
 if has benchfq; then
   TAIL=18 stage bench 150 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 50
+fi
+if has fqpacks; then
+  TAIL=16 stage bench 90 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 30 --packs-only
 fi
 if has benchobs; then
   TAIL=14 stage bench 120 $PY benchmarks/bench_observers.py --device cuda

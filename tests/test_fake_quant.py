@@ -291,3 +291,38 @@ def test_autograd_records_only_what_needs_grad(device):
         assert any(a.grad is not None for a in args if a.requires_grad)
         with torch.no_grad():
             assert ops.fake_quant(*args, -128, 127).grad_fn is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_packs_per_thread_give_the_same_bits(device, dtype):
+    """qlib._C.set_fake_quant_cuda_packs (a tuning knob of the CUDA kernels) changes how many
+    16-byte packs a thread loads at once, never a value: forward, grad_x and the LSQ sums
+    match packs = 1 for per-tensor, per-row, per-column and group blocks, with tails."""
+    with pytest.raises(RuntimeError, match="set_fake_quant_cuda_packs: packs must be 1, 2 or 4, got 3"):
+        qlib._C.set_fake_quant_cuda_packs(3)
+    assert qlib._C.fake_quant_cuda_packs() == 1
+    # Blocks a multiple of the pack (rows of 1000, groups of 8) or not (groups of 7, columns),
+    # and a last pack cut short (257 * 1001 elements).
+    cases = [((257, 1001), (1, 1)), ((257, 1001), (1, 1001)), ((257, 1001), (257, 143)),
+             ((257, 1000), (257, 1)), ((257, 1000), (257, 125))]
+
+    def run(x, g, s, z):
+        s, z, xr = s.clone().requires_grad_(), z.clone().requires_grad_(), x.clone().requires_grad_()
+        y = ops.fake_quant(xr, s, z, -128, 127)
+        y.backward(g)
+        return y.detach(), xr.grad, s.grad, z.grad
+
+    for xshape, sshape in cases:
+        x = tricky_input(xshape, 0.03, device).to(dtype)
+        g = torch.randn_like(x)
+        s = torch.rand(sshape, device=device) * 0.05 + 0.01
+        z = torch.randint(-3, 4, sshape, device=device).float()
+        base = run(x, g, s, z)
+        for packs in (2, 4):
+            try:
+                qlib._C.set_fake_quant_cuda_packs(packs)
+                got = run(x, g, s, z)
+            finally:
+                qlib._C.set_fake_quant_cuda_packs(1)
+            for a, b in zip(base, got):
+                assert torch.equal(a, b), (sshape, packs)
