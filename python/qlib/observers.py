@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from . import _C
 from . import _observer_ops  # noqa: F401  (registers the fakes)
 from ._ops import quant_range
+from ._state import QuantState
 
 ops = torch.ops.qlib
 
@@ -65,7 +66,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class ObserverBase(nn.Module):
+class ObserverBase(QuantState):
     """Shared machinery: granularity, counters, buffers, all-reduce, qparams."""
 
     # name -> initial fill value of the per-block statistic buffers

@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._state import QuantState
+
 ops = torch.ops.qlib
 
 
@@ -16,7 +18,7 @@ def _scale_grad(t: Tensor, factor: float) -> Tensor:
     return (t - scaled).detach() + scaled
 
 
-class FakeQuantize(nn.Module):
+class FakeQuantize(QuantState):
     """Observes its input (while the observer is enabled), then fake-quantizes it.
 
     With ``learnable=True`` the scale (and, for an asymmetric observer, the

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import _C, _int8_ops  # noqa: F401  (_int8_ops registers the int8 fakes)
 from .._ops import choose_qparams, quantize
+from .._state import QuantState
 
 _ACTIVATIONS = ("dynamic", "static")
 
@@ -43,7 +44,7 @@ def _weight_key(w: Tensor):
     return (None if w.is_inference() else w._version, w.data_ptr(), kernel)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantState):
     """``y = dequant(int8(x) @ int8(W).T) + bias``; drop-in for an inference ``nn.Linear``.
 
     Build one with :meth:`from_float`. ``activation="dynamic"`` quantizes each
