@@ -469,7 +469,8 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_cuda(const at::Tensor& min,
   at::Tensor zp = at::empty(lo.sizes(), lo.options().dtype(at::kInt));
   const int64_t n = lo.numel();
   if (n == 0) return {scale, zp};
-  choose_qparams_kernel<<<blocks_for<choose_qparams_kernel>(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  choose_qparams_kernel<<<blocks_for<choose_qparams_kernel>(n), kThreads, 0, stream>>>(
       lo.const_data_ptr<float>(), hi.const_data_ptr<float>(), scale.data_ptr<float>(),
       zp.data_ptr<int32_t>(), n, quant_min, quant_max, symmetric, static_cast<float>(eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
