@@ -538,6 +538,12 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cpu(const at::Tensor
   const auto fopts = hist.options().dtype(at::kFloat);
   at::Tensor lo = at::empty({R}, fopts), hi = at::empty({R}, fopts);
   const double* rp = range.const_data_ptr<double>();
+  // log(j) looked up, not computed, for the counts of rows of up to 8192 values (per-channel
+  // weights: nearly every log of the search), else for the small counts (non-empty bins).
+  const int64_t max_total = R > 0 && B > 0 ? hist.sum(1).max().item<int64_t>() : 0;
+  std::vector<double> log_table(max_total <= 8192 ? max_total + 1 : 256);
+  for (size_t j = 1; j < log_table.size(); ++j) log_table[j] = std::log(static_cast<double>(j));
+  const WholeLog lg{log_table.data(), static_cast<int64_t>(log_table.size())};
   // One row's search: KL of every window width i, ties to the widest window
   // (TensorRT's last argmin). With fewer rows than threads the candidates of
   // a row are scored in parallel, else the rows are; same scores either way.
@@ -549,13 +555,13 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cpu(const at::Tensor
     const int64_t* h = hist.const_data_ptr<int64_t>() + r * B;
     float best_lo = 0.0f, best_hi = 0.0f;
     if (g.used > 0) {
-      entropy_prefix(h, g.used, cnt.data(), nz.data(), hl.data());
+      entropy_prefix(h, g.used, cnt.data(), nz.data(), hl.data(), lg);
       const int64_t z = histogram_zero_edge(g);
       const int64_t i0 = std::min(num_levels, g.used);
       auto score = [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           kl[i] = entropy_candidate_kl(h, cnt.data(), nz.data(), hl.data(), g.used,
-                                       entropy_window_start(g.used, i, z), i, num_levels);
+                                       entropy_window_start(g.used, i, z), i, num_levels, lg);
         }
       };
       if (rows_parallel) score(i0, g.used + 1);

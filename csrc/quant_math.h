@@ -439,6 +439,16 @@ QLIB_HD double histogram_fake_quant_sse(const int64_t* h, const HistGrid& g, dou
   return histogram_sse(h, g, umin, umax, F, PointMassError{p, qmin, qmax});
 }
 
+// log of a whole number v >= 1: table[v] below size (the CPU search fills it with log(j), so
+// the values are the same either way), log(v) past it; CUDA passes no table.
+struct WholeLog {
+  const double* table = nullptr;
+  int64_t size = 0;
+  QLIB_HD double operator()(double v) const {
+    return v < static_cast<double>(size) ? table[static_cast<int64_t>(v)] : log(v);
+  }
+};
+
 // KL divergence of entropy candidate window [s, s + i) quantized to n levels
 // (TensorRT's entropy calibration): P is the histogram in the window with the
 // mass left of it added to its first bin and the mass right of it to its last;
@@ -446,35 +456,38 @@ QLIB_HD double histogram_fake_quant_sse(const int64_t* h, const HistGrid& g, dou
 // spreads each group's count evenly over the group's non-empty bins. KL(P||Q)
 // of the normalised P and Q; +inf where P > 0 and Q = 0.
 // cnt, nz, hlogh are prefix sums over the row (length used + 1): counts,
-// non-empty bins, and count * log(count).
+// non-empty bins, and count * log(count). Counts are whole numbers: log Q of a
+// group is lg(count) - lg(non-empty bins).
 QLIB_HD double entropy_candidate_kl(const int64_t* h, const double* cnt, const double* nz,
                                     const double* hlogh, int64_t used, int64_t s, int64_t i,
-                                    int64_t n) {
+                                    int64_t n, WholeLog lg = {}) {
   // n >= i puts each bin in a group of its own, whatever n is: the same sums as n = i.
   if (n > i) n = i;
   const double total = cnt[used];
   const double left = cnt[s], right = total - cnt[s + i];
   const double sq = cnt[s + i] - cnt[s];
   if (!(sq > 0.0)) return INFINITY;
-  double acc = 0.0;  // sum over P > 0 of P * (log P - log Q), before the edges
+  // sum over P > 0 of P * (log P - log Q), before the edges: the P log P terms of the
+  // window at once, the P log Q terms a group at a time.
+  double acc = hlogh[s + i] - hlogh[s];
   double logq_first = 0.0, logq_last = 0.0;
   int64_t b = 0;  // group g covers window offsets [a, b): a is the previous group's b
   for (int64_t g = 0; g < n; ++g) {
     const int64_t a = b;
     b = ((g + 1) * i + n - 1) / n;
     if (b <= a) continue;
-    const double c = cnt[s + b] - cnt[s + a];
     const double k = nz[s + b] - nz[s + a];
     if (k <= 0.0) continue;
-    const double logq = log(c / k);
-    acc += (hlogh[s + b] - hlogh[s + a]) - c * logq;
+    const double c = cnt[s + b] - cnt[s + a];
+    const double logq = lg(c) - lg(k);
+    acc -= c * logq;
     if (a == 0) logq_first = logq;
     if (b == i) logq_last = logq;
   }
   // The edge bins carry the outside mass.
   const double h_first = static_cast<double>(h[s]);
   const double h_last = static_cast<double>(h[s + i - 1]);
-  auto term = [](double p, double logq) { return p > 0.0 ? p * (log(p) - logq) : 0.0; };
+  auto term = [&](double p, double logq) { return p > 0.0 ? p * (lg(p) - logq) : 0.0; };
   if (i == 1) {
     const double m = left + right;
     if (m > 0.0) {
@@ -491,18 +504,18 @@ QLIB_HD double entropy_candidate_kl(const int64_t* h, const double* cnt, const d
       acc += term(h_last + right, logq_last) - term(h_last, logq_last);
     }
   }
-  return acc / total + log(sq) - log(total);
+  return acc / total + lg(sq) - lg(total);
 }
 
 // Prefix sums of one histogram row for entropy_candidate_kl.
 QLIB_HD void entropy_prefix(const int64_t* h, int64_t used, double* cnt, double* nz,
-                            double* hlogh) {
+                            double* hlogh, WholeLog lg = {}) {
   cnt[0] = nz[0] = hlogh[0] = 0.0;
   for (int64_t j = 0; j < used; ++j) {
     const double c = static_cast<double>(h[j]);
     cnt[j + 1] = cnt[j] + c;
     nz[j + 1] = nz[j] + (c > 0.0 ? 1.0 : 0.0);
-    hlogh[j + 1] = hlogh[j] + (c > 0.0 ? c * log(c) : 0.0);
+    hlogh[j + 1] = hlogh[j] + (c > 0.0 ? c * lg(c) : 0.0);
   }
 }
 

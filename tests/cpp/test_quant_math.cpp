@@ -177,6 +177,32 @@ TEST(QuantMath, SqErrorAntiderivativeMatchesMidpointSum) {
 
 // With at least as many levels as window bins each group is one bin: the same KL for any
 // such level count, 2^40 included (which once looped 2^40 times), over random histograms
+// The CPU search looks log(j) up in a table of glibc's values (WholeLog): the same KL,
+// bit for bit, as calling log, for counts inside the table and past it.
+TEST(QuantMath, EntropyKlSameWithLogTable) {
+  std::mt19937 gen(5);
+  const int64_t used = 300;
+  std::vector<double> table(64);
+  for (size_t j = 1; j < table.size(); ++j) table[j] = std::log(static_cast<double>(j));
+  const qlib::WholeLog lg{table.data(), static_cast<int64_t>(table.size())};
+  std::vector<int64_t> h(used);
+  std::vector<double> cnt(used + 1), nz(used + 1), hl(used + 1), cnt2(used + 1), nz2(used + 1),
+      hl2(used + 1);
+  for (int trial = 0; trial < 10; ++trial) {
+    for (auto& c : h) c = gen() % 3 == 0 ? 0 : static_cast<int64_t>(gen() % (trial < 5 ? 8 : 200));
+    qlib::entropy_prefix(h.data(), used, cnt.data(), nz.data(), hl.data());
+    qlib::entropy_prefix(h.data(), used, cnt2.data(), nz2.data(), hl2.data(), lg);
+    ASSERT_EQ(hl, hl2);
+    const int64_t z = static_cast<int64_t>(gen() % used);
+    for (int64_t i = 7; i <= used; ++i) {
+      const int64_t s = qlib::entropy_window_start(used, i, z);
+      const double a = qlib::entropy_candidate_kl(h.data(), cnt.data(), nz.data(), hl.data(), used, s, i, 7);
+      const double b = qlib::entropy_candidate_kl(h.data(), cnt.data(), nz.data(), hl.data(), used, s, i, 7, lg);
+      EXPECT_TRUE(a == b || (std::isinf(a) && std::isinf(b))) << "trial " << trial << " i " << i;
+    }
+  }
+}
+
 // with empty bins and every window width.
 TEST(QuantMath, EntropyKlLevelsPastTheWindow) {
   std::mt19937 gen(11);
