@@ -4,7 +4,7 @@ vs torch._int_mm (ATen's CPU int8 GEMM) with a separate quantize and dequant.
     python benchmarks/bench_int8_linear.py [--quick] [--threads N] [--markdown PATH]
 
 Prints medians (ms) and ratios, side by side; the CPU peers are timed interleaved
-(round-robin, a few calls each per round), so load from other processes hits them alike and
+(round-robin, 3 to 10 calls each per round), so load from other processes hits them alike and
 each is timed with its own weight in cache; "1 cold" rows cycle through copies of the layer
 so that each call reads its weight from DRAM. CPU: M in {1, 16, 128, 1024} x
 (K, N) in {(768, 768), (768, 3072), (4096, 4096)}. GPU section (only when CUDA
@@ -56,7 +56,8 @@ def peers(lin):
 @torch.inference_mode()
 def bench_cpu(quick):
     """Rows (M, K, N, fp32, torch.ao, qlib, _int_mm path) in ms. Each peer runs 3 calls in a row
-    per round (the first untimed), so each is timed with its own weight in cache. M = 1 also
+    per round (10 at M <= 16; the first untimed), so each is timed with its own weight in
+    cache. M = 1 also
     gets a "cold" row, as in LLM decoding: every call uses the next of several copies of the
     layer (96 MB of int8 weights in all, more than the last-level cache), so its weight comes
     from DRAM while the code stays hot."""
@@ -71,7 +72,9 @@ def bench_cpu(quick):
         fns = peers(lin)
         for M in ms:
             x = torch.randn(M, K)
-            timings = [(str(M), interleaved_medians_ms([lambda f=f: f(x) for f in fns], block=3))]
+            # Small M streams the weight: more calls a round let it settle in cache.
+            block = 10 if M <= 16 else 3
+            timings = [(str(M), interleaved_medians_ms([lambda f=f: f(x) for f in fns], block=block))]
             if M == 1:
                 copies = [peers(nn.Linear(K, N)) for _ in range(-(-96 * 2**20 // (K * N)))]
                 cycles = [itertools.cycle([c[i] for c in copies]) for i in range(len(fns))]

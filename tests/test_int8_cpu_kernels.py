@@ -47,7 +47,7 @@ def test_kernel_names_and_errors():
     assert current() == best  # a refused name changes nothing
 
 
-@pytest.mark.parametrize("M", [1, 6, 7, 33, 97])
+@pytest.mark.parametrize("M", [1, 6, 7, 12, 18, 33, 97])
 @pytest.mark.parametrize("K", [1, 3, 5, 30, 1027])
 def test_gemm_exact_every_kernel(kernel, M, K):
     g = torch.Generator().manual_seed(M * 1000 + K)
@@ -58,10 +58,12 @@ def test_gemm_exact_every_kernel(kernel, M, K):
     assert torch.equal(ops.int8_gemm(a[::2], b.t().contiguous().t()).long(), ref_gemm(a[::2], b))
 
 
-def test_gemm_k_boundary_packed_every_kernel(kernel):
-    """M >= 32 takes the packed kernel. With the VNNI layout A is stored as a + 128 and
-    its int32 sums wrap; the exact result must still come back at the longest K."""
-    M, N = 40, 5
+@pytest.mark.parametrize("M", [16, 40])
+def test_gemm_k_boundary_packed_every_kernel(kernel, M):
+    """The packed kernels (M = 16: the zmm step's 7-18-row tall kernel). With the VNNI layout
+    A is stored as a + 128 and its int32 sums wrap; the exact result must still come back at
+    the longest K."""
+    N = 5
     a = torch.where(torch.rand(M, MAX_K) < 0.5, -128, 127).to(torch.int8)
     b = torch.where(torch.rand(N, MAX_K) < 0.5, -128, 127).to(torch.int8)
     a[0], b[0] = -128, -128  # (-128)(-128)K = 2^31 - 2^14
