@@ -96,7 +96,7 @@ def test_observer_cast_keeps_float64_histogram_range(device):
     assert o.observed.item() == 2000
 
 
-def test_cast_with_device_move():
+def test_cast_with_cuda_move():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     model = qlib.convert(calibrated("cpu", "MinMaxObserver"))
