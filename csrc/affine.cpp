@@ -77,9 +77,9 @@ std::pair<int64_t, int64_t> check_dequantize_args(const char* op, const at::Tens
   return {std::max(lo, -kMaxExactCode), std::min(hi, kMaxExactCode)};
 }
 
-void check_choose_qparams_args(const at::Tensor& min, const at::Tensor& max, int64_t quant_min,
-                               int64_t quant_max, bool symmetric, double eps, bool check_values) {
-  const char* op = "qlib::choose_qparams";
+void check_choose_qparams_args(const char* op, const at::Tensor& min, const at::Tensor& max,
+                               int64_t quant_min, int64_t quant_max, bool symmetric, double eps,
+                               bool check_values) {
   check_quant_range(op, quant_min, quant_max);
   TORCH_CHECK(at::isFloatingType(min.scalar_type()) && at::isFloatingType(max.scalar_type()), op,
               ": min and max must be floating, got ", min.scalar_type(), " and ",

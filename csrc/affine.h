@@ -57,8 +57,11 @@ void check_quantize_args(const char* op, const at::Tensor& x, at::ScalarType dty
 // q is int8/uint8/int16/int32 and dtype floating; returns the range of q's dtype.
 std::pair<int64_t, int64_t> check_dequantize_args(const char* op, const at::Tensor& q,
                                                   at::ScalarType dtype);
-void check_choose_qparams_args(const at::Tensor& min, const at::Tensor& max, int64_t quant_min,
-                               int64_t quant_max, bool symmetric, double eps, bool check_values);
+// choose_qparams / observer_qparams (op names the op); check_values (a host read on CUDA):
+// finite min <= max and a span a float32 scale holds.
+void check_choose_qparams_args(const char* op, const at::Tensor& min, const at::Tensor& max,
+                               int64_t quant_min, int64_t quant_max, bool symmetric, double eps,
+                               bool check_values);
 
 // fake_quant_backward: grad matches x (shape, dtype, device), x and range valid.
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,

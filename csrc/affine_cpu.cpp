@@ -287,11 +287,16 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale,
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> choose_qparams_cpu(const at::Tensor& min, const at::Tensor& max,
-                                                      int64_t quant_min, int64_t quant_max,
-                                                      bool symmetric, double eps) {
-  check_choose_qparams_args(min, max, quant_min, quant_max, symmetric, eps,
-                            /*check_values=*/true);
+// choose_qparams (Observed = false: min and max checked first) and observer_qparams (an
+// observer's range: blocks without a finite value get [0, 0]; only a span too wide for a
+// float32 scale raises).
+template <bool Observed>
+std::tuple<at::Tensor, at::Tensor> qparams_cpu(const at::Tensor& min, const at::Tensor& max,
+                                               int64_t quant_min, int64_t quant_max,
+                                               bool symmetric, double eps) {
+  const char* op = Observed ? "qlib::observer_qparams" : "qlib::choose_qparams";
+  check_choose_qparams_args(op, min, max, quant_min, quant_max, symmetric, eps,
+                            /*check_values=*/!Observed);
   const at::Tensor lo = min.to(at::kFloat).contiguous();
   const at::Tensor hi = max.to(at::kFloat).contiguous();
   at::Tensor scale = at::empty(lo.sizes(), lo.options());
@@ -301,8 +306,11 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_cpu(const at::Tensor& min, con
   float* sp = scale.data_ptr<float>();
   int32_t* zpp = zp.data_ptr<int32_t>();
   for (int64_t i = 0; i < lo.numel(); ++i) {
-    const QParams p = choose_qparams_value(lp[i], hp[i], quant_min, quant_max, symmetric,
-                                           static_cast<float>(eps));
+    const QParams p = qparams_value<Observed>(lp[i], hp[i], quant_min, quant_max, symmetric,
+                                              static_cast<float>(eps));
+    TORCH_CHECK(std::isfinite(p.scale), op, ": the range [", lp[i], ", ", hp[i],
+                "] at flat index ", i, " is too wide for a float32 scale over [", quant_min,
+                ", ", quant_max, "]");
     sp[i] = p.scale;
     zpp[i] = p.zero_point;
   }
@@ -316,7 +324,8 @@ TORCH_LIBRARY_IMPL(qlib, CPU, m) {
   m.impl("fake_quant_backward", &fake_quant_backward_cpu);
   m.impl("quantize", &quantize_cpu);
   m.impl("dequantize", &dequantize_cpu);
-  m.impl("choose_qparams", &choose_qparams_cpu);
+  m.impl("choose_qparams", &qparams_cpu<false>);
+  m.impl("observer_qparams", &qparams_cpu<true>);
 }
 
 }  // namespace qlib

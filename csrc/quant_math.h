@@ -147,6 +147,25 @@ QLIB_HD QParams choose_qparams_value(float min_val, float max_val, int64_t qmin,
   return p;
 }
 
+// The qparams of an observer's recorded range (observer_qparams): a block that saw no finite
+// value (min and max still +-Inf, or NaN after a DDP average) gets [0, 0], and max is raised
+// to min where it lies below.
+QLIB_HD QParams observed_qparams_value(float min_val, float max_val, int64_t qmin, int64_t qmax,
+                                       bool symmetric, float eps) {
+  constexpr float kMax = 3.4028234663852886e+38f;  // finite: |v| <= FLT_MAX (not NaN, not Inf)
+  const float lo = fabsf(min_val) <= kMax ? min_val : 0.0f;
+  const float hi = fabsf(max_val) <= kMax ? max_val : 0.0f;
+  return choose_qparams_value(lo, hi < lo ? lo : hi, qmin, qmax, symmetric, eps);
+}
+
+// choose_qparams_value, or with Observed observed_qparams_value.
+template <bool Observed>
+QLIB_HD QParams qparams_value(float min_val, float max_val, int64_t qmin, int64_t qmax,
+                              bool symmetric, float eps) {
+  if constexpr (Observed) return observed_qparams_value(min_val, max_val, qmin, qmax, symmetric, eps);
+  else return choose_qparams_value(min_val, max_val, qmin, qmax, symmetric, eps);
+}
+
 // Widest integer range an op accepts: 16 bits.
 constexpr int64_t kMaxRangeBits = 16;
 // Largest |code| or |zero point| an op accepts: the math runs in float32, which

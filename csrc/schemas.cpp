@@ -41,6 +41,12 @@ TORCH_LIBRARY(qlib, m) {
       "minmax_observe(Tensor x, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) observed, "
       "Tensor(d!) nonfinite, float? averaging_constant) -> ()",
       tags);
+  // choose_qparams of an observer's min / max: blocks with no finite value get [0, 0], max
+  // is raised to min; no host read on CUDA (FakeQuantize's per-step path).
+  m.def(
+      "observer_qparams(Tensor min, Tensor max, int quant_min, int quant_max, bool symmetric, "
+      "float eps) -> (Tensor, Tensor)",
+      tags);
   m.def(
       "histogram_observe(Tensor x, Tensor hist, Tensor range, bool absolute) "
       "-> (Tensor hist_out, Tensor range_out, Tensor nonfinite)",

@@ -445,24 +445,32 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale,
 }
 
 // ---------------------------------------------------------------- choose_qparams
+// choose_qparams (Observed = false) and observer_qparams (observed_qparams_value).
+template <bool Observed>
 __global__ void choose_qparams_kernel(const float* __restrict__ lo, const float* __restrict__ hi,
                                       float* __restrict__ scale, int32_t* __restrict__ zp,
                                       int64_t n, int64_t qmin, int64_t qmax, bool symmetric,
                                       float eps) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const QParams p = choose_qparams_value(lo[i], hi[i], qmin, qmax, symmetric, eps);
+    const QParams p = qparams_value<Observed>(lo[i], hi[i], qmin, qmax, symmetric, eps);
     scale[i] = p.scale;
     zp[i] = p.zero_point;
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> choose_qparams_cuda(const at::Tensor& min,
-                                                       const at::Tensor& max, int64_t quant_min,
-                                                       int64_t quant_max, bool symmetric,
-                                                       double eps) {
+// choose_qparams checks min and max (a host read) unless a graph is being captured.
+// observer_qparams reads nothing back: a span too wide for a float32 scale gives an
+// infinite scale (fake_quant then gives NaN for the block), or raises under
+// qlib.set_cuda_value_checks(True).
+template <bool Observed>
+std::tuple<at::Tensor, at::Tensor> qparams_cuda(const at::Tensor& min, const at::Tensor& max,
+                                                int64_t quant_min, int64_t quant_max,
+                                                bool symmetric, double eps) {
+  const char* op = Observed ? "qlib::observer_qparams" : "qlib::choose_qparams";
   const at::OptionalDeviceGuard guard(min.device());
-  check_choose_qparams_args(min, max, quant_min, quant_max, symmetric, eps, !capturing());
+  check_choose_qparams_args(op, min, max, quant_min, quant_max, symmetric, eps,
+                            !Observed && !capturing());
   const at::Tensor lo = min.to(at::kFloat).contiguous();
   const at::Tensor hi = max.to(at::kFloat).contiguous();
   at::Tensor scale = at::empty(lo.sizes(), lo.options());
@@ -470,10 +478,16 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_cuda(const at::Tensor& min,
   const int64_t n = lo.numel();
   if (n == 0) return {scale, zp};
   const auto stream = at::cuda::getCurrentCUDAStream();
-  choose_qparams_kernel<<<blocks_for<choose_qparams_kernel>(n), kThreads, 0, stream>>>(
+  constexpr auto kernel = choose_qparams_kernel<Observed>;
+  kernel<<<blocks_for<kernel>(n), kThreads, 0, stream>>>(
       lo.const_data_ptr<float>(), hi.const_data_ptr<float>(), scale.data_ptr<float>(),
       zp.data_ptr<int32_t>(), n, quant_min, quant_max, symmetric, static_cast<float>(eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (Observed && cuda_value_checks() && !capturing()) {
+    TORCH_CHECK(at::isfinite(scale).all().item<bool>(), op,
+                ": a range is too wide for a float32 scale over [", quant_min, ", ", quant_max,
+                "]");
+  }
   return {scale, zp};
 }
 
@@ -484,7 +498,8 @@ TORCH_LIBRARY_IMPL(qlib, CUDA, m) {
   m.impl("fake_quant_backward", &fake_quant_backward_cuda);
   m.impl("quantize", &quantize_cuda);
   m.impl("dequantize", &dequantize_cuda);
-  m.impl("choose_qparams", &choose_qparams_cuda);
+  m.impl("choose_qparams", &qparams_cuda<false>);
+  m.impl("observer_qparams", &qparams_cuda<true>);
 }
 
 }  // namespace qlib

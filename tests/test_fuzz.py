@@ -91,6 +91,7 @@ def _odd_zero_point(r, s, qmin, qmax):
 def _odd_call(r, device):
     """One random call; returns normally or raises."""
     op = r.choice(["fake_quant", "fake_quant_backward", "quantize", "dequantize", "choose_qparams",
+                   "observer_qparams",
                    "quantize_per_token", "int8_gemm", "int8_linear", "int8_linear", "int8_linear_packed",
                    "block_minmax", "minmax_observe", "histogram_observe", "histogram_rebin",
                    "histogram_quantile", "histogram_mse_search", "histogram_entropy_search"])
@@ -116,12 +117,12 @@ def _odd_call(r, device):
             q = _odd_tensor(r, device, x.shape, r.choice([torch.int8, torch.uint8, torch.int16, torch.int32,
                                                          torch.int64, torch.float32]))
             ops.dequantize(q, s, z, r.choice(FLOATS + [torch.float64, torch.int8]))
-    elif op == "choose_qparams":
+    elif op in ("choose_qparams", "observer_qparams"):
         shape = r.choice(SHAPES)
         mn = _odd_tensor(r, device, shape, r.choice(FLOATS + [torch.float64, torch.int32]))
         mx = _odd_tensor(r, device, r.choice([shape, shape, ()]), torch.float32)
         qmin, qmax = r.choice(RANGES)
-        ops.choose_qparams(mn, mx, qmin, qmax, r.random() < 0.5, r.choice([1e-8, 0.0, -1.0, math.nan, math.inf]))
+        getattr(ops, op)(mn, mx, qmin, qmax, r.random() < 0.5, r.choice([1e-8, 0.0, -1.0, math.nan, math.inf]))
     elif op == "quantize_per_token":
         ops.quantize_per_token(_odd_tensor(r, device))
     elif op == "int8_gemm":

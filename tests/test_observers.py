@@ -509,6 +509,66 @@ def test_corrupt_state_dict_raises(cls):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (0, 255), (-8, 7), (0, 65535)])
+def test_observer_qparams_op(device, dtype, symmetric, qmin, qmax):
+    """The observers' one-op qparams equal cleaning the range with torch ops (no finite
+    value -> [0, 0], max raised to min) and then choose_qparams, bit for bit."""
+    g = torch.Generator().manual_seed(qmax - qmin)
+    lo = torch.randn(17, 15, generator=g) * 3 - 1
+    hi = lo + torch.rand(17, 15, generator=g) * 5
+    lo, hi = lo.to(dtype).view(-1), hi.to(dtype).view(-1)
+    lo[:10], hi[:10] = math.inf, -math.inf  # never observed
+    lo[10:15], hi[10:15] = math.nan, math.nan  # a DDP average over no data
+    hi[15:20] = lo[15:20] - 1  # max below min
+    lo[20:23], hi[25:28] = -math.inf, math.nan  # one side only
+    lo[30:33], hi[30:33] = 0.0, 0.0
+    lo, hi = lo.view(17, 15).to(device), hi.view(17, 15).to(device)
+    s, z = ops.observer_qparams(lo, hi, qmin, qmax, symmetric, 1e-7)
+    rlo = torch.nan_to_num(lo.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    rhi = torch.maximum(torch.nan_to_num(hi.float(), nan=0.0, posinf=0.0, neginf=0.0), rlo)
+    rs, rz = ops.choose_qparams(rlo, rhi, qmin, qmax, symmetric, 1e-7)
+    assert s.dtype == torch.float32 and z.dtype == torch.int32 and s.shape == (17, 15)
+    assert torch.equal(s, rs) and torch.equal(z, rz)
+
+
+def test_observer_qparams_too_wide(device):
+    lo, hi = torch.tensor([0.0, -3e38], device=device), torch.tensor([1.0, 3e38], device=device)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=r"qlib::observer_qparams: the range \[-3.*e\+38, 3.*e\+38\] "
+                                               r"at flat index 1 is too wide for a float32 scale over \[0, 255\]"):
+            ops.observer_qparams(lo, hi, 0, 255, False, 1e-7)
+        return
+    s, _ = ops.observer_qparams(lo, hi, 0, 255, False, 1e-7)  # no host read: an infinite scale
+    assert torch.isfinite(s[0]) and torch.isinf(s[1])
+    qlib.set_cuda_value_checks(True)
+    try:
+        with pytest.raises(RuntimeError, match=r"qlib::observer_qparams: a range is too wide"):
+            ops.observer_qparams(lo, hi, 0, 255, False, 1e-7)
+    finally:
+        qlib.set_cuda_value_checks(False)
+
+
+def test_fake_quantize_step_reads_nothing_back_cuda():
+    """A QAT step's quantizers (observe, qparams, fake_quant) run without a host sync on CUDA."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from qlib.nn import FakeQuantize
+    for obs in (O.MovingAverageMinMaxObserver(symmetric=False), O.MinMaxObserver(ch_axis=0)):
+        fq = FakeQuantize(obs).cuda()
+        x = torch.randn(64, 33, device="cuda")
+        fq(x)  # sizes the buffers
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                y = fq(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.isfinite(y).all()
+
+
 def test_bad_arguments_name_the_op():
     with pytest.raises(RuntimeError, match=r"qlib::block_minmax: x must be 2-D"):
         ops.block_minmax(torch.randn(3))
@@ -524,6 +584,10 @@ def test_bad_arguments_name_the_op():
         with pytest.raises(RuntimeError, match=r"qlib::histogram_entropy_search: num_levels must lie in "
                                                rf"\[2, 65536\] \(at most 16 bits\), got {levels}"):
             ops.histogram_entropy_search(h, r, levels)
+    with pytest.raises(RuntimeError, match=r"qlib::observer_qparams: min and max must be floating"):
+        ops.observer_qparams(torch.zeros(2, dtype=torch.int32), torch.zeros(2), -128, 127, True, 1e-7)
+    with pytest.raises(RuntimeError, match=r"qlib::observer_qparams: eps must be positive"):
+        ops.observer_qparams(torch.zeros(2), torch.zeros(2), -128, 127, True, 0.0)
     with pytest.raises(ValueError, match="bits must be"):
         O.MinMaxObserver(bits=17)
     with pytest.raises(ValueError, match=r"bins must be an int in \[2, 65536\], got 2147483648"):
@@ -551,6 +615,9 @@ def test_opcheck(device):
     torch.library.opcheck(ops.histogram_quantile, (h, r, 0.99))
     torch.library.opcheck(ops.histogram_mse_search, (h, r, 0, 255, False, 32))
     torch.library.opcheck(ops.histogram_entropy_search, (h, r, 16))
+    lo, hi = torch.randn(5, device=device), torch.randn(5, device=device) + 3
+    lo[0], hi[0] = math.inf, -math.inf
+    torch.library.opcheck(ops.observer_qparams, (lo, hi, -128, 127, False, 1e-7))
 
 
 def test_plot_calibration(tmp_path):

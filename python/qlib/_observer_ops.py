@@ -23,6 +23,11 @@ def _(x, min_val, max_val, observed, nonfinite, averaging_constant):
     return None
 
 
+@torch.library.register_fake("qlib::observer_qparams")
+def _(min, max, quant_min, quant_max, symmetric, eps):
+    return min.new_empty(min.shape, dtype=torch.float32), min.new_empty(min.shape, dtype=torch.int32)
+
+
 @torch.library.register_fake("qlib::histogram_observe")
 def _(x, hist, range, absolute):
     return hist.new_empty(hist.shape), range.new_empty(range.shape), x.new_empty((), dtype=torch.int64)

@@ -233,10 +233,8 @@ class ObserverBase(QuantState):
 
     def _qparams(self, shape: List[int]) -> Tuple[Tensor, Tensor]:
         lo, hi = self._range(self._synced_stats())
-        # Blocks that saw no finite value get the range [0, 0] (scale eps).
-        lo = torch.nan_to_num(lo.float(), nan=0.0, posinf=0.0, neginf=0.0)
-        hi = torch.maximum(torch.nan_to_num(hi.float(), nan=0.0, posinf=0.0, neginf=0.0), lo)
-        scale, zero_point = ops.choose_qparams(lo, hi, self.quant_min, self.quant_max, self.symmetric, self.eps)
+        # Blocks that saw no finite value get the range [0, 0] (scale eps); one op, no host read.
+        scale, zero_point = ops.observer_qparams(lo, hi, self.quant_min, self.quant_max, self.symmetric, self.eps)
         return scale.reshape(shape), zero_point.reshape(shape)
 
     def reset(self) -> None:
