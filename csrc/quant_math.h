@@ -162,8 +162,11 @@ QLIB_HD QParams observed_qparams_value(float min_val, float max_val, int64_t qmi
 template <bool Observed>
 QLIB_HD QParams qparams_value(float min_val, float max_val, int64_t qmin, int64_t qmax,
                               bool symmetric, float eps) {
-  if constexpr (Observed) return observed_qparams_value(min_val, max_val, qmin, qmax, symmetric, eps);
-  else return choose_qparams_value(min_val, max_val, qmin, qmax, symmetric, eps);
+  if constexpr (Observed) {
+    return observed_qparams_value(min_val, max_val, qmin, qmax, symmetric, eps);
+  } else {
+    return choose_qparams_value(min_val, max_val, qmin, qmax, symmetric, eps);
+  }
 }
 
 // Widest integer range an op accepts: 16 bits.
