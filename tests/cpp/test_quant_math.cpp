@@ -134,6 +134,28 @@ TEST(QuantMath, ChooseQParams) {
 
 // Corrupt ranges get no grid (the grid search would not stop on them); an
 // empty range is valid and gets no grid either; a float32-sized one does.
+// An observer's range: no finite value -> [0, 0], max raised to min, then choose_qparams_value.
+TEST(QuantMath, ObservedQParams) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::nanf("");
+  const float eps = 1e-7f;
+  auto same = [](qlib::QParams a, qlib::QParams b) {
+    return a.scale == b.scale && a.zero_point == b.zero_point;
+  };
+  for (const bool sym : {true, false}) {
+    const auto zero = qlib::choose_qparams_value(0.0f, 0.0f, 0, 255, sym, eps);
+    EXPECT_TRUE(same(qlib::observed_qparams_value(inf, -inf, 0, 255, sym, eps), zero));
+    EXPECT_TRUE(same(qlib::observed_qparams_value(nan, nan, 0, 255, sym, eps), zero));
+    EXPECT_TRUE(same(qlib::observed_qparams_value(-1.5f, nan, 0, 255, sym, eps),
+                     qlib::choose_qparams_value(-1.5f, -1.5f, 0, 255, sym, eps)));
+    EXPECT_TRUE(same(qlib::observed_qparams_value(2.0f, 1.0f, -128, 127, sym, eps),
+                     qlib::choose_qparams_value(2.0f, 2.0f, -128, 127, sym, eps)));
+    EXPECT_TRUE(same(qlib::observed_qparams_value(-inf, 3.0f, -8, 7, sym, eps),
+                     qlib::choose_qparams_value(0.0f, 3.0f, -8, 7, sym, eps)));
+    EXPECT_TRUE(same(qlib::observed_qparams_value(-0.5f, 3.0f, -8, 7, sym, eps),
+                     qlib::choose_qparams_value(-0.5f, 3.0f, -8, 7, sym, eps)));
+  }
+}
+
 TEST(QuantMath, HistogramRangeValid) {
   const double inf = INFINITY, fmax = 3.4028234663852886e38;
   EXPECT_TRUE(qlib::histogram_range_valid(inf, -inf));
