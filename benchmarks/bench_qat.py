@@ -2,9 +2,9 @@
 ``QATLinear`` (int8 per-channel symmetric weights, int8 per-tensor activations with a
 moving-average observer) against torch.ao's QAT Linear with its default fbgemm qconfig
 (the same scheme) plus its activation FakeQuantize, and plain fp32 ``nn.Linear``. Median
-microseconds per step; ratio = torch.ao / qlib (> 1: qlib is faster).
+microseconds per step, the three timed round-robin; ratio = torch.ao / qlib (> 1: qlib is faster).
 
-    .venv/bin/python benchmarks/bench_qat.py [--threads N] [--reps 300]
+    .venv/bin/python benchmarks/bench_qat.py [--threads N] [--budget 3]
 """
 import argparse
 import platform
@@ -16,7 +16,7 @@ from torch import nn
 
 import qlib
 from qlib.nn import QATLinear
-from timing import host_median_s
+from timing import interleaved_medians_ms
 
 SHAPES = [(8, 64, 64), (64, 256, 256), (64, 1024, 1024), (256, 4096, 1024)]  # batch, in, out
 
@@ -24,7 +24,7 @@ SHAPES = [(8, 64, 64), (64, 256, 256), (64, 1024, 1024), (256, 4096, 1024)]  # b
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int)
-    p.add_argument("--reps", type=int, default=300)
+    p.add_argument("--budget", type=float, default=3.0, help="seconds of timing per shape")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -39,10 +39,10 @@ def main():
         lin.qconfig = qconfig
         theirs, act_fq = ao_qat.Linear.from_float(lin), qconfig.activation()
         x = torch.randn(batch, k)
-        reps = max(20, args.reps * 64 * 64 // (k * n))  # fewer steps for the big layers
-        t_ours = host_median_s(lambda: ours(x).sum().backward(), reps=reps, warmup=10)
-        t_theirs = host_median_s(lambda: theirs(act_fq(x)).sum().backward(), reps=reps, warmup=10)
-        t_fp32 = host_median_s(lambda: lin(x).sum().backward(), reps=reps, warmup=10)
+        # Round-robin (one step of each a round), so a slow phase of the machine hits all three.
+        t_ours, t_theirs, t_fp32 = (t / 1e3 for t in interleaved_medians_ms(
+            [lambda: ours(x).sum().backward(), lambda: theirs(act_fq(x)).sum().backward(),
+             lambda: lin(x).sum().backward()], budget_s=args.budget, min_reps=20, max_reps=2000))
         print(f"| {batch} x {k} x {n} | {t_ours * 1e6:.0f} | {t_theirs * 1e6:.0f} | {t_fp32 * 1e6:.0f} | "
               f"{t_theirs / t_ours:.2f}x | {t_ours / t_fp32:.2f}x |")
 
