@@ -162,9 +162,9 @@ int64_t blocks_for(int64_t work) {
   return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
 }
 
-// Grid-stride loops over 16-byte packs, U packs a thread per iteration (packs v, v + S, ...,
-// S the grid's threads): all U are loaded before any is computed, so each thread keeps U
-// loads in flight (qlib._C.set_fake_quant_cuda_packs picks U).
+// The fake_quant kernels loop over 16-byte packs, U a thread per iteration, all U loaded
+// before any is computed: each thread keeps U loads in flight
+// (qlib._C.set_fake_quant_cuda_packs picks U).
 template <class T, int N>
 __device__ __forceinline__ Pack<T, N> load_pack(const T* __restrict__ p, int64_t base, int64_t n) {
   if (base + N <= n) return *reinterpret_cast<const Pack<T, N>*>(p + base);
@@ -180,6 +180,27 @@ __device__ __forceinline__ void store_pack(T* __restrict__ p, int64_t base, int6
     *reinterpret_cast<Pack<T, N>*>(p + base) = v;
   } else {
     for (int k = 0; k < N && base + k < n; ++k) p[base + k] = v.v[k];
+  }
+}
+
+// This thread's packs of a grid-stride loop over `packs`, U an iteration: load(u, v) for
+// each of the U packs v = v0 + u * S (S the grid's threads) that exist, then compute(u, v)
+// for each of them.
+template <int U, class Load, class Compute>
+__device__ __forceinline__ void for_each_pack_group(int64_t packs, const Load& load,
+                                                    const Compute& compute) {
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t v0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v0 < packs;
+       v0 += threads * U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (v0 + u * threads < packs) load(u, v0 + u * threads);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (v0 + u * threads >= packs) break;
+      compute(u, v0 + u * threads);
+    }
   }
 }
 
@@ -202,36 +223,26 @@ void with_packs(const Launch& launch) {
 template <class T, int N, int U, ScaleLookup L>
 __global__ void fake_quant_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n,
                                   KernelQParams p) {
-  const int64_t packs = (n + N - 1) / N;
-  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t v0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v0 < packs;
-       v0 += threads * U) {
-    Pack<T, N> in[U];
-    BlockQParams pack[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t v = v0 + u * threads;
-      if (v < packs) {
+  Pack<T, N> in[U];
+  BlockQParams pack[U];
+  for_each_pack_group<U>(
+      (n + N - 1) / N,
+      [&](int u, int64_t v) {
         in[u] = load_pack<T, N>(x, v * N, n);
         pack[u] = pack_qparams<L>(p, v * N);
-      }
-    }
+      },
+      [&](int u, int64_t v) {
+        Pack<T, N> out;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t v = v0 + u * threads;
-      if (v >= packs) break;
-      Pack<T, N> out;
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const BlockQParams q = element_qparams<L>(p, pack[u], v * N + k);
-        out.v[k] = static_cast<T>(q.valid ? fake_quant_value<ScalarMath>(
-                                                static_cast<float>(in[u].v[k]), q.scale,
-                                                q.inv_scale, q.zero_point, p.qmin, p.qmax)
-                                          : kNaN);
-      }
-      store_pack<T, N>(y, v * N, n, out);
-    }
-  }
+        for (int k = 0; k < N; ++k) {
+          const BlockQParams q = element_qparams<L>(p, pack[u], v * N + k);
+          out.v[k] = static_cast<T>(q.valid ? fake_quant_value<ScalarMath>(
+                                                  static_cast<float>(in[u].v[k]), q.scale,
+                                                  q.inv_scale, q.zero_point, p.qmin, p.qmax)
+                                            : kNaN);
+        }
+        store_pack<T, N>(y, v * N, n, out);
+      });
 }
 
 template <class T, int N>
@@ -280,47 +291,37 @@ __global__ void fake_quant_backward_kernel(const T* __restrict__ grad, const T* 
                                            T* __restrict__ grad_x, float* __restrict__ d_scale,
                                            float* __restrict__ d_zero_point, int64_t n,
                                            KernelQParams p) {
-  const int64_t packs = (n + N - 1) / N;
-  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t v0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v0 < packs;
-       v0 += threads * U) {
-    Pack<T, N> g[U], xv[U];
-    BlockQParams pack[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t v = v0 + u * threads;
-      if (v < packs) {
+  Pack<T, N> g[U], xv[U];
+  BlockQParams pack[U];
+  for_each_pack_group<U>(
+      (n + N - 1) / N,
+      [&](int u, int64_t v) {
         g[u] = load_pack<T, N>(grad, v * N, n);
         xv[u] = load_pack<T, N>(x, v * N, n);
         pack[u] = pack_qparams<L>(p, v * N);
-      }
-    }
+      },
+      [&](int u, int64_t v) {
+        Pack<T, N> gx;
+        Pack<float, N> ds, dz;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t v = v0 + u * threads;
-      if (v >= packs) break;
-      Pack<T, N> gx;
-      Pack<float, N> ds, dz;
-#pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const BlockQParams q = element_qparams<L>(p, pack[u], v * N + k);
-        ElementGrads<float> e{kNaN, kNaN, kNaN};
-        if (q.valid) {
-          e = fake_quant_grads<ScalarMath>(static_cast<float>(g[u].v[k]),
-                                           static_cast<float>(xv[u].v[k]), q.scale, q.inv_scale,
-                                           q.zero_point, p.qmin, p.qmax);
+        for (int k = 0; k < N; ++k) {
+          const BlockQParams q = element_qparams<L>(p, pack[u], v * N + k);
+          ElementGrads<float> e{kNaN, kNaN, kNaN};
+          if (q.valid) {
+            e = fake_quant_grads<ScalarMath>(static_cast<float>(g[u].v[k]),
+                                             static_cast<float>(xv[u].v[k]), q.scale,
+                                             q.inv_scale, q.zero_point, p.qmin, p.qmax);
+          }
+          gx.v[k] = static_cast<T>(e.grad_x);
+          ds.v[k] = e.grad_scale;
+          dz.v[k] = e.grad_zero_point;
         }
-        gx.v[k] = static_cast<T>(e.grad_x);
-        ds.v[k] = e.grad_scale;
-        dz.v[k] = e.grad_zero_point;
-      }
-      store_pack<T, N>(grad_x, v * N, n, gx);
-      if (d_scale != nullptr) {
-        store_pack<float, N>(d_scale, v * N, n, ds);
-        store_pack<float, N>(d_zero_point, v * N, n, dz);
-      }
-    }
-  }
+        store_pack<T, N>(grad_x, v * N, n, gx);
+        if (d_scale != nullptr) {
+          store_pack<float, N>(d_scale, v * N, n, ds);
+          store_pack<float, N>(d_zero_point, v * N, n, dz);
+        }
+      });
 }
 
 template <class T, int N>
