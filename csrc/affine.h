@@ -57,8 +57,8 @@ void check_quantize_args(const char* op, const at::Tensor& x, at::ScalarType dty
 // q is int8/uint8/int16/int32 and dtype floating; returns the range of q's dtype.
 std::pair<int64_t, int64_t> check_dequantize_args(const char* op, const at::Tensor& q,
                                                   at::ScalarType dtype);
-// choose_qparams / observer_qparams (op names the op); check_values (a host read on CUDA):
-// finite min <= max and a span a float32 scale holds.
+// choose_qparams / observer_qparams (op names the op); check_values: finite min <= max, and
+// on CUDA (a host read) a span a float32 scale holds; the CPU kernel checks the span itself.
 void check_choose_qparams_args(const char* op, const at::Tensor& min, const at::Tensor& max,
                                int64_t quant_min, int64_t quant_max, bool symmetric, double eps,
                                bool check_values);
