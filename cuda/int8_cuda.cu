@@ -391,10 +391,13 @@ __global__ void dequant_epilogue_kernel(const int32_t* __restrict__ c, int64_t l
 // the M rows of x into shared memory (the codes and row scales of quantize_rows_kernel; each
 // block redoes it, M * K elements against its kThreads / 32 * kCols weight rows), then runs
 // warp_dots over its columns (with the weight row sums when there is a zero point) and
-// writes out with dequant_value. Same bits as the three-kernel path.
-template <class T, bool VEC, bool ZP>
-__global__ void linear_small_m_kernel(const T* __restrict__ x, const int8_t* __restrict__ w,
-                                      int64_t ldw, const float* __restrict__ w_scale,
+// writes out with dequant_value. Same bits as the three-kernel path. W_VEC: 16-byte weight
+// loads; x_packs: 8-element loads of x (chosen apart, so that an unaligned x view does not
+// slow the weight stream).
+template <class T, bool W_VEC, bool ZP>
+__global__ void linear_small_m_kernel(const T* __restrict__ x, bool x_packs,
+                                      const int8_t* __restrict__ w, int64_t ldw,
+                                      const float* __restrict__ w_scale,
                                       const float* __restrict__ bias,
                                       const float* __restrict__ fixed_scale,
                                       const int32_t* __restrict__ zero_point, float qmin,
@@ -407,13 +410,14 @@ __global__ void linear_small_m_kernel(const T* __restrict__ x, const int8_t* __r
   const int32_t z = ZP ? *zero_point : 0;
   const Int8ActCodes codes{static_cast<float>(z), qmin, qmax};
   for (int m = 0; m < M; ++m) {
-    const float s = quantize_row<T, VEC ? 8 : 1>(x + m * K, a + m * lda, K, lda, fixed_scale,
-                                                 codes, warp_amax);
+    const float s =
+        x_packs ? quantize_row<T, 8>(x + m * K, a + m * lda, K, lda, fixed_scale, codes, warp_amax)
+                : quantize_row<T, 1>(x + m * K, a + m * lda, K, lda, fixed_scale, codes, warp_amax);
     if (threadIdx.x == 0) row_scale[m] = s;
   }
   __syncthreads();  // row_scale
-  small_m_columns<VEC, ZP>(a, lda, w, ldw, M, N, K,
-                           [&](int64_t n0, const int (&acc)[kSmallM][kCols], const int (&rs)[kCols]) {
+  small_m_columns<W_VEC, ZP>(a, lda, w, ldw, M, N, K,
+                             [&](int64_t n0, const int (&acc)[kSmallM][kCols], const int (&rs)[kCols]) {
 #pragma unroll
     for (int j = 0; j < kCols; ++j) {
       const int64_t n = n0 + j;
@@ -427,42 +431,61 @@ __global__ void linear_small_m_kernel(const T* __restrict__ x, const int8_t* __r
   });
 }
 
-// The codes' shared memory limit: the default 48 KiB per block covers static and dynamic
-// shared memory together, less linear_small_m_kernel's static warp_amax and row_scale.
+// The codes' shared memory under the default 48 KiB per block (static and dynamic shared
+// memory together, less linear_small_m_kernel's static warp_amax and row_scale). Past it,
+// allow_dynamic_smem raises the kernel's limit, up to the device's opt-in maximum.
 constexpr int64_t kSmallMCodeBytes = 48 * 1024 - sizeof(float) * (kThreads / 32 + kSmallM);
 
-// Runs linear_small_m_kernel when the codes (M * round_up(K, 16) bytes) fit
-// kSmallMCodeBytes; returns false (nothing launched) otherwise. w K-contiguous.
+// Lets kernel take `bytes` of dynamic shared memory, up to the device's opt-in limit per block
+// (227 KiB on H100 / H200) less its static shared memory; false when that is too little.
+template <class Kernel>
+bool allow_dynamic_smem(Kernel* kernel, int64_t bytes) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  if (bytes <= attr.maxDynamicSharedSizeBytes) return true;
+  const int64_t limit = static_cast<int64_t>(
+      at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) - attr.sharedSizeBytes;
+  if (bytes > limit) return false;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  return true;
+}
+
+// Runs linear_small_m_kernel when its M rows of codes (M * round_up(K, 16) bytes) fit the
+// block's shared memory; returns false (nothing launched) otherwise. w K-contiguous.
 bool launch_linear_small_m(const at::Tensor& x, const at::Tensor& w, const float* w_scale,
                            const float* bias, const float* fixed_scale, const int32_t* zero_point,
                            Int8ActCodes range, at::Tensor& out, int64_t M, int64_t N, int64_t K) {
   const int64_t lda = round_up(std::max<int64_t>(K, 1), 16);
   const int64_t smem = M * lda;
-  if (M > kSmallM || smem > kSmallMCodeBytes) return false;
+  if (M > kSmallM) return false;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = small_m_blocks(N);
   const int8_t* wp = w.const_data_ptr<int8_t>();
   const int64_t ldw = w.stride(0);
+  bool launched = false;
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "int8_linear_small_m_cuda", [&] {
-    // VEC: 16-byte weight packs and 8-element packs of x.
-    const bool vec = K % 16 == 0 && ldw % 16 == 0 && aligned16(wp) &&
-                     aligned(x.const_data_ptr(), 8 * sizeof(scalar_t));
-    const auto launch = [&](auto vec_c, auto zp_c) {
-      linear_small_m_kernel<scalar_t, decltype(vec_c)::value, decltype(zp_c)::value>
-          <<<blocks, kThreads, smem, stream>>>(
-              x.const_data_ptr<scalar_t>(), wp, ldw, w_scale, bias, fixed_scale, zero_point,
-              range.qmin, range.qmax, out.data_ptr<scalar_t>(), static_cast<int>(M), N, K, lda);
+    const bool w_vec = K % 16 == 0 && ldw % 16 == 0 && aligned16(wp);
+    const bool x_packs = K % 8 == 0 && aligned(x.const_data_ptr(), 8 * sizeof(scalar_t));
+    const auto launch = [&](auto w_vec_c, auto zp_c) {
+      const auto kernel =
+          linear_small_m_kernel<scalar_t, decltype(w_vec_c)::value, decltype(zp_c)::value>;
+      if (smem > kSmallMCodeBytes && !allow_dynamic_smem(kernel, smem)) return;
+      kernel<<<blocks, kThreads, smem, stream>>>(
+          x.const_data_ptr<scalar_t>(), x_packs, wp, ldw, w_scale, bias, fixed_scale, zero_point,
+          range.qmin, range.qmax, out.data_ptr<scalar_t>(), static_cast<int>(M), N, K, lda);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launched = true;
     };
-    if (vec) {
+    if (w_vec) {
       zero_point != nullptr ? launch(std::true_type{}, std::true_type{})
                             : launch(std::true_type{}, std::false_type{});
     } else {
       zero_point != nullptr ? launch(std::false_type{}, std::true_type{})
                             : launch(std::false_type{}, std::false_type{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return true;
+  return launched;
 }
 
 // Whether int8_linear runs the fused Hopper GEMM: when it is chosen (set_int8_cuda_gemm) and

@@ -144,16 +144,18 @@ def test_int8_linear_vs_reference(device, dtype, static, lead, K, N):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ["dynamic", "static", "zero_point"])
-@pytest.mark.parametrize("K", [1, 33, 64, 4096, 12289, 16384])
+@pytest.mark.parametrize("K", [1, 33, 64, 4096, 12289, 16384, 61441])
 def test_int8_linear_small_m_matches_rows_of_a_batch(device, dtype, act, K):
-    """M <= 4 rows (on CUDA one fused kernel; K = 12289 at M = 4 is past its 48 KiB of codes,
-    and K = 16384 at M = 3 fills exactly 48 KiB, which with the kernel's static shared memory
-    is past the limit: both take the three-kernel path) give the bits of the same rows inside a 17-row batch
-    (cuBLASLt on CUDA): same codes, exact int32 sums, same float epilogue. K = 33 takes a
-    strided weight and the byte loop; K = 4096 a weight whose rows are 2K apart (contiguous
-    along K); a NaN row stays NaN."""
+    """M <= 4 rows (on CUDA one fused kernel) give the bits of the same rows inside a 17-row
+    batch (cuBLASLt on CUDA): same codes, exact int32 sums, same float epilogue. K = 12289 at
+    M = 4 and K = 16384 at M = 3 are past the default 48 KiB of shared memory for the codes
+    (the kernel asks for more); K = 61441 at M = 4 is past even an H100's 227 KiB and takes
+    the three-kernel path. K = 33 takes a strided weight and the byte loop; K = 64 an x off
+    its 16-byte alignment (byte loads of x, 16-byte loads of the weight); K = 4096 a weight
+    whose rows are 2K apart (contiguous along K); a NaN row stays NaN."""
     N = 37
-    x = (torch.randn(17, K, device=device) * 2).to(dtype)
+    x = (torch.randn(17 * K + 1, device=device) * 2).to(dtype)
+    x = x[1:].view(17, K) if K == 64 else x[:-1].view(17, K)
     x[2, K // 2] = math.nan
     w = rand_i8(N, 2 * K, device=device)
     w = w[:, ::2] if K == 33 else w[:, :K] if K == 4096 else w[:, :K].contiguous()
