@@ -78,7 +78,7 @@ std::pair<int64_t, int64_t> check_dequantize_args(const char* op, const at::Tens
 }
 
 void check_choose_qparams_args(const char* op, const at::Tensor& min, const at::Tensor& max,
-                               int64_t quant_min, int64_t quant_max, bool symmetric, double eps,
+                               int64_t quant_min, int64_t quant_max, double eps,
                                bool check_values) {
   check_quant_range(op, quant_min, quant_max);
   TORCH_CHECK(at::isFloatingType(min.scalar_type()) && at::isFloatingType(max.scalar_type()), op,
@@ -90,24 +90,25 @@ void check_choose_qparams_args(const char* op, const at::Tensor& min, const at::
               max.device(), ") must be on the same device");
   TORCH_CHECK(eps > 0 && std::isfinite(eps), op, ": eps must be positive and finite, got ", eps);
   if (!check_values || min.numel() == 0) return;
-  if (min.is_cpu()) {  // a plain loop: no small ATen ops on the hot path
-    // (The span: the CPU kernel checks each scale as it computes it.)
-    const at::Tensor lo = min.to(at::kFloat).contiguous(), hi = max.to(at::kFloat).contiguous();
-    const float* lp = lo.const_data_ptr<float>();
-    const float* hp = hi.const_data_ptr<float>();
-    for (int64_t i = 0; i < lo.numel(); ++i) {
-      TORCH_CHECK(std::isfinite(lp[i]) && std::isfinite(hp[i]) && lp[i] <= hp[i], op,
-                  ": need finite min <= max, got min = ", lp[i], ", max = ", hp[i],
-                  " at flat index ", i);
-    }
-    return;
+  TORCH_INTERNAL_ASSERT(min.is_cpu(), op, ": check_values is for CPU tensors");
+  // A plain loop: no small ATen ops on the hot path.
+  const at::Tensor lo = min.to(at::kFloat).contiguous(), hi = max.to(at::kFloat).contiguous();
+  const float* lp = lo.const_data_ptr<float>();
+  const float* hp = hi.const_data_ptr<float>();
+  for (int64_t i = 0; i < lo.numel(); ++i) {
+    TORCH_CHECK(std::isfinite(lp[i]) && std::isfinite(hp[i]) && lp[i] <= hp[i], op,
+                ": need finite min <= max, got min = ", lp[i], ", max = ", hp[i],
+                " at flat index ", i);
   }
-  // One host read for both conditions: order / finiteness, and (asymmetric) a span
-  // max(max, 0) - min(min, 0) that is a finite float32.
-  const at::Tensor bad = ~(at::isfinite(min) & at::isfinite(max) & (min <= max));
-  const at::Tensor wide =
-      symmetric ? at::zeros_like(bad)
-                : ~at::isfinite(max.to(at::kFloat).clamp_min(0) - min.to(at::kFloat).clamp_max(0));
+}
+
+void check_chosen_qparams(const char* op, const at::Tensor& min, const at::Tensor& max,
+                          const at::Tensor& scale, bool check_order, int64_t quant_min,
+                          int64_t quant_max) {
+  if (scale.numel() == 0) return;
+  const at::Tensor bad = check_order ? ~(at::isfinite(min) & at::isfinite(max) & (min <= max))
+                                     : at::zeros_like(scale, scale.options().dtype(at::kBool));
+  const at::Tensor wide = ~at::isfinite(scale);
   const at::Tensor any = at::stack({bad.any(), wide.any()}).cpu();
   for (const auto& [mask, k] : {std::pair<const at::Tensor&, int>{bad, 0}, {wide, 1}}) {
     if (!any[k].item<bool>()) continue;

@@ -57,11 +57,17 @@ void check_quantize_args(const char* op, const at::Tensor& x, at::ScalarType dty
 // q is int8/uint8/int16/int32 and dtype floating; returns the range of q's dtype.
 std::pair<int64_t, int64_t> check_dequantize_args(const char* op, const at::Tensor& q,
                                                   at::ScalarType dtype);
-// choose_qparams / observer_qparams (op names the op); check_values: finite min <= max, and
-// on CUDA (a host read) a span a float32 scale holds; the CPU kernel checks the span itself.
+// choose_qparams / observer_qparams (op names the op); check_values (CPU min and max only):
+// finite min <= max. The CPU kernel checks the span a float32 scale holds as it computes it.
 void check_choose_qparams_args(const char* op, const at::Tensor& min, const at::Tensor& max,
-                               int64_t quant_min, int64_t quant_max, bool symmetric, double eps,
+                               int64_t quant_min, int64_t quant_max, double eps,
                                bool check_values);
+// The CUDA value checks of choose_qparams / observer_qparams, after the kernel, in one host
+// read: finite min <= max (when check_order) and a finite scale everywhere (a span too wide
+// for a float32 scale gives Inf).
+void check_chosen_qparams(const char* op, const at::Tensor& min, const at::Tensor& max,
+                          const at::Tensor& scale, bool check_order, int64_t quant_min,
+                          int64_t quant_max);
 
 // fake_quant_backward: grad matches x (shape, dtype, device), x and range valid.
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,

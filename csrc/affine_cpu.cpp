@@ -295,8 +295,7 @@ std::tuple<at::Tensor, at::Tensor> qparams_cpu(const at::Tensor& min, const at::
                                                int64_t quant_min, int64_t quant_max,
                                                bool symmetric, double eps) {
   const char* op = Observed ? "qlib::observer_qparams" : "qlib::choose_qparams";
-  check_choose_qparams_args(op, min, max, quant_min, quant_max, symmetric, eps,
-                            /*check_values=*/!Observed);
+  check_choose_qparams_args(op, min, max, quant_min, quant_max, eps, /*check_values=*/!Observed);
   const at::Tensor lo = min.to(at::kFloat).contiguous();
   const at::Tensor hi = max.to(at::kFloat).contiguous();
   at::Tensor scale = at::empty(lo.sizes(), lo.options());

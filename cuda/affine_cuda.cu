@@ -460,9 +460,9 @@ __global__ void choose_qparams_kernel(const float* __restrict__ lo, const float*
   }
 }
 
-// choose_qparams checks min and max (a host read) unless a graph is being captured.
-// observer_qparams reads nothing back: a span too wide for a float32 scale gives an
-// infinite scale (fake_quant then gives NaN for the block), or raises under
+// choose_qparams checks min and max and the scales it chose (one host read) unless a graph is
+// being captured. observer_qparams reads nothing back: a span too wide for a float32 scale
+// gives an infinite scale (fake_quant then gives NaN for the block), or raises under
 // qlib.set_cuda_value_checks(True).
 template <bool Observed>
 std::tuple<at::Tensor, at::Tensor> qparams_cuda(const at::Tensor& min, const at::Tensor& max,
@@ -470,8 +470,7 @@ std::tuple<at::Tensor, at::Tensor> qparams_cuda(const at::Tensor& min, const at:
                                                 bool symmetric, double eps) {
   const char* op = Observed ? "qlib::observer_qparams" : "qlib::choose_qparams";
   const at::OptionalDeviceGuard guard(min.device());
-  check_choose_qparams_args(op, min, max, quant_min, quant_max, symmetric, eps,
-                            !Observed && !capturing());
+  check_choose_qparams_args(op, min, max, quant_min, quant_max, eps, /*check_values=*/false);
   const at::Tensor lo = min.to(at::kFloat).contiguous();
   const at::Tensor hi = max.to(at::kFloat).contiguous();
   at::Tensor scale = at::empty(lo.sizes(), lo.options());
@@ -484,11 +483,8 @@ std::tuple<at::Tensor, at::Tensor> qparams_cuda(const at::Tensor& min, const at:
       lo.const_data_ptr<float>(), hi.const_data_ptr<float>(), scale.data_ptr<float>(),
       zp.data_ptr<int32_t>(), n, quant_min, quant_max, symmetric, static_cast<float>(eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (Observed && cuda_value_checks() && !capturing()) {
-    TORCH_CHECK(at::isfinite(scale).all().item<bool>(), op,
-                ": a range is too wide for a float32 scale over [", quant_min, ", ", quant_max,
-                "]");
-  }
+  if ((!Observed || cuda_value_checks()) && !capturing())
+    check_chosen_qparams(op, min, max, scale, /*check_order=*/!Observed, quant_min, quant_max);
   return {scale, zp};
 }
 

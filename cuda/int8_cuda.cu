@@ -16,8 +16,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/CallOnce.h>
 #include <torch/library.h>
+
+#include <array>
 
 #include "affine.h"
 #include "capture.cuh"
@@ -431,28 +435,27 @@ __global__ void linear_small_m_kernel(const T* __restrict__ x, bool x_packs,
   });
 }
 
-// The codes' shared memory under the default 48 KiB per block (static and dynamic shared
-// memory together, less linear_small_m_kernel's static warp_amax and row_scale). Past it,
-// allow_dynamic_smem raises the kernel's limit, up to the device's opt-in maximum.
-constexpr int64_t kSmallMCodeBytes = 48 * 1024 - sizeof(float) * (kThreads / 32 + kSmallM);
-
-// Lets kernel take `bytes` of dynamic shared memory, up to the device's opt-in limit per block
-// (227 KiB on H100 / H200) less its static shared memory; false when that is too little.
-template <class Kernel>
-bool allow_dynamic_smem(Kernel* kernel, int64_t bytes) {
-  cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  if (bytes <= attr.maxDynamicSharedSizeBytes) return true;
-  const int64_t limit = static_cast<int64_t>(
-      at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) - attr.sharedSizeBytes;
-  if (bytes > limit) return false;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
-  return true;
+// The most dynamic shared memory Kernel may take a block on the current device: the device's
+// opt-in limit (227 KiB on H100 / H200) less Kernel's static shared memory. Raises Kernel's
+// limit to that, once per device, so that every caller sets the same value.
+template <auto Kernel>
+int64_t dynamic_smem_limit() {
+  static std::array<c10::once_flag, C10_COMPILE_TIME_MAX_GPUS> once;
+  static std::array<int64_t, C10_COMPILE_TIME_MAX_GPUS> limit{};
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  c10::call_once(once[device], [device] {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, Kernel));
+    const int most = static_cast<int>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin -
+                                      attr.sharedSizeBytes);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
+    limit[device] = most;
+  });
+  return limit[device];
 }
 
-// Runs linear_small_m_kernel when its M rows of codes (M * round_up(K, 16) bytes) fit the
-// block's shared memory; returns false (nothing launched) otherwise. w K-contiguous.
+// Runs linear_small_m_kernel when its M rows of codes (M * round_up(K, 16) bytes) fit a
+// block's shared memory (dynamic_smem_limit); returns false (nothing launched) otherwise. w K-contiguous.
 bool launch_linear_small_m(const at::Tensor& x, const at::Tensor& w, const float* w_scale,
                            const float* bias, const float* fixed_scale, const int32_t* zero_point,
                            Int8ActCodes range, at::Tensor& out, int64_t M, int64_t N, int64_t K) {
@@ -468,9 +471,9 @@ bool launch_linear_small_m(const at::Tensor& x, const at::Tensor& w, const float
     const bool w_vec = K % 16 == 0 && ldw % 16 == 0 && aligned16(wp);
     const bool x_packs = K % 8 == 0 && aligned(x.const_data_ptr(), 8 * sizeof(scalar_t));
     const auto launch = [&](auto w_vec_c, auto zp_c) {
-      const auto kernel =
+      constexpr auto kernel =
           linear_small_m_kernel<scalar_t, decltype(w_vec_c)::value, decltype(zp_c)::value>;
-      if (smem > kSmallMCodeBytes && !allow_dynamic_smem(kernel, smem)) return;
+      if (smem > dynamic_smem_limit<kernel>()) return;
       kernel<<<blocks, kThreads, smem, stream>>>(
           x.const_data_ptr<scalar_t>(), x_packs, wp, ldw, w_scale, bias, fixed_scale, zero_point,
           range.qmin, range.qmax, out.data_ptr<scalar_t>(), static_cast<int>(M), N, K, lda);

@@ -251,6 +251,8 @@ def _bad_cases(device):
     # Asymmetric, the span max - min overflows float32 (symmetric would be fine).
     wide = (torch.full((1,), -3e38, device=device), torch.full((1,), 3e38, device=device))
     yield lambda: ops.choose_qparams(*wide, -128, 127, False, EPS), r"the range \[-3e\+38, 3e\+38\] at flat index 0 is too wide for a float32 scale"
+    # Symmetric over a range one step wide: max / 0.5 overflows (the CPU and CUDA checks alike).
+    yield lambda: ops.choose_qparams(torch.zeros(1, device=device), wide[1], 0, 1, True, EPS), r"the range \[0, 3e\+38\] at flat index 0 is too wide for a float32 scale over \[0, 1\]"
 
 
 @pytest.fixture

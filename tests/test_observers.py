@@ -544,7 +544,8 @@ def test_observer_qparams_too_wide(device):
     assert torch.isfinite(s[0]) and torch.isinf(s[1])
     qlib.set_cuda_value_checks(True)
     try:
-        with pytest.raises(RuntimeError, match=r"qlib::observer_qparams: a range is too wide"):
+        with pytest.raises(RuntimeError, match=r"qlib::observer_qparams: the range \[-3.*e\+38, 3.*e\+38\] "
+                                               r"at flat index 1 is too wide"):
             ops.observer_qparams(lo, hi, 0, 255, False, 1e-7)
     finally:
         qlib.set_cuda_value_checks(False)
