@@ -68,5 +68,18 @@ TORCH_LIBRARY(qlib, m) {
       "Tensor? bias, Tensor? act_scale=None, Tensor? act_zero_point=None, "
       "int act_quant_min=-127, int act_quant_max=127) -> Tensor",
       tags);
+  // 4-bit weights (block-wise absmax + a 16-value codebook; quant_math.h): packed uint8
+  // [N, ceil(K / 2)], absmax float32 [N, ceil(K / block_size)].
+  m.def(
+      "quantize_4bit(Tensor w, Tensor codebook, int block_size) -> (Tensor packed, Tensor absmax)",
+      tags);
+  m.def(
+      "dequantize_4bit(Tensor packed, Tensor absmax, Tensor codebook, int in_features, "
+      "int block_size, ScalarType dtype) -> Tensor",
+      tags);
+  m.def(
+      "linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor codebook, int block_size, "
+      "Tensor? bias) -> Tensor",
+      tags);
 }
 

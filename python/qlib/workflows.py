@@ -16,6 +16,7 @@ from torch import nn
 from .config import QATConfig
 from .nn.fake_quantize import FakeQuantize
 from .nn.int8_linear import Int8Linear
+from .nn.linear_4bit import Linear4bit
 from .nn.qat_linear import QATLinear
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -56,6 +57,16 @@ def quantize_dynamic(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> 
     ``nn.Linear``, returns its replacement.
     """
     return _swap(model, nn.Linear, lambda m, fqn: Int8Linear.from_float(m), filter_fn, "quantize_dynamic")
+
+
+def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
+                         filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` of ``model`` selected by ``filter_fn(module, fqn)``
+    with a :class:`qlib.nn.Linear4bit` (4-bit weights: ``codebook`` "nf4", "int4" or 16 values;
+    one absmax per ``block_size`` weights; float activations). Returns the model, or the
+    replacement when ``model`` itself is a selected ``nn.Linear``."""
+    return _swap(model, nn.Linear, lambda m, fqn: Linear4bit.from_float(m, codebook, block_size), filter_fn,
+                 "quantize_weight_only")
 
 
 def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None,

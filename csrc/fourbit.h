@@ -1,0 +1,112 @@
+// Device-independent argument checks of the 4-bit ops (quantize_4bit, dequantize_4bit,
+// linear_4bit), shared by csrc/fourbit_cpu.cpp and cuda/fourbit_cuda.cu.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cmath>
+#include <optional>
+
+#include "quant_math.h"
+
+namespace qlib {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A 16-value float32 codebook on `device`. Its values are checked by quantize_4bit only.
+inline void check_codebook(const char* op, const at::Tensor& codebook, const at::Device& device) {
+  TORCH_CHECK(codebook.scalar_type() == at::kFloat && codebook.dim() == 1 &&
+                  codebook.size(0) == kCodebookSize,
+              op, ": codebook must be float32 of shape [16], got ", codebook.scalar_type(),
+              " of shape ", codebook.sizes());
+  TORCH_CHECK(codebook.device() == device, op, ": codebook is on ", codebook.device(),
+              " but the weight is on ", device);
+}
+
+inline void check_block_size(const char* op, int64_t block_size) {
+  TORCH_CHECK(block_size >= 1 && block_size <= (int64_t{1} << 24), op,
+              ": block_size must be in [1, 2^24], got ", block_size);
+}
+
+// A packed 4-bit weight of in_features K: packed uint8 [N, ceil(K / 2)] and absmax float32
+// [N, ceil(K / block_size)] on one device. Returns N.
+inline int64_t check_packed_4bit(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
+                                 const at::Tensor& codebook, int64_t in_features,
+                                 int64_t block_size) {
+  check_block_size(op, block_size);
+  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, op,
+              ": packed must be uint8 [out_features, ceil(in_features / 2)], got ",
+              packed.scalar_type(), " of shape ", packed.sizes());
+  const int64_t N = packed.size(0);
+  TORCH_CHECK(packed.size(1) == ceil_div(in_features, 2), op, ": packed of shape ", packed.sizes(),
+              " does not hold in_features = ", in_features, " (needs ", ceil_div(in_features, 2),
+              " bytes a row)");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.dim() == 2 && absmax.size(0) == N &&
+                  absmax.size(1) == ceil_div(in_features, block_size),
+              op, ": absmax must be float32 [", N, ", ", ceil_div(in_features, block_size),
+              "] (out_features, ceil(in_features / block_size) with block_size = ", block_size,
+              "), got ", absmax.scalar_type(), " of shape ", absmax.sizes());
+  TORCH_CHECK(absmax.device() == packed.device(), op, ": absmax is on ", absmax.device(),
+              " but packed is on ", packed.device());
+  check_codebook(op, codebook, packed.device());
+  return N;
+}
+
+// quantize_4bit: w float32 / float16 / bfloat16 [N, K] with finite values (one host read on
+// CUDA: it runs once, at conversion), a finite, strictly increasing codebook. Returns the
+// codebook's midpoints (codebook_midpoints) for the kernels.
+inline std::array<float, kCodebookSize - 1> check_quantize_4bit_args(const char* op,
+                                                                    const at::Tensor& w,
+                                                                    const at::Tensor& codebook,
+                                                                    int64_t block_size) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf ||
+                  w.scalar_type() == at::kBFloat16,
+              op, ": w must be float32, float16 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 2, op, ": w must be 2-D [out_features, in_features], got shape ",
+              w.sizes());
+  check_block_size(op, block_size);
+  check_codebook(op, codebook, w.device());
+  const at::Tensor cb = codebook.cpu();
+  const float* c = cb.const_data_ptr<float>();
+  for (int j = 0; j < kCodebookSize; ++j) {
+    TORCH_CHECK(std::isfinite(c[j]) && (j == 0 || c[j - 1] < c[j]), op,
+                ": codebook must be finite and strictly increasing, got ", cb);
+  }
+  if (w.numel() > 0) {
+    const at::Tensor bad = ~at::isfinite(w);
+    if (bad.any().item<bool>()) {
+      const int64_t i = bad.reshape(-1).nonzero().select(0, 0).item<int64_t>();
+      TORCH_CHECK(false, op, ": w must be finite, got ", w.reshape(-1)[i].item<double>(),
+                  " at [", i / w.size(1), ", ", i % w.size(1), "]");
+    }
+  }
+  std::array<float, kCodebookSize - 1> mid{};
+  codebook_midpoints(c, mid.data());
+  return mid;
+}
+
+// linear_4bit: x float32 / float16 / bfloat16 [..., K], the packed weight of in_features K,
+// bias (optional) floating [N]. Returns N.
+inline int64_t check_linear_4bit_args(const char* op, const at::Tensor& x, const at::Tensor& packed,
+                                      const at::Tensor& absmax, const at::Tensor& codebook,
+                                      int64_t block_size, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16,
+              op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  TORCH_CHECK(x.device() == packed.device(), op, ": x is on ", x.device(), " but packed is on ",
+              packed.device());
+  const int64_t N = check_packed_4bit(op, packed, absmax, codebook, x.size(-1), block_size);
+  if (bias.has_value()) {
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()) && bias->dim() == 1 && bias->size(0) == N,
+                op, ": bias must be floating of shape [", N, "], got ", bias->scalar_type(),
+                " of shape ", bias->sizes());
+    TORCH_CHECK(bias->device() == x.device(), op, ": bias is on ", bias->device(),
+                " but x is on ", x.device());
+  }
+  return N;
+}
+
+}  // namespace qlib

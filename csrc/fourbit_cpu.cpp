@@ -1,0 +1,211 @@
+// CPU kernels of the 4-bit ops: quantize_4bit, dequantize_4bit, linear_4bit (formulas in
+// quant_math.h, checks in fourbit.h). The weight is decoded a row at a time into float32
+// (AVX512: 16 codes a step through vpermps, where blocks are multiples of 16); linear_4bit
+// at M <= 4 dots each decoded row with the rows of x (memory bound: reads 4 bits a weight),
+// at larger M decodes the whole weight and calls ATen's float32 GEMM.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "cpu_vec.h"
+#include "fourbit.h"
+
+namespace qlib {
+namespace {
+
+constexpr int64_t kGemvMaxM = 4;  // linear_4bit: fused decode + dot up to this many rows
+
+// The code of weight k in a packed row.
+inline int packed_code(const uint8_t* row, int64_t k) { return (row[k >> 1] >> ((k & 1) * 4)) & 15; }
+
+// Weights [k0, k1) of a packed row, one block (scale a), as float32.
+void decode_span_scalar(const uint8_t* row, int64_t k0, int64_t k1, float a, const float* cb,
+                        float* out) {
+  for (int64_t k = k0; k < k1; ++k) out[k] = codebook_value(packed_code(row, k), a, cb);
+}
+
+#if defined(__x86_64__)
+#define QLIB_AVX512F_FN __attribute__((target("avx2,fma,avx512f")))
+
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+// decode_row for block_size % 16 == 0: each 8 bytes give 16 codes (low nibble first), looked
+// up in the 16-float codebook with one vpermps and scaled by the block's absmax (the same float
+// product as codebook_value).
+QLIB_AVX512F_FN void decode_row_avx512(const uint8_t* row, const float* absmax, int64_t K,
+                                       int64_t block_size, const float* cb, float* out) {
+  const __m512 lut = _mm512_loadu_ps(cb);
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
+    const int64_t k1 = std::min(k0 + block_size, K);
+    const __m512 a = _mm512_set1_ps(absmax[b]);
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2));
+      const __m128i lo = _mm_and_si128(bytes, nibble);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+      // (maskz forms: GCC 12 warns on the undefined pass-through of the plain ones)
+      const __m512i idx = _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_unpacklo_epi8(lo, hi));
+      _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_maskz_permutexvar_ps(0xFFFF, idx, lut), a));
+    }
+    decode_span_scalar(row, k, k1, absmax[b], cb, out);
+  }
+}
+#endif
+
+// Row of the dequantized weight, float32, into out[0, K).
+void decode_row(const uint8_t* row, const float* absmax, int64_t K, int64_t block_size,
+                const float* cb, float* out) {
+#if defined(__x86_64__)
+  if (block_size % 16 == 0 && cpu_has_avx512f()) {
+    decode_row_avx512(row, absmax, K, block_size, cb, out);
+    return;
+  }
+#endif
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b)
+    decode_span_scalar(row, k0, std::min(k0 + block_size, K), absmax[b], cb, out);
+}
+
+// Rows [n0, n1) of the weight decoded into out (float32 [N, K]).
+void decode_rows(const at::Tensor& packed, const at::Tensor& absmax, const float* cb, int64_t K,
+                 int64_t block_size, float* out, int64_t n0, int64_t n1) {
+  const uint8_t* p = packed.const_data_ptr<uint8_t>();
+  const float* am = absmax.const_data_ptr<float>();
+  const int64_t ldp = packed.size(1), lda = absmax.size(1);
+  for (int64_t n = n0; n < n1; ++n) decode_row(p + n * ldp, am + n * lda, K, block_size, cb, out + n * K);
+}
+
+// Rows a parallel_for grain holds: about kGrain weights.
+int64_t row_grain(int64_t K) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(K, 1)); }
+
+float dot(const float* a, const float* b, int64_t K) {
+  Vec acc0(0.0f), acc1(0.0f);
+  int64_t k = 0;
+  for (; k + 2 * kVec <= K; k += 2 * kVec) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + k), Vec::loadu(b + k), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + k + kVec), Vec::loadu(b + k + kVec), acc1);
+  }
+  if (k + kVec <= K) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + k), Vec::loadu(b + k), acc0);
+    k += kVec;
+  }
+  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc0 + acc1);
+  for (; k < K; ++k) s += a[k] * b[k];
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& w_in,
+                                                     const at::Tensor& codebook,
+                                                     int64_t block_size) {
+  const char* op = "qlib::quantize_4bit";
+  const auto mid = check_quantize_4bit_args(op, w_in, codebook, block_size);
+  const at::Tensor w = w_in.to(at::kFloat).contiguous();
+  const int64_t N = w.size(0), K = w.size(1), KB = ceil_div(K, block_size), ldp = ceil_div(K, 2);
+  at::Tensor packed = at::zeros({N, ldp}, w.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({N, KB}, w.options());
+  const float* wp = w.const_data_ptr<float>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* ap = absmax.data_ptr<float>();
+  // By rows: with an odd block_size a byte holds codes of two blocks.
+  at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* row = wp + n * K;
+      uint8_t* prow = pp + n * ldp;
+      for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
+        const int64_t k1 = std::min(k0 + block_size, K);
+        float amax = 0.0f;
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(row[k]));
+        ap[n * KB + b] = amax;
+        const float inv = absmax_inverse(amax);
+        for (int64_t k = k0; k < k1; ++k)
+          prow[k >> 1] |= static_cast<uint8_t>(codebook_code(row[k], inv, mid.data()) << ((k & 1) * 4));
+      }
+    }
+  });
+  return {packed, absmax};
+}
+
+// The whole weight as float32 [N, K].
+at::Tensor decode_weight(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& cb,
+                         int64_t K, int64_t block_size) {
+  const int64_t N = packed.size(0);
+  at::Tensor w = at::empty({N, K}, absmax.options());
+  const float* c = cb.const_data_ptr<float>();
+  float* out = w.data_ptr<float>();
+  at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
+    decode_rows(packed, absmax, c, K, block_size, out, n0, n1);
+  });
+  return w;
+}
+
+at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& absmax_in,
+                               const at::Tensor& codebook, int64_t in_features,
+                               int64_t block_size, at::ScalarType dtype) {
+  const char* op = "qlib::dequantize_4bit";
+  check_packed_4bit(op, packed_in, absmax_in, codebook, in_features, block_size);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": dtype must be float32, float16 or bfloat16, got ", dtype);
+  const at::Tensor w = decode_weight(packed_in.contiguous(), absmax_in.contiguous(),
+                                     codebook.contiguous(), in_features, block_size);
+  return dtype == at::kFloat ? w : w.to(dtype);
+}
+
+at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
+                           const at::Tensor& absmax_in, const at::Tensor& codebook_in,
+                           int64_t block_size, const std::optional<at::Tensor>& bias_in) {
+  const char* op = "qlib::linear_4bit";
+  const int64_t N =
+      check_linear_4bit_args(op, x_in, packed_in, absmax_in, codebook_in, block_size, bias_in);
+  const int64_t K = x_in.size(-1);
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = N;
+  const int64_t M = c10::multiply_integers(out_shape.begin(), out_shape.end() - 1);
+  const at::Tensor bias = bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
+  if (M == 0 || N == 0 || K == 0) {
+    at::Tensor out = bias.defined() ? bias.expand(out_shape) : at::zeros(out_shape, x_in.options().dtype(at::kFloat));
+    return out.to(x_in.scalar_type()).contiguous();
+  }
+  const at::Tensor x = x_in.reshape({M, K}).to(at::kFloat).contiguous();
+  const at::Tensor packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
+  const at::Tensor cb = codebook_in.contiguous();
+  if (M > kGemvMaxM) {  // decode once, then ATen's GEMM
+    const at::Tensor w = decode_weight(packed, absmax, cb, K, block_size);
+    const at::Tensor y = bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
+    return y.to(x_in.scalar_type()).view(out_shape);
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const float* c = cb.const_data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
+  const float* ap = absmax.const_data_ptr<float>();
+  at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      decode_row(pp + n * packed.size(1), ap + n * absmax.size(1), K, block_size, c, row.data());
+      for (int64_t m = 0; m < M; ++m)
+        yp[m * N + n] = dot(xp + m * K, row.data(), K) + (bp != nullptr ? bp[n] : 0.0f);
+    }
+  });
+  return y.to(x_in.scalar_type()).view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlib, CPU, m) {
+  m.impl("quantize_4bit", &quantize_4bit_cpu);
+  m.impl("dequantize_4bit", &dequantize_4bit_cpu);
+  m.impl("linear_4bit", &linear_4bit_cpu);
+}
+
+}  // namespace qlib

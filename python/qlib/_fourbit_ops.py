@@ -1,0 +1,118 @@
+"""Fakes, autograd and typed wrappers of the 4-bit ops.
+
+Schemas live in csrc/schemas.cpp (block `// 4-bit weights`); the formulas in csrc/quant_math.h
+("4-bit codebooks"); kernels in csrc/fourbit_cpu.cpp and cuda/fourbit_cuda.cu.
+
+Scheme (documented contract): a weight [N, K] is cut into blocks of ``block_size`` weights
+along K (a row's last block may be shorter). Each block keeps ``absmax`` = max |w| (float32);
+each weight keeps the 4-bit index of the codebook value nearest ``w * (1 / absmax)`` (a tie
+goes to the lower value; an all-zero block takes the value nearest 0). Codes are packed two a
+byte along K, the even k in the low nibble: ``packed`` is uint8 [N, ceil(K / 2)], ``absmax``
+float32 [N, ceil(K / block_size)]. Dequantized, a weight is ``codebook[code] * absmax`` in
+float32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _load  # noqa: F401  (loads qlib._C first)
+
+ops = torch.ops.qlib
+
+# NF4 (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1), 8 positive and 7 negative, plus 0,
+# scaled to [-1, 1]; the values bitsandbytes uses.
+NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+# Symmetric int4: k / 7 for k = -8..7, so that codes are round(7 * w / absmax) (-8 unused).
+INT4 = tuple(k / 7 for k in range(-8, 8))
+
+CodebookLike = Union[str, Tensor]
+
+
+def codebook_4bit(codebook: CodebookLike = "nf4", device=None) -> Tensor:
+    """The float32 [16] codebook named ``"nf4"`` or ``"int4"``, or ``codebook`` itself (16
+    increasing values, e.g. from k-means) as float32 on ``device``."""
+    if isinstance(codebook, str):
+        values = {"nf4": NF4, "int4": INT4}.get(codebook.lower())
+        if values is None:
+            raise ValueError(f"qlib.codebook_4bit: unknown codebook {codebook!r}; use 'nf4', 'int4' or a tensor of 16 values")
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    if not isinstance(codebook, Tensor):
+        raise TypeError(f"qlib.codebook_4bit: codebook must be a name or a Tensor, got {type(codebook).__name__}")
+    return codebook.detach().to(device=device if device is not None else codebook.device, dtype=torch.float32)
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+@torch.library.register_fake("qlib::quantize_4bit")
+def _(w, codebook, block_size):
+    torch._check(w.dim() == 2, lambda: "qlib::quantize_4bit: w must be 2-D [out_features, in_features]")
+    torch._check(block_size >= 1, lambda: f"qlib::quantize_4bit: block_size must be >= 1, got {block_size}")
+    n, k = w.shape
+    return (w.new_empty((n, _ceil_div(k, 2)), dtype=torch.uint8),
+            w.new_empty((n, _ceil_div(k, block_size)), dtype=torch.float32))
+
+
+@torch.library.register_fake("qlib::dequantize_4bit")
+def _(packed, absmax, codebook, in_features, block_size, dtype):
+    torch._check(packed.dim() == 2, lambda: "qlib::dequantize_4bit: packed must be 2-D")
+    return packed.new_empty((packed.shape[0], in_features), dtype=dtype)
+
+
+@torch.library.register_fake("qlib::linear_4bit")
+def _(x, packed, absmax, codebook, block_size, bias):
+    torch._check(packed.dim() == 2, lambda: "qlib::linear_4bit: packed must be 2-D")
+    torch._check(packed.shape[1] == _ceil_div(x.shape[-1], 2),
+                 lambda: f"qlib::linear_4bit: x {x.shape} does not match packed {packed.shape}")
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _linear_4bit_setup(ctx, inputs, output):
+    x, packed, absmax, codebook, block_size, bias = inputs
+    ctx.save_for_backward(packed, absmax, codebook)
+    ctx.block_size, ctx.in_features = block_size, x.shape[-1]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_4bit_backward(ctx, grad):
+    """grad_x = grad @ W_hat (the dequantized weight, in grad's dtype); grad_bias = the sum of
+    grad over all rows. The 4-bit weight itself is frozen."""
+    packed, absmax, codebook = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = ops.dequantize_4bit(packed, absmax, codebook, ctx.in_features, ctx.block_size, grad.dtype)
+        grad_x = grad @ w
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("qlib::linear_4bit", _linear_4bit_backward, setup_context=_linear_4bit_setup)
+
+
+def quantize_4bit(w: Tensor, codebook: CodebookLike = "nf4", block_size: int = 64) -> Tuple[Tensor, Tensor]:
+    """(packed uint8 [N, ceil(K / 2)], absmax float32 [N, ceil(K / block_size)]) of a finite
+    float weight [N, K]; see the module docstring for the scheme."""
+    return ops.quantize_4bit(w, codebook_4bit(codebook, w.device), block_size)
+
+
+def dequantize_4bit(packed: Tensor, absmax: Tensor, codebook: CodebookLike, in_features: int,
+                    block_size: int = 64, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The weight [N, in_features] as ``codebook[code] * absmax`` (float32 math) in ``dtype``."""
+    return ops.dequantize_4bit(packed, absmax, codebook_4bit(codebook, packed.device), in_features, block_size, dtype)
+
+
+def linear_4bit(x: Tensor, packed: Tensor, absmax: Tensor, codebook: CodebookLike, block_size: int = 64,
+                bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ W_hat.T + bias`` with the 4-bit weight (float32 accumulation), in x's dtype; any
+    leading dims. Differentiable in x and bias."""
+    return ops.linear_4bit(x, packed, absmax, codebook_4bit(codebook, packed.device), block_size, bias)

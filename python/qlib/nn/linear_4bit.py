@@ -1,0 +1,96 @@
+"""Linear4bit: a weight-only 4-bit Linear (NF4, int4 or any 16-value codebook).
+
+The weight is stored as 4-bit codes, two a byte, with one float32 absmax per block of
+``block_size`` weights along in_features (the scheme of ``qlib._fourbit_ops``). The matmul runs
+in float32 on the dequantized weight, fused with the decoding at small batch
+(``torch.ops.qlib.linear_4bit``); activations are not quantized.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import _fourbit_ops
+from .._fourbit_ops import CodebookLike, codebook_4bit
+from .._state import QuantState
+
+
+class Linear4bit(QuantState):
+    """``y = x @ W_hat.T + bias``, W_hat decoded from 4-bit codes; drop-in for an ``nn.Linear``
+    whose weight is frozen. Build one with :meth:`from_float`.
+
+    The state_dict holds ``packed`` (uint8 [N, ceil(K / 2)]), ``absmax`` (float32
+    [N, ceil(K / block_size)]), ``codebook`` (float32 [16]) and ``bias`` (a parameter, trainable,
+    if any): plain tensors that load with ``torch.load(weights_only=True)``. Gradients flow to
+    the input and the bias, not to the 4-bit weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 codebook: CodebookLike = "nf4", block_size: int = 64, device=None, dtype=None):
+        super().__init__()
+        if int(block_size) < 1:
+            raise ValueError(f"Linear4bit: block_size must be >= 1, got {block_size}")
+        self.in_features, self.out_features, self.block_size = int(in_features), int(out_features), int(block_size)
+        self.codebook_name = codebook.lower() if isinstance(codebook, str) else "custom"
+        n, k = self.out_features, self.in_features
+        self.register_buffer("packed", torch.zeros(n, (k + 1) // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.zeros(n, -(-k // self.block_size), dtype=torch.float32, device=device))
+        self.register_buffer("codebook", codebook_4bit(codebook, device))
+        self.bias = nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, codebook: CodebookLike = "nf4", block_size: int = 64) -> "Linear4bit":
+        """Quantize ``linear``'s weight (finite values) to 4 bits; the bias is copied as is."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Linear4bit.from_float: expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, codebook, block_size,
+                  device=w.device, dtype=None if linear.bias is None else linear.bias.dtype)
+        with torch.no_grad():
+            packed, absmax = _fourbit_ops.ops.quantize_4bit(w.detach(), mod.codebook, mod.block_size)
+            mod.packed.copy_(packed)
+            mod.absmax.copy_(absmax)
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self._buffers  # (nn.Module.__getattr__ costs about 0.7 us a name)
+        return torch.ops.qlib.linear_4bit(x, b["packed"], b["absmax"], b["codebook"], self.block_size,
+                                          self._parameters["bias"])
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """W_hat [out_features, in_features] in ``dtype``."""
+        return torch.ops.qlib.dequantize_4bit(self.packed, self.absmax, self.codebook, self.in_features,
+                                              self.block_size, dtype)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the 4-bit weight plus its absmax and codebook (bias excluded)."""
+        return self.packed.numel() + 4 * self.absmax.numel() + 4 * self.codebook.numel()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight=4-bit {self.codebook_name}, block_size={self.block_size} (absmax per block), "
+                f"activation=float")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name, buf in self._buffers.items():
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if not isinstance(value, Tensor):
+                raise RuntimeError(f"Linear4bit: state_dict[{key!r}] must be a Tensor, got {type(value).__name__}")
+            if value.dtype != buf.dtype or value.shape != buf.shape:
+                raise RuntimeError(
+                    f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] is {value.dtype} of shape "
+                    f"{tuple(value.shape)}, expected {buf.dtype} of shape {tuple(buf.shape)}")
+            if name == "absmax" and not bool((torch.isfinite(value) & (value >= 0)).all()):
+                raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] holds a negative, NaN "
+                                   "or Inf absmax (a corrupt state_dict?)")
+            if name == "codebook" and not bool(torch.isfinite(value).all() and (value[1:] > value[:-1]).all()):
+                raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] must hold 16 finite, "
+                                   f"increasing values, got {value.tolist()}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
