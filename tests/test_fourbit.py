@@ -1,0 +1,273 @@
+"""4-bit weights: quantize_4bit / dequantize_4bit / linear_4bit, Linear4bit, quantize_weight_only.
+
+References are written here with plain torch ops (float32 where the scheme fixes float32
+math, float64 for the matmul)."""
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import qlib
+from qlib._fourbit_ops import INT4, NF4
+from qlib.nn import Linear4bit
+
+ops = torch.ops.qlib
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def ref_quantize(w, codebook, block_size):
+    """(codes int64 [N, K], absmax float32 [N, KB]) by the documented scheme."""
+    w = w.float()
+    n, k = w.shape
+    kb = -(-k // block_size)
+    padded = torch.zeros(n, kb * block_size, device=w.device)
+    padded[:, :k] = w
+    absmax = padded.abs().view(n, kb, block_size).amax(-1)
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    v = w * inv.repeat_interleave(block_size, 1)[:, :k]
+    cb = codebook.float()
+    mid = 0.5 * cb[:-1] + 0.5 * cb[1:]
+    codes = (v.unsqueeze(-1) > mid).sum(-1)
+    return codes, absmax
+
+
+def pack(codes):
+    n, k = codes.shape
+    padded = torch.zeros(n, k + k % 2, dtype=torch.int64, device=codes.device)
+    padded[:, :k] = codes
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).to(torch.uint8)
+
+
+def ref_dequantize(codes, absmax, codebook, block_size):
+    k = codes.shape[1]
+    return codebook.float()[codes] * absmax.repeat_interleave(block_size, 1)[:, :k]
+
+
+def codebooks(device):
+    custom = torch.sort(torch.randn(16)).values.to(device)  # e.g. a k-means codebook
+    return {"nf4": qlib.codebook_4bit("nf4", device), "int4": qlib.codebook_4bit("int4", device), "custom": custom}
+
+
+def test_nf4_is_the_normal_quantile_map():
+    """QLoRA's construction: 8 positive and 7 negative quantiles of N(0, 1) and 0, over the max."""
+    offset = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    torch.testing.assert_close(torch.tensor(NF4, dtype=torch.float64), v / v.max(), rtol=0, atol=2e-7)
+    assert INT4 == tuple(k / 7 for k in range(-8, 8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 7, 16, 64, 128])
+@pytest.mark.parametrize("K", [1, 33, 128, 1000])
+def test_quantize_and_dequantize_match_the_scheme(device, dtype, block_size, K):
+    w = (torch.randn(19, K, device=device) * 3).to(dtype)
+    w[3, : min(K, block_size)] = 0.0  # an all-zero block
+    for name, cb in codebooks(device).items():
+        packed, absmax = ops.quantize_4bit(w, cb, block_size)
+        codes, ref_absmax = ref_quantize(w, cb, block_size)
+        assert packed.dtype == torch.uint8 and packed.shape == (19, (K + 1) // 2)
+        assert torch.equal(absmax, ref_absmax), name
+        assert torch.equal(packed, pack(codes)), name
+        ref = ref_dequantize(codes, absmax, cb, block_size)
+        for out_dtype in DTYPES:
+            got = ops.dequantize_4bit(packed, absmax, cb, K, block_size, out_dtype)
+            assert got.dtype == out_dtype and torch.equal(got, ref.to(out_dtype)), (name, out_dtype)
+
+
+@pytest.mark.parametrize("name", ["nf4", "int4", "custom"])
+def test_error_is_within_half_a_codebook_gap(device, name):
+    """Float64: each weight lands on its nearest codebook value (times absmax)."""
+    w = torch.randn(64, 256, device=device, dtype=torch.float64)
+    cb = codebooks(device)[name]
+    packed, absmax = ops.quantize_4bit(w.float(), cb, 64)
+    w_hat = ops.dequantize_4bit(packed, absmax, cb, 256, 64, torch.float32).double()
+    a = absmax.double().repeat_interleave(64, 1)
+    v = w / a
+    nearest = (v.unsqueeze(-1) - cb.double()).abs().min(-1).values
+    err = (w_hat / a - v).abs()
+    assert (err <= nearest + 1e-6).all()
+    if name != "custom":  # values in [-1, 1] span the block: at most half the widest gap
+        assert (err <= (cb[1:] - cb[:-1]).max().item() / 2 + 1e-6).all()
+
+
+def test_int4_codes_are_rounded_scaled_weights(device):
+    """With the int4 codebook, code - 8 = round(7 w / absmax) (ties excepted) and the weights
+    equal torch's fake_quantize_per_channel_affine with scale absmax / 7 per block."""
+    w = torch.randn(40, 64, device=device)
+    packed, absmax = ops.quantize_4bit(w, qlib.codebook_4bit("int4", device), 64)
+    codes, _ = ref_quantize(w, qlib.codebook_4bit("int4", device), 64)
+    scaled = 7 * w.double() / absmax.double()
+    far_from_tie = ((scaled - scaled.floor()) - 0.5).abs() > 1e-4
+    assert torch.equal((codes - 8)[far_from_tie], scaled.round().long()[far_from_tie])
+    w_hat = ops.dequantize_4bit(packed, absmax, qlib.codebook_4bit("int4", device), 64, 64, torch.float32)
+    fq = torch.fake_quantize_per_channel_affine(w, absmax.view(-1) / 7, torch.zeros(40, dtype=torch.int32,
+                                                device=device), 0, -8, 7)
+    torch.testing.assert_close(w_hat[far_from_tie.all(1)], fq[far_from_tie.all(1)], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 17, 64])
+@pytest.mark.parametrize("block_size", [16, 64, 7])
+def test_linear_matches_float64(device, dtype, M, block_size):
+    K, N = 200, 37
+    w = torch.randn(N, K, device=device)
+    cb = qlib.codebook_4bit("nf4", device)
+    packed, absmax = ops.quantize_4bit(w, cb, block_size)
+    w_hat = ops.dequantize_4bit(packed, absmax, cb, K, block_size, torch.float32).double()
+    x = torch.randn(M, 2 * K, device=device).to(dtype)[:, ::2]  # non-contiguous
+    for bias in (torch.randn(N, device=device), None):
+        y = ops.linear_4bit(x, packed, absmax, cb, block_size, bias)
+        ref = x.double() @ w_hat.T + (0 if bias is None else bias.double())
+        assert y.dtype == dtype and y.shape == (M, N)
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    # leading dims
+    y3 = ops.linear_4bit(x.reshape(1, M, K), packed, absmax, cb, block_size, None)
+    assert y3.shape == (1, M, N)
+    torch.testing.assert_close(y3[0], ops.linear_4bit(x.contiguous(), packed, absmax, cb, block_size, None))
+
+
+def test_linear_rows_alone_equal_rows_in_a_batch(device):
+    """The fused small-M path and the batched path give the same numbers up to summation order."""
+    K, N = 4096, 64
+    w = torch.randn(N, K, device=device)
+    cb = qlib.codebook_4bit("nf4", device)
+    packed, absmax = ops.quantize_4bit(w, cb, 64)
+    x = torch.randn(9, K, device=device)
+    batch = ops.linear_4bit(x, packed, absmax, cb, 64, None)
+    for m in (1, 4):
+        torch.testing.assert_close(ops.linear_4bit(x[:m], packed, absmax, cb, 64, None), batch[:m],
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_linear_autograd(device):
+    K, N = 50, 30
+    w = torch.randn(N, K, device=device)
+    cb = qlib.codebook_4bit("int4", device)
+    packed, absmax = ops.quantize_4bit(w, cb, 16)
+    w_hat = ops.dequantize_4bit(packed, absmax, cb, K, 16, torch.float32)
+    x = torch.randn(3, 5, K, device=device, requires_grad=True)
+    bias = torch.randn(N, device=device, requires_grad=True)
+    g = torch.randn(3, 5, N, device=device)
+    gx, gb = torch.autograd.grad(ops.linear_4bit(x, packed, absmax, cb, 16, bias), (x, bias), g)
+    torch.testing.assert_close(gx, g @ w_hat)
+    torch.testing.assert_close(gb, g.sum((0, 1)))
+
+
+def test_empty_shapes(device):
+    cb = qlib.codebook_4bit("nf4", device)
+    for n, k in ((0, 8), (5, 0), (0, 0)):
+        packed, absmax = ops.quantize_4bit(torch.randn(n, k, device=device), cb, 4)
+        assert packed.shape == (n, (k + 1) // 2) and absmax.shape == (n, (k + 3) // 4)
+        assert ops.dequantize_4bit(packed, absmax, cb, k, 4, torch.float16).shape == (n, k)
+        bias = torch.randn(n, device=device)
+        y = ops.linear_4bit(torch.randn(3, k, device=device), packed, absmax, cb, 4, bias)
+        assert y.shape == (3, n) and torch.equal(y, bias.expand(3, n) if k == 0 else y)
+        assert ops.linear_4bit(torch.randn(0, k, device=device), packed, absmax, cb, 4, bias).shape == (0, n)
+
+
+def test_bad_inputs(device):
+    cb = qlib.codebook_4bit("nf4", device)
+    w = torch.randn(4, 10, device=device)
+    packed, absmax = ops.quantize_4bit(w, cb, 4)
+    x = torch.randn(2, 10, device=device)
+    cases = [
+        (lambda: ops.quantize_4bit(w[0], cb, 4), r"qlib::quantize_4bit: w must be 2-D"),
+        (lambda: ops.quantize_4bit(w.int(), cb, 4), r"qlib::quantize_4bit: w must be float32, float16 or bfloat16, got Int"),
+        (lambda: ops.quantize_4bit(w, cb, 0), r"qlib::quantize_4bit: block_size must be in \[1, 2\^24\], got 0"),
+        (lambda: ops.quantize_4bit(w, cb[:8], 4), r"codebook must be float32 of shape \[16\], got Float of shape \[8\]"),
+        (lambda: ops.quantize_4bit(w, cb.double(), 4), r"codebook must be float32 of shape \[16\], got Double"),
+        (lambda: ops.quantize_4bit(w, cb.flip(0), 4), r"codebook must be finite and strictly increasing"),
+        (lambda: ops.quantize_4bit(torch.where(w > 1e9, w, w.new_tensor(math.nan)), cb, 4),
+         r"qlib::quantize_4bit: w must be finite, got nan at \[0, 0\]"),
+        (lambda: ops.dequantize_4bit(packed, absmax, cb, 12, 4, torch.float32),
+         r"qlib::dequantize_4bit: packed of shape \[4, 5\] does not hold in_features = 12"),
+        (lambda: ops.dequantize_4bit(packed, absmax, cb, 10, 2, torch.float32),
+         r"absmax must be float32 \[4, 5\] .*block_size = 2\), got Float of shape \[4, 3\]"),
+        (lambda: ops.dequantize_4bit(packed, absmax, cb, 10, 4, torch.int8), r"dtype must be float32, float16 or bfloat16, got Char"),
+        (lambda: ops.dequantize_4bit(packed.to(torch.int8), absmax, cb, 10, 4, torch.float32), r"packed must be uint8"),
+        (lambda: ops.linear_4bit(x[:, :8], packed, absmax, cb, 4, None), r"qlib::linear_4bit: packed of shape \[4, 5\] does not hold in_features = 8"),
+        (lambda: ops.linear_4bit(x.int(), packed, absmax, cb, 4, None), r"qlib::linear_4bit: x must be float32, float16 or bfloat16, got Int"),
+        (lambda: ops.linear_4bit(x, packed, absmax, cb, 4, torch.zeros(5, device=device)), r"bias must be floating of shape \[4\], got Float of shape \[5\]"),
+        (lambda: ops.linear_4bit(x, packed, absmax.double(), cb, 4, None), r"absmax must be float32"),
+    ]
+    if torch.cuda.is_available():
+        other = "cpu" if device != "cpu" else "cuda"
+        cases.append((lambda: ops.linear_4bit(x.to(other), packed, absmax, cb, 4, None), r"x is on .* but packed is on"))
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    with pytest.raises(ValueError, match="unknown codebook 'fp5'"):
+        qlib.codebook_4bit("fp5")
+
+
+def test_opcheck(device):
+    cb = qlib.codebook_4bit("nf4", device)
+    w = torch.randn(24, 41, device=device)
+    packed, absmax = ops.quantize_4bit(w, cb, 8)
+    torch.library.opcheck(ops.quantize_4bit, (w, cb, 8))
+    torch.library.opcheck(ops.quantize_4bit, (w.bfloat16(), cb, 5))
+    torch.library.opcheck(ops.dequantize_4bit, (packed, absmax, cb, 41, 8, torch.float16))
+    x = torch.randn(3, 41, device=device, requires_grad=True)
+    b = torch.randn(24, device=device, requires_grad=True)
+    torch.library.opcheck(ops.linear_4bit, (x, packed, absmax, cb, 8, b))
+    torch.library.opcheck(ops.linear_4bit, (torch.randn(2, 9, 41, device=device).bfloat16(), packed, absmax, cb, 8, None))
+
+
+# ---------------------------------------------------------------- Linear4bit
+@pytest.mark.parametrize("codebook", ["nf4", "int4"])
+def test_linear4bit_module(device, codebook):
+    lin = nn.Linear(96, 40).to(device)
+    q = Linear4bit.from_float(lin, codebook=codebook, block_size=32)
+    assert codebook in repr(q) and "block_size=32" in repr(q)
+    assert q.weight_bytes() == 40 * 48 + 4 * 40 * 3 + 64  # 4 bits a weight + absmax + codebook
+    x = torch.randn(3, 7, 96, device=device)
+    w_hat = q.dequantized_weight().double()
+    torch.testing.assert_close(q(x).double(), x.double() @ w_hat.T + lin.bias.double(), rtol=1e-5, atol=1e-5)
+    rel = (w_hat - lin.weight.double()).norm() / lin.weight.double().norm()
+    assert rel < {"nf4": 0.12, "int4": 0.15}[codebook]
+    # bf16 model: buffers keep their dtype, the bias follows, outputs in bf16
+    qb = Linear4bit.from_float(lin, codebook=codebook, block_size=32).bfloat16()
+    assert qb.absmax.dtype == torch.float32 and qb.codebook.dtype == torch.float32 and qb.bias.dtype == torch.bfloat16
+    assert qb(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_linear4bit_state_dict(device, tmp_path):
+    q = Linear4bit.from_float(nn.Linear(33, 20).to(device), codebook=torch.linspace(-1, 1, 16), block_size=8)
+    assert "custom" in repr(q)
+    path = tmp_path / "q.pt"
+    torch.save(q.state_dict(), path)
+    sd = torch.load(path, weights_only=True)
+    assert set(sd) == {"packed", "absmax", "codebook", "bias"}
+    fresh = Linear4bit(33, 20, block_size=8, device=device)
+    fresh.load_state_dict(sd)
+    x = torch.randn(5, 33, device=device)
+    assert torch.equal(fresh(x), q(x))
+    bad = [
+        (dict(sd, packed=sd["packed"][:, :-1]), r"state_dict\['packed'\] is torch.uint8 of shape \(20, 16\), expected torch.uint8 of shape \(20, 17\)"),
+        (dict(sd, absmax=sd["absmax"].double()), r"state_dict\['absmax'\] is torch.float64"),
+        (dict(sd, absmax=-sd["absmax"]), r"negative, NaN or Inf absmax"),
+        (dict(sd, codebook=sd["codebook"].flip(0)), r"16 finite, increasing values"),
+    ]
+    for state, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            Linear4bit(33, 20, block_size=8, device=device).load_state_dict(state)
+
+
+def test_quantize_weight_only_compiles_and_exports(device):
+    model = nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 10)).to(device)
+    x = torch.randn(6, 64, device=device)
+    ref = model(x)
+    qlib.quantize_weight_only(model, filter_fn=lambda m, fqn: fqn != "2")
+    assert isinstance(model[0], Linear4bit) and isinstance(model[2], nn.Linear)
+    y = model(x)
+    assert (y - ref).norm() / ref.norm() < 0.1
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), y)
+    torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), y)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    assert buf.tell() < 64 * 48 * 4  # well below the float32 weights alone
