@@ -1,8 +1,8 @@
 // CPU kernels of the 4-bit ops: quantize_4bit, dequantize_4bit, linear_4bit (formulas in
-// quant_math.h, checks in fourbit.h). The weight is decoded a row at a time into float32
-// (AVX512: 16 codes a step through vpermps, where blocks are multiples of 16); linear_4bit
-// at M <= 4 dots each decoded row with the rows of x (memory bound: reads 4 bits a weight),
-// at larger M decodes the whole weight and calls ATen's float32 GEMM.
+// quant_math.h, checks in fourbit.h). AVX512 decodes 16 codes a step with one vpermps through
+// the codebook (block sizes that are multiples of 16; else a scalar loop). linear_4bit at
+// M <= 4 dots each weight row with the rows of x as it decodes it (memory bound: 4 bits a
+// weight); at larger M it decodes panels of rows and runs ATen's float32 GEMM on each.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -60,7 +60,75 @@ QLIB_AVX512F_FN void decode_row_avx512(const uint8_t* row, const float* absmax, 
     decode_span_scalar(row, k, k1, absmax[b], cb, out);
   }
 }
+
+// 16 codes, one a byte, as 32-bit lanes (maskz: GCC 12 warns on the plain form's undefined
+// pass-through).
+QLIB_AVX512F_FN inline __m512i codes(__m128i c) { return _mm512_maskz_cvtepu8_epi32(0xFFFF, c); }
+
+// sums[m] = x[m] . (row of the weight) for the M <= 4 rows of x (K floats apart), decoding on
+// the fly: per block the codebook times absmax (codebook_value's products), then per 16 codes
+// one vpermps and M FMAs. Two accumulators a row (even and odd 16-code steps), so that FMA
+// latency does not bound the loop. block_size % 16 == 0.
+template <int M>
+QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, int64_t K,
+                                     int64_t block_size, const float* cb, const float* x,
+                                     float* sums) {
+  const __m512 lut = _mm512_loadu_ps(cb);
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero, b0 = zero, b1 = zero, b2 = zero, b3 = zero;
+  float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
+    const int64_t k1 = std::min(k0 + block_size, K);
+    const __m512 values = _mm512_mul_ps(lut, _mm512_set1_ps(absmax[b]));
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) {  // 16 bytes: codes k .. k + 31
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1)));
+      const __m128i lo = _mm_and_si128(bytes, nibble);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+      const __m512 w0 = _mm512_maskz_permutexvar_ps(0xFFFF, codes(_mm_unpacklo_epi8(lo, hi)), values);
+      const __m512 w1 = _mm512_maskz_permutexvar_ps(0xFFFF, codes(_mm_unpackhi_epi8(lo, hi)), values);
+      const float* xk = x + k;
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xk), w0, a0);
+      b0 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 16), w1, b0);
+      if constexpr (M > 1) {
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + K), w0, a1);
+        b1 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + K + 16), w1, b1);
+      }
+      if constexpr (M > 2) {
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 2 * K), w0, a2);
+        b2 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 2 * K + 16), w1, b2);
+      }
+      if constexpr (M > 3) {
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 3 * K), w0, a3);
+        b3 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 3 * K + 16), w1, b3);
+      }
+    }
+    if (k + 16 <= k1) {  // 8 bytes: codes k .. k + 15
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (k >> 1)));
+      const __m128i lo = _mm_and_si128(bytes, nibble);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+      const __m512 w = _mm512_maskz_permutexvar_ps(0xFFFF, codes(_mm_unpacklo_epi8(lo, hi)), values);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), w, a0);
+      if constexpr (M > 1) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + K + k), w, a1);
+      if constexpr (M > 2) a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + 2 * K + k), w, a2);
+      if constexpr (M > 3) a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + 3 * K + k), w, a3);
+      k += 16;
+    }
+    for (; k < k1; ++k) {
+      const float w = codebook_value(packed_code(row, k), absmax[b], cb);
+      for (int m = 0; m < M; ++m) tail[m] += x[m * K + k] * w;
+    }
+  }
+  sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)) + tail[0];
+  if constexpr (M > 1) sums[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)) + tail[1];
+  if constexpr (M > 2) sums[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)) + tail[2];
+  if constexpr (M > 3) sums[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3)) + tail[3];
+}
 #endif
+
+// Rows a parallel_for grain holds: about kGrain weights.
+int64_t row_grain(int64_t K) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(K, 1)); }
 
 // Row of the dequantized weight, float32, into out[0, K).
 void decode_row(const uint8_t* row, const float* absmax, int64_t K, int64_t block_size,
@@ -75,17 +143,18 @@ void decode_row(const uint8_t* row, const float* absmax, int64_t K, int64_t bloc
     decode_span_scalar(row, k0, std::min(k0 + block_size, K), absmax[b], cb, out);
 }
 
-// Rows [n0, n1) of the weight decoded into out (float32 [N, K]).
+// Rows [n0, n1) of the weight decoded into out (float32 [n1 - n0, K]), in parallel.
 void decode_rows(const at::Tensor& packed, const at::Tensor& absmax, const float* cb, int64_t K,
-                 int64_t block_size, float* out, int64_t n0, int64_t n1) {
+                 int64_t block_size, int64_t n0, int64_t n1, float* out) {
   const uint8_t* p = packed.const_data_ptr<uint8_t>();
   const float* am = absmax.const_data_ptr<float>();
   const int64_t ldp = packed.size(1), lda = absmax.size(1);
-  for (int64_t n = n0; n < n1; ++n) decode_row(p + n * ldp, am + n * lda, K, block_size, cb, out + n * K);
+  at::parallel_for(n0, n1, row_grain(K), [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n)
+      decode_row(p + n * ldp, am + n * lda, K, block_size, cb, out + (n - n0) * K);
+  });
 }
 
-// Rows a parallel_for grain holds: about kGrain weights.
-int64_t row_grain(int64_t K) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(K, 1)); }
 
 float dot(const float* a, const float* b, int64_t K) {
   Vec acc0(0.0f), acc1(0.0f);
@@ -101,6 +170,24 @@ float dot(const float* a, const float* b, int64_t K) {
   float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc0 + acc1);
   for (; k < K; ++k) s += a[k] * b[k];
   return s;
+}
+
+// sums[m] = x[m] . (row of the weight) for the M <= kGemvMaxM rows of x (K floats apart);
+// scratch: K floats.
+void dot_rows(const uint8_t* row, const float* absmax, int64_t K, int64_t block_size,
+              const float* cb, const float* x, int64_t M, float* sums, float* scratch) {
+#if defined(__x86_64__)
+  if (block_size % 16 == 0 && cpu_has_avx512f()) {
+    switch (M) {
+      case 1: return dot_rows_avx512<1>(row, absmax, K, block_size, cb, x, sums);
+      case 2: return dot_rows_avx512<2>(row, absmax, K, block_size, cb, x, sums);
+      case 3: return dot_rows_avx512<3>(row, absmax, K, block_size, cb, x, sums);
+      default: return dot_rows_avx512<4>(row, absmax, K, block_size, cb, x, sums);
+    }
+  }
+#endif
+  decode_row(row, absmax, K, block_size, cb, scratch);
+  for (int64_t m = 0; m < M; ++m) sums[m] = dot(x + m * K, scratch, K);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& w_in,
@@ -125,9 +212,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& w_in,
         float amax = 0.0f;
         for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(row[k]));
         ap[n * KB + b] = amax;
-        const float inv = absmax_inverse(amax);
         for (int64_t k = k0; k < k1; ++k)
-          prow[k >> 1] |= static_cast<uint8_t>(codebook_code(row[k], inv, mid.data()) << ((k & 1) * 4));
+          prow[k >> 1] |= static_cast<uint8_t>(codebook_code(row[k], amax, mid.data()) << ((k & 1) * 4));
       }
     }
   });
@@ -139,11 +225,7 @@ at::Tensor decode_weight(const at::Tensor& packed, const at::Tensor& absmax, con
                          int64_t K, int64_t block_size) {
   const int64_t N = packed.size(0);
   at::Tensor w = at::empty({N, K}, absmax.options());
-  const float* c = cb.const_data_ptr<float>();
-  float* out = w.data_ptr<float>();
-  at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
-    decode_rows(packed, absmax, c, K, block_size, out, n0, n1);
-  });
+  decode_rows(packed, absmax, cb.const_data_ptr<float>(), K, block_size, 0, N, w.data_ptr<float>());
   return w;
 }
 
@@ -177,24 +259,36 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   const at::Tensor x = x_in.reshape({M, K}).to(at::kFloat).contiguous();
   const at::Tensor packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
   const at::Tensor cb = codebook_in.contiguous();
-  if (M > kGemvMaxM) {  // decode once, then ATen's GEMM
-    const at::Tensor w = decode_weight(packed, absmax, cb, K, block_size);
-    const at::Tensor y = bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
+  const float* c = cb.const_data_ptr<float>();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M > kGemvMaxM) {  // panels of about 4 MB of decoded rows, each through ATen's GEMM
+    const int64_t rows = std::min(N, std::max<int64_t>(64, (int64_t{1} << 20) / K));
+    at::Tensor panel = at::empty({rows, K}, x.options());
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t n1 = std::min(N, n0 + rows);
+      decode_rows(packed, absmax, c, K, block_size, n0, n1, panel.data_ptr<float>());
+      const at::Tensor w = panel.narrow(0, 0, n1 - n0).t();
+      at::Tensor out = y.narrow(1, n0, n1 - n0);
+      if (bias.defined()) {
+        at::addmm_out(out, bias.narrow(0, n0, n1 - n0), x, w);
+      } else {
+        at::mm_out(out, x, w);
+      }
+    }
     return y.to(x_in.scalar_type()).view(out_shape);
   }
-  at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.const_data_ptr<float>();
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  const float* c = cb.const_data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
   const float* ap = absmax.const_data_ptr<float>();
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     std::vector<float> row(K);
+    float sums[kGemvMaxM];
     for (int64_t n = n0; n < n1; ++n) {
-      decode_row(pp + n * packed.size(1), ap + n * absmax.size(1), K, block_size, c, row.data());
-      for (int64_t m = 0; m < M; ++m)
-        yp[m * N + n] = dot(xp + m * K, row.data(), K) + (bp != nullptr ? bp[n] : 0.0f);
+      dot_rows(pp + n * packed.size(1), ap + n * absmax.size(1), K, block_size, c, xp, M, sums,
+               row.data());
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = sums[m] + (bp != nullptr ? bp[n] : 0.0f);
     }
   });
   return y.to(x_in.scalar_type()).view(out_shape);

@@ -546,7 +546,7 @@ QLIB_HD void entropy_prefix(const int64_t* h, int64_t used, double* cnt, double*
 // ---------------------------------------------------------------- 4-bit codebooks
 // A 4-bit weight [N, K] keeps, for each block of block_size weights along K (the last block
 // of a row may be short), absmax = max |w| in float32, and for each weight the index (0..15)
-// of the codebook value nearest w * (1 / absmax). The codebook is 16 increasing float32
+// of the codebook value nearest w / absmax. The codebook is 16 increasing float32
 // values (NF4, int4 = k / 7 for k = -8..7, or any other). Two codes a byte along K: the even
 // k in the low nibble. Dequantized: codebook[code] * absmax, in float32.
 namespace qlib {
@@ -558,13 +558,11 @@ QLIB_HD void codebook_midpoints(const float* codebook, float* mid) {
   for (int j = 0; j + 1 < kCodebookSize; ++j) mid[j] = 0.5f * codebook[j] + 0.5f * codebook[j + 1];
 }
 
-// The inverse of a block's absmax: 0 for an all-zero block (its codes are then the value
-// nearest 0, dequantized to 0 * value).
-QLIB_HD float absmax_inverse(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
-
-// The code of w: how many midpoints lie below w * inv (a tie goes to the lower value).
-QLIB_HD int codebook_code(float w, float inv, const float* mid) {
-  const float v = w * inv;
+// The code of w in a block of absmax a: how many midpoints lie below w / a (a tie goes to the
+// lower value; an all-zero block takes the value nearest 0). A division, not w * (1 / a):
+// 1 / a overflows for a tiny (subnormal) a.
+QLIB_HD int codebook_code(float w, float absmax, const float* mid) {
+  const float v = absmax > 0.0f ? w / absmax : 0.0f;
   int code = 0;
   for (int j = 0; j + 1 < kCodebookSize; ++j) code += v > mid[j] ? 1 : 0;
   return code;

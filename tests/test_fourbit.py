@@ -25,8 +25,8 @@ def ref_quantize(w, codebook, block_size):
     padded = torch.zeros(n, kb * block_size, device=w.device)
     padded[:, :k] = w
     absmax = padded.abs().view(n, kb, block_size).amax(-1)
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    v = w * inv.repeat_interleave(block_size, 1)[:, :k]
+    a = absmax.repeat_interleave(block_size, 1)[:, :k]
+    v = torch.where(a > 0, w / a, torch.zeros_like(w))
     cb = codebook.float()
     mid = 0.5 * cb[:-1] + 0.5 * cb[1:]
     codes = (v.unsqueeze(-1) > mid).sum(-1)
@@ -66,6 +66,8 @@ def test_nf4_is_the_normal_quantile_map():
 def test_quantize_and_dequantize_match_the_scheme(device, dtype, block_size, K):
     w = (torch.randn(19, K, device=device) * 3).to(dtype)
     w[3, : min(K, block_size)] = 0.0  # an all-zero block
+    w[5, : min(K, block_size)] *= 1e-41  # a block of subnormals (float32; zero in half)
+    w[5, 0] = 0.0
     for name, cb in codebooks(device).items():
         packed, absmax = ops.quantize_4bit(w, cb, block_size)
         codes, ref_absmax = ref_quantize(w, cb, block_size)

@@ -5,11 +5,14 @@ Schemas live in csrc/schemas.cpp (block `// 4-bit weights`); the formulas in csr
 
 Scheme (documented contract): a weight [N, K] is cut into blocks of ``block_size`` weights
 along K (a row's last block may be shorter). Each block keeps ``absmax`` = max |w| (float32);
-each weight keeps the 4-bit index of the codebook value nearest ``w * (1 / absmax)`` (a tie
-goes to the lower value; an all-zero block takes the value nearest 0). Codes are packed two a
+each weight keeps the 4-bit index of the codebook value nearest ``w / absmax`` (a tie goes to
+the lower value; an all-zero block takes the value nearest 0). Codes are packed two a
 byte along K, the even k in the low nibble: ``packed`` is uint8 [N, ceil(K / 2)], ``absmax``
 float32 [N, ceil(K / block_size)]. Dequantized, a weight is ``codebook[code] * absmax`` in
-float32.
+float32. ``quantize_4bit`` checks the codebook (finite, strictly increasing) and the weight
+(finite); ``dequantize_4bit`` and ``linear_4bit`` take any 16 floats without reading them, so
+a NaN in a codebook or absmax gives NaN outputs (``Linear4bit`` checks both when it loads a
+state_dict).
 """
 from __future__ import annotations
 
