@@ -1,8 +1,8 @@
 // CPU kernels of the 4-bit ops: quantize_4bit, dequantize_4bit, linear_4bit (formulas in
 // quant_math.h, checks in fourbit.h). AVX512 decodes 16 codes a step with one vpermps through
 // the codebook (block sizes that are multiples of 16; else a scalar loop). linear_4bit at
-// M <= 4 dots each weight row with the rows of x as it decodes it (memory bound: 4 bits a
-// weight); at larger M it decodes panels of rows and runs ATen's float32 GEMM on each.
+// M <= 4 dots each weight row with the rows of x as it decodes it, in float32 (memory bound:
+// 4 bits a weight); at larger M it decodes panels of rows and runs ATen's GEMM on each.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -256,27 +256,35 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     at::Tensor out = bias.defined() ? bias.expand(out_shape) : at::zeros(out_shape, x_in.options().dtype(at::kFloat));
     return out.to(x_in.scalar_type()).contiguous();
   }
-  const at::Tensor x = x_in.reshape({M, K}).to(at::kFloat).contiguous();
   const at::Tensor packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
   const at::Tensor cb = codebook_in.contiguous();
   const float* c = cb.const_data_ptr<float>();
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M > kGemvMaxM) {  // panels of about 4 MB of decoded rows, each through ATen's GEMM
+  if (M > kGemvMaxM) {
+    // Panels of about 4 MB of decoded rows, each through ATen's GEMM: in bfloat16 for a
+    // bfloat16 x (W_hat and bias rounded to bfloat16: the CPU's fast GEMM), else float32.
+    const auto dt = x_in.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+    const at::Tensor x = x_in.reshape({M, K}).to(dt).contiguous();
+    const at::Tensor b = bias.defined() ? bias.to(dt) : at::Tensor();
+    at::Tensor y = at::empty({M, N}, x.options());
     const int64_t rows = std::min(N, std::max<int64_t>(64, (int64_t{1} << 20) / K));
-    at::Tensor panel = at::empty({rows, K}, x.options());
+    at::Tensor panel = at::empty({rows, K}, absmax.options());
+    at::Tensor panel_dt = dt == at::kFloat ? panel : at::empty({rows, K}, x.options());
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t n1 = std::min(N, n0 + rows);
       decode_rows(packed, absmax, c, K, block_size, n0, n1, panel.data_ptr<float>());
-      const at::Tensor w = panel.narrow(0, 0, n1 - n0).t();
+      at::Tensor w = panel_dt.narrow(0, 0, n1 - n0);
+      if (dt != at::kFloat) w.copy_(panel.narrow(0, 0, n1 - n0));
       at::Tensor out = y.narrow(1, n0, n1 - n0);
-      if (bias.defined()) {
-        at::addmm_out(out, bias.narrow(0, n0, n1 - n0), x, w);
+      if (b.defined()) {
+        at::addmm_out(out, b.narrow(0, n0, n1 - n0), x, w.t());
       } else {
-        at::mm_out(out, x, w);
+        at::mm_out(out, x, w.t());
       }
     }
     return y.to(x_in.scalar_type()).view(out_shape);
   }
+  const at::Tensor x = x_in.reshape({M, K}).to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.const_data_ptr<float>();
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
