@@ -1,8 +1,8 @@
 // CPU kernels of the 4-bit ops: quantize_4bit, dequantize_4bit, linear_4bit (formulas in
 // quant_math.h, checks in fourbit.h). AVX512 decodes 16 codes a step with one vpermps through
 // the codebook (block sizes that are multiples of 16; else a scalar loop). linear_4bit at
-// M <= 4 dots each weight row with the rows of x as it decodes it, in float32 (memory bound:
-// 4 bits a weight); at larger M it decodes panels of rows and runs ATen's GEMM on each.
+// M <= 32 dots each weight row with the rows of x (4 at a time) as it decodes it, in float32;
+// at larger M it decodes panels of rows and runs ATen's GEMM on each.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,7 +19,10 @@
 namespace qlib {
 namespace {
 
-constexpr int64_t kGemvMaxM = 4;  // linear_4bit: fused decode + dot up to this many rows
+// linear_4bit: up to kFusedMaxM rows of x, each weight row is decoded as it is read and dotted
+// with kDotRows rows of x at a time; more rows decode panels for ATen's GEMM.
+constexpr int64_t kFusedMaxM = 32;
+constexpr int64_t kDotRows = 4;
 
 // The code of weight k in a packed row.
 inline int packed_code(const uint8_t* row, int64_t k) { return (row[k >> 1] >> ((k & 1) * 4)) & 15; }
@@ -125,6 +128,85 @@ QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, in
   if constexpr (M > 2) sums[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)) + tail[2];
   if constexpr (M > 3) sums[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3)) + tail[3];
 }
+
+#define QLIB_AVX512BF16_FN __attribute__((target("avx2,fma,avx512f,avx512bw,avx512bf16")))
+
+bool cpu_has_avx512bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// 32 codes from 16 bytes as bfloat16 W_hat: values holds a block's 16 bfloat16 W_hat values.
+QLIB_AVX512BF16_FN inline __m512bh bf16_weights(const uint8_t* bytes16, __m512i values,
+                                                __m128i nibble) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16));
+  const __m128i lo = _mm_and_si128(bytes, nibble);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+  const __m256i c = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+  const __m512i idx = _mm512_maskz_cvtepu8_epi16(0xFFFFFFFFu, c);
+  return reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(0xFFFFFFFFu, idx, values));
+}
+
+// dot_rows_avx512 for a bfloat16 x: W_hat rounded to bfloat16 (the 16 values of a block as
+// bfloat16, round to nearest even, as at::BFloat16), then vdpbf16ps: 32 products a row and
+// instruction, summed in float32. Per 32 codes: one vpermw. block_size % 32 == 0.
+template <int M>
+QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, int64_t K,
+                                      int64_t block_size, const float* cb,
+                                      const at::BFloat16* x, float* sums) {
+  const __m512 lut = _mm512_loadu_ps(cb);
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero, b0 = zero, b1 = zero, b2 = zero, b3 = zero;
+  float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#define QLIB_XS(m, k) reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + (m) * K + (k)))
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
+    const int64_t k1 = std::min(k0 + block_size, K);
+    const __m512 values_f = _mm512_mul_ps(lut, _mm512_set1_ps(absmax[b]));
+    const __m512i values = _mm512_castsi256_si512(
+        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values_f)));
+#define QLIB_WEIGHTS(k) bf16_weights(row + ((k) >> 1), values, nibble)
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) {
+      const __m512bh w0 = QLIB_WEIGHTS(k), w1 = QLIB_WEIGHTS(k + 32);
+      a0 = _mm512_dpbf16_ps(a0, QLIB_XS(0, k), w0);
+      b0 = _mm512_dpbf16_ps(b0, QLIB_XS(0, k + 32), w1);
+      if constexpr (M > 1) {
+        a1 = _mm512_dpbf16_ps(a1, QLIB_XS(1, k), w0);
+        b1 = _mm512_dpbf16_ps(b1, QLIB_XS(1, k + 32), w1);
+      }
+      if constexpr (M > 2) {
+        a2 = _mm512_dpbf16_ps(a2, QLIB_XS(2, k), w0);
+        b2 = _mm512_dpbf16_ps(b2, QLIB_XS(2, k + 32), w1);
+      }
+      if constexpr (M > 3) {
+        a3 = _mm512_dpbf16_ps(a3, QLIB_XS(3, k), w0);
+        b3 = _mm512_dpbf16_ps(b3, QLIB_XS(3, k + 32), w1);
+      }
+    }
+    if (k + 32 <= k1) {
+      const __m512bh w = QLIB_WEIGHTS(k);
+      a0 = _mm512_dpbf16_ps(a0, QLIB_XS(0, k), w);
+      if constexpr (M > 1) a1 = _mm512_dpbf16_ps(a1, QLIB_XS(1, k), w);
+      if constexpr (M > 2) a2 = _mm512_dpbf16_ps(a2, QLIB_XS(2, k), w);
+      if constexpr (M > 3) a3 = _mm512_dpbf16_ps(a3, QLIB_XS(3, k), w);
+      k += 32;
+    }
+    for (; k < k1; ++k) {
+      const float w = static_cast<float>(
+          static_cast<at::BFloat16>(codebook_value(packed_code(row, k), absmax[b], cb)));
+      for (int m = 0; m < M; ++m) tail[m] += static_cast<float>(x[m * K + k]) * w;
+    }
+  }
+#undef QLIB_XS
+#undef QLIB_WEIGHTS
+  sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)) + tail[0];
+  if constexpr (M > 1) sums[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)) + tail[1];
+  if constexpr (M > 2) sums[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)) + tail[2];
+  if constexpr (M > 3) sums[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3)) + tail[3];
+}
 #endif
 
 // Rows a parallel_for grain holds: about kGrain weights.
@@ -172,7 +254,7 @@ float dot(const float* a, const float* b, int64_t K) {
   return s;
 }
 
-// sums[m] = x[m] . (row of the weight) for the M <= kGemvMaxM rows of x (K floats apart);
+// sums[m] = x[m] . (row of the weight) for the M <= kDotRows rows of x (K floats apart);
 // scratch: K floats.
 void dot_rows(const uint8_t* row, const float* absmax, int64_t K, int64_t block_size,
               const float* cb, const float* x, int64_t M, float* sums, float* scratch) {
@@ -259,7 +341,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   const at::Tensor packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
   const at::Tensor cb = codebook_in.contiguous();
   const float* c = cb.const_data_ptr<float>();
-  if (M > kGemvMaxM) {
+  if (M > kFusedMaxM) {
     // Panels of about 4 MB of decoded rows, each through ATen's GEMM: in bfloat16 for a
     // bfloat16 x (W_hat and bias rounded to bfloat16: the CPU's fast GEMM), else float32.
     const auto dt = x_in.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
@@ -283,20 +365,44 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     }
     return y.to(x_in.scalar_type()).view(out_shape);
   }
-  const at::Tensor x = x_in.reshape({M, K}).to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.const_data_ptr<float>();
+  // bfloat16 x on a CPU with AVX512-BF16 (blocks of 32k): W_hat in bfloat16, vdpbf16ps.
+  bool bf16_dots = false;
+#if defined(__x86_64__)
+  bf16_dots = x_in.scalar_type() == at::kBFloat16 && block_size % 32 == 0 && cpu_has_avx512bf16();
+#endif
+  const at::Tensor x = x_in.reshape({M, K}).to(bf16_dots ? at::kBFloat16 : at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const void* xp = x.const_data_ptr();
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
   const float* ap = absmax.const_data_ptr<float>();
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     std::vector<float> row(K);
-    float sums[kGemvMaxM];
+    float sums[kDotRows];
     for (int64_t n = n0; n < n1; ++n) {
-      dot_rows(pp + n * packed.size(1), ap + n * absmax.size(1), K, block_size, c, xp, M, sums,
-               row.data());
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = sums[m] + (bp != nullptr ? bp[n] : 0.0f);
+      for (int64_t m0 = 0; m0 < M; m0 += kDotRows) {
+        const int64_t rows = std::min(kDotRows, M - m0);
+        const uint8_t* wrow = pp + n * packed.size(1);
+        const float* arow = ap + n * absmax.size(1);
+#if defined(__x86_64__)
+        if (bf16_dots) {
+          const auto* xb = static_cast<const at::BFloat16*>(xp) + m0 * K;
+          switch (rows) {
+            case 1: dot_rows_bf16<1>(wrow, arow, K, block_size, c, xb, sums); break;
+            case 2: dot_rows_bf16<2>(wrow, arow, K, block_size, c, xb, sums); break;
+            case 3: dot_rows_bf16<3>(wrow, arow, K, block_size, c, xb, sums); break;
+            default: dot_rows_bf16<4>(wrow, arow, K, block_size, c, xb, sums); break;
+          }
+        } else
+#endif
+        {
+          dot_rows(wrow, arow, K, block_size, c, static_cast<const float*>(xp) + m0 * K, rows,
+                   sums, row.data());
+        }
+        for (int64_t m = 0; m < rows; ++m)
+          yp[(m0 + m) * N + n] = sums[m] + (bp != nullptr ? bp[n] : 0.0f);
+      }
     }
   });
   return y.to(x_in.scalar_type()).view(out_shape);

@@ -139,9 +139,9 @@ def test_linear_rows_alone_equal_rows_in_a_batch(device):
     w = torch.randn(N, K, device=device)
     cb = qlib.codebook_4bit("nf4", device)
     packed, absmax = ops.quantize_4bit(w, cb, 64)
-    x = torch.randn(9, K, device=device)
+    x = torch.randn(40, K, device=device)
     batch = ops.linear_4bit(x, packed, absmax, cb, 64, None)
-    for m in (1, 4):
+    for m in (1, 4, 9, 32):
         torch.testing.assert_close(ops.linear_4bit(x[:m], packed, absmax, cb, 64, None), batch[:m],
                                    rtol=1e-5, atol=1e-4)
 
@@ -273,3 +273,21 @@ def test_quantize_weight_only_compiles_and_exports(device):
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     assert buf.tell() < 64 * 48 * 4  # well below the float32 weights alone
+
+
+@pytest.mark.parametrize("M", [1, 3, 9, 40])
+def test_bfloat16_linear_sums_bfloat16_weights(device, M):
+    """A bfloat16 x multiplies W_hat rounded to bfloat16 (the CPU's bf16 dot products and its
+    bf16 GEMM, CUDA's GEMM at M > 4) or W_hat itself (the float32 kernels): either way the
+    float32 sum of exact products, within the output's rounding of both references."""
+    K, N = 1000, 48  # blocks of 64 and a short last one (1000 = 15 * 64 + 40)
+    w = torch.randn(N, K, device=device)
+    cb = qlib.codebook_4bit("nf4", device)
+    packed, absmax = ops.quantize_4bit(w, cb, 64)
+    w_hat = ops.dequantize_4bit(packed, absmax, cb, K, 64, torch.float32)
+    x = torch.randn(M, K, device=device).bfloat16()
+    y = ops.linear_4bit(x, packed, absmax, cb, 64, None).double()
+    refs = [x.double() @ w_hat.double().T, x.double() @ w_hat.bfloat16().double().T]
+    gap = (refs[0] - refs[1]).abs()
+    err = torch.minimum((y - refs[0]).abs(), (y - refs[1]).abs())
+    assert (err <= 2**-8 * refs[1].abs() + 1e-3 * gap.max() + 1e-4).all()

@@ -117,8 +117,8 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, codebook: CodebookLike, in_f
 def linear_4bit(x: Tensor, packed: Tensor, absmax: Tensor, codebook: CodebookLike, block_size: int = 64,
                 bias: Optional[Tensor] = None) -> Tensor:
     """``x @ W_hat.T + bias`` with the 4-bit weight, in x's dtype; any leading dims;
-    differentiable in x and bias. Up to 4 rows (decode) run one fused kernel that decodes the
-    weight as it reads it, in float32. More rows decode W_hat and run the device's GEMM: in
-    x's dtype on CUDA, in bfloat16 on the CPU for a bfloat16 x (else float32); W_hat and the
-    bias are then rounded to that dtype."""
+    differentiable in x and bias. Few rows (up to 32 on the CPU, 4 on CUDA) run one fused
+    kernel that decodes the weight as it reads it, in float32. More rows decode W_hat and run
+    the device's GEMM: in x's dtype on CUDA, in bfloat16 on the CPU for a bfloat16 x (else
+    float32); W_hat and the bias are then rounded to that dtype."""
     return ops.linear_4bit(x, packed, absmax, codebook_4bit(codebook, packed.device), block_size, bias)

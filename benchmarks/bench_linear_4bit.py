@@ -1,0 +1,114 @@
+"""qlib Linear4bit (NF4 and int4, one absmax per 64 weights) vs the 4-bit weight-only peers on
+the CPU: ATen's int4 kernel (_weight_int4pack_mm_for_cpu, what torchao runs on the CPU),
+torchao's int4 weight-only config and bitsandbytes' NF4 Linear4bit (both when installed), and
+the dense F.linear in the input's dtype.
+
+    python benchmarks/bench_linear_4bit.py [--quick] [--threads N]
+
+Timed round-robin (timing.interleaved_medians_ms, 3 calls a peer a round, the first untimed),
+medians in ms, for x in float32 and bfloat16, (K, N) in {(768, 768), (768, 3072),
+(4096, 4096)}, M in {1, 16, 128}. Ratios: peer time / qlib time (above 1: qlib is faster).
+A first table gives each scheme's error against the float64 product with the float weight.
+torchao and bitsandbytes are not in the project's .venv; to include them, run with a Python
+that has them and the same torch (benchmarks/RESULTS.md says how).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import qlib  # noqa: E402
+from peers_4bit import make_aten_int4, make_bnb_nf4_dequant, make_bnb_nf4_fused, make_torchao_int4  # noqa: E402
+from qlib.nn import Linear4bit  # noqa: E402
+from timing import interleaved_medians_ms  # noqa: E402
+
+GROUP = 64
+SHAPES = [(768, 768), (768, 3072), (4096, 4096)]
+
+
+def peers(lin):
+    """{name: forward} for every peer available here, the dense layer first."""
+    nf4, int4 = Linear4bit.from_float(lin, "nf4", GROUP), Linear4bit.from_float(lin, "int4", GROUP)
+    out = {"qlib nf4": nf4, "qlib int4": int4}
+    for make in (make_aten_int4, make_torchao_int4, make_bnb_nf4_fused, make_bnb_nf4_dequant):
+        f = make(lin, GROUP)
+        if f is not None:
+            out[f.name] = f
+    return out
+
+
+@torch.inference_mode()
+def accuracy(quick):
+    print(f"Error against float64 x @ W.T + b with the float weight (M = 16, block / group {GROUP}):")
+    print(f"{'K':>5} {'N':>5}  " + "  ".join(f"{n:>26}" for n in ("scheme", "rel. Frobenius error")))
+    for K, N in SHAPES[:2] if quick else SHAPES:
+        lin = nn.Linear(K, N)
+        x = torch.randn(16, K)
+        ref = x.double() @ lin.weight.double().T + lin.bias.double()
+        for name, f in peers(lin).items():
+            err = ((f(x).double() - ref).norm() / ref.norm()).item()
+            print(f"{K:5d} {N:5d}  {name:>26}  {err:26.4f}")
+
+
+def runs(f, x):
+    """Whether peer f takes an x of this dtype (bitsandbytes' matmul_4bit takes float32 only)."""
+    try:
+        f(x)
+        return True
+    except RuntimeError:
+        return False
+
+
+@torch.inference_mode()
+def speed(quick, dtype):
+    rows = []
+    for K, N in SHAPES[:2] if quick else SHAPES:
+        lin = nn.Linear(K, N)
+        fns = peers(lin)
+        dense_w, dense_b = lin.weight.detach().to(dtype), lin.bias.detach().to(dtype)
+        fns = {f"dense {str(dtype)[6:]}": lambda x: F.linear(x, dense_w, dense_b), **fns}
+        for M in (1, 16, 128):
+            x = torch.randn(M, K).to(dtype)
+            names = [n for n in fns if runs(fns[n], x)]
+            ms = interleaved_medians_ms([lambda f=fns[n]: f(x) for n in names], budget_s=0.6 if quick else 1.5, block=3)
+            rows.append((K, N, M, dict(zip(names, ms))))
+    names = list(dict.fromkeys(n for row in rows for n in row[3]))
+    print(f"\nx {str(dtype)[6:]}: median ms")
+    head = f"{'K':>5} {'N':>5} {'M':>4} " + " ".join(f"{n[:18]:>18}" for n in names)
+    print(head)
+    print("-" * len(head))
+    for K, N, M, ms in rows:
+        print(f"{K:5d} {N:5d} {M:4d} " + " ".join(f"{ms.get(n, float('nan')):18.3f}" for n in names))
+    print(f"\nx {str(dtype)[6:]}: ratios (peer ms / qlib ms; int4 peers against qlib int4, the rest against qlib nf4)")
+    others = [n for n in names if not n.startswith("qlib")]
+    head = f"{'K':>5} {'N':>5} {'M':>4} " + " ".join(f"{n[:18]:>18}" for n in others)
+    print(head)
+    print("-" * len(head))
+    for K, N, M, ms in rows:
+        ref = lambda n: ms["qlib int4"] if "int4" in n else ms["qlib nf4"]  # noqa: E731
+        print(f"{K:5d} {N:5d} {M:4d} " + " ".join(f"{ms.get(n, float('nan')) / ref(n):17.2f}x" for n in others))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="two shapes, shorter timing")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+          f"{args.threads} threads, qlib {qlib.build_info()['cpu_isa']}")
+    accuracy(args.quick)
+    for dtype in (torch.float32, torch.bfloat16):
+        speed(args.quick, dtype)
+
+
+if __name__ == "__main__":
+    main()
