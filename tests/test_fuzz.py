@@ -2,7 +2,7 @@
 
 - Odd inputs (wrong dtypes and shapes, strided and expanded views, NaN/Inf, zero, negative
   and huge scales, out-of-range zero points and quant ranges, corrupt histograms and packed
-  weights): each call returns or raises an error that names the qlib op. The cases run in a
+  weights, 4-bit codebooks and block sizes): each call returns or raises an error that names the qlib op. The cases run in a
   child process with a deadline, so a crash or a hang fails the test instead of pytest.
 - Valid calls on random shapes, block layouts, strides, dtypes and ranges: fake_quant (and
   its STE gradient), quantize / dequantize, int8_gemm and int8_linear against plain-torch
@@ -94,7 +94,11 @@ def _odd_call(r, device):
                    "observer_qparams",
                    "quantize_per_token", "int8_gemm", "int8_linear", "int8_linear", "int8_linear_packed",
                    "block_minmax", "minmax_observe", "histogram_observe", "histogram_rebin",
-                   "histogram_quantile", "histogram_mse_search", "histogram_entropy_search"])
+                   "histogram_quantile", "histogram_mse_search", "histogram_entropy_search",
+                   "quantize_4bit", "dequantize_4bit", "linear_4bit"])
+    if op.endswith("_4bit"):
+        _odd_4bit_call(r, device, op)
+        return
     if op in ("fake_quant", "fake_quant_backward", "quantize", "dequantize"):
         x = _odd_tensor(r, device)
         s = _odd_scale(r, x, device)
@@ -214,6 +218,38 @@ def _odd_call(r, device):
             ops.histogram_mse_search(hist, rng, qmin, qmax, r.random() < 0.5, r.choice([1, 128, 0, -3, 10**6]))
         else:
             ops.histogram_entropy_search(hist, rng, r.choice([2, 128, 1, 0, -5, 10**6, 2**40]))
+
+
+def _odd_4bit_call(r, device, op):
+    N, K = r.choice([(0, 8), (5, 0), (3, 7), (17, 33), (16, 128), (2, 4099)])
+    block = r.choice([1, 7, 16, 64, 64, 2**24, 2**25, 0, -3])
+    cb = qlib.codebook_4bit(r.choice(["nf4", "int4"]), device)
+    m = r.random()
+    if m < 0.1:
+        cb = cb.flip(0)
+    elif m < 0.2:
+        cb = _odd_tensor(r, device, r.choice([(16,), (8,), (4, 4)]))
+    elif m < 0.3:
+        cb = cb.clone()
+        cb[r.randrange(16)] = r.choice(SPECIAL)
+    if op == "quantize_4bit":
+        ops.quantize_4bit(_odd_tensor(r, device, r.choice([(N, K), (K,), (N, K, 2)])), cb, block)
+        return
+    w = torch.randn(N, K, device=device) * r.choice([1.0, 1e-41, 1e30])
+    packed, absmax = ops.quantize_4bit(w, qlib.codebook_4bit("nf4", device), max(1, min(block, 2**24)))
+    if r.random() < 0.2:
+        packed = _odd_tensor(r, device, (N, r.choice([(K + 1) // 2, K, 0])), r.choice([torch.uint8] * 3 + [torch.int8]))
+    if r.random() < 0.2:
+        absmax = _odd_tensor(r, device, (N, r.choice([1, 2, 5])), torch.float32)
+    if r.random() < 0.1:
+        absmax = absmax.clone().fill_(r.choice(SPECIAL))
+    if op == "dequantize_4bit":
+        ops.dequantize_4bit(packed, absmax, cb, r.choice([K, K + 1, -1, 0]), block,
+                            r.choice(FLOATS + [torch.float64, torch.int8]))
+        return
+    x = _odd_tensor(r, device, r.choice([(3, K), (K,), (2, 0, K), (1, K + 1), (40, K)]))
+    bias = r.choice([None, None, torch.randn(N, device=device), _odd_tensor(r, device, (N + 1,))])
+    ops.linear_4bit(x, packed, absmax, cb, block, bias)
 
 
 def _run_odd_calls(device, start, count):
