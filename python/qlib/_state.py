@@ -1,5 +1,5 @@
 """Quantization state keeps its dtype when a model is cast (``model.half()``, ``.to(torch.bfloat16)``)."""
-from torch import nn
+from torch import Tensor, nn
 
 
 class QuantState(nn.Module):
@@ -20,3 +20,21 @@ class QuantState(nn.Module):
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
         return self
+
+    def _loaded_buffers(self, state_dict, prefix):
+        """(name, key, value) of each buffer that ``state_dict`` holds, after checking that the
+        value is a tensor of the buffer's dtype and shape: a corrupt or foreign state_dict gets
+        an error naming the key, not a copy that fails later or silently converts."""
+        cls = type(self).__name__
+        for name, buf in self._buffers.items():
+            key = prefix + name
+            if buf is None or key not in state_dict:
+                continue
+            value = state_dict[key]
+            if not isinstance(value, Tensor):
+                raise RuntimeError(f"{cls}: state_dict[{key!r}] must be a Tensor, got {type(value).__name__}")
+            if value.dtype != buf.dtype or value.shape != buf.shape:
+                raise RuntimeError(
+                    f"{cls} ({self.extra_repr()}): state_dict[{key!r}] is {value.dtype} of shape "
+                    f"{tuple(value.shape)}, expected {buf.dtype} of shape {tuple(buf.shape)}")
+            yield name, key, value

@@ -212,18 +212,7 @@ class Int8Linear(QuantState):
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        for name, buf in self._buffers.items():
-            key = prefix + name
-            if buf is None or key not in state_dict:
-                continue
-            value = state_dict[key]
-            if not isinstance(value, Tensor):
-                raise RuntimeError(f"Int8Linear: state_dict[{key!r}] must be a Tensor, got {type(value).__name__}")
-            if value.dtype != buf.dtype or value.shape != buf.shape:
-                raise RuntimeError(
-                    f"Int8Linear ({self.extra_repr()}): state_dict[{key!r}] is {value.dtype} of shape "
-                    f"{tuple(value.shape)}, expected {buf.dtype} of shape {tuple(buf.shape)}"
-                )
+        for name, key, value in self._loaded_buffers(state_dict, prefix):
             if name in ("weight_scale", "act_scale"):
                 bad = ~(torch.isfinite(value) & (value > 0))
                 if bool(bad.any()):  # a NaN / zero / negative scale would give NaN or wrong outputs

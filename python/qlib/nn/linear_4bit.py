@@ -76,17 +76,7 @@ class Linear4bit(QuantState):
                 f"activation=float")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        for name, buf in self._buffers.items():
-            key = prefix + name
-            if key not in state_dict:
-                continue
-            value = state_dict[key]
-            if not isinstance(value, Tensor):
-                raise RuntimeError(f"Linear4bit: state_dict[{key!r}] must be a Tensor, got {type(value).__name__}")
-            if value.dtype != buf.dtype or value.shape != buf.shape:
-                raise RuntimeError(
-                    f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] is {value.dtype} of shape "
-                    f"{tuple(value.shape)}, expected {buf.dtype} of shape {tuple(buf.shape)}")
+        for name, key, value in self._loaded_buffers(state_dict, prefix):
             if name == "absmax" and not bool((torch.isfinite(value) & (value >= 0)).all()):
                 raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] holds a negative, NaN "
                                    "or Inf absmax (a corrupt state_dict?)")
