@@ -1,9 +1,9 @@
 """The demo run by `python -m qlib demo`.
 
 Trains an MLP on scikit-learn's digits, then compares post-training
-quantization (PTQ) with each observer at 8 and 4 bits, 4-bit QAT, and real
-int8 models (dynamic, and converted from the calibrated model), in one table
-of accuracy, model bytes and latency against fp32. Writes two PNGs.
+quantization (PTQ) with each observer at 8 and 4 bits, 4-bit QAT, real int8
+models (dynamic, and converted from the calibrated model) and 4-bit NF4 weights,
+in one table of accuracy, model bytes and latency against fp32. Writes two PNGs.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def model_bytes(model: nn.Module, bits: int = 32, weight_scales: str = "per_chan
     return total
 
 
-def int8_model_bytes(model: nn.Module) -> int:
+def state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
 
 
@@ -110,12 +110,15 @@ def main(out_dir: str = "demo_out") -> int:
     rows.append(("QAT fake-quant", "MovingAvgMinMax", 4, digits.accuracy(qat4, data), model_bytes(model, 4), None))
 
     dyn = qlib.quantize_dynamic(copy.deepcopy(model))
-    rows.append(("int8 dynamic", "per-token", 8, digits.accuracy(dyn, data), int8_model_bytes(dyn), None))
+    rows.append(("int8 dynamic", "per-token", 8, digits.accuracy(dyn, data), state_bytes(dyn), None))
     calibrated = qlib.prepare(copy.deepcopy(model), QATConfig(activation_observer="MSEObserver"))
     qlib.calibrate(calibrated, [xb for xb, _ in digits.batches(data.x_train, data.y_train, 128, seed=5)][:8])
     static = qlib.convert(calibrated)
-    rows.append(("int8 static", "MSE", 8, digits.accuracy(static, data), int8_model_bytes(static), None))
-    latency = latencies_ms({"fp32": model, "int8 dynamic": dyn, "int8 static": static}, batch)
+    rows.append(("int8 static", "MSE", 8, digits.accuracy(static, data), state_bytes(static), None))
+    w4 = qlib.quantize_weight_only(copy.deepcopy(model), "nf4", block_size=64)
+    rows.append(("4-bit weights", "NF4, no calib.", 4, digits.accuracy(w4, data), state_bytes(w4), None))
+    latency = latencies_ms({"fp32": model, "int8 dynamic": dyn, "int8 static": static, "4-bit weights": w4},
+                           batch)
     fp32_ms = latency["fp32"]
     rows = [(*row[:5], latency.get(row[0])) for row in rows]
 
