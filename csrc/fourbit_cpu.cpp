@@ -64,65 +64,76 @@ QLIB_AVX512F_FN void decode_row_avx512(const uint8_t* row, const float* absmax, 
   }
 }
 
-// 16 codes, one a byte, as 32-bit lanes (maskz: GCC 12 warns on the plain form's undefined
-// pass-through).
-QLIB_AVX512F_FN inline __m512i codes(__m128i c) { return _mm512_maskz_cvtepu8_epi32(0xFFFF, c); }
+// The M <= 4 dot products sums[m] = x[m] . W_hat[k0, k0 + K) of one weight row, decoded on the
+// fly (row and absmax start at k0; x's rows are ldx elements apart). Per block the 16
+// codebook values are scaled by absmax once (codebook_value's products), then looked up per
+// code with one permute. Two accumulators a row (even and odd steps), so that the FMA
+// latency does not bound the loop. The kernels need block_size % 16 == 0 (float32) or
+// % 32 == 0 (bfloat16).
+#define QLIB_DOT_ROWS_ACCUMULATE(FMA, XLOAD, k, w, a0, a1, a2, a3) \
+  a0 = FMA(a0, XLOAD(0, k), w);                                      \
+  if constexpr (M > 1) a1 = FMA(a1, XLOAD(1, k), w);                 \
+  if constexpr (M > 2) a2 = FMA(a2, XLOAD(2, k), w);                 \
+  if constexpr (M > 3) a3 = FMA(a3, XLOAD(3, k), w);
 
-// sums[m] = x[m] . (row of the weight) for the M <= 4 rows of x (K floats apart), decoding on
-// the fly: per block the codebook times absmax (codebook_value's products), then per 16 codes
-// one vpermps and M FMAs. Two accumulators a row (even and odd 16-code steps), so that FMA
-// latency does not bound the loop. block_size % 16 == 0.
+#define QLIB_FMA(acc, xv, w) _mm512_fmadd_ps(xv, w, acc)
+#define QLIB_DPBF16(acc, xv, w) _mm512_dpbf16_ps(acc, xv, w)
+
+// W_hat of 32 codes from 16 bytes (w0: codes 0-15, w1: 16-31): values holds a block's 16 W_hat
+// values. The nibbles are split and interleaved back into k order (low nibble first), widened
+// to dwords and looked up with one vpermps per 16. (maskz: GCC 12 warns on the plain forms'
+// undefined pass-through.)
+QLIB_AVX512F_FN inline void f32_weights(const uint8_t* bytes16, __m512 values, __m512& w0,
+                                        __m512& w1) {
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16));
+  const __m128i lo = _mm_and_si128(bytes, nibble);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+  w0 = _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_unpacklo_epi8(lo, hi)), values);
+  w1 = _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_unpackhi_epi8(lo, hi)), values);
+}
+
+// The same for 16 codes from 8 bytes.
+QLIB_AVX512F_FN inline __m512 f32_weights16(const uint8_t* bytes8, __m512 values) {
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes8));
+  const __m128i lo = _mm_and_si128(bytes, nibble);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+  return _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_unpacklo_epi8(lo, hi)), values);
+}
+
+// float32 x: 16 codes (8 bytes) a step.
 template <int M>
 QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, int64_t K,
                                      int64_t block_size, const float* cb, const float* x,
-                                     float* sums) {
+                                     int64_t ldx, float* sums) {
   const __m512 lut = _mm512_loadu_ps(cb);
-  const __m128i nibble = _mm_set1_epi8(0x0F);
   const __m512 zero = _mm512_setzero_ps();
   __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero, b0 = zero, b1 = zero, b2 = zero, b3 = zero;
   float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#define QLIB_XLOAD(m, k) _mm512_loadu_ps(x + (m) * ldx + (k))
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
     const int64_t k1 = std::min(k0 + block_size, K);
     const __m512 values = _mm512_mul_ps(lut, _mm512_set1_ps(absmax[b]));
     int64_t k = k0;
-    for (; k + 32 <= k1; k += 32) {  // 16 bytes: codes k .. k + 31
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1)));
-      const __m128i lo = _mm_and_si128(bytes, nibble);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-      const __m512 w0 = _mm512_maskz_permutexvar_ps(0xFFFF, codes(_mm_unpacklo_epi8(lo, hi)), values);
-      const __m512 w1 = _mm512_maskz_permutexvar_ps(0xFFFF, codes(_mm_unpackhi_epi8(lo, hi)), values);
-      const float* xk = x + k;
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xk), w0, a0);
-      b0 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 16), w1, b0);
-      if constexpr (M > 1) {
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + K), w0, a1);
-        b1 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + K + 16), w1, b1);
-      }
-      if constexpr (M > 2) {
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 2 * K), w0, a2);
-        b2 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 2 * K + 16), w1, b2);
-      }
-      if constexpr (M > 3) {
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 3 * K), w0, a3);
-        b3 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 3 * K + 16), w1, b3);
-      }
+    for (; k + 32 <= k1; k += 32) {
+      __m512 w0, w1;
+      f32_weights(row + (k >> 1), values, w0, w1);
+      QLIB_DOT_ROWS_ACCUMULATE(QLIB_FMA, QLIB_XLOAD, k, w0, a0, a1, a2, a3)
+      QLIB_DOT_ROWS_ACCUMULATE(QLIB_FMA, QLIB_XLOAD, k + 16, w1, b0, b1, b2, b3)
     }
-    if (k + 16 <= k1) {  // 8 bytes: codes k .. k + 15
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (k >> 1)));
-      const __m128i lo = _mm_and_si128(bytes, nibble);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-      const __m512 w = _mm512_maskz_permutexvar_ps(0xFFFF, codes(_mm_unpacklo_epi8(lo, hi)), values);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), w, a0);
-      if constexpr (M > 1) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + K + k), w, a1);
-      if constexpr (M > 2) a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + 2 * K + k), w, a2);
-      if constexpr (M > 3) a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + 3 * K + k), w, a3);
+    if (k + 16 <= k1) {
+      const __m512 w = f32_weights16(row + (k >> 1), values);
+      QLIB_DOT_ROWS_ACCUMULATE(QLIB_FMA, QLIB_XLOAD, k, w, a0, a1, a2, a3)
       k += 16;
     }
     for (; k < k1; ++k) {
       const float w = codebook_value(packed_code(row, k), absmax[b], cb);
-      for (int m = 0; m < M; ++m) tail[m] += x[m * K + k] * w;
+      for (int m = 0; m < M; ++m) tail[m] += x[m * ldx + k] * w;
     }
   }
+#undef QLIB_XLOAD
+#undef QLIB_WEIGHTS
   sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)) + tail[0];
   if constexpr (M > 1) sums[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)) + tail[1];
   if constexpr (M > 2) sums[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)) + tail[2];
@@ -138,75 +149,62 @@ bool cpu_has_avx512bf16() {
   return has;
 }
 
-// 32 codes from 16 bytes as bfloat16 W_hat: values holds a block's 16 bfloat16 W_hat values.
-QLIB_AVX512BF16_FN inline __m512bh bf16_weights(const uint8_t* bytes16, __m512i values,
-                                                __m128i nibble) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16));
-  const __m128i lo = _mm_and_si128(bytes, nibble);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-  const __m256i c = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-  const __m512i idx = _mm512_maskz_cvtepu8_epi16(0xFFFFFFFFu, c);
-  return reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(0xFFFFFFFFu, idx, values));
+// bfloat16 W_hat of 32 codes from 16 bytes: values holds a block's 16 bfloat16 W_hat values
+// twice. Byte i zero-extended to a dword, its high word replaced by the dword shifted by 12,
+// holds the low nibble in word 2i (with one bit of the high nibble: hence the table of 32)
+// and the high nibble in word 2i + 1.
+QLIB_AVX512BF16_FN inline __m512bh bf16_weights(const uint8_t* bytes16, __m512i values) {
+  const __m512i d =
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16)));
+  const __m512i idx = _mm512_mask_blend_epi16(0xAAAAAAAAu, d, _mm512_slli_epi32(d, 12));
+  return reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(idx, values));
 }
 
-// dot_rows_avx512 for a bfloat16 x: W_hat rounded to bfloat16 (the 16 values of a block as
-// bfloat16, round to nearest even, as at::BFloat16), then vdpbf16ps: 32 products a row and
-// instruction, summed in float32. Per 32 codes: one vpermw. block_size % 32 == 0.
+// bfloat16 x: W_hat rounded to bfloat16 (a block's 16 values as bfloat16, round to nearest
+// even as at::BFloat16), 32 codes (16 bytes) a step, vdpbf16ps: 32 products a row and
+// instruction, summed in float32.
 template <int M>
 QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, int64_t K,
                                       int64_t block_size, const float* cb,
-                                      const at::BFloat16* x, float* sums) {
+                                      const at::BFloat16* x, int64_t ldx, float* sums) {
   const __m512 lut = _mm512_loadu_ps(cb);
-  const __m128i nibble = _mm_set1_epi8(0x0F);
   const __m512 zero = _mm512_setzero_ps();
   __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero, b0 = zero, b1 = zero, b2 = zero, b3 = zero;
   float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#define QLIB_XS(m, k) reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + (m) * K + (k)))
+#define QLIB_XLOAD(m, k) reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + (m) * ldx + (k)))
+#define QLIB_WEIGHTS(k) bf16_weights(row + ((k) >> 1), values)
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
     const int64_t k1 = std::min(k0 + block_size, K);
-    const __m512 values_f = _mm512_mul_ps(lut, _mm512_set1_ps(absmax[b]));
-    const __m512i values = _mm512_castsi256_si512(
-        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values_f)));
-#define QLIB_WEIGHTS(k) bf16_weights(row + ((k) >> 1), values, nibble)
+    const __m256i half = reinterpret_cast<__m256i>(
+        _mm512_cvtneps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(absmax[b]))));
+    const __m512i values = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
     int64_t k = k0;
     for (; k + 64 <= k1; k += 64) {
       const __m512bh w0 = QLIB_WEIGHTS(k), w1 = QLIB_WEIGHTS(k + 32);
-      a0 = _mm512_dpbf16_ps(a0, QLIB_XS(0, k), w0);
-      b0 = _mm512_dpbf16_ps(b0, QLIB_XS(0, k + 32), w1);
-      if constexpr (M > 1) {
-        a1 = _mm512_dpbf16_ps(a1, QLIB_XS(1, k), w0);
-        b1 = _mm512_dpbf16_ps(b1, QLIB_XS(1, k + 32), w1);
-      }
-      if constexpr (M > 2) {
-        a2 = _mm512_dpbf16_ps(a2, QLIB_XS(2, k), w0);
-        b2 = _mm512_dpbf16_ps(b2, QLIB_XS(2, k + 32), w1);
-      }
-      if constexpr (M > 3) {
-        a3 = _mm512_dpbf16_ps(a3, QLIB_XS(3, k), w0);
-        b3 = _mm512_dpbf16_ps(b3, QLIB_XS(3, k + 32), w1);
-      }
+      QLIB_DOT_ROWS_ACCUMULATE(QLIB_DPBF16, QLIB_XLOAD, k, w0, a0, a1, a2, a3)
+      QLIB_DOT_ROWS_ACCUMULATE(QLIB_DPBF16, QLIB_XLOAD, k + 32, w1, b0, b1, b2, b3)
     }
     if (k + 32 <= k1) {
       const __m512bh w = QLIB_WEIGHTS(k);
-      a0 = _mm512_dpbf16_ps(a0, QLIB_XS(0, k), w);
-      if constexpr (M > 1) a1 = _mm512_dpbf16_ps(a1, QLIB_XS(1, k), w);
-      if constexpr (M > 2) a2 = _mm512_dpbf16_ps(a2, QLIB_XS(2, k), w);
-      if constexpr (M > 3) a3 = _mm512_dpbf16_ps(a3, QLIB_XS(3, k), w);
+      QLIB_DOT_ROWS_ACCUMULATE(QLIB_DPBF16, QLIB_XLOAD, k, w, a0, a1, a2, a3)
       k += 32;
     }
     for (; k < k1; ++k) {
       const float w = static_cast<float>(
           static_cast<at::BFloat16>(codebook_value(packed_code(row, k), absmax[b], cb)));
-      for (int m = 0; m < M; ++m) tail[m] += static_cast<float>(x[m * K + k]) * w;
+      for (int m = 0; m < M; ++m) tail[m] += static_cast<float>(x[m * ldx + k]) * w;
     }
   }
-#undef QLIB_XS
+#undef QLIB_XLOAD
 #undef QLIB_WEIGHTS
   sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)) + tail[0];
   if constexpr (M > 1) sums[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)) + tail[1];
   if constexpr (M > 2) sums[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)) + tail[2];
   if constexpr (M > 3) sums[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3)) + tail[3];
 }
+#undef QLIB_DOT_ROWS_ACCUMULATE
+#undef QLIB_FMA
+#undef QLIB_DPBF16
 #endif
 
 // Rows a parallel_for grain holds: about kGrain weights.
@@ -254,22 +252,36 @@ float dot(const float* a, const float* b, int64_t K) {
   return s;
 }
 
-// sums[m] = x[m] . (row of the weight) for the M <= kDotRows rows of x (K floats apart);
-// scratch: K floats.
+// sums[m] = x[m] . W_hat[k0, k0 + K) of one weight row (row and absmax start at k0) for the
+// M <= kDotRows rows of x, ldx elements apart: bfloat16 when bf16 (dot_rows_bf16's CPU and
+// block sizes), else float32. scratch: K floats.
 void dot_rows(const uint8_t* row, const float* absmax, int64_t K, int64_t block_size,
-              const float* cb, const float* x, int64_t M, float* sums, float* scratch) {
+              const float* cb, const void* x, int64_t ldx, int64_t M, bool bf16, float* sums,
+              float* scratch) {
 #if defined(__x86_64__)
-  if (block_size % 16 == 0 && cpu_has_avx512f()) {
+  if (bf16) {
+    const auto* xb = static_cast<const at::BFloat16*>(x);
     switch (M) {
-      case 1: return dot_rows_avx512<1>(row, absmax, K, block_size, cb, x, sums);
-      case 2: return dot_rows_avx512<2>(row, absmax, K, block_size, cb, x, sums);
-      case 3: return dot_rows_avx512<3>(row, absmax, K, block_size, cb, x, sums);
-      default: return dot_rows_avx512<4>(row, absmax, K, block_size, cb, x, sums);
+      case 1: return dot_rows_bf16<1>(row, absmax, K, block_size, cb, xb, ldx, sums);
+      case 2: return dot_rows_bf16<2>(row, absmax, K, block_size, cb, xb, ldx, sums);
+      case 3: return dot_rows_bf16<3>(row, absmax, K, block_size, cb, xb, ldx, sums);
+      default: return dot_rows_bf16<4>(row, absmax, K, block_size, cb, xb, ldx, sums);
     }
   }
+  const auto* xf = static_cast<const float*>(x);
+  if (block_size % 16 == 0 && cpu_has_avx512f()) {
+    switch (M) {
+      case 1: return dot_rows_avx512<1>(row, absmax, K, block_size, cb, xf, ldx, sums);
+      case 2: return dot_rows_avx512<2>(row, absmax, K, block_size, cb, xf, ldx, sums);
+      case 3: return dot_rows_avx512<3>(row, absmax, K, block_size, cb, xf, ldx, sums);
+      default: return dot_rows_avx512<4>(row, absmax, K, block_size, cb, xf, ldx, sums);
+    }
+  }
+#else
+  const auto* xf = static_cast<const float*>(x);
 #endif
   decode_row(row, absmax, K, block_size, cb, scratch);
-  for (int64_t m = 0; m < M; ++m) sums[m] = dot(x + m * K, scratch, K);
+  for (int64_t m = 0; m < M; ++m) sums[m] = dot(xf + m * ldx, scratch, K);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& w_in,
@@ -372,38 +384,33 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
 #endif
   const at::Tensor x = x_in.reshape({M, K}).to(bf16_dots ? at::kBFloat16 : at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const void* xp = x.const_data_ptr();
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  const int64_t esz = x.element_size(), ldp = packed.size(1), lda = absmax.size(1);
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
   const float* ap = absmax.const_data_ptr<float>();
+  // kDotRows rows of x past L1 (32 KB): tiles of K (whole pairs of blocks) of about 16 KB of
+  // them, so that a tile stays in L1 while a grain of weight rows reads it.
+  const int64_t pair = 2 * block_size, x_bytes = std::min(M, kDotRows) * esz;
+  const int64_t tile = x_bytes * K <= 32768 ? K : std::max<int64_t>(1, 16384 / x_bytes / pair) * pair;
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
-    std::vector<float> row(K);
-    float sums[kDotRows];
-    for (int64_t n = n0; n < n1; ++n) {
+    std::vector<float> scratch(std::min(tile, K)), acc((n1 - n0) * M, 0.0f);
+    float part[kDotRows];
+    for (int64_t k0 = 0; k0 < K; k0 += tile) {
+      const int64_t len = std::min(tile, K - k0);
       for (int64_t m0 = 0; m0 < M; m0 += kDotRows) {
         const int64_t rows = std::min(kDotRows, M - m0);
-        const uint8_t* wrow = pp + n * packed.size(1);
-        const float* arow = ap + n * absmax.size(1);
-#if defined(__x86_64__)
-        if (bf16_dots) {
-          const auto* xb = static_cast<const at::BFloat16*>(xp) + m0 * K;
-          switch (rows) {
-            case 1: dot_rows_bf16<1>(wrow, arow, K, block_size, c, xb, sums); break;
-            case 2: dot_rows_bf16<2>(wrow, arow, K, block_size, c, xb, sums); break;
-            case 3: dot_rows_bf16<3>(wrow, arow, K, block_size, c, xb, sums); break;
-            default: dot_rows_bf16<4>(wrow, arow, K, block_size, c, xb, sums); break;
-          }
-        } else
-#endif
-        {
-          dot_rows(wrow, arow, K, block_size, c, static_cast<const float*>(xp) + m0 * K, rows,
-                   sums, row.data());
+        for (int64_t n = n0; n < n1; ++n) {
+          dot_rows(pp + n * ldp + k0 / 2, ap + n * lda + k0 / block_size, len, block_size, c,
+                   xp + (m0 * K + k0) * esz, K, rows, bf16_dots, part, scratch.data());
+          for (int64_t m = 0; m < rows; ++m) acc[(n - n0) * M + m0 + m] += part[m];
         }
-        for (int64_t m = 0; m < rows; ++m)
-          yp[(m0 + m) * N + n] = sums[m] + (bp != nullptr ? bp[n] : 0.0f);
       }
     }
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m)
+        yp[m * N + n] = acc[(n - n0) * M + m] + (bp != nullptr ? bp[n] : 0.0f);
   });
   return y.to(x_in.scalar_type()).view(out_shape);
 }
