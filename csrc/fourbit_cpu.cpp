@@ -1,8 +1,9 @@
 // CPU kernels of the 4-bit ops: quantize_4bit, dequantize_4bit, linear_4bit (formulas in
 // quant_math.h, checks in fourbit.h). AVX512 decodes 16 codes a step with one vpermps through
-// the codebook (block sizes that are multiples of 16; else a scalar loop). linear_4bit at
-// M <= 32 dots each weight row with the rows of x (4 at a time) as it decodes it, in float32;
-// at larger M it decodes panels of rows and runs ATen's GEMM on each.
+// the codebook scaled by the block's absmax (block sizes that are multiples of 16; else a
+// scalar loop). linear_4bit at M <= 32 dots each weight row with the rows of x (4 at a time)
+// as it decodes it: float32 products, or for a bfloat16 x on AVX512-BF16 CPUs bfloat16 W_hat
+// and vdpbf16ps; at larger M it decodes panels of rows and runs ATen's GEMM on each.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -41,29 +42,6 @@ bool cpu_has_avx512f() {
   return has;
 }
 
-// decode_row for block_size % 16 == 0: each 8 bytes give 16 codes (low nibble first), looked
-// up in the 16-float codebook with one vpermps and scaled by the block's absmax (the same float
-// product as codebook_value).
-QLIB_AVX512F_FN void decode_row_avx512(const uint8_t* row, const float* absmax, int64_t K,
-                                       int64_t block_size, const float* cb, float* out) {
-  const __m512 lut = _mm512_loadu_ps(cb);
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
-    const int64_t k1 = std::min(k0 + block_size, K);
-    const __m512 a = _mm512_set1_ps(absmax[b]);
-    int64_t k = k0;
-    for (; k + 16 <= k1; k += 16) {
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2));
-      const __m128i lo = _mm_and_si128(bytes, nibble);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-      // (maskz forms: GCC 12 warns on the undefined pass-through of the plain ones)
-      const __m512i idx = _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_unpacklo_epi8(lo, hi));
-      _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_maskz_permutexvar_ps(0xFFFF, idx, lut), a));
-    }
-    decode_span_scalar(row, k, k1, absmax[b], cb, out);
-  }
-}
-
 // The M <= 4 dot products sums[m] = x[m] . W_hat[k0, k0 + K) of one weight row, decoded on the
 // fly (row and absmax start at k0; x's rows are ldx elements apart). Per block the 16
 // codebook values are scaled by absmax once (codebook_value's products), then looked up per
@@ -79,27 +57,40 @@ QLIB_AVX512F_FN void decode_row_avx512(const uint8_t* row, const float* absmax, 
 #define QLIB_FMA(acc, xv, w) _mm512_fmadd_ps(xv, w, acc)
 #define QLIB_DPBF16(acc, xv, w) _mm512_dpbf16_ps(acc, xv, w)
 
-// W_hat of 32 codes from 16 bytes (w0: codes 0-15, w1: 16-31): values holds a block's 16 W_hat
-// values. The nibbles are split and interleaved back into k order (low nibble first), widened
-// to dwords and looked up with one vpermps per 16. (maskz: GCC 12 warns on the plain forms'
-// undefined pass-through.)
-QLIB_AVX512F_FN inline void f32_weights(const uint8_t* bytes16, __m512 values, __m512& w0,
-                                        __m512& w1) {
+// The codes of packed bytes in k order (low nibble first): of bytes 0-7 in `first`, of bytes
+// 8-15 in `second`, one a byte.
+QLIB_AVX512F_FN inline void split_codes(__m128i bytes, __m128i& first, __m128i& second) {
   const __m128i nibble = _mm_set1_epi8(0x0F);
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16));
   const __m128i lo = _mm_and_si128(bytes, nibble);
   const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-  w0 = _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_unpacklo_epi8(lo, hi)), values);
-  w1 = _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_unpackhi_epi8(lo, hi)), values);
+  first = _mm_unpacklo_epi8(lo, hi);
+  second = _mm_unpackhi_epi8(lo, hi);
 }
 
-// The same for 16 codes from 8 bytes.
+// values[code] for 16 codes (one a byte): one vpermps. (maskz: GCC 12 warns on the plain
+// forms' undefined pass-through.)
+QLIB_AVX512F_FN inline __m512 lookup16(__m128i codes, __m512 values) {
+  return _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_cvtepu8_epi32(0xFFFF, codes), values);
+}
+
+// W_hat of the 16 codes of 8 bytes (values: a block's 16 W_hat values).
 QLIB_AVX512F_FN inline __m512 f32_weights16(const uint8_t* bytes8, __m512 values) {
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes8));
-  const __m128i lo = _mm_and_si128(bytes, nibble);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-  return _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_unpacklo_epi8(lo, hi)), values);
+  __m128i first, second;
+  split_codes(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes8)), first, second);
+  return lookup16(first, values);
+}
+
+// decode_row for block_size % 16 == 0.
+QLIB_AVX512F_FN void decode_row_avx512(const uint8_t* row, const float* absmax, int64_t K,
+                                       int64_t block_size, const float* cb, float* out) {
+  const __m512 lut = _mm512_loadu_ps(cb);
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
+    const int64_t k1 = std::min(k0 + block_size, K);
+    const __m512 values = _mm512_mul_ps(lut, _mm512_set1_ps(absmax[b]));
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) _mm512_storeu_ps(out + k, f32_weights16(row + k / 2, values));
+    decode_span_scalar(row, k, k1, absmax[b], cb, out);
+  }
 }
 
 // float32 x: 16 codes (8 bytes) a step.
@@ -117,8 +108,9 @@ QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, in
     const __m512 values = _mm512_mul_ps(lut, _mm512_set1_ps(absmax[b]));
     int64_t k = k0;
     for (; k + 32 <= k1; k += 32) {
-      __m512 w0, w1;
-      f32_weights(row + (k >> 1), values, w0, w1);
+      __m128i first, second;
+      split_codes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))), first, second);
+      const __m512 w0 = lookup16(first, values), w1 = lookup16(second, values);
       QLIB_DOT_ROWS_ACCUMULATE(QLIB_FMA, QLIB_XLOAD, k, w0, a0, a1, a2, a3)
       QLIB_DOT_ROWS_ACCUMULATE(QLIB_FMA, QLIB_XLOAD, k + 16, w1, b0, b1, b2, b3)
     }
