@@ -246,6 +246,26 @@ TEST(QuantMath, EntropyKlLevelsPastTheWindow) {
   }
 }
 
+// The int4 codebook (k / 7): a weight of absmax * k / 7 gets code k + 8; a weight halfway
+// between two values gets the lower; an all-zero block gets the value nearest 0; a block of
+// subnormals (1 / absmax would overflow) still codes w / absmax.
+TEST(QuantMath, CodebookCodes) {
+  float cb[qlib::kCodebookSize], mid[qlib::kCodebookSize - 1];
+  for (int j = 0; j < qlib::kCodebookSize; ++j) cb[j] = static_cast<float>(j - 8) / 7.0f;
+  qlib::codebook_midpoints(cb, mid);
+  const float absmax = 2.5f;
+  for (int k = -7; k <= 7; ++k) {
+    EXPECT_EQ(qlib::codebook_code(absmax * cb[k + 8], absmax, mid), k + 8) << k;
+    EXPECT_EQ(qlib::codebook_value(k + 8, absmax, cb), cb[k + 8] * absmax);
+  }
+  EXPECT_EQ(qlib::codebook_code(mid[9] * absmax, absmax, mid), 9);  // on the midpoint: lower
+  EXPECT_EQ(qlib::codebook_code(0.0f, 0.0f, mid), 8);
+  const float tiny = 1e-41f;  // subnormal: 1 / tiny is inf
+  EXPECT_EQ(qlib::codebook_code(tiny, tiny, mid), 15);
+  EXPECT_EQ(qlib::codebook_code(-tiny, tiny, mid), 1);
+  EXPECT_EQ(qlib::codebook_code(0.0f, tiny, mid), 8);
+}
+
 TEST(BlockLayout, ScaleIndexMatchesBruteForce) {
   const std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> cases = {
       {{6, 8}, {6, 1}}, {{6, 8}, {1, 8}}, {{6, 8}, {6, 2}}, {{6, 8}, {3, 4}},
@@ -337,4 +357,32 @@ TEST(Dispatcher, Int8GemmExactOnEveryCpuKernel) {
   }
   qlib::set_int8_cpu_kernel("auto");
   EXPECT_THROW(qlib::set_int8_cpu_kernel("avx9"), c10::Error);
+}
+
+// quantize_4bit -> linear_4bit through the dispatcher against a float64 product with the
+// dequantized weight (the AVX512 and scalar decode paths: block sizes 64 and 7).
+TEST(Dispatcher, Linear4bitMatchesDequantizedWeight) {
+  auto& d = c10::Dispatcher::singleton();
+  static auto quantize = d.findSchemaOrThrow("qlib::quantize_4bit", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t)>();
+  static auto dequantize =
+      d.findSchemaOrThrow("qlib::dequantize_4bit", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, at::ScalarType)>();
+  static auto linear = d.findSchemaOrThrow("qlib::linear_4bit", "")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, int64_t, const std::optional<at::Tensor>&)>();
+  at::manual_seed(2);
+  const at::Tensor cb = at::arange(-8, 8, at::kFloat) / 7;
+  const at::Tensor w = at::randn({37, 200});
+  for (int64_t block : {64, 7}) {
+    const auto [packed, absmax] = quantize.call(w, cb, block);
+    const at::Tensor w_hat = dequantize.call(packed, absmax, cb, 200, block, at::kFloat);
+    EXPECT_LE((w_hat - w).abs().max().item<float>(), (w.abs().max() / 14 * 1.0001).item<float>());
+    for (int64_t m : {1, 5, 40}) {
+      const at::Tensor x = at::randn({m, 200});
+      const at::Tensor ref = at::matmul(x.to(at::kDouble), w_hat.to(at::kDouble).t());
+      const at::Tensor y = linear.call(x, packed, absmax, cb, block, std::nullopt);
+      EXPECT_TRUE(at::allclose(y.to(at::kDouble), ref, 1e-5, 1e-4)) << "block " << block << ", M " << m;
+    }
+  }
 }
