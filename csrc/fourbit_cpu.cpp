@@ -338,9 +338,10 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   out_shape.back() = N;
   const int64_t M = c10::multiply_integers(out_shape.begin(), out_shape.end() - 1);
   const at::Tensor bias = bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
-  if (M == 0 || N == 0 || K == 0) {
-    at::Tensor out = bias.defined() ? bias.expand(out_shape) : at::zeros(out_shape, x_in.options().dtype(at::kFloat));
-    return out.to(x_in.scalar_type()).contiguous();
+  if (M == 0 || N == 0 || K == 0) {  // an empty sum: the bias (a copy, never a view of it), or zeros
+    at::Tensor out = at::zeros(out_shape, x_in.options());
+    if (bias.defined()) out.copy_(bias.expand(out_shape));
+    return out;
   }
   const at::Tensor packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
   const at::Tensor cb = codebook_in.contiguous();

@@ -167,9 +167,12 @@ def test_empty_shapes(device):
         assert packed.shape == (n, (k + 1) // 2) and absmax.shape == (n, (k + 3) // 4)
         assert ops.dequantize_4bit(packed, absmax, cb, k, 4, torch.float16).shape == (n, k)
         bias = torch.randn(n, device=device)
-        y = ops.linear_4bit(torch.randn(3, k, device=device), packed, absmax, cb, 4, bias)
-        assert y.shape == (3, n) and torch.equal(y, bias.expand(3, n) if k == 0 else y)
-        assert ops.linear_4bit(torch.randn(0, k, device=device), packed, absmax, cb, 4, bias).shape == (0, n)
+        for m in (3, 1, 0):
+            y = ops.linear_4bit(torch.randn(m, k, device=device), packed, absmax, cb, 4, bias)
+            assert y.shape == (m, n) and torch.equal(y, bias.expand(m, n) if k == 0 else y)
+            if y.numel():
+                assert y.data_ptr() != bias.data_ptr()  # a copy of the bias, never a view
+        torch.library.opcheck(ops.linear_4bit, (torch.randn(1, k, device=device), packed, absmax, cb, 4, bias))
 
 
 def test_bad_inputs(device):
@@ -280,13 +283,18 @@ def test_bfloat16_linear_sums_bfloat16_weights(device, M):
     """A bfloat16 x multiplies W_hat rounded to bfloat16 (the CPU's bf16 dot products and its
     bf16 GEMM, CUDA's GEMM at M > 4) or W_hat itself (the float32 kernels): either way the
     float32 sum of exact products, within the output's rounding of both references."""
+    if device == "cuda":  # cuBLAS may otherwise add split-K partial sums in bfloat16
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     K, N = 1000, 48  # blocks of 64 and a short last one (1000 = 15 * 64 + 40)
     w = torch.randn(N, K, device=device)
     cb = qlib.codebook_4bit("nf4", device)
     packed, absmax = ops.quantize_4bit(w, cb, 64)
     w_hat = ops.dequantize_4bit(packed, absmax, cb, K, 64, torch.float32)
     x = torch.randn(M, K, device=device).bfloat16()
-    y = ops.linear_4bit(x, packed, absmax, cb, 64, None).double()
+    try:
+        y = ops.linear_4bit(x, packed, absmax, cb, 64, None).double()
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
     refs = [x.double() @ w_hat.double().T, x.double() @ w_hat.bfloat16().double().T]
     gap = (refs[0] - refs[1]).abs()
     err = torch.minimum((y - refs[0]).abs(), (y - refs[1]).abs())
