@@ -7,12 +7,17 @@
 #include <array>
 #include <cmath>
 #include <optional>
+#include <string>
 
 #include "quant_math.h"
 
 namespace qlib {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The CPU decode this machine runs (fourbit_cpu.cpp): "avx512-bf16" (float32 and bfloat16
+// paths), "avx512" (float32; a bfloat16 x decodes to float32) or "scalar".
+std::string fourbit_cpu_kernel();
 
 // A 16-value float32 codebook on `device`. Its values are checked by quantize_4bit only.
 inline void check_codebook(const char* op, const at::Tensor& codebook, const at::Device& device) {

@@ -410,6 +410,14 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
 
 }  // namespace
 
+std::string fourbit_cpu_kernel() {
+#if defined(__x86_64__)
+  if (cpu_has_avx512bf16()) return "avx512-bf16";
+  if (cpu_has_avx512f()) return "avx512";
+#endif
+  return "scalar";
+}
+
 TORCH_LIBRARY_IMPL(qlib, CPU, m) {
   m.impl("quantize_4bit", &quantize_4bit_cpu);
   m.impl("dequantize_4bit", &dequantize_4bit_cpu);

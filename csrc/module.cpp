@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "affine.h"
+#include "fourbit.h"
 #include "int8.h"
 #include "observer.h"
 
@@ -36,6 +37,7 @@ pybind11::dict build_info() {
   } catch (const c10::Error& e) {
     d["int8_cpu_kernel"] = std::string("error: ") + e.what_without_backtrace();
   }
+  d["fourbit_cpu_kernel"] = qlib::fourbit_cpu_kernel();
   try {
     d["int8_cuda_gemm"] = qlib::int8_cuda_gemm();
   } catch (const c10::Error& e) {

@@ -299,3 +299,7 @@ def test_bfloat16_linear_sums_bfloat16_weights(device, M):
     gap = (refs[0] - refs[1]).abs()
     err = torch.minimum((y - refs[0]).abs(), (y - refs[1]).abs())
     assert (err <= 2**-8 * refs[1].abs() + 1e-3 * gap.max() + 1e-4).all()
+
+
+def test_build_info_names_the_cpu_decode():
+    assert qlib.build_info()["fourbit_cpu_kernel"] in ("avx512-bf16", "avx512", "scalar")
