@@ -1,13 +1,11 @@
 """Linear4bit: a weight-only 4-bit Linear (NF4, int4 or any 16-value codebook).
 
 The weight is stored as 4-bit codes, two a byte, with one float32 absmax per block of
-``block_size`` weights along in_features (the scheme of ``qlib._fourbit_ops``). The matmul runs
-in float32 on the dequantized weight, fused with the decoding at small batch
-(``torch.ops.qlib.linear_4bit``); activations are not quantized.
+``block_size`` weights along in_features (the scheme of ``qlib._fourbit_ops``). The matmul
+(``torch.ops.qlib.linear_4bit``) decodes the weight as it reads it at small batch and sums in
+float32; activations are not quantized.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +31,6 @@ class Linear4bit(QuantState):
         if int(block_size) < 1:
             raise ValueError(f"Linear4bit: block_size must be >= 1, got {block_size}")
         self.in_features, self.out_features, self.block_size = int(in_features), int(out_features), int(block_size)
-        self.codebook_name = codebook.lower() if isinstance(codebook, str) else "custom"
         n, k = self.out_features, self.in_features
         self.register_buffer("packed", torch.zeros(n, (k + 1) // 2, dtype=torch.uint8, device=device))
         self.register_buffer("absmax", torch.zeros(n, -(-k // self.block_size), dtype=torch.float32, device=device))
@@ -70,9 +67,14 @@ class Linear4bit(QuantState):
         """Bytes of the 4-bit weight plus its absmax and codebook (bias excluded)."""
         return self.packed.numel() + 4 * self.absmax.numel() + 4 * self.codebook.numel()
 
+    def codebook_name(self) -> str:
+        """'nf4' or 'int4' when the codebook holds those values, else 'custom'."""
+        values = self.codebook.tolist()
+        return next((name for name in ("nf4", "int4") if codebook_4bit(name).tolist() == values), "custom")
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weight=4-bit {self.codebook_name}, block_size={self.block_size} (absmax per block), "
+                f"weight=4-bit {self.codebook_name()}, block_size={self.block_size} (absmax per block), "
                 f"activation=float")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
