@@ -303,3 +303,18 @@ def test_bfloat16_linear_sums_bfloat16_weights(device, M):
 
 def test_build_info_names_the_cpu_decode():
     assert qlib.build_info()["fourbit_cpu_kernel"] in ("avx512-bf16", "avx512", "scalar")
+
+
+def test_compute_dtype_runs_a_float32_x_in_bfloat16(device):
+    lin = nn.Linear(256, 40).to(device)
+    q = Linear4bit.from_float(lin, block_size=64, compute_dtype=torch.bfloat16)
+    plain = Linear4bit.from_float(lin, block_size=64)
+    assert "compute_dtype=torch.bfloat16" in repr(q)
+    for m in (1, 50):
+        x = torch.randn(m, 256, device=device)
+        y = q(x)
+        assert y.dtype == torch.float32
+        assert torch.equal(y, plain(x.bfloat16()).float())
+    with pytest.raises(ValueError, match="compute_dtype must be None, float32, float16 or bfloat16"):
+        Linear4bit(4, 4, compute_dtype=torch.int8)
+    assert isinstance(qlib.quantize_weight_only(nn.Linear(8, 8), compute_dtype=torch.bfloat16), Linear4bit)

@@ -60,13 +60,15 @@ def quantize_dynamic(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> 
 
 
 def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
-                         filter_fn: Optional[FilterFn] = None) -> nn.Module:
+                         filter_fn: Optional[FilterFn] = None,
+                         compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` selected by ``filter_fn(module, fqn)``
     with a :class:`qlib.nn.Linear4bit` (4-bit weights: ``codebook`` "nf4", "int4" or 16 values;
-    one absmax per ``block_size`` weights; float activations). Returns the model, or the
-    replacement when ``model`` itself is a selected ``nn.Linear``."""
-    return _swap(model, nn.Linear, lambda m, fqn: Linear4bit.from_float(m, codebook, block_size), filter_fn,
-                 "quantize_weight_only")
+    one absmax per ``block_size`` weights; float activations, run in ``compute_dtype`` when
+    given). Returns the model, or the replacement when ``model`` itself is a selected
+    ``nn.Linear``."""
+    return _swap(model, nn.Linear, lambda m, fqn: Linear4bit.from_float(m, codebook, block_size, compute_dtype),
+                 filter_fn, "quantize_weight_only")
 
 
 def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None,

@@ -7,6 +7,8 @@ float32; activations are not quantized.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -26,10 +28,17 @@ class Linear4bit(QuantState):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 codebook: CodebookLike = "nf4", block_size: int = 64, device=None, dtype=None):
+                 codebook: CodebookLike = "nf4", block_size: int = 64, device=None, dtype=None,
+                 compute_dtype: Optional[torch.dtype] = None):
         super().__init__()
         if int(block_size) < 1:
             raise ValueError(f"Linear4bit: block_size must be >= 1, got {block_size}")
+        if compute_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"Linear4bit: compute_dtype must be None, float32, float16 or bfloat16, got {compute_dtype}")
+        # None: the input's dtype. torch.bfloat16 runs a float32 x through the bfloat16 kernels
+        # (faster on CPUs with AVX512-BF16, as bitsandbytes' and ATen's int4 CPU kernels do)
+        # and casts the output back.
+        self.compute_dtype = compute_dtype
         self.in_features, self.out_features, self.block_size = int(in_features), int(out_features), int(block_size)
         n, k = self.out_features, self.in_features
         self.register_buffer("packed", torch.zeros(n, (k + 1) // 2, dtype=torch.uint8, device=device))
@@ -38,13 +47,15 @@ class Linear4bit(QuantState):
         self.bias = nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) if bias else None
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, codebook: CodebookLike = "nf4", block_size: int = 64) -> "Linear4bit":
+    def from_float(cls, linear: nn.Linear, codebook: CodebookLike = "nf4", block_size: int = 64,
+                   compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
         """Quantize ``linear``'s weight (finite values) to 4 bits; the bias is copied as is."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Linear4bit.from_float: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, codebook, block_size,
-                  device=w.device, dtype=None if linear.bias is None else linear.bias.dtype)
+                  device=w.device, dtype=None if linear.bias is None else linear.bias.dtype,
+                  compute_dtype=compute_dtype)
         with torch.no_grad():
             packed, absmax = _fourbit_ops.ops.quantize_4bit(w.detach(), mod.codebook, mod.block_size)
             mod.packed.copy_(packed)
@@ -55,8 +66,10 @@ class Linear4bit(QuantState):
 
     def forward(self, x: Tensor) -> Tensor:
         b = self._buffers  # (nn.Module.__getattr__ costs about 0.7 us a name)
-        return torch.ops.qlib.linear_4bit(x, b["packed"], b["absmax"], b["codebook"], self.block_size,
-                                          self._parameters["bias"])
+        cast = self.compute_dtype is not None and x.dtype != self.compute_dtype
+        y = torch.ops.qlib.linear_4bit(x.to(self.compute_dtype) if cast else x, b["packed"], b["absmax"],
+                                       b["codebook"], self.block_size, self._parameters["bias"])
+        return y.to(x.dtype) if cast else y
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """W_hat [out_features, in_features] in ``dtype``."""
@@ -75,7 +88,7 @@ class Linear4bit(QuantState):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight=4-bit {self.codebook_name()}, block_size={self.block_size} (absmax per block), "
-                f"activation=float")
+                f"activation=float" + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype else ""))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         for name, key, value in self._loaded_buffers(state_dict, prefix):
