@@ -3,14 +3,15 @@ the CPU: ATen's int4 kernel (_weight_int4pack_mm_for_cpu, what torchao runs on t
 torchao's int4 weight-only config and bitsandbytes' NF4 Linear4bit (both when installed), and
 the dense F.linear in the input's dtype.
 
-    python benchmarks/bench_linear_4bit.py [--quick] [--threads N]
+    python benchmarks/bench_linear_4bit.py [--quick] [--threads N] [--no-cpu]
 
 Timed round-robin (timing.interleaved_medians_ms, 3 calls a peer a round, the first untimed),
 medians in ms, for x in float32 and bfloat16, (K, N) in {(768, 768), (768, 3072),
 (4096, 4096)}, M in {1, 16, 128}. Ratios: peer time / qlib time (above 1: qlib is faster).
 A first table gives each scheme's error against the float64 product with the float weight.
 torchao and bitsandbytes are not in the project's .venv; to include them, run with a Python
-that has them and the same torch (benchmarks/RESULTS.md says how).
+that has them and the same torch (benchmarks/RESULTS.md says how). Where CUDA is available, a
+last table times qlib's NF4 layer against the dense bfloat16 layer on the GPU.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import qlib  # noqa: E402
 from peers_4bit import make_aten_int4, make_bnb_nf4_dequant, make_bnb_nf4_fused, make_torchao_int4  # noqa: E402
 from qlib.nn import Linear4bit  # noqa: E402
-from timing import interleaved_medians_ms  # noqa: E402
+from timing import cuda_median_ms, interleaved_medians_ms  # noqa: E402
 
 GROUP = 64
 SHAPES = [(768, 768), (768, 3072), (4096, 4096)]
@@ -96,18 +97,39 @@ def speed(quick, dtype):
         print(f"{K:5d} {N:5d} {M:4d} " + " ".join(f"{ms.get(n, float('nan')) / ref(n):17.2f}x" for n in others))
 
 
+@torch.inference_mode()
+def speed_cuda(quick):
+    """GPU: qlib NF4 Linear4bit against the dense bfloat16 layer (bfloat16 x), CUDA-event medians.
+    The 4-bit layer reads 4.5 bits a weight instead of 16: decode (small M) is where it wins."""
+    print(f"\nGPU {torch.cuda.get_device_name()}: bfloat16 x, median ms (CUDA events)")
+    print(f"{'K':>6} {'N':>6} {'M':>5} {'dense bf16':>11} {'qlib nf4':>9} {'dense / qlib':>13}")
+    shapes = [(4096, 4096)] if quick else [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]
+    for K, N in shapes:
+        lin = nn.Linear(K, N, device="cuda", dtype=torch.bfloat16)
+        q = Linear4bit.from_float(lin, "nf4", GROUP)
+        for M in (1, 4, 16, 128, 1024):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            t_dense = cuda_median_ms(lambda: F.linear(x, lin.weight, lin.bias))
+            t_q = cuda_median_ms(lambda: q(x))
+            print(f"{K:6d} {N:6d} {M:5d} {t_dense:11.3f} {t_q:9.3f} {t_dense / t_q:12.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="two shapes, shorter timing")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-cpu", action="store_true", help="the GPU section only")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
           f"{args.threads} threads, qlib {qlib.build_info()['cpu_isa']}")
-    accuracy(args.quick)
-    for dtype in (torch.float32, torch.bfloat16):
-        speed(args.quick, dtype)
+    if not args.no_cpu:
+        accuracy(args.quick)
+        for dtype in (torch.float32, torch.bfloat16):
+            speed(args.quick, dtype)
+    if torch.cuda.is_available():
+        speed_cuda(args.quick)
 
 
 if __name__ == "__main__":

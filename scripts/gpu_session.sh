@@ -5,7 +5,8 @@
 #   test      the whole pytest suite, CUDA included
 #   sanitize  the CUDA tests under compute-sanitizer memcheck and racecheck
 #   probe     scripts/gpu_probe.py diagnostics, and a native backtrace of an error path
-#   benchfq   bench_fake_quant alone; benchobs: bench_observers alone; benchint8: the int8 GPU table
+#   benchfq   bench_fake_quant alone; benchobs: bench_observers alone; benchint8: the int8 GPU table;
+#             bench4: the 4-bit GPU table (qlib NF4 against dense bf16)
 #   fqpacks   bench_fake_quant --packs-only: the fake_quant kernels at 1, 2 and 4 packs per thread
 #   ncufq     Nsight Compute on the fake_quant forward kernel, per-tensor vs per-channel, float32 vs
 #             bfloat16 (issue 2's missed bf16 per-channel / per-group targets): throughput, stalls
@@ -101,9 +102,13 @@ fi
 if has benchint8; then
   TAIL=16 stage bench 180 $PY benchmarks/bench_int8_linear.py --no-cpu
 fi
+if has bench4; then
+  TAIL=24 stage bench 120 $PY benchmarks/bench_linear_4bit.py --no-cpu
+fi
 if has bench; then
   TAIL=8 stage bench 120 $PY benchmarks/gpu_ceilings.py
   TAIL=18 stage bench 150 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 50
   TAIL=14 stage bench 120 $PY benchmarks/bench_observers.py --device cuda
   TAIL=16 stage bench 180 $PY benchmarks/bench_int8_linear.py --no-cpu
+  TAIL=24 stage bench 120 $PY benchmarks/bench_linear_4bit.py --no-cpu
 fi
