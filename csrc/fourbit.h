@@ -59,8 +59,14 @@ inline int64_t check_packed_4bit(const char* op, const at::Tensor& packed, const
   return N;
 }
 
-// quantize_4bit: w float32 / float16 / bfloat16 [N, K] with finite values (one host read on
-// CUDA: it runs once, at conversion), a finite, strictly increasing codebook. Returns the
+// The error for a non-finite weight w[n, k] (quantize_4bit).
+[[noreturn]] inline void fail_non_finite_weight(const char* op, double value, int64_t n, int64_t k) {
+  TORCH_CHECK(false, op, ": w must be finite, got ", value, " at [", n, ", ", k, "]");
+  TORCH_INTERNAL_ASSERT(false);  // (TORCH_CHECK(false) throws; this tells the compiler)
+}
+
+// quantize_4bit: w float32 / float16 / bfloat16 [N, K] with finite values (on CUDA one host
+// read: it runs once, at conversion), a finite, strictly increasing codebook. Returns the
 // codebook's midpoints (codebook_midpoints) for the kernels.
 inline std::array<float, kCodebookSize - 1> check_quantize_4bit_args(const char* op,
                                                                     const at::Tensor& w,
@@ -79,12 +85,11 @@ inline std::array<float, kCodebookSize - 1> check_quantize_4bit_args(const char*
     TORCH_CHECK(std::isfinite(c[j]) && (j == 0 || c[j - 1] < c[j]), op,
                 ": codebook must be finite and strictly increasing, got ", cb);
   }
-  if (w.numel() > 0) {
+  if (!w.is_cpu() && w.numel() > 0) {  // (the CPU kernel checks as it reads w)
     const at::Tensor bad = ~at::isfinite(w);
     if (bad.any().item<bool>()) {
       const int64_t i = bad.reshape(-1).nonzero().select(0, 0).item<int64_t>();
-      TORCH_CHECK(false, op, ": w must be finite, got ", w.reshape(-1)[i].item<double>(),
-                  " at [", i / w.size(1), ", ", i % w.size(1), "]");
+      fail_non_finite_weight(op, w.reshape(-1)[i].item<double>(), i / w.size(1), i % w.size(1));
     }
   }
   std::array<float, kCodebookSize - 1> mid{};

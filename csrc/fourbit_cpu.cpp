@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -283,26 +285,61 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& w_in,
   const auto mid = check_quantize_4bit_args(op, w_in, codebook, block_size);
   const at::Tensor w = w_in.to(at::kFloat).contiguous();
   const int64_t N = w.size(0), K = w.size(1), KB = ceil_div(K, block_size), ldp = ceil_div(K, 2);
-  at::Tensor packed = at::zeros({N, ldp}, w.options().dtype(at::kByte));
+  at::Tensor packed = at::empty({N, ldp}, w.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({N, KB}, w.options());
   const float* wp = w.const_data_ptr<float>();
   uint8_t* pp = packed.data_ptr<uint8_t>();
   float* ap = absmax.data_ptr<float>();
-  // By rows: with an odd block_size a byte holds codes of two blocks.
+  // By rows (with an odd block_size a byte holds codes of two blocks): each block's absmax,
+  // its codes (a vector of floats at a time: w / absmax against the 15 midpoints, the same
+  // float ops as codebook_code), then the row's codes packed two a byte.
+  std::atomic<int64_t> first_bad{N * K};  // the flat index of the first non-finite weight
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
+    std::vector<uint8_t> codes(K + 1, 0);
+    std::array<Vec, kCodebookSize - 1> mids;
+    for (int j = 0; j + 1 < kCodebookSize; ++j) mids[j] = Vec(mid[j]);
     for (int64_t n = n0; n < n1; ++n) {
       const float* row = wp + n * K;
-      uint8_t* prow = pp + n * ldp;
       for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
         const int64_t k1 = std::min(k0 + block_size, K);
-        float amax = 0.0f;
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(row[k]));
+        Vec vmax(0.0f);
+        int64_t k = k0;
+        for (; k + kVec <= k1; k += kVec) vmax = at::vec::maximum(vmax, Vec::loadu(row + k).abs());
+        float amax = at::vec::vec_reduce_all<float>(
+            [](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, vmax);
+        bool finite = true;  // (at::vec::maximum keeps NaN and Inf; std::max drops a NaN)
+        for (; k < k1; ++k) {
+          amax = std::max(amax, std::fabs(row[k]));
+          finite = finite && std::isfinite(row[k]);
+        }
+        if (!finite || !std::isfinite(amax)) {
+          int64_t i = k0;
+          while (std::isfinite(row[i])) ++i;
+          int64_t seen = first_bad.load();
+          while (n * K + i < seen && !first_bad.compare_exchange_weak(seen, n * K + i)) {
+          }
+        }
         ap[n * KB + b] = amax;
-        for (int64_t k = k0; k < k1; ++k)
-          prow[k >> 1] |= static_cast<uint8_t>(codebook_code(row[k], amax, mid.data()) << ((k & 1) * 4));
+        const Vec a(amax), one(1.0f);
+        for (k = k0; amax > 0.0f && k + kVec <= k1; k += kVec) {
+          const Vec v = Vec::loadu(row + k) / a;
+          Vec code(0.0f);
+          for (int j = 0; j + 1 < kCodebookSize; ++j) code = code + ((v > mids[j]) & one);
+          float c[kVec];
+          code.store(c);
+          for (int64_t i = 0; i < kVec; ++i) codes[k + i] = static_cast<uint8_t>(c[i]);
+        }
+        for (; k < k1; ++k) codes[k] = static_cast<uint8_t>(codebook_code(row[k], amax, mid.data()));
       }
+      uint8_t* prow = pp + n * ldp;
+      for (int64_t j = 0; j < ldp; ++j)
+        prow[j] = static_cast<uint8_t>(codes[2 * j] | (2 * j + 1 < K ? codes[2 * j + 1] << 4 : 0));
     }
   });
+  if (first_bad.load() < N * K) {
+    const int64_t i = first_bad.load();
+    fail_non_finite_weight(op, wp[i], i / K, i % K);
+  }
   return {packed, absmax};
 }
 

@@ -208,6 +208,12 @@ def test_bad_inputs(device):
             call()
     with pytest.raises(ValueError, match="unknown codebook 'fp5'"):
         qlib.codebook_4bit("fp5")
+    # The first non-finite weight by index is named, in a block's vector part or its tail.
+    for block in (64, 7):
+        big = torch.randn(300, 130, device=device)
+        big[200, 129], big[7, 70], big[150, 3] = math.inf, math.nan, -math.inf
+        with pytest.raises(RuntimeError, match=r"w must be finite, got nan at \[7, 70\]"):
+            ops.quantize_4bit(big, cb, block)
 
 
 def test_opcheck(device):
