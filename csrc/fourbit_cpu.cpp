@@ -59,6 +59,17 @@ bool cpu_has_avx512f() {
 #define QLIB_FMA(acc, xv, w) _mm512_fmadd_ps(xv, w, acc)
 #define QLIB_DPBF16(acc, xv, w) _mm512_dpbf16_ps(acc, xv, w)
 
+// sums[m] = row m's two accumulators and its scalar tail, added up (m < M).
+template <int M>
+QLIB_AVX512F_FN inline void store_sums(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 b0,
+                                       __m512 b1, __m512 b2, __m512 b3, const float* tail,
+                                       float* sums) {
+  sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)) + tail[0];
+  if constexpr (M > 1) sums[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)) + tail[1];
+  if constexpr (M > 2) sums[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)) + tail[2];
+  if constexpr (M > 3) sums[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3)) + tail[3];
+}
+
 // The codes of packed bytes in k order (low nibble first): of bytes 0-7 in `first`, of bytes
 // 8-15 in `second`, one a byte.
 QLIB_AVX512F_FN inline void split_codes(__m128i bytes, __m128i& first, __m128i& second) {
@@ -128,10 +139,7 @@ QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, in
   }
 #undef QLIB_XLOAD
 #undef QLIB_WEIGHTS
-  sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)) + tail[0];
-  if constexpr (M > 1) sums[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)) + tail[1];
-  if constexpr (M > 2) sums[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)) + tail[2];
-  if constexpr (M > 3) sums[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3)) + tail[3];
+  store_sums<M>(a0, a1, a2, a3, b0, b1, b2, b3, tail, sums);
 }
 
 #define QLIB_AVX512BF16_FN __attribute__((target("avx2,fma,avx512f,avx512bw,avx512bf16")))
@@ -191,10 +199,7 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, i
   }
 #undef QLIB_XLOAD
 #undef QLIB_WEIGHTS
-  sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)) + tail[0];
-  if constexpr (M > 1) sums[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)) + tail[1];
-  if constexpr (M > 2) sums[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)) + tail[2];
-  if constexpr (M > 3) sums[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3)) + tail[3];
+  store_sums<M>(a0, a1, a2, a3, b0, b1, b2, b3, tail, sums);
 }
 #undef QLIB_DOT_ROWS_ACCUMULATE
 #undef QLIB_FMA
