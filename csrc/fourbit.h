@@ -8,6 +8,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "quant_math.h"
 
@@ -117,6 +118,22 @@ inline int64_t check_linear_4bit_args(const char* op, const at::Tensor& x, const
                 " but x is on ", x.device());
   }
   return N;
+}
+
+// linear_4bit's output shape: x's, with the last dim N.
+inline std::vector<int64_t> linear_4bit_out_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+// linear_4bit's output when there is nothing to sum (no rows, no columns or K = 0): the bias
+// through float32 (a copy, never a view of it), or zeros, in x's dtype.
+inline at::Tensor linear_4bit_empty_sum(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                                        const std::vector<int64_t>& shape) {
+  at::Tensor out = at::zeros(shape, x.options());
+  if (bias.has_value()) out.copy_(bias->to(at::kFloat).expand(shape));
+  return out;
 }
 
 }  // namespace qlib

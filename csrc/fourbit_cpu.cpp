@@ -376,15 +376,10 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   const int64_t N =
       check_linear_4bit_args(op, x_in, packed_in, absmax_in, codebook_in, block_size, bias_in);
   const int64_t K = x_in.size(-1);
-  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
-  out_shape.back() = N;
+  const std::vector<int64_t> out_shape = linear_4bit_out_shape(x_in, N);
   const int64_t M = c10::multiply_integers(out_shape.begin(), out_shape.end() - 1);
+  if (M == 0 || N == 0 || K == 0) return linear_4bit_empty_sum(x_in, bias_in, out_shape);
   const at::Tensor bias = bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
-  if (M == 0 || N == 0 || K == 0) {  // an empty sum: the bias (a copy, never a view of it), or zeros
-    at::Tensor out = at::zeros(out_shape, x_in.options());
-    if (bias.defined()) out.copy_(bias.expand(out_shape));
-    return out;
-  }
   const at::Tensor packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
   const at::Tensor cb = codebook_in.contiguous();
   const float* c = cb.const_data_ptr<float>();

@@ -481,17 +481,9 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in,
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t K = x.size(-1);
-  int64_t M = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  if (M == 0 || N == 0) return at::empty(shape, x.options());
-  if (K == 0) {  // an empty sum: the bias (through float32, as the fused kernel), or zeros
-    if (!bias_in.has_value()) return at::zeros(shape, x.options());
-    at::Tensor out = at::empty(shape, x.options());
-    out.copy_(bias_in->to(at::kFloat).expand(shape));
-    return out;
-  }
+  const std::vector<int64_t> shape = linear_4bit_out_shape(x, N);
+  const int64_t M = c10::multiply_integers(shape.begin(), shape.end() - 1);
+  if (M == 0 || N == 0 || K == 0) return linear_4bit_empty_sum(x, bias_in, shape);
   const at::Tensor packed = packed_in.contiguous(), absmax = absmax_in.contiguous(),
                    codebook = codebook_in.contiguous();
   if (M <= kSmallM) {
