@@ -35,9 +35,13 @@ class Net(nn.Module):
         (dict(weight_granularity="per_row"), "weight_granularity must be one of"),
         (dict(weight_granularity="per_group"), "needs weight_group_size"),
         (dict(weight_observer="NoSuchObserver"), "no observer named 'NoSuchObserver'"),
+        (dict(activation_bits=None, activation_observer="Nope"), None),  # unused when weight-only
     ],
 )
 def test_config_rejects_what_cannot_work(kwargs, message):
+    if message is None:
+        QATConfig(**kwargs)
+        return
     with pytest.raises(ValueError, match=message):
         QATConfig(**kwargs)
 
@@ -268,6 +272,95 @@ def test_convert_matches_qat_model(act_symmetric, bits):
         y_int8 = int8(x)
     # Same integer codes; only float rounding of the epilogue differs.
     torch.testing.assert_close(y_int8, y_qat, rtol=1e-4, atol=1e-4)
+
+
+def test_learnable_forward_uses_the_scale_bit_for_bit(device):
+    """LSQ's gradient scaling must leave the scale's value alone, so that convert reproduces
+    the trained model's weights exactly."""
+    torch.manual_seed(0)
+    fq = FakeQuantize(MinMaxObserver(bits=4, symmetric=True, group_size=8), learnable=True,
+                      qparams_shape=(64, 16)).to(device)
+    w = torch.randn(64, 128, device=device)
+    fq(w)
+    with torch.no_grad():
+        fq.scale.mul_(torch.rand_like(fq.scale) + 0.5)  # off the observer's values
+    fq.disable_observer()
+    ref = ops.fake_quant(w, fq.scale.detach(), torch.zeros(64, 16, device=device), fq.quant_min, fq.quant_max)
+    assert torch.equal(fq(w), ref)
+
+
+WEIGHT_ONLY_CONFIGS = [
+    dict(weight_bits=4),
+    dict(weight_bits=4, weight_group_size=8),
+    dict(weight_bits=3, weight_granularity="per_tensor"),
+    dict(weight_bits=4, weight_group_size=8, weight_learnable=True),
+    dict(weight_bits=4, weight_observer="MSEObserver", weight_group_size=4),
+]
+
+
+@pytest.mark.parametrize("kwargs", WEIGHT_ONLY_CONFIGS, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
+def test_weight_only_qat_converts_to_linear4bit(device, kwargs):
+    """activation_bits=None: activations stay float; convert makes Linear4bit modules whose
+    decoded weights equal the fake-quantized ones bit for bit."""
+    torch.manual_seed(0)
+    net = qlib.prepare_qat(Net().to(device), QATConfig(activation_bits=None, **kwargs))
+    assert net.head.activation_fake_quant is None and "activation=float" in repr(net.head)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(16, 24, device=device)).pow(2).mean().backward()
+        opt.step()
+    for m in net.modules():
+        if isinstance(m, FakeQuantize):
+            m.disable_observer()
+    net.eval()
+    x = torch.randn(33, 24, device=device)
+    with torch.no_grad():
+        y_qat = net(x)
+        fq_weights = {n: m.weight_fake_quant(m.weight) for n, m in net.named_modules() if isinstance(m, QATLinear)}
+        q4 = qlib.convert(copy.deepcopy(net))
+        for name, m in q4.named_modules():
+            if name in fq_weights:
+                assert isinstance(m, qlib.nn.Linear4bit) and "int-grid" in repr(m)
+                assert torch.equal(m.dequantized_weight(), fq_weights[name])
+        torch.testing.assert_close(q4(x), y_qat, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_rejects_weight_only_qat_it_cannot_store():
+    for cfg, message in [(QATConfig(weight_bits=8, activation_bits=None), "weight range \\[-128, 127\\] does not fit 4 bits"),
+                         (QATConfig(weight_bits=4, weight_symmetric=False, activation_bits=None), "weight range \\[0, 15\\]")]:
+        net = qlib.prepare_qat(Net(), cfg)
+        net(torch.randn(4, 24))
+        with pytest.raises(ValueError, match="Linear4bit.from_qat .*" + message):
+            qlib.convert(net)
+    activation_quantized = qlib.prepare_qat(Net(), QATConfig(weight_bits=4))
+    activation_quantized(torch.randn(4, 24))
+    with pytest.raises(ValueError, match="activations are fake-quantized"):
+        qlib.nn.Linear4bit.from_qat(activation_quantized.head)
+    with pytest.raises(ValueError, match="weight-only QAT"):
+        qlib.nn.Int8Linear.from_qat(qlib.prepare_qat(Net(), QATConfig(weight_bits=4, activation_bits=None)).head)
+
+
+def test_prepare_calibrate_convert_weight_only_4bit(tmp_path):
+    """Post-training 4-bit weights with MSE-chosen group scales: no activation quantization."""
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(64, 24)
+    y_fp32 = net(x)
+    cfg = QATConfig(weight_bits=4, weight_group_size=8, weight_observer="MSEObserver", activation_bits=None)
+    q4 = qlib.convert(qlib.calibrate(qlib.prepare(copy.deepcopy(net), cfg), [x[:4]], progress=False))
+    minmax = QATConfig(weight_bits=4, weight_group_size=8, activation_bits=None)
+    q4_minmax = qlib.convert(qlib.calibrate(qlib.prepare(copy.deepcopy(net), minmax), [x[:4]], progress=False))
+    def weight_error(model):
+        return sum((m.dequantized_weight() - w).pow(2).sum() for m, w in
+                   zip((model.body[0], model.body[2][0], model.head), (net.body[0].weight, net.body[2][0].weight, net.head.weight)))
+
+    assert weight_error(q4) < weight_error(q4_minmax)  # MSE scales beat min-max ones
+    with torch.no_grad():
+        assert (q4(x) - y_fp32).pow(2).mean() < 0.01 * y_fp32.pow(2).mean()
+    torch.save(q4.state_dict(), tmp_path / "q4.pt")
+    q4_minmax.load_state_dict(torch.load(tmp_path / "q4.pt", weights_only=True))
+    assert torch.equal(q4_minmax(x), q4(x))
 
 
 def test_prepare_calibrate_convert_static(tmp_path):

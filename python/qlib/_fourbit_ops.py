@@ -35,6 +35,9 @@ NF4 = (
 )
 # Symmetric int4: k / 7 for k = -8..7, so that codes are round(7 * w / absmax) (-8 unused).
 INT4 = tuple(k / 7 for k in range(-8, 8))
+# The integers -8..7: the codebook of Linear4bit.from_qat, whose absmax then holds an affine
+# scale (the QAT step), so that decoded weights are q * scale, as fake_quant gives them.
+INT_GRID = tuple(float(k) for k in range(-8, 8))
 
 CodebookLike = Union[str, Tensor]
 

@@ -13,6 +13,8 @@ class QATConfig:
 
     Defaults: weights int8 per-channel symmetric (min-max observer);
     activations int8 per-tensor asymmetric with a moving-average observer.
+    ``activation_bits=None`` leaves activations in float (weight-only, e.g. for
+    4-bit weights that `convert` turns into `qlib.nn.Linear4bit`).
     Setting `weight_group_size` makes the weights per-group (groups along
     in_features). Observers are named by class or by class name in
     `qlib.observers`. `*_learnable` trains the scale (and the zero point when
@@ -25,7 +27,7 @@ class QATConfig:
     weight_group_size: Optional[int] = None
     weight_observer: Union[str, type] = "MinMaxObserver"
     weight_learnable: bool = False
-    activation_bits: int = 8
+    activation_bits: Optional[int] = 8
     activation_symmetric: bool = False
     activation_observer: Union[str, type] = "MovingAverageMinMaxObserver"
     activation_learnable: bool = False
@@ -33,6 +35,8 @@ class QATConfig:
     def __post_init__(self):
         for name in ("weight_bits", "activation_bits"):
             bits = getattr(self, name)
+            if bits is None and name == "activation_bits":
+                continue
             if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
                 raise ValueError(f"QATConfig.{name} must be an int in [2, 16], got {bits!r}")
         if self.weight_group_size is not None:
@@ -48,7 +52,8 @@ class QATConfig:
         if self.weight_granularity == "per_group" and self.weight_group_size is None:
             raise ValueError("QATConfig.weight_granularity='per_group' needs weight_group_size")
         self.weight_observer_class()
-        self.activation_observer_class()
+        if self.activation_bits is not None:
+            self.activation_observer_class()
 
     @staticmethod
     def _observer_class(spec, field):

@@ -4,7 +4,8 @@
 - prepare_qat(model, config): nn.Linear -> QATLinear (fake quant in the loop).
 - prepare(model, config) -> calibrate(model, batches) -> convert(model):
   post-training static quantization (observers only, then Int8Linear).
-- convert(model) also turns a QAT-trained model into Int8Linear modules.
+- convert(model) also turns a QAT-trained model into Int8Linear modules, or into
+  Linear4bit modules after weight-only 4-bit QAT (activation_bits=None).
 """
 from __future__ import annotations
 
@@ -111,5 +112,10 @@ def calibrate(model: nn.Module, batches: Iterable, progress: bool = True) -> nn.
 def convert(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module:
     """Turns each QATLinear (from prepare_qat + training, or prepare +
     calibrate) into an Int8Linear with static activation qparams taken from
-    its (trained or calibrated) FakeQuantize modules."""
-    return _swap(model, QATLinear, lambda m, fqn: Int8Linear.from_qat(m), filter_fn, "convert")
+    its (trained or calibrated) FakeQuantize modules; a weight-only one
+    (``activation_bits=None``, at most 4 symmetric weight bits) into a
+    Linear4bit whose weight equals the fake-quantized one."""
+    def make(qat: QATLinear, fqn: str) -> nn.Module:
+        return Int8Linear.from_qat(qat) if qat.activation_fake_quant is not None else Linear4bit.from_qat(qat)
+
+    return _swap(model, QATLinear, make, filter_fn, "convert")

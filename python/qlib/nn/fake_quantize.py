@@ -13,9 +13,10 @@ ops = torch.ops.qlib
 
 
 def _scale_grad(t: Tensor, factor: float) -> Tensor:
-    """Value of t, gradient multiplied by factor (LSQ's gradient scaling)."""
+    """Value of t exactly (t + 0), gradient multiplied by factor (LSQ's gradient scaling).
+    (t - t * f).detach() + t * f would be off by a rounding from t."""
     scaled = t * factor
-    return (t - scaled).detach() + scaled
+    return t.detach() + (scaled - scaled.detach())
 
 
 class FakeQuantize(QuantState):

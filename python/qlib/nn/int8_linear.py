@@ -138,6 +138,9 @@ class Int8Linear(QuantState):
         to float rounding. Needs symmetric per-channel or per-tensor weights
         of at most 8 bits and per-tensor activations of at most 8 bits."""
         wfq, afq = qat.weight_fake_quant, qat.activation_fake_quant
+        if afq is None:
+            raise ValueError("Int8Linear.from_qat: weight-only QAT (activation_bits=None) has no activation "
+                             "scale; Linear4bit.from_qat converts it (at most 4 weight bits)")
         N, K = qat.out_features, qat.in_features
         w_scale, w_zp = (t.detach() for t in wfq.calculate_qparams())
         if w_scale.numel() not in (1, N) or (w_scale.numel() == N and w_scale.dim() == 2 and w_scale.shape[1] != 1):

@@ -64,6 +64,44 @@ class Linear4bit(QuantState):
                 mod.bias.copy_(linear.bias.detach())
         return mod
 
+    @classmethod
+    def from_qat(cls, qat: nn.Module, compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+        """From a weight-only QATLinear (``activation_bits=None``; trained, or calibrated by
+        ``qlib.prepare`` + ``calibrate``) whose weights are symmetric (zero point 0) within
+        [-8, 7], per-tensor, per-channel or per-group. The codes are the weight FakeQuantize's
+        integers q and the codebook is the integers -8..7 with the scales as ``absmax``, so the
+        decoded weight equals the fake-quantized one bit for bit."""
+        wfq = qat.weight_fake_quant
+        where = f"Linear4bit.from_qat ({qat.extra_repr()})"
+        if qat.activation_fake_quant is not None:
+            raise ValueError(f"{where}: its activations are fake-quantized, which Linear4bit (weight-only) "
+                             "would drop; use activation_bits=None for weight-only QAT, or Int8Linear.from_qat")
+        if wfq.quant_min < -8 or wfq.quant_max > 7:
+            raise ValueError(f"{where}: weight range [{wfq.quant_min}, {wfq.quant_max}] does not fit 4 bits "
+                             "([-8, 7]); use at most 4 symmetric weight bits")
+        N, K = qat.out_features, qat.in_features
+        scale, zero_point = (t.detach() for t in wfq.calculate_qparams())
+        if bool((zero_point != 0).any()):
+            raise ValueError(f"{where}: weights must be symmetric (zero point 0)")
+        # Per-tensor [1], per-channel [N, 1] or per-group [N, K / g]: blocks along K.
+        if scale.numel() % N != 0 and scale.numel() != 1:
+            raise ValueError(f"{where}: weight scales of shape {tuple(scale.shape)} do not block the weight by rows")
+        scale = scale.float().reshape(1 if scale.numel() == 1 else N, -1).expand(N, -1)
+        if K % scale.shape[1] != 0:
+            raise ValueError(f"{where}: weight scales of shape {tuple(scale.shape)} do not block the weight by rows")
+        w = qat.weight.detach()
+        mod = cls(K, N, qat.bias is not None, torch.tensor(_fourbit_ops.INT_GRID), K // scale.shape[1],
+                  device=w.device, dtype=None if qat.bias is None else qat.bias.dtype, compute_dtype=compute_dtype)
+        with torch.no_grad():
+            q = _fourbit_ops.ops.quantize(w, scale.contiguous(), torch.zeros_like(scale, dtype=torch.int32),
+                                          wfq.quant_min, wfq.quant_max, torch.int8)
+            codes = torch.nn.functional.pad((q + 8).to(torch.uint8), (0, K % 2))
+            mod.packed.copy_(codes[:, 0::2] | (codes[:, 1::2] << 4))
+            mod.absmax.copy_(scale)
+            if qat.bias is not None:
+                mod.bias.copy_(qat.bias.detach())
+        return mod
+
     def forward(self, x: Tensor) -> Tensor:
         b = self._buffers  # (nn.Module.__getattr__ costs about 0.7 us a name)
         cast = self.compute_dtype is not None and x.dtype != self.compute_dtype
@@ -81,8 +119,10 @@ class Linear4bit(QuantState):
         return self.packed.numel() + 4 * self.absmax.numel() + 4 * self.codebook.numel()
 
     def codebook_name(self) -> str:
-        """'nf4' or 'int4' when the codebook holds those values, else 'custom'."""
+        """'nf4', 'int4' or 'int-grid' (from_qat) when the codebook holds those values, else 'custom'."""
         values = self.codebook.tolist()
+        if values == list(_fourbit_ops.INT_GRID):
+            return "int-grid"
         return next((name for name in ("nf4", "int4") if codebook_4bit(name).tolist() == values), "custom")
 
     def extra_repr(self) -> str:

@@ -38,12 +38,14 @@ class QATLinear(nn.Linear):
         self.config = config = config or QATConfig()
         config.check_linear(in_features)
         self.weight_fake_quant = weight_fake_quant(config, out_features, in_features)
-        self.activation_fake_quant = activation_fake_quant(config)
+        # None for weight-only QAT (activation_bits=None): activations stay float.
+        self.activation_fake_quant = None if config.activation_bits is None else activation_fake_quant(config)
         # Sized now, so that a compiled forward never resizes a buffer.
         self.weight_fake_quant.observer.allocate(self.weight.shape, self.weight.device)
-        self.activation_fake_quant.observer.allocate((1, in_features), self.weight.device)
         self.weight_fake_quant.to(self.weight.device)
-        self.activation_fake_quant.to(self.weight.device)
+        if self.activation_fake_quant is not None:
+            self.activation_fake_quant.observer.allocate((1, in_features), self.weight.device)
+            self.activation_fake_quant.to(self.weight.device)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: Optional[QATConfig] = None) -> "QATLinear":
@@ -61,12 +63,15 @@ class QATLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         m, p = self._modules, self._parameters  # (nn.Module.__getattr__ costs about 0.7 us a name)
         w = m["weight_fake_quant"](p["weight"])
-        x = m["activation_fake_quant"](x)
+        afq = m.get("activation_fake_quant")
+        if afq is not None:
+            x = afq(x)
         return F.linear(x, w, p["bias"])  # autocast, when on, casts here
 
     def extra_repr(self) -> str:
         c = self.config
         wg = c.weight_granularity + (f"(g={c.weight_group_size})" if c.weight_group_size else "")
+        act = ("float" if c.activation_bits is None else
+               f"int{c.activation_bits} {'sym' if c.activation_symmetric else 'asym'}")
         return (super().extra_repr() + f", weight=int{c.weight_bits} {wg} "
-                f"{'sym' if c.weight_symmetric else 'asym'}, activation=int{c.activation_bits} "
-                f"{'sym' if c.activation_symmetric else 'asym'}")
+                f"{'sym' if c.weight_symmetric else 'asym'}, activation={act}")
