@@ -117,8 +117,12 @@ def main(out_dir: str = "demo_out") -> int:
     rows.append(("int8 static", "MSE", 8, digits.accuracy(static, data), state_bytes(static), None))
     w4 = qlib.quantize_weight_only(copy.deepcopy(model), "nf4", block_size=64)
     rows.append(("4-bit weights", "NF4, no calib.", 4, digits.accuracy(w4, data), state_bytes(w4), None))
-    latency = latencies_ms({"fp32": model, "int8 dynamic": dyn, "int8 static": static, "4-bit weights": w4},
-                           batch)
+    # Weight-only 4-bit QAT, converted to Linear4bit (the trained codes and group scales).
+    w4_cfg = QATConfig(weight_bits=4, weight_group_size=32, activation_bits=None)
+    w4_qat = qlib.convert(digits.qat_finetune(model, data, w4_cfg, progress="4-bit weight-only QAT"))
+    rows.append(("4-bit w. QAT", "int-grid, g=32", 4, digits.accuracy(w4_qat, data), state_bytes(w4_qat), None))
+    latency = latencies_ms({"fp32": model, "int8 dynamic": dyn, "int8 static": static, "4-bit weights": w4,
+                            "4-bit w. QAT": w4_qat}, batch)
     fp32_ms = latency["fp32"]
     rows = [(*row[:5], latency.get(row[0])) for row in rows]
 
