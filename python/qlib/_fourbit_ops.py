@@ -48,7 +48,8 @@ def codebook_4bit(codebook: CodebookLike = "nf4", device=None) -> Tensor:
     if isinstance(codebook, str):
         values = {"nf4": NF4, "int4": INT4}.get(codebook.lower())
         if values is None:
-            raise ValueError(f"qlib.codebook_4bit: unknown codebook {codebook!r}; use 'nf4', 'int4' or a tensor of 16 values")
+            raise ValueError(f"qlib.codebook_4bit: unknown codebook {codebook!r}; use 'nf4', 'int4' or a tensor of "
+                             "16 values ('kmeans' is fitted to a weight: Linear4bit.from_float or fit_codebook_4bit)")
         return torch.tensor(values, dtype=torch.float32, device=device)
     if not isinstance(codebook, Tensor):
         raise TypeError(f"qlib.codebook_4bit: codebook must be a name or a Tensor, got {type(codebook).__name__}")
@@ -57,6 +58,60 @@ def codebook_4bit(codebook: CodebookLike = "nf4", device=None) -> Tensor:
 
 def _ceil_div(a, b):
     return (a + b - 1) // b
+
+
+@torch.no_grad()
+def fit_codebook_4bit(w: Tensor, block_size: int = 64, bins: int = 4096, max_iters: int = 200) -> Tensor:
+    """A float32 [16] codebook fitted to ``w`` (2-D, finite): weighted 1-D k-means (Lloyd) over
+    ``w / absmax`` of its blocks, each value weighted by absmax^2, so that it minimises the
+    squared error of the dequantized weight. The values are first gathered in ``bins`` equal
+    bins over [-1, 1] (sums per bin, so a bin moves as one point); NF4 is the start, and the
+    values end strictly increasing. All-zero blocks carry no weight; an all-zero w gives NF4."""
+    who = "qlib.fit_codebook_4bit"
+    if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"{who}: w must be a 2-D floating tensor, got "
+                         f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}"
+                         f"{' of ' + str(w.dtype) if isinstance(w, Tensor) else ''}")
+    if w.numel() == 0:
+        raise ValueError(f"{who}: w of shape {tuple(w.shape)} is empty")
+    if int(block_size) < 1 or int(bins) < 16:
+        raise ValueError(f"{who}: block_size must be >= 1 and bins >= 16, got {block_size} and {bins}")
+    N, K = w.shape
+    bs, kb = int(block_size), _ceil_div(K, int(block_size))
+    mass = torch.zeros(bins, dtype=torch.float64, device=w.device)  # sum of absmax^2 per bin
+    moment = torch.zeros_like(mass)                                 # sum of absmax^2 * v per bin
+    step = max(1, (1 << 20) // K)
+    for r0 in range(0, N, step):
+        rows = w[r0:r0 + step].float()
+        if not bool(torch.isfinite(rows).all()):
+            bad = int((~torch.isfinite(rows)).flatten().nonzero()[0])
+            raise ValueError(f"{who}: w holds a non-finite value ({rows.flatten()[bad].item()}) at "
+                             f"[{r0 + bad // K}, {bad % K}]")
+        blocks = torch.nn.functional.pad(rows, (0, kb * bs - K)).view(-1, kb, bs)
+        absmax = blocks.abs().amax(-1, keepdim=True)
+        keep = (absmax > 0).expand_as(blocks).clone()
+        keep[:, -1, K - (kb - 1) * bs:] = False  # the last block's padding
+        v = (blocks / absmax)[keep]  # the same float32 division as codebook_code
+        weight = (absmax * absmax).expand_as(blocks)[keep].double()
+        index = ((v.double() + 1) * (bins / 2)).floor().clamp_(0, bins - 1).long()
+        mass += torch.bincount(index, weight, minlength=bins)
+        moment += torch.bincount(index, weight * v.double(), minlength=bins)
+    centers = torch.tensor(NF4, dtype=torch.float64, device=w.device)
+    used = mass > 0
+    points, mass, moment = moment[used] / mass[used], mass[used], moment[used]
+    for _ in range(max_iters if points.numel() else 0):
+        cluster = torch.bucketize(points, 0.5 * (centers[:-1] + centers[1:]))  # ties to the lower value
+        total = torch.zeros(16, dtype=torch.float64, device=w.device).index_add_(0, cluster, mass)
+        first = torch.zeros_like(total).index_add_(0, cluster, moment)
+        updated = torch.where(total > 0, first / total.clamp_min(1e-300), centers)
+        if torch.equal(updated, centers):
+            break
+        centers = updated
+    values = centers.sort().values.float().cpu().tolist()
+    for j in range(1, 16):  # strictly increasing, as the ops require
+        if values[j] <= values[j - 1]:
+            values[j] = float(torch.nextafter(torch.tensor(values[j - 1]), torch.tensor(2.0)))
+    return torch.tensor(values, dtype=torch.float32, device=w.device)
 
 
 @torch.library.register_fake("qlib::quantize_4bit")

@@ -64,7 +64,8 @@ def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
                          filter_fn: Optional[FilterFn] = None,
                          compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` selected by ``filter_fn(module, fqn)``
-    with a :class:`qlib.nn.Linear4bit` (4-bit weights: ``codebook`` "nf4", "int4" or 16 values;
+    with a :class:`qlib.nn.Linear4bit` (4-bit weights: ``codebook`` "nf4", "int4", "kmeans" (fitted
+    to each weight) or 16 values;
     one absmax per ``block_size`` weights; float activations, run in ``compute_dtype`` when
     given). Returns the model, or the replacement when ``model`` itself is a selected
     ``nn.Linear``."""

@@ -19,7 +19,8 @@ from .._state import QuantState
 
 class Linear4bit(QuantState):
     """``y = x @ W_hat.T + bias``, W_hat decoded from 4-bit codes; drop-in for an ``nn.Linear``
-    whose weight is frozen. Build one with :meth:`from_float`.
+    whose weight is frozen. Build one with :meth:`from_float` (codebook "nf4", "int4", "kmeans"
+    or 16 values) or :meth:`from_qat`.
 
     The state_dict holds ``packed`` (uint8 [N, ceil(K / 2)]), ``absmax`` (float32
     [N, ceil(K / block_size)]), ``codebook`` (float32 [16]) and ``bias`` (a parameter, trainable,
@@ -49,10 +50,13 @@ class Linear4bit(QuantState):
     @classmethod
     def from_float(cls, linear: nn.Linear, codebook: CodebookLike = "nf4", block_size: int = 64,
                    compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
-        """Quantize ``linear``'s weight (finite values) to 4 bits; the bias is copied as is."""
+        """Quantize ``linear``'s weight (finite values) to 4 bits; the bias is copied as is.
+        ``codebook="kmeans"`` fits one to this weight (``qlib.fit_codebook_4bit``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Linear4bit.from_float: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
+        if isinstance(codebook, str) and codebook.lower() == "kmeans":
+            codebook = _fourbit_ops.fit_codebook_4bit(w.detach(), block_size)
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, codebook, block_size,
                   device=w.device, dtype=None if linear.bias is None else linear.bias.dtype,
                   compute_dtype=compute_dtype)
