@@ -1,7 +1,7 @@
 // CPU kernels of the 4-bit ops: quantize_4bit, dequantize_4bit, linear_4bit (formulas in
 // quant_math.h, checks in fourbit.h). AVX512 decodes 16 codes a step with one vpermps through
 // the codebook scaled by the block's absmax (block sizes that are multiples of 16; else a
-// scalar loop). linear_4bit at M <= 32 dots each weight row with the rows of x (4 at a time)
+// scalar loop). linear_4bit at M <= 32 dots each weight row with the rows of x (8 at a time)
 // as it decodes it: float32 products, or for a bfloat16 x on AVX512-BF16 CPUs bfloat16 W_hat
 // and vdpbf16ps; at larger M it decodes panels of rows and runs ATen's GEMM on each.
 #include <ATen/ATen.h>
@@ -25,7 +25,7 @@ namespace {
 // linear_4bit: up to kFusedMaxM rows of x, each weight row is decoded as it is read and dotted
 // with kDotRows rows of x at a time; more rows decode panels for ATen's GEMM.
 constexpr int64_t kFusedMaxM = 32;
-constexpr int64_t kDotRows = 4;
+constexpr int64_t kDotRows = 8;
 
 // The code of weight k in a packed row.
 inline int packed_code(const uint8_t* row, int64_t k) { return (row[k >> 1] >> ((k & 1) * 4)) & 15; }
@@ -44,30 +44,18 @@ bool cpu_has_avx512f() {
   return has;
 }
 
-// The M <= 4 dot products sums[m] = x[m] . W_hat[k0, k0 + K) of one weight row, decoded on the
-// fly (row and absmax start at k0; x's rows are ldx elements apart). Per block the 16
-// codebook values are scaled by absmax once (codebook_value's products), then looked up per
-// code with one permute. Two accumulators a row (even and odd steps), so that the FMA
-// latency does not bound the loop. The kernels need block_size % 16 == 0 (float32) or
-// % 32 == 0 (bfloat16).
-#define QLIB_DOT_ROWS_ACCUMULATE(FMA, XLOAD, k, w, a0, a1, a2, a3) \
-  a0 = FMA(a0, XLOAD(0, k), w);                                      \
-  if constexpr (M > 1) a1 = FMA(a1, XLOAD(1, k), w);                 \
-  if constexpr (M > 2) a2 = FMA(a2, XLOAD(2, k), w);                 \
-  if constexpr (M > 3) a3 = FMA(a3, XLOAD(3, k), w);
+// The M <= kDotRows dot products sums[m] = x[m] . W_hat[k0, k0 + K) of one weight row,
+// decoded on the fly (row and absmax start at k0; x's rows are ldx elements apart, in
+// split_steps order). Per block the 16 codebook values are scaled by absmax once
+// (codebook_value's products), then looked up per code with one permute. Two accumulators a
+// row (the two halves of a step). The kernels need block_size % 16 == 0 (float32) or % 32 == 0
+// (bfloat16).
 
-#define QLIB_FMA(acc, xv, w) _mm512_fmadd_ps(xv, w, acc)
-#define QLIB_DPBF16(acc, xv, w) _mm512_dpbf16_ps(acc, xv, w)
-
-// sums[m] = row m's two accumulators and its scalar tail, added up (m < M).
+// sums[m] = row m's two accumulators and its scalar tail, added up.
 template <int M>
-QLIB_AVX512F_FN inline void store_sums(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 b0,
-                                       __m512 b1, __m512 b2, __m512 b3, const float* tail,
-                                       float* sums) {
-  sums[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)) + tail[0];
-  if constexpr (M > 1) sums[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)) + tail[1];
-  if constexpr (M > 2) sums[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)) + tail[2];
-  if constexpr (M > 3) sums[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3)) + tail[3];
+QLIB_AVX512F_FN inline void store_sums(const __m512 (&acc)[2][M], const float* tail, float* sums) {
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) sums[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + tail[m];
 }
 
 // The codes of packed bytes in k order (low nibble first): of bytes 0-7 in `first`, of bytes
@@ -80,13 +68,13 @@ QLIB_AVX512F_FN inline void split_codes(__m128i bytes, __m128i& first, __m128i& 
   second = _mm_unpackhi_epi8(lo, hi);
 }
 
-// values[code] for 16 codes (one a byte): one vpermps. (maskz: GCC 12 warns on the plain
-// forms' undefined pass-through.)
+// values[code] for 16 codes (one a byte; vpermps reads the low 4 bits): one vpermps. (maskz:
+// GCC 12 warns on the plain forms' undefined pass-through.)
 QLIB_AVX512F_FN inline __m512 lookup16(__m128i codes, __m512 values) {
   return _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_cvtepu8_epi32(0xFFFF, codes), values);
 }
 
-// W_hat of the 16 codes of 8 bytes (values: a block's 16 W_hat values).
+// W_hat of the 16 codes of 8 bytes, in k order (values: a block's 16 W_hat values).
 QLIB_AVX512F_FN inline __m512 f32_weights16(const uint8_t* bytes8, __m512 values) {
   __m128i first, second;
   split_codes(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes8)), first, second);
@@ -106,30 +94,35 @@ QLIB_AVX512F_FN void decode_row_avx512(const uint8_t* row, const float* absmax, 
   }
 }
 
-// float32 x: 16 codes (8 bytes) a step.
+// float32 x: 32 codes (16 bytes) a step.
 template <int M>
 QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, int64_t K,
                                      int64_t block_size, const float* cb, const float* x,
                                      int64_t ldx, float* sums) {
   const __m512 lut = _mm512_loadu_ps(cb);
-  const __m512 zero = _mm512_setzero_ps();
-  __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero, b0 = zero, b1 = zero, b2 = zero, b3 = zero;
-  float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#define QLIB_XLOAD(m, k) _mm512_loadu_ps(x + (m) * ldx + (k))
+  __m512 acc[2][M];
+  float tail[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps(), tail[m] = 0.0f;
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
     const int64_t k1 = std::min(k0 + block_size, K);
     const __m512 values = _mm512_mul_ps(lut, _mm512_set1_ps(absmax[b]));
     int64_t k = k0;
-    for (; k + 32 <= k1; k += 32) {
-      __m128i first, second;
-      split_codes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))), first, second);
-      const __m512 w0 = lookup16(first, values), w1 = lookup16(second, values);
-      QLIB_DOT_ROWS_ACCUMULATE(QLIB_FMA, QLIB_XLOAD, k, w0, a0, a1, a2, a3)
-      QLIB_DOT_ROWS_ACCUMULATE(QLIB_FMA, QLIB_XLOAD, k + 16, w1, b0, b1, b2, b3)
+    for (; k + 32 <= k1; k += 32) {  // x in split order: 16 even k, then 16 odd k
+      const __m512i bytes = _mm512_maskz_cvtepu8_epi32(
+          0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
+      const __m512 w0 = _mm512_maskz_permutexvar_ps(0xFFFF, bytes, values);  // low nibbles
+      const __m512 w1 = _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, bytes, 4), values);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        acc[0][m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + k), w0, acc[0][m]);
+        acc[1][m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + k + 16), w1, acc[1][m]);
+      }
     }
-    if (k + 16 <= k1) {
+    if (k + 16 <= k1) {  // x as is
       const __m512 w = f32_weights16(row + (k >> 1), values);
-      QLIB_DOT_ROWS_ACCUMULATE(QLIB_FMA, QLIB_XLOAD, k, w, a0, a1, a2, a3)
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[0][m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ldx + k), w, acc[0][m]);
       k += 16;
     }
     for (; k < k1; ++k) {
@@ -137,9 +130,7 @@ QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, in
       for (int m = 0; m < M; ++m) tail[m] += x[m * ldx + k] * w;
     }
   }
-#undef QLIB_XLOAD
-#undef QLIB_WEIGHTS
-  store_sums<M>(a0, a1, a2, a3, b0, b1, b2, b3, tail, sums);
+  store_sums<M>(acc, tail, sums);
 }
 
 #define QLIB_AVX512BF16_FN __attribute__((target("avx2,fma,avx512f,avx512bw,avx512bf16")))
@@ -156,39 +147,52 @@ bool cpu_has_avx512bf16() {
 // holds the low nibble in word 2i (with one bit of the high nibble: hence the table of 32)
 // and the high nibble in word 2i + 1.
 QLIB_AVX512BF16_FN inline __m512bh bf16_weights(const uint8_t* bytes16, __m512i values) {
-  const __m512i d =
-      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16)));
-  const __m512i idx = _mm512_mask_blend_epi16(0xAAAAAAAAu, d, _mm512_slli_epi32(d, 12));
-  return reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(idx, values));
+  const __m512i d = _mm512_maskz_cvtepu8_epi32(
+      0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16)));
+  const __m512i idx = _mm512_mask_blend_epi16(0xAAAAAAAAu, d, _mm512_maskz_slli_epi32(0xFFFF, d, 12));
+  return reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(~0u, idx, values));
+}
+
+QLIB_AVX512BF16_FN inline __m512bh bf16_load(const at::BFloat16* p) {
+  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
 }
 
 // bfloat16 x: W_hat rounded to bfloat16 (a block's 16 values as bfloat16, round to nearest
-// even as at::BFloat16), 32 codes (16 bytes) a step, vdpbf16ps: 32 products a row and
+// even as at::BFloat16), 64 codes (32 bytes) a step, vdpbf16ps: 32 products a row and
 // instruction, summed in float32.
 template <int M>
 QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, int64_t K,
                                       int64_t block_size, const float* cb,
                                       const at::BFloat16* x, int64_t ldx, float* sums) {
   const __m512 lut = _mm512_loadu_ps(cb);
-  const __m512 zero = _mm512_setzero_ps();
-  __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero, b0 = zero, b1 = zero, b2 = zero, b3 = zero;
-  float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#define QLIB_XLOAD(m, k) reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + (m) * ldx + (k)))
-#define QLIB_WEIGHTS(k) bf16_weights(row + ((k) >> 1), values)
+  __m512 acc[2][M];
+  float tail[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps(), tail[m] = 0.0f;
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
     const int64_t k1 = std::min(k0 + block_size, K);
     const __m256i half = reinterpret_cast<__m256i>(
         _mm512_cvtneps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(absmax[b]))));
-    const __m512i values = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
+    const __m512i values = _mm512_maskz_inserti64x4(0xFF, _mm512_castsi256_si512(half), half, 1);
     int64_t k = k0;
-    for (; k + 64 <= k1; k += 64) {
-      const __m512bh w0 = QLIB_WEIGHTS(k), w1 = QLIB_WEIGHTS(k + 32);
-      QLIB_DOT_ROWS_ACCUMULATE(QLIB_DPBF16, QLIB_XLOAD, k, w0, a0, a1, a2, a3)
-      QLIB_DOT_ROWS_ACCUMULATE(QLIB_DPBF16, QLIB_XLOAD, k + 32, w1, b0, b1, b2, b3)
+    for (; k + 64 <= k1; k += 64) {  // x in split order: 32 even k, then 32 odd k
+      const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
+          ~0u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1))));
+      // vpermw reads 5 index bits: the low nibble and one bit of the high one (hence the
+      // table of 32); shifted by 4, the high nibble alone.
+      const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(~0u, bytes, values));
+      const __m512bh w1 = reinterpret_cast<__m512bh>(
+          _mm512_maskz_permutexvar_epi16(~0u, _mm512_maskz_srli_epi16(~0u, bytes, 4), values));
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        acc[0][m] = _mm512_dpbf16_ps(acc[0][m], bf16_load(x + m * ldx + k), w0);
+        acc[1][m] = _mm512_dpbf16_ps(acc[1][m], bf16_load(x + m * ldx + k + 32), w1);
+      }
     }
-    if (k + 32 <= k1) {
-      const __m512bh w = QLIB_WEIGHTS(k);
-      QLIB_DOT_ROWS_ACCUMULATE(QLIB_DPBF16, QLIB_XLOAD, k, w, a0, a1, a2, a3)
+    if (k + 32 <= k1) {  // x as is
+      const __m512bh w = bf16_weights(row + (k >> 1), values);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[0][m] = _mm512_dpbf16_ps(acc[0][m], bf16_load(x + m * ldx + k), w);
       k += 32;
     }
     for (; k < k1; ++k) {
@@ -197,17 +201,41 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, i
       for (int m = 0; m < M; ++m) tail[m] += static_cast<float>(x[m * ldx + k]) * w;
     }
   }
-#undef QLIB_XLOAD
-#undef QLIB_WEIGHTS
-  store_sums<M>(a0, a1, a2, a3, b0, b1, b2, b3, tail, sums);
+  store_sums<M>(acc, tail, sums);
 }
-#undef QLIB_DOT_ROWS_ACCUMULATE
-#undef QLIB_FMA
-#undef QLIB_DPBF16
 #endif
 
 // Rows a parallel_for grain holds: about kGrain weights.
 int64_t row_grain(int64_t K) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(K, 1)); }
+
+// The dot kernels' main steps decode `step` weights from step / 2 bytes as the low nibbles
+// (even k), then the high nibbles (odd k). x's rows [M, K] in that order, each full step of a
+// block in split order (its even k, then its odd k), the rest as is, into rows 64 bytes more
+// than a multiple of 64 bytes apart: rows a multiple of 4 KB apart (K = 4096 in bfloat16)
+// would all fall in one L1 set, too many for its 8 ways at 8 rows. Returns [M, ld] (the
+// first K columns used).
+template <typename T>
+at::Tensor split_steps(const at::Tensor& x, int64_t block_size, int64_t step) {
+  constexpr int64_t line = 64 / sizeof(T);
+  const int64_t M = x.size(0), K = x.size(1), half = step / 2, ld = ceil_div(K, line) * line + line;
+  at::Tensor out = at::empty({M, ld}, x.options());
+  const T* src = x.const_data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t m = 0; m < M; ++m, src += K, dst += ld) {
+    for (int64_t k0 = 0; k0 < K; k0 += block_size) {
+      const int64_t k1 = std::min(k0 + block_size, K);
+      int64_t k = k0;
+      for (; k + step <= k1; k += step) {
+        for (int64_t i = 0; i < half; ++i) {
+          dst[k + i] = src[k + 2 * i];
+          dst[k + half + i] = src[k + 2 * i + 1];
+        }
+      }
+      for (; k < k1; ++k) dst[k] = src[k];
+    }
+  }
+  return out;
+}
 
 // Row of the dequantized weight, float32, into out[0, K).
 void decode_row(const uint8_t* row, const float* absmax, int64_t K, int64_t block_size,
@@ -258,23 +286,23 @@ void dot_rows(const uint8_t* row, const float* absmax, int64_t K, int64_t block_
               const float* cb, const void* x, int64_t ldx, int64_t M, bool bf16, float* sums,
               float* scratch) {
 #if defined(__x86_64__)
+  static_assert(kDotRows == 8, "one kernel a row count");
   if (bf16) {
-    const auto* xb = static_cast<const at::BFloat16*>(x);
-    switch (M) {
-      case 1: return dot_rows_bf16<1>(row, absmax, K, block_size, cb, xb, ldx, sums);
-      case 2: return dot_rows_bf16<2>(row, absmax, K, block_size, cb, xb, ldx, sums);
-      case 3: return dot_rows_bf16<3>(row, absmax, K, block_size, cb, xb, ldx, sums);
-      default: return dot_rows_bf16<4>(row, absmax, K, block_size, cb, xb, ldx, sums);
-    }
+    using Kernel = void (*)(const uint8_t*, const float*, int64_t, int64_t, const float*,
+                            const at::BFloat16*, int64_t, float*);
+    static constexpr Kernel kernels[kDotRows] = {
+        dot_rows_bf16<1>, dot_rows_bf16<2>, dot_rows_bf16<3>, dot_rows_bf16<4>,
+        dot_rows_bf16<5>, dot_rows_bf16<6>, dot_rows_bf16<7>, dot_rows_bf16<8>};
+    return kernels[M - 1](row, absmax, K, block_size, cb, static_cast<const at::BFloat16*>(x), ldx, sums);
   }
   const auto* xf = static_cast<const float*>(x);
   if (block_size % 16 == 0 && cpu_has_avx512f()) {
-    switch (M) {
-      case 1: return dot_rows_avx512<1>(row, absmax, K, block_size, cb, xf, ldx, sums);
-      case 2: return dot_rows_avx512<2>(row, absmax, K, block_size, cb, xf, ldx, sums);
-      case 3: return dot_rows_avx512<3>(row, absmax, K, block_size, cb, xf, ldx, sums);
-      default: return dot_rows_avx512<4>(row, absmax, K, block_size, cb, xf, ldx, sums);
-    }
+    using Kernel = void (*)(const uint8_t*, const float*, int64_t, int64_t, const float*,
+                            const float*, int64_t, float*);
+    static constexpr Kernel kernels[kDotRows] = {
+        dot_rows_avx512<1>, dot_rows_avx512<2>, dot_rows_avx512<3>, dot_rows_avx512<4>,
+        dot_rows_avx512<5>, dot_rows_avx512<6>, dot_rows_avx512<7>, dot_rows_avx512<8>};
+    return kernels[M - 1](row, absmax, K, block_size, cb, xf, ldx, sums);
   }
 #else
   const auto* xf = static_cast<const float*>(x);
@@ -412,10 +440,17 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
 #if defined(__x86_64__)
   bf16_dots = x_in.scalar_type() == at::kBFloat16 && block_size % 32 == 0 && cpu_has_avx512bf16();
 #endif
-  const at::Tensor x = x_in.reshape({M, K}).to(bf16_dots ? at::kBFloat16 : at::kFloat).contiguous();
+  at::Tensor x = x_in.reshape({M, K}).to(bf16_dots ? at::kBFloat16 : at::kFloat).contiguous();
+#if defined(__x86_64__)
+  if (bf16_dots) {
+    x = split_steps<at::BFloat16>(x, block_size, 64);
+  } else if (block_size % 16 == 0 && cpu_has_avx512f()) {
+    x = split_steps<float>(x, block_size, 32);
+  }
+#endif
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const char* xp = static_cast<const char*>(x.const_data_ptr());
-  const int64_t esz = x.element_size(), ldp = packed.size(1), lda = absmax.size(1);
+  const int64_t esz = x.element_size(), ldx = x.size(1), ldp = packed.size(1), lda = absmax.size(1);
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
@@ -433,7 +468,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
         const int64_t rows = std::min(kDotRows, M - m0);
         for (int64_t n = n0; n < n1; ++n) {
           dot_rows(pp + n * ldp + k0 / 2, ap + n * lda + k0 / block_size, len, block_size, c,
-                   xp + (m0 * K + k0) * esz, K, rows, bf16_dots, part, scratch.data());
+                   xp + (m0 * ldx + k0) * esz, ldx, rows, bf16_dots, part, scratch.data());
           for (int64_t m = 0; m < rows; ++m) acc[(n - n0) * M + m0 + m] += part[m];
         }
       }

@@ -113,7 +113,7 @@ def test_int4_codes_are_rounded_scaled_weights(device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 2, 4, 5, 17, 64])
-@pytest.mark.parametrize("block_size", [16, 64, 7])
+@pytest.mark.parametrize("block_size", [16, 48, 64, 96, 7])
 def test_linear_matches_float64(device, dtype, M, block_size):
     K, N = 200, 37
     w = torch.randn(N, K, device=device)
