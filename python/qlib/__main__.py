@@ -1,4 +1,5 @@
-"""Command line: `python -m qlib demo` runs the main job."""
+"""Command line: `python -m qlib demo` runs the main job; `python -m qlib report MODEL
+--input 8x768` prints the size, output error and latency of a model's quantized forms."""
 import argparse
 import sys
 
@@ -8,7 +9,19 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the end-to-end demo")
     sub.add_parser("info", help="print what qlib was compiled with")
+    rep = sub.add_parser("report", help="size, output error and latency of a model, quantized each way")
+    rep.add_argument("model", help="a torch.save(model) file (trusted: it is unpickled) or package.module:factory")
+    rep.add_argument("--input", required=True, help="shape of the random float input, e.g. 8x768")
+    rep.add_argument("--schemes", default="int8,nf4,int4,kmeans", help="comma-separated: int8, nf4, int4, kmeans")
+    rep.add_argument("--repeat", type=int, default=60, help="timed calls per model")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        from . import report
+
+        try:
+            return report.main(args.model, args.input, args.schemes, args.repeat)
+        except ValueError as e:
+            parser.error(str(e))
     from . import demo
 
     if args.command == "info":

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -18,6 +16,7 @@ from torch import nn
 import qlib
 from qlib import digits
 from qlib.config import QATConfig
+from qlib.report import latencies_ms, state_bytes
 
 OBSERVERS = ["MinMaxObserver", "PercentileObserver", "MSEObserver", "EntropyObserver"]
 
@@ -40,26 +39,6 @@ def model_bytes(model: nn.Module, bits: int = 32, weight_scales: str = "per_chan
         if bits < 32:
             total += 4 * (lin.out_features if weight_scales == "per_channel" else 1)
     return total
-
-
-def state_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
-
-
-def latencies_ms(models: dict, x: torch.Tensor, repeat: int = 60) -> dict:
-    """Median ms per batch of each model, timed round-robin so that machine noise
-    hits every model alike."""
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            for _ in range(3):
-                model(x)
-        for _ in range(repeat):
-            for name, model in models.items():
-                t0 = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def ptq(model, data, bits, observer):

@@ -1,0 +1,123 @@
+"""`python -m qlib report MODEL`: size, output error and latency of a model's quantized forms.
+
+MODEL is a file written by ``torch.save(model)`` (a whole module: loading it runs pickle, so
+only load files you trust) or ``package.module:factory``, a callable that returns the model.
+The model must take one float tensor; ``--input`` gives its shape (random normal values).
+Each scheme quantizes a copy of every ``nn.Linear`` of the model:
+
+- ``int8``: ``qlib.quantize_dynamic`` (int8 weights, dynamic per-token int8 activations);
+- ``nf4`` / ``int4`` / ``kmeans``: ``qlib.quantize_weight_only`` (4-bit weights, blocks of 64).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import statistics
+import time
+from typing import Callable, Dict, Sequence
+
+import torch
+from torch import nn
+
+import qlib
+
+SCHEMES: Dict[str, Callable[[nn.Module], nn.Module]] = {
+    "int8": lambda m: qlib.quantize_dynamic(m),
+    "nf4": lambda m: qlib.quantize_weight_only(m, "nf4"),
+    "int4": lambda m: qlib.quantize_weight_only(m, "int4"),
+    "kmeans": lambda m: qlib.quantize_weight_only(m, "kmeans"),
+}
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state_dict tensors (what torch.save writes, less the pickle)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+def latencies_ms(models: dict, x: torch.Tensor, repeat: int = 60) -> dict:
+    """Median ms per batch of each model, timed round-robin so that machine noise
+    hits every model alike."""
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            for _ in range(3):
+                model(x)
+        for _ in range(repeat):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def load_model(spec: str) -> nn.Module:
+    """A module from a torch.save file or from ``package.module:factory``."""
+    if os.path.isfile(spec):
+        model = torch.load(spec, weights_only=False, map_location="cpu")
+    elif ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"qlib report: cannot import {spec!r}: {e}") from e
+        model = factory()
+    else:
+        raise ValueError(f"qlib report: {spec!r} is neither a file nor package.module:factory")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"qlib report: {spec!r} gave a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def parse_shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise ValueError(f"qlib report: --input must look like 8x768 (positive sizes), got {text!r}")
+    return shape
+
+
+def report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str] = tuple(SCHEMES),
+           repeat: int = 60, seed: int = 0) -> Dict[str, dict]:
+    """{name: {bytes, rel_error, cosine, ms}} for fp32 and each scheme, on one random input."""
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        raise ValueError(f"qlib report: unknown schemes {unknown}; choose from {list(SCHEMES)}")
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise ValueError("qlib report: the model has no nn.Linear to quantize")
+    model = model.eval()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    models = {"fp32": model, **{s: SCHEMES[s](copy.deepcopy(model)).eval() for s in schemes}}
+    with torch.no_grad():
+        ref = model(x).double().flatten()
+        rows = {}
+        for name, m in models.items():
+            y = m(x).double().flatten()
+            rows[name] = {"bytes": state_bytes(m),
+                          "rel_error": ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item(),
+                          "cosine": torch.nn.functional.cosine_similarity(y, ref, dim=0).item()}
+    for name, ms in latencies_ms(models, x, repeat).items():
+        rows[name]["ms"] = ms
+    return rows
+
+
+def print_report(rows: Dict[str, dict], title: str) -> None:
+    base = rows["fp32"]
+    print(title)
+    header = f"{'scheme':8s} {'bytes':>12s} {'vs fp32':>8s} {'rel. error':>11s} {'cosine':>9s} {'ms/batch':>9s} {'speedup':>8s}"
+    print(header)
+    print("-" * len(header))
+    for name, r in rows.items():
+        print(f"{name:8s} {r['bytes']:12d} {base['bytes'] / r['bytes']:7.2f}x {r['rel_error']:11.2e} "
+              f"{r['cosine']:9.6f} {r['ms']:9.3f} {base['ms'] / r['ms']:7.2f}x")
+
+
+def main(spec: str, input_shape: str, schemes: str = ",".join(SCHEMES), repeat: int = 60) -> int:
+    shape = parse_shape(input_shape)
+    model = load_model(spec)
+    rows = report(model, shape, [s for s in schemes.split(",") if s], repeat)
+    print_report(rows, f"{spec}: input {'x'.join(map(str, shape))}, {torch.get_num_threads()} threads "
+                       "(rel. error and cosine of the outputs against fp32)")
+    return 0

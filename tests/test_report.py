@@ -1,0 +1,59 @@
+"""`python -m qlib report`: size, output error and latency of a model's quantized forms."""
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import qlib
+from qlib import __main__ as cli
+from qlib import report
+
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(96, 128), nn.GELU(), nn.Linear(128, 64))
+
+
+def test_report_rows_measure_each_scheme():
+    model = small_model()
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(0))
+    rows = report.report(model, (7, 96), repeat=3)
+    assert list(rows) == ["fp32", "int8", "nf4", "int4", "kmeans"]
+    fp32 = rows["fp32"]
+    assert fp32["rel_error"] == 0 and fp32["cosine"] == pytest.approx(1.0)
+    assert fp32["bytes"] == sum(p.numel() * 4 for p in model.parameters())
+    # The same error as quantizing by hand, on the same seeded input.
+    with torch.no_grad():
+        ref, nf4 = model(x), qlib.quantize_weight_only(copy.deepcopy(model), "nf4")(x)
+    assert rows["nf4"]["rel_error"] == pytest.approx(((nf4 - ref).norm() / ref.norm()).item(), rel=1e-6)
+    assert rows["int8"]["rel_error"] < 0.03 < rows["nf4"]["rel_error"] < 0.2
+    assert rows["int8"]["bytes"] < 0.35 * fp32["bytes"] and rows["nf4"]["bytes"] < 0.2 * fp32["bytes"]
+    assert all(r["ms"] > 0 for r in rows.values())
+
+
+def test_cli_report_from_a_file_and_from_a_factory(tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    torch.save(small_model(), path)
+    assert cli.main(["report", str(path), "--input", "4x96", "--schemes", "int8,kmeans", "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "input 4x96" in out and "int8" in out and "kmeans" in out and "nf4" not in out
+    assert cli.main(["report", "qlib.digits:make_mlp", "--input", "3x64", "--repeat", "2"]) == 0
+    assert "int4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["qlib.digits:make_mlp", "--input", "3xk"], "--input must look like 8x768"),
+    (["qlib.digits:make_mlp", "--input", "0x64"], "--input must look like 8x768"),
+    (["qlib.digits:make_mlp", "--input", "3x64", "--schemes", "int3"], "unknown schemes \\['int3'\\]"),
+    (["no/such/file.pt", "--input", "3x64"], "neither a file nor package.module:factory"),
+    (["qlib.digits:no_such", "--input", "3x64"], "cannot import 'qlib.digits:no_such'"),
+    (["qlib:build_info", "--input", "3x64"], "gave a dict, not an nn.Module"),
+    (["torch.nn:GELU", "--input", "3x64"], "has no nn.Linear"),
+])
+def test_cli_report_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["report", *args])
+    assert e.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
