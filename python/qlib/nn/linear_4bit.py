@@ -88,22 +88,35 @@ class Linear4bit(QuantState):
         if bool((zero_point != 0).any()):
             raise ValueError(f"{where}: weights must be symmetric (zero point 0)")
         # Per-tensor [1], per-channel [N, 1] or per-group [N, K / g]: blocks along K.
-        if scale.numel() % N != 0 and scale.numel() != 1:
+        if scale.numel() != 1 and (scale.numel() % N != 0 or K % (scale.numel() // N) != 0):
             raise ValueError(f"{where}: weight scales of shape {tuple(scale.shape)} do not block the weight by rows")
-        scale = scale.float().reshape(1 if scale.numel() == 1 else N, -1).expand(N, -1)
-        if K % scale.shape[1] != 0:
-            raise ValueError(f"{where}: weight scales of shape {tuple(scale.shape)} do not block the weight by rows")
-        w = qat.weight.detach()
-        mod = cls(K, N, qat.bias is not None, torch.tensor(_fourbit_ops.INT_GRID), K // scale.shape[1],
-                  device=w.device, dtype=None if qat.bias is None else qat.bias.dtype, compute_dtype=compute_dtype)
+        scale = scale.float().reshape(1 if scale.numel() == 1 else N, -1).expand(N, -1).contiguous()
         with torch.no_grad():
-            q = _fourbit_ops.ops.quantize(w, scale.contiguous(), torch.zeros_like(scale, dtype=torch.int32),
+            q = _fourbit_ops.ops.quantize(qat.weight.detach(), scale, torch.zeros_like(scale, dtype=torch.int32),
                                           wfq.quant_min, wfq.quant_max, torch.int8)
-            codes = torch.nn.functional.pad((q + 8).to(torch.uint8), (0, K % 2))
-            mod.packed.copy_(codes[:, 0::2] | (codes[:, 1::2] << 4))
+        return cls.from_codes(q, scale, K // scale.shape[1], qat.bias, compute_dtype)
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scale: Tensor, block_size: int, bias: Optional[Tensor] = None,
+                   compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+        """The layer whose weight is ``codes * scale``: integer codes [N, K] in [-8, 7] and float32
+        scales [N, ceil(K / block_size)], one per block of ``block_size`` codes along K (the
+        codebook "int-grid", the scales as ``absmax``), as from_qat and ``qlib.gptq_quantize``
+        make them."""
+        N, K = codes.shape
+        if tuple(scale.shape) != (N, -(-K // block_size)):
+            raise ValueError(f"Linear4bit.from_codes: scales of shape {tuple(scale.shape)} do not match codes of "
+                             f"shape {tuple(codes.shape)} in blocks of {block_size}")
+        if codes.numel() and not bool(((codes >= -8) & (codes <= 7)).all()):
+            raise ValueError("Linear4bit.from_codes: codes must lie in [-8, 7]")
+        mod = cls(K, N, bias is not None, torch.tensor(_fourbit_ops.INT_GRID), block_size, device=codes.device,
+                  dtype=None if bias is None else bias.dtype, compute_dtype=compute_dtype)
+        with torch.no_grad():
+            padded = torch.nn.functional.pad((codes + 8).to(torch.uint8), (0, K % 2))
+            mod.packed.copy_(padded[:, 0::2] | (padded[:, 1::2] << 4))
             mod.absmax.copy_(scale)
-            if qat.bias is not None:
-                mod.bias.copy_(qat.bias.detach())
+            if bias is not None:
+                mod.bias.copy_(bias.detach())
         return mod
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,127 @@
+"""GPTQ (Frantar et al., 2022): 4-bit weights chosen with second-order information.
+
+Rounding each weight to its nearest code (RTN) ignores how the layer's inputs mix the errors.
+GPTQ quantizes a weight matrix one input column at a time and spreads each column's rounding
+error over the columns not yet quantized, weighted by the inverse of H = 2 X^T X / n (X: the
+layer's calibration inputs), which minimises ||X W^T - X W_hat^T|| column by column. Scales
+are symmetric per group of ``group_size`` columns, taken from the updated weights when a
+group starts (the min-max observer's scale); the codes come from ``qlib.quantize``. The result
+is a :class:`qlib.nn.Linear4bit` (codebook "int-grid").
+
+All selected Linears see the calibration batches in one pass of the float model (not
+layer by layer over already quantized layers, as the paper does for transformer blocks);
+each keeps its K x K H in float32 until it is quantized.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops
+from .nn.linear_4bit import Linear4bit
+from .workflows import FilterFn, _swap
+
+
+class _Hessian:
+    """Running H = 2 X^T X / n of a Linear's inputs."""
+
+    def __init__(self, k: int, device):
+        self.h = torch.zeros(k, k, device=device)
+        self.rows = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if n == 0:
+            return
+        self.h *= self.rows / (self.rows + n)
+        self.rows += n
+        x = x * (2.0 / self.rows) ** 0.5
+        self.h += x.T @ x
+
+
+@torch.no_grad()
+def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp: float = 0.01,
+                block: int = 128, name: str = "the Linear"):
+    """(codes int8 [N, K], scales float32 [N, ceil(K / group_size)]) of w [N, K] under H [K, K]."""
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    w = w.detach().float().clone()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"qlib.gptq_quantize: the weight of {name} holds NaN or Inf")
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError(f"qlib.gptq_quantize: the calibration inputs of {name} hold NaN or Inf")
+    N, K = w.shape
+    h = h.clone()
+    dead = h.diagonal() == 0  # inputs that were always 0: their weights do not matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    try:
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(f"qlib.gptq_quantize: H of {name} is not positive definite; raise damp "
+                         f"(now {damp})") from e
+    codes = torch.empty(N, K, dtype=torch.int8, device=w.device)
+    scales = torch.empty(N, -(-K // group_size), device=w.device)
+    block = group_size * max(1, block // group_size)  # a group never straddles two blocks
+    for b0 in range(0, K, block):
+        b1 = min(b0 + block, K)
+        wb, err = w[:, b0:b1], torch.empty(N, b1 - b0, device=w.device)
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % group_size == 0:
+                group = wb[:, j:j + group_size]
+                scale, _ = _ops.choose_qparams(group.amin(1), group.amax(1), qmin, qmax, True)
+                scales[:, col // group_size] = scale
+            q = _ops.quantize(wb[:, j:j + 1], scale.unsqueeze(1), None, qmin, qmax, torch.int8)
+            codes[:, col:col + 1] = q
+            e = (wb[:, j] - q.squeeze(1).float() * scale) / u[col, col]
+            wb[:, j:] -= e.unsqueeze(1) * u[col, col:b1].unsqueeze(0)
+            err[:, j] = e
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return codes, scales
+
+
+@torch.no_grad()
+def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size: int = 64,
+                  damp: float = 0.01, filter_fn: Optional[FilterFn] = None, progress: bool = True) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` selected by ``filter_fn(module, fqn)`` with a
+    :class:`qlib.nn.Linear4bit` whose ``bits``-bit (2 to 4) symmetric codes and per-group scales
+    GPTQ chose on the calibration ``batches`` (tensors, or tuples of positional inputs).
+    ``damp`` (a fraction of H's mean diagonal) keeps H invertible. Returns the model, or the
+    replacement when ``model`` itself is a selected Linear."""
+    from tqdm.auto import tqdm
+
+    if not isinstance(bits, int) or not 2 <= bits <= 4:
+        raise ValueError(f"qlib.gptq_quantize: bits must be 2, 3 or 4, got {bits!r}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"qlib.gptq_quantize: group_size must be a positive int, got {group_size!r}")
+    if not damp >= 0:
+        raise ValueError(f"qlib.gptq_quantize: damp must be >= 0, got {damp!r}")
+    selected = {id(m): (fqn, m) for fqn, m in model.named_modules(remove_duplicate=False)
+                if type(m) is nn.Linear and (filter_fn is None or bool(filter_fn(m, fqn)))}
+    if not selected:
+        raise ValueError("qlib.gptq_quantize: no nn.Linear selected")
+    hessians: Dict[int, _Hessian] = {key: _Hessian(m.in_features, m.weight.device) for key, (_, m) in selected.items()}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: hessians[id(mod)].add(args[0]))
+             for _, m in selected.values()]
+    was_training = model.training
+    model.eval()
+    try:
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for batch in tqdm(batches, desc="GPTQ calibration", total=total, disable=not progress, leave=False):
+            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    made = {}
+    for key, (fqn, m) in tqdm(selected.items(), desc="GPTQ", disable=not progress, leave=False):
+        name = f"Linear {fqn!r}" if fqn else "the Linear"
+        if hessians[key].rows == 0:
+            raise ValueError(f"qlib.gptq_quantize: {name} saw no calibration input")
+        codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, name=name)
+        made[key] = Linear4bit.from_codes(codes, scales, group_size, m.bias)
+    return _swap(model, nn.Linear, lambda m, fqn: made[id(m)], lambda m, fqn: id(m) in made, "gptq_quantize")

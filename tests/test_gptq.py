@@ -1,0 +1,131 @@
+"""GPTQ: 4-bit weights chosen with the calibration inputs' second moments (qlib.gptq_quantize)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qlib
+from qlib.gptq import gptq_weight
+from qlib.nn import Linear4bit
+
+
+def correlated_inputs(n, k, rank=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rank, generator=g) @ torch.randn(rank, k, generator=g) + 0.1 * torch.randn(n, k, generator=g)
+
+
+def rtn_weight(w, bits, group_size):
+    """Round-to-nearest with the min-max observer's symmetric per-group scales (float64)."""
+    qmax = 2 ** (bits - 1) - 1
+    out = []
+    for g in range(0, w.shape[1], group_size):
+        group = w[:, g:g + group_size].double()
+        scale = group.abs().amax(1, keepdim=True) / (qmax + 0.5)
+        out.append(torch.clamp(torch.round(group / scale), -qmax - 1, qmax) * scale)
+    return torch.cat(out, 1)
+
+
+def output_error(x, w, w_hat):
+    ref = x.double() @ w.double().T
+    return ((x.double() @ w_hat.double().T - ref).norm() / ref.norm()).item()
+
+
+def reference_gptq(w, h, bits, group_size, damp):
+    """Codes of GPTQ one column at a time in float64, no blocks (the paper's Algorithm 1)."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.double().clone()
+    h = h.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    k = w.shape[1]
+    codes = torch.empty_like(w)
+    for col in range(k):
+        if col % group_size == 0:
+            scale = w[:, col:col + group_size].abs().amax(1) / (qmax + 0.5)
+        codes[:, col] = torch.clamp(torch.round(w[:, col] / scale), -qmax - 1, qmax)
+        e = (w[:, col] - codes[:, col] * scale) / u[col, col]
+        w[:, col:] -= e.unsqueeze(1) * u[col, col:].unsqueeze(0)
+    return codes
+
+
+@pytest.mark.parametrize("bits,group_size,K", [(4, 64, 256), (4, 32, 200), (3, 128, 256), (2, 16, 96)])
+def test_gptq_beats_round_to_nearest(device, bits, group_size, K):
+    torch.manual_seed(0)
+    N = 48
+    x = correlated_inputs(1024, K).to(device)
+    lin = nn.Linear(K, N).to(device)
+    g = qlib.gptq_quantize(copy.deepcopy(lin), [x[i:i + 128] for i in range(0, 1024, 128)], bits, group_size,
+                           progress=False)
+    assert isinstance(g, Linear4bit) and g.block_size == group_size and "int-grid" in repr(g)
+    err = output_error(x, lin.weight, g.dequantized_weight())
+    assert err < 0.6 * output_error(x, lin.weight, rtn_weight(lin.weight, bits, group_size))
+    # Every weight is a code in range times its group's scale.
+    w_hat = g.dequantized_weight()
+    scale = g.absmax.repeat_interleave(group_size, 1)[:, :K]
+    codes = torch.round(w_hat / scale)
+    assert torch.equal(codes * scale, w_hat)
+    assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
+
+
+def test_gptq_matches_a_float64_reference():
+    """Blocks of columns and lazy updates change only rounding, not the method."""
+    torch.manual_seed(1)
+    K, N = 192, 24
+    x = correlated_inputs(512, K, seed=1)
+    w = torch.randn(N, K)
+    h = 2 * x.T @ x / x.shape[0]
+    codes, scales = gptq_weight(w, h, 4, 64, 0.01, block=64)
+    ref_codes = reference_gptq(w, h, 4, 64, 0.01)
+    # The float32 run may round a few weights to the neighbouring code; the result is as good.
+    assert (codes.double() != ref_codes).double().mean() < 0.02
+    ref_scales = torch.stack([w[:, g:g + 64].double().abs().amax(1) / 7.5 for g in range(0, K, 64)], 1)
+    ours = output_error(x, w, codes.float() * scales.repeat_interleave(64, 1))
+    assert ours < 1.02 * output_error(x, w, ref_codes * ref_scales.repeat_interleave(64, 1))
+
+
+def test_gptq_model_swap_dead_inputs_and_state_dict(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32), nn.ReLU(), nn.Linear(32, 10))
+    x = correlated_inputs(256, 64)
+    x[:, 5] = 0  # a dead input: its H row is 0
+    with torch.no_grad():
+        ref = model(x)
+    q = qlib.gptq_quantize(copy.deepcopy(model), [(x[i:i + 64],) for i in range(0, 256, 64)],
+                           filter_fn=lambda m, fqn: fqn != "4", progress=False)
+    assert isinstance(q[0], Linear4bit) and isinstance(q[2], Linear4bit) and type(q[4]) is nn.Linear
+    assert q[0].dequantized_weight()[:, 5].abs().max() == 0
+    with torch.no_grad():
+        y = q(x)
+    assert torch.isfinite(y).all() and ((y - ref).norm() / ref.norm()) < 0.1
+    torch.save(q.state_dict(), tmp_path / "q.pt")
+    again = qlib.gptq_quantize(copy.deepcopy(model), [x[:8]], filter_fn=lambda m, fqn: fqn != "4", progress=False)
+    again.load_state_dict(torch.load(tmp_path / "q.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(again(x), y)
+
+
+def test_gptq_bad_arguments():
+    lin = nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    for kwargs, message in [(dict(bits=5), "bits must be 2, 3 or 4, got 5"), (dict(bits=8), "got 8"),
+                            (dict(group_size=0), "group_size must be a positive int, got 0"),
+                            (dict(damp=-1.0), "damp must be >= 0"),
+                            (dict(filter_fn=lambda m, fqn: False), "no nn.Linear selected")]:
+        with pytest.raises(ValueError, match=message):
+            qlib.gptq_quantize(copy.deepcopy(lin), [x], progress=False, **kwargs)
+    with pytest.raises(ValueError, match="saw no calibration input"):
+        qlib.gptq_quantize(copy.deepcopy(lin), [], progress=False)
+    bad = x.clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="calibration inputs of the Linear hold NaN or Inf"):
+        qlib.gptq_quantize(copy.deepcopy(lin), [bad], progress=False)
+    with pytest.raises(ValueError, match="not positive definite; raise damp"):
+        qlib.gptq_quantize(copy.deepcopy(lin), [torch.ones(4, 16)], damp=0.0, progress=False)
+    with pytest.raises(ValueError, match="do not match codes"):
+        Linear4bit.from_codes(torch.zeros(8, 16, dtype=torch.int8), torch.ones(8, 3), 8)
+    with pytest.raises(ValueError, match="codes must lie in \\[-8, 7\\]"):
+        Linear4bit.from_codes(torch.full((8, 16), 9, dtype=torch.int8), torch.ones(8, 2), 8)
