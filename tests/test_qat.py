@@ -391,7 +391,7 @@ def test_demo_runs_and_writes_its_table_and_plots(tmp_path, capsys):
 
     assert demo.main(out_dir=str(tmp_path)) == 0
     out = capsys.readouterr().out
-    for row in ("fp32 ", "PTQ fake-quant", "QAT fake-quant", "int8 dynamic", "int8 static", "4-bit weights", "4-bit w. QAT"):
+    for row in ("fp32 ", "PTQ fake-quant", "QAT fake-quant", "int8 dynamic", "int8 static", "4-bit weights", "4-bit w. QAT", "4-bit GPTQ"):
         assert row in out, row
     for png in ("accuracy_vs_bits.png", "calibration_4bit.png"):
         assert (tmp_path / png).stat().st_size > 1000

@@ -2,7 +2,8 @@
 
 Trains an MLP on scikit-learn's digits, then compares post-training
 quantization (PTQ) with each observer at 8 and 4 bits, 4-bit QAT, real int8
-models (dynamic, and converted from the calibrated model) and 4-bit NF4 weights,
+models (dynamic, and converted from the calibrated model) and 4-bit weights (NF4,
+weight-only QAT, GPTQ),
 in one table of accuracy, model bytes and latency against fp32. Writes two PNGs.
 """
 from __future__ import annotations
@@ -91,7 +92,8 @@ def main(out_dir: str = "demo_out") -> int:
     dyn = qlib.quantize_dynamic(copy.deepcopy(model))
     rows.append(("int8 dynamic", "per-token", 8, digits.accuracy(dyn, data), state_bytes(dyn), None))
     calibrated = qlib.prepare(copy.deepcopy(model), QATConfig(activation_observer="MSEObserver"))
-    qlib.calibrate(calibrated, [xb for xb, _ in digits.batches(data.x_train, data.y_train, 128, seed=5)][:8])
+    calib = [xb for xb, _ in digits.batches(data.x_train, data.y_train, 128, seed=5)][:8]
+    qlib.calibrate(calibrated, calib)
     static = qlib.convert(calibrated)
     rows.append(("int8 static", "MSE", 8, digits.accuracy(static, data), state_bytes(static), None))
     w4 = qlib.quantize_weight_only(copy.deepcopy(model), "nf4", block_size=64)
@@ -100,8 +102,10 @@ def main(out_dir: str = "demo_out") -> int:
     w4_cfg = QATConfig(weight_bits=4, weight_group_size=32, activation_bits=None)
     w4_qat = qlib.convert(digits.qat_finetune(model, data, w4_cfg, progress="4-bit weight-only QAT"))
     rows.append(("4-bit w. QAT", "int-grid, g=32", 4, digits.accuracy(w4_qat, data), state_bytes(w4_qat), None))
+    w4_gptq = qlib.gptq_quantize(copy.deepcopy(model), calib, group_size=32, progress=False)
+    rows.append(("4-bit GPTQ", "int-grid, g=32", 4, digits.accuracy(w4_gptq, data), state_bytes(w4_gptq), None))
     latency = latencies_ms({"fp32": model, "int8 dynamic": dyn, "int8 static": static, "4-bit weights": w4,
-                            "4-bit w. QAT": w4_qat}, batch)
+                            "4-bit w. QAT": w4_qat, "4-bit GPTQ": w4_gptq}, batch)
     fp32_ms = latency["fp32"]
     rows = [(*row[:5], latency.get(row[0])) for row in rows]
 
