@@ -51,11 +51,22 @@ bool cpu_has_avx512f() {
 // row (the two halves of a step). The kernels need block_size % 16 == 0 (float32) or % 32 == 0
 // (bfloat16).
 
+// The sum of v's 16 lanes (halves added pairwise; GCC 12's _mm512_reduce_add_ps warns of an
+// uninitialized operand in its own header).
+QLIB_AVX512F_FN inline float lane_sum(__m512 v) {
+  const __m512d d = _mm512_castps_pd(v);
+  const __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, d, 0)),
+                                 _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, d, 1)));
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
 // sums[m] = row m's two accumulators and its scalar tail, added up.
 template <int M>
 QLIB_AVX512F_FN inline void store_sums(const __m512 (&acc)[2][M], const float* tail, float* sums) {
 #pragma GCC unroll 8
-  for (int m = 0; m < M; ++m) sums[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) + tail[m];
+  for (int m = 0; m < M; ++m) sums[m] = lane_sum(_mm512_add_ps(acc[0][m], acc[1][m])) + tail[m];
 }
 
 // The codes of packed bytes in k order (low nibble first): of bytes 0-7 in `first`, of bytes
