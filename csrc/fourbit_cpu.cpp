@@ -478,6 +478,11 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
       for (int64_t m0 = 0; m0 < M; m0 += kDotRows) {
         const int64_t rows = std::min(kDotRows, M - m0);
         for (int64_t n = n0; n < n1; ++n) {
+          if (len < K && n + 1 < n1) {  // the next row's span: tiles of rows defeat the prefetcher
+            const char* next = reinterpret_cast<const char*>(pp + (n + 1) * ldp + k0 / 2);
+            for (int64_t b = 0; b < (len + 1) / 2; b += 64) __builtin_prefetch(next + b);
+            __builtin_prefetch(ap + (n + 1) * lda + k0 / block_size);
+          }
           dot_rows(pp + n * ldp + k0 / 2, ap + n * lda + k0 / block_size, len, block_size, c,
                    xp + (m0 * ldx + k0) * esz, ldx, rows, bf16_dots, part, scratch.data());
           for (int64_t m = 0; m < rows; ++m) acc[(n - n0) * M + m0 + m] += part[m];
