@@ -108,6 +108,16 @@ def test_gptq_model_swap_dead_inputs_and_state_dict(tmp_path):
         assert torch.equal(again(x), y)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("k,n", [(0, 5), (5, 0)])
+def test_gptq_empty_layers(k, n):
+    lin = nn.Linear(k, n)
+    q = qlib.gptq_quantize(lin, [torch.randn(3, k)], progress=False)
+    assert isinstance(q, Linear4bit)
+    with torch.no_grad():
+        torch.testing.assert_close(q(torch.randn(3, k)), lin(torch.randn(3, k)))  # the bias (or nothing)
+
+
 def test_gptq_bad_arguments():
     lin = nn.Linear(16, 8)
     x = torch.randn(4, 16)

@@ -32,7 +32,7 @@ class _Hessian:
         self.rows = 0
 
     def add(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach().flatten(0, -2).float() if x.dim() > 1 else x.detach().float().unsqueeze(0)
         n = x.shape[0]
         if n == 0:
             return
@@ -53,6 +53,10 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp:
     if not bool(torch.isfinite(h).all()):
         raise ValueError(f"qlib.gptq_quantize: the calibration inputs of {name} hold NaN or Inf")
     N, K = w.shape
+    codes = torch.zeros(N, K, dtype=torch.int8, device=w.device)
+    scales = torch.ones(N, -(-K // group_size), device=w.device)
+    if N == 0 or K == 0:  # an empty layer: nothing to choose
+        return codes, scales
     h = h.clone()
     dead = h.diagonal() == 0  # inputs that were always 0: their weights do not matter
     h[dead, dead] = 1.0
@@ -63,8 +67,6 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp:
     except torch.linalg.LinAlgError as e:
         raise ValueError(f"qlib.gptq_quantize: H of {name} is not positive definite; raise damp "
                          f"(now {damp})") from e
-    codes = torch.empty(N, K, dtype=torch.int8, device=w.device)
-    scales = torch.empty(N, -(-K // group_size), device=w.device)
     block = group_size * max(1, block // group_size)  # a group never straddles two blocks
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
