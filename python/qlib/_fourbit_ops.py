@@ -66,16 +66,17 @@ def fit_codebook_4bit(w: Tensor, block_size: int = 64, bins: int = 4096, max_ite
     ``w / absmax`` of its blocks, each value weighted by absmax^2, so that it minimises the
     squared error of the dequantized weight. The values are first gathered in ``bins`` equal
     bins over [-1, 1] (sums per bin, so a bin moves as one point); NF4 is the start, and the
-    values end strictly increasing. All-zero blocks carry no weight; an all-zero w gives NF4."""
+    values end strictly increasing. All-zero blocks carry no weight; an all-zero or empty w
+    gives NF4."""
     who = "qlib.fit_codebook_4bit"
     if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"{who}: w must be a 2-D floating tensor, got "
                          f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}"
                          f"{' of ' + str(w.dtype) if isinstance(w, Tensor) else ''}")
-    if w.numel() == 0:
-        raise ValueError(f"{who}: w of shape {tuple(w.shape)} is empty")
     if int(block_size) < 1 or int(bins) < 16:
         raise ValueError(f"{who}: block_size must be >= 1 and bins >= 16, got {block_size} and {bins}")
+    if w.numel() == 0:
+        return codebook_4bit("nf4", w.device)
     N, K = w.shape
     bs, kb = int(block_size), _ceil_div(K, int(block_size))
     mass = torch.zeros(bins, dtype=torch.float64, device=w.device)  # sum of absmax^2 per bin
