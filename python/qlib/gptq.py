@@ -44,8 +44,10 @@ class _Hessian:
 
 @torch.no_grad()
 def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp: float = 0.01,
-                block: int = 128, name: str = "the Linear"):
-    """(codes int8 [N, K], scales float32 [N, ceil(K / group_size)]) of w [N, K] under H [K, K]."""
+                act_order: bool = False, block: int = 128, name: str = "the Linear"):
+    """(codes int8 [N, K], scales float32 [N, ceil(K / group_size)]) of w [N, K] under H [K, K].
+    act_order: columns in order of decreasing H diagonal, with each group's scale fixed
+    beforehand from the weights as they are (groups stay in the original column order)."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     w = w.detach().float().clone()
     if not bool(torch.isfinite(w).all()):
@@ -62,25 +64,36 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp:
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
+
+    def group_scale(group: Tensor) -> Tensor:
+        return _ops.choose_qparams(group.amin(1), group.amax(1), qmin, qmax, True)[0]
+
+    order = list(range(K))
+    if act_order:
+        for g in range(scales.shape[1]):
+            scales[:, g] = group_scale(w[:, g * group_size:(g + 1) * group_size])
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        order = perm.tolist()
+        w, h = w[:, perm], h[perm][:, perm]
+    else:
+        block = group_size * max(1, block // group_size)  # a group never straddles two blocks
     try:
         u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError as e:
         raise ValueError(f"qlib.gptq_quantize: H of {name} is not positive definite; raise damp "
                          f"(now {damp})") from e
-    block = group_size * max(1, block // group_size)  # a group never straddles two blocks
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
         wb, err = w[:, b0:b1], torch.empty(N, b1 - b0, device=w.device)
         for j in range(b1 - b0):
-            col = b0 + j
-            if col % group_size == 0:
-                group = wb[:, j:j + group_size]
-                scale, _ = _ops.choose_qparams(group.amin(1), group.amax(1), qmin, qmax, True)
-                scales[:, col // group_size] = scale
-            q = _ops.quantize(wb[:, j:j + 1], scale.unsqueeze(1), None, qmin, qmax, torch.int8)
+            col = order[b0 + j]  # the weight's column in the layer
+            if not act_order and col % group_size == 0:
+                scales[:, col // group_size] = group_scale(wb[:, j:j + group_size])
+            scale = scales[:, col // group_size]
+            q = _ops.quantize(wb[:, j:j + 1], scale.unsqueeze(1).contiguous(), None, qmin, qmax, torch.int8)
             codes[:, col:col + 1] = q
-            e = (wb[:, j] - q.squeeze(1).float() * scale) / u[col, col]
-            wb[:, j:] -= e.unsqueeze(1) * u[col, col:b1].unsqueeze(0)
+            e = (wb[:, j] - q.squeeze(1).float() * scale) / u[b0 + j, b0 + j]
+            wb[:, j:] -= e.unsqueeze(1) * u[b0 + j, b0 + j:b1].unsqueeze(0)
             err[:, j] = e
         w[:, b1:] -= err @ u[b0:b1, b1:]
     return codes, scales
@@ -88,11 +101,13 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp:
 
 @torch.no_grad()
 def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size: int = 64,
-                  damp: float = 0.01, filter_fn: Optional[FilterFn] = None, progress: bool = True) -> nn.Module:
+                  damp: float = 0.01, act_order: bool = False, filter_fn: Optional[FilterFn] = None,
+                  progress: bool = True) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` selected by ``filter_fn(module, fqn)`` with a
     :class:`qlib.nn.Linear4bit` whose ``bits``-bit (2 to 4) symmetric codes and per-group scales
     GPTQ chose on the calibration ``batches`` (tensors, or tuples of positional inputs).
-    ``damp`` (a fraction of H's mean diagonal) keeps H invertible. Returns the model, or the
+    ``damp`` (a fraction of H's mean diagonal) keeps H invertible; ``act_order`` quantizes the
+    columns with the largest inputs first (group scales then fixed beforehand). Returns the model, or the
     replacement when ``model`` itself is a selected Linear."""
     from tqdm.auto import tqdm
 
@@ -124,6 +139,6 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
         name = f"Linear {fqn!r}" if fqn else "the Linear"
         if hessians[key].rows == 0:
             raise ValueError(f"qlib.gptq_quantize: {name} saw no calibration input")
-        codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, name=name)
+        codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, act_order, name=name)
         made[key] = Linear4bit.from_codes(codes, scales, group_size, m.bias)
     return _swap(model, nn.Linear, lambda m, fqn: made[id(m)], lambda m, fqn: id(m) in made, "gptq_quantize")
