@@ -146,12 +146,14 @@ def test_state_dict_round_trip(tmp_path):
     assert fresh.head.weight_fake_quant._init_done
 
 
+@pytest.mark.parametrize("weight_only", [False, True])
 @pytest.mark.parametrize("learnable", [False, True])
-def test_compile_fullgraph_forward_backward(device, learnable):
+def test_compile_fullgraph_forward_backward(device, learnable, weight_only):
     """No graph break; with learnable qparams (LSQ / LSQ+) their gradients match eager too."""
     torch._dynamo.reset()
     lin = nn.Linear(16, 8).to(device)
-    cfg = QATConfig(weight_learnable=learnable, activation_learnable=learnable)
+    cfg = QATConfig(weight_learnable=learnable, activation_learnable=learnable,
+                    activation_bits=None if weight_only else 8)
     qat = QATLinear.from_float(lin, cfg)
     x = torch.randn(5, 16, device=device)
     if learnable:
