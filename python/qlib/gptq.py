@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import _ops
 from .nn.linear_4bit import Linear4bit
-from .workflows import FilterFn, _swap
+from .workflows import FilterFn, _swap, calibrate
 
 
 class _Hessian:
@@ -125,11 +125,8 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
     hooks = [m.register_forward_pre_hook(lambda mod, args: hessians[id(mod)].add(args[0]))
              for _, m in selected.values()]
     was_training = model.training
-    model.eval()
     try:
-        total = len(batches) if hasattr(batches, "__len__") else None
-        for batch in tqdm(batches, desc="GPTQ calibration", total=total, disable=not progress, leave=False):
-            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+        calibrate(model, batches, progress)
     finally:
         for hook in hooks:
             hook.remove()
