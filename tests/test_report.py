@@ -20,16 +20,16 @@ def test_report_rows_measure_each_scheme():
     model = small_model()
     x = torch.randn(7, 96, generator=torch.Generator().manual_seed(0))
     rows = report.report(model, (7, 96), repeat=3)
-    assert list(rows) == ["fp32", "int8", "nf4", "int4", "kmeans"]
-    fp32 = rows["fp32"]
-    assert fp32["rel_error"] == 0 and fp32["cosine"] == pytest.approx(1.0)
-    assert fp32["bytes"] == sum(p.numel() * 4 for p in model.parameters())
+    assert list(rows) == ["float", "int8", "nf4", "int4", "kmeans"]
+    base = rows["float"]
+    assert base["rel_error"] == 0 and base["cosine"] == pytest.approx(1.0)
+    assert base["bytes"] == sum(p.numel() * 4 for p in model.parameters())
     # The same error as quantizing by hand, on the same seeded input.
     with torch.no_grad():
         ref, nf4 = model(x), qlib.quantize_weight_only(copy.deepcopy(model), "nf4")(x)
     assert rows["nf4"]["rel_error"] == pytest.approx(((nf4 - ref).norm() / ref.norm()).item(), rel=1e-6)
     assert rows["int8"]["rel_error"] < 0.03 < rows["nf4"]["rel_error"] < 0.2
-    assert rows["int8"]["bytes"] < 0.35 * fp32["bytes"] and rows["nf4"]["bytes"] < 0.2 * fp32["bytes"]
+    assert rows["int8"]["bytes"] < 0.35 * base["bytes"] and rows["nf4"]["bytes"] < 0.2 * base["bytes"]
     assert all(r["ms"] > 0 for r in rows.values())
 
 
@@ -41,6 +41,11 @@ def test_cli_report_from_a_file_and_from_a_factory(tmp_path, capsys):
     assert "input 4x96" in out and "int8" in out and "kmeans" in out and "nf4" not in out
     assert cli.main(["report", "qlib.digits:make_mlp", "--input", "3x64", "--repeat", "2"]) == 0
     assert "int4" in capsys.readouterr().out
+
+
+def test_report_of_a_bfloat16_model():
+    rows = report.report(small_model().bfloat16(), (3, 96), schemes=["int8", "nf4"], repeat=2)
+    assert rows["nf4"]["rel_error"] < 0.2 and rows["float"]["bytes"] == (96 * 128 + 128 + 128 * 64 + 64) * 2
 
 
 @pytest.mark.parametrize("args,message", [

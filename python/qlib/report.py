@@ -2,7 +2,8 @@
 
 MODEL is a file written by ``torch.save(model)`` (a whole module: loading it runs pickle, so
 only load files you trust) or ``package.module:factory``, a callable that returns the model.
-The model must take one float tensor; ``--input`` gives its shape (random normal values).
+The model must take one float tensor; ``--input`` gives its shape (random normal values in
+the dtype of the model's parameters).
 Each scheme quantizes a copy of every ``nn.Linear`` of the model:
 
 - ``int8``: ``qlib.quantize_dynamic`` (int8 weights, dynamic per-token int8 activations);
@@ -81,15 +82,16 @@ def parse_shape(text: str) -> tuple:
 
 def report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str] = tuple(SCHEMES),
            repeat: int = 60, seed: int = 0) -> Dict[str, dict]:
-    """{name: {bytes, rel_error, cosine, ms}} for fp32 and each scheme, on one random input."""
+    """{name: {bytes, rel_error, cosine, ms}} for the float model and each scheme, on one random input."""
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
         raise ValueError(f"qlib report: unknown schemes {unknown}; choose from {list(SCHEMES)}")
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise ValueError("qlib report: the model has no nn.Linear to quantize")
     model = model.eval()
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-    models = {"fp32": model, **{s: SCHEMES[s](copy.deepcopy(model)).eval() for s in schemes}}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    models = {"float": model, **{s: SCHEMES[s](copy.deepcopy(model)).eval() for s in schemes}}
     with torch.no_grad():
         ref = model(x).double().flatten()
         rows = {}
@@ -104,13 +106,13 @@ def report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str] = tupl
 
 
 def print_report(rows: Dict[str, dict], title: str) -> None:
-    base = rows["fp32"]
+    base = rows["float"]
     print(title)
-    header = f"{'scheme':8s} {'bytes':>12s} {'vs fp32':>8s} {'rel. error':>11s} {'cosine':>9s} {'ms/batch':>9s} {'speedup':>8s}"
+    header = f"{'scheme':8s} {'bytes':>12s} {'vs float':>9s} {'rel. error':>11s} {'cosine':>9s} {'ms/batch':>9s} {'speedup':>8s}"
     print(header)
     print("-" * len(header))
     for name, r in rows.items():
-        print(f"{name:8s} {r['bytes']:12d} {base['bytes'] / r['bytes']:7.2f}x {r['rel_error']:11.2e} "
+        print(f"{name:8s} {r['bytes']:12d} {base['bytes'] / r['bytes']:8.2f}x {r['rel_error']:11.2e} "
               f"{r['cosine']:9.6f} {r['ms']:9.3f} {base['ms'] / r['ms']:7.2f}x")
 
 
@@ -119,5 +121,5 @@ def main(spec: str, input_shape: str, schemes: str = ",".join(SCHEMES), repeat: 
     model = load_model(spec)
     rows = report(model, shape, [s for s in schemes.split(",") if s], repeat)
     print_report(rows, f"{spec}: input {'x'.join(map(str, shape))}, {torch.get_num_threads()} threads "
-                       "(rel. error and cosine of the outputs against fp32)")
+                       "(rel. error and cosine of the outputs against the float model)")
     return 0
