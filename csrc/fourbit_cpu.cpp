@@ -10,6 +10,7 @@
 
 #include <array>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -164,6 +165,27 @@ QLIB_AVX512BF16_FN inline __m512bh bf16_weights(const uint8_t* bytes16, __m512i 
   return reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(~0u, idx, values));
 }
 
+// A block's 16 W_hat values (codebook * absmax) as bfloat16 (round to nearest even, as
+// at::BFloat16), twice: the 32-entry vpermw table of bf16_weights and dot_rows_bf16.
+QLIB_AVX512BF16_FN inline __m512i bf16_block_values(__m512 lut, float absmax) {
+  const __m256i half = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(absmax))));
+  return _mm512_maskz_inserti64x4(0xFF, _mm512_castsi256_si512(half), half, 1);
+}
+
+// decode_row into bfloat16 W_hat (as at::BFloat16 of the float32 value), 32 codes a step.
+QLIB_AVX512BF16_FN void decode_row_bf16(const uint8_t* row, const float* absmax, int64_t K,
+                                        int64_t block_size, const float* cb, at::BFloat16* out) {
+  const __m512 lut = _mm512_loadu_ps(cb);
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
+    const int64_t k1 = std::min(k0 + block_size, K);
+    const __m512i values = bf16_block_values(lut, absmax[b]);
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32)
+      _mm512_storeu_si512(out + k, reinterpret_cast<__m512i>(bf16_weights(row + (k >> 1), values)));
+    for (; k < k1; ++k) out[k] = static_cast<at::BFloat16>(codebook_value(packed_code(row, k), absmax[b], cb));
+  }
+}
+
 QLIB_AVX512BF16_FN inline __m512bh bf16_load(const at::BFloat16* p) {
   return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
 }
@@ -182,9 +204,7 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, i
   for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps(), tail[m] = 0.0f;
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
     const int64_t k1 = std::min(k0 + block_size, K);
-    const __m256i half = reinterpret_cast<__m256i>(
-        _mm512_cvtneps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(absmax[b]))));
-    const __m512i values = _mm512_maskz_inserti64x4(0xFF, _mm512_castsi256_si512(half), half, 1);
+    const __m512i values = bf16_block_values(lut, absmax[b]);
     int64_t k = k0;
     for (; k + 64 <= k1; k += 64) {  // x in split order: 32 even k, then 32 odd k
       const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
@@ -261,15 +281,22 @@ void decode_row(const uint8_t* row, const float* absmax, int64_t K, int64_t bloc
     decode_span_scalar(row, k0, std::min(k0 + block_size, K), absmax[b], cb, out);
 }
 
-// Rows [n0, n1) of the weight decoded into out (float32 [n1 - n0, K]), in parallel.
+// Rows [n0, n1) of the weight decoded into out ([n1 - n0, K]), in parallel: float32, or
+// bfloat16 (decode_row_bf16's CPU and block sizes; x86 only).
+template <typename T>
 void decode_rows(const at::Tensor& packed, const at::Tensor& absmax, const float* cb, int64_t K,
-                 int64_t block_size, int64_t n0, int64_t n1, float* out) {
+                 int64_t block_size, int64_t n0, int64_t n1, T* out) {
   const uint8_t* p = packed.const_data_ptr<uint8_t>();
   const float* am = absmax.const_data_ptr<float>();
   const int64_t ldp = packed.size(1), lda = absmax.size(1);
   at::parallel_for(n0, n1, row_grain(K), [&](int64_t a, int64_t b) {
-    for (int64_t n = a; n < b; ++n)
-      decode_row(p + n * ldp, am + n * lda, K, block_size, cb, out + (n - n0) * K);
+    for (int64_t n = a; n < b; ++n) {
+      if constexpr (std::is_same_v<T, float>) {
+        decode_row(p + n * ldp, am + n * lda, K, block_size, cb, out + (n - n0) * K);
+      } else {
+        decode_row_bf16(p + n * ldp, am + n * lda, K, block_size, cb, out + (n - n0) * K);
+      }
+    }
   });
 }
 
@@ -430,13 +457,24 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     const at::Tensor b = bias.defined() ? bias.to(dt) : at::Tensor();
     at::Tensor y = at::empty({M, N}, x.options());
     const int64_t rows = std::min(N, std::max<int64_t>(64, (int64_t{1} << 20) / K));
-    at::Tensor panel = at::empty({rows, K}, absmax.options());
-    at::Tensor panel_dt = dt == at::kFloat ? panel : at::empty({rows, K}, x.options());
+    // A bfloat16 panel straight from the codes where the CPU has AVX512-BF16 (blocks of 32k),
+    // else float32 and a cast.
+    bool bf16_decode = false;
+#if defined(__x86_64__)
+    bf16_decode = dt == at::kBFloat16 && block_size % 32 == 0 && cpu_has_avx512bf16();
+#endif
+    at::Tensor panel_dt = at::empty({rows, K}, x.options());
+    at::Tensor panel = dt == at::kFloat || bf16_decode ? panel_dt : at::empty({rows, K}, absmax.options());
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t n1 = std::min(N, n0 + rows);
-      decode_rows(packed, absmax, c, K, block_size, n0, n1, panel.data_ptr<float>());
       at::Tensor w = panel_dt.narrow(0, 0, n1 - n0);
-      if (dt != at::kFloat) w.copy_(panel.narrow(0, 0, n1 - n0));
+#if defined(__x86_64__)
+      if (bf16_decode) decode_rows(packed, absmax, c, K, block_size, n0, n1, w.data_ptr<at::BFloat16>());
+#endif
+      if (!bf16_decode) {
+        decode_rows(packed, absmax, c, K, block_size, n0, n1, panel.data_ptr<float>());
+        if (dt != at::kFloat) w.copy_(panel.narrow(0, 0, n1 - n0));
+      }
       at::Tensor out = y.narrow(1, n0, n1 - n0);
       if (b.defined()) {
         at::addmm_out(out, b.narrow(0, n0, n1 - n0), x, w.t());
