@@ -158,6 +158,17 @@ def test_linear_autograd(device):
     gx, gb = torch.autograd.grad(ops.linear_4bit(x, packed, absmax, cb, 16, bias), (x, bias), g)
     torch.testing.assert_close(gx, g @ w_hat)
     torch.testing.assert_close(gb, g.sum((0, 1)))
+    # Each input alone: x without a bias, the bias of an x that needs no gradient.
+    (gx_only,) = torch.autograd.grad(ops.linear_4bit(x, packed, absmax, cb, 16, None), (x,), g)
+    torch.testing.assert_close(gx_only, g @ w_hat)
+    (gb_only,) = torch.autograd.grad(ops.linear_4bit(x.detach(), packed, absmax, cb, 16, bias), (bias,), g)
+    torch.testing.assert_close(gb_only, g.sum((0, 1)))
+    # A bfloat16 bias gets a bfloat16 gradient; no graph under no_grad.
+    bias16 = bias.detach().bfloat16().requires_grad_()
+    (gb16,) = torch.autograd.grad(ops.linear_4bit(x.detach(), packed, absmax, cb, 16, bias16), (bias16,), g)
+    assert gb16.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert ops.linear_4bit(x, packed, absmax, cb, 16, bias).grad_fn is None
 
 
 def test_empty_shapes(device):

@@ -1,4 +1,4 @@
-"""Fakes, autograd and typed wrappers of the 4-bit ops.
+"""Fakes and typed wrappers of the 4-bit ops (linear_4bit's autograd is in csrc/fourbit_autograd.cpp).
 
 Schemas live in csrc/schemas.cpp (block `// 4-bit weights`); the formulas in csrc/quant_math.h
 ("4-bit codebooks"); kernels in csrc/fourbit_cpu.cpp and cuda/fourbit_cuda.cu.
@@ -136,29 +136,6 @@ def _(x, packed, absmax, codebook, block_size, bias):
     torch._check(packed.shape[1] == _ceil_div(x.shape[-1], 2),
                  lambda: f"qlib::linear_4bit: x {x.shape} does not match packed {packed.shape}")
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
-
-
-def _linear_4bit_setup(ctx, inputs, output):
-    x, packed, absmax, codebook, block_size, bias = inputs
-    ctx.save_for_backward(packed, absmax, codebook)
-    ctx.block_size, ctx.in_features = block_size, x.shape[-1]
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _linear_4bit_backward(ctx, grad):
-    """grad_x = grad @ W_hat (the dequantized weight, in grad's dtype); grad_bias = the sum of
-    grad over all rows. The 4-bit weight itself is frozen."""
-    packed, absmax, codebook = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        w = ops.dequantize_4bit(packed, absmax, codebook, ctx.in_features, ctx.block_size, grad.dtype)
-        grad_x = grad @ w
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, grad_bias
-
-
-torch.library.register_autograd("qlib::linear_4bit", _linear_4bit_backward, setup_context=_linear_4bit_setup)
 
 
 def quantize_4bit(w: Tensor, codebook: CodebookLike = "nf4", block_size: int = 64) -> Tuple[Tensor, Tensor]:
