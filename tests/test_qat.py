@@ -122,6 +122,17 @@ def test_learnable_scale_gradient_is_lsq_scaled(device):
     torch.testing.assert_close(fq.scale.grad, s.grad * factor)
 
 
+def test_filter_by_name_patterns():
+    net = qlib.prepare_qat(Net(), filter_fn="body.*")
+    assert isinstance(net.body[0], QATLinear) and isinstance(net.body[2][0], QATLinear) and type(net.head) is nn.Linear
+    net = qlib.quantize_dynamic(Net(), filter_fn=["head", "body.2.?"])
+    assert isinstance(net.head, qlib.nn.Int8Linear) and isinstance(net.body[2][0], qlib.nn.Int8Linear)
+    assert type(net.body[0]) is nn.Linear
+    assert type(qlib.quantize_weight_only(Net(), filter_fn="nothing*").head) is nn.Linear
+    with pytest.raises(TypeError, match="qlib.prepare_qat: filter_fn must be a callable .* got int"):
+        qlib.prepare_qat(Net(), filter_fn=3)
+
+
 def test_prepare_qat_swaps_in_place_with_filter():
     net = Net()
     out = qlib.prepare_qat(net, filter_fn=lambda m, fqn: fqn != "head")

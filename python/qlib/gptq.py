@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import _ops
 from .nn.linear_4bit import Linear4bit
-from .workflows import FilterFn, _swap, calibrate
+from .workflows import FilterFn, _swap, calibrate, selects
 
 
 class _Hessian:
@@ -117,8 +117,9 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
         raise ValueError(f"qlib.gptq_quantize: group_size must be a positive int, got {group_size!r}")
     if not damp >= 0:
         raise ValueError(f"qlib.gptq_quantize: damp must be >= 0, got {damp!r}")
+    chosen = selects(filter_fn, "gptq_quantize")
     selected = {id(m): (fqn, m) for fqn, m in model.named_modules(remove_duplicate=False)
-                if type(m) is nn.Linear and (filter_fn is None or bool(filter_fn(m, fqn)))}
+                if type(m) is nn.Linear and chosen(m, fqn)}
     if not selected:
         raise ValueError("qlib.gptq_quantize: no nn.Linear selected")
     hessians: Dict[int, _Hessian] = {key: _Hessian(m.in_features, m.weight.device) for key, (_, m) in selected.items()}

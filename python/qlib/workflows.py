@@ -6,10 +6,14 @@
   post-training static quantization (observers only, then Int8Linear).
 - convert(model) also turns a QAT-trained model into Int8Linear modules, or into
   Linear4bit modules after weight-only 4-bit QAT (activation_bits=None).
+
+Each takes ``filter_fn``: a callable (module, fqn) -> bool, or fnmatch patterns of the
+qualified module names ("encoder.*", or a list such as ["*.q_proj", "*.v_proj"]).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import fnmatch
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -20,7 +24,23 @@ from .nn.int8_linear import Int8Linear
 from .nn.linear_4bit import Linear4bit
 from .nn.qat_linear import QATLinear
 
-FilterFn = Callable[[nn.Module, str], bool]
+# filter_fn(module, fqn) -> bool, or fnmatch patterns of the module names ("body.*" or a list).
+FilterFn = Union[Callable[[nn.Module, str], bool], str, Sequence[str]]
+
+
+def selects(filter_fn: Optional[FilterFn], who: str) -> Callable[[nn.Module, str], bool]:
+    """filter_fn as a predicate: None selects all; a pattern or a list of patterns selects the
+    modules whose qualified name matches one (fnmatch)."""
+    if filter_fn is None:
+        return lambda module, fqn: True
+    if isinstance(filter_fn, str) or (isinstance(filter_fn, (list, tuple)) and
+                                      all(isinstance(p, str) for p in filter_fn)):
+        patterns = [filter_fn] if isinstance(filter_fn, str) else list(filter_fn)
+        return lambda module, fqn: any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
+    if not callable(filter_fn):
+        raise TypeError(f"qlib.{who}: filter_fn must be a callable (module, fqn) -> bool, a name pattern "
+                        f"or a list of them, got {type(filter_fn).__name__}")
+    return lambda module, fqn: bool(filter_fn(module, fqn))
 
 
 def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Module],
@@ -31,9 +51,10 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
     replacement, when the model itself is selected)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"qlib.{who}: expected an nn.Module, got {type(model).__name__}")
+    chosen = selects(filter_fn, who)
 
     def selected(module: nn.Module, fqn: str) -> bool:
-        return type(module) is kind and (filter_fn is None or bool(filter_fn(module, fqn)))
+        return type(module) is kind and chosen(module, fqn)
 
     if selected(model, ""):
         return make(model, "")
