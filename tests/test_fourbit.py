@@ -404,3 +404,28 @@ def test_kmeans_linear4bit_and_quantize_weight_only(device):
     assert err["km"] < err["nf4"]
     model = qlib.quantize_weight_only(nn.Sequential(nn.Linear(200, 48), nn.ReLU(), lin).to(device), "kmeans", 32)
     assert torch.equal(model[2].codebook, km.codebook) and not torch.equal(model[0].codebook, km.codebook)
+
+
+def test_lora_adapters_train_on_a_frozen_4bit_layer(device):
+    """QLoRA-style: the 4-bit base is frozen, gradients reach x and a low-rank adapter, which
+    learns a rank-4 change of the layer."""
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32).to(device)
+    base = Linear4bit.from_float(dense, "nf4", 32)
+    delta = torch.randn(32, 4, device=device) @ torch.randn(4, 64, device=device) * 0.05
+    x = torch.randn(256, 64, device=device, requires_grad=True)
+    with torch.no_grad():
+        target = dense(x) + x @ delta.T
+    a = nn.Parameter(torch.randn(4, 64, device=device) * 0.1)
+    b = nn.Parameter(torch.zeros(32, 4, device=device))
+    opt = torch.optim.Adam([a, b], lr=2e-2)
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = (base(x) + x @ a.T @ b.T - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(not t.requires_grad for t in base.buffers())

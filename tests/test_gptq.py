@@ -106,6 +106,9 @@ def test_gptq_model_swap_dead_inputs_and_state_dict(tmp_path):
     with torch.no_grad():
         y = q(x)
     assert torch.isfinite(y).all() and ((y - ref).norm() / ref.norm()) < 0.1
+    bf = qlib.gptq_quantize(copy.deepcopy(model), [x[:64]], filter_fn=["0", "2"], compute_dtype=torch.bfloat16,
+                            progress=False)
+    assert bf[0].compute_dtype == torch.bfloat16 and bf(x).dtype == torch.float32
     torch.save(q.state_dict(), tmp_path / "q.pt")
     again = qlib.gptq_quantize(copy.deepcopy(model), [x[:8]], filter_fn=lambda m, fqn: fqn != "4", progress=False)
     again.load_state_dict(torch.load(tmp_path / "q.pt", weights_only=True))

@@ -102,13 +102,14 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp:
 @torch.no_grad()
 def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size: int = 64,
                   damp: float = 0.01, act_order: bool = False, filter_fn: Optional[FilterFn] = None,
-                  progress: bool = True) -> nn.Module:
+                  compute_dtype: Optional[torch.dtype] = None, progress: bool = True) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` selected by ``filter_fn(module, fqn)`` with a
     :class:`qlib.nn.Linear4bit` whose ``bits``-bit (2 to 4) symmetric codes and per-group scales
     GPTQ chose on the calibration ``batches`` (tensors, or tuples of positional inputs).
     ``damp`` (a fraction of H's mean diagonal) keeps H invertible; ``act_order`` quantizes the
-    columns with the largest inputs first (group scales then fixed beforehand). Returns the model, or the
-    replacement when ``model`` itself is a selected Linear."""
+    columns with the largest inputs first (group scales then fixed beforehand); ``compute_dtype``
+    as in ``quantize_weight_only``. Returns the model, or the replacement when ``model`` itself is
+    a selected Linear."""
     from tqdm.auto import tqdm
 
     if not isinstance(bits, int) or not 2 <= bits <= 4:
@@ -138,5 +139,5 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
         if hessians[key].rows == 0:
             raise ValueError(f"qlib.gptq_quantize: {name} saw no calibration input")
         codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, act_order, name=name)
-        made[key] = Linear4bit.from_codes(codes, scales, group_size, m.bias)
+        made[key] = Linear4bit.from_codes(codes, scales, group_size, m.bias, compute_dtype)
     return _swap(model, nn.Linear, lambda m, fqn: made[id(m)], lambda m, fqn: id(m) in made, "gptq_quantize")
