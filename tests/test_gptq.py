@@ -126,6 +126,24 @@ def test_gptq_empty_layers(k, n):
         torch.testing.assert_close(q(torch.randn(3, k)), lin(torch.randn(3, k)))  # the bias (or nothing)
 
 
+def test_gptq_in_groups_under_a_hessian_budget():
+    """max_hessian_bytes: the same layers as one pass, from one calibration pass a group."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32), nn.ReLU(), nn.Linear(32, 10))
+    x = correlated_inputs(256, 64)
+    batches = [x[i:i + 64] for i in range(0, 256, 64)]
+    one = qlib.gptq_quantize(copy.deepcopy(model), batches, progress=False)
+    calls = []
+    counted = copy.deepcopy(model)
+    counted.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    grouped = qlib.gptq_quantize(counted, batches, max_hessian_bytes=4 * 96 * 96, progress=False)
+    assert len(calls) == 3 * len(batches)  # groups {0}, {2}, {4}: 64^2 + 96^2 floats pass the budget
+    for i in (0, 2, 4):
+        assert torch.equal(grouped[i].packed, one[i].packed) and torch.equal(grouped[i].absmax, one[i].absmax)
+    with pytest.raises(ValueError, match="needs 3 passes over the batches; pass a list"):
+        qlib.gptq_quantize(copy.deepcopy(model), iter(batches), max_hessian_bytes=4 * 96 * 96, progress=False)
+
+
 def test_gptq_bad_arguments():
     lin = nn.Linear(16, 8)
     x = torch.randn(4, 16)

@@ -102,14 +102,17 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp:
 @torch.no_grad()
 def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size: int = 64,
                   damp: float = 0.01, act_order: bool = False, filter_fn: Optional[FilterFn] = None,
-                  compute_dtype: Optional[torch.dtype] = None, progress: bool = True) -> nn.Module:
+                  compute_dtype: Optional[torch.dtype] = None, max_hessian_bytes: Optional[int] = None,
+                  progress: bool = True) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` selected by ``filter_fn(module, fqn)`` with a
     :class:`qlib.nn.Linear4bit` whose ``bits``-bit (2 to 4) symmetric codes and per-group scales
     GPTQ chose on the calibration ``batches`` (tensors, or tuples of positional inputs).
     ``damp`` (a fraction of H's mean diagonal) keeps H invertible; ``act_order`` quantizes the
     columns with the largest inputs first (group scales then fixed beforehand); ``compute_dtype``
-    as in ``quantize_weight_only``. Returns the model, or the replacement when ``model`` itself is
-    a selected Linear."""
+    as in ``quantize_weight_only``. ``max_hessian_bytes`` caps the float32 H held at once (4 K^2
+    bytes a Linear): the Linears are then quantized in groups, one pass over ``batches`` (which
+    must then be a list or another re-iterable) a group. Returns the model, or the replacement
+    when ``model`` itself is a selected Linear."""
     from tqdm.auto import tqdm
 
     if not isinstance(bits, int) or not 2 <= bits <= 4:
@@ -123,21 +126,36 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
                 if type(m) is nn.Linear and chosen(m, fqn)}
     if not selected:
         raise ValueError("qlib.gptq_quantize: no nn.Linear selected")
-    hessians: Dict[int, _Hessian] = {key: _Hessian(m.in_features, m.weight.device) for key, (_, m) in selected.items()}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: hessians[id(mod)].add(args[0]))
-             for _, m in selected.values()]
-    was_training = model.training
-    try:
-        calibrate(model, batches, progress)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
+    # Groups of Linears whose H fit max_hessian_bytes together (a larger one goes alone).
+    groups, size = [[]], 0
+    for key, (_, m) in selected.items():
+        h_bytes = 4 * m.in_features ** 2
+        if groups[-1] and max_hessian_bytes is not None and size + h_bytes > max_hessian_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += h_bytes
+    if len(groups) > 1 and iter(batches) is batches:
+        raise ValueError(f"qlib.gptq_quantize: max_hessian_bytes={max_hessian_bytes} needs {len(groups)} passes "
+                         "over the batches; pass a list (an iterator runs out after one)")
     made = {}
-    for key, (fqn, m) in tqdm(selected.items(), desc="GPTQ", disable=not progress, leave=False):
-        name = f"Linear {fqn!r}" if fqn else "the Linear"
-        if hessians[key].rows == 0:
-            raise ValueError(f"qlib.gptq_quantize: {name} saw no calibration input")
-        codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, act_order, name=name)
-        made[key] = Linear4bit.from_codes(codes, scales, group_size, m.bias, compute_dtype)
+    for group in groups:
+        hessians: Dict[int, _Hessian] = {key: _Hessian(selected[key][1].in_features, selected[key][1].weight.device)
+                                         for key in group}
+        hooks = [selected[key][1].register_forward_pre_hook(lambda mod, args: hessians[id(mod)].add(args[0]))
+                 for key in group]
+        was_training = model.training
+        try:
+            calibrate(model, batches, progress)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            model.train(was_training)
+        for key in tqdm(group, desc="GPTQ", disable=not progress, leave=False):
+            fqn, m = selected[key]
+            name = f"Linear {fqn!r}" if fqn else "the Linear"
+            if hessians[key].rows == 0:
+                raise ValueError(f"qlib.gptq_quantize: {name} saw no calibration input")
+            codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, act_order, name=name)
+            made[key] = Linear4bit.from_codes(codes, scales, group_size, m.bias, compute_dtype)
     return _swap(model, nn.Linear, lambda m, fqn: made[id(m)], lambda m, fqn: id(m) in made, "gptq_quantize")
