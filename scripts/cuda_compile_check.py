@@ -2,8 +2,8 @@
 
 .ci/run's CUDA check when .venv holds the CPU-only torch (scripts/env.sh installs
 that one when the disk is too short for the CUDA build), which cannot link a CUDA
-extension. Its headers still compile one: same arch (9.0a), C++ standard, torch
-macros and CUTLASS headers as setup.py's build. Exit status 1 on any error.
+extension: the same arch (9.0a), C++ standard, torch macros and CUTLASS headers as
+setup.py's build, against the CUDA torch's headers. Exit status 1 on any error.
 """
 import glob
 import importlib.util
@@ -15,9 +15,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
-import torch  # noqa: E402
-from torch.utils import cpp_extension  # noqa: E402
+import torch
+from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,14 +28,24 @@ def cutlass_include():
     return str(Path(spec.origin).parent / "source" / "include")
 
 
+def header_dirs():
+    """torch's and the CUDA libraries' (cusparse.h, cublasLt.h, ...) include folders: those of
+    the installed CUDA torch, as setup.py uses, or beside a CPU-only torch, which lacks the CUDA
+    build's generated headers, those scripts/env.sh unpacked from the CUDA wheels."""
+    root = Path(torch.__file__).parents[1] if torch.version.cuda else ROOT / ".venv" / "cuda-headers"
+    if not (root / "torch" / "include").is_dir():
+        sys.exit(f"cuda_compile_check: no {root / 'torch' / 'include'} (scripts/env.sh makes it)")
+    inc = root / "torch" / "include"
+    return [str(inc), str(inc / "torch" / "csrc" / "api" / "include"),
+            *sorted(glob.glob(str(root / "nvidia" / "cu*" / "include")))]
+
+
 def main():
-    nvcc = Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"
+    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
     if not nvcc.exists():
         sys.exit(f"cuda_compile_check: no nvcc at {nvcc}")
-    # cusparse.h, cublasLt.h, ...: pip's nvidia-* wheels (scripts/env.sh), as in setup.py
-    library_headers = glob.glob(str(Path(torch.__file__).parents[1] / "nvidia/cu*/include"))
-    includes = cpp_extension.include_paths("cuda") + library_headers + [
-        sysconfig.get_paths()["include"], str(ROOT / "csrc"), cutlass_include()]
+    includes = header_dirs() + [str(nvcc.parents[1] / "include"), sysconfig.get_paths()["include"],
+                                str(ROOT / "csrc"), cutlass_include()]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     flags = [f"-I{p}" for p in includes] + cpp_extension.COMMON_NVCC_FLAGS + [
         "-std=c++20", "-O3", "-lineinfo", "-diag-suppress=2908",

@@ -39,23 +39,29 @@ if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cu
   pip_install --no-deps "nvidia-cutlass==4.2.0.0"
 fi
 
-# With the CPU-only torch, scripts/cuda_compile_check.py still needs the CUDA library
-# headers (cusparse.h, cublasLt.h, cusolverDn.h) that the CUDA torch's nvidia-* wheels
-# carry: only their include/ folders are kept.
-SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+# With the CPU-only torch, scripts/cuda_compile_check.py compiles cuda/*.cu against the
+# headers of the CUDA build (torch 2.14.1) and of the CUDA libraries it includes (cusparse.h,
+# cublasLt.h, cusolverDn.h): their wheels' include/ folders go to .venv/cuda-headers, one
+# wheel at a time, and the wheels are deleted.
+HEADERS="$ROOT/.venv/cuda-headers"
 if [ -x /usr/local/cuda/bin/nvcc ] && "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is not None)" &&
-   [ ! -f "$SITE/nvidia/cu13/include/cusolverDn.h" ]; then
-  echo "== fetching the CUDA library headers (nvidia-cublas, -cusparse, -cusolver wheels)"
-  rm -rf "$PIP_TMP/wheels" && mkdir -p "$PIP_TMP/wheels"
-  TMPDIR="$PIP_TMP" "$PY" -m pip download -q --no-deps --no-cache-dir -d "$PIP_TMP/wheels" \
-    nvidia-cublas==13.1.1.3 nvidia-cusparse==12.6.3.3 nvidia-cusolver==12.0.4.66
-  "$PY" - "$PIP_TMP/wheels" "$SITE" <<'PY'
+   [ ! -f "$HEADERS/done" ]; then
+  echo "== unpacking the CUDA torch's and CUDA libraries' headers into .venv/cuda-headers"
+  for wheel in torch==2.14.1 nvidia-cublas==13.1.1.3 nvidia-cusparse==12.6.3.3 nvidia-cusolver==12.0.4.66; do
+    rm -rf "$PIP_TMP/wheel" && mkdir -p "$PIP_TMP/wheel"
+    TMPDIR="$PIP_TMP" "$PY" -m pip download -q --no-deps --no-cache-dir -d "$PIP_TMP/wheel" "$wheel" 2>&1 |
+      grep -v "^WARNING: Location" || true
+    "$PY" - "$PIP_TMP/wheel" "$HEADERS" <<'PY'
 import glob, sys, zipfile
-for wheel in glob.glob(sys.argv[1] + "/*.whl"):
-    with zipfile.ZipFile(wheel) as z:
-        z.extractall(sys.argv[2], [n for n in z.namelist() if "/include/" in n])
+wheels = glob.glob(sys.argv[1] + "/*.whl")
+if not wheels:
+    sys.exit("scripts/env.sh: pip download fetched no wheel")
+with zipfile.ZipFile(wheels[0]) as z:
+    z.extractall(sys.argv[2], [n for n in z.namelist() if "/include/" in n])
 PY
-  rm -rf "$PIP_TMP/wheels"
+  done
+  rm -rf "$PIP_TMP/wheel"
+  touch "$HEADERS/done"
 fi
 
 if ! "$PY" -c "import qlib" 2>/dev/null; then

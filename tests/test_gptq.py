@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import qlib
-from qlib.gptq import gptq_weight
+from qlib.gptq import _Hessian as Hessian, gptq_weight
 from qlib.nn import Linear4bit
 
 
@@ -144,6 +144,35 @@ def test_gptq_in_groups_under_a_hessian_budget():
         assert torch.equal(grouped[i].packed, one[i].packed) and torch.equal(grouped[i].absmax, one[i].absmax)
     with pytest.raises(ValueError, match="needs 3 passes over the batches; pass a list"):
         qlib.gptq_quantize(copy.deepcopy(model), iter(batches), max_hessian_bytes=4 * 96 * 96, progress=False)
+
+
+def test_gptq_sequential_calibrates_on_the_quantized_layers_before():
+    """sequential=True: each Linear's H comes from the model with the earlier Linears already 4-bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32), nn.ReLU(), nn.Linear(32, 10))
+    x = correlated_inputs(256, 64)
+    batches = [x[i:i + 64] for i in range(0, 256, 64)]
+    one_pass = qlib.gptq_quantize(copy.deepcopy(model), batches, progress=False)
+    calls = []
+    seq = copy.deepcopy(model)
+    seq.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    seq = qlib.gptq_quantize(seq, batches, sequential=True, progress=False)
+    assert len(calls) == 3 * len(batches)
+    assert torch.equal(seq[0].packed, one_pass[0].packed)  # the first Linear sees float inputs either way
+    for i in (2, 4):
+        h = Hessian(model[i].in_features, "cpu")
+        with torch.no_grad():
+            for b in batches:
+                h.add(seq[:i](b))  # through the 4-bit Linears before it
+        codes, scales = gptq_weight(model[i].weight, h.h)
+        expected = Linear4bit.from_codes(codes, scales, 64, model[i].bias)
+        assert torch.equal(seq[i].packed, expected.packed) and torch.equal(seq[i].absmax, expected.absmax)
+        assert not torch.equal(seq[i].packed, one_pass[i].packed)
+    with pytest.raises(ValueError, match="sequential=True needs 3 passes over the batches; pass a list"):
+        qlib.gptq_quantize(copy.deepcopy(model), iter(batches), sequential=True, progress=False)
+    alone = nn.Linear(16, 8)  # the model itself is the one Linear: an iterator is fine
+    assert isinstance(qlib.gptq_quantize(alone, iter([torch.randn(4, 16)]), sequential=True, progress=False),
+                      Linear4bit)
 
 
 def test_gptq_bad_arguments():

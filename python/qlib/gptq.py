@@ -8,9 +8,11 @@ are symmetric per group of ``group_size`` columns, taken from the updated weight
 group starts (the min-max observer's scale); the codes come from ``qlib.quantize``. The result
 is a :class:`qlib.nn.Linear4bit` (codebook "int-grid").
 
-All selected Linears see the calibration batches in one pass of the float model (not
-layer by layer over already quantized layers, as the paper does for transformer blocks);
-each keeps its K x K H in float32 until it is quantized.
+By default all selected Linears see the calibration batches in one pass of the float model,
+each keeping its K x K H in float32 until it is quantized. ``sequential=True`` instead
+quantizes them one at a time, each calibrated on the model whose earlier Linears are already
+4-bit (as the paper does block by block), so a layer's codes make up for the errors of the
+layers before it: one pass over the batches a Linear.
 """
 from __future__ import annotations
 
@@ -103,7 +105,7 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp:
 def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size: int = 64,
                   damp: float = 0.01, act_order: bool = False, filter_fn: Optional[FilterFn] = None,
                   compute_dtype: Optional[torch.dtype] = None, max_hessian_bytes: Optional[int] = None,
-                  progress: bool = True) -> nn.Module:
+                  sequential: bool = False, progress: bool = True) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` selected by ``filter_fn(module, fqn)`` with a
     :class:`qlib.nn.Linear4bit` whose ``bits``-bit (2 to 4) symmetric codes and per-group scales
     GPTQ chose on the calibration ``batches`` (tensors, or tuples of positional inputs).
@@ -111,7 +113,9 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
     columns with the largest inputs first (group scales then fixed beforehand); ``compute_dtype``
     as in ``quantize_weight_only``. ``max_hessian_bytes`` caps the float32 H held at once (4 K^2
     bytes a Linear): the Linears are then quantized in groups, one pass over ``batches`` (which
-    must then be a list or another re-iterable) a group. Returns the model, or the replacement
+    must then be a list or another re-iterable) a group. ``sequential``: one Linear at a time, in
+    the order ``model.named_modules()`` lists them (for most models the order they run), each
+    calibrated with the ones before it already replaced. Returns the model, or the replacement
     when ``model`` itself is a selected Linear."""
     from tqdm.auto import tqdm
 
@@ -130,15 +134,21 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
     groups, size = [[]], 0
     for key, (_, m) in selected.items():
         h_bytes = 4 * m.in_features ** 2
-        if groups[-1] and max_hessian_bytes is not None and size + h_bytes > max_hessian_bytes:
+        budget = 0 if sequential else max_hessian_bytes
+        if groups[-1] and budget is not None and size + h_bytes > budget:
             groups.append([])
             size = 0
         groups[-1].append(key)
         size += h_bytes
     if len(groups) > 1 and iter(batches) is batches:
-        raise ValueError(f"qlib.gptq_quantize: max_hessian_bytes={max_hessian_bytes} needs {len(groups)} passes "
-                         "over the batches; pass a list (an iterator runs out after one)")
+        why = "sequential=True" if sequential else f"max_hessian_bytes={max_hessian_bytes}"
+        raise ValueError(f"qlib.gptq_quantize: {why} needs {len(groups)} passes over the batches; "
+                         "pass a list (an iterator runs out after one)")
     made = {}
+
+    def swap_made(model):
+        return _swap(model, nn.Linear, lambda m, fqn: made[id(m)], lambda m, fqn: id(m) in made, "gptq_quantize")
+
     for group in groups:
         hessians: Dict[int, _Hessian] = {key: _Hessian(selected[key][1].in_features, selected[key][1].weight.device)
                                          for key in group}
@@ -158,4 +168,6 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
                 raise ValueError(f"qlib.gptq_quantize: {name} saw no calibration input")
             codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, act_order, name=name)
             made[key] = Linear4bit.from_codes(codes, scales, group_size, m.bias, compute_dtype)
-    return _swap(model, nn.Linear, lambda m, fqn: made[id(m)], lambda m, fqn: id(m) in made, "gptq_quantize")
+        if sequential:  # the next Linears calibrate on these already quantized
+            model = swap_made(model)
+    return swap_made(model)
