@@ -15,8 +15,9 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-from torch.utils import cpp_extension
+os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")  # as setup.py (nvcc on PATH is a wrapper)
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def header_dirs():
 
 
 def main():
-    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    nvcc = Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"
     if not nvcc.exists():
         sys.exit(f"cuda_compile_check: no nvcc at {nvcc}")
     includes = header_dirs() + [str(nvcc.parents[1] / "include"), sysconfig.get_paths()["include"],
