@@ -23,9 +23,12 @@
 namespace qlib {
 namespace {
 
-// linear_4bit: up to kFusedMaxM rows of x, each weight row is decoded as it is read and dotted
-// with kDotRows rows of x at a time; more rows decode panels for ATen's GEMM.
+// linear_4bit: up to kFusedMaxM rows of x (kFusedMaxMBf16 with bfloat16 dots), each weight row
+// is decoded as it is read and dotted with kDotRows rows of x at a time; more rows decode
+// panels for ATen's GEMM. The fused kernel's time grows with M / kDotRows; a bfloat16 GEMM
+// (oneDNN) overtakes it past 16 rows, a float32 one only past 32 (stop 20, Zen 4).
 constexpr int64_t kFusedMaxM = 32;
+constexpr int64_t kFusedMaxMBf16 = 16;
 constexpr int64_t kDotRows = 8;
 
 // The code of weight k in a packed row.
@@ -449,7 +452,13 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   const at::Tensor packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
   const at::Tensor cb = codebook_in.contiguous();
   const float* c = cb.const_data_ptr<float>();
-  if (M > kFusedMaxM) {
+  // bfloat16 x on a CPU with AVX512-BF16 (blocks of 32k): W_hat decoded straight to bfloat16,
+  // for vdpbf16ps dots or for bfloat16 panels.
+  bool bf16_w = false;
+#if defined(__x86_64__)
+  bf16_w = x_in.scalar_type() == at::kBFloat16 && block_size % 32 == 0 && cpu_has_avx512bf16();
+#endif
+  if (M > (bf16_w ? kFusedMaxMBf16 : kFusedMaxM)) {
     // Panels of about 4 MB of decoded rows, each through ATen's GEMM: in bfloat16 for a
     // bfloat16 x (W_hat and bias rounded to bfloat16: the CPU's fast GEMM), else float32.
     const auto dt = x_in.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
@@ -459,19 +468,15 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     const int64_t rows = std::min(N, std::max<int64_t>(64, (int64_t{1} << 20) / K));
     // A bfloat16 panel straight from the codes where the CPU has AVX512-BF16 (blocks of 32k),
     // else float32 and a cast.
-    bool bf16_decode = false;
-#if defined(__x86_64__)
-    bf16_decode = dt == at::kBFloat16 && block_size % 32 == 0 && cpu_has_avx512bf16();
-#endif
     at::Tensor panel_dt = at::empty({rows, K}, x.options());
-    at::Tensor panel = dt == at::kFloat || bf16_decode ? panel_dt : at::empty({rows, K}, absmax.options());
+    at::Tensor panel = dt == at::kFloat || bf16_w ? panel_dt : at::empty({rows, K}, absmax.options());
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t n1 = std::min(N, n0 + rows);
       at::Tensor w = panel_dt.narrow(0, 0, n1 - n0);
 #if defined(__x86_64__)
-      if (bf16_decode) decode_rows(packed, absmax, c, K, block_size, n0, n1, w.data_ptr<at::BFloat16>());
+      if (bf16_w) decode_rows(packed, absmax, c, K, block_size, n0, n1, w.data_ptr<at::BFloat16>());
 #endif
-      if (!bf16_decode) {
+      if (!bf16_w) {
         decode_rows(packed, absmax, c, K, block_size, n0, n1, panel.data_ptr<float>());
         if (dt != at::kFloat) w.copy_(panel.narrow(0, 0, n1 - n0));
       }
@@ -484,14 +489,9 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     }
     return y.to(x_in.scalar_type()).view(out_shape);
   }
-  // bfloat16 x on a CPU with AVX512-BF16 (blocks of 32k): W_hat in bfloat16, vdpbf16ps.
-  bool bf16_dots = false;
+  at::Tensor x = x_in.reshape({M, K}).to(bf16_w ? at::kBFloat16 : at::kFloat).contiguous();
 #if defined(__x86_64__)
-  bf16_dots = x_in.scalar_type() == at::kBFloat16 && block_size % 32 == 0 && cpu_has_avx512bf16();
-#endif
-  at::Tensor x = x_in.reshape({M, K}).to(bf16_dots ? at::kBFloat16 : at::kFloat).contiguous();
-#if defined(__x86_64__)
-  if (bf16_dots) {
+  if (bf16_w) {
     x = split_steps<at::BFloat16>(x, block_size, 64);
   } else if (block_size % 16 == 0 && cpu_has_avx512f()) {
     x = split_steps<float>(x, block_size, 32);
@@ -522,7 +522,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
             __builtin_prefetch(ap + (n + 1) * lda + k0 / block_size);
           }
           dot_rows(pp + n * ldp + k0 / 2, ap + n * lda + k0 / block_size, len, block_size, c,
-                   xp + (m0 * ldx + k0) * esz, ldx, rows, bf16_dots, part, scratch.data());
+                   xp + (m0 * ldx + k0) * esz, ldx, rows, bf16_w, part, scratch.data());
           for (int64_t m = 0; m < rows; ++m) acc[(n - n0) * M + m0 + m] += part[m];
         }
       }
