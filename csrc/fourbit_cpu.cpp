@@ -459,27 +459,22 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   bf16_w = x_in.scalar_type() == at::kBFloat16 && block_size % 32 == 0 && cpu_has_avx512bf16();
 #endif
   if (M > (bf16_w ? kFusedMaxMBf16 : kFusedMaxM)) {
-    // Panels of about 4 MB of decoded rows, each through ATen's GEMM: in bfloat16 for a
-    // bfloat16 x (W_hat and bias rounded to bfloat16: the CPU's fast GEMM), else float32.
-    const auto dt = x_in.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+    // Panels of about 4 MB of decoded rows, each through ATen's GEMM: in bfloat16 where the
+    // fused kernel runs bfloat16 dots (W_hat and bias rounded to bfloat16: the CPU's fast
+    // GEMM), else in float32 as the fused kernel (so rows alone equal rows in a batch).
+    const auto dt = bf16_w ? at::kBFloat16 : at::kFloat;
     const at::Tensor x = x_in.reshape({M, K}).to(dt).contiguous();
     const at::Tensor b = bias.defined() ? bias.to(dt) : at::Tensor();
     at::Tensor y = at::empty({M, N}, x.options());
     const int64_t rows = std::min(N, std::max<int64_t>(64, (int64_t{1} << 20) / K));
-    // A bfloat16 panel straight from the codes where the CPU has AVX512-BF16 (blocks of 32k),
-    // else float32 and a cast.
-    at::Tensor panel_dt = at::empty({rows, K}, x.options());
-    at::Tensor panel = dt == at::kFloat || bf16_w ? panel_dt : at::empty({rows, K}, absmax.options());
+    at::Tensor panel = at::empty({rows, K}, x.options());
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t n1 = std::min(N, n0 + rows);
-      at::Tensor w = panel_dt.narrow(0, 0, n1 - n0);
+      at::Tensor w = panel.narrow(0, 0, n1 - n0);
 #if defined(__x86_64__)
       if (bf16_w) decode_rows(packed, absmax, c, K, block_size, n0, n1, w.data_ptr<at::BFloat16>());
 #endif
-      if (!bf16_w) {
-        decode_rows(packed, absmax, c, K, block_size, n0, n1, panel.data_ptr<float>());
-        if (dt != at::kFloat) w.copy_(panel.narrow(0, 0, n1 - n0));
-      }
+      if (!bf16_w) decode_rows(packed, absmax, c, K, block_size, n0, n1, w.data_ptr<float>());
       at::Tensor out = y.narrow(1, n0, n1 - n0);
       if (b.defined()) {
         at::addmm_out(out, b.narrow(0, n0, n1 - n0), x, w.t());

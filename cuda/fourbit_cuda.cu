@@ -18,6 +18,7 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "affine.h"
@@ -282,7 +283,7 @@ __device__ __forceinline__ void load_x8(const T* __restrict__ x, bool x_vec, int
   }
 }
 
-// acc[m][c] += x[m, k] * w_hat[n_c, k] for the 32 weights k0..k0+31 of one lane step: wq[c]
+// acc[m][c] += x[m, k] * w_hat[n_c, k] (w_hat rounded to T) for the 32 weights k0..k0+31 of one lane step: wq[c]
 // their 16 packed bytes as 4 words, ar[c] the absmax row of column c, k0 in block b0 at
 // offset rem0. FULL: all 32 are inside K (else those past K are skipped). ONE: all 32 are in
 // block b0 (else the block is walked along k).
@@ -312,7 +313,9 @@ __device__ __forceinline__ void dot_step(const uint32_t (&wq)[C][4], const float
       if (!FULL && k0 + 8 * s + e >= K) continue;  // and so are all after it
 #pragma unroll
       for (int c = 0; c < C; ++c) {
-        const float wv = codebook_value(nibble(w[c][0], e), ONE ? s0[c] : ar[c][b], cb);
+        float wv = codebook_value(nibble(w[c][0], e), ONE ? s0[c] : ar[c][b], cb);
+        // W_hat in x's dtype, as the GEMM path at M > kSmallM multiplies it
+        if constexpr (!std::is_same_v<T, float>) wv = static_cast<float>(static_cast<T>(wv));
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[m][c] = fmaf(xv[m][e], wv, acc[m][c]);
       }
