@@ -128,18 +128,27 @@ def test_gptq_empty_layers(k, n):
         torch.testing.assert_close(q(torch.randn(3, k)), lin(torch.randn(3, k)))  # the bias (or nothing)
 
 
-def test_gptq_in_groups_under_a_hessian_budget():
-    """max_hessian_bytes: the same layers as one pass, from one calibration pass a group."""
+def three_linears_and_batches():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32), nn.ReLU(), nn.Linear(32, 10))
     x = correlated_inputs(256, 64)
-    batches = [x[i:i + 64] for i in range(0, 256, 64)]
-    one = qlib.gptq_quantize(copy.deepcopy(model), batches, progress=False)
+    return model, [x[i:i + 64] for i in range(0, 256, 64)]
+
+
+def gptq_counting_passes(model, batches, **kwargs):
+    """gptq_quantize of a copy of model, and the number of forward passes it ran."""
     calls = []
     counted = copy.deepcopy(model)
     counted.register_forward_pre_hook(lambda mod, args: calls.append(1))
-    grouped = qlib.gptq_quantize(counted, batches, max_hessian_bytes=4 * 96 * 96, progress=False)
-    assert len(calls) == 3 * len(batches)  # groups {0}, {2}, {4}: 64^2 + 96^2 floats pass the budget
+    return qlib.gptq_quantize(counted, batches, progress=False, **kwargs), len(calls)
+
+
+def test_gptq_in_groups_under_a_hessian_budget():
+    """max_hessian_bytes: the same layers as one pass, from one calibration pass a group."""
+    model, batches = three_linears_and_batches()
+    one = qlib.gptq_quantize(copy.deepcopy(model), batches, progress=False)
+    grouped, passes = gptq_counting_passes(model, batches, max_hessian_bytes=4 * 96 * 96)
+    assert passes == 3 * len(batches)  # groups {0}, {2}, {4}: 64^2 + 96^2 floats pass the budget
     for i in (0, 2, 4):
         assert torch.equal(grouped[i].packed, one[i].packed) and torch.equal(grouped[i].absmax, one[i].absmax)
     with pytest.raises(ValueError, match="needs 3 passes over the batches; pass a list"):
@@ -148,16 +157,10 @@ def test_gptq_in_groups_under_a_hessian_budget():
 
 def test_gptq_sequential_calibrates_on_the_quantized_layers_before():
     """sequential=True: each Linear's H comes from the model with the earlier Linears already 4-bit."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32), nn.ReLU(), nn.Linear(32, 10))
-    x = correlated_inputs(256, 64)
-    batches = [x[i:i + 64] for i in range(0, 256, 64)]
+    model, batches = three_linears_and_batches()
     one_pass = qlib.gptq_quantize(copy.deepcopy(model), batches, progress=False)
-    calls = []
-    seq = copy.deepcopy(model)
-    seq.register_forward_pre_hook(lambda mod, args: calls.append(1))
-    seq = qlib.gptq_quantize(seq, batches, sequential=True, progress=False)
-    assert len(calls) == 3 * len(batches)
+    seq, passes = gptq_counting_passes(model, batches, sequential=True)
+    assert passes == 3 * len(batches)
     assert torch.equal(seq[0].packed, one_pass[0].packed)  # the first Linear sees float inputs either way
     for i in (2, 4):
         h = Hessian(model[i].in_features, "cpu")
