@@ -38,7 +38,8 @@ struct KernelQParams {
   BlockLayout layout;
   float qmin, qmax;
   // Rows of inner_run elements, one scale each (per-channel, per-token, per-group)
-  // and under 2^32 elements: the scale index is one fast 32-bit division.
+  // and under 2^31 elements: the scale index is one fast 32-bit division (IntDivider's
+  // dividends must fit int32: past that its multiply-high sum wraps).
   bool rows;
   at::cuda::detail::IntDivider<uint32_t> row_len;
 
@@ -95,7 +96,7 @@ KernelQParams kernel_qparams(const AffineArgs& a) {
                                                : ZeroPointKind::kFloat;
   const BlockLayout& l = a.layout;
   const bool rows = l.num_segments == 2 && l.scale_stride[0] == 1 && l.scale_stride[1] == 0 &&
-                    a.x.numel() <= std::numeric_limits<uint32_t>::max();
+                    a.x.numel() <= std::numeric_limits<int32_t>::max();
   return {a.scale.const_data_ptr<float>(),
           a.zero_point.const_data_ptr(),
           kind,
@@ -484,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor> qparams_cuda(const at::Tensor& min, const at:
       zp.data_ptr<int32_t>(), n, quant_min, quant_max, symmetric, static_cast<float>(eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if ((!Observed || cuda_value_checks()) && !capturing())
-    check_chosen_qparams(op, min, max, scale, /*check_order=*/!Observed, quant_min, quant_max);
+    check_chosen_qparams(op, lo, hi, scale, /*check_order=*/!Observed, quant_min, quant_max);
   return {scale, zp};
 }
 

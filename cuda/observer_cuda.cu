@@ -34,6 +34,8 @@ constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kItemsPerThread;
 // run in all. (Many short rows, e.g. small per-group blocks, get one
 // 256-thread block each: correct, but not the fastest layout for them.)
 int64_t chunks_per_row(int64_t R, int64_t K) {
+  TORCH_CHECK(R <= std::numeric_limits<int32_t>::max(), "qlib observers: ", R,
+              " blocks (rows) are more than one CUDA grid holds");
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t want = std::max<int64_t>(1, (sms * 4 + R - 1) / R);
   const int64_t need = std::max<int64_t>(1, (K + kChunk - 1) / kChunk);
@@ -252,13 +254,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cuda(const at::
                                                                       const at::Tensor& range_in,
                                                                       bool absolute) {
   const char* op = "qlib::histogram_observe";
+  const at::OptionalDeviceGuard guard(x_in.device());  // before cuda_value_checks_now()
   check_observer_input(op, x_in);
   check_histogram(op, hist_in, range_in, cuda_value_checks_now());
   TORCH_CHECK(hist_in.size(0) == x_in.size(0), op, ": hist has ", hist_in.size(0),
               " blocks but x of shape ", x_in.sizes(), " has ", x_in.size(0));
   TORCH_CHECK(x_in.device() == hist_in.device(), op, ": x (", x_in.device(), ") and hist (",
               hist_in.device(), ") must be on the same device");
-  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor hist = hist_in.contiguous();
   const at::Tensor range = range_in.contiguous();
@@ -297,9 +299,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cuda(const at::
 at::Tensor histogram_rebin_cuda(const at::Tensor& hist_in, const at::Tensor& range_in,
                                 const at::Tensor& new_range_in) {
   const char* op = "qlib::histogram_rebin";
+  const at::OptionalDeviceGuard guard(hist_in.device());  // before cuda_value_checks_now()
   check_histogram(op, hist_in, range_in, cuda_value_checks_now());
   check_histogram(op, hist_in, new_range_in, cuda_value_checks_now(), "new_range");
-  const c10::cuda::OptionalCUDAGuard guard(hist_in.device());
   // (That new_range contains range is checked on the CPU only: reading it here
   // would sync; bins outside new_range clamp to its edge bins.)
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous(),
@@ -321,9 +323,9 @@ __global__ void quantile_kernel(const int64_t* __restrict__ hist, const double* 
 at::Tensor histogram_quantile_cuda(const at::Tensor& hist_in, const at::Tensor& range_in,
                                    double q) {
   const char* op = "qlib::histogram_quantile";
+  const at::OptionalDeviceGuard guard(hist_in.device());  // before cuda_value_checks_now()
   check_histogram(op, hist_in, range_in, cuda_value_checks_now());
   TORCH_CHECK(q >= 0.0 && q <= 1.0, op, ": q must lie in [0, 1], got ", q);
-  const c10::cuda::OptionalCUDAGuard guard(hist_in.device());
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
   at::Tensor out = at::empty({R}, hist.options().dtype(at::kFloat));
@@ -391,9 +393,9 @@ std::tuple<at::Tensor, at::Tensor> histogram_mse_search_cuda(const at::Tensor& h
                                                              int64_t quant_max, bool symmetric,
                                                              int64_t num_candidates) {
   const char* op = "qlib::histogram_mse_search";
+  const at::OptionalDeviceGuard guard(hist_in.device());  // before cuda_value_checks_now()
   check_histogram(op, hist_in, range_in, cuda_value_checks_now());
   check_mse_args(op, quant_min, quant_max, num_candidates);
-  const c10::cuda::OptionalCUDAGuard guard(hist_in.device());
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
   const auto fopts = hist.options().dtype(at::kFloat);
@@ -448,9 +450,9 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cuda(const at::Tenso
                                                                  const at::Tensor& range_in,
                                                                  int64_t num_levels) {
   const char* op = "qlib::histogram_entropy_search";
+  const at::OptionalDeviceGuard guard(hist_in.device());  // before cuda_value_checks_now()
   check_histogram(op, hist_in, range_in, cuda_value_checks_now());
   check_entropy_args(op, num_levels);
-  const c10::cuda::OptionalCUDAGuard guard(hist_in.device());
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
   const auto fopts = hist.options().dtype(at::kFloat);

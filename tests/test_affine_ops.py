@@ -113,6 +113,18 @@ def test_choose_qparams_zero_exact_and_constant(device):
             assert ((qlib.fake_quant(v, s, z) - v).abs() <= s / 2 + 1e-6).all()
 
 
+def test_choose_qparams_checks_min_max_as_float32(device):
+    """float64 min / max are checked as the float32 values the math uses, on every device."""
+    lo = torch.tensor([1 + 1e-12, -2.0], dtype=torch.float64, device=device)
+    hi = torch.tensor([1.0, 3.0], dtype=torch.float64, device=device)  # min > max, equal in float32
+    s, z = qlib.choose_qparams(lo, hi, -128, 127, False)
+    s_ref, z_ref = qlib.choose_qparams(lo.float().cpu(), hi.float().cpu(), -128, 127, False)
+    assert torch.equal(s.cpu(), s_ref) and torch.equal(z.cpu(), z_ref)
+    with pytest.raises(RuntimeError, match="need finite min <= max"):
+        qlib.choose_qparams(torch.tensor([-1e39], dtype=torch.float64, device=device),
+                            torch.tensor([1.0], dtype=torch.float64, device=device), -128, 127, False)
+
+
 # ---------------------------------------------------------------- the seeds' examples
 SEED_MATRIX = [[13.5, 14.3, 8.5], [-4.7, -3.2, -6.4], [-0.4, 1.3, 3.73]]
 
