@@ -22,6 +22,9 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cfloat>
+#include <cmath>
+#include <limits>
 
 #include "affine.h"
 #include "capture.cuh"
@@ -68,6 +71,10 @@ __device__ float quantize_row(const T* __restrict__ xr, int8_t* __restrict__ q, 
   float s;
   if (fixed_scale != nullptr) {
     s = *fixed_scale;
+    // A bad static scale or zero point (read back and raised on only under
+    // set_cuda_value_checks): NaN rows, as fake_quant's bad qparams give.
+    if (!(s > 0.0f && s <= FLT_MAX && codes.qmin <= codes.zero_point && codes.zero_point <= codes.qmax))
+      s = NAN, codes.zero_point = 0.0f;  // (NaN codes take the zero point: keep it an int8)
   } else {
     float amax = 0.0f;
     for (int64_t k = threadIdx.x * V; k < K; k += blockDim.x * V) {
@@ -530,23 +537,33 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
       bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
   const auto fopts = x.options().dtype(at::kFloat);
   const bool fused = use_sm90_gemm(op, x, w_in, out, M, act_zero_point.has_value());
+  // A static scale and zero point stay on the device (no host read; bad values give NaN
+  // rows, quantize_row); under set_cuda_value_checks they are read and checked as on the CPU.
+  // The GEMM's sums lose z * (row sums of w).
+  const bool check_values = cuda_value_checks() && !capturing();
   const float* fixed = nullptr;
   at::Tensor static_scale;
   if (act_scale.has_value()) {
     static_scale = act_scale->reshape({1}).contiguous();
     fixed = static_scale.const_data_ptr<float>();
+    if (check_values) {
+      const float a = static_scale.item<float>();
+      TORCH_CHECK(std::isfinite(a) && a > 0.0f, op, ": act_scale must be finite and > 0, got ", a);
+    }
   }
-  // A static zero point stays on the device (no host read); the GEMM's sums lose
-  // z * (row sums of w). Under set_cuda_value_checks it is checked against the range.
   at::Tensor zp;
   if (act_zero_point.has_value()) {
-    zp = act_zero_point->to(at::kInt).reshape({1}).contiguous();
-    if (cuda_value_checks() && !capturing()) {
-      const int64_t z = zp.item<int64_t>();
+    if (check_values) {
+      const int64_t z = act_zero_point->item<int64_t>();
       TORCH_CHECK(act_quant_min <= z && z <= act_quant_max, op, ": act_zero_point ", z,
                   " is outside [act_quant_min, act_quant_max] = [", act_quant_min, ", ",
                   act_quant_max, "]");
     }
+    // int64 values past int32 stay outside the range (and so give NaN) once narrowed
+    zp = act_zero_point->clamp(std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max())
+             .to(at::kInt)
+             .reshape({1})
+             .contiguous();
   }
   const int32_t* zpp = zp.defined() ? zp.const_data_ptr<int32_t>() : nullptr;
   const Int8ActCodes range{0.0f, static_cast<float>(act_quant_min),

@@ -234,6 +234,31 @@ def test_int8_linear_zero_point_errors(device):
         qlib.set_cuda_value_checks(False)
 
 
+@pytest.mark.parametrize("M", [2, 17])  # CUDA: the small-M kernel, and the batched path
+def test_int8_linear_bad_static_qparams(device, M):
+    """A static act_scale that is not finite and > 0, or a zero point outside the range (int64
+    past int32 too): the CPU raises; CUDA gives NaN rows (no host read), or raises as the CPU
+    under set_cuda_value_checks."""
+    x, w, s = torch.randn(M, 32, device=device), rand_i8(4, 32, device=device), torch.ones(4, device=device)
+    good_scale, good_zp = torch.tensor(0.1, device=device), torch.tensor(3, dtype=torch.int32, device=device)
+    cases = [(torch.tensor(v, device=device), good_zp, "act_scale must be finite and > 0")
+             for v in (0.0, -1.0, float("nan"), float("inf"))]
+    cases += [(good_scale, torch.tensor(v, dtype=torch.int64, device=device), f"act_zero_point {v} is outside")
+              for v in (9, 2**32 + 3)]
+    for a, z, message in cases:
+        for checks in (False, True):
+            qlib.set_cuda_value_checks(checks)
+            try:
+                if device == "cpu" or checks:
+                    with pytest.raises(RuntimeError, match=message):
+                        ops.int8_linear(x, w, s, None, a, z, -8, 7)
+                else:
+                    assert ops.int8_linear(x, w, s, None, a, z, -8, 7).isnan().all()
+            finally:
+                qlib.set_cuda_value_checks(False)
+    assert torch.isfinite(ops.int8_linear(x, w, s, None, good_scale, good_zp, -8, 7)).all()
+
+
 def test_int8_linear_errors(device):
     x = torch.randn(3, 8, device=device)
     w = rand_i8(4, 8, device=device)
