@@ -132,9 +132,9 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
         raise ValueError("qlib.gptq_quantize: no nn.Linear selected")
     # Groups of Linears whose H fit max_hessian_bytes together (a larger one goes alone).
     groups, size = [[]], 0
+    budget = 0 if sequential else max_hessian_bytes  # sequential: one Linear a group
     for key, (_, m) in selected.items():
         h_bytes = 4 * m.in_features ** 2
-        budget = 0 if sequential else max_hessian_bytes
         if groups[-1] and budget is not None and size + h_bytes > budget:
             groups.append([])
             size = 0
