@@ -149,25 +149,27 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
     def swap_made(model):
         return _swap(model, nn.Linear, lambda m, fqn: made[id(m)], lambda m, fqn: id(m) in made, "gptq_quantize")
 
-    for group in groups:
-        hessians: Dict[int, _Hessian] = {key: _Hessian(selected[key][1].in_features, selected[key][1].weight.device)
-                                         for key in group}
-        hooks = [selected[key][1].register_forward_pre_hook(lambda mod, args: hessians[id(mod)].add(args[0]))
-                 for key in group]
-        was_training = model.training
-        try:
-            calibrate(model, batches, progress)
-        finally:
-            for hook in hooks:
-                hook.remove()
-            model.train(was_training)
-        for key in tqdm(group, desc="GPTQ", disable=not progress, leave=False):
-            fqn, m = selected[key]
-            name = f"Linear {fqn!r}" if fqn else "the Linear"
-            if hessians[key].rows == 0:
-                raise ValueError(f"qlib.gptq_quantize: {name} saw no calibration input")
-            codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, act_order, name=name)
-            made[key] = Linear4bit.from_codes(codes, scales, group_size, m.bias, compute_dtype)
-        if sequential:  # the next Linears calibrate on these already quantized
-            model = swap_made(model)
+    with tqdm(total=len(selected), desc="GPTQ (Linears)", disable=not progress) as bar:  # across passes
+        for group in groups:
+            hessians: Dict[int, _Hessian] = {key: _Hessian(selected[key][1].in_features, selected[key][1].weight.device)
+                                             for key in group}
+            hooks = [selected[key][1].register_forward_pre_hook(lambda mod, args: hessians[id(mod)].add(args[0]))
+                     for key in group]
+            was_training = model.training
+            try:
+                calibrate(model, batches, progress)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+                model.train(was_training)
+            for key in group:
+                fqn, m = selected[key]
+                name = f"Linear {fqn!r}" if fqn else "the Linear"
+                if hessians[key].rows == 0:
+                    raise ValueError(f"qlib.gptq_quantize: {name} saw no calibration input")
+                codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, act_order, name=name)
+                made[key] = Linear4bit.from_codes(codes, scales, group_size, m.bias, compute_dtype)
+                bar.update()
+            if sequential:  # the next Linears calibrate on these already quantized
+                model = swap_made(model)
     return swap_made(model)
