@@ -458,6 +458,7 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cuda(const at::Tenso
   const auto fopts = hist.options().dtype(at::kFloat);
   at::Tensor lo = at::empty({R}, fopts), hi = at::empty({R}, fopts);
   if (R == 0) return {lo, hi};
+  TORCH_CHECK(R <= 2147483647, op, ": too many blocks: ", R);
   at::Tensor scratch = at::empty({R, 3, B + 1}, hist.options().dtype(at::kDouble));
   entropy_search_kernel<<<R, kSearchThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       hist.const_data_ptr<int64_t>(), range.const_data_ptr<double>(), B, num_levels,
