@@ -559,11 +559,14 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
                   " is outside [act_quant_min, act_quant_max] = [", act_quant_min, ", ",
                   act_quant_max, "]");
     }
-    // int64 values past int32 stay outside the range (and so give NaN) once narrowed
-    zp = act_zero_point->clamp(std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max())
-             .to(at::kInt)
-             .reshape({1})
-             .contiguous();
+    // int64 values past int32 stay outside the range (and so give NaN) once narrowed; an
+    // int32 zero point goes as it is (no extra launch a call)
+    const at::Tensor z32 = act_zero_point->scalar_type() == at::kInt
+                               ? *act_zero_point
+                               : act_zero_point->clamp(std::numeric_limits<int32_t>::min(),
+                                                       std::numeric_limits<int32_t>::max())
+                                     .to(at::kInt);
+    zp = z32.reshape({1}).contiguous();
   }
   const int32_t* zpp = zp.defined() ? zp.const_data_ptr<int32_t>() : nullptr;
   const Int8ActCodes range{0.0f, static_cast<float>(act_quant_min),
