@@ -16,9 +16,15 @@ namespace qlib {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The CPU decode this machine runs (fourbit_cpu.cpp): "avx512-bf16" (float32 and bfloat16
-// paths), "avx512" (float32; a bfloat16 x decodes to float32) or "scalar".
+// The CPU kernel family of linear_4bit and dequantize_4bit (fourbit_cpu.cpp), each running what
+// the one before does plus its own: "scalar"; "avx512" (float32 decode and dots; a bfloat16 x
+// decodes to float32); "avx512-bf16" (a bfloat16 x gets bfloat16 W_hat and vdpbf16ps dots);
+// "amx-bf16" (a bfloat16 x of up to kAmxMaxM rows on the AMX tile unit). The best this CPU
+// runs, unless QLIB_FOURBIT_CPU_KERNEL or set_fourbit_cpu_kernel names another.
+enum class FourbitKernel : int { kScalar, kAvx512, kAvx512Bf16, kAmxBf16 };
 std::string fourbit_cpu_kernel();
+std::vector<std::string> fourbit_cpu_kernels();  // what this CPU can run
+void set_fourbit_cpu_kernel(const std::string& name);  // "auto" or a name; raises if unsupported
 
 // A 16-value float32 codebook on `device`. Its values are checked by quantize_4bit only.
 inline void check_codebook(const char* op, const at::Tensor& codebook, const at::Device& device) {

@@ -3,9 +3,12 @@
 // the codebook scaled by the block's absmax (block sizes that are multiples of 16; else a
 // scalar loop). linear_4bit at M <= 32 dots each weight row with the rows of x (8 at a time)
 // as it decodes it: float32 products, or for a bfloat16 x on AVX512-BF16 CPUs bfloat16 W_hat
-// and vdpbf16ps; at larger M it decodes panels of rows and runs ATen's GEMM on each.
+// and vdpbf16ps; at larger M it decodes panels of rows and runs ATen's GEMM on each. On CPUs
+// with AMX-BF16, a bfloat16 x up to kAmxMaxM rows runs on the tile unit instead: W_hat decoded
+// to bfloat16 tiles as it is read, tdpbf16ps against x packed once a call.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include <array>
@@ -17,8 +20,10 @@
 #include <immintrin.h>
 #endif
 
+#include "amx.h"
 #include "cpu_vec.h"
 #include "fourbit.h"
+#include "int8.h"  // chosen_once
 
 namespace qlib {
 namespace {
@@ -34,6 +39,34 @@ constexpr int64_t kDotRows = 8;
 // The code of weight k in a packed row.
 inline int packed_code(const uint8_t* row, int64_t k) { return (row[k >> 1] >> ((k & 1) * 4)) & 15; }
 
+// The kernel family in use (fourbit.h), chosen once (QLIB_FOURBIT_CPU_KERNEL or the best) or set.
+std::atomic<int> g_fourbit_kernel{-1};
+
+bool fourbit_kernel_supported(FourbitKernel k) {
+  switch (k) {
+    case FourbitKernel::kScalar:
+      return true;
+#if defined(__x86_64__)
+    case FourbitKernel::kAvx512:
+      return __builtin_cpu_supports("avx512f");
+    case FourbitKernel::kAvx512Bf16:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512bf16");
+    case FourbitKernel::kAmxBf16:
+      return fourbit_kernel_supported(FourbitKernel::kAvx512Bf16) && cpu_has_amx(AmxFeature::kBf16);
+#endif
+    default:
+      return false;
+  }
+}
+
+FourbitKernel current_fourbit_kernel() {
+  return static_cast<FourbitKernel>(chosen_once(g_fourbit_kernel, "QLIB_FOURBIT_CPU_KERNEL", set_fourbit_cpu_kernel));
+}
+
+// At least kernel family k in use (the families are ordered: each runs what the one before does).
+bool uses(FourbitKernel k) { return current_fourbit_kernel() >= k; }
+
 // Weights [k0, k1) of a packed row, one block (scale a), as float32.
 void decode_span_scalar(const uint8_t* row, int64_t k0, int64_t k1, float a, const float* cb,
                         float* out) {
@@ -42,11 +75,6 @@ void decode_span_scalar(const uint8_t* row, int64_t k0, int64_t k1, float a, con
 
 #if defined(__x86_64__)
 #define QLIB_AVX512F_FN __attribute__((target("avx2,fma,avx512f")))
-
-bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
 
 // The M <= kDotRows dot products sums[m] = x[m] . W_hat[k0, k0 + K) of one weight row,
 // decoded on the fly (row and absmax start at k0; x's rows are ldx elements apart, in
@@ -150,13 +178,6 @@ QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, in
 
 #define QLIB_AVX512BF16_FN __attribute__((target("avx2,fma,avx512f,avx512bw,avx512bf16")))
 
-bool cpu_has_avx512bf16() {
-  static const bool has = __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return has;
-}
-
 // bfloat16 W_hat of 32 codes from 16 bytes: values holds a block's 16 bfloat16 W_hat values
 // twice. Byte i zero-extended to a dword, its high word replaced by the dword shifted by 12,
 // holds the low nibble in word 2i (with one bit of the high nibble: hence the table of 32)
@@ -237,6 +258,92 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, i
   }
   store_sums<M>(acc, tail, sums);
 }
+
+// ---------------------------------------------------------------- AMX-BF16 (tile) kernel
+// A bfloat16 x up to kAmxMaxM rows: y^T = W_hat x^T with tdpbf16ps (bfloat16 pairs, float32
+// sums). A: 16 weight rows x 32 k of W_hat, decoded (split order, as the dot kernels') into a
+// buffer kAmxKBlock k at a time; B: 32 k x 16 rows of x in the tile's pair layout, packed once
+// a call (pack_x_amx); C: 16 weight rows x 16 rows of x, up to 4 C tiles (64 rows of x) held
+// over the whole K. Each sum runs over k in the same order whatever M is. From kAmxMinM rows
+// (fewer run the dot kernels: 1-2 rows waste most of a tile; measured on a Xeon with AMX).
+constexpr int64_t kAmxMinM = 3;
+constexpr int64_t kAmxMaxM = 64;
+constexpr int64_t kAmxKBlock = 256;
+
+#define QLIB_AMX_BF16_FN __attribute__((target("avx2,fma,avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
+
+// W_hat[0, len) of one row from a block start (row, absmax there) as bfloat16 in split_steps'
+// order (step 64), zero padded to a multiple of 32.
+QLIB_AVX512BF16_FN void decode_span_bf16_split(const uint8_t* row, const float* absmax, int64_t len,
+                                               int64_t block_size, const float* cb, at::BFloat16* out) {
+  const __m512 lut = _mm512_loadu_ps(cb);
+  for (int64_t k0 = 0, b = 0; k0 < len; k0 += block_size, ++b) {
+    const int64_t k1 = std::min(k0 + block_size, len);
+    const __m512i values = bf16_block_values(lut, absmax[b]);
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) {
+      const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
+          ~0u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1))));
+      _mm512_storeu_si512(out + k, _mm512_maskz_permutexvar_epi16(~0u, bytes, values));
+      _mm512_storeu_si512(out + k + 32, _mm512_maskz_permutexvar_epi16(
+                                            ~0u, _mm512_maskz_srli_epi16(~0u, bytes, 4), values));
+    }
+    if (k + 32 <= k1) {
+      _mm512_storeu_si512(out + k, reinterpret_cast<__m512i>(bf16_weights(row + (k >> 1), values)));
+      k += 32;
+    }
+    for (; k < k1; ++k) out[k] = static_cast<at::BFloat16>(codebook_value(packed_code(row, k), absmax[b], cb));
+  }
+  for (int64_t k = len; k % 32 != 0; ++k) out[k] = at::BFloat16(0.0f);
+}
+
+// C tiles 4 .. 3 + T (float32, 16 weight rows x 16 rows of x each) over all of K for 16 weight
+// rows (rows: their packed rows, ldp apart; absmax: lda apart; rows past `valid` stay zero in
+// abuf) and T tiles of packed x (xt: the first, tiles of one 16-row group nch chunks apart),
+// stored to c (T x 16 x 16). W_hat is decoded kb k (whole blocks) at a time into abuf, 16 rows
+// ldb bfloat16 apart.
+template <int T>
+QLIB_AMX_BF16_FN void amx_tiles(const uint8_t* rows, int64_t ldp, const float* absmax, int64_t lda,
+                                int64_t valid, int64_t K, int64_t block_size, const float* cb,
+                                const at::BFloat16* xt, int64_t nch, int64_t kb, at::BFloat16* abuf,
+                                int64_t ldb, float* c) {
+  const int64_t stride = ldb * 2;
+  _tile_zero(4);
+  if constexpr (T > 1) _tile_zero(5);
+  if constexpr (T > 2) _tile_zero(6);
+  if constexpr (T > 3) _tile_zero(7);
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t len = std::min(kb, K - k0);
+    for (int64_t r = 0; r < valid; ++r)
+      decode_span_bf16_split(rows + r * ldp + k0 / 2, absmax + r * lda + k0 / block_size, len,
+                             block_size, cb, abuf + r * ldb);
+    asm volatile("" ::: "memory");  // abuf is written before the tile loads read it
+    for (int64_t c0 = 0; c0 < len; c0 += 32) {
+      const at::BFloat16* b = xt + (k0 + c0) * 16;  // chunk (k0 + c0) / 32, 512 values a chunk
+      _tile_loadd(0, abuf + c0, stride);
+      _tile_loadd(1, b, 64);
+      _tile_dpbf16ps(4, 0, 1);
+      if constexpr (T > 1) {
+        _tile_loadd(2, b + nch * 512, 64);
+        _tile_dpbf16ps(5, 0, 2);
+      }
+      if constexpr (T > 2) {
+        _tile_loadd(3, b + 2 * nch * 512, 64);
+        _tile_dpbf16ps(6, 0, 3);
+      }
+      if constexpr (T > 3) {
+        _tile_loadd(1, b + 3 * nch * 512, 64);
+        _tile_dpbf16ps(7, 0, 1);
+      }
+    }
+    asm volatile("" ::: "memory");  // the tile loads are done before abuf is written again
+  }
+  _tile_stored(4, c, 64);
+  if constexpr (T > 1) _tile_stored(5, c + 256, 64);
+  if constexpr (T > 2) _tile_stored(6, c + 512, 64);
+  if constexpr (T > 3) _tile_stored(7, c + 768, 64);
+  asm volatile("" ::: "memory");  // the tile stores wrote c
+}
 #endif
 
 // Rows a parallel_for grain holds: about kGrain weights.
@@ -271,11 +378,74 @@ at::Tensor split_steps(const at::Tensor& x, int64_t block_size, int64_t step) {
   return out;
 }
 
+#if defined(__x86_64__)
+// x (bfloat16 [M, ld] in split order, zero at column K when K is odd) -> amx_tiles' B tiles:
+// [ceil(M / 16)][ceil(K / 32)] tiles of 16 k pairs x 16 rows of x (a pair a 32-bit word), zero
+// past M and K.
+at::Tensor pack_x_amx(const at::Tensor& xs, int64_t M, int64_t K) {
+  const int64_t nch = ceil_div(K, 32), pairs = ceil_div(K, 2), ld = xs.size(1) / 2;
+  at::Tensor out = at::zeros({ceil_div(M, 16) * nch * 512}, xs.options());
+  const auto* src = reinterpret_cast<const uint32_t*>(xs.const_data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      uint32_t* d = dst + (m / 16) * nch * 256 + m % 16;
+      for (int64_t q = 0; q < pairs; ++q) d[q * 16] = src[m * ld + q];  // tile q / 16, row q % 16
+    }
+  });
+  return out;
+}
+
+// linear_4bit of a bfloat16 x [M, K] (M <= kAmxMaxM, contiguous; block_size % 32 == 0) on the
+// AMX unit: float32 [M, N], + bias (float32 or undefined).
+at::Tensor linear_4bit_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const float* cb, int64_t block_size, const at::Tensor& bias, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor xs = split_steps<at::BFloat16>(x, block_size, 64);
+  if (K % 2 != 0) xs.select(1, K).zero_();
+  const at::Tensor xp = pack_x_amx(xs, M, K);
+  const int64_t nch = ceil_div(K, 32), tiles_m = ceil_div(M, 16);
+  const int64_t kb = std::min(std::max<int64_t>(1, kAmxKBlock / block_size) * block_size, K);
+  const int64_t ldb = ceil_div(kb, 32) * 32 + 32;  // rows off multiples of 4 KB
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
+  const float* ap = absmax.const_data_ptr<float>();
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const at::BFloat16* xb = xp.const_data_ptr<at::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  const int64_t ldp = packed.size(1), lda = absmax.size(1);
+  using Tiles = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
+                         const float*, const at::BFloat16*, int64_t, int64_t, at::BFloat16*, int64_t,
+                         float*);
+  static constexpr Tiles kTiles[4] = {amx_tiles<1>, amx_tiles<2>, amx_tiles<3>, amx_tiles<4>};
+  at::parallel_for(0, ceil_div(N, 16), 1, [&](int64_t p0, int64_t p1) {
+    std::vector<at::BFloat16> abuf(16 * ldb, at::BFloat16(0.0f));
+    alignas(64) float c[4 * 256];
+    amx_configure();
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * 16, valid = std::min<int64_t>(16, N - n0);
+      if (valid < 16) std::fill(abuf.begin() + valid * ldb, abuf.end(), at::BFloat16(0.0f));
+      for (int64_t g = 0; g < tiles_m; g += 4) {
+        const int64_t T = std::min<int64_t>(4, tiles_m - g);
+        kTiles[T - 1](pp + n0 * ldp, ldp, ap + n0 * lda, lda, valid, K, block_size, cb,
+                      xb + g * nch * 512, nch, kb, abuf.data(), ldb, c);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t i = 0, m = (g + t) * 16; i < 16 && m < M; ++i, ++m)
+            for (int64_t r = 0; r < valid; ++r)
+              yp[m * N + n0 + r] = c[t * 256 + r * 16 + i] + (bp != nullptr ? bp[n0 + r] : 0.0f);
+      }
+    }
+    amx_release();
+  });
+  return y;
+}
+#endif
+
 // Row of the dequantized weight, float32, into out[0, K).
 void decode_row(const uint8_t* row, const float* absmax, int64_t K, int64_t block_size,
                 const float* cb, float* out) {
 #if defined(__x86_64__)
-  if (block_size % 16 == 0 && cpu_has_avx512f()) {
+  if (block_size % 16 == 0 && uses(FourbitKernel::kAvx512)) {
     decode_row_avx512(row, absmax, K, block_size, cb, out);
     return;
   }
@@ -337,7 +507,7 @@ void dot_rows(const uint8_t* row, const float* absmax, int64_t K, int64_t block_
     return kernels[M - 1](row, absmax, K, block_size, cb, static_cast<const at::BFloat16*>(x), ldx, sums);
   }
   const auto* xf = static_cast<const float*>(x);
-  if (block_size % 16 == 0 && cpu_has_avx512f()) {
+  if (block_size % 16 == 0 && uses(FourbitKernel::kAvx512)) {
     using Kernel = void (*)(const uint8_t*, const float*, int64_t, int64_t, const float*,
                             const float*, int64_t, float*);
     static constexpr Kernel kernels[kDotRows] = {
@@ -456,7 +626,14 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   // for vdpbf16ps dots or for bfloat16 panels.
   bool bf16_w = false;
 #if defined(__x86_64__)
-  bf16_w = x_in.scalar_type() == at::kBFloat16 && block_size % 32 == 0 && cpu_has_avx512bf16();
+  bf16_w = x_in.scalar_type() == at::kBFloat16 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512Bf16);
+#endif
+#if defined(__x86_64__)
+  if (bf16_w && M >= kAmxMinM && M <= kAmxMaxM && uses(FourbitKernel::kAmxBf16)) {
+    const at::Tensor y = linear_4bit_amx(x_in.reshape({M, K}).contiguous(), packed, absmax, c,
+                                         block_size, bias, N);
+    return y.to(x_in.scalar_type()).view(out_shape);
+  }
 #endif
   if (M > (bf16_w ? kFusedMaxMBf16 : kFusedMaxM)) {
     // Panels of about 4 MB of decoded rows, each through ATen's GEMM: in bfloat16 where the
@@ -488,7 +665,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
 #if defined(__x86_64__)
   if (bf16_w) {
     x = split_steps<at::BFloat16>(x, block_size, 64);
-  } else if (block_size % 16 == 0 && cpu_has_avx512f()) {
+  } else if (block_size % 16 == 0 && uses(FourbitKernel::kAvx512)) {
     x = split_steps<float>(x, block_size, 32);
   }
 #endif
@@ -531,12 +708,35 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
 
 }  // namespace
 
-std::string fourbit_cpu_kernel() {
-#if defined(__x86_64__)
-  if (cpu_has_avx512bf16()) return "avx512-bf16";
-  if (cpu_has_avx512f()) return "avx512";
-#endif
-  return "scalar";
+constexpr std::array<const char*, 4> kFourbitKernelNames = {"scalar", "avx512", "avx512-bf16", "amx-bf16"};
+
+std::string fourbit_cpu_kernel() { return kFourbitKernelNames[static_cast<int>(current_fourbit_kernel())]; }
+
+std::vector<std::string> fourbit_cpu_kernels() {
+  std::vector<std::string> names;
+  for (int k = 0; k < static_cast<int>(kFourbitKernelNames.size()); ++k)
+    if (fourbit_kernel_supported(static_cast<FourbitKernel>(k))) names.emplace_back(kFourbitKernelNames[k]);
+  return names;
+}
+
+void set_fourbit_cpu_kernel(const std::string& name) {
+  if (name == "auto") {
+    int best = 0;
+    for (int k = 0; k < static_cast<int>(kFourbitKernelNames.size()); ++k)
+      if (fourbit_kernel_supported(static_cast<FourbitKernel>(k))) best = k;
+    g_fourbit_kernel.store(best);
+    return;
+  }
+  for (int k = 0; k < static_cast<int>(kFourbitKernelNames.size()); ++k) {
+    if (name != kFourbitKernelNames[k]) continue;
+    TORCH_CHECK(fourbit_kernel_supported(static_cast<FourbitKernel>(k)),
+                "qlib.set_fourbit_cpu_kernel: this CPU cannot run the '", name,
+                "' kernel; it can run: ", c10::Join(", ", fourbit_cpu_kernels()));
+    g_fourbit_kernel.store(k);
+    return;
+  }
+  TORCH_CHECK(false, "qlib.set_fourbit_cpu_kernel: unknown kernel '", name,
+              "'; expected 'auto' or one of ", c10::Join(", ", kFourbitKernelNames));
 }
 
 TORCH_LIBRARY_IMPL(qlib, CPU, m) {

@@ -43,15 +43,13 @@
 #include <limits>
 
 #include "affine.h"
+#include "amx.h"
 #include "cpu_output.h"
 #include "int8.h"
 #include "quant_math.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #define QLIB_INT8_X86 1
 // Compiled for AVX2 even when the rest of qlib is not; used only after a runtime check.
 #define QLIB_AVX2_FN __attribute__((target("avx2,fma,f16c")))
@@ -82,23 +80,6 @@ bool cpu_has_avx2() {
 constexpr std::array<const char*, 5> kInt8KernelNames = {"avx2", "vnni-emulated", "avx-vnni",
                                                          "avx512-vnni", "amx"};
 
-// AMX-INT8 in CPUID and the tile data state granted by Linux (arch_prctl
-// ARCH_REQ_XCOMP_PERM, once per process; without it the first tile instruction faults).
-bool cpu_has_amx_int8() {
-#if QLIB_INT8_X86 && defined(__linux__)
-  static const bool has = [] {
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return tile && int8 && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
-
 bool int8_kernel_supported(Int8Kernel k) {
 #if QLIB_INT8_X86
   switch (k) {
@@ -112,7 +93,7 @@ bool int8_kernel_supported(Int8Kernel k) {
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512vnni");
     case Int8Kernel::kAmx:
-      return cpu_has_avx2() && cpu_has_amx_int8();
+      return cpu_has_avx2() && cpu_has_amx(AmxFeature::kInt8);
   }
 #endif
   return false;
@@ -931,19 +912,6 @@ int64_t amx_rows(int64_t M) { return (M + 31) / 32 * 32; }
 
 #define QLIB_AMX_FN __attribute__((target("amx-tile,amx-int8")))
 
-// Every tile 16 rows x 64 bytes (palette 1). GCC's _tile_loadconfig tells the compiler that
-// it reads 8 bytes (so the rest of the configuration went unwritten): the asm names all 64.
-// GCC's tile load and store asm name no memory either, hence the barriers in micro_amx.
-QLIB_AMX_FN void amx_configure() {
-  struct alignas(64) TileConfig {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-  } cfg;
-  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-  asm volatile("ldtilecfg %0" ::"m"(cfg));
-}
-QLIB_AMX_FN void amx_release() { _tile_release(); }
 
 // ct[32, 32] (row stride ldc, int32) (+)= A rows [32] x B columns [32] over kc k; a: row 0,
 // k0 of A (row stride lda); b0, b1: the two 16-column panels at k0.

@@ -37,7 +37,11 @@ pybind11::dict build_info() {
   } catch (const c10::Error& e) {
     d["int8_cpu_kernel"] = std::string("error: ") + e.what_without_backtrace();
   }
-  d["fourbit_cpu_kernel"] = qlib::fourbit_cpu_kernel();
+  try {
+    d["fourbit_cpu_kernel"] = qlib::fourbit_cpu_kernel();
+  } catch (const c10::Error& e) {
+    d["fourbit_cpu_kernel"] = std::string("error: ") + e.what_without_backtrace();
+  }
   try {
     d["int8_cuda_gemm"] = qlib::int8_cuda_gemm();
   } catch (const c10::Error& e) {
@@ -61,6 +65,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_int8_cpu_kernel", &qlib::set_int8_cpu_kernel,
         "Pick the int8 CPU GEMM kernel by name ('auto' = the best); weights packed before "
         "still run exactly, slower until re-packed.");
+  m.def("fourbit_cpu_kernel", &qlib::fourbit_cpu_kernel, "The 4-bit CPU kernel family in use.");
+  m.def("fourbit_cpu_kernels", &qlib::fourbit_cpu_kernels, "The 4-bit CPU kernel families this CPU runs.");
+  m.def("set_fourbit_cpu_kernel", &qlib::set_fourbit_cpu_kernel,
+        "Pick the 4-bit CPU kernel family by name ('auto' = the best).");
   m.def("int8_pack_multiples", &qlib::int8_pack_multiples,
         "(n, k): what int8_pack_weight pads N and K to under the current kernel.");
   m.def("int8_cuda_gemm", &qlib::int8_cuda_gemm, "The CUDA int8_linear GEMM in use (M > 4).");

@@ -34,7 +34,15 @@ from ._int8_ops import (  # noqa: E402
     set_int8_cpu_kernel,
     set_int8_cuda_gemm,
 )
-from ._fourbit_ops import codebook_4bit, dequantize_4bit, fit_codebook_4bit, linear_4bit, quantize_4bit  # noqa: E402
+from ._fourbit_ops import (  # noqa: E402
+    codebook_4bit,
+    dequantize_4bit,
+    fit_codebook_4bit,
+    fourbit_cpu_kernels,
+    linear_4bit,
+    quantize_4bit,
+    set_fourbit_cpu_kernel,
+)
 from .config import QATConfig  # noqa: E402
 from .workflows import calibrate, convert, prepare, prepare_qat, quantize_dynamic, quantize_weight_only  # noqa: E402
 from .gptq import gptq_quantize  # noqa: E402
@@ -42,6 +50,7 @@ from .gptq import gptq_quantize  # noqa: E402
 __all__ += ["nn", "int8_gemm", "int8_linear", "quantize_per_token", "int8_cpu_kernels", "set_int8_cpu_kernel",
             "int8_cuda_gemms", "set_int8_cuda_gemm",
             "quantize_dynamic", "codebook_4bit", "fit_codebook_4bit", "quantize_4bit", "dequantize_4bit", "linear_4bit",
+            "fourbit_cpu_kernels", "set_fourbit_cpu_kernel",
             "quantize_weight_only", "gptq_quantize",
             "QATConfig", "prepare_qat", "prepare", "calibrate", "convert"]
 from . import observers  # noqa: E402

@@ -16,7 +16,7 @@ state_dict).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -156,5 +156,26 @@ def linear_4bit(x: Tensor, packed: Tensor, absmax: Tensor, codebook: CodebookLik
     differentiable in x and bias. Few rows (up to 32 on the CPU, 4 on CUDA) run one fused
     kernel that decodes the weight as it reads it, in float32. More rows decode W_hat and run
     the device's GEMM: in x's dtype on CUDA, in bfloat16 on the CPU for a bfloat16 x (else
-    float32); W_hat and the bias are then rounded to that dtype."""
+    float32); W_hat and the bias are then rounded to that dtype. On a CPU with AVX512-BF16 a
+    bfloat16 x multiplies W_hat rounded to bfloat16 at every M (up to 64 rows on the AMX tile
+    unit where the CPU has AMX-BF16), with float32 sums."""
     return ops.linear_4bit(x, packed, absmax, codebook_4bit(codebook, packed.device), block_size, bias)
+
+
+def fourbit_cpu_kernels() -> List[str]:
+    """Names of the 4-bit CPU kernel families this CPU can run, each running what the one
+    before does plus its own: 'scalar', 'avx512' (float32 decode and dots), 'avx512-bf16'
+    (bfloat16 W_hat and vdpbf16ps for a bfloat16 x), 'amx-bf16' (a bfloat16 x of up to 64
+    rows on the AMX tile unit); ``build_info()["fourbit_cpu_kernel"]`` is the one in use (the
+    best, unless set or named by ``QLIB_FOURBIT_CPU_KERNEL``)."""
+    from . import _C
+
+    return list(_C.fourbit_cpu_kernels())
+
+
+def set_fourbit_cpu_kernel(name: str) -> None:
+    """Use the 4-bit CPU kernel family ``name`` ('auto' = the best this CPU runs); for
+    benchmarks and tests."""
+    from . import _C
+
+    _C.set_fourbit_cpu_kernel(str(name))

@@ -1,0 +1,104 @@
+"""The 4-bit CPU kernel families (qlib.set_fourbit_cpu_kernel): every one this CPU runs decodes
+the same bits and computes linear_4bit to the float64 product's tolerance. 'amx-bf16' (AMX
+tiles, a bfloat16 x of 3 to 64 rows) is tested where the CPU has it."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qlib
+
+ops = torch.ops.qlib
+KERNELS = qlib.fourbit_cpu_kernels()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def current():
+    return qlib.build_info()["fourbit_cpu_kernel"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    qlib.set_fourbit_cpu_kernel(request.param)
+    try:
+        yield request.param
+    finally:
+        qlib.set_fourbit_cpu_kernel("auto")
+
+
+def unpacked_w_hat(packed, absmax, codebook, k, block_size):
+    """W_hat float32 from the packed bytes with plain torch ops."""
+    codes = torch.stack([packed & 15, packed >> 4], -1).flatten(1)[:, :k].long()
+    return codebook[codes] * absmax.repeat_interleave(block_size, 1)[:, :k]
+
+
+def test_kernel_names_and_errors():
+    assert KERNELS[0] == "scalar" and current() == KERNELS[-1]  # the best by default
+    with pytest.raises(RuntimeError, match="unknown kernel 'avx9'; expected 'auto' or one of scalar"):
+        qlib.set_fourbit_cpu_kernel("avx9")
+    for name in ("avx512", "avx512-bf16", "amx-bf16"):
+        if name not in KERNELS:
+            with pytest.raises(RuntimeError, match=f"this CPU cannot run the '{name}' kernel; it can run: scalar"):
+                qlib.set_fourbit_cpu_kernel(name)
+    assert current() == KERNELS[-1]  # a refused name changes nothing
+
+
+def test_environment_variable_names_the_kernel():
+    code = "import qlib; print(qlib.build_info()['fourbit_cpu_kernel'])"
+    env = dict(os.environ, QLIB_FOURBIT_CPU_KERNEL="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scalar"
+    env["QLIB_FOURBIT_CPU_KERNEL"] = "avx9"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "QLIB_FOURBIT_CPU_KERNEL=avx9 is not usable" in out.stdout
+
+
+@pytest.mark.parametrize("block_size", [32, 64, 96, 48, 7])
+def test_dequantize_every_kernel(kernel, block_size):
+    K = 3 * 64 + 37
+    w = torch.randn(23, K)
+    cb = qlib.codebook_4bit("nf4")
+    packed, absmax = ops.quantize_4bit(w, cb, block_size)
+    ref = unpacked_w_hat(packed, absmax, cb, K, block_size)
+    for dtype in DTYPES:
+        assert torch.equal(ops.dequantize_4bit(packed, absmax, cb, K, block_size, dtype), ref.to(dtype))
+
+
+@pytest.mark.parametrize("block_size", [32, 64, 96, 48, 7])
+@pytest.mark.parametrize("K", [200, 1061])
+def test_linear_matches_float64_every_kernel(kernel, block_size, K):
+    """Every M range (dots, AMX tiles of 16 rows, panels), odd K, non-contiguous x, a bias."""
+    N = 37
+    cb = qlib.codebook_4bit("int4")
+    packed, absmax = ops.quantize_4bit(torch.randn(N, K), cb, block_size)
+    w_hat = unpacked_w_hat(packed, absmax, cb, K, block_size).double()
+    bias = torch.randn(N)
+    for dtype in DTYPES:
+        for M in (1, 2, 3, 15, 16, 17, 33, 64, 65, 100):
+            x = torch.randn(M, 2 * K).to(dtype)[:, ::2]
+            y = ops.linear_4bit(x, packed, absmax, cb, block_size, bias)
+            ref = x.double() @ w_hat.T + bias.double()
+            tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+            assert y.dtype == dtype and y.shape == (M, N)
+            torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item(),
+                                       msg=lambda m: f"{dtype} M={M}: {m}")
+
+
+def test_amx_rows_alone_equal_rows_in_a_batch():
+    """On the tile unit each sum runs over k in one order whatever the other rows are: any
+    3 to 64 rows of x, at any offset, give the batch's bits (a row or column mixed up in the
+    tile packing or the store would not)."""
+    if "amx-bf16" not in KERNELS:
+        pytest.skip("this CPU has no AMX-BF16")
+    K, N = 1000, 45  # odd tile counts: K / 32 and N / 16 not whole
+    cb = qlib.codebook_4bit("nf4")
+    packed, absmax = ops.quantize_4bit(torch.randn(N, K), cb, 64)
+    x = torch.randn(64, K).bfloat16()
+    x[7, 3] = float("nan")  # stays in its row
+    batch = ops.linear_4bit(x, packed, absmax, cb, 64, None)
+    assert batch[7].isnan().all() and not batch[torch.arange(64) != 7].isnan().any()
+    for a, b in ((0, 3), (0, 16), (1, 18), (5, 40), (20, 64), (48, 64)):
+        torch.testing.assert_close(ops.linear_4bit(x[a:b], packed, absmax, cb, 64, None), batch[a:b],
+                                   rtol=0, atol=0, equal_nan=True, msg=lambda m: f"rows {a}:{b}: {m}")
