@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "block_layout.h"
+#include "fourbit.h"
 #include "int8.h"
 #include "quant_math.h"
 
@@ -383,6 +384,14 @@ TEST(Dispatcher, Linear4bitMatchesDequantizedWeight) {
       const at::Tensor ref = at::matmul(x.to(at::kDouble), w_hat.to(at::kDouble).t());
       const at::Tensor y = linear.call(x, packed, absmax, cb, block, std::nullopt);
       EXPECT_TRUE(at::allclose(y.to(at::kDouble), ref, 1e-5, 1e-4)) << "block " << block << ", M " << m;
+      // bfloat16 x (with block 64: the vdpbf16ps dots, the AMX tiles at M = 5 and 40, or the
+      // panels, by CPU): bfloat16 W_hat and output, float32 sums.
+      const at::Tensor xb = x.to(at::kBFloat16);
+      const at::Tensor yb = linear.call(xb, packed, absmax, cb, block, std::nullopt);
+      const at::Tensor refb = at::matmul(xb.to(at::kDouble), w_hat.to(at::kDouble).t());
+      EXPECT_EQ(yb.scalar_type(), at::kBFloat16);
+      EXPECT_TRUE(at::allclose(yb.to(at::kDouble), refb, 1e-2, 1e-2 * refb.abs().max().item<double>()))
+          << "bfloat16, block " << block << ", M " << m << ", kernel " << qlib::fourbit_cpu_kernel();
     }
   }
 }
