@@ -1,5 +1,7 @@
 """qlib Int8Linear (dynamic) vs torch.ao dynamic quantized Linear (fbgemm) vs fp32 F.linear
-vs torch._int_mm (ATen's CPU int8 GEMM) with a separate quantize and dequant.
+vs torch._int_mm (ATen's CPU int8 GEMM) with a separate quantize and dequant vs torchao's int8
+dynamic Linear (when torchao is importable: it is not in .venv; benchmarks/RESULTS.md says how
+the tables with it were run).
 
     python benchmarks/bench_int8_linear.py [--quick] [--threads N] [--markdown PATH]
 
@@ -9,11 +11,14 @@ each is timed with its own weight in cache; "1 cold" rows cycle through copies o
 so that each call reads its weight from DRAM. CPU: M in {1, 16, 128, 1024} x
 (K, N) in {(768, 768), (768, 3072), (4096, 4096)}. GPU section (only when CUDA
 is available): qlib int8_linear vs bf16 F.linear vs torch._int_mm + separate
-quantize/dequant, K = N in {4096, 8192}, M from 1 to 8192.
+quantize/dequant vs torchao's int8 dynamic Linear (Int8DynamicActivationInt8WeightConfig,
+eager; a column of NaN where torchao is not importable), K = N in {4096, 8192} and Llama-3-8B's
+projections ((K, N) = (4096, 6144), (4096, 14336), (14336, 4096)), M from 1 to 8192.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import itertools
 import platform
@@ -40,8 +45,19 @@ def cpu_model():
     return platform.processor()
 
 
+def torchao_int8_dynamic(lin):
+    """torchao's int8 dynamic-activation, int8-weight Linear (eager), or None without torchao."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except Exception:  # not installed, or not importable with this torch
+        return None
+    m = nn.Sequential(copy.deepcopy(lin))
+    quantize_(m, Int8DynamicActivationInt8WeightConfig())
+    return m
+
+
 def peers(lin):
-    """(fp32, torch.ao, qlib, _int_mm path) forward functions of one nn.Linear."""
+    """(fp32, torch.ao, qlib, _int_mm path[, torchao]) forward functions of one nn.Linear."""
     ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
     q = Int8Linear.from_float(lin)
     w_t = q.weight.t()
@@ -50,12 +66,13 @@ def peers(lin):
         xq, xs = torch.ops.qlib.quantize_per_token(x)
         return torch._int_mm(xq, w_t).float() * xs * q.weight_scale + q.bias
 
-    return [lambda x: F.linear(x, lin.weight, lin.bias), ao, q, int_mm_path]
+    tao = torchao_int8_dynamic(lin)
+    return [lambda x: F.linear(x, lin.weight, lin.bias), ao, q, int_mm_path] + ([tao] if tao is not None else [])
 
 
 @torch.inference_mode()
 def bench_cpu(quick):
-    """Rows (M, K, N, fp32, torch.ao, qlib, _int_mm path) in ms. Each peer runs 3 calls in a row
+    """Rows (M, K, N, fp32, torch.ao, qlib, _int_mm path, torchao or NaN) in ms. Each peer runs 3 calls in a row
     per round (10 at M <= 16; the first untimed), so each is timed with its own weight in
     cache. M = 1 also
     gets a "cold" row, as in LLM decoding: every call uses the next of several copies of the
@@ -81,21 +98,24 @@ def bench_cpu(quick):
                 timings.append(("1 cold", interleaved_medians_ms(
                     [lambda it=it: next(it)(x) for it in cycles], min_reps=2 * len(copies))))
                 del copies, cycles
-            for label, (t_fp, t_ao, t_q, t_mm) in timings:
-                rows.append((label, K, N, t_fp, t_ao, t_q, t_mm))
+            for label, (t_fp, t_ao, t_q, t_mm, *t_tao) in timings:
+                t_tao = t_tao[0] if t_tao else float("nan")
+                rows.append((label, K, N, t_fp, t_ao, t_q, t_mm, t_tao))
                 print(f"M={label:>6} K={K:5d} N={N:5d}  fp32 {t_fp:9.3f} ms  torch.ao {t_ao:9.3f} ms  "
-                      f"_int_mm path {t_mm:9.3f} ms  qlib {t_q:9.3f} ms  | qlib vs ao {t_ao / t_q:5.2f}x  "
-                      f"vs fp32 {t_fp / t_q:5.2f}x  vs _int_mm path {t_mm / t_q:5.2f}x", flush=True)
+                      f"_int_mm path {t_mm:9.3f} ms  torchao {t_tao:9.3f} ms  qlib {t_q:9.3f} ms  | qlib vs ao "
+                      f"{t_ao / t_q:5.2f}x  vs fp32 {t_fp / t_q:5.2f}x  vs _int_mm path {t_mm / t_q:5.2f}x  "
+                      f"vs torchao {t_tao / t_q:5.2f}x", flush=True)
     return rows
 
 
 def cpu_table(rows):
     out = ["| M | K | N | fp32 F.linear (ms) | torch.ao dynamic (ms) | _int_mm + quant + dequant (ms) "
-           "| qlib Int8Linear (ms) | qlib speed-up vs torch.ao | qlib speed-up vs fp32 | vs _int_mm path |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for M, K, N, t_fp, t_ao, t_q, t_mm in rows:
-        out.append(f"| {M} | {K} | {N} | {t_fp:.3f} | {t_ao:.3f} | {t_mm:.3f} | {t_q:.3f} | {t_ao / t_q:.2f}x "
-                   f"| {t_fp / t_q:.2f}x | {t_mm / t_q:.2f}x |")
+           "| torchao int8 dynamic (ms) | qlib Int8Linear (ms) | qlib speed-up vs torch.ao | qlib speed-up vs fp32 "
+           "| vs _int_mm path | vs torchao |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for M, K, N, t_fp, t_ao, t_q, t_mm, t_tao in rows:
+        out.append(f"| {M} | {K} | {N} | {t_fp:.3f} | {t_ao:.3f} | {t_mm:.3f} | {t_tao:.3f} | {t_q:.3f} "
+                   f"| {t_ao / t_q:.2f}x | {t_fp / t_q:.2f}x | {t_mm / t_q:.2f}x | {t_tao / t_q:.2f}x |")
     return "\n".join(out)
 
 
@@ -105,14 +125,13 @@ def bench_cuda(quick):
     # The fused Hopper GEMM (qlib.set_int8_cuda_gemm), timed beside the default when present.
     fused_gemm = ("cutlass-sm90" in qlib.int8_cuda_gemms()
                   and torch.cuda.get_device_capability() == (9, 0))
-    sizes = [4096] if quick else [4096, 8192]
+    shapes = [(4096, 4096)] if quick else [(4096, 4096), (8192, 8192), (4096, 6144), (4096, 14336), (14336, 4096)]
     ms = [1, 16, 128, 1024, 8192] if not quick else [1, 1024]
-    for KN in sizes:
-        K = N = KN
+    for K, N in shapes:
         lin = nn.Linear(K, N, device="cuda")
         q = Int8Linear.from_float(lin)
-        w_bf16 = lin.weight.bfloat16()
-        b_bf16 = lin.bias.bfloat16()
+        lin_bf16 = copy.deepcopy(lin).bfloat16()
+        ao = torchao_int8_dynamic(lin_bf16)
         w_t = q.weight.t()
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -124,23 +143,27 @@ def bench_cuda(quick):
                 return (c.float() * xs * q.weight_scale + q.bias).bfloat16()
 
             xq_pad = F.pad(torch.ops.qlib.quantize_per_token(x)[0], (0, 0, 0, max(0, 17 - M)))
-            t_q = cuda_median_ms(lambda: q(x))
-            t_fused = float("nan")
-            if fused_gemm:
-                qlib.set_int8_cuda_gemm("cutlass-sm90")
-                try:
-                    t_fused = cuda_median_ms(lambda: q(x))
-                finally:
-                    qlib.set_int8_cuda_gemm("auto")
-            t_bf = cuda_median_ms(lambda: F.linear(x, w_bf16, b_bf16))
-            t_mm = cuda_median_ms(int_mm_path)
-            t_raw = cuda_median_ms(lambda: torch._int_mm(xq_pad, w_t))
-            rows.append((M, K, N, t_bf, t_raw, t_mm, t_q, t_fused))
-            print(f"[cuda] M={M:5d} K=N={KN}  bf16 {t_bf:8.3f} ms  _int_mm alone {t_raw:8.3f} ms  "
-                  f"_int_mm+quant+dequant {t_mm:8.3f} ms  qlib {t_q:8.3f} ms | vs bf16 {t_bf / t_q:5.2f}x  "
-                  f"vs _int_mm alone {t_raw / t_q:5.2f}x  vs _int_mm+quant+dequant {t_mm / t_q:5.2f}x  "
+            with torch.no_grad():
+                t_q = cuda_median_ms(lambda: q(x))
+                t_fused = float("nan")
+                if fused_gemm:
+                    qlib.set_int8_cuda_gemm("cutlass-sm90")
+                    try:
+                        t_fused = cuda_median_ms(lambda: q(x))
+                    finally:
+                        qlib.set_int8_cuda_gemm("auto")
+                t_bf = cuda_median_ms(lambda: lin_bf16(x))
+                t_mm = cuda_median_ms(int_mm_path)
+                t_raw = cuda_median_ms(lambda: torch._int_mm(xq_pad, w_t))
+                t_ao = cuda_median_ms(lambda: ao(x)) if ao is not None else float("nan")
+            rows.append((M, K, N, t_bf, t_raw, t_mm, t_ao, t_q, t_fused))
+            print(f"[cuda] M={M:5d} K={K} N={N}  bf16 {t_bf:8.3f} ms  _int_mm alone {t_raw:8.3f} ms  "
+                  f"_int_mm+quant+dequant {t_mm:8.3f} ms  torchao {t_ao:8.3f} ms  qlib {t_q:8.3f} ms | "
+                  f"vs bf16 {t_bf / t_q:5.2f}x  vs _int_mm alone {t_raw / t_q:5.2f}x  "
+                  f"vs _int_mm+quant+dequant {t_mm / t_q:5.2f}x  vs torchao {t_ao / t_q:5.2f}x  "
                   f"({2 * M * K * N / t_q / 1e9:7.1f} TOPS) | fused sm90 {t_fused:8.3f} ms: vs bf16 "
-                  f"{t_bf / t_fused:5.2f}x, vs _int_mm alone {t_raw / t_fused:5.2f}x", flush=True)
+                  f"{t_bf / t_fused:5.2f}x, vs _int_mm alone {t_raw / t_fused:5.2f}x, vs torchao "
+                  f"{t_ao / t_fused:5.2f}x", flush=True)
     return rows
 
 
@@ -167,13 +190,13 @@ def main():
         if gpu:
             text += ["", f"GPU: {torch.cuda.get_device_name()}", "",
                      "| M | K | N | bf16 F.linear (ms) | _int_mm alone (ms) | _int_mm + quant + dequant (ms) "
-                     "| qlib Int8Linear (ms) | vs bf16 | vs _int_mm alone | qlib TOPS "
-                     "| qlib fused sm90 (ms) | vs bf16 | vs _int_mm alone | fused TOPS |",
-                     "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            text += [f"| {M} | {K} | {N} | {bf:.3f} | {raw:.3f} | {mm:.3f} | {t:.3f} | {bf / t:.2f}x | "
-                     f"{raw / t:.2f}x | {2 * M * K * N / t / 1e9:.0f} | {tf:.3f} | {bf / tf:.2f}x | "
-                     f"{raw / tf:.2f}x | {2 * M * K * N / tf / 1e9:.0f} |"
-                     for M, K, N, bf, raw, mm, t, tf in gpu]
+                     "| torchao int8 dynamic (ms) | qlib Int8Linear (ms) | vs bf16 | vs _int_mm alone | vs torchao "
+                     "| qlib TOPS | qlib fused sm90 (ms) | vs bf16 | vs _int_mm alone | vs torchao | fused TOPS |",
+                     "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            text += [f"| {M} | {K} | {N} | {bf:.3f} | {raw:.3f} | {mm:.3f} | {ao:.3f} | {t:.3f} | {bf / t:.2f}x | "
+                     f"{raw / t:.2f}x | {ao / t:.2f}x | {2 * M * K * N / t / 1e9:.0f} | {tf:.3f} | {bf / tf:.2f}x | "
+                     f"{raw / tf:.2f}x | {ao / tf:.2f}x | {2 * M * K * N / tf / 1e9:.0f} |"
+                     for M, K, N, bf, raw, mm, ao, t, tf in gpu]
         args.markdown.write_text("\n".join(text) + "\n")
 
 

@@ -5,7 +5,8 @@
 #   test      the whole pytest suite, CUDA included
 #   sanitize  the CUDA tests under compute-sanitizer memcheck and racecheck
 #   probe     scripts/gpu_probe.py diagnostics, and a native backtrace of an error path
-#   benchfq   bench_fake_quant alone; benchobs: bench_observers alone; benchint8: the int8 GPU table;
+#   benchfq   bench_fake_quant alone; benchobs: bench_observers alone; benchint8: the int8 GPU table
+#             (torchao's int8 dynamic Linear too, from a carried .wheels/torchao-*.whl);
 #             bench4: the 4-bit GPU table (qlib NF4 against dense bf16)
 #   fqpacks   bench_fake_quant --packs-only: the fake_quant kernels at 1, 2 and 4 packs per thread
 #   ncufq     Nsight Compute on the fake_quant forward kernel, per-tensor vs per-channel, float32 vs
@@ -36,6 +37,11 @@ done
 # .cutlass/include (here: cp -r .venv/lib/python3.11/site-packages/cutlass_library/source/include .cutlass/).
 if [ -f .cutlass/include/cutlass/cutlass.h ]; then export QLIB_CUTLASS_INCLUDE=$PWD/.cutlass/include
 else echo "== no .cutlass/include carried: building without the fused sm90 int8 GEMM"; fi
+# torchao (the int8 bench's peer) comes carried as a wheel in .wheels/ (here: .venv/bin/pip
+# download --no-deps torchao==0.18.0 -d .wheels), installed beside qlib without its dependencies.
+if ls .wheels/torchao-*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-deps --no-index --target /tmp/peers .wheels/torchao-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/peers
+else echo "== no .wheels/torchao-*.whl carried: the int8 bench runs without its torchao column"; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 SRC_HASH=$(cat setup.py $(ls csrc/* cuda/* | LC_ALL=C sort) | sha1sum | cut -c1-16)
 if [ -f .gpubuild/hash ] && [ "$(cat .gpubuild/hash)" = "$SRC_HASH" ]; then
