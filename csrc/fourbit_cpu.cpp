@@ -8,7 +8,6 @@
 // to bfloat16 tiles as it is read, tdpbf16ps against x packed once a call.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include <array>
@@ -23,7 +22,7 @@
 #include "amx.h"
 #include "cpu_vec.h"
 #include "fourbit.h"
-#include "int8.h"  // chosen_once
+#include "kernel_choice.h"
 
 namespace qlib {
 namespace {
@@ -196,18 +195,29 @@ QLIB_AVX512BF16_FN inline __m512i bf16_block_values(__m512 lut, float absmax) {
   return _mm512_maskz_inserti64x4(0xFF, _mm512_castsi256_si512(half), half, 1);
 }
 
-// decode_row into bfloat16 W_hat (as at::BFloat16 of the float32 value), 32 codes a step.
-QLIB_AVX512BF16_FN void decode_row_bf16(const uint8_t* row, const float* absmax, int64_t K,
-                                        int64_t block_size, const float* cb, at::BFloat16* out) {
+// W_hat[0, len) of one row from a block start (row and absmax there) into bfloat16 (as
+// at::BFloat16 of the float32 value): in k order, 32 codes a step, or when kSplit in
+// split_steps' order (step 64), zero padded to a multiple of 32.
+template <bool kSplit>
+QLIB_AVX512BF16_FN void decode_span_bf16(const uint8_t* row, const float* absmax, int64_t len,
+                                         int64_t block_size, const float* cb, at::BFloat16* out) {
   const __m512 lut = _mm512_loadu_ps(cb);
-  for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
-    const int64_t k1 = std::min(k0 + block_size, K);
+  for (int64_t k0 = 0, b = 0; k0 < len; k0 += block_size, ++b) {
+    const int64_t k1 = std::min(k0 + block_size, len);
     const __m512i values = bf16_block_values(lut, absmax[b]);
     int64_t k = k0;
+    for (; kSplit && k + 64 <= k1; k += 64) {
+      const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
+          ~0u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1))));
+      _mm512_storeu_si512(out + k, _mm512_maskz_permutexvar_epi16(~0u, bytes, values));
+      _mm512_storeu_si512(out + k + 32, _mm512_maskz_permutexvar_epi16(
+                                            ~0u, _mm512_maskz_srli_epi16(~0u, bytes, 4), values));
+    }
     for (; k + 32 <= k1; k += 32)
       _mm512_storeu_si512(out + k, reinterpret_cast<__m512i>(bf16_weights(row + (k >> 1), values)));
     for (; k < k1; ++k) out[k] = static_cast<at::BFloat16>(codebook_value(packed_code(row, k), absmax[b], cb));
   }
+  for (int64_t k = len; kSplit && k % 32 != 0; ++k) out[k] = at::BFloat16(0.0f);
 }
 
 QLIB_AVX512BF16_FN inline __m512bh bf16_load(const at::BFloat16* p) {
@@ -274,31 +284,6 @@ constexpr int64_t kAmxKBlock = 256;
 
 #define QLIB_AMX_BF16_FN __attribute__((target("avx2,fma,avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
 
-// W_hat[0, len) of one row from a block start (row, absmax there) as bfloat16 in split_steps'
-// order (step 64), zero padded to a multiple of 32.
-QLIB_AVX512BF16_FN void decode_span_bf16_split(const uint8_t* row, const float* absmax, int64_t len,
-                                               int64_t block_size, const float* cb, at::BFloat16* out) {
-  const __m512 lut = _mm512_loadu_ps(cb);
-  for (int64_t k0 = 0, b = 0; k0 < len; k0 += block_size, ++b) {
-    const int64_t k1 = std::min(k0 + block_size, len);
-    const __m512i values = bf16_block_values(lut, absmax[b]);
-    int64_t k = k0;
-    for (; k + 64 <= k1; k += 64) {
-      const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
-          ~0u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1))));
-      _mm512_storeu_si512(out + k, _mm512_maskz_permutexvar_epi16(~0u, bytes, values));
-      _mm512_storeu_si512(out + k + 32, _mm512_maskz_permutexvar_epi16(
-                                            ~0u, _mm512_maskz_srli_epi16(~0u, bytes, 4), values));
-    }
-    if (k + 32 <= k1) {
-      _mm512_storeu_si512(out + k, reinterpret_cast<__m512i>(bf16_weights(row + (k >> 1), values)));
-      k += 32;
-    }
-    for (; k < k1; ++k) out[k] = static_cast<at::BFloat16>(codebook_value(packed_code(row, k), absmax[b], cb));
-  }
-  for (int64_t k = len; k % 32 != 0; ++k) out[k] = at::BFloat16(0.0f);
-}
-
 // C tiles 4 .. 3 + T (float32, 16 weight rows x 16 rows of x each) over all of K for 16 weight
 // rows (rows: their packed rows, ldp apart; absmax: lda apart; rows past `valid` stay zero in
 // abuf) and T tiles of packed x (xt: the first, tiles of one 16-row group nch chunks apart),
@@ -317,7 +302,7 @@ QLIB_AMX_BF16_FN void amx_tiles(const uint8_t* rows, int64_t ldp, const float* a
   for (int64_t k0 = 0; k0 < K; k0 += kb) {
     const int64_t len = std::min(kb, K - k0);
     for (int64_t r = 0; r < valid; ++r)
-      decode_span_bf16_split(rows + r * ldp + k0 / 2, absmax + r * lda + k0 / block_size, len,
+      decode_span_bf16<true>(rows + r * ldp + k0 / 2, absmax + r * lda + k0 / block_size, len,
                              block_size, cb, abuf + r * ldb);
     asm volatile("" ::: "memory");  // abuf is written before the tile loads read it
     for (int64_t c0 = 0; c0 < len; c0 += 32) {
@@ -457,7 +442,7 @@ void decode_row(const uint8_t* row, const float* absmax, int64_t K, int64_t bloc
 }
 
 // Rows [n0, n1) of the weight decoded into out ([n1 - n0, K]), in parallel: float32, or
-// bfloat16 (decode_row_bf16's CPU and block sizes; x86 only).
+// bfloat16 (decode_span_bf16's CPU and block sizes; x86 only).
 template <typename T>
 void decode_rows(const at::Tensor& packed, const at::Tensor& absmax, const float* cb, int64_t K,
                  int64_t block_size, int64_t n0, int64_t n1, T* out) {
@@ -469,7 +454,7 @@ void decode_rows(const at::Tensor& packed, const at::Tensor& absmax, const float
       if constexpr (std::is_same_v<T, float>) {
         decode_row(p + n * ldp, am + n * lda, K, block_size, cb, out + (n - n0) * K);
       } else {
-        decode_row_bf16(p + n * ldp, am + n * lda, K, block_size, cb, out + (n - n0) * K);
+        decode_span_bf16<false>(p + n * ldp, am + n * lda, K, block_size, cb, out + (n - n0) * K);
       }
     }
   });
@@ -715,30 +700,15 @@ constexpr std::array<const char*, 4> kFourbitKernelNames = {"scalar", "avx512", 
 std::string fourbit_cpu_kernel() { return kFourbitKernelNames[static_cast<int>(current_fourbit_kernel())]; }
 
 std::vector<std::string> fourbit_cpu_kernels() {
-  std::vector<std::string> names;
-  for (int k = 0; k < static_cast<int>(kFourbitKernelNames.size()); ++k)
-    if (fourbit_kernel_supported(static_cast<FourbitKernel>(k))) names.emplace_back(kFourbitKernelNames[k]);
-  return names;
+  return supported_names(kFourbitKernelNames, [](int k) { return fourbit_kernel_supported(static_cast<FourbitKernel>(k)); });
 }
 
 void set_fourbit_cpu_kernel(const std::string& name) {
-  if (name == "auto") {
-    int best = 0;
-    for (int k = 0; k < static_cast<int>(kFourbitKernelNames.size()); ++k)
-      if (fourbit_kernel_supported(static_cast<FourbitKernel>(k))) best = k;
-    g_fourbit_kernel.store(best);
-    return;
-  }
-  for (int k = 0; k < static_cast<int>(kFourbitKernelNames.size()); ++k) {
-    if (name != kFourbitKernelNames[k]) continue;
-    TORCH_CHECK(fourbit_kernel_supported(static_cast<FourbitKernel>(k)),
-                "qlib.set_fourbit_cpu_kernel: this CPU cannot run the '", name,
-                "' kernel; it can run: ", c10::Join(", ", fourbit_cpu_kernels()));
-    g_fourbit_kernel.store(k);
-    return;
-  }
-  TORCH_CHECK(false, "qlib.set_fourbit_cpu_kernel: unknown kernel '", name,
-              "'; expected 'auto' or one of ", c10::Join(", ", kFourbitKernelNames));
+  const auto supported = [](int k) { return fourbit_kernel_supported(static_cast<FourbitKernel>(k)); };
+  int best = 0;
+  for (int k = 0; k < static_cast<int>(kFourbitKernelNames.size()); ++k)
+    if (supported(k)) best = k;  // the families are ordered
+  set_by_name(g_fourbit_kernel, "qlib.set_fourbit_cpu_kernel", name, kFourbitKernelNames, supported, best);
 }
 
 TORCH_LIBRARY_IMPL(qlib, CPU, m) {

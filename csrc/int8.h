@@ -10,25 +10,10 @@
 #include <utility>
 #include <vector>
 
+#include "kernel_choice.h"
 #include "quant_math.h"
 
 namespace qlib {
-
-// The index held in `slot` (-1: not chosen yet). The first call chooses through
-// set(name), name = the environment variable `env_var` or "auto"; a failure names the variable.
-template <class Set>
-int chosen_once(std::atomic<int>& slot, const char* env_var, Set&& set) {
-  if (slot.load(std::memory_order_relaxed) < 0) {
-    const char* env = std::getenv(env_var);
-    try {
-      set(env != nullptr && *env != '\0' ? env : "auto");
-    } catch (const c10::Error& e) {
-      TORCH_CHECK(false, "the environment variable ", env_var, "=", env, " is not usable: ",
-                  e.what_without_backtrace());
-    }
-  }
-  return slot.load(std::memory_order_relaxed);
-}
 
 // The int8 CPU GEMM kernel family (int8_cpu.cpp): the best this CPU runs, chosen once, or
 // set by name ("vnni-emulated" runs the VNNI layout with AVX2 ops: tests, any AVX2 CPU;

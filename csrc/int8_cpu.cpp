@@ -27,7 +27,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -124,27 +123,13 @@ Int8Kernel current_int8_kernel() {
 std::string int8_cpu_kernel() { return kInt8KernelNames[static_cast<int>(current_int8_kernel())]; }
 
 std::vector<std::string> int8_cpu_kernels() {
-  std::vector<std::string> names;
-  for (int k = 0; k < static_cast<int>(kInt8KernelNames.size()); ++k)
-    if (int8_kernel_supported(static_cast<Int8Kernel>(k))) names.emplace_back(kInt8KernelNames[k]);
-  return names;
+  return supported_names(kInt8KernelNames, [](int k) { return int8_kernel_supported(static_cast<Int8Kernel>(k)); });
 }
 
 void set_int8_cpu_kernel(const std::string& name) {
-  if (name == "auto") {
-    g_int8_kernel.store(static_cast<int>(best_int8_kernel()));
-    return;
-  }
-  for (int k = 0; k < static_cast<int>(kInt8KernelNames.size()); ++k) {
-    if (name != kInt8KernelNames[k]) continue;
-    TORCH_CHECK(int8_kernel_supported(static_cast<Int8Kernel>(k)),
-                "qlib.set_int8_cpu_kernel: this CPU cannot run the '", name,
-                "' kernel; it can run: ", c10::Join(", ", int8_cpu_kernels()));
-    g_int8_kernel.store(k);
-    return;
-  }
-  TORCH_CHECK(false, "qlib.set_int8_cpu_kernel: unknown kernel '", name,
-              "'; expected 'auto' or one of ", c10::Join(", ", kInt8KernelNames));
+  set_by_name(g_int8_kernel, "qlib.set_int8_cpu_kernel", name, kInt8KernelNames,
+              [](int k) { return int8_kernel_supported(static_cast<Int8Kernel>(k)); },
+              static_cast<int>(best_int8_kernel()));
 }
 
 namespace {
