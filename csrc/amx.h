@@ -1,5 +1,5 @@
 // Intel AMX (tile unit) helpers shared by the int8 and 4-bit CPU kernels: CPUID checks with the
-// Linux grant of the tile data state, and the one tile configuration both use.
+// Linux grant of the tile data state, and the one tile configuration both use (x86-64 only).
 #pragma once
 
 #if defined(__x86_64__)
@@ -11,8 +11,6 @@
 #endif
 
 #include <cstdint>
-
-#define QLIB_AMX 1
 
 namespace qlib {
 
@@ -54,6 +52,4 @@ __attribute__((target("amx-tile"))) inline void amx_release() { _tile_release();
 
 }  // namespace qlib
 
-#else
-#define QLIB_AMX 0
-#endif
+#endif  // x86-64

@@ -383,8 +383,8 @@ at::Tensor pack_x_amx(const at::Tensor& xs, int64_t M, int64_t K) {
   return out;
 }
 
-// linear_4bit of a bfloat16 x [M, K] (kAmxMinM <= M <= kAmxMaxM, contiguous; block_size % 32 == 0) on the
-// AMX unit: float32 [M, N], + bias (float32 or undefined).
+// linear_4bit of a bfloat16 x [M, K] (kAmxMinM <= M <= kAmxMaxM, contiguous; block_size % 32
+// == 0) on the AMX unit: float32 [M, N], + bias (float32 or undefined).
 at::Tensor linear_4bit_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                            const float* cb, int64_t block_size, const at::Tensor& bias, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
@@ -614,8 +614,6 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   bool bf16_w = false;
 #if defined(__x86_64__)
   bf16_w = x_in.scalar_type() == at::kBFloat16 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512Bf16);
-#endif
-#if defined(__x86_64__)
   if (bf16_w && M >= kAmxMinM && M <= kAmxMaxM && uses(FourbitKernel::kAmxBf16)) {
     const at::Tensor y = linear_4bit_amx(x_in.reshape({M, K}).contiguous(), packed, absmax, c,
                                          block_size, bias, N);
@@ -693,22 +691,21 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   return y.to(x_in.scalar_type()).view(out_shape);
 }
 
-}  // namespace
-
 constexpr std::array<const char*, 4> kFourbitKernelNames = {"scalar", "avx512", "avx512-bf16", "amx-bf16"};
+
+bool family_supported(int k) { return fourbit_kernel_supported(static_cast<FourbitKernel>(k)); }
+
+}  // namespace
 
 std::string fourbit_cpu_kernel() { return kFourbitKernelNames[static_cast<int>(current_fourbit_kernel())]; }
 
-std::vector<std::string> fourbit_cpu_kernels() {
-  return supported_names(kFourbitKernelNames, [](int k) { return fourbit_kernel_supported(static_cast<FourbitKernel>(k)); });
-}
+std::vector<std::string> fourbit_cpu_kernels() { return supported_names(kFourbitKernelNames, family_supported); }
 
 void set_fourbit_cpu_kernel(const std::string& name) {
-  const auto supported = [](int k) { return fourbit_kernel_supported(static_cast<FourbitKernel>(k)); };
   int best = 0;
   for (int k = 0; k < static_cast<int>(kFourbitKernelNames.size()); ++k)
-    if (supported(k)) best = k;  // the families are ordered
-  set_by_name(g_fourbit_kernel, "qlib.set_fourbit_cpu_kernel", name, kFourbitKernelNames, supported, best);
+    if (family_supported(k)) best = k;  // the families are ordered
+  set_by_name(g_fourbit_kernel, "qlib.set_fourbit_cpu_kernel", name, kFourbitKernelNames, family_supported, best);
 }
 
 TORCH_LIBRARY_IMPL(qlib, CPU, m) {
