@@ -188,23 +188,38 @@ QLIB_AVX512BF16_FN inline __m512bh bf16_weights(const uint8_t* bytes16, __m512i 
   return reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(~0u, idx, values));
 }
 
-// A block's 16 W_hat values (codebook * absmax) as bfloat16 (round to nearest even, as
-// at::BFloat16), twice: the 32-entry vpermw table of bf16_weights and dot_rows_bf16.
+// A block's 16 W_hat values (codebook * absmax) as bfloat16, twice: the 32-entry vpermw table
+// of bf16_weights and dot_rows_bf16. kExact: as at::BFloat16 (round to nearest even on the
+// bits, subnormals kept, NaN as 0x7FC0); else vcvtneps2bf16, which rounds alike but flushes
+// subnormals to zero, as vdpbf16ps and tdpbf16ps read them anyway.
+template <bool kExact>
 QLIB_AVX512BF16_FN inline __m512i bf16_block_values(__m512 lut, float absmax) {
-  const __m256i half = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(absmax))));
+  const __m512 v = _mm512_mul_ps(lut, _mm512_set1_ps(absmax));
+  __m256i half;
+  if constexpr (kExact) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(0xFFFF, bits, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_maskz_srli_epi32(
+        0xFFFF, _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    half = _mm512_maskz_cvtepi32_epi16(0xFFFF, r);
+  } else {
+    half = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  }
   return _mm512_maskz_inserti64x4(0xFF, _mm512_castsi256_si512(half), half, 1);
 }
 
-// W_hat[0, len) of one row from a block start (row and absmax there) into bfloat16 (as
-// at::BFloat16 of the float32 value): in k order, 32 codes a step, or when kSplit in
-// split_steps' order (step 64), zero padded to a multiple of 32.
+// W_hat[0, len) of one row from a block start (row and absmax there) into bfloat16: in k order
+// (panels, dequantize_4bit), 32 codes a step, exactly at::BFloat16 of the float32 value; or
+// when kSplit in split_steps' order (step 64) for the AMX tiles, zero padded to a multiple of
+// 32, subnormal values flushed (bf16_block_values).
 template <bool kSplit>
 QLIB_AVX512BF16_FN void decode_span_bf16(const uint8_t* row, const float* absmax, int64_t len,
                                          int64_t block_size, const float* cb, at::BFloat16* out) {
   const __m512 lut = _mm512_loadu_ps(cb);
   for (int64_t k0 = 0, b = 0; k0 < len; k0 += block_size, ++b) {
     const int64_t k1 = std::min(k0 + block_size, len);
-    const __m512i values = bf16_block_values(lut, absmax[b]);
+    const __m512i values = bf16_block_values<!kSplit>(lut, absmax[b]);
     int64_t k = k0;
     for (; kSplit && k + 64 <= k1; k += 64) {
       const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
@@ -238,7 +253,7 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, i
   for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps(), tail[m] = 0.0f;
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
     const int64_t k1 = std::min(k0 + block_size, K);
-    const __m512i values = bf16_block_values(lut, absmax[b]);
+    const __m512i values = bf16_block_values<false>(lut, absmax[b]);
     int64_t k = k0;
     for (; k + 64 <= k1; k += 64) {  // x in split order: 32 even k, then 32 odd k
       const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
@@ -590,8 +605,18 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& ab
   check_packed_4bit(op, packed_in, absmax_in, codebook, in_features, block_size);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
               ": dtype must be float32, float16 or bfloat16, got ", dtype);
-  const at::Tensor w = decode_weight(packed_in.contiguous(), absmax_in.contiguous(),
-                                     codebook.contiguous(), in_features, block_size);
+  const at::Tensor packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
+  const at::Tensor cb = codebook.contiguous();
+#if defined(__x86_64__)
+  if (dtype == at::kBFloat16 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512Bf16)) {
+    // Straight to bfloat16 (the same bits as the float32 decode cast; linear_4bit's backward).
+    at::Tensor w = at::empty({packed.size(0), in_features}, absmax.options().dtype(at::kBFloat16));
+    decode_rows(packed, absmax, cb.const_data_ptr<float>(), in_features, block_size, 0, packed.size(0),
+                w.data_ptr<at::BFloat16>());
+    return w;
+  }
+#endif
+  const at::Tensor w = decode_weight(packed, absmax, cb, in_features, block_size);
   return dtype == at::kFloat ? w : w.to(dtype);
 }
 
