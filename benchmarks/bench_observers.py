@@ -62,10 +62,12 @@ def bench(device, args):
     for _, factory, _ in CASES:
         run_once(factory, batches[:1], device)  # warm-up
     # Round-robin, one run of each case per round, so a slow phase of a shared machine
-    # hits qlib and its peers alike.
+    # hits qlib and its peers alike; each round starts one case later, so no case always
+    # follows the same one (on an AMX Xeon, qlib's MinMax run right after torch.ao's
+    # HistogramObserver took 2.4x its time alone).
     times = {name: [] for name, _, _ in CASES}
-    for _ in range(args.repeats):
-        for name, factory, _ in CASES:
+    for r in range(args.repeats):
+        for name, factory, _ in CASES[r % len(CASES):] + CASES[:r % len(CASES)]:
             times[name].append(run_once(factory, batches, device))
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     lines = [
