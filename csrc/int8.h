@@ -4,8 +4,6 @@
 
 #include <ATen/ATen.h>
 
-#include <atomic>
-#include <cstdlib>
 #include <string>
 #include <utility>
 #include <vector>

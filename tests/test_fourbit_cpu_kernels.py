@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qlib
+from conftest import kernel_family_fixture
 
 ops = torch.ops.qlib
 KERNELS = qlib.fourbit_cpu_kernels()
@@ -19,13 +20,7 @@ def current():
     return qlib.build_info()["fourbit_cpu_kernel"]
 
 
-@pytest.fixture(params=KERNELS)
-def kernel(request):
-    qlib.set_fourbit_cpu_kernel(request.param)
-    try:
-        yield request.param
-    finally:
-        qlib.set_fourbit_cpu_kernel("auto")
+kernel = kernel_family_fixture(KERNELS, qlib.set_fourbit_cpu_kernel)
 
 
 def unpacked_w_hat(packed, absmax, codebook, k, block_size):

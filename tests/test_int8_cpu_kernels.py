@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qlib
+from conftest import kernel_family_fixture
 from qlib.nn import Int8Linear
 
 ops = torch.ops.qlib
@@ -21,13 +22,7 @@ def current():
     return qlib.build_info()["int8_cpu_kernel"]
 
 
-@pytest.fixture(params=KERNELS)
-def kernel(request):
-    qlib.set_int8_cpu_kernel(request.param)
-    try:
-        yield request.param
-    finally:
-        qlib.set_int8_cpu_kernel("auto")
+kernel = kernel_family_fixture(KERNELS, qlib.set_int8_cpu_kernel)
 
 
 def ref_gemm(a, b):
