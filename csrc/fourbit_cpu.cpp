@@ -188,24 +188,25 @@ QLIB_AVX512BF16_FN inline __m512bh bf16_weights(const uint8_t* bytes16, __m512i 
   return reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(~0u, idx, values));
 }
 
+// v as bfloat16, exactly as at::BFloat16 rounds (to nearest even on the bits, subnormals kept,
+// NaN as 0x7FC0).
+QLIB_AVX512BF16_FN inline __m256i bf16_round_exact(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(0xFFFF, bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_maskz_srli_epi32(
+      0xFFFF, _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_maskz_cvtepi32_epi16(0xFFFF, r);
+}
+
 // A block's 16 W_hat values (codebook * absmax) as bfloat16, twice: the 32-entry vpermw table
-// of bf16_weights and dot_rows_bf16. kExact: as at::BFloat16 (round to nearest even on the
-// bits, subnormals kept, NaN as 0x7FC0); else vcvtneps2bf16, which rounds alike but flushes
-// subnormals to zero, as vdpbf16ps and tdpbf16ps read them anyway.
+// of bf16_weights and dot_rows_bf16. kExact: as at::BFloat16 (bf16_round_exact); else
+// vcvtneps2bf16, which rounds alike but flushes subnormals to zero, as vdpbf16ps and tdpbf16ps
+// read them anyway.
 template <bool kExact>
 QLIB_AVX512BF16_FN inline __m512i bf16_block_values(__m512 lut, float absmax) {
   const __m512 v = _mm512_mul_ps(lut, _mm512_set1_ps(absmax));
-  __m256i half;
-  if constexpr (kExact) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(0xFFFF, bits, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_maskz_srli_epi32(
-        0xFFFF, _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    half = _mm512_maskz_cvtepi32_epi16(0xFFFF, r);
-  } else {
-    half = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-  }
+  const __m256i half = kExact ? bf16_round_exact(v) : reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
   return _mm512_maskz_inserti64x4(0xFF, _mm512_castsi256_si512(half), half, 1);
 }
 
@@ -381,40 +382,73 @@ at::Tensor split_steps(const at::Tensor& x, int64_t block_size, int64_t step) {
 }
 
 #if defined(__x86_64__)
-// x (bfloat16 [M, ld] in split order, zero at column K when K is odd) -> amx_tiles' B tiles:
-// [ceil(M / 16)][ceil(K / 32)] tiles of 16 k pairs x 16 rows of x (a pair a 32-bit word), zero
-// past M and K.
-at::Tensor pack_x_amx(const at::Tensor& xs, int64_t M, int64_t K) {
-  const int64_t nch = ceil_div(K, 32), pairs = ceil_div(K, 2), ld = xs.size(1) / 2;
-  at::Tensor out = at::zeros({ceil_div(M, 16) * nch * 512}, xs.options());
-  const auto* src = reinterpret_cast<const uint32_t*>(xs.const_data_ptr<at::BFloat16>());
-  auto* dst = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      uint32_t* d = dst + (m / 16) * nch * 256 + m % 16;
-      for (int64_t q = 0; q < pairs; ++q) d[q * 16] = src[m * ld + q];  // tile q / 16, row q % 16
+// The 16 words 0, 16, .., 240 (a column of a 16 x 16 tile of 32-bit values).
+QLIB_AVX512BF16_FN inline __m512i tile_column() {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(16));
+}
+
+// Row `row` (K values) of x into its place d of amx_tiles' B tiles (below): pair P of its k in
+// split_steps' order (step 64) at d + 32 P.
+QLIB_AVX512BF16_FN void pack_x_row_amx(const uint16_t* row, int64_t K, int64_t block_size, uint16_t* d) {
+  alignas(64) uint16_t e[32], o[32];
+  for (int j = 0; j < 32; ++j) e[j] = static_cast<uint16_t>(2 * j), o[j] = static_cast<uint16_t>(2 * j + 1);
+  const __m512i even = _mm512_load_si512(e), odd = _mm512_load_si512(o), pairs = tile_column();
+  for (int64_t k0 = 0; k0 < K; k0 += block_size) {
+    const int64_t k1 = std::min(k0 + block_size, K);
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) {  // a step's 32 even k, then its 32 odd k
+      const __m512i a = _mm512_loadu_si512(row + k), b = _mm512_loadu_si512(row + k + 32);
+      _mm512_i32scatter_epi32(d + 32 * (k / 2), pairs, _mm512_permutex2var_epi16(a, even, b), 4);
+      _mm512_i32scatter_epi32(d + 32 * (k / 2 + 16), pairs, _mm512_permutex2var_epi16(a, odd, b), 4);
     }
+    for (; k < k1; ++k) d[32 * (k / 2) + k % 2] = row[k];
+  }
+}
+
+// x (bfloat16 [M, K], contiguous) -> amx_tiles' B tiles: [ceil(M / 16)][ceil(K / 32)] tiles of
+// 16 k pairs x 16 rows of x (a pair a 32-bit word), in the decoded W_hat's k order, zero past M
+// and K.
+at::Tensor pack_x_amx(const at::Tensor& x, int64_t block_size) {
+  const int64_t M = x.size(0), K = x.size(1), nch = ceil_div(K, 32);
+  at::Tensor out = at::zeros({ceil_div(M, 16) * nch * 512}, x.options());
+  const auto* src = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      pack_x_row_amx(src + m * K, K, block_size, dst + (m / 16) * nch * 512 + (m % 16) * 2);
   });
   return out;
 }
 
+// amx_tiles' C tile t of 16 weight rows from n0 (valid of them) x 16 rows of x from m0, + bias:
+// into y (bfloat16 [M, N], rounded as at::BFloat16).
+QLIB_AVX512BF16_FN inline void store_c_tile(const float* c, int64_t m0, int64_t M, int64_t n0, int64_t N,
+                                            int64_t valid, const float* bias, at::BFloat16* y) {
+  const __mmask16 cols = static_cast<__mmask16>((1u << valid) - 1);
+  const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(cols, bias + n0) : _mm512_setzero_ps();
+  const __m512i rows = tile_column();
+  for (int64_t i = 0; i < 16 && m0 + i < M; ++i) {  // row i of x: column i of c
+    const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(rows, c + i, 4), b);
+    _mm512_mask_storeu_epi16(y + (m0 + i) * N + n0, cols, _mm512_castsi256_si512(bf16_round_exact(v)));
+  }
+}
+
 // linear_4bit of a bfloat16 x [M, K] (kAmxMinM <= M <= kAmxMaxM, contiguous; block_size % 32
-// == 0) on the AMX unit: float32 [M, N], + bias (float32 or undefined).
+// == 0) on the AMX unit: bfloat16 [M, N], + bias (float32 or undefined) before the rounding.
 at::Tensor linear_4bit_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                            const float* cb, int64_t block_size, const at::Tensor& bias, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor xs = split_steps<at::BFloat16>(x, block_size, 64);
-  if (K % 2 != 0) xs.select(1, K).zero_();
-  const at::Tensor xp = pack_x_amx(xs, M, K);
+  const at::Tensor xp = pack_x_amx(x, block_size);
   const int64_t nch = ceil_div(K, 32), tiles_m = ceil_div(M, 16);
   const int64_t kb = std::min(std::max<int64_t>(1, kAmxKBlock / block_size) * block_size, K);
   const int64_t ldb = ceil_div(kb, 32) * 32 + 32;  // rows off multiples of 4 KB
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
   const float* ap = absmax.const_data_ptr<float>();
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   const at::BFloat16* xb = xp.const_data_ptr<at::BFloat16>();
-  float* yp = y.data_ptr<float>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   const int64_t ldp = packed.size(1), lda = absmax.size(1);
   using Tiles = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
                          const float*, const at::BFloat16*, int64_t, int64_t, at::BFloat16*, int64_t,
@@ -431,10 +465,7 @@ at::Tensor linear_4bit_amx(const at::Tensor& x, const at::Tensor& packed, const 
         const int64_t T = std::min<int64_t>(4, tiles_m - g);
         kTiles[T - 1](pp + n0 * ldp, ldp, ap + n0 * lda, lda, valid, K, block_size, cb,
                       xb + g * nch * 512, nch, kb, abuf.data(), ldb, c);
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t i = 0, m = (g + t) * 16; i < 16 && m < M; ++i, ++m)
-            for (int64_t r = 0; r < valid; ++r)
-              yp[m * N + n0 + r] = c[t * 256 + r * 16 + i] + (bp != nullptr ? bp[n0 + r] : 0.0f);
+        for (int64_t t = 0; t < T; ++t) store_c_tile(c + t * 256, (g + t) * 16, M, n0, N, valid, bp, yp);
       }
     }
     amx_release();
@@ -640,9 +671,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
 #if defined(__x86_64__)
   bf16_w = x_in.scalar_type() == at::kBFloat16 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512Bf16);
   if (bf16_w && M >= kAmxMinM && M <= kAmxMaxM && uses(FourbitKernel::kAmxBf16)) {
-    const at::Tensor y = linear_4bit_amx(x_in.reshape({M, K}).contiguous(), packed, absmax, c,
-                                         block_size, bias, N);
-    return y.to(x_in.scalar_type()).view(out_shape);
+    return linear_4bit_amx(x_in.reshape({M, K}).contiguous(), packed, absmax, c, block_size, bias, N)
+        .view(out_shape);
   }
 #endif
   if (M > (bf16_w ? kFusedMaxMBf16 : kFusedMaxM)) {
