@@ -240,6 +240,24 @@ QLIB_AVX512BF16_FN inline __m512bh bf16_load(const at::BFloat16* p) {
   return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
 }
 
+// One step of dot_rows_bf16: 64 codes (32 bytes) at k, x in split order there (32 even k, then
+// 32 odd k). vpermw reads 5 index bits: the low nibble and one bit of the high one (hence the
+// table of 32); shifted by 4, the high nibble alone.
+template <int M>
+QLIB_AVX512BF16_FN inline void dot_step_bf16(const uint8_t* row, int64_t k, __m512i values,
+                                             const at::BFloat16* x, int64_t ldx, __m512 (&acc)[2][M]) {
+  const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
+      ~0u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1))));
+  const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(~0u, bytes, values));
+  const __m512bh w1 = reinterpret_cast<__m512bh>(
+      _mm512_maskz_permutexvar_epi16(~0u, _mm512_maskz_srli_epi16(~0u, bytes, 4), values));
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    acc[0][m] = _mm512_dpbf16_ps(acc[0][m], bf16_load(x + m * ldx + k), w0);
+    acc[1][m] = _mm512_dpbf16_ps(acc[1][m], bf16_load(x + m * ldx + k + 32), w1);
+  }
+}
+
 // bfloat16 x: W_hat rounded to bfloat16 (a block's 16 values as bfloat16, round to nearest
 // even as at::BFloat16), 64 codes (32 bytes) a step, vdpbf16ps: 32 products a row and
 // instruction, summed in float32.
@@ -256,20 +274,7 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, i
     const int64_t k1 = std::min(k0 + block_size, K);
     const __m512i values = bf16_block_values<false>(lut, absmax[b]);
     int64_t k = k0;
-    for (; k + 64 <= k1; k += 64) {  // x in split order: 32 even k, then 32 odd k
-      const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
-          ~0u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1))));
-      // vpermw reads 5 index bits: the low nibble and one bit of the high one (hence the
-      // table of 32); shifted by 4, the high nibble alone.
-      const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(~0u, bytes, values));
-      const __m512bh w1 = reinterpret_cast<__m512bh>(
-          _mm512_maskz_permutexvar_epi16(~0u, _mm512_maskz_srli_epi16(~0u, bytes, 4), values));
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        acc[0][m] = _mm512_dpbf16_ps(acc[0][m], bf16_load(x + m * ldx + k), w0);
-        acc[1][m] = _mm512_dpbf16_ps(acc[1][m], bf16_load(x + m * ldx + k + 32), w1);
-      }
-    }
+    for (; k + 64 <= k1; k += 64) dot_step_bf16<M>(row, k, values, x, ldx, acc);
     if (k + 32 <= k1) {  // x as is
       const __m512bh w = bf16_weights(row + (k >> 1), values);
 #pragma GCC unroll 8
@@ -283,6 +288,33 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, i
     }
   }
   store_sums<M>(acc, tail, sums);
+}
+
+// dot_rows_bf16<1> of kX1Rows weight rows at once (ldp bytes and lda blocks apart), for K and
+// block_size multiples of 64: one loop over the steps, x's loads shared (the same sums, 15-20%
+// faster: most of a one-row call's time beyond its steps was loop control and the call).
+constexpr int64_t kX1Rows = 4;
+QLIB_AVX512BF16_FN void dot_x1_rows_bf16(const uint8_t* rows, int64_t ldp, const float* absmax,
+                                         int64_t lda, int64_t K, int64_t block_size,
+                                         const float* cb, const at::BFloat16* x, float* sums) {
+  constexpr int R = kX1Rows;
+  const __m512 lut = _mm512_loadu_ps(cb);
+  __m512 acc[R][2][1];
+  __m512i values[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) acc[r][0][0] = acc[r][1][0] = _mm512_setzero_ps();
+  for (int64_t k = 0, b = 0, next = 0; k < K; k += 64) {
+    if (k == next) {  // a block starts
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) values[r] = bf16_block_values<false>(lut, absmax[r * lda + b]);
+      ++b, next += block_size;
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) dot_step_bf16<1>(rows + r * ldp, k, values[r], x, 0, acc[r]);
+  }
+  const float tail[1] = {0.0f};
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) store_sums<1>(acc[r], tail, sums + r);
 }
 
 // ---------------------------------------------------------------- AMX-BF16 (tile) kernel
@@ -727,7 +759,15 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
       const int64_t len = std::min(tile, K - k0);
       for (int64_t m0 = 0; m0 < M; m0 += kDotRows) {
         const int64_t rows = std::min(kDotRows, M - m0);
-        for (int64_t n = n0; n < n1; ++n) {
+        int64_t n = n0;
+#if defined(__x86_64__)
+        if (bf16_w && M == 1 && len == K && K % 64 == 0 && block_size % 64 == 0) {
+          for (; n + kX1Rows <= n1; n += kX1Rows)
+            dot_x1_rows_bf16(pp + n * ldp, ldp, ap + n * lda, lda, K, block_size, c,
+                             reinterpret_cast<const at::BFloat16*>(xp), &acc[n - n0]);
+        }
+#endif
+        for (; n < n1; ++n) {
           if (len < K && n + 1 < n1) {  // the next row's span: tiles of rows defeat the prefetcher
             const char* next = reinterpret_cast<const char*>(pp + (n + 1) * ldp + k0 / 2);
             for (int64_t b = 0; b < (len + 1) / 2; b += 64) __builtin_prefetch(next + b);

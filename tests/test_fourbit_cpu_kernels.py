@@ -82,6 +82,22 @@ def test_linear_matches_float64_every_kernel(kernel, block_size, K):
                                        msg=lambda m: f"{dtype} M={M}: {m}")
 
 
+@pytest.mark.parametrize("block_size", [64, 128, 96])
+def test_one_row_gives_the_bits_of_two(kernel, block_size):
+    """One row of x (on AVX512-BF16 CPUs a kernel that runs 4 weight rows at once when K and the
+    blocks are whole 64-code steps) sums as each row of a 2-row call does: the same bits, each
+    weight row in its place (N = 37: groups of 4 and a rest)."""
+    K, N = 1024, 37
+    cb = qlib.codebook_4bit("nf4")
+    packed, absmax = ops.quantize_4bit(torch.randn(N, K), cb, block_size)
+    for dtype in DTYPES:
+        x = torch.randn(2, K).to(dtype)
+        pair = ops.linear_4bit(x, packed, absmax, cb, block_size, None)
+        for m in range(2):
+            torch.testing.assert_close(ops.linear_4bit(x[m:m + 1], packed, absmax, cb, block_size, None),
+                                       pair[m:m + 1], rtol=0, atol=0, msg=lambda e: f"{dtype} row {m}: {e}")
+
+
 def test_amx_rows_alone_equal_rows_in_a_batch():
     """On the tile unit each sum runs over k in one order whatever the other rows are: any
     3 to 128 rows of x, at any offset, give the batch's bits (a row or column mixed up in the
