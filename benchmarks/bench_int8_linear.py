@@ -145,11 +145,16 @@ def bench_cuda(quick):
             xq_pad = F.pad(torch.ops.qlib.quantize_per_token(x)[0], (0, 0, 0, max(0, 17 - M)))
             with torch.no_grad():
                 t_q = cuda_median_ms(lambda: q(x))
-                t_fused = float("nan")
+                t_fused, fused_note = float("nan"), ""
                 if fused_gemm:
+                    y_default = q(x)
                     qlib.set_int8_cuda_gemm("cutlass-sm90")
                     try:
                         t_fused = cuda_median_ms(lambda: q(x))
+                        # The two GEMMs agree bit for bit (tests/test_int8.py): a time for wrong
+                        # numbers is no time.
+                        if not torch.equal(q(x), y_default):
+                            fused_note = " FUSED OUTPUT DIFFERS FROM THE DEFAULT GEMM'S"
                     finally:
                         qlib.set_int8_cuda_gemm("auto")
                 t_bf = cuda_median_ms(lambda: lin_bf16(x))
@@ -163,7 +168,7 @@ def bench_cuda(quick):
                   f"vs _int_mm+quant+dequant {t_mm / t_q:5.2f}x  vs torchao {t_ao / t_q:5.2f}x  "
                   f"({2 * M * K * N / t_q / 1e9:7.1f} TOPS) | fused sm90 {t_fused:8.3f} ms: vs bf16 "
                   f"{t_bf / t_fused:5.2f}x, vs _int_mm alone {t_raw / t_fused:5.2f}x, vs torchao "
-                  f"{t_ao / t_fused:5.2f}x", flush=True)
+                  f"{t_ao / t_fused:5.2f}x{fused_note}", flush=True)
     return rows
 
 
