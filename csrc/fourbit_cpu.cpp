@@ -336,12 +336,13 @@ constexpr int64_t kAmxKBlock = 256;
 // rows (rows: their packed rows, ldp apart; absmax: lda apart; rows past `valid` stay zero in
 // abuf) and T tiles of packed x (xt: the first, tiles of one 16-row group nch chunks apart),
 // stored to c (T x 16 x 16). W_hat is decoded kb k (whole blocks) at a time into abuf, 16 rows
-// ldb bfloat16 apart.
+// ldb bfloat16 apart: each block to abuf's start, or when `full` to its own k there (then,
+// unless `decode`, abuf already holds it all).
 template <int T>
 QLIB_AMX_BF16_FN void amx_tiles(const uint8_t* rows, int64_t ldp, const float* absmax, int64_t lda,
                                 int64_t valid, int64_t K, int64_t block_size, const float* cb,
                                 const at::BFloat16* xt, int64_t nch, int64_t kb, at::BFloat16* abuf,
-                                int64_t ldb, float* c) {
+                                int64_t ldb, float* c, bool full, bool decode) {
   const int64_t stride = ldb * 2;
   _tile_zero(4);
   if constexpr (T > 1) _tile_zero(5);
@@ -349,13 +350,14 @@ QLIB_AMX_BF16_FN void amx_tiles(const uint8_t* rows, int64_t ldp, const float* a
   if constexpr (T > 3) _tile_zero(7);
   for (int64_t k0 = 0; k0 < K; k0 += kb) {
     const int64_t len = std::min(kb, K - k0);
-    for (int64_t r = 0; r < valid; ++r)
+    at::BFloat16* a = full ? abuf + k0 : abuf;
+    for (int64_t r = 0; decode && r < valid; ++r)
       decode_span_bf16<true>(rows + r * ldp + k0 / 2, absmax + r * lda + k0 / block_size, len,
-                             block_size, cb, abuf + r * ldb);
+                             block_size, cb, a + r * ldb);
     asm volatile("" ::: "memory");  // abuf is written before the tile loads read it
     for (int64_t c0 = 0; c0 < len; c0 += 32) {
       const at::BFloat16* b = xt + (k0 + c0) * 16;  // chunk (k0 + c0) / 32, 512 values a chunk
-      _tile_loadd(0, abuf + c0, stride);
+      _tile_loadd(0, a + c0, stride);
       _tile_loadd(1, b, 64);
       _tile_dpbf16ps(4, 0, 1);
       if constexpr (T > 1) {
@@ -473,8 +475,11 @@ at::Tensor linear_4bit_amx(const at::Tensor& x, const at::Tensor& packed, const 
   const int64_t M = x.size(0), K = x.size(1);
   const at::Tensor xp = pack_x_amx(x, block_size);
   const int64_t nch = ceil_div(K, 32), tiles_m = ceil_div(M, 16);
+  // W_hat is decoded kb k at a time as the tiles go; up to 64 rows of x (one pass over the
+  // weight) into a buffer of kb k (in L1), more into one of all K that later passes reuse.
+  const bool full = tiles_m > 4;
   const int64_t kb = std::min(std::max<int64_t>(1, kAmxKBlock / block_size) * block_size, K);
-  const int64_t ldb = ceil_div(kb, 32) * 32 + 32;  // rows off multiples of 4 KB
+  const int64_t ldb = ceil_div(full ? K : kb, 32) * 32 + 32;  // rows off multiples of 4 KB
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
   const float* ap = absmax.const_data_ptr<float>();
@@ -484,7 +489,7 @@ at::Tensor linear_4bit_amx(const at::Tensor& x, const at::Tensor& packed, const 
   const int64_t ldp = packed.size(1), lda = absmax.size(1);
   using Tiles = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
                          const float*, const at::BFloat16*, int64_t, int64_t, at::BFloat16*, int64_t,
-                         float*);
+                         float*, bool, bool);
   static constexpr Tiles kTiles[4] = {amx_tiles<1>, amx_tiles<2>, amx_tiles<3>, amx_tiles<4>};
   at::parallel_for(0, ceil_div(N, 16), 1, [&](int64_t p0, int64_t p1) {
     std::vector<at::BFloat16> abuf(16 * ldb, at::BFloat16(0.0f));
@@ -496,7 +501,7 @@ at::Tensor linear_4bit_amx(const at::Tensor& x, const at::Tensor& packed, const 
       for (int64_t g = 0; g < tiles_m; g += 4) {
         const int64_t T = std::min<int64_t>(4, tiles_m - g);
         kTiles[T - 1](pp + n0 * ldp, ldp, ap + n0 * lda, lda, valid, K, block_size, cb,
-                      xb + g * nch * 512, nch, kb, abuf.data(), ldb, c);
+                      xb + g * nch * 512, nch, kb, abuf.data(), ldb, c, full, g == 0);
         for (int64_t t = 0; t < T; ++t) store_c_tile(c + t * 256, (g + t) * 16, M, n0, N, valid, bp, yp);
       }
     }
