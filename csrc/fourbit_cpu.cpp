@@ -322,12 +322,13 @@ QLIB_AVX512BF16_FN void dot_x1_rows_bf16(const uint8_t* rows, int64_t ldp, const
 // sums). A: 16 weight rows x 32 k of W_hat, decoded (split order, as the dot kernels') into a
 // buffer kAmxKBlock k at a time; B: 32 k x 16 rows of x in the tile's pair layout, packed once
 // a call (pack_x_amx); C: 16 weight rows x 16 rows of x, up to 4 C tiles (64 rows of x) held
-// over the whole K (more rows decode the weight again for each 64). Each sum runs over k in the
+// over the whole K (more rows: a pass over the weight for each 64). Each sum runs over k in the
 // same order whatever M is. From kAmxMinM rows (1-2 rows waste most of a tile: the dot kernels
-// are faster) to kAmxMaxM (past it the panels' GEMM is): measured on a Xeon with AMX (stop 20;
-// a 2 x 2 blocking of 32 weight rows with the sums in memory was slower up to 64 rows).
+// are faster) to kAmxMaxM (past it the panels' GEMM is; x's tiles no longer stay in L2):
+// measured on a Xeon with AMX (stops 20-21; a 2 x 2 blocking of 32 weight rows with the sums in
+// memory was slower up to 64 rows).
 constexpr int64_t kAmxMinM = 3;
-constexpr int64_t kAmxMaxM = 128;
+constexpr int64_t kAmxMaxM = 256;
 constexpr int64_t kAmxKBlock = 256;
 
 #define QLIB_AMX_BF16_FN __attribute__((target("avx2,fma,avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))

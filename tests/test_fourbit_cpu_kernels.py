@@ -1,6 +1,6 @@
 """The 4-bit CPU kernel families (qlib.set_fourbit_cpu_kernel): every one this CPU runs decodes
 the same bits and computes linear_4bit to the float64 product's tolerance. 'amx-bf16' (AMX
-tiles, a bfloat16 x of 3 to 128 rows) is tested where the CPU has it."""
+tiles, a bfloat16 x of 3 to 256 rows) is tested where the CPU has it."""
 import os
 import subprocess
 import sys
@@ -72,7 +72,7 @@ def test_linear_matches_float64_every_kernel(kernel, block_size, K):
     w_hat = unpacked_w_hat(packed, absmax, cb, K, block_size).double()
     bias = torch.randn(N)
     for dtype in DTYPES:
-        for M in (1, 2, 3, 15, 16, 17, 33, 64, 65, 100):
+        for M in (1, 2, 3, 15, 16, 17, 33, 64, 65, 100, 257):
             x = torch.randn(M, 2 * K).to(dtype)[:, ::2]
             y = ops.linear_4bit(x, packed, absmax, cb, block_size, bias)
             ref = x.double() @ w_hat.T + bias.double()
@@ -100,19 +100,20 @@ def test_one_row_gives_the_bits_of_two(kernel, block_size):
 
 def test_amx_rows_alone_equal_rows_in_a_batch():
     """On the tile unit each sum runs over k in one order whatever the other rows are: any
-    3 to 128 rows of x, at any offset, give the batch's bits (a row or column mixed up in the
-    tile packing or the store would not)."""
+    3 to 256 rows of x, at any offset, give the batch's bits (a row or column mixed up in the
+    tile packing or the store would not; past 64 rows the later passes over the weight reuse the
+    first pass's W_hat)."""
     if "amx-bf16" not in KERNELS:
         pytest.skip("this CPU has no AMX-BF16")
     K, N = 1000, 45  # odd tile counts: K / 32 and N / 16 not whole
     cb = qlib.codebook_4bit("nf4")
     packed, absmax = ops.quantize_4bit(torch.randn(N, K), cb, 64)
-    x = torch.randn(100, K).bfloat16()  # 64 rows a pass over the weight, then 36
-    x[7, 3] = x[70, 999] = float("nan")  # each stays in its row
+    x = torch.randn(230, K).bfloat16()  # 64 rows a pass over the weight: 3 passes, then 38 rows
+    x[7, 3] = x[70, 999] = x[200, 500] = float("nan")  # each stays in its row
     batch = ops.linear_4bit(x, packed, absmax, cb, 64, None)
-    nan_rows = torch.zeros(100, dtype=torch.bool)
-    nan_rows[[7, 70]] = True
+    nan_rows = torch.zeros(230, dtype=torch.bool)
+    nan_rows[[7, 70, 200]] = True
     assert batch[nan_rows].isnan().all() and not batch[~nan_rows].isnan().any()
-    for a, b in ((0, 3), (0, 16), (1, 18), (5, 40), (20, 64), (48, 64), (60, 75), (30, 100)):
+    for a, b in ((0, 3), (0, 16), (1, 18), (5, 40), (20, 64), (48, 64), (60, 75), (30, 100), (100, 230)):
         torch.testing.assert_close(ops.linear_4bit(x[a:b], packed, absmax, cb, 64, None), batch[a:b],
                                    rtol=0, atol=0, equal_nan=True, msg=lambda m: f"rows {a}:{b}: {m}")

@@ -157,7 +157,7 @@ def linear_4bit(x: Tensor, packed: Tensor, absmax: Tensor, codebook: CodebookLik
     kernel that decodes the weight as it reads it, in float32. More rows decode W_hat and run
     the device's GEMM: in x's dtype on CUDA, in bfloat16 on the CPU for a bfloat16 x (else
     float32); W_hat and the bias are then rounded to that dtype. On a CPU with AVX512-BF16 a
-    bfloat16 x multiplies W_hat rounded to bfloat16 at every M (3 to 128 rows on the AMX tile
+    bfloat16 x multiplies W_hat rounded to bfloat16 at every M (3 to 256 rows on the AMX tile
     unit where the CPU has AMX-BF16), with float32 sums."""
     return ops.linear_4bit(x, packed, absmax, codebook_4bit(codebook, packed.device), block_size, bias)
 
@@ -165,7 +165,7 @@ def linear_4bit(x: Tensor, packed: Tensor, absmax: Tensor, codebook: CodebookLik
 def fourbit_cpu_kernels() -> List[str]:
     """Names of the 4-bit CPU kernel families this CPU can run, each running what the one
     before does plus its own: 'scalar', 'avx512' (float32 decode and dots), 'avx512-bf16'
-    (bfloat16 W_hat and vdpbf16ps for a bfloat16 x), 'amx-bf16' (a bfloat16 x of 3 to 128
+    (bfloat16 W_hat and vdpbf16ps for a bfloat16 x), 'amx-bf16' (a bfloat16 x of 3 to 256
     rows on the AMX tile unit); ``build_info()["fourbit_cpu_kernel"]`` is the one in use (the
     best, unless set or named by ``QLIB_FOURBIT_CPU_KERNEL``)."""
     from . import _C
