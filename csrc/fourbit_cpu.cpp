@@ -100,6 +100,16 @@ QLIB_AVX512F_FN inline void store_sums(const __m512 (&acc)[2][M], const float* t
   for (int m = 0; m < M; ++m) sums[m] = lane_sum(_mm512_add_ps(acc[0][m], acc[1][m])) + tail[m];
 }
 
+// v rounded to bfloat16 exactly as at::BFloat16 rounds (to nearest even on the bits, subnormals
+// kept, NaN as 0x7FC0), as float32 bits (the low 16 zero).
+QLIB_AVX512F_FN inline __m512i bf16_rounded_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(0xFFFF, bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))),
+                                     _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+}
+
 // The codes of packed bytes in k order (low nibble first): of bytes 0-7 in `first`, of bytes
 // 8-15 in `second`, one a byte.
 QLIB_AVX512F_FN inline void split_codes(__m128i bytes, __m128i& first, __m128i& second) {
@@ -175,6 +185,46 @@ QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, in
   store_sums<M>(acc, tail, sums);
 }
 
+// One row of x (float32, in dot_rows_avx512's split order) dotted with R weight rows at once
+// (ldp bytes and lda blocks apart), for K and block_size multiples of 32: one loop over the
+// 32-code steps, x's loads shared, float32 FMAs. kBf16W: W_hat rounded to bfloat16 first (as
+// at::BFloat16, on the bits), for a bfloat16 x on CPUs whose bfloat16 kernels round it so. On
+// an AMX Xeon this is 1.5-2x the vdpbf16ps kernel for a bfloat16 row (vdpbf16ps retires at
+// half the FMAs' rate there) and 1.2-2x the one-row float32 kernel (call and loop control).
+template <int R, bool kBf16W>
+QLIB_AVX512F_FN void dot_x1_rows(const uint8_t* rows, int64_t ldp, const float* absmax, int64_t lda,
+                                 int64_t K, int64_t block_size, const float* cb, const float* x,
+                                 float* sums) {
+  const __m512 lut = _mm512_loadu_ps(cb);
+  __m512 acc[R][2][1];
+  __m512 values[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) acc[r][0][0] = acc[r][1][0] = _mm512_setzero_ps();
+  for (int64_t k = 0, b = 0, next = 0; k < K; k += 32) {
+    if (k == next) {  // a block starts
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        values[r] = _mm512_mul_ps(lut, _mm512_set1_ps(absmax[r * lda + b]));
+        if constexpr (kBf16W) values[r] = _mm512_castsi512_ps(bf16_rounded_bits(values[r]));
+      }
+      ++b, next += block_size;
+    }
+    const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {  // low nibbles (even k), then high nibbles (odd k)
+      const __m512i bytes = _mm512_maskz_cvtepu8_epi32(
+          0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + r * ldp + (k >> 1))));
+      const __m512 w0 = _mm512_maskz_permutexvar_ps(0xFFFF, bytes, values[r]);
+      const __m512 w1 = _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, bytes, 4), values[r]);
+      acc[r][0][0] = _mm512_fmadd_ps(x0, w0, acc[r][0][0]);
+      acc[r][1][0] = _mm512_fmadd_ps(x1, w1, acc[r][1][0]);
+    }
+  }
+  const float tail[1] = {0.0f};
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) store_sums<1>(acc[r], tail, sums + r);
+}
+
 #define QLIB_AVX512BF16_FN __attribute__((target("avx2,fma,avx512f,avx512bw,avx512bf16")))
 
 // bfloat16 W_hat of 32 codes from 16 bytes: values holds a block's 16 bfloat16 W_hat values
@@ -188,15 +238,9 @@ QLIB_AVX512BF16_FN inline __m512bh bf16_weights(const uint8_t* bytes16, __m512i 
   return reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(~0u, idx, values));
 }
 
-// v as bfloat16, exactly as at::BFloat16 rounds (to nearest even on the bits, subnormals kept,
-// NaN as 0x7FC0).
+// v as bfloat16 (bf16_rounded_bits), 16 bits a value.
 QLIB_AVX512BF16_FN inline __m256i bf16_round_exact(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(0xFFFF, bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_maskz_srli_epi32(
-      0xFFFF, _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_maskz_cvtepi32_epi16(0xFFFF, r);
+  return _mm512_maskz_cvtepi32_epi16(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, bf16_rounded_bits(v), 16));
 }
 
 // A block's 16 W_hat values (codebook * absmax) as bfloat16, twice: the 32-entry vpermw table
@@ -288,33 +332,6 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, i
     }
   }
   store_sums<M>(acc, tail, sums);
-}
-
-// dot_rows_bf16<1> of kX1Rows weight rows at once (ldp bytes and lda blocks apart), for K and
-// block_size multiples of 64: one loop over the steps, x's loads shared (the same sums, 7-20%
-// faster: about a quarter of a one-row call was loop control and the call, outside the steps).
-constexpr int64_t kX1Rows = 4;
-QLIB_AVX512BF16_FN void dot_x1_rows_bf16(const uint8_t* rows, int64_t ldp, const float* absmax,
-                                         int64_t lda, int64_t K, int64_t block_size,
-                                         const float* cb, const at::BFloat16* x, float* sums) {
-  constexpr int R = kX1Rows;
-  const __m512 lut = _mm512_loadu_ps(cb);
-  __m512 acc[R][2][1];
-  __m512i values[R];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) acc[r][0][0] = acc[r][1][0] = _mm512_setzero_ps();
-  for (int64_t k = 0, b = 0, next = 0; k < K; k += 64) {
-    if (k == next) {  // a block starts
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) values[r] = bf16_block_values<false>(lut, absmax[r * lda + b]);
-      ++b, next += block_size;
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) dot_step_bf16<1>(rows + r * ldp, k, values[r], x, 0, acc[r]);
-  }
-  const float tail[1] = {0.0f};
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) store_sums<1>(acc[r], tail, sums + r);
 }
 
 // ---------------------------------------------------------------- AMX-BF16 (tile) kernel
@@ -689,6 +706,33 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& ab
   return dtype == at::kFloat ? w : w.to(dtype);
 }
 
+#if defined(__x86_64__)
+// linear_4bit of one row of x (K and block_size multiples of 32, AVX512) through dot_x1_rows,
+// 4 weight rows a call: float32 [1, N], + bias (float32 or undefined). bf16_w: W_hat rounded to
+// bfloat16, as the bfloat16 kernels multiply it.
+at::Tensor linear_4bit_one_row(const at::Tensor& x_row, const at::Tensor& packed, const at::Tensor& absmax,
+                               const float* cb, int64_t block_size, const at::Tensor& bias, int64_t N,
+                               bool bf16_w) {
+  const int64_t K = x_row.size(1), ldp = packed.size(1), lda = absmax.size(1);
+  const at::Tensor x = split_steps<float>(x_row.to(at::kFloat).contiguous(), block_size, 32);
+  at::Tensor y = at::empty({1, N}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
+  const float* ap = absmax.const_data_ptr<float>();
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const auto four = bf16_w ? dot_x1_rows<4, true> : dot_x1_rows<4, false>;
+  const auto one = bf16_w ? dot_x1_rows<1, true> : dot_x1_rows<1, false>;
+  at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) four(pp + n * ldp, ldp, ap + n * lda, lda, K, block_size, cb, xp, yp + n);
+    for (; n < n1; ++n) one(pp + n * ldp, ldp, ap + n * lda, lda, K, block_size, cb, xp, yp + n);
+    for (n = n0; bp != nullptr && n < n1; ++n) yp[n] += bp[n];
+  });
+  return y;
+}
+#endif
+
 at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
                            const at::Tensor& absmax_in, const at::Tensor& codebook_in,
                            int64_t block_size, const std::optional<at::Tensor>& bias_in) {
@@ -710,6 +754,11 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   bf16_w = x_in.scalar_type() == at::kBFloat16 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512Bf16);
   if (bf16_w && M >= kAmxMinM && M <= kAmxMaxM && uses(FourbitKernel::kAmxBf16)) {
     return linear_4bit_amx(x_in.reshape({M, K}).contiguous(), packed, absmax, c, block_size, bias, N)
+        .view(out_shape);
+  }
+  if (M == 1 && K % 32 == 0 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512)) {
+    return linear_4bit_one_row(x_in.reshape({1, K}), packed, absmax, c, block_size, bias, N, bf16_w)
+        .to(x_in.scalar_type())
         .view(out_shape);
   }
 #endif
@@ -765,15 +814,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
       const int64_t len = std::min(tile, K - k0);
       for (int64_t m0 = 0; m0 < M; m0 += kDotRows) {
         const int64_t rows = std::min(kDotRows, M - m0);
-        int64_t n = n0;
-#if defined(__x86_64__)
-        if (bf16_w && M == 1 && len == K && K % 64 == 0 && block_size % 64 == 0) {
-          for (; n + kX1Rows <= n1; n += kX1Rows)
-            dot_x1_rows_bf16(pp + n * ldp, ldp, ap + n * lda, lda, K, block_size, c,
-                             reinterpret_cast<const at::BFloat16*>(xp), &acc[n - n0]);
-        }
-#endif
-        for (; n < n1; ++n) {
+        for (int64_t n = n0; n < n1; ++n) {
           if (len < K && n + 1 < n1) {  // the next row's span: tiles of rows defeat the prefetcher
             const char* next = reinterpret_cast<const char*>(pp + (n + 1) * ldp + k0 / 2);
             for (int64_t b = 0; b < (len + 1) / 2; b += 64) __builtin_prefetch(next + b);

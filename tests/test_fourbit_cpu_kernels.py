@@ -83,19 +83,43 @@ def test_linear_matches_float64_every_kernel(kernel, block_size, K):
 
 
 @pytest.mark.parametrize("block_size", [64, 128, 96])
-def test_one_row_gives_the_bits_of_two(kernel, block_size):
-    """One row of x (on AVX512-BF16 CPUs a kernel that runs 4 weight rows at once when K and the
-    blocks are whole 64-code steps) sums as each row of a 2-row call does: the same bits, each
-    weight row in its place (N = 37: groups of 4 and a rest)."""
+def test_one_row_matches_the_rows_of_two(kernel, block_size):
+    """One row of x (on AVX512 CPUs, with K and the blocks whole 32-code steps, a kernel that
+    runs 4 weight rows at once) puts each weight row in its place: a float32 or float16 row
+    gives the bits of a 2-row call (the same sums); a bfloat16 row, where the 2-row call runs
+    bfloat16 dot products (other sums of the same products), is within one bfloat16 rounding
+    (N = 37: groups of 4 and a rest)."""
     K, N = 1024, 37
     cb = qlib.codebook_4bit("nf4")
     packed, absmax = ops.quantize_4bit(torch.randn(N, K), cb, block_size)
+    bias = torch.randn(N)
     for dtype in DTYPES:
         x = torch.randn(2, K).to(dtype)
-        pair = ops.linear_4bit(x, packed, absmax, cb, block_size, None)
+        pair = ops.linear_4bit(x, packed, absmax, cb, block_size, bias)
+        tol = 2**-8 if dtype == torch.bfloat16 else 0
         for m in range(2):
-            torch.testing.assert_close(ops.linear_4bit(x[m:m + 1], packed, absmax, cb, block_size, None),
-                                       pair[m:m + 1], rtol=0, atol=0, msg=lambda e: f"{dtype} row {m}: {e}")
+            torch.testing.assert_close(ops.linear_4bit(x[m:m + 1], packed, absmax, cb, block_size, bias),
+                                       pair[m:m + 1], rtol=tol, atol=tol, msg=lambda e: f"{dtype} row {m}: {e}")
+
+
+@pytest.mark.parametrize("M", [1, 2, 5])
+def test_bfloat16_x_multiplies_the_kernels_w_hat(kernel, M):
+    """Each row of x holds two ones: y is then exactly W_hat[:, k] + W_hat[:, j] in float32,
+    rounded to bfloat16. The bfloat16 kernels ('avx512-bf16', 'amx-bf16') add W_hat rounded to
+    bfloat16 (as at::BFloat16 rounds), the others W_hat itself: this tells the two apart."""
+    K, N = 1024, 64
+    cb = qlib.codebook_4bit("nf4")
+    packed, absmax = ops.quantize_4bit(torch.randn(N, K), cb, 64)
+    w_hat = ops.dequantize_4bit(packed, absmax, cb, K, 64, torch.float32)
+    if kernel in ("avx512-bf16", "amx-bf16"):
+        w_hat = ops.dequantize_4bit(packed, absmax, cb, K, 64, torch.bfloat16).float()
+    for _ in range(4):
+        cols = torch.randperm(K)[:2 * M].view(M, 2)
+        x = torch.zeros(M, K)
+        x[torch.arange(M)[:, None], cols] = 1.0
+        y = ops.linear_4bit(x.bfloat16(), packed, absmax, cb, 64, None)
+        ref = (w_hat[:, cols[:, 0]] + w_hat[:, cols[:, 1]]).T.bfloat16()
+        assert torch.equal(y, ref), (kernel, M, cols)
 
 
 def test_amx_rows_alone_equal_rows_in_a_batch():
