@@ -185,21 +185,25 @@ QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, in
   store_sums<M>(acc, tail, sums);
 }
 
-// One row of x (float32, in dot_rows_avx512's split order) dotted with R weight rows at once
-// (ldp bytes and lda blocks apart), for K and block_size multiples of 32: one loop over the
-// 32-code steps, x's loads shared, float32 FMAs. kBf16W: W_hat rounded to bfloat16 first (as
-// at::BFloat16, on the bits), for a bfloat16 x on CPUs whose bfloat16 kernels round it so. On
-// an AMX Xeon this is 1.5-2x the vdpbf16ps kernel for a bfloat16 row (vdpbf16ps retires at
-// half the FMAs' rate there) and 1.2-2x the one-row float32 kernel (call and loop control).
-template <int R, bool kBf16W>
-QLIB_AVX512F_FN void dot_x1_rows(const uint8_t* rows, int64_t ldp, const float* absmax, int64_t lda,
-                                 int64_t K, int64_t block_size, const float* cb, const float* x,
-                                 float* sums) {
+// M <= kFewRows rows of x (float32, ldx apart, in dot_rows_avx512's split order) dotted with R
+// weight rows at once (ldp bytes and lda blocks apart), for K and block_size multiples of 32:
+// one loop over the 32-code steps, x's loads shared, float32 FMAs. kBf16W: W_hat rounded to
+// bfloat16 first (as at::BFloat16 rounds), for a bfloat16 x on CPUs whose bfloat16 kernels
+// round it so. On an AMX Xeon this is 1.5-2x the vdpbf16ps kernel for a bfloat16 row
+// (vdpbf16ps retires at half the FMAs' rate there) and 1.2-2x the one-row float32 kernel
+// (call and loop control).
+constexpr int64_t kFewRows = 2;
+template <int M, int R, bool kBf16W>
+QLIB_AVX512F_FN void dot_few_rows(const uint8_t* rows, int64_t ldp, const float* absmax, int64_t lda,
+                                  int64_t K, int64_t block_size, const float* cb, const float* x,
+                                  int64_t ldx, float* sums, int64_t lds) {
   const __m512 lut = _mm512_loadu_ps(cb);
-  __m512 acc[R][2][1];
+  __m512 acc[R][2][M];
   __m512 values[R];
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) acc[r][0][0] = acc[r][1][0] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int m = 0; m < M; ++m) acc[r][0][m] = acc[r][1][m] = _mm512_setzero_ps();
   for (int64_t k = 0, b = 0, next = 0; k < K; k += 32) {
     if (k == next) {  // a block starts
 #pragma GCC unroll 4
@@ -209,20 +213,29 @@ QLIB_AVX512F_FN void dot_x1_rows(const uint8_t* rows, int64_t ldp, const float* 
       }
       ++b, next += block_size;
     }
-    const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+    __m512 x0[M], x1[M];
+#pragma GCC unroll 2
+    for (int m = 0; m < M; ++m) x0[m] = _mm512_loadu_ps(x + m * ldx + k), x1[m] = _mm512_loadu_ps(x + m * ldx + k + 16);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {  // low nibbles (even k), then high nibbles (odd k)
       const __m512i bytes = _mm512_maskz_cvtepu8_epi32(
           0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + r * ldp + (k >> 1))));
       const __m512 w0 = _mm512_maskz_permutexvar_ps(0xFFFF, bytes, values[r]);
       const __m512 w1 = _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, bytes, 4), values[r]);
-      acc[r][0][0] = _mm512_fmadd_ps(x0, w0, acc[r][0][0]);
-      acc[r][1][0] = _mm512_fmadd_ps(x1, w1, acc[r][1][0]);
+#pragma GCC unroll 2
+      for (int m = 0; m < M; ++m) {
+        acc[r][0][m] = _mm512_fmadd_ps(x0[m], w0, acc[r][0][m]);
+        acc[r][1][m] = _mm512_fmadd_ps(x1[m], w1, acc[r][1][m]);
+      }
     }
   }
-  const float tail[1] = {0.0f};
+  const float tail[M] = {};
+  float part[M];
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) store_sums<1>(acc[r], tail, sums + r);
+  for (int r = 0; r < R; ++r) {
+    store_sums<M>(acc[r], tail, part);
+    for (int m = 0; m < M; ++m) sums[m * lds + r] = part[m];
+  }
 }
 
 #define QLIB_AVX512BF16_FN __attribute__((target("avx2,fma,avx512f,avx512bw,avx512bf16")))
@@ -707,27 +720,35 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& ab
 }
 
 #if defined(__x86_64__)
-// linear_4bit of one row of x (K and block_size multiples of 32, AVX512) through dot_x1_rows,
-// 4 weight rows a call: float32 [1, N], + bias (float32 or undefined). bf16_w: W_hat rounded to
-// bfloat16, as the bfloat16 kernels multiply it.
-at::Tensor linear_4bit_one_row(const at::Tensor& x_row, const at::Tensor& packed, const at::Tensor& absmax,
-                               const float* cb, int64_t block_size, const at::Tensor& bias, int64_t N,
-                               bool bf16_w) {
-  const int64_t K = x_row.size(1), ldp = packed.size(1), lda = absmax.size(1);
-  const at::Tensor x = split_steps<float>(x_row.to(at::kFloat).contiguous(), block_size, 32);
-  at::Tensor y = at::empty({1, N}, x.options());
+// linear_4bit of M <= kFewRows rows of x (K and block_size multiples of 32, AVX512) through
+// dot_few_rows, 4 weight rows a call: float32 [M, N], + bias (float32 or undefined). bf16_w:
+// W_hat rounded to bfloat16, as the bfloat16 kernels multiply it.
+at::Tensor linear_4bit_few_rows(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax,
+                                const float* cb, int64_t block_size, const at::Tensor& bias, int64_t N,
+                                bool bf16_w) {
+  const int64_t M = x_in.size(0), K = x_in.size(1), ldp = packed.size(1), lda = absmax.size(1);
+  const at::Tensor x = split_steps<float>(x_in.to(at::kFloat).contiguous(), block_size, 32);
+  at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.const_data_ptr<float>();
+  const int64_t ldx = x.size(1);
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
   const float* ap = absmax.const_data_ptr<float>();
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const auto four = bf16_w ? dot_x1_rows<4, true> : dot_x1_rows<4, false>;
-  const auto one = bf16_w ? dot_x1_rows<1, true> : dot_x1_rows<1, false>;
+  using Kernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t,
+                          const float*, const float*, int64_t, float*, int64_t);
+  static_assert(kFewRows == 2, "one kernel a row count");
+  static constexpr Kernel kFour[2][2] = {{dot_few_rows<1, 4, false>, dot_few_rows<1, 4, true>},
+                                         {dot_few_rows<2, 4, false>, dot_few_rows<2, 4, true>}};
+  static constexpr Kernel kOne[2][2] = {{dot_few_rows<1, 1, false>, dot_few_rows<1, 1, true>},
+                                        {dot_few_rows<2, 1, false>, dot_few_rows<2, 1, true>}};
+  const Kernel four = kFour[M - 1][bf16_w], one = kOne[M - 1][bf16_w];
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) four(pp + n * ldp, ldp, ap + n * lda, lda, K, block_size, cb, xp, yp + n);
-    for (; n < n1; ++n) one(pp + n * ldp, ldp, ap + n * lda, lda, K, block_size, cb, xp, yp + n);
-    for (n = n0; bp != nullptr && n < n1; ++n) yp[n] += bp[n];
+    for (; n + 4 <= n1; n += 4) four(pp + n * ldp, ldp, ap + n * lda, lda, K, block_size, cb, xp, ldx, yp + n, N);
+    for (; n < n1; ++n) one(pp + n * ldp, ldp, ap + n * lda, lda, K, block_size, cb, xp, ldx, yp + n, N);
+    for (int64_t m = 0; bp != nullptr && m < M; ++m)
+      for (n = n0; n < n1; ++n) yp[m * N + n] += bp[n];
   });
   return y;
 }
@@ -756,8 +777,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     return linear_4bit_amx(x_in.reshape({M, K}).contiguous(), packed, absmax, c, block_size, bias, N)
         .view(out_shape);
   }
-  if (M == 1 && K % 32 == 0 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512)) {
-    return linear_4bit_one_row(x_in.reshape({1, K}), packed, absmax, c, block_size, bias, N, bf16_w)
+  if (M <= kFewRows && K % 32 == 0 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512)) {
+    return linear_4bit_few_rows(x_in.reshape({M, K}), packed, absmax, c, block_size, bias, N, bf16_w)
         .to(x_in.scalar_type())
         .view(out_shape);
   }
