@@ -190,9 +190,9 @@ QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, in
 // weight rows at once (ldp bytes and lda blocks apart), for K and block_size multiples of 32:
 // one loop over the 32-code steps, x's loads shared, float32 FMAs. kBf16W: W_hat rounded to
 // bfloat16 first (as at::BFloat16 rounds), for a bfloat16 x on CPUs whose bfloat16 kernels
-// round it so. On an AMX Xeon this is 1.5-2x the vdpbf16ps kernel for a bfloat16 row
-// (vdpbf16ps retires at half the FMAs' rate there) and 1.2-2x the one-row float32 kernel
-// (call and loop control).
+// round it so. On an AMX Xeon one row runs 1.05-1.45x the vdpbf16ps kernel in bfloat16
+// (vdpbf16ps retires at half the FMAs' rate there) and 1.3-2x the one-row float32 kernel
+// (call and loop control); two rows 1.2-1.7x.
 constexpr int64_t kFewRows = 2;
 template <int M, int R, bool kBf16W>
 QLIB_AVX512F_FN void dot_few_rows(const uint8_t* rows, int64_t ldp, const float* absmax, int64_t lda,
@@ -298,24 +298,6 @@ QLIB_AVX512BF16_FN inline __m512bh bf16_load(const at::BFloat16* p) {
   return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
 }
 
-// One step of dot_rows_bf16: 64 codes (32 bytes) at k, x in split order there (32 even k, then
-// 32 odd k). vpermw reads 5 index bits: the low nibble and one bit of the high one (hence the
-// table of 32); shifted by 4, the high nibble alone.
-template <int M>
-QLIB_AVX512BF16_FN inline void dot_step_bf16(const uint8_t* row, int64_t k, __m512i values,
-                                             const at::BFloat16* x, int64_t ldx, __m512 (&acc)[2][M]) {
-  const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
-      ~0u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1))));
-  const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(~0u, bytes, values));
-  const __m512bh w1 = reinterpret_cast<__m512bh>(
-      _mm512_maskz_permutexvar_epi16(~0u, _mm512_maskz_srli_epi16(~0u, bytes, 4), values));
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m) {
-    acc[0][m] = _mm512_dpbf16_ps(acc[0][m], bf16_load(x + m * ldx + k), w0);
-    acc[1][m] = _mm512_dpbf16_ps(acc[1][m], bf16_load(x + m * ldx + k + 32), w1);
-  }
-}
-
 // bfloat16 x: W_hat rounded to bfloat16 (a block's 16 values as bfloat16, round to nearest
 // even as at::BFloat16), 64 codes (32 bytes) a step, vdpbf16ps: 32 products a row and
 // instruction, summed in float32.
@@ -332,7 +314,20 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, i
     const int64_t k1 = std::min(k0 + block_size, K);
     const __m512i values = bf16_block_values<false>(lut, absmax[b]);
     int64_t k = k0;
-    for (; k + 64 <= k1; k += 64) dot_step_bf16<M>(row, k, values, x, ldx, acc);
+    for (; k + 64 <= k1; k += 64) {  // x in split order: 32 even k, then 32 odd k
+      const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
+          ~0u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1))));
+      // vpermw reads 5 index bits: the low nibble and one bit of the high one (hence the
+      // table of 32); shifted by 4, the high nibble alone.
+      const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(~0u, bytes, values));
+      const __m512bh w1 = reinterpret_cast<__m512bh>(
+          _mm512_maskz_permutexvar_epi16(~0u, _mm512_maskz_srli_epi16(~0u, bytes, 4), values));
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        acc[0][m] = _mm512_dpbf16_ps(acc[0][m], bf16_load(x + m * ldx + k), w0);
+        acc[1][m] = _mm512_dpbf16_ps(acc[1][m], bf16_load(x + m * ldx + k + 32), w1);
+      }
+    }
     if (k + 32 <= k1) {  // x as is
       const __m512bh w = bf16_weights(row + (k >> 1), values);
 #pragma GCC unroll 8
