@@ -102,16 +102,22 @@ def speed_cuda(quick):
     """GPU: qlib NF4 Linear4bit against the dense bfloat16 layer (bfloat16 x), CUDA-event medians.
     The 4-bit layer reads 4.5 bits a weight instead of 16: decode (small M) is where it wins."""
     print(f"\nGPU {torch.cuda.get_device_name()}: bfloat16 x, median ms (CUDA events)")
-    print(f"{'K':>6} {'N':>6} {'M':>5} {'dense bf16':>11} {'qlib nf4':>9} {'dense / qlib':>13}")
+    print(f"{'K':>6} {'N':>6} {'M':>5} {'dense bf16':>11} {'qlib nf4':>9} {'dense / qlib':>13} {'rel. err':>9}")
     shapes = [(4096, 4096)] if quick else [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]
     for K, N in shapes:
         lin = nn.Linear(K, N, device="cuda", dtype=torch.bfloat16)
         q = Linear4bit.from_float(lin, "nf4", GROUP)
+        # The reference multiplies W_hat decoded by the (tested) CPU kernel, so a wrong CUDA kernel
+        # shows here and not only as a time.
+        w_hat = torch.ops.qlib.dequantize_4bit(q.packed.cpu(), q.absmax.cpu(), q.codebook.cpu(), K, GROUP,
+                                               torch.float32).double().cuda()
         for M in (1, 4, 16, 128, 1024):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             t_dense = cuda_median_ms(lambda: F.linear(x, lin.weight, lin.bias))
             t_q = cuda_median_ms(lambda: q(x))
-            print(f"{K:6d} {N:6d} {M:5d} {t_dense:11.3f} {t_q:9.3f} {t_dense / t_q:12.2f}x")
+            ref = x.double() @ w_hat.T + lin.bias.double()
+            err = ((q(x).double() - ref).norm() / ref.norm()).item()
+            print(f"{K:6d} {N:6d} {M:5d} {t_dense:11.3f} {t_q:9.3f} {t_dense / t_q:12.2f}x {err:9.1e}")
 
 
 def main():
