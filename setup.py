@@ -5,7 +5,7 @@ nvcc is found (never decided by torch.cuda.is_available()); QLIB_USE_CUDA=0
 forces a CPU-only build. TORCH_CUDA_ARCH_LIST picks the GPU archs (default
 9.0a, Hopper with wgmma). QLIB_CPU_ISA=avx2|default picks the CPU vector ISA
 (default: avx2 when this machine has it). The fused Hopper int8 GEMM
-(cuda/int8_gemm_sm90*.cu) is built when the arch list has 9.0a and CUTLASS's
+(cuda/int8_gemm_sm90.cu) is built when the arch list has 9.0a and CUTLASS's
 headers are found: QLIB_CUTLASS_INCLUDE, else PyPI's nvidia-cutlass package.
 """
 import glob
@@ -93,7 +93,7 @@ if with_cuda:
         include_dirs.append(cutlass)
         macros.append(("QLIB_WITH_SM90_GEMM", None))
     else:
-        sources = [s for s in sources if not Path(s).name.startswith("int8_gemm_sm90")]
+        sources.remove("cuda/int8_gemm_sm90.cu")
         print("qlib setup.py: building WITHOUT the fused Hopper int8 GEMM ("
               + ("no CUTLASS headers: pip install --no-deps nvidia-cutlass==4.2.0.0"
                  if cutlass is None else "9.0a is not in TORCH_CUDA_ARCH_LIST") + ")")

@@ -1,4 +1,4 @@
-// The fused Hopper int8 GEMM (cuda/int8_gemm_sm90*.cu), built when setup.py defines
+// The fused Hopper int8 GEMM (cuda/int8_gemm_sm90.cu), built when setup.py defines
 // QLIB_WITH_SM90_GEMM (CUTLASS found and 9.0a in TORCH_CUDA_ARCH_LIST).
 #pragma once
 
@@ -15,14 +15,5 @@ bool int8_linear_sm90_fits(const at::Tensor& b, const at::Tensor& out);
 // out's dtype (float32, float16, bfloat16); a_scale [M], w_scale [N], bias [N]: float32.
 void int8_linear_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
                       const at::Tensor& w_scale, const at::Tensor& bias, at::Tensor& out);
-
-// int8_linear_sm90 for one output dtype (its scales and bias already 16-byte aligned), each in
-// a translation unit of its own: int8_gemm_sm90_{bf16,f16,f32}.cu.
-void int8_linear_sm90_bf16(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
-                           const at::Tensor& w_scale, const at::Tensor& bias, at::Tensor& out);
-void int8_linear_sm90_f16(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
-                          const at::Tensor& w_scale, const at::Tensor& bias, at::Tensor& out);
-void int8_linear_sm90_f32(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
-                          const at::Tensor& w_scale, const at::Tensor& bias, at::Tensor& out);
 
 }  // namespace qlib
