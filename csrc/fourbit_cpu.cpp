@@ -193,7 +193,7 @@ QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, in
 // round it so. On an AMX Xeon one row runs 1.05-1.45x the vdpbf16ps kernel in bfloat16
 // (vdpbf16ps retires at half the FMAs' rate there) and 1.3-2x the one-row float32 kernel
 // (call and loop control); two rows 1.2-1.7x.
-constexpr int64_t kFewRows = 2;
+constexpr int64_t kFewRows = 4;
 template <int M, int R, bool kBf16W>
 QLIB_AVX512F_FN void dot_few_rows(const uint8_t* rows, int64_t ldp, const float* absmax, int64_t lda,
                                   int64_t K, int64_t block_size, const float* cb, const float* x,
@@ -202,9 +202,11 @@ QLIB_AVX512F_FN void dot_few_rows(const uint8_t* rows, int64_t ldp, const float*
   __m512 acc[R][2][M];
   __m512 values[R];
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) {
+    values[r] = _mm512_setzero_ps();  // (set at k = 0; GCC cannot tell)
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m) acc[r][0][m] = acc[r][1][m] = _mm512_setzero_ps();
+  }
   for (int64_t k = 0, b = 0, next = 0; k < K; k += 32) {
     if (k == next) {  // a block starts
 #pragma GCC unroll 4
@@ -215,7 +217,7 @@ QLIB_AVX512F_FN void dot_few_rows(const uint8_t* rows, int64_t ldp, const float*
       ++b, next += block_size;
     }
     __m512 x0[M], x1[M];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int m = 0; m < M; ++m) x0[m] = _mm512_loadu_ps(x + m * ldx + k), x1[m] = _mm512_loadu_ps(x + m * ldx + k + 16);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {  // low nibbles (even k), then high nibbles (odd k)
@@ -223,7 +225,7 @@ QLIB_AVX512F_FN void dot_few_rows(const uint8_t* rows, int64_t ldp, const float*
           0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + r * ldp + (k >> 1))));
       const __m512 w0 = _mm512_maskz_permutexvar_ps(0xFFFF, bytes, values[r]);
       const __m512 w1 = _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, bytes, 4), values[r]);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
         acc[r][0][m] = _mm512_fmadd_ps(x0[m], w0, acc[r][0][m]);
         acc[r][1][m] = _mm512_fmadd_ps(x1[m], w1, acc[r][1][m]);
@@ -490,7 +492,8 @@ QLIB_AVX512BF16_FN inline void store_c_tile(const float* c, int64_t m0, int64_t 
   const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(cols, bias + n0) : _mm512_setzero_ps();
   const __m512i rows = tile_column();
   for (int64_t i = 0; i < 16 && m0 + i < M; ++i) {  // row i of x: column i of c
-    const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(rows, c + i, 4), b);
+    // (The mask form: GCC 12 warns on the plain one's undefined pass-through.)
+    const __m512 v = _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, rows, c + i, 4), b);
     _mm512_mask_storeu_epi16(y + (m0 + i) * N + n0, cols, _mm512_castsi256_si512(bf16_round_exact(v)));
   }
 }
@@ -716,9 +719,24 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& ab
 }
 
 #if defined(__x86_64__)
+// dot_few_rows for M rows of x: `group` dots `rows` weight rows a call (4 up to 2 rows of x, 2
+// above: the accumulators fit the 32 registers), `one` the rest.
+using FewRowsKernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t,
+                               const float*, const float*, int64_t, float*, int64_t);
+struct FewRowsKernels {
+  FewRowsKernel group;
+  int64_t rows;
+  FewRowsKernel one;
+};
+template <int M, bool kBf16W>
+constexpr FewRowsKernels few_rows_kernels() {
+  constexpr int R = M <= 2 ? 4 : 2;
+  return {dot_few_rows<M, R, kBf16W>, R, dot_few_rows<M, 1, kBf16W>};
+}
+
 // linear_4bit of M <= kFewRows rows of x (K and block_size multiples of 32, AVX512) through
-// dot_few_rows, 4 weight rows a call: float32 [M, N], + bias (float32 or undefined). bf16_w:
-// W_hat rounded to bfloat16, as the bfloat16 kernels multiply it.
+// dot_few_rows: float32 [M, N], + bias (float32 or undefined). bf16_w: W_hat rounded to
+// bfloat16, as the bfloat16 kernels multiply it.
 at::Tensor linear_4bit_few_rows(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax,
                                 const float* cb, int64_t block_size, const at::Tensor& bias, int64_t N,
                                 bool bf16_w) {
@@ -731,18 +749,18 @@ at::Tensor linear_4bit_few_rows(const at::Tensor& x_in, const at::Tensor& packed
   const float* ap = absmax.const_data_ptr<float>();
   const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  using Kernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t,
-                          const float*, const float*, int64_t, float*, int64_t);
-  static_assert(kFewRows == 2, "one kernel a row count");
-  static constexpr Kernel kFour[2][2] = {{dot_few_rows<1, 4, false>, dot_few_rows<1, 4, true>},
-                                         {dot_few_rows<2, 4, false>, dot_few_rows<2, 4, true>}};
-  static constexpr Kernel kOne[2][2] = {{dot_few_rows<1, 1, false>, dot_few_rows<1, 1, true>},
-                                        {dot_few_rows<2, 1, false>, dot_few_rows<2, 1, true>}};
-  const Kernel four = kFour[M - 1][bf16_w], one = kOne[M - 1][bf16_w];
+  static_assert(kFewRows == 4, "one kernel a row count");
+  static constexpr FewRowsKernels kKernels[kFewRows][2] = {
+      {few_rows_kernels<1, false>(), few_rows_kernels<1, true>()},
+      {few_rows_kernels<2, false>(), few_rows_kernels<2, true>()},
+      {few_rows_kernels<3, false>(), few_rows_kernels<3, true>()},
+      {few_rows_kernels<4, false>(), few_rows_kernels<4, true>()}};
+  const FewRowsKernels& k = kKernels[M - 1][bf16_w];
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) four(pp + n * ldp, ldp, ap + n * lda, lda, K, block_size, cb, xp, ldx, yp + n, N);
-    for (; n < n1; ++n) one(pp + n * ldp, ldp, ap + n * lda, lda, K, block_size, cb, xp, ldx, yp + n, N);
+    for (; n + k.rows <= n1; n += k.rows)
+      k.group(pp + n * ldp, ldp, ap + n * lda, lda, K, block_size, cb, xp, ldx, yp + n, N);
+    for (; n < n1; ++n) k.one(pp + n * ldp, ldp, ap + n * lda, lda, K, block_size, cb, xp, ldx, yp + n, N);
     for (int64_t m = 0; bp != nullptr && m < M; ++m)
       for (n = n0; n < n1; ++n) yp[m * N + n] += bp[n];
   });
@@ -773,7 +791,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     return linear_4bit_amx(x_in.reshape({M, K}).contiguous(), packed, absmax, c, block_size, bias, N)
         .view(out_shape);
   }
-  if (M <= kFewRows && K % 32 == 0 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512)) {
+  // (A bfloat16 x of 3-4 rows keeps the tiles or the vdpbf16ps kernel: not measured against these.)
+  if (M <= (bf16_w ? 2 : kFewRows) && K % 32 == 0 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512)) {
     return linear_4bit_few_rows(x_in.reshape({M, K}), packed, absmax, c, block_size, bias, N, bf16_w)
         .to(x_in.scalar_type())
         .view(out_shape);

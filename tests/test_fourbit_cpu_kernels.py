@@ -83,23 +83,23 @@ def test_linear_matches_float64_every_kernel(kernel, block_size, K):
 
 
 @pytest.mark.parametrize("block_size", [64, 128, 96])
-def test_one_or_two_rows_match_the_rows_of_three(kernel, block_size):
-    """1-2 rows of x (on AVX512 CPUs, with K and the blocks whole 32-code steps, a kernel that
-    runs 4 weight rows at once) put each weight row in its place: float32 and float16 rows give
-    the bits of a 3-row call (the same sums); bfloat16 rows, where 3 rows run bfloat16 dot
-    products or AMX tiles (other sums of the same products), are within one bfloat16 rounding
-    (N = 37: groups of 4 and a rest)."""
+def test_few_rows_match_the_rows_of_five(kernel, block_size):
+    """1-4 rows of x (on AVX512 CPUs, with K and the blocks whole 32-code steps, a kernel that
+    runs 2-4 weight rows at once; a bfloat16 x up to 2 rows) put each weight row in its place:
+    float32 and float16 rows give the bits of a 5-row call (the 8-row kernel: the same sums);
+    bfloat16 rows, where 5 rows run bfloat16 dot products or AMX tiles (other sums of the same
+    products), are within one bfloat16 rounding (N = 37: groups of 2 or 4 and a rest)."""
     K, N = 1024, 37
     cb = qlib.codebook_4bit("nf4")
     packed, absmax = ops.quantize_4bit(torch.randn(N, K), cb, block_size)
     bias = torch.randn(N)
     for dtype in DTYPES:
-        x = torch.randn(3, K).to(dtype)
-        three = ops.linear_4bit(x, packed, absmax, cb, block_size, bias)
+        x = torch.randn(5, K).to(dtype)
+        five = ops.linear_4bit(x, packed, absmax, cb, block_size, bias)
         tol = 2**-8 if dtype == torch.bfloat16 and kernel in ("avx512-bf16", "amx-bf16") else 0
-        for a, b in ((0, 1), (1, 2), (2, 3), (0, 2), (1, 3)):
+        for a, b in ((0, 1), (4, 5), (0, 2), (3, 5), (0, 3), (2, 5), (0, 4), (1, 5)):
             torch.testing.assert_close(ops.linear_4bit(x[a:b], packed, absmax, cb, block_size, bias),
-                                       three[a:b], rtol=tol, atol=tol, msg=lambda e: f"{dtype} rows {a}:{b}: {e}")
+                                       five[a:b], rtol=tol, atol=tol, msg=lambda e: f"{dtype} rows {a}:{b}: {e}")
 
 
 @pytest.mark.parametrize("M", [1, 2, 5])
