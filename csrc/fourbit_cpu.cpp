@@ -3,7 +3,7 @@
 // the codebook scaled by the block's absmax (block sizes that are multiples of 16; else a
 // scalar loop). linear_4bit at M <= 32 dots each weight row with the rows of x (8 at a time)
 // as it decodes it: float32 products, or for a bfloat16 x on AVX512-BF16 CPUs bfloat16 W_hat
-// and vdpbf16ps (1-2 rows: float32 FMAs on 4 weight rows at a time, dot_few_rows); at larger
+// and vdpbf16ps (up to 4 rows, 2 in bfloat16: float32 FMAs, dot_few_rows); at larger
 // M it decodes panels of rows and runs ATen's GEMM on each. On CPUs with AMX-BF16, a bfloat16
 // x of kAmxMinM to kAmxMaxM rows runs on the tile unit instead: W_hat decoded to bfloat16
 // tiles as it is read, tdpbf16ps against x packed once a call.
