@@ -16,6 +16,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <unistd.h>
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -28,11 +30,11 @@
 namespace qlib {
 namespace {
 
-// linear_4bit: up to kFusedMaxM rows of x (kFusedMaxMBf16 with bfloat16 dots), each weight row
-// is decoded as it is read and dotted with kDotRows rows of x at a time; more rows decode
+// linear_4bit: up to fused_max_m() rows of x (kFusedMaxMBf16 with bfloat16 dots), each weight
+// row is decoded as it is read and dotted with kDotRows rows of x at a time; more rows decode
 // panels for ATen's GEMM. The fused kernel's time grows with M / kDotRows; a bfloat16 GEMM
-// (oneDNN) overtakes it past 16 rows, a float32 one only past 32 (stop 20, Zen 4).
-constexpr int64_t kFusedMaxM = 32;
+// (oneDNN) overtakes it past 16 rows, a float32 one past 32 (stop 20, Zen 4) or, with 32 KB
+// tiles of x (x_l1_bytes), past 48 (stop 22, a 48 KB L1d Xeon).
 constexpr int64_t kFusedMaxMBf16 = 16;
 constexpr int64_t kDotRows = 8;
 
@@ -411,6 +413,20 @@ QLIB_AMX_BF16_FN void amx_tiles(const uint8_t* rows, int64_t ldp, const float* a
   asm volatile("" ::: "memory");  // the tile stores wrote c
 }
 #endif
+
+// Bytes of x the fused kernel keeps in L1 beside the weight it streams: L1d less 16 KB, at
+// least 16 KB (Zen 4, 32 KB: 16 KB; a 48 KB L1d: 32 KB, 1.07-1.2x faster than 16 KB at K >= 3072,
+// 8-32 rows; 64 KB, past L1, 0.75-0.9x).
+int64_t x_l1_bytes() {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+  static const int64_t l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+#else
+  constexpr int64_t l1d = 0;
+#endif
+  return std::max<int64_t>(16384, l1d - 16384);
+}
+
+int64_t fused_max_m() { return x_l1_bytes() >= 32768 ? 48 : 32; }
 
 // Rows a parallel_for grain holds: about kGrain weights.
 int64_t row_grain(int64_t K) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(K, 1)); }
@@ -798,7 +814,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
         .view(out_shape);
   }
 #endif
-  if (M > (bf16_w ? kFusedMaxMBf16 : kFusedMaxM)) {
+  if (M > (bf16_w ? kFusedMaxMBf16 : fused_max_m())) {
     // Panels of about 4 MB of decoded rows, each through ATen's GEMM: in bfloat16 where the
     // fused kernel runs bfloat16 dots (W_hat and bias rounded to bfloat16: the CPU's fast
     // GEMM), else in float32 as the fused kernel (so rows alone equal rows in a batch).
@@ -839,10 +855,10 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   float* yp = y.data_ptr<float>();
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
   const float* ap = absmax.const_data_ptr<float>();
-  // kDotRows rows of x past L1 (32 KB): tiles of K (whole pairs of blocks) of about 16 KB of
-  // them, so that a tile stays in L1 while a grain of weight rows reads it.
-  const int64_t pair = 2 * block_size, x_bytes = std::min(M, kDotRows) * esz;
-  const int64_t tile = x_bytes * K <= 32768 ? K : std::max<int64_t>(1, 16384 / x_bytes / pair) * pair;
+  // kDotRows rows of x past x_l1_bytes(): tiles of K (whole pairs of blocks) of about that many
+  // bytes of them, so that a tile stays in L1 while a grain of weight rows reads it.
+  const int64_t pair = 2 * block_size, x_bytes = std::min(M, kDotRows) * esz, l1 = x_l1_bytes();
+  const int64_t tile = x_bytes * K <= std::max<int64_t>(32768, l1) ? K : std::max<int64_t>(1, l1 / x_bytes / pair) * pair;
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     std::vector<float> scratch(std::min(tile, K)), acc((n1 - n0) * M, 0.0f);
     float part[kDotRows];

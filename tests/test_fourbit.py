@@ -136,14 +136,14 @@ def test_linear_matches_float64(device, dtype, M, block_size):
 @pytest.mark.parametrize("block_size", [64, 48])  # 48: no bfloat16 dots on the CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_rows_alone_equal_rows_in_a_batch(device, dtype, block_size):
-    """The fused small-M paths (CPU: up to 32 rows, 16 with bfloat16 dots; CUDA: 4) and the
+    """The fused small-M paths (CPU: up to 32 or 48 rows, 16 with bfloat16 dots; CUDA: 4) and the
     batched ones multiply the same W_hat (in bfloat16 for a bfloat16 x where the batch runs a
     bfloat16 GEMM): the same numbers up to summation order and the output's rounding."""
     K, N = 4096, 64
     w = torch.randn(N, K, device=device)
     cb = qlib.codebook_4bit("nf4", device)
     packed, absmax = ops.quantize_4bit(w, cb, block_size)
-    x = torch.randn(40, K, device=device).to(dtype)
+    x = torch.randn(64, K, device=device).to(dtype)
     if device == "cuda":  # cuBLAS may otherwise add split-K partial sums in bfloat16
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     try:
@@ -151,7 +151,7 @@ def test_linear_rows_alone_equal_rows_in_a_batch(device, dtype, block_size):
     finally:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
     tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (8e-3, 1e-2)}[dtype]
-    for m in (1, 4, 5, 9, 16, 17, 32, 33):
+    for m in (1, 4, 5, 9, 16, 17, 32, 33, 48, 49):
         torch.testing.assert_close(ops.linear_4bit(x[:m], packed, absmax, cb, block_size, None), batch[:m],
                                    rtol=tol[0], atol=tol[1])
 
