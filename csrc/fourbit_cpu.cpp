@@ -1,9 +1,10 @@
 // CPU kernels of the 4-bit ops: quantize_4bit, dequantize_4bit, linear_4bit (formulas in
 // quant_math.h, checks in fourbit.h). AVX512 decodes 16 codes a step with one vpermps through
 // the codebook scaled by the block's absmax (block sizes that are multiples of 16; else a
-// scalar loop). linear_4bit at M <= 32 dots each weight row with the rows of x (8 at a time)
-// as it decodes it: float32 products, or for a bfloat16 x on AVX512-BF16 CPUs bfloat16 W_hat
-// and vdpbf16ps (up to 4 rows, 2 in bfloat16: float32 FMAs, dot_few_rows); at larger
+// scalar loop). linear_4bit at M <= 32 or 48 dots each weight row with the rows of x (8 at a
+// time) as it decodes it: float32 FMAs (dot_few_rows, 2-4 weight rows a call up to 4 rows of
+// x; dot_rows_avx512 for blocks of 16k), or for a bfloat16 x on AVX512-BF16 CPUs bfloat16
+// W_hat and vdpbf16ps (up to 2 rows: W_hat rounded to bfloat16 in dot_few_rows); at larger
 // M it decodes panels of rows and runs ATen's GEMM on each. On CPUs with AMX-BF16, a bfloat16
 // x of kAmxMinM to kAmxMaxM rows runs on the tile unit instead: W_hat decoded to bfloat16
 // tiles as it is read, tdpbf16ps against x packed once a call.
@@ -149,7 +150,7 @@ QLIB_AVX512F_FN void decode_row_avx512(const uint8_t* row, const float* absmax, 
   }
 }
 
-// float32 x: 32 codes (16 bytes) a step.
+// float32 x: 32 codes (16 bytes) a step (blocks of 16k, or K a tile's rest: else dot_few_rows).
 template <int M>
 QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, int64_t K,
                                      int64_t block_size, const float* cb, const float* x,
@@ -188,13 +189,15 @@ QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, in
   store_sums<M>(acc, tail, sums);
 }
 
-// M <= kFewRows rows of x (float32, ldx apart, in dot_rows_avx512's split order) dotted with R
-// weight rows at once (ldp bytes and lda blocks apart), for K and block_size multiples of 32:
+// M rows of x (float32, ldx apart, in dot_rows_avx512's split order; up to kFewRows with R > 1,
+// kDotRows with R = 1) dotted with R weight rows at once (ldp bytes and lda blocks apart), for K
+// and block_size multiples of 32:
 // one loop over the 32-code steps, x's loads shared, float32 FMAs. kBf16W: W_hat rounded to
 // bfloat16 first (as at::BFloat16 rounds), for a bfloat16 x on CPUs whose bfloat16 kernels
 // round it so. On an AMX Xeon one row runs 1.05-1.45x the vdpbf16ps kernel in bfloat16
 // (vdpbf16ps retires at half the FMAs' rate there) and 1.3-2x the one-row float32 kernel
-// (call and loop control); two rows 1.2-1.7x.
+// (call and loop control); two rows 1.2-1.7x. 5-8 rows (R = 1) 1.05-1.2x dot_rows_avx512 (one
+// loop over the steps; stop 22).
 constexpr int64_t kFewRows = 4;
 template <int M, int R, bool kBf16W>
 QLIB_AVX512F_FN void dot_few_rows(const uint8_t* rows, int64_t ldp, const float* absmax, int64_t lda,
@@ -203,15 +206,15 @@ QLIB_AVX512F_FN void dot_few_rows(const uint8_t* rows, int64_t ldp, const float*
   const __m512 lut = _mm512_loadu_ps(cb);
   __m512 acc[R][2][M];
   __m512 values[R];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     values[r] = _mm512_setzero_ps();  // (set at k = 0; GCC cannot tell)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc[r][0][m] = acc[r][1][m] = _mm512_setzero_ps();
   }
   for (int64_t k = 0, b = 0, next = 0; k < K; k += 32) {
     if (k == next) {  // a block starts
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         values[r] = _mm512_mul_ps(lut, _mm512_set1_ps(absmax[r * lda + b]));
         if constexpr (kBf16W) values[r] = _mm512_castsi512_ps(bf16_rounded_bits(values[r]));
@@ -219,15 +222,15 @@ QLIB_AVX512F_FN void dot_few_rows(const uint8_t* rows, int64_t ldp, const float*
       ++b, next += block_size;
     }
     __m512 x0[M], x1[M];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m) x0[m] = _mm512_loadu_ps(x + m * ldx + k), x1[m] = _mm512_loadu_ps(x + m * ldx + k + 16);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {  // low nibbles (even k), then high nibbles (odd k)
       const __m512i bytes = _mm512_maskz_cvtepu8_epi32(
           0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + r * ldp + (k >> 1))));
       const __m512 w0 = _mm512_maskz_permutexvar_ps(0xFFFF, bytes, values[r]);
       const __m512 w1 = _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, bytes, 4), values[r]);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
         acc[r][0][m] = _mm512_fmadd_ps(x0[m], w0, acc[r][0][m]);
         acc[r][1][m] = _mm512_fmadd_ps(x1[m], w1, acc[r][1][m]);
@@ -236,7 +239,7 @@ QLIB_AVX512F_FN void dot_few_rows(const uint8_t* rows, int64_t ldp, const float*
   }
   const float tail[M] = {};
   float part[M];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     store_sums<M>(acc[r], tail, part);
     for (int m = 0; m < M; ++m) sums[m * lds + r] = part[m];
@@ -606,6 +609,11 @@ float dot(const float* a, const float* b, int64_t K) {
   return s;
 }
 
+#if defined(__x86_64__)
+using FewRowsKernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t,
+                               const float*, const float*, int64_t, float*, int64_t);
+#endif
+
 // sums[m] = x[m] . W_hat[k0, k0 + K) of one weight row (row and absmax start at k0) for the
 // M <= kDotRows rows of x, ldx elements apart: bfloat16 when bf16 (dot_rows_bf16's CPU and
 // block sizes), else float32. scratch: K floats.
@@ -623,6 +631,12 @@ void dot_rows(const uint8_t* row, const float* absmax, int64_t K, int64_t block_
     return kernels[M - 1](row, absmax, K, block_size, cb, static_cast<const at::BFloat16*>(x), ldx, sums);
   }
   const auto* xf = static_cast<const float*>(x);
+  if (K % 32 == 0 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512)) {
+    static constexpr FewRowsKernel kernels[kDotRows] = {
+        dot_few_rows<1, 1, false>, dot_few_rows<2, 1, false>, dot_few_rows<3, 1, false>, dot_few_rows<4, 1, false>,
+        dot_few_rows<5, 1, false>, dot_few_rows<6, 1, false>, dot_few_rows<7, 1, false>, dot_few_rows<8, 1, false>};
+    return kernels[M - 1](row, 0, absmax, 0, K, block_size, cb, xf, ldx, sums, 1);
+  }
   if (block_size % 16 == 0 && uses(FourbitKernel::kAvx512)) {
     using Kernel = void (*)(const uint8_t*, const float*, int64_t, int64_t, const float*,
                             const float*, int64_t, float*);
@@ -737,8 +751,6 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& ab
 #if defined(__x86_64__)
 // dot_few_rows for M rows of x: `group` dots `rows` weight rows a call (4 up to 2 rows of x, 2
 // above: the accumulators fit the 32 registers), `one` the rest.
-using FewRowsKernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t,
-                               const float*, const float*, int64_t, float*, int64_t);
 struct FewRowsKernels {
   FewRowsKernel group;
   int64_t rows;
