@@ -3,11 +3,12 @@ the CPU: ATen's int4 kernel (_weight_int4pack_mm_for_cpu, what torchao runs on t
 torchao's int4 weight-only config and bitsandbytes' NF4 Linear4bit (both when installed), and
 the dense F.linear in the input's dtype.
 
-    python benchmarks/bench_linear_4bit.py [--quick] [--threads N] [--no-cpu]
+    python benchmarks/bench_linear_4bit.py [--quick] [--threads N] [--no-cpu] [--rows 1,16,128]
+                                           [--dtypes float32,bfloat16]
 
 Timed round-robin (timing.interleaved_medians_ms, 3 calls a peer a round, the first untimed),
 medians in ms, for x in float32 and bfloat16, (K, N) in {(768, 768), (768, 3072),
-(4096, 4096)}, M in {1, 16, 128}. Ratios: peer time / qlib time (above 1: qlib is faster).
+(4096, 4096)}, M in {1, 16, 128} (--rows). Ratios: peer time / qlib time (above 1: qlib is faster).
 A first table gives each scheme's error against the float64 product with the float weight.
 torchao and bitsandbytes are not in the project's .venv; to include them, run with a Python
 that has them and the same torch (benchmarks/RESULTS.md says how). Where CUDA is available, a
@@ -68,14 +69,14 @@ def runs(f, x):
 
 
 @torch.inference_mode()
-def speed(quick, dtype):
+def speed(quick, dtype, row_counts):
     rows = []
     for K, N in SHAPES[:2] if quick else SHAPES:
         lin = nn.Linear(K, N)
         fns = peers(lin)
         dense_w, dense_b = lin.weight.detach().to(dtype), lin.bias.detach().to(dtype)
         fns = {f"dense {str(dtype)[6:]}": lambda x: F.linear(x, dense_w, dense_b), **fns}
-        for M in (1, 16, 128):
+        for M in row_counts:
             x = torch.randn(M, K).to(dtype)
             names = [n for n in fns if runs(fns[n], x)]
             ms = interleaved_medians_ms([lambda f=fns[n]: f(x) for n in names], budget_s=0.6 if quick else 1.5, block=3)
@@ -125,6 +126,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="two shapes, shorter timing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-cpu", action="store_true", help="the GPU section only")
+    ap.add_argument("--rows", default="1,16,128", help="the CPU tables' M values")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="the CPU tables' x dtypes")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -132,8 +135,8 @@ def main():
           f"{args.threads} threads, qlib {qlib.build_info()['cpu_isa']}")
     if not args.no_cpu:
         accuracy(args.quick)
-        for dtype in (torch.float32, torch.bfloat16):
-            speed(args.quick, dtype)
+        for dtype in args.dtypes.split(","):
+            speed(args.quick, getattr(torch, dtype), [int(m) for m in args.rows.split(",")])
     if torch.cuda.is_available():
         speed_cuda(args.quick)
 
