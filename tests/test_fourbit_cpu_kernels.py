@@ -141,3 +141,29 @@ def test_amx_rows_alone_equal_rows_in_a_batch():
     for a, b in ((0, 3), (0, 16), (1, 18), (5, 40), (20, 64), (48, 64), (60, 75), (30, 100), (100, 230)):
         torch.testing.assert_close(ops.linear_4bit(x[a:b], packed, absmax, cb, 64, None), batch[a:b],
                                    rtol=0, atol=0, equal_nan=True, msg=lambda m: f"rows {a}:{b}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_panels_under_inference_mode_and_autograd(kernel, dtype):
+    """Past the fused kernels' rows each thread decodes its own panels and runs ATen's GEMM in
+    the parallel region: the workers take the caller's thread-local state, so the op runs
+    under torch.inference_mode and below autograd (an x that requires grad) alike, and the
+    panels (N = 300: not a whole number of 16-row panels a thread) cover every column."""
+    K, N, M = 256, 300, 300
+    cb = qlib.codebook_4bit("nf4")
+    packed, absmax = ops.quantize_4bit(torch.randn(N, K), cb, 64)
+    w_hat = unpacked_w_hat(packed, absmax, cb, K, 64).double()
+    bias = torch.randn(N)
+    x = torch.randn(M, K).to(dtype)
+    y = ops.linear_4bit(x, packed, absmax, cb, 64, bias)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    ref = x.double() @ w_hat.T + bias.double()
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    with torch.inference_mode():
+        assert torch.equal(ops.linear_4bit(x, packed, absmax, cb, 64, bias), y)
+    xg = x.clone().requires_grad_()
+    yg = ops.linear_4bit(xg, packed, absmax, cb, 64, bias)
+    assert torch.equal(yg.detach(), y)
+    (gx,) = torch.autograd.grad(yg.float().sum(), xg)
+    g_ref = w_hat.sum(0).expand(M, K)
+    torch.testing.assert_close(gx.double(), g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
