@@ -1,7 +1,7 @@
 // CPU kernels of the 4-bit ops: quantize_4bit, dequantize_4bit, linear_4bit (formulas in
 // quant_math.h, checks in fourbit.h). AVX512 decodes 16 codes a step with one vpermps through
 // the codebook scaled by the block's absmax (block sizes that are multiples of 16; else a
-// scalar loop). linear_4bit at M <= 32 or 48 dots each weight row with the rows of x (8 at a
+// scalar loop). linear_4bit at M <= 32 dots each weight row with the rows of x (8 at a
 // time) as it decodes it: float32 FMAs (dot_few_rows, 2-4 weight rows a call up to 4 rows of
 // x; dot_rows_avx512 for blocks of 16k), or for a bfloat16 x on AVX512-BF16 CPUs bfloat16
 // W_hat and vdpbf16ps (up to 2 rows: W_hat rounded to bfloat16 in dot_few_rows); at larger
@@ -32,11 +32,12 @@
 namespace qlib {
 namespace {
 
-// linear_4bit: up to fused_max_m() rows of x (kFusedMaxMBf16 with bfloat16 dots), each weight
-// row is decoded as it is read and dotted with kDotRows rows of x at a time; more rows decode
+// linear_4bit: up to kFusedMaxM rows of x (kFusedMaxMBf16 with bfloat16 dots), each weight row
+// is decoded as it is read and dotted with kDotRows rows of x at a time; more rows decode
 // panels for ATen's GEMM. The fused kernel's time grows with M / kDotRows; a bfloat16 GEMM
-// (oneDNN) overtakes it past 16 rows, a float32 one past 32 (stop 20, Zen 4) or, with 32 KB
-// tiles of x (x_l1_bytes), past 48 (stop 22, a 48 KB L1d Xeon).
+// (oneDNN) overtakes it past 16 rows, a float32 one past 32 (stop 20, Zen 4; stop 22 on a
+// Xeon: 28-40 rows by shape, with the per-thread panels).
+constexpr int64_t kFusedMaxM = 32;
 constexpr int64_t kFusedMaxMBf16 = 16;
 constexpr int64_t kDotRows = 8;
 
@@ -440,8 +441,6 @@ int64_t l2_bytes() {
   return l2 > 0 ? l2 : int64_t{1} << 20;
 }
 
-int64_t fused_max_m() { return x_l1_bytes() >= 32768 ? 48 : 32; }
-
 // Rows a parallel_for grain holds: about kGrain weights.
 int64_t row_grain(int64_t K) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(K, 1)); }
 
@@ -837,7 +836,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
         .view(out_shape);
   }
 #endif
-  if (M > (bf16_w ? kFusedMaxMBf16 : fused_max_m())) {
+  if (M > (bf16_w ? kFusedMaxMBf16 : kFusedMaxM)) {
     // Panels of decoded rows, each through ATen's GEMM: in bfloat16 where the fused kernel runs
     // bfloat16 dots (W_hat and bias rounded to bfloat16: the CPU's fast GEMM), else in float32
     // as the fused kernel (so rows alone equal rows in a batch). Each thread decodes its own

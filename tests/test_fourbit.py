@@ -136,7 +136,7 @@ def test_linear_matches_float64(device, dtype, M, block_size):
 @pytest.mark.parametrize("block_size", [64, 48])  # 48: no bfloat16 dots on the CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_rows_alone_equal_rows_in_a_batch(device, dtype, block_size):
-    """The fused small-M paths (CPU: up to 32 or 48 rows, 16 with bfloat16 dots; CUDA: 4) and the
+    """The fused small-M paths (CPU: up to 32 rows, 16 with bfloat16 dots; CUDA: 4) and the
     batched ones multiply the same W_hat (in bfloat16 for a bfloat16 x where the batch runs a
     bfloat16 GEMM): the same numbers up to summation order and the output's rounding."""
     K, N = 4096, 64
