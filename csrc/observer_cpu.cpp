@@ -207,6 +207,53 @@ void rebin_row(const int64_t* old, double old_lo, double old_hi, int64_t* out,
 // then counted, so the counting loop's addresses are ready early.
 constexpr int64_t kBinBlock = 256;
 
+// Counts the m (even) bin indices idx into two histograms, alternate elements to each (halves
+// the store-to-load chains of repeated bins); unrolled: the loop's control was a third of its
+// instructions (stop 22: 5-10% of the observe).
+inline void count_bins(const int32_t* idx, int64_t m, int64_t* lh, int64_t* lh2) {
+#pragma GCC unroll 8
+  for (int64_t i = 0; i < m; i += 2) {
+    ++lh[idx[i]];
+    ++lh2[idx[i + 1]];
+  }
+}
+
+#if defined(__x86_64__)
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+// bin_span's index loop for float32, 16 lanes: the same float ops lane by lane (so the same
+// bins). p[0, m), m a multiple of 16; lo / hi / probe: 16 lanes each, updated when track.
+__attribute__((target("avx2,fma,avx512f"))) void bin_indices_avx512(
+    const float* p, int64_t m, float lo_s, float w_s, float inv_w_s, float top_s, float dummy_s,
+    bool absolute, bool track, int32_t* idx, float* lo16, float* hi16, float* probe16) {
+  const __m512 lo = _mm512_set1_ps(lo_s), w = _mm512_set1_ps(w_s), inv_w = _mm512_set1_ps(inv_w_s),
+               top = _mm512_set1_ps(top_s), dummy = _mm512_set1_ps(dummy_s), zero = _mm512_setzero_ps(),
+               one = _mm512_set1_ps(1.0f);
+  __m512 vlo = _mm512_loadu_ps(lo16), vhi = _mm512_loadu_ps(hi16), probe = _mm512_loadu_ps(probe16);
+  for (int64_t i = 0; i < m; i += 16) {
+    __m512 v = _mm512_loadu_ps(p + i);
+    const __m512 diff = _mm512_sub_ps(v, v);
+    if (track) {
+      probe = _mm512_add_ps(probe, diff);
+      vlo = _mm512_min_ps(vlo, v);
+      vhi = _mm512_max_ps(vhi, v);
+    }
+    const __mmask16 finite = _mm512_cmp_ps_mask(diff, zero, _CMP_EQ_OQ);
+    if (absolute) v = _mm512_abs_ps(v);
+    __m512 j = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, lo), inv_w), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    j = _mm512_mask_sub_ps(j, _mm512_cmp_ps_mask(v, _mm512_fmadd_ps(j, w, lo), _CMP_LT_OQ), j, one);
+    j = _mm512_min_ps(_mm512_max_ps(j, zero), top);
+    _mm512_storeu_si512(idx + i, _mm512_cvttps_epi32(_mm512_mask_blend_ps(finite, dummy, j)));
+  }
+  _mm512_storeu_ps(lo16, vlo);
+  _mm512_storeu_ps(hi16, vhi);
+  _mm512_storeu_ps(probe16, probe);
+}
+#endif
+
 // Adds the bins (on grid g) of the finite values of p[0, n) into lh, two
 // histograms of B + 1 counts (summed by the caller; alternate elements go to
 // each, which halves the store-to-load chains of repeated bins); NaN/Inf go
@@ -217,6 +264,8 @@ void bin_span(const T* p, int64_t n, const HistGrid& g, int64_t B, bool absolute
               MinMaxCount* mm) {
   int64_t k = 0;
   Vec vlo(kInf), vhi(-kInf), probe(0.0f);
+  float lo16[16], hi16[16], probe16[16];  // the AVX512 loop's (float32 x)
+  std::fill(lo16, lo16 + 16, kInf), std::fill(hi16, hi16 + 16, -kInf), std::fill(probe16, probe16 + 16, 0.0f);
   if (float_grid_ok(g, B)) {
     // SIMD, exact: the edges lo + j * width are floats and width is a power
     // of two, so (v - lo) / width only rounds in the subtraction, and rounding
@@ -227,6 +276,19 @@ void bin_span(const T* p, int64_t n, const HistGrid& g, int64_t B, bool absolute
         dummy(static_cast<float>(B)), zero(0.0f), one(1.0f);
     int64_t* lh2 = lh + B + 1;
     alignas(64) int32_t idx[kBinBlock];
+#if defined(__x86_64__)
+    if constexpr (std::is_same_v<T, float>) {
+      static const bool avx512 = cpu_has_avx512f();
+      for (; avx512 && k + 16 <= n;) {
+        const int64_t m = std::min(kBinBlock, (n - k) / 16 * 16);
+        bin_indices_avx512(p + k, m, static_cast<float>(g.lo), static_cast<float>(g.width),
+                           static_cast<float>(1.0 / g.width), static_cast<float>(B - 1), static_cast<float>(B),
+                           absolute, mm != nullptr, idx, lo16, hi16, probe16);
+        count_bins(idx, m, lh, lh2);
+        k += m;
+      }
+    }
+#endif
     for (; k + kVec <= n;) {
       const int64_t m = std::min(kBinBlock, (n - k) / kVec * kVec);
       for (int64_t i = 0; i < m; i += kVec) {
@@ -243,10 +305,7 @@ void bin_span(const T* p, int64_t n, const HistGrid& g, int64_t B, bool absolute
         j = VecMath::clamp(j - ((v < at::vec::fmadd(j, w, lo)) & one), zero, top);
         at::vec::convert_to_int_of_same_size(Vec::blendv(dummy, j, finite)).store(idx + i);
       }
-      for (int64_t i = 0; i < m; i += 2) {  // m is a multiple of kVec: even
-        ++lh[idx[i]];
-        ++lh2[idx[i + 1]];
-      }
+      count_bins(idx, m, lh, lh2);
       k += m;
     }
   }
@@ -263,11 +322,13 @@ void bin_span(const T* p, int64_t n, const HistGrid& g, int64_t B, bool absolute
     ++lh[histogram_bin(d, g, B)];
   }
   if (mm == nullptr) return;
-  float lo_l[kVec], hi_l[kVec], probe_l[kVec];
+  float lo_l[kVec + 16], hi_l[kVec + 16], probe_l[kVec + 16];
   vlo.store(lo_l);
   vhi.store(hi_l);
   probe.store(probe_l);
-  for (int64_t q = 0; q < kVec; ++q) {
+  std::copy(lo16, lo16 + 16, lo_l + kVec), std::copy(hi16, hi16 + 16, hi_l + kVec);
+  std::copy(probe16, probe16 + 16, probe_l + kVec);
+  for (int64_t q = 0; q < kVec + 16; ++q) {
     if (probe_l[q] != 0.0f) {  // NaN/Inf in the SIMD part: count them carefully
       *mm = minmax_span(p, n);
       return;
