@@ -419,26 +419,22 @@ QLIB_AMX_BF16_FN void amx_tiles(const uint8_t* rows, int64_t ldp, const float* a
 }
 #endif
 
+// A core's L1d (level 1) or L2 (level 2) in bytes, per sysconf, or fallback where it does not say.
+int64_t cache_bytes(int level, int64_t fallback) {
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+  const long bytes = sysconf(level == 1 ? _SC_LEVEL1_DCACHE_SIZE : _SC_LEVEL2_CACHE_SIZE);
+  return bytes > 0 ? bytes : fallback;
+#else
+  return fallback;
+#endif
+}
+
 // Bytes of x the fused kernel keeps in L1 beside the weight it streams: L1d less 16 KB, at
 // least 16 KB (Zen 4, 32 KB: 16 KB; a 48 KB L1d: 32 KB, 1.07-1.2x faster than 16 KB at K >= 3072,
 // 8-32 rows; 64 KB, past L1, 0.75-0.9x).
 int64_t x_l1_bytes() {
-#if defined(_SC_LEVEL1_DCACHE_SIZE)
-  static const int64_t l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-#else
-  constexpr int64_t l1d = 0;
-#endif
-  return std::max<int64_t>(16384, l1d - 16384);
-}
-
-// A core's L2 in bytes (1 MB where sysconf does not say).
-int64_t l2_bytes() {
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-  static const int64_t l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#else
-  constexpr int64_t l2 = 0;
-#endif
-  return l2 > 0 ? l2 : int64_t{1} << 20;
+  static const int64_t bytes = std::max<int64_t>(16384, cache_bytes(1, 32768) - 16384);
+  return bytes;
 }
 
 // Rows a parallel_for grain holds: about kGrain weights.
@@ -848,7 +844,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     const at::Tensor b = bias.defined() ? bias.to(dt) : at::Tensor();
     at::Tensor y = at::empty({M, N}, x.options());
     const int64_t threads = at::get_num_threads();
-    const int64_t most = std::max(l2_bytes() / (K * x.element_size()), std::min<int64_t>(M, 256));
+    static const int64_t l2 = cache_bytes(2, int64_t{1} << 20);
+    const int64_t most = std::max(l2 / (K * x.element_size()), std::min<int64_t>(M, 256));
     const int64_t panels = threads * ceil_div(ceil_div(N, most), threads);
     const int64_t rows = std::min(N, ceil_div(ceil_div(N, panels), 16) * 16);
     const at::ThreadLocalState state;  // inference mode and dispatch keys, for the workers' at:: calls
