@@ -16,6 +16,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "affine.h"
 #include "cpu_output.h"
 #include "cpu_vec.h"
