@@ -835,22 +835,21 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   if (M > (bf16_w ? kFusedMaxMBf16 : kFusedMaxM)) {
     // Panels of decoded rows, each through ATen's GEMM: in bfloat16 where the fused kernel runs
     // bfloat16 dots (W_hat and bias rounded to bfloat16: the CPU's fast GEMM), else in float32
-    // as the fused kernel (so rows alone equal rows in a batch). Each thread decodes its own
-    // panels, of about L2's size (at least min(M, 256) rows: each panel's GEMM reads all of x),
-    // as many for every thread, and runs the GEMM single-threaded in the parallel region: 1.05-1.6x
-    // one 4 MB panel at a time decoded and multiplied by all threads (stop 22).
+    // as the fused kernel (so rows alone equal rows in a batch). A W_hat past L2: each thread
+    // decodes its own panels, of about L2's size (at least min(M, 256) rows: each panel's GEMM
+    // reads all of x), as many for every thread, and runs the GEMM single-threaded in the
+    // parallel region: 1.05-1.6x one 4 MB panel at a time decoded and multiplied by all threads
+    // (stop 22). A smaller W_hat is one panel, decoded and multiplied by all threads.
     const auto dt = bf16_w ? at::kBFloat16 : at::kFloat;
     const at::Tensor x = x_in.reshape({M, K}).to(dt).contiguous();
     const at::Tensor b = bias.defined() ? bias.to(dt) : at::Tensor();
     at::Tensor y = at::empty({M, N}, x.options());
-    const int64_t threads = at::get_num_threads();
     static const int64_t l2 = cache_bytes(2, int64_t{1} << 20);
-    const int64_t most = std::max(l2 / (K * x.element_size()), std::min<int64_t>(M, 256));
-    const int64_t panels = threads * ceil_div(ceil_div(N, most), threads);
+    const int64_t threads = at::get_num_threads(), row_bytes = K * x.element_size();
+    const int64_t most = std::max(l2 / row_bytes, std::min<int64_t>(M, 256));
+    const int64_t panels = N * row_bytes <= l2 ? 1 : threads * ceil_div(ceil_div(N, most), threads);
     const int64_t rows = std::min(N, ceil_div(ceil_div(N, panels), 16) * 16);
-    const at::ThreadLocalState state;  // inference mode and dispatch keys, for the workers' at:: calls
-    at::parallel_for(0, ceil_div(N, rows), 1, [&](int64_t p0, int64_t p1) {
-      const at::ThreadLocalStateGuard guard(state);
+    auto panel_gemms = [&](int64_t p0, int64_t p1) {
       at::Tensor panel = at::empty({rows, K}, x.options());
       for (int64_t n0 = p0 * rows; n0 < std::min(N, p1 * rows); n0 += rows) {
         const int64_t n1 = std::min(N, n0 + rows);
@@ -866,7 +865,16 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
           at::mm_out(out, x, w.t());
         }
       }
-    });
+    };
+    if (panels == 1) {
+      panel_gemms(0, 1);
+    } else {
+      const at::ThreadLocalState state;  // inference mode and dispatch keys, for the workers' at:: calls
+      at::parallel_for(0, ceil_div(N, rows), 1, [&](int64_t p0, int64_t p1) {
+        const at::ThreadLocalStateGuard guard(state);
+        panel_gemms(p0, p1);
+      });
+    }
     return y.to(x_in.scalar_type()).view(out_shape);
   }
   at::Tensor x = x_in.reshape({M, K}).to(bf16_w ? at::kBFloat16 : at::kFloat).contiguous();

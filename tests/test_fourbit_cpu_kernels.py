@@ -145,11 +145,12 @@ def test_amx_rows_alone_equal_rows_in_a_batch():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_panels_under_inference_mode_and_autograd(kernel, dtype):
-    """Past the fused kernels' rows each thread decodes its own panels and runs ATen's GEMM in
-    the parallel region: the workers take the caller's thread-local state, so the op runs
-    under torch.inference_mode and below autograd (an x that requires grad) alike, and the
-    panels (N = 300: not a whole number of 16-row panels a thread) cover every column."""
-    K, N, M = 256, 300, 300
+    """Past the fused kernels' rows, with W_hat past L2 (4-9 MB here), each thread decodes its
+    own panels and runs ATen's GEMM in the parallel region: the workers take the caller's
+    thread-local state, so the op runs under torch.inference_mode and below autograd (an x
+    that requires grad) alike, and the panels (N = 2100: not a whole number of 16-row panels
+    a thread) cover every column."""
+    K, N, M = 1024, 2100, 300
     cb = qlib.codebook_4bit("nf4")
     packed, absmax = ops.quantize_4bit(torch.randn(N, K), cb, 64)
     w_hat = unpacked_w_hat(packed, absmax, cb, K, 64).double()
