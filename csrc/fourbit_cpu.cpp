@@ -13,6 +13,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <type_traits>
@@ -429,11 +430,11 @@ int64_t cache_bytes(int level, int64_t fallback) {
 #endif
 }
 
-// Bytes of x the fused kernel keeps in L1 beside the weight it streams: L1d less 16 KB, at
-// least 16 KB (Zen 4, 32 KB: 16 KB; a 48 KB L1d: 32 KB, 1.07-1.2x faster than 16 KB at K >= 3072,
-// 8-32 rows; 64 KB, past L1, 0.75-0.9x).
+// Bytes of x the fused kernel keeps in L1 beside the weight it streams: L1d less 16 KB, 16-48 KB
+// (Zen 4, 32 KB: 16 KB; a 48 KB L1d: 32 KB, 1.07-1.2x faster than 16 KB at K >= 3072, 8-32
+// rows; 64 KB, past L1, 0.75-0.9x).
 int64_t x_l1_bytes() {
-  static const int64_t bytes = std::max<int64_t>(16384, cache_bytes(1, 32768) - 16384);
+  static const int64_t bytes = std::clamp<int64_t>(cache_bytes(1, 32768) - 16384, 16384, 49152);
   return bytes;
 }
 
@@ -844,7 +845,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     const at::Tensor x = x_in.reshape({M, K}).to(dt).contiguous();
     const at::Tensor b = bias.defined() ? bias.to(dt) : at::Tensor();
     at::Tensor y = at::empty({M, N}, x.options());
-    static const int64_t l2 = cache_bytes(2, int64_t{1} << 20);
+    static const int64_t l2 = std::clamp<int64_t>(cache_bytes(2, int64_t{1} << 20), int64_t{1} << 18, int64_t{1} << 22);
     const int64_t threads = at::get_num_threads(), row_bytes = K * x.element_size();
     const int64_t most = std::max(l2 / row_bytes, std::min<int64_t>(M, 256));
     const int64_t panels = N * row_bytes <= l2 ? 1 : threads * ceil_div(ceil_div(N, most), threads);
