@@ -223,11 +223,6 @@ inline void count_bins(const int32_t* idx, int64_t m, int64_t* lh, int64_t* lh2)
 }
 
 #if defined(__x86_64__)
-bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-
 // bin_span's index loop for float32, 16 lanes: the same float ops lane by lane (so the same
 // bins). p[0, m), m a multiple of 16; lo / hi / probe: 16 lanes each, updated when track.
 __attribute__((target("avx2,fma,avx512f"))) void bin_indices_avx512(
@@ -282,7 +277,7 @@ void bin_span(const T* p, int64_t n, const HistGrid& g, int64_t B, bool absolute
     alignas(64) int32_t idx[kBinBlock];
 #if defined(__x86_64__)
     if constexpr (std::is_same_v<T, float>) {
-      static const bool avx512 = cpu_has_avx512f();
+      static const bool avx512 = __builtin_cpu_supports("avx512f");
       for (; avx512 && k + 16 <= n;) {
         const int64_t m = std::min(kBinBlock, (n - k) / 16 * 16);
         bin_indices_avx512(p + k, m, static_cast<float>(g.lo), static_cast<float>(g.width),
