@@ -4,7 +4,8 @@
 // scalar loop). linear_4bit at M <= 32 dots each weight row with the rows of x (8 at a
 // time) as it decodes it: float32 FMAs (dot_few_rows, 2-4 weight rows a call up to 4 rows of
 // x; dot_rows_avx512 for blocks of 16k), or for a bfloat16 x on AVX512-BF16 CPUs bfloat16
-// W_hat and vdpbf16ps (up to 2 rows: W_hat rounded to bfloat16 in dot_few_rows); at larger
+// W_hat and vdpbf16ps, 1-4 weight rows a call (on AMX CPUs up to 2 rows of x take W_hat
+// rounded to bfloat16 in dot_few_rows: vdpbf16ps runs at half rate there); at larger
 // M it decodes panels of rows and runs ATen's GEMM on each. On CPUs with AMX-BF16, a bfloat16
 // x of kAmxMinM to kAmxMaxM rows runs on the tile unit instead: W_hat decoded to bfloat16
 // tiles as it is read, tdpbf16ps against x packed once a call.
@@ -310,47 +311,73 @@ QLIB_AVX512BF16_FN inline __m512bh bf16_load(const at::BFloat16* p) {
 
 // bfloat16 x: W_hat rounded to bfloat16 (a block's 16 values as bfloat16, round to nearest
 // even as at::BFloat16), 64 codes (32 bytes) a step, vdpbf16ps: 32 products a row and
-// instruction, summed in float32.
-template <int M>
-QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* row, const float* absmax, int64_t K,
-                                      int64_t block_size, const float* cb,
+// instruction, summed in float32. R weight rows a call (ldp bytes, lda blocks apart) share the
+// loads of x; sums[r * kDotRows + m]. A accumulators a pair of rows (two while they fit).
+template <int M, int R>
+QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* rows, int64_t ldp, const float* absmax, int64_t lda,
+                                      int64_t K, int64_t block_size, const float* cb,
                                       const at::BFloat16* x, int64_t ldx, float* sums) {
+  constexpr int A = 2 * R * M <= 16 ? 2 : 1;
   const __m512 lut = _mm512_loadu_ps(cb);
-  __m512 acc[2][M];
-  float tail[M];
+  __m512 acc[R][A][M];
+  float tail[R][M];
 #pragma GCC unroll 8
-  for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps(), tail[m] = 0.0f;
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      tail[r][m] = 0.0f;
+#pragma GCC unroll 2
+      for (int a = 0; a < A; ++a) acc[r][a][m] = _mm512_setzero_ps();
+    }
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
     const int64_t k1 = std::min(k0 + block_size, K);
-    const __m512i values = bf16_block_values<false>(lut, absmax[b]);
+    __m512i values[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) values[r] = bf16_block_values<false>(lut, absmax[r * lda + b]);
     int64_t k = k0;
     for (; k + 64 <= k1; k += 64) {  // x in split order: 32 even k, then 32 odd k
-      const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
-          ~0u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1))));
-      // vpermw reads 5 index bits: the low nibble and one bit of the high one (hence the
-      // table of 32); shifted by 4, the high nibble alone.
-      const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(~0u, bytes, values));
-      const __m512bh w1 = reinterpret_cast<__m512bh>(
-          _mm512_maskz_permutexvar_epi16(~0u, _mm512_maskz_srli_epi16(~0u, bytes, 4), values));
+      __m512bh w0[R], w1[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512i bytes = _mm512_maskz_cvtepu8_epi16(
+            ~0u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + r * ldp + (k >> 1))));
+        // vpermw reads 5 index bits: the low nibble and one bit of the high one (hence the
+        // table of 32); shifted by 4, the high nibble alone.
+        w0[r] = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(~0u, bytes, values[r]));
+        w1[r] = reinterpret_cast<__m512bh>(
+            _mm512_maskz_permutexvar_epi16(~0u, _mm512_maskz_srli_epi16(~0u, bytes, 4), values[r]));
+      }
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        acc[0][m] = _mm512_dpbf16_ps(acc[0][m], bf16_load(x + m * ldx + k), w0);
-        acc[1][m] = _mm512_dpbf16_ps(acc[1][m], bf16_load(x + m * ldx + k + 32), w1);
+        const __m512bh x0 = bf16_load(x + m * ldx + k), x1 = bf16_load(x + m * ldx + k + 32);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          acc[r][0][m] = _mm512_dpbf16_ps(acc[r][0][m], x0, w0[r]);
+          acc[r][A - 1][m] = _mm512_dpbf16_ps(acc[r][A - 1][m], x1, w1[r]);
+        }
       }
     }
     if (k + 32 <= k1) {  // x as is
-      const __m512bh w = bf16_weights(row + (k >> 1), values);
 #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) acc[0][m] = _mm512_dpbf16_ps(acc[0][m], bf16_load(x + m * ldx + k), w);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh w = bf16_weights(rows + r * ldp + (k >> 1), values[r]);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) acc[r][0][m] = _mm512_dpbf16_ps(acc[r][0][m], bf16_load(x + m * ldx + k), w);
+      }
       k += 32;
     }
-    for (; k < k1; ++k) {
-      const float w = static_cast<float>(
-          static_cast<at::BFloat16>(codebook_value(packed_code(row, k), absmax[b], cb)));
-      for (int m = 0; m < M; ++m) tail[m] += static_cast<float>(x[m * ldx + k]) * w;
-    }
+    for (; k < k1; ++k)
+      for (int r = 0; r < R; ++r) {
+        const float w = static_cast<float>(
+            static_cast<at::BFloat16>(codebook_value(packed_code(rows + r * ldp, k), absmax[r * lda + b], cb)));
+        for (int m = 0; m < M; ++m) tail[r][m] += static_cast<float>(x[m * ldx + k]) * w;
+      }
   }
-  store_sums<M>(acc, tail, sums);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+      sums[r * kDotRows + m] = lane_sum(A == 2 ? _mm512_add_ps(acc[r][0][m], acc[r][A - 1][m]) : acc[r][0][m]) + tail[r][m];
 }
 
 // ---------------------------------------------------------------- AMX-BF16 (tile) kernel
@@ -621,21 +648,30 @@ using FewRowsKernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, i
                                const float*, const float*, int64_t, float*, int64_t);
 #endif
 
-// sums[m] = x[m] . W_hat[k0, k0 + K) of one weight row (row and absmax start at k0) for the
-// M <= kDotRows rows of x, ldx elements apart: bfloat16 when bf16 (dot_rows_bf16's CPU and
-// block sizes), else float32. scratch: K floats.
-void dot_rows(const uint8_t* row, const float* absmax, int64_t K, int64_t block_size,
-              const float* cb, const void* x, int64_t ldx, int64_t M, bool bf16, float* sums,
-              float* scratch) {
+// Weight rows a dot_rows_bf16 call for M rows of x (Zen 4, 1-2 threads, against one row a call:
+// 1.3x at 3-4 rows, 1.05-1.15x at 5-8; two or four rows were slower at 1-2 rows).
+constexpr int64_t bf16_group_rows(int64_t M) { return M <= 2 ? 1 : M <= 4 ? 4 : 2; }
+// sums[r * kDotRows + m] = x[m] . W_hat[k0, k0 + K) of R weight rows (ldp bytes, lda blocks
+// apart; row and absmax start at k0) for the M <= kDotRows rows of x, ldx elements apart:
+// bfloat16 when bf16 (dot_rows_bf16's CPU and block sizes; R of bf16_group_rows(M) or 1), else
+// float32 (R = 1). scratch: K floats.
+void dot_rows(const uint8_t* row, int64_t ldp, const float* absmax, int64_t lda, int64_t R, int64_t K,
+              int64_t block_size, const float* cb, const void* x, int64_t ldx, int64_t M, bool bf16,
+              float* sums, float* scratch) {
 #if defined(__x86_64__)
   static_assert(kDotRows == 8, "one kernel a row count");
   if (bf16) {
-    using Kernel = void (*)(const uint8_t*, const float*, int64_t, int64_t, const float*,
+    using Kernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, const float*,
                             const at::BFloat16*, int64_t, float*);
-    static constexpr Kernel kernels[kDotRows] = {
-        dot_rows_bf16<1>, dot_rows_bf16<2>, dot_rows_bf16<3>, dot_rows_bf16<4>,
-        dot_rows_bf16<5>, dot_rows_bf16<6>, dot_rows_bf16<7>, dot_rows_bf16<8>};
-    return kernels[M - 1](row, absmax, K, block_size, cb, static_cast<const at::BFloat16*>(x), ldx, sums);
+    static constexpr Kernel kernels[3][kDotRows] = {
+        {dot_rows_bf16<1, 1>, dot_rows_bf16<2, 1>, dot_rows_bf16<3, 1>, dot_rows_bf16<4, 1>,
+         dot_rows_bf16<5, 1>, dot_rows_bf16<6, 1>, dot_rows_bf16<7, 1>, dot_rows_bf16<8, 1>},
+        {dot_rows_bf16<1, 2>, dot_rows_bf16<2, 2>, dot_rows_bf16<3, 2>, dot_rows_bf16<4, 2>,
+         dot_rows_bf16<5, 2>, dot_rows_bf16<6, 2>, dot_rows_bf16<7, 2>, dot_rows_bf16<8, 2>},
+        {dot_rows_bf16<1, 4>, dot_rows_bf16<2, 4>, dot_rows_bf16<3, 4>, dot_rows_bf16<4, 4>,
+         dot_rows_bf16<5, 4>, dot_rows_bf16<6, 4>, dot_rows_bf16<7, 4>, dot_rows_bf16<8, 4>}};
+    return kernels[R == 4 ? 2 : R - 1][M - 1](row, ldp, absmax, lda, K, block_size, cb,
+                                             static_cast<const at::BFloat16*>(x), ldx, sums);
   }
   const auto* xf = static_cast<const float*>(x);
   if (K % 32 == 0 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512)) {
@@ -826,8 +862,11 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     return linear_4bit_amx(x_in.reshape({M, K}).contiguous(), packed, absmax, c, block_size, bias, N)
         .view(out_shape);
   }
-  // (A bfloat16 x of 3-4 rows keeps the tiles or the vdpbf16ps kernel: not measured against these.)
-  if (M <= (bf16_w ? 2 : kFewRows) && K % 32 == 0 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512)) {
+  // A bfloat16 x of 1-2 rows: dot_few_rows on AMX CPUs (Xeon, stop 21); elsewhere the vdpbf16ps
+  // kernel, 1.7-2x faster on Zen 4 (stop 23). (3-4 rows keep the tiles or vdpbf16ps: not
+  // measured against dot_few_rows.)
+  const int64_t few_rows = bf16_w ? (uses(FourbitKernel::kAmxBf16) ? 2 : 0) : kFewRows;
+  if (M <= few_rows && K % 32 == 0 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512)) {
     return linear_4bit_few_rows(x_in.reshape({M, K}), packed, absmax, c, block_size, bias, N, bf16_w)
         .to(x_in.scalar_type())
         .view(out_shape);
@@ -899,20 +938,24 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   const int64_t tile = x_bytes * K <= std::max<int64_t>(32768, l1) ? K : std::max<int64_t>(1, l1 / x_bytes / pair) * pair;
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     std::vector<float> scratch(std::min(tile, K)), acc((n1 - n0) * M, 0.0f);
-    float part[kDotRows];
+    float part[4 * kDotRows];
     for (int64_t k0 = 0; k0 < K; k0 += tile) {
       const int64_t len = std::min(tile, K - k0);
       for (int64_t m0 = 0; m0 < M; m0 += kDotRows) {
         const int64_t rows = std::min(kDotRows, M - m0);
-        for (int64_t n = n0; n < n1; ++n) {
-          if (len < K && n + 1 < n1) {  // the next row's span: tiles of rows defeat the prefetcher
-            const char* next = reinterpret_cast<const char*>(pp + (n + 1) * ldp + k0 / 2);
+        const int64_t group = bf16_w ? bf16_group_rows(rows) : 1;
+        for (int64_t n = n0, r = 1; n < n1; n += r) {
+          r = n + group <= n1 ? group : 1;
+          for (int64_t i = n + r; len < K && i < std::min(n1, n + 2 * r); ++i) {
+            // the next rows' spans: tiles of rows defeat the prefetcher
+            const char* next = reinterpret_cast<const char*>(pp + i * ldp + k0 / 2);
             for (int64_t b = 0; b < (len + 1) / 2; b += 64) __builtin_prefetch(next + b);
-            __builtin_prefetch(ap + (n + 1) * lda + k0 / block_size);
+            __builtin_prefetch(ap + i * lda + k0 / block_size);
           }
-          dot_rows(pp + n * ldp + k0 / 2, ap + n * lda + k0 / block_size, len, block_size, c,
+          dot_rows(pp + n * ldp + k0 / 2, ldp, ap + n * lda + k0 / block_size, lda, r, len, block_size, c,
                    xp + (m0 * ldx + k0) * esz, ldx, rows, bf16_w, part, scratch.data());
-          for (int64_t m = 0; m < rows; ++m) acc[(n - n0) * M + m0 + m] += part[m];
+          for (int64_t i = 0; i < r; ++i)
+            for (int64_t m = 0; m < rows; ++m) acc[(n + i - n0) * M + m0 + m] += part[i * kDotRows + m];
         }
       }
     }

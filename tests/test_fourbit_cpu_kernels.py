@@ -65,14 +65,15 @@ def test_dequantize_every_kernel(kernel, block_size):
 @pytest.mark.parametrize("block_size", [32, 64, 96, 48, 7])
 @pytest.mark.parametrize("K", [200, 1061])
 def test_linear_matches_float64_every_kernel(kernel, block_size, K):
-    """Every M range (dots, AMX tiles of 16 rows, panels), odd K, non-contiguous x, a bias."""
+    """Every M range (dots, of 1, 2 or 4 weight rows a call; AMX tiles of 16 rows; panels), odd
+    K, non-contiguous x, a bias (N = 37: groups of weight rows and a rest)."""
     N = 37
     cb = qlib.codebook_4bit("int4")
     packed, absmax = ops.quantize_4bit(torch.randn(N, K), cb, block_size)
     w_hat = unpacked_w_hat(packed, absmax, cb, K, block_size).double()
     bias = torch.randn(N)
     for dtype in DTYPES:
-        for M in (1, 2, 3, 15, 16, 17, 33, 64, 65, 100, 257):
+        for M in (1, 2, 3, 4, 8, 15, 16, 17, 33, 64, 65, 100, 257):
             x = torch.randn(M, 2 * K).to(dtype)[:, ::2]
             y = ops.linear_4bit(x, packed, absmax, cb, block_size, bias)
             ref = x.double() @ w_hat.T + bias.double()
@@ -85,7 +86,7 @@ def test_linear_matches_float64_every_kernel(kernel, block_size, K):
 @pytest.mark.parametrize("block_size", [64, 128, 96])
 def test_few_rows_match_the_rows_of_five(kernel, block_size):
     """1-4 rows of x (on AVX512 CPUs, with K and the blocks whole 32-code steps, a kernel that
-    runs 2-4 weight rows at once; a bfloat16 x up to 2 rows) put each weight row in its place:
+    runs 2-4 weight rows at once; a bfloat16 x up to 2 rows on AMX CPUs) put each weight row in its place:
     float32 and float16 rows give the bits of a 5-row call (the 8-row kernel: the same sums);
     bfloat16 rows, where 5 rows run bfloat16 dot products or AMX tiles (other sums of the same
     products), are within one bfloat16 rounding (N = 37: groups of 2 or 4 and a rest)."""
