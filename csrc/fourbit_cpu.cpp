@@ -312,7 +312,8 @@ QLIB_AVX512BF16_FN inline __m512bh bf16_load(const at::BFloat16* p) {
 // bfloat16 x: W_hat rounded to bfloat16 (a block's 16 values as bfloat16, round to nearest
 // even as at::BFloat16), 64 codes (32 bytes) a step, vdpbf16ps: 32 products a row and
 // instruction, summed in float32. R weight rows a call (ldp bytes, lda blocks apart) share the
-// loads of x; sums[r * kDotRows + m]. A accumulators a pair of rows (two while they fit).
+// loads of x; sums[r * kDotRows + m]. A accumulators a weight row and row of x (two while
+// they fit the registers).
 template <int M, int R>
 QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* rows, int64_t ldp, const float* absmax, int64_t lda,
                                       int64_t K, int64_t block_size, const float* cb,
@@ -650,7 +651,17 @@ using FewRowsKernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, i
 
 // Weight rows a dot_rows_bf16 call for M rows of x (Zen 4, 1-2 threads, against one row a call:
 // 1.3x at 3-4 rows, 1.05-1.15x at 5-8; two or four rows were slower at 1-2 rows).
-constexpr int64_t bf16_group_rows(int64_t M) { return M <= 2 ? 1 : M <= 4 ? 4 : 2; }
+constexpr int bf16_group_rows(int64_t M) { return M <= 2 ? 1 : M <= 4 ? 4 : 2; }
+#if defined(__x86_64__)
+using Bf16DotKernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, const float*,
+                               const at::BFloat16*, int64_t, float*);
+struct Bf16Dots {
+  Bf16DotKernel group;  // bf16_group_rows(M) weight rows a call
+  Bf16DotKernel one;
+};
+template <int M>
+constexpr Bf16Dots bf16_dots() { return {dot_rows_bf16<M, bf16_group_rows(M)>, dot_rows_bf16<M, 1>}; }
+#endif
 // sums[r * kDotRows + m] = x[m] . W_hat[k0, k0 + K) of R weight rows (ldp bytes, lda blocks
 // apart; row and absmax start at k0) for the M <= kDotRows rows of x, ldx elements apart:
 // bfloat16 when bf16 (dot_rows_bf16's CPU and block sizes; R of bf16_group_rows(M) or 1), else
@@ -661,17 +672,10 @@ void dot_rows(const uint8_t* row, int64_t ldp, const float* absmax, int64_t lda,
 #if defined(__x86_64__)
   static_assert(kDotRows == 8, "one kernel a row count");
   if (bf16) {
-    using Kernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, const float*,
-                            const at::BFloat16*, int64_t, float*);
-    static constexpr Kernel kernels[3][kDotRows] = {
-        {dot_rows_bf16<1, 1>, dot_rows_bf16<2, 1>, dot_rows_bf16<3, 1>, dot_rows_bf16<4, 1>,
-         dot_rows_bf16<5, 1>, dot_rows_bf16<6, 1>, dot_rows_bf16<7, 1>, dot_rows_bf16<8, 1>},
-        {dot_rows_bf16<1, 2>, dot_rows_bf16<2, 2>, dot_rows_bf16<3, 2>, dot_rows_bf16<4, 2>,
-         dot_rows_bf16<5, 2>, dot_rows_bf16<6, 2>, dot_rows_bf16<7, 2>, dot_rows_bf16<8, 2>},
-        {dot_rows_bf16<1, 4>, dot_rows_bf16<2, 4>, dot_rows_bf16<3, 4>, dot_rows_bf16<4, 4>,
-         dot_rows_bf16<5, 4>, dot_rows_bf16<6, 4>, dot_rows_bf16<7, 4>, dot_rows_bf16<8, 4>}};
-    return kernels[R == 4 ? 2 : R - 1][M - 1](row, ldp, absmax, lda, K, block_size, cb,
-                                             static_cast<const at::BFloat16*>(x), ldx, sums);
+    static constexpr Bf16Dots kernels[kDotRows] = {bf16_dots<1>(), bf16_dots<2>(), bf16_dots<3>(), bf16_dots<4>(),
+                                                   bf16_dots<5>(), bf16_dots<6>(), bf16_dots<7>(), bf16_dots<8>()};
+    return (R == 1 ? kernels[M - 1].one : kernels[M - 1].group)(
+        row, ldp, absmax, lda, K, block_size, cb, static_cast<const at::BFloat16*>(x), ldx, sums);
   }
   const auto* xf = static_cast<const float*>(x);
   if (K % 32 == 0 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512)) {
