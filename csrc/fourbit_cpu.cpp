@@ -101,11 +101,11 @@ QLIB_AVX512F_FN inline float lane_sum(__m512 v) {
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
 
-// sums[m] = row m's two accumulators and its scalar tail, added up.
-template <int M>
-QLIB_AVX512F_FN inline void store_sums(const __m512 (&acc)[2][M], const float* tail, float* sums) {
+// sums[m] = row m's A (1 or 2) accumulators and its scalar tail, added up.
+template <int A, int M>
+QLIB_AVX512F_FN inline void store_sums(const __m512 (&acc)[A][M], const float* tail, float* sums) {
 #pragma GCC unroll 8
-  for (int m = 0; m < M; ++m) sums[m] = lane_sum(_mm512_add_ps(acc[0][m], acc[1][m])) + tail[m];
+  for (int m = 0; m < M; ++m) sums[m] = lane_sum(A == 2 ? _mm512_add_ps(acc[0][m], acc[A - 1][m]) : acc[0][m]) + tail[m];
 }
 
 // v rounded to bfloat16 exactly as at::BFloat16 rounds (to nearest even on the bits, subnormals
@@ -190,7 +190,7 @@ QLIB_AVX512F_FN void dot_rows_avx512(const uint8_t* row, const float* absmax, in
       for (int m = 0; m < M; ++m) tail[m] += x[m * ldx + k] * w;
     }
   }
-  store_sums<M>(acc, tail, sums);
+  store_sums<2, M>(acc, tail, sums);
 }
 
 // M rows of x (float32, ldx apart, in dot_rows_avx512's split order; up to kFewRows with R > 1,
@@ -245,7 +245,7 @@ QLIB_AVX512F_FN void dot_few_rows(const uint8_t* rows, int64_t ldp, const float*
   float part[M];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    store_sums<M>(acc[r], tail, part);
+    store_sums<2, M>(acc[r], tail, part);
     for (int m = 0; m < M; ++m) sums[m * lds + r] = part[m];
   }
 }
@@ -375,10 +375,7 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* rows, int64_t ldp, const fl
       }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m)
-      sums[r * kDotRows + m] = lane_sum(A == 2 ? _mm512_add_ps(acc[r][0][m], acc[r][A - 1][m]) : acc[r][0][m]) + tail[r][m];
+  for (int r = 0; r < R; ++r) store_sums<A, M>(acc[r], tail[r], sums + r * kDotRows);
 }
 
 // ---------------------------------------------------------------- AMX-BF16 (tile) kernel
@@ -651,7 +648,8 @@ using FewRowsKernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, i
 
 // Weight rows a dot_rows_bf16 call for M rows of x (Zen 4, 1-2 threads, against one row a call:
 // 1.3x at 3-4 rows, 1.05-1.15x at 5-8; two or four rows were slower at 1-2 rows).
-constexpr int bf16_group_rows(int64_t M) { return M <= 2 ? 1 : M <= 4 ? 4 : 2; }
+constexpr int kBf16MaxGroup = 4;
+constexpr int bf16_group_rows(int64_t M) { return M <= 2 ? 1 : M <= 4 ? kBf16MaxGroup : 2; }
 #if defined(__x86_64__)
 using Bf16DotKernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, const float*,
                                const at::BFloat16*, int64_t, float*);
@@ -942,7 +940,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   const int64_t tile = x_bytes * K <= std::max<int64_t>(32768, l1) ? K : std::max<int64_t>(1, l1 / x_bytes / pair) * pair;
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     std::vector<float> scratch(std::min(tile, K)), acc((n1 - n0) * M, 0.0f);
-    float part[4 * kDotRows];
+    float part[kBf16MaxGroup * kDotRows];
     for (int64_t k0 = 0; k0 < K; k0 += tile) {
       const int64_t len = std::min(tile, K - k0);
       for (int64_t m0 = 0; m0 < M; m0 += kDotRows) {
