@@ -321,17 +321,17 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* rows, int64_t ldp, const fl
   constexpr int A = 2 * R * M <= 16 ? 2 : 1;
   const __m512 lut = _mm512_loadu_ps(cb);
   __m512 acc[R][A][M];
-  float tail[R][M];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      tail[r][m] = 0.0f;
+    for (int m = 0; m < M; ++m)
 #pragma GCC unroll 2
       for (int a = 0; a < A; ++a) acc[r][a][m] = _mm512_setzero_ps();
-    }
-  for (int64_t k0 = 0, b = 0; k0 < K; k0 += block_size, ++b) {
-    const int64_t k1 = std::min(k0 + block_size, K);
+  // Steps of 64 or 32 up to K32; the last K % 32 weights (all in the last block: block_size %
+  // 32 == 0) after the loop, which keeps their scalar sums out of it.
+  const int64_t K32 = K - K % 32;
+  for (int64_t k0 = 0, b = 0; k0 < K32; k0 += block_size, ++b) {
+    const int64_t k1 = std::min(k0 + block_size, K32);
     __m512i values[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) values[r] = bf16_block_values<false>(lut, absmax[r * lda + b]);
@@ -350,7 +350,10 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* rows, int64_t ldp, const fl
       }
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        const __m512bh x0 = bf16_load(x + m * ldx + k), x1 = bf16_load(x + m * ldx + k + 32);
+        __m512bh x0 = bf16_load(x + m * ldx + k), x1 = bf16_load(x + m * ldx + k + 32);
+        // Held in registers for the R weight rows: GCC reloaded them for each (a load a
+        // vdpbf16ps, which bounds the loop on Zen 4).
+        __asm__("" : "+v"(x0), "+v"(x1));
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
           acc[r][0][m] = _mm512_dpbf16_ps(acc[r][0][m], x0, w0[r]);
@@ -365,15 +368,15 @@ QLIB_AVX512BF16_FN void dot_rows_bf16(const uint8_t* rows, int64_t ldp, const fl
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) acc[r][0][m] = _mm512_dpbf16_ps(acc[r][0][m], bf16_load(x + m * ldx + k), w);
       }
-      k += 32;
     }
-    for (; k < k1; ++k)
-      for (int r = 0; r < R; ++r) {
-        const float w = static_cast<float>(
-            static_cast<at::BFloat16>(codebook_value(packed_code(rows + r * ldp, k), absmax[r * lda + b], cb)));
-        for (int m = 0; m < M; ++m) tail[r][m] += static_cast<float>(x[m * ldx + k]) * w;
-      }
   }
+  float tail[R][M] = {};
+  for (int64_t k = K32; k < K; ++k)
+    for (int r = 0; r < R; ++r) {
+      const float w = static_cast<float>(static_cast<at::BFloat16>(
+          codebook_value(packed_code(rows + r * ldp, k), absmax[r * lda + k / block_size], cb)));
+      for (int m = 0; m < M; ++m) tail[r][m] += static_cast<float>(x[m * ldx + k]) * w;
+    }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) store_sums<A, M>(acc[r], tail[r], sums + r * kDotRows);
 }
