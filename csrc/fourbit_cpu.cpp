@@ -37,10 +37,11 @@ namespace {
 // linear_4bit: up to kFusedMaxM rows of x (kFusedMaxMBf16 with bfloat16 dots), each weight row
 // is decoded as it is read and dotted with kDotRows rows of x at a time; more rows decode
 // panels for ATen's GEMM. The fused kernel's time grows with M / kDotRows; a bfloat16 GEMM
-// (oneDNN) overtakes it past 16 rows, a float32 one past 32 (stop 20, Zen 4; stop 22 on a
-// Xeon: 28-40 rows by shape, with the per-thread panels).
+// (oneDNN) overtakes it past 24 rows (stop 24, Zen 4; 16 before stop 24's faster bfloat16
+// dots), a float32 one past 32 (stop 20, Zen 4; stop 22 on a Xeon: 28-40 rows by shape, with
+// the per-thread panels).
 constexpr int64_t kFusedMaxM = 32;
-constexpr int64_t kFusedMaxMBf16 = 16;
+constexpr int64_t kFusedMaxMBf16 = 24;
 constexpr int64_t kDotRows = 8;
 
 // The code of weight k in a packed row.

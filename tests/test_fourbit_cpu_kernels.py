@@ -73,7 +73,7 @@ def test_linear_matches_float64_every_kernel(kernel, block_size, K):
     w_hat = unpacked_w_hat(packed, absmax, cb, K, block_size).double()
     bias = torch.randn(N)
     for dtype in DTYPES:
-        for M in (1, 2, 3, 4, 8, 15, 16, 17, 33, 64, 65, 100, 257):
+        for M in (1, 2, 3, 4, 8, 15, 16, 17, 24, 25, 33, 64, 65, 100, 257):
             x = torch.randn(M, 2 * K).to(dtype)[:, ::2]
             y = ops.linear_4bit(x, packed, absmax, cb, block_size, bias)
             ref = x.double() @ w_hat.T + bias.double()
