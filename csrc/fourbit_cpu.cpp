@@ -942,13 +942,16 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   // bytes of them, so that a tile stays in L1 while a grain of weight rows reads it.
   const int64_t pair = 2 * block_size, x_bytes = std::min(M, kDotRows) * esz, l1 = x_l1_bytes();
   const int64_t tile = x_bytes * K <= std::max<int64_t>(32768, l1) ? K : std::max<int64_t>(1, l1 / x_bytes / pair) * pair;
+  // Rows of x a pass over the weight, as even as the passes allow (9 rows: 5 + 4, not 8 + 1,
+  // whose one-row pass costs a whole decode for few products).
+  const int64_t pass = ceil_div(M, ceil_div(M, kDotRows));
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     std::vector<float> scratch(std::min(tile, K)), acc((n1 - n0) * M, 0.0f);
     float part[kBf16MaxGroup * kDotRows];
     for (int64_t k0 = 0; k0 < K; k0 += tile) {
       const int64_t len = std::min(tile, K - k0);
-      for (int64_t m0 = 0; m0 < M; m0 += kDotRows) {
-        const int64_t rows = std::min(kDotRows, M - m0);
+      for (int64_t m0 = 0; m0 < M; m0 += pass) {
+        const int64_t rows = std::min(pass, M - m0);
         const int64_t group = bf16_w ? bf16_group_rows(rows) : 1;
         for (int64_t n = n0, r = 1; n < n1; n += r) {
           r = n + group <= n1 ? group : 1;
