@@ -938,13 +938,13 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   float* yp = y.data_ptr<float>();
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
   const float* ap = absmax.const_data_ptr<float>();
-  // kDotRows rows of x past x_l1_bytes(): tiles of K (whole pairs of blocks) of about that many
-  // bytes of them, so that a tile stays in L1 while a grain of weight rows reads it.
-  const int64_t pair = 2 * block_size, x_bytes = std::min(M, kDotRows) * esz, l1 = x_l1_bytes();
-  const int64_t tile = x_bytes * K <= std::max<int64_t>(32768, l1) ? K : std::max<int64_t>(1, l1 / x_bytes / pair) * pair;
-  // Rows of x a pass over the weight, as even as the passes allow (9 rows: 5 + 4, not 8 + 1,
-  // whose one-row pass costs a whole decode for few products).
+  // Rows of x a pass over the weight (up to kDotRows), as even as the passes allow (9 rows: 5 +
+  // 4, not 8 + 1, whose one-row pass costs a whole decode for few products).
   const int64_t pass = ceil_div(M, ceil_div(M, kDotRows));
+  // A pass's rows of x past x_l1_bytes(): tiles of K (whole pairs of blocks) of about that many
+  // bytes of them, so that a tile stays in L1 while a grain of weight rows reads it.
+  const int64_t pair = 2 * block_size, x_bytes = pass * esz, l1 = x_l1_bytes();
+  const int64_t tile = x_bytes * K <= std::max<int64_t>(32768, l1) ? K : std::max<int64_t>(1, l1 / x_bytes / pair) * pair;
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     std::vector<float> scratch(std::min(tile, K)), acc((n1 - n0) * M, 0.0f);
     float part[kBf16MaxGroup * kDotRows];
