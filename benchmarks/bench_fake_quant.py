@@ -3,7 +3,7 @@
 One run prints one side-by-side table: forward, forward+backward, and
 forward+backward with a learnable scale and zero point (LSQ, against torch's
 _fake_quantize_learnable_* ops), per-tensor / per-channel / per-group, float32
-and bfloat16, medians over repeats, GB/s (bytes read + written by the op) and
+and bfloat16, medians over repeats (on the CPU round-robin), GB/s (bytes read + written by the op) and
 ratios against qlib.
 
     .venv/bin/python benchmarks/bench_fake_quant.py [--device cuda] [--numel 16777216] [--packs-only]
@@ -15,7 +15,7 @@ import argparse
 import torch
 
 import qlib
-from timing import cuda_median_ms, host_median_s
+from timing import cuda_median_ms, host_median_s, interleaved_medians_ms
 
 ops = torch.ops.qlib
 
@@ -52,6 +52,16 @@ def timeit(fn, device, repeat, warmup=3):
     if device == "cuda":
         return cuda_median_ms(fn, reps=repeat, warmup=warmup) / 1e3
     return host_median_s(fn, reps=repeat, warmup=warmup)
+
+
+def time_all(calls, device, repeat):
+    """{name: median seconds} of a row's calls. On the CPU round-robin (at least `repeat` rounds):
+    a slow phase of the machine, or a fresh process's first touches of its memory (the first
+    calls of a row can be 10x slower on a VM), then hits every peer alike, not the first one."""
+    if device == "cuda":
+        return {k: timeit(f, device, repeat) for k, f in calls.items()}
+    ms = interleaved_medians_ms(list(calls.values()), min_reps=repeat)
+    return {k: t / 1e3 for k, t in zip(calls, ms)}
 
 
 def graph_time(fn, repeat, calls=10):
@@ -162,19 +172,22 @@ def main():
                     return call
 
                 qs, qz = (s_l, z_l) if lsq else (scale, zp)
-                t_q = timeit(run(lambda: ops.fake_quant(x, qs, qz, qmin, qmax)), dev, args.repeat)
+                calls = {"qlib": run(lambda: ops.fake_quant(x, qs, qz, qmin, qmax))}
                 peer = (lambda: torch_learnable(x, s_l, z_l, qmin, qmax, mode, args.group)) if lsq else (
                     lambda: torch_native(x, scale, zp, qmin, qmax, mode, args.group))
-                t_n = None
                 if dtype == torch.float32 or dev == "cuda":
                     try:
-                        t_n = timeit(run(peer), dev, args.repeat)
+                        run(peer)()
+                        calls["native"] = run(peer)
                     except RuntimeError:
-                        t_n = None
+                        pass
                 se = scale if mode != "per-group" else scale.repeat_interleave(args.group, 1)
                 ze = zpf if mode != "per-group" else zpf.repeat_interleave(args.group, 1)
                 # The composite's STE trick gives no scale gradient: no LSQ peer.
-                t_c = None if lsq else timeit(run(lambda: composite(x, se, ze, qmin, qmax)), dev, args.repeat)
+                if not lsq:
+                    calls["composite"] = run(lambda: composite(x, se, ze, qmin, qmax))
+                times = time_all(calls, dev, args.repeat)
+                t_q, t_n, t_c = times["qlib"], times.get("native"), times.get("composite")
                 nbytes = x0.numel() * x0.element_size() * (2 if not train else 5)
                 native = f"{t_n * 1e3:10.2f} {t_n / t_q:5.2f}x" if t_n else f"{'n/a':>10s} {'':>6s}"
                 comp = f"{t_c * 1e3:13.2f} {t_c / t_q:5.2f}x" if t_c else f"{'n/a':>13s} {'':>6s}"
