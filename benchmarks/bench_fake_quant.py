@@ -3,8 +3,8 @@
 One run prints one side-by-side table: forward, forward+backward, and
 forward+backward with a learnable scale and zero point (LSQ, against torch's
 _fake_quantize_learnable_* ops), per-tensor / per-channel / per-group, float32
-and bfloat16, medians over repeats (on the CPU round-robin), GB/s (bytes read + written by the op) and
-ratios against qlib.
+and bfloat16, medians over repeats (on the CPU round-robin), GB/s (bytes read +
+written by the op) and ratios against qlib.
 
     .venv/bin/python benchmarks/bench_fake_quant.py [--device cuda] [--numel 16777216] [--packs-only]
 
