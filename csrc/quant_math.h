@@ -30,7 +30,15 @@ struct ScalarMath {
 #endif
   }
   static QLIB_HD float clamp(float v, float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    // max.NaN / min.NaN give NaN for a NaN operand: two instructions, not a NaN test and two.
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(v), "f"(lo));
+    asm("min.NaN.f32 %0, %0, %1;" : "+f"(r) : "f"(hi));
+    return r;
+#else
     return v != v ? v : fminf(fmaxf(v, lo), hi);
+#endif
   }
   // 1.0f where lo <= v <= hi, else 0.0f (NaN gives 0).
   static QLIB_HD float in_range(float v, float lo, float hi) {

@@ -22,9 +22,11 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Which scale covers an element: one for all (per-tensor), one per 16-byte
-// pack (the block is a multiple of the pack), or looked up per element.
-enum class ScaleLookup { kTensor, kPack, kElement };
+// Which scale covers an element: one for all (per-tensor); one per row of
+// `inner_run` elements (per-channel, per-token, per-group: one 32-bit division a pack);
+// one per 16-byte pack found by walking the layout (the block is a multiple of the
+// pack); or looked up per element.
+enum class ScaleLookup { kTensor, kRow, kPack, kElement };
 
 // How a kernel reads the zero point: as given (int32, int64) or as float32
 // rounded to the nearest integer (floating LSQ+ zero points; prepare_affine's
@@ -37,16 +39,7 @@ struct KernelQParams {
   ZeroPointKind zp_kind;
   BlockLayout layout;
   float qmin, qmax;
-  // Rows of inner_run elements, one scale each (per-channel, per-token, per-group)
-  // and under 2^31 elements: the scale index is one fast 32-bit division (IntDivider's
-  // dividends must fit int32: past that its multiply-high sum wraps).
-  bool rows;
-  at::cuda::detail::IntDivider<uint32_t> row_len;
-
-  // The scale of the pack starting at element `base` (kTensor, kPack).
-  __device__ int64_t pack_index(int64_t base) const {
-    return rows ? row_len.div(static_cast<uint32_t>(base)) : layout.scale_index(base);
-  }
+  at::cuda::detail::IntDivider<uint32_t> row_len;  // inner_run, for kRow
   __device__ float zero_point_at(int64_t s) const {
     switch (zp_kind) {
       case ZeroPointKind::kInt32:
@@ -88,23 +81,30 @@ AffineArgs prepare_fake_quant(const char* op, const at::Tensor& x, const at::Ten
   return a;
 }
 
+// Rows of inner_run elements, one scale each (per-channel, per-token, per-group), and
+// under 2^31 elements: ScaleLookup::kRow's 32-bit division applies (IntDivider's dividends
+// must fit int32: past that its multiply-high sum wraps).
+bool one_scale_per_row(const AffineArgs& a) {
+  const BlockLayout& l = a.layout;
+  return l.num_segments == 2 && l.scale_stride[0] == 1 && l.scale_stride[1] == 0 &&
+         a.x.numel() <= std::numeric_limits<int32_t>::max();
+}
+
 KernelQParams kernel_qparams(const AffineArgs& a) {
   const auto zt = a.zero_point.scalar_type();
   TORCH_INTERNAL_ASSERT(zt == at::kInt || zt == at::kLong || zt == at::kFloat);
   const ZeroPointKind kind = zt == at::kInt    ? ZeroPointKind::kInt32
                              : zt == at::kLong ? ZeroPointKind::kInt64
                                                : ZeroPointKind::kFloat;
-  const BlockLayout& l = a.layout;
-  const bool rows = l.num_segments == 2 && l.scale_stride[0] == 1 && l.scale_stride[1] == 0 &&
-                    a.x.numel() <= std::numeric_limits<int32_t>::max();
+  const bool rows = one_scale_per_row(a);
   return {a.scale.const_data_ptr<float>(),
           a.zero_point.const_data_ptr(),
           kind,
           a.layout,
           a.qmin,
           a.qmax,
-          rows,
-          at::cuda::detail::IntDivider<uint32_t>(rows ? static_cast<uint32_t>(l.inner_run) : 1u)};
+          at::cuda::detail::IntDivider<uint32_t>(rows ? static_cast<uint32_t>(a.layout.inner_run)
+                                                      : 1u)};
 }
 
 // One block's qparams, read once per pack where the pack shares them.
@@ -119,18 +119,46 @@ __device__ __forceinline__ BlockQParams block_qparams(const KernelQParams& p, in
   return {sc, 1.0f / sc, zp, qparams_valid(sc, zp, p.qmin, p.qmax)};
 }
 
-// The qparams shared by the pack starting at `base` (unused for kElement).
+// The per-tensor qparams, read once a thread before its loop (unused past kTensor).
 template <ScaleLookup L>
-__device__ __forceinline__ BlockQParams pack_qparams(const KernelQParams& p, int64_t base) {
-  if constexpr (L == ScaleLookup::kElement) return {};
-  else return block_qparams(p, L == ScaleLookup::kPack ? p.pack_index(base) : 0);
+__device__ __forceinline__ BlockQParams tensor_qparams(const KernelQParams& p) {
+  if constexpr (L == ScaleLookup::kTensor) return block_qparams(p, 0);
+  else return {};
 }
 
+// The qparams shared by the pack starting at `base` (unused for kElement).
 template <ScaleLookup L>
-__device__ __forceinline__ BlockQParams element_qparams(const KernelQParams& p,
-                                                        const BlockQParams& pack, int64_t i) {
-  if constexpr (L == ScaleLookup::kElement) return block_qparams(p, p.layout.scale_index(i));
-  else return pack;
+__device__ __forceinline__ BlockQParams pack_qparams(const KernelQParams& p,
+                                                     const BlockQParams& tensor, int64_t base) {
+  if constexpr (L == ScaleLookup::kTensor) return tensor;
+  else if constexpr (L == ScaleLookup::kRow)
+    return block_qparams(p, p.row_len.div(static_cast<uint32_t>(base)));
+  else if constexpr (L == ScaleLookup::kPack) return block_qparams(p, p.layout.scale_index(base));
+  else return {};
+}
+
+// body(k, q) for each element k of the pack starting at `base` whose qparams q are valid,
+// invalid(k) for the others. Where the pack shares its qparams that is one branch a pack,
+// not one an element (an element's branch kept the compiler from running them as one
+// straight block).
+template <ScaleLookup L, int N, class Body, class Invalid>
+__device__ __forceinline__ void for_each_element(const KernelQParams& p, const BlockQParams& pack,
+                                                 int64_t base, const Body& body,
+                                                 const Invalid& invalid) {
+  if constexpr (L == ScaleLookup::kElement) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const BlockQParams q = block_qparams(p, p.layout.scale_index(base + k));
+      if (q.valid) body(k, q);
+      else invalid(k);
+    }
+  } else if (pack.valid) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) body(k, pack);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) invalid(k);
+  }
 }
 
 template <ScaleLookup L>
@@ -142,7 +170,8 @@ void with_lookup(const AffineArgs& a, const Launch& launch) {
   if (a.per_tensor) {
     launch(LookupTag<ScaleLookup::kTensor>{});
   } else if (!a.layout.inner_steps_scale && a.layout.inner_run % N == 0) {
-    launch(LookupTag<ScaleLookup::kPack>{});
+    if (one_scale_per_row(a)) launch(LookupTag<ScaleLookup::kRow>{});
+    else launch(LookupTag<ScaleLookup::kPack>{});
   } else {
     launch(LookupTag<ScaleLookup::kElement>{});
   }
@@ -224,24 +253,25 @@ void with_packs(const Launch& launch) {
 template <class T, int N, int U, ScaleLookup L>
 __global__ void fake_quant_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n,
                                   KernelQParams p) {
+  const BlockQParams tensor = tensor_qparams<L>(p);
   Pack<T, N> in[U];
   BlockQParams pack[U];
   for_each_pack_group<U>(
       (n + N - 1) / N,
       [&](int u, int64_t v) {
         in[u] = load_pack<T, N>(x, v * N, n);
-        pack[u] = pack_qparams<L>(p, v * N);
+        pack[u] = pack_qparams<L>(p, tensor, v * N);
       },
       [&](int u, int64_t v) {
         Pack<T, N> out;
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-          const BlockQParams q = element_qparams<L>(p, pack[u], v * N + k);
-          out.v[k] = static_cast<T>(q.valid ? fake_quant_value<ScalarMath>(
-                                                  static_cast<float>(in[u].v[k]), q.scale,
-                                                  q.inv_scale, q.zero_point, p.qmin, p.qmax)
-                                            : kNaN);
-        }
+        for_each_element<L, N>(
+            p, pack[u], v * N,
+            [&](int k, const BlockQParams& q) {
+              out.v[k] = static_cast<T>(fake_quant_value<ScalarMath>(
+                  static_cast<float>(in[u].v[k]), q.scale, q.inv_scale, q.zero_point, p.qmin,
+                  p.qmax));
+            },
+            [&](int k) { out.v[k] = static_cast<T>(kNaN); });
         store_pack<T, N>(y, v * N, n, out);
       });
 }
@@ -285,13 +315,15 @@ at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
 }
 
 // ---------------------------------------------------------------- backward
-// grad_x, and (when d_scale is given) the per-element LSQ terms; U packs of N elements a
-// thread per iteration, as in the forward.
-template <class T, int N, int U, ScaleLookup L>
+// grad_x, and with Lsq the per-element LSQ terms (d_scale, d_zero_point); U packs of N
+// elements a thread per iteration, as in the forward. Without Lsq the LSQ terms are neither
+// computed nor stored.
+template <class T, int N, int U, ScaleLookup L, bool Lsq>
 __global__ void fake_quant_backward_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                            T* __restrict__ grad_x, float* __restrict__ d_scale,
                                            float* __restrict__ d_zero_point, int64_t n,
                                            KernelQParams p) {
+  const BlockQParams tensor = tensor_qparams<L>(p);
   Pack<T, N> g[U], xv[U];
   BlockQParams pack[U];
   for_each_pack_group<U>(
@@ -299,26 +331,26 @@ __global__ void fake_quant_backward_kernel(const T* __restrict__ grad, const T* 
       [&](int u, int64_t v) {
         g[u] = load_pack<T, N>(grad, v * N, n);
         xv[u] = load_pack<T, N>(x, v * N, n);
-        pack[u] = pack_qparams<L>(p, v * N);
+        pack[u] = pack_qparams<L>(p, tensor, v * N);
       },
       [&](int u, int64_t v) {
         Pack<T, N> gx;
         Pack<float, N> ds, dz;
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-          const BlockQParams q = element_qparams<L>(p, pack[u], v * N + k);
-          ElementGrads<float> e{kNaN, kNaN, kNaN};
-          if (q.valid) {
-            e = fake_quant_grads<ScalarMath>(static_cast<float>(g[u].v[k]),
-                                             static_cast<float>(xv[u].v[k]), q.scale,
-                                             q.inv_scale, q.zero_point, p.qmin, p.qmax);
-          }
+        const auto set = [&](int k, const ElementGrads<float>& e) {
           gx.v[k] = static_cast<T>(e.grad_x);
           ds.v[k] = e.grad_scale;
           dz.v[k] = e.grad_zero_point;
-        }
+        };
+        for_each_element<L, N>(
+            p, pack[u], v * N,
+            [&](int k, const BlockQParams& q) {
+              set(k, fake_quant_grads<ScalarMath>(static_cast<float>(g[u].v[k]),
+                                                  static_cast<float>(xv[u].v[k]), q.scale,
+                                                  q.inv_scale, q.zero_point, p.qmin, p.qmax));
+            },
+            [&](int k) { set(k, ElementGrads<float>{kNaN, kNaN, kNaN}); });
         store_pack<T, N>(grad_x, v * N, n, gx);
-        if (d_scale != nullptr) {
+        if constexpr (Lsq) {
           store_pack<float, N>(d_scale, v * N, n, ds);
           store_pack<float, N>(d_zero_point, v * N, n, dz);
         }
@@ -334,9 +366,14 @@ void launch_fake_quant_backward(const AffineArgs& a, const T* g, T* gx, float* d
   with_packs<N>([&](auto packs) {
     constexpr int U = decltype(packs)::value;
     with_lookup<N>(a, [&](auto lookup) {
-      constexpr auto kernel = fake_quant_backward_kernel<T, N, U, decltype(lookup)::value>;
-      kernel<<<blocks_for<kernel>((n + N * U - 1) / (N * U)), kThreads, 0, stream>>>(
-          g, x, gx, ds, dz, n, p);
+      constexpr ScaleLookup L = decltype(lookup)::value;
+      const auto launch = [&](auto lsq) {
+        constexpr auto kernel = fake_quant_backward_kernel<T, N, U, L, decltype(lsq)::value>;
+        kernel<<<blocks_for<kernel>((n + N * U - 1) / (N * U)), kThreads, 0, stream>>>(
+            g, x, gx, ds, dz, n, p);
+      };
+      if (ds != nullptr) launch(std::true_type{});
+      else launch(std::false_type{});
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
