@@ -126,15 +126,22 @@ __device__ __forceinline__ BlockQParams tensor_qparams(const KernelQParams& p) {
   else return {};
 }
 
+// The qparams of element i (`tensor` for kTensor).
+template <ScaleLookup L>
+__device__ __forceinline__ BlockQParams element_qparams(const KernelQParams& p,
+                                                        const BlockQParams& tensor, int64_t i) {
+  if constexpr (L == ScaleLookup::kTensor) return tensor;
+  else if constexpr (L == ScaleLookup::kRow)
+    return block_qparams(p, p.row_len.div(static_cast<uint32_t>(i)));
+  else return block_qparams(p, p.layout.scale_index(i));
+}
+
 // The qparams shared by the pack starting at `base` (unused for kElement).
 template <ScaleLookup L>
 __device__ __forceinline__ BlockQParams pack_qparams(const KernelQParams& p,
                                                      const BlockQParams& tensor, int64_t base) {
-  if constexpr (L == ScaleLookup::kTensor) return tensor;
-  else if constexpr (L == ScaleLookup::kRow)
-    return block_qparams(p, p.row_len.div(static_cast<uint32_t>(base)));
-  else if constexpr (L == ScaleLookup::kPack) return block_qparams(p, p.layout.scale_index(base));
-  else return {};
+  if constexpr (L == ScaleLookup::kElement) return {};
+  else return element_qparams<L>(p, tensor, base);
 }
 
 // body(k, q) for each element k of the pack starting at `base` whose qparams q are valid,
@@ -148,7 +155,7 @@ __device__ __forceinline__ void for_each_element(const KernelQParams& p, const B
   if constexpr (L == ScaleLookup::kElement) {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const BlockQParams q = block_qparams(p, p.layout.scale_index(base + k));
+      const BlockQParams q = element_qparams<L>(p, pack, base + k);
       if (q.valid) body(k, q);
       else invalid(k);
     }
@@ -413,27 +420,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
 }
 
 // ---------------------------------------------------------------- quantize / dequantize
-template <class X, class Q>
+// One element a thread per iteration; L is kTensor, kRow or kElement (the layout walk).
+template <class X, class Q, ScaleLookup L>
 __global__ void quantize_kernel(const X* __restrict__ x, Q* __restrict__ q, int64_t n,
                                 KernelQParams p) {
+  const BlockQParams tensor = tensor_qparams<L>(p);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t s = p.layout.scale_index(i);
-    const float zp = p.zero_point_at(s);
-    const float code =
-        quantize_code<ScalarMath>(static_cast<float>(x[i]), 1.0f / p.scale[s], zp, p.qmin, p.qmax);
-    q[i] = static_cast<Q>(code != code ? zp : code);  // NaN -> zero_point
+    const BlockQParams b = element_qparams<L>(p, tensor, i);
+    const float code = quantize_code<ScalarMath>(static_cast<float>(x[i]), b.inv_scale,
+                                                 b.zero_point, p.qmin, p.qmax);
+    q[i] = static_cast<Q>(code != code ? b.zero_point : code);  // NaN -> zero_point
   }
 }
 
-template <class Q, class Y>
+template <class Q, class Y, ScaleLookup L>
 __global__ void dequantize_kernel(const Q* __restrict__ q, Y* __restrict__ y, int64_t n,
                                   KernelQParams p) {
+  const BlockQParams tensor = tensor_qparams<L>(p);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t s = p.layout.scale_index(i);
-    y[i] = static_cast<Y>(dequantize_code(static_cast<float>(q[i]), p.scale[s], p.zero_point_at(s)));
+    const BlockQParams b = element_qparams<L>(p, tensor, i);
+    y[i] = static_cast<Y>(dequantize_code(static_cast<float>(q[i]), b.scale, b.zero_point));
   }
+}
+
+// with_lookup for the one-element kernels, where kPack is kElement.
+template <class Launch>
+void with_element_lookup(const AffineArgs& a, const Launch& launch) {
+  with_lookup<1>(a, [&](auto lookup) {
+    constexpr ScaleLookup L = decltype(lookup)::value;
+    launch(LookupTag<L == ScaleLookup::kPack ? ScaleLookup::kElement : L>{});
+  });
 }
 
 at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale,
@@ -451,9 +469,11 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale,
   QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "quantize_cuda", [&] {
     using x_t = scalar_t;
     QLIB_DISPATCH_QINT(dtype, "quantize_cuda", [&] {
-      constexpr auto kernel = quantize_kernel<x_t, scalar_t>;
-      kernel<<<blocks_for<kernel>(n), kThreads, 0, stream>>>(a.x.const_data_ptr<x_t>(),
-                                                             out.data_ptr<scalar_t>(), n, p);
+      with_element_lookup(a, [&](auto lookup) {
+        constexpr auto kernel = quantize_kernel<x_t, scalar_t, decltype(lookup)::value>;
+        kernel<<<blocks_for<kernel>(n), kThreads, 0, stream>>>(a.x.const_data_ptr<x_t>(),
+                                                               out.data_ptr<scalar_t>(), n, p);
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -474,9 +494,11 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale,
   QLIB_DISPATCH_QINT(a.x.scalar_type(), "dequantize_cuda", [&] {
     using q_t = scalar_t;
     QLIB_DISPATCH_FLOAT(dtype, "dequantize_cuda", [&] {
-      constexpr auto kernel = dequantize_kernel<q_t, scalar_t>;
-      kernel<<<blocks_for<kernel>(n), kThreads, 0, stream>>>(a.x.const_data_ptr<q_t>(),
-                                                             out.data_ptr<scalar_t>(), n, p);
+      with_element_lookup(a, [&](auto lookup) {
+        constexpr auto kernel = dequantize_kernel<q_t, scalar_t, decltype(lookup)::value>;
+        kernel<<<blocks_for<kernel>(n), kThreads, 0, stream>>>(a.x.const_data_ptr<q_t>(),
+                                                               out.data_ptr<scalar_t>(), n, p);
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
