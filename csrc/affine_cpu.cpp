@@ -159,48 +159,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
   double* sums_p = lsq ? sums.data_ptr<double>() : nullptr;
   const bool steps = a.layout.inner_steps_scale;
   const Vec qmin(a.qmin), qmax(a.qmax);
-  QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_backward_cpu", [&] {
-    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-    for_each_run_qparams(a, [&](int64_t b, int64_t e, int64_t s0, const auto& qp_at) {
-      const scalar_t* __restrict x = xp + b;
-      const scalar_t* __restrict gr = gp + b;
-      scalar_t* __restrict gx = gxp + b;
-      // A parallel_for run inline (nested in a parallel region) keeps the caller's thread
-      // number, which may be past ours: one thread works then, so any row will do.
-      const int64_t t = std::min<int64_t>(at::get_thread_num(), threads - 1);
-      double* ds = lsq ? sums_p + t * 2 * S + s0 : nullptr;
-      double* dz = lsq ? ds + S : nullptr;
-      Vec acc_s(0.0f), acc_z(0.0f);  // a one-scale run's float partial sums
-      int pending = 0;
-      for_each_chunk<kChunk<scalar_t>>(e - b, [&](int64_t i, auto n) __attribute__((always_inline)) {
-        Vec gv[2], xv[2], gxv[2] = {Vec(0.0f), Vec(0.0f)};
-        load_chunk(gr + i, n, gv);
-        load_chunk(x + i, n, xv);
-        for (int64_t h = 0; h * kVec < n; ++h) {
-          const int64_t nh = std::min<int64_t>(kVec, n - h * kVec), j = i + h * kVec;
-          const LaneQParams p = qp_at(j, nh);
-          const auto r = fake_quant_grads<VecMath>(gv[h], xv[h], p.scale, p.inv_scale,
-                                                   p.zero_point, qmin, qmax);
-          gxv[h] = r.grad_x;
-          if (lsq && steps) {
-            add_lanes(ds + j, dz + j, r.grad_scale, r.grad_zero_point, nh);
-          } else if (lsq) {  // lanes past nh (a tail's padding) left out
-            acc_s = acc_s + Vec::set(Vec(0.0f), r.grad_scale, nh);
-            acc_z = acc_z + Vec::set(Vec(0.0f), r.grad_zero_point, nh);
+  // lsq as a compile-time constant: without it the LSQ terms are not computed at all.
+  const auto run = [&](auto lsq_constant) {
+    constexpr bool lsq = decltype(lsq_constant)::value;
+    QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_backward_cpu", [&] {
+      const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+      for_each_run_qparams(a, [&](int64_t b, int64_t e, int64_t s0, const auto& qp_at) {
+        const scalar_t* __restrict x = xp + b;
+        const scalar_t* __restrict gr = gp + b;
+        scalar_t* __restrict gx = gxp + b;
+        // A parallel_for run inline (nested in a parallel region) keeps the caller's thread
+        // number, which may be past ours: one thread works then, so any row will do.
+        const int64_t t = std::min<int64_t>(at::get_thread_num(), threads - 1);
+        double* ds = lsq ? sums_p + t * 2 * S + s0 : nullptr;
+        double* dz = lsq ? ds + S : nullptr;
+        Vec acc_s(0.0f), acc_z(0.0f);  // a one-scale run's float partial sums
+        int pending = 0;
+        for_each_chunk<kChunk<scalar_t>>(e - b, [&](int64_t i, auto n) __attribute__((always_inline)) {
+          Vec gv[2], xv[2], gxv[2] = {Vec(0.0f), Vec(0.0f)};
+          load_chunk(gr + i, n, gv);
+          load_chunk(x + i, n, xv);
+          for (int64_t h = 0; h * kVec < n; ++h) {
+            const int64_t nh = std::min<int64_t>(kVec, n - h * kVec), j = i + h * kVec;
+            const LaneQParams p = qp_at(j, nh);
+            const auto r = fake_quant_grads<VecMath>(gv[h], xv[h], p.scale, p.inv_scale,
+                                                     p.zero_point, qmin, qmax);
+            gxv[h] = r.grad_x;
+            if (lsq && steps) {
+              add_lanes(ds + j, dz + j, r.grad_scale, r.grad_zero_point, nh);
+            } else if (lsq) {  // lanes past nh (a tail's padding) left out
+              acc_s = acc_s + Vec::set(Vec(0.0f), r.grad_scale, nh);
+              acc_z = acc_z + Vec::set(Vec(0.0f), r.grad_zero_point, nh);
+            }
           }
-        }
-        store_chunk(gx + i, gxv, n);
-        if (lsq && !steps && ++pending == 32) {
-          add_all_lanes(ds, dz, acc_s, acc_z);
-          acc_s = acc_z = Vec(0.0f);
-          pending = 0;
-        }
+          store_chunk(gx + i, gxv, n);
+          if (lsq && !steps && ++pending == 32) {
+            add_all_lanes(ds, dz, acc_s, acc_z);
+            acc_s = acc_z = Vec(0.0f);
+            pending = 0;
+          }
+        });
+        if (lsq && !steps) add_all_lanes(ds, dz, acc_s, acc_z);
       });
-      if (lsq && !steps) add_all_lanes(ds, dz, acc_s, acc_z);
     });
-  });
+  };
+  if (lsq) run(std::true_type{});
+  else run(std::false_type{});
   const at::Tensor block_sums = lsq ? sums.sum(0) : at::Tensor();
   return fake_quant_backward_outputs(grad_x, scale_grad ? block_sums[0] : at::Tensor(),
                                      zero_point_grad ? block_sums[1] : at::Tensor(), scale,
