@@ -133,7 +133,7 @@ class ObserverBase(QuantState):
         shape = self._qparams_shape(x)
         if self.ch_axis is not None:
             a = self.ch_axis % x.dim()
-            rows = x if a == 0 else x.movedim(a, 0)  # (movedim alone costs ~5 us a call)
+            rows = x if a == 0 else x.movedim(a, 0)  # (movedim costs ~1.5 us a call)
             return rows.reshape(x.shape[a], -1), shape
         if self.group_size is not None:
             return x.reshape(-1, self.group_size), shape
