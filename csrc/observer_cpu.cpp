@@ -211,6 +211,14 @@ void rebin_row(const int64_t* old, double old_lo, double old_hi, int64_t* out,
 // then counted, so the counting loop's addresses are ready early.
 constexpr int64_t kBinBlock = 256;
 
+// The binning loops prefetch x this far ahead: the counting between a block's loads keeps
+// the hardware prefetcher from running far enough ahead on data from DRAM.
+constexpr int64_t kPrefetchBytes = 4096;
+
+inline void prefetch_ahead(const void* p) {
+  __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes);
+}
+
 // Counts the m (even) bin indices idx into two histograms, alternate elements to each (halves
 // the store-to-load chains of repeated bins); unrolled: the loop's control was a third of its
 // instructions (stop 22: 5-10% of the observe).
@@ -233,6 +241,7 @@ __attribute__((target("avx2,fma,avx512f"))) void bin_indices_avx512(
                one = _mm512_set1_ps(1.0f);
   __m512 vlo = _mm512_loadu_ps(lo16), vhi = _mm512_loadu_ps(hi16), probe = _mm512_loadu_ps(probe16);
   for (int64_t i = 0; i < m; i += 16) {
+    prefetch_ahead(p + i);
     __m512 v = _mm512_loadu_ps(p + i);
     const __m512 diff = _mm512_sub_ps(v, v);
     if (track) {
@@ -291,6 +300,7 @@ void bin_span(const T* p, int64_t n, const HistGrid& g, int64_t B, bool absolute
     for (; k + kVec <= n;) {
       const int64_t m = std::min(kBinBlock, (n - k) / kVec * kVec);
       for (int64_t i = 0; i < m; i += kVec) {
+        prefetch_ahead(p + k + i);
         Vec v = load_float(p + k + i, kVec);
         const Vec diff = v - v;  // 0, or NaN for NaN/Inf
         if (mm != nullptr) {
