@@ -17,6 +17,13 @@ using VecD = at::vec::Vectorized<double>;
 constexpr int64_t kVec = Vec::size();
 constexpr int64_t kGrain = 32768;  // elements per parallel_for grain
 
+// Prefetches the data 4 KB past p. Loops that stream from DRAM with much work between their
+// loads (the observers' binning, the 4-bit float32 dots) run ahead of the hardware prefetcher
+// with it.
+inline void prefetch_ahead(const void* p) {
+  __builtin_prefetch(static_cast<const char*>(p) + 4096);
+}
+
 // quant_math.h's policy for SIMD vectors of floats.
 struct VecMath {
   static Vec round(const Vec& v) { return v.round(); }

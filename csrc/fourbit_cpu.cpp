@@ -231,6 +231,7 @@ QLIB_AVX512F_FN void dot_few_rows(const uint8_t* rows, int64_t ldp, const float*
     for (int m = 0; m < M; ++m) x0[m] = _mm512_loadu_ps(x + m * ldx + k), x1[m] = _mm512_loadu_ps(x + m * ldx + k + 16);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {  // low nibbles (even k), then high nibbles (odd k)
+      prefetch_ahead(rows + r * ldp + (k >> 1));
       const __m512i bytes = _mm512_maskz_cvtepu8_epi32(
           0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + r * ldp + (k >> 1))));
       const __m512 w0 = _mm512_maskz_permutexvar_ps(0xFFFF, bytes, values[r]);

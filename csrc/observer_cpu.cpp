@@ -211,14 +211,6 @@ void rebin_row(const int64_t* old, double old_lo, double old_hi, int64_t* out,
 // then counted, so the counting loop's addresses are ready early.
 constexpr int64_t kBinBlock = 256;
 
-// The binning loops prefetch x this far ahead: the counting between a block's loads keeps
-// the hardware prefetcher from running far enough ahead on data from DRAM.
-constexpr int64_t kPrefetchBytes = 4096;
-
-inline void prefetch_ahead(const void* p) {
-  __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes);
-}
-
 // Counts the m (even) bin indices idx into two histograms, alternate elements to each (halves
 // the store-to-load chains of repeated bins); unrolled: the loop's control was a third of its
 // instructions (stop 22: 5-10% of the observe).
