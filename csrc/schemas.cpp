@@ -47,6 +47,14 @@ TORCH_LIBRARY(qlib, m) {
       "observer_qparams(Tensor min, Tensor max, int quant_min, int quant_max, bool symmetric, "
       "float eps) -> (Tensor, Tensor)",
       tags);
+  // FakeQuantize's step with a min-max observer in one call: minmax_observe of x as
+  // [blocks, elements] (x.movedim(block_axis, 0); blocks = min_val's size), observer_qparams,
+  // then fake_quant of x with the qparams viewed as qparams_shape.
+  m.def(
+      "minmax_fake_quant(Tensor x, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) observed, "
+      "Tensor(d!) nonfinite, float? averaging_constant, int block_axis, SymInt[] qparams_shape, "
+      "int quant_min, int quant_max, bool symmetric, float eps) -> Tensor",
+      tags);
   m.def(
       "histogram_observe(Tensor x, Tensor hist, Tensor range, bool absolute) "
       "-> (Tensor hist_out, Tensor range_out, Tensor nonfinite)",

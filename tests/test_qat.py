@@ -1,5 +1,6 @@
 """Quantization-aware training: FakeQuantize, QATConfig, QATLinear, prepare_qat."""
 import copy
+import math
 import os
 
 import pytest
@@ -300,6 +301,146 @@ def test_learnable_forward_uses_the_scale_bit_for_bit(device):
     fq.disable_observer()
     ref = ops.fake_quant(w, fq.scale.detach(), torch.zeros(64, 16, device=device), fq.quant_min, fq.quant_max)
     assert torch.equal(fq(w), ref)
+
+
+# ---------------------------------------------------------------- the one-op min-max step
+class _CountingOps:
+    """Stands in for torch.ops.qlib in qlib.observers, counting minmax_fake_quant calls."""
+
+    def __init__(self):
+        self.fused_calls = 0
+
+    def __getattr__(self, name):
+        op = getattr(ops, name)
+        if name != "minmax_fake_quant":
+            return op
+
+        def call(*args):
+            self.fused_calls += 1
+            return op(*args)
+        return call
+
+
+def _batches(shape, device, n=5):
+    """Random batches of one shape: contiguous, a strided view, one holding NaN and +-Inf."""
+    for i in range(n):
+        if i == 2:
+            x = torch.randn(*shape[:-1], 2 * shape[-1], device=device)[..., ::2] * 3  # not contiguous
+        else:
+            x = torch.randn(shape, device=device) * (i + 1) + (0.5 if i % 2 else -0.25)
+        if i == 3:
+            flat = x.view(-1)
+            flat[0], flat[-1] = math.nan, math.inf
+            if flat.numel() > 2:
+                flat[1] = -math.inf
+        yield x
+
+
+MINMAX_LAYOUTS = [  # (x shape, observer granularity)
+    ((37,), {}), ((5, 7, 9), {}), ((13, 11), dict(ch_axis=0)), ((3, 13, 11), dict(ch_axis=1)),
+    ((4, 6, 5), dict(ch_axis=-1)), ((6, 24), dict(group_size=8)),
+]
+
+
+@pytest.mark.parametrize("cls", [MinMaxObserver, MovingAverageMinMaxObserver])
+@pytest.mark.parametrize("shape,layout", MINMAX_LAYOUTS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_minmax_step_in_one_op_equals_the_general_path(device, cls, shape, layout, dtype, symmetric, monkeypatch):
+    """From the second batch on, FakeQuantize with a min-max observer observes, picks qparams and
+    fake-quantizes in one op (minmax_fake_quant); outputs, gradients and every buffer equal the
+    general path's (observer, qparams_for, fake_quant) bit for bit."""
+    counting = _CountingOps()
+    monkeypatch.setattr(qlib.observers, "ops", counting)
+    fused = FakeQuantize(cls(bits=5, symmetric=symmetric, **layout)).to(device)
+    general = copy.deepcopy(fused)
+    general.observer._observe_fake_quant = lambda x: None
+    for x in _batches(shape, device):
+        x = x.to(dtype)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        ys = [fused(xs[0]), general(xs[1])]
+        torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=0, equal_nan=True)
+        g = torch.randn_like(ys[0])
+        for x_, y_ in zip(xs, ys):
+            y_.backward(g)
+        assert torch.equal(xs[0].grad, xs[1].grad)
+        for (name, a), b in zip(fused.state_dict().items(), general.state_dict().values()):
+            assert torch.equal(a, b), name
+    assert counting.fused_calls == 4
+
+
+def test_minmax_step_in_one_op_only_where_it_changes_nothing(monkeypatch):
+    """The general path stays for: the first batch, another shape, a reset observer, hooks on the
+    observer, a learnable scale, a disabled fake quant, and a histogram observer."""
+    counting = _CountingOps()
+    monkeypatch.setattr(qlib.observers, "ops", counting)
+    fq = FakeQuantize(MinMaxObserver(bits=8, symmetric=False, ch_axis=0))
+    x = torch.randn(6, 10)
+    fq(x)
+    assert counting.fused_calls == 0
+    fq(x)
+    assert counting.fused_calls == 1
+    fq(torch.randn(6, 3))  # a new shape: checked by the general path first
+    assert counting.fused_calls == 1
+    fq(torch.randn(6, 3))
+    assert counting.fused_calls == 2
+    fq.observer.reset()
+    y = fq(x)
+    assert counting.fused_calls == 2 and torch.equal(fq.observer.min_val, x.amin(1))
+    assert torch.equal(y, FakeQuantize(MinMaxObserver(bits=8, symmetric=False, ch_axis=0))(x))
+    seen = []
+    handle = fq.observer.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    fq(x)
+    assert counting.fused_calls == 2 and seen == [x.shape]
+    handle.remove()
+    fq.disable_fake_quant()
+    assert fq(x) is x and counting.fused_calls == 2
+    learnable = FakeQuantize(MinMaxObserver(bits=4), learnable=True)
+    hist = FakeQuantize(qlib.observers.PercentileObserver(bits=4))
+    for _ in range(3):
+        learnable(x)
+        hist(x)
+    assert counting.fused_calls == 2
+
+
+def test_minmax_fake_quant_op(device):
+    """The op equals its three parts; bad arguments name it; an empty x changes nothing."""
+    x = torch.randn(4, 9, 6, device=device)
+    x[1, 2, 3] = math.nan
+
+    def stats(blocks=9):
+        return (torch.full((blocks,), math.inf, device=device), torch.full((blocks,), -math.inf, device=device),
+                torch.zeros((), dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64, device=device))
+
+    got, ref = stats(), stats()
+    y = ops.minmax_fake_quant(x, *got, 0.25, 1, [1, 9, 1], -8, 7, True, 1e-7)
+    ops.minmax_observe(x.movedim(1, 0).reshape(9, -1), *ref, 0.25)
+    s, z = ops.observer_qparams(ref[0], ref[1], -8, 7, True, 1e-7)
+    torch.testing.assert_close(y, ops.fake_quant(x, s.view(1, 9, 1), z.view(1, 9, 1), -8, 7),
+                               rtol=0, atol=0, equal_nan=True)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    clean = torch.randn(4, 9, 6, device=device)  # (opcheck compares outputs without equal_nan)
+    torch.library.opcheck(ops.minmax_fake_quant, (clean, *stats(), None, 1, [1, 9, 1], 0, 15, False, 1e-7))
+    torch.library.opcheck(ops.minmax_fake_quant, (clean.requires_grad_(), *stats(1), 0.1, 0, [1], -8, 7, True, 1e-7))
+    empty = stats()
+    assert ops.minmax_fake_quant(torch.empty(0, 9, device=device), *empty, None, 1, [1, 9], -8, 7, True, 1e-7).shape == (0, 9)
+    assert torch.equal(empty[2], torch.zeros((), dtype=torch.int64, device=device)) and empty[0].isinf().all()
+    bad = [
+        (dict(block_axis=3), r"qlib::minmax_fake_quant: block_axis must be 0 or a dim of x \(shape \[4, 9, 6\]\), got 3"),
+        (dict(qparams_shape=[9, 2]), r"qlib::minmax_fake_quant: qparams_shape \[9, 2\] must hold 9 values"),
+        (dict(x=torch.randn(4, 10, device=device)), r"qlib::minmax_fake_quant: x of shape \[4, 10\] does not split into 9 blocks"),
+        (dict(x=x.double()), r"qlib::minmax_observe: x must be float32, float16 or bfloat16"),
+        (dict(quant_min=7), r"qlib::minmax_fake_quant: quant_min \(7\) must be less than quant_max \(7\)"),
+    ]
+    for change, message in bad:
+        args = dict(x=x.detach(), block_axis=1, qparams_shape=[1, 9, 1], quant_min=-8)
+        args.update(change)
+        untouched = stats()
+        with pytest.raises(RuntimeError, match=message):
+            ops.minmax_fake_quant(args["x"], *untouched, None, args["block_axis"], args["qparams_shape"],
+                                  args["quant_min"], 7, True, 1e-7)
+        assert untouched[2].item() == 0 and untouched[0].isinf().all()  # refused before observing
 
 
 WEIGHT_ONLY_CONFIGS = [

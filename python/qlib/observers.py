@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from . import _C
 from . import _observer_ops  # noqa: F401  (registers the fakes)
@@ -60,10 +61,16 @@ __all__ = [
 ]
 
 _EPS = torch.finfo(torch.float32).eps
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _has_forward_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 class ObserverBase(QuantState):
@@ -103,6 +110,8 @@ class ObserverBase(QuantState):
         # (so that "observed yet?" is a shape, not a value: no device read).
         self.register_buffer("qparams_shape", torch.zeros((0,), dtype=torch.int64))
         self._init_stats(0, torch.device("cpu"))
+        # (x.shape, block axis, qparams shape, blocks) of the last observed x (eager only).
+        self._layout = None
 
     # ------------------------------------------------------------ layout
     def _qparams_shape(self, x: Tensor) -> List[int]:
@@ -163,6 +172,9 @@ class ObserverBase(QuantState):
                 f"qlib.observers.{type(self).__name__}: x of shape {tuple(x.shape)} has {rows.shape[0]} blocks "
                 f"(qparams of shape {shape}), but this observer has recorded {self._blocks()}; call reset() first"
             )
+        if not torch.compiler.is_compiling():
+            axis = self.ch_axis % x.dim() if self.ch_axis is not None else 0
+            self._layout = (x.shape, axis, shape, rows.shape[0])
         return rows
 
     def _allocate(self, blocks: int, shape: List[int], device) -> None:
@@ -203,6 +215,11 @@ class ObserverBase(QuantState):
 
     def _observe(self, rows: Tensor) -> None:
         raise NotImplementedError
+
+    def _observe_fake_quant(self, x: Tensor) -> Optional[Tensor]:
+        """forward(x), then fake_quant(x) with the updated qparams, in one op; None where
+        this observer or this x has no such op (FakeQuantize then takes the general path)."""
+        return None
 
     def _synced_stats(self) -> Dict[str, Tensor]:
         """Copies of the statistics, all-reduced across ranks when distributed."""
@@ -266,11 +283,26 @@ class MinMaxObserver(ObserverBase):
     """Running min and max (as torch.ao's MinMaxObserver / PerChannelMinMaxObserver)."""
 
     _stat_buffers = {"min_val": math.inf, "max_val": -math.inf}
+    averaging_constant: Optional[float] = None  # (MovingAverageMinMaxObserver's)
 
     def _observe(self, rows: Tensor) -> None:
         # One op updates min_val, max_val and the counters in place.
         b = self._buffers  # (per batch: nn.Module.__getattr__ costs about 0.7 us a name)
-        ops.minmax_observe(rows, b["min_val"], b["max_val"], b["observed"], b["nonfinite"], None)
+        ops.minmax_observe(rows, b["min_val"], b["max_val"], b["observed"], b["nonfinite"], self.averaging_constant)
+
+    def _observe_fake_quant(self, x: Tensor) -> Optional[Tensor]:
+        # Only where it does what forward + qparams_for + fake_quant would: x shaped as the
+        # last observed one (its layout checked then), no hooks or overrides to run, no
+        # all-reduce of the statistics, eager mode.
+        lay, b, cls = self.__dict__.get("_layout"), self._buffers, type(self)
+        if (lay is None or x.shape != lay[0] or x.dtype not in _FUSED_DTYPES
+                or b["qparams_shape"].numel() == 0 or b["min_val"].shape[0] != lay[3]
+                or cls.forward is not ObserverBase.forward or cls._observe is not MinMaxObserver._observe
+                or _has_forward_hooks(self) or _distributed() or torch.compiler.is_compiling()):
+            return None
+        return ops.minmax_fake_quant(x, b["min_val"], b["max_val"], b["observed"], b["nonfinite"],
+                                     self.averaging_constant, lay[1], lay[2], self.quant_min,
+                                     self.quant_max, self.symmetric, self.eps)
 
     def _synced_stats(self) -> Dict[str, Tensor]:
         if not _distributed():  # read-only use downstream: no copies needed
@@ -313,12 +345,6 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
                 f"got {averaging_constant}"
             )
         self.averaging_constant = float(averaging_constant)
-
-    def _observe(self, rows: Tensor) -> None:
-        b = self._buffers
-        ops.minmax_observe(
-            rows, b["min_val"], b["max_val"], b["observed"], b["nonfinite"], self.averaging_constant
-        )
 
     def _synced_stats(self) -> Dict[str, Tensor]:
         if not _distributed():
