@@ -69,6 +69,11 @@ void check_chosen_qparams(const char* op, const at::Tensor& min, const at::Tenso
                           const at::Tensor& scale, bool check_order, int64_t quant_min,
                           int64_t quant_max);
 
+// qlib::fake_quant through the dispatcher (autograd included), for C++ callers
+// (affine_autograd.cpp, minmax_fake_quant.cpp).
+at::Tensor call_fake_quant(const at::Tensor& x, const at::Tensor& scale,
+                           const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max);
+
 // fake_quant_backward: grad matches x (shape, dtype, device), x and range valid.
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                     int64_t quant_min, int64_t quant_max);

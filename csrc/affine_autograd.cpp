@@ -6,11 +6,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-namespace qlib {
-namespace {
+#include "affine.h"
 
-using torch::autograd::AutogradContext;
-using torch::autograd::tensor_list;
+namespace qlib {
 
 at::Tensor call_fake_quant(const at::Tensor& x, const at::Tensor& scale,
                            const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
@@ -20,6 +18,11 @@ at::Tensor call_fake_quant(const at::Tensor& x, const at::Tensor& scale,
                                                const at::Tensor&, int64_t, int64_t)>();
   return op.call(x, scale, zero_point, quant_min, quant_max);
 }
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fake_quant_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
