@@ -1,7 +1,8 @@
-// Autograd of qlib::fake_quant in C++ (registered for the Autograd key, for every
-// device): the straight-through estimator and LSQ / LSQ+ gradients come from
+// Autograd of qlib::fake_quant and qlib::lsq_fake_quant in C++ (registered for the Autograd
+// key, for every device): the straight-through estimator and LSQ / LSQ+ gradients come from
 // qlib::fake_quant_backward. In C++ rather than torch.library.register_autograd,
-// whose Python wrapper cost about 26 us per call (CPU, tiny tensor).
+// whose Python wrapper cost about 26 us per call (CPU, tiny tensor). Also lsq_fake_quant's
+// forward, for every device (CompositeExplicitAutograd).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -76,8 +77,99 @@ at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
   return FakeQuantFunction::apply(x, scale, zero_point, quant_min, quant_max);
 }
 
+// ---------------------------------------------------------------- lsq_fake_quant
+constexpr const char* kLsqOp = "qlib::lsq_fake_quant";
+
+// The qparams fake_quant sees: LSQ keeps the scale positive and the zero point in range.
+std::pair<at::Tensor, at::Tensor> lsq_clamped(const at::Tensor& scale, const at::Tensor& zero_point,
+                                              int64_t quant_min, int64_t quant_max, double eps) {
+  return {scale.clamp_min(eps), zero_point.clamp(quant_min, quant_max)};
+}
+
+void check_lsq_args(const at::Tensor& scale, int64_t quant_min, int64_t quant_max,
+                    double grad_factor, double eps) {
+  check_quant_range(kLsqOp, quant_min, quant_max);
+  TORCH_CHECK(scale.is_floating_point(), kLsqOp, ": scale must be floating, got ",
+              scale.scalar_type());
+  TORCH_CHECK(eps > 0 && std::isfinite(eps), kLsqOp, ": eps must be positive and finite, got ",
+              eps);
+  TORCH_CHECK(grad_factor > 0 && std::isfinite(grad_factor), kLsqOp,
+              ": grad_factor must be positive and finite, got ", grad_factor);
+}
+
+at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& scale,
+                          const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                          double grad_factor, double eps) {
+  check_lsq_args(scale, quant_min, quant_max, grad_factor, eps);
+  const auto [s, z] = lsq_clamped(scale, zero_point, quant_min, quant_max, eps);
+  return call_fake_quant(x, s, z, quant_min, quant_max);
+}
+
+// The gradients are fake_quant's at the clamped qparams, then (as autograd of clamp_min, clamp
+// and a multiplication would give them, bit for bit) zero where a clamp cut and times
+// grad_factor.
+class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
+                            const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                            double grad_factor, double eps) {
+    // lsq_fake_quant's body, keeping the clamped qparams for the backward.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    check_lsq_args(scale, quant_min, quant_max, grad_factor, eps);
+    const auto [s, z] = lsq_clamped(scale, zero_point, quant_min, quant_max, eps);
+    ctx->save_for_backward({x, scale, zero_point, s, z});
+    ctx->saved_data["quant_min"] = quant_min;
+    ctx->saved_data["quant_max"] = quant_max;
+    ctx->saved_data["grad_factor"] = grad_factor;
+    ctx->saved_data["eps"] = eps;
+    return call_fake_quant(x, s, z, quant_min, quant_max);
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &scale = saved[1], &zero_point = saved[2];
+    const at::Tensor &s = saved[3], &z = saved[4];
+    const int64_t quant_min = ctx->saved_data["quant_min"].toInt();
+    const int64_t quant_max = ctx->saved_data["quant_max"].toInt();
+    const double grad_factor = ctx->saved_data["grad_factor"].toDouble();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_scale = ctx->needs_input_grad(1);
+    const bool need_zp = ctx->needs_input_grad(2) && zero_point.is_floating_point();
+    auto [grad_x, grad_scale, grad_zp] = call_fake_quant_backward(
+        grads[0], x, s, z, quant_min, quant_max, need_scale, need_zp);
+    // (In place: these are fake_quant_backward's own new tensors.)
+    if (need_scale) grad_scale.masked_fill_(scale < eps, 0.0).mul_(grad_factor);
+    if (need_zp) {
+      grad_zp.masked_fill_((zero_point < quant_min).logical_or_(zero_point > quant_max), 0.0)
+          .mul_(grad_factor);
+    }
+    return {need_x ? grad_x : at::Tensor(), need_scale ? grad_scale : at::Tensor(),
+            need_zp ? grad_zp : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
+                                   const at::Tensor& zero_point, int64_t quant_min,
+                                   int64_t quant_max, double grad_factor, double eps) {
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || scale.requires_grad() || zero_point.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return lsq_fake_quant(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
+  }
+  return LsqFakeQuantFunction::apply(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qlib, Autograd, m) { m.impl("fake_quant", &fake_quant_autograd); }
+TORCH_LIBRARY_IMPL(qlib, Autograd, m) {
+  m.impl("fake_quant", &fake_quant_autograd);
+  m.impl("lsq_fake_quant", &lsq_fake_quant_autograd);
+}
+
+TORCH_LIBRARY_IMPL(qlib, CompositeExplicitAutograd, m) {
+  m.impl("lsq_fake_quant", &lsq_fake_quant);
+}
 
 }  // namespace qlib

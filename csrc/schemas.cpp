@@ -13,6 +13,13 @@ TORCH_LIBRARY(qlib, m) {
       "int quant_min, int quant_max, bool scale_grad, bool zero_point_grad) "
       "-> (Tensor, Tensor, Tensor)",
       tags);
+  // fake_quant with LSQ's trained qparams: scale clamped below at eps, zero_point to
+  // [quant_min, quant_max]; their gradients are zero where a clamp changes the value (not on
+  // the bounds), times grad_factor.
+  m.def(
+      "lsq_fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
+      "float grad_factor, float eps) -> Tensor",
+      tags);
   m.def(
       "quantize(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
       "ScalarType dtype) -> Tensor",

@@ -1,4 +1,5 @@
 """fake_quant: exactness against PyTorch's own ops, granularity, gradients, dtypes."""
+import math
 import os
 import subprocess
 import sys
@@ -261,6 +262,80 @@ def test_lsq_gradients_float64_reference(device, xshape, sshape, dtype):
     torch.testing.assert_close(s.grad.double(), block_sums(ds), **tol)
     torch.testing.assert_close(z.grad.double(), block_sums(dz), rtol=1e-4, atol=1e-4 * block_sums(dz.abs()).max().item())
     assert torch.equal(x.grad, (g * inside).to(dtype))
+
+
+def _lsq_reference(x, scale, zero_point, qmin, qmax, factor, eps):
+    """lsq_fake_quant written with torch ops and fake_quant: the clamps, whose gradient is 1 on
+    the closed range (torch's own clamp gives 0 at the bounds since 2.14), and LSQ's gradient
+    scale (value t + 0, gradient times factor)."""
+    def scaled_grad(t):
+        scaled = t * factor
+        return t.detach() + (scaled - scaled.detach())
+
+    def clamped(t, lo, hi):
+        kept = (t >= lo) & (t <= hi)
+        return t.detach().clamp(lo, hi) + torch.where(kept, t - t.detach(), 0.0)
+
+    s = clamped(scaled_grad(scale), eps, math.inf)
+    z = clamped(scaled_grad(zero_point), qmin, qmax) if zero_point.requires_grad else zero_point.clamp(qmin, qmax)
+    return ops.fake_quant(x, s, z, qmin, qmax)
+
+
+@pytest.mark.parametrize("xshape,sshape", [((37,), (1,)), ((13, 22), (13, 1)), ((6, 4, 20), (6, 4, 5))], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("learn_zp", [False, True])
+def test_lsq_fake_quant_equals_its_torch_ops_form(device, xshape, sshape, dtype, learn_zp):
+    """Output and every gradient bit for bit, with scales below eps and zero points outside the
+    range among the blocks (their gradients are cut)."""
+    qmin, qmax, eps = 0, 15, 1e-3
+    base = (torch.randn(*xshape[:-1], 2 * xshape[-1], device=device) * 2)[..., ::2]  # not contiguous
+    s0 = torch.rand(sshape, device=device) * 0.3 + 0.05
+    z0 = torch.randint(-1, 17, sshape, device=device).float() + 0.25 * (torch.rand(sshape, device=device) > 0.5)
+    s0.view(-1)[0] = 1e-5  # below eps
+    z0.view(-1)[-1] = 19.0  # past quant_max
+    if z0.numel() > 2:
+        z0.view(-1)[1] = qmin  # on the bound
+    factor = 1.0 / (base.numel() * qmax) ** 0.5
+    grads = []
+    for fn in (ops.lsq_fake_quant, _lsq_reference):
+        x = base.to(dtype).requires_grad_()
+        s = s0.clone().requires_grad_()
+        z = z0.clone().requires_grad_(learn_zp)
+        y = fn(x, s, z, qmin, qmax, factor, eps)
+        y.backward(torch.ones_like(y) * torch.linspace(-1, 2, y.numel(), device=device).view(y.shape).to(dtype))
+        grads.append((y, x.grad, s.grad, z.grad))
+    for a, b in zip(*grads):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert grads[0][2].view(-1)[0] == 0 and (not learn_zp or grads[0][3].view(-1)[-1] == 0)
+
+
+def test_lsq_zero_point_on_its_bound_still_trains(device):
+    """A zero point at quant_min (post-ReLU activations start there) keeps its gradient: it is
+    fake_quant's, times grad_factor, as inside the range."""
+    x = torch.linspace(-2, 3, 101, device=device)
+    s = torch.tensor([0.1], device=device, requires_grad=True)
+    z = torch.tensor([0.0], device=device, requires_grad=True)
+    ops.lsq_fake_quant(x, s, z, 0, 15, 0.5, 1e-6).sum().backward()
+    _, gs, gz = ops.fake_quant_backward(torch.ones_like(x), x, s.detach(), z.detach(), 0, 15, True, True)
+    assert gz.item() != 0 and torch.equal(z.grad, gz * 0.5) and torch.equal(s.grad, gs * 0.5)
+
+
+def test_lsq_fake_quant_opcheck_and_errors(device):
+    x = torch.randn(9, 12, device=device, requires_grad=True)
+    s = (torch.rand(9, 1, device=device) * 0.1 + 0.01).requires_grad_()
+    z = torch.randn(9, 1, device=device).mul(3).add(8).requires_grad_()
+    torch.library.opcheck(ops.lsq_fake_quant, (x, s, z, 0, 15, 0.05, 1e-6))
+    torch.library.opcheck(ops.lsq_fake_quant, (x.detach().half(), s.detach()[:1], torch.zeros(1, device=device), -8, 7, 1.0, 1e-8))
+    for args, message in [
+        ((0, 15, 0.05, 0.0), r"qlib::lsq_fake_quant: eps must be positive and finite, got 0"),
+        ((0, 15, float("nan"), 1e-6), r"qlib::lsq_fake_quant: grad_factor must be positive and finite, got nan"),
+        ((0, 15, -1.0, 1e-6), r"qlib::lsq_fake_quant: grad_factor must be positive and finite, got -1"),
+        ((15, 0, 0.05, 1e-6), r"qlib::lsq_fake_quant: quant_min \(15\) must be less than quant_max \(0\)"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            ops.lsq_fake_quant(x, s, z, *args)
+    with pytest.raises(RuntimeError, match=r"qlib::lsq_fake_quant: scale must be floating, got Int"):
+        ops.lsq_fake_quant(x, torch.ones(9, 1, dtype=torch.int32, device=device), z, 0, 15, 0.05, 1e-6)
 
 
 def test_python_wrapper_and_quant_range(device):

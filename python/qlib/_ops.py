@@ -22,6 +22,11 @@ def _(x, scale, zero_point, quant_min, quant_max):
     return x.new_empty(x.shape)
 
 
+@torch.library.register_fake("qlib::lsq_fake_quant")
+def _(x, scale, zero_point, quant_min, quant_max, grad_factor, eps):
+    return x.new_empty(x.shape)
+
+
 @torch.library.register_fake("qlib::fake_quant_backward")
 def _(grad, x, scale, zero_point, quant_min, quant_max, scale_grad, zero_point_grad):
     def none():

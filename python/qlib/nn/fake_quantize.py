@@ -12,13 +12,6 @@ from .._state import QuantState
 ops = torch.ops.qlib
 
 
-def _scale_grad(t: Tensor, factor: float) -> Tensor:
-    """Value of t exactly (t + 0), gradient multiplied by factor (LSQ's gradient scaling).
-    (t - t * f).detach() + t * f would be off by a rounding from t."""
-    scaled = t * factor
-    return t.detach() + (scaled - scaled.detach())
-
-
 class FakeQuantize(QuantState):
     """Observes its input (while the observer is enabled), then fake-quantizes it.
 
@@ -96,17 +89,16 @@ class FakeQuantize(QuantState):
         if not self.fake_quant_enabled:
             return x
         if self.learnable:
+            # One op: the clamps (scale >= eps, zero point in range) and LSQ's gradient scale.
             factor = 1.0 / math.sqrt(x.numel() * self.quant_max) if x.numel() else 1.0
-            scale = _scale_grad(self.scale, factor).clamp_min(self.eps)
-            zp = self.zero_point
-            if zp.requires_grad:
-                zp = _scale_grad(zp, factor)
-            zp = zp.clamp(self.quant_min, self.quant_max)
-        else:
-            if observer._buffers["qparams_shape"].numel() == 0:
-                raise RuntimeError("qlib.nn.FakeQuantize: its observer has recorded nothing yet; "
-                                   "enable the observer or load a calibrated state_dict first")
-            scale, zp = observer.qparams_for(x)
+            p = self._parameters
+            zp = p["zero_point"] if "zero_point" in p else self._buffers["zero_point"]
+            return ops.lsq_fake_quant(x, p["scale"].to(x.device), zp.to(x.device), self.quant_min,
+                                      self.quant_max, factor, self.eps)
+        if observer._buffers["qparams_shape"].numel() == 0:
+            raise RuntimeError("qlib.nn.FakeQuantize: its observer has recorded nothing yet; "
+                               "enable the observer or load a calibrated state_dict first")
+        scale, zp = observer.qparams_for(x)
         return ops.fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min, self.quant_max)
 
     def extra_repr(self) -> str:
