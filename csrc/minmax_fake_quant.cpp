@@ -1,5 +1,5 @@
 // qlib::minmax_fake_quant: FakeQuantize's per-step path for the min-max observers in one call
-// (minmax_observe, observer_qparams, fake_quant). It is CompositeImplicitAutograd, so its
+// (minmax_observe unless the observer is off, observer_qparams, fake_quant). It is CompositeImplicitAutograd, so its
 // autograd, fake tensors and CUDA path are those of the three ops it calls; what it saves is
 // the Python between them (about 15 us a call, CPU).
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -41,7 +41,7 @@ at::Tensor minmax_fake_quant(const at::Tensor& x, const at::Tensor& min_val,
                              const at::Tensor& nonfinite,
                              std::optional<double> averaging_constant, int64_t block_axis,
                              c10::SymIntArrayRef qparams_shape, int64_t quant_min,
-                             int64_t quant_max, bool symmetric, double eps) {
+                             int64_t quant_max, bool symmetric, double eps, bool observe) {
   // What observer_qparams would refuse, before anything is observed.
   check_quant_range(kOp, quant_min, quant_max);
   TORCH_CHECK(eps > 0 && std::isfinite(eps), kOp, ": eps must be positive and finite, got ", eps);
@@ -57,7 +57,7 @@ at::Tensor minmax_fake_quant(const at::Tensor& x, const at::Tensor& min_val,
   for (const auto& d : qparams_shape) held = held * d;
   TORCH_SYM_CHECK(held.sym_eq(blocks), kOp, ": qparams_shape ", qparams_shape, " must hold ",
                   blocks, " values (one per block)");
-  if (x.sym_numel().sym_ne(0).guard_bool(__FILE__, __LINE__)) {
+  if (observe && x.sym_numel().sym_ne(0).guard_bool(__FILE__, __LINE__)) {
     at::Tensor rows = x.detach();
     if (block_axis != 0) rows = rows.movedim(block_axis, 0);
     call_minmax_observe(rows.reshape_symint({blocks, x.sym_numel() / blocks}), min_val, max_val,

@@ -55,12 +55,12 @@ TORCH_LIBRARY(qlib, m) {
       "float eps) -> (Tensor, Tensor)",
       tags);
   // FakeQuantize's step with a min-max observer in one call: minmax_observe of x as
-  // [blocks, elements] (x.movedim(block_axis, 0); blocks = min_val's size), observer_qparams,
-  // then fake_quant of x with the qparams viewed as qparams_shape.
+  // [blocks, elements] (x.movedim(block_axis, 0); blocks = min_val's size) when observe,
+  // observer_qparams, then fake_quant of x with the qparams viewed as qparams_shape.
   m.def(
       "minmax_fake_quant(Tensor x, Tensor(a!) min_val, Tensor(b!) max_val, Tensor(c!) observed, "
       "Tensor(d!) nonfinite, float? averaging_constant, int block_axis, SymInt[] qparams_shape, "
-      "int quant_min, int quant_max, bool symmetric, float eps) -> Tensor",
+      "int quant_min, int quant_max, bool symmetric, float eps, bool observe=True) -> Tensor",
       tags);
   m.def(
       "histogram_observe(Tensor x, Tensor hist, Tensor range, bool absolute) "

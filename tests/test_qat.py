@@ -348,14 +348,18 @@ MINMAX_LAYOUTS = [  # (x shape, observer granularity)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_minmax_step_in_one_op_equals_the_general_path(device, cls, shape, layout, dtype, symmetric, monkeypatch):
     """From the second batch on, FakeQuantize with a min-max observer observes, picks qparams and
-    fake-quantizes in one op (minmax_fake_quant); outputs, gradients and every buffer equal the
-    general path's (observer, qparams_for, fake_quant) bit for bit."""
+    fake-quantizes in one op (minmax_fake_quant; with the observer off, only the last two);
+    outputs, gradients and every buffer equal the general path's (observer, qparams_for,
+    fake_quant) bit for bit."""
     counting = _CountingOps()
     monkeypatch.setattr(qlib.observers, "ops", counting)
     fused = FakeQuantize(cls(bits=5, symmetric=symmetric, **layout)).to(device)
     general = copy.deepcopy(fused)
-    general.observer._observe_fake_quant = lambda x: None
-    for x in _batches(shape, device):
+    general.observer._observe_fake_quant = lambda x, observe=True: None
+    for i, x in enumerate(_batches(shape, device, n=7)):
+        if i == 5:  # then with the observers off: the qparams stay as they are
+            fused.disable_observer()
+            general.disable_observer()
         x = x.to(dtype)
         xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
         ys = [fused(xs[0]), general(xs[1])]
@@ -366,12 +370,13 @@ def test_minmax_step_in_one_op_equals_the_general_path(device, cls, shape, layou
         assert torch.equal(xs[0].grad, xs[1].grad)
         for (name, a), b in zip(fused.state_dict().items(), general.state_dict().values()):
             assert torch.equal(a, b), name
-    assert counting.fused_calls == 4
+    assert counting.fused_calls == 6
 
 
 def test_minmax_step_in_one_op_only_where_it_changes_nothing(monkeypatch):
     """The general path stays for: the first batch, another shape, a reset observer, hooks on the
-    observer, a learnable scale, a disabled fake quant, and a histogram observer."""
+    observer, a subclass with its own range, a learnable scale, a disabled fake quant, and a
+    histogram observer."""
     counting = _CountingOps()
     monkeypatch.setattr(qlib.observers, "ops", counting)
     fq = FakeQuantize(MinMaxObserver(bits=8, symmetric=False, ch_axis=0))
@@ -395,6 +400,16 @@ def test_minmax_step_in_one_op_only_where_it_changes_nothing(monkeypatch):
     handle.remove()
     fq.disable_fake_quant()
     assert fq(x) is x and counting.fused_calls == 2
+    class Clipped(MinMaxObserver):  # a subclass with its own range
+        def _range(self, stats):
+            return stats["min"] * 0.5, stats["max"] * 0.5
+
+    clipped = FakeQuantize(Clipped(bits=8, symmetric=False, ch_axis=0))
+    for _ in range(2):
+        y = clipped(x)
+    assert counting.fused_calls == 2
+    s, z = ops.observer_qparams(x.amin(1) * 0.5, x.amax(1) * 0.5, 0, 255, False, clipped.observer.eps)
+    assert torch.equal(y, ops.fake_quant(x, s.view(6, 1), z.view(6, 1), 0, 255))
     learnable = FakeQuantize(MinMaxObserver(bits=4), learnable=True)
     hist = FakeQuantize(qlib.observers.PercentileObserver(bits=4))
     for _ in range(3):
@@ -420,6 +435,11 @@ def test_minmax_fake_quant_op(device):
                                rtol=0, atol=0, equal_nan=True)
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
+    y = ops.minmax_fake_quant(x * 5, *got, 0.25, 1, [1, 9, 1], -8, 7, True, 1e-7, observe=False)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)  # nothing recorded
+    torch.testing.assert_close(y, ops.fake_quant(x * 5, s.view(1, 9, 1), z.view(1, 9, 1), -8, 7),
+                               rtol=0, atol=0, equal_nan=True)
     clean = torch.randn(4, 9, 6, device=device)  # (opcheck compares outputs without equal_nan)
     torch.library.opcheck(ops.minmax_fake_quant, (clean, *stats(), None, 1, [1, 9, 1], 0, 15, False, 1e-7))
     torch.library.opcheck(ops.minmax_fake_quant, (clean.requires_grad_(), *stats(1), 0.1, 0, [1], -8, 7, True, 1e-7))

@@ -216,9 +216,9 @@ class ObserverBase(QuantState):
     def _observe(self, rows: Tensor) -> None:
         raise NotImplementedError
 
-    def _observe_fake_quant(self, x: Tensor) -> Optional[Tensor]:
-        """forward(x), then fake_quant(x) with the updated qparams, in one op; None where
-        this observer or this x has no such op (FakeQuantize then takes the general path)."""
+    def _observe_fake_quant(self, x: Tensor, observe: bool = True) -> Optional[Tensor]:
+        """forward(x) (when observe), then fake_quant(x) with the qparams, in one op; None
+        where this observer or this x has no such op (FakeQuantize then takes the general path)."""
         return None
 
     def _synced_stats(self) -> Dict[str, Tensor]:
@@ -290,19 +290,19 @@ class MinMaxObserver(ObserverBase):
         b = self._buffers  # (per batch: nn.Module.__getattr__ costs about 0.7 us a name)
         ops.minmax_observe(rows, b["min_val"], b["max_val"], b["observed"], b["nonfinite"], self.averaging_constant)
 
-    def _observe_fake_quant(self, x: Tensor) -> Optional[Tensor]:
+    def _observe_fake_quant(self, x: Tensor, observe: bool = True) -> Optional[Tensor]:
         # Only where it does what forward + qparams_for + fake_quant would: x shaped as the
         # last observed one (its layout checked then), no hooks or overrides to run, no
         # all-reduce of the statistics, eager mode.
-        lay, b, cls = self.__dict__.get("_layout"), self._buffers, type(self)
+        lay, b = self.__dict__.get("_layout"), self._buffers
         if (lay is None or x.shape != lay[0] or x.dtype not in _FUSED_DTYPES
                 or b["qparams_shape"].numel() == 0 or b["min_val"].shape[0] != lay[3]
-                or cls.forward is not ObserverBase.forward or cls._observe is not MinMaxObserver._observe
-                or _has_forward_hooks(self) or _distributed() or torch.compiler.is_compiling()):
+                or not _overrides_nothing(type(self)) or _has_forward_hooks(self)
+                or _distributed() or torch.compiler.is_compiling()):
             return None
         return ops.minmax_fake_quant(x, b["min_val"], b["max_val"], b["observed"], b["nonfinite"],
                                      self.averaging_constant, lay[1], lay[2], self.quant_min,
-                                     self.quant_max, self.symmetric, self.eps)
+                                     self.quant_max, self.symmetric, self.eps, observe)
 
     def _synced_stats(self) -> Dict[str, Tensor]:
         if not _distributed():  # read-only use downstream: no copies needed
@@ -329,6 +329,18 @@ class MinMaxObserver(ObserverBase):
                     f"min_val <= max_val, or (inf, -inf) for a block with no data (a corrupt state_dict?)"
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+_ONE_OP_METHODS = ("forward", "_prepare", "_observe", "_observe_fake_quant", "qparams_for", "_qparams", "_range")
+_overrides_nothing_of = {}  # observer class -> bool
+
+
+def _overrides_nothing(cls: type) -> bool:
+    """Whether cls runs MinMaxObserver's own observe and qparams code (minmax_fake_quant's)."""
+    ok = _overrides_nothing_of.get(cls)
+    if ok is None:
+        ok = _overrides_nothing_of[cls] = all(getattr(cls, n) is getattr(MinMaxObserver, n) for n in _ONE_OP_METHODS)
+    return ok
 
 
 class MovingAverageMinMaxObserver(MinMaxObserver):

@@ -73,11 +73,12 @@ class FakeQuantize(QuantState):
 
     def forward(self, x: Tensor) -> Tensor:
         observer = self._modules["observer"]  # (nn.Module.__getattr__ costs about 0.7 us)
+        if self.fake_quant_enabled and not self.learnable:
+            # One op (min-max observers), or None.
+            y = observer._observe_fake_quant(x, self.observer_enabled)
+            if y is not None:
+                return y
         if self.observer_enabled:
-            if self.fake_quant_enabled and not self.learnable:
-                y = observer._observe_fake_quant(x)  # one op (min-max observers), or None
-                if y is not None:
-                    return y
             observer(x.detach())
             if self.learnable and not self._init_done:
                 scale, zp = observer.calculate_qparams()
