@@ -105,9 +105,8 @@ at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& scale,
   return call_fake_quant(x, s, z, quant_min, quant_max);
 }
 
-// The gradients are fake_quant's at the clamped qparams, then (as autograd of clamp_min, clamp
-// and a multiplication would give them, bit for bit) zero where a clamp cut and times
-// grad_factor.
+// The gradients are fake_quant's at the clamped qparams, then zero where a clamp changed the
+// value (kept on its bounds, where torch >= 2.14's clamp gives 0), then times grad_factor.
 class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,

@@ -1,7 +1,7 @@
 // qlib::minmax_fake_quant: FakeQuantize's per-step path for the min-max observers in one call
-// (minmax_observe unless the observer is off, observer_qparams, fake_quant). It is CompositeImplicitAutograd, so its
-// autograd, fake tensors and CUDA path are those of the three ops it calls; what it saves is
-// the Python between them (about 15 us a call, CPU).
+// (minmax_observe unless the observer is off, observer_qparams, fake_quant). It is
+// CompositeImplicitAutograd, so its autograd, fake tensors and CUDA path are those of the ops
+// it calls; what it saves is the Python between them (about 15 us a call, CPU).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 

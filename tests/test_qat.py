@@ -400,6 +400,7 @@ def test_minmax_step_in_one_op_only_where_it_changes_nothing(monkeypatch):
     handle.remove()
     fq.disable_fake_quant()
     assert fq(x) is x and counting.fused_calls == 2
+
     class Clipped(MinMaxObserver):  # a subclass with its own range
         def _range(self, stats):
             return stats["min"] * 0.5, stats["max"] * 0.5
