@@ -3,6 +3,10 @@
 moving-average observer) against torch.ao's QAT Linear with its default fbgemm qconfig
 (the same scheme) plus its activation FakeQuantize, and plain fp32 ``nn.Linear``. Median
 microseconds per step, the three timed round-robin; ratio = torch.ao / qlib (> 1: qlib is faster).
+A second table trains the scales (LSQ, and LSQ+ zero points for the activations): qlib's
+``QATConfig(weight_learnable=True, activation_learnable=True)`` against torch.ao's QAT Linear
+with ``_LearnableFakeQuantize`` (``use_grad_scaling=True``), observers off on both sides after
+a first step (the learning phase).
 
     .venv/bin/python benchmarks/bench_qat.py [--threads N] [--budget 3]
 """
@@ -13,12 +17,36 @@ import torch
 import torch.ao.nn.qat as ao_qat
 import torch.ao.quantization as tq
 from torch import nn
+from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 
 import qlib
+from qlib.config import QATConfig
 from qlib.nn import QATLinear
 from timing import interleaved_medians_ms
 
 SHAPES = [(8, 64, 64), (64, 256, 256), (64, 1024, 1024), (256, 4096, 1024)]  # batch, in, out
+
+
+def learnable_qconfig(out_features: int) -> tq.QConfig:
+    """torch.ao's learnable (LSQ) fake quants for the scheme qlib's learnable QATLinear uses."""
+    act = _LearnableFakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0,
+                                           quant_max=255, use_grad_scaling=True)
+    weight = _LearnableFakeQuantize.with_args(
+        observer=tq.PerChannelMinMaxObserver, quant_min=-128, quant_max=127, dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric, ch_axis=0, channel_len=out_features, use_grad_scaling=True)
+    return tq.QConfig(activation=act, weight=weight)
+
+
+def time_steps(ours, theirs, act_fq, lin, x, budget):
+    """Median us of a forward + backward step: qlib, torch.ao (act_fq then its Linear), fp32."""
+    return [t * 1e3 for t in interleaved_medians_ms(
+        [lambda: ours(x).sum().backward(), lambda: theirs(act_fq(x)).sum().backward(),
+         lambda: lin(x).sum().backward()], budget_s=budget, min_reps=20, max_reps=2000)]
+
+
+def print_row(batch, k, n, t_ours, t_theirs, t_fp32):
+    print(f"| {batch} x {k} x {n} | {t_ours:.0f} | {t_theirs:.0f} | {t_fp32:.0f} | "
+          f"{t_theirs / t_ours:.2f}x | {t_ours / t_fp32:.2f}x |")
 
 
 def main():
@@ -31,20 +59,30 @@ def main():
     qconfig = tq.get_default_qat_qconfig("fbgemm")
     print(f"torch {torch.__version__}, qlib {qlib.build_info()['cpu_isa']}, {platform.machine()}, "
           f"{torch.get_num_threads()} threads; median us per forward + backward step")
-    print("| batch x in x out | qlib QATLinear | torch.ao QAT Linear | fp32 nn.Linear | torch.ao / qlib | qlib / fp32 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    header = ("| batch x in x out | qlib QATLinear | torch.ao QAT Linear | fp32 nn.Linear | torch.ao / qlib "
+              "| qlib / fp32 |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(header)
     for batch, k, n in SHAPES:
         lin = nn.Linear(k, n)
         ours = QATLinear.from_float(lin)
         lin.qconfig = qconfig
         theirs, act_fq = ao_qat.Linear.from_float(lin), qconfig.activation()
+        print_row(batch, k, n, *time_steps(ours, theirs, act_fq, lin, torch.randn(batch, k), args.budget))
+    print("\nLearnable scales (LSQ; asymmetric activations with a learned zero point), observers off:")
+    print(header)
+    for batch, k, n in SHAPES:
+        lin = nn.Linear(k, n)
         x = torch.randn(batch, k)
-        # Round-robin (one step of each a round), so a slow phase of the machine hits all three.
-        t_ours, t_theirs, t_fp32 = (t / 1e3 for t in interleaved_medians_ms(
-            [lambda: ours(x).sum().backward(), lambda: theirs(act_fq(x)).sum().backward(),
-             lambda: lin(x).sum().backward()], budget_s=args.budget, min_reps=20, max_reps=2000))
-        print(f"| {batch} x {k} x {n} | {t_ours * 1e6:.0f} | {t_theirs * 1e6:.0f} | {t_fp32 * 1e6:.0f} | "
-              f"{t_theirs / t_ours:.2f}x | {t_ours / t_fp32:.2f}x |")
+        ours = QATLinear.from_float(lin, QATConfig(weight_learnable=True, activation_learnable=True))
+        lin.qconfig = learnable_qconfig(n)
+        theirs, act_fq = ao_qat.Linear.from_float(lin), lin.qconfig.activation()
+        ours(x)
+        theirs(act_fq(x))
+        for m in (theirs, act_fq):
+            m.apply(tq.disable_observer)
+        ours.weight_fake_quant.disable_observer()
+        ours.activation_fake_quant.disable_observer()
+        print_row(batch, k, n, *time_steps(ours, theirs, act_fq, lin, x, args.budget))
 
 
 if __name__ == "__main__":
