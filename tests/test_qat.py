@@ -186,6 +186,19 @@ def test_compile_fullgraph_forward_backward(device, learnable, weight_only):
         assert qat.weight_fake_quant.scale.grad is not None
 
 
+@pytest.mark.parametrize("learnable", [False, True])
+def test_export_after_eager_steps(learnable):
+    """torch.export of a QATLinear that has already run eagerly (its one-op paths live): the
+    exported program gives the eager module's outputs, bit for bit."""
+    qat = QATLinear.from_float(nn.Linear(16, 8), QATConfig(weight_learnable=learnable, activation_learnable=learnable))
+    x = torch.randn(5, 16)
+    qat(x)
+    qat(x)
+    program = torch.export.export(copy.deepcopy(qat), (x,))
+    x2 = torch.randn(5, 16) * 2
+    assert torch.equal(program.module()(x2), qat(x2))
+
+
 def test_autocast_bfloat16_training_step():
     torch.manual_seed(0)
     net = qlib.prepare_qat(Net())
