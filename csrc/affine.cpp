@@ -22,6 +22,10 @@ void set_fake_quant_cuda_packs(int64_t packs) {
 }
 int64_t fake_quant_cuda_packs() { return g_fake_quant_cuda_packs; }
 
+void check_eps(const char* op, double eps) {
+  TORCH_CHECK(eps > 0 && std::isfinite(eps), op, ": eps must be positive and finite, got ", eps);
+}
+
 void check_quant_range(const char* op, int64_t quant_min, int64_t quant_max) {
   TORCH_CHECK(quant_min < quant_max, op, ": quant_min (", quant_min,
               ") must be less than quant_max (", quant_max, ")");
@@ -88,7 +92,7 @@ void check_choose_qparams_args(const char* op, const at::Tensor& min, const at::
               " differs from max of shape ", max.sizes());
   TORCH_CHECK(min.device() == max.device(), op, ": min (", min.device(), ") and max (",
               max.device(), ") must be on the same device");
-  TORCH_CHECK(eps > 0 && std::isfinite(eps), op, ": eps must be positive and finite, got ", eps);
+  check_eps(op, eps);
   if (!check_values || min.numel() == 0) return;
   TORCH_INTERNAL_ASSERT(min.is_cpu(), op, ": check_values is for CPU tensors");
   // A plain loop: no small ATen ops on the hot path.

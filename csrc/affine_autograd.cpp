@@ -64,17 +64,25 @@ class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
   }
 };
 
+// The Autograd kernel of an op taking (x, scale, zero_point, ...): its Function when a
+// gradient is wanted, else `below` under autograd (the Function's context would cost a third
+// of a small call).
+template <class Function, class Below, class... Rest>
+at::Tensor record_if_grad(Below below, const at::Tensor& x, const at::Tensor& scale,
+                          const at::Tensor& zero_point, Rest... rest) {
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || scale.requires_grad() || zero_point.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return below(x, scale, zero_point, rest...);
+  }
+  return Function::apply(x, scale, zero_point, rest...);
+}
+
 at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                const at::Tensor& zero_point, int64_t quant_min,
                                int64_t quant_max) {
-  if (!at::GradMode::is_enabled() ||
-      !(x.requires_grad() || scale.requires_grad() || zero_point.requires_grad())) {
-    // Nothing to record (the autograd Function's context would cost a third of a
-    // small call).
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return call_fake_quant(x, scale, zero_point, quant_min, quant_max);
-  }
-  return FakeQuantFunction::apply(x, scale, zero_point, quant_min, quant_max);
+  return record_if_grad<FakeQuantFunction>(call_fake_quant, x, scale, zero_point, quant_min,
+                                           quant_max);
 }
 
 // ---------------------------------------------------------------- lsq_fake_quant
@@ -91,8 +99,7 @@ void check_lsq_args(const at::Tensor& scale, int64_t quant_min, int64_t quant_ma
   check_quant_range(kLsqOp, quant_min, quant_max);
   TORCH_CHECK(scale.is_floating_point(), kLsqOp, ": scale must be floating, got ",
               scale.scalar_type());
-  TORCH_CHECK(eps > 0 && std::isfinite(eps), kLsqOp, ": eps must be positive and finite, got ",
-              eps);
+  check_eps(kLsqOp, eps);
   TORCH_CHECK(grad_factor > 0 && std::isfinite(grad_factor), kLsqOp,
               ": grad_factor must be positive and finite, got ", grad_factor);
 }
@@ -152,12 +159,8 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
 at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                    const at::Tensor& zero_point, int64_t quant_min,
                                    int64_t quant_max, double grad_factor, double eps) {
-  if (!at::GradMode::is_enabled() ||
-      !(x.requires_grad() || scale.requires_grad() || zero_point.requires_grad())) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return lsq_fake_quant(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
-  }
-  return LsqFakeQuantFunction::apply(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
+  return record_if_grad<LsqFakeQuantFunction>(lsq_fake_quant, x, scale, zero_point, quant_min,
+                                              quant_max, grad_factor, eps);
 }
 
 }  // namespace

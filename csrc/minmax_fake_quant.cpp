@@ -44,7 +44,7 @@ at::Tensor minmax_fake_quant(const at::Tensor& x, const at::Tensor& min_val,
                              int64_t quant_max, bool symmetric, double eps, bool observe) {
   // What observer_qparams would refuse, before anything is observed.
   check_quant_range(kOp, quant_min, quant_max);
-  TORCH_CHECK(eps > 0 && std::isfinite(eps), kOp, ": eps must be positive and finite, got ", eps);
+  check_eps(kOp, eps);
   TORCH_CHECK(min_val.dim() == 1, kOp, ": min_val must be 1-D with one value per block, got shape ",
               min_val.sym_sizes());
   const c10::SymInt blocks = min_val.sym_size(0);
