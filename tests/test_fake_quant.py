@@ -284,23 +284,24 @@ def _lsq_reference(x, scale, zero_point, qmin, qmax, factor, eps):
 @pytest.mark.parametrize("xshape,sshape", [((37,), (1,)), ((13, 22), (13, 1)), ((6, 4, 20), (6, 4, 5))], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("learn_zp", [False, True])
-def test_lsq_fake_quant_equals_its_torch_ops_form(device, xshape, sshape, dtype, learn_zp):
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_lsq_fake_quant_equals_its_torch_ops_form(device, xshape, sshape, dtype, learn_zp, qdtype):
     """Output and every gradient bit for bit, with scales below eps and zero points outside the
-    range among the blocks (their gradients are cut)."""
+    range among the blocks (their gradients are cut), for qparams of any floating dtype."""
     qmin, qmax, eps = 0, 15, 1e-3
     base = (torch.randn(*xshape[:-1], 2 * xshape[-1], device=device) * 2)[..., ::2]  # not contiguous
     s0 = torch.rand(sshape, device=device) * 0.3 + 0.05
     z0 = torch.randint(-1, 17, sshape, device=device).float() + 0.25 * (torch.rand(sshape, device=device) > 0.5)
     s0.view(-1)[0] = 1e-5  # below eps
     z0.view(-1)[-1] = 19.0  # past quant_max
-    if z0.numel() > 2:
-        z0.view(-1)[1] = qmin  # on the bound
+    if z0.numel() > 3:
+        z0.view(-1)[1:3] = torch.tensor([qmin, qmax])  # on the bounds
     factor = 1.0 / (base.numel() * qmax) ** 0.5
     grads = []
     for fn in (ops.lsq_fake_quant, _lsq_reference):
         x = base.to(dtype).requires_grad_()
-        s = s0.clone().requires_grad_()
-        z = z0.clone().requires_grad_(learn_zp)
+        s = s0.to(qdtype).requires_grad_()
+        z = z0.to(qdtype).requires_grad_(learn_zp)
         y = fn(x, s, z, qmin, qmax, factor, eps)
         y.backward(torch.ones_like(y) * torch.linspace(-1, 2, y.numel(), device=device).view(y.shape).to(dtype))
         grads.append((y, x.grad, s.grad, z.grad))
