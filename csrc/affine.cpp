@@ -1,9 +1,11 @@
 #include "affine.h"
+#include "cpu_output.h"
 #include "quant_math.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <numeric>
 
 namespace qlib {
 
@@ -196,14 +198,57 @@ AffineArgs check_affine_args(const char* op, const char* x_name, const at::Tenso
               " dims; at most ", BlockLayout::kMaxSegments / 2, " are supported");
 
   AffineArgs a;
-  a.x = x.contiguous();
+  a.x = x.is_non_overlapping_and_dense() ? x : x.contiguous(x.suggest_memory_format());
+  if (!a.x.is_contiguous()) {
+    // Dense in another order: dims from the largest stride to the smallest.
+    a.dims.resize(x.dim());
+    std::iota(a.dims.begin(), a.dims.end(), 0);
+    std::stable_sort(a.dims.begin(), a.dims.end(),
+                     [&](int64_t i, int64_t j) { return a.x.stride(i) > a.x.stride(j); });
+    a.x = a.x.permute(a.dims);
+    TORCH_INTERNAL_ASSERT(a.x.is_contiguous(), op, ": permuted x is not contiguous");
+  }
   a.scale = scale;
   a.zero_point = zero_point;
-  a.layout = BlockLayout::make(x.sizes(), scale.sizes(), per_tensor);
+  a.per_tensor = per_tensor;
+  std::vector<int64_t> scale_sizes(scale.sizes().begin(), scale.sizes().end());
+  if (!per_tensor) {
+    for (size_t d = 0; d < a.dims.size(); ++d) scale_sizes[d] = scale.size(a.dims[d]);
+  }
+  a.layout = BlockLayout::make(a.x.sizes(), at::IntArrayRef(scale_sizes), per_tensor);
   a.qmin = static_cast<float>(quant_min);
   a.qmax = static_cast<float>(quant_max);
-  a.per_tensor = per_tensor;
   return a;
+}
+
+at::Tensor AffineArgs::empty_like_x(const at::TensorOptions& options) const {
+  at::Tensor t = at::empty_strided(x.sizes(), x.strides(), options);
+  if (t.is_cpu()) advise_huge_pages(t.data_ptr(), t.nbytes());
+  return t;
+}
+
+namespace {
+std::vector<int64_t> inverse(const std::vector<int64_t>& dims) {
+  std::vector<int64_t> inv(dims.size());
+  for (size_t i = 0; i < dims.size(); ++i) inv[dims[i]] = static_cast<int64_t>(i);
+  return inv;
+}
+}  // namespace
+
+at::Tensor AffineArgs::in_given_order(const at::Tensor& out) const {
+  return dims.empty() ? out : out.permute(inverse(dims));
+}
+
+at::Tensor AffineArgs::arranged_qparam(const at::Tensor& t) const {
+  return per_tensor || dims.empty() ? t : t.permute(dims).contiguous();
+}
+
+at::Tensor AffineArgs::qparam_in_given_order(const at::Tensor& t) const {
+  return per_tensor ? t : in_given_order(t);
+}
+
+at::Tensor AffineArgs::arranged_like_x(const at::Tensor& t) const {
+  return dims.empty() ? t.contiguous() : t.permute(dims).contiguous();
 }
 
 namespace {
@@ -244,7 +289,10 @@ AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& 
   a.scale = float_qparams(scale, false);
   // A floating zero point (LSQ+) is rounded to the nearest integer.
   a.zero_point = float_qparams(zero_point, at::isFloatingType(zero_point.scalar_type()));
+  // (Checked in the given order: the errors' flat indices are the caller's.)
   if (check_values) check_qparam_values(op, a.scale, a.zero_point, quant_min, quant_max);
+  a.scale = a.arranged_qparam(a.scale);
+  a.zero_point = a.arranged_qparam(a.zero_point);
   return a;
 }
 
@@ -272,13 +320,15 @@ void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, cons
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_outputs(
-    const at::Tensor& grad_x, const at::Tensor& grad_scale_sums, const at::Tensor& grad_zp_sums,
-    const at::Tensor& scale, const at::Tensor& zero_point) {
+    const AffineArgs& a, const at::Tensor& grad_x, const at::Tensor& grad_scale_sums,
+    const at::Tensor& grad_zp_sums, const at::Tensor& scale, const at::Tensor& zero_point) {
   const auto output = [&](const at::Tensor& sums, const at::Tensor& like) {
-    return sums.defined() ? sums.reshape(like.sizes()).to(like.scalar_type())
-                          : at::empty({0}, grad_x.options().dtype(at::kFloat));
+    if (!sums.defined()) return at::empty({0}, grad_x.options().dtype(at::kFloat));
+    const at::Tensor given = a.qparam_in_given_order(sums.reshape(a.scale.sizes()));
+    return given.to(like.scalar_type()).contiguous().reshape(like.sizes());
   };
-  return {grad_x, output(grad_scale_sums, scale), output(grad_zp_sums, zero_point)};
+  return {a.in_given_order(grad_x), output(grad_scale_sums, scale),
+          output(grad_zp_sums, zero_point)};
 }
 
 }  // namespace qlib

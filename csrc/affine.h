@@ -8,6 +8,8 @@
 
 #include "block_layout.h"
 
+#include <vector>
+
 // The data types the ops take: floats for x, integers for codes.
 #define QLIB_DISPATCH_FLOAT(TYPE, NAME, ...)                     \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
@@ -24,14 +26,31 @@
 
 namespace qlib {
 
-// Checked, prepared arguments of an affine op.
+// Checked, prepared arguments of an affine op. The kernels read x as a contiguous tensor: the
+// given x, or, where it is dense in another dim order (x.t(), channels_last, a transposed head
+// dim), the given x with its dims permuted (`dims`), with no copy; any other x is first copied
+// as torch.empty_like would lay it out. scale and zero_point are permuted alike. Outputs are
+// made with `empty_like_x` and returned through `in_given_order`: they have the strides of
+// torch.empty_like(given x), as the ops' fakes say.
 struct AffineArgs {
-  at::Tensor x;           // contiguous input
-  at::Tensor scale;       // contiguous float32, same shape as the given scale
-  at::Tensor zero_point;  // contiguous float32 holding integers in [qmin, qmax]
+  at::Tensor x;           // contiguous input, in the kernels' dim order
+  at::Tensor scale;       // contiguous float32, the given scale's shape in that dim order
+  at::Tensor zero_point;  // contiguous float32 holding integers in [qmin, qmax], likewise
   BlockLayout layout;
   float qmin, qmax;
   bool per_tensor;
+  std::vector<int64_t> dims;  // x = given x (or its copy) permuted by dims; empty: no permutation
+
+  // A new tensor of x's shape and strides in the kernels' order (the huge-page hint on the CPU).
+  at::Tensor empty_like_x(const at::TensorOptions& options) const;
+  // An output of x's shape, in the given dim order.
+  at::Tensor in_given_order(const at::Tensor& out) const;
+  // A qparam-shaped tensor (a scale, zero point or a gradient of one) from the given dim order
+  // to the kernels' (contiguous), and back (a view).
+  at::Tensor arranged_qparam(const at::Tensor& t) const;
+  at::Tensor qparam_in_given_order(const at::Tensor& t) const;
+  // Another x-shaped input (fake_quant_backward's grad) in the kernels' order, contiguous.
+  at::Tensor arranged_like_x(const at::Tensor& t) const;
 };
 
 // The argument checks and block layout of prepare_affine, without converting
@@ -81,12 +100,13 @@ void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, cons
                                     int64_t quant_min, int64_t quant_max);
 // Sums a per-element tensor (x's shape) over each block of scale: scale's shape.
 at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scale);
-// fake_quant_backward's outputs: grad_x, and the LSQ gradients summed over each block
-// (scale's numel, any floating dtype; undefined when not asked for) in the dtype
-// and shape of scale and zero_point, or an empty float32 tensor where not asked for.
+// fake_quant_backward's outputs: grad_x (in the kernels' order), and the LSQ gradients summed
+// over each block (scale's numel in the kernels' order, any floating dtype; undefined when not
+// asked for) in the dtype and shape of scale and zero_point, or an empty float32 tensor where
+// not asked for.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_outputs(
-    const at::Tensor& grad_x, const at::Tensor& grad_scale_sums, const at::Tensor& grad_zp_sums,
-    const at::Tensor& scale, const at::Tensor& zero_point);
+    const AffineArgs& a, const at::Tensor& grad_x, const at::Tensor& grad_scale_sums,
+    const at::Tensor& grad_zp_sums, const at::Tensor& scale, const at::Tensor& zero_point);
 
 // CUDA fake_quant / fake_quant_backward: raise on bad qparam values (a host sync
 // per call) instead of giving NaN for the blocks they cover. Off by default;

@@ -96,7 +96,7 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
   check_quant_range("qlib::fake_quant", quant_min, quant_max);
   const AffineArgs a =
       prepare_affine("qlib::fake_quant", "x", x, scale, zero_point, quant_min, quant_max);
-  at::Tensor out = empty_output(a.x.sizes(), a.x.options());
+  at::Tensor out = a.empty_like_x(a.x.options());
   const Vec qmin(a.qmin), qmax(a.qmax);
   QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_cpu", [&] {
     const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
@@ -110,7 +110,7 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
       });
     });
   });
-  return out;
+  return a.in_given_order(out);
 }
 
 // The LSQ gradients' sums per block go to a thread's double rows ds and dz.
@@ -143,11 +143,11 @@ inline void add_all_lanes(double* ds, double* dz, Vec gs, Vec gz) {
 }
 
 // Block `which` (0: scale, 1: zero point) of the threads' LSQ partial sums [threads, 2, S],
-// added up in a plain loop into a tensor of like's shape and dtype (what sum(0), a select and a
+// added up in a plain loop into an [S] tensor of like's dtype (what sum(0), a select and a
 // cast gave, without their ~10 us of op calls on a small tensor).
 at::Tensor thread_totals(const double* sums, int64_t threads, int64_t S, int64_t which,
                          const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options());
+  at::Tensor out = at::empty({S}, like.options());
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "thread_totals", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     for (int64_t i = 0; i < S; ++i) {
@@ -166,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
   const char* op = "qlib::fake_quant_backward";
   check_fake_quant_backward_args(op, grad, x, quant_min, quant_max);
   const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
-  const at::Tensor g = grad.contiguous();
-  at::Tensor grad_x = empty_output(a.x.sizes(), a.x.options());
+  const at::Tensor g = a.arranged_like_x(grad);
+  at::Tensor grad_x = a.empty_like_x(a.x.options());
   // LSQ gradients: per-thread sums over each block, [threads, 2 (scale, zero point), scales].
   const bool lsq = scale_grad || zero_point_grad;
   const int64_t S = a.scale.numel(), threads = at::get_num_threads();
@@ -225,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
   if (lsq) run(std::true_type{});
   else run(std::false_type{});
   return fake_quant_backward_outputs(
-      grad_x, scale_grad ? thread_totals(sums_p, threads, S, 0, scale) : at::Tensor(),
+      a, grad_x, scale_grad ? thread_totals(sums_p, threads, S, 0, scale) : at::Tensor(),
       zero_point_grad ? thread_totals(sums_p, threads, S, 1, zero_point) : at::Tensor(), scale,
       zero_point);
 }
@@ -285,14 +285,14 @@ at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& scale, const at::
   const char* op = "qlib::quantize";
   check_quantize_args(op, x, dtype, quant_min, quant_max);
   const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
-  at::Tensor out = empty_output(a.x.sizes(), a.x.options().dtype(dtype));
+  at::Tensor out = a.empty_like_x(a.x.options().dtype(dtype));
   QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "quantize_cpu", [&] {
     using x_t = scalar_t;
     QLIB_DISPATCH_QINT(dtype, "quantize_cpu", [&] {
       quantize_runs(a, a.x.const_data_ptr<x_t>(), out.data_ptr<scalar_t>());
     });
   });
-  return out;
+  return a.in_given_order(out);
 }
 
 at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale,
@@ -300,14 +300,14 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale,
   const char* op = "qlib::dequantize";
   const auto [quant_min, quant_max] = check_dequantize_args(op, q, dtype);
   const AffineArgs a = prepare_affine(op, "q", q, scale, zero_point, quant_min, quant_max);
-  at::Tensor out = empty_output(a.x.sizes(), a.x.options().dtype(dtype));
+  at::Tensor out = a.empty_like_x(a.x.options().dtype(dtype));
   QLIB_DISPATCH_QINT(a.x.scalar_type(), "dequantize_cpu", [&] {
     using q_t = scalar_t;
     QLIB_DISPATCH_FLOAT(dtype, "dequantize_cpu", [&] {
       dequantize_runs(a, a.x.const_data_ptr<q_t>(), out.data_ptr<scalar_t>());
     });
   });
-  return out;
+  return a.in_given_order(out);
 }
 
 // choose_qparams (Observed = false: min and max checked first) and observer_qparams (an

@@ -73,11 +73,11 @@ AffineArgs prepare_fake_quant(const char* op, const at::Tensor& x, const at::Ten
     return prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max, true);
   }
   AffineArgs a = check_affine_args(op, "x", x, scale, zero_point, quant_min, quant_max);
-  a.scale = scale.to(at::kFloat).contiguous();
+  a.scale = a.arranged_qparam(scale.to(at::kFloat).contiguous());
   const auto zt = zero_point.scalar_type();
-  a.zero_point = zt == at::kInt || zt == at::kLong || zt == at::kFloat
-                     ? zero_point.contiguous()
-                     : zero_point.to(at::kFloat).contiguous();
+  a.zero_point = a.arranged_qparam(zt == at::kInt || zt == at::kLong || zt == at::kFloat
+                                       ? zero_point.contiguous()
+                                       : zero_point.to(at::kFloat).contiguous());
   return a;
 }
 
@@ -308,8 +308,8 @@ at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
   // (A generic guard: for a CPU x it does nothing and the checks report the mismatch.)
   const at::OptionalDeviceGuard guard(x.device());
   const AffineArgs a = prepare_fake_quant(op, x, scale, zero_point, quant_min, quant_max);
-  at::Tensor out = at::empty_like(a.x);
-  if (a.x.numel() == 0) return out;
+  at::Tensor out = a.empty_like_x(a.x.options());
+  if (a.x.numel() == 0) return a.in_given_order(out);
   QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_cuda", [&] {
     constexpr int N = 16 / sizeof(scalar_t);
     if (aligned16(a.x.const_data_ptr()) && aligned16(out.const_data_ptr())) {
@@ -318,7 +318,7 @@ at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
       launch_fake_quant<scalar_t, 1>(a, out);
     }
   });
-  return out;
+  return a.in_given_order(out);
 }
 
 // ---------------------------------------------------------------- backward
@@ -394,8 +394,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
   check_fake_quant_backward_args(op, grad, x, quant_min, quant_max);
   const at::OptionalDeviceGuard guard(x.device());
   const AffineArgs a = prepare_fake_quant(op, x, scale, zero_point, quant_min, quant_max);
-  const at::Tensor g = grad.contiguous();
-  at::Tensor grad_x = at::empty_like(a.x);
+  const at::Tensor g = a.arranged_like_x(grad);
+  at::Tensor grad_x = a.empty_like_x(a.x.options());
   const bool per_element = scale_grad || zero_point_grad;
   const auto fopts = a.x.options().dtype(at::kFloat);
   at::Tensor ds = per_element ? at::empty(a.x.sizes(), fopts) : at::Tensor();
@@ -414,8 +414,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
       }
     });
   }
-  return fake_quant_backward_outputs(grad_x, scale_grad ? sum_over_blocks(ds, scale) : at::Tensor(),
-                                     zero_point_grad ? sum_over_blocks(dz, scale) : at::Tensor(),
+  return fake_quant_backward_outputs(a, grad_x,
+                                     scale_grad ? sum_over_blocks(ds, a.scale) : at::Tensor(),
+                                     zero_point_grad ? sum_over_blocks(dz, a.scale) : at::Tensor(),
                                      scale, zero_point);
 }
 
@@ -461,9 +462,9 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale,
   check_quantize_args(op, x, dtype, quant_min, quant_max);
   const at::OptionalDeviceGuard guard(x.device());
   const AffineArgs a = prepare(op, "x", x, scale, zero_point, quant_min, quant_max);
-  at::Tensor out = at::empty(a.x.sizes(), a.x.options().dtype(dtype));
+  at::Tensor out = a.empty_like_x(a.x.options().dtype(dtype));
   const int64_t n = a.x.numel();
-  if (n == 0) return out;
+  if (n == 0) return a.in_given_order(out);
   const auto p = kernel_qparams(a);
   const auto stream = at::cuda::getCurrentCUDAStream();
   QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "quantize_cuda", [&] {
@@ -477,7 +478,7 @@ at::Tensor quantize_cuda(const at::Tensor& x, const at::Tensor& scale,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return out;
+  return a.in_given_order(out);
 }
 
 at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale,
@@ -486,9 +487,9 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale,
   const auto [quant_min, quant_max] = check_dequantize_args(op, q, dtype);
   const at::OptionalDeviceGuard guard(q.device());
   const AffineArgs a = prepare(op, "q", q, scale, zero_point, quant_min, quant_max);
-  at::Tensor out = at::empty(a.x.sizes(), a.x.options().dtype(dtype));
+  at::Tensor out = a.empty_like_x(a.x.options().dtype(dtype));
   const int64_t n = a.x.numel();
-  if (n == 0) return out;
+  if (n == 0) return a.in_given_order(out);
   const auto p = kernel_qparams(a);
   const auto stream = at::cuda::getCurrentCUDAStream();
   QLIB_DISPATCH_QINT(a.x.scalar_type(), "dequantize_cuda", [&] {
@@ -502,7 +503,7 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return out;
+  return a.in_given_order(out);
 }
 
 // ---------------------------------------------------------------- choose_qparams

@@ -180,6 +180,57 @@ def test_non_contiguous_and_empty(device):
     assert e.grad.shape == (0, 7)
 
 
+def _dense_layouts(device):
+    """(x, scale shape) pairs: x dense in another dim order, or not dense at all."""
+    t = torch.randn(40, 24, device=device).t()  # [24, 40], transposed
+    cl = torch.randn(2, 6, 5, 7, device=device).to(memory_format=torch.channels_last)
+    heads = torch.randn(3, 9, 4, 16, device=device).transpose(1, 2)  # [3, 4, 9, 16]
+    sliced_cl = torch.randn(2, 6, 5, 14, device=device).to(memory_format=torch.channels_last)[..., ::2]
+    return [
+        (t, (1,)), (t, (24, 1)), (t, (1, 40)), (t, (24, 5)), (t, (6, 10)),
+        (cl, (1, 6, 1, 1)), (cl, (2, 1, 1, 1)), (cl, (1, 3, 5, 1)),
+        (heads, (3, 4, 1, 1)), (heads, (1, 1, 1, 16)), (heads, (3, 4, 9, 2)),
+        (sliced_cl, (1, 6, 1, 1)), (t[:, None], (24, 1, 8)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dense_layouts_read_in_place(device, dtype):
+    """x.t(), channels_last and permuted heads are read without a copy: every op's output has
+    the strides of torch.empty_like(x) (what the fakes say) and the bits of the contiguous x's,
+    gradients included."""
+    for base, sshape in _dense_layouts(device):
+        x = base.to(dtype) * 3
+        scale = torch.rand(sshape, device=device) * 0.1 + 0.02
+        zp = torch.randint(-3, 4, sshape, dtype=torch.int32, device=device)
+        like = torch.empty_like(x).stride()
+        y = ops.fake_quant(x, scale, zp, -8, 7)
+        assert y.stride() == like and torch.equal(y, ops.fake_quant(x.contiguous(), scale, zp, -8, 7))
+        q = ops.quantize(x, scale, zp, -8, 7, torch.int8)
+        assert q.stride() == like and torch.equal(q, ops.quantize(x.contiguous(), scale, zp, -8, 7, torch.int8))
+        back = ops.dequantize(q, scale, zp, dtype)
+        assert back.stride() == q.stride() and torch.equal(back, y)
+        grads = []
+        for xi in (x, x.contiguous()):
+            g = torch.linspace(-1, 1, x.numel(), device=device).view(x.shape).to(dtype)
+            gx, gs, gz = ops.fake_quant_backward(g, xi, scale, zp.float(), -8, 7, True, True)
+            assert gx.stride() == torch.empty_like(xi).stride() and gs.is_contiguous() and gz.shape == zp.shape
+            grads.append((gx, gs, gz))
+        (gx, gs, gz), (rx, rs, rz) = grads
+        assert torch.equal(gx, rx)
+        torch.testing.assert_close(gs, rs, rtol=1e-5, atol=1e-5)  # block sums in another order
+        torch.testing.assert_close(gz, rz, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_layouts_opcheck(device):
+    for base, sshape in _dense_layouts(device)[::3]:
+        x = base.detach().requires_grad_()
+        scale = (torch.rand(sshape, device=device) * 0.1 + 0.02).requires_grad_()
+        zp = torch.zeros(sshape, device=device)
+        torch.library.opcheck(ops.fake_quant, (x, scale, zp, -8, 7))
+        torch.library.opcheck(ops.quantize, (x.detach(), scale.detach(), zp.int(), -8, 7, torch.int8))
+
+
 def test_nan_and_inf(device):
     scale = torch.tensor([0.5], device=device)
     zp = torch.tensor([3], dtype=torch.int32, device=device)

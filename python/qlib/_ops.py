@@ -17,14 +17,16 @@ ops = torch.ops.qlib
 
 
 # ---------------------------------------------------------------- fakes
+# The affine ops' outputs are laid out as torch.empty_like(x): x's strides when x is dense
+# (x.t() and channels_last are read in place), else contiguous or channels_last.
 @torch.library.register_fake("qlib::fake_quant")
 def _(x, scale, zero_point, quant_min, quant_max):
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)
 
 
 @torch.library.register_fake("qlib::lsq_fake_quant")
 def _(x, scale, zero_point, quant_min, quant_max, grad_factor, eps):
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)
 
 
 @torch.library.register_fake("qlib::fake_quant_backward")
@@ -33,7 +35,7 @@ def _(grad, x, scale, zero_point, quant_min, quant_max, scale_grad, zero_point_g
         return x.new_empty((0,), dtype=torch.float32)
 
     return (
-        x.new_empty(x.shape),
+        torch.empty_like(x),
         scale.new_empty(scale.shape) if scale_grad else none(),
         zero_point.new_empty(zero_point.shape) if zero_point_grad else none(),
     )
@@ -41,12 +43,12 @@ def _(grad, x, scale, zero_point, quant_min, quant_max, scale_grad, zero_point_g
 
 @torch.library.register_fake("qlib::quantize")
 def _(x, scale, zero_point, quant_min, quant_max, dtype):
-    return x.new_empty(x.shape, dtype=dtype)
+    return torch.empty_like(x, dtype=dtype)
 
 
 @torch.library.register_fake("qlib::dequantize")
 def _(q, scale, zero_point, dtype):
-    return q.new_empty(q.shape, dtype=dtype)
+    return torch.empty_like(q, dtype=dtype)
 
 
 @torch.library.register_fake("qlib::choose_qparams")
