@@ -2,6 +2,7 @@
 
 References are written here with plain torch ops (float32 where the scheme fixes float32
 math, float64 for the matmul)."""
+import copy
 import io
 import math
 
@@ -266,6 +267,26 @@ def test_linear4bit_module(device, codebook):
     qb = Linear4bit.from_float(lin, codebook=codebook, block_size=32).bfloat16()
     assert qb.absmax.dtype == torch.float32 and qb.codebook.dtype == torch.float32 and qb.bias.dtype == torch.bfloat16
     assert qb(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_linear4bit_without_bias(device, tmp_path):
+    """A bias-free Linear (most LLM projections) through every way to a Linear4bit."""
+    lin = nn.Linear(48, 24, bias=False).to(device)
+    x = torch.randn(5, 48, device=device)
+    model = nn.Sequential(nn.Linear(48, 48, bias=False), nn.ReLU(), nn.Linear(48, 24, bias=False)).to(device)
+    qat = qlib.prepare_qat(copy.deepcopy(model), qlib.QATConfig(weight_bits=4, activation_bits=None))
+    qat(x)
+    for q in (Linear4bit.from_float(lin, block_size=16), qlib.quantize_weight_only(copy.deepcopy(model), "int4", 16)[2],
+              qlib.gptq_quantize(copy.deepcopy(model), [x], group_size=16, progress=False)[2], qlib.convert(qat)[2]):
+        assert q.bias is None and "bias=False" in repr(q) and "bias" not in q.state_dict()
+        w_hat = q.dequantized_weight().double()
+        xin = torch.randn(3, 48, device=device)
+        torch.testing.assert_close(q(xin).double(), xin.double() @ w_hat.T, rtol=1e-5, atol=1e-5)
+    q = Linear4bit.from_float(lin, block_size=16)
+    torch.save(q.state_dict(), tmp_path / "q.pt")
+    fresh = Linear4bit(48, 24, bias=False, block_size=16, device=device)
+    fresh.load_state_dict(torch.load(tmp_path / "q.pt", weights_only=True))
+    assert torch.equal(fresh(x), q(x))
 
 
 def test_linear4bit_state_dict(device, tmp_path):

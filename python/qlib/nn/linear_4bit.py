@@ -45,7 +45,7 @@ class Linear4bit(QuantState):
         self.register_buffer("packed", torch.zeros(n, (k + 1) // 2, dtype=torch.uint8, device=device))
         self.register_buffer("absmax", torch.zeros(n, -(-k // self.block_size), dtype=torch.float32, device=device))
         self.register_buffer("codebook", codebook_4bit(codebook, device))
-        self.bias = nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) if bias else None
+        self.register_parameter("bias", nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) if bias else None)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, codebook: CodebookLike = "nf4", block_size: int = 64,
