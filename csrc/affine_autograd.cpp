@@ -3,8 +3,6 @@
 // qlib::fake_quant_backward. In C++ rather than torch.library.register_autograd,
 // whose Python wrapper cost about 26 us per call (CPU, tiny tensor). Also lsq_fake_quant's
 // forward, for every device (CompositeExplicitAutograd).
-#include <ATen/OpMathType.h>
-#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -40,6 +38,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fake_quant_backward(
   return op.call(grad, x, scale, zero_point, quant_min, quant_max, scale_grad, zero_point_grad);
 }
 
+// The backward of both Functions. Under create_graph=True (grad mode on in the backward) the
+// STE gradient is grad * mask, which autograd can differentiate again (as torch's fake quant
+// ops allow); the LSQ gradients are not differentiable and raise there.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_grads(
+    const char* op, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
+    const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
+    bool zero_point_grad) {
+  if (!at::GradMode::is_enabled()) {
+    return call_fake_quant_backward(grad, x, scale, zero_point, quant_min, quant_max, scale_grad,
+                                    zero_point_grad);
+  }
+  TORCH_CHECK(!scale_grad && !zero_point_grad, op,
+              ": a double backward (create_graph=True) is not supported with gradients for "
+              "scale or zero_point (LSQ); only x's straight-through gradient is differentiable");
+  at::Tensor mask;
+  {
+    at::NoGradGuard no_grad;
+    mask = std::get<0>(call_fake_quant_backward(at::ones_like(x), x, scale, zero_point,
+                                                quant_min, quant_max, false, false));
+  }
+  return {grad * mask, at::Tensor(), at::Tensor()};
+}
+
 class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
@@ -54,15 +75,15 @@ class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &scale = saved[1], &zero_point = saved[2];
-    const bool need_x = ctx->needs_input_grad(0);
     const bool need_scale = ctx->needs_input_grad(1);
     // An integer zero point has no gradient; a floating one (LSQ+) does.
     const bool need_zp = ctx->needs_input_grad(2) && zero_point.is_floating_point();
-    auto [grad_x, grad_scale, grad_zp] = call_fake_quant_backward(
-        grads[0], x, scale, zero_point, ctx->saved_data["quant_min"].toInt(),
+    auto [grad_x, grad_scale, grad_zp] = fake_quant_grads(
+        "qlib::fake_quant", grads[0], x, scale, zero_point, ctx->saved_data["quant_min"].toInt(),
         ctx->saved_data["quant_max"].toInt(), need_scale, need_zp);
-    return {need_x ? grad_x : at::Tensor(), need_scale ? grad_scale : at::Tensor(),
-            need_zp ? grad_zp : at::Tensor(), at::Tensor(), at::Tensor()};
+    return {ctx->needs_input_grad(0) ? grad_x : at::Tensor(),
+            need_scale ? grad_scale : at::Tensor(), need_zp ? grad_zp : at::Tensor(),
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -114,35 +135,9 @@ at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& scale,
   return call_fake_quant(x, s, z, quant_min, quant_max);
 }
 
-// In place on a gradient fake_quant_backward made (qparam's shape and dtype): 0 where qparam
-// is outside [lo, hi] (compared in qparam's dtype), else times grad_factor (in its opmath
-// type), as masked_fill_ and mul_ do. On plain CPU tensors one loop (the ATen ops cost ~15 us
-// a call); ATen ops elsewhere, and where tracing (fake tensors hold no data).
-void cut_and_scale(at::Tensor& grad, const at::Tensor& qparam, double lo, double hi,
-                   double grad_factor) {
-  if (!grad.is_cpu() || !qparam.is_cpu() || at::isTensorSubclassLike(grad) ||
-      at::isTensorSubclassLike(qparam) || !grad.is_contiguous() ||
-      grad.scalar_type() != qparam.scalar_type()) {
-    grad.masked_fill_((qparam < lo).logical_or_(qparam > hi), 0.0).mul_(grad_factor);
-    return;
-  }
-  const at::Tensor q = qparam.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "lsq_cut", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const auto lo_t = static_cast<opmath_t>(static_cast<scalar_t>(lo));
-    const auto hi_t = static_cast<opmath_t>(static_cast<scalar_t>(hi));
-    const auto factor = static_cast<opmath_t>(grad_factor);
-    const scalar_t* qp = q.const_data_ptr<scalar_t>();
-    scalar_t* g = grad.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < grad.numel(); ++i) {
-      const auto v = static_cast<opmath_t>(qp[i]);
-      g[i] = (v < lo_t || v > hi_t) ? scalar_t(0) : static_cast<scalar_t>(g[i] * factor);
-    }
-  });
-}
-
-// The gradients are fake_quant's at the clamped qparams, then zero where a clamp changed the
-// value (kept on its bounds, where torch >= 2.14's clamp gives 0), then times grad_factor.
+// The gradients are fake_quant's at the clamped qparams, times grad_factor: straight through
+// the clamps, so a scale pushed below eps or a zero point pushed out of range still learns its
+// way back (torch.ao's learnable fake quant clamps them in place each step, to the same end).
 class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
@@ -152,32 +147,31 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
     at::AutoDispatchBelowADInplaceOrView guard;
     check_lsq_args(scale, quant_min, quant_max, grad_factor, eps);
     const auto [s, z] = lsq_clamped(scale, zero_point, quant_min, quant_max, eps);
-    ctx->save_for_backward({x, scale, zero_point, s, z});
+    ctx->save_for_backward({x, s, z});
     ctx->saved_data["quant_min"] = quant_min;
     ctx->saved_data["quant_max"] = quant_max;
     ctx->saved_data["grad_factor"] = grad_factor;
-    ctx->saved_data["eps"] = eps;
     return call_fake_quant(x, s, z, quant_min, quant_max);
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &scale = saved[1], &zero_point = saved[2];
-    const at::Tensor &s = saved[3], &z = saved[4];
-    const int64_t quant_min = ctx->saved_data["quant_min"].toInt();
-    const int64_t quant_max = ctx->saved_data["quant_max"].toInt();
+    const at::Tensor &x = saved[0], &s = saved[1], &z = saved[2];
     const double grad_factor = ctx->saved_data["grad_factor"].toDouble();
-    const double eps = ctx->saved_data["eps"].toDouble();
-    const bool need_x = ctx->needs_input_grad(0);
     const bool need_scale = ctx->needs_input_grad(1);
-    const bool need_zp = ctx->needs_input_grad(2) && zero_point.is_floating_point();
-    auto [grad_x, grad_scale, grad_zp] = call_fake_quant_backward(
-        grads[0], x, s, z, quant_min, quant_max, need_scale, need_zp);
-    if (need_scale) cut_and_scale(grad_scale, scale, eps, INFINITY, grad_factor);
-    if (need_zp) cut_and_scale(grad_zp, zero_point, quant_min, quant_max, grad_factor);
-    return {need_x ? grad_x : at::Tensor(), need_scale ? grad_scale : at::Tensor(),
-            need_zp ? grad_zp : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    const bool need_zp = ctx->needs_input_grad(2) && z.is_floating_point();
+    auto [grad_x, grad_scale, grad_zp] = fake_quant_grads(
+        kLsqOp, grads[0], x, s, z, ctx->saved_data["quant_min"].toInt(),
+        ctx->saved_data["quant_max"].toInt(), need_scale, need_zp);
+    // In place (fake_quant_backward's own new tensors), times a double tensor: mul_.Scalar
+    // would round grad_factor to a bfloat16 scale's dtype first (the product in float, as
+    // autograd's `t * grad_factor`, differs in the last bit).
+    const at::Tensor factor = at::scalar_tensor(grad_factor, at::kDouble);
+    if (need_scale) grad_scale.mul_(factor);
+    if (need_zp) grad_zp.mul_(factor);
+    return {ctx->needs_input_grad(0) ? grad_x : at::Tensor(),
+            need_scale ? grad_scale : at::Tensor(), need_zp ? grad_zp : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -14,8 +14,8 @@ TORCH_LIBRARY(qlib, m) {
       "-> (Tensor, Tensor, Tensor)",
       tags);
   // fake_quant with LSQ's trained qparams: scale clamped below at eps, zero_point to
-  // [quant_min, quant_max]; their gradients are zero where a clamp changes the value (not on
-  // the bounds), times grad_factor.
+  // [quant_min, quant_max]; their gradients are fake_quant's at the clamped values (straight
+  // through the clamps), times grad_factor.
   m.def(
       "lsq_fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
       "float grad_factor, float eps) -> Tensor",

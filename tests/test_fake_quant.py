@@ -316,16 +316,15 @@ def test_lsq_gradients_float64_reference(device, xshape, sshape, dtype):
 
 
 def _lsq_reference(x, scale, zero_point, qmin, qmax, factor, eps):
-    """lsq_fake_quant written with torch ops and fake_quant: the clamps, whose gradient is 1 on
-    the closed range (torch's own clamp gives 0 at the bounds since 2.14), and LSQ's gradient
-    scale (value t + 0, gradient times factor)."""
+    """lsq_fake_quant written with torch ops and fake_quant: the clamps, with a gradient of 1
+    everywhere (straight through; torch's own clamp gives 0 past and, since 2.14, on the bounds),
+    and LSQ's gradient scale (value t + 0, gradient times factor)."""
     def scaled_grad(t):
         scaled = t * factor
         return t.detach() + (scaled - scaled.detach())
 
     def clamped(t, lo, hi):
-        kept = (t >= lo) & (t <= hi)
-        return t.detach().clamp(lo, hi) + torch.where(kept, t - t.detach(), 0.0)
+        return t.detach().clamp(lo, hi) + (t - t.detach())
 
     s = clamped(scaled_grad(scale), eps, math.inf)
     z = clamped(scaled_grad(zero_point), qmin, qmax) if zero_point.requires_grad else zero_point.clamp(qmin, qmax)
@@ -338,7 +337,8 @@ def _lsq_reference(x, scale, zero_point, qmin, qmax, factor, eps):
 @pytest.mark.parametrize("qdtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_lsq_fake_quant_equals_its_torch_ops_form(device, xshape, sshape, dtype, learn_zp, qdtype):
     """Output and every gradient bit for bit, with scales below eps and zero points outside the
-    range among the blocks (their gradients are cut), for qparams of any floating dtype."""
+    range among the blocks (their gradients are taken at the clamped values), for qparams of
+    any floating dtype."""
     qmin, qmax, eps = 0, 15, 1e-3
     base = (torch.randn(*xshape[:-1], 2 * xshape[-1], device=device) * 2)[..., ::2]  # not contiguous
     s0 = torch.rand(sshape, device=device) * 0.3 + 0.05
@@ -358,12 +358,54 @@ def test_lsq_fake_quant_equals_its_torch_ops_form(device, xshape, sshape, dtype,
         grads.append((y, x.grad, s.grad, z.grad))
     for a, b in zip(*grads):
         assert (a is None and b is None) or torch.equal(a, b)
-    assert grads[0][2].view(-1)[0] == 0 and (not learn_zp or grads[0][3].view(-1)[-1] == 0)
+    assert grads[0][2].view(-1)[0] != 0 and (not learn_zp or grads[0][3].view(-1)[-1] != 0)
+
+
+def test_lsq_scale_pushed_below_eps_recovers():
+    """A learnable scale that an optimizer step pushed below eps (or below 0) still gets the
+    gradient at eps and learns its way back, as with torch.ao's learnable fake quant."""
+    x = torch.rand(64, 16) * 4
+    fq = qlib.nn.FakeQuantize(qlib.observers.MinMaxObserver(symmetric=False), learnable=True)
+    fq(x)
+    fq.disable_observer()
+    with torch.no_grad():
+        fq.scale.fill_(-0.01)
+    opt = torch.optim.SGD(fq.parameters(), lr=0.05)
+    losses = []
+    for _ in range(50):
+        opt.zero_grad()
+        loss = (fq(x) - x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert fq.scale.item() > 0 and losses[-1] < 0.01 * losses[0]
+
+
+def test_double_backward_through_the_ste_matches_torch(device):
+    """A gradient penalty (create_graph=True) differentiates grad * mask again, as torch's own
+    fake quant op; with LSQ gradients asked for it raises."""
+    x0 = torch.randn(33, device=device) * 2
+    x0[:3] = torch.tensor([5.0, -5.0, 0.05])  # two clipped, one inside
+    results = []
+    for fq in (lambda t: ops.fake_quant(t, torch.tensor([0.1], device=device), torch.tensor([0], device=device), -8, 7),
+               lambda t: torch.fake_quantize_per_tensor_affine(t, 0.1, 0, -8, 7)):
+        x = x0.clone().requires_grad_()
+        w = torch.linspace(0.5, 2, 33, device=device, requires_grad=True)
+        gx, = torch.autograd.grad((w * fq(x)).sum(), x, create_graph=True)
+        gw, = torch.autograd.grad((gx ** 2).sum(), w)
+        results.append((gx.detach(), gw))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    s = torch.tensor([0.1], device=device, requires_grad=True)
+    x = x0.clone().requires_grad_()
+    for op, args in ((ops.fake_quant, ()), (ops.lsq_fake_quant, (1.0, 1e-6))):
+        y = op(x, s, torch.tensor([0.0], device=device), -8, 7, *args)
+        with pytest.raises(RuntimeError, match=op._qualified_op_name.replace("::", "::") + ": a double backward"):
+            torch.autograd.grad(y.sum(), (x, s), create_graph=True)
 
 
 def test_lsq_zero_point_on_its_bound_still_trains(device):
     """A zero point at quant_min (post-ReLU activations start there) keeps its gradient: it is
-    fake_quant's, times grad_factor, as inside the range."""
+    fake_quant's, times grad_factor, as inside the range and past it."""
     x = torch.linspace(-2, 3, 101, device=device)
     s = torch.tensor([0.1], device=device, requires_grad=True)
     z = torch.tensor([0.0], device=device, requires_grad=True)

@@ -301,6 +301,22 @@ def test_convert_matches_qat_model(act_symmetric, bits):
     torch.testing.assert_close(y_int8, y_qat, rtol=1e-4, atol=1e-4)
 
 
+def test_convert_clamps_a_learned_zero_point_as_the_forward_does():
+    """LSQ's gradient goes straight through the clamps, so training can carry a learnable zero
+    point past quant_min; convert stores the one the forward used."""
+    torch.manual_seed(0)
+    net = qlib.prepare_qat(nn.Sequential(nn.Linear(16, 8)), QATConfig(activation_learnable=True))
+    x = torch.relu(torch.randn(8, 16))
+    net(x)
+    fq = net[0].activation_fake_quant
+    fq.disable_observer()
+    with torch.no_grad():
+        fq.zero_point.fill_(fq.quant_min - 0.6)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(qlib.convert(copy.deepcopy(net))(x), net(x), rtol=1e-4, atol=1e-4)
+
+
 def test_learnable_forward_uses_the_scale_bit_for_bit(device):
     """LSQ's gradient scaling must leave the scale's value alone, so that convert reproduces
     the trained model's weights exactly."""

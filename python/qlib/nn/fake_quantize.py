@@ -68,7 +68,9 @@ class FakeQuantize(QuantState):
 
     def calculate_qparams(self):
         if self.learnable:
-            return self.scale.detach().clamp_min(self.eps), self.zero_point.detach().round()
+            # As the forward sees them (LSQ's gradients may carry them past the clamps).
+            return (self.scale.detach().clamp_min(self.eps),
+                    self.zero_point.detach().round().clamp(self.quant_min, self.quant_max))
         return self.observer.calculate_qparams()
 
     def forward(self, x: Tensor) -> Tensor:
