@@ -316,3 +316,22 @@ def test_extension_reports_build():
     assert isinstance(info["cuda"], bool)
     if info["cuda"]:
         assert info["cuda_archs"]
+
+
+def test_a_meta_tensor_among_cpu_ones_raises():
+    """A meta tensor dispatches to the op's fake, which checks devices (it would otherwise hand
+    back an uninitialised CPU tensor)."""
+    meta = torch.device("meta")
+    x, s, z = torch.randn(4, 8), torch.rand(1) + 0.1, torch.zeros(1, dtype=torch.int32)
+    w = torch.randint(-127, 128, (6, 8), dtype=torch.int8)
+    cb = qlib.codebook_4bit("nf4", "cpu")
+    packed, absmax = ops.quantize_4bit(torch.randn(6, 8), cb, 4)
+    calls = {
+        "qlib::fake_quant": lambda: ops.fake_quant(x, s.to(meta), z, -8, 7),
+        "qlib::quantize": lambda: ops.quantize(x, s, z.to(meta), -8, 7, torch.int8),
+        "qlib::int8_linear": lambda: ops.int8_linear(x, w, torch.rand(6).to(meta), None),
+        "qlib::linear_4bit": lambda: ops.linear_4bit(x, packed, absmax.to(meta), cb, 4, None),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"{name}: expected all tensors on one device, got cpu, .*meta"):
+            call()

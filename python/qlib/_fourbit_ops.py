@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _load  # noqa: F401  (loads qlib._C first)
+from ._fakes import register_fake
 
 ops = torch.ops.qlib
 
@@ -115,7 +116,7 @@ def fit_codebook_4bit(w: Tensor, block_size: int = 64, bins: int = 4096, max_ite
     return torch.tensor(values, dtype=torch.float32, device=w.device)
 
 
-@torch.library.register_fake("qlib::quantize_4bit")
+@register_fake("qlib::quantize_4bit")
 def _(w, codebook, block_size):
     torch._check(w.dim() == 2, lambda: "qlib::quantize_4bit: w must be 2-D [out_features, in_features]")
     torch._check(block_size >= 1, lambda: f"qlib::quantize_4bit: block_size must be >= 1, got {block_size}")
@@ -124,13 +125,13 @@ def _(w, codebook, block_size):
             w.new_empty((n, _ceil_div(k, block_size)), dtype=torch.float32))
 
 
-@torch.library.register_fake("qlib::dequantize_4bit")
+@register_fake("qlib::dequantize_4bit")
 def _(packed, absmax, codebook, in_features, block_size, dtype):
     torch._check(packed.dim() == 2, lambda: "qlib::dequantize_4bit: packed must be 2-D")
     return packed.new_empty((packed.shape[0], in_features), dtype=dtype)
 
 
-@torch.library.register_fake("qlib::linear_4bit")
+@register_fake("qlib::linear_4bit")
 def _(x, packed, absmax, codebook, block_size, bias):
     torch._check(packed.dim() == 2, lambda: "qlib::linear_4bit: packed must be 2-D")
     torch._check(packed.shape[1] == _ceil_div(x.shape[-1], 2),

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _load  # noqa: F401  (loads qlib._C first)
+from ._fakes import register_fake
 
 ops = torch.ops.qlib
 
@@ -30,13 +31,13 @@ INT8_ACT_QMAX = 127
 INT8_GEMM_MAX_K = 2**17 - 1
 
 
-@torch.library.register_fake("qlib::quantize_per_token")
+@register_fake("qlib::quantize_per_token")
 def _(x):
     torch._check(x.dim() >= 1, lambda: "qlib::quantize_per_token: x must have at least one dimension")
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-@torch.library.register_fake("qlib::int8_gemm")
+@register_fake("qlib::int8_gemm")
 def _(a, b):
     torch._check(a.dim() == 2 and b.dim() == 2, lambda: "qlib::int8_gemm: a and b must be 2-D")
     torch._check(a.dtype == torch.int8 and b.dtype == torch.int8, lambda: "qlib::int8_gemm: a and b must be int8")
@@ -44,7 +45,7 @@ def _(a, b):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
-@torch.library.register_fake("qlib::int8_linear")
+@register_fake("qlib::int8_linear")
 def _(x, w_int8, w_scale, bias, act_scale=None, act_zero_point=None, act_quant_min=-127, act_quant_max=127):
     torch._check(w_int8.dim() == 2, lambda: "qlib::int8_linear: w_int8 must be 2-D [N, K]")
     torch._check(
@@ -54,7 +55,7 @@ def _(x, w_int8, w_scale, bias, act_scale=None, act_zero_point=None, act_quant_m
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 
-@torch.library.register_fake("qlib::int8_pack_weight")
+@register_fake("qlib::int8_pack_weight")
 def _(w_int8):
     torch._check(w_int8.dim() == 2, lambda: "qlib::int8_pack_weight: w_int8 must be 2-D [N, K]")
     if w_int8.device.type != "cpu":
@@ -68,7 +69,7 @@ def _(w_int8):
     return w_int8.new_empty((n_pad * k_pad + 4 * n_pad + 16,))
 
 
-@torch.library.register_fake("qlib::int8_linear_packed")
+@register_fake("qlib::int8_linear_packed")
 def _(x, w_packed, w_int8, w_scale, bias, act_scale=None, act_zero_point=None, act_quant_min=-127,
       act_quant_max=127):
     torch._check(w_int8.dim() == 2, lambda: "qlib::int8_linear_packed: w_int8 must be 2-D [N, K]")

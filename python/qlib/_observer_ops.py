@@ -6,9 +6,10 @@ canonical grid of range (float64 [blocks, 2]: min and max binned so far).
 import torch
 
 from . import _load  # noqa: F401  (loads qlib._C first)
+from ._fakes import register_fake
 
 
-@torch.library.register_fake("qlib::block_minmax")
+@register_fake("qlib::block_minmax")
 def _(x):
     r = x.shape[0]
     return (
@@ -18,38 +19,38 @@ def _(x):
     )
 
 
-@torch.library.register_fake("qlib::minmax_observe")
+@register_fake("qlib::minmax_observe")
 def _(x, min_val, max_val, observed, nonfinite, averaging_constant):
     return None
 
 
-@torch.library.register_fake("qlib::observer_qparams")
+@register_fake("qlib::observer_qparams")
 def _(min, max, quant_min, quant_max, symmetric, eps):
     return min.new_empty(min.shape, dtype=torch.float32), min.new_empty(min.shape, dtype=torch.int32)
 
 
-@torch.library.register_fake("qlib::histogram_observe")
+@register_fake("qlib::histogram_observe")
 def _(x, hist, range, absolute):
     return hist.new_empty(hist.shape), range.new_empty(range.shape), x.new_empty((), dtype=torch.int64)
 
 
-@torch.library.register_fake("qlib::histogram_rebin")
+@register_fake("qlib::histogram_rebin")
 def _(hist, range, new_range):
     return hist.new_empty(hist.shape)
 
 
-@torch.library.register_fake("qlib::histogram_quantile")
+@register_fake("qlib::histogram_quantile")
 def _(hist, range, q):
     return hist.new_empty((hist.shape[0],), dtype=torch.float32)
 
 
-@torch.library.register_fake("qlib::histogram_mse_search")
+@register_fake("qlib::histogram_mse_search")
 def _(hist, range, quant_min, quant_max, symmetric, num_candidates):
     r = hist.shape[0]
     return hist.new_empty((r,), dtype=torch.float32), hist.new_empty((r,), dtype=torch.float32)
 
 
-@torch.library.register_fake("qlib::histogram_entropy_search")
+@register_fake("qlib::histogram_entropy_search")
 def _(hist, range, num_levels):
     r = hist.shape[0]
     return hist.new_empty((r,), dtype=torch.float32), hist.new_empty((r,), dtype=torch.float32)

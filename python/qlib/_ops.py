@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _load  # noqa: F401  (loads qlib._C first)
+from ._fakes import register_fake
 
 ops = torch.ops.qlib
 
@@ -19,17 +20,17 @@ ops = torch.ops.qlib
 # ---------------------------------------------------------------- fakes
 # The affine ops' outputs are laid out as torch.empty_like(x): x's strides when x is dense
 # (x.t() and channels_last are read in place), else contiguous or channels_last.
-@torch.library.register_fake("qlib::fake_quant")
+@register_fake("qlib::fake_quant")
 def _(x, scale, zero_point, quant_min, quant_max):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("qlib::lsq_fake_quant")
+@register_fake("qlib::lsq_fake_quant")
 def _(x, scale, zero_point, quant_min, quant_max, grad_factor, eps):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("qlib::fake_quant_backward")
+@register_fake("qlib::fake_quant_backward")
 def _(grad, x, scale, zero_point, quant_min, quant_max, scale_grad, zero_point_grad):
     def none():
         return x.new_empty((0,), dtype=torch.float32)
@@ -41,17 +42,17 @@ def _(grad, x, scale, zero_point, quant_min, quant_max, scale_grad, zero_point_g
     )
 
 
-@torch.library.register_fake("qlib::quantize")
+@register_fake("qlib::quantize")
 def _(x, scale, zero_point, quant_min, quant_max, dtype):
     return torch.empty_like(x, dtype=dtype)
 
 
-@torch.library.register_fake("qlib::dequantize")
+@register_fake("qlib::dequantize")
 def _(q, scale, zero_point, dtype):
     return torch.empty_like(q, dtype=dtype)
 
 
-@torch.library.register_fake("qlib::choose_qparams")
+@register_fake("qlib::choose_qparams")
 def _(min, max, quant_min, quant_max, symmetric, eps):
     return min.new_empty(min.shape, dtype=torch.float32), min.new_empty(min.shape, dtype=torch.int32)
 
