@@ -292,6 +292,35 @@ def test_opcheck(device):
     torch.library.opcheck(ops.int8_linear, (x, w, s, b, torch.tensor(0.02, device=device), zp, -128, 127))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_linear_gradient_is_straight_through(device, dtype, static):
+    """The int8 weight is frozen: x gets grad @ (w_int8 * w_scale) (the activation quantization
+    passed straight through), a bias parameter the sum of grad; both ops and Int8Linear (whose
+    outputs required grad before and gave no gradient)."""
+    x0 = torch.randn(2, 5, 40, device=device).to(dtype)
+    w = rand_i8(24, 40, device=device)
+    s = torch.rand(24, device=device) * 0.05 + 0.01
+    extra = (torch.tensor(0.03, device=device),) if static else ()
+    g = torch.randn(2, 5, 24, device=device).to(dtype)
+    ref = (g.double().reshape(-1, 24) @ (w.double() * s.double()[:, None])).reshape(2, 5, 40)
+    for call in (lambda x, b: ops.int8_linear(x, w, s, b, *extra),
+                 lambda x, b: ops.int8_linear_packed(x, ops.int8_pack_weight(w), w, s, b, *extra)):
+        x = x0.clone().requires_grad_()
+        b = torch.randn(24, device=device, requires_grad=True)
+        call(x, b).backward(g)
+        assert x.grad.dtype == dtype and b.grad.dtype == torch.float32
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(x.grad.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+        torch.testing.assert_close(b.grad, g.reshape(-1, 24).sum(0).float(), rtol=1e-5, atol=1e-4)
+        with pytest.raises(RuntimeError, match=r"qlib::int8_linear(_packed)?: w_scale and act_scale get no gradient"):
+            ops.int8_linear(x, w, s.clone().requires_grad_(), None)
+    torch.library.opcheck(ops.int8_linear, (x0.float().requires_grad_(), w, s, torch.randn(24, device=device, requires_grad=True), *extra))
+    model = nn.Sequential(nn.Linear(40, 40), Int8Linear.from_float(nn.Linear(40, 24))).to(device)
+    model(torch.randn(3, 40, device=device)).sum().backward()
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+
+
 def test_compile_fullgraph(device):
     lin = Int8Linear.from_float(nn.Linear(32, 16).to(device))
     x = torch.randn(4, 32, device=device)

@@ -1,0 +1,144 @@
+// Autograd of qlib::int8_linear and qlib::int8_linear_packed in C++ (the Autograd key, every
+// device): the int8 weight is frozen; x gets the straight-through gradient grad @ W_hat (W_hat =
+// w_int8 * w_scale, the activation quantization passed straight through, as a frozen int8 layer
+// under an adapter or an upstream layer in training needs), and bias the sum of grad over rows.
+// Without this the outputs required grad but backward gave no gradient.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace qlib {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+using OptTensor = std::optional<at::Tensor>;
+
+using Int8LinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const OptTensor&, const OptTensor&, const OptTensor&, int64_t,
+                                 int64_t);
+using Int8LinearPackedSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, const OptTensor&, const OptTensor&,
+                                       const OptTensor&, int64_t, int64_t);
+
+template <class Sig>
+const c10::TypedOperatorHandle<Sig>& int8_op(const char* name) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
+  return op;
+}
+
+// Under grad mode: a scale that asks for a gradient it will not get is an error.
+void check_no_qparam_grad(const char* op, const at::Tensor& w_scale, const OptTensor& act_scale) {
+  TORCH_CHECK(!w_scale.requires_grad() && !(act_scale.has_value() && act_scale->requires_grad()),
+              op, ": w_scale and act_scale get no gradient (the int8 weight is frozen; train "
+              "with qlib.prepare_qat); detach them");
+}
+
+void save(AutogradContext* ctx, const at::Tensor& w_int8, const at::Tensor& w_scale,
+          const OptTensor& bias) {
+  ctx->save_for_backward({w_int8, w_scale});
+  ctx->saved_data["bias_dtype"] =
+      bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
+}
+
+// {grad_x, grad_bias} from the saved weight.
+std::pair<at::Tensor, at::Tensor> grads_of(AutogradContext* ctx, const at::Tensor& grad,
+                                           bool need_x, bool need_bias) {
+  const auto saved = ctx->get_saved_variables();
+  at::Tensor grad_x, grad_bias;
+  if (need_x) {
+    const at::Tensor w_hat = (saved[0].to(at::kFloat) * saved[1].to(at::kFloat).unsqueeze(1))
+                                 .to(grad.scalar_type());
+    grad_x = at::matmul(grad, w_hat);
+  }
+  const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+  if (need_bias && bias_dtype >= 0) {
+    grad_bias = grad.reshape({-1, grad.size(-1)}).sum(0).to(static_cast<at::ScalarType>(bias_dtype));
+  }
+  return {grad_x, grad_bias};
+}
+
+bool wants_grad(const at::Tensor& x, const OptTensor& bias) {
+  return at::GradMode::is_enabled() &&
+         (x.requires_grad() || (bias.has_value() && bias->requires_grad()));
+}
+
+class Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_int8,
+                            const at::Tensor& w_scale, const OptTensor& bias,
+                            const OptTensor& act_scale, const OptTensor& act_zero_point,
+                            int64_t qmin, int64_t qmax) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    save(ctx, w_int8, w_scale, bias);
+    return int8_op<Int8LinearSig>("qlib::int8_linear")
+        .call(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    // needs_input_grad counts tensor inputs: x, w_int8, w_scale, bias, act_scale, act_zero_point.
+    auto [gx, gb] = grads_of(ctx, grads[0], ctx->needs_input_grad(0), ctx->needs_input_grad(3));
+    return {gx, at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+class Int8LinearPackedFunction : public torch::autograd::Function<Int8LinearPackedFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_packed,
+                            const at::Tensor& w_int8, const at::Tensor& w_scale,
+                            const OptTensor& bias, const OptTensor& act_scale,
+                            const OptTensor& act_zero_point, int64_t qmin, int64_t qmax) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    save(ctx, w_int8, w_scale, bias);
+    return int8_op<Int8LinearPackedSig>("qlib::int8_linear_packed")
+        .call(x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    // Tensor inputs: x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point.
+    auto [gx, gb] = grads_of(ctx, grads[0], ctx->needs_input_grad(0), ctx->needs_input_grad(4));
+    return {gx, at::Tensor(), at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& w_int8,
+                                const at::Tensor& w_scale, const OptTensor& bias,
+                                const OptTensor& act_scale, const OptTensor& act_zero_point,
+                                int64_t qmin, int64_t qmax) {
+  if (at::GradMode::is_enabled()) check_no_qparam_grad("qlib::int8_linear", w_scale, act_scale);
+  if (!wants_grad(x, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return int8_op<Int8LinearSig>("qlib::int8_linear")
+        .call(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
+  }
+  return Int8LinearFunction::apply(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin,
+                                   qmax);
+}
+
+at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_packed,
+                                       const at::Tensor& w_int8, const at::Tensor& w_scale,
+                                       const OptTensor& bias, const OptTensor& act_scale,
+                                       const OptTensor& act_zero_point, int64_t qmin,
+                                       int64_t qmax) {
+  if (at::GradMode::is_enabled()) {
+    check_no_qparam_grad("qlib::int8_linear_packed", w_scale, act_scale);
+  }
+  if (!wants_grad(x, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return int8_op<Int8LinearPackedSig>("qlib::int8_linear_packed")
+        .call(x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
+  }
+  return Int8LinearPackedFunction::apply(x, w_packed, w_int8, w_scale, bias, act_scale,
+                                         act_zero_point, qmin, qmax);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlib, Autograd, m) {
+  m.impl("int8_linear", &int8_linear_autograd);
+  m.impl("int8_linear_packed", &int8_linear_packed_autograd);
+}
+
+}  // namespace qlib
