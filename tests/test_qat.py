@@ -197,6 +197,11 @@ def test_export_after_eager_steps(learnable):
     program = torch.export.export(copy.deepcopy(qat), (x,))
     x2 = torch.randn(5, 16) * 2
     assert torch.equal(program.module()(x2), qat(x2))
+    if not learnable:  # a dynamic batch: the one-op path's shape check must not specialise it
+        batch = torch.export.Dim("batch", min=2, max=1024)
+        program = torch.export.export(copy.deepcopy(qat), (x,), dynamic_shapes=({0: batch},))
+        x3 = torch.randn(9, 16)
+        assert torch.equal(program.module()(x3), qat(x3))
 
 
 def test_autocast_bfloat16_training_step():

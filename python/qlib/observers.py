@@ -294,11 +294,13 @@ class MinMaxObserver(ObserverBase):
         # Only where it does what forward + qparams_for + fake_quant would: x shaped as the
         # last observed one (its layout checked then), no hooks or overrides to run, no
         # all-reduce of the statistics, eager mode.
+        # (is_compiling first: comparing a traced x's shape would specialise a dynamic batch.)
+        if torch.compiler.is_compiling():
+            return None
         lay, b = self.__dict__.get("_layout"), self._buffers
         if (lay is None or x.shape != lay[0] or x.dtype not in _FUSED_DTYPES
                 or b["qparams_shape"].numel() == 0 or b["min_val"].shape[0] != lay[3]
-                or not _overrides_nothing(type(self)) or _has_forward_hooks(self)
-                or _distributed() or torch.compiler.is_compiling()):
+                or not _overrides_nothing(type(self)) or _has_forward_hooks(self) or _distributed()):
             return None
         return ops.minmax_fake_quant(x, b["min_val"], b["max_val"], b["observed"], b["nonfinite"],
                                      self.averaging_constant, lay[1], lay[2], self.quant_min,
