@@ -122,6 +122,31 @@ def packs_sweep(N, K, group, repeat, copy_gbs):
                       + "".join(f" {c:8.0f}%" for c in cells))
 
 
+def layouts_table(dev, repeat):
+    """fake_quant of an x dense in another dim order (x.t(), channels_last), read in place,
+    against the same x copied to contiguous first (what qlib did before stop 28) and torch."""
+    t = torch.randn(2048, 4096, device=dev).t()
+    cl = torch.randn(32, 64, 56, 56, device=dev).to(memory_format=torch.channels_last)
+    s1, z1 = torch.tensor([0.02], device=dev), torch.tensor([0], device=dev)
+    rows = []
+    for name, x, axis in (("x.t() [4096, 2048]", t, 0), ("channels_last [32, 64, 56, 56]", cl, 1)):
+        C = x.shape[axis]
+        sc = torch.rand(C, device=dev) * 0.05 + 0.01
+        zc = torch.zeros(C, dtype=torch.int32, device=dev)
+        view = [1] * x.dim()
+        view[axis] = C
+        rows.append((name + " per-tensor", x, s1, z1, lambda x: torch.fake_quantize_per_tensor_affine(x, 0.02, 0, -128, 127)))
+        rows.append((name + " per-channel", x, sc.view(view), zc.view(view),
+                     lambda x, sc=sc, zc=zc, axis=axis: torch.fake_quantize_per_channel_affine(x, sc, zc, axis, -128, 127)))
+    print(f"\n{'x layout (float32)':42s} {'qlib ms':>8s} {'copy first ms':>14s} {'x':>6s} {'native ms':>10s} {'x':>6s}")
+    for name, x, sc, zc, native in rows:
+        r = time_all({"q": lambda: ops.fake_quant(x, sc, zc, -128, 127),
+                      "copy": lambda: ops.fake_quant(x.contiguous(), sc, zc, -128, 127),
+                      "native": lambda: native(x)}, dev, repeat)
+        print(f"{name:42s} {r['q'] * 1e3:8.2f} {r['copy'] * 1e3:14.2f} {r['copy'] / r['q']:5.2f}x"
+              f" {r['native'] * 1e3:10.2f} {r['native'] / r['q']:5.2f}x")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -130,7 +155,11 @@ def main():
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--packs-only", action="store_true",
                    help="CUDA: only the packs-per-thread sweep of the kernels")
+    p.add_argument("--layouts-only", action="store_true",
+                   help="only the table of transposed and channels_last inputs")
     args = p.parse_args()
+    if args.layouts_only:
+        return layouts_table(args.device, args.repeat)
     dev, n = args.device, args.numel
     K = 4096
     N = n // K
@@ -221,6 +250,7 @@ def main():
         print("kernel GB/s, % copy, native kern x: CUDA-graph replays (GPU work alone, no launch or"
               " host overhead); n/a: torch's per-channel op reads values back, so it cannot be captured.")
         packs_sweep(N, K, args.group, args.repeat, copy_gbs)
+    layouts_table(dev, args.repeat)
 
 
 if __name__ == "__main__":

@@ -118,18 +118,18 @@ std::pair<at::Tensor, at::Tensor> lsq_clamped(const at::Tensor& scale, const at:
 }
 
 void check_lsq_args(const at::Tensor& scale, int64_t quant_min, int64_t quant_max,
-                    double grad_factor, double eps) {
+                    std::optional<double> grad_factor, double eps) {
   check_quant_range(kLsqOp, quant_min, quant_max);
   TORCH_CHECK(scale.is_floating_point(), kLsqOp, ": scale must be floating, got ",
               scale.scalar_type());
   check_eps(kLsqOp, eps);
-  TORCH_CHECK(grad_factor > 0 && std::isfinite(grad_factor), kLsqOp,
-              ": grad_factor must be positive and finite, got ", grad_factor);
+  TORCH_CHECK(!grad_factor || (*grad_factor > 0 && std::isfinite(*grad_factor)), kLsqOp,
+              ": grad_factor must be positive and finite, got ", *grad_factor);
 }
 
 at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& scale,
                           const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
-                          double grad_factor, double eps) {
+                          std::optional<double> grad_factor, double eps) {
   check_lsq_args(scale, quant_min, quant_max, grad_factor, eps);
   const auto [s, z] = lsq_clamped(scale, zero_point, quant_min, quant_max, eps);
   return call_fake_quant(x, s, z, quant_min, quant_max);
@@ -142,7 +142,7 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
-                            double grad_factor, double eps) {
+                            std::optional<double> grad_factor, double eps) {
     // lsq_fake_quant's body, keeping the clamped qparams for the backward.
     at::AutoDispatchBelowADInplaceOrView guard;
     check_lsq_args(scale, quant_min, quant_max, grad_factor, eps);
@@ -150,14 +150,15 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
     ctx->save_for_backward({x, s, z});
     ctx->saved_data["quant_min"] = quant_min;
     ctx->saved_data["quant_max"] = quant_max;
-    ctx->saved_data["grad_factor"] = grad_factor;
+    // (A SymInt numel while tracing: the factor's tensor is then symbolic, not specialised.)
+    ctx->saved_data["grad_factor"] = grad_factor ? c10::IValue(*grad_factor)
+                                                 : c10::IValue(x.sym_numel() * quant_max);
     return call_fake_quant(x, s, z, quant_min, quant_max);
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &s = saved[1], &z = saved[2];
-    const double grad_factor = ctx->saved_data["grad_factor"].toDouble();
     const bool need_scale = ctx->needs_input_grad(1);
     const bool need_zp = ctx->needs_input_grad(2) && z.is_floating_point();
     auto [grad_x, grad_scale, grad_zp] = fake_quant_grads(
@@ -165,8 +166,12 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
         ctx->saved_data["quant_max"].toInt(), need_scale, need_zp);
     // In place (fake_quant_backward's own new tensors), times a double tensor: mul_.Scalar
     // would round grad_factor to a bfloat16 scale's dtype first (the product in float, as
-    // autograd's `t * grad_factor`, differs in the last bit).
-    const at::Tensor factor = at::scalar_tensor(grad_factor, at::kDouble);
+    // autograd's `t * grad_factor`, differs in the last bit). Without a grad_factor:
+    // 1 / sqrt(max(numel * quant_max, 1)).
+    const c10::IValue& f = ctx->saved_data["grad_factor"];
+    const at::Tensor factor =
+        f.isDouble() ? at::scalar_tensor(f.toDouble(), at::kDouble)
+                     : at::scalar_tensor(c10::Scalar(f.toSymInt()), at::kDouble).clamp_min_(1).rsqrt_();
     if (need_scale) grad_scale.mul_(factor);
     if (need_zp) grad_zp.mul_(factor);
     return {ctx->needs_input_grad(0) ? grad_x : at::Tensor(),
@@ -177,7 +182,8 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
 
 at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                    const at::Tensor& zero_point, int64_t quant_min,
-                                   int64_t quant_max, double grad_factor, double eps) {
+                                   int64_t quant_max, std::optional<double> grad_factor,
+                                   double eps) {
   return record_if_grad<LsqFakeQuantFunction>(lsq_fake_quant, x, scale, zero_point, quant_min,
                                               quant_max, grad_factor, eps);
 }

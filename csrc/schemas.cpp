@@ -15,10 +15,11 @@ TORCH_LIBRARY(qlib, m) {
       tags);
   // fake_quant with LSQ's trained qparams: scale clamped below at eps, zero_point to
   // [quant_min, quant_max]; their gradients are fake_quant's at the clamped values (straight
-  // through the clamps), times grad_factor.
+  // through the clamps), times grad_factor (None: LSQ's 1 / sqrt(x.numel() * quant_max),
+  // computed in the op, so a traced dynamic batch stays symbolic).
   m.def(
       "lsq_fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
-      "float grad_factor, float eps) -> Tensor",
+      "float? grad_factor, float eps) -> Tensor",
       tags);
   m.def(
       "quantize(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "

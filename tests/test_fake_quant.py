@@ -361,6 +361,48 @@ def test_lsq_fake_quant_equals_its_torch_ops_form(device, xshape, sshape, dtype,
     assert grads[0][2].view(-1)[0] != 0 and (not learn_zp or grads[0][3].view(-1)[-1] != 0)
 
 
+def test_lsq_default_grad_factor_is_lsqs(device):
+    """grad_factor None: 1 / sqrt(x.numel() * quant_max), bit for bit, computed in the op (1 for
+    an empty x)."""
+    x = torch.randn(7, 12, device=device)
+    grads = []
+    for factor in (None, 1.0 / math.sqrt(x.numel() * 15)):
+        s = torch.tensor([0.2], device=device, requires_grad=True)
+        z = torch.tensor([3.0], device=device, requires_grad=True)
+        ops.lsq_fake_quant(x, s, z, 0, 15, factor, 1e-6).backward(torch.linspace(-1, 1, 84, device=device).view(7, 12))
+        grads.append((s.grad, z.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    s = torch.tensor([0.2], device=device, requires_grad=True)
+    ops.lsq_fake_quant(torch.empty(0, 3, device=device), s, torch.tensor([3.0], device=device), 0, 15, None, 1e-6).sum().backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+def test_learnable_fake_quantize_traces_a_dynamic_batch():
+    """No shape is specialised by LSQ's gradient scale: torch.export takes a dynamic batch, and
+    torch.compile(dynamic=True) compiles once for every batch size."""
+    torch.manual_seed(0)
+    fq = qlib.nn.FakeQuantize(qlib.observers.MinMaxObserver(symmetric=False), learnable=True)
+    fq(torch.randn(5, 16))
+    fq.disable_observer()
+    batch = torch.export.Dim("batch", min=2, max=1024)
+    program = torch.export.export(fq, (torch.randn(5, 16),), dynamic_shapes=({0: batch},))
+    x = torch.randn(9, 16)
+    assert torch.equal(program.module()(x), fq(x))
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    compiled = torch.compile(fq, backend="aot_eager", dynamic=True)
+    for n in (3, 4, 6, 11):
+        xs = torch.randn(n, 16, requires_grad=True)
+        compiled(xs).sum().backward()
+        s_grad = fq.scale.grad.clone()
+        fq.scale.grad = None
+        fq(xs).sum().backward()
+        assert torch.equal(s_grad, fq.scale.grad)
+        fq.scale.grad = None
+    assert counts["stats"]["unique_graphs"] == 1
+
+
 def test_lsq_scale_pushed_below_eps_recovers():
     """A learnable scale that an optimizer step pushed below eps (or below 0) still gets the
     gradient at eps and learns its way back, as with torch.ao's learnable fake quant."""

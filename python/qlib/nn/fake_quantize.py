@@ -1,7 +1,6 @@
 """FakeQuantize: an observer followed by qlib's fake_quant op."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -92,12 +91,12 @@ class FakeQuantize(QuantState):
         if not self.fake_quant_enabled:
             return x
         if self.learnable:
-            # One op: the clamps (scale >= eps, zero point in range) and LSQ's gradient scale.
-            factor = 1.0 / math.sqrt(x.numel() * self.quant_max) if x.numel() else 1.0
+            # One op: the clamps (scale >= eps, zero point in range) and LSQ's gradient scale
+            # (None: 1 / sqrt(x.numel() * quant_max), in the op, so no shape is specialised).
             p = self._parameters
             zp = p["zero_point"] if "zero_point" in p else self._buffers["zero_point"]
             return ops.lsq_fake_quant(x, p["scale"].to(x.device), zp.to(x.device), self.quant_min,
-                                      self.quant_max, factor, self.eps)
+                                      self.quant_max, None, self.eps)
         if observer._buffers["qparams_shape"].numel() == 0:
             raise RuntimeError("qlib.nn.FakeQuantize: its observer has recorded nothing yet; "
                                "enable the observer or load a calibrated state_dict first")
