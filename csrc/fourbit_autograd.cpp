@@ -6,6 +6,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "linear_autograd.h"
+
 namespace qlib {
 namespace {
 
@@ -41,7 +43,8 @@ class Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction> 
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({packed, absmax, codebook});
     ctx->saved_data["block_size"] = block_size;
-    ctx->saved_data["in_features"] = x.size(-1);
+    // (sym_size: size() on a traced x would specialise every dim, the batch too.)
+    ctx->saved_data["in_features"] = x.sym_size(-1);
     ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : -1;
     return call_linear_4bit(x, packed, absmax, codebook, block_size, bias);
   }
@@ -52,14 +55,15 @@ class Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction> 
     at::Tensor grad_x, grad_bias;
     if (ctx->needs_input_grad(0)) {
       const at::Tensor w = call_dequantize_4bit(saved[0], saved[1], saved[2],
-                                                ctx->saved_data["in_features"].toInt(),
+                                                ctx->saved_data["in_features"].toSymInt().guard_int(
+                                                    __FILE__, __LINE__),
                                                 ctx->saved_data["block_size"].toInt(), grad.scalar_type());
       grad_x = at::matmul(grad, w);
     }
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     // needs_input_grad counts tensor inputs only: x, packed, absmax, codebook, bias.
     if (bias_dtype >= 0 && ctx->needs_input_grad(4)) {
-      grad_bias = grad.reshape({-1, grad.size(-1)}).sum(0).to(static_cast<at::ScalarType>(bias_dtype));
+      grad_bias = linear_bias_grad(grad, static_cast<at::ScalarType>(bias_dtype));
     }
     return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), grad_bias};
   }

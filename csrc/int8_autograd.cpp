@@ -8,6 +8,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "linear_autograd.h"
+
 namespace qlib {
 namespace {
 
@@ -55,7 +57,7 @@ std::pair<at::Tensor, at::Tensor> grads_of(AutogradContext* ctx, const at::Tenso
   }
   const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
   if (need_bias && bias_dtype >= 0) {
-    grad_bias = grad.reshape({-1, grad.size(-1)}).sum(0).to(static_cast<at::ScalarType>(bias_dtype));
+    grad_bias = linear_bias_grad(grad, static_cast<at::ScalarType>(bias_dtype));
   }
   return {grad_x, grad_bias};
 }

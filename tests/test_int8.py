@@ -621,3 +621,28 @@ def test_int8_linear_sm90_gemm_fallbacks():
         qlib.set_int8_cuda_gemm("auto")
     for g, r in zip(got, ref):
         assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("convert", [qlib.quantize_dynamic, lambda m: qlib.quantize_weight_only(m, "nf4", 8)],
+                         ids=["int8", "nf4"])
+def test_linear_modules_trace_a_dynamic_batch(convert):
+    """Int8Linear and Linear4bit with gradients on (their C++ autograd) keep a traced batch
+    symbolic: torch.export takes a dynamic batch, torch.compile(dynamic=True) one graph."""
+    torch.manual_seed(0)
+    model = convert(nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8)))
+    batch = torch.export.Dim("batch", min=2, max=1024)
+    x = torch.randn(9, 16, requires_grad=True)
+    program = torch.export.export(model, (torch.randn(4, 16, requires_grad=True),), dynamic_shapes=({0: batch},))
+    torch.testing.assert_close(program.module()(x), model(x))
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+    for n in (3, 5, 11):
+        xs = torch.randn(n, 16, requires_grad=True)
+        compiled(xs).sum().backward()
+        g = xs.grad
+        xs.grad = None
+        model(xs).sum().backward()
+        torch.testing.assert_close(g, xs.grad)
+    assert counts["stats"]["unique_graphs"] == 1
