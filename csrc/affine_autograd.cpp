@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "affine.h"
+#include "autograd_common.h"
 
 namespace qlib {
 
@@ -91,8 +92,9 @@ class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
 // gradient is wanted, else `below` under autograd (the Function's context would cost a third
 // of a small call).
 template <class Function, class Below, class... Rest>
-at::Tensor record_if_grad(Below below, const at::Tensor& x, const at::Tensor& scale,
-                          const at::Tensor& zero_point, Rest... rest) {
+at::Tensor record_if_grad(const char* op, Below below, const at::Tensor& x,
+                          const at::Tensor& scale, const at::Tensor& zero_point, Rest... rest) {
+  check_no_forward_grad(op, {x, scale, zero_point});
   if (!at::GradMode::is_enabled() ||
       !(x.requires_grad() || scale.requires_grad() || zero_point.requires_grad())) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -104,8 +106,8 @@ at::Tensor record_if_grad(Below below, const at::Tensor& x, const at::Tensor& sc
 at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                const at::Tensor& zero_point, int64_t quant_min,
                                int64_t quant_max) {
-  return record_if_grad<FakeQuantFunction>(call_fake_quant, x, scale, zero_point, quant_min,
-                                           quant_max);
+  return record_if_grad<FakeQuantFunction>("qlib::fake_quant", call_fake_quant, x, scale,
+                                           zero_point, quant_min, quant_max);
 }
 
 // ---------------------------------------------------------------- lsq_fake_quant
@@ -184,8 +186,8 @@ at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                    const at::Tensor& zero_point, int64_t quant_min,
                                    int64_t quant_max, std::optional<double> grad_factor,
                                    double eps) {
-  return record_if_grad<LsqFakeQuantFunction>(lsq_fake_quant, x, scale, zero_point, quant_min,
-                                              quant_max, grad_factor, eps);
+  return record_if_grad<LsqFakeQuantFunction>(kLsqOp, lsq_fake_quant, x, scale, zero_point,
+                                              quant_min, quant_max, grad_factor, eps);
 }
 
 }  // namespace

@@ -6,7 +6,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "linear_autograd.h"
+#include "autograd_common.h"
 
 namespace qlib {
 namespace {
@@ -72,6 +72,7 @@ class Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction> 
 at::Tensor linear_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                 const at::Tensor& codebook, int64_t block_size,
                                 const std::optional<at::Tensor>& bias) {
+  check_no_forward_grad("qlib::linear_4bit", {x, absmax, bias.value_or(at::Tensor())});
   if (!at::GradMode::is_enabled() ||
       !(x.requires_grad() || (bias.has_value() && bias->requires_grad()))) {
     at::AutoDispatchBelowADInplaceOrView guard;

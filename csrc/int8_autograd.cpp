@@ -8,7 +8,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "linear_autograd.h"
+#include "autograd_common.h"
 
 namespace qlib {
 namespace {
@@ -109,6 +109,7 @@ at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& w_int8,
                                 const at::Tensor& w_scale, const OptTensor& bias,
                                 const OptTensor& act_scale, const OptTensor& act_zero_point,
                                 int64_t qmin, int64_t qmax) {
+  check_no_forward_grad("qlib::int8_linear", {x, w_scale, bias.value_or(at::Tensor())});
   if (at::GradMode::is_enabled()) check_no_qparam_grad("qlib::int8_linear", w_scale, act_scale);
   if (!wants_grad(x, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -124,6 +125,7 @@ at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_
                                        const OptTensor& bias, const OptTensor& act_scale,
                                        const OptTensor& act_zero_point, int64_t qmin,
                                        int64_t qmax) {
+  check_no_forward_grad("qlib::int8_linear_packed", {x, w_scale, bias.value_or(at::Tensor())});
   if (at::GradMode::is_enabled()) {
     check_no_qparam_grad("qlib::int8_linear_packed", w_scale, act_scale);
   }

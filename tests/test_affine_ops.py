@@ -335,3 +335,23 @@ def test_a_meta_tensor_among_cpu_ones_raises():
     for name, call in calls.items():
         with pytest.raises(RuntimeError, match=f"{name}: expected all tensors on one device, got cpu, .*meta"):
             call()
+
+
+def test_forward_mode_ad_raises():
+    """No forward-AD rule: a tangent would be dropped silently, so jvp raises (as torch's own
+    fake quant ops do)."""
+    x, s, z = torch.randn(4, 8), torch.tensor([0.1]), torch.tensor([0])
+    w = torch.randint(-127, 128, (6, 8), dtype=torch.int8)
+    cb = qlib.codebook_4bit("nf4", "cpu")
+    packed, absmax = ops.quantize_4bit(torch.randn(6, 8), cb, 4)
+    calls = {
+        "qlib::fake_quant": lambda t: ops.fake_quant(t, s, z, -8, 7),
+        "qlib::lsq_fake_quant": lambda t: ops.lsq_fake_quant(t, s, z.float(), -8, 7, None, 1e-6),
+        "qlib::int8_linear": lambda t: ops.int8_linear(t, w, torch.rand(6), None),
+        "qlib::linear_4bit": lambda t: ops.linear_4bit(t, packed, absmax, cb, 4, None),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"{name}: forward-mode AD .* is not supported"):
+            torch.func.jvp(call, (x,), (torch.ones_like(x),))
+        with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match=f"{name}: forward-mode AD"):
+            call(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))

@@ -1,0 +1,30 @@
+// Shared by the ops' C++ autograd kernels (affine_autograd.cpp, int8_autograd.cpp,
+// fourbit_autograd.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+#include <numeric>
+#include <vector>
+
+namespace qlib {
+
+// Forward-mode AD (forward_ad dual tensors, torch.func.jvp) has no rule in these kernels: a
+// tangent would be dropped silently, so it raises, as torch's own ops without one do.
+inline void check_no_forward_grad(const char* op, std::initializer_list<at::Tensor> tensors) {
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(!t.defined() || !t._fw_grad(/*level=*/0).defined(), op,
+                ": forward-mode AD (forward_ad dual tensors, torch.func.jvp) is not supported");
+  }
+}
+
+// The gradient of a bias of dtype `bias_dtype`: grad [..., N] summed over every leading dim
+// (no size() calls: a traced batch stays symbolic).
+inline at::Tensor linear_bias_grad(const at::Tensor& grad, at::ScalarType bias_dtype) {
+  std::vector<int64_t> rows(grad.dim() - 1);
+  std::iota(rows.begin(), rows.end(), 0);
+  return grad.sum(rows).to(bias_dtype);
+}
+
+}  // namespace qlib
