@@ -90,7 +90,8 @@ inline std::array<float, kCodebookSize - 1> check_quantize_4bit_args(const char*
   const float* c = cb.const_data_ptr<float>();
   for (int j = 0; j < kCodebookSize; ++j) {
     TORCH_CHECK(std::isfinite(c[j]) && (j == 0 || c[j - 1] < c[j]), op,
-                ": codebook must be finite and strictly increasing, got ", cb);
+                ": codebook must be finite and strictly increasing, got ",
+                c10::ArrayRef<float>(c, kCodebookSize));
   }
   if (!w.is_cpu() && w.numel() > 0) {  // (the CPU kernel checks as it reads w)
     const at::Tensor bad = ~at::isfinite(w);

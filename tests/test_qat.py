@@ -306,6 +306,16 @@ def test_convert_matches_qat_model(act_symmetric, bits):
     torch.testing.assert_close(y_int8, y_qat, rtol=1e-4, atol=1e-4)
 
 
+def test_errors_name_the_module_and_the_argument():
+    fq = FakeQuantize(MinMaxObserver(ch_axis=0), learnable=True)
+    with pytest.raises(RuntimeError, match=r"FakeQuantize: the observer gives qparams of shape \(4, 1\), the learnable "
+                                           r"scale has qparams_shape \(1,\); pass qparams_shape=\(4, 1\)"):
+        fq(torch.randn(4, 8))
+    model = qlib.prepare(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), QATConfig())
+    with pytest.raises(RuntimeError, match=r"qlib.convert: module '0': .*has not recorded any finite value"):
+        qlib.convert(model)
+
+
 def test_convert_clamps_a_learned_zero_point_as_the_forward_does():
     """LSQ's gradient goes straight through the clamps, so training can carry a learnable zero
     point past quant_min; convert stores the one the forward used."""

@@ -138,6 +138,9 @@ def convert(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module
     (``activation_bits=None``, at most 4 symmetric weight bits) into a
     Linear4bit whose weight equals the fake-quantized one."""
     def make(qat: QATLinear, fqn: str) -> nn.Module:
-        return Int8Linear.from_qat(qat) if qat.activation_fake_quant is not None else Linear4bit.from_qat(qat)
+        try:
+            return Int8Linear.from_qat(qat) if qat.activation_fake_quant is not None else Linear4bit.from_qat(qat)
+        except RuntimeError as e:  # name the module: a model has many
+            raise RuntimeError(f"qlib.convert: module {fqn or '(the model)'!r}: {e}") from e
 
     return _swap(model, QATLinear, make, filter_fn, "convert")

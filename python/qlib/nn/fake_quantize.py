@@ -83,6 +83,11 @@ class FakeQuantize(QuantState):
             observer(x.detach())
             if self.learnable and not self._init_done:
                 scale, zp = observer.calculate_qparams()
+                if scale.numel() != self.scale.numel():
+                    raise RuntimeError(
+                        f"qlib.nn.FakeQuantize: the observer gives qparams of shape {tuple(scale.shape)}, "
+                        f"the learnable scale has qparams_shape {tuple(self.scale.shape)}; pass "
+                        f"qparams_shape={tuple(scale.shape)}")
                 with torch.no_grad():
                     self.scale.copy_(scale.reshape(self.scale.shape))
                     self.zero_point.copy_(zp.reshape(self.zero_point.shape).float())
