@@ -3,6 +3,8 @@
 // qlib::fake_quant_backward. In C++ rather than torch.library.register_autograd,
 // whose Python wrapper cost about 26 us per call (CPU, tiny tensor). Also lsq_fake_quant's
 // forward, for every device (CompositeExplicitAutograd).
+#include <ATen/OpMathType.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -137,6 +139,33 @@ at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& scale,
   return call_fake_quant(x, s, z, quant_min, quant_max);
 }
 
+// grad (fake_quant_backward's own new tensor) times LSQ's factor f, in place: the given
+// grad_factor, or 1 / sqrt(max(numel * quant_max, 1)) from a (Sym)Int. The product is taken in
+// grad's opmath type with the factor as a double, as autograd's `t * grad_factor` (mul_.Scalar
+// would round the factor to a bfloat16 grad's dtype first). On plain CPU tensors one loop
+// (ATen's small ops cost ~10 us a call); tensor ops where traced (a symbolic numel).
+void scale_grad_(at::Tensor& grad, const c10::IValue& f) {
+  std::optional<double> factor;
+  if (f.isDouble()) {
+    factor = f.toDouble();
+  } else if (const auto n = f.toSymInt().maybe_as_int()) {
+    factor = 1.0 / std::sqrt(std::max(static_cast<double>(*n), 1.0));
+  }
+  if (factor && grad.is_cpu() && grad.is_contiguous() && !at::isTensorSubclassLike(grad)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "lsq_scale", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto k = static_cast<opmath_t>(*factor);
+      scalar_t* g = grad.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < grad.numel(); ++i) g[i] = static_cast<scalar_t>(g[i] * k);
+    });
+    return;
+  }
+  grad.mul_(factor ? at::scalar_tensor(*factor, at::kDouble)
+                   : at::scalar_tensor(c10::Scalar(f.toSymInt()), at::kDouble)
+                         .clamp_min_(1)
+                         .rsqrt_());
+}
+
 // The gradients are fake_quant's at the clamped qparams, times grad_factor: straight through
 // the clamps, so a scale pushed below eps or a zero point pushed out of range still learns its
 // way back (torch.ao's learnable fake quant clamps them in place each step, to the same end).
@@ -166,16 +195,9 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
     auto [grad_x, grad_scale, grad_zp] = fake_quant_grads(
         kLsqOp, grads[0], x, s, z, ctx->saved_data["quant_min"].toInt(),
         ctx->saved_data["quant_max"].toInt(), need_scale, need_zp);
-    // In place (fake_quant_backward's own new tensors), times a double tensor: mul_.Scalar
-    // would round grad_factor to a bfloat16 scale's dtype first (the product in float, as
-    // autograd's `t * grad_factor`, differs in the last bit). Without a grad_factor:
-    // 1 / sqrt(max(numel * quant_max, 1)).
     const c10::IValue& f = ctx->saved_data["grad_factor"];
-    const at::Tensor factor =
-        f.isDouble() ? at::scalar_tensor(f.toDouble(), at::kDouble)
-                     : at::scalar_tensor(c10::Scalar(f.toSymInt()), at::kDouble).clamp_min_(1).rsqrt_();
-    if (need_scale) grad_scale.mul_(factor);
-    if (need_zp) grad_zp.mul_(factor);
+    if (need_scale) scale_grad_(grad_scale, f);
+    if (need_zp) scale_grad_(grad_zp, f);
     return {ctx->needs_input_grad(0) ? grad_x : at::Tensor(),
             need_scale ? grad_scale : at::Tensor(), need_zp ? grad_zp : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
