@@ -93,7 +93,9 @@ class Int8Linear(QuantState):
     @torch.no_grad()
     def repack(self) -> None:
         """Re-packs ``weight`` for the CPU kernel; called automatically after ``from_float``,
-        ``load_state_dict`` and in-place edits of ``weight`` (outside ``torch.compile``)."""
+        ``load_state_dict`` and in-place edits of ``weight`` (outside ``torch.compile``). Call it
+        after editing ``weight.data`` or editing under ``torch.inference_mode``: such edits do
+        not move the version counter it watches."""
         self.weight_packed = torch.ops.qlib.int8_pack_weight(self.weight)
         self._packed_version = _weight_key(self.weight)
 
