@@ -24,10 +24,17 @@ using Int8LinearPackedSig = at::Tensor(const at::Tensor&, const at::Tensor&, con
                                        const at::Tensor&, const OptTensor&, const OptTensor&,
                                        const OptTensor&, int64_t, int64_t);
 
-template <class Sig>
-const c10::TypedOperatorHandle<Sig>& int8_op(const char* name) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
+const c10::TypedOperatorHandle<Int8LinearSig>& int8_linear_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlib::int8_linear", "")
+                             .typed<Int8LinearSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<Int8LinearPackedSig>& int8_linear_packed_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlib::int8_linear_packed", "")
+                             .typed<Int8LinearPackedSig>();
   return op;
 }
 
@@ -75,7 +82,7 @@ class Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> 
                             int64_t qmin, int64_t qmax) {
     at::AutoDispatchBelowADInplaceOrView guard;
     save(ctx, w_int8, w_scale, bias);
-    return int8_op<Int8LinearSig>("qlib::int8_linear")
+    return int8_linear_op()
         .call(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
@@ -94,7 +101,7 @@ class Int8LinearPackedFunction : public torch::autograd::Function<Int8LinearPack
                             const OptTensor& act_zero_point, int64_t qmin, int64_t qmax) {
     at::AutoDispatchBelowADInplaceOrView guard;
     save(ctx, w_int8, w_scale, bias);
-    return int8_op<Int8LinearPackedSig>("qlib::int8_linear_packed")
+    return int8_linear_packed_op()
         .call(x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
@@ -113,7 +120,7 @@ at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& w_int8,
   if (at::GradMode::is_enabled()) check_no_qparam_grad("qlib::int8_linear", w_scale, act_scale);
   if (!wants_grad(x, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return int8_op<Int8LinearSig>("qlib::int8_linear")
+    return int8_linear_op()
         .call(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
   }
   return Int8LinearFunction::apply(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin,
@@ -131,7 +138,7 @@ at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_
   }
   if (!wants_grad(x, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return int8_op<Int8LinearPackedSig>("qlib::int8_linear_packed")
+    return int8_linear_packed_op()
         .call(x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
   }
   return Int8LinearPackedFunction::apply(x, w_packed, w_int8, w_scale, bias, act_scale,
