@@ -631,6 +631,10 @@ def test_plot_calibration(tmp_path):
     mses = qlib.plot_calibration(x, obs, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(mses) == {"MinMax", "MovingAverageMinMax", "Percentile", "MSE", "Entropy"}
+    wide = qlib.observers.MinMaxObserver()
+    wide(x * 3)
+    mses = qlib.plot_calibration(x, [obs[0], wide], str(path))  # two of a class: both kept
+    assert set(mses) == {"MinMax", "MinMax#2"} and mses["MinMax"] != mses["MinMax#2"]
 
 
 # ------------------------------------------------------------ granularity, devices

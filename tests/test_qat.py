@@ -582,6 +582,31 @@ def test_prepare_calibrate_convert_weight_only_4bit(tmp_path):
     assert torch.equal(q4_minmax(x), q4(x))
 
 
+def test_a_linear_used_twice_is_swapped_everywhere():
+    """A module reachable under two names of one parent (nn.Sequential(lin, act, lin), tied
+    attributes) gets one shared replacement at every name; none stays float."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    for swap, kind in ((qlib.quantize_dynamic, qlib.nn.Int8Linear), (qlib.prepare_qat, QATLinear),
+                       (lambda m: qlib.quantize_weight_only(m, "nf4", 8), qlib.nn.Linear4bit)):
+        shared = copy.deepcopy(lin)
+        model = swap(nn.Sequential(shared, nn.ReLU(), shared))
+        assert isinstance(model[0], kind) and model[0] is model[2]
+    shared = copy.deepcopy(lin)
+    model = qlib.prepare(nn.Sequential(shared, nn.ReLU(), shared))
+    qlib.calibrate(model, [{"input": x}], progress=False)  # keyword batches
+    int8 = qlib.convert(model)
+    assert isinstance(int8[0], qlib.nn.Int8Linear) and int8[0] is int8[2]
+
+
+def test_convert_names_the_module_for_value_errors():
+    model = qlib.prepare(nn.Sequential(nn.Linear(16, 8)), QATConfig(weight_symmetric=False))
+    qlib.calibrate(model, [torch.randn(4, 16)], progress=False)
+    with pytest.raises(ValueError, match=r"qlib.convert: module '0': .*symmetric"):
+        qlib.convert(model)
+
+
 def test_prepare_calibrate_convert_static(tmp_path):
     torch.manual_seed(0)
     net = Net().eval()

@@ -25,7 +25,14 @@ def plot_calibration(x: Tensor, observers: Union[Dict[str, "torch.nn.Module"], I
     from ._ops import fake_quant
 
     if not isinstance(observers, dict):
-        observers = {_name(o): o for o in observers}
+        named = {}
+        for o in observers:  # two of a class: "MinMax", "MinMax#2"
+            base = name = _name(o)
+            k = 2
+            while name in named:
+                name, k = f"{base}#{k}", k + 1
+            named[name] = o
+        observers = named
     data = x.detach().float().reshape(-1)
     data = data[torch.isfinite(data)]
     fig, ax = plt.subplots(figsize=(9, 4.5))

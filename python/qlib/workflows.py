@@ -13,6 +13,7 @@ qualified module names ("encoder.*", or a list such as ["*.q_proj", "*.v_proj"])
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -60,9 +61,11 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
         return make(model, "")
     swaps = []
     for parent_fqn, parent in model.named_modules(remove_duplicate=False):
-        for name, child in parent.named_children():
+        # _modules, not named_children(): that skips a child already seen under another name
+        # (nn.Sequential(lin, act, lin)), which would stay float.
+        for name, child in parent._modules.items():
             fqn = f"{parent_fqn}.{name}" if parent_fqn else name
-            if selected(child, fqn):
+            if child is not None and selected(child, fqn):
                 swaps.append((parent, name, child, fqn))
     done = {}
     for parent, name, child, fqn in swaps:
@@ -120,14 +123,17 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None,
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, progress: bool = True) -> nn.Module:
-    """Runs `batches` (tensors, or tuples of positional inputs) through the
-    model in eval mode so its observers record ranges; shows a tqdm bar."""
+    """Runs `batches` (tensors, tuples of positional inputs, or dicts of keyword inputs)
+    through the model in eval mode so its observers record ranges; shows a tqdm bar."""
     from tqdm.auto import tqdm
 
     model.eval()
     total = len(batches) if hasattr(batches, "__len__") else None
     for batch in tqdm(batches, desc="calibrating", total=total, disable=not progress, leave=False):
-        model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+        if isinstance(batch, Mapping):  # keyword inputs (e.g. a tokenizer's output)
+            model(**batch)
+        else:
+            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
     return model
 
 
@@ -140,7 +146,7 @@ def convert(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module
     def make(qat: QATLinear, fqn: str) -> nn.Module:
         try:
             return Int8Linear.from_qat(qat) if qat.activation_fake_quant is not None else Linear4bit.from_qat(qat)
-        except RuntimeError as e:  # name the module: a model has many
-            raise RuntimeError(f"qlib.convert: module {fqn or '(the model)'!r}: {e}") from e
+        except (RuntimeError, ValueError) as e:  # name the module: a model has many
+            raise type(e)(f"qlib.convert: module {fqn or '(the model)'!r}: {e}") from e
 
     return _swap(model, QATLinear, make, filter_fn, "convert")
