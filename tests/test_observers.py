@@ -509,6 +509,34 @@ def test_corrupt_state_dict_raises(cls):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cls", ALL)
+def test_state_dict_of_another_layout_raises(cls):
+    """A state that does not fit the observer raises at load_state_dict, naming the key: another
+    granularity, stats of disagreeing sizes, a bad qparams_shape, negative counters, other bins."""
+    x = torch.randn(8, 16)
+    per_channel = cls(ch_axis=0)
+    per_channel(x)
+    sd = per_channel.state_dict()
+    stat = next(iter(cls._stat_buffers))
+    who = rf"qlib.observers.{cls.__name__}.load_state_dict: "
+    cases = [
+        (cls(), sd, r"the state holds qparams of shape \[8, 1\], but this observer is per-tensor"),
+        (cls(ch_axis=1), sd, r"which is not per-channel along ch_axis=1"),
+        (cls(ch_axis=0), dict(sd, **{stat: sd[stat][:3]}), rf"state_dict\['{stat}'\] of shape \(3,.*does not hold the 8 blocks"),
+        (cls(ch_axis=0), dict(sd, qparams_shape=torch.tensor([1])), r"the state holds qparams of shape \[\], which is not per-channel"),
+        (cls(ch_axis=0), dict(sd, qparams_shape=torch.tensor([2, 8, 1])), r"must be empty or \[1, \*qparams shape\]"),
+        (cls(ch_axis=0), dict(sd, observed=torch.tensor(-3)), r"state_dict\['observed'\] must be one count >= 0, got -3"),
+    ]
+    if cls in HIST:
+        cases.append((cls(ch_axis=0, bins=512), sd, r"state_dict\['hist'\] of shape \(8, 2048\) does not have this observer's 512 bins"))
+    for observer, state, message in cases:
+        with pytest.raises(ValueError, match=who + ".*" + message):
+            observer.load_state_dict(state)
+    fresh = cls(ch_axis=0)
+    fresh.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.calculate_qparams(), per_channel.calculate_qparams()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("qmin,qmax", [(-128, 127), (0, 255), (-8, 7), (0, 65535)])

@@ -595,7 +595,7 @@ def test_a_linear_used_twice_is_swapped_everywhere():
         assert isinstance(model[0], kind) and model[0] is model[2]
     shared = copy.deepcopy(lin)
     model = qlib.prepare(nn.Sequential(shared, nn.ReLU(), shared))
-    qlib.calibrate(model, [{"input": x}], progress=False)  # keyword batches
+    qlib.calibrate(model, [x], progress=False)
     int8 = qlib.convert(model)
     assert isinstance(int8[0], qlib.nn.Int8Linear) and int8[0] is int8[2]
 

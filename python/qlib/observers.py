@@ -265,7 +265,48 @@ class ObserverBase(QuantState):
                 buf = getattr(self, name)
                 buf.resize_(self._new_stat(name, 0, buf.device).shape)
 
+    def _check_loaded_layout(self, state_dict, prefix) -> None:
+        """A state that does not fit this observer (another granularity or bin count, stats of
+        disagreeing sizes, negative counters) raises here, naming the key, not at a later call."""
+        who = f"qlib.observers.{type(self).__name__}.load_state_dict"
+        got = {n: state_dict.get(prefix + n) for n in [*self._stat_buffers, "qparams_shape", "observed", "nonfinite"]}
+        for name, v in got.items():
+            if v is not None and not isinstance(v, Tensor):
+                raise ValueError(f"{who}: state_dict[{prefix + name!r}] must be a Tensor, got {type(v).__name__}")
+        for name in ("observed", "nonfinite"):
+            if got[name] is not None and (got[name].numel() != 1 or int(got[name]) < 0):
+                raise ValueError(f"{who}: state_dict[{prefix + name!r}] must be one count >= 0, got {got[name].tolist()}")
+        qs = got["qparams_shape"]
+        if qs is None:
+            return
+        shape = qs.tolist()
+        if qs.dim() != 1 or (shape and (shape[0] != 1 or min(shape) < 1)):
+            raise ValueError(f"{who}: state_dict[{prefix + 'qparams_shape'!r}] must be empty or [1, *qparams "
+                             f"shape] with sizes >= 1, got {shape}")
+        blocks = math.prod(shape[1:]) if shape else 0
+        if shape and self.ch_axis is None and self.group_size is None and blocks != 1:
+            raise ValueError(f"{who}: the state holds qparams of shape {shape[1:]}, but this observer is "
+                             f"per-tensor ({self.extra_repr()})")
+        if shape and self.ch_axis is not None and (
+                not -len(shape[1:]) <= self.ch_axis < len(shape[1:]) or shape[1:][self.ch_axis] != blocks):
+            raise ValueError(f"{who}: the state holds qparams of shape {shape[1:]}, which is not per-channel "
+                             f"along ch_axis={self.ch_axis} ({self.extra_repr()})")
+        for name in self._stat_buffers:
+            v = got[name]
+            if v is not None and (v.dim() == 0 or v.shape[0] != blocks):
+                raise ValueError(f"{who}: state_dict[{prefix + name!r}] of shape {tuple(v.shape)} does not hold "
+                                 f"the {blocks} blocks of qparams_shape {shape}")
+        hist = got.get("hist")
+        if hist is not None and (hist.dim() != 2 or hist.shape[1] != self.bins):
+            raise ValueError(f"{who}: state_dict[{prefix + 'hist'!r}] of shape {tuple(hist.shape)} does not have "
+                             f"this observer's {self.bins} bins")
+
+    def _check_loaded_values(self, state_dict, prefix) -> None:
+        """Per kind of observer: statistics a state_dict may not hold (after the layout check)."""
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._check_loaded_layout(state_dict, prefix)
+        self._check_loaded_values(state_dict, prefix)
         # The statistic buffers are sized by the data: take the saved sizes.
         for name in list(self._stat_buffers) + ["qparams_shape"]:
             key = prefix + name
@@ -317,7 +358,7 @@ class MinMaxObserver(ObserverBase):
     def _range(self, stats):
         return stats["min"], stats["max"]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _check_loaded_values(self, state_dict, prefix) -> None:
         lo, hi = state_dict.get(prefix + "min_val"), state_dict.get(prefix + "max_val")
         if isinstance(lo, Tensor) and isinstance(hi, Tensor) and lo.shape == hi.shape:
             lo, hi = lo.detach().cpu(), hi.detach().cpu()
@@ -330,7 +371,6 @@ class MinMaxObserver(ObserverBase):
                     f"{lo[b].item()} and max_val {hi[b].item()}; expected finite "
                     f"min_val <= max_val, or (inf, -inf) for a block with no data (a corrupt state_dict?)"
                 )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 _ONE_OP_METHODS = ("forward", "_prepare", "_observe", "_observe_fake_quant", "qparams_for", "_qparams", "_range")
@@ -422,12 +462,11 @@ class _HistogramObserver(ObserverBase):
             rng = new_rng
         return {"hist": hist, "range": rng}
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _check_loaded_values(self, state_dict, prefix) -> None:
         hist, rng = state_dict.get(prefix + "hist"), state_dict.get(prefix + "hist_range")
         if isinstance(hist, Tensor) and isinstance(rng, Tensor):
             # A corrupt histogram (NaN/Inf range, negative counts) raises here, by name.
             _C.check_histogram(f"qlib.observers.{type(self).__name__}.load_state_dict", hist, rng)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _symmetric_range(self, lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
         if self.symmetric:

@@ -13,7 +13,6 @@ qualified module names ("encoder.*", or a list such as ["*.q_proj", "*.v_proj"])
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -123,17 +122,16 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None,
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, progress: bool = True) -> nn.Module:
-    """Runs `batches` (tensors, tuples of positional inputs, or dicts of keyword inputs)
-    through the model in eval mode so its observers record ranges; shows a tqdm bar."""
+    """Runs `batches` through the model in eval mode so its observers record ranges; shows a
+    tqdm bar. A tuple or list is unpacked into positional inputs; anything else (a tensor, a
+    dict as sentence-transformers models take) is passed as the one input. For a model that
+    takes keyword inputs, calibrate a wrapper module whose forward does `model(**batch)`."""
     from tqdm.auto import tqdm
 
     model.eval()
     total = len(batches) if hasattr(batches, "__len__") else None
     for batch in tqdm(batches, desc="calibrating", total=total, disable=not progress, leave=False):
-        if isinstance(batch, Mapping):  # keyword inputs (e.g. a tokenizer's output)
-            model(**batch)
-        else:
-            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+        model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
     return model
 
 
