@@ -38,13 +38,6 @@ const c10::TypedOperatorHandle<Int8LinearPackedSig>& int8_linear_packed_op() {
   return op;
 }
 
-// Under grad mode: a scale that asks for a gradient it will not get is an error.
-void check_no_qparam_grad(const char* op, const at::Tensor& w_scale, const OptTensor& act_scale) {
-  TORCH_CHECK(!w_scale.requires_grad() && !(act_scale.has_value() && act_scale->requires_grad()),
-              op, ": w_scale and act_scale get no gradient (the int8 weight is frozen; train "
-              "with qlib.prepare_qat); detach them");
-}
-
 void save(AutogradContext* ctx, const at::Tensor& w_int8, const at::Tensor& w_scale,
           const OptTensor& bias) {
   ctx->save_for_backward({w_int8, w_scale});
@@ -69,9 +62,16 @@ std::pair<at::Tensor, at::Tensor> grads_of(AutogradContext* ctx, const at::Tenso
   return {grad_x, grad_bias};
 }
 
-bool wants_grad(const at::Tensor& x, const OptTensor& bias) {
-  return at::GradMode::is_enabled() &&
-         (x.requires_grad() || (bias.has_value() && bias->requires_grad()));
+// The checks of both ops' Autograd kernels; whether to record a Function. Forward-mode AD
+// raises; under grad mode, a scale that asks for a gradient it will not get is an error.
+bool records_grad(const char* op, const at::Tensor& x, const at::Tensor& w_scale,
+                  const OptTensor& bias, const OptTensor& act_scale) {
+  check_no_forward_grad(op, {x, w_scale, bias.value_or(at::Tensor())});
+  if (!at::GradMode::is_enabled()) return false;
+  TORCH_CHECK(!w_scale.requires_grad() && !(act_scale.has_value() && act_scale->requires_grad()),
+              op, ": w_scale and act_scale get no gradient (the int8 weight is frozen; train "
+              "with qlib.prepare_qat); detach them");
+  return x.requires_grad() || (bias.has_value() && bias->requires_grad());
 }
 
 class Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> {
@@ -116,9 +116,7 @@ at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& w_int8,
                                 const at::Tensor& w_scale, const OptTensor& bias,
                                 const OptTensor& act_scale, const OptTensor& act_zero_point,
                                 int64_t qmin, int64_t qmax) {
-  check_no_forward_grad("qlib::int8_linear", {x, w_scale, bias.value_or(at::Tensor())});
-  if (at::GradMode::is_enabled()) check_no_qparam_grad("qlib::int8_linear", w_scale, act_scale);
-  if (!wants_grad(x, bias)) {
+  if (!records_grad("qlib::int8_linear", x, w_scale, bias, act_scale)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return int8_linear_op()
         .call(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
@@ -132,11 +130,7 @@ at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_
                                        const OptTensor& bias, const OptTensor& act_scale,
                                        const OptTensor& act_zero_point, int64_t qmin,
                                        int64_t qmax) {
-  check_no_forward_grad("qlib::int8_linear_packed", {x, w_scale, bias.value_or(at::Tensor())});
-  if (at::GradMode::is_enabled()) {
-    check_no_qparam_grad("qlib::int8_linear_packed", w_scale, act_scale);
-  }
-  if (!wants_grad(x, bias)) {
+  if (!records_grad("qlib::int8_linear_packed", x, w_scale, bias, act_scale)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return int8_linear_packed_op()
         .call(x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
