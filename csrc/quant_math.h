@@ -104,7 +104,7 @@ QLIB_HD bool qparams_valid(float scale, float zero_point, float qmin, float qmax
 // lies in [qmin, qmax], else 0. d_scale and d_zero_point follow LSQ / LSQ+ as
 // torch._fake_quantize_learnable_per_tensor_affine_backward:
 //   inside:  d_scale = (x_hat - x) / scale * grad,   d_zero_point = 0
-//   below:   d_scale = (qmin - zp) * grad,           d_zero_point = -scale * grad
+//   below:   d_scale = (qmin - zp) * grad,           d_zero_point = -scale * grad (NaN too)
 //   above:   d_scale = (qmax - zp) * grad,           d_zero_point = -scale * grad
 template <class T>
 struct ElementGrads {
@@ -116,9 +116,9 @@ QLIB_HD ElementGrads<T> fake_quant_grads(T grad, T x, T scale, T inv_scale, T ze
                                          T qmin, T qmax) {
   const T q = unclamped_code<M>(x, inv_scale, zero_point);
   const T inside = M::in_range(q, qmin, qmax);
-  const T below = M::lt(q, qmin);
+  const T above = M::lt(qmax, q);  // a NaN code counts as below, as torch's kernels
   const T x_hat = dequantize_code(M::clamp(q, qmin, qmax), scale, zero_point);
-  const T edge = M::select(below, qmin - zero_point, qmax - zero_point);
+  const T edge = M::select(above, qmax - zero_point, qmin - zero_point);
   ElementGrads<T> g;
   g.grad_x = grad * inside;
   g.grad_scale = M::select(inside, (x_hat - x) * inv_scale * grad, grad * edge);

@@ -277,6 +277,40 @@ def test_lsq_gradients_match_torch_learnable(device, per_channel):
     torch.testing.assert_close(z.grad, z2.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lsq_gradients_of_nan_match_torch(device, per_channel):
+    # A NaN code is neither inside nor above: torch's kernels count it as clipped low.
+    # (+Inf is left out: torch's backward counts it low too, against its own forward.)
+    x = torch.randn(5, 67, device=device) * 3
+    x[:, ::7] = float("nan")
+    x[:, 5::13] = -float("inf")
+    if per_channel:
+        s = torch.rand(5, device=device) * 0.05 + 0.02
+        z = torch.randint(-10, 10, (5,), device=device).float()
+    else:
+        s = torch.tensor([0.05], device=device)
+        z = torch.tensor([3.0], device=device)
+    g = torch.randn(5, 67, device=device)
+    grads = []
+    for use_torch in (False, True):
+        xi, si, zi = (t.clone().requires_grad_() for t in (x, s, z))
+        if not use_torch:
+            y = ops.lsq_fake_quant(xi, si.view(-1, 1) if per_channel else si, zi.view(-1, 1) if per_channel else zi, -8, 7, 0.5, 1e-6)
+        elif per_channel:
+            y = torch._fake_quantize_learnable_per_channel_affine(xi, si, zi, 0, -8, 7, 0.5)
+        else:
+            y = torch._fake_quantize_learnable_per_tensor_affine(xi, si, zi, -8, 7, 0.5)
+        y.backward(g)
+        grads.append((y, xi.grad, si.grad.flatten(), zi.grad.flatten()))
+    (y, gx, gs, gz), (y2, gx2, gs2, gz2) = grads
+    # The forward differs at NaN by design: qlib keeps NaN, torch gives quant_min's value.
+    assert torch.equal(y.isnan(), x.isnan()) and torch.equal(y[~x.isnan()], y2[~x.isnan()])
+    assert torch.equal(gx, gx2)
+    assert gs.isfinite().all() and gz.isfinite().all()
+    torch.testing.assert_close(gs, gs2, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gz, gz2, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "xshape,sshape,dtype",
     [
