@@ -82,6 +82,11 @@ TEST(QuantMath, GradsInsideBelowAbove) {
   EXPECT_EQ(below.grad_zero_point, -s * 3.0f);
   auto above = qlib::fake_quant_grads<ScalarMath>(3.0f, 100.0f, s, 1.0f / s, zp, -8.0f, 7.0f);
   EXPECT_EQ(above.grad_scale, (7.0f - zp) * 3.0f);
+  // A NaN code counts as below, as torch's learnable fake quant.
+  auto nan = qlib::fake_quant_grads<ScalarMath>(3.0f, NAN, s, 1.0f / s, zp, -8.0f, 7.0f);
+  EXPECT_EQ(nan.grad_x, 0.0f);
+  EXPECT_EQ(nan.grad_scale, (-8.0f - zp) * 3.0f);
+  EXPECT_EQ(nan.grad_zero_point, -s * 3.0f);
 }
 
 TEST(QuantMath, QParamsValid) {
