@@ -25,7 +25,11 @@ void set_fake_quant_cuda_packs(int64_t packs) {
 int64_t fake_quant_cuda_packs() { return g_fake_quant_cuda_packs; }
 
 void check_eps(const char* op, double eps) {
-  TORCH_CHECK(eps > 0 && std::isfinite(eps), op, ": eps must be positive and finite, got ", eps);
+  // As float32 (the kernels' type), normal: then 1 / eps is finite too.
+  const float e = static_cast<float>(eps);
+  TORCH_CHECK(std::isfinite(e) && e >= kMinScale, op,
+              ": eps must be positive and finite in float32, at least ", kMinScale,
+              " (the smallest normal float32), got ", eps);
 }
 
 void check_quant_range(const char* op, int64_t quant_min, int64_t quant_max) {
@@ -138,8 +142,9 @@ void check_qparam_values(const char* op, const at::Tensor& scale, const at::Tens
     const float* s = scale.const_data_ptr<float>();
     const float* z = zero_point.const_data_ptr<float>();
     for (int64_t i = 0; i < scale.numel(); ++i) {
-      TORCH_CHECK(std::isfinite(s[i]) && s[i] > 0, op,
-                  ": scale must be positive and finite, got ", s[i], " at flat index ", i);
+      TORCH_CHECK(std::isfinite(s[i]) && s[i] >= kMinScale, op,
+                  ": scale must be positive and finite, at least ", kMinScale,
+                  " (so that 1 / scale is finite), got ", s[i], " at flat index ", i);
     }
     for (int64_t i = 0; i < zero_point.numel(); ++i) {
       TORCH_CHECK(z[i] >= quant_min && z[i] <= quant_max, op,
@@ -148,10 +153,11 @@ void check_qparam_values(const char* op, const at::Tensor& scale, const at::Tens
     }
     return;
   }
-  const at::Tensor bad_scale = ~(at::isfinite(scale) & (scale > 0));
+  const at::Tensor bad_scale = ~(at::isfinite(scale) & (scale >= kMinScale));
   if (bad_scale.any().item<bool>()) {
     const at::Tensor first = scale.masked_select(bad_scale).slice(0, 0, 1).cpu();
-    TORCH_CHECK(false, op, ": scale must be positive and finite, got ", first.item<float>(),
+    TORCH_CHECK(false, op, ": scale must be positive and finite, at least ", kMinScale,
+                " (so that 1 / scale is finite), got ", first.item<float>(),
                 " (", bad_scale.sum().item<int64_t>(), " bad of ", scale.numel(), ")");
   }
   const at::Tensor bad_zp = (zero_point < quant_min) | (zero_point > quant_max) |
@@ -194,8 +200,6 @@ AffineArgs check_affine_args(const char* op, const char* x_name, const at::Tenso
     TORCH_CHECK(zero_point.sizes() == scale.sizes(), op, ": zero_point of shape ",
                 zero_point.sizes(), " differs from scale of shape ", scale.sizes());
   }
-  TORCH_CHECK(x.dim() <= BlockLayout::kMaxSegments / 2, op, ": ", x_name, " has ", x.dim(),
-              " dims; at most ", BlockLayout::kMaxSegments / 2, " are supported");
 
   AffineArgs a;
   a.x = x.is_non_overlapping_and_dense() ? x : x.contiguous(x.suggest_memory_format());
@@ -216,6 +220,10 @@ AffineArgs check_affine_args(const char* op, const char* x_name, const at::Tenso
     for (size_t d = 0; d < a.dims.size(); ++d) scale_sizes[d] = scale.size(a.dims[d]);
   }
   a.layout = BlockLayout::make(a.x.sizes(), at::IntArrayRef(scale_sizes), per_tensor);
+  TORCH_CHECK(a.layout.num_segments >= 0, op, ": scale of shape ", scale.sizes(), " blocks ",
+              x_name, " of shape ", x.sizes(), " in more than ", BlockLayout::kMaxSegments,
+              " alternating runs of blocked and unblocked dims; at most ",
+              BlockLayout::kMaxSegments, " are supported");
   a.qmin = static_cast<float>(quant_min);
   a.qmax = static_cast<float>(quant_max);
   return a;

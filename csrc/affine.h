@@ -68,7 +68,7 @@ AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& 
 
 // quant_min < quant_max, at most 16 bits wide.
 void check_quant_range(const char* op, int64_t quant_min, int64_t quant_max);
-// The floor of a scale (choose_qparams, observer_qparams, lsq_fake_quant): positive and finite.
+// The floor of a scale (choose_qparams, observer_qparams, lsq_fake_quant): finite, >= kMinScale.
 void check_eps(const char* op, double eps);
 // x is float32, float16 or bfloat16.
 void check_fake_quant_input(const char* op, const at::Tensor& x);

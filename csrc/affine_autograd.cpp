@@ -118,7 +118,10 @@ constexpr const char* kLsqOp = "qlib::lsq_fake_quant";
 // The qparams fake_quant sees: LSQ keeps the scale positive and the zero point in range.
 std::pair<at::Tensor, at::Tensor> lsq_clamped(const at::Tensor& scale, const at::Tensor& zero_point,
                                               int64_t quant_min, int64_t quant_max, double eps) {
-  return {scale.clamp_min(eps), zero_point.clamp(quant_min, quant_max)};
+  // An integer zero point is range-checked by fake_quant (a clamp in its own dtype could wrap).
+  return {scale.clamp_min(eps), zero_point.is_floating_point()
+                                    ? zero_point.clamp(quant_min, quant_max)
+                                    : zero_point};
 }
 
 void check_lsq_args(const at::Tensor& scale, int64_t quant_min, int64_t quant_max,

@@ -275,7 +275,11 @@ void dequantize_runs(const AffineArgs& a, const Q* qp, Y* yp) {
     const Q* __restrict q = qp + b;
     store_run(yp + b, e - b, [&](int64_t j, int64_t n) {
       const LaneQParams p = qp_at(j, n);
-      return dequantize_code(load_codes(q + j, n), p.scale, p.zero_point);
+      if constexpr (sizeof(Q) == 4) {
+        return codes_minus_zero_point(q + j, p.zero_point, n) * p.scale;
+      } else {
+        return dequantize_code(load_codes(q + j, n), p.scale, p.zero_point);
+      }
     });
   });
 }

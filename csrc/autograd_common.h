@@ -20,8 +20,9 @@ inline void check_no_forward_grad(const char* op, std::initializer_list<at::Tens
 }
 
 // The gradient of a bias of dtype `bias_dtype`: grad [..., N] summed over every leading dim
-// (no size() calls: a traced batch stays symbolic).
+// (no size() calls: a traced batch stays symbolic). A 1-D x gives grad [N] itself.
 inline at::Tensor linear_bias_grad(const at::Tensor& grad, at::ScalarType bias_dtype) {
+  if (grad.dim() == 1) return grad.to(bias_dtype);  // (sum over no dims would sum them all)
   std::vector<int64_t> rows(grad.dim() - 1);
   std::iota(rows.begin(), rows.end(), 0);
   return grad.sum(rows).to(bias_dtype);

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "quant_math.h"
 
@@ -34,20 +35,22 @@ struct BlockLayout {
   }
 
   // Builds the layout from sizes; assumes x_sizes[d] % scale_sizes[d] == 0
-  // (checked by the caller), or a one-element scale (per-tensor).
+  // (checked by the caller), or a one-element scale (per-tensor). More than
+  // kMaxSegments segments give num_segments = -1.
   template <class Sizes>
   static BlockLayout make(const Sizes& x_sizes, const Sizes& scale_sizes, bool per_tensor) {
     BlockLayout L;
     const int64_t rank = static_cast<int64_t>(x_sizes.size());
     // Strides of the contiguous scale.
-    int64_t stride[kMaxSegments] = {};
+    std::vector<int64_t> stride(rank);
     int64_t acc = 1;
     for (int64_t d = rank - 1; d >= 0; --d) {
       stride[d] = acc;
       acc *= per_tensor ? 1 : scale_sizes[d];
     }
-    auto push = [&L](int64_t n, int64_t st) {
-      if (n == 1) return;
+    bool too_many = false;
+    auto push = [&L, &too_many](int64_t n, int64_t st) {
+      if (n == 1 || too_many) return;
       const bool is_scale = st != 0;
       if (L.num_segments > 0) {
         const int last = L.num_segments - 1;
@@ -60,6 +63,10 @@ struct BlockLayout {
           return;
         }
       }
+      if (L.num_segments == kMaxSegments) {
+        too_many = true;
+        return;
+      }
       L.extent[L.num_segments] = n;
       L.scale_stride[L.num_segments] = st;
       ++L.num_segments;
@@ -68,6 +75,10 @@ struct BlockLayout {
       const int64_t s = per_tensor ? 1 : scale_sizes[d];
       push(s, stride[d]);
       push(x_sizes[d] / s, 0);
+    }
+    if (too_many) {
+      L.num_segments = -1;  // the caller raises
+      return L;
     }
     if (L.num_segments > 0) {
       L.inner_run = L.extent[L.num_segments - 1];

@@ -177,4 +177,12 @@ Vec load_codes(const Q* p, int64_t n = kVec) {
   return Vec::loadu(tmp);
 }
 
+// code_minus_zero_point of n <= kVec int32 codes, lane by lane.
+inline Vec codes_minus_zero_point(const int32_t* p, const Vec& zero_point, int64_t n = kVec) {
+  float zp[kVec], out[kVec] = {};
+  zero_point.store(zp);
+  for (int64_t k = 0; k < n; ++k) out[k] = code_minus_zero_point(p[k], zp[k]);
+  return Vec::loadu(out);
+}
+
 }  // namespace qlib

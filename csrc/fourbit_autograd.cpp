@@ -43,10 +43,11 @@ class Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction> 
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({packed, absmax, codebook});
     ctx->saved_data["block_size"] = block_size;
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : -1;
+    at::Tensor y = call_linear_4bit(x, packed, absmax, codebook, block_size, bias);  // checks x
     // (sym_size: size() on a traced x would specialise every dim, the batch too.)
     ctx->saved_data["in_features"] = x.sym_size(-1);
-    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : -1;
-    return call_linear_4bit(x, packed, absmax, codebook, block_size, bias);
+    return y;
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {

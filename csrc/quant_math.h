@@ -85,6 +85,17 @@ QLIB_HD T dequantize_code(T q, T scale, T zero_point) {
   return (q - zero_point) * scale;
 }
 
+// A stored code minus the zero point, as float: int32 codes subtract in int64 first (float32
+// cannot hold every int32 code; torch's dequantize subtracts first too).
+template <class Q>
+QLIB_HD float code_minus_zero_point(Q q, float zero_point) {
+  if constexpr (sizeof(Q) < 4) {
+    return static_cast<float>(q) - zero_point;
+  } else {
+    return static_cast<float>(static_cast<int64_t>(q) - static_cast<int64_t>(zero_point));
+  }
+}
+
 // Fake-quantize: dequantize(quantize(x)).
 template <class M, class T>
 QLIB_HD T fake_quant_value(T x, T scale, T inv_scale, T zero_point, T qmin, T qmax) {
@@ -92,11 +103,15 @@ QLIB_HD T fake_quant_value(T x, T scale, T inv_scale, T zero_point, T qmin, T qm
                          zero_point);
 }
 
-// Whether one block's qparams are usable: scale positive and finite, zero point
+// The smallest scale (and eps) the ops take: the smallest normal float32, so that 1 / scale
+// is finite.
+constexpr float kMinScale = 1.17549435e-38f;
+
+// Whether one block's qparams are usable: scale finite and >= kMinScale, zero point
 // in [qmin, qmax] (NaN fails both). The CUDA fake_quant kernels check this per
 // block instead of a host sync and give NaN for a block that fails.
 QLIB_HD bool qparams_valid(float scale, float zero_point, float qmin, float qmax) {
-  return scale > 0.0f && scale <= 3.4028234663852886e+38f && zero_point >= qmin &&
+  return scale >= kMinScale && scale <= 3.4028234663852886e+38f && zero_point >= qmin &&
          zero_point <= qmax;
 }
 

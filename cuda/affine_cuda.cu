@@ -442,7 +442,7 @@ __global__ void dequantize_kernel(const Q* __restrict__ q, Y* __restrict__ y, in
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const BlockQParams b = element_qparams<L>(p, tensor, i);
-    y[i] = static_cast<Y>(dequantize_code(static_cast<float>(q[i]), b.scale, b.zero_point));
+    y[i] = static_cast<Y>(code_minus_zero_point(q[i], b.zero_point) * b.scale);
   }
 }
 

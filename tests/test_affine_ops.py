@@ -73,6 +73,70 @@ def test_quantize_nan_inf(device):
     assert q.tolist() == [5, 127, -128, 8]
 
 
+def test_dequantize_int32_codes_past_2_24_match_torch(device):
+    # float32 cannot hold every int32 code: the zero point is subtracted exactly first, as torch.
+    q = torch.tensor([16777217, 16777219, -16777217, 2**31 - 1, -2**31, 5, 123456789], dtype=torch.int32)
+    for zp in (1, -3, 0, 2**24 - 1):
+        for scale in (1.0, 0.37):
+            got = ops.dequantize(q.to(device), torch.tensor([scale], device=device),
+                                 torch.tensor([zp], device=device), torch.float32).cpu()
+            exact = (q.long() - zp).float() * scale
+            assert torch.equal(got, exact), (zp, scale)
+            # torch's int32 subtraction wraps where q - zp leaves int32; elsewhere the same bits.
+            fits = (q.long() - zp).abs() < 2**31
+            ref = torch._make_per_tensor_quantized_tensor(q, scale, zp).dequantize()
+            assert torch.equal(got[fits], ref[fits]), (zp, scale)
+    # Per-channel, long enough for the CPU's vector body and tail.
+    qc = torch.randint(-2**31 + 16, 2**31 - 16, (3, 37), dtype=torch.int32)
+    sc, zc = torch.tensor([0.5, 1.0, 3.0]), torch.tensor([7, -11, 0])
+    got = ops.dequantize(qc.to(device), sc.view(3, 1).to(device), zc.view(3, 1).to(device), torch.float32)
+    assert torch.equal(got.cpu(), (qc.long() - zc[:, None]).float() * sc[:, None])
+
+
+@pytest.mark.parametrize("zdtype,qmin,qmax", [(torch.uint8, -128, 127), (torch.int8, 0, 255),
+                                               (torch.int16, 0, 65535), (torch.int8, -8, 7)])
+def test_lsq_fake_quant_integer_zero_points_of_any_dtype(device, zdtype, qmin, qmax):
+    # An integer zero point is not clamped in its own dtype (uint8 wrapped -128 to 128).
+    x = torch.randn(5, 33, device=device) * 3
+    s = torch.tensor([0.05], device=device)
+    z = torch.tensor([5], dtype=zdtype, device=device)
+    y = ops.lsq_fake_quant(x, s, z, qmin, qmax, None, 1e-6)
+    assert torch.equal(y, ops.fake_quant(x, s, z.int(), qmin, qmax))
+    bad = torch.tensor([100], dtype=zdtype, device=device)
+    with pytest.raises(RuntimeError, match=r"zero_point must lie in \[quant_min, quant_max\] = \[-8, 7\], got 100"):
+        qlib.set_cuda_value_checks(True)
+        try:
+            ops.lsq_fake_quant(x, s, bad, -8, 7, None, 1e-6)
+        finally:
+            qlib.set_cuda_value_checks(False)
+
+
+@pytest.mark.parametrize("rank", [9, 12])
+def test_many_dims_match_torch(device, rank):
+    # Dims of size 1 drop and neighbours merge: only the merged segments are limited.
+    shape = [2, 1, 3, 2, 1, 2, 3, 2, 2, 1, 2, 3][:rank]
+    x = torch.randn(shape, device=device) * 2
+    ref = torch.fake_quantize_per_tensor_affine(x, 0.05, 2, -128, 127)
+    assert torch.equal(qlib.fake_quant(x, 0.05, 2), ref)
+    for axis in (0, 2, rank - 1):
+        s = torch.rand(shape[axis], device=device) * 0.1 + 0.02
+        z = torch.randint(-5, 5, (shape[axis],), device=device, dtype=torch.int32)
+        view = [1] * rank
+        view[axis] = shape[axis]
+        got = ops.fake_quant(x.transpose(0, 1), s.view(view).transpose(0, 1), z.view(view).transpose(0, 1), -128, 127)
+        assert torch.equal(got.transpose(0, 1), torch.fake_quantize_per_channel_affine(x, s, z, axis, -128, 127))
+    # Blocks on every other dim: more alternating runs than a layout holds.
+    x = torch.randn([2] * 17, device=device)
+    s = torch.ones([2, 1] * 8 + [2], device=device)
+    with pytest.raises(RuntimeError, match=r"in more than 16 alternating runs of blocked and unblocked dims"):
+        ops.fake_quant(x, s, torch.zeros_like(s), -128, 127)
+
+
+def test_python_wrappers_name_an_out_of_range_zero_point():
+    with pytest.raises(RuntimeError, match=r"qlib::fake_quant: zero_point must lie in \[quant_min, quant_max\] = \[-128, 127\], got 2.14748e\+09"):
+        qlib.fake_quant(torch.randn(4), 0.1, 2**31)
+
+
 # ---------------------------------------------------------------- choose_qparams
 def ao_qparams(min_val, max_val, qmin, qmax, symmetric, dtype):
     ob = torch.ao.quantization.observer.MinMaxObserver(
@@ -233,10 +297,12 @@ def _bad_cases(device):
     yield lambda: fq(x.int(), s, z, -128, 127), "qlib::fake_quant: x must be float32, float16 or bfloat16, got Int"
     yield lambda: fq(x.double(), s, z, -128, 127), "x must be float32, float16 or bfloat16, got Double"
     yield lambda: fq(x, s.int(), z, -128, 127), "scale must be a floating tensor, got Int"
-    yield lambda: fq(x, s * 0, z, -128, 127), r"scale must be positive and finite, got 0"
-    yield lambda: fq(x, -s, z, -128, 127), r"scale must be positive and finite, got -0.1"
-    yield lambda: fq(x, s * float("nan"), z, -128, 127), "scale must be positive and finite, got nan"
-    yield lambda: fq(x, s * float("inf"), z, -128, 127), "scale must be positive and finite, got inf"
+    yield lambda: fq(x, s * 0, z, -128, 127), r"scale must be positive and finite, at least .*, got 0"
+    yield lambda: fq(x, -s, z, -128, 127), r"scale must be positive and finite, at least .*, got -0.1"
+    yield lambda: fq(x, s * float("nan"), z, -128, 127), "scale must be positive and finite, at least .*, got nan"
+    yield lambda: fq(x, s * float("inf"), z, -128, 127), "scale must be positive and finite, at least .*, got inf"
+    # Below the smallest normal float32 1 / scale is infinite (0 gave NaN, the rest saturated).
+    yield lambda: fq(x, s * 0 + 1e-39, z, -128, 127), "scale must be positive and finite, at least 1.17549e-38 .*, got 1e-39"
     yield lambda: fq(x, torch.ones(4, 4, device=device), torch.zeros(4, 4, device=device), -128, 127), r"scale of shape \[4, 4\] does not block x of shape \[4, 6\] \(dim 1: 6 is not a multiple of 4\)"
     yield lambda: fq(x, torch.ones(4, device=device), torch.zeros(4, device=device), -128, 127), r"scale of shape \[4\] does not block x of shape \[4, 6\]"
     yield lambda: fq(x, torch.ones(4, 1, device=device), torch.zeros(1, 4, device=device), -128, 127), r"zero_point of shape \[1, 4\] differs from scale of shape \[4, 1\]"
@@ -251,7 +317,7 @@ def _bad_cases(device):
     if torch.cuda.is_available():
         other = "cpu" if device != "cpu" else "cuda"
         yield lambda: fq(x, s.to(other), z, -128, 127), r"x \(.*\), scale \(.*\) and zero_point \(.*\) must be on the same device"
-    yield lambda: ops.quantize(x, -s, z, -128, 127, torch.int8), r"qlib::quantize: scale must be positive and finite, got -0.1"
+    yield lambda: ops.quantize(x, -s, z, -128, 127, torch.int8), r"qlib::quantize: scale must be positive and finite, at least .*, got -0.1"
     yield lambda: ops.dequantize(x.to(torch.int8), s, z + 200, torch.float32), r"qlib::dequantize: zero_point must lie in \[quant_min, quant_max\] = \[-128, 127\], got 200"
     yield lambda: ops.quantize(x, s, z, -128, 127, torch.float32), "qlib::quantize: dtype must be int8, uint8, int16 or int32, got Float"
     yield lambda: ops.quantize(x, s, z, -128, 255, torch.int8), r"the range \[-128, 255\] does not fit in Char"
@@ -260,6 +326,11 @@ def _bad_cases(device):
     yield lambda: ops.choose_qparams(torch.ones(1, device=device), torch.zeros(1, device=device), -128, 127, True, EPS), "need finite min <= max, got min = 1, max = 0"
     yield lambda: ops.choose_qparams(torch.zeros(1, device=device), torch.full((1,), float("inf"), device=device), -128, 127, True, EPS), "need finite min <= max"
     yield lambda: ops.choose_qparams(torch.zeros(1, device=device), torch.ones(1, device=device), -128, 127, True, 0.0), "eps must be positive"
+    # eps is float32 in the kernels: 1e-50 was 0 there (scale 0, zero point INT32_MIN).
+    for op in (ops.choose_qparams, ops.observer_qparams):
+        for eps in (1e-50, 1e-40, 1e39):
+            yield (lambda op=op, eps=eps: op(torch.zeros(1, device=device), torch.zeros(1, device=device), 0, 255, False, eps),
+                   "eps must be positive and finite in float32, at least 1.17549e-38")
     # Asymmetric, the span max - min overflows float32 (symmetric would be fine).
     wide = (torch.full((1,), -3e38, device=device), torch.full((1,), 3e38, device=device))
     yield lambda: ops.choose_qparams(*wide, -128, 127, False, EPS), r"the range \[-3e\+38, 3e\+38\] at flat index 0 is too wide for a float32 scale"

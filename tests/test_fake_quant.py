@@ -231,6 +231,52 @@ def test_dense_layouts_opcheck(device):
         torch.library.opcheck(ops.quantize, (x.detach(), scale.detach(), zp.int(), -8, 7, torch.int8))
 
 
+def _offset_by_one(t):
+    """The same values one element into a new storage: dense in t's order, off 16 bytes."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    perm = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    inv = [perm.index(i) for i in range(t.dim())]
+    out = buf[1:].view([t.shape[p] for p in perm]).permute(inv)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dense_layouts_unaligned_and_packs(device, dtype):
+    for base, sshape in _dense_layouts(device):
+        x = (base * 3).to(dtype)
+        scale = torch.rand(sshape, device=device) * 0.1 + 0.02
+        zp = torch.randint(-3, 4, sshape, device=device).float()
+        g = torch.linspace(-1, 1, x.numel(), device=device).view(x.shape).to(dtype)
+        ref = ops.fake_quant(x.contiguous(), scale, zp, -8, 7)
+        rgx, rgs, rgz = ops.fake_quant_backward(g.contiguous(), x.contiguous(), scale, zp, -8, 7, True, True)
+        xo = _offset_by_one(x)
+        assert xo.data_ptr() % 16 and torch.equal(xo, x)
+        for xi, gi in ((x, g), (xo, g), (x, _offset_by_one(g.contiguous()))):
+            for packs in ((1, 2, 4) if device == "cuda" else (1,)):
+                qlib._C.set_fake_quant_cuda_packs(packs)
+                try:
+                    y = ops.fake_quant(xi, scale, zp, -8, 7)
+                    gx, gs, gz = ops.fake_quant_backward(gi, xi, scale, zp, -8, 7, True, True)
+                finally:
+                    qlib._C.set_fake_quant_cuda_packs(1)
+                assert torch.equal(y, ref) and y.stride() == torch.empty_like(xi).stride()
+                assert torch.equal(gx, rgx)
+                torch.testing.assert_close(gs, rgs, rtol=1e-5, atol=1e-4)
+                torch.testing.assert_close(gz, rgz, rtol=1e-5, atol=1e-4)
+
+
+def test_cuda_bad_block_nan_with_dense_layout(device):
+    if device != "cuda":
+        pytest.skip("the CPU raises")
+    x = torch.randn(40, 24, device=device).t()  # [24, 40], dims [1, 0]
+    scale = torch.rand(24, 1, device=device) * 0.1 + 0.02
+    scale[5] = 0.0
+    zp = torch.zeros(24, 1, dtype=torch.int32, device=device)
+    y = ops.fake_quant(x, scale, zp, -8, 7)
+    assert y[5].isnan().all() and not y[torch.arange(24, device=device) != 5].isnan().any()
+
+
 def test_nan_and_inf(device):
     scale = torch.tensor([0.5], device=device)
     zp = torch.tensor([3], dtype=torch.int32, device=device)
@@ -497,7 +543,7 @@ def test_lsq_fake_quant_opcheck_and_errors(device):
     torch.library.opcheck(ops.lsq_fake_quant, (x, s, z, 0, 15, 0.05, 1e-6))
     torch.library.opcheck(ops.lsq_fake_quant, (x.detach().half(), s.detach()[:1], torch.zeros(1, device=device), -8, 7, 1.0, 1e-8))
     for args, message in [
-        ((0, 15, 0.05, 0.0), r"qlib::lsq_fake_quant: eps must be positive and finite, got 0"),
+        ((0, 15, 0.05, 0.0), r"qlib::lsq_fake_quant: eps must be positive and finite in float32, at least .*, got 0"),
         ((0, 15, float("nan"), 1e-6), r"qlib::lsq_fake_quant: grad_factor must be positive and finite, got nan"),
         ((0, 15, -1.0, 1e-6), r"qlib::lsq_fake_quant: grad_factor must be positive and finite, got -1"),
         ((15, 0, 0.05, 1e-6), r"qlib::lsq_fake_quant: quant_min \(15\) must be less than quant_max \(0\)"),
