@@ -180,6 +180,15 @@ def test_linear_autograd(device):
     assert gb16.dtype == torch.bfloat16
     with torch.no_grad():
         assert ops.linear_4bit(x, packed, absmax, cb, 16, bias).grad_fn is None
+    # A 1-D x: the bias gradient is grad itself (a sum over no dims summed them all).
+    x1 = torch.randn(K, device=device, requires_grad=True)
+    g1 = torch.randn(N, device=device)
+    gx1, gb1 = torch.autograd.grad(ops.linear_4bit(x1, packed, absmax, cb, 16, bias), (x1, bias), g1)
+    torch.testing.assert_close(gx1, g1 @ w_hat)
+    assert torch.equal(gb1, g1)
+    # A scalar x gets the op's own message with gradients on too.
+    with pytest.raises(RuntimeError, match="qlib::linear_4bit: x must have at least one dimension"):
+        ops.linear_4bit(torch.tensor(1.0, device=device, requires_grad=True), packed, absmax, cb, 16, bias)
 
 
 def test_empty_shapes(device):
@@ -295,7 +304,8 @@ def test_linear4bit_state_dict(device, tmp_path):
     path = tmp_path / "q.pt"
     torch.save(q.state_dict(), path)
     sd = torch.load(path, weights_only=True)
-    assert set(sd) == {"packed", "absmax", "codebook", "bias"}
+    assert set(sd) == {"packed", "absmax", "codebook", "bias", "_extra_state"}
+    assert sd["_extra_state"] == {"in_features": 33, "block_size": 8}
     fresh = Linear4bit(33, 20, block_size=8, device=device)
     fresh.load_state_dict(sd)
     x = torch.randn(5, 33, device=device)
@@ -309,6 +319,31 @@ def test_linear4bit_state_dict(device, tmp_path):
     for state, message in bad:
         with pytest.raises(RuntimeError, match=message):
             Linear4bit(33, 20, block_size=8, device=device).load_state_dict(state)
+    # Another in_features or block_size with buffers of the same shapes: K = 34 packs into 17 bytes
+    # too, and blocks of 7 make 5 blocks too.
+    for other in (Linear4bit(34, 20, block_size=8, device=device), Linear4bit(33, 20, block_size=7, device=device)):
+        with pytest.raises(RuntimeError, match=r"state_dict\['_extra_state'\] is \{'in_features': 33, 'block_size': 8\}, expected"):
+            other.load_state_dict(sd)
+    # A state_dict without it (saved before qlib wrote it) still loads, strictly.
+    fresh = Linear4bit(33, 20, block_size=8, device=device)
+    fresh.load_state_dict({k: v for k, v in sd.items() if k != "_extra_state"})
+    assert torch.equal(fresh(x), q(x))
+
+
+def test_linear4bit_checks_in_features_and_its_arguments(device):
+    q = Linear4bit.from_float(nn.Linear(64, 8).to(device))
+    # K = 63 fills the 32 bytes of K = 64 too: the op alone cannot tell them apart.
+    with pytest.raises(RuntimeError, match=r"x of shape \(2, 63\) has 63 features, expected 64"):
+        q(torch.randn(2, 63, device=device))
+    with pytest.raises(ValueError, match="block_size must be a positive integer, got 2.7"):
+        Linear4bit(64, 8, block_size=2.7)
+    assert Linear4bit(64, 8, block_size=32.0).block_size == 32
+    codes = torch.randint(-8, 8, (8, 16), device=device)
+    with pytest.raises(ValueError, match="codes must be a 2-D integer tensor, got torch.float32"):
+        Linear4bit.from_codes(codes.float() + 0.5, torch.ones(8, 2, device=device), 8)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scales must be finite and >= 0"):
+            Linear4bit.from_codes(codes, torch.full((8, 2), bad, device=device), 8)
 
 
 def test_quantize_weight_only_compiles_and_exports(device):

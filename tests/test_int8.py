@@ -316,6 +316,12 @@ def test_int8_linear_gradient_is_straight_through(device, dtype, static):
         with pytest.raises(RuntimeError, match=r"qlib::int8_linear(_packed)?: w_scale and act_scale get no gradient"):
             ops.int8_linear(x, w, s.clone().requires_grad_(), None)
     torch.library.opcheck(ops.int8_linear, (x0.float().requires_grad_(), w, s, torch.randn(24, device=device, requires_grad=True), *extra))
+    # A 1-D x: the bias gradient is grad itself (a sum over no dims summed them all).
+    x1 = x0.detach()[0, 0].float().clone().requires_grad_()
+    b1 = torch.randn(24, device=device, requires_grad=True)
+    ops.int8_linear(x1, w, s, b1, *extra).backward(g[0, 0].float())
+    assert torch.equal(b1.grad, g[0, 0].float())
+    torch.testing.assert_close(x1.grad.double(), ref[0, 0], rtol=1e-4, atol=1e-3)
     model = nn.Sequential(nn.Linear(40, 40), Int8Linear.from_float(nn.Linear(40, 24))).to(device)
     model(torch.randn(3, 40, device=device)).sum().backward()
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
@@ -516,6 +522,22 @@ def test_int8linear_repacks_after_weight_edit(device):
     q2 = Int8Linear(64, 24, device=device)
     q2.load_state_dict(q.state_dict())
     assert torch.equal(q2(x), expected)
+
+
+def test_int8linear_compiled_or_exported_after_load_state_dict_runs_the_loaded_weight():
+    # The packed weight is not in the state_dict; a traced forward never repacks, so loading must.
+    torch.manual_seed(0)
+    x = torch.randn(64, 64)  # enough rows for the packed kernel
+    src = qlib.quantize_dynamic(nn.Sequential(nn.Linear(64, 16)))
+    expected = src(x)
+    a = qlib.quantize_dynamic(nn.Sequential(nn.Linear(64, 16)))
+    a.load_state_dict(src.state_dict())
+    assert torch.equal(torch.export.export(a, (x,)).module()(x), expected)
+    c = qlib.quantize_dynamic(nn.Sequential(nn.Linear(64, 16)))
+    compiled = torch.compile(c, backend="eager")
+    compiled(x)
+    c.load_state_dict(src.state_dict())
+    assert torch.equal(compiled(x), expected)
 
 
 # ---------------------------------------------------------------- CUDA GEMM choice

@@ -316,6 +316,31 @@ def test_errors_name_the_module_and_the_argument():
         qlib.convert(model)
 
 
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_convert_sees_the_weight_after_the_last_optimizer_step(weight_only):
+    """A loop ends with opt.step(), after the weight observer's last look: convert lets the weight
+    FakeQuantize see the stepped weight first, as torch.ao's convert does (the old range clipped
+    weights that had grown)."""
+    torch.manual_seed(0)
+    cfg = QATConfig(weight_bits=4, weight_group_size=16, activation_bits=None) if weight_only else QATConfig()
+    m = qlib.prepare_qat(nn.Sequential(nn.Linear(32, 8)), cfg)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    x = torch.randn(16, 32)
+    for _ in range(3):
+        m(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():  # the weight the trained model computes with next
+        expected = copy.deepcopy(m[0].weight_fake_quant)(m[0].weight)
+        s, z = (t.reshape(8, -1) for t in m[0].weight_fake_quant.calculate_qparams())
+        fq = m[0].weight_fake_quant
+        stale = torch.ops.qlib.fake_quant(m[0].weight, s, z, fq.quant_min, fq.quant_max)
+    assert not torch.equal(stale, expected)  # the case this test is about
+    q = qlib.convert(copy.deepcopy(m))[0]
+    w_hat = q.dequantized_weight() if weight_only else q.weight.float() * q.weight_scale[:, None]
+    assert torch.equal(w_hat, expected)
+
+
 def test_convert_clamps_a_learned_zero_point_as_the_forward_does():
     """LSQ's gradient goes straight through the clamps, so training can carry a learnable zero
     point past quant_min; convert stores the one the forward used."""

@@ -144,7 +144,7 @@ class Int8Linear(QuantState):
             raise ValueError("Int8Linear.from_qat: weight-only QAT (activation_bits=None) has no activation "
                              "scale; Linear4bit.from_qat converts it (at most 4 weight bits)")
         N, K = qat.out_features, qat.in_features
-        w_scale, w_zp = (t.detach() for t in wfq.calculate_qparams())
+        w_scale, w_zp = qat.weight_qparams()
         if w_scale.numel() not in (1, N) or (w_scale.numel() == N and w_scale.dim() == 2 and w_scale.shape[1] != 1):
             raise ValueError(f"Int8Linear.from_qat: weight scales of shape {tuple(w_scale.shape)} are not "
                              "per-channel or per-tensor (per-group weights have no int8 kernel)")
@@ -227,4 +227,5 @@ class Int8Linear(QuantState):
                         f"scales must be finite and > 0 (a corrupt state_dict?)"
                     )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        self._packed_version = None  # repacked on the next forward
+        # Now, not on the next forward: a compiled or exported forward never repacks.
+        self.repack()

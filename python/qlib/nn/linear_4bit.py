@@ -23,17 +23,18 @@ class Linear4bit(QuantState):
     or 16 values) or :meth:`from_qat`.
 
     The state_dict holds ``packed`` (uint8 [N, ceil(K / 2)]), ``absmax`` (float32
-    [N, ceil(K / block_size)]), ``codebook`` (float32 [16]) and ``bias`` (a parameter, trainable,
-    if any): plain tensors that load with ``torch.load(weights_only=True)``. Gradients flow to
-    the input and the bias, not to the 4-bit weight.
+    [N, ceil(K / block_size)]), ``codebook`` (float32 [16]), ``bias`` (a parameter, trainable,
+    if any) and ``_extra_state`` ({"in_features": K, "block_size": ...}, checked at load): plain
+    tensors and ints that load with ``torch.load(weights_only=True)``. Gradients flow to the
+    input and the bias, not to the 4-bit weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  codebook: CodebookLike = "nf4", block_size: int = 64, device=None, dtype=None,
                  compute_dtype: Optional[torch.dtype] = None):
         super().__init__()
-        if int(block_size) < 1:
-            raise ValueError(f"Linear4bit: block_size must be >= 1, got {block_size}")
+        if isinstance(block_size, bool) or int(block_size) != block_size or int(block_size) < 1:
+            raise ValueError(f"Linear4bit: block_size must be a positive integer, got {block_size!r}")
         if compute_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"Linear4bit: compute_dtype must be None, float32, float16 or bfloat16, got {compute_dtype}")
         # None: the input's dtype. torch.bfloat16 runs a float32 x through the bfloat16 kernels
@@ -84,7 +85,7 @@ class Linear4bit(QuantState):
             raise ValueError(f"{where}: weight range [{wfq.quant_min}, {wfq.quant_max}] does not fit 4 bits "
                              "([-8, 7]); use at most 4 symmetric weight bits")
         N, K = qat.out_features, qat.in_features
-        scale, zero_point = (t.detach() for t in wfq.calculate_qparams())
+        scale, zero_point = qat.weight_qparams()
         if bool((zero_point != 0).any()):
             raise ValueError(f"{where}: weights must be symmetric (zero point 0)")
         # Per-tensor [1], per-channel [N, 1] or per-group [N, K / g]: blocks along K.
@@ -103,7 +104,12 @@ class Linear4bit(QuantState):
         scales [N, ceil(K / block_size)], one per block of ``block_size`` codes along K (the
         codebook "int-grid", the scales as ``absmax``), as from_qat and ``qlib.gptq_quantize``
         make them."""
+        if codes.dim() != 2 or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"Linear4bit.from_codes: codes must be a 2-D integer tensor, got {codes.dtype} "
+                             f"of shape {tuple(codes.shape)}")
         N, K = codes.shape
+        if scale.numel() and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+            raise ValueError("Linear4bit.from_codes: scales must be finite and >= 0")
         if tuple(scale.shape) != (N, -(-K // block_size)):
             raise ValueError(f"Linear4bit.from_codes: scales of shape {tuple(scale.shape)} do not match codes of "
                              f"shape {tuple(codes.shape)} in blocks of {block_size}")
@@ -120,6 +126,10 @@ class Linear4bit(QuantState):
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
+        # The op takes K from x and cannot tell K from K - 1 (both fill ceil(K / 2) bytes).
+        if x.dim() and x.shape[-1] != self.in_features:
+            raise RuntimeError(f"Linear4bit ({self.extra_repr()}): x of shape {tuple(x.shape)} has "
+                               f"{x.shape[-1]} features, expected {self.in_features}")
         b = self._buffers  # (nn.Module.__getattr__ costs about 0.7 us a name)
         cast = self.compute_dtype is not None and x.dtype != self.compute_dtype
         y = torch.ops.qlib.linear_4bit(x.to(self.compute_dtype) if cast else x, b["packed"], b["absmax"],
@@ -147,7 +157,18 @@ class Linear4bit(QuantState):
                 f"weight=4-bit {self.codebook_name()}, block_size={self.block_size} (absmax per block), "
                 f"activation=float" + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype else ""))
 
+    def get_extra_state(self):
+        # The packed layout depends on both, and other values can give buffers of the same shapes.
+        return {"in_features": self.in_features, "block_size": self.block_size}
+
+    def set_extra_state(self, state):
+        pass  # checked in _load_from_state_dict, which knows the key
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "_extra_state"
+        if key in state_dict and state_dict[key] != self.get_extra_state():
+            raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] is {state_dict[key]!r}, "
+                               f"expected {self.get_extra_state()} (weights packed for another layer shape)")
         for name, key, value in self._loaded_buffers(state_dict, prefix):
             if name == "absmax" and not bool((torch.isfinite(value) & (value >= 0)).all()):
                 raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] holds a negative, NaN "
@@ -156,3 +177,5 @@ class Linear4bit(QuantState):
                 raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] must hold 16 finite, "
                                    f"increasing values, got {value.tolist()}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "_extra_state" in missing_keys:  # a state_dict saved before qlib wrote it
+            missing_keys.remove(prefix + "_extra_state")

@@ -1,8 +1,9 @@
 """QATLinear: nn.Linear whose weight and input are fake-quantized while training."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -59,6 +60,15 @@ class QATLinear(nn.Linear):
         if linear.bias is not None:
             qat.bias = linear.bias
         return qat
+
+    @torch.no_grad()
+    def weight_qparams(self) -> Tuple[Tensor, Tensor]:
+        """The weight FakeQuantize's (scale, zero_point) for the weight as it is now: the
+        FakeQuantize sees it once more first (its observer, while enabled), as torch.ao's convert
+        does, since the last optimizer step moved the weight after the last forward."""
+        wfq = self.weight_fake_quant
+        wfq(self.weight)
+        return tuple(t.detach() for t in wfq.calculate_qparams())
 
     def forward(self, x: Tensor) -> Tensor:
         m, p = self._modules, self._parameters  # (nn.Module.__getattr__ costs about 0.7 us a name)
