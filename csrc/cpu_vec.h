@@ -177,8 +177,25 @@ Vec load_codes(const Q* p, int64_t n = kVec) {
   return Vec::loadu(tmp);
 }
 
-// code_minus_zero_point of n <= kVec int32 codes, lane by lane.
+// code_minus_zero_point of n <= kVec int32 codes (the subtraction in double: exact there, then
+// one rounding to float, as from int64).
 inline Vec codes_minus_zero_point(const int32_t* p, const Vec& zero_point, int64_t n = kVec) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (n == kVec) {
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256 zp = zero_point;
+    const __m256 f = _mm256_cvtepi32_ps(q);
+    const __m256i back = _mm256_cvttps_epi32(f);
+    if (_mm256_movemask_epi8(_mm256_cmpeq_epi32(back, q)) == -1) {
+      return _mm256_sub_ps(f, zp);  // every code exact in float: one rounding, as below
+    }
+    const __m256d lo = _mm256_sub_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(q)),
+                                     _mm256_cvtps_pd(_mm256_castps256_ps128(zp)));
+    const __m256d hi = _mm256_sub_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(q, 1)),
+                                     _mm256_cvtps_pd(_mm256_extractf128_ps(zp, 1)));
+    return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+  }
+#endif
   float zp[kVec], out[kVec] = {};
   zero_point.store(zp);
   for (int64_t k = 0; k < n; ++k) out[k] = code_minus_zero_point(p[k], zp[k]);

@@ -87,7 +87,9 @@ def test_dequantize_int32_codes_past_2_24_match_torch(device):
             ref = torch._make_per_tensor_quantized_tensor(q, scale, zp).dequantize()
             assert torch.equal(got[fits], ref[fits]), (zp, scale)
     # Per-channel, long enough for the CPU's vector body and tail.
-    qc = torch.randint(-2**31 + 16, 2**31 - 16, (3, 37), dtype=torch.int32)
+    # Vectors of small codes (exact in float32) and vectors holding a large one.
+    qc = torch.randint(-2**20, 2**20, (3, 37), dtype=torch.int32)
+    qc[:, 3::16] = torch.randint(-2**31 + 16, 2**31 - 16, (3, 3), dtype=torch.int32)
     sc, zc = torch.tensor([0.5, 1.0, 3.0]), torch.tensor([7, -11, 0])
     got = ops.dequantize(qc.to(device), sc.view(3, 1).to(device), zc.view(3, 1).to(device), torch.float32)
     assert torch.equal(got.cpu(), (qc.long() - zc[:, None]).float() * sc[:, None])

@@ -344,6 +344,8 @@ def test_linear4bit_checks_in_features_and_its_arguments(device):
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="scales must be finite and >= 0"):
             Linear4bit.from_codes(codes, torch.full((8, 2), bad, device=device), 8)
+    with pytest.raises(ValueError, match="qlib.fit_codebook_4bit: w is on the meta device"):
+        Linear4bit.from_float(nn.Linear(64, 8, device="meta"), "kmeans")
 
 
 def test_quantize_weight_only_compiles_and_exports(device):

@@ -195,6 +195,8 @@ def test_gptq_bad_arguments():
         qlib.gptq_quantize(copy.deepcopy(lin), [bad], progress=False)
     with pytest.raises(ValueError, match="not positive definite; raise damp"):
         qlib.gptq_quantize(copy.deepcopy(lin), [torch.ones(4, 16)], damp=0.0, progress=False)
+    with pytest.raises(ValueError, match="qlib.gptq_quantize: '0' has a meta weight"):
+        qlib.gptq_quantize(nn.Sequential(nn.Linear(16, 8, device="meta")), [torch.ones(4, 16)], progress=False)
     with pytest.raises(ValueError, match="do not match codes"):
         Linear4bit.from_codes(torch.zeros(8, 16, dtype=torch.int8), torch.ones(8, 3), 8)
     with pytest.raises(ValueError, match="codes must lie in \\[-8, 7\\]"):

@@ -78,6 +78,8 @@ def fit_codebook_4bit(w: Tensor, block_size: int = 64, bins: int = 4096, max_ite
         raise ValueError(f"{who}: block_size must be >= 1 and bins >= 16, got {block_size} and {bins}")
     if w.numel() == 0:
         return codebook_4bit("nf4", w.device)
+    if w.is_meta:
+        raise ValueError(f"{who}: w is on the meta device; a fitted codebook needs the weight's values")
     N, K = w.shape
     bs, kb = int(block_size), _ceil_div(K, int(block_size))
     mass = torch.zeros(bins, dtype=torch.float64, device=w.device)  # sum of absmax^2 per bin

@@ -130,6 +130,10 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
                 if type(m) is nn.Linear and chosen(m, fqn)}
     if not selected:
         raise ValueError("qlib.gptq_quantize: no nn.Linear selected")
+    on_meta = [fqn for fqn, m in selected.values() if m.weight.is_meta]
+    if on_meta:
+        raise ValueError(f"qlib.gptq_quantize: {on_meta[0]!r} has a meta weight; GPTQ needs the weight's "
+                         "values (load them first)")
     # Groups of Linears whose H fit max_hessian_bytes together (a larger one goes alone).
     groups, size = [[]], 0
     budget = 0 if sequential else max_hessian_bytes  # sequential: one Linear a group

@@ -92,7 +92,10 @@ TEST(QuantMath, GradsInsideBelowAbove) {
 TEST(QuantMath, QParamsValid) {
   EXPECT_TRUE(qlib::qparams_valid(0.1f, 0.0f, -128.0f, 127.0f));
   EXPECT_TRUE(qlib::qparams_valid(std::numeric_limits<float>::max(), 127.0f, -128.0f, 127.0f));
-  EXPECT_TRUE(qlib::qparams_valid(std::numeric_limits<float>::denorm_min(), -128.0f, -128.0f, 127.0f));
+  EXPECT_TRUE(qlib::qparams_valid(std::numeric_limits<float>::min(), -128.0f, -128.0f, 127.0f));
+  // Below the normal range 1 / scale is infinite.
+  EXPECT_FALSE(qlib::qparams_valid(std::numeric_limits<float>::denorm_min(), -128.0f, -128.0f, 127.0f));
+  EXPECT_EQ(qlib::kMinScale, std::numeric_limits<float>::min());
   for (float s : {0.0f, -0.0f, -0.1f, NAN, INFINITY, -INFINITY})
     EXPECT_FALSE(qlib::qparams_valid(s, 0.0f, -128.0f, 127.0f)) << s;
   for (float z : {-129.0f, 128.0f, NAN, INFINITY})
