@@ -344,6 +344,13 @@ def test_linear4bit_checks_in_features_and_its_arguments(device):
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="scales must be finite and >= 0"):
             Linear4bit.from_codes(codes, torch.full((8, 2), bad, device=device), 8)
+    # torch.fx traces the check as a call (a Proxy's shape cannot be compared).
+    model = qlib.quantize_weight_only(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).to(device))
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(3, 64, device=device)
+    assert torch.equal(traced(x), model(x))
+    with pytest.raises(RuntimeError, match="has 63 features, expected 64"):
+        traced(torch.randn(3, 63, device=device))
     with pytest.raises(ValueError, match="qlib.fit_codebook_4bit: w is on the meta device"):
         Linear4bit.from_float(nn.Linear(64, 8, device="meta"), "kmeans")
 

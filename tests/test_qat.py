@@ -341,6 +341,26 @@ def test_convert_sees_the_weight_after_the_last_optimizer_step(weight_only):
     assert torch.equal(w_hat, expected)
 
 
+def test_exporting_a_fresh_learnable_model_says_to_run_one_step_first():
+    m = qlib.prepare_qat(nn.Sequential(nn.Linear(32, 16)), QATConfig(weight_learnable=True, activation_learnable=True))
+    x = torch.randn(4, 32)
+    with pytest.raises(RuntimeError, match="run one eager forward .* before torch.export"):
+        torch.export.export(m, (x,))
+    m(x)  # initialises the scales
+    assert torch.equal(torch.export.export(m, (x,)).module()(x), m(x))
+
+
+def test_converted_static_int8_is_packed_and_traces():
+    x = torch.randn(4, 64)
+    m = qlib.prepare(nn.Sequential(nn.Linear(64, 8)), QATConfig())
+    qlib.calibrate(m, [x], progress=False)
+    m = qlib.convert(m)
+    assert m[0].weight_packed.numel() > 0  # before any forward: exported / traced graphs use it
+    with torch.no_grad():
+        traced = torch.jit.trace(m, (x,))
+        assert torch.equal(traced(x), m(x))
+
+
 def test_convert_clamps_a_learned_zero_point_as_the_forward_does():
     """LSQ's gradient goes straight through the clamps, so training can carry a learnable zero
     point past quant_min; convert stores the one the forward used."""

@@ -56,6 +56,9 @@ def test_report_of_a_bfloat16_model():
     (["qlib.digits:no_such", "--input", "3x64"], "cannot import 'qlib.digits:no_such'"),
     (["qlib:build_info", "--input", "3x64"], "gave a dict, not an nn.Module"),
     (["torch.nn:GELU", "--input", "3x64"], "has no nn.Linear"),
+    (["qlib.digits:make_mlp", "--input", "8x768"], r"does not take a float tensor of shape 8x768 \(--input\): mat1 and mat2"),
+    (["qlib.digits:batches", "--input", "8x64"], "must be callable with no arguments"),
+    (["qlib.digits:make_mlp", "--input", "8x64", "--repeat", "0"], "--repeat: must be at least 1, got 0"),
 ])
 def test_cli_report_bad_arguments(args, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -4,6 +4,13 @@ import argparse
 import sys
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m qlib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -13,7 +20,7 @@ def main(argv=None):
     rep.add_argument("model", help="a torch.save(model) file (trusted: it is unpickled) or package.module:factory")
     rep.add_argument("--input", required=True, help="shape of the random float input, e.g. 8x768")
     rep.add_argument("--schemes", default="int8,nf4,int4,kmeans", help="comma-separated: int8, nf4, int4, kmeans")
-    rep.add_argument("--repeat", type=int, default=60, help="timed calls per model")
+    rep.add_argument("--repeat", type=positive_int, default=60, help="timed calls per model")
     args = parser.parse_args(argv)
     if args.command == "report":
         from . import report

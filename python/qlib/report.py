@@ -62,7 +62,10 @@ def load_model(spec: str) -> nn.Module:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"qlib report: cannot import {spec!r}: {e}") from e
-        model = factory()
+        try:
+            model = factory()
+        except TypeError as e:
+            raise ValueError(f"qlib report: {spec!r} must be callable with no arguments: {e}") from e
     else:
         raise ValueError(f"qlib report: {spec!r} is neither a file nor package.module:factory")
     if not isinstance(model, nn.Module):
@@ -93,7 +96,11 @@ def report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str] = tupl
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
     models = {"float": model, **{s: SCHEMES[s](copy.deepcopy(model)).eval() for s in schemes}}
     with torch.no_grad():
-        ref = model(x).double().flatten()
+        try:
+            ref = model(x).double().flatten()
+        except RuntimeError as e:
+            raise ValueError(f"qlib report: the model does not take a float tensor of shape "
+                             f"{'x'.join(map(str, shape))} (--input): {e}") from e
         rows = {}
         for name, m in models.items():
             y = m(x).double().flatten()

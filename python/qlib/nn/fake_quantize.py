@@ -82,6 +82,11 @@ class FakeQuantize(QuantState):
         if self.observer_enabled:
             observer(x.detach())
             if self.learnable and not self._init_done:
+                if torch.compiler.is_exporting():  # (an exported graph would re-initialise every call)
+                    raise RuntimeError(
+                        "qlib.nn.FakeQuantize: a learnable FakeQuantize takes its first scale from the "
+                        "first batch it observes, eagerly: run one eager forward (or load a trained "
+                        "state_dict) before torch.export or torch.compile(fullgraph=True)")
                 scale, zp = observer.calculate_qparams()
                 if scale.numel() != self.scale.numel():
                     raise RuntimeError(

@@ -172,6 +172,7 @@ class Int8Linear(QuantState):
         mod.act_zero_point.copy_(a_zp.round().int().reshape(()) - shift)
         mod.act_quant_range.copy_(torch.tensor([afq.quant_min - shift, afq.quant_max - shift]))
         Int8Linear._sync_act_range(mod)
+        mod.repack()
         return mod
 
     @staticmethod

@@ -17,6 +17,16 @@ from .._fourbit_ops import CodebookLike, codebook_4bit
 from .._state import QuantState
 
 
+def _check_in_features(module: "Linear4bit", x: Tensor) -> None:
+    """linear_4bit takes K from x and cannot tell K from K - 1 (both fill ceil(K / 2) bytes)."""
+    if x.dim() and x.shape[-1] != module.in_features:
+        raise RuntimeError(f"Linear4bit ({module.extra_repr()}): x of shape {tuple(x.shape)} has "
+                           f"{x.shape[-1]} features, expected {module.in_features}")
+
+
+torch.fx.wrap("_check_in_features")  # a call in fx graphs (a Proxy's shape cannot be compared)
+
+
 class Linear4bit(QuantState):
     """``y = x @ W_hat.T + bias``, W_hat decoded from 4-bit codes; drop-in for an ``nn.Linear``
     whose weight is frozen. Build one with :meth:`from_float` (codebook "nf4", "int4", "kmeans"
@@ -126,10 +136,7 @@ class Linear4bit(QuantState):
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
-        # The op takes K from x and cannot tell K from K - 1 (both fill ceil(K / 2) bytes).
-        if x.dim() and x.shape[-1] != self.in_features:
-            raise RuntimeError(f"Linear4bit ({self.extra_repr()}): x of shape {tuple(x.shape)} has "
-                               f"{x.shape[-1]} features, expected {self.in_features}")
+        _check_in_features(self, x)
         b = self._buffers  # (nn.Module.__getattr__ costs about 0.7 us a name)
         cast = self.compute_dtype is not None and x.dtype != self.compute_dtype
         y = torch.ops.qlib.linear_4bit(x.to(self.compute_dtype) if cast else x, b["packed"], b["absmax"],
