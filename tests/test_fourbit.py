@@ -305,7 +305,7 @@ def test_linear4bit_state_dict(device, tmp_path):
     torch.save(q.state_dict(), path)
     sd = torch.load(path, weights_only=True)
     assert set(sd) == {"packed", "absmax", "codebook", "bias", "_extra_state"}
-    assert sd["_extra_state"] == {"in_features": 33, "block_size": 8}
+    assert sd["_extra_state"].tolist() == [33, 8]
     fresh = Linear4bit(33, 20, block_size=8, device=device)
     fresh.load_state_dict(sd)
     x = torch.randn(5, 33, device=device)
@@ -322,7 +322,7 @@ def test_linear4bit_state_dict(device, tmp_path):
     # Another in_features or block_size with buffers of the same shapes: K = 34 packs into 17 bytes
     # too, and blocks of 7 make 5 blocks too.
     for other in (Linear4bit(34, 20, block_size=8, device=device), Linear4bit(33, 20, block_size=7, device=device)):
-        with pytest.raises(RuntimeError, match=r"state_dict\['_extra_state'\] is \{'in_features': 33, 'block_size': 8\}, expected"):
+        with pytest.raises(RuntimeError, match=r"state_dict\['_extra_state'\] \(in_features, block_size\) is \[33, 8\], expected"):
             other.load_state_dict(sd)
     # A state_dict without it (saved before qlib wrote it) still loads, strictly.
     fresh = Linear4bit(33, 20, block_size=8, device=device)
@@ -347,6 +347,7 @@ def test_linear4bit_checks_in_features_and_its_arguments(device):
     # torch.fx traces the check as a call (a Proxy's shape cannot be compared).
     model = qlib.quantize_weight_only(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).to(device))
     traced = torch.fx.symbolic_trace(model)
+    assert torch.equal(torch.fx.symbolic_trace(model[0])(torch.ones(2, 64, device=device)), model[0](torch.ones(2, 64, device=device)))
     x = torch.randn(3, 64, device=device)
     assert torch.equal(traced(x), model(x))
     with pytest.raises(RuntimeError, match="has 63 features, expected 64"):
@@ -500,3 +501,13 @@ def test_lora_adapters_train_on_a_frozen_4bit_layer(device):
     assert losses[-1] < 0.1 * losses[0]
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert all(not t.requires_grad for t in base.buffers())
+
+
+def test_linear4bit_state_dict_saves_with_safetensors(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    q = qlib.quantize_weight_only(nn.Sequential(nn.Linear(64, 16)), "nf4")
+    st.save_file(q.state_dict(), tmp_path / "q.safetensors")
+    fresh = qlib.quantize_weight_only(nn.Sequential(nn.Linear(64, 16)), "nf4")
+    fresh.load_state_dict(st.load_file(tmp_path / "q.safetensors"))
+    x = torch.randn(2, 64)
+    assert torch.equal(fresh(x), q(x))

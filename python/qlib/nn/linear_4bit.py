@@ -17,11 +17,11 @@ from .._fourbit_ops import CodebookLike, codebook_4bit
 from .._state import QuantState
 
 
-def _check_in_features(module: "Linear4bit", x: Tensor) -> None:
+def _check_in_features(x: Tensor, in_features: int, out_features: int) -> None:
     """linear_4bit takes K from x and cannot tell K from K - 1 (both fill ceil(K / 2) bytes)."""
-    if x.dim() and x.shape[-1] != module.in_features:
-        raise RuntimeError(f"Linear4bit ({module.extra_repr()}): x of shape {tuple(x.shape)} has "
-                           f"{x.shape[-1]} features, expected {module.in_features}")
+    if x.dim() and x.shape[-1] != in_features:
+        raise RuntimeError(f"Linear4bit (in_features={in_features}, out_features={out_features}): x of shape "
+                           f"{tuple(x.shape)} has {x.shape[-1]} features, expected {in_features}")
 
 
 torch.fx.wrap("_check_in_features")  # a call in fx graphs (a Proxy's shape cannot be compared)
@@ -34,8 +34,8 @@ class Linear4bit(QuantState):
 
     The state_dict holds ``packed`` (uint8 [N, ceil(K / 2)]), ``absmax`` (float32
     [N, ceil(K / block_size)]), ``codebook`` (float32 [16]), ``bias`` (a parameter, trainable,
-    if any) and ``_extra_state`` ({"in_features": K, "block_size": ...}, checked at load): plain
-    tensors and ints that load with ``torch.load(weights_only=True)``. Gradients flow to the
+    if any) and ``_extra_state`` (int64 [in_features, block_size], checked at load): plain
+    tensors that load with ``torch.load(weights_only=True)`` and safetensors. Gradients flow to the
     input and the bias, not to the 4-bit weight.
     """
 
@@ -136,7 +136,7 @@ class Linear4bit(QuantState):
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_in_features(self, x)
+        _check_in_features(x, self.in_features, self.out_features)
         b = self._buffers  # (nn.Module.__getattr__ costs about 0.7 us a name)
         cast = self.compute_dtype is not None and x.dtype != self.compute_dtype
         y = torch.ops.qlib.linear_4bit(x.to(self.compute_dtype) if cast else x, b["packed"], b["absmax"],
@@ -166,16 +166,20 @@ class Linear4bit(QuantState):
 
     def get_extra_state(self):
         # The packed layout depends on both, and other values can give buffers of the same shapes.
-        return {"in_features": self.in_features, "block_size": self.block_size}
+        # A tensor: safetensors and save_pretrained take tensors only.
+        return torch.tensor([self.in_features, self.block_size], dtype=torch.int64)
 
     def set_extra_state(self, state):
         pass  # checked in _load_from_state_dict, which knows the key
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + "_extra_state"
-        if key in state_dict and state_dict[key] != self.get_extra_state():
-            raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] is {state_dict[key]!r}, "
-                               f"expected {self.get_extra_state()} (weights packed for another layer shape)")
+        if key in state_dict:
+            got = state_dict[key]
+            if not (isinstance(got, Tensor) and got.tolist() == [self.in_features, self.block_size]):
+                raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] (in_features, block_size) "
+                                   f"is {got.tolist() if isinstance(got, Tensor) else got!r}, expected "
+                                   f"{[self.in_features, self.block_size]} (weights packed for another layer shape)")
         for name, key, value in self._loaded_buffers(state_dict, prefix):
             if name == "absmax" and not bool((torch.isfinite(value) & (value >= 0)).all()):
                 raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] holds a negative, NaN "
