@@ -1363,8 +1363,9 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   float fixed = 0.0f;  // static act_scale, or 0: per-token
   if (act_scale.has_value()) {
     fixed = act_scale->item<float>();
-    TORCH_CHECK(std::isfinite(fixed) && fixed > 0.0f, op,
-                ": act_scale must be finite and > 0, got ", fixed);
+    TORCH_CHECK(std::isfinite(fixed) && fixed >= kMinScale, op,
+                ": act_scale must be positive and finite, at least ", kMinScale,
+                " (so that 1 / scale is finite), got ", fixed);
   }
   Int8ActCodes codes{0.0f, static_cast<float>(act_quant_min), static_cast<float>(act_quant_max)};
   int64_t z = 0;

@@ -73,7 +73,7 @@ __device__ float quantize_row(const T* __restrict__ xr, int8_t* __restrict__ q, 
     s = *fixed_scale;
     // A bad static scale or zero point (read back and raised on only under
     // set_cuda_value_checks): NaN rows, as fake_quant's bad qparams give.
-    if (!(s > 0.0f && s <= FLT_MAX && codes.qmin <= codes.zero_point && codes.zero_point <= codes.qmax))
+    if (!(s >= kMinScale && s <= FLT_MAX && codes.qmin <= codes.zero_point && codes.zero_point <= codes.qmax))
       s = NAN, codes.zero_point = 0.0f;  // (NaN codes take the zero point: keep it an int8)
   } else {
     float amax = 0.0f;
@@ -548,7 +548,8 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
     fixed = static_scale.const_data_ptr<float>();
     if (check_values) {
       const float a = static_scale.item<float>();
-      TORCH_CHECK(std::isfinite(a) && a > 0.0f, op, ": act_scale must be finite and > 0, got ", a);
+      TORCH_CHECK(std::isfinite(a) && a >= kMinScale, op, ": act_scale must be positive and finite, at least ",
+                  kMinScale, " (so that 1 / scale is finite), got ", a);
     }
   }
   at::Tensor zp;

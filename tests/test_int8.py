@@ -236,13 +236,14 @@ def test_int8_linear_zero_point_errors(device):
 
 @pytest.mark.parametrize("M", [2, 17])  # CUDA: the small-M kernel, and the batched path
 def test_int8_linear_bad_static_qparams(device, M):
-    """A static act_scale that is not finite and > 0, or a zero point outside the range (int64
+    """A static act_scale that is not finite and >= the smallest normal float32, or a zero point outside the range (int64
     past int32 too): the CPU raises; CUDA gives NaN rows (no host read), or raises as the CPU
     under set_cuda_value_checks."""
     x, w, s = torch.randn(M, 32, device=device), rand_i8(4, 32, device=device), torch.ones(4, device=device)
     good_scale, good_zp = torch.tensor(0.1, device=device), torch.tensor(3, dtype=torch.int32, device=device)
-    cases = [(torch.tensor(v, device=device), good_zp, "act_scale must be finite and > 0")
-             for v in (0.0, -1.0, float("nan"), float("inf"))]
+    # 1e-39 is subnormal in float32: 1 / scale would be infinite.
+    cases = [(torch.tensor(v, device=device), good_zp, r"act_scale must be positive and finite, at least 1.17549e-38")
+             for v in (0.0, -1.0, float("nan"), float("inf"), 1e-39)]
     cases += [(good_scale, torch.tensor(v, dtype=torch.int64, device=device), f"act_zero_point {v} is outside")
               for v in (9, 2**32 + 3)]
     for a, z, message in cases:
@@ -413,12 +414,17 @@ def test_int8linear_corrupt_state_dict(device):
         Int8Linear(16, 8, device=device).load_state_dict({k: v for k, v in sd.items() if k != "bias"})
     for v in (math.nan, 0.0, -0.5, math.inf):
         bad_scale = dict(sd, weight_scale=sd["weight_scale"].clone().index_fill_(0, torch.tensor([3], device=device), v))
-        with pytest.raises(RuntimeError, match=rf"state_dict\['weight_scale'\] holds {v}; scales must be finite and > 0"):
+        with pytest.raises(RuntimeError, match=rf"state_dict\['weight_scale'\] holds {v}; weight_scale must be finite and > 0"):
             Int8Linear(16, 8, device=device).load_state_dict(bad_scale)
     static = Int8Linear.from_float(nn.Linear(16, 8).to(device), activation="static", act_scale=0.1)
     bad_act = dict(static.state_dict(), act_scale=torch.tensor(-1.0, device=device))
     with pytest.raises(RuntimeError, match=r"state_dict\['act_scale'\] holds -1.0"):
         static.load_state_dict(bad_act)
+    subnormal = dict(static.state_dict(), act_scale=torch.tensor(1e-39, device=device))
+    with pytest.raises(RuntimeError, match=r"state_dict\['act_scale'\] holds 1\.0+\d*e-39; act_scale must be finite and at least 1.17"):
+        static.load_state_dict(subnormal)
+    with pytest.raises(ValueError, match=r"from_float: act_scale must be positive and finite, at least 1.17.*got 1\.0+\d*e-39"):
+        Int8Linear.from_float(nn.Linear(16, 8), activation="static", act_scale=1e-39)
     bad_zp = dict(static.state_dict(), act_zero_point=torch.tensor(200, dtype=torch.int32, device=device))
     with pytest.raises(RuntimeError, match=r"act_zero_point 200 lies outside act_quant_range \[-127, 127\]"):
         static.load_state_dict(bad_zp)

@@ -19,6 +19,8 @@ from .._ops import choose_qparams, quantize
 from .._state import QuantState
 
 _ACTIVATIONS = ("dynamic", "static")
+# The op's floor for act_scale (kMinScale, the smallest normal float32): 1 / scale stays finite.
+_MIN_ACT_SCALE = torch.finfo(torch.float32).tiny
 
 
 def quantize_weight_per_channel(weight: Tensor):
@@ -116,8 +118,11 @@ class Int8Linear(QuantState):
             if act_scale is None:
                 raise ValueError("Int8Linear.from_float: activation='static' needs act_scale (calibrate it first)")
             act_scale = torch.as_tensor(act_scale, dtype=torch.float32).detach().reshape(())
-            if not (torch.isfinite(act_scale) and act_scale > 0):
-                raise ValueError(f"Int8Linear.from_float: act_scale must be finite and > 0, got {act_scale.item()}")
+            if not (torch.isfinite(act_scale) and act_scale >= _MIN_ACT_SCALE):
+                raise ValueError(
+                    f"Int8Linear.from_float: act_scale must be positive and finite, at least {_MIN_ACT_SCALE} "
+                    f"(so that 1 / scale is finite), got {act_scale.item()}"
+                )
         elif act_scale is not None:
             raise ValueError("Int8Linear.from_float: act_scale is only used with activation='static'")
         device = linear.weight.device
@@ -220,12 +225,16 @@ class Int8Linear(QuantState):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         for name, key, value in self._loaded_buffers(state_dict, prefix):
             if name in ("weight_scale", "act_scale"):
-                bad = ~(torch.isfinite(value) & (value > 0))
-                if bool(bad.any()):  # a NaN / zero / negative scale would give NaN or wrong outputs
+                # A NaN / zero / negative scale would give NaN or wrong outputs; x is divided
+                # by act_scale, so it must also keep 1 / scale finite.
+                low = _MIN_ACT_SCALE if name == "act_scale" else 0.0
+                bad = ~(torch.isfinite(value) & (value > 0) & (value >= low))
+                if bool(bad.any()):
                     v = value.detach().reshape(-1)[bad.reshape(-1)][0].item()
+                    need = f"at least {low}" if low else "> 0"
                     raise RuntimeError(
                         f"Int8Linear ({self.extra_repr()}): state_dict[{key!r}] holds {v}; "
-                        f"scales must be finite and > 0 (a corrupt state_dict?)"
+                        f"{name} must be finite and {need} (a corrupt state_dict?)"
                     )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         # Now, not on the next forward: a compiled or exported forward never repacks.
