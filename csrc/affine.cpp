@@ -305,16 +305,17 @@ AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& 
 }
 
 at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scale) {
-  if (scale.numel() == 1) return per_element.sum().reshape(scale.sizes());
+  // (Sym sizes: dequantize's backward runs on traced tensors too.)
+  if (scale.sym_numel() == 1) return per_element.sum().reshape_symint(scale.sym_sizes());
   // View x as [s0, b0, s1, b1, ...] and sum the b dims.
-  std::vector<int64_t> split;
+  std::vector<c10::SymInt> split;
   std::vector<int64_t> block_dims;
   for (int64_t d = 0; d < per_element.dim(); ++d) {
-    split.push_back(scale.size(d));
-    split.push_back(per_element.size(d) / scale.size(d));
+    split.push_back(scale.sym_size(d));
+    split.push_back(per_element.sym_size(d) / scale.sym_size(d));
     block_dims.push_back(2 * d + 1);
   }
-  return per_element.reshape(split).sum(block_dims);
+  return per_element.reshape_symint(split).sum(block_dims);
 }
 
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,

@@ -215,11 +215,63 @@ at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                               quant_min, quant_max, grad_factor, eps);
 }
 
+// ---------------------------------------------------------------- dequantize
+at::Tensor call_dequantize(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero_point,
+                           at::ScalarType dtype) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlib::dequantize", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, at::ScalarType)>();
+  return op.call(q, scale, zero_point, dtype);
+}
+
+// y = (q - zero_point) * scale, so dy/dscale = q - zero_point and dy/dzero_point = -scale
+// (straight through a floating zero point's rounding, as LSQ+), each summed over its block.
+// Both per-element factors come from dequantize itself: with unit scales, and of unit codes
+// with zero zero points.
+class DequantizeFunction : public torch::autograd::Function<DequantizeFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& scale,
+                            const at::Tensor& zero_point, at::ScalarType dtype) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({q, scale, zero_point});
+    return call_dequantize(q, scale, zero_point, dtype);
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &scale = saved[1], &zero_point = saved[2];
+    const at::Tensor grad = grads[0].to(at::kFloat);
+    at::Tensor grad_scale, grad_zp;
+    if (ctx->needs_input_grad(1)) {
+      const at::Tensor centred = call_dequantize(q, at::ones_like(scale), zero_point, at::kFloat);
+      grad_scale = sum_over_blocks(grad * centred, scale).to(scale.scalar_type());
+    }
+    if (ctx->needs_input_grad(2)) {
+      const at::Tensor scales = call_dequantize(at::ones_like(q), scale, at::zeros_like(zero_point),
+                                                at::kFloat);
+      grad_zp = sum_over_blocks(grad * scales, scale).neg_().to(zero_point.scalar_type());
+    }
+    return {at::Tensor(), grad_scale, grad_zp, at::Tensor()};
+  }
+};
+
+at::Tensor dequantize_autograd(const at::Tensor& q, const at::Tensor& scale,
+                               const at::Tensor& zero_point, at::ScalarType dtype) {
+  check_no_forward_grad("qlib::dequantize", {scale, zero_point});
+  if (!at::GradMode::is_enabled() || !(scale.requires_grad() || zero_point.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_dequantize(q, scale, zero_point, dtype);
+  }
+  return DequantizeFunction::apply(q, scale, zero_point, dtype);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qlib, Autograd, m) {
   m.impl("fake_quant", &fake_quant_autograd);
   m.impl("lsq_fake_quant", &lsq_fake_quant_autograd);
+  m.impl("dequantize", &dequantize_autograd);
 }
 
 TORCH_LIBRARY_IMPL(qlib, CompositeExplicitAutograd, m) {

@@ -23,10 +23,10 @@ namespace {
 
 // Calls f(begin, end, scale_offset) for maximal runs of x (contiguous) that
 // share one scale (layout.inner_steps_scale false) or step through
-// consecutive scales from scale_offset (true), in parallel.
+// consecutive scales from scale_offset (true), in parallel (chunks of at least grain).
 template <class F>
-void for_each_run(const BlockLayout& layout, int64_t numel, const F& f) {
-  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+void for_each_run(const BlockLayout& layout, int64_t numel, const F& f, int64_t grain = kGrain) {
+  at::parallel_for(0, numel, grain, [&](int64_t begin, int64_t end) {
     int64_t pos = begin;
     while (pos < end) {
       const int64_t run_end = std::min(end, (pos / layout.inner_run + 1) * layout.inner_run);
@@ -45,7 +45,7 @@ struct LaneQParams {
 // qparams of the n <= kVec elements `lane` elements into the run. A run that
 // shares one scale gets a constant qp_at: no per-vector division or loads.
 template <class F>
-void for_each_run_qparams(const AffineArgs& a, const F& f) {
+void for_each_run_qparams(const AffineArgs& a, const F& f, int64_t grain = kGrain) {
   const float* sp = a.scale.const_data_ptr<float>();
   const float* zp = a.zero_point.const_data_ptr<float>();
   const bool steps = a.layout.inner_steps_scale;
@@ -64,7 +64,7 @@ void for_each_run_qparams(const AffineArgs& a, const F& f) {
                                : Vec::set(Vec(1.0f), Vec::loadu(s + lane, n), n);
       return LaneQParams{sv, Vec(1.0f) / sv, Vec::loadu(z + lane, n)};
     });
-  });
+  }, grain);
 }
 
 // Calls step(i, count) over [0, n) in chunks of C: the full chunks with count a
@@ -169,8 +169,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
   const at::Tensor g = a.arranged_like_x(grad);
   at::Tensor grad_x = a.empty_like_x(a.x.options());
   // LSQ gradients: per-thread sums over each block, [threads, 2 (scale, zero point), scales].
+  // With many scales (small groups, one a value) fewer threads (larger chunks), so that these
+  // rows take at most twice a float32 x (or 8 MB).
   const bool lsq = scale_grad || zero_point_grad;
-  const int64_t S = a.scale.numel(), threads = at::get_num_threads();
+  const int64_t S = a.scale.numel(), numel = a.x.numel(), most = at::get_num_threads();
+  const int64_t threads =
+      lsq ? std::clamp<int64_t>(std::max<int64_t>(8 * numel, 8 << 20) / (16 * S), 1, most) : most;
+  const int64_t grain = threads < most ? std::max(kGrain, (numel + threads - 1) / threads) : kGrain;
   at::Tensor sums =
       lsq ? at::zeros({threads, 2, S}, a.x.options().dtype(at::kDouble)) : at::Tensor();
   double* sums_p = lsq ? sums.data_ptr<double>() : nullptr;
@@ -219,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
           }
         });
         if (lsq && !steps) add_all_lanes(ds, dz, acc_s, acc_z);
-      });
+      }, grain);
     });
   };
   if (lsq) run(std::true_type{});

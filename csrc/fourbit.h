@@ -86,7 +86,7 @@ inline std::array<float, kCodebookSize - 1> check_quantize_4bit_args(const char*
               w.sizes());
   check_block_size(op, block_size);
   check_codebook(op, codebook, w.device());
-  const at::Tensor cb = codebook.cpu();
+  const at::Tensor cb = codebook.contiguous().cpu();  // (.cpu() of a CPU view is the view)
   const float* c = cb.const_data_ptr<float>();
   for (int j = 0; j < kCodebookSize; ++j) {
     TORCH_CHECK(std::isfinite(c[j]) && (j == 0 || c[j - 1] < c[j]), op,

@@ -35,6 +35,14 @@ at::Tensor call_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absm
   return op.call(packed, absmax, codebook, in_features, block_size, dtype);
 }
 
+// The 4-bit weight is frozen: an absmax or codebook asking for a gradient it would not get
+// raises (as int8_linear's scales).
+void check_frozen(const char* op, const at::Tensor& absmax, const at::Tensor& codebook) {
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(absmax.requires_grad() || codebook.requires_grad()),
+              op, ": absmax and codebook get no gradient (the 4-bit weight is frozen; train with "
+              "qlib.prepare_qat); detach them");
+}
+
 class Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
@@ -74,6 +82,7 @@ at::Tensor linear_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, c
                                 const at::Tensor& codebook, int64_t block_size,
                                 const std::optional<at::Tensor>& bias) {
   check_no_forward_grad("qlib::linear_4bit", {x, absmax, bias.value_or(at::Tensor())});
+  check_frozen("qlib::linear_4bit", absmax, codebook);
   if (!at::GradMode::is_enabled() ||
       !(x.requires_grad() || (bias.has_value() && bias->requires_grad()))) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -82,8 +91,19 @@ at::Tensor linear_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, c
   return Linear4bitFunction::apply(x, packed, absmax, codebook, block_size, bias);
 }
 
+at::Tensor dequantize_4bit_autograd(const at::Tensor& packed, const at::Tensor& absmax,
+                                    const at::Tensor& codebook, int64_t in_features,
+                                    int64_t block_size, at::ScalarType dtype) {
+  check_frozen("qlib::dequantize_4bit", absmax, codebook);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return call_dequantize_4bit(packed, absmax, codebook, in_features, block_size, dtype);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qlib, Autograd, m) { m.impl("linear_4bit", &linear_4bit_autograd); }
+TORCH_LIBRARY_IMPL(qlib, Autograd, m) {
+  m.impl("linear_4bit", &linear_4bit_autograd);
+  m.impl("dequantize_4bit", &dequantize_4bit_autograd);
+}
 
 }  // namespace qlib

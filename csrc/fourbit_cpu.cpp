@@ -888,7 +888,14 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     // parallel region: 1.05-1.6x one 4 MB panel at a time decoded and multiplied by all threads
     // (stop 22). A smaller W_hat is one panel, decoded and multiplied by all threads.
     const auto dt = bf16_w ? at::kBFloat16 : at::kFloat;
-    const at::Tensor x = x_in.reshape({M, K}).to(dt).contiguous();
+    at::Tensor x = x_in.reshape({M, K}).to(dt).contiguous();
+    if (bf16_w && K % 32 != 0) {
+      // oneDNN's bfloat16 GEMM (torch 2.14, AMX / AVX512-BF16 Xeons) reads each row of x to a
+      // multiple of 32 values, times zero padding: a NaN or Inf at the start of row m made row
+      // m - 1 NaN. Rows padded with zeros keep each row's NaN in it.
+      at::Tensor padded = at::zeros({M, ceil_div(K, 32) * 32}, x.options());
+      x = padded.narrow(1, 0, K).copy_(x);
+    }
     const at::Tensor b = bias.defined() ? bias.to(dt) : at::Tensor();
     at::Tensor y = at::empty({M, N}, x.options());
     static const int64_t l2 = std::clamp<int64_t>(cache_bytes(2, int64_t{1} << 20), int64_t{1} << 18, int64_t{1} << 22);

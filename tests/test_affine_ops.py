@@ -139,6 +139,19 @@ def test_python_wrappers_name_an_out_of_range_zero_point():
         qlib.fake_quant(torch.randn(4), 0.1, 2**31)
 
 
+def test_python_wrappers_take_an_int_zero_point_with_any_scale(device):
+    """An int zero point is one value for every block (as None is zeros), per-channel too."""
+    x = torch.randn(5, 9, device=device)
+    s = torch.rand(5, 1, device=device) * 0.05 + 0.01
+    z = torch.full((5, 1), 3, dtype=torch.int32, device=device)
+    assert torch.equal(qlib.fake_quant(x, s, 3), qlib.fake_quant(x, s, z))
+    q = qlib.quantize(x, s, 3, dtype=torch.int8)
+    assert torch.equal(q, qlib.quantize(x, s, z, dtype=torch.int8))
+    assert torch.equal(qlib.dequantize(q, s, 3), qlib.dequantize(q, s, z))
+    expected = torch.fake_quantize_per_channel_affine(x, s.view(5), z.view(5), 0, -128, 127)
+    assert torch.equal(qlib.fake_quant(x, s, 3), expected)
+
+
 # ---------------------------------------------------------------- choose_qparams
 def ao_qparams(min_val, max_val, qmin, qmax, symmetric, dtype):
     ob = torch.ao.quantization.observer.MinMaxObserver(
@@ -246,6 +259,50 @@ def _opcheck_cases(device):
     yield ops.quantize.default, (x.detach(), sg.detach(), zg.detach().int(), -8, 7, torch.int8)
     yield ops.dequantize.default, (torch.randint(-8, 8, (7, 12), dtype=torch.int8, device=device), sg.detach(), zg.detach().int(), torch.float16)
     yield ops.choose_qparams.default, (-torch.rand(5, 1, device=device), torch.rand(5, 1, device=device), -128, 127, False, EPS)
+    # With gradients: dequantize's scale / float zero point; choose_qparams' (none) and quantize's codes.
+    q = torch.randint(-8, 8, (7, 12), dtype=torch.int8, device=device)
+    yield ops.dequantize.default, (q, sg.detach().requires_grad_(), zg.detach().requires_grad_(), torch.float32)
+    yield ops.dequantize.default, (q, s1.clone().requires_grad_(), z1, torch.bfloat16)
+    yield ops.choose_qparams.default, (-torch.rand(5, 1, device=device).requires_grad_(), torch.rand(5, 1, device=device), -128, 127, False, EPS)
+    yield ops.quantize.default, (x.detach().requires_grad_(), sg.detach(), zg.detach().int(), -8, 7, torch.int8)
+
+
+def test_dequantize_gradients_match_plain_torch(device):
+    """(q - zero_point) * scale: d/dscale = sum over each block of grad * (q - zero_point),
+    d/dzero_point = -sum of grad * scale (straight through a float zero point's rounding).
+    Per-tensor, per-channel and per-group, against autograd of the same formula in float64."""
+    for shape, sshape in [((6, 10), ()), ((6, 10), (6, 1)), ((6, 10), (6, 5)), ((3, 4, 6), (1, 4, 2))]:
+        q = torch.randint(-100, 100, shape, dtype=torch.int8, device=device)
+        s = (torch.rand(sshape, device=device) * 0.1 + 0.01).requires_grad_()
+        z = torch.randint(-5, 5, sshape, device=device).float().requires_grad_()
+        g = torch.randn(shape, device=device)
+        y = ops.dequantize(q, s, z, torch.float32)
+        gs, gz = torch.autograd.grad(y, (s, z), g)
+        expand = [n // max(m, 1) for n, m in zip(shape, s.shape)] if s.dim() else None
+
+        def spread(t):
+            t = t.double()
+            for d, r in enumerate(expand or []):
+                t = t.repeat_interleave(r, d)
+            return t
+        sd, zd = s.detach().double().requires_grad_(), z.detach().double().requires_grad_()
+        ref = (q.double() - spread(zd)) * spread(sd)
+        rs, rz = torch.autograd.grad(ref, (sd, zd), g.double())
+        torch.testing.assert_close(gs.double(), rs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gz.double(), rz, rtol=1e-5, atol=1e-5)
+        assert gs.dtype == s.dtype and gz.dtype == z.dtype
+
+
+def test_qparams_and_codes_carry_no_gradient(device):
+    """choose_qparams' and quantize's outputs never require grad (torch's fallback marked the
+    float ones as requiring grad and gave min / max None, with a warning)."""
+    lo = -torch.rand(4, device=device, requires_grad=True)
+    scale, zp = ops.choose_qparams(lo, lo.detach() + 1, -128, 127, False, EPS)
+    assert not scale.requires_grad and not zp.requires_grad
+    x = torch.randn(4, 6, device=device, requires_grad=True)
+    assert not ops.quantize(x, scale.view(4, 1), zp.view(4, 1), -128, 127, torch.int8).requires_grad
+    q, s = ops.quantize_per_token(x)
+    assert not s.requires_grad
 
 
 def test_opcheck(device):

@@ -365,6 +365,7 @@ def test_lsq_gradients_of_nan_match_torch(device, per_channel):
         ((300, 1001), (300, 1), torch.bfloat16),  # a block per row
         ((300, 1001), (1, 1001), torch.float32),  # a block per column: runs step through them
         ((6, 40, 24), (6, 40, 3), torch.float16),
+        ((700, 1001), (700, 1001), torch.float32),  # a scale per value: the CPU's sums on fewer threads
     ],
 )
 def test_lsq_gradients_float64_reference(device, xshape, sshape, dtype):

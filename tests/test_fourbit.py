@@ -465,6 +465,42 @@ def test_kmeans_codebook_edge_cases(device):
         qlib.fit_codebook_4bit(w)
 
 
+def test_strided_codebook(device):
+    """A codebook view (stride 2, or stride 0) reads as its values: quantize_4bit read 16 floats
+    from its data pointer (the wrong ones, or past a one-float allocation); the module keeps its
+    own copy."""
+    w = torch.randn(4, 64, device=device)
+    big = torch.linspace(-1, 1, 32, device=device)
+    p1, a1 = qlib.quantize_4bit(w, big[::2], 32)
+    p2, a2 = qlib.quantize_4bit(w, big[::2].contiguous(), 32)
+    assert torch.equal(p1, p2) and torch.equal(a1, a2)
+    assert torch.equal(ops.quantize_4bit(w, big[::2], 32)[0], p2)
+    with pytest.raises(RuntimeError, match=r"codebook must be finite and strictly increasing, got \[0.5, 0.5"):
+        ops.quantize_4bit(w, torch.tensor(0.5, device=device).expand(16), 32)
+    lin = nn.Linear(64, 4).to(device)
+    m = Linear4bit.from_float(lin, codebook=big[::2], block_size=32)
+    assert m.codebook.is_contiguous() and m.codebook.data_ptr() != big.data_ptr()
+    torch.testing.assert_close(m.codebook, big[::2])
+
+
+def test_frozen_absmax_and_codebook_raise_when_they_ask_for_grad(device):
+    """dequantize_4bit and linear_4bit give no gradient to absmax or codebook: asking for one
+    raises (torch's fallback gave None with a warning); no_grad runs."""
+    lin = Linear4bit.from_float(nn.Linear(64, 4).to(device), block_size=32)
+    args = [lin.packed, lin.absmax.clone().requires_grad_(), lin.codebook]
+    x = torch.randn(3, 64, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="qlib::dequantize_4bit: absmax and codebook get no gradient"):
+        ops.dequantize_4bit(*args, 64, 32, torch.float32)
+    with pytest.raises(RuntimeError, match="qlib::linear_4bit: absmax and codebook get no gradient"):
+        ops.linear_4bit(x, *args, 32, None)
+    args[1], args[2] = lin.absmax, lin.codebook.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="qlib::linear_4bit: absmax and codebook get no gradient"):
+        ops.linear_4bit(x, *args, 32, None)
+    with torch.no_grad():
+        assert torch.equal(ops.linear_4bit(x, *args, 32, lin.bias), lin(x))
+        assert not ops.dequantize_4bit(*args, 64, 32, torch.float32).requires_grad
+
+
 def test_kmeans_linear4bit_and_quantize_weight_only(device):
     torch.manual_seed(0)
     lin = nn.Linear(200, 48).to(device)

@@ -144,6 +144,25 @@ def test_amx_rows_alone_equal_rows_in_a_batch():
                                    rtol=0, atol=0, equal_nan=True, msg=lambda m: f"rows {a}:{b}: {m}")
 
 
+@pytest.mark.parametrize("M", [30, 300])
+def test_nan_stays_in_its_row_every_kernel(kernel, M):
+    """A NaN / Inf at the start of a row of x (K = 200, not a multiple of 32) stays in its row
+    on every path: oneDNN's bfloat16 GEMM, which the panels call past the fused kernels' rows,
+    read each row to a multiple of 32 values and made the row before NaN."""
+    K, N = 200, 20
+    cb = qlib.codebook_4bit("nf4")
+    packed, absmax = ops.quantize_4bit(torch.randn(N, K), cb, 64)
+    bad = [4, 11, M - 1]
+    for dtype in DTYPES:
+        x = torch.randn(M, K).to(dtype)
+        x[4, 0], x[11, 5], x[M - 1, 23] = float("inf"), float("nan"), float("nan")
+        y = ops.linear_4bit(x, packed, absmax, cb, 64, None)
+        rows = torch.zeros(M, dtype=torch.bool)
+        rows[bad] = True
+        assert not torch.isfinite(y[rows]).any(), (dtype, M)
+        assert torch.isfinite(y[~rows]).all(), (dtype, M, (~torch.isfinite(y)).any(1).nonzero().flatten().tolist())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_panels_under_inference_mode_and_autograd(kernel, dtype):
     """Past the fused kernels' rows, with W_hat past L2 (4-9 MB here), each thread decodes its

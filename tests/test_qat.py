@@ -77,6 +77,44 @@ def test_fake_quantize_switches(device):
     assert fq.calculate_qparams()[0] > scale
 
 
+def test_fake_quantize_switches_survive_a_checkpoint(device):
+    """A resumed run keeps frozen observers frozen (torch.ao keeps its switches as buffers too);
+    a state saved without them loads and keeps the current ones."""
+    fq = FakeQuantize(MovingAverageMinMaxObserver(bits=8, symmetric=False)).to(device)
+    for k in range(3):
+        fq(torch.randn(6, 20, device=device) * (k + 1))
+    fq.disable_observer()
+    x = torch.randn(6, 20, device=device) * 10
+    y = fq(x)
+    state = fq.state_dict()
+    assert state["switches"].tolist() == [0, 1]
+    fresh = FakeQuantize(MovingAverageMinMaxObserver(bits=8, symmetric=False)).to(device)
+    fresh.load_state_dict(state)
+    assert not fresh.observer_enabled and fresh.fake_quant_enabled
+    assert torch.equal(fresh(x), y) and torch.equal(fresh(x), y)  # nothing observed
+    fq.disable_fake_quant()
+    fresh.load_state_dict(fq.state_dict())
+    assert torch.equal(fresh(x), x)
+    old = {k: v for k, v in state.items() if k != "switches"}
+    fresh.enable_observer().enable_fake_quant().load_state_dict(old)
+    assert fresh.observer_enabled and fresh.fake_quant_enabled and fresh.switches.tolist() == [1, 1]
+    with pytest.raises(RuntimeError, match="switches"):
+        fresh.load_state_dict(dict(state, switches=torch.ones(3, dtype=torch.uint8)))
+
+
+def test_fresh_learnable_fake_quantize_has_no_qparams_to_convert():
+    """A learnable FakeQuantize that never saw data (an unused branch) still holds its initial
+    scale 1.0: calculate_qparams raises, as an observer that saw nothing does (convert made an
+    Int8Linear with act_scale 1.0)."""
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    p = qlib.prepare_qat(net, QATConfig(activation_learnable=True, weight_learnable=True))
+    with pytest.raises(RuntimeError, match="has not taken its first scale from data"):
+        qlib.convert(copy.deepcopy(p))
+    p(torch.randn(4, 8))
+    c = qlib.convert(p)
+    assert c[0].act_scale != 1
+
+
 def test_qat_linear_from_float_matches_manual(device):
     lin = nn.Linear(20, 12).to(device)
     qat = QATLinear.from_float(lin, QATConfig(weight_bits=4, activation_bits=8))
@@ -684,3 +722,51 @@ def test_demo_runs_and_writes_its_table_and_plots(tmp_path, capsys):
         assert row in out, row
     for png in ("accuracy_vs_bits.png", "calibration_4bit.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def _encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+
+
+def test_transformer_encoder_fast_path_runs_the_quantized_linears():
+    """nn.TransformerEncoderLayer's eval + no_grad fast path reads linear1 / linear2's .weight and
+    skips their forward: it must be off once they are qlib modules (it read the int8 buffer of an
+    Int8Linear as a float weight, and ran a QAT / calibrating model in float)."""
+    enc = _encoder()
+    x = torch.randn(3, 10, 32)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, 7:] = True
+    with torch.no_grad():
+        ref = enc(x)
+    dyn = qlib.quantize_dynamic(copy.deepcopy(enc))
+    with torch.no_grad():
+        y = dyn(x)
+        dyn(x, src_key_padding_mask=mask)  # (the nested-tensor path)
+    assert (y - ref).norm() / ref.norm() < 0.02
+    prepared = qlib.prepare(copy.deepcopy(enc))
+    qlib.calibrate(prepared, [x], progress=False)  # eval + no_grad
+    assert all(int(m.observer.observed) > 0 for m in prepared.modules() if isinstance(m, FakeQuantize))
+    static = qlib.convert(prepared)
+    with torch.no_grad():
+        assert (static(x) - ref).norm() / ref.norm() < 0.05
+    qat = qlib.prepare_qat(copy.deepcopy(enc), QATConfig(weight_bits=4, activation_bits=4))
+    qat(x)
+    for m in qat.modules():
+        if isinstance(m, FakeQuantize):
+            m.disable_observer()
+    with torch.no_grad():
+        fast = qat(x)
+    torch.testing.assert_close(fast, qat(x).detach())  # fake-quantized with or without grad
+    assert (fast - ref).abs().max() > 1e-2
+
+
+def test_prepare_leaves_earlier_qat_modules_alone():
+    """prepare (PTQ observers) on part of a model must not switch off the fake quant of the
+    QATLinears an earlier prepare_qat made elsewhere in it."""
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    qlib.prepare_qat(m, QATConfig(weight_bits=4, activation_bits=4), filter_fn="0")
+    qlib.prepare(m, filter_fn="2")
+    assert m[0].weight_fake_quant.fake_quant_enabled and m[0].activation_fake_quant.fake_quant_enabled
+    assert not m[2].weight_fake_quant.fake_quant_enabled and not m[2].activation_fake_quant.fake_quant_enabled

@@ -54,7 +54,9 @@ def codebook_4bit(codebook: CodebookLike = "nf4", device=None) -> Tensor:
         return torch.tensor(values, dtype=torch.float32, device=device)
     if not isinstance(codebook, Tensor):
         raise TypeError(f"qlib.codebook_4bit: codebook must be a name or a Tensor, got {type(codebook).__name__}")
-    return codebook.detach().to(device=device if device is not None else codebook.device, dtype=torch.float32)
+    # A copy: a module buffer must not share the caller's storage.
+    return codebook.detach().to(device=device if device is not None else codebook.device, dtype=torch.float32,
+                                copy=True).contiguous()
 
 
 def _ceil_div(a, b):

@@ -79,7 +79,7 @@ def _as_qparams(x: Tensor, scale, zero_point) -> Tuple[Tensor, Tensor]:
         zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
     elif not isinstance(zero_point, Tensor):
         # int64: an out-of-range value reaches the op's range check, which names it.
-        zero_point = torch.tensor(int(zero_point), dtype=torch.int64, device=x.device)
+        zero_point = torch.full(scale.shape, int(zero_point), dtype=torch.int64, device=scale.device)
     return scale, zero_point
 
 

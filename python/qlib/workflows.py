@@ -71,7 +71,27 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
         if id(child) not in done:
             done[id(child)] = make(child, fqn)
         setattr(parent, name, done[id(child)])
+    if swaps:
+        _off_fused_transformer_paths(model)
     return model
+
+
+def _off_fused_transformer_paths(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer's inference fast path (eval, no grad, batch_first) calls
+    torch._transformer_encoder_layer_fwd with linear1 / linear2's ``.weight`` tensors and never
+    runs their forward: a QATLinear's fake quant and observers would be skipped (float outputs,
+    nothing calibrated) and an Int8Linear's int8 buffer read as a float weight. Turn that path
+    (and nn.TransformerEncoder's nested-tensor one, which needs it) off where a layer holds a
+    qlib module: both are instance attributes that only gate the fused kernels."""
+    touched = set()
+    for layer in model.modules():
+        if isinstance(layer, nn.TransformerEncoderLayer) and any(
+                isinstance(m, (QATLinear, Int8Linear, Linear4bit)) for m in layer.modules()):
+            layer.activation_relu_or_gelu = 0
+            touched.add(id(layer))
+    for enc in model.modules():
+        if isinstance(enc, nn.TransformerEncoder) and any(id(l) in touched for l in enc.layers):
+            enc.use_nested_tensor = False
 
 
 def quantize_dynamic(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module:
@@ -96,27 +116,37 @@ def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
                  filter_fn, "quantize_weight_only")
 
 
-def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None,
-                filter_fn: Optional[FilterFn] = None) -> nn.Module:
-    """Swaps (in place) each selected nn.Linear for a QATLinear that shares its
-    parameters; filter_fn(module, fqn) -> bool chooses which. Returns model."""
+def _prepare_qat(model: nn.Module, config: Optional[QATConfig], filter_fn: Optional[FilterFn], who: str,
+                 made: list) -> nn.Module:
     config = config or QATConfig()
 
     def make(linear: nn.Linear, fqn: str) -> QATLinear:
         config.check_linear(linear.in_features, fqn)
-        return QATLinear.from_float(linear, config)
+        qat = QATLinear.from_float(linear, config)
+        made.append(qat)
+        return qat
 
-    return _swap(model, nn.Linear, make, filter_fn, "prepare_qat")
+    return _swap(model, nn.Linear, make, filter_fn, who)
+
+
+def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None,
+                filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """Swaps (in place) each selected nn.Linear for a QATLinear that shares its
+    parameters; filter_fn(module, fqn) -> bool chooses which. Returns model."""
+    return _prepare_qat(model, config, filter_fn, "prepare_qat", [])
 
 
 def prepare(model: nn.Module, config: Optional[QATConfig] = None,
             filter_fn: Optional[FilterFn] = None) -> nn.Module:
     """For post-training static quantization: like prepare_qat, but the
-    inserted modules only observe (fake quant off) until `convert`."""
-    model = prepare_qat(model, config, filter_fn)
-    for m in model.modules():
-        if isinstance(m, FakeQuantize):
-            m.disable_fake_quant()
+    inserted modules only observe (fake quant off) until `convert`. QATLinears
+    already in the model (an earlier prepare_qat) keep their switches."""
+    made = []
+    model = _prepare_qat(model, config, filter_fn, "prepare", made)
+    for qat in made:
+        for m in qat.modules():
+            if isinstance(m, FakeQuantize):
+                m.disable_fake_quant()
     return model
 
 

@@ -29,8 +29,12 @@ class FakeQuantize(QuantState):
         self.quant_max = int(observer.quant_max)
         self.learnable = learnable
         self.eps = eps
+        # The switches are Python bools (torch.compile guards on them, no host read) mirrored in
+        # the uint8 buffer `switches` = [observer, fake quant], so a checkpoint keeps them.
         self.observer_enabled = True
         self.fake_quant_enabled = True
+        self.register_buffer("switches", torch.ones(2, dtype=torch.uint8))
+        self.register_load_state_dict_post_hook(FakeQuantize._sync_flags)
         if learnable:
             shape = tuple(qparams_shape) if qparams_shape is not None else (1,)
             self.scale = nn.Parameter(torch.ones(shape))
@@ -41,25 +45,33 @@ class FakeQuantize(QuantState):
             else:
                 self.register_buffer("zero_point", zp)
             self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-            # Mirrors the buffer as a Python bool, so forward needs no host
-            # read of it (torch.compile guards on Python attributes).
+            # Mirrors the buffer as a Python bool, as the switches.
             self._init_done = False
-            self.register_load_state_dict_post_hook(FakeQuantize._sync_init_flag)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        key = prefix + "switches"
+        if key not in state_dict:  # saved before the switches were kept: the current ones stay
+            state_dict[key] = self.switches.clone()  # (load_state_dict passes its own copy)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @staticmethod
-    def _sync_init_flag(module, incompatible_keys):
-        module._init_done = bool(module.initialized)
+    def _sync_flags(module, incompatible_keys):
+        module.observer_enabled, module.fake_quant_enabled = (bool(v) for v in module.switches.tolist())
+        if module.learnable:
+            module._init_done = bool(module.initialized)
 
     # torch.ao-style switches
     def enable_observer(self, enabled: bool = True):
-        self.observer_enabled = enabled
+        self.observer_enabled = bool(enabled)
+        self.switches[0] = self.observer_enabled
         return self
 
     def disable_observer(self):
         return self.enable_observer(False)
 
     def enable_fake_quant(self, enabled: bool = True):
-        self.fake_quant_enabled = enabled
+        self.fake_quant_enabled = bool(enabled)
+        self.switches[1] = self.fake_quant_enabled
         return self
 
     def disable_fake_quant(self):
@@ -67,6 +79,12 @@ class FakeQuantize(QuantState):
 
     def calculate_qparams(self):
         if self.learnable:
+            if not self._init_done and bool((self.scale == 1).all()):
+                # As an observer that saw nothing (its initial 1.0 is no trained scale).
+                raise RuntimeError(
+                    "qlib.nn.FakeQuantize.calculate_qparams: this learnable FakeQuantize has not taken its "
+                    "first scale from data (it is still the initial 1.0): run data through it with the "
+                    "observer enabled, or load a trained state_dict, first")
             # As the forward sees them (LSQ's gradients may carry them past the clamps).
             return (self.scale.detach().clamp_min(self.eps),
                     self.zero_point.detach().round().clamp(self.quant_min, self.quant_max))
