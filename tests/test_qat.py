@@ -762,6 +762,56 @@ def test_transformer_encoder_fast_path_runs_the_quantized_linears():
     assert (fast - ref).abs().max() > 1e-2
 
 
+def test_transformer_layer_quantized_alone_takes_its_encoders_nested_tensor():
+    """qlib given one layer (or enc.layers): the encoder outside still nests src under a padding
+    mask; the layer runs it padded, with the padding as its key padding mask."""
+    x = torch.randn(3, 10, 32)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, 7:] = True
+    pad[2, 4:] = True
+    for swap in (lambda e: qlib.quantize_dynamic(e.layers[1]),
+                 lambda e: qlib.prepare_qat(e.layers, QATConfig(weight_bits=8, activation_bits=8))):
+        enc = _encoder()
+        with torch.no_grad():
+            ref = enc(x, src_key_padding_mask=pad)
+        swap(enc)
+        with torch.no_grad():
+            enc(x, src_key_padding_mask=pad)  # (QAT: the observers' first batch)
+            for m in enc.modules():
+                if isinstance(m, FakeQuantize):
+                    m.disable_observer()
+            y = enc(x, src_key_padding_mask=pad)
+            assert torch.equal(y[pad], torch.zeros_like(y[pad]))  # the encoder's padding
+            keep = ~pad
+            assert (y[keep] - ref[keep]).norm() / ref[keep].norm() < 0.05
+            enc.use_nested_tensor = False  # the same numbers unnested
+            torch.testing.assert_close(enc(x, src_key_padding_mask=pad)[keep], y[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_fake_quantize_pickled_before_switches_loads():
+    """A model saved whole (torch.save(model)) before FakeQuantize kept its switches: it unpickles
+    (its learnable hook had another name), gets the buffer from its bools, and loads states."""
+    import pickle
+    for learnable in (False, True):
+        m = qlib.prepare_qat(nn.Sequential(nn.Linear(8, 8)), QATConfig(activation_learnable=learnable))
+        m(torch.randn(4, 8))
+        sd = m.state_dict()
+        for fq in m.modules():
+            if isinstance(fq, FakeQuantize):  # as stop 29 built it
+                del fq._buffers["switches"]
+                fq._load_state_dict_post_hooks.clear()
+                if learnable:
+                    fq.register_load_state_dict_post_hook(FakeQuantize._sync_init_flag)
+                fq.observer_enabled = False
+        old = pickle.loads(pickle.dumps(m))
+        fq = old[0].activation_fake_quant
+        assert fq.switches.tolist() == [0, 1] and not fq.observer_enabled
+        fq.enable_observer()
+        old.load_state_dict(sd)
+        assert fq.observer_enabled and fq.switches.tolist() == [1, 1]
+        old(torch.randn(4, 8))
+
+
 def test_prepare_leaves_earlier_qat_modules_alone():
     """prepare (PTQ observers) on part of a model must not switch off the fake quant of the
     QATLinears an earlier prepare_qat made elsewhere in it."""

@@ -89,9 +89,38 @@ def _off_fused_transformer_paths(model: nn.Module) -> None:
                 isinstance(m, (QATLinear, Int8Linear, Linear4bit)) for m in layer.modules()):
             layer.activation_relu_or_gelu = 0
             touched.add(id(layer))
+            if not getattr(layer, "_qlib_unnests", False):
+                # An encoder outside `model` (qlib given a layer, or enc.layers) may still nest.
+                layer.register_forward_pre_hook(_unnest_src, with_kwargs=True)
+                layer.register_forward_hook(_renest_output, with_kwargs=True)
+                layer._qlib_unnests = True
     for enc in model.modules():
         if isinstance(enc, nn.TransformerEncoder) and any(id(l) in touched for l in enc.layers):
             enc.use_nested_tensor = False
+
+
+def _unnest_src(layer, args, kwargs):
+    """A nested src (nn.TransformerEncoder's padding-mask fast path) runs padded, with the
+    padding as src_key_padding_mask: the slow path's Linears cannot take nested tensors."""
+    layer.__dict__.pop("_qlib_nested_keep", None)  # (left by a forward that raised)
+    src = args[0] if args else kwargs.get("src")
+    if src is None or not src.is_nested:
+        return None
+    padded = src.to_padded_tensor(0.0)
+    lengths = torch.tensor([t.size(0) for t in src.unbind()], device=padded.device)
+    keep = torch.arange(padded.size(1), device=padded.device) < lengths[:, None]
+    layer._qlib_nested_keep = keep
+    kwargs = dict(kwargs, src_key_padding_mask=~keep)
+    if args:
+        return (padded,) + tuple(args[1:]), kwargs
+    return args, dict(kwargs, src=padded)
+
+
+def _renest_output(layer, args, kwargs, output):
+    keep = layer.__dict__.pop("_qlib_nested_keep", None)
+    if keep is None:
+        return None
+    return torch._nested_tensor_from_mask(output, keep, mask_check=False)
 
 
 def quantize_dynamic(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module:

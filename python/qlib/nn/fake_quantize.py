@@ -60,6 +60,17 @@ class FakeQuantize(QuantState):
         if module.learnable:
             module._init_done = bool(module.initialized)
 
+    _sync_init_flag = _sync_flags  # (the hook's name in models pickled before stop 30)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "switches" not in self._buffers:  # pickled (torch.save(model)) before stop 30
+            device = next(self.buffers(), torch.empty(0)).device
+            self.register_buffer("switches", torch.tensor(
+                [self.observer_enabled, self.fake_quant_enabled], dtype=torch.uint8, device=device))
+            if FakeQuantize._sync_flags not in self._load_state_dict_post_hooks.values():
+                self.register_load_state_dict_post_hook(FakeQuantize._sync_flags)
+
     # torch.ao-style switches
     def enable_observer(self, enabled: bool = True):
         self.observer_enabled = bool(enabled)
