@@ -674,3 +674,50 @@ def test_linear_modules_trace_a_dynamic_batch(convert):
         model(xs).sum().backward()
         torch.testing.assert_close(g, xs.grad)
     assert counts["stats"]["unique_graphs"] == 1
+
+
+# ---------------------------------------------------------------- torch.func and swapped tensors
+def test_int8linear_under_functional_call_uses_the_given_weight():
+    """functional_call with new weights: each call packs the weight it is given (a new tensor
+    may reuse a freed one's memory at version 0: the packed copy of the old one was used)."""
+    m = Int8Linear.from_float(nn.Linear(256, 128))
+    x = torch.randn(40, 256)
+    for seed in range(6):
+        w = torch.randint(-127, 128, (128, 256), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+        got = torch.func.functional_call(m, {"weight": w}, (x,))
+        assert torch.equal(got, qlib.int8_linear(x, w, m.weight_scale, m.bias))
+        del w, got
+    assert torch.equal(m(x), qlib.int8_linear(x, m.weight, m.weight_scale, m.bias))
+
+
+def test_int8linear_static_functional_call_and_vmap():
+    """A static state given through functional_call is read (its code range too); vmap over
+    stacked Int8Linears runs (no packing of a batch of weights)."""
+    lin = nn.Linear(64, 48)
+    a = Int8Linear.from_float(lin, activation="static", act_scale=0.05)
+    b = Int8Linear.from_float(lin, activation="static", act_scale=0.05)
+    a.act_zero_point.fill_(5)
+    a.act_quant_range.copy_(torch.tensor([-128, 127]))
+    Int8Linear._sync_act_range(a)
+    x = torch.randn(7, 64)
+    assert torch.equal(torch.func.functional_call(b, dict(a.state_dict()), (x,)), a(x))
+    assert torch.equal(b(x), Int8Linear.from_float(lin, "static", 0.05)(x))  # its own state again
+    mods = [Int8Linear.from_float(nn.Linear(16, 8)) for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(mods)
+    xs = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        ys = torch.vmap(lambda p, bf, xi: torch.func.functional_call(mods[0], (p, bf), (xi,)))(params, buffers, xs)
+    for i, m in enumerate(mods):
+        torch.testing.assert_close(ys[i], m(xs[i]), rtol=0, atol=0)
+
+
+def test_int8linear_bias_as_a_parameter():
+    """A bias made a Parameter (to train it, or parametrized) is used and gets its gradient."""
+    m = Int8Linear.from_float(nn.Linear(32, 8))
+    x = torch.randn(4, 32)
+    ref = m(x)
+    m.bias = nn.Parameter(m.bias.clone())
+    y = m(x)
+    assert torch.equal(y, ref)
+    y.sum().backward()
+    assert torch.equal(m.bias.grad, torch.full((8,), 4.0))

@@ -820,3 +820,57 @@ def test_prepare_leaves_earlier_qat_modules_alone():
     qlib.prepare(m, filter_fn="2")
     assert m[0].weight_fake_quant.fake_quant_enabled and m[0].activation_fake_quant.fake_quant_enabled
     assert not m[2].weight_fake_quant.fake_quant_enabled and not m[2].activation_fake_quant.fake_quant_enabled
+
+
+def test_fake_quantize_under_functional_call_reads_the_given_state():
+    """functional_call with a trained state: its switches and `initialized` are read (the
+    Python bools mirrored the module's own buffers: a fresh learnable module re-initialised and
+    wrote the observer's range into the caller's scale; a frozen observer observed)."""
+    cfg = QATConfig(weight_bits=4, activation_bits=4, weight_learnable=True, activation_learnable=True)
+    mk = lambda: nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    torch.manual_seed(0)
+    trained = qlib.prepare_qat(mk(), cfg)
+    trained(torch.randn(16, 8))
+    for m in trained.modules():
+        if isinstance(m, FakeQuantize):
+            m.disable_observer()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.mul_(1.1)  # the scales move away from the observer's
+    x = torch.randn(5, 8)
+    sd = {k: v.clone() for k, v in trained.state_dict().items()}
+    kept = {k: v.clone() for k, v in sd.items()}
+    fresh = qlib.prepare_qat(mk(), cfg)
+    assert torch.equal(torch.func.functional_call(fresh, sd, (x,)), trained(x))
+    assert all(torch.equal(sd[k], kept[k]) for k in sd)  # the caller's tensors untouched
+    fresh(x)  # its own state again: observers on, initialised from this batch
+    afq = fresh[0].activation_fake_quant
+    assert afq.observer_enabled and bool(afq.initialized) and afq._init_done
+    plain = qlib.prepare_qat(mk(), QATConfig(weight_bits=8, activation_bits=8))
+    plain(torch.randn(16, 8))
+    frozen = {k: v.clone() for k, v in plain.state_dict().items() if not k.endswith("switches")}
+    frozen.update({k: torch.tensor([0, 1], dtype=torch.uint8) for k in plain.state_dict() if k.endswith("switches")})
+    before = {k: v.clone() for k, v in frozen.items()}
+    torch.func.functional_call(plain, frozen, (x * 50,))
+    assert all(torch.equal(frozen[k], before[k]) for k in frozen)  # nothing observed
+    plain(x)
+    assert plain[0].activation_fake_quant.observer_enabled  # its own switches again
+
+
+def test_parametrized_linears():
+    """QATLinear runs with a parametrized weight (weight_norm, pruning); the swaps refuse a
+    parametrized nn.Linear by name (they left it float), as torch.ao's quantize_dynamic."""
+    from torch.nn.utils import parametrizations, prune
+    x = torch.randn(3, 32)
+    q = qlib.prepare_qat(nn.Linear(32, 16))
+    prune.random_unstructured(q, "weight", 0.5)
+    assert torch.isfinite(q(x)).all()
+    q = qlib.prepare_qat(nn.Linear(32, 16))
+    parametrizations.weight_norm(q)
+    q(x).sum().backward()
+    m = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    parametrizations.weight_norm(m[2])
+    for swap in (qlib.quantize_dynamic, qlib.prepare_qat):
+        with pytest.raises(ValueError, match=r"2 is a parametrized Linear .*remove its parametrizations"):
+            swap(copy.deepcopy(m))
+    assert isinstance(qlib.quantize_dynamic(copy.deepcopy(m), filter_fn="0")[0], qlib.nn.Int8Linear)

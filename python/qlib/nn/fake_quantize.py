@@ -47,6 +47,7 @@ class FakeQuantize(QuantState):
             self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
             # Mirrors the buffer as a Python bool, as the switches.
             self._init_done = False
+        self._synced = (self._buffers["switches"], self._buffers.get("initialized"))  # what the bools mirror
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         key = prefix + "switches"
@@ -55,10 +56,12 @@ class FakeQuantize(QuantState):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     @staticmethod
-    def _sync_flags(module, incompatible_keys):
-        module.observer_enabled, module.fake_quant_enabled = (bool(v) for v in module.switches.tolist())
+    def _sync_flags(module, incompatible_keys=None):
+        b = module._buffers
+        module.observer_enabled, module.fake_quant_enabled = (bool(v) for v in b["switches"].tolist())
         if module.learnable:
-            module._init_done = bool(module.initialized)
+            module._init_done = bool(b["initialized"])
+        module._synced = (b["switches"], b.get("initialized"))
 
     _sync_init_flag = _sync_flags  # (the hook's name in models pickled before stop 30)
 
@@ -70,6 +73,7 @@ class FakeQuantize(QuantState):
                 [self.observer_enabled, self.fake_quant_enabled], dtype=torch.uint8, device=device))
             if FakeQuantize._sync_flags not in self._load_state_dict_post_hooks.values():
                 self.register_load_state_dict_post_hook(FakeQuantize._sync_flags)
+        FakeQuantize._sync_flags(self)
 
     # torch.ao-style switches
     def enable_observer(self, enabled: bool = True):
@@ -103,6 +107,10 @@ class FakeQuantize(QuantState):
 
     def forward(self, x: Tensor) -> Tensor:
         observer = self._modules["observer"]  # (nn.Module.__getattr__ costs about 0.7 us)
+        b = self._buffers
+        if not torch.compiler.is_compiling() and (
+                b["switches"] is not self._synced[0] or b.get("initialized") is not self._synced[1]):
+            FakeQuantize._sync_flags(self)  # other buffers (torch.func.functional_call, .to()): read them
         if self.fake_quant_enabled and not self.learnable:
             # One op (min-max observers), or None.
             y = observer._observe_fake_quant(x, self.observer_enabled)

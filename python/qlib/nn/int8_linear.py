@@ -9,10 +9,12 @@ input's dtype.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from .. import _C, _int8_ops  # noqa: F401  (_int8_ops registers the int8 fakes)
 from .._ops import choose_qparams, quantize
@@ -84,6 +86,7 @@ class Int8Linear(QuantState):
             self.register_buffer("act_zero_point", torch.zeros((), dtype=torch.int32, device=device))
             self.register_buffer("act_quant_range", torch.tensor([-127, 127], dtype=torch.int32, device=device))
             self._act_range = (-127, 127)  # mirrors act_quant_range without a device read
+            self._act_range_of = self._buffers["act_quant_range"]  # the buffer it mirrors
             self.register_load_state_dict_post_hook(Int8Linear._sync_act_range)
         else:
             self.act_scale = None
@@ -91,6 +94,7 @@ class Int8Linear(QuantState):
         # rebuilt by repack() whenever `weight` changes). Empty until packed.
         self.register_buffer("weight_packed", torch.empty(0, dtype=torch.int8, device=device), persistent=False)
         self._packed_version = None
+        self._packed_ref = None  # a weakref to the weight tensor packed (a new one may reuse its memory)
 
     @torch.no_grad()
     def repack(self) -> None:
@@ -100,6 +104,11 @@ class Int8Linear(QuantState):
         not move the version counter it watches."""
         self.weight_packed = torch.ops.qlib.int8_pack_weight(self.weight)
         self._packed_version = _weight_key(self.weight)
+        self._packed_ref = weakref.ref(self.weight)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return dict(state, _packed_ref=None)  # (weakrefs do not pickle; the copy repacks once)
 
     @classmethod
     def from_float(
@@ -189,21 +198,30 @@ class Int8Linear(QuantState):
         if not lo <= zp <= hi:
             raise RuntimeError(f"Int8Linear: act_zero_point {zp} lies outside act_quant_range [{lo}, {hi}]")
         module._act_range = (lo, hi)
+        module._act_range_of = module._buffers["act_quant_range"]
 
     def forward(self, x: Tensor) -> Tensor:
         # Buffers straight from _buffers: nn.Module.__getattr__ costs about 0.7 us a name,
         # which is most of a small call's Python time.
         b = self._buffers
         w = b["weight"]
-        if not torch.compiler.is_compiling() and self._packed_version != _weight_key(w):
-            self.repack()
+        bias = b["bias"] if "bias" in b else self.bias  # (a Parameter or parametrized bias is elsewhere)
+        packed = b["weight_packed"]
+        if not torch.compiler.is_compiling():  # (traced: the state as it was when traced)
+            if self.activation == "static" and b["act_quant_range"] is not self._act_range_of:
+                Int8Linear._sync_act_range(self)  # (new buffers: torch.func.functional_call, .to())
+            if is_functorch_wrapped_tensor(w):  # vmap / grad transforms: no packing of a batch of weights
+                packed = torch.empty(0, dtype=torch.int8, device=w.device)
+            elif self._packed_version != _weight_key(w) or self._packed_ref is None or self._packed_ref() is not w:
+                self.repack()
+                packed = b["weight_packed"]
         if self.activation == "dynamic":
-            return torch.ops.qlib.int8_linear_packed(x, b["weight_packed"], w, b["weight_scale"], b.get("bias"))
+            return torch.ops.qlib.int8_linear_packed(x, packed, w, b["weight_scale"], bias)
         # Static: codes = quantize(x, act_scale, act_zero_point, lo, hi); the zero point is
         # taken out exactly in int32 inside the op.
         lo, hi = self._act_range
         return torch.ops.qlib.int8_linear_packed(
-            x, b["weight_packed"], w, b["weight_scale"], b.get("bias"), b["act_scale"], b["act_zero_point"], lo, hi,
+            x, packed, w, b["weight_scale"], bias, b["act_scale"], b["act_zero_point"], lo, hi,
         )
 
     def weight_bytes(self) -> int:

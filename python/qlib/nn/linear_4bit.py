@@ -140,7 +140,8 @@ class Linear4bit(QuantState):
         b = self._buffers  # (nn.Module.__getattr__ costs about 0.7 us a name)
         cast = self.compute_dtype is not None and x.dtype != self.compute_dtype
         y = torch.ops.qlib.linear_4bit(x.to(self.compute_dtype) if cast else x, b["packed"], b["absmax"],
-                                       b["codebook"], self.block_size, self._parameters["bias"])
+                                       b["codebook"], self.block_size,
+                                       self._parameters["bias"] if "bias" in self._parameters else self.bias)
         return y.to(x.dtype) if cast else y
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:

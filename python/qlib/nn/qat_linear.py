@@ -72,11 +72,12 @@ class QATLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         m, p = self._modules, self._parameters  # (nn.Module.__getattr__ costs about 0.7 us a name)
-        w = m["weight_fake_quant"](p["weight"])
+        # (A parametrized weight / bias (weight_norm, pruning) lives outside _parameters.)
+        w = m["weight_fake_quant"](p["weight"] if "weight" in p else self.weight)
         afq = m.get("activation_fake_quant")
         if afq is not None:
             x = afq(x)
-        return F.linear(x, w, p["bias"])  # autocast, when on, casts here
+        return F.linear(x, w, p["bias"] if "bias" in p else self.bias)  # autocast, when on, casts here
 
     def extra_repr(self) -> str:
         c = self.config
