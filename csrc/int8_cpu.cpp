@@ -297,7 +297,7 @@ void gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, GemmOut o,
 //   B: 8-column panels; per k word, 8 x 4 bytes: (b[8p + j][G kw .. G kw + G - 1]) for
 //      j = 0..7, so one load (widened for int16) lines up with a broadcast A word.
 //   A packed weight (int8_pack_weight) is [B panels | int32 rowsum(B) per padded column |
-//   a 16-byte tag: magic, layout, N, K]; the tag says which step can run it.
+//   a 32-byte tag: magic, layout, N, K, w's fingerprint]; the tag says which step can run it.
 constexpr int64_t kPMR = 6;       // rows per micro-kernel
 constexpr int64_t kPNR = 16;      // columns per micro-kernel (two 8-column panels)
 constexpr int64_t kPMc = 96;      // rows per thread tile (multiple of kPMR)
@@ -330,7 +330,21 @@ enum class PackLayout : int32_t { kInt16Pairs = 16, kU8Quads = 8, kAmxQuads = 64
 constexpr PackLayout kPackLayouts[] = {PackLayout::kInt16Pairs, PackLayout::kU8Quads,
                                        PackLayout::kAmxQuads};
 constexpr int32_t kPackMagic = 0x38424C51;  // "QLB8"
-constexpr int64_t kPackTagBytes = 16;
+constexpr int64_t kPackTagBytes = 32;  // magic, layout, N, K, w's fingerprint, 3 x 0
+
+// A fingerprint of b [N, K] (strides sn, sk): FNV-1a of up to 256 of its values, spread over
+// it. int8_linear_packed compares it with the packed one: a weight replaced where Python cannot
+// repack (a compiled or exported graph after load_state_dict) then runs unpacked, not on the
+// packed copy of the old one.
+int32_t weight_fingerprint(const int8_t* b, int64_t sn, int64_t sk, int64_t N, int64_t K) {
+  const int64_t total = N * K, samples = std::min<int64_t>(total, 256);
+  uint32_t h = 2166136261u;
+  for (int64_t i = 0; i < samples; ++i) {
+    const int64_t e = i * total / samples, n = e / K, k = e % K;
+    h = (h ^ static_cast<uint8_t>(b[n * sn + k * sk])) * 16777619u;
+  }
+  return static_cast<int32_t>(h);
+}
 
 bool is_amx(PackLayout l) { return l == PackLayout::kAmxQuads; }
 int64_t panel_cols(PackLayout l) { return is_amx(l) ? 16 : 8; }
@@ -347,6 +361,7 @@ struct PackedB {
   at::Tensor buf;  // int8 [Np * Kp panels | Np int32 row sums | tag]
   const int8_t* data = nullptr;  // buf's (the kernels' loops read it per panel)
   int64_t N = 0, K = 0, Np = 0, Kp = 0;
+  int32_t fingerprint = 0;  // of the weight packed (weight_fingerprint)
   PackLayout layout = PackLayout::kInt16Pairs;
   int64_t cols() const { return panel_cols(layout); }
   const int8_t* panel(int64_t n) const {  // n: a multiple of cols()
@@ -438,8 +453,8 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
         }
     }
   });
-  const int32_t tag[4] = {kPackMagic, static_cast<int32_t>(layout), static_cast<int32_t>(N),
-                          static_cast<int32_t>(K)};
+  const int32_t tag[8] = {kPackMagic, static_cast<int32_t>(layout), static_cast<int32_t>(N),
+                          static_cast<int32_t>(K), weight_fingerprint(b, ldb, 1, N, K), 0, 0, 0};
   std::memcpy(out + p.Np * p.Kp + 4 * p.Np, tag, sizeof(tag));
   return p;
 }
@@ -456,7 +471,7 @@ PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor&
               op, ": w_packed (", w_packed.scalar_type(), ", shape ", w_packed.sizes(),
               ") is not int8_pack_weight(w_int8) for w_int8 of shape ", w.sizes(), " (expected ",
               packed_bytes(N, K, expected), " int8 elements)");
-  int32_t tag[4];
+  int32_t tag[8];
   std::memcpy(tag, w_packed.const_data_ptr<int8_t>() + numel - kPackTagBytes, sizeof(tag));
   const auto layout = static_cast<PackLayout>(tag[1]);
   bool layout_ok = false;  // a known layout, whose packing of w has this size
@@ -468,6 +483,7 @@ PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor&
               " (its tag is corrupt or names another shape)");
   PackedB p;
   p.N = N, p.K = K, p.layout = layout, p.Np = padded_n(N, layout), p.Kp = padded_k(K, layout);
+  p.fingerprint = tag[4];
   p.buf = w_packed;
   p.data = w_packed.const_data_ptr<int8_t>();
   return p;
@@ -1499,6 +1515,14 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   if (w.dim() == 2 && w_packed.numel() > 0) {
     pb = unpack_tag(op, w_packed, w, kernel_layout(current_int8_kernel()));
     ppb = &pb;
+    if (w.scalar_type() == at::kChar &&
+        pb.fingerprint != weight_fingerprint(w.const_data_ptr<int8_t>(), w.stride(0), w.stride(1),
+                                             w.size(0), w.size(1))) {
+      TORCH_WARN_ONCE(op, ": w_int8 holds other values than the weight w_packed was packed from "
+                      "(a weight loaded into a compiled or exported graph?); running the unpacked "
+                      "kernel. Call Int8Linear.repack() in eager mode, or compile / export after loading");
+      ppb = nullptr;
+    }
   }
   return int8_linear_impl(op, x, w, w_scale, bias, act_scale, act_zero_point, act_quant_min,
                           act_quant_max, ppb);

@@ -721,3 +721,22 @@ def test_int8linear_bias_as_a_parameter():
     assert torch.equal(y, ref)
     y.sum().backward()
     assert torch.equal(m.bias.grad, torch.full((8,), 4.0))
+
+
+def test_weight_loaded_into_an_exported_graph_is_not_run_from_the_old_packing():
+    """The packed weight is not in the state_dict, so loading a state into an exported graph
+    (or swapping buffers under a compiled module) leaves the old packing: the op compares w's
+    fingerprint with the packed one and runs unpacked (with a warning), not on stale codes."""
+    torch.manual_seed(0)
+    m, m2 = (qlib.quantize_dynamic(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16))) for _ in range(2))
+    x = torch.randn(40, 64)
+    gm = torch.export.export(m, (x,)).module()
+    gm.load_state_dict(m2.state_dict())
+    assert torch.equal(gm(x), m2(x))
+    w = m[0].weight
+    packed = ops.int8_pack_weight(w)
+    with torch.no_grad():
+        w2 = w.clone()
+        w2[0, 0] = -w2[0, 0] if w2[0, 0] != 0 else 1  # one value: sampled (the first)
+    s = m[0].weight_scale
+    assert torch.equal(ops.int8_linear_packed(x, packed, w2, s, None), ops.int8_linear(x, w2, s, None))

@@ -120,7 +120,7 @@ def test_packed_weight_is_checked():
     w = torch.randint(-127, 128, (20, 70), dtype=torch.int8)
     x, s = torch.randn(3, 70), torch.ones(20)
     packed = ops.int8_pack_weight(w)
-    for byte in (-16, -12, -4):  # the tag's magic, layout and K
+    for byte in (-32, -28, -20):  # the tag's magic, layout and K
         corrupt = packed.clone()
         corrupt[byte] += 1
         with pytest.raises(RuntimeError, match="its tag is corrupt or names another shape"):

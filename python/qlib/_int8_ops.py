@@ -65,8 +65,8 @@ def _(w_int8):
     n, k = w_int8.shape
     n_mult, k_mult = _C.int8_pack_multiples()  # the current kernel's layout (int8_cpu.cpp)
     n_pad, k_pad = (n + n_mult - 1) // n_mult * n_mult, (k + k_mult - 1) // k_mult * k_mult
-    # panels, one int32 row sum per padded column, a 16-byte layout tag
-    return w_int8.new_empty((n_pad * k_pad + 4 * n_pad + 16,))
+    # panels, one int32 row sum per padded column, a 32-byte tag (layout, shape, w's fingerprint)
+    return w_int8.new_empty((n_pad * k_pad + 4 * n_pad + 32,))
 
 
 @register_fake("qlib::int8_linear_packed")

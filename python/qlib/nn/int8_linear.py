@@ -212,7 +212,8 @@ class Int8Linear(QuantState):
                 Int8Linear._sync_act_range(self)  # (new buffers: torch.func.functional_call, .to())
             if is_functorch_wrapped_tensor(w):  # vmap / grad transforms: no packing of a batch of weights
                 packed = torch.empty(0, dtype=torch.int8, device=w.device)
-            elif self._packed_version != _weight_key(w) or self._packed_ref is None or self._packed_ref() is not w:
+            elif self._packed_version != _weight_key(w) or (ref := self.__dict__.get("_packed_ref")) is None \
+                    or ref() is not w:
                 self.repack()
                 packed = b["weight_packed"]
         if self.activation == "dynamic":
