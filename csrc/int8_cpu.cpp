@@ -332,16 +332,18 @@ constexpr PackLayout kPackLayouts[] = {PackLayout::kInt16Pairs, PackLayout::kU8Q
 constexpr int32_t kPackMagic = 0x38424C51;  // "QLB8"
 constexpr int64_t kPackTagBytes = 32;  // magic, layout, N, K, w's fingerprint, 3 x 0
 
-// A fingerprint of b [N, K] (strides sn, sk): FNV-1a of up to 256 of its values, spread over
-// it. int8_linear_packed compares it with the packed one: a weight replaced where Python cannot
-// repack (a compiled or exported graph after load_state_dict) then runs unpacked, not on the
-// packed copy of the old one.
+// A fingerprint of b [N, K] (strides sn, sk): FNV-1a of its values on a grid of up to 16 x 16
+// rows and columns spread over it. int8_linear_packed compares it with the packed one: a weight
+// replaced where Python cannot repack (a compiled or exported graph after load_state_dict) then
+// runs unpacked, not on the packed copy of the old one.
 int32_t weight_fingerprint(const int8_t* b, int64_t sn, int64_t sk, int64_t N, int64_t K) {
-  const int64_t total = N * K, samples = std::min<int64_t>(total, 256);
+  const int64_t rows = std::min<int64_t>(N, 16), cols = std::min<int64_t>(K, 16);
+  int64_t col[16];
+  for (int64_t j = 0; j < cols; ++j) col[j] = j * K / cols * sk;
   uint32_t h = 2166136261u;
-  for (int64_t i = 0; i < samples; ++i) {
-    const int64_t e = i * total / samples, n = e / K, k = e % K;
-    h = (h ^ static_cast<uint8_t>(b[n * sn + k * sk])) * 16777619u;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int8_t* row = b + i * N / rows * sn;
+    for (int64_t j = 0; j < cols; ++j) h = (h ^ static_cast<uint8_t>(row[col[j]])) * 16777619u;
   }
   return static_cast<int32_t>(h);
 }
