@@ -740,3 +740,16 @@ def test_weight_loaded_into_an_exported_graph_is_not_run_from_the_old_packing():
         w2[0, 0] = -w2[0, 0] if w2[0, 0] != 0 else 1  # one value: sampled (the first)
     s = m[0].weight_scale
     assert torch.equal(ops.int8_linear_packed(x, packed, w2, s, None), ops.int8_linear(x, w2, s, None))
+
+
+def test_int8linear_pickled_before_stop_30_runs():
+    """A whole model pickled before the forward's mirrors of buffer objects existed still runs."""
+    import pickle
+    m = Int8Linear.from_float(nn.Linear(16, 8), activation="static", act_scale=0.1)
+    x = torch.randn(3, 16)
+    ref = m(x)
+    for name in ("_act_range_of", "_packed_ref"):
+        m.__dict__.pop(name, None)
+    old = pickle.loads(pickle.dumps(m))
+    old.__dict__.pop("_packed_ref", None)
+    assert torch.equal(old(x), ref)

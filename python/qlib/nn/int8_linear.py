@@ -208,7 +208,7 @@ class Int8Linear(QuantState):
         bias = b["bias"] if "bias" in b else self.bias  # (a Parameter or parametrized bias is elsewhere)
         packed = b["weight_packed"]
         if not torch.compiler.is_compiling():  # (traced: the state as it was when traced)
-            if self.activation == "static" and b["act_quant_range"] is not self._act_range_of:
+            if self.activation == "static" and b["act_quant_range"] is not self.__dict__.get("_act_range_of"):
                 Int8Linear._sync_act_range(self)  # (new buffers: torch.func.functional_call, .to())
             if is_functorch_wrapped_tensor(w):  # vmap / grad transforms: no packing of a batch of weights
                 packed = torch.empty(0, dtype=torch.int8, device=w.device)
