@@ -874,3 +874,20 @@ def test_parametrized_linears():
         with pytest.raises(ValueError, match=r"2 is a parametrized Linear .*remove its parametrizations"):
             swap(copy.deepcopy(m))
     assert isinstance(qlib.quantize_dynamic(copy.deepcopy(m), filter_fn="0")[0], qlib.nn.Int8Linear)
+
+
+def test_meta_device_models_run_and_copy():
+    """Shape inference on meta: the forwards' re-reads of swapped buffers skip meta ones (no
+    values), and deepcopy / pickling of meta modules works."""
+    q = qlib.prepare(nn.Sequential(nn.Linear(16, 8)))
+    q.to("meta")
+    assert q(torch.randn(3, 16, device="meta")).shape == (3, 8)
+    with torch.device("meta"):
+        q2 = qlib.prepare(nn.Sequential(nn.Linear(16, 8)))
+    copy.deepcopy(q2)
+    m = qlib.nn.Int8Linear.from_float(nn.Linear(64, 32), activation="static", act_scale=0.1).to("meta")
+    assert m(torch.randn(3, 64, device="meta")).shape == (3, 32)
+    with pytest.raises(ValueError, match=r"0 is pruned .*prune.remove"):
+        lin = nn.Sequential(nn.Linear(8, 4))
+        torch.nn.utils.prune.random_unstructured(lin[0], "weight", 0.5)
+        qlib.prepare_qat(lin)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from .config import QATConfig
 from .nn.fake_quantize import FakeQuantize
@@ -55,15 +55,20 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
     chosen = selects(filter_fn, who)
 
     def selected(module: nn.Module, fqn: str) -> bool:
-        if type(module) is not kind:
-            if parametrize.is_parametrized(module) and parametrize.type_before_parametrizations(module) is kind \
-                    and chosen(module, fqn):
-                raise ValueError(
-                    f"qlib.{who}: {fqn or 'the model'} is a parametrized {kind.__name__} (weight_norm, pruning, "
-                    "...); remove its parametrizations first (torch.nn.utils.parametrize."
-                    "remove_parametrizations, torch.nn.utils.prune.remove) or leave it out with filter_fn")
-            return False
-        return chosen(module, fqn)
+        if type(module) is kind:
+            if not chosen(module, fqn):
+                return False
+            if prune.is_pruned(module):
+                raise ValueError(f"qlib.{who}: {fqn or 'the model'} is pruned (torch.nn.utils.prune); make the "
+                                 "pruning permanent first (torch.nn.utils.prune.remove) or leave it out with filter_fn")
+            return True
+        if parametrize.is_parametrized(module) and parametrize.type_before_parametrizations(module) is kind \
+                and chosen(module, fqn):
+            raise ValueError(
+                f"qlib.{who}: {fqn or 'the model'} is a parametrized {kind.__name__} (weight_norm, ...); remove "
+                "its parametrizations first (torch.nn.utils.parametrize.remove_parametrizations) or leave it "
+                "out with filter_fn")
+        return False
 
     if selected(model, ""):
         return make(model, "")

@@ -58,10 +58,12 @@ class FakeQuantize(QuantState):
     @staticmethod
     def _sync_flags(module, incompatible_keys=None):
         b = module._buffers
+        module._synced = (b["switches"], b.get("initialized"))
+        if b["switches"].is_meta:  # (no values to read: the bools stay)
+            return
         module.observer_enabled, module.fake_quant_enabled = (bool(v) for v in b["switches"].tolist())
         if module.learnable:
             module._init_done = bool(b["initialized"])
-        module._synced = (b["switches"], b.get("initialized"))
 
     _sync_init_flag = _sync_flags  # (the hook's name in models pickled before stop 30)
 

@@ -191,14 +191,17 @@ class Int8Linear(QuantState):
 
     @staticmethod
     def _sync_act_range(module: "Int8Linear", incompatible_keys=None) -> None:
-        lo, hi = (int(v) for v in module.act_quant_range.tolist())
+        buf = module._buffers["act_quant_range"]
+        if buf.is_meta:  # (no values to read: the mirror stays)
+            module._act_range_of = buf
+            return
+        lo, hi = (int(v) for v in buf.tolist())
         if not -128 <= lo < hi <= 127:
             raise RuntimeError(f"Int8Linear: act_quant_range [{lo}, {hi}] does not fit int8")
         zp = int(module.act_zero_point)
         if not lo <= zp <= hi:
             raise RuntimeError(f"Int8Linear: act_zero_point {zp} lies outside act_quant_range [{lo}, {hi}]")
-        module._act_range = (lo, hi)
-        module._act_range_of = module._buffers["act_quant_range"]
+        module._act_range, module._act_range_of = (lo, hi), buf
 
     def forward(self, x: Tensor) -> Tensor:
         # Buffers straight from _buffers: nn.Module.__getattr__ costs about 0.7 us a name,
