@@ -49,7 +49,8 @@ class Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction> 
                             const at::Tensor& absmax, const at::Tensor& codebook, int64_t block_size,
                             const std::optional<at::Tensor>& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({packed, absmax, codebook});
+    // The weight only where x's gradient needs it (inference tensors cannot be saved).
+    if (x.requires_grad()) ctx->save_for_backward({packed, absmax, codebook});
     ctx->saved_data["block_size"] = block_size;
     ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : -1;
     at::Tensor y = call_linear_4bit(x, packed, absmax, codebook, block_size, bias);  // checks x

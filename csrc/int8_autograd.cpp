@@ -38,9 +38,11 @@ const c10::TypedOperatorHandle<Int8LinearPackedSig>& int8_linear_packed_op() {
   return op;
 }
 
-void save(AutogradContext* ctx, const at::Tensor& w_int8, const at::Tensor& w_scale,
-          const OptTensor& bias) {
-  ctx->save_for_backward({w_int8, w_scale});
+// The weight only where x's gradient needs it (a module built under inference_mode holds
+// inference tensors, which cannot be saved; bias-only training still runs).
+void save(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_int8,
+          const at::Tensor& w_scale, const OptTensor& bias) {
+  if (x.requires_grad()) ctx->save_for_backward({w_int8, w_scale});
   ctx->saved_data["bias_dtype"] =
       bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
 }
@@ -81,7 +83,7 @@ class Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> 
                             const OptTensor& act_scale, const OptTensor& act_zero_point,
                             int64_t qmin, int64_t qmax) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    save(ctx, w_int8, w_scale, bias);
+    save(ctx, x, w_int8, w_scale, bias);
     return int8_linear_op()
         .call(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
   }
@@ -100,7 +102,7 @@ class Int8LinearPackedFunction : public torch::autograd::Function<Int8LinearPack
                             const OptTensor& bias, const OptTensor& act_scale,
                             const OptTensor& act_zero_point, int64_t qmin, int64_t qmax) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    save(ctx, w_int8, w_scale, bias);
+    save(ctx, x, w_int8, w_scale, bias);
     return int8_linear_packed_op()
         .call(x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
   }

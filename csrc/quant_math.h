@@ -253,14 +253,19 @@ namespace qlib {
 // averaging_constant c <= 0: running min / max (MinMaxObserver). c > 0: the
 // moving average min += c * (lo - min), the first batch taken as is
 // (MovingAverageMinMaxObserver), rounded step by step like torch.ao's
-// separate tensor ops (no fused multiply-add).
+// separate tensor ops (no fused multiply-add). Where v - avg overflows float32 (finite
+// values of opposite signs past 1.7e38), torch.ao gives Inf and asserts; qlib takes the
+// step in double (a point between avg and v, so finite).
 QLIB_HD float moving_average_step(float avg, float v, float c) {
 #ifdef __CUDA_ARCH__
-  return __fadd_rn(avg, __fmul_rn(c, __fsub_rn(v, avg)));
+  const float out = __fadd_rn(avg, __fmul_rn(c, __fsub_rn(v, avg)));
 #else
   const volatile float step = c * (v - avg);  // volatile: rounded, never fused into an FMA
-  return avg + step;
+  const float out = avg + step;
 #endif
+  if (fabsf(out) <= 3.4028234663852886e+38f) return out;
+  const double a = avg;
+  return static_cast<float>(a + static_cast<double>(c) * (static_cast<double>(v) - a));
 }
 
 QLIB_HD void update_minmax(float& min_val, float& max_val, float lo, float hi, float c) {

@@ -201,3 +201,18 @@ def test_gptq_bad_arguments():
         Linear4bit.from_codes(torch.zeros(8, 16, dtype=torch.int8), torch.ones(8, 3), 8)
     with pytest.raises(ValueError, match="codes must lie in \\[-8, 7\\]"):
         Linear4bit.from_codes(torch.full((8, 16), 9, dtype=torch.int8), torch.ones(8, 2), 8)
+
+
+def test_gptq_under_autocast_and_keeps_each_modules_mode():
+    """Called under autocast, GPTQ's own math stays float32 (the same codes); each module keeps
+    its train / eval mode (a frozen BatchNorm in a training model stays frozen)."""
+    model = nn.Sequential(nn.Linear(64, 48), nn.BatchNorm1d(48), nn.Linear(48, 8))
+    model.train()
+    model[1].eval()
+    batches = [correlated_inputs(32, 64, seed=s) for s in range(3)]
+    plain = qlib.gptq_quantize(copy.deepcopy(model), batches, group_size=16, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = qlib.gptq_quantize(copy.deepcopy(model), batches, group_size=16, progress=False)
+    # (The first Linear sees the same inputs; the later ones see the autocast model's.)
+    assert torch.equal(cast[0].packed, plain[0].packed) and torch.equal(cast[0].absmax, plain[0].absmax)
+    assert [m.training for m in plain.modules()] == [True, True, False, True]

@@ -108,3 +108,32 @@ def test_cast_with_cuda_move():
     x = torch.randn(5, 24)
     torch.testing.assert_close(moved(x.cuda().bfloat16()).float().cpu(), model(x.bfloat16()).float(),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("swap", ["quantize_dynamic", "quantize_weight_only", "prepare_qat"])
+def test_modules_take_jagged_nested_inputs(swap):
+    """As nn.Linear does, qlib's Linears (and QAT's FakeQuantize) take a jagged nested x: its
+    rows run as one dense batch. Other nested layouts raise, naming the module."""
+    rows = [torch.randn(3, 64), torch.randn(5, 64)]
+    model = getattr(qlib, swap)(nn.Sequential(nn.Linear(64, 32)))
+    twin = copy.deepcopy(model)
+    out = model(torch.nested.nested_tensor(rows, layout=torch.jagged))
+    assert out.is_nested and [t.shape for t in out.unbind()] == [(3, 32), (5, 32)]
+    assert torch.equal(out.values(), twin(torch.cat(rows)))
+    with pytest.raises(TypeError, match=r"(Int8Linear|Linear4bit|FakeQuantize): a nested tensor must have the jagged layout"):
+        model(torch.nested.nested_tensor(rows))
+
+
+def test_linears_built_under_inference_mode_run_outside_it():
+    """A Linear4bit / Int8Linear made under inference_mode (its buffers inference tensors) runs,
+    and trains its bias, outside it, as nn.Linear does: the weight is saved for backward only
+    when x needs a gradient."""
+    with torch.inference_mode():
+        q4 = qlib.quantize_weight_only(nn.Linear(64, 32))
+        q8 = qlib.nn.Int8Linear.from_float(nn.Linear(64, 32))
+    q8.bias = nn.Parameter(q8.bias.clone())
+    x = torch.randn(4, 64)
+    for m in (q4, q8):
+        assert m.bias.requires_grad
+        m(x).sum().backward()
+        torch.testing.assert_close(m.bias.grad, torch.full((32,), 4.0))

@@ -1,11 +1,14 @@
 """Quantization-aware training: FakeQuantize, QATConfig, QATLinear, prepare_qat."""
 import copy
+import functools
 import math
 import os
+import pickle
 
 import pytest
 import torch
 from torch import nn
+from torch.ao import quantization as tq
 
 import qlib
 from qlib.config import QATConfig
@@ -100,6 +103,89 @@ def test_fake_quantize_switches_survive_a_checkpoint(device):
     assert fresh.observer_enabled and fresh.fake_quant_enabled and fresh.switches.tolist() == [1, 1]
     with pytest.raises(RuntimeError, match="switches"):
         fresh.load_state_dict(dict(state, switches=torch.ones(3, dtype=torch.uint8)))
+
+
+def test_fake_quantize_switch_attributes_and_torch_ao_helpers():
+    """Assigning observer_enabled / fake_quant_enabled is a switch like enable_observer (it reaches
+    the checkpoint and copies), and torch.ao's helpers (the QAT tutorial's freeze step) act on
+    qlib's FakeQuantize."""
+    fq = FakeQuantize(MinMaxObserver())
+    fq(torch.randn(4, 8))
+    fq.observer_enabled = False
+    fq.fake_quant_enabled = 0
+    assert fq.switches.tolist() == [0, 0] and fq.observer_enabled is False
+    fresh = FakeQuantize(MinMaxObserver())
+    fresh.load_state_dict(fq.state_dict())
+    for other in (fresh, copy.deepcopy(fq), pickle.loads(pickle.dumps(fq))):
+        assert not other.observer_enabled and not other.fake_quant_enabled
+    m = qlib.prepare_qat(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+    m(torch.randn(3, 8))
+    quantizers = [q for q in m.modules() if isinstance(q, FakeQuantize)]
+    assert len(quantizers) == 4 and all(isinstance(q, tq.FakeQuantizeBase) for q in quantizers)
+    m.apply(tq.disable_observer)
+    assert all(q.switches.tolist() == [0, 1] for q in quantizers)
+    before = [q.calculate_qparams() for q in quantizers]
+    m(torch.randn(3, 8) * 100)  # frozen
+    assert all(torch.equal(a[0], q.calculate_qparams()[0]) for a, q in zip(before, quantizers))
+    m.apply(tq.disable_fake_quant)
+    x = torch.randn(3, 8)
+    assert all(not q.fake_quant_enabled for q in quantizers) 
+    assert torch.equal(m[0](x), nn.functional.linear(x, m[0].weight, m[0].bias))  # float again
+    m.apply(tq.enable_observer)
+    m.apply(tq.enable_fake_quant)
+    assert all(q.switches.tolist() == [1, 1] for q in quantizers)
+
+
+def test_learnable_fake_quantize_with_parametrized_qparams():
+    """A parametrized learnable scale / zero point (torch.nn.utils.parametrize) runs, takes its
+    first values through right_inverse, and its original parameter gets the gradient."""
+    from torch.nn.utils import parametrize
+
+    class Exp(nn.Module):
+        def forward(self, t):
+            return t.exp()
+
+        def right_inverse(self, t):
+            return t.log()
+
+    class Twice(nn.Module):
+        def forward(self, t):
+            return t * 2
+
+        def right_inverse(self, t):
+            return t / 2
+
+    x = torch.randn(8, 64)
+    plain = FakeQuantize(MinMaxObserver(symmetric=False), learnable=True)
+    plain(x)
+    for before_first_batch in (True, False):
+        fq = FakeQuantize(MinMaxObserver(symmetric=False), learnable=True)
+        if not before_first_batch:
+            fq(x)
+        parametrize.register_parametrization(fq, "scale", Exp())
+        parametrize.register_parametrization(fq, "zero_point", Twice())
+        y = fq(x.requires_grad_())
+        torch.testing.assert_close(fq.scale, plain.scale)
+        assert torch.equal(fq.zero_point, plain.zero_point)
+        assert torch.equal(y, ops.lsq_fake_quant(x, fq.scale, fq.zero_point, 0, 255, None, fq.eps))
+        y.sum().backward()
+        originals = fq.parametrizations
+        assert originals.scale.original.grad is not None and originals.zero_point.original.grad is not None
+
+
+def test_foreign_observers_are_refused_by_name():
+    """torch.ao observers, the abstract base, partials and observer classes given to FakeQuantize
+    raise at construction, naming the argument (they failed later with unrelated errors)."""
+    for spec in (tq.MovingAverageMinMaxObserver, "ObserverBase", "_HistogramObserver",
+                 functools.partial(MinMaxObserver, bits=4), qlib.observers.ObserverBase):
+        with pytest.raises(ValueError, match="QATConfig.activation_observer: .*(not a qlib observer|no observer named)"):
+            QATConfig(activation_observer=spec)
+    for observer, what in ((tq.MinMaxObserver(), "MinMaxObserver"), (MinMaxObserver, "the class MinMaxObserver")):
+        with pytest.raises(TypeError, match=f"qlib.nn.FakeQuantize: observer must be a qlib.observers observer instance, got .*{what}"):
+            FakeQuantize(observer)
+    class MyObserver(MinMaxObserver):  # a subclass is a qlib observer
+        pass
+    assert QATConfig(activation_observer=MyObserver).activation_observer_class() is MyObserver
 
 
 def test_fresh_learnable_fake_quantize_has_no_qparams_to_convert():
@@ -791,7 +877,6 @@ def test_transformer_layer_quantized_alone_takes_its_encoders_nested_tensor():
 def test_fake_quantize_pickled_before_switches_loads():
     """A model saved whole (torch.save(model)) before FakeQuantize kept its switches: it unpickles
     (its learnable hook had another name), gets the buffer from its bools, and loads states."""
-    import pickle
     for learnable in (False, True):
         m = qlib.prepare_qat(nn.Sequential(nn.Linear(8, 8)), QATConfig(activation_learnable=learnable))
         m(torch.randn(4, 8))
@@ -802,7 +887,8 @@ def test_fake_quantize_pickled_before_switches_loads():
                 fq._load_state_dict_post_hooks.clear()
                 if learnable:
                     fq.register_load_state_dict_post_hook(FakeQuantize._sync_init_flag)
-                fq.observer_enabled = False
+                del fq._observer_enabled, fq._fake_quant_enabled  # plain attributes then
+                fq.__dict__.update(observer_enabled=False, fake_quant_enabled=True)
         old = pickle.loads(pickle.dumps(m))
         fq = old[0].activation_fake_quant
         assert fq.switches.tolist() == [0, 1] and not fq.observer_enabled

@@ -59,10 +59,18 @@ class QATConfig:
     def _observer_class(spec, field):
         from . import observers
 
-        cls = getattr(observers, spec, None) if isinstance(spec, str) else spec
-        if not isinstance(cls, type):
-            raise ValueError(f"QATConfig.{field}: no observer named {spec!r} in qlib.observers")
-        return cls
+        if isinstance(spec, str):
+            cls = getattr(observers, spec, None) if spec in observers.__all__ else None
+            if cls is None or not cls._stat_buffers:
+                raise ValueError(f"QATConfig.{field}: no observer named {spec!r} in qlib.observers "
+                                 f"(one of {[n for n in observers.__all__ if n != 'ObserverBase']})")
+            return cls
+        if not (isinstance(spec, type) and issubclass(spec, observers.ObserverBase) and spec._stat_buffers):
+            raise ValueError(
+                f"QATConfig.{field}: {spec!r} is not a qlib observer class: give a class of qlib.observers "
+                f"(e.g. qlib.observers.MinMaxObserver, or a subclass) or its name; torch.ao's observers "
+                f"and functools.partial are not taken")
+        return spec
 
     def weight_observer_class(self):
         return self._observer_class(self.weight_observer, "weight_observer")

@@ -41,7 +41,8 @@ class _Hessian:
         self.h *= self.rows / (self.rows + n)
         self.rows += n
         x = x * (2.0 / self.rows) ** 0.5
-        self.h += x.T @ x
+        with torch.autocast(x.device.type, enabled=False):  # (a caller's autocast would run it in bf16)
+            self.h += x.T @ x
 
 
 @torch.no_grad()
@@ -159,19 +160,22 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
                                              for key in group}
             hooks = [selected[key][1].register_forward_pre_hook(lambda mod, args: hessians[id(mod)].add(args[0]))
                      for key in group]
-            was_training = model.training
+            modes = [(mod, mod.training) for mod in model.modules()]  # each its own (a frozen BatchNorm stays eval)
             try:
                 calibrate(model, batches, progress)
             finally:
                 for hook in hooks:
                     hook.remove()
-                model.train(was_training)
+                for mod, training in modes:
+                    mod.training = training
             for key in group:
                 fqn, m = selected[key]
                 name = f"Linear {fqn!r}" if fqn else "the Linear"
                 if hessians[key].rows == 0:
                     raise ValueError(f"qlib.gptq_quantize: {name} saw no calibration input")
-                codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, act_order, name=name)
+                with torch.autocast(m.weight.device.type, enabled=False):  # float32, under a caller's autocast
+                    codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, act_order,
+                                                name=name)
                 made[key] = Linear4bit.from_codes(codes, scales, group_size, m.bias, compute_dtype)
                 bar.update()
             if sequential:  # the next Linears calibrate on these already quantized

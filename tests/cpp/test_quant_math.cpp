@@ -122,6 +122,11 @@ TEST(QuantMath, UpdateMinMax) {
   qlib::update_minmax(m, M, v, -INFINITY, c);
   const volatile float step = c * (v - a0);
   EXPECT_EQ(m, a0 + step);
+  float big_lo = -3e38f, big_hi = 1.0f;  // v - avg overflows float32: the step in double
+  qlib::update_minmax(big_lo, big_hi, 2.9e38f, 2.9e38f, 0.5f);
+  const double a64 = -3e38f, v64 = 2.9e38f;
+  EXPECT_EQ(big_lo, static_cast<float>(a64 + 0.5 * (v64 - a64)));
+  EXPECT_TRUE(std::isfinite(big_lo));
 }
 
 TEST(QuantMath, ChooseQParams) {

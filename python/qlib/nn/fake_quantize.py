@@ -5,8 +5,10 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.ao.quantization import FakeQuantizeBase
+from torch.nn.utils import parametrize
 
-from .._state import QuantState
+from .._state import QuantState, on_nested
 
 ops = torch.ops.qlib
 
@@ -24,6 +26,11 @@ class FakeQuantize(QuantState):
     def __init__(self, observer: nn.Module, learnable: bool = False,
                  qparams_shape: Optional[Sequence[int]] = None, eps: float = 1e-8):
         super().__init__()
+        from ..observers import ObserverBase
+
+        if not isinstance(observer, ObserverBase):
+            what = f"the class {observer.__name__} (pass an instance)" if isinstance(observer, type) else repr(observer)
+            raise TypeError(f"qlib.nn.FakeQuantize: observer must be a qlib.observers observer instance, got {what}")
         self.observer = observer
         self.quant_min = int(observer.quant_min)
         self.quant_max = int(observer.quant_max)
@@ -31,8 +38,8 @@ class FakeQuantize(QuantState):
         self.eps = eps
         # The switches are Python bools (torch.compile guards on them, no host read) mirrored in
         # the uint8 buffer `switches` = [observer, fake quant], so a checkpoint keeps them.
-        self.observer_enabled = True
-        self.fake_quant_enabled = True
+        self._observer_enabled = True
+        self._fake_quant_enabled = True
         self.register_buffer("switches", torch.ones(2, dtype=torch.uint8))
         self.register_load_state_dict_post_hook(FakeQuantize._sync_flags)
         if learnable:
@@ -61,34 +68,53 @@ class FakeQuantize(QuantState):
         module._synced = (b["switches"], b.get("initialized"))
         if b["switches"].is_meta:  # (no values to read: the bools stay)
             return
-        module.observer_enabled, module.fake_quant_enabled = (bool(v) for v in b["switches"].tolist())
+        module._observer_enabled, module._fake_quant_enabled = (bool(v) for v in b["switches"].tolist())
         if module.learnable:
             module._init_done = bool(b["initialized"])
 
     _sync_init_flag = _sync_flags  # (the hook's name in models pickled before stop 30)
 
     def __setstate__(self, state):
+        for name in ("observer_enabled", "fake_quant_enabled"):  # plain attributes before stop 31
+            if name in state:
+                state["_" + name] = state.pop(name)
         super().__setstate__(state)
         if "switches" not in self._buffers:  # pickled (torch.save(model)) before stop 30
             device = next(self.buffers(), torch.empty(0)).device
             self.register_buffer("switches", torch.tensor(
-                [self.observer_enabled, self.fake_quant_enabled], dtype=torch.uint8, device=device))
+                [self._observer_enabled, self._fake_quant_enabled], dtype=torch.uint8, device=device))
             if FakeQuantize._sync_flags not in self._load_state_dict_post_hooks.values():
                 self.register_load_state_dict_post_hook(FakeQuantize._sync_flags)
         FakeQuantize._sync_flags(self)
 
-    # torch.ao-style switches
+    # torch.ao-style switches (torch.ao.quantization's disable_observer etc. call them too)
+    @property
+    def observer_enabled(self) -> bool:
+        return self._observer_enabled
+
+    @observer_enabled.setter
+    def observer_enabled(self, enabled: bool) -> None:
+        self.enable_observer(enabled)
+
+    @property
+    def fake_quant_enabled(self) -> bool:
+        return self._fake_quant_enabled
+
+    @fake_quant_enabled.setter
+    def fake_quant_enabled(self, enabled: bool) -> None:
+        self.enable_fake_quant(enabled)
+
     def enable_observer(self, enabled: bool = True):
-        self.observer_enabled = bool(enabled)
-        self.switches[0] = self.observer_enabled
+        self._observer_enabled = bool(enabled)
+        self.switches[0] = self._observer_enabled
         return self
 
     def disable_observer(self):
         return self.enable_observer(False)
 
     def enable_fake_quant(self, enabled: bool = True):
-        self.fake_quant_enabled = bool(enabled)
-        self.switches[1] = self.fake_quant_enabled
+        self._fake_quant_enabled = bool(enabled)
+        self.switches[1] = self._fake_quant_enabled
         return self
 
     def disable_fake_quant(self):
@@ -108,17 +134,19 @@ class FakeQuantize(QuantState):
         return self.observer.calculate_qparams()
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: a jagged x runs on its values)
+            return on_nested("qlib.nn.FakeQuantize", self.forward, x)
         observer = self._modules["observer"]  # (nn.Module.__getattr__ costs about 0.7 us)
         b = self._buffers
         if not torch.compiler.is_compiling() and (
                 b["switches"] is not self._synced[0] or b.get("initialized") is not self._synced[1]):
             FakeQuantize._sync_flags(self)  # other buffers (torch.func.functional_call, .to()): read them
-        if self.fake_quant_enabled and not self.learnable:
+        if self._fake_quant_enabled and not self.learnable:
             # One op (min-max observers), or None.
-            y = observer._observe_fake_quant(x, self.observer_enabled)
+            y = observer._observe_fake_quant(x, self._observer_enabled)
             if y is not None:
                 return y
-        if self.observer_enabled:
+        if self._observer_enabled:
             observer(x.detach())
             if self.learnable and not self._init_done:
                 if torch.compiler.is_exporting():  # (an exported graph would re-initialise every call)
@@ -133,18 +161,23 @@ class FakeQuantize(QuantState):
                         f"the learnable scale has qparams_shape {tuple(self.scale.shape)}; pass "
                         f"qparams_shape={tuple(scale.shape)}")
                 with torch.no_grad():
-                    self.scale.copy_(scale.reshape(self.scale.shape))
-                    self.zero_point.copy_(zp.reshape(self.zero_point.shape).float())
+                    for name, value in (("scale", scale), ("zero_point", zp.float())):
+                        if parametrize.is_parametrized(self, name):  # (set through right_inverse)
+                            setattr(self, name, value.reshape(getattr(self, name).shape))
+                        else:
+                            getattr(self, name).copy_(value.reshape(getattr(self, name).shape))
                     self.initialized.fill_(True)
                 self._init_done = True
-        if not self.fake_quant_enabled:
+        if not self._fake_quant_enabled:
             return x
         if self.learnable:
             # One op: the clamps (scale >= eps, zero point in range) and LSQ's gradient scale
             # (None: 1 / sqrt(x.numel() * quant_max), in the op, so no shape is specialised).
-            p = self._parameters
-            zp = p["zero_point"] if "zero_point" in p else self._buffers["zero_point"]
-            return ops.lsq_fake_quant(x, p["scale"].to(x.device), zp.to(x.device), self.quant_min,
+            # (A parametrized scale / zero point lives outside _parameters and _buffers.)
+            p, b = self._parameters, self._buffers
+            scale = p["scale"] if "scale" in p else self.scale
+            zp = p["zero_point"] if "zero_point" in p else b["zero_point"] if "zero_point" in b else self.zero_point
+            return ops.lsq_fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min,
                                       self.quant_max, None, self.eps)
         if observer._buffers["qparams_shape"].numel() == 0:
             raise RuntimeError("qlib.nn.FakeQuantize: its observer has recorded nothing yet; "
@@ -155,3 +188,8 @@ class FakeQuantize(QuantState):
     def extra_repr(self) -> str:
         return (f"quant_range=({self.quant_min}, {self.quant_max}), learnable={self.learnable}, "
                 f"observer_enabled={self.observer_enabled}, fake_quant_enabled={self.fake_quant_enabled}")
+
+
+# torch.ao.quantization's switch helpers (`model.apply(torch.ao.quantization.disable_observer)`, the
+# QAT tutorial's freeze step) act on FakeQuantizeBase instances only.
+FakeQuantizeBase.register(FakeQuantize)

@@ -18,7 +18,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from .. import _C, _int8_ops  # noqa: F401  (_int8_ops registers the int8 fakes)
 from .._ops import choose_qparams, quantize
-from .._state import QuantState
+from .._state import QuantState, on_nested
 
 _ACTIVATIONS = ("dynamic", "static")
 # The op's floor for act_scale (kMinScale, the smallest normal float32): 1 / scale stays finite.
@@ -204,6 +204,8 @@ class Int8Linear(QuantState):
         module._act_range, module._act_range_of = (lo, hi), buf
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: jagged nested tensors run on their values)
+            return on_nested("Int8Linear", self.forward, x)
         # Buffers straight from _buffers: nn.Module.__getattr__ costs about 0.7 us a name,
         # which is most of a small call's Python time.
         b = self._buffers

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import _fourbit_ops
 from .._fourbit_ops import CodebookLike, codebook_4bit
-from .._state import QuantState
+from .._state import QuantState, on_nested
 
 
 def _check_in_features(x: Tensor, in_features: int, out_features: int) -> None:
@@ -136,6 +136,8 @@ class Linear4bit(QuantState):
         return mod
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: jagged nested tensors run on their values)
+            return on_nested("Linear4bit", self.forward, x)
         _check_in_features(x, self.in_features, self.out_features)
         b = self._buffers  # (nn.Module.__getattr__ costs about 0.7 us a name)
         cast = self.compute_dtype is not None and x.dtype != self.compute_dtype
