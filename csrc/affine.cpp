@@ -319,7 +319,11 @@ at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scal
 }
 
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
-                                    int64_t quant_min, int64_t quant_max) {
+                                    const at::Tensor& zero_point, int64_t quant_min,
+                                    int64_t quant_max, bool zero_point_grad) {
+  TORCH_CHECK(!zero_point_grad || zero_point.is_floating_point(), op,
+              ": zero_point_grad needs a floating zero_point (LSQ+), got ",
+              zero_point.scalar_type());
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
                   grad.device() == x.device(),
               op, ": grad (", grad.scalar_type(), grad.sizes(), " on ", grad.device(),

@@ -97,7 +97,8 @@ at::Tensor call_fake_quant(const at::Tensor& x, const at::Tensor& scale,
 
 // fake_quant_backward: grad matches x (shape, dtype, device), x and range valid.
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
-                                    int64_t quant_min, int64_t quant_max);
+                                    const at::Tensor& zero_point, int64_t quant_min,
+                                    int64_t quant_max, bool zero_point_grad);
 // Sums a per-element tensor (x's shape) over each block of scale: scale's shape.
 at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scale);
 // fake_quant_backward's outputs: grad_x (in the kernels' order), and the LSQ gradients summed

@@ -164,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
     bool zero_point_grad) {
   const char* op = "qlib::fake_quant_backward";
-  check_fake_quant_backward_args(op, grad, x, quant_min, quant_max);
+  check_fake_quant_backward_args(op, grad, x, zero_point, quant_min, quant_max, zero_point_grad);
   const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
   const at::Tensor g = a.arranged_like_x(grad);
   at::Tensor grad_x = a.empty_like_x(a.x.options());

@@ -14,7 +14,7 @@
 
 namespace qlib {
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // (a + b - 1 overflows)
 
 // The CPU kernel family of linear_4bit and dequantize_4bit (fourbit_cpu.cpp), each running what
 // the one before does plus its own: "scalar"; "avx512" (float32 decode and dots; a bfloat16 x

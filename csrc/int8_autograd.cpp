@@ -47,9 +47,11 @@ void save(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_int8,
       bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
 }
 
-// {grad_x, grad_bias} from the saved weight.
+// {grad_x, grad_bias} from the saved weight. bias_input: the bias's index among the tensor
+// inputs that needs_input_grad counts (an absent bias has none: asked only for a bias).
 std::pair<at::Tensor, at::Tensor> grads_of(AutogradContext* ctx, const at::Tensor& grad,
-                                           bool need_x, bool need_bias) {
+                                           size_t bias_input) {
+  const bool need_x = ctx->needs_input_grad(0);
   const auto saved = ctx->get_saved_variables();
   at::Tensor grad_x, grad_bias;
   if (need_x) {
@@ -58,7 +60,7 @@ std::pair<at::Tensor, at::Tensor> grads_of(AutogradContext* ctx, const at::Tenso
     grad_x = at::matmul(grad, w_hat);
   }
   const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-  if (need_bias && bias_dtype >= 0) {
+  if (bias_dtype >= 0 && ctx->needs_input_grad(bias_input)) {
     grad_bias = linear_bias_grad(grad, static_cast<at::ScalarType>(bias_dtype));
   }
   return {grad_x, grad_bias};
@@ -89,7 +91,7 @@ class Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> 
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     // needs_input_grad counts tensor inputs: x, w_int8, w_scale, bias, act_scale, act_zero_point.
-    auto [gx, gb] = grads_of(ctx, grads[0], ctx->needs_input_grad(0), ctx->needs_input_grad(3));
+    auto [gx, gb] = grads_of(ctx, grads[0], 3);
     return {gx, at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
   }
@@ -108,7 +110,7 @@ class Int8LinearPackedFunction : public torch::autograd::Function<Int8LinearPack
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     // Tensor inputs: x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point.
-    auto [gx, gb] = grads_of(ctx, grads[0], ctx->needs_input_grad(0), ctx->needs_input_grad(4));
+    auto [gx, gb] = grads_of(ctx, grads[0], 4);
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
   }

@@ -5,6 +5,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "affine.h"
 
 namespace qlib {
@@ -35,6 +37,25 @@ std::tuple<at::Tensor, at::Tensor> call_observer_qparams(const at::Tensor& min_v
   return op.call(min_val, max_val, quant_min, quant_max, symmetric, eps);
 }
 
+// qparams_shape (x's rank, past one block) must scale the blocks that are observed: along
+// block_axis > 0 its size there and ones elsewhere; for block_axis 0 (x's rows in row-major
+// order) x's leading sizes, then a divisor of the next one, then ones.
+void check_blocks_of_x(const at::Tensor& x, int64_t block_axis, c10::SymIntArrayRef q) {
+  if (std::all_of(q.begin(), q.end(), [](const c10::SymInt& d) { return d == 1; })) return;
+  const auto xs = x.sym_sizes();
+  bool ok = static_cast<int64_t>(q.size()) == x.dim();
+  if (ok && block_axis > 0) {
+    for (int64_t d = 0; d < x.dim(); ++d) ok = ok && q[d] == (d == block_axis ? xs[d] : 1);
+  } else if (ok) {
+    int64_t d = 0;
+    while (d < x.dim() && q[d] == xs[d]) ++d;
+    if (d < x.dim()) ok = xs[d] % q[d] == 0;
+    for (++d; d < x.dim(); ++d) ok = ok && q[d] == 1;
+  }
+  TORCH_CHECK(ok, kOp, ": qparams_shape ", q, " does not scale the blocks of x (shape ", xs,
+              ") observed along block_axis ", block_axis);
+}
+
 // Symbolic sizes throughout: torch.compile traces this body with dynamic shapes.
 at::Tensor minmax_fake_quant(const at::Tensor& x, const at::Tensor& min_val,
                              const at::Tensor& max_val, const at::Tensor& observed,
@@ -54,9 +75,13 @@ at::Tensor minmax_fake_quant(const at::Tensor& x, const at::Tensor& min_val,
   TORCH_SYM_CHECK((x.sym_numel() % blocks).sym_eq(0), kOp, ": x of shape ", x.sym_sizes(),
                   " does not split into ", blocks, " blocks (min_val's size)");
   c10::SymInt held = 1;
-  for (const auto& d : qparams_shape) held = held * d;
+  for (const auto& d : qparams_shape) {
+    TORCH_SYM_CHECK(d.sym_ge(1), kOp, ": qparams_shape ", qparams_shape, " must be positive");
+    held = held * d;
+  }
   TORCH_SYM_CHECK(held.sym_eq(blocks), kOp, ": qparams_shape ", qparams_shape, " must hold ",
                   blocks, " values (one per block)");
+  check_blocks_of_x(x, block_axis, qparams_shape);
   if (observe && x.sym_numel().sym_ne(0).guard_bool(__FILE__, __LINE__)) {
     at::Tensor rows = x.detach();
     if (block_axis != 0) rows = rows.movedim(block_axis, 0);

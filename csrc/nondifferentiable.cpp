@@ -1,12 +1,15 @@
 // The Autograd kernel of the ops whose outputs carry no gradient: qparams, observer statistics
-// and codes (as torch.ao's observers and torch's choose_qparams ops). They run below autograd,
-// so their float outputs never require grad; without a kernel here torch's fallback marked them
+// and codes (as torch.ao's observers and torch's choose_qparams ops), and minmax_observe's
+// in-place update. They run below autograd, so their float outputs never require grad; without a kernel here torch's fallback marked them
 // as requiring grad and gave their inputs no gradient, with only a warning. dequantize has its
 // own kernel (affine_autograd.cpp); dequantize_4bit and linear_4bit raise for absmax / codebook
 // (fourbit_autograd.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include <vector>
 
 namespace qlib {
 namespace {
@@ -14,6 +17,28 @@ namespace {
 void below_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   at::AutoDispatchBelowADInplaceOrView guard;
   op.callBoxed(stack);
+}
+
+// An op that writes its (a!) arguments in place (minmax_observe): as torch's in-place ops, a
+// written tensor may not require grad, nor be a negative / conjugate view, and its version
+// counter moves (so autograd sees the change).
+void in_place_below_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& v = (*stack)[first + i];
+    if (!args[i].alias_info() || !args[i].alias_info()->isWrite() || !v.isTensor()) continue;
+    const at::Tensor& t = v.toTensor();
+    TORCH_CHECK(!t.requires_grad(), op.schema().name(), ": ", args[i].name(),
+                " is written in place and must not require grad");
+    TORCH_CHECK(!t.is_neg() && !t.is_conj(), op.schema().name(), ": ", args[i].name(),
+                " is written in place and must not be a negative or conjugate view "
+                "(resolve_neg() / resolve_conj() it first)");
+    written.push_back(t);
+  }
+  below_autograd(op, stack);
+  for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
 }
 
 }  // namespace
@@ -25,6 +50,7 @@ TORCH_LIBRARY_IMPL(qlib, Autograd, m) {
         "histogram_entropy_search", "quantize_4bit"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&below_autograd>());
   }
+  m.impl("minmax_observe", torch::CppFunction::makeFromBoxedFunction<&in_place_below_autograd>());
 }
 
 }  // namespace qlib

@@ -603,7 +603,8 @@ std::tuple<at::Tensor, at::Tensor> histogram_entropy_search_cpu(const at::Tensor
   // log(j) looked up, not computed, for the counts of rows of up to 8192 values (per-channel
   // weights: nearly every log of the search), else for the small counts (non-empty bins).
   const int64_t max_total = R > 0 && B > 0 ? hist.sum(1).max().item<int64_t>() : 0;
-  std::vector<double> log_table(max_total <= 8192 ? max_total + 1 : 256);
+  // (A sum past int64 wraps negative: the short table then.)
+  std::vector<double> log_table(max_total >= 0 && max_total <= 8192 ? max_total + 1 : 256);
   for (size_t j = 1; j < log_table.size(); ++j) log_table[j] = std::log(static_cast<double>(j));
   const WholeLog lg{log_table.data(), static_cast<int64_t>(log_table.size())};
   // One row's search: KL of every window width i, ties to the widest window

@@ -391,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
     bool zero_point_grad) {
   const char* op = "qlib::fake_quant_backward";
-  check_fake_quant_backward_args(op, grad, x, quant_min, quant_max);
+  check_fake_quant_backward_args(op, grad, x, zero_point, quant_min, quant_max, zero_point_grad);
   const at::OptionalDeviceGuard guard(x.device());
   const AffineArgs a = prepare_fake_quant(op, x, scale, zero_point, quant_min, quant_max);
   const at::Tensor g = a.arranged_like_x(grad);

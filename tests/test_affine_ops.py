@@ -1,5 +1,8 @@
 """quantize / dequantize / choose_qparams, the seeds' worked examples, opcheck,
 torch.compile / torch.export, and bad input."""
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -137,6 +140,32 @@ def test_many_dims_match_torch(device, rank):
 def test_python_wrappers_name_an_out_of_range_zero_point():
     with pytest.raises(RuntimeError, match=r"qlib::fake_quant: zero_point must lie in \[quant_min, quant_max\] = \[-128, 127\], got 2.14748e\+09"):
         qlib.fake_quant(torch.randn(4), 0.1, 2**31)
+
+
+def test_python_wrappers_refuse_what_is_not_an_int_zero_point():
+    """A float zero point was truncated (1.7 -> 1) where the op rounds a floating tensor; other
+    bad Python qparams raised errors that named neither qlib nor the argument."""
+    x = torch.randn(6)
+    for call in (lambda zp: qlib.fake_quant(x, 0.1, zp), lambda zp: qlib.quantize(x, 0.1, zp),
+                 lambda zp: qlib.dequantize(torch.zeros(3, dtype=torch.int8), 0.1, zp)):
+        for zp in (1.7, 2.0, math.nan, "3"):
+            with pytest.raises(TypeError, match=r"qlib.(fake_quant|quantize|dequantize): zero_point must be an int, a Tensor or None"):
+                call(zp)
+        with pytest.raises(ValueError, match=r"qlib.(fake_quant|quantize|dequantize): zero_point 1180591620717411303424 is out of range"):
+            call(2**70)
+    for scale in (None, [0.1], True):
+        with pytest.raises(TypeError, match=r"qlib.quantize: scale must be a Tensor or a float"):
+            qlib.quantize(x, scale)
+    with pytest.raises(TypeError, match=r"qlib.fake_quant: x must be a Tensor, got list"):
+        qlib.fake_quant([1.0, 2.0], 0.1)
+    assert torch.equal(qlib.quantize(x, np.float32(0.1), np.int64(3)), qlib.quantize(x, 0.1, 3))
+
+
+def test_fake_quant_backward_zero_point_grad_needs_a_floating_zero_point(device):
+    x, g = torch.randn(9, device=device), torch.randn(9, device=device)
+    s = torch.tensor([0.1], device=device)
+    with pytest.raises(RuntimeError, match=r"qlib::fake_quant_backward: zero_point_grad needs a floating zero_point \(LSQ\+\), got Int"):
+        ops.fake_quant_backward(g, x, s, torch.zeros(1, dtype=torch.int32, device=device), -8, 7, True, True)
 
 
 def test_python_wrappers_take_an_int_zero_point_with_any_scale(device):

@@ -460,6 +460,12 @@ def test_kmeans_codebook_edge_cases(device):
     for bad, message in [(torch.randn(4), "2-D floating"), (torch.ones(2, 3, dtype=torch.int32), "2-D floating")]:
         with pytest.raises(ValueError, match="qlib.fit_codebook_4bit: .*" + message):
             qlib.fit_codebook_4bit(bad.to(device))
+    # Scale-free: the block weights absmax^2 in float64 (in float32 they overflowed past 1.8e19,
+    # giving a NaN codebook, and underflowed below 1e-23).
+    g = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) ** 3
+    fit = qlib.fit_codebook_4bit(g.to(device))
+    for factor in (1e20, 1e-24):
+        torch.testing.assert_close(qlib.fit_codebook_4bit((g * factor).to(device)), fit, rtol=0, atol=1e-6)
     w[4, 7] = float("nan")
     with pytest.raises(ValueError, match=r"non-finite value \(nan\) at \[4, 7\]"):
         qlib.fit_codebook_4bit(w)

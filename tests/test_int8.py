@@ -314,6 +314,9 @@ def test_int8_linear_gradient_is_straight_through(device, dtype, static):
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(x.grad.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
         torch.testing.assert_close(b.grad, g.reshape(-1, 24).sum(0).float(), rtol=1e-5, atol=1e-4)
+        no_bias = x0.clone().requires_grad_()  # (an absent bias has no input edge: it raised)
+        call(no_bias, None).backward(g)
+        assert torch.equal(no_bias.grad, x.grad)
         with pytest.raises(RuntimeError, match=r"qlib::int8_linear(_packed)?: w_scale and act_scale get no gradient"):
             ops.int8_linear(x, w, s.clone().requires_grad_(), None)
     torch.library.opcheck(ops.int8_linear, (x0.float().requires_grad_(), w, s, torch.randn(24, device=device, requires_grad=True), *extra))

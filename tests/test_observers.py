@@ -444,6 +444,41 @@ def test_minmax_observe_bad_arguments(device):
             ops.minmax_observe(*args)
 
 
+def test_minmax_observe_is_an_in_place_op_to_autograd(device):
+    """As torch's in-place ops: the written tensors' versions move (a gradient that saved one
+    raises instead of being silently wrong), and a written tensor that requires grad or is a
+    negative view is refused (the latter aborted the process in torch's fallback)."""
+    x = torch.tensor([[-10.0, 5.0], [-20.0, 7.0]], device=device)
+
+    def state():
+        return (torch.full((2,), math.inf, device=device), torch.full((2,), -math.inf, device=device),
+                torch.zeros((), dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64, device=device))
+
+    mn, mx, observed, nonfinite = state()
+    versions = [t._version for t in (mn, mx, observed, nonfinite)]
+    ops.minmax_observe(x, mn, mx, observed, nonfinite, None)
+    assert all(t._version > v for t, v in zip((mn, mx, observed, nonfinite), versions))
+    s = torch.tensor([1.0, 2.0], device=device, requires_grad=True)
+    mn, *rest = state()
+    mn.fill_(3.0)
+    y = (s * mn).sum()
+    ops.minmax_observe(x, mn, *rest, None)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    for i, name in enumerate(("min_val", "max_val")):
+        for change, message in ((lambda t: t.requires_grad_(), "require grad"), (lambda t: t._neg_view(), "be a negative")):
+            args = list(state())
+            args[i] = change(args[i])
+            with pytest.raises(RuntimeError, match=rf"qlib::minmax_observe: {name} is written in place and must not {message}"):
+                ops.minmax_observe(x, *args, None)
+
+
+def test_entropy_search_of_counts_past_int64():
+    hist = torch.tensor([[2**62, 2**62]])
+    lo, hi = ops.histogram_entropy_search(hist, torch.tensor([[-1.0, 1.0]], dtype=torch.float64), 2)
+    assert lo.item() <= 0 <= hi.item()
+
+
 CORRUPT_RANGES = {
     "inf max": [0.0, math.inf],
     "-inf min": [-math.inf, 1.0],

@@ -663,6 +663,10 @@ def test_minmax_fake_quant_op(device):
     bad = [
         (dict(block_axis=3), r"qlib::minmax_fake_quant: block_axis must be 0 or a dim of x \(shape \[4, 9, 6\]\), got 3"),
         (dict(qparams_shape=[9, 2]), r"qlib::minmax_fake_quant: qparams_shape \[9, 2\] must hold 9 values"),
+        (dict(qparams_shape=[-1, -9, 1]), r"qlib::minmax_fake_quant: qparams_shape \[-1, -9, 1\] must be positive"),
+        (dict(qparams_shape=[9, 1, 1]), r"qparams_shape \[9, 1, 1\] does not scale the blocks of x \(shape \[4, 9, 6\]\) observed along block_axis 1"),
+        (dict(qparams_shape=[1, 9]), r"qparams_shape \[1, 9\] does not scale the blocks"),
+        (dict(block_axis=0, qparams_shape=[1, 9, 1]), r"qparams_shape \[1, 9, 1\] does not scale the blocks of x .* along block_axis 0"),
         (dict(x=torch.randn(4, 10, device=device)), r"qlib::minmax_fake_quant: x of shape \[4, 10\] does not split into 9 blocks"),
         (dict(x=x.double()), r"qlib::minmax_observe: x must be float32, float16 or bfloat16"),
         (dict(quant_min=7), r"qlib::minmax_fake_quant: quant_min \(7\) must be less than quant_max \(7\)"),
@@ -675,6 +679,12 @@ def test_minmax_fake_quant_op(device):
             ops.minmax_fake_quant(args["x"], *untouched, None, args["block_axis"], args["qparams_shape"],
                                   args["quant_min"], 7, True, 1e-7)
         assert untouched[2].item() == 0 and untouched[0].isinf().all()  # refused before observing
+    for block_axis, shape in ((0, [4, 3, 1]), (0, [2, 1, 1]), (0, [4, 9, 2]), (2, [1, 1, 6])):  # rows in order, a dim
+        got, ref = stats(math.prod(shape)), stats(math.prod(shape))
+        y = ops.minmax_fake_quant(x, *got, None, block_axis, shape, -8, 7, True, 1e-7)
+        ops.minmax_observe(x.movedim(block_axis, 0).reshape(math.prod(shape), -1), *ref, None)
+        s, z = ops.observer_qparams(ref[0], ref[1], -8, 7, True, 1e-7)
+        torch.testing.assert_close(y, ops.fake_quant(x, s.view(shape), z.view(shape), -8, 7), rtol=0, atol=0, equal_nan=True)
 
 
 WEIGHT_ONLY_CONFIGS = [

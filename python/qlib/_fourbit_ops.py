@@ -98,7 +98,7 @@ def fit_codebook_4bit(w: Tensor, block_size: int = 64, bins: int = 4096, max_ite
         keep = (absmax > 0).expand_as(blocks).clone()
         keep[:, -1, K - (kb - 1) * bs:] = False  # the last block's padding
         v = (blocks / absmax)[keep]  # the same float32 division as codebook_code
-        weight = (absmax * absmax).expand_as(blocks)[keep].double()
+        weight = absmax.double().square().expand_as(blocks)[keep]  # (float32 overflows past 1.8e19)
         index = ((v.double() + 1) * (bins / 2)).floor().clamp_(0, bins - 1).long()
         mass += torch.bincount(index, weight, minlength=bins)
         moment += torch.bincount(index, weight * v.double(), minlength=bins)

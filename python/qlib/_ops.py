@@ -6,6 +6,8 @@ Everything here only adds what torch.compile and torch.export need.
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -72,14 +74,26 @@ def quant_range(bits: int = 8, signed: bool = True, narrow: bool = False) -> Tup
     return 0, 2**bits - 1 - int(narrow)
 
 
-def _as_qparams(x: Tensor, scale, zero_point) -> Tuple[Tensor, Tensor]:
+def _as_qparams(op: str, x: Tensor, scale, zero_point) -> Tuple[Tensor, Tensor]:
+    """Tensors of a Python scale / zero_point (an int zero point, as torch's fake quant ops)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"qlib.{op}: {'q' if op == 'dequantize' else 'x'} must be a Tensor, got {type(x).__name__}")
     if not isinstance(scale, Tensor):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"qlib.{op}: scale must be a Tensor or a float, got {scale!r}")
         scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
     if zero_point is None:
         zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
     elif not isinstance(zero_point, Tensor):
+        try:
+            value = operator.index(zero_point)
+        except TypeError:
+            raise TypeError(f"qlib.{op}: zero_point must be an int, a Tensor or None, got {zero_point!r} "
+                            "(a floating zero point, LSQ+'s, goes in a floating tensor)") from None
+        if not -(1 << 63) <= value < (1 << 63):
+            raise ValueError(f"qlib.{op}: zero_point {value} is out of range")
         # int64: an out-of-range value reaches the op's range check, which names it.
-        zero_point = torch.full(scale.shape, int(zero_point), dtype=torch.int64, device=scale.device)
+        zero_point = torch.full(scale.shape, value, dtype=torch.int64, device=scale.device)
     return scale, zero_point
 
 
@@ -97,7 +111,7 @@ def fake_quant(
     [C, 1] per-channel, [N, K // g] per-group). zero_point has scale's shape
     (integer, or floating for learnable LSQ+ zero points); None means 0.
     """
-    scale, zero_point = _as_qparams(x, scale, zero_point)
+    scale, zero_point = _as_qparams("fake_quant", x, scale, zero_point)
     return ops.fake_quant(x, scale, zero_point, quant_min, quant_max)
 
 
@@ -110,7 +124,7 @@ def quantize(
     dtype: torch.dtype = torch.int8,
 ) -> Tensor:
     """Integer codes clamp(round(x / scale) + zero_point) as `dtype`. NaN maps to zero_point."""
-    scale, zero_point = _as_qparams(x, scale, zero_point)
+    scale, zero_point = _as_qparams("quantize", x, scale, zero_point)
     return ops.quantize(x, scale, zero_point, quant_min, quant_max, dtype)
 
 
@@ -121,7 +135,7 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """(q - zero_point) * scale as `dtype`."""
-    scale, zero_point = _as_qparams(q, scale, zero_point)
+    scale, zero_point = _as_qparams("dequantize", q, scale, zero_point)
     return ops.dequantize(q, scale, zero_point, dtype)
 
 
