@@ -1,5 +1,4 @@
 """int8 ops (quantize_per_token, int8_gemm, int8_linear), qlib.nn.Int8Linear, qlib.quantize_dynamic."""
-import io
 import math
 
 import pytest

@@ -1,5 +1,4 @@
 """qlib.observers and the observer ops: against torch.ao and float64 references."""
-import io
 import math
 import re
 

@@ -10,7 +10,7 @@ input's dtype.
 from __future__ import annotations
 
 import weakref
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import Tensor, nn
