@@ -21,7 +21,8 @@ void below_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
 // An op that writes its (a!) arguments in place (minmax_observe): as torch's in-place ops, a
 // written tensor may not require grad, nor be a negative / conjugate view, and its version
-// counter moves (so autograd sees the change).
+// counter moves (so autograd sees the change; an inference tensor, made under inference_mode,
+// has no counter and is written as before).
 void in_place_below_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
   const size_t first = stack->size() - args.size();
@@ -38,7 +39,9 @@ void in_place_below_autograd(const c10::OperatorHandle& op, torch::jit::Stack* s
     written.push_back(t);
   }
   below_autograd(op, stack);
-  for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
+  for (const at::Tensor& t : written) {
+    if (!t.is_inference()) torch::autograd::impl::bump_version(t);  // (inference tensors have none)
+  }
 }
 
 }  // namespace

@@ -638,11 +638,11 @@ def test_int8_linear_sm90_gemm_fallbacks():
     x64 = torch.randn(3, 50, 64, device="cuda")
     # Scales and bias that start 4 bytes off a 16-byte boundary (the fused GEMM copies them).
     w64, sb = rand_i8(40, 64, device="cuda"), torch.rand(2, 41, device="cuda") * 0.01 + 1e-3
-    cases = [lambda: ops.int8_linear(x, w, s), lambda: ops.int8_linear(x, w, s, None, act, zp, -128, 127),
-             lambda: ops.int8_linear(x48, w48, s[:48].repeat(2)[:48]), lambda: lin(x64),
+    cases = [lambda: ops.int8_linear(x, w, s, None), lambda: ops.int8_linear(x, w, s, None, act, zp, -128, 127),
+             lambda: ops.int8_linear(x48, w48, s[:48].repeat(2)[:48], None), lambda: lin(x64),
              lambda: torch.compile(lin, fullgraph=True)(x64),
              lambda: ops.int8_linear(x64, w64, sb[0, 1:], sb[1, 1:]),
-             lambda: ops.int8_linear(x64, w64[:1].expand(40, 64), sb[0, :40])]  # row stride 0
+             lambda: ops.int8_linear(x64, w64[:1].expand(40, 64), sb[0, :40], None)]  # row stride 0
     ref = [f() for f in cases]
     qlib.set_int8_cuda_gemm("cutlass-sm90")
     try:

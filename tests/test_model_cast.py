@@ -122,6 +122,10 @@ def test_modules_take_jagged_nested_inputs(swap):
     assert torch.equal(out.values(), twin(torch.cat(rows)))
     with pytest.raises(TypeError, match=r"(Int8Linear|Linear4bit|FakeQuantize): a nested tensor must have the jagged layout"):
         model(torch.nested.nested_tensor(rows))
+    base = torch.full((2, 5, 64), 1000.0)  # a view with gaps (torch.nested.narrow): only the rows count
+    base[0, :3], base[1, :5] = rows[0], rows[1]
+    gaps = torch.nested.narrow(base, 1, torch.tensor([0, 0]), torch.tensor([3, 5]), layout=torch.jagged)
+    assert torch.equal(twin(gaps).values(), out.values())
 
 
 def test_linears_built_under_inference_mode_run_outside_it():

@@ -472,6 +472,15 @@ def test_minmax_observe_is_an_in_place_op_to_autograd(device):
                 ops.minmax_observe(x, *args, None)
 
 
+def test_observer_made_under_inference_mode_observes_outside_it():
+    """Its buffers are inference tensors (no version counter): they are written as before."""
+    with torch.inference_mode():
+        o = O.MinMaxObserver()
+        o(torch.randn(4, 4))
+    o(torch.full((4, 4), 9.0))
+    assert o.max_val.item() == 9.0
+
+
 def test_entropy_search_of_counts_past_int64():
     hist = torch.tensor([[2**62, 2**62]])
     lo, hi = ops.histogram_entropy_search(hist, torch.tensor([[-1.0, 1.0]], dtype=torch.float64), 2)
@@ -533,7 +542,10 @@ def test_corrupt_state_dict_raises(cls):
             with pytest.raises(RuntimeError, match=rf"qlib.observers.{cls.__name__}.load_state_dict: .*({message})"):
                 cls().load_state_dict(bad)
     else:
-        for lo, hi in ((math.nan, 1.0), (1.0, math.inf), (-math.inf, 1.0)):
+        cases = [(math.nan, 1.0), (1.0, math.inf), (-math.inf, 1.0)]
+        if cls is O.MinMaxObserver:
+            cases.append((3.0, -3.0))  # (a moving average may leave min a rounding step above max)
+        for lo, hi in cases:
             bad = dict(sd, min_val=torch.tensor([lo]), max_val=torch.tensor([hi]))
             with pytest.raises(ValueError, match=rf"{cls.__name__}.load_state_dict: block 0 has min_val"):
                 cls().load_state_dict(bad)
@@ -567,26 +579,36 @@ def test_moving_average_states_round_trip_and_stay_finite(device):
     O.MovingAverageMinMaxObserver(averaging_constant=0.5, symmetric=False).load_state_dict(big.state_dict())
 
 
+def _observe_in_a_worker(observer, x):
+    torch.set_num_threads(1)  # (OpenMP in a forked child of a parent that used it can hang)
+    observer(x)
+
+
 @pytest.mark.parametrize("cls", ALL)
 def test_observers_in_shared_memory(cls):
-    """After model.share_memory() (torch.multiprocessing), observing and loading grow the
-    statistics into new shared buffers (resize_ of a shared storage crashed the process)."""
+    """After model.share_memory() (torch.multiprocessing), an observer allocated first records
+    what a worker process observes; one that would have to grow its statistics raises (resize_ of
+    a shared storage crashed the process, and a new buffer would not reach the parent); loading a
+    state gives it new shared buffers."""
+    import torch.multiprocessing as mp
+
     x = torch.randn(8, 64)
-    ref = cls(ch_axis=0)
-    ref(x)
     for kw in ({}, {"ch_axis": 0}):
-        o = cls(**kw).share_memory()
-        o(x)
-        fake_quant = qlib.nn.FakeQuantize(cls(**kw)).share_memory()
-        fake_quant(x)
-        loaded = cls(ch_axis=0).share_memory()
+        ref = cls(**kw)
+        ref(x)
+        shared = cls(**kw).allocate(x.shape).share_memory()
+        worker = mp.get_context("fork").Process(target=_observe_in_a_worker, args=(shared, x))
+        worker.start()
+        worker.join(60)
+        assert worker.exitcode == 0
+        assert all(torch.equal(a, b) for a, b in zip(shared.calculate_qparams(), ref.calculate_qparams()))
+        for fresh in (cls(**kw).share_memory(), qlib.nn.FakeQuantize(cls(**kw)).share_memory()):
+            with pytest.raises(RuntimeError, match=rf"qlib.observers.{cls.__name__}: its statistics are in shared memory .*call allocate\(x_shape\) before share_memory\(\)"):
+                fresh(x)
+        loaded = cls(**kw).share_memory()
         loaded.load_state_dict(ref.state_dict())
-        unshared = cls(**kw)
-        unshared(x)
-        for obs in (o, fake_quant.observer):
-            assert all(b.is_shared() for b in obs.buffers())
-            assert all(torch.equal(a, b) for a, b in zip(obs.calculate_qparams(), unshared.calculate_qparams()))
-    assert all(torch.equal(a, b) for a, b in zip(loaded.calculate_qparams(), ref.calculate_qparams()))
+        assert all(b.is_shared() for b in loaded.buffers())
+        assert all(torch.equal(a, b) for a, b in zip(loaded.calculate_qparams(), ref.calculate_qparams()))
 
 
 @pytest.mark.parametrize("cls", ALL)

@@ -134,6 +134,15 @@ def test_fake_quantize_switch_attributes_and_torch_ao_helpers():
     m.apply(tq.enable_observer)
     m.apply(tq.enable_fake_quant)
     assert all(q.switches.tolist() == [1, 1] for q in quantizers)
+    m.apply(tq.disable_observer)
+    fresh = qlib.prepare_qat(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+    state = m.state_dict()
+    del state["0.activation_fake_quant.switches"]  # (an older state: those stay as they are)
+    keys = set(state)
+    tq.load_observer_state_dict(fresh, state)  # torch.ao calls _load_from_state_dict alone
+    assert set(state) == keys  # the caller's dict is not written
+    got = {n: q.observer_enabled for n, q in fresh.named_modules() if isinstance(q, FakeQuantize)}
+    assert len(got) == 4 and all(on == (n == "0.activation_fake_quant") for n, on in got.items())
 
 
 def test_learnable_fake_quantize_with_parametrized_qparams():

@@ -43,11 +43,13 @@ class QuantState(nn.Module):
 
 def on_nested(who: str, fn, x: Tensor) -> Tensor:
     """fn applied to a nested x (as nn.Linear takes them): a jagged x whose ragged dim is not the
-    last runs on its values ([total rows, ..., features]) and comes back with x's offsets; other
-    nested tensors raise, naming the module."""
+    last runs on its values ([total rows, ..., features]; a view with gaps, torch.nested.narrow's,
+    is made contiguous first) and comes back with x's offsets; other nested tensors raise, naming
+    the module."""
     if x.layout == torch.jagged and x._ragged_idx < x.dim() - 1:
-        return torch.nested.nested_tensor_from_jagged(fn(x.values()), x.offsets(), lengths=x.lengths(),
-                                                      jagged_dim=x._ragged_idx)
+        if x.lengths() is not None:  # (its values() hold the gaps too)
+            x = x.contiguous()
+        return torch.nested.nested_tensor_from_jagged(fn(x.values()), x.offsets(), jagged_dim=x._ragged_idx)
     raise TypeError(f"{who}: a nested tensor must have the jagged layout (torch.nested.nested_tensor(..., "
                     f"layout=torch.jagged)) with its ragged dim before the last; got layout {x.layout}. "
                     "Pad it first (x.to_padded_tensor(0.0)) or convert it to torch.jagged")

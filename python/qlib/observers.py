@@ -177,12 +177,17 @@ class ObserverBase(QuantState):
             self._layout = (x.shape, axis, shape, rows.shape[0])
         return rows
 
-    def _resize(self, name: str, shape) -> Tensor:
-        """Buffer `name` resized in place to `shape`, but where it lives in shared memory
-        (``model.share_memory()``), whose storage torch cannot grow (resize_ crashes), a new
-        shared buffer."""
+    def _resize(self, name: str, shape, observing: bool = False) -> Tensor:
+        """Buffer `name` resized in place to `shape`. torch cannot resize a storage in shared
+        memory (``model.share_memory()``; resize_ crashes): loading a state gives it a new shared
+        buffer; observing raises, as a new buffer would not reach the other processes."""
         buf = self._buffers[name]
         if buf.is_shared() and buf.device.type == "cpu" and tuple(buf.shape) != tuple(shape):
+            if observing:
+                raise RuntimeError(
+                    f"qlib.observers.{type(self).__name__}: its statistics are in shared memory "
+                    f"(share_memory()), which cannot grow to this input's blocks; call "
+                    f"allocate(x_shape) before share_memory()")
             buf = self._buffers[name] = buf.new_empty(shape).share_memory_()
             return buf
         return buf.resize_(shape)
@@ -195,11 +200,12 @@ class ObserverBase(QuantState):
             if buf.device != device:
                 setattr(self, name, new)
             else:
-                self._resize(name, new.shape).copy_(new)
+                self._resize(name, new.shape, observing=True).copy_(new)
         for name in ("observed", "nonfinite", "qparams_shape"):
             if getattr(self, name).device != device:
                 setattr(self, name, getattr(self, name).to(device))
-        self._resize("qparams_shape", (len(shape) + 1,)).copy_(torch.tensor([1, *shape], dtype=torch.int64))
+        self._resize("qparams_shape", (len(shape) + 1,), observing=True).copy_(
+            torch.tensor([1, *shape], dtype=torch.int64))
 
     def allocate(self, x_shape, device=None) -> "ObserverBase":
         """Sizes the buffers for tensors of shape x_shape now, instead of at
@@ -372,16 +378,17 @@ class MinMaxObserver(ObserverBase):
         lo, hi = state_dict.get(prefix + "min_val"), state_dict.get(prefix + "max_val")
         if isinstance(lo, Tensor) and isinstance(hi, Tensor) and lo.shape == hi.shape:
             lo, hi = lo.detach().cpu(), hi.detach().cpu()
-            # Each block: finite min and max, or (inf, -inf) before any finite value. (A moving
-            # average can leave min a rounding step above max, as torch.ao's: the qparams then
+            # Each block: finite min <= max, or (inf, -inf) before any finite value. (A moving
+            # average can leave min a rounding step above max, as torch.ao's: there the qparams
             # raise max to min.)
-            ok = (lo.isfinite() & hi.isfinite()) | ((lo == math.inf) & (hi == -math.inf))
+            ordered = (lo <= hi) if self.averaging_constant is None else True
+            ok = (lo.isfinite() & hi.isfinite() & ordered) | ((lo == math.inf) & (hi == -math.inf))
             if not bool(ok.all()):
                 b = int((~ok).nonzero()[0, 0])
                 raise ValueError(
                     f"qlib.observers.{type(self).__name__}.load_state_dict: block {b} has min_val "
                     f"{lo[b].item()} and max_val {hi[b].item()}; expected finite "
-                    f"min_val and max_val, or (inf, -inf) for a block with no data (a corrupt state_dict?)"
+                    f"min_val <= max_val, or (inf, -inf) for a block with no data (a corrupt state_dict?)"
                 )
 
 

@@ -41,7 +41,6 @@ class FakeQuantize(QuantState):
         self._observer_enabled = True
         self._fake_quant_enabled = True
         self.register_buffer("switches", torch.ones(2, dtype=torch.uint8))
-        self.register_load_state_dict_post_hook(FakeQuantize._sync_flags)
         if learnable:
             shape = tuple(qparams_shape) if qparams_shape is not None else (1,)
             self.scale = nn.Parameter(torch.ones(shape))
@@ -56,11 +55,12 @@ class FakeQuantize(QuantState):
             self._init_done = False
         self._synced = (self._buffers["switches"], self._buffers.get("initialized"))  # what the bools mirror
 
-    def _load_from_state_dict(self, state_dict, prefix, *args):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         key = prefix + "switches"
-        if key not in state_dict:  # saved before the switches were kept: the current ones stay
-            state_dict[key] = self.switches.clone()  # (load_state_dict passes its own copy)
-        super()._load_from_state_dict(state_dict, prefix, *args)
+        if key not in state_dict and key in missing_keys:  # saved before the switches were kept:
+            missing_keys.remove(key)                       # the current ones stay
+        FakeQuantize._sync_flags(self)  # (torch.ao's load_observer_state_dict calls only this method)
 
     @staticmethod
     def _sync_flags(module, incompatible_keys=None):
@@ -72,7 +72,7 @@ class FakeQuantize(QuantState):
         if module.learnable:
             module._init_done = bool(b["initialized"])
 
-    _sync_init_flag = _sync_flags  # (the hook's name in models pickled before stop 30)
+    _sync_init_flag = _sync_flags  # (a load hook of models pickled before stop 30)
 
     def __setstate__(self, state):
         for name in ("observer_enabled", "fake_quant_enabled"):  # plain attributes before stop 31
@@ -83,8 +83,6 @@ class FakeQuantize(QuantState):
             device = next(self.buffers(), torch.empty(0)).device
             self.register_buffer("switches", torch.tensor(
                 [self._observer_enabled, self._fake_quant_enabled], dtype=torch.uint8, device=device))
-            if FakeQuantize._sync_flags not in self._load_state_dict_post_hooks.values():
-                self.register_load_state_dict_post_hook(FakeQuantize._sync_flags)
         FakeQuantize._sync_flags(self)
 
     # torch.ao-style switches (torch.ao.quantization's disable_observer etc. call them too)
