@@ -996,3 +996,36 @@ def test_meta_device_models_run_and_copy():
         lin = nn.Sequential(nn.Linear(8, 4))
         torch.nn.utils.prune.random_unstructured(lin[0], "weight", 0.5)
         qlib.prepare_qat(lin)
+
+
+def _hogwild_train(model, seed):
+    torch.set_num_threads(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 24, generator=g) * (1 + seed)).pow(2).mean().backward()
+        opt.step()
+
+
+def test_learnable_scale_not_reinitialised_by_a_second_hogwild_process():
+    # model.share_memory(), processes forked before any forward: the second process must take the
+    # shared `initialized` flag, not overwrite the scale the first one trained.
+    import torch.multiprocessing as mp
+
+    cfg = qlib.QATConfig(weight_learnable=True, activation_learnable=True)
+    torch.manual_seed(0)
+    shared = qlib.prepare_qat(Net(), cfg)
+    shared.share_memory()
+    ctx = mp.get_context("fork")
+    for seed in range(2):
+        p = ctx.Process(target=_hogwild_train, args=(shared, seed))
+        p.start()
+        p.join()
+        assert p.exitcode == 0
+    torch.manual_seed(0)
+    ref = qlib.prepare_qat(Net(), cfg)
+    for seed in range(2):
+        _hogwild_train(ref, seed)
+    for (k, a), b in zip(shared.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k

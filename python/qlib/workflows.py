@@ -71,7 +71,9 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
         return False
 
     if selected(model, ""):
-        return make(model, "")
+        model = make(model, "")
+        _ddp_local_buffers(model)
+        return model
     swaps = []
     for parent_fqn, parent in model.named_modules(remove_duplicate=False):
         # _modules, not named_children(): that skips a child already seen under another name
@@ -87,6 +89,7 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
         setattr(parent, name, done[id(child)])
     if swaps:
         _off_fused_transformer_paths(model)
+        _ddp_local_buffers(model)
     return model
 
 
@@ -170,6 +173,23 @@ def _prepare_qat(model: nn.Module, config: Optional[QATConfig], filter_fn: Optio
         return qat
 
     return _swap(model, nn.Linear, make, filter_fn, who)
+
+
+def _ddp_local_buffers(model: nn.Module) -> None:
+    """Buffers DistributedDataParallel must not broadcast from rank 0 (broadcast_buffers=True, the
+    default, copies them over the other ranks' before every forward): the observers' statistics,
+    which they all-reduce themselves (a broadcast made the all-reduce count rank 0's data
+    world_size times and the others' last batch only), and Int8Linear's packed weight, whose
+    layout is the local CPU kernel's. DDP reads the list from the module it wraps: wrap the model
+    the workflow returned."""
+    from .observers import ObserverBase
+
+    names = [f"{prefix}.{b}" if prefix else b for prefix, m in model.named_modules()
+             for b in (m._buffers if isinstance(m, ObserverBase) else
+                       ["weight_packed"] if isinstance(m, Int8Linear) else [])]
+    if names:
+        old = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+        model._ddp_params_and_buffers_to_ignore = old + [n for n in names if n not in old]
 
 
 def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None,

@@ -146,6 +146,11 @@ class FakeQuantize(QuantState):
                 return y
         if self._observer_enabled:
             observer(x.detach())
+            if self.learnable and not self._init_done and not torch.compiler.is_compiling() \
+                    and bool(b["initialized"]):
+                # Another process set the shared buffer (Hogwild, model.share_memory()): the
+                # scale is already trained there; take it (a host read only until initialised).
+                self._init_done = True
             if self.learnable and not self._init_done:
                 if torch.compiler.is_exporting():  # (an exported graph would re-initialise every call)
                     raise RuntimeError(
