@@ -116,12 +116,19 @@ at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
 constexpr const char* kLsqOp = "qlib::lsq_fake_quant";
 
 // The qparams fake_quant sees: LSQ keeps the scale positive and the zero point in range.
+// float16 / bfloat16 qparams (model.half()) are taken in float32, as fake_quant's math: in
+// float16 eps (1e-8) would clamp to 0, and the gradient sums would overflow before LSQ's factor
+// (autograd rounds the float32 gradient to the parameter's dtype once, at the end).
 std::pair<at::Tensor, at::Tensor> lsq_clamped(const at::Tensor& scale, const at::Tensor& zero_point,
                                               int64_t quant_min, int64_t quant_max, double eps) {
+  const auto wide = [](const at::Tensor& t) {
+    const auto dtype = t.scalar_type();
+    return dtype == at::kHalf || dtype == at::kBFloat16 ? t.to(at::kFloat) : t;
+  };
   // An integer zero point is range-checked by fake_quant (a clamp in its own dtype could wrap).
-  return {scale.clamp_min(eps), zero_point.is_floating_point()
-                                    ? zero_point.clamp(quant_min, quant_max)
-                                    : zero_point};
+  return {wide(scale).clamp_min(eps), zero_point.is_floating_point()
+                                          ? wide(zero_point).clamp(quant_min, quant_max)
+                                          : zero_point};
 }
 
 void check_lsq_args(const at::Tensor& scale, int64_t quant_min, int64_t quant_max,

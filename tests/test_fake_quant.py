@@ -399,7 +399,13 @@ def test_lsq_gradients_float64_reference(device, xshape, sshape, dtype):
 def _lsq_reference(x, scale, zero_point, qmin, qmax, factor, eps):
     """lsq_fake_quant written with torch ops and fake_quant: the clamps, with a gradient of 1
     everywhere (straight through; torch's own clamp gives 0 past and, since 2.14, on the bounds),
-    and LSQ's gradient scale (value t + 0, gradient times factor)."""
+    and LSQ's gradient scale (value t + 0, gradient times factor); float16 / bfloat16 qparams in
+    float32 (their gradient rounded once, by .float()'s backward)."""
+    def wide(t):
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+    scale, zero_point = wide(scale), wide(zero_point)
+
     def scaled_grad(t):
         scaled = t * factor
         return t.detach() + (scaled - scaled.detach())

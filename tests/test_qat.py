@@ -182,6 +182,26 @@ def test_learnable_fake_quantize_with_parametrized_qparams():
         assert originals.scale.original.grad is not None and originals.zero_point.original.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_learnable_qparams_in_half_precision(dtype):
+    """After model.half(), LSQ takes the scale in float32 (as fake_quant's math): the gradient is
+    the float32 one rounded once (its sums overflowed float16 before LSQ's factor), and a scale
+    pushed below eps is clamped to eps, not to float16's 0 (fake_quant then raised)."""
+    torch.manual_seed(0)
+    fq = FakeQuantize(MinMaxObserver(symmetric=False), learnable=True)
+    fq(torch.randn(64, 64))
+    half = copy.deepcopy(fq).to(dtype)
+    x = (torch.randn(4096, 64) * 4).relu()
+    fq(x.to(dtype).float()).sum().backward()
+    half(x.to(dtype)).float().sum().backward()
+    assert half.scale.grad.dtype == dtype and torch.isfinite(half.scale.grad).all()
+    torch.testing.assert_close(half.scale.grad.float(), fq.scale.grad.to(dtype).float(), rtol=0.02, atol=0)
+    with torch.no_grad():
+        half.scale.fill_(-1e-3)
+    assert torch.isfinite(half(x.to(dtype))).all()
+    assert half.calculate_qparams()[0].item() == pytest.approx(half.eps)
+
+
 def test_foreign_observers_are_refused_by_name():
     """torch.ao observers, the abstract base, partials and observer classes given to FakeQuantize
     raise at construction, naming the argument (they failed later with unrelated errors)."""

@@ -127,7 +127,7 @@ class FakeQuantize(QuantState):
                     "first scale from data (it is still the initial 1.0): run data through it with the "
                     "observer enabled, or load a trained state_dict, first")
             # As the forward sees them (LSQ's gradients may carry them past the clamps).
-            return (self.scale.detach().clamp_min(self.eps),
+            return (self.scale.detach().float().clamp_min(self.eps),
                     self.zero_point.detach().round().clamp(self.quant_min, self.quant_max))
         return self.observer.calculate_qparams()
 
