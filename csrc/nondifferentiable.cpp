@@ -1,7 +1,8 @@
 // The Autograd kernel of the ops whose outputs carry no gradient: qparams, observer statistics
 // and codes (as torch.ao's observers and torch's choose_qparams ops), and minmax_observe's
-// in-place update. They run below autograd, so their float outputs never require grad; without a kernel here torch's fallback marked them
-// as requiring grad and gave their inputs no gradient, with only a warning. dequantize has its
+// in-place update. They run below autograd, so their float outputs never require grad; without
+// a kernel here torch's fallback marked them as requiring grad and gave their inputs no
+// gradient, with only a warning. dequantize has its
 // own kernel (affine_autograd.cpp); dequantize_4bit and linear_4bit raise for absmax / codebook
 // (fourbit_autograd.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -252,17 +252,17 @@ class ObserverBase(QuantState):
             dist.all_reduce(observed)
             # A rank that observed nothing has no buffers sized yet: size them (empty statistics)
             # as the ranks that did, or the statistics' all-reduce below mismatches in size.
-            qs = self.qparams_shape
-            dims = torch.tensor([qs.numel()], dtype=torch.int64)
+            # (On the buffers' device: NCCL all-reduces CUDA tensors only.)
+            qs, device = self.qparams_shape, self.observed.device
+            dims = torch.tensor([qs.numel()], dtype=torch.int64, device=device)
             dist.all_reduce(dims, op=dist.ReduceOp.MAX)
             if int(dims) > 0:
-                padded = torch.zeros(int(dims), dtype=torch.int64)
-                if qs.numel() > 0:
-                    padded[: qs.numel()] = qs.cpu()
+                padded = torch.zeros(int(dims), dtype=torch.int64, device=device)
+                padded[: qs.numel()] = qs
                 dist.all_reduce(padded, op=dist.ReduceOp.MAX)
                 if qs.numel() == 0:
                     shape = padded.tolist()[1:]
-                    self._allocate(math.prod(shape), shape, self.observed.device)
+                    self._allocate(math.prod(shape), shape, device)
         shape = self.qparams_shape.tolist()[1:]
         if self.qparams_shape.numel() == 0 or observed.item() == 0:
             raise RuntimeError(
