@@ -605,6 +605,9 @@ def test_observers_in_shared_memory(cls):
         for fresh in (cls(**kw).share_memory(), qlib.nn.FakeQuantize(cls(**kw)).share_memory()):
             with pytest.raises(RuntimeError, match=rf"qlib.observers.{cls.__name__}: its statistics are in shared memory .*call allocate\(x_shape\) before share_memory\(\)"):
                 fresh(x)
+        shared.reset()  # (shrunk within its storage: it grows back there)
+        shared(x)
+        assert all(torch.equal(a, b) for a, b in zip(shared.calculate_qparams(), ref.calculate_qparams()))
         loaded = cls(**kw).share_memory()
         loaded.load_state_dict(ref.state_dict())
         assert all(b.is_shared() for b in loaded.buffers())

@@ -178,11 +178,12 @@ class ObserverBase(QuantState):
         return rows
 
     def _resize(self, name: str, shape, observing: bool = False) -> Tensor:
-        """Buffer `name` resized in place to `shape`. torch cannot resize a storage in shared
-        memory (``model.share_memory()``; resize_ crashes): loading a state gives it a new shared
+        """Buffer `name` resized in place to `shape`. torch cannot grow a storage in shared memory
+        (``model.share_memory()``; resize_ crashes): loading a state gives it a new shared
         buffer; observing raises, as a new buffer would not reach the other processes."""
         buf = self._buffers[name]
-        if buf.is_shared() and buf.device.type == "cpu" and tuple(buf.shape) != tuple(shape):
+        need = (buf.storage_offset() + math.prod(shape)) * buf.element_size()
+        if buf.is_shared() and buf.device.type == "cpu" and buf.untyped_storage().nbytes() < need:
             if observing:
                 raise RuntimeError(
                     f"qlib.observers.{type(self).__name__}: its statistics are in shared memory "
