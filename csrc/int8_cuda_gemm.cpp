@@ -47,8 +47,8 @@ std::vector<std::string> int8_cuda_gemms() {
 }
 
 void set_int8_cuda_gemm(const std::string& name) {
-  if (name == "auto" && gemm_built(Int8CudaGemm::kCublasLt)) {
-    g_gemm.store(static_cast<int>(Int8CudaGemm::kCublasLt));
+  if (name == "auto") {  // (the reset: a no-op in a build without CUDA, for device-agnostic scripts)
+    if (gemm_built(Int8CudaGemm::kCublasLt)) g_gemm.store(static_cast<int>(Int8CudaGemm::kCublasLt));
     return;
   }
   for (int g = 0; g < static_cast<int>(std::size(kGemmNames)); ++g) {
@@ -59,7 +59,6 @@ void set_int8_cuda_gemm(const std::string& name) {
     g_gemm.store(g);
     return;
   }
-  TORCH_CHECK(name != "auto", "qlib.set_int8_cuda_gemm: this build of qlib has no CUDA kernels");
   TORCH_CHECK(false, "qlib.set_int8_cuda_gemm: unknown GEMM '", name,
               "'; expected 'auto', 'cublaslt' or 'cutlass-sm90'");
 }

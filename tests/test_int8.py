@@ -557,6 +557,10 @@ def test_int8_cuda_gemm_choice():
         assert built == [] and info["int8_cuda_gemm"].startswith("none")
         with pytest.raises(RuntimeError, match="qlib.set_int8_cuda_gemm: this build of qlib has no 'cublaslt'"):
             qlib.set_int8_cuda_gemm("cublaslt")
+        with pytest.raises(RuntimeError, match="qlib.set_int8_cuda_gemm: unknown GEMM 'nope'"):
+            qlib.set_int8_cuda_gemm("nope")
+        qlib.set_int8_cuda_gemm("auto")  # (the reset works in any build)
+        assert qlib.build_info()["int8_cuda_gemm"].startswith("none")
         return
     assert built[0] == "cublaslt" and info["int8_cuda_gemm"] in built
     try:

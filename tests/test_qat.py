@@ -464,6 +464,19 @@ def test_errors_name_the_module_and_the_argument():
     with pytest.raises(RuntimeError, match=r"FakeQuantize: the observer gives qparams of shape \(4, 1\), the learnable "
                                            r"scale has qparams_shape \(1,\); pass qparams_shape=\(4, 1\)"):
         fq(torch.randn(4, 8))
+    # The right size in other blocks (columns for rows) was taken; torch.ao's 1-D per-channel
+    # shape blocks nothing (x's rank is needed). One value is per-tensor in any shape.
+    for shape in ((1, 4), (4,), (1, 4, 1)):
+        fq = FakeQuantize(MinMaxObserver(ch_axis=0), learnable=True, qparams_shape=shape)
+        with pytest.raises(RuntimeError, match=r"pass qparams_shape=\(4, 1\)"):
+            fq(torch.randn(4, 8))
+    x = torch.randn(4, 8) * torch.tensor([[0.01], [0.1], [1.0], [10.0]])
+    fq = FakeQuantize(MinMaxObserver(ch_axis=0), learnable=True, qparams_shape=(4, 1))
+    y = fq(x)
+    s, z = fq.observer.calculate_qparams()
+    ref = torch.fake_quantize_per_channel_affine(x, s.flatten(), z.flatten().int(), 0, -128, 127)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    assert FakeQuantize(MinMaxObserver(), learnable=True)(torch.ones(3)).shape == (3,)
     model = qlib.prepare(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), QATConfig())
     with pytest.raises(RuntimeError, match=r"qlib.convert: module '0': .*has not recorded any finite value"):
         qlib.convert(model)
@@ -995,10 +1008,16 @@ def test_parametrized_linears():
     q(x).sum().backward()
     m = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
     parametrizations.weight_norm(m[2])
-    for swap in (qlib.quantize_dynamic, qlib.prepare_qat):
+    gptq = lambda model, **kw: qlib.gptq_quantize(model, [torch.randn(16, 32)], progress=False, **kw)  # noqa: E731
+    for swap in (qlib.quantize_dynamic, qlib.prepare_qat, qlib.quantize_weight_only, gptq):
         with pytest.raises(ValueError, match=r"2 is a parametrized Linear .*remove its parametrizations"):
             swap(copy.deepcopy(m))
     assert isinstance(qlib.quantize_dynamic(copy.deepcopy(m), filter_fn="0")[0], qlib.nn.Int8Linear)
+    assert isinstance(gptq(copy.deepcopy(m), filter_fn="0")[0], qlib.nn.Linear4bit)
+    pruned = nn.Sequential(nn.Linear(32, 16))
+    prune.random_unstructured(pruned[0], "weight", 0.5)
+    with pytest.raises(ValueError, match=r"0 is pruned"):  # (before its calibration)
+        qlib.gptq_quantize(pruned, iter([]), progress=False)
 
 
 def test_meta_device_models_run_and_copy():
@@ -1029,15 +1048,16 @@ def _hogwild_train(model, seed):
 
 
 def test_learnable_scale_not_reinitialised_by_a_second_hogwild_process():
-    # model.share_memory(), processes forked before any forward: the second process must take the
-    # shared `initialized` flag, not overwrite the scale the first one trained.
+    # model.share_memory(), processes started before any forward: the second process must take the
+    # shared `initialized` flag, not overwrite the scale the first one trained. (spawn: a fork
+    # fails once an earlier test's compiled backward has started autograd's threads.)
     import torch.multiprocessing as mp
 
     cfg = qlib.QATConfig(weight_learnable=True, activation_learnable=True)
     torch.manual_seed(0)
     shared = qlib.prepare_qat(Net(), cfg)
     shared.share_memory()
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")
     for seed in range(2):
         p = ctx.Process(target=_hogwild_train, args=(shared, seed))
         p.start()
@@ -1045,7 +1065,11 @@ def test_learnable_scale_not_reinitialised_by_a_second_hogwild_process():
         assert p.exitcode == 0
     torch.manual_seed(0)
     ref = qlib.prepare_qat(Net(), cfg)
-    for seed in range(2):
-        _hogwild_train(ref, seed)
+    threads = torch.get_num_threads()
+    try:
+        for seed in range(2):
+            _hogwild_train(ref, seed)
+    finally:
+        torch.set_num_threads(threads)
     for (k, a), b in zip(shared.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), k

@@ -56,7 +56,7 @@ def test_report_of_a_bfloat16_model():
     (["qlib.digits:no_such", "--input", "3x64"], "cannot import 'qlib.digits:no_such'"),
     (["qlib:build_info", "--input", "3x64"], "gave a dict, not an nn.Module"),
     (["torch.nn:GELU", "--input", "3x64"], "has no nn.Linear"),
-    (["qlib.digits:make_mlp", "--input", "8x768"], r"does not take a float tensor of shape 8x768 \(--input\): mat1 and mat2"),
+    (["qlib.digits:make_mlp", "--input", "8x768"], r"does not take one float tensor of shape 8x768 \(--input\): mat1 and mat2"),
     (["qlib.digits:batches", "--input", "8x64"], "must be callable with no arguments"),
     (["qlib.digits:make_mlp", "--input", "8x64", "--repeat", "0"], "--repeat: must be at least 1, got 0"),
 ])
@@ -65,3 +65,36 @@ def test_cli_report_bad_arguments(args, message, capsys):
         cli.main(["report", *args])
     assert e.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        return self.lin(x + y)
+
+
+class Int8Only(nn.Module):
+    """Runs in float; its Linear refuses what the int8 swap makes of it."""
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if not isinstance(self.lin, nn.Linear):
+            raise RuntimeError("this model only runs float Linears")
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("model,message", [
+    (small_model().double(), r"parameters are torch.float64; the schemes take float32, float16 or bfloat16"),
+    (TwoInputs(), r"does not take one float tensor of shape 3x8 \(--input\): .*missing 1 required"),
+    (Int8Only(), r"the int8 scheme failed on this model: this model only runs float Linears"),
+])
+def test_report_refuses_in_one_line(model, message):
+    """Models the schemes cannot take get a ValueError (one line from the CLI), not a traceback."""
+    shape = (3, 96) if isinstance(model, nn.Sequential) else (3, 8)
+    with pytest.raises(ValueError, match=message):
+        report.report(model, shape, schemes=["int8"], repeat=1)

@@ -160,10 +160,10 @@ def linear_4bit(x: Tensor, packed: Tensor, absmax: Tensor, codebook: CodebookLik
     """``x @ W_hat.T + bias`` with the 4-bit weight, in x's dtype; any leading dims;
     differentiable in x and bias. Few rows (up to 32 on the CPU, 4 on CUDA) run one fused
     kernel that decodes the weight as it reads it, in float32. More rows decode W_hat and run
-    the device's GEMM: in x's dtype on CUDA, in bfloat16 on the CPU for a bfloat16 x (else
-    float32); W_hat and the bias are then rounded to that dtype. On a CPU with AVX512-BF16 a
-    bfloat16 x multiplies W_hat rounded to bfloat16 at every M (3 to 256 rows on the AMX tile
-    unit where the CPU has AMX-BF16), with float32 sums."""
+    the device's GEMM: in x's dtype on CUDA (W_hat and the bias rounded to it), in float32 on
+    the CPU, except that a bfloat16 x multiplies W_hat rounded to bfloat16 where the CPU has
+    AVX512-BF16 and the blocks are multiples of 32 (3 to 256 rows on the AMX tile unit where
+    it has AMX-BF16), with float32 sums."""
     return ops.linear_4bit(x, packed, absmax, codebook_4bit(codebook, packed.device), block_size, bias)
 
 

@@ -146,7 +146,8 @@ def int8_cuda_gemms() -> List[str]:
 def set_int8_cuda_gemm(name: str) -> None:
     """Use the CUDA int8_linear GEMM ``name`` ('auto', 'cublaslt', 'cutlass-sm90'). Both give
     the same bits. 'cutlass-sm90' raises on a GPU other than compute capability 9.0; calls it
-    cannot take (a static zero point, K not a multiple of 16, unaligned rows) use cuBLASLt."""
+    cannot take (a static zero point, K not a multiple of 16, unaligned rows) use cuBLASLt.
+    'auto' (the reset) does nothing in a build without CUDA; another name raises there."""
     from . import _C
 
     _C.set_int8_cuda_gemm(str(name))

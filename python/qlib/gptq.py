@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import _ops
 from .nn.linear_4bit import Linear4bit
-from .workflows import FilterFn, _swap, calibrate, selects
+from .workflows import FilterFn, _swap, calibrate, swap_selector
 
 
 class _Hessian:
@@ -126,9 +126,10 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
         raise ValueError(f"qlib.gptq_quantize: group_size must be a positive int, got {group_size!r}")
     if not damp >= 0:
         raise ValueError(f"qlib.gptq_quantize: damp must be >= 0, got {damp!r}")
-    chosen = selects(filter_fn, "gptq_quantize")
-    selected = {id(m): (fqn, m) for fqn, m in model.named_modules(remove_duplicate=False)
-                if type(m) is nn.Linear and chosen(m, fqn)}
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"qlib.gptq_quantize: expected an nn.Module, got {type(model).__name__}")
+    chosen = swap_selector(nn.Linear, filter_fn, "gptq_quantize")  # (refuses pruned / parametrized ones now)
+    selected = {id(m): (fqn, m) for fqn, m in model.named_modules(remove_duplicate=False) if chosen(m, fqn)}
     if not selected:
         raise ValueError("qlib.gptq_quantize: no nn.Linear selected")
     on_meta = [fqn for fqn, m in selected.values() if m.weight.is_meta]

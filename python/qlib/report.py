@@ -93,17 +93,24 @@ def report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str] = tupl
         raise ValueError("qlib report: the model has no nn.Linear to quantize")
     model = model.eval()
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"qlib report: the model's parameters are {dtype}; the schemes take float32, float16 "
+                         "or bfloat16 models (cast it, e.g. model.float())")
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    models = {"float": model, **{s: SCHEMES[s](copy.deepcopy(model)).eval() for s in schemes}}
     with torch.no_grad():
         try:
             ref = model(x).double().flatten()
-        except RuntimeError as e:
-            raise ValueError(f"qlib report: the model does not take a float tensor of shape "
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"qlib report: the model does not take one float tensor of shape "
                              f"{'x'.join(map(str, shape))} (--input): {e}") from e
-        rows = {}
-        for name, m in models.items():
-            y = m(x).double().flatten()
+        models, rows = {"float": model}, {}
+        for name in ("float", *schemes):
+            try:
+                m = models[name] if name == "float" else SCHEMES[name](copy.deepcopy(model)).eval()
+                y = m(x).double().flatten()
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise ValueError(f"qlib report: the {name} scheme failed on this model: {e}") from e
+            models[name] = m
             rows[name] = {"bytes": state_bytes(m),
                           "rel_error": ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item(),
                           "cosine": torch.nn.functional.cosine_similarity(y, ref, dim=0).item()}

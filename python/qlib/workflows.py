@@ -44,14 +44,9 @@ def selects(filter_fn: Optional[FilterFn], who: str) -> Callable[[nn.Module, str
     return lambda module, fqn: bool(filter_fn(module, fqn))
 
 
-def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Module],
-          filter_fn: Optional[FilterFn], who: str) -> nn.Module:
-    """Replaces, in place, each module of exactly type `kind` selected by
-    filter_fn(module, fqn) with make(module, fqn). A module shared by several
-    parents gets one shared replacement. Returns the model (or the
-    replacement, when the model itself is selected)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"qlib.{who}: expected an nn.Module, got {type(model).__name__}")
+def swap_selector(kind: type, filter_fn: Optional[FilterFn], who: str) -> Callable[[nn.Module, str], bool]:
+    """(module, fqn) -> whether a swap to `kind`'s replacement takes it: a module of exactly type
+    `kind` chosen by filter_fn. A chosen pruned or parametrized one (weight_norm, ...) raises."""
     chosen = selects(filter_fn, who)
 
     def selected(module: nn.Module, fqn: str) -> bool:
@@ -69,6 +64,19 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
                 "its parametrizations first (torch.nn.utils.parametrize.remove_parametrizations) or leave it "
                 "out with filter_fn")
         return False
+
+    return selected
+
+
+def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Module],
+          filter_fn: Optional[FilterFn], who: str) -> nn.Module:
+    """Replaces, in place, each module of exactly type `kind` selected by
+    filter_fn(module, fqn) with make(module, fqn). A module shared by several
+    parents gets one shared replacement. Returns the model (or the
+    replacement, when the model itself is selected)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"qlib.{who}: expected an nn.Module, got {type(model).__name__}")
+    selected = swap_selector(kind, filter_fn, who)
 
     if selected(model, ""):
         model = make(model, "")

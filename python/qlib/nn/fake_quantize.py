@@ -13,6 +13,11 @@ from .._state import QuantState, on_nested
 ops = torch.ops.qlib
 
 
+def _blocks(shape: torch.Size) -> tuple:
+    """What a qparams shape blocks: one value is per-tensor in any shape; more need x's rank."""
+    return () if shape.numel() == 1 else tuple(shape)
+
+
 class FakeQuantize(QuantState):
     """Observes its input (while the observer is enabled), then fake-quantizes it.
 
@@ -158,7 +163,7 @@ class FakeQuantize(QuantState):
                         "first batch it observes, eagerly: run one eager forward (or load a trained "
                         "state_dict) before torch.export or torch.compile(fullgraph=True)")
                 scale, zp = observer.calculate_qparams()
-                if scale.numel() != self.scale.numel():
+                if _blocks(scale.shape) != _blocks(self.scale.shape):  # (same size, other blocks: wrong numbers)
                     raise RuntimeError(
                         f"qlib.nn.FakeQuantize: the observer gives qparams of shape {tuple(scale.shape)}, "
                         f"the learnable scale has qparams_shape {tuple(self.scale.shape)}; pass "
