@@ -852,3 +852,23 @@ def test_ops_trace_with_torch_compile(device):
     compiled = torch.compile(calibrate, backend="aot_eager", fullgraph=True)
     for a, b in zip(compiled(x, hist, rng), calibrate(x, hist, rng)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_unsized_observer_is_not_baked_into_an_export():
+    # A fresh (or reset()) observer sizes its buffers on its first batch. torch.export used to
+    # bake that resize-and-clear into the graph, so the exported module forgot its statistics on
+    # every call; now export refuses by name and a compiled forward sizes them eagerly.
+    import copy
+
+    from qlib.nn import FakeQuantize
+
+    for strict in (False, True):
+        with pytest.raises(Exception, match=r"allocate\("):
+            torch.export.export(FakeQuantize(O.MinMaxObserver()), (torch.randn(4, 16),), strict=strict)
+    eager = FakeQuantize(O.MinMaxObserver())
+    compiled_fq = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_fq, backend="eager")
+    for i in range(3):
+        x = torch.randn(4, 16) / (i + 1)
+        assert torch.equal(eager(x), compiled(x))
+    assert torch.equal(eager.observer.min_val, compiled_fq.observer.min_val)

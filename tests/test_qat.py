@@ -1020,6 +1020,101 @@ def test_parametrized_linears():
         qlib.gptq_quantize(pruned, iter([]), progress=False)
 
 
+SWAPS = {
+    "quantize_dynamic": qlib.quantize_dynamic,
+    "prepare_qat": qlib.prepare_qat,
+    "prepare_qat+convert": lambda m: qlib.convert(qlib.prepare_qat(m, QATConfig(activation_bits=None, weight_bits=4))),
+    "quantize_weight_only": qlib.quantize_weight_only,
+    "gptq": lambda m: qlib.gptq_quantize(m, [torch.randn(8, 32)], group_size=32, progress=False),
+}
+
+
+@pytest.mark.parametrize("swap", SWAPS.values(), ids=SWAPS.keys())
+def test_swaps_keep_the_modules_hooks(swap):
+    """As torch.ao's swap_module: a replaced Linear's hooks run on its replacement (an offload
+    pre-hook, an activation capture), and the user's handles still remove them."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    calls = []
+    pre = m[0].register_forward_pre_hook(lambda mod, args, kwargs: calls.append("pre"), with_kwargs=True)
+    zero = m[2].register_forward_hook(lambda mod, args, out: out * 0)
+    back = m[2].register_full_backward_hook(lambda mod, gin, gout: calls.append("back"))
+    q = swap(m)
+    assert type(q[0]) is not nn.Linear
+    calls.clear()  # (GPTQ's calibration ran the hooks)
+    x = torch.randn(5, 32, requires_grad=True)
+    y = q(x)
+    assert calls == ["pre"] and torch.equal(y, torch.zeros_like(y))
+    if y.requires_grad:
+        y.sum().backward()
+        assert calls == ["pre", "back"]
+    for handle in (pre, zero, back):
+        handle.remove()
+    calls.clear()
+    assert q(x).abs().sum() > 0 and calls == []
+
+
+def test_swaps_refuse_hook_based_weight_norm():
+    """torch.nn.utils.weight_norm (the old hook-based API) recomputes `weight` on each forward:
+    after load_state_dict the attribute is stale, so a swap would quantize old values."""
+    from torch.nn.utils import spectral_norm, weight_norm
+    for norm in (weight_norm, spectral_norm):
+        model = lambda: nn.Sequential(nn.Linear(32, 16), nn.ReLU(), norm(nn.Linear(16, 8)))  # noqa: E731 (no deepcopy)
+        for swap in SWAPS.values():
+            with pytest.raises(ValueError, match=r"2 has a hook-based torch.nn.utils.weight_norm .*remove_weight_norm"):
+                swap(model())
+        assert type(qlib.quantize_dynamic(model(), filter_fn="0")[2]) is nn.Linear
+
+
+class _LinearByKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.lin(input=x)
+
+
+@pytest.mark.parametrize("swap", SWAPS.values(), ids=SWAPS.keys())
+def test_swapped_linears_take_input_by_keyword(swap):
+    """nn.Linear's argument is `input`: a model calling lin(input=x) runs after every swap."""
+    torch.manual_seed(0)
+    m = _LinearByKeyword()
+    x = torch.randn(5, 32)
+    ref = m(x)
+    y = swap(m)(x)
+    assert torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.98
+
+
+def test_torchscript():
+    """torch.jit.trace works after one eager step (a learnable scale starts from the first batch:
+    tracing before it raises qlib's message, not a TorchScript internal assert); jit.script
+    refuses by name."""
+    cfg = QATConfig(activation_learnable=True, weight_learnable=True)
+    m = qlib.prepare_qat(nn.Sequential(nn.Linear(32, 16)), cfg)
+    x = torch.randn(4, 32)
+    with pytest.raises(RuntimeError, match=r"run one eager forward .* before torch.export, torch.jit.trace"):
+        torch.jit.trace(m, x)
+    m(x)
+    traced = torch.jit.trace(m, x)
+    torch.testing.assert_close(traced(x), m(x), rtol=0, atol=0)
+    int8 = qlib.quantize_dynamic(nn.Sequential(nn.Linear(32, 16)))
+    torch.testing.assert_close(torch.jit.trace(int8, x)(x), int8(x), rtol=0, atol=0)
+    for model in (m, int8, qlib.quantize_weight_only(nn.Sequential(nn.Linear(32, 16)))):
+        with pytest.raises(RuntimeError, match=r"qlib: \w+ cannot be compiled by torch.jit.script; use torch.jit.trace"):
+            torch.jit.script(model)
+
+
+@pytest.mark.parametrize("shape", [(4, 0), (0, 4)])
+def test_qat_refuses_empty_linears(shape):
+    """Nothing to observe: a clear error naming the module, not a reshape error from the observer."""
+    m = nn.Sequential(nn.Linear(*shape))
+    for swap in (qlib.prepare_qat, qlib.prepare):
+        with pytest.raises(ValueError, match=rf"in_features={shape[0]}, out_features={shape[1]} \(module '0'\) has no weight"):
+            swap(copy.deepcopy(m))
+    assert qlib.quantize_dynamic(m)(torch.randn(3, shape[0])).shape == (3, shape[1])
+
+
 def test_meta_device_models_run_and_copy():
     """Shape inference on meta: the forwards' re-reads of swapped buffers skip meta ones (no
     values), and deepcopy / pickling of meta modules works."""

@@ -13,6 +13,13 @@ class QuantState(nn.Module):
     device moves still apply. Parameters (learnable scales, QATLinear's weight) follow the
     cast like any parameter, and outputs follow the input's dtype."""
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: say what works instead
+        # of a TorchScript compiler error deep in a forward.
+        raise RuntimeError(
+            f"qlib: {type(self).__name__} cannot be compiled by torch.jit.script; use torch.jit.trace, "
+            "torch.compile or torch.export")
+
     def _apply(self, fn, recurse=True):
         kept = {name: b for name, b in self._buffers.items() if b is not None}
         super()._apply(fn, recurse)

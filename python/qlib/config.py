@@ -78,11 +78,16 @@ class QATConfig:
     def activation_observer_class(self):
         return self._observer_class(self.activation_observer, "activation_observer")
 
-    def check_linear(self, in_features: int, fqn: str = "") -> None:
-        """Raises ValueError when this config cannot quantize a Linear of that width."""
+    def check_linear(self, in_features: int, out_features: int, fqn: str = "") -> None:
+        """Raises ValueError when this config cannot quantize a Linear of that shape."""
+        where = f" (module {fqn!r})" if fqn else ""
+        if in_features == 0 or out_features == 0:
+            raise ValueError(
+                f"QATConfig: a Linear with in_features={in_features}, out_features={out_features}{where} has no "
+                "weight to fake-quantize or observe; leave it out with filter_fn (quantize_dynamic and the "
+                "4-bit swaps take it)")
         g = self.weight_group_size
         if self.weight_granularity == "per_group" and in_features % g != 0:
-            where = f" (module {fqn!r})" if fqn else ""
             raise ValueError(
                 f"QATConfig.weight_group_size={g} does not divide in_features={in_features}{where}"
             )

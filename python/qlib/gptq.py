@@ -159,8 +159,9 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
         for group in groups:
             hessians: Dict[int, _Hessian] = {key: _Hessian(selected[key][1].in_features, selected[key][1].weight.device)
                                              for key in group}
-            hooks = [selected[key][1].register_forward_pre_hook(lambda mod, args: hessians[id(mod)].add(args[0]))
-                     for key in group]
+            hooks = [selected[key][1].register_forward_pre_hook(  # (nn.Linear's input may come as input=x)
+                lambda mod, args, kwargs: hessians[id(mod)].add(args[0] if args else kwargs["input"]),
+                with_kwargs=True) for key in group]
             modes = [(mod, mod.training) for mod in model.modules()]  # each its own (a frozen BatchNorm stays eval)
             try:
                 calibrate(model, batches, progress)

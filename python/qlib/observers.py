@@ -166,7 +166,12 @@ class ObserverBase(QuantState):
             x = x.float()
         rows, shape = self._rows(x)
         if self._buffers["qparams_shape"].numel() == 0:
-            self._allocate(rows.shape[0], shape, x.device)
+            if torch.compiler.is_exporting():  # (the graph would re-size and clear the statistics every call)
+                raise RuntimeError(
+                    f"qlib.observers.{type(self).__name__}: its buffers are not sized yet (nothing observed "
+                    f"since construction or reset()); call allocate({tuple(x.shape)}) or run one eager batch "
+                    f"before torch.export")
+            _allocate_eagerly(self, rows.shape[0], shape, x.device)
         elif rows.shape[0] != self._blocks():
             raise ValueError(
                 f"qlib.observers.{type(self).__name__}: x of shape {tuple(x.shape)} has {rows.shape[0]} blocks "
@@ -348,6 +353,13 @@ class ObserverBase(QuantState):
         g = f"ch_axis={self.ch_axis}" if self.ch_axis is not None else (
             f"group_size={self.group_size}" if self.group_size is not None else "per_tensor")
         return f"bits={self.bits}, symmetric={self.symmetric}, {g}, range=[{self.quant_min}, {self.quant_max}]"
+
+
+@torch.compiler.disable(reason="a qlib observer sizes its buffers on the first batch it sees (resize_ of "
+                                "a buffer): call observer.allocate(x_shape) or run one eager batch before "
+                                "torch.compile(fullgraph=True)")
+def _allocate_eagerly(observer: ObserverBase, blocks: int, shape: List[int], device) -> None:
+    observer._allocate(blocks, shape, device)
 
 
 class MinMaxObserver(ObserverBase):

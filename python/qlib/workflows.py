@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .config import QATConfig
 from .nn.fake_quantize import FakeQuantize
@@ -56,6 +58,12 @@ def swap_selector(kind: type, filter_fn: Optional[FilterFn], who: str) -> Callab
             if prune.is_pruned(module):
                 raise ValueError(f"qlib.{who}: {fqn or 'the model'} is pruned (torch.nn.utils.prune); make the "
                                  "pruning permanent first (torch.nn.utils.prune.remove) or leave it out with filter_fn")
+            if any(isinstance(h, (WeightNorm, SpectralNorm)) for h in module._forward_pre_hooks.values()):
+                raise ValueError(
+                    f"qlib.{who}: {fqn or 'the model'} has a hook-based torch.nn.utils.weight_norm / spectral_norm, "
+                    "whose weight is recomputed on each forward (the one it holds may be stale, e.g. after "
+                    "load_state_dict); remove it first (torch.nn.utils.remove_weight_norm / remove_spectral_norm) "
+                    "or leave it out with filter_fn")
             return True
         if parametrize.is_parametrized(module) and parametrize.type_before_parametrizations(module) is kind \
                 and chosen(module, fqn):
@@ -79,7 +87,7 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
     selected = swap_selector(kind, filter_fn, who)
 
     if selected(model, ""):
-        model = make(model, "")
+        model = _keep_hooks(model, make(model, ""))
         _ddp_local_buffers(model)
         return model
     swaps = []
@@ -93,12 +101,32 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
     done = {}
     for parent, name, child, fqn in swaps:
         if id(child) not in done:
-            done[id(child)] = make(child, fqn)
+            done[id(child)] = _keep_hooks(child, make(child, fqn))
         setattr(parent, name, done[id(child)])
     if swaps:
         _off_fused_transformer_paths(model)
         _ddp_local_buffers(model)
     return model
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+               "_backward_hooks")
+
+
+def _keep_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
+    """The replacement runs the hooks of the module it replaces, as torch.ao's swap_module: it
+    takes over old's hook dicts, so the handles the user holds still remove them."""
+    if new is old:
+        return new
+    for name in _HOOK_DICTS:
+        hooks = getattr(old, name)
+        if hooks:
+            hooks.update(getattr(new, name))
+            object.__setattr__(new, name, hooks)
+    if old._is_full_backward_hook is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
+    return new
 
 
 def _off_fused_transformer_paths(model: nn.Module) -> None:
@@ -175,7 +203,7 @@ def _prepare_qat(model: nn.Module, config: Optional[QATConfig], filter_fn: Optio
     config = config or QATConfig()
 
     def make(linear: nn.Linear, fqn: str) -> QATLinear:
-        config.check_linear(linear.in_features, fqn)
+        config.check_linear(linear.in_features, linear.out_features, fqn)
         qat = QATLinear.from_float(linear, config)
         made.append(qat)
         return qat

@@ -157,11 +157,11 @@ class FakeQuantize(QuantState):
                 # scale is already trained there; take it (a host read only until initialised).
                 self._init_done = True
             if self.learnable and not self._init_done:
-                if torch.compiler.is_exporting():  # (an exported graph would re-initialise every call)
+                if torch.compiler.is_exporting() or torch.jit.is_tracing():  # (the graph would re-initialise every call)
                     raise RuntimeError(
                         "qlib.nn.FakeQuantize: a learnable FakeQuantize takes its first scale from the "
                         "first batch it observes, eagerly: run one eager forward (or load a trained "
-                        "state_dict) before torch.export or torch.compile(fullgraph=True)")
+                        "state_dict) before torch.export, torch.jit.trace or torch.compile(fullgraph=True)")
                 scale, zp = observer.calculate_qparams()
                 if _blocks(scale.shape) != _blocks(self.scale.shape):  # (same size, other blocks: wrong numbers)
                     raise RuntimeError(

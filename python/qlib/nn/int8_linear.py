@@ -203,7 +203,8 @@ class Int8Linear(QuantState):
             raise RuntimeError(f"Int8Linear: act_zero_point {zp} lies outside act_quant_range [{lo}, {hi}]")
         module._act_range, module._act_range_of = (lo, hi), buf
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # (nn.Linear's name: callers may pass input=x)
+        x = input
         if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: jagged nested tensors run on their values)
             return on_nested("Int8Linear", self.forward, x)
         # Buffers straight from _buffers: nn.Module.__getattr__ costs about 0.7 us a name,

@@ -135,7 +135,8 @@ class Linear4bit(QuantState):
                 mod.bias.copy_(bias.detach())
         return mod
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # (nn.Linear's name: callers may pass input=x)
+        x = input
         if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: jagged nested tensors run on their values)
             return on_nested("Linear4bit", self.forward, x)
         _check_in_features(x, self.in_features, self.out_features)

@@ -37,7 +37,7 @@ class QATLinear(nn.Linear):
                  config: Optional[QATConfig] = None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.config = config = config or QATConfig()
-        config.check_linear(in_features)
+        config.check_linear(in_features, out_features)
         self.weight_fake_quant = weight_fake_quant(config, out_features, in_features)
         # None for weight-only QAT (activation_bits=None): activations stay float.
         self.activation_fake_quant = None if config.activation_bits is None else activation_fake_quant(config)
@@ -70,7 +70,8 @@ class QATLinear(nn.Linear):
         wfq(self.weight)
         return tuple(t.detach() for t in wfq.calculate_qparams())
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # (nn.Linear's name: callers may pass input=x)
+        x = input
         m, p = self._modules, self._parameters  # (nn.Module.__getattr__ costs about 0.7 us a name)
         # (A parametrized weight / bias (weight_norm, pruning) lives outside _parameters.)
         w = m["weight_fake_quant"](p["weight"] if "weight" in p else self.weight)
