@@ -1054,6 +1054,36 @@ def test_swaps_keep_the_modules_hooks(swap):
     assert q(x).abs().sum() > 0 and calls == []
 
 
+@pytest.mark.parametrize("learnable", [False, True])
+def test_frozen_before_any_data_raises(learnable):
+    """Observers switched off before they saw data (a branch calibration never ran, a layer
+    added later): the forward raised for an unsized observer only; QATLinear sizes its own, so
+    the weights fake-quantized with scale eps and the output was the bias, silently."""
+    cfg = QATConfig(weight_learnable=learnable, activation_learnable=learnable)
+    lin = nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    q = qlib.prepare_qat(nn.Sequential(copy.deepcopy(lin)), cfg)
+    q.apply(tq.disable_observer)
+    with pytest.raises(RuntimeError, match=r"recorded nothing yet|has not taken its first scale"):
+        q(x)
+    q.apply(tq.enable_observer)
+    ref = q(x)
+    q.apply(tq.disable_observer)
+    torch.testing.assert_close(q(x), ref, rtol=0, atol=0)  # (now it has data)
+    # A state loaded into a fresh model counts; reset() forgets.
+    fresh = qlib.prepare_qat(nn.Sequential(copy.deepcopy(lin)), cfg)
+    fresh.load_state_dict(q.state_dict())
+    torch.testing.assert_close(fresh(x), ref, rtol=0, atol=0)
+    if not learnable:
+        fq = fresh[0].activation_fake_quant
+        fq.observer.reset()
+        fq.observer.allocate(x.shape)
+        with pytest.raises(RuntimeError, match=r"recorded nothing yet"):
+            fresh(x)
+        fq.disable_fake_quant()  # (nothing fake-quantized: nothing asked of the observer)
+        fresh(x)
+
+
 def test_swaps_refuse_hook_based_weight_norm():
     """torch.nn.utils.weight_norm (the old hook-based API) recomputes `weight` on each forward:
     after load_state_dict the attribute is stale, so a swap would quantize old values."""

@@ -73,6 +73,10 @@ def _has_forward_hooks(m: nn.Module) -> bool:
                 or _module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
+NOTHING_RECORDED = ("its observer has recorded nothing yet (its qparams would be scale eps); run data "
+                    "through it with the observer enabled, or load a calibrated state_dict, first")
+
+
 class ObserverBase(QuantState):
     """Shared machinery: granularity, counters, buffers, all-reduce, qparams."""
 
@@ -290,8 +294,20 @@ class ObserverBase(QuantState):
         scale, zero_point = ops.observer_qparams(lo, hi, self.quant_min, self.quant_max, self.symmetric, self.eps)
         return scale.reshape(shape), zero_point.reshape(shape)
 
+    def _check_recorded(self, who: str) -> None:
+        """Raises unless a finite value was recorded: qparams from nothing are scale eps (a block
+        without data gets [0, 0]). A host read once per `observed` buffer while the answer is yes;
+        skipped under DDP (the rank's own count is not the global one)."""
+        observed = self._buffers["observed"]
+        if self.__dict__.get("_recorded_in") is observed or _distributed():
+            return
+        if self._buffers["qparams_shape"].numel() == 0 or not bool(observed):
+            raise RuntimeError(f"{who}: {NOTHING_RECORDED}")
+        self._recorded_in = observed
+
     def reset(self) -> None:
         """Forget everything recorded (the buffers keep their identity)."""
+        self.__dict__.pop("_recorded_in", None)
         with torch.no_grad():
             self.observed.zero_()
             self.nonfinite.zero_()
@@ -340,6 +356,7 @@ class ObserverBase(QuantState):
         """Per kind of observer: statistics a state_dict may not hold (after the layout check)."""
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.__dict__.pop("_recorded_in", None)
         self._check_loaded_layout(state_dict, prefix)
         self._check_loaded_values(state_dict, prefix)
         # The statistic buffers are sized by the data: take the saved sizes.
@@ -480,6 +497,7 @@ class _HistogramObserver(ObserverBase):
         return t
 
     def reset(self) -> None:
+        self.__dict__.pop("_recorded_in", None)
         with torch.no_grad():
             self.observed.zero_()
             self.nonfinite.zero_()

@@ -136,6 +136,20 @@ class FakeQuantize(QuantState):
                     self.zero_point.detach().round().clamp(self.quant_min, self.quant_max))
         return self.observer.calculate_qparams()
 
+    def _check_has_qparams(self) -> None:
+        """With the observer off, raises where the qparams come from no data: a learnable scale
+        never initialised (still 1.0), or an observer that recorded nothing (scale eps)."""
+        if not self.learnable:
+            self._modules["observer"]._check_recorded("qlib.nn.FakeQuantize")
+        elif not self._init_done:
+            if bool(self._buffers["initialized"]):  # (set by another process: Hogwild)
+                self._init_done = True
+            elif bool((self.scale == 1).all()):
+                raise RuntimeError(
+                    "qlib.nn.FakeQuantize: its observer is disabled and this learnable FakeQuantize has not "
+                    "taken its first scale from data (it is still the initial 1.0): run data through it "
+                    "with the observer enabled, or load a trained state_dict, first")
+
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: a jagged x runs on its values)
             return on_nested("qlib.nn.FakeQuantize", self.forward, x)
@@ -144,6 +158,8 @@ class FakeQuantize(QuantState):
         if not torch.compiler.is_compiling() and (
                 b["switches"] is not self._synced[0] or b.get("initialized") is not self._synced[1]):
             FakeQuantize._sync_flags(self)  # other buffers (torch.func.functional_call, .to()): read them
+        if self._fake_quant_enabled and not self._observer_enabled and not torch.compiler.is_compiling():
+            self._check_has_qparams()  # (frozen before any data: a branch calibration never ran)
         if self._fake_quant_enabled and not self.learnable:
             # One op (min-max observers), or None.
             y = observer._observe_fake_quant(x, self._observer_enabled)
@@ -188,8 +204,8 @@ class FakeQuantize(QuantState):
             return ops.lsq_fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min,
                                       self.quant_max, None, self.eps)
         if observer._buffers["qparams_shape"].numel() == 0:
-            raise RuntimeError("qlib.nn.FakeQuantize: its observer has recorded nothing yet; "
-                               "enable the observer or load a calibrated state_dict first")
+            from ..observers import NOTHING_RECORDED
+            raise RuntimeError(f"qlib.nn.FakeQuantize: {NOTHING_RECORDED}")
         scale, zp = observer.qparams_for(x)
         return ops.fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min, self.quant_max)
 
