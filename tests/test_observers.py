@@ -768,6 +768,15 @@ def test_plot_calibration(tmp_path):
     wide(x * 3)
     mses = qlib.plot_calibration(x, [obs[0], wide], str(path))  # two of a class: both kept
     assert set(mses) == {"MinMax", "MinMax#2"} and mses["MinMax"] != mses["MinMax#2"]
+    # The caller's backend and pyplot figures stay as they were, failed calls included.
+    import matplotlib
+    import matplotlib.pyplot as plt
+    backend, figures = matplotlib.get_backend(), plt.get_fignums()
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            qlib.plot_calibration(x, [qlib.observers.MSEObserver()], str(path))  # (saw nothing)
+    qlib.plot_calibration(x, obs[:1], str(path))
+    assert matplotlib.get_backend() == backend and plt.get_fignums() == figures
 
 
 # ------------------------------------------------------------ granularity, devices

@@ -1084,6 +1084,39 @@ def test_frozen_before_any_data_raises(learnable):
         fresh(x)
 
 
+def test_swaps_leave_the_rng_and_a_failing_model_alone():
+    """prepare takes the Linear's own weights (no random init: torch's global RNG, which a user's
+    dropout and sampling draw from, stays where it was, as torch.ao's prepare leaves it); a swap
+    that fails on one Linear leaves the model unconverted and names the module."""
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    state = torch.get_rng_state()
+    for swap in (qlib.prepare, qlib.prepare_qat, qlib.quantize_dynamic):
+        swap(copy.deepcopy(m))
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.no_grad():
+        m[2].weight[0, 0] = float("nan")
+    for swap, message in ((qlib.quantize_dynamic, r"qlib.quantize_dynamic: module '2': .*NaN or Inf"),
+                          (qlib.quantize_weight_only, r"qlib.quantize_weight_only: module '2': .*finite")):
+        with pytest.raises(ValueError if swap is qlib.quantize_dynamic else RuntimeError, match=message):
+            swap(m)
+        assert [type(c) for c in m] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_sequential_gptq_failing_late_leaves_the_model_alone():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.used(x)
+
+    m = Model()
+    with pytest.raises(ValueError, match=r"Linear 'unused' saw no calibration input"):
+        qlib.gptq_quantize(m, [torch.randn(4, 8)], group_size=8, sequential=True, progress=False)
+    assert type(m.used) is nn.Linear and type(m.unused) is nn.Linear
+
+
 def test_swaps_refuse_hook_based_weight_norm():
     """torch.nn.utils.weight_norm (the old hook-based API) recomputes `weight` on each forward:
     after load_state_dict the attribute is stale, so a swap would quantize old values."""

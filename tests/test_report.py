@@ -98,3 +98,10 @@ def test_report_refuses_in_one_line(model, message):
     shape = (3, 96) if isinstance(model, nn.Sequential) else (3, 8)
     with pytest.raises(ValueError, match=message):
         report.report(model, shape, schemes=["int8"], repeat=1)
+
+
+def test_report_leaves_the_models_modes():
+    m = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 8)).train()
+    m[2].eval()
+    report.report(m, (4, 8), schemes=["int8"], repeat=1)
+    assert [c.training for c in m] == [True, True, False] and m.training

@@ -156,30 +156,37 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
         return _swap(model, nn.Linear, lambda m, fqn: made[id(m)], lambda m, fqn: id(m) in made, "gptq_quantize")
 
     with tqdm(total=len(selected), desc="GPTQ (Linears)", disable=not progress) as bar:  # across passes
-        for group in groups:
-            hessians: Dict[int, _Hessian] = {key: _Hessian(selected[key][1].in_features, selected[key][1].weight.device)
-                                             for key in group}
-            hooks = [selected[key][1].register_forward_pre_hook(  # (nn.Linear's input may come as input=x)
-                lambda mod, args, kwargs: hessians[id(mod)].add(args[0] if args else kwargs["input"]),
-                with_kwargs=True) for key in group]
-            modes = [(mod, mod.training) for mod in model.modules()]  # each its own (a frozen BatchNorm stays eval)
-            try:
-                calibrate(model, batches, progress)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-                for mod, training in modes:
-                    mod.training = training
-            for key in group:
-                fqn, m = selected[key]
-                name = f"Linear {fqn!r}" if fqn else "the Linear"
-                if hessians[key].rows == 0:
-                    raise ValueError(f"qlib.gptq_quantize: {name} saw no calibration input")
-                with torch.autocast(m.weight.device.type, enabled=False):  # float32, under a caller's autocast
-                    codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, act_order,
-                                                name=name)
-                made[key] = Linear4bit.from_codes(codes, scales, group_size, m.bias, compute_dtype)
-                bar.update()
-            if sequential:  # the next Linears calibrate on these already quantized
-                model = swap_made(model)
+        try:
+            for group in groups:
+                hessians: Dict[int, _Hessian] = {key: _Hessian(selected[key][1].in_features, selected[key][1].weight.device)
+                                                 for key in group}
+                hooks = [selected[key][1].register_forward_pre_hook(  # (nn.Linear's input may come as input=x)
+                    lambda mod, args, kwargs: hessians[id(mod)].add(args[0] if args else kwargs["input"]),
+                    with_kwargs=True) for key in group]
+                modes = [(mod, mod.training) for mod in model.modules()]  # each its own (a frozen BatchNorm stays eval)
+                try:
+                    calibrate(model, batches, progress)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                    for mod, training in modes:
+                        mod.training = training
+                for key in group:
+                    fqn, m = selected[key]
+                    name = f"Linear {fqn!r}" if fqn else "the Linear"
+                    if hessians[key].rows == 0:
+                        raise ValueError(f"qlib.gptq_quantize: {name} saw no calibration input")
+                    with torch.autocast(m.weight.device.type, enabled=False):  # float32, under a caller's autocast
+                        codes, scales = gptq_weight(m.weight, hessians.pop(key).h, bits, group_size, damp, act_order,
+                                                    name=name)
+                    made[key] = Linear4bit.from_codes(codes, scales, group_size, m.bias, compute_dtype)
+                    bar.update()
+                if sequential:  # the next Linears calibrate on these already quantized
+                    model = swap_made(model)
+        except BaseException:
+            if sequential and made:  # (the groups done were swapped in: the model goes back as it was)
+                original = {id(made[key]): selected[key][1] for key in made}
+                _swap(model, Linear4bit, lambda m, fqn: original[id(m)], lambda m, fqn: id(m) in original,
+                      "gptq_quantize")
+            raise
     return swap_made(model)

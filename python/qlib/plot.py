@@ -16,11 +16,10 @@ def plot_calibration(x: Tensor, observers: Union[Dict[str, "torch.nn.Module"], I
     """Writes a PNG to `path`: the histogram of x (log counts) and, for each
     per-tensor observer, the clipping range [alpha, beta] it chose, with its
     fake-quant MSE on x in the legend. Each observer must have recorded x (or
-    data like it). Returns {name: mse}. Uses matplotlib's Agg backend."""
+    data like it). Returns {name: mse}. Draws on a matplotlib Figure of its own, not
+    pyplot's: the caller's backend and open figures stay as they are."""
     import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from ._ops import fake_quant
 
@@ -35,10 +34,11 @@ def plot_calibration(x: Tensor, observers: Union[Dict[str, "torch.nn.Module"], I
         observers = named
     data = x.detach().float().reshape(-1)
     data = data[torch.isfinite(data)]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig = Figure(figsize=(9, 4.5))  # (not registered with pyplot: nothing to close, even on an error)
+    ax = fig.subplots()
     ax.hist(data.cpu().numpy(), bins=bins, color="0.75", log=True, label="x")
     mses = {}
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (name, obs) in enumerate(observers.items()):
         scale, zp = obs.calculate_qparams()
         if scale.numel() != 1:
@@ -58,5 +58,4 @@ def plot_calibration(x: Tensor, observers: Union[Dict[str, "torch.nn.Module"], I
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return mses

@@ -91,7 +91,16 @@ def report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str] = tupl
         raise ValueError(f"qlib report: unknown schemes {unknown}; choose from {list(SCHEMES)}")
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise ValueError("qlib report: the model has no nn.Linear to quantize")
-    model = model.eval()
+    modes = [(m, m.training) for m in model.modules()]  # restored at the end (as gptq_quantize does)
+    try:
+        return _report(model.eval(), shape, schemes, repeat, seed)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str], repeat: int,
+            seed: int) -> Dict[str, dict]:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"qlib report: the model's parameters are {dtype}; the schemes take float32, float16 "

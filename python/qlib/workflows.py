@@ -98,11 +98,14 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
             fqn = f"{parent_fqn}.{name}" if parent_fqn else name
             if child is not None and selected(child, fqn):
                 swaps.append((parent, name, child, fqn))
+    # Every replacement first, then the swaps: a make that raises (a NaN weight, ...) leaves the
+    # model as it was, not half converted.
     done = {}
     for parent, name, child, fqn in swaps:
         if id(child) not in done:
-            done[id(child)] = _keep_hooks(child, make(child, fqn))
-        setattr(parent, name, done[id(child)])
+            done[id(child)] = make(child, fqn)
+    for parent, name, child, fqn in swaps:
+        setattr(parent, name, _keep_hooks(child, done[id(child)]))
     if swaps:
         _off_fused_transformer_paths(model)
         _ddp_local_buffers(model)
@@ -176,13 +179,24 @@ def _renest_output(layer, args, kwargs, output):
     return torch._nested_tensor_from_mask(output, keep, mask_check=False)
 
 
+def _naming(who: str, make: Callable[[nn.Module, str], nn.Module]) -> Callable[[nn.Module, str], nn.Module]:
+    """make, whose errors name the module (a model has many Linears)."""
+    def named(module: nn.Module, fqn: str) -> nn.Module:
+        try:
+            return make(module, fqn)
+        except (RuntimeError, ValueError) as e:
+            raise type(e)(f"qlib.{who}: module {fqn or '(the model)'!r}: {e}") from e
+    return named
+
+
 def quantize_dynamic(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` selected by ``filter_fn(module, fqn)``
     (all of them when None) with an :class:`qlib.nn.Int8Linear` (int8 per-channel weights,
     dynamic per-token int8 activations). Returns the model; if ``model`` itself is a selected
     ``nn.Linear``, returns its replacement.
     """
-    return _swap(model, nn.Linear, lambda m, fqn: Int8Linear.from_float(m), filter_fn, "quantize_dynamic")
+    return _swap(model, nn.Linear, _naming("quantize_dynamic", lambda m, fqn: Int8Linear.from_float(m)), filter_fn,
+                 "quantize_dynamic")
 
 
 def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
@@ -194,7 +208,8 @@ def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
     one absmax per ``block_size`` weights; float activations, run in ``compute_dtype`` when
     given). Returns the model, or the replacement when ``model`` itself is a selected
     ``nn.Linear``."""
-    return _swap(model, nn.Linear, lambda m, fqn: Linear4bit.from_float(m, codebook, block_size, compute_dtype),
+    return _swap(model, nn.Linear, _naming("quantize_weight_only",
+                                           lambda m, fqn: Linear4bit.from_float(m, codebook, block_size, compute_dtype)),
                  filter_fn, "quantize_weight_only")
 
 
@@ -271,9 +286,6 @@ def convert(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module
     (``activation_bits=None``, at most 4 symmetric weight bits) into a
     Linear4bit whose weight equals the fake-quantized one."""
     def make(qat: QATLinear, fqn: str) -> nn.Module:
-        try:
-            return Int8Linear.from_qat(qat) if qat.activation_fake_quant is not None else Linear4bit.from_qat(qat)
-        except (RuntimeError, ValueError) as e:  # name the module: a model has many
-            raise type(e)(f"qlib.convert: module {fqn or '(the model)'!r}: {e}") from e
+        return Int8Linear.from_qat(qat) if qat.activation_fake_quant is not None else Linear4bit.from_qat(qat)
 
-    return _swap(model, QATLinear, make, filter_fn, "convert")
+    return _swap(model, QATLinear, _naming("convert", make), filter_fn, "convert")

@@ -34,8 +34,13 @@ class QATLinear(nn.Linear):
     """Drop-in for nn.Linear: y = linear(fq_act(x), fq_weight(W), b)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
-                 config: Optional[QATConfig] = None):
+                 config: Optional[QATConfig] = None, _init_parameters: bool = True):
+        # from_float replaces weight and bias at once: skip nn.Linear's random init (it advanced
+        # torch's global RNG and was most of prepare's time). Set before nn.Linear.__init__,
+        # which calls reset_parameters.
+        object.__setattr__(self, "_skip_reset", not _init_parameters)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        object.__setattr__(self, "_skip_reset", False)
         self.config = config = config or QATConfig()
         config.check_linear(in_features, out_features)
         self.weight_fake_quant = weight_fake_quant(config, out_features, in_features)
@@ -48,6 +53,10 @@ class QATLinear(nn.Linear):
             self.activation_fake_quant.observer.allocate((1, in_features), self.weight.device)
             self.activation_fake_quant.to(self.weight.device)
 
+    def reset_parameters(self) -> None:
+        if not self.__dict__.get("_skip_reset", False):
+            super().reset_parameters()
+
     @classmethod
     def from_float(cls, linear: nn.Linear, config: Optional[QATConfig] = None) -> "QATLinear":
         """A QATLinear sharing `linear`'s weight and bias Parameters."""
@@ -55,7 +64,7 @@ class QATLinear(nn.Linear):
             raise TypeError(f"QATLinear.from_float expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         qat = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                  device=w.device, dtype=w.dtype, config=config)
+                  device=w.device, dtype=w.dtype, config=config, _init_parameters=False)
         qat.weight = linear.weight
         if linear.bias is not None:
             qat.bias = linear.bias
