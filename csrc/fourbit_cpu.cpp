@@ -668,10 +668,11 @@ constexpr Bf16Dots bf16_dots() { return {dot_rows_bf16<M, bf16_group_rows(M)>, d
 // sums[r * kDotRows + m] = x[m] . W_hat[k0, k0 + K) of R weight rows (ldp bytes, lda blocks
 // apart; row and absmax start at k0) for the M <= kDotRows rows of x, ldx elements apart:
 // bfloat16 when bf16 (dot_rows_bf16's CPU and block sizes; R of bf16_group_rows(M) or 1), else
-// float32 (R = 1). scratch: K floats.
+// float32 (R = 1). avx512: the kernel family read once by the caller, which laid x out for it
+// (set_fourbit_cpu_kernel from another thread must not part the two). scratch: K floats.
 void dot_rows(const uint8_t* row, int64_t ldp, const float* absmax, int64_t lda, int64_t R, int64_t K,
               int64_t block_size, const float* cb, const void* x, int64_t ldx, int64_t M, bool bf16,
-              float* sums, float* scratch) {
+              [[maybe_unused]] bool avx512, float* sums, float* scratch) {
 #if defined(__x86_64__)
   static_assert(kDotRows == 8, "one kernel a row count");
   if (bf16) {
@@ -681,13 +682,13 @@ void dot_rows(const uint8_t* row, int64_t ldp, const float* absmax, int64_t lda,
         row, ldp, absmax, lda, K, block_size, cb, static_cast<const at::BFloat16*>(x), ldx, sums);
   }
   const auto* xf = static_cast<const float*>(x);
-  if (K % 32 == 0 && block_size % 32 == 0 && uses(FourbitKernel::kAvx512)) {
+  if (K % 32 == 0 && block_size % 32 == 0 && avx512) {
     static constexpr FewRowsKernel kernels[kDotRows] = {
         dot_few_rows<1, 1, false>, dot_few_rows<2, 1, false>, dot_few_rows<3, 1, false>, dot_few_rows<4, 1, false>,
         dot_few_rows<5, 1, false>, dot_few_rows<6, 1, false>, dot_few_rows<7, 1, false>, dot_few_rows<8, 1, false>};
     return kernels[M - 1](row, 0, absmax, 0, K, block_size, cb, xf, ldx, sums, 1);
   }
-  if (block_size % 16 == 0 && uses(FourbitKernel::kAvx512)) {
+  if (block_size % 16 == 0 && avx512) {
     using Kernel = void (*)(const uint8_t*, const float*, int64_t, int64_t, const float*,
                             const float*, int64_t, float*);
     static constexpr Kernel kernels[kDotRows] = {
@@ -932,10 +933,12 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
     return y.to(x_in.scalar_type()).view(out_shape);
   }
   at::Tensor x = x_in.reshape({M, K}).to(bf16_w ? at::kBFloat16 : at::kFloat).contiguous();
+  bool avx512 = false;  // (read once: x's layout and dot_rows' kernel must agree)
 #if defined(__x86_64__)
+  avx512 = uses(FourbitKernel::kAvx512);
   if (bf16_w) {
     x = split_steps<at::BFloat16>(x, block_size, 64);
-  } else if (block_size % 16 == 0 && uses(FourbitKernel::kAvx512)) {
+  } else if (block_size % 16 == 0 && avx512) {
     x = split_steps<float>(x, block_size, 32);
   }
 #endif
@@ -970,7 +973,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
             __builtin_prefetch(ap + i * lda + k0 / block_size);
           }
           dot_rows(pp + n * ldp + k0 / 2, ldp, ap + n * lda + k0 / block_size, lda, r, len, block_size, c,
-                   xp + (m0 * ldx + k0) * esz, ldx, rows, bf16_w, part, scratch.data());
+                   xp + (m0 * ldx + k0) * esz, ldx, rows, bf16_w, avx512, part, scratch.data());
           for (int64_t i = 0; i < r; ++i)
             for (int64_t m = 0; m < rows; ++m) acc[(n + i - n0) * M + m0 + m] += part[i * kDotRows + m];
         }

@@ -188,3 +188,36 @@ def test_panels_under_inference_mode_and_autograd(kernel, dtype):
     (gx,) = torch.autograd.grad(yg.float().sum(), xg)
     g_ref = w_hat.sum(0).expand(M, K)
     torch.testing.assert_close(gx.double(), g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
+
+
+@pytest.mark.skipif("avx512" not in KERNELS, reason="needs two float32 kernel families with other x layouts")
+def test_kernel_switched_by_another_thread_mid_call():
+    """linear_4bit reads the kernel family once a call: x laid out for one family was read by
+    another's dots when a thread switched it meanwhile (errors of 3 at 4096 features)."""
+    import threading
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(4096, 4096, generator=g), torch.randn(4, 4096, generator=g)
+    packed, absmax = ops.quantize_4bit(w, qlib.codebook_4bit("nf4"), 64)
+    run = lambda: qlib.linear_4bit(x, packed, absmax, "nf4", 64)  # noqa: E731
+    refs = []
+    try:
+        for name in ("avx512", "scalar"):
+            qlib.set_fourbit_cpu_kernel(name)
+            refs.append(run())
+        stop = threading.Event()
+
+        def flip():
+            while not stop.is_set():
+                for name in ("avx512", "scalar"):
+                    qlib.set_fourbit_cpu_kernel(name)
+
+        flipper = threading.Thread(target=flip)
+        flipper.start()
+        try:
+            worst = max(min((run() - r).abs().max().item() for r in refs) for _ in range(40))
+        finally:
+            stop.set()
+            flipper.join()
+    finally:
+        qlib.set_fourbit_cpu_kernel("auto")
+    assert worst < 1e-4

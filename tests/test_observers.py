@@ -881,3 +881,32 @@ def test_unsized_observer_is_not_baked_into_an_export():
         x = torch.randn(4, 16) / (i + 1)
         assert torch.equal(eager(x), compiled(x))
     assert torch.equal(eager.observer.min_val, compiled_fq.observer.min_val)
+
+
+def test_threads_sharing_a_fresh_observer():
+    """Threads making the first call on one shared observer: one sizes its buffers (concurrent
+    resize_ of a growing storage segfaulted). Observing from several threads is not atomic (as
+    torch.ao's): counts may be lost, and a histogram may see another thread's half-written
+    update and say so; no crash."""
+    import threading
+    x = torch.randn(256, 64)
+    for cls in (O.PercentileObserver, O.MinMaxObserver):
+        for _ in range(20):
+            obs = cls(ch_axis=0)
+            barrier = threading.Barrier(4)
+            errors = []
+
+            def observe():
+                barrier.wait()
+                try:
+                    obs(x)
+                except Exception as e:  # noqa: BLE001 (reported below)
+                    errors.append(e)
+
+            threads = [threading.Thread(target=observe) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert all("qlib::histogram_observe: hist of block" in str(e) for e in errors)
+            assert obs.qparams_shape.tolist() == [1, 256, 1] and int(obs.observed) > 0

@@ -37,6 +37,7 @@ tensors of different shapes.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -50,6 +51,7 @@ from ._ops import quant_range
 from ._state import QuantState
 
 ops = torch.ops.qlib
+_ALLOCATE_LOCK = threading.Lock()
 
 __all__ = [
     "ObserverBase",
@@ -176,7 +178,7 @@ class ObserverBase(QuantState):
                     f"since construction or reset()); call allocate({tuple(x.shape)}) or run one eager batch "
                     f"before torch.export")
             _allocate_eagerly(self, rows.shape[0], shape, x.device)
-        elif rows.shape[0] != self._blocks():
+        if rows.shape[0] != self._blocks():  # (another thread may have sized it first)
             raise ValueError(
                 f"qlib.observers.{type(self).__name__}: x of shape {tuple(x.shape)} has {rows.shape[0]} blocks "
                 f"(qparams of shape {shape}), but this observer has recorded {self._blocks()}; call reset() first"
@@ -376,7 +378,9 @@ class ObserverBase(QuantState):
                                 "a buffer): call observer.allocate(x_shape) or run one eager batch before "
                                 "torch.compile(fullgraph=True)")
 def _allocate_eagerly(observer: ObserverBase, blocks: int, shape: List[int], device) -> None:
-    observer._allocate(blocks, shape, device)
+    with _ALLOCATE_LOCK:  # threads sharing a fresh observer: one sizes it (concurrent resize_ crashed)
+        if observer._buffers["qparams_shape"].numel() == 0:
+            observer._allocate(blocks, shape, device)
 
 
 class MinMaxObserver(ObserverBase):

@@ -93,8 +93,9 @@ class Int8Linear(QuantState):
         # CPU: the weight pre-packed for the large-batch int8 kernel (not in the state_dict;
         # rebuilt by repack() whenever `weight` changes). Empty until packed.
         self.register_buffer("weight_packed", torch.empty(0, dtype=torch.int8, device=device), persistent=False)
-        self._packed_version = None
-        self._packed_ref = None  # a weakref to the weight tensor packed (a new one may reuse its memory)
+        # (weight's key when packed, weakrefs to it (a new one may reuse its memory) and to the packed
+        # tensor): one tuple, replaced at once, so a thread never pairs one pack with another's key.
+        self._pack_state = None
 
     @torch.no_grad()
     def repack(self) -> None:
@@ -102,13 +103,18 @@ class Int8Linear(QuantState):
         ``load_state_dict`` and in-place edits of ``weight`` (outside ``torch.compile``). Call it
         after editing ``weight.data`` or editing under ``torch.inference_mode``: such edits do
         not move the version counter it watches."""
-        self.weight_packed = torch.ops.qlib.int8_pack_weight(self.weight)
-        self._packed_version = _weight_key(self.weight)
-        self._packed_ref = weakref.ref(self.weight)
+        self._repack()
+
+    def _repack(self) -> Tensor:
+        w = self.weight
+        key = _weight_key(w)  # (before packing: an edit made meanwhile by another thread moves past it)
+        packed = self.weight_packed = torch.ops.qlib.int8_pack_weight(w)
+        self._pack_state = (key, weakref.ref(w), weakref.ref(packed))
+        return packed
 
     def __getstate__(self):
         state = super().__getstate__()
-        return dict(state, _packed_ref=None)  # (weakrefs do not pickle; the copy repacks once)
+        return dict(state, _pack_state=None)  # (weakrefs do not pickle; the copy repacks once)
 
     @classmethod
     def from_float(
@@ -218,10 +224,10 @@ class Int8Linear(QuantState):
                 Int8Linear._sync_act_range(self)  # (new buffers: torch.func.functional_call, .to())
             if is_functorch_wrapped_tensor(w):  # vmap / grad transforms: no packing of a batch of weights
                 packed = torch.empty(0, dtype=torch.int8, device=w.device)
-            elif self._packed_version != _weight_key(w) or (ref := self.__dict__.get("_packed_ref")) is None \
-                    or ref() is not w:
-                self.repack()
-                packed = b["weight_packed"]
+            else:
+                state = self.__dict__.get("_pack_state")
+                if state is None or state[0] != _weight_key(w) or state[1]() is not w or state[2]() is not packed:
+                    packed = self._repack()
         if self.activation == "dynamic":
             return torch.ops.qlib.int8_linear_packed(x, packed, w, b["weight_scale"], bias)
         # Static: codes = quantize(x, act_scale, act_zero_point, lo, hi); the zero point is
