@@ -874,6 +874,8 @@ def test_unsized_observer_is_not_baked_into_an_export():
     for strict in (False, True):
         with pytest.raises(Exception, match=r"allocate\("):
             torch.export.export(FakeQuantize(O.MinMaxObserver()), (torch.randn(4, 16),), strict=strict)
+    with pytest.raises(RuntimeError, match=r"allocate\(\(4, 16\)\) or run one eager batch before torch.export or torch.jit.trace"):
+        torch.jit.trace(FakeQuantize(O.MinMaxObserver()), torch.randn(4, 16))
     eager = FakeQuantize(O.MinMaxObserver())
     compiled_fq = copy.deepcopy(eager)
     compiled = torch.compile(compiled_fq, backend="eager")

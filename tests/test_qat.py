@@ -1074,6 +1074,10 @@ def test_frozen_before_any_data_raises(learnable):
     fresh = qlib.prepare_qat(nn.Sequential(copy.deepcopy(lin)), cfg)
     fresh.load_state_dict(q.state_dict())
     torch.testing.assert_close(fresh(x), ref, rtol=0, atol=0)
+    with torch.device("meta"):  # shape inference of a frozen model on meta (no values to check)
+        meta = qlib.prepare_qat(nn.Sequential(nn.Linear(16, 8)), cfg)
+    meta.apply(tq.disable_observer)
+    assert meta(torch.randn(3, 16, device="meta")).shape == (3, 8)
     if not learnable:
         fq = fresh[0].activation_fake_quant
         fq.observer.reset()
@@ -1115,6 +1119,19 @@ def test_sequential_gptq_failing_late_leaves_the_model_alone():
     with pytest.raises(ValueError, match=r"Linear 'unused' saw no calibration input"):
         qlib.gptq_quantize(m, [torch.randn(4, 8)], group_size=8, sequential=True, progress=False)
     assert type(m.used) is nn.Linear and type(m.unused) is nn.Linear
+
+
+def test_swaps_refuse_composable_apis():
+    """torch.distributed's composable APIs keep their state per module: hooks moved to the
+    replacement found none (an AttributeError in the forward). Refused by name."""
+    from torch.distributed._composable import checkpoint
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    checkpoint(m[2])
+    for swap in (qlib.quantize_dynamic, qlib.prepare_qat, qlib.quantize_weight_only):
+        with pytest.raises(ValueError, match=r"2 has torch.distributed composable APIs applied \(checkpoint\)"):
+            swap(m)
+    assert type(qlib.quantize_dynamic(m, filter_fn="0")[0]) is qlib.nn.Int8Linear
+    assert m(torch.randn(3, 8)).shape == (3, 8)
 
 
 def test_swaps_refuse_hook_based_weight_norm():

@@ -172,11 +172,11 @@ class ObserverBase(QuantState):
             x = x.float()
         rows, shape = self._rows(x)
         if self._buffers["qparams_shape"].numel() == 0:
-            if torch.compiler.is_exporting():  # (the graph would re-size and clear the statistics every call)
-                raise RuntimeError(
+            if torch.compiler.is_exporting() or torch.jit.is_tracing():  # (the graph would re-size and clear
+                raise RuntimeError(                                       # the statistics every call)
                     f"qlib.observers.{type(self).__name__}: its buffers are not sized yet (nothing observed "
-                    f"since construction or reset()); call allocate({tuple(x.shape)}) or run one eager batch "
-                    f"before torch.export")
+                    f"since construction or reset()); call allocate({tuple(int(d) for d in x.shape)}) or run one eager batch "
+                    f"before torch.export or torch.jit.trace")
             _allocate_eagerly(self, rows.shape[0], shape, x.device)
         if rows.shape[0] != self._blocks():  # (another thread may have sized it first)
             raise ValueError(
@@ -301,8 +301,8 @@ class ObserverBase(QuantState):
         without data gets [0, 0]). A host read once per `observed` buffer while the answer is yes;
         skipped under DDP (the rank's own count is not the global one)."""
         observed = self._buffers["observed"]
-        if self.__dict__.get("_recorded_in") is observed or _distributed():
-            return
+        if self.__dict__.get("_recorded_in") is observed or observed.is_meta or _distributed():
+            return  # (meta: no values; shape inference runs)
         if self._buffers["qparams_shape"].numel() == 0 or not bool(observed):
             raise RuntimeError(f"{who}: {NOTHING_RECORDED}")
         self._recorded_in = observed

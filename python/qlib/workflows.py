@@ -46,6 +46,15 @@ def selects(filter_fn: Optional[FilterFn], who: str) -> Callable[[nn.Module, str
     return lambda module, fqn: bool(filter_fn(module, fqn))
 
 
+def _composable_apis(module: nn.Module) -> list:
+    """Names of the torch.distributed composable APIs (checkpoint, fully_shard, ...) applied to module."""
+    try:
+        from torch.distributed._composable.contract import _get_registry
+    except ImportError:  # (a torch without distributed)
+        return []
+    return list(_get_registry(module) or ())
+
+
 def swap_selector(kind: type, filter_fn: Optional[FilterFn], who: str) -> Callable[[nn.Module, str], bool]:
     """(module, fqn) -> whether a swap to `kind`'s replacement takes it: a module of exactly type
     `kind` chosen by filter_fn. A chosen pruned or parametrized one (weight_norm, ...) raises."""
@@ -58,6 +67,11 @@ def swap_selector(kind: type, filter_fn: Optional[FilterFn], who: str) -> Callab
             if prune.is_pruned(module):
                 raise ValueError(f"qlib.{who}: {fqn or 'the model'} is pruned (torch.nn.utils.prune); make the "
                                  "pruning permanent first (torch.nn.utils.prune.remove) or leave it out with filter_fn")
+            if _composable_apis(module):
+                raise ValueError(
+                    f"qlib.{who}: {fqn or 'the model'} has torch.distributed composable APIs applied "
+                    f"({', '.join(_composable_apis(module))}), whose state is kept per module; apply them after "
+                    "the swap, or to a parent module")
             if any(isinstance(h, (WeightNorm, SpectralNorm)) for h in module._forward_pre_hooks.values()):
                 raise ValueError(
                     f"qlib.{who}: {fqn or 'the model'} has a hook-based torch.nn.utils.weight_norm / spectral_norm, "

@@ -141,7 +141,7 @@ class FakeQuantize(QuantState):
         never initialised (still 1.0), or an observer that recorded nothing (scale eps)."""
         if not self.learnable:
             self._modules["observer"]._check_recorded("qlib.nn.FakeQuantize")
-        elif not self._init_done:
+        elif not self._init_done and not self._buffers["initialized"].is_meta:  # (meta: no values)
             if bool(self._buffers["initialized"]):  # (set by another process: Hogwild)
                 self._init_done = True
             elif bool((self.scale == 1).all()):
