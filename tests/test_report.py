@@ -88,10 +88,20 @@ class Int8Only(nn.Module):
         return self.lin(x)
 
 
+class TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.lin(x), x
+
+
 @pytest.mark.parametrize("model,message", [
     (small_model().double(), r"parameters are torch.float64; the schemes take float32, float16 or bfloat16"),
     (TwoInputs(), r"does not take one float tensor of shape 3x8 \(--input\): .*missing 1 required"),
     (Int8Only(), r"the int8 scheme failed on this model: this model only runs float Linears"),
+    (TupleOut(), r"the model must return one tensor, got a tuple"),
 ])
 def test_report_refuses_in_one_line(model, message):
     """Models the schemes cannot take get a ValueError (one line from the CLI), not a traceback."""

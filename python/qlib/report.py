@@ -108,10 +108,14 @@ def _report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str], repe
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
     with torch.no_grad():
         try:
-            ref = model(x).double().flatten()
+            ref = model(x)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"qlib report: the model does not take one float tensor of shape "
                              f"{'x'.join(map(str, shape))} (--input): {e}") from e
+        if not isinstance(ref, torch.Tensor):
+            raise ValueError(f"qlib report: the model must return one tensor, got a {type(ref).__name__} "
+                             "(wrap it in a module that returns the output to compare)")
+        ref = ref.double().flatten()
         models, rows = {"float": model}, {}
         for name in ("float", *schemes):
             try:
