@@ -176,22 +176,9 @@ class FakeQuantize(QuantState):
                 if torch.compiler.is_exporting() or torch.jit.is_tracing():  # (the graph would re-initialise every call)
                     raise RuntimeError(
                         "qlib.nn.FakeQuantize: a learnable FakeQuantize takes its first scale from the "
-                        "first batch it observes, eagerly: run one eager forward (or load a trained "
-                        "state_dict) before torch.export, torch.jit.trace or torch.compile(fullgraph=True)")
-                scale, zp = observer.calculate_qparams()
-                if _blocks(scale.shape) != _blocks(self.scale.shape):  # (same size, other blocks: wrong numbers)
-                    raise RuntimeError(
-                        f"qlib.nn.FakeQuantize: the observer gives qparams of shape {tuple(scale.shape)}, "
-                        f"the learnable scale has qparams_shape {tuple(self.scale.shape)}; pass "
-                        f"qparams_shape={tuple(scale.shape)}")
-                with torch.no_grad():
-                    for name, value in (("scale", scale), ("zero_point", zp.float())):
-                        if parametrize.is_parametrized(self, name):  # (set through right_inverse)
-                            setattr(self, name, value.reshape(getattr(self, name).shape))
-                        else:
-                            getattr(self, name).copy_(value.reshape(getattr(self, name).shape))
-                    self.initialized.fill_(True)
-                self._init_done = True
+                        "first batch it observes: run one forward (or load a trained state_dict) before "
+                        "torch.export or torch.jit.trace")
+                _take_first_qparams(self, observer, x)
         if not self._fake_quant_enabled:
             return x
         if self.learnable:
@@ -212,6 +199,27 @@ class FakeQuantize(QuantState):
     def extra_repr(self) -> str:
         return (f"quant_range=({self.quant_min}, {self.quant_max}), learnable={self.learnable}, "
                 f"observer_enabled={self.observer_enabled}, fake_quant_enabled={self.fake_quant_enabled}")
+
+
+def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> None:
+    """The learnable scale (and zero point) from the observer's first batch x. Traced by
+    torch.compile without host reads (qparams_for: no check that x held a finite value), so the
+    first step is one graph, not a graph break in every layer (which ran past dynamo's
+    recompile limit and left later steps eager)."""
+    scale, zp = observer.qparams_for(x) if torch.compiler.is_compiling() else observer.calculate_qparams()
+    if _blocks(scale.shape) != _blocks(fq.scale.shape):  # (same size, other blocks: wrong numbers)
+        raise RuntimeError(
+            f"qlib.nn.FakeQuantize: the observer gives qparams of shape {tuple(scale.shape)}, "
+            f"the learnable scale has qparams_shape {tuple(fq.scale.shape)}; pass "
+            f"qparams_shape={tuple(scale.shape)}")
+    with torch.no_grad():
+        for name, value in (("scale", scale), ("zero_point", zp.float())):
+            if parametrize.is_parametrized(fq, name):  # (set through right_inverse)
+                setattr(fq, name, value.reshape(getattr(fq, name).shape))
+            else:
+                getattr(fq, name).copy_(value.reshape(getattr(fq, name).shape))
+        fq.initialized.fill_(True)
+    fq._init_done = True
 
 
 # torch.ao.quantization's switch helpers (`model.apply(torch.ao.quantization.disable_observer)`, the
