@@ -191,17 +191,22 @@ class ObserverBase(QuantState):
     def _resize(self, name: str, shape, observing: bool = False) -> Tensor:
         """Buffer `name` resized in place to `shape`. torch cannot grow a storage in shared memory
         (``model.share_memory()``; resize_ crashes): loading a state gives it a new shared
-        buffer; observing raises, as a new buffer would not reach the other processes."""
+        buffer; observing raises, as a new buffer would not reach the other processes. Nor one
+        loaded with assign=True from torch.load(mmap=True), safetensors or numpy: no other process
+        sees it, so it gets a new buffer."""
         buf = self._buffers[name]
         need = (buf.storage_offset() + math.prod(shape)) * buf.element_size()
-        if buf.is_shared() and buf.device.type == "cpu" and buf.untyped_storage().nbytes() < need:
+        if buf.device.type != "cpu" or buf.untyped_storage().nbytes() >= need:
+            return buf.resize_(shape)
+        if buf.is_shared():
             if observing:
                 raise RuntimeError(
                     f"qlib.observers.{type(self).__name__}: its statistics are in shared memory "
                     f"(share_memory()), which cannot grow to this input's blocks; call "
                     f"allocate(x_shape) before share_memory()")
             buf = self._buffers[name] = buf.new_empty(shape).share_memory_()
-            return buf
+        elif not buf.untyped_storage().resizable():
+            buf = self._buffers[name] = buf.new_empty(shape)
         return buf.resize_(shape)
 
     def _allocate(self, blocks: int, shape: List[int], device) -> None:

@@ -246,7 +246,7 @@ class Int8Linear(QuantState):
             act = "dynamic per-token [-127, 127]"
         else:
             lo, hi = self._act_range
-            zp = int(self.act_zero_point)
+            zp = 0 if self.act_zero_point.is_meta else int(self.act_zero_point)  # (meta: no values)
             act = f"static per-tensor [{lo}, {hi}]" + (f" zero_point={zp}" if zp else "")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -267,6 +267,9 @@ class Int8Linear(QuantState):
                         f"Int8Linear ({self.extra_repr()}): state_dict[{key!r}] holds {v}; "
                         f"{name} must be finite and {need} (a corrupt state_dict?)"
                     )
+        # Drop the weakref to the weight first: torch.utils.swap_tensors (load_state_dict under
+        # torch.__future__.set_swap_module_params_on_conversion(True)) refuses a tensor that has one.
+        self._pack_state = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         # Now, not on the next forward: a compiled or exported forward never repacks.
         self.repack()

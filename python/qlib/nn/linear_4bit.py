@@ -158,6 +158,8 @@ class Linear4bit(QuantState):
 
     def codebook_name(self) -> str:
         """'nf4', 'int4' or 'int-grid' (from_qat) when the codebook holds those values, else 'custom'."""
+        if self.codebook.is_meta:  # (no values: a skeleton built on the meta device)
+            return "meta"
         values = self.codebook.tolist()
         if values == list(_fourbit_ops.INT_GRID):
             return "int-grid"

@@ -1,0 +1,63 @@
+"""Big-model loading idioms: meta skeletons, assign=True, mmap / safetensors states, swap_tensors."""
+import pytest
+import torch
+from torch import nn
+
+import qlib
+from qlib import observers as O
+
+
+def _mk():
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+
+
+@pytest.mark.parametrize("cls", [O.MinMaxObserver, O.PercentileObserver])
+def test_observer_loaded_from_mmap_observes(tmp_path, cls):
+    # A state whose tensors cannot grow (torch.load(mmap=True), safetensors, numpy) loaded with
+    # assign=True: the first batch must size the buffers (torch: "storage that is not resizable").
+    torch.save(cls(ch_axis=0).state_dict(), tmp_path / "o.pt")
+    o = cls(ch_axis=0)
+    o.load_state_dict(torch.load(tmp_path / "o.pt", mmap=True, weights_only=True), assign=True)
+    x = torch.randn(16, 64)
+    o(x)
+    ref = cls(ch_axis=0)
+    ref(x)
+    assert all(torch.equal(a, b) for a, b in zip(o.calculate_qparams(), ref.calculate_qparams()))
+
+
+def test_meta_skeleton_errors_name_the_state():
+    ref = qlib.quantize_weight_only(_mk(), "nf4", block_size=64)
+    with torch.device("meta"):
+        sk = qlib.quantize_weight_only(_mk(), "nf4", block_size=32)
+        st = qlib.nn.Int8Linear(64, 96, activation="static")
+    repr(sk), repr(st)
+    with pytest.raises(RuntimeError, match="_extra_state"):
+        sk.load_state_dict(ref.state_dict(), assign=True)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_int8_loads_with_swap_tensors(assign):
+    torch.manual_seed(0)
+    ref = qlib.quantize_dynamic(_mk())
+    m = qlib.quantize_dynamic(_mk())
+    x = torch.randn(8, 64)
+    old = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        m.load_state_dict(ref.state_dict(), assign=assign)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(old)
+    assert torch.equal(m(x), ref(x))
+
+
+def test_static_int8_meta_skeleton_built_by_hand():
+    """README "Big models": convert needs values, so a static int8 skeleton is built by hand."""
+    torch.manual_seed(0)
+    ref = qlib.convert(qlib.calibrate(qlib.prepare(_mk()), [torch.randn(4, 64)], progress=False))
+    with torch.device("meta"):
+        sk = _mk()
+        sk[0] = qlib.nn.Int8Linear(64, 96, True, "static", device="meta")
+        sk[2] = qlib.nn.Int8Linear(96, 32, True, "static", device="meta")
+    sk.load_state_dict(ref.state_dict(), assign=True)
+    x = torch.randn(5, 64)
+    assert torch.equal(sk(x), ref(x))
