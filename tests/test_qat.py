@@ -367,6 +367,30 @@ def test_compiled_learnable_model_from_its_first_step():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("x", [torch.full((4, 4), float("nan")), torch.empty(0, 4)], ids=["nan", "empty"])
+@pytest.mark.parametrize("sized", [True, False])
+def test_compiled_first_step_without_data_raises(x, sized):
+    """As eager: a learnable scale never takes its first value from a batch with nothing finite
+    (compiled, it took scale eps for good, or failed inside dynamo)."""
+    torch._dynamo.reset()
+    fq = FakeQuantize(MinMaxObserver(), learnable=True)
+    if sized:
+        fq.observer.allocate((4, 4))
+    with pytest.raises(RuntimeError, match=r"recorded nothing yet|has not recorded any finite value"):
+        torch.compile(fq, backend="eager")(x)
+    assert not bool(fq.initialized)
+
+
+def test_qatlinear_subclasses_build_from_float():
+    class MyQAT(QATLinear):
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, config=None):
+            super().__init__(in_features, out_features, bias, device, dtype, config)
+
+    lin = nn.Linear(4, 4)
+    assert MyQAT.from_float(lin).weight is lin.weight
+    assert QATLinear(4, 4).weight.abs().sum() > 0  # (built directly: initialised as nn.Linear)
+
+
 @pytest.mark.parametrize("learnable", [False, True])
 def test_export_after_eager_steps(learnable):
     """torch.export of a QATLinear that has already run eagerly (its one-op paths live): the

@@ -9,6 +9,7 @@ from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
 from .._state import QuantState, on_nested
+from ..observers import NOTHING_RECORDED, _distributed
 
 ops = torch.ops.qlib
 
@@ -191,7 +192,6 @@ class FakeQuantize(QuantState):
             return ops.lsq_fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min,
                                       self.quant_max, None, self.eps)
         if observer._buffers["qparams_shape"].numel() == 0:
-            from ..observers import NOTHING_RECORDED
             raise RuntimeError(f"qlib.nn.FakeQuantize: {NOTHING_RECORDED}")
         scale, zp = observer.qparams_for(x)
         return ops.fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min, self.quant_max)
@@ -201,12 +201,24 @@ class FakeQuantize(QuantState):
                 f"observer_enabled={self.observer_enabled}, fake_quant_enabled={self.fake_quant_enabled}")
 
 
+@torch.compiler.disable(reason="an observer not yet sized: calculate_qparams' checks run eagerly")
+def _calculate_qparams_eagerly(observer: nn.Module):
+    return observer.calculate_qparams()
+
+
 def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> None:
     """The learnable scale (and zero point) from the observer's first batch x. Traced by
     torch.compile without host reads (qparams_for: no check that x held a finite value), so the
     first step is one graph, not a graph break in every layer (which ran past dynamo's
     recompile limit and left later steps eager)."""
-    scale, zp = observer.qparams_for(x) if torch.compiler.is_compiling() else observer.calculate_qparams()
+    if not torch.compiler.is_compiling():
+        scale, zp = observer.calculate_qparams()
+    elif observer._buffers["qparams_shape"].numel() == 0:  # nothing sized: eager's checks (and DDP's sizing)
+        scale, zp = _calculate_qparams_eagerly(observer)
+    else:
+        if not _distributed():  # (a rank's own count is not the global one)
+            torch._assert_async(observer._buffers["observed"] > 0, f"qlib.nn.FakeQuantize: {NOTHING_RECORDED}")
+        scale, zp = observer.qparams_for(x)
     if _blocks(scale.shape) != _blocks(fq.scale.shape):  # (same size, other blocks: wrong numbers)
         raise RuntimeError(
             f"qlib.nn.FakeQuantize: the observer gives qparams of shape {tuple(scale.shape)}, "

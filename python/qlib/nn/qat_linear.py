@@ -1,6 +1,8 @@
 """QATLinear: nn.Linear whose weight and input are fake-quantized while training."""
 from __future__ import annotations
 
+import contextvars
+
 from typing import Optional, Tuple
 
 import torch
@@ -30,17 +32,18 @@ def activation_fake_quant(config: QATConfig) -> FakeQuantize:
     return FakeQuantize(obs, learnable=config.activation_learnable, qparams_shape=(1,))
 
 
+# Set while from_float builds a QATLinear whose weight and bias it replaces: nn.Linear's random
+# init is skipped (it advanced torch's global RNG and was most of prepare's time). A context
+# variable, not an argument: subclasses with their own __init__ keep working.
+_TAKING_PARAMETERS = contextvars.ContextVar("qlib_qat_taking_parameters", default=False)
+
+
 class QATLinear(nn.Linear):
     """Drop-in for nn.Linear: y = linear(fq_act(x), fq_weight(W), b)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
-                 config: Optional[QATConfig] = None, _init_parameters: bool = True):
-        # from_float replaces weight and bias at once: skip nn.Linear's random init (it advanced
-        # torch's global RNG and was most of prepare's time). Set before nn.Linear.__init__,
-        # which calls reset_parameters.
-        object.__setattr__(self, "_skip_reset", not _init_parameters)
+                 config: Optional[QATConfig] = None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        object.__setattr__(self, "_skip_reset", False)
         self.config = config = config or QATConfig()
         config.check_linear(in_features, out_features)
         self.weight_fake_quant = weight_fake_quant(config, out_features, in_features)
@@ -54,7 +57,7 @@ class QATLinear(nn.Linear):
             self.activation_fake_quant.to(self.weight.device)
 
     def reset_parameters(self) -> None:
-        if not self.__dict__.get("_skip_reset", False):
+        if not _TAKING_PARAMETERS.get():
             super().reset_parameters()
 
     @classmethod
@@ -63,8 +66,12 @@ class QATLinear(nn.Linear):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QATLinear.from_float expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
-        qat = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                  device=w.device, dtype=w.dtype, config=config, _init_parameters=False)
+        taking = _TAKING_PARAMETERS.set(True)
+        try:
+            qat = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                      device=w.device, dtype=w.dtype, config=config)
+        finally:
+            _TAKING_PARAMETERS.reset(taking)
         qat.weight = linear.weight
         if linear.bias is not None:
             qat.bias = linear.bias
