@@ -581,7 +581,9 @@ namespace qlib {
 
 constexpr int kCodebookSize = 16;
 
-// The 15 decision points between neighbouring codebook values (0.5a + 0.5b: no overflow).
+// The 15 decision points between neighbouring codebook values (0.5a + 0.5b: no overflow),
+// rounded to float32 as bitsandbytes' NF4 thresholds: within an ulp of the exact midpoint the
+// rounded one decides (a documented part of the scheme, not the exact nearest value).
 QLIB_HD void codebook_midpoints(const float* codebook, float* mid) {
   for (int j = 0; j + 1 < kCodebookSize; ++j) mid[j] = 0.5f * codebook[j] + 0.5f * codebook[j + 1];
 }

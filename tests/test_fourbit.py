@@ -553,3 +553,15 @@ def test_linear4bit_state_dict_saves_with_safetensors(tmp_path):
     fresh.load_state_dict(st.load_file(tmp_path / "q.safetensors"))
     x = torch.randn(2, 64)
     assert torch.equal(fresh(x), q(x))
+
+
+def test_codes_decided_by_float32_midpoints():
+    """The documented scheme: codes come from the float32 midpoints (bitsandbytes' NF4 thresholds),
+    so within an ulp of a midpoint the rounded midpoint decides, not the exact nearest value."""
+    cb = qlib.codebook_4bit("nf4")
+    mid = (0.5 * cb[12] + 0.5 * cb[13]).item()  # float32, above the exact midpoint here
+    exact = 0.5 * cb[12].double() + 0.5 * cb[13].double()
+    assert mid > exact
+    for v, code in ((mid, 12), (torch.tensor(mid).nextafter(torch.tensor(2.0)).item(), 13)):
+        packed, _ = qlib.quantize_4bit(torch.tensor([[v, 1.0]]), "nf4", 64)
+        assert int(packed[0, 0]) & 15 == code

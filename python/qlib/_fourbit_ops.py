@@ -6,7 +6,8 @@ Schemas live in csrc/schemas.cpp (block `// 4-bit weights`); the formulas in csr
 Scheme (documented contract): a weight [N, K] is cut into blocks of ``block_size`` weights
 along K (a row's last block may be shorter). Each block keeps ``absmax`` = max |w| (float32);
 each weight keeps the 4-bit index of the codebook value nearest ``w / absmax`` (a tie goes to
-the lower value; an all-zero block takes the value nearest 0). Codes are packed two a
+the lower value; an all-zero block takes the value nearest 0), decided against the midpoints
+``0.5 a + 0.5 b`` rounded to float32 (as bitsandbytes' NF4 thresholds). Codes are packed two a
 byte along K, the even k in the low nibble: ``packed`` is uint8 [N, ceil(K / 2)], ``absmax``
 float32 [N, ceil(K / block_size)]. Dequantized, a weight is ``codebook[code] * absmax`` in
 float32. ``quantize_4bit`` checks the codebook (finite, strictly increasing) and the weight
