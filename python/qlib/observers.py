@@ -172,11 +172,12 @@ class ObserverBase(QuantState):
             x = x.float()
         rows, shape = self._rows(x)
         if self._buffers["qparams_shape"].numel() == 0:
-            if torch.compiler.is_exporting() or torch.jit.is_tracing():  # (the graph would re-size and clear
-                raise RuntimeError(                                       # the statistics every call)
+            # (An exported or traced graph would size, and so clear, the statistics every call.)
+            if torch.compiler.is_exporting() or torch.jit.is_tracing():
+                raise RuntimeError(
                     f"qlib.observers.{type(self).__name__}: its buffers are not sized yet (nothing observed "
-                    f"since construction or reset()); call allocate({tuple(int(d) for d in x.shape)}) or run one eager batch "
-                    f"before torch.export or torch.jit.trace")
+                    f"since construction or reset()); call allocate({tuple(int(d) for d in x.shape)}) or run "
+                    f"one eager batch before torch.export or torch.jit.trace")
             _allocate_eagerly(self, rows.shape[0], shape, x.device)
         if rows.shape[0] != self._blocks():  # (another thread may have sized it first)
             raise ValueError(
