@@ -211,14 +211,15 @@ def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> Non
     torch.compile without host reads (qparams_for: no check that x held a finite value), so the
     first step is one graph, not a graph break in every layer (which ran past dynamo's
     recompile limit and left later steps eager)."""
+    seen = None  # (traced: whether the observer recorded a finite value, on the device)
     if not torch.compiler.is_compiling():
         scale, zp = observer.calculate_qparams()
     elif observer._buffers["qparams_shape"].numel() == 0:  # nothing sized: eager's checks (and DDP's sizing)
         scale, zp = _calculate_qparams_eagerly(observer)
     else:
-        if not _distributed():  # (a rank's own count is not the global one)
-            torch._assert_async(observer._buffers["observed"] > 0, f"qlib.nn.FakeQuantize: {NOTHING_RECORDED}")
         scale, zp = observer.qparams_for(x)
+        if not _distributed():  # (a rank's own count is not the global one)
+            seen = observer._buffers["observed"] > 0
     if _blocks(scale.shape) != _blocks(fq.scale.shape):  # (same size, other blocks: wrong numbers)
         raise RuntimeError(
             f"qlib.nn.FakeQuantize: the observer gives qparams of shape {tuple(scale.shape)}, "
@@ -226,11 +227,15 @@ def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> Non
             f"qparams_shape={tuple(scale.shape)}")
     with torch.no_grad():
         for name, value in (("scale", scale), ("zero_point", zp.float())):
+            old = getattr(fq, name)
+            value = value.reshape(old.shape).to(old.dtype)
+            if seen is not None:  # nothing finite seen (compiled): keep the initial value, as torch.ao
+                value = torch.where(seen, value, old)
             if parametrize.is_parametrized(fq, name):  # (set through right_inverse)
-                setattr(fq, name, value.reshape(getattr(fq, name).shape))
+                setattr(fq, name, value)
             else:
-                getattr(fq, name).copy_(value.reshape(getattr(fq, name).shape))
-        fq.initialized.fill_(True)
+                old.copy_(value)
+        fq.initialized.copy_(seen if seen is not None else torch.ones((), dtype=torch.bool))
     fq._init_done = True
 
 
