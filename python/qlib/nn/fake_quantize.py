@@ -235,7 +235,7 @@ def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> Non
                 setattr(fq, name, value)
             else:
                 old.copy_(value)
-        fq.initialized.copy_(seen if seen is not None else torch.ones((), dtype=torch.bool))
+        fq.initialized.fill_(True) if seen is None else fq.initialized.copy_(seen)
     fq._init_done = True
 
 
