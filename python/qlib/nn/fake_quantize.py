@@ -201,24 +201,30 @@ class FakeQuantize(QuantState):
                 f"observer_enabled={self.observer_enabled}, fake_quant_enabled={self.fake_quant_enabled}")
 
 
-@torch.compiler.disable(reason="an observer not yet sized: calculate_qparams' checks run eagerly")
-def _calculate_qparams_eagerly(observer: nn.Module):
-    return observer.calculate_qparams()
+@torch.compiler.disable(reason="a learnable FakeQuantize's first scale, eagerly (an observer not yet sized, "
+                                "float16 / bfloat16 or parametrized qparams): run one step first for fullgraph")
+def _take_first_qparams_eagerly(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> None:
+    _take_first_qparams(fq, observer, x)
 
 
 def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> None:
     """The learnable scale (and zero point) from the observer's first batch x. Traced by
     torch.compile without host reads (qparams_for: no check that x held a finite value), so the
-    first step is one graph, not a graph break in every layer (which ran past dynamo's
-    recompile limit and left later steps eager)."""
+    first steps are one graph, not a graph break in every layer (which ran past dynamo's
+    recompile limit and left later steps eager); traced, the device flag `initialized` decides
+    step after step (a batch with nothing finite keeps the initial value until one has some).
+    Eagerly where tracing cannot give eager's bits: an observer not yet sized (eager's error,
+    DDP's sizing), float16 / bfloat16 qparams (inductor drops their rounding), parametrized ones
+    (right_inverse's Tensor.set_)."""
     seen = None  # (traced: whether the observer recorded a finite value, on the device)
     if not torch.compiler.is_compiling():
         scale, zp = observer.calculate_qparams()
-    elif observer._buffers["qparams_shape"].numel() == 0:  # nothing sized: eager's checks (and DDP's sizing)
-        scale, zp = _calculate_qparams_eagerly(observer)
+    elif observer._buffers["qparams_shape"].numel() == 0 or fq.scale.dtype in (torch.float16, torch.bfloat16) \
+            or parametrize.is_parametrized(fq):
+        return _take_first_qparams_eagerly(fq, observer, x)
     else:
         scale, zp = observer.qparams_for(x)
-        if not _distributed():  # (a rank's own count is not the global one)
+        if not _distributed():  # (a rank's own count is not the global one: taken as is, as before)
             seen = observer._buffers["observed"] > 0
     if _blocks(scale.shape) != _blocks(fq.scale.shape):  # (same size, other blocks: wrong numbers)
         raise RuntimeError(
@@ -229,14 +235,15 @@ def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> Non
         for name, value in (("scale", scale), ("zero_point", zp.float())):
             old = getattr(fq, name)
             value = value.reshape(old.shape).to(old.dtype)
-            if seen is not None:  # nothing finite seen (compiled): keep the initial value, as torch.ao
-                value = torch.where(seen, value, old)
+            if seen is not None:  # (traced) until a step has seen something finite, the initial value
+                value = torch.where(seen & ~fq.initialized, value, old)
             if parametrize.is_parametrized(fq, name):  # (set through right_inverse)
                 setattr(fq, name, value)
             else:
                 old.copy_(value)
-        fq.initialized.fill_(True) if seen is None else fq.initialized.copy_(seen)
-    fq._init_done = True
+        fq.initialized.fill_(True) if seen is None else fq.initialized.logical_or_(seen)
+    if seen is None:
+        fq._init_done = True
 
 
 # torch.ao.quantization's switch helpers (`model.apply(torch.ao.quantization.disable_observer)`, the

@@ -1,7 +1,6 @@
 """QATLinear: nn.Linear whose weight and input are fake-quantized while training."""
 from __future__ import annotations
 
-import contextvars
 
 from typing import Optional, Tuple
 
@@ -32,12 +31,6 @@ def activation_fake_quant(config: QATConfig) -> FakeQuantize:
     return FakeQuantize(obs, learnable=config.activation_learnable, qparams_shape=(1,))
 
 
-# Set while from_float builds a QATLinear whose weight and bias it replaces: nn.Linear's random
-# init is skipped (it advanced torch's global RNG and was most of prepare's time). A context
-# variable, not an argument: subclasses with their own __init__ keep working.
-_TAKING_PARAMETERS = contextvars.ContextVar("qlib_qat_taking_parameters", default=False)
-
-
 class QATLinear(nn.Linear):
     """Drop-in for nn.Linear: y = linear(fq_act(x), fq_weight(W), b)."""
 
@@ -57,7 +50,7 @@ class QATLinear(nn.Linear):
             self.activation_fake_quant.to(self.weight.device)
 
     def reset_parameters(self) -> None:
-        if not _TAKING_PARAMETERS.get():
+        if not self.__dict__.get("_taking_parameters", False):
             super().reset_parameters()
 
     @classmethod
@@ -66,12 +59,16 @@ class QATLinear(nn.Linear):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QATLinear.from_float expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
-        taking = _TAKING_PARAMETERS.set(True)
+        # It takes linear's weight and bias: no random init for them (it advanced torch's global
+        # RNG). A flag on this instance only (a QATLinear its __init__ builds keeps its init), not
+        # an argument (subclasses with their own __init__ keep working).
+        qat = cls.__new__(cls)
+        object.__setattr__(qat, "_taking_parameters", True)
         try:
-            qat = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                      device=w.device, dtype=w.dtype, config=config)
+            qat.__init__(linear.in_features, linear.out_features, linear.bias is not None,
+                         device=w.device, dtype=w.dtype, config=config)
         finally:
-            _TAKING_PARAMETERS.reset(taking)
+            qat.__dict__.pop("_taking_parameters", None)
         qat.weight = linear.weight
         if linear.bias is not None:
             qat.bias = linear.bias
