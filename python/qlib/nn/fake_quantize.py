@@ -126,7 +126,7 @@ class FakeQuantize(QuantState):
 
     def calculate_qparams(self):
         if self.learnable:
-            if not self._init_done and bool((self.scale == 1).all()):
+            if not self._init_done and not bool(self.initialized) and bool((self.scale == 1).all()):
                 # As an observer that saw nothing (its initial 1.0 is no trained scale).
                 raise RuntimeError(
                     "qlib.nn.FakeQuantize.calculate_qparams: this learnable FakeQuantize has not taken its "
