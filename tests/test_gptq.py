@@ -216,3 +216,13 @@ def test_gptq_under_autocast_and_keeps_each_modules_mode():
     # (The first Linear sees the same inputs; the later ones see the autocast model's.)
     assert torch.equal(cast[0].packed, plain[0].packed) and torch.equal(cast[0].absmax, plain[0].absmax)
     assert [m.training for m in plain.modules()] == [True, True, False, True]
+
+
+def test_sequential_gptq_progress_is_one_bar(capsys):
+    """Several passes show the Linears bar alone: a nested calibration bar a pass left two lines
+    each (with cursor-up codes) in a non-TTY log."""
+    torch.manual_seed(0)
+    m = nn.Sequential(*[nn.Linear(32, 32) for _ in range(6)])
+    qlib.gptq_quantize(m, [torch.randn(4, 32) for _ in range(2)], group_size=32, sequential=True)
+    err = capsys.readouterr().err
+    assert "calibrating" not in err and "\x1b[A" not in err and "GPTQ (Linears)" in err

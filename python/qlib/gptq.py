@@ -165,7 +165,7 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
                     with_kwargs=True) for key in group]
                 modes = [(mod, mod.training) for mod in model.modules()]  # each its own (a frozen BatchNorm stays eval)
                 try:
-                    calibrate(model, batches, progress)
+                    calibrate(model, batches, progress and len(groups) == 1)  # (nested bars: a line a pass in logs)
                 finally:
                     for hook in hooks:
                         hook.remove()
