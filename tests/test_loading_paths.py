@@ -61,3 +61,23 @@ def test_static_int8_meta_skeleton_built_by_hand():
     sk.load_state_dict(ref.state_dict(), assign=True)
     x = torch.randn(5, 64)
     assert torch.equal(sk(x), ref(x))
+
+
+def test_module_level_dtype_and_device_mixing():
+    """As nn.Linear: other dtypes of x are refused (also when tracing: the fakes check them);
+    a meta batch does not move a CPU observer's state to meta; an empty first batch is empty."""
+    from qlib.nn import FakeQuantize
+    lin = nn.Linear(4, 2)
+    four = qlib.nn.Linear4bit.from_float(lin, compute_dtype=torch.bfloat16)
+    for x in (torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.bool)):
+        with pytest.raises(RuntimeError, match=r"qlib::linear_4bit: x must be float32, float16 or bfloat16"):
+            four(x)
+    int8 = qlib.nn.Int8Linear.from_float(nn.Linear(64, 32))
+    with pytest.raises(Exception, match=r"qlib::int8_linear_packed: x must be float32, float16 or bfloat16"):
+        torch.export.export(int8, (torch.randn(4, 64, dtype=torch.float64),))
+    fq = FakeQuantize(O.MovingAverageMinMaxObserver())
+    with pytest.raises(RuntimeError, match=r"x is on the meta device but this observer's buffers are on cpu"):
+        fq(torch.randn(4, 8, device="meta"))
+    assert fq.observer.min_val.device.type == "cpu"
+    assert fq(torch.randn(0, 8)).shape == (0, 8)
+    assert fq(torch.randn(4, 8)).shape == (4, 8)

@@ -138,6 +138,9 @@ def _(packed, absmax, codebook, in_features, block_size, dtype):
 
 @register_fake("qlib::linear_4bit")
 def _(x, packed, absmax, codebook, block_size, bias):
+    torch._check(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 lambda: f"qlib::linear_4bit: x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(x.dim() >= 1, lambda: "qlib::linear_4bit: x must have at least one dimension, got a scalar")
     torch._check(packed.dim() == 2, lambda: "qlib::linear_4bit: packed must be 2-D")
     torch._check(packed.shape[1] == _ceil_div(x.shape[-1], 2),
                  lambda: f"qlib::linear_4bit: x {x.shape} does not match packed {packed.shape}")

@@ -72,6 +72,9 @@ def _(w_int8):
 @register_fake("qlib::int8_linear_packed")
 def _(x, w_packed, w_int8, w_scale, bias, act_scale=None, act_zero_point=None, act_quant_min=-127,
       act_quant_max=127):
+    torch._check(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 lambda: f"qlib::int8_linear_packed: x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(x.dim() >= 1, lambda: "qlib::int8_linear_packed: x must have at least one dimension, got a scalar")
     torch._check(w_int8.dim() == 2, lambda: "qlib::int8_linear_packed: w_int8 must be 2-D [N, K]")
     torch._check(
         x.shape[-1] == w_int8.shape[1],

@@ -178,6 +178,10 @@ class ObserverBase(QuantState):
                     f"qlib.observers.{type(self).__name__}: its buffers are not sized yet (nothing observed "
                     f"since construction or reset()); call allocate({tuple(int(d) for d in x.shape)}) or run "
                     f"one eager batch before torch.export or torch.jit.trace")
+            if x.is_meta and not self._buffers["observed"].is_meta:  # (would leave its state without values)
+                raise RuntimeError(
+                    f"qlib.observers.{type(self).__name__}: x is on the meta device but this observer's "
+                    f"buffers are on {self._buffers['observed'].device}; move the module with .to('meta') first")
             _allocate_eagerly(self, rows.shape[0], shape, x.device)
         if rows.shape[0] != self._blocks():  # (another thread may have sized it first)
             raise ValueError(

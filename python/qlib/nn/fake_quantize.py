@@ -192,6 +192,8 @@ class FakeQuantize(QuantState):
             return ops.lsq_fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min,
                                       self.quant_max, None, self.eps)
         if observer._buffers["qparams_shape"].numel() == 0:
+            if x.numel() == 0:  # (an empty batch: no qparams needed, as torch.ao's FakeQuantize)
+                return x.clone()
             raise RuntimeError(f"qlib.nn.FakeQuantize: {NOTHING_RECORDED}")
         scale, zp = observer.qparams_for(x)
         return ops.fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min, self.quant_max)

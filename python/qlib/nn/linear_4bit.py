@@ -141,7 +141,7 @@ class Linear4bit(QuantState):
             return on_nested("Linear4bit", self.forward, x)
         _check_in_features(x, self.in_features, self.out_features)
         b = self._buffers  # (nn.Module.__getattr__ costs about 0.7 us a name)
-        cast = self.compute_dtype is not None and x.dtype != self.compute_dtype
+        cast = self.compute_dtype is not None and x.is_floating_point() and x.dtype != self.compute_dtype
         y = torch.ops.qlib.linear_4bit(x.to(self.compute_dtype) if cast else x, b["packed"], b["absmax"],
                                        b["codebook"], self.block_size,
                                        self._parameters["bias"] if "bias" in self._parameters else self.bias)
