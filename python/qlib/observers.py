@@ -510,15 +510,6 @@ class _HistogramObserver(ObserverBase):
         t[:, 1] = -math.inf
         return t
 
-    def reset(self) -> None:
-        self.__dict__.pop("_recorded_in", None)
-        with torch.no_grad():
-            self.observed.zero_()
-            self.nonfinite.zero_()
-            self.qparams_shape.resize_(0)
-            self.hist.resize_(0, self.bins)
-            self.hist_range.resize_(0, 2)
-
     def _observe(self, rows: Tensor) -> None:
         hist, rng, nonfinite = ops.histogram_observe(rows, self.hist, self.hist_range, self.symmetric)
         self.hist.copy_(hist)

@@ -116,10 +116,10 @@ def _report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str], repe
             raise ValueError(f"qlib report: the model must return one tensor, got a {type(ref).__name__} "
                              "(wrap it in a module that returns the output to compare)")
         ref = ref.double().flatten()
-        models, rows = {"float": model}, {}
+        models, rows = {}, {}
         for name in ("float", *schemes):
             try:
-                m = models[name] if name == "float" else SCHEMES[name](copy.deepcopy(model)).eval()
+                m = model if name == "float" else SCHEMES[name](copy.deepcopy(model)).eval()
                 y = m(x).double().flatten()
             except (RuntimeError, ValueError, TypeError) as e:
                 raise ValueError(f"qlib report: the {name} scheme failed on this model: {e}") from e

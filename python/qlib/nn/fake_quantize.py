@@ -126,7 +126,7 @@ class FakeQuantize(QuantState):
 
     def calculate_qparams(self):
         if self.learnable:
-            if not self._init_done and not bool(self.initialized) and bool((self.scale == 1).all()):
+            if self._uninitialised():
                 # As an observer that saw nothing (its initial 1.0 is no trained scale).
                 raise RuntimeError(
                     "qlib.nn.FakeQuantize.calculate_qparams: this learnable FakeQuantize has not taken its "
@@ -137,19 +137,28 @@ class FakeQuantize(QuantState):
                     self.zero_point.detach().round().clamp(self.quant_min, self.quant_max))
         return self.observer.calculate_qparams()
 
+    def _uninitialised(self) -> bool:
+        """A learnable scale that never took a value from data (still the initial 1.0). Takes the
+        `initialized` buffer on the way (set by another process, Hogwild, or a compiled step).
+        Host reads only until initialised; none on meta (no values)."""
+        initialized = self._buffers["initialized"]
+        if self._init_done or initialized.is_meta:
+            return False
+        if bool(initialized):
+            self._init_done = True
+            return False
+        return bool((self.scale == 1).all())
+
     def _check_has_qparams(self) -> None:
         """With the observer off, raises where the qparams come from no data: a learnable scale
         never initialised (still 1.0), or an observer that recorded nothing (scale eps)."""
         if not self.learnable:
             self._modules["observer"]._check_recorded("qlib.nn.FakeQuantize")
-        elif not self._init_done and not self._buffers["initialized"].is_meta:  # (meta: no values)
-            if bool(self._buffers["initialized"]):  # (set by another process: Hogwild)
-                self._init_done = True
-            elif bool((self.scale == 1).all()):
-                raise RuntimeError(
-                    "qlib.nn.FakeQuantize: its observer is disabled and this learnable FakeQuantize has not "
-                    "taken its first scale from data (it is still the initial 1.0): run data through it "
-                    "with the observer enabled, or load a trained state_dict, first")
+        elif self._uninitialised():
+            raise RuntimeError(
+                "qlib.nn.FakeQuantize: its observer is disabled and this learnable FakeQuantize has not "
+                "taken its first scale from data (it is still the initial 1.0): run data through it "
+                "with the observer enabled, or load a trained state_dict, first")
 
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: a jagged x runs on its values)

@@ -1,7 +1,6 @@
 """QATLinear: nn.Linear whose weight and input are fake-quantized while training."""
 from __future__ import annotations
 
-
 from typing import Optional, Tuple
 
 import torch
