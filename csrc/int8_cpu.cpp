@@ -315,6 +315,11 @@ int64_t packed_min_m(bool prepacked) {
   return env >= 0 ? env : prepacked ? 1 : 32;
 }
 
+// c - off mod 2^32.
+inline int32_t wrap_sub(int32_t c, int32_t off) {
+  return static_cast<int32_t>(static_cast<uint32_t>(c) - static_cast<uint32_t>(off));
+}
+
 // Sum of row[k0, K) (a row of w: pack_b's tail, the zero-point term without a packed w).
 int64_t row_sum(const int8_t* __restrict row, int64_t k0, int64_t K) {
   int32_t sum = 0;  // |sum| <= 128 K fits int32 for K <= kInt8GemmMaxK
@@ -325,10 +330,12 @@ int64_t row_sum(const int8_t* __restrict row, int64_t k0, int64_t K) {
 // Packed B layouts (the enum values, bits of an A code and 64 for AMX, are what the tag
 // stores). kInt16Pairs / kU8Quads: 8-column panels, K padded to 4, N to 16. kAmxQuads: the
 // AMX B-tile layout, 16-column panels (a k word is one 64-byte tile row), K padded to 64
-// and N to 32; amx and avx512-vnni (zmm) pack it, and every uint8 (VNNI) step runs it.
-enum class PackLayout : int32_t { kInt16Pairs = 16, kU8Quads = 8, kAmxQuads = 64 };
+// and N to 32; avx512-vnni (zmm) packs it, and every uint8 (VNNI) step runs it. kRows: no
+// panels (the amx kernel reads w itself, as A tiles: "kernels on the plain weight" below),
+// so a weight "packed" for it is only its row sums and the tag.
+enum class PackLayout : int32_t { kInt16Pairs = 16, kU8Quads = 8, kAmxQuads = 64, kRows = 128 };
 constexpr PackLayout kPackLayouts[] = {PackLayout::kInt16Pairs, PackLayout::kU8Quads,
-                                       PackLayout::kAmxQuads};
+                                       PackLayout::kAmxQuads, PackLayout::kRows};
 constexpr int32_t kPackMagic = 0x38424C51;  // "QLB8"
 constexpr int64_t kPackTagBytes = 32;  // magic, layout, N, K, w's fingerprint, 3 x 0
 
@@ -349,14 +356,18 @@ int32_t weight_fingerprint(const int8_t* b, int64_t sn, int64_t sk, int64_t N, i
 }
 
 bool is_amx(PackLayout l) { return l == PackLayout::kAmxQuads; }
+bool has_panels(PackLayout l) { return l != PackLayout::kRows; }
 int64_t panel_cols(PackLayout l) { return is_amx(l) ? 16 : 8; }
 int64_t padded_k(int64_t K, PackLayout l) {
-  const int64_t m = is_amx(l) ? 64 : 4;
+  const int64_t m = is_amx(l) ? 64 : has_panels(l) ? 4 : 1;
   return (K + m - 1) / m * m;
 }
 int64_t padded_n(int64_t N, PackLayout l) {
-  const int64_t m = is_amx(l) ? 32 : kPNR;
+  const int64_t m = is_amx(l) ? 32 : has_panels(l) ? kPNR : 1;
   return (N + m - 1) / m * m;
+}
+int64_t panel_bytes(int64_t N, int64_t K, PackLayout l) {
+  return has_panels(l) ? padded_n(N, l) * padded_k(K, l) : 0;
 }
 
 struct PackedB {
@@ -374,12 +385,12 @@ struct PackedB {
   int64_t half_offset() const { return cols() == 8 ? Kp * 8 : 32; }
   int64_t word_bytes() const { return cols() * (layout == PackLayout::kInt16Pairs ? 2 : 4); }
   const int32_t* rowsum() const {
-    return reinterpret_cast<const int32_t*>(data + Np * Kp);
+    return reinterpret_cast<const int32_t*>(data + panel_bytes(N, K, layout));
   }
 };
 
 int64_t packed_bytes(int64_t N, int64_t K, PackLayout l) {
-  return padded_n(N, l) * padded_k(K, l) + 4 * padded_n(N, l) + kPackTagBytes;
+  return panel_bytes(N, K, l) + 4 * padded_n(N, l) + kPackTagBytes;
 }
 
 // Packs b [N, K] (row stride ldb) into panels of the given layout (on x86 an SSE2 transpose
@@ -391,23 +402,38 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
   p.buf = at::empty({packed_bytes(N, K, layout)}, opt.dtype(at::kChar));
   int8_t* out = p.buf.data_ptr<int8_t>();
   p.data = out;
-  int32_t* rowsum = reinterpret_cast<int32_t*>(out + p.Np * p.Kp);
+  int32_t* rowsum = reinterpret_cast<int32_t*>(out + panel_bytes(N, K, layout));
   const int g = layout == PackLayout::kInt16Pairs ? 2 : 4;  // k per word
   const int64_t cols = p.cols(), pitch = p.word_bytes();
-  at::parallel_for(0, p.Np / 8, 1, [&](int64_t p0, int64_t p1) {
+  if (!has_panels(layout))
+    at::parallel_for(0, N, std::max<int64_t>(1, 262144 / std::max<int64_t>(K, 1)),
+                     [&](int64_t n0, int64_t n1) {
+                       for (int64_t n = n0; n < n1; ++n)
+                         rowsum[n] = static_cast<int32_t>(row_sum(b + n * ldb, 0, K));
+                     });
+  else at::parallel_for(0, p.Np / 8, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t pi = p0; pi < p1; ++pi) {  // 8 rows of b at a time
       const int64_t n0 = pi * 8;
       int8_t* o = out + (n0 / cols) * p.Kp * cols + (n0 % cols) * g;  // word 0 of row n0
+      // Rows n0 .. n0 + 7 at src (row stride ld): the last ones past N from zeros.
+      const int8_t* src = b + n0 * ldb;
+      int64_t ld = ldb;
+      std::vector<int8_t> rows;
+      if (n0 + 8 > N) {
+        rows.assign(8 * K, 0);
+        for (int64_t j = 0; n0 + j < N; ++j) std::memcpy(rows.data() + j * K, src + j * ldb, K);
+        src = rows.data(), ld = K;
+      }
       int64_t sum[8] = {};  // row sums, of the SIMD part as sums of b + 128
       int64_t k = 0;
 #if QLIB_INT8_X86
-      if (n0 + 8 <= N) {
+      {
         __m128i sums[8];
         for (int j = 0; j < 8; ++j) sums[j] = _mm_setzero_si128();
         for (; k + 16 <= K; k += 16) {
           __m128i r[8], t[8], s[8];
           for (int j = 0; j < 8; ++j) {
-            r[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (n0 + j) * ldb + k));
+            r[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j * ld + k));
             sums[j] = _mm_add_epi64(sums[j], _mm_sad_epu8(_mm_xor_si128(r[j], _mm_set1_epi8(-128)),
                                                           _mm_setzero_si128()));
           }
@@ -445,19 +471,14 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
                    _mm_cvtsi128_si64(_mm_unpackhi_epi64(sums[j], sums[j])) - 128 * k;
       }
 #endif
-      for (int64_t j = 0; j < 8 && n0 + j < N; ++j)
-        sum[j] += row_sum(b + (n0 + j) * ldb, k, K);
-      for (int64_t j = 0; j < 8; ++j) rowsum[n0 + j] = static_cast<int32_t>(sum[j]);
-      for (; k < p.Kp; ++k)  // tails (K, or rows past N) zero padded
-        for (int64_t j = 0; j < 8; ++j) {
-          const int64_t n = n0 + j;
-          o[(k / g) * pitch + j * g + k % g] = (n < N && k < K) ? b[n * ldb + k] : int8_t{0};
-        }
+      for (int64_t j = 0; j < 8; ++j) rowsum[n0 + j] = static_cast<int32_t>(sum[j] + row_sum(src + j * ld, k, K));
+      for (; k < p.Kp; ++k)  // the K tail, zero padded
+        for (int64_t j = 0; j < 8; ++j) o[(k / g) * pitch + j * g + k % g] = k < K ? src[j * ld + k] : int8_t{0};
     }
   });
   const int32_t tag[8] = {kPackMagic, static_cast<int32_t>(layout), static_cast<int32_t>(N),
                           static_cast<int32_t>(K), weight_fingerprint(b, ldb, 1, N, K), 0, 0, 0};
-  std::memcpy(out + p.Np * p.Kp + 4 * p.Np, tag, sizeof(tag));
+  std::memcpy(out + panel_bytes(N, K, layout) + 4 * p.Np, tag, sizeof(tag));
   return p;
 }
 
@@ -995,6 +1016,145 @@ at::Tensor pack_a_amx(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_
                    });
   return w;
 }
+
+// ---------------------------------------------------------------- kernels on the plain weight
+// Under the amx kernel a weight is used as it is (kRows: int8_pack_weight keeps only its row
+// sums), so Int8Linear holds 1 byte a weight. Both kernels read w [N, K] (row stride ldw):
+//   M > kRowsDotMaxM: C^T = W X^T on the tiles (gemm_amx_rows): 32 rows of w are two A tiles as
+//     they lie (tileloadd takes the row stride), x's codes are packed per call into B tiles
+//     (pack_b's kAmxQuads layout, x as the "B" of M rows), and each finished thread tile is
+//     transposed for the epilogue.
+//   Fewer rows (gemm_rows_dot): dot products along rows on zmm: vpdpbusd of w + 128 (unsigned)
+//     with x's signed codes, 4 rows of w x up to 4 rows of x a pass, less 128 * sum(x's row).
+
+// dst[16 x 16] (row stride ldd) = src[16 x 16]^T (row stride lds), 32-bit values.
+QLIB_AVX512_FN inline void transpose16(const int32_t* src, int64_t lds, int32_t* dst, int64_t ldd) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {  // per 128-bit lane: rows i, i + 1 interleaved
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + j], lane L: rows i .. i + 3 at column 4 L + j
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // output row 4 L + j: lane q from r[4 q + j]'s lane L
+    const __m512i x0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);
+    const __m512i x1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xDD);
+    const __m512i y0 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);
+    const __m512i y1 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xDD);
+    _mm512_storeu_si512(dst + j * ldd, _mm512_shuffle_i32x4(x0, y0, 0x88));
+    _mm512_storeu_si512(dst + (4 + j) * ldd, _mm512_shuffle_i32x4(x1, y1, 0x88));
+    _mm512_storeu_si512(dst + (8 + j) * ldd, _mm512_shuffle_i32x4(x0, y0, 0xDD));
+    _mm512_storeu_si512(dst + (12 + j) * ldd, _mm512_shuffle_i32x4(x1, y1, 0xDD));
+  }
+}
+
+// C = X W^T on the AMX unit from w [N, K] (row stride ldw, K > 0) and xb, x's codes packed by
+// pack_b (kAmxQuads; xb.N = M). Thread tiles of kAMc rows of w x kANc rows of x, handed to the
+// epilogue transposed (rows of x first). Tile loads read 64 k at a time, past K into the next
+// row (B is zero there); reads past w's end are avoided by taking the rows from Nb on (the
+// last 32; all of them when K < 64, where a read may pass several rows) from a zero-padded copy.
+void gemm_amx_rows(const int8_t* w, int64_t ldw, int64_t N, int64_t K, const PackedB& xb,
+                   const PackedEpilogue& epilogue) {
+  const int64_t M = xb.N, Kp = xb.Kp, Np = amx_rows(N);
+  const int64_t Nb = K < 64 ? 0 : (N - 1) / 32 * 32;
+  std::vector<int8_t> copy((Np - Nb) * Kp, 0);
+  for (int64_t n = Nb; n < N; ++n) std::memcpy(copy.data() + (n - Nb) * Kp, w + n * ldw, K);
+  const int64_t rt = (N + kAMc - 1) / kAMc;
+  int64_t nc = kANc;
+  while (nc > 32 && rt * ((M + nc - 1) / nc) < 4 * at::get_num_threads()) nc /= 2;
+  const int64_t tiles = rt * ((M + nc - 1) / nc);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, tiles, 1, [&](int64_t, int64_t) {
+    // [rows of w][rows of x], then transposed; kept per thread (fresh 128 KB buffers cost page
+    // faults every call).
+    thread_local std::vector<int32_t> ct(kAMc * kANc), ctt(kANc * kAMc);
+    amx_configure();
+    for (int64_t t = next++; t < tiles; t = next++) {
+      const int64_t r0 = (t % rt) * kAMc, r1 = std::min(N, r0 + kAMc);
+      const int64_t m0 = (t / rt) * nc, m1 = std::min(M, m0 + nc);
+      const int64_t rpad = amx_rows(r1 - r0), mpad = (m1 - m0 + 31) / 32 * 32;
+      for (int64_t k0 = 0; k0 < Kp; k0 += kAKc) {
+        const int64_t kc = std::min(kAKc, Kp - k0);
+        for (int64_t r = 0; r < rpad; r += 32) {
+          const int64_t n = r0 + r;
+          const int8_t* a = n < Nb ? w + n * ldw : copy.data() + (n - Nb) * Kp;
+          const int64_t lda = n < Nb ? ldw : Kp;
+          for (int64_t m = 0; m < mpad; m += 32) {
+            const int8_t* b0 = xb.panel(m0 + m) + k0 * 16;
+            micro_amx(a + k0, lda, b0, b0 + Kp * 16, kc, ct.data() + r * kANc + m, kANc, k0 > 0);
+          }
+        }
+      }
+      for (int64_t r = 0; r < rpad; r += 16)
+        for (int64_t m = 0; m < mpad; m += 16)
+          transpose16(ct.data() + r * kANc + m, kANc, ctt.data() + m * kAMc + r, kAMc);
+      epilogue(m0, m1, r0, r1, ctt.data(), kAMc);
+    }
+    amx_release();
+  });
+}
+
+// c[r * ldc + i] = sum_k x_r[k] * w_i[k] for R rows of x (codes, row stride ldx; xsum: their
+// sums) and the first nw <= 4 rows of w (row stride ldw). Masked loads take the K tail.
+template <int R>
+QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int64_t ldx,
+                                                          const int32_t* xsum, const int8_t* w,
+                                                          int64_t ldw, int64_t nw, int64_t K,
+                                                          int32_t* c, int64_t ldc) {
+  __m512i acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_si512();
+  const int8_t* wr[4];
+  for (int64_t i = 0; i < 4; ++i) wr[i] = w + std::min(i, nw - 1) * ldw;  // repeats: not stored
+  const __m512i flip = _mm512_set1_epi8(-128);
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mask = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
+    __m512i wu[4];  // w + 128 as uint8 (a masked 0 becomes 128, against x's masked 0)
+    for (int i = 0; i < 4; ++i) wu[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wr[i] + k), flip);
+    for (int r = 0; r < R; ++r) {
+      const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + r * ldx + k);
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], wu[i], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t i = 0; i < nw; ++i)  // (w + 128) . x - 128 sum(x), mod 2^32 like every sum here
+      c[r * ldc + i] = wrap_sub(_mm512_reduce_add_epi32(acc[r][i]),
+                                static_cast<int32_t>(static_cast<uint32_t>(xsum[r]) * 128u));
+}
+
+// C = X W^T for few rows of x: q [M, K] codes (contiguous, K > 0), w [N, K] (row stride ldw),
+// handed to the epilogue in blocks of kDotBlock rows of w (each row of w read once from memory:
+// the rows of x take turns on it while it is in L1).
+constexpr int64_t kDotBlock = 64;
+// Up to this M the dot kernel runs, from the next the tiles (Xeon with AMX, stop 33: dot 1.05-1.3x
+// faster at M = 4 at K = N = 768 and 4096; the tiles 1.1-1.35x faster at M = 7).
+constexpr int64_t kRowsDotMaxM = 4;
+void gemm_rows_dot(const int8_t* q, int64_t M, const int8_t* w, int64_t ldw, int64_t N, int64_t K,
+                   const PackedEpilogue& epilogue) {
+  TORCH_INTERNAL_ASSERT(M <= kRowsDotMaxM, "int8 gemm_rows_dot: for few rows of x");
+  using Dot = void (*)(const int8_t*, int64_t, const int32_t*, const int8_t*, int64_t, int64_t,
+                       int64_t, int32_t*, int64_t);
+  static constexpr Dot kDot[4] = {dot_rows_zmm<1>, dot_rows_zmm<2>, dot_rows_zmm<3>, dot_rows_zmm<4>};
+  int32_t xsum[kRowsDotMaxM];
+  for (int64_t m = 0; m < M; ++m) xsum[m] = static_cast<int32_t>(row_sum(q + m * K, 0, K));
+  at::parallel_for(0, (N + kDotBlock - 1) / kDotBlock, 1, [&](int64_t b0, int64_t b1) {
+    int32_t c[kRowsDotMaxM * kDotBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kDotBlock, n1 = std::min(N, n0 + kDotBlock);
+      for (int64_t n = n0; n < n1; n += 4)
+        for (int64_t m = 0; m < M; m += 4)
+          kDot[std::min<int64_t>(4, M - m) - 1](q + m * K, K, xsum + m, w + n * ldw, ldw,
+                                                std::min<int64_t>(4, n1 - n), K,
+                                                c + m * kDotBlock + (n - n0), kDotBlock);
+      epilogue(0, M, n0, n1, c, kDotBlock);
+    }
+  });
+}
 #endif
 
 PackLayout kernel_layout(Int8Kernel kernel) {
@@ -1006,16 +1166,22 @@ PackLayout kernel_layout(Int8Kernel kernel) {
   }
 }
 
+// The layout int8_pack_weight packs for `kernel`: amx reads the weight as it lies (kRows).
+PackLayout weight_layout(Int8Kernel kernel) {
+  return kernel == Int8Kernel::kAmx ? PackLayout::kRows : kernel_layout(kernel);
+}
+
 // The kernel that runs a weight packed in `layout`: this process's, or (a weight packed on
 // another machine, e.g. inside an exported program) one this CPU has for that layout: AVX2
-// for the int16 one, else the best uint8 (VNNI) step, which runs the AMX layout too. Exact
-// either way; only slower.
+// for the int16 one, else the best uint8 (VNNI) step, which runs the AMX layout too; a kRows
+// one runs unpacked on this process's kernel. Exact either way; only slower.
 Int8Kernel kernel_for_layout(PackLayout layout) {
   const Int8Kernel current = current_int8_kernel();
-  if (kernel_layout(current) == layout) return current;
+  if (kernel_layout(current) == layout || weight_layout(current) == layout) return current;
   TORCH_WARN_ONCE("qlib int8: a weight was packed for another int8 CPU kernel than this "
                   "process's '", int8_cpu_kernel(), "'; it runs exactly but not at full "
                   "speed. Re-pack it (int8_pack_weight, Int8Linear.repack()).");
+  if (!has_panels(layout)) return current;
   if (layout == PackLayout::kInt16Pairs) return Int8Kernel::kAvx2;
   if (is_amx(layout) && int8_kernel_supported(Int8Kernel::kAmx)) return Int8Kernel::kAmx;
   if (is_amx(layout)) return best_u8_kernel();
@@ -1032,9 +1198,6 @@ std::vector<int32_t> packed_offsets(const PackedB& pb, bool a_is_u8) {
     for (int64_t n = 0; n < pb.N; ++n)
       off[n] = static_cast<int32_t>(static_cast<uint32_t>(pb.rowsum()[n]) * 128u);
   return off;
-}
-inline int32_t wrap_sub(int32_t c, int32_t off) {
-  return static_cast<int32_t>(static_cast<uint32_t>(c) - static_cast<uint32_t>(off));
 }
 
 bool contains_int8_min(const int8_t* p, int64_t rows, int64_t cols, int64_t ld) {
@@ -1394,9 +1557,17 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
                 act_quant_max, "]");
     codes.zero_point = static_cast<float>(z);
   }
-  // The packed kernel at large M, with a pre-packed weight, or when codes reach -128
-  // (which gemm's sign-transfer kernel cannot take).
-  const bool packed_path = QLIB_INT8_X86 && cpu_has_avx2() && K > 0 &&
+  // A weight packed as kRows (row sums only) runs on the plain weight under amx and
+  // unpacked under any other kernel (kernel_for_layout warns).
+  if (packed != nullptr && !has_panels(packed->layout) &&
+      kernel_for_layout(packed->layout) != Int8Kernel::kAmx)
+    packed = nullptr;
+  // amx runs the kernels on the plain weight at every M. Elsewhere the packed kernel at large
+  // M, with a pre-packed weight, or when codes reach -128 (which gemm's sign-transfer kernel
+  // cannot take).
+  const bool rows_path = QLIB_INT8_X86 && K > 0 && current_int8_kernel() == Int8Kernel::kAmx &&
+                         (packed == nullptr || !has_panels(packed->layout));
+  const bool packed_path = !rows_path && QLIB_INT8_X86 && cpu_has_avx2() && K > 0 &&
                            (M >= packed_min_m(packed != nullptr) || act_quant_min < kInt8ActQmin);
   PackedB packed_here;
   if (packed_path && packed == nullptr) {
@@ -1410,7 +1581,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   // double (exact; int32 -> double vectorizes on AVX2, int64 -> float does not).
   std::vector<int32_t> zw(N, 0);
   if (z != 0) {
-    if (packed_path) {
+    if (packed != nullptr) {
       for (int64_t n = 0; n < N; ++n) zw[n] = static_cast<int32_t>(z * packed->rowsum()[n]);
     } else {
       const int8_t* wp = w.const_data_ptr<int8_t>();
@@ -1447,11 +1618,21 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
       if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(row, op_ + m * N + n0, n1 - n0);
     };
 #if QLIB_INT8_X86
+    const PackedEpilogue dequant = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                                       const int32_t* ct, int64_t ldt) {
+      for (int64_t m = m0; m < m1; ++m) dequant_row(m, n0, n1, ct + (m - m0) * ldt);
+    };
+    if (rows_path) {
+      const int8_t* wp = w.const_data_ptr<int8_t>();
+      if (M <= kRowsDotMaxM) {
+        gemm_rows_dot(q.const_data_ptr<int8_t>(), M, wp, w.stride(0), N, K, dequant);
+      } else {
+        const PackedB xb = pack_b(q.const_data_ptr<int8_t>(), K, M, K, PackLayout::kAmxQuads, x.options());
+        gemm_amx_rows(wp, w.stride(0), N, K, xb, dequant);
+      }
+      return;
+    }
     if (packed_path) {
-      const PackedEpilogue dequant = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                                         const int32_t* ct, int64_t ldt) {
-        for (int64_t m = m0; m < m1; ++m) dequant_row(m, n0, n1, ct + (m - m0) * ldt);
-      };
       const Int8Kernel kernel = kernel_for_layout(packed->layout);
       if (kernel == Int8Kernel::kAmx && M >= amx_min_m()) {
         const at::Tensor a = quantize_rows_amx(x, M, K, packed->Kp, sa.data_ptr<float>(), fixed, codes);
@@ -1500,7 +1681,7 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& w_in) {
   TORCH_CHECK(w.size(1) <= kInt8GemmMaxK, op, ": K = ", w.size(1), " exceeds ", kInt8GemmMaxK,
               ", the longest int8 dot product that is exact in int32");
   return pack_b(w.const_data_ptr<int8_t>(), w.stride(0), w.size(0), w.size(1),
-                kernel_layout(current_int8_kernel()), w.options())
+                weight_layout(current_int8_kernel()), w.options())
       .buf;
 }
 
@@ -1515,7 +1696,7 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   PackedB pb;
   const PackedB* ppb = nullptr;
   if (w.dim() == 2 && w_packed.numel() > 0) {
-    pb = unpack_tag(op, w_packed, w, kernel_layout(current_int8_kernel()));
+    pb = unpack_tag(op, w_packed, w, weight_layout(current_int8_kernel()));
     ppb = &pb;
     if (w.scalar_type() == at::kChar &&
         pb.fingerprint != weight_fingerprint(w.const_data_ptr<int8_t>(), w.stride(0), w.stride(1),
@@ -1533,8 +1714,8 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
 }  // namespace
 
 std::pair<int64_t, int64_t> int8_pack_multiples() {
-  const PackLayout l = kernel_layout(current_int8_kernel());
-  return {padded_n(1, l), padded_k(1, l)};
+  const PackLayout l = weight_layout(current_int8_kernel());
+  return {padded_n(1, l), has_panels(l) ? padded_k(1, l) : 0};
 }
 
 TORCH_LIBRARY_IMPL(qlib, CPU, m) {

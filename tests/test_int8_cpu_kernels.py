@@ -152,6 +152,46 @@ def test_tile_edges_every_kernel(kernel, M, K, N):
     assert torch.equal(y, ref)
 
 
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 40])
+@pytest.mark.parametrize("K", [1, 5, 63, 64, 130])
+def test_strided_and_short_weight_rows_every_kernel(kernel, M, K):
+    """A weight whose rows are a slice of a wider tensor, and K below one 64-k step (amx reads
+    the weight where it lies, 64 k a load, the last rows from a zero-padded copy), dynamic
+    and static with a zero point, packed and not, against exact sums."""
+    g = torch.Generator().manual_seed(M * 11 + K)
+    N = 37
+    w = torch.randint(-128, 128, (N, K + 9), dtype=torch.int8, generator=g)[:, 4:4 + K]
+    x = torch.randn(M, K, generator=g) * 3
+    s = torch.rand(N, generator=g) * 0.01 + 1e-3
+    q, sx = ops.quantize_per_token(x)
+    ref = (q.long() @ w.long().T).double() * sx.double() * s.double()
+    act, z = torch.tensor(0.05), torch.tensor(-100, dtype=torch.int32)
+    ref_static = ((qlib.quantize(x, act, z, -128, 127).long() + 100) @ w.long().T).double() * 0.05 * s.double()
+    packed = ops.int8_pack_weight(w)
+    for r, extra in ((ref, ()), (ref_static, (act, z, -128, 127))):
+        for y in (ops.int8_linear(x, w, s, None, *extra), ops.int8_linear_packed(x, packed, w, s, None, *extra)):
+            torch.testing.assert_close(y.double(), r, rtol=1e-6, atol=1e-6 * r.abs().max().item())
+
+
+@pytest.mark.skipif("amx" not in KERNELS, reason="needs AMX-INT8")
+def test_amx_int8linear_holds_one_byte_a_weight():
+    """Under amx the kernels read the weight in place: int8_pack_weight keeps only its row
+    sums and the tag, so on the CPU an Int8Linear's weight takes 4x less than float32's."""
+    qlib.set_int8_cpu_kernel("amx")
+    try:
+        lin = torch.nn.Linear(300, 200)
+        m = Int8Linear.from_float(lin)
+        x = torch.randn(6, 300)
+        y = m(x)
+        assert m.weight_packed.numel() == 4 * 200 + 32  # int32 row sums, the 32-byte tag
+        assert (m.weight.nbytes + m.weight_packed.nbytes) * 3.9 < lin.weight.nbytes  # plus scales
+        q, s = ops.quantize_per_token(x)
+        ref = (q.double() @ m.weight.double().T) * s.double() * m.weight_scale.double() + lin.bias.double()
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        qlib.set_int8_cpu_kernel("auto")
+
+
 def test_int8linear_repacks_after_a_kernel_switch():
     lin = torch.nn.Linear(70, 20)
     x = torch.randn(4, 70)

@@ -64,7 +64,8 @@ def _(w_int8):
 
     n, k = w_int8.shape
     n_mult, k_mult = _C.int8_pack_multiples()  # the current kernel's layout (int8_cpu.cpp)
-    n_pad, k_pad = (n + n_mult - 1) // n_mult * n_mult, (k + k_mult - 1) // k_mult * k_mult
+    n_pad = (n + n_mult - 1) // n_mult * n_mult
+    k_pad = (k + k_mult - 1) // k_mult * k_mult if k_mult else 0  # 0: no panels (amx)
     # panels, one int32 row sum per padded column, a 32-byte tag (layout, shape, w's fingerprint)
     return w_int8.new_empty((n_pad * k_pad + 4 * n_pad + 32,))
 
