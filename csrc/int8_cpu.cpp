@@ -16,8 +16,9 @@
 // int8 input, 2 multiply uops per 32 MACs like fbgemm's u8*s8 path) on 6x16 register tiles;
 // its panels also stream B linearly, which is what a small M (memory bound) needs. On CPUs
 // with AVX512-VNNI or AVX-VNNI the packed kernel uses vpdpbusd instead (chosen at run
-// time, see "packed kernels" below). Where the CPU has AMX-INT8 (and Linux grants it), the
-// "amx" kernel runs M >= 8 on the tile unit instead (see "AMX (tile) kernel").
+// time, see "packed kernels" below). Where the CPU has AMX-INT8 (and Linux grants it),
+// int8_linear runs on the plain weight instead (no packed copy: "kernels on the plain
+// weight"), and int8_gemm's M >= 32 on the tile unit ("AMX (tile) kernel").
 //
 // torch._int_mm on CPU measured ~20x slower than this kernel (and than fp32
 // F.linear) in torch 2.14 on AVX2 machines, so it is not used here. (On an AMX Xeon it
@@ -921,7 +922,8 @@ constexpr int64_t kAMc = 128;   // rows per thread tile (multiple of 32)
 constexpr int64_t kANc = 256;   // columns per thread tile (multiple of 32)
 constexpr int64_t kAKc = 1024;  // K per cache block (multiple of 64): a 32-column B strip is 32 KiB
 
-// Smallest M for the AMX kernel; below it the VNNI (zmm) step runs the same packed weight (the
+// Smallest M for the AMX kernel on a kAmxQuads weight (int8_gemm; a weight packed by avx512-vnni);
+// below it the VNNI (zmm) step runs the same packed weight (the
 // break-even measured on a Xeon with AMX at K = N = 768 and 4096: VNNI 2x faster at M <= 4,
 // equal at 8, AMX 1.2x faster at 16).
 int64_t amx_min_m() {

@@ -90,8 +90,8 @@ class Int8Linear(QuantState):
             self.register_load_state_dict_post_hook(Int8Linear._sync_act_range)
         else:
             self.act_scale = None
-        # CPU: the weight pre-packed for the large-batch int8 kernel (not in the state_dict;
-        # rebuilt by repack() whenever `weight` changes). Empty until packed.
+        # CPU: the weight pre-packed for the int8 kernel (not in the state_dict; rebuilt by
+        # repack() whenever `weight` changes; under amx only its row sums). Empty until packed.
         self.register_buffer("weight_packed", torch.empty(0, dtype=torch.int8, device=device), persistent=False)
         # (weight's key when packed, weakrefs to it (a new one may reuse its memory) and to the packed
         # tensor): one tuple, replaced at once, so a thread never pairs one pack with another's key.
