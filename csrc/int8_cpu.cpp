@@ -939,38 +939,48 @@ int64_t amx_rows(int64_t M) { return (M + 31) / 32 * 32; }
 #define QLIB_AMX_FN __attribute__((target("amx-tile,amx-int8")))
 
 
-// ct[32, 32] (row stride ldc, int32) (+)= A rows [32] x B columns [32] over kc k; a: row 0,
-// k0 of A (row stride lda); b0, b1: the two 16-column panels at k0.
+// ct[32, 16 NB] (row stride ldc, int32) (+)= A rows [32] x B columns [16 NB] over kc k; a: row
+// 0, k0 of A (row stride lda); b0, b1: the two 16-column panels at k0 (b1 unused if NB = 1).
+template <int NB>
 QLIB_AMX_FN void micro_amx(const int8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1,
                            int64_t kc, int32_t* c, int64_t ldc, bool accumulate) {
+  static_assert(NB == 1 || NB == 2, "micro_amx: one or two B panels");
   const int64_t ldc_b = ldc * 4;
   asm volatile("" ::: "memory");  // A, B and c are written before the tile loads read them
   if (accumulate) {
     _tile_loadd(4, c, ldc_b);
-    _tile_loadd(5, c + 16, ldc_b);
     _tile_loadd(6, c + 16 * ldc, ldc_b);
-    _tile_loadd(7, c + 16 * ldc + 16, ldc_b);
+    if constexpr (NB == 2) {
+      _tile_loadd(5, c + 16, ldc_b);
+      _tile_loadd(7, c + 16 * ldc + 16, ldc_b);
+    }
   } else {
     _tile_zero(4);
-    _tile_zero(5);
     _tile_zero(6);
-    _tile_zero(7);
+    if constexpr (NB == 2) {
+      _tile_zero(5);
+      _tile_zero(7);
+    }
   }
   const int8_t* a1 = a + 16 * lda;
   for (int64_t k = 0; k < kc; k += 64) {
     _tile_loadd(0, a + k, lda);
     _tile_loadd(1, a1 + k, lda);
     _tile_loadd(2, b0 + k * 16, 64);
-    _tile_loadd(3, b1 + k * 16, 64);
     _tile_dpbssd(4, 0, 2);
-    _tile_dpbssd(5, 0, 3);
     _tile_dpbssd(6, 1, 2);
-    _tile_dpbssd(7, 1, 3);
+    if constexpr (NB == 2) {
+      _tile_loadd(3, b1 + k * 16, 64);
+      _tile_dpbssd(5, 0, 3);
+      _tile_dpbssd(7, 1, 3);
+    }
   }
   _tile_stored(4, c, ldc_b);
-  _tile_stored(5, c + 16, ldc_b);
   _tile_stored(6, c + 16 * ldc, ldc_b);
-  _tile_stored(7, c + 16 * ldc + 16, ldc_b);
+  if constexpr (NB == 2) {
+    _tile_stored(5, c + 16, ldc_b);
+    _tile_stored(7, c + 16 * ldc + 16, ldc_b);
+  }
   asm volatile("" ::: "memory");  // the tile stores wrote c
 }
 
@@ -996,7 +1006,7 @@ void gemm_amx(const int8_t* a, int64_t M, const PackedB& pb, const PackedEpilogu
         for (int64_t n = 0; n < npad; n += 32) {
           const int8_t* b0 = pb.panel(n0 + n) + k0 * 16;
           for (int64_t m = 0; m < mpad; m += 32)
-            micro_amx(a + (m0 + m) * Kp + k0, Kp, b0, b0 + Kp * 16, kc, ct.get() + m * kANc + n,
+            micro_amx<2>(a + (m0 + m) * Kp + k0, Kp, b0, b0 + Kp * 16, kc, ct.get() + m * kANc + n,
                       kANc, k0 > 0);
         }
       }
@@ -1079,22 +1089,25 @@ void gemm_amx_rows(const int8_t* w, int64_t ldw, int64_t N, int64_t K, const Pac
     for (int64_t t = next++; t < tiles; t = next++) {
       const int64_t r0 = (t % rt) * kAMc, r1 = std::min(N, r0 + kAMc);
       const int64_t m0 = (t / rt) * nc, m1 = std::min(M, m0 + nc);
-      const int64_t rpad = amx_rows(r1 - r0), mpad = (m1 - m0 + 31) / 32 * 32;
-      for (int64_t k0 = 0; k0 < Kp; k0 += kAKc) {
-        const int64_t kc = std::min(kAKc, Kp - k0);
-        for (int64_t r = 0; r < rpad; r += 32) {
-          const int64_t n = r0 + r;
-          const int8_t* a = n < Nb ? w + n * ldw : copy.data() + (n - Nb) * Kp;
-          const int64_t lda = n < Nb ? ldw : Kp;
+      // Rows of x in 16s (a last 16 of a 32-row pair alone: one B tile).
+      const int64_t rpad = amx_rows(r1 - r0), mpad = (m1 - m0 + 15) / 16 * 16;
+      for (int64_t r = 0; r < rpad; r += 32) {  // 32 rows of w streamed along K
+        const int64_t n = r0 + r;
+        const int8_t* a = n < Nb ? w + n * ldw : copy.data() + (n - Nb) * Kp;
+        const int64_t lda = n < Nb ? ldw : Kp;
+        for (int64_t k0 = 0; k0 < Kp; k0 += kAKc) {
+          const int64_t kc = std::min(kAKc, Kp - k0);
           for (int64_t m = 0; m < mpad; m += 32) {
             const int8_t* b0 = xb.panel(m0 + m) + k0 * 16;
-            micro_amx(a + k0, lda, b0, b0 + Kp * 16, kc, ct.data() + r * kANc + m, kANc, k0 > 0);
+            int32_t* c = ct.data() + r * kANc + m;
+            if (mpad - m >= 32) micro_amx<2>(a + k0, lda, b0, b0 + Kp * 16, kc, c, kANc, k0 > 0);
+            else micro_amx<1>(a + k0, lda, b0, nullptr, kc, c, kANc, k0 > 0);
           }
+          for (int64_t i = r; i < r + 32 && k0 + kc == Kp; i += 16)  // done: transposed (hot)
+            for (int64_t m = 0; m < mpad; m += 16)
+              transpose16(ct.data() + i * kANc + m, kANc, ctt.data() + m * kAMc + i, kAMc);
         }
       }
-      for (int64_t r = 0; r < rpad; r += 16)
-        for (int64_t m = 0; m < mpad; m += 16)
-          transpose16(ct.data() + r * kANc + m, kANc, ctt.data() + m * kAMc + r, kAMc);
       epilogue(m0, m1, r0, r1, ctt.data(), kAMc);
     }
     amx_release();
@@ -1123,18 +1136,28 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
       for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], wu[i], xv);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int64_t i = 0; i < nw; ++i)  // (w + 128) . x - 128 sum(x), mod 2^32 like every sum here
-      c[r * ldc + i] = wrap_sub(_mm512_reduce_add_epi32(acc[r][i]),
-                                static_cast<int32_t>(static_cast<uint32_t>(xsum[r]) * 128u));
+  for (int r = 0; r < R; ++r) {  // the 4 sums of row r at once: (w + 128) . x - 128 sum(x)
+    const __m512i* v = acc[r];
+    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+    // Per 128-bit lane: partial sums of w_0 .. w_3 in that order.
+    const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+    __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    // mod 2^32, like every sum here
+    sums = _mm_sub_epi32(sums, _mm_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(xsum[r]) * 128u)));
+    int32_t out[4];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), sums);
+    for (int64_t i = 0; i < nw; ++i) c[r * ldc + i] = out[i];
+  }
 }
 
 // C = X W^T for few rows of x: q [M, K] codes (contiguous, K > 0), w [N, K] (row stride ldw),
-// handed to the epilogue in blocks of kDotBlock rows of w (each row of w read once from memory:
-// the rows of x take turns on it while it is in L1).
+// handed to the epilogue in blocks of kDotBlock rows of w.
 constexpr int64_t kDotBlock = 64;
-// Up to this M the dot kernel runs, from the next the tiles (Xeon with AMX, stop 33: dot 1.05-1.3x
-// faster at M = 4 at K = N = 768 and 4096; the tiles 1.1-1.35x faster at M = 7).
+// Up to this M the dot kernel runs, from the next the tiles (Xeon with AMX, stop 33, at M = 3-4:
+// dot 1.15x faster with the weight streaming from memory (4096^2), the tiles 1.2-1.3x faster
+// with it in L2 (768 x 3072); at M = 7 the tiles either way).
 constexpr int64_t kRowsDotMaxM = 4;
 void gemm_rows_dot(const int8_t* q, int64_t M, const int8_t* w, int64_t ldw, int64_t N, int64_t K,
                    const PackedEpilogue& epilogue) {
@@ -1149,10 +1172,7 @@ void gemm_rows_dot(const int8_t* q, int64_t M, const int8_t* w, int64_t ldw, int
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kDotBlock, n1 = std::min(N, n0 + kDotBlock);
       for (int64_t n = n0; n < n1; n += 4)
-        for (int64_t m = 0; m < M; m += 4)
-          kDot[std::min<int64_t>(4, M - m) - 1](q + m * K, K, xsum + m, w + n * ldw, ldw,
-                                                std::min<int64_t>(4, n1 - n), K,
-                                                c + m * kDotBlock + (n - n0), kDotBlock);
+        kDot[M - 1](q, K, xsum, w + n * ldw, ldw, std::min<int64_t>(4, n1 - n), K, c + n - n0, kDotBlock);
       epilogue(0, M, n0, n1, c, kDotBlock);
     }
   });
