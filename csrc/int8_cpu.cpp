@@ -1030,14 +1030,14 @@ at::Tensor pack_a_amx(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_
 }
 
 // ---------------------------------------------------------------- kernels on the plain weight
-// Under the amx kernel a weight is used as it is (kRows: int8_pack_weight keeps only its row
-// sums), so Int8Linear holds 1 byte a weight. Both kernels read w [N, K] (row stride ldw):
-//   M > kRowsDotMaxM: C^T = W X^T on the tiles (gemm_amx_rows): 32 rows of w are two A tiles as
-//     they lie (tileloadd takes the row stride), x's codes are packed per call into B tiles
+// Under the amx kernel a weight is used as it lies (kRows: int8_pack_weight keeps only its
+// row sums), so Int8Linear holds 1 byte a weight. The kernels read w [N, K] (row stride ldw):
+//   M > kRowsDotMaxM: C^T = W X^T on the tiles (gemm_amx_rows): 32 rows of w are two A tiles
+//     as they lie (tileloadd takes the row stride), x's codes are packed per call into B tiles
 //     (pack_b's kAmxQuads layout, x as the "B" of M rows), and each finished thread tile is
 //     transposed for the epilogue.
-//   Fewer rows (gemm_rows_dot): dot products along rows on zmm: vpdpbusd of w + 128 (unsigned)
-//     with x's signed codes, 4 rows of w x up to 4 rows of x a pass, less 128 * sum(x's row).
+//   Else dot products along rows on zmm (gemm_rows_dot): vpdpbusd over 64 k of up to 4 rows of
+//     x by 4 of w, the 4 sums of a row of x reduced together at the end.
 
 // dst[16 x 16] (row stride ldd) = src[16 x 16]^T (row stride lds), 32-bit values.
 QLIB_AVX512_FN inline void transpose16(const int32_t* src, int64_t lds, int32_t* dst, int64_t ldd) {
@@ -1114,65 +1114,110 @@ void gemm_amx_rows(const int8_t* w, int64_t ldw, int64_t N, int64_t K, const Pac
   });
 }
 
-// c[r * ldc + i] = sum_k x_r[k] * w_i[k] for R rows of x (codes, row stride ldx; xsum: their
-// sums) and the first nw <= 4 rows of w (row stride ldw). Masked loads take the K tail.
-template <int R>
+// c[r * ldc + i] = sum_k x_r[k] * w_i[k] for R <= 4 rows of x (row stride ldx) and the first
+// nw <= 4 rows of w (row stride ldw) on vpdpbusd (unsigned by signed bytes); masked loads take
+// the K tail. FlipW: x holds the signed codes and w ^ 0x80 (w + 128) is the unsigned operand,
+// so the sums are taken less 128 * xsum[r] (x's row sums). Else x holds codes + 128 (uint8)
+// against w itself: the sums hold 128 * rowsum(w) more (the epilogue's offsets).
+template <bool FlipW>
+QLIB_AVX512_FN __attribute__((always_inline)) inline __m512i dot_step(__m512i acc, __m512i xv, __m512i wv) {
+  return FlipW ? _mm512_dpbusd_epi32(acc, wv, xv) : _mm512_dpbusd_epi32(acc, xv, wv);
+}
+
+// The sums of v0 .. v3's lanes, in that order.
+QLIB_AVX512_FN __attribute__((always_inline)) inline __m128i sum4(__m512i v0, __m512i v1, __m512i v2,
+                                                                 __m512i v3) {
+  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
+  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
+  // Per 128-bit lane: partial sums of v0 .. v3 in that order.
+  const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+// (Named accumulators, not an array: GCC kept an array's in memory.)
+template <int R, bool FlipW>
 QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int64_t ldx,
                                                           const int32_t* xsum, const int8_t* w,
                                                           int64_t ldw, int64_t nw, int64_t K,
                                                           int32_t* c, int64_t ldc) {
-  __m512i acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_si512();
-  const int8_t* wr[4];
-  for (int64_t i = 0; i < 4; ++i) wr[i] = w + std::min(i, nw - 1) * ldw;  // repeats: not stored
-  const __m512i flip = _mm512_set1_epi8(-128);
+  static_assert(R >= 1 && R <= 4, "dot_rows_zmm is written out for 4 rows of x");
+  const __m512i z = _mm512_setzero_si512(), flip = _mm512_set1_epi8(-128);
+  __m512i a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;
+  __m512i a20 = z, a21 = z, a22 = z, a23 = z, a30 = z, a31 = z, a32 = z, a33 = z;
+  const int8_t* w0 = w;  // rows past nw repeat the last (computed, not stored)
+  const int8_t* w1 = w + std::min<int64_t>(1, nw - 1) * ldw;
+  const int8_t* w2 = w + std::min<int64_t>(2, nw - 1) * ldw;
+  const int8_t* w3 = w + std::min<int64_t>(3, nw - 1) * ldw;
+  // One 64-k step under `mask` (FlipW: a masked 0 of w becomes 128, against x's masked 0).
+#define QLIB_ROW(r)                                                                  \
+  if constexpr (r < R) {                                                             \
+    const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + r * ldx + k);              \
+    a##r##0 = dot_step<FlipW>(a##r##0, xv, v0);                                   \
+    a##r##1 = dot_step<FlipW>(a##r##1, xv, v1);                                   \
+    a##r##2 = dot_step<FlipW>(a##r##2, xv, v2);                                   \
+    a##r##3 = dot_step<FlipW>(a##r##3, xv, v3);                                   \
+  }
+#define QLIB_STEP                                                                    \
+  {                                                                                  \
+    __m512i v0 = _mm512_maskz_loadu_epi8(mask, w0 + k), v1 = _mm512_maskz_loadu_epi8(mask, w1 + k); \
+    __m512i v2 = _mm512_maskz_loadu_epi8(mask, w2 + k), v3 = _mm512_maskz_loadu_epi8(mask, w3 + k); \
+    if constexpr (FlipW) {                                                           \
+      v0 = _mm512_xor_si512(v0, flip), v1 = _mm512_xor_si512(v1, flip);              \
+      v2 = _mm512_xor_si512(v2, flip), v3 = _mm512_xor_si512(v3, flip);              \
+    }                                                                                \
+    QLIB_ROW(0) QLIB_ROW(1) QLIB_ROW(2) QLIB_ROW(3)                                  \
+  }
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mask = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
-    __m512i wu[4];  // w + 128 as uint8 (a masked 0 becomes 128, against x's masked 0)
-    for (int i = 0; i < 4; ++i) wu[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wr[i] + k), flip);
-    for (int r = 0; r < R; ++r) {
-      const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + r * ldx + k);
-      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], wu[i], xv);
-    }
+    QLIB_STEP
   }
-  for (int r = 0; r < R; ++r) {  // the 4 sums of row r at once: (w + 128) . x - 128 sum(x)
-    const __m512i* v = acc[r];
-    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
-    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
-    // Per 128-bit lane: partial sums of w_0 .. w_3 in that order.
-    const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
-    __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-    // mod 2^32, like every sum here
-    sums = _mm_sub_epi32(sums, _mm_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(xsum[r]) * 128u)));
-    int32_t out[4];
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), sums);
+#undef QLIB_STEP
+#undef QLIB_ROW
+  // The accumulators go through memory: reduced in registers, GCC stored each every step.
+  alignas(64) int32_t acc[R][4][16];
+#define QLIB_SAVE(r)                                                \
+  if constexpr (r < R) {                                            \
+    _mm512_store_si512(acc[r][0], a##r##0);                         \
+    _mm512_store_si512(acc[r][1], a##r##1);                         \
+    _mm512_store_si512(acc[r][2], a##r##2);                         \
+    _mm512_store_si512(acc[r][3], a##r##3);                         \
+  }
+  QLIB_SAVE(0) QLIB_SAVE(1) QLIB_SAVE(2) QLIB_SAVE(3)
+#undef QLIB_SAVE
+  for (int r = 0; r < R; ++r) {  // FlipW: less 128 * xsum (mod 2^32, like every sum here)
+    __m128i sums = sum4(_mm512_load_si512(acc[r][0]), _mm512_load_si512(acc[r][1]),
+                        _mm512_load_si512(acc[r][2]), _mm512_load_si512(acc[r][3]));
+    if constexpr (FlipW)
+      sums = _mm_sub_epi32(sums, _mm_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(xsum[r]) * 128u)));
+    alignas(16) int32_t out[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(out), sums);
     for (int64_t i = 0; i < nw; ++i) c[r * ldc + i] = out[i];
   }
 }
 
-// C = X W^T for few rows of x: q [M, K] codes (contiguous, K > 0), w [N, K] (row stride ldw),
-// handed to the epilogue in blocks of kDotBlock rows of w.
-constexpr int64_t kDotBlock = 64;
 // Up to this M the dot kernel runs, from the next the tiles (Xeon with AMX, stop 33, at M = 3-4:
 // dot 1.15x faster with the weight streaming from memory (4096^2), the tiles 1.2-1.3x faster
 // with it in L2 (768 x 3072); at M = 7 the tiles either way).
 constexpr int64_t kRowsDotMaxM = 4;
-void gemm_rows_dot(const int8_t* q, int64_t M, const int8_t* w, int64_t ldw, int64_t N, int64_t K,
-                   const PackedEpilogue& epilogue) {
+
+// C = X W^T for few rows of x on dot_rows_zmm: x [M, K] (contiguous, K > 0; see FlipW), w
+// [N, K] (row stride ldw), handed to the epilogue in blocks of kDotBlock rows of w.
+constexpr int64_t kDotBlock = 64;
+template <bool FlipW>
+void gemm_rows_dot(const int8_t* x, int64_t M, const int32_t* xsum, const int8_t* w, int64_t ldw,
+                   int64_t N, int64_t K, const PackedEpilogue& epilogue) {
   TORCH_INTERNAL_ASSERT(M <= kRowsDotMaxM, "int8 gemm_rows_dot: for few rows of x");
   using Dot = void (*)(const int8_t*, int64_t, const int32_t*, const int8_t*, int64_t, int64_t,
                        int64_t, int32_t*, int64_t);
-  static constexpr Dot kDot[4] = {dot_rows_zmm<1>, dot_rows_zmm<2>, dot_rows_zmm<3>, dot_rows_zmm<4>};
-  int32_t xsum[kRowsDotMaxM];
-  for (int64_t m = 0; m < M; ++m) xsum[m] = static_cast<int32_t>(row_sum(q + m * K, 0, K));
+  static constexpr Dot kDot[4] = {dot_rows_zmm<1, FlipW>, dot_rows_zmm<2, FlipW>,
+                                  dot_rows_zmm<3, FlipW>, dot_rows_zmm<4, FlipW>};
   at::parallel_for(0, (N + kDotBlock - 1) / kDotBlock, 1, [&](int64_t b0, int64_t b1) {
     int32_t c[kRowsDotMaxM * kDotBlock];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kDotBlock, n1 = std::min(N, n0 + kDotBlock);
       for (int64_t n = n0; n < n1; n += 4)
-        kDot[M - 1](q, K, xsum, w + n * ldw, ldw, std::min<int64_t>(4, n1 - n), K, c + n - n0, kDotBlock);
+        kDot[M - 1](x, K, xsum, w + n * ldw, ldw, std::min<int64_t>(4, n1 - n), K, c + n - n0, kDotBlock);
       epilogue(0, M, n0, n1, c, kDotBlock);
     }
   });
@@ -1188,9 +1233,17 @@ PackLayout kernel_layout(Int8Kernel kernel) {
   }
 }
 
-// The layout int8_pack_weight packs for `kernel`: amx reads the weight as it lies (kRows).
+// The layout int8_pack_weight packs for `kernel`: amx reads the weight as it lies (kRows),
+// unless QLIB_INT8_PACKED_COPY=1 asks for its panels (a copy of the weight: 1.1-1.3x faster
+// from M = 32). The other kernels need their panels: a dot-product GEMM on the plain weight
+// (dot_rows_zmm with 6 x 4 rows, at every M) ran 1.3-1.7x slower than avx512-vnni's panels
+// from M = 16, below torch.ao at M = 128, 4096^2 (Xeon with AMX, stop 33).
 PackLayout weight_layout(Int8Kernel kernel) {
-  return kernel == Int8Kernel::kAmx ? PackLayout::kRows : kernel_layout(kernel);
+  static const bool packed_copy = [] {
+    const char* e = std::getenv("QLIB_INT8_PACKED_COPY");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  return kernel == Int8Kernel::kAmx && !packed_copy ? PackLayout::kRows : kernel_layout(kernel);
 }
 
 // The kernel that runs a weight packed in `layout`: this process's, or (a weight packed on
@@ -1579,16 +1632,18 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
                 act_quant_max, "]");
     codes.zero_point = static_cast<float>(z);
   }
-  // A weight packed as kRows (row sums only) runs on the plain weight under amx and
-  // unpacked under any other kernel (kernel_for_layout warns).
-  if (packed != nullptr && !has_panels(packed->layout) &&
-      kernel_for_layout(packed->layout) != Int8Kernel::kAmx)
+  // amx runs the kernels on the plain weight at every M, packed as kRows (row sums only) or
+  // not; a kRows weight runs unpacked under the other kernels (and warns).
+  const Int8Kernel kernel_now = current_int8_kernel();
+  const bool plain_kernel = !has_panels(weight_layout(kernel_now));
+  if (packed != nullptr && !has_panels(packed->layout) && !plain_kernel) {
+    kernel_for_layout(packed->layout);
     packed = nullptr;
-  // amx runs the kernels on the plain weight at every M. Elsewhere the packed kernel at large
-  // M, with a pre-packed weight, or when codes reach -128 (which gemm's sign-transfer kernel
-  // cannot take).
-  const bool rows_path = QLIB_INT8_X86 && K > 0 && current_int8_kernel() == Int8Kernel::kAmx &&
+  }
+  const bool rows_path = QLIB_INT8_X86 && K > 0 && plain_kernel &&
                          (packed == nullptr || !has_panels(packed->layout));
+  // Elsewhere the packed kernel at large M, with a pre-packed weight, or when codes reach -128
+  // (which gemm's sign-transfer kernel cannot take).
   const bool packed_path = !rows_path && QLIB_INT8_X86 && cpu_has_avx2() && K > 0 &&
                            (M >= packed_min_m(packed != nullptr) || act_quant_min < kInt8ActQmin);
   PackedB packed_here;
@@ -1646,11 +1701,24 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
     };
     if (rows_path) {
       const int8_t* wp = w.const_data_ptr<int8_t>();
-      if (M <= kRowsDotMaxM) {
-        gemm_rows_dot(q.const_data_ptr<int8_t>(), M, wp, w.stride(0), N, K, dequant);
-      } else {
-        const PackedB xb = pack_b(q.const_data_ptr<int8_t>(), K, M, K, PackLayout::kAmxQuads, x.options());
+      int8_t* qp = q.data_ptr<int8_t>();
+      if (M > kRowsDotMaxM) {
+        const PackedB xb = pack_b(qp, K, M, K, PackLayout::kAmxQuads, x.options());
         gemm_amx_rows(wp, w.stride(0), N, K, xb, dequant);
+        return;
+      }
+      // With a packed weight's row sums x goes in as codes + 128 against w; without, w ^ 0x80
+      // against x's codes (no pass over w for its sums).
+      std::vector<int32_t> xsum(M, 0);
+      if (packed != nullptr) {
+        off = packed_offsets(*packed, true);
+        at::parallel_for(0, M * K, 65536, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) qp[i] = static_cast<int8_t>(qp[i] ^ 0x80);
+        });
+        gemm_rows_dot<false>(qp, M, xsum.data(), wp, w.stride(0), N, K, dequant);
+      } else {
+        for (int64_t m = 0; m < M; ++m) xsum[m] = static_cast<int32_t>(row_sum(qp + m * K, 0, K));
+        gemm_rows_dot<true>(qp, M, xsum.data(), wp, w.stride(0), N, K, dequant);
       }
       return;
     }

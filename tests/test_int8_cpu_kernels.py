@@ -192,6 +192,18 @@ def test_amx_int8linear_holds_one_byte_a_weight():
         qlib.set_int8_cpu_kernel("auto")
 
 
+@pytest.mark.skipif("amx" not in KERNELS, reason="needs AMX-INT8")
+def test_packed_copy_env_var_gives_amx_its_panels():
+    code = ("import torch, qlib; w = torch.randint(-128, 128, (40, 300), dtype=torch.int8); "
+            "x, s = torch.randn(9, 300), torch.rand(40); p = torch.ops.qlib.int8_pack_weight(w); "
+            "y = torch.ops.qlib.int8_linear_packed(x, p, w, s, None); "
+            "print(p.numel(), bool(torch.equal(y, torch.ops.qlib.int8_linear(x, w, s, None))))")
+    for env, size in (("1", 64 * 320 + 4 * 64 + 32), ("0", 4 * 40 + 32)):  # AMX panels: N to 32, K to 64
+        e = dict(os.environ, QLIB_INT8_PACKED_COPY=env, QLIB_INT8_CPU_KERNEL="amx")
+        out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and out.stdout.split() == [str(size), "True"], out.stderr
+
+
 def test_int8linear_repacks_after_a_kernel_switch():
     lin = torch.nn.Linear(70, 20)
     x = torch.randn(4, 70)
