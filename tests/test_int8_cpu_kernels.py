@@ -173,6 +173,43 @@ def test_strided_and_short_weight_rows_every_kernel(kernel, M, K):
             torch.testing.assert_close(y.double(), r, rtol=1e-6, atol=1e-6 * r.abs().max().item())
 
 
+GUARD_PAGE_PROBE = """
+import ctypes, mmap
+import torch, qlib
+ops = torch.ops.qlib
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+page = mmap.PAGESIZE
+for kernel in qlib.int8_cpu_kernels():
+    qlib.set_int8_cpu_kernel(kernel)
+    for N, K in [(1, 1), (3, 5), (33, 63), (40, 64), (37, 65), (70, 130), (5, 4100)]:
+        pages = (N * K + page - 1) // page + 1
+        buf = mmap.mmap(-1, pages * page)
+        end = (pages - 1) * page
+        assert libc.mprotect(ctypes.addressof(ctypes.c_char.from_buffer(buf)) + end, page, 0) == 0
+        w = torch.frombuffer(buf, dtype=torch.int8, count=N * K, offset=end - N * K).view(N, K)
+        w.copy_(torch.randint(-128, 128, (N, K), dtype=torch.int8))
+        s = torch.rand(N) + 0.1
+        p = ops.int8_pack_weight(w)
+        for M in (1, 3, 4, 5, 8, 17, 40):
+            x = torch.randn(M, K)
+            q, sx = ops.quantize_per_token(x)
+            ref = (q.double() @ w.double().T) * sx.double() * s.double()
+            for y in (ops.int8_linear(x, w, s, None), ops.int8_linear_packed(x, p, w, s, None)):
+                torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through ctypes")
+def test_no_read_past_the_weight_every_kernel():
+    """The kernels read the weight in place (amx 64 k a tile row, past K into the next row):
+    a weight that ends where an unreadable page starts runs exactly, at every kernel (in a
+    subprocess: a read past it would be a segfault)."""
+    out = subprocess.run([sys.executable, "-c", GUARD_PAGE_PROBE], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 @pytest.mark.skipif("amx" not in KERNELS, reason="needs AMX-INT8")
 def test_amx_int8linear_holds_one_byte_a_weight():
     """Under amx the kernels read the weight in place: int8_pack_weight keeps only its row
