@@ -1235,9 +1235,10 @@ PackLayout kernel_layout(Int8Kernel kernel) {
 
 // The layout int8_pack_weight packs for `kernel`: amx reads the weight as it lies (kRows),
 // unless QLIB_INT8_PACKED_COPY=1 asks for its panels (a copy of the weight: 1.1-1.3x faster
-// from M = 32). The other kernels need their panels: a dot-product GEMM on the plain weight
-// (dot_rows_zmm with 6 x 4 rows, at every M) ran 1.3-1.7x slower than avx512-vnni's panels
-// from M = 16, below torch.ao at M = 128, 4096^2 (Xeon with AMX, stop 33).
+// from M = 32). The other kernels need their panels: GEMMs on the plain weight for
+// avx512-vnni (dot_rows_zmm's scheme with 6 rows of x, or micro_zmm's with the roles of x and
+// w swapped) ran 1.1-2x slower than its panels at M = 8-128 and below torch.ao at some shapes
+// (Xeon with AMX, stop 33; NOTES).
 PackLayout weight_layout(Int8Kernel kernel) {
   static const bool packed_copy = [] {
     const char* e = std::getenv("QLIB_INT8_PACKED_COPY");
