@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "kernel_choice.h"
@@ -21,9 +20,6 @@ Int8Kernel current_int8_kernel();
 std::string int8_cpu_kernel();
 std::vector<std::string> int8_cpu_kernels();  // what this CPU can run
 void set_int8_cpu_kernel(const std::string& name);  // "auto" or a name; raises if unsupported
-// What int8_pack_weight pads N and K to under the current kernel (its fake needs it); k = 0:
-// no panels, only the row sums (amx).
-std::pair<int64_t, int64_t> int8_pack_multiples();
 
 // The CUDA int8_linear GEMM for M > 4 (csrc/int8_cuda_gemm.cpp): cuBLASLt, or the fused
 // Hopper kernel when built.

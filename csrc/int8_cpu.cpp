@@ -1804,11 +1804,6 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
 
 }  // namespace
 
-std::pair<int64_t, int64_t> int8_pack_multiples() {
-  const PackLayout l = weight_layout(current_int8_kernel());
-  return {padded_n(1, l), has_panels(l) ? padded_k(1, l) : 0};
-}
-
 TORCH_LIBRARY_IMPL(qlib, CPU, m) {
   m.impl("quantize_per_token", &quantize_per_token_cpu);
   m.impl("int8_gemm", &int8_gemm_cpu);

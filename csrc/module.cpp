@@ -69,8 +69,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("fourbit_cpu_kernels", &qlib::fourbit_cpu_kernels, "The 4-bit CPU kernel families this CPU runs.");
   m.def("set_fourbit_cpu_kernel", &qlib::set_fourbit_cpu_kernel,
         "Pick the 4-bit CPU kernel family by name ('auto' = the best).");
-  m.def("int8_pack_multiples", &qlib::int8_pack_multiples,
-        "(n, k): what int8_pack_weight pads N and K to under the current kernel (k = 0: row sums only).");
   m.def("int8_cuda_gemm", &qlib::int8_cuda_gemm, "The CUDA int8_linear GEMM in use (M > 4).");
   m.def("int8_cuda_gemms", &qlib::int8_cuda_gemms, "The CUDA int8_linear GEMMs this build has.");
   m.def("set_int8_cuda_gemm", &qlib::set_int8_cuda_gemm,

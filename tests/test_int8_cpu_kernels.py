@@ -241,6 +241,27 @@ def test_packed_copy_env_var_gives_amx_its_panels():
         assert out.returncode == 0 and out.stdout.split() == [str(size), "True"], out.stderr
 
 
+def test_compiled_packing_survives_a_kernel_switch():
+    """int8_pack_weight's size depends on the kernel of the process that runs it (amx: row sums
+    only), which no compile guard or cache key holds: its fake size is data-dependent, so a
+    graph compiled under one kernel runs under another (it asserted the traced size)."""
+    def f(x, w, ws):
+        p = ops.int8_pack_weight(w)
+        return ops.int8_linear_packed(x, p, w, ws, None), p
+
+    w = torch.randint(-128, 128, (40, 300), dtype=torch.int8)
+    ws, x = torch.rand(40) + 0.01, torch.randn(6, 300)
+    ref = ops.int8_linear(x, w, ws, None)
+    compiled = torch.compile(f, fullgraph=True)
+    try:
+        for name in KERNELS + KERNELS[:1]:
+            qlib.set_int8_cpu_kernel(name)
+            y, p = compiled(x, w, ws)
+            assert torch.equal(y, ref) and torch.equal(p, ops.int8_pack_weight(w)), name
+    finally:
+        qlib.set_int8_cpu_kernel("auto")
+
+
 def test_int8linear_repacks_after_a_kernel_switch():
     lin = torch.nn.Linear(70, 20)
     x = torch.randn(4, 70)

@@ -60,14 +60,10 @@ def _(w_int8):
     torch._check(w_int8.dim() == 2, lambda: "qlib::int8_pack_weight: w_int8 must be 2-D [N, K]")
     if w_int8.device.type != "cpu":
         return w_int8.new_empty((0,))
-    from . import _C
-
-    n, k = w_int8.shape
-    n_mult, k_mult = _C.int8_pack_multiples()  # the current kernel's layout (int8_cpu.cpp)
-    n_pad = (n + n_mult - 1) // n_mult * n_mult
-    k_pad = (k + k_mult - 1) // k_mult * k_mult if k_mult else 0  # 0: no panels (amx)
-    # panels, one int32 row sum per padded column, a 32-byte tag (layout, shape, w's fingerprint)
-    return w_int8.new_empty((n_pad * k_pad + 4 * n_pad + 32,))
+    # The size depends on the int8 CPU kernel of the process that runs it (amx: row sums only;
+    # the others: panels), which no compile cache key holds: a data-dependent size.
+    ctx = torch.library.get_ctx()
+    return w_int8.new_empty((ctx.new_dynamic_size(min=32),))
 
 
 @register_fake("qlib::int8_linear_packed")
