@@ -321,10 +321,31 @@ inline int32_t wrap_sub(int32_t c, int32_t off) {
   return static_cast<int32_t>(static_cast<uint32_t>(c) - static_cast<uint32_t>(off));
 }
 
+#if QLIB_INT8_X86
+// The sum of row[0, n) (n a multiple of 32): sums of the bytes + 128 (_mm256_sad_epu8), less 128 n.
+QLIB_AVX2_FN int64_t row_sum_avx2(const int8_t* row, int64_t n) {
+  const __m256i flip = _mm256_set1_epi8(-128), zero = _mm256_setzero_si256();
+  __m256i acc = zero;
+  for (int64_t k = 0; k < n; k += 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+    acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_xor_si256(v, flip), zero));
+  }
+  alignas(32) int64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3] - 128 * n;
+}
+#endif
+
 // Sum of row[k0, K) (a row of w: pack_b's tail, the zero-point term without a packed w).
 int64_t row_sum(const int8_t* __restrict row, int64_t k0, int64_t K) {
-  int32_t sum = 0;  // |sum| <= 128 K fits int32 for K <= kInt8GemmMaxK
-  for (int64_t k = k0; k < K; ++k) sum += row[k];
+  int64_t sum = 0, k = k0;  // |sum| <= 128 K fits int32 for K <= kInt8GemmMaxK
+#if QLIB_INT8_X86
+  if (K - k0 >= 32 && cpu_has_avx2()) {
+    const int64_t n = (K - k0) / 32 * 32;
+    sum = row_sum_avx2(row + k0, n), k += n;
+  }
+#endif
+  for (; k < K; ++k) sum += row[k];
   return sum;
 }
 
@@ -1114,16 +1135,6 @@ void gemm_amx_rows(const int8_t* w, int64_t ldw, int64_t N, int64_t K, const Pac
   });
 }
 
-// c[r * ldc + i] = sum_k x_r[k] * w_i[k] for R <= 4 rows of x (row stride ldx) and the first
-// nw <= 4 rows of w (row stride ldw) on vpdpbusd (unsigned by signed bytes); masked loads take
-// the K tail. FlipW: x holds the signed codes and w ^ 0x80 (w + 128) is the unsigned operand,
-// so the sums are taken less 128 * xsum[r] (x's row sums). Else x holds codes + 128 (uint8)
-// against w itself: the sums hold 128 * rowsum(w) more (the epilogue's offsets).
-template <bool FlipW>
-QLIB_AVX512_FN __attribute__((always_inline)) inline __m512i dot_step(__m512i acc, __m512i xv, __m512i wv) {
-  return FlipW ? _mm512_dpbusd_epi32(acc, wv, xv) : _mm512_dpbusd_epi32(acc, xv, wv);
-}
-
 // The sums of v0 .. v3's lanes, in that order.
 QLIB_AVX512_FN __attribute__((always_inline)) inline __m128i sum4(__m512i v0, __m512i v1, __m512i v2,
                                                                  __m512i v3) {
@@ -1135,8 +1146,12 @@ QLIB_AVX512_FN __attribute__((always_inline)) inline __m128i sum4(__m512i v0, __
   return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-// (Named accumulators, not an array: GCC kept an array's in memory.)
-template <int R, bool FlipW>
+// c[r * ldc + i] = sum_k x_r[k] * w_i[k] for R <= 4 rows of x's codes (row stride ldx) and the
+// first nw <= 4 rows of w (row stride ldw) on vpdpbusd (unsigned by signed bytes): w ^ 0x80
+// (w + 128) is the unsigned operand, so the sums are taken less 128 * xsum[r] (x's row sums).
+// Masked loads take the K tail. (Named accumulators, not an array: GCC kept an array's in
+// memory.)
+template <int R>
 QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int64_t ldx,
                                                           const int32_t* xsum, const int8_t* w,
                                                           int64_t ldw, int64_t nw, int64_t K,
@@ -1149,23 +1164,21 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
   const int8_t* w1 = w + std::min<int64_t>(1, nw - 1) * ldw;
   const int8_t* w2 = w + std::min<int64_t>(2, nw - 1) * ldw;
   const int8_t* w3 = w + std::min<int64_t>(3, nw - 1) * ldw;
-  // One 64-k step under `mask` (FlipW: a masked 0 of w becomes 128, against x's masked 0).
+  // One 64-k step under `mask` (a masked 0 of w becomes 128, against x's masked 0).
 #define QLIB_ROW(r)                                                                  \
   if constexpr (r < R) {                                                             \
     const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + r * ldx + k);              \
-    a##r##0 = dot_step<FlipW>(a##r##0, xv, v0);                                   \
-    a##r##1 = dot_step<FlipW>(a##r##1, xv, v1);                                   \
-    a##r##2 = dot_step<FlipW>(a##r##2, xv, v2);                                   \
-    a##r##3 = dot_step<FlipW>(a##r##3, xv, v3);                                   \
+    a##r##0 = _mm512_dpbusd_epi32(a##r##0, v0, xv);                              \
+    a##r##1 = _mm512_dpbusd_epi32(a##r##1, v1, xv);                              \
+    a##r##2 = _mm512_dpbusd_epi32(a##r##2, v2, xv);                              \
+    a##r##3 = _mm512_dpbusd_epi32(a##r##3, v3, xv);                              \
   }
 #define QLIB_STEP                                                                    \
   {                                                                                  \
     __m512i v0 = _mm512_maskz_loadu_epi8(mask, w0 + k), v1 = _mm512_maskz_loadu_epi8(mask, w1 + k); \
     __m512i v2 = _mm512_maskz_loadu_epi8(mask, w2 + k), v3 = _mm512_maskz_loadu_epi8(mask, w3 + k); \
-    if constexpr (FlipW) {                                                           \
-      v0 = _mm512_xor_si512(v0, flip), v1 = _mm512_xor_si512(v1, flip);              \
-      v2 = _mm512_xor_si512(v2, flip), v3 = _mm512_xor_si512(v3, flip);              \
-    }                                                                                \
+    v0 = _mm512_xor_si512(v0, flip), v1 = _mm512_xor_si512(v1, flip);                \
+    v2 = _mm512_xor_si512(v2, flip), v3 = _mm512_xor_si512(v3, flip);                \
     QLIB_ROW(0) QLIB_ROW(1) QLIB_ROW(2) QLIB_ROW(3)                                  \
   }
   for (int64_t k = 0; k < K; k += 64) {
@@ -1185,11 +1198,10 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
   }
   QLIB_SAVE(0) QLIB_SAVE(1) QLIB_SAVE(2) QLIB_SAVE(3)
 #undef QLIB_SAVE
-  for (int r = 0; r < R; ++r) {  // FlipW: less 128 * xsum (mod 2^32, like every sum here)
+  for (int r = 0; r < R; ++r) {  // less 128 * xsum (mod 2^32, like every sum here)
     __m128i sums = sum4(_mm512_load_si512(acc[r][0]), _mm512_load_si512(acc[r][1]),
                         _mm512_load_si512(acc[r][2]), _mm512_load_si512(acc[r][3]));
-    if constexpr (FlipW)
-      sums = _mm_sub_epi32(sums, _mm_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(xsum[r]) * 128u)));
+    sums = _mm_sub_epi32(sums, _mm_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(xsum[r]) * 128u)));
     alignas(16) int32_t out[4];
     _mm_store_si128(reinterpret_cast<__m128i*>(out), sums);
     for (int64_t i = 0; i < nw; ++i) c[r * ldc + i] = out[i];
@@ -1201,17 +1213,15 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
 // with it in L2 (768 x 3072); at M = 7 the tiles either way).
 constexpr int64_t kRowsDotMaxM = 4;
 
-// C = X W^T for few rows of x on dot_rows_zmm: x [M, K] (contiguous, K > 0; see FlipW), w
+// C = X W^T for few rows of x on dot_rows_zmm: x [M, K] codes (contiguous, K > 0), w
 // [N, K] (row stride ldw), handed to the epilogue in blocks of kDotBlock rows of w.
 constexpr int64_t kDotBlock = 64;
-template <bool FlipW>
 void gemm_rows_dot(const int8_t* x, int64_t M, const int32_t* xsum, const int8_t* w, int64_t ldw,
                    int64_t N, int64_t K, const PackedEpilogue& epilogue) {
   TORCH_INTERNAL_ASSERT(M <= kRowsDotMaxM, "int8 gemm_rows_dot: for few rows of x");
   using Dot = void (*)(const int8_t*, int64_t, const int32_t*, const int8_t*, int64_t, int64_t,
                        int64_t, int32_t*, int64_t);
-  static constexpr Dot kDot[4] = {dot_rows_zmm<1, FlipW>, dot_rows_zmm<2, FlipW>,
-                                  dot_rows_zmm<3, FlipW>, dot_rows_zmm<4, FlipW>};
+  static constexpr Dot kDot[4] = {dot_rows_zmm<1>, dot_rows_zmm<2>, dot_rows_zmm<3>, dot_rows_zmm<4>};
   at::parallel_for(0, (N + kDotBlock - 1) / kDotBlock, 1, [&](int64_t b0, int64_t b1) {
     int32_t c[kRowsDotMaxM * kDotBlock];
     for (int64_t b = b0; b < b1; ++b) {
@@ -1708,19 +1718,11 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
         gemm_amx_rows(wp, w.stride(0), N, K, xb, dequant);
         return;
       }
-      // With a packed weight's row sums x goes in as codes + 128 against w; without, w ^ 0x80
-      // against x's codes (no pass over w for its sums).
-      std::vector<int32_t> xsum(M, 0);
-      if (packed != nullptr) {
-        off = packed_offsets(*packed, true);
-        at::parallel_for(0, M * K, 65536, [&](int64_t i0, int64_t i1) {
-          for (int64_t i = i0; i < i1; ++i) qp[i] = static_cast<int8_t>(qp[i] ^ 0x80);
-        });
-        gemm_rows_dot<false>(qp, M, xsum.data(), wp, w.stride(0), N, K, dequant);
-      } else {
-        for (int64_t m = 0; m < M; ++m) xsum[m] = static_cast<int32_t>(row_sum(qp + m * K, 0, K));
-        gemm_rows_dot<true>(qp, M, xsum.data(), wp, w.stride(0), N, K, dequant);
-      }
+      // (w ^ 0x80 against x's codes: no stored row sums of w, which a weight changed where
+      // Python cannot repack would leave stale.)
+      int32_t xsum[kRowsDotMaxM];
+      for (int64_t m = 0; m < M; ++m) xsum[m] = static_cast<int32_t>(row_sum(qp + m * K, 0, K));
+      gemm_rows_dot(qp, M, xsum, wp, w.stride(0), N, K, dequant);
       return;
     }
     if (packed_path) {

@@ -230,6 +230,24 @@ def test_amx_int8linear_holds_one_byte_a_weight():
 
 
 @pytest.mark.skipif("amx" not in KERNELS, reason="needs AMX-INT8")
+def test_amx_dynamic_reads_the_weight_not_its_packing():
+    """Under amx dynamic activations use nothing that was packed: a weight changed where the
+    fingerprint does not look (Python could not repack: an exported or compiled graph after a
+    load) still runs exactly at every M (the small-M kernel took the stale row sums)."""
+    qlib.set_int8_cpu_kernel("amx")
+    try:
+        w = torch.randint(-128, 128, (80, 64), dtype=torch.int8)
+        s = torch.rand(80) + 0.1
+        packed = ops.int8_pack_weight(w)
+        w[1, 1] += 1  # off the fingerprint's 16 x 16 grid
+        for M in (1, 3, 4, 5, 8, 40):
+            x = torch.randn(M, 64)
+            assert torch.equal(ops.int8_linear_packed(x, packed, w, s, None), ops.int8_linear(x, w, s, None)), M
+    finally:
+        qlib.set_int8_cpu_kernel("auto")
+
+
+@pytest.mark.skipif("amx" not in KERNELS, reason="needs AMX-INT8")
 def test_packed_copy_env_var_gives_amx_its_panels():
     code = ("import torch, qlib; w = torch.randint(-128, 128, (40, 300), dtype=torch.int8); "
             "x, s = torch.randn(9, 300), torch.rand(40); p = torch.ops.qlib.int8_pack_weight(w); "
