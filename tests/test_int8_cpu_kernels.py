@@ -280,6 +280,22 @@ def test_compiled_packing_survives_a_kernel_switch():
         qlib.set_int8_cpu_kernel("auto")
 
 
+def test_int8linear_under_fake_tensor_mode():
+    """Shape propagation with a plain FakeTensorMode (no ShapeEnv: the packing's data-dependent
+    size cannot be made) runs the layer unpacked and leaves a real layer's packing alone."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert Int8Linear(300, 40)(torch.empty(6, 300)).shape == (6, 40)
+    m = Int8Linear.from_float(torch.nn.Linear(300, 40))
+    x = torch.randn(6, 300)
+    y = m(x)
+    m._pack_state = None  # needs a repack
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert m(torch.empty(6, 300)).shape == (6, 40)
+    assert torch.equal(m(x), y)
+
+
 def test_int8linear_repacks_after_a_kernel_switch():
     lin = torch.nn.Linear(70, 20)
     x = torch.randn(4, 70)

@@ -222,7 +222,10 @@ class Int8Linear(QuantState):
         if not torch.compiler.is_compiling():  # (traced: the state as it was when traced)
             if self.activation == "static" and b["act_quant_range"] is not self.__dict__.get("_act_range_of"):
                 Int8Linear._sync_act_range(self)  # (new buffers: torch.func.functional_call, .to())
-            if is_functorch_wrapped_tensor(w):  # vmap / grad transforms: no packing of a batch of weights
+            fake_mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+            if is_functorch_wrapped_tensor(w) or fake_mode:
+                # vmap / grad transforms: no packing of a batch of weights; a FakeTensorMode
+                # (shape propagation): the packing's size is data-dependent
                 packed = torch.empty(0, dtype=torch.int8, device=w.device)
             else:
                 state = self.__dict__.get("_pack_state")
