@@ -353,8 +353,8 @@ int64_t row_sum(const int8_t* __restrict row, int64_t k0, int64_t K) {
 // stores). kInt16Pairs / kU8Quads: 8-column panels, K padded to 4, N to 16. kAmxQuads: the
 // AMX B-tile layout, 16-column panels (a k word is one 64-byte tile row), K padded to 64
 // and N to 32; avx512-vnni (zmm) packs it, and every uint8 (VNNI) step runs it. kRows: no
-// panels (the amx kernel reads w itself, as A tiles: "kernels on the plain weight" below),
-// so a weight "packed" for it is only its row sums and the tag.
+// panels (the amx kernel reads w itself: "kernels on the plain weight" below), so a weight
+// "packed" for it is only the tag.
 enum class PackLayout : int32_t { kInt16Pairs = 16, kU8Quads = 8, kAmxQuads = 64, kRows = 128 };
 constexpr PackLayout kPackLayouts[] = {PackLayout::kInt16Pairs, PackLayout::kU8Quads,
                                        PackLayout::kAmxQuads, PackLayout::kRows};
@@ -411,8 +411,11 @@ struct PackedB {
   }
 };
 
+// The panels' int32 row sums (the uint8 steps' offsets, a zero point's term).
+int64_t rowsum_bytes(int64_t N, PackLayout l) { return has_panels(l) ? 4 * padded_n(N, l) : 0; }
+
 int64_t packed_bytes(int64_t N, int64_t K, PackLayout l) {
-  return panel_bytes(N, K, l) + 4 * padded_n(N, l) + kPackTagBytes;
+  return panel_bytes(N, K, l) + rowsum_bytes(N, l) + kPackTagBytes;
 }
 
 // Packs b [N, K] (row stride ldb) into panels of the given layout (on x86 an SSE2 transpose
@@ -427,13 +430,7 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
   int32_t* rowsum = reinterpret_cast<int32_t*>(out + panel_bytes(N, K, layout));
   const int g = layout == PackLayout::kInt16Pairs ? 2 : 4;  // k per word
   const int64_t cols = p.cols(), pitch = p.word_bytes();
-  if (!has_panels(layout))
-    at::parallel_for(0, N, std::max<int64_t>(1, 262144 / std::max<int64_t>(K, 1)),
-                     [&](int64_t n0, int64_t n1) {
-                       for (int64_t n = n0; n < n1; ++n)
-                         rowsum[n] = static_cast<int32_t>(row_sum(b + n * ldb, 0, K));
-                     });
-  else at::parallel_for(0, p.Np / 8, 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, has_panels(layout) ? p.Np / 8 : 0, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t pi = p0; pi < p1; ++pi) {  // 8 rows of b at a time
       const int64_t n0 = pi * 8;
       int8_t* o = out + (n0 / cols) * p.Kp * cols + (n0 % cols) * g;  // word 0 of row n0
@@ -500,7 +497,7 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
   });
   const int32_t tag[8] = {kPackMagic, static_cast<int32_t>(layout), static_cast<int32_t>(N),
                           static_cast<int32_t>(K), weight_fingerprint(b, ldb, 1, N, K), 0, 0, 0};
-  std::memcpy(out + panel_bytes(N, K, layout) + 4 * p.Np, tag, sizeof(tag));
+  std::memcpy(out + panel_bytes(N, K, layout) + rowsum_bytes(N, layout), tag, sizeof(tag));
   return p;
 }
 
@@ -878,6 +875,10 @@ MicroPackedFn<Step> micro_for(int64_t rows) {
 // ct[(m - m0) * ldt + (n - n0)]. From a uint8 (VNNI) step it still holds 128 * rowsum(B).
 using PackedEpilogue =
     std::function<void(int64_t m0, int64_t m1, int64_t n0, int64_t n1, const int32_t* ct, int64_t ldt)>;
+// The kernels on the plain weight also hand over the sums of w's rows n0 .. n1 - 1 when asked
+// (a zero point's term), else nullptr.
+using RowsEpilogue = std::function<void(int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                                        const int32_t* ct, int64_t ldt, const int32_t* rowsum)>;
 
 // C = A B^T with A in panels (pack_a, quantize_rows_panels; K padded to pb.Kp) and B packed
 // (pack_b) in a layout of Step's A type; each thread tile accumulates in a private int32
@@ -1051,8 +1052,10 @@ at::Tensor pack_a_amx(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_
 }
 
 // ---------------------------------------------------------------- kernels on the plain weight
-// Under the amx kernel a weight is used as it lies (kRows: int8_pack_weight keeps only its
-// row sums), so Int8Linear holds 1 byte a weight. The kernels read w [N, K] (row stride ldw):
+// Under the amx kernel a weight is used as it lies (kRows: int8_pack_weight keeps only a tag),
+// so Int8Linear holds 1 byte a weight. The kernels read w [N, K] (row stride ldw), nothing
+// packed, so a weight changed where Python cannot repack still runs exactly; with a zero point
+// they hand the epilogue the row sums they take on the way:
 //   M > kRowsDotMaxM: C^T = W X^T on the tiles (gemm_amx_rows): 32 rows of w are two A tiles
 //     as they lie (tileloadd takes the row stride), x's codes are packed per call into B tiles
 //     (pack_b's kAmxQuads layout, x as the "B" of M rows), and each finished thread tile is
@@ -1092,8 +1095,11 @@ QLIB_AVX512_FN inline void transpose16(const int32_t* src, int64_t lds, int32_t*
 // row (B is zero there); reads past w's end are avoided by taking the rows from Nb on (the
 // last 32; all of them when K < 64, where a read may pass several rows) from a zero-padded copy.
 void gemm_amx_rows(const int8_t* w, int64_t ldw, int64_t N, int64_t K, const PackedB& xb,
-                   const PackedEpilogue& epilogue) {
+                   bool sums, const RowsEpilogue& epilogue) {
   const int64_t M = xb.N, Kp = xb.Kp, Np = amx_rows(N);
+  // sums: a B tile of ones in its first column (k < K) gives each 32 rows' sums.
+  std::vector<int8_t> ones(sums ? Kp * 16 : 0, 0);
+  for (int64_t k = 0; k < K && sums; ++k) ones[(k / 4) * 64 + k % 4] = 1;
   const int64_t Nb = K < 64 ? 0 : (N - 1) / 32 * 32;
   std::vector<int8_t> copy((Np - Nb) * Kp, 0);
   for (int64_t n = Nb; n < N; ++n) std::memcpy(copy.data() + (n - Nb) * Kp, w + n * ldw, K);
@@ -1105,7 +1111,8 @@ void gemm_amx_rows(const int8_t* w, int64_t ldw, int64_t N, int64_t K, const Pac
   at::parallel_for(0, tiles, 1, [&](int64_t, int64_t) {
     // [rows of w][rows of x], then transposed; kept per thread (fresh 128 KB buffers cost page
     // faults every call).
-    thread_local std::vector<int32_t> ct(kAMc * kANc), ctt(kANc * kAMc);
+    thread_local std::vector<int32_t> ct(kAMc * kANc), ctt(kANc * kAMc), rs(kAMc * 16);
+    int32_t rowsum[kAMc];
     amx_configure();
     for (int64_t t = next++; t < tiles; t = next++) {
       const int64_t r0 = (t % rt) * kAMc, r1 = std::min(N, r0 + kAMc);
@@ -1124,12 +1131,14 @@ void gemm_amx_rows(const int8_t* w, int64_t ldw, int64_t N, int64_t K, const Pac
             if (mpad - m >= 32) micro_amx<2>(a + k0, lda, b0, b0 + Kp * 16, kc, c, kANc, k0 > 0);
             else micro_amx<1>(a + k0, lda, b0, nullptr, kc, c, kANc, k0 > 0);
           }
+          if (sums) micro_amx<1>(a + k0, lda, ones.data() + k0 * 16, nullptr, kc, rs.data() + r * 16, 16, k0 > 0);
           for (int64_t i = r; i < r + 32 && k0 + kc == Kp; i += 16)  // done: transposed (hot)
             for (int64_t m = 0; m < mpad; m += 16)
               transpose16(ct.data() + i * kANc + m, kANc, ctt.data() + m * kAMc + i, kAMc);
         }
       }
-      epilogue(m0, m1, r0, r1, ctt.data(), kAMc);
+      for (int64_t i = 0; i < r1 - r0 && sums; ++i) rowsum[i] = rs[i * 16];
+      epilogue(m0, m1, r0, r1, ctt.data(), kAMc, sums ? rowsum : nullptr);
     }
     amx_release();
   });
@@ -1149,17 +1158,18 @@ QLIB_AVX512_FN __attribute__((always_inline)) inline __m128i sum4(__m512i v0, __
 // c[r * ldc + i] = sum_k x_r[k] * w_i[k] for R <= 4 rows of x's codes (row stride ldx) and the
 // first nw <= 4 rows of w (row stride ldw) on vpdpbusd (unsigned by signed bytes): w ^ 0x80
 // (w + 128) is the unsigned operand, so the sums are taken less 128 * xsum[r] (x's row sums).
-// Masked loads take the K tail. (Named accumulators, not an array: GCC kept an array's in
-// memory.)
-template <int R>
+// Masked loads take the K tail. Sums: also the sums of the nw rows of w into rs (a fifth row
+// of x, of ones). (Named accumulators, not an array: GCC kept an array's in memory.)
+template <int R, bool Sums>
 QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int64_t ldx,
                                                           const int32_t* xsum, const int8_t* w,
                                                           int64_t ldw, int64_t nw, int64_t K,
-                                                          int32_t* c, int64_t ldc) {
+                                                          int32_t* c, int64_t ldc, int32_t* rs) {
   static_assert(R >= 1 && R <= 4, "dot_rows_zmm is written out for 4 rows of x");
-  const __m512i z = _mm512_setzero_si512(), flip = _mm512_set1_epi8(-128);
+  const __m512i z = _mm512_setzero_si512(), flip = _mm512_set1_epi8(-128), one = _mm512_set1_epi8(1);
   __m512i a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;
   __m512i a20 = z, a21 = z, a22 = z, a23 = z, a30 = z, a31 = z, a32 = z, a33 = z;
+  __m512i s0 = z, s1 = z, s2 = z, s3 = z;
   const int8_t* w0 = w;  // rows past nw repeat the last (computed, not stored)
   const int8_t* w1 = w + std::min<int64_t>(1, nw - 1) * ldw;
   const int8_t* w2 = w + std::min<int64_t>(2, nw - 1) * ldw;
@@ -1180,6 +1190,11 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
     v0 = _mm512_xor_si512(v0, flip), v1 = _mm512_xor_si512(v1, flip);                \
     v2 = _mm512_xor_si512(v2, flip), v3 = _mm512_xor_si512(v3, flip);                \
     QLIB_ROW(0) QLIB_ROW(1) QLIB_ROW(2) QLIB_ROW(3)                                  \
+    if constexpr (Sums) {                                                            \
+      const __m512i ones = _mm512_maskz_mov_epi8(mask, one);                          \
+      s0 = _mm512_dpbusd_epi32(s0, v0, ones), s1 = _mm512_dpbusd_epi32(s1, v1, ones);  \
+      s2 = _mm512_dpbusd_epi32(s2, v2, ones), s3 = _mm512_dpbusd_epi32(s3, v3, ones);  \
+    }                                                                                \
   }
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mask = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
@@ -1198,6 +1213,11 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
   }
   QLIB_SAVE(0) QLIB_SAVE(1) QLIB_SAVE(2) QLIB_SAVE(3)
 #undef QLIB_SAVE
+  alignas(64) int32_t sacc[4][16];
+  if constexpr (Sums) {
+    _mm512_store_si512(sacc[0], s0), _mm512_store_si512(sacc[1], s1);
+    _mm512_store_si512(sacc[2], s2), _mm512_store_si512(sacc[3], s3);
+  }
   for (int r = 0; r < R; ++r) {  // less 128 * xsum (mod 2^32, like every sum here)
     __m128i sums = sum4(_mm512_load_si512(acc[r][0]), _mm512_load_si512(acc[r][1]),
                         _mm512_load_si512(acc[r][2]), _mm512_load_si512(acc[r][3]));
@@ -1205,6 +1225,15 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
     alignas(16) int32_t out[4];
     _mm_store_si128(reinterpret_cast<__m128i*>(out), sums);
     for (int64_t i = 0; i < nw; ++i) c[r * ldc + i] = out[i];
+  }
+  if constexpr (Sums) {  // sum(w + 128) - 128 K
+    const __m128i sums = _mm_sub_epi32(
+        sum4(_mm512_load_si512(sacc[0]), _mm512_load_si512(sacc[1]), _mm512_load_si512(sacc[2]),
+             _mm512_load_si512(sacc[3])),
+        _mm_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(K) * 128u)));
+    alignas(16) int32_t out[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(out), sums);
+    for (int64_t i = 0; i < nw; ++i) rs[i] = out[i];
   }
 }
 
@@ -1217,18 +1246,21 @@ constexpr int64_t kRowsDotMaxM = 4;
 // [N, K] (row stride ldw), handed to the epilogue in blocks of kDotBlock rows of w.
 constexpr int64_t kDotBlock = 64;
 void gemm_rows_dot(const int8_t* x, int64_t M, const int32_t* xsum, const int8_t* w, int64_t ldw,
-                   int64_t N, int64_t K, const PackedEpilogue& epilogue) {
+                   int64_t N, int64_t K, bool sums, const RowsEpilogue& epilogue) {
   TORCH_INTERNAL_ASSERT(M <= kRowsDotMaxM, "int8 gemm_rows_dot: for few rows of x");
   using Dot = void (*)(const int8_t*, int64_t, const int32_t*, const int8_t*, int64_t, int64_t,
-                       int64_t, int32_t*, int64_t);
-  static constexpr Dot kDot[4] = {dot_rows_zmm<1>, dot_rows_zmm<2>, dot_rows_zmm<3>, dot_rows_zmm<4>};
+                       int64_t, int32_t*, int64_t, int32_t*);
+  static constexpr Dot kDot[2][4] = {
+      {dot_rows_zmm<1, false>, dot_rows_zmm<2, false>, dot_rows_zmm<3, false>, dot_rows_zmm<4, false>},
+      {dot_rows_zmm<1, true>, dot_rows_zmm<2, true>, dot_rows_zmm<3, true>, dot_rows_zmm<4, true>}};
   at::parallel_for(0, (N + kDotBlock - 1) / kDotBlock, 1, [&](int64_t b0, int64_t b1) {
-    int32_t c[kRowsDotMaxM * kDotBlock];
+    int32_t c[kRowsDotMaxM * kDotBlock], rowsum[kDotBlock];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kDotBlock, n1 = std::min(N, n0 + kDotBlock);
       for (int64_t n = n0; n < n1; n += 4)
-        kDot[M - 1](x, K, xsum, w + n * ldw, ldw, std::min<int64_t>(4, n1 - n), K, c + n - n0, kDotBlock);
-      epilogue(0, M, n0, n1, c, kDotBlock);
+        kDot[sums][M - 1](x, K, xsum, w + n * ldw, ldw, std::min<int64_t>(4, n1 - n), K,
+                          c + n - n0, kDotBlock, rowsum + n - n0);
+      epilogue(0, M, n0, n1, c, kDotBlock, sums ? rowsum : nullptr);
     }
   });
 }
@@ -1643,8 +1675,8 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
                 act_quant_max, "]");
     codes.zero_point = static_cast<float>(z);
   }
-  // amx runs the kernels on the plain weight at every M, packed as kRows (row sums only) or
-  // not; a kRows weight runs unpacked under the other kernels (and warns).
+  // amx runs the kernels on the plain weight at every M, packed as kRows (a tag only) or not;
+  // a kRows weight runs unpacked under the other kernels (and warns).
   const Int8Kernel kernel_now = current_int8_kernel();
   const bool plain_kernel = !has_panels(weight_layout(kernel_now));
   if (packed != nullptr && !has_panels(packed->layout) && !plain_kernel) {
@@ -1668,7 +1700,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   // K <= kInt8GemmMaxK, their difference (|q - z| <= 255) not always: it is taken in
   // double (exact; int32 -> double vectorizes on AVX2, int64 -> float does not).
   std::vector<int32_t> zw(N, 0);
-  if (z != 0) {
+  if (z != 0 && !rows_path) {  // (the kernels on the plain weight hand over the row sums)
     if (packed != nullptr) {
       for (int64_t n = 0; n < N; ++n) zw[n] = static_cast<int32_t>(z * packed->rowsum()[n]);
     } else {
@@ -1697,32 +1729,40 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "int8_linear_cpu", [&] {
     scalar_t* op_ = out.data_ptr<scalar_t>();
     // Dequantizes int32 row segment cr[0, n1 - n0) of row m (columns [n0, n1)) into out.
-    const auto dequant_row = [&](int64_t m, int64_t n0, int64_t n1, const int32_t* cr) {
+    // (zwp: the zero-point terms of columns n0 .., or nullptr.)
+    const auto dequant_row = [&](int64_t m, int64_t n0, int64_t n1, const int32_t* cr, const int32_t* zwp) {
       float row[std::max({kNc, kPNc, kANc})];
       float* dst = row;
       if constexpr (std::is_same_v<scalar_t, float>) dst = reinterpret_cast<float*>(op_ + m * N + n0);
-      dequant_values(cr, off.data() + n0, z != 0 ? zw.data() + n0 : nullptr, sap[m], swp + n0,
-                     bp != nullptr ? bp + n0 : nullptr, dst, n1 - n0);
+      dequant_values(cr, off.data() + n0, zwp, sap[m], swp + n0, bp != nullptr ? bp + n0 : nullptr,
+                     dst, n1 - n0);
       if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(row, op_ + m * N + n0, n1 - n0);
     };
 #if QLIB_INT8_X86
     const PackedEpilogue dequant = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                                        const int32_t* ct, int64_t ldt) {
-      for (int64_t m = m0; m < m1; ++m) dequant_row(m, n0, n1, ct + (m - m0) * ldt);
+      for (int64_t m = m0; m < m1; ++m)
+        dequant_row(m, n0, n1, ct + (m - m0) * ldt, z != 0 ? zw.data() + n0 : nullptr);
     };
-    if (rows_path) {
+    if (rows_path) {  // (nothing stored is used: a weight changed behind a graph runs exactly)
+      const RowsEpilogue dequant_rows = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                                            const int32_t* ct, int64_t ldt, const int32_t* rowsum) {
+        int32_t zwt[std::max(kAMc, kDotBlock)];  // z * the row sums (|z| <= 128: fits int32)
+        for (int64_t n = n0; n < n1 && rowsum != nullptr; ++n)
+          zwt[n - n0] = static_cast<int32_t>(z * rowsum[n - n0]);
+        for (int64_t m = m0; m < m1; ++m)
+          dequant_row(m, n0, n1, ct + (m - m0) * ldt, rowsum != nullptr ? zwt : nullptr);
+      };
       const int8_t* wp = w.const_data_ptr<int8_t>();
       int8_t* qp = q.data_ptr<int8_t>();
       if (M > kRowsDotMaxM) {
         const PackedB xb = pack_b(qp, K, M, K, PackLayout::kAmxQuads, x.options());
-        gemm_amx_rows(wp, w.stride(0), N, K, xb, dequant);
+        gemm_amx_rows(wp, w.stride(0), N, K, xb, z != 0, dequant_rows);
         return;
       }
-      // (w ^ 0x80 against x's codes: no stored row sums of w, which a weight changed where
-      // Python cannot repack would leave stale.)
       int32_t xsum[kRowsDotMaxM];
       for (int64_t m = 0; m < M; ++m) xsum[m] = static_cast<int32_t>(row_sum(qp + m * K, 0, K));
-      gemm_rows_dot(qp, M, xsum, wp, w.stride(0), N, K, dequant);
+      gemm_rows_dot(qp, M, xsum, wp, w.stride(0), N, K, z != 0, dequant_rows);
       return;
     }
     if (packed_path) {
@@ -1745,7 +1785,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
     at::Tensor c = at::empty({M, N}, x.options().dtype(at::kInt));
     const int32_t* cp = c.const_data_ptr<int32_t>();
     const TileEpilogue epilogue = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-      for (int64_t m = m0; m < m1; ++m) dequant_row(m, n0, n1, cp + m * N + n0);
+      for (int64_t m = m0; m < m1; ++m) dequant_row(m, n0, n1, cp + m * N + n0, z != 0 ? zw.data() + n0 : nullptr);
     };
     gemm(q.const_data_ptr<int8_t>(), K, w.const_data_ptr<int8_t>(), w.stride(0),
          {c.data_ptr<int32_t>(), N, 1}, M, N, K, cpu_has_avx2(), epilogue);

@@ -212,15 +212,15 @@ def test_no_read_past_the_weight_every_kernel():
 
 @pytest.mark.skipif("amx" not in KERNELS, reason="needs AMX-INT8")
 def test_amx_int8linear_holds_one_byte_a_weight():
-    """Under amx the kernels read the weight in place: int8_pack_weight keeps only its row
-    sums and the tag, so on the CPU an Int8Linear's weight takes 4x less than float32's."""
+    """Under amx the kernels read the weight in place: int8_pack_weight keeps only a tag, so on
+    the CPU an Int8Linear's weight takes 4x less than float32's."""
     qlib.set_int8_cpu_kernel("amx")
     try:
         lin = torch.nn.Linear(300, 200)
         m = Int8Linear.from_float(lin)
         x = torch.randn(6, 300)
         y = m(x)
-        assert m.weight_packed.numel() == 4 * 200 + 32  # int32 row sums, the 32-byte tag
+        assert m.weight_packed.numel() == 32  # the tag (layout, shape, fingerprint) only
         assert (m.weight.nbytes + m.weight_packed.nbytes) * 3.9 < lin.weight.nbytes  # plus scales
         q, s = ops.quantize_per_token(x)
         ref = (q.double() @ m.weight.double().T) * s.double() * m.weight_scale.double() + lin.bias.double()
@@ -230,19 +230,22 @@ def test_amx_int8linear_holds_one_byte_a_weight():
 
 
 @pytest.mark.skipif("amx" not in KERNELS, reason="needs AMX-INT8")
-def test_amx_dynamic_reads_the_weight_not_its_packing():
-    """Under amx dynamic activations use nothing that was packed: a weight changed where the
-    fingerprint does not look (Python could not repack: an exported or compiled graph after a
-    load) still runs exactly at every M (the small-M kernel took the stale row sums)."""
+def test_amx_reads_the_weight_not_its_packing():
+    """Under amx nothing packed is used: a weight changed where the fingerprint does not look
+    (Python could not repack: an exported or compiled graph after a load) still runs exactly at
+    every M, dynamic and static with a zero point (stale row sums were used)."""
     qlib.set_int8_cpu_kernel("amx")
     try:
         w = torch.randint(-128, 128, (80, 64), dtype=torch.int8)
         s = torch.rand(80) + 0.1
         packed = ops.int8_pack_weight(w)
         w[1, 1] += 1  # off the fingerprint's 16 x 16 grid
-        for M in (1, 3, 4, 5, 8, 40):
+        static = (torch.tensor(0.05), torch.tensor(-60, dtype=torch.int32), -128, 127)
+        for M in (1, 3, 4, 5, 8, 40, 300):
             x = torch.randn(M, 64)
-            assert torch.equal(ops.int8_linear_packed(x, packed, w, s, None), ops.int8_linear(x, w, s, None)), M
+            for extra in ((), static):
+                assert torch.equal(ops.int8_linear_packed(x, packed, w, s, None, *extra),
+                                   ops.int8_linear(x, w, s, None, *extra)), M
     finally:
         qlib.set_int8_cpu_kernel("auto")
 
@@ -253,7 +256,7 @@ def test_packed_copy_env_var_gives_amx_its_panels():
             "x, s = torch.randn(9, 300), torch.rand(40); p = torch.ops.qlib.int8_pack_weight(w); "
             "y = torch.ops.qlib.int8_linear_packed(x, p, w, s, None); "
             "print(p.numel(), bool(torch.equal(y, torch.ops.qlib.int8_linear(x, w, s, None))))")
-    for env, size in (("1", 64 * 320 + 4 * 64 + 32), ("0", 4 * 40 + 32)):  # AMX panels: N to 32, K to 64
+    for env, size in (("1", 64 * 320 + 4 * 64 + 32), ("0", 32)):  # AMX panels: N to 32, K to 64
         e = dict(os.environ, QLIB_INT8_PACKED_COPY=env, QLIB_INT8_CPU_KERNEL="amx")
         out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and out.stdout.split() == [str(size), "True"], out.stderr
