@@ -47,6 +47,7 @@
 #include "cpu_output.h"
 #include "int8.h"
 #include "quant_math.h"
+#include "warnings.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -1296,7 +1297,7 @@ PackLayout weight_layout(Int8Kernel kernel) {
 Int8Kernel kernel_for_layout(PackLayout layout) {
   const Int8Kernel current = current_int8_kernel();
   if (kernel_layout(current) == layout || weight_layout(current) == layout) return current;
-  TORCH_WARN_ONCE("qlib int8: a weight was packed for another int8 CPU kernel than this "
+  QLIB_WARN("qlib int8: a weight was packed for another int8 CPU kernel than this "
                   "process's '", int8_cpu_kernel(), "'; it runs exactly but not at full "
                   "speed. Re-pack it (int8_pack_weight, Int8Linear.repack()).");
   if (!has_panels(layout)) return current;
@@ -1834,7 +1835,7 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
     if (w.scalar_type() == at::kChar &&
         pb.fingerprint != weight_fingerprint(w.const_data_ptr<int8_t>(), w.stride(0), w.stride(1),
                                              w.size(0), w.size(1))) {
-      TORCH_WARN_ONCE(op, ": w_int8 holds other values than the weight w_packed was packed from "
+      QLIB_WARN(op, ": w_int8 holds other values than the weight w_packed was packed from "
                       "(a weight loaded into a compiled or exported graph?); running the unpacked "
                       "kernel. Call Int8Linear.repack() in eager mode, or compile / export after loading");
       ppb = nullptr;

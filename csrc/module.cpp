@@ -7,8 +7,19 @@
 #include "fourbit.h"
 #include "int8.h"
 #include "observer.h"
+#include "warnings.h"
 
 namespace {
+
+// qlib::warn in Python: warnings.warn(message) at the caller of the op; where a filter makes it
+// an error, the op raises it.
+void python_warn(const std::string& message) {
+  if (!Py_IsInitialized()) return;
+  pybind11::gil_scoped_acquire gil;
+  if (PyErr_WarnEx(PyExc_UserWarning, message.c_str(), 2) == 0) return;  // (the caller of torch.ops)
+  PyErr_Clear();
+  TORCH_CHECK(false, message, " (a UserWarning that a warnings filter turned into an error)");
+}
 
 #ifndef QLIB_CPU_ISA
 #define QLIB_CPU_ISA "unknown"
@@ -53,6 +64,7 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  qlib::set_warn_handler(&python_warn);
   m.def("build_info", &build_info, "What this qlib._C was compiled with.");
   m.def("set_cuda_value_checks", &qlib::set_cuda_value_checks,
         "Turn the host-syncing value checks of scale/zero_point on CUDA on or off.");

@@ -116,6 +116,35 @@ def test_packed_weight_from_another_kernel_runs_exactly():
         qlib.set_int8_cpu_kernel("auto")
 
 
+def test_kernel_warnings_go_through_python_warnings():
+    """The kernels' warnings are Python UserWarnings at the caller's line (filters, pytest.warns
+    and -W error see them; a TORCH_WARN inside a torch.ops call went to stderr only); a filter
+    that makes one an error makes the op raise it."""
+    import warnings
+
+    w = torch.randint(-128, 128, (20, 70), dtype=torch.int8)
+    x, s = torch.randn(3, 70), torch.rand(20) + 0.5
+    other = "vnni-emulated" if current() == "avx2" else "avx2"
+    try:
+        qlib.set_int8_cpu_kernel(other)
+        packed = ops.int8_pack_weight(w)
+        qlib.set_int8_cpu_kernel("auto")
+        with pytest.warns(UserWarning, match="packed for another int8 CPU kernel") as rec:
+            ops.int8_linear_packed(x, packed, w, s, None)
+        assert rec[0].filename == __file__
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(RuntimeError, match="packed for another int8 CPU kernel.*turned into an error"):
+                ops.int8_linear_packed(x, packed, w, s, None)
+        w2 = w.clone()
+        w2[::2] = -w2[::2]  # other values on the fingerprint's grid
+        with pytest.warns(UserWarning, match="w_int8 holds other values than the weight w_packed was packed from"):
+            y = ops.int8_linear_packed(x, ops.int8_pack_weight(w), w2, s, None)
+        assert torch.equal(y, ops.int8_linear(x, w2, s, None))
+    finally:
+        qlib.set_int8_cpu_kernel("auto")
+
+
 def test_packed_weight_is_checked():
     w = torch.randint(-127, 128, (20, 70), dtype=torch.int8)
     x, s = torch.randn(3, 70), torch.ones(20)
