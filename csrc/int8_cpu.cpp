@@ -420,7 +420,8 @@ int64_t packed_bytes(int64_t N, int64_t K, PackLayout l) {
 }
 
 // Packs b [N, K] (row stride ldb) into panels of the given layout (on x86 an SSE2 transpose
-// of 16- or 32-bit units per 8 rows x 16 k) and appends row sums and the tag.
+// of 16- or 32-bit units per 8 rows x 16 k) and appends row sums and the tag (kRows: the tag
+// alone).
 PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout layout,
                const at::TensorOptions& opt) {
   PackedB p;
@@ -1681,7 +1682,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   const Int8Kernel kernel_now = current_int8_kernel();
   const bool plain_kernel = !has_panels(weight_layout(kernel_now));
   if (packed != nullptr && !has_panels(packed->layout) && !plain_kernel) {
-    kernel_for_layout(packed->layout);
+    kernel_for_layout(packed->layout);  // (for its warning)
     packed = nullptr;
   }
   const bool rows_path = QLIB_INT8_X86 && K > 0 && plain_kernel &&

@@ -60,7 +60,7 @@ def _(w_int8):
     torch._check(w_int8.dim() == 2, lambda: "qlib::int8_pack_weight: w_int8 must be 2-D [N, K]")
     if w_int8.device.type != "cpu":
         return w_int8.new_empty((0,))
-    # The size depends on the int8 CPU kernel of the process that runs it (amx: row sums only;
+    # The size depends on the int8 CPU kernel of the process that runs it (amx: a tag only;
     # the others: panels), which no compile cache key holds: a data-dependent size.
     ctx = torch.library.get_ctx()
     return w_int8.new_empty((ctx.new_dynamic_size(min=32),))

@@ -91,7 +91,7 @@ class Int8Linear(QuantState):
         else:
             self.act_scale = None
         # CPU: the weight pre-packed for the int8 kernel (not in the state_dict; rebuilt by
-        # repack() whenever `weight` changes; under amx only its row sums). Empty until packed.
+        # repack() whenever `weight` changes; under amx only a tag). Empty until packed.
         self.register_buffer("weight_packed", torch.empty(0, dtype=torch.int8, device=device), persistent=False)
         # (weight's key when packed, weakrefs to it (a new one may reuse its memory) and to the packed
         # tensor): one tuple, replaced at once, so a thread never pairs one pack with another's key.
