@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # For a lent GPU (the device tool), never CI: builds qlib against that machine's own
-# torch, then runs the stages named in $1 (default: all), each log under $OUT.
-#   build     pip install -e . (or reuse .gpubuild/ when it matches these sources)
-#   test      the whole pytest suite, CUDA included
+# torch, then runs the stages named in $1 in that order (default: build,test,sanitize,bench),
+# each log under $OUT.
+#   build     pip install -e . (always; or reuse .gpubuild/ when it matches these sources: a
+#             carried one, or the one a warm machine's earlier call left)
+#   test      sm90 (the fused Hopper GEMM's tests, in a process of their own), then suite (the
+#             whole pytest suite but those, CUDA included; TEST_K=cuda: the CUDA variants only)
+#   suite90   test_int8 / test_model_cast's CUDA tests with QLIB_INT8_CUDA_GEMM=cutlass-sm90
 #   sanitize  the CUDA tests under compute-sanitizer memcheck and racecheck
 #   probe     scripts/gpu_probe.py diagnostics, and a native backtrace of an error path
 #   benchfq   bench_fake_quant alone; benchobs: bench_observers alone; benchint8: the int8 GPU table
@@ -11,13 +15,13 @@
 #   fqpacks   bench_fake_quant --packs-only: the fake_quant kernels at 1, 2 and 4 packs per thread
 #   ncufq     Nsight Compute on the fake_quant forward kernel, per-tensor vs per-channel, float32 vs
 #             bfloat16 (issue 2's missed bf16 per-channel / per-group targets): throughput, stalls
-#   bench     the GPU ceilings and every benchmark's GPU section
+#   ceilings  benchmarks/gpu_ceilings.py (copy bandwidth, bf16 and int8 GEMM rates)
+#   bench     ceilings and every benchmark's GPU section
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD/python
 STAGES=${1:-build,test,sanitize,bench}
 PY=python3
-has() { [[ ",$STAGES," == *",$1,"* ]]; }
 # The device call's own limit (run's timeout_s, ~590 s) kills everything at once; the stages'
 # limits add up to far more. Each stage's limit is cut to what is left of BUDGET_S, and a stage
 # with under 15 s left is skipped, so the script ends by itself and prints every summary line.
@@ -65,35 +69,39 @@ else
   # gzipped); with it the CUDA build's .gz passes the 16 MiB a file that comes back from $OUT.
   so=$(cd python/qlib && ls _C*.so) && strip --strip-debug -o /tmp/_C_nodebug.so "python/qlib/$so" \
     && gzip -c /tmp/_C_nodebug.so >"$OUT/_C.so.gz" && echo "$so" >"$OUT/so_name" \
-    && cp python/qlib/_build_config.py "$OUT"/ && echo "$SRC_HASH" >"$OUT/hash" && ls -l "$OUT/_C.so.gz"
+    && cp python/qlib/_build_config.py "$OUT"/ && echo "$SRC_HASH" >"$OUT/hash" && ls -l "$OUT/_C.so.gz" \
+    && mkdir -p .gpubuild && cp "$OUT"/{_C.so.gz,so_name,_build_config.py,hash} .gpubuild/  # a warm machine's next call
 fi
 $PY -c "import qlib, torch; print(torch.__version__, qlib.build_info(), 'CUDA GEMMs built:', qlib.int8_cuda_gemms())" || exit 1
 
-if has probe; then
-  TAIL=400 stage probe 200 $PY scripts/gpu_probe.py
-  cat >/tmp/err.py <<'PYEOF'
+# Stages run in the order $1 names them ("bench": every benchmark's GPU section).
+for s in $(echo ",$STAGES," | sed 's/,bench,/,ceilings,benchfq,benchobs,benchint8,bench4,/; s/,test,/,sm90,suite,/; s/,/ /g'); do
+  case $s in
+  build) ;;
+  probe)
+    TAIL=400 stage probe 200 $PY scripts/gpu_probe.py
+    cat >/tmp/err.py <<'PYEOF'
 import torch, qlib
 torch.ops.qlib.block_minmax(torch.randn(3))
 PYEOF
-  TAIL=60 stage probe 120 cuda-gdb -batch -ex run -ex bt --args $PY /tmp/err.py
-fi
-if has test; then
-  # The fused sm90 GEMM's tests first, in a process of their own (their names hold no "cuda"):
-  # a fault in a kernel never run before must not take the rest of the suite down with it.
-  TAIL=25 stage test 240 $PY -m pytest tests/test_int8.py -q -p no:cacheprovider -rfEs -k sm90
+    TAIL=60 stage probe 120 cuda-gdb -batch -ex run -ex bt --args $PY /tmp/err.py ;;
+  # test = sm90 then suite. The fused sm90 GEMM's tests run in a process of their own (their
+  # names hold no "cuda"): a fault in a kernel never run before must not take the suite down.
+  sm90) TAIL=25 stage test 240 $PY -m pytest tests/test_int8.py -q -p no:cacheprovider -rfEs -k sm90 ;;
   # TEST_K="cuda" runs only the CUDA variants (a short lease).
-  TAIL=25 stage test 420 $PY -m pytest tests -q -p no:cacheprovider -n 8 -rfEs -k "${TEST_K:+($TEST_K) and }not sm90"
-fi
-if has sanitize; then
-  SEL="cuda and not compile and not opcheck and not export and not ddp and not error and not bad and not boundary and not packed_matches"
-  for tool in ${SAN_TOOLS:-memcheck racecheck}; do
-    stage "sanitize" 200 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
-      $PY -m pytest tests/test_fake_quant.py tests/test_affine_ops.py tests/test_observers.py tests/test_int8.py \
-      -q -p no:cacheprovider -x -k "$SEL"
-  done
-fi
-if has ncufq; then
-  cat >/tmp/fq.py <<'PYEOF'
+  suite) TAIL=25 stage test 420 $PY -m pytest tests -q -p no:cacheprovider -n 8 -rfEs -k "${TEST_K:+($TEST_K) and }not sm90" ;;
+  # The int8 Linear CUDA tests again with the fused sm90 GEMM chosen wherever it fits.
+  suite90) QLIB_INT8_CUDA_GEMM=cutlass-sm90 TAIL=25 stage test 240 $PY -m pytest tests/test_int8.py tests/test_model_cast.py \
+      -q -p no:cacheprovider -n 8 -rfEs -k "cuda and not sm90" ;;
+  sanitize)
+    SEL="cuda and not compile and not opcheck and not export and not ddp and not error and not bad and not boundary and not packed_matches"
+    for tool in ${SAN_TOOLS:-memcheck racecheck}; do
+      stage "sanitize" 200 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+        $PY -m pytest tests/test_fake_quant.py tests/test_affine_ops.py tests/test_observers.py tests/test_int8.py \
+        -q -p no:cacheprovider -x -k "$SEL"
+    done ;;
+  ncufq)
+    cat >/tmp/fq.py <<'PYEOF'
 import torch, qlib
 x32 = torch.randn(4096, 4096, device="cuda")
 for x in (x32, x32.bfloat16()):
@@ -103,30 +111,16 @@ for x in (x32, x32.bfloat16()):
             torch.ops.qlib.fake_quant(x, s, z, -128, 127)
 torch.cuda.synchronize()
 PYEOF
-  # Launches 3-12 (past the first two, which warm up); clocks left alone (METHOD.md).
-  TAIL=200 stage ncufq 240 ncu --clock-control none -k regex:fake_quant_kernel --launch-skip 2 --launch-count 10 \
-    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
-    --section SchedulerStats $PY /tmp/fq.py
-fi
-if has benchfq; then
-  TAIL=18 stage bench 150 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 50
-fi
-if has fqpacks; then
-  TAIL=16 stage bench 90 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 30 --packs-only
-fi
-if has benchobs; then
-  TAIL=14 stage bench 120 $PY benchmarks/bench_observers.py --device cuda
-fi
-if has benchint8; then
-  TAIL=16 stage bench 180 $PY benchmarks/bench_int8_linear.py --no-cpu
-fi
-if has bench4; then
-  TAIL=24 stage bench 120 $PY benchmarks/bench_linear_4bit.py --no-cpu
-fi
-if has bench; then
-  TAIL=8 stage bench 120 $PY benchmarks/gpu_ceilings.py
-  TAIL=18 stage bench 150 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 50
-  TAIL=14 stage bench 120 $PY benchmarks/bench_observers.py --device cuda
-  TAIL=16 stage bench 180 $PY benchmarks/bench_int8_linear.py --no-cpu
-  TAIL=24 stage bench 120 $PY benchmarks/bench_linear_4bit.py --no-cpu
-fi
+    # Launches 3-12 (past the first two, which warm up); clocks left alone (METHOD.md).
+    TAIL=200 stage ncufq 240 ncu --clock-control none -k regex:fake_quant_kernel --launch-skip 2 --launch-count 10 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+      --section SchedulerStats $PY /tmp/fq.py ;;
+  ceilings) TAIL=8 stage bench 120 $PY benchmarks/gpu_ceilings.py ;;
+  benchfq) TAIL=18 stage bench 150 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 50 ;;
+  fqpacks) TAIL=16 stage bench 90 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 30 --packs-only ;;
+  benchobs) TAIL=14 stage bench 120 $PY benchmarks/bench_observers.py --device cuda ;;
+  benchint8) TAIL=30 stage bench 180 $PY benchmarks/bench_int8_linear.py --no-cpu --markdown "$OUT/int8.md" ;;
+  bench4) TAIL=24 stage bench 120 $PY benchmarks/bench_linear_4bit.py --no-cpu ;;
+  *) echo "== unknown stage: $s" ;;
+  esac
+done
