@@ -65,12 +65,13 @@ else
   TAIL=0 stage build 60 bash -c 'so=$(ls python/qlib/_C*.so); echo "== libstdc++ linked:"; ldd $so | grep stdc;
     cuobjdump --dump-resource-usage $so | grep -E "Function|REG" | c++filt | paste - - | sed -E "s/ +/ /g" | cut -c1-260;
     cuobjdump --dump-sass $so >/tmp/sass.txt; for i in LDG.E.128 STG.E.128 IMMA HMMA IGMMA DP4A IDP; do echo "$i: $(grep -c $i /tmp/sass.txt)"; done'
-  # Without its host debug info (python's CFLAGS carry -g: ~43 MB of a 45 MB CPU-only build, 15 MiB
-  # gzipped); with it the CUDA build's .gz passes the 16 MiB a file that comes back from $OUT.
-  so=$(cd python/qlib && ls _C*.so) && strip --strip-debug -o /tmp/_C_nodebug.so "python/qlib/$so" \
-    && gzip -c /tmp/_C_nodebug.so >"$OUT/_C.so.gz" && echo "$so" >"$OUT/so_name" \
-    && cp python/qlib/_build_config.py "$OUT"/ && echo "$SRC_HASH" >"$OUT/hash" && ls -l "$OUT/_C.so.gz" \
-    && mkdir -p .gpubuild && cp "$OUT"/{_C.so.gz,so_name,_build_config.py,hash} .gpubuild/  # a warm machine's next call
+  # Kept in .gpubuild/ (a warm machine's next call reuses it), and with BUILD_TO_OUT=1 sent back
+  # too, to carry to a fresh machine: without its host debug info (python's CFLAGS carry -g: ~43
+  # MB of a 45 MB CPU-only build), under the 16 MiB a file that comes back from $OUT.
+  so=$(cd python/qlib && ls _C*.so) && mkdir -p .gpubuild && strip --strip-debug -o /tmp/_C_nodebug.so "python/qlib/$so" \
+    && gzip -c /tmp/_C_nodebug.so >.gpubuild/_C.so.gz && echo "$so" >.gpubuild/so_name \
+    && cp python/qlib/_build_config.py .gpubuild/ && echo "$SRC_HASH" >.gpubuild/hash && ls -l .gpubuild/_C.so.gz \
+    && if [ "${BUILD_TO_OUT:-0}" = 1 ]; then cp .gpubuild/* "$OUT"/; fi
 fi
 $PY -c "import qlib, torch; print(torch.__version__, qlib.build_info(), 'CUDA GEMMs built:', qlib.int8_cuda_gemms())" || exit 1
 
