@@ -339,16 +339,19 @@ def test_lsq_gradients_of_nan_match_torch(device, per_channel):
     g = torch.randn(5, 67, device=device)
     grads = []
     for use_torch in (False, True):
-        xi, si, zi = (t.clone().requires_grad_() for t in (x, s, z))
+        # torch's reference on the CPU: its CUDA per-channel kernel maps -Inf to quant_max's value
+        # (torch 2.11, seen on an H200; its CPU kernel and its per-tensor one give quant_min's).
+        xi, si, zi = (t.to("cpu" if use_torch else device).clone().requires_grad_() for t in (x, s, z))
         if not use_torch:
             y = ops.lsq_fake_quant(xi, si.view(-1, 1) if per_channel else si, zi.view(-1, 1) if per_channel else zi, -8, 7, 0.5, 1e-6)
         elif per_channel:
             y = torch._fake_quantize_learnable_per_channel_affine(xi, si, zi, 0, -8, 7, 0.5)
         else:
             y = torch._fake_quantize_learnable_per_tensor_affine(xi, si, zi, -8, 7, 0.5)
-        y.backward(g)
-        grads.append((y, xi.grad, si.grad.flatten(), zi.grad.flatten()))
+        y.backward(g.to(y.device))
+        grads.append(tuple(t.cpu() for t in (y, xi.grad, si.grad.flatten(), zi.grad.flatten())))
     (y, gx, gs, gz), (y2, gx2, gs2, gz2) = grads
+    x = x.cpu()
     # The forward differs at NaN by design: qlib keeps NaN, torch gives quant_min's value.
     assert torch.equal(y.isnan(), x.isnan()) and torch.equal(y[~x.isnan()], y2[~x.isnan()])
     assert torch.equal(gx, gx2)

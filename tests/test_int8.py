@@ -191,7 +191,7 @@ def test_int8_linear_zero_point_exact(device, packed, lo, hi, M):
         args = (x, w, w_scale, bias, act_scale, z, lo, hi)
         y = ops.int8_linear_packed(x, ops.int8_pack_weight(w), *args[1:]) if packed else ops.int8_linear(*args)
         q = qlib.quantize(x, act_scale, z, lo, hi)
-        acc = (q.long() - zp) @ w.long().T  # exact
+        acc = ((q.long() - zp).cpu() @ w.long().T.cpu()).to(device)  # exact (CUDA has no int64 matmul)
         assert acc.abs().max() < 2**24  # so its float32 is exact too
         ref = acc.float() * (act_scale * w_scale) + bias
         torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
