@@ -85,17 +85,22 @@ def graph_time(fn, repeat, calls=10):
 
 
 def copy_bandwidth(numel, device, repeat):
-    x = torch.randn(numel, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    t = timeit(lambda: y.copy_(x), device, repeat)
-    if device == "cuda":
-        t = graph_time(lambda: y.copy_(x), repeat)
-    return 2 * x.numel() * 4 / t / 1e9
+    """GB/s (read + write) of copying numel elements, per dtype: the same bytes as each dtype's
+    fake_quant moves (a smaller copy runs at a lower rate: ramp-up, tail, and the GPU's L2)."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(numel, device=device).to(dtype)
+        y = torch.empty_like(x)
+        t = timeit(lambda: y.copy_(x), device, repeat)
+        if device == "cuda":
+            t = graph_time(lambda: y.copy_(x), repeat)
+        out[dtype] = 2 * x.numel() * x.element_size() / t / 1e9
+    return out
 
 
 def packs_sweep(N, K, group, repeat, copy_gbs):
     """CUDA: the fake_quant kernels' GPU time (graph replays) for each number of 16-byte packs
-    a thread loads at once (qlib._C.set_fake_quant_cuda_packs), as % of copy bandwidth."""
+    a thread loads at once (qlib._C.set_fake_quant_cuda_packs), as % of the same dtype's copy."""
     choices = (1, 2, 4)
     print("\nkernel GB/s as % of copy, by packs per thread (qlib._C.set_fake_quant_cuda_packs):")
     print(f"{'mode':12s} {'dtype':9s} {'pass':8s}" + "".join(f" {f'packs={u}':>9s}" for u in choices))
@@ -115,7 +120,7 @@ def packs_sweep(N, K, group, repeat, copy_gbs):
                 for u in choices:
                     qlib._C.set_fake_quant_cuda_packs(u)
                     try:
-                        cells.append(100 * nbytes / graph_time(q_ops, repeat) / 1e9 / copy_gbs)
+                        cells.append(100 * nbytes / graph_time(q_ops, repeat) / 1e9 / copy_gbs[dtype])
                     finally:
                         qlib._C.set_fake_quant_cuda_packs(1)
                 print(f"{mode:12s} {str(dtype).replace('torch.', ''):9s} {pass_:8s}"
@@ -166,7 +171,9 @@ def main():
     qmin, qmax = -128, 127
     print(f"device={dev} numel={N * K} threads={torch.get_num_threads()} torch={torch.__version__}")
     copy_gbs = copy_bandwidth(N * K, dev, args.repeat)
-    print(f"device-to-device copy bandwidth (float32{', CUDA graph' if dev == 'cuda' else ''}): {copy_gbs:.1f} GB/s")
+    print(f"device-to-device copy bandwidth{' (CUDA graph)' if dev == 'cuda' else ''}: "
+          + ", ".join(f"{str(d).replace('torch.', '')} {g:.1f} GB/s" for d, g in copy_gbs.items())
+          + " (% copy: against the same dtype's)")
     if args.packs_only:
         return packs_sweep(N, K, args.group, args.repeat, copy_gbs)
     header = f"{'mode':12s} {'dtype':9s} {'pass':8s} {'qlib ms':>9s} {'GB/s':>7s} {'native ms':>10s} {'x':>6s} {'composite ms':>13s} {'x':>6s}"
@@ -241,7 +248,7 @@ def main():
                     if mode == "per-tensor":
                         k_n = graph_time(run(lambda: torch_native(x, scale, zp, qmin, qmax, mode, args.group)), args.repeat)
                     kn = f"{k_n / k_q:12.2f}x" if k_n else f"{'n/a':>13s}"
-                    line += f" {nbytes / k_q / 1e9:11.1f} {100 * nbytes / k_q / 1e9 / copy_gbs:5.0f}% {kn}"
+                    line += f" {nbytes / k_q / 1e9:11.1f} {100 * nbytes / k_q / 1e9 / copy_gbs[dtype]:5.0f}% {kn}"
                 print(line)
     print("x = peer time / qlib time (above 1: qlib is faster). GB/s counts x read + y written"
           " (fwd), plus grad read, x read, grad_x written (bwd). lsq: fwd+bwd with scale and zero"

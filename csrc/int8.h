@@ -22,8 +22,8 @@ std::vector<std::string> int8_cpu_kernels();  // what this CPU can run
 void set_int8_cpu_kernel(const std::string& name);  // "auto" or a name; raises if unsupported
 
 // The CUDA int8_linear GEMM for M > 4 (csrc/int8_cuda_gemm.cpp): cuBLASLt, or the fused
-// Hopper kernel when built.
-enum class Int8CudaGemm : int { kCublasLt, kCutlassSm90 };
+// Hopper kernel when built; kAuto (built with it): the fused one on compute capability 9.0.
+enum class Int8CudaGemm : int { kCublasLt, kCutlassSm90, kAuto };
 Int8CudaGemm current_int8_cuda_gemm();
 std::string int8_cuda_gemm();
 std::vector<std::string> int8_cuda_gemms();  // what this build has

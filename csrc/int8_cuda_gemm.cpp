@@ -2,7 +2,9 @@
 //   "cublaslt":     at::_int_mm (cuBLASLt int8 tensor cores), then a dequant kernel;
 //   "cutlass-sm90": cuda/int8_gemm_sm90.cu, wgmma with the dequant fused (Hopper only;
 //                   present when the build had CUTLASS and 9.0a, QLIB_WITH_SM90_GEMM).
-// "auto" is cublaslt until the sm90 kernel is measured faster on a GPU (NOTES.md).
+// "auto": cutlass-sm90 where it is built and the GPU is compute capability 9.0 (measured 1.2-2x
+// faster than cuBLASLt's int8 kernel plus the dequant at M >= 1024 on an H200, the same bits:
+// benchmarks/RESULTS.md), else cublaslt.
 // Compiled in every build (a CPU-only build knows no CUDA GEMM) and in the C++ tests.
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
@@ -35,8 +37,10 @@ Int8CudaGemm current_int8_cuda_gemm() {
 }
 
 std::string int8_cuda_gemm() {
-  return gemm_built(Int8CudaGemm::kCublasLt) ? kGemmNames[static_cast<int>(current_int8_cuda_gemm())]
-                                              : "none (built without CUDA)";
+  if (!gemm_built(Int8CudaGemm::kCublasLt)) return "none (built without CUDA)";
+  const auto g = current_int8_cuda_gemm();
+  return g == Int8CudaGemm::kAuto ? "auto (cutlass-sm90 on compute capability 9.0, else cublaslt)"
+                                  : kGemmNames[static_cast<int>(g)];
 }
 
 std::vector<std::string> int8_cuda_gemms() {
@@ -48,7 +52,9 @@ std::vector<std::string> int8_cuda_gemms() {
 
 void set_int8_cuda_gemm(const std::string& name) {
   if (name == "auto") {  // (the reset: a no-op in a build without CUDA, for device-agnostic scripts)
-    if (gemm_built(Int8CudaGemm::kCublasLt)) g_gemm.store(static_cast<int>(Int8CudaGemm::kCublasLt));
+    if (gemm_built(Int8CudaGemm::kCublasLt))
+      g_gemm.store(static_cast<int>(gemm_built(Int8CudaGemm::kCutlassSm90) ? Int8CudaGemm::kAuto
+                                                                          : Int8CudaGemm::kCublasLt));
     return;
   }
   for (int g = 0; g < static_cast<int>(std::size(kGemmNames)); ++g) {

@@ -9,8 +9,9 @@
 // activations and their scales) -> GEMM -> fused dequant epilogue kernel
 // (act scale x per-channel weight scale, + bias, cast to x's dtype); M <= 4 runs
 // all three in one kernel (linear_small_m_kernel), same bits.
-// With qlib.set_int8_cuda_gemm("cutlass-sm90") on a Hopper GPU, M > 4 instead runs
-// cuda/int8_gemm_sm90.cu: one wgmma kernel with the dequant epilogue fused (same bits).
+// On a Hopper GPU (compute capability 9.0), builds with the fused GEMM instead run M > 4 on
+// cuda/int8_gemm_sm90.cu: one wgmma kernel with the dequant epilogue fused (same bits;
+// qlib.set_int8_cuda_gemm picks either).
 // All launches on the current stream, 64-bit indexing, no host syncs (the
 // static act_scale is read on device).
 #include <ATen/ATen.h>
@@ -498,14 +499,17 @@ bool launch_linear_small_m(const at::Tensor& x, const at::Tensor& w, const float
   return launched;
 }
 
-// Whether int8_linear runs the fused Hopper GEMM: when it is chosen (set_int8_cuda_gemm) and
-// the call fits it; a static zero point, K % 16 != 0 or unaligned rows stay on cuBLASLt.
+// Whether int8_linear runs the fused Hopper GEMM: when it is chosen (set_int8_cuda_gemm; "auto"
+// on compute capability 9.0) and the call fits it; a static zero point, K % 16 != 0 or
+// unaligned rows stay on cuBLASLt.
 bool use_sm90_gemm(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& out,
                    int64_t M, bool zero_point) {
-  if (current_int8_cuda_gemm() != Int8CudaGemm::kCutlassSm90 || M <= kSmallM || zero_point)
-    return false;
+  const Int8CudaGemm gemm = current_int8_cuda_gemm();
+  if (gemm == Int8CudaGemm::kCublasLt || M <= kSmallM || zero_point) return false;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.get_device());
-  TORCH_CHECK(prop->major == 9 && prop->minor == 0, op,
+  const bool hopper = prop->major == 9 && prop->minor == 0;
+  if (gemm == Int8CudaGemm::kAuto && !hopper) return false;
+  TORCH_CHECK(hopper, op,
               ": the 'cutlass-sm90' GEMM (qlib.set_int8_cuda_gemm) runs only on compute "
               "capability 9.0 (H100, H200), but ", x.device(), " is ", prop->name, " (",
               prop->major, ".", prop->minor, "); use 'cublaslt'");

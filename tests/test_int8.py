@@ -562,13 +562,16 @@ def test_int8_cuda_gemm_choice():
         qlib.set_int8_cuda_gemm("auto")  # (the reset works in any build)
         assert qlib.build_info()["int8_cuda_gemm"].startswith("none")
         return
-    assert built[0] == "cublaslt" and info["int8_cuda_gemm"] in built
+    # "auto": the fused Hopper GEMM on compute capability 9.0 when built, else cuBLASLt.
+    auto = ("auto (cutlass-sm90 on compute capability 9.0, else cublaslt)" if "cutlass-sm90" in built
+            else "cublaslt")
+    assert built[0] == "cublaslt" and info["int8_cuda_gemm"] in built + [auto]
     try:
         for name in built:
             qlib.set_int8_cuda_gemm(name)
             assert qlib.build_info()["int8_cuda_gemm"] == name
         qlib.set_int8_cuda_gemm("auto")
-        assert qlib.build_info()["int8_cuda_gemm"] == "cublaslt"
+        assert qlib.build_info()["int8_cuda_gemm"] == auto
         with pytest.raises(RuntimeError, match="qlib.set_int8_cuda_gemm: unknown GEMM 'nope'"):
             qlib.set_int8_cuda_gemm("nope")
     finally:
@@ -611,12 +614,17 @@ def test_int8_linear_sm90_gemm_matches_cublaslt(dtype, static, M, K, N):
     s = torch.rand(N, device="cuda") * 0.01 + 1e-3
     b = torch.randn(N, device="cuda")
     act = torch.tensor(0.03, device="cuda") if static else None
-    ref = [ops.int8_linear(x, w, s, bias, act) for bias in (b, None)]
-    qlib.set_int8_cuda_gemm("cutlass-sm90")
+    got = {}
     try:
-        got = [ops.int8_linear(x, w, s, bias, act) for bias in (b, None)]
+        for gemm in ("cublaslt", "cutlass-sm90", "auto"):
+            qlib.set_int8_cuda_gemm(gemm)
+            got[gemm] = [ops.int8_linear(x, w, s, bias, act) for bias in (b, None)]
     finally:
         qlib.set_int8_cuda_gemm("auto")
+    ref = got["cublaslt"]
+    for g, a in zip(got["cutlass-sm90"], got["auto"]):
+        assert torch.equal(g.nan_to_num(0.0), a.nan_to_num(0.0))  # "auto" (the fused GEMM on this GPU) too
+    got = got["cutlass-sm90"]
     for g, r in zip(got, ref):
         assert g.dtype == dtype and g.shape == (M, N)
         assert torch.isnan(g[M // 2]).all()
@@ -647,9 +655,10 @@ def test_int8_linear_sm90_gemm_fallbacks():
              lambda: torch.compile(lin, fullgraph=True)(x64),
              lambda: ops.int8_linear(x64, w64, sb[0, 1:], sb[1, 1:]),
              lambda: ops.int8_linear(x64, w64[:1].expand(40, 64), sb[0, :40], None)]  # row stride 0
-    ref = [f() for f in cases]
-    qlib.set_int8_cuda_gemm("cutlass-sm90")
     try:
+        qlib.set_int8_cuda_gemm("cublaslt")
+        ref = [f() for f in cases]
+        qlib.set_int8_cuda_gemm("cutlass-sm90")
         got = [f() for f in cases]
     finally:
         qlib.set_int8_cuda_gemm("auto")

@@ -137,7 +137,8 @@ def int8_cuda_gemms() -> List[str]:
     """Names of the GEMMs this build has for CUDA ``int8_linear`` at M > 4: 'cublaslt'
     (``torch._int_mm``, then a dequant kernel) and, when built with CUTLASS and 9.0a,
     'cutlass-sm90' (Hopper wgmma with the dequant fused). ``build_info()["int8_cuda_gemm"]``
-    is the one in use ('cublaslt' unless set, or set by ``QLIB_INT8_CUDA_GEMM``)."""
+    is the one in use: 'auto' unless set (or set by ``QLIB_INT8_CUDA_GEMM``), which is
+    'cutlass-sm90' on a compute capability 9.0 GPU where built, else 'cublaslt'."""
     from . import _C
 
     return list(_C.int8_cuda_gemms())
@@ -145,8 +146,9 @@ def int8_cuda_gemms() -> List[str]:
 
 def set_int8_cuda_gemm(name: str) -> None:
     """Use the CUDA int8_linear GEMM ``name`` ('auto', 'cublaslt', 'cutlass-sm90'). Both give
-    the same bits. 'cutlass-sm90' raises on a GPU other than compute capability 9.0; calls it
-    cannot take (a static zero point, K not a multiple of 16, unaligned rows) use cuBLASLt.
+    the same bits. 'auto' (the default) is 'cutlass-sm90' on compute capability 9.0 where
+    built, else 'cublaslt'. 'cutlass-sm90' raises on a GPU other than compute capability 9.0;
+    calls it cannot take (a static zero point, K not a multiple of 16, unaligned rows) use cuBLASLt.
     'auto' (the reset) does nothing in a build without CUDA; another name raises there."""
     from . import _C
 
