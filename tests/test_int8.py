@@ -666,6 +666,26 @@ def test_int8_linear_sm90_gemm_fallbacks():
         assert torch.equal(g, r)
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and "cutlass-sm90" in qlib.int8_cuda_gemms()
+                         and torch.cuda.get_device_capability() != (9, 0)),
+                    reason="needs the cutlass-sm90 build and a GPU other than compute capability 9.0")
+def test_int8_linear_sm90_gemm_off_hopper():
+    """Off Hopper, "auto" runs cuBLASLt (same bits as naming it) and the fused GEMM by name raises."""
+    x = torch.randn(40, 64, device="cuda")
+    w = rand_i8(24, 64, device="cuda")
+    s = torch.rand(24, device="cuda") * 0.01 + 1e-3
+    try:
+        qlib.set_int8_cuda_gemm("cublaslt")
+        ref = ops.int8_linear(x, w, s, None)
+        qlib.set_int8_cuda_gemm("auto")
+        assert torch.equal(ops.int8_linear(x, w, s, None), ref)
+        qlib.set_int8_cuda_gemm("cutlass-sm90")
+        with pytest.raises(RuntimeError, match="runs only on compute capability 9.0"):
+            ops.int8_linear(x, w, s, None)
+    finally:
+        qlib.set_int8_cuda_gemm("auto")
+
+
 @pytest.mark.parametrize("convert", [qlib.quantize_dynamic, lambda m: qlib.quantize_weight_only(m, "nf4", 8)],
                          ids=["int8", "nf4"])
 def test_linear_modules_trace_a_dynamic_batch(convert):

@@ -137,8 +137,8 @@ def int8_cuda_gemms() -> List[str]:
     """Names of the GEMMs this build has for CUDA ``int8_linear`` at M > 4: 'cublaslt'
     (``torch._int_mm``, then a dequant kernel) and, when built with CUTLASS and 9.0a,
     'cutlass-sm90' (Hopper wgmma with the dequant fused). ``build_info()["int8_cuda_gemm"]``
-    is the one in use: 'auto' unless set (or set by ``QLIB_INT8_CUDA_GEMM``), which is
-    'cutlass-sm90' on a compute capability 9.0 GPU where built, else 'cublaslt'."""
+    is the one in use, unless set (or set by ``QLIB_INT8_CUDA_GEMM``): 'auto (cutlass-sm90 on
+    compute capability 9.0, else cublaslt)' where the fused GEMM is built, else 'cublaslt'."""
     from . import _C
 
     return list(_C.int8_cuda_gemms())
