@@ -565,3 +565,36 @@ def test_codes_decided_by_float32_midpoints():
     for v, code in ((mid, 12), (torch.tensor(mid).nextafter(torch.tensor(2.0)).item(), 13)):
         packed, _ = qlib.quantize_4bit(torch.tensor([[v, 1.0]]), "nf4", 64)
         assert int(packed[0, 0]) & 15 == code
+
+
+def test_python_wrappers_raise_for_a_codebook_that_asks_for_a_gradient():
+    """qlib.linear_4bit / qlib.dequantize_4bit detached a tensor codebook (codebook_4bit's copy),
+    so a codebook requiring grad silently got none; README: the ops raise."""
+    packed, absmax = qlib.quantize_4bit(torch.randn(4, 64))
+    cb = qlib.codebook_4bit("nf4").requires_grad_()
+    with pytest.raises(RuntimeError, match="absmax and codebook get no gradient"):
+        qlib.linear_4bit(torch.randn(2, 64), packed, absmax, cb, 64)
+    with pytest.raises(RuntimeError, match="absmax and codebook get no gradient"):
+        qlib.dequantize_4bit(packed, absmax, cb, 64, 64)
+    with torch.no_grad():  # (no gradient asked for: runs)
+        assert qlib.linear_4bit(torch.randn(2, 64), packed, absmax, cb, 64).shape == (2, 4)
+
+
+@pytest.mark.parametrize("bad", [1e39, -1e39, 1e-50])
+def test_from_codes_checks_scales_in_float32(bad):
+    """A float64 scale past float32's range became an Inf absmax (NaN outputs, and a state_dict
+    that Linear4bit refuses to load); one below it became 0."""
+    codes = torch.randint(-8, 8, (3, 8))
+    with pytest.raises(ValueError, match="from_codes"):
+        Linear4bit.from_codes(codes, torch.full((3, 1), bad, dtype=torch.float64), 8)
+    m = Linear4bit.from_codes(codes, torch.full((3, 1), 0.25, dtype=torch.float64), 8)
+    assert torch.equal(m.dequantized_weight(), codes.float() * 0.25)
+
+
+def test_meta_state_dict_loads_into_a_meta_skeleton():
+    """The absmax / codebook checks read values: a meta state raised 'Tensor.item() cannot be
+    called on meta tensors' (nn.Linear loads one)."""
+    with torch.device("meta"):
+        skel = Linear4bit(67, 9, True, "nf4", 32)
+    skel.load_state_dict(copy.deepcopy(skel).state_dict(), assign=True)
+    assert skel.absmax.is_meta

@@ -147,6 +147,15 @@ def _(x, packed, absmax, codebook, block_size, bias):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
+def _op_codebook(codebook: CodebookLike, device) -> Tensor:
+    """The codebook for the ops' wrappers: a tensor that requires grad keeps its autograd link
+    (converted, not detached), so that dequantize_4bit / linear_4bit raise as documented rather
+    than drop its gradient silently."""
+    if isinstance(codebook, Tensor) and codebook.requires_grad:
+        return codebook.to(device=device, dtype=torch.float32).contiguous()
+    return codebook_4bit(codebook, device)
+
+
 def quantize_4bit(w: Tensor, codebook: CodebookLike = "nf4", block_size: int = 64) -> Tuple[Tensor, Tensor]:
     """(packed uint8 [N, ceil(K / 2)], absmax float32 [N, ceil(K / block_size)]) of a finite
     float weight [N, K]; see the module docstring for the scheme."""
@@ -156,7 +165,7 @@ def quantize_4bit(w: Tensor, codebook: CodebookLike = "nf4", block_size: int = 6
 def dequantize_4bit(packed: Tensor, absmax: Tensor, codebook: CodebookLike, in_features: int,
                     block_size: int = 64, dtype: torch.dtype = torch.float32) -> Tensor:
     """The weight [N, in_features] as ``codebook[code] * absmax`` (float32 math) in ``dtype``."""
-    return ops.dequantize_4bit(packed, absmax, codebook_4bit(codebook, packed.device), in_features, block_size, dtype)
+    return ops.dequantize_4bit(packed, absmax, _op_codebook(codebook, packed.device), in_features, block_size, dtype)
 
 
 def linear_4bit(x: Tensor, packed: Tensor, absmax: Tensor, codebook: CodebookLike, block_size: int = 64,
@@ -168,7 +177,7 @@ def linear_4bit(x: Tensor, packed: Tensor, absmax: Tensor, codebook: CodebookLik
     the CPU, except that a bfloat16 x multiplies W_hat rounded to bfloat16 where the CPU has
     AVX512-BF16 and the blocks are multiples of 32 (3 to 256 rows on the AMX tile unit where
     it has AMX-BF16), with float32 sums."""
-    return ops.linear_4bit(x, packed, absmax, codebook_4bit(codebook, packed.device), block_size, bias)
+    return ops.linear_4bit(x, packed, absmax, _op_codebook(codebook, packed.device), block_size, bias)
 
 
 def fourbit_cpu_kernels() -> List[str]:

@@ -118,8 +118,12 @@ class Linear4bit(QuantState):
             raise ValueError(f"Linear4bit.from_codes: codes must be a 2-D integer tensor, got {codes.dtype} "
                              f"of shape {tuple(codes.shape)}")
         N, K = codes.shape
-        if scale.numel() and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-            raise ValueError("Linear4bit.from_codes: scales must be finite and >= 0")
+        scale32 = scale.detach().to(torch.float32)  # (absmax's dtype: checked after the rounding)
+        if scale.numel() and not bool((torch.isfinite(scale32) & (scale32 >= 0)).all()):
+            raise ValueError("Linear4bit.from_codes: scales must be finite and >= 0 in float32 "
+                             f"(max |scale| {scale.detach().abs().max().item():g})")
+        if scale.numel() and bool(((scale32 == 0) & (scale != 0)).any()):
+            raise ValueError("Linear4bit.from_codes: a nonzero scale underflows to 0 in float32")
         if tuple(scale.shape) != (N, -(-K // block_size)):
             raise ValueError(f"Linear4bit.from_codes: scales of shape {tuple(scale.shape)} do not match codes of "
                              f"shape {tuple(codes.shape)} in blocks of {block_size}")
@@ -130,7 +134,7 @@ class Linear4bit(QuantState):
         with torch.no_grad():
             padded = torch.nn.functional.pad((codes + 8).to(torch.uint8), (0, K % 2))
             mod.packed.copy_(padded[:, 0::2] | (padded[:, 1::2] << 4))
-            mod.absmax.copy_(scale)
+            mod.absmax.copy_(scale32)
             if bias is not None:
                 mod.bias.copy_(bias.detach())
         return mod
@@ -187,6 +191,8 @@ class Linear4bit(QuantState):
                                    f"is {got.tolist() if isinstance(got, Tensor) else got!r}, expected "
                                    f"{[self.in_features, self.block_size]} (weights packed for another layer shape)")
         for name, key, value in self._loaded_buffers(state_dict, prefix):
+            if value.is_meta:  # (a skeleton's state: no values to check)
+                continue
             if name == "absmax" and not bool((torch.isfinite(value) & (value >= 0)).all()):
                 raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] holds a negative, NaN "
                                    "or Inf absmax (a corrupt state_dict?)")
