@@ -789,3 +789,20 @@ def test_int8linear_pickled_before_stop_30_runs():
     old = pickle.loads(pickle.dumps(m))
     old.__dict__.pop("_pack_state", None)
     assert torch.equal(old(x), ref)
+
+
+def test_int8linear_act_quant_range_edited_in_place_is_seen():
+    """An in-place edit of act_quant_range (as of the weight) is read by the next eager forward:
+    the forward, extra_repr and a reload of the state_dict agree."""
+    torch.manual_seed(0)
+    m = Int8Linear.from_float(nn.Linear(16, 4), "static", 0.05)
+    x = torch.randn(3, 16)
+    m(x)
+    m.act_quant_range.copy_(torch.tensor([-8, 7]))
+    fresh = Int8Linear(16, 4, True, "static")
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(m(x), fresh(x))
+    assert "[-8, 7]" in repr(m)
+    m.act_quant_range.copy_(torch.tensor([10, 20]))  # zero point 0 now outside: raises, not silent
+    with pytest.raises(RuntimeError, match="lies outside act_quant_range"):
+        m(x)

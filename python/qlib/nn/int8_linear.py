@@ -40,6 +40,11 @@ def quantize_weight_per_channel(weight: Tensor):
     return q, scale
 
 
+def _version_of(t: Tensor):
+    """t's version counter (None for inference tensors, which have none)."""
+    return None if t.is_inference() else t._version
+
+
 def _weight_key(w: Tensor):
     """What the packed weight was built from. Inference tensors have no version counter: then
     only a new weight tensor is seen. The CPU layout depends on the int8 kernel
@@ -87,6 +92,7 @@ class Int8Linear(QuantState):
             self.register_buffer("act_quant_range", torch.tensor([-127, 127], dtype=torch.int32, device=device))
             self._act_range = (-127, 127)  # mirrors act_quant_range without a device read
             self._act_range_of = self._buffers["act_quant_range"]  # the buffer it mirrors
+            self._act_range_ver = _version_of(self._act_range_of)  # and its version when read
             self.register_load_state_dict_post_hook(Int8Linear._sync_act_range)
         else:
             self.act_scale = None
@@ -199,7 +205,7 @@ class Int8Linear(QuantState):
     def _sync_act_range(module: "Int8Linear", incompatible_keys=None) -> None:
         buf = module._buffers["act_quant_range"]
         if buf.is_meta:  # (no values to read: the mirror stays)
-            module._act_range_of = buf
+            module._act_range_of, module._act_range_ver = buf, _version_of(buf)
             return
         lo, hi = (int(v) for v in buf.tolist())
         if not -128 <= lo < hi <= 127:
@@ -207,7 +213,7 @@ class Int8Linear(QuantState):
         zp = int(module.act_zero_point)
         if not lo <= zp <= hi:
             raise RuntimeError(f"Int8Linear: act_zero_point {zp} lies outside act_quant_range [{lo}, {hi}]")
-        module._act_range, module._act_range_of = (lo, hi), buf
+        module._act_range, module._act_range_of, module._act_range_ver = (lo, hi), buf, _version_of(buf)
 
     def forward(self, input: Tensor) -> Tensor:  # (nn.Linear's name: callers may pass input=x)
         x = input
@@ -220,8 +226,11 @@ class Int8Linear(QuantState):
         bias = b["bias"] if "bias" in b else self.bias  # (a Parameter or parametrized bias is elsewhere)
         packed = b["weight_packed"]
         if not torch.compiler.is_compiling():  # (traced: the state as it was when traced)
-            if self.activation == "static" and b["act_quant_range"] is not self.__dict__.get("_act_range_of"):
-                Int8Linear._sync_act_range(self)  # (new buffers: torch.func.functional_call, .to())
+            if self.activation == "static":
+                rng = b["act_quant_range"]
+                if rng is not self.__dict__.get("_act_range_of") or _version_of(rng) != self.__dict__.get("_act_range_ver"):
+                    # (new buffers: torch.func.functional_call, .to(); or edited in place)
+                    Int8Linear._sync_act_range(self)
             fake_mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
             if is_functorch_wrapped_tensor(w) or fake_mode:
                 # vmap / grad transforms: no packing of a batch of weights; a FakeTensorMode
