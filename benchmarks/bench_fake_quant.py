@@ -104,6 +104,7 @@ def packs_sweep(N, K, group, repeat, copy_gbs):
     """CUDA: the fake_quant kernels' GPU time (graph replays) for each number of 16-byte packs
     a thread loads at once (qlib._C.set_fake_quant_cuda_packs), as % of the device's copy bandwidth."""
     choices = (1, 2, 4)
+    device_gbs = max(copy_gbs.values())  # the device's copy rate (the float32 copy)
     print("\nkernel GB/s as % of copy, by packs per thread (qlib._C.set_fake_quant_cuda_packs):")
     print(f"{'mode':12s} {'dtype':9s} {'pass':8s}" + "".join(f" {f'packs={u}':>9s}" for u in choices))
     for mode, shape in (("per-tensor", (1,)), ("per-channel", (N, 1)), ("per-group", (N, K // group))):
@@ -122,7 +123,7 @@ def packs_sweep(N, K, group, repeat, copy_gbs):
                 for u in choices:
                     qlib._C.set_fake_quant_cuda_packs(u)
                     try:
-                        cells.append(100 * nbytes / graph_time(q_ops, repeat) / 1e9 / max(copy_gbs.values()))
+                        cells.append(100 * nbytes / graph_time(q_ops, repeat) / 1e9 / device_gbs)
                     finally:
                         qlib._C.set_fake_quant_cuda_packs(1)
                 print(f"{mode:12s} {str(dtype).replace('torch.', ''):9s} {pass_:8s}"

@@ -50,7 +50,7 @@ def _weight_key(w: Tensor):
     only a new weight tensor is seen. The CPU layout depends on the int8 kernel
     (qlib.set_int8_cpu_kernel)."""
     kernel = _C.int8_cpu_kernel() if w.is_cpu else None
-    return (None if w.is_inference() else w._version, w.data_ptr(), kernel)
+    return (_version_of(w), w.data_ptr(), kernel)
 
 
 class Int8Linear(QuantState):
