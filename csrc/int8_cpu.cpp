@@ -419,9 +419,113 @@ int64_t packed_bytes(int64_t N, int64_t K, PackLayout l) {
   return panel_bytes(N, K, l) + rowsum_bytes(N, l) + kPackTagBytes;
 }
 
-// Packs b [N, K] (row stride ldb) into panels of the given layout (on x86 an SSE2 transpose
-// of 16- or 32-bit units per 8 rows x 16 k) and appends row sums and the tag (kRows: the tag
-// alone).
+#if QLIB_INT8_X86
+#define QLIB_AVX512_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+// Rows src[i * ld], i < nrows (<= 16; the others zeros), k < kv -> one 16-column panel of the
+// kAmxQuads layout at o (k words 64 bytes apart), zero padded to kc (a multiple of 64); adds
+// row i's sum to sums[i]. A 16 x 16 transpose of 32-bit words per 64 k (4 rounds of 16
+// shuffles); the sums are ones . words (vpdpbusd).
+constexpr int64_t kPackAhead = 1024;  // prefetch distance along the rows (4096^2, M = 16: 1.0 -> 0.78 ms)
+QLIB_AVX512_FN void pack_panel16_zmm(const int8_t* src, int64_t ld, int64_t nrows, int64_t kv,
+                                     int64_t kc, int8_t* o, int32_t* sums) {
+  const __m512i z = _mm512_setzero_si512(), one = _mm512_set1_epi8(1);
+  __m512i s0 = z, s1 = z, s2 = z, s3 = z;
+  for (int64_t k = 0; k < kc; k += 64) {
+    __m512i r[16];
+    if (nrows == 16 && kv - k >= 64) {
+      for (int i = 0; i < 16; ++i) {
+        r[i] = _mm512_loadu_si512(src + i * ld + k);
+        if (k + kPackAhead < kv) _mm_prefetch(reinterpret_cast<const char*>(src + i * ld + k + kPackAhead), _MM_HINT_T0);
+      }
+    } else {
+      const __mmask64 mask = kv - k >= 64 ? ~__mmask64{0} : kv > k ? (__mmask64{1} << (kv - k)) - 1 : 0;
+      for (int i = 0; i < 16; ++i) r[i] = i < nrows ? _mm512_maskz_loadu_epi8(mask, src + i * ld + k) : z;
+    }
+    __m512i u[16];
+    for (int g = 0; g < 4; ++g) {  // rows 4g .. 4g + 3: u[4g + j] lane L = their words 4L + j
+      const __m512i* rg = r + 4 * g;
+      const __m512i lo01 = _mm512_unpacklo_epi32(rg[0], rg[1]), hi01 = _mm512_unpackhi_epi32(rg[0], rg[1]);
+      const __m512i lo23 = _mm512_unpacklo_epi32(rg[2], rg[3]), hi23 = _mm512_unpackhi_epi32(rg[2], rg[3]);
+      u[4 * g + 0] = _mm512_unpacklo_epi64(lo01, lo23), u[4 * g + 1] = _mm512_unpackhi_epi64(lo01, lo23);
+      u[4 * g + 2] = _mm512_unpacklo_epi64(hi01, hi23), u[4 * g + 3] = _mm512_unpackhi_epi64(hi01, hi23);
+    }
+    int8_t* out = o + (k / 4) * 64;
+    for (int j = 0; j < 4; ++j) {
+      const __m512i a_lo = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), a_hi = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+      const __m512i b_lo = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44), b_hi = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+      const __m512i t0 = _mm512_shuffle_i32x4(a_lo, b_lo, 0x88), t1 = _mm512_shuffle_i32x4(a_lo, b_lo, 0xDD);
+      const __m512i t2 = _mm512_shuffle_i32x4(a_hi, b_hi, 0x88), t3 = _mm512_shuffle_i32x4(a_hi, b_hi, 0xDD);
+      _mm512_storeu_si512(out + (j + 0) * 64, t0), _mm512_storeu_si512(out + (j + 4) * 64, t1);
+      _mm512_storeu_si512(out + (j + 8) * 64, t2), _mm512_storeu_si512(out + (j + 12) * 64, t3);
+      s0 = _mm512_dpbusd_epi32(s0, one, t0), s1 = _mm512_dpbusd_epi32(s1, one, t1);
+      s2 = _mm512_dpbusd_epi32(s2, one, t2), s3 = _mm512_dpbusd_epi32(s3, one, t3);
+    }
+  }
+  const __m512i s = _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3));
+  _mm512_storeu_si512(sums, _mm512_add_epi32(_mm512_loadu_si512(sums), s));
+}
+
+#endif
+
+// Packs rows src[j * ld], j < 8, k < K into 8 columns of panels of `layout` (on x86 an SSE2
+// transpose of 16- or 32-bit units per 8 rows x 16 k): o is row 0's word 0, k words are pitch
+// bytes apart, k in [K, Kp) zeros. sums[j]: row j's sum.
+void pack_rows8(const int8_t* src, int64_t ld, int64_t K, int64_t Kp, PackLayout layout,
+                int8_t* o, int64_t pitch, int32_t* sums) {
+  const int g = layout == PackLayout::kInt16Pairs ? 2 : 4;  // k per word
+  int64_t sum[8] = {};  // row sums, of the SIMD part as sums of b + 128
+  int64_t k = 0;
+#if QLIB_INT8_X86
+  {
+    __m128i acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm_setzero_si128();
+    for (; k + 16 <= K; k += 16) {
+      __m128i r[8], t[8], s[8];
+      for (int j = 0; j < 8; ++j) {
+        r[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j * ld + k));
+        acc[j] = _mm_add_epi64(acc[j], _mm_sad_epu8(_mm_xor_si128(r[j], _mm_set1_epi8(-128)),
+                                                    _mm_setzero_si128()));
+      }
+      int8_t* dst = o + (k / g) * pitch;
+      const auto store = [&](int64_t word, int64_t half, __m128i v) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + word * pitch + half * 16), v);
+      };
+      if (layout == PackLayout::kInt16Pairs) {  // 8 words of 8 x 2 k
+        for (int j = 0; j < 4; ++j) {
+          t[2 * j] = _mm_unpacklo_epi16(r[2 * j], r[2 * j + 1]);
+          t[2 * j + 1] = _mm_unpackhi_epi16(r[2 * j], r[2 * j + 1]);
+        }
+        s[0] = _mm_unpacklo_epi32(t[0], t[2]), s[1] = _mm_unpackhi_epi32(t[0], t[2]);
+        s[2] = _mm_unpacklo_epi32(t[1], t[3]), s[3] = _mm_unpackhi_epi32(t[1], t[3]);
+        s[4] = _mm_unpacklo_epi32(t[4], t[6]), s[5] = _mm_unpackhi_epi32(t[4], t[6]);
+        s[6] = _mm_unpacklo_epi32(t[5], t[7]), s[7] = _mm_unpackhi_epi32(t[5], t[7]);
+        for (int j = 0; j < 4; ++j) {
+          store(2 * j, 0, _mm_unpacklo_epi64(s[j], s[j + 4]));
+          store(2 * j + 1, 0, _mm_unpackhi_epi64(s[j], s[j + 4]));
+        }
+      } else {  // 4 words of 8 x 4 k: rows 0-3, then 4-7
+        for (int h = 0; h < 2; ++h) {
+          const __m128i* rh = r + 4 * h;
+          const __m128i lo01 = _mm_unpacklo_epi32(rh[0], rh[1]), hi01 = _mm_unpackhi_epi32(rh[0], rh[1]);
+          const __m128i lo23 = _mm_unpacklo_epi32(rh[2], rh[3]), hi23 = _mm_unpackhi_epi32(rh[2], rh[3]);
+          store(0, h, _mm_unpacklo_epi64(lo01, lo23));
+          store(1, h, _mm_unpackhi_epi64(lo01, lo23));
+          store(2, h, _mm_unpacklo_epi64(hi01, hi23));
+          store(3, h, _mm_unpackhi_epi64(hi01, hi23));
+        }
+      }
+    }
+    for (int j = 0; j < 8; ++j)
+      sum[j] = _mm_cvtsi128_si64(acc[j]) + _mm_cvtsi128_si64(_mm_unpackhi_epi64(acc[j], acc[j])) - 128 * k;
+  }
+#endif
+  for (int64_t j = 0; j < 8; ++j) sums[j] = static_cast<int32_t>(sum[j] + row_sum(src + j * ld, k, K));
+  for (; k < Kp; ++k)  // the K tail, zero padded
+    for (int64_t j = 0; j < 8; ++j) o[(k / g) * pitch + j * g + k % g] = k < K ? src[j * ld + k] : int8_t{0};
+}
+
+// Packs b [N, K] (row stride ldb) into panels of the given layout and appends row sums and
+// the tag (kRows: the tag alone).
 PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout layout,
                const at::TensorOptions& opt) {
   PackedB p;
@@ -431,11 +535,10 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
   p.data = out;
   int32_t* rowsum = reinterpret_cast<int32_t*>(out + panel_bytes(N, K, layout));
   const int g = layout == PackLayout::kInt16Pairs ? 2 : 4;  // k per word
-  const int64_t cols = p.cols(), pitch = p.word_bytes();
+  const int64_t cols = p.cols();
   at::parallel_for(0, has_panels(layout) ? p.Np / 8 : 0, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t pi = p0; pi < p1; ++pi) {  // 8 rows of b at a time
       const int64_t n0 = pi * 8;
-      int8_t* o = out + (n0 / cols) * p.Kp * cols + (n0 % cols) * g;  // word 0 of row n0
       // Rows n0 .. n0 + 7 at src (row stride ld): the last ones past N from zeros.
       const int8_t* src = b + n0 * ldb;
       int64_t ld = ldb;
@@ -445,56 +548,8 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
         for (int64_t j = 0; n0 + j < N; ++j) std::memcpy(rows.data() + j * K, src + j * ldb, K);
         src = rows.data(), ld = K;
       }
-      int64_t sum[8] = {};  // row sums, of the SIMD part as sums of b + 128
-      int64_t k = 0;
-#if QLIB_INT8_X86
-      {
-        __m128i sums[8];
-        for (int j = 0; j < 8; ++j) sums[j] = _mm_setzero_si128();
-        for (; k + 16 <= K; k += 16) {
-          __m128i r[8], t[8], s[8];
-          for (int j = 0; j < 8; ++j) {
-            r[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j * ld + k));
-            sums[j] = _mm_add_epi64(sums[j], _mm_sad_epu8(_mm_xor_si128(r[j], _mm_set1_epi8(-128)),
-                                                          _mm_setzero_si128()));
-          }
-          int8_t* dst = o + (k / g) * pitch;
-          const auto store = [&](int64_t word, int64_t half, __m128i v) {
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + word * pitch + half * 16), v);
-          };
-          if (layout == PackLayout::kInt16Pairs) {  // 8 words of 8 x 2 k
-            for (int j = 0; j < 4; ++j) {
-              t[2 * j] = _mm_unpacklo_epi16(r[2 * j], r[2 * j + 1]);
-              t[2 * j + 1] = _mm_unpackhi_epi16(r[2 * j], r[2 * j + 1]);
-            }
-            s[0] = _mm_unpacklo_epi32(t[0], t[2]), s[1] = _mm_unpackhi_epi32(t[0], t[2]);
-            s[2] = _mm_unpacklo_epi32(t[1], t[3]), s[3] = _mm_unpackhi_epi32(t[1], t[3]);
-            s[4] = _mm_unpacklo_epi32(t[4], t[6]), s[5] = _mm_unpackhi_epi32(t[4], t[6]);
-            s[6] = _mm_unpacklo_epi32(t[5], t[7]), s[7] = _mm_unpackhi_epi32(t[5], t[7]);
-            for (int j = 0; j < 4; ++j) {
-              store(2 * j, 0, _mm_unpacklo_epi64(s[j], s[j + 4]));
-              store(2 * j + 1, 0, _mm_unpackhi_epi64(s[j], s[j + 4]));
-            }
-          } else {  // 4 words of 8 x 4 k: rows 0-3, then 4-7
-            for (int h = 0; h < 2; ++h) {
-              const __m128i* rh = r + 4 * h;
-              const __m128i lo01 = _mm_unpacklo_epi32(rh[0], rh[1]), hi01 = _mm_unpackhi_epi32(rh[0], rh[1]);
-              const __m128i lo23 = _mm_unpacklo_epi32(rh[2], rh[3]), hi23 = _mm_unpackhi_epi32(rh[2], rh[3]);
-              store(0, h, _mm_unpacklo_epi64(lo01, lo23));
-              store(1, h, _mm_unpackhi_epi64(lo01, lo23));
-              store(2, h, _mm_unpacklo_epi64(hi01, hi23));
-              store(3, h, _mm_unpackhi_epi64(hi01, hi23));
-            }
-          }
-        }
-        for (int j = 0; j < 8; ++j)
-          sum[j] = _mm_cvtsi128_si64(sums[j]) +
-                   _mm_cvtsi128_si64(_mm_unpackhi_epi64(sums[j], sums[j])) - 128 * k;
-      }
-#endif
-      for (int64_t j = 0; j < 8; ++j) rowsum[n0 + j] = static_cast<int32_t>(sum[j] + row_sum(src + j * ld, k, K));
-      for (; k < p.Kp; ++k)  // the K tail, zero padded
-        for (int64_t j = 0; j < 8; ++j) o[(k / g) * pitch + j * g + k % g] = k < K ? src[j * ld + k] : int8_t{0};
+      pack_rows8(src, ld, K, p.Kp, layout, out + (n0 / cols) * p.Kp * cols + (n0 % cols) * g,
+                 p.word_bytes(), rowsum + n0);
     }
   });
   const int32_t tag[8] = {kPackMagic, static_cast<int32_t>(layout), static_cast<int32_t>(N),
@@ -776,7 +831,6 @@ constexpr MicroPackedFn<Step> kMicroPacked[kPMR] = {
 // C[R, 32] (+)= R rows of an A panel x 32 columns of B in the kAmxQuads layout: 16 at b,
 // 16 at b + bstride (the next panel), k words bword = 64 bytes apart. Same accumulator
 // scheme as micro_packed; zmm registers (compiled for AVX512 here only, run after the check).
-#define QLIB_AVX512_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 template <int R>
 QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm(const uint8_t* a, const int8_t* b,
                                                        int64_t bstride, int64_t bword, int64_t kc,
@@ -932,6 +986,88 @@ void gemm_packed(const typename Step::Elem* ap, int64_t M, const PackedB& pb,
       }
       if (Kp == 0) std::fill(ct.get(), ct.get() + kPMc * kPNc, 0);
       epilogue(m0, m1, n0, n1, ct.get(), kPNc);
+    }
+  });
+}
+
+// gemm_packed on the plain weight w [N, K] (row stride ldw), for QLIB_INT8_PACKED_COPY=0: each
+// thread packs the columns of one micro-kernel call over a K block (pack_panel16_zmm, else
+// pack_rows8) into a private buffer and runs them against all rows of its tile. Tiles of
+// kPlainMc rows (4x gemm_packed's: fewer re-packs, A's block of K still in L2) and K blocks of
+// kPKc at every M. Uint8 steps' 128 * rowsum(w) is taken off in the tile; the epilogue gets
+// the row sums when `sums` (a zero point's term).
+constexpr int64_t kPlainMc = 384;  // rows per thread tile (multiple of kPMR)
+template <class Step>
+void gemm_panels_plain(const typename Step::Elem* ap, int64_t M, const int8_t* w, int64_t ldw,
+                       int64_t N, int64_t K, PackLayout layout, bool sums,
+                       const RowsEpilogue& epilogue) {
+  constexpr bool u8_a = std::is_same_v<typename Step::Elem, uint8_t>;
+  constexpr int64_t cols = Step::kCols;  // per micro-kernel call
+  TORCH_INTERNAL_ASSERT((layout == PackLayout::kInt16Pairs) != u8_a && (cols == 16 || is_amx(layout)),
+                        "int8 gemm_panels_plain: layout mismatch");
+  const int64_t Kp = padded_k(K, layout), pc = panel_cols(layout);
+  const int64_t g = layout == PackLayout::kInt16Pairs ? 2 : 4, pitch = pc * g;
+  const int64_t mt = (M + kPlainMc - 1) / kPlainMc;
+  int64_t nc = kPNc;
+  while (nc > 2 * cols && mt * ((N + nc - 1) / nc) < 4 * at::get_num_threads()) nc /= 2;
+  const int64_t tiles = mt * ((N + nc - 1) / nc);
+  const int64_t kblock = kPKc;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, tiles, 1, [&](int64_t, int64_t) {
+    // Per thread, kept (fresh buffers cost page faults every call).
+    thread_local std::vector<int32_t> ct;
+    thread_local std::vector<int8_t> group, tail;
+    ct.resize(kPlainMc * kPNc);
+    group.resize(cols * kblock);
+    tail.resize(8 * kblock);
+    int32_t rowsum[kPNc];
+    for (int64_t t = next++; t < tiles; t = next++) {
+      const int64_t m0 = (t % mt) * kPlainMc, m1 = std::min(M, m0 + kPlainMc);
+      const int64_t n0 = (t / mt) * nc, n1 = std::min(N, n0 + nc);
+      const int64_t mpad = (m1 - m0 + kPMR - 1) / kPMR * kPMR;
+      const int64_t npad = (n1 - n0 + cols - 1) / cols * cols;
+      std::fill(rowsum, rowsum + npad, 0);
+      for (int64_t k0 = 0; k0 < Kp; k0 += kblock) {
+        const int64_t kc = std::min(kblock, Kp - k0), kv = std::clamp<int64_t>(K - k0, 0, kc);
+        // From the first 8 or 16 columns of a call to the next, in the group buffer.
+        const int64_t bstride = cols == 32 ? kc * 16 : pc == 8 ? kc * 8 : 32;
+        for (int64_t n = 0; n < npad; n += cols) {
+          if constexpr (cols == 32) {  // two 16-column panels
+            for (int64_t j = 0; j < cols; j += 16) {
+              const int64_t row = n0 + n + j;
+              pack_panel16_zmm(w + row * ldw + k0, ldw, std::clamp<int64_t>(N - row, 0, 16), kv, kc,
+                               group.data() + j * kc, rowsum + n + j);
+            }
+          } else
+          for (int64_t j = 0; j < cols; j += 8) {  // 8 rows of w (past N: zeros)
+            const int64_t row = n0 + n + j;
+            const int8_t* src = w + row * ldw + k0;
+            int64_t ld = ldw;
+            if (row + 8 > N) {
+              std::fill(tail.begin(), tail.begin() + 8 * kv, int8_t{0});
+              for (int64_t i = 0; row + i < N; ++i) std::memcpy(tail.data() + i * kv, src + i * ldw, kv);
+              src = tail.data(), ld = kv;
+            }
+            int32_t s8[8];
+            pack_rows8(src, ld, kv, kc, layout, group.data() + (j / pc) * kc * pc + (j % pc) * g, pitch, s8);
+            for (int i = 0; i < 8; ++i) rowsum[n + j + i] += s8[i];
+          }
+          for (int64_t m = 0; m < mpad; m += kPMR)
+            micro_for<Step>(std::min(kPMR, m1 - m0 - m))(
+                ap + (m0 + m) * Kp + k0 * kPMR, group.data(), bstride, pitch, kc,
+                ct.data() + m * kPNc + n, kPNc, k0 > 0);
+        }
+      }
+      if (Kp == 0) std::fill(ct.begin(), ct.end(), 0);
+      if (u8_a) {  // A was q + 128: less 128 * rowsum (mod 2^32)
+        uint32_t off[kPNc];
+        for (int64_t n = 0; n < n1 - n0; ++n) off[n] = static_cast<uint32_t>(rowsum[n]) * 128u;
+        for (int64_t m = 0; m < m1 - m0; ++m) {
+          uint32_t* c = reinterpret_cast<uint32_t*>(ct.data() + m * kPNc);
+          for (int64_t n = 0; n < n1 - n0; ++n) c[n] -= off[n];
+        }
+      }
+      epilogue(m0, m1, n0, n1, ct.data(), kPNc, sums ? rowsum : nullptr);
     }
   });
 }
@@ -1266,6 +1402,7 @@ void gemm_rows_dot(const int8_t* x, int64_t M, const int32_t* xsum, const int8_t
     }
   });
 }
+
 #endif
 
 PackLayout kernel_layout(Int8Kernel kernel) {
@@ -1277,18 +1414,22 @@ PackLayout kernel_layout(Int8Kernel kernel) {
   }
 }
 
-// The layout int8_pack_weight packs for `kernel`: amx reads the weight as it lies (kRows),
-// unless QLIB_INT8_PACKED_COPY=1 asks for its panels (a copy of the weight: 1.1-1.3x faster
-// from M = 32). The other kernels need their panels: GEMMs on the plain weight for
-// avx512-vnni (dot_rows_zmm's scheme with 6 rows of x, or micro_zmm's with the roles of x and
-// w swapped) ran 1.1-2x slower than its panels at M = 8-128 and below torch.ao at some shapes
-// (Xeon with AMX, stop 33; NOTES).
+// The layout int8_pack_weight packs for `kernel`. By default amx reads the weight as it lies
+// (kRows) and the other kernels have their panels: a copy of the weight, 1 more byte a value.
+// QLIB_INT8_PACKED_COPY (read once) = 1 gives every kernel its panels (amx: 1.1-1.3x faster
+// from M = 32), = 0 none: the others then run gemm_panels_plain (avx512-vnni, Xeon with AMX,
+// stop 35: 1.05-1.25x slower at M = 5-16, 1.05-1.1x at M = 128-1024; the same at M <= 4 on
+// dot_rows_zmm; NOTES).
 PackLayout weight_layout(Int8Kernel kernel) {
-  static const bool packed_copy = [] {
+  static const int packed_copy = [] {  // -1: unset
     const char* e = std::getenv("QLIB_INT8_PACKED_COPY");
-    return e != nullptr && std::string(e) == "1";
+    if (e == nullptr || *e == '\0') return -1;
+    TORCH_CHECK(std::string(e) == "0" || std::string(e) == "1",
+                "the environment variable QLIB_INT8_PACKED_COPY=", e, " must be 0 or 1");
+    return *e - '0';
   }();
-  return kernel == Int8Kernel::kAmx && !packed_copy ? PackLayout::kRows : kernel_layout(kernel);
+  const bool copy = packed_copy == -1 ? kernel != Int8Kernel::kAmx : packed_copy == 1;
+  return copy ? kernel_layout(kernel) : PackLayout::kRows;
 }
 
 // The kernel that runs a weight packed in `layout`: this process's, or (a weight packed on
@@ -1681,12 +1822,17 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   // a kRows weight runs unpacked under the other kernels (and warns).
   const Int8Kernel kernel_now = current_int8_kernel();
   const bool plain_kernel = !has_panels(weight_layout(kernel_now));
-  if (packed != nullptr && !has_panels(packed->layout) && !plain_kernel) {
-    kernel_for_layout(packed->layout);  // (for its warning)
+  if (packed != nullptr && !has_panels(packed->layout)) {  // a tag: the kernels read w
+    if (!plain_kernel) kernel_for_layout(packed->layout);  // (for its warning)
     packed = nullptr;
   }
-  const bool rows_path = QLIB_INT8_X86 && K > 0 && plain_kernel &&
-                         (packed == nullptr || !has_panels(packed->layout));
+  // On the plain weight: few rows on the dot kernel (AVX512; without it, gemm's sign-transfer
+  // kernel below), the rest on amx's tiles or on panels packed as the threads go.
+  const bool zmm_dot = kernel_now == Int8Kernel::kAmx || kernel_now == Int8Kernel::kAvx512Vnni;
+  const bool rows_path = QLIB_INT8_X86 && K > 0 && plain_kernel && packed == nullptr &&
+                         (zmm_dot || M > kRowsDotMaxM);
+  const bool rows_dot = rows_path && M <= kRowsDotMaxM;
+  const bool rows_panels = rows_path && !rows_dot && kernel_now != Int8Kernel::kAmx;
   // Elsewhere the packed kernel at large M, with a pre-packed weight, or when codes reach -128
   // (which gemm's sign-transfer kernel cannot take).
   const bool packed_path = !rows_path && QLIB_INT8_X86 && cpu_has_avx2() && K > 0 &&
@@ -1719,7 +1865,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   std::vector<int32_t> off(N, 0);
   at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));  // row scales (NaN: NaN row)
   at::Tensor q;
-  if (!packed_path) {
+  if (!packed_path && !rows_panels) {
     q = at::empty({M, K}, x.options().dtype(at::kChar));
     quantize_rows(x, q.data_ptr<int8_t>(), sa.data_ptr<float>(), fixed, codes);
   }
@@ -1749,15 +1895,26 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
     if (rows_path) {  // (nothing stored is used: a weight changed behind a graph runs exactly)
       const RowsEpilogue dequant_rows = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                                             const int32_t* ct, int64_t ldt, const int32_t* rowsum) {
-        int32_t zwt[std::max(kAMc, kDotBlock)];  // z * the row sums (|z| <= 128: fits int32)
+        int32_t zwt[std::max({kAMc, kDotBlock, kPNc})];  // z * the row sums (|z| <= 128: fits int32)
         for (int64_t n = n0; n < n1 && rowsum != nullptr; ++n)
           zwt[n - n0] = static_cast<int32_t>(z * rowsum[n - n0]);
         for (int64_t m = m0; m < m1; ++m)
           dequant_row(m, n0, n1, ct + (m - m0) * ldt, rowsum != nullptr ? zwt : nullptr);
       };
       const int8_t* wp = w.const_data_ptr<int8_t>();
+      if (rows_panels) {
+        with_step(kernel_now, [&](auto step) {
+          using Elem = typename decltype(step)::Elem;
+          const PackLayout layout = kernel_layout(kernel_now);
+          const at::Tensor a = quantize_rows_panels<Elem>(x, M, K, padded_k(K, layout),
+                                                          sa.data_ptr<float>(), fixed, codes);
+          gemm_panels_plain<decltype(step)>(a.const_data_ptr<Elem>(), M, wp, w.stride(0), N, K,
+                                            layout, z != 0, dequant_rows);
+        });
+        return;
+      }
       int8_t* qp = q.data_ptr<int8_t>();
-      if (M > kRowsDotMaxM) {
+      if (!rows_dot) {
         const PackedB xb = pack_b(qp, K, M, K, PackLayout::kAmxQuads, x.options());
         gemm_amx_rows(wp, w.stride(0), N, K, xb, z != 0, dequant_rows);
         return;

@@ -279,16 +279,45 @@ def test_amx_reads_the_weight_not_its_packing():
         qlib.set_int8_cpu_kernel("auto")
 
 
-@pytest.mark.skipif("amx" not in KERNELS, reason="needs AMX-INT8")
-def test_packed_copy_env_var_gives_amx_its_panels():
-    code = ("import torch, qlib; w = torch.randint(-128, 128, (40, 300), dtype=torch.int8); "
-            "x, s = torch.randn(9, 300), torch.rand(40); p = torch.ops.qlib.int8_pack_weight(w); "
-            "y = torch.ops.qlib.int8_linear_packed(x, p, w, s, None); "
-            "print(p.numel(), bool(torch.equal(y, torch.ops.qlib.int8_linear(x, w, s, None))))")
-    for env, size in (("1", 64 * 320 + 4 * 64 + 32), ("0", 32)):  # AMX panels: N to 32, K to 64
-        e = dict(os.environ, QLIB_INT8_PACKED_COPY=env, QLIB_INT8_CPU_KERNEL="amx")
+def test_packed_copy_env_var():
+    """QLIB_INT8_PACKED_COPY=1 gives every kernel its panels (amx too), =0 none (a 32-byte tag:
+    the kernels read the weight itself); the results are the same bits."""
+    code = ("import torch, qlib; w = torch.randint(-128, 128, (40, 300), dtype=torch.int8)\n"
+            "x, s = torch.randn(9, 300), torch.rand(40)\n"
+            "for name in qlib.int8_cpu_kernels():\n"
+            "    qlib.set_int8_cpu_kernel(name); p = torch.ops.qlib.int8_pack_weight(w)\n"
+            "    y = torch.ops.qlib.int8_linear_packed(x, p, w, s, None)\n"
+            "    print(name, p.numel(), bool(torch.equal(y, torch.ops.qlib.int8_linear(x, w, s, None))))")
+    # AMX panels (amx, avx512-vnni): N to 32, K to 64; 8-column panels: N to 16, K to 4.
+    panels = {name: 64 * 320 + 4 * 64 + 32 if name in ("amx", "avx512-vnni") else 48 * 300 + 4 * 48 + 32
+              for name in KERNELS}
+    for env in ("1", "0", None):
+        e = dict(os.environ, QLIB_INT8_PACKED_COPY=env or "")
         out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0 and out.stdout.split() == [str(size), "True"], out.stderr
+        assert out.returncode == 0, out.stderr
+        for name in KERNELS:
+            copy = env == "1" or (env is None and name != "amx")
+            assert f"{name} {panels[name] if copy else 32} True" in out.stdout.splitlines(), (env, out.stdout)
+    e = dict(os.environ, QLIB_INT8_PACKED_COPY="yes")
+    out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "QLIB_INT8_PACKED_COPY=yes must be 0 or 1" in out.stderr
+
+
+def test_int8_suites_without_packed_copies():
+    """tests/test_int8.py and this file again with QLIB_INT8_PACKED_COPY=0: every kernel on the
+    plain weight (gemm_panels_plain) at every M (the two tests of other kernels' packings and
+    their warnings are about the copies, and left out)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, QLIB_INT8_PACKED_COPY="0", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         "-k", "not from_another_kernel and not warnings_go_through and not without_packed_copies "
+               "and not packed_copy_env_var and not suite_with_the_vnni_layout",
+         os.path.join(here, "test_int8.py"), os.path.abspath(__file__)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout
 
 
 def test_compiled_packing_survives_a_kernel_switch():
