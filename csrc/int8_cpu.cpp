@@ -1038,19 +1038,20 @@ void gemm_panels_plain(const typename Step::Elem* ap, int64_t M, const int8_t* w
               pack_panel16_zmm(w + row * ldw + k0, ldw, std::clamp<int64_t>(N - row, 0, 16), kv, kc,
                                group.data() + j * kc, rowsum + n + j);
             }
-          } else
-          for (int64_t j = 0; j < cols; j += 8) {  // 8 rows of w (past N: zeros)
-            const int64_t row = n0 + n + j;
-            const int8_t* src = w + row * ldw + k0;
-            int64_t ld = ldw;
-            if (row + 8 > N) {
-              std::fill(tail.begin(), tail.begin() + 8 * kv, int8_t{0});
-              for (int64_t i = 0; row + i < N; ++i) std::memcpy(tail.data() + i * kv, src + i * ldw, kv);
-              src = tail.data(), ld = kv;
+          } else {
+            for (int64_t j = 0; j < cols; j += 8) {  // 8 rows of w (past N: zeros)
+              const int64_t row = n0 + n + j;
+              const int8_t* src = w + row * ldw + k0;
+              int64_t ld = ldw;
+              if (row + 8 > N) {
+                std::fill(tail.begin(), tail.begin() + 8 * kv, int8_t{0});
+                for (int64_t i = 0; row + i < N; ++i) std::memcpy(tail.data() + i * kv, src + i * ldw, kv);
+                src = tail.data(), ld = kv;
+              }
+              int32_t s8[8];
+              pack_rows8(src, ld, kv, kc, layout, group.data() + (j / pc) * kc * pc + (j % pc) * g, pitch, s8);
+              for (int i = 0; i < 8; ++i) rowsum[n + j + i] += s8[i];
             }
-            int32_t s8[8];
-            pack_rows8(src, ld, kv, kc, layout, group.data() + (j / pc) * kc * pc + (j % pc) * g, pitch, s8);
-            for (int i = 0; i < 8; ++i) rowsum[n + j + i] += s8[i];
           }
           for (int64_t m = 0; m < mpad; m += kPMR)
             micro_for<Step>(std::min(kPMR, m1 - m0 - m))(
@@ -1058,7 +1059,6 @@ void gemm_panels_plain(const typename Step::Elem* ap, int64_t M, const int8_t* w
                 ct.data() + m * kPNc + n, kPNc, k0 > 0);
         }
       }
-      if (Kp == 0) std::fill(ct.begin(), ct.end(), 0);
       if (u8_a) {  // A was q + 128: less 128 * rowsum (mod 2^32)
         uint32_t off[kPNc];
         for (int64_t n = 0; n < n1 - n0; ++n) off[n] = static_cast<uint32_t>(rowsum[n]) * 128u;
@@ -1402,7 +1402,6 @@ void gemm_rows_dot(const int8_t* x, int64_t M, const int32_t* xsum, const int8_t
     }
   });
 }
-
 #endif
 
 PackLayout kernel_layout(Int8Kernel kernel) {
@@ -1418,8 +1417,8 @@ PackLayout kernel_layout(Int8Kernel kernel) {
 // (kRows) and the other kernels have their panels: a copy of the weight, 1 more byte a value.
 // QLIB_INT8_PACKED_COPY (read once) = 1 gives every kernel its panels (amx: 1.1-1.3x faster
 // from M = 32), = 0 none: the others then run gemm_panels_plain (avx512-vnni, Xeon with AMX,
-// stop 35: 1.05-1.25x slower at M = 5-16, 1.05-1.1x at M = 128-1024; the same at M <= 4 on
-// dot_rows_zmm; NOTES).
+// stop 35: the same time at M <= 4 on dot_rows_zmm, 1.2-1.5x at M = 8-16, 0.85-1.26x from
+// M = 128; RESULTS).
 PackLayout weight_layout(Int8Kernel kernel) {
   static const int packed_copy = [] {  // -1: unset
     const char* e = std::getenv("QLIB_INT8_PACKED_COPY");
