@@ -2004,6 +2004,8 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
 
 }  // namespace
 
+bool int8_packed_copy() { return has_panels(weight_layout(current_int8_kernel())); }
+
 TORCH_LIBRARY_IMPL(qlib, CPU, m) {
   m.impl("quantize_per_token", &quantize_per_token_cpu);
   m.impl("int8_gemm", &int8_gemm_cpu);

@@ -49,6 +49,11 @@ pybind11::dict build_info() {
     d["int8_cpu_kernel"] = std::string("error: ") + e.what_without_backtrace();
   }
   try {
+    d["int8_packed_copy"] = qlib::int8_packed_copy();
+  } catch (const c10::Error& e) {
+    d["int8_packed_copy"] = std::string("error: ") + e.what_without_backtrace();
+  }
+  try {
     d["fourbit_cpu_kernel"] = qlib::fourbit_cpu_kernel();
   } catch (const c10::Error& e) {
     d["fourbit_cpu_kernel"] = std::string("error: ") + e.what_without_backtrace();

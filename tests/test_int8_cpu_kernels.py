@@ -287,7 +287,8 @@ def test_packed_copy_env_var():
             "for name in qlib.int8_cpu_kernels():\n"
             "    qlib.set_int8_cpu_kernel(name); p = torch.ops.qlib.int8_pack_weight(w)\n"
             "    y = torch.ops.qlib.int8_linear_packed(x, p, w, s, None)\n"
-            "    print(name, p.numel(), bool(torch.equal(y, torch.ops.qlib.int8_linear(x, w, s, None))))")
+            "    print(name, p.numel(), bool(torch.equal(y, torch.ops.qlib.int8_linear(x, w, s, None))),\n"
+            "          qlib.build_info()['int8_packed_copy'])")
     # AMX panels (amx, avx512-vnni): N to 32, K to 64; 8-column panels: N to 16, K to 4.
     panels = {name: 64 * 320 + 4 * 64 + 32 if name in ("amx", "avx512-vnni") else 48 * 300 + 4 * 48 + 32
               for name in KERNELS}
@@ -297,10 +298,16 @@ def test_packed_copy_env_var():
         assert out.returncode == 0, out.stderr
         for name in KERNELS:
             copy = env == "1" or (env is None and name != "amx")
-            assert f"{name} {panels[name] if copy else 32} True" in out.stdout.splitlines(), (env, out.stdout)
+            line = f"{name} {panels[name] if copy else 32} True {copy}"
+            assert line in out.stdout.splitlines(), (env, out.stdout)
     e = dict(os.environ, QLIB_INT8_PACKED_COPY="yes")
     out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "QLIB_INT8_PACKED_COPY=yes must be 0 or 1" in out.stderr
+    info = ("import qlib; i = qlib.build_info(); "
+            "print(i['int8_packed_copy'].startswith('error: the environment variable QLIB_INT8_PACKED_COPY=yes'), "
+            "i['int8_cpu_kernel'] in qlib.int8_cpu_kernels())")
+    out = subprocess.run([sys.executable, "-c", info], env=e, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "True"], out.stderr  # the rest still reported
 
 
 def test_int8_suites_without_packed_copies():
