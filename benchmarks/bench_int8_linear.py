@@ -182,7 +182,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_model()}, "
-          f"qlib {qlib.build_info().get('cpu_isa', '')}, int8 CPU kernel {qlib.build_info()['int8_cpu_kernel']}")
+          f"qlib {qlib.build_info().get('cpu_isa', '')}, int8 CPU kernel {qlib.build_info()['int8_cpu_kernel']} "
+          f"(packed weight copy: {qlib.build_info()['int8_packed_copy']})")
     rows = [] if args.no_cpu else bench_cpu(args.quick)
     gpu = bench_cuda(args.quick) if torch.cuda.is_available() and not args.no_cuda else []
     if args.markdown:
