@@ -912,3 +912,30 @@ def test_threads_sharing_a_fresh_observer():
                 t.join()
             assert all("qlib::histogram_observe: hist of block" in str(e) for e in errors)
             assert obs.qparams_shape.tolist() == [1, 256, 1] and int(obs.observed) > 0
+
+
+def test_import_leaves_dynamo_out_until_an_observer_exists(tmp_path):
+    """`import qlib` does not import torch._dynamo (~0.9 s); the first observer built or
+    unpickled (torch.load of a whole model, no __init__) puts the graph breaks that
+    torch.compile needs in place, and a compiled first batch still sizes the observer eagerly."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "model.pt"
+    torch.save(torch.nn.Sequential(qlib.nn.FakeQuantize(O.MinMaxObserver(), learnable=True)), path)
+    code = f"""
+import sys, torch, qlib
+assert "torch._dynamo" not in sys.modules
+from qlib.nn import fake_quantize
+assert not hasattr(qlib.observers._allocate_eagerly, "_torchdynamo_disable")
+m = torch.load({str(path)!r}, weights_only=False)
+assert qlib.observers._allocate_eagerly._torchdynamo_disable
+assert fake_quantize._take_first_qparams_eagerly._torchdynamo_disable
+m[0].observer.reset()
+x = torch.randn(5, 7)
+y = torch.compile(m)(x)
+assert m[0].observer.min_val.numel() == 1 and torch.isfinite(y).all()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["ok"], out.stderr[-3000:]

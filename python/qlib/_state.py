@@ -3,6 +3,28 @@ import torch
 from torch import Tensor, nn
 
 
+# Functions behind torch.compiler.disable (graph breaks for torch.compile), wrapped by the
+# first observer or FakeQuantize built or unpickled (make_graph_breaks), not at import: importing
+# torch._dynamo takes ~0.9 s, 30x the rest of `import qlib`. Callers look them up by their module
+# global's name at call time, so they get the wrapped function once it exists.
+_GRAPH_BREAKS: list = []  # (module globals, name, function, reason)
+
+
+def graph_break(reason: str):
+    """Decorator: the function, to be replaced in its module by torch.compiler.disable(function,
+    reason=reason) at make_graph_breaks()."""
+    def register(fn):
+        _GRAPH_BREAKS.append((fn.__globals__, fn.__name__, fn, reason))
+        return fn
+    return register
+
+
+def make_graph_breaks() -> None:
+    while _GRAPH_BREAKS:
+        namespace, name, fn, reason = _GRAPH_BREAKS.pop()
+        namespace[name] = torch.compiler.disable(fn, reason=reason)
+
+
 class QuantState(nn.Module):
     """Base of qlib's modules that hold quantization state in buffers: scales, zero points,
     observer statistics, histograms and their float64 ranges, int8 weights.

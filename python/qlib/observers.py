@@ -48,7 +48,7 @@ from torch.nn.modules import module as _module
 from . import _C
 from . import _observer_ops  # noqa: F401  (registers the fakes)
 from ._ops import quant_range
-from ._state import QuantState
+from ._state import QuantState, graph_break, make_graph_breaks
 
 ops = torch.ops.qlib
 _ALLOCATE_LOCK = threading.Lock()
@@ -94,6 +94,7 @@ class ObserverBase(QuantState):
         eps: float = _EPS,
     ) -> None:
         super().__init__()
+        make_graph_breaks()
         name = type(self).__name__
         if not isinstance(bits, int) or not 2 <= bits <= 16:
             raise ValueError(f"qlib.observers.{name}: bits must be an int in [2, 16], got {bits!r}")
@@ -378,15 +379,19 @@ class ObserverBase(QuantState):
                 self._resize(name, state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        make_graph_breaks()  # (torch.load of a pickled model, copy.deepcopy: no __init__)
+
     def extra_repr(self) -> str:
         g = f"ch_axis={self.ch_axis}" if self.ch_axis is not None else (
             f"group_size={self.group_size}" if self.group_size is not None else "per_tensor")
         return f"bits={self.bits}, symmetric={self.symmetric}, {g}, range=[{self.quant_min}, {self.quant_max}]"
 
 
-@torch.compiler.disable(reason="a qlib observer sizes its buffers on the first batch it sees (resize_ of "
-                                "a buffer): call observer.allocate(x_shape) or run one eager batch before "
-                                "torch.compile(fullgraph=True)")
+@graph_break("a qlib observer sizes its buffers on the first batch it sees (resize_ of "
+             "a buffer): call observer.allocate(x_shape) or run one eager batch before "
+             "torch.compile(fullgraph=True)")
 def _allocate_eagerly(observer: ObserverBase, blocks: int, shape: List[int], device) -> None:
     with _ALLOCATE_LOCK:  # threads sharing a fresh observer: one sizes it (concurrent resize_ crashed)
         if observer._buffers["qparams_shape"].numel() == 0:

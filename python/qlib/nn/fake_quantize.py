@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
-from .._state import QuantState, on_nested
+from .._state import QuantState, graph_break, make_graph_breaks, on_nested
 from ..observers import NOTHING_RECORDED, _distributed
 
 ops = torch.ops.qlib
@@ -85,6 +85,7 @@ class FakeQuantize(QuantState):
             if name in state:
                 state["_" + name] = state.pop(name)
         super().__setstate__(state)
+        make_graph_breaks()
         if "switches" not in self._buffers:  # pickled (torch.save(model)) before stop 30
             device = next(self.buffers(), torch.empty(0)).device
             self.register_buffer("switches", torch.tensor(
@@ -212,8 +213,8 @@ class FakeQuantize(QuantState):
                 f"observer_enabled={self.observer_enabled}, fake_quant_enabled={self.fake_quant_enabled}")
 
 
-@torch.compiler.disable(reason="a learnable FakeQuantize's first scale, eagerly (an observer not yet sized, "
-                                "float16 / bfloat16 or parametrized qparams): run one step first for fullgraph")
+@graph_break("a learnable FakeQuantize's first scale, eagerly (an observer not yet sized, "
+             "float16 / bfloat16 or parametrized qparams): run one step first for fullgraph")
 def _take_first_qparams_eagerly(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> None:
     _take_first_qparams(fq, observer, x)
 
