@@ -939,3 +939,26 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split() == ["ok"], out.stderr[-3000:]
+
+
+def test_observers_built_in_threads_return_with_the_graph_breaks_in_place():
+    """Threads building the first observers at once: none returns before the graph breaks are
+    wrapped (one thread imports torch._dynamo for ~0.9 s meanwhile; found by a helper's hunt)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, threading, qlib, qlib.observers as O, qlib.nn.fake_quantize as F
+sys.setswitchinterval(1e-6)
+bar, seen = threading.Barrier(8), []
+def work():
+    bar.wait()
+    O.MinMaxObserver()
+    seen.append(hasattr(O._allocate_eagerly, "_torchdynamo_disable")
+                and hasattr(F._take_first_qparams_eagerly, "_torchdynamo_disable"))
+ts = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(seen.count(True))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["8"], out.stdout + out.stderr[-3000:]

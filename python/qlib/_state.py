@@ -1,4 +1,6 @@
 """Quantization state keeps its dtype when a model is cast (``model.half()``, ``.to(torch.bfloat16)``)."""
+import threading
+
 import torch
 from torch import Tensor, nn
 
@@ -8,6 +10,7 @@ from torch import Tensor, nn
 # torch._dynamo takes ~0.9 s, 30x the rest of `import qlib`. Callers look them up by their module
 # global's name at call time, so they get the wrapped function once it exists.
 _GRAPH_BREAKS: list = []  # (module globals, name, function, reason)
+_GRAPH_BREAKS_LOCK = threading.Lock()
 
 
 def graph_break(reason: str):
@@ -20,9 +23,13 @@ def graph_break(reason: str):
 
 
 def make_graph_breaks() -> None:
-    while _GRAPH_BREAKS:
-        namespace, name, fn, reason = _GRAPH_BREAKS.pop()
-        namespace[name] = torch.compiler.disable(fn, reason=reason)
+    if not _GRAPH_BREAKS:
+        return
+    with _GRAPH_BREAKS_LOCK:  # (another thread returns once all are wrapped: popped after)
+        while _GRAPH_BREAKS:
+            namespace, name, fn, reason = _GRAPH_BREAKS[-1]
+            namespace[name] = torch.compiler.disable(fn, reason=reason)
+            _GRAPH_BREAKS.pop()
 
 
 class QuantState(nn.Module):
