@@ -1,6 +1,8 @@
 """qlib.observers and the observer ops: against torch.ao and float64 references."""
 import math
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -918,9 +920,6 @@ def test_import_leaves_dynamo_out_until_an_observer_exists(tmp_path):
     """`import qlib` does not import torch._dynamo (~0.9 s); the first observer built or
     unpickled (torch.load of a whole model, no __init__) puts the graph breaks that
     torch.compile needs in place, and a compiled first batch still sizes the observer eagerly."""
-    import subprocess
-    import sys
-
     path = tmp_path / "model.pt"
     torch.save(torch.nn.Sequential(qlib.nn.FakeQuantize(O.MinMaxObserver(), learnable=True)), path)
     code = f"""
@@ -944,9 +943,6 @@ print("ok")
 def test_observers_built_in_threads_return_with_the_graph_breaks_in_place():
     """Threads building the first observers at once: none returns before the graph breaks are
     wrapped (one thread imports torch._dynamo for ~0.9 s meanwhile; found by a helper's hunt)."""
-    import subprocess
-    import sys
-
     code = """
 import sys, threading, qlib, qlib.observers as O, qlib.nn.fake_quantize as F
 sys.setswitchinterval(1e-6)
