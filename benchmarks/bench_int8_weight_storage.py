@@ -62,9 +62,9 @@ def main():
     if args.child:
         print(json.dumps(measure()))
         return
-    copy_now = qlib.build_info()["int8_cpu_kernel"] != "amx"
-    if os.environ.get("QLIB_INT8_PACKED_COPY") in ("0", "1"):
-        copy_now = os.environ["QLIB_INT8_PACKED_COPY"] == "1"
+    copy_now = qlib.build_info()["int8_packed_copy"]
+    if not isinstance(copy_now, bool):  # (a bad QLIB_INT8_PACKED_COPY: the error)
+        sys.exit(copy_now)
     child_env = dict(os.environ, QLIB_INT8_PACKED_COPY="0" if copy_now else "1")
     here = measure()
     cmd = [sys.executable, __file__, "--child", "--kernel", args.kernel] + (

@@ -1011,15 +1011,14 @@ void gemm_panels_plain(const typename Step::Elem* ap, int64_t M, const int8_t* w
   int64_t nc = kPNc;
   while (nc > 2 * cols && mt * ((N + nc - 1) / nc) < 4 * at::get_num_threads()) nc /= 2;
   const int64_t tiles = mt * ((N + nc - 1) / nc);
-  const int64_t kblock = kPKc;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, tiles, 1, [&](int64_t, int64_t) {
     // Per thread, kept (fresh buffers cost page faults every call).
     thread_local std::vector<int32_t> ct;
     thread_local std::vector<int8_t> group, tail;
     ct.resize(kPlainMc * kPNc);
-    group.resize(cols * kblock);
-    tail.resize(8 * kblock);
+    group.resize(cols * kPKc);
+    tail.resize(8 * kPKc);
     int32_t rowsum[kPNc];
     for (int64_t t = next++; t < tiles; t = next++) {
       const int64_t m0 = (t % mt) * kPlainMc, m1 = std::min(M, m0 + kPlainMc);
@@ -1027,8 +1026,8 @@ void gemm_panels_plain(const typename Step::Elem* ap, int64_t M, const int8_t* w
       const int64_t mpad = (m1 - m0 + kPMR - 1) / kPMR * kPMR;
       const int64_t npad = (n1 - n0 + cols - 1) / cols * cols;
       std::fill(rowsum, rowsum + npad, 0);
-      for (int64_t k0 = 0; k0 < Kp; k0 += kblock) {
-        const int64_t kc = std::min(kblock, Kp - k0), kv = std::clamp<int64_t>(K - k0, 0, kc);
+      for (int64_t k0 = 0; k0 < Kp; k0 += kPKc) {
+        const int64_t kc = std::min(kPKc, Kp - k0), kv = std::clamp<int64_t>(K - k0, 0, kc);
         // From the first 8 or 16 columns of a call to the next, in the group buffer.
         const int64_t bstride = cols == 32 ? kc * 16 : pc == 8 ? kc * 8 : 32;
         for (int64_t n = 0; n < npad; n += cols) {
