@@ -33,7 +33,7 @@ SHAPES = [(768, 768), (768, 3072), (4096, 4096)]
 MS = [1, 4, 8, 16, 128, 1024]
 
 
-def measure():
+def measure(ms):
     """{"M K N": (qlib ms, torch.ao ms, weight_packed bytes)} in this process."""
     out = {}
     torch.manual_seed(0)
@@ -41,7 +41,7 @@ def measure():
         lin = nn.Linear(K, N)
         q = Int8Linear.from_float(lin)
         ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
-        for M in MS:
+        for M in ms:
             x = torch.randn(M, K)
             with torch.inference_mode():
                 tq, ta = interleaved_medians_ms([lambda: q(x), lambda: ao(x)], block=3)
@@ -54,20 +54,21 @@ def main():
     p.add_argument("--kernel", default="auto", help="qlib.set_int8_cpu_kernel name (default: auto)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--markdown", type=Path, help="write the table as markdown here")
+    p.add_argument("--m", type=int, nargs="+", default=MS, help=f"rows of x (default: {MS})")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     qlib.set_int8_cpu_kernel(args.kernel)
     if args.child:
-        print(json.dumps(measure()))
+        print(json.dumps(measure(args.m)))
         return
     copy_now = qlib.build_info()["int8_packed_copy"]
     if not isinstance(copy_now, bool):  # (a bad QLIB_INT8_PACKED_COPY: the error)
         sys.exit(copy_now)
     child_env = dict(os.environ, QLIB_INT8_PACKED_COPY="0" if copy_now else "1")
-    here = measure()
-    cmd = [sys.executable, __file__, "--child", "--kernel", args.kernel] + (
+    here = measure(args.m)
+    cmd = [sys.executable, __file__, "--child", "--kernel", args.kernel, "--m", *map(str, args.m)] + (
         ["--threads", str(args.threads)] if args.threads else [])
     there = json.loads(subprocess.run(cmd, env=child_env, check=True, capture_output=True, text=True).stdout)
     packed, plain = (here, there) if copy_now else (there, here)

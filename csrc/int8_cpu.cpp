@@ -1401,6 +1401,155 @@ void gemm_rows_dot(const int8_t* x, int64_t M, const int32_t* xsum, const int8_t
     }
   });
 }
+
+// 5-16 rows of x on the plain weight under avx512-vnni (gemm_lanes_plain): C^T = W X^T with x's
+// rows in the lanes. x's codes + 128 and a last row of ones (its sums are w's row sums, for the
+// offset) are split into groups of g = 16 / W rows (g = 16, 8, 4, 2, 1), each laid out so that a
+// zmm holds W k words (4 W k) of each of its g rows; 4 W k of a weight row broadcast where they lie
+// multiply a zmm of the group: every vpdpbusd does 64 MACs, as the packed kernel's, with nothing
+// of w packed or transposed. Each group is a pass over 8 rows of w (in L1 after the first).
+constexpr int64_t kRowsLanesMaxM = 16;
+inline int32_t load_i32(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
+inline int64_t load_i64(const int8_t* p) { int64_t v; std::memcpy(&v, p, 8); return v; }
+
+// ct[r * ldc + j] = sum_k xg_j[k] * w_r[k] for r < nw <= 8 rows of w (row stride ldw) and the
+// 16 / W rows of a group laid out in xp (K padded to 64 with zeros there). (Named accumulators:
+// GCC kept an array's in memory.)
+template <int W>
+QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, const int8_t* w, int64_t ldw,
+                                                       int64_t nw, int64_t K, int32_t* ct, int64_t ldc) {
+  constexpr int64_t kStep = 4 * W;  // k per zmm of xp
+  const __m512i z = _mm512_setzero_si512();
+  __m512i a0 = z, a1 = z, a2 = z, a3 = z, a4 = z, a5 = z, a6 = z, a7 = z;
+  // Rows past nw repeat the last (computed, not stored).
+#define QLIB_W(r) const int8_t* w##r = w + std::min<int64_t>(r, nw - 1) * ldw;
+  QLIB_W(0) QLIB_W(1) QLIB_W(2) QLIB_W(3) QLIB_W(4) QLIB_W(5) QLIB_W(6) QLIB_W(7)
+#undef QLIB_W
+#define QLIB_BCAST(p)                                                                            \
+  (W == 1   ? _mm512_set1_epi32(load_i32(p))                                                     \
+   : W == 2 ? _mm512_set1_epi64(load_i64(p))                                                     \
+   : W == 4 ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))      \
+   : W == 8 ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))   \
+            : _mm512_loadu_si512(p))
+#define QLIB_LANES(P)                                                                            \
+  a0 = _mm512_dpbusd_epi32(a0, xv, P(w0)), a1 = _mm512_dpbusd_epi32(a1, xv, P(w1));             \
+  a2 = _mm512_dpbusd_epi32(a2, xv, P(w2)), a3 = _mm512_dpbusd_epi32(a3, xv, P(w3));             \
+  a4 = _mm512_dpbusd_epi32(a4, xv, P(w4)), a5 = _mm512_dpbusd_epi32(a5, xv, P(w5));             \
+  a6 = _mm512_dpbusd_epi32(a6, xv, P(w6)), a7 = _mm512_dpbusd_epi32(a7, xv, P(w7));
+  int64_t k = 0;
+  const uint8_t* xk = xp;
+  for (; k + 64 <= K; k += 64) {
+#pragma GCC unroll 16
+    for (int64_t kk = k; kk < k + 64; kk += kStep, xk += 64) {
+      const __m512i xv = _mm512_loadu_si512(xk);
+#define QLIB_AT(p) QLIB_BCAST(p + kk)
+      QLIB_LANES(QLIB_AT)
+#undef QLIB_AT
+    }
+  }
+  for (; k + kStep <= K; k += kStep, xk += 64) {
+    const __m512i xv = _mm512_loadu_si512(xk);
+#define QLIB_AT(p) QLIB_BCAST(p + k)
+    QLIB_LANES(QLIB_AT)
+#undef QLIB_AT
+  }
+  if (k < K) {  // a last part step: the rows' last k, then zeros
+    const __m512i xv = _mm512_loadu_si512(xk);
+    alignas(64) int8_t pad[8][64] = {};
+#define QLIB_PAD(r) std::memcpy(pad[r], w##r + k, K - k), w##r = pad[r];
+    QLIB_PAD(0) QLIB_PAD(1) QLIB_PAD(2) QLIB_PAD(3) QLIB_PAD(4) QLIB_PAD(5) QLIB_PAD(6) QLIB_PAD(7)
+#undef QLIB_PAD
+    QLIB_LANES(QLIB_BCAST)
+  }
+#undef QLIB_LANES
+#undef QLIB_BCAST
+  alignas(64) int32_t acc[8][16];
+#define QLIB_SAVE(r) _mm512_store_si512(acc[r], a##r);
+  QLIB_SAVE(0) QLIB_SAVE(1) QLIB_SAVE(2) QLIB_SAVE(3) QLIB_SAVE(4) QLIB_SAVE(5) QLIB_SAVE(6) QLIB_SAVE(7)
+#undef QLIB_SAVE
+  constexpr __mmask16 kStarts = W == 1 ? 0xFFFF : W == 2 ? 0x5555 : W == 4 ? 0x1111 : W == 8 ? 0x0101 : 1;
+  for (int64_t r = 0; r < nw; ++r) {  // row j of the group: the sum of lanes j W .. j W + W - 1
+    __m512i v = _mm512_load_si512(acc[r]);
+    if constexpr (W >= 2) v = _mm512_add_epi32(v, _mm512_alignr_epi32(v, v, 1));
+    if constexpr (W >= 4) v = _mm512_add_epi32(v, _mm512_alignr_epi32(v, v, 2));
+    if constexpr (W >= 8) v = _mm512_add_epi32(v, _mm512_alignr_epi32(v, v, 4));
+    if constexpr (W >= 16) v = _mm512_add_epi32(v, _mm512_alignr_epi32(v, v, 8));
+    _mm512_mask_storeu_epi32(ct + r * ldc, (1 << (16 / W)) - 1, _mm512_maskz_compress_epi32(kStarts, v));
+  }
+}
+
+// Group rows r0 .. r0 + 16 / W - 1 of xr ([rows, Kp]; past `rows`: zeros) laid out for
+// lanes_zmm<W> in xp (Kp * 16 / W bytes, zeroed): per 4 W k one zmm, whose bytes j * 4 W ..
+// j * 4 W + 4 W - 1 are row r0 + j's.
+template <int W>
+void lanes_pack(const uint8_t* xr, int64_t Kp, int64_t r0, int64_t rows, uint8_t* xp) {
+  constexpr int64_t kStep = 4 * W;
+  for (int64_t j = 0; j < 16 / W && r0 + j < rows; ++j)
+    for (int64_t k = 0; k < Kp; k += kStep) std::memcpy(xp + k * (16 / W) + j * kStep, xr + (r0 + j) * Kp + k, kStep);
+}
+
+// ctt [nn rows of w][ldc] (lanes 0-15: rows of x, lane M: the row sums) less 128 * rowsum
+// (mod 2^32), transposed into ct [16][ldt]; rowsum[n] = lane M.
+QLIB_AVX512_FN void lanes_finish(int32_t* ctt, int64_t ldc, int64_t nn, int64_t M, int32_t* rowsum,
+                                 int32_t* ct, int64_t ldt) {
+  for (int64_t n = 0; n < nn; ++n) {
+    rowsum[n] = ctt[n * ldc + M];
+    const __m512i off = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(rowsum[n]) * 128u));
+    _mm512_storeu_si512(ctt + n * ldc, _mm512_sub_epi32(_mm512_loadu_si512(ctt + n * ldc), off));
+  }
+  for (int64_t i = 0; i < nn; i += 16) transpose16(ctt + i * ldc, ldc, ct + i, ldt);
+}
+
+// C = X W^T for 5-16 rows of x's codes q [M, K] (contiguous, K > 0) on lanes_zmm, handed to the
+// epilogue in blocks of kDotBlock rows of w.
+void gemm_lanes_plain(const int8_t* q, int64_t M, const int8_t* w, int64_t ldw, int64_t N, int64_t K,
+                      bool sums, const RowsEpilogue& epilogue) {
+  TORCH_INTERNAL_ASSERT(M <= kRowsLanesMaxM, "int8 gemm_lanes_plain: at most 16 rows of x");
+  // Rows 0 .. M - 1: q + 128, row M: ones (k < K); K padded to Kp with zeros.
+  const int64_t rows = M + 1, Kp = (K + 63) / 64 * 64;
+  std::vector<uint8_t> xr(rows * Kp, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xr[m * Kp + k] = static_cast<uint8_t>(q[m * K + k]) ^ 0x80;
+  std::fill(xr.begin() + M * Kp, xr.begin() + M * Kp + K, uint8_t{1});
+  // Groups of g rows (powers of two, fewest passes for the MACs): their first row and g.
+  static constexpr int8_t kGroups[18][3] = {{}, {}, {}, {}, {}, {},
+      {4, 2}, {8}, {8}, {8, 1}, {8, 2}, {8, 4}, {8, 4}, {8, 4, 1}, {8, 4, 2}, {16}, {16}, {16, 1}};
+  struct Group { int64_t r0, g; std::vector<uint8_t> xp; };
+  std::vector<Group> groups;
+  for (int64_t r0 = 0, i = 0; i < 3 && kGroups[rows][i] > 0; r0 += kGroups[rows][i++]) {
+    // Per 4 W k (W = 16 / g), one zmm: byte j * 4 W + i is row r0 + j's k + i (rows past M + 1: 0).
+    const int64_t g = kGroups[rows][i];
+    Group gr{r0, g, std::vector<uint8_t>(Kp * g, 0)};
+    const auto pack = g == 16 ? lanes_pack<1> : g == 8 ? lanes_pack<2> : g == 4 ? lanes_pack<4>
+                    : g == 2 ? lanes_pack<8> : lanes_pack<16>;
+    pack(xr.data(), Kp, r0, rows, gr.xp.data());
+    groups.push_back(std::move(gr));
+  }
+  using Lanes = void (*)(const uint8_t*, const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t);
+  const auto lanes_for = [](int64_t g) -> Lanes {
+    switch (g) {
+      case 16: return lanes_zmm<1>;
+      case 8: return lanes_zmm<2>;
+      case 4: return lanes_zmm<4>;
+      case 2: return lanes_zmm<8>;
+      default: return lanes_zmm<16>;
+    }
+  };
+  constexpr int64_t kLd = 32;  // ctt's row stride: rows of x + the ones row <= 17
+  at::parallel_for(0, (N + kDotBlock - 1) / kDotBlock, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) int32_t ctt[kDotBlock * kLd], ct[16 * kDotBlock];  // [w rows][x rows], transposed
+    int32_t rowsum[kDotBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kDotBlock, n1 = std::min(N, n0 + kDotBlock);
+      for (int64_t n = n0; n < n1; n += 8)
+        for (const Group& gr : groups)
+          lanes_for(gr.g)(gr.xp.data(), w + n * ldw, ldw, std::min<int64_t>(8, n1 - n), K,
+                          ctt + (n - n0) * kLd + gr.r0, kLd);
+      lanes_finish(ctt, kLd, n1 - n0, M, rowsum, ct, kDotBlock);
+      epilogue(0, M, n0, n1, ct, kDotBlock, sums ? rowsum : nullptr);
+    }
+  });
+}
 #endif
 
 PackLayout kernel_layout(Int8Kernel kernel) {
@@ -1830,7 +1979,9 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   const bool rows_path = QLIB_INT8_X86 && K > 0 && plain_kernel && packed == nullptr &&
                          (zmm_dot || M > kRowsDotMaxM);
   const bool rows_dot = rows_path && M <= kRowsDotMaxM;
-  const bool rows_panels = rows_path && !rows_dot && kernel_now != Int8Kernel::kAmx;
+  const bool rows_lanes = rows_path && !rows_dot && kernel_now == Int8Kernel::kAvx512Vnni &&
+                          M <= kRowsLanesMaxM;
+  const bool rows_panels = rows_path && !rows_dot && !rows_lanes && kernel_now != Int8Kernel::kAmx;
   // Elsewhere the packed kernel at large M, with a pre-packed weight, or when codes reach -128
   // (which gemm's sign-transfer kernel cannot take).
   const bool packed_path = !rows_path && QLIB_INT8_X86 && cpu_has_avx2() && K > 0 &&
@@ -1912,6 +2063,10 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
         return;
       }
       int8_t* qp = q.data_ptr<int8_t>();
+      if (rows_lanes) {
+        gemm_lanes_plain(qp, M, wp, w.stride(0), N, K, z != 0, dequant_rows);
+        return;
+      }
       if (!rows_dot) {
         const PackedB xb = pack_b(qp, K, M, K, PackLayout::kAmxQuads, x.options());
         gemm_amx_rows(wp, w.stride(0), N, K, xb, z != 0, dequant_rows);

@@ -220,7 +220,7 @@ for kernel in qlib.int8_cpu_kernels():
         w.copy_(torch.randint(-128, 128, (N, K), dtype=torch.int8))
         s = torch.rand(N) + 0.1
         p = ops.int8_pack_weight(w)
-        for M in (1, 3, 4, 5, 8, 17, 40):
+        for M in (1, 3, 4, 5, 8, 12, 16, 17, 40):
             x = torch.randn(M, K)
             q, sx = ops.quantize_per_token(x)
             ref = (q.double() @ w.double().T) * sx.double() * s.double()
@@ -319,12 +319,51 @@ def test_int8_suites_without_packed_copies():
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
          "-k", "not from_another_kernel and not warnings_go_through and not without_packed_copies "
-               "and not packed_copy_env_var and not suite_with_the_vnni_layout",
+               "and not packed_copy_env_var and not suite_with_the_vnni_layout and not packed_bits_at_few_rows",
          os.path.join(here, "test_int8.py"), os.path.abspath(__file__)],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout
+
+
+FEW_ROWS_SWEEP = """
+import sys, torch, qlib
+ops = torch.ops.qlib
+out = {}
+for name in qlib.int8_cpu_kernels():
+    qlib.set_int8_cpu_kernel(name)
+    g = torch.Generator().manual_seed(0)
+    for M in range(1, 21):
+        for K in (1, 3, 4, 63, 64, 65, 130, 1029):
+            for N in (1, 9, 70):
+                w = torch.randint(-128, 128, (N, K + 7), dtype=torch.int8, generator=g)[:, 3:3 + K]
+                x, s, b = torch.randn(M, K, generator=g) * 3, torch.rand(N, generator=g) + 0.1, torch.randn(N, generator=g)
+                p = ops.int8_pack_weight(w)
+                act, z = torch.tensor(0.05), torch.tensor(-7, dtype=torch.int32)
+                out[name, M, K, N] = (ops.int8_linear_packed(x, p, w, s, b),
+                                      ops.int8_linear_packed(x.bfloat16(), p, w, s, None, act, z, -128, 127))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_plain_weight_gives_the_packed_bits_at_few_rows(tmp_path):
+    """1-20 rows of x on the plain weight (QLIB_INT8_PACKED_COPY=0: dot kernels to 4 rows, then
+    avx512-vnni's x-rows-in-lanes kernel to 16, every row group split, then the panels) against
+    the packed copy (=1), bit for bit: K tails, strided weight rows, a static zero point."""
+    outs = []
+    for env in ("0", "1"):
+        path = tmp_path / f"out{env}.pt"
+        e = dict(os.environ, QLIB_INT8_PACKED_COPY=env)
+        r = subprocess.run([sys.executable, "-c", FEW_ROWS_SWEEP, str(path)], env=e, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(torch.load(path))
+    plain, packed = outs
+    assert plain.keys() == packed.keys() and len(plain) == len(KERNELS) * 20 * 8 * 3
+    for key in plain:
+        for a, b in zip(plain[key], packed[key]):
+            assert torch.equal(a, b), key
 
 
 def test_compiled_packing_survives_a_kernel_switch():
