@@ -1404,26 +1404,32 @@ void gemm_rows_dot(const int8_t* x, int64_t M, const int32_t* xsum, const int8_t
 
 // 5-16 rows of x on the plain weight under avx512-vnni (gemm_lanes_plain): C^T = W X^T with x's
 // rows in the lanes. x's codes + 128 and a last row of ones (its sums are w's row sums, for the
-// offset) are split into groups of g = 16 / W rows (g = 16, 8, 4, 2, 1), each laid out so that a
-// zmm holds W k words (4 W k) of each of its g rows; 4 W k of a weight row broadcast where they lie
-// multiply a zmm of the group: every vpdpbusd does 64 MACs, as the packed kernel's, with nothing
-// of w packed or transposed. Each group is a pass over 8 rows of w (in L1 after the first).
+// offset) are laid out in panels of g = 16 / W rows, a zmm holding W k words (4 W k) of each of
+// its g rows; 4 W k of a weight row, broadcast where they lie, multiply every panel's zmm: each
+// vpdpbusd does up to 64 MACs, as the packed kernel's, and nothing of w is packed or transposed.
+// Cost (Xeon with AMX, stop 36): about the packed copy's time with w streaming from memory,
+// 1.2-1.6x it with w in L2 (each vpdpbusd needs a load of w, the packed kernel's 1/6).
 constexpr int64_t kRowsLanesMaxM = 16;
 inline int32_t load_i32(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
 inline int64_t load_i64(const int8_t* p) { int64_t v; std::memcpy(&v, p, 8); return v; }
 
-// ct[r * ldc + j] = sum_k xg_j[k] * w_r[k] for r < nw <= 8 rows of w (row stride ldw) and the
-// 16 / W rows of a group laid out in xp (K padded to 64 with zeros there). (Named accumulators:
-// GCC kept an array's in memory.)
-template <int W>
-QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, const int8_t* w, int64_t ldw,
-                                                       int64_t nw, int64_t K, int32_t* ct, int64_t ldc) {
-  constexpr int64_t kStep = 4 * W;  // k per zmm of xp
+// ct[r * ldc + 16 / W * p + j] = sum_k x_pj[k] * w_r[k] for r < nw <= kLanesRows rows of w (row
+// stride ldw) and P panels of 16 / W rows of x (panel p at xp + p * pstride, laid out by
+// lanes_pack<W>). (Named accumulators: GCC kept an array's in memory.)
+constexpr int64_t kLanesRows = 6;
+template <int W, int P>
+QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, int64_t pstride, const int8_t* w,
+                                                       int64_t ldw, int64_t nw, int64_t K, int32_t* ct,
+                                                       int64_t ldc) {
+  static_assert(P >= 1 && P <= 4, "lanes_zmm: 1-4 panels");
+  constexpr int64_t kStep = 4 * W;  // k per zmm of a panel
   const __m512i z = _mm512_setzero_si512();
-  __m512i a0 = z, a1 = z, a2 = z, a3 = z, a4 = z, a5 = z, a6 = z, a7 = z;
+#define QLIB_ACC(r) __m512i a##r##0 = z, a##r##1 = z, a##r##2 = z, a##r##3 = z;
+  QLIB_ACC(0) QLIB_ACC(1) QLIB_ACC(2) QLIB_ACC(3) QLIB_ACC(4) QLIB_ACC(5)
+#undef QLIB_ACC
   // Rows past nw repeat the last (computed, not stored).
 #define QLIB_W(r) const int8_t* w##r = w + std::min<int64_t>(r, nw - 1) * ldw;
-  QLIB_W(0) QLIB_W(1) QLIB_W(2) QLIB_W(3) QLIB_W(4) QLIB_W(5) QLIB_W(6) QLIB_W(7)
+  QLIB_W(0) QLIB_W(1) QLIB_W(2) QLIB_W(3) QLIB_W(4) QLIB_W(5)
 #undef QLIB_W
 #define QLIB_BCAST(p)                                                                            \
   (W == 1   ? _mm512_set1_epi32(load_i32(p))                                                     \
@@ -1431,56 +1437,71 @@ QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, const
    : W == 4 ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))      \
    : W == 8 ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))   \
             : _mm512_loadu_si512(p))
-#define QLIB_LANES(P)                                                                            \
-  a0 = _mm512_dpbusd_epi32(a0, xv, P(w0)), a1 = _mm512_dpbusd_epi32(a1, xv, P(w1));             \
-  a2 = _mm512_dpbusd_epi32(a2, xv, P(w2)), a3 = _mm512_dpbusd_epi32(a3, xv, P(w3));             \
-  a4 = _mm512_dpbusd_epi32(a4, xv, P(w4)), a5 = _mm512_dpbusd_epi32(a5, xv, P(w5));             \
-  a6 = _mm512_dpbusd_epi32(a6, xv, P(w6)), a7 = _mm512_dpbusd_epi32(a7, xv, P(w7));
+#define QLIB_ROW(r, B)                                                                           \
+  {                                                                                              \
+    const __m512i b = B(w##r);                                                                   \
+    a##r##0 = _mm512_dpbusd_epi32(a##r##0, x0, b);                                               \
+    if constexpr (P > 1) a##r##1 = _mm512_dpbusd_epi32(a##r##1, x1, b);                          \
+    if constexpr (P > 2) a##r##2 = _mm512_dpbusd_epi32(a##r##2, x2, b);                          \
+    if constexpr (P > 3) a##r##3 = _mm512_dpbusd_epi32(a##r##3, x3, b);                          \
+  }
+#define QLIB_LANES(B)                                                                            \
+  {                                                                                              \
+    const __m512i x0 = _mm512_loadu_si512(xk);                                                   \
+    const __m512i x1 = P > 1 ? _mm512_loadu_si512(xk + pstride) : x0;                            \
+    const __m512i x2 = P > 2 ? _mm512_loadu_si512(xk + 2 * pstride) : x0;                        \
+    const __m512i x3 = P > 3 ? _mm512_loadu_si512(xk + 3 * pstride) : x0;                        \
+    QLIB_ROW(0, B) QLIB_ROW(1, B) QLIB_ROW(2, B) QLIB_ROW(3, B) QLIB_ROW(4, B) QLIB_ROW(5, B)     \
+  }
   int64_t k = 0;
   const uint8_t* xk = xp;
   for (; k + 64 <= K; k += 64) {
 #pragma GCC unroll 16
     for (int64_t kk = k; kk < k + 64; kk += kStep, xk += 64) {
-      const __m512i xv = _mm512_loadu_si512(xk);
 #define QLIB_AT(p) QLIB_BCAST(p + kk)
       QLIB_LANES(QLIB_AT)
 #undef QLIB_AT
     }
   }
   for (; k + kStep <= K; k += kStep, xk += 64) {
-    const __m512i xv = _mm512_loadu_si512(xk);
 #define QLIB_AT(p) QLIB_BCAST(p + k)
     QLIB_LANES(QLIB_AT)
 #undef QLIB_AT
   }
   if (k < K) {  // a last part step: the rows' last k, then zeros
-    const __m512i xv = _mm512_loadu_si512(xk);
-    alignas(64) int8_t pad[8][64] = {};
+    alignas(64) int8_t pad[kLanesRows][64] = {};
 #define QLIB_PAD(r) std::memcpy(pad[r], w##r + k, K - k), w##r = pad[r];
-    QLIB_PAD(0) QLIB_PAD(1) QLIB_PAD(2) QLIB_PAD(3) QLIB_PAD(4) QLIB_PAD(5) QLIB_PAD(6) QLIB_PAD(7)
+    QLIB_PAD(0) QLIB_PAD(1) QLIB_PAD(2) QLIB_PAD(3) QLIB_PAD(4) QLIB_PAD(5)
 #undef QLIB_PAD
     QLIB_LANES(QLIB_BCAST)
   }
 #undef QLIB_LANES
+#undef QLIB_ROW
 #undef QLIB_BCAST
-  alignas(64) int32_t acc[8][16];
-#define QLIB_SAVE(r) _mm512_store_si512(acc[r], a##r);
-  QLIB_SAVE(0) QLIB_SAVE(1) QLIB_SAVE(2) QLIB_SAVE(3) QLIB_SAVE(4) QLIB_SAVE(5) QLIB_SAVE(6) QLIB_SAVE(7)
+  alignas(64) int32_t acc[kLanesRows][P][16];
+#define QLIB_SAVE(r)                                                   \
+  _mm512_store_si512(acc[r][0], a##r##0);                              \
+  if constexpr (P > 1) _mm512_store_si512(acc[r][P > 1], a##r##1);     \
+  if constexpr (P > 2) _mm512_store_si512(acc[r][P > 2 ? 2 : 0], a##r##2); \
+  if constexpr (P > 3) _mm512_store_si512(acc[r][P > 3 ? 3 : 0], a##r##3);
+  QLIB_SAVE(0) QLIB_SAVE(1) QLIB_SAVE(2) QLIB_SAVE(3) QLIB_SAVE(4) QLIB_SAVE(5)
 #undef QLIB_SAVE
+  constexpr int g = 16 / W;
   constexpr __mmask16 kStarts = W == 1 ? 0xFFFF : W == 2 ? 0x5555 : W == 4 ? 0x1111 : W == 8 ? 0x0101 : 1;
-  for (int64_t r = 0; r < nw; ++r) {  // row j of the group: the sum of lanes j W .. j W + W - 1
-    __m512i v = _mm512_load_si512(acc[r]);
-    if constexpr (W >= 2) v = _mm512_add_epi32(v, _mm512_alignr_epi32(v, v, 1));
-    if constexpr (W >= 4) v = _mm512_add_epi32(v, _mm512_alignr_epi32(v, v, 2));
-    if constexpr (W >= 8) v = _mm512_add_epi32(v, _mm512_alignr_epi32(v, v, 4));
-    if constexpr (W >= 16) v = _mm512_add_epi32(v, _mm512_alignr_epi32(v, v, 8));
-    _mm512_mask_storeu_epi32(ct + r * ldc, (1 << (16 / W)) - 1, _mm512_maskz_compress_epi32(kStarts, v));
-  }
+  for (int64_t r = 0; r < nw; ++r)
+    for (int p = 0; p < P; ++p) {  // row j of a panel: the sum of lanes j W .. j W + W - 1
+      __m512i v = _mm512_load_si512(acc[r][p]);
+      if constexpr (W >= 2) v = _mm512_add_epi32(v, _mm512_alignr_epi32(v, v, 1));
+      if constexpr (W >= 4) v = _mm512_add_epi32(v, _mm512_alignr_epi32(v, v, 2));
+      if constexpr (W >= 8) v = _mm512_add_epi32(v, _mm512_alignr_epi32(v, v, 4));
+      if constexpr (W >= 16) v = _mm512_add_epi32(v, _mm512_alignr_epi32(v, v, 8));
+      _mm512_mask_storeu_epi32(ct + r * ldc + g * p, (1 << g) - 1, _mm512_maskz_compress_epi32(kStarts, v));
+    }
 }
 
-// Group rows r0 .. r0 + 16 / W - 1 of xr ([rows, Kp]; past `rows`: zeros) laid out for
-// lanes_zmm<W> in xp (Kp * 16 / W bytes, zeroed): per 4 W k one zmm, whose bytes j * 4 W ..
-// j * 4 W + 4 W - 1 are row r0 + j's.
+// Rows r0 .. r0 + 16 / W - 1 of xr ([rows, Kp]; past `rows`: zeros) as a panel for lanes_zmm<W>
+// in xp (Kp * 16 / W bytes, zeroed): per 4 W k one zmm, whose bytes j * 4 W .. j * 4 W + 4 W - 1
+// are row r0 + j's.
 template <int W>
 void lanes_pack(const uint8_t* xr, int64_t Kp, int64_t r0, int64_t rows, uint8_t* xp) {
   constexpr int64_t kStep = 4 * W;
@@ -1504,47 +1525,32 @@ QLIB_AVX512_FN void lanes_finish(int32_t* ctt, int64_t ldc, int64_t nn, int64_t 
 // epilogue in blocks of kDotBlock rows of w.
 void gemm_lanes_plain(const int8_t* q, int64_t M, const int8_t* w, int64_t ldw, int64_t N, int64_t K,
                       bool sums, const RowsEpilogue& epilogue) {
-  TORCH_INTERNAL_ASSERT(M <= kRowsLanesMaxM, "int8 gemm_lanes_plain: at most 16 rows of x");
+  TORCH_INTERNAL_ASSERT(M > kRowsDotMaxM && M <= kRowsLanesMaxM, "int8 gemm_lanes_plain: for 5-16 rows of x");
   // Rows 0 .. M - 1: q + 128, row M: ones (k < K); K padded to Kp with zeros.
   const int64_t rows = M + 1, Kp = (K + 63) / 64 * 64;
   std::vector<uint8_t> xr(rows * Kp, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xr[m * Kp + k] = static_cast<uint8_t>(q[m * K + k]) ^ 0x80;
   std::fill(xr.begin() + M * Kp, xr.begin() + M * Kp + K, uint8_t{1});
-  // Groups of g rows (powers of two, fewest passes for the MACs): their first row and g.
-  static constexpr int8_t kGroups[18][3] = {{}, {}, {}, {}, {}, {},
-      {4, 2}, {8}, {8}, {8, 1}, {8, 2}, {8, 4}, {8, 4}, {8, 4, 1}, {8, 4, 2}, {16}, {16}, {16, 1}};
-  struct Group { int64_t r0, g; std::vector<uint8_t> xp; };
-  std::vector<Group> groups;
-  for (int64_t r0 = 0, i = 0; i < 3 && kGroups[rows][i] > 0; r0 += kGroups[rows][i++]) {
-    // Per 4 W k (W = 16 / g), one zmm: byte j * 4 W + i is row r0 + j's k + i (rows past M + 1: 0).
-    const int64_t g = kGroups[rows][i];
-    Group gr{r0, g, std::vector<uint8_t>(Kp * g, 0)};
-    const auto pack = g == 16 ? lanes_pack<1> : g == 8 ? lanes_pack<2> : g == 4 ? lanes_pack<4>
-                    : g == 2 ? lanes_pack<8> : lanes_pack<16>;
-    pack(xr.data(), Kp, r0, rows, gr.xp.data());
-    groups.push_back(std::move(gr));
-  }
-  using Lanes = void (*)(const uint8_t*, const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t);
-  const auto lanes_for = [](int64_t g) -> Lanes {
-    switch (g) {
-      case 16: return lanes_zmm<1>;
-      case 8: return lanes_zmm<2>;
-      case 4: return lanes_zmm<4>;
-      case 2: return lanes_zmm<8>;
-      default: return lanes_zmm<16>;
-    }
-  };
+  // Rows of 4 (W = 4: 16 k a zmm) in P = 2-4 panels, each 16 k of w broadcast against all of
+  // them; M = 16: the ones row in a panel of its own (W = 16: 64 k a zmm, the plain row).
+  const int64_t P = std::min<int64_t>(4, (rows + 3) / 4), panel = Kp * 4;
+  std::vector<uint8_t> xp(panel * P + (rows > 16 ? Kp : 0), 0);
+  for (int64_t p = 0; p < P; ++p) lanes_pack<4>(xr.data(), Kp, 4 * p, rows, xp.data() + panel * p);
+  if (rows > 16) lanes_pack<16>(xr.data(), Kp, 16, rows, xp.data() + panel * P);
+  const auto lanes = P == 2 ? lanes_zmm<4, 2> : P == 3 ? lanes_zmm<4, 3> : lanes_zmm<4, 4>;
   constexpr int64_t kLd = 32;  // ctt's row stride: rows of x + the ones row <= 17
   at::parallel_for(0, (N + kDotBlock - 1) / kDotBlock, 1, [&](int64_t b0, int64_t b1) {
     alignas(64) int32_t ctt[kDotBlock * kLd], ct[16 * kDotBlock];  // [w rows][x rows], transposed
     int32_t rowsum[kDotBlock];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kDotBlock, n1 = std::min(N, n0 + kDotBlock);
-      for (int64_t n = n0; n < n1; n += 8)
-        for (const Group& gr : groups)
-          lanes_for(gr.g)(gr.xp.data(), w + n * ldw, ldw, std::min<int64_t>(8, n1 - n), K,
-                          ctt + (n - n0) * kLd + gr.r0, kLd);
+      for (int64_t n = n0; n < n1; n += kLanesRows) {
+        const int64_t nw = std::min(kLanesRows, n1 - n);
+        lanes(xp.data(), panel, w + n * ldw, ldw, nw, K, ctt + (n - n0) * kLd, kLd);
+        if (rows > 16)
+          lanes_zmm<16, 1>(xp.data() + panel * P, 0, w + n * ldw, ldw, nw, K, ctt + (n - n0) * kLd + 16, kLd);
+      }
       lanes_finish(ctt, kLd, n1 - n0, M, rowsum, ct, kDotBlock);
       epilogue(0, M, n0, n1, ct, kDotBlock, sums ? rowsum : nullptr);
     }
