@@ -1455,6 +1455,25 @@ QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, int64
   }
   int64_t k = 0;
   const uint8_t* xk = xp;
+  if constexpr (P == 1) {  // one panel: odd 64 k into the second panel's accumulators (two chains a row)
+#define QLIB_ROW_ODD(r, B) a##r##1 = _mm512_dpbusd_epi32(a##r##1, _mm512_loadu_si512(xk), B(w##r));
+    for (; k + 128 <= K; k += 128) {
+#pragma GCC unroll 16
+      for (int64_t kk = k; kk < k + 64; kk += kStep, xk += 64) {
+#define QLIB_AT(p) QLIB_BCAST(p + kk)
+        QLIB_LANES(QLIB_AT)
+#undef QLIB_AT
+      }
+#pragma GCC unroll 16
+      for (int64_t kk = k + 64; kk < k + 128; kk += kStep, xk += 64) {
+#define QLIB_AT(p) QLIB_BCAST(p + kk)
+        QLIB_ROW_ODD(0, QLIB_AT) QLIB_ROW_ODD(1, QLIB_AT) QLIB_ROW_ODD(2, QLIB_AT)
+        QLIB_ROW_ODD(3, QLIB_AT) QLIB_ROW_ODD(4, QLIB_AT) QLIB_ROW_ODD(5, QLIB_AT)
+#undef QLIB_AT
+      }
+    }
+#undef QLIB_ROW_ODD
+  }
   for (; k + 64 <= K; k += 64) {
 #pragma GCC unroll 16
     for (int64_t kk = k; kk < k + 64; kk += kStep, xk += 64) {
@@ -1480,6 +1499,7 @@ QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, int64
 #undef QLIB_BCAST
   alignas(64) int32_t acc[kLanesRows][P][16];
 #define QLIB_SAVE(r)                                                   \
+  if constexpr (P == 1) a##r##0 = _mm512_add_epi32(a##r##0, a##r##1);  \
   _mm512_store_si512(acc[r][0], a##r##0);                              \
   if constexpr (P > 1) _mm512_store_si512(acc[r][P > 1], a##r##1);     \
   if constexpr (P > 2) _mm512_store_si512(acc[r][P > 2 ? 2 : 0], a##r##2); \
@@ -1488,6 +1508,32 @@ QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, int64
 #undef QLIB_SAVE
   constexpr int g = 16 / W;
   constexpr __mmask16 kStarts = W == 1 ? 0xFFFF : W == 2 ? 0x5555 : W == 4 ? 0x1111 : W == 8 ? 0x0101 : 1;
+  if constexpr (W == 4) {  // per 128-bit lane j (row j of each panel): the 4 panels' sums, transposed
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int64_t r = 0; r < nw; ++r) {
+      const __m512i v0 = _mm512_load_si512(acc[r][0]);
+      const __m512i v1 = P > 1 ? _mm512_load_si512(acc[r][P > 1]) : z;
+      const __m512i v2 = P > 2 ? _mm512_load_si512(acc[r][P > 2 ? 2 : 0]) : z;
+      const __m512i v3 = P > 3 ? _mm512_load_si512(acc[r][P > 3 ? 3 : 0]) : z;
+      const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
+      const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
+      const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+      _mm512_mask_storeu_epi32(ct + r * ldc, (1 << (4 * P)) - 1, _mm512_permutexvar_epi32(order, u));
+    }
+    return;
+  }
+  if constexpr (W == 16 && P == 1) {  // whole sums, four rows at a time
+    for (int64_t r = 0; r < nw; r += 4) {
+      const __m512i v0 = _mm512_load_si512(acc[r][0]);
+      const __m512i v1 = r + 1 < nw ? _mm512_load_si512(acc[r + 1][0]) : z;
+      const __m512i v2 = r + 2 < nw ? _mm512_load_si512(acc[r + 2][0]) : z;
+      const __m512i v3 = r + 3 < nw ? _mm512_load_si512(acc[r + 3][0]) : z;
+      alignas(16) int32_t t[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(t), sum4(v0, v1, v2, v3));
+      for (int64_t i = 0; i < 4 && r + i < nw; ++i) ct[(r + i) * ldc] = t[i];
+    }
+    return;
+  }
   for (int64_t r = 0; r < nw; ++r)
     for (int p = 0; p < P; ++p) {  // row j of a panel: the sum of lanes j W .. j W + W - 1
       __m512i v = _mm512_load_si512(acc[r][p]);
@@ -1532,13 +1578,18 @@ void gemm_lanes_plain(const int8_t* q, int64_t M, const int8_t* w, int64_t ldw, 
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xr[m * Kp + k] = static_cast<uint8_t>(q[m * K + k]) ^ 0x80;
   std::fill(xr.begin() + M * Kp, xr.begin() + M * Kp + K, uint8_t{1});
-  // Rows of 4 (W = 4: 16 k a zmm) in P = 2-4 panels, each 16 k of w broadcast against all of
-  // them; M = 16: the ones row in a panel of its own (W = 16: 64 k a zmm, the plain row).
-  const int64_t P = std::min<int64_t>(4, (rows + 3) / 4), panel = Kp * 4;
-  std::vector<uint8_t> xp(panel * P + (rows > 16 ? Kp : 0), 0);
+  // The rows in P = 1-4 panels of 4 (W = 4: 16 k of w a broadcast, shared by every panel), and the
+  // last 1 or 2 in a panel of their own (W = 16 or 8) rather than fill a panel with zeros (the
+  // MACs bound it): as many vpdpbusd as rows, but 3 rows left over fill a panel of 4.
+  int64_t P = std::min<int64_t>(4, rows / 4), rest = rows - 4 * P;
+  if (rest == 3 && P < 4) P += 1, rest = 0;
+  const int64_t panel = Kp * 4;
+  std::vector<uint8_t> xp(panel * P + Kp * rest, 0);
   for (int64_t p = 0; p < P; ++p) lanes_pack<4>(xr.data(), Kp, 4 * p, rows, xp.data() + panel * p);
-  if (rows > 16) lanes_pack<16>(xr.data(), Kp, 16, rows, xp.data() + panel * P);
-  const auto lanes = P == 2 ? lanes_zmm<4, 2> : P == 3 ? lanes_zmm<4, 3> : lanes_zmm<4, 4>;
+  if (rest == 1) lanes_pack<16>(xr.data(), Kp, 4 * P, rows, xp.data() + panel * P);
+  if (rest == 2) lanes_pack<8>(xr.data(), Kp, 4 * P, rows, xp.data() + panel * P);
+  const auto lanes = P == 1 ? lanes_zmm<4, 1> : P == 2 ? lanes_zmm<4, 2> : P == 3 ? lanes_zmm<4, 3> : lanes_zmm<4, 4>;
+  const auto lanes_rest = rest == 1 ? lanes_zmm<16, 1> : lanes_zmm<8, 1>;
   constexpr int64_t kLd = 32;  // ctt's row stride: rows of x + the ones row <= 17
   at::parallel_for(0, (N + kDotBlock - 1) / kDotBlock, 1, [&](int64_t b0, int64_t b1) {
     alignas(64) int32_t ctt[kDotBlock * kLd], ct[16 * kDotBlock];  // [w rows][x rows], transposed
@@ -1548,8 +1599,8 @@ void gemm_lanes_plain(const int8_t* q, int64_t M, const int8_t* w, int64_t ldw, 
       for (int64_t n = n0; n < n1; n += kLanesRows) {
         const int64_t nw = std::min(kLanesRows, n1 - n);
         lanes(xp.data(), panel, w + n * ldw, ldw, nw, K, ctt + (n - n0) * kLd, kLd);
-        if (rows > 16)
-          lanes_zmm<16, 1>(xp.data() + panel * P, 0, w + n * ldw, ldw, nw, K, ctt + (n - n0) * kLd + 16, kLd);
+        if (rest > 0)
+          lanes_rest(xp.data() + panel * P, 0, w + n * ldw, ldw, nw, K, ctt + (n - n0) * kLd + 4 * P, kLd);
       }
       lanes_finish(ctt, kLd, n1 - n0, M, rowsum, ct, kDotBlock);
       epilogue(0, M, n0, n1, ct, kDotBlock, sums ? rowsum : nullptr);
