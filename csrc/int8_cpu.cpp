@@ -1199,6 +1199,8 @@ at::Tensor pack_a_amx(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_
 //     transposed for the epilogue.
 //   Else dot products along rows on zmm (gemm_rows_dot): vpdpbusd over 64 k of up to 4 rows of
 //     x by 4 of w, the 4 sums of a row of x reduced together at the end.
+// With QLIB_INT8_PACKED_COPY=0 the other kernels run on the plain weight too: avx512-vnni the dot
+// kernel, then x's rows in the lanes (gemm_lanes_plain) to 48 rows, then gemm_panels_plain.
 
 // dst[16 x 16] (row stride ldd) = src[16 x 16]^T (row stride lds), 32-bit values.
 QLIB_AVX512_FN inline void transpose16(const int32_t* src, int64_t lds, int32_t* dst, int64_t ldd) {
@@ -1402,14 +1404,16 @@ void gemm_rows_dot(const int8_t* x, int64_t M, const int32_t* xsum, const int8_t
   });
 }
 
-// 5-16 rows of x on the plain weight under avx512-vnni (gemm_lanes_plain): C^T = W X^T with x's
-// rows in the lanes. x's codes + 128 and a last row of ones (its sums are w's row sums, for the
-// offset) are laid out in panels of g = 16 / W rows, a zmm holding W k words (4 W k) of each of
-// its g rows; 4 W k of a weight row, broadcast where they lie, multiply every panel's zmm: each
-// vpdpbusd does up to 64 MACs, as the packed kernel's, and nothing of w is packed or transposed.
-// Cost (Xeon with AMX, stop 36): about the packed copy's time with w streaming from memory,
-// 1.2-1.6x it with w in L2 (each vpdpbusd needs a load of w, the packed kernel's 1/6).
-constexpr int64_t kRowsLanesMaxM = 16;
+// 5-48 rows of x on the plain weight under avx512-vnni (gemm_lanes_plain, QLIB_INT8_PACKED_COPY=0):
+// C^T = W X^T with x's rows in the lanes. x's codes + 128 and a last row of ones (its sums are w's
+// row sums, for the offset) are laid out in panels of g = 16 / W rows, a zmm holding W k words
+// (4 W k) of each of its g rows; 4 W k of a weight row, broadcast where they lie, multiply the
+// zmm of up to 4 panels: each vpdpbusd does up to 64 MACs, as the packed kernel's, and nothing of
+// w is packed or transposed. Cost against the packed copy (Xeon with AMX, stop 36; RESULTS):
+// 0.9-1.1x at 8-16 rows with w streaming from memory, 1.05-1.3x with w in L2.
+// Up to this M (a multiple of 16); from the next, gemm_panels_plain (the two about equal at 48-64
+// rows, lanes 1.05-1.2x faster at 17-32).
+constexpr int64_t kRowsLanesMaxM = 48;
 inline int32_t load_i32(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
 inline int64_t load_i64(const int8_t* p) { int64_t v; std::memcpy(&v, p, 8); return v; }
 
@@ -1555,52 +1559,57 @@ void lanes_pack(const uint8_t* xr, int64_t Kp, int64_t r0, int64_t rows, uint8_t
     for (int64_t k = 0; k < Kp; k += kStep) std::memcpy(xp + k * (16 / W) + j * kStep, xr + (r0 + j) * Kp + k, kStep);
 }
 
-// ctt [nn rows of w][ldc] (lanes 0-15: rows of x, lane M: the row sums) less 128 * rowsum
-// (mod 2^32), transposed into ct [16][ldt]; rowsum[n] = lane M.
+// ctt [nn rows of w][ldc] (lanes 0 .. M - 1: rows of x, lane M: the row sums) less 128 * rowsum
+// (mod 2^32), transposed into ct [M rounded up to 16][ldt]; rowsum[n] = lane M.
 QLIB_AVX512_FN void lanes_finish(int32_t* ctt, int64_t ldc, int64_t nn, int64_t M, int32_t* rowsum,
                                  int32_t* ct, int64_t ldt) {
   for (int64_t n = 0; n < nn; ++n) {
     rowsum[n] = ctt[n * ldc + M];
     const __m512i off = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(rowsum[n]) * 128u));
-    _mm512_storeu_si512(ctt + n * ldc, _mm512_sub_epi32(_mm512_loadu_si512(ctt + n * ldc), off));
+    for (int64_t m = 0; m < M; m += 16)
+      _mm512_storeu_si512(ctt + n * ldc + m, _mm512_sub_epi32(_mm512_loadu_si512(ctt + n * ldc + m), off));
   }
-  for (int64_t i = 0; i < nn; i += 16) transpose16(ctt + i * ldc, ldc, ct + i, ldt);
+  for (int64_t m = 0; m < M; m += 16)
+    for (int64_t i = 0; i < nn; i += 16) transpose16(ctt + i * ldc + m, ldc, ct + m * ldt + i, ldt);
 }
 
-// C = X W^T for 5-16 rows of x's codes q [M, K] (contiguous, K > 0) on lanes_zmm, handed to the
-// epilogue in blocks of kDotBlock rows of w.
 void gemm_lanes_plain(const int8_t* q, int64_t M, const int8_t* w, int64_t ldw, int64_t N, int64_t K,
                       bool sums, const RowsEpilogue& epilogue) {
-  TORCH_INTERNAL_ASSERT(M > kRowsDotMaxM && M <= kRowsLanesMaxM, "int8 gemm_lanes_plain: for 5-16 rows of x");
+  TORCH_INTERNAL_ASSERT(M > kRowsDotMaxM && M <= kRowsLanesMaxM, "int8 gemm_lanes_plain: for 5-", kRowsLanesMaxM,
+                        " rows of x");
   // Rows 0 .. M - 1: q + 128, row M: ones (k < K); K padded to Kp with zeros.
   const int64_t rows = M + 1, Kp = (K + 63) / 64 * 64;
   std::vector<uint8_t> xr(rows * Kp, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xr[m * Kp + k] = static_cast<uint8_t>(q[m * K + k]) ^ 0x80;
   std::fill(xr.begin() + M * Kp, xr.begin() + M * Kp + K, uint8_t{1});
-  // The rows in P = 1-4 panels of 4 (W = 4: 16 k of w a broadcast, shared by every panel), and the
-  // last 1 or 2 in a panel of their own (W = 16 or 8) rather than fill a panel with zeros (the
-  // MACs bound it): as many vpdpbusd as rows, but 3 rows left over fill a panel of 4.
-  int64_t P = std::min<int64_t>(4, rows / 4), rest = rows - 4 * P;
-  if (rest == 3 && P < 4) P += 1, rest = 0;
+  // The rows in P panels of 4 (W = 4: 16 k of w a broadcast, shared by the up to 4 panels of a
+  // call), and the last 1 or 2 in a panel of their own (W = 16 or 8) rather than fill a panel
+  // with zeros (the MACs bound it): as many vpdpbusd as rows, but 3 rows left over fill a panel.
+  int64_t P = rows / 4, rest = rows - 4 * P;
+  if (rest == 3) P += 1, rest = 0;
   const int64_t panel = Kp * 4;
   std::vector<uint8_t> xp(panel * P + Kp * rest, 0);
   for (int64_t p = 0; p < P; ++p) lanes_pack<4>(xr.data(), Kp, 4 * p, rows, xp.data() + panel * p);
   if (rest == 1) lanes_pack<16>(xr.data(), Kp, 4 * P, rows, xp.data() + panel * P);
   if (rest == 2) lanes_pack<8>(xr.data(), Kp, 4 * P, rows, xp.data() + panel * P);
-  const auto lanes = P == 1 ? lanes_zmm<4, 1> : P == 2 ? lanes_zmm<4, 2> : P == 3 ? lanes_zmm<4, 3> : lanes_zmm<4, 4>;
-  const auto lanes_rest = rest == 1 ? lanes_zmm<16, 1> : lanes_zmm<8, 1>;
-  constexpr int64_t kLd = 32;  // ctt's row stride: rows of x + the ones row <= 17
+  using Lanes = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t);
+  static constexpr Lanes kPanels[4] = {lanes_zmm<4, 1>, lanes_zmm<4, 2>, lanes_zmm<4, 3>, lanes_zmm<4, 4>};
+  const Lanes lanes_rest = rest == 1 ? lanes_zmm<16, 1> : lanes_zmm<8, 1>;
+  constexpr int64_t kLd = kRowsLanesMaxM + 16;  // ctt's row stride: rows of x + the ones row
   at::parallel_for(0, (N + kDotBlock - 1) / kDotBlock, 1, [&](int64_t b0, int64_t b1) {
-    alignas(64) int32_t ctt[kDotBlock * kLd], ct[16 * kDotBlock];  // [w rows][x rows], transposed
+    // [w rows][x rows], then transposed
+    alignas(64) int32_t ctt[kDotBlock * kLd], ct[kRowsLanesMaxM * kDotBlock];
     int32_t rowsum[kDotBlock];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kDotBlock, n1 = std::min(N, n0 + kDotBlock);
       for (int64_t n = n0; n < n1; n += kLanesRows) {
         const int64_t nw = std::min(kLanesRows, n1 - n);
-        lanes(xp.data(), panel, w + n * ldw, ldw, nw, K, ctt + (n - n0) * kLd, kLd);
-        if (rest > 0)
-          lanes_rest(xp.data() + panel * P, 0, w + n * ldw, ldw, nw, K, ctt + (n - n0) * kLd + 4 * P, kLd);
+        int32_t* c = ctt + (n - n0) * kLd;
+        for (int64_t p = 0; p < P; p += 4)  // (the rows of w in L1 after the first call)
+          kPanels[std::min<int64_t>(4, P - p) - 1](xp.data() + panel * p, panel, w + n * ldw, ldw, nw, K,
+                                                   c + 4 * p, kLd);
+        if (rest > 0) lanes_rest(xp.data() + panel * P, 0, w + n * ldw, ldw, nw, K, c + 4 * P, kLd);
       }
       lanes_finish(ctt, kLd, n1 - n0, M, rowsum, ct, kDotBlock);
       epilogue(0, M, n0, n1, ct, kDotBlock, sums ? rowsum : nullptr);
@@ -1621,9 +1630,9 @@ PackLayout kernel_layout(Int8Kernel kernel) {
 // The layout int8_pack_weight packs for `kernel`. By default amx reads the weight as it lies
 // (kRows) and the other kernels have their panels: a copy of the weight, 1 more byte a value.
 // QLIB_INT8_PACKED_COPY (read once) = 1 gives every kernel its panels (amx: 1.1-1.3x faster
-// from M = 32), = 0 none: the others then run gemm_panels_plain (avx512-vnni, Xeon with AMX,
-// stop 35: the same time at M <= 4 on dot_rows_zmm, 1.2-1.5x at M = 8-16, 0.85-1.26x from
-// M = 128; RESULTS).
+// from M = 32), = 0 none: the others then run on the plain weight (avx512-vnni, Xeon with AMX,
+// stop 36: 0.8-1.3x the packed copy's time at every M; avx-vnni / avx2 1.2-1.8x at M = 1-16;
+// RESULTS).
 PackLayout weight_layout(Int8Kernel kernel) {
   static const int packed_copy = [] {  // -1: unset
     const char* e = std::getenv("QLIB_INT8_PACKED_COPY");
@@ -2031,7 +2040,8 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
     packed = nullptr;
   }
   // On the plain weight: few rows on the dot kernel (AVX512; without it, gemm's sign-transfer
-  // kernel below), the rest on amx's tiles or on panels packed as the threads go.
+  // kernel below), the rest on amx's tiles, avx512-vnni's lanes to 48 rows, or on panels packed
+  // as the threads go.
   const bool zmm_dot = kernel_now == Int8Kernel::kAmx || kernel_now == Int8Kernel::kAvx512Vnni;
   const bool rows_path = QLIB_INT8_X86 && K > 0 && plain_kernel && packed == nullptr &&
                          (zmm_dot || M > kRowsDotMaxM);

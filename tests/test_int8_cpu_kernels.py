@@ -334,7 +334,7 @@ out = {}
 for name in qlib.int8_cpu_kernels():
     qlib.set_int8_cpu_kernel(name)
     g = torch.Generator().manual_seed(0)
-    for M in range(1, 21):
+    for M in [*range(1, 21), 31, 32, 33, 47, 48, 49]:
         for K in (1, 3, 4, 63, 64, 65, 130, 1029):
             for N in (1, 9, 70):
                 w = torch.randint(-128, 128, (N, K + 7), dtype=torch.int8, generator=g)[:, 3:3 + K]
@@ -348,9 +348,10 @@ torch.save(out, sys.argv[1])
 
 
 def test_plain_weight_gives_the_packed_bits_at_few_rows(tmp_path):
-    """1-20 rows of x on the plain weight (QLIB_INT8_PACKED_COPY=0: dot kernels to 4 rows, then
-    avx512-vnni's x-rows-in-lanes kernel to 16, every row group split, then the panels) against
-    the packed copy (=1), bit for bit: K tails, strided weight rows, a static zero point."""
+    """1-49 rows of x on the plain weight (QLIB_INT8_PACKED_COPY=0: dot kernels to 4 rows, then
+    avx512-vnni's x-rows-in-lanes kernel to 48 (every split of the rows into panels), then the
+    panels) against the packed copy (=1), bit for bit: K tails, strided weight rows, a static
+    zero point."""
     outs = []
     for env in ("0", "1"):
         path = tmp_path / f"out{env}.pt"
@@ -360,7 +361,7 @@ def test_plain_weight_gives_the_packed_bits_at_few_rows(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append(torch.load(path))
     plain, packed = outs
-    assert plain.keys() == packed.keys() and len(plain) == len(KERNELS) * 20 * 8 * 3
+    assert plain.keys() == packed.keys() and len(plain) == len(KERNELS) * 26 * 8 * 3
     for key in plain:
         for a, b in zip(plain[key], packed[key]):
             assert torch.equal(a, b), key
