@@ -68,6 +68,23 @@ def test_gemm_k_boundary_packed_every_kernel(kernel, M):
     assert torch.equal(c.long(), ref_gemm(a, b))
 
 
+@pytest.mark.parametrize("M", [5, 16, 48])
+def test_linear_k_boundary_every_kernel(kernel, M):
+    """int8_linear at the longest K, with codes of +-127 against weights of -128 / 127: the
+    kernels on the plain weight (QLIB_INT8_PACKED_COPY=0 reruns this file) take x + 128 and
+    w's row sums through int32 sums that wrap; the result must still be exact."""
+    N = 7
+    x = torch.where(torch.rand(M, MAX_K) < 0.5, -1.0, 1.0)
+    x[0], x[1] = 1.0, -1.0
+    w = torch.where(torch.rand(N, MAX_K) < 0.5, -128, 127).to(torch.int8)
+    w[0], w[1] = -128, 127
+    s = torch.rand(N) + 0.5
+    q, sx = ops.quantize_per_token(x)
+    ref = (q.long() @ w.long().T).double() * sx.double() * s.double()
+    for y in (ops.int8_linear(x, w, s, None), ops.int8_linear_packed(x, ops.int8_pack_weight(w), w, s, None)):
+        torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("M", [1, 5, 40])
 def test_linear_exact_every_kernel(kernel, M):
     """Packed and unpacked int8_linear, dynamic and static with a zero point, against the
