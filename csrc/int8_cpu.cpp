@@ -1441,64 +1441,55 @@ QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, int64
    : W == 4 ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))      \
    : W == 8 ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))   \
             : _mm512_loadu_si512(p))
-#define QLIB_ROW(r, B)                                                                           \
+// One step: the panels' zmm at xk against 4 W k of each row of w (B(w_r)); Odd (P = 1): into the
+// second accumulators, a second chain a row.
+#define QLIB_ROW(r, B, Odd)                                                                      \
   {                                                                                              \
     const __m512i b = B(w##r);                                                                   \
-    a##r##0 = _mm512_dpbusd_epi32(a##r##0, x0, b);                                               \
-    if constexpr (P > 1) a##r##1 = _mm512_dpbusd_epi32(a##r##1, x1, b);                          \
-    if constexpr (P > 2) a##r##2 = _mm512_dpbusd_epi32(a##r##2, x2, b);                          \
-    if constexpr (P > 3) a##r##3 = _mm512_dpbusd_epi32(a##r##3, x3, b);                          \
+    if constexpr (Odd) {                                                                         \
+      a##r##1 = _mm512_dpbusd_epi32(a##r##1, x0, b);                                             \
+    } else {                                                                                     \
+      a##r##0 = _mm512_dpbusd_epi32(a##r##0, x0, b);                                             \
+      if constexpr (P > 1) a##r##1 = _mm512_dpbusd_epi32(a##r##1, x1, b);                        \
+      if constexpr (P > 2) a##r##2 = _mm512_dpbusd_epi32(a##r##2, x2, b);                        \
+      if constexpr (P > 3) a##r##3 = _mm512_dpbusd_epi32(a##r##3, x3, b);                        \
+    }                                                                                            \
   }
-#define QLIB_LANES(B)                                                                            \
+#define QLIB_STEP(B, Odd)                                                                        \
   {                                                                                              \
     const __m512i x0 = _mm512_loadu_si512(xk);                                                   \
     const __m512i x1 = P > 1 ? _mm512_loadu_si512(xk + pstride) : x0;                            \
     const __m512i x2 = P > 2 ? _mm512_loadu_si512(xk + 2 * pstride) : x0;                        \
     const __m512i x3 = P > 3 ? _mm512_loadu_si512(xk + 3 * pstride) : x0;                        \
-    QLIB_ROW(0, B) QLIB_ROW(1, B) QLIB_ROW(2, B) QLIB_ROW(3, B) QLIB_ROW(4, B) QLIB_ROW(5, B)     \
+    QLIB_ROW(0, B, Odd) QLIB_ROW(1, B, Odd) QLIB_ROW(2, B, Odd)                                  \
+    QLIB_ROW(3, B, Odd) QLIB_ROW(4, B, Odd) QLIB_ROW(5, B, Odd)                                  \
   }
+#define QLIB_AT(p) QLIB_BCAST(p + kk)
+#define QLIB_BLOCK(k0, Odd)                                                                      \
+  _Pragma("GCC unroll 16") for (int64_t kk = k0; kk < k0 + 64; kk += kStep, xk += 64)            \
+      QLIB_STEP(QLIB_AT, Odd)
   int64_t k = 0;
   const uint8_t* xk = xp;
-  if constexpr (P == 1) {  // one panel: odd 64 k into the second panel's accumulators (two chains a row)
-#define QLIB_ROW_ODD(r, B) a##r##1 = _mm512_dpbusd_epi32(a##r##1, _mm512_loadu_si512(xk), B(w##r));
+  if constexpr (P == 1)  // odd 64 k into the second panel's (unused) accumulators
     for (; k + 128 <= K; k += 128) {
-#pragma GCC unroll 16
-      for (int64_t kk = k; kk < k + 64; kk += kStep, xk += 64) {
-#define QLIB_AT(p) QLIB_BCAST(p + kk)
-        QLIB_LANES(QLIB_AT)
-#undef QLIB_AT
-      }
-#pragma GCC unroll 16
-      for (int64_t kk = k + 64; kk < k + 128; kk += kStep, xk += 64) {
-#define QLIB_AT(p) QLIB_BCAST(p + kk)
-        QLIB_ROW_ODD(0, QLIB_AT) QLIB_ROW_ODD(1, QLIB_AT) QLIB_ROW_ODD(2, QLIB_AT)
-        QLIB_ROW_ODD(3, QLIB_AT) QLIB_ROW_ODD(4, QLIB_AT) QLIB_ROW_ODD(5, QLIB_AT)
-#undef QLIB_AT
-      }
+      QLIB_BLOCK(k, false)
+      QLIB_BLOCK(k + 64, true)
     }
-#undef QLIB_ROW_ODD
-  }
-  for (; k + 64 <= K; k += 64) {
-#pragma GCC unroll 16
-    for (int64_t kk = k; kk < k + 64; kk += kStep, xk += 64) {
-#define QLIB_AT(p) QLIB_BCAST(p + kk)
-      QLIB_LANES(QLIB_AT)
-#undef QLIB_AT
-    }
-  }
+  for (; k + 64 <= K; k += 64) QLIB_BLOCK(k, false)
   for (; k + kStep <= K; k += kStep, xk += 64) {
-#define QLIB_AT(p) QLIB_BCAST(p + k)
-    QLIB_LANES(QLIB_AT)
-#undef QLIB_AT
+    const int64_t kk = k;
+    QLIB_STEP(QLIB_AT, false)
   }
+#undef QLIB_BLOCK
+#undef QLIB_AT
   if (k < K) {  // a last part step: the rows' last k, then zeros
     alignas(64) int8_t pad[kLanesRows][64] = {};
 #define QLIB_PAD(r) std::memcpy(pad[r], w##r + k, K - k), w##r = pad[r];
     QLIB_PAD(0) QLIB_PAD(1) QLIB_PAD(2) QLIB_PAD(3) QLIB_PAD(4) QLIB_PAD(5)
 #undef QLIB_PAD
-    QLIB_LANES(QLIB_BCAST)
+    QLIB_STEP(QLIB_BCAST, false)
   }
-#undef QLIB_LANES
+#undef QLIB_STEP
 #undef QLIB_ROW
 #undef QLIB_BCAST
   alignas(64) int32_t acc[kLanesRows][P][16];
