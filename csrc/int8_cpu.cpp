@@ -1551,15 +1551,21 @@ void lanes_pack(const uint8_t* xr, int64_t Kp, int64_t r0, int64_t rows, uint8_t
 }
 
 // ctt [nn rows of w][ldc] (lanes 0 .. M - 1: rows of x, lane M: the row sums) less 128 * rowsum
-// (mod 2^32), transposed into ct [M rounded up to 16][ldt]; rowsum[n] = lane M.
+// (mod 2^32), transposed into ct [M rounded up to 16][ldt]; rowsum[n] = lane M. What the
+// transposes read past nn rows and M lanes is zeroed first (never written by the kernels).
 QLIB_AVX512_FN void lanes_finish(int32_t* ctt, int64_t ldc, int64_t nn, int64_t M, int32_t* rowsum,
                                  int32_t* ct, int64_t ldt) {
+  const int64_t mp = (M + 15) / 16 * 16;
   for (int64_t n = 0; n < nn; ++n) {
     rowsum[n] = ctt[n * ldc + M];
     const __m512i off = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(rowsum[n]) * 128u));
-    for (int64_t m = 0; m < M; m += 16)
-      _mm512_storeu_si512(ctt + n * ldc + m, _mm512_sub_epi32(_mm512_loadu_si512(ctt + n * ldc + m), off));
+    for (int64_t m = 0; m < M; m += 16) {
+      const __mmask16 valid = M - m >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (M - m)) - 1);
+      _mm512_storeu_si512(ctt + n * ldc + m,
+                          _mm512_maskz_sub_epi32(valid, _mm512_maskz_loadu_epi32(valid, ctt + n * ldc + m), off));
+    }
   }
+  for (int64_t n = nn; n < (nn + 15) / 16 * 16; ++n) std::fill(ctt + n * ldc, ctt + n * ldc + mp, 0);
   for (int64_t m = 0; m < M; m += 16)
     for (int64_t i = 0; i < nn; i += 16) transpose16(ctt + i * ldc + m, ldc, ct + m * ldt + i, ldt);
 }
