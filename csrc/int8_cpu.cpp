@@ -1854,6 +1854,78 @@ QLIB_AVX2_FN void quantize_rows_avx2(const T* x, const Sink& sink, float* scale,
     scale[r] = any_nan ? kNaNf : s;
   }
 }
+
+// 16 values at p as float (lanes outside m: 0).
+template <class T>
+QLIB_AVX512_FN inline __m512 load16_float(const T* p, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  } else {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+}
+
+// quantize_rows_avx2 on zmm for row-major codes (q[r * ld + k]), the same float ops lane by lane
+// (NaN products zeroed by the rounding's mask, as the AVX2 and-mask does); the K tail masked.
+// The avx512-vnni and amx kernels quantize with it (AMX Xeon, stop 36: quantize_per_token
+// 1.3-1.4x faster, int8_linear under amx 1.0-1.1x).
+template <class T>
+QLIB_AVX512_FN void quantize_rows_avx512(const T* x, int8_t* q, int64_t ld, float* scale, int64_t r0,
+                                         int64_t r1, int64_t K, float fixed_scale, Int8ActCodes codes) {
+  const __m512 zp = _mm512_set1_ps(codes.zero_point), lo = _mm512_set1_ps(codes.qmin),
+               hi = _mm512_set1_ps(codes.qmax);
+  // packs_epi16 of two packs_epi32 leaves, per 128-bit lane L, 4 codes of each of the 4 vectors.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * K;
+    float s = fixed_scale;
+    if (!(fixed_scale > 0.0f)) {
+      __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+      int64_t k = 0;
+      // max_ps(v, m) returns m when v is NaN: NaNs are ignored, as fmaxf does.
+      for (; k + 32 <= K; k += 32) {
+        m0 = _mm512_max_ps(_mm512_abs_ps(load16_float(xr + k, 0xFFFF)), m0);
+        m1 = _mm512_max_ps(_mm512_abs_ps(load16_float(xr + k + 16, 0xFFFF)), m1);
+      }
+      for (; k < K; k += 16) {
+        const __mmask16 tail = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+        m0 = _mm512_max_ps(_mm512_abs_ps(load16_float(xr + k, tail)), m0);
+      }
+      s = int8_token_scale(_mm512_reduce_max_ps(_mm512_max_ps(m0, m1)));  // (no NaN lanes)
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / s);
+    __mmask16 nan_seen = 0;
+    // The codes of the 16 values at p under mask m, as int32.
+    const auto codes16 = [&](__mmask16 m, const T* p) QLIB_AVX512_FN {
+      const __m512 v = load16_float(p, m);
+      nan_seen |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __m512 xv = _mm512_mul_ps(v, inv);  // (NaN also from Inf * 0: an Inf row's 1 / scale)
+      const __m512 c = _mm512_maskz_roundscale_ps(_mm512_cmp_ps_mask(xv, xv, _CMP_ORD_Q), xv,
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(c, zp), lo), hi));
+    };
+    int8_t* qr = q + r * ld;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {  // 64 codes packed in registers, one store
+      const __m512i c01 = _mm512_packs_epi32(codes16(0xFFFF, xr + k), codes16(0xFFFF, xr + k + 16));
+      const __m512i c23 = _mm512_packs_epi32(codes16(0xFFFF, xr + k + 32), codes16(0xFFFF, xr + k + 48));
+      _mm512_storeu_si512(qr + k, _mm512_permutexvar_epi32(order, _mm512_packs_epi16(c01, c23)));
+    }
+    for (; k < K; k += 16) {
+      const __mmask16 m = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+      _mm512_mask_cvtsepi32_storeu_epi8(qr + k, m, codes16(m, xr + k));
+    }
+    scale[r] = nan_seen != 0 ? kNaNf : s;
+  }
+}
+
+bool quantize_on_zmm() {
+  const Int8Kernel k = current_int8_kernel();
+  return k == Int8Kernel::kAvx512Vnni || k == Int8Kernel::kAmx;
+}
 #endif
 
 // Product of all but the last dimension.
@@ -1874,10 +1946,17 @@ void quantize_rows(const at::Tensor& x, int8_t* q, float* scale, float fixed_sca
     return;
   }
   const int64_t grain = std::max<int64_t>(1, 16384 / K);
+#if QLIB_INT8_X86
+  const bool zmm = quantize_on_zmm();
+#endif
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "qlib_quantize_rows", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
 #if QLIB_INT8_X86
+      if (zmm) {
+        quantize_rows_avx512(xp, q, K, scale, r0, r1, K, fixed_scale, codes);
+        return;
+      }
       if (cpu_has_avx2()) {
         quantize_rows_avx2(xp, Int8RowCodes{q, K}, scale, r0, r1, K, fixed_scale, codes);
         return;
@@ -1919,10 +1998,12 @@ at::Tensor quantize_rows_amx(const at::Tensor& x, int64_t M, int64_t K, int64_t 
   at::Tensor w = at::empty({rows, kp}, x.options().dtype(at::kChar));
   int8_t* q = w.data_ptr<int8_t>();
   std::memset(q + M * kp, 0, (rows - M) * kp);
+  const bool zmm = quantize_on_zmm();
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "qlib_quantize_rows_amx", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
-      quantize_rows_avx2(xp, Int8RowCodes{q, kp}, scale, r0, r1, K, fixed_scale, codes);
+      if (zmm) quantize_rows_avx512(xp, q, kp, scale, r0, r1, K, fixed_scale, codes);
+      else quantize_rows_avx2(xp, Int8RowCodes{q, kp}, scale, r0, r1, K, fixed_scale, codes);
       for (int64_t r = r0; r < r1; ++r) std::memset(q + r * kp + K, 0, kp - K);
     });
   });

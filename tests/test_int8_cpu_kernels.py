@@ -68,6 +68,39 @@ def test_gemm_k_boundary_packed_every_kernel(kernel, M):
     assert torch.equal(c.long(), ref_gemm(a, b))
 
 
+@pytest.mark.skipif("avx512-vnni" not in KERNELS, reason="needs AVX512-VNNI")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_zmm_activation_codes_match_avx2(dtype):
+    """The zmm kernels (avx512-vnni, amx) quantize activation rows on zmm, the others on AVX2:
+    the same codes and scales bit for bit (NaN, Inf and huge values, rows of K around the 16-
+    and 64-value steps, static zero points), so every kernel's int8_linear gives the same bits."""
+    g = torch.Generator().manual_seed(7)
+    zmm = [k for k in ("avx512-vnni", "amx") if k in KERNELS]
+    try:
+        for M, K in [(1, 1), (3, 5), (7, 16), (5, 17), (2, 63), (9, 64), (4, 65), (6, 130), (33, 768), (3, 1000)]:
+            x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 100
+            x[0, 0] = float("nan")
+            x[-1, -1] = float("inf") if M > 1 else x[-1, -1]
+            x[M // 2, K // 2] = -1e30 if M > 2 else x[M // 2, K // 2]
+            x = x.to(dtype)
+            w = torch.randint(-128, 128, (9, K), dtype=torch.int8, generator=g)
+            s = torch.rand(9, generator=g) + 0.1
+            static = [(), (torch.tensor(0.05), torch.tensor(-3, dtype=torch.int32), -128, 127),
+                      (torch.tensor(0.3), torch.tensor(100, dtype=torch.int32), 0, 127)]
+            outs = {}
+            for name in ["avx2", *zmm]:
+                qlib.set_int8_cpu_kernel(name)
+                outs[name] = (ops.quantize_per_token(x), [ops.int8_linear(x, w, s, None, *a) for a in static])
+            (q0, s0), y0 = outs["avx2"]
+            for name in zmm:
+                (q1, s1), y1 = outs[name]
+                assert torch.equal(q0, q1) and torch.equal(s0.nan_to_num(-1), s1.nan_to_num(-1)), (name, M, K)
+                for a, b in zip(y0, y1):
+                    assert torch.equal(a.nan_to_num(-1), b.nan_to_num(-1)), (name, M, K)
+    finally:
+        qlib.set_int8_cpu_kernel("auto")
+
+
 @pytest.mark.parametrize("M", [5, 16, 48])
 def test_linear_k_boundary_every_kernel(kernel, M):
     """int8_linear at the longest K, with codes of +-127 against weights of -128 / 127: the
