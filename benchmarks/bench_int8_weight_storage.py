@@ -1,14 +1,14 @@
 """Int8Linear on the CPU with and without its packed weight copy, beside torch.ao's dynamic
 quantized Linear (fbgemm).
 
-    python benchmarks/bench_int8_weight_storage.py [--kernel NAME] [--threads N] [--markdown PATH]
+    python benchmarks/bench_int8_weight_storage.py [--kernel NAME] [--threads N] [--m M ...] [--markdown PATH]
 
 By default only the `amx` kernel reads the int8 weight where it lies; the others keep a copy
 packed for them (`weight_packed`: 2 bytes a weight in RAM). `QLIB_INT8_PACKED_COPY=0` (read at
 start-up) drops the copy for every kernel (1 byte a weight, 4x below float32), `=1` gives every
 kernel one. This script times the process's default beside a child process started with the
 other setting, each interleaved with torch.ao in its own process (torch.ao's column is the
-parent's; each ratio uses its own process's torch.ao time). M in {1, 4, 8, 16, 128, 1024} x
+parent's; each ratio uses its own process's torch.ao time). M in {1, 4, 8, 16, 128, 1024} (or --m) x
 (K, N) in {(768, 768), (768, 3072), (4096, 4096)}: medians (ms) and ratios.
 """
 from __future__ import annotations
