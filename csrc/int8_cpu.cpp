@@ -1202,6 +1202,12 @@ at::Tensor pack_a_amx(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_
 // With QLIB_INT8_PACKED_COPY=0 the other kernels run on the plain weight too: avx512-vnni the dot
 // kernel, then x's rows in the lanes (gemm_lanes_plain) to 48 rows, then gemm_panels_plain.
 
+// Dword j of the result of _mm512_permutexvar_epi32(this, v) is v's (j % 4) * 4 + j / 4: a 4 x 4
+// transpose of 128-bit lanes of 4 dwords (what two rounds of unpack / pack leave lane-major).
+QLIB_AVX512_FN inline __m512i transpose4x4_dwords() {
+  return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+}
+
 // dst[16 x 16] (row stride ldd) = src[16 x 16]^T (row stride lds), 32-bit values.
 QLIB_AVX512_FN inline void transpose16(const int32_t* src, int64_t lds, int32_t* dst, int64_t ldd) {
   __m512i r[16], t[16];
@@ -1504,7 +1510,7 @@ QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, int64
   constexpr int g = 16 / W;
   constexpr __mmask16 kStarts = W == 1 ? 0xFFFF : W == 2 ? 0x5555 : W == 4 ? 0x1111 : W == 8 ? 0x0101 : 1;
   if constexpr (W == 4) {  // per 128-bit lane j (row j of each panel): the 4 panels' sums, transposed
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i order = transpose4x4_dwords();
     for (int64_t r = 0; r < nw; ++r) {
       const __m512i v0 = _mm512_load_si512(acc[r][0]);
       const __m512i v1 = P > 1 ? _mm512_load_si512(acc[r][P > 1]) : z;
@@ -1878,7 +1884,7 @@ QLIB_AVX512_FN void quantize_rows_avx512(const T* x, int8_t* q, int64_t ld, floa
   const __m512 zp = _mm512_set1_ps(codes.zero_point), lo = _mm512_set1_ps(codes.qmin),
                hi = _mm512_set1_ps(codes.qmax);
   // packs_epi16 of two packs_epi32 leaves, per 128-bit lane L, 4 codes of each of the 4 vectors.
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i order = transpose4x4_dwords();
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * K;
     float s = fixed_scale;
