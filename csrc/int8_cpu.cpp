@@ -1407,12 +1407,14 @@ void gemm_rows_dot(const int8_t* x, int64_t M, const int32_t* xsum, const int8_t
 }
 
 // 5-48 rows of x on the plain weight under avx512-vnni (gemm_lanes_plain, QLIB_INT8_PACKED_COPY=0):
-// C^T = W X^T with x's rows in the lanes. x's codes + 128 and a last row of ones (its sums are w's
-// row sums, for the offset) are laid out in panels of g = 16 / W rows, a zmm holding W k words
-// (4 W k) of each of its g rows; 4 W k of a weight row, broadcast where they lie, multiply the
-// zmm of up to 4 panels: each vpdpbusd does up to 64 MACs, as the packed kernel's, and nothing of
-// w is packed or transposed. Cost against the packed copy (Xeon with AMX, stop 36; RESULTS):
-// 0.9-1.1x at 8-16 rows with w streaming from memory, 1.05-1.3x with w in L2.
+// C^T = W X^T with x's rows in the lanes. x's codes are laid out in panels of g = 16 / W rows, a
+// zmm holding W k words (4 W k) of each of its g rows; 4 W k of a weight row, broadcast where they
+// lie and taken + 128 (^ 0x80, the unsigned operand), multiply the zmm of up to 4 panels: each
+// vpdpbusd does up to 64 MACs, as the packed kernel's, and nothing of w is packed or transposed;
+// the sums are taken less 128 * x's row sums. (Stop 36 had x + 128 and a row of ones for w's row
+// sums: an extra panel at 8, 12, 16 .. rows; the xor is 1.03-1.1x faster at 8-48 rows on Zen 4.)
+// Cost against the packed copy: Xeon with AMX, stop 36, 0.9-1.1x at 8-16 rows with w streaming
+// from memory, 1.05-1.3x with w in L2; Zen 4, stop 37, 1.07-1.12x at 16 rows (RESULTS).
 // Up to this M (a multiple of 16); from the next, gemm_panels_plain (the two about equal at 48-64
 // rows, lanes 1.05-1.2x faster at 17-32).
 constexpr int64_t kRowsLanesMaxM = 48;
@@ -1424,12 +1426,12 @@ inline int64_t load_i64(const int8_t* p) { int64_t v; std::memcpy(&v, p, 8); ret
 // lanes_pack<W>). (Named accumulators: GCC kept an array's in memory.)
 constexpr int64_t kLanesRows = 6;
 template <int W, int P>
-QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, int64_t pstride, const int8_t* w,
+QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const int8_t* xp, int64_t pstride, const int8_t* w,
                                                        int64_t ldw, int64_t nw, int64_t K, int32_t* ct,
                                                        int64_t ldc) {
   static_assert(P >= 1 && P <= 4, "lanes_zmm: 1-4 panels");
   constexpr int64_t kStep = 4 * W;  // k per zmm of a panel
-  const __m512i z = _mm512_setzero_si512();
+  const __m512i z = _mm512_setzero_si512(), flipw = _mm512_set1_epi8(-128);
 #define QLIB_ACC(r) __m512i a##r##0 = z, a##r##1 = z, a##r##2 = z, a##r##3 = z;
   QLIB_ACC(0) QLIB_ACC(1) QLIB_ACC(2) QLIB_ACC(3) QLIB_ACC(4) QLIB_ACC(5)
 #undef QLIB_ACC
@@ -1447,14 +1449,14 @@ QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, int64
 // second accumulators, a second chain a row.
 #define QLIB_ROW(r, B, Odd)                                                                      \
   {                                                                                              \
-    const __m512i b = B(w##r);                                                                   \
+    const __m512i b = _mm512_xor_si512(B(w##r), flipw);                                          \
     if constexpr (Odd) {                                                                         \
-      a##r##1 = _mm512_dpbusd_epi32(a##r##1, x0, b);                                             \
+      a##r##1 = _mm512_dpbusd_epi32(a##r##1, b, x0);                                             \
     } else {                                                                                     \
-      a##r##0 = _mm512_dpbusd_epi32(a##r##0, x0, b);                                             \
-      if constexpr (P > 1) a##r##1 = _mm512_dpbusd_epi32(a##r##1, x1, b);                        \
-      if constexpr (P > 2) a##r##2 = _mm512_dpbusd_epi32(a##r##2, x2, b);                        \
-      if constexpr (P > 3) a##r##3 = _mm512_dpbusd_epi32(a##r##3, x3, b);                        \
+      a##r##0 = _mm512_dpbusd_epi32(a##r##0, b, x0);                                             \
+      if constexpr (P > 1) a##r##1 = _mm512_dpbusd_epi32(a##r##1, b, x1);                        \
+      if constexpr (P > 2) a##r##2 = _mm512_dpbusd_epi32(a##r##2, b, x2);                        \
+      if constexpr (P > 3) a##r##3 = _mm512_dpbusd_epi32(a##r##3, b, x3);                        \
     }                                                                                            \
   }
 #define QLIB_STEP(B, Odd)                                                                        \
@@ -1471,7 +1473,7 @@ QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, int64
   _Pragma("GCC unroll 16") for (int64_t kk = k0; kk < k0 + 64; kk += kStep, xk += 64)            \
       QLIB_STEP(QLIB_AT, Odd)
   int64_t k = 0;
-  const uint8_t* xk = xp;
+  const int8_t* xk = xp;
   if constexpr (P == 1)  // odd 64 k into the second panel's (unused) accumulators
     for (; k + 128 <= K; k += 128) {
       QLIB_BLOCK(k, false)
@@ -1546,26 +1548,24 @@ QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const uint8_t* xp, int64
 // in xp (Kp * 16 / W bytes, zeroed): per 4 W k one zmm, whose bytes j * 4 W .. j * 4 W + 4 W - 1
 // are row r0 + j's.
 template <int W>
-void lanes_pack(const uint8_t* xr, int64_t Kp, int64_t r0, int64_t rows, uint8_t* xp) {
+void lanes_pack(const int8_t* xr, int64_t Kp, int64_t r0, int64_t rows, int8_t* xp) {
   constexpr int64_t kStep = 4 * W;
   for (int64_t j = 0; j < 16 / W && r0 + j < rows; ++j)
     for (int64_t k = 0; k < Kp; k += kStep) std::memcpy(xp + k * (16 / W) + j * kStep, xr + (r0 + j) * Kp + k, kStep);
 }
 
-// ctt [nn rows of w][ldc] (lanes 0 .. M - 1: rows of x, lane M: the row sums) less 128 * rowsum
-// (mod 2^32), transposed into ct [M rounded up to 16][ldt]; rowsum[n] = lane M. What the
-// transposes read past nn rows and M lanes is zeroed first (never written by the kernels).
-QLIB_AVX512_FN void lanes_finish(int32_t* ctt, int64_t ldc, int64_t nn, int64_t M, int32_t* rowsum,
+// ctt [nn rows of w][ldc] (lanes 0 .. M - 1: rows of x) less 128 * xsum[m] (mod 2^32),
+// transposed into ct [M rounded up to 16][ldt]. What the transposes read past nn rows and M
+// lanes is zeroed first (never written by the kernels).
+QLIB_AVX512_FN void lanes_finish(int32_t* ctt, int64_t ldc, int64_t nn, int64_t M, const int32_t* xsum,
                                  int32_t* ct, int64_t ldt) {
   const int64_t mp = (M + 15) / 16 * 16;
-  for (int64_t n = 0; n < nn; ++n) {
-    rowsum[n] = ctt[n * ldc + M];
-    const __m512i off = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(rowsum[n]) * 128u));
-    for (int64_t m = 0; m < M; m += 16) {
-      const __mmask16 valid = M - m >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (M - m)) - 1);
+  for (int64_t m = 0; m < M; m += 16) {
+    const __mmask16 valid = M - m >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (M - m)) - 1);
+    const __m512i off = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(valid, xsum + m), 7);
+    for (int64_t n = 0; n < nn; ++n)
       _mm512_storeu_si512(ctt + n * ldc + m,
                           _mm512_maskz_sub_epi32(valid, _mm512_maskz_loadu_epi32(valid, ctt + n * ldc + m), off));
-    }
   }
   for (int64_t n = nn; n < (nn + 15) / 16 * 16; ++n) std::fill(ctt + n * ldc, ctt + n * ldc + mp, 0);
   for (int64_t m = 0; m < M; m += 16)
@@ -1576,32 +1576,30 @@ QLIB_AVX512_FN void gemm_lanes_plain(const int8_t* q, int64_t M, const int8_t* w
                                      int64_t K, bool sums, const RowsEpilogue& epilogue) {
   TORCH_INTERNAL_ASSERT(M > kRowsDotMaxM && M <= kRowsLanesMaxM, "int8 gemm_lanes_plain: for 5-", kRowsLanesMaxM,
                         " rows of x");
-  // Rows 0 .. M - 1: q + 128, row M: ones (k < K); K padded to Kp with zeros. (A byte loop was
-  // not vectorized: 8 us a call at 16 x 768, Zen 4.)
-  const int64_t rows = M + 1, Kp = (K + 63) / 64 * 64;
-  std::vector<uint8_t> xr(rows * Kp);
-  const __m512i flip = _mm512_set1_epi8(-128), one = _mm512_set1_epi8(1);
+  // x's codes, K padded to Kp with zeros; their row sums for the offset.
+  const int64_t Kp = (K + 63) / 64 * 64;
+  std::vector<int8_t> xr(M * Kp);
   for (int64_t k = 0; k < Kp; k += 64) {
     const __mmask64 mask = K - k >= 64 ? ~__mmask64{0} : K > k ? (__mmask64{1} << (K - k)) - 1 : 0;
-    const __m512i f = _mm512_maskz_mov_epi8(mask, flip);  // (padding stays 0)
-    for (int64_t m = 0; m < M; ++m)
-      _mm512_storeu_si512(xr.data() + m * Kp + k, _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, q + m * K + k), f));
-    _mm512_storeu_si512(xr.data() + M * Kp + k, _mm512_maskz_mov_epi8(mask, one));
+    for (int64_t m = 0; m < M; ++m) _mm512_storeu_si512(xr.data() + m * Kp + k, _mm512_maskz_loadu_epi8(mask, q + m * K + k));
   }
+  alignas(64) int32_t xsum[kRowsLanesMaxM];
+  for (int64_t m = 0; m < M; ++m) xsum[m] = static_cast<int32_t>(row_sum(q + m * K, 0, K));
   // The rows in P panels of 4 (W = 4: 16 k of w a broadcast, shared by the up to 4 panels of a
   // call), and the last 1 or 2 in a panel of their own (W = 16 or 8) rather than fill a panel
   // with zeros (the MACs bound it): as many vpdpbusd as rows, but 3 rows left over fill a panel.
-  int64_t P = rows / 4, rest = rows - 4 * P;
+  // w's row sums (a zero point's term) by a pass over its rows, only when asked.
+  int64_t P = M / 4, rest = M - 4 * P;
   if (rest == 3) P += 1, rest = 0;
   const int64_t panel = Kp * 4;
-  std::vector<uint8_t> xp(panel * P + Kp * rest, 0);
-  for (int64_t p = 0; p < P; ++p) lanes_pack<4>(xr.data(), Kp, 4 * p, rows, xp.data() + panel * p);
-  if (rest == 1) lanes_pack<16>(xr.data(), Kp, 4 * P, rows, xp.data() + panel * P);
-  if (rest == 2) lanes_pack<8>(xr.data(), Kp, 4 * P, rows, xp.data() + panel * P);
-  using Lanes = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t);
+  std::vector<int8_t> xp(panel * P + Kp * rest, 0);
+  for (int64_t p = 0; p < P; ++p) lanes_pack<4>(xr.data(), Kp, 4 * p, M, xp.data() + panel * p);
+  if (rest == 1) lanes_pack<16>(xr.data(), Kp, 4 * P, M, xp.data() + panel * P);
+  if (rest == 2) lanes_pack<8>(xr.data(), Kp, 4 * P, M, xp.data() + panel * P);
+  using Lanes = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t);
   static constexpr Lanes kPanels[4] = {lanes_zmm<4, 1>, lanes_zmm<4, 2>, lanes_zmm<4, 3>, lanes_zmm<4, 4>};
   const Lanes lanes_rest = rest == 1 ? lanes_zmm<16, 1> : lanes_zmm<8, 1>;
-  constexpr int64_t kLd = kRowsLanesMaxM + 16;  // ctt's row stride: rows of x + the ones row
+  constexpr int64_t kLd = kRowsLanesMaxM;  // ctt's row stride
   at::parallel_for(0, (N + kDotBlock - 1) / kDotBlock, 1, [&](int64_t b0, int64_t b1) {
     // [w rows][x rows], then transposed
     alignas(64) int32_t ctt[kDotBlock * kLd], ct[kRowsLanesMaxM * kDotBlock];
@@ -1616,7 +1614,8 @@ QLIB_AVX512_FN void gemm_lanes_plain(const int8_t* q, int64_t M, const int8_t* w
                                                    c + 4 * p, kLd);
         if (rest > 0) lanes_rest(xp.data() + panel * P, 0, w + n * ldw, ldw, nw, K, c + 4 * P, kLd);
       }
-      lanes_finish(ctt, kLd, n1 - n0, M, rowsum, ct, kDotBlock);
+      lanes_finish(ctt, kLd, n1 - n0, M, xsum, ct, kDotBlock);
+      for (int64_t n = n0; n < n1 && sums; ++n) rowsum[n - n0] = static_cast<int32_t>(row_sum(w + n * ldw, 0, K));
       epilogue(0, M, n0, n1, ct, kDotBlock, sums ? rowsum : nullptr);
     }
   });
