@@ -1412,7 +1412,7 @@ void gemm_rows_dot(const int8_t* x, int64_t M, const int32_t* xsum, const int8_t
 // lie and taken + 128 (^ 0x80, the unsigned operand), multiply the zmm of up to 4 panels: each
 // vpdpbusd does up to 64 MACs, as the packed kernel's, and nothing of w is packed or transposed;
 // the sums are taken less 128 * x's row sums. (Stop 36 had x + 128 and a row of ones for w's row
-// sums: an extra panel at 8, 12, 16 .. rows; the xor is 1.03-1.1x faster at 8-48 rows on Zen 4.)
+// sums: an extra panel at 8, 12, 16 .. rows; the xor is 1.03-1.12x faster at 8-48 rows on Zen 4.)
 // Cost against the packed copy: Xeon with AMX, stop 36, 0.9-1.1x at 8-16 rows with w streaming
 // from memory, 1.05-1.3x with w in L2; Zen 4, stop 37, 1.07-1.12x at 16 rows (RESULTS).
 // Up to this M (a multiple of 16); from the next, gemm_panels_plain (the two about equal at 48-64
@@ -1634,8 +1634,9 @@ PackLayout kernel_layout(Int8Kernel kernel) {
 // The layout int8_pack_weight packs for `kernel`. By default amx reads the weight as it lies
 // (kRows) and the other kernels have their panels: a copy of the weight, 1 more byte a value.
 // QLIB_INT8_PACKED_COPY (read once) = 1 gives every kernel its panels (amx: 1.1-1.3x faster
-// from M = 32), = 0 none: the others then run on the plain weight (avx512-vnni, Xeon with AMX,
-// stop 36: 0.8-1.3x the packed copy's time at every M; avx-vnni / avx2 1.2-1.8x at M = 1-16;
+// from M = 32), = 0 none: the others then run on the plain weight (avx512-vnni: 0.8-1.3x the
+// packed copy's time at every M on a Xeon with AMX, stop 36; 1.0-1.26x at 1 thread on Zen 4,
+// up to 1.45x at 1-4 rows streaming 4096^2, stop 37; avx-vnni / avx2 1.2-1.8x at M = 1-16;
 // RESULTS).
 PackLayout weight_layout(Int8Kernel kernel) {
   static const int packed_copy = [] {  // -1: unset
