@@ -1421,8 +1421,8 @@ constexpr int64_t kRowsLanesMaxM = 48;
 inline int32_t load_i32(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
 inline int64_t load_i64(const int8_t* p) { int64_t v; std::memcpy(&v, p, 8); return v; }
 
-// ct[r * ldc + 16 / W * p + j] = sum_k x_pj[k] * w_r[k] for r < nw <= kLanesRows rows of w (row
-// stride ldw) and P panels of 16 / W rows of x (panel p at xp + p * pstride, laid out by
+// ct[r * ldc + 16 / W * p + j] = sum_k x_pj[k] * (w_r[k] + 128) for r < nw <= kLanesRows rows of
+// w (row stride ldw) and P panels of 16 / W rows of x (panel p at xp + p * pstride, laid out by
 // lanes_pack<W>). (Named accumulators: GCC kept an array's in memory.)
 constexpr int64_t kLanesRows = 6;
 template <int W, int P>
