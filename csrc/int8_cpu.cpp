@@ -1544,14 +1544,18 @@ QLIB_AVX512_FN __attribute__((noinline)) void lanes_zmm(const int8_t* xp, int64_
     }
 }
 
-// Rows r0 .. r0 + 16 / W - 1 of xr ([rows, Kp]; past `rows`: zeros) as a panel for lanes_zmm<W>
-// in xp (Kp * 16 / W bytes, zeroed): per 4 W k one zmm, whose bytes j * 4 W .. j * 4 W + 4 W - 1
-// are row r0 + j's.
+// Rows r0 .. r0 + 16 / W - 1 of q ([rows, K]; past `rows`: left as is) as a panel for lanes_zmm<W>
+// in xp (Kp * 16 / W bytes, zeroed: K's padding stays 0): per 4 W k one zmm, whose bytes
+// j * 4 W .. j * 4 W + 4 W - 1 are row r0 + j's.
 template <int W>
-void lanes_pack(const int8_t* xr, int64_t Kp, int64_t r0, int64_t rows, int8_t* xp) {
+void lanes_pack(const int8_t* q, int64_t K, int64_t r0, int64_t rows, int8_t* xp) {
   constexpr int64_t kStep = 4 * W;
-  for (int64_t j = 0; j < 16 / W && r0 + j < rows; ++j)
-    for (int64_t k = 0; k < Kp; k += kStep) std::memcpy(xp + k * (16 / W) + j * kStep, xr + (r0 + j) * Kp + k, kStep);
+  for (int64_t j = 0; j < 16 / W && r0 + j < rows; ++j) {
+    const int8_t* row = q + (r0 + j) * K;
+    int64_t k = 0;
+    for (; k + kStep <= K; k += kStep) std::memcpy(xp + k * (16 / W) + j * kStep, row + k, kStep);
+    if (k < K) std::memcpy(xp + k * (16 / W) + j * kStep, row + k, K - k);
+  }
 }
 
 // ctt [nn rows of w][ldc] (lanes 0 .. M - 1: rows of x) less 128 * xsum[m] (mod 2^32),
@@ -1572,17 +1576,12 @@ QLIB_AVX512_FN void lanes_finish(int32_t* ctt, int64_t ldc, int64_t nn, int64_t 
     for (int64_t i = 0; i < nn; i += 16) transpose16(ctt + i * ldc + m, ldc, ct + m * ldt + i, ldt);
 }
 
-QLIB_AVX512_FN void gemm_lanes_plain(const int8_t* q, int64_t M, const int8_t* w, int64_t ldw, int64_t N,
-                                     int64_t K, bool sums, const RowsEpilogue& epilogue) {
+void gemm_lanes_plain(const int8_t* q, int64_t M, const int8_t* w, int64_t ldw, int64_t N, int64_t K,
+                      bool sums, const RowsEpilogue& epilogue) {
   TORCH_INTERNAL_ASSERT(M > kRowsDotMaxM && M <= kRowsLanesMaxM, "int8 gemm_lanes_plain: for 5-", kRowsLanesMaxM,
                         " rows of x");
-  // x's codes, K padded to Kp with zeros; their row sums for the offset.
+  // x's codes in panels (K padded to Kp with zeros); their row sums for the offset.
   const int64_t Kp = (K + 63) / 64 * 64;
-  std::vector<int8_t> xr(M * Kp);
-  for (int64_t k = 0; k < Kp; k += 64) {
-    const __mmask64 mask = K - k >= 64 ? ~__mmask64{0} : K > k ? (__mmask64{1} << (K - k)) - 1 : 0;
-    for (int64_t m = 0; m < M; ++m) _mm512_storeu_si512(xr.data() + m * Kp + k, _mm512_maskz_loadu_epi8(mask, q + m * K + k));
-  }
   alignas(64) int32_t xsum[kRowsLanesMaxM];
   for (int64_t m = 0; m < M; ++m) xsum[m] = static_cast<int32_t>(row_sum(q + m * K, 0, K));
   // The rows in P panels of 4 (W = 4: 16 k of w a broadcast, shared by the up to 4 panels of a
@@ -1593,9 +1592,9 @@ QLIB_AVX512_FN void gemm_lanes_plain(const int8_t* q, int64_t M, const int8_t* w
   if (rest == 3) P += 1, rest = 0;
   const int64_t panel = Kp * 4;
   std::vector<int8_t> xp(panel * P + Kp * rest, 0);
-  for (int64_t p = 0; p < P; ++p) lanes_pack<4>(xr.data(), Kp, 4 * p, M, xp.data() + panel * p);
-  if (rest == 1) lanes_pack<16>(xr.data(), Kp, 4 * P, M, xp.data() + panel * P);
-  if (rest == 2) lanes_pack<8>(xr.data(), Kp, 4 * P, M, xp.data() + panel * P);
+  for (int64_t p = 0; p < P; ++p) lanes_pack<4>(q, K, 4 * p, M, xp.data() + panel * p);
+  if (rest == 1) lanes_pack<16>(q, K, 4 * P, M, xp.data() + panel * P);
+  if (rest == 2) lanes_pack<8>(q, K, 4 * P, M, xp.data() + panel * P);
   using Lanes = void (*)(const int8_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t, int32_t*, int64_t);
   static constexpr Lanes kPanels[4] = {lanes_zmm<4, 1>, lanes_zmm<4, 2>, lanes_zmm<4, 3>, lanes_zmm<4, 4>};
   const Lanes lanes_rest = rest == 1 ? lanes_zmm<16, 1> : lanes_zmm<8, 1>;
