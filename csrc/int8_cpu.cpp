@@ -294,7 +294,8 @@ void gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, GemmOut o,
 //     StepVnniEmulated computes vpdpbusd with AVX2 ops (bit-identical; it tests the VNNI
 //     layout and offsets on CPUs without VNNI).
 // Layouts (K padded to Kp, a multiple of 4, with zeros):
-//   A: panel i of kPMR rows holds, for each k word kw, kPMR int32 words: row 6i + r's
+//   A: panel i of R rows (kPMR; the last panel the R = M - 6i left) holds, for each k word kw,
+//      R int32 words: row 6i + r's
 //      codes k = G kw .. G kw + G - 1 (int16 or q + 128 as uint8).
 //   B: 8-column panels; per k word, 8 x 4 bytes: (b[8p + j][G kw .. G kw + G - 1]) for
 //      j = 0..7, so one load (widened for int16) lines up with a broadcast A word.
@@ -530,7 +531,8 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
                const at::TensorOptions& opt) {
   PackedB p;
   p.N = N, p.K = K, p.Np = padded_n(N, layout), p.Kp = padded_k(K, layout), p.layout = layout;
-  p.buf = at::empty({packed_bytes(N, K, layout)}, opt.dtype(at::kChar));
+  // (Huge pages for a big weight: its stream then crosses 2 MiB pages, not 4 KiB ones.)
+  p.buf = empty_output({packed_bytes(N, K, layout)}, opt.dtype(at::kChar));
   int8_t* out = p.buf.data_ptr<int8_t>();
   p.data = out;
   int32_t* rowsum = reinterpret_cast<int32_t*>(out + panel_bytes(N, K, layout));
@@ -662,13 +664,17 @@ QLIB_AVX2_FN inline __m256i codes32_int8(const __m256i (&c)[4]) {
 }
 
 // Where quantize_rows_avx2 (or pack_a) puts codes in A panels: row r's codes k .. k + G - 1
-// are the 32-bit word (k / G) * kPMR + r % kPMR of panel r / kPMR.
+// are the 32-bit word (k / G) * R + r % kPMR of panel r / kPMR, R its rows (kPMR, or fewer in
+// the last: no padding rows, so one row of x is read as one dense stream; a padded panel at
+// M = 1 took 24 KB of L1 for 4 KB of codes, 1.12x slower at K = 4096 on Zen 4).
 template <class Elem>
 struct PanelCodes {
   static constexpr int G = 4 / sizeof(Elem);
   Elem* w;
   int64_t kp;  // padded K
+  int64_t M;
   Elem* panel(int64_t r) const { return w + (r / kPMR) * kp * kPMR; }
+  int64_t rows(int64_t r) const { return std::min(kPMR, M - r / kPMR * kPMR); }  // of r's panel
   static Elem code(int8_t c) {
     if constexpr (std::is_same_v<Elem, uint8_t>) return static_cast<uint8_t>(c + 128);
     else return c;
@@ -684,15 +690,12 @@ struct PanelCodes {
       _mm256_store_si256(reinterpret_cast<__m256i*>(words + 8),
                          _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0xD8));
     }
-    int32_t* o = reinterpret_cast<int32_t*>(panel(r)) + (k / G) * kPMR + r % kPMR;
-    for (int j = 0; j < 32 / G; ++j) o[j * kPMR] = words[j];
+    const int64_t R = rows(r);
+    int32_t* o = reinterpret_cast<int32_t*>(panel(r)) + (k / G) * R + r % kPMR;
+    for (int j = 0; j < 32 / G; ++j) o[j * R] = words[j];
   }
   void put1(int64_t r, int64_t k, int8_t c) const {
-    panel(r)[(k / G) * kPMR * G + (r % kPMR) * G + k % G] = code(c);
-  }
-  // Zeroes the rows past M of the last panel (never stored; kept defined).
-  void clear_tail_rows(int64_t M) const {
-    if (M % kPMR != 0) std::memset(panel(M - 1), 0, kp * kPMR * sizeof(Elem));
+    panel(r)[(k / G) * rows(r) * G + (r % kPMR) * G + k % G] = code(c);
   }
 };
 
@@ -701,19 +704,17 @@ struct PanelCodes {
 template <class Elem>
 at::Tensor pack_a(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_t kp,
                   const at::TensorOptions& opt) {
-  const int64_t panels = (M + kPMR - 1) / kPMR;
-  at::Tensor w = at::empty({panels * kp * kPMR},
-                           opt.dtype(std::is_same_v<Elem, uint8_t> ? at::kByte : at::kShort));
-  const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp};
-  sink.clear_tail_rows(M);
+  at::Tensor w = at::empty({M * kp}, opt.dtype(std::is_same_v<Elem, uint8_t> ? at::kByte : at::kShort));
+  const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp, M};
   constexpr int G = PanelCodes<Elem>::G;
   at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(kp, 1)),
                    [&](int64_t r0, int64_t r1) {
                      for (int64_t r = r0; r < r1; ++r) {
                        const int8_t* ar = a + r * lda;
                        Elem* o = sink.panel(r) + (r % kPMR) * G;  // word 0 of row r
+                       const int64_t step = sink.rows(r) * G;
                        int64_t k = 0;
-                       for (; k + G <= K; k += G, o += kPMR * G)
+                       for (; k + G <= K; k += G, o += step)
                          for (int g = 0; g < G; ++g) o[g] = sink.code(ar[k + g]);
                        for (; k < kp; ++k) sink.put1(r, k, k < K ? ar[k] : 0);
                      }
@@ -721,9 +722,9 @@ at::Tensor pack_a(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_t kp
   return w;
 }
 
-// C[R, 16] (row stride ldc) (+)= the first R rows of an A panel x 16 columns of B (8 at b,
-// 8 at b + bstride, k words bword bytes apart) over kc k (a multiple of 4); R < kPMR only
-// for the last rows of M.
+// C[R, 16] (row stride ldc) (+)= an A panel of R rows x 16 columns of B (8 at b, 8 at
+// b + bstride, k words bword bytes apart) over kc k (a multiple of 4); R < kPMR only for the
+// last rows of M.
 template <int R, class Step>
 QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const typename Step::Elem* a,
                                                          const int8_t* b, int64_t bstride,
@@ -746,7 +747,7 @@ QLIB_AVX2_FN __attribute__((noinline)) void micro_packed(const typename Step::El
   const int8_t* b1 = b + bstride;
   const int32_t* ap = reinterpret_cast<const int32_t*>(a);
   const int64_t words = kc / Step::G;
-  for (int64_t kw = 0; kw < words; ++kw, ap += kPMR) {
+  for (int64_t kw = 0; kw < words; ++kw, ap += R) {
     const __m256i w0 = Step::load_b(b + kw * bword);
     const __m256i w1 = Step::load_b(b1 + kw * bword);
 #define QLIB_ROW(r)                                   \
@@ -788,7 +789,7 @@ QLIB_AVX2_FN __attribute__((noinline)) void micro_packed_thin(const typename Ste
 #define QLIB_CHAIN(j)                                                            \
   {                                                                              \
     const int64_t w = kw + (j) % U;                                              \
-    const __m256i av = _mm256_set1_epi32(ap[w * kPMR + (j) / U]);                \
+    const __m256i av = _mm256_set1_epi32(ap[w * R + (j) / U]);                \
     s##j##0 = Step::dot(s##j##0, av, Step::load_b(b + w * bword));               \
     s##j##1 = Step::dot(s##j##1, av, Step::load_b(b1 + w * bword));              \
   }
@@ -797,10 +798,10 @@ QLIB_AVX2_FN __attribute__((noinline)) void micro_packed_thin(const typename Ste
   }
   for (; kw < words; ++kw) {  // the last < U words: chains 0 (row 0) and U (row 1)
     const __m256i w0 = Step::load_b(b + kw * bword), w1 = Step::load_b(b1 + kw * bword);
-    const __m256i a0 = _mm256_set1_epi32(ap[kw * kPMR]);
+    const __m256i a0 = _mm256_set1_epi32(ap[kw * R]);
     s00 = Step::dot(s00, a0, w0), s01 = Step::dot(s01, a0, w1);
     if constexpr (R == 2) {
-      const __m256i a1 = _mm256_set1_epi32(ap[kw * kPMR + 1]);
+      const __m256i a1 = _mm256_set1_epi32(ap[kw * R + 1]);
       s20 = Step::dot(s20, a1, w0), s21 = Step::dot(s21, a1, w1);
     }
   }
@@ -845,7 +846,7 @@ QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm(const uint8_t* a, const 
   const int8_t* b1 = b + bstride;
   const int32_t* ap = reinterpret_cast<const int32_t*>(a);
   const int64_t words = kc / 4;
-  for (int64_t kw = 0; kw < words; ++kw, ap += kPMR) {
+  for (int64_t kw = 0; kw < words; ++kw, ap += R) {
     const __m512i w0 = _mm512_loadu_si512(b + kw * bword);
     const __m512i w1 = _mm512_loadu_si512(b1 + kw * bword);
 #define QLIB_ROW(r)                                   \
@@ -885,7 +886,7 @@ QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm_thin(const uint8_t* a, c
 #define QLIB_CHAIN(j)                                                                 \
   {                                                                                   \
     const int64_t w = kw + (j) % U;                                                   \
-    const __m512i av = _mm512_set1_epi32(ap[w * kPMR + (j) / U]);                     \
+    const __m512i av = _mm512_set1_epi32(ap[w * R + (j) / U]);                     \
     s##j##0 = _mm512_dpbusd_epi32(s##j##0, av, _mm512_loadu_si512(b + w * bword));    \
     s##j##1 = _mm512_dpbusd_epi32(s##j##1, av, _mm512_loadu_si512(b1 + w * bword));   \
   }
@@ -894,10 +895,10 @@ QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm_thin(const uint8_t* a, c
   }
   for (; kw < words; ++kw) {  // the last < U words: chains 0 (row 0) and U (row 1)
     const __m512i w0 = _mm512_loadu_si512(b + kw * bword), w1 = _mm512_loadu_si512(b1 + kw * bword);
-    const __m512i a0 = _mm512_set1_epi32(ap[kw * kPMR]);
+    const __m512i a0 = _mm512_set1_epi32(ap[kw * R]);
     s00 = _mm512_dpbusd_epi32(s00, a0, w0), s01 = _mm512_dpbusd_epi32(s01, a0, w1);
     if constexpr (R == 2) {
-      const __m512i a1 = _mm512_set1_epi32(ap[kw * kPMR + 1]);
+      const __m512i a1 = _mm512_set1_epi32(ap[kw * R + 1]);
       s20 = _mm512_dpbusd_epi32(s20, a1, w0), s21 = _mm512_dpbusd_epi32(s21, a1, w1);
     }
   }
@@ -978,10 +979,11 @@ void gemm_packed(const typename Step::Elem* ap, int64_t M, const PackedB& pb,
         const int64_t kc = std::min(kblock, Kp - k0);
         for (int64_t n = 0; n < npad; n += cols) {
           const int8_t* bp = pb.panel(n0 + n) + k0 * pb.cols();
-          for (int64_t m = 0; m < mpad; m += kPMR)  // only the valid rows of the last panel
-            micro_for<Step>(std::min(kPMR, m1 - m0 - m))(
-                ap + (m0 + m) * Kp + k0 * kPMR, bp, bstride, pb.word_bytes(), kc,
-                ct.get() + m * kPNc + n, kPNc, k0 > 0);
+          for (int64_t m = 0; m < mpad; m += kPMR) {
+            const int64_t rows = std::min(kPMR, m1 - m0 - m);  // (tiles hold whole panels)
+            micro_for<Step>(rows)(ap + (m0 + m) * Kp + k0 * rows, bp, bstride, pb.word_bytes(), kc,
+                                  ct.get() + m * kPNc + n, kPNc, k0 > 0);
+          }
         }
       }
       if (Kp == 0) std::fill(ct.get(), ct.get() + kPMc * kPNc, 0);
@@ -1052,10 +1054,11 @@ void gemm_panels_plain(const typename Step::Elem* ap, int64_t M, const int8_t* w
               for (int i = 0; i < 8; ++i) rowsum[n + j + i] += s8[i];
             }
           }
-          for (int64_t m = 0; m < mpad; m += kPMR)
-            micro_for<Step>(std::min(kPMR, m1 - m0 - m))(
-                ap + (m0 + m) * Kp + k0 * kPMR, group.data(), bstride, pitch, kc,
-                ct.data() + m * kPNc + n, kPNc, k0 > 0);
+          for (int64_t m = 0; m < mpad; m += kPMR) {
+            const int64_t rows = std::min(kPMR, m1 - m0 - m);
+            micro_for<Step>(rows)(ap + (m0 + m) * Kp + k0 * rows, group.data(), bstride, pitch, kc,
+                                  ct.data() + m * kPNc + n, kPNc, k0 > 0);
+          }
         }
       }
       if (u8_a) {  // A was q + 128: less 128 * rowsum (mod 2^32)
@@ -1981,10 +1984,8 @@ template <class Elem>
 at::Tensor quantize_rows_panels(const at::Tensor& x, int64_t M, int64_t K, int64_t kp, float* scale,
                                 float fixed_scale, Int8ActCodes codes) {
   const int64_t panels = (M + kPMR - 1) / kPMR;
-  at::Tensor w = at::empty({panels * kp * kPMR},
-                           x.options().dtype(std::is_same_v<Elem, uint8_t> ? at::kByte : at::kShort));
-  const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp};
-  sink.clear_tail_rows(M);
+  at::Tensor w = at::empty({M * kp}, x.options().dtype(std::is_same_v<Elem, uint8_t> ? at::kByte : at::kShort));
+  const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp, M};
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "qlib_quantize_rows_panels", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, panels, std::max<int64_t>(1, 16384 / (K * kPMR)),
