@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "affine.h"
+#include "cpu_output.h"
 #include "fourbit.h"
 #include "int8.h"
 #include "observer.h"
@@ -90,6 +91,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_cuda_gemms", &qlib::int8_cuda_gemms, "The CUDA int8_linear GEMMs this build has.");
   m.def("set_int8_cuda_gemm", &qlib::set_int8_cuda_gemm,
         "Pick the CUDA int8_linear GEMM by name ('auto', 'cublaslt', 'cutlass-sm90').");
+  m.def(
+      "zeros_on_huge_pages",
+      [](std::vector<int64_t> sizes, at::ScalarType dtype) {
+        return qlib::empty_output(sizes, at::TensorOptions().dtype(dtype)).zero_();
+      },
+      "torch.zeros on the CPU, on 2 MiB pages where the kernel allows (from 8 MiB; a weight that "
+      "kernels stream every call then crosses 2 MiB pages, not 4 KiB ones).");
   m.def(
       "check_histogram",
       [](const std::string& who, const at::Tensor& hist, const at::Tensor& range) {

@@ -494,3 +494,42 @@ def test_int8_suite_with_the_vnni_layout():
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout
+
+
+def _advised_huge_bytes(t):
+    """Bytes of t's memory in mappings that carry the MADV_HUGEPAGE advice ("hg" in smaps'
+    VmFlags: the request, whether or not the kernel found 2 MiB pages for it)."""
+    lo, hi = t.data_ptr(), t.data_ptr() + t.nbytes
+    advised, vma = 0, None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            a, b = (int(v, 16) for v in head.split("-"))
+            vma = (max(a, lo), min(b, hi))
+        elif head == "VmFlags:" and vma is not None and vma[1] > vma[0] and "hg" in line.split()[1:]:
+            advised += vma[1] - vma[0]
+    return advised
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="needs Linux with THP")
+def test_big_weights_ask_for_huge_pages():
+    """A 16 MiB int8 weight, its packed copy and an 8 MiB 4-bit weight ask for 2 MiB pages on
+    their 2 MiB-aligned interior (madvise, a hint); they hold zeros as torch.zeros gives, and
+    meta / fake construction still works."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qlib.nn import Linear4bit
+
+    q = Int8Linear.from_float(torch.nn.Linear(4096, 4096))
+    big = [(Int8Linear(4096, 4096).weight, 14), (q.weight, 14), (Linear4bit(4096, 4096).packed, 6)]
+    if qlib.build_info()["int8_packed_copy"]:  # (else only a tag)
+        big.append((q.weight_packed, 14))
+    for w, mib in big:
+        assert _advised_huge_bytes(w) >= mib << 20
+    assert not Int8Linear(4096, 4096).weight.any() and not Linear4bit(4096, 4096).packed.any()
+    x = torch.randn(3, 4096)
+    assert torch.equal(q(x), torch.ops.qlib.int8_linear(x, q.weight, q.weight_scale, q.bias))
+    with torch.device("meta"):
+        assert Int8Linear(4096, 4096).weight.is_meta
+    with FakeTensorMode():
+        assert Int8Linear(4096, 4096)(torch.empty(2, 4096)).shape == (2, 4096)

@@ -18,7 +18,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from .. import _C, _int8_ops  # noqa: F401  (_int8_ops registers the int8 fakes)
 from .._ops import choose_qparams, quantize
-from .._state import QuantState, on_nested
+from .._state import QuantState, on_nested, weight_zeros
 
 _ACTIVATIONS = ("dynamic", "static")
 # The op's floor for act_scale (kMinScale, the smallest normal float32): 1 / scale stays finite.
@@ -78,7 +78,7 @@ class Int8Linear(QuantState):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.activation = activation
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight", weight_zeros((out_features, in_features), torch.int8, device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import _fourbit_ops
 from .._fourbit_ops import CodebookLike, codebook_4bit
-from .._state import QuantState, on_nested
+from .._state import QuantState, on_nested, weight_zeros
 
 
 def _check_in_features(x: Tensor, in_features: int, out_features: int) -> None:
@@ -53,7 +53,7 @@ class Linear4bit(QuantState):
         self.compute_dtype = compute_dtype
         self.in_features, self.out_features, self.block_size = int(in_features), int(out_features), int(block_size)
         n, k = self.out_features, self.in_features
-        self.register_buffer("packed", torch.zeros(n, (k + 1) // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("packed", weight_zeros((n, (k + 1) // 2), torch.uint8, device))
         self.register_buffer("absmax", torch.zeros(n, -(-k // self.block_size), dtype=torch.float32, device=device))
         self.register_buffer("codebook", codebook_4bit(codebook, device))
         self.register_parameter("bias", nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) if bias else None)
