@@ -40,6 +40,23 @@ struct ScalarMath {
     return v != v ? v : fminf(fmaxf(v, lo), hi);
 #endif
   }
+  // fmaxf / fminf (a NaN operand loses), inline on the host too, where GCC calls libm for them
+  // (4 calls a row were most of a per-token scale's cost). The order of -0 and +0 may differ
+  // from libm's: callers use them where the sign of a zero cannot show.
+  static QLIB_HD float max_num(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return fmaxf(a, b);
+#else
+    return (a >= b || b != b) ? a : b;
+#endif
+  }
+  static QLIB_HD float min_num(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return fminf(a, b);
+#else
+    return (a <= b || b != b) ? a : b;
+#endif
+  }
   // 1.0f where lo <= v <= hi, else 0.0f (NaN gives 0).
   static QLIB_HD float in_range(float v, float lo, float hi) {
     return (v >= lo && v <= hi) ? 1.0f : 0.0f;
@@ -153,16 +170,18 @@ struct QParams {
 
 QLIB_HD QParams choose_qparams_value(float min_val, float max_val, int64_t qmin, int64_t qmax,
                                      bool symmetric, float eps) {
-  const float lo = fminf(min_val, 0.0f);
-  const float hi = fmaxf(max_val, 0.0f);
+  // (max_num / min_num: a zero's sign cannot reach the scale, which is at least eps > 0, nor
+  // the integer zero point.)
+  const float lo = ScalarMath::min_num(min_val, 0.0f);
+  const float hi = ScalarMath::max_num(max_val, 0.0f);
   QParams p;
   if (symmetric) {
-    const float amax = fmaxf(-lo, hi);
-    p.scale = fmaxf(amax / static_cast<float>(static_cast<double>(qmax - qmin) / 2.0), eps);
+    const float amax = ScalarMath::max_num(-lo, hi);
+    p.scale = ScalarMath::max_num(amax / static_cast<float>(static_cast<double>(qmax - qmin) / 2.0), eps);
     // Signed ranges centre on 0; unsigned ones on the middle code (128 for uint8).
     p.zero_point = qmin < 0 ? 0 : static_cast<int32_t>((qmin + qmax + 1) / 2);
   } else {
-    p.scale = fmaxf((hi - lo) / static_cast<float>(qmax - qmin), eps);
+    p.scale = ScalarMath::max_num((hi - lo) / static_cast<float>(qmax - qmin), eps);
     const float zp = static_cast<float>(qmin) - ScalarMath::round(lo / p.scale);
     p.zero_point = static_cast<int32_t>(
         ScalarMath::clamp(zp, static_cast<float>(qmin), static_cast<float>(qmax)));
