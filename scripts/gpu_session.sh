@@ -9,7 +9,8 @@
 #   suite90   test_int8 / test_model_cast's CUDA tests with QLIB_INT8_CUDA_GEMM=cutlass-sm90
 #   sanitize  the CUDA tests under compute-sanitizer memcheck and racecheck
 #   probe     scripts/gpu_probe.py diagnostics, and a native backtrace of an error path
-#   benchfq   bench_fake_quant alone; benchobs: bench_observers alone; benchint8: the int8 GPU table
+#   benchfq   bench_fake_quant alone (benchfq64: at 64M elements, past the L2, for issue 2's bf16
+#             per-channel / per-group question); benchobs: bench_observers alone; benchint8: the int8 GPU table
 #             (torchao's int8 dynamic Linear too, from a carried .wheels/torchao-*.whl);
 #             bench4: the 4-bit GPU table (qlib NF4 against dense bf16)
 #   fqpacks   bench_fake_quant --packs-only: the fake_quant kernels at 1, 2 and 4 packs per thread
@@ -118,6 +119,7 @@ PYEOF
       --section SchedulerStats $PY /tmp/fq.py ;;
   ceilings) TAIL=8 stage bench 120 $PY benchmarks/gpu_ceilings.py ;;
   benchfq) TAIL=18 stage bench 150 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 50 ;;
+  benchfq64) TAIL=18 stage bench64 200 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 30 --numel 67108864 ;;
   fqpacks) TAIL=16 stage bench 90 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 30 --packs-only ;;
   benchobs) TAIL=14 stage bench 120 $PY benchmarks/bench_observers.py --device cuda ;;
   benchint8) TAIL=30 stage bench 180 $PY benchmarks/bench_int8_linear.py --no-cpu --markdown "$OUT/int8.md" ;;
