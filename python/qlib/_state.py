@@ -78,12 +78,11 @@ class QuantState(nn.Module):
 
 
 def weight_zeros(shape, dtype: torch.dtype, device) -> Tensor:
-    """torch.zeros for a quantized weight buffer: a big one on the CPU (8 MiB and up) on 2 MiB
-    pages where the kernel allows, as the CPU kernels stream it on every call (1.05-1.1x faster
-    at 4096 x 4096 on Zen 4). Meta, fake and other devices get plain torch.zeros."""
+    """torch.zeros for a quantized weight buffer: on the CPU a big one (8 MiB and up) asks for
+    2 MiB pages, as the CPU kernels stream it on every call (1.05-1.1x faster at 4096 x 4096 on
+    Zen 4). Meta, fake and other devices get plain torch.zeros."""
     probe = torch.empty(0, dtype=dtype, device=device)  # (the default device and modes apply)
-    nbytes = probe.element_size() * torch.Size(shape).numel()
-    if type(probe) is not Tensor or probe.device.type != "cpu" or nbytes < 8 << 20:
+    if type(probe) is not Tensor or probe.device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     from . import _C
     return _C.zeros_on_huge_pages(list(shape), dtype)
