@@ -118,6 +118,9 @@ def main(out_dir: str = "demo_out") -> int:
         lat = f"{ms:9.3f} {fp32_ms / ms:7.2f}x" if ms is not None else f"{'-':>9s} {'-':>8s}"
         print(f"{method:16s} {obs:16s} {bits:4d} {acc:7.2f} {acc - fp32_acc:+8.2f} {nbytes:8d} "
               f"{fp32_bytes / nbytes:7.2f}x {lat}")
+    print(f"(4-bit rows are weight-only: at a batch of {len(batch)} they decode the weight and run a float32 "
+          "GEMM, so they save memory, not time; they are faster where reading the weight dominates, "
+          "a few rows of x at a time: benchmarks/bench_linear_4bit.py)")
 
     # Accuracy vs bits: min-max PTQ vs QAT.
     curves = {"PTQ min-max": {}, "QAT": {}}
