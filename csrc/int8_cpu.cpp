@@ -1344,12 +1344,52 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
       s2 = _mm512_dpbusd_epi32(s2, v2, ones), s3 = _mm512_dpbusd_epi32(s3, v3, ones);  \
     }                                                                                \
   }
-  for (int64_t k = 0; k < K; k += 64) {
-    const __mmask64 mask = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
-    QLIB_STEP
+  if constexpr (R >= 3) {
+    for (int64_t k = 0; k < K; k += 64) {
+      const __mmask64 mask = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
+      QLIB_STEP
+    }
   }
 #undef QLIB_STEP
 #undef QLIB_ROW
+  // 1-2 rows of x: weight row i over all of K, then the next, so that the 4 rows are one
+  // sequential stream (4 interleaved ones were 1.2-2x slower with w streaming from memory on
+  // Zen 4; at 3-4 rows of x, reloading x for every weight row cost more). Two 64-k steps in
+  // flight (odd ones into e_r, t): one row of x is not bound by vpdpbusd's latency.
+#define QLIB_X(r, i)                                                                 \
+  if constexpr (r < R) {                                                             \
+    a##r##i = _mm512_dpbusd_epi32(a##r##i, v, _mm512_loadu_si512(x + r * ldx + k)); \
+    e##r = _mm512_dpbusd_epi32(e##r, u, _mm512_loadu_si512(x + r * ldx + k + 64));   \
+  }
+#define QLIB_TAIL(r, i)                                                              \
+  if constexpr (r < R)                                                               \
+    a##r##i = _mm512_dpbusd_epi32(a##r##i, v, _mm512_maskz_loadu_epi8(mask, x + r * ldx + k));
+#define QLIB_FOLD(r, i) \
+  if constexpr (r < R) a##r##i = _mm512_add_epi32(a##r##i, e##r);
+#define QLIB_W_ROW(i)                                                                          \
+  if (i < nw) {  /* (rows past nw: not stored, not read) */                                   \
+    __m512i e0 = z, e1 = z, t = z;                                                             \
+    int64_t k = 0;                                                                             \
+    for (; k + 128 <= K; k += 128) {                                                           \
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(w##i + k), flip);                 \
+      const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w##i + k + 64), flip);            \
+      QLIB_X(0, i) QLIB_X(1, i)                                                                \
+      if constexpr (Sums) s##i = _mm512_dpbusd_epi32(s##i, v, one), t = _mm512_dpbusd_epi32(t, u, one); \
+    }                                                                                          \
+    for (; k < K; k += 64) {                                                                   \
+      const __mmask64 mask = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;      \
+      const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w##i + k), flip);      \
+      QLIB_TAIL(0, i) QLIB_TAIL(1, i)                                                          \
+      if constexpr (Sums) s##i = _mm512_dpbusd_epi32(s##i, v, _mm512_maskz_mov_epi8(mask, one)); \
+    }                                                                                          \
+    QLIB_FOLD(0, i) QLIB_FOLD(1, i)                                                            \
+    if constexpr (Sums) s##i = _mm512_add_epi32(s##i, t);                                      \
+  }
+  if constexpr (R <= 2) { QLIB_W_ROW(0) QLIB_W_ROW(1) QLIB_W_ROW(2) QLIB_W_ROW(3) }
+#undef QLIB_W_ROW
+#undef QLIB_FOLD
+#undef QLIB_TAIL
+#undef QLIB_X
   // The accumulators go through memory: reduced in registers, GCC stored each every step.
   alignas(64) int32_t acc[R][4][16];
 #define QLIB_SAVE(r)                                                \
@@ -1385,6 +1425,10 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
 // dot 1.15x faster with the weight streaming from memory (4096^2), the tiles 1.2-1.3x faster
 // with it in L2 (768 x 3072); at M = 7 the tiles either way).
 constexpr int64_t kRowsDotMaxM = 4;
+// Up to this M the dot kernel (one weight stream a thread) runs on the plain weight even where a
+// packed copy exists: on Zen 4 (stop 38) 1-2 rows ran 1.1-1.5x faster than the packed copy's
+// two panel streams (4096 x 11008 from memory: 0.42-0.55 against 0.56-0.78 ms), 3-4 rows slower.
+constexpr int64_t kDotOverPackedMaxM = 2;
 
 // C = X W^T for few rows of x on dot_rows_zmm: x [M, K] codes (contiguous, K > 0), w
 // [N, K] (row stride ldw), handed to the epilogue in blocks of kDotBlock rows of w.
@@ -2129,8 +2173,9 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   // kernel below), the rest on amx's tiles, avx512-vnni's lanes to 48 rows, or on panels packed
   // as the threads go.
   const bool zmm_dot = kernel_now == Int8Kernel::kAmx || kernel_now == Int8Kernel::kAvx512Vnni;
-  const bool rows_path = QLIB_INT8_X86 && K > 0 && plain_kernel && packed == nullptr &&
-                         (zmm_dot || M > kRowsDotMaxM);
+  const bool rows_path = QLIB_INT8_X86 && K > 0 &&
+                         ((plain_kernel && packed == nullptr && (zmm_dot || M > kRowsDotMaxM)) ||
+                          (zmm_dot && M <= kDotOverPackedMaxM));
   const bool rows_dot = rows_path && M <= kRowsDotMaxM;
   const bool rows_lanes = rows_path && !rows_dot && kernel_now == Int8Kernel::kAvx512Vnni &&
                           M <= kRowsLanesMaxM;
