@@ -1344,7 +1344,7 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
       s2 = _mm512_dpbusd_epi32(s2, v2, ones), s3 = _mm512_dpbusd_epi32(s3, v3, ones);  \
     }                                                                                \
   }
-  if constexpr (R >= 3) {
+  if constexpr (R >= 3) {  // 3-4 rows of x: the 4 weight rows interleaved, x loaded once for them
     for (int64_t k = 0; k < K; k += 64) {
       const __mmask64 mask = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
       QLIB_STEP
