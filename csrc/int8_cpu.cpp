@@ -1429,6 +1429,9 @@ constexpr int64_t kRowsDotMaxM = 4;
 // packed copy exists: on Zen 4 (stop 38) 1-2 rows ran 1.1-1.5x faster than the packed copy's
 // two panel streams (4096 x 11008 from memory: 0.42-0.55 against 0.56-0.78 ms), 3-4 rows slower.
 constexpr int64_t kDotOverPackedMaxM = 2;
+bool dot_over_packed(Int8Kernel kernel, int64_t M) {
+  return (kernel == Int8Kernel::kAmx || kernel == Int8Kernel::kAvx512Vnni) && M <= kDotOverPackedMaxM;
+}
 
 // C = X W^T for few rows of x on dot_rows_zmm: x [M, K] codes (contiguous, K > 0), w
 // [N, K] (row stride ldw), handed to the epilogue in blocks of kDotBlock rows of w.
@@ -1682,7 +1685,8 @@ PackLayout kernel_layout(Int8Kernel kernel) {
 // QLIB_INT8_PACKED_COPY (read once) = 1 gives every kernel its panels (amx: 1.1-1.3x faster
 // from M = 32), = 0 none: the others then run on the plain weight (avx512-vnni: 0.8-1.3x the
 // packed copy's time at every M on a Xeon with AMX, stop 36; 1.0-1.26x at 1 thread on Zen 4,
-// up to 1.45x at 1-4 rows streaming 4096^2, stop 37; avx-vnni / avx2 1.2-1.8x at M = 1-16;
+// up to 1.3x at 3-4 rows streaming 4096^2, stop 38, where 1-2 rows run the same kernel either
+// way (dot_over_packed); avx-vnni / avx2 1.2-1.8x at M = 1-16;
 // RESULTS).
 PackLayout weight_layout(Int8Kernel kernel) {
   static const int packed_copy = [] {  // -1: unset
@@ -2175,7 +2179,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   const bool zmm_dot = kernel_now == Int8Kernel::kAmx || kernel_now == Int8Kernel::kAvx512Vnni;
   const bool rows_path = QLIB_INT8_X86 && K > 0 &&
                          ((plain_kernel && packed == nullptr && (zmm_dot || M > kRowsDotMaxM)) ||
-                          (zmm_dot && M <= kDotOverPackedMaxM));
+                          dot_over_packed(kernel_now, M));
   const bool rows_dot = rows_path && M <= kRowsDotMaxM;
   const bool rows_lanes = rows_path && !rows_dot && kernel_now == Int8Kernel::kAvx512Vnni &&
                           M <= kRowsLanesMaxM;
@@ -2341,7 +2345,8 @@ at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packe
   if (w.dim() == 2 && w_packed.numel() > 0) {
     pb = unpack_tag(op, w_packed, w, weight_layout(current_int8_kernel()));
     ppb = &pb;
-    if (w.scalar_type() == at::kChar &&
+    // (No fingerprint read where the kernel reads w itself: no stale packing to guard against.)
+    if (w.scalar_type() == at::kChar && !dot_over_packed(current_int8_kernel(), leading_rows(x)) &&
         pb.fingerprint != weight_fingerprint(w.const_data_ptr<int8_t>(), w.stride(0), w.stride(1),
                                              w.size(0), w.size(1))) {
       QLIB_WARN(op, ": w_int8 holds other values than the weight w_packed was packed from "
