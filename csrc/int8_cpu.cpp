@@ -294,9 +294,9 @@ void gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, GemmOut o,
 //     StepVnniEmulated computes vpdpbusd with AVX2 ops (bit-identical; it tests the VNNI
 //     layout and offsets on CPUs without VNNI).
 // Layouts (K padded to Kp, a multiple of 4, with zeros):
-//   A: panel i of R rows (kPMR; the last panel the R = M - 6i left) holds, for each k word kw,
-//      R int32 words: row 6i + r's
-//      codes k = G kw .. G kw + G - 1 (int16 or q + 128 as uint8).
+//   A: panels of R rows (PanelRows: kPMR, fewer at the end) hold, for each k word kw, R int32
+//      words: row r0 + r's codes k = G kw .. G kw + G - 1 (int16 or q + 128 as uint8), r0 the
+//      panel's first row.
 //   B: 8-column panels; per k word, 8 x 4 bytes: (b[8p + j][G kw .. G kw + G - 1]) for
 //      j = 0..7, so one load (widened for int16) lines up with a broadcast A word.
 //   A packed weight (int8_pack_weight) is [B panels | int32 rowsum(B) per padded column |
@@ -304,6 +304,34 @@ void gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, GemmOut o,
 constexpr int64_t kPMR = 6;       // rows per micro-kernel
 constexpr int64_t kPNR = 16;      // columns per micro-kernel (two 8-column panels)
 constexpr int64_t kPMc = 96;      // rows per thread tile (multiple of kPMR)
+
+constexpr int64_t kZmmMR = 12;    // rows per zmm micro-kernel (24 of the 32 zmm accumulate)
+
+// How M rows split into A panels, one micro-kernel call each: kPMR rows, the last the rest;
+// or, for steps with more registers (max_rows > kPMR) and M <= kPMc (one row tile), even
+// panels of at most max_rows (7 = 7, 13 = 7 + 6, 16 = 8 + 8, 96 = 8 x 12). B streams past each
+// panel once: at few rows a second pass (6 + 1, 6 + 2) costs as much as the first. (Even
+// panels in every row tile measured the same as kPMR rows at M = 128 to 1024 on Zen 4.)
+struct PanelRows {
+  int64_t M;
+  int64_t size = 0;   // even panels: `extra` of size + 1 rows, then panels of size (0: kPMR rows)
+  int64_t extra = 0;
+  PanelRows(int64_t m, int64_t max_rows) : M(m) {
+    if (max_rows > kPMR && m > 0 && m <= kPMc) {
+      const int64_t panels = (m + max_rows - 1) / max_rows;
+      size = m / panels, extra = m % panels;
+    }
+  }
+  int64_t first(int64_t r) const {  // of r's panel
+    if (size == 0) return r / kPMR * kPMR;
+    const int64_t big = extra * (size + 1);
+    return r < big ? r / (size + 1) * (size + 1) : big + (r - big) / size * size;
+  }
+  int64_t rows(int64_t r) const {  // of r's panel
+    if (size == 0) return std::min(kPMR, M - r / kPMR * kPMR);
+    return r < extra * (size + 1) ? size + 1 : size;
+  }
+};
 constexpr int64_t kPNc = 256;     // columns per thread tile (multiple of kPNR)
 constexpr int64_t kPKc = 1024;    // K per cache block (multiple of 4): a 16-column B strip is 16 KiB
 
@@ -596,6 +624,7 @@ struct StepInt16 {
   using Elem = int16_t;
   static constexpr int G = 2;
   static constexpr int64_t kCols = 16;  // columns per micro-kernel call
+  static constexpr int64_t kMaxRows = kPMR;  // rows per micro-kernel call
   QLIB_AVX2_FN __attribute__((always_inline)) static __m256i load_b(const int8_t* p) {
     return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
@@ -607,6 +636,7 @@ struct StepU8 {
   using Elem = uint8_t;
   static constexpr int G = 4;
   static constexpr int64_t kCols = 16;
+  static constexpr int64_t kMaxRows = kPMR;
   QLIB_AVX2_FN __attribute__((always_inline)) static __m256i load_b(const int8_t* p) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   }
@@ -633,11 +663,12 @@ struct StepAvxVnni : StepU8 {
 };
 
 // AVX512-VNNI on zmm registers: 32 columns (two 16-column panels of the kAmxQuads layout)
-// per micro-kernel call (micro_zmm, micro_zmm_thin for 1-2 rows).
+// per micro-kernel call (micro_zmm, micro_zmm_thin for 1-2 rows), up to kZmmMR rows.
 struct StepZmm {
   using Elem = uint8_t;
   static constexpr int G = 4;
   static constexpr int64_t kCols = 32;
+  static constexpr int64_t kMaxRows = kZmmMR;
 };
 
 // Calls f(Step{}) with the step of `kernel` (for amx: the VNNI step it runs small M with).
@@ -664,17 +695,19 @@ QLIB_AVX2_FN inline __m256i codes32_int8(const __m256i (&c)[4]) {
 }
 
 // Where quantize_rows_avx2 (or pack_a) puts codes in A panels: row r's codes k .. k + G - 1
-// are the 32-bit word (k / G) * R + r % kPMR of panel r / kPMR, R its rows (kPMR, or fewer in
-// the last: no padding rows, so one row of x is read as one dense stream; a padded panel at
+// are the 32-bit word (k / G) * R + r - r0 of the panel of R rows from r0 (PanelRows; no padding rows, so one row of x is read as one dense stream; a padded panel at
 // M = 1 took 24 KB of L1 for 4 KB of codes, 1.12x slower at K = 4096 on Zen 4).
 template <class Elem>
 struct PanelCodes {
   static constexpr int G = 4 / sizeof(Elem);
   Elem* w;
   int64_t kp;  // padded K
-  int64_t M;
-  Elem* panel(int64_t r) const { return w + (r / kPMR) * kp * kPMR; }
-  int64_t rows(int64_t r) const { return std::min(kPMR, M - r / kPMR * kPMR); }  // of r's panel
+  PanelRows split;
+  int64_t rows(int64_t r) const { return split.rows(r); }  // of r's panel
+  Elem* word0(int64_t r) const {  // row r's first word
+    const int64_t r0 = split.first(r);
+    return w + r0 * kp + (r - r0) * G;
+  }
   static Elem code(int8_t c) {
     if constexpr (std::is_same_v<Elem, uint8_t>) return static_cast<uint8_t>(c + 128);
     else return c;
@@ -691,27 +724,28 @@ struct PanelCodes {
                          _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0xD8));
     }
     const int64_t R = rows(r);
-    int32_t* o = reinterpret_cast<int32_t*>(panel(r)) + (k / G) * R + r % kPMR;
+    int32_t* o = reinterpret_cast<int32_t*>(word0(r)) + (k / G) * R;
     for (int j = 0; j < 32 / G; ++j) o[j * R] = words[j];
   }
   void put1(int64_t r, int64_t k, int8_t c) const {
-    panel(r)[(k / G) * rows(r) * G + (r % kPMR) * G + k % G] = code(c);
+    word0(r)[(k / G) * rows(r) * G + k % G] = code(c);
   }
 };
 
 // a [M, K] int8 (row stride lda) -> A panels with K padded to kp (int8_gemm; int8_linear
 // quantizes into them).
-template <class Elem>
+template <class Step>
 at::Tensor pack_a(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_t kp,
                   const at::TensorOptions& opt) {
+  using Elem = typename Step::Elem;
   at::Tensor w = at::empty({M * kp}, opt.dtype(std::is_same_v<Elem, uint8_t> ? at::kByte : at::kShort));
-  const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp, M};
+  const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp, PanelRows(M, Step::kMaxRows)};
   constexpr int G = PanelCodes<Elem>::G;
   at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(kp, 1)),
                    [&](int64_t r0, int64_t r1) {
                      for (int64_t r = r0; r < r1; ++r) {
                        const int8_t* ar = a + r * lda;
-                       Elem* o = sink.panel(r) + (r % kPMR) * G;  // word 0 of row r
+                       Elem* o = sink.word0(r);
                        const int64_t step = sink.rows(r) * G;
                        int64_t k = 0;
                        for (; k + G <= K; k += G, o += step)
@@ -832,23 +866,29 @@ constexpr MicroPackedFn<Step> kMicroPacked[kPMR] = {
 // C[R, 32] (+)= R rows of an A panel x 32 columns of B in the kAmxQuads layout: 16 at b,
 // 16 at b + bstride (the next panel), k words bword = 64 bytes apart. Same accumulator
 // scheme as micro_packed; zmm registers (compiled for AVX512 here only, run after the check).
+// Keeps loaded B vectors in registers: else GCC may fold a vector used by several rows into
+// each vpdpbusd as a memory operand, one load per row (micro_zmm<3>: 6 zmm loads a k word, not
+// 2; 1.1-1.2x slower than 4 rows on Zen 4, whose loads then bound the loop).
+QLIB_AVX512_FN inline void in_registers(__m512i& v0, __m512i& v1) { asm("" : "+v"(v0), "+v"(v1)); }
+
 template <int R>
 QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm(const uint8_t* a, const int8_t* b,
                                                        int64_t bstride, int64_t bword, int64_t kc,
                                                        int32_t* c, int64_t ldc, bool accumulate) {
-  static_assert(kPMR == 6 && R >= 1 && R <= kPMR, "micro_zmm is written out for 6 rows");
+  static_assert(kZmmMR == 12 && R >= 1 && R <= kZmmMR, "micro_zmm is written out for 12 rows");
   const __m512i z = _mm512_setzero_si512();
 #define QLIB_LOAD(r)                                                               \
   __m512i c##r##0 = (r < R && accumulate) ? _mm512_loadu_si512(c + r * ldc) : z;   \
   __m512i c##r##1 = (r < R && accumulate) ? _mm512_loadu_si512(c + r * ldc + 16) : z;
   QLIB_LOAD(0) QLIB_LOAD(1) QLIB_LOAD(2) QLIB_LOAD(3) QLIB_LOAD(4) QLIB_LOAD(5)
+  QLIB_LOAD(6) QLIB_LOAD(7) QLIB_LOAD(8) QLIB_LOAD(9) QLIB_LOAD(10) QLIB_LOAD(11)
 #undef QLIB_LOAD
   const int8_t* b1 = b + bstride;
   const int32_t* ap = reinterpret_cast<const int32_t*>(a);
   const int64_t words = kc / 4;
   for (int64_t kw = 0; kw < words; ++kw, ap += R) {
-    const __m512i w0 = _mm512_loadu_si512(b + kw * bword);
-    const __m512i w1 = _mm512_loadu_si512(b1 + kw * bword);
+    __m512i w0 = _mm512_loadu_si512(b + kw * bword), w1 = _mm512_loadu_si512(b1 + kw * bword);
+    in_registers(w0, w1);
 #define QLIB_ROW(r)                                   \
   if constexpr (r < R) {                              \
     const __m512i av = _mm512_set1_epi32(ap[r]);      \
@@ -856,6 +896,7 @@ QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm(const uint8_t* a, const 
     c##r##1 = _mm512_dpbusd_epi32(c##r##1, av, w1);   \
   }
     QLIB_ROW(0) QLIB_ROW(1) QLIB_ROW(2) QLIB_ROW(3) QLIB_ROW(4) QLIB_ROW(5)
+  QLIB_ROW(6) QLIB_ROW(7) QLIB_ROW(8) QLIB_ROW(9) QLIB_ROW(10) QLIB_ROW(11)
 #undef QLIB_ROW
   }
 #define QLIB_STORE(r)                                   \
@@ -864,6 +905,7 @@ QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm(const uint8_t* a, const 
     _mm512_storeu_si512(c + r * ldc + 16, c##r##1);     \
   }
   QLIB_STORE(0) QLIB_STORE(1) QLIB_STORE(2) QLIB_STORE(3) QLIB_STORE(4) QLIB_STORE(5)
+  QLIB_STORE(6) QLIB_STORE(7) QLIB_STORE(8) QLIB_STORE(9) QLIB_STORE(10) QLIB_STORE(11)
 #undef QLIB_STORE
 }
 
@@ -883,15 +925,27 @@ QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm_thin(const uint8_t* a, c
   const int64_t words = kc / 4;
   int64_t kw = 0;
   for (; kw + U <= words; kw += U) {
-#define QLIB_CHAIN(j)                                                                 \
-  {                                                                                   \
-    const int64_t w = kw + (j) % U;                                                   \
-    const __m512i av = _mm512_set1_epi32(ap[w * R + (j) / U]);                     \
-    s##j##0 = _mm512_dpbusd_epi32(s##j##0, av, _mm512_loadu_si512(b + w * bword));    \
-    s##j##1 = _mm512_dpbusd_epi32(s##j##1, av, _mm512_loadu_si512(b1 + w * bword));   \
+    // Each word's two B vectors are loaded once: row 0 takes them in chain u, row 1 (R = 2)
+    // in chain u + U.
+#define QLIB_LOAD(u)                                                   \
+  __m512i w##u##0 = _mm512_loadu_si512(b + (kw + u) * bword),          \
+          w##u##1 = _mm512_loadu_si512(b1 + (kw + u) * bword);         \
+  in_registers(w##u##0, w##u##1);
+#define QLIB_CHAIN(j, u, r)                                            \
+  {                                                                    \
+    const __m512i av = _mm512_set1_epi32(ap[(kw + u) * R + r]);        \
+    s##j##0 = _mm512_dpbusd_epi32(s##j##0, av, w##u##0);               \
+    s##j##1 = _mm512_dpbusd_epi32(s##j##1, av, w##u##1);               \
   }
-    QLIB_CHAIN(0) QLIB_CHAIN(1) QLIB_CHAIN(2) QLIB_CHAIN(3)
+    if constexpr (R == 1) {
+      QLIB_LOAD(0) QLIB_LOAD(1) QLIB_LOAD(2) QLIB_LOAD(3)
+      QLIB_CHAIN(0, 0, 0) QLIB_CHAIN(1, 1, 0) QLIB_CHAIN(2, 2, 0) QLIB_CHAIN(3, 3, 0)
+    } else {
+      QLIB_LOAD(0) QLIB_LOAD(1)
+      QLIB_CHAIN(0, 0, 0) QLIB_CHAIN(1, 1, 0) QLIB_CHAIN(2, 0, 1) QLIB_CHAIN(3, 1, 1)
+    }
 #undef QLIB_CHAIN
+#undef QLIB_LOAD
   }
   for (; kw < words; ++kw) {  // the last < U words: chains 0 (row 0) and U (row 1)
     const __m512i w0 = _mm512_loadu_si512(b + kw * bword), w1 = _mm512_loadu_si512(b1 + kw * bword);
@@ -918,9 +972,9 @@ QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm_thin(const uint8_t* a, c
     }
 }
 
-constexpr MicroPackedFn<StepZmm> kMicroZmm[kPMR] = {&micro_zmm_thin<1>, &micro_zmm_thin<2>,
-                                                    &micro_zmm<3>, &micro_zmm<4>,
-                                                    &micro_zmm<5>, &micro_zmm<6>};
+constexpr MicroPackedFn<StepZmm> kMicroZmm[kZmmMR] = {
+    &micro_zmm_thin<1>, &micro_zmm_thin<2>, &micro_zmm<3>, &micro_zmm<4>, &micro_zmm<5>, &micro_zmm<6>,
+    &micro_zmm<7>, &micro_zmm<8>, &micro_zmm<9>, &micro_zmm<10>, &micro_zmm<11>, &micro_zmm<12>};
 
 template <class Step>
 MicroPackedFn<Step> micro_for(int64_t rows) {
@@ -952,6 +1006,7 @@ void gemm_packed(const typename Step::Elem* ap, int64_t M, const PackedB& pb,
   const int64_t bstride = cols == 32 ? pb.Kp * 16 : pb.half_offset();
   const int64_t N = pb.N, Kp = pb.Kp;
   const int64_t mt = (M + kPMc - 1) / kPMc;
+  const PanelRows split(M, Step::kMaxRows);
   // Narrower column tiles when there are too few tiles to keep every thread busy.
   int64_t nc = kPNc;
   while (nc > 2 * cols && mt * ((N + nc - 1) / nc) < 4 * at::get_num_threads()) nc /= 2;
@@ -973,14 +1028,13 @@ void gemm_packed(const typename Step::Elem* ap, int64_t M, const PackedB& pb,
       // N-major tile order: consecutive tiles of a thread share the B strip.
       const int64_t m0 = (t % mt) * kPMc, m1 = std::min(M, m0 + kPMc);
       const int64_t n0 = (t / mt) * nc, n1 = std::min(N, n0 + nc);
-      const int64_t mpad = (m1 - m0 + kPMR - 1) / kPMR * kPMR;
       const int64_t npad = (n1 - n0 + cols - 1) / cols * cols;
       for (int64_t k0 = 0; k0 < Kp; k0 += kblock) {
         const int64_t kc = std::min(kblock, Kp - k0);
         for (int64_t n = 0; n < npad; n += cols) {
           const int8_t* bp = pb.panel(n0 + n) + k0 * pb.cols();
-          for (int64_t m = 0; m < mpad; m += kPMR) {
-            const int64_t rows = std::min(kPMR, m1 - m0 - m);  // (tiles hold whole panels)
+          for (int64_t m = 0, rows; m < m1 - m0; m += rows) {  // (tiles hold whole panels)
+            rows = split.rows(m0 + m);
             micro_for<Step>(rows)(ap + (m0 + m) * Kp + k0 * rows, bp, bstride, pb.word_bytes(), kc,
                                   ct.get() + m * kPNc + n, kPNc, k0 > 0);
           }
@@ -1010,6 +1064,7 @@ void gemm_panels_plain(const typename Step::Elem* ap, int64_t M, const int8_t* w
   const int64_t Kp = padded_k(K, layout), pc = panel_cols(layout);
   const int64_t g = layout == PackLayout::kInt16Pairs ? 2 : 4, pitch = pc * g;
   const int64_t mt = (M + kPlainMc - 1) / kPlainMc;
+  const PanelRows split(M, Step::kMaxRows);
   int64_t nc = kPNc;
   while (nc > 2 * cols && mt * ((N + nc - 1) / nc) < 4 * at::get_num_threads()) nc /= 2;
   const int64_t tiles = mt * ((N + nc - 1) / nc);
@@ -1025,7 +1080,6 @@ void gemm_panels_plain(const typename Step::Elem* ap, int64_t M, const int8_t* w
     for (int64_t t = next++; t < tiles; t = next++) {
       const int64_t m0 = (t % mt) * kPlainMc, m1 = std::min(M, m0 + kPlainMc);
       const int64_t n0 = (t / mt) * nc, n1 = std::min(N, n0 + nc);
-      const int64_t mpad = (m1 - m0 + kPMR - 1) / kPMR * kPMR;
       const int64_t npad = (n1 - n0 + cols - 1) / cols * cols;
       std::fill(rowsum, rowsum + npad, 0);
       for (int64_t k0 = 0; k0 < Kp; k0 += kPKc) {
@@ -1054,8 +1108,8 @@ void gemm_panels_plain(const typename Step::Elem* ap, int64_t M, const int8_t* w
               for (int i = 0; i < 8; ++i) rowsum[n + j + i] += s8[i];
             }
           }
-          for (int64_t m = 0; m < mpad; m += kPMR) {
-            const int64_t rows = std::min(kPMR, m1 - m0 - m);
+          for (int64_t m = 0, rows; m < m1 - m0; m += rows) {
+            rows = split.rows(m0 + m);
             micro_for<Step>(rows)(ap + (m0 + m) * Kp + k0 * rows, group.data(), bstride, pitch, kc,
                                   ct.data() + m * kPNc + n, kPNc, k0 > 0);
           }
@@ -1781,7 +1835,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
     with_step(kernel, [&](auto step) {
       using Elem = typename decltype(step)::Elem;
       off = packed_offsets(pb, std::is_same_v<Elem, uint8_t>);
-      const at::Tensor ap_panels = pack_a<Elem>(ap, lda, M, K, pb.Kp, a.options());
+      const at::Tensor ap_panels = pack_a<decltype(step)>(ap, lda, M, K, pb.Kp, a.options());
       gemm_packed<decltype(step)>(ap_panels.const_data_ptr<Elem>(), M, pb, store);
     });
     return c;
@@ -2028,17 +2082,20 @@ void quantize_rows(const at::Tensor& x, int8_t* q, float* scale, float fixed_sca
 #if QLIB_INT8_X86
 // quantize_rows, writing the codes straight into gemm_packed's A panels (one pass over x,
 // no int8 copy): x contiguous [M, K] with K > 0, AVX2 only.
-template <class Elem>
+template <class Step>
 at::Tensor quantize_rows_panels(const at::Tensor& x, int64_t M, int64_t K, int64_t kp, float* scale,
                                 float fixed_scale, Int8ActCodes codes) {
+  using Elem = typename Step::Elem;
   const int64_t panels = (M + kPMR - 1) / kPMR;
   at::Tensor w = at::empty({M * kp}, x.options().dtype(std::is_same_v<Elem, uint8_t> ? at::kByte : at::kShort));
-  const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp, M};
+  const PanelCodes<Elem> sink{w.data_ptr<Elem>(), kp, PanelRows(M, Step::kMaxRows)};
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "qlib_quantize_rows_panels", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, panels, std::max<int64_t>(1, 16384 / (K * kPMR)),
                      [&](int64_t p0, int64_t p1) {
-                       const int64_t r0 = p0 * kPMR, r1 = std::min(M, p1 * kPMR);
+                       // (whole panels a thread: rows of one panel share cache lines)
+                       const int64_t r0 = sink.split.first(p0 * kPMR);
+                       const int64_t r1 = p1 * kPMR >= M ? M : sink.split.first(p1 * kPMR);
                        quantize_rows_avx2(xp, sink, scale, r0, r1, K, fixed_scale, codes);
                        for (int64_t r = r0; r < r1; ++r)  // K padding: code 0 (B is 0 there)
                          for (int64_t k = K; k < kp; ++k) sink.put1(r, k, 0);
@@ -2257,7 +2314,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
         with_step(kernel_now, [&](auto step) {
           using Elem = typename decltype(step)::Elem;
           const PackLayout layout = kernel_layout(kernel_now);
-          const at::Tensor a = quantize_rows_panels<Elem>(x, M, K, padded_k(K, layout),
+          const at::Tensor a = quantize_rows_panels<decltype(step)>(x, M, K, padded_k(K, layout),
                                                           sa.data_ptr<float>(), fixed, codes);
           gemm_panels_plain<decltype(step)>(a.const_data_ptr<Elem>(), M, wp, w.stride(0), N, K,
                                             layout, z != 0, dequant_rows);
@@ -2290,7 +2347,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
         using Elem = typename decltype(step)::Elem;
         off = packed_offsets(*packed, std::is_same_v<Elem, uint8_t>);
         const at::Tensor a =
-            quantize_rows_panels<Elem>(x, M, K, packed->Kp, sa.data_ptr<float>(), fixed, codes);
+            quantize_rows_panels<decltype(step)>(x, M, K, packed->Kp, sa.data_ptr<float>(), fixed, codes);
         gemm_packed<decltype(step)>(a.const_data_ptr<Elem>(), M, *packed, dequant);
       });
       return;

@@ -42,7 +42,7 @@ def test_kernel_names_and_errors():
     assert current() == best  # a refused name changes nothing
 
 
-@pytest.mark.parametrize("M", [1, 6, 7, 12, 18, 33, 97])
+@pytest.mark.parametrize("M", [1, 6, 7, 8, 12, 14, 18, 33, 95, 96, 97])
 @pytest.mark.parametrize("K", [1, 3, 5, 30, 1027])
 def test_gemm_exact_every_kernel(kernel, M, K):
     g = torch.Generator().manual_seed(M * 1000 + K)
@@ -55,7 +55,7 @@ def test_gemm_exact_every_kernel(kernel, M, K):
 
 @pytest.mark.parametrize("M", [16, 40])
 def test_gemm_k_boundary_packed_every_kernel(kernel, M):
-    """The packed kernels (M = 16: the zmm step's 7-18-row tall kernel). With the VNNI layout
+    """The packed kernels (M = 16: two 8-row panels under the zmm step, 6 + 6 + 4 under the others). With the VNNI layout
     A is stored as a + 128 and its int32 sums wrap; the exact result must still come back at
     the longest K."""
     N = 5
