@@ -304,7 +304,8 @@ void gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, GemmOut o,
 constexpr int64_t kPMR = 6;       // rows per micro-kernel
 constexpr int64_t kPNR = 16;      // columns per micro-kernel (two 8-column panels)
 constexpr int64_t kPMc = 96;      // rows per thread tile (multiple of kPMR)
-
+constexpr int64_t kPNc = 256;     // columns per thread tile (multiple of kPNR)
+constexpr int64_t kPKc = 1024;    // K per cache block (multiple of 4): a 16-column B strip is 16 KiB
 constexpr int64_t kZmmMR = 12;    // rows per zmm micro-kernel (24 of the 32 zmm accumulate)
 
 // How M rows split into A panels, one micro-kernel call each: kPMR rows, the last the rest;
@@ -332,8 +333,6 @@ struct PanelRows {
     return r < extra * (size + 1) ? size + 1 : size;
   }
 };
-constexpr int64_t kPNc = 256;     // columns per thread tile (multiple of kPNR)
-constexpr int64_t kPKc = 1024;    // K per cache block (multiple of 4): a 16-column B strip is 16 KiB
 
 // Smallest M for the packed kernel: with a pre-packed weight it wins at every M (M = 1
 // included: 1.2-1.6x the sign-transfer kernel at K = 4096); packing B per call (int8_gemm,
@@ -695,8 +694,9 @@ QLIB_AVX2_FN inline __m256i codes32_int8(const __m256i (&c)[4]) {
 }
 
 // Where quantize_rows_avx2 (or pack_a) puts codes in A panels: row r's codes k .. k + G - 1
-// are the 32-bit word (k / G) * R + r - r0 of the panel of R rows from r0 (PanelRows; no padding rows, so one row of x is read as one dense stream; a padded panel at
-// M = 1 took 24 KB of L1 for 4 KB of codes, 1.12x slower at K = 4096 on Zen 4).
+// are the 32-bit word (k / G) * R + r - r0 of the panel of R rows from row r0 (PanelRows; no
+// padding rows, so one row of x is read as one dense stream; a padded panel at M = 1 took 24 KB
+// of L1 for 4 KB of codes, 1.12x slower at K = 4096 on Zen 4).
 template <class Elem>
 struct PanelCodes {
   static constexpr int G = 4 / sizeof(Elem);
@@ -868,7 +868,7 @@ constexpr MicroPackedFn<Step> kMicroPacked[kPMR] = {
 // scheme as micro_packed; zmm registers (compiled for AVX512 here only, run after the check).
 // Keeps loaded B vectors in registers: else GCC may fold a vector used by several rows into
 // each vpdpbusd as a memory operand, one load per row (micro_zmm<3>: 6 zmm loads a k word, not
-// 2; 1.1-1.2x slower than 4 rows on Zen 4, whose loads then bound the loop).
+// 2; 1.1x slower than 4 rows at one thread on Zen 4, whose loads then bound the loop).
 QLIB_AVX512_FN inline void in_registers(__m512i& v0, __m512i& v1) { asm("" : "+v"(v0), "+v"(v1)); }
 
 template <int R>
@@ -896,7 +896,7 @@ QLIB_AVX512_FN __attribute__((noinline)) void micro_zmm(const uint8_t* a, const 
     c##r##1 = _mm512_dpbusd_epi32(c##r##1, av, w1);   \
   }
     QLIB_ROW(0) QLIB_ROW(1) QLIB_ROW(2) QLIB_ROW(3) QLIB_ROW(4) QLIB_ROW(5)
-  QLIB_ROW(6) QLIB_ROW(7) QLIB_ROW(8) QLIB_ROW(9) QLIB_ROW(10) QLIB_ROW(11)
+    QLIB_ROW(6) QLIB_ROW(7) QLIB_ROW(8) QLIB_ROW(9) QLIB_ROW(10) QLIB_ROW(11)
 #undef QLIB_ROW
   }
 #define QLIB_STORE(r)                                   \
