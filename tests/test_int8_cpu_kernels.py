@@ -53,6 +53,29 @@ def test_gemm_exact_every_kernel(kernel, M, K):
     assert torch.equal(ops.int8_gemm(a[::2], b.t().contiguous().t()).long(), ref_gemm(a[::2], b))
 
 
+@pytest.mark.parametrize("threads", [4, 5])
+def test_packed_tiles_at_any_thread_count(kernel, threads):
+    """The packed kernels give each thread a lane of neighbouring tiles and let it take what the
+    others leave: every tile once, at more threads than cores, lanes of unequal length (18 tiles
+    over 4 or 5 threads) and fewer tiles than threads (one). Int8Linear's output must equal the
+    one-thread output bit for bit (the int32 sums are exact)."""
+    g = torch.Generator().manual_seed(threads)
+    cases = []
+    for M, K, N in [(3, 300, 1100), (16, 64, 33), (130, 200, 530), (1, 40, 16)]:
+        mod = Int8Linear.from_float(torch.nn.Linear(K, N))
+        cases.append((mod, torch.randn(M, K, generator=g)))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = [mod(x) for mod, x in cases]
+        torch.set_num_threads(threads)
+        for _ in range(3):
+            for (mod, x), r in zip(cases, ref):
+                assert torch.equal(mod(x), r)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("M", [16, 40])
 def test_gemm_k_boundary_packed_every_kernel(kernel, M):
     """The packed kernels (M = 16: two 8-row panels under the zmm step, 6 + 6 + 4 under the others). With the VNNI layout
