@@ -36,6 +36,7 @@
 #include <atomic>
 #include <memory>
 #include <cmath>
+#include <bit>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -723,12 +724,30 @@ struct PanelCodes {
       _mm256_store_si256(reinterpret_cast<__m256i*>(words + 8),
                          _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0xD8));
     }
-    const int64_t R = rows(r);
-    int32_t* o = reinterpret_cast<int32_t*>(word0(r)) + (k / G) * R;
-    for (int j = 0; j < 32 / G; ++j) o[j * R] = words[j];
+    put_words(r, k, words, 32 / G);
   }
   void put1(int64_t r, int64_t k, int8_t c) const {
     word0(r)[(k / G) * rows(r) * G + k % G] = code(c);
+  }
+  // quantize_rows_avx512's sink (uint8 panels only): 64 codes in k order; then up to 16 as
+  // int32 lanes under m (lanes past m: code 0, K's padding), k a multiple of 16.
+  QLIB_AVX512_FN void put64(int64_t r, int64_t k, __m512i c) const {
+    static_assert(G == 4, "PanelCodes::put64: uint8 panels");
+    alignas(64) int32_t words[16];
+    _mm512_store_si512(words, _mm512_xor_si512(c, _mm512_set1_epi8(-128)));
+    put_words(r, k, words, 16);
+  }
+  QLIB_AVX512_FN void put16(int64_t r, int64_t k, __mmask16 m, __m512i c) const {
+    static_assert(G == 4, "PanelCodes::put16: uint8 panels");
+    alignas(16) int32_t words[4];
+    const __m128i b = _mm512_cvtsepi32_epi8(_mm512_maskz_mov_epi32(m, c));
+    _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm_xor_si128(b, _mm_set1_epi8(-128)));
+    put_words(r, k, words, (std::popcount(static_cast<unsigned>(m)) + 3) / 4);
+  }
+  void put_words(int64_t r, int64_t k, const int32_t* words, int n) const {
+    const int64_t R = rows(r);
+    int32_t* o = reinterpret_cast<int32_t*>(word0(r)) + (k / G) * R;
+    for (int j = 0; j < n; ++j) o[j * R] = words[j];
   }
 };
 
@@ -1953,6 +1972,10 @@ struct Int8RowCodes {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + r * ld + k), codes32_int8(c));
   }
   void put1(int64_t r, int64_t k, int8_t c) const { q[r * ld + k] = c; }
+  QLIB_AVX512_FN void put64(int64_t r, int64_t k, __m512i c) const { _mm512_storeu_si512(q + r * ld + k, c); }
+  QLIB_AVX512_FN void put16(int64_t r, int64_t k, __mmask16 m, __m512i c) const {
+    _mm512_mask_cvtsepi32_storeu_epi8(q + r * ld + k, m, c);
+  }
 };
 
 template <class T, class Sink>
@@ -2018,12 +2041,12 @@ QLIB_AVX512_FN inline __m512 load16_float(const T* p, __mmask16 m) {
   }
 }
 
-// quantize_rows_avx2 on zmm for row-major codes (q[r * ld + k]), the same float ops lane by lane
-// (NaN products zeroed by the rounding's mask, as the AVX2 and-mask does); the K tail masked.
-// The avx512-vnni and amx kernels quantize with it (AMX Xeon, stop 36: quantize_per_token
-// 1.3-1.4x faster, int8_linear under amx 1.0-1.1x).
-template <class T>
-QLIB_AVX512_FN void quantize_rows_avx512(const T* x, int8_t* q, int64_t ld, float* scale, int64_t r0,
+// quantize_rows_avx2 on zmm, the same float ops lane by lane (NaN products zeroed by the
+// rounding's mask, as the AVX2 and-mask does); the K tail masked. The avx512-vnni and amx
+// kernels quantize with it, row-major (Int8RowCodes; AMX Xeon, stop 36: quantize_per_token
+// 1.3-1.4x faster, int8_linear under amx 1.0-1.1x) or into A panels (PanelCodes).
+template <class T, class Sink>
+QLIB_AVX512_FN void quantize_rows_avx512(const T* x, const Sink& sink, float* scale, int64_t r0,
                                          int64_t r1, int64_t K, float fixed_scale, Int8ActCodes codes) {
   const __m512 zp = _mm512_set1_ps(codes.zero_point), lo = _mm512_set1_ps(codes.qmin),
                hi = _mm512_set1_ps(codes.qmax);
@@ -2057,16 +2080,15 @@ QLIB_AVX512_FN void quantize_rows_avx512(const T* x, int8_t* q, int64_t ld, floa
                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(c, zp), lo), hi));
     };
-    int8_t* qr = q + r * ld;
     int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {  // 64 codes packed in registers, one store
+    for (; k + 64 <= K; k += 64) {  // 64 codes packed in registers
       const __m512i c01 = _mm512_packs_epi32(codes16(0xFFFF, xr + k), codes16(0xFFFF, xr + k + 16));
       const __m512i c23 = _mm512_packs_epi32(codes16(0xFFFF, xr + k + 32), codes16(0xFFFF, xr + k + 48));
-      _mm512_storeu_si512(qr + k, _mm512_permutexvar_epi32(order, _mm512_packs_epi16(c01, c23)));
+      sink.put64(r, k, _mm512_permutexvar_epi32(order, _mm512_packs_epi16(c01, c23)));
     }
     for (; k < K; k += 16) {
       const __mmask16 m = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
-      _mm512_mask_cvtsepi32_storeu_epi8(qr + k, m, codes16(m, xr + k));
+      sink.put16(r, k, m, codes16(m, xr + k));
     }
     scale[r] = nan_seen != 0 ? kNaNf : s;
   }
@@ -2104,7 +2126,7 @@ void quantize_rows(const at::Tensor& x, int8_t* q, float* scale, float fixed_sca
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
 #if QLIB_INT8_X86
       if (zmm) {
-        quantize_rows_avx512(xp, q, K, scale, r0, r1, K, fixed_scale, codes);
+        quantize_rows_avx512(xp, Int8RowCodes{q, K}, scale, r0, r1, K, fixed_scale, codes);
         return;
       }
       if (cpu_has_avx2()) {
@@ -2119,7 +2141,7 @@ void quantize_rows(const at::Tensor& x, int8_t* q, float* scale, float fixed_sca
 
 #if QLIB_INT8_X86
 // quantize_rows, writing the codes straight into gemm_packed's A panels (one pass over x,
-// no int8 copy): x contiguous [M, K] with K > 0, AVX2 only.
+// no int8 copy): x contiguous [M, K] with K > 0; on zmm for the zmm step.
 template <class Step>
 at::Tensor quantize_rows_panels(const at::Tensor& x, int64_t M, int64_t K, int64_t kp, float* scale,
                                 float fixed_scale, Int8ActCodes codes) {
@@ -2134,7 +2156,10 @@ at::Tensor quantize_rows_panels(const at::Tensor& x, int64_t M, int64_t K, int64
                        // (whole panels a thread: rows of one panel share cache lines)
                        const int64_t r0 = sink.split.first(p0 * kPMR);
                        const int64_t r1 = p1 * kPMR >= M ? M : sink.split.first(p1 * kPMR);
-                       quantize_rows_avx2(xp, sink, scale, r0, r1, K, fixed_scale, codes);
+                       if constexpr (std::is_same_v<Step, StepZmm>)  // (AVX512: this step's kernel)
+                         quantize_rows_avx512(xp, sink, scale, r0, r1, K, fixed_scale, codes);
+                       else
+                         quantize_rows_avx2(xp, sink, scale, r0, r1, K, fixed_scale, codes);
                        for (int64_t r = r0; r < r1; ++r)  // K padding: code 0 (B is 0 there)
                          for (int64_t k = K; k < kp; ++k) sink.put1(r, k, 0);
                      });
@@ -2153,7 +2178,7 @@ at::Tensor quantize_rows_amx(const at::Tensor& x, int64_t M, int64_t K, int64_t 
   QLIB_DISPATCH_FLOAT(x.scalar_type(), "qlib_quantize_rows_amx", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
-      if (zmm) quantize_rows_avx512(xp, q, kp, scale, r0, r1, K, fixed_scale, codes);
+      if (zmm) quantize_rows_avx512(xp, Int8RowCodes{q, kp}, scale, r0, r1, K, fixed_scale, codes);
       else quantize_rows_avx2(xp, Int8RowCodes{q, kp}, scale, r0, r1, K, fixed_scale, codes);
       for (int64_t r = r0; r < r1; ++r) std::memset(q + r * kp + K, 0, kp - K);
     });

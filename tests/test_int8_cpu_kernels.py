@@ -94,9 +94,10 @@ def test_gemm_k_boundary_packed_every_kernel(kernel, M):
 @pytest.mark.skipif("avx512-vnni" not in KERNELS, reason="needs AVX512-VNNI")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_zmm_activation_codes_match_avx2(dtype):
-    """The zmm kernels (avx512-vnni, amx) quantize activation rows on zmm, the others on AVX2:
-    the same codes and scales bit for bit (NaN, Inf and huge values, rows of K around the 16-
-    and 64-value steps, static zero points), so every kernel's int8_linear gives the same bits."""
+    """The zmm kernels (avx512-vnni, amx) quantize activation rows on zmm, the others on AVX2,
+    row-major or straight into the packed kernels' A panels: the same codes and scales bit for
+    bit (NaN, Inf and huge values, rows of K around the 16- and 64-value steps, static zero
+    points), so every kernel's int8_linear gives the same bits, packed weight or not."""
     g = torch.Generator().manual_seed(7)
     zmm = [k for k in ("avx512-vnni", "amx") if k in KERNELS]
     try:
@@ -113,7 +114,10 @@ def test_zmm_activation_codes_match_avx2(dtype):
             outs = {}
             for name in ["avx2", *zmm]:
                 qlib.set_int8_cpu_kernel(name)
-                outs[name] = (ops.quantize_per_token(x), [ops.int8_linear(x, w, s, None, *a) for a in static])
+                packed = ops.int8_pack_weight(w)
+                ys = [ops.int8_linear(x, w, s, None, *a) for a in static]
+                ys += [ops.int8_linear_packed(x, packed, w, s, None, *a) for a in static]
+                outs[name] = (ops.quantize_per_token(x), ys)
             (q0, s0), y0 = outs["avx2"]
             for name in zmm:
                 (q1, s1), y1 = outs[name]
