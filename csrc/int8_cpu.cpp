@@ -575,7 +575,7 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
       std::vector<int8_t> rows;
       if (n0 + 8 > N) {
         rows.assign(8 * K, 0);
-        for (int64_t j = 0; n0 + j < N; ++j) std::memcpy(rows.data() + j * K, src + j * ldb, K);
+        for (int64_t j = 0; K > 0 && n0 + j < N; ++j) std::memcpy(rows.data() + j * K, src + j * ldb, K);  // (K = 0: null rows)
         src = rows.data(), ld = K;
       }
       pack_rows8(src, ld, K, p.Kp, layout, out + (n0 / cols) * p.Kp * cols + (n0 % cols) * g,
