@@ -1538,7 +1538,8 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
 constexpr int64_t kRowsDotMaxM = 4;
 // Up to this M the dot kernel (one weight stream a thread) runs on the plain weight even where a
 // packed copy exists: on Zen 4 (stop 38) 1-2 rows ran 1.1-1.5x faster than the packed copy's
-// two panel streams (4096 x 11008 from memory: 0.42-0.55 against 0.56-0.78 ms), 3-4 rows slower.
+// two panel streams (4096 x 11008 from memory: 0.42-0.55 against 0.56-0.78 ms), 3-4 rows slower;
+// since TileLanes 0.94-1.12x the copy's speed (stop 39, second session).
 constexpr int64_t kDotOverPackedMaxM = 2;
 bool dot_over_packed(Int8Kernel kernel, int64_t M) {
   return (kernel == Int8Kernel::kAmx || kernel == Int8Kernel::kAvx512Vnni) && M <= kDotOverPackedMaxM;

@@ -2,7 +2,7 @@
 # Builds the CPU extension with AddressSanitizer + UBSan in a scratch copy of the
 # working tree and runs the pytest suite against it (about 5 + 2 minutes on 2 cores).
 # Usage: bash scripts/sanitize_cpu.sh [pytest args, default: tests]   (needs .venv from
-# scripts/test.sh). Last runs: stop 39 (second session, Zen 4): the int8, int8-kernel, 4-bit-kernel and fuzz suites clean (657 passed) after a K = 0 fix in pack_b; stop 30: whole suite clean on an AMX Xeon (1289 passed); stop 26: the fake_quant, affine, fuzz and QAT suites clean (179 passed; stop 25's STE backward); stop 24: the 4-bit and fuzz suites clean (252 passed); whole suite clean (stop 11; stop 20 on an AMX Xeon, 1077 passed); stop 21: the 4-bit and QAT suites clean (302 passed; after the last 4-bit change the 4-bit suites, 265); stop 22: the 4-bit suites (273), the observer and fuzz suites (95); stop 17: observers, affine, fuzz,
+# scripts/test.sh). Last runs: stop 39 (second session, Zen 4): every suite but MiniLM and DDP clean (657 + 748 passed) after a K = 0 fix in pack_b; stop 30: whole suite clean on an AMX Xeon (1289 passed); stop 26: the fake_quant, affine, fuzz and QAT suites clean (179 passed; stop 25's STE backward); stop 24: the 4-bit and fuzz suites clean (252 passed); whole suite clean (stop 11; stop 20 on an AMX Xeon, 1077 passed); stop 21: the 4-bit and QAT suites clean (302 passed; after the last 4-bit change the 4-bit suites, 265); stop 22: the 4-bit suites (273), the observer and fuzz suites (95); stop 17: observers, affine, fuzz,
 # fake_quant and int8 kernels clean (418 passed); stop 16: fake_quant, affine, fuzz, QAT,
 # observers clean (230 passed); stop 15: the fake_quant, affine,
 # observer, int8, QAT and fuzz suites clean (430 passed) after a check_quant_range fix.
