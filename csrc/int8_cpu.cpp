@@ -1466,7 +1466,9 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
   // 1-2 rows of x: weight row i over all of K, then the next, so that the 4 rows are one
   // sequential stream (4 interleaved ones were 1.2-2x slower with w streaming from memory on
   // Zen 4; at 3-4 rows of x, reloading x for every weight row cost more). Two 64-k steps in
-  // flight (odd ones into e_r, t): one row of x is not bound by vpdpbusd's latency.
+  // flight (odd ones into e_r, t), four for one row of x (also f0, g0: torch.ao / qlib 1.33 ->
+  // 1.40 at 768 x 3072, 1.18 -> 1.24 at 4096 x 11008, stop 39), so that vpdpbusd's latency
+  // does not bound it.
 #define QLIB_X(r, i)                                                                 \
   if constexpr (r < R) {                                                             \
     a##r##i = _mm512_dpbusd_epi32(a##r##i, v, _mm512_loadu_si512(x + r * ldx + k)); \
@@ -1479,8 +1481,23 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
   if constexpr (r < R) a##r##i = _mm512_add_epi32(a##r##i, e##r);
 #define QLIB_W_ROW(i)                                                                          \
   if (i < nw) {  /* (rows past nw: not stored, not read) */                                   \
-    __m512i e0 = z, e1 = z, t = z;                                                             \
+    __m512i e0 = z, e1 = z, t = z, f0 = z, g0 = z;                                             \
     int64_t k = 0;                                                                             \
+    if constexpr (R == 1) for (; k + 256 <= K; k += 256) {  /* (four steps in flight) */       \
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(w##i + k), flip);                 \
+      const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w##i + k + 64), flip);            \
+      const __m512i v2 = _mm512_xor_si512(_mm512_loadu_si512(w##i + k + 128), flip);          \
+      const __m512i u2 = _mm512_xor_si512(_mm512_loadu_si512(w##i + k + 192), flip);          \
+      a0##i = _mm512_dpbusd_epi32(a0##i, v, _mm512_loadu_si512(x + k));                       \
+      e0 = _mm512_dpbusd_epi32(e0, u, _mm512_loadu_si512(x + k + 64));                         \
+      f0 = _mm512_dpbusd_epi32(f0, v2, _mm512_loadu_si512(x + k + 128));                       \
+      g0 = _mm512_dpbusd_epi32(g0, u2, _mm512_loadu_si512(x + k + 192));                       \
+      if constexpr (Sums) {                                                                    \
+        s##i = _mm512_dpbusd_epi32(s##i, v, one), t = _mm512_dpbusd_epi32(t, u, one);           \
+        s##i = _mm512_dpbusd_epi32(s##i, v2, one), t = _mm512_dpbusd_epi32(t, u2, one);         \
+      }                                                                                        \
+    }                                                                                          \
+    e0 = _mm512_add_epi32(e0, _mm512_add_epi32(f0, g0));                                       \
     for (; k + 128 <= K; k += 128) {                                                           \
       const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(w##i + k), flip);                 \
       const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w##i + k + 64), flip);            \
