@@ -730,7 +730,7 @@ struct PanelCodes {
     word0(r)[(k / G) * rows(r) * G + k % G] = code(c);
   }
   // quantize_rows_avx512's sink (uint8 panels only): 64 codes in k order; then up to 16 as
-  // int32 lanes under m (lanes past m: code 0, K's padding), k a multiple of 16.
+  // int32 lanes under m, k a multiple of 16 (the words they touch; the caller pads past K).
   QLIB_AVX512_FN void put64(int64_t r, int64_t k, __m512i c) const {
     static_assert(G == 4, "PanelCodes::put64: uint8 panels");
     alignas(64) int32_t words[16];
@@ -740,7 +740,7 @@ struct PanelCodes {
   QLIB_AVX512_FN void put16(int64_t r, int64_t k, __mmask16 m, __m512i c) const {
     static_assert(G == 4, "PanelCodes::put16: uint8 panels");
     alignas(16) int32_t words[4];
-    const __m128i b = _mm512_cvtsepi32_epi8(_mm512_maskz_mov_epi32(m, c));
+    const __m128i b = _mm512_cvtsepi32_epi8(c);
     _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm_xor_si128(b, _mm_set1_epi8(-128)));
     put_words(r, k, words, (std::popcount(static_cast<unsigned>(m)) + 3) / 4);
   }
@@ -1813,9 +1813,9 @@ PackLayout kernel_layout(Int8Kernel kernel) {
 // (kRows) and the other kernels have their panels: a copy of the weight, 1 more byte a value.
 // QLIB_INT8_PACKED_COPY (read once) = 1 gives every kernel its panels (amx: 1.1-1.3x faster
 // from M = 32), = 0 none: the others then run on the plain weight (avx512-vnni: 0.8-1.3x the
-// packed copy's time at every M on a Xeon with AMX, stop 36; 1.0-1.26x at 1 thread on Zen 4,
-// up to 1.3x at 3-4 rows streaming 4096^2, stop 38, where 1-2 rows run the same kernel either
-// way (dot_over_packed); avx-vnni / avx2 1.2-1.8x at M = 1-16;
+// packed copy's time at every M on a Xeon with AMX, stop 36; 1.0-1.26x at 1 thread on Zen 4;
+// on 2 threads 1.5-1.6x at 3-4 rows and 1.1-1.3x at 8-16 streaming 4096^2, stop 39, where 1-2
+// rows run the same kernel either way (dot_over_packed); avx-vnni / avx2 1.2-1.8x at M = 1-16;
 // RESULTS).
 PackLayout weight_layout(Int8Kernel kernel) {
   static const int packed_copy = [] {  // -1: unset
