@@ -20,8 +20,8 @@ Int8Kernel current_int8_kernel();
 std::string int8_cpu_kernel();
 std::vector<std::string> int8_cpu_kernels();  // what this CPU can run
 void set_int8_cpu_kernel(const std::string& name);  // "auto" or a name; raises if unsupported
-// Whether int8_pack_weight copies a weight into the current kernel's panels (2 bytes a weight
-// in an Int8Linear), or keeps only a tag (QLIB_INT8_PACKED_COPY; raises on a bad value).
+// Whether int8_pack_weight copies a weight into the current kernel's panels (an Int8Linear then
+// keeps only those), or keeps only a tag (QLIB_INT8_PACKED_COPY; raises on a bad value).
 bool int8_packed_copy();
 
 // The CUDA int8_linear GEMM for M > 4 (csrc/int8_cuda_gemm.cpp): cuBLASLt, or the fused

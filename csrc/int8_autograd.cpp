@@ -20,7 +20,7 @@ using OptTensor = std::optional<at::Tensor>;
 using Int8LinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const OptTensor&, const OptTensor&, const OptTensor&, int64_t,
                                  int64_t);
-using Int8LinearPackedSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+using Int8LinearPackedSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
                                        const at::Tensor&, const OptTensor&, const OptTensor&,
                                        const OptTensor&, int64_t, int64_t);
 
@@ -36,6 +36,14 @@ const c10::TypedOperatorHandle<Int8LinearPackedSig>& int8_linear_packed_op() {
                              .findSchemaOrThrow("qlib::int8_linear_packed", "")
                              .typed<Int8LinearPackedSig>();
   return op;
+}
+
+// The weight packed by int8_pack_weight, unpacked (int8_linear_packed without w_int8).
+at::Tensor unpack_weight(const at::Tensor& w_packed, int64_t N, int64_t K) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlib::int8_unpack_weight", "")
+                             .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
+  return op.call(w_packed, N, K);
 }
 
 // The weight only where x's gradient needs it (a module built under inference_mode holds
@@ -100,17 +108,26 @@ class Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> 
 class Int8LinearPackedFunction : public torch::autograd::Function<Int8LinearPackedFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_packed,
-                            const at::Tensor& w_int8, const at::Tensor& w_scale,
+                            const OptTensor& w_int8, const at::Tensor& w_scale,
                             const OptTensor& bias, const OptTensor& act_scale,
                             const OptTensor& act_zero_point, int64_t qmin, int64_t qmax) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    save(ctx, x, w_int8, w_scale, bias);
-    return int8_linear_packed_op()
+    at::Tensor out = int8_linear_packed_op()
         .call(x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
+    // (Without w_int8 the weight is unpacked only where x's gradient needs it.)
+    save(ctx, x,
+         w_int8.has_value() || !x.requires_grad()
+             ? w_int8.value_or(at::Tensor())
+             // (sym_size: x.size(-1) would read, and so guard, every size of a traced x)
+             : unpack_weight(w_packed, w_scale.sym_numel().guard_int(__FILE__, __LINE__),
+                             x.sym_size(-1).guard_int(__FILE__, __LINE__)),
+         w_scale, bias);
+    ctx->saved_data["bias_input"] = int64_t{w_int8.has_value() ? 4 : 3};
+    return out;
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    // Tensor inputs: x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point.
-    auto [gx, gb] = grads_of(ctx, grads[0], 4);
+    // Tensor inputs: x, w_packed, w_int8 (if given), w_scale, bias, act_scale, act_zero_point.
+    auto [gx, gb] = grads_of(ctx, grads[0], ctx->saved_data["bias_input"].toInt());
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
@@ -130,7 +147,7 @@ at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& w_int8,
 }
 
 at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_packed,
-                                       const at::Tensor& w_int8, const at::Tensor& w_scale,
+                                       const OptTensor& w_int8, const at::Tensor& w_scale,
                                        const OptTensor& bias, const OptTensor& act_scale,
                                        const OptTensor& act_zero_point, int64_t qmin,
                                        int64_t qmax) {

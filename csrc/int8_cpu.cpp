@@ -588,34 +588,54 @@ PackedB pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, PackLayout la
   return p;
 }
 
-// Reads a packed weight back (int8_linear_packed): checks it is pack_b's output for w's
-// N and K, and takes its layout from the tag.
-PackedB unpack_tag(const char* op, const at::Tensor& w_packed, const at::Tensor& w,
-                   PackLayout expected) {
-  const int64_t N = w.size(0), K = w.size(1), numel = w_packed.numel();
-  bool size_ok = false;  // the size of some layout's packing of w
-  for (PackLayout l : kPackLayouts) size_ok = size_ok || numel == packed_bytes(N, K, l);
+// Reads a packed weight's tag: checks it is pack_b's output (for N x K, where given; -1: the
+// tag's own) and takes its layout and shape from the tag.
+PackedB unpack_tag(const char* op, const at::Tensor& w_packed, int64_t N = -1, int64_t K = -1) {
+  const int64_t numel = w_packed.numel();
   TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 &&
-                  w_packed.is_contiguous() && size_ok && w_packed.device() == w.device(),
-              op, ": w_packed (", w_packed.scalar_type(), ", shape ", w_packed.sizes(),
-              ") is not int8_pack_weight(w_int8) for w_int8 of shape ", w.sizes(), " (expected ",
-              packed_bytes(N, K, expected), " int8 elements)");
+                  w_packed.is_contiguous() && numel >= kPackTagBytes && w_packed.is_cpu(),
+              op, ": w_packed (", w_packed.scalar_type(), ", shape ", w_packed.sizes(), ", on ",
+              w_packed.device(), ") is not a CPU int8_pack_weight output");
   int32_t tag[8];
   std::memcpy(tag, w_packed.const_data_ptr<int8_t>() + numel - kPackTagBytes, sizeof(tag));
   const auto layout = static_cast<PackLayout>(tag[1]);
-  bool layout_ok = false;  // a known layout, whose packing of w has this size
+  const int64_t tn = tag[2], tk = tag[3];
+  bool layout_ok = false;  // a known layout, whose packing of tn x tk has this size
   for (PackLayout l : kPackLayouts)
-    layout_ok = layout_ok || (layout == l && numel == packed_bytes(N, K, l));
-  TORCH_CHECK(tag[0] == kPackMagic && layout_ok && tag[2] == static_cast<int32_t>(N) &&
-                  tag[3] == static_cast<int32_t>(K),
-              op, ": w_packed is not int8_pack_weight(w_int8) for w_int8 of shape ", w.sizes(),
-              " (its tag is corrupt or names another shape)");
+    layout_ok = layout_ok || (layout == l && tn >= 0 && tk >= 0 && numel == packed_bytes(tn, tk, l));
+  TORCH_CHECK(tag[0] == kPackMagic && layout_ok, op, ": w_packed of ", numel,
+              " bytes is not int8_pack_weight's output (its tag is corrupt)");
+  TORCH_CHECK((N < 0 || N == tn) && (K < 0 || K == tk), op, ": w_packed holds a weight of shape [",
+              tn, ", ", tk, "], not [", N, ", ", K, "]");
   PackedB p;
-  p.N = N, p.K = K, p.layout = layout, p.Np = padded_n(N, layout), p.Kp = padded_k(K, layout);
+  p.N = tn, p.K = tk, p.layout = layout, p.Np = padded_n(tn, layout), p.Kp = padded_k(tk, layout);
   p.fingerprint = tag[4];
   p.buf = w_packed;
   p.data = w_packed.const_data_ptr<int8_t>();
   return p;
+}
+
+// pack_b's panels back to the int8 weight [N, K]: w[n][k] lies at panel n / cols, k word
+// k / g, column n % cols, byte k % g. Checks the weight's fingerprint against the tag's.
+at::Tensor unpack_b(const char* op, const PackedB& p) {
+  TORCH_CHECK(has_panels(p.layout), op, ": w_packed holds only a tag (packed for amx's kernel "
+              "on the plain weight), not the weight; keep w_int8 for it");
+  at::Tensor w = at::empty({p.N, p.K}, p.buf.options());
+  int8_t* out = w.data_ptr<int8_t>();
+  const int g = p.layout == PackLayout::kInt16Pairs ? 2 : 4;  // k per word
+  const int64_t cols = p.cols(), N = p.N, K = p.K;
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* src = p.panel(n / cols * cols) + (n % cols) * g;
+      int8_t* row = out + n * K;
+      int64_t k = 0;
+      for (; k + g <= K; k += g) std::memcpy(row + k, src + (k / g) * cols * g, g);
+      for (; k < K; ++k) row[k] = src[(k / g) * cols * g + k % g];
+    }
+  });
+  TORCH_CHECK(weight_fingerprint(out, K, 1, N, K) == p.fingerprint, op,
+              ": w_packed's panels do not match the fingerprint in its tag (corrupt)");
+  return w;
 }
 
 #if QLIB_INT8_X86
@@ -2270,11 +2290,12 @@ void dequant_values(const int32_t* c, const int32_t* off, const int32_t* zw, flo
 }
 
 // packed: w_in already packed by int8_pack_weight (CPU layout), or nullptr to pack per call.
+// w_values = false: w_in only gives the shape (packed, with panels, is the weight; AVX2, K > 0).
 at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Tensor& w_in,
                             const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in,
                             const std::optional<at::Tensor>& act_scale,
                             const std::optional<at::Tensor>& act_zero_point, int64_t act_quant_min,
-                            int64_t act_quant_max, const PackedB* packed) {
+                            int64_t act_quant_max, const PackedB* packed, bool w_values = true) {
   const int64_t N = check_int8_linear_args(op, x_in, w_in, w_scale_in, bias_in, act_scale,
                                            act_zero_point, act_quant_min, act_quant_max);
   const at::Tensor x = x_in.contiguous();
@@ -2282,7 +2303,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   const int64_t M = leading_rows(x);
   at::Tensor out = empty_output(int8_linear_out_shape(x, N), x.options());
   if (out.numel() == 0) return out;
-  const at::Tensor w = k_contiguous(w_in);
+  const at::Tensor w = w_values ? k_contiguous(w_in) : w_in;
   const at::Tensor w_scale = w_scale_in.reshape({N}).contiguous();
   const at::Tensor bias =
       bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::Tensor();
@@ -2315,7 +2336,7 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   // kernel below), the rest on amx's tiles, avx512-vnni's lanes to 48 rows, or on panels packed
   // as the threads go.
   const bool zmm_dot = kernel_now == Int8Kernel::kAmx || kernel_now == Int8Kernel::kAvx512Vnni;
-  const bool rows_path = QLIB_INT8_X86 && K > 0 &&
+  const bool rows_path = QLIB_INT8_X86 && K > 0 && w_values &&
                          ((plain_kernel && packed == nullptr && (zmm_dot || M > kRowsDotMaxM)) ||
                           dot_over_packed(kernel_now, M));
   const bool rows_dot = rows_path && M <= kRowsDotMaxM;
@@ -2325,7 +2346,9 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
   // Elsewhere the packed kernel at large M, with a pre-packed weight, or when codes reach -128
   // (which gemm's sign-transfer kernel cannot take).
   const bool packed_path = !rows_path && QLIB_INT8_X86 && cpu_has_avx2() && K > 0 &&
-                           (M >= packed_min_m(packed != nullptr) || act_quant_min < kInt8ActQmin);
+                           (!w_values || M >= packed_min_m(packed != nullptr) ||
+                            act_quant_min < kInt8ActQmin);
+  TORCH_INTERNAL_ASSERT(w_values || (packed_path && packed != nullptr));
   PackedB packed_here;
   if (packed_path && packed == nullptr) {
     packed_here = pack_b(w.const_data_ptr<int8_t>(), w.stride(0), N, K,
@@ -2470,18 +2493,47 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& w_in) {
       .buf;
 }
 
-// int8_linear with w_packed = int8_pack_weight(w_int8); w_int8 still serves small M.
+// int8_unpack_weight: int8_pack_weight's output back to w_int8 [N, K] (the layouts with
+// panels; Int8Linear keeps only the packing and unpacks for its state_dict and `weight`).
+at::Tensor int8_unpack_weight_cpu(const at::Tensor& w_packed, int64_t N, int64_t K) {
+  const char* op = "qlib::int8_unpack_weight";
+  TORCH_CHECK(N >= 0 && K >= 0, op, ": N and K must be >= 0, got ", N, " and ", K);
+  return unpack_b(op, unpack_tag(op, w_packed, N, K));
+}
+
+// int8_linear with w_packed = int8_pack_weight(w_int8). With w_int8, w_int8 serves the
+// kernels that read the weight itself (1-2 rows on avx512-vnni / amx); without it (Int8Linear
+// keeping only the packing) the packed kernels run at every M.
 at::Tensor int8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed,
-                                  const at::Tensor& w, const at::Tensor& w_scale,
+                                  const std::optional<at::Tensor>& w_opt, const at::Tensor& w_scale,
                                   const std::optional<at::Tensor>& bias,
                                   const std::optional<at::Tensor>& act_scale,
                                   const std::optional<at::Tensor>& act_zero_point,
                                   int64_t act_quant_min, int64_t act_quant_max) {
   const char* op = "qlib::int8_linear_packed";
   PackedB pb;
+  if (!w_opt.has_value()) {
+    pb = unpack_tag(op, w_packed);
+    check_int8_float_input(op, "x", x);
+    TORCH_CHECK(x.size(-1) == pb.K && w_scale.numel() == pb.N, op, ": x of shape ", x.sizes(),
+                " and w_scale of shape ", w_scale.sizes(), " do not match w_packed, a weight of "
+                "shape [", pb.N, ", ", pb.K, "] (x needs K = ", pb.K, " features, w_scale N = ",
+                pb.N, " scales)");
+    // The packed kernels need AVX2 and K > 0; elsewhere the weight is unpacked for the call.
+    if (QLIB_INT8_X86 && cpu_has_avx2() && pb.K > 0 && has_panels(pb.layout)) {
+      const at::Tensor shape_only = at::zeros({1, 1}, w_packed.options()).expand({pb.N, pb.K});
+      return int8_linear_impl(op, x, shape_only, w_scale, bias, act_scale, act_zero_point,
+                              act_quant_min, act_quant_max, &pb, /*w_values=*/false);
+    }
+    return int8_linear_impl(op, x, unpack_b(op, pb), w_scale, bias, act_scale, act_zero_point,
+                            act_quant_min, act_quant_max, nullptr);
+  }
+  const at::Tensor& w = *w_opt;
   const PackedB* ppb = nullptr;
   if (w.dim() == 2 && w_packed.numel() > 0) {
-    pb = unpack_tag(op, w_packed, w, weight_layout(current_int8_kernel()));
+    pb = unpack_tag(op, w_packed, w.size(0), w.size(1));
+    TORCH_CHECK(w_packed.device() == w.device(), op, ": w_packed is on ", w_packed.device(),
+                " but w_int8 is on ", w.device());
     ppb = &pb;
     // (No fingerprint read where the kernel reads w itself: no stale packing to guard against.)
     if (w.scalar_type() == at::kChar && !dot_over_packed(current_int8_kernel(), leading_rows(x)) &&
@@ -2507,6 +2559,7 @@ TORCH_LIBRARY_IMPL(qlib, CPU, m) {
   m.impl("int8_linear", &int8_linear_cpu);
   m.impl("int8_pack_weight", &int8_pack_weight_cpu);
   m.impl("int8_linear_packed", &int8_linear_packed_cpu);
+  m.impl("int8_unpack_weight", &int8_unpack_weight_cpu);
 }
 
 }  // namespace qlib

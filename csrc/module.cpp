@@ -79,6 +79,8 @@ PYBIND11_MODULE(_C, m) {
         "16-byte packs per thread and iteration of the CUDA fake_quant kernels (1, 2 or 4).");
   m.def("fake_quant_cuda_packs", &qlib::fake_quant_cuda_packs);
   m.def("int8_cpu_kernel", &qlib::int8_cpu_kernel, "The int8 CPU GEMM kernel in use.");
+  m.def("int8_packed_copy", &qlib::int8_packed_copy,
+        "Whether Int8Linear keeps its CPU weight packed for the int8 kernel in use.");
   m.def("int8_cpu_kernels", &qlib::int8_cpu_kernels, "The int8 CPU GEMM kernels this CPU runs.");
   m.def("set_int8_cpu_kernel", &qlib::set_int8_cpu_kernel,
         "Pick the int8 CPU GEMM kernel by name ('auto' = the best); weights packed before "

@@ -77,10 +77,12 @@ TORCH_LIBRARY(qlib, m) {
       "histogram_entropy_search(Tensor hist, Tensor range, int num_levels) "
       "-> (Tensor min, Tensor max)",
       tags);
-  // int8, packed weights. CPU: w_int8 packed once for the large-M kernel; CUDA: an empty tensor (not used).
+  // int8, packed weights. CPU: w_int8 packed once for the kernels; CUDA: an empty tensor (not
+  // used). int8_linear_packed without w_int8 runs on the packing alone (Int8Linear on the CPU).
   m.def("int8_pack_weight(Tensor w_int8) -> Tensor", tags);
+  m.def("int8_unpack_weight(Tensor w_packed, int N, int K) -> Tensor", tags);
   m.def(
-      "int8_linear_packed(Tensor x, Tensor w_packed, Tensor w_int8, Tensor w_scale, "
+      "int8_linear_packed(Tensor x, Tensor w_packed, Tensor? w_int8, Tensor w_scale, "
       "Tensor? bias, Tensor? act_scale=None, Tensor? act_zero_point=None, "
       "int act_quant_min=-127, int act_quant_max=127) -> Tensor",
       tags);

@@ -16,6 +16,7 @@
 // static act_scale is read on device).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -640,13 +641,27 @@ at::Tensor int8_pack_weight_cuda(const at::Tensor& w) {
   return at::empty({0}, w.options());
 }
 
-at::Tensor int8_linear_packed_cuda(const at::Tensor& x, const at::Tensor& /*w_packed*/,
-                                   const at::Tensor& w, const at::Tensor& w_scale,
+// A CPU packing moved onto the GPU (an exported or pickled CPU Int8Linear): unpacked on the
+// CPU (its layout is a CPU kernel's) and copied back. Slow; Int8Linear.to() unpacks first.
+at::Tensor int8_unpack_weight_cuda(const at::Tensor& w_packed, int64_t N, int64_t K) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlib::int8_unpack_weight", "")
+                             .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
+  TORCH_CHECK(w_packed.numel() > 0, "qlib::int8_unpack_weight: w_packed is empty (CUDA keeps no "
+              "packing: int8_pack_weight gives an empty tensor there); use w_int8 itself");
+  return op.call(w_packed.cpu(), N, K).to(w_packed.device());
+}
+
+at::Tensor int8_linear_packed_cuda(const at::Tensor& x, const at::Tensor& w_packed,
+                                   const std::optional<at::Tensor>& w, const at::Tensor& w_scale,
                                    const std::optional<at::Tensor>& bias,
                                    const std::optional<at::Tensor>& act_scale,
                                    const std::optional<at::Tensor>& act_zero_point,
                                    int64_t act_quant_min, int64_t act_quant_max) {
-  return int8_linear_cuda(x, w, w_scale, bias, act_scale, act_zero_point, act_quant_min,
+  if (!w.has_value()) check_int8_float_input("qlib::int8_linear_packed", "x", x);
+  const at::Tensor w_int8 =
+      w.has_value() ? *w : int8_unpack_weight_cuda(w_packed, w_scale.numel(), x.size(-1));
+  return int8_linear_cuda(x, w_int8, w_scale, bias, act_scale, act_zero_point, act_quant_min,
                           act_quant_max);
 }
 
@@ -658,6 +673,7 @@ TORCH_LIBRARY_IMPL(qlib, CUDA, m) {
   m.impl("int8_linear", &int8_linear_cuda);
   m.impl("int8_pack_weight", &int8_pack_weight_cuda);
   m.impl("int8_linear_packed", &int8_linear_packed_cuda);
+  m.impl("int8_unpack_weight", &int8_unpack_weight_cuda);
 }
 
 }  // namespace qlib

@@ -223,19 +223,46 @@ def test_kernel_warnings_go_through_python_warnings():
 
 
 def test_packed_weight_is_checked():
+    """A corrupt packing (its tag, its panels), a cut one, one of another shape or device: an
+    error naming the op, with or without w_int8."""
     w = torch.randint(-127, 128, (20, 70), dtype=torch.int8)
     x, s = torch.randn(3, 70), torch.ones(20)
     packed = ops.int8_pack_weight(w)
-    for byte in (-32, -28, -20):  # the tag's magic, layout and K
+    # The tag's magic, layout and K (K = 71 may have K = 70's size: then the shape tells).
+    bad = "its tag is corrupt|holds a weight of shape \\[20, 71\\]|do not match w_packed, a weight of shape \\[20, 71\\]"
+    for byte in (-32, -28, -20):
         corrupt = packed.clone()
         corrupt[byte] += 1
-        with pytest.raises(RuntimeError, match="its tag is corrupt or names another shape"):
-            ops.int8_linear_packed(x, corrupt, w, s, None)
-    with pytest.raises(RuntimeError, match=rf"expected {packed.numel()} int8 elements"):
-        ops.int8_linear_packed(x, packed[:-1], w, s, None)
+        for w_arg in (w, None):
+            with pytest.raises(RuntimeError, match=f"qlib::int8_linear_packed: .*({bad})"):
+                ops.int8_linear_packed(x, corrupt, w_arg, s, None)
+        with pytest.raises(RuntimeError, match=f"qlib::int8_unpack_weight: .*({bad})"):
+            ops.int8_unpack_weight(corrupt, 20, 70)
+    for w_arg in (w, None):
+        with pytest.raises(RuntimeError, match="its tag is corrupt|is not a CPU int8_pack_weight output"):
+            ops.int8_linear_packed(x, packed[:-1], w_arg, s, None)
+        with pytest.raises(RuntimeError, match="not a CPU int8_pack_weight output"):
+            ops.int8_linear_packed(x, packed[::2], w_arg, s, None)
     # (The AMX layout pads K to 64, so there K = 66 has K = 70's size and the tag tells.)
-    with pytest.raises(RuntimeError, match=r"is not int8_pack_weight\(w_int8\) for w_int8 of shape \[20, 70\]"):
+    with pytest.raises(RuntimeError, match=r"w_packed holds a weight of shape \[20, 66\], not \[20, 70\]"):
         ops.int8_linear_packed(x, ops.int8_pack_weight(w[:, :66]), w, s, None)
+    with pytest.raises(RuntimeError, match=r"x of shape \[3, 70\] and w_scale of shape \[20\] do not match w_packed, "
+                                           r"a weight of shape \[20, 66\]"):
+        ops.int8_linear_packed(x, ops.int8_pack_weight(w[:, :66]), None, s, None)
+    with pytest.raises(RuntimeError, match=r"do not match w_packed"):
+        ops.int8_linear_packed(x, packed, None, s[:19], None)
+    with pytest.raises(RuntimeError, match=r"qlib::int8_unpack_weight: w_packed holds a weight of shape \[20, 70\], not \[20, 71\]"):
+        ops.int8_unpack_weight(packed, 20, 71)
+    with pytest.raises(RuntimeError, match="qlib::int8_unpack_weight: N and K must be >= 0"):
+        ops.int8_unpack_weight(packed, -1, 70)
+    if qlib.build_info()["int8_packed_copy"]:
+        corrupt = packed.clone()
+        corrupt[0] += 1  # w[0, 0] in every layout, which the fingerprint samples
+        with pytest.raises(RuntimeError, match="panels do not match the fingerprint in its tag"):
+            ops.int8_unpack_weight(corrupt, 20, 70)
+    else:  # (a tag only: nothing to unpack, nothing to run without w_int8)
+        with pytest.raises(RuntimeError, match="holds only a tag"):
+            ops.int8_unpack_weight(packed, 20, 70)
 
 
 @pytest.mark.parametrize("M", [1, 7, 8, 33, 260])
@@ -548,9 +575,9 @@ def test_big_weights_ask_for_huge_pages():
     from qlib.nn import Linear4bit
 
     q = Int8Linear.from_float(torch.nn.Linear(4096, 4096))
-    big = [(Int8Linear(4096, 4096).weight, 14), (q.weight, 14), (Linear4bit(4096, 4096).packed, 6)]
-    if qlib.build_info()["int8_packed_copy"]:  # (else only a tag)
-        big.append((q.weight_packed, 14))
+    big = [(Int8Linear(4096, 4096).weight, 14), (Linear4bit(4096, 4096).packed, 6)]
+    # (Where the kernel packs, the packing is the weight; elsewhere it is only a tag.)
+    big.append((q.weight_packed, 14) if qlib.build_info()["int8_packed_copy"] else (q.weight, 14))
     for w, mib in big:
         assert _advised_huge_bytes(w) >= mib << 20
     assert not Int8Linear(4096, 4096).weight.any() and not Linear4bit(4096, 4096).packed.any()

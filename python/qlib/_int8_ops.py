@@ -66,12 +66,20 @@ def _(w_int8):
     return w_int8.new_empty((ctx.new_dynamic_size(min=32),))
 
 
+@register_fake("qlib::int8_unpack_weight")
+def _(w_packed, N, K):
+    torch._check(w_packed.dim() == 1, lambda: "qlib::int8_unpack_weight: w_packed must be 1-D")
+    return w_packed.new_empty((N, K))
+
+
 @register_fake("qlib::int8_linear_packed")
 def _(x, w_packed, w_int8, w_scale, bias, act_scale=None, act_zero_point=None, act_quant_min=-127,
       act_quant_max=127):
     torch._check(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
                  lambda: f"qlib::int8_linear_packed: x must be float32, float16 or bfloat16, got {x.dtype}")
     torch._check(x.dim() >= 1, lambda: "qlib::int8_linear_packed: x must have at least one dimension, got a scalar")
+    if w_int8 is None:  # (the packing alone: N from w_scale, K from x; the kernel checks its tag)
+        return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
     torch._check(w_int8.dim() == 2, lambda: "qlib::int8_linear_packed: w_int8 must be 2-D [N, K]")
     torch._check(
         x.shape[-1] == w_int8.shape[1],

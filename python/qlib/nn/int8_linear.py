@@ -112,11 +112,43 @@ class Int8Linear(QuantState):
         self._repack()
 
     def _repack(self) -> Tensor:
-        w = self.weight
+        b = self._buffers
+        w = b["weight"] if b["weight"] is not None else self.weight
         key = _weight_key(w)  # (before packing: an edit made meanwhile by another thread moves past it)
         packed = self.weight_packed = torch.ops.qlib.int8_pack_weight(w)
         self._pack_state = (key, weakref.ref(w), weakref.ref(packed))
+        self._keep_packing_only(w, packed)
         return packed
+
+    def _keep_packing_only(self, w: Tensor, packed: Tensor):
+        """Drops the plain weight w (None then) where its packing for this CPU kernel holds it."""
+        if w.is_cpu and packed.numel() > 0 and _C.int8_packed_copy():
+            self._buffers["weight"] = None  # (`weight` unpacks it on demand)
+            return None
+        return w
+
+    def _packed_weight(self):
+        """``weight`` when the module keeps only the packing: the plain weight handed out last
+        while it lives (so edits of it are seen), else unpacked; in ``_buffers`` until the next
+        forward."""
+        b = self._buffers
+        if "weight_packed" not in b:  # (not built yet: register_buffer asks)
+            raise AttributeError("weight")
+        packed, state = b["weight_packed"], self.__dict__.get("_pack_state")
+        current = state is not None and state[2]() is packed
+        w = state[1]() if current else None
+        if w is None:
+            w = torch.ops.qlib.int8_unpack_weight(packed, self.out_features, self.in_features)
+            # (the kernel packed for, as far as known: forward repacks for another)
+            self._pack_state = ((_version_of(w), w.data_ptr(), state[0][2] if current else None),
+                                weakref.ref(w), weakref.ref(packed))
+        b["weight"] = w
+        return w
+
+    @property
+    def weight(self) -> Tensor:
+        w = self._buffers.get("weight")
+        return w if w is not None else self._packed_weight()
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -222,7 +254,7 @@ class Int8Linear(QuantState):
         # Buffers straight from _buffers: nn.Module.__getattr__ costs about 0.7 us a name,
         # which is most of a small call's Python time.
         b = self._buffers
-        w = b["weight"]
+        w = b["weight"]  # None: the packing alone is the weight
         bias = b["bias"] if "bias" in b else self.bias  # (a Parameter or parametrized bias is elsewhere)
         packed = b["weight_packed"]
         if not torch.compiler.is_compiling():  # (traced: the state as it was when traced)
@@ -231,15 +263,29 @@ class Int8Linear(QuantState):
                 if rng is not self.__dict__.get("_act_range_of") or _version_of(rng) != self.__dict__.get("_act_range_ver"):
                     # (new buffers: torch.func.functional_call, .to(); or edited in place)
                     Int8Linear._sync_act_range(self)
+            state = self.__dict__.get("_pack_state")
             fake_mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
-            if is_functorch_wrapped_tensor(w) or fake_mode:
+            if fake_mode or is_functorch_wrapped_tensor(packed) or (w is not None and is_functorch_wrapped_tensor(w)):
                 # vmap / grad transforms: no packing of a batch of weights; a FakeTensorMode
                 # (shape propagation): the packing's size is data-dependent
-                packed = torch.empty(0, dtype=torch.int8, device=w.device)
-            else:
-                state = self.__dict__.get("_pack_state")
-                if state is None or state[0] != _weight_key(w) or state[1]() is not w or state[2]() is not packed:
+                if w is not None:
+                    packed = torch.empty(0, dtype=torch.int8, device=w.device)
+            elif w is None:  # the packing alone
+                held = state[1]() if state is not None else None
+                if state is None or (state[2]() is packed and (
+                        state[0][2] != _C.int8_cpu_kernel() or (held is not None and _weight_key(held) != state[0]))):
+                    # (unpickled, another kernel, or a `weight` handed out and edited in place)
+                    self._packed_weight()
                     packed = self._repack()
+            elif state is not None and state[1]() is not w:
+                # Another weight swapped in for the call (torch.func.functional_call): run it
+                # unpacked; the module's own packing stays.
+                packed = torch.empty(0, dtype=torch.int8, device=w.device)
+            elif state is None or state[0] != _weight_key(w) or state[2]() is not packed:
+                packed = self._repack()
+                w = b["weight"]
+            else:
+                w = self._keep_packing_only(w, packed)
         if self.activation == "dynamic":
             return torch.ops.qlib.int8_linear_packed(x, packed, w, b["weight_scale"], bias)
         # Static: codes = quantize(x, act_scale, act_zero_point, lo, hi); the zero point is
@@ -251,7 +297,7 @@ class Int8Linear(QuantState):
 
     def weight_bytes(self) -> int:
         """Bytes of the quantized weight plus its scales (bias and act_scale excluded)."""
-        return self.weight.numel() * self.weight.element_size() + self.weight_scale.numel() * 4
+        return self.out_features * self.in_features + self.weight_scale.numel() * 4
 
     def extra_repr(self) -> str:
         if self.activation == "dynamic":
@@ -265,7 +311,30 @@ class Int8Linear(QuantState):
             f"bias={self.bias is not None}, weight=int8 symmetric per-channel, activation=int8 {act}"
         )
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        packing_only = self._buffers["weight"] is None
+        self.weight  # (the plain weight, unpacked if only the packing is kept)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if packing_only:  # (the state_dict's copy is all: edits of it are still seen, by weakref)
+            self._buffers["weight"] = None
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "weight":
+            self._pack_state = None  # a new weight: packed at the next forward
+
+    def _apply(self, fn, recurse=True):
+        # A packing is a CPU kernel's layout: the plain weight goes where the module goes.
+        if self._buffers["weight"] is None and fn(torch.empty(0, dtype=torch.int8)).device.type != "cpu":
+            self.weight
+        w = self._buffers["weight"]
+        super()._apply(fn, recurse)
+        if self._buffers["weight"] is not w:
+            self._pack_state = None  # (moved: the module's own, packed at the next forward)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self.weight  # (the plain weight, to check and load into)
         for name, key, value in self._loaded_buffers(state_dict, prefix):
             if name in ("weight_scale", "act_scale"):
                 # A NaN / zero / negative scale would give NaN or wrong outputs; x is divided
