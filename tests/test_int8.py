@@ -509,6 +509,14 @@ def test_int8_linear_packed_matches_unpacked(device, M, K, N):
     if device == "cpu":
         with pytest.raises(RuntimeError, match="qlib::int8_linear_packed: w_packed"):
             ops.int8_linear_packed(x, packed[:-1], w, s, b)
+    if qlib.build_info()["int8_packed_copy"]:
+        # The packing alone (Int8Linear on the CPU); a CPU packing moved to CUDA is unpacked there.
+        cpu_packed = ops.int8_pack_weight(w.cpu()).to(device)
+        assert torch.equal(ops.int8_linear_packed(x, cpu_packed, None, s, b), ref)
+        assert torch.equal(ops.int8_unpack_weight(cpu_packed, N, K), w)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="qlib::int8_unpack_weight: w_packed is empty"):
+            ops.int8_linear_packed(x, packed, None, s, b)
 
 
 def test_int8_packed_opcheck(device):
@@ -518,6 +526,11 @@ def test_int8_packed_opcheck(device):
     torch.library.opcheck(ops.int8_linear_packed, (x, ops.int8_pack_weight(w), w, s, None))
     a, zp = torch.tensor(0.02, device=device), torch.tensor(5, dtype=torch.int64, device=device)
     torch.library.opcheck(ops.int8_linear_packed, (x, ops.int8_pack_weight(w), w, s, None, a, zp, -8, 7))
+    if qlib.build_info()["int8_packed_copy"]:
+        cpu_packed = ops.int8_pack_weight(w.cpu()).to(device)
+        torch.library.opcheck(ops.int8_unpack_weight, (cpu_packed, 24, 40))
+        torch.library.opcheck(ops.int8_linear_packed, (x, cpu_packed, None, s, None))
+        torch.library.opcheck(ops.int8_linear_packed, (x.requires_grad_(), cpu_packed, None, s, None, a, zp, -8, 7))
 
 
 def test_int8linear_repacks_after_weight_edit(device):

@@ -587,3 +587,105 @@ def test_big_weights_ask_for_huge_pages():
         assert Int8Linear(4096, 4096).weight.is_meta
     with FakeTensorMode():
         assert Int8Linear(4096, 4096)(torch.empty(2, 4096)).shape == (2, 4096)
+
+
+# ---------------------------------------------------------------- the packing alone
+@pytest.mark.parametrize("K", [1, 3, 64, 130, 1029])
+@pytest.mark.parametrize("N", [1, 17, 33])
+def test_packing_alone_gives_the_same_bits(kernel, K, N):
+    """int8_linear_packed without w_int8 (the packed kernels at every M, 1-2 rows included),
+    and int8_unpack_weight, against int8_linear on the weight: every kernel, dtype, odd shapes,
+    non-contiguous x, a static range with a zero point."""
+    if not qlib.build_info()["int8_packed_copy"]:
+        pytest.skip("this kernel keeps only a tag (QLIB_INT8_PACKED_COPY)")
+    g = torch.Generator().manual_seed(K * 7 + N)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    s = torch.rand(N, generator=g) * 0.01 + 1e-3
+    b = torch.randn(N, generator=g)
+    packed = ops.int8_pack_weight(w)
+    assert torch.equal(ops.int8_unpack_weight(packed, N, K), w)
+    a, zp = torch.tensor(0.03), torch.tensor(-9)
+    for M in (1, 2, 3, 5, 13, 40):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.randn(M, 2 * K, generator=g).to(dtype)[:, ::2]  # non-contiguous
+            assert torch.equal(ops.int8_linear_packed(x, packed, None, s, b), ops.int8_linear(x, w, s, b))
+            assert torch.equal(ops.int8_linear_packed(x, packed, None, s, None, a, zp, -128, 127),
+                               ops.int8_linear(x, w, s, None, a, zp, -128, 127))
+
+
+def test_int8linear_keeps_only_the_packing():
+    """Where the kernel packs, Int8Linear holds its weight once, packed (about 1 byte a weight);
+    `weight` reads back the int8 weight, in-place edits of it and assignments are repacked,
+    and outputs are int8_linear's on that weight."""
+    if not qlib.build_info()["int8_packed_copy"]:
+        pytest.skip("this kernel runs on the plain weight")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(300, 70)
+    m = Int8Linear.from_float(lin)
+    q, scale = qlib.nn.int8_linear.quantize_weight_per_channel(lin.weight)
+    assert m._buffers["weight"] is None and "weight" not in dict(m.named_buffers())
+    # (the packing pads N to 16 or 32 and K to 4 or 64: under 1.5 N K here, 2 N K with a copy)
+    assert sum(t.numel() * t.element_size() for t in m.buffers()) < 1.6 * 300 * 70
+    x = torch.randn(2, 5, 300)
+    assert torch.equal(m(x), ops.int8_linear(x, q, scale, lin.bias.detach()))
+    assert torch.equal(m.weight, q) and m.weight is m.weight  # (held until the next forward)
+    m.weight[3, :] = 0  # an edit through a temporary
+    q[3, :] = 0
+    assert torch.equal(m(x), ops.int8_linear(x, q, scale, lin.bias.detach()))
+    assert m._buffers["weight"] is None  # the forward let it go
+    w = m.weight
+    m(x)
+    w.mul_(-1)  # an edit of a weight still held after a forward
+    assert torch.equal(m(x), ops.int8_linear(x, -q, scale, lin.bias.detach()))
+    del w
+    m.weight = q.clone()  # an assignment
+    assert torch.equal(m(x), ops.int8_linear(x, q, scale, lin.bias.detach()))
+    assert m._buffers["weight"] is None and torch.equal(m.weight, q)
+    assert m.weight_bytes() == 300 * 70 + 70 * 4
+
+
+def test_int8linear_packing_alone_state_and_transforms():
+    """With only the packing kept: the state_dict holds the int8 weight (and reading it keeps
+    no copy in the module), loads (strict, assign, meta, wrong shapes), pickles, deep-copies,
+    runs under functional_call with another weight (its own weight untouched), gives x its
+    gradient and moves off the CPU with its weight."""
+    import copy
+    import io
+
+    if not qlib.build_info()["int8_packed_copy"]:
+        pytest.skip("this kernel runs on the plain weight")
+    torch.manual_seed(1)
+    a, b = (Int8Linear.from_float(torch.nn.Linear(64, 48)) for _ in range(2))
+    x = torch.randn(7, 64)
+    ya, yb = a(x), b(x)
+    sd = a.state_dict()
+    assert list(sd) == ["weight", "weight_scale", "bias"] and a._buffers["weight"] is None
+    assert torch.equal(sd["weight"], a.weight)
+    c = Int8Linear(64, 48)
+    c.load_state_dict(sd)
+    assert c._buffers["weight"] is None and torch.equal(c(x), ya)
+    with torch.device("meta"):
+        d = Int8Linear(64, 48)
+    d.load_state_dict(sd, assign=True)
+    assert d._buffers["weight"] is None and d.weight_packed.is_cpu and torch.equal(d(x), ya)
+    with pytest.raises(RuntimeError, match=r"state_dict\['weight'\] is torch.int8 of shape \(48, 63\)"):
+        c.load_state_dict(dict(sd, weight=sd["weight"][:, :63]))
+    assert torch.equal(c(x), ya)
+    for e in (copy.deepcopy(a), torch.load(io.BytesIO(_saved(a)), weights_only=False)):
+        assert torch.equal(e(x), ya) and torch.equal(e.weight, a.weight)
+    assert torch.equal(torch.func.functional_call(b, {"weight": a.weight, "weight_scale": a.weight_scale,
+                                                      "bias": a.bias}, (x,)), ya)
+    assert torch.equal(b(x), yb) and b._buffers["weight"] is None
+    xg = x.clone().requires_grad_()
+    b(xg).sum().backward()
+    w_hat = b.weight.float() * b.weight_scale[:, None]
+    torch.testing.assert_close(xg.grad, torch.ones(7, 48) @ w_hat)
+    b.to("meta")
+    assert b.weight.is_meta and b.weight.shape == (48, 64)
+
+
+def _saved(module):
+    import io
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    return buf.getvalue()
