@@ -108,6 +108,17 @@ def bench_cpu(quick):
     return rows
 
 
+def weight_ram():
+    """A line on what an Int8Linear of each shape holds in RAM (all its buffers) against the
+    float32 weight."""
+    parts = []
+    for K, N in [(768, 768), (768, 3072), (4096, 4096)]:
+        m = Int8Linear.from_float(nn.Linear(K, N))
+        held = sum(b.numel() * b.element_size() for b in m.buffers())
+        parts.append(f"{K} x {N} {held / 2**20:.2f} MiB ({4 * K * N / held:.2f}x below fp32's weight)")
+    return "qlib Int8Linear's buffers in RAM: " + ", ".join(parts)
+
+
 def cpu_table(rows):
     out = ["| M | K | N | fp32 F.linear (ms) | torch.ao dynamic (ms) | _int_mm + quant + dequant (ms) "
            "| torchao int8 dynamic (ms) | qlib Int8Linear (ms) | qlib speed-up vs torch.ao | qlib speed-up vs fp32 "
@@ -183,15 +194,17 @@ def main():
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_model()}, "
           f"qlib {qlib.build_info().get('cpu_isa', '')}, int8 CPU kernel {qlib.build_info()['int8_cpu_kernel']} "
-          f"(packed weight copy: {qlib.build_info()['int8_packed_copy']})")
+          f"(weight kept packed: {qlib.build_info()['int8_packed_copy']})")
     rows = [] if args.no_cpu else bench_cpu(args.quick)
+    ram = "" if args.no_cpu else weight_ram()
+    print(ram)
     gpu = bench_cuda(args.quick) if torch.cuda.is_available() and not args.no_cuda else []
     if args.markdown:
         text = [f"Device: {cpu_model()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
                 f"date {datetime.date.today().isoformat()}",
                 f"Command: `python benchmarks/bench_int8_linear.py{' --quick' if args.quick else ''}"
                 f"{f' --threads {args.threads}' if args.threads else ''}`", "",
-                cpu_table(rows) if rows else ""]
+                cpu_table(rows) if rows else "", "", ram]
         if gpu:
             text += ["", f"GPU: {torch.cuda.get_device_name()}; qlib's GEMM: {qlib.build_info()['int8_cuda_gemm']}", "",
                      "| M | K | N | bf16 F.linear (ms) | _int_mm alone (ms) | _int_mm + quant + dequant (ms) "
