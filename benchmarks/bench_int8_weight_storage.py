@@ -1,14 +1,14 @@
-"""Int8Linear on the CPU with and without its packed weight copy, beside torch.ao's dynamic
-quantized Linear (fbgemm).
+"""Int8Linear on the CPU with its weight packed for the kernel and with the plain int8 weight,
+beside torch.ao's dynamic quantized Linear (fbgemm).
 
     python benchmarks/bench_int8_weight_storage.py [--kernel NAME] [--threads N] [--m M ...] [--markdown PATH]
 
-By default only the `amx` kernel reads the int8 weight where it lies; the others keep a copy
-packed for them (`weight_packed`: 2 bytes a weight in RAM). `QLIB_INT8_PACKED_COPY=0` (read at
-start-up) drops the copy for every kernel (1 byte a weight, 4x below float32), `=1` gives every
-kernel one. This script times the process's default beside a child process started with the
-other setting, each interleaved with torch.ao in its own process (torch.ao's column is the
-parent's; each ratio uses its own process's torch.ao time). M in {1, 4, 8, 16, 128, 1024} (or --m) x
+By default only the `amx` kernel reads the int8 weight where it lies; the others keep it packed
+for them (`weight_packed`, in place of the plain weight since stop 40: 1 byte a weight either
+way). `QLIB_INT8_PACKED_COPY=0` (read at start-up) keeps the plain weight for every kernel,
+`=1` packs for every kernel. This script times the process's default beside a child process
+started with the other setting, each interleaved with torch.ao in its own process (torch.ao's
+column is the parent's; each ratio uses its own process's torch.ao time). M in {1, 4, 8, 16, 128, 1024} (or --m) x
 (K, N) in {(768, 768), (768, 3072), (4096, 4096)}: medians (ms) and ratios.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ MS = [1, 4, 8, 16, 128, 1024]
 
 
 def measure(ms):
-    """{"M K N": (qlib ms, torch.ao ms, weight_packed bytes)} in this process."""
+    """{"M K N": (qlib ms, torch.ao ms, bytes of all of the Int8Linear's buffers)} in this process."""
     out = {}
     torch.manual_seed(0)
     for K, N in SHAPES:
@@ -45,7 +45,7 @@ def measure(ms):
             x = torch.randn(M, K)
             with torch.inference_mode():
                 tq, ta = interleaved_medians_ms([lambda: q(x), lambda: ao(x)], block=3)
-            out[f"{M} {K} {N}"] = (tq, ta, q.weight_packed.numel())
+            out[f"{M} {K} {N}"] = (tq, ta, sum(b.numel() * b.element_size() for b in q.buffers()))
     return out
 
 
@@ -73,9 +73,9 @@ def main():
     there = json.loads(subprocess.run(cmd, env=child_env, check=True, capture_output=True, text=True).stdout)
     packed, plain = (here, there) if copy_now else (there, here)
 
-    header = ["M", "K", "N", "torch.ao (ms)", "qlib packed copy (ms)", "qlib plain weight (ms)",
-              "packed copy vs torch.ao", "plain weight vs torch.ao", "plain / packed time",
-              "weight_packed bytes: copy / plain"]
+    header = ["M", "K", "N", "torch.ao (ms)", "qlib packed (ms)", "qlib plain weight (ms)",
+              "packed vs torch.ao", "plain weight vs torch.ao", "plain / packed time",
+              "buffer bytes: packed / plain"]
     rows = []
     for key in here:
         M, K, N = key.split()
