@@ -17,7 +17,7 @@
 // its panels also stream B linearly, which is what a small M (memory bound) needs. On CPUs
 // with AVX512-VNNI or AVX-VNNI the packed kernel uses vpdpbusd instead (chosen at run
 // time, see "packed kernels" below). Where the CPU has AMX-INT8 (and Linux grants it),
-// int8_linear runs on the plain weight instead (no packed copy: "kernels on the plain
+// int8_linear runs on the plain weight instead (no packing: "kernels on the plain
 // weight"), and int8_gemm's M >= 32 on the tile unit ("AMX (tile) kernel").
 //
 // torch._int_mm on CPU measured ~20x slower than this kernel (and than fp32
@@ -394,7 +394,7 @@ constexpr int64_t kPackTagBytes = 32;  // magic, layout, N, K, w's fingerprint, 
 // A fingerprint of b [N, K] (strides sn, sk): FNV-1a of its values on a grid of up to 16 x 16
 // rows and columns spread over it. int8_linear_packed compares it with the packed one: a weight
 // replaced where Python cannot repack (a compiled or exported graph after load_state_dict) then
-// runs unpacked, not on the packed copy of the old one.
+// runs unpacked, not on the packing of the old one; int8_unpack_weight checks what it unpacks.
 int32_t weight_fingerprint(const int8_t* b, int64_t sn, int64_t sk, int64_t N, int64_t K) {
   const int64_t rows = std::min<int64_t>(N, 16), cols = std::min<int64_t>(K, 16);
   int64_t col[16];
@@ -1574,9 +1574,10 @@ QLIB_AVX512_FN __attribute__((noinline)) void dot_rows_zmm(const int8_t* x, int6
 // with it in L2 (768 x 3072); at M = 7 the tiles either way).
 constexpr int64_t kRowsDotMaxM = 4;
 // Up to this M the dot kernel (one weight stream a thread) runs on the plain weight even where a
-// packed copy exists: on Zen 4 (stop 38) 1-2 rows ran 1.1-1.5x faster than the packed copy's
-// two panel streams (4096 x 11008 from memory: 0.42-0.55 against 0.56-0.78 ms), 3-4 rows slower;
-// since TileLanes 0.94-1.12x the copy's speed (stop 39, second session).
+// packing is given with it: on Zen 4 (stop 38) 1-2 rows ran 1.1-1.5x faster than the packed
+// kernel's two panel streams (4096 x 11008 from memory: 0.42-0.55 against 0.56-0.78 ms), 3-4
+// rows slower; since TileLanes 0.94-1.12x its speed (stop 39, second session). Int8Linear keeps
+// only the packing since stop 40, so this runs there only under amx or without a packing.
 constexpr int64_t kDotOverPackedMaxM = 2;
 bool dot_over_packed(Int8Kernel kernel, int64_t M) {
   return (kernel == Int8Kernel::kAmx || kernel == Int8Kernel::kAvx512Vnni) && M <= kDotOverPackedMaxM;
@@ -1830,13 +1831,12 @@ PackLayout kernel_layout(Int8Kernel kernel) {
 }
 
 // The layout int8_pack_weight packs for `kernel`. By default amx reads the weight as it lies
-// (kRows) and the other kernels have their panels: a copy of the weight, 1 more byte a value.
-// QLIB_INT8_PACKED_COPY (read once) = 1 gives every kernel its panels (amx: 1.1-1.3x faster
-// from M = 32), = 0 none: the others then run on the plain weight (avx512-vnni: 0.8-1.3x the
-// packed copy's time at every M on a Xeon with AMX, stop 36; 1.0-1.26x at 1 thread on Zen 4;
-// on 2 threads 1.5-1.6x at 3-4 rows and 1.1-1.3x at 8-16 streaming 4096^2, stop 39, where 1-2
-// rows run the same kernel either way (dot_over_packed); avx-vnni / avx2 1.2-1.8x at M = 1-16;
-// RESULTS).
+// (kRows) and the other kernels have their panels (Int8Linear then keeps only those, in place
+// of the plain weight). QLIB_INT8_PACKED_COPY (read once) = 1 gives every kernel its panels
+// (amx: 1.1-1.3x faster from M = 32), = 0 none: the others then run on the plain weight
+// (avx512-vnni: 0.8-1.3x the packed time at every M on a Xeon with AMX, stop 36; 1.0-1.26x at
+// 1 thread on Zen 4; on 2 threads 1.5-1.6x at 3-4 rows and 1.1-1.3x at 8-16 streaming 4096^2,
+// stop 39; 0.9-1.07x at 1-2 rows, stop 40; avx-vnni / avx2 1.2-1.8x at M = 1-16; RESULTS).
 PackLayout weight_layout(Int8Kernel kernel) {
   static const int packed_copy = [] {  // -1: unset
     const char* e = std::getenv("QLIB_INT8_PACKED_COPY");
