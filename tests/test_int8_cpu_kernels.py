@@ -661,6 +661,9 @@ def test_int8linear_packing_alone_state_and_transforms():
     sd = a.state_dict()
     assert list(sd) == ["weight", "weight_scale", "bias"] and a._buffers["weight"] is None
     assert torch.equal(sd["weight"], a.weight)
+    sd["weight"][0] = 3  # an edit through the state_dict, as of a plain buffer
+    assert torch.equal(a(x)[:, 0], ops.int8_linear(x, sd["weight"], a.weight_scale, a.bias)[:, 0])
+    ya = a(x)
     c = Int8Linear(64, 48)
     c.load_state_dict(sd)
     assert c._buffers["weight"] is None and torch.equal(c(x), ya)

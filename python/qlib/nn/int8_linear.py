@@ -127,10 +127,10 @@ class Int8Linear(QuantState):
             return None
         return w
 
-    def _packed_weight(self):
+    def _packed_weight(self, keep: bool = True):
         """``weight`` when the module keeps only the packing: the plain weight handed out last
-        while it lives (so edits of it are seen), else unpacked; in ``_buffers`` until the next
-        forward."""
+        while it lives (so edits of it are seen), else unpacked; kept in ``_buffers`` until the
+        next forward."""
         b = self._buffers
         if "weight_packed" not in b:  # (not built yet: register_buffer asks)
             raise AttributeError("weight")
@@ -142,7 +142,8 @@ class Int8Linear(QuantState):
             # (the kernel packed for, as far as known: forward repacks for another)
             self._pack_state = ((_version_of(w), w.data_ptr(), state[0][2] if current else None),
                                 weakref.ref(w), weakref.ref(packed))
-        b["weight"] = w
+        if keep:
+            b["weight"] = w
         return w
 
     @property
@@ -312,11 +313,11 @@ class Int8Linear(QuantState):
         )
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        packing_only = self._buffers["weight"] is None
-        self.weight  # (the plain weight, unpacked if only the packing is kept)
+        if self._buffers["weight"] is None:  # only the packing: the weight unpacked, first (its
+            # buffer's place), not kept in the module (edits of it are still seen, by weakref)
+            # (w itself, no autograd history to detach: the weakref follows the state_dict's tensor)
+            destination[prefix + "weight"] = self._packed_weight(keep=False)
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if packing_only:  # (the state_dict's copy is all: edits of it are still seen, by weakref)
-            self._buffers["weight"] = None
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
