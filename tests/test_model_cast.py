@@ -105,6 +105,9 @@ def test_cast_with_cuda_move():
         got = moved.get_buffer(name)
         assert got.device.type == "cuda" and got.dtype == b.dtype, name
         assert torch.equal(got.cpu(), b), name
+    for name, m in model.named_modules():  # (the int8 weight moves too, where only the packing was kept)
+        if isinstance(m, qlib.nn.Int8Linear):
+            assert torch.equal(moved.get_submodule(name).weight.cpu(), m.weight), name
     x = torch.randn(5, 24)
     torch.testing.assert_close(moved(x.cuda().bfloat16()).float().cpu(), model(x.bfloat16()).float(),
                                rtol=2e-2, atol=2e-2)

@@ -62,6 +62,11 @@ class Int8Linear(QuantState):
     ``weight_scale`` (float32 [N]), ``bias`` (float32 [N], if any) and, when
     static, ``act_scale`` (float32 scalar): plain tensors that load with
     ``torch.load(weights_only=True)``.
+
+    On CPUs whose int8 kernel reads a packed layout (all but AMX), the module keeps only
+    ``weight_packed`` (1 byte a weight): ``weight`` then reads back as the int8 [N, K] weight,
+    unpacked on demand and held by the module until the next forward; in-place edits of it (at
+    any time while it lives, or of the state_dict's) are repacked at the next forward.
     """
 
     def __init__(
