@@ -615,6 +615,23 @@ PackedB unpack_tag(const char* op, const at::Tensor& w_packed, int64_t N = -1, i
   return p;
 }
 
+// Rows [n0, n0 + rows) of one panel (cols columns, g k a word) back to out (row stride K), in
+// passes of kChunk k so that the panel's words a pass reads (16 KiB) stay in L1.
+template <int G, int Cols>
+void unpack_panel(const int8_t* panel, int64_t rows, int64_t K, int8_t* out) {
+  constexpr int64_t kChunk = 1024;
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t k1 = std::min(K, k0 + kChunk), full = k0 + (k1 - k0) / G * G;
+    for (int64_t c = 0; c < rows; ++c) {
+      const int8_t* src = panel + c * G;
+      int8_t* row = out + c * K;
+      int64_t k = k0;
+      for (; k < full; k += G) std::memcpy(row + k, src + k * Cols, G);  // (word k / G)
+      for (; k < k1; ++k) row[k] = src[k / G * G * Cols + k % G];
+    }
+  }
+}
+
 // pack_b's panels back to the int8 weight [N, K]: w[n][k] lies at panel n / cols, k word
 // k / g, column n % cols, byte k % g. Checks the weight's fingerprint against the tag's.
 at::Tensor unpack_b(const char* op, const PackedB& p) {
@@ -622,15 +639,15 @@ at::Tensor unpack_b(const char* op, const PackedB& p) {
               "on the plain weight), not the weight; keep w_int8 for it");
   at::Tensor w = at::empty({p.N, p.K}, p.buf.options());
   int8_t* out = w.data_ptr<int8_t>();
-  const int g = p.layout == PackLayout::kInt16Pairs ? 2 : 4;  // k per word
   const int64_t cols = p.cols(), N = p.N, K = p.K;
-  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* src = p.panel(n / cols * cols) + (n % cols) * g;
-      int8_t* row = out + n * K;
-      int64_t k = 0;
-      for (; k + g <= K; k += g) std::memcpy(row + k, src + (k / g) * cols * g, g);
-      for (; k < K; ++k) row[k] = src[(k / g) * cols * g + k % g];
+  at::parallel_for(0, (N + cols - 1) / cols, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      const int8_t* panel = p.panel(pi * cols);
+      const int64_t rows = std::min(cols, N - pi * cols);
+      int8_t* dst = out + pi * cols * K;
+      if (p.layout == PackLayout::kInt16Pairs) unpack_panel<2, 8>(panel, rows, K, dst);
+      else if (cols == 8) unpack_panel<4, 8>(panel, rows, K, dst);
+      else unpack_panel<4, 16>(panel, rows, K, dst);
     }
   });
   TORCH_CHECK(weight_fingerprint(out, K, 1, N, K) == p.fingerprint, op,
