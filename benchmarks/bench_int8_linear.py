@@ -22,6 +22,8 @@ import copy
 import datetime
 import itertools
 import platform
+import statistics
+import timeit
 import sys
 from pathlib import Path
 
@@ -60,7 +62,7 @@ def peers(lin):
     """(fp32, torch.ao, qlib, _int_mm path[, torchao]) forward functions of one nn.Linear."""
     ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
     q = Int8Linear.from_float(lin)
-    w_t = q.weight.t()
+    w_t = q.weight.clone().t()  # (a clone: q keeps only its packing, as a user's would)
 
     def int_mm_path(x):  # ATen's int8 GEMM (oneDNN) with qlib's quantize and a torch dequant
         xq, xs = torch.ops.qlib.quantize_per_token(x)
@@ -119,6 +121,20 @@ def weight_ram():
     return "qlib Int8Linear's buffers in RAM: " + ", ".join(parts)
 
 
+def state_dict_table():
+    """Markdown: Int8Linear.state_dict() (which unpacks the weight where only its packing is
+    kept) beside torch.ao's dynamic Linear state_dict() (which unpacks fbgemm's), median of 15."""
+    out = ["| K x N | qlib state_dict (ms) | torch.ao state_dict (ms) | qlib speed-up |", "|---|---:|---:|---:|"]
+    for K, N in [(768, 3072), (4096, 4096)]:
+        lin = nn.Linear(K, N)
+        q = Int8Linear.from_float(lin)
+        ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+        t_q, t_ao = (statistics.median(timeit.repeat(f, number=1, repeat=15)) * 1e3
+                     for f in (q.state_dict, ao.state_dict))
+        out.append(f"| {K} x {N} | {t_q:.3f} | {t_ao:.3f} | {t_ao / t_q:.1f}x |")
+    return "\n".join(out)
+
+
 def cpu_table(rows):
     out = ["| M | K | N | fp32 F.linear (ms) | torch.ao dynamic (ms) | _int_mm + quant + dequant (ms) "
            "| torchao int8 dynamic (ms) | qlib Int8Linear (ms) | qlib speed-up vs torch.ao | qlib speed-up vs fp32 "
@@ -143,7 +159,7 @@ def bench_cuda(quick):
         q = Int8Linear.from_float(lin)
         lin_bf16 = copy.deepcopy(lin).bfloat16()
         ao = torchao_int8_dynamic(lin_bf16)
-        w_t = q.weight.t()
+        w_t = q.weight.clone().t()  # (a clone: q keeps only its packing, as a user's would)
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
 
@@ -196,7 +212,7 @@ def main():
           f"qlib {qlib.build_info().get('cpu_isa', '')}, int8 CPU kernel {qlib.build_info()['int8_cpu_kernel']} "
           f"(weight kept packed: {qlib.build_info()['int8_packed_copy']})")
     rows = [] if args.no_cpu else bench_cpu(args.quick)
-    ram = "" if args.no_cpu else weight_ram()
+    ram = "" if args.no_cpu else weight_ram() + "\n\n" + state_dict_table()
     print(ram)
     gpu = bench_cuda(args.quick) if torch.cuda.is_available() and not args.no_cuda else []
     if args.markdown:
