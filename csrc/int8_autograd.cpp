@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "autograd_common.h"
+#include "int8.h"
 
 namespace qlib {
 namespace {
@@ -36,14 +37,6 @@ const c10::TypedOperatorHandle<Int8LinearPackedSig>& int8_linear_packed_op() {
                              .findSchemaOrThrow("qlib::int8_linear_packed", "")
                              .typed<Int8LinearPackedSig>();
   return op;
-}
-
-// The weight packed by int8_pack_weight, unpacked (int8_linear_packed without w_int8).
-at::Tensor unpack_weight(const at::Tensor& w_packed, int64_t N, int64_t K) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("qlib::int8_unpack_weight", "")
-                             .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
-  return op.call(w_packed, N, K);
 }
 
 // The weight only where x's gradient needs it (a module built under inference_mode holds
@@ -119,7 +112,7 @@ class Int8LinearPackedFunction : public torch::autograd::Function<Int8LinearPack
          w_int8.has_value() || !x.requires_grad()
              ? w_int8.value_or(at::Tensor())
              // (sym_size: x.size(-1) would read, and so guard, every size of a traced x)
-             : unpack_weight(w_packed, w_scale.sym_numel().guard_int(__FILE__, __LINE__),
+             : int8_unpack_weight(w_packed, w_scale.sym_numel().guard_int(__FILE__, __LINE__),
                              x.sym_size(-1).guard_int(__FILE__, __LINE__)),
          w_scale, bias);
     ctx->saved_data["bias_input"] = int64_t{w_int8.has_value() ? 4 : 3};
@@ -161,6 +154,13 @@ at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_
 }
 
 }  // namespace
+
+at::Tensor int8_unpack_weight(const at::Tensor& w_packed, int64_t N, int64_t K) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlib::int8_unpack_weight", "")
+                             .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
+  return op.call(w_packed, N, K);
+}
 
 TORCH_LIBRARY_IMPL(qlib, Autograd, m) {
   m.impl("int8_linear", &int8_linear_autograd);

@@ -16,7 +16,6 @@
 // static act_scale is read on device).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -644,12 +643,9 @@ at::Tensor int8_pack_weight_cuda(const at::Tensor& w) {
 // A CPU packing moved onto the GPU (an exported or pickled CPU Int8Linear): unpacked on the
 // CPU (its layout is a CPU kernel's) and copied back. Slow; Int8Linear.to() unpacks first.
 at::Tensor int8_unpack_weight_cuda(const at::Tensor& w_packed, int64_t N, int64_t K) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("qlib::int8_unpack_weight", "")
-                             .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
   TORCH_CHECK(w_packed.numel() > 0, "qlib::int8_unpack_weight: w_packed is empty (CUDA keeps no "
               "packing: int8_pack_weight gives an empty tensor there); use w_int8 itself");
-  return op.call(w_packed.cpu(), N, K).to(w_packed.device());
+  return int8_unpack_weight(w_packed.cpu(), N, K).to(w_packed.device());
 }
 
 at::Tensor int8_linear_packed_cuda(const at::Tensor& x, const at::Tensor& w_packed,
