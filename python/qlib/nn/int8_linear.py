@@ -117,8 +117,7 @@ class Int8Linear(QuantState):
         self._repack()
 
     def _repack(self) -> Tensor:
-        b = self._buffers
-        w = b["weight"] if b["weight"] is not None else self.weight
+        w = self.weight  # (unpacked first where only the packing is kept)
         key = _weight_key(w)  # (before packing: an edit made meanwhile by another thread moves past it)
         packed = self.weight_packed = torch.ops.qlib.int8_pack_weight(w)
         self._pack_state = (key, weakref.ref(w), weakref.ref(packed))
@@ -281,7 +280,6 @@ class Int8Linear(QuantState):
                 if state is None or (state[2]() is packed and (
                         state[0][2] != _C.int8_cpu_kernel() or (held is not None and _weight_key(held) != state[0]))):
                     # (unpickled, another kernel, or a `weight` handed out and edited in place)
-                    self._packed_weight()
                     packed = self._repack()
             elif state is not None and state[1]() is not w:
                 # Another weight swapped in for the call (torch.func.functional_call): run it
