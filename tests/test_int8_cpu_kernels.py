@@ -508,6 +508,23 @@ def test_int8linear_under_fake_tensor_mode():
     assert torch.equal(m(x), y)
 
 
+def test_saved_packing_runs_where_the_kernel_reads_the_weight(tmp_path):
+    """A module saved with only its packing (torch.save of the module) runs exactly from its
+    first call in a process whose kernel reads the plain weight (QLIB_INT8_PACKED_COPY=0; an AMX
+    CPU alike): the packing is unpacked there."""
+    if not qlib.build_info()["int8_packed_copy"]:
+        pytest.skip("this kernel keeps only a tag (QLIB_INT8_PACKED_COPY)")
+    m = Int8Linear.from_float(torch.nn.Linear(70, 20))
+    x = torch.randn(5, 70)
+    torch.save({"m": m, "x": x, "y": m(x)}, tmp_path / "m.pt")
+    code = ("import sys, torch, qlib; d = torch.load(sys.argv[1], weights_only=False)\n"
+            "print(qlib.build_info()['int8_packed_copy'], bool(torch.equal(d['m'](d['x']), d['y'])))")
+    env = dict(os.environ, QLIB_INT8_PACKED_COPY="0")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["False", "True"], out.stderr[-2000:]
+
+
 def test_int8linear_repacks_after_a_kernel_switch():
     lin = torch.nn.Linear(70, 20)
     x = torch.randn(4, 70)
@@ -645,10 +662,11 @@ def test_int8linear_keeps_only_the_packing():
 
 
 def test_int8linear_packing_alone_state_and_transforms():
-    """With only the packing kept: the state_dict holds the int8 weight (and reading it keeps
-    no copy in the module), loads (strict, assign, meta, wrong shapes), pickles, deep-copies,
-    runs under functional_call with another weight (its own weight untouched), gives x its
-    gradient and moves off the CPU with its weight."""
+    """With only the packing kept: the state_dict holds the int8 weight (the module keeps it
+    while the state_dict's tensor lives, so edits of it are seen), loads (strict, assign, meta,
+    wrong shapes, a failed copy, after to_empty), pickles, deep-copies (after edits too), runs
+    under functional_call with another weight (its own weight untouched), gives x its gradient
+    and moves off the CPU with its weight."""
     import copy
     import io
 
@@ -658,24 +676,44 @@ def test_int8linear_packing_alone_state_and_transforms():
     a, b = (Int8Linear.from_float(torch.nn.Linear(64, 48)) for _ in range(2))
     x = torch.randn(7, 64)
     ya, yb = a(x), b(x)
+    a.state_dict()["weight"][1] = -4  # an edit through a temporary state_dict
+    assert torch.equal(a(x)[:, 1], ops.int8_linear(x, a.weight, a.weight_scale, a.bias)[:, 1])
+    assert a.weight[1].eq(-4).all()
     sd = a.state_dict()
-    assert list(sd) == ["weight", "weight_scale", "bias"] and a._buffers["weight"] is None
-    assert torch.equal(sd["weight"], a.weight)
-    sd["weight"][0] = 3  # an edit through the state_dict, as of a plain buffer
-    assert torch.equal(a(x)[:, 0], ops.int8_linear(x, sd["weight"], a.weight_scale, a.bias)[:, 0])
+    assert list(sd) == ["weight", "weight_scale", "bias"] and torch.equal(sd["weight"], a.weight)
+    a(x)
+    sd["weight"][0] = 3  # an edit of a state_dict taken before a forward
+    y3 = a(x)
+    assert torch.equal(y3[:, 0], ops.int8_linear(x, sd["weight"], a.weight_scale, a.bias)[:, 0])
+    assert a._buffers["weight"] is not None  # (held: the state_dict's tensor lives)
+    for e in (copy.deepcopy(a), torch.load(io.BytesIO(_saved(a)), weights_only=False)):
+        assert torch.equal(e(x), y3)
+    sd["weight"][2] = 5  # edited after the forward: copies and compiled calls see it too
+    y5 = ops.int8_linear(x, sd["weight"], a.weight_scale, a.bias)
+    for e in (copy.deepcopy(a), torch.load(io.BytesIO(_saved(a)), weights_only=False)):
+        assert torch.equal(e(x), y5)
+    assert torch.equal(torch.compile(a, fullgraph=True, backend="eager")(x), y5)
+    assert torch.equal(a(x), y5)
     ya = a(x)
     c = Int8Linear(64, 48)
     c.load_state_dict(sd)
     assert c._buffers["weight"] is None and torch.equal(c(x), ya)
     with torch.device("meta"):
         d = Int8Linear(64, 48)
-    d.load_state_dict(sd, assign=True)
-    assert d._buffers["weight"] is None and d.weight_packed.is_cpu and torch.equal(d(x), ya)
+    d.load_state_dict(dict(sd), assign=True)  # (a copy: torch marks sd's _metadata as assigned)
+    assert d._buffers["weight"] is sd["weight"] and d.weight_packed.is_cpu and torch.equal(d(x), ya)
     with pytest.raises(RuntimeError, match=r"state_dict\['weight'\] is torch.int8 of shape \(48, 63\)"):
         c.load_state_dict(dict(sd, weight=sd["weight"][:, :63]))
+    with pytest.raises(RuntimeError, match="weight"):  # a failed copy leaves the weight as it was
+        c.load_state_dict(dict(sd, weight=torch.empty(48, 64, dtype=torch.int8, device="meta")))
     assert torch.equal(c(x), ya)
-    for e in (copy.deepcopy(a), torch.load(io.BytesIO(_saved(a)), weights_only=False)):
-        assert torch.equal(e(x), ya) and torch.equal(e.weight, a.weight)
+    c.to_empty(device="cpu")  # allocate, then load: the packing holds no weight meanwhile
+    c.load_state_dict(sd)
+    assert torch.equal(c(x), ya)
+    assert torch.equal(d(x), ya) and d._buffers["weight"] is not None  # (a's memory: d's weight)
+    del sd, d
+    a(x)
+    assert a._buffers["weight"] is None  # (let go at a forward)
     assert torch.equal(torch.func.functional_call(b, {"weight": a.weight, "weight_scale": a.weight_scale,
                                                       "bias": a.bias}, (x,)), ya)
     assert torch.equal(b(x), yb) and b._buffers["weight"] is None

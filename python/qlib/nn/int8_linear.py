@@ -9,6 +9,7 @@ input's dtype.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Union
 
@@ -53,6 +54,29 @@ def _weight_key(w: Tensor):
     return (_version_of(w), w.data_ptr(), kernel)
 
 
+def _python_refs_of_a_held_entry() -> int:
+    """sys.getrefcount of a tensor that a dict holds and one local names (the dict, the local and
+    the call's argument): _held_elsewhere's count when nothing else refers to it."""
+    d = {"w": torch.empty(0)}
+    w = d["w"]
+    return sys.getrefcount(w)
+
+
+_UNSHARED_REFS = _python_refs_of_a_held_entry()
+
+
+def _held_elsewhere(buffers: dict) -> bool:
+    """Whether anything but the module refers to buffers["weight"] or shares its memory: a Python
+    name, a view, a detached alias (state_dict's), an autograd graph. Where torch lacks the
+    private counters, True (the module then keeps its plain weight)."""
+    w = buffers["weight"]  # (called with no other reference to w in the caller's frame)
+    try:
+        storage_refs = torch._C._storage_Use_Count(w.untyped_storage()._cdata) - 1  # (less our own)
+        return sys.getrefcount(w) > _UNSHARED_REFS or w._use_count() > 1 or storage_refs > 1
+    except (AttributeError, RuntimeError):
+        return True
+
+
 class Int8Linear(QuantState):
     """``y = dequant(int8(x) @ int8(W).T) + bias``; drop-in for an inference ``nn.Linear``.
 
@@ -64,9 +88,10 @@ class Int8Linear(QuantState):
     ``torch.load(weights_only=True)``.
 
     On CPUs whose int8 kernel reads a packed layout (all but AMX), the module keeps only
-    ``weight_packed`` (1 byte a weight): ``weight`` then reads back as the int8 [N, K] weight,
-    unpacked on demand and held by the module until the next forward; in-place edits of it (at
-    any time while it lives, or of the state_dict's) are repacked at the next forward.
+    ``weight_packed`` (1 byte a weight): ``weight`` (and ``state_dict()``) then reads back as
+    the int8 [N, K] weight, unpacked on demand. The module holds that plain weight for as long
+    as anything else refers to it (a name, a view, a state_dict's tensor), so in-place edits of
+    it are repacked at the next forward, and drops it at the first forward after that.
     """
 
     def __init__(
@@ -115,45 +140,39 @@ class Int8Linear(QuantState):
         after editing ``weight.data`` or editing under ``torch.inference_mode``: such edits do
         not move the version counter it watches."""
         self._repack()
+        self._drop_weight_if_unshared()
 
-    def _repack(self) -> Tensor:
+    def _repack(self) -> None:
         w = self.weight  # (unpacked first where only the packing is kept)
         key = _weight_key(w)  # (before packing: an edit made meanwhile by another thread moves past it)
         packed = self.weight_packed = torch.ops.qlib.int8_pack_weight(w)
         self._pack_state = (key, weakref.ref(w), weakref.ref(packed))
-        self._keep_packing_only(w, packed)
-        return packed
 
-    def _keep_packing_only(self, w: Tensor, packed: Tensor):
-        """Drops the plain weight w (None then) where its packing for this CPU kernel holds it."""
-        if w.is_cpu and packed.numel() > 0 and _C.int8_packed_copy():
-            self._buffers["weight"] = None  # (`weight` unpacks it on demand)
-            return None
-        return w
+    def _drop_weight_if_unshared(self) -> None:
+        """Drops the plain weight (None then: `weight` unpacks it on demand) where its packing for
+        this CPU kernel holds it and nothing but the module refers to it."""
+        b = self._buffers
+        if (b["weight"] is not None and b["weight"].is_cpu and b["weight_packed"].numel() > 0
+                and _C.int8_packed_copy() and not _held_elsewhere(b)):
+            b["weight"] = None
 
-    def _packed_weight(self, keep: bool = True):
-        """``weight`` when the module keeps only the packing: the plain weight handed out last
-        while it lives (so edits of it are seen), else unpacked; kept in ``_buffers`` until the
-        next forward."""
+    def _unpacked_weight(self) -> Tensor:
+        """``weight`` where the module keeps only the packing: unpacked, and held in ``_buffers``
+        (see the class's docstring)."""
         b = self._buffers
         if "weight_packed" not in b:  # (not built yet: register_buffer asks)
             raise AttributeError("weight")
         packed, state = b["weight_packed"], self.__dict__.get("_pack_state")
-        current = state is not None and state[2]() is packed
-        w = state[1]() if current else None
-        if w is None:
-            w = torch.ops.qlib.int8_unpack_weight(packed, self.out_features, self.in_features)
-            # (the kernel packed for, as far as known: forward repacks for another)
-            self._pack_state = ((_version_of(w), w.data_ptr(), state[0][2] if current else None),
-                                weakref.ref(w), weakref.ref(packed))
-        if keep:
-            b["weight"] = w
+        w = b["weight"] = torch.ops.qlib.int8_unpack_weight(packed, self.out_features, self.in_features)
+        # (the kernel packed for, as far as known: forward repacks for another)
+        kernel = state[0][2] if state is not None and state[2]() is packed else None
+        self._pack_state = ((_version_of(w), w.data_ptr(), kernel), weakref.ref(w), weakref.ref(packed))
         return w
 
     @property
     def weight(self) -> Tensor:
         w = self._buffers.get("weight")
-        return w if w is not None else self._packed_weight()
+        return w if w is not None else self._unpacked_weight()
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -252,6 +271,25 @@ class Int8Linear(QuantState):
             raise RuntimeError(f"Int8Linear: act_zero_point {zp} lies outside act_quant_range [{lo}, {hi}]")
         module._act_range, module._act_range_of, module._act_range_ver = (lo, hi), buf, _version_of(buf)
 
+    def _weight_for_call(self):
+        """(plain weight or None, packing) for an eager call: repacked where stale, the plain
+        weight dropped where nothing else holds it. No local names the weight here (see
+        _held_elsewhere)."""
+        b = self._buffers
+        state = self.__dict__.get("_pack_state")
+        packed = b["weight_packed"]
+        if b["weight"] is None:  # the packing alone
+            if state is None or (state[2]() is packed and state[0][2] != _C.int8_cpu_kernel()):
+                self._repack()  # (unpickled, or packed for another kernel)
+        elif state is not None and state[1]() is not b["weight"]:
+            # Another weight swapped in for the call (torch.func.functional_call): run it
+            # unpacked; the module's own packing stays.
+            return b["weight"], torch.empty(0, dtype=torch.int8, device=b["weight"].device)
+        elif state is None or state[0] != _weight_key(b["weight"]) or state[2]() is not packed:
+            self._repack()  # (new, edited in place, or a packing swapped in)
+        self._drop_weight_if_unshared()
+        return b["weight"], b["weight_packed"]
+
     def forward(self, input: Tensor) -> Tensor:  # (nn.Linear's name: callers may pass input=x)
         x = input
         if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: jagged nested tensors run on their values)
@@ -268,28 +306,19 @@ class Int8Linear(QuantState):
                 if rng is not self.__dict__.get("_act_range_of") or _version_of(rng) != self.__dict__.get("_act_range_ver"):
                     # (new buffers: torch.func.functional_call, .to(); or edited in place)
                     Int8Linear._sync_act_range(self)
-            state = self.__dict__.get("_pack_state")
             fake_mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
             if fake_mode or is_functorch_wrapped_tensor(packed) or (w is not None and is_functorch_wrapped_tensor(w)):
                 # vmap / grad transforms: no packing of a batch of weights; a FakeTensorMode
                 # (shape propagation): the packing's size is data-dependent
                 if w is not None:
                     packed = torch.empty(0, dtype=torch.int8, device=w.device)
-            elif w is None:  # the packing alone
-                held = state[1]() if state is not None else None
-                if state is None or (state[2]() is packed and (
-                        state[0][2] != _C.int8_cpu_kernel() or (held is not None and _weight_key(held) != state[0]))):
-                    # (unpickled, another kernel, or a `weight` handed out and edited in place)
-                    packed = self._repack()
-            elif state is not None and state[1]() is not w:
-                # Another weight swapped in for the call (torch.func.functional_call): run it
-                # unpacked; the module's own packing stays.
-                packed = torch.empty(0, dtype=torch.int8, device=w.device)
-            elif state is None or state[0] != _weight_key(w) or state[2]() is not packed:
-                packed = self._repack()
-                w = b["weight"]
             else:
-                w = self._keep_packing_only(w, packed)
+                del w  # (_weight_for_call counts the references to it)
+                w, packed = self._weight_for_call()
+        elif w is not None:
+            # Traced while the module holds its plain weight (something refers to it, or it was
+            # just assigned): edits of it are not tracked in a graph, so the call reads it.
+            packed = torch.empty(0, dtype=torch.int8, device=w.device)
         if self.activation == "dynamic":
             return torch.ops.qlib.int8_linear_packed(x, packed, w, b["weight_scale"], bias)
         # Static: codes = quantize(x, act_scale, act_zero_point, lo, hi); the zero point is
@@ -316,10 +345,8 @@ class Int8Linear(QuantState):
         )
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self._buffers["weight"] is None:  # only the packing: the weight unpacked, first (its
-            # buffer's place), not kept in the module (edits of it are still seen, by weakref)
-            # (w itself, no autograd history to detach: the weakref follows the state_dict's tensor)
-            destination[prefix + "weight"] = self._packed_weight(keep=False)
+        if self._buffers["weight"] is None:
+            self._unpacked_weight()  # (held while the state_dict's tensor lives)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def __setattr__(self, name, value):
@@ -338,7 +365,15 @@ class Int8Linear(QuantState):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        self.weight  # (the plain weight, to check and load into)
+        b, before = self._buffers, (self._buffers["weight"], self._buffers["weight_packed"], self._pack_state)
+        loaded = state_dict.get(prefix + "weight")
+        if b["weight"] is None:  # the plain weight, to load into: unpacked unless it is overwritten
+            # (after to_empty() the packing holds no weight)
+            shape = (self.out_features, self.in_features)
+            if isinstance(loaded, Tensor) and tuple(loaded.shape) == shape:
+                b["weight"] = torch.empty(shape, dtype=torch.int8, device=b["weight_packed"].device)
+            else:
+                self._unpacked_weight()
         for name, key, value in self._loaded_buffers(state_dict, prefix):
             if name in ("weight_scale", "act_scale"):
                 # A NaN / zero / negative scale would give NaN or wrong outputs; x is divided
@@ -355,6 +390,11 @@ class Int8Linear(QuantState):
         # Drop the weakref to the weight first: torch.utils.swap_tensors (load_state_dict under
         # torch.__future__.set_swap_module_params_on_conversion(True)) refuses a tensor that has one.
         self._pack_state = None
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if len(error_msgs) > errors:  # (not loaded: load_state_dict raises; the weight stays as it was)
+            b["weight"], b["weight_packed"], self._pack_state = before
+            return
+        del before, loaded  # (references to the weight: repack() drops it where none is left)
         # Now, not on the next forward: a compiled or exported forward never repacks.
         self.repack()
