@@ -935,6 +935,42 @@ def test_convert_names_the_module_for_value_errors():
         qlib.convert(model)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_convert_refuses_a_weight_that_is_not_finite(bad, weight_only):
+    """A trained weight that went NaN (or Inf) is refused, naming the module and the channel,
+    as from_float refuses it: quantize would map NaN to the zero point, a finite weight."""
+    cfg = QATConfig(weight_bits=4, weight_group_size=4, activation_bits=None) if weight_only else QATConfig()
+    m = qlib.prepare_qat(nn.Sequential(nn.Linear(8, 4)), cfg)
+    m(torch.randn(5, 8))
+    with torch.no_grad():
+        m[0].weight[1, 3] = bad
+    with pytest.raises(ValueError, match=r"module '0': .*from_qat.*NaN or Inf \(output channel 1\)"):
+        qlib.convert(m)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_learnable_config_calibrates_on_every_batch(compiled):
+    """prepare + calibrate with learnable qparams: with fake quant off nothing trains the scale,
+    so it follows the observer over every batch (not the first batch's), eager and compiled,
+    and convert gives the scale a plain observer's config gives."""
+    torch.manual_seed(0)
+    batches = [torch.randn(16, 8) * 0.1, torch.randn(16, 8) * 10]  # the second widens the range
+    scales = []
+    for learnable in (False, True):
+        cfg = QATConfig(activation_observer="MinMaxObserver", activation_learnable=learnable)
+        p = qlib.prepare(nn.Sequential(nn.Linear(8, 4)), cfg)
+        if compiled:
+            with torch.no_grad():
+                run = torch.compile(p.eval(), backend="eager")
+                for b in batches:
+                    run(b)
+        else:
+            qlib.calibrate(p, batches, progress=False)
+        scales.append(qlib.convert(p)[0].act_scale)
+    assert scales[0] > 10 / 127 and torch.equal(scales[0], scales[1])
+
+
 def test_prepare_calibrate_convert_static(tmp_path):
     torch.manual_seed(0)
     net = Net().eval()

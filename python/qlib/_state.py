@@ -88,6 +88,15 @@ def weight_zeros(shape, dtype: torch.dtype, device) -> Tensor:
     return _C.zeros_on_huge_pages(list(shape), dtype)
 
 
+def check_finite_weight(who: str, w: Tensor) -> None:
+    """Raises where a weight [N, K] to quantize holds NaN or Inf (quantize maps NaN to the zero
+    point: a silent finite weight)."""
+    if w.device.type != "meta" and w.numel() and not bool(torch.isfinite(w).all()):
+        row = int((~torch.isfinite(w)).any(dim=1).nonzero()[0])
+        raise ValueError(f"{who}: the weight holds NaN or Inf (output channel {row}); "
+                         "only finite weights can be quantized")
+
+
 def on_nested(who: str, fn, x: Tensor) -> Tensor:
     """fn applied to a nested x (as nn.Linear takes them): a jagged x whose ragged dim is not the
     last runs on its values ([total rows, ..., features]; a view with gaps, torch.nested.narrow's,

@@ -26,7 +26,9 @@ class FakeQuantize(QuantState):
     zero point) are ``nn.Parameter``s of shape ``qparams_shape``. They are set
     from the observer on the first observed batch, then trained with LSQ /
     LSQ+ gradients scaled by ``1 / sqrt(numel * quant_max)``; the scale is
-    kept positive by clamping it at ``eps``.
+    kept positive by clamping it at ``eps``. While fake quant is disabled
+    (``qlib.prepare`` + ``calibrate``) nothing trains them: they follow the
+    observer, batch after batch.
     """
 
     def __init__(self, observer: nn.Module, learnable: bool = False,
@@ -190,6 +192,9 @@ class FakeQuantize(QuantState):
                         "first batch it observes: run one forward (or load a trained state_dict) before "
                         "torch.export or torch.jit.trace")
                 _take_first_qparams(self, observer, x)
+            elif self.learnable and not self._fake_quant_enabled and not (
+                    torch.compiler.is_exporting() or torch.jit.is_tracing()):
+                _take_first_qparams(self, observer, x)  # (calibrating: the observer's qparams)
         if not self._fake_quant_enabled:
             return x
         if self.learnable:
@@ -220,7 +225,8 @@ def _take_first_qparams_eagerly(fq: FakeQuantize, observer: nn.Module, x: Tensor
 
 
 def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> None:
-    """The learnable scale (and zero point) from the observer's first batch x. Traced by
+    """The learnable scale (and zero point) from the observer, at its first batch x (and at every
+    batch while fake quant is off). Traced by
     torch.compile without host reads (qparams_for: no check that x held a finite value), so the
     first steps are one graph, not a graph break in every layer (which ran past dynamo's
     recompile limit and left later steps eager); traced, the device flag `initialized` decides
@@ -248,7 +254,8 @@ def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> Non
             old = getattr(fq, name)
             value = value.reshape(old.shape).to(old.dtype)
             if seen is not None:  # (traced) until a step has seen something finite, the initial value
-                value = torch.where(seen & ~fq.initialized, value, old)
+                # (then kept, unless fake quant is off: calibrating, the scale follows the observer)
+                value = torch.where(seen & ~fq.initialized if fq._fake_quant_enabled else seen, value, old)
             if parametrize.is_parametrized(fq, name):  # (set through right_inverse)
                 setattr(fq, name, value)
             else:

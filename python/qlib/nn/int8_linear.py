@@ -19,7 +19,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from .. import _C, _int8_ops  # noqa: F401  (_int8_ops registers the int8 fakes)
 from .._ops import choose_qparams, quantize
-from .._state import QuantState, on_nested, weight_zeros
+from .._state import QuantState, check_finite_weight, on_nested, weight_zeros
 
 _ACTIVATIONS = ("dynamic", "static")
 # The op's floor for act_scale (kMinScale, the smallest normal float32): 1 / scale stays finite.
@@ -31,11 +31,8 @@ def quantize_weight_per_channel(weight: Tensor):
     w = weight.detach().float()
     if w.shape[0] == 0:  # no output channels: nothing to quantize (an nn.Linear may have none)
         return torch.empty(w.shape, dtype=torch.int8, device=w.device), w.new_empty(0)
+    check_finite_weight("qlib.nn.Int8Linear", w)
     amax = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
-    if w.device.type != "meta" and not torch.isfinite(amax).all():
-        row = int((~torch.isfinite(amax)).nonzero()[0])
-        raise ValueError(f"qlib.nn.Int8Linear: the weight holds NaN or Inf (output channel {row}); "
-                         "only finite weights can be quantized")
     scale, _ = choose_qparams(-amax, amax, -127, 127, True)
     q = quantize(w, scale.unsqueeze(1), None, -127, 127, torch.int8)
     return q, scale
@@ -222,6 +219,7 @@ class Int8Linear(QuantState):
         to float rounding. Needs symmetric per-channel or per-tensor weights
         of at most 8 bits and per-tensor activations of at most 8 bits."""
         wfq, afq = qat.weight_fake_quant, qat.activation_fake_quant
+        check_finite_weight("Int8Linear.from_qat", qat.weight.detach())
         if afq is None:
             raise ValueError("Int8Linear.from_qat: weight-only QAT (activation_bits=None) has no activation "
                              "scale; Linear4bit.from_qat converts it (at most 4 weight bits)")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import _fourbit_ops
 from .._fourbit_ops import CodebookLike, codebook_4bit
-from .._state import QuantState, on_nested, weight_zeros
+from .._state import QuantState, check_finite_weight, on_nested, weight_zeros
 
 
 def _check_in_features(x: Tensor, in_features: int, out_features: int) -> None:
@@ -94,6 +94,7 @@ class Linear4bit(QuantState):
         if wfq.quant_min < -8 or wfq.quant_max > 7:
             raise ValueError(f"{where}: weight range [{wfq.quant_min}, {wfq.quant_max}] does not fit 4 bits "
                              "([-8, 7]); use at most 4 symmetric weight bits")
+        check_finite_weight(where, qat.weight.detach())
         N, K = qat.out_features, qat.in_features
         scale, zero_point = qat.weight_qparams()
         if bool((zero_point != 0).any()):
