@@ -636,12 +636,20 @@ def test_state_dict_of_another_layout_raises(cls):
     ]
     if cls in HIST:
         cases.append((cls(ch_axis=0, bins=512), sd, r"state_dict\['hist'\] of shape \(8, 2048\) does not have this observer's 512 bins"))
+    one_channel = cls(ch_axis=0)
+    one_channel(x[:1])
+    sized = cls(ch_axis=0).allocate(x.shape)  # (as a QATLinear's weight observer)
+    cases.append((sized, one_channel.state_dict(),
+                  r"the state holds qparams of shape \[1, 1\], but this observer is sized for qparams of shape \[8, 1\]"))
     for observer, state, message in cases:
         with pytest.raises(ValueError, match=who + ".*" + message):
             observer.load_state_dict(state)
-    fresh = cls(ch_axis=0)
-    fresh.load_state_dict(sd)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.calculate_qparams(), per_channel.calculate_qparams()))
+    for fresh in (cls(ch_axis=0), cls(ch_axis=0).allocate(x.shape)):
+        fresh.load_state_dict(sd)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.calculate_qparams(), per_channel.calculate_qparams()))
+    sized.reset()  # (then another layout loads)
+    sized.load_state_dict(one_channel.state_dict())
+    assert sized.calculate_qparams()[0].shape == (1, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -311,6 +311,31 @@ def test_state_dict_round_trip(tmp_path):
     assert fresh.head.weight_fake_quant._init_done
 
 
+def test_symmetric_learnable_state_with_a_zero_point_is_refused():
+    """A symmetric learnable FakeQuantize learns no zero point (a 0 buffer): a state holding
+    another (corrupt) is refused at load, not run with a clamped zero point."""
+    fq = FakeQuantize(MinMaxObserver(), learnable=True)
+    fq(torch.randn(16))
+    sd = fq.state_dict()
+    for bad in (1e9, float("nan")):
+        fresh = FakeQuantize(MinMaxObserver(), learnable=True)
+        with pytest.raises(ValueError, match=r"state_dict\['zero_point'\] holds .*symmetric"):
+            fresh.load_state_dict(dict(sd, zero_point=torch.full((1,), bad)))
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(torch.ones(3)), fq(torch.ones(3)))
+
+
+def test_state_of_another_weight_granularity_is_refused_at_load():
+    """A per-tensor weight observer's state does not load into a per-channel QATLinear (whose
+    observer is sized for its out_features channels), naming the observer."""
+    src = qlib.prepare_qat(nn.Sequential(nn.Linear(8, 4)), QATConfig(weight_granularity="per_tensor"))
+    src(torch.randn(3, 8))
+    dst = qlib.prepare_qat(nn.Sequential(nn.Linear(8, 4)), QATConfig())
+    with pytest.raises(ValueError, match=r"load_state_dict: the state holds qparams of shape \[1, 1\], but this "
+                                         r"observer is sized for qparams of shape \[4, 1\]"):
+        dst.load_state_dict(src.state_dict())
+
+
 @pytest.mark.parametrize("weight_only", [False, True])
 @pytest.mark.parametrize("learnable", [False, True])
 def test_compile_fullgraph_forward_backward(device, learnable, weight_only):

@@ -64,6 +64,12 @@ class FakeQuantize(QuantState):
         self._synced = (self._buffers["switches"], self._buffers.get("initialized"))  # what the bools mirror
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
+        zp = state_dict.get(prefix + "zero_point")
+        if self.learnable and "zero_point" in self._buffers and isinstance(zp, Tensor) and not zp.is_meta \
+                and bool((zp != 0).any()):  # (symmetric: the zero point is not learned)
+            raise ValueError(f"qlib.nn.FakeQuantize.load_state_dict: state_dict[{prefix + 'zero_point'!r}] holds "
+                             f"{zp[zp != 0].reshape(-1)[0].item()}, but this FakeQuantize is symmetric (zero "
+                             "point 0; a corrupt state_dict, or one of an asymmetric observer?)")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         key = prefix + "switches"
         if key not in state_dict and key in missing_keys:  # saved before the switches were kept:
