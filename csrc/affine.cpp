@@ -94,8 +94,8 @@ void check_choose_qparams_args(const char* op, const at::Tensor& min, const at::
   TORCH_CHECK(at::isFloatingType(min.scalar_type()) && at::isFloatingType(max.scalar_type()), op,
               ": min and max must be floating, got ", min.scalar_type(), " and ",
               max.scalar_type());
-  TORCH_CHECK(min.sizes() == max.sizes(), op, ": min of shape ", min.sizes(),
-              " differs from max of shape ", max.sizes());
+  TORCH_CHECK(min.sym_sizes() == max.sym_sizes(), op, ": min of shape ", min.sym_sizes(),
+              " differs from max of shape ", max.sym_sizes());
   TORCH_CHECK(min.device() == max.device(), op, ": min (", min.device(), ") and max (",
               max.device(), ") must be on the same device");
   check_eps(op, eps);
@@ -171,9 +171,9 @@ void check_qparam_values(const char* op, const at::Tensor& scale, const at::Tens
 
 }  // namespace
 
-AffineArgs check_affine_args(const char* op, const char* x_name, const at::Tensor& x,
-                             const at::Tensor& scale, const at::Tensor& zero_point,
-                             int64_t quant_min, int64_t quant_max) {
+void check_affine_meta(const char* op, const char* x_name, const at::Tensor& x,
+                       const at::Tensor& scale, const at::Tensor& zero_point) {
+  // (Sym sizes, so that traced tensors pass through; a traced scale's shape is static.)
   TORCH_CHECK(at::isFloatingType(scale.scalar_type()), op,
               ": scale must be a floating tensor, got ", scale.scalar_type());
   TORCH_CHECK(!at::isComplexType(zero_point.scalar_type()) &&
@@ -183,24 +183,30 @@ AffineArgs check_affine_args(const char* op, const char* x_name, const at::Tenso
   TORCH_CHECK(x.device() == scale.device() && x.device() == zero_point.device(), op, ": ",
               x_name, " (", x.device(), "), scale (", scale.device(), ") and zero_point (",
               zero_point.device(), ") must be on the same device");
-  TORCH_CHECK(scale.numel() > 0, op, ": scale is empty");
-  const bool per_tensor = scale.numel() == 1;
-  if (per_tensor) {
-    TORCH_CHECK(zero_point.numel() == 1, op, ": a one-element scale needs a one-element ",
-                "zero_point, got zero_point of shape ", zero_point.sizes());
-  } else {
-    TORCH_CHECK(scale.dim() == x.dim(), op, ": scale of shape ", scale.sizes(),
-                " does not block ", x_name, " of shape ", x.sizes(),
-                " (a scale with more than one element needs the rank of ", x_name, ")");
-    for (int64_t d = 0; d < x.dim(); ++d) {
-      TORCH_CHECK(scale.size(d) > 0 && x.size(d) % scale.size(d) == 0, op, ": scale of shape ",
-                  scale.sizes(), " does not block ", x_name, " of shape ", x.sizes(), " (dim ",
-                  d, ": ", x.size(d), " is not a multiple of ", scale.size(d), ")");
-    }
-    TORCH_CHECK(zero_point.sizes() == scale.sizes(), op, ": zero_point of shape ",
-                zero_point.sizes(), " differs from scale of shape ", scale.sizes());
+  TORCH_CHECK(scale.sym_numel() > 0, op, ": scale is empty");
+  if (scale.sym_numel() == 1) {
+    TORCH_CHECK(zero_point.sym_numel() == 1, op, ": a one-element scale needs a one-element ",
+                "zero_point, got zero_point of shape ", zero_point.sym_sizes());
+    return;
   }
+  TORCH_CHECK(scale.dim() == x.dim(), op, ": scale of shape ", scale.sym_sizes(),
+              " does not block ", x_name, " of shape ", x.sym_sizes(),
+              " (a scale with more than one element needs the rank of ", x_name, ")");
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    TORCH_SYM_CHECK((x.sym_size(d) % scale.sym_size(d)).sym_eq(0), op, ": scale of shape ",
+                    scale.sym_sizes(), " does not block ", x_name, " of shape ", x.sym_sizes(),
+                    " (dim ", d, ": ", x.sym_size(d), " is not a multiple of ",
+                    scale.sym_size(d), ")");
+  }
+  TORCH_CHECK(zero_point.sym_sizes() == scale.sym_sizes(), op, ": zero_point of shape ",
+              zero_point.sym_sizes(), " differs from scale of shape ", scale.sym_sizes());
+}
 
+AffineArgs check_affine_args(const char* op, const char* x_name, const at::Tensor& x,
+                             const at::Tensor& scale, const at::Tensor& zero_point,
+                             int64_t quant_min, int64_t quant_max) {
+  check_affine_meta(op, x_name, x, scale, zero_point);
+  const bool per_tensor = scale.numel() == 1;
   AffineArgs a;
   a.x = x.is_non_overlapping_and_dense() ? x : x.contiguous(x.suggest_memory_format());
   if (!a.x.is_contiguous()) {
@@ -324,10 +330,10 @@ void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, cons
   TORCH_CHECK(!zero_point_grad || zero_point.is_floating_point(), op,
               ": zero_point_grad needs a floating zero_point (LSQ+), got ",
               zero_point.scalar_type());
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
+  TORCH_CHECK(grad.sym_sizes() == x.sym_sizes() && grad.scalar_type() == x.scalar_type() &&
                   grad.device() == x.device(),
-              op, ": grad (", grad.scalar_type(), grad.sizes(), " on ", grad.device(),
-              ") must match x (", x.scalar_type(), x.sizes(), " on ", x.device(), ")");
+              op, ": grad (", grad.scalar_type(), grad.sym_sizes(), " on ", grad.device(),
+              ") must match x (", x.scalar_type(), x.sym_sizes(), " on ", x.device(), ")");
   check_fake_quant_input(op, x);
   check_quant_range(op, quant_min, quant_max);
 }

@@ -8,6 +8,7 @@
 
 #include "block_layout.h"
 
+#include <optional>
 #include <vector>
 
 // The data types the ops take: floats for x, integers for codes.
@@ -53,6 +54,11 @@ struct AffineArgs {
   at::Tensor arranged_like_x(const at::Tensor& t) const;
 };
 
+// The checks of check_affine_args that read neither values nor concrete sizes (dtypes, devices,
+// scale's blocks of x): the ops' fakes run them on traced tensors too.
+void check_affine_meta(const char* op, const char* x_name, const at::Tensor& x,
+                       const at::Tensor& scale, const at::Tensor& zero_point);
+
 // The argument checks and block layout of prepare_affine, without converting
 // or reading the qparams: a.scale and a.zero_point are the given tensors.
 AffineArgs check_affine_args(const char* op, const char* x_name, const at::Tensor& x,
@@ -94,6 +100,10 @@ void check_chosen_qparams(const char* op, const at::Tensor& min, const at::Tenso
 // (affine_autograd.cpp, minmax_fake_quant.cpp).
 at::Tensor call_fake_quant(const at::Tensor& x, const at::Tensor& scale,
                            const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max);
+
+// lsq_fake_quant's own arguments (fake_quant checks the rest).
+void check_lsq_args(const at::Tensor& scale, int64_t quant_min, int64_t quant_max,
+                    std::optional<double> grad_factor, double eps);
 
 // fake_quant_backward: grad matches x (shape, dtype, device), x and range valid.
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,

@@ -131,6 +131,8 @@ std::pair<at::Tensor, at::Tensor> lsq_clamped(const at::Tensor& scale, const at:
                                           : zero_point};
 }
 
+}  // namespace
+
 void check_lsq_args(const at::Tensor& scale, int64_t quant_min, int64_t quant_max,
                     std::optional<double> grad_factor, double eps) {
   check_quant_range(kLsqOp, quant_min, quant_max);
@@ -140,6 +142,8 @@ void check_lsq_args(const at::Tensor& scale, int64_t quant_min, int64_t quant_ma
   TORCH_CHECK(!grad_factor || (*grad_factor > 0 && std::isfinite(*grad_factor)), kLsqOp,
               ": grad_factor must be positive and finite, got ", *grad_factor);
 }
+
+namespace {
 
 at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& scale,
                           const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,

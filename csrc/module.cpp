@@ -100,6 +100,53 @@ PYBIND11_MODULE(_C, m) {
       },
       "torch.zeros on the CPU, on 2 MiB pages where the kernel allows (from 8 MiB; a weight that "
       "kernels stream every call then crosses 2 MiB pages, not 4 KiB ones).");
+  // The argument checks of the affine ops that read no values: their fakes run them
+  // (python/qlib/_ops.py), so a meta or traced call fails as the kernels would.
+  m.def("check_fake_quant_args", [](const at::Tensor& x, const at::Tensor& scale,
+                                    const at::Tensor& zero_point, int64_t quant_min,
+                                    int64_t quant_max) {
+    constexpr const char* op = "qlib::fake_quant";
+    qlib::check_fake_quant_input(op, x);
+    qlib::check_quant_range(op, quant_min, quant_max);
+    qlib::check_affine_meta(op, "x", x, scale, zero_point);
+  });
+  m.def("check_lsq_fake_quant_args", [](const at::Tensor& x, const at::Tensor& scale,
+                                        const at::Tensor& zero_point, int64_t quant_min,
+                                        int64_t quant_max, std::optional<double> grad_factor,
+                                        double eps) {
+    constexpr const char* op = "qlib::lsq_fake_quant";
+    qlib::check_lsq_args(scale, quant_min, quant_max, grad_factor, eps);
+    qlib::check_fake_quant_input(op, x);
+    qlib::check_affine_meta(op, "x", x, scale, zero_point);
+  });
+  m.def("check_fake_quant_backward_args",
+        [](const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
+           const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+           bool zero_point_grad) {
+          constexpr const char* op = "qlib::fake_quant_backward";
+          qlib::check_fake_quant_backward_args(op, grad, x, zero_point, quant_min, quant_max,
+                                               zero_point_grad);
+          qlib::check_affine_meta(op, "x", x, scale, zero_point);
+        });
+  m.def("check_quantize_args", [](const at::Tensor& x, const at::Tensor& scale,
+                                  const at::Tensor& zero_point, int64_t quant_min,
+                                  int64_t quant_max, at::ScalarType dtype) {
+    constexpr const char* op = "qlib::quantize";
+    qlib::check_quantize_args(op, x, dtype, quant_min, quant_max);
+    qlib::check_affine_meta(op, "x", x, scale, zero_point);
+  });
+  m.def("check_dequantize_args", [](const at::Tensor& q, const at::Tensor& scale,
+                                    const at::Tensor& zero_point, at::ScalarType dtype) {
+    constexpr const char* op = "qlib::dequantize";
+    qlib::check_dequantize_args(op, q, dtype);
+    qlib::check_affine_meta(op, "q", q, scale, zero_point);
+  });
+  m.def("check_choose_qparams_args",
+        [](const std::string& op, const at::Tensor& min, const at::Tensor& max,
+           int64_t quant_min, int64_t quant_max, double eps) {
+          qlib::check_choose_qparams_args(op.c_str(), min, max, quant_min, quant_max, eps,
+                                          /*check_values=*/false);
+        });
   m.def(
       "check_histogram",
       [](const std::string& who, const at::Tensor& hist, const at::Tensor& range) {

@@ -1,6 +1,7 @@
 """quantize / dequantize / choose_qparams, the seeds' worked examples, opcheck,
 torch.compile / torch.export, and bad input."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -437,6 +438,36 @@ def test_bad_input_errors(device, cuda_value_checks):
     for call, message in _bad_cases(device):
         with pytest.raises(RuntimeError, match=message):
             call()
+
+
+def test_fakes_raise_the_kernels_errors_that_need_no_values():
+    """On meta tensors (the fakes, as torch.compile and torch.export run them) every bad call
+    of _bad_cases raises the kernels' error, but those that read values (the CUDA kernels skip
+    them too unless asked); and an invalid call fails at export, not when the program runs."""
+    reads_values = ("scale must be positive", "zero_point must lie", "need finite min", "too wide for a float32")
+    for call, message in _bad_cases("meta"):
+        try:
+            call()
+        except RuntimeError as e:
+            assert re.search(message, str(e)), (message, str(e))
+        else:
+            assert any(v in message for v in reads_values), message
+
+    class Bad(torch.nn.Module):
+        def forward(self, x):
+            return ops.quantize(x, torch.tensor(0.1), torch.tensor(0), 0, 255, torch.int8)
+
+    with pytest.raises(RuntimeError, match=r"qlib::quantize: the range \[0, 255\] does not fit in Char"):
+        torch.export.export(Bad(), (torch.randn(4),))
+
+    class Groups(torch.nn.Module):  # groups of 2 rows along a dynamic dim: it must stay even
+        def forward(self, x):
+            s = torch.full((x.shape[0] // 2, 1), 0.1)
+            return ops.fake_quant(x, s, torch.zeros_like(s), -8, 7)
+
+    ep = torch.export.export(Groups(), (torch.randn(6, 5),), dynamic_shapes={"x": {0: 2 * torch.export.Dim("b")}})
+    x = torch.randn(10, 5)
+    assert torch.equal(ep.module()(x), ops.fake_quant(x, torch.full((5, 1), 0.1), torch.zeros(5, 1), -8, 7))
 
 
 def test_cuda_bad_qparams_give_nan_without_sync(device):

@@ -5,7 +5,7 @@ canonical grid of range (float64 [blocks, 2]: min and max binned so far).
 """
 import torch
 
-from . import _load  # noqa: F401  (loads qlib._C first)
+from ._load import _C  # (loads qlib._C, or says how to build it)
 from ._fakes import register_fake
 
 
@@ -26,6 +26,7 @@ def _(x, min_val, max_val, observed, nonfinite, averaging_constant):
 
 @register_fake("qlib::observer_qparams")
 def _(min, max, quant_min, quant_max, symmetric, eps):
+    _C.check_choose_qparams_args("qlib::observer_qparams", min, max, quant_min, quant_max, eps)
     return min.new_empty(min.shape, dtype=torch.float32), min.new_empty(min.shape, dtype=torch.int32)
 
 

@@ -13,27 +13,32 @@ from typing import Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _load  # noqa: F401  (loads qlib._C first)
+from ._load import _C  # (loads qlib._C, or says how to build it)
 from ._fakes import register_fake
 
 ops = torch.ops.qlib
 
 
 # ---------------------------------------------------------------- fakes
+# Each first runs the op's argument checks that read no values (C++, as the kernels do).
 # The affine ops' outputs are laid out as torch.empty_like(x): x's strides when x is dense
 # (x.t() and channels_last are read in place), else contiguous or channels_last.
 @register_fake("qlib::fake_quant")
 def _(x, scale, zero_point, quant_min, quant_max):
+    _C.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max)
     return torch.empty_like(x)
 
 
 @register_fake("qlib::lsq_fake_quant")
 def _(x, scale, zero_point, quant_min, quant_max, grad_factor, eps):
+    _C.check_lsq_fake_quant_args(x, scale, zero_point, quant_min, quant_max, grad_factor, eps)
     return torch.empty_like(x)
 
 
 @register_fake("qlib::fake_quant_backward")
 def _(grad, x, scale, zero_point, quant_min, quant_max, scale_grad, zero_point_grad):
+    _C.check_fake_quant_backward_args(grad, x, scale, zero_point, quant_min, quant_max, zero_point_grad)
+
     def none():
         return x.new_empty((0,), dtype=torch.float32)
 
@@ -46,16 +51,19 @@ def _(grad, x, scale, zero_point, quant_min, quant_max, scale_grad, zero_point_g
 
 @register_fake("qlib::quantize")
 def _(x, scale, zero_point, quant_min, quant_max, dtype):
+    _C.check_quantize_args(x, scale, zero_point, quant_min, quant_max, dtype)
     return torch.empty_like(x, dtype=dtype)
 
 
 @register_fake("qlib::dequantize")
 def _(q, scale, zero_point, dtype):
+    _C.check_dequantize_args(q, scale, zero_point, dtype)
     return torch.empty_like(q, dtype=dtype)
 
 
 @register_fake("qlib::choose_qparams")
 def _(min, max, quant_min, quant_max, symmetric, eps):
+    _C.check_choose_qparams_args("qlib::choose_qparams", min, max, quant_min, quant_max, eps)
     return min.new_empty(min.shape, dtype=torch.float32), min.new_empty(min.shape, dtype=torch.int32)
 
 
