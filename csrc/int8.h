@@ -44,21 +44,21 @@ inline void check_int8_float_input(const char* op, const char* name, const at::T
 inline void check_int8_gemm_args(const char* op, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.scalar_type() == at::kChar, op, ": a must be int8, got ", a.scalar_type());
   TORCH_CHECK(b.scalar_type() == at::kChar, op, ": b must be int8, got ", b.scalar_type());
-  TORCH_CHECK(a.dim() == 2, op, ": a must be 2-D [M, K], got shape ", a.sizes());
+  TORCH_CHECK(a.dim() == 2, op, ": a must be 2-D [M, K], got shape ", a.sym_sizes());
   TORCH_CHECK(b.dim() == 2, op, ": b must be 2-D [N, K] (the F.linear weight layout), got shape ",
-              b.sizes());
-  TORCH_CHECK(a.size(1) == b.size(1), op, ": a [M, K] = ", a.sizes(), " and b [N, K] = ",
-              b.sizes(), " disagree on K");
+              b.sym_sizes());
+  TORCH_CHECK(a.sym_size(1) == b.sym_size(1), op, ": a [M, K] = ", a.sym_sizes(), " and b [N, K] = ",
+              b.sym_sizes(), " disagree on K");
   TORCH_CHECK(a.device() == b.device(), op, ": a is on ", a.device(), " but b is on ",
               b.device());
-  TORCH_CHECK(a.size(1) <= kInt8GemmMaxK, op, ": K = ", a.size(1),
+  TORCH_CHECK(a.sym_size(1) <= kInt8GemmMaxK, op, ": K = ", a.sym_size(1),
               " is too long for exact int32 accumulation; int8 dot products are exact for K <= ",
               kInt8GemmMaxK, " (2^17 - 1: at K = 2^17, (-128) * (-128) * K = 2^31 overflows)");
 }
 
-// Checks int8_linear's arguments (not the values of act_scale / act_zero_point);
-// returns N (the output features).
-inline int64_t check_int8_linear_args(const char* op, const at::Tensor& x, const at::Tensor& w,
+// Checks int8_linear's arguments (not the values of act_scale / act_zero_point). Sym sizes:
+// the fakes run it on traced tensors too.
+inline void check_int8_linear_args(const char* op, const at::Tensor& x, const at::Tensor& w,
                                       const at::Tensor& w_scale,
                                       const std::optional<at::Tensor>& bias,
                                       const std::optional<at::Tensor>& act_scale,
@@ -66,33 +66,33 @@ inline int64_t check_int8_linear_args(const char* op, const at::Tensor& x, const
                                       int64_t act_quant_min, int64_t act_quant_max) {
   check_int8_float_input(op, "x", x);
   TORCH_CHECK(w.scalar_type() == at::kChar, op, ": w_int8 must be int8, got ", w.scalar_type());
-  TORCH_CHECK(w.dim() == 2, op, ": w_int8 must be 2-D [N, K], got shape ", w.sizes());
-  const int64_t n = w.size(0), k = w.size(1);
-  TORCH_CHECK(x.size(-1) == k, op, ": x of shape ", x.sizes(), " has ", x.size(-1),
-              " features but w_int8 of shape ", w.sizes(), " expects K = ", k);
+  TORCH_CHECK(w.dim() == 2, op, ": w_int8 must be 2-D [N, K], got shape ", w.sym_sizes());
+  const c10::SymInt n = w.sym_size(0), k = w.sym_size(1);
+  TORCH_CHECK(x.sym_size(-1) == k, op, ": x of shape ", x.sym_sizes(), " has ", x.sym_size(-1),
+              " features but w_int8 of shape ", w.sym_sizes(), " expects K = ", k);
   TORCH_CHECK(k <= kInt8GemmMaxK, op, ": K = ", k, " exceeds ", kInt8GemmMaxK,
               ", the longest int8 dot product that is exact in int32");
   TORCH_CHECK(w.device() == x.device(), op, ": w_int8 is on ", w.device(), " but x is on ",
               x.device());
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat, op, ": w_scale must be float32, got ",
               w_scale.scalar_type());
-  TORCH_CHECK(w_scale.numel() == n && (w_scale.dim() == 1 || (w_scale.dim() == 2 &&
-                                                              w_scale.size(1) == 1)),
+  TORCH_CHECK(w_scale.sym_numel() == n && (w_scale.dim() == 1 || (w_scale.dim() == 2 &&
+                                                                  w_scale.sym_size(1) == 1)),
               op, ": w_scale must hold one scale per output channel, shape [N] or [N, 1] with N = ",
-              n, ", got shape ", w_scale.sizes());
+              n, ", got shape ", w_scale.sym_sizes());
   TORCH_CHECK(w_scale.device() == x.device(), op, ": w_scale is on ", w_scale.device(),
               " but x is on ", x.device());
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n,
-                "], got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == n, op, ": bias must have shape [", n,
+                "], got ", bias->sym_sizes());
     TORCH_CHECK(bias->is_floating_point(), op, ": bias must be floating point, got ",
                 bias->scalar_type());
     TORCH_CHECK(bias->device() == x.device(), op, ": bias is on ", bias->device(),
                 " but x is on ", x.device());
   }
   if (act_scale.has_value()) {
-    TORCH_CHECK(act_scale->numel() == 1, op,
-                ": act_scale must hold one (per-tensor) scale, got shape ", act_scale->sizes());
+    TORCH_CHECK(act_scale->sym_numel() == 1, op,
+                ": act_scale must hold one (per-tensor) scale, got shape ", act_scale->sym_sizes());
     TORCH_CHECK(act_scale->scalar_type() == at::kFloat, op, ": act_scale must be float32, got ",
                 act_scale->scalar_type());
     TORCH_CHECK(act_scale->device() == x.device(), op, ": act_scale is on ",
@@ -109,16 +109,15 @@ inline int64_t check_int8_linear_args(const char* op, const at::Tensor& x, const
                 act_quant_min, ", ", act_quant_max, "])");
   }
   if (act_zero_point.has_value()) {
-    TORCH_CHECK(act_zero_point->numel() == 1, op,
+    TORCH_CHECK(act_zero_point->sym_numel() == 1, op,
                 ": act_zero_point must hold one (per-tensor) zero point, got shape ",
-                act_zero_point->sizes());
+                act_zero_point->sym_sizes());
     TORCH_CHECK(act_zero_point->scalar_type() == at::kInt ||
                     act_zero_point->scalar_type() == at::kLong,
                 op, ": act_zero_point must be int32 or int64, got ", act_zero_point->scalar_type());
     TORCH_CHECK(act_zero_point->device() == x.device(), op, ": act_zero_point is on ",
                 act_zero_point->device(), " but x is on ", x.device());
   }
-  return n;
 }
 
 // Shape of int8_linear's output: x's leading dims, then N.

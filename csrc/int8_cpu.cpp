@@ -2313,8 +2313,9 @@ at::Tensor int8_linear_impl(const char* op, const at::Tensor& x_in, const at::Te
                             const std::optional<at::Tensor>& act_scale,
                             const std::optional<at::Tensor>& act_zero_point, int64_t act_quant_min,
                             int64_t act_quant_max, const PackedB* packed, bool w_values = true) {
-  const int64_t N = check_int8_linear_args(op, x_in, w_in, w_scale_in, bias_in, act_scale,
-                                           act_zero_point, act_quant_min, act_quant_max);
+  check_int8_linear_args(op, x_in, w_in, w_scale_in, bias_in, act_scale, act_zero_point,
+                         act_quant_min, act_quant_max);
+  const int64_t N = w_in.size(0);
   const at::Tensor x = x_in.contiguous();
   const int64_t K = w_in.size(1);
   const int64_t M = leading_rows(x);

@@ -100,8 +100,8 @@ PYBIND11_MODULE(_C, m) {
       },
       "torch.zeros on the CPU, on 2 MiB pages where the kernel allows (from 8 MiB; a weight that "
       "kernels stream every call then crosses 2 MiB pages, not 4 KiB ones).");
-  // The argument checks of the affine ops that read no values: their fakes run them
-  // (python/qlib/_ops.py), so a meta or traced call fails as the kernels would.
+  // The argument checks of the ops that read no values: their fakes run them (python/qlib/
+  // _ops.py, _int8_ops.py, _observer_ops.py), so a meta or traced call fails as the kernels would.
   m.def("check_fake_quant_args", [](const at::Tensor& x, const at::Tensor& scale,
                                     const at::Tensor& zero_point, int64_t quant_min,
                                     int64_t quant_max) {
@@ -146,6 +146,21 @@ PYBIND11_MODULE(_C, m) {
            int64_t quant_min, int64_t quant_max, double eps) {
           qlib::check_choose_qparams_args(op.c_str(), min, max, quant_min, quant_max, eps,
                                           /*check_values=*/false);
+        });
+  m.def("check_int8_float_input", [](const std::string& op, const at::Tensor& x) {
+    qlib::check_int8_float_input(op.c_str(), "x", x);
+  });
+  m.def("check_int8_gemm_args", [](const at::Tensor& a, const at::Tensor& b) {
+    qlib::check_int8_gemm_args("qlib::int8_gemm", a, b);
+  });
+  m.def("check_int8_linear_args",
+        [](const std::string& op, const at::Tensor& x, const at::Tensor& w,
+           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+           const std::optional<at::Tensor>& act_scale,
+           const std::optional<at::Tensor>& act_zero_point, int64_t act_quant_min,
+           int64_t act_quant_max) {
+          qlib::check_int8_linear_args(op.c_str(), x, w, w_scale, bias, act_scale, act_zero_point,
+                                       act_quant_min, act_quant_max);
         });
   m.def(
       "check_histogram",

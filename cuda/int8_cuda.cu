@@ -526,8 +526,9 @@ at::Tensor int8_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
                             const std::optional<at::Tensor>& act_zero_point, int64_t act_quant_min,
                             int64_t act_quant_max) {
   const char* op = "qlib::int8_linear";
-  const int64_t N = check_int8_linear_args(op, x_in, w_in, w_scale_in, bias_in, act_scale,
-                                           act_zero_point, act_quant_min, act_quant_max);
+  check_int8_linear_args(op, x_in, w_in, w_scale_in, bias_in, act_scale, act_zero_point,
+                         act_quant_min, act_quant_max);
+  const int64_t N = w_in.size(0);
   TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();

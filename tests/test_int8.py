@@ -276,6 +276,30 @@ def test_int8_linear_errors(device):
 
 
 # ---------------------------------------------------------------- opcheck
+def test_fakes_check_the_arguments():
+    """On meta tensors (the fakes, as torch.compile and torch.export run them) the int8 ops raise
+    the kernels' argument errors: dtypes, shapes, the dynamic range."""
+    m = dict(device="meta")
+    x, w, s = torch.randn(3, 8, **m), torch.zeros(5, 8, dtype=torch.int8, **m), torch.ones(5, **m)
+    empty = torch.empty(0, dtype=torch.int8, **m)
+    cases = [
+        (lambda: ops.int8_linear(x.int(), w, s, None), "qlib::int8_linear: x must be float32, float16 or bfloat16, got Int"),
+        (lambda: ops.int8_linear(x, w.float(), s, None), "qlib::int8_linear: w_int8 must be int8, got Float"),
+        (lambda: ops.int8_linear(x[:, :7], w, s, None), r"x of shape \[3, 7\] has 7 features but w_int8 .* expects K = 8"),
+        (lambda: ops.int8_linear(x, w, s[:4], None), r"w_scale must hold one scale per output channel.*got shape \[4\]"),
+        (lambda: ops.int8_linear(x, w, s, s[:3]), r"bias must have shape \[5\], got \[3\]"),
+        (lambda: ops.int8_linear(x, w, s, None, None, None, -128, 127), "dynamic \\(per-token\\) activations are symmetric"),
+        (lambda: ops.int8_linear_packed(x, empty, w, s.double(), None), "qlib::int8_linear_packed: w_scale must be float32, got Double"),
+        (lambda: ops.int8_linear_packed(x.int(), empty, None, s, None), "qlib::int8_linear_packed: x must be float32"),
+        (lambda: ops.int8_gemm(w, w.float()), "qlib::int8_gemm: b must be int8, got Float"),
+        (lambda: ops.quantize_per_token(x.int()), "qlib::quantize_per_token: x must be float32"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    assert ops.int8_linear(x, w, s, None).shape == (3, 5)
+
+
 def test_opcheck(device):
     x = torch.randn(5, 40, device=device)
     w = rand_i8(24, 40, device=device)

@@ -21,8 +21,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _load  # noqa: F401  (loads qlib._C first)
 from ._fakes import register_fake
+from ._load import _C  # (loads qlib._C, or says how to build it)
 
 ops = torch.ops.qlib
 
@@ -33,25 +33,20 @@ INT8_GEMM_MAX_K = 2**17 - 1
 
 @register_fake("qlib::quantize_per_token")
 def _(x):
-    torch._check(x.dim() >= 1, lambda: "qlib::quantize_per_token: x must have at least one dimension")
+    _C.check_int8_float_input("qlib::quantize_per_token", x)
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
 @register_fake("qlib::int8_gemm")
 def _(a, b):
-    torch._check(a.dim() == 2 and b.dim() == 2, lambda: "qlib::int8_gemm: a and b must be 2-D")
-    torch._check(a.dtype == torch.int8 and b.dtype == torch.int8, lambda: "qlib::int8_gemm: a and b must be int8")
-    torch._check(a.shape[1] == b.shape[1], lambda: f"qlib::int8_gemm: a {a.shape} and b {b.shape} disagree on K")
+    _C.check_int8_gemm_args(a, b)
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
 @register_fake("qlib::int8_linear")
 def _(x, w_int8, w_scale, bias, act_scale=None, act_zero_point=None, act_quant_min=-127, act_quant_max=127):
-    torch._check(w_int8.dim() == 2, lambda: "qlib::int8_linear: w_int8 must be 2-D [N, K]")
-    torch._check(
-        x.shape[-1] == w_int8.shape[1],
-        lambda: f"qlib::int8_linear: x {x.shape} does not match w_int8 {w_int8.shape}",
-    )
+    _C.check_int8_linear_args("qlib::int8_linear", x, w_int8, w_scale, bias, act_scale, act_zero_point,
+                              act_quant_min, act_quant_max)
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 
@@ -75,16 +70,11 @@ def _(w_packed, N, K):
 @register_fake("qlib::int8_linear_packed")
 def _(x, w_packed, w_int8, w_scale, bias, act_scale=None, act_zero_point=None, act_quant_min=-127,
       act_quant_max=127):
-    torch._check(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
-                 lambda: f"qlib::int8_linear_packed: x must be float32, float16 or bfloat16, got {x.dtype}")
-    torch._check(x.dim() >= 1, lambda: "qlib::int8_linear_packed: x must have at least one dimension, got a scalar")
     if w_int8 is None:  # (the packing alone: N from w_scale, K from x; the kernel checks its tag)
+        _C.check_int8_float_input("qlib::int8_linear_packed", x)
         return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
-    torch._check(w_int8.dim() == 2, lambda: "qlib::int8_linear_packed: w_int8 must be 2-D [N, K]")
-    torch._check(
-        x.shape[-1] == w_int8.shape[1],
-        lambda: f"qlib::int8_linear_packed: x {x.shape} does not match w_int8 {w_int8.shape}",
-    )
+    _C.check_int8_linear_args("qlib::int8_linear_packed", x, w_int8, w_scale, bias, act_scale, act_zero_point,
+                              act_quant_min, act_quant_max)
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 
