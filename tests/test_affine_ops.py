@@ -1,6 +1,7 @@
 """quantize / dequantize / choose_qparams, the seeds' worked examples, opcheck,
 torch.compile / torch.export, and bad input."""
 import math
+import os
 import re
 
 import numpy as np
@@ -506,6 +507,26 @@ def test_extension_reports_build():
     assert isinstance(info["cuda"], bool)
     if info["cuda"]:
         assert info["cuda_archs"]
+
+
+def test_import_without_the_extension_fails_loudly(tmp_path):
+    """A copy of the package without _C*.so (or without its _build_config.py) fails to import,
+    saying so and how to build it."""
+    import shutil
+    import subprocess
+    import sys
+
+    src = os.path.dirname(qlib.__file__)
+    shutil.copytree(src, tmp_path / "qlib", ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    run = lambda: subprocess.run([sys.executable, "-c", "import qlib"], env=env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=300)
+    out = run()
+    assert out.returncode != 0 and "qlib's compiled extension is not built: no " in out.stderr
+    assert "pip install --no-build-isolation -e ." in out.stderr
+    (tmp_path / "qlib" / "_build_config.py").unlink()
+    out = run()
+    assert out.returncode != 0 and "qlib is not built: python/qlib/_build_config.py is missing" in out.stderr
 
 
 def test_a_meta_tensor_among_cpu_ones_raises():

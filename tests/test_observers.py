@@ -778,6 +778,9 @@ def test_plot_calibration(tmp_path):
     wide(x * 3)
     mses = qlib.plot_calibration(x, [obs[0], wide], str(path))  # two of a class: both kept
     assert set(mses) == {"MinMax", "MinMax#2"} and mses["MinMax"] != mses["MinMax#2"]
+    bare = tmp_path / "calib"  # no extension: still a PNG, at that path
+    qlib.plot_calibration(x, obs[:1], str(bare))
+    assert bare.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The caller's backend and pyplot figures stay as they were, failed calls included.
     import matplotlib
     import matplotlib.pyplot as plt

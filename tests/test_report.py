@@ -1,6 +1,8 @@
 """`python -m qlib report`: size, output error and latency of a model's quantized forms."""
 import copy
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -65,6 +67,27 @@ def test_cli_report_bad_arguments(args, message, capsys):
         cli.main(["report", *args])
     assert e.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_report_files_it_cannot_load(tmp_path, capsys):
+    """A file that is no torch.save(model), one whose model class cannot be imported here, and a
+    TorchScript file get one line each (exit status 2), saying what is needed."""
+    (tmp_path / "text.pt").write_text("hello")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    script = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(nn.Sequential(nn.Linear(8, 4))), script)
+    code = ("import sys, torch\nclass Mine(torch.nn.Module):\n    def __init__(self):\n"
+            "        super().__init__(); self.lin = torch.nn.Linear(8, 4)\n"
+            "torch.save(Mine(), sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "mine.pt")], check=True, timeout=300)
+    for name, message in [("text.pt", "cannot load .* with torch.load \\(a file of torch.save\\(model\\) is needed\\)"),
+                          ("empty.pt", "cannot load .* with torch.load"),
+                          ("mine.pt", "The model's class must be importable here"),
+                          ("script.pt", "holds a TorchScript module")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["report", str(tmp_path / name), "--input", "3x8"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and re.search(message, err) and "Traceback" not in err, (name, err)
 
 
 class TwoInputs(nn.Module):

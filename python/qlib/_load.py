@@ -1,4 +1,7 @@
 """Loads the compiled extension qlib._C, or fails loudly saying how to build it."""
+import glob
+import os
+
 import torch
 
 _HOW_TO_BUILD = (
@@ -23,4 +26,7 @@ if _build_config.CPU_ISA == "avx2":
 try:
     from . import _C  # noqa: F401  (registers torch.ops.qlib.*)
 except ImportError as e:
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if not glob.glob(os.path.join(_here, "_C*.so")) and not glob.glob(os.path.join(_here, "_C*.pyd")):
+        raise ImportError(f"qlib's compiled extension is not built: no {_here}/_C*.so. {_HOW_TO_BUILD}") from e
     raise ImportError(f"qlib's compiled extension qlib._C failed to load ({e}). {_HOW_TO_BUILD}") from e

@@ -180,9 +180,19 @@ def set_cuda_value_checks(enabled: bool) -> None:
 
 
 def build_info() -> dict:
-    """What this qlib was compiled with, and what this machine offers."""
-    from . import _C
+    """What this qlib was compiled with, and what this machine offers:
 
+    - ``cpu_isa``: the CPU kernels' build ("avx2", or "default" for a portable build);
+    - ``cuda`` / ``cuda_archs``: whether the CUDA kernels were compiled, and for which archs;
+    - ``torch_built_against`` / ``torch_runtime``: torch at build time and now;
+    - ``num_threads``: ATen's intra-op threads;
+    - ``int8_cpu_kernel`` / ``int8_packed_copy``: the int8 CPU GEMM in use, and whether
+      Int8Linear keeps its CPU weight packed for it;
+    - ``fourbit_cpu_kernel``: the 4-bit CPU kernel family in use;
+    - ``int8_cuda_gemm``: the CUDA int8 GEMM for more than 4 rows;
+    - ``cpu_capability_runtime`` / ``cuda_available``: what torch sees on this machine.
+
+    A kernel choice that fails (a bad environment variable) reads "error: ..."."""
     info = dict(_C.build_info())
     info["cpu_capability_runtime"] = torch.backends.cpu.get_cpu_capability()
     info["cuda_available"] = torch.cuda.is_available()

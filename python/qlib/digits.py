@@ -22,7 +22,11 @@ class Digits:
 
 
 def load_digits(seed: int = 0) -> Digits:
-    from sklearn.datasets import load_digits as sk_load
+    try:
+        from sklearn.datasets import load_digits as sk_load
+    except ImportError as e:
+        raise ImportError("qlib demo: the digits dataset comes from scikit-learn, which is not installed: "
+                          "pip install scikit-learn (or pip install -e '.[demo]'; scripts/demo.sh installs it)") from e
 
     data = sk_load()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0

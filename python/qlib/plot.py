@@ -57,5 +57,5 @@ def plot_calibration(x: Tensor, observers: Union[Dict[str, "torch.nn.Module"], I
     ax.set_title(f"calibration of {data.numel()} values")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # (at `path` as given, extension or not)
     return mses

@@ -55,7 +55,19 @@ def latencies_ms(models: dict, x: torch.Tensor, repeat: int = 60) -> dict:
 def load_model(spec: str) -> nn.Module:
     """A module from a torch.save file or from ``package.module:factory``."""
     if os.path.isfile(spec):
-        model = torch.load(spec, weights_only=False, map_location="cpu")
+        try:
+            model = torch.load(spec, weights_only=False, map_location="cpu")
+        except (AttributeError, ModuleNotFoundError) as e:  # (unpickling the model's own class)
+            raise ValueError(f"qlib report: cannot load {spec!r}: {e}. The model's class must be importable "
+                             "here: run from the folder of the code that defines it (or put that folder on "
+                             "PYTHONPATH); a class defined in a script's __main__ cannot be found, use "
+                             "package.module:factory then") from e
+        except Exception as e:
+            raise ValueError(f"qlib report: cannot load {spec!r} with torch.load (a file of torch.save(model) "
+                             f"is needed): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        if isinstance(model, torch.jit.ScriptModule):
+            raise ValueError(f"qlib report: {spec!r} holds a TorchScript module, whose Linears are not nn.Linear "
+                             "modules; give the torch.save file of the eager model, or package.module:factory")
     elif ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:

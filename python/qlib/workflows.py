@@ -283,7 +283,9 @@ def calibrate(model: nn.Module, batches: Iterable, progress: bool = True) -> nn.
     """Runs `batches` through the model in eval mode so its observers record ranges; shows a
     tqdm bar. A tuple or list is unpacked into positional inputs; anything else (a tensor, a
     dict as sentence-transformers models take) is passed as the one input. For a model that
-    takes keyword inputs, calibrate a wrapper module whose forward does `model(**batch)`."""
+    takes keyword inputs, calibrate a wrapper module whose forward does `model(**batch)`.
+    The model is left in eval mode (for the inference that follows convert): call
+    `model.train()` to go on training a QAT model after it."""
     from tqdm.auto import tqdm
 
     model.eval()
