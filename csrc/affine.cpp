@@ -183,10 +183,11 @@ void check_affine_meta(const char* op, const char* x_name, const at::Tensor& x,
   TORCH_CHECK(x.device() == scale.device() && x.device() == zero_point.device(), op, ": ",
               x_name, " (", x.device(), "), scale (", scale.device(), ") and zero_point (",
               zero_point.device(), ") must be on the same device");
-  TORCH_CHECK(scale.sym_numel() > 0, op, ": scale is empty");
-  if (scale.sym_numel() == 1) {
-    TORCH_CHECK(zero_point.sym_numel() == 1, op, ": a one-element scale needs a one-element ",
-                "zero_point, got zero_point of shape ", zero_point.sym_sizes());
+  // (No guard where a size is data-dependent, as a per-token scale of routed tokens.)
+  TORCH_SYM_CHECK(scale.sym_numel().sym_gt(0), op, ": scale is empty");
+  if (TORCH_GUARD_OR_FALSE(scale.sym_numel().sym_eq(1))) {
+    TORCH_SYM_CHECK(zero_point.sym_numel().sym_eq(1), op, ": a one-element scale needs a ",
+                    "one-element zero_point, got zero_point of shape ", zero_point.sym_sizes());
     return;
   }
   TORCH_CHECK(scale.dim() == x.dim(), op, ": scale of shape ", scale.sym_sizes(),

@@ -470,6 +470,17 @@ def test_fakes_raise_the_kernels_errors_that_need_no_values():
     x = torch.randn(10, 5)
     assert torch.equal(ep.module()(x), ops.fake_quant(x, torch.full((5, 1), 0.1), torch.zeros(5, 1), -8, 7))
 
+    def per_token(x):  # a data-dependent row count (routed tokens): checked without a guard
+        x = x[x[:, 0] > 0]
+        amax = x.abs().amax(1, keepdim=True)
+        s, z = qlib.choose_qparams(-amax, amax, -127, 127, True)
+        return qlib.fake_quant(x, s, z, -127, 127)
+
+    torch._dynamo.reset()
+    x = torch.randn(16, 8)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        assert torch.equal(torch.compile(per_token, backend="aot_eager", fullgraph=True)(x), per_token(x))
+
 
 def test_cuda_bad_qparams_give_nan_without_sync(device):
     """On CUDA, fake_quant checks each block on the device: a bad block is NaN, the rest exact."""

@@ -707,6 +707,9 @@ def test_int8linear_packing_alone_state_and_transforms():
     with pytest.raises(RuntimeError, match="weight"):  # a failed copy leaves the weight as it was
         c.load_state_dict(dict(sd, weight=torch.empty(48, 64, dtype=torch.int8, device="meta")))
     assert torch.equal(c(x), ya)
+    with pytest.raises(RuntimeError, match="weight_scale must be finite"):  # so does a refused state
+        c.load_state_dict(dict(sd, weight=-sd["weight"], weight_scale=sd["weight_scale"] * float("nan")))
+    assert torch.equal(c(x), ya)
     c.to_empty(device="cpu")  # allocate, then load: the packing holds no weight meanwhile
     c.load_state_dict(sd)
     assert torch.equal(c(x), ya)
@@ -714,6 +717,16 @@ def test_int8linear_packing_alone_state_and_transforms():
     del sd, d
     a(x)
     assert a._buffers["weight"] is None  # (let go at a forward)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)  # a checkpoint: let go of as its state_dict goes, no forward needed
+    assert a._buffers["weight"] is None
+    e = copy.deepcopy(a)
+    with torch.inference_mode():
+        sd = e.state_dict()
+    e.load_state_dict(sd)  # (an inference_mode state_dict, alive: a plain weight all the same)
+    e.weight[0] = 1
+    assert torch.equal(e(x)[:, 0], ops.int8_linear(x, e.weight, e.weight_scale, e.bias)[:, 0])
+    del sd
     assert torch.equal(torch.func.functional_call(b, {"weight": a.weight, "weight_scale": a.weight_scale,
                                                       "bias": a.bias}, (x,)), ya)
     assert torch.equal(b(x), yb) and b._buffers["weight"] is None

@@ -45,9 +45,13 @@ def test_int8_loads_with_swap_tensors(assign):
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:
         m.load_state_dict(ref.state_dict(), assign=assign)
+        assert torch.equal(m(x), ref(x))
+        sd = m.state_dict()  # (the module holds its plain weight while sd lives: loads still swap)
+        m.load_state_dict(ref.state_dict(), assign=assign)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(old)
     assert torch.equal(m(x), ref(x))
+    del sd
 
 
 def test_static_int8_meta_skeleton_built_by_hand():

@@ -62,13 +62,35 @@ def _python_refs_of_a_held_entry() -> int:
 _UNSHARED_REFS = _python_refs_of_a_held_entry()
 
 
-def _held_elsewhere(buffers: dict) -> bool:
+def _storage_refs(w: Tensor) -> int:
+    """Tensors sharing w's memory (w included)."""
+    return torch._C._storage_Use_Count(w.untyped_storage()._cdata) - 1  # (less untyped_storage()'s own)
+
+
+def _finalizer_sees_its_tensor() -> bool:
+    """Whether a weakref.finalize callback of a tensor runs while that tensor still holds its
+    memory (torch 2.14: yes; the callbacks run first in its dealloc)."""
+    try:
+        w, seen = torch.zeros(1), []
+        alias = w.detach()
+        weakref.finalize(alias, lambda: seen.append(_storage_refs(w)))
+        del alias
+        return seen == [2]
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_DYING_ALIAS_REFS = int(_finalizer_sees_its_tensor())
+
+
+def _held_elsewhere(buffers: dict, dying_aliases: int = 0) -> bool:
     """Whether anything but the module refers to buffers["weight"] or shares its memory: a Python
-    name, a view, a detached alias (state_dict's), an autograd graph. Where torch lacks the
-    private counters, True (the module then keeps its plain weight)."""
+    name, a view, a detached alias (state_dict's), an autograd graph; `dying_aliases`: aliases
+    being deallocated that still count. Where torch lacks the private counters, True (the module
+    then keeps its plain weight)."""
     w = buffers["weight"]  # (called with no other reference to w in the caller's frame)
     try:
-        storage_refs = torch._C._storage_Use_Count(w.untyped_storage()._cdata) - 1  # (less our own)
+        storage_refs = _storage_refs(w) - dying_aliases
         return sys.getrefcount(w) > _UNSHARED_REFS or w._use_count() > 1 or storage_refs > 1
     except (AttributeError, RuntimeError):
         return True
@@ -145,13 +167,27 @@ class Int8Linear(QuantState):
         packed = self.weight_packed = torch.ops.qlib.int8_pack_weight(w)
         self._pack_state = (key, weakref.ref(w), weakref.ref(packed))
 
-    def _drop_weight_if_unshared(self) -> None:
+    def _drop_weight_if_unshared(self, dying_aliases: int = 0) -> None:
         """Drops the plain weight (None then: `weight` unpacks it on demand) where its packing for
-        this CPU kernel holds it and nothing but the module refers to it."""
-        b = self._buffers
-        if (b["weight"] is not None and b["weight"].is_cpu and b["weight_packed"].numel() > 0
-                and _C.int8_packed_copy() and not _held_elsewhere(b)):
-            b["weight"] = None
+        this CPU kernel holds it, unedited since, and nothing but the module refers to it."""
+        b, state = self._buffers, self.__dict__.get("_pack_state")
+        if (b["weight"] is None or not b["weight"].is_cpu or b["weight_packed"].numel() == 0
+                or not _C.int8_packed_copy() or _held_elsewhere(b, dying_aliases)):
+            return
+        w = b["weight"]
+        if state is None or state[2]() is not b["weight_packed"] or state[1]() is not w:
+            return  # (not the packing's weight: the next forward repacks)
+        b["weight"] = None
+        if _weight_key(w) != state[0]:  # (edited: now or, by another thread, just before)
+            b["weight"] = w
+
+    @staticmethod
+    def _let_go_of_weight(module_ref) -> None:
+        """A state_dict's weight tensor was deallocated: the module drops its plain weight if it
+        was the last other reference."""
+        m = module_ref()
+        if m is not None:
+            m._drop_weight_if_unshared(_DYING_ALIAS_REFS)
 
     def _unpacked_weight(self) -> Tensor:
         """``weight`` where the module keeps only the packing: unpacked, and held in ``_buffers``
@@ -160,7 +196,9 @@ class Int8Linear(QuantState):
         if "weight_packed" not in b:  # (not built yet: register_buffer asks)
             raise AttributeError("weight")
         packed, state = b["weight_packed"], self.__dict__.get("_pack_state")
-        w = b["weight"] = torch.ops.qlib.int8_unpack_weight(packed, self.out_features, self.in_features)
+        with torch.inference_mode(False):  # (a plain tensor, editable outside inference_mode too)
+            w = torch.ops.qlib.int8_unpack_weight(packed, self.out_features, self.in_features)
+        b["weight"] = w
         # (the kernel packed for, as far as known: forward repacks for another)
         kernel = state[0][2] if state is not None and state[2]() is packed else None
         self._pack_state = ((_version_of(w), w.data_ptr(), kernel), weakref.ref(w), weakref.ref(packed))
@@ -343,9 +381,12 @@ class Int8Linear(QuantState):
         )
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self._buffers["weight"] is None:
+        unpacked = self._buffers["weight"] is None
+        if unpacked:
             self._unpacked_weight()  # (held while the state_dict's tensor lives)
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if unpacked and not keep_vars:  # (then let go of: no wait for a forward, which a compiled loop never runs)
+            weakref.finalize(destination[prefix + "weight"], Int8Linear._let_go_of_weight, weakref.ref(self))
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -363,10 +404,31 @@ class Int8Linear(QuantState):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        b, before = self._buffers, (self._buffers["weight"], self._buffers["weight_packed"], self._pack_state)
+        b = self._buffers
+        # What a load that fails restores. Not _pack_state (reset: the next forward repacks): its
+        # weakref to the weight would keep torch.utils.swap_tensors (load_state_dict under
+        # torch.__future__.set_swap_module_params_on_conversion(True)) from swapping it.
+        before = (b["weight"], b["weight_packed"])
+        self._pack_state = None
+        errors = len(error_msgs)
+        try:
+            self._check_and_load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                 error_msgs)
+        except BaseException:
+            b["weight"], b["weight_packed"] = before
+            raise
+        if len(error_msgs) > errors:  # (load_state_dict raises; the weight stays as it was)
+            b["weight"], b["weight_packed"] = before
+            return
+        del before  # (a reference to the weight: repack() drops it where none is left)
+        # Now, not on the next forward: a compiled or exported forward never repacks.
+        self.repack()
+
+    def _check_and_load(self, state_dict, prefix, *args):
+        b = self._buffers
         loaded = state_dict.get(prefix + "weight")
-        if b["weight"] is None:  # the plain weight, to load into: unpacked unless it is overwritten
-            # (after to_empty() the packing holds no weight)
+        if b["weight"] is None:  # the plain weight, to check and load into: unpacked unless
+            # overwritten (after to_empty() the packing holds no weight)
             shape = (self.out_features, self.in_features)
             if isinstance(loaded, Tensor) and tuple(loaded.shape) == shape:
                 b["weight"] = torch.empty(shape, dtype=torch.int8, device=b["weight_packed"].device)
@@ -385,14 +447,4 @@ class Int8Linear(QuantState):
                         f"Int8Linear ({self.extra_repr()}): state_dict[{key!r}] holds {v}; "
                         f"{name} must be finite and {need} (a corrupt state_dict?)"
                     )
-        # Drop the weakref to the weight first: torch.utils.swap_tensors (load_state_dict under
-        # torch.__future__.set_swap_module_params_on_conversion(True)) refuses a tensor that has one.
-        self._pack_state = None
-        errors = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if len(error_msgs) > errors:  # (not loaded: load_state_dict raises; the weight stays as it was)
-            b["weight"], b["weight_packed"], self._pack_state = before
-            return
-        del before, loaded  # (references to the weight: repack() drops it where none is left)
-        # Now, not on the next forward: a compiled or exported forward never repacks.
-        self.repack()
+        super()._load_from_state_dict(state_dict, prefix, *args)
