@@ -315,8 +315,9 @@ class Int8Linear(QuantState):
         state = self.__dict__.get("_pack_state")
         packed = b["weight_packed"]
         if b["weight"] is None:  # the packing alone
-            if state is None or (state[2]() is packed and state[0][2] != _C.int8_cpu_kernel()):
-                self._repack()  # (unpickled, or packed for another kernel)
+            if state is not None and (state[2]() is not packed or state[0][2] == _C.int8_cpu_kernel()):
+                return None, packed
+            self._repack()  # (unpickled, or packed for another kernel)
         elif state is not None and state[1]() is not b["weight"]:
             # Another weight swapped in for the call (torch.func.functional_call): run it
             # unpacked; the module's own packing stays.
