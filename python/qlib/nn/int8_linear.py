@@ -51,12 +51,16 @@ def _weight_key(w: Tensor):
     return (_version_of(w), w.data_ptr(), kernel)
 
 
+def _python_refs(w: Tensor) -> int:
+    return sys.getrefcount(w)
+
+
 def _python_refs_of_a_held_entry() -> int:
-    """sys.getrefcount of a tensor that a dict holds and one local names (the dict, the local and
-    the call's argument): _held_elsewhere's count when nothing else refers to it."""
+    """_python_refs of a tensor that a dict holds and one local of the caller names, as
+    Int8Linear._drop_weight_if_unshared calls it: the count when nothing else refers to it."""
     d = {"w": torch.empty(0)}
     w = d["w"]
-    return sys.getrefcount(w)
+    return _python_refs(w)
 
 
 _UNSHARED_REFS = _python_refs_of_a_held_entry()
@@ -83,15 +87,14 @@ def _finalizer_sees_its_tensor() -> bool:
 _DYING_ALIAS_REFS = int(_finalizer_sees_its_tensor())
 
 
-def _held_elsewhere(buffers: dict, dying_aliases: int = 0) -> bool:
-    """Whether anything but the module refers to buffers["weight"] or shares its memory: a Python
-    name, a view, a detached alias (state_dict's), an autograd graph; `dying_aliases`: aliases
-    being deallocated that still count. Where torch lacks the private counters, True (the module
-    then keeps its plain weight)."""
-    w = buffers["weight"]  # (called with no other reference to w in the caller's frame)
+def _held_elsewhere(w: Tensor, python_refs: int, dying_aliases: int = 0) -> bool:
+    """Whether anything but the module refers to its weight w or shares its memory: a Python name
+    (python_refs, against _UNSHARED_REFS), a view, a detached alias (state_dict's), an autograd
+    graph; `dying_aliases`: aliases being deallocated that still count. Where torch lacks the
+    private counters, True (the module then keeps its plain weight)."""
     try:
         storage_refs = _storage_refs(w) - dying_aliases
-        return sys.getrefcount(w) > _UNSHARED_REFS or w._use_count() > 1 or storage_refs > 1
+        return python_refs > _UNSHARED_REFS or w._use_count() > 1 or storage_refs > 1
     except (AttributeError, RuntimeError):
         return True
 
@@ -171,10 +174,12 @@ class Int8Linear(QuantState):
         """Drops the plain weight (None then: `weight` unpacks it on demand) where its packing for
         this CPU kernel holds it, unedited since, and nothing but the module refers to it."""
         b, state = self._buffers, self.__dict__.get("_pack_state")
-        if (b["weight"] is None or not b["weight"].is_cpu or b["weight_packed"].numel() == 0
-                or not _C.int8_packed_copy() or _held_elsewhere(b, dying_aliases)):
+        w = b["weight"]  # (read once: another thread may drop it)
+        if w is None or not w.is_cpu or b["weight_packed"].numel() == 0 or not _C.int8_packed_copy():
             return
-        w = b["weight"]
+        refs = _python_refs(w)  # (w the one local naming it here, as _UNSHARED_REFS counts; callers hold none)
+        if _held_elsewhere(w, refs, dying_aliases):
+            return
         if state is None or state[2]() is not b["weight_packed"] or state[1]() is not w:
             return  # (not the packing's weight: the next forward repacks)
         b["weight"] = None
@@ -309,21 +314,21 @@ class Int8Linear(QuantState):
 
     def _weight_for_call(self):
         """(plain weight or None, packing) for an eager call: repacked where stale, the plain
-        weight dropped where nothing else holds it. No local names the weight here (see
-        _held_elsewhere)."""
+        weight dropped where nothing else holds it."""
         b = self._buffers
         state = self.__dict__.get("_pack_state")
-        packed = b["weight_packed"]
-        if b["weight"] is None:  # the packing alone
+        packed, w = b["weight_packed"], b["weight"]  # (read once: another thread may drop it)
+        if w is None:  # the packing alone
             if state is not None and (state[2]() is not packed or state[0][2] == _C.int8_cpu_kernel()):
                 return None, packed
             self._repack()  # (unpickled, or packed for another kernel)
-        elif state is not None and state[1]() is not b["weight"]:
+        elif state is not None and state[1]() is not w:
             # Another weight swapped in for the call (torch.func.functional_call): run it
             # unpacked; the module's own packing stays.
-            return b["weight"], torch.empty(0, dtype=torch.int8, device=b["weight"].device)
-        elif state is None or state[0] != _weight_key(b["weight"]) or state[2]() is not packed:
+            return w, torch.empty(0, dtype=torch.int8, device=w.device)
+        elif state is None or state[0] != _weight_key(w) or state[2]() is not packed:
             self._repack()  # (new, edited in place, or a packing swapped in)
+        del w  # (_drop_weight_if_unshared counts the references to it)
         self._drop_weight_if_unshared()
         return b["weight"], b["weight_packed"]
 
@@ -350,7 +355,7 @@ class Int8Linear(QuantState):
                 if w is not None:
                     packed = torch.empty(0, dtype=torch.int8, device=w.device)
             else:
-                del w  # (_weight_for_call counts the references to it)
+                del w  # (_drop_weight_if_unshared counts the references to it)
                 w, packed = self._weight_for_call()
         elif w is not None:
             # Traced while the module holds its plain weight (something refers to it, or it was
