@@ -173,7 +173,7 @@ void check_qparam_values(const char* op, const at::Tensor& scale, const at::Tens
 
 void check_affine_meta(const char* op, const char* x_name, const at::Tensor& x,
                        const at::Tensor& scale, const at::Tensor& zero_point) {
-  // (Sym sizes, so that traced tensors pass through; a traced scale's shape is static.)
+  // (Sym sizes and checks: traced tensors pass through, with runtime asserts, not guards.)
   TORCH_CHECK(at::isFloatingType(scale.scalar_type()), op,
               ": scale must be a floating tensor, got ", scale.scalar_type());
   TORCH_CHECK(!at::isComplexType(zero_point.scalar_type()) &&
