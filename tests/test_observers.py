@@ -650,6 +650,11 @@ def test_state_dict_of_another_layout_raises(cls):
     sized.reset()  # (then another layout loads)
     sized.load_state_dict(one_channel.state_dict())
     assert sized.calculate_qparams()[0].shape == (1, 1)
+    per_tensor = cls()  # (a per-tensor state of another rank: one block all the same)
+    per_tensor(x.view(2, 4, 16))
+    fresh = cls().allocate(x.shape)
+    fresh.load_state_dict(per_tensor.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.calculate_qparams(), per_tensor.calculate_qparams()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -356,7 +356,7 @@ class ObserverBase(QuantState):
             raise ValueError(f"{who}: the state holds qparams of shape {shape[1:]}, which is not per-channel "
                              f"along ch_axis={self.ch_axis} ({self.extra_repr()})")
         own = self._buffers["qparams_shape"]
-        if shape and own.numel() > 0 and not own.is_meta and own.tolist() != shape:
+        if shape and own.numel() > 0 and not own.is_meta and math.prod(own.tolist()[1:]) != blocks:
             raise ValueError(f"{who}: the state holds qparams of shape {shape[1:]}, but this observer is sized "
                              f"for qparams of shape {own.tolist()[1:]} (by allocate() or its first batch, as a "
                              f"QATLinear's weight observer is); call reset() first to load another layout")
