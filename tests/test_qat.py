@@ -994,6 +994,22 @@ def test_learnable_config_calibrates_on_every_batch(compiled):
             qlib.calibrate(p, batches, progress=False)
         scales.append(qlib.convert(p)[0].act_scale)
     assert scales[0] > 10 / 127 and torch.equal(scales[0], scales[1])
+    # Only prepare's calibration follows: a trained learnable scale stays when fake quant is
+    # switched off for a float run (its observer still on), and once it is on again.
+    qat = qlib.prepare_qat(nn.Sequential(nn.Linear(8, 4)), QATConfig(activation_learnable=True))
+    qat(batches[0])
+    fq = qat[0].activation_fake_quant
+    with torch.no_grad():
+        fq.scale.fill_(0.5)
+    fq.disable_fake_quant()
+    qat(batches[1])
+    assert fq.scale.item() == 0.5
+    p = qlib.prepare(nn.Sequential(nn.Linear(8, 4)), QATConfig(activation_learnable=True))
+    p(batches[0])
+    p[0].activation_fake_quant.enable_fake_quant()
+    s0 = p[0].activation_fake_quant.scale.clone()
+    p(batches[1])
+    assert torch.equal(p[0].activation_fake_quant.scale, s0)
 
 
 def test_prepare_calibrate_convert_static(tmp_path):

@@ -275,6 +275,7 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None,
         for m in qat.modules():
             if isinstance(m, FakeQuantize):
                 m.disable_fake_quant()
+                m.follow_observer()  # (learnable qparams: the whole calibration's, not the first batch's)
     return model
 
 

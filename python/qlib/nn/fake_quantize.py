@@ -26,9 +26,9 @@ class FakeQuantize(QuantState):
     zero point) are ``nn.Parameter``s of shape ``qparams_shape``. They are set
     from the observer on the first observed batch, then trained with LSQ /
     LSQ+ gradients scaled by ``1 / sqrt(numel * quant_max)``; the scale is
-    kept positive by clamping it at ``eps``. While fake quant is disabled
-    (``qlib.prepare`` + ``calibrate``) nothing trains them: they follow the
-    observer, batch after batch.
+    kept positive by clamping it at ``eps``. After ``follow_observer()``
+    (``qlib.prepare`` calls it: calibration, where nothing trains them) they
+    follow the observer, batch after batch, until fake quant is enabled.
     """
 
     def __init__(self, observer: nn.Module, learnable: bool = False,
@@ -48,6 +48,7 @@ class FakeQuantize(QuantState):
         # the uint8 buffer `switches` = [observer, fake quant], so a checkpoint keeps them.
         self._observer_enabled = True
         self._fake_quant_enabled = True
+        self._follow_observer = False  # (follow_observer())
         self.register_buffer("switches", torch.ones(2, dtype=torch.uint8))
         if learnable:
             shape = tuple(qparams_shape) if qparams_shape is not None else (1,)
@@ -92,6 +93,7 @@ class FakeQuantize(QuantState):
         for name in ("observer_enabled", "fake_quant_enabled"):  # plain attributes before stop 31
             if name in state:
                 state["_" + name] = state.pop(name)
+        state.setdefault("_follow_observer", False)  # (before stop 41)
         super().__setstate__(state)
         make_graph_breaks()
         if "switches" not in self._buffers:  # pickled (torch.save(model)) before stop 30
@@ -125,7 +127,15 @@ class FakeQuantize(QuantState):
     def disable_observer(self):
         return self.enable_observer(False)
 
+    def follow_observer(self):
+        """Learnable qparams take the observer's at every observed batch, not only the first,
+        until fake quant is enabled (post-training calibration: ``qlib.prepare``)."""
+        self._follow_observer = self.learnable
+        return self
+
     def enable_fake_quant(self, enabled: bool = True):
+        if enabled:
+            self._follow_observer = False  # (from now on the scale trains)
         self._fake_quant_enabled = bool(enabled)
         self.switches[1] = self._fake_quant_enabled
         return self
@@ -198,8 +208,7 @@ class FakeQuantize(QuantState):
                         "first batch it observes: run one forward (or load a trained state_dict) before "
                         "torch.export or torch.jit.trace")
                 _take_first_qparams(self, observer, x)
-            elif self.learnable and not self._fake_quant_enabled and not (
-                    torch.compiler.is_exporting() or torch.jit.is_tracing()):
+            elif self._follow_observer and not (torch.compiler.is_exporting() or torch.jit.is_tracing()):
                 _take_first_qparams(self, observer, x)  # (calibrating: the observer's qparams)
         if not self._fake_quant_enabled:
             return x
@@ -232,7 +241,7 @@ def _take_first_qparams_eagerly(fq: FakeQuantize, observer: nn.Module, x: Tensor
 
 def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> None:
     """The learnable scale (and zero point) from the observer, at its first batch x (and at every
-    batch while fake quant is off). Traced by
+    batch after follow_observer()). Traced by
     torch.compile without host reads (qparams_for: no check that x held a finite value), so the
     first steps are one graph, not a graph break in every layer (which ran past dynamo's
     recompile limit and left later steps eager); traced, the device flag `initialized` decides
@@ -260,8 +269,8 @@ def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> Non
             old = getattr(fq, name)
             value = value.reshape(old.shape).to(old.dtype)
             if seen is not None:  # (traced) until a step has seen something finite, the initial value
-                # (then kept, unless fake quant is off: calibrating, the scale follows the observer)
-                value = torch.where(seen & ~fq.initialized if fq._fake_quant_enabled else seen, value, old)
+                # (then kept, unless calibrating: the scale follows the observer)
+                value = torch.where(seen if fq._follow_observer else seen & ~fq.initialized, value, old)
             if parametrize.is_parametrized(fq, name):  # (set through right_inverse)
                 setattr(fq, name, value)
             else:
