@@ -106,7 +106,8 @@ inline std::array<float, kCodebookSize - 1> check_quantize_4bit_args(const char*
 }
 
 // linear_4bit: x float32 / float16 / bfloat16 [..., K], the packed weight of in_features K,
-// bias (optional) floating [N]. Returns N.
+// bias (optional) floating [N]. Returns N. (x's sym sizes: the fake runs it on a traced x,
+// whose leading dims stay unguarded.)
 inline int64_t check_linear_4bit_args(const char* op, const at::Tensor& x, const at::Tensor& packed,
                                       const at::Tensor& absmax, const at::Tensor& codebook,
                                       int64_t block_size, const std::optional<at::Tensor>& bias) {
@@ -116,7 +117,8 @@ inline int64_t check_linear_4bit_args(const char* op, const at::Tensor& x, const
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
   TORCH_CHECK(x.device() == packed.device(), op, ": x is on ", x.device(), " but packed is on ",
               packed.device());
-  const int64_t N = check_packed_4bit(op, packed, absmax, codebook, x.size(-1), block_size);
+  const int64_t N = check_packed_4bit(op, packed, absmax, codebook,
+                                      x.sym_size(-1).guard_int(__FILE__, __LINE__), block_size);
   if (bias.has_value()) {
     TORCH_CHECK(at::isFloatingType(bias->scalar_type()) && bias->dim() == 1 && bias->size(0) == N,
                 op, ": bias must be floating of shape [", N, "], got ", bias->scalar_type(),

@@ -162,6 +162,18 @@ PYBIND11_MODULE(_C, m) {
           qlib::check_int8_linear_args(op.c_str(), x, w, w_scale, bias, act_scale, act_zero_point,
                                        act_quant_min, act_quant_max);
         });
+  m.def("check_linear_4bit_args",
+        [](const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+           const at::Tensor& codebook, int64_t block_size, const std::optional<at::Tensor>& bias) {
+          qlib::check_linear_4bit_args("qlib::linear_4bit", x, packed, absmax, codebook,
+                                       block_size, bias);
+        });
+  m.def("check_dequantize_4bit_args",
+        [](const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& codebook,
+           int64_t in_features, int64_t block_size) {
+          qlib::check_packed_4bit("qlib::dequantize_4bit", packed, absmax, codebook, in_features,
+                                  block_size);
+        });
   m.def(
       "check_histogram",
       [](const std::string& who, const at::Tensor& hist, const at::Tensor& range) {

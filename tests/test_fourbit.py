@@ -247,6 +247,27 @@ def test_bad_inputs(device):
             ops.quantize_4bit(big, cb, block)
 
 
+def test_fakes_check_the_arguments():
+    """On meta tensors (the fakes, as torch.compile and torch.export run them) linear_4bit and
+    dequantize_4bit raise the kernels' argument errors."""
+    m = dict(device="meta")
+    cb, x = torch.zeros(16, **m), torch.randn(3, 8, **m)
+    p, a = torch.zeros(5, 4, dtype=torch.uint8, **m), torch.zeros(5, 2, **m)
+    cases = [
+        (lambda: ops.linear_4bit(x.int(), p, a, cb, 4, None), "qlib::linear_4bit: x must be float32"),
+        (lambda: ops.linear_4bit(x, p.float(), a, cb, 4, None), "qlib::linear_4bit: packed must be uint8"),
+        (lambda: ops.linear_4bit(x, p, a[:, :1], cb, 4, None), r"absmax must be float32 \[5, 2\]"),
+        (lambda: ops.linear_4bit(x, p, a, cb[:8], 4, None), r"codebook must be float32 of shape \[16\]"),
+        (lambda: ops.linear_4bit(x, p, a, cb, 4, torch.zeros(3, **m)), r"bias must be floating of shape \[5\]"),
+        (lambda: ops.linear_4bit(x[:, :6], p, a, cb, 4, None), "does not hold in_features = 6"),
+        (lambda: ops.dequantize_4bit(p, a, cb, 9, 4, torch.float32), "qlib::dequantize_4bit: .*in_features = 9"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    assert ops.linear_4bit(x, p, a, cb, 4, None).shape == (3, 5)
+
+
 def test_opcheck(device):
     cb = qlib.codebook_4bit("nf4", device)
     w = torch.randn(24, 41, device=device)

@@ -22,8 +22,8 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _load  # noqa: F401  (loads qlib._C first)
 from ._fakes import register_fake
+from ._load import _C  # (loads qlib._C, or says how to build it)
 
 ops = torch.ops.qlib
 
@@ -132,18 +132,13 @@ def _(w, codebook, block_size):
 
 @register_fake("qlib::dequantize_4bit")
 def _(packed, absmax, codebook, in_features, block_size, dtype):
-    torch._check(packed.dim() == 2, lambda: "qlib::dequantize_4bit: packed must be 2-D")
+    _C.check_dequantize_4bit_args(packed, absmax, codebook, in_features, block_size)
     return packed.new_empty((packed.shape[0], in_features), dtype=dtype)
 
 
 @register_fake("qlib::linear_4bit")
 def _(x, packed, absmax, codebook, block_size, bias):
-    torch._check(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
-                 lambda: f"qlib::linear_4bit: x must be float32, float16 or bfloat16, got {x.dtype}")
-    torch._check(x.dim() >= 1, lambda: "qlib::linear_4bit: x must have at least one dimension, got a scalar")
-    torch._check(packed.dim() == 2, lambda: "qlib::linear_4bit: packed must be 2-D")
-    torch._check(packed.shape[1] == _ceil_div(x.shape[-1], 2),
-                 lambda: f"qlib::linear_4bit: x {x.shape} does not match packed {packed.shape}")
+    _C.check_linear_4bit_args(x, packed, absmax, codebook, block_size, bias)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
