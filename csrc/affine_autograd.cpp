@@ -9,6 +9,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <string_view>
+#include <typeinfo>
+
 #include "affine.h"
 #include "autograd_common.h"
 
@@ -131,6 +134,19 @@ std::pair<at::Tensor, at::Tensor> lsq_clamped(const at::Tensor& scale, const at:
                                           : zero_point};
 }
 
+// call_fake_quant at LSQ's qparams, its errors naming lsq_fake_quant (the op the caller called).
+at::Tensor lsq_call_fake_quant(const at::Tensor& x, const at::Tensor& s, const at::Tensor& z,
+                               int64_t quant_min, int64_t quant_max) {
+  try {
+    return call_fake_quant(x, s, z, quant_min, quant_max);
+  } catch (const c10::Error& e) {
+    constexpr std::string_view kPrefix = "qlib::fake_quant:";
+    const std::string& msg = e.msg();
+    if (typeid(e) != typeid(c10::Error) || msg.rfind(kPrefix, 0) != 0) throw;
+    TORCH_CHECK(false, kLsqOp, ":", msg.substr(kPrefix.size()));
+  }
+}
+
 }  // namespace
 
 void check_lsq_args(const at::Tensor& scale, int64_t quant_min, int64_t quant_max,
@@ -150,7 +166,7 @@ at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& scale,
                           std::optional<double> grad_factor, double eps) {
   check_lsq_args(scale, quant_min, quant_max, grad_factor, eps);
   const auto [s, z] = lsq_clamped(scale, zero_point, quant_min, quant_max, eps);
-  return call_fake_quant(x, s, z, quant_min, quant_max);
+  return lsq_call_fake_quant(x, s, z, quant_min, quant_max);
 }
 
 // grad (fake_quant_backward's own new tensor) times LSQ's factor f, in place: the given
@@ -198,7 +214,7 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
     // (A SymInt numel while tracing: the factor's tensor is then symbolic, not specialised.)
     ctx->saved_data["grad_factor"] = grad_factor ? c10::IValue(*grad_factor)
                                                  : c10::IValue(x.sym_numel() * quant_max);
-    return call_fake_quant(x, s, z, quant_min, quant_max);
+    return lsq_call_fake_quant(x, s, z, quant_min, quant_max);
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {

@@ -562,6 +562,19 @@ def test_lsq_fake_quant_opcheck_and_errors(device):
             ops.lsq_fake_quant(x, s, z, *args)
     with pytest.raises(RuntimeError, match=r"qlib::lsq_fake_quant: scale must be floating, got Int"):
         ops.lsq_fake_quant(x, torch.ones(9, 1, dtype=torch.int32, device=device), z, 0, 15, 0.05, 1e-6)
+    # The checks fake_quant runs under it name lsq_fake_quant too, with and without autograd.
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            for bad_x, bad_s, bad_z, message, reads_values in [
+                (x.double(), s, z, r"x must be float32, float16 or bfloat16, got Double", False),
+                (x, s[:4], z[:4], r"scale of shape \[4, 1\] does not block x of shape \[9, 12\]", False),
+                (x, s.detach().clone().fill_(float("nan")), z, r"scale must be positive and finite.*got nan", True),
+                (x, s, torch.full((9, 1), 16, dtype=torch.int32, device=device), r"zero_point must lie in", True),
+            ]:
+                if reads_values and device == "cuda":
+                    continue  # (CUDA reads values only with qlib.set_cuda_value_checks(True))
+                with pytest.raises(RuntimeError, match="qlib::lsq_fake_quant: " + message):
+                    ops.lsq_fake_quant(bad_x, bad_s, bad_z, 0, 15, 0.05, 1e-6)
 
 
 def test_python_wrapper_and_quant_range(device):
