@@ -174,6 +174,37 @@ PYBIND11_MODULE(_C, m) {
           qlib::check_packed_4bit("qlib::dequantize_4bit", packed, absmax, codebook, in_features,
                                   block_size);
         });
+  m.def("check_block_minmax_args",
+        [](const at::Tensor& x) { qlib::check_observer_input("qlib::block_minmax", x); });
+  m.def("check_minmax_observe_args",
+        [](const at::Tensor& x, const at::Tensor& min_val, const at::Tensor& max_val,
+           const at::Tensor& observed, const at::Tensor& nonfinite,
+           std::optional<double> averaging_constant) {
+          qlib::check_minmax_observe_args("qlib::minmax_observe", x, min_val, max_val, observed,
+                                          nonfinite, averaging_constant);
+        });
+  m.def("check_histogram_observe_args",
+        [](const at::Tensor& x, const at::Tensor& hist, const at::Tensor& range) {
+          qlib::check_histogram_observe_args("qlib::histogram_observe", x, hist, range,
+                                             qlib::HistogramValues::kNone);
+        });
+  // The histogram ops on (hist, range): op names the op; the op's own arguments are checked
+  // where given (new_range: rebin; q: quantile; quant range: MSE; num_levels: entropy).
+  m.def("check_histogram_op_args",
+        [](const std::string& op, const at::Tensor& hist, const at::Tensor& range,
+           const std::optional<at::Tensor>& new_range, std::optional<double> q,
+           std::optional<std::tuple<int64_t, int64_t, int64_t>> mse,
+           std::optional<int64_t> num_levels) {
+          const auto none = qlib::HistogramValues::kNone;
+          qlib::check_histogram(op.c_str(), hist, range, none);
+          if (new_range) qlib::check_histogram(op.c_str(), hist, *new_range, none, "new_range");
+          if (q) qlib::check_quantile(op.c_str(), *q);
+          if (mse) {
+            const auto [quant_min, quant_max, num_candidates] = *mse;
+            qlib::check_mse_args(op.c_str(), quant_min, quant_max, num_candidates);
+          }
+          if (num_levels) qlib::check_entropy_args(op.c_str(), *num_levels);
+        });
   m.def(
       "check_histogram",
       [](const std::string& who, const at::Tensor& hist, const at::Tensor& range) {

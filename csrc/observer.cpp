@@ -34,19 +34,18 @@ float check_minmax_observe_args(const char* op, const at::Tensor& x, const at::T
   check_observer_input(op, x);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"min_val", min_val},
                                 {"max_val", max_val}}) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == x.size(0) &&
-                    t.is_contiguous(),
-                op, ": ", name, " must be a contiguous float32 [", x.size(0),
-                "] tensor (one value per block of x), got ", t.scalar_type(), " of shape ",
-                t.sizes());
+    const bool ok = t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous();
+    TORCH_SYM_CHECK(t.sym_numel().sym_eq(x.sym_size(0)).sym_and(ok), op, ": ", name,
+                    " must be a contiguous float32 [", x.sym_size(0), "] tensor (one value per "
+                    "block of x), got ", t.scalar_type(), " of shape ", t.sym_sizes());
     TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
                 x.device());
   }
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"observed", observed},
                                 {"nonfinite", nonfinite}}) {
-    TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1, op, ": ", name,
-                " must be a one-element int64 tensor, got ", t.scalar_type(), " of shape ",
-                t.sizes());
+    TORCH_SYM_CHECK(t.sym_numel().sym_eq(1).sym_and(t.scalar_type() == at::kLong), op, ": ",
+                    name, " must be a one-element int64 tensor, got ", t.scalar_type(),
+                    " of shape ", t.sym_sizes());
     TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
                 x.device());
   }
@@ -70,13 +69,16 @@ void check_histogram(const char* op, const at::Tensor& hist, const at::Tensor& r
                      HistogramValues values, const char* range_name) {
   TORCH_CHECK(hist.scalar_type() == at::kLong, op, ": hist must be int64, got ",
               hist.scalar_type());
-  TORCH_CHECK(hist.dim() == 2 && hist.size(1) >= 2, op,
-              ": hist must be 2-D [blocks, bins] with at least 2 bins, got shape ", hist.sizes());
+  TORCH_SYM_CHECK(c10::SymBool(hist.dim() == 2).sym_and(hist.sym_size(-1).sym_ge(2)), op,
+                  ": hist must be 2-D [blocks, bins] with at least 2 bins, got shape ",
+                  hist.sym_sizes());
   TORCH_CHECK(range.scalar_type() == at::kDouble, op, ": ", range_name,
               " must be float64, got ", range.scalar_type());
-  TORCH_CHECK(range.dim() == 2 && range.size(0) == hist.size(0) && range.size(1) == 2, op, ": ",
-              range_name, " must have shape [", hist.size(0), ", 2] (blocks of hist, then min ",
-              "and max), got ", range.sizes());
+  TORCH_SYM_CHECK(c10::SymBool(range.dim() == 2)
+                      .sym_and(range.sym_size(0).sym_eq(hist.sym_size(0)))
+                      .sym_and(range.sym_size(-1).sym_eq(2)),
+                  op, ": ", range_name, " must have shape [", hist.sym_size(0), ", 2] (blocks of ",
+                  "hist, then min and max), got ", range.sym_sizes());
   TORCH_CHECK(hist.device() == range.device(), op, ": hist (", hist.device(), ") and ",
               range_name, " (", range.device(), ") must be on the same device");
   if (values == HistogramValues::kNone) return;
@@ -93,6 +95,20 @@ void check_histogram(const char* op, const at::Tensor& hist, const at::Tensor& r
                                  range_name);
     }
   }
+}
+
+void check_histogram_observe_args(const char* op, const at::Tensor& x, const at::Tensor& hist,
+                                  const at::Tensor& range, HistogramValues values) {
+  check_observer_input(op, x);
+  check_histogram(op, hist, range, values);
+  TORCH_SYM_CHECK(hist.sym_size(0).sym_eq(x.sym_size(0)), op, ": hist has ", hist.sym_size(0),
+                  " blocks but x of shape ", x.sym_sizes(), " has ", x.sym_size(0));
+  TORCH_CHECK(x.device() == hist.device(), op, ": x (", x.device(), ") and hist (",
+              hist.device(), ") must be on the same device");
+}
+
+void check_quantile(const char* op, double q) {
+  TORCH_CHECK(q >= 0.0 && q <= 1.0, op, ": q must lie in [0, 1], got ", q);
 }
 
 }  // namespace qlib

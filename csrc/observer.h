@@ -8,6 +8,7 @@ namespace qlib {
 
 // x: 2-D [rows, K] float32/float16/bfloat16 (each row is one block).
 void check_observer_input(const char* op, const at::Tensor& x);
+// (The checks that read no values take sym sizes: the ops' fakes run them on traced tensors.)
 // minmax_observe: x as above; min_val / max_val contiguous float32 [rows] and
 // observed / nonfinite int64 one-element tensors, all on x's device;
 // averaging_constant in (0, 1] when given. Returns c for update_minmax (0: none).
@@ -28,6 +29,12 @@ enum class HistogramValues { kNone, kRanges, kAll };
 // holding (min, max) of the data binned so far (+inf, -inf when empty).
 void check_histogram(const char* op, const at::Tensor& hist, const at::Tensor& range,
                      HistogramValues values, const char* range_name = "range");
+// histogram_observe: x as check_observer_input, (hist, range) as check_histogram, one block of
+// hist per row of x, on x's device.
+void check_histogram_observe_args(const char* op, const at::Tensor& x, const at::Tensor& hist,
+                                  const at::Tensor& range, HistogramValues values);
+// histogram_quantile: q in [0, 1].
+void check_quantile(const char* op, double q);
 // The counts h[0, bins) of block `row`: >= 0, and all 0 when its range is empty.
 void check_histogram_row_counts(const char* op, const int64_t* h, int64_t bins, int64_t row,
                                 bool empty, const char* range_name = "range");

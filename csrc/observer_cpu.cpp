@@ -407,13 +407,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::T
                                                                      const at::Tensor& range_in,
                                                                      bool absolute) {
   const char* op = "qlib::histogram_observe";
-  check_observer_input(op, x_in);
   // The counts are checked below, in the pass that reads them anyway.
-  check_histogram(op, hist_in, range_in, HistogramValues::kRanges);
-  TORCH_CHECK(hist_in.size(0) == x_in.size(0), op, ": hist has ", hist_in.size(0),
-              " blocks but x of shape ", x_in.sizes(), " has ", x_in.size(0));
-  TORCH_CHECK(x_in.device() == hist_in.device(), op, ": x (", x_in.device(), ") and hist (",
-              hist_in.device(), ") must be on the same device");
+  check_histogram_observe_args(op, x_in, hist_in, range_in, HistogramValues::kRanges);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor hist = hist_in.contiguous();
   const at::Tensor range = range_in.contiguous();
@@ -506,7 +501,7 @@ at::Tensor histogram_quantile_cpu(const at::Tensor& hist_in, const at::Tensor& r
                                   double q) {
   const char* op = "qlib::histogram_quantile";
   check_histogram(op, hist_in, range_in, HistogramValues::kAll);
-  TORCH_CHECK(q >= 0.0 && q <= 1.0, op, ": q must lie in [0, 1], got ", q);
+  check_quantile(op, q);
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
   at::Tensor out = at::empty({R}, hist.options().dtype(at::kFloat));

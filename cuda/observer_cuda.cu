@@ -255,12 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cuda(const at::
                                                                       bool absolute) {
   const char* op = "qlib::histogram_observe";
   const at::OptionalDeviceGuard guard(x_in.device());  // before cuda_value_checks_now()
-  check_observer_input(op, x_in);
-  check_histogram(op, hist_in, range_in, cuda_value_checks_now());
-  TORCH_CHECK(hist_in.size(0) == x_in.size(0), op, ": hist has ", hist_in.size(0),
-              " blocks but x of shape ", x_in.sizes(), " has ", x_in.size(0));
-  TORCH_CHECK(x_in.device() == hist_in.device(), op, ": x (", x_in.device(), ") and hist (",
-              hist_in.device(), ") must be on the same device");
+  check_histogram_observe_args(op, x_in, hist_in, range_in, cuda_value_checks_now());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor hist = hist_in.contiguous();
   const at::Tensor range = range_in.contiguous();
@@ -325,7 +320,7 @@ at::Tensor histogram_quantile_cuda(const at::Tensor& hist_in, const at::Tensor& 
   const char* op = "qlib::histogram_quantile";
   const at::OptionalDeviceGuard guard(hist_in.device());  // before cuda_value_checks_now()
   check_histogram(op, hist_in, range_in, cuda_value_checks_now());
-  TORCH_CHECK(q >= 0.0 && q <= 1.0, op, ": q must lie in [0, 1], got ", q);
+  check_quantile(op, q);
   const at::Tensor hist = hist_in.contiguous(), range = range_in.contiguous();
   const int64_t R = hist.size(0), B = hist.size(1);
   at::Tensor out = at::empty({R}, hist.options().dtype(at::kFloat));

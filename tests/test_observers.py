@@ -974,3 +974,46 @@ print(seen.count(True))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split() == ["8"], out.stdout + out.stderr[-3000:]
+
+
+def test_observer_op_fakes_raise_the_kernels_argument_errors():
+    """On meta tensors (the fakes, as torch.compile and torch.export run them) each observer op
+    raises the CPU kernel's error for arguments that are bad without reading a value."""
+    ops = torch.ops.qlib
+
+    def args(device):
+        t = dict(device=device)
+        x, hist = torch.randn(3, 10, **t), torch.zeros(3, 8, dtype=torch.int64, **t)
+        rng = torch.tensor([[0.0, 1.0]] * 3, dtype=torch.float64, **t)
+        mn, mx = torch.zeros(3, **t), torch.zeros(3, **t)
+        cnt = torch.zeros((), dtype=torch.int64, **t)
+        return x, hist, rng, mn, mx, cnt
+
+    def cases(x, hist, rng, mn, mx, cnt):
+        return [
+            (lambda: ops.block_minmax(x.double()), "qlib::block_minmax: x must be float32"),
+            (lambda: ops.block_minmax(x[0]), r"qlib::block_minmax: x must be 2-D"),
+            (lambda: ops.minmax_observe(x, mn[:2], mx, cnt, cnt.clone(), None),
+             r"qlib::minmax_observe: min_val must be a contiguous float32 \[3\] tensor"),
+            (lambda: ops.minmax_observe(x, mn, mx.double(), cnt, cnt.clone(), None), "max_val must be"),
+            (lambda: ops.minmax_observe(x, mn, mx, cnt.float(), cnt.clone(), None),
+             "observed must be a one-element int64 tensor, got Float"),
+            (lambda: ops.minmax_observe(x, mn, mx, cnt, cnt.clone(), 1.5), r"averaging_constant must lie in \(0, 1\]"),
+            (lambda: ops.histogram_observe(x, hist[:2], rng[:2], False), "qlib::histogram_observe: hist has 2 blocks but x"),
+            (lambda: ops.histogram_observe(x, hist.int(), rng, False), "hist must be int64, got Int"),
+            (lambda: ops.histogram_observe(x, hist[:, :1], rng, False), "at least 2 bins"),
+            (lambda: ops.histogram_rebin(hist, rng, rng.float()), "qlib::histogram_rebin: new_range must be float64"),
+            (lambda: ops.histogram_rebin(hist, rng[:2], rng), r"range must have shape \[3, 2\]"),
+            (lambda: ops.histogram_quantile(hist, rng, 1.5), r"qlib::histogram_quantile: q must lie in \[0, 1\], got 1.5"),
+            (lambda: ops.histogram_mse_search(hist, rng, 5, 5, True, 100), r"quant_min \(5\) must be less than quant_max"),
+            (lambda: ops.histogram_mse_search(hist, rng, -8, 7, True, 0), r"num_candidates must lie in \[1, 1024\]"),
+            (lambda: ops.histogram_entropy_search(hist, rng, 1), r"qlib::histogram_entropy_search: num_levels must lie"),
+        ]
+
+    for device in ("cpu", "meta"):
+        for call, message in cases(*args(device)):
+            with pytest.raises(RuntimeError, match=message):
+                call()
+    x, hist, rng, mn, mx, cnt = args("meta")  # and good arguments pass
+    assert ops.histogram_observe(x, hist, rng, True)[0].shape == (3, 8)
+    ops.minmax_observe(x, mn, mx, cnt, cnt.clone(), 0.5)
