@@ -1017,3 +1017,31 @@ def test_observer_op_fakes_raise_the_kernels_argument_errors():
     x, hist, rng, mn, mx, cnt = args("meta")  # and good arguments pass
     assert ops.histogram_observe(x, hist, rng, True)[0].shape == (3, 8)
     ops.minmax_observe(x, mn, mx, cnt, cnt.clone(), 0.5)
+
+
+@pytest.mark.parametrize("state", ["fresh", "loaded", "stepped at another batch"])
+def test_jit_trace_of_a_qat_model(state):
+    """torch.jit.trace of a prepared model traces the general observe + fake_quant path (traced
+    sizes are not ints: the fused op's layout is not taken from a traced call), and the traced
+    module then runs as the eager one (found by a helper's audit: an INTERNAL ASSERT in torch,
+    and graphs that differed across the trace's two invocations)."""
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    model = lambda: qlib.prepare_qat(torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5)))
+    m = model()
+    if state == "loaded":
+        trained = model()
+        trained(torch.randn(4, 16))
+        m.load_state_dict(trained.state_dict())
+    elif state == "stepped at another batch":
+        m(torch.randn(4, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, (torch.randn(6, 16),))
+    eager = copy.deepcopy(m)
+    for n in (6, 3, 9):
+        x = torch.randn(n, 16) * 3
+        assert torch.equal(traced(x), eager(x))
+    assert torch.equal(m[0].activation_fake_quant.observer.min_val, eager[0].activation_fake_quant.observer.min_val)
