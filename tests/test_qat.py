@@ -639,13 +639,21 @@ def test_convert_sees_the_weight_after_the_last_optimizer_step(weight_only):
     assert torch.equal(w_hat, expected)
 
 
-def test_exporting_a_fresh_learnable_model_says_to_run_one_step_first():
+def test_exporting_a_fresh_learnable_model():
+    """A fresh learnable model exports with the first-scale step in its graph (as torch.compile
+    traces it): the program takes its first scale from its first batch, as the eager model. Where
+    that step must run eagerly (an observer not yet sized), export says to run one step first."""
     m = qlib.prepare_qat(nn.Sequential(nn.Linear(32, 16)), QATConfig(weight_learnable=True, activation_learnable=True))
     x = torch.randn(4, 32)
-    with pytest.raises(RuntimeError, match="run one forward .* before torch.export"):
-        torch.export.export(m, (x,))
-    m(x)  # initialises the scales
-    assert torch.equal(torch.export.export(m, (x,)).module()(x), m(x))
+    exported, eager = torch.export.export(m, (x,)).module(), copy.deepcopy(m)
+    for i in range(3):
+        xi = torch.randn(4, 32) * (i + 1)
+        assert torch.equal(exported(xi), eager(xi))
+    fq = qlib.nn.FakeQuantize(qlib.observers.MinMaxObserver(), learnable=True)
+    with pytest.raises(RuntimeError, match="run one eager batch before torch.export"):
+        torch.export.export(fq, (x,))
+    fq(x)  # initialises the scale
+    assert torch.equal(torch.export.export(fq, (x,)).module()(x), fq(x))
 
 
 def test_converted_static_int8_is_packed_and_traces():
@@ -1432,3 +1440,35 @@ def test_learnable_scale_not_reinitialised_by_a_second_hogwild_process():
         torch.set_num_threads(threads)
     for (k, a), b in zip(shared.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_export_of_a_learnable_model_trained_only_under_compile():
+    """torch.export traces a learnable FakeQuantize's first-scale step as torch.compile does, so a
+    model trained only in compiled steps exports (its Python flag never saw the device's
+    `initialized`); the exported program then runs as the eager model (found by a helper's audit:
+    export said "run one forward first")."""
+    torch.manual_seed(0)
+    cfg = qlib.QATConfig(activation_learnable=True, weight_learnable=True)
+    q = qlib.prepare_qat(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), cfg)
+    step, opt = torch.compile(q, backend="eager"), torch.optim.SGD(q.parameters(), lr=0.01)
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        opt.zero_grad()
+        step(x).pow(2).mean().backward()
+        opt.step()
+    assert bool(q[0].activation_fake_quant.initialized) and not q[0].activation_fake_quant._init_done
+    eager = copy.deepcopy(q)
+    exported = torch.export.export(q, (x,)).module()
+    for i in range(3):
+        xi = torch.randn(4, 16) * (i + 1)
+        assert torch.equal(exported(xi), eager(xi))
+
+
+@pytest.mark.parametrize("prepare", ["prepare_qat", "prepare"])
+def test_meta_shape_inference_with_learnable_scales(prepare):
+    """On the meta device a learnable FakeQuantize takes no first scale (no values): shapes only."""
+    cfg = qlib.QATConfig(activation_learnable=True, weight_learnable=True)
+    with torch.device("meta"):
+        m = getattr(qlib, prepare)(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 3)), cfg)
+        y = m(torch.randn(2, 5, 8))
+    assert y.shape == (2, 5, 3) and y.is_meta

@@ -196,13 +196,18 @@ class FakeQuantize(QuantState):
                 return y
         if self._observer_enabled:
             observer(x.detach())
-            if self.learnable and not self._init_done and not torch.compiler.is_compiling() \
+            on_meta = self.learnable and b["initialized"].is_meta  # (shape inference: no values to take)
+            if self.learnable and not self._init_done and not on_meta and not torch.compiler.is_compiling() \
                     and bool(b["initialized"]):
                 # Another process set the shared buffer (Hogwild, model.share_memory()): the
                 # scale is already trained there; take it (a host read only until initialised).
                 self._init_done = True
-            if self.learnable and not self._init_done:
-                if torch.compiler.is_exporting() or torch.jit.is_tracing():  # (the graph would re-initialise every call)
+            if on_meta:
+                pass
+            elif self.learnable and not self._init_done:
+                # (jit.trace: the graph would re-initialise every call; export traces the step
+                # as torch.compile does, where it can)
+                if torch.jit.is_tracing() or (torch.compiler.is_exporting() and not _traces_first_qparams(self, observer)):
                     raise RuntimeError(
                         "qlib.nn.FakeQuantize: a learnable FakeQuantize takes its first scale from the "
                         "first batch it observes: run one forward (or load a trained state_dict) before "
@@ -239,6 +244,12 @@ def _take_first_qparams_eagerly(fq: FakeQuantize, observer: nn.Module, x: Tensor
     _take_first_qparams(fq, observer, x)
 
 
+def _traces_first_qparams(fq: FakeQuantize, observer: nn.Module) -> bool:
+    """Whether _take_first_qparams, traced, runs in the graph (no eager step)."""
+    return not (observer._buffers["qparams_shape"].numel() == 0 or fq.scale.dtype in (torch.float16, torch.bfloat16)
+                or parametrize.is_parametrized(fq))
+
+
 def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> None:
     """The learnable scale (and zero point) from the observer, at its first batch x (and at every
     batch after follow_observer()). Traced by
@@ -252,8 +263,7 @@ def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> Non
     seen = None  # (traced: whether the observer recorded a finite value, on the device)
     if not torch.compiler.is_compiling():
         scale, zp = observer.calculate_qparams()
-    elif observer._buffers["qparams_shape"].numel() == 0 or fq.scale.dtype in (torch.float16, torch.bfloat16) \
-            or parametrize.is_parametrized(fq):
+    elif not _traces_first_qparams(fq, observer):
         return _take_first_qparams_eagerly(fq, observer, x)
     else:
         scale, zp = observer.qparams_for(x)
