@@ -56,7 +56,7 @@ std::pair<at::Tensor, at::Tensor> grads_of(AutogradContext* ctx, const at::Tenso
   const auto saved = ctx->get_saved_variables();
   at::Tensor grad_x, grad_bias;
   if (need_x) {
-    const at::Tensor w_hat = (saved[0].to(at::kFloat) * saved[1].to(at::kFloat).unsqueeze(1))
+    const at::Tensor w_hat = (saved[0].to(at::kFloat) * saved[1].to(at::kFloat).reshape({-1, 1}))
                                  .to(grad.scalar_type());
     grad_x = at::matmul(grad, w_hat);
   }

@@ -595,7 +595,8 @@ PackedB unpack_tag(const char* op, const at::Tensor& w_packed, int64_t N = -1, i
   TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 &&
                   w_packed.is_contiguous() && numel >= kPackTagBytes && w_packed.is_cpu(),
               op, ": w_packed (", w_packed.scalar_type(), ", shape ", w_packed.sizes(), ", on ",
-              w_packed.device(), ") is not a CPU int8_pack_weight output");
+              w_packed.device(), w_packed.is_contiguous() ? "" : ", not contiguous",
+              ") is not a CPU int8_pack_weight output (a contiguous 1-D int8 CPU tensor)");
   int32_t tag[8];
   std::memcpy(tag, w_packed.const_data_ptr<int8_t>() + numel - kPackTagBytes, sizeof(tag));
   const auto layout = static_cast<PackLayout>(tag[1]);
@@ -635,8 +636,9 @@ void unpack_panel(const int8_t* panel, int64_t rows, int64_t K, int8_t* out) {
 // pack_b's panels back to the int8 weight [N, K]: w[n][k] lies at panel n / cols, k word
 // k / g, column n % cols, byte k % g. Checks the weight's fingerprint against the tag's.
 at::Tensor unpack_b(const char* op, const PackedB& p) {
-  TORCH_CHECK(has_panels(p.layout), op, ": w_packed holds only a tag (packed for amx's kernel "
-              "on the plain weight), not the weight; keep w_int8 for it");
+  TORCH_CHECK(has_panels(p.layout), op, ": w_packed holds only a tag, not the weight (packed "
+              "where the kernels read the plain weight: the amx kernel, or "
+              "QLIB_INT8_PACKED_COPY=0); pass w_int8 with it");
   at::Tensor w = at::empty({p.N, p.K}, p.buf.options());
   int8_t* out = w.data_ptr<int8_t>();
   const int64_t cols = p.cols(), N = p.N, K = p.K;
@@ -1920,6 +1922,7 @@ at::Tensor k_contiguous(const at::Tensor& t) {
 at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const char* op = "qlib::int8_gemm";
   check_int8_gemm_args(op, a_in, b_in);
+  [[maybe_unused]] const Int8Kernel kernel = current_int8_kernel();  // (at every M: a bad QLIB_INT8_CPU_KERNEL raises)
   const at::Tensor a = k_contiguous(a_in), b = k_contiguous(b_in);
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
   at::Tensor c = at::empty({M, N}, a.options().dtype(at::kInt));
@@ -1930,7 +1933,6 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const int64_t lda = a.stride(0), ldb = b.stride(0);
 #if QLIB_INT8_X86
   if (cpu_has_avx2() && K > 0 && M >= packed_min_m(false)) {
-    const Int8Kernel kernel = current_int8_kernel();
     const PackedB pb = pack_b(bp, ldb, N, K, kernel_layout(kernel), a.options());
     std::vector<int32_t> off;
     const PackedEpilogue store = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1,

@@ -291,6 +291,8 @@ def test_fakes_check_the_arguments():
         (lambda: ops.int8_linear(x, w, s, None, None, None, -128, 127), "dynamic \\(per-token\\) activations are symmetric"),
         (lambda: ops.int8_linear_packed(x, empty, w, s.double(), None), "qlib::int8_linear_packed: w_scale must be float32, got Double"),
         (lambda: ops.int8_linear_packed(x.int(), empty, None, s, None), "qlib::int8_linear_packed: x must be float32"),
+        (lambda: ops.int8_linear_packed(x, empty, None, s[0], None), r"qlib::int8_linear_packed: w_scale must hold one scale .*got shape \[\]"),
+        (lambda: ops.int8_linear_packed(x, empty, None, s, s[:2]), r"qlib::int8_linear_packed: bias must have shape \[5\]"),
         (lambda: ops.int8_gemm(w, w.float()), "qlib::int8_gemm: b must be int8, got Float"),
         (lambda: ops.quantize_per_token(x.int()), "qlib::quantize_per_token: x must be float32"),
     ]
@@ -298,6 +300,7 @@ def test_fakes_check_the_arguments():
         with pytest.raises(RuntimeError, match=message):
             call()
     assert ops.int8_linear(x, w, s, None).shape == (3, 5)
+    assert ops.int8_linear_packed(x, empty, None, s.view(5, 1), None).shape == (3, 5)
 
 
 def test_opcheck(device):
@@ -328,8 +331,14 @@ def test_int8_linear_gradient_is_straight_through(device, dtype, static):
     extra = (torch.tensor(0.03, device=device),) if static else ()
     g = torch.randn(2, 5, 24, device=device).to(dtype)
     ref = (g.double().reshape(-1, 24) @ (w.double() * s.double()[:, None])).reshape(2, 5, 40)
+    s_col = s.view(24, 1)  # ([N, 1] scales: an [N, N, K] weight broadcast before, summed to wrong values)
+    on_cpu = torch.device(device).type == "cpu"
     for call in (lambda x, b: ops.int8_linear(x, w, s, b, *extra),
-                 lambda x, b: ops.int8_linear_packed(x, ops.int8_pack_weight(w), w, s, b, *extra)):
+                 lambda x, b: ops.int8_linear_packed(x, ops.int8_pack_weight(w), w, s, b, *extra),
+                 lambda x, b: ops.int8_linear(x, w, s_col, b, *extra),
+                 lambda x, b: ops.int8_linear_packed(x, ops.int8_pack_weight(w), w, s_col, b, *extra),
+                 *([lambda x, b: ops.int8_linear_packed(x, ops.int8_pack_weight(w), None, s_col, b, *extra)]
+                   if on_cpu and qlib.build_info()["int8_packed_copy"] else [])):
         x = x0.clone().requires_grad_()
         b = torch.randn(24, device=device, requires_grad=True)
         call(x, b).backward(g)

@@ -261,7 +261,7 @@ def test_packed_weight_is_checked():
         with pytest.raises(RuntimeError, match="panels do not match the fingerprint in its tag"):
             ops.int8_unpack_weight(corrupt, 20, 70)
     else:  # (a tag only: nothing to unpack, nothing to run without w_int8)
-        with pytest.raises(RuntimeError, match="holds only a tag"):
+        with pytest.raises(RuntimeError, match="holds only a tag, not the weight .*amx kernel, or QLIB_INT8_PACKED_COPY=0"):
             ops.int8_unpack_weight(packed, 20, 70)
 
 
@@ -544,10 +544,12 @@ def test_env_var_picks_the_kernel():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "vnni-emulated", out.stderr
     env["QLIB_INT8_CPU_KERNEL"] = "bogus"
-    code = "import torch, qlib; torch.ops.qlib.int8_pack_weight(torch.ones(2, 3, dtype=torch.int8))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "QLIB_INT8_CPU_KERNEL=bogus is not usable" in out.stderr
-    assert "unknown kernel 'bogus'" in out.stderr
+    for call in ("int8_pack_weight(torch.ones(2, 3, dtype=torch.int8))",
+                 "int8_gemm(torch.ones(1, 3, dtype=torch.int8), torch.ones(2, 3, dtype=torch.int8))"):  # (M = 1 too)
+        code = f"import torch, qlib; torch.ops.qlib.{call}"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and "QLIB_INT8_CPU_KERNEL=bogus is not usable" in out.stderr
+        assert "unknown kernel 'bogus'" in out.stderr
     code = "import qlib; print(qlib.build_info()['int8_cpu_kernel'])"  # still reports
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith("error: the environment variable QLIB_INT8_CPU_KERNEL=bogus")

@@ -72,7 +72,8 @@ def _(x, w_packed, w_int8, w_scale, bias, act_scale=None, act_zero_point=None, a
       act_quant_max=127):
     if w_int8 is None:  # (the packing alone: N from w_scale, K from x; the kernel checks its tag)
         _C.check_int8_float_input("qlib::int8_linear_packed", x)
-        return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
+        n = w_scale.shape[0] if w_scale.dim() in (1, 2) else w_scale.numel()
+        w_int8 = x.new_empty((n, x.shape[-1] if x.dim() else 0), dtype=torch.int8)  # (shape only)
     _C.check_int8_linear_args("qlib::int8_linear_packed", x, w_int8, w_scale, bias, act_scale, act_zero_point,
                               act_quant_min, act_quant_max)
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
