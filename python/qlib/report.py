@@ -3,11 +3,17 @@
 MODEL is a file written by ``torch.save(model)`` (a whole module: loading it runs pickle, so
 only load files you trust) or ``package.module:factory``, a callable that returns the model.
 The model must take one float tensor; ``--input`` gives its shape (random normal values in
-the dtype of the model's parameters).
+the dtype of the model's parameters). ``--seed`` seeds torch before a factory runs (its random
+init) and the input, so a run repeats its numbers.
 Each scheme quantizes a copy of every ``nn.Linear`` of the model:
 
 - ``int8``: ``qlib.quantize_dynamic`` (int8 weights, dynamic per-token int8 activations);
 - ``nf4`` / ``int4`` / ``kmeans``: ``qlib.quantize_weight_only`` (4-bit weights, blocks of 64).
+
+The swaps take modules of exactly type ``nn.Linear``: a subclass (a ``CastedLinear(nn.Linear)``,
+a ``QATLinear``, ``nn.MultiheadAttention``'s ``out_proj``) stays float. The report counts the
+Linears each scheme swapped: it refuses a model where a scheme swaps none, and warns (and marks
+the table) where one leaves some float.
 """
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ import importlib
 import os
 import statistics
 import time
-from typing import Callable, Dict, Sequence
+import warnings
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -32,8 +40,25 @@ SCHEMES: Dict[str, Callable[[nn.Module], nn.Module]] = {
 
 
 def state_bytes(model: nn.Module) -> int:
-    """Bytes of the model's state_dict tensors (what torch.save writes, less the pickle)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    """Bytes of the model's state_dict tensors (what torch.save writes, less the pickle): each
+    storage once, whole, as torch.save writes it (tied weights, a Linear used twice, views)."""
+    storages = {}
+    for t in model.state_dict().values():
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            where = storage.data_ptr() or id(t)  # (meta tensors have no address)
+            storages[(t.device, where)] = storage.nbytes()
+    return sum(storages.values())
+
+
+def named_linears(model: nn.Module) -> List[Tuple[str, nn.Linear]]:
+    """(name, module) of each distinct nn.Linear of the model, subclasses included."""
+    return [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _type_counts(linears: Sequence[Tuple[str, nn.Module]]) -> str:
+    counts = Counter(type(m).__name__ for _, m in linears)
+    return ", ".join(f"{n} {name}" for name, n in counts.items())
 
 
 def latencies_ms(models: dict, x: torch.Tensor, repeat: int = 60) -> dict:
@@ -52,8 +77,9 @@ def latencies_ms(models: dict, x: torch.Tensor, repeat: int = 60) -> dict:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def load_model(spec: str) -> nn.Module:
-    """A module from a torch.save file or from ``package.module:factory``."""
+def load_model(spec: str, seed: Optional[int] = None) -> nn.Module:
+    """A module from a torch.save file or from ``package.module:factory``; ``seed``, when given,
+    seeds torch (``torch.manual_seed``) before the factory runs, so its random init repeats."""
     if os.path.isfile(spec):
         try:
             model = torch.load(spec, weights_only=False, map_location="cpu")
@@ -74,6 +100,8 @@ def load_model(spec: str) -> nn.Module:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"qlib report: cannot import {spec!r}: {e}") from e
+        if seed is not None:
+            torch.manual_seed(seed)
         try:
             model = factory()
         except TypeError as e:
@@ -97,7 +125,13 @@ def parse_shape(text: str) -> tuple:
 
 def report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str] = tuple(SCHEMES),
            repeat: int = 60, seed: int = 0) -> Dict[str, dict]:
-    """{name: {bytes, rel_error, cosine, ms}} for the float model and each scheme, on one random input."""
+    """{name: {bytes, rel_error, cosine, ms, linears, quantized, left_float}} for the float model
+    and each scheme, on one random input (seeded by ``seed``). ``linears`` counts the model's
+    distinct nn.Linear modules (subclasses included), ``quantized`` those the scheme swapped
+    (0 for float), ``left_float`` names the others. Raises ValueError when a scheme swaps none;
+    warns when one leaves some float."""
+    if not schemes:
+        raise ValueError(f"qlib report: schemes is empty; choose from {list(SCHEMES)}")
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
         raise ValueError(f"qlib report: unknown schemes {unknown}; choose from {list(SCHEMES)}")
@@ -128,37 +162,109 @@ def _report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str], repe
             raise ValueError(f"qlib report: the model must return one tensor, got a {type(ref).__name__} "
                              "(wrap it in a module that returns the output to compare)")
         ref = ref.double().flatten()
+        linears = named_linears(model)
         models, rows = {}, {}
         for name in ("float", *schemes):
             try:
-                m = model if name == "float" else SCHEMES[name](copy.deepcopy(model)).eval()
+                m, left = (model, linears) if name == "float" else _quantized_copy(model, name, linears)
                 y = m(x).double().flatten()
             except (RuntimeError, ValueError, TypeError) as e:
                 raise ValueError(f"qlib report: the {name} scheme failed on this model: {e}") from e
+            if name != "float" and len(left) == len(linears):
+                raise ValueError(
+                    f"qlib report: the {name} scheme quantizes none of the model's {len(linears)} Linears "
+                    f"({_type_counts(linears)}): the schemes swap modules of exactly type nn.Linear, a subclass "
+                    f"stays float{_hint(linears)}")
             models[name] = m
             rows[name] = {"bytes": state_bytes(m),
                           "rel_error": ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item(),
-                          "cosine": torch.nn.functional.cosine_similarity(y, ref, dim=0).item()}
+                          "cosine": torch.nn.functional.cosine_similarity(y, ref, dim=0).item(),
+                          "linears": len(linears), "quantized": len(linears) - len(left),
+                          "left_float": [fqn or "(the model)" for fqn, _ in left]}
+    _warn_left_float(rows, linears)
     for name, ms in latencies_ms(models, x, repeat).items():
         rows[name]["ms"] = ms
     return rows
 
 
+def _quantized_copy(model: nn.Module, scheme: str, linears: Sequence[Tuple[str, nn.Linear]]):
+    """The scheme's model (made of a copy) and the model's Linears whose copies it left in place."""
+    memo = {}  # deepcopy's memo: id(original) -> its copy
+    quantized = SCHEMES[scheme](copy.deepcopy(model, memo)).eval()
+    present = {id(m) for m in quantized.modules()}
+
+    def left_in_place(fqn: str, linear: nn.Linear) -> bool:
+        if id(linear) in memo:
+            return id(memo[id(linear)]) in present
+        try:  # (a module whose own __deepcopy__ skips the memo: look it up by name)
+            return isinstance(quantized.get_submodule(fqn), nn.Linear)
+        except AttributeError:
+            return False
+
+    return quantized, [(fqn, m) for fqn, m in linears if left_in_place(fqn, m)]
+
+
+def _hint(linears: Sequence[Tuple[str, nn.Module]]) -> str:
+    types = {type(m).__name__ for _, m in linears}
+    hints = []
+    if "QATLinear" in types:
+        hints.append("a QAT-prepared model is quantized by qlib.convert(model)")
+    if "NonDynamicallyQuantizableLinear" in types:
+        hints.append("nn.MultiheadAttention reads its out_proj's weight directly, so it cannot be swapped")
+    if types - {"QATLinear", "NonDynamicallyQuantizableLinear"}:
+        hints.append("use plain nn.Linear modules there to report them")
+    return "; " + "; ".join(hints) if hints else ""
+
+
+def _warn_left_float(rows: Dict[str, dict], linears: Sequence[Tuple[str, nn.Module]]) -> None:
+    """One warning per set of Linears some schemes left float."""
+    types = {fqn or "(the model)": type(m).__name__ for fqn, m in linears}
+    by_left = {}
+    for name, row in rows.items():
+        if name != "float" and row["left_float"]:
+            by_left.setdefault(tuple(row["left_float"]), []).append(name)
+    for left, names in by_left.items():
+        shown = ", ".join(f"{fqn} ({types[fqn]})" for fqn in left[:8]) + (", ..." if len(left) > 8 else "")
+        warnings.warn(f"qlib report: the {', '.join(names)} scheme{'s' if len(names) > 1 else ''} left "
+                      f"{len(left)} of {len(linears)} Linears float (the swaps take exactly nn.Linear): {shown}; "
+                      "those rows measure a partly quantized model", stacklevel=4)
+
+
 def print_report(rows: Dict[str, dict], title: str) -> None:
+    """The rows as a table; a scheme that left Linears float is marked * and named below it."""
     base = rows["float"]
     print(title)
-    header = f"{'scheme':8s} {'bytes':>12s} {'vs float':>9s} {'rel. error':>11s} {'cosine':>9s} {'ms/batch':>9s} {'speedup':>8s}"
+    header = (f"{'scheme':8s} {'bytes':>12s} {'vs float':>9s} {'rel. error':>11s} {'cosine':>9s} "
+              f"{'ms/batch':>9s} {'speedup':>8s} {'Linears':>8s}")
     print(header)
     print("-" * len(header))
+    partly = {name: r["left_float"] for name, r in rows.items() if name != "float" and r["left_float"]}
     for name, r in rows.items():
+        linears = f"{r['quantized']}/{r['linears']}" + ("*" if name in partly else " ")
         print(f"{name:8s} {r['bytes']:12d} {base['bytes'] / r['bytes']:8.2f}x {r['rel_error']:11.2e} "
-              f"{r['cosine']:9.6f} {r['ms']:9.3f} {base['ms'] / r['ms']:7.2f}x")
+              f"{r['cosine']:9.6f} {r['ms']:9.3f} {base['ms'] / r['ms']:7.2f}x {linears:>8s}")
+    by_left = {}
+    for name, left in partly.items():
+        by_left.setdefault(tuple(left), []).append(name)
+    for left, names in by_left.items():
+        print(f"* {', '.join(names)} left {len(left)} of {base['linears']} Linears float (the swaps take exactly "
+              "nn.Linear): " + ", ".join(left[:8]) + (", ..." if len(left) > 8 else ""))
 
 
-def main(spec: str, input_shape: str, schemes: str = ",".join(SCHEMES), repeat: int = 60) -> int:
+def parse_schemes(text: str) -> list:
+    schemes = [s.strip() for s in text.split(",") if s.strip()]
+    if not schemes:
+        raise ValueError(f"qlib report: --schemes names no scheme (got {text!r}); choose from "
+                         f"{', '.join(SCHEMES)}")
+    return schemes
+
+
+def main(spec: str, input_shape: str, schemes: str = ",".join(SCHEMES), repeat: int = 60, seed: int = 0) -> int:
+    """The CLI's report: ``seed`` seeds the factory's random init and the random input."""
     shape = parse_shape(input_shape)
-    model = load_model(spec)
-    rows = report(model, shape, [s for s in schemes.split(",") if s], repeat)
+    scheme_list = parse_schemes(schemes)
+    model = load_model(spec, seed)
+    rows = report(model, shape, scheme_list, repeat, seed)
     print_report(rows, f"{spec}: input {'x'.join(map(str, shape))}, {torch.get_num_threads()} threads "
-                       "(rel. error and cosine of the outputs against the float model)")
+                       "(rel. error and cosine of the outputs against the float model; Linears: quantized / all)")
     return 0
