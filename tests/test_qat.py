@@ -1110,6 +1110,47 @@ def test_transformer_layer_quantized_alone_takes_its_encoders_nested_tensor():
             torch.testing.assert_close(enc(x, src_key_padding_mask=pad)[keep], y[keep], rtol=1e-5, atol=1e-5)
 
 
+def test_transformer_layers_quantized_alone_run_nested_calls_from_threads():
+    """Two threads call one encoder (its layers quantized alone, so the encoder nests src) with
+    different padding masks: every call gives the single-thread output exactly (the mask of a
+    call in flight was kept on the shared layer: other threads' calls re-nested with it)."""
+    import threading
+
+    enc = _encoder()
+    qlib.quantize_dynamic(enc.layers[0])
+    qlib.quantize_dynamic(enc.layers[1])
+    xs = [torch.randn(4, 12, 32) for _ in range(2)]
+    pads = [torch.zeros(4, 12, dtype=torch.bool) for _ in range(2)]
+    for k in range(2):
+        pads[k][1:, 12 - 3 * (k + 1):] = True  # 3 or 6 padded positions; row 0 keeps all 12
+    wrong, errors = [0, 0], []
+
+    def work(k):
+        try:
+            for _ in range(60):
+                with torch.no_grad():
+                    y = enc(xs[k], src_key_padding_mask=pads[k])
+                wrong[k] += not torch.equal(y, refs[k])
+        except Exception as e:  # (reported below: an exception in a thread would pass unseen)
+            errors.append(e)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (one summation order for the references and the threads)
+    try:
+        with torch.no_grad():
+            refs = [enc(x, src_key_padding_mask=pad) for x, pad in zip(xs, pads)]
+        for ref, pad in zip(refs, pads):
+            assert torch.equal(ref[pad], torch.zeros_like(ref[pad]))  # (the nested path: padding is 0)
+        workers = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert errors == [] and wrong == [0, 0]
+
+
 def test_fake_quantize_pickled_before_switches_loads():
     """A model saved whole (torch.save(model)) before FakeQuantize kept its switches: it unpickles
     (its learnable hook had another name), gets the buffer from its bools, and loads states."""
