@@ -1034,6 +1034,28 @@ def test_prepare_calibrate_convert_static(tmp_path):
     assert torch.equal(rebuilt(x), int8(x))
 
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_calibrate_takes_batches_of_unknown_length(progress):
+    """A DataLoader of an IterableDataset (its __len__ raises TypeError) and a generator calibrate
+    as the list of the same batches does: the bar runs without a total."""
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(64, 24)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(x)
+
+    expected = qlib.prepare(copy.deepcopy(net))
+    qlib.calibrate(expected, list(x.split(16)), progress=False)
+    for batches in (torch.utils.data.DataLoader(Stream(), batch_size=16), (b for b in x.split(16))):
+        prepared = qlib.prepare(copy.deepcopy(net))
+        qlib.calibrate(prepared, batches, progress=progress)
+        assert int(prepared.head.activation_fake_quant.observer.observed) == 64 * 32  # (values: every batch seen)
+        for (k, a), b in zip(prepared.state_dict().items(), expected.state_dict().values()):
+            assert torch.equal(a, b), k
+
+
 def test_demo_runs_and_writes_its_table_and_plots(tmp_path, capsys):
     """The README's main job, end to end (about 15 s on 2 cores)."""
     from qlib import demo

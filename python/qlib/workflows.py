@@ -298,7 +298,10 @@ def calibrate(model: nn.Module, batches: Iterable, progress: bool = True) -> nn.
     from tqdm.auto import tqdm
 
     model.eval()
-    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        total = len(batches)
+    except (TypeError, NotImplementedError):
+        total = None  # (a generator, or a DataLoader of an IterableDataset: its __len__ raises)
     for batch in tqdm(batches, desc="calibrating", total=total, disable=not progress, leave=False):
         model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
     return model
