@@ -58,6 +58,33 @@ def test_config_defaults():
     assert QATConfig(weight_group_size=8).weight_granularity == "per_group"
 
 
+def test_config_is_immutable_and_replace_makes_checked_variants():
+    """Each QATLinear keeps its config: assigning a field raised nothing and was ignored (a group
+    size set after construction left the weights per-channel) or rewrote the repr of Linears
+    prepared earlier. dataclasses.replace makes a variant, checked and derived as a new one."""
+    import dataclasses
+
+    cfg = QATConfig(weight_bits=8)
+    first = qlib.prepare_qat(nn.Sequential(nn.Linear(32, 4)), cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError, match="weight_bits"):
+        cfg.weight_bits = 4
+    with pytest.raises(dataclasses.FrozenInstanceError, match="weight_group_size"):
+        setattr(cfg, "weight_group_size", 8)
+    assert cfg == QATConfig(weight_bits=8) and first[0].config is cfg
+    grouped = dataclasses.replace(cfg, weight_bits=4, weight_group_size=8)
+    assert (grouped.weight_bits, grouped.weight_granularity, grouped.weight_group_size) == (4, "per_group", 8)
+    second = qlib.prepare_qat(nn.Sequential(nn.Linear(32, 4)), grouped)
+    x = torch.randn(6, 32)
+    second(x)
+    scale, _ = second[0].weight_fake_quant.calculate_qparams()
+    assert scale.shape == (4, 32 // 8)  # per group of 8
+    assert "weight=int8 per_channel" in first[0].extra_repr()
+    assert "weight=int4 per_group(g=8)" in second[0].extra_repr()
+    with pytest.raises(ValueError, match="weight_bits must be an int in \\[2, 16\\], got 1"):
+        dataclasses.replace(cfg, weight_bits=1)
+    assert pickle.loads(pickle.dumps(grouped)) == grouped
+
+
 def test_group_size_must_divide_in_features():
     with pytest.raises(ValueError, match="weight_group_size=7 does not divide in_features=32 \\(module '"):
         qlib.prepare_qat(Net(), QATConfig(weight_group_size=7), filter_fn=lambda m, n: n != "body.0")
