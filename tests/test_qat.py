@@ -85,6 +85,22 @@ def test_config_is_immutable_and_replace_makes_checked_variants():
     assert pickle.loads(pickle.dumps(grouped)) == grouped
 
 
+@pytest.mark.parametrize("workflow", ["prepare_qat", "prepare"])
+def test_workflows_refuse_a_config_that_is_not_a_qatconfig(workflow):
+    """A torch.ao QConfig, a dict of fields or the class itself raised AttributeError
+    ('check_linear') from deep inside; an empty dict passed as no config at all."""
+    wrong = [(tq.get_default_qat_qconfig("x86"), "got torch.ao.quantization.qconfig.QConfig"),
+             ({"weight_bits": 4}, r"got a dict; make a config of its fields: qlib.QATConfig\(\*\*fields\)"),
+             ({}, "got a dict"),
+             (QATConfig, r"got the class QATConfig itself; make one: QATConfig\(...\)"),
+             (4, "got builtins.int")]
+    for config, got in wrong:
+        for model in (nn.Sequential(nn.Linear(8, 4)), nn.Sequential(nn.ReLU())):  # (no Linear: raises too)
+            with pytest.raises(TypeError, match=rf"^qlib.{workflow}: config must be a qlib.QATConfig or None, {got}"):
+                getattr(qlib, workflow)(model, config)
+            assert type(model[0]) in (nn.Linear, nn.ReLU)  # left as it was
+
+
 def test_group_size_must_divide_in_features():
     with pytest.raises(ValueError, match="weight_group_size=7 does not divide in_features=32 \\(module '"):
         qlib.prepare_qat(Net(), QATConfig(weight_group_size=7), filter_fn=lambda m, n: n != "body.0")

@@ -235,9 +235,22 @@ def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
                  filter_fn, "quantize_weight_only")
 
 
+def _checked_config(config, who: str) -> QATConfig:
+    """config, when it is a QATConfig; else a TypeError that says what was given."""
+    if isinstance(config, QATConfig):
+        return config
+    if isinstance(config, type) and issubclass(config, QATConfig):
+        got = f"the class {config.__name__} itself; make one: {config.__name__}(...)"
+    elif isinstance(config, dict):
+        got = "a dict; make a config of its fields: qlib.QATConfig(**fields)"
+    else:  # (a torch.ao QConfig, ...)
+        got = f"{type(config).__module__}.{type(config).__qualname__}"
+    raise TypeError(f"qlib.{who}: config must be a qlib.QATConfig or None, got {got}")
+
+
 def _prepare_qat(model: nn.Module, config: Optional[QATConfig], filter_fn: Optional[FilterFn], who: str,
                  made: list) -> nn.Module:
-    config = config or QATConfig()
+    config = QATConfig() if config is None else _checked_config(config, who)
 
     def make(linear: nn.Linear, fqn: str) -> QATLinear:
         config.check_linear(linear.in_features, linear.out_features, fqn)
