@@ -1077,6 +1077,28 @@ def test_prepare_calibrate_convert_static(tmp_path):
     assert torch.equal(rebuilt(x), int8(x))
 
 
+def test_convert_works_in_place_and_a_deepcopy_keeps_the_qat_model():
+    """As documented: convert returns the model it was given, its QATLinears replaced (the QAT
+    model is consumed); converting a deepcopy leaves the QAT model to train on, and gives the
+    same int8 model."""
+    torch.manual_seed(0)
+    model = qlib.prepare_qat(Net())
+    x = torch.randn(32, 24)
+    qat_out = model(x).detach()
+    kept = copy.deepcopy(model)
+    int8 = qlib.convert(model)
+    assert int8 is model
+    assert type(model.head) is qlib.nn.Int8Linear and not any(isinstance(m, QATLinear) for m in model.modules())
+    assert not any(isinstance(m, FakeQuantize) for m in model.modules())
+    assert type(kept.head) is QATLinear and torch.equal(kept(x), qat_out)  # the copy: still the QAT model
+    assert not torch.equal(int8(x), qat_out)
+    other = qlib.convert(kept)
+    assert other is kept and torch.equal(other(x), int8(x))
+    lone = qlib.prepare_qat(nn.Linear(8, 4))
+    lone(torch.randn(4, 8))
+    assert type(qlib.convert(lone)) is qlib.nn.Int8Linear and type(lone) is QATLinear  # (model itself: its replacement)
+
+
 @pytest.mark.parametrize("progress", [False, True])
 def test_calibrate_takes_batches_of_unknown_length(progress):
     """A DataLoader of an IterableDataset (its __len__ raises TypeError) and a generator calibrate

@@ -325,7 +325,12 @@ def convert(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module
     calibrate) into an Int8Linear with static activation qparams taken from
     its (trained or calibrated) FakeQuantize modules; a weight-only one
     (``activation_bits=None``, at most 4 symmetric weight bits) into a
-    Linear4bit whose weight equals the fake-quantized one."""
+    Linear4bit whose weight equals the fake-quantized one.
+
+    In place, as the other workflows: returns ``model`` itself (its replacement when ``model``
+    is itself a selected QATLinear), so the QAT model is consumed: its QATLinears, float
+    weights and observers are gone. To keep it (to train on, or to compare with), convert a
+    copy: ``int8_model = qlib.convert(copy.deepcopy(model))``."""
     def make(qat: QATLinear, fqn: str) -> nn.Module:
         return Int8Linear.from_qat(qat) if qat.activation_fake_quant is not None else Linear4bit.from_qat(qat)
 
