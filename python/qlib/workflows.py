@@ -211,14 +211,28 @@ def _naming(who: str, make: Callable[[nn.Module, str], nn.Module]) -> Callable[[
     return named
 
 
+_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _op_dtype_checked(make: Callable[[nn.Module, str], nn.Module], who: str) -> Callable[[nn.Module, str], nn.Module]:
+    """make, refusing a Linear of a dtype the ops do not take (float64: every forward raised)."""
+    def checked(linear: nn.Linear, fqn: str) -> nn.Module:
+        if linear.weight.dtype not in _OP_DTYPES:
+            raise RuntimeError(
+                f"qlib.{who}: module {fqn or '(the model)'!r}: weight must be float32, float16 or bfloat16, "
+                f"got {linear.weight.dtype}; cast the model first (e.g. model.float())")
+        return make(linear, fqn)
+    return checked
+
+
 def quantize_dynamic(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` selected by ``filter_fn(module, fqn)``
     (all of them when None) with an :class:`qlib.nn.Int8Linear` (int8 per-channel weights,
     dynamic per-token int8 activations). Returns the model; if ``model`` itself is a selected
     ``nn.Linear``, returns its replacement.
     """
-    return _swap(model, nn.Linear, _naming("quantize_dynamic", lambda m, fqn: Int8Linear.from_float(m)), filter_fn,
-                 "quantize_dynamic")
+    make = _naming("quantize_dynamic", lambda m, fqn: Int8Linear.from_float(m))
+    return _swap(model, nn.Linear, _op_dtype_checked(make, "quantize_dynamic"), filter_fn, "quantize_dynamic")
 
 
 def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
@@ -230,9 +244,8 @@ def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
     one absmax per ``block_size`` weights; float activations, run in ``compute_dtype`` when
     given). Returns the model, or the replacement when ``model`` itself is a selected
     ``nn.Linear``."""
-    return _swap(model, nn.Linear, _naming("quantize_weight_only",
-                                           lambda m, fqn: Linear4bit.from_float(m, codebook, block_size, compute_dtype)),
-                 filter_fn, "quantize_weight_only")
+    make = _naming("quantize_weight_only", lambda m, fqn: Linear4bit.from_float(m, codebook, block_size, compute_dtype))
+    return _swap(model, nn.Linear, _op_dtype_checked(make, "quantize_weight_only"), filter_fn, "quantize_weight_only")
 
 
 def _checked_config(config, who: str) -> QATConfig:
@@ -258,7 +271,7 @@ def _prepare_qat(model: nn.Module, config: Optional[QATConfig], filter_fn: Optio
         made.append(qat)
         return qat
 
-    return _swap(model, nn.Linear, make, filter_fn, who)
+    return _swap(model, nn.Linear, _op_dtype_checked(make, who), filter_fn, who)
 
 
 def _ddp_local_buffers(model: nn.Module) -> None:
