@@ -144,3 +144,25 @@ def test_linears_built_under_inference_mode_run_outside_it():
         assert m.bias.requires_grad
         m(x).sum().backward()
         torch.testing.assert_close(m.bias.grad, torch.full((32,), 4.0))
+
+
+@pytest.mark.parametrize("swap", ["quantize_dynamic", "prepare_qat", "prepare", "quantize_weight_only"])
+def test_swaps_refuse_float64_linears(swap):
+    """The ops take float32 / float16 / bfloat16: a float64 Linear is refused at the swap, by name,
+    the model left as it was (quantize_dynamic and prepare_qat took it, then every forward
+    raised). A float64 Linear that filter_fn leaves out stays float64."""
+    workflow = getattr(qlib, swap)
+    model = mlp("cpu").double()
+    with pytest.raises(RuntimeError, match=rf"^qlib.{swap}: module '0': weight must be float32, float16 or "
+                                           r"bfloat16, got torch.float64; cast the model first"):
+        workflow(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    with pytest.raises(RuntimeError, match=rf"^qlib.{swap}: module '\(the model\)': weight must be"):
+        workflow(nn.Linear(8, 4).double())
+    model[2].float()
+    x = torch.randn(5, 40)
+    swapped = workflow(model, filter_fn="2")
+    assert type(swapped[0]) is nn.Linear and type(swapped[2]) is not nn.Linear
+    assert swapped[2](x).shape == (5, 7)
+    for dtype in (torch.float16, torch.bfloat16):  # (the ops' dtypes)
+        assert type(workflow(mlp("cpu").to(dtype))[0]) is not nn.Linear

@@ -58,6 +58,49 @@ def test_config_defaults():
     assert QATConfig(weight_group_size=8).weight_granularity == "per_group"
 
 
+def test_config_is_immutable_and_replace_makes_checked_variants():
+    """Each QATLinear keeps its config: assigning a field raised nothing and was ignored (a group
+    size set after construction left the weights per-channel) or rewrote the repr of Linears
+    prepared earlier. dataclasses.replace makes a variant, checked and derived as a new one."""
+    import dataclasses
+
+    cfg = QATConfig(weight_bits=8)
+    first = qlib.prepare_qat(nn.Sequential(nn.Linear(32, 4)), cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError, match="weight_bits"):
+        cfg.weight_bits = 4
+    with pytest.raises(dataclasses.FrozenInstanceError, match="weight_group_size"):
+        setattr(cfg, "weight_group_size", 8)
+    assert cfg == QATConfig(weight_bits=8) and first[0].config is cfg
+    grouped = dataclasses.replace(cfg, weight_bits=4, weight_group_size=8)
+    assert (grouped.weight_bits, grouped.weight_granularity, grouped.weight_group_size) == (4, "per_group", 8)
+    second = qlib.prepare_qat(nn.Sequential(nn.Linear(32, 4)), grouped)
+    x = torch.randn(6, 32)
+    second(x)
+    scale, _ = second[0].weight_fake_quant.calculate_qparams()
+    assert scale.shape == (4, 32 // 8)  # per group of 8
+    assert "weight=int8 per_channel" in first[0].extra_repr()
+    assert "weight=int4 per_group(g=8)" in second[0].extra_repr()
+    with pytest.raises(ValueError, match="weight_bits must be an int in \\[2, 16\\], got 1"):
+        dataclasses.replace(cfg, weight_bits=1)
+    assert pickle.loads(pickle.dumps(grouped)) == grouped
+
+
+@pytest.mark.parametrize("workflow", ["prepare_qat", "prepare"])
+def test_workflows_refuse_a_config_that_is_not_a_qatconfig(workflow):
+    """A torch.ao QConfig, a dict of fields or the class itself raised AttributeError
+    ('check_linear') from deep inside; an empty dict passed as no config at all."""
+    wrong = [(tq.get_default_qat_qconfig("x86"), "got torch.ao.quantization.qconfig.QConfig"),
+             ({"weight_bits": 4}, r"got a dict; make a config of its fields: qlib.QATConfig\(\*\*fields\)"),
+             ({}, "got a dict"),
+             (QATConfig, r"got the class QATConfig itself; make one: QATConfig\(...\)"),
+             (4, "got builtins.int")]
+    for config, got in wrong:
+        for model in (nn.Sequential(nn.Linear(8, 4)), nn.Sequential(nn.ReLU())):  # (no Linear: raises too)
+            with pytest.raises(TypeError, match=rf"^qlib.{workflow}: config must be a qlib.QATConfig or None, {got}"):
+                getattr(qlib, workflow)(model, config)
+            assert type(model[0]) in (nn.Linear, nn.ReLU)  # left as it was
+
+
 def test_group_size_must_divide_in_features():
     with pytest.raises(ValueError, match="weight_group_size=7 does not divide in_features=32 \\(module '"):
         qlib.prepare_qat(Net(), QATConfig(weight_group_size=7), filter_fn=lambda m, n: n != "body.0")
@@ -1042,6 +1085,50 @@ def test_prepare_calibrate_convert_static(tmp_path):
     assert torch.equal(rebuilt(x), int8(x))
 
 
+def test_convert_works_in_place_and_a_deepcopy_keeps_the_qat_model():
+    """As documented: convert returns the model it was given, its QATLinears replaced (the QAT
+    model is consumed); converting a deepcopy leaves the QAT model to train on, and gives the
+    same int8 model."""
+    torch.manual_seed(0)
+    model = qlib.prepare_qat(Net())
+    x = torch.randn(32, 24)
+    qat_out = model(x).detach()
+    kept = copy.deepcopy(model)
+    int8 = qlib.convert(model)
+    assert int8 is model
+    assert type(model.head) is qlib.nn.Int8Linear and not any(isinstance(m, QATLinear) for m in model.modules())
+    assert not any(isinstance(m, FakeQuantize) for m in model.modules())
+    assert type(kept.head) is QATLinear and torch.equal(kept(x), qat_out)  # the copy: still the QAT model
+    assert not torch.equal(int8(x), qat_out)
+    other = qlib.convert(kept)
+    assert other is kept and torch.equal(other(x), int8(x))
+    lone = qlib.prepare_qat(nn.Linear(8, 4))
+    lone(torch.randn(4, 8))
+    assert type(qlib.convert(lone)) is qlib.nn.Int8Linear and type(lone) is QATLinear  # (model itself: its replacement)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_calibrate_takes_batches_of_unknown_length(progress):
+    """A DataLoader of an IterableDataset (its __len__ raises TypeError) and a generator calibrate
+    as the list of the same batches does: the bar runs without a total."""
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(64, 24)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(x)
+
+    expected = qlib.prepare(copy.deepcopy(net))
+    qlib.calibrate(expected, list(x.split(16)), progress=False)
+    for batches in (torch.utils.data.DataLoader(Stream(), batch_size=16), (b for b in x.split(16))):
+        prepared = qlib.prepare(copy.deepcopy(net))
+        qlib.calibrate(prepared, batches, progress=progress)
+        assert int(prepared.head.activation_fake_quant.observer.observed) == 64 * 32  # (values: every batch seen)
+        for (k, a), b in zip(prepared.state_dict().items(), expected.state_dict().values()):
+            assert torch.equal(a, b), k
+
+
 def test_demo_runs_and_writes_its_table_and_plots(tmp_path, capsys):
     """The README's main job, end to end (about 15 s on 2 cores)."""
     from qlib import demo
@@ -1116,6 +1203,47 @@ def test_transformer_layer_quantized_alone_takes_its_encoders_nested_tensor():
             assert (y[keep] - ref[keep]).norm() / ref[keep].norm() < 0.05
             enc.use_nested_tensor = False  # the same numbers unnested
             torch.testing.assert_close(enc(x, src_key_padding_mask=pad)[keep], y[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_layers_quantized_alone_run_nested_calls_from_threads():
+    """Two threads call one encoder (its layers quantized alone, so the encoder nests src) with
+    different padding masks: every call gives the single-thread output exactly (the mask of a
+    call in flight was kept on the shared layer: other threads' calls re-nested with it)."""
+    import threading
+
+    enc = _encoder()
+    qlib.quantize_dynamic(enc.layers[0])
+    qlib.quantize_dynamic(enc.layers[1])
+    xs = [torch.randn(4, 12, 32) for _ in range(2)]
+    pads = [torch.zeros(4, 12, dtype=torch.bool) for _ in range(2)]
+    for k in range(2):
+        pads[k][1:, 12 - 3 * (k + 1):] = True  # 3 or 6 padded positions; row 0 keeps all 12
+    wrong, errors = [0, 0], []
+
+    def work(k):
+        try:
+            for _ in range(60):
+                with torch.no_grad():
+                    y = enc(xs[k], src_key_padding_mask=pads[k])
+                wrong[k] += not torch.equal(y, refs[k])
+        except Exception as e:  # (reported below: an exception in a thread would pass unseen)
+            errors.append(e)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (one summation order for the references and the threads)
+    try:
+        with torch.no_grad():
+            refs = [enc(x, src_key_padding_mask=pad) for x, pad in zip(xs, pads)]
+        for ref, pad in zip(refs, pads):
+            assert torch.equal(ref[pad], torch.zeros_like(ref[pad]))  # (the nested path: padding is 0)
+        workers = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert errors == [] and wrong == [0, 0]
 
 
 def test_fake_quantize_pickled_before_switches_loads():

@@ -7,7 +7,7 @@ from typing import Optional, Union
 _GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 
 
-@dataclass
+@dataclass(frozen=True)
 class QATConfig:
     """Quantization scheme for `prepare_qat` / `QATLinear`.
 
@@ -19,6 +19,10 @@ class QATConfig:
     in_features). Observers are named by class or by class name in
     `qlib.observers`. `*_learnable` trains the scale (and the zero point when
     asymmetric) with LSQ / LSQ+ gradients.
+
+    Immutable (a frozen dataclass: assigning a field raises ``dataclasses.FrozenInstanceError``),
+    since each QATLinear keeps the config it was built with and a change would go unchecked and
+    unapplied. Make a variant with ``dataclasses.replace(config, weight_bits=4)``, which checks it.
     """
 
     weight_bits: int = 8
@@ -44,7 +48,7 @@ class QATConfig:
                 raise ValueError(
                     f"QATConfig.weight_group_size must be a positive int, got {self.weight_group_size!r}"
                 )
-            self.weight_granularity = "per_group"
+            object.__setattr__(self, "weight_granularity", "per_group")  # (frozen)
         if self.weight_granularity not in _GRANULARITIES:
             raise ValueError(
                 f"QATConfig.weight_granularity must be one of {_GRANULARITIES}, got {self.weight_granularity!r}"

@@ -169,28 +169,36 @@ def _off_fused_transformer_paths(model: nn.Module) -> None:
             enc.use_nested_tensor = False
 
 
+class _UnnestedKwargs(dict):
+    """The kwargs _unnest_src hands the layer's forward, carrying the call's keep mask (which
+    positions of the padded src are real) to _renest_output, which gets this same dict. The mask
+    rides with the call, not on the layer: calls from several threads share the layer."""
+    __slots__ = ("keep",)
+
+
 def _unnest_src(layer, args, kwargs):
     """A nested src (nn.TransformerEncoder's padding-mask fast path) runs padded, with the
     padding as src_key_padding_mask: the slow path's Linears cannot take nested tensors."""
-    layer.__dict__.pop("_qlib_nested_keep", None)  # (left by a forward that raised)
     src = args[0] if args else kwargs.get("src")
     if src is None or not src.is_nested:
         return None
     padded = src.to_padded_tensor(0.0)
     lengths = torch.tensor([t.size(0) for t in src.unbind()], device=padded.device)
     keep = torch.arange(padded.size(1), device=padded.device) < lengths[:, None]
-    layer._qlib_nested_keep = keep
-    kwargs = dict(kwargs, src_key_padding_mask=~keep)
+    kwargs = _UnnestedKwargs(kwargs, src_key_padding_mask=~keep)
+    kwargs.keep = keep
     if args:
         return (padded,) + tuple(args[1:]), kwargs
-    return args, dict(kwargs, src=padded)
+    kwargs["src"] = padded
+    return args, kwargs
 
 
 def _renest_output(layer, args, kwargs, output):
-    keep = layer.__dict__.pop("_qlib_nested_keep", None)
-    if keep is None:
+    # (A pre-hook registered after _unnest_src that returns new kwargs drops the mask: the
+    # output then stays padded.)
+    if type(kwargs) is not _UnnestedKwargs:
         return None
-    return torch._nested_tensor_from_mask(output, keep, mask_check=False)
+    return torch._nested_tensor_from_mask(output, kwargs.keep, mask_check=False)
 
 
 def _naming(who: str, make: Callable[[nn.Module, str], nn.Module]) -> Callable[[nn.Module, str], nn.Module]:
@@ -203,14 +211,28 @@ def _naming(who: str, make: Callable[[nn.Module, str], nn.Module]) -> Callable[[
     return named
 
 
+_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _op_dtype_checked(make: Callable[[nn.Module, str], nn.Module], who: str) -> Callable[[nn.Module, str], nn.Module]:
+    """make, refusing a Linear of a dtype the ops do not take (float64: every forward raised)."""
+    def checked(linear: nn.Linear, fqn: str) -> nn.Module:
+        if linear.weight.dtype not in _OP_DTYPES:
+            raise RuntimeError(
+                f"qlib.{who}: module {fqn or '(the model)'!r}: weight must be float32, float16 or bfloat16, "
+                f"got {linear.weight.dtype}; cast the model first (e.g. model.float())")
+        return make(linear, fqn)
+    return checked
+
+
 def quantize_dynamic(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` selected by ``filter_fn(module, fqn)``
     (all of them when None) with an :class:`qlib.nn.Int8Linear` (int8 per-channel weights,
     dynamic per-token int8 activations). Returns the model; if ``model`` itself is a selected
     ``nn.Linear``, returns its replacement.
     """
-    return _swap(model, nn.Linear, _naming("quantize_dynamic", lambda m, fqn: Int8Linear.from_float(m)), filter_fn,
-                 "quantize_dynamic")
+    make = _naming("quantize_dynamic", lambda m, fqn: Int8Linear.from_float(m))
+    return _swap(model, nn.Linear, _op_dtype_checked(make, "quantize_dynamic"), filter_fn, "quantize_dynamic")
 
 
 def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
@@ -222,14 +244,26 @@ def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
     one absmax per ``block_size`` weights; float activations, run in ``compute_dtype`` when
     given). Returns the model, or the replacement when ``model`` itself is a selected
     ``nn.Linear``."""
-    return _swap(model, nn.Linear, _naming("quantize_weight_only",
-                                           lambda m, fqn: Linear4bit.from_float(m, codebook, block_size, compute_dtype)),
-                 filter_fn, "quantize_weight_only")
+    make = _naming("quantize_weight_only", lambda m, fqn: Linear4bit.from_float(m, codebook, block_size, compute_dtype))
+    return _swap(model, nn.Linear, _op_dtype_checked(make, "quantize_weight_only"), filter_fn, "quantize_weight_only")
+
+
+def _checked_config(config, who: str) -> QATConfig:
+    """config, when it is a QATConfig; else a TypeError that says what was given."""
+    if isinstance(config, QATConfig):
+        return config
+    if isinstance(config, type) and issubclass(config, QATConfig):
+        got = f"the class {config.__name__} itself; make one: {config.__name__}(...)"
+    elif isinstance(config, dict):
+        got = "a dict; make a config of its fields: qlib.QATConfig(**fields)"
+    else:  # (a torch.ao QConfig, ...)
+        got = f"{type(config).__module__}.{type(config).__qualname__}"
+    raise TypeError(f"qlib.{who}: config must be a qlib.QATConfig or None, got {got}")
 
 
 def _prepare_qat(model: nn.Module, config: Optional[QATConfig], filter_fn: Optional[FilterFn], who: str,
                  made: list) -> nn.Module:
-    config = config or QATConfig()
+    config = QATConfig() if config is None else _checked_config(config, who)
 
     def make(linear: nn.Linear, fqn: str) -> QATLinear:
         config.check_linear(linear.in_features, linear.out_features, fqn)
@@ -237,7 +271,7 @@ def _prepare_qat(model: nn.Module, config: Optional[QATConfig], filter_fn: Optio
         made.append(qat)
         return qat
 
-    return _swap(model, nn.Linear, make, filter_fn, who)
+    return _swap(model, nn.Linear, _op_dtype_checked(make, who), filter_fn, who)
 
 
 def _ddp_local_buffers(model: nn.Module) -> None:
@@ -290,7 +324,10 @@ def calibrate(model: nn.Module, batches: Iterable, progress: bool = True) -> nn.
     from tqdm.auto import tqdm
 
     model.eval()
-    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        total = len(batches)
+    except (TypeError, NotImplementedError):
+        total = None  # (a generator, or a DataLoader of an IterableDataset: its __len__ raises)
     for batch in tqdm(batches, desc="calibrating", total=total, disable=not progress, leave=False):
         model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
     return model
@@ -301,7 +338,12 @@ def convert(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module
     calibrate) into an Int8Linear with static activation qparams taken from
     its (trained or calibrated) FakeQuantize modules; a weight-only one
     (``activation_bits=None``, at most 4 symmetric weight bits) into a
-    Linear4bit whose weight equals the fake-quantized one."""
+    Linear4bit whose weight equals the fake-quantized one.
+
+    In place, as the other workflows: returns ``model`` itself (its replacement when ``model``
+    is itself a selected QATLinear), so the QAT model is consumed: its QATLinears, float
+    weights and observers are gone. To keep it (to train on, or to compare with), convert a
+    copy: ``int8_model = qlib.convert(copy.deepcopy(model))``."""
     def make(qat: QATLinear, fqn: str) -> nn.Module:
         return Int8Linear.from_qat(qat) if qat.activation_fake_quant is not None else Linear4bit.from_qat(qat)
 
