@@ -123,6 +123,32 @@ def test_bfloat16_x_multiplies_the_kernels_w_hat(kernel, M):
         assert torch.equal(y, ref), (kernel, M, cols)
 
 
+def test_bfloat16_batches_add_the_bias_rounded_to_bfloat16():
+    """README: a bfloat16 x of more than 24 rows (AVX512-BF16) runs ATen's bfloat16 GEMM, which
+    adds the bias rounded to bfloat16; fewer rows add the float32 bias. Rows with two ones give
+    y = W_hat[:, k] + W_hat[:, j] + bias exactly in float32 (bias on a 1/256 grid), rounded once."""
+    if "avx512-bf16" not in KERNELS:
+        pytest.skip("this CPU has no AVX512-BF16")
+    K, N, M = 1024, 48, 30
+    cb = qlib.codebook_4bit("nf4")
+    packed, absmax = ops.quantize_4bit(torch.randn(N, K), cb, 64)
+    w_hat = ops.dequantize_4bit(packed, absmax, cb, K, 64, torch.bfloat16).float()
+    bias = torch.round((torch.randn(N) * 100) * 256) / 256  # (not bfloat16 values: 100.3-like)
+    cols = torch.randperm(K)[:2 * M].view(M, 2)
+    x = torch.zeros(M, K)
+    x[torch.arange(M)[:, None], cols] = 1.0
+    dot = (w_hat[:, cols[:, 0]] + w_hat[:, cols[:, 1]]).T
+    qlib.set_fourbit_cpu_kernel("avx512-bf16")  # (amx-bf16 runs 30 rows on its tiles)
+    try:
+        batch = ops.linear_4bit(x.bfloat16(), packed, absmax, cb, 64, bias)
+        assert torch.equal(batch, (dot + bias.bfloat16().float()).bfloat16())
+        for m in (0, 7, 29):
+            alone = ops.linear_4bit(x[m:m + 1].bfloat16(), packed, absmax, cb, 64, bias)
+            assert torch.equal(alone[0], (dot[m] + bias).bfloat16())
+    finally:
+        qlib.set_fourbit_cpu_kernel("auto")
+
+
 def test_amx_rows_alone_equal_rows_in_a_batch():
     """On the tile unit each sum runs over k in one order whatever the other rows are: any
     3 to 256 rows of x, at any offset, give the batch's bits (a row or column mixed up in the
