@@ -66,26 +66,45 @@ inline int64_t check_packed_4bit(const char* op, const at::Tensor& packed, const
   return N;
 }
 
+// dequantize_4bit: the packed weight as above, and a float32 / float16 / bfloat16 dtype.
+// Returns N.
+inline int64_t check_dequantize_4bit_args(const char* op, const at::Tensor& packed,
+                                          const at::Tensor& absmax, const at::Tensor& codebook,
+                                          int64_t in_features, int64_t block_size,
+                                          at::ScalarType dtype) {
+  const int64_t N = check_packed_4bit(op, packed, absmax, codebook, in_features, block_size);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": dtype must be float32, float16 or bfloat16, got ", dtype);
+  return N;
+}
+
 // The error for a non-finite weight w[n, k] (quantize_4bit).
 [[noreturn]] inline void fail_non_finite_weight(const char* op, double value, int64_t n, int64_t k) {
   TORCH_CHECK(false, op, ": w must be finite, got ", value, " at [", n, ", ", k, "]");
   TORCH_INTERNAL_ASSERT(false);  // (TORCH_CHECK(false) throws; this tells the compiler)
 }
 
-// quantize_4bit: w float32 / float16 / bfloat16 [N, K] with finite values (on CUDA one host
-// read: it runs once, at conversion), a finite, strictly increasing codebook. Returns the
-// codebook's midpoints (codebook_midpoints) for the kernels.
-inline std::array<float, kCodebookSize - 1> check_quantize_4bit_args(const char* op,
-                                                                    const at::Tensor& w,
-                                                                    const at::Tensor& codebook,
-                                                                    int64_t block_size) {
+// quantize_4bit's checks that read no values: w float32 / float16 / bfloat16 [N, K], the block
+// size, the codebook's shape and device (the fake runs them on traced tensors).
+inline void check_quantize_4bit_meta(const char* op, const at::Tensor& w,
+                                     const at::Tensor& codebook, int64_t block_size) {
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf ||
                   w.scalar_type() == at::kBFloat16,
               op, ": w must be float32, float16 or bfloat16, got ", w.scalar_type());
   TORCH_CHECK(w.dim() == 2, op, ": w must be 2-D [out_features, in_features], got shape ",
-              w.sizes());
+              w.sym_sizes());
   check_block_size(op, block_size);
   check_codebook(op, codebook, w.device());
+}
+
+// quantize_4bit: as check_quantize_4bit_meta, and w's values finite (on CUDA one host read: it
+// runs once, at conversion), a finite, strictly increasing codebook. Returns the codebook's
+// midpoints (codebook_midpoints) for the kernels.
+inline std::array<float, kCodebookSize - 1> check_quantize_4bit_args(const char* op,
+                                                                    const at::Tensor& w,
+                                                                    const at::Tensor& codebook,
+                                                                    int64_t block_size) {
+  check_quantize_4bit_meta(op, w, codebook, block_size);
   const at::Tensor cb = codebook.contiguous().cpu();  // (.cpu() of a CPU view is the view)
   const float* c = cb.const_data_ptr<float>();
   for (int j = 0; j < kCodebookSize; ++j) {

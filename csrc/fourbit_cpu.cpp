@@ -781,9 +781,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& ab
                                const at::Tensor& codebook, int64_t in_features,
                                int64_t block_size, at::ScalarType dtype) {
   const char* op = "qlib::dequantize_4bit";
-  check_packed_4bit(op, packed_in, absmax_in, codebook, in_features, block_size);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": dtype must be float32, float16 or bfloat16, got ", dtype);
+  check_dequantize_4bit_args(op, packed_in, absmax_in, codebook, in_features, block_size, dtype);
   const at::Tensor packed = packed_in.contiguous(), absmax = absmax_in.contiguous();
   const at::Tensor cb = codebook.contiguous();
 #if defined(__x86_64__)

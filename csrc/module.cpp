@@ -170,9 +170,13 @@ PYBIND11_MODULE(_C, m) {
         });
   m.def("check_dequantize_4bit_args",
         [](const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& codebook,
-           int64_t in_features, int64_t block_size) {
-          qlib::check_packed_4bit("qlib::dequantize_4bit", packed, absmax, codebook, in_features,
-                                  block_size);
+           int64_t in_features, int64_t block_size, at::ScalarType dtype) {
+          qlib::check_dequantize_4bit_args("qlib::dequantize_4bit", packed, absmax, codebook,
+                                           in_features, block_size, dtype);
+        });
+  m.def("check_quantize_4bit_args",
+        [](const at::Tensor& w, const at::Tensor& codebook, int64_t block_size) {
+          qlib::check_quantize_4bit_meta("qlib::quantize_4bit", w, codebook, block_size);
         });
   m.def("check_block_minmax_args",
         [](const at::Tensor& x) { qlib::check_observer_input("qlib::block_minmax", x); });

@@ -248,8 +248,8 @@ def test_bad_inputs(device):
 
 
 def test_fakes_check_the_arguments():
-    """On meta tensors (the fakes, as torch.compile and torch.export run them) linear_4bit and
-    dequantize_4bit raise the kernels' argument errors."""
+    """On meta tensors (the fakes, as torch.compile and torch.export run them) the 4-bit ops
+    raise the kernels' argument errors (quantize_4bit: those that read no values)."""
     m = dict(device="meta")
     cb, x = torch.zeros(16, **m), torch.randn(3, 8, **m)
     p, a = torch.zeros(5, 4, dtype=torch.uint8, **m), torch.zeros(5, 2, **m)
@@ -261,6 +261,11 @@ def test_fakes_check_the_arguments():
         (lambda: ops.linear_4bit(x, p, a, cb, 4, torch.zeros(3, **m)), r"bias must be floating of shape \[5\]"),
         (lambda: ops.linear_4bit(x[:, :6], p, a, cb, 4, None), "does not hold in_features = 6"),
         (lambda: ops.dequantize_4bit(p, a, cb, 9, 4, torch.float32), "qlib::dequantize_4bit: .*in_features = 9"),
+        (lambda: ops.dequantize_4bit(p, a, cb, 8, 4, torch.int8), "qlib::dequantize_4bit: dtype must be float32, float16 or bfloat16, got Char"),
+        (lambda: ops.quantize_4bit(x.int(), cb, 4), "qlib::quantize_4bit: w must be float32, float16 or bfloat16, got Int"),
+        (lambda: ops.quantize_4bit(x[0], cb, 4), r"qlib::quantize_4bit: w must be 2-D"),
+        (lambda: ops.quantize_4bit(x, cb[:8], 4), r"qlib::quantize_4bit: codebook must be float32 of shape \[16\]"),
+        (lambda: ops.quantize_4bit(x, cb, 2**25), r"qlib::quantize_4bit: block_size must be in \[1, 2\^24\], got 33554432"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):

@@ -123,8 +123,7 @@ def fit_codebook_4bit(w: Tensor, block_size: int = 64, bins: int = 4096, max_ite
 
 @register_fake("qlib::quantize_4bit")
 def _(w, codebook, block_size):
-    torch._check(w.dim() == 2, lambda: "qlib::quantize_4bit: w must be 2-D [out_features, in_features]")
-    torch._check(block_size >= 1, lambda: f"qlib::quantize_4bit: block_size must be >= 1, got {block_size}")
+    _C.check_quantize_4bit_args(w, codebook, block_size)
     n, k = w.shape
     return (w.new_empty((n, _ceil_div(k, 2)), dtype=torch.uint8),
             w.new_empty((n, _ceil_div(k, block_size)), dtype=torch.float32))
@@ -132,7 +131,7 @@ def _(w, codebook, block_size):
 
 @register_fake("qlib::dequantize_4bit")
 def _(packed, absmax, codebook, in_features, block_size, dtype):
-    _C.check_dequantize_4bit_args(packed, absmax, codebook, in_features, block_size)
+    _C.check_dequantize_4bit_args(packed, absmax, codebook, in_features, block_size, dtype)
     return packed.new_empty((packed.shape[0], in_features), dtype=dtype)
 
 
