@@ -6,6 +6,8 @@
 #include <atomic>
 #include <cmath>
 #include <numeric>
+#include <string>
+#include <string_view>
 
 namespace qlib {
 
@@ -133,10 +135,23 @@ void check_chosen_qparams(const char* op, const at::Tensor& min, const at::Tenso
 
 namespace {
 
+// The given zero point at flat index i for an error message: as given (an integer as an
+// integer, not its float32 1.67772e+07).
+std::string given_zero_point(const at::Tensor& given, int64_t i) {
+  const at::Tensor v = given.reshape(-1)[i];
+  return at::isIntegralType(given.scalar_type(), false) ? std::to_string(v.item<int64_t>())
+                                                        : c10::str(v.item<double>());
+}
+
 // Value checks of the (small) scale and zero_point. On CUDA they cost a host
 // sync; the CUDA ops skip them while a graph is captured or when turned off.
-void check_qparam_values(const char* op, const at::Tensor& scale, const at::Tensor& zero_point,
+// x_name "q" (dequantize): the range is q's dtype's. given_zp: zero_point as given (errors).
+void check_qparam_values(const char* op, const char* x_name, const at::Tensor& scale,
+                         const at::Tensor& zero_point, const at::Tensor& given_zp,
                          int64_t quant_min, int64_t quant_max) {
+  const std::string range = c10::str(std::string_view(x_name) == "q" ? "the range of q's dtype"
+                                                                     : "[quant_min, quant_max]",
+                                     " = [", quant_min, ", ", quant_max, "]");
   // scale and zero_point arrive as contiguous float32 (prepare_affine).
   if (scale.is_cpu()) {  // a plain loop: no small ATen ops on the hot path
     const float* s = scale.const_data_ptr<float>();
@@ -147,9 +162,8 @@ void check_qparam_values(const char* op, const at::Tensor& scale, const at::Tens
                   " (so that 1 / scale is finite), got ", s[i], " at flat index ", i);
     }
     for (int64_t i = 0; i < zero_point.numel(); ++i) {
-      TORCH_CHECK(z[i] >= quant_min && z[i] <= quant_max, op,
-                  ": zero_point must lie in [quant_min, quant_max] = [", quant_min, ", ",
-                  quant_max, "], got ", z[i]);
+      TORCH_CHECK(z[i] >= quant_min && z[i] <= quant_max, op, ": zero_point must lie in ", range,
+                  ", got ", given_zero_point(given_zp, i), " at flat index ", i);
     }
     return;
   }
@@ -163,9 +177,9 @@ void check_qparam_values(const char* op, const at::Tensor& scale, const at::Tens
   const at::Tensor bad_zp = (zero_point < quant_min) | (zero_point > quant_max) |
                             at::isnan(zero_point);
   if (bad_zp.any().item<bool>()) {
-    const at::Tensor first = zero_point.masked_select(bad_zp).slice(0, 0, 1).cpu();
-    TORCH_CHECK(false, op, ": zero_point must lie in [quant_min, quant_max] = [", quant_min,
-                ", ", quant_max, "], got ", first.item<double>());
+    const int64_t i = bad_zp.reshape(-1).nonzero().select(0, 0).item<int64_t>();
+    TORCH_CHECK(false, op, ": zero_point must lie in ", range, ", got ",
+                given_zero_point(given_zp, i), " at flat index ", i);
   }
 }
 
@@ -305,7 +319,9 @@ AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& 
   // A floating zero point (LSQ+) is rounded to the nearest integer.
   a.zero_point = float_qparams(zero_point, at::isFloatingType(zero_point.scalar_type()));
   // (Checked in the given order: the errors' flat indices are the caller's.)
-  if (check_values) check_qparam_values(op, a.scale, a.zero_point, quant_min, quant_max);
+  if (check_values) {
+    check_qparam_values(op, x_name, a.scale, a.zero_point, zero_point, quant_min, quant_max);
+  }
   a.scale = a.arranged_qparam(a.scale);
   a.zero_point = a.arranged_qparam(a.zero_point);
   return a;

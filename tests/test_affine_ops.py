@@ -140,7 +140,7 @@ def test_many_dims_match_torch(device, rank):
 
 
 def test_python_wrappers_name_an_out_of_range_zero_point():
-    with pytest.raises(RuntimeError, match=r"qlib::fake_quant: zero_point must lie in \[quant_min, quant_max\] = \[-128, 127\], got 2.14748e\+09"):
+    with pytest.raises(RuntimeError, match=r"qlib::fake_quant: zero_point must lie in \[quant_min, quant_max\] = \[-128, 127\], got 2147483648 at flat index 0"):
         qlib.fake_quant(torch.randn(4), 0.1, 2**31)
 
 
@@ -403,12 +403,12 @@ def _bad_cases(device):
     # a zero point of 2^24 + 1 would have been read as 2^24.
     top = 2**31 - 1
     yield lambda: ops.quantize(x, s, z + top - 50, top - 100, top, torch.int32), r"qlib::quantize: the range \[2147483547, 2147483647\] reaches past \+-\(2\^24 - 1\)"
-    yield lambda: ops.dequantize(x.int(), s, z + 2**24 + 1, torch.float32), r"qlib::dequantize: zero_point must lie in \[quant_min, quant_max\] = \[-16777215, 16777215\], got 1.67772e\+07"
+    yield lambda: ops.dequantize(x.int(), s, z + 2**24 + 1, torch.float32), r"qlib::dequantize: zero_point must lie in the range of q's dtype = \[-16777215, 16777215\], got 16777217"
     if torch.cuda.is_available():
         other = "cpu" if device != "cpu" else "cuda"
         yield lambda: fq(x, s.to(other), z, -128, 127), r"x \(.*\), scale \(.*\) and zero_point \(.*\) must be on the same device"
     yield lambda: ops.quantize(x, -s, z, -128, 127, torch.int8), r"qlib::quantize: scale must be positive and finite, at least .*, got -0.1"
-    yield lambda: ops.dequantize(x.to(torch.int8), s, z + 200, torch.float32), r"qlib::dequantize: zero_point must lie in \[quant_min, quant_max\] = \[-128, 127\], got 200"
+    yield lambda: ops.dequantize(x.to(torch.int8), s, z + 200, torch.float32), r"qlib::dequantize: zero_point must lie in the range of q's dtype = \[-128, 127\], got 200"
     yield lambda: ops.quantize(x, s, z, -128, 127, torch.float32), "qlib::quantize: dtype must be int8, uint8, int16 or int32, got Float"
     yield lambda: ops.quantize(x, s, z, -128, 255, torch.int8), r"the range \[-128, 255\] does not fit in Char"
     yield lambda: ops.dequantize(x, s, z, torch.float32), "qlib::dequantize: q must be int8, uint8, int16 or int32, got Float"
