@@ -363,6 +363,27 @@ def test_int8_linear_gradient_is_straight_through(device, dtype, static):
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("activation", ["dynamic", "static"])
+@pytest.mark.parametrize("weight_held", [False, True])
+def test_jit_trace_without_tracer_warnings(device, activation, weight_held):
+    """torch.jit.trace runs the traced branch, as torch.compile: no eager bookkeeping in the
+    trace (its tensor-to-bool reads gave TracerWarnings), the packing alone or, where something
+    holds the plain weight, that weight; the traced module gives the module's outputs."""
+    import warnings
+
+    scale = {"act_scale": 0.05} if activation == "static" else {}
+    m = Int8Linear.from_float(nn.Linear(40, 24).to(device), activation, **scale)
+    held = m.weight if weight_held else None
+    x = torch.randn(5, 40, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, (x,))
+    for rows in (5, 1, 9):
+        xi = torch.randn(rows, 40, device=device)
+        assert torch.equal(traced(xi), m(xi))
+    assert held is None or held.shape == (24, 40)
+
+
 def test_compile_fullgraph(device):
     lin = Int8Linear.from_float(nn.Linear(32, 16).to(device))
     x = torch.randn(4, 32, device=device)

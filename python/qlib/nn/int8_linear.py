@@ -342,7 +342,7 @@ class Int8Linear(QuantState):
         w = b["weight"]  # None: the packing alone is the weight
         bias = b["bias"] if "bias" in b else self.bias  # (a Parameter or parametrized bias is elsewhere)
         packed = b["weight_packed"]
-        if not torch.compiler.is_compiling():  # (traced: the state as it was when traced)
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):  # (traced: the state as it was)
             if self.activation == "static":
                 rng = b["act_quant_range"]
                 if rng is not self.__dict__.get("_act_range_of") or _version_of(rng) != self.__dict__.get("_act_range_ver"):
