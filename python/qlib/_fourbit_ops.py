@@ -170,7 +170,10 @@ def linear_4bit(x: Tensor, packed: Tensor, absmax: Tensor, codebook: CodebookLik
     the device's GEMM: in x's dtype on CUDA (W_hat and the bias rounded to it), in float32 on
     the CPU, except that a bfloat16 x multiplies W_hat rounded to bfloat16 where the CPU has
     AVX512-BF16 and the blocks are multiples of 32 (3 to 256 rows on the AMX tile unit where
-    it has AMX-BF16), with float32 sums."""
+    it has AMX-BF16), with float32 sums (more than 24 such rows: ATen's bfloat16 GEMM, the bias
+    rounded to bfloat16). ``packed`` holds ceil(K / 2) bytes a row, so for an even K an x of
+    K - 1 features fits it too (the weight's last column then goes unused): ``Linear4bit``
+    checks x against its ``in_features``."""
     return ops.linear_4bit(x, packed, absmax, _op_codebook(codebook, packed.device), block_size, bias)
 
 

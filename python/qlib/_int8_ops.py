@@ -13,6 +13,10 @@ Scheme (documented contract):
   narrow-symmetric per output channel (scale = absmax / 127).
 - ``int8_gemm`` is exact (int32 accumulation) for K <= 2**17 - 1 = 131071 and
   raises past it: at K = 2**17, all -128 inputs sum to 2**31, one past INT32_MAX.
+- ``w_scale`` ([N] or [N, 1], float32) multiplies its column's int32 sums as it is: the ops
+  do not read its values (a 0, negative, NaN or Inf scale gives that column's product;
+  ``Int8Linear`` refuses such scales when it loads a state_dict, and ``from_float`` never makes
+  them). ``act_scale`` divides x, so the ops check it: positive and finite, 1 / scale finite.
 """
 from __future__ import annotations
 
@@ -104,7 +108,8 @@ def int8_linear(
     act_quant_max: int = 127,
 ) -> Tensor:
     """Fused int8 Linear: quantize x (per-token, or per-tensor with act_scale), int8 GEMM
-    with w_int8 [N, K], dequantize with w_scale [N] (per output channel), + bias, in x's dtype.
+    with w_int8 [N, K], dequantize with w_scale [N] or [N, 1] (per output channel), + bias, in
+    x's dtype.
 
     Static activations (act_scale) may carry an int32/int64 act_zero_point and a code range
     [act_quant_min, act_quant_max] inside int8; the codes are then exactly

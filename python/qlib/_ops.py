@@ -131,7 +131,9 @@ def quantize(
     quant_max: int = 127,
     dtype: torch.dtype = torch.int8,
 ) -> Tensor:
-    """Integer codes clamp(round(x / scale) + zero_point) as `dtype`. NaN maps to zero_point."""
+    """Integer codes ``clamp(nearbyint(x * (1 / scale)) + zero_point, quant_min, quant_max)`` as
+    `dtype` (``1 / scale`` in float32, ties to even: torch's fake quant's codes). NaN maps to
+    zero_point."""
     scale, zero_point = _as_qparams("quantize", x, scale, zero_point)
     return ops.quantize(x, scale, zero_point, quant_min, quant_max, dtype)
 

@@ -106,7 +106,8 @@ class Int8Linear(QuantState):
     token (row) with its own scale; ``"static"`` uses the calibrated per-tensor
     ``act_scale`` buffer. The state_dict holds ``weight`` (int8 [N, K]),
     ``weight_scale`` (float32 [N]), ``bias`` (float32 [N], if any) and, when
-    static, ``act_scale`` (float32 scalar): plain tensors that load with
+    static, ``act_scale`` (float32 scalar), ``act_zero_point`` (int32 scalar) and
+    ``act_quant_range`` (int32 [2]: the activations' code range): plain tensors that load with
     ``torch.load(weights_only=True)``.
 
     On CPUs whose int8 kernel reads a packed layout (all but AMX), the module keeps only
