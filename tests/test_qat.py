@@ -99,6 +99,10 @@ def test_workflows_refuse_a_config_that_is_not_a_qatconfig(workflow):
             with pytest.raises(TypeError, match=rf"^qlib.{workflow}: config must be a qlib.QATConfig or None, {got}"):
                 getattr(qlib, workflow)(model, config)
             assert type(model[0]) in (nn.Linear, nn.ReLU)  # left as it was
+        with pytest.raises(TypeError, match=rf"^qlib.nn.QATLinear: config must be a qlib.QATConfig or None, {got}"):
+            qlib.nn.QATLinear(8, 4, config=config)
+        with pytest.raises(TypeError, match=rf"^qlib.nn.QATLinear: config must be a qlib.QATConfig or None, {got}"):
+            qlib.nn.QATLinear.from_float(nn.Linear(8, 4), config)
 
 
 def test_group_size_must_divide_in_features():

@@ -95,3 +95,19 @@ class QATConfig:
             raise ValueError(
                 f"QATConfig.weight_group_size={g} does not divide in_features={in_features}{where}"
             )
+
+
+def config_or_default(config, who: str) -> QATConfig:
+    """config (None: the default QATConfig()); anything but a QATConfig is a TypeError that says
+    what was given (`who` names the caller)."""
+    if config is None:
+        return QATConfig()
+    if isinstance(config, QATConfig):
+        return config
+    if isinstance(config, type) and issubclass(config, QATConfig):
+        got = f"the class {config.__name__} itself; make one: {config.__name__}(...)"
+    elif isinstance(config, dict):
+        got = "a dict; make a config of its fields: qlib.QATConfig(**fields)"
+    else:  # (a torch.ao QConfig, ...)
+        got = f"{type(config).__module__}.{type(config).__qualname__}"
+    raise TypeError(f"{who}: config must be a qlib.QATConfig or None, got {got}")

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from .config import QATConfig
+from .config import QATConfig, config_or_default
 from .nn.fake_quantize import FakeQuantize
 from .nn.int8_linear import Int8Linear
 from .nn.linear_4bit import Linear4bit
@@ -248,22 +248,9 @@ def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
     return _swap(model, nn.Linear, _op_dtype_checked(make, "quantize_weight_only"), filter_fn, "quantize_weight_only")
 
 
-def _checked_config(config, who: str) -> QATConfig:
-    """config, when it is a QATConfig; else a TypeError that says what was given."""
-    if isinstance(config, QATConfig):
-        return config
-    if isinstance(config, type) and issubclass(config, QATConfig):
-        got = f"the class {config.__name__} itself; make one: {config.__name__}(...)"
-    elif isinstance(config, dict):
-        got = "a dict; make a config of its fields: qlib.QATConfig(**fields)"
-    else:  # (a torch.ao QConfig, ...)
-        got = f"{type(config).__module__}.{type(config).__qualname__}"
-    raise TypeError(f"qlib.{who}: config must be a qlib.QATConfig or None, got {got}")
-
-
 def _prepare_qat(model: nn.Module, config: Optional[QATConfig], filter_fn: Optional[FilterFn], who: str,
                  made: list) -> nn.Module:
-    config = QATConfig() if config is None else _checked_config(config, who)
+    config = config_or_default(config, f"qlib.{who}")
 
     def make(linear: nn.Linear, fqn: str) -> QATLinear:
         config.check_linear(linear.in_features, linear.out_features, fqn)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..config import QATConfig
+from ..config import QATConfig, config_or_default
 from .fake_quantize import FakeQuantize
 
 
@@ -36,7 +36,7 @@ class QATLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
                  config: Optional[QATConfig] = None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.config = config = config or QATConfig()
+        self.config = config = config_or_default(config, "qlib.nn.QATLinear")
         config.check_linear(in_features, out_features)
         self.weight_fake_quant = weight_fake_quant(config, out_features, in_features)
         # None for weight-only QAT (activation_bits=None): activations stay float.
