@@ -624,3 +624,79 @@ def test_meta_state_dict_loads_into_a_meta_skeleton():
         skel = Linear4bit(67, 9, True, "nf4", 32)
     skel.load_state_dict(copy.deepcopy(skel).state_dict(), assign=True)
     assert skel.absmax.is_meta
+
+
+def test_swaps_keep_a_frozen_bias_frozen(device):
+    """QLoRA recipe: freeze the base, swap to 4 bits, train what requires grad. The swaps made a
+    fresh, trainable bias, so an optimizer over the trainable parameters updated the base's biases."""
+    base = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).to(device)
+    qat = qlib.prepare_qat(copy.deepcopy(base), qlib.QATConfig(weight_bits=4, activation_bits=None))
+    qat(torch.randn(4, 64, device=device))
+    for frozen in (True, False):
+        src = copy.deepcopy(base).requires_grad_(not frozen)
+        frozen_qat = copy.deepcopy(qat).requires_grad_(not frozen)
+        codes = torch.randint(-8, 8, (32, 64), device=device)
+        swapped = [qlib.quantize_weight_only(copy.deepcopy(src), "nf4", 32)[0], Linear4bit.from_float(src[0], "int4", 32),
+                   Linear4bit.from_codes(codes, torch.rand(32, 2, device=device), 32, src[0].bias),
+                   qlib.convert(frozen_qat)[0]]
+        for q in swapped:
+            assert isinstance(q.bias, nn.Parameter) and q.bias.requires_grad == (not frozen)
+            assert torch.equal(q.bias.detach(), src[0].bias.detach())
+        assert swapped[0].bias is not src[0].bias  # (a copy: training one leaves the other alone)
+
+
+def test_from_codes_and_init_check_their_arguments():
+    codes = torch.randint(0, 8, (4, 16))
+    scale = torch.rand(4, 2) + 0.5
+    decoded = codes.float() * scale.repeat_interleave(8, 1)
+    # uint8 codes 0..7 are in range (`uint8 >= -8` compared against 248 and refused them).
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int64):
+        m = Linear4bit.from_codes(codes.to(dtype), scale, 8)
+        assert torch.equal(m.dequantized_weight(), decoded)
+    with pytest.raises(ValueError, match=r"Linear4bit.from_codes: codes must lie in \[-8, 7\], got values in \[0, 200\]"):
+        Linear4bit.from_codes(torch.tensor([[0, 200]], dtype=torch.uint8), torch.ones(1, 1), 8)
+    with pytest.raises(ValueError, match=r"codes must lie in \[-8, 7\], got values in \[-9, 3\]"):
+        Linear4bit.from_codes(torch.tensor([[-9, 3]]), torch.ones(1, 1), 8)
+    for bad in (0, -8, 2.5, True, "8"):
+        with pytest.raises(ValueError, match=f"Linear4bit.from_codes: block_size must be a positive integer, got {bad!r}"):
+            Linear4bit.from_codes(codes, scale, bad)
+    for bias, got in ((torch.ones(5), r"torch.float32 of shape \(5,\)"), (torch.ones(4, 1), r"torch.float32 of shape \(4, 1\)"),
+                      (torch.ones(4, dtype=torch.int64), r"torch.int64 of shape \(4,\)"), ([1.0] * 4, "list")):
+        with pytest.raises(ValueError, match=r"Linear4bit.from_codes: bias must be a floating tensor of shape \(4,\) "
+                                             rf"for codes of shape \(4, 16\), got {got}"):
+            Linear4bit.from_codes(codes, scale, 8, bias)
+    for args, message in (((-1, 4), "in_features must be an integer >= 0, got -1"),
+                          ((4, -2), "out_features must be an integer >= 0, got -2"),
+                          ((4.5, 4), "in_features must be an integer >= 0, got 4.5"),
+                          ((None, 4), "in_features must be an integer >= 0, got None")):
+        with pytest.raises(ValueError, match=f"Linear4bit: {message}"):
+            Linear4bit(*args)
+    assert Linear4bit(0, 4).packed.shape == (4, 0)  # (an empty layer, as nn.Linear(0, 4))
+
+
+def test_extra_state_of_another_type_is_refused_by_type():
+    """A non-tensor _extra_state (a JSON round trip) with the right values was refused as
+    '... is [33, 8], expected [33, 8]'."""
+    sd = dict(Linear4bit.from_float(nn.Linear(33, 7), "nf4", block_size=8).state_dict())
+    for value in ([33, 8], (33, 8)):
+        with pytest.raises(RuntimeError, match=r"state_dict\['_extra_state'\] must be a tensor holding "
+                                               rf"\(in_features, block_size\) = \[33, 8\], got a {type(value).__name__}"):
+            Linear4bit(33, 7, block_size=8).load_state_dict(dict(sd, _extra_state=value))
+
+
+def test_exported_module_loads_a_state_without_extra_state():
+    """README: torch.export keeps no module's extra state, so an exported Linear4bit model refuses
+    the model's state_dict strictly (its _extra_state keys are unexpected); leaving them out, it
+    loads strictly and runs the loaded weights."""
+    x = torch.randn(4, 64)
+    make = lambda: nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))  # noqa: E731
+    exported = torch.export.export(qlib.quantize_weight_only(make(), "nf4", 32), (x,)).module()
+    other = qlib.quantize_weight_only(make(), "nf4", 32)
+    sd = other.state_dict()
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "0._extra_state", "2._extra_state"'):
+        exported.load_state_dict(sd)
+    exported.load_state_dict({k: v for k, v in sd.items() if not k.endswith("_extra_state")})
+    w0, w2 = other[0].dequantized_weight().double(), other[2].dequantized_weight().double()
+    ref = torch.relu(x.double() @ w0.T + other[0].bias.double()) @ w2.T + other[2].bias.double()
+    torch.testing.assert_close(exported(x).double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(exported(x), other(x))

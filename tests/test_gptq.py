@@ -226,3 +226,89 @@ def test_sequential_gptq_progress_is_one_bar(capsys):
     qlib.gptq_quantize(m, [torch.randn(4, 32) for _ in range(2)], group_size=32, sequential=True)
     err = capsys.readouterr().err
     assert "calibrating" not in err and "\x1b[A" not in err and "GPTQ (Linears)" in err
+
+
+def gptq_codes(lin, batches, **kwargs):
+    """(codes [N, K] as float64, Linear4bit) of gptq_quantize of a copy of lin (int-grid: index - 8)."""
+    q = qlib.gptq_quantize(copy.deepcopy(lin), batches, progress=False, **kwargs)
+    scale = q.absmax.double().repeat_interleave(q.block_size, 1)[:, :lin.in_features]
+    return q.dequantized_weight().double() / scale, q
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_does_not_depend_on_the_weights_scale(act_order):
+    """The group scales were floored at float32 eps (choose_qparams' default): weights ~1e-6 lost
+    most of their codes (53% output error against 7% round-to-nearest), ~3e-7 all of them. Floored at
+    the smallest normal float32 (as quantize takes), the codes are those of the unscaled weights."""
+    torch.manual_seed(0)
+    K, N = 128, 24
+    x = correlated_inputs(512, K)
+    lin = nn.Linear(K, N, bias=False)
+    codes, q = gptq_codes(lin, [x], group_size=64, act_order=act_order)
+    err = output_error(x, lin.weight, q.dequantized_weight())
+    for s in (2.0 ** -20, 2.0 ** -40, 2.0 ** -100):  # (powers of two: the same codes, scales times s)
+        small = copy.deepcopy(lin)
+        with torch.no_grad():
+            small.weight.mul_(s)
+        small_codes, small_q = gptq_codes(small, [x], group_size=64, act_order=act_order)
+        assert torch.equal(small_codes, codes) and torch.equal(small_q.absmax, q.absmax * s)
+    for s in (1e-6, 3e-7, 1e-12, 1e-30):
+        small = copy.deepcopy(lin)
+        with torch.no_grad():
+            small.weight.mul_(s)
+        _, small_q = gptq_codes(small, [x], group_size=64, act_order=act_order)
+        small_err = output_error(x, small.weight, small_q.dequantized_weight())
+        rtn_err = output_error(x, small.weight, rtn_weight(small.weight, 4, 64))
+        assert abs(small_err - err) < 0.05 * err and small_err < 0.8 * rtn_err, (s, small_err, err, rtn_err)
+
+
+def test_gptq_does_not_depend_on_the_inputs_scale(device):
+    """H summed in float32 limited the inputs: ~1e-20 made it 'not positive definite', ~1e-25
+    underflowed it to 0 (every input 'dead': all weights silently 0), ~1e20 overflowed it ('the
+    calibration inputs hold NaN or Inf'). Batches are now scaled by powers of two before summing."""
+    torch.manual_seed(0)
+    K, N = 96, 16
+    x = (correlated_inputs(384, K) * torch.rand(K) * 4).to(device)
+    x[:, 7] = 0  # a dead input
+    lin = nn.Linear(K, N).to(device)
+    batches = [x[i:i + 96] * (1 + i) for i in range(0, 384, 96)]  # (batches of unequal sizes too)
+    codes, q = gptq_codes(lin, batches, group_size=32)
+    assert q.dequantized_weight()[:, 7].abs().max() == 0
+    err = output_error(x, lin.weight, q.dequantized_weight())
+    assert err < 0.8 * output_error(x, lin.weight, rtn_weight(lin.weight, 4, 32))
+    for s in (2.0 ** -70, 2.0 ** -100, 2.0 ** 66, 2.0 ** 100):  # (powers of two: the same codes exactly)
+        scaled_codes, scaled = gptq_codes(lin, [b * s for b in batches], group_size=32)
+        assert torch.equal(scaled_codes, codes) and torch.equal(scaled.absmax, q.absmax), s
+    # Other factors round H differently, and GPTQ carries each rounding on (on these ill-conditioned
+    # inputs about 40% of the codes move even at x * 3, its error by up to 7%): as good as unscaled.
+    zeros = torch.zeros(8, K, device=device)
+    for scaled_batches in ([b * 1e-25 for b in batches], [b * 1e-20 for b in batches], [b * 1e20 for b in batches],
+                           [b * 1e30 for b in batches], [zeros] + batches[:2] + [zeros] + batches[2:]):
+        _, scaled = gptq_codes(lin, scaled_batches, group_size=32)
+        assert scaled.dequantized_weight()[:, 7].abs().max() == 0
+        assert abs(output_error(x, lin.weight, scaled.dequantized_weight()) - err) < 0.15 * err
+    # Float64 inputs past float32's range (scaled before the cast to float32).
+    for s in (2.0 ** -1000, 2.0 ** 900):
+        scaled_codes, _ = gptq_codes(copy.deepcopy(lin).double(), [b.double() * s for b in batches], group_size=32)
+        assert torch.equal(scaled_codes, codes), s
+    # Only real NaN / Inf inputs are said to hold them, in any batch.
+    for bad in (float("nan"), float("inf")):
+        poisoned = [b * 2.0 ** -70 for b in batches]
+        poisoned[2] = poisoned[2].clone()
+        poisoned[2][3, 5] = bad
+        with pytest.raises(ValueError, match="calibration inputs of the Linear hold NaN or Inf"):
+            qlib.gptq_quantize(copy.deepcopy(lin), poisoned, progress=False)
+
+
+def test_gptq_keeps_a_frozen_bias_frozen():
+    """After model.requires_grad_(False) the swap made the biases trainable again (a fresh
+    nn.Parameter), so a QLoRA optimizer over what requires grad trained them."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = correlated_inputs(64, 64)
+    for trainable in (False, True):
+        m = copy.deepcopy(model).requires_grad_(trainable)
+        q = qlib.gptq_quantize(copy.deepcopy(m), [x], group_size=32, progress=False)
+        for i in (0, 2):
+            assert isinstance(q[i], Linear4bit) and q[i].bias.requires_grad == trainable
+            assert torch.equal(q[i].bias.detach(), m[i].bias.detach())
+        assert [n for n, p in q.named_parameters() if p.requires_grad] == (["0.bias", "2.bias"] if trainable else [])

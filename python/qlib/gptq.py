@@ -25,22 +25,46 @@ from . import _ops
 from .nn.linear_4bit import Linear4bit
 from .workflows import FilterFn, _swap, calibrate, swap_selector
 
+_MIN_SCALE = torch.finfo(torch.float32).tiny  # the least scale quantize takes (the ops' kMinScale)
+
 
 class _Hessian:
-    """Running H = 2 X^T X / n of a Linear's inputs."""
+    """Running H = 2 X^T X / n of a Linear's inputs, held as ``h`` = H * 2^(-2 e): each batch is
+    scaled by 2^-e, e the exponent of the largest |x| seen so far, before its products are summed
+    in float32. Scaling by a power of two is exact, so h does not depend on the inputs' scale (nor
+    does GPTQ on H's: damp is relative), and inputs far outside float32's square root (1e-20, 1e20)
+    neither underflow nor overflow. NaN or Inf inputs still make h NaN or Inf."""
+
+    _NONE_YET = -(1 << 40)  # the exponent before any finite, nonzero batch
 
     def __init__(self, k: int, device):
         self.h = torch.zeros(k, k, device=device)
+        self.exponent = torch.full((), self._NONE_YET, dtype=torch.int64, device=device)
         self.rows = 0
 
     def add(self, x: Tensor) -> None:
-        x = x.detach().flatten(0, -2).float() if x.dim() > 1 else x.detach().float().unsqueeze(0)
+        x = x.detach().flatten(0, -2) if x.dim() > 1 else x.detach().unsqueeze(0)
+        if x.dtype != torch.float64:  # (float64 is scaled first: it may not fit float32 before)
+            x = x.float()
         n = x.shape[0]
         if n == 0:
             return
-        self.h *= self.rows / (self.rows + n)
         self.rows += n
-        x = x * (2.0 / self.rows) ** 0.5
+        if x.shape[1] == 0:  # (no inputs: nothing to sum, but the rows count)
+            return
+        # All on the device (no host syncs): e = max(e, exponent of this batch's absmax).
+        amax = x.abs().amax()
+        seen = torch.isfinite(amax) & (amax > 0)  # (0, NaN or Inf: keeps e; NaN / Inf reach h anyway)
+        exponent = torch.maximum(self.exponent, torch.where(seen, torch.frexp(amax).exponent.long(), self._NONE_YET))
+        # The sum so far times (rows before / rows now) and 2^(-2 (e_new - e_old)) (0 past float32's range).
+        self.h *= (self.rows - n) / self.rows * torch.exp2(-2.0 * (exponent - self.exponent).clamp(max=200).float())
+        self.exponent = exponent
+        # x * 2^-e in two exact steps (2^-e alone may not fit x's dtype), then the sum's factor.
+        shift = torch.where(exponent == self._NONE_YET, 0, -exponent)
+        half = torch.div(shift, 2, rounding_mode="floor")
+        for part in (half, shift - half):
+            x = x * torch.exp2(part.double()).to(x.dtype)
+        x = x.float() * (2.0 / self.rows) ** 0.5
         with torch.autocast(x.device.type, enabled=False):  # (a caller's autocast would run it in bf16)
             self.h += x.T @ x
 
@@ -48,7 +72,8 @@ class _Hessian:
 @torch.no_grad()
 def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp: float = 0.01,
                 act_order: bool = False, block: int = 128, name: str = "the Linear"):
-    """(codes int8 [N, K], scales float32 [N, ceil(K / group_size)]) of w [N, K] under H [K, K].
+    """(codes int8 [N, K], scales float32 [N, ceil(K / group_size)]) of w [N, K] under H [K, K]
+    (H's scale does not matter, damp being relative: H times a power of 4 gives the same codes).
     act_order: columns in order of decreasing H diagonal, with each group's scale fixed
     beforehand from the weights as they are (groups stay in the original column order)."""
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -69,7 +94,9 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp:
     h.diagonal().add_(damp * h.diagonal().mean())
 
     def group_scale(group: Tensor) -> Tensor:
-        return _ops.choose_qparams(group.amin(1), group.amax(1), qmin, qmax, True)[0]
+        # Floored at _MIN_SCALE, not at float32 eps (choose_qparams' default), which zeroed groups
+        # of weights below ~1e-6 (RTN has no floor).
+        return _ops.choose_qparams(group.amin(1), group.amax(1), qmin, qmax, True, _MIN_SCALE)[0]
 
     order = list(range(K))
     if act_order:

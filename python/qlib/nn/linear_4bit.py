@@ -27,31 +27,45 @@ def _check_in_features(x: Tensor, in_features: int, out_features: int) -> None:
 torch.fx.wrap("_check_in_features")  # a call in fx graphs (a Proxy's shape cannot be compared)
 
 
+def _check_int(who: str, name: str, value, least: int) -> int:
+    """int(value), raising where value is not an integer >= least (integral floats pass, as 32.0)."""
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and int(value) >= least
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise ValueError(f"{who}: {name} must be {kind}, got {value!r}")
+    return int(value)
+
+
 class Linear4bit(QuantState):
     """``y = x @ W_hat.T + bias``, W_hat decoded from 4-bit codes; drop-in for an ``nn.Linear``
     whose weight is frozen. Build one with :meth:`from_float` (codebook "nf4", "int4", "kmeans"
     or 16 values) or :meth:`from_qat`.
 
     The state_dict holds ``packed`` (uint8 [N, ceil(K / 2)]), ``absmax`` (float32
-    [N, ceil(K / block_size)]), ``codebook`` (float32 [16]), ``bias`` (a parameter, trainable,
-    if any) and ``_extra_state`` (int64 [in_features, block_size], checked at load): plain
-    tensors that load with ``torch.load(weights_only=True)`` and safetensors. Gradients flow to the
-    input and the bias, not to the 4-bit weight.
+    [N, ceil(K / block_size)]), ``codebook`` (float32 [16]), ``bias`` (a parameter, if any;
+    from_float / from_codes keep the source bias's requires_grad) and ``_extra_state`` (int64
+    [in_features, block_size], checked at load): plain tensors that load with
+    ``torch.load(weights_only=True)`` and safetensors. Gradients flow to the input and the bias,
+    not to the 4-bit weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  codebook: CodebookLike = "nf4", block_size: int = 64, device=None, dtype=None,
                  compute_dtype: Optional[torch.dtype] = None):
         super().__init__()
-        if isinstance(block_size, bool) or int(block_size) != block_size or int(block_size) < 1:
-            raise ValueError(f"Linear4bit: block_size must be a positive integer, got {block_size!r}")
+        in_features = _check_int("Linear4bit", "in_features", in_features, 0)
+        out_features = _check_int("Linear4bit", "out_features", out_features, 0)
+        block_size = _check_int("Linear4bit", "block_size", block_size, 1)
         if compute_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"Linear4bit: compute_dtype must be None, float32, float16 or bfloat16, got {compute_dtype}")
         # None: the input's dtype. torch.bfloat16 runs a float32 x through the bfloat16 kernels
         # (faster on CPUs with AVX512-BF16, as bitsandbytes' and ATen's int4 CPU kernels do)
         # and casts the output back.
         self.compute_dtype = compute_dtype
-        self.in_features, self.out_features, self.block_size = int(in_features), int(out_features), int(block_size)
+        self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
         n, k = self.out_features, self.in_features
         self.register_buffer("packed", weight_zeros((n, (k + 1) // 2), torch.uint8, device))
         self.register_buffer("absmax", torch.zeros(n, -(-k // self.block_size), dtype=torch.float32, device=device))
@@ -61,7 +75,8 @@ class Linear4bit(QuantState):
     @classmethod
     def from_float(cls, linear: nn.Linear, codebook: CodebookLike = "nf4", block_size: int = 64,
                    compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
-        """Quantize ``linear``'s weight (finite values) to 4 bits; the bias is copied as is.
+        """Quantize ``linear``'s weight (finite values) to 4 bits; the bias is copied as is (a
+        frozen one stays frozen).
         ``codebook="kmeans"`` fits one to this weight (``qlib.fit_codebook_4bit``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Linear4bit.from_float: expected an nn.Linear, got {type(linear).__name__}")
@@ -77,6 +92,8 @@ class Linear4bit(QuantState):
             mod.absmax.copy_(absmax)
             if linear.bias is not None:
                 mod.bias.copy_(linear.bias.detach())
+        if linear.bias is not None:  # (a frozen base's bias must not come back trainable)
+            mod.bias.requires_grad_(linear.bias.requires_grad)
         return mod
 
     @classmethod
@@ -114,10 +131,12 @@ class Linear4bit(QuantState):
         """The layer whose weight is ``codes * scale``: integer codes [N, K] in [-8, 7] and float32
         scales [N, ceil(K / block_size)], one per block of ``block_size`` codes along K (the
         codebook "int-grid", the scales as ``absmax``), as from_qat and ``qlib.gptq_quantize``
-        make them."""
-        if codes.dim() != 2 or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise ValueError(f"Linear4bit.from_codes: codes must be a 2-D integer tensor, got {codes.dtype} "
-                             f"of shape {tuple(codes.shape)}")
+        make them. ``bias`` (floating, [N]) is copied, keeping its requires_grad."""
+        if not isinstance(codes, Tensor) or codes.dim() != 2 or codes.is_floating_point() or codes.is_complex() \
+                or codes.dtype == torch.bool:
+            got = f"{codes.dtype} of shape {tuple(codes.shape)}" if isinstance(codes, Tensor) else type(codes).__name__
+            raise ValueError(f"Linear4bit.from_codes: codes must be a 2-D integer tensor, got {got}")
+        block_size = _check_int("Linear4bit.from_codes", "block_size", block_size, 1)
         N, K = codes.shape
         scale32 = scale.detach().to(torch.float32)  # (absmax's dtype: checked after the rounding)
         if scale.numel() and not bool((torch.isfinite(scale32) & (scale32 >= 0)).all()):
@@ -128,16 +147,24 @@ class Linear4bit(QuantState):
         if tuple(scale.shape) != (N, -(-K // block_size)):
             raise ValueError(f"Linear4bit.from_codes: scales of shape {tuple(scale.shape)} do not match codes of "
                              f"shape {tuple(codes.shape)} in blocks of {block_size}")
-        if codes.numel() and not bool(((codes >= -8) & (codes <= 7)).all()):
-            raise ValueError("Linear4bit.from_codes: codes must lie in [-8, 7]")
+        if codes.numel():  # (min / max as Python ints: `uint8 >= -8` would compare against 248)
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < -8 or hi > 7:
+                raise ValueError(f"Linear4bit.from_codes: codes must lie in [-8, 7], got values in [{lo}, {hi}]")
+        if bias is not None and not (isinstance(bias, Tensor) and bias.is_floating_point() and tuple(bias.shape) == (N,)):
+            got = f"{bias.dtype} of shape {tuple(bias.shape)}" if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"Linear4bit.from_codes: bias must be a floating tensor of shape ({N},) for codes of "
+                             f"shape {tuple(codes.shape)}, got {got}")
         mod = cls(K, N, bias is not None, torch.tensor(_fourbit_ops.INT_GRID), block_size, device=codes.device,
                   dtype=None if bias is None else bias.dtype, compute_dtype=compute_dtype)
         with torch.no_grad():
-            padded = torch.nn.functional.pad((codes + 8).to(torch.uint8), (0, K % 2))
+            padded = torch.nn.functional.pad((codes.to(torch.int16) + 8).to(torch.uint8), (0, K % 2))
             mod.packed.copy_(padded[:, 0::2] | (padded[:, 1::2] << 4))
             mod.absmax.copy_(scale32)
             if bias is not None:
                 mod.bias.copy_(bias.detach())
+        if bias is not None:  # (gptq_quantize / convert of a frozen base: its bias stays frozen)
+            mod.bias.requires_grad_(bias.requires_grad)
         return mod
 
     def forward(self, input: Tensor) -> Tensor:  # (nn.Linear's name: callers may pass input=x)
@@ -184,13 +211,16 @@ class Linear4bit(QuantState):
         pass  # checked in _load_from_state_dict, which knows the key
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        key = prefix + "_extra_state"
-        if key in state_dict:
-            got = state_dict[key]
-            if not (isinstance(got, Tensor) and got.tolist() == [self.in_features, self.block_size]):
-                raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] (in_features, block_size) "
-                                   f"is {got.tolist() if isinstance(got, Tensor) else got!r}, expected "
-                                   f"{[self.in_features, self.block_size]} (weights packed for another layer shape)")
+        layout_key = prefix + "_extra_state"
+        expected = [self.in_features, self.block_size]
+        if layout_key in state_dict:
+            got = state_dict[layout_key]
+            if not isinstance(got, Tensor):
+                raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{layout_key!r}] must be a tensor "
+                                   f"holding (in_features, block_size) = {expected}, got a {type(got).__name__} {got!r}")
+            if got.tolist() != expected:
+                raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{layout_key!r}] (in_features, block_size) "
+                                   f"is {got.tolist()}, expected {expected} (weights packed for another layer shape)")
         for name, key, value in self._loaded_buffers(state_dict, prefix):
             if value.is_meta:  # (a skeleton's state: no values to check)
                 continue
@@ -201,5 +231,5 @@ class Linear4bit(QuantState):
                 raise RuntimeError(f"Linear4bit ({self.extra_repr()}): state_dict[{key!r}] must hold 16 finite, "
                                    f"increasing values, got {value.tolist()}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if prefix + "_extra_state" in missing_keys:  # a state_dict saved before qlib wrote it
-            missing_keys.remove(prefix + "_extra_state")
+        if layout_key in missing_keys:  # a state_dict saved before qlib wrote it
+            missing_keys.remove(layout_key)
