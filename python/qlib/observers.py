@@ -189,7 +189,7 @@ class ObserverBase(QuantState):
                 f"qlib.observers.{type(self).__name__}: x of shape {tuple(x.shape)} has {rows.shape[0]} blocks "
                 f"(qparams of shape {shape}), but this observer has recorded {self._blocks()}; call reset() first"
             )
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):  # (traced sizes are not ints)
+        if not (torch.compiler.is_compiling() or torch._C._is_tracing()):  # (traced sizes are not ints)
             axis = self.ch_axis % x.dim() if self.ch_axis is not None else 0
             self._layout = (x.shape, axis, shape, rows.shape[0])
         return rows
@@ -420,7 +420,7 @@ class MinMaxObserver(ObserverBase):
         # all-reduce of the statistics, eager mode.
         # (is_compiling first: comparing a traced x's shape would specialise a dynamic batch;
         # jit.trace: one graph for every call, not the fused op only where the layout matches.)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if torch.compiler.is_compiling() or torch._C._is_tracing():
             return None
         lay, b = self.__dict__.get("_layout"), self._buffers
         if (lay is None or x.shape != lay[0] or x.dtype not in _FUSED_DTYPES

@@ -343,7 +343,8 @@ class Int8Linear(QuantState):
         w = b["weight"]  # None: the packing alone is the weight
         bias = b["bias"] if "bias" in b else self.bias  # (a Parameter or parametrized bias is elsewhere)
         packed = b["weight_packed"]
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):  # (traced: the state as it was)
+        # (traced: the state as it was; torch._C._is_tracing: jit.is_tracing costs 0.15 us more)
+        if not (torch.compiler.is_compiling() or torch._C._is_tracing()):
             if self.activation == "static":
                 rng = b["act_quant_range"]
                 if rng is not self.__dict__.get("_act_range_of") or _version_of(rng) != self.__dict__.get("_act_range_ver"):
