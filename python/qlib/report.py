@@ -216,14 +216,19 @@ def _hint(linears: Sequence[Tuple[str, nn.Module]]) -> str:
     return "; " + "; ".join(hints) if hints else ""
 
 
-def _warn_left_float(rows: Dict[str, dict], linears: Sequence[Tuple[str, nn.Module]]) -> None:
-    """One warning per set of Linears some schemes left float."""
-    types = {fqn or "(the model)": type(m).__name__ for fqn, m in linears}
+def _schemes_by_left_float(rows: Dict[str, dict]) -> Dict[tuple, List[str]]:
+    """{names of the Linears left float: the schemes that left them}, for schemes that left some."""
     by_left = {}
     for name, row in rows.items():
         if name != "float" and row["left_float"]:
             by_left.setdefault(tuple(row["left_float"]), []).append(name)
-    for left, names in by_left.items():
+    return by_left
+
+
+def _warn_left_float(rows: Dict[str, dict], linears: Sequence[Tuple[str, nn.Module]]) -> None:
+    """One warning per set of Linears some schemes left float."""
+    types = {fqn or "(the model)": type(m).__name__ for fqn, m in linears}
+    for left, names in _schemes_by_left_float(rows).items():
         shown = ", ".join(f"{fqn} ({types[fqn]})" for fqn in left[:8]) + (", ..." if len(left) > 8 else "")
         warnings.warn(f"qlib report: the {', '.join(names)} scheme{'s' if len(names) > 1 else ''} left "
                       f"{len(left)} of {len(linears)} Linears float (the swaps take exactly nn.Linear): {shown}; "
@@ -238,15 +243,11 @@ def print_report(rows: Dict[str, dict], title: str) -> None:
               f"{'ms/batch':>9s} {'speedup':>8s} {'Linears':>8s}")
     print(header)
     print("-" * len(header))
-    partly = {name: r["left_float"] for name, r in rows.items() if name != "float" and r["left_float"]}
     for name, r in rows.items():
-        linears = f"{r['quantized']}/{r['linears']}" + ("*" if name in partly else " ")
+        linears = f"{r['quantized']}/{r['linears']}" + ("*" if name != "float" and r["left_float"] else " ")
         print(f"{name:8s} {r['bytes']:12d} {base['bytes'] / r['bytes']:8.2f}x {r['rel_error']:11.2e} "
               f"{r['cosine']:9.6f} {r['ms']:9.3f} {base['ms'] / r['ms']:7.2f}x {linears:>8s}")
-    by_left = {}
-    for name, left in partly.items():
-        by_left.setdefault(tuple(left), []).append(name)
-    for left, names in by_left.items():
+    for left, names in _schemes_by_left_float(rows).items():
         print(f"* {', '.join(names)} left {len(left)} of {base['linears']} Linears float (the swaps take exactly "
               "nn.Linear): " + ", ".join(left[:8]) + (", ..." if len(left) > 8 else ""))
 
