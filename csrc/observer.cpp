@@ -69,16 +69,22 @@ void check_histogram(const char* op, const at::Tensor& hist, const at::Tensor& r
                      HistogramValues values, const char* range_name) {
   TORCH_CHECK(hist.scalar_type() == at::kLong, op, ": hist must be int64, got ",
               hist.scalar_type());
-  TORCH_SYM_CHECK(c10::SymBool(hist.dim() == 2).sym_and(hist.sym_size(-1).sym_ge(2)), op,
-                  ": hist must be 2-D [blocks, bins] with at least 2 bins, got shape ",
-                  hist.sym_sizes());
+  // (The ranks first: sym_and does not short-circuit, and a 0-D tensor has no size(-1).)
+  const auto hist_message = [&] {
+    return c10::str(op, ": hist must be 2-D [blocks, bins] with at least 2 bins, got shape ",
+                    hist.sym_sizes());
+  };
+  TORCH_CHECK(hist.dim() == 2, hist_message());
+  TORCH_SYM_CHECK(hist.sym_size(1).sym_ge(2), hist_message());
   TORCH_CHECK(range.scalar_type() == at::kDouble, op, ": ", range_name,
               " must be float64, got ", range.scalar_type());
-  TORCH_SYM_CHECK(c10::SymBool(range.dim() == 2)
-                      .sym_and(range.sym_size(0).sym_eq(hist.sym_size(0)))
-                      .sym_and(range.sym_size(-1).sym_eq(2)),
-                  op, ": ", range_name, " must have shape [", hist.sym_size(0), ", 2] (blocks of ",
-                  "hist, then min and max), got ", range.sym_sizes());
+  const auto range_message = [&] {
+    return c10::str(op, ": ", range_name, " must have shape [", hist.sym_size(0), ", 2] (blocks ",
+                    "of hist, then min and max), got ", range.sym_sizes());
+  };
+  TORCH_CHECK(range.dim() == 2, range_message());
+  TORCH_SYM_CHECK(range.sym_size(0).sym_eq(hist.sym_size(0)).sym_and(range.sym_size(1).sym_eq(2)),
+                  range_message());
   TORCH_CHECK(hist.device() == range.device(), op, ": hist (", hist.device(), ") and ",
               range_name, " (", range.device(), ") must be on the same device");
   if (values == HistogramValues::kNone) return;

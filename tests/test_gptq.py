@@ -300,6 +300,31 @@ def test_gptq_does_not_depend_on_the_inputs_scale(device):
             qlib.gptq_quantize(copy.deepcopy(lin), poisoned, progress=False)
 
 
+def test_gptq_with_dead_inputs_does_not_depend_on_hs_scale():
+    """A dead input's diagonal is the live columns' mean, not 1.0: with dead columns (ReLU units
+    that never fire) and an outlier feature, H times a power of 4 gives the same codes, and GPTQ
+    keeps its lead over round-to-nearest (a 1.0 against the normalised H raised the damping
+    towards RTN's error; found by a helper's review)."""
+    torch.manual_seed(0)
+    N, K, g = 64, 256, 64
+    w = torch.randn(N, K)
+    x = torch.randn(512, K).relu() * (torch.arange(K) % 8 != 0)
+    x[:, 1] *= 100.0
+    hessian = Hessian(K, "cpu")
+    hessian.add(x)
+
+    def output_error(codes, scales):
+        w_hat = (codes.float().reshape(N, -1, g) * scales[..., None]).reshape(N, K)
+        return ((x.double() @ (w_hat - w).double().T).norm() / (x.double() @ w.double().T).norm()).item()
+
+    codes, scales = gptq_weight(w, hessian.h, 4, g)
+    for power in (-10, 10):
+        other, _ = gptq_weight(w, hessian.h * 4.0**power, 4, g)
+        assert torch.equal(other, codes)
+    assert (codes[:, ::8] == 0).all()  # the dead columns' weights
+    assert output_error(codes, scales) < 0.8 * output_error(*gptq_weight(w, torch.eye(K), 4, g))
+
+
 def test_gptq_keeps_a_frozen_bias_frozen():
     """After model.requires_grad_(False) the swap made the biases trainable again (a fresh
     nn.Parameter), so a QLoRA optimizer over what requires grad trained them."""

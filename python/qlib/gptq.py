@@ -89,7 +89,10 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp:
         return codes, scales
     h = h.clone()
     dead = h.diagonal() == 0  # inputs that were always 0: their weights do not matter
-    h[dead, dead] = 1.0
+    # Their diagonal: the live columns' mean (not 1.0: H's scale is arbitrary, and damp's mean
+    # below would weigh a 1.0 against it).
+    live = h.diagonal()[~dead]
+    h[dead, dead] = live.mean() if live.numel() else 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
 
