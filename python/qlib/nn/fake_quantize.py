@@ -156,6 +156,16 @@ class FakeQuantize(QuantState):
                     self.zero_point.detach().round().clamp(self.quant_min, self.quant_max))
         return self.observer.calculate_qparams()
 
+    def train(self, mode: bool = True) -> "FakeQuantize":
+        super().train(mode)
+        b = self._buffers
+        if self.learnable and not self._init_done and not b["initialized"].is_meta \
+                and not torch.compiler.is_compiling():
+            # A compiled step takes the first scale on the device: read its flag (a host read
+            # only until initialised), so that export / jit.trace after compiled training run.
+            self._init_done = bool(b["initialized"])
+        return self
+
     def _uninitialised(self) -> bool:
         """A learnable scale that never took a value from data (still the initial 1.0). Takes the
         `initialized` buffer on the way (set by another process, Hogwild, or a compiled step).
@@ -205,13 +215,14 @@ class FakeQuantize(QuantState):
             if on_meta:
                 pass
             elif self.learnable and not self._init_done:
-                # (jit.trace: the graph would re-initialise every call; export traces the step
-                # as torch.compile does, where it can)
-                if torch.jit.is_tracing() or (torch.compiler.is_exporting() and not _traces_first_qparams(self, observer)):
+                # (An exported or traced graph would write the first scale into the Parameters
+                # every call; a decomposed exported program then fails on that write.)
+                if torch.compiler.is_exporting() or torch.jit.is_tracing():
                     raise RuntimeError(
                         "qlib.nn.FakeQuantize: a learnable FakeQuantize takes its first scale from the "
                         "first batch it observes: run one forward (or load a trained state_dict) before "
-                        "torch.export or torch.jit.trace")
+                        "torch.export or torch.jit.trace; after steps only under torch.compile (which take "
+                        "it on the device), call model.train() or model.eval() first: they read it")
                 _take_first_qparams(self, observer, x)
             elif self._follow_observer and not (torch.compiler.is_exporting() or torch.jit.is_tracing()):
                 _take_first_qparams(self, observer, x)  # (calibrating: the observer's qparams)
@@ -244,12 +255,6 @@ def _take_first_qparams_eagerly(fq: FakeQuantize, observer: nn.Module, x: Tensor
     _take_first_qparams(fq, observer, x)
 
 
-def _traces_first_qparams(fq: FakeQuantize, observer: nn.Module) -> bool:
-    """Whether _take_first_qparams, traced, runs in the graph (no eager step)."""
-    return not (observer._buffers["qparams_shape"].numel() == 0 or fq.scale.dtype in (torch.float16, torch.bfloat16)
-                or parametrize.is_parametrized(fq))
-
-
 def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> None:
     """The learnable scale (and zero point) from the observer, at its first batch x (and at every
     batch after follow_observer()). Traced by
@@ -263,7 +268,8 @@ def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> Non
     seen = None  # (traced: whether the observer recorded a finite value, on the device)
     if not torch.compiler.is_compiling():
         scale, zp = observer.calculate_qparams()
-    elif not _traces_first_qparams(fq, observer):
+    elif observer._buffers["qparams_shape"].numel() == 0 or fq.scale.dtype in (torch.float16, torch.bfloat16) \
+            or parametrize.is_parametrized(fq):
         return _take_first_qparams_eagerly(fq, observer, x)
     else:
         scale, zp = observer.qparams_for(x)
