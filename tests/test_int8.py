@@ -366,20 +366,27 @@ def test_int8_linear_gradient_is_straight_through(device, dtype, static):
 @pytest.mark.parametrize("activation", ["dynamic", "static"])
 @pytest.mark.parametrize("weight_held", [False, True])
 def test_jit_trace_without_tracer_warnings(device, activation, weight_held):
-    """torch.jit.trace runs the traced branch, as torch.compile: no eager bookkeeping in the
-    trace (its tensor-to-bool reads gave TracerWarnings), the packing alone or, where something
-    holds the plain weight, that weight; the traced module gives the module's outputs."""
+    """Under torch.jit.trace forward's bookkeeping runs untraced (its tensor-to-bool reads gave
+    TracerWarnings; skipping it traced the unpacked kernel, 3x slower, and a stale static
+    range): the graph records the op with the packing, and the traced module gives the
+    module's outputs, after an in-place edit of the static range too."""
     import warnings
 
     scale = {"act_scale": 0.05} if activation == "static" else {}
     m = Int8Linear.from_float(nn.Linear(40, 24).to(device), activation, **scale)
     held = m.weight if weight_held else None
+    if activation == "static":
+        with torch.no_grad():
+            m.act_quant_range.copy_(torch.tensor([-20, 20]))  # (no eager call before the trace)
     x = torch.randn(5, 40, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("error", torch.jit.TracerWarning)
         traced = torch.jit.trace(m, (x,))
+    (op,) = [n for n in traced.graph.nodes() if n.kind() == "qlib::int8_linear_packed"]
+    packing = list(op.inputs())[1].node()  # (the module's packing, not an empty tensor)
+    assert packing.kind() == "prim::GetAttr" and packing.s("name") == "weight_packed"
     for rows in (5, 1, 9):
-        xi = torch.randn(rows, 40, device=device)
+        xi = torch.randn(rows, 40, device=device) * 3
         assert torch.equal(traced(xi), m(xi))
     assert held is None or held.shape == (24, 40)
 

@@ -333,6 +333,24 @@ class Int8Linear(QuantState):
         self._drop_weight_if_unshared()
         return b["weight"], b["weight_packed"]
 
+    def _eager_weights(self):
+        """(plain weight or None, packing) for an eager call, after forward's bookkeeping: the
+        static activation range re-read where its buffer changed, the packing made current."""
+        b = self._buffers
+        if self.activation == "static":
+            rng = b["act_quant_range"]
+            if rng is not self.__dict__.get("_act_range_of") or _version_of(rng) != self.__dict__.get("_act_range_ver"):
+                # (new buffers: torch.func.functional_call, .to(); or edited in place)
+                Int8Linear._sync_act_range(self)
+        packed, w = b["weight_packed"], b["weight"]
+        fake_mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+        if fake_mode or is_functorch_wrapped_tensor(packed) or (w is not None and is_functorch_wrapped_tensor(w)):
+            # vmap / grad transforms: no packing of a batch of weights; a FakeTensorMode
+            # (shape propagation): the packing's size is data-dependent
+            return w, packed if w is None else torch.empty(0, dtype=torch.int8, device=w.device)
+        del w  # (_drop_weight_if_unshared counts the references to it)
+        return self._weight_for_call()
+
     def forward(self, input: Tensor) -> Tensor:  # (nn.Linear's name: callers may pass input=x)
         x = input
         if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: jagged nested tensors run on their values)
@@ -340,29 +358,23 @@ class Int8Linear(QuantState):
         # Buffers straight from _buffers: nn.Module.__getattr__ costs about 0.7 us a name,
         # which is most of a small call's Python time.
         b = self._buffers
-        w = b["weight"]  # None: the packing alone is the weight
         bias = b["bias"] if "bias" in b else self.bias  # (a Parameter or parametrized bias is elsewhere)
-        packed = b["weight_packed"]
-        # (traced: the state as it was; torch._C._is_tracing: jit.is_tracing costs 0.15 us more)
-        if not (torch.compiler.is_compiling() or torch._C._is_tracing()):
-            if self.activation == "static":
-                rng = b["act_quant_range"]
-                if rng is not self.__dict__.get("_act_range_of") or _version_of(rng) != self.__dict__.get("_act_range_ver"):
-                    # (new buffers: torch.func.functional_call, .to(); or edited in place)
-                    Int8Linear._sync_act_range(self)
-            fake_mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
-            if fake_mode or is_functorch_wrapped_tensor(packed) or (w is not None and is_functorch_wrapped_tensor(w)):
-                # vmap / grad transforms: no packing of a batch of weights; a FakeTensorMode
-                # (shape propagation): the packing's size is data-dependent
-                if w is not None:
-                    packed = torch.empty(0, dtype=torch.int8, device=w.device)
-            else:
-                del w  # (_drop_weight_if_unshared counts the references to it)
-                w, packed = self._weight_for_call()
-        elif w is not None:
-            # Traced while the module holds its plain weight (something refers to it, or it was
-            # just assigned): edits of it are not tracked in a graph, so the call reads it.
-            packed = torch.empty(0, dtype=torch.int8, device=w.device)
+        if torch.compiler.is_compiling():  # (traced: the state as it was)
+            w, packed = b["weight"], b["weight_packed"]  # (w None: the packing alone is the weight)
+            if w is not None:
+                # Traced while the module holds its plain weight (something refers to it, or it was
+                # just assigned): edits of it are not tracked in a graph, so the call reads it.
+                packed = torch.empty(0, dtype=torch.int8, device=w.device)
+        else:
+            # (torch.jit.trace: the bookkeeping runs untraced; the graph records the op alone)
+            tracing = torch._C._get_tracing_state()
+            if tracing is not None:
+                torch._C._set_tracing_state(None)
+            try:
+                w, packed = self._eager_weights()
+            finally:
+                if tracing is not None:
+                    torch._C._set_tracing_state(tracing)
         if self.activation == "dynamic":
             return torch.ops.qlib.int8_linear_packed(x, packed, w, b["weight_scale"], bias)
         # Static: codes = quantize(x, act_scale, act_zero_point, lo, hi); the zero point is
