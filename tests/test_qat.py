@@ -1197,6 +1197,11 @@ def test_transformer_layer_quantized_alone_takes_its_encoders_nested_tensor():
             assert torch.equal(y[pad], torch.zeros_like(y[pad]))  # the encoder's padding
             keep = ~pad
             assert (y[keep] - ref[keep]).norm() / ref[keep].norm() < 0.05
+            # A pre-hook registered after the swap that copies kwargs (the keep mask rides on the
+            # padding mask tensor, which the copy keeps; on a kwargs dict subclass it was lost).
+            hook = enc.layers[1].register_forward_pre_hook(lambda mod, a, kw: (a, {**kw}), with_kwargs=True)
+            assert torch.equal(enc(x, src_key_padding_mask=pad), y)
+            hook.remove()
             enc.use_nested_tensor = False  # the same numbers unnested
             torch.testing.assert_close(enc(x, src_key_padding_mask=pad)[keep], y[keep], rtol=1e-5, atol=1e-5)
 

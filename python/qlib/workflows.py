@@ -169,36 +169,31 @@ def _off_fused_transformer_paths(model: nn.Module) -> None:
             enc.use_nested_tensor = False
 
 
-class _UnnestedKwargs(dict):
-    """The kwargs _unnest_src hands the layer's forward, carrying the call's keep mask (which
-    positions of the padded src are real) to _renest_output, which gets this same dict. The mask
-    rides with the call, not on the layer: calls from several threads share the layer."""
-    __slots__ = ("keep",)
-
-
 def _unnest_src(layer, args, kwargs):
     """A nested src (nn.TransformerEncoder's padding-mask fast path) runs padded, with the
-    padding as src_key_padding_mask: the slow path's Linears cannot take nested tensors."""
+    padding as src_key_padding_mask: the slow path's Linears cannot take nested tensors. The
+    call's keep mask rides on that mask tensor (`_qlib_keep`) to _renest_output: not on the
+    layer, which calls from several threads share, and not on the kwargs dict, which a pre-hook
+    registered after this one may copy."""
     src = args[0] if args else kwargs.get("src")
     if src is None or not src.is_nested:
         return None
     padded = src.to_padded_tensor(0.0)
     lengths = torch.tensor([t.size(0) for t in src.unbind()], device=padded.device)
     keep = torch.arange(padded.size(1), device=padded.device) < lengths[:, None]
-    kwargs = _UnnestedKwargs(kwargs, src_key_padding_mask=~keep)
-    kwargs.keep = keep
+    padding = ~keep
+    padding._qlib_keep = keep
+    kwargs = dict(kwargs, src_key_padding_mask=padding)
     if args:
         return (padded,) + tuple(args[1:]), kwargs
-    kwargs["src"] = padded
-    return args, kwargs
+    return args, dict(kwargs, src=padded)
 
 
 def _renest_output(layer, args, kwargs, output):
-    # (A pre-hook registered after _unnest_src that returns new kwargs drops the mask: the
-    # output then stays padded.)
-    if type(kwargs) is not _UnnestedKwargs:
+    keep = getattr(kwargs.get("src_key_padding_mask"), "_qlib_keep", None)
+    if keep is None:
         return None
-    return torch._nested_tensor_from_mask(output, kwargs.keep, mask_check=False)
+    return torch._nested_tensor_from_mask(output, keep, mask_check=False)
 
 
 def _naming(who: str, make: Callable[[nn.Module, str], nn.Module]) -> Callable[[nn.Module, str], nn.Module]:
