@@ -195,6 +195,9 @@ def test_gptq_bad_arguments():
         qlib.gptq_quantize(copy.deepcopy(lin), [bad], progress=False)
     with pytest.raises(ValueError, match="not positive definite; raise damp"):
         qlib.gptq_quantize(copy.deepcopy(lin), [torch.ones(4, 16)], damp=0.0, progress=False)
+    with pytest.raises(RuntimeError, match=r"qlib.gptq_quantize: module '0': weight must be float32, float16 or "
+                                           r"bfloat16, got torch.float64; cast the model first"):
+        qlib.gptq_quantize(nn.Sequential(nn.Linear(16, 8).double()), [x.double()], progress=False)
     with pytest.raises(ValueError, match="qlib.gptq_quantize: '0' has a meta weight"):
         qlib.gptq_quantize(nn.Sequential(nn.Linear(16, 8, device="meta")), [torch.ones(4, 16)], progress=False)
     with pytest.raises(ValueError, match="do not match codes"):
@@ -287,10 +290,16 @@ def test_gptq_does_not_depend_on_the_inputs_scale(device):
         _, scaled = gptq_codes(lin, scaled_batches, group_size=32)
         assert scaled.dequantized_weight()[:, 7].abs().max() == 0
         assert abs(output_error(x, lin.weight, scaled.dequantized_weight()) - err) < 0.15 * err
-    # Float64 inputs past float32's range (scaled before the cast to float32).
+    # Float64 inputs past float32's range are scaled before the cast to float32 (H alone: the
+    # swaps refuse a float64 Linear).
+    reference = Hessian(K, device)
+    for b in batches:
+        reference.add(b)
     for s in (2.0 ** -1000, 2.0 ** 900):
-        scaled_codes, _ = gptq_codes(copy.deepcopy(lin).double(), [b.double() * s for b in batches], group_size=32)
-        assert torch.equal(scaled_codes, codes), s
+        hessian = Hessian(K, device)
+        for b in batches:
+            hessian.add(b.double() * s)
+        assert torch.equal(hessian.h, reference.h), s
     # Only real NaN / Inf inputs are said to hold them, in any batch.
     for bad in (float("nan"), float("inf")):
         poisoned = [b * 2.0 ** -70 for b in batches]

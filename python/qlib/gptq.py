@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import _ops
 from .nn.linear_4bit import Linear4bit
-from .workflows import FilterFn, _swap, calibrate, swap_selector
+from .workflows import FilterFn, _swap, calibrate, check_op_dtype, swap_selector
 
 _MIN_SCALE = torch.finfo(torch.float32).tiny  # the least scale quantize takes (the ops' kMinScale)
 
@@ -166,6 +166,8 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
     if on_meta:
         raise ValueError(f"qlib.gptq_quantize: {on_meta[0]!r} has a meta weight; GPTQ needs the weight's "
                          "values (load them first)")
+    for fqn, m in selected.values():
+        check_op_dtype(m, fqn, "gptq_quantize")
     # Groups of Linears whose H fit max_hessian_bytes together (a larger one goes alone).
     groups, size = [[]], 0
     budget = 0 if sequential else max_hessian_bytes  # sequential: one Linear a group

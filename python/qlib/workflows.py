@@ -209,13 +209,18 @@ def _naming(who: str, make: Callable[[nn.Module, str], nn.Module]) -> Callable[[
 _OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def check_op_dtype(linear: nn.Linear, fqn: str, who: str) -> None:
+    """Refuses a Linear of a dtype the ops do not take (float64: every forward raised)."""
+    if linear.weight.dtype not in _OP_DTYPES:
+        raise RuntimeError(
+            f"qlib.{who}: module {fqn or '(the model)'!r}: weight must be float32, float16 or bfloat16, "
+            f"got {linear.weight.dtype}; cast the model first (e.g. model.float())")
+
+
 def _op_dtype_checked(make: Callable[[nn.Module, str], nn.Module], who: str) -> Callable[[nn.Module, str], nn.Module]:
-    """make, refusing a Linear of a dtype the ops do not take (float64: every forward raised)."""
+    """make, after check_op_dtype."""
     def checked(linear: nn.Linear, fqn: str) -> nn.Module:
-        if linear.weight.dtype not in _OP_DTYPES:
-            raise RuntimeError(
-                f"qlib.{who}: module {fqn or '(the model)'!r}: weight must be float32, float16 or bfloat16, "
-                f"got {linear.weight.dtype}; cast the model first (e.g. model.float())")
+        check_op_dtype(linear, fqn, who)
         return make(linear, fqn)
     return checked
 
