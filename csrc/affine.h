@@ -101,9 +101,10 @@ void check_chosen_qparams(const char* op, const at::Tensor& min, const at::Tenso
 at::Tensor call_fake_quant(const at::Tensor& x, const at::Tensor& scale,
                            const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max);
 
-// lsq_fake_quant's own arguments (fake_quant checks the rest).
-void check_lsq_args(const at::Tensor& scale, int64_t quant_min, int64_t quant_max,
-                    std::optional<double> grad_factor, double eps);
+// lsq_fake_quant's arguments, less the values fake_quant checks (its fake runs this too).
+void check_lsq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                    int64_t quant_min, int64_t quant_max, std::optional<double> grad_factor,
+                    double eps);
 
 // fake_quant_backward: grad matches x (shape, dtype, device), x and range valid.
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,

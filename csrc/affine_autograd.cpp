@@ -134,7 +134,8 @@ std::pair<at::Tensor, at::Tensor> lsq_clamped(const at::Tensor& scale, const at:
                                           : zero_point};
 }
 
-// call_fake_quant at LSQ's qparams, its errors naming lsq_fake_quant (the op the caller called).
+// call_fake_quant at LSQ's qparams, its errors naming lsq_fake_quant (the op the caller called):
+// those of the value checks (check_lsq_args has named the others, traced calls' too).
 at::Tensor lsq_call_fake_quant(const at::Tensor& x, const at::Tensor& s, const at::Tensor& z,
                                int64_t quant_min, int64_t quant_max) {
   try {
@@ -149,14 +150,17 @@ at::Tensor lsq_call_fake_quant(const at::Tensor& x, const at::Tensor& s, const a
 
 }  // namespace
 
-void check_lsq_args(const at::Tensor& scale, int64_t quant_min, int64_t quant_max,
-                    std::optional<double> grad_factor, double eps) {
+void check_lsq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                    int64_t quant_min, int64_t quant_max, std::optional<double> grad_factor,
+                    double eps) {
   check_quant_range(kLsqOp, quant_min, quant_max);
   TORCH_CHECK(scale.is_floating_point(), kLsqOp, ": scale must be floating, got ",
               scale.scalar_type());
   check_eps(kLsqOp, eps);
   TORCH_CHECK(!grad_factor || (*grad_factor > 0 && std::isfinite(*grad_factor)), kLsqOp,
               ": grad_factor must be positive and finite, got ", *grad_factor);
+  check_fake_quant_input(kLsqOp, x);
+  check_affine_meta(kLsqOp, "x", x, scale, zero_point);
 }
 
 namespace {
@@ -164,7 +168,7 @@ namespace {
 at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& scale,
                           const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                           std::optional<double> grad_factor, double eps) {
-  check_lsq_args(scale, quant_min, quant_max, grad_factor, eps);
+  check_lsq_args(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
   const auto [s, z] = lsq_clamped(scale, zero_point, quant_min, quant_max, eps);
   return lsq_call_fake_quant(x, s, z, quant_min, quant_max);
 }
@@ -206,7 +210,7 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
                             std::optional<double> grad_factor, double eps) {
     // lsq_fake_quant's body, keeping the clamped qparams for the backward.
     at::AutoDispatchBelowADInplaceOrView guard;
-    check_lsq_args(scale, quant_min, quant_max, grad_factor, eps);
+    check_lsq_args(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
     const auto [s, z] = lsq_clamped(scale, zero_point, quant_min, quant_max, eps);
     ctx->save_for_backward({x, s, z});
     ctx->saved_data["quant_min"] = quant_min;

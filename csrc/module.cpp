@@ -114,10 +114,7 @@ PYBIND11_MODULE(_C, m) {
                                         const at::Tensor& zero_point, int64_t quant_min,
                                         int64_t quant_max, std::optional<double> grad_factor,
                                         double eps) {
-    constexpr const char* op = "qlib::lsq_fake_quant";
-    qlib::check_lsq_args(scale, quant_min, quant_max, grad_factor, eps);
-    qlib::check_fake_quant_input(op, x);
-    qlib::check_affine_meta(op, "x", x, scale, zero_point);
+    qlib::check_lsq_args(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
   });
   m.def("check_fake_quant_backward_args",
         [](const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,

@@ -575,6 +575,10 @@ def test_lsq_fake_quant_opcheck_and_errors(device):
                     continue  # (CUDA reads values only with qlib.set_cuda_value_checks(True))
                 with pytest.raises(RuntimeError, match="qlib::lsq_fake_quant: " + message):
                     ops.lsq_fake_quant(bad_x, bad_s, bad_z, 0, 15, 0.05, 1e-6)
+                if not reads_values:  # (traced: the fake, or the composite on fake tensors)
+                    meta = [t.detach().to("meta") for t in (bad_x, bad_s, bad_z)]
+                    with pytest.raises(RuntimeError, match="qlib::lsq_fake_quant: " + message):
+                        ops.lsq_fake_quant(*meta, 0, 15, 0.05, 1e-6)
 
 
 def test_python_wrapper_and_quant_range(device):
