@@ -149,9 +149,13 @@ std::string given_zero_point(const at::Tensor& given, int64_t i) {
 void check_qparam_values(const char* op, const char* x_name, const at::Tensor& scale,
                          const at::Tensor& zero_point, const at::Tensor& given_zp,
                          int64_t quant_min, int64_t quant_max) {
-  const std::string range = c10::str(std::string_view(x_name) == "q" ? "the range of q's dtype"
-                                                                     : "[quant_min, quant_max]",
-                                     " = [", quant_min, ", ", quant_max, "]");
+  const auto range = [&] {  // (for the messages: built only on an error)
+    const bool q = std::string_view(x_name) == "q";
+    return c10::str(q ? "the range of q's dtype" : "[quant_min, quant_max]", " = [", quant_min,
+                    ", ", quant_max, "]",
+                    q && quant_max == kMaxExactCode ? " (int32: the codes float32 holds exactly)"
+                                                    : "");
+  };
   // scale and zero_point arrive as contiguous float32 (prepare_affine).
   if (scale.is_cpu()) {  // a plain loop: no small ATen ops on the hot path
     const float* s = scale.const_data_ptr<float>();
@@ -162,7 +166,7 @@ void check_qparam_values(const char* op, const char* x_name, const at::Tensor& s
                   " (so that 1 / scale is finite), got ", s[i], " at flat index ", i);
     }
     for (int64_t i = 0; i < zero_point.numel(); ++i) {
-      TORCH_CHECK(z[i] >= quant_min && z[i] <= quant_max, op, ": zero_point must lie in ", range,
+      TORCH_CHECK(z[i] >= quant_min && z[i] <= quant_max, op, ": zero_point must lie in ", range(),
                   ", got ", given_zero_point(given_zp, i), " at flat index ", i);
     }
     return;
@@ -178,7 +182,7 @@ void check_qparam_values(const char* op, const char* x_name, const at::Tensor& s
                             at::isnan(zero_point);
   if (bad_zp.any().item<bool>()) {
     const int64_t i = bad_zp.reshape(-1).nonzero().select(0, 0).item<int64_t>();
-    TORCH_CHECK(false, op, ": zero_point must lie in ", range, ", got ",
+    TORCH_CHECK(false, op, ": zero_point must lie in ", range(), ", got ",
                 given_zero_point(given_zp, i), " at flat index ", i);
   }
 }

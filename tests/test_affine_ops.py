@@ -403,7 +403,7 @@ def _bad_cases(device):
     # a zero point of 2^24 + 1 would have been read as 2^24.
     top = 2**31 - 1
     yield lambda: ops.quantize(x, s, z + top - 50, top - 100, top, torch.int32), r"qlib::quantize: the range \[2147483547, 2147483647\] reaches past \+-\(2\^24 - 1\)"
-    yield lambda: ops.dequantize(x.int(), s, z + 2**24 + 1, torch.float32), r"qlib::dequantize: zero_point must lie in the range of q's dtype = \[-16777215, 16777215\], got 16777217"
+    yield lambda: ops.dequantize(x.int(), s, z + 2**24 + 1, torch.float32), r"qlib::dequantize: zero_point must lie in the range of q's dtype = \[-16777215, 16777215\] \(int32: the codes float32 holds exactly\), got 16777217"
     if torch.cuda.is_available():
         other = "cpu" if device != "cpu" else "cuda"
         yield lambda: fq(x, s.to(other), z, -128, 127), r"x \(.*\), scale \(.*\) and zero_point \(.*\) must be on the same device"

@@ -82,6 +82,10 @@ def test_config_is_immutable_and_replace_makes_checked_variants():
     assert "weight=int4 per_group(g=8)" in second[0].extra_repr()
     with pytest.raises(ValueError, match="weight_bits must be an int in \\[2, 16\\], got 1"):
         dataclasses.replace(cfg, weight_bits=1)
+    with pytest.raises(ValueError, match="pass weight_granularity='per_channel' too"):
+        dataclasses.replace(grouped, weight_group_size=None)  # (the granularity stays per_group)
+    assert dataclasses.replace(grouped, weight_group_size=None, weight_granularity="per_channel") == \
+        QATConfig(weight_bits=4)
     assert pickle.loads(pickle.dumps(grouped)) == grouped
 
 

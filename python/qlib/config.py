@@ -54,7 +54,8 @@ class QATConfig:
                 f"QATConfig.weight_granularity must be one of {_GRANULARITIES}, got {self.weight_granularity!r}"
             )
         if self.weight_granularity == "per_group" and self.weight_group_size is None:
-            raise ValueError("QATConfig.weight_granularity='per_group' needs weight_group_size")
+            raise ValueError("QATConfig.weight_granularity='per_group' needs weight_group_size (a variant of a "
+                             "per-group config without groups: pass weight_granularity='per_channel' too)")
         self.weight_observer_class()
         if self.activation_bits is not None:
             self.activation_observer_class()
