@@ -297,9 +297,13 @@ void launch_gemm_small_m(const int8_t* a, int64_t lda, const int8_t* b, int64_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Zero-pads a K-contiguous int8 [R, K] operand to [Rp, Kp] (no copy when already fine).
+// Zero-pads a K-contiguous int8 [R, K] operand to [Rp, Kp] (no copy when already fine; a view
+// off a 16-byte boundary, as buf[1:], is copied: cuBLASLt's int8 kernels need aligned pointers).
 at::Tensor pad_operand(const at::Tensor& t, int64_t rows_to, int64_t k_to) {
-  if (t.size(0) == rows_to && t.size(1) == k_to && t.is_contiguous()) return t;
+  if (t.size(0) == rows_to && t.size(1) == k_to && t.is_contiguous() &&
+      aligned16(t.const_data_ptr())) {
+    return t;
+  }
   at::Tensor p = at::zeros({rows_to, k_to}, t.options());
   p.narrow(0, 0, t.size(0)).narrow(1, 0, t.size(1)).copy_(t);
   return p;

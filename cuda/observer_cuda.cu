@@ -428,7 +428,9 @@ __global__ void entropy_search_kernel(const int64_t* __restrict__ hist,
   Scored best{INFINITY, -1};
   for (int64_t i = start + threadIdx.x; i <= g.used; i += blockDim.x) {
     const int64_t s = entropy_window_start(g.used, i, z);
-    best = ScoredMin()(best, Scored{entropy_candidate_kl(h, cnt, nz, hl, g.used, s, i, levels), i});
+    const double kl = entropy_candidate_kl(h, cnt, nz, hl, g.used, s, i, levels);
+    // NaN scores (negative counts, unchecked without value checks) never win, as in the MSE search.
+    best = ScoredMin()(best, Scored{kl == kl ? kl : INFINITY, i});
   }
   using Reduce = cub::BlockReduce<Scored, kSearchThreads>;
   __shared__ typename Reduce::TempStorage tmp;
