@@ -31,6 +31,16 @@ def test_int8_gemm_exact(device, M, K, N):
     assert torch.equal(c.cpu().long(), ref_gemm(a, b))
 
 
+@pytest.mark.parametrize("offset", [1, 4, 8])
+def test_int8_gemm_of_views_off_a_16_byte_boundary(device, offset):
+    """Contiguous operands whose data starts off a 16-byte boundary (buf[offset:]): exact at
+    every M (on CUDA cuBLASLt's int8 kernels need aligned pointers: such views are copied)."""
+    for M, K, N in ((3, 32, 24), (20, 32, 64), (70, 64, 40)):
+        a = rand_i8(M * K + offset, device=device)[offset:].view(M, K)
+        b = rand_i8(N * K + offset, device=device)[offset:].view(N, K)
+        assert torch.equal(ops.int8_gemm(a, b).cpu().long(), ref_gemm(a, b))
+
+
 @pytest.mark.parametrize("case", ["a_no_min", "b_no_min", "both_min", "extremes"])
 def test_int8_gemm_paths(device, case):
     # The CPU kernel picks a path by where -128 occurs; all must be exact.
