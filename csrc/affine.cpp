@@ -227,7 +227,8 @@ AffineArgs check_affine_args(const char* op, const char* x_name, const at::Tenso
   check_affine_meta(op, x_name, x, scale, zero_point);
   const bool per_tensor = scale.numel() == 1;
   AffineArgs a;
-  a.x = x.is_non_overlapping_and_dense() ? x : x.contiguous(x.suggest_memory_format());
+  // (Not dense: copied as torch.empty_like lays it out, which keeps x's dim order.)
+  a.x = x.is_non_overlapping_and_dense() ? x : at::empty_like(x).copy_(x);
   if (!a.x.is_contiguous()) {
     // Dense in another order: dims from the largest stride to the smallest.
     a.dims.resize(x.dim());

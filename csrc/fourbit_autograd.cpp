@@ -82,7 +82,7 @@ class Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction> 
 at::Tensor linear_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                 const at::Tensor& codebook, int64_t block_size,
                                 const std::optional<at::Tensor>& bias) {
-  check_no_forward_grad("qlib::linear_4bit", {x, absmax, bias.value_or(at::Tensor())});
+  check_no_forward_grad("qlib::linear_4bit", {x, absmax, codebook, bias.value_or(at::Tensor())});
   check_frozen("qlib::linear_4bit", absmax, codebook);
   if (!at::GradMode::is_enabled() ||
       !(x.requires_grad() || (bias.has_value() && bias->requires_grad()))) {
@@ -95,6 +95,7 @@ at::Tensor linear_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, c
 at::Tensor dequantize_4bit_autograd(const at::Tensor& packed, const at::Tensor& absmax,
                                     const at::Tensor& codebook, int64_t in_features,
                                     int64_t block_size, at::ScalarType dtype) {
+  check_no_forward_grad("qlib::dequantize_4bit", {absmax, codebook});
   check_frozen("qlib::dequantize_4bit", absmax, codebook);
   at::AutoDispatchBelowADInplaceOrView guard;
   return call_dequantize_4bit(packed, absmax, codebook, in_features, block_size, dtype);

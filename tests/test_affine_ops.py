@@ -577,3 +577,32 @@ def test_forward_mode_ad_raises():
             torch.func.jvp(call, (x,), (torch.ones_like(x),))
         with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match=f"{name}: forward-mode AD"):
             call(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+    # A tangent on a qparam or codebook (dequantize_4bit, linear_4bit's codebook, int8's act_scale
+    # ran and dropped it).
+    fwad = torch.autograd.forward_ad
+    dual = lambda t: fwad.make_dual(t, torch.ones_like(t))
+    others = {
+        "qlib::dequantize_4bit": [lambda: ops.dequantize_4bit(packed, dual(absmax), cb, 8, 4, torch.float32),
+                                  lambda: ops.dequantize_4bit(packed, absmax, dual(cb), 8, 4, torch.float32)],
+        "qlib::linear_4bit": [lambda: ops.linear_4bit(x, packed, absmax, dual(cb), 4, None)],
+        "qlib::int8_linear": [lambda: ops.int8_linear(x, w, torch.rand(6), None, dual(torch.tensor(0.05)))],
+    }
+    for name, cases in others.items():
+        for call in cases:
+            with fwad.dual_level(), pytest.raises(RuntimeError, match=f"{name}: forward-mode AD"):
+                call()
+
+
+def test_outputs_of_non_dense_views_have_empty_likes_strides():
+    """A non-dense view whose dims are not in row-major order (a strided slice of a transposed
+    matrix) gives outputs with torch.empty_like's strides, as the fakes say (the kernels copied it
+    row-major: torch.compile then failed its stride assertion)."""
+    s, z = torch.tensor(0.1), torch.tensor(0, dtype=torch.int32)
+    x = torch.randn(33, 8).t()[:, ::3]  # (8, 11), strides (1, 24)
+    q = ops.quantize(x, s, z, -128, 127, torch.int8)
+    for y in (ops.fake_quant(x, s, z, -128, 127), q, ops.dequantize(q, s, z, torch.float32),
+              ops.fake_quant_backward(x, x, s, z, -128, 127, False, False)[0]):
+        assert y.stride() == torch.empty_like(x).stride()
+    assert torch.equal(ops.fake_quant(x, s, z, -128, 127), torch.fake_quantize_per_tensor_affine(x, 0.1, 0, -128, 127))
+    compiled = torch.compile(lambda t: ops.fake_quant(t, s, z, -128, 127), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), ops.fake_quant(x, s, z, -128, 127))
