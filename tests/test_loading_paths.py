@@ -85,3 +85,25 @@ def test_module_level_dtype_and_device_mixing():
     assert fq.observer.min_val.device.type == "cpu"
     assert fq(torch.randn(0, 8)).shape == (0, 8)
     assert fq(torch.randn(4, 8)).shape == (4, 8)
+
+
+def test_meta_states_load_with_assign_and_none_values_get_torchs_error():
+    """A model's own meta state (a skeleton's) loads into it with assign=True: observers, QAT
+    models and Int8Linear skip their value checks for meta tensors (they read .item() and
+    failed); a None entry gets torch's named load error (an observer raised AttributeError)."""
+    import qlib
+    from qlib import observers as O
+
+    for make in (lambda: O.MinMaxObserver(), lambda: qlib.prepare_qat(torch.nn.Sequential(torch.nn.Linear(8, 4))),
+                 lambda: qlib.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(8, 4)))):
+        with torch.device("meta"):
+            skeleton = make()
+        state = skeleton.state_dict()
+        assert any(t.is_meta for t in state.values())
+        skeleton.load_state_dict(state, assign=True)
+    for observer, key in ((O.MinMaxObserver(), "min_val"), (O.PercentileObserver(), "hist")):
+        observer(torch.randn(4, 6))
+        state = observer.state_dict()
+        state[key] = None
+        with pytest.raises(RuntimeError, match=f"Error\\(s\\) in loading state_dict for {type(observer).__name__}"):
+            observer.load_state_dict(state)

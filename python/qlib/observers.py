@@ -375,13 +375,16 @@ class ObserverBase(QuantState):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.__dict__.pop("_recorded_in", None)
-        self._check_loaded_layout(state_dict, prefix)
-        self._check_loaded_values(state_dict, prefix)
-        # The statistic buffers are sized by the data: take the saved sizes.
+        ours = [state_dict.get(prefix + n) for n in self._buffers]
+        if not any(isinstance(v, Tensor) and v.is_meta for v in ours):  # (a meta state: no values to check)
+            self._check_loaded_layout(state_dict, prefix)
+            self._check_loaded_values(state_dict, prefix)
+        # The statistic buffers are sized by the data: take the saved sizes. (Not a tensor: torch's
+        # loader names it.)
         for name in list(self._stat_buffers) + ["qparams_shape"]:
-            key = prefix + name
-            if key in state_dict:
-                self._resize(name, state_dict[key].shape)
+            value = state_dict.get(prefix + name)
+            if isinstance(value, Tensor):
+                self._resize(name, value.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __setstate__(self, state):

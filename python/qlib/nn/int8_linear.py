@@ -455,7 +455,7 @@ class Int8Linear(QuantState):
             else:
                 self._unpacked_weight()
         for name, key, value in self._loaded_buffers(state_dict, prefix):
-            if name in ("weight_scale", "act_scale"):
+            if name in ("weight_scale", "act_scale") and not value.is_meta:  # (meta: no values)
                 # A NaN / zero / negative scale would give NaN or wrong outputs; x is divided
                 # by act_scale, so it must also keep 1 / scale finite.
                 low = _MIN_ACT_SCALE if name == "act_scale" else 0.0
