@@ -124,9 +124,9 @@ constexpr const char* kLsqOp = "qlib::lsq_fake_quant";
 // (autograd rounds the float32 gradient to the parameter's dtype once, at the end).
 std::pair<at::Tensor, at::Tensor> lsq_clamped(const at::Tensor& scale, const at::Tensor& zero_point,
                                               int64_t quant_min, int64_t quant_max, double eps) {
-  const auto wide = [](const at::Tensor& t) {
+  const auto wide = [](const at::Tensor& t) {  // (float16, bfloat16, float8: to float32)
     const auto dtype = t.scalar_type();
-    return dtype == at::kHalf || dtype == at::kBFloat16 ? t.to(at::kFloat) : t;
+    return dtype == at::kFloat || dtype == at::kDouble ? t : t.to(at::kFloat);
   };
   // An integer zero point is range-checked by fake_quant (a clamp in its own dtype could wrap).
   return {wide(scale).clamp_min(eps), zero_point.is_floating_point()

@@ -581,6 +581,22 @@ def test_lsq_fake_quant_opcheck_and_errors(device):
                         ops.lsq_fake_quant(*meta, 0, 15, 0.05, 1e-6)
 
 
+def test_lsq_fake_quant_takes_float8_qparams(device):
+    """float8 qparams are taken in float32 (as float16 / bfloat16: a clamp in float8 had no CPU
+    kernel); the output equals the op on the same values in float32, gradients included."""
+    x = torch.randn(6, 10, device=device)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        s8 = torch.tensor([0.125], device=device).to(dtype).requires_grad_()
+        s32 = s8.detach().float().requires_grad_()
+        z = torch.zeros(1, device=device)
+        y8 = ops.lsq_fake_quant(x, s8, z, -8, 7, None, 1e-6)
+        y32 = ops.lsq_fake_quant(x, s32, z, -8, 7, None, 1e-6)
+        assert torch.equal(y8, y32)
+        y8.sum().backward()
+        y32.sum().backward()
+        assert s8.grad.dtype == dtype and torch.equal(s8.grad, s32.grad.to(dtype))
+
+
 def test_python_wrapper_and_quant_range(device):
     x = torch.randn(10, device=device)
     assert torch.equal(qlib.fake_quant(x, 0.1), ops.fake_quant(x, torch.tensor(0.1, device=device), torch.tensor(0, device=device), -128, 127))

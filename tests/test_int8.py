@@ -503,6 +503,8 @@ def test_int8linear_corrupt_state_dict(device):
         static.load_state_dict(bad_zp)
     with pytest.raises(ValueError, match="needs act_scale"):
         Int8Linear.from_float(nn.Linear(4, 4), activation="static")
+    with pytest.raises(ValueError, match=r"act_scale must be one value \(per-tensor\), got shape \(2,\)"):
+        Int8Linear.from_float(nn.Linear(4, 4), activation="static", act_scale=torch.ones(2))
 
 
 # ---------------------------------------------------------------- quantize_dynamic

@@ -1045,3 +1045,13 @@ def test_jit_trace_of_a_qat_model(state):
         x = torch.randn(n, 16) * 3
         assert torch.equal(traced(x), eager(x))
     assert torch.equal(m[0].activation_fake_quant.observer.min_val, eager[0].activation_fake_quant.observer.min_val)
+
+
+def test_observer_arguments_and_inputs_are_checked():
+    """ch_axis must be an int (a float or str failed at the first forward with a bare TypeError);
+    forward takes a Tensor (a list raised AttributeError)."""
+    for bad in (1.0, "0", True):
+        with pytest.raises(ValueError, match=f"qlib.observers.MinMaxObserver: ch_axis must be an int, got {bad!r}"):
+            O.MinMaxObserver(ch_axis=bad)
+    with pytest.raises(TypeError, match="qlib.observers.MinMaxObserver: x must be a Tensor, got list"):
+        O.MinMaxObserver()([1.0, 2.0])

@@ -104,6 +104,8 @@ class ObserverBase(QuantState):
             )
         if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"qlib.observers.{name}: group_size must be a positive int, got {group_size!r}")
+        if ch_axis is not None and (not isinstance(ch_axis, int) or isinstance(ch_axis, bool)):
+            raise ValueError(f"qlib.observers.{name}: ch_axis must be an int, got {ch_axis!r}")
         self.bits = bits
         self.symmetric = bool(symmetric)
         self.ch_axis = ch_axis
@@ -164,6 +166,8 @@ class ObserverBase(QuantState):
 
     def _prepare(self, x: Tensor) -> Optional[Tensor]:
         """The rows of x to record, with the buffers set up; None for an empty x."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"qlib.observers.{type(self).__name__}: x must be a Tensor, got {type(x).__name__}")
         x = x.detach()
         if x.numel() == 0:
             return None

@@ -235,7 +235,11 @@ class Int8Linear(QuantState):
         if activation == "static":
             if act_scale is None:
                 raise ValueError("Int8Linear.from_float: activation='static' needs act_scale (calibrate it first)")
-            act_scale = torch.as_tensor(act_scale, dtype=torch.float32).detach().reshape(())
+            act_scale = torch.as_tensor(act_scale, dtype=torch.float32).detach()
+            if act_scale.numel() != 1:
+                raise ValueError("Int8Linear.from_float: act_scale must be one value (per-tensor), got shape "
+                                 f"{tuple(act_scale.shape)}")
+            act_scale = act_scale.reshape(())
             if not (torch.isfinite(act_scale) and act_scale >= _MIN_ACT_SCALE):
                 raise ValueError(
                     f"Int8Linear.from_float: act_scale must be positive and finite, at least {_MIN_ACT_SCALE} "
