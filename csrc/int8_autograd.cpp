@@ -71,7 +71,8 @@ std::pair<at::Tensor, at::Tensor> grads_of(AutogradContext* ctx, const at::Tenso
 // raises; under grad mode, a scale that asks for a gradient it will not get is an error.
 bool records_grad(const char* op, const at::Tensor& x, const at::Tensor& w_scale,
                   const OptTensor& bias, const OptTensor& act_scale) {
-  check_no_forward_grad(op, {x, w_scale, bias.value_or(at::Tensor()), act_scale.value_or(at::Tensor())});
+  check_no_forward_grad(op,
+                        {x, w_scale, bias.value_or(at::Tensor()), act_scale.value_or(at::Tensor())});
   if (!at::GradMode::is_enabled()) return false;
   TORCH_CHECK(!w_scale.requires_grad() && !(act_scale.has_value() && act_scale->requires_grad()),
               op, ": w_scale and act_scale get no gradient (the int8 weight is frozen; train "

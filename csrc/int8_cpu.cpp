@@ -1922,7 +1922,8 @@ at::Tensor k_contiguous(const at::Tensor& t) {
 at::Tensor int8_gemm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const char* op = "qlib::int8_gemm";
   check_int8_gemm_args(op, a_in, b_in);
-  [[maybe_unused]] const Int8Kernel kernel = current_int8_kernel();  // (at every M: a bad QLIB_INT8_CPU_KERNEL raises)
+  // (Read at every M: a bad QLIB_INT8_CPU_KERNEL raises whatever the path.)
+  [[maybe_unused]] const Int8Kernel kernel = current_int8_kernel();
   const at::Tensor a = k_contiguous(a_in), b = k_contiguous(b_in);
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
   at::Tensor c = at::empty({M, N}, a.options().dtype(at::kInt));

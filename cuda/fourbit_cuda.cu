@@ -245,7 +245,8 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed_in, const at::Tensor& a
                                 int64_t block_size, at::ScalarType dtype) {
   const char* op = "qlib::dequantize_4bit";
   const int64_t N =
-      check_dequantize_4bit_args(op, packed_in, absmax_in, codebook_in, in_features, block_size, dtype);
+      check_dequantize_4bit_args(op, packed_in, absmax_in, codebook_in, in_features, block_size,
+                                 dtype);
   TORCH_CHECK(packed_in.is_cuda(), op, ": packed must be a CUDA tensor, got ",
               packed_in.device());
   const c10::cuda::OptionalCUDAGuard guard(packed_in.device());
