@@ -4,6 +4,8 @@ import threading
 import torch
 from torch import Tensor, nn
 
+# The floating dtypes the ops take for x (and activations, weights of the swapped Linears).
+OP_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Functions behind torch.compiler.disable (graph breaks for torch.compile), wrapped by the
 # first observer or FakeQuantize built or unpickled (make_graph_breaks), not at import: importing

@@ -48,7 +48,7 @@ from torch.nn.modules import module as _module
 from . import _C
 from . import _observer_ops  # noqa: F401  (registers the fakes)
 from ._ops import quant_range
-from ._state import QuantState, graph_break, make_graph_breaks
+from ._state import OP_FLOAT_DTYPES, QuantState, graph_break, make_graph_breaks
 
 ops = torch.ops.qlib
 _ALLOCATE_LOCK = threading.Lock()
@@ -63,7 +63,6 @@ __all__ = [
 ]
 
 _EPS = torch.finfo(torch.float32).eps
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _distributed() -> bool:
@@ -173,7 +172,7 @@ class ObserverBase(QuantState):
             return None
         if not x.is_floating_point():
             raise TypeError(f"qlib.observers.{type(self).__name__}: x must be floating, got {x.dtype}")
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if x.dtype not in OP_FLOAT_DTYPES:
             x = x.float()
         rows, shape = self._rows(x)
         if self._buffers["qparams_shape"].numel() == 0:
@@ -430,7 +429,7 @@ class MinMaxObserver(ObserverBase):
         if torch.compiler.is_compiling() or torch._C._is_tracing():
             return None
         lay, b = self.__dict__.get("_layout"), self._buffers
-        if (lay is None or x.shape != lay[0] or x.dtype not in _FUSED_DTYPES
+        if (lay is None or x.shape != lay[0] or x.dtype not in OP_FLOAT_DTYPES
                 or b["qparams_shape"].numel() == 0 or b["min_val"].shape[0] != lay[3]
                 or not _overrides_nothing(type(self)) or _has_forward_hooks(self) or _distributed()):
             return None

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import qlib
+from qlib._state import OP_FLOAT_DTYPES
 
 SCHEMES: Dict[str, Callable[[nn.Module], nn.Module]] = {
     "int8": lambda m: qlib.quantize_dynamic(m),
@@ -148,7 +149,7 @@ def report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str] = tupl
 def _report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str], repeat: int,
             seed: int) -> Dict[str, dict]:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if dtype not in OP_FLOAT_DTYPES:
         raise ValueError(f"qlib report: the model's parameters are {dtype}; the schemes take float32, float16 "
                          "or bfloat16 models (cast it, e.g. model.float())")
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)

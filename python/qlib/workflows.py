@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from ._state import OP_FLOAT_DTYPES
 from .config import QATConfig, config_or_default
 from .nn.fake_quantize import FakeQuantize
 from .nn.int8_linear import Int8Linear
@@ -206,12 +207,9 @@ def _naming(who: str, make: Callable[[nn.Module, str], nn.Module]) -> Callable[[
     return named
 
 
-_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def check_op_dtype(linear: nn.Linear, fqn: str, who: str) -> None:
     """Refuses a Linear of a dtype the ops do not take (float64: every forward raised)."""
-    if linear.weight.dtype not in _OP_DTYPES:
+    if linear.weight.dtype not in OP_FLOAT_DTYPES:
         raise RuntimeError(
             f"qlib.{who}: module {fqn or '(the model)'!r}: weight must be float32, float16 or bfloat16, "
             f"got {linear.weight.dtype}; cast the model first (e.g. model.float())")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import _fourbit_ops
 from .._fourbit_ops import CodebookLike, codebook_4bit
-from .._state import QuantState, check_finite_weight, on_nested, weight_zeros
+from .._state import OP_FLOAT_DTYPES, QuantState, check_finite_weight, on_nested, weight_zeros
 
 
 def _check_in_features(x: Tensor, in_features: int, out_features: int) -> None:
@@ -59,7 +59,7 @@ class Linear4bit(QuantState):
         in_features = _check_int("Linear4bit", "in_features", in_features, 0)
         out_features = _check_int("Linear4bit", "out_features", out_features, 0)
         block_size = _check_int("Linear4bit", "block_size", block_size, 1)
-        if compute_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+        if compute_dtype is not None and compute_dtype not in OP_FLOAT_DTYPES:
             raise ValueError(f"Linear4bit: compute_dtype must be None, float32, float16 or bfloat16, got {compute_dtype}")
         # None: the input's dtype. torch.bfloat16 runs a float32 x through the bfloat16 kernels
         # (faster on CPUs with AVX512-BF16, as bitsandbytes' and ATen's int4 CPU kernels do)
