@@ -322,9 +322,9 @@ at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
 }
 
 // ---------------------------------------------------------------- backward
-// grad_x, and with Lsq the per-element LSQ terms (d_scale, d_zero_point); U packs of N
-// elements a thread per iteration, as in the forward. Without Lsq the LSQ terms are neither
-// computed nor stored.
+// grad_x, and with Lsq the per-element LSQ terms asked for (d_scale and/or d_zero_point, null
+// when not); U packs of N elements a thread per iteration, as in the forward. Without Lsq the
+// LSQ terms are neither computed nor stored.
 template <class T, int N, int U, ScaleLookup L, bool Lsq>
 __global__ void fake_quant_backward_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                            T* __restrict__ grad_x, float* __restrict__ d_scale,
@@ -358,8 +358,8 @@ __global__ void fake_quant_backward_kernel(const T* __restrict__ grad, const T* 
             [&](int k) { set(k, ElementGrads<float>{kNaN, kNaN, kNaN}); });
         store_pack<T, N>(grad_x, v * N, n, gx);
         if constexpr (Lsq) {
-          store_pack<float, N>(d_scale, v * N, n, ds);
-          store_pack<float, N>(d_zero_point, v * N, n, dz);
+          if (d_scale != nullptr) store_pack<float, N>(d_scale, v * N, n, ds);
+          if (d_zero_point != nullptr) store_pack<float, N>(d_zero_point, v * N, n, dz);
         }
       });
 }
@@ -379,7 +379,7 @@ void launch_fake_quant_backward(const AffineArgs& a, const T* g, T* gx, float* d
         kernel<<<blocks_for<kernel>((n + N * U - 1) / (N * U)), kThreads, 0, stream>>>(
             g, x, gx, ds, dz, n, p);
       };
-      if (ds != nullptr) launch(std::true_type{});
+      if (ds != nullptr || dz != nullptr) launch(std::true_type{});
       else launch(std::false_type{});
     });
   });
@@ -396,17 +396,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
   const AffineArgs a = prepare_fake_quant(op, x, scale, zero_point, quant_min, quant_max);
   const at::Tensor g = a.arranged_like_x(grad);
   at::Tensor grad_x = a.empty_like_x(a.x.options());
-  const bool per_element = scale_grad || zero_point_grad;
+  // Per-element LSQ terms (float32, x-sized), only for the gradients asked for.
   const auto fopts = a.x.options().dtype(at::kFloat);
-  at::Tensor ds = per_element ? at::empty(a.x.sizes(), fopts) : at::Tensor();
-  at::Tensor dz = per_element ? at::empty(a.x.sizes(), fopts) : at::Tensor();
+  at::Tensor ds = scale_grad ? at::empty(a.x.sizes(), fopts) : at::Tensor();
+  at::Tensor dz = zero_point_grad ? at::empty(a.x.sizes(), fopts) : at::Tensor();
   if (a.x.numel() > 0) {
     QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_backward_cuda", [&] {
       constexpr int N = 16 / sizeof(scalar_t);
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
       scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-      float* dsp = per_element ? ds.data_ptr<float>() : nullptr;
-      float* dzp = per_element ? dz.data_ptr<float>() : nullptr;
+      float* dsp = scale_grad ? ds.data_ptr<float>() : nullptr;
+      float* dzp = zero_point_grad ? dz.data_ptr<float>() : nullptr;
       if (aligned16(gp) && aligned16(a.x.const_data_ptr()) && aligned16(gxp)) {
         launch_fake_quant_backward<scalar_t, N>(a, gp, gxp, dsp, dzp);
       } else {

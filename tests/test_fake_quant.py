@@ -266,6 +266,26 @@ def test_dense_layouts_unaligned_and_packs(device, dtype):
                 torch.testing.assert_close(gz, rgz, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_computes_only_the_lsq_gradients_asked_for(device, dtype):
+    """scale_grad / zero_point_grad alone give the same sums as both together, and an empty
+    tensor for the other (the CUDA kernel then stores one per-element buffer, not two)."""
+    x = (torch.randn(37, 24, device=device) * 3).to(dtype)
+    g = torch.randn(37, 24, device=device).to(dtype)
+    for sshape in [(1,), (37, 1), (37, 3)]:
+        scale = torch.rand(sshape, device=device) * 0.1 + 0.02
+        zp = torch.randint(-3, 4, sshape, device=device).float()
+        rgx, rgs, rgz = ops.fake_quant_backward(g, x, scale, zp, -8, 7, True, True)
+        for scale_grad, zp_grad in [(True, False), (False, True), (False, False)]:
+            gx, gs, gz = ops.fake_quant_backward(g, x, scale, zp, -8, 7, scale_grad, zp_grad)
+            assert torch.equal(gx, rgx)
+            for got, want, asked in ((gs, rgs, scale_grad), (gz, rgz, zp_grad)):
+                if asked:
+                    assert torch.equal(got, want)
+                else:
+                    assert got.numel() == 0
+
+
 def test_cuda_bad_block_nan_with_dense_layout(device):
     if device != "cuda":
         pytest.skip("the CPU raises")
