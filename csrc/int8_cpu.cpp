@@ -2506,9 +2506,12 @@ at::Tensor int8_pack_weight_cpu(const at::Tensor& w_in) {
   TORCH_CHECK(w_in.scalar_type() == at::kChar && w_in.dim() == 2, op,
               ": w must be a 2-D int8 [N, K] tensor, got ", w_in.scalar_type(), " of shape ",
               w_in.sizes());
+  TORCH_CHECK(w_in.size(1) <= kInt8GemmMaxK, op, ": K = ", w_in.size(1), " exceeds ",
+              kInt8GemmMaxK, ", the longest int8 dot product that is exact in int32");
+  // The tag holds N as int32 (checked before k_contiguous may copy w).
+  TORCH_CHECK(w_in.size(0) <= INT32_MAX, op, ": N = ", w_in.size(0), " rows exceed ", INT32_MAX,
+              ", the most a packed weight's tag holds");
   const at::Tensor w = k_contiguous(w_in);
-  TORCH_CHECK(w.size(1) <= kInt8GemmMaxK, op, ": K = ", w.size(1), " exceeds ", kInt8GemmMaxK,
-              ", the longest int8 dot product that is exact in int32");
   return pack_b(w.const_data_ptr<int8_t>(), w.stride(0), w.size(0), w.size(1),
                 weight_layout(current_int8_kernel()), w.options())
       .buf;

@@ -75,26 +75,35 @@ MinMaxCount minmax_span(const T* p, int64_t n) {
     vlo = Vec(kInf);
     vhi = Vec(-kInf);
   }
+  // The NaN/Inf counts per lane in float32 (exact to 2^24) go to nbad every kFlush vectors:
+  // a row's span (up to all of K) may hold more than 2^24 a lane.
+  constexpr int64_t kFlush = int64_t{1} << 20;
   Vec bad(0.0f);
-  for (int64_t j = 0; !all_finite && j + kVec <= n; j += kVec) {
+  int64_t nbad = 0;
+  const auto flush = [&] {
+    float bad_l[kVec];
+    bad.store(bad_l);
+    for (int64_t k = 0; k < kVec; ++k) nbad += static_cast<int64_t>(bad_l[k]);
+    bad = Vec(0.0f);
+  };
+  for (int64_t j = 0, pending = 0; !all_finite && j + kVec <= n; j += kVec) {
     const Vec v = load_float(p + j, kVec);
     const Vec finite = (v - v) == zero;  // false for NaN and +-Inf
     vlo = at::vec::minimum(vlo, Vec::blendv(Vec(kInf), v, finite));
     vhi = at::vec::maximum(vhi, Vec::blendv(Vec(-kInf), v, finite));
     bad = bad + Vec::blendv(one, zero, finite);
+    if (++pending == kFlush) flush(), pending = 0;
   }
+  flush();
   MinMaxCount r;
-  float lo_l[kVec], hi_l[kVec], bad_l[kVec];
+  float lo_l[kVec], hi_l[kVec];
   vlo.store(lo_l);
   vhi.store(hi_l);
-  bad.store(bad_l);
-  double nbad = 0;
   for (int64_t k = 0; k < kVec; ++k) {
     r.lo = std::min(r.lo, lo_l[k]);
     r.hi = std::max(r.hi, hi_l[k]);
-    nbad += bad_l[k];
   }
-  r.nonfinite = static_cast<int64_t>(nbad);
+  r.nonfinite = nbad;
   for (; i < n; ++i) {
     const float v = static_cast<float>(p[i]);
     if (std::isfinite(v)) {

@@ -680,3 +680,43 @@ def test_cuda_packs_per_thread_give_the_same_bits(device, dtype):
                 qlib._C.set_fake_quant_cuda_packs(1)
             for a, b in zip(base, got):
                 assert torch.equal(a, b), (sshape, packs)
+
+
+@pytest.mark.skipif(os.environ.get("QLIB_BIG_TESTS") != "1",
+                    reason="big-memory test (about 14 GiB); set QLIB_BIG_TESTS=1 to run")
+def test_past_2_31_elements():
+    """x of 2^31 + 2^16 bfloat16 elements, per-group scales [R, K / 128] (R * K past 2^31, each
+    dim small): fake_quant, its LSQ backward and quantize near the start, across 2^31 and at
+    the end, against a float32 reference of those rows."""
+    R, K, G = 2**16 + 2, 2**15, 128
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, K, generator=gen).to(torch.bfloat16).repeat(R // 64 + 1, 1)[:R]
+    s = torch.rand(R, K // G, generator=gen) * 0.05 + 0.01
+    z = torch.randint(-10, 10, (R, K // G), generator=gen).float()
+    rows = [0, 2**16 - 1, 2**16, R - 1]  # row 2^16 starts at flat index 2^31
+
+    def ref(r):
+        xr, sr, zr = x[r].float().view(-1, G), s[r].view(-1, 1), z[r].view(-1, 1)
+        q = torch.round(xr * (1.0 / sr)) + zr
+        return q, sr, zr
+
+    y = ops.fake_quant(x, s, z, -128, 127)
+    for r in rows:
+        q, sr, zr = ref(r)
+        assert torch.equal(y[r], ((q.clamp(-128, 127) - zr) * sr).view(-1).to(torch.bfloat16))
+    del y
+    q8 = ops.quantize(x, s, z, -128, 127, torch.int8)
+    for r in rows:
+        assert torch.equal(q8[r], ref(r)[0].clamp(-128, 127).view(-1).to(torch.int8))
+    del q8
+    gx, gs, gz = ops.fake_quant_backward(torch.ones_like(x), x, s, z, -128, 127, True, True)
+    for r in rows:
+        q, sr, zr = ref(r)
+        inside = (q >= -128) & (q <= 127)
+        assert torch.equal(gx[r], inside.view(-1).to(torch.bfloat16))
+        x_hat = (q.clamp(-128, 127) - zr) * sr
+        d_s = torch.where(inside, (x_hat - x[r].float().view(-1, G)) * (1.0 / sr),
+                          torch.where(q < -128, -128 - zr, 127 - zr))
+        torch.testing.assert_close(gs[r].double(), d_s.double().sum(1), rtol=0, atol=1e-3)
+        torch.testing.assert_close(gz[r].double(), torch.where(inside, 0.0, -sr).double().sum(1),
+                                   rtol=1e-6, atol=1e-6)

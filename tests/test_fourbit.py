@@ -5,6 +5,7 @@ math, float64 for the matmul)."""
 import copy
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -700,3 +701,26 @@ def test_exported_module_loads_a_state_without_extra_state():
     ref = torch.relu(x.double() @ w0.T + other[0].bias.double()) @ w2.T + other[2].bias.double()
     torch.testing.assert_close(exported(x).double(), ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(exported(x), other(x))
+
+
+@pytest.mark.skipif(os.environ.get("QLIB_BIG_TESTS") != "1",
+                    reason="big-memory test (about 12 GiB); set QLIB_BIG_TESTS=1 to run")
+def test_linear_and_dequantize_past_2_31_bytes():
+    """A packed weight of 2^31 + 49152 bytes (2^32 + 98304 weights): linear_4bit at 1, 3 and 40
+    rows and dequantize_4bit, on weight rows at the start, across 2^31 bytes and at the end,
+    against a float64 reference of those rows."""
+    N, K, bs = 2**17 + 3, 2**15, 64
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (256, K // 2), dtype=torch.uint8, generator=gen).repeat(N // 256 + 1, 1)[:N]
+    absmax = torch.rand(N, K // bs, generator=gen) + 0.5
+    cb = torch.tensor(NF4, dtype=torch.float32)
+    cols = [0, 1, 2**16 - 1, 2**16, 2**17, N - 1]  # row 2^17 starts at byte 2^31
+    p = packed[cols].long()
+    codes = torch.stack([p & 15, p >> 4], -1).view(len(cols), K)
+    w_hat = (cb[codes] * absmax[cols].repeat_interleave(bs, 1)).double()
+    for M in (1, 3, 40):
+        x = torch.randn(M, K, generator=gen)
+        y = ops.linear_4bit(x, packed, absmax, cb, bs, None)[:, cols].double()
+        torch.testing.assert_close(y, x.double() @ w_hat.T, rtol=0, atol=1e-5 * (x.double().abs() @ w_hat.abs().T).max().item())
+    d = ops.dequantize_4bit(packed, absmax, cb, K, bs, torch.bfloat16)
+    assert torch.equal(d[cols], w_hat.to(torch.bfloat16))

@@ -265,6 +265,16 @@ def test_packed_weight_is_checked():
             ops.int8_unpack_weight(packed, 20, 70)
 
 
+def test_pack_weight_rejects_n_past_int32():
+    """The tag holds N as int32: 2^31 rows raise before anything is copied or packed (a
+    stride-0 view, so the test allocates one byte)."""
+    w = torch.zeros(1, 1, dtype=torch.int8).expand(2**31, 1)
+    with pytest.raises(RuntimeError, match=r"qlib::int8_pack_weight: N = 2147483648 rows exceed 2147483647"):
+        ops.int8_pack_weight(w)
+    with pytest.raises(RuntimeError, match=r"qlib::int8_pack_weight: K = 131072 exceeds 131071"):
+        ops.int8_pack_weight(torch.zeros(1, 1, dtype=torch.int8).expand(2**31, MAX_K + 1))
+
+
 @pytest.mark.parametrize("M", [1, 7, 8, 33, 260])
 @pytest.mark.parametrize("K", [65, 1100])
 @pytest.mark.parametrize("N", [33, 290])
@@ -745,3 +755,32 @@ def _saved(module):
     buf = io.BytesIO()
     torch.save(module, buf)
     return buf.getvalue()
+
+
+@pytest.mark.skipif(os.environ.get("QLIB_BIG_TESTS") != "1",
+                    reason="big-memory test (about 11 GiB); set QLIB_BIG_TESTS=1 to run")
+def test_gemm_and_linear_past_2_31_elements():
+    """int8_gemm with M * N past 2^31 (an 8 GiB int32 C), and with a weight of N * K past 2^31
+    (2 GiB): int8_gemm, int8_linear and the packed weight on rows at both ends."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (46341, 64), dtype=torch.int8, generator=gen)
+    c = ops.int8_gemm(a, a)
+    for rows in (slice(0, 2), slice(2**31 // 46341, None)):  # the last row holds flat index 2^31
+        assert torch.equal(c[rows].long(), ref_gemm(a[rows], a))
+    del c
+    K = 8192
+    N = 2**31 // K + 5
+    w = torch.randint(-128, 128, (1024, K), dtype=torch.int8, generator=gen).repeat(N // 1024 + 1, 1)[:N]
+    ends = [0, 1, N - 2, N - 1]
+    x8 = torch.randint(-127, 128, (3, K), dtype=torch.int8, generator=gen)
+    assert torch.equal(ops.int8_gemm(x8, w)[:, ends].long(), ref_gemm(x8, w[ends]))
+    assert torch.equal(ops.int8_gemm(w, x8)[ends].long(), ref_gemm(w[ends], x8))
+    s = torch.rand(N, generator=gen) + 0.5
+    packed = ops.int8_pack_weight(w)
+    for M in (1, 3, 64):
+        x = torch.randn(M, K, generator=gen)
+        sx = (x.abs().amax(1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).eps)
+        qx = torch.round(x * (1.0 / sx)).clamp(-127, 127)
+        ref = (qx.double() @ w[ends].double().T * (sx.double() * s[ends].double())).float()
+        for y in (ops.int8_linear(x, w, s, None), ops.int8_linear_packed(x, packed, None, s, None)):
+            torch.testing.assert_close(y[:, ends], ref, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """qlib.observers and the observer ops: against torch.ao and float64 references."""
 import math
+import os
 import re
 import subprocess
 import sys
@@ -85,6 +86,31 @@ def test_block_minmax_op(device):
     for dt in (torch.float16, torch.bfloat16):
         lo, hi, _ = ops.block_minmax(x[:2].to(dt))
         torch.testing.assert_close(lo, x[:2].to(dt).float().amin(1))
+
+
+BIG_TESTS = os.environ.get("QLIB_BIG_TESTS") == "1"
+big_test = pytest.mark.skipif(not BIG_TESTS, reason="big-memory test (about 1 GiB); set QLIB_BIG_TESTS=1 to run")
+
+
+@big_test
+def test_block_minmax_counts_past_2_24_nonfinite_a_lane():
+    """More than 2^24 NaN/Inf a SIMD lane in one row (2^28 + 2^20 values, a row per thread: the
+    whole-row pass): counted exactly (a float32 count a lane stopped at 2^24)."""
+    K = 2**28 + 2**20
+    x = torch.full((1, K), float("nan"), dtype=torch.bfloat16)
+    x[0, :3] = torch.tensor([1.0, -2.0, 3.0])
+    x[0, -2:] = float("inf")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # rows >= threads: minmax of the whole row at once
+    try:
+        lo, hi, nf = ops.block_minmax(x)
+        mn, mx = torch.full((1,), math.inf), torch.full((1,), -math.inf)
+        observed, nonfinite = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
+        ops.minmax_observe(x, mn, mx, observed, nonfinite, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert (lo.item(), hi.item(), nf.item()) == (-2.0, 3.0, K - 3)
+    assert (mn.item(), mx.item(), observed.item(), nonfinite.item()) == (-2.0, 3.0, 3, K - 3)
 
 
 # ------------------------------------------------------------ histograms
