@@ -41,25 +41,35 @@ inline void check_block_size(const char* op, int64_t block_size) {
               ": block_size must be in [1, 2^24], got ", block_size);
 }
 
+// ceil(a / b) of a size that may be traced (symbolic): concrete sizes take ceil_div.
+inline c10::SymInt sym_ceil_div(const c10::SymInt& a, int64_t b) {
+  if (const auto v = a.maybe_as_int()) return c10::SymInt(ceil_div(*v, b));
+  return (a + (b - 1)) / b;
+}
+
 // A packed 4-bit weight of in_features K: packed uint8 [N, ceil(K / 2)] and absmax float32
-// [N, ceil(K / block_size)] on one device. Returns N.
-inline int64_t check_packed_4bit(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
-                                 const at::Tensor& codebook, int64_t in_features,
-                                 int64_t block_size) {
+// [N, ceil(K / block_size)] on one device. Returns N. Sym sizes: the fakes run it on traced
+// tensors, whose N and K stay unguarded (size() would specialise them: a recompile per weight
+// shape, and torch.export refused a dynamic N or K).
+inline c10::SymInt check_packed_4bit_sym(const char* op, const at::Tensor& packed,
+                                         const at::Tensor& absmax, const at::Tensor& codebook,
+                                         const c10::SymInt& in_features, int64_t block_size) {
   check_block_size(op, block_size);
   TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, op,
               ": packed must be uint8 [out_features, ceil(in_features / 2)], got ",
-              packed.scalar_type(), " of shape ", packed.sizes());
-  const int64_t N = packed.size(0);
-  TORCH_CHECK(packed.size(1) == ceil_div(in_features, 2), op, ": packed of shape ", packed.sizes(),
-              " does not hold in_features = ", in_features, " (needs ", ceil_div(in_features, 2),
+              packed.scalar_type(), " of shape ", packed.sym_sizes());
+  const c10::SymInt N = packed.sym_size(0);
+  const c10::SymInt row_bytes = sym_ceil_div(in_features, 2);
+  TORCH_CHECK(packed.sym_size(1) == row_bytes, op, ": packed of shape ", packed.sym_sizes(),
+              " does not hold in_features = ", in_features, " (needs ", row_bytes,
               " bytes a row)");
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.dim() == 2 && absmax.size(0) == N &&
-                  absmax.size(1) == ceil_div(in_features, block_size),
-              op, ": absmax must be float32 [", N, ", ", ceil_div(in_features, block_size),
+  const c10::SymInt blocks = sym_ceil_div(in_features, block_size);
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.dim() == 2 &&
+                  absmax.sym_size(0) == N && absmax.sym_size(1) == blocks,
+              op, ": absmax must be float32 [", N, ", ", blocks,
               "] (out_features, ceil(in_features / block_size) with block_size = ", block_size,
-              "), got ", absmax.scalar_type(), " of shape ", absmax.sizes());
+              "), got ", absmax.scalar_type(), " of shape ", absmax.sym_sizes());
   TORCH_CHECK(absmax.device() == packed.device(), op, ": absmax is on ", absmax.device(),
               " but packed is on ", packed.device());
   check_codebook(op, codebook, packed.device());
@@ -67,15 +77,23 @@ inline int64_t check_packed_4bit(const char* op, const at::Tensor& packed, const
 }
 
 // dequantize_4bit: the packed weight as above, and a float32 / float16 / bfloat16 dtype.
-// Returns N.
+// (The fake's checks: sym sizes.)
+inline void check_dequantize_4bit_meta(const char* op, const at::Tensor& packed,
+                                       const at::Tensor& absmax, const at::Tensor& codebook,
+                                       int64_t in_features, int64_t block_size,
+                                       at::ScalarType dtype) {
+  check_packed_4bit_sym(op, packed, absmax, codebook, in_features, block_size);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": dtype must be float32, float16 or bfloat16, got ", dtype);
+}
+
+// As check_dequantize_4bit_meta, for the kernels. Returns N.
 inline int64_t check_dequantize_4bit_args(const char* op, const at::Tensor& packed,
                                           const at::Tensor& absmax, const at::Tensor& codebook,
                                           int64_t in_features, int64_t block_size,
                                           at::ScalarType dtype) {
-  const int64_t N = check_packed_4bit(op, packed, absmax, codebook, in_features, block_size);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": dtype must be float32, float16 or bfloat16, got ", dtype);
-  return N;
+  check_dequantize_4bit_meta(op, packed, absmax, codebook, in_features, block_size, dtype);
+  return packed.size(0);
 }
 
 // The error for a non-finite weight w[n, k] (quantize_4bit).
@@ -125,27 +143,35 @@ inline std::array<float, kCodebookSize - 1> check_quantize_4bit_args(const char*
 }
 
 // linear_4bit: x float32 / float16 / bfloat16 [..., K], the packed weight of in_features K,
-// bias (optional) floating [N]. Returns N. (x's sym sizes: the fake runs it on a traced x,
-// whose leading dims stay unguarded.)
-inline int64_t check_linear_4bit_args(const char* op, const at::Tensor& x, const at::Tensor& packed,
-                                      const at::Tensor& absmax, const at::Tensor& codebook,
-                                      int64_t block_size, const std::optional<at::Tensor>& bias) {
+// bias (optional) floating [N]. (Sym sizes: the fake runs it on traced tensors, whose dims,
+// x's batch and the weight's N and K, stay unguarded.)
+inline void check_linear_4bit_meta(const char* op, const at::Tensor& x, const at::Tensor& packed,
+                                   const at::Tensor& absmax, const at::Tensor& codebook,
+                                   int64_t block_size, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16,
               op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
   TORCH_CHECK(x.device() == packed.device(), op, ": x is on ", x.device(), " but packed is on ",
               packed.device());
-  const int64_t N = check_packed_4bit(op, packed, absmax, codebook,
-                                      x.sym_size(-1).guard_int(__FILE__, __LINE__), block_size);
+  const c10::SymInt N =
+      check_packed_4bit_sym(op, packed, absmax, codebook, x.sym_size(-1), block_size);
   if (bias.has_value()) {
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()) && bias->dim() == 1 && bias->size(0) == N,
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()) && bias->dim() == 1 &&
+                    bias->sym_size(0) == N,
                 op, ": bias must be floating of shape [", N, "], got ", bias->scalar_type(),
-                " of shape ", bias->sizes());
+                " of shape ", bias->sym_sizes());
     TORCH_CHECK(bias->device() == x.device(), op, ": bias is on ", bias->device(),
                 " but x is on ", x.device());
   }
-  return N;
+}
+
+// As check_linear_4bit_meta, for the kernels. Returns N.
+inline int64_t check_linear_4bit_args(const char* op, const at::Tensor& x, const at::Tensor& packed,
+                                      const at::Tensor& absmax, const at::Tensor& codebook,
+                                      int64_t block_size, const std::optional<at::Tensor>& bias) {
+  check_linear_4bit_meta(op, x, packed, absmax, codebook, block_size, bias);
+  return packed.size(0);
 }
 
 // linear_4bit's output shape: x's, with the last dim N.

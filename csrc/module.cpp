@@ -162,13 +162,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("check_linear_4bit_args",
         [](const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
            const at::Tensor& codebook, int64_t block_size, const std::optional<at::Tensor>& bias) {
-          qlib::check_linear_4bit_args("qlib::linear_4bit", x, packed, absmax, codebook,
+          qlib::check_linear_4bit_meta("qlib::linear_4bit", x, packed, absmax, codebook,
                                        block_size, bias);
         });
   m.def("check_dequantize_4bit_args",
         [](const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& codebook,
            int64_t in_features, int64_t block_size, at::ScalarType dtype) {
-          qlib::check_dequantize_4bit_args("qlib::dequantize_4bit", packed, absmax, codebook,
+          qlib::check_dequantize_4bit_meta("qlib::dequantize_4bit", packed, absmax, codebook,
                                            in_features, block_size, dtype);
         });
   m.def("check_quantize_4bit_args",

@@ -287,6 +287,47 @@ def test_opcheck(device):
     torch.library.opcheck(ops.linear_4bit, (torch.randn(2, 9, 41, device=device).bfloat16(), packed, absmax, cb, 8, None))
 
 
+
+def test_ops_keep_weight_shapes_symbolic():
+    """linear_4bit / dequantize_4bit's fakes read the weight's N and x's K as sym sizes: one
+    compiled function runs 4-bit weights of several shapes without a recompile, and torch.export
+    takes a dynamic N (found by a compile audit: each weight shape was a new graph, and export
+    refused Dim("N"), "specialized it to be a constant")."""
+    from torch._dynamo.utils import counters
+    from torch.export import Dim
+
+    cb = qlib.codebook_4bit("nf4")
+
+    def f(x, p, a, b):
+        return ops.linear_4bit(x, p, a, cb, 32, b), ops.dequantize_4bit(p, a, cb, x.shape[-1], 32, torch.float32)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda x, p, a, b: ops.linear_4bit(x, p, a, cb, 32, b), fullgraph=True, dynamic=True,
+                             backend="eager")
+    for n, k in ((20, 64), (24, 64), (40, 96)):  # (N not 16: duck sizing would tie it to the codebook)
+        p, a = ops.quantize_4bit(torch.randn(n, k), cb, 32)
+        x, b = torch.randn(5, k), torch.randn(n)
+        assert torch.equal(compiled(x, p, a, b), ops.linear_4bit(x, p, a, cb, 32, b))
+    assert counters["stats"]["unique_graphs"] == 1
+
+    class Layer(nn.Module):
+        def forward(self, x, p, a, b):
+            return f(x, p, a, b)
+
+    p, a = ops.quantize_4bit(torch.randn(20, 64), cb, 32)
+    n, m = Dim("N", min=2, max=4096), Dim("M", min=1, max=4096)
+    ep = torch.export.export(Layer(), (torch.randn(5, 64), p, a, torch.randn(20)),
+                             dynamic_shapes=({0: m}, {0: n}, {0: n}, {0: n}))
+    p, a = ops.quantize_4bit(torch.randn(33, 64), cb, 32)
+    x, b = torch.randn(7, 64), torch.randn(33)
+    for want, got in zip(f(x, p, a, b), ep.module()(x, p, a, b)):
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match=r"qlib::linear_4bit: absmax must be float32 \[20, 2\]"):
+        meta = [t.to("meta") for t in (torch.randn(5, 64), p[:20], a[:19], cb)]
+        ops.linear_4bit(*meta, 32, None)
+
+
 # ---------------------------------------------------------------- Linear4bit
 @pytest.mark.parametrize("codebook", ["nf4", "int4"])
 def test_linear4bit_module(device, codebook):
