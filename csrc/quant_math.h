@@ -527,6 +527,10 @@ struct WholeLog {
 // cnt, nz, hlogh are prefix sums over the row (length used + 1): counts,
 // non-empty bins, and count * log(count). Counts are whole numbers: log Q of a
 // group is lg(count) - lg(non-empty bins).
+// The score is snapped to a multiple of 2^-32 (and floored at 0, as KL is): the sums round
+// by ~1e-13, which broke exact ties (a sparse histogram's windows that each hold one
+// spike score 0) against the widest window, so the pick moved with the counts' scale
+// (the same weight observed n times) and the clip shrank several-fold.
 QLIB_HD double entropy_candidate_kl(const int64_t* h, const double* cnt, const double* nz,
                                     const double* hlogh, int64_t used, int64_t s, int64_t i,
                                     int64_t n, WholeLog lg = {}) {
@@ -573,7 +577,8 @@ QLIB_HD double entropy_candidate_kl(const int64_t* h, const double* cnt, const d
       acc += term(h_last + right, logq_last) - term(h_last, logq_last);
     }
   }
-  return acc / total + lg(sq) - lg(total);
+  const double kl = acc / total + lg(sq) - lg(total);
+  return kl < 0.0 ? 0.0 : nearbyint(kl * 0x1p32) * 0x1p-32;  // (NaN stays NaN)
 }
 
 // Prefix sums of one histogram row for entropy_candidate_kl.

@@ -458,6 +458,26 @@ def test_int8linear_from_float_edge_weights(device):
             Int8Linear.from_float(lin)
 
 
+
+def test_int8linear_from_float_tiny_weights(device):
+    """Weights of any size quantize alike: the per-channel scale is floored at the smallest
+    normal float32, not at float32's eps (which zeroed weights below ~6e-8, quantize_dynamic's
+    outputs then the bias alone)."""
+    lin = nn.Linear(64, 8, bias=False).to(device)
+    x = torch.randn(5, 64, device=device)
+    for e in (0, -20, -40, -100):
+        small = nn.Linear(64, 8, bias=False).to(device)
+        with torch.no_grad():
+            small.weight.copy_(lin.weight * 2.0**e)  # (exact)
+        q = qlib.quantize_dynamic(small)
+        w = small.weight.detach().double()
+        scale = w.abs().amax(1) / 127
+        assert torch.equal(q.weight_scale, scale.float())
+        assert torch.equal(q.weight, torch.round(w / scale[:, None]).to(torch.int8))
+        with torch.no_grad():
+            y, ref = q(x).double(), small(x).double()
+        assert ((y - ref).norm() / ref.norm()).item() < 0.02, e
+
 def test_int8linear_state_dict_round_trip(device, tmp_path):
     lin = nn.Linear(64, 24).to(device)
     q = Int8Linear.from_float(lin, activation="static", act_scale=0.05)

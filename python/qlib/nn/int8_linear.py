@@ -33,7 +33,9 @@ def quantize_weight_per_channel(weight: Tensor):
         return torch.empty(w.shape, dtype=torch.int8, device=w.device), w.new_empty(0)
     check_finite_weight("qlib.nn.Int8Linear", w)
     amax = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
-    scale, _ = choose_qparams(-amax, amax, -127, 127, True)
+    # Floored at the smallest normal float32, not choose_qparams' eps (1.2e-7): that zeroed
+    # weights below ~6e-8 and coarsened those below ~1.5e-5 (as GPTQ's group scales).
+    scale, _ = choose_qparams(-amax, amax, -127, 127, True, _MIN_ACT_SCALE)
     q = quantize(w, scale.unsqueeze(1), None, -127, 127, torch.int8)
     return q, scale
 
