@@ -36,7 +36,6 @@
 #include <atomic>
 #include <memory>
 #include <cmath>
-#include <bit>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -781,7 +780,7 @@ struct PanelCodes {
     alignas(16) int32_t words[4];
     const __m128i b = _mm512_cvtsepi32_epi8(c);
     _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm_xor_si128(b, _mm_set1_epi8(-128)));
-    put_words(r, k, words, (std::popcount(static_cast<unsigned>(m)) + 3) / 4);
+    put_words(r, k, words, (__builtin_popcount(static_cast<unsigned>(m)) + 3) / 4);
   }
   void put_words(int64_t r, int64_t k, const int32_t* words, int n) const {
     const int64_t R = rows(r);
