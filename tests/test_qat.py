@@ -617,6 +617,73 @@ def test_ddp_two_processes_stay_identical(tmp_path):
         assert torch.equal(s0, s1) and torch.equal(z0, z1)
 
 
+def _fsdp_learnable_config():
+    # Learnable (LSQ) weight scales; min-max activations, whose all-reduced qparams equal one
+    # process's on the global batch (a learnable activation scale's LSQ gradient factor uses the
+    # local batch's size, as torch.ao's, so it is left out here).
+    return QATConfig(weight_learnable=True, activation_observer="MinMaxObserver")
+
+
+def _fsdp_steps(net, rank=0, world=1):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(5)
+    losses = []
+    for t in range(2):
+        x = torch.randn(8, 24, generator=g) * (1 + t)
+        n = x.shape[0] // world
+        opt.zero_grad()
+        loss = net(x[rank * n:(rank + 1) * n]).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def _fsdp_learnable_worker(rank, world, result_dir):
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{result_dir}/rdzv", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = qlib.prepare_qat(Net(), _fsdp_learnable_config())
+    for m in net.modules():
+        if isinstance(m, QATLinear):
+            fully_shard(m)
+    fully_shard(net)
+    losses = _fsdp_steps(net, rank, world)
+    for loss in losses:  # (the global batch's mean)
+        dist.all_reduce(loss)
+        loss /= world
+    state = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    torch.save({"losses": losses, "params": {k: v for k, v in state.items() if "fake_quant.scale" in k or
+                                             k.endswith(("weight", "bias"))}},
+               os.path.join(result_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    os._exit(0)  # (no gloo teardown, as _ddp_worker)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_fsdp2_learnable_scales_take_their_first_scale(tmp_path):
+    """Under FSDP2 (fully_shard after prepare_qat) the forward runs on an unsharded copy of the
+    learnable scale, freed at reshard: the first scale taken from data was lost and the scale
+    trained on from its initial 1.0. Two ranks on half a batch each match one process."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_learnable_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    ref = qlib.prepare_qat(Net(), _fsdp_learnable_config())
+    ref_losses = _fsdp_steps(ref)
+    ref_state = ref.state_dict()
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert ref_state["head.weight_fake_quant.scale"].max() < 0.1  # (not the initial 1.0)
+    for k, v in r0["params"].items():
+        torch.testing.assert_close(v, ref_state[k], rtol=1e-4, atol=1e-6, msg=k)
+    for a, b in zip(r0["losses"], ref_losses):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------- convert
 @pytest.mark.parametrize("act_symmetric", [False, True])
 @pytest.mark.parametrize("bits", [8, 4])

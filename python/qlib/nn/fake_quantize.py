@@ -291,9 +291,35 @@ def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> Non
                 setattr(fq, name, value)
             else:
                 old.copy_(value)
+                if seen is None and isinstance(old, nn.Parameter) and _distributed():
+                    _write_through_fsdp(fq, name, old, value)
         fq.initialized.fill_(True) if seen is None else fq.initialized.logical_or_(seen)
     if seen is None:
         fq._init_done = True
+
+
+def _write_through_fsdp(fq: FakeQuantize, name: str, unsharded: Tensor, value: Tensor) -> None:
+    """Under FSDP2 (fully_shard) the forward runs on an unsharded copy of fq's parameter `name`,
+    which FSDP frees when it reshards: the first scale written there alone was lost (the scale
+    trained on from its initial 1.0, with `initialized` set). Writes `value` (the same on every
+    rank: the observers all-reduce) into the sharded parameter too."""
+    import weakref
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.tensor import distribute_tensor
+    except ImportError:
+        return
+    for state in list(_module_state_mapping.values()):
+        state = state() if isinstance(state, weakref.ref) else state
+        for group in getattr(state, "_fsdp_param_groups", None) or ():
+            for p in getattr(group, "fsdp_params", ()):
+                info = getattr(p, "_module_info", None)
+                if info is not None and info.module is fq and info.param_name == name \
+                        and getattr(p, "_unsharded_param", None) is unsharded:
+                    sharded = p.sharded_param
+                    sharded.copy_(distribute_tensor(value.to(sharded.device), sharded.device_mesh,
+                                                    sharded.placements, src_data_rank=None))
+                    return
 
 
 # torch.ao.quantization's switch helpers (`model.apply(torch.ao.quantization.disable_observer)`, the
