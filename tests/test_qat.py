@@ -4,6 +4,7 @@ import functools
 import math
 import os
 import pickle
+import sys
 
 import pytest
 import torch
@@ -661,6 +662,20 @@ def _fsdp_learnable_worker(rank, world, result_dir):
                os.path.join(result_dir, f"rank{rank}.pt"))
     dist.barrier()
     os._exit(0)  # (no gloo teardown, as _ddp_worker)
+
+
+def test_fsdp2_write_through_warns_where_torch_internals_moved(monkeypatch):
+    """The FSDP2 write-through reads torch internals: where they are gone it warns (a silent
+    scale of 1.0 under fully_shard otherwise), and writes nothing."""
+    import types
+
+    from qlib.nn import fake_quantize
+
+    monkeypatch.setitem(sys.modules, "torch.distributed._composable_state", types.ModuleType("moved"))
+    scale = torch.ones(1)
+    with pytest.warns(UserWarning, match="cannot look for FSDP2's sharded copy"):
+        fake_quantize._write_through_fsdp(nn.Module(), "scale", scale, torch.full((1,), 0.5))
+    assert torch.equal(scale, torch.ones(1))
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

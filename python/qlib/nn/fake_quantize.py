@@ -1,6 +1,7 @@
 """FakeQuantize: an observer followed by qlib's fake_quant op."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -307,7 +308,9 @@ def _write_through_fsdp(fq: FakeQuantize, name: str, unsharded: Tensor, value: T
     try:
         from torch.distributed._composable_state import _module_state_mapping
         from torch.distributed.tensor import distribute_tensor
-    except ImportError:
+    except ImportError:  # (torch internals moved: test_fsdp2_learnable_scales_take_their_first_scale)
+        warnings.warn("qlib.nn.FakeQuantize: cannot look for FSDP2's sharded copy of a learnable "
+                      "scale in this torch; under fully_shard, run one batch before sharding")
         return
     for state in list(_module_state_mapping.values()):
         state = state() if isinstance(state, weakref.ref) else state
