@@ -287,7 +287,6 @@ def test_opcheck(device):
     torch.library.opcheck(ops.linear_4bit, (torch.randn(2, 9, 41, device=device).bfloat16(), packed, absmax, cb, 8, None))
 
 
-
 def test_ops_keep_weight_shapes_symbolic():
     """linear_4bit / dequantize_4bit's fakes read the weight's N and x's K as sym sizes: one
     compiled function runs 4-bit weights of several shapes without a recompile, and torch.export

@@ -458,7 +458,6 @@ def test_int8linear_from_float_edge_weights(device):
             Int8Linear.from_float(lin)
 
 
-
 def test_int8linear_from_float_tiny_weights(device):
     """Weights of any size quantize alike: the per-channel scale is floored at the smallest
     normal float32, not at float32's eps (which zeroed weights below ~6e-8, quantize_dynamic's
@@ -477,6 +476,7 @@ def test_int8linear_from_float_tiny_weights(device):
         with torch.no_grad():
             y, ref = q(x).double(), small(x).double()
         assert ((y - ref).norm() / ref.norm()).item() < 0.02, e
+
 
 def test_int8linear_state_dict_round_trip(device, tmp_path):
     lin = nn.Linear(64, 24).to(device)

@@ -307,7 +307,6 @@ def test_entropy_matches_float64_reference(device, symmetric):
     assert torch.equal(wide[0][0], wide[1][0]) and torch.equal(wide[0][1], wide[1][1])
 
 
-
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_entropy_search_ignores_how_often_the_same_data_was_seen(device, per_channel):
     # KL compares normalised histograms: counts times n give the same scores. On sparse
@@ -326,6 +325,7 @@ def test_entropy_search_ignores_how_often_the_same_data_was_seen(device, per_cha
         lo, hi = ops.histogram_entropy_search(o.hist, o.hist_range, 256)
         one = ops.histogram_entropy_search(o.hist // n, o.hist_range, 256)
         assert torch.equal(lo, one[0]) and torch.equal(hi, one[1]), n
+
 
 def test_percentile_close_to_quantile(device):
     x = torch.distributions.Laplace(0.0, 1.0).sample((50001,))
