@@ -680,13 +680,15 @@ def test_fsdp2_write_through_warns_where_torch_internals_moved(monkeypatch):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
-def test_fsdp2_learnable_scales_take_their_first_scale(tmp_path):
+@pytest.mark.parametrize("world", [2, 1])
+def test_fsdp2_learnable_scales_take_their_first_scale(tmp_path, world):
     """Under FSDP2 (fully_shard after prepare_qat) the forward runs on an unsharded copy of the
     learnable scale, freed at reshard: the first scale taken from data was lost and the scale
-    trained on from its initial 1.0. Two ranks on half a batch each match one process."""
+    trained on from its initial 1.0. Two ranks on half a batch each match one process; so does
+    one rank (FSDP2 unshards into a separate copy at world size 1 too)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp_learnable_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fsdp_learnable_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
     torch.manual_seed(0)
     ref = qlib.prepare_qat(Net(), _fsdp_learnable_config())
     ref_losses = _fsdp_steps(ref)

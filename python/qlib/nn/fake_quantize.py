@@ -292,11 +292,18 @@ def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> Non
                 setattr(fq, name, value)
             else:
                 old.copy_(value)
-                if seen is None and isinstance(old, nn.Parameter) and _distributed():
+                if seen is None and isinstance(old, nn.Parameter) and _process_group():
                     _write_through_fsdp(fq, name, old, value)
         fq.initialized.fill_(True) if seen is None else fq.initialized.logical_or_(seen)
     if seen is None:
         fq._init_done = True
+
+
+def _process_group() -> bool:
+    """Whether fully_shard may hold fq's parameters: any process group, one rank included
+    (FSDP2 unshards into a separate copy at world size 1 too; _distributed() asks for more than
+    one rank, where the observers' all-reduces matter)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _write_through_fsdp(fq: FakeQuantize, name: str, unsharded: Tensor, value: Tensor) -> None:
