@@ -29,12 +29,12 @@ for f in csrc/*.cpp; do
 done
 if [ "${1:-}" = "--cuda" ]; then
   NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
-  CUTLASS=$(ls -d .venv/lib/python3.11/site-packages/cutlass_library/source/include 2>/dev/null || true)
+  CUTLASS=$(ls -d .venv/lib/python3*/site-packages/cutlass_library/source/include 2>/dev/null || true)
   for f in cuda/*.cu; do
     if ! "$NVCC" -std=c++17 -c -o /dev/null -gencode arch=compute_90a,code=sm_90a \
         --expt-relaxed-constexpr -diag-suppress=2908 -DQLIB_WITH_CUDA -DQLIB_CUDA_ARCHS='"9.0a"' \
         ${CUTLASS:+-DQLIB_WITH_SM90_GEMM -I"$CUTLASS"} "${DEFS[@]}" "${INC[@]}" \
-        $(ls -d .venv/lib/python3.11/site-packages/nvidia/cu*/include | sed 's/^/-I/') \
+        $(ls -d .venv/lib/python3*/site-packages/nvidia/cu*/include | sed 's/^/-I/') \
         "$f" 2>/tmp/cxx17_check.err; then
       echo "== $f: FAILS as C++17"; grep -m 20 error /tmp/cxx17_check.err; fail=1
     fi
