@@ -725,6 +725,24 @@ def test_extra_state_of_another_type_is_refused_by_type():
             Linear4bit(33, 7, block_size=8).load_state_dict(dict(sd, _extra_state=value))
 
 
+def test_jit_trace_without_tracer_warnings():
+    """torch.jit.trace of a Linear4bit model: the in_features check reads plain sizes (a
+    TracerWarning before), the traced module gives the module's outputs at other batches, and a
+    wrong width still raises from the check while tracing."""
+    import warnings
+
+    torch.manual_seed(0)
+    m = qlib.quantize_weight_only(nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8)), "nf4", 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, (torch.randn(5, 40),))
+    for rows in (5, 1, 9):
+        x = torch.randn(rows, 40) * 3
+        assert torch.equal(traced(x), m(x))
+    with pytest.raises(RuntimeError, match=r"x of shape \(5, 39\) has 39 features, expected 40"):
+        torch.jit.trace(m, (torch.randn(5, 39),))
+
+
 def test_exported_module_loads_a_state_without_extra_state():
     """README: torch.export keeps no module's extra state, so an exported Linear4bit model refuses
     the model's state_dict strictly (its _extra_state keys are unexpected); leaving them out, it

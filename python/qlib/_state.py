@@ -34,6 +34,20 @@ def make_graph_breaks() -> None:
             _GRAPH_BREAKS.pop()
 
 
+def untraced(fn):
+    """fn() with torch.jit.trace's recording off (nothing it does is recorded): shape checks read
+    plain ints, without TracerWarnings. (A function, not a context manager, so that dynamo
+    inlines it: under torch.compile / export there is nothing to switch.)"""
+    tracing = None if torch.compiler.is_compiling() else torch._C._get_tracing_state()
+    if tracing is None:
+        return fn()
+    torch._C._set_tracing_state(None)
+    try:
+        return fn()
+    finally:
+        torch._C._set_tracing_state(tracing)
+
+
 class QuantState(nn.Module):
     """Base of qlib's modules that hold quantization state in buffers: scales, zero points,
     observer statistics, histograms and their float64 ranges, int8 weights.

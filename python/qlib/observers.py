@@ -48,7 +48,7 @@ from torch.nn.modules import module as _module
 from . import _C
 from . import _observer_ops  # noqa: F401  (registers the fakes)
 from ._ops import quant_range
-from ._state import OP_FLOAT_DTYPES, QuantState, graph_break, make_graph_breaks
+from ._state import OP_FLOAT_DTYPES, QuantState, graph_break, make_graph_breaks, untraced
 
 ops = torch.ops.qlib
 _ALLOCATE_LOCK = threading.Lock()
@@ -168,14 +168,16 @@ class ObserverBase(QuantState):
         if not isinstance(x, Tensor):
             raise TypeError(f"qlib.observers.{type(self).__name__}: x must be a Tensor, got {type(x).__name__}")
         x = x.detach()
-        if x.numel() == 0:
+        # (untraced: torch.jit.trace's sizes as plain ints, no TracerWarnings)
+        empty, unsized = untraced(lambda: (x.numel() == 0, self._buffers["qparams_shape"].numel() == 0))
+        if empty:
             return None
         if not x.is_floating_point():
             raise TypeError(f"qlib.observers.{type(self).__name__}: x must be floating, got {x.dtype}")
         if x.dtype not in OP_FLOAT_DTYPES:
             x = x.float()
         rows, shape = self._rows(x)
-        if self._buffers["qparams_shape"].numel() == 0:
+        if unsized:
             # (An exported or traced graph would size, and so clear, the statistics every call.)
             if torch.compiler.is_exporting() or torch.jit.is_tracing():
                 raise RuntimeError(
@@ -187,7 +189,7 @@ class ObserverBase(QuantState):
                     f"qlib.observers.{type(self).__name__}: x is on the meta device but this observer's "
                     f"buffers are on {self._buffers['observed'].device}; move the module with .to('meta') first")
             _allocate_eagerly(self, rows.shape[0], shape, x.device)
-        if rows.shape[0] != self._blocks():  # (another thread may have sized it first)
+        if untraced(lambda: rows.shape[0] != self._blocks()):  # (another thread may have sized it first)
             raise ValueError(
                 f"qlib.observers.{type(self).__name__}: x of shape {tuple(x.shape)} has {rows.shape[0]} blocks "
                 f"(qparams of shape {shape}), but this observer has recorded {self._blocks()}; call reset() first"

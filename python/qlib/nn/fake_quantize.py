@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
-from .._state import QuantState, graph_break, make_graph_breaks, on_nested
+from .._state import QuantState, graph_break, make_graph_breaks, on_nested, untraced
 from ..observers import NOTHING_RECORDED, _distributed
 
 ops = torch.ops.qlib
@@ -238,8 +238,10 @@ class FakeQuantize(QuantState):
             zp = p["zero_point"] if "zero_point" in p else b["zero_point"] if "zero_point" in b else self.zero_point
             return ops.lsq_fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min,
                                       self.quant_max, None, self.eps)
-        if observer._buffers["qparams_shape"].numel() == 0:
-            if x.numel() == 0:  # (an empty batch: no qparams needed, as torch.ao's FakeQuantize)
+        # (untraced: torch.jit.trace's sizes as plain ints, no TracerWarnings)
+        unsized, empty = untraced(lambda: (observer._buffers["qparams_shape"].numel() == 0, x.numel() == 0))
+        if unsized:
+            if empty:  # (an empty batch: no qparams needed, as torch.ao's FakeQuantize)
                 return x.clone()
             raise RuntimeError(f"qlib.nn.FakeQuantize: {NOTHING_RECORDED}")
         scale, zp = observer.qparams_for(x)

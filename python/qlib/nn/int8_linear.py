@@ -19,7 +19,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from .. import _C, _int8_ops  # noqa: F401  (_int8_ops registers the int8 fakes)
 from .._ops import choose_qparams, quantize
-from .._state import QuantState, check_finite_weight, on_nested, weight_zeros
+from .._state import QuantState, check_finite_weight, on_nested, untraced, weight_zeros
 
 _ACTIVATIONS = ("dynamic", "static")
 # The op's floor for act_scale (kMinScale, the smallest normal float32): 1 / scale stays finite.
@@ -372,15 +372,7 @@ class Int8Linear(QuantState):
                 # just assigned): edits of it are not tracked in a graph, so the call reads it.
                 packed = torch.empty(0, dtype=torch.int8, device=w.device)
         else:
-            # (torch.jit.trace: the bookkeeping runs untraced; the graph records the op alone)
-            tracing = torch._C._get_tracing_state()
-            if tracing is not None:
-                torch._C._set_tracing_state(None)
-            try:
-                w, packed = self._eager_weights()
-            finally:
-                if tracing is not None:
-                    torch._C._set_tracing_state(tracing)
+            w, packed = untraced(self._eager_weights)  # (torch.jit.trace: the graph records the op alone)
         if self.activation == "dynamic":
             return torch.ops.qlib.int8_linear_packed(x, packed, w, b["weight_scale"], bias)
         # Static: codes = quantize(x, act_scale, act_zero_point, lo, hi); the zero point is

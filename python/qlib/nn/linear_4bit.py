@@ -14,14 +14,17 @@ from torch import Tensor, nn
 
 from .. import _fourbit_ops
 from .._fourbit_ops import CodebookLike, codebook_4bit
-from .._state import OP_FLOAT_DTYPES, QuantState, check_finite_weight, on_nested, weight_zeros
+from .._state import OP_FLOAT_DTYPES, QuantState, check_finite_weight, on_nested, untraced, weight_zeros
 
 
 def _check_in_features(x: Tensor, in_features: int, out_features: int) -> None:
     """linear_4bit takes K from x and cannot tell K from K - 1 (both fill ceil(K / 2) bytes)."""
-    if x.dim() and x.shape[-1] != in_features:
-        raise RuntimeError(f"Linear4bit (in_features={in_features}, out_features={out_features}): x of shape "
-                           f"{tuple(x.shape)} has {x.shape[-1]} features, expected {in_features}")
+    def check():
+        if x.dim() and x.shape[-1] != in_features:
+            raise RuntimeError(f"Linear4bit (in_features={in_features}, out_features={out_features}): x of "
+                               f"shape {tuple(x.shape)} has {x.shape[-1]} features, expected {in_features}")
+
+    untraced(check)  # (torch.jit.trace: plain sizes, no TracerWarnings)
 
 
 torch.fx.wrap("_check_in_features")  # a call in fx graphs (a Proxy's shape cannot be compared)
