@@ -182,7 +182,7 @@ class ObserverBase(QuantState):
             if torch.compiler.is_exporting() or torch.jit.is_tracing():
                 raise RuntimeError(
                     f"qlib.observers.{type(self).__name__}: its buffers are not sized yet (nothing observed "
-                    f"since construction or reset()); call allocate({tuple(int(d) for d in x.shape)}) or run "
+                    f"since construction or reset()); call allocate({untraced(lambda: tuple(x.shape))}) or run "
                     f"one eager batch before torch.export or torch.jit.trace")
             if x.is_meta and not self._buffers["observed"].is_meta:  # (would leave its state without values)
                 raise RuntimeError(

@@ -209,7 +209,7 @@ class FakeQuantize(QuantState):
             observer(x.detach())
             on_meta = self.learnable and b["initialized"].is_meta  # (shape inference: no values to take)
             if self.learnable and not self._init_done and not on_meta and not torch.compiler.is_compiling() \
-                    and bool(b["initialized"]):
+                    and untraced(lambda: bool(b["initialized"])):
                 # Another process set the shared buffer (Hogwild, model.share_memory()): the
                 # scale is already trained there; take it (a host read only until initialised).
                 self._init_done = True
