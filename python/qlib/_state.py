@@ -6,6 +6,8 @@ from torch import Tensor, nn
 
 # The floating dtypes the ops take for x (and activations, weights of the swapped Linears).
 OP_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The least scale the ops take (their kMinScale, the smallest normal float32): 1 / scale is finite.
+MIN_SCALE = torch.finfo(torch.float32).tiny
 
 # Functions behind torch.compiler.disable (graph breaks for torch.compile), wrapped by the
 # first observer or FakeQuantize built or unpickled (make_graph_breaks), not at import: importing
@@ -37,8 +39,8 @@ def make_graph_breaks() -> None:
 def untraced(fn):
     """fn() with torch.jit.trace's recording off (nothing it does is recorded): shape checks read
     plain ints, without TracerWarnings. (A function, not a context manager, so that dynamo
-    inlines it: under torch.compile / export there is nothing to switch.)"""
-    tracing = None if torch.compiler.is_compiling() else torch._C._get_tracing_state()
+    inlines it; dynamo folds _get_tracing_state to None: nothing to switch under compile.)"""
+    tracing = torch._C._get_tracing_state()
     if tracing is None:
         return fn()
     torch._C._set_tracing_state(None)

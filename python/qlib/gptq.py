@@ -22,10 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops
+from ._state import MIN_SCALE
 from .nn.linear_4bit import Linear4bit
 from .workflows import FilterFn, _swap, calibrate, check_op_dtype, swap_selector
-
-_MIN_SCALE = torch.finfo(torch.float32).tiny  # the least scale quantize takes (the ops' kMinScale)
 
 
 class _Hessian:
@@ -97,9 +96,9 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp:
     h.diagonal().add_(damp * h.diagonal().mean())
 
     def group_scale(group: Tensor) -> Tensor:
-        # Floored at _MIN_SCALE, not at float32 eps (choose_qparams' default), which zeroed groups
+        # Floored at MIN_SCALE, not at float32 eps (choose_qparams' default), which zeroed groups
         # of weights below ~1e-6 (RTN has no floor).
-        return _ops.choose_qparams(group.amin(1), group.amax(1), qmin, qmax, True, _MIN_SCALE)[0]
+        return _ops.choose_qparams(group.amin(1), group.amax(1), qmin, qmax, True, MIN_SCALE)[0]
 
     order = list(range(K))
     if act_order:

@@ -19,11 +19,9 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from .. import _C, _int8_ops  # noqa: F401  (_int8_ops registers the int8 fakes)
 from .._ops import choose_qparams, quantize
-from .._state import QuantState, check_finite_weight, on_nested, untraced, weight_zeros
+from .._state import MIN_SCALE, QuantState, check_finite_weight, on_nested, untraced, weight_zeros
 
 _ACTIVATIONS = ("dynamic", "static")
-# The op's floor for act_scale (kMinScale, the smallest normal float32): 1 / scale stays finite.
-_MIN_ACT_SCALE = torch.finfo(torch.float32).tiny
 
 
 def quantize_weight_per_channel(weight: Tensor):
@@ -33,9 +31,9 @@ def quantize_weight_per_channel(weight: Tensor):
         return torch.empty(w.shape, dtype=torch.int8, device=w.device), w.new_empty(0)
     check_finite_weight("qlib.nn.Int8Linear", w)
     amax = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
-    # Floored at the smallest normal float32, not choose_qparams' eps (1.2e-7): that zeroed
-    # weights below ~6e-8 and coarsened those below ~1.5e-5 (as GPTQ's group scales).
-    scale, _ = choose_qparams(-amax, amax, -127, 127, True, _MIN_ACT_SCALE)
+    # Floored at MIN_SCALE, not choose_qparams' eps (1.2e-7): that zeroed weights below ~6e-8
+    # and coarsened those below ~1.5e-5 (as GPTQ's group scales).
+    scale, _ = choose_qparams(-amax, amax, -127, 127, True, MIN_SCALE)
     q = quantize(w, scale.unsqueeze(1), None, -127, 127, torch.int8)
     return q, scale
 
@@ -242,9 +240,9 @@ class Int8Linear(QuantState):
                 raise ValueError("Int8Linear.from_float: act_scale must be one value (per-tensor), got shape "
                                  f"{tuple(act_scale.shape)}")
             act_scale = act_scale.reshape(())
-            if not (torch.isfinite(act_scale) and act_scale >= _MIN_ACT_SCALE):
+            if not (torch.isfinite(act_scale) and act_scale >= MIN_SCALE):
                 raise ValueError(
-                    f"Int8Linear.from_float: act_scale must be positive and finite, at least {_MIN_ACT_SCALE} "
+                    f"Int8Linear.from_float: act_scale must be positive and finite, at least {MIN_SCALE} "
                     f"(so that 1 / scale is finite), got {act_scale.item()}"
                 )
         elif act_scale is not None:
@@ -456,7 +454,7 @@ class Int8Linear(QuantState):
             if name in ("weight_scale", "act_scale") and not value.is_meta:  # (meta: no values)
                 # A NaN / zero / negative scale would give NaN or wrong outputs; x is divided
                 # by act_scale, so it must also keep 1 / scale finite.
-                low = _MIN_ACT_SCALE if name == "act_scale" else 0.0
+                low = MIN_SCALE if name == "act_scale" else 0.0
                 bad = ~(torch.isfinite(value) & (value > 0) & (value >= low))
                 if bool(bad.any()):
                     v = value.detach().reshape(-1)[bad.reshape(-1)][0].item()
