@@ -678,6 +678,27 @@ def test_fsdp2_write_through_warns_where_torch_internals_moved(monkeypatch):
     assert torch.equal(scale, torch.ones(1))
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+@pytest.mark.parametrize("groups_attr", ["_fsdp_param_groups", "_fsdp_param_group"])
+def test_fsdp2_write_through_warns_when_the_unsharded_copy_is_not_the_one_written(monkeypatch, groups_attr):
+    """FSDP2's parameter groups are a list since torch 2.12 and one group before: both are read.
+    Where FSDP2 holds fq's scale but not as the tensor that was written, it warns."""
+    import types
+
+    from torch.distributed import _composable_state
+
+    from qlib.nn import fake_quantize
+
+    fq = nn.Module()
+    param = types.SimpleNamespace(_module_info=types.SimpleNamespace(module=fq, param_name="scale"),
+                                  _unsharded_param=torch.ones(1))
+    group = types.SimpleNamespace(fsdp_params=[param])
+    state = types.SimpleNamespace(**{groups_attr: [group] if groups_attr.endswith("s") else group})
+    monkeypatch.setattr(_composable_state, "_module_state_mapping", {fq: state})
+    with pytest.warns(UserWarning, match="cannot look for FSDP2's sharded copy"):
+        fake_quantize._write_through_fsdp(fq, "scale", torch.ones(1), torch.full((1,), 0.5))
+
+
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
 @pytest.mark.parametrize("world", [2, 1])

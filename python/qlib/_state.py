@@ -50,6 +50,13 @@ def untraced(fn):
         torch._C._set_tracing_state(tracing)
 
 
+def exporting() -> bool:
+    """torch.compiler.is_exporting(), right under torch.compile too: torch <= 2.11's dynamo folds
+    is_exporting() to True while compiling (pytorch #176347), not the flag export sets."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else flag
+
+
 class QuantState(nn.Module):
     """Base of qlib's modules that hold quantization state in buffers: scales, zero points,
     observer statistics, histograms and their float64 ranges, int8 weights.

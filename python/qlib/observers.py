@@ -48,7 +48,7 @@ from torch.nn.modules import module as _module
 from . import _C
 from . import _observer_ops  # noqa: F401  (registers the fakes)
 from ._ops import quant_range
-from ._state import OP_FLOAT_DTYPES, QuantState, graph_break, make_graph_breaks, untraced
+from ._state import OP_FLOAT_DTYPES, QuantState, exporting, graph_break, make_graph_breaks, untraced
 
 ops = torch.ops.qlib
 _ALLOCATE_LOCK = threading.Lock()
@@ -179,7 +179,7 @@ class ObserverBase(QuantState):
         rows, shape = self._rows(x)
         if unsized:
             # (An exported or traced graph would size, and so clear, the statistics every call.)
-            if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            if exporting() or torch.jit.is_tracing():
                 raise RuntimeError(
                     f"qlib.observers.{type(self).__name__}: its buffers are not sized yet (nothing observed "
                     f"since construction or reset()); call allocate({untraced(lambda: tuple(x.shape))}) or run "

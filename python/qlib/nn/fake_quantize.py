@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
-from .._state import QuantState, graph_break, make_graph_breaks, on_nested, untraced
+from .._state import QuantState, exporting, graph_break, make_graph_breaks, on_nested, untraced
 from ..observers import NOTHING_RECORDED, _distributed
 
 ops = torch.ops.qlib
@@ -218,14 +218,14 @@ class FakeQuantize(QuantState):
             elif self.learnable and not self._init_done:
                 # (An exported or traced graph would write the first scale into the Parameters
                 # every call; a decomposed exported program then fails on that write.)
-                if torch.compiler.is_exporting() or torch.jit.is_tracing():
+                if exporting() or torch.jit.is_tracing():
                     raise RuntimeError(
                         "qlib.nn.FakeQuantize: a learnable FakeQuantize takes its first scale from the "
                         "first batch it observes: run one forward (or load a trained state_dict) before "
                         "torch.export or torch.jit.trace; after steps only under torch.compile (which take "
                         "it on the device), call model.train() or model.eval() first: they read it")
                 _take_first_qparams(self, observer, x)
-            elif self._follow_observer and not (torch.compiler.is_exporting() or torch.jit.is_tracing()):
+            elif self._follow_observer and not (exporting() or torch.jit.is_tracing()):
                 _take_first_qparams(self, observer, x)  # (calibrating: the observer's qparams)
         if not self._fake_quant_enabled:
             return x
@@ -314,24 +314,32 @@ def _write_through_fsdp(fq: FakeQuantize, name: str, unsharded: Tensor, value: T
     trained on from its initial 1.0, with `initialized` set). Writes `value` (the same on every
     rank: the observers all-reduce) into the sharded parameter too."""
     import weakref
+    moved = ("qlib.nn.FakeQuantize: cannot look for FSDP2's sharded copy of a learnable scale in this "
+             "torch; under fully_shard, run one batch before sharding")
     try:
         from torch.distributed._composable_state import _module_state_mapping
         from torch.distributed.tensor import distribute_tensor
-    except ImportError:  # (torch internals moved: test_fsdp2_learnable_scales_take_their_first_scale)
-        warnings.warn("qlib.nn.FakeQuantize: cannot look for FSDP2's sharded copy of a learnable "
-                      "scale in this torch; under fully_shard, run one batch before sharding")
+    except ImportError:  # (torch internals moved: test_fsdp2_write_through_warns_where_torch_internals_moved)
+        warnings.warn(moved)
         return
     for state in list(_module_state_mapping.values()):
         state = state() if isinstance(state, weakref.ref) else state
-        for group in getattr(state, "_fsdp_param_groups", None) or ():
+        groups = getattr(state, "_fsdp_param_groups", None)  # (torch >= 2.12: a list)
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)  # (torch <= 2.11: one or None)
+            groups = () if group is None else (group,)
+        for group in groups:
             for p in getattr(group, "fsdp_params", ()):
                 info = getattr(p, "_module_info", None)
-                if info is not None and info.module is fq and info.param_name == name \
-                        and getattr(p, "_unsharded_param", None) is unsharded:
-                    sharded = p.sharded_param
-                    sharded.copy_(distribute_tensor(value.to(sharded.device), sharded.device_mesh,
-                                                    sharded.placements, src_data_rank=None))
+                if info is None or info.module is not fq or info.param_name != name:
+                    continue
+                if getattr(p, "_unsharded_param", None) is not unsharded:
+                    warnings.warn(moved)
                     return
+                sharded = p.sharded_param
+                sharded.copy_(distribute_tensor(value.to(sharded.device), sharded.device_mesh,
+                                                sharded.placements, src_data_rank=None))
+                return
 
 
 # torch.ao.quantization's switch helpers (`model.apply(torch.ao.quantization.disable_observer)`, the
