@@ -640,7 +640,7 @@ def _fsdp_steps(net, rank=0, world=1):
     return losses
 
 
-def _fsdp_learnable_worker(rank, world, result_dir):
+def _fsdp_learnable_worker(rank, world, result_dir, compiled):
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
@@ -652,7 +652,7 @@ def _fsdp_learnable_worker(rank, world, result_dir):
         if isinstance(m, QATLinear):
             fully_shard(m)
     fully_shard(net)
-    losses = _fsdp_steps(net, rank, world)
+    losses = _fsdp_steps(torch.compile(net, backend="aot_eager") if compiled else net, rank, world)
     for loss in losses:  # (the global batch's mean)
         dist.all_reduce(loss)
         loss /= world
@@ -701,15 +701,17 @@ def test_fsdp2_write_through_warns_when_the_unsharded_copy_is_not_the_one_writte
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("world", [2, 1])
-def test_fsdp2_learnable_scales_take_their_first_scale(tmp_path, world):
+def test_fsdp2_learnable_scales_take_their_first_scale(tmp_path, world, compiled):
     """Under FSDP2 (fully_shard after prepare_qat) the forward runs on an unsharded copy of the
     learnable scale, freed at reshard: the first scale taken from data was lost and the scale
     trained on from its initial 1.0. Two ranks on half a batch each match one process; so does
-    one rank (FSDP2 unshards into a separate copy at world size 1 too)."""
+    one rank (FSDP2 unshards into a separate copy at world size 1 too). Under torch.compile the
+    first scale is taken eagerly (it was traced into the unsharded copy alone, and lost)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp_learnable_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_fsdp_learnable_worker, args=(world, str(tmp_path), compiled), nprocs=world, join=True)
     torch.manual_seed(0)
     ref = qlib.prepare_qat(Net(), _fsdp_learnable_config())
     ref_losses = _fsdp_steps(ref)
@@ -720,6 +722,29 @@ def test_fsdp2_learnable_scales_take_their_first_scale(tmp_path, world):
         torch.testing.assert_close(v, ref_state[k], rtol=1e-4, atol=1e-6, msg=k)
     for a, b in zip(r0["losses"], ref_losses):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _fullgraph_in_process_group_worker(rank, result_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{result_dir}/rdzv", rank=0, world_size=1)
+    torch.manual_seed(0)
+    net = qlib.prepare_qat(Net(), _fsdp_learnable_config())
+    torch._dynamo.utils.counters.clear()
+    _fsdp_steps(torch.compile(net, backend="aot_eager", fullgraph=True))
+    torch.save(dict(torch._dynamo.utils.counters["stats"]), os.path.join(result_dir, "stats.pt"))
+    os._exit(0)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_learnable_first_scale_stays_in_the_graph_in_a_process_group_without_fsdp(tmp_path):
+    """Only FSDP2 takes the first scale eagerly under torch.compile (a graph break); in a process
+    group without fully_shard (DDP) the model still compiles to one graph, fullgraph included."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fullgraph_in_process_group_worker, args=(str(tmp_path),), nprocs=1, join=True)
+    assert torch.load(tmp_path / "stats.pt")["unique_graphs"] == 1
 
 
 # ---------------------------------------------------------------- convert

@@ -253,7 +253,7 @@ class FakeQuantize(QuantState):
 
 
 @graph_break("a learnable FakeQuantize's first scale, eagerly (an observer not yet sized, "
-             "float16 / bfloat16 or parametrized qparams): run one step first for fullgraph")
+             "float16 / bfloat16 or parametrized qparams, FSDP2): run one step first for fullgraph")
 def _take_first_qparams_eagerly(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> None:
     _take_first_qparams(fq, observer, x)
 
@@ -267,12 +267,13 @@ def _take_first_qparams(fq: FakeQuantize, observer: nn.Module, x: Tensor) -> Non
     step after step (a batch with nothing finite keeps the initial value until one has some).
     Eagerly where tracing cannot give eager's bits: an observer not yet sized (eager's error,
     DDP's sizing), float16 / bfloat16 qparams (inductor drops their rounding), parametrized ones
-    (right_inverse's Tensor.set_)."""
+    (right_inverse's Tensor.set_), and under FSDP2 (the write-through into the shard reads torch
+    internals: traced, the first scale was lost)."""
     seen = None  # (traced: whether the observer recorded a finite value, on the device)
     if not torch.compiler.is_compiling():
         scale, zp = observer.calculate_qparams()
     elif observer._buffers["qparams_shape"].numel() == 0 or fq.scale.dtype in (torch.float16, torch.bfloat16) \
-            or parametrize.is_parametrized(fq):
+            or parametrize.is_parametrized(fq) or (_process_group() and _fully_sharded()):
         return _take_first_qparams_eagerly(fq, observer, x)
     else:
         scale, zp = observer.qparams_for(x)
@@ -306,6 +307,20 @@ def _process_group() -> bool:
     (FSDP2 unshards into a separate copy at world size 1 too; _distributed() asks for more than
     one rank, where the observers' all-reduces matter)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _fully_sharded() -> bool:
+    """Whether fully_shard (FSDP2) holds modules in this process."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:
+        return False
+    return len(_module_state_mapping) > 0
+
+
+# torch.compile calls it instead of tracing it and takes the result as a constant: what
+# torch.compiler.assume_constant_result marks (the decorator would import dynamo with qlib).
+_fully_sharded._dynamo_marked_constant = True
 
 
 def _write_through_fsdp(fq: FakeQuantize, name: str, unsharded: Tensor, value: Tensor) -> None:
