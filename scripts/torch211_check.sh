@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 V211=${V211:-/tmp/v211}
 COPY=${COPY:-/tmp/qlib_torch211}
-if ! "$V211/bin/python" -c "import torch, sklearn, tqdm, matplotlib; assert torch.__version__.startswith('2.11.')" 2>/dev/null; then
+CHECK="import torch, sklearn, tqdm, matplotlib; assert torch.__version__.startswith('2.11.')"
+if ! "$V211/bin/python" -c "$CHECK" 2>/dev/null; then
   echo "== making $V211 (torch 2.11.0 and the test dependencies)"
   python3 -m venv "$V211"
   "$V211/bin/pip" install -q --no-cache-dir torch==2.11.0 numpy ninja pytest expecttest tqdm matplotlib \
