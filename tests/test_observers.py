@@ -662,6 +662,34 @@ def test_observers_in_shared_memory(cls):
         assert all(torch.equal(a, b) for a, b in zip(loaded.calculate_qparams(), ref.calculate_qparams()))
 
 
+@pytest.mark.parametrize("cls", HIST)
+def test_histogram_of_the_other_symmetry_is_refused_at_load(cls, tmp_path):
+    """A symmetric histogram observer's histogram is of |x|, an asymmetric one's of x, in the same
+    buffers: a state recorded by one loaded silently into the other gave wrong qparams (|x|'s
+    histogram read as x's: range [0, max], every negative value clipped to 0). state_dict()
+    records which (torch's metadata, kept by torch.save), and a load of the other raises."""
+    x = torch.randn(4096)
+    for saved_symmetric in (True, False):
+        src = cls(symmetric=saved_symmetric)
+        src(x)
+        torch.save(src.state_dict(), tmp_path / "obs.pt")
+        sd = torch.load(tmp_path / "obs.pt", weights_only=True)
+        with pytest.raises(ValueError, match=rf"qlib.observers.{cls.__name__}.load_state_dict: state_dict\['hist'\] "
+                                             rf"was recorded by an observer that is "
+                                             rf"{'symmetric' if saved_symmetric else 'asymmetric'}"):
+            cls(symmetric=not saved_symmetric).load_state_dict(sd)
+        same = cls(symmetric=saved_symmetric)
+        same.load_state_dict(sd)
+        assert all(torch.equal(a, b) for a, b in zip(same.calculate_qparams(), src.calculate_qparams()))
+        cls(symmetric=not saved_symmetric).load_state_dict(cls(symmetric=saved_symmetric).state_dict())  # (empty)
+    qat = qlib.prepare(torch.nn.Sequential(torch.nn.Linear(8, 4)),
+                       qlib.QATConfig(activation_observer=cls.__name__, activation_symmetric=True))
+    qlib.calibrate(qat, [torch.randn(16, 8)], progress=False)
+    other = qlib.prepare(torch.nn.Sequential(torch.nn.Linear(8, 4)), qlib.QATConfig(activation_observer=cls.__name__))
+    with pytest.raises(ValueError, match=r"state_dict\['0.activation_fake_quant.observer.hist'\] was recorded"):
+        other.load_state_dict(qat.state_dict())
+
+
 @pytest.mark.parametrize("cls", ALL)
 def test_state_dict_of_another_layout_raises(cls):
     """A state that does not fit the observer raises at load_state_dict, naming the key: another

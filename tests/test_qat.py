@@ -388,6 +388,29 @@ def test_state_of_another_weight_granularity_is_refused_at_load():
         dst.load_state_dict(src.state_dict())
 
 
+def test_learnable_state_of_another_code_range_is_refused_at_load(tmp_path):
+    """A learnable scale is trained for its code range: an 8-bit QAT state loaded silently into a
+    4-bit model (its scales 16x too small: most weights clipped). state_dict() records each
+    learnable FakeQuantize's range (torch's metadata, kept by torch.save), and a load into
+    another range raises; an untrained state, or the same config, loads."""
+    def make(bits):
+        cfg = QATConfig(weight_bits=bits, activation_bits=bits, weight_learnable=True, activation_learnable=True)
+        return qlib.prepare_qat(nn.Sequential(nn.Linear(16, 8)), cfg)
+
+    src = make(8)
+    make(4).load_state_dict(src.state_dict())  # (no scale taken from data yet)
+    src(torch.randn(4, 16))
+    torch.save(src.state_dict(), tmp_path / "qat.pt")
+    sd = torch.load(tmp_path / "qat.pt", weights_only=True)
+    with pytest.raises(ValueError, match=r"state_dict\['0.weight_fake_quant.scale'\] was trained for the code range "
+                                         r"\[-128, 127\], but this FakeQuantize quantizes to \[-8, 7\]"):
+        make(4).load_state_dict(sd)
+    same = make(8)
+    same.load_state_dict(sd)
+    x = torch.randn(3, 16)
+    assert torch.equal(same.eval()(x), src.eval()(x))
+
+
 @pytest.mark.parametrize("weight_only", [False, True])
 @pytest.mark.parametrize("learnable", [False, True])
 def test_compile_fullgraph_forward_backward(device, learnable, weight_only):

@@ -549,6 +549,28 @@ class _HistogramObserver(ObserverBase):
             rng = new_rng
         return {"hist": hist, "range": rng}
 
+    # A symmetric observer's histogram is of |x|, an asymmetric one's of x: the same buffers, read
+    # differently. state_dict() records which in torch's state_dict metadata (kept by torch.save /
+    # torch.load and deepcopy, not by safetensors or a dict comprehension), and a load checks it.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]]["qlib_absolute"] = self.symmetric
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        absolute = (local_metadata or {}).get("qlib_absolute")
+        observed = state_dict.get(prefix + "observed")
+        if absolute is not None and bool(absolute) != self.symmetric and isinstance(observed, Tensor) \
+                and not observed.is_meta and observed.numel() == 1 and int(observed) > 0:
+            kind = {True: "symmetric (it histograms |x|)", False: "asymmetric (it histograms x)"}
+            raise ValueError(
+                f"qlib.observers.{type(self).__name__}.load_state_dict: state_dict[{prefix + 'hist'!r}] was "
+                f"recorded by an observer that is {kind[bool(absolute)]}, but this one is {kind[self.symmetric]} "
+                f"({self.extra_repr()}): its qparams would be wrong. Load it into an observer of the config "
+                f"that saved it, or load without this observer's keys (strict=False) and calibrate it again")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
     def _check_loaded_values(self, state_dict, prefix) -> None:
         hist, rng = state_dict.get(prefix + "hist"), state_dict.get(prefix + "hist_range")
         if isinstance(hist, Tensor) and isinstance(rng, Tensor):

@@ -65,7 +65,27 @@ class FakeQuantize(QuantState):
             self._init_done = False
         self._synced = (self._buffers["switches"], self._buffers.get("initialized"))  # what the bools mirror
 
+    # A learnable scale is trained for its code range: state_dict() records the range in torch's
+    # state_dict metadata (kept by torch.save / torch.load and deepcopy, not by safetensors or a dict
+    # comprehension), and a load checks it.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if self.learnable and metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]]["qlib_quant_range"] = [self.quant_min, self.quant_max]
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
+        saved = (local_metadata or {}).get("qlib_quant_range")
+        initialized = state_dict.get(prefix + "initialized")
+        if self.learnable and saved is not None and list(saved) != [self.quant_min, self.quant_max] \
+                and prefix + "scale" in state_dict and not (isinstance(initialized, Tensor) and not initialized.is_meta
+                                                            and initialized.numel() == 1 and not bool(initialized)):
+            raise ValueError(
+                f"qlib.nn.FakeQuantize.load_state_dict: state_dict[{prefix + 'scale'!r}] was trained for the code "
+                f"range {list(saved)}, but this FakeQuantize quantizes to [{self.quant_min}, {self.quant_max}] "
+                "(another bit width or symmetry): the scale would be wrong for it. Load it into a model of the "
+                "config that saved it, or load without this FakeQuantize's keys (strict=False) so that it takes "
+                "its first scale from data")
         zp = state_dict.get(prefix + "zero_point")
         if self.learnable and "zero_point" in self._buffers and isinstance(zp, Tensor) and not zp.is_meta \
                 and bool((zp != 0).any()):  # (symmetric: the zero point is not learned)
