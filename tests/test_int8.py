@@ -858,6 +858,15 @@ def test_int8linear_static_functional_call_and_vmap():
         torch.testing.assert_close(ys[i], m(xs[i]), rtol=0, atol=0)
 
 
+def test_int8linear_static_stacked_code_range_under_vmap_names_the_buffer():
+    """Stacked static Int8Linears (stack_module_state): the code range, read in Python, is batched;
+    the error names it (it was "Cannot access data pointer of Tensor that doesn't have storage")."""
+    mods = [Int8Linear.from_float(nn.Linear(16, 8), activation="static", act_scale=0.05) for _ in range(2)]
+    params, buffers = torch.func.stack_module_state(mods)
+    with pytest.raises(RuntimeError, match="Int8Linear: its buffer 'act_quant_range' is a torch.func transform's"):
+        torch.vmap(lambda b, x: torch.func.functional_call(mods[0], b, (x,)), in_dims=(0, None))(buffers, torch.randn(5, 16))
+
+
 def test_int8linear_bias_as_a_parameter():
     """A bias made a Parameter (to train it, or parametrized) is used and gets its gradient."""
     m = Int8Linear.from_float(nn.Linear(32, 8))

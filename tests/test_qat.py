@@ -1438,6 +1438,27 @@ def test_prepare_leaves_earlier_qat_modules_alone():
     assert not m[2].weight_fake_quant.fake_quant_enabled and not m[2].activation_fake_quant.fake_quant_enabled
 
 
+def test_frozen_qat_model_under_vmap():
+    """vmap over a QAT model whose observers are off runs, as torch.ao's FakeQuantize (the one-op
+    min-max path writes its arguments in place, which vmap's fallback refuses even with nothing
+    observed: "Batching rule not implemented for qlib::minmax_fake_quant"); an observing one raises.
+    Stacked switches (stack_module_state) raise naming the buffer, not "Cannot access data pointer"."""
+    torch.manual_seed(0)
+    mk = lambda: nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    m = qlib.prepare_qat(mk())
+    m(torch.randn(5, 16) * 2)
+    xs = torch.randn(3, 5, 16)
+    with pytest.raises(RuntimeError, match="minmax_observe"):
+        torch.vmap(m)(xs)
+    m.apply(tq.disable_observer)
+    ys = torch.vmap(m)(xs)
+    assert torch.equal(ys, torch.stack([m(x) for x in xs]))
+    models = [copy.deepcopy(m) for _ in range(2)]
+    params, buffers = torch.func.stack_module_state(models)
+    with pytest.raises(RuntimeError, match="FakeQuantize: its buffer 'switches' is a torch.func transform's tensor"):
+        torch.vmap(lambda p, b: torch.func.functional_call(m, (p, b), (xs[0],)))(params, buffers)
+
+
 def test_fake_quantize_under_functional_call_reads_the_given_state():
     """functional_call with a trained state: its switches and `initialized` are read (the
     Python bools mirrored the module's own buffers: a fresh learnable module re-initialised and

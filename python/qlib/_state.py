@@ -50,6 +50,20 @@ def untraced(fn):
         torch._C._set_tracing_state(tracing)
 
 
+def check_host_readable(who: str, name: str, t: Tensor) -> None:
+    """Raises, naming the module and buffer, where a buffer whose value Python reads (a switch, a
+    counter, a code range) is a torch.func transform's tensor: vmap over stacked buffers
+    (torch.func.stack_module_state) or buffers passed through grad. Its value picks the forward's
+    path, one for the whole batch; reading it failed with "Cannot access data pointer of Tensor
+    that doesn't have storage"."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        raise RuntimeError(
+            f"{who}: its buffer {name!r} is a torch.func transform's tensor (vmap over stacked buffers, "
+            "e.g. torch.func.stack_module_state, or a buffer passed through grad); its value is read in "
+            "Python to choose the forward's path, so it cannot differ across a batch: leave it out of the "
+            "buffers given to torch.func.functional_call (the module's own is used)")
+
+
 def exporting() -> bool:
     """torch.compiler.is_exporting(), right under torch.compile too: torch <= 2.11's dynamo folds
     is_exporting() to True while compiling (pytorch #176347), not the flag export sets."""

@@ -48,7 +48,7 @@ from torch.nn.modules import module as _module
 from . import _C
 from . import _observer_ops  # noqa: F401  (registers the fakes)
 from ._ops import quant_range
-from ._state import OP_FLOAT_DTYPES, QuantState, exporting, graph_break, make_graph_breaks, untraced
+from ._state import OP_FLOAT_DTYPES, QuantState, check_host_readable, exporting, graph_break, make_graph_breaks, untraced
 
 ops = torch.ops.qlib
 _ALLOCATE_LOCK = threading.Lock()
@@ -319,6 +319,7 @@ class ObserverBase(QuantState):
         observed = self._buffers["observed"]
         if self.__dict__.get("_recorded_in") is observed or observed.is_meta or _distributed():
             return  # (meta: no values; shape inference runs)
+        check_host_readable(f"qlib.observers.{type(self).__name__}", "observed", observed)
         if self._buffers["qparams_shape"].numel() == 0 or not bool(observed):
             raise RuntimeError(f"{who}: {NOTHING_RECORDED}")
         self._recorded_in = observed
@@ -428,7 +429,9 @@ class MinMaxObserver(ObserverBase):
         # all-reduce of the statistics, eager mode.
         # (is_compiling first: comparing a traced x's shape would specialise a dynamic batch;
         # jit.trace: one graph for every call, not the fused op only where the layout matches.)
-        if torch.compiler.is_compiling() or torch._C._is_tracing():
+        # (torch.func transforms: vmap has no batching rule for an op that writes its
+        # arguments in place, even with the observer off; the separate ops batch.)
+        if torch.compiler.is_compiling() or torch._C._is_tracing() or torch._C._are_functorch_transforms_active():
             return None
         lay, b = self.__dict__.get("_layout"), self._buffers
         if (lay is None or x.shape != lay[0] or x.dtype not in OP_FLOAT_DTYPES

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
-from .._state import QuantState, exporting, graph_break, make_graph_breaks, on_nested, untraced
+from .._state import QuantState, check_host_readable, exporting, graph_break, make_graph_breaks, on_nested, untraced
 from ..observers import NOTHING_RECORDED, _distributed
 
 ops = torch.ops.qlib
@@ -104,6 +104,9 @@ class FakeQuantize(QuantState):
         module._synced = (b["switches"], b.get("initialized"))
         if b["switches"].is_meta:  # (no values to read: the bools stay)
             return
+        check_host_readable("qlib.nn.FakeQuantize", "switches", b["switches"])
+        if module.learnable:
+            check_host_readable("qlib.nn.FakeQuantize", "initialized", b["initialized"])
         module._observer_enabled, module._fake_quant_enabled = (bool(v) for v in b["switches"].tolist())
         if module.learnable:
             module._init_done = bool(b["initialized"])

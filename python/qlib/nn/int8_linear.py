@@ -19,7 +19,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from .. import _C, _int8_ops  # noqa: F401  (_int8_ops registers the int8 fakes)
 from .._ops import choose_qparams, quantize
-from .._state import MIN_SCALE, QuantState, check_finite_weight, on_nested, untraced, weight_zeros
+from .._state import MIN_SCALE, QuantState, check_finite_weight, check_host_readable, on_nested, untraced, weight_zeros
 
 _ACTIVATIONS = ("dynamic", "static")
 
@@ -309,6 +309,8 @@ class Int8Linear(QuantState):
         if buf.is_meta:  # (no values to read: the mirror stays)
             module._act_range_of, module._act_range_ver = buf, _version_of(buf)
             return
+        check_host_readable("qlib.nn.Int8Linear", "act_quant_range", buf)
+        check_host_readable("qlib.nn.Int8Linear", "act_zero_point", module._buffers["act_zero_point"])
         lo, hi = (int(v) for v in buf.tolist())
         if not -128 <= lo < hi <= 127:
             raise RuntimeError(f"Int8Linear: act_quant_range [{lo}, {hi}] does not fit int8")
