@@ -72,7 +72,7 @@ class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({x, scale, zero_point});
+    ctx->save_for_backward({saveable(x), saveable(scale), saveable(zero_point)});
     ctx->saved_data["quant_min"] = quant_min;
     ctx->saved_data["quant_max"] = quant_max;
     return call_fake_quant(x, scale, zero_point, quant_min, quant_max);
@@ -212,7 +212,7 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
     at::AutoDispatchBelowADInplaceOrView guard;
     check_lsq_args(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
     const auto [s, z] = lsq_clamped(scale, zero_point, quant_min, quant_max, eps);
-    ctx->save_for_backward({x, s, z});
+    ctx->save_for_backward({saveable(x), saveable(s), saveable(z)});
     ctx->saved_data["quant_min"] = quant_min;
     ctx->saved_data["quant_max"] = quant_max;
     // (A SymInt numel while tracing: the factor's tensor is then symbolic, not specialised.)
@@ -265,7 +265,7 @@ class DequantizeFunction : public torch::autograd::Function<DequantizeFunction> 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& scale,
                             const at::Tensor& zero_point, at::ScalarType dtype) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({q, scale, zero_point});
+    ctx->save_for_backward({saveable(q), saveable(scale), saveable(zero_point)});
     return call_dequantize(q, scale, zero_point, dtype);
   }
 

@@ -19,6 +19,14 @@ inline void check_no_forward_grad(const char* op, std::initializer_list<at::Tens
   }
 }
 
+// A tensor to save for backward: an inference tensor (made under inference_mode: no version
+// counter, so autograd refuses to save it) is saved as a copy of its values now. So inference-mode
+// qparams (or codes) train with an x (or scale) that needs a gradient, as torch's fake quant ops
+// (which save only a mask) allow; a plain tensor is saved as is, version-checked.
+inline at::Tensor saveable(const at::Tensor& t) {
+  return t.defined() && t.is_inference() ? t.clone() : t;
+}
+
 // The gradient of a bias of dtype `bias_dtype`: grad [..., N] summed over every leading dim
 // (no size() calls: a traced batch stays symbolic). A 1-D x gives grad [N] itself.
 inline at::Tensor linear_bias_grad(const at::Tensor& grad, at::ScalarType bias_dtype) {

@@ -555,6 +555,32 @@ def test_double_backward_through_the_ste_matches_torch(device):
             torch.autograd.grad(y.sum(), (x, s), create_graph=True)
 
 
+def test_inference_mode_qparams_train_an_x_that_needs_a_gradient(device):
+    """qparams (or codes) made under inference_mode, used in training: torch's fake quant ops
+    (which save only a mask) take them; qlib's saved them and raised "Inference tensors cannot be
+    saved for backward". A copy of their values is saved now (plain tensors keep the version check)."""
+    with torch.inference_mode():
+        s, z = torch.tensor([0.05], device=device), torch.tensor([3], dtype=torch.int32, device=device)
+        sc, zc = torch.rand(4, device=device) + 0.01, torch.zeros(4, dtype=torch.int32, device=device)
+        q = torch.randint(-9, 9, (4, 8), dtype=torch.int8, device=device)
+    x0 = torch.randn(4, 8, device=device) * 5
+    x, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    ops.fake_quant(x, s, z, -128, 127).sum().backward()
+    torch.fake_quantize_per_tensor_affine(xr, s, z, -128, 127).sum().backward()
+    assert torch.equal(x.grad, xr.grad)
+    x, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    ops.fake_quant(x, sc.view(4, 1), zc.view(4, 1), -8, 7).sum().backward()
+    torch.fake_quantize_per_channel_affine(xr, sc, zc, 0, -8, 7).sum().backward()
+    assert torch.equal(x.grad, xr.grad)
+    x, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    ops.lsq_fake_quant(x, s, z, -8, 7, 1.0, 1e-6).sum().backward()  # (an integer zero point is saved as is)
+    torch.fake_quantize_per_tensor_affine(xr, s, z, -8, 7).sum().backward()
+    assert torch.equal(x.grad, xr.grad)
+    t = torch.tensor(0.05, device=device, requires_grad=True)
+    ops.dequantize(q, t, torch.tensor(2, device=device), torch.float32).sum().backward()
+    assert t.grad.item() == (q.float() - 2).sum().item()
+
+
 def test_lsq_zero_point_on_its_bound_still_trains(device):
     """A zero point at quant_min (post-ReLU activations start there) keeps its gradient: it is
     fake_quant's, times grad_factor, as inside the range and past it."""
