@@ -1,5 +1,5 @@
 // The Autograd kernel of the ops whose outputs carry no gradient: qparams, observer statistics
-// and codes (as torch.ao's observers and torch's choose_qparams ops), and minmax_observe's
+// and codes (as torch.ao's observers and torch's choose_qparams ops), fake_quant_backward, and minmax_observe's
 // in-place update. They run below autograd, so their float outputs never require grad; without
 // a kernel here torch's fallback marked them as requiring grad and gave their inputs no
 // gradient, with only a warning. dequantize has its
@@ -51,7 +51,10 @@ TORCH_LIBRARY_IMPL(qlib, Autograd, m) {
   for (const char* name :
        {"choose_qparams", "observer_qparams", "quantize", "quantize_per_token", "block_minmax",
         "histogram_observe", "histogram_rebin", "histogram_quantile", "histogram_mse_search",
-        "histogram_entropy_search", "quantize_4bit"}) {
+        "histogram_entropy_search", "quantize_4bit",
+        // (fake_quant's own double backward differentiates grad * mask, affine_autograd.cpp: on
+        // the fallback, a grad that required grad got None back silently, with a warning)
+        "fake_quant_backward"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&below_autograd>());
   }
   m.impl("minmax_observe", torch::CppFunction::makeFromBoxedFunction<&in_place_below_autograd>());

@@ -334,6 +334,12 @@ def test_qparams_and_codes_carry_no_gradient(device):
     assert not ops.quantize(x, scale.view(4, 1), zp.view(4, 1), -128, 127, torch.int8).requires_grad
     q, s = ops.quantize_per_token(x)
     assert not s.requires_grad
+    # fake_quant_backward too (fake_quant's double backward differentiates grad * mask instead):
+    # on torch's fallback a grad that required grad got None back, silently but for a warning.
+    g = torch.ones(4, 6, device=device, requires_grad=True)
+    args = (g, x.detach(), scale.view(4, 1), zp.view(4, 1).float(), -128, 127, True, True)
+    assert not any(t.requires_grad for t in ops.fake_quant_backward(*args))
+    torch.library.opcheck(ops.fake_quant_backward.default, args)
 
 
 def test_opcheck(device):
