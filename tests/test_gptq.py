@@ -221,6 +221,22 @@ def test_gptq_under_autocast_and_keeps_each_modules_mode():
     assert [m.training for m in plain.modules()] == [True, True, False, True]
 
 
+@pytest.mark.parametrize("default", [torch.float16, torch.float64])
+def test_gptq_does_not_depend_on_the_default_dtype(default):
+    """GPTQ's H, scales and errors are float32 under any torch.set_default_dtype (under float16
+    it raised: cholesky_cpu not implemented for 'Half'; under float64 H took float64)."""
+    model = nn.Sequential(nn.Linear(64, 48, dtype=torch.float32))
+    batches = [correlated_inputs(32, 64, seed=s) for s in range(2)]
+    plain = qlib.gptq_quantize(copy.deepcopy(model), batches, group_size=16, progress=False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        other = qlib.gptq_quantize(copy.deepcopy(model), batches, group_size=16, progress=False)
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(other[0].packed, plain[0].packed) and torch.equal(other[0].absmax, plain[0].absmax)
+
+
 def test_sequential_gptq_progress_is_one_bar(capsys):
     """Several passes show the Linears bar alone: a nested calibration bar a pass left two lines
     each (with cursor-up codes) in a non-TTY log."""

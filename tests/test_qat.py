@@ -254,6 +254,30 @@ def test_learnable_qparams_in_half_precision(dtype):
     assert half.calculate_qparams()[0].item() == pytest.approx(half.eps)
 
 
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
+def test_learnable_qparams_are_float32_under_another_default_dtype(default):
+    """prepare_qat of a float32 model under torch.set_default_dtype(bfloat16 / float64) gives
+    float32 learnable scales and zero points, as under float32 (they took the default dtype: a
+    float32 checkpoint loaded into them was rounded to bfloat16, other outputs)."""
+    config = QATConfig(weight_learnable=True, activation_learnable=True)
+    def build():
+        torch.manual_seed(0)
+        return qlib.prepare_qat(nn.Sequential(nn.Linear(64, 32, dtype=torch.float32)), config)
+    ref = build()
+    x = torch.randn(8, 64)
+    ref(x)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        model = build()
+    finally:
+        torch.set_default_dtype(previous)
+    qparams = {name: t.dtype for name, t in model.state_dict().items() if name.endswith(("scale", "zero_point"))}
+    assert len(qparams) == 4 and set(qparams.values()) == {torch.float32}, qparams
+    model.load_state_dict(ref.state_dict())
+    assert torch.equal(model(x), ref(x))
+
+
 def test_foreign_observers_are_refused_by_name():
     """torch.ao observers, the abstract base, partials and observer classes given to FakeQuantize
     raise at construction, naming the argument (they failed later with unrelated errors)."""

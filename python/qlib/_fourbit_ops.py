@@ -117,7 +117,8 @@ def fit_codebook_4bit(w: Tensor, block_size: int = 64, bins: int = 4096, max_ite
     values = centers.sort().values.float().cpu().tolist()
     for j in range(1, 16):  # strictly increasing, as the ops require
         if values[j] <= values[j - 1]:
-            values[j] = float(torch.nextafter(torch.tensor(values[j - 1]), torch.tensor(2.0)))
+            values[j] = float(torch.nextafter(torch.tensor(values[j - 1], dtype=torch.float32),
+                                              torch.tensor(2.0, dtype=torch.float32)))
     return torch.tensor(values, dtype=torch.float32, device=w.device)
 
 

@@ -37,7 +37,7 @@ class _Hessian:
     _NONE_YET = -(1 << 40)  # the exponent before any finite, nonzero batch
 
     def __init__(self, k: int, device):
-        self.h = torch.zeros(k, k, device=device)
+        self.h = torch.zeros(k, k, dtype=torch.float32, device=device)  # (not the default dtype)
         self.exponent = torch.full((), self._NONE_YET, dtype=torch.int64, device=device)
         self.rows = 0
 
@@ -83,7 +83,7 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp:
         raise ValueError(f"qlib.gptq_quantize: the calibration inputs of {name} hold NaN or Inf")
     N, K = w.shape
     codes = torch.zeros(N, K, dtype=torch.int8, device=w.device)
-    scales = torch.ones(N, -(-K // group_size), device=w.device)
+    scales = torch.ones(N, -(-K // group_size), dtype=torch.float32, device=w.device)
     if N == 0 or K == 0:  # an empty layer: nothing to choose
         return codes, scales
     h = h.clone()
@@ -116,7 +116,7 @@ def gptq_weight(w: Tensor, h: Tensor, bits: int = 4, group_size: int = 64, damp:
                          f"(now {damp})") from e
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
-        wb, err = w[:, b0:b1], torch.empty(N, b1 - b0, device=w.device)
+        wb, err = w[:, b0:b1], torch.empty(N, b1 - b0, dtype=torch.float32, device=w.device)
         for j in range(b1 - b0):
             col = order[b0 + j]  # the weight's column in the layer
             if not act_order and col % group_size == 0:

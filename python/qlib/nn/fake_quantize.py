@@ -53,9 +53,10 @@ class FakeQuantize(QuantState):
         self.register_buffer("switches", torch.ones(2, dtype=torch.uint8))
         if learnable:
             shape = tuple(qparams_shape) if qparams_shape is not None else (1,)
-            self.scale = nn.Parameter(torch.ones(shape))
+            # float32 whatever torch's default dtype (a model cast still moves the Parameters).
+            self.scale = nn.Parameter(torch.ones(shape, dtype=torch.float32))
             asym = not getattr(observer, "symmetric", True)
-            zp = torch.zeros(shape)
+            zp = torch.zeros(shape, dtype=torch.float32)
             if asym:
                 self.zero_point = nn.Parameter(zp)
             else:
