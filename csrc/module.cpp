@@ -102,6 +102,7 @@ PYBIND11_MODULE(_C, m) {
       "kernels stream every call then crosses 2 MiB pages, not 4 KiB ones).");
   // The argument checks of the ops that read no values: their fakes run them (python/qlib/
   // _ops.py, _int8_ops.py, _observer_ops.py), so a meta or traced call fails as the kernels would.
+  m.def("check_eps", [](const std::string& who, double eps) { qlib::check_eps(who.c_str(), eps); });
   m.def("check_fake_quant_args", [](const at::Tensor& x, const at::Tensor& scale,
                                     const at::Tensor& zero_point, int64_t quant_min,
                                     int64_t quant_max) {

@@ -819,6 +819,12 @@ def test_bad_arguments_name_the_op():
         O.MSEObserver(num_candidates=0)
     with pytest.raises(ValueError, match="group_size 5 does not divide"):
         O.MinMaxObserver(group_size=5)(torch.randn(4, 8))
+    from qlib.nn import FakeQuantize
+    for eps in (0.0, -1e-3, math.nan, math.inf, 1e-45):  # refused when built, not at the first forward
+        with pytest.raises(RuntimeError, match=r"qlib.observers.MinMaxObserver: eps must be positive and finite"):
+            O.MinMaxObserver(eps=eps)
+        with pytest.raises(RuntimeError, match=r"qlib.nn.FakeQuantize: eps must be positive and finite"):
+            FakeQuantize(O.MinMaxObserver(), learnable=True, eps=eps)
 
 
 # ------------------------------------------------------------ opcheck, plot

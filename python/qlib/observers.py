@@ -109,6 +109,7 @@ class ObserverBase(QuantState):
         self.symmetric = bool(symmetric)
         self.ch_axis = ch_axis
         self.group_size = group_size
+        _C.check_eps(f"qlib.observers.{name}", eps)  # (here, not at the first forward)
         self.eps = float(eps)
         self.quant_min, self.quant_max = quant_range(bits, signed=self.symmetric)
         # Finite values recorded, and NaN/Inf values seen (and ignored).

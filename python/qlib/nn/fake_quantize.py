@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
+from .. import _C
 from .._state import QuantState, check_host_readable, exporting, graph_break, make_graph_breaks, on_nested, untraced
 from ..observers import NOTHING_RECORDED, _distributed
 
@@ -44,6 +45,7 @@ class FakeQuantize(QuantState):
         self.quant_min = int(observer.quant_min)
         self.quant_max = int(observer.quant_max)
         self.learnable = learnable
+        _C.check_eps("qlib.nn.FakeQuantize", eps)  # (here, not at the first forward)
         self.eps = eps
         # The switches are Python bools (torch.compile guards on them, no host read) mirrored in
         # the uint8 buffer `switches` = [observer, fake quant], so a checkpoint keeps them.
