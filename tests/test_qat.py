@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import sys
+import warnings
 
 import pytest
 import torch
@@ -1282,6 +1283,24 @@ def test_convert_works_in_place_and_a_deepcopy_keeps_the_qat_model():
     lone = qlib.prepare_qat(nn.Linear(8, 4))
     lone(torch.randn(4, 8))
     assert type(qlib.convert(lone)) is qlib.nn.Int8Linear and type(lone) is QATLinear  # (model itself: its replacement)
+
+
+def test_calibrate_and_convert_of_a_model_never_prepared_warn():
+    """Forgetting qlib.prepare is said, not a float model handed back as if converted."""
+    net = Net()
+    with pytest.warns(UserWarning, match=r"qlib.calibrate: the model holds no qlib observer"):
+        qlib.calibrate(net, [torch.randn(4, 24)], progress=False)
+    with pytest.warns(UserWarning, match=r"qlib.convert: the model holds no QATLinear \(made by"):
+        assert qlib.convert(net) is net
+    prepared = qlib.prepare(Net())
+    qlib.calibrate(prepared, [torch.randn(4, 24)], progress=False)
+    with pytest.warns(UserWarning, match=r"no QATLinear that filter_fn selects"):
+        qlib.convert(prepared, filter_fn=lambda m, fqn: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qlib.convert(prepared)
+    with pytest.warns(UserWarning, match=r"nothing was converted"):  # (twice)
+        qlib.convert(prepared)
 
 
 @pytest.mark.parametrize("progress", [False, True])

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import _ops
 from ._state import MIN_SCALE
 from .nn.linear_4bit import Linear4bit
-from .workflows import FilterFn, _swap, calibrate, check_op_dtype, swap_selector
+from .workflows import FilterFn, _swap, check_op_dtype, run_batches, swap_selector
 
 
 class _Hessian:
@@ -196,7 +196,7 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
                     with_kwargs=True) for key in group]
                 modes = [(mod, mod.training) for mod in model.modules()]  # each its own (a frozen BatchNorm stays eval)
                 try:
-                    calibrate(model, batches, progress and len(groups) == 1)  # (nested bars: a line a pass in logs)
+                    run_batches(model, batches, progress and len(groups) == 1)  # (nested bars: a line a pass in logs)
                 finally:
                     for hook in hooks:
                         hook.remove()

@@ -13,6 +13,7 @@ qualified module names ("encoder.*", or a list such as ["*.q_proj", "*.v_proj"])
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -124,6 +125,9 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
     if swaps:
         _off_fused_transformer_paths(model)
         _ddp_local_buffers(model)
+    elif kind is QATLinear:  # (a model never prepared, or converted already: say so)
+        warnings.warn(f"qlib.{who}: the model holds no QATLinear{' that filter_fn selects' if filter_fn else ''} "
+                      "(made by qlib.prepare or qlib.prepare_qat): nothing was converted", stacklevel=3)
     return model
 
 
@@ -298,7 +302,6 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None,
     return model
 
 
-@torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, progress: bool = True) -> nn.Module:
     """Runs `batches` through the model in eval mode so its observers record ranges; shows a
     tqdm bar. A tuple or list is unpacked into positional inputs; anything else (a tensor, a
@@ -306,6 +309,17 @@ def calibrate(model: nn.Module, batches: Iterable, progress: bool = True) -> nn.
     takes keyword inputs, calibrate a wrapper module whose forward does `model(**batch)`.
     The model is left in eval mode (for the inference that follows convert): call
     `model.train()` to go on training a QAT model after it."""
+    from .observers import ObserverBase
+
+    if not any(isinstance(m, ObserverBase) for m in model.modules()):
+        warnings.warn("qlib.calibrate: the model holds no qlib observer (run qlib.prepare first): "
+                      "the batches record nothing", stacklevel=2)
+    return run_batches(model, batches, progress)
+
+
+@torch.no_grad()
+def run_batches(model: nn.Module, batches: Iterable, progress: bool) -> nn.Module:
+    """calibrate's loop (GPTQ's too: its hooks record, not observers)."""
     from tqdm.auto import tqdm
 
     model.eval()
