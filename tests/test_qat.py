@@ -158,6 +158,36 @@ def test_fake_quantize_switches_survive_a_checkpoint(device):
         fresh.load_state_dict(dict(state, switches=torch.ones(3, dtype=torch.uint8)))
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("config", [dict(), dict(activation_observer="PercentileObserver"),
+                                    dict(weight_learnable=True, activation_learnable=True)],
+                         ids=["moving-average", "percentile", "lsq"])
+def test_activation_checkpointing_observes_each_batch_once(device, config, reentrant):
+    """torch.utils.checkpoint recomputes the forward inside the backward: the FakeQuantizes
+    observed the batch a second time there (a moving average stepped twice, a histogram counted
+    it twice) and recomputed with those other qparams, so the gradients were those of other
+    activations than the forward's (0.01 off here; torch.ao's FakeQuantize does the same). The
+    recomputation now quantizes with the forward's qparams: a checkpointed step equals a plain one."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    base = qlib.prepare_qat(Net(), QATConfig(**config)).to(device)
+    base(torch.randn(6, 24, device=device))
+    x = torch.randn(6, 24, device=device) * 3
+    runs = []
+    for ck in (False, True):
+        m = copy.deepcopy(base)
+        xx = x.clone().requires_grad_(reentrant)  # (a reentrant checkpoint needs an input that needs grad)
+        h = checkpoint(m.body, xx, use_reentrant=reentrant) if ck else m.body(xx)
+        m.head(h).pow(2).sum().backward()
+        runs.append(({n: p.grad for n, p in m.named_parameters()}, dict(m.named_buffers())))
+    (grads, bufs), (ck_grads, ck_bufs) = runs
+    for n in grads:
+        assert torch.equal(grads[n], ck_grads[n]), n
+    for n in bufs:
+        assert torch.equal(bufs[n], ck_bufs[n]), n
+
+
 def test_fake_quantize_switch_attributes_and_torch_ao_helpers():
     """Assigning observer_enabled / fake_quant_enabled is a switch like enable_observer (it reaches
     the checkpoint and copies), and torch.ao's helpers (the QAT tutorial's freeze step) act on

@@ -224,14 +224,21 @@ class FakeQuantize(QuantState):
         if not torch.compiler.is_compiling() and (
                 b["switches"] is not self._synced[0] or b.get("initialized") is not self._synced[1]):
             FakeQuantize._sync_flags(self)  # other buffers (torch.func.functional_call, .to()): read them
+        # A forward run inside a backward is activation checkpointing's recomputation
+        # (torch.utils.checkpoint, either kind): the batch was observed in the forward already.
+        # Observing it again counted it twice (a moving average stepped twice) and recomputed the
+        # activations with other qparams than the forward's: gradients of other values. So it
+        # quantizes with the qparams as they are, which are the forward's.
+        observe = self._observer_enabled and (torch.compiler.is_compiling()
+                                              or torch._C._current_graph_task_id() == -1)
         if self._fake_quant_enabled and not self._observer_enabled and not torch.compiler.is_compiling():
             self._check_has_qparams()  # (frozen before any data: a branch calibration never ran)
         if self._fake_quant_enabled and not self.learnable:
             # One op (min-max observers), or None.
-            y = observer._observe_fake_quant(x, self._observer_enabled)
+            y = observer._observe_fake_quant(x, observe)
             if y is not None:
                 return y
-        if self._observer_enabled:
+        if observe:
             observer(x.detach())
             on_meta = self.learnable and b["initialized"].is_meta  # (shape inference: no values to take)
             if self.learnable and not self._init_done and not on_meta and not torch.compiler.is_compiling() \
