@@ -283,7 +283,10 @@ def _ddp_local_buffers(model: nn.Module) -> None:
 def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None,
                 filter_fn: Optional[FilterFn] = None) -> nn.Module:
     """Swaps (in place) each selected nn.Linear for a QATLinear that shares its
-    parameters; filter_fn(module, fqn) -> bool chooses which. Returns model."""
+    parameters; filter_fn(module, fqn) -> bool chooses which. Returns model.
+
+    Make the optimizer afterwards: learnable scales and zero points (``*_learnable=True``) are
+    new Parameters, which an optimizer made before leaves out (silently untrained)."""
     return _prepare_qat(model, config, filter_fn, "prepare_qat", [])
 
 
