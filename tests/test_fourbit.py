@@ -667,6 +667,21 @@ def test_meta_state_dict_loads_into_a_meta_skeleton():
     assert skel.absmax.is_meta
 
 
+def test_linear4bit_refuses_an_assigned_weight():
+    """lm_head.weight = embed.weight (weight tying, transformers' tie_weights) on a Linear4bit
+    added a `weight` Parameter that forward never read: the output stayed the old 4-bit weight's
+    while the model reported the tied one. It is refused, naming the module."""
+    torch.manual_seed(0)
+    m = Linear4bit.from_float(nn.Linear(32, 8))
+    x = torch.randn(4, 32)
+    ref = m(x)
+    for value in (nn.Parameter(torch.randn(8, 32)), torch.randn(8, 32), None):
+        with pytest.raises(TypeError, match=r"Linear4bit \(in_features=32.*forward would not read"):
+            m.weight = value
+    assert not hasattr(m, "weight") and [n for n, _ in m.named_parameters()] == ["bias"]
+    assert torch.equal(m(x), ref)
+
+
 def test_swaps_keep_a_frozen_bias_frozen(device):
     """QLoRA recipe: freeze the base, swap to 4 bits, train what requires grad. The swaps made a
     fresh, trainable bias, so an optimizer over the trainable parameters updated the base's biases."""

@@ -879,6 +879,24 @@ def test_int8linear_bias_as_a_parameter():
     assert torch.equal(m.bias.grad, torch.full((8,), 4.0))
 
 
+def test_int8linear_refuses_a_float_weight_and_stays_whole():
+    """Weight tying after the swap (lm_head.weight = embed.weight, as transformers' tie_weights
+    does) assigned a Parameter: nn.Module dropped the int8 weight buffer, then failed with
+    "attribute 'weight' already exists", and where the module keeps its plain weight
+    (QLIB_INT8_PACKED_COPY=0, amx, CUDA) every later forward and state_dict raised KeyError. It is
+    refused first, naming the module, and the module runs as before."""
+    m = Int8Linear.from_float(nn.Linear(32, 8))
+    x = torch.randn(4, 32)
+    ref, keys = m(x), list(m.state_dict())
+    for value in (nn.Parameter(torch.randn(8, 32)), torch.randn(8, 32),
+                  nn.Parameter(m.weight.clone(), requires_grad=False)):
+        with pytest.raises(TypeError, match=r"Int8Linear \(in_features=32.*weight holds int8 codes"):
+            m.weight = value
+        assert torch.equal(m(x), ref) and list(m.state_dict()) == keys and not list(m.parameters())
+    m.weight = m.weight.clone()  # int8 codes: still taken
+    assert torch.equal(m(x), ref)
+
+
 def test_weight_loaded_into_an_exported_graph_is_not_run_from_the_old_packing():
     """Where Int8Linear keeps its weight packed (CPU kernels other than amx), an exported graph
     holds the packing, not the weight: loading a state into it is refused by name. Elsewhere

@@ -407,6 +407,14 @@ class Int8Linear(QuantState):
             weakref.finalize(destination[prefix + "weight"], Int8Linear._let_go_of_weight, weakref.ref(self))
 
     def __setattr__(self, name, value):
+        if name == "weight" and isinstance(value, Tensor) and (isinstance(value, nn.Parameter) or value.dtype != torch.int8):
+            # (before nn.Module's: a Parameter would drop the weight buffer, then fail to register
+            # under the `weight` property with "attribute 'weight' already exists")
+            raise TypeError(
+                f"Int8Linear ({self.extra_repr()}): weight holds int8 codes (a frozen buffer, scaled by "
+                f"weight_scale), not a {'Parameter' if isinstance(value, nn.Parameter) else value.dtype} of "
+                "float weights; a tied or trained weight (lm_head.weight = embed.weight) needs a float "
+                "Linear: leave it out of the swap (filter_fn), or assign int8 codes")
         super().__setattr__(name, value)
         if name == "weight":
             self._pack_state = None  # a new weight: packed at the next forward

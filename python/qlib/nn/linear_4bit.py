@@ -170,6 +170,15 @@ class Linear4bit(QuantState):
             mod.bias.requires_grad_(bias.requires_grad)
         return mod
 
+    def __setattr__(self, name, value):
+        if name == "weight":  # (nn.Module would add a `weight` that forward never reads)
+            raise TypeError(
+                f"Linear4bit ({self.extra_repr()}): the weight is held as 4-bit codes (packed, absmax, "
+                "codebook), and forward would not read a `weight` assigned to it (a tied or trained weight, "
+                "lm_head.weight = embed.weight, needs a float Linear: leave it out of the swap with "
+                "filter_fn); dequantized_weight() reads the weight")
+        super().__setattr__(name, value)
+
     def forward(self, input: Tensor) -> Tensor:  # (nn.Linear's name: callers may pass input=x)
         x = input
         if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: jagged nested tensors run on their values)
