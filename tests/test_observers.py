@@ -714,7 +714,7 @@ def test_state_dict_of_another_layout_raises(cls):
     one_channel(x[:1])
     sized = cls(ch_axis=0).allocate(x.shape)  # (as a QATLinear's weight observer)
     cases.append((sized, one_channel.state_dict(),
-                  r"the state holds qparams of shape \[1, 1\], but this observer is sized for qparams of shape \[8, 1\]"))
+                  r"the state holds qparams of shape \[1, 1\] \(1 blocks\), but this observer is sized for 8 blocks"))
     for observer, state, message in cases:
         with pytest.raises(ValueError, match=who + ".*" + message):
             observer.load_state_dict(state)

@@ -438,9 +438,32 @@ def test_state_of_another_weight_granularity_is_refused_at_load():
     src = qlib.prepare_qat(nn.Sequential(nn.Linear(8, 4)), QATConfig(weight_granularity="per_tensor"))
     src(torch.randn(3, 8))
     dst = qlib.prepare_qat(nn.Sequential(nn.Linear(8, 4)), QATConfig())
-    with pytest.raises(ValueError, match=r"load_state_dict: the state holds qparams of shape \[1, 1\], but this "
-                                         r"observer is sized for qparams of shape \[4, 1\]"):
+    with pytest.raises(ValueError, match=r"load_state_dict: the state holds qparams of shape \[1, 1\] \(1 blocks\), but this "
+                                         r"observer is sized for 4 blocks"):
         dst.load_state_dict(src.state_dict())
+
+
+@pytest.mark.parametrize("workflow", ["prepare_qat", "prepare"])
+def test_to_empty_then_load_state_dict(workflow):
+    """torch's meta-init pattern (build or move to meta, to_empty(), load_state_dict()): to_empty
+    leaves buffers uninitialized, and the load check read the garbage in a weight observer's
+    qparams_shape as its sizing ("sized for qparams of shape [139814967909696, 32]"), refusing
+    every such load. It compares the statistics' shapes now."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    src = getattr(qlib, workflow)(make())
+    x = torch.randn(3, 16)
+    src(x)
+    src.eval()
+    ref, state = src(x), src.state_dict()
+    with torch.device("meta"):
+        skeleton = getattr(qlib, workflow)(make())
+    for m in (skeleton, copy.deepcopy(src).to(device="meta")):
+        m.to_empty(device="cpu")
+        for p in m.buffers():  # (to_empty's memory may hold anything)
+            p.fill_(float("nan") if p.is_floating_point() else 7 if p.dtype in (torch.bool, torch.uint8) else 123456789)
+        m.load_state_dict(state)
+        assert torch.equal(m.eval()(x), ref)
 
 
 def test_learnable_state_of_another_code_range_is_refused_at_load(tmp_path):

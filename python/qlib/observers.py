@@ -362,11 +362,13 @@ class ObserverBase(QuantState):
                 not -len(shape[1:]) <= self.ch_axis < len(shape[1:]) or shape[1:][self.ch_axis] != blocks):
             raise ValueError(f"{who}: the state holds qparams of shape {shape[1:]}, which is not per-channel "
                              f"along ch_axis={self.ch_axis} ({self.extra_repr()})")
+        # Sized for how many blocks: the statistics' shape, not qparams_shape's values, which
+        # to_empty() (meta init, then load) leaves uninitialized.
         own = self._buffers["qparams_shape"]
-        if shape and own.numel() > 0 and not own.is_meta and math.prod(own.tolist()[1:]) != blocks:
-            raise ValueError(f"{who}: the state holds qparams of shape {shape[1:]}, but this observer is sized "
-                             f"for qparams of shape {own.tolist()[1:]} (by allocate() or its first batch, as a "
-                             f"QATLinear's weight observer is); call reset() first to load another layout")
+        if shape and own.numel() > 0 and self._blocks() != blocks:
+            raise ValueError(f"{who}: the state holds qparams of shape {shape[1:]} ({blocks} blocks), but this "
+                             f"observer is sized for {self._blocks()} blocks (by allocate() or its first batch, as "
+                             f"a QATLinear's weight observer is); call reset() first to load another layout")
         for name in self._stat_buffers:
             v = got[name]
             if v is not None and (v.dim() == 0 or v.shape[0] != blocks):
