@@ -1338,6 +1338,15 @@ def test_convert_works_in_place_and_a_deepcopy_keeps_the_qat_model():
     assert type(qlib.convert(lone)) is qlib.nn.Int8Linear and type(lone) is QATLinear  # (model itself: its replacement)
 
 
+def test_from_float_refuses_a_qatlinear():
+    """from_float would quantize the raw float weight and drop the trained qparams."""
+    qat = qlib.prepare_qat(nn.Linear(8, 4))
+    qat(torch.randn(3, 8))
+    for cls in (qlib.nn.Int8Linear, qlib.nn.Linear4bit):
+        with pytest.raises(TypeError, match=rf"{cls.__name__}.from_float: got a QATLinear.*from_qat or qlib.convert"):
+            cls.from_float(qat)
+
+
 def test_calibrate_and_convert_of_a_model_never_prepared_warn():
     """Forgetting qlib.prepare is said, not a float model handed back as if converted."""
     net = Net()

@@ -20,6 +20,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 from .. import _C, _int8_ops  # noqa: F401  (_int8_ops registers the int8 fakes)
 from .._ops import choose_qparams, quantize
 from .._state import MIN_SCALE, QuantState, check_finite_weight, check_host_readable, on_nested, untraced, weight_zeros
+from .qat_linear import QATLinear
 
 _ACTIVATIONS = ("dynamic", "static")
 
@@ -230,6 +231,9 @@ class Int8Linear(QuantState):
         (a positive float or one-element tensor, e.g. from a calibrated observer)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Int8Linear.from_float: expected an nn.Linear, got {type(linear).__name__}")
+        if isinstance(linear, QATLinear):  # (its trained qparams would be dropped)
+            raise TypeError(f"Int8Linear.from_float: got a QATLinear, whose trained qparams from_float would "
+                            "ignore: use Int8Linear.from_qat or qlib.convert")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"Int8Linear.from_float: activation must be one of {_ACTIVATIONS}, got {activation!r}")
         if activation == "static":

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .. import _fourbit_ops
 from .._fourbit_ops import CodebookLike, codebook_4bit
 from .._state import OP_FLOAT_DTYPES, QuantState, check_finite_weight, on_nested, untraced, weight_zeros
+from .qat_linear import QATLinear
 
 
 def _check_in_features(x: Tensor, in_features: int, out_features: int) -> None:
@@ -83,6 +84,9 @@ class Linear4bit(QuantState):
         ``codebook="kmeans"`` fits one to this weight (``qlib.fit_codebook_4bit``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Linear4bit.from_float: expected an nn.Linear, got {type(linear).__name__}")
+        if isinstance(linear, QATLinear):  # (its trained qparams would be dropped)
+            raise TypeError(f"Linear4bit.from_float: got a QATLinear, whose trained qparams from_float would "
+                            "ignore: use Linear4bit.from_qat or qlib.convert")
         w = linear.weight
         if isinstance(codebook, str) and codebook.lower() == "kmeans":
             codebook = _fourbit_ops.fit_codebook_4bit(w.detach(), block_size)
