@@ -1888,3 +1888,39 @@ def test_meta_shape_inference_with_learnable_scales(prepare):
         m = getattr(qlib, prepare)(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 3)), cfg)
         y = m(torch.randn(2, 5, 8))
     assert y.shape == (2, 5, 3) and y.is_meta
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_a_call_that_raises_leaves_the_observers_as_they_were(learnable):
+    """A batch the layer refuses (float64, e.g. from numpy; the wrong number of features) raised
+    only in F.linear / the fake_quant op, after the activation observer had recorded it (the
+    moving average stepped, a learnable scale took it as its first): the next good batches then
+    gave other qparams than if the bad one had never been passed."""
+    config = QATConfig(activation_learnable=learnable, weight_learnable=learnable)
+    torch.manual_seed(0)
+    good = [torch.randn(4, 8) for _ in range(3)]
+    bad = [good[0].double() * 50, torch.randn(4, 9) * 50, good[0].half() * 50, torch.tensor(1.0)]
+
+    def model():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    for workflow in (qlib.prepare, qlib.prepare_qat):
+        for with_bad_first in (False, True):  # (a learnable scale's first batch)
+            clean, tried = workflow(model(), config), workflow(model(), config)
+            for step, x in enumerate(good):
+                if step == 1 or with_bad_first and step == 0:
+                    for b in bad:
+                        before = {k: v.clone() for k, v in tried.state_dict().items()}
+                        with pytest.raises(RuntimeError):
+                            tried(b)
+                        after = tried.state_dict()
+                        assert all(torch.equal(before[k], after[k]) for k in before), (workflow, b.dtype, b.shape)
+                torch.testing.assert_close(tried(x), clean(x), rtol=0, atol=0)
+    fq = FakeQuantize(MovingAverageMinMaxObserver(), learnable=learnable)
+    fq(good[0])
+    before = {k: v.clone() for k, v in fq.state_dict().items()}
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16, got torch.float64"):
+        fq(good[1].double() * 50)
+    assert all(torch.equal(before[k], v) for k, v in fq.state_dict().items())
+

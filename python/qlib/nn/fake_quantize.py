@@ -10,7 +10,7 @@ from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
 from .. import _C
-from .._state import QuantState, check_host_readable, exporting, graph_break, make_graph_breaks, on_nested, untraced
+from .._state import OP_FLOAT_DTYPES, QuantState, check_host_readable, exporting, graph_break, make_graph_breaks, on_nested, untraced
 from ..observers import NOTHING_RECORDED, _distributed
 
 ops = torch.ops.qlib
@@ -231,6 +231,10 @@ class FakeQuantize(QuantState):
         # quantizes with the qparams as they are, which are the forward's.
         observe = self._observer_enabled and (torch.compiler.is_compiling()
                                               or torch._C._current_graph_task_id() == -1)
+        if self._fake_quant_enabled and isinstance(x, Tensor) and x.dtype not in OP_FLOAT_DTYPES:
+            # The op's refusal, before the observer records x: a call that raises changes nothing
+            # (it recorded the batch, a moving average stepped, a learnable scale took it).
+            raise RuntimeError(f"qlib.nn.FakeQuantize: x must be float32, float16 or bfloat16, got {x.dtype}")
         if self._fake_quant_enabled and not self._observer_enabled and not torch.compiler.is_compiling():
             self._check_has_qparams()  # (frozen before any data: a branch calibration never ran)
         if self._fake_quant_enabled and not self.learnable:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._state import untraced
 from ..config import QATConfig, config_or_default
 from .fake_quantize import FakeQuantize
 
@@ -28,6 +29,24 @@ def activation_fake_quant(config: QATConfig) -> FakeQuantize:
     cls = config.activation_observer_class()
     obs = cls(bits=config.activation_bits, symmetric=config.activation_symmetric)
     return FakeQuantize(obs, learnable=config.activation_learnable, qparams_shape=(1,))
+
+
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_input(x, weight: Tensor) -> None:
+    """F.linear's refusals of x (features, dtype), before the fake quants observe anything: a
+    call that raises leaves the observers as they were (calibrate's bad batch recorded, a
+    moving average stepped, a learnable scale taken from it)."""
+    if not isinstance(x, Tensor) or x.is_nested:
+        return  # (F.linear's error, or FakeQuantize's nested path)
+    if untraced(lambda: x.dim() == 0 or x.shape[-1] != weight.shape[-1]):  # (jit.trace: plain ints)
+        raise RuntimeError(f"qlib.nn.QATLinear: input of shape {tuple(x.shape)} does not have the "
+                           f"{weight.shape[-1]} in_features of the weight {tuple(weight.shape)}")
+    if x.dtype != weight.dtype and not (x.dtype in _AUTOCAST_DTYPES and weight.dtype in _AUTOCAST_DTYPES
+                                        and torch.is_autocast_enabled(x.device.type)):
+        raise RuntimeError(f"qlib.nn.QATLinear: input is {x.dtype} but the weight is {weight.dtype}; "
+                           "cast one to the other (e.g. x.float())")
 
 
 class QATLinear(nn.Linear):
@@ -86,7 +105,9 @@ class QATLinear(nn.Linear):
         x = input
         m, p = self._modules, self._parameters  # (nn.Module.__getattr__ costs about 0.7 us a name)
         # (A parametrized weight / bias (weight_norm, pruning) lives outside _parameters.)
-        w = m["weight_fake_quant"](p["weight"] if "weight" in p else self.weight)
+        weight = p["weight"] if "weight" in p else self.weight
+        _check_input(x, weight)
+        w = m["weight_fake_quant"](weight)
         afq = m.get("activation_fake_quant")
         if afq is not None:
             x = afq(x)
