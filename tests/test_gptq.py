@@ -362,3 +362,35 @@ def test_gptq_keeps_a_frozen_bias_frozen():
             assert isinstance(q[i], Linear4bit) and q[i].bias.requires_grad == trainable
             assert torch.equal(q[i].bias.detach(), m[i].bias.detach())
         assert [n for n, p in q.named_parameters() if p.requires_grad] == (["0.bias", "2.bias"] if trainable else [])
+
+
+def test_a_sequential_run_that_fails_late_leaves_the_transformer_fast_path():
+    """A sequential gptq_quantize that fails after swapping some Linears puts them back, but the
+    swaps had also turned the TransformerEncoderLayer's fast path and its encoder's nested tensors
+    off (and hooked the layer): the float model then gave other outputs at padded positions."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+            self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True)
+            self.unused = nn.Linear(32, 32)  # (sees no input: the late failure)
+
+        def forward(self, x):
+            return self.enc(x)
+
+    model = Model().eval()
+    x, mask = torch.randn(2, 5, 32), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        before = model.enc(x, src_key_padding_mask=mask)
+    layer = model.enc.layers[0]
+    flags = (layer.activation_relu_or_gelu, model.enc.use_nested_tensor, len(layer._forward_hooks),
+             len(layer._forward_pre_hooks))
+    with pytest.raises(ValueError, match="'unused' saw no calibration input"):
+        qlib.gptq_quantize(model, [torch.randn(2, 5, 32)], sequential=True, progress=False)
+    assert type(layer.linear1) is nn.Linear and "_qlib_unnests" not in layer.__dict__
+    assert (layer.activation_relu_or_gelu, model.enc.use_nested_tensor, len(layer._forward_hooks),
+            len(layer._forward_pre_hooks)) == flags
+    with torch.no_grad():
+        assert torch.equal(model.enc(x, src_key_padding_mask=mask), before)

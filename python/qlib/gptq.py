@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import _ops
 from ._state import MIN_SCALE
 from .nn.linear_4bit import Linear4bit
-from .workflows import FilterFn, _swap, check_op_dtype, run_batches, swap_selector
+from .workflows import FilterFn, _swap, check_op_dtype, fused_paths_restorer, run_batches, swap_selector
 
 
 class _Hessian:
@@ -186,6 +186,7 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
     def swap_made(model):
         return _swap(model, nn.Linear, lambda m, fqn: made[id(m)], lambda m, fqn: id(m) in made, "gptq_quantize")
 
+    restore_fused_paths = fused_paths_restorer(model)
     with tqdm(total=len(selected), desc="GPTQ (Linears)", disable=not progress) as bar:  # across passes
         try:
             for group in groups:
@@ -219,5 +220,6 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
                 original = {id(made[key]): selected[key][1] for key in made}
                 _swap(model, Linear4bit, lambda m, fqn: original[id(m)], lambda m, fqn: id(m) in original,
                       "gptq_quantize")
+                restore_fused_paths()  # (the swaps turned TransformerEncoderLayer's fast path off)
             raise
     return swap_made(model)

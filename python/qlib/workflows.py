@@ -174,6 +174,27 @@ def _off_fused_transformer_paths(model: nn.Module) -> None:
             enc.use_nested_tensor = False
 
 
+def fused_paths_restorer(model: nn.Module) -> Callable[[], None]:
+    """A function that puts back what _off_fused_transformer_paths may change in model (flags,
+    hooks): the undo of swaps that a later failure takes back (gptq_quantize's sequential ones)."""
+    layers = [(layer, layer.activation_relu_or_gelu, "_qlib_unnests" in layer.__dict__)
+              for layer in model.modules() if isinstance(layer, nn.TransformerEncoderLayer)]
+    encoders = [(enc, enc.use_nested_tensor) for enc in model.modules() if isinstance(enc, nn.TransformerEncoder)]
+
+    def restore() -> None:
+        for layer, act, unnests in layers:
+            layer.activation_relu_or_gelu = act
+            if not unnests and layer.__dict__.pop("_qlib_unnests", False):
+                for name in ("_forward_pre_hooks", "_forward_hooks"):
+                    hooks = getattr(layer, name)
+                    for key in [k for k, h in hooks.items() if h in (_unnest_src, _renest_output)]:
+                        del hooks[key]
+                        getattr(layer, name + "_with_kwargs").pop(key, None)
+        for enc, nested in encoders:
+            enc.use_nested_tensor = nested
+    return restore
+
+
 def _unnest_src(layer, args, kwargs):
     """A nested src (nn.TransformerEncoder's padding-mask fast path) runs padded, with the
     padding as src_key_padding_mask: the slow path's Linears cannot take nested tensors. The
