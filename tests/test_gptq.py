@@ -394,3 +394,39 @@ def test_a_sequential_run_that_fails_late_leaves_the_transformer_fast_path():
             len(layer._forward_pre_hooks)) == flags
     with torch.no_grad():
         assert torch.equal(model.enc(x, src_key_padding_mask=mask), before)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_holds_one_k_by_k_matrix_per_factorization(monkeypatch, act_order):
+    """gptq_quantize hands each H to gptq_weight, which factors it and drops each K x K matrix as the
+    next is made: at each factorization only its input is alive (before: the caller's H, its clone and
+    the factors, 4-5 K x K float32 at once, 1.2 GB more at K = 8192)."""
+    import weakref
+
+    tracked, live_at_calls = [], []
+
+    def tracking(fn):
+        def wrapper(a, *args, **kwargs):
+            live_at_calls.append(sum(r() is not None for r in tracked) + (not any(r() is a for r in tracked)))
+            out = fn(a, *args, **kwargs)
+            tracked.extend([weakref.ref(a), weakref.ref(out)])
+            return out
+        return wrapper
+
+    monkeypatch.setattr(torch.linalg, "cholesky", tracking(torch.linalg.cholesky))
+    monkeypatch.setattr(torch, "cholesky_inverse", tracking(torch.cholesky_inverse))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 16))
+    batches = [correlated_inputs(64, 128, seed=s) for s in range(2)]
+    reference = copy.deepcopy(model)
+    qlib.gptq_quantize(model, batches, act_order=act_order, progress=False)
+    assert live_at_calls == [1] * 6, live_at_calls
+    # gptq_weight on a caller's H leaves it as it was, and gives the same codes
+    h = Hessian(128, "cpu")
+    for b in batches:
+        h.add(b)
+    before = h.h.clone()
+    codes, scales = gptq_weight(reference[0].weight, h.h, act_order=act_order)
+    assert torch.equal(h.h, before)
+    again = Linear4bit.from_codes(codes, scales, 64, reference[0].bias)
+    assert torch.equal(again.packed, model[0].packed) and torch.equal(again.absmax, model[0].absmax)
