@@ -50,6 +50,15 @@ def untraced(fn):
         torch._C._set_tracing_state(tracing)
 
 
+def record_in_metadata(destination, prefix: str, key: str, value) -> None:
+    """From a _save_to_state_dict: key = value in torch's state_dict metadata of the module at
+    prefix (kept by torch.save / torch.load and deepcopy, not by safetensors or a rebuilt dict),
+    for its _load_from_state_dict to check (local_metadata)."""
+    metadata = getattr(destination, "_metadata", None)
+    if metadata is not None and prefix[:-1] in metadata:
+        metadata[prefix[:-1]][key] = value
+
+
 def check_host_readable(who: str, name: str, t: Tensor) -> None:
     """Raises, naming the module and buffer, where a buffer whose value Python reads (a switch, a
     counter, a code range) is a torch.func transform's tensor: vmap over stacked buffers

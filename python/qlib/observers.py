@@ -48,7 +48,8 @@ from torch.nn.modules import module as _module
 from . import _C
 from . import _observer_ops  # noqa: F401  (registers the fakes)
 from ._ops import quant_range
-from ._state import OP_FLOAT_DTYPES, QuantState, check_host_readable, exporting, graph_break, make_graph_breaks, untraced
+from ._state import (OP_FLOAT_DTYPES, QuantState, check_host_readable, exporting, graph_break, make_graph_breaks,
+                     record_in_metadata, untraced)
 
 ops = torch.ops.qlib
 _ALLOCATE_LOCK = threading.Lock()
@@ -556,13 +557,10 @@ class _HistogramObserver(ObserverBase):
         return {"hist": hist, "range": rng}
 
     # A symmetric observer's histogram is of |x|, an asymmetric one's of x: the same buffers, read
-    # differently. state_dict() records which in torch's state_dict metadata (kept by torch.save /
-    # torch.load and deepcopy, not by safetensors or a dict comprehension), and a load checks it.
+    # differently. state_dict() records which, and a load checks it.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        metadata = getattr(destination, "_metadata", None)
-        if metadata is not None and prefix[:-1] in metadata:
-            metadata[prefix[:-1]]["qlib_absolute"] = self.symmetric
+        record_in_metadata(destination, prefix, "qlib_absolute", self.symmetric)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         absolute = (local_metadata or {}).get("qlib_absolute")

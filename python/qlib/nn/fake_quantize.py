@@ -10,7 +10,8 @@ from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
 from .. import _C
-from .._state import OP_FLOAT_DTYPES, QuantState, check_host_readable, exporting, graph_break, make_graph_breaks, on_nested, untraced
+from .._state import (OP_FLOAT_DTYPES, QuantState, check_host_readable, exporting, graph_break, make_graph_breaks,
+                      on_nested, record_in_metadata, untraced)
 from ..observers import NOTHING_RECORDED, _distributed
 
 ops = torch.ops.qlib
@@ -68,14 +69,12 @@ class FakeQuantize(QuantState):
             self._init_done = False
         self._synced = (self._buffers["switches"], self._buffers.get("initialized"))  # what the bools mirror
 
-    # A learnable scale is trained for its code range: state_dict() records the range in torch's
-    # state_dict metadata (kept by torch.save / torch.load and deepcopy, not by safetensors or a dict
-    # comprehension), and a load checks it.
+    # A learnable scale is trained for its code range: state_dict() records the range, and a
+    # load checks it.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        metadata = getattr(destination, "_metadata", None)
-        if self.learnable and metadata is not None and prefix[:-1] in metadata:
-            metadata[prefix[:-1]]["qlib_quant_range"] = [self.quant_min, self.quant_max]
+        if self.learnable:
+            record_in_metadata(destination, prefix, "qlib_quant_range", [self.quant_min, self.quant_max])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
         saved = (local_metadata or {}).get("qlib_quant_range")
