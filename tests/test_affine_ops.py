@@ -546,6 +546,25 @@ def test_import_without_the_extension_fails_loudly(tmp_path):
     assert out.returncode != 0 and "qlib is not built: python/qlib/_build_config.py is missing" in out.stderr
 
 
+def test_extension_built_for_another_torch_names_both_versions(tmp_path):
+    """An _C that fails to load (here: not a shared object) under a torch other than the one it was
+    built against (an installed wheel, then torch upgraded) says which torch each is."""
+    import importlib.machinery
+    import shutil
+    import subprocess
+    import sys
+
+    src = os.path.dirname(qlib.__file__)
+    shutil.copytree(src, tmp_path / "qlib", ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    (tmp_path / "qlib" / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not an ELF file")
+    (tmp_path / "qlib" / "_build_config.py").write_text(
+        "CPU_ISA = 'default'\nWITH_CUDA = False\nCUDA_ARCHS = ''\nTORCH_VERSION = '0.0.1'\n")
+    out = subprocess.run([sys.executable, "-c", "import qlib"], env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert f"it was built against torch 0.0.1, but torch {torch.__version__} is imported" in out.stderr
+
+
 def test_a_meta_tensor_among_cpu_ones_raises():
     """A meta tensor dispatches to the op's fake, which checks devices (it would otherwise hand
     back an uninitialised CPU tensor)."""

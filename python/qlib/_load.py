@@ -29,4 +29,11 @@ except ImportError as e:
     _here = os.path.dirname(os.path.abspath(__file__))
     if not glob.glob(os.path.join(_here, "_C*.so")) and not glob.glob(os.path.join(_here, "_C*.pyd")):
         raise ImportError(f"qlib's compiled extension is not built: no {_here}/_C*.so. {_HOW_TO_BUILD}") from e
+    _built = getattr(_build_config, "TORCH_VERSION", None)
+    if _built is not None and _built != torch.__version__:
+        raise ImportError(
+            f"qlib's compiled extension qlib._C failed to load ({e}): it was built against torch {_built}, "
+            f"but torch {torch.__version__} is imported. Rebuild qlib against this torch (or install torch "
+            f"{_built}). {_HOW_TO_BUILD}"
+        ) from e
     raise ImportError(f"qlib's compiled extension qlib._C failed to load ({e}). {_HOW_TO_BUILD}") from e
