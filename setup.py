@@ -132,6 +132,8 @@ else:
 setup(
     package_dir={"": "python"},
     packages=find_packages("python"),
+    # _C links against this torch's C++ API: another torch fails to load it (undefined symbols).
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "tqdm", "matplotlib"],
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -7,6 +7,7 @@ import sys
 import tarfile
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +33,9 @@ def test_sdist_holds_every_source_and_header(tmp_path):
     (archive,) = (tmp_path / "dist").iterdir()
     with tarfile.open(archive) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        pkg_info = tar.extractfile(f"{archive.name[:-len('.tar.gz')]}/PKG-INFO").read().decode()
+    # A wheel runs only with the torch it was compiled against: its metadata pins it.
+    assert f"Requires-Dist: torch=={torch.__version__.split('+')[0]}\n" in pkg_info
     needed = [f for f in tracked if f.startswith(("csrc/", "cuda/", "tests/cpp/"))]
     needed += ["CMakeLists.txt", "setup.py", "pyproject.toml", "tests/conftest.py"]
     assert any(f.endswith(".h") for f in needed) and any(f.endswith(".cu") for f in needed)
