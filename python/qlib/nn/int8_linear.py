@@ -31,7 +31,11 @@ def quantize_weight_per_channel(weight: Tensor):
     if w.shape[0] == 0:  # no output channels: nothing to quantize (an nn.Linear may have none)
         return torch.empty(w.shape, dtype=torch.int8, device=w.device), w.new_empty(0)
     check_finite_weight("qlib.nn.Int8Linear", w)
-    amax = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
+    if w.shape[1] > 0:
+        lo, hi = torch.aminmax(w, dim=1)  # (max |w| without a float copy of the weight: its peak memory)
+        amax = torch.maximum(hi, -lo)
+    else:
+        amax = w.new_zeros(w.shape[0])
     # Floored at MIN_SCALE, not choose_qparams' eps (1.2e-7): that zeroed weights below ~6e-8
     # and coarsened those below ~1.5e-5 (as GPTQ's group scales).
     scale, _ = choose_qparams(-amax, amax, -127, 127, True, MIN_SCALE)
