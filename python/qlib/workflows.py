@@ -125,9 +125,6 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
     if swaps:
         _off_fused_transformer_paths(model)
         _ddp_local_buffers(model)
-    elif kind is QATLinear:  # (a model never prepared, or converted already: say so)
-        warnings.warn(f"qlib.{who}: the model holds no QATLinear{' that filter_fn selects' if filter_fn else ''} "
-                      "(made by qlib.prepare or qlib.prepare_qat): nothing was converted", stacklevel=3)
     return model
 
 
@@ -367,7 +364,14 @@ def convert(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module
     is itself a selected QATLinear), so the QAT model is consumed: its QATLinears, float
     weights and observers are gone. To keep it (to train on, or to compare with), convert a
     copy: ``int8_model = qlib.convert(copy.deepcopy(model))``."""
+    made = []
+
     def make(qat: QATLinear, fqn: str) -> nn.Module:
+        made.append(fqn)
         return Int8Linear.from_qat(qat) if qat.activation_fake_quant is not None else Linear4bit.from_qat(qat)
 
-    return _swap(model, QATLinear, _naming("convert", make), filter_fn, "convert")
+    model = _swap(model, QATLinear, _naming("convert", make), filter_fn, "convert")
+    if not made:  # (a model never prepared, or converted already: say so)
+        warnings.warn(f"qlib.convert: the model holds no QATLinear{' that filter_fn selects' if filter_fn else ''} "
+                      "(made by qlib.prepare or qlib.prepare_qat): nothing was converted", stacklevel=2)
+    return model
