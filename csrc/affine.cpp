@@ -360,6 +360,18 @@ void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, cons
   check_quant_range(op, quant_min, quant_max);
 }
 
+void check_fake_quant_mask_backward_args(const at::Tensor& grad, const at::Tensor& mask) {
+  constexpr const char* op = "qlib::fake_quant_mask_backward";
+  const auto t = grad.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
+              ": grad must be float32, float16 or bfloat16, got ", t);
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool, got ",
+              mask.scalar_type());
+  TORCH_CHECK(grad.sym_sizes() == mask.sym_sizes() && grad.device() == mask.device(), op,
+              ": grad (", grad.sym_sizes(), " on ", grad.device(), ") must match mask (",
+              mask.sym_sizes(), " on ", mask.device(), ")");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_outputs(
     const AffineArgs& a, const at::Tensor& grad_x, const at::Tensor& grad_scale_sums,
     const at::Tensor& grad_zp_sums, const at::Tensor& scale, const at::Tensor& zero_point) {

@@ -110,6 +110,8 @@ void check_lsq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tens
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                     const at::Tensor& zero_point, int64_t quant_min,
                                     int64_t quant_max, bool zero_point_grad);
+// fake_quant_mask_backward: a float32/float16/bfloat16 grad, a bool mask of its shape and device.
+void check_fake_quant_mask_backward_args(const at::Tensor& grad, const at::Tensor& mask);
 // Sums a per-element tensor (x's shape) over each block of scale: scale's shape.
 at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scale);
 // fake_quant_backward's outputs: grad_x (in the kernels' order), and the LSQ gradients summed

@@ -1,8 +1,8 @@
-// Autograd of qlib::fake_quant and qlib::lsq_fake_quant in C++ (registered for the Autograd
-// key, for every device): the straight-through estimator and LSQ / LSQ+ gradients come from
-// qlib::fake_quant_backward. In C++ rather than torch.library.register_autograd,
-// whose Python wrapper cost about 26 us per call (CPU, tiny tensor). Also lsq_fake_quant's
-// forward, for every device (CompositeExplicitAutograd).
+// Autograd of qlib::fake_quant, fake_quant_with_mask and lsq_fake_quant in C++ (registered for
+// the Autograd key, for every device): the straight-through estimator (on a saved mask, or on x)
+// and LSQ / LSQ+ gradients come from qlib's backward ops. In C++ rather than
+// torch.library.register_autograd, whose Python wrapper cost about 26 us per call (CPU, tiny
+// tensor). Also lsq_fake_quant's forward, for every device (CompositeExplicitAutograd).
 #include <ATen/OpMathType.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -93,6 +93,68 @@ class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
   }
 };
 
+// ---------------------------------------------------------------- fake_quant_with_mask
+constexpr const char* kWithMaskOp = "qlib::fake_quant_with_mask";
+
+std::tuple<at::Tensor, at::Tensor> call_fake_quant_with_mask(const at::Tensor& x,
+                                                             const at::Tensor& scale,
+                                                             const at::Tensor& zero_point,
+                                                             int64_t quant_min,
+                                                             int64_t quant_max) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(kWithMaskOp, "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, int64_t, int64_t)>();
+  return op.call(x, scale, zero_point, quant_min, quant_max);
+}
+
+at::Tensor call_fake_quant_mask_backward(const at::Tensor& grad, const at::Tensor& mask) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlib::fake_quant_mask_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad, mask);
+}
+
+// The straight-through estimator on a saved mask (1 byte an element) instead of x. Under
+// create_graph=True grad * mask, which autograd differentiates again.
+class MaskedFakeQuantFunction : public torch::autograd::Function<MaskedFakeQuantFunction> {
+ public:
+  static tensor_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
+                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mask] = call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
+    ctx->save_for_backward({mask});
+    ctx->mark_non_differentiable({mask});
+    return {y, mask};
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const at::Tensor mask = ctx->get_saved_variables()[0];
+    const at::Tensor grad_x = at::GradMode::is_enabled()
+                                  ? grads[0] * mask
+                                  : call_fake_quant_mask_backward(grads[0], mask);
+    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_autograd(const at::Tensor& x,
+                                                                 const at::Tensor& scale,
+                                                                 const at::Tensor& zero_point,
+                                                                 int64_t quant_min,
+                                                                 int64_t quant_max) {
+  check_no_forward_grad(kWithMaskOp, {x, scale, zero_point});
+  const bool grad_mode = at::GradMode::is_enabled();
+  TORCH_CHECK(!grad_mode || !(scale.requires_grad() || zero_point.requires_grad()), kWithMaskOp,
+              ": gives no gradient for scale or zero_point; qlib::fake_quant gives LSQ's");
+  if (!grad_mode || !x.requires_grad()) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
+  }
+  auto out = MaskedFakeQuantFunction::apply(x, scale, zero_point, quant_min, quant_max);
+  return {out[0], out[1]};
+}
+
 // The Autograd kernel of an op taking (x, scale, zero_point, ...): its Function when a
 // gradient is wanted, else `below` under autograd (the Function's context would cost a third
 // of a small call).
@@ -108,9 +170,16 @@ at::Tensor record_if_grad(const char* op, Below below, const at::Tensor& x,
   return Function::apply(x, scale, zero_point, rest...);
 }
 
+// Where only x needs a gradient and x is not a leaf (an activation, which saving would keep
+// alive), the STE runs on fake_quant_with_mask's 1-byte mask; a leaf (a weight) is kept by its
+// owner anyway, and saving it spares the mask's store.
 at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                const at::Tensor& zero_point, int64_t quant_min,
                                int64_t quant_max) {
+  if (at::GradMode::is_enabled() && x.requires_grad() && !x.is_leaf() &&
+      !scale.requires_grad() && !zero_point.requires_grad()) {
+    return std::get<0>(call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max));
+  }
   return record_if_grad<FakeQuantFunction>("qlib::fake_quant", call_fake_quant, x, scale,
                                            zero_point, quant_min, quant_max);
 }
@@ -301,6 +370,7 @@ at::Tensor dequantize_autograd(const at::Tensor& q, const at::Tensor& scale,
 
 TORCH_LIBRARY_IMPL(qlib, Autograd, m) {
   m.impl("fake_quant", &fake_quant_autograd);
+  m.impl("fake_quant_with_mask", &fake_quant_with_mask_autograd);
   m.impl("lsq_fake_quant", &lsq_fake_quant_autograd);
   m.impl("dequantize", &dequantize_autograd);
 }

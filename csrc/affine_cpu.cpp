@@ -90,27 +90,86 @@ void store_run(T* __restrict y, int64_t n, const ValueAt& value_at) {
   });
 }
 
+// fake_quant of the prepared a into out, and its STE mask into mask where defined (both laid
+// out as a.x).
+void fake_quant_cpu_into(const AffineArgs& a, at::Tensor& out, const at::Tensor& mask) {
+  const Vec qmin(a.qmin), qmax(a.qmax);
+  const auto run = [&](auto with_mask) {
+    QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_cpu", [&] {
+      const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+      scalar_t* yp = out.data_ptr<scalar_t>();
+      bool* mp = with_mask ? mask.data_ptr<bool>() : nullptr;
+      for_each_run_qparams(a, [&](int64_t b, int64_t e, int64_t, const auto& qp_at) {
+        const scalar_t* __restrict x = xp + b;
+        store_run(yp + b, e - b, [&](int64_t j, int64_t n) {
+          const LaneQParams p = qp_at(j, n);
+          const Vec v = load_float(x + j, n);
+          if constexpr (decltype(with_mask)::value) {
+            const auto r = fake_quant_value_and_mask<VecMath>(v, p.scale, p.inv_scale,
+                                                              p.zero_point, qmin, qmax);
+            store_mask(mp + b + j, r.inside, n);
+            return r.value;
+          } else {
+            return fake_quant_value<VecMath>(v, p.scale, p.inv_scale, p.zero_point, qmin, qmax);
+          }
+        });
+      });
+    });
+  };
+  if (mask.defined()) run(std::true_type{});
+  else run(std::false_type{});
+}
+
 at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
                           const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
-  check_fake_quant_input("qlib::fake_quant", x);
-  check_quant_range("qlib::fake_quant", quant_min, quant_max);
-  const AffineArgs a =
-      prepare_affine("qlib::fake_quant", "x", x, scale, zero_point, quant_min, quant_max);
+  constexpr const char* op = "qlib::fake_quant";
+  check_fake_quant_input(op, x);
+  check_quant_range(op, quant_min, quant_max);
+  const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
   at::Tensor out = a.empty_like_x(a.x.options());
-  const Vec qmin(a.qmin), qmax(a.qmax);
-  QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_cpu", [&] {
-    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
-    scalar_t* yp = out.data_ptr<scalar_t>();
-    for_each_run_qparams(a, [&](int64_t b, int64_t e, int64_t, const auto& qp_at) {
-      const scalar_t* __restrict x = xp + b;
-      store_run(yp + b, e - b, [&](int64_t j, int64_t n) {
-        const LaneQParams p = qp_at(j, n);
-        return fake_quant_value<VecMath>(load_float(x + j, n), p.scale, p.inv_scale,
-                                         p.zero_point, qmin, qmax);
+  fake_quant_cpu_into(a, out, at::Tensor());
+  return a.in_given_order(out);
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_cpu(const at::Tensor& x,
+                                                            const at::Tensor& scale,
+                                                            const at::Tensor& zero_point,
+                                                            int64_t quant_min, int64_t quant_max) {
+  constexpr const char* op = "qlib::fake_quant_with_mask";
+  check_fake_quant_input(op, x);
+  check_quant_range(op, quant_min, quant_max);
+  const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
+  at::Tensor out = a.empty_like_x(a.x.options());
+  at::Tensor mask = a.empty_like_x(a.x.options().dtype(at::kBool));
+  fake_quant_cpu_into(a, out, mask);
+  return {a.in_given_order(out), a.in_given_order(mask)};
+}
+
+// grad * mask (the mask as 0.0f / 1.0f: a NaN grad stays NaN where masked, as torch's
+// *_cachemask backward), in mask's layout.
+at::Tensor fake_quant_mask_backward_cpu(const at::Tensor& grad, const at::Tensor& mask) {
+  check_fake_quant_mask_backward_args(grad, mask);
+  at::Tensor out = at::empty_like(mask, grad.options());
+  advise_huge_pages(out.data_ptr(), out.nbytes());
+  const auto like_out = [&](const at::Tensor& t) {
+    return t.strides() == out.strides() ? t : at::empty_like(out, t.options()).copy_(t);
+  };
+  const at::Tensor g = like_out(grad), m = like_out(mask);
+  QLIB_DISPATCH_FLOAT(g.scalar_type(), "fake_quant_mask_backward_cpu", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const bool* mp = m.const_data_ptr<bool>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    at::parallel_for(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
+      for_each_chunk<kChunk<scalar_t>>(e - b, [&](int64_t i, auto c) __attribute__((always_inline)) {
+        Vec v[2];
+        load_chunk(gp + b + i, c, v);
+        for (int64_t h = 0; h * kVec < c; ++h)
+          v[h] = v[h] * load_mask(mp + b + i + h * kVec, std::min<int64_t>(kVec, c - h * kVec));
+        store_chunk(outp + b + i, v, c);
       });
     });
   });
-  return a.in_given_order(out);
+  return out;
 }
 
 // The LSQ gradients' sums per block go to a thread's double rows ds and dz.
@@ -353,6 +412,8 @@ std::tuple<at::Tensor, at::Tensor> qparams_cpu(const at::Tensor& min, const at::
 TORCH_LIBRARY_IMPL(qlib, CPU, m) {
   m.impl("fake_quant", &fake_quant_cpu);
   m.impl("fake_quant_backward", &fake_quant_backward_cpu);
+  m.impl("fake_quant_with_mask", &fake_quant_with_mask_cpu);
+  m.impl("fake_quant_mask_backward", &fake_quant_mask_backward_cpu);
   m.impl("quantize", &quantize_cpu);
   m.impl("dequantize", &dequantize_cpu);
   m.impl("choose_qparams", &qparams_cpu<false>);

@@ -177,6 +177,26 @@ Vec load_codes(const Q* p, int64_t n = kVec) {
   return Vec::loadu(tmp);
 }
 
+// Stores n <= kVec lanes of v (each 0.0f or 1.0f) as bools.
+inline void store_mask(bool* p, const Vec& v, int64_t n = kVec) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (n == kVec) {
+    const __m256i i = _mm256_cvttps_epi32(v);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w, w));
+    return;
+  }
+#endif
+  float tmp[kVec];
+  v.store(tmp);
+  for (int64_t k = 0; k < n; ++k) p[k] = tmp[k] != 0.0f;
+}
+
+// Loads n <= kVec bools as 0.0f / 1.0f (a bool's byte is 0 or 1).
+inline Vec load_mask(const bool* p, int64_t n = kVec) {
+  return load_codes(reinterpret_cast<const uint8_t*>(p), n);
+}
+
 // code_minus_zero_point of n <= kVec int32 codes (the subtraction in double: exact there, then
 // one rounding to float, as from int64).
 inline Vec codes_minus_zero_point(const int32_t* p, const Vec& zero_point, int64_t n = kVec) {

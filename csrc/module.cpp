@@ -103,10 +103,10 @@ PYBIND11_MODULE(_C, m) {
   // The argument checks of the ops that read no values: their fakes run them (python/qlib/
   // _ops.py, _int8_ops.py, _observer_ops.py), so a meta or traced call fails as the kernels would.
   m.def("check_eps", [](const std::string& who, double eps) { qlib::check_eps(who.c_str(), eps); });
-  m.def("check_fake_quant_args", [](const at::Tensor& x, const at::Tensor& scale,
-                                    const at::Tensor& zero_point, int64_t quant_min,
-                                    int64_t quant_max) {
-    constexpr const char* op = "qlib::fake_quant";
+  m.def("check_fake_quant_args", [](const std::string& op_name, const at::Tensor& x,
+                                    const at::Tensor& scale, const at::Tensor& zero_point,
+                                    int64_t quant_min, int64_t quant_max) {
+    const char* op = op_name.c_str();  // (fake_quant, fake_quant_with_mask)
     qlib::check_fake_quant_input(op, x);
     qlib::check_quant_range(op, quant_min, quant_max);
     qlib::check_affine_meta(op, "x", x, scale, zero_point);
@@ -126,6 +126,7 @@ PYBIND11_MODULE(_C, m) {
                                                zero_point_grad);
           qlib::check_affine_meta(op, "x", x, scale, zero_point);
         });
+  m.def("check_fake_quant_mask_backward_args", &qlib::check_fake_quant_mask_backward_args);
   m.def("check_quantize_args", [](const at::Tensor& x, const at::Tensor& scale,
                                   const at::Tensor& zero_point, int64_t quant_min,
                                   int64_t quant_max, at::ScalarType dtype) {

@@ -1,9 +1,9 @@
 // The Autograd kernel of the ops whose outputs carry no gradient: qparams, observer statistics
-// and codes (as torch.ao's observers and torch's choose_qparams ops), fake_quant_backward, and minmax_observe's
-// in-place update. They run below autograd, so their float outputs never require grad; without
-// a kernel here torch's fallback marked them as requiring grad and gave their inputs no
-// gradient, with only a warning. dequantize has its
-// own kernel (affine_autograd.cpp); dequantize_4bit and linear_4bit raise for absmax / codebook
+// and codes (as torch.ao's observers and torch's choose_qparams ops), the fake_quant backward
+// ops, and minmax_observe's in-place update. They run below autograd, so their float outputs
+// never require grad; without a kernel here torch's fallback marked them as requiring grad and
+// gave their inputs no gradient, with only a warning. dequantize has its own kernel
+// (affine_autograd.cpp); dequantize_4bit and linear_4bit raise for absmax / codebook
 // (fourbit_autograd.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -54,7 +54,7 @@ TORCH_LIBRARY_IMPL(qlib, Autograd, m) {
         "histogram_entropy_search", "quantize_4bit",
         // (fake_quant's own double backward differentiates grad * mask, affine_autograd.cpp: on
         // the fallback, a grad that required grad got None back silently, with a warning)
-        "fake_quant_backward"}) {
+        "fake_quant_backward", "fake_quant_mask_backward"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&below_autograd>());
   }
   m.impl("minmax_observe", torch::CppFunction::makeFromBoxedFunction<&in_place_below_autograd>());

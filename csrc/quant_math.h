@@ -120,6 +120,22 @@ QLIB_HD T fake_quant_value(T x, T scale, T inv_scale, T zero_point, T qmin, T qm
                          zero_point);
 }
 
+// fake_quant_value and the straight-through estimator's mask of the same x in one pass:
+// inside is 1 where the unclamped code lies in [qmin, qmax] (fake_quant_grads' grad_x / grad),
+// else 0 (NaN too).
+template <class T>
+struct ValueAndMask {
+  T value, inside;
+};
+
+template <class M, class T>
+QLIB_HD ValueAndMask<T> fake_quant_value_and_mask(T x, T scale, T inv_scale, T zero_point,
+                                                  T qmin, T qmax) {
+  const T q = unclamped_code<M>(x, inv_scale, zero_point);
+  return {dequantize_code(M::clamp(q, qmin, qmax), scale, zero_point),
+          M::in_range(q, qmin, qmax)};
+}
+
 // The smallest scale (and eps) the ops take: the smallest normal float32, so that 1 / scale
 // is finite.
 constexpr float kMinScale = 1.17549435e-38f;

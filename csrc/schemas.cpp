@@ -13,6 +13,15 @@ TORCH_LIBRARY(qlib, m) {
       "int quant_min, int quant_max, bool scale_grad, bool zero_point_grad) "
       "-> (Tensor, Tensor, Tensor)",
       tags);
+  // fake_quant and its straight-through mask (bool, x's shape: true where x's unclamped code
+  // lies in [quant_min, quant_max]). fake_quant's autograd takes this path for an x that is not
+  // a leaf, saving the 1-byte mask instead of x (as torch's *_cachemask ops);
+  // fake_quant_mask_backward gives grad * mask.
+  m.def(
+      "fake_quant_with_mask(Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
+      "int quant_max) -> (Tensor output, Tensor mask)",
+      tags);
+  m.def("fake_quant_mask_backward(Tensor grad, Tensor mask) -> Tensor", tags);
   // fake_quant with LSQ's trained qparams: scale clamped below at eps, zero_point to
   // [quant_min, quant_max]; their gradients are fake_quant's at the clamped values (straight
   // through the clamps), times grad_factor (None: LSQ's 1 / sqrt(x.numel() * quant_max),

@@ -257,9 +257,11 @@ void with_packs(const Launch& launch) {
 }
 
 // ---------------------------------------------------------------- forward
-template <class T, int N, int U, ScaleLookup L>
-__global__ void fake_quant_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n,
-                                  KernelQParams p) {
+// y, and with WithMask the STE mask (true where the unclamped code is in range; false in a
+// block whose qparams fail, where y is NaN).
+template <class T, int N, int U, ScaleLookup L, bool WithMask>
+__global__ void fake_quant_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                  bool* __restrict__ mask, int64_t n, KernelQParams p) {
   const BlockQParams tensor = tensor_qparams<L>(p);
   Pack<T, N> in[U];
   BlockQParams pack[U];
@@ -271,20 +273,27 @@ __global__ void fake_quant_kernel(const T* __restrict__ x, T* __restrict__ y, in
       },
       [&](int u, int64_t v) {
         Pack<T, N> out;
+        Pack<bool, N> inside;
         for_each_element<L, N>(
             p, pack[u], v * N,
             [&](int k, const BlockQParams& q) {
-              out.v[k] = static_cast<T>(fake_quant_value<ScalarMath>(
+              const auto r = fake_quant_value_and_mask<ScalarMath>(
                   static_cast<float>(in[u].v[k]), q.scale, q.inv_scale, q.zero_point, p.qmin,
-                  p.qmax));
+                  p.qmax);
+              out.v[k] = static_cast<T>(r.value);
+              inside.v[k] = r.inside != 0.0f;
             },
-            [&](int k) { out.v[k] = static_cast<T>(kNaN); });
+            [&](int k) {
+              out.v[k] = static_cast<T>(kNaN);
+              inside.v[k] = false;
+            });
         store_pack<T, N>(y, v * N, n, out);
+        if constexpr (WithMask) store_pack<bool, N>(mask, v * N, n, inside);
       });
 }
 
 template <class T, int N>
-void launch_fake_quant(const AffineArgs& a, at::Tensor& out) {
+void launch_fake_quant(const AffineArgs& a, at::Tensor& out, bool* mask) {
   const int64_t n = a.x.numel();
   const auto p = kernel_qparams(a);
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -293,32 +302,66 @@ void launch_fake_quant(const AffineArgs& a, at::Tensor& out) {
   with_packs<N>([&](auto packs) {
     constexpr int U = decltype(packs)::value;
     with_lookup<N>(a, [&](auto lookup) {
-      constexpr auto kernel = fake_quant_kernel<T, N, U, decltype(lookup)::value>;
-      kernel<<<blocks_for<kernel>((n + N * U - 1) / (N * U)), kThreads, 0, stream>>>(x, y, n, p);
+      const auto launch = [&](auto with_mask) {
+        constexpr auto kernel =
+            fake_quant_kernel<T, N, U, decltype(lookup)::value, decltype(with_mask)::value>;
+        kernel<<<blocks_for<kernel>((n + N * U - 1) / (N * U)), kThreads, 0, stream>>>(
+            x, y, mask, n, p);
+      };
+      if (mask != nullptr) launch(std::true_type{});
+      else launch(std::false_type{});
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
-                           const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
-  const char* op = "qlib::fake_quant";
+// fake_quant (op names it), and its mask when with_mask (else undefined).
+std::tuple<at::Tensor, at::Tensor> fake_quant_cuda_outputs(
+    const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, bool with_mask) {
   check_fake_quant_input(op, x);
   check_quant_range(op, quant_min, quant_max);
   // (A generic guard: for a CPU x it does nothing and the checks report the mismatch.)
   const at::OptionalDeviceGuard guard(x.device());
   const AffineArgs a = prepare_fake_quant(op, x, scale, zero_point, quant_min, quant_max);
   at::Tensor out = a.empty_like_x(a.x.options());
-  if (a.x.numel() == 0) return a.in_given_order(out);
-  QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_cuda", [&] {
-    constexpr int N = 16 / sizeof(scalar_t);
-    if (aligned16(a.x.const_data_ptr()) && aligned16(out.const_data_ptr())) {
-      launch_fake_quant<scalar_t, N>(a, out);
-    } else {
-      launch_fake_quant<scalar_t, 1>(a, out);
-    }
-  });
-  return a.in_given_order(out);
+  at::Tensor mask = with_mask ? a.empty_like_x(a.x.options().dtype(at::kBool)) : at::Tensor();
+  if (a.x.numel() > 0) {
+    bool* mp = with_mask ? mask.data_ptr<bool>() : nullptr;
+    QLIB_DISPATCH_FLOAT(a.x.scalar_type(), "fake_quant_cuda", [&] {
+      constexpr int N = 16 / sizeof(scalar_t);
+      if (aligned16(a.x.const_data_ptr()) && aligned16(out.const_data_ptr()) &&
+          (mp == nullptr || aligned(mp, N))) {
+        launch_fake_quant<scalar_t, N>(a, out, mp);
+      } else {
+        launch_fake_quant<scalar_t, 1>(a, out, mp);
+      }
+    });
+  }
+  return {a.in_given_order(out), with_mask ? a.in_given_order(mask) : mask};
+}
+
+at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale,
+                           const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
+  return std::get<0>(fake_quant_cuda_outputs("qlib::fake_quant", x, scale, zero_point, quant_min,
+                                             quant_max, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_cuda(const at::Tensor& x,
+                                                             const at::Tensor& scale,
+                                                             const at::Tensor& zero_point,
+                                                             int64_t quant_min,
+                                                             int64_t quant_max) {
+  return fake_quant_cuda_outputs("qlib::fake_quant_with_mask", x, scale, zero_point, quant_min,
+                                 quant_max, true);
+}
+
+// grad * mask, in mask's layout: one ATen elementwise kernel (memory-bound; the CPU has its own).
+at::Tensor fake_quant_mask_backward_cuda(const at::Tensor& grad, const at::Tensor& mask) {
+  check_fake_quant_mask_backward_args(grad, mask);
+  const at::OptionalDeviceGuard guard(grad.device());
+  at::Tensor out = at::empty_like(mask, grad.options());
+  return at::mul_out(out, grad, mask);
 }
 
 // ---------------------------------------------------------------- backward
@@ -554,6 +597,8 @@ std::tuple<at::Tensor, at::Tensor> qparams_cuda(const at::Tensor& min, const at:
 TORCH_LIBRARY_IMPL(qlib, CUDA, m) {
   m.impl("fake_quant", &fake_quant_cuda);
   m.impl("fake_quant_backward", &fake_quant_backward_cuda);
+  m.impl("fake_quant_with_mask", &fake_quant_with_mask_cuda);
+  m.impl("fake_quant_mask_backward", &fake_quant_mask_backward_cuda);
   m.impl("quantize", &quantize_cuda);
   m.impl("dequantize", &dequantize_cuda);
   m.impl("choose_qparams", &qparams_cuda<false>);

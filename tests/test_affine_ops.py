@@ -287,6 +287,12 @@ def _opcheck_cases(device):
     yield ops.fake_quant.default, (x.detach().bfloat16().requires_grad_(), sg.detach(), zg.detach(), -8, 7)
     yield ops.fake_quant_backward.default, (torch.randn(7, 12, device=device), x.detach(), sg.detach(), zg.detach(), -8, 7, True, True)
     yield ops.fake_quant_backward.default, (torch.randn(7, 12, device=device), x.detach(), s1, z1, -8, 7, False, False)
+    yield ops.fake_quant.default, (x.detach() * 1, s1, z1, -8, 7)
+    yield ops.fake_quant_with_mask.default, (x.detach(), sg.detach(), zg.detach(), -8, 7)
+    yield ops.fake_quant_with_mask.default, (x.detach().t().half().requires_grad_(), s1, z1, -8, 7)
+    mask = x.detach() > 0.5
+    yield ops.fake_quant_mask_backward.default, (torch.randn(7, 12, device=device), mask)
+    yield ops.fake_quant_mask_backward.default, (torch.randn(7, 6, device=device).bfloat16().t(), mask[:, ::2].t())
     yield ops.quantize.default, (x.detach(), sg.detach(), zg.detach().int(), -8, 7, torch.int8)
     yield ops.dequantize.default, (torch.randint(-8, 8, (7, 12), dtype=torch.int8, device=device), sg.detach(), zg.detach().int(), torch.float16)
     yield ops.choose_qparams.default, (-torch.rand(5, 1, device=device), torch.rand(5, 1, device=device), -128, 127, False, EPS)
@@ -413,6 +419,14 @@ def _bad_cases(device):
     if torch.cuda.is_available():
         other = "cpu" if device != "cpu" else "cuda"
         yield lambda: fq(x, s.to(other), z, -128, 127), r"x \(.*\), scale \(.*\) and zero_point \(.*\) must be on the same device"
+    fqm = ops.fake_quant_with_mask
+    yield lambda: fqm(x.int(), s, z, -128, 127), "qlib::fake_quant_with_mask: x must be float32, float16 or bfloat16, got Int"
+    yield lambda: fqm(x, -s, z, -128, 127), r"qlib::fake_quant_with_mask: scale must be positive and finite, at least .*, got -0.1"
+    yield lambda: fqm(x, s, z, 7, -8), r"qlib::fake_quant_with_mask: quant_min \(7\) must be less than quant_max \(-8\)"
+    mask = x > 0
+    yield lambda: ops.fake_quant_mask_backward(x, mask.float()), "qlib::fake_quant_mask_backward: mask must be bool, got Float"
+    yield lambda: ops.fake_quant_mask_backward(x.int(), mask), "qlib::fake_quant_mask_backward: grad must be float32, float16 or bfloat16, got Int"
+    yield lambda: ops.fake_quant_mask_backward(x, mask[:, :5]), r"qlib::fake_quant_mask_backward: grad \(\[4, 6\] on .*\) must match mask \(\[4, 5\] on .*\)"
     yield lambda: ops.quantize(x, -s, z, -128, 127, torch.int8), r"qlib::quantize: scale must be positive and finite, at least .*, got -0.1"
     yield lambda: ops.dequantize(x.to(torch.int8), s, z + 200, torch.float32), r"qlib::dequantize: zero_point must lie in the range of q's dtype = \[-128, 127\], got 200"
     yield lambda: ops.quantize(x, s, z, -128, 127, torch.float32), "qlib::quantize: dtype must be int8, uint8, int16 or int32, got Float"
@@ -500,9 +514,14 @@ def test_cuda_bad_qparams_give_nan_without_sync(device):
     try:
         y = ops.fake_quant(x, scale, zp, -128, 127)
         (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        # An activation's STE rides on the mask, false in a bad block: its gradient is 0 there.
+        ym, mask = ops.fake_quant_with_mask(x.detach(), scale, zp, -128, 127)
+        (ga,) = torch.autograd.grad(ops.fake_quant(x * 1, scale, zp, -128, 127), x, torch.ones_like(y))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert y[bad].isnan().all() and gx[bad].isnan().all()
+    assert torch.equal(ym.isnan(), y.isnan()) and not mask[bad].any() and (ga[bad] == 0).all()
+    assert torch.equal(ga[0], gx[0]) and torch.equal(mask[0], gx[0] == 1)
     ref = torch.fake_quantize_per_tensor_affine(x[0].detach(), 0.1, 3, -128, 127)
     assert torch.equal(y[0], ref)
     y_ok = ops.fake_quant(x.detach()[:1], scale[:1], zp[:1], -128, 127)

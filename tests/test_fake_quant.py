@@ -45,11 +45,13 @@ def ref_fake_quant(x, scale, zero_point, qmin, qmax):
 
 @pytest.mark.parametrize("qmin,qmax", RANGES)
 @pytest.mark.parametrize("n", [1, 17, 1025, 8193])
-def test_per_tensor_matches_torch(device, qmin, qmax, n):
+@pytest.mark.parametrize("leaf", [True, False], ids=["leaf", "activation"])
+def test_per_tensor_matches_torch(device, qmin, qmax, n, leaf):
+    """A leaf x (a weight) and an activation (whose STE rides on a saved mask) alike."""
     scale = torch.tensor([0.0371], device=device)
     zp = torch.tensor([(qmin + qmax) // 3], dtype=torch.int32, device=device)
     x = tricky_input((n,), 0.0371, device, qmin, qmax).requires_grad_()
-    y = ops.fake_quant(x, scale, zp, qmin, qmax)
+    y = ops.fake_quant(x if leaf else x * 1, scale, zp, qmin, qmax)
     x_ref = x.detach().clone().requires_grad_()
     y_ref = torch.fake_quantize_per_tensor_affine(x_ref, scale, zp, qmin, qmax)
     assert torch.equal(y, y_ref)
@@ -93,7 +95,8 @@ def test_huge_page_hint_can_be_turned_off():
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 @pytest.mark.parametrize("qmin,qmax", [(-128, 127), (0, 255), (-8, 7)])
-def test_per_channel_matches_torch(device, axis, qmin, qmax):
+@pytest.mark.parametrize("leaf", [True, False], ids=["leaf", "activation"])
+def test_per_channel_matches_torch(device, axis, qmin, qmax, leaf):
     shape = [5, 17, 33]
     C = shape[axis]
     scale = torch.rand(C, device=device) * 0.1 + 0.005
@@ -101,7 +104,7 @@ def test_per_channel_matches_torch(device, axis, qmin, qmax):
     x = tricky_input(shape, 0.05, device, qmin, qmax).requires_grad_()
     view = [1, 1, 1]
     view[axis] = C
-    y = ops.fake_quant(x, scale.view(view), zp.view(view), qmin, qmax)
+    y = ops.fake_quant(x if leaf else x * 1, scale.view(view), zp.view(view), qmin, qmax)
     x_ref = x.detach().clone().requires_grad_()
     y_ref = torch.fake_quantize_per_channel_affine(x_ref, scale, zp, axis, qmin, qmax)
     assert torch.equal(y, y_ref)
@@ -539,20 +542,108 @@ def test_double_backward_through_the_ste_matches_torch(device):
     x0 = torch.randn(33, device=device) * 2
     x0[:3] = torch.tensor([5.0, -5.0, 0.05])  # two clipped, one inside
     results = []
-    for fq in (lambda t: ops.fake_quant(t, torch.tensor([0.1], device=device), torch.tensor([0], device=device), -8, 7),
-               lambda t: torch.fake_quantize_per_tensor_affine(t, 0.1, 0, -8, 7)):
+    fq_qlib = lambda t: ops.fake_quant(t, torch.tensor([0.1], device=device), torch.tensor([0], device=device), -8, 7)
+    for fq in (lambda t: torch.fake_quantize_per_tensor_affine(t, 0.1, 0, -8, 7), fq_qlib,
+               lambda t: fq_qlib(t * 1)):  # (an activation: the saved mask's path)
         x = x0.clone().requires_grad_()
         w = torch.linspace(0.5, 2, 33, device=device, requires_grad=True)
         gx, = torch.autograd.grad((w * fq(x)).sum(), x, create_graph=True)
         gw, = torch.autograd.grad((gx ** 2).sum(), w)
         results.append((gx.detach(), gw))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for gx, gw in results[1:]:
+        assert torch.equal(gx, results[0][0]) and torch.equal(gw, results[0][1])
     s = torch.tensor([0.1], device=device, requires_grad=True)
     x = x0.clone().requires_grad_()
     for op, args in ((ops.fake_quant, ()), (ops.lsq_fake_quant, (1.0, 1e-6))):
         y = op(x, s, torch.tensor([0.0], device=device), -8, 7, *args)
         with pytest.raises(RuntimeError, match=op._qualified_op_name.replace("::", "::") + ": a double backward"):
             torch.autograd.grad(y.sum(), (x, s), create_graph=True)
+
+
+def _saved_while(fn):
+    """fn()'s result and the (dtype, shape) of each tensor autograd saved while it ran."""
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(), saved
+
+
+@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (0, 255), (-8, 7)])
+@pytest.mark.parametrize("n", [1, 17, 1025, 8193])
+def test_with_mask_matches_torch_cachemask(device, qmin, qmax, n):
+    """fake_quant_with_mask gives torch's *_cachemask output and mask, per tensor and per
+    channel; NaN and +-Inf are outside the mask (where y is NaN, torch's a finite value)."""
+    x = tricky_input((3, n), 0.0371, device, qmin, qmax)
+    x[0, : min(n, 3)] = torch.tensor([float("nan"), float("inf"), -float("inf")], device=device)[: min(n, 3)]
+    finite = x.isfinite()
+    zp = (qmin + qmax) // 3
+    y, m = ops.fake_quant_with_mask(x, torch.tensor([0.0371], device=device),
+                                    torch.tensor([zp], dtype=torch.int32, device=device), qmin, qmax)
+    ty, tm = torch.ops.aten.fake_quantize_per_tensor_affine_cachemask(x, 0.0371, zp, qmin, qmax)
+    assert m.dtype == torch.bool and torch.equal(m, tm) and torch.equal(y[finite], ty[finite])
+    assert y[~x.isfinite()].isnan().sum() == (x.isnan()).sum()
+    scale = torch.rand(3, device=device) * 0.1 + 0.005
+    zps = torch.randint(qmin, qmax + 1, (3,), dtype=torch.int32, device=device)
+    y, m = ops.fake_quant_with_mask(x, scale.view(3, 1), zps.view(3, 1), qmin, qmax)
+    ty, tm = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(x, scale, zps, 0, qmin, qmax)
+    assert torch.equal(m, tm) and torch.equal(y[finite], ty[finite])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_activation_gradient_rides_on_a_one_byte_mask(device, dtype):
+    """fake_quant of an x that is not a leaf (an activation) saves a bool mask, not x (as torch's
+    fake quant ops); a leaf (a weight) saves itself. Values and gradients are the x path's, bit
+    for bit, in every layout and granularity."""
+    cases = _dense_layouts(device) + [(torch.randn(9, 33, device=device), (9, 1)),
+                                      (torch.randn(64, 96, device=device), (64, 3)),
+                                      (torch.randn(1025, device=device), (1,))]
+    for base, sshape in cases:
+        x0 = base.to(dtype) * 3
+        scale = torch.rand(sshape, device=device) * 0.1 + 0.02
+        zp = torch.randint(-3, 4, sshape, dtype=torch.int32, device=device)
+        g = torch.randn(x0.shape, device=device).to(dtype)
+        leaf = x0.detach().requires_grad_()
+        y_leaf, saved = _saved_while(lambda: ops.fake_quant(leaf, scale, zp, -8, 7))
+        assert (dtype, tuple(x0.shape)) in saved and all(d != torch.bool for d, _ in saved)
+        y_leaf.backward(g)
+        src = x0.detach().requires_grad_()
+        act = src.clone()  # (clone keeps a dense x's strides)
+        y, saved = _saved_while(lambda: ops.fake_quant(act, scale, zp, -8, 7))
+        assert saved == [(torch.bool, tuple(x0.shape))]
+        assert y.stride() == torch.empty_like(act).stride() and torch.equal(y, y_leaf)
+        y.backward(g)
+        assert torch.equal(src.grad, leaf.grad)
+    # Straight to the ops: the mask is what fake_quant_backward's STE multiplies by.
+    x = torch.randn(37, 11, device=device).to(dtype) * 3
+    s, z = torch.rand(37, 1, device=device) * 0.05 + 0.01, torch.zeros(37, 1, device=device)
+    y, m = ops.fake_quant_with_mask(x, s, z, -8, 7)
+    assert torch.equal(y, ops.fake_quant(x, s, z, -8, 7))
+    g = torch.randn(37, 11, device=device).to(dtype)
+    assert torch.equal(ops.fake_quant_mask_backward(g, m),
+                       ops.fake_quant_backward(g, x, s, z, -8, 7, False, False)[0])
+    gt = torch.randn(11, 37, device=device).to(dtype).t()  # a grad in another layout
+    assert torch.equal(ops.fake_quant_mask_backward(gt, m), ops.fake_quant_mask_backward(gt.contiguous(), m))
+    # A NaN or Inf grad stays NaN where masked (grad * mask, as torch's).
+    bad = torch.full_like(g, float("inf"))
+    assert torch.equal(ops.fake_quant_mask_backward(bad, m).isnan(), ~m)
+
+
+def test_with_mask_differentiates_x_only(device):
+    x = (torch.randn(6, 9, device=device) * 3).requires_grad_()
+    s = torch.tensor([0.1], device=device, requires_grad=True)
+    z = torch.tensor([0], dtype=torch.int32, device=device)
+    y, m = ops.fake_quant_with_mask(x, s.detach(), z, -8, 7)
+    assert y.requires_grad and not m.requires_grad
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(gx, m.float())
+    with pytest.raises(RuntimeError, match="qlib::fake_quant_with_mask: gives no gradient for scale or zero_point"):
+        ops.fake_quant_with_mask(x, s, z, -8, 7)
+    with torch.no_grad():
+        ops.fake_quant_with_mask(x, s, z, -8, 7)  # (no gradient asked for)
 
 
 def test_inference_mode_qparams_train_an_x_that_needs_a_gradient(device):

@@ -25,8 +25,20 @@ ops = torch.ops.qlib
 # (x.t() and channels_last are read in place), else contiguous or channels_last.
 @register_fake("qlib::fake_quant")
 def _(x, scale, zero_point, quant_min, quant_max):
-    _C.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max)
+    _C.check_fake_quant_args("qlib::fake_quant", x, scale, zero_point, quant_min, quant_max)
     return torch.empty_like(x)
+
+
+@register_fake("qlib::fake_quant_with_mask")
+def _(x, scale, zero_point, quant_min, quant_max):
+    _C.check_fake_quant_args("qlib::fake_quant_with_mask", x, scale, zero_point, quant_min, quant_max)
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+@register_fake("qlib::fake_quant_mask_backward")
+def _(grad, mask):
+    _C.check_fake_quant_mask_backward_args(grad, mask)
+    return torch.empty_like(mask, dtype=grad.dtype)
 
 
 @register_fake("qlib::lsq_fake_quant")

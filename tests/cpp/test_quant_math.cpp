@@ -89,6 +89,23 @@ TEST(QuantMath, GradsInsideBelowAbove) {
   EXPECT_EQ(nan.grad_zero_point, -s * 3.0f);
 }
 
+TEST(QuantMath, ValueAndMaskAreFakeQuantsValueAndSte) {
+  std::mt19937 gen(2);
+  std::normal_distribution<float> dist(0.0f, 6.0f);
+  const float s = 0.05f, zp = -3.0f, specials[] = {NAN, INFINITY, -INFINITY, -0.0f};
+  for (int i = 0; i < 10000; ++i) {
+    const float x = i < 4 ? specials[i] : dist(gen);
+    const auto r = qlib::fake_quant_value_and_mask<ScalarMath>(x, s, 1.0f / s, zp, -128.0f, 127.0f);
+    const float y = qlib::fake_quant_value<ScalarMath>(x, s, 1.0f / s, zp, -128.0f, 127.0f);
+    ASSERT_TRUE(std::isnan(x) ? std::isnan(r.value) : r.value == y) << "x = " << x;
+    // The mask is the STE's factor: fake_quant_grads' grad_x of a unit grad.
+    ASSERT_EQ(r.inside, qlib::fake_quant_grads<ScalarMath>(1.0f, x, s, 1.0f / s, zp, -128.0f, 127.0f).grad_x)
+        << "x = " << x;
+    const double code = std::nearbyint(double(x * (1.0f / s))) + zp;
+    ASSERT_EQ(r.inside, code >= -128 && code <= 127 ? 1.0f : 0.0f) << "x = " << x;
+  }
+}
+
 TEST(QuantMath, QParamsValid) {
   EXPECT_TRUE(qlib::qparams_valid(0.1f, 0.0f, -128.0f, 127.0f));
   EXPECT_TRUE(qlib::qparams_valid(std::numeric_limits<float>::max(), 127.0f, -128.0f, 127.0f));
@@ -325,6 +342,15 @@ TEST(Dispatcher, FakeQuantMatchesATen) {
   const at::Tensor zc = at::randint(-5, 5, {17}, at::kInt);
   EXPECT_TRUE(at::equal(call_fake_quant(x, sc.view({1, 17}), zc.view({1, 17}), -8, 7),
                         at::fake_quantize_per_channel_affine(x, sc, zc, 1, -8, 7)));
+  // With the STE mask: torch's *_cachemask ops' output and mask.
+  static auto with_mask =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("qlib::fake_quant_with_mask", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, int64_t, int64_t)>();
+  const auto [y, mask] = with_mask.call(x, sc.view({1, 17}), zc.view({1, 17}), -8, 7);
+  const auto [ty, tmask] = at::fake_quantize_per_channel_affine_cachemask(x, sc, zc, 1, -8, 7);
+  EXPECT_TRUE(at::equal(y, ty) && at::equal(mask, tmask));
 }
 
 TEST(Dispatcher, BadScaleNamesTheOp) {
