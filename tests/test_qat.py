@@ -1,6 +1,7 @@
 """Quantization-aware training: FakeQuantize, QATConfig, QATLinear, prepare_qat."""
 import copy
 import functools
+import io
 import math
 import os
 import pickle
@@ -1562,6 +1563,32 @@ def test_frozen_qat_model_under_vmap():
     params, buffers = torch.func.stack_module_state(models)
     with pytest.raises(RuntimeError, match="FakeQuantize: its buffer 'switches' is a torch.func transform's tensor"):
         torch.vmap(lambda p, b: torch.func.functional_call(m, (p, b), (xs[0],)))(params, buffers)
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_refused_functorch_buffers_leave_the_model_saveable(learnable):
+    """A FakeQuantize refusing stacked or grad-wrapped switches (functional_call under vmap / grad)
+    kept the wrapper in its Python mirror (`_synced`): afterwards deepcopy, torch.save and pickle
+    of the model failed ("Cannot access storage of BatchedTensorImpl")."""
+    torch.manual_seed(0)
+    cfg = QATConfig(weight_learnable=learnable, activation_learnable=learnable)
+    models = [qlib.prepare_qat(nn.Sequential(nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 5)), cfg) for _ in range(2)]
+    x = torch.randn(3, 13)
+    for m in models:
+        m(x)
+    m = models[0]
+    ref = copy.deepcopy(m).eval().apply(tq.disable_observer)(x)
+    params, buffers = torch.func.stack_module_state(models)
+    with pytest.raises(RuntimeError, match="its buffer 'switches' is a torch.func transform's tensor"):
+        torch.vmap(lambda p, b: torch.func.functional_call(m, (p, b), (x,)))(params, buffers)
+    own = {k: v.detach().clone() for k, v in m.named_parameters()}
+    with pytest.raises(RuntimeError, match="its buffer 'switches' is a torch.func transform's tensor"):
+        torch.func.grad(lambda p, b: torch.func.functional_call(m, (p, b), (x,)).sum())(own, dict(m.named_buffers()))
+    buf = io.BytesIO()
+    torch.save(m, buf)  # (before any forward, which re-reads the module's own switches)
+    buf.seek(0)
+    for copied in (copy.deepcopy(m), pickle.loads(pickle.dumps(m)), torch.load(buf, weights_only=False)):
+        assert torch.equal(copied.eval().apply(tq.disable_observer)(x), ref)
 
 
 def test_fake_quantize_under_functional_call_reads_the_given_state():
