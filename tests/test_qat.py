@@ -1,6 +1,7 @@
 """Quantization-aware training: FakeQuantize, QATConfig, QATLinear, prepare_qat."""
 import copy
 import functools
+import io
 import math
 import os
 import pickle
@@ -389,9 +390,63 @@ def test_filter_by_name_patterns():
     net = qlib.quantize_dynamic(Net(), filter_fn=["head", "body.2.?"])
     assert isinstance(net.head, qlib.nn.Int8Linear) and isinstance(net.body[2][0], qlib.nn.Int8Linear)
     assert type(net.body[0]) is nn.Linear
-    assert type(qlib.quantize_weight_only(Net(), filter_fn="nothing*").head) is nn.Linear
+    with pytest.warns(UserWarning, match=r"pattern 'nothing\*' matches no nn.Linear, so it swaps nothing$"):
+        assert type(qlib.quantize_weight_only(Net(), filter_fn="nothing*").head) is nn.Linear
     with pytest.raises(TypeError, match="qlib.prepare_qat: filter_fn must be a callable .* got int"):
         qlib.prepare_qat(Net(), filter_fn=3)
+
+
+class _LoRA(nn.Module):
+    """A LoRA layer as peft makes them: the base Linear inside, named as the layer it replaced."""
+
+    def __init__(self, base: nn.Linear, r: int = 3):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * 0.5
+
+
+def test_name_patterns_naming_lora_wrappers_warn():
+    """filter_fn=["*.q_proj"] (peft's target_modules) on a model whose q_proj is a LoRA wrapper
+    matched no Linear: every swap left the model float, silently. Each pattern that matches no
+    module of the swapped kind now warns, naming what it matched."""
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj, self.o_proj = _LoRA(nn.Linear(24, 17)), _LoRA(nn.Linear(24, 17)), nn.Linear(17, 9)
+
+        def forward(self, x):
+            return self.o_proj(torch.relu(self.q_proj(x) + self.v_proj(x)))
+
+    model = nn.Sequential(Attn(), nn.Linear(9, 24), Attn())
+    x = torch.randn(5, 24)
+    ref = model(x)
+    swaps = {"quantize_dynamic": qlib.quantize_dynamic, "prepare_qat": qlib.prepare_qat,
+             "quantize_weight_only": lambda m, filter_fn: qlib.quantize_weight_only(m, block_size=8, filter_fn=filter_fn),
+             "gptq_quantize": lambda m, filter_fn: qlib.gptq_quantize(m, [torch.randn(8, 24)], group_size=8,
+                                                                     filter_fn=filter_fn, progress=False)}
+    for who, swap in swaps.items():
+        with pytest.warns(UserWarning, match=rf"qlib.{who}: filter_fn pattern '\*.q_proj' matches no nn.Linear, so it "
+                          r"swaps nothing; it matches '0.q_proj' \(_LoRA\), '2.q_proj' \(_LoRA\). .* '\*.q_proj.\*'"):
+            m = swap(copy.deepcopy(model), filter_fn=["*.q_proj", "*.o_proj"])
+        assert [n for n, c in m.named_modules() if type(c) is not nn.Linear and "Linear" in type(c).__name__] == \
+            ["0.o_proj", "2.o_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a pattern that matches says nothing)
+        m = qlib.quantize_dynamic(copy.deepcopy(model), filter_fn="*.q_proj.*")
+    assert [n for n, c in m.named_modules() if isinstance(c, qlib.nn.Int8Linear)] == \
+        [f"{i}.q_proj.{n}" for i in (0, 2) for n in ("base_layer", "lora_A", "lora_B")]
+    torch.testing.assert_close(m(x), ref, rtol=0.05, atol=0.02)
+    qat = qlib.prepare(copy.deepcopy(model), filter_fn="*.base_layer")
+    qlib.calibrate(qat, [x], progress=False)
+    with pytest.warns(UserWarning, match=r"qlib.convert: filter_fn pattern '0.v_proj' matches no QATLinear"):
+        qlib.convert(qat, filter_fn=["0.v_proj", "2.v_proj.base_layer"])
+    assert type(qat[0].v_proj.base_layer) is QATLinear and type(qat[2].v_proj.base_layer) is qlib.nn.Int8Linear
 
 
 def test_prepare_qat_swaps_in_place_with_filter():
@@ -1562,6 +1617,32 @@ def test_frozen_qat_model_under_vmap():
     params, buffers = torch.func.stack_module_state(models)
     with pytest.raises(RuntimeError, match="FakeQuantize: its buffer 'switches' is a torch.func transform's tensor"):
         torch.vmap(lambda p, b: torch.func.functional_call(m, (p, b), (xs[0],)))(params, buffers)
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_refused_functorch_buffers_leave_the_model_saveable(learnable):
+    """A FakeQuantize refusing stacked or grad-wrapped switches (functional_call under vmap / grad)
+    kept the wrapper in its Python mirror (`_synced`): afterwards deepcopy, torch.save and pickle
+    of the model failed ("Cannot access storage of BatchedTensorImpl")."""
+    torch.manual_seed(0)
+    cfg = QATConfig(weight_learnable=learnable, activation_learnable=learnable)
+    models = [qlib.prepare_qat(nn.Sequential(nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 5)), cfg) for _ in range(2)]
+    x = torch.randn(3, 13)
+    for m in models:
+        m(x)
+    m = models[0]
+    ref = copy.deepcopy(m).eval().apply(tq.disable_observer)(x)
+    params, buffers = torch.func.stack_module_state(models)
+    with pytest.raises(RuntimeError, match="its buffer 'switches' is a torch.func transform's tensor"):
+        torch.vmap(lambda p, b: torch.func.functional_call(m, (p, b), (x,)))(params, buffers)
+    own = {k: v.detach().clone() for k, v in m.named_parameters()}
+    with pytest.raises(RuntimeError, match="its buffer 'switches' is a torch.func transform's tensor"):
+        torch.func.grad(lambda p, b: torch.func.functional_call(m, (p, b), (x,)).sum())(own, dict(m.named_buffers()))
+    buf = io.BytesIO()
+    torch.save(m, buf)  # (before any forward, which re-reads the module's own switches)
+    buf.seek(0)
+    for copied in (copy.deepcopy(m), pickle.loads(pickle.dumps(m)), torch.load(buf, weights_only=False)):
+        assert torch.equal(copied.eval().apply(tq.disable_observer)(x), ref)
 
 
 def test_fake_quantize_under_functional_call_reads_the_given_state():

@@ -48,6 +48,40 @@ def selects(filter_fn: Optional[FilterFn], who: str) -> Callable[[nn.Module, str
     return lambda module, fqn: bool(filter_fn(module, fqn))
 
 
+def warn_unmatched_patterns(model: nn.Module, kind: type, filter_fn: Optional[FilterFn], who: str) -> None:
+    """Warns for each name pattern of filter_fn that matches no module of type `kind`: patterns
+    match the Linears' own names, so "*.q_proj" naming a wrapper (a LoRA layer holding its base
+    Linear, as peft's target_modules do) swapped nothing, silently."""
+    if isinstance(filter_fn, str):
+        patterns = [filter_fn]
+    elif isinstance(filter_fn, (list, tuple)) and all(isinstance(p, str) for p in filter_fn):
+        patterns = list(filter_fn)
+    else:
+        return
+    named = list(model.named_modules(remove_duplicate=False))
+    for p in patterns:
+        hits = [(fqn, m) for fqn, m in named if fnmatch.fnmatchcase(fqn, p)]
+        if any(parametrize.type_before_parametrizations(m) is kind for _, m in hits):
+            continue
+        what = ", ".join(f"{fqn!r} ({type(m).__name__})" for fqn, m in hits[:3]) + (", ..." if len(hits) > 3 else "")
+        name = "nn.Linear" if kind is nn.Linear else kind.__name__
+        warnings.warn(f"qlib.{who}: filter_fn pattern {p!r} matches no {name}, so it swaps nothing"
+                      + (f"; it matches {what}. Patterns match the {name}s' own names: {p + '.*'!r} "
+                         "takes those inside" if hits else ""), stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    """warnings.warn's stacklevel for the first frame outside qlib and torch (torch.no_grad's
+    wrapper): the user's call."""
+    import os
+    import sys
+    dirs = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(dirs):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _composable_apis(module: nn.Module) -> list:
     """Names of the torch.distributed composable APIs (checkpoint, fully_shard, ...) applied to module."""
     try:
@@ -101,6 +135,7 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
     if not isinstance(model, nn.Module):
         raise TypeError(f"qlib.{who}: expected an nn.Module, got {type(model).__name__}")
     selected = swap_selector(kind, filter_fn, who)
+    warn_unmatched_patterns(model, kind, filter_fn, who)
 
     if selected(model, ""):
         model = _keep_hooks(model, make(model, ""))

@@ -103,12 +103,15 @@ class FakeQuantize(QuantState):
     @staticmethod
     def _sync_flags(module, incompatible_keys=None):
         b = module._buffers
+        if not b["switches"].is_meta:
+            # (before _synced takes them: a torch.func wrapper held there outlived the call and
+            # broke deepcopy / torch.save / pickle of the model)
+            check_host_readable("qlib.nn.FakeQuantize", "switches", b["switches"])
+            if module.learnable:
+                check_host_readable("qlib.nn.FakeQuantize", "initialized", b["initialized"])
         module._synced = (b["switches"], b.get("initialized"))
         if b["switches"].is_meta:  # (no values to read: the bools stay)
             return
-        check_host_readable("qlib.nn.FakeQuantize", "switches", b["switches"])
-        if module.learnable:
-            check_host_readable("qlib.nn.FakeQuantize", "initialized", b["initialized"])
         module._observer_enabled, module._fake_quant_enabled = (bool(v) for v in b["switches"].tolist())
         if module.learnable:
             module._init_done = bool(b["initialized"])
