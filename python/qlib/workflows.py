@@ -13,6 +13,8 @@ qualified module names ("encoder.*", or a list such as ["*.q_proj", "*.v_proj"])
 from __future__ import annotations
 
 import fnmatch
+import os
+import sys
 import warnings
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -73,8 +75,6 @@ def warn_unmatched_patterns(model: nn.Module, kind: type, filter_fn: Optional[Fi
 def _caller_stacklevel() -> int:
     """warnings.warn's stacklevel for the first frame outside qlib and torch (torch.no_grad's
     wrapper): the user's call."""
-    import os
-    import sys
     dirs = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
     level, frame = 1, sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(dirs):
