@@ -7,10 +7,14 @@ A second table trains the scales (LSQ, and LSQ+ zero points for the activations)
 ``QATConfig(weight_learnable=True, activation_learnable=True)`` against torch.ao's QAT Linear
 with ``_LearnableFakeQuantize`` (``use_grad_scaling=True``), observers off on both sides after
 a first step (the learning phase).
+A third table runs an MLP block (Linear d -> 4d, GELU, Linear 4d -> d) whose input needs a
+gradient, as every layer's but the first does: the bytes autograd keeps for the backward (each
+saved storage once, parameters not counted) and the step's time, qlib against torch.ao.
 
     .venv/bin/python benchmarks/bench_qat.py [--threads N] [--budget 3]
 """
 import argparse
+import copy
 import platform
 
 import torch
@@ -42,6 +46,45 @@ def time_steps(ours, theirs, act_fq, lin, x, budget):
     return [t * 1e3 for t in interleaved_medians_ms(
         [lambda: ours(x).sum().backward(), lambda: theirs(act_fq(x)).sum().backward(),
          lambda: lin(x).sum().backward()], budget_s=budget, min_reps=20, max_reps=2000)]
+
+
+def saved_mib(model, step):
+    """MiB of the storages autograd saves during step() (each once), the model's parameters not
+    counted (they live on anyway)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values()) / 2**20
+
+
+def mlp_block_table(qconfig, budget):
+    print("\nMLP block (Linear d -> 4d, GELU, Linear 4d -> d), its input needing a gradient: "
+          "MiB saved for the backward (parameters not counted) and us per step")
+    print("| tokens x d | qlib MiB | torch.ao MiB | fp32 MiB | qlib us | torch.ao us | fp32 us | "
+          "torch.ao / qlib (time) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for tokens, d in [(64, 256), (512, 768), (2048, 1024)]:
+        fp32 = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        ours = qlib.prepare_qat(copy.deepcopy(fp32))
+        ao_lin = [copy.deepcopy(fp32[i]) for i in (0, 2)]
+        for lin in ao_lin:
+            lin.qconfig = qconfig
+        # (each QATLinear fake-quantizes its input: torch.ao's activation FakeQuantize before each)
+        theirs = nn.Sequential(qconfig.activation(), ao_qat.Linear.from_float(ao_lin[0]), nn.GELU(),
+                               qconfig.activation(), ao_qat.Linear.from_float(ao_lin[1]))
+        src = torch.randn(tokens, d, requires_grad=True)
+        steps = [lambda m=m: m(src * 1).sum().backward() for m in (ours, theirs, fp32)]
+        mib = [saved_mib(m, f) for m, f in zip((ours, theirs, fp32), steps)]
+        us = [t * 1e3 for t in interleaved_medians_ms(steps, budget_s=budget, min_reps=10, max_reps=500)]
+        print(f"| {tokens} x {d} | {mib[0]:.2f} | {mib[1]:.2f} | {mib[2]:.2f} | {us[0]:.0f} | "
+              f"{us[1]:.0f} | {us[2]:.0f} | {us[1] / us[0]:.2f}x |")
 
 
 def print_row(batch, k, n, t_ours, t_theirs, t_fp32):
@@ -83,6 +126,7 @@ def main():
         ours.weight_fake_quant.disable_observer()
         ours.activation_fake_quant.disable_observer()
         print_row(batch, k, n, *time_steps(ours, theirs, act_fq, lin, x, args.budget))
+    mlp_block_table(qconfig, args.budget)
 
 
 if __name__ == "__main__":
