@@ -196,9 +196,12 @@ def main():
             scale = torch.rand(shape, device=dev) * 0.02 + 0.01
             zp = torch.zeros(shape, dtype=torch.int32, device=dev)
             zpf = zp.float()
-            for pass_ in ("fwd", "fwd+bwd", "lsq"):
+            for pass_ in ("fwd", "fwd+bwd", "act", "lsq"):
                 train, lsq = pass_ != "fwd", pass_ == "lsq"
-                x = x0.detach().requires_grad_(train)
+                leaf = x0.detach().requires_grad_(train)
+                # "act": x an activation (not a leaf: a view, whose backward is free), the
+                # saved-mask path; fwd+bwd: a leaf (a weight), which saves x.
+                xin = (lambda: leaf.view_as(leaf)) if pass_ == "act" else (lambda: leaf)
                 g = torch.ones_like(x0)
                 s_l, z_l = (t.detach().clone().requires_grad_() for t in (scale, zpf))
 
@@ -207,13 +210,13 @@ def main():
                         y = f()
                         if train:
                             y.backward(g)
-                            x.grad = s_l.grad = z_l.grad = None
+                            leaf.grad = s_l.grad = z_l.grad = None
                     return call
 
                 qs, qz = (s_l, z_l) if lsq else (scale, zp)
-                calls = {"qlib": run(lambda: ops.fake_quant(x, qs, qz, qmin, qmax))}
-                peer = (lambda: torch_learnable(x, s_l, z_l, qmin, qmax, mode, args.group)) if lsq else (
-                    lambda: torch_native(x, scale, zp, qmin, qmax, mode, args.group))
+                calls = {"qlib": run(lambda: ops.fake_quant(xin(), qs, qz, qmin, qmax))}
+                peer = (lambda: torch_learnable(xin(), s_l, z_l, qmin, qmax, mode, args.group)) if lsq else (
+                    lambda: torch_native(xin(), scale, zp, qmin, qmax, mode, args.group))
                 if dtype == torch.float32 or dev == "cuda":
                     native_call = run(peer)
                     try:
@@ -225,7 +228,7 @@ def main():
                 ze = zpf if mode != "per-group" else zpf.repeat_interleave(args.group, 1)
                 # The composite's STE trick gives no scale gradient: no LSQ peer.
                 if not lsq:
-                    calls["composite"] = run(lambda: composite(x, se, ze, qmin, qmax))
+                    calls["composite"] = run(lambda: composite(xin(), se, ze, qmin, qmax))
                 times = time_all(calls, dev, args.repeat)
                 t_q, t_n, t_c = times["qlib"], times.get("native"), times.get("composite")
                 nbytes = x0.numel() * x0.element_size() * (2 if not train else 5)
@@ -239,7 +242,11 @@ def main():
                     line += f" {'n/a':>11s} {'':>6s} {'':>12s} {'n/a':>13s}"
                 elif dev == "cuda":  # the GPU work alone, ops called directly (no autograd)
                     xd = x0
-                    if train:
+                    if pass_ == "act":
+                        def q_ops():
+                            _, mask = ops.fake_quant_with_mask(xd, scale, zp, qmin, qmax)
+                            ops.fake_quant_mask_backward(g, mask)
+                    elif train:
                         def q_ops():
                             ops.fake_quant(xd, scale, zp, qmin, qmax)
                             ops.fake_quant_backward(g, xd, scale, zp, qmin, qmax, False, False)
@@ -249,14 +256,16 @@ def main():
                     k_q = graph_time(q_ops, args.repeat)
                     k_n = None  # torch's per-channel op reads zero_point back: not capturable
                     if mode == "per-tensor":
-                        k_n = graph_time(run(lambda: torch_native(x, scale, zp, qmin, qmax, mode, args.group)), args.repeat)
+                        k_n = graph_time(run(lambda: torch_native(xin(), scale, zp, qmin, qmax, mode, args.group)), args.repeat)
                     kn = f"{k_n / k_q:12.2f}x" if k_n else f"{'n/a':>13s}"
                     gbs = nbytes / k_q / 1e9
                     line += f" {gbs:11.1f} {100 * gbs / max(copy_gbs.values()):5.0f}% {100 * gbs / copy_gbs[dtype]:11.0f}% {kn}"
                 print(line)
     print("x = peer time / qlib time (above 1: qlib is faster). GB/s counts x read + y written"
           " (fwd), plus grad read, x read, grad_x written (bwd). lsq: fwd+bwd with scale and zero"
-          " point learnable; native is torch's _fake_quantize_learnable_* op.")
+          " point learnable; native is torch's _fake_quantize_learnable_* op. act: fwd+bwd of an"
+          " activation (x not a leaf), qlib's saved-mask path (1 byte an element written, then"
+          " read, instead of x read again); its GB/s counts the fwd+bwd bytes.")
     if dev == "cuda":
         print("kernel GB/s, % copy, native kern x: CUDA-graph replays (GPU work alone, no launch or"
               " host overhead); n/a: torch's per-channel op reads values back, so it cannot be captured.")

@@ -101,16 +101,20 @@ void fake_quant_cpu_into(const AffineArgs& a, at::Tensor& out, const at::Tensor&
       bool* mp = with_mask ? mask.data_ptr<bool>() : nullptr;
       for_each_run_qparams(a, [&](int64_t b, int64_t e, int64_t, const auto& qp_at) {
         const scalar_t* __restrict x = xp + b;
+        // (Locals of the run: the mask's store may alias what a capture points to, which would
+        // be reloaded every vector.)
+        bool* __restrict m = mp + b;
+        const Vec lo = qmin, hi = qmax;
         store_run(yp + b, e - b, [&](int64_t j, int64_t n) {
           const LaneQParams p = qp_at(j, n);
           const Vec v = load_float(x + j, n);
           if constexpr (decltype(with_mask)::value) {
-            const auto r = fake_quant_value_and_mask<VecMath>(v, p.scale, p.inv_scale,
-                                                              p.zero_point, qmin, qmax);
-            store_mask(mp + b + j, r.inside, n);
+            const auto r =
+                fake_quant_value_and_mask<VecMath>(v, p.scale, p.inv_scale, p.zero_point, lo, hi);
+            store_mask(m + j, r.inside, n);
             return r.value;
           } else {
-            return fake_quant_value<VecMath>(v, p.scale, p.inv_scale, p.zero_point, qmin, qmax);
+            return fake_quant_value<VecMath>(v, p.scale, p.inv_scale, p.zero_point, lo, hi);
           }
         });
       });

@@ -5,6 +5,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <array>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 
@@ -181,9 +184,16 @@ Vec load_codes(const Q* p, int64_t n = kVec) {
 inline void store_mask(bool* p, const Vec& v, int64_t n = kVec) {
 #if defined(CPU_CAPABILITY_AVX2)
   if (n == kVec) {
-    const __m256i i = _mm256_cvttps_epi32(v);
-    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w, w));
+    // The 8 lanes' bits (1.0f shifted left by 2 sets the sign bit), each spread to a byte by a
+    // table: 3 instructions where packing the lanes down took 5 (and was the loop's bottleneck).
+    static constexpr auto kBytes = [] {
+      std::array<uint64_t, 256> t{};
+      for (int b = 0; b < 256; ++b)
+        for (int k = 0; k < 8; ++k) t[b] |= static_cast<uint64_t>((b >> k) & 1) << (8 * k);
+      return t;
+    }();
+    const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(v), 2)));
+    std::memcpy(p, &kBytes[bits], 8);
     return;
   }
 #endif
