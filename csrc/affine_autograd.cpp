@@ -151,7 +151,8 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_autograd(const at::Tenso
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
   }
-  auto out = MaskedFakeQuantFunction::apply(x, scale, zero_point, quant_min, quant_max);
+  auto out = apply_function<MaskedFakeQuantFunction>(kWithMaskOp, x, scale, zero_point, quant_min,
+                                                      quant_max);
   return {out[0], out[1]};
 }
 
@@ -167,7 +168,7 @@ at::Tensor record_if_grad(const char* op, Below below, const at::Tensor& x,
     at::AutoDispatchBelowADInplaceOrView guard;
     return below(x, scale, zero_point, rest...);
   }
-  return Function::apply(x, scale, zero_point, rest...);
+  return apply_function<Function>(op, x, scale, zero_point, rest...);
 }
 
 // Where only x needs a gradient and x is not a leaf (an activation, which saving would keep
@@ -363,7 +364,7 @@ at::Tensor dequantize_autograd(const at::Tensor& q, const at::Tensor& scale,
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_dequantize(q, scale, zero_point, dtype);
   }
-  return DequantizeFunction::apply(q, scale, zero_point, dtype);
+  return apply_function<DequantizeFunction>("qlib::dequantize", q, scale, zero_point, dtype);
 }
 
 }  // namespace

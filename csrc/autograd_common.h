@@ -3,9 +3,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/FuncTorchTLS.h>
 
 #include <initializer_list>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 namespace qlib {
@@ -17,6 +19,23 @@ inline void check_no_forward_grad(const char* op, std::initializer_list<at::Tens
     TORCH_CHECK(!t.defined() || !t._fw_grad(/*level=*/0).defined(), op,
                 ": forward-mode AD (forward_ad dual tensors, torch.func.jvp) is not supported");
   }
+}
+
+// F::apply, but under torch.func transforms (grad, vjp, jacrev; vmap of a call that records a
+// gradient), which take no C++ autograd Function, the error names the op (torch's names none).
+template <class F, class... Args>
+auto apply_function(const char* op, Args&&... args) {
+  if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
+    try {
+      functorch->checkSupportsCppAutogradFunction();
+    } catch (const c10::Error&) {
+      TORCH_CHECK(false, op,
+                  ": torch.func transforms that differentiate (grad, vjp, jacrev; vmap of a call "
+                  "that records a gradient) are not supported: its autograd is C++. Use "
+                  "torch.autograd.grad or .backward(); vmap without gradients works");
+    }
+  }
+  return F::apply(std::forward<Args>(args)...);
 }
 
 // A tensor to save for backward: an inference tensor (made under inference_mode: no version

@@ -89,7 +89,8 @@ at::Tensor linear_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, c
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_linear_4bit(x, packed, absmax, codebook, block_size, bias);
   }
-  return Linear4bitFunction::apply(x, packed, absmax, codebook, block_size, bias);
+  return apply_function<Linear4bitFunction>("qlib::linear_4bit", x, packed, absmax, codebook,
+                                             block_size, bias);
 }
 
 at::Tensor dequantize_4bit_autograd(const at::Tensor& packed, const at::Tensor& absmax,

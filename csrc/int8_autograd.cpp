@@ -136,8 +136,8 @@ at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& w_int8,
     return int8_linear_op()
         .call(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
   }
-  return Int8LinearFunction::apply(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin,
-                                   qmax);
+  return apply_function<Int8LinearFunction>("qlib::int8_linear", x, w_int8, w_scale, bias,
+                                            act_scale, act_zero_point, qmin, qmax);
 }
 
 at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_packed,
@@ -150,8 +150,9 @@ at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_
     return int8_linear_packed_op()
         .call(x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
   }
-  return Int8LinearPackedFunction::apply(x, w_packed, w_int8, w_scale, bias, act_scale,
-                                         act_zero_point, qmin, qmax);
+  return apply_function<Int8LinearPackedFunction>("qlib::int8_linear_packed", x, w_packed,
+                                                  w_int8, w_scale, bias, act_scale,
+                                                  act_zero_point, qmin, qmax);
 }
 
 }  // namespace

@@ -637,6 +637,29 @@ def test_forward_mode_ad_raises():
                 call()
 
 
+def test_torch_func_differentiation_raises_naming_the_op():
+    """torch.func.grad / vjp take no C++ autograd Function: the error names the op (torch's own
+    named none); vmap without gradients still works."""
+    x, s, z = torch.randn(4, 8) * 3, torch.tensor([0.1]), torch.tensor([0])
+    w, ws = torch.randint(-127, 128, (6, 8), dtype=torch.int8), torch.rand(6)
+    cb = qlib.codebook_4bit("nf4", "cpu")
+    packed, absmax = ops.quantize_4bit(torch.randn(6, 8), cb, 4)
+    calls = {
+        "qlib::fake_quant": lambda t: ops.fake_quant(t, s, z, -8, 7),
+        "qlib::fake_quant_with_mask": lambda t: ops.fake_quant_with_mask(t, s, z, -8, 7)[0],
+        "qlib::lsq_fake_quant": lambda t: ops.lsq_fake_quant(t, s, z.float(), -8, 7, None, 1e-6),
+        "qlib::int8_linear": lambda t: ops.int8_linear(t, w, ws, None),
+        "qlib::linear_4bit": lambda t: ops.linear_4bit(t, packed, absmax, cb, 4, None),
+        "qlib::dequantize": lambda t: ops.dequantize(w, t.abs().mean() + 0.1, torch.tensor(0), torch.float32),
+    }
+    for name, call in calls.items():
+        for transform in (lambda f: torch.func.grad(lambda t: f(t).sum()), lambda f: lambda t: torch.func.vjp(f, t)):
+            with pytest.raises(RuntimeError, match=f"{name}: torch.func transforms that differentiate"):
+                transform(call)(x)
+        if name != "qlib::dequantize":  # (its scale here is a mean over each vmapped row)
+            assert torch.equal(torch.func.vmap(call)(x[:, None]).squeeze(1), call(x))
+
+
 def test_outputs_of_non_dense_views_have_empty_likes_strides():
     """A non-dense view whose dims are not in row-major order (a strided slice of a transposed
     matrix) gives outputs with torch.empty_like's strides, as the fakes say (the kernels copied it
