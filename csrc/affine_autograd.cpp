@@ -138,6 +138,24 @@ class MaskedFakeQuantFunction : public torch::autograd::Function<MaskedFakeQuant
   }
 };
 
+// The STE in differentiable ATen ops, for torch.func transforms (which take no C++ Function):
+// y + (t - t.detach()) with t = where(mask, x, 0) is y's bits (t is finite, t - t is +0, and y
+// is never -0), and its gradient where(mask, grad, 0) (a NaN or Inf grad outside the mask gives
+// 0 here, NaN on the other paths).
+std::tuple<at::Tensor, at::Tensor> fake_quant_ste_composite(const at::Tensor& x,
+                                                            const at::Tensor& scale,
+                                                            const at::Tensor& zero_point,
+                                                            int64_t quant_min,
+                                                            int64_t quant_max) {
+  at::Tensor y, mask;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(y, mask) = call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
+  }
+  const at::Tensor t = at::where(mask, x, at::zeros({}, x.options()));
+  return {y + (t - t.detach()), mask};
+}
+
 std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_autograd(const at::Tensor& x,
                                                                  const at::Tensor& scale,
                                                                  const at::Tensor& zero_point,
@@ -150,6 +168,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_autograd(const at::Tenso
   if (!grad_mode || !x.requires_grad()) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
+  }
+  if (!cpp_functions_supported()) {
+    return fake_quant_ste_composite(x, scale, zero_point, quant_min, quant_max);
   }
   auto out = apply_function<MaskedFakeQuantFunction>(kWithMaskOp, x, scale, zero_point, quant_min,
                                                       quant_max);
@@ -173,13 +194,20 @@ at::Tensor record_if_grad(const char* op, Below below, const at::Tensor& x,
 
 // Where only x needs a gradient and x is not a leaf (an activation, which saving would keep
 // alive), the STE runs on fake_quant_with_mask's 1-byte mask; a leaf (a weight) is kept by its
-// owner anyway, and saving it spares the mask's store.
+// owner anyway, and saving it spares the mask's store. Under torch.func transforms it is a
+// composite of ATen ops.
 at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                const at::Tensor& zero_point, int64_t quant_min,
                                int64_t quant_max) {
-  if (at::GradMode::is_enabled() && x.requires_grad() && !x.is_leaf() &&
-      !scale.requires_grad() && !zero_point.requires_grad()) {
-    return std::get<0>(call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max));
+  if (at::GradMode::is_enabled() && x.requires_grad() && !scale.requires_grad() &&
+      !zero_point.requires_grad()) {
+    if (!cpp_functions_supported()) {
+      return std::get<0>(fake_quant_ste_composite(x, scale, zero_point, quant_min, quant_max));
+    }
+    if (!x.is_leaf()) {
+      check_no_forward_grad("qlib::fake_quant", {x, scale, zero_point});
+      return std::get<0>(call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max));
+    }
   }
   return record_if_grad<FakeQuantFunction>("qlib::fake_quant", call_fake_quant, x, scale,
                                            zero_point, quant_min, quant_max);

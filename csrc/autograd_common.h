@@ -21,20 +21,26 @@ inline void check_no_forward_grad(const char* op, std::initializer_list<at::Tens
   }
 }
 
-// F::apply, but under torch.func transforms (grad, vjp, jacrev; vmap of a call that records a
-// gradient), which take no C++ autograd Function, the error names the op (torch's names none).
+// Whether a C++ autograd Function can run here: not under torch.func transforms (grad, vjp,
+// jacrev; vmap of a call that records a gradient), which take none.
+inline bool cpp_functions_supported() {
+  const auto& functorch = at::functorch::functorchTLSAccessor();
+  if (!functorch) return true;
+  try {
+    functorch->checkSupportsCppAutogradFunction();
+    return true;
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
+// F::apply, with an error that names the op where no C++ Function can run (torch's names none).
 template <class F, class... Args>
 auto apply_function(const char* op, Args&&... args) {
-  if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
-    try {
-      functorch->checkSupportsCppAutogradFunction();
-    } catch (const c10::Error&) {
-      TORCH_CHECK(false, op,
-                  ": torch.func transforms that differentiate (grad, vjp, jacrev; vmap of a call "
-                  "that records a gradient) are not supported: its autograd is C++. Use "
-                  "torch.autograd.grad or .backward(); vmap without gradients works");
-    }
-  }
+  TORCH_CHECK(cpp_functions_supported(), op,
+              ": torch.func transforms that differentiate (grad, vjp, jacrev; vmap of a call "
+              "that records a gradient) are not supported: its autograd is C++. Use "
+              "torch.autograd.grad or .backward(); vmap without gradients works");
   return F::apply(std::forward<Args>(args)...);
 }
 

@@ -637,27 +637,64 @@ def test_forward_mode_ad_raises():
                 call()
 
 
-def test_torch_func_differentiation_raises_naming_the_op():
-    """torch.func.grad / vjp take no C++ autograd Function: the error names the op (torch's own
-    named none); vmap without gradients still works."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_func_differentiates_fake_quant(device, dtype):
+    """torch.func.grad / vjp / jacrev and per-sample gradients (vmap of grad) of fake_quant's STE:
+    under the transforms it is a composite of ATen ops (they take no C++ Function), with the
+    op's values and torch's gradients, bit for bit."""
+    x = (torch.randn(6, 10, device=device) * 3).to(dtype)
+    w = torch.randn(10, 4, device=device).to(dtype)
+    for sshape in ((1,), (6, 1), (1, 10)):
+        s = torch.rand(sshape, device=device) * 0.1 + 0.05
+        z = torch.randint(-2, 3, sshape, dtype=torch.int32, device=device)
+        fq = lambda t: ops.fake_quant(t, s, z, -8, 7)
+
+        def loss(t):
+            return (fq(t).float() * torch.arange(10, device=device)).sum()
+
+        xr = x.clone().requires_grad_()
+        ref_y = fq(xr * 1)  # (the saved-mask path; compared with torch's ops elsewhere)
+        (ref_g,) = torch.autograd.grad(loss(xr * 1), xr)
+        assert torch.equal(torch.func.grad(loss)(x), ref_g)
+        mask = ops.fake_quant_with_mask(x, s, z, -8, 7)[1]
+        y, vjp = torch.func.vjp(fq, x)
+        assert torch.equal(y, ref_y) and torch.equal(vjp(torch.ones_like(y))[0], mask.to(dtype))
+        y, vjp = torch.func.vjp(lambda t: ops.fake_quant_with_mask(t, s, z, -8, 7)[0], x)
+        assert torch.equal(y, ref_y) and torch.equal(vjp(torch.ones_like(y))[0], mask.to(dtype))
+        if sshape == (1,):
+            J = torch.func.jacrev(fq)(x[0])
+            assert torch.equal(J, torch.diag(mask[0].to(dtype)))
+            # Per-sample gradients of a weight (DP-SGD style): a loop of autograd's.
+            per_sample = torch.func.vmap(torch.func.grad(lambda w_, xi: fq(xi @ w_).float().pow(2).sum()), in_dims=(None, 0))(w, x)
+            for i in range(x.shape[0]):
+                wr = w.clone().requires_grad_()
+                (gi,) = torch.autograd.grad(fq(x[i] @ wr).float().pow(2).sum(), wr)
+                assert torch.equal(per_sample[i], gi)
+
+
+def test_torch_func_differentiation_of_the_other_ops_raises_naming_the_op():
+    """The other C++ autograd Functions (LSQ, int8 / 4-bit Linears, dequantize's scale) take no
+    torch.func transform that differentiates: the error names the op (torch's own named none);
+    vmap without gradients works."""
     x, s, z = torch.randn(4, 8) * 3, torch.tensor([0.1]), torch.tensor([0])
     w, ws = torch.randint(-127, 128, (6, 8), dtype=torch.int8), torch.rand(6)
     cb = qlib.codebook_4bit("nf4", "cpu")
     packed, absmax = ops.quantize_4bit(torch.randn(6, 8), cb, 4)
     calls = {
-        "qlib::fake_quant": lambda t: ops.fake_quant(t, s, z, -8, 7),
-        "qlib::fake_quant_with_mask": lambda t: ops.fake_quant_with_mask(t, s, z, -8, 7)[0],
         "qlib::lsq_fake_quant": lambda t: ops.lsq_fake_quant(t, s, z.float(), -8, 7, None, 1e-6),
         "qlib::int8_linear": lambda t: ops.int8_linear(t, w, ws, None),
         "qlib::linear_4bit": lambda t: ops.linear_4bit(t, packed, absmax, cb, 4, None),
-        "qlib::dequantize": lambda t: ops.dequantize(w, t.abs().mean() + 0.1, torch.tensor(0), torch.float32),
     }
     for name, call in calls.items():
         for transform in (lambda f: torch.func.grad(lambda t: f(t).sum()), lambda f: lambda t: torch.func.vjp(f, t)):
             with pytest.raises(RuntimeError, match=f"{name}: torch.func transforms that differentiate"):
                 transform(call)(x)
-        if name != "qlib::dequantize":  # (its scale here is a mean over each vmapped row)
-            assert torch.equal(torch.func.vmap(call)(x[:, None]).squeeze(1), call(x))
+        assert torch.equal(torch.func.vmap(call)(x[:, None]).squeeze(1), call(x))
+    learn = lambda t: ops.fake_quant(x, t, z, -8, 7).sum()  # a learnable scale (LSQ)
+    with pytest.raises(RuntimeError, match="qlib::fake_quant: torch.func transforms that differentiate"):
+        torch.func.grad(learn)(s)
+    with pytest.raises(RuntimeError, match="qlib::dequantize: torch.func transforms that differentiate"):
+        torch.func.grad(lambda t: ops.dequantize(w, t, torch.tensor(0), torch.float32).sum())(s)
 
 
 def test_outputs_of_non_dense_views_have_empty_likes_strides():
