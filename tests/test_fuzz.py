@@ -90,7 +90,8 @@ def _odd_zero_point(r, s, qmin, qmax):
 
 def _odd_call(r, device):
     """One random call; returns normally or raises."""
-    op = r.choice(["fake_quant", "fake_quant_backward", "quantize", "dequantize", "choose_qparams",
+    op = r.choice(["fake_quant", "fake_quant_backward", "fake_quant_with_mask", "quantize", "dequantize",
+                   "choose_qparams",
                    "observer_qparams",
                    "quantize_per_token", "int8_gemm", "int8_linear", "int8_linear", "int8_linear_packed",
                    "block_minmax", "minmax_observe", "histogram_observe", "histogram_rebin",
@@ -99,7 +100,7 @@ def _odd_call(r, device):
     if op.endswith("_4bit"):
         _odd_4bit_call(r, device, op)
         return
-    if op in ("fake_quant", "fake_quant_backward", "quantize", "dequantize"):
+    if op in ("fake_quant", "fake_quant_backward", "fake_quant_with_mask", "quantize", "dequantize"):
         x = _odd_tensor(r, device)
         s = _odd_scale(r, x, device)
         qmin, qmax = r.choice(RANGES)
@@ -108,7 +109,11 @@ def _odd_call(r, device):
             x = x.detach().requires_grad_()
             if s.is_floating_point() and r.random() < 0.5:
                 s.requires_grad_()
-            ops.fake_quant(x, s, z, qmin, qmax).sum().backward()
+            ops.fake_quant(x if r.random() < 0.5 else x * 1, s, z, qmin, qmax).sum().backward()
+        elif op == "fake_quant_with_mask":
+            y, mask = ops.fake_quant_with_mask(x, s, z, qmin, qmax)
+            g = _odd_tensor(r, device, mask.shape if r.random() < 0.8 else x.shape[:-1], r.choice(FLOATS))
+            ops.fake_quant_mask_backward(g, mask if r.random() < 0.9 else mask.float())
         elif op == "fake_quant":
             ops.fake_quant(x, s, z, qmin, qmax)
         elif op == "fake_quant_backward":
