@@ -600,6 +600,51 @@ def test_compiled_learnable_model_from_its_first_step():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("learnable", [False, True], ids=["observed", "learnable"])
+def test_compiled_training_loop_recompiles_per_mode_not_per_step(learnable):
+    """A compiled QAT loop as a user writes it: batch and sequence lengths change every step,
+    a validation pass (eval, no_grad) every few steps, then observers frozen (torch.ao's
+    disable_observer) and training goes on. Graphs: one per mode, none per step or per size
+    (static, then dynamic after the second size; eval; frozen train; frozen eval), with eager's
+    bits, observer statistics included."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = qlib.prepare_qat(Net(), QATConfig(weight_learnable=learnable, activation_learnable=learnable))
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01) for m in (model, ref)}
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    graphs = []
+    for step in range(14):
+        if step == 8:
+            for m in (model, ref):
+                m.apply(tq.disable_observer)
+        x = torch.randn(4 + 4 * (step % 4), 2 + step % 3, 24)
+        xv = torch.randn(5 + step, 3, 24)
+        for m, own in ((compiled, model), (ref, ref)):
+            own.train()
+            opts[id(own)].zero_grad()
+            loss = m(x).square().mean()
+            loss.backward()
+            opts[id(own)].step()
+            if step % 3 == 2:
+                own.eval()
+                with torch.no_grad():
+                    out = m(xv)
+            losses = (loss, out) if step % 3 == 2 else (loss,)
+            if m is compiled:
+                got = losses
+        for a, b in zip(got, losses):
+            assert torch.equal(a, b), step
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert not counters["graph_break"]
+    # (measured: [1, 2, 3, 3, 3, 3, 3, 3, 5, 5, ...]; nothing new once the modes are seen)
+    assert graphs[7] <= 3 and graphs[-1] == graphs[9] <= 5, graphs
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("x", [torch.full((4, 4), float("nan")), torch.empty(0, 4)], ids=["nan", "empty"])
 @pytest.mark.parametrize("sized", [True, False])
 def test_compiled_first_step_without_data(x, sized):
