@@ -1646,14 +1646,15 @@ def test_prepare_leaves_earlier_qat_modules_alone():
 def test_frozen_qat_model_under_vmap():
     """vmap over a QAT model whose observers are off runs, as torch.ao's FakeQuantize (the one-op
     min-max path writes its arguments in place, which vmap's fallback refuses even with nothing
-    observed: "Batching rule not implemented for qlib::minmax_fake_quant"); an observing one raises.
-    Stacked switches (stack_module_state) raise naming the buffer, not "Cannot access data pointer"."""
+    observed: "Batching rule not implemented for qlib::minmax_fake_quant"); an observing one raises
+    naming the observer. Stacked switches (stack_module_state) raise naming the buffer, not
+    "Cannot access data pointer"."""
     torch.manual_seed(0)
     mk = lambda: nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
     m = qlib.prepare_qat(mk())
     m(torch.randn(5, 16) * 2)
     xs = torch.randn(3, 5, 16)
-    with pytest.raises(RuntimeError, match="minmax_observe"):
+    with pytest.raises(RuntimeError, match="qlib.observers.MovingAverageMinMaxObserver: cannot observe under torch.func's vmap"):
         torch.vmap(m)(xs)
     m.apply(tq.disable_observer)
     ys = torch.vmap(m)(xs)
@@ -1662,6 +1663,40 @@ def test_frozen_qat_model_under_vmap():
     params, buffers = torch.func.stack_module_state(models)
     with pytest.raises(RuntimeError, match="FakeQuantize: its buffer 'switches' is a torch.func transform's tensor"):
         torch.vmap(lambda p, b: torch.func.functional_call(m, (p, b), (xs[0],)))(params, buffers)
+
+
+@pytest.mark.parametrize("observer", ["MovingAverageMinMaxObserver", "PercentileObserver"])
+def test_torch_func_grad_and_per_sample_gradients_of_a_qat_model(observer):
+    """torch.func.grad of a QAT model equals autograd's, its min-max observers updating as in
+    eager; per-sample gradients (vmap of grad) of a frozen one equal a loop of them. Observing
+    under vmap, or a histogram observer under grad (its buffers' in-place update), raises naming
+    the observer (torch's errors named an op or a captured tensor)."""
+    torch.manual_seed(0)
+    cfg = QATConfig(activation_observer=observer)
+    base = qlib.prepare_qat(nn.Sequential(nn.Linear(9, 12), nn.ReLU(), nn.Linear(12, 3)), cfg)
+    x, y = torch.randn(6, 9), torch.randint(0, 3, (6,))
+    base(x)
+    loss = lambda m, p, xb, yb: nn.functional.cross_entropy(torch.func.functional_call(m, p, (xb,)), yb)
+    m, ref = copy.deepcopy(base), copy.deepcopy(base)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    if observer == "PercentileObserver":
+        with pytest.raises(RuntimeError, match=f"qlib.observers.{observer}: cannot observe under torch.func's grad"):
+            torch.func.grad(lambda p: loss(m, p, x, y))(params)
+    else:
+        g = torch.func.grad(lambda p: loss(m, p, x, y))(params)
+        loss(ref, dict(ref.named_parameters()), x, y).backward()
+        for k, p in ref.named_parameters():
+            assert torch.equal(g[k], p.grad), k
+        for (k, b), (_, rb) in zip(m.named_buffers(), ref.named_buffers()):
+            assert torch.equal(b, rb), k
+    with pytest.raises(RuntimeError, match=f"qlib.observers.{observer}: cannot observe under torch.func's .*vmap"):
+        torch.func.vmap(torch.func.grad(lambda p, xi, yi: loss(m, p, xi[None], yi[None])), in_dims=(None, 0, 0))(params, x, y)
+    m.apply(tq.disable_observer)
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, xi, yi: loss(m, p, xi[None], yi[None])), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(6):
+        one = torch.func.grad(lambda p: loss(m, p, x[i:i + 1], y[i:i + 1]))(params)
+        for k in params:  # (a batched GEMM rounds as its own kernel: fp32's per-sample grads differ alike)
+            torch.testing.assert_close(per_sample[k][i], one[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("learnable", [False, True])

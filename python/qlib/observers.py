@@ -84,6 +84,10 @@ class ObserverBase(QuantState):
 
     # name -> initial fill value of the per-block statistic buffers
     _stat_buffers: Dict[str, float] = {}
+    # The torch.func wrappers of x ("grad", "vmap") the in-place update of the statistics runs
+    # under: MinMaxObserver's op under grad; a vmapped x would have every sample update the one
+    # set of statistics.
+    _observes_under: frozenset = frozenset()
 
     def __init__(
         self,
@@ -254,6 +258,8 @@ class ObserverBase(QuantState):
 
     # ------------------------------------------------------------ API
     def forward(self, x: Tensor) -> Tensor:
+        if torch._C._are_functorch_transforms_active():
+            self._check_transforms(x)
         rows = self._prepare(x)
         if rows is not None:
             self._observe(rows)
@@ -261,6 +267,19 @@ class ObserverBase(QuantState):
 
     def _observe(self, rows: Tensor) -> None:
         raise NotImplementedError
+
+    def _check_transforms(self, x: Tensor) -> None:
+        F, wrappers = torch._C._functorch, set()
+        while F.is_functorch_wrapped_tensor(x):
+            wrappers |= {"vmap"} if F.is_batchedtensor(x) else {"grad"} if F.is_gradtrackingtensor(x) else set()
+            x = F.get_unwrapped(x)
+        refused = sorted(wrappers - self._observes_under)
+        if refused:
+            raise RuntimeError(
+                f"qlib.observers.{type(self).__name__}: cannot observe under torch.func's "
+                f"{' / '.join(refused)}: the statistics are the module's state, updated in place by "
+                "each call. Turn the observers off first (FakeQuantize.disable_observer(), or "
+                "model.apply(torch.ao.quantization.disable_observer)), or observe outside the transform")
 
     def _observe_fake_quant(self, x: Tensor, observe: bool = True) -> Optional[Tensor]:
         """forward(x) (when observe), then fake_quant(x) with the qparams, in one op; None
@@ -420,6 +439,7 @@ class MinMaxObserver(ObserverBase):
     """Running min and max (as torch.ao's MinMaxObserver / PerChannelMinMaxObserver)."""
 
     _stat_buffers = {"min_val": math.inf, "max_val": -math.inf}
+    _observes_under = frozenset({"grad"})
     averaging_constant: Optional[float] = None  # (MovingAverageMinMaxObserver's)
 
     def _observe(self, rows: Tensor) -> None:
