@@ -156,6 +156,19 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_ste_composite(const at::Tensor& x,
   return {y + (t - t.detach()), mask};
 }
 
+// y and the mask, with x's gradient the STE on the mask: MaskedFakeQuantFunction, or the
+// composite under torch.func transforms. For both ops' Autograd kernels, once they have checked
+// that only x needs a gradient.
+std::tuple<at::Tensor, at::Tensor> masked_ste(const at::Tensor& x, const at::Tensor& scale,
+                                              const at::Tensor& zero_point, int64_t quant_min,
+                                              int64_t quant_max) {
+  if (!cpp_functions_supported()) {
+    return fake_quant_ste_composite(x, scale, zero_point, quant_min, quant_max);
+  }
+  auto out = MaskedFakeQuantFunction::apply(x, scale, zero_point, quant_min, quant_max);
+  return {out[0], out[1]};
+}
+
 std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_autograd(const at::Tensor& x,
                                                                  const at::Tensor& scale,
                                                                  const at::Tensor& zero_point,
@@ -169,12 +182,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_autograd(const at::Tenso
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
   }
-  if (!cpp_functions_supported()) {
-    return fake_quant_ste_composite(x, scale, zero_point, quant_min, quant_max);
-  }
-  auto out = apply_function<MaskedFakeQuantFunction>(kWithMaskOp, x, scale, zero_point, quant_min,
-                                                      quant_max);
-  return {out[0], out[1]};
+  return masked_ste(x, scale, zero_point, quant_min, quant_max);
 }
 
 // The Autograd kernel of an op taking (x, scale, zero_point, ...): its Function when a
@@ -200,14 +208,9 @@ at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                const at::Tensor& zero_point, int64_t quant_min,
                                int64_t quant_max) {
   if (at::GradMode::is_enabled() && x.requires_grad() && !scale.requires_grad() &&
-      !zero_point.requires_grad()) {
-    if (!cpp_functions_supported()) {
-      return std::get<0>(fake_quant_ste_composite(x, scale, zero_point, quant_min, quant_max));
-    }
-    if (!x.is_leaf()) {
-      check_no_forward_grad("qlib::fake_quant", {x, scale, zero_point});
-      return std::get<0>(call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max));
-    }
+      !zero_point.requires_grad() && (!x.is_leaf() || !cpp_functions_supported())) {
+    check_no_forward_grad("qlib::fake_quant", {x, scale, zero_point});
+    return std::get<0>(masked_ste(x, scale, zero_point, quant_min, quant_max));
   }
   return record_if_grad<FakeQuantFunction>("qlib::fake_quant", call_fake_quant, x, scale,
                                            zero_point, quant_min, quant_max);

@@ -124,29 +124,31 @@ void fake_quant_cpu_into(const AffineArgs& a, at::Tensor& out, const at::Tensor&
   else run(std::false_type{});
 }
 
-at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
-                          const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
-  constexpr const char* op = "qlib::fake_quant";
+// fake_quant (op names it), and its mask when with_mask (else undefined).
+std::tuple<at::Tensor, at::Tensor> fake_quant_cpu_outputs(
+    const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, bool with_mask) {
   check_fake_quant_input(op, x);
   check_quant_range(op, quant_min, quant_max);
   const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
   at::Tensor out = a.empty_like_x(a.x.options());
-  fake_quant_cpu_into(a, out, at::Tensor());
-  return a.in_given_order(out);
+  at::Tensor mask = with_mask ? a.empty_like_x(a.x.options().dtype(at::kBool)) : at::Tensor();
+  fake_quant_cpu_into(a, out, mask);
+  return {a.in_given_order(out), with_mask ? a.in_given_order(mask) : mask};
+}
+
+at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
+                          const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
+  return std::get<0>(fake_quant_cpu_outputs("qlib::fake_quant", x, scale, zero_point, quant_min,
+                                            quant_max, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_cpu(const at::Tensor& x,
                                                             const at::Tensor& scale,
                                                             const at::Tensor& zero_point,
                                                             int64_t quant_min, int64_t quant_max) {
-  constexpr const char* op = "qlib::fake_quant_with_mask";
-  check_fake_quant_input(op, x);
-  check_quant_range(op, quant_min, quant_max);
-  const AffineArgs a = prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max);
-  at::Tensor out = a.empty_like_x(a.x.options());
-  at::Tensor mask = a.empty_like_x(a.x.options().dtype(at::kBool));
-  fake_quant_cpu_into(a, out, mask);
-  return {a.in_given_order(out), a.in_given_order(mask)};
+  return fake_quant_cpu_outputs("qlib::fake_quant_with_mask", x, scale, zero_point, quant_min,
+                                quant_max, true);
 }
 
 // grad * mask (the mask as 0.0f / 1.0f: a NaN grad stays NaN where masked, as torch's
