@@ -346,6 +346,17 @@ at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scal
   return per_element.reshape_symint(split).sum(block_dims);
 }
 
+at::Tensor expand_over_blocks(const at::Tensor& qparam, const at::Tensor& x) {
+  if (qparam.sym_numel() == 1) return qparam.reshape({}).expand_symint(x.sym_sizes());
+  // [s0, 1, s1, 1, ...] expanded to [s0, b0, s1, b1, ...], then merged.
+  std::vector<c10::SymInt> split, expanded;
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    split.insert(split.end(), {qparam.sym_size(d), 1});
+    expanded.insert(expanded.end(), {qparam.sym_size(d), x.sym_size(d) / qparam.sym_size(d)});
+  }
+  return qparam.reshape_symint(split).expand_symint(expanded).reshape_symint(x.sym_sizes());
+}
+
 void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                     const at::Tensor& zero_point, int64_t quant_min,
                                     int64_t quant_max, bool zero_point_grad) {

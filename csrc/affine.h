@@ -114,6 +114,9 @@ void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, cons
 void check_fake_quant_mask_backward_args(const at::Tensor& grad, const at::Tensor& mask);
 // Sums a per-element tensor (x's shape) over each block of scale: scale's shape.
 at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scale);
+// Its inverse: a qparam (scale's shape) expanded over its blocks to x's shape (a view of it where
+// one exists), differentiable.
+at::Tensor expand_over_blocks(const at::Tensor& qparam, const at::Tensor& x);
 // fake_quant_backward's outputs: grad_x (in the kernels' order), and the LSQ gradients summed
 // over each block (scale's numel in the kernels' order, any floating dtype; undefined when not
 // asked for) in the dtype and shape of scale and zero_point, or an empty float32 tensor where

@@ -138,10 +138,18 @@ class MaskedFakeQuantFunction : public torch::autograd::Function<MaskedFakeQuant
   }
 };
 
-// The STE in differentiable ATen ops, for torch.func transforms (which take no C++ Function):
-// y + (t - t.detach()) with t = where(mask, x, 0) is y's bits (t is finite, t - t is +0, and y
-// is never -0), and its gradient where(mask, grad, 0) (a NaN or Inf grad outside the mask gives
-// 0 here, NaN on the other paths).
+// t - t.detach(): a zero (for a finite t) whose gradient is t's. The composites below add such
+// zeros to an op's output, which keeps its bits (the output is never -0), for torch.func
+// transforms (which take no C++ Function).
+at::Tensor zero_with_grad_of(const at::Tensor& t) { return t - t.detach(); }
+
+// where(inside, x, 0) as such a zero: the STE's gradient, where(inside, grad, 0) (a NaN or Inf
+// grad outside gives 0 here, NaN on the Functions' paths).
+at::Tensor ste_zero(const at::Tensor& inside, const at::Tensor& x) {
+  return zero_with_grad_of(at::where(inside, x, at::zeros({}, x.options())));
+}
+
+// fake_quant's STE in differentiable ATen ops.
 std::tuple<at::Tensor, at::Tensor> fake_quant_ste_composite(const at::Tensor& x,
                                                             const at::Tensor& scale,
                                                             const at::Tensor& zero_point,
@@ -152,8 +160,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_ste_composite(const at::Tensor& x,
     at::AutoDispatchBelowADInplaceOrView guard;
     std::tie(y, mask) = call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
   }
-  const at::Tensor t = at::where(mask, x, at::zeros({}, x.options()));
-  return {y + (t - t.detach()), mask};
+  return {y + ste_zero(mask, x), mask};
 }
 
 // y and the mask, with x's gradient the STE on the mask: MaskedFakeQuantFunction, or the
@@ -185,6 +192,16 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_autograd(const at::Tenso
   return masked_ste(x, scale, zero_point, quant_min, quant_max);
 }
 
+bool grad_wanted(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point) {
+  return at::GradMode::is_enabled() &&
+         (x.requires_grad() || scale.requires_grad() || zero_point.requires_grad());
+}
+
+at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const at::Tensor& scale,
+                                const at::Tensor& zero_point, const at::Tensor& s,
+                                const at::Tensor& z, int64_t quant_min, int64_t quant_max,
+                                const c10::IValue& factor);
+
 // The Autograd kernel of an op taking (x, scale, zero_point, ...): its Function when a
 // gradient is wanted, else `below` under autograd (the Function's context would cost a third
 // of a small call).
@@ -192,8 +209,7 @@ template <class Function, class Below, class... Rest>
 at::Tensor record_if_grad(const char* op, Below below, const at::Tensor& x,
                           const at::Tensor& scale, const at::Tensor& zero_point, Rest... rest) {
   check_no_forward_grad(op, {x, scale, zero_point});
-  if (!at::GradMode::is_enabled() ||
-      !(x.requires_grad() || scale.requires_grad() || zero_point.requires_grad())) {
+  if (!grad_wanted(x, scale, zero_point)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return below(x, scale, zero_point, rest...);
   }
@@ -212,6 +228,16 @@ at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
     check_no_forward_grad("qlib::fake_quant", {x, scale, zero_point});
     return std::get<0>(masked_ste(x, scale, zero_point, quant_min, quant_max));
   }
+  if (grad_wanted(x, scale, zero_point) && !cpp_functions_supported()) {
+    check_no_forward_grad("qlib::fake_quant", {x, scale, zero_point});
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = call_fake_quant(x, scale, zero_point, quant_min, quant_max);
+    }
+    return fake_quant_composite(y, x, scale, zero_point, scale, zero_point, quant_min, quant_max,
+                                c10::IValue());
+  }
   return record_if_grad<FakeQuantFunction>("qlib::fake_quant", call_fake_quant, x, scale,
                                            zero_point, quant_min, quant_max);
 }
@@ -223,12 +249,14 @@ constexpr const char* kLsqOp = "qlib::lsq_fake_quant";
 // float16 / bfloat16 qparams (model.half()) are taken in float32, as fake_quant's math: in
 // float16 eps (1e-8) would clamp to 0, and the gradient sums would overflow before LSQ's factor
 // (autograd rounds the float32 gradient to the parameter's dtype once, at the end).
+at::Tensor wide(const at::Tensor& t) {  // (float16, bfloat16, float8: to float32; integers kept)
+  const auto dtype = t.scalar_type();
+  return !t.is_floating_point() || dtype == at::kFloat || dtype == at::kDouble ? t
+                                                                               : t.to(at::kFloat);
+}
+
 std::pair<at::Tensor, at::Tensor> lsq_clamped(const at::Tensor& scale, const at::Tensor& zero_point,
                                               int64_t quant_min, int64_t quant_max, double eps) {
-  const auto wide = [](const at::Tensor& t) {  // (float16, bfloat16, float8: to float32)
-    const auto dtype = t.scalar_type();
-    return dtype == at::kFloat || dtype == at::kDouble ? t : t.to(at::kFloat);
-  };
   // An integer zero point is range-checked by fake_quant (a clamp in its own dtype could wrap).
   return {wide(scale).clamp_min(eps), zero_point.is_floating_point()
                                           ? wide(zero_point).clamp(quant_min, quant_max)
@@ -301,6 +329,45 @@ void scale_grad_(at::Tensor& grad, const c10::IValue& f) {
                          .rsqrt_());
 }
 
+// LSQ's factor: grad_factor, or from numel * quant_max (scale_grad_).
+c10::IValue lsq_factor(const at::Tensor& x, int64_t quant_max, std::optional<double> grad_factor) {
+  // (A SymInt numel while tracing: the factor's tensor is then symbolic, not specialised.)
+  return grad_factor ? c10::IValue(*grad_factor) : c10::IValue(x.sym_numel() * quant_max);
+}
+
+// fake_quant's gradients (LSQ / LSQ+ for a scale or floating zero point that requires grad) in
+// differentiable ATen ops: y plus zeros whose gradients are the STE's for x, and for scale (zero
+// point) grad times the per-element LSQ factor, summed over each block by expand_over_blocks'
+// autograd. The factors are fake_quant_backward's own at the qparams given one an element (s, z:
+// those y was computed at), times `factor` (None: 1). The sums run in autograd's order, not the
+// kernels' (equal to float tolerance); straight through LSQ's clamps (scale, zero_point are the
+// unclamped inputs).
+at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const at::Tensor& scale,
+                                const at::Tensor& zero_point, const at::Tensor& s,
+                                const at::Tensor& z, int64_t quant_min, int64_t quant_max,
+                                const c10::IValue& factor) {
+  const bool need_scale = scale.requires_grad();
+  const bool need_zp = zero_point.requires_grad() && zero_point.is_floating_point();
+  at::Tensor inside, ds, dz;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto one_each = [&x](const at::Tensor& t) {
+      return expand_over_blocks(wide(t.detach()), x).contiguous();
+    };
+    std::tie(inside, ds, dz) =
+        call_fake_quant_backward(at::ones_like(x), x, one_each(s), one_each(z), quant_min,
+                                 quant_max, need_scale, need_zp);
+  }
+  if (!factor.isNone()) {
+    if (need_scale) scale_grad_(ds, factor);
+    if (need_zp) scale_grad_(dz, factor);
+  }
+  at::Tensor qparam_zeros = at::zeros({}, x.options().dtype(at::kFloat));
+  if (need_scale) qparam_zeros = qparam_zeros + zero_with_grad_of(expand_over_blocks(wide(scale), x)) * ds;
+  if (need_zp) qparam_zeros = qparam_zeros + zero_with_grad_of(expand_over_blocks(wide(zero_point), x)) * dz;
+  return y + ste_zero(inside.to(at::kBool), x) + qparam_zeros.to(x.scalar_type());
+}
+
 // The gradients are fake_quant's at the clamped qparams, times grad_factor: straight through
 // the clamps, so a scale pushed below eps or a zero point pushed out of range still learns its
 // way back (torch.ao's learnable fake quant clamps them in place each step, to the same end).
@@ -316,9 +383,7 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
     ctx->save_for_backward({saveable(x), saveable(s), saveable(z)});
     ctx->saved_data["quant_min"] = quant_min;
     ctx->saved_data["quant_max"] = quant_max;
-    // (A SymInt numel while tracing: the factor's tensor is then symbolic, not specialised.)
-    ctx->saved_data["grad_factor"] = grad_factor ? c10::IValue(*grad_factor)
-                                                 : c10::IValue(x.sym_numel() * quant_max);
+    ctx->saved_data["grad_factor"] = lsq_factor(x, quant_max, grad_factor);
     return lsq_call_fake_quant(x, s, z, quant_min, quant_max);
   }
 
@@ -343,6 +408,18 @@ at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                    const at::Tensor& zero_point, int64_t quant_min,
                                    int64_t quant_max, std::optional<double> grad_factor,
                                    double eps) {
+  if (grad_wanted(x, scale, zero_point) && !cpp_functions_supported()) {
+    check_no_forward_grad(kLsqOp, {x, scale, zero_point});
+    check_lsq_args(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
+    const auto [s, z] = lsq_clamped(scale.detach(), zero_point.detach(), quant_min, quant_max, eps);
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = lsq_call_fake_quant(x, s, z, quant_min, quant_max);
+    }
+    return fake_quant_composite(y, x, scale, zero_point, s, z, quant_min, quant_max,
+                                lsq_factor(x, quant_max, grad_factor));
+  }
   return record_if_grad<LsqFakeQuantFunction>(kLsqOp, lsq_fake_quant, x, scale, zero_point,
                                               quant_min, quant_max, grad_factor, eps);
 }
@@ -388,12 +465,39 @@ class DequantizeFunction : public torch::autograd::Function<DequantizeFunction> 
   }
 };
 
+// DequantizeFunction's gradients in differentiable ATen ops (as fake_quant_composite), for
+// torch.func transforms: y plus zeros whose gradients are grad * (q - zero_point) for scale and
+// -grad * scale for zero_point, summed over each block.
+at::Tensor dequantize_composite(const at::Tensor& y, const at::Tensor& q, const at::Tensor& scale,
+                                const at::Tensor& zero_point) {
+  at::Tensor centred, scales;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    if (scale.requires_grad()) {
+      centred = call_dequantize(q, at::ones_like(scale), zero_point.detach(), at::kFloat);
+    }
+    if (zero_point.requires_grad()) {
+      scales = call_dequantize(at::ones_like(q), scale.detach(), at::zeros_like(zero_point),
+                               at::kFloat).neg_();
+    }
+  }
+  at::Tensor qparam_zeros = at::zeros({}, q.options().dtype(at::kFloat));
+  if (centred.defined()) qparam_zeros = qparam_zeros + zero_with_grad_of(expand_over_blocks(wide(scale), q)) * centred;
+  if (scales.defined()) qparam_zeros = qparam_zeros + zero_with_grad_of(expand_over_blocks(wide(zero_point), q)) * scales;
+  return y + qparam_zeros.to(y.scalar_type());
+}
+
 at::Tensor dequantize_autograd(const at::Tensor& q, const at::Tensor& scale,
                                const at::Tensor& zero_point, at::ScalarType dtype) {
   check_no_forward_grad("qlib::dequantize", {scale, zero_point});
-  if (!at::GradMode::is_enabled() || !(scale.requires_grad() || zero_point.requires_grad())) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return call_dequantize(q, scale, zero_point, dtype);
+  const bool grad = at::GradMode::is_enabled() && (scale.requires_grad() || zero_point.requires_grad());
+  if (!grad || !cpp_functions_supported()) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = call_dequantize(q, scale, zero_point, dtype);
+    }
+    return grad ? dequantize_composite(y, q, scale, zero_point) : y;
   }
   return apply_function<DequantizeFunction>("qlib::dequantize", q, scale, zero_point, dtype);
 }

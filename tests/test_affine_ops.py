@@ -672,16 +672,70 @@ def test_torch_func_differentiates_fake_quant(device, dtype):
                 assert torch.equal(per_sample[i], gi)
 
 
-def test_torch_func_differentiation_of_the_other_ops_raises_naming_the_op():
-    """The other C++ autograd Functions (LSQ, int8 / 4-bit Linears, dequantize's scale) take no
-    torch.func transform that differentiates: the error names the op (torch's own named none);
-    vmap without gradients works."""
-    x, s, z = torch.randn(4, 8) * 3, torch.tensor([0.1]), torch.tensor([0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_func_differentiates_lsq_and_dequantize(device, dtype):
+    """LSQ / LSQ+ (lsq_fake_quant, fake_quant with a scale or floating zero point that requires
+    grad) and dequantize's qparam gradients under torch.func: a composite of ATen ops with the
+    op's values bit for bit and the C++ Functions' gradients (autograd's) to float tolerance,
+    every granularity, scales past LSQ's clamps; per-sample scale gradients (vmap of grad) equal
+    a loop of them."""
+    torch.manual_seed(0)
+    x = (torch.randn(6, 12, device=device) * 3).to(dtype)
+    weights = torch.randn(6, 12, device=device)
+    x[0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    for sshape in ((), (1,), (6, 1), (1, 12), (3, 4), (6, 12)):
+        s = torch.rand(sshape, device=device) * 0.3 + 0.05
+        if s.numel() > 1:
+            s.view(-1)[0] = -0.1  # (LSQ clamps it to eps; its gradient goes straight through)
+        zf = torch.randint(-3, 3, sshape, device=device).float() + 0.3
+        calls = {
+            "lsq": lambda s_, z_: ops.lsq_fake_quant(x, s_, z_, -8, 7, None, 1e-4),
+            "lsq factor": lambda s_, z_: ops.lsq_fake_quant(x, s_.half(), z_, -128, 127, 0.5, 1e-4),
+            "fake_quant": lambda s_, z_: ops.fake_quant(x, s_.abs() + 0.01, z_.round().clamp(-8, 7), -8, 7),
+            "fake_quant int zp": lambda s_, z_: ops.fake_quant(x, s_.abs() + 0.01, z_.round().int(), -8, 7),
+        }
+        for name, call in calls.items():
+            loss = lambda s_, z_: (call(s_, z_).float().nan_to_num(0.0, 0.0, 0.0) * weights).sum()
+            for argnums in (0, 1, (0, 1)):
+                if name == "fake_quant int zp" and argnums != 0:
+                    continue
+                got = torch.func.grad(loss, argnums=argnums)(s, zf)
+                sr, zr = s.clone().requires_grad_(argnums != 1), zf.clone().requires_grad_(argnums != 0)
+                loss(sr, zr).backward()
+                want = {0: sr.grad, 1: zr.grad, (0, 1): (sr.grad, zr.grad)}[argnums]
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{name} {sshape} {argnums}")
+            y, _ = torch.func.vjp(call, s, zf)
+            assert torch.equal(y.nan_to_num(), call(s, zf).nan_to_num()) and y.isnan().sum() == 1, (name, sshape)
+    # Per-sample scale gradients.
+    s, z = torch.tensor([0.1], device=device), torch.tensor([0.0], device=device)
+    per_sample_loss = lambda s_, xi: ops.lsq_fake_quant(xi, s_, z, -8, 7, None, 1e-6).float().pow(2).sum()
+    ps = torch.func.vmap(torch.func.grad(per_sample_loss), in_dims=(None, 0))(s, x[1:])
+    for i in range(5):
+        sr = s.clone().requires_grad_()
+        per_sample_loss(sr, x[i + 1]).backward()
+        torch.testing.assert_close(ps[i], sr.grad)
+    # dequantize: d/dscale = q - zero_point, d/dzero_point = -scale, summed per block.
+    q = torch.randint(-127, 128, (6, 12), dtype=torch.int8, device=device)
+    for sshape in ((1,), (6, 1), (2, 3)):
+        s, z = torch.rand(sshape, device=device) + 0.1, torch.randn(sshape, device=device)
+        deq = lambda s_, z_: ops.dequantize(q, s_, z_, dtype)
+        loss = lambda s_, z_: (deq(s_, z_).float() * weights).sum()
+        got = torch.func.grad(loss, argnums=(0, 1))(s, z)
+        sr, zr = s.clone().requires_grad_(), z.clone().requires_grad_()
+        loss(sr, zr).backward()
+        torch.testing.assert_close(got, (sr.grad, zr.grad), rtol=1e-5, atol=1e-5)
+        assert torch.equal(torch.func.vjp(deq, s, z)[0], deq(s, z))
+
+
+def test_torch_func_differentiation_of_the_linears_raises_naming_the_op():
+    """The int8 / 4-bit Linears' C++ autograd Functions take no torch.func transform that
+    differentiates: the error names the op (torch's own named none); vmap without gradients
+    works."""
+    x = torch.randn(4, 8) * 3
     w, ws = torch.randint(-127, 128, (6, 8), dtype=torch.int8), torch.rand(6)
     cb = qlib.codebook_4bit("nf4", "cpu")
     packed, absmax = ops.quantize_4bit(torch.randn(6, 8), cb, 4)
     calls = {
-        "qlib::lsq_fake_quant": lambda t: ops.lsq_fake_quant(t, s, z.float(), -8, 7, None, 1e-6),
         "qlib::int8_linear": lambda t: ops.int8_linear(t, w, ws, None),
         "qlib::linear_4bit": lambda t: ops.linear_4bit(t, packed, absmax, cb, 4, None),
     }
@@ -690,11 +744,6 @@ def test_torch_func_differentiation_of_the_other_ops_raises_naming_the_op():
             with pytest.raises(RuntimeError, match=f"{name}: torch.func transforms that differentiate"):
                 transform(call)(x)
         assert torch.equal(torch.func.vmap(call)(x[:, None]).squeeze(1), call(x))
-    learn = lambda t: ops.fake_quant(x, t, z, -8, 7).sum()  # a learnable scale (LSQ)
-    with pytest.raises(RuntimeError, match="qlib::fake_quant: torch.func transforms that differentiate"):
-        torch.func.grad(learn)(s)
-    with pytest.raises(RuntimeError, match="qlib::dequantize: torch.func transforms that differentiate"):
-        torch.func.grad(lambda t: ops.dequantize(w, t, torch.tensor(0), torch.float32).sum())(s)
 
 
 def test_outputs_of_non_dense_views_have_empty_likes_strides():

@@ -1699,6 +1699,40 @@ def test_torch_func_grad_and_per_sample_gradients_of_a_qat_model(observer):
             torch.testing.assert_close(per_sample[k][i], one[k], rtol=1e-5, atol=1e-6)
 
 
+def test_torch_func_grad_of_a_learnable_qat_model():
+    """LSQ under torch.func: grad of a learnable QAT model (its scales and zero points among the
+    parameters) equals autograd's, and per-sample gradients equal a loop of them. Before its
+    first batch a learnable FakeQuantize writes its first scale into its Parameters, which the
+    transforms refuse: that raises naming the module, having observed nothing."""
+    torch.manual_seed(0)
+    cfg = QATConfig(weight_learnable=True, activation_learnable=True)
+    base = qlib.prepare_qat(nn.Sequential(nn.Linear(9, 12), nn.ReLU(), nn.Linear(12, 3)), cfg)
+    x, y = torch.randn(6, 9), torch.randint(0, 3, (6,))
+    loss = lambda m, p, xb, yb: nn.functional.cross_entropy(torch.func.functional_call(m, p, (xb,)), yb)
+    fresh = copy.deepcopy(base)
+    params = {k: v.detach() for k, v in fresh.named_parameters()}
+    state = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(RuntimeError, match="qlib.nn.FakeQuantize: a learnable FakeQuantize takes its first scale"):
+        torch.func.grad(lambda p: loss(fresh, p, x, y))(params)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    base(x)
+    m, ref = copy.deepcopy(base), copy.deepcopy(base)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    assert any(k.endswith("fake_quant.scale") for k in params) and any(k.endswith("zero_point") for k in params)
+    g = torch.func.grad(lambda p: loss(m, p, x, y))(params)
+    loss(ref, dict(ref.named_parameters()), x, y).backward()
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(g[k], p.grad, rtol=1e-5, atol=1e-7, msg=k)
+        assert k.endswith("zero_point") or g[k].abs().sum() > 0, k  # (no x out of range: 0)
+    m.apply(tq.disable_observer)
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, xi, yi: loss(m, p, xi[None], yi[None])), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(6):
+        one = torch.func.grad(lambda p: loss(m, p, x[i:i + 1], y[i:i + 1]))(params)
+        for k in params:
+            torch.testing.assert_close(per_sample[k][i], one[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("learnable", [False, True])
 def test_refused_functorch_buffers_leave_the_model_saveable(learnable):
     """A FakeQuantize refusing stacked or grad-wrapped switches (functional_call under vmap / grad)

@@ -244,6 +244,13 @@ class FakeQuantize(QuantState):
             y = observer._observe_fake_quant(x, observe)
             if y is not None:
                 return y
+        if observe and self.learnable and not self._init_done and torch._C._are_functorch_transforms_active() \
+                and not torch.compiler.is_compiling() and not b["initialized"].is_meta and not bool(b["initialized"]):
+            # (before observing: a call that raises changes nothing)
+            raise RuntimeError(
+                "qlib.nn.FakeQuantize: a learnable FakeQuantize takes its first scale from the first batch "
+                "it observes, written into its Parameters, which torch.func transforms (grad, vjp, vmap) "
+                "cannot do: run one forward eagerly (or load a trained state_dict) first")
         if observe:
             observer(x.detach())
             on_meta = self.learnable and b["initialized"].is_meta  # (shape inference: no values to take)
