@@ -138,15 +138,26 @@ class MaskedFakeQuantFunction : public torch::autograd::Function<MaskedFakeQuant
   }
 };
 
-// t - t.detach(): a zero (for a finite t) whose gradient is t's. The composites below add such
-// zeros to an op's output, which keeps its bits (the output is never -0), for torch.func
-// transforms (which take no C++ Function).
-at::Tensor zero_with_grad_of(const at::Tensor& t) { return t - t.detach(); }
+// A floating qparam in float32 or float64 (float16, bfloat16, float8 widened, as fake_quant's
+// math); an integer one as it is.
+at::Tensor wide(const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  return !t.is_floating_point() || dtype == at::kFloat || dtype == at::kDouble ? t
+                                                                               : t.to(at::kFloat);
+}
 
-// where(inside, x, 0) as such a zero: the STE's gradient, where(inside, grad, 0) (a NaN or Inf
+// where(inside, x, 0) as a zero_with_grad_of (added to outputs that are never -0, which keeps
+// their bits): the STE's gradient, where(inside, grad, 0) (a NaN or Inf
 // grad outside gives 0 here, NaN on the Functions' paths).
 at::Tensor ste_zero(const at::Tensor& inside, const at::Tensor& x) {
   return zero_with_grad_of(at::where(inside, x, at::zeros({}, x.options())));
+}
+
+// For a qparam and its per-element factors (x's shape; undefined: no gradient wanted), a zero
+// (float32) whose gradient is grad * factors summed over each of the qparam's blocks.
+at::Tensor qparam_zero(const at::Tensor& qparam, const at::Tensor& factors, const at::Tensor& x) {
+  if (!factors.defined()) return at::zeros({}, x.options().dtype(at::kFloat));
+  return zero_with_grad_of(expand_over_blocks(wide(qparam), x)) * factors;
 }
 
 // fake_quant's STE in differentiable ATen ops.
@@ -202,18 +213,19 @@ at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const 
                                 const at::Tensor& z, int64_t quant_min, int64_t quant_max,
                                 const c10::IValue& factor);
 
-// The Autograd kernel of an op taking (x, scale, zero_point, ...): its Function when a
-// gradient is wanted, else `below` under autograd (the Function's context would cost a third
-// of a small call).
-template <class Function, class Below, class... Rest>
-at::Tensor record_if_grad(const char* op, Below below, const at::Tensor& x,
+// The Autograd kernel of an op taking (x, scale, zero_point, ...): `below` under autograd where
+// no gradient is wanted (the Function's context would cost a third of a small call), else its
+// Function, or `composite` under torch.func transforms.
+template <class Function, class Below, class Composite, class... Rest>
+at::Tensor record_if_grad(const char* op, Below below, Composite composite, const at::Tensor& x,
                           const at::Tensor& scale, const at::Tensor& zero_point, Rest... rest) {
   check_no_forward_grad(op, {x, scale, zero_point});
   if (!grad_wanted(x, scale, zero_point)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return below(x, scale, zero_point, rest...);
   }
-  return apply_function<Function>(op, x, scale, zero_point, rest...);
+  if (!cpp_functions_supported()) return composite(x, scale, zero_point, rest...);
+  return Function::apply(x, scale, zero_point, rest...);
 }
 
 // Where only x needs a gradient and x is not a leaf (an activation, which saving would keep
@@ -228,8 +240,8 @@ at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
     check_no_forward_grad("qlib::fake_quant", {x, scale, zero_point});
     return std::get<0>(masked_ste(x, scale, zero_point, quant_min, quant_max));
   }
-  if (grad_wanted(x, scale, zero_point) && !cpp_functions_supported()) {
-    check_no_forward_grad("qlib::fake_quant", {x, scale, zero_point});
+  const auto composite = [](const at::Tensor& x, const at::Tensor& scale,
+                            const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -237,24 +249,18 @@ at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
     }
     return fake_quant_composite(y, x, scale, zero_point, scale, zero_point, quant_min, quant_max,
                                 c10::IValue());
-  }
-  return record_if_grad<FakeQuantFunction>("qlib::fake_quant", call_fake_quant, x, scale,
-                                           zero_point, quant_min, quant_max);
+  };
+  return record_if_grad<FakeQuantFunction>("qlib::fake_quant", call_fake_quant, composite, x,
+                                           scale, zero_point, quant_min, quant_max);
 }
 
 // ---------------------------------------------------------------- lsq_fake_quant
 constexpr const char* kLsqOp = "qlib::lsq_fake_quant";
 
 // The qparams fake_quant sees: LSQ keeps the scale positive and the zero point in range.
-// float16 / bfloat16 qparams (model.half()) are taken in float32, as fake_quant's math: in
+// float16 / bfloat16 qparams (model.half()) are taken in float32 (wide), as fake_quant's math: in
 // float16 eps (1e-8) would clamp to 0, and the gradient sums would overflow before LSQ's factor
 // (autograd rounds the float32 gradient to the parameter's dtype once, at the end).
-at::Tensor wide(const at::Tensor& t) {  // (float16, bfloat16, float8: to float32; integers kept)
-  const auto dtype = t.scalar_type();
-  return !t.is_floating_point() || dtype == at::kFloat || dtype == at::kDouble ? t
-                                                                               : t.to(at::kFloat);
-}
-
 std::pair<at::Tensor, at::Tensor> lsq_clamped(const at::Tensor& scale, const at::Tensor& zero_point,
                                               int64_t quant_min, int64_t quant_max, double eps) {
   // An integer zero point is range-checked by fake_quant (a clamp in its own dtype could wrap).
@@ -349,7 +355,10 @@ at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const 
   const bool need_scale = scale.requires_grad();
   const bool need_zp = zero_point.requires_grad() && zero_point.is_floating_point();
   at::Tensor inside, ds, dz;
-  {
+  if (x.sym_numel() == 0) {  // (no factors; an empty scale would fail the op's checks)
+    inside = at::zeros_like(x, at::kBool);
+    ds = dz = at::zeros_like(x, at::kFloat);
+  } else {
     at::AutoDispatchBelowADInplaceOrView guard;
     const auto one_each = [&x](const at::Tensor& t) {
       return expand_over_blocks(wide(t.detach()), x).contiguous();
@@ -362,9 +371,9 @@ at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const 
     if (need_scale) scale_grad_(ds, factor);
     if (need_zp) scale_grad_(dz, factor);
   }
-  at::Tensor qparam_zeros = at::zeros({}, x.options().dtype(at::kFloat));
-  if (need_scale) qparam_zeros = qparam_zeros + zero_with_grad_of(expand_over_blocks(wide(scale), x)) * ds;
-  if (need_zp) qparam_zeros = qparam_zeros + zero_with_grad_of(expand_over_blocks(wide(zero_point), x)) * dz;
+  const at::Tensor qparam_zeros =
+      qparam_zero(scale, need_scale ? ds : at::Tensor(), x) +
+      qparam_zero(zero_point, need_zp ? dz : at::Tensor(), x);
   return y + ste_zero(inside.to(at::kBool), x) + qparam_zeros.to(x.scalar_type());
 }
 
@@ -404,24 +413,29 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
   }
 };
 
+// LsqFakeQuantFunction's forward and gradients as fake_quant_composite.
+at::Tensor lsq_fake_quant_composite(const at::Tensor& x, const at::Tensor& scale,
+                                    const at::Tensor& zero_point, int64_t quant_min,
+                                    int64_t quant_max, std::optional<double> grad_factor,
+                                    double eps) {
+  check_lsq_args(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
+  const auto [s, z] = lsq_clamped(scale.detach(), zero_point.detach(), quant_min, quant_max, eps);
+  at::Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    y = lsq_call_fake_quant(x, s, z, quant_min, quant_max);
+  }
+  return fake_quant_composite(y, x, scale, zero_point, s, z, quant_min, quant_max,
+                              lsq_factor(x, quant_max, grad_factor));
+}
+
 at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                    const at::Tensor& zero_point, int64_t quant_min,
                                    int64_t quant_max, std::optional<double> grad_factor,
                                    double eps) {
-  if (grad_wanted(x, scale, zero_point) && !cpp_functions_supported()) {
-    check_no_forward_grad(kLsqOp, {x, scale, zero_point});
-    check_lsq_args(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
-    const auto [s, z] = lsq_clamped(scale.detach(), zero_point.detach(), quant_min, quant_max, eps);
-    at::Tensor y;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      y = lsq_call_fake_quant(x, s, z, quant_min, quant_max);
-    }
-    return fake_quant_composite(y, x, scale, zero_point, s, z, quant_min, quant_max,
-                                lsq_factor(x, quant_max, grad_factor));
-  }
-  return record_if_grad<LsqFakeQuantFunction>(kLsqOp, lsq_fake_quant, x, scale, zero_point,
-                                              quant_min, quant_max, grad_factor, eps);
+  return record_if_grad<LsqFakeQuantFunction>(kLsqOp, lsq_fake_quant, lsq_fake_quant_composite,
+                                              x, scale, zero_point, quant_min, quant_max,
+                                              grad_factor, eps);
 }
 
 // ---------------------------------------------------------------- dequantize
@@ -481,16 +495,15 @@ at::Tensor dequantize_composite(const at::Tensor& y, const at::Tensor& q, const 
                                at::kFloat).neg_();
     }
   }
-  at::Tensor qparam_zeros = at::zeros({}, q.options().dtype(at::kFloat));
-  if (centred.defined()) qparam_zeros = qparam_zeros + zero_with_grad_of(expand_over_blocks(wide(scale), q)) * centred;
-  if (scales.defined()) qparam_zeros = qparam_zeros + zero_with_grad_of(expand_over_blocks(wide(zero_point), q)) * scales;
-  return y + qparam_zeros.to(y.scalar_type());
+  return y + (qparam_zero(scale, centred, q) + qparam_zero(zero_point, scales, q))
+                 .to(y.scalar_type());
 }
 
 at::Tensor dequantize_autograd(const at::Tensor& q, const at::Tensor& scale,
                                const at::Tensor& zero_point, at::ScalarType dtype) {
   check_no_forward_grad("qlib::dequantize", {scale, zero_point});
-  const bool grad = at::GradMode::is_enabled() && (scale.requires_grad() || zero_point.requires_grad());
+  const bool grad =
+      at::GradMode::is_enabled() && (scale.requires_grad() || zero_point.requires_grad());
   if (!grad || !cpp_functions_supported()) {
     at::Tensor y;
     {
@@ -499,7 +512,7 @@ at::Tensor dequantize_autograd(const at::Tensor& q, const at::Tensor& scale,
     }
     return grad ? dequantize_composite(y, q, scale, zero_point) : y;
   }
-  return apply_function<DequantizeFunction>("qlib::dequantize", q, scale, zero_point, dtype);
+  return DequantizeFunction::apply(q, scale, zero_point, dtype);
 }
 
 }  // namespace

@@ -34,14 +34,27 @@ inline bool cpp_functions_supported() {
   }
 }
 
-// F::apply, with an error that names the op where no C++ Function can run (torch's names none).
-template <class F, class... Args>
-auto apply_function(const char* op, Args&&... args) {
-  TORCH_CHECK(cpp_functions_supported(), op,
-              ": torch.func transforms that differentiate (grad, vjp, jacrev; vmap of a call "
-              "that records a gradient) are not supported: its autograd is C++. Use "
-              "torch.autograd.grad or .backward(); vmap without gradients works");
-  return F::apply(std::forward<Args>(args)...);
+// For torch.func transforms (which take no C++ Function), composites add to an op's output
+// zeros whose gradients are the op's: t - t.detach() is one for a finite t, with t's gradient.
+inline at::Tensor zero_with_grad_of(const at::Tensor& t) { return t - t.detach(); }
+
+// Such a zero of t's shape from t's finite entries (a non-finite entry's gradient is 0).
+inline at::Tensor finite_zero_with_grad_of(const at::Tensor& t) {
+  return zero_with_grad_of(at::where(at::isfinite(t), t, at::zeros({}, t.options())));
+}
+
+// A frozen-weight Linear's output y (int8, 4-bit) with the gradients of its C++ Function as such
+// zeros, for torch.func transforms: grad @ w_hat for x (w_hat in x's dtype, [N, K]) and grad
+// summed over rows for bias.
+inline at::Tensor frozen_linear_composite(const at::Tensor& y, const at::Tensor& x,
+                                          const at::Tensor& w_hat,
+                                          const std::optional<at::Tensor>& bias) {
+  at::Tensor out = y;
+  if (x.requires_grad()) out = out + at::matmul(finite_zero_with_grad_of(x), w_hat.t());
+  if (bias.has_value() && bias->requires_grad()) {
+    out = out + finite_zero_with_grad_of(*bias).to(y.scalar_type());
+  }
+  return out;
 }
 
 // A tensor to save for backward: an inference tensor (made under inference_mode: no version

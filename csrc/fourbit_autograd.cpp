@@ -89,8 +89,18 @@ at::Tensor linear_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, c
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_linear_4bit(x, packed, absmax, codebook, block_size, bias);
   }
-  return apply_function<Linear4bitFunction>("qlib::linear_4bit", x, packed, absmax, codebook,
-                                             block_size, bias);
+  if (!cpp_functions_supported()) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = call_linear_4bit(x, packed, absmax, codebook, block_size, bias);  // (checks x)
+    }
+    return frozen_linear_composite(
+        y, x, call_dequantize_4bit(packed, absmax, codebook, x.size(-1), block_size,
+                                   x.scalar_type()),
+        bias);
+  }
+  return Linear4bitFunction::apply(x, packed, absmax, codebook, block_size, bias);
 }
 
 at::Tensor dequantize_4bit_autograd(const at::Tensor& packed, const at::Tensor& absmax,

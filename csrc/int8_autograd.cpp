@@ -39,6 +39,12 @@ const c10::TypedOperatorHandle<Int8LinearPackedSig>& int8_linear_packed_op() {
   return op;
 }
 
+// W_hat = w_int8 * w_scale in `dtype`, [N, K].
+at::Tensor dequantized_weight(const at::Tensor& w_int8, const at::Tensor& w_scale,
+                              at::ScalarType dtype) {
+  return (w_int8.to(at::kFloat) * w_scale.to(at::kFloat).reshape({-1, 1})).to(dtype);
+}
+
 // The weight only where x's gradient needs it (a module built under inference_mode holds
 // inference tensors, which cannot be saved; bias-only training still runs).
 void save(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_int8,
@@ -56,9 +62,7 @@ std::pair<at::Tensor, at::Tensor> grads_of(AutogradContext* ctx, const at::Tenso
   const auto saved = ctx->get_saved_variables();
   at::Tensor grad_x, grad_bias;
   if (need_x) {
-    const at::Tensor w_hat = (saved[0].to(at::kFloat) * saved[1].to(at::kFloat).reshape({-1, 1}))
-                                 .to(grad.scalar_type());
-    grad_x = at::matmul(grad, w_hat);
+    grad_x = at::matmul(grad, dequantized_weight(saved[0], saved[1], grad.scalar_type()));
   }
   const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
   if (bias_dtype >= 0 && ctx->needs_input_grad(bias_input)) {
@@ -136,8 +140,17 @@ at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& w_int8,
     return int8_linear_op()
         .call(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
   }
-  return apply_function<Int8LinearFunction>("qlib::int8_linear", x, w_int8, w_scale, bias,
-                                            act_scale, act_zero_point, qmin, qmax);
+  if (!cpp_functions_supported()) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = int8_linear_op().call(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
+    }
+    return frozen_linear_composite(y, x, dequantized_weight(w_int8, w_scale, x.scalar_type()),
+                                   bias);
+  }
+  return Int8LinearFunction::apply(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin,
+                                   qmax);
 }
 
 at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_packed,
@@ -150,9 +163,20 @@ at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_
     return int8_linear_packed_op()
         .call(x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
   }
-  return apply_function<Int8LinearPackedFunction>("qlib::int8_linear_packed", x, w_packed,
-                                                  w_int8, w_scale, bias, act_scale,
-                                                  act_zero_point, qmin, qmax);
+  if (!cpp_functions_supported()) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = int8_linear_packed_op().call(x, w_packed, w_int8, w_scale, bias, act_scale,
+                                       act_zero_point, qmin, qmax);
+    }
+    const at::Tensor w = w_int8.has_value()
+                             ? *w_int8
+                             : int8_unpack_weight(w_packed, w_scale.numel(), x.size(-1));
+    return frozen_linear_composite(y, x, dequantized_weight(w, w_scale, x.scalar_type()), bias);
+  }
+  return Int8LinearPackedFunction::apply(x, w_packed, w_int8, w_scale, bias, act_scale,
+                                         act_zero_point, qmin, qmax);
 }
 
 }  // namespace

@@ -727,23 +727,38 @@ def test_torch_func_differentiates_lsq_and_dequantize(device, dtype):
         assert torch.equal(torch.func.vjp(deq, s, z)[0], deq(s, z))
 
 
-def test_torch_func_differentiation_of_the_linears_raises_naming_the_op():
-    """The int8 / 4-bit Linears' C++ autograd Functions take no torch.func transform that
-    differentiates: the error names the op (torch's own named none); vmap without gradients
-    works."""
-    x = torch.randn(4, 8) * 3
-    w, ws = torch.randint(-127, 128, (6, 8), dtype=torch.int8), torch.rand(6)
-    cb = qlib.codebook_4bit("nf4", "cpu")
-    packed, absmax = ops.quantize_4bit(torch.randn(6, 8), cb, 4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_func_differentiates_the_frozen_linears(device, dtype):
+    """int8_linear, int8_linear_packed and linear_4bit under torch.func (grad, vjp, vmap of grad):
+    the op's values and its C++ Function's gradients for x (grad @ W_hat) and bias, bit for bit."""
+    torch.manual_seed(0)
+    x, b = (torch.randn(5, 3, 32, device=device) * 2).to(dtype), torch.randn(6, device=device)
+    w, ws = torch.randint(-127, 128, (6, 32), dtype=torch.int8, device=device), torch.rand(6, device=device) * 0.01
+    cb = qlib.codebook_4bit("nf4", device)
+    packed4, absmax = ops.quantize_4bit(torch.randn(6, 32, device=device), cb, 16)
     calls = {
-        "qlib::int8_linear": lambda t: ops.int8_linear(t, w, ws, None),
-        "qlib::linear_4bit": lambda t: ops.linear_4bit(t, packed, absmax, cb, 4, None),
+        "int8_linear": lambda t, bb: ops.int8_linear(t, w, ws, bb),
+        "int8_linear static": lambda t, bb: ops.int8_linear(t, w, ws, bb, torch.tensor(0.05, device=device), torch.tensor(3, device=device), -128, 127),
+        "linear_4bit": lambda t, bb: ops.linear_4bit(t, packed4, absmax, cb, 16, bb),
     }
+    if device == "cpu":  # (the packed layout is the CPU kernels')
+        wp = ops.int8_pack_weight(w)
+        calls["int8_linear_packed"] = lambda t, bb: ops.int8_linear_packed(t, wp, None, ws, bb, None, None, -127, 127)
+    weights = torch.randn(6, device=device)
     for name, call in calls.items():
-        for transform in (lambda f: torch.func.grad(lambda t: f(t).sum()), lambda f: lambda t: torch.func.vjp(f, t)):
-            with pytest.raises(RuntimeError, match=f"{name}: torch.func transforms that differentiate"):
-                transform(call)(x)
-        assert torch.equal(torch.func.vmap(call)(x[:, None]).squeeze(1), call(x))
+        loss = lambda t, bb: (call(t, bb).float() * weights).sum()
+        got = torch.func.grad(loss, argnums=(0, 1))(x, b)
+        xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
+        loss(xr, br).backward()
+        assert torch.equal(got[0], xr.grad) and torch.equal(got[1], br.grad), name
+        y, vjp = torch.func.vjp(call, x, b)
+        assert torch.equal(y, call(x, b)), name
+        # Per-sample bias gradients: a loop of autograd's.
+        per_sample = torch.func.vmap(torch.func.grad(lambda bb, xi: loss(xi, bb), argnums=0), in_dims=(None, 0))(b, x)
+        for i in range(x.shape[0]):
+            br = b.clone().requires_grad_()
+            loss(x[i], br).backward()
+            assert torch.equal(per_sample[i], br.grad), name
 
 
 def test_outputs_of_non_dense_views_have_empty_likes_strides():

@@ -858,6 +858,33 @@ def test_int8linear_static_functional_call_and_vmap():
         torch.testing.assert_close(ys[i], m(xs[i]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layer", ["int8", "int8 static", "4bit"])
+def test_per_sample_gradients_through_a_frozen_quantized_layer(layer):
+    """torch.func through the frozen int8 / 4-bit Linears (DP-SGD of an adapter before them, as
+    Opacus' functorch mode): grad equals autograd's bit for bit, and vmap of grad a loop of it
+    (a batched GEMM rounds as its own kernel: float tolerance)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 10)
+    frozen = {"int8": lambda: Int8Linear.from_float(lin),
+              "int8 static": lambda: Int8Linear.from_float(lin, activation="static", act_scale=0.05),
+              "4bit": lambda: qlib.nn.Linear4bit.from_float(lin, block_size=8)}[layer]()
+    model = nn.Sequential(nn.Linear(12, 24), nn.GELU(), frozen)
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    x, y = torch.randn(5, 12), torch.randint(0, 10, (5,))
+    loss = lambda p, xb, yb: nn.functional.cross_entropy(torch.func.functional_call(model, p, (xb,)), yb)
+    got = torch.func.grad(loss)(params, x, y)
+    model.zero_grad()
+    loss(dict(model.named_parameters()), x, y).backward()
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(got[k], p.grad), k
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, xi, yi: loss(p, xi[None], yi[None])), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(5):
+        one = torch.func.grad(loss)(params, x[i:i + 1], y[i:i + 1])
+        for k in params:
+            torch.testing.assert_close(per_sample[k][i], one[k], rtol=1e-5, atol=1e-6)
+
+
 def test_int8linear_static_stacked_code_range_under_vmap_names_the_buffer():
     """Stacked static Int8Linears (stack_module_state): the code range, read in Python, is batched;
     the error names it (it was "Cannot access data pointer of Tensor that doesn't have storage")."""
