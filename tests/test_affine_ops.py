@@ -706,6 +706,14 @@ def test_torch_func_differentiates_lsq_and_dequantize(device, dtype):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{name} {sshape} {argnums}")
             y, _ = torch.func.vjp(call, s, zf)
             assert torch.equal(y.nan_to_num(), call(s, zf).nan_to_num()) and y.isnan().sum() == 1, (name, sshape)
+    # Empty and non-dense x.
+    for xe, se in ((x[:0], torch.tensor([0.1])), (x.t()[::2], torch.rand(3, 2) + 0.1)):
+        se, ze = se.to(device), torch.zeros_like(se, device=device)
+        loss = lambda s_, z_: (ops.lsq_fake_quant(xe, s_, z_, -8, 7, None, 1e-4).float().nan_to_num(0.0, 0.0, 0.0) ** 2).sum()
+        got = torch.func.grad(loss, argnums=(0, 1))(se, ze)
+        sr, zr = se.clone().requires_grad_(), ze.clone().requires_grad_()
+        loss(sr, zr).backward()
+        torch.testing.assert_close(got, (sr.grad, zr.grad), rtol=1e-5, atol=1e-5)
     # Per-sample scale gradients.
     s, z = torch.tensor([0.1], device=device), torch.tensor([0.0], device=device)
     per_sample_loss = lambda s_, xi: ops.lsq_fake_quant(xi, s_, z, -8, 7, None, 1e-6).float().pow(2).sum()
