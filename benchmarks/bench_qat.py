@@ -10,6 +10,7 @@ a first step (the learning phase).
 A third table runs an MLP block (Linear d -> 4d, GELU, Linear 4d -> d) whose input needs a
 gradient, as every layer's but the first does: the bytes autograd keeps for the backward (each
 saved storage once, parameters not counted) and the step's time, qlib against torch.ao.
+A fourth times per-sample gradients (torch.func.vmap of grad) of a QAT MLP.
 
     .venv/bin/python benchmarks/bench_qat.py [--threads N] [--budget 3]
 """
@@ -87,6 +88,36 @@ def mlp_block_table(qconfig, budget):
               f"{us[1]:.0f} | {us[2]:.0f} | {us[1] / us[0]:.2f}x |")
 
 
+def per_sample_table(budget):
+    """Per-sample gradients (torch.func.vmap of grad, as DP-SGD) of a QAT MLP, observers off:
+    qlib, torch.ao's non-fused FakeQuantize (its default fused one has no batching rule for
+    _fused_moving_avg_obs_fq_helper and raises under vmap) and fp32."""
+    print("\nPer-sample gradients (vmap of grad) of an MLP (d -> d, ReLU, d -> d, ReLU, d -> 10), "
+          "observers off: median ms per batch")
+    print("| batch x d | qlib ms | torch.ao ms | fp32 ms | torch.ao / qlib | qlib / fp32 |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")
+    ao_qconfig = tq.QConfig(activation=tq.default_fake_quant, weight=tq.default_per_channel_weight_fake_quant)
+    for batch, d in [(64, 32), (256, 32), (128, 256)]:
+        fp32 = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 10))
+        ours = qlib.prepare_qat(copy.deepcopy(fp32))
+        theirs = copy.deepcopy(fp32)
+        theirs.qconfig = ao_qconfig
+        theirs = tq.prepare_qat(theirs.train())
+        x, y = torch.randn(batch, d), torch.randint(0, 10, (batch,))
+        steps = []
+        for m in (ours, theirs, fp32):
+            m(x)
+            m.apply(tq.disable_observer)
+            params = {k: v.detach() for k, v in m.named_parameters()}
+            loss = lambda p, xi, yi, m=m: nn.functional.cross_entropy(
+                torch.func.functional_call(m, p, (xi[None],)), yi[None])
+            per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
+            steps.append(lambda f=per_sample, p=params: f(p, x, y))
+        ms = interleaved_medians_ms(steps, budget_s=budget, min_reps=5, max_reps=200)
+        print(f"| {batch} x {d} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} | {ms[1] / ms[0]:.2f}x | "
+              f"{ms[0] / ms[2]:.2f}x |")
+
+
 def print_row(batch, k, n, t_ours, t_theirs, t_fp32):
     print(f"| {batch} x {k} x {n} | {t_ours:.0f} | {t_theirs:.0f} | {t_fp32:.0f} | "
           f"{t_theirs / t_ours:.2f}x | {t_ours / t_fp32:.2f}x |")
@@ -127,6 +158,7 @@ def main():
         ours.activation_fake_quant.disable_observer()
         print_row(batch, k, n, *time_steps(ours, theirs, act_fq, lin, x, args.budget))
     mlp_block_table(qconfig, args.budget)
+    per_sample_table(args.budget)
 
 
 if __name__ == "__main__":

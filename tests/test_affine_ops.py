@@ -769,6 +769,48 @@ def test_torch_func_differentiates_the_frozen_linears(device, dtype):
             assert torch.equal(per_sample[i], br.grad), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_vmap_rules_equal_a_loop(device, dtype):
+    """The fake-quant ops' batching rules (qlib/_vmap.py: one call on the batch) equal a loop over
+    the samples, for every granularity, with x, the qparams or all batched, batch dims anywhere;
+    fake_quant_backward's qparam sums per sample (shared qparams too)."""
+    torch.manual_seed(0)
+    B = 4
+    xs = (torch.randn(B, 6, 10, device=device) * 3).to(dtype)
+    gs = torch.randn(B, 6, 10, device=device).to(dtype)
+    for sshape in ((), (1,), (6, 1), (1, 10), (3, 5)):
+        ss = torch.rand(B, *sshape, device=device) * 0.2 + 0.05
+        zs = torch.randint(-3, 4, (B, *sshape), device=device).float()
+        for x_b, q_b in ((True, False), (False, True), (True, True)):
+            x = xs if x_b else xs[0]
+            s, z = (ss, zs) if q_b else (ss[0], zs[0])
+            pick = lambda t, batched, i: t[i] if batched else t
+            dims = (0 if x_b else None, 0 if q_b else None, 0 if q_b else None)
+            for name, op in (("fake_quant", ops.fake_quant), ("fake_quant_with_mask", ops.fake_quant_with_mask)):
+                got = torch.vmap(lambda a, b, c: op(a, b, c, -8, 7), in_dims=dims)(x, s, z)
+                for i in range(B):
+                    want = op(pick(x, x_b, i), pick(s, q_b, i), pick(z, q_b, i), -8, 7)
+                    for g_, w_ in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                        assert torch.equal(g_[i], w_), (name, sshape, x_b, q_b)
+            for sg, zg in ((False, False), (True, False), (True, True)):
+                bw = lambda gr, a, b, c: ops.fake_quant_backward(gr, a, b, c, -8, 7, sg, zg)
+                got = torch.vmap(bw, in_dims=(0,) + dims)(gs, x, s, z)
+                for i in range(B):
+                    want = bw(gs[i], pick(x, x_b, i), pick(s, q_b, i), pick(z, q_b, i))
+                    assert torch.equal(got[0][i], want[0])
+                    for k, asked in ((1, sg), (2, zg)):
+                        if asked:
+                            torch.testing.assert_close(got[k][i], want[k], rtol=1e-6, atol=1e-6)
+    # A batch dim inside x and the mask backward.
+    got = torch.vmap(lambda a: ops.fake_quant(a, ss[0, 0:1], zs[0, 0:1].int(), -8, 7), in_dims=1)(xs.transpose(0, 1))
+    assert torch.equal(got, torch.stack([ops.fake_quant(xs[i], ss[0, 0:1], zs[0, 0:1].int(), -8, 7) for i in range(B)]))
+    mask = torch.rand(6, 10, device=device) > 0.3
+    got = torch.vmap(ops.fake_quant_mask_backward, in_dims=(0, None))(gs, mask)
+    assert torch.equal(got, torch.stack([ops.fake_quant_mask_backward(gs[i], mask) for i in range(B)]))
+    with pytest.raises(RuntimeError, match=r"does not block x of shape \[4, 6, 10\] .*\(under torch.vmap: the shapes"):
+        torch.vmap(lambda a: ops.fake_quant(a, ss[0, :, :3], zs[0, :, :3], -8, 7))(xs)
+
+
 def test_outputs_of_non_dense_views_have_empty_likes_strides():
     """A non-dense view whose dims are not in row-major order (a strided slice of a transposed
     matrix) gives outputs with torch.empty_like's strides, as the fakes say (the kernels copied it
