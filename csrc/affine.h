@@ -96,10 +96,20 @@ void check_chosen_qparams(const char* op, const at::Tensor& min, const at::Tenso
                           const at::Tensor& scale, bool check_order, int64_t quant_min,
                           int64_t quant_max);
 
-// qlib::fake_quant through the dispatcher (autograd included), for C++ callers
-// (affine_autograd.cpp, minmax_fake_quant.cpp).
+// The fake-quant ops through the dispatcher (autograd included), for C++ callers
+// (affine_autograd.cpp, fake_quant_vmap.cpp, minmax_fake_quant.cpp).
 at::Tensor call_fake_quant(const at::Tensor& x, const at::Tensor& scale,
                            const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max);
+std::tuple<at::Tensor, at::Tensor> call_fake_quant_with_mask(const at::Tensor& x,
+                                                             const at::Tensor& scale,
+                                                             const at::Tensor& zero_point,
+                                                             int64_t quant_min,
+                                                             int64_t quant_max);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fake_quant_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
+    const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
+    bool zero_point_grad);
+at::Tensor call_fake_quant_mask_backward(const at::Tensor& grad, const at::Tensor& mask);
 
 // lsq_fake_quant's arguments, less the values fake_quant checks (its fake runs this too).
 void check_lsq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,

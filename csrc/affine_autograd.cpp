@@ -26,11 +26,6 @@ at::Tensor call_fake_quant(const at::Tensor& x, const at::Tensor& scale,
   return op.call(x, scale, zero_point, quant_min, quant_max);
 }
 
-namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::tensor_list;
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fake_quant_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
@@ -43,6 +38,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fake_quant_backward(
               int64_t, int64_t, bool, bool)>();
   return op.call(grad, x, scale, zero_point, quant_min, quant_max, scale_grad, zero_point_grad);
 }
+
+std::tuple<at::Tensor, at::Tensor> call_fake_quant_with_mask(const at::Tensor& x,
+                                                             const at::Tensor& scale,
+                                                             const at::Tensor& zero_point,
+                                                             int64_t quant_min,
+                                                             int64_t quant_max) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("qlib::fake_quant_with_mask", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, int64_t, int64_t)>();
+  return op.call(x, scale, zero_point, quant_min, quant_max);
+}
+
+at::Tensor call_fake_quant_mask_backward(const at::Tensor& grad, const at::Tensor& mask) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qlib::fake_quant_mask_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad, mask);
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
 
 // The backward of both Functions. Under create_graph=True (grad mode on in the backward) the
 // STE gradient is grad * mask, which autograd can differentiate again (as torch's fake quant
@@ -95,26 +115,6 @@ class FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
 
 // ---------------------------------------------------------------- fake_quant_with_mask
 constexpr const char* kWithMaskOp = "qlib::fake_quant_with_mask";
-
-std::tuple<at::Tensor, at::Tensor> call_fake_quant_with_mask(const at::Tensor& x,
-                                                             const at::Tensor& scale,
-                                                             const at::Tensor& zero_point,
-                                                             int64_t quant_min,
-                                                             int64_t quant_max) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow(kWithMaskOp, "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, int64_t, int64_t)>();
-  return op.call(x, scale, zero_point, quant_min, quant_max);
-}
-
-at::Tensor call_fake_quant_mask_backward(const at::Tensor& grad, const at::Tensor& mask) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("qlib::fake_quant_mask_backward", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  return op.call(grad, mask);
-}
 
 // The straight-through estimator on a saved mask (1 byte an element) instead of x. Under
 // create_graph=True grad * mask, which autograd differentiates again.

@@ -771,7 +771,7 @@ def test_torch_func_differentiates_the_frozen_linears(device, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_vmap_rules_equal_a_loop(device, dtype):
-    """The fake-quant ops' batching rules (qlib/_vmap.py: one call on the batch) equal a loop over
+    """The fake-quant ops' batching rules (csrc/fake_quant_vmap.cpp: one call on the batch) equal a loop over
     the samples, for every granularity, with x, the qparams or all batched, batch dims anywhere;
     fake_quant_backward's qparam sums per sample (shared qparams too)."""
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-from . import _vmap, nn  # noqa: E402,F401  (_vmap: batching rules)
+from . import nn  # noqa: E402
 from ._int8_ops import (  # noqa: E402
     int8_cpu_kernels,
     int8_cuda_gemms,

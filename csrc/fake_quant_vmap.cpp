@@ -1,0 +1,154 @@
+// torch.vmap batching rules of the fake-quant ops (the FuncTorchBatched key): one call on the
+// whole batch, where functorch's fallback called the op once per sample (per-sample gradients
+// of a QAT model: vmap of grad). The batch becomes x's leading dim; a batched scale or zero point
+// gives one block per sample there, an unbatched one a block over the whole batch (a one-element
+// one stays per tensor).
+#include <ATen/ATen.h>
+#include <ATen/functorch/BatchedTensorImpl.h>
+#include <torch/library.h>
+
+#include <typeinfo>
+#include <vector>
+
+#include "affine.h"
+
+namespace qlib {
+namespace {
+
+using at::functorch::makeBatched;
+using at::functorch::maybeGetBatchedImpl;
+
+// A vmap level and its batch size.
+struct VmapLevel {
+  int64_t id;
+  int64_t batch;
+};
+
+// The level this rule runs at: the innermost among the inputs' outer batched wrappers (the
+// dispatcher called the rule because one is batched). (Not DynamicLayer.h's current layer: its
+// header needs nlohmann/json, which torch does not ship.)
+VmapLevel batched_level(std::initializer_list<at::Tensor> tensors) {
+  VmapLevel level{-1, 0};
+  for (const at::Tensor& t : tensors) {
+    const auto* b = maybeGetBatchedImpl(t);
+    if (b != nullptr && b->level() > level.id) {
+      level = {b->level(), b->value().sym_size(b->bdim()).guard_int(__FILE__, __LINE__)};
+    }
+  }
+  TORCH_INTERNAL_ASSERT(level.id >= 0, "qlib: a batching rule ran without a batched input");
+  return level;
+}
+
+bool batched_at(const at::Tensor& t, const VmapLevel& level) {
+  const auto* b = maybeGetBatchedImpl(t);
+  return b != nullptr && b->level() == level.id;
+}
+
+// t at the level, with the batch as its leading dim (expanded where t is not batched there).
+at::Tensor leading(const at::Tensor& t, const VmapLevel& level) {
+  if (batched_at(t, level)) {
+    const auto* b = maybeGetBatchedImpl(t);
+    return b->value().movedim(b->bdim(), 0);
+  }
+  std::vector<int64_t> sizes{level.batch};
+  sizes.insert(sizes.end(), t.sizes().begin(), t.sizes().end());
+  return t.expand(sizes);
+}
+
+// scale and zero_point blocking an x of x_rank + 1 dims, the batch leading: unbatched ones
+// (unless per_sample) over the whole batch, batched ones one block per sample.
+std::pair<at::Tensor, at::Tensor> qparams_blocking(int64_t x_rank, const VmapLevel& level,
+                                                   const at::Tensor& scale,
+                                                   const at::Tensor& zero_point,
+                                                   bool per_sample) {
+  if (!per_sample && !batched_at(scale, level) && !batched_at(zero_point, level)) {
+    if (scale.numel() == 1) return {scale, zero_point};  // (per tensor: one block for all)
+    return {scale.unsqueeze(0), zero_point.unsqueeze(0)};
+  }
+  at::Tensor s = leading(scale, level), z = leading(zero_point, level);
+  if (s.dim() > 0 && s.numel() == s.size(0)) {  // (per tensor within each sample)
+    std::vector<int64_t> shape(x_rank + 1, 1);
+    shape[0] = level.batch;
+    return {s.reshape(shape), z.reshape(shape)};
+  }
+  return {s, z};
+}
+
+// op(), its errors saying that their shapes and flat indices include the batch.
+template <class Call>
+auto with_batch_note(Call call) {
+  try {
+    return call();
+  } catch (const c10::Error& e) {
+    if (typeid(e) != typeid(c10::Error)) throw;  // (out of memory, ...: as they are)
+    TORCH_CHECK(false, e.msg(),
+                " (under torch.vmap: the shapes and flat indices include the batch, as dim 0)");
+  }
+}
+
+at::Tensor fake_quant_batched(const at::Tensor& x, const at::Tensor& scale,
+                              const at::Tensor& zero_point, int64_t quant_min,
+                              int64_t quant_max) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const VmapLevel level = batched_level({x, scale, zero_point});
+  const at::Tensor xb = leading(x, level);
+  const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point, false);
+  return makeBatched(
+      with_batch_note([&] { return call_fake_quant(xb, s, z, quant_min, quant_max); }), 0,
+      level.id);
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_batched(const at::Tensor& x,
+                                                                const at::Tensor& scale,
+                                                                const at::Tensor& zero_point,
+                                                                int64_t quant_min,
+                                                                int64_t quant_max) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const VmapLevel level = batched_level({x, scale, zero_point});
+  const at::Tensor xb = leading(x, level);
+  const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point, false);
+  auto [y, mask] = with_batch_note(
+      [&] { return call_fake_quant_with_mask(xb, s, z, quant_min, quant_max); });
+  return {makeBatched(y, 0, level.id), makeBatched(mask, 0, level.id)};
+}
+
+// The qparams' gradients are per sample: one block per sample, shared qparams too, each
+// sample's sums in its qparam's own shape. An output not asked for stays unbatched.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_batched(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
+    const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
+    bool zero_point_grad) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const VmapLevel level = batched_level({grad, x, scale, zero_point});
+  const at::Tensor gb = leading(grad, level), xb = leading(x, level);
+  const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point,
+                                       scale_grad || zero_point_grad);
+  auto [grad_x, grad_s, grad_z] = with_batch_note([&] {
+    return call_fake_quant_backward(gb, xb, s, z, quant_min, quant_max, scale_grad,
+                                    zero_point_grad);
+  });
+  const auto per_sample = [&](const at::Tensor& sums, const at::Tensor& qparam) {
+    return makeBatched(sums.reshape(leading(qparam, level).sizes()), 0, level.id);
+  };
+  return {makeBatched(grad_x, 0, level.id), scale_grad ? per_sample(grad_s, scale) : grad_s,
+          zero_point_grad ? per_sample(grad_z, zero_point) : grad_z};
+}
+
+at::Tensor fake_quant_mask_backward_batched(const at::Tensor& grad, const at::Tensor& mask) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const VmapLevel level = batched_level({grad, mask});
+  const at::Tensor gb = leading(grad, level), mb = leading(mask, level);
+  return makeBatched(with_batch_note([&] { return call_fake_quant_mask_backward(gb, mb); }), 0,
+                     level.id);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlib, FuncTorchBatched, m) {
+  m.impl("fake_quant", &fake_quant_batched);
+  m.impl("fake_quant_with_mask", &fake_quant_with_mask_batched);
+  m.impl("fake_quant_backward", &fake_quant_backward_batched);
+  m.impl("fake_quant_mask_backward", &fake_quant_mask_backward_batched);
+}
+
+}  // namespace qlib
