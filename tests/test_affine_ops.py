@@ -811,7 +811,7 @@ def test_vmap_rules_equal_a_loop(device, dtype):
     X, zero = xs[:3, :4].unsqueeze(2), torch.zeros(1, dtype=torch.int32, device=device)
     S_out, S_in = torch.rand(3, 1, device=device) + 0.05, torch.rand(4, 1, device=device) + 0.05
     fq = lambda a, b: ops.fake_quant(a, b, zero, -8, 7)
-    loop = lambda sx, sy: torch.stack([torch.stack([fq(X[i, j], sx(i, j)) for j in range(4)]) for i in range(3)])
+    loop = lambda sx: torch.stack([torch.stack([fq(X[i, j], sx(i, j)) for j in range(4)]) for i in range(3)])
     assert torch.equal(torch.vmap(torch.vmap(fq, in_dims=(0, None)))(X, S_out), loop(lambda i, j: S_out[i]))
     assert torch.equal(torch.vmap(torch.vmap(fq), in_dims=(0, None))(X, S_in), loop(lambda i, j: S_in[j]))
     assert torch.equal(torch.vmap(lambda a: torch.vmap(lambda b: fq(a, b))(S_in))(X[:, 0]),
