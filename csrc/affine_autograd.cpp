@@ -192,11 +192,10 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_autograd(const at::Tenso
                                                                  const at::Tensor& zero_point,
                                                                  int64_t quant_min,
                                                                  int64_t quant_max) {
-  check_no_forward_grad(kWithMaskOp, {x, scale, zero_point});
-  const bool grad_mode = at::GradMode::is_enabled();
-  TORCH_CHECK(!grad_mode || !(scale.requires_grad() || zero_point.requires_grad()), kWithMaskOp,
+  TORCH_CHECK(!differentiated(scale) && !differentiated(zero_point), kWithMaskOp,
               ": gives no gradient for scale or zero_point; qlib::fake_quant gives LSQ's");
-  if (!grad_mode || !x.requires_grad()) {
+  if (has_tangent({x})) return fake_quant_ste_composite(x, scale, zero_point, quant_min, quant_max);
+  if (!differentiated(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
   }
@@ -215,30 +214,33 @@ at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const 
 
 // The Autograd kernel of an op taking (x, scale, zero_point, ...): `below` under autograd where
 // no gradient is wanted (the Function's context would cost a third of a small call), else its
-// Function, or `composite` under torch.func transforms.
+// Function, or `composite` under torch.func transforms and forward-mode AD.
 template <class Function, class Below, class Composite, class... Rest>
-at::Tensor record_if_grad(const char* op, Below below, Composite composite, const at::Tensor& x,
+at::Tensor record_if_grad(Below below, Composite composite, const at::Tensor& x,
                           const at::Tensor& scale, const at::Tensor& zero_point, Rest... rest) {
-  check_no_forward_grad(op, {x, scale, zero_point});
-  if (!grad_wanted(x, scale, zero_point)) {
+  const bool grad = grad_wanted(x, scale, zero_point);
+  if (has_tangent({x, scale, zero_point}) || (grad && !cpp_functions_supported())) {
+    return composite(x, scale, zero_point, rest...);
+  }
+  if (!grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return below(x, scale, zero_point, rest...);
   }
-  if (!cpp_functions_supported()) return composite(x, scale, zero_point, rest...);
   return Function::apply(x, scale, zero_point, rest...);
 }
 
 // Where only x needs a gradient and x is not a leaf (an activation, which saving would keep
 // alive), the STE runs on fake_quant_with_mask's 1-byte mask; a leaf (a weight) is kept by its
-// owner anyway, and saving it spares the mask's store. Under torch.func transforms it is a
-// composite of ATen ops.
+// owner anyway, and saving it spares the mask's store. Under torch.func transforms and
+// forward-mode AD it is a composite of ATen ops.
 at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                const at::Tensor& zero_point, int64_t quant_min,
                                int64_t quant_max) {
-  if (at::GradMode::is_enabled() && x.requires_grad() && !scale.requires_grad() &&
-      !zero_point.requires_grad() && (!x.is_leaf() || !cpp_functions_supported())) {
-    check_no_forward_grad("qlib::fake_quant", {x, scale, zero_point});
-    return std::get<0>(masked_ste(x, scale, zero_point, quant_min, quant_max));
+  if (differentiated(x) && !differentiated(scale) && !differentiated(zero_point) &&
+      (!x.is_leaf() || !cpp_functions_supported() || has_tangent({x}))) {
+    return std::get<0>(has_tangent({x}) ? fake_quant_ste_composite(x, scale, zero_point,
+                                                                   quant_min, quant_max)
+                                        : masked_ste(x, scale, zero_point, quant_min, quant_max));
   }
   const auto composite = [](const at::Tensor& x, const at::Tensor& scale,
                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
@@ -250,8 +252,8 @@ at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
     return fake_quant_composite(y, x, scale, zero_point, scale, zero_point, quant_min, quant_max,
                                 c10::IValue());
   };
-  return record_if_grad<FakeQuantFunction>("qlib::fake_quant", call_fake_quant, composite, x,
-                                           scale, zero_point, quant_min, quant_max);
+  return record_if_grad<FakeQuantFunction>(call_fake_quant, composite, x, scale, zero_point,
+                                           quant_min, quant_max);
 }
 
 // ---------------------------------------------------------------- lsq_fake_quant
@@ -352,8 +354,8 @@ at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const 
                                 const at::Tensor& zero_point, const at::Tensor& s,
                                 const at::Tensor& z, int64_t quant_min, int64_t quant_max,
                                 const c10::IValue& factor) {
-  const bool need_scale = scale.requires_grad();
-  const bool need_zp = zero_point.requires_grad() && zero_point.is_floating_point();
+  const bool need_scale = differentiated(scale);
+  const bool need_zp = differentiated(zero_point) && zero_point.is_floating_point();
   at::Tensor inside, ds, dz;
   if (x.sym_numel() == 0) {  // (no factors; an empty scale would fail the op's checks)
     inside = at::zeros_like(x, at::kBool);
@@ -433,9 +435,8 @@ at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                    const at::Tensor& zero_point, int64_t quant_min,
                                    int64_t quant_max, std::optional<double> grad_factor,
                                    double eps) {
-  return record_if_grad<LsqFakeQuantFunction>(kLsqOp, lsq_fake_quant, lsq_fake_quant_composite,
-                                              x, scale, zero_point, quant_min, quant_max,
-                                              grad_factor, eps);
+  return record_if_grad<LsqFakeQuantFunction>(lsq_fake_quant, lsq_fake_quant_composite, x, scale,
+                                              zero_point, quant_min, quant_max, grad_factor, eps);
 }
 
 // ---------------------------------------------------------------- dequantize
@@ -487,10 +488,10 @@ at::Tensor dequantize_composite(const at::Tensor& y, const at::Tensor& q, const 
   at::Tensor centred, scales;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    if (scale.requires_grad()) {
+    if (differentiated(scale)) {
       centred = call_dequantize(q, at::ones_like(scale), zero_point.detach(), at::kFloat);
     }
-    if (zero_point.requires_grad()) {
+    if (differentiated(zero_point)) {
       scales = call_dequantize(at::ones_like(q), scale.detach(), at::zeros_like(zero_point),
                                at::kFloat).neg_();
     }
@@ -501,16 +502,16 @@ at::Tensor dequantize_composite(const at::Tensor& y, const at::Tensor& q, const 
 
 at::Tensor dequantize_autograd(const at::Tensor& q, const at::Tensor& scale,
                                const at::Tensor& zero_point, at::ScalarType dtype) {
-  check_no_forward_grad("qlib::dequantize", {scale, zero_point});
   const bool grad =
       at::GradMode::is_enabled() && (scale.requires_grad() || zero_point.requires_grad());
-  if (!grad || !cpp_functions_supported()) {
+  const bool tangent = has_tangent({scale, zero_point});
+  if (!grad || tangent || !cpp_functions_supported()) {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       y = call_dequantize(q, scale, zero_point, dtype);
     }
-    return grad ? dequantize_composite(y, q, scale, zero_point) : y;
+    return grad || tangent ? dequantize_composite(y, q, scale, zero_point) : y;
   }
   return DequantizeFunction::apply(q, scale, zero_point, dtype);
 }

@@ -12,13 +12,27 @@
 
 namespace qlib {
 
-// Forward-mode AD (forward_ad dual tensors, torch.func.jvp) has no rule in these kernels: a
-// tangent would be dropped silently, so it raises, as torch's own ops without one do.
-inline void check_no_forward_grad(const char* op, std::initializer_list<at::Tensor> tensors) {
+// Whether any of the tensors carries a forward-mode tangent (forward_ad dual tensors,
+// torch.func.jvp). The C++ Functions have no forward rule: the composites below carry tangents.
+inline bool has_tangent(std::initializer_list<at::Tensor> tensors) {
   for (const at::Tensor& t : tensors) {
-    TORCH_CHECK(!t.defined() || !t._fw_grad(/*level=*/0).defined(), op,
-                ": forward-mode AD (forward_ad dual tensors, torch.func.jvp) is not supported");
+    if (t.defined() && t._fw_grad(/*level=*/0).defined()) return true;
   }
+  return false;
+}
+
+// Whether t takes part in differentiation: it requires grad (grad mode on) or carries a tangent.
+inline bool differentiated(const at::Tensor& t) {
+  return t.defined() &&
+         ((at::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(/*level=*/0).defined());
+}
+
+// A tangent on an argument that gets no gradient (a frozen weight's scales) would be dropped
+// silently: it raises, as a reverse-mode gradient asked of it does.
+inline void check_no_forward_grad(const char* op, std::initializer_list<at::Tensor> tensors) {
+  TORCH_CHECK(!has_tangent(tensors), op,
+              ": forward-mode AD (forward_ad dual tensors, torch.func.jvp) gives no derivative "
+              "for this argument (it gets no gradient either)");
 }
 
 // Whether a C++ autograd Function can run here: not under torch.func transforms (grad, vjp,
@@ -34,7 +48,8 @@ inline bool cpp_functions_supported() {
   }
 }
 
-// For torch.func transforms (which take no C++ Function), composites add to an op's output
+// For torch.func transforms (which take no C++ Function) and forward-mode AD (which the
+// Functions have no rule for), composites add to an op's output
 // zeros whose gradients are the op's: t - t.detach() is one for a finite t, with t's gradient.
 inline at::Tensor zero_with_grad_of(const at::Tensor& t) { return t - t.detach(); }
 
@@ -43,18 +58,31 @@ inline at::Tensor finite_zero_with_grad_of(const at::Tensor& t) {
   return zero_with_grad_of(at::where(at::isfinite(t), t, at::zeros({}, t.options())));
 }
 
-// A frozen-weight Linear's output y (int8, 4-bit) with the gradients of its C++ Function as such
-// zeros, for torch.func transforms: grad @ w_hat for x (w_hat in x's dtype, [N, K]) and grad
-// summed over rows for bias.
+// A frozen-weight Linear's output y (int8, 4-bit) with its C++ Function's gradients as such
+// zeros: grad @ w_hat for x (w_hat in x's dtype, [N, K]) and grad summed over rows for bias (and
+// the tangents x's @ w_hat^T and the bias's).
 inline at::Tensor frozen_linear_composite(const at::Tensor& y, const at::Tensor& x,
                                           const at::Tensor& w_hat,
                                           const std::optional<at::Tensor>& bias) {
   at::Tensor out = y;
-  if (x.requires_grad()) out = out + at::matmul(finite_zero_with_grad_of(x), w_hat.t());
-  if (bias.has_value() && bias->requires_grad()) {
+  if (differentiated(x)) out = out + at::matmul(finite_zero_with_grad_of(x), w_hat.t());
+  if (bias.has_value() && differentiated(*bias)) {
     out = out + finite_zero_with_grad_of(*bias).to(y.scalar_type());
   }
   return out;
+}
+
+// How a frozen-weight Linear's Autograd kernel differentiates x and bias: not at all, by its C++
+// Function, or (torch.func transforms, forward-mode AD) by frozen_linear_composite.
+enum class LinearGrad { kNone, kFunction, kComposite };
+
+inline LinearGrad linear_grad(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  const at::Tensor b = bias.value_or(at::Tensor());
+  if (has_tangent({x, b})) return LinearGrad::kComposite;
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || (b.defined() && b.requires_grad()))) {
+    return LinearGrad::kNone;
+  }
+  return cpp_functions_supported() ? LinearGrad::kFunction : LinearGrad::kComposite;
 }
 
 // A tensor to save for backward: an inference tensor (made under inference_mode: no version

@@ -82,14 +82,14 @@ class Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction> 
 at::Tensor linear_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                 const at::Tensor& codebook, int64_t block_size,
                                 const std::optional<at::Tensor>& bias) {
-  check_no_forward_grad("qlib::linear_4bit", {x, absmax, codebook, bias.value_or(at::Tensor())});
+  check_no_forward_grad("qlib::linear_4bit", {absmax, codebook});
   check_frozen("qlib::linear_4bit", absmax, codebook);
-  if (!at::GradMode::is_enabled() ||
-      !(x.requires_grad() || (bias.has_value() && bias->requires_grad()))) {
+  const LinearGrad how = linear_grad(x, bias);
+  if (how == LinearGrad::kNone) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_linear_4bit(x, packed, absmax, codebook, block_size, bias);
   }
-  if (!cpp_functions_supported()) {
+  if (how == LinearGrad::kComposite) {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView guard;

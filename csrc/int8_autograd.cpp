@@ -71,17 +71,15 @@ std::pair<at::Tensor, at::Tensor> grads_of(AutogradContext* ctx, const at::Tenso
   return {grad_x, grad_bias};
 }
 
-// The checks of both ops' Autograd kernels; whether to record a Function. Forward-mode AD
-// raises; under grad mode, a scale that asks for a gradient it will not get is an error.
-bool records_grad(const char* op, const at::Tensor& x, const at::Tensor& w_scale,
-                  const OptTensor& bias, const OptTensor& act_scale) {
-  check_no_forward_grad(op,
-                        {x, w_scale, bias.value_or(at::Tensor()), act_scale.value_or(at::Tensor())});
-  if (!at::GradMode::is_enabled()) return false;
-  TORCH_CHECK(!w_scale.requires_grad() && !(act_scale.has_value() && act_scale->requires_grad()),
+// The checks of both ops' Autograd kernels: a scale that asks for a gradient (or carries a
+// tangent) it will not get is an error.
+void check_frozen_scales(const char* op, const at::Tensor& w_scale, const OptTensor& act_scale) {
+  const at::Tensor a = act_scale.value_or(at::Tensor());
+  check_no_forward_grad(op, {w_scale, a});
+  TORCH_CHECK(!at::GradMode::is_enabled() ||
+                  !(w_scale.requires_grad() || (a.defined() && a.requires_grad())),
               op, ": w_scale and act_scale get no gradient (the int8 weight is frozen; train "
               "with qlib.prepare_qat); detach them");
-  return x.requires_grad() || (bias.has_value() && bias->requires_grad());
 }
 
 class Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> {
@@ -135,12 +133,14 @@ at::Tensor int8_linear_autograd(const at::Tensor& x, const at::Tensor& w_int8,
                                 const at::Tensor& w_scale, const OptTensor& bias,
                                 const OptTensor& act_scale, const OptTensor& act_zero_point,
                                 int64_t qmin, int64_t qmax) {
-  if (!records_grad("qlib::int8_linear", x, w_scale, bias, act_scale)) {
+  check_frozen_scales("qlib::int8_linear", w_scale, act_scale);
+  const LinearGrad how = linear_grad(x, bias);
+  if (how == LinearGrad::kNone) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return int8_linear_op()
         .call(x, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
   }
-  if (!cpp_functions_supported()) {
+  if (how == LinearGrad::kComposite) {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -158,12 +158,14 @@ at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_
                                        const OptTensor& bias, const OptTensor& act_scale,
                                        const OptTensor& act_zero_point, int64_t qmin,
                                        int64_t qmax) {
-  if (!records_grad("qlib::int8_linear_packed", x, w_scale, bias, act_scale)) {
+  check_frozen_scales("qlib::int8_linear_packed", w_scale, act_scale);
+  const LinearGrad how = linear_grad(x, bias);
+  if (how == LinearGrad::kNone) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return int8_linear_packed_op()
         .call(x, w_packed, w_int8, w_scale, bias, act_scale, act_zero_point, qmin, qmax);
   }
-  if (!cpp_functions_supported()) {
+  if (how == LinearGrad::kComposite) {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView guard;

@@ -603,38 +603,73 @@ def test_a_meta_tensor_among_cpu_ones_raises():
             call()
 
 
-def test_forward_mode_ad_raises():
-    """No forward-AD rule: a tangent would be dropped silently, so jvp raises (as torch's own
-    fake quant ops do)."""
-    x, s, z = torch.randn(4, 8), torch.tensor([0.1]), torch.tensor([0])
-    w = torch.randint(-127, 128, (6, 8), dtype=torch.int8)
-    cb = qlib.codebook_4bit("nf4", "cpu")
-    packed, absmax = ops.quantize_4bit(torch.randn(6, 8), cb, 4)
-    calls = {
-        "qlib::fake_quant": lambda t: ops.fake_quant(t, s, z, -8, 7),
-        "qlib::lsq_fake_quant": lambda t: ops.lsq_fake_quant(t, s, z.float(), -8, 7, None, 1e-6),
-        "qlib::int8_linear": lambda t: ops.int8_linear(t, w, torch.rand(6), None),
-        "qlib::linear_4bit": lambda t: ops.linear_4bit(t, packed, absmax, cb, 4, None),
-    }
-    for name, call in calls.items():
-        with pytest.raises(RuntimeError, match=f"{name}: forward-mode AD .* is not supported"):
-            torch.func.jvp(call, (x,), (torch.ones_like(x),))
-        with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match=f"{name}: forward-mode AD"):
-            call(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
-    # A tangent on a qparam or codebook (dequantize_4bit, linear_4bit's codebook, int8's act_scale
-    # ran and dropped it).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_mode_ad(device, dtype):
+    """Forward-mode AD (torch.func.jvp, forward_ad dual tensors) runs the ops' composites: the op's
+    values bit for bit and the tangents of their gradients (the STE's where(mask, t, 0), LSQ's and
+    dequantize's J t to float tolerance against jacrev, the frozen Linears' t @ W_hat^T + t_bias
+    bit for bit). A tangent on an argument that gets no gradient raises (it was dropped)."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 8, device=device) * 3).to(dtype)
+    tx = torch.randn(4, 8, device=device).to(dtype)
+    s, z = torch.rand(4, 1, device=device) * 0.3 + 0.05, torch.randint(-2, 3, (4, 1), device=device).float()
+    ts, tz = torch.randn(4, 1, device=device), torch.randn(4, 1, device=device)
+    mask = ops.fake_quant_with_mask(x, s, z, -8, 7)[1]
     fwad = torch.autograd.forward_ad
+
+    def dual_call(f, primals, tangents):
+        with fwad.dual_level():
+            out = f(*(fwad.make_dual(p, t) if t is not None else p for p, t in zip(primals, tangents)))
+            return fwad.unpack_dual(out).primal, fwad.unpack_dual(out).tangent
+
+    for fq in (lambda a: ops.fake_quant(a, s, z, -8, 7), lambda a: ops.fake_quant_with_mask(a, s, z, -8, 7)[0]):
+        for how in (lambda: torch.func.jvp(fq, (x,), (tx,)), lambda: dual_call(fq, (x,), (tx,))):
+            y, ty = how()
+            assert torch.equal(y, fq(x)) and torch.equal(ty, torch.where(mask, tx, 0))
+    # LSQ / LSQ+ and dequantize: J t, J from reverse mode.
+    q = torch.randint(-127, 128, (4, 8), dtype=torch.int8, device=device)
+    calls = {
+        "lsq": lambda a, b: ops.lsq_fake_quant(x, a, b, -8, 7, None, 1e-4),
+        "fake_quant": lambda a, b: ops.fake_quant(x, a, b, -8, 7),
+        "dequantize": lambda a, b: ops.dequantize(q, a, b, dtype),
+    }
+    for name, f in calls.items():
+        want_y = f(s, z)
+        J_s, J_z = torch.func.jacrev(lambda a, b: f(a, b).float(), argnums=(0, 1))(s, z)
+        want_t = ((J_s * ts).sum((-2, -1)) + (J_z * tz).sum((-2, -1))).to(dtype)
+        for how in (lambda: torch.func.jvp(f, (s, z), (ts, tz)), lambda: dual_call(f, (s, z), (ts, tz))):
+            y, ty = how()
+            assert torch.equal(y, want_y), name
+            torch.testing.assert_close(ty, want_t, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5, msg=name)
+    # The frozen Linears: x's and the bias's tangents.
+    w, ws, bias, tb = (torch.randint(-127, 128, (6, 8), dtype=torch.int8, device=device), torch.rand(6, device=device) * 0.01,
+                       torch.randn(6, device=device), torch.randn(6, device=device))
+    cb = qlib.codebook_4bit("nf4", device)
+    packed, absmax = ops.quantize_4bit(torch.randn(6, 8, device=device), cb, 4)
+    linears = {
+        "qlib::int8_linear": (lambda a, b: ops.int8_linear(a, w, ws, b), (w.float() * ws[:, None]).to(dtype)),
+        "qlib::linear_4bit": (lambda a, b: ops.linear_4bit(a, packed, absmax, cb, 4, b),
+                              ops.dequantize_4bit(packed, absmax, cb, 8, 4, dtype)),
+    }
+    for name, (f, w_hat) in linears.items():
+        y, ty = torch.func.jvp(f, (x, bias), (tx, tb))
+        assert torch.equal(y, f(x, bias)), name
+        assert torch.equal(ty, (torch.matmul(tx, w_hat.t()) + tb.to(dtype)).to(ty.dtype)), name
+    # A tangent where no gradient is given raises, naming the op.
     dual = lambda t: fwad.make_dual(t, torch.ones_like(t))
-    others = {
+    raising = {
         "qlib::dequantize_4bit": [lambda: ops.dequantize_4bit(packed, dual(absmax), cb, 8, 4, torch.float32),
                                   lambda: ops.dequantize_4bit(packed, absmax, dual(cb), 8, 4, torch.float32)],
         "qlib::linear_4bit": [lambda: ops.linear_4bit(x, packed, absmax, dual(cb), 4, None)],
-        "qlib::int8_linear": [lambda: ops.int8_linear(x, w, torch.rand(6), None, dual(torch.tensor(0.05)))],
+        "qlib::int8_linear": [lambda: ops.int8_linear(x, w, dual(ws), None),
+                              lambda: ops.int8_linear(x, w, ws, None, dual(torch.tensor(0.05, device=device)))],
     }
-    for name, cases in others.items():
+    for name, cases in raising.items():
         for call in cases:
-            with fwad.dual_level(), pytest.raises(RuntimeError, match=f"{name}: forward-mode AD"):
+            with fwad.dual_level(), pytest.raises(RuntimeError, match=f"{name}: forward-mode AD .* gives no derivative"):
                 call()
+    with fwad.dual_level(), pytest.raises(RuntimeError, match="qlib::fake_quant_with_mask: gives no gradient for scale"):
+        ops.fake_quant_with_mask(x, dual(s), z, -8, 7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
