@@ -529,4 +529,10 @@ TORCH_LIBRARY_IMPL(qlib, CompositeExplicitAutograd, m) {
   m.impl("lsq_fake_quant", &lsq_fake_quant);
 }
 
+// Under vmap, lsq_fake_quant's body on the batched tensors: its clamps are ATen ops and
+// fake_quant has a batching rule (fake_quant_vmap.cpp); functorch's fallback looped per sample.
+TORCH_LIBRARY_IMPL(qlib, FuncTorchBatched, m) {
+  m.impl("lsq_fake_quant", &lsq_fake_quant);
+}
+
 }  // namespace qlib
