@@ -175,12 +175,12 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_ste_composite(const at::Tensor& x,
 }
 
 // y and the mask, with x's gradient the STE on the mask: MaskedFakeQuantFunction, or the
-// composite under torch.func transforms. For both ops' Autograd kernels, once they have checked
-// that only x needs a gradient.
+// composite under torch.func transforms and forward-mode AD. For both ops' Autograd kernels,
+// once they have checked that only x is differentiated.
 std::tuple<at::Tensor, at::Tensor> masked_ste(const at::Tensor& x, const at::Tensor& scale,
                                               const at::Tensor& zero_point, int64_t quant_min,
                                               int64_t quant_max) {
-  if (!cpp_functions_supported()) {
+  if (!cpp_functions_supported() || has_tangent({x})) {
     return fake_quant_ste_composite(x, scale, zero_point, quant_min, quant_max);
   }
   auto out = MaskedFakeQuantFunction::apply(x, scale, zero_point, quant_min, quant_max);
@@ -194,7 +194,6 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_autograd(const at::Tenso
                                                                  int64_t quant_max) {
   TORCH_CHECK(!differentiated(scale) && !differentiated(zero_point), kWithMaskOp,
               ": gives no gradient for scale or zero_point; qlib::fake_quant gives LSQ's");
-  if (has_tangent({x})) return fake_quant_ste_composite(x, scale, zero_point, quant_min, quant_max);
   if (!differentiated(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
@@ -216,7 +215,7 @@ at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const 
 // no gradient is wanted (the Function's context would cost a third of a small call), else its
 // Function, or `composite` under torch.func transforms and forward-mode AD.
 template <class Function, class Below, class Composite, class... Rest>
-at::Tensor record_if_grad(Below below, Composite composite, const at::Tensor& x,
+at::Tensor autograd_kernel(Below below, Composite composite, const at::Tensor& x,
                           const at::Tensor& scale, const at::Tensor& zero_point, Rest... rest) {
   const bool grad = grad_wanted(x, scale, zero_point);
   if (has_tangent({x, scale, zero_point}) || (grad && !cpp_functions_supported())) {
@@ -238,9 +237,7 @@ at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                int64_t quant_max) {
   if (differentiated(x) && !differentiated(scale) && !differentiated(zero_point) &&
       (!x.is_leaf() || !cpp_functions_supported() || has_tangent({x}))) {
-    return std::get<0>(has_tangent({x}) ? fake_quant_ste_composite(x, scale, zero_point,
-                                                                   quant_min, quant_max)
-                                        : masked_ste(x, scale, zero_point, quant_min, quant_max));
+    return std::get<0>(masked_ste(x, scale, zero_point, quant_min, quant_max));
   }
   const auto composite = [](const at::Tensor& x, const at::Tensor& scale,
                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
@@ -252,8 +249,8 @@ at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
     return fake_quant_composite(y, x, scale, zero_point, scale, zero_point, quant_min, quant_max,
                                 c10::IValue());
   };
-  return record_if_grad<FakeQuantFunction>(call_fake_quant, composite, x, scale, zero_point,
-                                           quant_min, quant_max);
+  return autograd_kernel<FakeQuantFunction>(call_fake_quant, composite, x, scale, zero_point,
+                                            quant_min, quant_max);
 }
 
 // ---------------------------------------------------------------- lsq_fake_quant
@@ -343,13 +340,13 @@ c10::IValue lsq_factor(const at::Tensor& x, int64_t quant_max, std::optional<dou
   return grad_factor ? c10::IValue(*grad_factor) : c10::IValue(x.sym_numel() * quant_max);
 }
 
-// fake_quant's gradients (LSQ / LSQ+ for a scale or floating zero point that requires grad) in
-// differentiable ATen ops: y plus zeros whose gradients are the STE's for x, and for scale (zero
-// point) grad times the per-element LSQ factor, summed over each block by expand_over_blocks'
-// autograd. The factors are fake_quant_backward's own at the qparams given one an element (s, z:
-// those y was computed at), times `factor` (None: 1). The sums run in autograd's order, not the
-// kernels' (equal to float tolerance); straight through LSQ's clamps (scale, zero_point are the
-// unclamped inputs).
+// fake_quant's gradients (LSQ / LSQ+ for a scale or floating zero point that is differentiated:
+// requires grad or carries a tangent) in differentiable ATen ops: y plus zeros whose gradients
+// are the STE's for x, and for scale (zero point) grad times the per-element LSQ factor, summed
+// over each block by expand_over_blocks' autograd. The factors are fake_quant_backward's own at
+// the qparams given one an element (s, z: those y was computed at), times `factor` (None: 1).
+// The sums run in autograd's order, not the kernels' (equal to float tolerance); straight
+// through LSQ's clamps (scale, zero_point are the unclamped inputs).
 at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const at::Tensor& scale,
                                 const at::Tensor& zero_point, const at::Tensor& s,
                                 const at::Tensor& z, int64_t quant_min, int64_t quant_max,
@@ -435,8 +432,9 @@ at::Tensor lsq_fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                    const at::Tensor& zero_point, int64_t quant_min,
                                    int64_t quant_max, std::optional<double> grad_factor,
                                    double eps) {
-  return record_if_grad<LsqFakeQuantFunction>(lsq_fake_quant, lsq_fake_quant_composite, x, scale,
-                                              zero_point, quant_min, quant_max, grad_factor, eps);
+  return autograd_kernel<LsqFakeQuantFunction>(lsq_fake_quant, lsq_fake_quant_composite, x,
+                                               scale, zero_point, quant_min, quant_max,
+                                               grad_factor, eps);
 }
 
 // ---------------------------------------------------------------- dequantize
@@ -481,8 +479,8 @@ class DequantizeFunction : public torch::autograd::Function<DequantizeFunction> 
 };
 
 // DequantizeFunction's gradients in differentiable ATen ops (as fake_quant_composite), for
-// torch.func transforms: y plus zeros whose gradients are grad * (q - zero_point) for scale and
-// -grad * scale for zero_point, summed over each block.
+// torch.func transforms and forward-mode AD: y plus zeros whose gradients are grad * (q -
+// zero_point) for scale and -grad * scale for zero_point, summed over each block.
 at::Tensor dequantize_composite(const at::Tensor& y, const at::Tensor& q, const at::Tensor& scale,
                                 const at::Tensor& zero_point) {
   at::Tensor centred, scales;
