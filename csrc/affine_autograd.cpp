@@ -147,21 +147,44 @@ at::Tensor wide(const at::Tensor& t) {
 }
 
 // where(inside, x, 0) as a zero_with_grad_of (added to outputs that are never -0, which keeps
-// their bits): the STE's gradient, where(inside, grad, 0) (a NaN or Inf
-// grad outside gives 0 here, NaN on the Functions' paths).
+// their bits): the STE's gradient, where(inside, grad, 0) (a NaN or Inf grad outside gives 0
+// here, NaN on the Functions' paths).
 at::Tensor ste_zero(const at::Tensor& inside, const at::Tensor& x) {
-  return zero_with_grad_of(at::where(inside, x, at::zeros({}, x.options())));
+  return zero_with_grad_of([&] { return at::where(inside, x, at::zeros({}, x.options())); });
 }
 
-// For a qparam and its per-element factors (x's shape; undefined: no gradient wanted), a zero
-// (float32) whose gradient is grad * factors summed over each of the qparam's blocks.
-at::Tensor qparam_zero(const at::Tensor& qparam, const at::Tensor& factors, const at::Tensor& x) {
-  if (!factors.defined()) return at::zeros({}, x.options().dtype(at::kFloat));
-  return zero_with_grad_of(expand_over_blocks(wide(qparam), x)) * factors;
+// The qparams' part of a composite: a zero (float32, x's shape) whose derivatives at this level
+// are ds for scale and dz for zero_point per element (undefined: not differentiated here),
+// summed over each block, and whose one second derivative here is the mixed one, `mixed` per
+// element: those of (q - z) * s with the code q held (the STE's). Second derivatives across
+// levels (torch.func.hessian) come from ds and dz, which carry their derivatives below.
+at::Tensor qparam_zeros(const at::Tensor& scale, const at::Tensor& ds, const at::Tensor& zero_point,
+                        const at::Tensor& dz, const at::Tensor& mixed, const at::Tensor& x) {
+  at::Tensor out = at::zeros({}, x.options().dtype(at::kFloat)), zs, zz;
+  if (ds.defined()) {
+    zs = zero_with_grad_of([&] { return expand_over_blocks(wide(scale), x); });
+    out = out + zs * ds;
+  }
+  if (dz.defined()) {
+    zz = zero_with_grad_of([&] { return expand_over_blocks(wide(zero_point), x); });
+    out = out + zz * dz;
+  }
+  return ds.defined() && dz.defined() ? out + zs * zz * mixed : out;
 }
 
-// fake_quant's STE in differentiable ATen ops.
-std::tuple<at::Tensor, at::Tensor> fake_quant_ste_composite(const at::Tensor& x,
+// Whether t may be differentiated at a level below this one (torch.func nesting, autograd
+// around a transform): it requires grad, carries a tangent, or is a transform's wrapper (a
+// captured tensor lifted into this level).
+bool maybe_differentiated_below(const at::Tensor& t) {
+  return t.requires_grad() || has_tangent({t}) ||
+         t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper) ||
+         t.key_set().has(c10::DispatchKey::FuncTorchBatched);
+}
+
+// The STE in differentiable ATen ops: the value from `op` itself below this level (fake_quant,
+// or fake_quant_with_mask), so the levels below see its own derivatives (LSQ's, for a scale
+// differentiated there only), and the mask of a detached call where they may differ.
+std::tuple<at::Tensor, at::Tensor> fake_quant_ste_composite(const char* op, const at::Tensor& x,
                                                             const at::Tensor& scale,
                                                             const at::Tensor& zero_point,
                                                             int64_t quant_min,
@@ -169,19 +192,27 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_ste_composite(const at::Tensor& x,
   at::Tensor y, mask;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    std::tie(y, mask) = call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
+    if (std::string_view(op) == kWithMaskOp ||
+        !(maybe_differentiated_below(scale) || maybe_differentiated_below(zero_point))) {
+      std::tie(y, mask) = call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
+    } else {
+      y = call_fake_quant(x, scale, zero_point, quant_min, quant_max);
+      mask = std::get<1>(call_fake_quant_with_mask(x.detach(), scale.detach(),
+                                                   zero_point.detach(), quant_min, quant_max));
+    }
   }
   return {y + ste_zero(mask, x), mask};
 }
 
 // y and the mask, with x's gradient the STE on the mask: MaskedFakeQuantFunction, or the
-// composite under torch.func transforms and forward-mode AD. For both ops' Autograd kernels,
-// once they have checked that only x is differentiated.
-std::tuple<at::Tensor, at::Tensor> masked_ste(const at::Tensor& x, const at::Tensor& scale,
+// composite under torch.func transforms and forward-mode AD. For both ops' Autograd kernels
+// (op: the caller), once they have checked that only x is differentiated at this level.
+std::tuple<at::Tensor, at::Tensor> masked_ste(const char* op, const at::Tensor& x,
+                                              const at::Tensor& scale,
                                               const at::Tensor& zero_point, int64_t quant_min,
                                               int64_t quant_max) {
   if (!cpp_functions_supported() || has_tangent({x})) {
-    return fake_quant_ste_composite(x, scale, zero_point, quant_min, quant_max);
+    return fake_quant_ste_composite(op, x, scale, zero_point, quant_min, quant_max);
   }
   auto out = MaskedFakeQuantFunction::apply(x, scale, zero_point, quant_min, quant_max);
   return {out[0], out[1]};
@@ -198,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_autograd(const at::Tenso
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
   }
-  return masked_ste(x, scale, zero_point, quant_min, quant_max);
+  return masked_ste(kWithMaskOp, x, scale, zero_point, quant_min, quant_max);
 }
 
 bool grad_wanted(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point) {
@@ -237,7 +268,7 @@ at::Tensor fake_quant_autograd(const at::Tensor& x, const at::Tensor& scale,
                                int64_t quant_max) {
   if (differentiated(x) && !differentiated(scale) && !differentiated(zero_point) &&
       (!x.is_leaf() || !cpp_functions_supported() || has_tangent({x}))) {
-    return std::get<0>(masked_ste(x, scale, zero_point, quant_min, quant_max));
+    return std::get<0>(masked_ste("qlib::fake_quant", x, scale, zero_point, quant_min, quant_max));
   }
   const auto composite = [](const at::Tensor& x, const at::Tensor& scale,
                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
@@ -341,39 +372,55 @@ c10::IValue lsq_factor(const at::Tensor& x, int64_t quant_max, std::optional<dou
 }
 
 // fake_quant's gradients (LSQ / LSQ+ for a scale or floating zero point that is differentiated:
-// requires grad or carries a tangent) in differentiable ATen ops: y plus zeros whose gradients
+// requires grad or carries a tangent) in differentiable ATen ops: y plus zeros whose derivatives
 // are the STE's for x, and for scale (zero point) grad times the per-element LSQ factor, summed
 // over each block by expand_over_blocks' autograd. The factors are fake_quant_backward's own at
 // the qparams given one an element (s, z: those y was computed at), times `factor` (None: 1).
 // The sums run in autograd's order, not the kernels' (equal to float tolerance); straight
-// through LSQ's clamps (scale, zero_point are the unclamped inputs).
+// through LSQ's clamps (scale, zero_point are the unclamped inputs). Second derivatives: the
+// STE's (q held), 0 but d2 / dscale dzero_point = -factor outside the range.
 at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const at::Tensor& scale,
                                 const at::Tensor& zero_point, const at::Tensor& s,
                                 const at::Tensor& z, int64_t quant_min, int64_t quant_max,
                                 const c10::IValue& factor) {
   const bool need_scale = differentiated(scale);
   const bool need_zp = differentiated(zero_point) && zero_point.is_floating_point();
-  at::Tensor inside, ds, dz;
-  if (x.sym_numel() == 0) {  // (no factors; an empty scale would fail the op's checks)
-    inside = at::zeros_like(x, at::kBool);
-    ds = dz = at::zeros_like(x, at::kFloat);
-  } else {
+  at::Tensor inside, ds, dz, mixed;
+  {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const auto one_each = [&x](const at::Tensor& t) {
-      return expand_over_blocks(wide(t.detach()), x).contiguous();
-    };
-    std::tie(inside, ds, dz) =
-        call_fake_quant_backward(at::ones_like(x), x, one_each(s), one_each(z), quant_min,
-                                 quant_max, need_scale, need_zp);
+    if (x.sym_numel() == 0) {  // (no factors; an empty scale would fail the op's checks)
+      inside = at::zeros_like(x, at::kBool);
+      ds = dz = at::zeros_like(x, at::kFloat);
+    } else {
+      const auto one_each = [&x](const at::Tensor& t) {
+        return expand_over_blocks(wide(t.detach()), x).contiguous();
+      };
+      std::tie(inside, ds, dz) =
+          call_fake_quant_backward(at::ones_like(x), x.detach(), one_each(s), one_each(z),
+                                   quant_min, quant_max, need_scale, need_zp);
+      inside = inside.to(at::kBool);
+    }
+    if (!factor.isNone()) {
+      if (need_scale) scale_grad_(ds, factor);
+      if (need_zp) scale_grad_(dz, factor);
+    }
+    if ((need_scale || need_zp) && zero_point.is_floating_point()) {
+      mixed = at::where(inside, 0.0, -1.0).to(at::kFloat);
+      if (!factor.isNone()) scale_grad_(mixed, factor);
+      // ds's derivative in the zero point and dz's in the scale, for the levels below (which
+      // may differentiate a qparam this one does not).
+      const auto below_zero = [&x](const at::Tensor& t) {
+        const at::Tensor e = expand_over_blocks(wide(t), x);
+        return e - e.detach();
+      };
+      if (need_scale) ds = ds + mixed * below_zero(zero_point);
+      if (need_zp) dz = dz + mixed * below_zero(scale);
+    }
   }
-  if (!factor.isNone()) {
-    if (need_scale) scale_grad_(ds, factor);
-    if (need_zp) scale_grad_(dz, factor);
-  }
-  const at::Tensor qparam_zeros =
-      qparam_zero(scale, need_scale ? ds : at::Tensor(), x) +
-      qparam_zero(zero_point, need_zp ? dz : at::Tensor(), x);
-  return y + ste_zero(inside.to(at::kBool), x) + qparam_zeros.to(x.scalar_type());
+  return y + ste_zero(inside, x) +
+         qparam_zeros(scale, need_scale ? ds : at::Tensor(), zero_point,
+                      need_zp ? dz : at::Tensor(), mixed, x)
+             .to(x.scalar_type());
 }
 
 // The gradients are fake_quant's at the clamped qparams, times grad_factor: straight through
@@ -412,17 +459,23 @@ class LsqFakeQuantFunction : public torch::autograd::Function<LsqFakeQuantFuncti
   }
 };
 
-// LsqFakeQuantFunction's forward and gradients as fake_quant_composite.
+// LsqFakeQuantFunction's forward and gradients as fake_quant_composite: the value from the op
+// itself below this level (its own derivatives there), the factors at the clamped qparams.
 at::Tensor lsq_fake_quant_composite(const at::Tensor& x, const at::Tensor& scale,
                                     const at::Tensor& zero_point, int64_t quant_min,
                                     int64_t quant_max, std::optional<double> grad_factor,
                                     double eps) {
-  check_lsq_args(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
-  const auto [s, z] = lsq_clamped(scale.detach(), zero_point.detach(), quant_min, quant_max, eps);
-  at::Tensor y;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(kLsqOp, "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                            int64_t, std::optional<double>, double)>();
+  at::Tensor y, s, z;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    y = lsq_call_fake_quant(x, s, z, quant_min, quant_max);
+    y = op.call(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
+    std::tie(s, z) =
+        lsq_clamped(scale.detach(), zero_point.detach(), quant_min, quant_max, eps);
   }
   return fake_quant_composite(y, x, scale, zero_point, s, z, quant_min, quant_max,
                               lsq_factor(x, quant_max, grad_factor));
@@ -480,21 +533,24 @@ class DequantizeFunction : public torch::autograd::Function<DequantizeFunction> 
 
 // DequantizeFunction's gradients in differentiable ATen ops (as fake_quant_composite), for
 // torch.func transforms and forward-mode AD: y plus zeros whose gradients are grad * (q -
-// zero_point) for scale and -grad * scale for zero_point, summed over each block.
+// zero_point) for scale and -grad * scale for zero_point, summed over each block; the mixed
+// second derivative is -1 per element.
 at::Tensor dequantize_composite(const at::Tensor& y, const at::Tensor& q, const at::Tensor& scale,
                                 const at::Tensor& zero_point) {
   at::Tensor centred, scales;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
+    // (From the qparams themselves: each factor's derivative in the other, for the levels below.)
     if (differentiated(scale)) {
-      centred = call_dequantize(q, at::ones_like(scale), zero_point.detach(), at::kFloat);
+      centred = call_dequantize(q, at::ones_like(scale), zero_point, at::kFloat);
     }
     if (differentiated(zero_point)) {
-      scales = call_dequantize(at::ones_like(q), scale.detach(), at::zeros_like(zero_point),
-                               at::kFloat).neg_();
+      scales = call_dequantize(at::ones_like(q), scale, at::zeros_like(zero_point), at::kFloat)
+                   .neg();
     }
   }
-  return y + (qparam_zero(scale, centred, q) + qparam_zero(zero_point, scales, q))
+  return y + qparam_zeros(scale, centred, zero_point, scales,
+                          at::full({}, -1.0, q.options().dtype(at::kFloat)), q)
                  .to(y.scalar_type());
 }
 
@@ -524,12 +580,6 @@ TORCH_LIBRARY_IMPL(qlib, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(qlib, CompositeExplicitAutograd, m) {
-  m.impl("lsq_fake_quant", &lsq_fake_quant);
-}
-
-// Under vmap, lsq_fake_quant's body on the batched tensors: its clamps are ATen ops and
-// fake_quant has a batching rule (fake_quant_vmap.cpp); functorch's fallback looped per sample.
-TORCH_LIBRARY_IMPL(qlib, FuncTorchBatched, m) {
   m.impl("lsq_fake_quant", &lsq_fake_quant);
 }
 

@@ -49,13 +49,24 @@ inline bool cpp_functions_supported() {
 }
 
 // For torch.func transforms (which take no C++ Function) and forward-mode AD (which the
-// Functions have no rule for), composites add to an op's output
-// zeros whose gradients are the op's: t - t.detach() is one for a finite t, with t's gradient.
-inline at::Tensor zero_with_grad_of(const at::Tensor& t) { return t - t.detach(); }
+// Functions have no rule for), composites add to the op's output, computed below autograd at
+// this level, zeros whose derivatives at this level are the op's. make() less make() computed
+// below this level is one (for a finite value): its derivatives here are make()'s, and at the
+// levels below (torch.func nesting, autograd around a transform) none, since the op's value,
+// computed below, brings those (the op's own at each level). make() must be pure.
+template <class Make>
+at::Tensor zero_with_grad_of(Make make) {
+  at::Tensor below;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    below = make();
+  }
+  return make() - below;
+}
 
-// Such a zero of t's shape from t's finite entries (a non-finite entry's gradient is 0).
+// Such a zero of t's shape from t's finite entries (a non-finite entry's derivative is 0).
 inline at::Tensor finite_zero_with_grad_of(const at::Tensor& t) {
-  return zero_with_grad_of(at::where(at::isfinite(t), t, at::zeros({}, t.options())));
+  return zero_with_grad_of([&t] { return at::where(at::isfinite(t), t, at::zeros({}, t.options())); });
 }
 
 // A frozen-weight Linear's output y (int8, 4-bit) with its C++ Function's gradients as such

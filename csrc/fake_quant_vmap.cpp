@@ -7,10 +7,19 @@
 #include <ATen/functorch/BatchedTensorImpl.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <optional>
 #include <typeinfo>
 #include <vector>
 
 #include "affine.h"
+
+// Exported by libtorch; declared in ATen/functorch/DynamicLayer.h, whose includes need
+// nlohmann/json, which torch does not ship. While layer n runs, functorch's layer stack holds
+// levels 1..n; this asserts for a level past n.
+namespace at::functorch {
+TORCH_API const std::shared_ptr<bool>& getLifeHandleForLevel(int64_t level);
+}  // namespace at::functorch
 
 namespace qlib {
 namespace {
@@ -24,18 +33,34 @@ struct VmapLevel {
   int64_t batch;
 };
 
-// The level this rule runs at: the innermost among the inputs' outer batched wrappers (the
-// dispatcher called the rule because one is batched). (Not DynamicLayer.h's current layer: its
-// header needs nlohmann/json, which torch does not ship.)
-VmapLevel batched_level(std::initializer_list<at::Tensor> tensors) {
+bool level_on_stack(int64_t level) {
+  try {
+    at::functorch::getLifeHandleForLevel(level);
+    return true;
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
+// The level this rule runs at, or none where no input is batched at the running layer (the op
+// then runs as is, for the layers below). It is the innermost of the inputs' outer batched
+// wrappers (the dispatcher called the rule because one is batched), unless a grad / jvp
+// wrapper (not batched) may lie above it: then a level on the stack past it means the running
+// layer is another one (a captured tensor batched by an outer vmap).
+std::optional<VmapLevel> batched_level(std::initializer_list<at::Tensor> tensors) {
   VmapLevel level{-1, 0};
+  bool other_wrapper = false;
   for (const at::Tensor& t : tensors) {
     const auto* b = maybeGetBatchedImpl(t);
-    if (b != nullptr && b->level() > level.id) {
+    if (b == nullptr) {
+      other_wrapper = other_wrapper ||
+                      (t.defined() && t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper));
+    } else if (b->level() > level.id) {
       level = {b->level(), b->value().sym_size(b->bdim()).guard_int(__FILE__, __LINE__)};
     }
   }
   TORCH_INTERNAL_ASSERT(level.id >= 0, "qlib: a batching rule ran without a batched input");
+  if (other_wrapper && level_on_stack(level.id + 1)) return std::nullopt;
   return level;
 }
 
@@ -90,7 +115,9 @@ at::Tensor fake_quant_batched(const at::Tensor& x, const at::Tensor& scale,
                               const at::Tensor& zero_point, int64_t quant_min,
                               int64_t quant_max) {
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  const VmapLevel level = batched_level({x, scale, zero_point});
+  const auto found = batched_level({x, scale, zero_point});
+  if (!found) return call_fake_quant(x, scale, zero_point, quant_min, quant_max);
+  const VmapLevel& level = *found;
   const at::Tensor xb = leading(x, level);
   const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point, false);
   return makeBatched(
@@ -104,7 +131,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_batched(const at::Tensor
                                                                 int64_t quant_min,
                                                                 int64_t quant_max) {
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  const VmapLevel level = batched_level({x, scale, zero_point});
+  const auto found = batched_level({x, scale, zero_point});
+  if (!found) return call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
+  const VmapLevel& level = *found;
   const at::Tensor xb = leading(x, level);
   const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point, false);
   auto [y, mask] = with_batch_note(
@@ -119,7 +148,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_batched(
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
     bool zero_point_grad) {
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  const VmapLevel level = batched_level({grad, x, scale, zero_point});
+  const auto found = batched_level({grad, x, scale, zero_point});
+  if (!found) {
+    return call_fake_quant_backward(grad, x, scale, zero_point, quant_min, quant_max, scale_grad,
+                                    zero_point_grad);
+  }
+  const VmapLevel& level = *found;
   const at::Tensor gb = leading(grad, level), xb = leading(x, level);
   const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point,
                                        scale_grad || zero_point_grad);
@@ -136,7 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_batched(
 
 at::Tensor fake_quant_mask_backward_batched(const at::Tensor& grad, const at::Tensor& mask) {
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  const VmapLevel level = batched_level({grad, mask});
+  const auto found = batched_level({grad, mask});
+  if (!found) return call_fake_quant_mask_backward(grad, mask);
+  const VmapLevel& level = *found;
   const at::Tensor gb = leading(grad, level), mb = leading(mask, level);
   return makeBatched(with_batch_note([&] { return call_fake_quant_mask_backward(gb, mb); }), 0,
                      level.id);

@@ -806,10 +806,10 @@ def test_torch_func_differentiates_the_frozen_linears(device, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_vmap_rules_equal_a_loop(device, dtype):
-    """The fake-quant ops' batching rules (csrc/fake_quant_vmap.cpp: one call on the batch; for
-    lsq_fake_quant its body on the batched tensors) equal a loop over the samples, for every
-    granularity, with x, the qparams or all batched, batch dims anywhere; fake_quant_backward's
-    qparam sums per sample (shared qparams too)."""
+    """The fake-quant ops' batching rules (csrc/fake_quant_vmap.cpp: one call on the batch) equal
+    a loop over the samples, for every granularity, with x, the qparams or all batched, batch
+    dims anywhere; fake_quant_backward's qparam sums per sample (shared qparams too).
+    lsq_fake_quant takes functorch's per-sample fallback (its factor depends on a sample's size)."""
     torch.manual_seed(0)
     B = 4
     xs = (torch.randn(B, 6, 10, device=device) * 3).to(dtype)
@@ -837,7 +837,7 @@ def test_vmap_rules_equal_a_loop(device, dtype):
                     for k, asked in ((1, sg), (2, zg)):
                         if asked:
                             torch.testing.assert_close(got[k][i], want[k], rtol=1e-6, atol=1e-6)
-            # lsq_fake_quant: its body on the batched tensors.
+            # lsq_fake_quant (the fallback).
             lsq = lambda a, b, c: ops.lsq_fake_quant(a, b, c, -8, 7, None, 1e-4)
             got = torch.vmap(lsq, in_dims=dims)(x, s, z)
             for i in range(B):
