@@ -7,6 +7,7 @@
 
 #include <initializer_list>
 #include <numeric>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -66,7 +67,8 @@ at::Tensor zero_with_grad_of(Make make) {
 
 // Such a zero of t's shape from t's finite entries (a non-finite entry's derivative is 0).
 inline at::Tensor finite_zero_with_grad_of(const at::Tensor& t) {
-  return zero_with_grad_of([&t] { return at::where(at::isfinite(t), t, at::zeros({}, t.options())); });
+  return zero_with_grad_of(
+      [&t] { return at::where(at::isfinite(t), t, at::zeros({}, t.options())); });
 }
 
 // A frozen-weight Linear's output y (int8, 4-bit) with its C++ Function's gradients as such
