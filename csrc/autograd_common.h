@@ -73,12 +73,16 @@ inline at::Tensor finite_zero_with_grad_of(const at::Tensor& t) {
 
 // A frozen-weight Linear's output y (int8, 4-bit) with its C++ Function's gradients as such
 // zeros: grad @ w_hat for x (w_hat in x's dtype, [N, K]) and grad summed over rows for bias (and
-// the tangents x's @ w_hat^T and the bias's).
+// the tangents x's @ w_hat^T and the bias's). Where w_hat overflows x's dtype (float16), x's
+// gradient takes the dtype's largest value in place of inf.
 inline at::Tensor frozen_linear_composite(const at::Tensor& y, const at::Tensor& x,
                                           const at::Tensor& w_hat,
                                           const std::optional<at::Tensor>& bias) {
   at::Tensor out = y;
-  if (differentiated(x)) out = out + at::matmul(finite_zero_with_grad_of(x), w_hat.t());
+  if (differentiated(x)) {
+    // (An entry of w_hat past x's range (float16) as its largest value: 0 * inf is NaN.)
+    out = out + at::matmul(finite_zero_with_grad_of(x), at::nan_to_num(w_hat).t());
+  }
   if (bias.has_value() && differentiated(*bias)) {
     out = out + finite_zero_with_grad_of(*bias).to(y.scalar_type());
   }

@@ -2,7 +2,7 @@
 // whole batch, where functorch's fallback called the op once per sample (per-sample gradients
 // of a QAT model: vmap of grad). The batch becomes x's leading dim; a batched scale or zero point
 // gives one block per sample there, an unbatched one a block over the whole batch (a one-element
-// one stays per tensor).
+// one stays per tensor). An empty batch gives empty outputs (a per-sample scale would be empty).
 #include <ATen/ATen.h>
 #include <ATen/functorch/BatchedTensorImpl.h>
 #include <torch/library.h>
@@ -119,6 +119,7 @@ at::Tensor fake_quant_batched(const at::Tensor& x, const at::Tensor& scale,
   if (!found) return call_fake_quant(x, scale, zero_point, quant_min, quant_max);
   const VmapLevel& level = *found;
   const at::Tensor xb = leading(x, level);
+  if (level.batch == 0) return makeBatched(at::empty_like(xb), 0, level.id);
   const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point, false);
   return makeBatched(
       with_batch_note([&] { return call_fake_quant(xb, s, z, quant_min, quant_max); }), 0,
@@ -135,6 +136,10 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_batched(const at::Tensor
   if (!found) return call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
   const VmapLevel& level = *found;
   const at::Tensor xb = leading(x, level);
+  if (level.batch == 0) {
+    return {makeBatched(at::empty_like(xb), 0, level.id),
+            makeBatched(at::empty_like(xb, at::kBool), 0, level.id)};
+  }
   const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point, false);
   auto [y, mask] = with_batch_note(
       [&] { return call_fake_quant_with_mask(xb, s, z, quant_min, quant_max); });
@@ -155,6 +160,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_batched(
   }
   const VmapLevel& level = *found;
   const at::Tensor gb = leading(grad, level), xb = leading(x, level);
+  if (level.batch == 0) {
+    const auto sums = [&](const at::Tensor& qparam, bool asked) {
+      return asked ? makeBatched(at::empty(leading(qparam, level).sizes(), qparam.options()), 0,
+                                 level.id)
+                   : at::empty({0}, xb.options().dtype(at::kFloat));
+    };
+    return {makeBatched(at::empty_like(xb), 0, level.id), sums(scale, scale_grad),
+            sums(zero_point, zero_point_grad)};
+  }
   const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point,
                                        scale_grad || zero_point_grad);
   auto [grad_x, grad_s, grad_z] = with_batch_note([&] {
@@ -174,6 +188,7 @@ at::Tensor fake_quant_mask_backward_batched(const at::Tensor& grad, const at::Te
   if (!found) return call_fake_quant_mask_backward(grad, mask);
   const VmapLevel& level = *found;
   const at::Tensor gb = leading(grad, level), mb = leading(mask, level);
+  if (level.batch == 0) return makeBatched(at::empty_like(gb), 0, level.id);
   return makeBatched(with_batch_note([&] { return call_fake_quant_mask_backward(gb, mb); }), 0,
                      level.id);
 }

@@ -1,9 +1,14 @@
 """Nested differentiation with the ops' torch.func composites: gradients taken outside vmap,
 second derivatives across levels (hessian, forward-over-reverse), autograd around a transform,
 and vmap rules under grad with captured tensors batched by an outer vmap. Each was a silent
-wrong number or an internal assert before (an audit's reproducers)."""
+wrong number, a misleading error or an internal assert before (two audits' reproducers)."""
+import itertools
+
+import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
+from torch.func import grad, hessian, jvp, vjp, vmap
 import torch.ao.quantization as tq
 
 import qlib
@@ -108,9 +113,12 @@ def test_dequantize_mixed_second_derivative():
 
 
 def _lsq_reference(x, s, z, qmin, qmax):
-    """LSQ+ in plain torch ops, round_pass style (the LSQ paper's code): the STE's derivatives."""
+    """The STE in plain torch ops (round_pass-style LSQ code), the clamp decided on the exact code
+    round(v) + z (the round_pass form clamps a code 7 computed as 7 + 1 ulp)."""
     v = x * (1 / s)
-    q = ((v.round() - v).detach() + v + z).clamp(qmin, qmax)
+    qr = (v.round() + z).detach()
+    inside = (qr >= qmin) & (qr <= qmax)
+    q = torch.where(inside, (v.round() - v).detach() + v + z, qr.clamp(qmin, qmax))
     return (q - z) * s
 
 
@@ -146,3 +154,80 @@ def test_vmap_rule_with_an_outer_batched_capture_under_grad():
         return torch.func.grad(lambda a: torch.vmap(lambda u: (ops.fake_quant(x, a, z, -8, 7) * u).sum())(us).sum())(s)
 
     torch.testing.assert_close(torch.vmap(inner)(xs), torch.stack([inner(xs[i]) for i in range(3)]))
+
+
+def _int8_overflowing_fp16():
+    torch.manual_seed(0)
+    N, K = 4, 32
+    wi = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    wi[:, 0] = 127
+    ws = torch.full((N,), 600.0)  # W_hat = w_int8 * w_scale reaches 76200 > float16's max
+    x = (torch.randn(2, K) * 1e-3).half()
+    return x, wi, ws
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_int8_linear_value_under_transforms_when_w_hat_overflows_x_dtype(packed):
+    """The op's value under vjp / jvp equals eager's (finite here), not NaN."""
+    x, wi, ws = _int8_overflowing_fp16()
+    if packed:
+        wp = ops.int8_pack_weight(wi)
+        f = lambda a: ops.int8_linear_packed(a, wp, None, ws, None)
+    else:
+        f = lambda a: ops.int8_linear(a, wi, ws, None)
+    y = f(x)
+    assert y.isfinite().all()
+    assert torch.equal(vjp(f, x)[0], y)
+    assert torch.equal(jvp(f, (x,), (torch.ones_like(x),))[0], y)
+
+
+def test_vmap_grad_of_shared_scale_over_an_empty_batch():
+    """vmap(grad wrt a shared scale) over zero samples: an empty result, as vmap(grad wrt x)
+    over the same batch gives (it raised 'qlib::fake_quant_backward: scale is empty')."""
+    s, z = torch.tensor([0.2]), torch.tensor([0.0])
+    x0 = torch.randn(0, 4, 6)
+    L = lambda a, b: ops.fake_quant(a, b, z, -8, 7).sum()
+    assert vmap(grad(L), in_dims=(0, None))(x0, s).shape == (0, 4, 6)  # (works)
+    assert vmap(grad(L, argnums=1), in_dims=(0, None))(x0, s).shape == (0, 1)
+
+
+def test_forward_ad_dual_with_reverse_mode_around_it_equals_the_reference():
+    """forward_ad dual tensors on one argument, eager autograd on another (reverse of the
+    tangent): the STE reference's second derivatives, for fake_quant and LSQ (grad_factor 1)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 4) * 2, torch.randn(3, 4)
+    s, z = torch.tensor([0.3]), torch.tensor([1.0])
+    fs = {"ref": lambda a, b, c: _lsq_reference(a, b, c, -8, 7),
+          "fq": lambda a, b, c: ops.fake_quant(a, b, c, -8, 7),
+          "lsq": lambda a, b, c: ops.lsq_fake_quant(a, b, c, -8, 7, 1.0, 1e-4)}
+    got = {}
+    for name, f in fs.items():
+        for i, j in itertools.product(range(3), range(3)):
+            args = [x, s, z]
+            t = torch.randn(args[i].shape, generator=torch.Generator().manual_seed(10 * i + j))
+            req = [a.clone().requires_grad_() for a in args]
+            with fwAD.dual_level():
+                dargs = list(req)
+                dargs[i] = fwAD.make_dual(req[i], t)
+                p, tan = fwAD.unpack_dual(((f(*dargs) ** 2) * w).sum())
+                g1 = torch.autograd.grad(p, req[j], retain_graph=True)[0]
+                g2 = torch.autograd.grad(tan, req[j], allow_unused=True)[0]
+            got[name, i, j] = (g1, torch.zeros_like(args[j]) if g2 is None else g2)
+    for (name, i, j), (g1, g2) in got.items():
+        torch.testing.assert_close(g1, got["ref", i, j][0], msg=f"{name} {i} {j}")
+        torch.testing.assert_close(g2, got["ref", i, j][1], rtol=1e-4, atol=1e-4, msg=f"{name} {i} {j}")
+
+
+def test_outer_vmap_over_qparams_around_grad_around_inner_vmap():
+    """qparams batched by an outer vmap, captured under hessian / jvp over the scale with an
+    inner vmap over x: a loop's results."""
+    torch.manual_seed(0)
+    xs = torch.randn(5, 4, 6) * 2
+    s, z = torch.tensor([0.2]), torch.tensor([0.0])
+    zz = torch.stack([z, z + 1, z - 1])
+    for f in (lambda a, b, c: ops.fake_quant(a, b, c, -8, 7),
+              lambda a, b, c: ops.lsq_fake_quant(a, b, c, -8, 7, None, 1e-4)):
+        h = lambda c: hessian(lambda b: (vmap(lambda a: f(a, b, c))(xs) ** 2).sum())(s)
+        torch.testing.assert_close(vmap(h)(zz), torch.stack([h(zz[k]) for k in range(3)]))
+        j = lambda c: jvp(lambda b: vmap(lambda a: f(a, b, c))(xs), (s,), (torch.ones_like(s),))[1]
+        torch.testing.assert_close(vmap(j)(zz), torch.stack([j(zz[k]) for k in range(3)]))
