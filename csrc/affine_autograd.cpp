@@ -247,7 +247,7 @@ at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const 
 // Function, or `composite` under torch.func transforms and forward-mode AD.
 template <class Function, class Below, class Composite, class... Rest>
 at::Tensor autograd_kernel(Below below, Composite composite, const at::Tensor& x,
-                          const at::Tensor& scale, const at::Tensor& zero_point, Rest... rest) {
+                           const at::Tensor& scale, const at::Tensor& zero_point, Rest... rest) {
   const bool grad = grad_wanted(x, scale, zero_point);
   if (has_tangent({x, scale, zero_point}) || (grad && !cpp_functions_supported())) {
     return composite(x, scale, zero_point, rest...);
