@@ -111,19 +111,37 @@ auto with_batch_note(Call call) {
   }
 }
 
+// Both forward rules: y, and with_mask's mask (undefined without).
+std::tuple<at::Tensor, at::Tensor> fake_quant_batched_outputs(
+    const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, bool with_mask) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const auto call = [&](const at::Tensor& x_, const at::Tensor& s, const at::Tensor& z) {
+    return with_mask ? call_fake_quant_with_mask(x_, s, z, quant_min, quant_max)
+                     : std::tuple<at::Tensor, at::Tensor>(
+                           call_fake_quant(x_, s, z, quant_min, quant_max), at::Tensor());
+  };
+  const auto found = batched_level({x, scale, zero_point});
+  if (!found) return call(x, scale, zero_point);
+  const VmapLevel& level = *found;
+  const at::Tensor xb = leading(x, level);
+  at::Tensor y, mask;
+  if (level.batch == 0) {
+    y = at::empty_like(xb);
+    if (with_mask) mask = at::empty_like(xb, at::kBool);
+  } else {
+    const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point, false);
+    std::tie(y, mask) = with_batch_note([&] { return call(xb, s, z); });
+  }
+  return {makeBatched(y, 0, level.id),
+          mask.defined() ? makeBatched(mask, 0, level.id) : at::Tensor()};
+}
+
 at::Tensor fake_quant_batched(const at::Tensor& x, const at::Tensor& scale,
                               const at::Tensor& zero_point, int64_t quant_min,
                               int64_t quant_max) {
-  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  const auto found = batched_level({x, scale, zero_point});
-  if (!found) return call_fake_quant(x, scale, zero_point, quant_min, quant_max);
-  const VmapLevel& level = *found;
-  const at::Tensor xb = leading(x, level);
-  if (level.batch == 0) return makeBatched(at::empty_like(xb), 0, level.id);
-  const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point, false);
-  return makeBatched(
-      with_batch_note([&] { return call_fake_quant(xb, s, z, quant_min, quant_max); }), 0,
-      level.id);
+  return std::get<0>(
+      fake_quant_batched_outputs(x, scale, zero_point, quant_min, quant_max, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_batched(const at::Tensor& x,
@@ -131,19 +149,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_batched(const at::Tensor
                                                                 const at::Tensor& zero_point,
                                                                 int64_t quant_min,
                                                                 int64_t quant_max) {
-  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  const auto found = batched_level({x, scale, zero_point});
-  if (!found) return call_fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max);
-  const VmapLevel& level = *found;
-  const at::Tensor xb = leading(x, level);
-  if (level.batch == 0) {
-    return {makeBatched(at::empty_like(xb), 0, level.id),
-            makeBatched(at::empty_like(xb, at::kBool), 0, level.id)};
-  }
-  const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point, false);
-  auto [y, mask] = with_batch_note(
-      [&] { return call_fake_quant_with_mask(xb, s, z, quant_min, quant_max); });
-  return {makeBatched(y, 0, level.id), makeBatched(mask, 0, level.id)};
+  return fake_quant_batched_outputs(x, scale, zero_point, quant_min, quant_max, true);
 }
 
 // The qparams' gradients are per sample: one block per sample, shared qparams too, each
