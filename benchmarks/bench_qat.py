@@ -10,7 +10,10 @@ a first step (the learning phase).
 A third table runs an MLP block (Linear d -> 4d, GELU, Linear 4d -> d) whose input needs a
 gradient, as every layer's but the first does: the bytes autograd keeps for the backward (each
 saved storage once, parameters not counted) and the step's time, qlib against torch.ao.
-A fourth times per-sample gradients (torch.func.vmap of grad) of a QAT MLP.
+A fourth times per-sample gradients (torch.func.vmap of grad) of a QAT MLP, and a fifth those of
+the trainable layers around a frozen quantized base (an int8 or 4-bit Linear), as DP-SGD of
+adapters over a quantized model. Its baseline is the fp32 base: torch.ao's dynamic quantized
+Linear has no autograd, and its gradients for the layers before it are silently zero.
 
     .venv/bin/python benchmarks/bench_qat.py [--threads N] [--budget 3]
 """
@@ -118,6 +121,29 @@ def per_sample_table(budget):
               f"{ms[0] / ms[2]:.2f}x |")
 
 
+def frozen_base_per_sample_table(budget):
+    """Per-sample gradients (vmap of grad) of Linear(d, d), ReLU, a frozen base (d -> 4d), ReLU,
+    Linear(4d, 10), each sample seq x d: the base as qlib's Int8Linear, qlib's Linear4bit, or fp32."""
+    print("\nPer-sample gradients (vmap of grad) around a frozen base d -> 4d (Linear(d, d), ReLU, base, "
+          "ReLU, Linear(4d, 10)), samples of seq x d: median ms per batch")
+    print("| batch x seq x d | qlib Int8Linear ms | qlib Linear4bit ms | fp32 base ms | Int8Linear / fp32 "
+          "| Linear4bit / fp32 |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for batch, seq, d in [(64, 1, 256), (32, 16, 256), (16, 32, 768)]:
+        base = nn.Linear(d, 4 * d).requires_grad_(False)
+        steps = []
+        for frozen in (qlib.nn.Int8Linear.from_float(base), qlib.nn.Linear4bit.from_float(base), base):
+            m = nn.Sequential(nn.Linear(d, d), nn.ReLU(), frozen, nn.ReLU(), nn.Linear(4 * d, 10))
+            params = {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
+            x, y = torch.randn(batch, seq, d), torch.randint(0, 10, (batch,))
+            loss = lambda p, xi, yi, m=m: nn.functional.cross_entropy(
+                torch.func.functional_call(m, p, (xi,)).mean(0, keepdim=True), yi[None])
+            per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
+            steps.append(lambda f=per_sample, p=params, x=x, y=y: f(p, x, y))
+        ms = interleaved_medians_ms(steps, budget_s=budget, min_reps=5, max_reps=200)
+        print(f"| {batch} x {seq} x {d} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} | {ms[0] / ms[2]:.2f}x | "
+              f"{ms[1] / ms[2]:.2f}x |")
+
+
 def print_row(batch, k, n, t_ours, t_theirs, t_fp32):
     print(f"| {batch} x {k} x {n} | {t_ours:.0f} | {t_theirs:.0f} | {t_fp32:.0f} | "
           f"{t_theirs / t_ours:.2f}x | {t_ours / t_fp32:.2f}x |")
@@ -159,6 +185,7 @@ def main():
         print_row(batch, k, n, *time_steps(ours, theirs, act_fq, lin, x, args.budget))
     mlp_block_table(qconfig, args.budget)
     per_sample_table(args.budget)
+    frozen_base_per_sample_table(args.budget)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ void check_chosen_qparams(const char* op, const at::Tensor& min, const at::Tenso
                           int64_t quant_max);
 
 // The fake-quant ops through the dispatcher (autograd included), for C++ callers
-// (affine_autograd.cpp, fake_quant_vmap.cpp, minmax_fake_quant.cpp).
+// (affine_autograd.cpp, vmap_rules.cpp, minmax_fake_quant.cpp).
 at::Tensor call_fake_quant(const at::Tensor& x, const at::Tensor& scale,
                            const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max);
 std::tuple<at::Tensor, at::Tensor> call_fake_quant_with_mask(const at::Tensor& x,

@@ -806,7 +806,7 @@ def test_torch_func_differentiates_the_frozen_linears(device, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_vmap_rules_equal_a_loop(device, dtype):
-    """The fake-quant ops' batching rules (csrc/fake_quant_vmap.cpp: one call on the batch) equal
+    """The fake-quant ops' batching rules (csrc/vmap_rules.cpp: one call on the batch) equal
     a loop over the samples, for every granularity, with x, the qparams or all batched, batch
     dims anywhere; fake_quant_backward's qparam sums per sample (shared qparams too).
     lsq_fake_quant takes functorch's per-sample fallback (its factor depends on a sample's size)."""

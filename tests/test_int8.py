@@ -885,6 +885,71 @@ def test_per_sample_gradients_through_a_frozen_quantized_layer(layer):
             torch.testing.assert_close(per_sample[k][i], one[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vmap_rules_of_the_frozen_linears_equal_a_loop(device, dtype):
+    """The frozen Linears' batching rule (csrc/vmap_rules.cpp). x alone batched: one call, the
+    batch one more leading dim of x (per-token or static activation scales: the same codes); it
+    equals a loop over the samples (the 4-bit kernel's float sums may round per row count:
+    float tolerance). A batched bias, weight or activation scale: a call per sample. Batch dims
+    anywhere, 1-D samples, nested vmaps, an empty batch, and errors naming the op and the batch."""
+    torch.manual_seed(0)
+    B, K, N = 5, 40, 24
+    lin = nn.Linear(K, N).to(device)
+    w_scale = lin.weight.detach().abs().amax(1) / 127
+    w8 = torch.round(lin.weight.detach() / w_scale[:, None]).to(torch.int8)
+    q4 = qlib.nn.Linear4bit.from_float(lin, block_size=8)
+    act_scale, act_zp = torch.tensor(0.03, device=device), torch.tensor(2, dtype=torch.int32, device=device)
+    linears = {  # (x, bias, int8 weight) -> y
+        "int8": lambda x, b, w: ops.int8_linear(x, w, w_scale, b),
+        "int8 static": lambda x, b, w: ops.int8_linear(x, w, w_scale, b, act_scale, act_zp, -128, 127),
+        "int8 packed": lambda x, b, w: ops.int8_linear_packed(x, ops.int8_pack_weight(w), w, w_scale, b),
+        "4bit": lambda x, b, w: ops.linear_4bit(x, q4.packed, q4.absmax, q4.codebook, 8, b),
+    }
+    xs = torch.randn(B, 3, K, device=device).to(dtype)
+    biases = torch.randn(B, N, device=device)
+    w8s = torch.stack([w8, -w8, w8.flip(1), w8, w8.flip(0)])
+
+    def check(name, got, want):
+        if name == "4bit" and dtype != torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+        elif name == "4bit":
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, want), name
+
+    for name, f in linears.items():
+        loop = lambda pick: torch.stack([f(*pick(i)) for i in range(B)])
+        got = torch.vmap(f, in_dims=(0, None, None))(xs, lin.bias, w8)
+        check(name, got, loop(lambda i: (xs[i], lin.bias, w8)))
+        got = torch.vmap(f, in_dims=(1, None, None))(xs.transpose(0, 1), None, w8)  # (batch dim 1)
+        check(name, got, loop(lambda i: (xs[i], None, w8)))
+        got = torch.vmap(f, in_dims=(0, None, None))(xs[:, 0], lin.bias, w8)  # (1-D samples)
+        check(name, got, loop(lambda i: (xs[i, 0], lin.bias, w8)))
+        got = torch.vmap(f, in_dims=(0, 0, None))(xs, biases, w8)  # (a call per sample)
+        assert torch.equal(got, loop(lambda i: (xs[i], biases[i], w8))), name
+        got = torch.vmap(f, in_dims=(None, 0, None))(xs[0], biases, w8)
+        assert torch.equal(got, loop(lambda i: (xs[0], biases[i], w8))), name
+        if name != "4bit":
+            got = torch.vmap(f, in_dims=(0, None, 0))(xs, lin.bias, w8s)
+            assert torch.equal(got, loop(lambda i: (xs[i], lin.bias, w8s[i]))), name
+        # Nested: x batched by the inner vmap, the bias by the outer one.
+        got = torch.vmap(torch.vmap(f, in_dims=(0, None, None)), in_dims=(None, 0, None))(xs, biases[:2], w8)
+        want = torch.stack([loop(lambda i: (xs[i], biases[j], w8)) for j in range(2)])
+        check(name, got, want)
+        empty = torch.vmap(f, in_dims=(0, None, None))(xs[:0], lin.bias, w8)
+        assert empty.shape == (0, 3, N) and empty.dtype == dtype
+        with pytest.raises(RuntimeError, match=r"qlib::\w+: under torch.vmap, an empty batch"):
+            torch.vmap(f, in_dims=(0, 0, None))(xs[:0], biases[:0], w8)
+        with pytest.raises(RuntimeError, match=r"qlib::\w+: .*37.*\(under torch.vmap: the shapes"):
+            torch.vmap(f, in_dims=(0, None, None))(xs[..., 3:], None, w8)
+    # Stacked dynamic Int8Linears (stack_module_state: batched weights) equal each module.
+    mods = [Int8Linear.from_float(nn.Linear(K, N)).to(device) for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(mods)
+    x = torch.randn(4, K, device=device).to(dtype)
+    got = torch.vmap(lambda p, b: torch.func.functional_call(mods[0], (p, b), (x,)))(params, buffers)
+    assert torch.equal(got, torch.stack([m(x) for m in mods]))
+
+
 def test_int8linear_static_stacked_code_range_under_vmap_names_the_buffer():
     """Stacked static Int8Linears (stack_module_state): the code range, read in Python, is batched;
     the error names it (it was "Cannot access data pointer of Tensor that doesn't have storage")."""

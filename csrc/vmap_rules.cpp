@@ -1,8 +1,10 @@
-// torch.vmap batching rules of the fake-quant ops (the FuncTorchBatched key): one call on the
-// whole batch, where functorch's fallback called the op once per sample (per-sample gradients
-// of a QAT model: vmap of grad). The batch becomes x's leading dim; a batched scale or zero point
-// gives one block per sample there, an unbatched one a block over the whole batch (a one-element
-// one stays per tensor). An empty batch gives empty outputs (a per-sample scale would be empty).
+// torch.vmap batching rules (the FuncTorchBatched key): one call on the whole batch, where
+// functorch's fallback called the op once per sample (per-sample gradients: vmap of grad).
+// - The fake-quant ops: the batch becomes x's leading dim; a batched scale or zero point gives one
+//   block per sample there, an unbatched one a block over the whole batch (a one-element one stays
+//   per tensor). An empty batch gives empty outputs (a per-sample scale would be empty).
+// - The frozen-weight Linears (int8, 4-bit): x's batch becomes one more leading dim of x, where x
+//   alone is batched; otherwise (a batched weight, bias or activation scale) one call per sample.
 #include <ATen/ATen.h>
 #include <ATen/functorch/BatchedTensorImpl.h>
 #include <torch/library.h>
@@ -47,7 +49,7 @@ bool level_on_stack(int64_t level) {
 // wrappers (the dispatcher called the rule because one is batched), unless a grad / jvp
 // wrapper (not batched) may lie above it: then a level on the stack past it means the running
 // layer is another one (a captured tensor batched by an outer vmap).
-std::optional<VmapLevel> batched_level(std::initializer_list<at::Tensor> tensors) {
+std::optional<VmapLevel> batched_level(c10::ArrayRef<at::Tensor> tensors) {
   VmapLevel level{-1, 0};
   bool other_wrapper = false;
   for (const at::Tensor& t : tensors) {
@@ -199,6 +201,47 @@ at::Tensor fake_quant_mask_backward_batched(const at::Tensor& grad, const at::Te
                      level.id);
 }
 
+// The frozen-weight Linears (boxed: one rule for int8_linear, int8_linear_packed and
+// linear_4bit, x their first argument, one tensor returned).
+void linear_batched(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const size_t n_args = op.schema().arguments().size();
+  const size_t first = stack->size() - n_args;
+  std::vector<at::Tensor> tensors;
+  for (size_t i = first; i < stack->size(); ++i) {
+    if ((*stack)[i].isTensor()) tensors.push_back((*stack)[i].toTensor());
+  }
+  const auto found = batched_level(tensors);
+  if (!found) return op.callBoxed(stack);
+  const VmapLevel& level = *found;
+  const at::Tensor x = (*stack)[first].toTensor();
+  bool x_alone = batched_at(x, level) && x.dim() > 0;
+  for (const at::Tensor& t : tensors) {
+    x_alone = x_alone && (t.is_same(x) || !batched_at(t, level));
+  }
+  if (x_alone) {  // (dynamic activation scales are per row, a static one shared by the batch)
+    (*stack)[first] = leading(x, level);
+    with_batch_note([&] { op.callBoxed(stack); });
+    stack->back() = makeBatched(stack->back().toTensor(), 0, level.id);
+    return;
+  }
+  TORCH_CHECK(level.batch > 0, op.schema().name(),
+              ": under torch.vmap, an empty batch is supported where x alone is batched");
+  const std::vector<c10::IValue> args(stack->begin() + first, stack->end());
+  stack->resize(first);
+  std::vector<at::Tensor> outputs;
+  for (int64_t i = 0; i < level.batch; ++i) {
+    torch::jit::Stack sample;
+    for (const c10::IValue& a : args) {
+      const bool per_sample = a.isTensor() && batched_at(a.toTensor(), level);
+      sample.push_back(per_sample ? c10::IValue(leading(a.toTensor(), level).select(0, i)) : a);
+    }
+    op.callBoxed(&sample);
+    outputs.push_back(sample.back().toTensor());
+  }
+  stack->push_back(makeBatched(at::stack(outputs), 0, level.id));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qlib, FuncTorchBatched, m) {
@@ -206,6 +249,9 @@ TORCH_LIBRARY_IMPL(qlib, FuncTorchBatched, m) {
   m.impl("fake_quant_with_mask", &fake_quant_with_mask_batched);
   m.impl("fake_quant_backward", &fake_quant_backward_batched);
   m.impl("fake_quant_mask_backward", &fake_quant_mask_backward_batched);
+  for (const char* linear : {"int8_linear", "int8_linear_packed", "linear_4bit"}) {
+    m.impl(linear, torch::CppFunction::makeFromBoxedFunction<&linear_batched>());
+  }
 }
 
 }  // namespace qlib
