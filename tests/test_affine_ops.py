@@ -259,6 +259,8 @@ def test_seed_absmax_quantization():
     q = qlib.quantize(x, scale.reshape(1), None, -127, 127)
     assert torch.equal(q.float(), seeds_q)
     assert (qlib.dequantize(q, scale.reshape(1)) - x).abs().max() <= scale / 2 + 1e-6
+    # The seeds' X_dequant = X_quant / (127 / amax), to float rounding.
+    torch.testing.assert_close(qlib.dequantize(q, scale.reshape(1)), seeds_q / (127 / amax), rtol=1e-6, atol=1e-6)
 
 
 def test_seed_zero_point_quantization():
@@ -269,9 +271,11 @@ def test_seed_zero_point_quantization():
     seed_scale = (x.max() - x.min()) / 255
     assert torch.allclose(scale, seed_scale.reshape(1))
     seed_zp = (x.min() / seed_scale).round() + 128
-    assert int(zp) == -int(seed_zp) or int(zp) == -128 - int((x.min() / scale).round())
+    assert int(seed_zp) == 49 and int(zp) == -int(seed_zp)
     q = qlib.quantize(x, scale, zp)
     assert q.min() == -128 and q.max() <= 127
+    # The seeds' codes, Int(r / S) - Z: r_min -> -128 (no value of this matrix sits on a tie).
+    assert torch.equal(q.float(), (x / seed_scale).round() - seed_zp)
     assert (qlib.dequantize(q, scale, zp) - x).abs().max() <= scale / 2 + 1e-6
 
 
@@ -456,9 +460,14 @@ def cuda_value_checks():
 
 
 def test_bad_input_errors(device, cuda_value_checks):
+    """Each error names the op (every message starts with it, not only those whose pattern
+    spells it out), the argument and the value."""
+    ops_named = {s.name[len("qlib::"):] for s in torch._C._jit_get_all_schemas() if s.name.startswith("qlib::")}
     for call, message in _bad_cases(device):
-        with pytest.raises(RuntimeError, match=message):
+        with pytest.raises(RuntimeError, match=message) as info:
             call()
+        named = re.match(r"qlib::(\w+): ", str(info.value))
+        assert named and named.group(1) in ops_named, str(info.value)
 
 
 def test_fakes_raise_the_kernels_errors_that_need_no_values():

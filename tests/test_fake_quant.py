@@ -25,6 +25,24 @@ def tricky_input(shape, scale, device, qmin=-128, qmax=127):
     return x
 
 
+def tricky_input_per_block(shape, scale, device, qmin=-128, qmax=127):
+    """tricky_input for a scale of any block shape: exact rounding ties of each block's own
+    scale (tricky_input's ties are of one scale only, so none with per-channel scales) and
+    values past both clamp edges."""
+    s = expand_blocks(scale, torch.empty(shape, device=device)).expand(shape)
+    x = torch.randn(shape, device=device) * s * (qmax - qmin) / 4
+    ties = (torch.randint(qmin, qmax, shape, device=device).float() + 0.5) * s
+    pick = torch.rand(shape, device=device)
+    x = torch.where(pick < 0.3, ties, x)
+    return torch.where(pick > 0.9, x * 1000.0, x)
+
+
+def count_ties(x, scale):
+    """How many x * (1 / scale) land exactly on a .5 (what the op rounds, half to even)."""
+    v = x.float() * (1.0 / expand_blocks(scale, x))
+    return int(((v - v.floor()) == 0.5).sum())
+
+
 def expand_blocks(t, x):
     """t (a scale or zero point shaped like the blocks of x) as float32, repeated to x's shape."""
     t = t.float()
@@ -94,16 +112,18 @@ def test_huge_page_hint_can_be_turned_off():
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
-@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (0, 255), (-8, 7)])
+@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (0, 255), (-8, 7), (-32768, 32767), (0, 15)])
 @pytest.mark.parametrize("leaf", [True, False], ids=["leaf", "activation"])
 def test_per_channel_matches_torch(device, axis, qmin, qmax, leaf):
     shape = [5, 17, 33]
     C = shape[axis]
     scale = torch.rand(C, device=device) * 0.1 + 0.005
     zp = torch.randint(qmin, qmax + 1, (C,), dtype=torch.int32, device=device)
-    x = tricky_input(shape, 0.05, device, qmin, qmax).requires_grad_()
     view = [1, 1, 1]
     view[axis] = C
+    x = tricky_input_per_block(shape, scale.view(view), device, qmin, qmax)
+    assert count_ties(x, scale.view(view)) > x.numel() // 10  # rounding ties in every channel's scale
+    x.requires_grad_()
     y = ops.fake_quant(x if leaf else x * 1, scale.view(view), zp.view(view), qmin, qmax)
     x_ref = x.detach().clone().requires_grad_()
     y_ref = torch.fake_quantize_per_channel_affine(x_ref, scale, zp, axis, qmin, qmax)
@@ -128,8 +148,10 @@ def test_per_channel_matches_torch(device, axis, qmin, qmax, leaf):
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_blocks_match_reference(device, x_shape, s_shape, dtype):
-    x = tricky_input(x_shape, 0.05, device).to(dtype)
     scale = torch.rand(s_shape, device=device) * 0.1 + 0.01
+    x = tricky_input_per_block(x_shape, scale, device)
+    assert count_ties(x, scale) > x.numel() // 10
+    x = x.to(dtype)
     zp = torch.randint(-20, 20, s_shape, dtype=torch.int32, device=device)
     y = ops.fake_quant(x, scale, zp, -128, 127)
     assert y.dtype == dtype and y.shape == x.shape
@@ -144,9 +166,10 @@ def test_low_precision_equals_float32_math_cast_back(device, dtype):
     y = ops.fake_quant(x, scale, zp, -128, 127)
     expect = torch.fake_quantize_per_tensor_affine(x.float(), scale, zp, -128, 127).to(dtype)
     assert torch.equal(y, expect)
-    # Per-channel too, through torch's per-channel op on float32.
+    # Per-channel too, through torch's per-channel op on float32 (ties of each channel's scale).
     sc = torch.rand(9, device=device) * 0.05 + 0.01
     zc = torch.randint(-3, 3, (9,), dtype=torch.int32, device=device)
+    x = tricky_input_per_block((1025, 9), sc.view(1, 9), device).to(dtype)
     y = ops.fake_quant(x, sc.view(1, 9), zc.view(1, 9), -128, 127)
     expect = torch.fake_quantize_per_channel_affine(x.float(), sc, zc, 1, -128, 127).to(dtype)
     assert torch.equal(y, expect)
@@ -181,6 +204,23 @@ def test_non_contiguous_and_empty(device):
     assert out.shape == (0, 7)
     out.sum().backward()
     assert e.grad.shape == (0, 7)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="an empty scale is refused ('scale is empty') even where x is empty along that "
+                          "dim: per-token qparams of a batch of zero rows ([0, 1]) do not run")
+def test_per_token_qparams_of_an_empty_batch(device):
+    """Zero tokens (routed tokens, an empty batch): choose_qparams gives [0, 1] per-token qparams,
+    which block an x of [0, K] (zero blocks); fake_quant / quantize / dequantize give empties."""
+    x = torch.empty(0, 8, device=device, requires_grad=True)
+    amax = x.detach().abs().amax(1, keepdim=True)
+    s, z = qlib.choose_qparams(-amax, amax, -127, 127, True)
+    assert s.shape == (0, 1) and z.shape == (0, 1)
+    y = qlib.fake_quant(x, s, z, -127, 127)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    q = qlib.quantize(x.detach(), s, z, -127, 127, torch.int8)
+    assert q.shape == (0, 8) and qlib.dequantize(q, s, z).shape == (0, 8)
 
 
 def _dense_layouts(device):
