@@ -484,6 +484,26 @@ def test_int8linear_from_float_tiny_weights(device):
         assert ((y - ref).norm() / ref.norm()).item() < 0.02, e
 
 
+def test_int8linear_weight_memory_measured(device, tmp_path):
+    """weight_bytes() is a formula: measure what the module holds (its int8 weight, or the CPU
+    kernel's packing of it: 1 byte a weight, N column sums and a tag at these aligned sizes) and
+    what its state_dict holds and saves: 4x below float32, plus the scales."""
+    N, K = 256, 512
+    lin = nn.Linear(K, N).to(device)
+    q = Int8Linear.from_float(lin)
+    fp32 = lin.weight.nbytes
+    held = {n: t.nbytes for n, t in q.named_buffers() if n != "bias"}
+    assert held["weight_scale"] == 4 * N
+    assert fp32 // 4 <= sum(held.values()) <= fp32 // 4 + 8 * N + 64, held
+    sd = q.state_dict()
+    assert sd["weight"].dtype == torch.int8 and sd["weight"].shape == (N, K)
+    assert sd["weight_scale"].dtype == torch.float32 and sd["weight_scale"].shape == (N,)
+    assert sd["weight"].nbytes + sd["weight_scale"].nbytes == fp32 // 4 + 4 * N
+    torch.save({k: v for k, v in sd.items() if k != "bias"}, tmp_path / "q.pt")
+    torch.save(lin.weight.detach(), tmp_path / "w.pt")
+    assert (tmp_path / "q.pt").stat().st_size * 3.9 < (tmp_path / "w.pt").stat().st_size
+
+
 def test_int8linear_state_dict_round_trip(device, tmp_path):
     lin = nn.Linear(64, 24).to(device)
     q = Int8Linear.from_float(lin, activation="static", act_scale=0.05)
@@ -509,6 +529,12 @@ def test_int8linear_corrupt_state_dict(device):
     bad_shape = dict(sd, weight_scale=sd["weight_scale"][:4])
     with pytest.raises(RuntimeError, match=r"state_dict\['weight_scale'\] .* shape \(4,\), expected .* \(8,\)"):
         Int8Linear(16, 8, device=device).load_state_dict(bad_shape)
+    for key, bad, message in [("weight", sd["weight"][:, :15], r"torch.int8 of shape \(8, 15\), expected torch.int8 of shape \(8, 16\)"),
+                              ("weight", sd["weight"].to(torch.uint8), r"torch.uint8 of shape \(8, 16\), expected torch.int8"),
+                              ("weight_scale", sd["weight_scale"].double(), r"torch.float64 of shape \(8,\), expected torch.float32"),
+                              ("bias", sd["bias"][:3], r"torch.float32 of shape \(3,\), expected torch.float32 of shape \(8,\)")]:
+        with pytest.raises(RuntimeError, match=rf"Int8Linear \(.*\): state_dict\['{key}'\] is {message}"):
+            Int8Linear(16, 8, device=device).load_state_dict(dict(sd, **{key: bad}))
     with pytest.raises(RuntimeError, match="Missing key"):
         Int8Linear(16, 8, device=device).load_state_dict({k: v for k, v in sd.items() if k != "bias"})
     for v in (math.nan, 0.0, -0.5, math.inf):

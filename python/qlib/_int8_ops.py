@@ -93,7 +93,9 @@ def quantize_per_token(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def int8_gemm(a: Tensor, b: Tensor) -> Tensor:
-    """Exact int8 [M, K] x int8 [N, K] -> int32 [M, N] (a @ b.T, the F.linear layout)."""
+    """Exact int8 [M, K] x int8 [N, K] -> int32 [M, N] (a @ b.T, the F.linear layout), for
+    K <= 2**17 - 1 = 131071 (int32 sums: at K = 2**17 all -128 inputs give 2**31, one past
+    INT32_MAX); a longer K raises."""
     return ops.int8_gemm(a, b)
 
 
