@@ -354,6 +354,24 @@ def test_nan_and_inf(device):
     for dtype in (torch.float16, torch.bfloat16):
         yl = ops.fake_quant(x.detach().to(dtype), scale, zp, -128, 127)
         assert torch.isnan(yl[0]) and yl[1].item() == 62.0 and yl[2].item() == -65.5
+    # Inside the vector bodies and tails, per-tensor and per block, every dtype: each block's
+    # own (quant_max - zp) * scale and (quant_min - zp) * scale.
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for xshape, sshape in (((3, 1000), (1,)), ((4, 37), (4, 1)), ((4, 37), (1, 37)), ((8, 64), (2, 4))):
+            x = (torch.randn(xshape, device=device) * 0.1).to(dtype)
+            flat = x.view(-1)
+            flat[::5], flat[1::5], flat[2::5] = float("nan"), float("inf"), -float("inf")
+            s = torch.rand(sshape, device=device) * 0.1 + 0.02
+            z = torch.randint(-5, 5, sshape, dtype=torch.int32, device=device)
+            xg = x.clone().requires_grad_()
+            y = ops.fake_quant(xg, s, z, -8, 7)
+            se, ze = (expand_blocks(t, x).expand(xshape) for t in (s, z))
+            pos, neg = x == float("inf"), x == -float("inf")
+            assert torch.equal(y.isnan(), x.isnan()), (dtype, sshape)
+            assert torch.equal(y[pos], ((7 - ze) * se).to(dtype)[pos]), (dtype, sshape)
+            assert torch.equal(y[neg], ((-8 - ze) * se).to(dtype)[neg]), (dtype, sshape)
+            y.backward(torch.ones_like(y))
+            assert (xg.grad[~x.isfinite()] == 0).all()
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
