@@ -1530,11 +1530,8 @@ def test_demo_runs_and_writes_its_table_and_plots(tmp_path, capsys):
     from qlib import demo
 
     import re
-    import time
 
-    start = time.perf_counter()
     assert demo.main(out_dir=str(tmp_path)) == 0
-    assert time.perf_counter() - start < 180  # the bound on 2 cores (~40 s when written)
     out = capsys.readouterr().out
     for row in ("fp32 ", "PTQ fake-quant", "QAT fake-quant", "int8 dynamic", "int8 static", "4-bit weights", "4-bit w. QAT", "4-bit GPTQ"):
         assert row in out, row
