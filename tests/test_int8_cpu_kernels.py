@@ -750,6 +750,36 @@ def test_int8linear_packing_alone_state_and_transforms():
     assert b.weight.is_meta and b.weight.shape == (48, 64)
 
 
+def test_int8linear_weight_read_under_torch_func():
+    """`weight` read inside torch.func transforms (grad, jvp, jacrev, vmap) where only the packing
+    is kept: the int8 weight, as outside, and the module holds a plain tensor, not a wrapper of
+    the transform (was: "Cannot access data pointer of Tensor that doesn't have storage")."""
+    from torch._C._functorch import is_functorch_wrapped_tensor
+    from torch.func import grad, jacrev, jvp, vmap
+
+    if not qlib.build_info()["int8_packed_copy"]:
+        pytest.skip("this kernel runs on the plain weight")
+    torch.manual_seed(2)
+    x = torch.randn(3, 40)
+    transforms = {
+        "grad": lambda f: grad(lambda t: f(t).sum())(x),
+        "jvp": lambda f: jvp(f, (x,), (torch.ones_like(x),))[1],
+        "jacrev": lambda f: jacrev(f)(x),
+        "vmap": lambda f: vmap(f)(x[None]),
+    }
+    for name, transform in transforms.items():
+        m = Int8Linear.from_float(torch.nn.Linear(40, 24))
+        w = m.weight.clone()
+        y = m(x)
+        assert m._buffers["weight"] is None, name
+        got = transform(lambda t: ops.int8_linear(t, m.weight, m.weight_scale, m.bias))
+        want = transform(lambda t: ops.int8_linear(t, w, m.weight_scale, m.bias))
+        assert torch.equal(got, want), name
+        held = m._buffers["weight"]
+        assert held is None or not is_functorch_wrapped_tensor(held), name
+        assert torch.equal(m.weight, w) and torch.equal(m(x), y), name
+
+
 def _saved(module):
     import io
     buf = io.BytesIO()

@@ -9,6 +9,7 @@ input's dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import weakref
 from typing import Union
@@ -41,6 +42,13 @@ def quantize_weight_per_channel(weight: Tensor):
     scale, _ = choose_qparams(-amax, amax, -127, 127, True, MIN_SCALE)
     q = quantize(w, scale.unsqueeze(1), None, -127, 127, torch.int8)
     return q, scale
+
+
+def _outside_functorch():
+    """A context in which ops run outside the active torch.func transforms (none: a no-op)."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return contextlib.nullcontext()
+    return torch._C._DisableFuncTorch()
 
 
 def _version_of(t: Tensor):
@@ -207,7 +215,12 @@ class Int8Linear(QuantState):
         if "weight_packed" not in b:  # (not built yet: register_buffer asks)
             raise AttributeError("weight")
         packed, state = b["weight_packed"], self.__dict__.get("_pack_state")
-        with torch.inference_mode(False):  # (a plain tensor, editable outside inference_mode too)
+        if not torch.compiler.is_compiling() and is_functorch_wrapped_tensor(packed):
+            # (a packing passed through a transform: not the module's to hold)
+            return torch.ops.qlib.int8_unpack_weight(packed, self.out_features, self.in_features)
+        with torch.inference_mode(False), _outside_functorch():
+            # A plain tensor, editable outside inference_mode too, and not a torch.func wrapper
+            # (read under grad / jvp: the module would hold a wrapper of a finished transform).
             w = torch.ops.qlib.int8_unpack_weight(packed, self.out_features, self.in_features)
         b["weight"] = w
         # (the kernel packed for, as far as known: forward repacks for another)
