@@ -106,6 +106,48 @@ TEST(QuantMath, ValueAndMaskAreFakeQuantsValueAndSte) {
   }
 }
 
+TEST(QuantMath, CodesAndDequantizeMatchFloat64) {
+  std::mt19937 gen(2);
+  std::normal_distribution<float> dist(0.0f, 50.0f);
+  for (int i = 0; i < 10000; ++i) {
+    const float x = dist(gen), inv = 1.0f / 0.37f, zp = static_cast<float>(i % 17 - 8);
+    const float code = qlib::unclamped_code<ScalarMath>(x, inv, zp);  // no clamp
+    ASSERT_EQ(code, static_cast<float>(std::nearbyint(double(x * inv)) + zp)) << x;
+    const float q = static_cast<float>(i % 256 - 128);
+    ASSERT_EQ(qlib::dequantize_code(q, 0.37f, zp), static_cast<float>((double(q) - zp) * 0.37f));
+  }
+  // int8 / int16 codes: float(q) - zp; int32 codes subtract in int64 first (2^24 + 1 - 1).
+  EXPECT_EQ(qlib::code_minus_zero_point(int8_t{-128}, 3.0f), -131.0f);
+  EXPECT_EQ(qlib::code_minus_zero_point(int16_t{32767}, -5.0f), 32772.0f);
+  EXPECT_EQ(qlib::code_minus_zero_point(int32_t{16777217}, 1.0f), 16777216.0f);
+}
+
+TEST(QuantMath, Int8TokenScaleAndActCode) {
+  // Dynamic activations: scale absmax / 127 (float32 division), at least the eps.
+  for (float amax : {1.0f, 0.3f, 127.0f, 1e-3f, 3e38f}) {
+    EXPECT_EQ(qlib::int8_token_scale(amax), amax / 127.0f) << amax;
+  }
+  EXPECT_EQ(qlib::int8_token_scale(0.0f), qlib::kInt8ScaleEps);
+  EXPECT_EQ(qlib::int8_token_scale(1e-9f), qlib::kInt8ScaleEps);
+  // Codes: round half to even, clamped to [-127, 127] by default (never -128), NaN gives the
+  // zero point; static codes take their zero point and range.
+  const float inv = 1.0f / qlib::int8_token_scale(2.0f);
+  std::mt19937 gen(3);
+  std::normal_distribution<float> dist(0.0f, 1.5f);
+  for (int i = 0; i < 10000; ++i) {
+    const float x = dist(gen);
+    const double c = std::min(127.0, std::max(-127.0, std::nearbyint(double(x * inv))));
+    ASSERT_EQ(qlib::int8_act_code(x, inv), static_cast<int8_t>(c)) << x;
+  }
+  EXPECT_EQ(qlib::int8_act_code(-INFINITY, inv), -127);
+  EXPECT_EQ(qlib::int8_act_code(INFINITY, inv), 127);
+  EXPECT_EQ(qlib::int8_act_code(NAN, inv), 0);
+  const qlib::Int8ActCodes codes{5.0f, -128.0f, 127.0f};
+  EXPECT_EQ(qlib::int8_act_code(-INFINITY, 1.0f, codes), -128);
+  EXPECT_EQ(qlib::int8_act_code(2.5f, 1.0f, codes), 7);  // round(2.5) = 2, + 5
+  EXPECT_EQ(qlib::int8_act_code(NAN, 1.0f, codes), 5);
+}
+
 TEST(QuantMath, QParamsValid) {
   EXPECT_TRUE(qlib::qparams_valid(0.1f, 0.0f, -128.0f, 127.0f));
   EXPECT_TRUE(qlib::qparams_valid(std::numeric_limits<float>::max(), 127.0f, -128.0f, 127.0f));
