@@ -1536,7 +1536,7 @@ def test_demo_runs_and_writes_its_table_and_plots(tmp_path, capsys):
     for row in ("fp32 ", "PTQ fake-quant", "QAT fake-quant", "int8 dynamic", "int8 static", "4-bit weights", "4-bit w. QAT", "4-bit GPTQ"):
         assert row in out, row
     # PTQ with each observer at 8 and 4 bits, and 4-bit QAT: accuracy and bytes against fp32.
-    for obs in ("MinMax", "Percentile", "MSE", "Entropy"):
+    for obs in ("MinMax", "MovingAvgMinMax", "Percentile", "MSE", "Entropy"):
         for bits in (8, 4):
             assert re.search(rf"^PTQ fake-quant\s+{obs}\s+{bits}\s+\d+\.\d\d\s+[+-]\d+\.\d\d\s+\d+\s+\d+\.\d\dx", out, re.M), (obs, bits)
     assert re.search(r"^QAT fake-quant\s+\S+\s+4\s+\d+\.\d\d", out, re.M)

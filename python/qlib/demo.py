@@ -19,7 +19,13 @@ from qlib import digits
 from qlib.config import QATConfig
 from qlib.report import latencies_ms, state_bytes
 
-OBSERVERS = ["MinMaxObserver", "PercentileObserver", "MSEObserver", "EntropyObserver"]
+OBSERVERS = ["MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
+             "EntropyObserver"]
+
+
+def short_name(observer: str) -> str:
+    """An observer class's name in the table: MovingAverageMinMaxObserver -> MovingAvgMinMax."""
+    return observer.replace("Observer", "").replace("MovingAverage", "MovingAvg")
 
 
 def print_build_info():
@@ -83,7 +89,7 @@ def main(out_dir: str = "demo_out") -> int:
     for bits in (8, 4):
         for obs in OBSERVERS:
             q = ptq(model, data, bits, obs)
-            rows.append(("PTQ fake-quant", obs.replace("Observer", ""), bits, digits.accuracy(q, data),
+            rows.append(("PTQ fake-quant", short_name(obs), bits, digits.accuracy(q, data),
                          model_bytes(model, bits), None))
 
     qat4 = digits.qat_finetune(model, data, QATConfig(weight_bits=4, activation_bits=4), progress="4-bit QAT")
@@ -136,7 +142,7 @@ def main(out_dir: str = "demo_out") -> int:
     # Calibration ranges of the first hidden layer's activations.
     with torch.no_grad():
         h = model[1](model[0](data.x_train))
-    observers = {name.replace("Observer", ""): getattr(qlib.observers, name)(bits=4, symmetric=False)
+    observers = {short_name(name): getattr(qlib.observers, name)(bits=4, symmetric=False)
                  for name in OBSERVERS}
     for ob in observers.values():
         ob(h)
