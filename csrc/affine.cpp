@@ -201,8 +201,10 @@ void check_affine_meta(const char* op, const char* x_name, const at::Tensor& x,
   TORCH_CHECK(x.device() == scale.device() && x.device() == zero_point.device(), op, ": ",
               x_name, " (", x.device(), "), scale (", scale.device(), ") and zero_point (",
               zero_point.device(), ") must be on the same device");
-  // (No guard where a size is data-dependent, as a per-token scale of routed tokens.)
-  TORCH_SYM_CHECK(scale.sym_numel().sym_gt(0), op, ": scale is empty");
+  // (No guard where a size is data-dependent, as a per-token scale of routed tokens.) An empty
+  // scale blocks an empty x (per-token qparams of zero rows).
+  TORCH_SYM_CHECK(scale.sym_numel().sym_gt(0).sym_or(x.sym_numel().sym_eq(0)), op,
+                  ": scale is empty but ", x_name, " of shape ", x.sym_sizes(), " is not");
   if (TORCH_GUARD_OR_FALSE(scale.sym_numel().sym_eq(1))) {
     TORCH_SYM_CHECK(zero_point.sym_numel().sym_eq(1), op, ": a one-element scale needs a ",
                     "one-element zero_point, got zero_point of shape ", zero_point.sym_sizes());
@@ -212,6 +214,12 @@ void check_affine_meta(const char* op, const char* x_name, const at::Tensor& x,
               " does not block ", x_name, " of shape ", x.sym_sizes(),
               " (a scale with more than one element needs the rank of ", x_name, ")");
   for (int64_t d = 0; d < x.dim(); ++d) {
+    if (TORCH_GUARD_OR_FALSE(scale.sym_size(d).sym_eq(0))) {  // (no blocks: x has no elements)
+      TORCH_SYM_CHECK(x.sym_size(d).sym_eq(0), op, ": scale of shape ", scale.sym_sizes(),
+                      " does not block ", x_name, " of shape ", x.sym_sizes(), " (dim ", d,
+                      ": no blocks for ", x.sym_size(d), " elements)");
+      continue;
+    }
     TORCH_SYM_CHECK((x.sym_size(d) % scale.sym_size(d)).sym_eq(0), op, ": scale of shape ",
                     scale.sym_sizes(), " does not block ", x_name, " of shape ", x.sym_sizes(),
                     " (dim ", d, ": ", x.sym_size(d), " is not a multiple of ",
@@ -225,6 +233,10 @@ AffineArgs check_affine_args(const char* op, const char* x_name, const at::Tenso
                              const at::Tensor& scale, const at::Tensor& zero_point,
                              int64_t quant_min, int64_t quant_max) {
   check_affine_meta(op, x_name, x, scale, zero_point);
+  if (scale.numel() == 0) {  // (x is empty too: one-element stand-ins, never read)
+    return check_affine_args(op, x_name, x, at::ones({1}, scale.options()),
+                             at::zeros({1}, zero_point.options()), quant_min, quant_max);
+  }
   const bool per_tensor = scale.numel() == 1;
   AffineArgs a;
   // (Not dense: copied as torch.empty_like lays it out, which keeps x's dim order.)
@@ -320,9 +332,9 @@ AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& 
                           const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
                           int64_t quant_max, bool check_values) {
   AffineArgs a = check_affine_args(op, x_name, x, scale, zero_point, quant_min, quant_max);
-  a.scale = float_qparams(scale, false);
+  a.scale = float_qparams(a.scale, false);
   // A floating zero point (LSQ+) is rounded to the nearest integer.
-  a.zero_point = float_qparams(zero_point, at::isFloatingType(zero_point.scalar_type()));
+  a.zero_point = float_qparams(a.zero_point, at::isFloatingType(zero_point.scalar_type()));
   // (Checked in the given order: the errors' flat indices are the caller's.)
   if (check_values) {
     check_qparam_values(op, x_name, a.scale, a.zero_point, zero_point, quant_min, quant_max);
@@ -335,6 +347,9 @@ AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& 
 at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scale) {
   // (Sym sizes: dequantize's backward runs on traced tensors too.)
   if (scale.sym_numel() == 1) return per_element.sum().reshape_symint(scale.sym_sizes());
+  if (TORCH_GUARD_OR_FALSE(scale.sym_numel().sym_eq(0))) {  // (no blocks: an empty x)
+    return at::zeros_symint(scale.sym_sizes(), per_element.options());
+  }
   // View x as [s0, b0, s1, b1, ...] and sum the b dims.
   std::vector<c10::SymInt> split;
   std::vector<int64_t> block_dims;
@@ -348,6 +363,9 @@ at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scal
 
 at::Tensor expand_over_blocks(const at::Tensor& qparam, const at::Tensor& x) {
   if (qparam.sym_numel() == 1) return qparam.reshape({}).expand_symint(x.sym_sizes());
+  if (TORCH_GUARD_OR_FALSE(qparam.sym_numel().sym_eq(0))) {  // (no blocks: an empty x)
+    return at::empty_symint(x.sym_sizes(), qparam.options());
+  }
   // [s0, 1, s1, 1, ...] expanded to [s0, b0, s1, b1, ...], then merged.
   std::vector<c10::SymInt> split, expanded;
   for (int64_t d = 0; d < x.dim(); ++d) {
@@ -388,6 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_outputs(
     const at::Tensor& grad_zp_sums, const at::Tensor& scale, const at::Tensor& zero_point) {
   const auto output = [&](const at::Tensor& sums, const at::Tensor& like) {
     if (!sums.defined()) return at::empty({0}, grad_x.options().dtype(at::kFloat));
+    if (like.numel() == 0) return at::empty(like.sizes(), like.options());  // (no blocks)
     const at::Tensor given = a.qparam_in_given_order(sums.reshape(a.scale.sizes()));
     return given.to(like.scalar_type()).contiguous().reshape(like.sizes());
   };

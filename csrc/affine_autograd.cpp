@@ -388,7 +388,7 @@ at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const 
   at::Tensor inside, ds, dz, mixed;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    if (x.sym_numel() == 0) {  // (no factors; an empty scale would fail the op's checks)
+    if (x.sym_numel() == 0) {  // (no factors)
       inside = at::zeros_like(x, at::kBool);
       ds = dz = at::zeros_like(x, at::kFloat);
     } else {

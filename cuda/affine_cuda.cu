@@ -73,11 +73,11 @@ AffineArgs prepare_fake_quant(const char* op, const at::Tensor& x, const at::Ten
     return prepare_affine(op, "x", x, scale, zero_point, quant_min, quant_max, true);
   }
   AffineArgs a = check_affine_args(op, "x", x, scale, zero_point, quant_min, quant_max);
-  a.scale = a.arranged_qparam(scale.to(at::kFloat).contiguous());
-  const auto zt = zero_point.scalar_type();
+  a.scale = a.arranged_qparam(a.scale.to(at::kFloat).contiguous());
+  const auto zt = a.zero_point.scalar_type();
   a.zero_point = a.arranged_qparam(zt == at::kInt || zt == at::kLong || zt == at::kFloat
-                                       ? zero_point.contiguous()
-                                       : zero_point.to(at::kFloat).contiguous());
+                                       ? a.zero_point.contiguous()
+                                       : a.zero_point.to(at::kFloat).contiguous());
   return a;
 }
 

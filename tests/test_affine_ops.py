@@ -508,7 +508,9 @@ def test_fakes_raise_the_kernels_errors_that_need_no_values():
     torch._dynamo.reset()
     x = torch.randn(16, 8)
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        assert torch.equal(torch.compile(per_token, backend="aot_eager", fullgraph=True)(x), per_token(x))
+        compiled = torch.compile(per_token, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x), per_token(x))
+        assert compiled(-x.abs()).shape == (0, 8)  # (no row picked: [0, 1] qparams)
 
 
 def test_cuda_bad_qparams_give_nan_without_sync(device):

@@ -206,20 +206,46 @@ def test_non_contiguous_and_empty(device):
     assert e.grad.shape == (0, 7)
 
 
-def test_per_token_qparams_of_an_empty_batch_are_refused(device):
-    """Zero tokens (routed tokens, an empty batch): choose_qparams gives per-token qparams of shape
-    [0, 1]. A scale must not be empty: fake_quant, quantize and dequantize raise, naming the op
-    (torch's per-channel fake quant raises too); README: skip the call for zero rows."""
-    x = torch.empty(0, 8, device=device, requires_grad=True)
-    amax = x.detach().abs().amax(1, keepdim=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_qparams_of_an_empty_batch(device, dtype):
+    """Zero tokens (routed tokens none of which were picked, an empty batch): choose_qparams gives
+    per-token qparams of shape [0, 1], which block an x of [0, K] (no blocks). Every affine op
+    gives empty outputs and gradients of the qparams' shape (STE, LSQ, LSQ+, dequantize's),
+    under opcheck, torch.func and torch.compile; an empty scale for an x with elements still
+    raises, naming the op (torch's per-channel fake quant raises on both)."""
+    x = torch.empty(0, 8, device=device, dtype=dtype, requires_grad=True)
+    amax = x.detach().float().abs().amax(1, keepdim=True)
     s, z = qlib.choose_qparams(-amax, amax, -127, 127, True)
     assert s.shape == (0, 1) and z.shape == (0, 1)
-    with pytest.raises(RuntimeError, match="qlib::fake_quant: scale is empty"):
-        qlib.fake_quant(x, s, z, -127, 127)
-    with pytest.raises(RuntimeError, match="qlib::quantize: scale is empty"):
-        qlib.quantize(x.detach(), s, z, -127, 127, torch.int8)
-    with pytest.raises(RuntimeError, match="qlib::dequantize: scale is empty"):
-        qlib.dequantize(torch.empty(0, 8, dtype=torch.int8, device=device), s, z)
+    y = qlib.fake_quant(x, s, z, -127, 127)
+    assert y.shape == (0, 8) and y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.shape == (0, 8)
+    q = qlib.quantize(x.detach(), s, z, -127, 127, torch.int8)
+    assert q.shape == (0, 8) and q.dtype == torch.int8 and qlib.dequantize(q, s, z).shape == (0, 8)
+    ls, lz = s.clone().requires_grad_(), z.float().requires_grad_()
+    for op in (lambda: ops.fake_quant(x, ls, lz, -127, 127),
+               lambda: ops.lsq_fake_quant(x, ls, lz, -127, 127, None, 1e-4),
+               lambda: ops.dequantize(q, ls, lz, torch.float32)):
+        ls.grad = lz.grad = None
+        op().sum().backward()
+        assert ls.grad.shape == (0, 1) and lz.grad.shape == (0, 1)
+    y, mask = ops.fake_quant_with_mask(x.detach(), s, z, -127, 127)
+    assert y.shape == mask.shape == (0, 8)
+    g = torch.func.grad(lambda sc: ops.fake_quant(x.detach(), sc, z.float(), -127, 127).sum())(s)
+    assert g.shape == (0, 1)
+    # Per-group qparams of zero rows block too.
+    assert ops.fake_quant(x.detach(), torch.ones(0, 2, device=device), torch.zeros(0, 2, device=device), -8, 7).shape == (0, 8)
+    for args in ((x.detach(), s, z, -127, 127), (x.detach(), ls.detach(), lz.detach(), -127, 127)):
+        torch.library.opcheck(ops.fake_quant.default, args)
+    torch.library.opcheck(ops.quantize.default, (x.detach(), s, z, -127, 127, torch.int8))
+    torch.library.opcheck(ops.dequantize.default, (q, s, z, torch.float32))
+    compiled = torch.compile(lambda a, b, c: qlib.fake_quant(a, b, c, -127, 127), fullgraph=True, dynamic=True)
+    assert compiled(x.detach(), s, z).shape == (0, 8)
+    for xs, ss in (((3, 8), (0, 1)), ((2, 8), (0, 8))):
+        with pytest.raises(RuntimeError, match=r"qlib::fake_quant: scale is empty but x of shape \[\d, 8\] is not"):
+            qlib.fake_quant(torch.randn(xs, device=device), torch.ones(ss, device=device),
+                            torch.zeros(ss, dtype=torch.int32, device=device), -8, 7)
 
 
 def _dense_layouts(device):
