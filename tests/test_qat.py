@@ -649,28 +649,29 @@ def test_compiled_training_loop_recompiles_per_mode_not_per_step(learnable):
 @pytest.mark.parametrize("sized", [True, False])
 def test_compiled_first_step_without_data(x, sized):
     """A learnable scale never takes its first value from a batch with nothing finite (compiled,
-    it took scale eps for good, or failed inside dynamo). Eager raises; compiled, an observer
-    still unsized (an empty batch) raises as eager, else the scale keeps its initial 1.0
-    (torch.ao's start; no host read)."""
+    it took scale eps for good, or failed inside dynamo). Compiled, the scale keeps its initial
+    1.0 (torch.ao's start; no host read); eager raises for NaN. An empty batch gives an empty
+    output, eager and compiled, sized or not, and leaves the scale waiting for data (eager, it
+    raised, as an observer that saw nothing, and compiled too while the observer was unsized)."""
     torch._dynamo.reset()
     fq = FakeQuantize(MinMaxObserver(), learnable=True)
     if sized:
         fq.observer.allocate((4, 4))
     compiled = torch.compile(fq, backend="eager")
-    if not sized and x.numel() == 0:
-        with pytest.raises(RuntimeError, match=r"has not recorded any finite value"):
-            compiled(x)
-    else:
-        compiled(x)
-        assert torch.equal(fq.scale.detach(), torch.ones(1))
+    assert compiled(x).shape == x.shape
+    assert torch.equal(fq.scale.detach(), torch.ones(1))
     assert not bool(fq.initialized)
     # The next batch with finite values initialises it, as eager would (not scale 1.0 for good).
     y = torch.randn(4, 4) * 0.01
     ref = FakeQuantize(MinMaxObserver(), learnable=True)
     torch.testing.assert_close(compiled(y), ref(y), rtol=0, atol=0)
     assert bool(fq.initialized) and torch.equal(fq.scale, ref.scale)
-    with pytest.raises(RuntimeError, match=r"has not recorded any finite value"):
-        FakeQuantize(MinMaxObserver(), learnable=True)(x)
+    if x.numel() == 0:
+        eager = FakeQuantize(MinMaxObserver(), learnable=True)
+        assert eager(x).shape == x.shape and not bool(eager.initialized) and not eager._init_done
+    else:
+        with pytest.raises(RuntimeError, match=r"has not recorded any finite value"):
+            FakeQuantize(MinMaxObserver(), learnable=True)(x)
 
 
 def test_qatlinear_subclasses_build_from_float():
@@ -2041,6 +2042,69 @@ def test_qat_refuses_empty_linears(shape):
         with pytest.raises(ValueError, match=rf"in_features={shape[0]}, out_features={shape[1]} \(module '0'\) has no weight"):
             swap(copy.deepcopy(m))
     assert qlib.quantize_dynamic(m)(torch.randn(3, shape[0])).shape == (3, shape[1])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", [(0, 8), (0, 3, 8), (2, 0, 8)])
+def test_learnable_scales_wait_out_an_empty_first_batch(shape, symmetric):
+    """An empty first batch (zero tokens routed to a layer, a last partial batch of none) through
+    learnable activation scales gives an empty output and gradients, as nn.Linear does, and
+    takes no first scale (it raised 'the observer has not recorded any finite value'): the next
+    batch with data initialises the scale as it would a fresh module, and so does calibration."""
+    torch.manual_seed(0)
+    config = QATConfig(activation_learnable=True, activation_symmetric=symmetric, weight_learnable=True)
+    m = QATLinear(8, 4, config=config)
+    ref = copy.deepcopy(m)
+    afq = m.activation_fake_quant
+    x = torch.randn(shape, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    assert y.shape == (*shape[:-1], 4) and x.grad.shape == x.shape
+    assert torch.equal(afq.scale.grad, torch.zeros(1)) and torch.equal(m.weight.grad, torch.zeros(4, 8))
+    assert not bool(afq.initialized) and torch.equal(afq.scale.detach(), torch.ones(1))
+    assert afq.observer.observed.item() == 0
+    data = torch.randn(5, 8)
+    torch.testing.assert_close(m(data), ref(data), rtol=0, atol=0)
+    assert bool(afq.initialized) and torch.equal(afq.scale, ref.activation_fake_quant.scale)
+    assert m(torch.randn(0, 8)).shape == (0, 4) and torch.equal(afq.scale, ref.activation_fake_quant.scale)
+    # qlib.prepare (scales follow the observer) + calibrate with empty batches among others
+    batches = [torch.randn(4, 8), torch.randn(6, 8)]
+    lin = nn.Sequential(nn.Linear(8, 4))
+    plain, padded = qlib.prepare(copy.deepcopy(lin), config), qlib.prepare(copy.deepcopy(lin), config)
+    qlib.calibrate(plain, batches, progress=False)
+    qlib.calibrate(padded, [torch.randn(0, 8), batches[0], torch.randn(0, 8), batches[1]], progress=False)
+    for (name, a), b in zip(plain.state_dict().items(), padded.state_dict().values()):
+        if not name.endswith("weight_fake_quant.observer.observed"):  # (the weight is observed per call)
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("observer", [dict(ch_axis=0), dict(ch_axis=1), dict(group_size=4)])
+def test_fake_quantize_of_an_x_with_no_blocks(observer):
+    """A per-channel / per-group FakeQuantize given an x that is empty along its blocks' axes (no
+    channels, no rows) gives an empty output (its qparams: empty ones of x's blocks), with the
+    observer on or off, and an observer off that recorded nothing needs no data for it. Before,
+    a bare reshape error ("shape '[0, 1]' is invalid for input of size 4"). An x with elements of
+    other blocks than the recorded ones, with the observer off, raises naming the observer."""
+    fq = FakeQuantize(MinMaxObserver(**observer))
+    fq(torch.randn(4, 8))
+    before = copy.deepcopy(fq.state_dict())
+    for shape in [(0, 8), (4, 0), (0, 0)]:
+        for on in (True, False):
+            fq.enable_observer(on)
+            x = torch.randn(shape, requires_grad=True)
+            y = fq(x)
+            y.sum().backward()
+            assert y.shape == x.shape and x.grad.shape == x.shape
+    fq.disable_observer()
+    for k, v in fq.state_dict().items():
+        assert torch.equal(v, before[k]) or k == "switches", k
+    with pytest.raises(ValueError, match=r"qlib.observers.MinMaxObserver: x of shape \(\d, \d\) has \d+ blocks "
+                                         r"\(qparams of shape \[.*\]\), but this observer has recorded \d+"):
+        fq(torch.randn(4, 4) if observer.get("ch_axis") == 1 else torch.randn(3, 8))
+    never = FakeQuantize(MinMaxObserver(**observer)).disable_observer()
+    assert never(torch.randn(0, 8)).shape == (0, 8)  # (with data it raises: nothing recorded)
+    with pytest.raises(RuntimeError, match=r"has recorded nothing yet"):
+        never(torch.randn(2, 8))
 
 
 def test_meta_device_models_run_and_copy():

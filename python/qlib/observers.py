@@ -324,8 +324,22 @@ class ObserverBase(QuantState):
     def qparams_for(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """(scale, zero_point) shaped for fake_quant on x, without the checks of
         calculate_qparams: no host read (FakeQuantize's hot path). Reads only x's shape
-        and the observer's buffers, which need no grad: no graph is recorded."""
-        return self._qparams(self._qparams_shape(x))
+        and the observer's buffers, which need no grad: no graph is recorded. An x with no
+        blocks (empty along the block axes: a per-channel x of no channels, a per-group x of no
+        rows) gets empty qparams of its shape, which fake_quant takes for an empty x."""
+        shape = self._qparams_shape(x)  # (traced by jit.trace: its sizes follow x's)
+        if torch._C._get_tracing_state() is None:
+            n, blocks = math.prod(shape), self._blocks()
+        else:  # (plain ints)
+            n, blocks = untraced(lambda: (math.prod(self._qparams_shape(x)), self._blocks()))
+        if n == blocks:
+            return self._qparams(shape)
+        if n != 0 or blocks == 0:
+            raise ValueError(
+                f"qlib.observers.{type(self).__name__}: x of shape {untraced(lambda: tuple(x.shape))} has {n} "
+                f"blocks (qparams of shape {shape}), but this observer has recorded {blocks}; call reset() first")
+        scale, zero_point = self._qparams([blocks])  # (under DDP: the all-reduce every rank runs)
+        return scale[:0].reshape(shape), zero_point[:0].reshape(shape)
 
     def _qparams(self, shape: List[int]) -> Tuple[Tensor, Tensor]:
         lo, hi = self._range(self._synced_stats())

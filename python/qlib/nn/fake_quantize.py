@@ -237,7 +237,11 @@ class FakeQuantize(QuantState):
             # The op's refusal, before the observer records x: a call that raises changes nothing
             # (it recorded the batch, a moving average stepped, a learnable scale took it).
             raise RuntimeError(f"qlib.nn.FakeQuantize: x must be float32, float16 or bfloat16, got {x.dtype}")
-        if self._fake_quant_enabled and not self._observer_enabled and not torch.compiler.is_compiling():
+        # An empty batch needs no qparams for its empty output (as nn.Linear and torch.ao's
+        # FakeQuantize take it): no check that they come from data, no first scale taken from it.
+        # (untraced: torch.jit.trace's sizes as plain ints, no TracerWarnings)
+        if self._fake_quant_enabled and not self._observer_enabled and not torch.compiler.is_compiling() \
+                and not (isinstance(x, Tensor) and untraced(lambda: x.numel() == 0)):
             self._check_has_qparams()  # (frozen before any data: a branch calibration never ran)
         if self._fake_quant_enabled and not self.learnable:
             # One op (min-max observers), or None.
@@ -259,8 +263,8 @@ class FakeQuantize(QuantState):
                 # Another process set the shared buffer (Hogwild, model.share_memory()): the
                 # scale is already trained there; take it (a host read only until initialised).
                 self._init_done = True
-            if on_meta:
-                pass
+            if on_meta or (self.learnable and untraced(lambda: x.numel() == 0) and not _distributed()):
+                pass  # (an empty batch: the first scale waits for one with data; DDP: all ranks all-reduce)
             elif self.learnable and not self._init_done:
                 # (An exported or traced graph would write the first scale into the Parameters
                 # every call; a decomposed exported program then fails on that write.)
@@ -284,7 +288,6 @@ class FakeQuantize(QuantState):
             zp = p["zero_point"] if "zero_point" in p else b["zero_point"] if "zero_point" in b else self.zero_point
             return ops.lsq_fake_quant(x, scale.to(x.device), zp.to(x.device), self.quant_min,
                                       self.quant_max, None, self.eps)
-        # (untraced: torch.jit.trace's sizes as plain ints, no TracerWarnings)
         unsized, empty = untraced(lambda: (observer._buffers["qparams_shape"].numel() == 0, x.numel() == 0))
         if unsized:
             if empty:  # (an empty batch: no qparams needed, as torch.ao's FakeQuantize)
