@@ -140,6 +140,17 @@ def test_report_refuses_in_one_line(model, message):
         report.report(model, shape, schemes=["int8"], repeat=1)
 
 
+@pytest.mark.parametrize("model,shape,message", [
+    (nn.Sequential(nn.Linear(8, 4)), (0, 8), r"output for an input of shape 0x8 \(--input\) is empty \(shape \(0, 4\)\)"),
+    (nn.Sequential(nn.Linear(8, 0)), (3, 8), r"output for an input of shape 3x8 \(--input\) is empty \(shape \(3, 0\)\)"),
+])
+def test_report_refuses_an_empty_output(model, shape, message):
+    """An empty output has no error to measure: the Python API (the CLI takes positive sizes
+    only) reported rel. error 0 and cosine 0 for every scheme, as if perfect and unrelated."""
+    with pytest.raises(ValueError, match=message):
+        report.report(model, shape, schemes=["int8"], repeat=1)
+
+
 def test_report_leaves_the_models_modes():
     m = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 8)).train()
     m[2].eval()

@@ -162,6 +162,9 @@ def _report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str], repe
         if not isinstance(ref, torch.Tensor):
             raise ValueError(f"qlib report: the model must return one tensor, got a {type(ref).__name__} "
                              "(wrap it in a module that returns the output to compare)")
+        if ref.numel() == 0:  # (rel. error 0 and cosine 0 of nothing: numbers that say nothing)
+            raise ValueError(f"qlib report: the model's output for an input of shape {'x'.join(map(str, shape))} "
+                             f"(--input) is empty (shape {tuple(ref.shape)}): there is no error to measure")
         ref = ref.double().flatten()
         linears = named_linears(model)
         models, rows = {}, {}
