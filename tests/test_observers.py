@@ -401,6 +401,29 @@ def test_nonfinite_ignored_and_counted(device, cls):
 
 
 @pytest.mark.parametrize("cls", ALL)
+def test_allocate_for_a_shape_with_a_zero_size(cls):
+    """allocate((0, K)) sizes a per-tensor observer, or one per channel along K, as for any batch;
+    where the blocks are the 0-sized dim (per-channel along it, per-group rows) it raises, naming
+    the shape. Before, per-group sized 0 blocks (qparams_shape [1, 0, 2]: every later batch
+    raised 'recorded 0', its own state_dict did not load) and per-channel gave a bare reshape
+    error ("cannot reshape tensor of 0 elements into shape [0, -1]")."""
+    for kw, x_shape, qshape in [({}, (0, 8), [1, 1]), (dict(ch_axis=1), (0, 8), [1, 8]),
+                                (dict(ch_axis=1), (0, 3, 8), [1, 3, 1])]:
+        o = cls(**kw).allocate(x_shape)
+        o(torch.randn(5, *x_shape[1:]))
+        assert [t.shape for t in o.calculate_qparams()] == [torch.Size(qshape)] * 2
+        cls(**kw).load_state_dict(o.state_dict())
+    for kw in (dict(ch_axis=0), dict(group_size=4)):
+        o = cls(**kw)
+        with pytest.raises(ValueError, match=rf"qlib.observers.{cls.__name__}.allocate: x_shape \(0, 8\) has no "
+                                             r"blocks to size \(qparams of shape \[0, \d\]"):
+            o.allocate((0, 8))
+        assert o.qparams_shape.numel() == 0  # (unsized: the first batch sizes it)
+        o(torch.randn(4, 8))
+        cls(**kw).load_state_dict(o.state_dict())
+
+
+@pytest.mark.parametrize("cls", ALL)
 def test_empty_constant_zero_unobserved(device, cls):
     o = cls(symmetric=False).to(device)
     with pytest.raises(RuntimeError, match="not recorded"):

@@ -243,10 +243,18 @@ class ObserverBase(QuantState):
 
     def allocate(self, x_shape, device=None) -> "ObserverBase":
         """Sizes the buffers for tensors of shape x_shape now, instead of at
-        the first observation, so that a compiled forward never resizes."""
-        rows, shape = self._rows(torch.empty(x_shape, device="meta"))
+        the first observation, so that a compiled forward never resizes. A size of 0 may stand
+        for any batch where the blocks do not depend on it (per-tensor; per-channel along another
+        axis); x_shape with no blocks raises (a per-channel axis or per-group rows of size 0)."""
+        x_shape = tuple(x_shape)
+        shape = self._qparams_shape(torch.empty(x_shape, device="meta"))
+        blocks = math.prod(shape)  # (as _rows gives; its reshape(-1) cannot size an empty x)
+        if blocks == 0:
+            raise ValueError(
+                f"qlib.observers.{type(self).__name__}.allocate: x_shape {x_shape} has no blocks to size "
+                f"(qparams of shape {shape}, {self.extra_repr()}); give the shape of a batch with data")
         if self.qparams_shape.numel() == 0:
-            self._allocate(rows.shape[0], shape, torch.device(device) if device is not None else self.observed.device)
+            self._allocate(blocks, shape, torch.device(device) if device is not None else self.observed.device)
         return self
 
     def _blocks(self) -> int:
