@@ -1417,6 +1417,47 @@ def test_prepare_calibrate_convert_static(tmp_path):
     assert torch.equal(rebuilt(x), int8(x))
 
 
+class KeywordNet(nn.Module):
+    """Takes keyword inputs, as a transformers model (input_ids=, attention_mask=)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 24)
+        self.net = Net()
+
+    def forward(self, input_ids=None, attention_mask=None):
+        return self.net(self.embed(input_ids) * attention_mask[..., None])
+
+
+class DictNet(KeywordNet):
+    """Takes the dict as its one input, as a sentence-transformers model (forward(input))."""
+
+    def forward(self, input):
+        return super().forward(**input)
+
+
+@pytest.mark.parametrize("kind", [KeywordNet, DictNet])
+def test_calibrate_and_gptq_take_dict_batches_as_keywords_where_forward_names_them(kind):
+    """A tokenizer's dict batch (a transformers BatchEncoding) calibrating a transformers model
+    (MiniLM's BertModel) went in as one positional input: a bare AttributeError from inside
+    the model. Now a mapping whose keys the forward names goes in as keywords; a model taking
+    the dict itself (sentence-transformers) still gets it whole."""
+    from collections import UserDict  # (BatchEncoding is a UserDict)
+
+    torch.manual_seed(0)
+    net = kind().eval()
+    batches = [UserDict(input_ids=torch.randint(0, 50, (4, 7)), attention_mask=torch.ones(4, 7))
+               for _ in range(3)]
+    kw = lambda m, b: m(**b) if kind is KeywordNet else m(dict(b))  # noqa: E731
+    ref = qlib.prepare(copy.deepcopy(net))
+    for b in batches:
+        kw(ref, b)
+    got = qlib.calibrate(qlib.prepare(copy.deepcopy(net)), batches, progress=False)
+    assert torch.equal(kw(qlib.convert(got), batches[0]), kw(qlib.convert(ref), batches[0]))
+    q4 = qlib.gptq_quantize(copy.deepcopy(net), batches, group_size=8, progress=False)
+    assert sum(type(m) is qlib.nn.Linear4bit for m in q4.modules()) == 3
+
+
 @pytest.mark.parametrize("observer", ["MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver",
                                       "MSEObserver", "EntropyObserver"])
 @pytest.mark.parametrize("symmetric", [False, True])

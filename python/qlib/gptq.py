@@ -151,7 +151,8 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
                   sequential: bool = False, progress: bool = True) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` selected by ``filter_fn(module, fqn)`` with a
     :class:`qlib.nn.Linear4bit` whose ``bits``-bit (2 to 4) symmetric codes and per-group scales
-    GPTQ chose on the calibration ``batches`` (tensors, or tuples of positional inputs).
+    GPTQ chose on the calibration ``batches`` (tensors, tuples of positional inputs or dicts, as
+    ``qlib.calibrate`` takes them).
     ``damp`` (a fraction of H's mean diagonal) keeps H invertible; ``act_order`` quantizes the
     columns with the largest inputs first (group scales then fixed beforehand); ``compute_dtype``
     as in ``quantize_weight_only``. ``max_hessian_bytes`` caps the float32 H held at once (4 K^2

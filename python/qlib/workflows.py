@@ -13,9 +13,11 @@ qualified module names ("encoder.*", or a list such as ["*.q_proj", "*.v_proj"])
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -360,9 +362,11 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None,
 
 def calibrate(model: nn.Module, batches: Iterable, progress: bool = True) -> nn.Module:
     """Runs `batches` through the model in eval mode so its observers record ranges; shows a
-    tqdm bar. A tuple or list is unpacked into positional inputs; anything else (a tensor, a
-    dict as sentence-transformers models take) is passed as the one input. For a model that
-    takes keyword inputs, calibrate a wrapper module whose forward does `model(**batch)`.
+    tqdm bar. A tuple or list is unpacked into positional inputs; a dict (or another mapping,
+    such as a Hugging Face tokenizer's BatchEncoding) into keyword inputs where the model's
+    forward names each of its keys as a parameter (`model(**batch)`: a transformers model);
+    anything else (a tensor, a dict as sentence-transformers models take: their forward names
+    one `input`) is passed as the one input.
     The model is left in eval mode (for the inference that follows convert): call
     `model.train()` to go on training a QAT model after it."""
     from .observers import ObserverBase
@@ -384,8 +388,28 @@ def run_batches(model: nn.Module, batches: Iterable, progress: bool) -> nn.Modul
     except (TypeError, NotImplementedError):
         total = None  # (a generator, or a DataLoader of an IterableDataset: its __len__ raises)
     for batch in tqdm(batches, desc="calibrating", total=total, disable=not progress, leave=False):
-        model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+        if isinstance(batch, (tuple, list)):
+            model(*batch)
+        elif _keyword_batch(model, batch):
+            model(**batch)
+        else:
+            model(batch)
     return model
+
+
+def _keyword_batch(model: nn.Module, batch) -> bool:
+    """Whether a mapping batch goes in as keywords: model.forward names each key as a parameter
+    (a transformers model given its tokenizer's output; a sentence-transformers model, whose
+    forward takes the dict as its one `input`, gets it whole). The dict passed as one positional
+    input failed deep in a transformers model with a bare AttributeError."""
+    if not isinstance(batch, Mapping) or not batch:
+        return False
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # (no signature to read: pass it whole, as before)
+        return False
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return all(isinstance(k, str) and k in named for k in batch)
 
 
 def convert(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module:
