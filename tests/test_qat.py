@@ -5,6 +5,7 @@ import io
 import math
 import os
 import pickle
+import re
 import sys
 import warnings
 
@@ -1570,8 +1571,6 @@ def test_calibrate_takes_batches_of_unknown_length(progress):
 def test_demo_runs_and_writes_its_table_and_plots(tmp_path, capsys):
     """The README's main job, end to end (about 15 s on 2 cores)."""
     from qlib import demo
-
-    import re
 
     assert demo.main(out_dir=str(tmp_path)) == 0
     out = capsys.readouterr().out
