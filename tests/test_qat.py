@@ -1568,6 +1568,21 @@ def test_calibrate_takes_batches_of_unknown_length(progress):
             assert torch.equal(a, b), k
 
 
+def test_calibrate_warns_when_the_batches_give_nothing():
+    """An exhausted generator (a second calibrate over the same one) or an empty list calibrated
+    nothing without a word; convert only raised later. Now calibrate warns; the observers are
+    unchanged."""
+    net = qlib.prepare(Net())
+    gen = (b for b in torch.randn(32, 24).split(16))
+    qlib.calibrate(net, gen, progress=False)
+    before = copy.deepcopy(net.state_dict())
+    for batches in (gen, []):
+        with pytest.warns(UserWarning, match=r"qlib.calibrate: `batches` gave no batch"):
+            assert qlib.calibrate(net, batches, progress=False) is net
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_demo_runs_and_writes_its_table_and_plots(tmp_path, capsys):
     """The README's main job, end to end (about 15 s on 2 cores)."""
     from qlib import demo

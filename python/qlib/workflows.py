@@ -374,12 +374,15 @@ def calibrate(model: nn.Module, batches: Iterable, progress: bool = True) -> nn.
     if not any(isinstance(m, ObserverBase) for m in model.modules()):
         warnings.warn("qlib.calibrate: the model holds no qlib observer (run qlib.prepare first): "
                       "the batches record nothing", stacklevel=2)
-    return run_batches(model, batches, progress)
+    if run_batches(model, batches, progress) == 0:
+        warnings.warn("qlib.calibrate: `batches` gave no batch (an exhausted generator or DataLoader?): "
+                      "the observers recorded nothing", stacklevel=2)
+    return model
 
 
 @torch.no_grad()
-def run_batches(model: nn.Module, batches: Iterable, progress: bool) -> nn.Module:
-    """calibrate's loop (GPTQ's too: its hooks record, not observers)."""
+def run_batches(model: nn.Module, batches: Iterable, progress: bool) -> int:
+    """calibrate's loop (GPTQ's too: its hooks record, not observers); the number of batches run."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -387,6 +390,7 @@ def run_batches(model: nn.Module, batches: Iterable, progress: bool) -> nn.Modul
         total = len(batches)
     except (TypeError, NotImplementedError):
         total = None  # (a generator, or a DataLoader of an IterableDataset: its __len__ raises)
+    count = 0
     for batch in tqdm(batches, desc="calibrating", total=total, disable=not progress, leave=False):
         if isinstance(batch, (tuple, list)):
             model(*batch)
@@ -394,7 +398,8 @@ def run_batches(model: nn.Module, batches: Iterable, progress: bool) -> nn.Modul
             model(**batch)
         else:
             model(batch)
-    return model
+        count += 1
+    return count
 
 
 def _keyword_batch(model: nn.Module, batch) -> bool:
