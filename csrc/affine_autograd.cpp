@@ -388,18 +388,13 @@ at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const 
   at::Tensor inside, ds, dz, mixed;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    if (x.sym_numel() == 0) {  // (no factors)
-      inside = at::zeros_like(x, at::kBool);
-      ds = dz = at::zeros_like(x, at::kFloat);
-    } else {
-      const auto one_each = [&x](const at::Tensor& t) {
-        return expand_over_blocks(wide(t.detach()), x).contiguous();
-      };
-      std::tie(inside, ds, dz) =
-          call_fake_quant_backward(at::ones_like(x), x.detach(), one_each(s), one_each(z),
-                                   quant_min, quant_max, need_scale, need_zp);
-      inside = inside.to(at::kBool);
-    }
+    const auto one_each = [&x](const at::Tensor& t) {
+      return expand_over_blocks(wide(t.detach()), x).contiguous();
+    };
+    std::tie(inside, ds, dz) =
+        call_fake_quant_backward(at::ones_like(x), x.detach(), one_each(s), one_each(z),
+                                 quant_min, quant_max, need_scale, need_zp);
+    inside = inside.to(at::kBool);
     if (!factor.isNone()) {
       if (need_scale) scale_grad_(ds, factor);
       if (need_zp) scale_grad_(dz, factor);

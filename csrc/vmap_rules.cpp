@@ -2,7 +2,8 @@
 // functorch's fallback called the op once per sample (per-sample gradients: vmap of grad).
 // - The fake-quant ops: the batch becomes x's leading dim; a batched scale or zero point gives one
 //   block per sample there, an unbatched one a block over the whole batch (a one-element one stays
-//   per tensor). An empty batch gives empty outputs (a per-sample scale would be empty).
+//   per tensor). An empty batch gives empty outputs (per-sample qparams are empty then, which
+//   block the empty x).
 // - The frozen-weight Linears (int8, 4-bit): x's batch becomes one more leading dim of x, where x
 //   alone is batched; otherwise (a batched weight, bias or activation scale) one call per sample.
 #include <ATen/ATen.h>
@@ -127,14 +128,8 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_batched_outputs(
   if (!found) return call(x, scale, zero_point);
   const VmapLevel& level = *found;
   const at::Tensor xb = leading(x, level);
-  at::Tensor y, mask;
-  if (level.batch == 0) {
-    y = at::empty_like(xb);
-    if (with_mask) mask = at::empty_like(xb, at::kBool);
-  } else {
-    const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point, false);
-    std::tie(y, mask) = with_batch_note([&] { return call(xb, s, z); });
-  }
+  const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point, false);
+  const auto [y, mask] = with_batch_note([&] { return call(xb, s, z); });
   return {makeBatched(y, 0, level.id),
           mask.defined() ? makeBatched(mask, 0, level.id) : at::Tensor()};
 }
@@ -168,15 +163,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_batched(
   }
   const VmapLevel& level = *found;
   const at::Tensor gb = leading(grad, level), xb = leading(x, level);
-  if (level.batch == 0) {
-    const auto sums = [&](const at::Tensor& qparam, bool asked) {
-      return asked ? makeBatched(at::empty(leading(qparam, level).sizes(), qparam.options()), 0,
-                                 level.id)
-                   : at::empty({0}, xb.options().dtype(at::kFloat));
-    };
-    return {makeBatched(at::empty_like(xb), 0, level.id), sums(scale, scale_grad),
-            sums(zero_point, zero_point_grad)};
-  }
   const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point,
                                        scale_grad || zero_point_grad);
   auto [grad_x, grad_s, grad_z] = with_batch_note([&] {
@@ -196,7 +182,6 @@ at::Tensor fake_quant_mask_backward_batched(const at::Tensor& grad, const at::Te
   if (!found) return call_fake_quant_mask_backward(grad, mask);
   const VmapLevel& level = *found;
   const at::Tensor gb = leading(grad, level), mb = leading(mask, level);
-  if (level.batch == 0) return makeBatched(at::empty_like(gb), 0, level.id);
   return makeBatched(with_batch_note([&] { return call_fake_quant_mask_backward(gb, mb); }), 0,
                      level.id);
 }
