@@ -110,6 +110,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fake_quant_backward(
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
     bool zero_point_grad);
 at::Tensor call_fake_quant_mask_backward(const at::Tensor& grad, const at::Tensor& mask);
+at::Tensor call_lsq_fake_quant(const at::Tensor& x, const at::Tensor& scale,
+                               const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                               std::optional<double> grad_factor, double eps);
 
 // lsq_fake_quant's arguments, less the values fake_quant checks (its fake runs this too).
 void check_lsq_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,

@@ -26,6 +26,17 @@ at::Tensor call_fake_quant(const at::Tensor& x, const at::Tensor& scale,
   return op.call(x, scale, zero_point, quant_min, quant_max);
 }
 
+at::Tensor call_lsq_fake_quant(const at::Tensor& x, const at::Tensor& scale,
+                               const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                               std::optional<double> grad_factor, double eps) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("qlib::lsq_fake_quant", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                            int64_t, std::optional<double>, double)>();
+  return op.call(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fake_quant_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool scale_grad,
@@ -348,7 +359,7 @@ void scale_grad_(at::Tensor& grad, const c10::IValue& f) {
   if (f.isDouble()) {
     factor = f.toDouble();
   } else if (const auto n = f.toSymInt().maybe_as_int()) {
-    factor = 1.0 / std::sqrt(std::max(static_cast<double>(*n), 1.0));
+    factor = lsq_default_grad_factor(static_cast<double>(*n));
   }
   if (factor && grad.is_cpu() && grad.is_contiguous() && !at::isTensorSubclassLike(grad)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "lsq_scale", [&] {
@@ -460,15 +471,10 @@ at::Tensor lsq_fake_quant_composite(const at::Tensor& x, const at::Tensor& scale
                                     const at::Tensor& zero_point, int64_t quant_min,
                                     int64_t quant_max, std::optional<double> grad_factor,
                                     double eps) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow(kLsqOp, "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                            int64_t, std::optional<double>, double)>();
   at::Tensor y, s, z;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    y = op.call(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
+    y = call_lsq_fake_quant(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
     std::tie(s, z) =
         lsq_clamped(scale.detach(), zero_point.detach(), quant_min, quant_max, eps);
   }

@@ -174,6 +174,12 @@ QLIB_HD ElementGrads<T> fake_quant_grads(T grad, T x, T scale, T inv_scale, T ze
   return g;
 }
 
+// LSQ's default gradient factor for the scale (zero point): 1 / sqrt(numel * qmax) of x (one
+// sample's), at most 1 (numel * qmax below 1: an empty x, a range whose qmax is <= 0).
+inline double lsq_default_grad_factor(double numel_times_qmax) {
+  return 1.0 / std::sqrt(numel_times_qmax > 1.0 ? numel_times_qmax : 1.0);
+}
+
 // choose_qparams for one (min, max) pair. The range is widened to contain 0.
 // Symmetric:  scale = max(|min|, |max|) / ((qmax - qmin) / 2)
 // Asymmetric: scale = (max - min) / (qmax - qmin),

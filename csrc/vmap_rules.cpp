@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "affine.h"
+#include "quant_math.h"
 
 // Exported by libtorch; declared in ATen/functorch/DynamicLayer.h, whose includes need
 // nlohmann/json, which torch does not ship. While layer n runs, functorch's layer stack holds
@@ -30,10 +31,10 @@ namespace {
 using at::functorch::makeBatched;
 using at::functorch::maybeGetBatchedImpl;
 
-// A vmap level and its batch size.
+// A vmap level and its batch size (symbolic while traced with dynamic shapes).
 struct VmapLevel {
   int64_t id;
-  int64_t batch;
+  c10::SymInt batch;
 };
 
 bool level_on_stack(int64_t level) {
@@ -59,7 +60,7 @@ std::optional<VmapLevel> batched_level(c10::ArrayRef<at::Tensor> tensors) {
       other_wrapper = other_wrapper ||
                       (t.defined() && t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper));
     } else if (b->level() > level.id) {
-      level = {b->level(), b->value().sym_size(b->bdim()).guard_int(__FILE__, __LINE__)};
+      level = {b->level(), b->value().sym_size(b->bdim())};
     }
   }
   TORCH_INTERNAL_ASSERT(level.id >= 0, "qlib: a batching rule ran without a batched input");
@@ -78,9 +79,9 @@ at::Tensor leading(const at::Tensor& t, const VmapLevel& level) {
     const auto* b = maybeGetBatchedImpl(t);
     return b->value().movedim(b->bdim(), 0);
   }
-  std::vector<int64_t> sizes{level.batch};
-  sizes.insert(sizes.end(), t.sizes().begin(), t.sizes().end());
-  return t.expand(sizes);
+  std::vector<c10::SymInt> sizes{level.batch};
+  sizes.insert(sizes.end(), t.sym_sizes().begin(), t.sym_sizes().end());
+  return t.expand_symint(sizes);
 }
 
 // scale and zero_point blocking an x of x_rank + 1 dims, the batch leading: unbatched ones
@@ -90,14 +91,14 @@ std::pair<at::Tensor, at::Tensor> qparams_blocking(int64_t x_rank, const VmapLev
                                                    const at::Tensor& zero_point,
                                                    bool per_sample) {
   if (!per_sample && !batched_at(scale, level) && !batched_at(zero_point, level)) {
-    if (scale.numel() == 1) return {scale, zero_point};  // (per tensor: one block for all)
+    if (scale.sym_numel() == 1) return {scale, zero_point};  // (per tensor: one block for all)
     return {scale.unsqueeze(0), zero_point.unsqueeze(0)};
   }
   at::Tensor s = leading(scale, level), z = leading(zero_point, level);
-  if (s.dim() > 0 && s.numel() == s.size(0)) {  // (per tensor within each sample)
-    std::vector<int64_t> shape(x_rank + 1, 1);
+  if (s.dim() > 0 && s.sym_numel() == s.sym_size(0)) {  // (per tensor within each sample)
+    std::vector<c10::SymInt> shape(x_rank + 1, 1);
     shape[0] = level.batch;
-    return {s.reshape(shape), z.reshape(shape)};
+    return {s.reshape_symint(shape), z.reshape_symint(shape)};
   }
   return {s, z};
 }
@@ -149,6 +150,31 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_batched(const at::Tensor
   return fake_quant_batched_outputs(x, scale, zero_point, quant_min, quant_max, true);
 }
 
+// As fake_quant's rule, the op itself on the batch (its clamps, and autograd for a grad level
+// below, straight through them), with LSQ's default factor, 1 / sqrt(numel * quant_max), taken
+// from one sample's numel, as a loop over the samples would: the batch must not enter it.
+at::Tensor lsq_fake_quant_batched(const at::Tensor& x, const at::Tensor& scale,
+                                  const at::Tensor& zero_point, int64_t quant_min,
+                                  int64_t quant_max, std::optional<double> grad_factor,
+                                  double eps) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const auto found = batched_level({x, scale, zero_point});
+  if (!found) {
+    return call_lsq_fake_quant(x, scale, zero_point, quant_min, quant_max, grad_factor, eps);
+  }
+  const VmapLevel& level = *found;
+  if (!grad_factor) {  // (x's numel: one sample's; traced, a guard on it, the batch kept symbolic)
+    grad_factor = lsq_default_grad_factor(
+        static_cast<double>(x.sym_numel().guard_int(__FILE__, __LINE__) * quant_max));
+  }
+  const at::Tensor xb = leading(x, level);
+  const auto [s, z] = qparams_blocking(xb.dim() - 1, level, scale, zero_point, false);
+  return makeBatched(with_batch_note([&] {
+                       return call_lsq_fake_quant(xb, s, z, quant_min, quant_max, grad_factor, eps);
+                     }),
+                     0, level.id);
+}
+
 // The qparams' gradients are per sample: one block per sample, shared qparams too, each
 // sample's sums in its qparam's own shape. An output not asked for stays unbatched.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_batched(
@@ -170,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_batched(
                                     zero_point_grad);
   });
   const auto per_sample = [&](const at::Tensor& sums, const at::Tensor& qparam) {
-    return makeBatched(sums.reshape(leading(qparam, level).sizes()), 0, level.id);
+    return makeBatched(sums.reshape_symint(leading(qparam, level).sym_sizes()), 0, level.id);
   };
   return {makeBatched(grad_x, 0, level.id), scale_grad ? per_sample(grad_s, scale) : grad_s,
           zero_point_grad ? per_sample(grad_z, zero_point) : grad_z};
@@ -210,12 +236,13 @@ void linear_batched(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     stack->back() = makeBatched(stack->back().toTensor(), 0, level.id);
     return;
   }
-  TORCH_CHECK(level.batch > 0, op.schema().name(),
+  const int64_t batch = level.batch.guard_int(__FILE__, __LINE__);
+  TORCH_CHECK(batch > 0, op.schema().name(),
               ": under torch.vmap, an empty batch is supported where x alone is batched");
   const std::vector<c10::IValue> args(stack->begin() + first, stack->end());
   stack->resize(first);
   std::vector<at::Tensor> outputs;
-  for (int64_t i = 0; i < level.batch; ++i) {
+  for (int64_t i = 0; i < batch; ++i) {
     torch::jit::Stack sample;
     for (const c10::IValue& a : args) {
       const bool per_sample = a.isTensor() && batched_at(a.toTensor(), level);
@@ -234,6 +261,7 @@ TORCH_LIBRARY_IMPL(qlib, FuncTorchBatched, m) {
   m.impl("fake_quant_with_mask", &fake_quant_with_mask_batched);
   m.impl("fake_quant_backward", &fake_quant_backward_batched);
   m.impl("fake_quant_mask_backward", &fake_quant_mask_backward_batched);
+  m.impl("lsq_fake_quant", &lsq_fake_quant_batched);
   for (const char* linear : {"int8_linear", "int8_linear_packed", "linear_4bit"}) {
     m.impl(linear, torch::CppFunction::makeFromBoxedFunction<&linear_batched>());
   }

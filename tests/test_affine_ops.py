@@ -3,6 +3,7 @@ torch.compile / torch.export, and bad input."""
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -819,8 +820,8 @@ def test_torch_func_differentiates_the_frozen_linears(device, dtype):
 def test_vmap_rules_equal_a_loop(device, dtype):
     """The fake-quant ops' batching rules (csrc/vmap_rules.cpp: one call on the batch) equal
     a loop over the samples, for every granularity, with x, the qparams or all batched, batch
-    dims anywhere; fake_quant_backward's qparam sums per sample (shared qparams too).
-    lsq_fake_quant takes functorch's per-sample fallback (its factor depends on a sample's size)."""
+    dims anywhere; fake_quant_backward's qparam sums per sample (shared qparams too);
+    lsq_fake_quant with LSQ's factor from one sample's size (no functorch fallback warning)."""
     torch.manual_seed(0)
     B = 4
     xs = (torch.randn(B, 6, 10, device=device) * 3).to(dtype)
@@ -848,11 +849,18 @@ def test_vmap_rules_equal_a_loop(device, dtype):
                     for k, asked in ((1, sg), (2, zg)):
                         if asked:
                             torch.testing.assert_close(got[k][i], want[k], rtol=1e-6, atol=1e-6)
-            # lsq_fake_quant (the fallback).
             lsq = lambda a, b, c: ops.lsq_fake_quant(a, b, c, -8, 7, None, 1e-4)
-            got = torch.vmap(lsq, in_dims=dims)(x, s, z)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # (functorch's fallback warns)
+                got = torch.vmap(lsq, in_dims=dims)(x, s, z)
+                # Per-sample LSQ gradients: vmap(grad), the scale's and zero point's own factor.
+                lsq_grads = torch.func.grad(lambda a, b, c: (lsq(a, b, c).float() * a.float()).sum(), argnums=(0, 1, 2))
+                got_grads = torch.vmap(lsq_grads, in_dims=dims)(x, s, z)
             for i in range(B):
                 assert torch.equal(got[i], lsq(pick(x, x_b, i), pick(s, q_b, i), pick(z, q_b, i)))
+                want = lsq_grads(pick(x, x_b, i), pick(s, q_b, i), pick(z, q_b, i))
+                for g_, w_ in zip(got_grads, want):
+                    torch.testing.assert_close(g_[i], w_, rtol=1e-5, atol=1e-6)
     # A batch dim inside x and the mask backward.
     got = torch.vmap(lambda a: ops.fake_quant(a, ss[0, 0:1], zs[0, 0:1].int(), -8, 7), in_dims=1)(xs.transpose(0, 1))
     assert torch.equal(got, torch.stack([ops.fake_quant(xs[i], ss[0, 0:1], zs[0, 0:1].int(), -8, 7) for i in range(B)]))

@@ -1748,6 +1748,27 @@ def test_prepare_leaves_earlier_qat_modules_alone():
     assert not m[2].weight_fake_quant.fake_quant_enabled and not m[2].activation_fake_quant.fake_quant_enabled
 
 
+def test_preparing_again_with_another_config_warns_and_keeps_the_earlier_modules():
+    """A second prepare / prepare_qat swaps nn.Linears only: where it asks another config than the
+    QATLinears already there hold, or (prepare_qat) fake quant on where an earlier prepare left it
+    off, it warns naming them, and they are kept; the same config again is silent."""
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    qlib.prepare(m, filter_fn=["0", "2"])
+    first = m[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qlib.prepare(m)  # the default config again: silent; the last Linear is swapped too
+    assert isinstance(m[4], QATLinear) and m[0] is first
+    four = QATConfig(weight_bits=4)
+    with pytest.warns(UserWarning, match=r"qlib.prepare: 3 QATLinear\(s\) .*\('0', '2', '4'\)") as record:
+        qlib.prepare(m, four)
+    assert record[0].filename == __file__
+    assert m[0] is first and m[0].config == QATConfig()
+    with pytest.warns(UserWarning, match=r"qlib.prepare_qat: 3 QATLinear.*'2' \(fake quant off\)"):
+        qlib.prepare_qat(m)  # the same config, but observe-only
+    assert not m[2].weight_fake_quant.fake_quant_enabled
+
+
 def test_frozen_qat_model_under_vmap():
     """vmap over a QAT model whose observers are off runs, as torch.ao's FakeQuantize (the one-op
     min-max path writes its arguments in place, which vmap's fallback refuses even with nothing
@@ -1831,11 +1852,18 @@ def test_torch_func_grad_of_a_learnable_qat_model():
         torch.testing.assert_close(g[k], p.grad, rtol=1e-5, atol=1e-7, msg=k)
         assert k.endswith("zero_point") or g[k].abs().sum() > 0, k  # (no x out of range: 0)
     m.apply(tq.disable_observer)
-    per_sample = torch.func.vmap(torch.func.grad(lambda p, xi, yi: loss(m, p, xi[None], yi[None])), in_dims=(None, 0, 0))(params, x, y)
+    per_sample_fn = torch.func.vmap(torch.func.grad(lambda p, xi, yi: loss(m, p, xi[None], yi[None])), in_dims=(None, 0, 0))
+    per_sample = per_sample_fn(params, x, y)
     for i in range(6):
         one = torch.func.grad(lambda p: loss(m, p, x[i:i + 1], y[i:i + 1]))(params)
         for k in params:
             torch.testing.assert_close(per_sample[k][i], one[k], rtol=1e-5, atol=1e-6)
+    # Compiled with dynamic shapes (the vmap rules took numel() of symbolic sizes: an error).
+    compiled = torch.compile(per_sample_fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for b in (6, 4):
+        got, want = compiled(params, x[:b], y[:b]), per_sample_fn(params, x[:b], y[:b])
+        for k in params:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("learnable", [False, True])

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import grad, hessian, jvp, vjp, vmap
@@ -231,3 +232,20 @@ def test_outer_vmap_over_qparams_around_grad_around_inner_vmap():
         torch.testing.assert_close(vmap(h)(zz), torch.stack([h(zz[k]) for k in range(3)]))
         j = lambda c: jvp(lambda b: vmap(lambda a: f(a, b, c))(xs), (s,), (torch.ones_like(s),))[1]
         torch.testing.assert_close(vmap(j)(zz), torch.stack([j(zz[k]) for k in range(3)]))
+
+
+@pytest.mark.parametrize("op", ["fake_quant", "lsq_fake_quant"])
+def test_compiled_per_sample_gradients_with_a_symbolic_batch(op):
+    """torch.compile(fullgraph, dynamic=True) of vmap(grad): the batching rules keep the batch
+    symbolic (they called numel() on symbolic sizes: an error), one graph for every batch size."""
+    torch.manual_seed(0)
+    fq = (lambda a, b, c: ops.fake_quant(a, b, c, -8, 7)) if op == "fake_quant" else (lambda a, b, c: _lsq(a, b, c))
+    per_sample = torch.vmap(torch.func.grad(lambda a, b, c: (fq(a, b, c) * a).sum(), argnums=(0, 1, 2)), in_dims=(0, None, None))
+    s, z = torch.rand(6, 1) * 0.2 + 0.05, torch.randint(-3, 4, (6, 1)).float()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(per_sample, fullgraph=True, dynamic=True, backend=counter)
+    for b in (3, 5, 4):
+        x = torch.randn(b, 6, 10) * 3
+        for got, want in zip(compiled(x, s, z), per_sample(x, s, z)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1

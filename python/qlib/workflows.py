@@ -308,6 +308,7 @@ def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
 def _prepare_qat(model: nn.Module, config: Optional[QATConfig], filter_fn: Optional[FilterFn], who: str,
                  made: list) -> nn.Module:
     config = config_or_default(config, f"qlib.{who}")
+    _warn_kept_qat_linears(model, config, filter_fn, who)
 
     def make(linear: nn.Linear, fqn: str) -> QATLinear:
         config.check_linear(linear.in_features, linear.out_features, fqn)
@@ -316,6 +317,30 @@ def _prepare_qat(model: nn.Module, config: Optional[QATConfig], filter_fn: Optio
         return qat
 
     return _swap(model, nn.Linear, _op_dtype_checked(make, who), filter_fn, who)
+
+
+def _warn_kept_qat_linears(model: nn.Module, config: QATConfig, filter_fn: Optional[FilterFn],
+                           who: str) -> None:
+    """prepare / prepare_qat swap nn.Linears only: the QATLinears of an earlier call stay as they are.
+    Warns where that differs from what this call asks: another config, or (prepare_qat) fake quant
+    off (an earlier prepare's observe-only modules would train unquantized)."""
+    if not isinstance(model, nn.Module):
+        return  # (_swap raises)
+    chosen = selects(filter_fn, who)
+    kept = []
+    for fqn, m in model.named_modules():
+        if type(m) is QATLinear and chosen(m, fqn):
+            off = who == "prepare_qat" and any(not f.fake_quant_enabled for f in m.modules()
+                                               if isinstance(f, FakeQuantize))
+            if m.config != config or off:
+                kept.append(f"'{fqn or 'the model'}'" + (" (fake quant off)" if off else ""))
+    if kept:
+        more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
+        warnings.warn(
+            f"qlib.{who}: {len(kept)} QATLinear(s) from an earlier prepare / prepare_qat are kept as they are "
+            f"({', '.join(kept[:3])}{more}), not as this call asks: its config applies to the remaining "
+            "nn.Linears only. To prepare again, start from the float model; to switch an earlier prepare's "
+            "fake quant on, call enable_fake_quant() on each qlib.nn.FakeQuantize.", stacklevel=4)
 
 
 def _ddp_local_buffers(model: nn.Module) -> None:

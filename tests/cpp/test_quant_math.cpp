@@ -89,6 +89,13 @@ TEST(QuantMath, GradsInsideBelowAbove) {
   EXPECT_EQ(nan.grad_zero_point, -s * 3.0f);
 }
 
+TEST(QuantMath, LsqDefaultGradFactor) {
+  // LSQ: 1 / sqrt(numel * qmax); at most 1 (an empty x, a qmax <= 0).
+  EXPECT_DOUBLE_EQ(qlib::lsq_default_grad_factor(60.0 * 127.0), 1.0 / std::sqrt(7620.0));
+  EXPECT_EQ(qlib::lsq_default_grad_factor(0.0), 1.0);
+  EXPECT_EQ(qlib::lsq_default_grad_factor(-60.0), 1.0);
+}
+
 TEST(QuantMath, ValueAndMaskAreFakeQuantsValueAndSte) {
   std::mt19937 gen(2);
   std::normal_distribution<float> dist(0.0f, 6.0f);
