@@ -10,7 +10,8 @@ a first step (the learning phase).
 A third table runs an MLP block (Linear d -> 4d, GELU, Linear 4d -> d) whose input needs a
 gradient, as every layer's but the first does: the bytes autograd keeps for the backward (each
 saved storage once, parameters not counted) and the step's time, qlib against torch.ao.
-A fourth times per-sample gradients (torch.func.vmap of grad) of a QAT MLP, and a fifth those of
+A fourth times per-sample gradients (torch.func.vmap of grad) of a QAT MLP, a fifth those of the
+same MLP with learnable scales (against torch.ao's _LearnableFakeQuantize), and a sixth those of
 the trainable layers around a frozen quantized base (an int8 or 4-bit Linear), as DP-SGD of
 adapters over a quantized model. Its baseline is the fp32 base: torch.ao's dynamic quantized
 Linear has no autograd, and its gradients for the layers before it are silently zero.
@@ -91,20 +92,24 @@ def mlp_block_table(qconfig, budget):
               f"{us[1]:.0f} | {us[2]:.0f} | {us[1] / us[0]:.2f}x |")
 
 
-def per_sample_table(budget):
+def per_sample_table(budget, learnable=False):
     """Per-sample gradients (torch.func.vmap of grad, as DP-SGD) of a QAT MLP, observers off:
     qlib, torch.ao's non-fused FakeQuantize (its default fused one has no batching rule for
-    _fused_moving_avg_obs_fq_helper and raises under vmap) and fp32."""
-    print("\nPer-sample gradients (vmap of grad) of an MLP (d -> d, ReLU, d -> d, ReLU, d -> 10), "
-          "observers off: median ms per batch")
+    _fused_moving_avg_obs_fq_helper and raises under vmap) and fp32. learnable: LSQ scales (their
+    per-sample gradients too), against torch.ao's _LearnableFakeQuantize."""
+    print(f"\nPer-sample gradients (vmap of grad) of an MLP (d -> d, ReLU, d -> d, ReLU, d -> 10), "
+          f"{'learnable (LSQ) scales, ' if learnable else ''}observers off: median ms per batch")
     print("| batch x d | qlib ms | torch.ao ms | fp32 ms | torch.ao / qlib | qlib / fp32 |\n"
           "| --- | ---: | ---: | ---: | ---: | ---: |")
     ao_qconfig = tq.QConfig(activation=tq.default_fake_quant, weight=tq.default_per_channel_weight_fake_quant)
+    config = QATConfig(weight_learnable=True, activation_learnable=True) if learnable else None
     for batch, d in [(64, 32), (256, 32), (128, 256)]:
         fp32 = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 10))
-        ours = qlib.prepare_qat(copy.deepcopy(fp32))
+        ours = qlib.prepare_qat(copy.deepcopy(fp32), config)
         theirs = copy.deepcopy(fp32)
-        theirs.qconfig = ao_qconfig
+        for m in theirs.modules():
+            if isinstance(m, nn.Linear):
+                m.qconfig = learnable_qconfig(m.out_features) if learnable else ao_qconfig
         theirs = tq.prepare_qat(theirs.train())
         x, y = torch.randn(batch, d), torch.randint(0, 10, (batch,))
         steps = []
@@ -185,6 +190,7 @@ def main():
         print_row(batch, k, n, *time_steps(ours, theirs, act_fq, lin, x, args.budget))
     mlp_block_table(qconfig, args.budget)
     per_sample_table(args.budget)
+    per_sample_table(args.budget, learnable=True)
     frozen_base_per_sample_table(args.budget)
 
 

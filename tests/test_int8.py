@@ -686,6 +686,32 @@ def test_int8linear_compiled_or_exported_after_load_state_dict_runs_the_loaded_w
     assert torch.equal(compiled(x), expected)
 
 
+def test_int8linear_weight_read_inside_a_compiled_function():
+    """`weight` where only the packing is kept (CPU) read under torch.compile(fullgraph=True) and
+    torch.export: the unpack is an op in the graph (tracing the eager caching raised on
+    is_inference()), and the module keeps only its packing."""
+    torch.manual_seed(0)
+    m = Int8Linear.from_float(nn.Linear(40, 24))
+    x = torch.randn(5, 40)
+    with_weight = lambda t: m(t) + m.weight.float().abs().sum(1)
+    compiled = torch.compile(with_weight, fullgraph=True, backend="aot_eager")
+    held = m._buffers["weight"]
+    got = compiled(x)
+    assert m._buffers["weight"] is held  # (the traced read caches nothing in the module)
+    assert torch.equal(got, with_weight(x))
+
+    class ReadsWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = Int8Linear.from_float(nn.Linear(40, 24))
+
+        def forward(self, t):
+            return self.lin(t) * self.lin.weight.float().mean()
+
+    r = ReadsWeight()
+    assert torch.equal(torch.export.export(r, (x,)).module()(x), r(x))
+
+
 # ---------------------------------------------------------------- CUDA GEMM choice
 def test_int8_cuda_gemm_choice():
     """The CUDA GEMM is picked by name, reported by build_info, and bad names raise."""

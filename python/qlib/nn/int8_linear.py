@@ -215,8 +215,8 @@ class Int8Linear(QuantState):
         if "weight_packed" not in b:  # (not built yet: register_buffer asks)
             raise AttributeError("weight")
         packed, state = b["weight_packed"], self.__dict__.get("_pack_state")
-        if not torch.compiler.is_compiling() and is_functorch_wrapped_tensor(packed):
-            # (a packing passed through a transform: not the module's to hold)
+        if torch.compiler.is_compiling() or is_functorch_wrapped_tensor(packed):
+            # (traced, or a packing passed through a transform: an op in the graph, not the module's to hold)
             return torch.ops.qlib.int8_unpack_weight(packed, self.out_features, self.in_features)
         with torch.inference_mode(False), _outside_functorch():
             # A plain tensor, editable outside inference_mode too, and not a torch.func wrapper
