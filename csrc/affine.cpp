@@ -336,7 +336,7 @@ AffineArgs prepare_affine(const char* op, const char* x_name, const at::Tensor& 
   // A floating zero point (LSQ+) is rounded to the nearest integer.
   a.zero_point = float_qparams(a.zero_point, at::isFloatingType(zero_point.scalar_type()));
   // (Checked in the given order: the errors' flat indices are the caller's.)
-  if (check_values) {
+  if (check_values && scale.numel() > 0) {  // (empty qparams: none to check, only stand-ins)
     check_qparam_values(op, x_name, a.scale, a.zero_point, zero_point, quant_min, quant_max);
   }
   a.scale = a.arranged_qparam(a.scale);

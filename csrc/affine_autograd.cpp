@@ -405,7 +405,7 @@ at::Tensor fake_quant_composite(const at::Tensor& y, const at::Tensor& x, const 
     std::tie(inside, ds, dz) =
         call_fake_quant_backward(at::ones_like(x), x.detach(), one_each(s), one_each(z),
                                  quant_min, quant_max, need_scale, need_zp);
-    inside = inside.to(at::kBool);
+    inside = inside.eq(1);  // (CUDA gives NaN for a block whose qparams fail: outside)
     if (!factor.isNone()) {
       if (need_scale) scale_grad_(ds, factor);
       if (need_zp) scale_grad_(dz, factor);

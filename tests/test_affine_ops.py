@@ -534,6 +534,9 @@ def test_cuda_bad_qparams_give_nan_without_sync(device):
     assert y[bad].isnan().all() and gx[bad].isnan().all()
     assert torch.equal(ym.isnan(), y.isnan()) and not mask[bad].any() and (ga[bad] == 0).all()
     assert torch.equal(ga[0], gx[0]) and torch.equal(mask[0], gx[0] == 1)
+    # torch.func's composite likewise: 0 in a bad block (its NaN STE was cast to bool: true).
+    gf = torch.func.grad(lambda t: ops.fake_quant(t, scale, zp, -128, 127).sum())(x.detach())
+    assert torch.equal(gf, ga)
     ref = torch.fake_quantize_per_tensor_affine(x[0].detach(), 0.1, 3, -128, 127)
     assert torch.equal(y[0], ref)
     y_ok = ops.fake_quant(x.detach()[:1], scale[:1], zp[:1], -128, 127)

@@ -242,6 +242,22 @@ def test_per_token_qparams_of_an_empty_batch(device, dtype):
     torch.library.opcheck(ops.dequantize.default, (q, s, z, torch.float32))
     compiled = torch.compile(lambda a, b, c: qlib.fake_quant(a, b, c, -127, 127), fullgraph=True, dynamic=True)
     assert compiled(x.detach(), s, z).shape == (0, 8)
+    # A range without 0 (the stand-ins' zero point is 0: their checks raised an IndexError): eager,
+    # CUDA's checked path, torch.func (qparams spread over the empty x) and an empty vmap batch.
+    zp1 = torch.full((0, 1), 128, dtype=torch.int32, device=device)
+    assert ops.fake_quant(x.detach(), s, zp1, 1, 255).shape == (0, 8)
+    assert ops.quantize(x.detach(), s, zp1, 1, 255, torch.uint8).shape == (0, 8)
+    if device == "cuda":
+        qlib.set_cuda_value_checks(True)
+        try:
+            assert ops.fake_quant(x.detach(), s, zp1, 1, 255).shape == (0, 8)
+        finally:
+            qlib.set_cuda_value_checks(False)
+    one_s, one_z = torch.tensor([0.1], device=device), torch.tensor([128.0], device=device)
+    g = torch.func.grad(lambda sc: ops.fake_quant(x.detach(), sc, one_z, 1, 255).sum())(one_s)
+    assert g.shape == (1,) and g.item() == 0
+    per_sample = torch.vmap(lambda a, b, c: ops.fake_quant(a, b, c, 1, 255))
+    assert per_sample(x.detach().view(0, 1, 8), s.view(0, 1, 1), zp1.view(0, 1, 1)).shape == (0, 1, 8)
     for xs, ss in (((3, 8), (0, 1)), ((2, 8), (0, 8))):
         with pytest.raises(RuntimeError, match=r"qlib::fake_quant: scale is empty but x of shape \[\d, 8\] is not"):
             qlib.fake_quant(torch.randn(xs, device=device), torch.ones(ss, device=device),
