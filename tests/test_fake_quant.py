@@ -327,6 +327,8 @@ def _offset_by_one(t):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_dense_layouts_unaligned_and_packs(device, dtype):
+    """Dense layouts, views off a 16-byte boundary and (CUDA) 1, 2 or 4 packs a thread: fake_quant,
+    fake_quant_with_mask and the backward (both LSQ terms, or one) give the contiguous x's bits."""
     for base, sshape in _dense_layouts(device):
         x = (base * 3).to(dtype)
         scale = torch.rand(sshape, device=device) * 0.1 + 0.02
@@ -334,6 +336,7 @@ def test_dense_layouts_unaligned_and_packs(device, dtype):
         g = torch.linspace(-1, 1, x.numel(), device=device).view(x.shape).to(dtype)
         ref = ops.fake_quant(x.contiguous(), scale, zp, -8, 7)
         rgx, rgs, rgz = ops.fake_quant_backward(g.contiguous(), x.contiguous(), scale, zp, -8, 7, True, True)
+        ref_mask = ops.fake_quant_with_mask(x.contiguous(), scale, zp, -8, 7)[1]
         xo = _offset_by_one(x)
         assert xo.data_ptr() % 16 and torch.equal(xo, x)
         for xi, gi in ((x, g), (xo, g), (x, _offset_by_one(g.contiguous()))):
@@ -341,10 +344,16 @@ def test_dense_layouts_unaligned_and_packs(device, dtype):
                 qlib._C.set_fake_quant_cuda_packs(packs)
                 try:
                     y = ops.fake_quant(xi, scale, zp, -8, 7)
+                    ym, mask = ops.fake_quant_with_mask(xi, scale, zp, -8, 7)
                     gx, gs, gz = ops.fake_quant_backward(gi, xi, scale, zp, -8, 7, True, True)
+                    # (one LSQ term asked for: the CUDA kernel stores one per-element buffer)
+                    gs_alone = ops.fake_quant_backward(gi, xi, scale, zp, -8, 7, True, False)[1]
+                    gz_alone = ops.fake_quant_backward(gi, xi, scale, zp, -8, 7, False, True)[2]
                 finally:
                     qlib._C.set_fake_quant_cuda_packs(1)
                 assert torch.equal(y, ref) and y.stride() == torch.empty_like(xi).stride()
+                assert torch.equal(ym, ref) and torch.equal(mask, ref_mask)
+                assert torch.equal(gs_alone, gs) and torch.equal(gz_alone, gz)
                 assert torch.equal(gx, rgx)
                 torch.testing.assert_close(gs, rgs, rtol=1e-5, atol=1e-4)
                 torch.testing.assert_close(gz, rgz, rtol=1e-5, atol=1e-4)
