@@ -744,6 +744,54 @@ def test_export_after_eager_steps(learnable):
         assert torch.equal(program.module()(x3), qat(x3))
 
 
+class _Routed(nn.Module):
+    """The rows of x that `keep` picks (routed tokens): a data-dependent row count."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, keep):
+        return self.inner(x[keep.nonzero().squeeze(1)])
+
+
+@pytest.mark.parametrize("config", [QATConfig(), QATConfig(weight_learnable=True, activation_learnable=True,
+                                                            activation_observer="MSEObserver")],
+                         ids=["minmax", "learnable-mse"])
+def test_compile_and_export_of_routed_tokens(config):
+    """Tokens picked by nonzero() (an unbacked row count) through QAT layers with their observers
+    on: torch.compile(fullgraph=True) and torch.export raised "Could not guard on data-dependent
+    expression Eq(16*u0, 0)" (the observer's and the learnable first scale's empty-batch checks).
+    Now one graph, eager's outputs, gradients and observer state, an empty pick included."""
+    torch.manual_seed(0)
+    eager = _Routed(qlib.prepare_qat(nn.Sequential(nn.Linear(16, 8)), config))
+    eager(torch.randn(6, 16), torch.ones(6, dtype=torch.bool))  # (the learnable first scale, eagerly)
+    traced, exported = copy.deepcopy(eager), copy.deepcopy(eager)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(traced, backend=counter, fullgraph=True)
+        n = torch.export.Dim("n", min=2, max=1024)
+        program = torch.export.export(exported, (torch.randn(12, 16), torch.rand(12) < 0.5),
+                                      dynamic_shapes=({0: n}, {0: n}))
+        for rows, p in [(40, 0.5), (30, 0.2), (10, 0.0)]:
+            x, keep = torch.randn(rows, 16), torch.rand(rows) < p
+            torch._dynamo.mark_dynamic(x, 0)
+            torch._dynamo.mark_dynamic(keep, 0)
+            ref = eager(x, keep)
+            out = compiled(x, keep)
+            assert torch.equal(program.module()(x, keep), ref)
+            assert torch.equal(out, ref)
+            ref.sum().backward()
+            out.sum().backward()
+    assert counter.frame_count == 1
+    for (name, a), b in zip(eager.named_parameters(), traced.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), b, c in zip(eager.named_buffers(), traced.buffers(), exported.buffers()):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+
+
 def test_autocast_bfloat16_training_step():
     torch.manual_seed(0)
     net = qlib.prepare_qat(Net())

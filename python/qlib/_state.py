@@ -50,6 +50,18 @@ def untraced(fn):
         torch._C._set_tracing_state(tracing)
 
 
+def known_empty(x: Tensor) -> bool:
+    """x.numel() == 0 where that is known. A data-dependent size under torch.compile / export (rows
+    picked by nonzero(), routed tokens) counts as not empty: a guard on it raised ("Could not guard
+    on data-dependent expression"). Callers skip work the ops would do to no effect on an empty x."""
+    n = x.numel()
+    if isinstance(n, int) and not torch.compiler.is_compiling():  # (dynamo calls a SymInt an int)
+        return n == 0
+    from torch.fx.experimental.symbolic_shapes import guard_or_false  # (imported with dynamo anyway)
+
+    return guard_or_false(n == 0)
+
+
 def record_in_metadata(destination, prefix: str, key: str, value) -> None:
     """From a _save_to_state_dict: key = value in torch's state_dict metadata of the module at
     prefix (kept by torch.save / torch.load and deepcopy, not by safetensors or a rebuilt dict),

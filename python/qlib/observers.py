@@ -48,8 +48,8 @@ from torch.nn.modules import module as _module
 from . import _C
 from . import _observer_ops  # noqa: F401  (registers the fakes)
 from ._ops import quant_range
-from ._state import (OP_FLOAT_DTYPES, QuantState, check_host_readable, exporting, graph_break, make_graph_breaks,
-                     record_in_metadata, untraced)
+from ._state import (OP_FLOAT_DTYPES, QuantState, check_host_readable, exporting, graph_break, known_empty,
+                     make_graph_breaks, record_in_metadata, untraced)
 
 ops = torch.ops.qlib
 _ALLOCATE_LOCK = threading.Lock()
@@ -175,7 +175,8 @@ class ObserverBase(QuantState):
             raise TypeError(f"qlib.observers.{type(self).__name__}: x must be a Tensor, got {type(x).__name__}")
         x = x.detach()
         # (untraced: torch.jit.trace's sizes as plain ints, no TracerWarnings)
-        empty, unsized = untraced(lambda: (x.numel() == 0, self._buffers["qparams_shape"].numel() == 0))
+        # (an empty x changes no state: a size that may be 0, as rows from nonzero(), is observed)
+        empty, unsized = untraced(lambda: (known_empty(x), self._buffers["qparams_shape"].numel() == 0))
         if empty:
             return None
         if not x.is_floating_point():

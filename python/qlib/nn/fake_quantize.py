@@ -10,8 +10,8 @@ from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
 from .. import _C
-from .._state import (OP_FLOAT_DTYPES, QuantState, check_host_readable, exporting, graph_break, make_graph_breaks,
-                      on_nested, record_in_metadata, untraced)
+from .._state import (OP_FLOAT_DTYPES, QuantState, check_host_readable, exporting, graph_break, known_empty,
+                      make_graph_breaks, on_nested, record_in_metadata, untraced)
 from ..observers import NOTHING_RECORDED, _distributed
 
 ops = torch.ops.qlib
@@ -263,7 +263,7 @@ class FakeQuantize(QuantState):
                 # Another process set the shared buffer (Hogwild, model.share_memory()): the
                 # scale is already trained there; take it (a host read only until initialised).
                 self._init_done = True
-            if on_meta or (self.learnable and untraced(lambda: x.numel() == 0) and not _distributed()):
+            if on_meta or (self.learnable and untraced(lambda: known_empty(x)) and not _distributed()):
                 pass  # (an empty batch: the first scale waits for one with data; DDP: all ranks all-reduce)
             elif self.learnable and not self._init_done:
                 # (An exported or traced graph would write the first scale into the Parameters
