@@ -80,7 +80,7 @@ inline c10::SymInt check_packed_4bit_sym(const char* op, const at::Tensor& packe
 // (The fake's checks: sym sizes.)
 inline void check_dequantize_4bit_meta(const char* op, const at::Tensor& packed,
                                        const at::Tensor& absmax, const at::Tensor& codebook,
-                                       int64_t in_features, int64_t block_size,
+                                       const c10::SymInt& in_features, int64_t block_size,
                                        at::ScalarType dtype) {
   check_packed_4bit_sym(op, packed, absmax, codebook, in_features, block_size);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,

@@ -26,12 +26,12 @@ at::Tensor call_linear_4bit(const at::Tensor& x, const at::Tensor& packed, const
 }
 
 at::Tensor call_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
-                                const at::Tensor& codebook, int64_t in_features, int64_t block_size,
-                                at::ScalarType dtype) {
+                                const at::Tensor& codebook, const c10::SymInt& in_features,
+                                int64_t block_size, at::ScalarType dtype) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("qlib::dequantize_4bit", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               int64_t, int64_t, at::ScalarType)>();
+                                               c10::SymInt, int64_t, at::ScalarType)>();
   return op.call(packed, absmax, codebook, in_features, block_size, dtype);
 }
 
@@ -65,8 +65,7 @@ class Linear4bitFunction : public torch::autograd::Function<Linear4bitFunction> 
     at::Tensor grad_x, grad_bias;
     if (ctx->needs_input_grad(0)) {
       const at::Tensor w = call_dequantize_4bit(saved[0], saved[1], saved[2],
-                                                ctx->saved_data["in_features"].toSymInt().guard_int(
-                                                    __FILE__, __LINE__),
+                                                ctx->saved_data["in_features"].toSymInt(),
                                                 ctx->saved_data["block_size"].toInt(), grad.scalar_type());
       grad_x = at::matmul(grad, w);
     }
@@ -96,7 +95,7 @@ at::Tensor linear_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, c
       y = call_linear_4bit(x, packed, absmax, codebook, block_size, bias);  // (checks x)
     }
     return frozen_linear_composite(
-        y, x, call_dequantize_4bit(packed, absmax, codebook, x.size(-1), block_size,
+        y, x, call_dequantize_4bit(packed, absmax, codebook, x.sym_size(-1), block_size,
                                    x.scalar_type()),
         bias);
   }
@@ -104,7 +103,7 @@ at::Tensor linear_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, c
 }
 
 at::Tensor dequantize_4bit_autograd(const at::Tensor& packed, const at::Tensor& absmax,
-                                    const at::Tensor& codebook, int64_t in_features,
+                                    const at::Tensor& codebook, c10::SymInt in_features,
                                     int64_t block_size, at::ScalarType dtype) {
   check_no_forward_grad("qlib::dequantize_4bit", {absmax, codebook});
   check_frozen("qlib::dequantize_4bit", absmax, codebook);

@@ -24,7 +24,7 @@ void set_int8_cpu_kernel(const std::string& name);  // "auto" or a name; raises 
 // keeps only those), or keeps only a tag (QLIB_INT8_PACKED_COPY; raises on a bad value).
 bool int8_packed_copy();
 // qlib::int8_unpack_weight through the dispatcher (int8_autograd.cpp): a packing's weight [N, K].
-at::Tensor int8_unpack_weight(const at::Tensor& w_packed, int64_t N, int64_t K);
+at::Tensor int8_unpack_weight(const at::Tensor& w_packed, const c10::SymInt& N, const c10::SymInt& K);
 
 // The CUDA int8_linear GEMM for M > 4 (csrc/int8_cuda_gemm.cpp): cuBLASLt, or the fused
 // Hopper kernel when built; kAuto (built with it): the fused one on compute capability 9.0.

@@ -114,9 +114,8 @@ class Int8LinearPackedFunction : public torch::autograd::Function<Int8LinearPack
     save(ctx, x,
          w_int8.has_value() || !x.requires_grad()
              ? w_int8.value_or(at::Tensor())
-             // (sym_size: x.size(-1) would read, and so guard, every size of a traced x)
-             : int8_unpack_weight(w_packed, w_scale.sym_numel().guard_int(__FILE__, __LINE__),
-                             x.sym_size(-1).guard_int(__FILE__, __LINE__)),
+             // (sym sizes: x.size(-1) would read, and so guard, every size of a traced x)
+             : int8_unpack_weight(w_packed, w_scale.sym_numel(), x.sym_size(-1)),
          w_scale, bias);
     ctx->saved_data["bias_input"] = int64_t{w_int8.has_value() ? 4 : 3};
     return out;
@@ -174,7 +173,7 @@ at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_
     }
     const at::Tensor w = w_int8.has_value()
                              ? *w_int8
-                             : int8_unpack_weight(w_packed, w_scale.numel(), x.size(-1));
+                             : int8_unpack_weight(w_packed, w_scale.sym_numel(), x.sym_size(-1));
     return frozen_linear_composite(y, x, dequantized_weight(w, w_scale, x.scalar_type()), bias);
   }
   return Int8LinearPackedFunction::apply(x, w_packed, w_int8, w_scale, bias, act_scale,
@@ -183,10 +182,10 @@ at::Tensor int8_linear_packed_autograd(const at::Tensor& x, const at::Tensor& w_
 
 }  // namespace
 
-at::Tensor int8_unpack_weight(const at::Tensor& w_packed, int64_t N, int64_t K) {
+at::Tensor int8_unpack_weight(const at::Tensor& w_packed, const c10::SymInt& N, const c10::SymInt& K) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("qlib::int8_unpack_weight", "")
-                             .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
+                             .typed<at::Tensor(const at::Tensor&, c10::SymInt, c10::SymInt)>();
   return op.call(w_packed, N, K);
 }
 

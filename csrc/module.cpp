@@ -169,7 +169,7 @@ PYBIND11_MODULE(_C, m) {
         });
   m.def("check_dequantize_4bit_args",
         [](const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& codebook,
-           int64_t in_features, int64_t block_size, at::ScalarType dtype) {
+           c10::SymInt in_features, int64_t block_size, at::ScalarType dtype) {
           qlib::check_dequantize_4bit_meta("qlib::dequantize_4bit", packed, absmax, codebook,
                                            in_features, block_size, dtype);
         });

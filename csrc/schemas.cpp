@@ -89,7 +89,7 @@ TORCH_LIBRARY(qlib, m) {
   // int8, packed weights. CPU: w_int8 packed once for the kernels; CUDA: an empty tensor (not
   // used). int8_linear_packed without w_int8 runs on the packing alone (Int8Linear on the CPU).
   m.def("int8_pack_weight(Tensor w_int8) -> Tensor", tags);
-  m.def("int8_unpack_weight(Tensor w_packed, int N, int K) -> Tensor", tags);
+  m.def("int8_unpack_weight(Tensor w_packed, SymInt N, SymInt K) -> Tensor", tags);
   m.def(
       "int8_linear_packed(Tensor x, Tensor w_packed, Tensor? w_int8, Tensor w_scale, "
       "Tensor? bias, Tensor? act_scale=None, Tensor? act_zero_point=None, "
@@ -101,7 +101,7 @@ TORCH_LIBRARY(qlib, m) {
       "quantize_4bit(Tensor w, Tensor codebook, int block_size) -> (Tensor packed, Tensor absmax)",
       tags);
   m.def(
-      "dequantize_4bit(Tensor packed, Tensor absmax, Tensor codebook, int in_features, "
+      "dequantize_4bit(Tensor packed, Tensor absmax, Tensor codebook, SymInt in_features, "
       "int block_size, ScalarType dtype) -> Tensor",
       tags);
   m.def(

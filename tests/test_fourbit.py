@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import torch._dynamo.testing
 from torch import nn
 
 import qlib
@@ -436,6 +437,35 @@ def test_quantize_weight_only_compiles_and_exports(device):
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     assert buf.tell() < 64 * 48 * 4  # well below the float32 weights alone
+
+
+def test_weight_sizes_stay_symbolic_when_traced():
+    """dequantize_4bit's in_features and int8_unpack_weight's N, K are SymInts: traced with a
+    dynamic K (a function over weights of several shapes) they stay symbolic, one graph for every
+    K (an int argument specialised them: a recompile per K, and export refused a dynamic K)."""
+    cb = qlib.codebook_4bit("nf4")
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    deq = torch.compile(lambda p, a, k: ops.dequantize_4bit(p, a, cb, k, 8, torch.float32),
+                        fullgraph=True, dynamic=True, backend=counter)
+    unpack = torch.compile(lambda p, n, k: ops.int8_unpack_weight(p, n, k), fullgraph=True, dynamic=True,
+                           backend=counter)
+    for k in (40, 56, 72):
+        w = torch.randn(24, k)
+        packed, absmax = ops.quantize_4bit(w, cb, 8)
+        assert torch.equal(deq(packed, absmax, k), ops.dequantize_4bit(packed, absmax, cb, k, 8, torch.float32))
+        w8 = torch.randint(-127, 128, (k, 24), dtype=torch.int8)
+        assert torch.equal(unpack(ops.int8_pack_weight(w8), k, 24), w8)
+    assert counter.frame_count == 2
+
+    class Dequant(nn.Module):
+        def forward(self, p, a):
+            return ops.dequantize_4bit(p, a, cb, 2 * p.shape[1], 8, torch.float32)
+
+    packed, absmax = ops.quantize_4bit(torch.randn(24, 64), cb, 8)
+    blocks = torch.export.Dim("blocks", min=2, max=1000)
+    ep = torch.export.export(Dequant(), (packed, absmax), dynamic_shapes=({1: 4 * blocks}, {1: blocks}))
+    packed, absmax = ops.quantize_4bit(torch.randn(24, 96), cb, 8)
+    assert torch.equal(ep.module()(packed, absmax), ops.dequantize_4bit(packed, absmax, cb, 96, 8, torch.float32))
 
 
 @pytest.mark.parametrize("M", [1, 3, 9, 40])
