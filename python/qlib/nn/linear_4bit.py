@@ -67,7 +67,8 @@ class Linear4bit(QuantState):
             raise ValueError(f"Linear4bit: compute_dtype must be None, float32, float16 or bfloat16, got {compute_dtype}")
         # None: the input's dtype. torch.bfloat16 runs a float32 x through the bfloat16 kernels
         # (faster on CPUs with AVX512-BF16, as bitsandbytes' and ATen's int4 CPU kernels do)
-        # and casts the output back.
+        # and casts the output back. Under torch.autocast the autocast dtype wins (as for nn.Linear,
+        # the output comes in it).
         self.compute_dtype = compute_dtype
         self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
         n, k = self.out_features, self.in_features
@@ -189,7 +190,8 @@ class Linear4bit(QuantState):
             return on_nested("Linear4bit", self.forward, x)
         _check_in_features(x, self.in_features, self.out_features)
         b = self._buffers  # (nn.Module.__getattr__ costs about 0.7 us a name)
-        cast = self.compute_dtype is not None and x.is_floating_point() and x.dtype != self.compute_dtype
+        cast = (self.compute_dtype is not None and x.is_floating_point() and x.dtype != self.compute_dtype
+                and not torch.is_autocast_enabled(x.device.type))
         y = torch.ops.qlib.linear_4bit(x.to(self.compute_dtype) if cast else x, b["packed"], b["absmax"],
                                        b["codebook"], self.block_size,
                                        self._parameters["bias"] if "bias" in self._parameters else self.bias)
