@@ -744,6 +744,41 @@ def test_export_after_eager_steps(learnable):
         assert torch.equal(program.module()(x3), qat(x3))
 
 
+_FX_CONFIGS = {"minmax": QATConfig(), "learnable": QATConfig(weight_learnable=True, activation_learnable=True),
+               "weight-only": QATConfig(weight_bits=4, weight_group_size=8, activation_bits=None)}
+
+
+@pytest.mark.parametrize("config", list(_FX_CONFIGS.values()), ids=list(_FX_CONFIGS))
+def test_fx_symbolic_trace_refuses_fake_quant_and_says_what_works(config):
+    """torch.fx.symbolic_trace ran a weight-only QATLinear's fake quant on the real weight and kept
+    the result as a constant (training the graph would not move it); the other configs raised
+    about a Proxy. Now each raises, naming what traces instead; with qlib's modules kept whole
+    (is_leaf_module) the graph calls them, and runs and trains as the model."""
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    qlib.prepare_qat(model, config)
+    for root in (model, model[0].weight_fake_quant, model[0].weight_fake_quant.observer, qlib.observers.MSEObserver()):
+        with pytest.raises(RuntimeError, match=r"symbolic_trace cannot trace .* torch\.export\.export"):
+            torch.fx.symbolic_trace(root)
+
+    class KeepQlibModules(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return type(m).__module__.startswith("qlib.") or super().is_leaf_module(m, name)
+
+    graph = torch.fx.GraphModule(model, KeepQlibModules().trace(model))
+    x = torch.randn(5, 16)
+    twin = copy.deepcopy(model)
+    for step in range(2):  # (a second step: the weights moved)
+        out, twin_out = graph(x), twin(x)
+        assert torch.equal(out, twin_out)
+        out.square().sum().backward()
+        twin_out.square().sum().backward()
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters()):
+                assert torch.equal(p.grad, q.grad)
+                p -= 0.1 * p.grad
+                q -= 0.1 * q.grad
+
+
 class _Routed(nn.Module):
     """The rows of x that `keep` picks (routed tokens): a data-dependent row count."""
 

@@ -170,3 +170,14 @@ def on_nested(who: str, fn, x: Tensor) -> Tensor:
     raise TypeError(f"{who}: a nested tensor must have the jagged layout (torch.nested.nested_tensor(..., "
                     f"layout=torch.jagged)) with its ragged dim before the last; got layout {x.layout}. "
                     "Pad it first (x.to_padded_tensor(0.0)) or convert it to torch.jagged")
+
+
+def refuse_fx_proxy(who: str, x) -> None:
+    """Raise for a torch.fx Proxy (torch.fx.symbolic_trace). Fake quant and observers keep state
+    that their forward reads on the host, and a trace that ran them on the real weight recorded the
+    fake-quantized weight as a constant: training the graph would not move it."""
+    if isinstance(x, torch.fx.Proxy):
+        raise RuntimeError(
+            f"{who}: torch.fx.symbolic_trace cannot trace qlib's fake quant and observers (they keep "
+            "state that the forward reads). Use torch.export.export or torch.compile, or a "
+            "torch.fx.Tracer whose is_leaf_module keeps qlib.nn modules and observers whole")

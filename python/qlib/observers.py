@@ -49,7 +49,7 @@ from . import _C
 from . import _observer_ops  # noqa: F401  (registers the fakes)
 from ._ops import quant_range
 from ._state import (OP_FLOAT_DTYPES, QuantState, check_host_readable, exporting, graph_break, known_empty,
-                     make_graph_breaks, record_in_metadata, untraced)
+                     make_graph_breaks, record_in_metadata, refuse_fx_proxy, untraced)
 
 ops = torch.ops.qlib
 _ALLOCATE_LOCK = threading.Lock()
@@ -172,6 +172,7 @@ class ObserverBase(QuantState):
     def _prepare(self, x: Tensor) -> Optional[Tensor]:
         """The rows of x to record, with the buffers set up; None for an empty x."""
         if not isinstance(x, Tensor):
+            refuse_fx_proxy(f"qlib.observers.{type(self).__name__}", x)
             raise TypeError(f"qlib.observers.{type(self).__name__}: x must be a Tensor, got {type(x).__name__}")
         x = x.detach()
         # (untraced: torch.jit.trace's sizes as plain ints, no TracerWarnings)

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from .. import _C
 from .._state import (OP_FLOAT_DTYPES, QuantState, check_host_readable, exporting, graph_break, known_empty,
-                      make_graph_breaks, on_nested, record_in_metadata, untraced)
+                      make_graph_breaks, on_nested, record_in_metadata, refuse_fx_proxy, untraced)
 from ..observers import NOTHING_RECORDED, _distributed
 
 ops = torch.ops.qlib
@@ -219,7 +219,9 @@ class FakeQuantize(QuantState):
                 "with the observer enabled, or load a trained state_dict, first")
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: a jagged x runs on its values)
+        if not isinstance(x, Tensor):
+            refuse_fx_proxy("qlib.nn.FakeQuantize", x)
+        elif x.is_nested:  # (as nn.Linear: a jagged x runs on its values)
             return on_nested("qlib.nn.FakeQuantize", self.forward, x)
         observer = self._modules["observer"]  # (nn.Module.__getattr__ costs about 0.7 us)
         b = self._buffers

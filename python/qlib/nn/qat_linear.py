@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .._state import untraced
+from .._state import refuse_fx_proxy, untraced
 from ..config import QATConfig, config_or_default
 from .fake_quantize import FakeQuantize
 
@@ -39,6 +39,7 @@ def _check_input(x, weight: Tensor) -> None:
     call that raises leaves the observers as they were (calibrate's bad batch recorded, a
     moving average stepped, a learnable scale taken from it)."""
     if not isinstance(x, Tensor) or x.is_nested:
+        refuse_fx_proxy("qlib.nn.QATLinear", x)
         return  # (F.linear's error, or FakeQuantize's nested path)
     if untraced(lambda: x.dim() == 0 or x.shape[-1] != weight.shape[-1]):  # (jit.trace: plain ints)
         raise RuntimeError(f"qlib.nn.QATLinear: input of shape {tuple(x.shape)} does not have the "
