@@ -9,6 +9,8 @@ the dense F.linear in the input's dtype.
 Timed round-robin (timing.interleaved_medians_ms, 3 calls a peer a round, the first untimed),
 medians in ms, for x in float32 and bfloat16, (K, N) in {(768, 768), (768, 3072),
 (4096, 4096)}, M in {1, 16, 128} (--rows). Ratios: peer time / qlib time (above 1: qlib is faster).
+ATen's and torchao's int4 kernels cast a float32 x to bfloat16: the float32 tables also time qlib's
+int4 layer with compute_dtype=torch.bfloat16, the same work, in a ratio table of their own.
 A first table gives each scheme's error against the float64 product with the float weight.
 torchao and bitsandbytes are not in the project's .venv; to include them, run with a Python
 that has them and the same torch (benchmarks/RESULTS.md says how). Where CUDA is available, a
@@ -35,10 +37,17 @@ GROUP = 64
 SHAPES = [(768, 768), (768, 3072), (4096, 4096)]
 
 
-def peers(lin):
-    """{name: forward} for every peer available here, the dense layer first."""
+BF16_COMPUTE = "qlib int4 bf16-compute"  # (compute_dtype=torch.bfloat16: the int4 peers' work on a float32 x)
+
+
+def peers(lin, bf16_compute=False):
+    """{name: forward} for every peer available here; with bf16_compute also qlib's int4 layer with
+    compute_dtype=torch.bfloat16, which runs a float32 x as ATen's and torchao's int4 kernels do (x
+    cast to bfloat16)."""
     nf4, int4 = Linear4bit.from_float(lin, "nf4", GROUP), Linear4bit.from_float(lin, "int4", GROUP)
     out = {"qlib nf4": nf4, "qlib int4": int4}
+    if bf16_compute:
+        out[BF16_COMPUTE] = Linear4bit.from_float(lin, "int4", GROUP, compute_dtype=torch.bfloat16)
     for make in (make_aten_int4, make_torchao_int4, make_bnb_nf4_fused, make_bnb_nf4_dequant):
         f = make(lin, GROUP)
         if f is not None:
@@ -54,7 +63,7 @@ def accuracy(quick):
         lin = nn.Linear(K, N)
         x = torch.randn(16, K)
         ref = x.double() @ lin.weight.double().T + lin.bias.double()
-        for name, f in peers(lin).items():
+        for name, f in peers(lin, bf16_compute=True).items():
             err = ((f(x).double() - ref).norm() / ref.norm()).item()
             print(f"{K:5d} {N:5d}  {name:>26}  {err:26.4f}")
 
@@ -73,7 +82,7 @@ def speed(quick, dtype, row_counts):
     rows = []
     for K, N in SHAPES[:2] if quick else SHAPES:
         lin = nn.Linear(K, N)
-        fns = peers(lin)
+        fns = peers(lin, bf16_compute=dtype == torch.float32)
         dense_w, dense_b = lin.weight.detach().to(dtype), lin.bias.detach().to(dtype)
         fns = {f"dense {str(dtype)[6:]}": lambda x: F.linear(x, dense_w, dense_b), **fns}
         for M in row_counts:
@@ -90,12 +99,19 @@ def speed(quick, dtype, row_counts):
         print(f"{K:5d} {N:5d} {M:4d} " + " ".join(f"{ms.get(n, float('nan')):18.3f}" for n in names))
     print(f"\nx {str(dtype)[6:]}: ratios (peer ms / qlib ms; int4 peers against qlib int4, the rest against qlib nf4)")
     others = [n for n in names if not n.startswith("qlib")]
-    head = f"{'K':>5} {'N':>5} {'M':>4} " + " ".join(f"{n[:18]:>18}" for n in others)
+    ratio_table(rows, others, lambda n, ms: ms["qlib int4"] if "int4" in n else ms["qlib nf4"])
+    if BF16_COMPUTE in names:
+        same_work = [n for n in others if "int4" in n or n.startswith("dense")]
+        print(f"\nx {str(dtype)[6:]}, the same work as the int4 peers (x cast to bfloat16): peer ms / ms of {BF16_COMPUTE}")
+        ratio_table(rows, same_work, lambda n, ms: ms[BF16_COMPUTE])
+
+
+def ratio_table(rows, names, reference):
+    head = f"{'K':>5} {'N':>5} {'M':>4} " + " ".join(f"{n[:18]:>18}" for n in names)
     print(head)
     print("-" * len(head))
     for K, N, M, ms in rows:
-        ref = lambda n: ms["qlib int4"] if "int4" in n else ms["qlib nf4"]  # noqa: E731
-        print(f"{K:5d} {N:5d} {M:4d} " + " ".join(f"{ms.get(n, float('nan')) / ref(n):17.2f}x" for n in others))
+        print(f"{K:5d} {N:5d} {M:4d} " + " ".join(f"{ms.get(n, float('nan')) / reference(n, ms):17.2f}x" for n in names))
 
 
 @torch.inference_mode()
