@@ -1,5 +1,7 @@
 """int8 ops (quantize_per_token, int8_gemm, int8_linear), qlib.nn.Int8Linear, qlib.quantize_dynamic."""
+import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -593,6 +595,56 @@ def test_quantize_dynamic(device):
     all_q = qlib.quantize_dynamic(nn.Sequential(Block()).to(device))
     assert sum(isinstance(m, Int8Linear) for m in all_q.modules()) == 4
     assert isinstance(qlib.quantize_dynamic(nn.Linear(4, 4)), Int8Linear)
+
+
+def _gpt2(device):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=48, n_head=2, vocab_size=97, n_positions=32)
+    return transformers.GPT2LMHeadModel(config).to(device).eval()
+
+
+def _conv1d_as_linear(model):
+    """The reference: each transformers Conv1D replaced by hand with the nn.Linear it computes."""
+    from transformers.pytorch_utils import Conv1D
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(*child.weight.shape, device=child.weight.device)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
+    return model
+
+
+@pytest.mark.parametrize("swap", ["quantize_dynamic", "quantize_weight_only"])
+def test_swaps_take_transformers_conv1d(device, swap):
+    """GPT-2's Linear layers are transformers Conv1D modules (weight [in, out]): the inference swaps
+    take them as the nn.Linear they compute (torch.ao's quantize_dynamic leaves them float,
+    silently). The swapped model gives the bits of the same model with the Conv1Ds made nn.Linear
+    by hand first; filter_fn patterns select them by name."""
+    model = _gpt2(device)
+    ids = torch.randint(0, 97, (2, 11), device=device)
+    reference = getattr(qlib, swap)(_conv1d_as_linear(copy.deepcopy(model)))
+    getattr(qlib, swap)(model)
+    kind = Int8Linear if swap == "quantize_dynamic" else qlib.nn.Linear4bit
+    assert sum(isinstance(m, kind) for m in model.modules()) == 2 * 4 + 1  # (c_attn, c_proj, c_fc, mlp.c_proj; lm_head)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    picked = getattr(qlib, swap)(_gpt2(device), filter_fn="*.attn.c_attn")
+    assert isinstance(picked.transformer.h[1].attn.c_attn, kind)
+    assert type(picked.transformer.h[1].attn.c_proj).__name__ == "Conv1D"
+
+
+@pytest.mark.parametrize("swap", ["prepare", "prepare_qat", "gptq_quantize"])
+def test_other_swaps_warn_of_the_conv1d_they_leave_float(swap):
+    model = _gpt2("cpu")
+    args = ([torch.randint(0, 97, (2, 11))],) if swap == "gptq_quantize" else ()
+    with pytest.warns(UserWarning, match=r"8 transformers Conv1D modules .* stay float"):
+        getattr(qlib, swap)(model, *args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (none chosen by filter_fn: no warning)
+        getattr(qlib, swap)(_gpt2("cpu"), *args, filter_fn=lambda m, fqn: fqn == "lm_head")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

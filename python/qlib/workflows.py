@@ -52,7 +52,36 @@ def selects(filter_fn: Optional[FilterFn], who: str) -> Callable[[nn.Module, str
     return lambda module, fqn: bool(filter_fn(module, fqn))
 
 
-def warn_unmatched_patterns(model: nn.Module, kind: type, filter_fn: Optional[FilterFn], who: str) -> None:
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's Linear layers): y = x @ weight + bias, weight [in, out]."""
+    t = type(module)
+    return t.__name__ == "Conv1D" and t.__module__.startswith("transformers.")
+
+
+def as_linear(module: nn.Module) -> nn.Module:
+    """A Conv1D as the nn.Linear it computes (the weight transposed, the bias shared); else module."""
+    if not is_conv1d(module):
+        return module
+    w, b = module.weight, module.bias
+    linear = nn.Linear(w.shape[0], w.shape[1], bias=b is not None, device="meta")
+    linear.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+    if b is not None:
+        linear.bias = b
+    return linear
+
+
+def warn_conv1d_left(model: nn.Module, chosen: Callable[[nn.Module, str], bool], who: str) -> None:
+    """Warns for the Conv1D modules (GPT-2's Linears) filter_fn chose but this swap leaves float."""
+    left = [fqn for fqn, m in model.named_modules() if is_conv1d(m) and chosen(m, fqn)]
+    if left:
+        warnings.warn(f"qlib.{who}: {len(left)} transformers Conv1D modules (GPT-2's Linear layers: "
+                      f"{', '.join(map(repr, left[:3]))}{', ...' if len(left) > 3 else ''}) stay float: "
+                      f"{who} swaps nn.Linear only (quantize_dynamic and quantize_weight_only take "
+                      "Conv1D too)", stacklevel=_caller_stacklevel())
+
+
+def warn_unmatched_patterns(model: nn.Module, kind: type, filter_fn: Optional[FilterFn], who: str,
+                            conv1d: bool = False) -> None:
     """Warns for each name pattern of filter_fn that matches no module of type `kind`: patterns
     match the Linears' own names, so "*.q_proj" naming a wrapper (a LoRA layer holding its base
     Linear, as peft's target_modules do) swapped nothing, silently."""
@@ -65,7 +94,7 @@ def warn_unmatched_patterns(model: nn.Module, kind: type, filter_fn: Optional[Fi
     named = list(model.named_modules(remove_duplicate=False))
     for p in patterns:
         hits = [(fqn, m) for fqn, m in named if fnmatch.fnmatchcase(fqn, p)]
-        if any(parametrize.type_before_parametrizations(m) is kind for _, m in hits):
+        if any(parametrize.type_before_parametrizations(m) is kind or (conv1d and is_conv1d(m)) for _, m in hits):
             continue
         what = ", ".join(f"{fqn!r} ({type(m).__name__})" for fqn, m in hits[:3]) + (", ..." if len(hits) > 3 else "")
         name = "nn.Linear" if kind is nn.Linear else kind.__name__
@@ -93,13 +122,15 @@ def _composable_apis(module: nn.Module) -> list:
     return list(_get_registry(module) or ())
 
 
-def swap_selector(kind: type, filter_fn: Optional[FilterFn], who: str) -> Callable[[nn.Module, str], bool]:
+def swap_selector(kind: type, filter_fn: Optional[FilterFn], who: str,
+                  conv1d: bool = False) -> Callable[[nn.Module, str], bool]:
     """(module, fqn) -> whether a swap to `kind`'s replacement takes it: a module of exactly type
-    `kind` chosen by filter_fn. A chosen pruned or parametrized one (weight_norm, ...) raises."""
+    `kind` (or a transformers Conv1D, with conv1d) chosen by filter_fn. A chosen pruned or
+    parametrized one (weight_norm, ...) raises."""
     chosen = selects(filter_fn, who)
 
     def selected(module: nn.Module, fqn: str) -> bool:
-        if type(module) is kind:
+        if type(module) is kind or (conv1d and is_conv1d(module)):
             if not chosen(module, fqn):
                 return False
             if prune.is_pruned(module):
@@ -129,15 +160,17 @@ def swap_selector(kind: type, filter_fn: Optional[FilterFn], who: str) -> Callab
 
 
 def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Module],
-          filter_fn: Optional[FilterFn], who: str) -> nn.Module:
-    """Replaces, in place, each module of exactly type `kind` selected by
-    filter_fn(module, fqn) with make(module, fqn). A module shared by several
-    parents gets one shared replacement. Returns the model (or the
-    replacement, when the model itself is selected)."""
+          filter_fn: Optional[FilterFn], who: str, conv1d: bool = False) -> nn.Module:
+    """Replaces, in place, each module of exactly type `kind` (and each transformers Conv1D, with
+    conv1d; else they are warned of, for an nn.Linear swap) selected by filter_fn(module, fqn) with
+    make(module, fqn). A module shared by several parents gets one shared replacement. Returns
+    the model (or the replacement, when the model itself is selected)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"qlib.{who}: expected an nn.Module, got {type(model).__name__}")
-    selected = swap_selector(kind, filter_fn, who)
-    warn_unmatched_patterns(model, kind, filter_fn, who)
+    selected = swap_selector(kind, filter_fn, who, conv1d)
+    warn_unmatched_patterns(model, kind, filter_fn, who, conv1d)
+    if kind is nn.Linear and not conv1d:
+        warn_conv1d_left(model, selects(filter_fn, who), who)
 
     if selected(model, ""):
         model = _keep_hooks(model, make(model, ""))
@@ -283,26 +316,29 @@ def _op_dtype_checked(make: Callable[[nn.Module, str], nn.Module], who: str) -> 
 
 
 def quantize_dynamic(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` of ``model`` selected by ``filter_fn(module, fqn)``
-    (all of them when None) with an :class:`qlib.nn.Int8Linear` (int8 per-channel weights,
-    dynamic per-token int8 activations). Returns the model; if ``model`` itself is a selected
-    ``nn.Linear``, returns its replacement.
+    """Replace, in place, every ``nn.Linear`` (and transformers ``Conv1D``, GPT-2's Linears) of
+    ``model`` selected by ``filter_fn(module, fqn)`` (all of them when None) with an
+    :class:`qlib.nn.Int8Linear` (int8 per-channel weights, dynamic per-token int8 activations).
+    Returns the model; if ``model`` itself is a selected ``nn.Linear``, returns its replacement.
     """
-    make = _naming("quantize_dynamic", lambda m, fqn: Int8Linear.from_float(m))
-    return _swap(model, nn.Linear, _op_dtype_checked(make, "quantize_dynamic"), filter_fn, "quantize_dynamic")
+    make = _naming("quantize_dynamic", lambda m, fqn: Int8Linear.from_float(as_linear(m)))
+    return _swap(model, nn.Linear, _op_dtype_checked(make, "quantize_dynamic"), filter_fn, "quantize_dynamic",
+                 conv1d=True)
 
 
 def quantize_weight_only(model: nn.Module, codebook="nf4", block_size: int = 64,
                          filter_fn: Optional[FilterFn] = None,
                          compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` of ``model`` selected by ``filter_fn(module, fqn)``
-    with a :class:`qlib.nn.Linear4bit` (4-bit weights: ``codebook`` "nf4", "int4", "kmeans" (fitted
+    """Replace, in place, every ``nn.Linear`` (and transformers ``Conv1D``) of ``model`` selected by
+    ``filter_fn(module, fqn)`` with a :class:`qlib.nn.Linear4bit` (4-bit weights: ``codebook`` "nf4", "int4", "kmeans" (fitted
     to each weight) or 16 values;
     one absmax per ``block_size`` weights; float activations, run in ``compute_dtype`` when
     given). Returns the model, or the replacement when ``model`` itself is a selected
     ``nn.Linear``."""
-    make = _naming("quantize_weight_only", lambda m, fqn: Linear4bit.from_float(m, codebook, block_size, compute_dtype))
-    return _swap(model, nn.Linear, _op_dtype_checked(make, "quantize_weight_only"), filter_fn, "quantize_weight_only")
+    make = _naming("quantize_weight_only",
+                   lambda m, fqn: Linear4bit.from_float(as_linear(m), codebook, block_size, compute_dtype))
+    return _swap(model, nn.Linear, _op_dtype_checked(make, "quantize_weight_only"), filter_fn, "quantize_weight_only",
+                 conv1d=True)
 
 
 def _prepare_qat(model: nn.Module, config: Optional[QATConfig], filter_fn: Optional[FilterFn], who: str,
