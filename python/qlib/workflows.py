@@ -70,9 +70,29 @@ def as_linear(module: nn.Module) -> nn.Module:
     return linear
 
 
+def peft_adapters(model: nn.Module) -> set:
+    """ids of the modules inside peft adapters: a LoRA layer's lora_A / lora_B (peft's
+    `adapter_layer_names`), a ModulesToSaveWrapper's trainable copies. The swaps leave them
+    float: an int8 / 4-bit adapter is frozen (its zero lora_B stayed zero, silently), as QLoRA
+    keeps adapters float. Their base layers (`base_layer`, `original_module`) are swapped."""
+    ids = set()
+    for m in model.modules():
+        names = getattr(type(m), "adapter_layer_names", None)
+        if not isinstance(names, tuple) or not any(c.__module__.startswith("peft.") for c in type(m).__mro__):
+            continue
+        for name in names:
+            sub = m
+            for part in name.split("."):  # (dotted: "token_adapter.trainable_tokens_delta")
+                sub = getattr(sub, part, None)
+            if isinstance(sub, nn.Module):
+                ids.update(id(s) for s in sub.modules())
+    return ids
+
+
 def warn_conv1d_left(model: nn.Module, chosen: Callable[[nn.Module, str], bool], who: str) -> None:
     """Warns for the Conv1D modules (GPT-2's Linears) filter_fn chose but this swap leaves float."""
-    left = [fqn for fqn, m in model.named_modules() if is_conv1d(m) and chosen(m, fqn)]
+    adapters = peft_adapters(model)
+    left = [fqn for fqn, m in model.named_modules() if is_conv1d(m) and chosen(m, fqn) and id(m) not in adapters]
     if left:
         warnings.warn(f"qlib.{who}: {len(left)} transformers Conv1D modules (GPT-2's Linear layers: "
                       f"{', '.join(map(repr, left[:3]))}{', ...' if len(left) > 3 else ''}) stay float: "
@@ -92,15 +112,19 @@ def warn_unmatched_patterns(model: nn.Module, kind: type, filter_fn: Optional[Fi
     else:
         return
     named = list(model.named_modules(remove_duplicate=False))
+    adapters = peft_adapters(model)
     for p in patterns:
         hits = [(fqn, m) for fqn, m in named if fnmatch.fnmatchcase(fqn, p)]
-        if any(parametrize.type_before_parametrizations(m) is kind or (conv1d and is_conv1d(m)) for _, m in hits):
+        if any((parametrize.type_before_parametrizations(m) is kind or (conv1d and is_conv1d(m)))
+               and id(m) not in adapters for _, m in hits):
             continue
         what = ", ".join(f"{fqn!r} ({type(m).__name__})" for fqn, m in hits[:3]) + (", ..." if len(hits) > 3 else "")
         name = "nn.Linear" if kind is nn.Linear else kind.__name__
         warnings.warn(f"qlib.{who}: filter_fn pattern {p!r} matches no {name}, so it swaps nothing"
                       + (f"; it matches {what}. Patterns match the {name}s' own names: {p + '.*'!r} "
-                         "takes those inside" if hits else ""), stacklevel=_caller_stacklevel())
+                         "takes those inside" if hits else "")
+                      + (" (peft adapters stay float)" if any(id(m) in adapters for _, m in hits) else ""),
+                      stacklevel=_caller_stacklevel())
 
 
 def _caller_stacklevel() -> int:
@@ -167,7 +191,10 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
     the model (or the replacement, when the model itself is selected)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"qlib.{who}: expected an nn.Module, got {type(model).__name__}")
-    selected = swap_selector(kind, filter_fn, who, conv1d)
+    chooses = swap_selector(kind, filter_fn, who, conv1d)
+    # (A float model's swap leaves peft adapters float: see peft_adapters.)
+    adapters = peft_adapters(model) if kind is nn.Linear else set()
+    selected = lambda module, fqn: id(module) not in adapters and chooses(module, fqn)  # noqa: E731
     warn_unmatched_patterns(model, kind, filter_fn, who, conv1d)
     if kind is nn.Linear and not conv1d:
         warn_conv1d_left(model, selects(filter_fn, who), who)
