@@ -87,3 +87,24 @@ def test_peft_lora_after_the_swap_trains():
     pm.train()
     pm(ids, labels=ids).loss.backward()
     assert q.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+def test_linear4bit_weight_error_names_the_way_out():
+    # T5's feed-forward reads `wo.weight.dtype` in its forward: after a 4-bit swap it failed with
+    # nn.Module's bare "'Linear4bit' object has no attribute 'weight'".
+    pytest.importorskip("transformers")
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    q = qlib.quantize_weight_only(copy.deepcopy(model))
+    assert not hasattr(q.encoder.block[0].layer[1].DenseReluDense.wo, "weight")
+    with pytest.raises(AttributeError, match="has no `weight`.*leave it out of the 4-bit swap with filter_fn"):
+        q(input_ids=ids, decoder_input_ids=ids)
+    q = qlib.quantize_weight_only(copy.deepcopy(model), filter_fn=lambda m, name: not name.endswith(".wo"))
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(q(input_ids=ids, decoder_input_ids=ids).logits.flatten(),
+                                                    model(input_ids=ids, decoder_input_ids=ids).logits.flatten(), dim=0)
+    assert cos > 0.95

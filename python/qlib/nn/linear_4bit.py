@@ -184,6 +184,15 @@ class Linear4bit(QuantState):
                 "filter_fn); dequantized_weight() reads the weight")
         super().__setattr__(name, value)
 
+    def __getattr__(self, name):
+        if name == "weight":  # (nn.Module's AttributeError said only that there is none; hasattr stays False)
+            raise AttributeError(
+                f"Linear4bit ({self.extra_repr()}) has no `weight`: it holds 4-bit codes (packed, absmax, codebook); "
+                "dequantized_weight() reads the weight. Code that reads a Linear's weight (transformers' T5 family "
+                "reads `wo.weight.dtype` in its forward, resize_token_embeddings the lm_head's, peft's merge) needs "
+                "that Linear float or Int8Linear: leave it out of the 4-bit swap with filter_fn")
+        return super().__getattr__(name)
+
     def forward(self, input: Tensor) -> Tensor:  # (nn.Linear's name: callers may pass input=x)
         x = input
         if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: jagged nested tensors run on their values)
