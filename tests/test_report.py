@@ -321,3 +321,15 @@ def test_load_model_seeds_the_factory():
     reference = qlib.digits.make_mlp()
     for x, y, z in zip(a.state_dict().values(), b.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_report_counts_transformers_conv1d():
+    """GPT-2's Linears are transformers Conv1D modules, which the schemes swap: the report took a
+    model of only Conv1Ds for one with nothing to quantize."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(48, 32), nn.GELU(), Conv1D(16, 48))  # (Conv1D(nf=out, nx=in))
+    rows = report.report(model, (5, 32), schemes=["int8", "nf4"], repeat=1)
+    assert [rows[s]["quantized"] for s in ("float", "int8", "nf4")] == [0, 2, 2]
+    assert rows["int8"]["cosine"] > 0.99 and rows["int8"]["bytes"] < rows["float"]["bytes"]

@@ -5,7 +5,7 @@ only load files you trust) or ``package.module:factory``, a callable that return
 The model must take one float tensor; ``--input`` gives its shape (random normal values in
 the dtype of the model's parameters). ``--seed`` seeds torch before a factory runs (its random
 init) and the input, so a run repeats its numbers.
-Each scheme quantizes a copy of every ``nn.Linear`` of the model:
+Each scheme quantizes a copy of every ``nn.Linear`` (and transformers ``Conv1D``) of the model:
 
 - ``int8``: ``qlib.quantize_dynamic`` (int8 weights, dynamic per-token int8 activations);
 - ``nf4`` / ``int4`` / ``kmeans``: ``qlib.quantize_weight_only`` (4-bit weights, blocks of 64).
@@ -31,6 +31,7 @@ from torch import nn
 
 import qlib
 from qlib._state import OP_FLOAT_DTYPES
+from qlib.workflows import is_conv1d
 
 SCHEMES: Dict[str, Callable[[nn.Module], nn.Module]] = {
     "int8": lambda m: qlib.quantize_dynamic(m),
@@ -52,9 +53,13 @@ def state_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
 def named_linears(model: nn.Module) -> List[Tuple[str, nn.Linear]]:
-    """(name, module) of each distinct nn.Linear of the model, subclasses included."""
-    return [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """(name, module) of each distinct nn.Linear (subclasses included) or Conv1D of the model."""
+    return [(fqn, m) for fqn, m in model.named_modules() if _is_linear(m)]
 
 
 def _type_counts(linears: Sequence[Tuple[str, nn.Module]]) -> str:
@@ -136,7 +141,7 @@ def report(model: nn.Module, shape: Sequence[int], schemes: Sequence[str] = tupl
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
         raise ValueError(f"qlib report: unknown schemes {unknown}; choose from {list(SCHEMES)}")
-    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+    if not any(_is_linear(m) for m in model.modules()):
         raise ValueError("qlib report: the model has no nn.Linear to quantize")
     modes = [(m, m.training) for m in model.modules()]  # restored at the end (as gptq_quantize does)
     try:
@@ -201,7 +206,7 @@ def _quantized_copy(model: nn.Module, scheme: str, linears: Sequence[Tuple[str, 
         if id(linear) in memo:
             return id(memo[id(linear)]) in present
         try:  # (a module whose own __deepcopy__ skips the memo: look it up by name)
-            return isinstance(quantized.get_submodule(fqn), nn.Linear)
+            return _is_linear(quantized.get_submodule(fqn))
         except AttributeError:
             return False
 
