@@ -329,6 +329,12 @@ class ObserverBase(QuantState):
                 f"any finite value (observed={observed.item()}, nonfinite={self.nonfinite.item()}); "
                 f"call it on data first"
             )
+        if math.prod(shape) != self._blocks():
+            raise RuntimeError(
+                f"qlib.observers.{type(self).__name__}.calculate_qparams: the buffer qparams_shape holds "
+                f"{self.qparams_shape.tolist()}, but the statistics hold {self._blocks()} blocks: it was "
+                "overwritten (an EMA averaging integer buffers in float truncates them, as timm's ModelEmaV2 "
+                "does: use ModelEmaV3, or copy integer buffers)")
         return self._qparams(shape)
 
     def qparams_for(self, x: Tensor) -> Tuple[Tensor, Tensor]:

@@ -67,7 +67,7 @@ class FakeQuantize(QuantState):
             self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
             # Mirrors the buffer as a Python bool, as the switches.
             self._init_done = False
-        self._synced = (self._buffers["switches"], self._buffers.get("initialized"))  # what the bools mirror
+        self._synced = _synced(self._buffers)  # what the bools mirror
 
     # A learnable scale is trained for its code range: state_dict() records the range, and a
     # load checks it.
@@ -109,7 +109,7 @@ class FakeQuantize(QuantState):
             check_host_readable("qlib.nn.FakeQuantize", "switches", b["switches"])
             if module.learnable:
                 check_host_readable("qlib.nn.FakeQuantize", "initialized", b["initialized"])
-        module._synced = (b["switches"], b.get("initialized"))
+        module._synced = _synced(b)
         if b["switches"].is_meta:  # (no values to read: the bools stay)
             return
         module._observer_enabled, module._fake_quant_enabled = (bool(v) for v in b["switches"].tolist())
@@ -131,9 +131,19 @@ class FakeQuantize(QuantState):
                 [self._observer_enabled, self._fake_quant_enabled], dtype=torch.uint8, device=device))
         FakeQuantize._sync_flags(self)
 
+    def _resync(self) -> None:
+        """Reads the switches again where the buffers were replaced (torch.func.functional_call,
+        .to()) or written in place (an EMA's copy_: timm's ModelEmaV3, AveragedModel's buffers)."""
+        b, (switches, initialized, version) = self._buffers, self._synced
+        if b["switches"] is not switches or b.get("initialized") is not initialized \
+                or _version(switches) != version:
+            FakeQuantize._sync_flags(self)
+
     # torch.ao-style switches (torch.ao.quantization's disable_observer etc. call them too)
     @property
     def observer_enabled(self) -> bool:
+        if not torch.compiler.is_compiling():
+            self._resync()
         return self._observer_enabled
 
     @observer_enabled.setter
@@ -142,6 +152,8 @@ class FakeQuantize(QuantState):
 
     @property
     def fake_quant_enabled(self) -> bool:
+        if not torch.compiler.is_compiling():
+            self._resync()
         return self._fake_quant_enabled
 
     @fake_quant_enabled.setter
@@ -149,8 +161,10 @@ class FakeQuantize(QuantState):
         self.enable_fake_quant(enabled)
 
     def enable_observer(self, enabled: bool = True):
+        self._resync()  # (the other switch as the buffer holds it)
         self._observer_enabled = bool(enabled)
         self.switches[0] = self._observer_enabled
+        self._synced = _synced(self._buffers)
         return self
 
     def disable_observer(self):
@@ -165,8 +179,10 @@ class FakeQuantize(QuantState):
     def enable_fake_quant(self, enabled: bool = True):
         if enabled:
             self._follow_observer = False  # (from now on the scale trains)
+        self._resync()
         self._fake_quant_enabled = bool(enabled)
         self.switches[1] = self._fake_quant_enabled
+        self._synced = _synced(self._buffers)
         return self
 
     def disable_fake_quant(self):
@@ -225,9 +241,8 @@ class FakeQuantize(QuantState):
             return on_nested("qlib.nn.FakeQuantize", self.forward, x)
         observer = self._modules["observer"]  # (nn.Module.__getattr__ costs about 0.7 us)
         b = self._buffers
-        if not torch.compiler.is_compiling() and (
-                b["switches"] is not self._synced[0] or b.get("initialized") is not self._synced[1]):
-            FakeQuantize._sync_flags(self)  # other buffers (torch.func.functional_call, .to()): read them
+        if not torch.compiler.is_compiling():
+            self._resync()
         # A forward run inside a backward is activation checkpointing's recomputation
         # (torch.utils.checkpoint, either kind): the batch was observed in the forward already.
         # Observing it again counted it twice (a moving average stepped twice) and recomputed the
@@ -301,6 +316,16 @@ class FakeQuantize(QuantState):
     def extra_repr(self) -> str:
         return (f"quant_range=({self.quant_min}, {self.quant_max}), learnable={self.learnable}, "
                 f"observer_enabled={self.observer_enabled}, fake_quant_enabled={self.fake_quant_enabled}")
+
+
+def _synced(b) -> tuple:
+    """What the Python switches mirror: the buffers and the switches' version counter (an
+    in-place write, as an EMA's copy_, moves it)."""
+    return b["switches"], b.get("initialized"), _version(b["switches"])
+
+
+def _version(t: Tensor):
+    return None if t.is_inference() else t._version  # (inference tensors have none)
 
 
 @graph_break("a learnable FakeQuantize's first scale, eagerly (an observer not yet sized, "
