@@ -77,3 +77,27 @@ def test_truncated_qparams_shape_raises_naming_the_buffer():
     with pytest.raises(RuntimeError, match=r"calculate_qparams: the buffer qparams_shape holds \[1, 21, 10\], "
                                            r"but the statistics hold 242 blocks.*ModelEmaV3"):
         qlib.convert(model)
+
+
+def test_meta_int8_linear_with_buffers_set_directly_moves():
+    """accelerate's load_checkpoint_and_dispatch sets each checkpoint tensor into a meta skeleton
+    (set_module_tensor_to_device: module._buffers[name] = value), then dispatch_model calls
+    model.to(device): the packing, which no state holds, was still meta and .to() raised
+    "Cannot copy out of meta tensor"."""
+    from qlib.nn import Int8Linear
+    for activation in ("dynamic", "static"):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(16, 8))
+        if activation == "dynamic":
+            src = qlib.quantize_dynamic(net)
+        else:
+            src = qlib.prepare(net)
+            qlib.calibrate(src, [torch.randn(4, 16)])
+            src = qlib.convert(src)
+        state = src.state_dict()
+        skeleton = nn.Sequential(Int8Linear(16, 8, True, activation, device="meta"))
+        for key, value in state.items():
+            skeleton[0]._buffers[key.split(".", 1)[1]] = value.clone()
+        skeleton.to("cpu")
+        x = torch.randn(3, 16)
+        assert torch.equal(skeleton(x), src(x))

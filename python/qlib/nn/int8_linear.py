@@ -444,7 +444,12 @@ class Int8Linear(QuantState):
         # A packing is a CPU kernel's layout: the plain weight goes where the module goes.
         if self._buffers["weight"] is None and fn(torch.empty(0, dtype=torch.int8)).device.type != "cpu":
             self.weight
-        w = self._buffers["weight"]
+        w, packed = self._buffers["weight"], self._buffers["weight_packed"]
+        if packed.is_meta and w is not None and not w.is_meta:
+            # A meta skeleton whose weight was set without load_state_dict (accelerate's
+            # load_checkpoint_and_dispatch): the packing, not in the state, holds nothing yet, and
+            # .to() failed on it ("Cannot copy out of meta tensor"). Packed at the next forward.
+            self._buffers["weight_packed"] = torch.empty(0, dtype=torch.int8, device=w.device)
         super()._apply(fn, recurse)
         if self._buffers["weight"] is not w:
             self._pack_state = None  # (moved: the module's own, packed at the next forward)
