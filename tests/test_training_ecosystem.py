@@ -101,3 +101,23 @@ def test_meta_int8_linear_with_buffers_set_directly_moves():
         skeleton.to("cpu")
         x = torch.randn(3, 16)
         assert torch.equal(skeleton(x), src(x))
+
+
+def test_swaps_refuse_a_weight_of_another_librarys_tensor_subclass():
+    """torchao's quantize_ leaves nn.Linears whose weight is a tensor subclass (Int8Tensor, ...):
+    the swaps took them and failed later, in an observer (prepare, prepare_qat: "Int8Tensor
+    dispatch: ... aten.view", at the first batch) or in torchao's dispatch. TwoTensor (torch's
+    test subclass) stands in for torchao's."""
+    from torch.testing._internal.two_tensor import TwoTensor
+    net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    w = net[0].weight.detach()
+    net[0].weight = nn.Parameter(TwoTensor(w, w.clone()))
+    swaps = {"quantize_dynamic": lambda m: qlib.quantize_dynamic(m),
+             "quantize_weight_only": lambda m: qlib.quantize_weight_only(m, block_size=8),
+             "prepare": lambda m: qlib.prepare(m), "prepare_qat": lambda m: qlib.prepare_qat(m),
+             "gptq_quantize": lambda m: qlib.gptq_quantize(m, [torch.randn(2, 16)], bits=4, group_size=8)}
+    for name, swap in swaps.items():
+        with pytest.raises(ValueError, match=rf"qlib.{name}: the weight of 0 is a TwoTensor, a tensor subclass"):
+            swap(net)
+        assert type(net[0]) is nn.Linear and type(net[2]) is nn.Linear  # (nothing swapped)
+    assert type(qlib.prepare_qat(net, filter_fn=lambda m, n: n != "0")[2]).__name__ == "QATLinear"

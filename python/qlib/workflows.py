@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ._state import OP_FLOAT_DTYPES
 from .config import QATConfig, config_or_default
@@ -165,6 +166,12 @@ def swap_selector(kind: type, filter_fn: Optional[FilterFn], who: str,
                     f"qlib.{who}: {fqn or 'the model'} has torch.distributed composable APIs applied "
                     f"({', '.join(_composable_apis(module))}), whose state is kept per module; apply them after "
                     "the swap, or to a parent module")
+            w = module._parameters.get("weight")
+            if w is not None and is_traceable_wrapper_subclass(w):
+                raise ValueError(
+                    f"qlib.{who}: the weight of {fqn or 'the model'} is a {type(w).__name__}, a tensor subclass (another "
+                    "library's quantized or sharded weight, as torchao's quantize_ makes), which qlib's ops do not "
+                    "read; swap the float model, or leave it out with filter_fn")
             if any(isinstance(h, (WeightNorm, SpectralNorm)) for h in module._forward_pre_hooks.values()):
                 raise ValueError(
                     f"qlib.{who}: {fqn or 'the model'} has a hook-based torch.nn.utils.weight_norm / spectral_norm, "
