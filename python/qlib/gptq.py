@@ -24,8 +24,7 @@ from torch import Tensor, nn
 from . import _ops
 from ._state import MIN_SCALE
 from .nn.linear_4bit import Linear4bit
-from .workflows import (FilterFn, _swap, check_op_dtype, fused_paths_restorer, peft_adapters, run_batches, selects,
-                        swap_selector, warn_conv1d_left, warn_unmatched_patterns)
+from .workflows import FilterFn, _swap, check_op_dtype, fused_paths_restorer, model_swap_selector, run_batches
 
 
 class _Hessian:
@@ -171,12 +170,9 @@ def gptq_quantize(model: nn.Module, batches: Iterable, bits: int = 4, group_size
         raise ValueError(f"qlib.gptq_quantize: damp must be >= 0, got {damp!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"qlib.gptq_quantize: expected an nn.Module, got {type(model).__name__}")
-    chosen = swap_selector(nn.Linear, filter_fn, "gptq_quantize")  # (refuses pruned / parametrized ones now)
-    warn_unmatched_patterns(model, nn.Linear, filter_fn, "gptq_quantize")
-    warn_conv1d_left(model, selects(filter_fn, "gptq_quantize"), "gptq_quantize")
-    adapters = peft_adapters(model)  # (they stay float)
-    selected = {id(m): (fqn, m) for fqn, m in model.named_modules(remove_duplicate=False)
-                if id(m) not in adapters and chosen(m, fqn)}
+    # (refuses pruned / parametrized ones now; peft's adapters stay float)
+    chosen = model_swap_selector(model, nn.Linear, filter_fn, "gptq_quantize")
+    selected = {id(m): (fqn, m) for fqn, m in model.named_modules(remove_duplicate=False) if chosen(m, fqn)}
     if not selected:
         raise ValueError("qlib.gptq_quantize: no nn.Linear selected")
     on_meta = [fqn for fqn, m in selected.values() if m.weight.is_meta]

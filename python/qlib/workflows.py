@@ -90,9 +90,9 @@ def peft_adapters(model: nn.Module) -> set:
     return ids
 
 
-def warn_conv1d_left(model: nn.Module, chosen: Callable[[nn.Module, str], bool], who: str) -> None:
+def warn_conv1d_left(model: nn.Module, chosen: Callable[[nn.Module, str], bool], who: str,
+                     adapters: set) -> None:
     """Warns for the Conv1D modules (GPT-2's Linears) filter_fn chose but this swap leaves float."""
-    adapters = peft_adapters(model)
     left = [fqn for fqn, m in model.named_modules() if is_conv1d(m) and chosen(m, fqn) and id(m) not in adapters]
     if left:
         warnings.warn(f"qlib.{who}: {len(left)} transformers Conv1D modules (GPT-2's Linear layers: "
@@ -102,7 +102,7 @@ def warn_conv1d_left(model: nn.Module, chosen: Callable[[nn.Module, str], bool],
 
 
 def warn_unmatched_patterns(model: nn.Module, kind: type, filter_fn: Optional[FilterFn], who: str,
-                            conv1d: bool = False) -> None:
+                            conv1d: bool, adapters: set) -> None:
     """Warns for each name pattern of filter_fn that matches no module of type `kind`: patterns
     match the Linears' own names, so "*.q_proj" naming a wrapper (a LoRA layer holding its base
     Linear, as peft's target_modules do) swapped nothing, silently."""
@@ -113,7 +113,6 @@ def warn_unmatched_patterns(model: nn.Module, kind: type, filter_fn: Optional[Fi
     else:
         return
     named = list(model.named_modules(remove_duplicate=False))
-    adapters = peft_adapters(model)
     for p in patterns:
         hits = [(fqn, m) for fqn, m in named if fnmatch.fnmatchcase(fqn, p)]
         if any((parametrize.type_before_parametrizations(m) is kind or (conv1d and is_conv1d(m)))
@@ -190,6 +189,21 @@ def swap_selector(kind: type, filter_fn: Optional[FilterFn], who: str,
     return selected
 
 
+def model_swap_selector(model: nn.Module, kind: type, filter_fn: Optional[FilterFn], who: str,
+                        conv1d: bool = False) -> Callable[[nn.Module, str], bool]:
+    """swap_selector for this model, less peft's adapters in an nn.Linear swap (they stay float:
+    see peft_adapters); warns of the patterns that match nothing and, in an nn.Linear swap
+    without conv1d, of the chosen Conv1Ds left float."""
+    chooses = swap_selector(kind, filter_fn, who, conv1d)
+    adapters = peft_adapters(model)
+    warn_unmatched_patterns(model, kind, filter_fn, who, conv1d, adapters)
+    if kind is not nn.Linear:
+        return chooses
+    if not conv1d:
+        warn_conv1d_left(model, selects(filter_fn, who), who, adapters)
+    return lambda module, fqn: id(module) not in adapters and chooses(module, fqn)
+
+
 def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Module],
           filter_fn: Optional[FilterFn], who: str, conv1d: bool = False) -> nn.Module:
     """Replaces, in place, each module of exactly type `kind` (and each transformers Conv1D, with
@@ -198,13 +212,7 @@ def _swap(model: nn.Module, kind: type, make: Callable[[nn.Module, str], nn.Modu
     the model (or the replacement, when the model itself is selected)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"qlib.{who}: expected an nn.Module, got {type(model).__name__}")
-    chooses = swap_selector(kind, filter_fn, who, conv1d)
-    # (A float model's swap leaves peft adapters float: see peft_adapters.)
-    adapters = peft_adapters(model) if kind is nn.Linear else set()
-    selected = lambda module, fqn: id(module) not in adapters and chooses(module, fqn)  # noqa: E731
-    warn_unmatched_patterns(model, kind, filter_fn, who, conv1d)
-    if kind is nn.Linear and not conv1d:
-        warn_conv1d_left(model, selects(filter_fn, who), who)
+    selected = model_swap_selector(model, kind, filter_fn, who, conv1d)
 
     if selected(model, ""):
         model = _keep_hooks(model, make(model, ""))
