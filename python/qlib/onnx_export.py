@@ -6,6 +6,8 @@
 - ``int8_linear`` / ``int8_gemm`` / ``quantize_per_token`` become the same integer math as qlib's
   kernels: codes by ``Round(x * (1 / scale))``, an exact ``MatMulInteger``, the float epilogue.
 - ``quantize`` / ``dequantize`` become QuantizeLinear / DequantizeLinear with qlib's NaN rule.
+- ``linear_4bit`` / ``dequantize_4bit`` decode the weight (nibbles, a codebook Gather, absmax)
+  before a float MatMul.
 
 Needs the packages ``onnx`` and ``onnxscript`` (``onnxruntime`` to run the result).
 """
@@ -55,26 +57,31 @@ def onnx_translation_table() -> Dict[Any, Callable]:
     """``{torch.ops.qlib.<op>.default: translation}`` for
     ``torch.onnx.export(..., dynamo=True, custom_translation_table=..., opset_version=21)``.
     Translated: fake_quant, lsq_fake_quant, quantize, dequantize, quantize_per_token, int8_gemm,
-    int8_linear and int8_linear_packed (with its plain weight: ``export_onnx`` arranges it)."""
+    int8_linear, int8_linear_packed (with its plain weight: ``export_onnx`` arranges it),
+    dequantize_4bit and linear_4bit."""
     op = _onnxscript()
 
     def const_int(v: int, to: int):
         c = op.Constant(value_int=int(v))
         return c if to == _INT64 else op.Cast(c, to=to)
 
+    def onnx_type(dtype) -> int:  # (the exporter hands ScalarType arguments over as ONNX types)
+        return _ONNX_TYPE[dtype] if isinstance(dtype, torch.dtype) else int(dtype)
+
     def as_float(v):
         return v if int(v.dtype) == _FLOAT else op.Cast(v, to=_FLOAT)
 
-    def dim(x, d: int):
-        """x.size(d) as a 1-D int64 tensor."""
-        n = x.shape[d]
+    def dim(x, d: int, n=None):
+        """x.size(d) (static size n, or x's shape's) as a 1-D int64 tensor."""
+        n = x.shape[d] if n is None else n
         return op.Constant(value_ints=[n]) if isinstance(n, int) else op.Shape(x, start=d, end=d + 1)
 
-    def layout(x, scale, zero_point, who: str):
+    def layout(x, scale, zero_point, shape, sshape, who: str):
         """(scale, zero point, QuantizeLinear attributes) for qlib's granularity by scale's shape:
         per-tensor, per-axis (one dim of x's size), or blocked along one axis (the other
-        blocked dims' scales repeated per element: ONNX blocks one axis)."""
-        shape, sshape = list(x.shape), list(scale.shape)
+        blocked dims' scales repeated per element: ONNX blocks one axis). shape, sshape: the
+        static shapes of x and scale (those of the op's inputs)."""
+        shape, sshape = list(shape), list(sshape)
         if all(isinstance(n, int) and n == 1 for n in sshape):
             return (op.Squeeze(scale), op.Squeeze(zero_point), {}) if sshape else (scale, zero_point, {})
         if len(sshape) != len(shape):
@@ -103,7 +110,7 @@ def onnx_translation_table() -> Dict[Any, Callable]:
                 continue
             if k == "one":  # broadcast to x's size
                 size = [op.Constant(value_ints=[1] * d)] if d else []
-                size += [dim(x, d)] + ([op.Constant(value_ints=[1] * (rank - d - 1))] if d < rank - 1 else [])
+                size += [dim(x, d, shape[d])] + ([op.Constant(value_ints=[1] * (rank - d - 1))] if d < rank - 1 else [])
                 grow = lambda t, size=size: op.Expand(t, op.Concat(*size, axis=0))  # noqa: E731
             else:  # each of scale's blocks repeated b times along d
                 later = sshape[d + 1:]
@@ -122,11 +129,11 @@ def onnx_translation_table() -> Dict[Any, Callable]:
             sshape[d] = shape[d]
         return scale, zero_point, {"axis": axis, "block_size": n // s}
 
-    def codes(xf, scale, zero_point, quant_min: int, quant_max: int, who: str):
+    def codes(xf, scale, zero_point, quant_min: int, quant_max: int, shapes, who: str):
         """(QuantizeLinear codes clipped to [quant_min, quant_max], their zero point, scale, attributes)."""
         if int(zero_point.dtype) in _FLOATS:
             zero_point = op.Round(zero_point)  # (a floating zero point: rounded half to even, as qlib)
-        s, z, attrs = layout(xf, as_float(scale), zero_point, who)
+        s, z, attrs = layout(xf, as_float(scale), zero_point, *shapes, who)
         code_type, clip_type = _code_type(quant_min, quant_max)
         q = op.QuantizeLinear(xf, s, op.Cast(z, to=code_type), **attrs)
         if clip_type is None:
@@ -136,31 +143,33 @@ def onnx_translation_table() -> Dict[Any, Callable]:
         q = op.Clip(q, const_int(quant_min, clip_type), const_int(quant_max, clip_type))
         return q, op.Cast(z, to=clip_type), s, attrs
 
-    def fake_quant(x, scale, zero_point, quant_min: int, quant_max: int):
+    def fake_quant(x, scale, zero_point, quant_min: int, quant_max: int, shapes=None):
         xf = as_float(x)
-        q, z, s, attrs = codes(xf, scale, zero_point, quant_min, quant_max, "fake_quant")
+        shapes = shapes or (x.shape, scale.shape)
+        q, z, s, attrs = codes(xf, scale, zero_point, quant_min, quant_max, shapes, "fake_quant")
         y = op.DequantizeLinear(q, s, z, **attrs)
         return y if int(x.dtype) == _FLOAT else op.Cast(y, to=int(x.dtype))
 
     def lsq_fake_quant(x, scale, zero_point, quant_min: int, quant_max: int, grad_factor=None, eps: float = 0.0):
         # The op's clamps: scale at least eps, the zero point rounded into the range.
+        shapes = (x.shape, scale.shape)
         scale = op.Max(as_float(scale), op.Constant(value_float=float(eps)))
         zero_point = op.Clip(op.Round(as_float(zero_point)), op.Constant(value_float=float(quant_min)),
                              op.Constant(value_float=float(quant_max)))
-        return fake_quant(x, scale, zero_point, quant_min, quant_max)
+        return fake_quant(x, scale, zero_point, quant_min, quant_max, shapes)
 
     def quantize(x, scale, zero_point, quant_min: int, quant_max: int, dtype):
         xf = as_float(x)
         xf = op.Where(op.IsNaN(xf), op.Constant(value_float=0.0), xf)  # (NaN: the zero point's code, as qlib)
-        q, _, _, _ = codes(xf, scale, zero_point, quant_min, quant_max, "quantize")
-        return op.Cast(q, to=_ONNX_TYPE[dtype])
+        q, _, _, _ = codes(xf, scale, zero_point, quant_min, quant_max, (x.shape, scale.shape), "quantize")
+        return op.Cast(q, to=onnx_type(dtype))
 
     def dequantize(q, scale, zero_point, dtype):
         if int(zero_point.dtype) in _FLOATS:
             zero_point = op.Round(zero_point)
-        s, z, attrs = layout(q, as_float(scale), zero_point, "dequantize")
+        s, z, attrs = layout(q, as_float(scale), zero_point, q.shape, scale.shape, "dequantize")
         y = op.DequantizeLinear(q, s, op.Cast(z, to=int(q.dtype)), **attrs)
-        return y if _ONNX_TYPE[dtype] == _FLOAT else op.Cast(y, to=_ONNX_TYPE[dtype])
+        return y if onnx_type(dtype) == _FLOAT else op.Cast(y, to=onnx_type(dtype))
 
     def token_codes(x2, act_scale, act_zero_point, lo: int, hi: int):
         """(int8 codes of the rows of a 2-D float32 x, row scales [M, 1]) as qlib's kernels: per-token
@@ -223,8 +232,40 @@ def onnx_translation_table() -> Dict[Any, Callable]:
                              "weight; export with qlib.export_onnx, which exports the plain int8 weight")
         return int8_linear(x, w_int8, w_scale, bias, act_scale, act_zero_point, act_quant_min, act_quant_max)
 
+    def dequantize_4bit(packed, absmax, codebook, in_features: int, block_size: int, dtype=torch.float32):
+        # codebook[code] * absmax (float32), the even k's code in a byte's low nibble.
+        n, k = packed.shape[0], int(in_features)
+        low = op.BitwiseAnd(packed, op.Cast(op.Constant(value_int=15), to=_UINT8))
+        high = op.BitShift(packed, op.Cast(op.Constant(value_int=4), to=_UINT8), direction="RIGHT")
+        codes = op.Concat(op.Unsqueeze(low, op.Constant(value_ints=[2])), op.Unsqueeze(high, op.Constant(value_ints=[2])),
+                          axis=2)
+        codes = op.Slice(op.Reshape(codes, op.Constant(value_ints=[n, -1])), op.Constant(value_ints=[0]),
+                         op.Constant(value_ints=[k]), op.Constant(value_ints=[1]))
+        values = op.Gather(as_float(codebook), op.Cast(codes, to=_INT64), axis=0)
+        # Times each block's absmax by broadcasting ([N, blocks, block_size] * [N, blocks, 1]): no
+        # absmax expanded to the weight's size, which the exporter could store folded.
+        blocks = absmax.shape[1]
+        padded = blocks * int(block_size)
+        if padded != k:
+            values = op.Pad(values, op.Constant(value_ints=[0, 0, 0, padded - k]))
+        w = op.Mul(op.Reshape(values, op.Constant(value_ints=[n, blocks, int(block_size)])),
+                   op.Unsqueeze(as_float(absmax), op.Constant(value_ints=[2])))
+        w = op.Reshape(w, op.Constant(value_ints=[n, padded]))
+        if padded != k:
+            w = op.Slice(w, op.Constant(value_ints=[0]), op.Constant(value_ints=[k]), op.Constant(value_ints=[1]))
+        return w if onnx_type(dtype) == _FLOAT else op.Cast(w, to=onnx_type(dtype))
+
+    def linear_4bit(x, packed, absmax, codebook, block_size: int, bias=None):
+        # x @ W_hat.T (+ bias) in float32 (qlib's CPU math; its sums run in another order).
+        w = dequantize_4bit(packed, absmax, codebook, x.shape[-1], block_size)
+        y = op.MatMul(as_float(x), op.Transpose(w, perm=[1, 0]))
+        if bias is not None:
+            y = op.Add(y, as_float(bias))
+        return y if int(x.dtype) == _FLOAT else op.Cast(y, to=int(x.dtype))
+
     q = torch.ops.qlib
-    return {q.fake_quant.default: fake_quant, q.lsq_fake_quant.default: lsq_fake_quant,
+    return {q.dequantize_4bit.default: dequantize_4bit, q.linear_4bit.default: linear_4bit,
+            q.fake_quant.default: fake_quant, q.lsq_fake_quant.default: lsq_fake_quant,
             q.quantize.default: quantize, q.dequantize.default: dequantize,
             q.quantize_per_token.default: quantize_per_token, q.int8_gemm.default: int8_gemm,
             q.int8_linear.default: int8_linear, q.int8_linear_packed.default: int8_linear_packed}
