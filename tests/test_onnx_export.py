@@ -169,10 +169,19 @@ def test_quantize_per_token_and_int8_gemm_equal_qlib():
     assert torch.equal(run(export(gemm, a), a)[0], gemm(a))
 
 
+def assert_last_bits(got, want, bias=None):
+    """Equal but for the last bits (the float32 epilogue against qlib's fused multiply-add, an ONNX
+    Runtime fusion's order; a float16 output can round the other way then): a rounding of the
+    product before the bias is added is relative to the product, at most |output| + |bias|."""
+    size = want.abs().float() + (0 if bias is None else bias.abs())
+    tol = (2 * torch.finfo(got.dtype).eps) * size + 1e-30
+    assert got.dtype == want.dtype and bool(((got.float() - want.float()).abs() <= tol).all())
+
+
 @pytest.mark.parametrize("activation", ["dynamic", "static"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_int8_linear_equals_qlib_bit_for_bit(activation, bias, dtype):
+def test_int8_linear_equals_qlib(activation, bias, dtype):
     linear = nn.Linear(67, 33, bias=bias)
     if activation == "dynamic":
         layer = qlib.nn.Int8Linear.from_float(linear)
@@ -181,21 +190,16 @@ def test_int8_linear_equals_qlib_bit_for_bit(activation, bias, dtype):
         layer.act_zero_point.fill_(5)
     x = (torch.randn(2, 9, 67) * 2).to(dtype)
     x[0, 3] = 0.0
-    program = export(layer, x)
-    assert "MatMulInteger" in node_types(program)
     want = layer(x)
-    for optimize in (True, False):  # (ONNX Runtime's fusions must not change it)
-        got = run(program, x, optimize=optimize)[0]
-        assert got.dtype == dtype and torch.equal(got, want)
-
-
-def test_int8_linear_rows_with_nan_are_nan_as_qlib():
-    layer = qlib.nn.Int8Linear.from_float(nn.Linear(16, 8))
-    x = torch.randn(4, 16)
-    x[2, 5] = float("nan")
-    got, want = run(export(layer, x), x)[0], layer(x)
-    assert torch.isnan(got[2]).all() and torch.isnan(want[2]).all()
-    assert torch.equal(got[[0, 1, 3]], want[[0, 1, 3]])
+    for exact in (False, True):
+        program = export(layer, x, exact=exact)
+        assert "MatMulInteger" in node_types(program)
+        for optimize in (True, False):  # (with and without ONNX Runtime's fusions)
+            got = run(program, x, optimize=optimize)[0]
+            if exact:
+                assert got.dtype == dtype and torch.equal(got, want)
+            else:
+                assert_last_bits(got, want, layer.bias)
 
 
 def mlp():
@@ -207,7 +211,7 @@ def test_a_dynamic_quantized_model_with_a_dynamic_batch():
     x = torch.randn(8, 20)
     model(x)  # (packs its weights: the export takes the plain int8 weights back)
     batch = torch.export.Dim("batch")
-    program = export(model, x, dynamic_shapes=({0: batch},))
+    program = export(model, x, dynamic_shapes=({0: batch},), exact=True)
     for rows in (1, 8, 13):
         x = torch.randn(rows, 20)
         assert torch.equal(run(program, x)[0], model(x))
@@ -222,7 +226,9 @@ def calibrated(config=None):
 def test_a_converted_static_model_equals_qlib():
     model = qlib.convert(calibrated())
     x = torch.randn(8, 20)
-    assert torch.equal(run(export(model, x), x)[0], model(x))
+    assert torch.equal(run(export(model, x, exact=True), x)[0], model(x))
+    # The first layer's last bits can move a code of the second's by one step.
+    torch.testing.assert_close(run(export(model, x), x)[0], model(x), rtol=1e-3, atol=1e-2)
 
 
 def stop_observing(model):
@@ -306,3 +312,17 @@ def test_a_weight_only_4bit_model(codebook):
     weight = Op(lambda x, p, a, c: qlib.dequantize_4bit(p, a, c, 250, 64) + 0 * x.sum(),
                 layer.packed, layer.absmax, layer.codebook)
     assert torch.equal(run(export(weight, x), x)[0], layer.dequantized_weight())
+
+
+@pytest.mark.parametrize("activation", ["dynamic", "static"])
+def test_rows_with_nan_or_inf_as_qlib(activation):
+    static = {"act_scale": torch.tensor(0.05)} if activation == "static" else {}
+    layer = qlib.nn.Int8Linear.from_float(nn.Linear(16, 8), activation=activation, **static)
+    x = torch.randn(6, 16)
+    x[1, 5], x[3, 2], x[4, 0], x[4, 1] = float("nan"), float("inf"), float("-inf"), float("nan")
+    got, want = run(export(layer, x, exact=True), x)[0], layer(x)
+    assert torch.equal(got.isnan(), want.isnan()) and want[1].isnan().all()
+    assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+    per_token = Op(lambda x: qlib.quantize_per_token(x))
+    (q, s), (got_q, got_s) = per_token(x), run(export(per_token, x), x)
+    assert torch.equal(got_q, q) and torch.equal(got_s.isnan(), s.isnan()) and torch.equal(got_s[~s.isnan()], s[~s.isnan()])

@@ -20,7 +20,7 @@ from torch import nn
 OPSET = 21  # int4 / int16 codes and blocked QuantizeLinear arrived in opset 21
 
 # onnx.TensorProto's element types
-_FLOAT, _UINT8, _INT8, _UINT16, _INT16, _INT32, _INT64, _FLOAT16, _DOUBLE, _BFLOAT16 = 1, 2, 3, 4, 5, 6, 7, 10, 11, 16
+_FLOAT, _UINT8, _INT8, _UINT16, _INT16, _INT32, _INT64, _BOOL, _FLOAT16, _DOUBLE, _BFLOAT16 = 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 16
 _UINT4, _INT4 = 21, 22
 _FLOATS = (_FLOAT, _FLOAT16, _BFLOAT16, _DOUBLE)
 _ONNX_TYPE = {torch.int8: _INT8, torch.uint8: _UINT8, torch.int16: _INT16, torch.int32: _INT32,
@@ -53,12 +53,16 @@ def _onnxscript():
     return opset21
 
 
-def onnx_translation_table() -> Dict[Any, Callable]:
+def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
     """``{torch.ops.qlib.<op>.default: translation}`` for
     ``torch.onnx.export(..., dynamo=True, custom_translation_table=..., opset_version=21)``.
     Translated: fake_quant, lsq_fake_quant, quantize, dequantize, quantize_per_token, int8_gemm,
     int8_linear, int8_linear_packed (with its plain weight: ``export_onnx`` arranges it),
-    dequantize_4bit and linear_4bit."""
+    dequantize_4bit and linear_4bit.
+
+    ``int8_linear`` adds its bias in float32 after the scales' product is rounded, where qlib
+    rounds once (a fused multiply-add): outputs can part in the last bit. ``exact=True`` adds it in
+    double, which gives qlib's outputs bit for bit, and is slower."""
     op = _onnxscript()
 
     def const_int(v: int, to: int):
@@ -171,25 +175,32 @@ def onnx_translation_table() -> Dict[Any, Callable]:
         y = op.DequantizeLinear(q, s, op.Cast(z, to=int(q.dtype)), **attrs)
         return y if onnx_type(dtype) == _FLOAT else op.Cast(y, to=onnx_type(dtype))
 
-    def token_codes(x2, act_scale, act_zero_point, lo: int, hi: int):
+    def token_codes(x2, act_scale, act_zero_point, lo: int, hi: int, for_gemm: bool = False):
         """(int8 codes of the rows of a 2-D float32 x, row scales [M, 1]) as qlib's kernels: per-token
-        scale max(amax / 127, eps) or the static act_scale; codes clamp(round(x * (1 / scale)) + zp);
-        NaN codes are the zero point; a row with NaN gets scale NaN (dynamic)."""
-        nan = op.IsNaN(x2)
+        scale max(amax / 127, eps) (amax of the row's non-NaN values) or the static act_scale; codes
+        clamp(round(x * (1 / scale)) + zp), the zero point for NaN; a row with NaN gets scale NaN.
+        for_gemm: codes + 128 as uint8 (ONNX Runtime's fast MatMulInteger is uint8 x int8: 11x int8
+        x int8), in fewer passes: a row that gives NaN outputs (NaN, or per-token +-Inf: scale Inf)
+        gets scale NaN and any codes."""
+        row = dict(axes=op.Constant(value_ints=[1]), keepdims=1)
+        nan = None if for_gemm and act_scale is None else op.IsNaN(x2)
         if act_scale is None:
-            amax = op.ReduceMax(op.Where(nan, op.Constant(value_float=0.0), op.Abs(x2)),
-                                op.Constant(value_ints=[1]), keepdims=1)
-            s = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=1.1920928955078125e-07))
+            absolute = op.Abs(x2) if nan is None else op.Where(nan, op.Constant(value_float=0.0), op.Abs(x2))
+            s = op.Max(op.Div(op.ReduceMax(absolute, **row), op.Constant(value_float=127.0)),
+                       op.Constant(value_float=1.1920928955078125e-07))
         else:
             s = op.Reshape(as_float(act_scale), op.Constant(value_ints=[1, 1]))
         zp = op.Constant(value_float=0.0) if act_zero_point is None else op.Cast(act_zero_point, to=_FLOAT)
         c = op.Add(op.Round(op.Mul(x2, op.Reciprocal(s))), zp)
         c = op.Clip(c, op.Constant(value_float=float(lo)), op.Constant(value_float=float(hi)))
-        c = op.Cast(op.Where(op.IsNaN(c), zp, c), to=_INT8)
-        if act_scale is None:
-            nan_row = op.Cast(op.ReduceMax(op.Cast(nan, to=_FLOAT), op.Constant(value_ints=[1]), keepdims=1), to=9)
+        if nan is None:
+            s = op.Add(s, op.ReduceSum(op.Mul(x2, op.Constant(value_float=0.0)), **row))  # (NaN where not finite)
+        else:
+            nan_row = op.Cast(op.ReduceMax(op.Cast(nan, to=_UINT8), **row), to=_BOOL)
             s = op.Where(nan_row, op.Constant(value_float=float("nan")), s)
-        return c, s
+        if for_gemm:
+            return op.Cast(op.Add(c, op.Constant(value_float=128.0)), to=_UINT8), s
+        return op.Cast(op.Where(op.IsNaN(c), zp, c), to=_INT8), s
 
     def rows(x):
         """x as [M, K] float32, and the shape of the output's leading dims."""
@@ -201,28 +212,34 @@ def onnx_translation_table() -> Dict[Any, Callable]:
         s_shape = op.Concat(op.Shape(x, start=0, end=len(x.shape) - 1), op.Constant(value_ints=[1]), axis=0)
         return op.Reshape(c, out_shape), op.Reshape(s, s_shape)
 
-    def int8_gemm(a, b):
-        return op.MatMulInteger(a, op.Transpose(b, perm=[1, 0]))
+    def int8_gemm(a, b):  # (a + 128 as uint8, zero point 128: the fast uint8 x int8 kernel)
+        a = op.Cast(op.Add(op.Cast(a, to=_INT64), op.Constant(value_int=128)), to=_UINT8)
+        return op.MatMulInteger(a, op.Transpose(b, perm=[1, 0]), op.Cast(op.Constant(value_int=128), to=_UINT8))
 
     def int8_linear(x, w_int8, w_scale, bias=None, act_scale=None, act_zero_point=None,
                     act_quant_min: int = -127, act_quant_max: int = 127):
-        c, s = token_codes(rows(x), act_scale, act_zero_point, act_quant_min, act_quant_max)
-        zp = None if act_zero_point is None else op.Cast(op.Reshape(act_zero_point, op.Constant(value_ints=[])), to=_INT8)
-        wt = op.Transpose(w_int8, perm=[1, 0])
-        acc = op.MatMulInteger(c, wt) if zp is None else op.MatMulInteger(c, wt, zp)
-        # qlib's epilogue: float(acc) * (row scale * w_scale) (+ bias: one fused multiply-add). In
-        # double both are one rounding to float, as qlib's (the product of two floats is exact
-        # there); the Casts also keep ONNX Runtime from fusing MatMulInteger-Cast-Mul into its
-        # MatMulIntegerToFloat, which takes per-row scales wrongly (outputs 0.1 off, 1.32).
+        c, s = token_codes(rows(x), act_scale, act_zero_point, act_quant_min, act_quant_max, for_gemm=True)
+        zp = op.Constant(value_int=128)
+        if act_zero_point is not None:
+            zp = op.Add(op.Cast(op.Reshape(act_zero_point, op.Constant(value_ints=[])), to=_INT64), zp)
+        acc = op.MatMulInteger(c, op.Transpose(w_int8, perm=[1, 0]), op.Cast(zp, to=_UINT8))
+        # qlib's epilogue: float(acc) * (row scale * w_scale) (+ bias: one fused multiply-add).
+        # float(acc) as DequantizeLinear(acc, 1), not a Cast: ONNX Runtime fuses MatMulInteger-Cast-Mul
+        # into its MatMulIntegerToFloat, which gave outputs 0.2 off here with per-row scales (a zero
+        # point, or a bias: 1.32). The product in float32 is qlib's; the bias is added after its
+        # rounding (last bits), or with `exact` in double: one rounding, as qlib's, and slower.
         lead = op.Shape(x, start=0, end=len(x.shape) - 1)
-        acc = op.Reshape(op.Cast(acc, to=_FLOAT), op.Concat(lead, dim(w_int8, 0), axis=0))
-        s = op.Reshape(s, op.Concat(lead, op.Constant(value_ints=[1]), axis=0) if act_scale is None
-                       else op.Constant(value_ints=[1]))
-        scales = op.Mul(s, op.Reshape(as_float(w_scale), op.Constant(value_ints=[-1])))
-        y = op.Mul(op.Cast(acc, to=_DOUBLE), op.Cast(scales, to=_DOUBLE))
-        if bias is not None:
-            y = op.Add(y, op.Cast(bias, to=_DOUBLE))
-        y = op.Cast(y, to=_FLOAT)
+        out_shape = op.Concat(lead, dim(w_int8, 0), axis=0)
+        scales = op.Mul(s, op.Reshape(as_float(w_scale), op.Constant(value_ints=[1, -1])))
+        acc = op.DequantizeLinear(acc, op.Constant(value_float=1.0))
+        if bias is not None and exact:  # (a product of two floats is exact in double)
+            y = op.Add(op.Mul(op.Cast(acc, to=_DOUBLE), op.Cast(scales, to=_DOUBLE)), op.Cast(bias, to=_DOUBLE))
+            y = op.Cast(y, to=_FLOAT)
+        else:
+            y = op.Mul(acc, scales)
+            if bias is not None:
+                y = op.Add(y, as_float(bias))
+        y = op.Reshape(y, out_shape)
         return y if int(x.dtype) == _FLOAT else op.Cast(y, to=int(x.dtype))
 
     def int8_linear_packed(x, w_packed, w_int8, w_scale, bias=None, act_scale=None, act_zero_point=None,
@@ -318,15 +335,16 @@ def frozen_for_export(model: nn.Module) -> nn.Module:
 
 
 def export_onnx(model: nn.Module, args: Tuple = (), f=None, *, kwargs: Optional[dict] = None,
-                opset_version: int = OPSET, **export_kwargs):
+                opset_version: int = OPSET, exact: bool = False, **export_kwargs):
     """``torch.onnx.export(dynamo=True)`` of a qlib model as deployed (see ``frozen_for_export``;
-    ``model`` itself is not changed), with qlib's translations. Returns the ``ONNXProgram`` (and
-    saves it to ``f`` when given). Other keyword arguments go to ``torch.onnx.export``
-    (``dynamic_shapes``, ``input_names``, ``verbose``, ...)."""
+    ``model`` itself is not changed), with qlib's translations (``exact``: see
+    ``onnx_translation_table``). Returns the ``ONNXProgram`` (and saves it to ``f`` when given).
+    Other keyword arguments go to ``torch.onnx.export`` (``dynamic_shapes``, ``input_names``,
+    ``verbose``, ...)."""
     if opset_version < OPSET:
         raise ValueError(f"qlib.export_onnx: opset_version must be at least {OPSET} (int4 / int16 codes and "
                          f"blocked QuantizeLinear), got {opset_version}")
-    table = onnx_translation_table()
+    table = onnx_translation_table(exact)
     table.update(export_kwargs.pop("custom_translation_table", None) or {})
     args = args if isinstance(args, tuple) else (args,)
     return torch.onnx.export(frozen_for_export(model), args, f, kwargs=kwargs, dynamo=True,
