@@ -212,6 +212,10 @@ def test_a_dynamic_quantized_model_with_a_dynamic_batch():
     model(x)  # (packs its weights: the export takes the plain int8 weights back)
     batch = torch.export.Dim("batch")
     program = export(model, x, dynamic_shapes=({0: batch},), exact=True)
+    # The int8 weights stored once, transposed for MatMulInteger (no Transpose at each run).
+    assert "Transpose" not in node_types(program)
+    int8 = sorted(list(i.dims) for i in program.model_proto.graph.initializer if i.data_type == 3)
+    assert int8 == [[20, 48], [48, 10]]
     for rows in (1, 8, 13):
         x = torch.randn(rows, 20)
         assert torch.equal(run(program, x)[0], model(x))

@@ -175,32 +175,49 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
         y = op.DequantizeLinear(q, s, op.Cast(z, to=int(q.dtype)), **attrs)
         return y if onnx_type(dtype) == _FLOAT else op.Cast(y, to=onnx_type(dtype))
 
-    def token_codes(x2, act_scale, act_zero_point, lo: int, hi: int, for_gemm: bool = False):
+    def token_codes(x2, act_scale, act_zero_point, lo: int, hi: int):
         """(int8 codes of the rows of a 2-D float32 x, row scales [M, 1]) as qlib's kernels: per-token
         scale max(amax / 127, eps) (amax of the row's non-NaN values) or the static act_scale; codes
-        clamp(round(x * (1 / scale)) + zp), the zero point for NaN; a row with NaN gets scale NaN.
-        for_gemm: codes + 128 as uint8 (ONNX Runtime's fast MatMulInteger is uint8 x int8: 11x int8
-        x int8), in fewer passes: a row that gives NaN outputs (NaN, or per-token +-Inf: scale Inf)
-        gets scale NaN and any codes."""
+        clamp(round(x * (1 / scale)) + zp), the zero point for NaN; a row with NaN gets scale NaN."""
         row = dict(axes=op.Constant(value_ints=[1]), keepdims=1)
-        nan = None if for_gemm and act_scale is None else op.IsNaN(x2)
+        nan = op.IsNaN(x2)
         if act_scale is None:
-            absolute = op.Abs(x2) if nan is None else op.Where(nan, op.Constant(value_float=0.0), op.Abs(x2))
-            s = op.Max(op.Div(op.ReduceMax(absolute, **row), op.Constant(value_float=127.0)),
-                       op.Constant(value_float=1.1920928955078125e-07))
+            amax = op.ReduceMax(op.Where(nan, op.Constant(value_float=0.0), op.Abs(x2)), **row)
+            s = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=1.1920928955078125e-07))
         else:
             s = op.Reshape(as_float(act_scale), op.Constant(value_ints=[1, 1]))
         zp = op.Constant(value_float=0.0) if act_zero_point is None else op.Cast(act_zero_point, to=_FLOAT)
         c = op.Add(op.Round(op.Mul(x2, op.Reciprocal(s))), zp)
         c = op.Clip(c, op.Constant(value_float=float(lo)), op.Constant(value_float=float(hi)))
-        if nan is None:
-            s = op.Add(s, op.ReduceSum(op.Mul(x2, op.Constant(value_float=0.0)), **row))  # (NaN where not finite)
+        nan_row = op.Cast(op.ReduceMax(op.Cast(nan, to=_UINT8), **row), to=_BOOL)
+        return op.Cast(op.Where(op.IsNaN(c), zp, c), to=_INT8), op.Where(nan_row, op.Constant(value_float=float("nan")), s)
+
+    def gemm_codes(x2, act_scale, act_zero_point, lo: int, hi: int):
+        """token_codes for int8_linear, in fewer passes over x: (codes + 128 as uint8, their zero point
+        + 128, row scales). ONNX Runtime's fast MatMulInteger is uint8 x int8 (11x int8 x int8). A row
+        whose outputs are NaN whatever its codes (NaN, or per-token +-Inf: scale Inf) gets scale NaN
+        and any codes."""
+        row = dict(axes=op.Constant(value_ints=[1]), keepdims=1)
+        if act_scale is None:
+            s = op.Max(op.Div(op.ReduceMax(op.Abs(x2), **row), op.Constant(value_float=127.0)),
+                       op.Constant(value_float=1.1920928955078125e-07))
         else:
-            nan_row = op.Cast(op.ReduceMax(op.Cast(nan, to=_UINT8), **row), to=_BOOL)
+            s = op.Reshape(as_float(act_scale), op.Constant(value_ints=[1, 1]))
+        m = op.Mul(x2, op.Reciprocal(s))
+        zp = op.Constant(value_int=128)
+        if act_zero_point is not None:
+            zp = op.Add(op.Cast(op.Reshape(act_zero_point, op.Constant(value_ints=[])), to=_INT64), zp)
+        zp = op.Cast(zp, to=_UINT8)
+        # round(m) + zero point, saturated to [-128, 127] (+ 128): QuantizeLinear with scale 1.
+        c = op.QuantizeLinear(m, op.Constant(value_float=1.0), zp)
+        if (lo, hi) != (-128, 127):
+            c = op.Clip(c, const_int(lo + 128, _UINT8), const_int(hi + 128, _UINT8))
+        if act_scale is None:  # (|m| <= 127.5 in a finite row: its sum is finite, else NaN)
+            s = op.Add(s, op.Mul(op.ReduceSum(m, **row), op.Constant(value_float=0.0)))
+        else:
+            nan_row = op.Cast(op.ReduceMax(op.Cast(op.IsNaN(x2), to=_UINT8), **row), to=_BOOL)
             s = op.Where(nan_row, op.Constant(value_float=float("nan")), s)
-        if for_gemm:
-            return op.Cast(op.Add(c, op.Constant(value_float=128.0)), to=_UINT8), s
-        return op.Cast(op.Where(op.IsNaN(c), zp, c), to=_INT8), s
+        return c, zp, s
 
     def rows(x):
         """x as [M, K] float32, and the shape of the output's leading dims."""
@@ -218,11 +235,8 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
 
     def int8_linear(x, w_int8, w_scale, bias=None, act_scale=None, act_zero_point=None,
                     act_quant_min: int = -127, act_quant_max: int = 127):
-        c, s = token_codes(rows(x), act_scale, act_zero_point, act_quant_min, act_quant_max, for_gemm=True)
-        zp = op.Constant(value_int=128)
-        if act_zero_point is not None:
-            zp = op.Add(op.Cast(op.Reshape(act_zero_point, op.Constant(value_ints=[])), to=_INT64), zp)
-        acc = op.MatMulInteger(c, op.Transpose(w_int8, perm=[1, 0]), op.Cast(zp, to=_UINT8))
+        c, zp, s = gemm_codes(rows(x), act_scale, act_zero_point, act_quant_min, act_quant_max)
+        acc = op.MatMulInteger(c, op.Transpose(w_int8, perm=[1, 0]), zp)
         # qlib's epilogue: float(acc) * (row scale * w_scale) (+ bias: one fused multiply-add).
         # float(acc) as DequantizeLinear(acc, 1), not a Cast: ONNX Runtime fuses MatMulInteger-Cast-Mul
         # into its MatMulIntegerToFloat, which gave outputs 0.2 off here with per-row scales (a zero
@@ -347,5 +361,33 @@ def export_onnx(model: nn.Module, args: Tuple = (), f=None, *, kwargs: Optional[
     table = onnx_translation_table(exact)
     table.update(export_kwargs.pop("custom_translation_table", None) or {})
     args = args if isinstance(args, tuple) else (args,)
-    return torch.onnx.export(frozen_for_export(model), args, f, kwargs=kwargs, dynamo=True,
-                             custom_translation_table=table, opset_version=opset_version, **export_kwargs)
+    program = torch.onnx.export(frozen_for_export(model), args, kwargs=kwargs, dynamo=True,
+                                custom_translation_table=table, opset_version=opset_version, **export_kwargs)
+    store_int8_weights_transposed(program.model)
+    if f is not None:
+        program.save(f)
+    return program
+
+
+def store_int8_weights_transposed(model) -> None:
+    """Each Transpose of an int8 initializer (int8_linear's weight [N, K] for MatMulInteger's [K, N])
+    done once, here: the exporter folds only small ones, and ONNX Runtime ran the rest every call
+    (17% of MiniLM's time)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Transpose" and node.domain in ("", "ai.onnx") else None
+        if source is None or not source.is_initializer() or source.const_value is None \
+                or source.dtype != ir.DataType.INT8:
+            continue
+        perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
+        values = np.transpose(source.const_value.numpy(), perm)
+        stored = ir.Value(name=f"{source.name}.T", shape=ir.Shape(values.shape), type=ir.TensorType(ir.DataType.INT8),
+                          const_value=ir.tensor(np.ascontiguousarray(values), name=f"{source.name}.T"))
+        graph.register_initializer(stored)
+        node.outputs[0].replace_all_uses_with(stored)
+        graph.remove(node, safe=True)
+        if not source.uses() and not source.is_graph_input():
+            del graph.initializers[source.name]
