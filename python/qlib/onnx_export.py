@@ -80,11 +80,12 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
         n = x.shape[d] if n is None else n
         return op.Constant(value_ints=[n]) if isinstance(n, int) else op.Shape(x, start=d, end=d + 1)
 
-    def layout(x, scale, zero_point, shape, sshape, who: str):
+    def layout(x, scale, zero_point, shape, sshape, who: str, broadcast: bool = False):
         """(scale, zero point, QuantizeLinear attributes) for qlib's granularity by scale's shape:
         per-tensor, per-axis (one dim of x's size), or blocked along one axis (the other
         blocked dims' scales repeated per element: ONNX blocks one axis). shape, sshape: the
-        static shapes of x and scale (those of the op's inputs)."""
+        static shapes of x and scale (those of the op's inputs). broadcast: (scale, zero point,
+        {}) that broadcast against x instead (every blocked dim repeated)."""
         shape, sshape = list(shape), list(sshape)
         if all(isinstance(n, int) and n == 1 for n in sshape):
             return (op.Squeeze(scale), op.Squeeze(zero_point), {}) if sshape else (scale, zero_point, {})
@@ -99,18 +100,20 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
             else:
                 kinds.append("block")
         spread = [d for d, k in enumerate(kinds) if k == "same" and shape[d] != 1]
+        if "block" not in kinds and broadcast:
+            return scale, zero_point, {}
         if "block" not in kinds and len(spread) == 1:
             flat = op.Constant(value_ints=[-1])
             return op.Reshape(scale, flat), op.Reshape(zero_point, flat), {"axis": spread[0]}
         # Blocked along `axis` (the last dim not of x's size; all the same: the last dim, blocks of 1).
-        axis = max((d for d, k in enumerate(kinds) if k != "same"), default=len(shape) - 1)
-        n, s = shape[axis], sshape[axis]
+        axis = None if broadcast else max((d for d, k in enumerate(kinds) if k != "same"), default=len(shape) - 1)
+        n, s = (1, 1) if broadcast else (shape[axis], sshape[axis])
         if not (isinstance(n, int) and isinstance(s, int)):
             raise ValueError(f"qlib ONNX export: {who}: x's dim {axis} blocked by scale's needs static sizes, "
                              f"got x {shape} and scale {sshape}")
         rank = len(shape)
         for d, k in enumerate(kinds):
-            if d == axis or k == "same":
+            if d == axis or k == "same" or (broadcast and k == "one"):
                 continue
             if k == "one":  # broadcast to x's size
                 size = [op.Constant(value_ints=[1] * d)] if d else []
@@ -131,7 +134,7 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
                     return op.Reshape(t, target)
             scale, zero_point = grow(scale), grow(zero_point)
             sshape[d] = shape[d]
-        return scale, zero_point, {"axis": axis, "block_size": n // s}
+        return scale, zero_point, {} if broadcast else {"axis": axis, "block_size": n // s}
 
     def codes(xf, scale, zero_point, quant_min: int, quant_max: int, shapes, who: str):
         """(QuantizeLinear codes clipped to [quant_min, quant_max], their zero point, scale, attributes)."""
@@ -171,8 +174,12 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
     def dequantize(q, scale, zero_point, dtype):
         if int(zero_point.dtype) in _FLOATS:
             zero_point = op.Round(zero_point)
-        s, z, attrs = layout(q, as_float(scale), zero_point, q.shape, scale.shape, "dequantize")
-        y = op.DequantizeLinear(q, s, op.Cast(z, to=int(q.dtype)), **attrs)
+        if int(q.dtype) == _INT32:  # (q - zero_point in int64, as qlib: DequantizeLinear's int32 wraps)
+            s, z, _ = layout(q, as_float(scale), zero_point, q.shape, scale.shape, "dequantize", broadcast=True)
+            y = op.Mul(op.Cast(op.Sub(op.Cast(q, to=_INT64), op.Cast(z, to=_INT64)), to=_FLOAT), s)
+        else:
+            s, z, attrs = layout(q, as_float(scale), zero_point, q.shape, scale.shape, "dequantize")
+            y = op.DequantizeLinear(q, s, op.Cast(z, to=int(q.dtype)), **attrs)
         return y if onnx_type(dtype) == _FLOAT else op.Cast(y, to=onnx_type(dtype))
 
     def token_codes(x2, act_scale, act_zero_point, lo: int, hi: int):
