@@ -3,6 +3,7 @@ Runtime, against qlib's eager ops."""
 import copy
 import logging
 import math
+import sys
 import warnings
 
 import pytest
@@ -278,12 +279,19 @@ def test_frozen_for_export():
     frozen = qlib.onnx_export.frozen_for_export(calibrated())
     assert not [m for m in frozen.modules() if isinstance(m, qlib.nn.FakeQuantize)]
     assert isinstance(frozen[0].weight_fake_quant, nn.Identity)
+    # An observer outside a FakeQuantize records, and returns x: left out.
+    watched = nn.Sequential(qlib.observers.MinMaxObserver(), nn.Linear(20, 4))
+    watched(torch.randn(3, 20))
+    frozen = qlib.onnx_export.frozen_for_export(watched)
+    assert isinstance(frozen[0], nn.Identity) and isinstance(watched[0], qlib.observers.MinMaxObserver)
+    x = torch.randn(2, 20)
+    torch.testing.assert_close(run(export(watched, x), x)[0], watched[1](x))
     # A fake quant that never saw data has no qparams to export.
     with pytest.raises(RuntimeError, match=r"qlib.export_onnx: 0\.\w+_fake_quant: .*"):
         qlib.onnx_export.frozen_for_export(qlib.prepare_qat(mlp()))
 
 
-def test_bad_uses_get_clear_errors():
+def test_bad_uses_get_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"opset_version must be at least 21 .*, got 18"):
         qlib.export_onnx(mlp(), (torch.randn(2, 20),), opset_version=18)
     # torch.onnx.export with the table alone: an Int8Linear that holds only its CPU packing.
@@ -299,6 +307,9 @@ def test_bad_uses_get_clear_errors():
                               opset_version=21, verbose=False)
     with pytest.raises(ValueError, match=r"the code range \[-5, 70000\] fits no ONNX code type"):
         qlib.onnx_export._code_type(-5, 70000)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # (not installed)
+    with pytest.raises(ImportError, match="needs the packages onnx and onnxscript: pip install onnx onnxscript"):
+        qlib.onnx_translation_table()
 
 
 @pytest.mark.parametrize("codebook", ["nf4", "int4"])

@@ -327,32 +327,39 @@ class FrozenFakeQuant(nn.Module):
 
 
 def frozen_for_export(model: nn.Module) -> nn.Module:
-    """A copy of model as deployed: each FakeQuantize fixed at its current qparams (observers stop;
-    one with fake quant off becomes nn.Identity), each Int8Linear with its plain int8 weight."""
+    """A copy of model as deployed: each FakeQuantize fixed at its current qparams (one with fake
+    quant off, and each observer outside one, becomes nn.Identity: observers stop), each
+    Int8Linear with its plain int8 weight."""
     from .nn import FakeQuantize, Int8Linear
+    from .observers import ObserverBase
 
-    def frozen_fake_quant(fq: FakeQuantize, fqn: str) -> nn.Module:
-        if not fq.fake_quant_enabled:
+    def frozen(module: nn.Module, fqn: str) -> Optional[nn.Module]:
+        """module's stand-in, or None: module stays."""
+        if isinstance(module, ObserverBase) or (isinstance(module, FakeQuantize) and not module.fake_quant_enabled):
             return nn.Identity()
+        if not isinstance(module, FakeQuantize):
+            return None
         try:
-            scale, zero_point = fq.calculate_qparams()
+            scale, zero_point = module.calculate_qparams()
         except RuntimeError as e:
             raise RuntimeError(f"qlib.export_onnx: {fqn or 'the model'}: {e}") from None
-        return FrozenFakeQuant(scale, zero_point, fq.quant_min, fq.quant_max)
+        return FrozenFakeQuant(scale, zero_point, module.quant_min, module.quant_max)
 
-    frozen = copy.deepcopy(model)
-    if isinstance(frozen, FakeQuantize):
-        return frozen_fake_quant(frozen, "")
-    for name, module in list(frozen.named_modules()):
+    copied = copy.deepcopy(model)
+    root = frozen(copied, "")
+    if root is not None:
+        return root
+    for name, module in list(copied.named_modules()):
         if isinstance(module, Int8Linear):
             b = module._buffers
             b["weight"] = module.weight.detach().clone()  # (the plain weight; the packing dropped)
             b["weight_packed"] = torch.empty(0, dtype=torch.int8, device=b["weight"].device)
             module._pack_state = None
         for child_name, child in list(module.named_children()):
-            if isinstance(child, FakeQuantize):
-                setattr(module, child_name, frozen_fake_quant(child, f"{name}.{child_name}" if name else child_name))
-    return frozen
+            stand_in = frozen(child, f"{name}.{child_name}" if name else child_name)
+            if stand_in is not None:
+                setattr(module, child_name, stand_in)
+    return copied
 
 
 def export_onnx(model: nn.Module, args: Tuple = (), f=None, *, kwargs: Optional[dict] = None,
