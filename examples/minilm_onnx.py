@@ -73,29 +73,26 @@ def median_ms(fns, batch, repeat: int) -> list:
     return [statistics.median(t) * 1e3 for t in times]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sentences", type=int, default=300)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--repeat", type=int, default=15)
-    args = p.parse_args()
+def run(n_sentences: int = 300, threads: int = 2, repeat: int = 15) -> dict:
+    """{model name: {cosine, min_cosine (to torch fp32), cosine_qlib, min_cosine_qlib (to qlib's
+    int8 model in torch), bytes (of the ONNX file, or None), latency_ms (NaN with repeat 0)}}."""
     logging.disable(logging.WARNING)  # (the exporter's registry warnings)
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     st = load_model().eval()
     tokenizer = st.tokenizer
     fp32 = TokenEmbeddings(st[0].auto_model).eval()
     int8 = qlib.quantize_dynamic(copy.deepcopy(fp32))
-    texts = sentences(args.sentences)
+    texts = sentences(n_sentences)
     batches = [tokenizer(texts[i:i + 64], padding=True, truncation=True, return_tensors="pt")
                for i in range(0, len(texts), 64)]
     example = (batches[0]["input_ids"][:2], batches[0]["attention_mask"][:2])
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
+    options.intra_op_num_threads = threads
     # (no spinning after a run: its threads would take the cores from the next model timed)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,9 +102,7 @@ def main():
         quantize_dynamic(paths["fp32"], paths["ort_int8"], weight_type=QuantType.QInt8, per_channel=True)
         sessions = {name: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
                     for name, path in paths.items()}
-        sizes = {name: os.path.getsize(path) + sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)
-                                                    if f.startswith(os.path.basename(path)) and f != os.path.basename(path))
-                 for name, path in paths.items()}
+        sizes = {name: os.path.getsize(path) for name, path in paths.items()}
 
     def in_torch(model):
         def fn(b):
@@ -121,24 +116,38 @@ def main():
             return torch.from_numpy(session.run(None, feeds)[0])
         return fn
 
-    rows = [("torch fp32", in_torch(fp32), None), ("ONNX Runtime fp32", in_ort(sessions["fp32"]), sizes["fp32"]),
-            ("qlib int8 (torch)", in_torch(int8), None),
-            ("qlib int8 -> ONNX Runtime", in_ort(sessions["qlib"]), sizes["qlib"]),
-            ("ONNX Runtime quantize_dynamic int8", in_ort(sessions["ort_int8"]), sizes["ort_int8"])]
     def embeddings(fn):
         return torch.cat([sentence_embeddings(fn(b), b["attention_mask"]) for b in batches])
 
+    models = {"torch fp32": (in_torch(fp32), None), "ONNX Runtime fp32": (in_ort(sessions["fp32"]), sizes["fp32"]),
+              "qlib int8 (torch)": (in_torch(int8), None),
+              "qlib int8 -> ONNX Runtime": (in_ort(sessions["qlib"]), sizes["qlib"]),
+              "ONNX Runtime quantize_dynamic int8": (in_ort(sessions["ort_int8"]), sizes["ort_int8"])}
     ref, ref_int8 = embeddings(in_torch(fp32)), embeddings(in_torch(int8))
-    print(f"all-MiniLM-L6-v2, {len(texts)} sentences, {args.threads} threads; cosine similarity of the "
-          f"sentence embeddings (mean, min); latency: a batch of 64 (median of {args.repeat})")
-    print(f"{'model':<36}{'to torch fp32':>16}{'to qlib int8 (torch)':>24}{'ONNX MB':>9}{'ms / batch':>12}")
-    latency = median_ms([fn for _, fn, _ in rows], batches[0], args.repeat)
-    for (name, fn, size), ms in zip(rows, latency):
+    latency = median_ms([fn for fn, _ in models.values()], batches[0], repeat) if repeat else [float("nan")] * 5
+    rows = {}
+    for (name, (fn, size)), ms in zip(models.items(), latency):
         emb = embeddings(fn)
         cos, cos8 = (nn.functional.cosine_similarity(emb, r, dim=1) for r in (ref, ref_int8))
-        mb = f"{size / 1e6:.1f}" if size else "-"
-        print(f"{name:<36}{cos.mean().item():>9.4f}{cos.min().item():>7.4f}"
-              f"{cos8.mean().item():>17.4f}{cos8.min().item():>7.4f}{mb:>9}{ms:>12.1f}")
+        rows[name] = {"cosine": cos.mean().item(), "min_cosine": cos.min().item(), "cosine_qlib": cos8.mean().item(),
+                      "min_cosine_qlib": cos8.min().item(), "bytes": size, "latency_ms": ms}
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sentences", type=int, default=300)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeat", type=int, default=15)
+    args = p.parse_args()
+    rows = run(args.sentences, args.threads, args.repeat)
+    print(f"all-MiniLM-L6-v2, {args.sentences} sentences, {args.threads} threads; cosine similarity of the "
+          f"sentence embeddings (mean, min); latency: a batch of 64 (median of {args.repeat})")
+    print(f"{'model':<36}{'to torch fp32':>16}{'to qlib int8 (torch)':>24}{'ONNX MB':>9}{'ms / batch':>12}")
+    for name, r in rows.items():
+        mb = f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "-"
+        print(f"{name:<36}{r['cosine']:>9.4f}{r['min_cosine']:>7.4f}{r['cosine_qlib']:>17.4f}"
+              f"{r['min_cosine_qlib']:>7.4f}{mb:>9}{r['latency_ms']:>12.1f}")
 
 
 if __name__ == "__main__":

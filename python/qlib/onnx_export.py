@@ -182,21 +182,27 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
             y = op.DequantizeLinear(q, s, op.Cast(z, to=int(q.dtype)), **attrs)
         return y if onnx_type(dtype) == _FLOAT else op.Cast(y, to=onnx_type(dtype))
 
+    def each_row():  # (a reduction's arguments: over each row of x2)
+        return dict(axes=op.Constant(value_ints=[1]), keepdims=1)
+
+    def row_scales(x2, act_scale, absolute):
+        """[M, 1] (dynamic: max(amax / 127, eps) as qlib's per-token scale, amax that of `absolute`)
+        or the static act_scale [1, 1]."""
+        if act_scale is not None:
+            return op.Reshape(as_float(act_scale), op.Constant(value_ints=[1, 1]))
+        return op.Max(op.Div(op.ReduceMax(absolute, **each_row()), op.Constant(value_float=127.0)),
+                      op.Constant(value_float=torch.finfo(torch.float32).eps))
+
     def token_codes(x2, act_scale, act_zero_point, lo: int, hi: int):
         """(int8 codes of the rows of a 2-D float32 x, row scales [M, 1]) as qlib's kernels: per-token
         scale max(amax / 127, eps) (amax of the row's non-NaN values) or the static act_scale; codes
         clamp(round(x * (1 / scale)) + zp), the zero point for NaN; a row with NaN gets scale NaN."""
-        row = dict(axes=op.Constant(value_ints=[1]), keepdims=1)
         nan = op.IsNaN(x2)
-        if act_scale is None:
-            amax = op.ReduceMax(op.Where(nan, op.Constant(value_float=0.0), op.Abs(x2)), **row)
-            s = op.Max(op.Div(amax, op.Constant(value_float=127.0)), op.Constant(value_float=1.1920928955078125e-07))
-        else:
-            s = op.Reshape(as_float(act_scale), op.Constant(value_ints=[1, 1]))
+        s = row_scales(x2, act_scale, op.Where(nan, op.Constant(value_float=0.0), op.Abs(x2)))
         zp = op.Constant(value_float=0.0) if act_zero_point is None else op.Cast(act_zero_point, to=_FLOAT)
         c = op.Add(op.Round(op.Mul(x2, op.Reciprocal(s))), zp)
         c = op.Clip(c, op.Constant(value_float=float(lo)), op.Constant(value_float=float(hi)))
-        nan_row = op.Cast(op.ReduceMax(op.Cast(nan, to=_UINT8), **row), to=_BOOL)
+        nan_row = op.Cast(op.ReduceMax(op.Cast(nan, to=_UINT8), **each_row()), to=_BOOL)
         return op.Cast(op.Where(op.IsNaN(c), zp, c), to=_INT8), op.Where(nan_row, op.Constant(value_float=float("nan")), s)
 
     def gemm_codes(x2, act_scale, act_zero_point, lo: int, hi: int):
@@ -204,12 +210,7 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
         + 128, row scales). ONNX Runtime's fast MatMulInteger is uint8 x int8 (11x int8 x int8). A row
         whose outputs are NaN whatever its codes (NaN, or per-token +-Inf: scale Inf) gets scale NaN
         and any codes."""
-        row = dict(axes=op.Constant(value_ints=[1]), keepdims=1)
-        if act_scale is None:
-            s = op.Max(op.Div(op.ReduceMax(op.Abs(x2), **row), op.Constant(value_float=127.0)),
-                       op.Constant(value_float=1.1920928955078125e-07))
-        else:
-            s = op.Reshape(as_float(act_scale), op.Constant(value_ints=[1, 1]))
+        s = row_scales(x2, act_scale, op.Abs(x2))
         m = op.Mul(x2, op.Reciprocal(s))
         zp = op.Constant(value_int=128)
         if act_zero_point is not None:
@@ -220,14 +221,14 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
         if (lo, hi) != (-128, 127):
             c = op.Clip(c, const_int(lo + 128, _UINT8), const_int(hi + 128, _UINT8))
         if act_scale is None:  # (|m| <= 127.5 in a finite row: its sum is finite, else NaN)
-            s = op.Add(s, op.Mul(op.ReduceSum(m, **row), op.Constant(value_float=0.0)))
+            s = op.Add(s, op.Mul(op.ReduceSum(m, **each_row()), op.Constant(value_float=0.0)))
         else:
-            nan_row = op.Cast(op.ReduceMax(op.Cast(op.IsNaN(x2), to=_UINT8), **row), to=_BOOL)
+            nan_row = op.Cast(op.ReduceMax(op.Cast(op.IsNaN(x2), to=_UINT8), **each_row()), to=_BOOL)
             s = op.Where(nan_row, op.Constant(value_float=float("nan")), s)
         return c, zp, s
 
     def rows(x):
-        """x as [M, K] float32, and the shape of the output's leading dims."""
+        """x as [M, K] float32."""
         return op.Reshape(as_float(x), op.Concat(op.Constant(value_ints=[-1]), dim(x, len(x.shape) - 1), axis=0))
 
     def quantize_per_token(x):
