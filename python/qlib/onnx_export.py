@@ -352,10 +352,7 @@ def frozen_for_export(model: nn.Module) -> nn.Module:
         return root
     for name, module in list(copied.named_modules()):
         if isinstance(module, Int8Linear):
-            b = module._buffers
-            b["weight"] = module.weight.detach().clone()  # (the plain weight; the packing dropped)
-            b["weight_packed"] = torch.empty(0, dtype=torch.int8, device=b["weight"].device)
-            module._pack_state = None
+            module.hold_plain_weight_only()
         for child_name, child in list(module.named_children()):
             stand_in = frozen(child, f"{name}.{child_name}" if name else child_name)
             if stand_in is not None:

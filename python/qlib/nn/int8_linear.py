@@ -233,6 +233,14 @@ class Int8Linear(QuantState):
         w = self._buffers.get("weight")
         return w if w is not None else self._unpacked_weight()
 
+    def hold_plain_weight_only(self) -> None:
+        """Keeps the plain int8 weight and drops the CPU kernel's packing (repacked at the next eager
+        forward): what an exported graph reads (``qlib.export_onnx``)."""
+        w = self.weight
+        self._buffers["weight"] = w
+        self._buffers["weight_packed"] = torch.empty(0, dtype=torch.int8, device=w.device)
+        self._pack_state = None
+
     def __getstate__(self):
         state = super().__getstate__()
         return dict(state, _pack_state=None)  # (weakrefs do not pickle; the copy repacks once)
