@@ -8,6 +8,11 @@ timed round-robin (one run of each per round). The ratio
 column is the torch.ao peer's median over qlib's (>1: qlib is faster): the
 histogram observers (percentile, MSE, entropy) against HistogramObserver, the
 min/max observers against MinMaxObserver / MovingAverageMinMaxObserver.
+
+A second table per device: per-channel weight observers (ch_axis=0) seeing one
+`--weight` (default 3072 x 768, a BERT-base FFN weight) `--batches` times and then
+its qparams, as qlib.calibrate runs them. torch.ao has a per-channel min-max
+observer only: the histogram rows have no peer.
 """
 import argparse
 import datetime
@@ -39,6 +44,16 @@ CASES = [
 ]
 
 
+PER_CHANNEL_CASES = [
+    ("qlib MinMaxObserver", lambda: O.MinMaxObserver(ch_axis=0), "torch.ao PerChannelMinMaxObserver"),
+    ("qlib PercentileObserver", lambda: O.PercentileObserver(ch_axis=0), None),
+    ("qlib MSEObserver", lambda: O.MSEObserver(ch_axis=0), None),
+    ("qlib EntropyObserver", lambda: O.EntropyObserver(ch_axis=0), None),
+    ("torch.ao PerChannelMinMaxObserver",
+     lambda: tq.PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric), None),
+]
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -56,28 +71,27 @@ def run_once(factory, batches, device):
     return time.perf_counter() - t0
 
 
-def bench(device, args):
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(args.numel, generator=g).to(device) for _ in range(args.batches)]
-    for _, factory, _ in CASES:
+def bench(device, args, cases, batches, title):
+    for _, factory, _ in cases:
         run_once(factory, batches[:1], device)  # warm-up
     # Round-robin, one run of each case per round, so a slow phase of a shared machine
     # hits qlib and its peers alike; each round starts one case later, so no case always
     # follows the same one (on an AMX Xeon, qlib's MinMax run right after torch.ao's
     # HistogramObserver took 2.4x its time alone).
-    times = {name: [] for name, _, _ in CASES}
+    times = {name: [] for name, _, _ in cases}
     for r in range(args.repeats):
-        for name, factory, _ in CASES[r % len(CASES):] + CASES[:r % len(CASES)]:
+        for name, factory, _ in cases[r % len(cases):] + cases[:r % len(cases)]:
             times[name].append(run_once(factory, batches, device))
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     lines = [
         f"### {device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                                 f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+                                 f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+        + title,
         "",
         "| observer | median ms | torch.ao peer | peer ms | speed-up (peer / qlib) |",
         "| --- | ---: | --- | ---: | ---: |",
     ]
-    for name, _, peer in CASES:
+    for name, _, peer in cases:
         if peer is None:
             lines.append(f"| {name} | {medians[name] * 1e3:.1f} | | | |")
         else:
@@ -91,6 +105,8 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", type=int, default=10)
     p.add_argument("--numel", type=int, default=1_000_000)
+    p.add_argument("--weight", type=int, nargs=2, default=[3072, 768], metavar=("OUT", "IN"),
+                   help="the per-channel table's weight shape")
     p.add_argument("--device", action="append", help="cpu and/or cuda (default: every device present)")
     args = p.parse_args()
     present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -100,8 +116,14 @@ def main():
           f"round-robin rounds")
     print(f"torch {torch.__version__}, qlib build {qlib.build_info().get('cpu_isa')}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}\n")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(args.numel, generator=g) for _ in range(args.batches)]
+    weight = torch.randn(*args.weight, generator=g) * (torch.rand(args.weight[0], 1, generator=g) + 0.1)
     for d in devices:
-        print(bench(d, args))
+        print(bench(d, args, CASES, [x.to(d) for x in batches], ""))
+        print()
+        print(bench(d, args, PER_CHANNEL_CASES, [weight.to(d)] * args.batches,
+                    f", per channel: one {args.weight[0]} x {args.weight[1]} weight {args.batches} times"))
         print()
 
 

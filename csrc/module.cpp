@@ -191,6 +191,13 @@ PYBIND11_MODULE(_C, m) {
           qlib::check_histogram_observe_args("qlib::histogram_observe", x, hist, range,
                                              qlib::HistogramValues::kNone);
         });
+  m.def("check_histogram_observe_in_place_args",
+        [](const at::Tensor& x, const at::Tensor& hist, const at::Tensor& range,
+           const at::Tensor& observed, const at::Tensor& nonfinite) {
+          const char* op = "qlib::histogram_observe_in_place";
+          qlib::check_histogram_observe_args(op, x, hist, range, qlib::HistogramValues::kNone);
+          qlib::check_observer_counters(op, x, observed, nonfinite);
+        });
   // The histogram ops on (hist, range): op names the op; the op's own arguments are checked
   // where given (new_range: rebin; q: quantile; quant range: MSE; num_levels: entropy).
   m.def("check_histogram_op_args",

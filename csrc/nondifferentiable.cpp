@@ -1,6 +1,6 @@
 // The Autograd kernel of the ops whose outputs carry no gradient: qparams, observer statistics
 // and codes (as torch.ao's observers and torch's choose_qparams ops), the fake_quant backward
-// ops, and minmax_observe's in-place update. They run below autograd, so their float outputs
+// ops, and the observers' in-place updates. They run below autograd, so their float outputs
 // never require grad; without a kernel here torch's fallback marked them as requiring grad and
 // gave their inputs no gradient, with only a warning. dequantize has its own kernel
 // (affine_autograd.cpp); dequantize_4bit and linear_4bit raise for absmax / codebook
@@ -20,7 +20,7 @@ void below_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   op.callBoxed(stack);
 }
 
-// An op that writes its (a!) arguments in place (minmax_observe): as torch's in-place ops, a
+// An op that writes its (a!) arguments in place (minmax_observe, histogram_observe_in_place): as torch's in-place ops, a
 // written tensor may not require grad, nor be a negative / conjugate view, and its version
 // counter moves (so autograd sees the change; an inference tensor, made under inference_mode,
 // has no counter and is written as before).
@@ -57,7 +57,9 @@ TORCH_LIBRARY_IMPL(qlib, Autograd, m) {
         "fake_quant_backward", "fake_quant_mask_backward"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&below_autograd>());
   }
-  m.impl("minmax_observe", torch::CppFunction::makeFromBoxedFunction<&in_place_below_autograd>());
+  for (const char* name : {"minmax_observe", "histogram_observe_in_place"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&in_place_below_autograd>());
+  }
 }
 
 }  // namespace qlib

@@ -27,6 +27,18 @@ void check_observer_input(const char* op, const at::Tensor& x) {
               x.sizes());
 }
 
+void check_observer_counters(const char* op, const at::Tensor& x, const at::Tensor& observed,
+                             const at::Tensor& nonfinite) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"observed", observed},
+                                {"nonfinite", nonfinite}}) {
+    TORCH_SYM_CHECK(t.sym_numel().sym_eq(1).sym_and(t.scalar_type() == at::kLong), op, ": ",
+                    name, " must be a one-element int64 tensor, got ", t.scalar_type(),
+                    " of shape ", t.sym_sizes());
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+                x.device());
+  }
+}
+
 float check_minmax_observe_args(const char* op, const at::Tensor& x, const at::Tensor& min_val,
                                 const at::Tensor& max_val, const at::Tensor& observed,
                                 const at::Tensor& nonfinite,
@@ -41,14 +53,7 @@ float check_minmax_observe_args(const char* op, const at::Tensor& x, const at::T
     TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
                 x.device());
   }
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"observed", observed},
-                                {"nonfinite", nonfinite}}) {
-    TORCH_SYM_CHECK(t.sym_numel().sym_eq(1).sym_and(t.scalar_type() == at::kLong), op, ": ",
-                    name, " must be a one-element int64 tensor, got ", t.scalar_type(),
-                    " of shape ", t.sym_sizes());
-    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-                x.device());
-  }
+  check_observer_counters(op, x, observed, nonfinite);
   if (!averaging_constant.has_value()) return 0.0f;
   const double c = *averaging_constant;
   TORCH_CHECK(c > 0.0 && c <= 1.0, op, ": averaging_constant must lie in (0, 1], got ", c);

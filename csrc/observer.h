@@ -9,9 +9,11 @@ namespace qlib {
 // x: 2-D [rows, K] float32/float16/bfloat16 (each row is one block).
 void check_observer_input(const char* op, const at::Tensor& x);
 // (The checks that read no values take sym sizes: the ops' fakes run them on traced tensors.)
-// minmax_observe: x as above; min_val / max_val contiguous float32 [rows] and
-// observed / nonfinite int64 one-element tensors, all on x's device;
-// averaging_constant in (0, 1] when given. Returns c for update_minmax (0: none).
+// An observer's observed / nonfinite counters: int64 one-element tensors on x's device.
+void check_observer_counters(const char* op, const at::Tensor& x, const at::Tensor& observed,
+                             const at::Tensor& nonfinite);
+// minmax_observe: x as above; min_val / max_val contiguous float32 [rows] on x's device, the
+// counters as above; averaging_constant in (0, 1] when given. Returns c for update_minmax (0: none).
 float check_minmax_observe_args(const char* op, const at::Tensor& x, const at::Tensor& min_val,
                                 const at::Tensor& max_val, const at::Tensor& observed,
                                 const at::Tensor& nonfinite,

@@ -349,14 +349,19 @@ void bin_span(const T* p, int64_t n, const HistGrid& g, int64_t B, bool absolute
   *mm = tail;
 }
 
+struct AddEveryRow {
+  bool operator()(int64_t) const { return true; }
+};
+
 // Adds the histograms (on grids[r]) of the rows r of x [R, K] with active[r]
 // into dst [R, B], in parallel over chunks of kGrain elements, each into a
 // thread-local histogram. With chunk_mm set, also takes each chunk's finite
-// min / max / NaN-Inf count in the same pass.
-template <class T>
+// min / max / NaN-Inf count in the same pass. A row of one chunk is added only
+// where add_row(r) says so (called once its chunk_mm is taken).
+template <class T, class AddRow = AddEveryRow>
 void bin_rows(const T* xp, int64_t R, int64_t K, int64_t B, const std::vector<HistGrid>& grids,
               const std::vector<char>& active, bool absolute, int64_t* dst,
-              MinMaxCount* chunk_mm) {
+              MinMaxCount* chunk_mm, const AddRow& add_row = AddRow()) {
   const int64_t chunks_per_row = (K + kGrain - 1) / kGrain;
   const int nthreads = at::get_num_threads();
   std::vector<std::vector<int64_t>> local(nthreads);
@@ -378,7 +383,9 @@ void bin_rows(const T* xp, int64_t R, int64_t K, int64_t B, const std::vector<Hi
     } else {
       // One chunk per row: this thread owns the row (a plain add, vectorised; atomics
       // were most of the time of short rows, e.g. per-channel weights).
-      for (int64_t j = 0; j < B; ++j) d[j] += l[j] + l2[j];
+      if (add_row(local_row[t])) {
+        for (int64_t j = 0; j < B; ++j) d[j] += l[j] + l2[j];
+      }
       std::fill(l, l + B, int64_t{0});
       std::fill(l2, l2 + B, int64_t{0});
     }
@@ -411,72 +418,133 @@ std::pair<double, double> observed_range(const MinMaxCount& m, bool absolute) {
   return {lo, hi};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::Tensor& x_in,
-                                                                     const at::Tensor& hist_in,
-                                                                     const at::Tensor& range_in,
-                                                                     bool absolute) {
-  const char* op = "qlib::histogram_observe";
-  // The counts are checked below, in the pass that reads them anyway.
-  check_histogram_observe_args(op, x_in, hist_in, range_in, HistogramValues::kRanges);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor hist = hist_in.contiguous();
-  const at::Tensor range = range_in.contiguous();
-  const int64_t R = x.size(0), K = x.size(1), B = hist.size(1);
-  at::Tensor new_hist = empty_output(hist.sizes(), hist.options()).zero_();
-  at::Tensor new_range = range.clone();
-  int64_t nonfinite = 0;
-  QLIB_DISPATCH_FLOAT(x.scalar_type(), "histogram_observe_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const double* rp = range.const_data_ptr<double>();
-    double* nrp = new_range.data_ptr<double>();
-    const int64_t* hp = hist.const_data_ptr<int64_t>();
-    int64_t* nhp = new_hist.data_ptr<int64_t>();
-    std::vector<HistGrid> grids(R);
-    std::vector<char> redo(R, 1);
-    std::vector<MinMaxCount> mm;
-    // Optimistic one pass when every row has a grid already: bin on it while
-    // taking the min/max. A row whose new range keeps the grid's origin and
-    // width (bin indices unchanged) is done; the others are redone below.
-    bool optimistic = K > 0;
-    for (int64_t r = 0; r < R; ++r) {
-      grids[r] = histogram_grid(rp[2 * r], rp[2 * r + 1], B);
-      optimistic = optimistic && grids[r].used > 0;
-    }
-    if (optimistic) {
-      const int64_t chunks_per_row = (K + kGrain - 1) / kGrain;
-      std::vector<MinMaxCount> chunk_mm(R * chunks_per_row);
-      bin_rows(xp, R, K, B, grids, redo, absolute, nhp, chunk_mm.data());
-      mm = fold_chunks(chunk_mm, R, chunks_per_row);
+// Records x [R, K] into hist [R, B] and range [R, 2] (contiguous) in place; returns x's
+// NaN/Inf count. Optimistic one pass when every row has a grid already: bin on it while taking
+// the min/max, and keep the counts of each row whose new range keeps the grid's origin and
+// width (bin indices unchanged). The other rows are re-binned to their new grid and binned
+// again. A row of one chunk adds its counts straight into hist (a per-channel weight's
+// histogram can be several times x: no copy of it); longer rows are binned apart first.
+// Negative counts raise, as a corrupt state; rows of one chunk checked as they are added may
+// hold the batch by then.
+template <class T>
+int64_t observe_rows(const char* op, const T* xp, int64_t R, int64_t K, bool absolute,
+                     int64_t* hp, double* rp, int64_t B) {
+  enum : char { kRebin, kKeep, kCorrupt };
+  std::vector<HistGrid> grids(R);
+  bool optimistic = K > 0;
+  for (int64_t r = 0; r < R; ++r) {
+    grids[r] = histogram_grid(rp[2 * r], rp[2 * r + 1], B);
+    optimistic = optimistic && grids[r].used > 0;
+  }
+  // Row r's range widened by the batch's values, and whether its grid stays.
+  const auto widened = [&](int64_t r, const MinMaxCount& m) {
+    const auto [blo, bhi] = observed_range(m, absolute);
+    return std::pair<double, double>{std::min(rp[2 * r], blo), std::max(rp[2 * r + 1], bhi)};
+  };
+  const auto keeps_grid = [&](int64_t r, std::pair<double, double> range) {
+    const HistGrid g = histogram_grid(range.first, range.second, B);
+    return g.lo == grids[r].lo && g.width == grids[r].width;
+  };
+  const auto negative = [&](int64_t r) {
+    int64_t any = 0;
+    for (int64_t j = 0; j < B; ++j) any |= hp[r * B + j];
+    return any < 0;
+  };
+  std::vector<char> state(R, kRebin);
+  std::vector<MinMaxCount> mm;
+  std::vector<int64_t> batch;  // long rows' counts of this batch
+  if (optimistic) {
+    const int64_t chunks_per_row = (K + kGrain - 1) / kGrain;
+    std::vector<MinMaxCount> chunk_mm(R * chunks_per_row);
+    const std::vector<char> all(R, 1);
+    if (chunks_per_row == 1) {
+      bin_rows(xp, R, K, B, grids, all, absolute, hp, chunk_mm.data(), [&](int64_t r) {
+        if (!keeps_grid(r, widened(r, chunk_mm[r]))) return false;
+        state[r] = negative(r) ? kCorrupt : kKeep;
+        return state[r] == kKeep;
+      });
+      mm = std::move(chunk_mm);
     } else {
-      mm = rows_minmax(xp, R, K);
+      batch.assign(R * B, 0);
+      bin_rows(xp, R, K, B, grids, all, absolute, batch.data(), chunk_mm.data());
+      mm = fold_chunks(chunk_mm, R, chunks_per_row);
+      for (int64_t r = 0; r < R; ++r) {
+        if (keeps_grid(r, widened(r, mm[r]))) state[r] = negative(r) ? kCorrupt : kKeep;
+      }
     }
-    for (int64_t r = 0; r < R; ++r) {
-      nonfinite += mm[r].nonfinite;
-      const auto [blo, bhi] = observed_range(mm[r], absolute);
-      nrp[2 * r] = std::min(rp[2 * r], blo);
-      nrp[2 * r + 1] = std::max(rp[2 * r + 1], bhi);
-      const HistGrid g = histogram_grid(nrp[2 * r], nrp[2 * r + 1], B);
-      int64_t* out = nhp + r * B;
-      const int64_t* old = hp + r * B;
-      if (optimistic && g.lo == grids[r].lo && g.width == grids[r].width) {
-        redo[r] = 0;  // this batch is binned: add the old counts as they are
-        int64_t least = 0;
-        for (int64_t j = 0; j < B; ++j) {
-          out[j] += old[j];
-          least = std::min(least, old[j]);
-        }
-        if (least < 0) check_histogram_row_counts(op, old, B, r, false);  // raises
-      } else {
-        check_histogram_row_counts(op, old, B, r, !(rp[2 * r] <= rp[2 * r + 1]));
-        std::fill(out, out + B, int64_t{0});
-        rebin_row(old, rp[2 * r], rp[2 * r + 1], out, g, B);
+  } else {
+    mm = rows_minmax(xp, R, K);
+  }
+  for (int64_t r = 0; r < R; ++r) {  // raises before the rows below change
+    if (state[r] != kKeep) {
+      check_histogram_row_counts(op, hp + r * B, B, r,
+                                 state[r] == kRebin && !(rp[2 * r] <= rp[2 * r + 1]));
+    }
+  }
+  int64_t nonfinite = 0;
+  std::vector<char> redo(R, 0);
+  std::vector<int64_t> row;
+  for (int64_t r = 0; r < R; ++r) {
+    nonfinite += mm[r].nonfinite;
+    const auto range = widened(r, mm[r]);
+    int64_t* h = hp + r * B;
+    if (state[r] == kKeep && !batch.empty()) {
+      for (int64_t j = 0; j < B; ++j) h[j] += batch[r * B + j];
+    } else if (state[r] == kRebin) {
+      const HistGrid g = histogram_grid(range.first, range.second, B);
+      if (!keeps_grid(r, range)) {
+        row.assign(B, 0);
+        rebin_row(h, rp[2 * r], rp[2 * r + 1], row.data(), g, B);
+        std::copy(row.begin(), row.end(), h);
       }
       grids[r] = g;
+      redo[r] = 1;
     }
-    if (std::find(redo.begin(), redo.end(), 1) != redo.end())
-      bin_rows(xp, R, K, B, grids, redo, absolute, nhp, nullptr);
+    rp[2 * r] = range.first;
+    rp[2 * r + 1] = range.second;
+  }
+  if (std::find(redo.begin(), redo.end(), 1) != redo.end())
+    bin_rows(xp, R, K, B, grids, redo, absolute, hp, nullptr);
+  return nonfinite;
+}
+
+// The counts are checked by observe_rows, in the passes that read them anyway.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cpu(const at::Tensor& x_in,
+                                                                     const at::Tensor& hist,
+                                                                     const at::Tensor& range,
+                                                                     bool absolute) {
+  const char* op = "qlib::histogram_observe";
+  check_histogram_observe_args(op, x_in, hist, range, HistogramValues::kRanges);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor new_hist = hist.clone(at::MemoryFormat::Contiguous);
+  at::Tensor new_range = range.clone(at::MemoryFormat::Contiguous);
+  int64_t nonfinite = 0;
+  QLIB_DISPATCH_FLOAT(x.scalar_type(), "histogram_observe_cpu", [&] {
+    nonfinite = observe_rows(op, x.const_data_ptr<scalar_t>(), x.size(0), x.size(1), absolute,
+                             new_hist.data_ptr<int64_t>(), new_range.data_ptr<double>(),
+                             new_hist.size(1));
   });
   return {new_hist, new_range, at::scalar_tensor(nonfinite, x.options().dtype(at::kLong))};
+}
+
+void histogram_observe_in_place_cpu(const at::Tensor& x_in, const at::Tensor& hist,
+                                    const at::Tensor& range, const at::Tensor& observed,
+                                    const at::Tensor& nonfinite, bool absolute) {
+  const char* op = "qlib::histogram_observe_in_place";
+  check_histogram_observe_args(op, x_in, hist, range, HistogramValues::kRanges);
+  check_observer_counters(op, x_in, observed, nonfinite);
+  const at::Tensor x = x_in.contiguous();
+  // (Strided hist / range: written through contiguous copies.)
+  at::Tensor h = hist.contiguous(), rg = range.contiguous();
+  int64_t bad = 0;
+  QLIB_DISPATCH_FLOAT(x.scalar_type(), "histogram_observe_in_place_cpu", [&] {
+    bad = observe_rows(op, x.const_data_ptr<scalar_t>(), x.size(0), x.size(1), absolute,
+                       h.data_ptr<int64_t>(), rg.data_ptr<double>(), h.size(1));
+  });
+  if (!h.is_same(hist)) hist.copy_(h);
+  if (!rg.is_same(range)) range.copy_(rg);
+  *observed.data_ptr<int64_t>() += x.numel() - bad;
+  *nonfinite.data_ptr<int64_t>() += bad;
 }
 
 at::Tensor histogram_rebin_cpu(const at::Tensor& hist_in, const at::Tensor& range_in,
@@ -664,6 +732,7 @@ TORCH_LIBRARY_IMPL(qlib, CPU, m) {
   m.impl("block_minmax", &block_minmax_cpu);
   m.impl("minmax_observe", &minmax_observe_cpu);
   m.impl("histogram_observe", &histogram_observe_cpu);
+  m.impl("histogram_observe_in_place", &histogram_observe_in_place_cpu);
   m.impl("histogram_rebin", &histogram_rebin_cpu);
   m.impl("histogram_quantile", &histogram_quantile_cpu);
   m.impl("histogram_mse_search", &histogram_mse_search_cpu);

@@ -76,6 +76,12 @@ TORCH_LIBRARY(qlib, m) {
       "histogram_observe(Tensor x, Tensor hist, Tensor range, bool absolute) "
       "-> (Tensor hist_out, Tensor range_out, Tensor nonfinite)",
       tags);
+  // histogram_observe written in place, with the counters as minmax_observe's (the observers'
+  // step: a per-channel histogram can be several times x).
+  m.def(
+      "histogram_observe_in_place(Tensor x, Tensor(a!) hist, Tensor(b!) range, "
+      "Tensor(c!) observed, Tensor(d!) nonfinite, bool absolute) -> ()",
+      tags);
   m.def("histogram_rebin(Tensor hist, Tensor range, Tensor new_range) -> Tensor", tags);
   m.def("histogram_quantile(Tensor hist, Tensor range, float q) -> Tensor", tags);
   m.def(

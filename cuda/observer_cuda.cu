@@ -249,11 +249,12 @@ __global__ void accumulate_kernel(const T* __restrict__ x, int64_t K, int64_t C,
 
 constexpr int64_t kMaxSharedBins = 6144;  // 48 KiB of 64-bit counts
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cuda(const at::Tensor& x_in,
-                                                                      const at::Tensor& hist_in,
-                                                                      const at::Tensor& range_in,
-                                                                      bool absolute) {
-  const char* op = "qlib::histogram_observe";
+// histogram_observe of op (its checks' name): new (hist, range, nonfinite count).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> observe_histogram(const char* op,
+                                                                 const at::Tensor& x_in,
+                                                                 const at::Tensor& hist_in,
+                                                                 const at::Tensor& range_in,
+                                                                 bool absolute) {
   const at::OptionalDeviceGuard guard(x_in.device());  // before cuda_value_checks_now()
   check_histogram_observe_args(op, x_in, hist_in, range_in, cuda_value_checks_now());
   const at::Tensor x = x_in.contiguous();
@@ -289,6 +290,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cuda(const at::
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {new_hist, new_range, nonfinite};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> histogram_observe_cuda(const at::Tensor& x,
+                                                                      const at::Tensor& hist,
+                                                                      const at::Tensor& range,
+                                                                      bool absolute) {
+  return observe_histogram("qlib::histogram_observe", x, hist, range, absolute);
+}
+
+// The functional op's results copied back (the CPU's in-place saving is its own: there a
+// per-channel histogram is a new allocation and passes each step).
+void histogram_observe_in_place_cuda(const at::Tensor& x, const at::Tensor& hist,
+                                     const at::Tensor& range, const at::Tensor& observed,
+                                     const at::Tensor& nonfinite, bool absolute) {
+  const char* op = "qlib::histogram_observe_in_place";
+  check_observer_counters(op, x, observed, nonfinite);
+  const auto [new_hist, new_range, bad] = observe_histogram(op, x, hist, range, absolute);
+  hist.copy_(new_hist);
+  range.copy_(new_range);
+  observed.sub_(bad).add_(x.numel());
+  nonfinite.add_(bad);
 }
 
 at::Tensor histogram_rebin_cuda(const at::Tensor& hist_in, const at::Tensor& range_in,
@@ -470,6 +492,7 @@ TORCH_LIBRARY_IMPL(qlib, CUDA, m) {
   m.impl("block_minmax", &block_minmax_cuda);
   m.impl("minmax_observe", &minmax_observe_cuda);
   m.impl("histogram_observe", &histogram_observe_cuda);
+  m.impl("histogram_observe_in_place", &histogram_observe_in_place_cuda);
   m.impl("histogram_rebin", &histogram_rebin_cuda);
   m.impl("histogram_quantile", &histogram_quantile_cuda);
   m.impl("histogram_mse_search", &histogram_mse_search_cuda);

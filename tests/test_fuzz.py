@@ -94,7 +94,8 @@ def _odd_call(r, device):
                    "choose_qparams",
                    "observer_qparams",
                    "quantize_per_token", "int8_gemm", "int8_linear", "int8_linear", "int8_linear_packed",
-                   "block_minmax", "minmax_observe", "histogram_observe", "histogram_rebin",
+                   "block_minmax", "minmax_observe", "histogram_observe", "histogram_observe_in_place",
+                   "histogram_rebin",
                    "histogram_quantile", "histogram_mse_search", "histogram_entropy_search",
                    "quantize_4bit", "dequantize_4bit", "linear_4bit"])
     if op.endswith("_4bit"):
@@ -207,9 +208,15 @@ def _odd_call(r, device):
         if r.random() < 0.1:
             rng = rng[:, :1]
         hist, rng = hist.to(device), rng.to(device)
-        if op == "histogram_observe":
-            x = _odd_tensor(r, device, (rows + (1 if r.random() < 0.1 else 0), r.choice([0, 1, 9, 4099])))
-            ops.histogram_observe(x, hist, rng, r.random() < 0.5)
+        if op.startswith("histogram_observe"):
+            # (70001: rows of several parallel chunks)
+            x = _odd_tensor(r, device, (rows + (1 if r.random() < 0.1 else 0), r.choice([0, 1, 9, 4099, 70001])))
+            if op == "histogram_observe":
+                ops.histogram_observe(x, hist, rng, r.random() < 0.5)
+            else:
+                counters = [torch.zeros(r.choice([(), (1,), (2,)]), dtype=r.choice([torch.int64, torch.int32]),
+                                        device=device) for _ in range(2)]
+                ops.histogram_observe_in_place(x, hist, rng, *counters, r.random() < 0.5)
         elif op == "histogram_rebin":
             new = rng.clone()
             if new.shape[-1] == 2:

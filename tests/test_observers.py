@@ -197,6 +197,65 @@ def test_histogram_many_short_rows_exact(device):
     assert hist.sum().item() == 2 * rows * 301
 
 
+@pytest.mark.parametrize("shape", [(257, 301), (3, 70001), (1, 5), (4, 0), (0, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_histogram_observe_in_place_equals_the_functional_op(device, shape, dtype):
+    """The observers' in-place op gives the functional op's histogram, range and counts, batch
+    after batch: grids that stay and grids that move, NaN / Inf, rows of one parallel chunk
+    (binned straight into hist) and of several, strided hist and range (written back)."""
+    g = torch.Generator().manual_seed(11)
+    rows, bins = shape[0], 96
+    spread = torch.rand(rows, 1, generator=g) * 4 + 0.1
+    batches = [torch.randn(*shape, generator=g) * spread * f for f in (1.0, 0.3, 2.5, 1.0)]
+    if rows and shape[1] > 3:
+        batches[1][0, 2], batches[2][-1, -1], batches[3][0, 0] = math.nan, math.inf, -math.inf
+    for absolute in (True, False):
+        hist = torch.zeros(rows, bins, dtype=torch.int64, device=device)
+        rng = torch.tensor([[math.inf, -math.inf]] * rows, dtype=torch.float64, device=device).reshape(rows, 2)
+        # In place: hist a column slice of a wider tensor, range a transposed view.
+        wide = torch.zeros(rows, bins + 5, dtype=torch.int64, device=device)
+        ip_hist, ip_rng = wide[:, 2:bins + 2], rng.t().contiguous().t()
+        observed = torch.tensor(7, device=device)
+        nonfinite = torch.zeros(1, dtype=torch.int64, device=device)
+        want_observed, want_nonfinite = 7, 0
+        for b in batches:
+            x = _noncontig(b.to(dtype).to(device))
+            hist, rng, nf = ops.histogram_observe(x, hist, rng, absolute)
+            ops.histogram_observe_in_place(x, ip_hist, ip_rng, observed, nonfinite, absolute)
+            want_nonfinite += nf.item()
+            want_observed += x.numel() - nf.item()
+            assert torch.equal(ip_hist, hist) and torch.equal(ip_rng, rng)
+            assert (observed.item(), nonfinite.item()) == (want_observed, want_nonfinite)
+        assert not wide[:, :2].any() and not wide[:, bins + 2:].any()
+        if rows and shape[1] > 3:
+            ref, (umin, umax) = _ref_hist(torch.cat([b[0].to(dtype).float() for b in batches]), bins, absolute)
+            assert ip_rng[0].tolist() == [umin, umax]
+            torch.testing.assert_close(ip_hist.cpu()[0], ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(257, 301), (3, 70001)])
+def test_histogram_observe_in_place_refuses_negative_counts(device, shape):
+    """A negative count (a corrupt histogram) raises naming the op, the block and the bin, where
+    the grid stays (the counts are added) and where it moves (re-binned)."""
+    x = torch.randn(*shape, device=device)
+    hist = torch.zeros(shape[0], 64, dtype=torch.int64, device=device)
+    rng = torch.tensor([[math.inf, -math.inf]] * shape[0], dtype=torch.float64, device=device)
+    counters = torch.zeros((), dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64, device=device)
+    ops.histogram_observe_in_place(x, hist, rng, *counters, False)
+    for moved in (False, True):
+        h, r = hist.clone(), rng.clone()
+        h[1, 5] = -2
+        if moved:
+            r[1, 1] = r[1, 0] + (r[1, 1] - r[1, 0]) / 4
+        if device == "cuda":
+            qlib.set_cuda_value_checks(True)
+        try:
+            with pytest.raises(RuntimeError, match=r"qlib::histogram_observe_in_place: hist of block 1 has count -2 in bin 5"):
+                ops.histogram_observe_in_place(x, h, r, *counters, False)
+        finally:
+            qlib.set_cuda_value_checks(False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_histogram_large_rows_exact(device, dtype):
     """Rows of several parallel chunks (and threads), odd lengths, a NaN: exact counts
@@ -571,6 +630,8 @@ def _histogram_op_calls(hist, rng):
     x = torch.randn(1, 10, device=hist.device)
     return {
         "histogram_observe": lambda: ops.histogram_observe(x, hist, rng, False),
+        "histogram_observe_in_place": lambda: ops.histogram_observe_in_place(  # (on copies: it writes them)
+            x, hist.clone(), rng.clone(), *torch.zeros(2, dtype=torch.int64, device=hist.device), False),
         "histogram_rebin": lambda: ops.histogram_rebin(hist, rng, rng),
         "histogram_quantile": lambda: ops.histogram_quantile(hist, rng, 0.5),
         "histogram_mse_search": lambda: ops.histogram_mse_search(hist, rng, -128, 127, True, 8),
@@ -860,6 +921,7 @@ def test_opcheck(device):
              torch.zeros((), dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64, device=device))
     torch.library.opcheck(ops.minmax_observe, (x, *stats, 0.1))
     torch.library.opcheck(ops.histogram_observe, (x, hist, rng, True))
+    torch.library.opcheck(ops.histogram_observe_in_place, (x, hist.clone(), rng.clone(), *stats[2:], True))
     h, r, _ = ops.histogram_observe(x, hist, rng, False)
     wide = r.clone()
     wide[:, 1] += 1
@@ -1031,7 +1093,7 @@ def test_threads_sharing_a_fresh_observer():
                 t.start()
             for t in threads:
                 t.join()
-            assert all("qlib::histogram_observe: hist of block" in str(e) for e in errors)
+            assert all("qlib::histogram_observe_in_place: hist of block" in str(e) for e in errors)
             assert obs.qparams_shape.tolist() == [1, 256, 1] and int(obs.observed) > 0
 
 

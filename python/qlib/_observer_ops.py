@@ -38,6 +38,12 @@ def _(x, hist, range, absolute):
     return hist.new_empty(hist.shape), range.new_empty(range.shape), x.new_empty((), dtype=torch.int64)
 
 
+@register_fake("qlib::histogram_observe_in_place")
+def _(x, hist, range, observed, nonfinite, absolute):
+    _C.check_histogram_observe_in_place_args(x, hist, range, observed, nonfinite)
+    return None
+
+
 @register_fake("qlib::histogram_rebin")
 def _(hist, range, new_range):
     _C.check_histogram_op_args("qlib::histogram_rebin", hist, range, new_range, None, None, None)

@@ -262,10 +262,6 @@ class ObserverBase(QuantState):
     def _blocks(self) -> int:
         return self._buffers[next(iter(self._stat_buffers))].shape[0]
 
-    def _count(self, rows: Tensor, nonfinite: Tensor) -> None:
-        self.nonfinite.add_(nonfinite)
-        self.observed.add_(rows.numel() - nonfinite)
-
     # ------------------------------------------------------------ API
     def forward(self, x: Tensor) -> Tensor:
         if torch._C._are_functorch_transforms_active():
@@ -587,10 +583,9 @@ class _HistogramObserver(ObserverBase):
         return t
 
     def _observe(self, rows: Tensor) -> None:
-        hist, rng, nonfinite = ops.histogram_observe(rows, self.hist, self.hist_range, self.symmetric)
-        self.hist.copy_(hist)
-        self.hist_range.copy_(rng)
-        self._count(rows, nonfinite)
+        b = self._buffers
+        ops.histogram_observe_in_place(rows, b["hist"], b["hist_range"], b["observed"], b["nonfinite"],
+                                       self.symmetric)
 
     def _synced_stats(self) -> Dict[str, Tensor]:
         hist, rng = self.hist, self.hist_range  # only read downstream
