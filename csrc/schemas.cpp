@@ -77,7 +77,8 @@ TORCH_LIBRARY(qlib, m) {
       "-> (Tensor hist_out, Tensor range_out, Tensor nonfinite)",
       tags);
   // histogram_observe written in place, with the counters as minmax_observe's (the observers'
-  // step: a per-channel histogram can be several times x).
+  // step: a per-channel histogram can be several times x). A negative count raises; on the CPU,
+  // rows of up to 32768 values added before the raise keep the batch.
   m.def(
       "histogram_observe_in_place(Tensor x, Tensor(a!) hist, Tensor(b!) range, "
       "Tensor(c!) observed, Tensor(d!) nonfinite, bool absolute) -> ()",
