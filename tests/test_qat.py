@@ -1876,28 +1876,25 @@ def test_frozen_qat_model_under_vmap():
 
 @pytest.mark.parametrize("observer", ["MovingAverageMinMaxObserver", "PercentileObserver"])
 def test_torch_func_grad_and_per_sample_gradients_of_a_qat_model(observer):
-    """torch.func.grad of a QAT model equals autograd's, its min-max observers updating as in
-    eager; per-sample gradients (vmap of grad) of a frozen one equal a loop of them. Observing
-    under vmap, or a histogram observer under grad (its buffers' in-place update), raises naming
-    the observer (torch's errors named an op or a captured tensor)."""
+    """torch.func.grad of a QAT model equals autograd's, its observers updating as in eager
+    (the histogram ones raised before their observe op wrote in place); per-sample gradients
+    (vmap of grad) of a frozen one equal a loop of them. Observing under vmap raises naming the
+    observer (torch's errors named an op or a captured tensor)."""
     torch.manual_seed(0)
-    cfg = QATConfig(activation_observer=observer)
+    cfg = QATConfig(activation_observer=observer, weight_observer=observer.replace("MovingAverage", ""))
     base = qlib.prepare_qat(nn.Sequential(nn.Linear(9, 12), nn.ReLU(), nn.Linear(12, 3)), cfg)
     x, y = torch.randn(6, 9), torch.randint(0, 3, (6,))
     base(x)
     loss = lambda m, p, xb, yb: nn.functional.cross_entropy(torch.func.functional_call(m, p, (xb,)), yb)
     m, ref = copy.deepcopy(base), copy.deepcopy(base)
     params = {k: v.detach() for k, v in m.named_parameters()}
-    if observer == "PercentileObserver":
-        with pytest.raises(RuntimeError, match=f"qlib.observers.{observer}: cannot observe under torch.func's grad"):
-            torch.func.grad(lambda p: loss(m, p, x, y))(params)
-    else:
-        g = torch.func.grad(lambda p: loss(m, p, x, y))(params)
-        loss(ref, dict(ref.named_parameters()), x, y).backward()
-        for k, p in ref.named_parameters():
-            assert torch.equal(g[k], p.grad), k
-        for (k, b), (_, rb) in zip(m.named_buffers(), ref.named_buffers()):
-            assert torch.equal(b, rb), k
+    g = torch.func.grad(lambda p: loss(m, p, x, y))(params)
+    loss(ref, dict(ref.named_parameters()), x, y).backward()
+    for k, p in ref.named_parameters():
+        assert torch.equal(g[k], p.grad), k
+    for (k, b), (_, rb) in zip(m.named_buffers(), ref.named_buffers()):
+        assert torch.equal(b, rb), k
+    assert int(m[0].activation_fake_quant.observer.observed) == 2 * x.numel()
     with pytest.raises(RuntimeError, match=f"qlib.observers.{observer}: cannot observe under torch.func's .*vmap"):
         torch.func.vmap(torch.func.grad(lambda p, xi, yi: loss(m, p, xi[None], yi[None])), in_dims=(None, 0, 0))(params, x, y)
     m.apply(tq.disable_observer)

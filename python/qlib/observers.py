@@ -85,7 +85,7 @@ class ObserverBase(QuantState):
     # name -> initial fill value of the per-block statistic buffers
     _stat_buffers: Dict[str, float] = {}
     # The torch.func wrappers of x ("grad", "vmap") the in-place update of the statistics runs
-    # under: MinMaxObserver's op under grad; a vmapped x would have every sample update the one
+    # under: the observe ops under grad; a vmapped x would have every sample update the one
     # set of statistics.
     _observes_under: frozenset = frozenset()
 
@@ -566,6 +566,7 @@ class _HistogramObserver(ObserverBase):
     """Keeps an int64 histogram of ``bins`` bins per block (of |x| when symmetric)."""
 
     _stat_buffers = {"hist": 0, "hist_range": 0}
+    _observes_under = frozenset({"grad"})
 
     def __init__(self, bins: int = 2048, **kwargs) -> None:
         if not isinstance(bins, int) or not 2 <= bins <= 65536:
