@@ -17,6 +17,7 @@ observer only: the histogram rows have no peer.
 import argparse
 import datetime
 import platform
+import random
 import statistics
 import time
 
@@ -75,12 +76,14 @@ def bench(device, args, cases, batches, title):
     for _, factory, _ in cases:
         run_once(factory, batches[:1], device)  # warm-up
     # Round-robin, one run of each case per round, so a slow phase of a shared machine
-    # hits qlib and its peers alike; each round starts one case later, so no case always
-    # follows the same one (on an AMX Xeon, qlib's MinMax run right after torch.ao's
-    # HistogramObserver took 2.4x its time alone).
+    # hits qlib and its peers alike; each round in another (seeded) order, so no case always
+    # follows the same one. On an AMX Xeon, qlib's MinMax run right after torch.ao's
+    # HistogramObserver took 2.4x its time alone; rounds that only rotated the list kept that
+    # neighbour (qlib's MinMax 0.8x torch.ao's on a Zen 4, 1.0-1.1x in shuffled rounds).
     times = {name: [] for name, _, _ in cases}
-    for r in range(args.repeats):
-        for name, factory, _ in cases[r % len(cases):] + cases[:r % len(cases)]:
+    order = random.Random(0)
+    for _ in range(args.repeats):
+        for name, factory, _ in order.sample(cases, len(cases)):
             times[name].append(run_once(factory, batches, device))
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     lines = [
