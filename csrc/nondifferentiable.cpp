@@ -20,10 +20,10 @@ void below_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   op.callBoxed(stack);
 }
 
-// An op that writes its (a!) arguments in place (minmax_observe, histogram_observe_in_place): as torch's in-place ops, a
-// written tensor may not require grad, nor be a negative / conjugate view, and its version
-// counter moves (so autograd sees the change; an inference tensor, made under inference_mode,
-// has no counter and is written as before).
+// An op that writes its (a!) arguments in place (minmax_observe, histogram_observe_in_place):
+// as torch's in-place ops, a written tensor may not require grad, nor be a negative / conjugate
+// view, and its version counter moves (so autograd sees the change; an inference tensor, made
+// under inference_mode, has no counter and is written as before).
 void in_place_below_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
   const size_t first = stack->size() - args.size();
