@@ -174,6 +174,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_minmax_cpu(const at::Tensor
   return {lo, hi, at::scalar_tensor(nonfinite, x.options().dtype(at::kLong))};
 }
 
+// An observer's counters after a batch of n values, bad of them NaN / Inf.
+void add_to_counters(const at::Tensor& observed, const at::Tensor& nonfinite, int64_t n,
+                     int64_t bad) {
+  *observed.data_ptr<int64_t>() += n - bad;
+  *nonfinite.data_ptr<int64_t>() += bad;
+}
+
 void minmax_observe_cpu(const at::Tensor& x_in, const at::Tensor& min_val,
                         const at::Tensor& max_val, const at::Tensor& observed,
                         const at::Tensor& nonfinite,
@@ -192,8 +199,7 @@ void minmax_observe_cpu(const at::Tensor& x_in, const at::Tensor& min_val,
       bad += m[r].nonfinite;
     }
   });
-  *observed.data_ptr<int64_t>() += R * K - bad;
-  *nonfinite.data_ptr<int64_t>() += bad;
+  add_to_counters(observed, nonfinite, R * K, bad);
 }
 
 // Whether grid g's edges lo + j * width (j <= bins) are exact float32 values
@@ -543,8 +549,7 @@ void histogram_observe_in_place_cpu(const at::Tensor& x_in, const at::Tensor& hi
   });
   if (!h.is_same(hist)) hist.copy_(h);
   if (!rg.is_same(range)) range.copy_(rg);
-  *observed.data_ptr<int64_t>() += x.numel() - bad;
-  *nonfinite.data_ptr<int64_t>() += bad;
+  add_to_counters(observed, nonfinite, x.numel(), bad);
 }
 
 at::Tensor histogram_rebin_cpu(const at::Tensor& hist_in, const at::Tensor& range_in,

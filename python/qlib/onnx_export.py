@@ -185,7 +185,7 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
     def each_row():  # (a reduction's arguments: over each row of x2)
         return dict(axes=op.Constant(value_ints=[1]), keepdims=1)
 
-    def row_scales(x2, act_scale, absolute):
+    def row_scales(act_scale, absolute):
         """[M, 1] (dynamic: max(amax / 127, eps) as qlib's per-token scale, amax that of `absolute`)
         or the static act_scale [1, 1]."""
         if act_scale is not None:
@@ -193,24 +193,28 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
         return op.Max(op.Div(op.ReduceMax(absolute, **each_row()), op.Constant(value_float=127.0)),
                       op.Constant(value_float=torch.finfo(torch.float32).eps))
 
-    def token_codes(x2, act_scale, act_zero_point, lo: int, hi: int):
-        """(int8 codes of the rows of a 2-D float32 x, row scales [M, 1]) as qlib's kernels: per-token
-        scale max(amax / 127, eps) (amax of the row's non-NaN values) or the static act_scale; codes
-        clamp(round(x * (1 / scale)) + zp), the zero point for NaN; a row with NaN gets scale NaN."""
+    def nan_where_rows_have_nan(nan, s):
+        """s [M, 1], NaN in the rows where the mask `nan` [M, K] has a NaN."""
+        row = op.Cast(op.ReduceMax(op.Cast(nan, to=_UINT8), **each_row()), to=_BOOL)
+        return op.Where(row, op.Constant(value_float=float("nan")), s)
+
+    def token_codes(x2):
+        """(int8 codes of the rows of a 2-D float32 x, row scales [M, 1]) as qlib's
+        quantize_per_token: scale max(amax / 127, eps) (amax of the row's non-NaN values); codes
+        clamp(round(x * (1 / scale)), -127, 127), 0 for NaN; a row with NaN gets scale NaN."""
         nan = op.IsNaN(x2)
-        s = row_scales(x2, act_scale, op.Where(nan, op.Constant(value_float=0.0), op.Abs(x2)))
-        zp = op.Constant(value_float=0.0) if act_zero_point is None else op.Cast(act_zero_point, to=_FLOAT)
-        c = op.Add(op.Round(op.Mul(x2, op.Reciprocal(s))), zp)
-        c = op.Clip(c, op.Constant(value_float=float(lo)), op.Constant(value_float=float(hi)))
-        nan_row = op.Cast(op.ReduceMax(op.Cast(nan, to=_UINT8), **each_row()), to=_BOOL)
-        return op.Cast(op.Where(op.IsNaN(c), zp, c), to=_INT8), op.Where(nan_row, op.Constant(value_float=float("nan")), s)
+        zero = op.Constant(value_float=0.0)
+        s = row_scales(None, op.Where(nan, zero, op.Abs(x2)))
+        c = op.Clip(op.Round(op.Mul(x2, op.Reciprocal(s))), op.Constant(value_float=-127.0),
+                    op.Constant(value_float=127.0))
+        return op.Cast(op.Where(op.IsNaN(c), zero, c), to=_INT8), nan_where_rows_have_nan(nan, s)
 
     def gemm_codes(x2, act_scale, act_zero_point, lo: int, hi: int):
         """token_codes for int8_linear, in fewer passes over x: (codes + 128 as uint8, their zero point
         + 128, row scales). ONNX Runtime's fast MatMulInteger is uint8 x int8 (11x int8 x int8). A row
         whose outputs are NaN whatever its codes (NaN, or per-token +-Inf: scale Inf) gets scale NaN
         and any codes."""
-        s = row_scales(x2, act_scale, op.Abs(x2))
+        s = row_scales(act_scale, op.Abs(x2))
         m = op.Mul(x2, op.Reciprocal(s))
         zp = op.Constant(value_int=128)
         if act_zero_point is not None:
@@ -223,8 +227,7 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
         if act_scale is None:  # (|m| <= 127.5 in a finite row: its sum is finite, else NaN)
             s = op.Add(s, op.Mul(op.ReduceSum(m, **each_row()), op.Constant(value_float=0.0)))
         else:
-            nan_row = op.Cast(op.ReduceMax(op.Cast(op.IsNaN(x2), to=_UINT8), **each_row()), to=_BOOL)
-            s = op.Where(nan_row, op.Constant(value_float=float("nan")), s)
+            s = nan_where_rows_have_nan(op.IsNaN(x2), s)
         return c, zp, s
 
     def rows(x):
@@ -232,14 +235,14 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
         return op.Reshape(as_float(x), op.Concat(op.Constant(value_ints=[-1]), dim(x, len(x.shape) - 1), axis=0))
 
     def quantize_per_token(x):
-        c, s = token_codes(rows(x), None, None, -127, 127)
+        c, s = token_codes(rows(x))
         out_shape = op.Shape(x)
         s_shape = op.Concat(op.Shape(x, start=0, end=len(x.shape) - 1), op.Constant(value_ints=[1]), axis=0)
         return op.Reshape(c, out_shape), op.Reshape(s, s_shape)
 
     def int8_gemm(a, b):  # (a + 128 as uint8, zero point 128: the fast uint8 x int8 kernel)
         a = op.Cast(op.Add(op.Cast(a, to=_INT64), op.Constant(value_int=128)), to=_UINT8)
-        return op.MatMulInteger(a, op.Transpose(b, perm=[1, 0]), op.Cast(op.Constant(value_int=128), to=_UINT8))
+        return op.MatMulInteger(a, op.Transpose(b, perm=[1, 0]), const_int(128, _UINT8))
 
     def int8_linear(x, w_int8, w_scale, bias=None, act_scale=None, act_zero_point=None,
                     act_quant_min: int = -127, act_quant_max: int = 127):
