@@ -339,6 +339,8 @@ def test_rows_with_nan_or_inf_as_qlib(activation):
     layer = qlib.nn.Int8Linear.from_float(nn.Linear(16, 8), activation=activation, **static)
     x = torch.randn(6, 16)
     x[1, 5], x[3, 2], x[4, 0], x[4, 1] = float("nan"), float("inf"), float("-inf"), float("nan")
+    x[0] *= 1e30  # (huge and tiny finite rows: the codes stay in [-127, 127] with no Clip)
+    x[5] *= 1e-40
     got, want = run(export(layer, x, exact=True), x)[0], layer(x)
     assert torch.equal(got.isnan(), want.isnan()) and want[1].isnan().all()
     assert torch.equal(got[~got.isnan()], want[~want.isnan()])

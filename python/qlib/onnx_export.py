@@ -222,7 +222,9 @@ def onnx_translation_table(exact: bool = False) -> Dict[Any, Callable]:
         zp = op.Cast(zp, to=_UINT8)
         # round(m) + zero point, saturated to [-128, 127] (+ 128): QuantizeLinear with scale 1.
         c = op.QuantizeLinear(m, op.Constant(value_float=1.0), zp)
-        if (lo, hi) != (-128, 127):
+        # (Dynamic rows need no Clip: |x| <= amax gives |m| <= 127 (1 + 3 * 2^-24), whose round is in
+        # [-127, 127].)
+        if act_scale is not None and (lo, hi) != (-128, 127):
             c = op.Clip(c, const_int(lo + 128, _UINT8), const_int(hi + 128, _UINT8))
         if act_scale is None:  # (|m| <= 127.5 in a finite row: its sum is finite, else NaN)
             s = op.Add(s, op.Mul(op.ReduceSum(m, **each_row()), op.Constant(value_float=0.0)))
