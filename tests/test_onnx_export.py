@@ -226,6 +226,15 @@ def test_a_dynamic_quantized_model_with_a_dynamic_batch():
         assert torch.equal(run(program, x)[0], model(x))
 
 
+def test_a_smoothed_model_divides_its_inputs_in_the_graph():
+    data = [torch.randn(16, 20) * torch.linspace(0.1, 30, 20) for _ in range(3)]
+    model = qlib.quantize_dynamic(qlib.smooth_quant(mlp(), data, progress=False))
+    x = torch.randn(7, 20) * torch.linspace(0.1, 30, 20)
+    program = export(model, x, exact=True)
+    assert node_types(program).count("Div") >= 2
+    assert torch.equal(run(program, x)[0], model(x))
+
+
 def calibrated(config=None):
     model = qlib.prepare(mlp(), config)
     qlib.calibrate(model, [torch.randn(16, 20) for _ in range(4)], progress=False)

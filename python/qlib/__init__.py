@@ -46,12 +46,13 @@ from ._fourbit_ops import (  # noqa: E402
 from .config import QATConfig  # noqa: E402
 from .workflows import calibrate, convert, prepare, prepare_qat, quantize_dynamic, quantize_weight_only  # noqa: E402
 from .gptq import gptq_quantize  # noqa: E402
+from .smooth_quant import smooth_quant  # noqa: E402
 
 __all__ += ["nn", "int8_gemm", "int8_linear", "quantize_per_token", "int8_cpu_kernels", "set_int8_cpu_kernel",
             "int8_cuda_gemms", "set_int8_cuda_gemm",
             "quantize_dynamic", "codebook_4bit", "fit_codebook_4bit", "quantize_4bit", "dequantize_4bit", "linear_4bit",
             "fourbit_cpu_kernels", "set_fourbit_cpu_kernel",
-            "quantize_weight_only", "gptq_quantize",
+            "quantize_weight_only", "gptq_quantize", "smooth_quant",
             "QATConfig", "prepare_qat", "prepare", "calibrate", "convert"]
 from . import observers  # noqa: E402
 from .plot import plot_calibration  # noqa: E402

@@ -33,6 +33,7 @@ from .nn.fake_quantize import FakeQuantize
 from .nn.int8_linear import Int8Linear
 from .nn.linear_4bit import Linear4bit
 from .nn.qat_linear import QATLinear
+from .nn.smoothing import carry_smoothing, drop_divide_input, is_smoothed
 
 # filter_fn(module, fqn) -> bool, or fnmatch patterns of the module names ("body.*" or a list).
 FilterFn = Union[Callable[[nn.Module, str], bool], str, Sequence[str]]
@@ -250,6 +251,10 @@ def _keep_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
     takes over old's hook dicts, so the handles the user holds still remove them."""
     if new is old:
         return new
+    if is_smoothed(old):  # (old's hooks, taken over below, divide the input already)
+        carry_smoothing(old, new)
+        if new._forward_pre_hooks is not old._forward_pre_hooks:  # (a swap back shares them)
+            drop_divide_input(new)
     for name in _HOOK_DICTS:
         hooks = getattr(old, name)
         if hooks:
@@ -270,7 +275,7 @@ def _off_fused_transformer_paths(model: nn.Module) -> None:
     touched = set()
     for layer in model.modules():
         if isinstance(layer, nn.TransformerEncoderLayer) and any(
-                isinstance(m, (QATLinear, Int8Linear, Linear4bit)) for m in layer.modules()):
+                isinstance(m, (QATLinear, Int8Linear, Linear4bit)) or is_smoothed(m) for m in layer.modules()):
             layer.activation_relu_or_gelu = 0
             touched.add(id(layer))
             if not getattr(layer, "_qlib_unnests", False):

@@ -22,6 +22,7 @@ from .. import _C, _int8_ops  # noqa: F401  (_int8_ops registers the int8 fakes)
 from .._ops import choose_qparams, quantize
 from .._state import MIN_SCALE, QuantState, check_finite_weight, check_host_readable, on_nested, untraced, weight_zeros
 from .qat_linear import QATLinear
+from .smoothing import carry_smoothing
 
 _ACTIVATIONS = ("dynamic", "static")
 
@@ -286,7 +287,7 @@ class Int8Linear(QuantState):
         if activation == "static":
             mod.act_scale.copy_(act_scale.to(device))
         mod.repack()
-        return mod
+        return carry_smoothing(linear, mod)
 
     @classmethod
     def from_qat(cls, qat: nn.Module) -> "Int8Linear":
@@ -330,7 +331,7 @@ class Int8Linear(QuantState):
         mod.act_quant_range.copy_(torch.tensor([afq.quant_min - shift, afq.quant_max - shift]))
         Int8Linear._sync_act_range(mod)
         mod.repack()
-        return mod
+        return carry_smoothing(qat, mod)
 
     @staticmethod
     def _sync_act_range(module: "Int8Linear", incompatible_keys=None) -> None:

@@ -16,6 +16,7 @@ from .. import _fourbit_ops
 from .._fourbit_ops import CodebookLike, codebook_4bit
 from .._state import OP_FLOAT_DTYPES, QuantState, check_finite_weight, on_nested, untraced, weight_zeros
 from .qat_linear import QATLinear
+from .smoothing import carry_smoothing
 
 
 def _check_in_features(x: Tensor, in_features: int, out_features: int) -> None:
@@ -102,7 +103,7 @@ class Linear4bit(QuantState):
                 mod.bias.copy_(linear.bias.detach())
         if linear.bias is not None:  # (a frozen base's bias must not come back trainable)
             mod.bias.requires_grad_(linear.bias.requires_grad)
-        return mod
+        return carry_smoothing(linear, mod)
 
     @classmethod
     def from_qat(cls, qat: nn.Module, compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
@@ -131,7 +132,7 @@ class Linear4bit(QuantState):
         with torch.no_grad():
             q = _fourbit_ops.ops.quantize(qat.weight.detach(), scale, torch.zeros_like(scale, dtype=torch.int32),
                                           wfq.quant_min, wfq.quant_max, torch.int8)
-        return cls.from_codes(q, scale, K // scale.shape[1], qat.bias, compute_dtype)
+        return carry_smoothing(qat, cls.from_codes(q, scale, K // scale.shape[1], qat.bias, compute_dtype))
 
     @classmethod
     def from_codes(cls, codes: Tensor, scale: Tensor, block_size: int, bias: Optional[Tensor] = None,

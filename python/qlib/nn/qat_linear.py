@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from .._state import refuse_fx_proxy, untraced
 from ..config import QATConfig, config_or_default
 from .fake_quantize import FakeQuantize
+from .smoothing import carry_smoothing
 
 
 def weight_fake_quant(config: QATConfig, out_features: int, in_features: int) -> FakeQuantize:
@@ -91,7 +92,7 @@ class QATLinear(nn.Linear):
         qat.weight = linear.weight
         if linear.bias is not None:
             qat.bias = linear.bias
-        return qat
+        return carry_smoothing(linear, qat)
 
     @torch.no_grad()
     def weight_qparams(self) -> Tuple[Tensor, Tensor]:

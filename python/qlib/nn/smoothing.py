@@ -1,0 +1,61 @@
+"""SmoothQuant's per-input-channel scales on a Linear (``qlib.smooth_quant`` sets them).
+
+A smoothed Linear holds the buffer ``smoothquant_scale`` (s, one power of two per input
+feature, in the weight's dtype). Its weight columns were multiplied by s, and a forward pre-hook
+divides its input by s, so the float outputs do not change: only the magnitudes the quantizers
+see move. The qlib Linears made from a smoothed Linear (from_float, from_qat and the workflows'
+swaps) carry both."""
+import itertools
+
+import torch
+from torch import Tensor, nn
+
+BUFFER = "smoothquant_scale"
+
+
+def divide_input(module: nn.Module, args: tuple, kwargs: dict):
+    """The forward pre-hook: the input (first positional argument, or ``input=``) divided by s."""
+    s = module._buffers[BUFFER]
+    if args and isinstance(args[0], Tensor) and args[0].is_floating_point():
+        return (args[0] / s.to(args[0].dtype),) + tuple(args[1:]), kwargs
+    x = kwargs.get("input")
+    if not args and isinstance(x, Tensor) and x.is_floating_point():
+        return args, dict(kwargs, input=x / s.to(x.dtype))
+    return None  # (not a float input: the module's own checks say what is wrong)
+
+
+def _check_loaded_scale(module, state_dict, prefix, *args) -> None:
+    """A load_state_dict pre-hook: a corrupt s (zero, negative, NaN, Inf) would give wrong
+    outputs silently."""
+    s = state_dict.get(prefix + BUFFER)
+    if isinstance(s, Tensor) and not s.is_meta and not bool((torch.isfinite(s) & (s > 0)).all()):
+        bad = s.detach().reshape(-1)[~(torch.isfinite(s) & (s > 0)).reshape(-1)][0].item()
+        raise RuntimeError(f"{type(module).__name__}: state_dict[{prefix + BUFFER!r}] holds {bad}; SmoothQuant "
+                           "scales must be positive and finite (a corrupt state_dict?)")
+
+
+def is_smoothed(module: nn.Module) -> bool:
+    return module._buffers.get(BUFFER) is not None
+
+
+def attach(module: nn.Module, scale: Tensor) -> None:
+    """Gives module the buffer s and the hooks (the input divided by s; loaded scales checked)."""
+    module.register_buffer(BUFFER, scale)
+    module.register_forward_pre_hook(divide_input, with_kwargs=True, prepend=True)
+    module.register_load_state_dict_pre_hook(_check_loaded_scale)
+
+
+def carry_smoothing(source: nn.Module, made: nn.Module) -> nn.Module:
+    """made (a qlib Linear made from source) divides its input by source's s too."""
+    if is_smoothed(source) and not is_smoothed(made):
+        device = next(itertools.chain(made.parameters(), made.buffers())).device
+        attach(made, source._buffers[BUFFER].detach().clone().to(device))
+    return made
+
+
+def drop_divide_input(module: nn.Module) -> None:
+    """Removes module's own divide_input hook (the swaps hand it the replaced module's hooks,
+    which hold one already)."""
+    for key in [k for k, h in module._forward_pre_hooks.items() if h is divide_input]:
+        del module._forward_pre_hooks[key]
+        module._forward_pre_hooks_with_kwargs.pop(key, None)
