@@ -217,10 +217,6 @@ def test_bad_arguments():
     model = qlib.smooth_quant(mlp(), batches(), progress=False)
     with pytest.raises(ValueError, match="smoothed already"):
         qlib.smooth_quant(model, batches(), progress=False)
-    tied = nn.Sequential(nn.Embedding(10, 32), nn.Linear(32, 10, bias=False))
-    tied[1].weight = tied[0].weight
-    with pytest.raises(ValueError, match="shared with another module"):
-        qlib.smooth_quant(tied, [torch.arange(6)], progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         qlib.smooth_quant(nn.Sequential(nn.ReLU()), batches(), progress=False)
@@ -256,3 +252,28 @@ def test_ranks_get_the_scales_of_all_their_data(tmp_path):
     single = qlib.smooth_quant(mlp(), _rank_batches(0) + _rank_batches(1), progress=False)
     for a, b, want in zip(r0, r1, (single[0]._buffers[BUFFER], single[2]._buffers[BUFFER])):
         assert torch.equal(a, b) and torch.equal(a, want)
+
+
+def test_gpt2_conv1d_smoothed_and_its_tied_head_left_alone():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=48, n_head=2, vocab_size=97, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    original = copy.deepcopy(model)
+    data = [torch.randint(0, 97, (2, 11)) for _ in range(3)]
+    with pytest.warns(UserWarning, match="1 Linears share their weight.*'lm_head'.*stay unsmoothed"):
+        qlib.smooth_quant(model, data, progress=False)
+    assert BUFFER not in model.lm_head._buffers
+    attn = model.transformer.h[0].attn.c_attn
+    assert type(attn).__name__ == "Conv1D" and attn._buffers[BUFFER].shape == (48,)
+    ids = torch.randint(0, 97, (2, 9))
+    h = torch.randn(3, 48)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+        assert torch.equal(attn(x=h), original.transformer.h[0].attn.c_attn(h))  # (Conv1D's keyword)
+    qlib.quantize_dynamic(model)
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, Int8Linear) and len(divide_hooks(layer)) == 1
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.forward(x / layer._buffers[BUFFER]))

@@ -18,15 +18,16 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .nn.smoothing import attach, is_smoothed
-from .workflows import FilterFn, _off_fused_transformer_paths, model_swap_selector, run_batches
+from .nn.smoothing import attach, input_key, is_smoothed
+from .workflows import FilterFn, _off_fused_transformer_paths, is_conv1d, model_swap_selector, run_batches
 
 MAX_EXPONENT = 12  # s in [1, 2^12] (float16 holds it, and a weight times it)
 
 
 def smooth_quant(model: nn.Module, batches: Optional[Iterable] = None, alpha: float = 0.5,
                  filter_fn: Optional[FilterFn] = None, progress: bool = True) -> nn.Module:
-    """Smooths, in place, each nn.Linear that filter_fn selects: runs ``batches`` through the model
+    """Smooths, in place, each nn.Linear (and transformers Conv1D, GPT-2's Linears) that filter_fn
+    selects: runs ``batches`` through the model
     (as ``qlib.calibrate``: a progress bar, tuples unpacked, mappings as keywords) to record each
     input feature's max |x| (finite values; all-reduced across ranks under torch.distributed),
     then gives the Linear s (above; 1 for a feature never nonzero, or whose weight column is all
@@ -39,14 +40,15 @@ def smooth_quant(model: nn.Module, batches: Optional[Iterable] = None, alpha: fl
 
     Without ``batches`` it gives each selected Linear s = 1 and changes no weight: the structure
     ``load_state_dict`` of a smoothed model's state needs (smooth, then quantize, then load).
-    The model's training flags are kept; a Linear smoothed already raises (smooth the float
-    model once), as does one whose weight is shared with another module (tied embeddings)."""
+    The model's training flags are kept. A Linear smoothed already raises (smooth the float model
+    once); one whose weight is shared with another module (tied embeddings) stays unsmoothed,
+    with a warning."""
     who = "qlib.smooth_quant"
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"{who}: alpha must be a number in [0, 1], got {alpha!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"{who}: expected an nn.Module, got {type(model).__name__}")
-    selected = model_swap_selector(model, nn.Linear, filter_fn, "smooth_quant")
+    selected = model_swap_selector(model, nn.Linear, filter_fn, "smooth_quant", conv1d=True)
     linears = {}  # id -> (fqn, Linear): a Linear shared by several parents is smoothed once
     for fqn, m in model.named_modules():
         if selected(m, fqn):
@@ -58,24 +60,28 @@ def smooth_quant(model: nn.Module, batches: Optional[Iterable] = None, alpha: fl
     uses = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
+    tied = [key for key, (_, m) in linears.items() if uses.get(id(m.weight), 0) > 1]
+    if tied:  # (scaling its columns would change the other module: GPT-2's lm_head and embedding)
+        warnings.warn(f"{who}: {len(tied)} Linears share their weight with another module (tied embeddings: "
+                      f"{', '.join(repr(linears[k][0]) for k in tied[:3])}{', ...' if len(tied) > 3 else ''}); "
+                      "they stay unsmoothed", stacklevel=2)
+        for key in tied:
+            del linears[key]
     for fqn, m in linears.values():
-        name = repr(fqn) if fqn else "the model"
         if is_smoothed(m):
-            raise ValueError(f"{who}: Linear {name} is smoothed already; smooth the float model once")
-        if uses.get(id(m.weight), 0) > 1:
-            raise ValueError(f"{who}: the weight of Linear {name} is shared with another module (tied "
-                             "embeddings?), which its scaled columns would change; leave it out with filter_fn")
+            raise ValueError(f"{who}: Linear {repr(fqn) if fqn else 'the model'} is smoothed already; smooth the "
+                             "float model once")
     if batches is None:
         for _, m in linears.values():
-            attach(m, torch.ones(m.in_features, dtype=m.weight.dtype, device=m.weight.device))
+            attach(m, torch.ones(in_features(m), dtype=m.weight.dtype, device=m.weight.device))
         _off_fused_transformer_paths(model)  # (its fused kernels read the weights, skipping the hook)
         return model
 
-    amax = {key: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
+    amax = {key: torch.zeros(in_features(m), dtype=torch.float32, device=m.weight.device)
             for key, (_, m) in linears.items()}
 
     def record(module, args, kwargs):
-        x = args[0] if args else kwargs.get("input")
+        x = args[0] if args else kwargs.get(input_key(kwargs))
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
             a = x.detach().reshape(-1, x.shape[-1]).abs().float()
             a = torch.where(torch.isfinite(a), a, 0.0).amax(0)
@@ -102,16 +108,21 @@ def smooth_quant(model: nn.Module, batches: Optional[Iterable] = None, alpha: fl
                       f"{', ...' if len(unseen) > 3 else ''}): they keep s = 1", stacklevel=2)
     with torch.no_grad():
         for key, (_, m) in linears.items():
-            s = scales(amax[key], m.weight.detach(), float(alpha))
-            m.weight.mul_(s.to(m.weight.dtype))
+            columns = m.weight.detach().t() if is_conv1d(m) else m.weight.detach()  # [out, in]
+            s = scales(amax[key], columns, float(alpha))
+            m.weight.mul_(s.to(m.weight.dtype).reshape(-1, 1) if is_conv1d(m) else s.to(m.weight.dtype))
             attach(m, s.to(m.weight.dtype))
     _off_fused_transformer_paths(model)
     return model
 
 
+def in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if is_conv1d(module) else module.in_features
+
+
 def scales(x_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     """s = 2^round(log2(x_amax^alpha / w_amax^(1 - alpha))) per input feature, in [1, 2^12];
-    1 where x_amax or the weight column's max |w| is 0 (or not finite)."""
+    1 where x_amax or the weight column's max |w| is 0 (or not finite). weight: [out, in]."""
     w_amax = weight.abs().float().amax(0) if weight.numel() else torch.zeros_like(x_amax)
     w_amax = w_amax.to(x_amax.device)
     ok = (x_amax > 0) & (w_amax > 0) & torch.isfinite(w_amax)

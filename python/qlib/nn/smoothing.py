@@ -13,14 +13,20 @@ from torch import Tensor, nn
 BUFFER = "smoothquant_scale"
 
 
+def input_key(kwargs: dict) -> str:
+    """The keyword a layer's input came as (nn.Linear's and qlib's `input`, Conv1D's `x`)."""
+    return "input" if "input" in kwargs else "x"
+
+
 def divide_input(module: nn.Module, args: tuple, kwargs: dict):
-    """The forward pre-hook: the input (first positional argument, or ``input=``) divided by s."""
+    """The forward pre-hook: the input (first positional argument, or by keyword) divided by s."""
     s = module._buffers[BUFFER]
     if args and isinstance(args[0], Tensor) and args[0].is_floating_point():
         return (args[0] / s.to(args[0].dtype),) + tuple(args[1:]), kwargs
-    x = kwargs.get("input")
+    key = input_key(kwargs)
+    x = kwargs.get(key)
     if not args and isinstance(x, Tensor) and x.is_floating_point():
-        return args, dict(kwargs, input=x / s.to(x.dtype))
+        return args, dict(kwargs, **{key: x / s.to(x.dtype)})
     return None  # (not a float input: the module's own checks say what is wrong)
 
 
