@@ -27,11 +27,11 @@ MAX_EXPONENT = 12  # s in [1, 2^12] (float16 holds it, and a weight times it)
 def smooth_quant(model: nn.Module, batches: Optional[Iterable] = None, alpha: float = 0.5,
                  filter_fn: Optional[FilterFn] = None, progress: bool = True) -> nn.Module:
     """Smooths, in place, each nn.Linear (and transformers Conv1D, GPT-2's Linears) that filter_fn
-    selects: runs ``batches`` through the model
-    (as ``qlib.calibrate``: a progress bar, tuples unpacked, mappings as keywords) to record each
-    input feature's max |x| (finite values; all-reduced across ranks under torch.distributed),
-    then gives the Linear s (above; 1 for a feature never nonzero, or whose weight column is all
-    zero), its weight columns times s and a forward pre-hook that divides its input by s.
+    selects. It runs ``batches`` through the model (as ``qlib.calibrate``: a progress bar, tuples
+    unpacked, mappings as keywords) to record each input feature's max |x| (finite values;
+    all-reduced across ranks under torch.distributed). Then it gives the Linear s (above; 1 for a
+    feature never nonzero, or whose weight column is all zero), its weight columns times s and a
+    forward pre-hook that divides its input by s.
 
     Run it on the float model, then ``qlib.quantize_dynamic`` / ``prepare`` / ``prepare_qat`` /
     ``quantize_weight_only`` / ``gptq_quantize``: the qlib Linears they make carry s. A larger
@@ -85,7 +85,7 @@ def smooth_quant(model: nn.Module, batches: Optional[Iterable] = None, alpha: fl
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
             a = x.detach().reshape(-1, x.shape[-1]).abs().float()
             a = torch.where(torch.isfinite(a), a, 0.0).amax(0)
-            torch.maximum(amax[id(module)], a.to(amax[id(module)].device), out=amax[id(module)])
+            torch.maximum(amax[id(module)], a, out=amax[id(module)])
 
     hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for _, m in linears.values()]
     modes = [(mod, mod.training) for mod in model.modules()]
@@ -124,9 +124,7 @@ def scales(x_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Te
     """s = 2^round(log2(x_amax^alpha / w_amax^(1 - alpha))) per input feature, in [1, 2^12];
     1 where x_amax or the weight column's max |w| is 0 (or not finite). weight: [out, in]."""
     w_amax = weight.abs().float().amax(0) if weight.numel() else torch.zeros_like(x_amax)
-    w_amax = w_amax.to(x_amax.device)
     ok = (x_amax > 0) & (w_amax > 0) & torch.isfinite(w_amax)
     log2 = alpha * torch.log2(torch.where(ok, x_amax, 1.0)) - (1.0 - alpha) * torch.log2(torch.where(ok, w_amax, 1.0))
     s = torch.exp2(torch.round(log2).clamp(0, MAX_EXPONENT))
-    return torch.where(ok, s, 1.0).to(weight.device)
-
+    return torch.where(ok, s, 1.0)

@@ -34,8 +34,11 @@ def _check_loaded_scale(module, state_dict, prefix, *args) -> None:
     """A load_state_dict pre-hook: a corrupt s (zero, negative, NaN, Inf) would give wrong
     outputs silently."""
     s = state_dict.get(prefix + BUFFER)
-    if isinstance(s, Tensor) and not s.is_meta and not bool((torch.isfinite(s) & (s > 0)).all()):
-        bad = s.detach().reshape(-1)[~(torch.isfinite(s) & (s > 0)).reshape(-1)][0].item()
+    if not isinstance(s, Tensor) or s.is_meta:
+        return
+    ok = (torch.isfinite(s) & (s > 0)).reshape(-1)
+    if not bool(ok.all()):
+        bad = s.detach().reshape(-1)[~ok][0].item()
         raise RuntimeError(f"{type(module).__name__}: state_dict[{prefix + BUFFER!r}] holds {bad}; SmoothQuant "
                            "scales must be positive and finite (a corrupt state_dict?)")
 
