@@ -33,7 +33,7 @@ from .nn.fake_quantize import FakeQuantize
 from .nn.int8_linear import Int8Linear
 from .nn.linear_4bit import Linear4bit
 from .nn.qat_linear import QATLinear
-from .nn.smoothing import carry_smoothing, drop_divide_input, is_smoothed
+from .nn.smoothing import carry_smoothing, is_smoothed, settle_divide_input
 
 # filter_fn(module, fqn) -> bool, or fnmatch patterns of the module names ("body.*" or a list).
 FilterFn = Union[Callable[[nn.Module, str], bool], str, Sequence[str]]
@@ -251,10 +251,6 @@ def _keep_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
     takes over old's hook dicts, so the handles the user holds still remove them."""
     if new is old:
         return new
-    if is_smoothed(old):  # (old's hooks, taken over below, divide the input already)
-        carry_smoothing(old, new)
-        if new._forward_pre_hooks is not old._forward_pre_hooks:  # (a swap back shares them)
-            drop_divide_input(new)
     for name in _HOOK_DICTS:
         hooks = getattr(old, name)
         if hooks:
@@ -262,6 +258,8 @@ def _keep_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
             object.__setattr__(new, name, hooks)
     if old._is_full_backward_hook is not None:
         new._is_full_backward_hook = old._is_full_backward_hook
+    if is_smoothed(old):  # (old's divide_input hook came along: new divides once)
+        settle_divide_input(carry_smoothing(old, new))
     return new
 
 

@@ -22,7 +22,7 @@ from .. import _C, _int8_ops  # noqa: F401  (_int8_ops registers the int8 fakes)
 from .._ops import choose_qparams, quantize
 from .._state import MIN_SCALE, QuantState, check_finite_weight, check_host_readable, on_nested, untraced, weight_zeros
 from .qat_linear import QATLinear
-from .smoothing import carry_smoothing
+from .smoothing import carry_smoothing, smoothed_input
 
 _ACTIVATIONS = ("dynamic", "static")
 
@@ -130,6 +130,8 @@ class Int8Linear(QuantState):
     as anything else refers to it (a name, a view, a state_dict's tensor), so in-place edits of
     it are repacked at the next forward, and drops it at the first forward after that.
     """
+
+    smoothing_in_forward = True  # (divides by qlib.smooth_quant's s: nn/smoothing.py)
 
     def __init__(
         self,
@@ -391,6 +393,7 @@ class Int8Linear(QuantState):
         x = input
         if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: jagged nested tensors run on their values)
             return on_nested("Int8Linear", self.forward, x)
+        x = smoothed_input(self, x)
         # Buffers straight from _buffers: nn.Module.__getattr__ costs about 0.7 us a name,
         # which is most of a small call's Python time.
         b = self._buffers

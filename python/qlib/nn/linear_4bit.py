@@ -16,7 +16,7 @@ from .. import _fourbit_ops
 from .._fourbit_ops import CodebookLike, codebook_4bit
 from .._state import OP_FLOAT_DTYPES, QuantState, check_finite_weight, on_nested, untraced, weight_zeros
 from .qat_linear import QATLinear
-from .smoothing import carry_smoothing
+from .smoothing import carry_smoothing, smoothed_input
 
 
 def _check_in_features(x: Tensor, in_features: int, out_features: int) -> None:
@@ -56,6 +56,8 @@ class Linear4bit(QuantState):
     ``torch.load(weights_only=True)`` and safetensors. Gradients flow to the input and the bias,
     not to the 4-bit weight.
     """
+
+    smoothing_in_forward = True  # (divides by qlib.smooth_quant's s: nn/smoothing.py)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  codebook: CodebookLike = "nf4", block_size: int = 64, device=None, dtype=None,
@@ -198,6 +200,7 @@ class Linear4bit(QuantState):
         x = input
         if isinstance(x, Tensor) and x.is_nested:  # (as nn.Linear: jagged nested tensors run on their values)
             return on_nested("Linear4bit", self.forward, x)
+        x = smoothed_input(self, x)
         _check_in_features(x, self.in_features, self.out_features)
         b = self._buffers  # (nn.Module.__getattr__ costs about 0.7 us a name)
         cast = (self.compute_dtype is not None and x.is_floating_point() and x.dtype != self.compute_dtype

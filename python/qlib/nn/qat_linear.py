@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from .._state import refuse_fx_proxy, untraced
 from ..config import QATConfig, config_or_default
 from .fake_quantize import FakeQuantize
-from .smoothing import carry_smoothing
+from .smoothing import carry_smoothing, smoothed_input
 
 
 def weight_fake_quant(config: QATConfig, out_features: int, in_features: int) -> FakeQuantize:
@@ -53,6 +53,8 @@ def _check_input(x, weight: Tensor) -> None:
 
 class QATLinear(nn.Linear):
     """Drop-in for nn.Linear: y = linear(fq_act(x), fq_weight(W), b)."""
+
+    smoothing_in_forward = True  # (divides by qlib.smooth_quant's s: nn/smoothing.py)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
                  config: Optional[QATConfig] = None):
@@ -104,7 +106,7 @@ class QATLinear(nn.Linear):
         return tuple(t.detach() for t in wfq.calculate_qparams())
 
     def forward(self, input: Tensor) -> Tensor:  # (nn.Linear's name: callers may pass input=x)
-        x = input
+        x = smoothed_input(self, input)
         m, p = self._modules, self._parameters  # (nn.Module.__getattr__ costs about 0.7 us a name)
         # (A parametrized weight / bias (weight_norm, pruning) lives outside _parameters.)
         weight = p["weight"] if "weight" in p else self.weight

@@ -1,10 +1,12 @@
 """SmoothQuant's per-input-channel scales on a Linear (``qlib.smooth_quant`` sets them).
 
 A smoothed Linear holds the buffer ``smoothquant_scale`` (s, one power of two per input
-feature, in the weight's dtype). Its weight columns were multiplied by s, and a forward pre-hook
-divides its input by s, so the float outputs do not change: only the magnitudes the quantizers
-see move. The qlib Linears made from a smoothed Linear (from_float, from_qat and the workflows'
-swaps) carry both."""
+feature, in the weight's dtype). Its weight columns were multiplied by s and its input is
+divided by s, so the float outputs do not change: only the magnitudes the quantizers see move.
+The qlib Linears (QATLinear, Int8Linear, Linear4bit) divide in their forward
+(``smoothed_input``); a float nn.Linear (or Conv1D) by a forward pre-hook, ``divide_input``.
+The qlib Linears made from a smoothed Linear (from_float, from_qat and the workflows' swaps)
+carry s."""
 import itertools
 
 import torch
@@ -16,6 +18,19 @@ BUFFER = "smoothquant_scale"
 def input_key(kwargs: dict) -> str:
     """The keyword a layer's input came as (nn.Linear's and qlib's `input`, Conv1D's `x`)."""
     return "input" if "input" in kwargs else "x"
+
+
+def smoothed_input(module: nn.Module, x):
+    """x / s for a smoothed module (a float x; anything else as it is, for the module's checks)."""
+    s = module._buffers.get(BUFFER)
+    if s is None or not isinstance(x, Tensor) or not x.is_floating_point():
+        return x
+    return x / s.to(x.dtype)
+
+
+def divides_in_forward(module: nn.Module) -> bool:
+    """The qlib Linears divide in their forward: a hook there would divide twice."""
+    return getattr(type(module), "smoothing_in_forward", False)
 
 
 def divide_input(module: nn.Module, args: tuple, kwargs: dict):
@@ -48,10 +63,22 @@ def is_smoothed(module: nn.Module) -> bool:
 
 
 def attach(module: nn.Module, scale: Tensor) -> None:
-    """Gives module the buffer s and the hooks (the input divided by s; loaded scales checked)."""
+    """Gives module the buffer s, its load check and, unless it divides in its forward, the hook."""
     module.register_buffer(BUFFER, scale)
-    module.register_forward_pre_hook(divide_input, with_kwargs=True, prepend=True)
     module.register_load_state_dict_pre_hook(_check_loaded_scale)
+    settle_divide_input(module)
+
+
+def settle_divide_input(module: nn.Module) -> None:
+    """One divide_input hook on a smoothed float module, none elsewhere (a swap hands a module the
+    hooks of the one it replaces). torch.compile's guards skip module hooks by default, so a graph
+    traced for an unsmoothed twin would run without the division: they are turned on here."""
+    for key in [k for k, h in module._forward_pre_hooks.items() if h is divide_input]:
+        del module._forward_pre_hooks[key]
+        module._forward_pre_hooks_with_kwargs.pop(key, None)
+    if is_smoothed(module) and not divides_in_forward(module):
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        module.register_forward_pre_hook(divide_input, with_kwargs=True, prepend=True)
 
 
 def carry_smoothing(source: nn.Module, made: nn.Module) -> nn.Module:
@@ -60,11 +87,3 @@ def carry_smoothing(source: nn.Module, made: nn.Module) -> nn.Module:
         device = next(itertools.chain(made.parameters(), made.buffers())).device
         attach(made, source._buffers[BUFFER].detach().clone().to(device))
     return made
-
-
-def drop_divide_input(module: nn.Module) -> None:
-    """Removes module's own divide_input hook (the swaps hand it the replaced module's hooks,
-    which hold one already)."""
-    for key in [k for k, h in module._forward_pre_hooks.items() if h is divide_input]:
-        del module._forward_pre_hooks[key]
-        module._forward_pre_hooks_with_kwargs.pop(key, None)
