@@ -242,10 +242,15 @@ def test_bad_arguments():
         warnings.simplefilter("always")
         qlib.smooth_quant(nn.Sequential(nn.ReLU()), batches(), progress=False)
     assert any("holds no nn.Linear" in str(w.message) for w in caught)
-    # A non-float input reaches the layer's own checks, undivided.
-    layer = qlib.quantize_dynamic(qlib.smooth_quant(mlp(), batches(), progress=False))[0]
+    # A non-float input, or one of the wrong width, reaches the layer's own checks undivided.
+    smoothed = qlib.smooth_quant(mlp(), batches(), progress=False)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        smoothed[0](torch.randn(2, 31))
+    layer = qlib.quantize_dynamic(smoothed)[0]
     with pytest.raises(RuntimeError, match="must be float32, float16 or bfloat16, got Long"):
         layer(torch.ones(2, 32, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="x needs K = 32 features"):
+        layer(torch.randn(2, 31))
 
 
 def _rank_batches(rank):

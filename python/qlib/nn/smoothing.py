@@ -20,12 +20,16 @@ def input_key(kwargs: dict) -> str:
     return "input" if "input" in kwargs else "x"
 
 
+def divisible(x, s: Tensor) -> bool:
+    """A float x whose last dim s divides. Anything else stays as it is: the layer's own checks
+    name what is wrong (a division would raise torch's broadcast error first)."""
+    return isinstance(x, Tensor) and x.is_floating_point() and x.dim() > 0 and x.shape[-1] == s.shape[0]
+
+
 def smoothed_input(module: nn.Module, x):
-    """x / s for a smoothed module (a float x; anything else as it is, for the module's checks)."""
+    """x / s for a smoothed module (x as it is where not divisible)."""
     s = module._buffers.get(BUFFER)
-    if s is None or not isinstance(x, Tensor) or not x.is_floating_point():
-        return x
-    return x / s.to(x.dtype)
+    return x / s.to(x.dtype) if s is not None and divisible(x, s) else x
 
 
 def divides_in_forward(module: nn.Module) -> bool:
@@ -36,13 +40,11 @@ def divides_in_forward(module: nn.Module) -> bool:
 def divide_input(module: nn.Module, args: tuple, kwargs: dict):
     """The forward pre-hook: the input (first positional argument, or by keyword) divided by s."""
     s = module._buffers[BUFFER]
-    if args and isinstance(args[0], Tensor) and args[0].is_floating_point():
-        return (args[0] / s.to(args[0].dtype),) + tuple(args[1:]), kwargs
+    if args:
+        return ((args[0] / s.to(args[0].dtype),) + tuple(args[1:]), kwargs) if divisible(args[0], s) else None
     key = input_key(kwargs)
     x = kwargs.get(key)
-    if not args and isinstance(x, Tensor) and x.is_floating_point():
-        return args, dict(kwargs, **{key: x / s.to(x.dtype)})
-    return None  # (not a float input: the module's own checks say what is wrong)
+    return (args, dict(kwargs, **{key: x / s.to(x.dtype)})) if divisible(x, s) else None
 
 
 def _check_loaded_scale(module, state_dict, prefix, *args) -> None:
@@ -77,7 +79,8 @@ def settle_divide_input(module: nn.Module) -> None:
         del module._forward_pre_hooks[key]
         module._forward_pre_hooks_with_kwargs.pop(key, None)
     if is_smoothed(module) and not divides_in_forward(module):
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        if hasattr(torch._dynamo.config, "skip_nnmodule_hook_guards"):
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
         module.register_forward_pre_hook(divide_input, with_kwargs=True, prepend=True)
 
 
