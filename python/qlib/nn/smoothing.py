@@ -39,12 +39,10 @@ def divides_in_forward(module: nn.Module) -> bool:
 
 def divide_input(module: nn.Module, args: tuple, kwargs: dict):
     """The forward pre-hook: the input (first positional argument, or by keyword) divided by s."""
-    s = module._buffers[BUFFER]
     if args:
-        return ((args[0] / s.to(args[0].dtype),) + tuple(args[1:]), kwargs) if divisible(args[0], s) else None
+        return (smoothed_input(module, args[0]),) + tuple(args[1:]), kwargs
     key = input_key(kwargs)
-    x = kwargs.get(key)
-    return (args, dict(kwargs, **{key: x / s.to(x.dtype)})) if divisible(x, s) else None
+    return (args, dict(kwargs, **{key: smoothed_input(module, kwargs[key])})) if key in kwargs else None
 
 
 def _check_loaded_scale(module, state_dict, prefix, *args) -> None:
