@@ -10,6 +10,7 @@
 #             (suitelt: with cublaslt, the path "auto" leaves on 9.0 where the fused GEMM fits)
 #   sanitize  the CUDA tests under compute-sanitizer memcheck and racecheck
 #   probe     scripts/gpu_probe.py diagnostics, and a native backtrace of an error path
+#   fwdbwd    gpu_probe.py --fwd-bwd: float32 fake_quant fwd+bwd per-tensor vs per-channel
 #   benchfq   bench_fake_quant alone (benchfq64: at 64M elements, past the L2, for issue 2's bf16
 #             per-channel / per-group question); benchobs: bench_observers alone; benchint8: the int8 GPU table
 #             (torchao's int8 dynamic Linear too, from a carried .wheels/torchao-*.whl);
@@ -88,6 +89,8 @@ import torch, qlib
 torch.ops.qlib.block_minmax(torch.randn(3))
 PYEOF
     TAIL=60 stage probe 120 cuda-gdb -batch -ex run -ex bt --args $PY /tmp/err.py ;;
+  # fake_quant's float32 per-tensor fwd+bwd outlier: both orders, and the profiles.
+  fwdbwd) TAIL=80 stage probe 90 $PY scripts/gpu_probe.py --fwd-bwd ;;
   # test = sm90 then suite. The fused sm90 GEMM's tests run in a process of their own (their
   # names hold no "cuda"): a fault in a kernel never run before must not take the suite down.
   sm90) TAIL=25 stage test 240 $PY -m pytest tests/test_int8.py -q -p no:cacheprovider -rfEs -k sm90 ;;
