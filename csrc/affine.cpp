@@ -401,6 +401,15 @@ void check_fake_quant_mask_backward_args(const at::Tensor& grad, const at::Tenso
               mask.sym_sizes(), " on ", mask.device(), ")");
 }
 
+MaskBackwardArgs prepare_fake_quant_mask_backward(const at::Tensor& grad, const at::Tensor& mask) {
+  check_fake_quant_mask_backward_args(grad, mask);
+  at::Tensor out = at::empty_like(mask, grad.options());
+  const auto like_out = [&](const at::Tensor& t) {
+    return t.strides() == out.strides() ? t : at::empty_like(out, t.options()).copy_(t);
+  };
+  return {like_out(grad), like_out(mask), out};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_outputs(
     const AffineArgs& a, const at::Tensor& grad_x, const at::Tensor& grad_scale_sums,
     const at::Tensor& grad_zp_sums, const at::Tensor& scale, const at::Tensor& zero_point) {

@@ -125,6 +125,12 @@ void check_fake_quant_backward_args(const char* op, const at::Tensor& grad, cons
                                     int64_t quant_max, bool zero_point_grad);
 // fake_quant_mask_backward: a float32/float16/bfloat16 grad, a bool mask of its shape and device.
 void check_fake_quant_mask_backward_args(const at::Tensor& grad, const at::Tensor& mask);
+// Checked, with grad and mask in out's layout (mask's where it is dense; grad_x = out, empty):
+// the kernels index all three flat.
+struct MaskBackwardArgs {
+  at::Tensor grad, mask, out;
+};
+MaskBackwardArgs prepare_fake_quant_mask_backward(const at::Tensor& grad, const at::Tensor& mask);
 // Sums a per-element tensor (x's shape) over each block of scale: scale's shape.
 at::Tensor sum_over_blocks(const at::Tensor& per_element, const at::Tensor& scale);
 // Its inverse: a qparam (scale's shape) expanded over its blocks to x's shape (a view of it where

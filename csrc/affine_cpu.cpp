@@ -154,13 +154,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_with_mask_cpu(const at::Tensor& x,
 // grad * mask (the mask as 0.0f / 1.0f: a NaN grad stays NaN where masked, as torch's
 // *_cachemask backward), in mask's layout.
 at::Tensor fake_quant_mask_backward_cpu(const at::Tensor& grad, const at::Tensor& mask) {
-  check_fake_quant_mask_backward_args(grad, mask);
-  at::Tensor out = at::empty_like(mask, grad.options());
+  const MaskBackwardArgs a = prepare_fake_quant_mask_backward(grad, mask);
+  const at::Tensor &g = a.grad, &m = a.mask, &out = a.out;
   advise_huge_pages(out.data_ptr(), out.nbytes());
-  const auto like_out = [&](const at::Tensor& t) {
-    return t.strides() == out.strides() ? t : at::empty_like(out, t.options()).copy_(t);
-  };
-  const at::Tensor g = like_out(grad), m = like_out(mask);
   QLIB_DISPATCH_FLOAT(g.scalar_type(), "fake_quant_mask_backward_cpu", [&] {
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const bool* mp = m.const_data_ptr<bool>();
