@@ -123,7 +123,6 @@ def test_every_qlib_linear_made_from_a_smoothed_one_divides_its_input_once():
     for name, m in made.items():
         layer = m[0]
         assert isinstance(layer, kinds[name]), name
-        assert not divide_hooks(layer), name  # (the qlib Linears divide in their forward)
         assert torch.equal(layer._buffers[BUFFER], s), name
         with torch.no_grad():
             assert torch.equal(layer(x), unsmoothed(layer)(x / s)), name
@@ -132,6 +131,25 @@ def test_every_qlib_linear_made_from_a_smoothed_one_divides_its_input_once():
         assert not divide_hooks(layer) and torch.equal(layer._buffers[BUFFER], s)
         with torch.no_grad():
             assert torch.equal(layer(x), unsmoothed(layer)(x / s))
+
+
+def test_a_replaced_float_linear_the_caller_still_holds_keeps_dividing():
+    """A swap hands the qlib Linear the hook dicts of the float one it replaces (so the user's
+    handles still remove hooks): the divide hook stays in them, inert on the qlib Linear."""
+    model = qlib.smooth_quant(mlp(), batches(), progress=False)
+    x = outlier_inputs(5, 32, seed=4)
+    old = model[0]
+    with torch.no_grad():
+        want = old(x)
+        assert torch.equal(want, unsmoothed(old)(x / old._buffers[BUFFER]))
+    for swap in (qlib.quantize_dynamic, lambda m: qlib.prepare_qat(m, qlib.QATConfig(weight_bits=8, activation_bits=8))):
+        model = qlib.smooth_quant(mlp(), batches(), progress=False)
+        old = model[0]
+        swap(model)
+        assert model[0] is not old and model[0]._forward_pre_hooks is old._forward_pre_hooks
+        with torch.no_grad():
+            assert torch.equal(old(x), want)  # (it lost its division before)
+            assert torch.equal(model[0](x), unsmoothed(model[0])(x / old._buffers[BUFFER]))
 
 
 def test_a_failed_sequential_gptq_puts_back_the_smoothed_linears():
@@ -299,7 +317,7 @@ def test_gpt2_conv1d_smoothed_and_its_tied_head_left_alone():
         assert torch.equal(attn(x=h), original.transformer.h[0].attn.c_attn(h))  # (Conv1D's keyword)
     qlib.quantize_dynamic(model)
     layer = model.transformer.h[0].attn.c_attn
-    assert isinstance(layer, Int8Linear) and not divide_hooks(layer)
+    assert isinstance(layer, Int8Linear)
     x = torch.randn(3, 48)
     with torch.no_grad():
         assert torch.equal(layer(x), unsmoothed(layer)(x / layer._buffers[BUFFER]))

@@ -38,7 +38,11 @@ def divides_in_forward(module: nn.Module) -> bool:
 
 
 def divide_input(module: nn.Module, args: tuple, kwargs: dict):
-    """The forward pre-hook: the input (first positional argument, or by keyword) divided by s."""
+    """The forward pre-hook: the input (first positional argument, or by keyword) divided by s.
+    Nothing on a module that divides in its forward (a qlib Linear holds the hook where it took
+    over the hook dicts of the float Linear it replaced, which still uses them)."""
+    if divides_in_forward(module):
+        return None
     if args:
         return (smoothed_input(module, args[0]),) + tuple(args[1:]), kwargs
     key = input_key(kwargs)
@@ -70,13 +74,17 @@ def attach(module: nn.Module, scale: Tensor) -> None:
 
 
 def settle_divide_input(module: nn.Module) -> None:
-    """One divide_input hook on a smoothed float module, none elsewhere (a swap hands a module the
-    hooks of the one it replaces). torch.compile's guards skip module hooks by default, so a graph
-    traced for an unsmoothed twin would run without the division: they are turned on here."""
+    """One divide_input hook on a smoothed float module, none on an unsmoothed one (a swap hands a
+    module the hooks of the one it replaces). A module that divides in its forward keeps what it
+    holds: the dicts may be shared with the module it replaced. torch.compile's guards skip
+    module hooks by default, so a graph traced for an unsmoothed twin would run without the
+    division: they are turned on here."""
+    if divides_in_forward(module):
+        return
     for key in [k for k, h in module._forward_pre_hooks.items() if h is divide_input]:
         del module._forward_pre_hooks[key]
         module._forward_pre_hooks_with_kwargs.pop(key, None)
-    if is_smoothed(module) and not divides_in_forward(module):
+    if is_smoothed(module):
         if hasattr(torch._dynamo.config, "skip_nnmodule_hook_guards"):
             torch._dynamo.config.skip_nnmodule_hook_guards = False
         module.register_forward_pre_hook(divide_input, with_kwargs=True, prepend=True)
