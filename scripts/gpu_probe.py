@@ -61,7 +61,7 @@ def profile(name, fn):
 def fwd_bwd_order():
     """Issue 2's outlier: bench_fake_quant's float32 per-tensor fwd+bwd (its first training
     row) took 0.22-0.27 ms against 0.14-0.15 per-channel, the kernels alone at 95% of copy.
-    The rows timed in both orders, then a profile of the per-tensor one."""
+    The rows timed in both orders, then a profile of each."""
     n, k = 4096, 4096
     x0 = torch.randn(n, k, device="cuda")
     g = torch.ones_like(x0)
