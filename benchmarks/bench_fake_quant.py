@@ -15,7 +15,7 @@ import argparse
 import torch
 
 import qlib
-from timing import cuda_median_ms, host_median_s, interleaved_medians_ms
+from timing import cuda_graph_median_ms, cuda_median_ms, host_median_s, interleaved_medians_ms
 
 ops = torch.ops.qlib
 
@@ -64,24 +64,10 @@ def time_all(calls, device, repeat):
     return {k: t / 1e3 for k, t in zip(calls, ms)}
 
 
-def graph_time(fn, repeat, calls=10):
-    """Seconds per call of fn's GPU work alone: replays of a CUDA graph of `calls` calls
-    (no launch or host overhead). None if fn cannot be captured (a host sync)."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return None
-    return timeit(graph.replay, "cuda", repeat) / calls
+def graph_time(fn, repeat):
+    """Seconds per call of fn's GPU work alone (CUDA-graph replays); None if not capturable."""
+    t = cuda_graph_median_ms(fn, reps=repeat)
+    return None if t is None else t / 1e3
 
 
 def copy_bandwidth(numel, device, repeat):

@@ -13,7 +13,9 @@ so that each call reads its weight from DRAM. CPU: M in {1, 16, 128, 1024} x
 is available): qlib int8_linear vs bf16 F.linear vs torch._int_mm + separate
 quantize/dequant vs torchao's int8 dynamic Linear (Int8DynamicActivationInt8WeightConfig,
 eager; a column of NaN where torchao is not importable), K = N in {4096, 8192} and Llama-3-8B's
-projections ((K, N) = (4096, 6144), (4096, 14336), (14336, 4096)), M from 1 to 8192.
+projections ((K, N) = (4096, 6144), (4096, 14336), (14336, 4096)), M from 1 to 8192. Each GPU
+row also times bf16, `_int_mm` alone and qlib as CUDA-graph replays (the GPU work alone, as
+torch.compile's mode="reduce-overhead" runs it): below M = 1024 one call is host-bound.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import qlib  # noqa: E402
 from qlib.nn import Int8Linear  # noqa: E402
-from timing import cuda_median_ms, interleaved_medians_ms  # noqa: E402
+from timing import cuda_graph_median_ms, cuda_median_ms, interleaved_medians_ms  # noqa: E402
 
 
 def cpu_model():
@@ -188,13 +190,19 @@ def bench_cuda(quick):
                 t_mm = cuda_median_ms(int_mm_path)
                 t_raw = cuda_median_ms(lambda: torch._int_mm(xq_pad, w_t))
                 t_ao = cuda_median_ms(lambda: ao(x)) if ao is not None else float("nan")
-            rows.append((M, K, N, t_bf, t_raw, t_mm, t_ao, t_q, t_other))
+                # The GPU work alone (CUDA-graph replays: no launch or host cost), as
+                # torch.compile(mode="reduce-overhead") runs it; nan where it cannot be captured.
+                g_bf, g_raw, g_q = (cuda_graph_median_ms(f) or float("nan") for f in
+                                    (lambda: lin_bf16(x), lambda: torch._int_mm(xq_pad, w_t), lambda: q(x)))
+            rows.append((M, K, N, t_bf, t_raw, t_mm, t_ao, t_q, t_other, g_bf, g_raw, g_q))
             print(f"[cuda] M={M:5d} K={K} N={N}  bf16 {t_bf:8.3f} ms  _int_mm alone {t_raw:8.3f} ms  "
                   f"_int_mm+quant+dequant {t_mm:8.3f} ms  torchao {t_ao:8.3f} ms  qlib {t_q:8.3f} ms | "
                   f"vs bf16 {t_bf / t_q:5.2f}x  vs _int_mm alone {t_raw / t_q:5.2f}x  "
                   f"vs _int_mm+quant+dequant {t_mm / t_q:5.2f}x  vs torchao {t_ao / t_q:5.2f}x  "
                   f"({2 * M * K * N / t_q / 1e9:7.1f} TOPS) | on cuBLASLt {t_other:8.3f} ms: vs bf16 "
-                  f"{t_bf / t_other:5.2f}x, vs _int_mm alone {t_raw / t_other:5.2f}x{note}", flush=True)
+                  f"{t_bf / t_other:5.2f}x, vs _int_mm alone {t_raw / t_other:5.2f}x{note} | CUDA graph: bf16 "
+                  f"{g_bf:8.4f} ms  _int_mm alone {g_raw:8.4f} ms  qlib {g_q:8.4f} ms: vs bf16 {g_bf / g_q:5.2f}x, "
+                  f"vs _int_mm alone {g_raw / g_q:5.2f}x", flush=True)
     return rows
 
 
@@ -225,12 +233,13 @@ def main():
             text += ["", f"GPU: {torch.cuda.get_device_name()}; qlib's GEMM: {qlib.build_info()['int8_cuda_gemm']}", "",
                      "| M | K | N | bf16 F.linear (ms) | _int_mm alone (ms) | _int_mm + quant + dequant (ms) "
                      "| torchao int8 dynamic (ms) | qlib Int8Linear (ms) | vs bf16 | vs _int_mm alone | vs torchao "
-                     "| qlib TOPS | qlib on cuBLASLt (ms) | vs bf16 | vs _int_mm alone |",
-                     "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                     "| qlib TOPS | qlib on cuBLASLt (ms) | vs bf16 | vs _int_mm alone "
+                     "| graphs: qlib (ms) | vs bf16 | vs _int_mm alone |",
+                     "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             text += [f"| {M} | {K} | {N} | {bf:.3f} | {raw:.3f} | {mm:.3f} | {ao:.3f} | {t:.3f} | {bf / t:.2f}x | "
                      f"{raw / t:.2f}x | {ao / t:.2f}x | {2 * M * K * N / t / 1e9:.0f} | {tc:.3f} | {bf / tc:.2f}x | "
-                     f"{raw / tc:.2f}x |"
-                     for M, K, N, bf, raw, mm, ao, t, tc in gpu]
+                     f"{raw / tc:.2f}x | {gq:.4f} | {gbf / gq:.2f}x | {graw / gq:.2f}x |"
+                     for M, K, N, bf, raw, mm, ao, t, tc, gbf, graw, gq in gpu]
         args.markdown.write_text("\n".join(text) + "\n")
 
 

@@ -58,3 +58,23 @@ def cuda_median_ms(fn, reps=30, warmup=5):
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def cuda_graph_median_ms(fn, reps=30, calls=10):
+    """Median milliseconds per call of fn's GPU work alone: replays of a CUDA graph of `calls`
+    calls (no launch or host overhead). None if fn cannot be captured (a host sync)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return cuda_median_ms(graph.replay, reps=reps) / calls
