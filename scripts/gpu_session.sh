@@ -106,7 +106,7 @@ PYEOF
     # (The bad-qparams NaN kernels and pad_operand's off-boundary views are in; not the errors, nor K = 2^17.)
     SEL="cuda and not compile and not opcheck and not export and not ddp and not error and not bad_in and not bad_arg and not bad_static and not k_boundary and not packed_matches"
     for tool in ${SAN_TOOLS:-memcheck racecheck}; do
-      stage "sanitize" 200 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+      stage "sanitize" 280 compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
         $PY -m pytest tests/test_fake_quant.py tests/test_affine_ops.py tests/test_observers.py tests/test_int8.py tests/test_fourbit.py \
         -q -p no:cacheprovider -x -k "$SEL"
     done ;;
