@@ -130,7 +130,7 @@ PYEOF
   benchfq64) TAIL=18 stage bench64 200 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 30 --numel 67108864 ;;
   fqpacks) TAIL=16 stage bench 90 $PY benchmarks/bench_fake_quant.py --device cuda --repeat 30 --packs-only ;;
   benchobs) TAIL=26 stage bench 120 $PY benchmarks/bench_observers.py --device cuda ;;
-  benchint8) TAIL=30 stage bench 180 $PY benchmarks/bench_int8_linear.py --no-cpu --markdown "$OUT/int8.md" ;;
+  benchint8) TAIL=30 stage bench 240 $PY benchmarks/bench_int8_linear.py --no-cpu --markdown "$OUT/int8.md" ;;
   bench4) TAIL=24 stage bench 120 $PY benchmarks/bench_linear_4bit.py --no-cpu ;;
   *) echo "== unknown stage: $s" ;;
   esac
