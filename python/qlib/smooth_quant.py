@@ -109,9 +109,9 @@ def smooth_quant(model: nn.Module, batches: Optional[Iterable] = None, alpha: fl
     with torch.no_grad():
         for key, (_, m) in linears.items():
             columns = m.weight.detach().t() if is_conv1d(m) else m.weight.detach()  # [out, in]
-            s = scales(amax[key], columns, float(alpha))
-            m.weight.mul_(s.to(m.weight.dtype).reshape(-1, 1) if is_conv1d(m) else s.to(m.weight.dtype))
-            attach(m, s.to(m.weight.dtype))
+            s = scales(amax[key], columns, float(alpha)).to(m.weight.dtype)  # (powers of two: exact)
+            m.weight.mul_(s.reshape(-1, 1) if is_conv1d(m) else s)
+            attach(m, s)
     _off_fused_transformer_paths(model)
     return model
 

@@ -258,7 +258,7 @@ def _keep_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
             object.__setattr__(new, name, hooks)
     if old._is_full_backward_hook is not None:
         new._is_full_backward_hook = old._is_full_backward_hook
-    if is_smoothed(old):  # (old's divide_input hook came along: new divides once)
+    if is_smoothed(old):  # (old's divide_input hook came along, inert on a qlib Linear: new divides once)
         settle_divide_input(carry_smoothing(old, new))
     return new
 
